@@ -1,0 +1,217 @@
+"""Each family's modules and parameters, named exactly as transformers 5 names them.
+
+Counting from named shapes rather than a closed formula is what lets one layout serve every use:
+total parameters, PEFT's target matching (which works on module paths), QLoRA's choice of layers
+to quantise, optimizer states that depend on tensor shapes, and safetensors headers that depend on
+tensor names. Tests build the same models on the meta device and compare name by name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+from .spec import ModelSpec
+
+# Module kinds. `linear` and `conv1d` are what PEFT's LoRA wraps as linear layers; GPT-2's Conv1D
+# stores its weight transposed, as (in_features, out_features).
+LINEAR_KINDS = ("linear", "conv1d")
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass(frozen=True)
+class Module:
+    """A module that owns parameters (a leaf in `named_modules`).
+
+    A tied output head owns none: its weight is the input embedding's, so `params` is empty while
+    `in_features`/`out_features` still give the shape LoRA would wrap.
+    """
+
+    path: str
+    kind: str  # linear | conv1d | embedding | norm | router | experts
+    params: tuple[Param, ...]
+    in_features: int = 0
+    out_features: int = 0
+
+    @property
+    def numel(self) -> int:
+        return sum(p.numel for p in self.params)
+
+    @property
+    def bias(self) -> Param | None:
+        return next((p for p in self.params if p.name.endswith(".bias")), None)
+
+
+@dataclass(frozen=True)
+class Architecture:
+    modules: tuple[Module, ...]
+    head_path: str  # the output head: lm_head, or score for a sequence classifier
+    tied_head: bool
+
+    @property
+    def params(self) -> tuple[Param, ...]:
+        return tuple(p for m in self.modules for p in m.params)
+
+    @property
+    def total_params(self) -> int:
+        return sum(m.numel for m in self.modules)
+
+    def module(self, path: str) -> Module:
+        return next(m for m in self.modules if m.path == path)
+
+    @property
+    def container_paths(self) -> tuple[str, ...]:
+        """Every module path that is not a leaf (`model.layers.0.mlp`, `model`, ...)."""
+        leaves = {m.path for m in self.modules}
+        seen: dict[str, None] = {}
+        for m in self.modules:
+            parts = m.path.split(".")
+            for i in range(1, len(parts)):
+                prefix = ".".join(parts[:i])
+                if prefix not in leaves:
+                    seen[prefix] = None
+        return tuple(seen)
+
+
+def _linear(path: str, in_f: int, out_f: int, bias: bool) -> Module:
+    params = [Param(f"{path}.weight", (out_f, in_f))]  # nn.Linear: (out, in)
+    if bias:
+        params.append(Param(f"{path}.bias", (out_f,)))
+    return Module(path, "linear", tuple(params), in_f, out_f)
+
+
+def _conv1d(path: str, in_f: int, out_f: int) -> Module:
+    # GPT-2's Conv1D keeps weight as (in, out) and always has a bias.
+    params = (Param(f"{path}.weight", (in_f, out_f)), Param(f"{path}.bias", (out_f,)))
+    return Module(path, "conv1d", params, in_f, out_f)
+
+
+def _embedding(path: str, num: int, dim: int) -> Module:
+    return Module(path, "embedding", (Param(f"{path}.weight", (num, dim)),), num, dim)
+
+
+def _norm(path: str, dim: int, bias: bool) -> Module:
+    params = [Param(f"{path}.weight", (dim,))]
+    if bias:
+        params.append(Param(f"{path}.bias", (dim,)))
+    return Module(path, "norm", tuple(params))
+
+
+def _head(path: str, hidden: int, out: int, tied: bool) -> Module:
+    if tied:
+        return Module(path, "linear", (), hidden, out)
+    return _linear(path, hidden, out, bias=False)
+
+
+def _gpt2_layers(spec: ModelSpec) -> list[Module]:
+    h, inner = spec.hidden_size, spec.intermediate_size
+    modules = [
+        _embedding("transformer.wte", spec.vocab_size, h),
+        _embedding("transformer.wpe", spec.max_positions, h),
+    ]
+    for i in range(spec.num_layers):
+        p = f"transformer.h.{i}"
+        modules += [
+            _norm(f"{p}.ln_1", h, bias=True),
+            _conv1d(f"{p}.attn.c_attn", h, 3 * h),  # fused q, k, v
+            _conv1d(f"{p}.attn.c_proj", h, h),
+            _norm(f"{p}.ln_2", h, bias=True),
+            _conv1d(f"{p}.mlp.c_fc", h, inner),
+            _conv1d(f"{p}.mlp.c_proj", inner, h),
+        ]
+    modules.append(_norm("transformer.ln_f", h, bias=True))
+    return modules
+
+
+def _attention(spec: ModelSpec, p: str) -> list[Module]:
+    h = spec.hidden_size
+    q_out = spec.num_heads * spec.head_dim
+    kv_out = spec.num_kv_heads * spec.head_dim  # grouped-query attention: fewer k/v heads
+    if spec.family == "phi3":
+        return [
+            _linear(f"{p}.self_attn.qkv_proj", h, q_out + 2 * kv_out, spec.qkv_bias),
+            _linear(f"{p}.self_attn.o_proj", q_out, h, spec.out_bias),
+        ]
+    return [
+        _linear(f"{p}.self_attn.q_proj", h, q_out, spec.qkv_bias),
+        _linear(f"{p}.self_attn.k_proj", h, kv_out, spec.qkv_bias),
+        _linear(f"{p}.self_attn.v_proj", h, kv_out, spec.qkv_bias),
+        _linear(f"{p}.self_attn.o_proj", q_out, h, spec.out_bias),
+    ]
+
+
+def _mlp(spec: ModelSpec, p: str) -> list[Module]:
+    h, inner, b = spec.hidden_size, spec.intermediate_size, spec.mlp_bias
+    if spec.family == "phi3":
+        return [
+            _linear(f"{p}.mlp.gate_up_proj", h, 2 * inner, b),  # fused gate and up
+            _linear(f"{p}.mlp.down_proj", inner, h, b),
+        ]
+    if spec.family == "mixtral":
+        # transformers 5 stores all experts of a layer as two 3-D parameters and the router as a
+        # plain weight: none of them is an nn.Linear, so PEFT's target_modules cannot wrap them.
+        e = spec.num_experts
+        return [
+            Module(f"{p}.mlp.gate", "router", (Param(f"{p}.mlp.gate.weight", (e, h)),)),
+            Module(
+                f"{p}.mlp.experts",
+                "experts",
+                (
+                    Param(f"{p}.mlp.experts.gate_up_proj", (e, 2 * inner, h)),
+                    Param(f"{p}.mlp.experts.down_proj", (e, h, inner)),
+                ),
+            ),
+        ]
+    return [
+        _linear(f"{p}.mlp.gate_proj", h, inner, b),
+        _linear(f"{p}.mlp.up_proj", h, inner, b),
+        _linear(f"{p}.mlp.down_proj", inner, h, b),
+    ]
+
+
+def _decoder_layers(spec: ModelSpec) -> list[Module]:
+    h = spec.hidden_size
+    modules = [_embedding("model.embed_tokens", spec.vocab_size, h)]
+    for i in range(spec.num_layers):
+        p = f"model.layers.{i}"
+        modules += _attention(spec, p)
+        modules += _mlp(spec, p)
+        modules += [
+            _norm(f"{p}.input_layernorm", h, bias=False),
+            _norm(f"{p}.post_attention_layernorm", h, bias=False),
+        ]
+        if spec.family == "gemma2":  # Gemma-2 normalises around the MLP too
+            modules += [
+                _norm(f"{p}.pre_feedforward_layernorm", h, bias=False),
+                _norm(f"{p}.post_feedforward_layernorm", h, bias=False),
+            ]
+    modules.append(_norm("model.norm", h, bias=False))
+    return modules
+
+
+@lru_cache(maxsize=64)
+def layout(spec: ModelSpec, task: str = "causal-lm", num_labels: int = 2) -> Architecture:
+    """The model's parameter-owning modules, for a causal LM or a sequence classifier.
+
+    A causal LM ends in `lm_head` (tied to the input embedding where the config says so); a
+    sequence classifier (`AutoModelForSequenceClassification`) ends in `score`, a bias-free linear
+    layer of `num_labels` outputs that is never tied.
+    """
+    body = _gpt2_layers(spec) if spec.family == "gpt2" else _decoder_layers(spec)
+    if task == "seq-cls":
+        head = _linear("score", spec.hidden_size, num_labels, bias=False)
+        return Architecture(tuple(body) + (head,), "score", tied_head=False)
+    head = _head("lm_head", spec.hidden_size, spec.vocab_size, spec.tied_embeddings)
+    return Architecture(tuple(body) + (head,), "lm_head", tied_head=spec.tied_embeddings)

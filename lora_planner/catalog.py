@@ -1,0 +1,105 @@
+"""Named models, with the values their published Hugging Face `config.json` files state.
+
+Each entry's `source` names the config it copies. Tests build every entry with transformers on the
+meta device and compare the parameter count to the parameter.
+"""
+
+from __future__ import annotations
+
+import difflib
+
+from .errors import PlanError
+from .spec import ModelSpec
+
+
+def _gpt2(name: str, hidden: int, layers: int, heads: int, source: str, aliases=()) -> ModelSpec:
+    return ModelSpec(
+        name=name, family="gpt2", vocab_size=50257, hidden_size=hidden, num_layers=layers,
+        num_heads=heads, num_kv_heads=heads, head_dim=hidden // heads,
+        intermediate_size=4 * hidden, tied_embeddings=True, max_positions=1024,
+        qkv_bias=True, out_bias=True, mlp_bias=True, aliases=tuple(aliases), source=source,
+    )
+
+
+def _decoder(name: str, family: str, *, vocab: int, hidden: int, layers: int, heads: int,
+             kv_heads: int, inner: int, tied: bool, positions: int, head_dim: int | None = None,
+             experts: int = 0, experts_per_token: int = 0, source: str,
+             aliases=()) -> ModelSpec:
+    return ModelSpec(
+        name=name, family=family, vocab_size=vocab, hidden_size=hidden, num_layers=layers,
+        num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim or hidden // heads,
+        intermediate_size=inner, tied_embeddings=tied, max_positions=positions,
+        qkv_bias=family == "qwen2", num_experts=experts, experts_per_token=experts_per_token,
+        aliases=tuple(aliases), source=source,
+    )
+
+
+CATALOG: tuple[ModelSpec, ...] = (
+    _gpt2("gpt2", 768, 12, 12, "openai-community/gpt2", aliases=("gpt2-small",)),
+    _gpt2("gpt2-medium", 1024, 24, 16, "openai-community/gpt2-medium"),
+    _gpt2("gpt2-large", 1280, 36, 20, "openai-community/gpt2-large"),
+    _gpt2("gpt2-xl", 1600, 48, 25, "openai-community/gpt2-xl"),
+    _decoder("llama-3.2-1b", "llama", vocab=128256, hidden=2048, layers=16, heads=32, kv_heads=8,
+             inner=8192, tied=True, positions=131072, head_dim=64,
+             source="meta-llama/Llama-3.2-1B", aliases=("1b",)),
+    _decoder("llama-3.2-3b", "llama", vocab=128256, hidden=3072, layers=28, heads=24, kv_heads=8,
+             inner=8192, tied=True, positions=131072, head_dim=128,
+             source="meta-llama/Llama-3.2-3B", aliases=("3b",)),
+    _decoder("llama-3.1-8b", "llama", vocab=128256, hidden=4096, layers=32, heads=32, kv_heads=8,
+             inner=14336, tied=False, positions=131072,
+             source="meta-llama/Llama-3.1-8B", aliases=("8b",)),
+    _decoder("llama-3.1-70b", "llama", vocab=128256, hidden=8192, layers=80, heads=64, kv_heads=8,
+             inner=28672, tied=False, positions=131072,
+             source="meta-llama/Llama-3.1-70B", aliases=("70b",)),
+    _decoder("llama-3.1-405b", "llama", vocab=128256, hidden=16384, layers=126, heads=128,
+             kv_heads=8, inner=53248, tied=False, positions=131072,
+             source="meta-llama/Llama-3.1-405B", aliases=("405b",)),
+    _decoder("llama-2-7b", "llama", vocab=32000, hidden=4096, layers=32, heads=32, kv_heads=32,
+             inner=11008, tied=False, positions=4096, source="meta-llama/Llama-2-7b-hf",
+             aliases=("7b",)),
+    _decoder("llama-2-13b", "llama", vocab=32000, hidden=5120, layers=40, heads=40, kv_heads=40,
+             inner=13824, tied=False, positions=4096, source="meta-llama/Llama-2-13b-hf",
+             aliases=("13b",)),
+    _decoder("llama-2-70b", "llama", vocab=32000, hidden=8192, layers=80, heads=64, kv_heads=8,
+             inner=28672, tied=False, positions=4096, source="meta-llama/Llama-2-70b-hf"),
+    _decoder("mistral-7b", "mistral", vocab=32000, hidden=4096, layers=32, heads=32, kv_heads=8,
+             inner=14336, tied=False, positions=32768, source="mistralai/Mistral-7B-v0.1"),
+    _decoder("mixtral-8x7b", "mixtral", vocab=32000, hidden=4096, layers=32, heads=32, kv_heads=8,
+             inner=14336, tied=False, positions=32768, experts=8, experts_per_token=2,
+             source="mistralai/Mixtral-8x7B-v0.1"),
+    _decoder("qwen2.5-0.5b", "qwen2", vocab=151936, hidden=896, layers=24, heads=14, kv_heads=2,
+             inner=4864, tied=True, positions=32768, source="Qwen/Qwen2.5-0.5B"),
+    _decoder("qwen2.5-7b", "qwen2", vocab=152064, hidden=3584, layers=28, heads=28, kv_heads=4,
+             inner=18944, tied=False, positions=131072, source="Qwen/Qwen2.5-7B"),
+    _decoder("qwen2.5-72b", "qwen2", vocab=152064, hidden=8192, layers=80, heads=64, kv_heads=8,
+             inner=29568, tied=False, positions=131072, source="Qwen/Qwen2.5-72B"),
+    _decoder("gemma-2-2b", "gemma2", vocab=256000, hidden=2304, layers=26, heads=8, kv_heads=4,
+             inner=9216, tied=True, positions=8192, head_dim=256, source="google/gemma-2-2b"),
+    _decoder("gemma-2-9b", "gemma2", vocab=256000, hidden=3584, layers=42, heads=16, kv_heads=8,
+             inner=14336, tied=True, positions=8192, head_dim=256, source="google/gemma-2-9b"),
+    _decoder("gemma-2-27b", "gemma2", vocab=256000, hidden=4608, layers=46, heads=32,
+             kv_heads=16, inner=36864, tied=True, positions=8192, head_dim=128,
+             source="google/gemma-2-27b"),
+    _decoder("phi-3-mini", "phi3", vocab=32064, hidden=3072, layers=32, heads=32, kv_heads=32,
+             inner=8192, tied=False, positions=4096, source="microsoft/Phi-3-mini-4k-instruct"),
+)
+
+_BY_NAME = {alias: spec for spec in CATALOG for alias in (spec.name, *spec.aliases)}
+
+
+def catalog_names() -> tuple[str, ...]:
+    return tuple(_BY_NAME)
+
+
+def lookup(name: str) -> ModelSpec | None:
+    return _BY_NAME.get(name.strip().lower())
+
+
+def get_model(name: str) -> ModelSpec:
+    """A catalog entry by name or alias; a `PlanError` with close names when there is none."""
+    spec = lookup(name)
+    if spec is not None:
+        return spec
+    close = difflib.get_close_matches(name.strip().lower(), _BY_NAME, n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    raise PlanError(f"unknown model {name!r}{hint} (see `lora-plan models`)")

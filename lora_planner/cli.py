@@ -1,0 +1,176 @@
+"""The `lora-plan` command: parse, call the planner, render. Nothing else lives here."""
+
+from __future__ import annotations
+
+import click
+
+from . import __version__
+from .catalog import CATALOG
+from .counts import BIAS_MODES, PRESET_NAMES
+from .errors import PlanError
+from .gpus import DEFAULT_GPU, GPUS, Gpu, get_gpu
+from .optimizers import OPTIMIZERS
+from .plan import METHODS, make_plan
+from .precision import DEFAULT_PRECISION, PRECISIONS
+from .render import FORMATS, render, to_explanation
+from .spec import DenseSize, TrainSetup
+from .units import parse_bytes, parse_count
+
+
+class UserError(click.ClickException):
+    """A user mistake: one line on stderr, exit code 2, no traceback."""
+
+    exit_code = 2
+
+
+def _split(values: tuple[str, ...]) -> tuple[str, ...]:
+    """Options that repeat or take commas: `--rank 1,8 --rank 64` -> ('1', '8', '64')."""
+    return tuple(v.strip() for value in values for v in value.split(",") if v.strip())
+
+
+def _ranks(values: tuple[str, ...]) -> tuple[int, ...]:
+    ranks = []
+    for v in _split(values):
+        try:
+            rank = int(v)
+        except ValueError:
+            raise PlanError(f"rank must be a whole number, got {v!r}") from None
+        if rank <= 0:
+            raise PlanError(f"rank must be a positive integer, got {rank}")
+        ranks.append(rank)
+    return tuple(dict.fromkeys(ranks)) or (8,)
+
+
+class DefaultGroup(click.Group):
+    """A group whose `plan` command runs when no command is named: `lora-plan --model 70b`."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
+            args = ["plan", *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=DefaultGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="lora-plan")
+def main() -> None:
+    """Plan the memory, GPUs and checkpoints of a fine-tune before you rent anything.
+
+    With no command, `plan` runs:
+
+    \b
+        lora-plan --model 70b --rank 8
+        lora-plan --model llama-3.1-8b --method lora --rank 1,8,64 --targets all-linear
+        lora-plan --params 70e9 --method full --precision bf16 --gpu-mem 80GB
+        lora-plan --model ./my-model/config.json --format json
+    """
+
+
+@main.command("plan")
+@click.option("--model", "model_name", metavar="NAME|PATH|HUB-ID",
+              help="Catalog name or alias (see `lora-plan models`), a local config.json or its "
+                   "folder, or a Hugging Face hub id (needs network).")
+@click.option("--params", "params_text", metavar="N",
+              help="Plan a hypothetical dense model from its parameter count alone (70e9, 70B): "
+                   "full fine-tuning's model states and checkpoint data.")
+@click.option("--method", "methods", multiple=True, metavar="M[,M]",
+              help=f"Methods side by side: {', '.join(METHODS)} (default: all; full with --params).")
+@click.option("--rank", "ranks", multiple=True, metavar="R[,R]",
+              help="LoRA ranks, repeated or comma-separated (default 8).")
+@click.option("--targets", "targets", multiple=True, metavar="T[,T]",
+              help=f"LoRA targets: a preset ({', '.join(PRESET_NAMES)}), module names matched as "
+                   "PEFT matches them (exact path or dotted suffix), or re:REGEX. Default: PEFT's "
+                   "default for the model's family.")
+@click.option("--precision", type=click.Choice(list(PRECISIONS)), default=DEFAULT_PRECISION,
+              show_default=True,
+              help="fp32: all fp32 (16 B/param with AdamW). amp: autocast, fp32 storage. mixed: "
+                   "16-bit weights+grads, fp32 master+Adam (16 B). bf16: no master copy (12 B). "
+                   "pure-bf16: Adam states in bf16 too (8 B).")
+@click.option("--optimizer", type=click.Choice(list(OPTIMIZERS)), default="adamw", show_default=True)
+@click.option("--bias", type=click.Choice(BIAS_MODES), default="none", show_default=True,
+              help="Which biases LoRA trains (PEFT's `bias`).")
+@click.option("--dora", is_flag=True, help="DoRA: adds a magnitude vector per wrapped layer.")
+@click.option("--modules-to-save", "modules_to_save", multiple=True, metavar="NAME[,NAME]",
+              help="Modules trained in full beside the adapters (PEFT's modules_to_save).")
+@click.option("--double-quant/--no-double-quant", default=True, show_default=True,
+              help="QLoRA: quantise the 4-bit base's block constants too.")
+@click.option("--save-dtype", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
+              show_default=True, help="Checkpoint dtype; auto saves weights as they are stored.")
+@click.option("--task", type=click.Choice(["causal-lm", "seq-cls"]), default="causal-lm",
+              show_default=True, help="seq-cls replaces the LM head with a trained `score` head.")
+@click.option("--num-labels", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Outputs of the seq-cls head.")
+@click.option("--tasks", "tasks", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Storage for N task-specific fine-tunes: N full copies vs base + N adapters.")
+@click.option("--gpu", "gpu_name", default=DEFAULT_GPU, show_default=True,
+              help=f"GPU kind: {', '.join(g.name for g in GPUS)}.")
+@click.option("--gpu-mem", "gpu_mem", metavar="SIZE",
+              help="Override the GPU's memory exactly: 80GB (10^9), 80GiB (2^30), 81559MiB.")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True)
+@click.option("--units", type=click.Choice(["GB", "GiB"]), default="GB", show_default=True,
+              help="Unit of the tables: GB = 10^9 bytes, GiB = 2^30 bytes. JSON is always bytes.")
+@click.option("--explain", is_flag=True, help="Print every term's formula with the numbers put in.")
+def plan_command(model_name, params_text, methods, ranks, targets, precision, optimizer, bias, dora,
+                 modules_to_save, double_quant, save_dtype, task, num_labels, tasks, gpu_name,
+                 gpu_mem, fmt, units, explain) -> None:
+    """Trainable parameters, model-state memory, GPUs and checkpoint sizes, method by method."""
+    try:
+        if bool(model_name) == bool(params_text):
+            raise PlanError("give exactly one of --model NAME or --params N")
+        if params_text:
+            model = DenseSize(parse_count(params_text))
+            default_methods: tuple[str, ...] = ("full",)
+        else:
+            from .resolve import resolve_model
+
+            model = resolve_model(model_name)
+            default_methods = METHODS
+        chosen = _split(methods) or default_methods
+        for m in chosen:
+            if m not in METHODS:
+                raise PlanError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+        gpu = get_gpu(gpu_name)
+        if gpu_mem:
+            gpu = Gpu(f"{gpu_mem} GPU", parse_bytes(gpu_mem))
+        base = TrainSetup(
+            precision=precision, optimizer=optimizer, bias=bias, use_dora=dora,
+            targets=_split(targets) or ("default",), modules_to_save=_split(modules_to_save),
+            double_quant=double_quant, save_dtype=save_dtype, task=task, num_labels=num_labels,
+            tasks=tasks,
+        )
+        rank_list = _ranks(ranks)
+        setups = []
+        for m in dict.fromkeys(chosen):
+            if m == "full":
+                setups.append(base.with_(method="full"))
+            else:
+                setups += [base.with_(method=m, rank=r) for r in rank_list]
+        plan = make_plan(model, tuple(setups), gpu)
+    except PlanError as exc:
+        raise UserError(str(exc)) from None
+    click.echo(to_explanation(plan) if explain else render(plan, fmt, units), nl=False)
+
+
+@main.command("models")
+@click.option("--format", "fmt", type=click.Choice(["table", "markdown", "json"]), default="table",
+              show_default=True)
+def models_command(fmt: str) -> None:
+    """List the model catalog: name, aliases, parameters, family, source config."""
+    import json
+
+    from tabulate import tabulate
+
+    from .counts import total_params
+
+    rows = [
+        {"name": s.name, "aliases": list(s.aliases), "params": total_params(s), "family": s.family,
+         "source": s.source}
+        for s in CATALOG
+    ]
+    if fmt == "json":
+        click.echo(json.dumps(rows, indent=2))
+        return
+    table = [[r["name"], ", ".join(r["aliases"]), f"{r['params']:,}", r["family"], r["source"]]
+             for r in rows]
+    click.echo(tabulate(table, headers=["name", "aliases", "params", "family", "source"],
+                        tablefmt="github" if fmt == "markdown" else "simple",
+                        colalign=("left", "left", "right", "left", "left")))

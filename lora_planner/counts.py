@@ -1,0 +1,265 @@
+"""Parameter counts: the model's total, and what LoRA makes trainable.
+
+The trainable count equals what PEFT 0.21's `get_nb_trainable_parameters()` reports for the same
+`LoraConfig`; tests apply PEFT to meta-device models and compare to the parameter. That means
+following PEFT's rules rather than inventing cleaner ones:
+
+- A target name matches a module path that equals it or ends with `.` + name; a `re:` target is a
+  regular expression that must match the whole path.
+- `all-linear` takes every `nn.Linear`/`Conv1D` except the output head (`lm_head`, or the `score`
+  head of a classifier).
+- Modules named in `modules_to_save` are never LoRA-wrapped; they are copied and trained in full.
+  A sequence classifier always saves `classifier` and `score`.
+- `bias="all"` trains every parameter whose name contains "bias"; `bias="lora_only"` trains the
+  biases of the wrapped layers.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .architecture import LINEAR_KINDS, Architecture, Module, Param, layout
+from .errors import PlanError
+from .spec import ModelSpec, TrainSetup
+
+# PEFT's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, for our families. PEFT has no entry
+# for phi3 (it asks for explicit targets); we use the fused attention layer, as its `qv` preset.
+PEFT_DEFAULT_TARGETS = {
+    "gpt2": ("c_attn",),
+    "llama": ("q_proj", "v_proj"),
+    "mistral": ("q_proj", "v_proj"),
+    "mixtral": ("q_proj", "v_proj"),
+    "qwen2": ("q_proj", "v_proj"),
+    "gemma2": ("q_proj", "v_proj"),
+    "phi3": ("qkv_proj",),
+}
+
+_SPLIT_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+_GATED_MLP = ("gate_proj", "up_proj", "down_proj")
+# Presets per family. GPT-2 and Phi-3 fuse q, k and v into one layer, so `qv` there means the
+# fused layer: LoRA cannot wrap half of a linear layer.
+PRESETS = {
+    "qv": {"gpt2": ("c_attn",), "phi3": ("qkv_proj",), "*": ("q_proj", "v_proj")},
+    "attn": {"gpt2": ("c_attn", "attn.c_proj"), "phi3": ("qkv_proj", "o_proj"), "*": _SPLIT_ATTN},
+    "mlp": {
+        "gpt2": ("c_fc", "mlp.c_proj"),
+        "phi3": ("gate_up_proj", "down_proj"),
+        "mixtral": (),
+        "*": _GATED_MLP,
+    },
+}
+PRESET_NAMES = ("default", *PRESETS, "all-linear")
+
+SEQ_CLS_MODULES_TO_SAVE = ("classifier", "score")
+BIAS_MODES = ("none", "all", "lora_only")
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """The LoRA tensors added to one wrapped module, named as PEFT saves them."""
+
+    module: Module
+    params: tuple[Param, ...]
+
+    @property
+    def numel(self) -> int:
+        return sum(p.numel for p in self.params)
+
+
+@dataclass(frozen=True)
+class Trainable:
+    """Everything a LoRA setup trains, tensor by tensor (for optimizer states and checkpoints)."""
+
+    adapters: tuple[Adapter, ...]
+    biases: tuple[Param, ...]
+    saved_modules: tuple[Module, ...]  # modules_to_save: trained copies of whole modules
+    target_names: tuple[str, ...]  # the resolved target list, as it would go into LoraConfig
+
+    @property
+    def params(self) -> tuple[Param, ...]:
+        copies = tuple(p for m in self.saved_modules for p in m.params)
+        return tuple(p for a in self.adapters for p in a.params) + self.biases + copies
+
+    @property
+    def count(self) -> int:
+        return sum(p.numel for p in self.params)
+
+    @property
+    def adapter_count(self) -> int:
+        return sum(a.numel for a in self.adapters)
+
+    @property
+    def saved_module_count(self) -> int:
+        return sum(m.numel for m in self.saved_modules)
+
+
+def total_params(spec: ModelSpec, task: str = "causal-lm", num_labels: int = 2) -> int:
+    """Every parameter of the model, a tied output head counted once.
+
+    Equals `sum(p.numel() for p in model.parameters())` of the transformers model; buffers such as
+    rotary frequencies are not parameters and are not counted.
+    """
+    return layout(spec, task, num_labels).total_params
+
+
+def lora_linear_params(in_features: int, out_features: int, rank: int) -> int:
+    """LoRA on a linear layer: A is (r, in) and B is (out, r), so r * (in + out) parameters.
+
+    For a square d x d matrix that is 2 * d * r (d=768, r=8 gives 12,288).
+    """
+    return rank * (in_features + out_features)
+
+
+def default_targets(spec: ModelSpec) -> tuple[str, ...]:
+    return PEFT_DEFAULT_TARGETS[spec.family]
+
+
+def expand_targets(spec: ModelSpec, targets: tuple[str, ...]) -> tuple[str, ...]:
+    """Turn presets into module names; `all-linear` stays as PEFT's own shorthand."""
+    names: list[str] = []
+    for target in targets:
+        if target == "default":
+            names += default_targets(spec)
+        elif target in PRESETS:
+            by_family = PRESETS[target]
+            chosen = by_family.get(spec.family, by_family["*"])
+            if not chosen:
+                raise PlanError(
+                    f"preset {target!r} matches no linear layer in {spec.name}: its experts are "
+                    "fused 3-D parameters, not linear layers"
+                )
+            names += chosen
+        else:
+            names.append(target)
+    return tuple(dict.fromkeys(names))
+
+
+def _matches(path: str, target: str) -> bool:
+    if target.startswith("re:"):
+        return re.fullmatch(target[3:], path) is not None
+    return path == target or path.endswith("." + target)
+
+
+def _saved_by(path: str, modules_to_save: tuple[str, ...]) -> bool:
+    # PEFT never wraps a module inside one that modules_to_save copies.
+    return any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", path) for m in modules_to_save)
+
+
+def _wrappable_names(arch: Architecture) -> list[str]:
+    names = {m.path.rsplit(".", 1)[-1] for m in arch.modules if m.kind in LINEAR_KINDS}
+    return sorted(names)
+
+
+def _check_targets(arch: Architecture, targets: tuple[str, ...]) -> None:
+    for target in targets:
+        if target.startswith("re:"):
+            try:
+                re.compile(target[3:])
+            except re.error as exc:
+                raise PlanError(f"target {target!r} is not a valid regular expression: {exc}") from None
+
+
+def wrapped_modules(spec: ModelSpec, setup: TrainSetup) -> tuple[tuple[Module, ...], tuple[str, ...]]:
+    """The modules LoRA wraps for the setup's targets, and the resolved target names."""
+    arch = layout(spec, setup.task, setup.num_labels)
+    targets = expand_targets(spec, setup.targets)
+    _check_targets(arch, targets)
+    saved = _modules_to_save_names(setup)
+    if "all-linear" in targets:
+        others = tuple(t for t in targets if t != "all-linear")
+        chosen = [
+            m for m in arch.modules
+            if (m.kind in LINEAR_KINDS and m.path != arch.head_path)
+            or any(_matches(m.path, t) for t in others)
+        ]
+    else:
+        chosen = [m for m in arch.modules if any(_matches(m.path, t) for t in targets)]
+        unmatched = [t for t in targets if not any(_matches(m.path, t) for m in arch.modules)]
+        containers = [p for p in arch.container_paths if any(_matches(p, t) for t in targets)]
+        if containers:
+            raise PlanError(
+                f"target matches {containers[0]}, which is not a linear or embedding layer; "
+                f"LoRA can wrap: {', '.join(_wrappable_names(arch))}"
+            )
+        if unmatched:
+            raise PlanError(
+                f"target {', '.join(map(repr, unmatched))} matches no module of {spec.name}; "
+                f"linear layers are: {', '.join(_wrappable_names(arch))}"
+            )
+    chosen = [m for m in chosen if not _saved_by(m.path, saved)]
+    for m in chosen:
+        if m.kind not in (*LINEAR_KINDS, "embedding"):
+            raise PlanError(
+                f"target matches {m.path}, a {m.kind} module that LoRA cannot wrap; "
+                f"LoRA can wrap: {', '.join(_wrappable_names(arch))}"
+            )
+    if not chosen:
+        raise PlanError(f"the targets {', '.join(targets)} leave no module of {spec.name} to wrap")
+    return tuple(chosen), targets
+
+
+def _modules_to_save_names(setup: TrainSetup) -> tuple[str, ...]:
+    names = tuple(setup.modules_to_save)
+    if setup.task == "seq-cls":
+        names += SEQ_CLS_MODULES_TO_SAVE
+    return tuple(dict.fromkeys(names))
+
+
+def adapter_for(module: Module, rank: int, use_dora: bool) -> Adapter:
+    """The tensors PEFT adds to one module, under the names it saves them with.
+
+    Linear and Conv1D: `lora_A.weight` (r, in) and `lora_B.weight` (out, r); DoRA adds
+    `lora_magnitude_vector` of one value per output feature. Embedding: `lora_embedding_A`
+    (r, num_embeddings) and `lora_embedding_B` (embedding_dim, r).
+    """
+    p = module.path
+    if rank > min(module.in_features, module.out_features):
+        raise PlanError(
+            f"rank {rank} is larger than layer {p} ({module.in_features} -> "
+            f"{module.out_features}); use a rank of at most "
+            f"{min(module.in_features, module.out_features)}"
+        )
+    if module.kind == "embedding":
+        if use_dora:
+            raise PlanError(f"DoRA on the embedding {p} is not modelled; leave it out of the targets")
+        return Adapter(module, (
+            Param(f"{p}.lora_embedding_A", (rank, module.in_features)),
+            Param(f"{p}.lora_embedding_B", (module.out_features, rank)),
+        ))
+    params = [
+        Param(f"{p}.lora_A.weight", (rank, module.in_features)),
+        Param(f"{p}.lora_B.weight", (module.out_features, rank)),
+    ]
+    if use_dora:
+        params.append(Param(f"{p}.lora_magnitude_vector", (module.out_features,)))
+    return Adapter(module, tuple(params))
+
+
+def lora_trainable(spec: ModelSpec, setup: TrainSetup) -> Trainable:
+    """What a LoRA (or QLoRA) setup trains: adapters, trainable biases, modules_to_save copies."""
+    if setup.rank <= 0:
+        raise PlanError(f"rank must be a positive integer, got {setup.rank}")
+    if setup.bias not in BIAS_MODES:
+        raise PlanError(f"bias must be one of {', '.join(BIAS_MODES)}, got {setup.bias!r}")
+    arch = layout(spec, setup.task, setup.num_labels)
+    modules, targets = wrapped_modules(spec, setup)
+    adapters = tuple(adapter_for(m, setup.rank, setup.use_dora) for m in modules)
+
+    saved_names = _modules_to_save_names(setup)
+    saved_modules = tuple(
+        m for m in arch.modules if any(m.path == n or m.path.endswith("." + n) for n in saved_names)
+    )
+    unknown = [n for n in setup.modules_to_save if not any(
+        m.path == n or m.path.endswith("." + n) for m in arch.modules)]
+    if unknown:
+        raise PlanError(f"modules_to_save {', '.join(map(repr, unknown))} matches no module of {spec.name}")
+    in_saved = {p.name for m in saved_modules for p in m.params}
+
+    if setup.bias == "all":
+        biases = tuple(p for p in arch.params if "bias" in p.name and p.name not in in_saved)
+    elif setup.bias == "lora_only":
+        biases = tuple(m.bias for m in modules if m.bias is not None)
+    else:
+        biases = ()
+    return Trainable(adapters, biases, saved_modules, targets)

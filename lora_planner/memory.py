@@ -1,0 +1,86 @@
+"""Model-state memory, one pure function per term.
+
+Each function returns a `Term`: the bytes, and the formula with the numbers put in, which is what
+`--explain` prints. Nothing here rounds: bytes are ints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from .architecture import Param
+from .optimizers import OPTIMIZERS, optimizer_state_bytes
+from .precision import Precision
+from .quant import nf4_bytes
+
+
+@dataclass(frozen=True)
+class Term:
+    name: str
+    bytes: int
+    formula: str
+
+
+def _n(x: int) -> str:
+    return f"{x:,}"
+
+
+def dense_weight_bytes(name: str, numel: int, bytes_per: int, what: str) -> Term:
+    """Weights stored densely: numel x bytes per element."""
+    return Term(name, numel * bytes_per, f"{_n(numel)} {what} x {bytes_per} B = {_n(numel * bytes_per)} B")
+
+
+def quantized_weight_bytes(params: Iterable[Param], double_quant: bool) -> Term:
+    """QLoRA's 4-bit base: the sum of `nf4_bytes` over each quantised weight tensor."""
+    params = tuple(params)
+    numel = sum(p.numel for p in params)
+    total = sum(nf4_bytes(p.numel, double_quant) for p in params)
+    per = total / numel if numel else 0.0
+    dq = "with" if double_quant else "without"
+    return Term(
+        "weights_nf4", total,
+        f"{_n(numel)} weights in {len(params)} linear layers as NF4 {dq} double quantisation "
+        f"(0.5 B + block constants, {per:.4f} B each) = {_n(total)} B",
+    )
+
+
+def gradient_bytes(trainable: int, precision: Precision) -> Term:
+    """Gradients: one per trainable parameter, trainable x grad bytes. Frozen weights get none."""
+    g = precision.grad_bytes
+    return Term("gradients", trainable * g,
+                f"{_n(trainable)} trainable x {g} B ({precision.name}) = {_n(trainable * g)} B")
+
+
+def master_weight_bytes(trainable: int, precision: Precision) -> Term:
+    """fp32 master weights: trainable x 4 B under `mixed`, none under the other conventions."""
+    m = precision.master_bytes
+    if not m:
+        return Term("master_weights", 0, f"no fp32 master copy under {precision.name}")
+    return Term("master_weights", trainable * m,
+                f"{_n(trainable)} trainable x {m} B = {_n(trainable * m)} B")
+
+
+def optimizer_bytes(optimizer: str, params: Iterable[Param], precision: Precision) -> Term:
+    """Optimizer states summed over the trainable tensors (see `optimizers`)."""
+    params = tuple(params)
+    numel = sum(p.numel for p in params)
+    total = optimizer_state_bytes(optimizer, params, precision.state_bytes)
+    per = total / numel if numel else 0.0
+    return Term(
+        "optimizer_states", total,
+        f"{OPTIMIZERS[optimizer]}; {_n(numel)} trainable in {len(params)} tensors, "
+        f"{per:.4g} B each = {_n(total)} B",
+    )
+
+
+def activation_bytes() -> Term:
+    """Activations are not modelled yet: 0, and the plan says so."""
+    return Term("activations", 0, "not modelled yet: the peak below is model states only")
+
+
+def peak_bytes(terms: Iterable[Term]) -> Term:
+    """Peak: the sum of the terms (model states plus activations, once activations exist)."""
+    terms = tuple(terms)
+    total = sum(t.bytes for t in terms)
+    return Term("peak", total, " + ".join(_n(t.bytes) for t in terms) + f" = {_n(total)} B")

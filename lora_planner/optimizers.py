@@ -1,0 +1,91 @@
+"""Optimizer state bytes, tensor by tensor.
+
+Some optimizers keep state whose size depends on a tensor's shape (Adafactor's factored second
+moment) or size (8-bit Adam keeps small tensors in fp32), so states are summed over the trainable
+tensors rather than multiplied by a parameter count.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+from .architecture import Param
+from .errors import PlanError
+
+# bitsandbytes 8-bit optimizers: tensors with fewer elements than this keep 32-bit states
+# (`min_8bit_size`), and 8-bit states are quantised blockwise with one fp32 absmax per block.
+BNB_MIN_8BIT_SIZE = 4096
+BNB_STATE_BLOCK = 256
+
+OPTIMIZERS = {
+    "adamw": "AdamW: first and second moment per parameter",
+    "adamw-8bit": "bitsandbytes AdamW8bit: two 1-byte states plus an fp32 absmax per 256-value block",
+    "sgd": "SGD without momentum: no state",
+    "sgd-momentum": "SGD with momentum: one momentum buffer per parameter",
+    "adafactor": "Adafactor (beta1=None): factored second moment, rows + columns per matrix",
+}
+
+
+def check_optimizer(name: str) -> str:
+    if name not in OPTIMIZERS:
+        raise PlanError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+    return name
+
+
+def adamw_state_bytes(numel: int, state_bytes: int) -> int:
+    """AdamW: 2 states (exp_avg, exp_avg_sq) x numel x bytes per state element.
+
+    torch's per-tensor `step` counter is a CPU scalar unless `capturable`/`fused`, so it is left out.
+    """
+    return 2 * numel * state_bytes
+
+
+def adamw_8bit_state_bytes(numel: int) -> int:
+    """bitsandbytes AdamW8bit: 2 x (numel x 1 B + ceil(numel / 256) x 4 B absmax) per tensor.
+
+    Tensors under 4,096 elements (`min_8bit_size`) keep two fp32 states instead: 2 x numel x 4 B.
+    The shared 256-entry quantisation maps are counted once per optimizer, not here.
+    """
+    if numel < BNB_MIN_8BIT_SIZE:
+        return 2 * numel * 4
+    return 2 * (numel + math.ceil(numel / BNB_STATE_BLOCK) * 4)
+
+
+def sgd_momentum_state_bytes(numel: int, state_bytes: int) -> int:
+    """SGD with momentum: one momentum buffer, numel x bytes per state element."""
+    return numel * state_bytes
+
+
+def adafactor_state_bytes(shape: tuple[int, ...]) -> int:
+    """Adafactor without first moment: a matrix (..., r, c) keeps a row vector (..., r) and a
+    column vector (..., c) of second moments; a vector keeps a full second moment. 4 B each.
+
+    Follows transformers' `Adafactor` with beta1=None (its default), which upcasts gradients and
+    keeps its states in fp32 whatever the weights' dtype; the RMS and step scalars are left out.
+    """
+    if len(shape) >= 2:
+        lead = math.prod(shape[:-2])
+        return lead * (shape[-2] + shape[-1]) * 4
+    return math.prod(shape) * 4
+
+
+def optimizer_state_bytes(optimizer: str, params: Iterable[Param], state_bytes: int) -> int:
+    """Sum of one optimizer's state bytes over the trainable tensors."""
+    check_optimizer(optimizer)
+    total = 0
+    for p in params:
+        if optimizer == "adamw":
+            total += adamw_state_bytes(p.numel, state_bytes)
+        elif optimizer == "adamw-8bit":
+            total += adamw_8bit_state_bytes(p.numel)
+        elif optimizer == "sgd-momentum":
+            total += sgd_momentum_state_bytes(p.numel, state_bytes)
+        elif optimizer == "adafactor":
+            total += adafactor_state_bytes(p.shape)
+    return total
+
+
+def states_per_param(optimizer: str) -> int:
+    """How many full-size states an optimizer keeps, for a model known only by its size."""
+    return {"adamw": 2, "sgd": 0, "sgd-momentum": 1}.get(optimizer, -1)

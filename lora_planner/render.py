@@ -1,0 +1,166 @@
+"""A `Plan` rendered: a table (plain or markdown), CSV, JSON, or the derivation of every term.
+
+Units appear only here. The JSON holds integer bytes; the tables print one unit (GB by default,
+decimal) and say which.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+from .counts import PEFT_DEFAULT_TARGETS
+from .gpus import MIB
+from .plan import MEMORY_KEYS, MethodPlan, Plan
+from .precision import get_precision
+from .units import format_bytes
+
+FORMATS = ("table", "markdown", "json", "csv")
+
+
+def plan_label(p: MethodPlan) -> str:
+    return p.method if p.rank is None else f"{p.method} r={p.rank}"
+
+
+def _percent(p: MethodPlan, total: int) -> float:
+    return 100.0 * p.trainable_params / total if total else 0.0
+
+
+def to_dict(plan: Plan) -> dict:
+    """The JSON contract: integer bytes under `memory_bytes`, one entry per method and rank."""
+    s = plan.setup
+    return {
+        "model": {
+            "name": plan.model.name,
+            "family": plan.model.family,
+            "total_params": plan.model.total_params,
+            "source": plan.model.source,
+        },
+        "setup": {
+            "precision": s.precision,
+            "optimizer": s.optimizer,
+            "task": s.task,
+            "bias": s.bias,
+            "use_dora": s.use_dora,
+            "modules_to_save": list(s.modules_to_save),
+            "double_quant": s.double_quant,
+            "save_dtype": s.save_dtype,
+            "tasks": s.tasks,
+        },
+        "gpu": {"name": plan.gpu.name, "memory_bytes": plan.gpu.memory_bytes},
+        "plans": [
+            {
+                "method": p.method,
+                "rank": p.rank,
+                "trainable_params": p.trainable_params,
+                "trainable_percent": _percent(p, plan.model.total_params),
+                "all_params": p.all_params,
+                "target_modules": list(p.target_modules),
+                "wrapped_modules": p.wrapped_modules,
+                "memory_bytes": {k: p.memory[k].bytes for k in MEMORY_KEYS},
+                "weights_bytes": {t.name: t.bytes for t in p.weight_terms},
+                "checkpoint_bytes": p.checkpoint.bytes,
+                "full_checkpoint_bytes": p.full_checkpoint_bytes,
+                "storage_bytes": dict(p.storage),
+                "gpus_needed": p.gpus_needed,
+            }
+            for p in plan.plans
+        ],
+        "notes": list(plan.notes),
+    }
+
+
+def to_json(plan: Plan) -> str:
+    return json.dumps(to_dict(plan), indent=2)
+
+
+def _rows(plan: Plan, unit: str) -> list[list[str]]:
+    total = plan.model.total_params
+    fmt = lambda n: format_bytes(n, unit)  # noqa: E731
+    rows = [
+        ["trainable params"] + [f"{p.trainable_params:,}" for p in plan.plans],
+        ["trainable %"] + [f"{_percent(p, total):.4g}%" for p in plan.plans],
+        ["LoRA targets"] + [", ".join(p.target_modules) or "-" for p in plan.plans],
+    ]
+    labels = {"weights": "weights", "gradients": "gradients", "master_weights": "fp32 master weights",
+              "optimizer_states": "optimizer states", "activations": "activations",
+              "peak": "peak (model states)"}
+    for key in MEMORY_KEYS:
+        rows.append([labels[key]] + [fmt(p.memory[key].bytes) for p in plan.plans])
+    rows.append([f"GPUs needed ({plan.gpu.name})"] + [str(p.gpus_needed) for p in plan.plans])
+    rows.append(["checkpoint"] + [fmt(p.checkpoint.bytes) for p in plan.plans])
+    if plan.setup.tasks > 1:
+        n = plan.setup.tasks
+        rows.append([f"storage, {n} tasks"] + [
+            fmt(p.storage["full_copies"] if p.method == "full" else p.storage["base_plus_adapters"])
+            for p in plan.plans
+        ])
+    return rows
+
+
+def _header(plan: Plan, unit: str) -> list[str]:
+    m = plan.model
+    precision = get_precision(plan.setup.precision)
+    lines = [
+        f"model: {m.name} ({m.family}, {m.total_params:,} parameters)",
+        f"precision: {precision.name} ({precision.summary}); optimizer: {plan.setup.optimizer}",
+        f"GPU: {plan.gpu.name} ({plan.gpu.memory_bytes / MIB:,.0f} MiB); "
+        f"sizes in {'decimal units (1 GB = 10^9 bytes)' if unit == 'GB' else 'binary units (1 GiB = 2^30 bytes)'}",
+    ]
+    if m.family in PEFT_DEFAULT_TARGETS and any(p.rank is not None for p in plan.plans):
+        lines.append(f"default LoRA targets for {m.family}: {', '.join(PEFT_DEFAULT_TARGETS[m.family])}")
+    return lines
+
+
+def to_table(plan: Plan, unit: str = "GB", markdown: bool = False) -> str:
+    from tabulate import tabulate
+
+    headers = [""] + [plan_label(p) for p in plan.plans]
+    table = tabulate(_rows(plan, unit), headers=headers, tablefmt="github" if markdown else "simple",
+                     colalign=("left",) + ("right",) * len(plan.plans))
+    head = _header(plan, unit)
+    notes = [f"note: {n}" for n in plan.notes]
+    if markdown:
+        return "\n".join([*(f"- {h}" for h in head), "", table, "", *(f"- {n}" for n in notes)]) + "\n"
+    return "\n".join([*head, "", table, "", *notes]) + "\n"
+
+
+def to_csv(plan: Plan) -> str:
+    """One row per method and rank, sizes in bytes."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["model", "method", "rank", "trainable_params", *MEMORY_KEYS,
+                     "checkpoint_bytes", "gpus_needed"])
+    for p in plan.plans:
+        writer.writerow([plan.model.name, p.method, "" if p.rank is None else p.rank,
+                         p.trainable_params, *(p.memory[k].bytes for k in MEMORY_KEYS),
+                         p.checkpoint.bytes, p.gpus_needed])
+    return out.getvalue()
+
+
+def to_explanation(plan: Plan) -> str:
+    """Every term's formula with the numbers put in."""
+    lines = _header(plan, "GB")
+    for p in plan.plans:
+        lines += ["", f"[{plan_label(p)}]"]
+        if p.rank is not None:
+            lines.append(f"  trainable: {p.trainable_params:,} in {p.wrapped_modules} wrapped "
+                         f"modules (r x (in + out) each) for targets {', '.join(p.target_modules)}")
+        for t in p.weight_terms:
+            lines.append(f"  {t.name}: {t.formula}")
+        for key in MEMORY_KEYS[1:]:
+            lines.append(f"  {key}: {p.memory[key].formula}")
+        lines.append(f"  gpus_needed: ceil({p.memory['peak'].bytes:,} / {plan.gpu.memory_bytes:,}) "
+                     f"= {p.gpus_needed}")
+        lines.append(f"  checkpoint: {p.checkpoint.formula} = {p.checkpoint.bytes:,} B")
+    lines += ["", *(f"note: {n}" for n in plan.notes)]
+    return "\n".join(lines) + "\n"
+
+
+def render(plan: Plan, fmt: str, unit: str = "GB") -> str:
+    if fmt == "json":
+        return to_json(plan) + "\n"
+    if fmt == "csv":
+        return to_csv(plan)
+    return to_table(plan, unit, markdown=fmt == "markdown")

@@ -1,0 +1,196 @@
+"""What is planned: a model's shape (`ModelSpec`) and how it is trained (`TrainSetup`).
+
+Both are frozen values. The planner turns the pair into a `Plan`; the measurement harness takes the
+same `TrainSetup`, so a prediction and its measurement cannot disagree about the settings.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from .errors import PlanError
+
+FAMILIES = ("gpt2", "llama", "mistral", "mixtral", "qwen2", "gemma2", "phi3")
+
+# Hugging Face `model_type` values whose layout one of our families reproduces exactly.
+MODEL_TYPE_TO_FAMILY = {
+    "gpt2": "gpt2",
+    "llama": "llama",
+    "mistral": "mistral",
+    "mixtral": "mixtral",
+    "qwen2": "qwen2",
+    "gemma2": "gemma2",
+    "phi3": "phi3",
+}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The shape of a decoder-only transformer, as its Hugging Face config states it.
+
+    `head_dim` is explicit because Gemma-2 does not use hidden_size / num_heads. `num_experts` is 0
+    for a dense model. Biases are stated per projection because families differ: Qwen2 has them on
+    q/k/v but not on the output projection, Llama's `attention_bias` puts them on all four, GPT-2
+    has them everywhere.
+    """
+
+    name: str
+    family: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    tied_embeddings: bool
+    max_positions: int
+    qkv_bias: bool = False
+    out_bias: bool = False
+    mlp_bias: bool = False
+    num_experts: int = 0
+    experts_per_token: int = 0
+    aliases: tuple[str, ...] = ()
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise PlanError(f"unknown model family {self.family!r}; known: {', '.join(FAMILIES)}")
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+                     "head_dim", "intermediate_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise PlanError(f"model {self.name!r}: {name} must be a positive integer, got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise PlanError(
+                f"model {self.name!r}: num_heads {self.num_heads} is not a multiple of "
+                f"num_kv_heads {self.num_kv_heads}"
+            )
+
+
+@dataclass(frozen=True)
+class TrainSetup:
+    """How a model is fine-tuned. Every field is a choice the user can see and change.
+
+    `targets` holds a preset (`default`, `qv`, `attn`, `mlp`, `all-linear`) or module names, matched
+    as PEFT matches them. `task` is `causal-lm` or `seq-cls`; a sequence classifier gets a `score`
+    head of `num_labels` outputs, which PEFT always trains in full (`modules_to_save`).
+    """
+
+    method: str = "lora"
+    rank: int = 8
+    targets: tuple[str, ...] = ("default",)
+    precision: str = "mixed"
+    optimizer: str = "adamw"
+    bias: str = "none"
+    use_dora: bool = False
+    modules_to_save: tuple[str, ...] = ()
+    double_quant: bool = True
+    save_dtype: str = "auto"
+    task: str = "causal-lm"
+    num_labels: int = 2
+    tasks: int = 1
+    batch_size: int = 1
+    seq_len: int = 2048
+
+    def with_(self, **changes) -> TrainSetup:
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class DenseSize:
+    """A hypothetical dense model known only by its parameter count (`--params 70e9`).
+
+    Only model states and checkpoint data can be planned for it: LoRA needs layer shapes.
+    """
+
+    total_params: int
+    name: str = field(default="")
+
+    def __post_init__(self) -> None:
+        if self.total_params <= 0:
+            raise PlanError(f"--params must be positive, got {self.total_params}")
+
+
+def _read_config_json(path: Path) -> dict:
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise PlanError(f"no config.json at {path}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PlanError(f"{path}: not valid JSON ({exc})") from None
+
+
+def spec_from_config_file(path: str | Path) -> ModelSpec:
+    """Read a Hugging Face `config.json` (a file, or a folder holding one)."""
+    path = Path(path)
+    return spec_from_hf_config(_read_config_json(path), name=path.resolve().name, source=str(path))
+
+
+def _need(config: dict, *keys: str, default=None):
+    for key in keys:
+        if config.get(key) is not None:
+            return config[key]
+    if default is not None:
+        return default
+    raise PlanError(f"config.json has no {' / '.join(keys)}")
+
+
+def spec_from_hf_config(config: dict, name: str = "custom", source: str = "") -> ModelSpec:
+    """Map a Hugging Face config dict onto a `ModelSpec`, for the families we lay out exactly.
+
+    Defaults follow each transformers config class: a missing `num_key_value_heads` means multi-head
+    attention, a missing `head_dim` means hidden_size / num_heads, a missing GPT-2 `n_inner` means
+    4 * n_embd, and `tie_word_embeddings` defaults to True only where the class does (GPT-2, Gemma-2).
+    """
+    if not isinstance(config, dict):
+        raise PlanError("config.json must hold a JSON object")
+    model_type = config.get("model_type")
+    family = MODEL_TYPE_TO_FAMILY.get(model_type)
+    if family is None:
+        raise PlanError(
+            f"config.json model_type {model_type!r} is not supported; "
+            f"supported: {', '.join(sorted(MODEL_TYPE_TO_FAMILY))}"
+        )
+    try:
+        if family == "gpt2":
+            hidden = int(_need(config, "n_embd", "hidden_size"))
+            heads = int(_need(config, "n_head", "num_attention_heads"))
+            return ModelSpec(
+                name=name, family=family, source=source,
+                vocab_size=int(_need(config, "vocab_size")),
+                hidden_size=hidden,
+                num_layers=int(_need(config, "n_layer", "num_hidden_layers")),
+                num_heads=heads, num_kv_heads=heads, head_dim=hidden // heads,
+                intermediate_size=int(_need(config, "n_inner", default=4 * hidden)),
+                tied_embeddings=bool(config.get("tie_word_embeddings", True)),
+                max_positions=int(_need(config, "n_positions", "max_position_embeddings")),
+                qkv_bias=True, out_bias=True, mlp_bias=True,
+            )
+        hidden = int(_need(config, "hidden_size"))
+        heads = int(_need(config, "num_attention_heads"))
+        return ModelSpec(
+            name=name, family=family, source=source,
+            vocab_size=int(_need(config, "vocab_size")),
+            hidden_size=hidden,
+            num_layers=int(_need(config, "num_hidden_layers")),
+            num_heads=heads,
+            num_kv_heads=int(_need(config, "num_key_value_heads", default=heads)),
+            head_dim=int(_need(config, "head_dim", default=hidden // heads)),
+            intermediate_size=int(_need(config, "intermediate_size")),
+            tied_embeddings=bool(config.get("tie_word_embeddings", family == "gemma2")),
+            max_positions=int(_need(config, "max_position_embeddings", default=4096)),
+            qkv_bias=family == "qwen2" or bool(config.get("attention_bias", False)),
+            out_bias=family != "qwen2" and bool(config.get("attention_bias", False)),
+            mlp_bias=bool(config.get("mlp_bias", False)),
+            num_experts=int(config.get("num_local_experts", 0) or 0) if family == "mixtral" else 0,
+            experts_per_token=int(config.get("num_experts_per_tok", 0) or 0) if family == "mixtral" else 0,
+        )
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, PlanError):
+            raise
+        raise PlanError(f"config.json has a malformed value: {exc}") from None

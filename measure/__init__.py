@@ -1,0 +1,1 @@
+"""The verification harness: real fine-tuning runs whose readings check the planner."""

@@ -1,0 +1,1 @@
+"""Markdown capacity and validation reports."""
