@@ -12,6 +12,10 @@ following PEFT's rules rather than inventing cleaner ones:
   A sequence classifier always saves `classifier` and `score`.
 - `bias="all"` trains every parameter whose name contains "bias"; `bias="lora_only"` trains the
   biases of the wrapped layers.
+- Mixtral on transformers 5 (fused experts): PEFT maps the v4 names to parameter targets. `w1` and
+  `w3` (always together) become `experts.gate_up_proj` at rank 2r, `w2` becomes
+  `experts.down_proj`, `gate` becomes the router weight; `all-linear` takes all three. A 3-D
+  parameter of E experts gets A = (r*E, in) and B = (out, r*E).
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ PRESETS = {
     "mlp": {
         "gpt2": ("c_fc", "mlp.c_proj"),
         "phi3": ("gate_up_proj", "down_proj"),
-        "mixtral": (),
+        "mixtral": ("w1", "w2", "w3"),
         "*": _GATED_MLP,
     },
 }
@@ -124,11 +128,6 @@ def expand_targets(spec: ModelSpec, targets: tuple[str, ...]) -> tuple[str, ...]
         elif target in PRESETS:
             by_family = PRESETS[target]
             chosen = by_family.get(spec.family, by_family["*"])
-            if not chosen:
-                raise PlanError(
-                    f"preset {target!r} matches no linear layer in {spec.name}: its experts are "
-                    "fused 3-D parameters, not linear layers"
-                )
             names += chosen
         else:
             names.append(target)
@@ -166,17 +165,22 @@ def wrapped_modules(spec: ModelSpec, setup: TrainSetup) -> tuple[tuple[Module, .
     targets = expand_targets(spec, setup.targets)
     _check_targets(arch, targets)
     saved = _modules_to_save_names(setup)
+    moe = _moe_targets(arch, targets) if spec.family == "mixtral" else []
+    targets_left = tuple(t for t in targets if not any(_matches(f"x.{n}", t) for n in MOE_V4_NAMES))
+    if moe and not targets_left:
+        return tuple(moe), targets
     if "all-linear" in targets:
-        others = tuple(t for t in targets if t != "all-linear")
+        others = tuple(t for t in targets_left if t != "all-linear")
         chosen = [
             m for m in arch.modules
             if (m.kind in LINEAR_KINDS and m.path != arch.head_path)
             or any(_matches(m.path, t) for t in others)
         ]
     else:
-        chosen = [m for m in arch.modules if any(_matches(m.path, t) for t in targets)]
-        unmatched = [t for t in targets if not any(_matches(m.path, t) for m in arch.modules)]
-        containers = [p for p in arch.container_paths if any(_matches(p, t) for t in targets)]
+        chosen = [m for m in arch.modules if any(_matches(m.path, t) for t in targets_left)
+                  and m.kind not in ("router", "experts")]
+        unmatched = [t for t in targets_left if not any(_matches(m.path, t) for m in arch.modules)]
+        containers = [p for p in arch.container_paths if any(_matches(p, t) for t in targets_left)]
         if containers:
             raise PlanError(
                 f"target matches {containers[0]}, which is not a linear or embedding layer; "
@@ -194,9 +198,36 @@ def wrapped_modules(spec: ModelSpec, setup: TrainSetup) -> tuple[tuple[Module, .
                 f"target matches {m.path}, a {m.kind} module that LoRA cannot wrap; "
                 f"LoRA can wrap: {', '.join(_wrappable_names(arch))}"
             )
+    chosen += moe
     if not chosen:
         raise PlanError(f"the targets {', '.join(targets)} leave no module of {spec.name} to wrap")
     return tuple(chosen), targets
+
+
+# PEFT's v4 -> v5 names for Mixtral: v4 expert linears live inside fused 3-D parameters now.
+MOE_V4_NAMES = ("w1", "w2", "w3", "gate")
+
+
+def _moe_targets(arch: Architecture, targets: tuple[str, ...]) -> list[Module]:
+    """The router and expert parameters PEFT targets for Mixtral's v4 names, as pseudo-modules
+    holding just the targeted parameter (`kind` router or experts)."""
+    everything = "all-linear" in targets
+    named = {n for n in MOE_V4_NAMES if everything or any(_matches(f"x.{n}", t) for t in targets)}
+    if named & {"w1", "w3"} and not {"w1", "w3"} <= named:
+        raise PlanError("Mixtral's w1 and w3 are fused into experts.gate_up_proj: target both or neither")
+    chosen = []
+    for m in arch.modules:
+        for p in m.params:
+            leaf = p.name.rsplit(".", 1)[-1]
+            picked = (
+                (m.kind == "router" and "gate" in named)
+                or (leaf == "gate_up_proj" and "w1" in named)
+                or (leaf == "down_proj" and m.kind == "experts" and "w2" in named)
+            )
+            if picked:
+                chosen.append(Module(f"{m.path}.{leaf}" if m.kind == "experts" else m.path,
+                                     m.kind, (p,)))
+    return chosen
 
 
 def _modules_to_save_names(setup: TrainSetup) -> tuple[str, ...]:
@@ -214,6 +245,8 @@ def adapter_for(module: Module, rank: int, use_dora: bool) -> Adapter:
     (r, num_embeddings) and `lora_embedding_B` (embedding_dim, r).
     """
     p = module.path
+    if module.kind in ("router", "experts"):
+        return _param_adapter(module, rank, use_dora)
     if rank > min(module.in_features, module.out_features):
         raise PlanError(
             f"rank {rank} is larger than layer {p} ({module.in_features} -> "
@@ -234,6 +267,23 @@ def adapter_for(module: Module, rank: int, use_dora: bool) -> Adapter:
     if use_dora:
         params.append(Param(f"{p}.lora_magnitude_vector", (module.out_features,)))
     return Adapter(module, tuple(params))
+
+
+def _param_adapter(module: Module, rank: int, use_dora: bool) -> Adapter:
+    """PEFT's ParamWrapper on a router weight (out, in) or a fused expert weight (E, out, in):
+    A = (r*E, in), B = (out, r*E); `gate_up_proj` fuses w1 and w3, so its rank is 2r."""
+    if use_dora:
+        raise PlanError("DoRA does not work on Mixtral's fused expert or router parameters (PEFT refuses it)")
+    (param,) = module.params
+    experts = param.shape[0] if len(param.shape) == 3 else 1
+    out_f, in_f = param.shape[-2:]
+    r = 2 * rank if param.name.endswith("gate_up_proj") else rank
+    if rank > min(in_f, out_f):
+        raise PlanError(f"rank {rank} is larger than {param.name} ({in_f} -> {out_f})")
+    return Adapter(module, (
+        Param(f"{module.path}.lora_A.weight", (r * experts, in_f)),
+        Param(f"{module.path}.lora_B.weight", (out_f, r * experts)),
+    ))
 
 
 def lora_trainable(spec: ModelSpec, setup: TrainSetup) -> Trainable:

@@ -194,3 +194,34 @@ def spec_from_hf_config(config: dict, name: str = "custom", source: str = "") ->
         if isinstance(exc, PlanError):
             raise
         raise PlanError(f"config.json has a malformed value: {exc}") from None
+
+
+def to_hf_config(spec: ModelSpec) -> dict:
+    """The Hugging Face config dict that builds this shape (the inverse of `spec_from_hf_config`).
+
+    Used to build the real model (on the meta device in tests, for real in `measure`), so the
+    planner and transformers always describe the same network.
+    """
+    if spec.family == "gpt2":
+        return {
+            "model_type": "gpt2", "vocab_size": spec.vocab_size, "n_embd": spec.hidden_size,
+            "n_layer": spec.num_layers, "n_head": spec.num_heads,
+            "n_inner": spec.intermediate_size, "n_positions": spec.max_positions,
+            "tie_word_embeddings": spec.tied_embeddings,
+        }
+    config = {
+        "model_type": spec.family, "vocab_size": spec.vocab_size, "hidden_size": spec.hidden_size,
+        "num_hidden_layers": spec.num_layers, "num_attention_heads": spec.num_heads,
+        "num_key_value_heads": spec.num_kv_heads, "head_dim": spec.head_dim,
+        "intermediate_size": spec.intermediate_size, "tie_word_embeddings": spec.tied_embeddings,
+        "max_position_embeddings": spec.max_positions,
+        # Token ids are irrelevant to shapes; None keeps small test vocabularies valid.
+        "pad_token_id": None, "bos_token_id": None, "eos_token_id": None,
+    }
+    if spec.family in ("llama", "gemma2"):
+        config["attention_bias"] = spec.out_bias
+        config["mlp_bias"] = spec.mlp_bias
+    if spec.family == "mixtral":
+        config["num_local_experts"] = spec.num_experts
+        config["num_experts_per_tok"] = spec.experts_per_token
+    return config
