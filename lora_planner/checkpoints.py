@@ -42,11 +42,6 @@ def safetensors_bytes(params: Iterable[Param], dtype: str) -> int:
     return 8 + len(safetensors_header(params, dtype)) + data
 
 
-def adapter_file_params(params: Iterable[Param]) -> tuple[Param, ...]:
-    """Adapter tensors under the names PEFT saves them with (`base_model.model.` + path)."""
-    return tuple(Param(f"base_model.model.{p.name}", p.shape) for p in params)
-
-
 def storage_for_tasks(tasks: int, full_checkpoint: int, adapter_checkpoint: int) -> dict[str, int]:
     """N task-specific fine-tunes: N full copies, against one base plus N adapters."""
     return {

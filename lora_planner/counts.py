@@ -90,6 +90,23 @@ class Trainable:
         return sum(p.numel for p in self.params)
 
     @property
+    def file_params(self) -> tuple[Param, ...]:
+        """The tensors of PEFT's adapter file, under its names: `base_model.model.` + the path,
+        with the bias of a wrapped layer under `base_layer.bias` (the wrapper holds the layer)."""
+        wrapped = {a.module.path for a in self.adapters}
+
+        def saved_name(p: Param) -> Param:
+            path, leaf = p.name.rsplit(".", 1)
+            name = f"{path}.base_layer.{leaf}" if path in wrapped else p.name
+            return Param(f"base_model.model.{name}", p.shape)
+
+        adapters = tuple(Param(f"base_model.model.{p.name}", p.shape)
+                         for a in self.adapters for p in a.params)
+        copies = tuple(Param(f"base_model.model.{p.name}", p.shape)
+                       for m in self.saved_modules for p in m.params)
+        return adapters + tuple(saved_name(p) for p in self.biases) + copies
+
+    @property
     def adapter_count(self) -> int:
         return sum(a.numel for a in self.adapters)
 

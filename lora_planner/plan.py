@@ -137,7 +137,7 @@ def plan_lora(spec: ModelSpec, setup: TrainSetup, gpu: Gpu) -> MethodPlan:
                                            precision.weight_bytes, "trainable"))
 
     dtype = _save_dtype(setup, precision)
-    adapter_params = checkpoints.adapter_file_params(trainable.params)
+    adapter_params = trainable.file_params
     adapter = checkpoints.safetensors_bytes(adapter_params, dtype)
     base = checkpoints.safetensors_bytes(arch.params, dtype)
     return _assemble(
