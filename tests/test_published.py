@@ -73,3 +73,20 @@ def test_qlora_base_is_about_a_quarter_of_16_bit():
     ratio = qlora.memory["weights"].bytes / lora.memory["weights"].bytes
     # Embeddings and the LM head stay 16-bit: 1.05B of Llama-3.1-8B's 8.03B parameters.
     assert 0.3 < ratio < 0.4
+
+
+# Parameter totals of the published safetensors checkpoints (weights only, tied embeddings once).
+PUBLISHED_TOTALS = {
+    "llama-3.1-8b": 8_030_261_248,
+    "llama-3.1-405b": 405_853_388_800,
+    "mistral-7b": 7_241_732_096,
+    "mixtral-8x7b": 46_702_792_704,
+    "gemma-2-27b": 27_227_128_320,
+    "phi-3-mini": 3_821_079_552,
+    "llama-2-7b": 6_738_415_616,
+}
+
+
+def test_published_checkpoint_totals():
+    for name, expected in PUBLISHED_TOTALS.items():
+        assert total_params(get_model(name)) == expected, name
