@@ -106,7 +106,8 @@ def _header(plan: Plan, unit: str) -> list[str]:
         f"model: {m.name} ({m.family}, {m.total_params:,} parameters)",
         f"precision: {precision.name} ({precision.summary}); optimizer: {plan.setup.optimizer}",
         f"GPU: {plan.gpu.name} ({plan.gpu.memory_bytes / MIB:,.0f} MiB); "
-        f"sizes in {'decimal units (1 GB = 10^9 bytes)' if unit == 'GB' else 'binary units (1 GiB = 2^30 bytes)'}",
+        "sizes in " + ("decimal units (1 GB = 10^9 bytes)" if unit == "GB"
+                       else "binary units (1 GiB = 2^30 bytes)"),
     ]
     if m.family in PEFT_DEFAULT_TARGETS and any(p.rank is not None for p in plan.plans):
         lines.append(f"default LoRA targets for {m.family}: {', '.join(PEFT_DEFAULT_TARGETS[m.family])}")
