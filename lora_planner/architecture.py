@@ -68,9 +68,6 @@ class Architecture:
     def total_params(self) -> int:
         return sum(m.numel for m in self.modules)
 
-    def module(self, path: str) -> Module:
-        return next(m for m in self.modules if m.path == path)
-
     @property
     def container_paths(self) -> tuple[str, ...]:
         """Every module path that is not a leaf (`model.layers.0.mlp`, `model`, ...)."""

@@ -87,10 +87,6 @@ CATALOG: tuple[ModelSpec, ...] = (
 _BY_NAME = {alias: spec for spec in CATALOG for alias in (spec.name, *spec.aliases)}
 
 
-def catalog_names() -> tuple[str, ...]:
-    return tuple(_BY_NAME)
-
-
 def lookup(name: str) -> ModelSpec | None:
     return _BY_NAME.get(name.strip().lower())
 

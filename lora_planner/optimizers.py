@@ -85,7 +85,3 @@ def optimizer_state_bytes(optimizer: str, params: Iterable[Param], state_bytes: 
             total += adafactor_state_bytes(p.shape)
     return total
 
-
-def states_per_param(optimizer: str) -> int:
-    """How many full-size states an optimizer keeps, for a model known only by its size."""
-    return {"adamw": 2, "sgd": 0, "sgd-momentum": 1}.get(optimizer, -1)

@@ -79,7 +79,7 @@ def _states(trainable: int, params: tuple[Param, ...], setup: TrainSetup,
     }
 
 
-def _assemble(method: str, setup: TrainSetup, gpu: Gpu, weight_terms: tuple[Term, ...],
+def _assemble(method: str, gpu: Gpu, weight_terms: tuple[Term, ...],
               states: dict[str, Term], **fields) -> MethodPlan:
     weights = Term("weights", sum(t.bytes for t in weight_terms),
                    " + ".join(t.formula for t in weight_terms))
@@ -98,7 +98,7 @@ def plan_full(spec: ModelSpec, setup: TrainSetup, gpu: Gpu) -> MethodPlan:
     dtype = _save_dtype(setup, precision)
     ckpt = checkpoints.safetensors_bytes(params, dtype)
     return _assemble(
-        "full", setup, gpu,
+        "full", gpu,
         (dense_weight_bytes("weights_trainable", total, precision.weight_bytes, "trainable"),),
         _states(total, params, setup, precision),
         rank=None, trainable_params=total, all_params=total, target_modules=(),
@@ -141,7 +141,7 @@ def plan_lora(spec: ModelSpec, setup: TrainSetup, gpu: Gpu) -> MethodPlan:
     adapter = checkpoints.safetensors_bytes(adapter_params, dtype)
     base = checkpoints.safetensors_bytes(arch.params, dtype)
     return _assemble(
-        setup.method, setup, gpu, tuple(weight_terms),
+        setup.method, gpu, tuple(weight_terms),
         _states(trainable.count, trainable.params, setup, precision),
         rank=setup.rank, trainable_params=trainable.count,
         all_params=arch.total_params + trainable.adapter_count + trainable.saved_module_count,
@@ -166,7 +166,7 @@ def plan_dense(size: DenseSize, setup: TrainSetup, gpu: Gpu) -> MethodPlan:
     dtype = _save_dtype(setup, precision)
     ckpt = n * DTYPE_BYTES[dtype]
     return _assemble(
-        "full", setup, gpu,
+        "full", gpu,
         (dense_weight_bytes("weights_trainable", n, precision.weight_bytes, "trainable"),),
         _states(n, params, setup, precision),
         rank=None, trainable_params=n, all_params=n, target_modules=(), wrapped_modules=0,
