@@ -196,7 +196,7 @@ class Graph:
 
     # --- attention ------------------------------------------------------------------------------
     def attention(self, q: Tensor, k: Tensor, v: Tensor, heads: int, kv_heads: int, head_dim: int,
-                  attn_dropout: float, softcap: bool = False) -> Tensor:
+                  attn_dropout: float, softcap: bool = False, contiguous_q: bool = False) -> Tensor:
         """Attention over projected (and rotated) q, k, v; returns the (b, s, heads * head_dim) output
         as o_proj reads it.
 
@@ -217,7 +217,9 @@ class Graph:
             out = self.new(full, cb, grad)
             if grad:
                 self.save(q, k, v, out, self.new(b * heads * s, FP32, False))
-            return out
+            # the kernel lays its output out like q: when q is (b, heads, s, d)-contiguous (Phi-3's
+            # rotary concatenates), o_proj's (b, s, heads * d) view needs a copy
+            return self.new(full, cb, grad) if contiguous_q else out
         eager = self.cond.attention == "eager"
         if not eager:
             cb = FP32  # torch's CPU math kernel computes in fp32 whatever the input dtype
@@ -286,7 +288,7 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
         v = g.linear(h, f"{p}.self_attn.v_proj", H, nkv * hd)
     assert rot is not None
     q, k = g.rope(q, *rot), g.rope(k, *rot)
-    a = g.attention(q, k, v, nh, nkv, hd, 0.0, softcap=gemma)
+    a = g.attention(q, k, v, nh, nkv, hd, 0.0, softcap=gemma, contiguous_q=spec.family == "phi3")
     a = g.linear(a, f"{p}.self_attn.o_proj", nh * hd, H)
     if gemma:
         a = g.rms_norm(a, f"{p}.post_attention_layernorm", H, True)
@@ -298,9 +300,12 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
         m = _moe(g, spec, p, h)
     elif spec.family == "phi3":
         gu = g.linear(h, f"{p}.mlp.gate_up_proj", H, 2 * inter)
-        half = Tensor(gu.numel // 2, gu.itemsize, gu.grad, gu.key)
-        act = g.unary(half, "input")
-        m = g.linear(g.mul(half, act), f"{p}.mlp.down_proj", inter, H)
+        # gate and up are halves of one output: keeping either keeps all of it
+        act = g.new(gu.numel // 2, gu.itemsize, gu.grad)
+        if gu.grad:
+            g.save(gu, act)
+        m = g.new(gu.numel // 2, gu.itemsize, gu.grad)
+        m = g.linear(m, f"{p}.mlp.down_proj", inter, H)
     else:
         gate = g.linear(h, f"{p}.mlp.gate_proj", H, inter)
         up = g.linear(h, f"{p}.mlp.up_proj", H, inter)
@@ -311,22 +316,32 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
 
 
 def _moe(g: Graph, spec: ModelSpec, p: str, h: Tensor) -> Tensor:
-    """Mixtral's sparse block: router logits, fp32 softmax, top-k; each token's k expert MLPs.
+    """Mixtral's sparse block as transformers 5 runs it: a router, then the tokens sorted by expert and
+    two grouped matmuls over all (token, expert) rows at once.
 
-    Assumption: the experts' saved tensors are those of a gated MLP over tokens x k rows (each token
-    gathered once per chosen expert), plus the router's fp32 probabilities; index bookkeeping is
-    left out (int64 per routed token, small next to the hidden states).
+    The router keeps its fp32 softmax, the top-k indices, the normaliser and the normalised weights.
+    The experts keep the sort permutation and its inverse, the expert of each row, each row's routing
+    weight, the gate/up output, the activation, the down output (for the routing weights' gradient)
+    and, only when the expert weights train, the gathered input rows and the down projection's input.
+    Grouped matmuls are not autocast: they run in the hidden states' dtype.
     """
     H, inter, E, k = spec.hidden_size, spec.intermediate_size, spec.num_experts, spec.experts_per_token
     t = g.cond.tokens
+    rows = t * k
     logits = g.linear(h, f"{p}.mlp.gate", H, E)
-    probs = g.unary(g.cast(logits, FP32), "output")
-    routed = g.new(t * k * H, h.itemsize, h.grad)
-    g.save(routed)
-    gu = g.new(t * k * 2 * inter, g.cond.compute_bytes, True)
-    g.save(gu, g.new(t * k * inter, gu.itemsize, True))
-    g.save(probs)
-    return g.new(t * H, h.itemsize, True)
+    if logits.grad:
+        g.save(g.new(t * E, FP32, True), g.new(rows, INT64, False), g.new(t, FP32, False),
+               g.new(rows, FP32, True))
+    experts_train = f"{p}.mlp.experts" in g.trainable
+    if not (h.grad or experts_train or logits.grad):
+        return g.new(t * H, h.itemsize, False)
+    xb = h.itemsize
+    g.save(g.new(rows, INT64, False), g.new(rows, INT64, False), g.new(rows, INT64, False),
+           g.new(rows, FP32, False), g.new(E, 4, False))
+    if experts_train:
+        g.save(g.new(rows * H, xb, True), g.new(rows * inter, xb, True))
+    g.save(g.new(rows * 2 * inter, xb, True), g.new(rows * inter, xb, True), g.new(rows * H, xb, True))
+    return g.new(t * H, xb, True)
 
 
 def layer_backward_transients(spec: ModelSpec, cond: Conditions,
