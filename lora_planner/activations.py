@@ -196,7 +196,8 @@ class Graph:
 
     # --- attention ------------------------------------------------------------------------------
     def attention(self, q: Tensor, k: Tensor, v: Tensor, heads: int, kv_heads: int, head_dim: int,
-                  attn_dropout: float, softcap: bool = False, contiguous_q: bool = False) -> Tensor:
+                  attn_dropout: float, softcap: bool = False, contiguous_q: bool = False,
+                  fused: Tensor | None = None) -> Tensor:
         """Attention over projected (and rotated) q, k, v; returns the (b, s, heads * head_dim) output
         as o_proj reads it.
 
@@ -224,6 +225,13 @@ class Graph:
         if not eager:
             cb = FP32  # torch's CPU math kernel computes in fp32 whatever the input dtype
         qc, kc, vc = (self.new(full, cb, t.grad) for t in (q, k, v))  # contiguous (repeated) copies
+        if fused is not None and b == 1 and vc.itemsize == fused.itemsize:
+            # one sequence: slices of the fused projection reshape for bmm without a copy, and
+            # keeping one keeps the whole fused output (eager uses q and k so too; the math
+            # kernel scales copies of them)
+            vc = fused
+            if eager and qc.itemsize == fused.itemsize and spec_fused_qk(fused, q):
+                qc = kc = fused
         if kc.grad:
             self.save(qc)  # q @ k^T keeps q for k's gradient and k for q's
         if qc.grad:
@@ -248,6 +256,11 @@ class Graph:
         return self.new(x.numel, max(x.itemsize, cos.itemsize), x.grad)
 
 
+def spec_fused_qk(fused: Tensor, q: Tensor) -> bool:
+    """q is itself a slice of the fused output (GPT-2), not a rotated copy of one (Phi-3)."""
+    return q.key == fused.key
+
+
 def _layers_prefix(spec: ModelSpec) -> str:
     return "transformer.h" if spec.family == "gpt2" else "model.layers"
 
@@ -262,7 +275,7 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
         h = g.layer_norm(x, f"{p}.ln_1", H)
         qkv = g.linear(h, f"{p}.attn.c_attn", H, 3 * H)
         qkv_view = Tensor(qkv.numel, qkv.itemsize, qkv.grad, qkv.key)  # q, k, v: views of one output
-        a = g.attention(qkv_view, qkv_view, qkv_view, nh, nh, hd, drop)
+        a = g.attention(qkv_view, qkv_view, qkv_view, nh, nh, hd, drop, fused=qkv_view)
         a = g.dropout_op(g.linear(a, f"{p}.attn.c_proj", H, H), drop)
         x = g.add(x, a)
         g.section += " mlp"
@@ -288,7 +301,8 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
         v = g.linear(h, f"{p}.self_attn.v_proj", H, nkv * hd)
     assert rot is not None
     q, k = g.rope(q, *rot), g.rope(k, *rot)
-    a = g.attention(q, k, v, nh, nkv, hd, 0.0, softcap=gemma, contiguous_q=spec.family == "phi3")
+    a = g.attention(q, k, v, nh, nkv, hd, 0.0, softcap=gemma, contiguous_q=spec.family == "phi3",
+                    fused=v if spec.family == "phi3" else None)
     a = g.linear(a, f"{p}.self_attn.o_proj", nh * hd, H)
     if gemma:
         a = g.rms_norm(a, f"{p}.post_attention_layernorm", H, True)
