@@ -400,6 +400,7 @@ class Profile:
     embedding: int
     layers: tuple[int, ...]
     layer_inputs: tuple[int, ...]
+    input_saved_by_layer: tuple[int, ...]  # the part of `layers[i]` that is the layer's own input
     head: int
     logits: int
     logits_fp32: int
@@ -448,11 +449,16 @@ def profile(spec: ModelSpec, cond: Conditions, wrapped: dict[str, int], trainabl
             x = g.new(t * H, wb, x.grad)  # scaled by sqrt(hidden): the product keeps a scalar
         half = cond.seq_len * spec.head_dim
         rot = (g.new(half, wb, False), g.new(half, wb, False))
-    layers, mlps, inputs = [], [], []
+    layers, mlps, inputs, overlap = [], [], [], []
     for i in range(spec.num_layers):
         g.section = f"layer {i}"
-        inputs.append(x.nbytes)
+        x_in = x
         x = _decoder_layer(g, spec, i, x, rot)
+        # a checkpointed layer keeps its input; when the layer's own ops save it too, the recomputed
+        # set already holds it (count it once)
+        kept = g.saved.get(x_in.key)
+        inputs.append(x_in.nbytes)
+        overlap.append(x_in.nbytes if kept and kept[1].startswith(f"layer {i}") else 0)
         mlps.append(g.saved_bytes(f"layer {i} mlp"))
         layers.append(g.saved_bytes(f"layer {i}") + mlps[-1])
     g.section = "head"
@@ -482,6 +488,7 @@ def profile(spec: ModelSpec, cond: Conditions, wrapped: dict[str, int], trainabl
         embedding=g.saved_bytes("embedding"),
         layers=tuple(layers),
         layer_inputs=tuple(inputs),
+        input_saved_by_layer=tuple(overlap),
         head=g.saved_bytes("head"),
         logits=logits.nbytes,
         logits_fp32=fp32 if logits.itemsize != FP32 else 0,
