@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from . import checkpoints
-from .architecture import LINEAR_KINDS, Param, layout
-from .counts import lora_trainable
+from . import checkpoints, cost
+from .architecture import LINEAR_KINDS, Architecture, Param, layout
+from .counts import Trainable, lora_trainable
 from .errors import PlanError
 from .gpus import Gpu, gpus_needed
 from .memory import (
@@ -21,6 +21,7 @@ from .memory import (
 )
 from .optimizers import check_optimizer
 from .precision import DTYPE_BYTES, Precision, get_precision, weight_dtype
+from .sharding import DataParallel, distribute, gathered_layer_buffer, sharding_notes, sharding_of
 from .spec import DenseSize, ModelSpec, TrainSetup
 
 METHODS = ("full", "lora", "qlora")
@@ -40,7 +41,10 @@ class MethodPlan:
     checkpoint: Term  # what this method saves: the full model, or the adapter
     full_checkpoint_bytes: int
     storage: dict[str, int]  # for `tasks` fine-tunes
-    gpus_needed: int
+    gpus_needed: int | None  # None: no number of GPUs fits under the chosen sharding
+    data_parallel: DataParallel | None = None  # placement on GPUs; `memory` is per GPU with --num-gpus
+    flops_per_token: cost.Quantity | None = None
+    compute: cost.Compute | None = None  # time and money, when tokens are given
 
 
 @dataclass(frozen=True)
@@ -79,14 +83,41 @@ def _states(trainable: int, params: tuple[Param, ...], setup: TrainSetup,
     }
 
 
+def _peak(memory: dict[str, Term]) -> Term:
+    return peak_bytes(memory[k] for k in MEMORY_KEYS[:-1])
+
+
 def _assemble(method: str, gpu: Gpu, weight_terms: tuple[Term, ...],
-              states: dict[str, Term], **fields) -> MethodPlan:
+              states: dict[str, Term], setup: TrainSetup, gathered: dict[str, Term] | None = None,
+              **fields) -> MethodPlan:
     weights = Term("weights", sum(t.bytes for t in weight_terms),
                    " + ".join(t.formula for t in weight_terms))
     memory = {"weights": weights, **states}
-    memory["peak"] = peak_bytes(memory[k] for k in MEMORY_KEYS[:-1])
-    return MethodPlan(method=method, weight_terms=weight_terms, memory=memory,
-                      gpus_needed=gpus_needed(memory["peak"].bytes, gpu.memory_bytes), **fields)
+    # With --num-gpus the terms become one GPU's share under the chosen ZeRO/FSDP sharding.
+    placed = distribute(memory, sharding_of(setup.num_gpus, setup.sharding, setup.offload), gathered,
+                        gpu.memory_bytes, lambda m: _peak(m).bytes)
+    memory = dict(placed.per_gpu)
+    memory["peak"] = _peak(memory)
+    needed = gpus_needed(memory["peak"].bytes, gpu.memory_bytes) if placed.sharding is None \
+        else placed.gpus_needed
+    return MethodPlan(method=method, weight_terms=weight_terms, memory=memory, gpus_needed=needed,
+                      data_parallel=placed, **fields)
+
+
+def _grad_checkpointing(setup: TrainSetup) -> bool:
+    return bool(getattr(setup, "grad_checkpointing", False))
+
+
+def quantised_params(arch: Architecture, trainable: Trainable) -> set[str]:
+    """Names of the weights QLoRA stores as NF4: bitsandbytes quantises every linear layer but the
+    output head; biases stay 16-bit. Fused 3-D expert weights are assumed quantised the same way."""
+    saved_paths = {m.path for m in trainable.saved_modules}
+    return {
+        p.name for m in arch.modules
+        if (m.kind in LINEAR_KINDS or m.kind == "experts")
+        and m.path != arch.head_path and m.path not in saved_paths
+        for p in m.params if not p.name.endswith(".bias")
+    }
 
 
 def plan_full(spec: ModelSpec, setup: TrainSetup, gpu: Gpu) -> MethodPlan:
@@ -97,10 +128,15 @@ def plan_full(spec: ModelSpec, setup: TrainSetup, gpu: Gpu) -> MethodPlan:
     total = arch.total_params
     dtype = _save_dtype(setup, precision)
     ckpt = checkpoints.safetensors_bytes(params, dtype)
+    largest = max(m.numel for m in arch.modules)
     return _assemble(
         "full", gpu,
         (dense_weight_bytes("weights_trainable", total, precision.weight_bytes, "trainable"),),
-        _states(total, params, setup, precision),
+        _states(total, params, setup, precision), setup,
+        gathered_layer_buffer(largest, precision.weight_bytes, precision.grad_bytes),
+        flops_per_token=cost.full_flops_per_token(
+            cost.matmul_params(spec, arch), cost.attention_forward_flops(spec, setup.seq_len),
+            _grad_checkpointing(setup)),
         rank=None, trainable_params=total, all_params=total, target_modules=(),
         wrapped_modules=0,
         checkpoint=Term("checkpoint", ckpt, f"safetensors, {len(params)} tensors in {dtype}"),
@@ -118,16 +154,9 @@ def plan_lora(spec: ModelSpec, setup: TrainSetup, gpu: Gpu) -> MethodPlan:
     frozen = [p for p in arch.params if p.name not in in_place]
 
     weight_terms: list[Term] = []
+    nf4: list[Param] = []
     if setup.method == "qlora":
-        saved_paths = {m.path for m in trainable.saved_modules}
-        # bitsandbytes quantises every linear layer but the output head; biases stay 16-bit.
-        # Fused 3-D expert weights are assumed quantised the same way.
-        quantised = {
-            p.name for m in arch.modules
-            if (m.kind in LINEAR_KINDS or m.kind == "experts")
-            and m.path != arch.head_path and m.path not in saved_paths
-            for p in m.params if not p.name.endswith(".bias")
-        }
+        quantised = quantised_params(arch, trainable)
         nf4 = [p for p in frozen if p.name in quantised]
         frozen = [p for p in frozen if p.name not in quantised]
         weight_terms.append(quantized_weight_bytes(nf4, setup.double_quant))
@@ -140,9 +169,19 @@ def plan_lora(spec: ModelSpec, setup: TrainSetup, gpu: Gpu) -> MethodPlan:
     adapter_params = trainable.file_params
     adapter = checkpoints.safetensors_bytes(adapter_params, dtype)
     base = checkpoints.safetensors_bytes(arch.params, dtype)
+    flops = cost.lora_flops_per_token(
+        cost.matmul_params(spec, arch), trainable.adapter_count, trainable.saved_module_count,
+        cost.attention_forward_flops(spec, setup.seq_len), _grad_checkpointing(setup))
+    if nf4:
+        flops = cost.plus(flops, cost.dequant_flops_per_token(
+            sum(p.numel for p in nf4), setup.batch_size * setup.seq_len, _grad_checkpointing(setup)))
+    # The frozen base is gathered without gradients; the adapters' own are too small to matter.
+    largest = max(m.numel for m in arch.modules)
     return _assemble(
         setup.method, gpu, tuple(weight_terms),
-        _states(trainable.count, trainable.params, setup, precision),
+        _states(trainable.count, trainable.params, setup, precision), setup,
+        gathered_layer_buffer(largest, precision.weight_bytes, 0),
+        flops_per_token=flops,
         rank=setup.rank, trainable_params=trainable.count,
         all_params=arch.total_params + trainable.adapter_count + trainable.saved_module_count,
         target_modules=trainable.target_names, wrapped_modules=len(trainable.adapters),
@@ -168,7 +207,8 @@ def plan_dense(size: DenseSize, setup: TrainSetup, gpu: Gpu) -> MethodPlan:
     return _assemble(
         "full", gpu,
         (dense_weight_bytes("weights_trainable", n, precision.weight_bytes, "trainable"),),
-        _states(n, params, setup, precision),
+        _states(n, params, setup, precision), setup,
+        flops_per_token=cost.dense_flops_per_token(n, _grad_checkpointing(setup)),
         rank=None, trainable_params=n, all_params=n, target_modules=(), wrapped_modules=0,
         checkpoint=Term("checkpoint", ckpt, f"{n:,} x {DTYPE_BYTES[dtype]} B ({dtype}), tensor data only"),
         full_checkpoint_bytes=ckpt,
@@ -176,8 +216,10 @@ def plan_dense(size: DenseSize, setup: TrainSetup, gpu: Gpu) -> MethodPlan:
     )
 
 
-def make_plan(model: ModelSpec | DenseSize, setups: tuple[TrainSetup, ...], gpu: Gpu) -> Plan:
-    """Plan each setup (one per method and rank) for one model on one kind of GPU."""
+def make_plan(model: ModelSpec | DenseSize, setups: tuple[TrainSetup, ...], gpu: Gpu,
+              workload: cost.Workload | None = None) -> Plan:
+    """Plan each setup (one per method and rank) for one model on one kind of GPU; with a workload
+    of tokens, also its time and cost."""
     if not setups:
         raise PlanError("nothing to plan: give at least one method")
     plans = []
@@ -194,7 +236,11 @@ def make_plan(model: ModelSpec | DenseSize, setups: tuple[TrainSetup, ...], gpu:
             plans.append(plan_full(model, setup, gpu))
         else:
             plans.append(plan_lora(model, setup, gpu))
+    if workload is not None and workload.tokens is not None:
+        plans = [_with_compute(p, s, gpu, workload) for p, s in zip(plans, setups, strict=True)]
     notes = ["activations are not modelled yet: peak is the sum of model states"]
+    notes += sharding_notes(setups[0], isinstance(model, DenseSize))
+    notes += cost.notes(workload, gpu, isinstance(model, DenseSize))
     if isinstance(model, DenseSize):
         info = ModelInfo(model.name or f"dense {model.total_params:,} params", "dense", model.total_params)
         notes.append("--params: model states and checkpoint tensor data only")
@@ -203,3 +249,9 @@ def make_plan(model: ModelSpec | DenseSize, setups: tuple[TrainSetup, ...], gpu:
         info = ModelInfo(model.name, model.family,
                          layout(model, first.task, first.num_labels).total_params, model.source, model)
     return Plan(info, setups[0], gpu, tuple(plans), tuple(notes))
+
+
+def _with_compute(p: MethodPlan, setup: TrainSetup, gpu: Gpu, workload: cost.Workload) -> MethodPlan:
+    """Time and cost on --num-gpus GPUs, or on the fewest that hold the model states."""
+    num_gpus = setup.num_gpus or p.gpus_needed or 1
+    return replace(p, compute=cost.training_time(p.flops_per_token, workload.tokens, gpu, num_gpus, workload))

@@ -94,6 +94,10 @@ class TrainSetup:
     tasks: int = 1
     batch_size: int = 1
     seq_len: int = 2048
+    # Data parallelism: None plans whole-model totals; N plans one of N GPUs (see sharding.py).
+    num_gpus: int | None = None
+    sharding: str = "none"  # none | zero1 | zero2 | zero3 (fsdp)
+    offload: str = "none"  # none | optimizer | optimizer+params
 
     def with_(self, **changes) -> TrainSetup:
         return replace(self, **changes)
