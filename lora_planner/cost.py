@@ -99,6 +99,13 @@ def matmul_params(spec: ModelSpec, arch: Architecture) -> int:
     return n
 
 
+def head_matmul_params(arch: Architecture) -> int:
+    """Weights of the output head (tied or not): the one matmul that gradient checkpointing does not
+    recompute, since it sits outside the checkpointed decoder layers."""
+    head = next(m for m in arch.modules if m.path == arch.head_path)
+    return head.in_features * head.out_features
+
+
 def attention_forward_flops(spec: ModelSpec, seq_len: int) -> Quantity:
     """Forward FLOPs per token of the attention scores and the weighted sum (no weights involved):
     QK^T and AV each cost 2 x seq x (heads x head_dim) per token per layer, so
@@ -113,36 +120,46 @@ def attention_forward_flops(spec: ModelSpec, seq_len: int) -> Quantity:
                     f"4 x {spec.num_layers} layers x {seq_len} seq x {d} (heads x head_dim) = {value:,}")
 
 
-def full_flops_per_token(n: int, attention: Quantity, grad_checkpointing: bool) -> Quantity:
+def recompute_flops(n: int, head: int, adapter_params: int, attention: Quantity) -> int:
+    """Gradient checkpointing runs each decoder layer's forward again in backward: every matmul but
+    the output head's (H params), the adapters', and attention: 2(N - H) + 2A + attention."""
+    return 2 * (n - head) + 2 * adapter_params + int(attention.value)
+
+
+def full_flops_per_token(n: int, head: int, attention: Quantity, grad_checkpointing: bool) -> Quantity:
     """Full fine-tuning: forward 2N + attention; backward twice the forward (gradients for inputs
-    and for weights): 6N + 3 x attention. Gradient checkpointing recomputes the forward once more:
-    8N + 4 x attention."""
+    and for weights): 6N + 3 x attention, the 6N rule plus PaLM's 12 x layers x seq x d attention
+    term. Gradient checkpointing adds `recompute_flops`."""
     a = int(attention.value)
-    passes = 4 if grad_checkpointing else 3
-    value = passes * (2 * n + a)
-    return Quantity("flops_per_token", value,
-                    f"{passes} x (2 x {n:,} matmul params + {a:,} attention)"
-                    f"{' [checkpointing: one extra forward]' if grad_checkpointing else ''} = {value:,}")
+    value = 3 * (2 * n + a)
+    formula = f"3 x (2 x {n:,} matmul params + {a:,} attention)"
+    if grad_checkpointing:
+        extra = recompute_flops(n, head, 0, attention)
+        value += extra
+        formula += f" + {extra:,} recomputed forward (head excluded)"
+    return Quantity("flops_per_token", value, f"{formula} = {value:,}")
 
 
-def lora_flops_per_token(n: int, adapter_params: int, saved_params: int, attention: Quantity,
-                         grad_checkpointing: bool) -> Quantity:
+def lora_flops_per_token(n: int, head: int, adapter_params: int, saved_params: int,
+                         attention: Quantity, grad_checkpointing: bool) -> Quantity:
     """LoRA: the frozen base runs forward (2N) and passes input gradients back (2N), but computes no
     weight gradients; the adapters (A params in total) cost 2A forward and 4A backward; modules
     trained in full beside them (S params, e.g. a classifier head) add their weight gradients, 2S;
     attention costs its forward and twice that backward:
-    4N + 6A + 2S + 3 x attention. Checkpointing adds one forward: + 2N + 2A + attention.
+    4N + 6A + 2S + 3 x attention. Checkpointing adds `recompute_flops`.
 
-    Assumption: input gradients flow through every layer down to the embedding (they stop at the
-    first adapter in reality: a few layers' worth at most when the first layer is adapted).
+    Assumption: input gradients flow through every layer down to the embedding output, as they do
+    when the embedding output requires grad (what PEFT sets up for gradient checkpointing); without
+    that they stop at the first adapted layer, and the first layer's input gradients are not spent.
     """
     a = int(attention.value)
     value = 4 * n + 6 * adapter_params + 2 * saved_params + 3 * a
     formula = (f"4 x {n:,} base + 6 x {adapter_params:,} adapter + 2 x {saved_params:,} fully trained"
                f" + 3 x {a:,} attention")
     if grad_checkpointing:
-        value += 2 * n + 2 * adapter_params + a
-        formula += f" + {2 * n + 2 * adapter_params + a:,} recomputed forward"
+        extra = recompute_flops(n, head, adapter_params, attention)
+        value += extra
+        formula += f" + {extra:,} recomputed forward (head excluded)"
     return Quantity("flops_per_token", value, f"{formula} = {value:,}")
 
 

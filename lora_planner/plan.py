@@ -63,6 +63,7 @@ class Plan:
     gpu: Gpu
     plans: tuple[MethodPlan, ...]
     notes: tuple[str, ...] = field(default=())
+    workload: cost.Workload | None = None  # tokens, MFU and price behind `compute`
 
 
 def _save_dtype(setup: TrainSetup, precision: Precision) -> str:
@@ -135,8 +136,8 @@ def plan_full(spec: ModelSpec, setup: TrainSetup, gpu: Gpu) -> MethodPlan:
         _states(total, params, setup, precision), setup,
         gathered_layer_buffer(largest, precision.weight_bytes, precision.grad_bytes),
         flops_per_token=cost.full_flops_per_token(
-            cost.matmul_params(spec, arch), cost.attention_forward_flops(spec, setup.seq_len),
-            _grad_checkpointing(setup)),
+            cost.matmul_params(spec, arch), cost.head_matmul_params(arch),
+            cost.attention_forward_flops(spec, setup.seq_len), _grad_checkpointing(setup)),
         rank=None, trainable_params=total, all_params=total, target_modules=(),
         wrapped_modules=0,
         checkpoint=Term("checkpoint", ckpt, f"safetensors, {len(params)} tensors in {dtype}"),
@@ -170,8 +171,9 @@ def plan_lora(spec: ModelSpec, setup: TrainSetup, gpu: Gpu) -> MethodPlan:
     adapter = checkpoints.safetensors_bytes(adapter_params, dtype)
     base = checkpoints.safetensors_bytes(arch.params, dtype)
     flops = cost.lora_flops_per_token(
-        cost.matmul_params(spec, arch), trainable.adapter_count, trainable.saved_module_count,
-        cost.attention_forward_flops(spec, setup.seq_len), _grad_checkpointing(setup))
+        cost.matmul_params(spec, arch), cost.head_matmul_params(arch), trainable.adapter_count,
+        trainable.saved_module_count, cost.attention_forward_flops(spec, setup.seq_len),
+        _grad_checkpointing(setup))
     if nf4:
         flops = cost.plus(flops, cost.dequant_flops_per_token(
             sum(p.numel for p in nf4), setup.batch_size * setup.seq_len, _grad_checkpointing(setup)))
@@ -248,7 +250,7 @@ def make_plan(model: ModelSpec | DenseSize, setups: tuple[TrainSetup, ...], gpu:
         first = setups[0]
         info = ModelInfo(model.name, model.family,
                          layout(model, first.task, first.num_labels).total_params, model.source, model)
-    return Plan(info, setups[0], gpu, tuple(plans), tuple(notes))
+    return Plan(info, setups[0], gpu, tuple(plans), tuple(notes), workload)
 
 
 def _with_compute(p: MethodPlan, setup: TrainSetup, gpu: Gpu, workload: cost.Workload) -> MethodPlan:
