@@ -11,7 +11,6 @@ import sys
 import pytest
 
 pytest.importorskip("torch")
-pytest.importorskip("transformers")
 
 
 def launch(strategy: str, out) -> list[dict]:

@@ -1,6 +1,8 @@
 """Per-rank memory of one data-parallel training step, traced, beside the per-GPU plan.
 
-Run it under `torchrun`; each rank builds the same small GPT-2, wraps it with PyTorch FSDP2
+Run it under `torchrun`; each rank builds the same small GPT-2 (`TinyGPT2`: GPT-2's modules,
+names and parameter shapes, written here so that a rank starts without importing transformers,
+which dominates a CPU test's time), wraps it with PyTorch FSDP2
 (`fully_shard` on every block and on the root: ZeRO-3) or DDP (replicated: no sharding), traces
 one forward, backward and AdamW step with `MemoryTracer`, and rank 0 writes one JSON line per rank
 with the traced peak, the plan's per-GPU prediction and the relative error
@@ -23,10 +25,78 @@ import os
 import sys
 from dataclasses import asdict
 
+import torch
+import torch.nn.functional as F
+from torch import nn
+
 STRATEGIES = {"fsdp": "zero3", "ddp": "none"}  # measured engine -> the plan's sharding
 # A GPT-2 small enough for a CPU test, large enough that model states are not lost in the noise.
 DEFAULT_SHAPE = {"n_layer": 2, "n_embd": 128, "n_head": 4, "vocab_size": 512, "n_positions": 64}
 STATE_TERMS = ("parameters", "gradients", "optimizer_states")
+
+
+class _Attention(nn.Module):
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.c_attn = nn.Linear(d, 3 * d)  # fused q, k, v
+        self.c_proj = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.c_attn(x).split(d, dim=2)  # (B, T, d) each
+        # (B, nh, T, hs) each
+        q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
+        return self.c_proj(y.transpose(1, 2).reshape(b, t, d))  # (B, T, d)
+
+
+class _Mlp(nn.Module):
+    def __init__(self, d: int, inner: int) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(d, inner)
+        self.c_proj = nn.Linear(inner, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+
+
+class _Block(nn.Module):
+    def __init__(self, d: int, heads: int, inner: int) -> None:
+        super().__init__()
+        self.ln_1, self.attn = nn.LayerNorm(d), _Attention(d, heads)
+        self.ln_2, self.mlp = nn.LayerNorm(d), _Mlp(d, inner)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class TinyGPT2(nn.Module):
+    """GPT-2 with the output head tied to the token embedding; parameter names and sizes are
+    transformers' (`transformer.h.0.attn.c_attn.weight`, ...), stored as nn.Linear (out, in)
+    rather than Conv1D (in, out): the same bytes."""
+
+    def __init__(self, spec) -> None:
+        super().__init__()
+        d = spec.hidden_size
+        self.transformer = nn.ModuleDict({
+            "wte": nn.Embedding(spec.vocab_size, d),
+            "wpe": nn.Embedding(spec.max_positions, d),
+            "h": nn.ModuleList(_Block(d, spec.num_heads, spec.intermediate_size)
+                               for _ in range(spec.num_layers)),
+            "ln_f": nn.LayerNorm(d),
+        })
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Next-token cross-entropy of (B, T) ids, the inputs as labels."""
+        t = input_ids.shape[1]
+        positions = torch.arange(t, device=input_ids.device)  # (T,)
+        x = self.transformer.wte(input_ids) + self.transformer.wpe(positions)  # (B, T, d)
+        for block in self.transformer.h:
+            x = block(x)
+        logits = self.transformer.ln_f(x) @ self.transformer.wte.weight.T  # (B, T, vocab)
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1), input_ids[:, 1:].flatten())
 
 
 def tiny_spec(shape: dict | None = None):
@@ -74,7 +144,6 @@ def _shard_aware_tracer():
 
 
 def _wrap(model, strategy: str, world_size: int):
-    import torch
     from torch.distributed.device_mesh import init_device_mesh
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -93,28 +162,24 @@ def _wrap(model, strategy: str, world_size: int):
 
 def measure_rank(strategy: str, batch_size: int, seq_len: int, shape: dict | None = None) -> dict:
     """Trace one step on this rank (the process group must be up) and return its row."""
-    import torch
     import torch.distributed as dist
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from ..spec import to_hf_config
 
     rank, world_size = dist.get_rank(), dist.get_world_size()
     spec = tiny_spec(shape)
-    config = {k: v for k, v in to_hf_config(spec).items() if k != "model_type"}
     torch.manual_seed(0)  # every rank starts from the same weights, as data parallelism requires
-    model = GPT2LMHeadModel(GPT2Config(**config, bos_token_id=0, eos_token_id=0))
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+        else torch.device("cpu")
+    model = TinyGPT2(spec).to(device)
     model.train()
     model = _wrap(model, strategy, world_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     generator = torch.Generator().manual_seed(rank)  # each rank its own micro-batch
-    ids = torch.randint(0, spec.vocab_size, (batch_size, seq_len), generator=generator)
-    # (batch, seq) token ids; labels are the inputs, shifted inside the model
+    ids = torch.randint(0, spec.vocab_size, (batch_size, seq_len), generator=generator).to(device)
 
     tracer = _shard_aware_tracer()(model, optimizer)
     with tracer:
         with tracer.phase("forward"):
-            loss = model(input_ids=ids, labels=ids).loss
+            loss = model(ids)
         with tracer.phase("backward"):
             loss.backward()
         with tracer.phase("optimizer"):
@@ -136,7 +201,6 @@ def measure_rank(strategy: str, batch_size: int, seq_len: int, shape: dict | Non
 
 def run(strategy: str, batch_size: int, seq_len: int, out: str | None) -> list[dict] | None:
     """Initialise the process group from torchrun's environment, measure, gather rows on rank 0."""
-    import torch
     import torch.distributed as dist
 
     backend = "nccl" if torch.cuda.is_available() else "gloo"
