@@ -11,18 +11,30 @@ from .errors import PlanError
 from .gpus import Gpu, gpus_needed
 from .memory import (
     Term,
-    activation_bytes,
+    activation_term,
     dense_weight_bytes,
+    device_overhead_term,
     gradient_bytes,
     master_weight_bytes,
+    no_activation_bytes,
     optimizer_bytes,
     peak_bytes,
     quantized_weight_bytes,
+    timeline_peak_term,
 )
 from .optimizers import check_optimizer
 from .precision import DTYPE_BYTES, Precision, get_precision, weight_dtype
-from .sharding import DataParallel, distribute, gathered_layer_buffer, sharding_notes, sharding_of
+from .sharding import (
+    DataParallel,
+    distribute,
+    gathered_layer_buffer,
+    sharding_notes,
+    sharding_of,
+    step_peak_on_gpu,
+)
 from .spec import DenseSize, ModelSpec, TrainSetup
+from .step import predict_step
+from .timeline import Phase
 
 METHODS = ("full", "lora", "qlora")
 MEMORY_KEYS = ("weights", "gradients", "master_weights", "optimizer_states", "activations", "peak")
@@ -42,6 +54,8 @@ class MethodPlan:
     full_checkpoint_bytes: int
     storage: dict[str, int]  # for `tasks` fine-tunes
     gpus_needed: int | None  # None: no number of GPUs fits under the chosen sharding
+    peak_phase: str = ""  # which moment of the step sets the peak
+    device_overhead: Term | None = None  # CUDA context + allocator slack above the peak (allowance)
     data_parallel: DataParallel | None = None  # placement on GPUs; `memory` is per GPU with --num-gpus
     flops_per_token: cost.Quantity | None = None
     compute: cost.Compute | None = None  # time and money, when tokens are given
@@ -80,33 +94,44 @@ def _states(trainable: int, params: tuple[Param, ...], setup: TrainSetup,
         "gradients": gradient_bytes(trainable, precision),
         "master_weights": master_weight_bytes(trainable, precision),
         "optimizer_states": optimizer_bytes(setup.optimizer, params, precision),
-        "activations": activation_bytes(),
     }
 
 
-def _peak(memory: dict[str, Term]) -> Term:
-    return peak_bytes(memory[k] for k in MEMORY_KEYS[:-1])
-
-
-def _assemble(method: str, gpu: Gpu, weight_terms: tuple[Term, ...],
-              states: dict[str, Term], setup: TrainSetup, gathered: dict[str, Term] | None = None,
+def _assemble(method: str, gpu: Gpu, weight_terms: tuple[Term, ...], states: dict[str, Term],
+              setup: TrainSetup, spec: ModelSpec | None, gathered: dict[str, Term] | None = None,
               **fields) -> MethodPlan:
+    """Model states plus, when the model's shape is known, the step's activations and timeline peak;
+    with --num-gpus, all of it on one GPU under the chosen sharding."""
     weights = Term("weights", sum(t.bytes for t in weight_terms),
                    " + ".join(t.formula for t in weight_terms))
     memory = {"weights": weights, **states}
-    # With --num-gpus the terms become one GPU's share under the chosen ZeRO/FSDP sharding.
+    if spec is None:
+        memory["activations"] = no_activation_bytes()
+
+        def peak(m: dict[str, Term], _sharding) -> Phase:
+            total = peak_bytes(m[k] for k in MEMORY_KEYS[:-1])
+            return Phase("", total.bytes, total.formula)
+    else:
+        precision = get_precision(setup.precision)
+        predicted = predict_step(spec, setup, precision, {k: t.bytes for k, t in memory.items()})
+        memory["activations"] = activation_term(predicted.profile)
+
+        def peak(m: dict[str, Term], sharding) -> Phase:
+            return step_peak_on_gpu(predicted, m, sharding, spec, setup, precision)
     placed = distribute(memory, sharding_of(setup.num_gpus, setup.sharding, setup.offload), gathered,
-                        gpu.memory_bytes, lambda m: _peak(m).bytes)
+                        gpu.memory_bytes, lambda m, s: peak(m, s).bytes)
     memory = dict(placed.per_gpu)
-    memory["peak"] = _peak(memory)
+    top = peak(memory, placed.sharding)
+    if spec is None:
+        memory["peak"] = peak_bytes(memory[k] for k in MEMORY_KEYS[:-1])
+        phase, overhead = "", None
+    else:
+        memory["peak"] = timeline_peak_term(top)
+        phase, overhead = top.name, device_overhead_term(top.bytes)
     needed = gpus_needed(memory["peak"].bytes, gpu.memory_bytes) if placed.sharding is None \
         else placed.gpus_needed
     return MethodPlan(method=method, weight_terms=weight_terms, memory=memory, gpus_needed=needed,
-                      data_parallel=placed, **fields)
-
-
-def _grad_checkpointing(setup: TrainSetup) -> bool:
-    return bool(getattr(setup, "grad_checkpointing", False))
+                      peak_phase=phase, device_overhead=overhead, data_parallel=placed, **fields)
 
 
 def quantised_params(arch: Architecture, trainable: Trainable) -> set[str]:
@@ -133,11 +158,11 @@ def plan_full(spec: ModelSpec, setup: TrainSetup, gpu: Gpu) -> MethodPlan:
     return _assemble(
         "full", gpu,
         (dense_weight_bytes("weights_trainable", total, precision.weight_bytes, "trainable"),),
-        _states(total, params, setup, precision), setup,
+        _states(total, params, setup, precision), setup, spec,
         gathered_layer_buffer(largest, precision.weight_bytes, precision.grad_bytes),
         flops_per_token=cost.full_flops_per_token(
             cost.matmul_params(spec, arch), cost.head_matmul_params(arch),
-            cost.attention_forward_flops(spec, setup.seq_len), _grad_checkpointing(setup)),
+            cost.attention_forward_flops(spec, setup.seq_len), setup.grad_checkpointing),
         rank=None, trainable_params=total, all_params=total, target_modules=(),
         wrapped_modules=0,
         checkpoint=Term("checkpoint", ckpt, f"safetensors, {len(params)} tensors in {dtype}"),
@@ -173,15 +198,15 @@ def plan_lora(spec: ModelSpec, setup: TrainSetup, gpu: Gpu) -> MethodPlan:
     flops = cost.lora_flops_per_token(
         cost.matmul_params(spec, arch), cost.head_matmul_params(arch), trainable.adapter_count,
         trainable.saved_module_count, cost.attention_forward_flops(spec, setup.seq_len),
-        _grad_checkpointing(setup))
+        setup.grad_checkpointing)
     if nf4:
         flops = cost.plus(flops, cost.dequant_flops_per_token(
-            sum(p.numel for p in nf4), setup.batch_size * setup.seq_len, _grad_checkpointing(setup)))
+            sum(p.numel for p in nf4), setup.batch_size * setup.seq_len, setup.grad_checkpointing))
     # The frozen base is gathered without gradients; the adapters' own are too small to matter.
     largest = max(m.numel for m in arch.modules)
     return _assemble(
         setup.method, gpu, tuple(weight_terms),
-        _states(trainable.count, trainable.params, setup, precision), setup,
+        _states(trainable.count, trainable.params, setup, precision), setup, spec,
         gathered_layer_buffer(largest, precision.weight_bytes, 0),
         flops_per_token=flops,
         rank=setup.rank, trainable_params=trainable.count,
@@ -209,8 +234,8 @@ def plan_dense(size: DenseSize, setup: TrainSetup, gpu: Gpu) -> MethodPlan:
     return _assemble(
         "full", gpu,
         (dense_weight_bytes("weights_trainable", n, precision.weight_bytes, "trainable"),),
-        _states(n, params, setup, precision), setup,
-        flops_per_token=cost.dense_flops_per_token(n, _grad_checkpointing(setup)),
+        _states(n, params, setup, precision), setup, None,
+        flops_per_token=cost.dense_flops_per_token(n, setup.grad_checkpointing),
         rank=None, trainable_params=n, all_params=n, target_modules=(), wrapped_modules=0,
         checkpoint=Term("checkpoint", ckpt, f"{n:,} x {DTYPE_BYTES[dtype]} B ({dtype}), tensor data only"),
         full_checkpoint_bytes=ckpt,
@@ -240,12 +265,12 @@ def make_plan(model: ModelSpec | DenseSize, setups: tuple[TrainSetup, ...], gpu:
             plans.append(plan_lora(model, setup, gpu))
     if workload is not None and workload.tokens is not None:
         plans = [_with_compute(p, s, gpu, workload) for p, s in zip(plans, setups, strict=True)]
-    notes = ["activations are not modelled yet: peak is the sum of model states"]
-    notes += sharding_notes(setups[0], isinstance(model, DenseSize))
+    notes = sharding_notes(setups[0], isinstance(model, DenseSize))
     notes += cost.notes(workload, gpu, isinstance(model, DenseSize))
     if isinstance(model, DenseSize):
         info = ModelInfo(model.name or f"dense {model.total_params:,} params", "dense", model.total_params)
-        notes.append("--params: model states and checkpoint tensor data only")
+        notes.append("--params: model states and checkpoint tensor data only; no activations "
+                     "without the model's shape, so peak is the sum of model states")
     else:
         first = setups[0]
         info = ModelInfo(model.name, model.family,

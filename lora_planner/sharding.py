@@ -144,16 +144,20 @@ def cpu_bytes(memory: dict[str, Term], sharding: Sharding) -> int:
     return sum(math.ceil(t.bytes / n) for key, t in memory.items() if placement(key, sharding) == "cpu")
 
 
+PeakOf = Callable[[dict[str, Term], "Sharding | None"], int]
+
+
 def min_gpus(memory: dict[str, Term], sharding: Sharding, capacity: int, buffer: dict[str, Term] | None,
-             peak: Callable[[dict[str, Term]], int]) -> int | None:
+             peak: PeakOf) -> int | None:
     """Fewest GPUs whose per-GPU peak fits `capacity` under this strategy and offload, or None when
-    no number does (replicated terms alone overflow one GPU). `peak` turns per-GPU terms into the
-    per-GPU peak, so this follows however the plan assembles its peak.
+    no number does (replicated terms alone overflow one GPU). `peak` turns per-GPU terms (and the
+    sharding that made them) into the per-GPU peak, so this follows however the plan assembles it.
 
     Per-GPU memory never grows with N, so the answer is found by doubling, then bisection.
     """
     def fits(n: int) -> bool:
-        return peak(per_gpu_states(memory, sharding.with_gpus(n), buffer)) <= capacity
+        on_n = sharding.with_gpus(n)
+        return peak(per_gpu_states(memory, on_n, buffer), on_n) <= capacity
 
     if fits(1):
         return 1
@@ -188,7 +192,7 @@ class DataParallel:
 
 
 def distribute(memory: dict[str, Term], sharding: Sharding | None, buffer: dict[str, Term] | None,
-               capacity: int, peak: Callable[[dict[str, Term]], int]) -> DataParallel:
+               capacity: int, peak: PeakOf) -> DataParallel:
     """Place whole-model terms on GPUs: per-GPU terms for the chosen sharding (unchanged when
     `sharding` is None), CPU bytes under offload, and the minimum GPU count for every strategy."""
     minimum = {s: min_gpus(memory, Sharding(1, s), capacity, buffer, peak) for s in STRATEGIES}
@@ -217,3 +221,38 @@ def sharding_notes(setup, dense: bool) -> list[str]:
     if dense and sharding.strategy == "zero3":
         notes.append("--params: layer sizes are unknown, so ZeRO-3's gathered-layer buffer is not counted")
     return notes
+
+
+def step_peak_on_gpu(predicted, per_gpu: dict[str, Term], sharding: Sharding | None, spec, setup,
+                     precision):
+    """The step's timeline peak on one GPU: the whole-model `StepPrediction` with its model states
+    replaced by the per-GPU terms, and the gradients each layer produces and foreach AdamW's
+    temporary divided as their terms are (a shard of each, or none on the GPU when offloaded).
+    Activations are unchanged: each GPU runs a whole micro-batch. Without sharding this is the
+    prediction's own peak."""
+    if sharding is None:
+        return predicted.peak
+    from dataclasses import replace
+
+    from .step import conditions
+    from .timeline import peak_phase, step_phases
+
+    def share(value: int, key: str) -> int:
+        where = placement(key, sharding)
+        if where == "replicated":
+            return value
+        return 0 if where == "cpu" else math.ceil(value / sharding.num_gpus)
+
+    s = predicted.states
+    states = replace(
+        s,
+        weights=per_gpu["weights"].bytes,
+        gradients=per_gpu["gradients"].bytes,
+        optimizer_states=per_gpu["optimizer_states"].bytes + per_gpu["master_weights"].bytes,
+        optimizer_temporary=share(s.optimizer_temporary, "optimizer_states"),
+        head_gradients=share(s.head_gradients, "gradients"),
+        layer_gradients=tuple(share(g, "gradients") for g in s.layer_gradients),
+    )
+    vocab = spec.vocab_size if setup.task == "causal-lm" else setup.num_labels  # as `predict_step`
+    tokens = conditions(setup, precision).tokens
+    return peak_phase(step_phases(states, predicted.profile, vocab, tokens))
