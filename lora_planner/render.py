@@ -221,7 +221,7 @@ def _scale_rows(plan: Plan, fmt) -> list[list[str]]:
     rows = [[f"GPUs needed ({where})"] + [_count(p.gpus_needed) for p in plan.plans]]
     if s.offload != "none":
         rows.append(["CPU memory per GPU (offload)"] + [fmt(p.data_parallel.cpu_bytes) for p in plan.plans])
-    rows.append(["min GPUs none/zero1/zero2/zero3"] + [
+    rows.append(["min GPUs none/zero1/zero2/zero3 (no offload)"] + [
         "/".join("-" if n is None else str(n) for n in p.data_parallel.min_gpus.values())
         for p in plan.plans])
     if all(p.compute is not None for p in plan.plans) and plan.plans:
