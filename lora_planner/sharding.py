@@ -251,7 +251,7 @@ def step_peak_on_gpu(predicted, per_gpu: dict[str, Term], sharding: Sharding | N
         optimizer_states=per_gpu["optimizer_states"].bytes + per_gpu["master_weights"].bytes,
         optimizer_temporary=share(s.optimizer_temporary, "optimizer_states"),
         head_gradients=share(s.head_gradients, "gradients"),
-        layer_gradients=tuple(share(g, "gradients") for g in s.layer_gradients),
+        layer_gradients=tuple(tuple(share(g, "gradients") for g in parts) for parts in s.layer_gradients),
     )
     vocab = spec.vocab_size if setup.task == "causal-lm" else setup.num_labels  # as `predict_step`
     tokens = conditions(setup, precision).tokens
