@@ -188,3 +188,29 @@ def test_step_peak_per_gpu_shrinks_with_sharding_but_keeps_activations():
     assert len({m["activations"] for m in by.values()}) == 1  # data parallel: a whole micro-batch each
     for m in by.values():
         assert m["peak"] >= m["weights"] + m["activations"]
+
+
+@pytest.mark.parametrize("strategy,offload,expected", [
+    ("none", "none", ("replicated", "replicated", "replicated")),
+    ("zero1", "none", ("replicated", "replicated", "sharded")),
+    ("zero2", "none", ("replicated", "sharded", "sharded")),
+    ("zero3", "none", ("sharded", "sharded", "sharded")),
+    ("zero1", "optimizer", ("replicated", "replicated", "cpu")),
+    ("zero2", "optimizer", ("replicated", "cpu", "cpu")),
+    ("zero3", "optimizer+params", ("cpu", "cpu", "cpu")),
+])
+def test_placement_table(strategy, offload, expected):
+    """The table in `sharding`'s docstring: weights, gradients, master weights and optimizer states."""
+    from lora_planner.sharding import placement
+
+    s = Sharding(4, strategy, offload)
+    got = (placement("weights", s), placement("gradients", s), placement("optimizer_states", s))
+    assert got == expected
+    assert placement("master_weights", s) == got[2] and placement("activations", s) == "replicated"
+
+
+def test_help_teaches_scale_options():
+    out = CliRunner().invoke(main, ["plan", "--help"]).output
+    for word in ("--num-gpus", "--sharding", "fsdp", "--offload", "--tokens", "--dataset-tokens", "--epochs",
+                 "--mfu", "--price", "--price-file", "lora-plan --model 8b --tokens 1e9 --num-gpus 8"):
+        assert word in out, word
