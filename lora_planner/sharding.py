@@ -29,9 +29,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .errors import PlanError
 from .memory import Term
+
+if TYPE_CHECKING:
+    from .precision import Precision
+    from .spec import ModelSpec, TrainSetup
+    from .step import StepPrediction
+    from .timeline import Phase
 
 STRATEGIES = ("none", "zero1", "zero2", "zero3")
 STRATEGY_ALIASES = {"fsdp": "zero3", "ddp": "none"}
@@ -211,7 +218,7 @@ def sharding_of(num_gpus: int | None, strategy: str, offload: str) -> Sharding |
     return Sharding(num_gpus, strategy_name(strategy), offload)
 
 
-def sharding_notes(setup, dense: bool) -> list[str]:
+def sharding_notes(setup: TrainSetup, dense: bool) -> list[str]:
     """What the reader must know to read per-GPU numbers."""
     sharding = sharding_of(setup.num_gpus, setup.sharding, setup.offload)
     if sharding is None:
@@ -223,8 +230,8 @@ def sharding_notes(setup, dense: bool) -> list[str]:
     return notes
 
 
-def step_peak_on_gpu(predicted, per_gpu: dict[str, Term], sharding: Sharding | None, spec, setup,
-                     precision):
+def step_peak_on_gpu(predicted: StepPrediction, per_gpu: dict[str, Term], sharding: Sharding | None,
+                     spec: ModelSpec, setup: TrainSetup, precision: Precision) -> Phase:
     """The step's timeline peak on one GPU: the whole-model `StepPrediction` with its model states
     replaced by the per-GPU terms, and the gradients each layer produces and foreach AdamW's
     temporary divided as their terms are (a shard of each, or none on the GPU when offloaded).
