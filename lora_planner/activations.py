@@ -147,6 +147,8 @@ class Graph:
         if offset_weight:
             if trains:
                 self.save(normed)
+            if h.grad:
+                self.save(self.new(dim, FP32, False))  # (1 + weight) in fp32
             return self.cast(self.new(h.numel, FP32, h.grad or trains), x.itemsize)
         normed = self.cast(normed, x.itemsize)
         if trains:
@@ -194,7 +196,7 @@ class Graph:
 
     # --- attention ------------------------------------------------------------------------------
     def attention(self, q: Tensor, k: Tensor, v: Tensor, heads: int, kv_heads: int, head_dim: int,
-                  attn_dropout: float) -> Tensor:
+                  attn_dropout: float, softcap: bool = False) -> Tensor:
         """Attention over projected (and rotated) q, k, v; returns the (b, s, heads * head_dim) output
         as o_proj reads it.
 
@@ -224,6 +226,8 @@ class Graph:
             self.save(qc)  # q @ k^T keeps q for k's gradient and k for q's
         if qc.grad:
             self.save(kc)
+        if softcap and (qc.grad or kc.grad):
+            self.save(self.new(probs, cb, True))  # tanh(scores / cap) keeps its output
         p = self.new(probs, FP32 if eager else cb, qc.grad or kc.grad)
         if p.grad:
             self.save(p)  # softmax keeps its output
@@ -282,7 +286,7 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
         v = g.linear(h, f"{p}.self_attn.v_proj", H, nkv * hd)
     assert rot is not None
     q, k = g.rope(q, *rot), g.rope(k, *rot)
-    a = g.attention(q, k, v, nh, nkv, hd, 0.0)
+    a = g.attention(q, k, v, nh, nkv, hd, 0.0, softcap=gemma)
     a = g.linear(a, f"{p}.self_attn.o_proj", nh * hd, H)
     if gemma:
         a = g.rms_norm(a, f"{p}.post_attention_layernorm", H, True)
@@ -430,6 +434,8 @@ def profile(spec: ModelSpec, cond: Conditions, wrapped: dict[str, int], trainabl
         h = g.rms_norm(x, norm, H, spec.family == "gemma2")
     head = "lm_head"
     logits = g.linear(h, head, H, spec.vocab_size)
+    if spec.family == "gemma2" and logits.grad:
+        g.save(g.new(logits.numel, logits.itemsize, True))  # final soft-cap: tanh keeps its output
     fp32 = t * spec.vocab_size * FP32
     # nll_loss keeps the shifted labels: a contiguous copy, or for one sequence the padded labels
     # themselves (their [1:] slice is already contiguous)
@@ -438,7 +444,8 @@ def profile(spec: ModelSpec, cond: Conditions, wrapped: dict[str, int], trainabl
         g.save(g.new(t * spec.vocab_size, FP32, True))  # log_softmax keeps its output
         g.save(g.new(1, FP32, False), g.new(1, FP32, False))  # the loss and nll's total weight
     mask = cond.batch_size * cond.seq_len * cond.seq_len * (FP32 if cond.autocast else wb)
-    eager_mask = mask if cond.attention == "eager" else 0
+    # Gemma-2 alternates sliding-window and global layers: two masks
+    eager_mask = mask * (2 if spec.family == "gemma2" else 1) if cond.attention == "eager" else 0
     # A checkpointed layer also keeps its other arguments: the attention mask (eager) and, for rotary
     # families, cos, sin and the position ids.
     shared = eager_mask + (0 if rot is None else 2 * rot[0].nbytes + cond.seq_len * INT64)
