@@ -174,3 +174,8 @@ def models_command(fmt: str) -> None:
     click.echo(tabulate(table, headers=["name", "aliases", "params", "family", "source"],
                         tablefmt="github" if fmt == "markdown" else "simple",
                         colalign=("left", "left", "right", "left", "left")))
+
+
+from .reports.cli import report_group  # noqa: E402  (registered last: it reads this module lazily)
+
+main.add_command(report_group)

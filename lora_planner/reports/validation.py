@@ -1,0 +1,388 @@
+"""The validation report: the planner's predictions against measured peaks, from JSONL records.
+
+A record is one measured job (format 1, written by `lora-plan measure`). Bad input never stops the
+report: a missing file, a line that is not JSON, or a record of another format becomes a `Problem`
+with its file and line, listed in the report, and the readable records are reported as usual.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..units import format_bytes
+from . import markdown as md
+from . import plots
+from .markdown import Written
+
+RECORD_FORMAT = 1
+REQUIRED_KEYS = ("id", "status", "settings", "device", "predicted", "measured")
+STATUSES = ("ok", "oom", "error")
+
+# (name in the report, key under `measured`, key under `relative_error`)
+METRICS = (
+    ("allocator peak", "peak_allocated", "peak_allocated"),
+    ("device peak (NVML)", "nvml_peak_used", "nvml_peak_used"),
+)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Input that could not be used, and where it is (`file` or `file:line`)."""
+
+    where: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.message}"
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """One usable record and the `file:line` it came from."""
+
+    record: dict
+    where: str
+
+
+def _check(record: object) -> str | None:
+    """Why a parsed line is not a usable format-1 record, or None when it is."""
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    fmt = record.get("format")
+    if fmt is None:
+        return f"no `format` field (this reader reads format {RECORD_FORMAT})"
+    if not isinstance(fmt, int) or isinstance(fmt, bool):
+        return f"`format` is {fmt!r}, not a whole number"
+    if fmt < RECORD_FORMAT:
+        return f"record format {fmt} is older than format {RECORD_FORMAT}, which this reader reads"
+    if fmt > RECORD_FORMAT:
+        return f"record format {fmt} is newer than format {RECORD_FORMAT}; upgrade lora-plan to read it"
+    missing = [k for k in REQUIRED_KEYS if not isinstance(record.get(k), str | dict)]
+    if missing:
+        return f"missing or malformed keys: {', '.join(missing)}"
+    if record["status"] not in STATUSES:
+        return f"status {record['status']!r} is not one of {', '.join(STATUSES)}"
+    peak = record["predicted"].get("peak")
+    if not isinstance(peak, int) or isinstance(peak, bool):
+        return "predicted.peak is not a whole number of bytes"
+    return None
+
+
+def _files(paths: Iterable[str | Path]) -> tuple[list[Path], list[Problem]]:
+    """The files to read: each path, or the *.jsonl files of a folder."""
+    files, problems = [], []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(path.glob("*.jsonl"))
+            if not found:
+                problems.append(Problem(str(path), "folder holds no .jsonl files"))
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            problems.append(Problem(str(path), "no such file"))
+    return files, problems
+
+
+def read_records(paths: Iterable[str | Path]) -> tuple[list[Loaded], list[Problem]]:
+    """Every usable record in the files, and a `Problem` for everything else. Blank lines are
+    skipped silently."""
+    files, problems = _files(paths)
+    loaded: list[Loaded] = []
+    for path in files:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            problems.append(Problem(str(path), f"cannot read ({exc})"))
+            continue
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                problems.append(Problem(where, f"not valid JSON ({exc.msg}, column {exc.colno})"))
+                continue
+            why = _check(record)
+            if why:
+                problems.append(Problem(where, why))
+            else:
+                loaded.append(Loaded(record, where))
+    return loaded, problems
+
+
+def relative_error(predicted: int | None, measured: int | None) -> float | None:
+    """(predicted - measured) / measured: positive when the plan over-estimates."""
+    if predicted is None or not measured:
+        return None
+    return (predicted - measured) / measured
+
+
+def metric_error(record: dict, measured_key: str, error_key: str) -> float | None:
+    """The record's own relative error when it has one, else computed against predicted.peak."""
+    stored = (record.get("relative_error") or {}).get(error_key)
+    if isinstance(stored, int | float) and not isinstance(stored, bool):
+        return float(stored)
+    return relative_error(record["predicted"]["peak"], record["measured"].get(measured_key))
+
+
+def device_label(device: dict) -> str:
+    return f"{device.get('kind', '?')}: {device.get('name') or 'unnamed device'}"
+
+
+def group_by_device(loaded: Sequence[Loaded]) -> dict[str, list[Loaded]]:
+    """Records keyed by device kind and name, in the order first seen."""
+    groups: dict[str, list[Loaded]] = {}
+    for item in loaded:
+        groups.setdefault(device_label(item.record["device"]), []).append(item)
+    return groups
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:+.1f}%"
+
+
+def _bytes(value, unit: str) -> str:
+    return "-" if value is None else format_bytes(value, unit)
+
+
+def _job_label(settings: dict) -> str:
+    method = settings.get("method", "?")
+    rank = settings.get("rank")
+    return method if rank is None else f"{method} r={rank}"
+
+
+def jobs_frame(group: Sequence[Loaded], unit: str):
+    """Predicted against measured for each job of one device."""
+    import pandas as pd
+
+    rows = []
+    for item in group:
+        r = item.record
+        s, m = r["settings"], r["measured"]
+        row = {"job": r["id"], "model": s.get("model", "?"), "method": _job_label(s),
+               "batch x seq": f"{s.get('batch_size', '?')} x {s.get('seq_len', '?')}",
+               "status": r["status"], "predicted peak": _bytes(r["predicted"]["peak"], unit)}
+        for name, measured_key, error_key in METRICS:
+            row[name] = _bytes(m.get(measured_key), unit)
+            row[f"error, {name}"] = _percent(metric_error(r, measured_key, error_key))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def terms_frame(group: Sequence[Loaded], unit: str):
+    """Each model-state term that a job measured on its own (`measured.terms`, by the predicted
+    term's name), predicted against measured."""
+    import pandas as pd
+
+    rows = []
+    for item in group:
+        r = item.record
+        for term, measured in sorted((r["measured"].get("terms") or {}).items()):
+            predicted = r["predicted"].get(term)
+            if isinstance(predicted, int) and isinstance(measured, int):
+                rows.append({"job": r["id"], "term": term, "predicted": _bytes(predicted, unit),
+                             "measured": _bytes(measured, unit),
+                             "error": _percent(relative_error(predicted, measured))})
+    return pd.DataFrame(rows)
+
+
+def distribution_frame(group: Sequence[Loaded]):
+    """Median, 90th percentile (linear interpolation) and maximum of |relative error| per metric,
+    over the jobs that have the measurement, and the median signed error (the bias)."""
+    import pandas as pd
+
+    rows = []
+    for name, measured_key, error_key in METRICS:
+        errors = pd.Series([e for item in group
+                            if (e := metric_error(item.record, measured_key, error_key)) is not None],
+                           dtype="float64")
+        if errors.empty:
+            continue
+        size = errors.abs()
+        rows.append({"metric": name, "jobs": str(len(errors)),
+                     "median |error|": f"{100 * size.median():.1f}%",
+                     "p90 |error|": f"{100 * size.quantile(0.9):.1f}%",
+                     "max |error|": f"{100 * size.max():.1f}%",
+                     "median error": _percent(float(errors.median()))})
+    return pd.DataFrame(rows)
+
+
+def worst_frame(group: Sequence[Loaded], count: int, unit: str):
+    """The `count` largest |relative errors| over every metric of every job."""
+    import pandas as pd
+
+    cases = []
+    for item in group:
+        r = item.record
+        for name, measured_key, error_key in METRICS:
+            error = metric_error(r, measured_key, error_key)
+            if error is not None:
+                cases.append((abs(error), r["id"], name, r["predicted"]["peak"],
+                              r["measured"].get(measured_key), error))
+    cases.sort(key=lambda c: (-c[0], c[1], c[2]))
+    return pd.DataFrame(
+        [{"job": job, "metric": name, "predicted": _bytes(p, unit), "measured": _bytes(m, unit),
+          "error": _percent(e)} for _, job, name, p, m, e in cases[:count]])
+
+
+def oom_verdict(record: dict) -> str | None:
+    """Whether an out-of-memory was foreseen: the plan foresees one when its peak exceeds the
+    device's total memory. None for a job that neither ran out nor was predicted to."""
+    total = record["device"].get("memory_total")
+    ran_out = record["status"] == "oom"
+    if not isinstance(total, int):
+        return "ran out; device memory unknown" if ran_out else None
+    predicted_over = record["predicted"]["peak"] > total
+    if ran_out:
+        return "foreseen" if predicted_over else "not foreseen"
+    if predicted_over and record["status"] == "ok":
+        return "predicted out of memory, but it ran"
+    return None
+
+
+def oom_frame(group: Sequence[Loaded], unit: str):
+    import pandas as pd
+
+    rows = [{"job": item.record["id"], "status": item.record["status"],
+             "predicted peak": _bytes(item.record["predicted"]["peak"], unit),
+             "device memory": _bytes(item.record["device"].get("memory_total"), unit),
+             "verdict": verdict}
+            for item in group if (verdict := oom_verdict(item.record))]
+    return pd.DataFrame(rows)
+
+
+def provenance_frame(loaded: Sequence[Loaded]):
+    """Where each record came from: file and line, when, which command, which versions."""
+    import pandas as pd
+
+    rows = []
+    for item in loaded:
+        r, d = item.record, item.record["device"]
+        rows.append({"job": r["id"], "record": item.where, "created": r.get("created") or "-",
+                     "command": md.code(r["command"]) if r.get("command") else "-",
+                     "lora-plan": r.get("lora_plan_version") or "-",
+                     "device": d.get("name") or "-", "torch": d.get("torch") or "-",
+                     "driver": d.get("driver") or "-", "CUDA": d.get("cuda") or "-",
+                     "notes": "; ".join(r.get("notes") or []) or "-"})
+    return pd.DataFrame(rows)
+
+
+def _cell(text: str) -> str:
+    # A pipe inside a cell would split it into two columns.
+    return str(text).replace("|", "\\|")
+
+
+def _table(frame, text_columns: int = 1) -> str:
+    return md.table(frame.map(_cell) if not frame.empty else frame, text_columns)
+
+
+def _scatter(group: Sequence[Loaded], title: str, path: Path) -> Path | None:
+    series = {}
+    for name, measured_key, _ in METRICS:
+        points = [(item.record["predicted"]["peak"], item.record["measured"][measured_key])
+                  for item in group if isinstance(item.record["measured"].get(measured_key), int)]
+        if points:
+            series[name] = points
+    return plots.predicted_versus_measured(series, title, path) if series else None
+
+
+def validation_markdown(loaded: Sequence[Loaded], problems: Sequence[Problem], inputs: Sequence[str],
+                        command: str, unit: str, worst: int, images: dict[str, Path] | None,
+                        out: Path, no_plots_reason: str = "") -> str:
+    groups = group_by_device(loaded)
+    lines = [
+        "# Predicted versus measured memory", "",
+        "Each job's predicted peak (`lora-plan`'s plan for the job's settings) against the peaks "
+        "measured while it ran. Relative error = (predicted - measured) / measured: positive when "
+        "the plan over-estimates.", "",
+        f"- made by: {md.code(command)}",
+        f"- inputs: {', '.join(md.code(i) for i in inputs)}",
+        f"- records read: {len(loaded)}; problems: {len(problems)}",
+        f"- sizes in {md.unit_phrase(unit)}",
+        "",
+    ]
+    if problems:
+        lines += ["## Input problems", "",
+                  "These were skipped; everything else is reported below.", "",
+                  *(f"- `{p.where}`: {p.message}" for p in problems), ""]
+    if not loaded:
+        lines += ["No usable records.", ""]
+        return "\n".join(lines).rstrip("\n") + "\n"
+    lines += ["## Devices", "", _table(_device_summary(groups)), ""]
+    for label, group in groups.items():
+        lines += [f"## {label}", "", _device_line(group[0].record["device"], unit), "",
+                  "### Jobs", "", _table(jobs_frame(group, unit), 4), ""]
+        terms = terms_frame(group, unit)
+        lines += ["### Terms", ""]
+        lines += [_table(terms, 2)] if not terms.empty else [
+            "No job on this device measured the model-state terms one by one."]
+        distribution = distribution_frame(group)
+        lines += ["", "### Error distribution", ""]
+        lines += [_table(distribution)] if not distribution.empty else ["No job has a measured peak."]
+        worst_cases = worst_frame(group, worst, unit)
+        if not worst_cases.empty:
+            lines += ["", f"### Worst {min(worst, len(worst_cases))} cases", "", _table(worst_cases, 2)]
+        ooms = oom_frame(group, unit)
+        lines += ["", "### Out of memory", ""]
+        lines += [_table(ooms, 2)] if not ooms.empty else [
+            "No job ran out of memory, and none was predicted to."]
+        failed = [item.record for item in group if item.record["status"] == "error"]
+        if failed:
+            lines += ["", "### Failed jobs", "",
+                      *(f"- `{r['id']}`: {r.get('error') or 'no message'}" for r in failed)]
+        lines += [""]
+        if images and label in images:
+            lines += [md.image(f"predicted versus measured, {label}", images[label], out), ""]
+        elif images is None:
+            lines += [f"No plot: {no_plots_reason}. Install it with `pip install 'lora-plan[reports]'`.", ""]
+    lines += ["## Provenance", "", _table(provenance_frame(loaded)), ""]
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def _device_summary(groups: dict[str, list[Loaded]]):
+    import pandas as pd
+
+    return pd.DataFrame([
+        {"device": label, "jobs": str(len(group)),
+         **{s: str(sum(item.record["status"] == s for item in group)) for s in STATUSES}}
+        for label, group in groups.items()])
+
+
+def _device_line(device: dict, unit: str) -> str:
+    total = device.get("memory_total")
+    parts = [f"memory {_bytes(total, unit)}" if isinstance(total, int) else "memory unknown",
+             f"torch {device.get('torch') or '?'}"]
+    if device.get("driver"):
+        parts.append(f"driver {device['driver']}")
+    if device.get("cuda"):
+        parts.append(f"CUDA {device['cuda']}")
+    return "Device: " + ", ".join(parts) + "."
+
+
+def write_validation_report(paths: Sequence[str | Path], out: Path, command: str, unit: str = "GB",
+                            worst: int = 5) -> Written:
+    """Read the records, draw one scatter per device (when matplotlib is there), write `out`.
+    Input problems become warnings as well as a section of the report."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    loaded, problems = read_records(paths)
+    warnings = [str(p) for p in problems]
+    images: dict[str, Path] | None = {}
+    reason = ""
+    try:
+        for index, (label, group) in enumerate(group_by_device(loaded).items(), start=1):
+            path = _scatter(group, label, out.with_name(f"{out.stem}-scatter-{index}.png"))
+            if path is not None:
+                images[label] = path
+    except plots.PlotsUnavailable as exc:
+        images, reason = None, str(exc)
+        warnings.append(f"{reason}: the report has no plots")
+    text = validation_markdown(loaded, problems, [str(p) for p in paths], command, unit, worst, images,
+                               out, reason)
+    out.write_text(text)
+    return Written(out, tuple((images or {}).values()), tuple(warnings))
