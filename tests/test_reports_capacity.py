@@ -1,0 +1,213 @@
+"""`lora-plan report capacity`: the markdown is read back and every number compared with the
+planner's JSON for the same settings."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from lora_planner.cli import main
+from lora_planner.reports.capacity import SUMMARY_COLUMNS, Column, summary_frame
+
+from .markdown_doc import (
+    assert_images_are_png,
+    assert_size_matches,
+    image_links,
+    table_under,
+    tables,
+)
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+MEMORY_HEADERS = {"weights": "weights", "gradients": "gradients", "master_weights": "fp32 master weights",
+                  "optimizer_states": "optimizer states", "activations": "activations", "peak": "peak"}
+
+
+def run(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+def plan_json(model: str, *args: str) -> dict:
+    result = run("--model", model, *args, "--format", "json")
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output)
+
+
+@pytest.fixture(scope="module")
+def default_report(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("capacity") / "capacity.md"
+    result = run("report", "capacity", "-o", str(out))
+    assert result.exit_code == 0, result.output
+    assert result.stderr == ""
+    return out
+
+
+def _label(entry: dict) -> str:
+    return entry["method"] if entry["rank"] is None else f"{entry['method']} r={entry['rank']}"
+
+
+def test_summary_equals_plan_json(default_report):
+    """Default report (GPT-2 and Llama-3.1 8B/70B/405B, ranks 1, 8, 64, an 80 GB card) against
+    `lora-plan --format json` with the same settings, cell by cell."""
+    summary = table_under(default_report.read_text(), "Summary")
+    models = ["gpt2", "llama-3.1-8b", "llama-3.1-70b", "llama-3.1-405b"]
+    assert list(dict.fromkeys(summary.column("model"))) == models
+    checked = 0
+    for model in models:
+        data = plan_json(model, "--rank", "1,8,64", "--tasks", "10", "--gpu", "H100-80GB")
+        rows = [r for r in summary.rows if r["model"] == model]
+        assert [r["method"] for r in rows] == [_label(e) for e in data["plans"]]
+        for row, entry in zip(rows, data["plans"], strict=True):
+            assert int(row["trainable params"].replace(",", "")) == entry["trainable_params"]
+            printed = float(row["trainable %"].rstrip("%"))
+            assert abs(printed - entry["trainable_percent"]) <= 5e-4 * entry["trainable_percent"]
+            for key, header in MEMORY_HEADERS.items():
+                assert_size_matches(row[header], entry["memory_bytes"][key])
+            assert int(row["GPUs needed"]) == entry["gpus_needed"]
+            assert_size_matches(row["checkpoint"], entry["checkpoint_bytes"])
+            checked += 1
+    assert checked == 4 * 7
+
+
+def test_rank_table_and_reduction_factor(default_report):
+    ranks = table_under(default_report.read_text(), "Trainable parameters versus rank")
+    data = plan_json("llama-3.1-70b", "--rank", "1,8,64")
+    full = data["plans"][0]["trainable_params"]
+    rows = [r for r in ranks.rows if r["model"] == "llama-3.1-70b"]
+    lora = [e for e in data["plans"] if e["method"] == "lora"]
+    assert [int(r["rank"]) for r in rows] == [e["rank"] for e in lora] == [1, 8, 64]
+    for row, entry in zip(rows, lora, strict=True):
+        assert int(row["trainable params"].replace(",", "")) == entry["trainable_params"]
+        factor = float(row["reduction vs full"].rstrip("x").replace(",", ""))
+        assert abs(factor - full / entry["trainable_params"]) <= 0.05
+        assert_size_matches(row["adapter checkpoint"], entry["checkpoint_bytes"])
+    # Fewer trainable parameters at a lower rank: the reduction grows as the rank falls.
+    factors = [float(r["reduction vs full"].rstrip("x").replace(",", "")) for r in rows]
+    assert factors == sorted(factors, reverse=True)
+
+
+def test_storage_for_n_fine_tunes(default_report):
+    storage = table_under(default_report.read_text(), "Storage for 10 fine-tunes")
+    data = plan_json("llama-3.1-8b", "--rank", "1,8,64", "--tasks", "10")
+    rows = [r for r in storage.rows if r["model"] == "llama-3.1-8b"]
+    for row, entry in zip(rows, data["plans"], strict=True):
+        kept = entry["storage_bytes"]["full_copies" if entry["method"] == "full" else "base_plus_adapters"]
+        assert_size_matches(row["10 fine-tunes"], kept)
+        assert_size_matches(row["10 full copies"], entry["storage_bytes"]["full_copies"])
+        assert_size_matches(row["one fine-tune"], entry["checkpoint_bytes"])
+
+
+def test_settings_stated_once_at_the_top(default_report):
+    text = default_report.read_text()
+    settings = text.split("## Settings and conventions")[1].split("## Summary")[0]
+    assert "`lora-plan report capacity --output " in settings
+    assert "H100-80GB, 85,520,809,984 bytes (81,559 MiB)" in settings
+    assert "precision: mixed" in settings and "optimizer: adamw" in settings
+    assert "LoRA targets for llama-3.1-8b: q_proj, v_proj" in settings
+    assert "decimal units (1 GB = 10^9 bytes)" in settings
+    assert text.count("## Settings and conventions") == 1
+    for note in plan_json("gpt2")["notes"]:
+        assert f"note: {note}" in settings
+
+
+def test_plots_linked_and_valid_png(default_report):
+    images = assert_images_are_png(default_report)
+    assert sorted(p.name for p in images) == ["capacity-gpus-per-model.png", "capacity-memory-breakdown.png",
+                                              "capacity-memory-vs-rank.png"]
+    assert all(not Path(link).is_absolute() for link in image_links(default_report.read_text()))
+
+
+def test_options_change_the_plans(tmp_path):
+    out = tmp_path / "sub" / "l4.md"
+    result = run("report", "capacity", "--models", "gpt2", "--models", "1b", "--methods", "lora,qlora",
+                 "--ranks", "4", "--gpu", "l4", "--precision", "bf16", "--units", "GiB", "--tasks", "3",
+                 "-o", str(out))
+    assert result.exit_code == 0, result.output
+    text = out.read_text()
+    summary = table_under(text, "Summary")
+    data = plan_json("llama-3.2-1b", "--method", "lora,qlora", "--rank", "4", "--gpu", "l4",
+                     "--precision", "bf16")
+    rows = [r for r in summary.rows if r["model"] == "llama-3.2-1b"]
+    assert [r["method"] for r in rows] == ["lora r=4", "qlora r=4"]
+    for row, entry in zip(rows, data["plans"], strict=True):
+        assert row["peak"].endswith("GiB") or row["peak"].endswith("MiB")
+        assert_size_matches(row["peak"], entry["memory_bytes"]["peak"])
+        assert int(row["GPUs needed"]) == entry["gpus_needed"]
+    assert "## Storage for 3 fine-tunes" in text
+    assert "binary units (1 GiB = 2^30 bytes)" in text
+    assert "--methods lora,qlora" in text and "--models gpt2 --models 1b" in text
+
+
+def test_summary_columns_are_data():
+    """A plan key that appears later becomes a column by adding a `Column`; a column no plan has a
+    value for is left out rather than printed empty."""
+    plans = [{"model": {"name": "m"}, "plans": [
+        {"method": "full", "rank": None, "trainable_params": 10, "extra_count": 1234},
+        {"method": "lora", "rank": 8, "trainable_params": 2},
+    ]}]
+    columns = (Column("trainable params", ("trainable_params",), "count"),
+               Column("extra", ("extra_count",), "count"),
+               Column("absent", ("nothing", "here"), "bytes"))
+    frame = summary_frame(plans, "GB", columns)
+    assert list(frame.columns) == ["model", "method", "trainable params", "extra"]
+    assert list(frame["extra"]) == ["1,234", "-"]
+    assert {c.header for c in SUMMARY_COLUMNS} >= set(MEMORY_HEADERS.values())
+
+
+def test_without_matplotlib_the_report_says_so(tmp_path, monkeypatch):
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib...` fail
+    out = tmp_path / "capacity.md"
+    result = run("report", "capacity", "--models", "gpt2", "--ranks", "8", "-o", str(out))
+    assert result.exit_code == 0, result.output
+    assert "matplotlib is not installed" in result.stderr
+    text = out.read_text()
+    assert image_links(text) == []
+    assert "No plots: matplotlib is not installed" in text
+    assert list(tmp_path.glob("*.png")) == []
+    tables(text)  # still well formed
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (("--models", "lama-3.1-8b"), "unknown model"),
+    (("--methods", "prefix"), "unknown method 'prefix'"),
+    (("--ranks", "0"), "rank must be a positive"),
+    (("--gpu", "h1000"), "unknown GPU"),
+    (("--gpu-mem", "80 bananas"), "cannot read size"),
+])
+def test_bad_input_is_one_line(tmp_path, args, fragment):
+    out = tmp_path / "capacity.md"
+    result = run("report", "capacity", *args, "-o", str(out))
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error:") and fragment in lines[0], result.output
+    assert not out.exists()
+
+
+def _docs_command(markdown: Path) -> list[str]:
+    made_by = next(line for line in markdown.read_text().splitlines() if line.startswith("- made by: `"))
+    words = shlex.split(made_by.removeprefix("- made by: `").removesuffix("`"))
+    assert words[:3] == ["lora-plan", "report", "capacity"]
+    return words[1:]
+
+
+@pytest.mark.parametrize("name", ["capacity.md", "capacity-24gb.md"])
+def test_docs_example_is_fresh(name, tmp_path, monkeypatch):
+    """The committed example equals what its own recorded command writes now; regenerate it with
+    that command (from the repository root) when the planner changes."""
+    committed = DOCS / name
+    args = _docs_command(committed)
+    assert args[args.index("--output") + 1] == f"docs/{name}"
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    fresh = tmp_path / "docs" / name
+    assert fresh.read_text() == committed.read_text(), (
+        f"docs/{name} is stale: run `{shlex.join(['lora-plan', *args])}` from the repository root")
+    assert_images_are_png(committed)
+    assert sorted(image_links(committed.read_text())) == sorted(image_links(fresh.read_text()))
