@@ -22,9 +22,16 @@ def table(frame, text_columns: int = 1) -> str:
     """
     if frame.empty:
         return "_(no rows)_"
+    # A pipe inside a header or a cell would split it into two columns.
+    frame = frame.rename(columns=_escape).map(_escape)
     # Names on the left, numbers on the right.
+    text_columns = min(text_columns, len(frame.columns))
     align = ("left",) * text_columns + ("right",) * (len(frame.columns) - text_columns)
     return frame.to_markdown(index=False, tablefmt="github", disable_numparse=True, colalign=align)
+
+
+def _escape(text) -> str:
+    return str(text).replace("|", "\\|")
 
 
 def image(alt: str, path: Path, markdown_path: Path) -> str:

@@ -118,21 +118,22 @@ def gpus_versus_model_size(rows: Sequence[dict], gpu_name: str, path: Path) -> P
 
 
 def predicted_versus_measured(series: dict[str, Sequence[tuple[int, int]]], title: str,
-                              path: Path) -> Path:
-    """Scatter of predicted (x) against measured (y) bytes, log-log, with the line y = x.
-    `series` maps a legend label to (predicted, measured) pairs."""
+                              unit: tuple[str, int], path: Path) -> Path:
+    """Scatter of predicted (x) against measured (y) peaks, log-log, with the line y = x.
+    `series` maps a legend label to (predicted, measured) pairs in bytes."""
+    unit_name, unit_bytes = unit
     fig, (ax,) = _grid(1, width=6.0, height=5.0)
-    values = [v for points in series.values() for pair in points for v in pair if v > 0]
+    values = [v / unit_bytes for points in series.values() for pair in points for v in pair if v > 0]
     for label, points in series.items():
-        kept = [(p, m) for p, m in points if p > 0 and m > 0]  # a log axis cannot show 0
+        kept = [(p / unit_bytes, m / unit_bytes) for p, m in points if p > 0 and m > 0]  # log axes: no 0
         ax.scatter([p for p, _ in kept], [m for _, m in kept], label=label)
     if values:
         low, high = min(values) / 1.5, max(values) * 1.5
         ax.plot([low, high], [low, high], linestyle="--", color="grey", label="measured = predicted")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("predicted peak (bytes)")
-    ax.set_ylabel("measured peak (bytes)")
+    ax.set_xlabel(f"predicted peak ({unit_name})")
+    ax.set_ylabel(f"measured peak ({unit_name})")
     ax.set_title(title)
     ax.legend(fontsize="small")
     return _save(fig, path)

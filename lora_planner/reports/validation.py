@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..units import format_bytes
+from ..units import UNITS, format_bytes
 from . import markdown as md
 from . import plots
 from .markdown import Written
@@ -166,7 +166,8 @@ def jobs_frame(group: Sequence[Loaded], unit: str):
         s, m = r["settings"], r["measured"]
         row = {"job": r["id"], "model": s.get("model", "?"), "method": _job_label(s),
                "batch x seq": f"{s.get('batch_size', '?')} x {s.get('seq_len', '?')}",
-               "status": r["status"], "predicted peak": _bytes(r["predicted"]["peak"], unit)}
+               "status": r["status"], "source": m.get("source") or "-",
+               "predicted peak": _bytes(r["predicted"]["peak"], unit)}
         for name, measured_key, error_key in METRICS:
             row[name] = _bytes(m.get(measured_key), unit)
             row[f"error, {name}"] = _percent(metric_error(r, measured_key, error_key))
@@ -272,23 +273,15 @@ def provenance_frame(loaded: Sequence[Loaded]):
     return pd.DataFrame(rows)
 
 
-def _cell(text: str) -> str:
-    # A pipe inside a cell would split it into two columns.
-    return str(text).replace("|", "\\|")
-
-
-def _table(frame, text_columns: int = 1) -> str:
-    return md.table(frame.map(_cell) if not frame.empty else frame, text_columns)
-
-
-def _scatter(group: Sequence[Loaded], title: str, path: Path) -> Path | None:
+def _scatter(group: Sequence[Loaded], title: str, unit: str, path: Path) -> Path | None:
     series = {}
     for name, measured_key, _ in METRICS:
         points = [(item.record["predicted"]["peak"], item.record["measured"][measured_key])
                   for item in group if isinstance(item.record["measured"].get(measured_key), int)]
         if points:
             series[name] = points
-    return plots.predicted_versus_measured(series, title, path) if series else None
+    scale = (unit, UNITS[unit.upper()])
+    return plots.predicted_versus_measured(series, title, scale, path) if series else None
 
 
 def validation_markdown(loaded: Sequence[Loaded], problems: Sequence[Problem], inputs: Sequence[str],
@@ -313,23 +306,25 @@ def validation_markdown(loaded: Sequence[Loaded], problems: Sequence[Problem], i
     if not loaded:
         lines += ["No usable records.", ""]
         return "\n".join(lines).rstrip("\n") + "\n"
-    lines += ["## Devices", "", _table(_device_summary(groups)), ""]
+    lines += ["## Devices", "", md.table(_device_summary(groups)), ""]
     for label, group in groups.items():
         lines += [f"## {label}", "", _device_line(group[0].record["device"], unit), "",
-                  "### Jobs", "", _table(jobs_frame(group, unit), 4), ""]
+                  "### Jobs", "", md.table(jobs_frame(group, unit), 6), ""]
         terms = terms_frame(group, unit)
         lines += ["### Terms", ""]
-        lines += [_table(terms, 2)] if not terms.empty else [
+        lines += [md.table(terms, 2)] if not terms.empty else [
             "No job on this device measured the model-state terms one by one."]
         distribution = distribution_frame(group)
         lines += ["", "### Error distribution", ""]
-        lines += [_table(distribution)] if not distribution.empty else ["No job has a measured peak."]
+        lines += [md.table(distribution)] if not distribution.empty else ["No job has a measured peak."]
         worst_cases = worst_frame(group, worst, unit)
         if not worst_cases.empty:
-            lines += ["", f"### Worst {min(worst, len(worst_cases))} cases", "", _table(worst_cases, 2)]
+            lines += ["", "### Worst cases", "",
+                      f"The {len(worst_cases)} largest relative errors, any metric.", "",
+                      md.table(worst_cases, 2)]
         ooms = oom_frame(group, unit)
         lines += ["", "### Out of memory", ""]
-        lines += [_table(ooms, 2)] if not ooms.empty else [
+        lines += [md.table(ooms, 2)] if not ooms.empty else [
             "No job ran out of memory, and none was predicted to."]
         failed = [item.record for item in group if item.record["status"] == "error"]
         if failed:
@@ -340,7 +335,7 @@ def validation_markdown(loaded: Sequence[Loaded], problems: Sequence[Problem], i
             lines += [md.image(f"predicted versus measured, {label}", images[label], out), ""]
         elif images is None:
             lines += [f"No plot: {no_plots_reason}. Install it with `pip install 'lora-plan[reports]'`.", ""]
-    lines += ["## Provenance", "", _table(provenance_frame(loaded)), ""]
+    lines += ["## Provenance", "", md.table(provenance_frame(loaded), 10), ""]
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
@@ -376,7 +371,7 @@ def write_validation_report(paths: Sequence[str | Path], out: Path, command: str
     reason = ""
     try:
         for index, (label, group) in enumerate(group_by_device(loaded).items(), start=1):
-            path = _scatter(group, label, out.with_name(f"{out.stem}-scatter-{index}.png"))
+            path = _scatter(group, label, unit, out.with_name(f"{out.stem}-scatter-{index}.png"))
             if path is not None:
                 images[label] = path
     except plots.PlotsUnavailable as exc:
