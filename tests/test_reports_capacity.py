@@ -37,13 +37,40 @@ def plan_json(model: str, *args: str) -> dict:
     return json.loads(result.output)
 
 
+DOCS_EXAMPLES = ("capacity.md", "capacity-24gb.md")
+
+
+def _docs_command(markdown: Path) -> list[str]:
+    """The command a committed example records under "made by", without the program name."""
+    made_by = next(line for line in markdown.read_text().splitlines() if line.startswith("- made by: `"))
+    words = shlex.split(made_by.removeprefix("- made by: `").removesuffix("`"))
+    assert words[:3] == ["lora-plan", "report", "capacity"]
+    return words[1:]
+
+
 @pytest.fixture(scope="module")
-def default_report(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("capacity") / "capacity.md"
-    result = run("report", "capacity", "-o", str(out))
-    assert result.exit_code == 0, result.output
-    assert result.stderr == ""
-    return out
+def regenerated(tmp_path_factory) -> dict[str, Path]:
+    """Each committed example made again by its own command, run from a fresh folder as from the
+    repository root. The default report is one of them, so the other tests read it too."""
+    root = tmp_path_factory.mktemp("repo")
+    runner = CliRunner()
+    fresh = {}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        for name in DOCS_EXAMPLES:
+            args = _docs_command(DOCS / name)
+            assert args[args.index("--output") + 1] == f"docs/{name}"
+            result = runner.invoke(main, args)
+            assert result.exit_code == 0, result.output
+            assert result.stderr == ""
+            fresh[name] = root / "docs" / name
+    return fresh
+
+
+@pytest.fixture(scope="module")
+def default_report(regenerated) -> Path:
+    assert _docs_command(DOCS / "capacity.md") == ["report", "capacity", "--output", "docs/capacity.md"]
+    return regenerated["capacity.md"]
 
 
 def _label(entry: dict) -> str:
@@ -189,25 +216,34 @@ def test_bad_input_is_one_line(tmp_path, args, fragment):
     assert not out.exists()
 
 
-def _docs_command(markdown: Path) -> list[str]:
-    made_by = next(line for line in markdown.read_text().splitlines() if line.startswith("- made by: `"))
-    words = shlex.split(made_by.removeprefix("- made by: `").removesuffix("`"))
-    assert words[:3] == ["lora-plan", "report", "capacity"]
-    return words[1:]
-
-
-@pytest.mark.parametrize("name", ["capacity.md", "capacity-24gb.md"])
-def test_docs_example_is_fresh(name, tmp_path, monkeypatch):
-    """The committed example equals what its own recorded command writes now; regenerate it with
-    that command (from the repository root) when the planner changes."""
+@pytest.mark.parametrize("name", DOCS_EXAMPLES)
+def test_docs_example_is_fresh(name, regenerated):
+    """The committed example equals what its own recorded command writes now; when the planner
+    changes, run that command again from the repository root."""
     committed = DOCS / name
-    args = _docs_command(committed)
-    assert args[args.index("--output") + 1] == f"docs/{name}"
-    monkeypatch.chdir(tmp_path)
-    result = CliRunner().invoke(main, args)
-    assert result.exit_code == 0, result.output
-    fresh = tmp_path / "docs" / name
-    assert fresh.read_text() == committed.read_text(), (
-        f"docs/{name} is stale: run `{shlex.join(['lora-plan', *args])}` from the repository root")
+    assert regenerated[name].read_text() == committed.read_text(), (
+        f"docs/{name} is stale: run `{shlex.join(['lora-plan', *_docs_command(committed)])}` "
+        "from the repository root")
     assert_images_are_png(committed)
-    assert sorted(image_links(committed.read_text())) == sorted(image_links(fresh.read_text()))
+    assert sorted(image_links(committed.read_text())) == sorted(image_links(regenerated[name].read_text()))
+
+LIGHT_PROBE = """
+import sys
+from lora_planner.cli import main
+for args in (["--model", "70b", "--rank", "8"], ["report", "--help"], ["report", "capacity", "--help"]):
+    try:
+        main(args)
+    except SystemExit as exc:
+        assert exc.code in (0, None), (args, exc.code)
+heavy = sorted(m for m in ("pandas", "matplotlib", "numpy", "torch") if m in sys.modules)
+print("HEAVY", heavy)
+"""
+
+
+def test_report_commands_keep_the_plan_path_light():
+    """Registering `report` on the main command loads neither pandas nor matplotlib until a report
+    is written."""
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", LIGHT_PROBE], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "HEAVY []"

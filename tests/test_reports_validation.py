@@ -66,8 +66,9 @@ GPU_JOBS = [
 ]
 
 
-@pytest.fixture
-def report(tmp_path):
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("validation")
     results = write_jsonl(tmp_path / "gpu.jsonl", GPU_JOBS)
     cpu = write_jsonl(tmp_path / "cpu.jsonl", [record("e", 700_000, 600_000, device=CPU)])
     out = tmp_path / "out" / "validation.md"
@@ -121,7 +122,8 @@ def test_grouped_by_device(report):
     assert table_under(text, "cpu: Synthetic CPU", "Jobs").column("job") == ["e"]
 
 
-def test_provenance_of_every_record(report, tmp_path):
+def test_provenance_of_every_record(report):
+    tmp_path = report.parent.parent
     prov = table_under(report.read_text(), "Provenance")
     assert prov.column("job") == ["a", "b", "c", "d", "e"]
     assert prov.column("record") == [f"{tmp_path / 'gpu.jsonl'}:{n}" for n in (1, 2, 3, 4)] + [

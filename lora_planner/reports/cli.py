@@ -147,7 +147,7 @@ def validation_command(ctx, records, units, worst, output) -> None:
 
     \b
         lora-plan report validation results/*.jsonl -o validation.md
-        lora-plan report validation results/ --units GiB -o docs/validation.md
+        lora-plan report validation results/ --units GiB --worst 10 -o validation.md
     """
     from pathlib import Path
 
