@@ -1,1 +1,0 @@
-"""Markdown capacity and validation reports."""
