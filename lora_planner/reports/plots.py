@@ -103,15 +103,25 @@ def memory_versus_rank(rows: Sequence[dict], gpu: tuple[str, int], unit: tuple[s
 
 
 def gpus_versus_model_size(rows: Sequence[dict], gpu_name: str, path: Path) -> Path:
-    """GPUs needed against total parameters, one line per method and rank.
-    `rows` carry `total_params`, `label`, `gpus_needed`."""
+    """GPUs needed against total parameters, one line per method and rank; each method has its
+    own line style, so ranks that need the same GPUs stay visible as overlapping lines of one kind.
+    `rows` carry `model`, `total_params`, `method`, `label`, `gpus_needed`."""
+    styles = {"full": "-", "lora": "--", "qlora": ":"}
     fig, (ax,) = _grid(1, width=7.0, height=4.5)
     for label in dict.fromkeys(r["label"] for r in rows):
-        points = sorted((r["total_params"], r["gpus_needed"]) for r in rows if r["label"] == label)
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+        mine = [r for r in rows if r["label"] == label]
+        points = sorted((r["total_params"], r["gpus_needed"]) for r in mine)
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label,
+                linestyle=styles.get(mine[0]["method"], "-"))
+    sizes = sorted({(r["total_params"], r["model"]) for r in rows})
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("model parameters")
+    ax.set_xticks([n for n, _ in sizes], [name for _, name in sizes], rotation=20)
+    ax.minorticks_off()
+    most = max(r["gpus_needed"] for r in rows)
+    ticks = [2**i for i in range(most.bit_length() + 1) if 2**i <= 2 * most]
+    ax.set_yticks(ticks, [str(t) for t in ticks])
+    ax.set_xlabel("model (by parameter count)")
     ax.set_ylabel(f"GPUs needed ({gpu_name})")
     ax.legend(fontsize="small")
     return _save(fig, path)
