@@ -247,3 +247,29 @@ def test_report_commands_keep_the_plan_path_light():
 
     out = subprocess.run([sys.executable, "-c", LIGHT_PROBE], capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "HEAVY []"
+
+
+def test_local_config_and_repeated_names(tmp_path):
+    from lora_planner.catalog import get_model
+    from lora_planner.spec import to_hf_config
+
+    folder = tmp_path / "my-model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(to_hf_config(get_model("gpt2"))))
+    out = tmp_path / "c.md"
+    result = run("report", "capacity", "--models", f"{folder},8b,llama-3.1-8b", "--methods", "full",
+                 "-o", str(out))
+    assert result.exit_code == 0, result.output
+    summary = table_under(out.read_text(), "Summary")
+    assert summary.column("model") == ["my-model", "llama-3.1-8b"]  # the alias plans its model once
+    assert int(summary.rows[0]["trainable params"].replace(",", "")) == plan_json(
+        str(folder), "--method", "full")["plans"][0]["trainable_params"]
+
+
+def test_output_that_cannot_be_written(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    result = run("report", "capacity", "--models", "gpt2", "-o", str(blocker / "capacity.md"))
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"Error: cannot write {blocker / 'capacity.md'}")

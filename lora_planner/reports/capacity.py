@@ -86,7 +86,9 @@ def plan_dicts(settings: CapacitySettings) -> list[dict]:
     from ..resolve import resolve_model
 
     setups = setups_for(settings)
-    return [to_dict(make_plan(resolve_model(name), setups, settings.gpu)) for name in settings.models]
+    # Two names for one model (an alias and its name) plan it once.
+    specs = {spec.name: spec for spec in map(resolve_model, settings.models)}
+    return [to_dict(make_plan(spec, setups, settings.gpu)) for spec in specs.values()]
 
 
 def plan_label(entry: dict) -> str:

@@ -10,12 +10,11 @@ import shlex
 
 import click
 
-# The planner's own small modules are light (stdlib only); pandas and matplotlib load inside the commands.
+# The planner's own modules are light (stdlib only); pandas and matplotlib load inside the commands.
 from ..gpus import DEFAULT_GPU
 from ..optimizers import OPTIMIZERS
 from ..precision import DEFAULT_PRECISION, PRECISIONS
-
-DEFAULT_MODELS = "gpt2,llama-3.1-8b,llama-3.1-70b,llama-3.1-405b"
+from .capacity import DEFAULT_MODELS, DEFAULT_RANKS, DEFAULT_TASKS
 
 
 def _command_line(ctx: click.Context) -> str:
@@ -58,10 +57,11 @@ def report_group() -> None:
 @report_group.command("capacity")
 @click.option("--models", "models", multiple=True, metavar="NAME[,NAME]",
               help="Models to compare: catalog names or aliases, or local config.json paths "
-                   "[default: gpt2, llama-3.1-8b, llama-3.1-70b, llama-3.1-405b].")
+                   f"[default: {', '.join(DEFAULT_MODELS)}].")
 @click.option("--methods", "methods", multiple=True, metavar="M[,M]",
               help="Methods: full, lora, qlora [default: all three].")
-@click.option("--ranks", "ranks", multiple=True, metavar="R[,R]", help="LoRA ranks [default: 1,8,64].")
+@click.option("--ranks", "ranks", multiple=True, metavar="R[,R]",
+              help=f"LoRA ranks [default: {','.join(map(str, DEFAULT_RANKS))}].")
 @click.option("--targets", "targets", multiple=True, metavar="T[,T]",
               help="LoRA targets, as for `lora-plan plan` [default: PEFT's default for each family].")
 @click.option("--gpu", "gpu_name", default=DEFAULT_GPU, show_default=True,
@@ -71,7 +71,7 @@ def report_group() -> None:
 @click.option("--precision", type=click.Choice(list(PRECISIONS)), default=DEFAULT_PRECISION,
               show_default=True, help="Storage convention per term (see `lora-plan plan --help`).")
 @click.option("--optimizer", type=click.Choice(list(OPTIMIZERS)), default="adamw", show_default=True)
-@click.option("--tasks", type=click.IntRange(min=1), default=10, show_default=True,
+@click.option("--tasks", type=click.IntRange(min=1), default=DEFAULT_TASKS, show_default=True,
               help="Storage section: N fine-tunes as N full copies or one base plus N adapters.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--seq-len", type=click.IntRange(min=1), default=2048, show_default=True)
@@ -111,9 +111,9 @@ def capacity_command(ctx, models, methods, ranks, targets, gpu_name, gpu_mem, pr
         if gpu_mem:
             gpu = Gpu(f"{gpu_mem} GPU", parse_bytes(gpu_mem))
         settings = CapacitySettings(
-            models=_split(models) or _split((DEFAULT_MODELS,)),
+            models=_split(models) or DEFAULT_MODELS,
             methods=tuple(dict.fromkeys(chosen_methods)),
-            ranks=_ranks(ranks) if ranks else (1, 8, 64),
+            ranks=_ranks(ranks) if ranks else DEFAULT_RANKS,
             gpu=gpu,
             setup=TrainSetup(targets=_split(targets) or ("default",), precision=precision,
                              optimizer=optimizer, tasks=tasks, batch_size=batch_size, seq_len=seq_len),
