@@ -28,9 +28,12 @@ CPU = {"kind": "cpu", "name": "Synthetic CPU", "driver": None, "cuda": None, "to
        "memory_total": None}
 
 
+BASELINE = 500_000_000  # device memory in use before a job's model loads
+
+
 def record(job: str, predicted_peak: int, allocated: int | None, nvml: int | None = None,
            device: dict = H100, status: str = "ok", stored_error: float | None = None, **extra) -> dict:
-    """One format-1 record with made-up numbers."""
+    """One format-1 record with made-up numbers; `nvml` is the growth over the baseline."""
     return {
         "format": 1, "id": job, "status": status, "error": extra.pop("error", None),
         "settings": {"model": "gpt2", "method": "lora", "rank": 8, "targets": ["c_attn"], "batch_size": 4,
@@ -39,9 +42,12 @@ def record(job: str, predicted_peak: int, allocated: int | None, nvml: int | Non
         "device": device,
         "predicted": {"weights": 1000, "gradients": 10, "master_weights": 20, "optimizer_states": 40,
                       "activations": 500, "peak": predicted_peak, "peak_phase": "backward"},
-        "measured": {"peak_allocated": allocated, "peak_reserved": None, "nvml_peak_used": nvml,
-                     "nvml_baseline_used": None, "step_time_s": 0.5, "tokens_per_s": 1024.0,
-                     "first_loss": 10.0, "last_loss": 9.0, "source": "cuda",
+        "measured": {"peak_allocated": allocated, "peak_reserved": None,
+                     "nvml_peak_used": None if nvml is None else nvml + BASELINE,
+                     "nvml_baseline_used": None if nvml is None else BASELINE,
+                     "step_time_s": 0.5, "tokens_per_s": 1024.0,
+                     "first_loss": 10.0, "last_loss": 9.0,
+                     "source": "cuda" if device["kind"] == "cuda" else "tracer",
                      **extra.pop("measured", {})},
         "relative_error": {"peak_allocated": stored_error, "nvml_peak_used": None},
         "command": f"lora-plan measure run --job {job}", "created": "2026-01-01T00:00:00Z",
@@ -88,9 +94,12 @@ def test_jobs_table_predicted_against_measured(report):
         expected = 100 * (rec["predicted"]["peak"] - measured["peak_allocated"]) / measured["peak_allocated"]
         assert_percent_matches(row["error, allocator peak"], expected, 1)
         if measured["nvml_peak_used"] is None:
-            assert row["device peak (NVML)"] == "-" and row["error, device peak (NVML)"] == "-"
+            assert row["device growth (NVML)"] == "-" and row["error, device growth (NVML)"] == "-"
         else:
-            assert_size_matches(row["device peak (NVML)"], measured["nvml_peak_used"])
+            growth = measured["nvml_peak_used"] - measured["nvml_baseline_used"]
+            assert_size_matches(row["device growth (NVML)"], growth)
+            assert_percent_matches(row["error, device growth (NVML)"],
+                                   100 * (rec["predicted"]["peak"] - growth) / growth, 1)
         assert row["method"] == "lora r=8" and row["batch x seq"] == "4 x 128" and row["source"] == "cuda"
 
 
@@ -104,7 +113,7 @@ def test_error_distribution_median_p90_max(report):
     assert_percent_matches(row["p90 |error|"], 100 * np.percentile(abs(errors), 90), 1)
     assert_percent_matches(row["max |error|"], 100 * abs(errors).max(), 1)
     assert_percent_matches(row["median error"], 100 * np.median(errors), 1)
-    assert dist.rows[1]["metric"] == "device peak (NVML)" and dist.rows[1]["jobs"] == "2"
+    assert dist.rows[1]["metric"] == "device growth (NVML)" and dist.rows[1]["jobs"] == "2"
 
 
 def test_worst_cases_first(report):
@@ -169,14 +178,20 @@ def test_stored_relative_error_is_used_when_present(tmp_path):
     assert row["error, allocator peak"] == "+25.0%"
 
 
-def test_measured_terms_compared_when_present(tmp_path):
-    rec = record("t", 2000, 1900, measured={"terms": {"weights": 1250, "activations": 400}})
+def test_traced_terms_at_peak_beside_planned_terms(tmp_path):
+    at_peak = {"parameters": 1250, "gradients": 5, "inputs": 64, "activations": 400}
+    rec = record("t", 2000, 1900, device=CPU, measured={"at_peak": at_peak, "peak_phase": "forward"})
     out = tmp_path / "v.md"
     run("report", "validation", str(write_jsonl(tmp_path / "r.jsonl", [rec])), "-o", str(out))
-    terms = table_under(out.read_text(), "cuda: Synthetic GPU A", "Terms")
-    assert terms.column("term") == ["activations", "weights"]
-    assert_percent_matches(terms.rows[1]["error"], 100 * (1000 - 1250) / 1250, 1)
-    assert_size_matches(terms.rows[0]["measured"], 400)
+    terms = table_under(out.read_text(), "cpu: Synthetic CPU", "Memory by term at the peak")
+    assert terms.column("traced") == list(at_peak)
+    assert terms.column("planned term") == ["weights", "gradients", "-", "activations"]
+    assert set(terms.column("peak phase (planned / traced)")) == {"backward / forward"}
+    weights = terms.rows[0]
+    assert_size_matches(weights["planned"], rec["predicted"]["weights"])
+    assert_size_matches(weights["traced at peak"], 1250)
+    assert_percent_matches(weights["error"], 100 * (1000 - 1250) / 1250, 1)
+    assert terms.rows[2]["planned"] == "-" and terms.rows[2]["error"] == "-"
 
 
 def test_bad_input_reported_with_file_and_line_and_rest_written(tmp_path):

@@ -8,7 +8,7 @@ with its file and line, listed in the report, and the readable records are repor
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,12 +21,43 @@ RECORD_FORMAT = 1
 REQUIRED_KEYS = ("id", "status", "settings", "device", "predicted", "measured")
 STATUSES = ("ok", "oom", "error")
 
-# (name in the report, key under `measured`, key under `relative_error`)
+
+
+def _whole(value) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def allocator_peak(measured: dict) -> int | None:
+    """The allocator's peak (CUDA), or the live-tensor tracer's (CPU): `peak_allocated`."""
+    return _whole(measured.get("peak_allocated"))
+
+
+def device_growth(measured: dict) -> int | None:
+    """What the device (NVML) saw the job add: peak used - baseline used before the model loaded.
+    The CUDA context and the allocator's cache are in it; a plan of tensors is not."""
+    peak, baseline = _whole(measured.get("nvml_peak_used")), _whole(measured.get("nvml_baseline_used"))
+    return None if peak is None or baseline is None else peak - baseline
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A measured peak compared with the predicted peak: its name in the report, how it is read from
+    `measured`, and the key of its stored error under `relative_error`."""
+
+    name: str
+    read: Callable[[dict], int | None]
+    error_key: str
+
+
 METRICS = (
-    ("allocator peak", "peak_allocated", "peak_allocated"),
-    ("device peak (NVML)", "nvml_peak_used", "nvml_peak_used"),
+    Metric("allocator peak", allocator_peak, "peak_allocated"),
+    Metric("device growth (NVML)", device_growth, "nvml_peak_used"),
 )
 
+# The tracer's categories at the measured peak (`measured.at_peak`), by the planned term each one
+# is compared with; buffers, inputs and temporaries have no planned term.
+TRACED_TERMS = {"parameters": "weights", "gradients": "gradients", "optimizer_states": "optimizer_states",
+                "activations": "activations"}
 
 @dataclass(frozen=True)
 class Problem:
@@ -122,12 +153,12 @@ def relative_error(predicted: int | None, measured: int | None) -> float | None:
     return (predicted - measured) / measured
 
 
-def metric_error(record: dict, measured_key: str, error_key: str) -> float | None:
+def metric_error(record: dict, metric: Metric) -> float | None:
     """The record's own relative error when it has one, else computed against predicted.peak."""
-    stored = (record.get("relative_error") or {}).get(error_key)
+    stored = (record.get("relative_error") or {}).get(metric.error_key)
     if isinstance(stored, int | float) and not isinstance(stored, bool):
         return float(stored)
-    return relative_error(record["predicted"]["peak"], record["measured"].get(measured_key))
+    return relative_error(record["predicted"]["peak"], metric.read(record["measured"]))
 
 
 def device_label(device: dict) -> str:
@@ -168,27 +199,29 @@ def jobs_frame(group: Sequence[Loaded], unit: str):
                "batch x seq": f"{s.get('batch_size', '?')} x {s.get('seq_len', '?')}",
                "status": r["status"], "source": m.get("source") or "-",
                "predicted peak": _bytes(r["predicted"]["peak"], unit)}
-        for name, measured_key, error_key in METRICS:
-            row[name] = _bytes(m.get(measured_key), unit)
-            row[f"error, {name}"] = _percent(metric_error(r, measured_key, error_key))
+        for metric in METRICS:
+            row[metric.name] = _bytes(metric.read(m), unit)
+            row[f"error, {metric.name}"] = _percent(metric_error(r, metric))
         rows.append(row)
     return pd.DataFrame(rows)
 
 
 def terms_frame(group: Sequence[Loaded], unit: str):
-    """Each model-state term that a job measured on its own (`measured.terms`, by the predicted
-    term's name), predicted against measured."""
+    """Memory by category at the measured peak (the tracer's `measured.at_peak`) beside the planned
+    term it corresponds to (`TRACED_TERMS`); categories with no planned term show "-"."""
     import pandas as pd
 
     rows = []
     for item in group:
         r = item.record
-        for term, measured in sorted((r["measured"].get("terms") or {}).items()):
-            predicted = r["predicted"].get(term)
-            if isinstance(predicted, int) and isinstance(measured, int):
-                rows.append({"job": r["id"], "term": term, "predicted": _bytes(predicted, unit),
-                             "measured": _bytes(measured, unit),
-                             "error": _percent(relative_error(predicted, measured))})
+        phases = f"{r['predicted'].get('peak_phase') or '-'} / {r['measured'].get('peak_phase') or '-'}"
+        for category, measured in (r["measured"].get("at_peak") or {}).items():
+            term = TRACED_TERMS.get(category)
+            predicted = _whole(r["predicted"].get(term)) if term else None
+            rows.append({"job": r["id"], "traced": category, "planned term": term or "-",
+                         "peak phase (planned / traced)": phases,
+                         "planned": _bytes(predicted, unit), "traced at peak": _bytes(_whole(measured), unit),
+                         "error": _percent(relative_error(predicted, _whole(measured)))})
     return pd.DataFrame(rows)
 
 
@@ -198,14 +231,13 @@ def distribution_frame(group: Sequence[Loaded]):
     import pandas as pd
 
     rows = []
-    for name, measured_key, error_key in METRICS:
-        errors = pd.Series([e for item in group
-                            if (e := metric_error(item.record, measured_key, error_key)) is not None],
+    for metric in METRICS:
+        errors = pd.Series([e for item in group if (e := metric_error(item.record, metric)) is not None],
                            dtype="float64")
         if errors.empty:
             continue
         size = errors.abs()
-        rows.append({"metric": name, "jobs": str(len(errors)),
+        rows.append({"metric": metric.name, "jobs": str(len(errors)),
                      "median |error|": f"{100 * size.median():.1f}%",
                      "p90 |error|": f"{100 * size.quantile(0.9):.1f}%",
                      "max |error|": f"{100 * size.max():.1f}%",
@@ -220,11 +252,11 @@ def worst_frame(group: Sequence[Loaded], count: int, unit: str):
     cases = []
     for item in group:
         r = item.record
-        for name, measured_key, error_key in METRICS:
-            error = metric_error(r, measured_key, error_key)
+        for metric in METRICS:
+            error = metric_error(r, metric)
             if error is not None:
-                cases.append((abs(error), r["id"], name, r["predicted"]["peak"],
-                              r["measured"].get(measured_key), error))
+                cases.append((abs(error), r["id"], metric.name, r["predicted"]["peak"],
+                              metric.read(r["measured"]), error))
     cases.sort(key=lambda c: (-c[0], c[1], c[2]))
     return pd.DataFrame(
         [{"job": job, "metric": name, "predicted": _bytes(p, unit), "measured": _bytes(m, unit),
@@ -275,11 +307,11 @@ def provenance_frame(loaded: Sequence[Loaded]):
 
 def _scatter(group: Sequence[Loaded], title: str, unit: str, path: Path) -> Path | None:
     series = {}
-    for name, measured_key, _ in METRICS:
-        points = [(item.record["predicted"]["peak"], item.record["measured"][measured_key])
-                  for item in group if isinstance(item.record["measured"].get(measured_key), int)]
+    for metric in METRICS:
+        points = [(item.record["predicted"]["peak"], measured) for item in group
+                  if (measured := metric.read(item.record["measured"])) is not None]
         if points:
-            series[name] = points
+            series[metric.name] = points
     scale = (unit, UNITS[unit.upper()])
     return plots.predicted_versus_measured(series, title, scale, path) if series else None
 
@@ -293,6 +325,10 @@ def validation_markdown(loaded: Sequence[Loaded], problems: Sequence[Problem], i
         "Each job's predicted peak (`lora-plan`'s plan for the job's settings) against the peaks "
         "measured while it ran. Relative error = (predicted - measured) / measured: positive when "
         "the plan over-estimates.", "",
+        "- allocator peak: the largest `torch.cuda.max_memory_allocated` of the job on a GPU, or the "
+        "live-tensor tracer's peak on CPU (the `source` column says which)",
+        "- device growth (NVML): the device's peak memory used minus its use before the model "
+        "loaded; it includes the CUDA context and the allocator's cache, which the plan does not",
         f"- made by: {md.code(command)}",
         f"- inputs: {', '.join(md.code(i) for i in inputs)}",
         f"- records read: {len(loaded)}; problems: {len(problems)}",
@@ -311,9 +347,11 @@ def validation_markdown(loaded: Sequence[Loaded], problems: Sequence[Problem], i
         lines += [f"## {label}", "", _device_line(group[0].record["device"], unit), "",
                   "### Jobs", "", md.table(jobs_frame(group, unit), 6), ""]
         terms = terms_frame(group, unit)
-        lines += ["### Terms", ""]
-        lines += [md.table(terms, 2)] if not terms.empty else [
-            "No job on this device measured the model-state terms one by one."]
+        lines += ["### Memory by term at the peak", ""]
+        lines += ["What the live-tensor tracer found alive at the measured peak, beside the planned "
+                  "term. It is a snapshot at that moment: a term still being built then (gradients "
+                  "during backward) shows only its part.", "", md.table(terms, 4)] if not terms.empty else [
+            "No job on this device traced its memory by term (the tracer runs for CPU jobs)."]
         distribution = distribution_frame(group)
         lines += ["", "### Error distribution", ""]
         lines += [md.table(distribution)] if not distribution.empty else ["No job has a measured peak."]
