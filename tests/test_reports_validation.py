@@ -100,7 +100,8 @@ def test_jobs_table_predicted_against_measured(report):
             assert_size_matches(row["device growth (NVML)"], growth)
             assert_percent_matches(row["error, device growth (NVML)"],
                                    100 * (rec["predicted"]["peak"] - growth) / growth, 1)
-        assert row["method"] == "lora r=8" and row["batch x seq"] == "4 x 128" and row["source"] == "cuda"
+        assert (row["method"], row["batch x seq"], row["precision"], row["source"]) == (
+            "lora r=8", "4 x 128", "mixed", "cuda")
 
 
 def test_error_distribution_median_p90_max(report):

@@ -197,6 +197,7 @@ def jobs_frame(group: Sequence[Loaded], unit: str):
         s, m = r["settings"], r["measured"]
         row = {"job": r["id"], "model": s.get("model", "?"), "method": _job_label(s),
                "batch x seq": f"{s.get('batch_size', '?')} x {s.get('seq_len', '?')}",
+               "precision": s.get("precision", "?"),
                "status": r["status"], "source": m.get("source") or "-",
                "predicted peak": _bytes(r["predicted"]["peak"], unit)}
         for metric in METRICS:
@@ -345,7 +346,7 @@ def validation_markdown(loaded: Sequence[Loaded], problems: Sequence[Problem], i
     lines += ["## Devices", "", md.table(_device_summary(groups)), ""]
     for label, group in groups.items():
         lines += [f"## {label}", "", _device_line(group[0].record["device"], unit), "",
-                  "### Jobs", "", md.table(jobs_frame(group, unit), 6), ""]
+                  "### Jobs", "", md.table(jobs_frame(group, unit), 7), ""]
         terms = terms_frame(group, unit)
         lines += ["### Memory by term at the peak", ""]
         lines += ["What the live-tensor tracer found alive at the measured peak, beside the planned "
