@@ -101,6 +101,14 @@ def main() -> None:
               help="Outputs of the seq-cls head.")
 @click.option("--tasks", "tasks", type=click.IntRange(min=1), default=1, show_default=True,
               help="Storage for N task-specific fine-tunes: N full copies vs base + N adapters.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Micro-batch size (sequences per step per GPU).")
+@click.option("--seq-len", type=click.IntRange(min=1), default=2048, show_default=True,
+              help="Tokens per sequence.")
+@click.option("--grad-checkpointing/--no-grad-checkpointing", default=False, show_default=True,
+              help="Hugging Face per-layer checkpointing: keep layer inputs, recompute in backward.")
+@click.option("--attention", type=click.Choice(["sdpa", "eager"]), default="sdpa", show_default=True,
+              help="sdpa: flash / memory-efficient kernels (no s x s scores kept); eager: keeps them.")
 @click.option("--gpu", "gpu_name", default=DEFAULT_GPU, show_default=True,
               help=f"GPU kind: {', '.join(g.name for g in GPUS)}.")
 @click.option("--gpu-mem", "gpu_mem", metavar="SIZE",
@@ -110,8 +118,8 @@ def main() -> None:
               help="Unit of the tables: GB = 10^9 bytes, GiB = 2^30 bytes. JSON is always bytes.")
 @click.option("--explain", is_flag=True, help="Print every term's formula with the numbers put in.")
 def plan_command(model_name, params_text, methods, ranks, targets, precision, optimizer, bias, dora,
-                 modules_to_save, double_quant, save_dtype, task, num_labels, tasks, gpu_name,
-                 gpu_mem, fmt, units, explain) -> None:
+                 modules_to_save, double_quant, save_dtype, task, num_labels, tasks, batch_size,
+                 seq_len, grad_checkpointing, attention, gpu_name, gpu_mem, fmt, units, explain) -> None:
     """Trainable parameters, model-state memory, GPUs and checkpoint sizes, method by method."""
     try:
         if bool(model_name) == bool(params_text):
@@ -135,7 +143,8 @@ def plan_command(model_name, params_text, methods, ranks, targets, precision, op
             precision=precision, optimizer=optimizer, bias=bias, use_dora=dora,
             targets=_split(targets) or ("default",), modules_to_save=_split(modules_to_save),
             double_quant=double_quant, save_dtype=save_dtype, task=task, num_labels=num_labels,
-            tasks=tasks,
+            tasks=tasks, batch_size=batch_size, seq_len=seq_len,
+            grad_checkpointing=grad_checkpointing, attention=attention,
         )
         rank_list = _ranks(ranks)
         setups = []
