@@ -79,13 +79,15 @@ def _label(entry: dict) -> str:
 
 def test_summary_equals_plan_json(default_report):
     """Default report (GPT-2 and Llama-3.1 8B/70B/405B, ranks 1, 8, 64, an 80 GB card) against
-    `lora-plan --format json` with the same settings, cell by cell."""
+    `lora-plan --format json` with the same settings, cell by cell. Activations and the
+    step-timeline peak are non-zero and read by key like every other term."""
     summary = table_under(default_report.read_text(), "Summary")
     models = ["gpt2", "llama-3.1-8b", "llama-3.1-70b", "llama-3.1-405b"]
     assert list(dict.fromkeys(summary.column("model"))) == models
     checked = 0
     for model in models:
         data = plan_json(model, "--rank", "1,8,64", "--tasks", "10", "--gpu", "H100-80GB")
+        assert all(e["memory_bytes"]["activations"] > 0 for e in data["plans"])
         rows = [r for r in summary.rows if r["model"] == model]
         assert [r["method"] for r in rows] == [_label(e) for e in data["plans"]]
         for row, entry in zip(rows, data["plans"], strict=True):
@@ -96,6 +98,8 @@ def test_summary_equals_plan_json(default_report):
                 assert_size_matches(row[header], entry["memory_bytes"][key])
             assert int(row["GPUs needed"]) == entry["gpus_needed"]
             assert_size_matches(row["checkpoint"], entry["checkpoint_bytes"])
+            assert row["peak phase"] == entry["peak_phase"]
+            assert_size_matches(row["+ CUDA context/cache"], entry["device_overhead_bytes"])
             checked += 1
     assert checked == 4 * 7
 
@@ -152,21 +156,26 @@ def test_options_change_the_plans(tmp_path):
     out = tmp_path / "sub" / "l4.md"
     result = run("report", "capacity", "--models", "gpt2", "--models", "1b", "--methods", "lora,qlora",
                  "--ranks", "4", "--gpu", "l4", "--precision", "bf16", "--units", "GiB", "--tasks", "3",
+                 "--batch-size", "4", "--seq-len", "512", "--grad-checkpointing", "--attention", "eager",
                  "-o", str(out))
     assert result.exit_code == 0, result.output
     text = out.read_text()
     summary = table_under(text, "Summary")
     data = plan_json("llama-3.2-1b", "--method", "lora,qlora", "--rank", "4", "--gpu", "l4",
-                     "--precision", "bf16")
+                     "--precision", "bf16", "--batch-size", "4", "--seq-len", "512", "--grad-checkpointing",
+                     "--attention", "eager")
     rows = [r for r in summary.rows if r["model"] == "llama-3.2-1b"]
     assert [r["method"] for r in rows] == ["lora r=4", "qlora r=4"]
     for row, entry in zip(rows, data["plans"], strict=True):
         assert row["peak"].endswith("GiB") or row["peak"].endswith("MiB")
         assert_size_matches(row["peak"], entry["memory_bytes"]["peak"])
+        assert_size_matches(row["activations"], entry["memory_bytes"]["activations"])
         assert int(row["GPUs needed"]) == entry["gpus_needed"]
     assert "## Storage for 3 fine-tunes" in text
     assert "binary units (1 GiB = 2^30 bytes)" in text
     assert "--methods lora,qlora" in text and "--models gpt2 --models 1b" in text
+    assert "batch_size=4, seq_len=512, attention=eager, grad_checkpointing=True" in text
+    assert "--grad-checkpointing" in text
 
 
 def test_summary_columns_are_data():

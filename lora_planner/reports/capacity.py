@@ -53,6 +53,7 @@ SUMMARY_COLUMNS: tuple[Column, ...] = (
     Column("trainable %", ("trainable_percent",), "percent"),
     *(Column(MEMORY_LABELS[key], ("memory_bytes", key), "bytes") for key in MEMORY_KEYS),
     Column("peak phase", ("peak_phase",), "text"),
+    Column("+ CUDA context/cache", ("device_overhead_bytes",), "bytes"),
     Column("GPUs needed", ("gpus_needed",), "int"),
     Column("checkpoint", ("checkpoint_bytes",), "bytes"),
 )
@@ -217,6 +218,10 @@ def settings_section(plans: Sequence[dict], settings: CapacitySettings, command:
         targets = next((e["target_modules"] for e in p["plans"] if e["rank"] is not None), None)
         if targets:
             lines.append(f"- LoRA targets for {p['model']['name']}: {', '.join(targets)}")
+    if any(e.get("peak_phase") for p in plans for e in p["plans"]):
+        lines.append("- peak: the highest point of the training step's memory timeline (forward, backward, "
+                     "optimizer), reached in the `peak phase`; `+ CUDA context/cache` is the device's own "
+                     "allowance, outside the peak")
     lines += [
         f"- training setup: {_setup_fields(settings.setup)}",
         "- checkpoints: single safetensors files, header included; storage compares "

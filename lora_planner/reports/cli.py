@@ -75,13 +75,16 @@ def report_group() -> None:
               help="Storage section: N fine-tunes as N full copies or one base plus N adapters.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--seq-len", type=click.IntRange(min=1), default=2048, show_default=True)
+@click.option("--grad-checkpointing/--no-grad-checkpointing", default=False, show_default=True,
+              help="Activations with per-layer checkpointing, as for `lora-plan plan`.")
+@click.option("--attention", type=click.Choice(["sdpa", "eager"]), default="sdpa", show_default=True)
 @click.option("--units", type=click.Choice(["GB", "GiB"]), default="GB", show_default=True,
               help="GB = 10^9 bytes, GiB = 2^30 bytes.")
 @click.option("-o", "--output", "output", type=click.Path(dir_okay=False), default="capacity.md",
               show_default=True, help="Markdown file to write; the PNG plots go beside it.")
 @click.pass_context
 def capacity_command(ctx, models, methods, ranks, targets, gpu_name, gpu_mem, precision, optimizer, tasks,
-                     batch_size, seq_len, units, output) -> None:
+                     batch_size, seq_len, grad_checkpointing, attention, units, output) -> None:
     """Compare models, methods and ranks on one GPU: a markdown report with tables and plots.
 
     Trainable parameters, memory by term, GPUs needed, checkpoint sizes, trainable parameters
@@ -116,7 +119,8 @@ def capacity_command(ctx, models, methods, ranks, targets, gpu_name, gpu_mem, pr
             ranks=_ranks(ranks) if ranks else DEFAULT_RANKS,
             gpu=gpu,
             setup=TrainSetup(targets=_split(targets) or ("default",), precision=precision,
-                             optimizer=optimizer, tasks=tasks, batch_size=batch_size, seq_len=seq_len),
+                             optimizer=optimizer, tasks=tasks, batch_size=batch_size, seq_len=seq_len,
+                             grad_checkpointing=grad_checkpointing, attention=attention),
             unit=units,
         )
         written = write_capacity_report(settings, Path(output), _command_line(ctx))

@@ -53,9 +53,11 @@ def _save(fig, path: Path) -> Path:
 
 def memory_breakdown(rows: Sequence[dict], terms: Sequence[str], unit: tuple[str, int],
                      path: Path) -> Path:
-    """Stacked bars, one per method, one panel per model: each term of the peak on top of the last.
+    """Stacked bars, one per method, one panel per model: each memory term on top of the last, and
+    the plan's peak as a black mark.
 
-    `rows` carry `model`, `label` and the bytes of each term; `unit` is (name, bytes per unit).
+    `rows` carry `model`, `label`, `peak` and the bytes of each term; `unit` is (name, bytes per
+    unit).
     """
     unit_name, unit_bytes = unit
     models = list(dict.fromkeys(r["model"] for r in rows))
@@ -69,10 +71,15 @@ def memory_breakdown(rows: Sequence[dict], terms: Sequence[str], unit: tuple[str
             ax.bar(labels, heights, bottom=bottom, label=term.replace("_", " "),
                    color=TERM_COLOURS.get(term))
             bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
+        # The peak is the highest point of the step's timeline, not the sum of the terms: activations
+        # are freed as backward runs, and short-lived temporaries add to whichever phase makes them.
+        ax.scatter(labels, [r["peak"] / unit_bytes for r in mine], marker="_", s=300, color="black",
+                   label="peak", zorder=3)
         ax.set_title(model)
         ax.set_ylabel(f"memory ({unit_name})")
         ax.tick_params(axis="x", labelrotation=45)
-    axes[0].legend(fontsize="small")
+    # One legend for all panels, below them, where it covers no bar.
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=6, fontsize="small")
     return _save(fig, path)
 
 
