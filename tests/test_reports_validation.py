@@ -154,7 +154,7 @@ def test_oom_foreseen_or_not(tmp_path):
         record("false-alarm", 85 * 10**9, 79 * 10**9),
         record("fine", 10 * 10**9, 10 * 10**9),
         record("cpu-oom", 10**9, None, status="oom", device=CPU),
-        record("crashed", 10**9, None, status="error", error="CUDA error: launch failure"),
+        record("crashed", 10**9, None, status="error", error="CUDA error:\n  launch failure"),
     ]
     out = tmp_path / "v.md"
     result = run("report", "validation", str(write_jsonl(tmp_path / "r.jsonl", jobs)), "-o", str(out))

@@ -345,37 +345,51 @@ def validation_markdown(loaded: Sequence[Loaded], problems: Sequence[Problem], i
         return "\n".join(lines).rstrip("\n") + "\n"
     lines += ["## Devices", "", md.table(_device_summary(groups)), ""]
     for label, group in groups.items():
-        lines += [f"## {label}", "", _device_line(group[0].record["device"], unit), "",
-                  "### Jobs", "", md.table(jobs_frame(group, unit), 7), ""]
-        terms = terms_frame(group, unit)
-        lines += ["### Memory by term at the peak", ""]
-        lines += ["What the live-tensor tracer found alive at the measured peak, beside the planned "
-                  "term. It is a snapshot at that moment: a term still being built then (gradients "
-                  "during backward) shows only its part.", "", md.table(terms, 4)] if not terms.empty else [
-            "No job on this device traced its memory by term (the tracer runs for CPU jobs)."]
-        distribution = distribution_frame(group)
-        lines += ["", "### Error distribution", ""]
-        lines += [md.table(distribution)] if not distribution.empty else ["No job has a measured peak."]
-        worst_cases = worst_frame(group, worst, unit)
-        if not worst_cases.empty:
-            lines += ["", "### Worst cases", "",
-                      f"The {len(worst_cases)} largest relative errors, any metric.", "",
-                      md.table(worst_cases, 2)]
-        ooms = oom_frame(group, unit)
-        lines += ["", "### Out of memory", ""]
-        lines += [md.table(ooms, 2)] if not ooms.empty else [
-            "No job ran out of memory, and none was predicted to."]
-        failed = [item.record for item in group if item.record["status"] == "error"]
-        if failed:
-            lines += ["", "### Failed jobs", "",
-                      *(f"- `{r['id']}`: {r.get('error') or 'no message'}" for r in failed)]
-        lines += [""]
-        if images and label in images:
-            lines += [md.image(f"predicted versus measured, {label}", images[label], out), ""]
-        elif images is None:
-            lines += [f"No plot: {no_plots_reason}. Install it with `pip install 'lora-plan[reports]'`.", ""]
+        image = md.image(f"predicted versus measured, {label}", images[label], out) if (
+            images and label in images) else ""
+        if images is None:
+            image = f"No plot: {no_plots_reason}. Install it with `pip install 'lora-plan[reports]'`."
+        lines += device_section(label, group, unit, worst, image)
     lines += ["## Provenance", "", md.table(provenance_frame(loaded), 10), ""]
     return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def _one_line(text: str) -> str:
+    # An error message may span lines; a markdown list item must not.
+    return " ".join(str(text).split())
+
+
+def device_section(label: str, group: Sequence[Loaded], unit: str, worst: int, image: str) -> list[str]:
+    """One device's jobs, traced terms, error distribution, worst cases, out-of-memory verdicts,
+    failures and scatter plot (`image`: its markdown link, or why there is none)."""
+    lines = [f"## {label}", "", _device_line(group[0].record["device"], unit), "",
+             "### Jobs", "", md.table(jobs_frame(group, unit), 7), "",
+             "### Memory by term at the peak", ""]
+    terms = terms_frame(group, unit)
+    if terms.empty:
+        lines.append("No job on this device traced its memory by term (the tracer runs for CPU jobs).")
+    else:
+        lines += ["What the live-tensor tracer found alive at the measured peak, beside the planned "
+                  "term. It is a snapshot at that moment: a term still being built then (gradients "
+                  "during backward) shows only its part.", "", md.table(terms, 4)]
+    distribution = distribution_frame(group)
+    lines += ["", "### Error distribution", "",
+              md.table(distribution) if not distribution.empty else "No job has a measured peak."]
+    worst_cases = worst_frame(group, worst, unit)
+    if not worst_cases.empty:
+        lines += ["", "### Worst cases", "", f"The {len(worst_cases)} largest relative errors, any metric.",
+                  "", md.table(worst_cases, 2)]
+    ooms = oom_frame(group, unit)
+    lines += ["", "### Out of memory", "",
+              md.table(ooms, 2) if not ooms.empty else "No job ran out of memory, and none was predicted to."]
+    failed = [item.record for item in group if item.record["status"] == "error"]
+    if failed:
+        lines += ["", "### Failed jobs", "",
+                  *(f"- `{r['id']}`: {_one_line(r.get('error') or 'no message')}" for r in failed)]
+    lines += [""]
+    if image:
+        lines += [image, ""]
+    return lines
 
 
 def _device_summary(groups: dict[str, list[Loaded]]):
