@@ -73,15 +73,17 @@ def report_group() -> None:
 @click.option("--optimizer", type=click.Choice(list(OPTIMIZERS)), default="adamw", show_default=True)
 @click.option("--tasks", type=click.IntRange(min=1), default=DEFAULT_TASKS, show_default=True,
               help="Storage section: N fine-tunes as N full copies or one base plus N adapters.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--seq-len", type=click.IntRange(min=1), default=2048, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Micro-batch size (sequences per step per GPU), for activations.")
+@click.option("--seq-len", type=click.IntRange(min=1), default=2048, show_default=True,
+              help="Tokens per sequence, for activations.")
 @click.option("--grad-checkpointing/--no-grad-checkpointing", default=False, show_default=True,
               help="Activations with per-layer checkpointing, as for `lora-plan plan`.")
 @click.option("--attention", type=click.Choice(["sdpa", "eager"]), default="sdpa", show_default=True)
 @click.option("--units", type=click.Choice(["GB", "GiB"]), default="GB", show_default=True,
               help="GB = 10^9 bytes, GiB = 2^30 bytes.")
 @click.option("-o", "--output", "output", type=click.Path(dir_okay=False), default="capacity.md",
-              show_default=True, help="Markdown file to write; the PNG plots go beside it.")
+              show_default=True, help="Markdown file to write; the PNG plots go beside it, named after it.")
 @click.pass_context
 def capacity_command(ctx, models, methods, ranks, targets, gpu_name, gpu_mem, precision, optimizer, tasks,
                      batch_size, seq_len, grad_checkpointing, attention, units, output) -> None:
