@@ -271,6 +271,10 @@ def test_local_config_and_repeated_names(tmp_path):
     assert result.exit_code == 0, result.output
     summary = table_under(out.read_text(), "Summary")
     assert summary.column("model") == ["my-model", "llama-3.1-8b"]  # the alias plans its model once
+    # Full fine-tuning alone has no ranks: no rank table, no rank chart.
+    assert "## Trainable parameters versus rank" not in out.read_text()
+    images = sorted(p.name for p in assert_images_are_png(out))
+    assert images == ["c-gpus-per-model.png", "c-memory-breakdown.png"]
     assert int(summary.rows[0]["trainable params"].replace(",", "")) == plan_json(
         str(folder), "--method", "full")["plans"][0]["trainable_params"]
 
@@ -282,3 +286,11 @@ def test_output_that_cannot_be_written(tmp_path):
     assert result.exit_code == 2
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"Error: cannot write {blocker / 'capacity.md'}")
+
+
+def test_help_teaches():
+    out = run("report", "capacity", "--help").output
+    assert "lora-plan report capacity -o capacity.md" in out
+    for option in ("--models", "--ranks", "--methods", "--gpu", "--tasks", "--grad-checkpointing", "--units"):
+        assert option in out
+    assert "capacity" in run("report", "--help").output and "report" in run("--help").output
