@@ -403,7 +403,9 @@ def profile(spec: ModelSpec, cond: Conditions, wrapped: dict[str, int], trainabl
     head = "lm_head"
     logits = g.linear(h, head, H, spec.vocab_size)
     fp32 = t * spec.vocab_size * FP32
-    g.save(g.new(t, INT64, False))  # shifted labels, kept by nll_loss
+    # nll_loss keeps the shifted labels: a contiguous copy, or for one sequence the padded labels
+    # themselves (their [1:] slice is already contiguous)
+    g.save(g.new(t if cond.batch_size > 1 else cond.seq_len + 1, INT64, False))
     if logits.grad:
         g.save(g.new(t * spec.vocab_size, FP32, True))  # log_softmax keeps its output
         g.save(g.new(1, FP32, False), g.new(1, FP32, False))  # the loss and nll's total weight
