@@ -208,8 +208,9 @@ def settings_section(plans: Sequence[dict], settings: CapacitySettings, command:
         "- models: " + "; ".join(
             f"{p['model']['name']} ({p['model']['family']}, {p['model']['total_params']:,} parameters"
             + (f", {p['model']['source']}" if p["model"]["source"] else "") + ")" for p in plans),
-        f"- methods: {', '.join(dict.fromkeys(settings.methods))}; LoRA ranks: "
-        f"{', '.join(str(r) for r in dict.fromkeys(settings.ranks))}",
+        f"- methods: {', '.join(dict.fromkeys(settings.methods))}" + (
+            f"; LoRA ranks: {', '.join(str(r) for r in dict.fromkeys(settings.ranks))}"
+            if set(settings.methods) - {"full"} else ""),
         f"- precision: {precision.name} ({precision.summary}); optimizer: {settings.setup.optimizer}",
         f"- GPU: {gpu.name}, {gpu.memory_bytes:,} bytes ({gpu.memory_bytes / MIB:,.0f} MiB) as the "
         "driver reports it; GPUs needed = ceil(peak / capacity), memory sharded evenly",
@@ -238,8 +239,8 @@ def capacity_markdown(plans: Sequence[dict], settings: CapacitySettings, command
     tasks = settings.setup.tasks
     lines = [
         "# Fine-tuning capacity", "",
-        "Trainable parameters, model-state memory by term, GPUs needed and checkpoint sizes for each "
-        "model and method, as `lora-plan` plans them.", "",
+        "Trainable parameters, memory by term, GPUs needed and checkpoint sizes for each model and "
+        "method, as `lora-plan` plans them.", "",
         *settings_section(plans, settings, command), "",
         "## Summary", "",
         md.table(summary_frame(plans, settings.unit), 2), "",
