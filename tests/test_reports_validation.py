@@ -4,6 +4,7 @@ formatting checks only; they are not measurements)."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -247,8 +248,6 @@ def test_folder_stands_for_its_jsonl_files(tmp_path):
 
 
 def test_without_matplotlib_no_images_and_says_so(tmp_path, monkeypatch):
-    import sys
-
     for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "matplotlib", None)
@@ -266,3 +265,12 @@ def test_help_and_missing_argument():
         "report", "validation", "--help").output
     result = run("report", "validation")
     assert result.exit_code == 2 and "Missing argument" in result.output
+
+
+def test_without_pandas_one_line(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pandas", None)
+    for args in (("validation", str(tmp_path / "r.jsonl")), ("capacity", "--models", "gpt2")):
+        result = run("report", *args, "-o", str(tmp_path / "out.md"))
+        assert result.exit_code == 2
+        assert result.output.strip() == "Error: reports need pandas: pip install 'lora-plan[reports]'"
+    assert not (tmp_path / "out.md").exists()

@@ -37,6 +37,16 @@ def _command_line(ctx: click.Context) -> str:
     return shlex.join(words)
 
 
+def _need_pandas() -> None:
+    """Tables need pandas (charts only want matplotlib, and go without it); say so in one line."""
+    from ..cli import UserError
+
+    try:
+        import pandas  # noqa: F401
+    except ImportError:
+        raise UserError("reports need pandas: pip install 'lora-plan[reports]'") from None
+
+
 def _report(written) -> None:
     for warning in written.warnings:
         click.echo(f"warning: {warning}", err=True)
@@ -107,6 +117,7 @@ def capacity_command(ctx, models, methods, ranks, targets, gpu_name, gpu_mem, pr
     from ..units import parse_bytes
     from .capacity import CapacitySettings, write_capacity_report
 
+    _need_pandas()
     try:
         chosen_methods = _split(methods) or METHODS
         for m in chosen_methods:
@@ -160,6 +171,7 @@ def validation_command(ctx, records, units, worst, output) -> None:
     from ..cli import UserError
     from .validation import write_validation_report
 
+    _need_pandas()
     try:
         written = write_validation_report(records, Path(output), _command_line(ctx), units, worst)
     except OSError as exc:
