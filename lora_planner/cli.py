@@ -254,3 +254,8 @@ def trace_command(model_name, method, rank, targets, precision, batch_size, seq_
     click.echo(tabulate(rows, headers=["bytes", "predicted", "traced", "error"],
                         colalign=("left", "right", "right", "right")))
     click.echo(f"peak set in: predicted {result.predicted_phase}, traced {result.traced_phase}")
+
+
+from .reports.cli import report_group  # noqa: E402  (registered last: it reads this module lazily)
+
+main.add_command(report_group)
