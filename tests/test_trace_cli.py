@@ -30,8 +30,8 @@ def test_trace_json_contract(tmp_path):
 
 
 def test_trace_fake_runs_a_large_slice_without_its_memory():
-    result = CliRunner().invoke(main, ["trace", "--model", "llama-3.1-8b", "--layers", "1", "--seq-len", "256",
-                                       "--fake"])
+    result = CliRunner().invoke(main, ["trace", "--model", "llama-3.1-8b", "--layers", "1",
+                                       "--seq-len", "256", "--fake"])
     assert result.exit_code == 0, result.output
     assert "peak set in: predicted" in result.output
     assert "activations" in result.output
