@@ -17,7 +17,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from step_grid import grid  # noqa: E402
+from step_grid import grid, large  # noqa: E402
 
 from lora_planner.measure.trace import trace  # noqa: E402
 
@@ -53,3 +53,14 @@ def test_predicted_step_matches_the_trace(spec, setup):
     for term in ("weights", "gradients", "optimizer_states"):
         assert abs(errors[term]) <= 0.05, (term, errors)
     assert abs(errors["peak"]) <= 0.02, errors
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("spec", "setup"), [pytest.param(s, u, id=f"{s.name}-{u.method}-"
+                                                          f"{'ckpt' if u.grad_checkpointing else 'plain'}")
+                                             for s, u in large()])
+def test_large_models_under_fake_tensors(spec, setup):
+    """2-layer slices of 7B/8B/70B at 4,096 tokens and all of 7B, traced without their memory."""
+    result = trace(spec, setup, fake=True)
+    assert result.predicted["activations"] == result.traced["activations"]
+    assert abs(result.errors()["peak"]) <= 0.02
