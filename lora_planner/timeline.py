@@ -1,7 +1,8 @@
 """The peak of a training step, followed phase by phase instead of summed.
 
-Model states (weights, and from the first backward on, gradients; after the first step, optimizer
-states) are live throughout; on top of them each phase holds something else:
+The step planned is a steady-state one (the second and every later step): weights and optimizer
+states (with any fp32 master copy) are live throughout, gradients from backward until the
+optimizer has used them. On top of them each phase holds something else:
 
 - forward, at the loss: every saved activation, the logits, their fp32 copy under 16-bit compute, the
   eager attention mask;
@@ -52,7 +53,9 @@ class Phase:
 
 def step_phases(states: States, prof: Profile, vocab: int, tokens: int) -> tuple[Phase, ...]:
     """Live bytes at each moment of the step that can set the peak (see the module docstring)."""
-    base = states.weights + states.inputs
+    # A run takes many steps: from the second on, the optimizer's states (and fp32 master weights)
+    # are live through forward and backward too. The steady-state step is the one planned.
+    base = states.weights + states.inputs + states.optimizer_states
     acts = prof.total
     logits = prof.logits + prof.logits_fp32
     mask = 0 if prof.checkpointed else prof.eager_mask
@@ -84,7 +87,7 @@ def step_phases(states: States, prof: Profile, vocab: int, tokens: int) -> tuple
     phases.append(Phase("backward", base + states.gradients + states.head_gradients // 2,
                         "end of backward: all gradients"))
     phases.append(Phase("optimizer",
-                        base + states.gradients + states.optimizer_states + states.optimizer_temporary,
+                        base + states.gradients + states.optimizer_temporary,
                         "gradients + optimizer states + foreach temporary"))
     return tuple(phases)
 

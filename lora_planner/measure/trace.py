@@ -3,7 +3,8 @@
 The model is built from the planner's own `ModelSpec` (through `to_hf_config`), with random weights:
 on CPU for real, or under `FakeTensorMode` (`fake=True`) so that shapes far beyond this machine's
 memory trace in seconds. LoRA uses PEFT with the same targets the planner resolved. The step is
-forward (causal-LM loss), backward, foreach AdamW step, `zero_grad(set_to_none=True)`.
+forward (causal-LM loss), backward, foreach AdamW step, `zero_grad(set_to_none=True)`, run once
+untraced (so the optimizer's states exist, as in every step of a run but the first) and then traced.
 
 Supported precisions are those a plain PyTorch step realises: `fp32`, and `amp` (bf16 autocast over
 fp32 weights); `pure-bf16` builds the model in bf16 (AdamW then keeps bf16 states). `mixed` and `bf16`
@@ -136,16 +137,23 @@ def trace(spec: ModelSpec, setup: TrainSetup, *, fake: bool = False, seed: int =
         labels = ids.clone()
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=True)
-        tracer = MemoryTracer(model, optimizer, inputs=(ids, labels))
         autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=setup.precision == "amp")
-        with tracer, _unpacked(fake):
-            with tracer.phase("forward"), autocast:
+
+        def step(tracer: MemoryTracer | None) -> None:
+            phase = tracer.phase if tracer else lambda _name: contextlib.nullcontext()
+            with phase("forward"), autocast:
                 loss = model(input_ids=ids, labels=labels).loss
-            with tracer.phase("backward"):
+            with phase("backward"):
                 loss.backward()
-            with tracer.phase("optimizer"):
+            with phase("optimizer"):
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+
+        with _unpacked(fake):
+            step(None)  # the first step creates the optimizer's states; a run's later steps keep them
+            tracer = MemoryTracer(model, optimizer, inputs=(ids, labels))
+            with tracer:
+                step(tracer)
     report = tracer.report()
     traced = {
         "weights": report.terms["parameters"],
