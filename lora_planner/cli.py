@@ -174,3 +174,8 @@ def models_command(fmt: str) -> None:
     click.echo(tabulate(table, headers=["name", "aliases", "params", "family", "source"],
                         tablefmt="github" if fmt == "markdown" else "simple",
                         colalign=("left", "left", "right", "left", "left")))
+
+
+from .measure.cli import measure_group  # noqa: E402  (registered last; imports only click)
+
+main.add_command(measure_group)
