@@ -1,1 +1,0 @@
-"""The verification harness: real fine-tuning runs whose readings check the planner."""
