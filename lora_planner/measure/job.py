@@ -41,7 +41,7 @@ DATA_SOURCES = ("qa", "synthetic")  # or the path of a local text file
 PHASES = ("forward", "backward", "optimizer")
 
 # Tests and rehearsals inject faults through this variable: `oom`, `error` or `kill-sweep`,
-# optionally `@<job id>` to hit one job of a sweep. `kill-sweep` kills the parent process (the
+# optionally `@<job id>` to hit one job of a sweep, several entries joined by commas. `kill-sweep` kills the parent process (the
 # sweep) and exits without a record, as a machine that goes down mid-sweep would.
 FAULT_ENV = "LORA_PLAN_FAULT"
 
@@ -173,9 +173,11 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 
 def _fault(job_id: str) -> str | None:
-    value = os.environ.get(FAULT_ENV, "")
-    kind, _, target = value.partition("@")
-    return kind if kind and (not target or target == job_id) else None
+    for entry in os.environ.get(FAULT_ENV, "").split(","):
+        kind, _, target = entry.strip().partition("@")
+        if kind and (not target or target == job_id):
+            return kind
+    return None
 
 
 def _raise_fault(kind: str) -> None:
@@ -236,9 +238,12 @@ def _train(settings: JobSettings, spec: ModelSpec, reader, nvml, save_adapter: s
     compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(settings.precision)
     reader.attach(model, optimizer)
 
-    def phase(name: str) -> contextlib.ExitStack:
+    read_steps = settings.steps if reader.read_steps is None else min(reader.read_steps, settings.steps)
+
+    def phase(name: str, step: int) -> contextlib.ExitStack:
         stack = contextlib.ExitStack()
-        stack.enter_context(reader.phase(name))
+        if step < read_steps:
+            stack.enter_context(reader.phase(name))
         if nvml is not None:
             stack.enter_context(nvml.phase(name))
         return stack
@@ -249,19 +254,22 @@ def _train(settings: JobSettings, spec: ModelSpec, reader, nvml, save_adapter: s
 
     data = batches(settings.data, settings.batch_size, settings.seq_len, spec.vocab_size, settings.seed)
     losses, times = [], []
-    with reader:
-        for _, input_ids in zip(range(settings.steps), data, strict=False):  # data is endless
+    with contextlib.ExitStack() as reading:
+        reading.enter_context(reader)
+        for step, input_ids in zip(range(settings.steps), data, strict=False):  # data is endless
+            if step == read_steps:
+                reading.close()  # the reader has seen the steady state; time the rest untouched
             input_ids = input_ids.to(device)  # (B, T)
             sync()
             start = time.perf_counter()
-            with phase("forward"):
+            with phase("forward", step):
                 autocast = (torch.autocast(device.type, dtype=compute) if compute
                             else contextlib.nullcontext())
                 with autocast:
                     loss = model(input_ids=input_ids, labels=input_ids).loss
-            with phase("backward"):
+            with phase("backward", step):
                 (scaler.scale(loss) if scaler else loss).backward()
-            with phase("optimizer"):
+            with phase("optimizer", step):
                 if scaler:
                     scaler.step(optimizer)
                     scaler.update()
@@ -273,8 +281,10 @@ def _train(settings: JobSettings, spec: ModelSpec, reader, nvml, save_adapter: s
             losses.append(float(loss.detach()))
     if save_adapter:
         lora.save_adapter(model, save_adapter, base_model=settings.weights or settings.model)
-    # The first step allocates optimizer states and warms kernels up; time the steady ones.
-    timed = times[1:] or times
+    # The first step allocates optimizer states and warms kernels up, and steps under a tracer pay
+    # for its bookkeeping: time the steady, unread steps when there are any.
+    first_timed = max(1, read_steps if reader.read_steps is not None else 1)
+    timed = times[first_timed:] or times[1:] or times
     step_time = sum(timed) / len(timed)
     return {
         "step_time_s": step_time,
@@ -328,7 +338,8 @@ def run_job(settings: JobSettings, output: str | None = None, command: str = "",
     if status == "ok" and measured.get("trainable_params") != predicted["trainable_params"]:
         notes.append(f"trainable parameters differ: measured {measured.get('trainable_params')}, "
                      f"planned {predicted['trainable_params']}")
-    if reader.source == "tracer" and readings["peak_allocated"] is not None:
+    if (reader.source == "tracer" and readings["peak_allocated"] is not None
+            and settings.steps <= (reader.read_steps or 0)):
         notes.append("CPU step time includes the tracer's bookkeeping")
     record = make_record(settings.to_dict(), status=status, error=error,
                          device=device_info(settings.device, driver), predicted=predicted,

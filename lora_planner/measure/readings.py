@@ -26,6 +26,7 @@ class MemoryReader:
     exist; the steps run inside `with reader:`; each part of a step inside `reader.phase(name)`."""
 
     source = "none"
+    read_steps: int | None = None  # steps to read; None: every step
 
     def __init__(self) -> None:
         self.notes: list[str] = []
@@ -94,6 +95,9 @@ class TracerReader(MemoryReader):
     """Allocator-level figures on CPU, from the live-tensor tracer."""
 
     source = "tracer"
+    # Step 1 creates the optimizer states; step 2 runs with them all live, and every later step
+    # repeats it. Tracing costs Python work per op, so later steps run untraced.
+    read_steps = 2
 
     def __init__(self) -> None:
         super().__init__()
