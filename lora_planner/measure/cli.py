@@ -119,7 +119,8 @@ def run_command(model, weights, method, rank, targets, alpha, rslora, dropout, b
 @click.option("--grid", "grid", multiple=True, metavar="KEY=V1,V2",
               help="A grid axis (over the spec's): --grid rank=1,8,64 --grid targets=c_attn,all-linear.")
 @click.option("-o", "--output", required=True, metavar="FILE", help="The JSONL results file (appended).")
-@click.option("--dry-run", is_flag=True, help="List the jobs as JSON lines, with whether each is done.")
+@click.option("--dry-run", is_flag=True,
+              help="Plan and list the jobs as JSON lines (id, done, predicted peak, settings); run none.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
 def sweep_command(spec, fixed, grid, output, dry_run, progress) -> None:
     """Run a grid of jobs, one subprocess each; rerun to resume where it stopped.
@@ -134,7 +135,7 @@ def sweep_command(spec, fixed, grid, output, dry_run, progress) -> None:
     """
     from ..cli import UserError
     from .records import finished_ids
-    from .sweep import expand, load_spec, parse_assignments, run_sweep
+    from .sweep import check_jobs, expand, load_spec, parse_assignments, run_sweep
 
     try:
         plan = load_spec(spec) if spec else {"fixed": {}, "grid": {}}
@@ -145,9 +146,12 @@ def sweep_command(spec, fixed, grid, output, dry_run, progress) -> None:
             plan["fixed"]["device"] = resolve_device(device)
         jobs = expand(plan)
         if dry_run:
+            predictions = check_jobs(jobs)
             done = finished_ids(output)
             for job in jobs:
-                click.echo(json.dumps({"id": job.id, "done": job.id in done, "settings": job.to_dict()}))
+                click.echo(json.dumps({"id": job.id, "done": job.id in done,
+                                       "predicted_peak": predictions[job.id]["peak"],
+                                       "settings": job.to_dict()}))
             return
         result = run_sweep(jobs, output, _command_line(), progress=progress)
     except PlanError as exc:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib.metadata
 import json
 import os
 import platform
@@ -41,8 +42,9 @@ DATA_SOURCES = ("qa", "synthetic")  # or the path of a local text file
 PHASES = ("forward", "backward", "optimizer")
 
 # Tests and rehearsals inject faults through this variable: `oom`, `error` or `kill-sweep`,
-# optionally `@<job id>` to hit one job of a sweep, several entries joined by commas. `kill-sweep` kills the parent process (the
-# sweep) and exits without a record, as a machine that goes down mid-sweep would.
+# optionally `@<job id>` to hit one job of a sweep, several entries joined by commas.
+# `kill-sweep` kills the parent process (the sweep) and exits without a record, as a machine that
+# goes down mid-sweep would.
 FAULT_ENV = "LORA_PLAN_FAULT"
 
 
@@ -155,21 +157,26 @@ def predict(settings: JobSettings, spec: ModelSpec) -> dict:
 
 def device_info(device: str, driver: str | None = None) -> dict:
     """Where the job ran, without the host's name."""
-    import torch
-
     if device == "cuda":
+        import torch
+
         props = torch.cuda.get_device_properties(0)
         return {"kind": "cuda", "name": torch.cuda.get_device_name(0), "driver": driver,
                 "cuda": torch.version.cuda, "torch": torch.__version__,
                 "memory_total": int(props.total_memory)}
+    torch = sys.modules.get("torch")  # a rehearsed failure never loads it
+    version = torch.__version__ if torch is not None else importlib.metadata.version("torch")
     return {"kind": "cpu", "name": platform.processor() or platform.machine(), "driver": None,
-            "cuda": None, "torch": torch.__version__, "memory_total": None}
+            "cuda": None, "torch": version, "memory_total": None}
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
-    import torch
-
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+    """torch.cuda.OutOfMemoryError, or any error whose message says it ran out of memory (older
+    torch raises a plain RuntimeError; cuBLAS and NCCL word it their own way)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    return "out of memory" in str(exc).lower()
 
 
 def _fault(job_id: str) -> str | None:
@@ -180,17 +187,21 @@ def _fault(job_id: str) -> str | None:
     return None
 
 
-def _raise_fault(kind: str) -> None:
-    import torch
-
+def _fault_error(kind: str) -> Exception:
+    """The failure a rehearsal stands in for. `kill-sweep` does not return."""
     if kind == "oom":
-        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated by LORA_PLAN_FAULT)")
+        return RuntimeError(f"CUDA out of memory (simulated by {FAULT_ENV})")
     if kind == "error":
-        raise RuntimeError("simulated failure (LORA_PLAN_FAULT)")
+        return RuntimeError(f"simulated failure ({FAULT_ENV})")
     if kind == "kill-sweep":
         os.kill(os.getppid(), signal.SIGKILL)
         os._exit(3)
     raise PlanError(f"{FAULT_ENV} must be oom, error or kill-sweep, optionally @<job id>; got {kind!r}")
+
+
+def _error_text(exc: BaseException) -> str:
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {first_line}"
 
 
 def build_model(spec: ModelSpec, settings: JobSettings):
@@ -221,9 +232,6 @@ def _train(settings: JobSettings, spec: ModelSpec, reader, nvml, save_adapter: s
     from . import lora
     from .data import batches
 
-    fault = _fault(settings.id)
-    if fault:  # before the model loads, so a rehearsed fault costs no training
-        _raise_fault(fault)
     device = torch.device(settings.device)
     model = build_model(spec, settings).to(device)
     if settings.method == "lora":
@@ -309,6 +317,17 @@ def run_job(settings: JobSettings, output: str | None = None, command: str = "",
         raise PlanError("--save-adapter needs --method lora")
     spec = model_spec(settings)
     predicted = predict(settings, spec)
+    fault = _fault(settings.id)
+    if fault:  # a rehearsal: fail before torch loads, so it costs no training
+        exc = _fault_error(fault)
+        record = make_record(
+            settings.to_dict(), status="oom" if is_out_of_memory(exc) else "error", error=_error_text(exc),
+            device=device_info(settings.device), predicted=predicted,
+            measured={"source": "cuda" if settings.device == "cuda" else "tracer"}, command=command,
+            notes=[f"failure simulated through {FAULT_ENV} before the model loaded"])
+        if output:
+            append_record(output, record)
+        return record
 
     from .readings import CudaAllocatorReader, NvmlSampler, TracerReader
 
@@ -325,8 +344,7 @@ def run_job(settings: JobSettings, output: str | None = None, command: str = "",
     try:
         measured |= _train(settings, spec, reader, nvml, save_adapter)
     except Exception as exc:  # recorded, not raised: the record says what went wrong
-        status = "oom" if is_out_of_memory(exc) else "error"
-        error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        status, error = ("oom" if is_out_of_memory(exc) else "error"), _error_text(exc)
     readings = reader.result()
     measured |= readings
     notes += reader.notes

@@ -147,8 +147,9 @@ class NvmlSampler:
     leaves the figures None and says why in `notes`; it never stops the job.
     """
 
-    def __init__(self, device_index: int = 0, interval_s: float = 0.005) -> None:
+    def __init__(self, device_index: int = 0, interval_s: float = 0.005, background: bool = True) -> None:
         self.device_index = device_index
+        self.background = background  # False: sample only at phase ends (deterministic, for tests)
         self.interval_s = interval_s
         self.notes: list[str] = []
         self.baseline: int | None = None
@@ -182,8 +183,9 @@ class NvmlSampler:
             self.notes.append(f"NVML figures absent: {type(exc).__name__}: {exc}")
             self._nvml = None
             return self
-        self._thread = threading.Thread(target=self._sample, name="nvml-sampler", daemon=True)
-        self._thread.start()
+        if self.background:
+            self._thread = threading.Thread(target=self._sample, name="nvml-sampler", daemon=True)
+            self._thread.start()
         return self
 
     def _sample(self) -> None:

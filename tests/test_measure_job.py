@@ -1,0 +1,88 @@
+"""One measured job on CPU: a real fine-tune, a complete record, the planner's prediction beside it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lora_planner.gpus import DEFAULT_GPU, get_gpu
+from lora_planner.plan import make_plan
+from lora_planner.render import to_dict
+from lora_planner.spec import TrainSetup, spec_from_config_file
+from tests.measure_models import tiny_config_file, torch
+
+job = pytest.importorskip("lora_planner.measure.job")
+JobSettings = job.JobSettings
+
+
+def test_loss_goes_down_on_the_builtin_qa_set(tmp_path):
+    settings = JobSettings(model=tiny_config_file(tmp_path), method="full", batch_size=2, seq_len=32,
+                           steps=20, lr=3e-3, data="qa")
+    record = job.run_job(settings)
+    assert record["status"] == "ok", record["error"]
+    losses = record["measured"]["losses"]
+    assert len(losses) == 20
+    # Byte-level text starts near ln(300) = 5.7; a model that learns it ends well below.
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 1.0
+
+
+def test_cpu_record_has_the_schema_and_its_error_is_consistent(tmp_path):
+    output = tmp_path / "results.jsonl"
+    settings = JobSettings(model=tiny_config_file(tmp_path), method="lora", rank=4, targets=("c_attn",),
+                           batch_size=2, seq_len=32, steps=3, precision="bf16")
+    record = job.run_job(settings, str(output), command="lora-plan measure run ...")
+    assert record["status"] == "ok", record["error"]
+    assert json.loads(output.read_text()) == record
+    assert record["format"] == 1 and record["id"] == settings.id
+    assert record["settings"]["targets"] == ["c_attn"] and record["settings"]["device"] == "cpu"
+    assert record["device"]["kind"] == "cpu" and record["device"]["torch"] == torch.__version__
+    measured, predicted = record["measured"], record["predicted"]
+    assert measured["source"] == "tracer"
+    assert isinstance(measured["peak_allocated"], int) and measured["peak_allocated"] > 0
+    assert measured["nvml_peak_used"] is None and record["relative_error"]["nvml_peak_used"] is None
+    assert any("NVML" in note for note in record["notes"])
+    assert measured["tokens_per_s"] == pytest.approx(2 * 32 / measured["step_time_s"])
+    assert record["relative_error"]["peak_allocated"] == pytest.approx(
+        (predicted["peak"] - measured["peak_allocated"]) / measured["peak_allocated"])
+    assert measured["trainable_params"] == predicted["trainable_params"]
+    # The measured model holds at least its parameters, in fp32 under bf16 autocast ("amp").
+    assert measured["at_peak"]["parameters"] == predicted["weights"]
+
+
+def test_prediction_is_the_planners_for_the_same_setup(tmp_path):
+    path = tiny_config_file(tmp_path)
+    settings = JobSettings(model=path, method="lora", rank=2, targets=("all-linear",), precision="fp16",
+                           batch_size=2, seq_len=16)
+    predicted = job.predict(settings, job.model_spec(settings))
+    plan = make_plan(spec_from_config_file(path),
+                     (TrainSetup(method="lora", rank=2, targets=("all-linear",), precision="amp",
+                                 batch_size=2, seq_len=16),), get_gpu(DEFAULT_GPU))
+    assert {k: predicted[k] for k in job.PREDICTED_KEYS} == to_dict(plan)["plans"][0]["memory_bytes"]
+
+
+def test_simulated_oom_is_recorded_with_the_prediction(tmp_path, monkeypatch):
+    output = tmp_path / "results.jsonl"
+    monkeypatch.setenv(job.FAULT_ENV, "oom")
+    record = job.run_job(JobSettings(model=tiny_config_file(tmp_path), steps=1), str(output))
+    assert record["status"] == "oom"
+    assert "out of memory" in record["error"]
+    assert record["predicted"]["peak"] > 0
+    assert record["measured"]["peak_allocated"] is None
+    assert json.loads(output.read_text())["status"] == "oom"
+
+
+def test_out_of_memory_detection():
+    assert job.is_out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate"))
+    assert job.is_out_of_memory(RuntimeError("CUDA error: out of memory"))
+    assert not job.is_out_of_memory(RuntimeError("shape mismatch"))
+
+
+def test_settings_normalise_and_validate():
+    full = JobSettings(method="full", rank=64, targets=("c_attn",)).checked()
+    assert full.rank is None and full.targets == ()
+    assert full.id == JobSettings(method="full", rank=1).checked().id
+    assert JobSettings(rank=1).checked().id != JobSettings(rank=8).checked().id
+    for bad in ({"method": "qlora"}, {"precision": "int8"}, {"steps": 0}, {"rank": 0}, {"colour": 1}):
+        with pytest.raises(job.PlanError):
+            JobSettings.from_dict(bad)
