@@ -29,6 +29,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..errors import PlanError
 from ..spec import ModelSpec, TrainSetup
@@ -97,6 +98,8 @@ class JobSettings:
             raise PlanError(f"attention must be one of {', '.join(ATTENTIONS)}, got {self.attention!r}")
         if self.device not in DEVICES:
             raise PlanError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.data not in DATA_SOURCES and not Path(self.data).is_file():
+            raise PlanError(f"data must be qa, synthetic or a local text file; no file at {self.data}")
         for name in ("batch_size", "seq_len", "steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -343,6 +346,8 @@ def run_job(settings: JobSettings, output: str | None = None, command: str = "",
     measured: dict = {"source": reader.source}
     try:
         measured |= _train(settings, spec, reader, nvml, save_adapter)
+    except PlanError:
+        raise  # a settings mistake found late (a vocabulary too small for byte data): no record
     except Exception as exc:  # recorded, not raised: the record says what went wrong
         status, error = ("oom" if is_out_of_memory(exc) else "error"), _error_text(exc)
     readings = reader.result()
@@ -356,7 +361,7 @@ def run_job(settings: JobSettings, output: str | None = None, command: str = "",
     if status == "ok" and measured.get("trainable_params") != predicted["trainable_params"]:
         notes.append(f"trainable parameters differ: measured {measured.get('trainable_params')}, "
                      f"planned {predicted['trainable_params']}")
-    if (reader.source == "tracer" and readings["peak_allocated"] is not None
+    if (status == "ok" and reader.source == "tracer" and readings["peak_allocated"] is not None
             and settings.steps <= (reader.read_steps or 0)):
         notes.append("CPU step time includes the tracer's bookkeeping")
     record = make_record(settings.to_dict(), status=status, error=error,
