@@ -142,7 +142,8 @@ def sweep_command(spec, fixed, grid, output, dry_run, progress) -> None:
         plan["fixed"] |= parse_assignments(fixed, as_lists=False)
         plan["grid"] |= parse_assignments(grid, as_lists=True)
         device = plan["fixed"].get("device", "auto")
-        if "device" not in plan["grid"]:
+        # Listing a GPU grid needs no GPU; running one does.
+        if "device" not in plan["grid"] and not (dry_run and device == "cuda"):
             plan["fixed"]["device"] = resolve_device(device)
         jobs = expand(plan)
         if dry_run:
