@@ -101,6 +101,14 @@ def main() -> None:
               help="Outputs of the seq-cls head.")
 @click.option("--tasks", "tasks", type=click.IntRange(min=1), default=1, show_default=True,
               help="Storage for N task-specific fine-tunes: N full copies vs base + N adapters.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Micro-batch size (sequences per step per GPU).")
+@click.option("--seq-len", type=click.IntRange(min=1), default=2048, show_default=True,
+              help="Tokens per sequence.")
+@click.option("--grad-checkpointing/--no-grad-checkpointing", default=False, show_default=True,
+              help="Hugging Face per-layer checkpointing: keep layer inputs, recompute in backward.")
+@click.option("--attention", type=click.Choice(["sdpa", "eager"]), default="sdpa", show_default=True,
+              help="sdpa: flash / memory-efficient kernels (no s x s scores kept); eager: keeps them.")
 @click.option("--gpu", "gpu_name", default=DEFAULT_GPU, show_default=True,
               help=f"GPU kind: {', '.join(g.name for g in GPUS)}.")
 @click.option("--gpu-mem", "gpu_mem", metavar="SIZE",
@@ -110,8 +118,8 @@ def main() -> None:
               help="Unit of the tables: GB = 10^9 bytes, GiB = 2^30 bytes. JSON is always bytes.")
 @click.option("--explain", is_flag=True, help="Print every term's formula with the numbers put in.")
 def plan_command(model_name, params_text, methods, ranks, targets, precision, optimizer, bias, dora,
-                 modules_to_save, double_quant, save_dtype, task, num_labels, tasks, gpu_name,
-                 gpu_mem, fmt, units, explain) -> None:
+                 modules_to_save, double_quant, save_dtype, task, num_labels, tasks, batch_size,
+                 seq_len, grad_checkpointing, attention, gpu_name, gpu_mem, fmt, units, explain) -> None:
     """Trainable parameters, model-state memory, GPUs and checkpoint sizes, method by method."""
     try:
         if bool(model_name) == bool(params_text):
@@ -135,7 +143,8 @@ def plan_command(model_name, params_text, methods, ranks, targets, precision, op
             precision=precision, optimizer=optimizer, bias=bias, use_dora=dora,
             targets=_split(targets) or ("default",), modules_to_save=_split(modules_to_save),
             double_quant=double_quant, save_dtype=save_dtype, task=task, num_labels=num_labels,
-            tasks=tasks,
+            tasks=tasks, batch_size=batch_size, seq_len=seq_len,
+            grad_checkpointing=grad_checkpointing, attention=attention,
         )
         rank_list = _ranks(ranks)
         setups = []
@@ -174,6 +183,63 @@ def models_command(fmt: str) -> None:
     click.echo(tabulate(table, headers=["name", "aliases", "params", "family", "source"],
                         tablefmt="github" if fmt == "markdown" else "simple",
                         colalign=("left", "left", "right", "left", "left")))
+
+
+@main.command("trace")
+@click.option("--model", "model_name", required=True, metavar="NAME|PATH",
+              help="Catalog name or a local config.json (as for `plan`).")
+@click.option("--method", type=click.Choice(["full", "lora"]), default="lora", show_default=True)
+@click.option("--rank", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--targets", "targets", multiple=True, metavar="T[,T]", help="LoRA targets, as for `plan`.")
+@click.option("--precision", type=click.Choice(["fp32", "amp", "pure-bf16"]), default="fp32",
+              show_default=True, help="What a plain PyTorch step can run: fp32, bf16 autocast, bf16 model.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--seq-len", type=click.IntRange(min=1), default=512, show_default=True)
+@click.option("--grad-checkpointing/--no-grad-checkpointing", default=False, show_default=True)
+@click.option("--attention", type=click.Choice(["sdpa", "eager"]), default="sdpa", show_default=True)
+@click.option("--layers", type=click.IntRange(min=1), default=None,
+              help="Trace only the first N decoder layers (a slice of a large model).")
+@click.option("--fake", is_flag=True,
+              help="Run under FakeTensorMode: same byte counts, no memory allocated (70B slices fit).")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def trace_command(model_name, method, rank, targets, precision, batch_size, seq_len, grad_checkpointing,
+                  attention, layers, fake, fmt) -> None:
+    """Trace one real training step on CPU and print it beside the prediction, term by term.
+
+    Needs the `measure` extra (torch, transformers; peft for LoRA).
+
+    \b
+        lora-plan trace --model gpt2 --method full --seq-len 256 --layers 2
+        lora-plan trace --model llama-3.1-70b --layers 2 --seq-len 4096 --fake --format json
+    """
+    import json
+
+    from .resolve import resolve_model
+
+    try:
+        spec = resolve_model(model_name)
+        setup = TrainSetup(method=method, rank=rank, targets=_split(targets) or ("default",),
+                           precision=precision, batch_size=batch_size, seq_len=seq_len,
+                           grad_checkpointing=grad_checkpointing, attention=attention)
+        try:
+            from .measure.trace import sliced, trace
+        except ImportError as exc:
+            raise PlanError(f"trace needs torch and transformers: pip install 'lora-plan[measure]' "
+                            f"({exc})") from None
+        result = trace(sliced(spec, layers), setup, fake=fake)
+    except PlanError as exc:
+        raise UserError(str(exc)) from None
+    if fmt == "json":
+        click.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    from tabulate import tabulate
+
+    errors = result.errors()
+    rows = [[k, f"{result.predicted[k]:,}", f"{result.traced[k]:,}",
+             "-" if errors[k] is None else f"{errors[k]:+.2%}"] for k in errors]
+    click.echo(tabulate(rows, headers=["bytes", "predicted", "traced", "error"],
+                        colalign=("left", "right", "right", "right")))
+    click.echo(f"peak set in: predicted {result.predicted_phase}, traced {result.traced_phase}")
 
 
 from .measure.cli import measure_group  # noqa: E402  (registered last; imports only click)

@@ -74,9 +74,37 @@ def optimizer_bytes(optimizer: str, params: Iterable[Param], precision: Precisio
     )
 
 
-def activation_bytes() -> Term:
-    """Activations are not modelled yet: 0, and the plan says so."""
-    return Term("activations", 0, "not modelled yet: the peak below is model states only")
+def no_activation_bytes() -> Term:
+    """A model known only by its size has no shapes to walk: activations 0, and the plan says so."""
+    return Term("activations", 0, "unknown without the model's shape (--params)")
+
+
+def activation_term(prof) -> Term:
+    """Saved activations at the end of forward: embedding + each layer + head (see `activations`)."""
+    if prof.checkpointed:
+        body = (f"{len(prof.layer_inputs)} checkpointed layer inputs {_n(sum(prof.layer_inputs))} B + "
+                f"their shared arguments {_n(prof.checkpoint_args)} B")
+    else:
+        per = prof.layers[-1] if prof.layers else 0
+        body = f"{len(prof.layers)} layers (last: {_n(per)} B) = {_n(sum(prof.layers))} B"
+    return Term("activations", prof.total,
+                f"embedding {_n(prof.embedding)} B + {body} + head and loss {_n(prof.head)} B "
+                f"= {_n(prof.total)} B")
+
+
+def timeline_peak_term(phase) -> Term:
+    """The step's peak: the largest live total over the moments `timeline.step_phases` follows."""
+    return Term("peak", phase.bytes, f"{phase.name}: {phase.what} = {_n(phase.bytes)} B")
+
+
+def device_overhead_term(allocator_peak: int) -> Term:
+    """Device-level allowance above the allocator peak: CUDA context + allocator slack (assumed)."""
+    from .timeline import ALLOCATOR_SLACK, CUDA_CONTEXT_BYTES, device_overhead_bytes
+
+    extra = device_overhead_bytes(allocator_peak)
+    return Term("device_overhead", extra,
+                f"CUDA context {_n(CUDA_CONTEXT_BYTES)} B + {ALLOCATOR_SLACK:.0%} allocator slack "
+                f"= {_n(extra)} B (an allowance, not measured)")
 
 
 def peak_bytes(terms: Iterable[Term]) -> Term:

@@ -11,17 +11,21 @@ from .errors import PlanError
 from .gpus import Gpu, gpus_needed
 from .memory import (
     Term,
-    activation_bytes,
+    activation_term,
     dense_weight_bytes,
+    device_overhead_term,
     gradient_bytes,
     master_weight_bytes,
+    no_activation_bytes,
     optimizer_bytes,
     peak_bytes,
     quantized_weight_bytes,
+    timeline_peak_term,
 )
 from .optimizers import check_optimizer
 from .precision import DTYPE_BYTES, Precision, get_precision, weight_dtype
 from .spec import DenseSize, ModelSpec, TrainSetup
+from .step import predict_step
 
 METHODS = ("full", "lora", "qlora")
 MEMORY_KEYS = ("weights", "gradients", "master_weights", "optimizer_states", "activations", "peak")
@@ -41,6 +45,8 @@ class MethodPlan:
     full_checkpoint_bytes: int
     storage: dict[str, int]  # for `tasks` fine-tunes
     gpus_needed: int
+    peak_phase: str = ""  # which moment of the step sets the peak
+    device_overhead: Term | None = None  # CUDA context + allocator slack above the peak (allowance)
 
 
 @dataclass(frozen=True)
@@ -75,18 +81,30 @@ def _states(trainable: int, params: tuple[Param, ...], setup: TrainSetup,
         "gradients": gradient_bytes(trainable, precision),
         "master_weights": master_weight_bytes(trainable, precision),
         "optimizer_states": optimizer_bytes(setup.optimizer, params, precision),
-        "activations": activation_bytes(),
     }
 
 
-def _assemble(method: str, gpu: Gpu, weight_terms: tuple[Term, ...],
-              states: dict[str, Term], **fields) -> MethodPlan:
+def _assemble(method: str, gpu: Gpu, weight_terms: tuple[Term, ...], states: dict[str, Term],
+              step: tuple[ModelSpec, TrainSetup] | None, **fields) -> MethodPlan:
+    """Model states plus, when the model's shape is known, the step's activations and timeline peak."""
     weights = Term("weights", sum(t.bytes for t in weight_terms),
                    " + ".join(t.formula for t in weight_terms))
     memory = {"weights": weights, **states}
-    memory["peak"] = peak_bytes(memory[k] for k in MEMORY_KEYS[:-1])
+    if step is None:
+        memory["activations"] = no_activation_bytes()
+        memory["peak"] = peak_bytes(memory[k] for k in MEMORY_KEYS[:-1])
+        phase, overhead = "", None
+    else:
+        spec, setup = step
+        precision = get_precision(setup.precision)
+        predicted = predict_step(spec, setup, precision, {k: t.bytes for k, t in memory.items()})
+        memory["activations"] = activation_term(predicted.profile)
+        memory["peak"] = timeline_peak_term(predicted.peak)
+        phase = predicted.peak.name
+        overhead = device_overhead_term(predicted.peak.bytes)
     return MethodPlan(method=method, weight_terms=weight_terms, memory=memory,
-                      gpus_needed=gpus_needed(memory["peak"].bytes, gpu.memory_bytes), **fields)
+                      gpus_needed=gpus_needed(memory["peak"].bytes, gpu.memory_bytes),
+                      peak_phase=phase, device_overhead=overhead, **fields)
 
 
 def plan_full(spec: ModelSpec, setup: TrainSetup, gpu: Gpu) -> MethodPlan:
@@ -100,7 +118,7 @@ def plan_full(spec: ModelSpec, setup: TrainSetup, gpu: Gpu) -> MethodPlan:
     return _assemble(
         "full", gpu,
         (dense_weight_bytes("weights_trainable", total, precision.weight_bytes, "trainable"),),
-        _states(total, params, setup, precision),
+        _states(total, params, setup, precision), (spec, setup),
         rank=None, trainable_params=total, all_params=total, target_modules=(),
         wrapped_modules=0,
         checkpoint=Term("checkpoint", ckpt, f"safetensors, {len(params)} tensors in {dtype}"),
@@ -142,7 +160,7 @@ def plan_lora(spec: ModelSpec, setup: TrainSetup, gpu: Gpu) -> MethodPlan:
     base = checkpoints.safetensors_bytes(arch.params, dtype)
     return _assemble(
         setup.method, gpu, tuple(weight_terms),
-        _states(trainable.count, trainable.params, setup, precision),
+        _states(trainable.count, trainable.params, setup, precision), (spec, setup),
         rank=setup.rank, trainable_params=trainable.count,
         all_params=arch.total_params + trainable.adapter_count + trainable.saved_module_count,
         target_modules=trainable.target_names, wrapped_modules=len(trainable.adapters),
@@ -168,7 +186,7 @@ def plan_dense(size: DenseSize, setup: TrainSetup, gpu: Gpu) -> MethodPlan:
     return _assemble(
         "full", gpu,
         (dense_weight_bytes("weights_trainable", n, precision.weight_bytes, "trainable"),),
-        _states(n, params, setup, precision),
+        _states(n, params, setup, precision), None,
         rank=None, trainable_params=n, all_params=n, target_modules=(), wrapped_modules=0,
         checkpoint=Term("checkpoint", ckpt, f"{n:,} x {DTYPE_BYTES[dtype]} B ({dtype}), tensor data only"),
         full_checkpoint_bytes=ckpt,
@@ -194,10 +212,11 @@ def make_plan(model: ModelSpec | DenseSize, setups: tuple[TrainSetup, ...], gpu:
             plans.append(plan_full(model, setup, gpu))
         else:
             plans.append(plan_lora(model, setup, gpu))
-    notes = ["activations are not modelled yet: peak is the sum of model states"]
+    notes = []
     if isinstance(model, DenseSize):
         info = ModelInfo(model.name or f"dense {model.total_params:,} params", "dense", model.total_params)
-        notes.append("--params: model states and checkpoint tensor data only")
+        notes.append("--params: model states and checkpoint tensor data only; no activations "
+                     "without the model's shape, so peak is the sum of model states")
     else:
         first = setups[0]
         info = ModelInfo(model.name, model.family,

@@ -47,6 +47,10 @@ def to_dict(plan: Plan) -> dict:
             "double_quant": s.double_quant,
             "save_dtype": s.save_dtype,
             "tasks": s.tasks,
+            "batch_size": s.batch_size,
+            "seq_len": s.seq_len,
+            "attention": s.attention,
+            "grad_checkpointing": s.grad_checkpointing,
         },
         "gpu": {"name": plan.gpu.name, "memory_bytes": plan.gpu.memory_bytes},
         "plans": [
@@ -59,6 +63,8 @@ def to_dict(plan: Plan) -> dict:
                 "target_modules": list(p.target_modules),
                 "wrapped_modules": p.wrapped_modules,
                 "memory_bytes": {k: p.memory[k].bytes for k in MEMORY_KEYS},
+                "peak_phase": p.peak_phase or None,
+                "device_overhead_bytes": p.device_overhead.bytes if p.device_overhead else None,
                 "weights_bytes": {t.name: t.bytes for t in p.weight_terms},
                 "checkpoint_bytes": p.checkpoint.bytes,
                 "full_checkpoint_bytes": p.full_checkpoint_bytes,
@@ -85,9 +91,13 @@ def _rows(plan: Plan, unit: str) -> list[list[str]]:
     ]
     labels = {"weights": "weights", "gradients": "gradients", "master_weights": "fp32 master weights",
               "optimizer_states": "optimizer states", "activations": "activations",
-              "peak": "peak (model states)"}
+              "peak": "peak (allocator)"}
     for key in MEMORY_KEYS:
         rows.append([labels[key]] + [fmt(p.memory[key].bytes) for p in plan.plans])
+    if any(p.peak_phase for p in plan.plans):
+        rows.append(["peak set in"] + [p.peak_phase or "-" for p in plan.plans])
+        rows.append(["+ CUDA context/cache"] + [
+            fmt(p.device_overhead.bytes) if p.device_overhead else "-" for p in plan.plans])
     rows.append([f"GPUs needed ({plan.gpu.name})"] + [str(p.gpus_needed) for p in plan.plans])
     rows.append(["checkpoint"] + [fmt(p.checkpoint.bytes) for p in plan.plans])
     if plan.setup.tasks > 1:
@@ -109,6 +119,10 @@ def _header(plan: Plan, unit: str) -> list[str]:
         "sizes in " + ("decimal units (1 GB = 10^9 bytes)" if unit == "GB"
                        else "binary units (1 GiB = 2^30 bytes)"),
     ]
+    if m.family != "dense":
+        s = plan.setup
+        lines.append(f"step: batch {s.batch_size} x {s.seq_len} tokens, {s.attention} attention, "
+                     f"gradient checkpointing {'on' if s.grad_checkpointing else 'off'}")
     if m.family in PEFT_DEFAULT_TARGETS and any(p.rank is not None for p in plan.plans):
         lines.append(f"default LoRA targets for {m.family}: {', '.join(PEFT_DEFAULT_TARGETS[m.family])}")
     return lines
@@ -152,6 +166,8 @@ def to_explanation(plan: Plan) -> str:
             lines.append(f"  {t.name}: {t.formula}")
         for key in MEMORY_KEYS[1:]:
             lines.append(f"  {key}: {p.memory[key].formula}")
+        if p.device_overhead:
+            lines.append(f"  device_overhead: {p.device_overhead.formula}")
         lines.append(f"  gpus_needed: ceil({p.memory['peak'].bytes:,} / {plan.gpu.memory_bytes:,}) "
                      f"= {p.gpus_needed}")
         lines.append(f"  checkpoint: {p.checkpoint.formula} = {p.checkpoint.bytes:,} B")

@@ -94,6 +94,10 @@ class TrainSetup:
     tasks: int = 1
     batch_size: int = 1
     seq_len: int = 2048
+    attention: str = "sdpa"  # sdpa (flash / memory-efficient kernels) or eager
+    grad_checkpointing: bool = False
+    dropout: float | None = None  # None: the family's config default (GPT-2 0.1, others 0)
+    lora_dropout: float = 0.0
 
     def with_(self, **changes) -> TrainSetup:
         return replace(self, **changes)

@@ -14,6 +14,7 @@ Categories, decided once the step is over:
 
 - parameters: the model's parameter storages (present before the step);
 - buffers: the model's buffers (rotary tables and the like);
+- inputs: the batch handed to the tracer (token ids, labels);
 - gradients: storages that became a parameter's `.grad`;
 - optimizer_states: storages the optimizer keeps in `optimizer.state` after its step;
 - activations: storages made during forward and still alive when forward ended (what autograd saved,
@@ -45,7 +46,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-CATEGORIES = ("parameters", "buffers", "gradients", "optimizer_states", "activations", "temporaries")
+CATEGORIES = ("parameters", "buffers", "inputs", "gradients", "optimizer_states", "activations",
+              "temporaries")
 PHASES = ("forward", "backward", "optimizer")
 
 
@@ -107,7 +109,7 @@ class MemoryTracer(TorchDispatchMode):
     """Count live tensor storage bytes through one training step; see the module docstring."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                 keep_largest: int = 12, record_timeline: bool = False) -> None:
+                 inputs: object = None, keep_largest: int = 12, record_timeline: bool = False) -> None:
         super().__init__()
         self.timeline: list[tuple[str, str, str, int]] | None = [] if record_timeline else None
         self.model = model
@@ -124,6 +126,9 @@ class MemoryTracer(TorchDispatchMode):
         self._hooks: list = []
         self._terms: dict[str, int] = {}
         self._adopt_model()
+        for t in tree_flatten(inputs)[0]:
+            if isinstance(t, torch.Tensor):
+                self._track(t, "input", "inputs")
 
     # --- bookkeeping -------------------------------------------------------------------------
     def _track(self, t: torch.Tensor, op: str, tag: str = "") -> Block | None:
@@ -239,6 +244,7 @@ class MemoryTracer(TorchDispatchMode):
         terms = {
             "parameters": sum(b.nbytes for b in self._peak_blocks if b.tag == "parameters"),
             "buffers": sum(b.nbytes for b in self._peak_blocks if b.tag == "buffers"),
+            "inputs": sum(b.nbytes for b in self._peak_blocks if b.tag == "inputs"),
             "gradients": self._terms.get("gradients", 0),
             "optimizer_states": self._terms.get("optimizer_states", 0),
             "activations": self._terms.get("activations", 0),

@@ -1,0 +1,427 @@
+"""Activation memory: what autograd keeps from the forward pass, op by op.
+
+A layer's forward is written here as the ops transformers runs, over symbolic tensors that know only
+their element count, bytes per element and whether they require grad. Each op saves for backward what
+PyTorch's derivative for it saves, and only when a gradient will flow through it: a frozen linear layer
+(LoRA's base) keeps its weight for the input gradient but not its input, a norm whose input needs no
+gradient keeps nothing. A tensor saved by several ops (the norm output feeding q, k and v) counts once.
+
+Assumptions, each a field of `Conditions` or stated where it is used:
+
+- transformers 5 modules, training mode, no KV cache, causal LM loss (logits upcast to fp32, log-softmax
+  saved, shifted labels copied);
+- `sdpa` attention keeps q, k, v, the output and a fp32 log-sum-exp per query (flash / memory-efficient
+  kernels). On CPU torch falls back to the math kernel when attention dropout is on; the tracer runs on
+  CPU, so `device="cpu"` models that fallback (probabilities, dropout mask, dropped probabilities);
+- `eager` attention keeps the s x s probabilities (fp32 softmax output, and its 16-bit copy under autocast);
+- dropout keeps its mask: one byte per element on CUDA (bool), the input's dtype on CPU;
+- autocast (`amp`) casts each linear's input and weight to bf16 and those copies are what backward keeps;
+  norms and the loss run in fp32;
+- gradient checkpointing is Hugging Face's per-decoder-layer, non-reentrant: a layer keeps only its
+  input; backward recomputes one layer at a time.
+
+Nothing here imports torch: it is arithmetic over the model's shape.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+from .errors import PlanError
+from .spec import ModelSpec
+
+ATTENTION = ("sdpa", "eager")
+DEVICES = ("cuda", "cpu")
+INT64 = 8
+FP32 = 4
+
+# Dropout probabilities of the Hugging Face configs (GPT-2: resid, embd, attn = 0.1; the others 0).
+FAMILY_DROPOUT = {"gpt2": 0.1}
+
+
+@dataclass(frozen=True)
+class Conditions:
+    """How a step runs, as far as activations care."""
+
+    batch_size: int
+    seq_len: int
+    weight_bytes: int  # 4 for fp32/amp, 2 when the model is stored in 16 bits
+    autocast: bool  # amp: fp32 weights, bf16 matmuls
+    attention: str = "sdpa"
+    grad_checkpointing: bool = False
+    device: str = "cuda"
+    dropout: float | None = None  # None: the family's default
+    lora_dropout: float = 0.0
+
+    @property
+    def tokens(self) -> int:
+        return self.batch_size * self.seq_len
+
+    @property
+    def compute_bytes(self) -> int:
+        return 2 if self.autocast else self.weight_bytes
+
+
+@dataclass
+class Tensor:
+    numel: int
+    itemsize: int
+    grad: bool
+    key: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.itemsize
+
+
+@dataclass
+class Graph:
+    """A forward pass being written down: which tensors autograd keeps, in order, by layer."""
+
+    cond: Conditions
+    wrapped: dict[str, int]  # module path -> LoRA rank
+    trainable: set[str]  # module paths whose own weights train (full fine-tuning: all)
+    saved: dict[int, tuple[int, str]] = field(default_factory=dict)
+    section: str = ""
+    _keys: itertools.count = field(default_factory=lambda: itertools.count(1))
+
+    # --- tensors ---------------------------------------------------------------------------------
+    def new(self, numel: int, itemsize: int, grad: bool) -> Tensor:
+        return Tensor(numel, itemsize, grad, next(self._keys))
+
+    def save(self, *tensors: Tensor) -> None:
+        for t in tensors:
+            self.saved.setdefault(t.key, (t.nbytes, self.section))
+
+    def saved_bytes(self, section: str | None = None) -> int:
+        return sum(b for b, s in self.saved.values() if section is None or s == section)
+
+    @property
+    def dropout(self) -> float:
+        return self.cond.dropout if self.cond.dropout is not None else 0.0
+
+    # --- elementwise and norms ------------------------------------------------------------------
+    def cast(self, x: Tensor, itemsize: int) -> Tensor:
+        """`.to(dtype)`: a no-op for the same dtype, else a copy (its backward keeps nothing)."""
+        return x if x.itemsize == itemsize else self.new(x.numel, itemsize, x.grad)
+
+    def unary(self, x: Tensor, saves: str = "input") -> Tensor:
+        """An elementwise op that keeps its input (silu, gelu, pow) or its output (tanh, rsqrt)."""
+        out = self.new(x.numel, x.itemsize, x.grad)
+        if x.grad:
+            self.save(x if saves == "input" else out)
+        return out
+
+    def mul(self, a: Tensor, b: Tensor) -> Tensor:
+        """a * b keeps b for a's gradient and a for b's."""
+        out = self.new(max(a.numel, b.numel), max(a.itemsize, b.itemsize), a.grad or b.grad)
+        if a.grad:
+            self.save(b)
+        if b.grad:
+            self.save(a)
+        return out
+
+    def add(self, a: Tensor, b: Tensor) -> Tensor:
+        return self.new(max(a.numel, b.numel), max(a.itemsize, b.itemsize), a.grad or b.grad)
+
+    def dropout_op(self, x: Tensor, p: float) -> Tensor:
+        if p <= 0:
+            return x
+        out = self.new(x.numel, x.itemsize, x.grad)
+        if x.grad:
+            self.save(self.new(x.numel, 1 if self.cond.device == "cuda" else x.itemsize, False))
+        return out
+
+    def rms_norm(self, x: Tensor, path: str, dim: int, offset_weight: bool = False) -> Tensor:
+        """RMSNorm: h = x.float(); h * rsqrt(mean(h^2) + eps); times the weight, cast back.
+
+        pow keeps h, rsqrt keeps its (rows,) output; the weight product keeps the normalised tensor only
+        when the weight trains. Gemma-2's form multiplies by (1 + weight) in fp32 before the cast.
+        """
+        trains = path in self.trainable
+        h = self.cast(x, FP32)
+        if h.grad:
+            self.save(h, self.new(x.numel // dim, FP32, False))
+        normed = self.new(h.numel, FP32, h.grad)
+        if offset_weight:
+            if trains:
+                self.save(normed)
+            return self.cast(self.new(h.numel, FP32, h.grad or trains), x.itemsize)
+        normed = self.cast(normed, x.itemsize)
+        if trains:
+            self.save(normed)
+        return self.new(h.numel, max(x.itemsize, self.cond.weight_bytes), h.grad or trains)
+
+    def layer_norm(self, x: Tensor, path: str, dim: int) -> Tensor:
+        """native_layer_norm keeps its input and fp32 mean and rstd per row (autocast runs it in fp32)."""
+        trains = path in self.trainable
+        if self.cond.autocast:
+            x = self.cast(x, FP32)
+        if x.grad or trains:
+            rows = x.numel // dim
+            self.save(x, self.new(rows, FP32, False), self.new(rows, FP32, False))
+        return self.new(x.numel, x.itemsize, x.grad or trains)
+
+    # --- linear layers --------------------------------------------------------------------------
+    def linear(self, x: Tensor, path: str, in_features: int, out_features: int) -> Tensor:
+        """y = x W^T (+ b), plus LoRA's B(A(dropout(x))) * scale when the module is wrapped.
+
+        Backward needs x for W's gradient (kept only when W trains) and W for x's gradient (kept only
+        when x needs one; under autocast that is a bf16 copy of W, otherwise the parameter itself).
+        """
+        trains = path in self.trainable
+        rank = self.wrapped.get(path)
+        rows = x.numel // in_features
+        xin = self.cast(x, 2) if self.cond.autocast else x
+        if trains:
+            self.save(xin)
+        if self.cond.autocast and (x.grad or trains):
+            self.save(self.new(in_features * out_features, 2, False))  # the bf16 weight copy
+        out = self.new(rows * out_features, xin.itemsize, x.grad or trains)
+        if rank is None:
+            return out
+        xd = self.dropout_op(x, self.cond.lora_dropout)
+        xa = self.cast(xd, 2) if self.cond.autocast else xd
+        self.save(xa)  # lora_A's weight trains
+        if self.cond.autocast and xd.grad:
+            self.save(self.new(in_features * rank, 2, False))
+        a = self.new(rows * rank, xa.itemsize, True)
+        self.save(a)  # lora_B's input
+        if self.cond.autocast:
+            self.save(self.new(rank * out_features, 2, False))
+        return self.add(out, self.new(rows * out_features, xa.itemsize, True))
+
+    # --- attention ------------------------------------------------------------------------------
+    def attention(self, q: Tensor, k: Tensor, v: Tensor, heads: int, kv_heads: int, head_dim: int,
+                  attn_dropout: float) -> Tensor:
+        """Attention over projected (and rotated) q, k, v; returns the (b, s, heads * head_dim) output
+        as o_proj reads it.
+
+        Flash / memory-efficient SDPA keeps its inputs, its output and a fp32 log-sum-exp per query;
+        k and v stay at kv_heads (GQA handled in the kernel). Eager attention and torch's math
+        fallback keep contiguous copies of q, k and v at `heads`, the s x s softmax output (fp32 for
+        eager), its 16-bit copy and, with dropout, the mask and the dropped probabilities.
+        """
+        b, s = self.cond.batch_size, self.cond.seq_len
+        grad = q.grad or k.grad or v.grad
+        if self.cond.autocast:
+            q, k, v = self.cast(q, 2), self.cast(k, 2), self.cast(v, 2)
+        cb = max(q.itemsize, v.itemsize)
+        full = b * heads * s * head_dim
+        probs = b * heads * s * s
+        flash = self.cond.attention == "sdpa" and not (self.cond.device == "cpu" and attn_dropout > 0)
+        if flash:
+            out = self.new(full, cb, grad)
+            if grad:
+                self.save(q, k, v, out, self.new(b * heads * s, FP32, False))
+            return out
+        eager = self.cond.attention == "eager"
+        if not eager:
+            cb = FP32  # torch's CPU math kernel computes in fp32 whatever the input dtype
+        qc, kc, vc = (self.new(full, cb, t.grad) for t in (q, k, v))  # contiguous (repeated) copies
+        if kc.grad:
+            self.save(qc)  # q @ k^T keeps q for k's gradient and k for q's
+        if qc.grad:
+            self.save(kc)
+        p = self.new(probs, FP32 if eager else cb, qc.grad or kc.grad)
+        if p.grad:
+            self.save(p)  # softmax keeps its output
+        p = self.cast(p, max(q.itemsize, v.itemsize) if eager else cb)
+        p = self.dropout_op(p, attn_dropout)
+        if vc.grad:
+            self.save(p)  # probs @ v keeps the probabilities for v's gradient, v for theirs
+        if p.grad:
+            self.save(vc)
+        return self.new(full, max(q.itemsize, v.itemsize), grad)  # contiguous (b, s, heads * hd)
+
+    def rope(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """x * cos + rotate_half(x) * sin: the products keep cos and sin (shared by all layers)."""
+        if x.grad:
+            self.save(cos, sin)
+        return self.new(x.numel, max(x.itemsize, cos.itemsize), x.grad)
+
+
+def _layers_prefix(spec: ModelSpec) -> str:
+    return "transformer.h" if spec.family == "gpt2" else "model.layers"
+
+
+def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tensor, Tensor] | None) -> Tensor:
+    """One decoder layer of `spec`'s family, as transformers 5 writes it."""
+    H, hd = spec.hidden_size, spec.head_dim
+    nh, nkv, inter = spec.num_heads, spec.num_kv_heads, spec.intermediate_size
+    p = f"{_layers_prefix(spec)}.{i}"
+    if spec.family == "gpt2":
+        drop = g.dropout
+        h = g.layer_norm(x, f"{p}.ln_1", H)
+        qkv = g.linear(h, f"{p}.attn.c_attn", H, 3 * H)
+        qkv_view = Tensor(qkv.numel, qkv.itemsize, qkv.grad, qkv.key)  # q, k, v: views of one output
+        a = g.attention(qkv_view, qkv_view, qkv_view, nh, nh, hd, drop)
+        a = g.dropout_op(g.linear(a, f"{p}.attn.c_proj", H, H), drop)
+        x = g.add(x, a)
+        h = g.layer_norm(x, f"{p}.ln_2", H)
+        f = g.linear(h, f"{p}.mlp.c_fc", H, inter)
+        # NewGELU: 0.5 * f * (1 + tanh(c * (f + 0.044715 f^3))): pow keeps f, tanh its output, the last
+        # product both factors
+        t = g.unary(g.unary(f, "input"), "output")
+        act = g.mul(g.new(f.numel, f.itemsize, f.grad), g.new(t.numel, t.itemsize, t.grad))
+        m = g.dropout_op(g.linear(act, f"{p}.mlp.c_proj", inter, H), drop)
+        return g.add(x, m)
+    gemma = spec.family == "gemma2"
+    h = g.rms_norm(x, f"{p}.input_layernorm", H, gemma)
+    if spec.family == "phi3":
+        qkv = g.linear(h, f"{p}.self_attn.qkv_proj", H, (nh + 2 * nkv) * hd)
+        # q and k are slices that rope copies; v is a slice too, and keeping it keeps the fused output
+        q = Tensor(g.cond.tokens * nh * hd, qkv.itemsize, qkv.grad, -1)
+        k = Tensor(g.cond.tokens * nkv * hd, qkv.itemsize, qkv.grad, -1)
+        v = Tensor(qkv.numel, qkv.itemsize, qkv.grad, qkv.key)
+    else:
+        q = g.linear(h, f"{p}.self_attn.q_proj", H, nh * hd)
+        k = g.linear(h, f"{p}.self_attn.k_proj", H, nkv * hd)
+        v = g.linear(h, f"{p}.self_attn.v_proj", H, nkv * hd)
+    assert rot is not None
+    q, k = g.rope(q, *rot), g.rope(k, *rot)
+    a = g.attention(q, k, v, nh, nkv, hd, 0.0)
+    a = g.linear(a, f"{p}.self_attn.o_proj", nh * hd, H)
+    if gemma:
+        a = g.rms_norm(a, f"{p}.post_attention_layernorm", H, True)
+    x = g.add(x, a)
+    h = g.rms_norm(x, f"{p}.pre_feedforward_layernorm" if gemma else f"{p}.post_attention_layernorm",
+                   H, gemma)
+    if spec.num_experts:
+        m = _moe(g, spec, p, h)
+    elif spec.family == "phi3":
+        gu = g.linear(h, f"{p}.mlp.gate_up_proj", H, 2 * inter)
+        half = Tensor(gu.numel // 2, gu.itemsize, gu.grad, gu.key)
+        act = g.unary(half, "input")
+        m = g.linear(g.mul(half, act), f"{p}.mlp.down_proj", inter, H)
+    else:
+        gate = g.linear(h, f"{p}.mlp.gate_proj", H, inter)
+        up = g.linear(h, f"{p}.mlp.up_proj", H, inter)
+        m = g.linear(g.mul(g.unary(gate, "input"), up), f"{p}.mlp.down_proj", inter, H)
+    if gemma:
+        m = g.rms_norm(m, f"{p}.post_feedforward_layernorm", H, True)
+    return g.add(x, m)
+
+
+def _moe(g: Graph, spec: ModelSpec, p: str, h: Tensor) -> Tensor:
+    """Mixtral's sparse block: router logits, fp32 softmax, top-k; each token's k expert MLPs.
+
+    Assumption: the experts' saved tensors are those of a gated MLP over tokens x k rows (each token
+    gathered once per chosen expert), plus the router's fp32 probabilities; index bookkeeping is
+    left out (int64 per routed token, small next to the hidden states).
+    """
+    H, inter, E, k = spec.hidden_size, spec.intermediate_size, spec.num_experts, spec.experts_per_token
+    t = g.cond.tokens
+    logits = g.linear(h, f"{p}.mlp.gate", H, E)
+    probs = g.unary(g.cast(logits, FP32), "output")
+    routed = g.new(t * k * H, h.itemsize, h.grad)
+    g.save(routed)
+    gu = g.new(t * k * 2 * inter, g.cond.compute_bytes, True)
+    g.save(gu, g.new(t * k * inter, gu.itemsize, True))
+    g.save(probs)
+    return g.new(t * H, h.itemsize, True)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Saved bytes of one step's forward, by place.
+
+    `embedding`: before the first layer (dropout mask, position ids, rotary cos/sin); `layers`: each
+    decoder layer's full saved set (what backward recomputes under checkpointing); `layer_inputs`:
+    what a checkpointed layer keeps instead (its input); `head`: final norm, LM head and loss (the
+    log-softmax output, shifted labels); `logits`: the head's transient logits bytes in compute
+    dtype and, under 16-bit compute, their fp32 copy; `largest_layer_tensor`: for backward transients.
+    """
+
+    embedding: int
+    layers: tuple[int, ...]
+    layer_inputs: tuple[int, ...]
+    head: int
+    logits: int
+    logits_fp32: int
+    eager_mask: int
+    largest_layer_tensor: int
+    hidden_bytes: int
+    checkpoint_args: int
+
+    checkpointed: bool = False
+
+    @property
+    def total(self) -> int:
+        """Activations alive at the end of forward."""
+        if self.checkpointed:
+            return self.embedding + sum(self.layer_inputs) + self.checkpoint_args + self.head
+        return self.embedding + sum(self.layers) + self.head
+
+
+def profile(spec: ModelSpec, cond: Conditions, wrapped: dict[str, int], trainable: set[str]) -> Profile:
+    """Walk the model's forward once and collect what autograd keeps, by place."""
+    if cond.attention not in ATTENTION:
+        raise PlanError(f"attention must be one of {', '.join(ATTENTION)}, got {cond.attention!r}")
+    if cond.device not in DEVICES:
+        raise PlanError(f"device must be one of {', '.join(DEVICES)}, got {cond.device!r}")
+    if cond.dropout is None:
+        cond = Conditions(**{**cond.__dict__, "dropout": FAMILY_DROPOUT.get(spec.family, 0.0)})
+    g = Graph(cond, wrapped, trainable)
+    t, H, wb = cond.tokens, spec.hidden_size, cond.weight_bytes
+    g.section = "embedding"
+    # PEFT makes the embedding output require grad when checkpointing (enable_input_require_grads)
+    input_grad = cond.grad_checkpointing
+    if spec.family == "gpt2":
+        wte, wpe = "transformer.wte", "transformer.wpe"
+        if wpe in trainable:
+            g.save(g.new(cond.seq_len, INT64, False))  # position ids
+        x = g.new(t * H, wb, wte in trainable or wpe in trainable or input_grad)
+        if input_grad and not {wte, wpe} & trainable:
+            # the hook makes the token embeddings a leaf that requires grad; the graph holds it, and
+            # the checkpointed layers hold the position ids
+            g.save(g.new(t * H, wb, True), g.new(cond.seq_len, INT64, False))
+        x = g.dropout_op(x, g.dropout)
+        rot = None
+    else:
+        x = g.new(t * H, wb, "model.embed_tokens" in trainable or input_grad)
+        if spec.family == "gemma2":
+            x = g.new(t * H, wb, x.grad)  # scaled by sqrt(hidden): the product keeps a scalar
+        half = cond.seq_len * spec.head_dim
+        rot = (g.new(half, wb, False), g.new(half, wb, False))
+    layers, inputs = [], []
+    largest = 0
+    for i in range(spec.num_layers):
+        g.section = f"layer {i}"
+        inputs.append(x.nbytes)
+        before = {k for k in g.saved}
+        x = _decoder_layer(g, spec, i, x, rot)
+        layers.append(g.saved_bytes(f"layer {i}"))
+        largest = max([largest] + [b for k, (b, _) in g.saved.items() if k not in before])
+    g.section = "head"
+    norm = "transformer.ln_f" if spec.family == "gpt2" else "model.norm"
+    if spec.family == "gpt2":
+        h = g.layer_norm(x, norm, H)
+    else:
+        h = g.rms_norm(x, norm, H, spec.family == "gemma2")
+    head = "lm_head"
+    logits = g.linear(h, head, H, spec.vocab_size)
+    fp32 = t * spec.vocab_size * FP32
+    g.save(g.new(t, INT64, False))  # shifted labels, kept by nll_loss
+    if logits.grad:
+        g.save(g.new(t * spec.vocab_size, FP32, True))  # log_softmax keeps its output
+        g.save(g.new(1, FP32, False), g.new(1, FP32, False))  # the loss and nll's total weight
+    mask = cond.batch_size * cond.seq_len * cond.seq_len * (FP32 if cond.autocast else wb)
+    eager_mask = mask if cond.attention == "eager" else 0
+    # A checkpointed layer also keeps its other arguments: the attention mask (eager) and, for rotary
+    # families, cos, sin and the position ids.
+    shared = eager_mask + (0 if rot is None else 2 * rot[0].nbytes + cond.seq_len * INT64)
+    return Profile(
+        embedding=g.saved_bytes("embedding"),
+        layers=tuple(layers),
+        layer_inputs=tuple(inputs),
+        head=g.saved_bytes("head"),
+        logits=logits.nbytes,
+        logits_fp32=fp32 if logits.itemsize != FP32 else 0,
+        eager_mask=eager_mask,
+        checkpoint_args=shared,
+        largest_layer_tensor=largest,
+        hidden_bytes=t * H * FP32,
+        checkpointed=cond.grad_checkpointing,
+    )

@@ -1,0 +1,170 @@
+"""Trace one real training step of a planned setup and put it beside the prediction.
+
+The model is built from the planner's own `ModelSpec` (through `to_hf_config`), with random weights:
+on CPU for real, or under `FakeTensorMode` (`fake=True`) so that shapes far beyond this machine's
+memory trace in seconds. LoRA uses PEFT with the same targets the planner resolved. The step is
+forward (causal-LM loss), backward, foreach AdamW step, `zero_grad(set_to_none=True)`.
+
+Supported precisions are those a plain PyTorch step realises: `fp32`, and `amp` (bf16 autocast over
+fp32 weights); `pure-bf16` builds the model in bf16 (AdamW then keeps bf16 states). `mixed` and `bf16`
+need an fp32 master copy or fp32 states over bf16 weights, which torch's AdamW does not keep.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, replace
+
+from ..errors import PlanError
+from ..gpus import GPUS
+from ..plan import make_plan
+from ..spec import ModelSpec, TrainSetup, to_hf_config
+
+TRACEABLE_PRECISIONS = ("fp32", "amp", "pure-bf16")
+TERMS = ("weights", "gradients", "optimizer_states", "activations")
+
+
+@dataclass(frozen=True)
+class Comparison:
+    predicted: dict[str, int]
+    traced: dict[str, int]
+    predicted_phase: str
+    traced_phase: str
+
+    def errors(self) -> dict[str, float | None]:
+        """(predicted - traced) / traced per term and for the peak; None where nothing was traced."""
+        keys = (*TERMS, "peak")
+        return {k: (self.predicted[k] - self.traced[k]) / self.traced[k] if self.traced[k] else None
+                for k in keys}
+
+    def to_dict(self) -> dict:
+        return {"predicted": self.predicted, "traced": self.traced,
+                "peak_phase": {"predicted": self.predicted_phase, "traced": self.traced_phase},
+                "relative_error": self.errors()}
+
+
+def sliced(spec: ModelSpec, layers: int | None) -> ModelSpec:
+    """The same model with only its first `layers` decoder layers (a slice traces like the whole)."""
+    if layers is None:
+        return spec
+    if layers < 1:
+        raise PlanError(f"--layers must be at least 1, got {layers}")
+    return replace(spec, num_layers=min(layers, spec.num_layers), name=f"{spec.name}[:{layers} layers]")
+
+
+def _check(setup: TrainSetup) -> None:
+    if setup.precision not in TRACEABLE_PRECISIONS:
+        raise PlanError(f"trace runs plain PyTorch steps: precision must be one of "
+                        f"{', '.join(TRACEABLE_PRECISIONS)}, got {setup.precision!r}")
+    if setup.method not in ("full", "lora"):
+        raise PlanError("trace supports full and lora (QLoRA needs bitsandbytes on a GPU)")
+    if setup.optimizer != "adamw":
+        raise PlanError("trace runs AdamW; plan other optimizers with `lora-plan plan`")
+    if setup.task != "causal-lm":
+        raise PlanError("trace runs the causal-LM loss")
+
+
+def predicted_terms(spec: ModelSpec, setup: TrainSetup, device: str = "cpu") -> tuple[dict[str, int], str]:
+    """The planner's figures for the traced step, on the device the trace runs on."""
+    from ..precision import get_precision
+    from ..step import predict_step
+
+    plan = make_plan(spec, (setup,), GPUS[0]).plans[0]
+    memory = {k: t.bytes for k, t in plan.memory.items()}
+    precision = get_precision(setup.precision)
+    if device == "cpu":
+        # torch keeps AdamW's step counter as a 4-byte tensor per parameter tensor, in CPU memory
+        memory["optimizer_states"] += 4 * _trainable_tensors(spec, setup)
+    step = predict_step(spec, setup, precision, memory, device)
+    predicted = {
+        "weights": memory["weights"],
+        "gradients": memory["gradients"],
+        "optimizer_states": memory["optimizer_states"] + memory["master_weights"],
+        "activations": step.activations,
+        "peak": step.peak.bytes,
+    }
+    return predicted, step.peak.name
+
+
+def _trainable_tensors(spec: ModelSpec, setup: TrainSetup) -> int:
+    from ..architecture import layout
+    from ..counts import lora_trainable
+
+    if setup.method == "full":
+        return len(layout(spec, setup.task, setup.num_labels).params)
+    return len(lora_trainable(spec, setup).params)
+
+
+def trace(spec: ModelSpec, setup: TrainSetup, *, fake: bool = False, seed: int = 0) -> Comparison:
+    """Run (or fake) one step of `setup` on `spec` on CPU and compare it with the prediction."""
+    _check(setup)
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .tracer import MemoryTracer
+
+    predicted, predicted_phase = predicted_terms(spec, setup, "cpu")
+    config = AutoConfig.for_model(**to_hf_config(spec))
+    config.use_cache = False
+    config._attn_implementation = setup.attention
+    if setup.dropout is not None:
+        for key in ("resid_pdrop", "embd_pdrop", "attn_pdrop", "attention_dropout"):
+            if hasattr(config, key):
+                setattr(config, key, setup.dropout)
+    dtype = torch.bfloat16 if setup.precision == "pure-bf16" else torch.float32
+    torch.manual_seed(seed)
+    mode = FakeTensorMode() if fake else contextlib.nullcontext()
+    previous = torch.get_default_dtype()
+    with mode:
+        torch.set_default_dtype(dtype)  # fake parameters cannot be converted after the fact
+        try:
+            model = AutoModelForCausalLM.from_config(config)
+        finally:
+            torch.set_default_dtype(previous)
+        model.train()
+        if setup.grad_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if setup.method == "lora":
+            model = _with_lora(model, spec, setup)
+        ids = torch.randint(0, spec.vocab_size, (setup.batch_size, setup.seq_len))
+        labels = ids.clone()
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=True)
+        tracer = MemoryTracer(model, optimizer, inputs=(ids, labels))
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=setup.precision == "amp")
+        with tracer:
+            with tracer.phase("forward"), autocast:
+                loss = model(input_ids=ids, labels=labels).loss
+            with tracer.phase("backward"):
+                loss.backward()
+            with tracer.phase("optimizer"):
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+    report = tracer.report()
+    traced = {
+        "weights": report.terms["parameters"],
+        "gradients": report.terms["gradients"],
+        "optimizer_states": report.terms["optimizer_states"],
+        "activations": report.terms["activations"],
+        "peak": report.peak_bytes,
+    }
+    return Comparison(predicted, traced, predicted_phase, report.peak_phase)
+
+
+def _with_lora(model, spec: ModelSpec, setup: TrainSetup):
+    from unittest import mock
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from ..counts import lora_trainable
+
+    paths = sorted({a.module.path for a in lora_trainable(spec, setup).adapters})
+    config = LoraConfig(r=setup.rank, lora_alpha=2 * setup.rank, target_modules=paths,
+                        lora_dropout=setup.lora_dropout, bias=setup.bias, use_dora=setup.use_dora)
+    # PEFT moves each new adapter onto its base layer's device and dtype with `Module.to()`, which
+    # cannot swap fake parameters. Everything is already on CPU in the dtype the model was built
+    # under, so the moves are skipped while adapters are injected.
+    with mock.patch.object(torch.nn.Module, "to", lambda self, *args, **kwargs: self):
+        return get_peft_model(model, config)

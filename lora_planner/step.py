@@ -1,0 +1,96 @@
+"""One training step of a setup, predicted: activations and the phase-by-phase peak.
+
+This joins the pieces: which modules train (full fine-tuning: all; LoRA: the adapters, trainable
+biases and modules_to_save), the activation profile of the forward (`activations`), and the model
+states the plan already computed, into the `timeline` of the step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .activations import INT64, Conditions, Profile, profile
+from .architecture import Architecture, layout
+from .counts import lora_trainable
+from .errors import PlanError
+from .precision import Precision
+from .spec import ModelSpec, TrainSetup
+from .timeline import Phase, States, peak_phase, step_phases
+
+# Only one optimizer keeps a full-size temporary in the step: foreach AdamW's sqrt(v).
+FOREACH_TEMPORARY = {"adamw": 1}
+
+
+@dataclass(frozen=True)
+class StepPrediction:
+    profile: Profile
+    states: States
+    phases: tuple[Phase, ...]
+    peak: Phase
+
+    @property
+    def activations(self) -> int:
+        return self.profile.total
+
+
+def conditions(setup: TrainSetup, precision: Precision, device: str = "cuda") -> Conditions:
+    """What the activation walk needs from a setup: shape, dtypes, attention, checkpointing."""
+    if setup.batch_size < 1 or setup.seq_len < 1:
+        raise PlanError(f"batch size and sequence length must be positive, got {setup.batch_size} "
+                        f"and {setup.seq_len}")
+    return Conditions(
+        batch_size=setup.batch_size, seq_len=setup.seq_len, weight_bytes=precision.weight_bytes,
+        autocast=precision.name == "amp", attention=setup.attention,
+        grad_checkpointing=setup.grad_checkpointing, device=device,
+        dropout=setup.dropout, lora_dropout=setup.lora_dropout,
+    )
+
+
+def _training(spec: ModelSpec, setup: TrainSetup,
+              arch: Architecture) -> tuple[dict[str, int], set[str], dict[str, int]]:
+    """Wrapped modules (path -> rank), modules whose weights train, and trainable numel by path."""
+    if setup.method == "full":
+        return {}, {m.path for m in arch.modules}, {m.path: m.numel for m in arch.modules}
+    trainable = lora_trainable(spec, setup)
+    wrapped = {a.module.path: setup.rank for a in trainable.adapters}
+    by_path = {a.module.path: a.numel for a in trainable.adapters}
+    saved = {m.path for m in trainable.saved_modules}
+    for m in trainable.saved_modules:
+        by_path[m.path] = by_path.get(m.path, 0) + m.numel
+    for p in trainable.biases:
+        path = p.name.rsplit(".", 1)[0]
+        by_path[path] = by_path.get(path, 0) + p.numel
+    return wrapped, saved, by_path
+
+
+def predict_step(spec: ModelSpec, setup: TrainSetup, precision: Precision, memory: dict[str, int],
+                 device: str = "cuda") -> StepPrediction:
+    """The step's activations and peak, given the plan's model-state bytes in `memory`."""
+    arch = layout(spec, setup.task, setup.num_labels)
+    cond = conditions(setup, precision, device)
+    wrapped, trainable, by_path = _training(spec, setup, arch)
+    prof = profile(spec, cond, wrapped, trainable)
+    grad_bytes = precision.grad_bytes
+    prefix = "transformer.h." if spec.family == "gpt2" else "model.layers."
+    per_layer = [0] * spec.num_layers
+    head = 0
+    for path, numel in by_path.items():
+        if path.startswith(prefix):
+            per_layer[int(path[len(prefix):].split(".")[0])] += numel * grad_bytes
+        elif path == arch.head_path or (arch.tied_head and path.endswith(("wte", "embed_tokens"))):
+            head += numel * grad_bytes
+    trainable_numel = sum(by_path.values())
+    temp = FOREACH_TEMPORARY.get(setup.optimizer, 0) * trainable_numel * precision.state_bytes
+    states = States(
+        weights=memory["weights"],
+        gradients=memory["gradients"],
+        optimizer_states=memory["optimizer_states"] + memory["master_weights"],
+        optimizer_temporary=temp,
+        inputs=2 * cond.tokens * INT64,
+        head_gradients=head,
+        layer_gradients=tuple(per_layer),
+    )
+    phases = step_phases(states, prof, spec.vocab_size if setup.task == "causal-lm" else setup.num_labels,
+                         cond.tokens)
+    return StepPrediction(prof, states, phases, peak_phase(phases))
+

@@ -1,0 +1,92 @@
+"""The peak of a training step, followed phase by phase instead of summed.
+
+Model states (weights, and from the first backward on, gradients; after the first step, optimizer
+states) are live throughout; on top of them each phase holds something else:
+
+- forward, at the loss: every saved activation, the logits, their fp32 copy under 16-bit compute, the
+  eager attention mask;
+- backward, at the head: every saved activation plus two fp32 (tokens x vocab) gradients, the loss's
+  and log-softmax's;
+- backward, layer by layer: what is still saved (checkpointing: the recomputed layer), the gradients
+  produced so far, and the layer's own transients (the gradient of the hidden states flowing down, the
+  gradient of its largest saved tensor);
+- optimizer: gradients, states, and foreach AdamW's temporary (one tensor per trainable parameter, the
+  square root of the second moment), the default on GPUs.
+
+The largest of these is the allocator-level peak; the phase that sets it is reported. What the CUDA
+caching allocator and the CUDA context add on a real GPU is a separate, documented allowance
+(`device_overhead_bytes`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .activations import FP32, Profile
+
+# Device-level allowance: CUDA context plus what the caching allocator reserves beyond what it hands
+# out. The context of a CUDA 12 process with cuBLAS loaded takes roughly 500 MiB on Hopper; the
+# allocator rounds blocks to 2 MiB segments and keeps freed blocks cached, which we allow as 5% of the
+# allocator peak. Both are assumptions until the measurement harness has readings to fit them.
+CUDA_CONTEXT_BYTES = 500 * 2**20
+ALLOCATOR_SLACK = 0.05
+
+
+@dataclass(frozen=True)
+class States:
+    weights: int  # parameters (+ buffers) live all the time
+    gradients: int
+    optimizer_states: int  # including fp32 master copies where the convention keeps them
+    optimizer_temporary: int  # foreach AdamW's sqrt(v): trainable numel x state bytes
+    inputs: int  # token ids and labels
+    head_gradients: int  # gradients produced at the LM head (lm_head / tied embedding)
+    layer_gradients: tuple[int, ...]  # gradients produced by each decoder layer
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str
+    bytes: int
+    what: str
+
+
+def step_phases(states: States, prof: Profile, vocab: int, tokens: int) -> tuple[Phase, ...]:
+    """Live bytes at each moment of the step that can set the peak (see the module docstring)."""
+    base = states.weights + states.inputs
+    acts = prof.total
+    logits = prof.logits + prof.logits_fp32
+    mask = 0 if prof.checkpointed else prof.eager_mask
+    phases = [Phase("forward", base + acts + logits + mask,
+                     "weights + saved activations + logits at the loss")]
+    head_grads = 2 * tokens * vocab * FP32
+    phases.append(Phase("backward", base + acts + head_grads,
+                        "weights + saved activations + two fp32 logits gradients"))
+    grads = states.head_gradients
+    saved_below = acts - prof.head
+    n = len(prof.layers)
+    for i in reversed(range(n)):
+        grads += states.layer_gradients[i]
+        if prof.checkpointed:
+            saved_below -= prof.layer_inputs[i]
+            live = saved_below + prof.layers[i] + prof.layer_inputs[i]
+        else:
+            live = saved_below
+            saved_below -= prof.layers[i]
+        transient = 2 * prof.hidden_bytes + prof.largest_layer_tensor
+        phases.append(Phase("backward", base + live + grads + transient,
+                            f"backward through layer {i}"))
+    phases.append(Phase("backward", base + states.gradients + states.head_gradients // 2,
+                        "end of backward: all gradients"))
+    phases.append(Phase("optimizer",
+                        base + states.gradients + states.optimizer_states + states.optimizer_temporary,
+                        "gradients + optimizer states + foreach temporary"))
+    return tuple(phases)
+
+
+def peak_phase(phases: tuple[Phase, ...]) -> Phase:
+    return max(phases, key=lambda p: p.bytes)
+
+
+def device_overhead_bytes(allocator_peak: int) -> int:
+    """CUDA context plus caching-allocator slack above the allocator-level peak (an allowance)."""
+    return CUDA_CONTEXT_BYTES + int(allocator_peak * ALLOCATOR_SLACK)
