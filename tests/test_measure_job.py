@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -46,19 +47,31 @@ def test_cpu_record_has_the_schema_and_its_error_is_consistent(tmp_path):
     assert record["relative_error"]["peak_allocated"] == pytest.approx(
         (predicted["peak"] - measured["peak_allocated"]) / measured["peak_allocated"])
     assert measured["trainable_params"] == predicted["trainable_params"]
-    # The measured model holds at least its parameters, in fp32 under bf16 autocast ("amp").
+    # Term by term, the traced step holds what the planner's CPU variant of the step predicts:
+    # fp32 parameters under bf16 autocast ("amp"), AdamW states with their step counters.
     assert measured["at_peak"]["parameters"] == predicted["weights"]
+    assert measured["terms"]["gradients"] == predicted["gradients"]
+    assert measured["at_peak"]["optimizer_states"] == predicted["optimizer_states"]
 
 
 def test_prediction_is_the_planners_for_the_same_setup(tmp_path):
     path = tiny_config_file(tmp_path)
+    setup = TrainSetup(method="lora", rank=2, targets=("all-linear",), precision="amp", batch_size=2,
+                       seq_len=16, grad_checkpointing=True)
+    spec = spec_from_config_file(path)
     settings = JobSettings(model=path, method="lora", rank=2, targets=("all-linear",), precision="fp16",
-                           batch_size=2, seq_len=16)
-    predicted = job.predict(settings, job.model_spec(settings))
-    plan = make_plan(spec_from_config_file(path),
-                     (TrainSetup(method="lora", rank=2, targets=("all-linear",), precision="amp",
-                                 batch_size=2, seq_len=16),), get_gpu(DEFAULT_GPU))
-    assert {k: predicted[k] for k in job.PREDICTED_KEYS} == to_dict(plan)["plans"][0]["memory_bytes"]
+                           batch_size=2, seq_len=16, grad_checkpointing=True, device="cuda")
+    on_gpu = job.predict(settings, job.model_spec(settings))
+    plan = to_dict(make_plan(spec, (setup,), get_gpu(DEFAULT_GPU)))["plans"][0]
+    assert {k: on_gpu[k] for k in job.PREDICTED_KEYS} == plan["memory_bytes"]
+    assert on_gpu["peak_phase"] == plan["peak_phase"]
+
+    from lora_planner.measure.trace import predicted_terms
+
+    on_cpu = job.predict(dataclasses.replace(settings, device="cpu"), spec)
+    expected, phase = predicted_terms(spec, setup, "cpu")
+    assert (on_cpu["peak"], on_cpu["activations"], on_cpu["peak_phase"]) == (
+        expected["peak"], expected["activations"], phase)
 
 
 def test_simulated_oom_is_recorded_with_the_prediction(tmp_path, monkeypatch):

@@ -9,6 +9,7 @@ GPT-2's 50,257 leaves most of its vocabulary unused, which costs memory exactly 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -108,14 +109,21 @@ def batches(data: str, batch_size: int, seq_len: int, vocab_size: int, seed: int
 
     generator = torch.Generator().manual_seed(seed)
     if data == "synthetic":
-        while True:
-            yield torch.randint(0, vocab_size, (batch_size, seq_len), generator=generator)
+        return (torch.randint(0, vocab_size, (batch_size, seq_len), generator=generator)
+                for _ in itertools.count())
     if vocab_size < BYTE_VOCAB:
         raise PlanError(f"byte-level data needs a vocabulary of at least {BYTE_VOCAB} ids; "
                         f"the model has {vocab_size}")
+    # Read now, not at the first batch: a memory reader running by then must not count the text.
     stream = torch.tensor(token_stream(data), dtype=torch.long)
-    while stream.numel() < seq_len + 1:
+    while stream.numel() < seq_len:
         stream = torch.cat([stream, stream])
+    return _windows(stream, batch_size, seq_len)
+
+
+def _windows(stream, batch_size: int, seq_len: int) -> Iterator:
+    import torch
+
     position = 0
     while True:
         rows = []

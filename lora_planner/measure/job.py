@@ -139,6 +139,7 @@ def planner_setup(settings: JobSettings) -> TrainSetup:
         "targets": settings.targets or ("default",), "precision": PLANNER_PRECISION[settings.precision],
         "optimizer": "adamw", "batch_size": settings.batch_size, "seq_len": settings.seq_len,
         "grad_checkpointing": settings.grad_checkpointing, "attention": settings.attention,
+        "lora_dropout": settings.dropout,
     }
     known = {f.name for f in dataclasses.fields(TrainSetup)}
     # Fields a planner without activation modelling does not know yet are left out.
@@ -146,14 +147,27 @@ def planner_setup(settings: JobSettings) -> TrainSetup:
 
 
 def predict(settings: JobSettings, spec: ModelSpec) -> dict:
-    """The planner's bytes for the job (read by key from the plan's JSON contract)."""
+    """The planner's bytes for the job (read by key from the plan's JSON contract).
+
+    The plan is for a CUDA device. A CPU job is set beside the planner's CPU variant of the same
+    step (what `lora-plan trace` compares with): torch keeps a dropout mask in the input's dtype
+    there instead of one byte, falls back to the math attention kernel under dropout, and keeps
+    AdamW's step counters as tensors.
+    """
     from ..gpus import DEFAULT_GPU, get_gpu
     from ..plan import make_plan
     from ..render import to_dict
 
-    entry = to_dict(make_plan(spec, (planner_setup(settings),), get_gpu(DEFAULT_GPU)))["plans"][0]
+    setup = planner_setup(settings)
+    entry = to_dict(make_plan(spec, (setup,), get_gpu(DEFAULT_GPU)))["plans"][0]
     predicted = {key: int(entry["memory_bytes"][key]) for key in PREDICTED_KEYS}
-    predicted["peak_phase"] = entry.get("peak_phase")
+    predicted["peak_phase"] = entry.get("peak_phase") or None
+    if settings.device == "cpu":
+        from .trace import predicted_terms
+
+        on_cpu, phase = predicted_terms(spec, setup, "cpu")
+        predicted |= {"optimizer_states": on_cpu["optimizer_states"] - predicted["master_weights"],
+                      "activations": on_cpu["activations"], "peak": on_cpu["peak"], "peak_phase": phase}
     predicted["trainable_params"] = int(entry["trainable_params"])
     return predicted
 
@@ -241,10 +255,16 @@ def _train(settings: JobSettings, spec: ModelSpec, reader, nvml, save_adapter: s
         lora.inject(model, settings.targets, settings.rank, settings.alpha, settings.dropout,
                     settings.rslora)
     if settings.grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpointing = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpointing)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=settings.lr)
+    # foreach: torch's default on CUDA and what the planner's optimizer phase assumes (its sqrt(v)
+    # temporary); on CPU torch would otherwise step tensor by tensor.
+    optimizer = torch.optim.AdamW(trainable, lr=settings.lr, foreach=True)
     scaler = torch.amp.GradScaler(device.type) if settings.precision == "fp16" else None
     compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(settings.precision)
     reader.attach(model, optimizer)
@@ -271,13 +291,14 @@ def _train(settings: JobSettings, spec: ModelSpec, reader, nvml, save_adapter: s
             if step == read_steps:
                 reading.close()  # the reader has seen the steady state; time the rest untouched
             input_ids = input_ids.to(device)  # (B, T)
+            labels = input_ids.clone()  # (B, T): a collator's separate labels, as the planner counts
             sync()
             start = time.perf_counter()
             with phase("forward", step):
                 autocast = (torch.autocast(device.type, dtype=compute) if compute
                             else contextlib.nullcontext())
                 with autocast:
-                    loss = model(input_ids=input_ids, labels=input_ids).loss
+                    loss = model(input_ids=input_ids, labels=labels).loss
             with phase("backward", step):
                 (scaler.scale(loss) if scaler else loss).backward()
             with phase("optimizer", step):

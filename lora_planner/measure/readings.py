@@ -136,7 +136,8 @@ class TracerReader(MemoryReader):
         return {"peak_allocated": int(self.report.peak_bytes), "peak_reserved": None,
                 "phase_peaks": {k: int(v) for k, v in self.report.phase_peaks.items()},
                 "peak_phase": self.report.peak_phase,
-                "at_peak": {k: int(v) for k, v in self.report.at_peak.items()}}
+                "at_peak": {k: int(v) for k, v in self.report.at_peak.items()},
+                "terms": {k: int(v) for k, v in getattr(self.report, "terms", {}).items()}}
 
 
 class NvmlSampler:
