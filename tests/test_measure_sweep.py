@@ -157,3 +157,16 @@ def test_a_job_that_dies_without_a_record_gets_an_error_record(tmp_path):
     (record,) = read_records(output)
     assert result.statuses == {"error": 1}
     assert record["status"] == "error" and "signal 9" in record["error"] and record["predicted"]["peak"] > 0
+
+
+@pytest.mark.slow
+def test_a_real_sweep_trains_every_job_in_its_own_process(tmp_path):
+    args, ids = _sweep_args(tmp_path)
+    output = tmp_path / "results.jsonl"
+    done = _run_sweep([*args, "--set", "steps=3"], output, "")
+    assert done.returncode == 0, done.stderr
+    found = read_records(output)
+    assert len(found) == 3 and {r["status"] for r in found} == {"ok"}
+    assert all(isinstance(r["measured"]["peak_allocated"], int) for r in found)
+    assert [r["predicted"]["trainable_params"] for r in found] == sorted(
+        r["predicted"]["trainable_params"] for r in found)  # rank 1 < 2 < 4
