@@ -99,3 +99,8 @@ def test_settings_normalise_and_validate():
     for bad in ({"method": "qlora"}, {"precision": "int8"}, {"steps": 0}, {"rank": 0}, {"colour": 1}):
         with pytest.raises(job.PlanError):
             JobSettings.from_dict(bad)
+
+
+def test_an_oom_says_whether_the_planner_foresaw_it():
+    assert job.foresight_note(90, 80).startswith("the planner foresaw it: predicted peak 90 B")
+    assert job.foresight_note(70, 80).startswith("the planner did not foresee it")

@@ -328,6 +328,13 @@ def _train(settings: JobSettings, spec: ModelSpec, reader, nvml, save_adapter: s
     }
 
 
+def foresight_note(predicted_peak: int, memory_total: int) -> str:
+    """Whether the planner saw an out-of-memory error coming: its peak against the device total."""
+    verdict = "foresaw it" if predicted_peak > memory_total else "did not foresee it"
+    return (f"the planner {verdict}: predicted peak {predicted_peak:,} B, device total "
+            f"{memory_total:,} B")
+
+
 def run_job(settings: JobSettings, output: str | None = None, command: str = "",
             save_adapter: str | None = None) -> dict:
     """Run one job and return its record (appended to `output` when given).
@@ -368,6 +375,8 @@ def run_job(settings: JobSettings, output: str | None = None, command: str = "",
     try:
         measured |= _train(settings, spec, reader, nvml, save_adapter)
     except PlanError:
+        if nvml is not None:
+            nvml.stop()
         raise  # a settings mistake found late (a vocabulary too small for byte data): no record
     except Exception as exc:  # recorded, not raised: the record says what went wrong
         status, error = ("oom" if is_out_of_memory(exc) else "error"), _error_text(exc)
@@ -385,9 +394,11 @@ def run_job(settings: JobSettings, output: str | None = None, command: str = "",
     if (status == "ok" and reader.source == "tracer" and readings["peak_allocated"] is not None
             and settings.steps <= (reader.read_steps or 0)):
         notes.append("CPU step time includes the tracer's bookkeeping")
-    record = make_record(settings.to_dict(), status=status, error=error,
-                         device=device_info(settings.device, driver), predicted=predicted,
-                         measured=measured, command=command, notes=notes)
+    device = device_info(settings.device, driver)
+    if status == "oom" and device["memory_total"]:
+        notes.append(foresight_note(predicted["peak"], device["memory_total"]))
+    record = make_record(settings.to_dict(), status=status, error=error, device=device,
+                         predicted=predicted, measured=measured, command=command, notes=notes)
     if output:
         append_record(output, record)
     return record
