@@ -147,6 +147,8 @@ class Graph:
         if offset_weight:
             if trains:
                 self.save(normed)
+            if h.grad:
+                self.save(self.new(dim, FP32, False))  # (1 + weight) in fp32
             return self.cast(self.new(h.numel, FP32, h.grad or trains), x.itemsize)
         normed = self.cast(normed, x.itemsize)
         if trains:
@@ -194,7 +196,7 @@ class Graph:
 
     # --- attention ------------------------------------------------------------------------------
     def attention(self, q: Tensor, k: Tensor, v: Tensor, heads: int, kv_heads: int, head_dim: int,
-                  attn_dropout: float) -> Tensor:
+                  attn_dropout: float, softcap: bool = False) -> Tensor:
         """Attention over projected (and rotated) q, k, v; returns the (b, s, heads * head_dim) output
         as o_proj reads it.
 
@@ -224,6 +226,8 @@ class Graph:
             self.save(qc)  # q @ k^T keeps q for k's gradient and k for q's
         if qc.grad:
             self.save(kc)
+        if softcap and (qc.grad or kc.grad):
+            self.save(self.new(probs, cb, True))  # tanh(scores / cap) keeps its output
         p = self.new(probs, FP32 if eager else cb, qc.grad or kc.grad)
         if p.grad:
             self.save(p)  # softmax keeps its output
@@ -259,6 +263,7 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
         a = g.attention(qkv_view, qkv_view, qkv_view, nh, nh, hd, drop)
         a = g.dropout_op(g.linear(a, f"{p}.attn.c_proj", H, H), drop)
         x = g.add(x, a)
+        g.section += " mlp"
         h = g.layer_norm(x, f"{p}.ln_2", H)
         f = g.linear(h, f"{p}.mlp.c_fc", H, inter)
         # NewGELU: 0.5 * f * (1 + tanh(c * (f + 0.044715 f^3))): pow keeps f, tanh its output, the last
@@ -281,11 +286,12 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
         v = g.linear(h, f"{p}.self_attn.v_proj", H, nkv * hd)
     assert rot is not None
     q, k = g.rope(q, *rot), g.rope(k, *rot)
-    a = g.attention(q, k, v, nh, nkv, hd, 0.0)
+    a = g.attention(q, k, v, nh, nkv, hd, 0.0, softcap=gemma)
     a = g.linear(a, f"{p}.self_attn.o_proj", nh * hd, H)
     if gemma:
         a = g.rms_norm(a, f"{p}.post_attention_layernorm", H, True)
     x = g.add(x, a)
+    g.section += " mlp"
     h = g.rms_norm(x, f"{p}.pre_feedforward_layernorm" if gemma else f"{p}.post_attention_layernorm",
                    H, gemma)
     if spec.num_experts:
@@ -323,6 +329,32 @@ def _moe(g: Graph, spec: ModelSpec, p: str, h: Tensor) -> Tensor:
     return g.new(t * H, h.itemsize, True)
 
 
+def layer_backward_transients(spec: ModelSpec, cond: Conditions,
+                              down_trains: bool = False) -> tuple[int, int, int]:
+    """Gradients alive at once inside one layer's backward, beyond what the forward saved.
+
+    The gradient of the residual stream flows through every layer (fp32 under autocast). On top of
+    it, the larger of: the MLP's, where the product of the two branches (or GELU's last product)
+    hands back two (tokens x intermediate) gradients while the incoming one is still alive; and the
+    attention's, where flash backward returns q, k and v gradients beside the output's, and eager
+    backward holds the gradient of the s x s probabilities and of the scores. Returned apart
+    (residual, MLP, attention) because the MLP's saved tensors are freed before attention's backward.
+    """
+    t, cb = cond.tokens, cond.compute_bytes
+    resid = t * spec.hidden_size * (FP32 if cond.autocast else cond.weight_bytes)
+    rows = t * max(spec.experts_per_token, 1)
+    mlp = (3 - down_trains) * rows * spec.intermediate_size * cb
+    qkv = t * (2 * spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim * cb
+    if cond.attention == "eager" or (cond.device == "cpu" and spec.family == "gpt2"):
+        # softmax backward: the fp32 gradient of the probabilities and of the scores, once the
+        # 16-bit probabilities kept for probs @ v (under 16-bit compute) have been freed
+        probs = cond.batch_size * spec.num_heads * cond.seq_len * cond.seq_len
+        attn = max(qkv, probs * (2 * FP32 - (cb if cb != FP32 else 0)))
+    else:
+        attn = qkv
+    return resid, mlp, attn
+
+
 @dataclass(frozen=True)
 class Profile:
     """Saved bytes of one step's forward, by place.
@@ -331,7 +363,9 @@ class Profile:
     decoder layer's full saved set (what backward recomputes under checkpointing); `layer_inputs`:
     what a checkpointed layer keeps instead (its input); `head`: final norm, LM head and loss (the
     log-softmax output, shifted labels); `logits`: the head's transient logits bytes in compute
-    dtype and, under 16-bit compute, their fp32 copy; `largest_layer_tensor`: for backward transients.
+    dtype and, under 16-bit compute, their fp32 copy; `mlp_layers`: the part of each layer's saved
+    bytes its MLP keeps; `transients`: see
+    `layer_backward_transients`.
     """
 
     embedding: int
@@ -341,8 +375,8 @@ class Profile:
     logits: int
     logits_fp32: int
     eager_mask: int
-    largest_layer_tensor: int
-    hidden_bytes: int
+    mlp_layers: tuple[int, ...]
+    transients: tuple[int, int, int]
     checkpoint_args: int
 
     checkpointed: bool = False
@@ -385,15 +419,13 @@ def profile(spec: ModelSpec, cond: Conditions, wrapped: dict[str, int], trainabl
             x = g.new(t * H, wb, x.grad)  # scaled by sqrt(hidden): the product keeps a scalar
         half = cond.seq_len * spec.head_dim
         rot = (g.new(half, wb, False), g.new(half, wb, False))
-    layers, inputs = [], []
-    largest = 0
+    layers, mlps, inputs = [], [], []
     for i in range(spec.num_layers):
         g.section = f"layer {i}"
         inputs.append(x.nbytes)
-        before = {k for k in g.saved}
         x = _decoder_layer(g, spec, i, x, rot)
-        layers.append(g.saved_bytes(f"layer {i}"))
-        largest = max([largest] + [b for k, (b, _) in g.saved.items() if k not in before])
+        mlps.append(g.saved_bytes(f"layer {i} mlp"))
+        layers.append(g.saved_bytes(f"layer {i}") + mlps[-1])
     g.section = "head"
     norm = "transformer.ln_f" if spec.family == "gpt2" else "model.norm"
     if spec.family == "gpt2":
@@ -402,13 +434,18 @@ def profile(spec: ModelSpec, cond: Conditions, wrapped: dict[str, int], trainabl
         h = g.rms_norm(x, norm, H, spec.family == "gemma2")
     head = "lm_head"
     logits = g.linear(h, head, H, spec.vocab_size)
+    if spec.family == "gemma2" and logits.grad:
+        g.save(g.new(logits.numel, logits.itemsize, True))  # final soft-cap: tanh keeps its output
     fp32 = t * spec.vocab_size * FP32
-    g.save(g.new(t, INT64, False))  # shifted labels, kept by nll_loss
+    # nll_loss keeps the shifted labels: a contiguous copy, or for one sequence the padded labels
+    # themselves (their [1:] slice is already contiguous)
+    g.save(g.new(t if cond.batch_size > 1 else cond.seq_len + 1, INT64, False))
     if logits.grad:
         g.save(g.new(t * spec.vocab_size, FP32, True))  # log_softmax keeps its output
         g.save(g.new(1, FP32, False), g.new(1, FP32, False))  # the loss and nll's total weight
     mask = cond.batch_size * cond.seq_len * cond.seq_len * (FP32 if cond.autocast else wb)
-    eager_mask = mask if cond.attention == "eager" else 0
+    # Gemma-2 alternates sliding-window and global layers: two masks
+    eager_mask = mask * (2 if spec.family == "gemma2" else 1) if cond.attention == "eager" else 0
     # A checkpointed layer also keeps its other arguments: the attention mask (eager) and, for rotary
     # families, cos, sin and the position ids.
     shared = eager_mask + (0 if rot is None else 2 * rot[0].nbytes + cond.seq_len * INT64)
@@ -421,7 +458,9 @@ def profile(spec: ModelSpec, cond: Conditions, wrapped: dict[str, int], trainabl
         logits_fp32=fp32 if logits.itemsize != FP32 else 0,
         eager_mask=eager_mask,
         checkpoint_args=shared,
-        largest_layer_tensor=largest,
-        hidden_bytes=t * H * FP32,
+        mlp_layers=tuple(mlps),
+        transients=layer_backward_transients(
+            spec, cond, f"{_layers_prefix(spec)}.0.mlp.{'c_proj' if spec.family == 'gpt2' else 'down_proj'}"
+            in trainable),
         checkpointed=cond.grad_checkpointing,
     )

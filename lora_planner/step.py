@@ -17,6 +17,9 @@ from .precision import Precision
 from .spec import ModelSpec, TrainSetup
 from .timeline import Phase, States, peak_phase, step_phases
 
+# Modules of a decoder layer whose backward runs before attention's: the MLP and the norms around it.
+MLP_PART = ("mlp", "ln_2", "post_attention_layernorm", "pre_feedforward_layernorm",
+            "post_feedforward_layernorm")
 # Only one optimizer keeps a full-size temporary in the step: foreach AdamW's sqrt(v).
 FOREACH_TEMPORARY = {"adamw": 1}
 
@@ -72,11 +75,13 @@ def predict_step(spec: ModelSpec, setup: TrainSetup, precision: Precision, memor
     prof = profile(spec, cond, wrapped, trainable)
     grad_bytes = precision.grad_bytes
     prefix = "transformer.h." if spec.family == "gpt2" else "model.layers."
-    per_layer = [0] * spec.num_layers
+    per_layer = [[0, 0] for _ in range(spec.num_layers)]  # (attention part, MLP part)
     head = 0
     for path, numel in by_path.items():
         if path.startswith(prefix):
-            per_layer[int(path[len(prefix):].split(".")[0])] += numel * grad_bytes
+            index, _, rest = path[len(prefix):].partition(".")
+            mlp = rest.startswith(MLP_PART)
+            per_layer[int(index)][mlp] += numel * grad_bytes
         elif path == arch.head_path or (arch.tied_head and path.endswith(("wte", "embed_tokens"))):
             head += numel * grad_bytes
     trainable_numel = sum(by_path.values())
@@ -88,7 +93,7 @@ def predict_step(spec: ModelSpec, setup: TrainSetup, precision: Precision, memor
         optimizer_temporary=temp,
         inputs=2 * cond.tokens * INT64,
         head_gradients=head,
-        layer_gradients=tuple(per_layer),
+        layer_gradients=tuple((a, m) for a, m in per_layer),
     )
     phases = step_phases(states, prof, spec.vocab_size if setup.task == "causal-lm" else setup.num_labels,
                          cond.tokens)

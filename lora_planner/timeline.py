@@ -8,8 +8,7 @@ states) are live throughout; on top of them each phase holds something else:
 - backward, at the head: every saved activation plus two fp32 (tokens x vocab) gradients, the loss's
   and log-softmax's;
 - backward, layer by layer: what is still saved (checkpointing: the recomputed layer), the gradients
-  produced so far, and the layer's own transients (the gradient of the hidden states flowing down, the
-  gradient of its largest saved tensor);
+  produced so far, and the layer's own transient gradients (`activations.layer_backward_transient`);
 - optimizer: gradients, states, and foreach AdamW's temporary (one tensor per trainable parameter, the
   square root of the second moment), the default on GPUs.
 
@@ -40,7 +39,7 @@ class States:
     optimizer_temporary: int  # foreach AdamW's sqrt(v): trainable numel x state bytes
     inputs: int  # token ids and labels
     head_gradients: int  # gradients produced at the LM head (lm_head / tied embedding)
-    layer_gradients: tuple[int, ...]  # gradients produced by each decoder layer
+    layer_gradients: tuple[tuple[int, int], ...]  # per decoder layer: (attention part, MLP part)
 
 
 @dataclass(frozen=True)
@@ -64,17 +63,23 @@ def step_phases(states: States, prof: Profile, vocab: int, tokens: int) -> tuple
     grads = states.head_gradients
     saved_below = acts - prof.head
     n = len(prof.layers)
+    resid, mlp, attn = prof.transients
     for i in reversed(range(n)):
-        grads += states.layer_gradients[i]
+        attn_grads, mlp_grads = states.layer_gradients[i]
+        grads += mlp_grads
         if prof.checkpointed:
             saved_below -= prof.layer_inputs[i]
             live = saved_below + prof.layers[i] + prof.layer_inputs[i]
         else:
             live = saved_below
             saved_below -= prof.layers[i]
-        transient = 2 * prof.hidden_bytes + prof.largest_layer_tensor
-        phases.append(Phase("backward", base + live + grads + transient,
-                            f"backward through layer {i}"))
+        # the MLP's backward runs first, with the whole layer still saved; by the attention's, the
+        # MLP's saved tensors are gone
+        phases.append(Phase("backward", base + live + grads + resid + mlp,
+                            f"backward through layer {i}'s MLP"))
+        grads += attn_grads
+        phases.append(Phase("backward", base + live - prof.mlp_layers[i] + grads + resid + attn,
+                            f"backward through layer {i}'s attention"))
     phases.append(Phase("backward", base + states.gradients + states.head_gradients // 2,
                         "end of backward: all gradients"))
     phases.append(Phase("optimizer",

@@ -133,7 +133,7 @@ def trace(spec: ModelSpec, setup: TrainSetup, *, fake: bool = False, seed: int =
         optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=True)
         tracer = MemoryTracer(model, optimizer, inputs=(ids, labels))
         autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=setup.precision == "amp")
-        with tracer:
+        with tracer, _unpacked(fake):
             with tracer.phase("forward"), autocast:
                 loss = model(input_ids=ids, labels=labels).loss
             with tracer.phase("backward"):
@@ -150,6 +150,19 @@ def trace(spec: ModelSpec, setup: TrainSetup, *, fake: bool = False, seed: int =
         "peak": report.peak_bytes,
     }
     return Comparison(predicted, traced, predicted_phase, report.peak_phase)
+
+
+def _unpacked(fake: bool):
+    """transformers looks for packed sequences in the position ids by reading their values; a fake
+    tensor has none, so it assumes packing and builds a causal mask a real run would skip. Our
+    batches are one sequence per row, never packed: say so, and the fake run takes the real path."""
+    if not fake:
+        return contextlib.nullcontext()
+    from unittest import mock
+
+    from transformers import masking_utils
+
+    return mock.patch.object(masking_utils, "find_packed_sequence_indices", lambda *a, **k: None)
 
 
 def _with_lora(model, spec: ModelSpec, setup: TrainSetup):

@@ -1,0 +1,90 @@
+"""Predicted versus traced step memory over a grid of small models, one line per case.
+
+    python benchmarks/step_grid.py            # the CI grid (tiny configs of every family)
+    python benchmarks/step_grid.py --fake     # the same under FakeTensorMode
+    python benchmarks/step_grid.py --large    # fake traces of 2-layer slices of 7B/8B/70B
+
+Each line: the case, the traced peak and phase, the predicted peak and phase, the error of the
+peak and of each term, and the error of the old sum-of-terms estimate (model states + activations).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from dataclasses import replace
+
+from lora_planner.catalog import get_model
+from lora_planner.spec import ModelSpec, TrainSetup
+
+TINY = {
+    "gpt2": ModelSpec("tiny-gpt2", "gpt2", 512, 64, 2, 4, 4, 16, 256, True, 256, True, True, True),
+    "llama": ModelSpec("tiny-llama", "llama", 512, 64, 2, 4, 2, 16, 160, False, 256),
+    "qwen2": ModelSpec("tiny-qwen2", "qwen2", 512, 64, 2, 4, 2, 16, 160, True, 256, qkv_bias=True),
+    "gemma2": ModelSpec("tiny-gemma2", "gemma2", 512, 64, 2, 4, 2, 16, 160, True, 256),
+    "phi3": ModelSpec("tiny-phi3", "phi3", 512, 64, 2, 4, 4, 16, 160, False, 256),
+    "mixtral": ModelSpec("tiny-mixtral", "mixtral", 512, 64, 2, 4, 2, 16, 96, False, 256,
+                         num_experts=4, experts_per_token=2),
+}
+SHAPES = ((2, 32), (1, 128), (4, 64))
+
+
+def grid(families=tuple(TINY)):
+    for family, method, precision, ckpt, attention, (b, s) in itertools.product(
+            families, ("full", "lora"), ("fp32", "amp"), (False, True), ("sdpa", "eager"), SHAPES):
+        if family == "gemma2" and attention == "sdpa":
+            continue  # transformers runs Gemma-2 with eager attention only (logit soft-capping)
+        setup = TrainSetup(method=method, rank=4, precision=precision, batch_size=b, seq_len=s,
+                           grad_checkpointing=ckpt, attention=attention)
+        yield TINY[family], setup
+
+
+def large():
+    for name, s in (("llama-2-7b", 4096), ("llama-3.1-8b", 4096), ("llama-3.1-70b", 4096)):
+        spec = replace(get_model(name), num_layers=2)
+        for method, ckpt in itertools.product(("full", "lora"), (False, True)):
+            yield spec, TrainSetup(method=method, precision="amp", batch_size=1, seq_len=s,
+                                   grad_checkpointing=ckpt)
+
+
+def sum_of_terms(predicted: dict) -> int:
+    """What calculators that add terms report: model states plus activations."""
+    return sum(predicted[k] for k in ("weights", "gradients", "optimizer_states", "activations"))
+
+
+def main() -> int:
+    from lora_planner.measure.trace import trace
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--fake", action="store_true")
+    ap.add_argument("--large", action="store_true")
+    ap.add_argument("--family", action="append")
+    ap.add_argument("--jsonl", help="also write one JSON object per case to this file")
+    args = ap.parse_args()
+    cases = list(large() if args.large else grid(tuple(args.family or TINY)))
+    out = open(args.jsonl, "a") if args.jsonl else None
+    worst = 0.0
+    for spec, setup in cases:
+        start = time.perf_counter()
+        r = trace(spec, setup, fake=args.fake or args.large)
+        err = r.errors()
+        old = (sum_of_terms(r.predicted) - r.traced["peak"]) / r.traced["peak"]
+        worst = max(worst, abs(err["peak"]))
+        label = (f"{spec.name} {setup.method} {setup.precision} b={setup.batch_size} s={setup.seq_len} "
+                 f"{setup.attention}{' ckpt' if setup.grad_checkpointing else ''}")
+        terms = " ".join(f"{k}={v:+.2%}" for k, v in err.items() if v is not None and k != "peak")
+        print(f"{label:55s} traced {r.traced['peak']:>14,} ({r.traced_phase:9s}) predicted "
+              f"{r.predicted['peak']:>14,} ({r.predicted_phase:9s}) peak {err['peak']:+.2%} | {terms} "
+              f"| sum-of-terms {old:+.2%} [{time.perf_counter() - start:.1f}s]", flush=True)
+        if out:
+            out.write(json.dumps({"case": label, **r.to_dict(), "sum_of_terms_error": old}) + "\n")
+            out.flush()
+    print(f"{len(cases)} cases, worst peak error {worst:.2%}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
