@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 import types
 
 import pytest
@@ -112,3 +113,15 @@ def test_tracer_reader_without_the_tracer_gives_a_note(monkeypatch):
         pass
     assert reader.result()["peak_allocated"] is None
     assert "without the memory tracer" in reader.notes[0]
+
+
+def test_nvml_background_thread_finds_the_peak(monkeypatch):
+    module, calls = fake_pynvml([10, 20, 50, 30])
+    monkeypatch.setitem(sys.modules, "pynvml", module)
+    sampler = readings.NvmlSampler(interval_s=0.001).start()
+    deadline = time.monotonic() + 5
+    while calls["n"] < 4 and time.monotonic() < deadline:  # the thread samples on its own
+        time.sleep(0.001)
+    result = sampler.stop()
+    assert result["nvml_baseline_used"] == 10 and result["nvml_peak_used"] == 50
+    assert sampler.notes == []
