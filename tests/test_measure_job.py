@@ -104,3 +104,17 @@ def test_settings_normalise_and_validate():
 def test_an_oom_says_whether_the_planner_foresaw_it():
     assert job.foresight_note(90, 80).startswith("the planner foresaw it: predicted peak 90 B")
     assert job.foresight_note(70, 80).startswith("the planner did not foresee it")
+
+
+def test_a_local_weights_folder_is_fine_tuned(tmp_path):
+    from tests.measure_models import tiny_model
+
+    folder = tmp_path / "pretrained"
+    tiny_model(seed=5).save_pretrained(folder)
+    common = {"method": "lora", "rank": 2, "batch_size": 2, "seq_len": 16, "steps": 1}
+    loaded = job.run_job(JobSettings(model="unused-when-weights-given", weights=str(folder), **common))
+    fresh = job.run_job(JobSettings(model=str(folder / "config.json"), **common))
+    assert loaded["status"] == fresh["status"] == "ok"
+    assert loaded["settings"]["weights"] == str(folder)
+    assert loaded["predicted"] == fresh["predicted"]  # the same shape either way
+    assert loaded["measured"]["first_loss"] != fresh["measured"]["first_loss"]  # other weights
