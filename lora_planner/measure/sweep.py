@@ -32,7 +32,7 @@ from pathlib import Path
 
 from ..errors import PlanError
 from .job import JobSettings, model_spec, predict
-from .records import append_record, finished_ids, make_record
+from .records import append_record, finished_ids, make_record, read_records
 
 SPEC_SECTIONS = ("fixed", "grid")
 
@@ -204,16 +204,10 @@ def run_sweep(jobs: list[JobSettings], output: str | Path, command: str = "",
         for job in todo:
             bar.set_postfix_str(job.id, refresh=True)
             launch = launcher(job, output, command)
-            record = next((r for r in _records_for(output, job.id)), None)
+            record = next((r for r in read_records(output) if r["id"] == job.id), None)
             if record is None:
                 record = _lost_job_record(job, predictions[job.id], launch, command)
                 append_record(output, record)
             statuses[record["status"]] += 1
             bar.update()
     return SweepResult(len(jobs), len(jobs) - len(todo), dict(statuses))
-
-
-def _records_for(output: Path, job_id: str) -> list[dict]:
-    from .records import read_records
-
-    return [r for r in read_records(output) if r["id"] == job_id]
