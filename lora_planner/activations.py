@@ -196,7 +196,8 @@ class Graph:
 
     # --- attention ------------------------------------------------------------------------------
     def attention(self, q: Tensor, k: Tensor, v: Tensor, heads: int, kv_heads: int, head_dim: int,
-                  attn_dropout: float, softcap: bool = False) -> Tensor:
+                  attn_dropout: float, softcap: bool = False, contiguous_q: bool = False,
+                  fused: Tensor | None = None) -> Tensor:
         """Attention over projected (and rotated) q, k, v; returns the (b, s, heads * head_dim) output
         as o_proj reads it.
 
@@ -217,11 +218,20 @@ class Graph:
             out = self.new(full, cb, grad)
             if grad:
                 self.save(q, k, v, out, self.new(b * heads * s, FP32, False))
-            return out
+            # the kernel lays its output out like q: when q is (b, heads, s, d)-contiguous (Phi-3's
+            # rotary concatenates), o_proj's (b, s, heads * d) view needs a copy
+            return self.new(full, cb, grad) if contiguous_q else out
         eager = self.cond.attention == "eager"
         if not eager:
             cb = FP32  # torch's CPU math kernel computes in fp32 whatever the input dtype
         qc, kc, vc = (self.new(full, cb, t.grad) for t in (q, k, v))  # contiguous (repeated) copies
+        if fused is not None and b == 1 and vc.itemsize == fused.itemsize:
+            # one sequence: slices of the fused projection reshape for bmm without a copy, and
+            # keeping one keeps the whole fused output (eager uses q and k so too; the math
+            # kernel scales copies of them)
+            vc = fused
+            if eager and qc.itemsize == fused.itemsize and spec_fused_qk(fused, q):
+                qc = kc = fused
         if kc.grad:
             self.save(qc)  # q @ k^T keeps q for k's gradient and k for q's
         if qc.grad:
@@ -246,6 +256,11 @@ class Graph:
         return self.new(x.numel, max(x.itemsize, cos.itemsize), x.grad)
 
 
+def spec_fused_qk(fused: Tensor, q: Tensor) -> bool:
+    """q is itself a slice of the fused output (GPT-2), not a rotated copy of one (Phi-3)."""
+    return q.key == fused.key
+
+
 def _layers_prefix(spec: ModelSpec) -> str:
     return "transformer.h" if spec.family == "gpt2" else "model.layers"
 
@@ -260,7 +275,7 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
         h = g.layer_norm(x, f"{p}.ln_1", H)
         qkv = g.linear(h, f"{p}.attn.c_attn", H, 3 * H)
         qkv_view = Tensor(qkv.numel, qkv.itemsize, qkv.grad, qkv.key)  # q, k, v: views of one output
-        a = g.attention(qkv_view, qkv_view, qkv_view, nh, nh, hd, drop)
+        a = g.attention(qkv_view, qkv_view, qkv_view, nh, nh, hd, drop, fused=qkv_view)
         a = g.dropout_op(g.linear(a, f"{p}.attn.c_proj", H, H), drop)
         x = g.add(x, a)
         g.section += " mlp"
@@ -286,7 +301,8 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
         v = g.linear(h, f"{p}.self_attn.v_proj", H, nkv * hd)
     assert rot is not None
     q, k = g.rope(q, *rot), g.rope(k, *rot)
-    a = g.attention(q, k, v, nh, nkv, hd, 0.0, softcap=gemma)
+    a = g.attention(q, k, v, nh, nkv, hd, 0.0, softcap=gemma, contiguous_q=spec.family == "phi3",
+                    fused=v if spec.family == "phi3" else None)
     a = g.linear(a, f"{p}.self_attn.o_proj", nh * hd, H)
     if gemma:
         a = g.rms_norm(a, f"{p}.post_attention_layernorm", H, True)
@@ -298,9 +314,12 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
         m = _moe(g, spec, p, h)
     elif spec.family == "phi3":
         gu = g.linear(h, f"{p}.mlp.gate_up_proj", H, 2 * inter)
-        half = Tensor(gu.numel // 2, gu.itemsize, gu.grad, gu.key)
-        act = g.unary(half, "input")
-        m = g.linear(g.mul(half, act), f"{p}.mlp.down_proj", inter, H)
+        # gate and up are halves of one output: keeping either keeps all of it
+        act = g.new(gu.numel // 2, gu.itemsize, gu.grad)
+        if gu.grad:
+            g.save(gu, act)
+        m = g.new(gu.numel // 2, gu.itemsize, gu.grad)
+        m = g.linear(m, f"{p}.mlp.down_proj", inter, H)
     else:
         gate = g.linear(h, f"{p}.mlp.gate_proj", H, inter)
         up = g.linear(h, f"{p}.mlp.up_proj", H, inter)
@@ -311,22 +330,32 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
 
 
 def _moe(g: Graph, spec: ModelSpec, p: str, h: Tensor) -> Tensor:
-    """Mixtral's sparse block: router logits, fp32 softmax, top-k; each token's k expert MLPs.
+    """Mixtral's sparse block as transformers 5 runs it: a router, then the tokens sorted by expert and
+    two grouped matmuls over all (token, expert) rows at once.
 
-    Assumption: the experts' saved tensors are those of a gated MLP over tokens x k rows (each token
-    gathered once per chosen expert), plus the router's fp32 probabilities; index bookkeeping is
-    left out (int64 per routed token, small next to the hidden states).
+    The router keeps its fp32 softmax, the top-k indices, the normaliser and the normalised weights.
+    The experts keep the sort permutation and its inverse, the expert of each row, each row's routing
+    weight, the gate/up output, the activation, the down output (for the routing weights' gradient)
+    and, only when the expert weights train, the gathered input rows and the down projection's input.
+    Grouped matmuls are not autocast: they run in the hidden states' dtype.
     """
     H, inter, E, k = spec.hidden_size, spec.intermediate_size, spec.num_experts, spec.experts_per_token
     t = g.cond.tokens
+    rows = t * k
     logits = g.linear(h, f"{p}.mlp.gate", H, E)
-    probs = g.unary(g.cast(logits, FP32), "output")
-    routed = g.new(t * k * H, h.itemsize, h.grad)
-    g.save(routed)
-    gu = g.new(t * k * 2 * inter, g.cond.compute_bytes, True)
-    g.save(gu, g.new(t * k * inter, gu.itemsize, True))
-    g.save(probs)
-    return g.new(t * H, h.itemsize, True)
+    if logits.grad:
+        g.save(g.new(t * E, FP32, True), g.new(rows, INT64, False), g.new(t, FP32, False),
+               g.new(rows, FP32, True))
+    experts_train = f"{p}.mlp.experts" in g.trainable
+    if not (h.grad or experts_train or logits.grad):
+        return g.new(t * H, h.itemsize, False)
+    xb = h.itemsize
+    g.save(g.new(rows, INT64, False), g.new(rows, INT64, False), g.new(rows, INT64, False),
+           g.new(rows, FP32, False), g.new(E, 4, False))
+    if experts_train:
+        g.save(g.new(rows * H, xb, True), g.new(rows * inter, xb, True))
+    g.save(g.new(rows * 2 * inter, xb, True), g.new(rows * inter, xb, True), g.new(rows * H, xb, True))
+    return g.new(t * H, xb, True)
 
 
 def layer_backward_transients(spec: ModelSpec, cond: Conditions,
@@ -371,6 +400,7 @@ class Profile:
     embedding: int
     layers: tuple[int, ...]
     layer_inputs: tuple[int, ...]
+    input_saved_by_layer: tuple[int, ...]  # the part of `layers[i]` that is the layer's own input
     head: int
     logits: int
     logits_fp32: int
@@ -419,11 +449,16 @@ def profile(spec: ModelSpec, cond: Conditions, wrapped: dict[str, int], trainabl
             x = g.new(t * H, wb, x.grad)  # scaled by sqrt(hidden): the product keeps a scalar
         half = cond.seq_len * spec.head_dim
         rot = (g.new(half, wb, False), g.new(half, wb, False))
-    layers, mlps, inputs = [], [], []
+    layers, mlps, inputs, overlap = [], [], [], []
     for i in range(spec.num_layers):
         g.section = f"layer {i}"
-        inputs.append(x.nbytes)
+        x_in = x
         x = _decoder_layer(g, spec, i, x, rot)
+        # a checkpointed layer keeps its input; when the layer's own ops save it too, the recomputed
+        # set already holds it (count it once)
+        kept = g.saved.get(x_in.key)
+        inputs.append(x_in.nbytes)
+        overlap.append(x_in.nbytes if kept and kept[1].startswith(f"layer {i}") else 0)
         mlps.append(g.saved_bytes(f"layer {i} mlp"))
         layers.append(g.saved_bytes(f"layer {i}") + mlps[-1])
     g.section = "head"
@@ -453,6 +488,7 @@ def profile(spec: ModelSpec, cond: Conditions, wrapped: dict[str, int], trainabl
         embedding=g.saved_bytes("embedding"),
         layers=tuple(layers),
         layer_inputs=tuple(inputs),
+        input_saved_by_layer=tuple(overlap),
         head=g.saved_bytes("head"),
         logits=logits.nbytes,
         logits_fp32=fp32 if logits.itemsize != FP32 else 0,

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import click
 
 from . import __version__
 from .catalog import CATALOG
 from .counts import BIAS_MODES, PRESET_NAMES
 from .errors import PlanError
-from .gpus import DEFAULT_GPU, GPUS, Gpu, get_gpu
+from .gpus import DEFAULT_GPU, GPUS, get_gpu
 from .optimizers import OPTIMIZERS
 from .plan import METHODS, make_plan
 from .precision import DEFAULT_PRECISION, PRECISIONS
 from .render import FORMATS, render, to_explanation
+from .scale_options import scale_options, setup_changes, workload
 from .spec import DenseSize, TrainSetup
 from .units import parse_bytes, parse_count
 
@@ -117,10 +120,20 @@ def main() -> None:
 @click.option("--units", type=click.Choice(["GB", "GiB"]), default="GB", show_default=True,
               help="Unit of the tables: GB = 10^9 bytes, GiB = 2^30 bytes. JSON is always bytes.")
 @click.option("--explain", is_flag=True, help="Print every term's formula with the numbers put in.")
+@scale_options
 def plan_command(model_name, params_text, methods, ranks, targets, precision, optimizer, bias, dora,
                  modules_to_save, double_quant, save_dtype, task, num_labels, tasks, batch_size,
-                 seq_len, grad_checkpointing, attention, gpu_name, gpu_mem, fmt, units, explain) -> None:
-    """Trainable parameters, model-state memory, GPUs and checkpoint sizes, method by method."""
+                 seq_len, grad_checkpointing, attention, gpu_name, gpu_mem, fmt, units, explain,
+                 **scale) -> None:
+    """Trainable parameters, model-state memory, GPUs and checkpoint sizes, method by method;
+    with --tokens, training FLOPs, hours and cost; with --num-gpus, memory per GPU under ZeRO/FSDP.
+
+    \b
+        lora-plan --model 8b --tokens 1e9 --num-gpus 8 --gpu h100
+        lora-plan --model 70b --method full --num-gpus 16 --sharding zero3
+        lora-plan --model 70b --num-gpus 8 --sharding fsdp --offload optimizer --explain
+        lora-plan --model 8b --dataset-tokens 50M --epochs 3 --gpu a100 --price 1.5 --mfu 0.35
+    """
     try:
         if bool(model_name) == bool(params_text):
             raise PlanError("give exactly one of --model NAME or --params N")
@@ -138,13 +151,14 @@ def plan_command(model_name, params_text, methods, ranks, targets, precision, op
                 raise PlanError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
         gpu = get_gpu(gpu_name)
         if gpu_mem:
-            gpu = Gpu(f"{gpu_mem} GPU", parse_bytes(gpu_mem))
+            gpu = replace(gpu, name=f"{gpu_mem} GPU", memory_bytes=parse_bytes(gpu_mem))
         base = TrainSetup(
             precision=precision, optimizer=optimizer, bias=bias, use_dora=dora,
             targets=_split(targets) or ("default",), modules_to_save=_split(modules_to_save),
             double_quant=double_quant, save_dtype=save_dtype, task=task, num_labels=num_labels,
             tasks=tasks, batch_size=batch_size, seq_len=seq_len,
             grad_checkpointing=grad_checkpointing, attention=attention,
+            **setup_changes(**scale),
         )
         rank_list = _ranks(ranks)
         setups = []
@@ -153,7 +167,7 @@ def plan_command(model_name, params_text, methods, ranks, targets, precision, op
                 setups.append(base.with_(method="full"))
             else:
                 setups += [base.with_(method=m, rank=r) for r in rank_list]
-        plan = make_plan(model, tuple(setups), gpu)
+        plan = make_plan(model, tuple(setups), gpu, workload(gpu, **scale))
     except PlanError as exc:
         raise UserError(str(exc)) from None
     click.echo(to_explanation(plan) if explain else render(plan, fmt, units), nl=False)
@@ -241,6 +255,10 @@ def trace_command(model_name, method, rank, targets, precision, batch_size, seq_
                         colalign=("left", "right", "right", "right")))
     click.echo(f"peak set in: predicted {result.predicted_phase}, traced {result.traced_phase}")
 
+
+from .reports.cli import report_group  # noqa: E402  (registered last: it reads this module lazily)
+
+main.add_command(report_group)
 
 from .measure.cli import measure_group  # noqa: E402  (registered last; imports only click)
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from . import checkpoints
-from .architecture import LINEAR_KINDS, Param, layout
-from .counts import lora_trainable
+from . import checkpoints, cost
+from .architecture import LINEAR_KINDS, Architecture, Param, layout
+from .counts import Trainable, lora_trainable
 from .errors import PlanError
 from .gpus import Gpu, gpus_needed
 from .memory import (
@@ -24,8 +24,17 @@ from .memory import (
 )
 from .optimizers import check_optimizer
 from .precision import DTYPE_BYTES, Precision, get_precision, weight_dtype
+from .sharding import (
+    DataParallel,
+    distribute,
+    gathered_layer_buffer,
+    sharding_notes,
+    sharding_of,
+    step_peak_on_gpu,
+)
 from .spec import DenseSize, ModelSpec, TrainSetup
 from .step import predict_step
+from .timeline import Phase
 
 METHODS = ("full", "lora", "qlora")
 MEMORY_KEYS = ("weights", "gradients", "master_weights", "optimizer_states", "activations", "peak")
@@ -44,9 +53,12 @@ class MethodPlan:
     checkpoint: Term  # what this method saves: the full model, or the adapter
     full_checkpoint_bytes: int
     storage: dict[str, int]  # for `tasks` fine-tunes
-    gpus_needed: int
+    gpus_needed: int | None  # None: no number of GPUs fits under the chosen sharding
     peak_phase: str = ""  # which moment of the step sets the peak
     device_overhead: Term | None = None  # CUDA context + allocator slack above the peak (allowance)
+    data_parallel: DataParallel | None = None  # placement on GPUs; `memory` is per GPU with --num-gpus
+    flops_per_token: cost.Quantity | None = None
+    compute: cost.Compute | None = None  # time and money, when tokens are given
 
 
 @dataclass(frozen=True)
@@ -65,6 +77,7 @@ class Plan:
     gpu: Gpu
     plans: tuple[MethodPlan, ...]
     notes: tuple[str, ...] = field(default=())
+    workload: cost.Workload | None = None  # tokens, MFU and price behind `compute`
 
 
 def _save_dtype(setup: TrainSetup, precision: Precision) -> str:
@@ -85,26 +98,52 @@ def _states(trainable: int, params: tuple[Param, ...], setup: TrainSetup,
 
 
 def _assemble(method: str, gpu: Gpu, weight_terms: tuple[Term, ...], states: dict[str, Term],
-              step: tuple[ModelSpec, TrainSetup] | None, **fields) -> MethodPlan:
-    """Model states plus, when the model's shape is known, the step's activations and timeline peak."""
+              setup: TrainSetup, spec: ModelSpec | None, gathered: dict[str, Term] | None = None,
+              **fields) -> MethodPlan:
+    """Model states plus, when the model's shape is known, the step's activations and timeline peak;
+    with --num-gpus, all of it on one GPU under the chosen sharding."""
     weights = Term("weights", sum(t.bytes for t in weight_terms),
                    " + ".join(t.formula for t in weight_terms))
     memory = {"weights": weights, **states}
-    if step is None:
+    if spec is None:
         memory["activations"] = no_activation_bytes()
-        memory["peak"] = peak_bytes(memory[k] for k in MEMORY_KEYS[:-1])
-        phase, overhead = "", None
+
+        def peak(m: dict[str, Term], _sharding) -> Phase:
+            total = peak_bytes(m[k] for k in MEMORY_KEYS[:-1])
+            return Phase("", total.bytes, total.formula)
     else:
-        spec, setup = step
         precision = get_precision(setup.precision)
         predicted = predict_step(spec, setup, precision, {k: t.bytes for k, t in memory.items()})
         memory["activations"] = activation_term(predicted.profile)
-        memory["peak"] = timeline_peak_term(predicted.peak)
-        phase = predicted.peak.name
-        overhead = device_overhead_term(predicted.peak.bytes)
-    return MethodPlan(method=method, weight_terms=weight_terms, memory=memory,
-                      gpus_needed=gpus_needed(memory["peak"].bytes, gpu.memory_bytes),
-                      peak_phase=phase, device_overhead=overhead, **fields)
+
+        def peak(m: dict[str, Term], sharding) -> Phase:
+            return step_peak_on_gpu(predicted, m, sharding, spec, setup, precision)
+    placed = distribute(memory, sharding_of(setup.num_gpus, setup.sharding, setup.offload), gathered,
+                        gpu.memory_bytes, lambda m, s: peak(m, s).bytes)
+    memory = dict(placed.per_gpu)
+    top = peak(memory, placed.sharding)
+    if spec is None:
+        memory["peak"] = peak_bytes(memory[k] for k in MEMORY_KEYS[:-1])
+        phase, overhead = "", None
+    else:
+        memory["peak"] = timeline_peak_term(top)
+        phase, overhead = top.name, device_overhead_term(top.bytes)
+    needed = gpus_needed(memory["peak"].bytes, gpu.memory_bytes) if placed.sharding is None \
+        else placed.gpus_needed
+    return MethodPlan(method=method, weight_terms=weight_terms, memory=memory, gpus_needed=needed,
+                      peak_phase=phase, device_overhead=overhead, data_parallel=placed, **fields)
+
+
+def quantised_params(arch: Architecture, trainable: Trainable) -> set[str]:
+    """Names of the weights QLoRA stores as NF4: bitsandbytes quantises every linear layer but the
+    output head; biases stay 16-bit. Fused 3-D expert weights are assumed quantised the same way."""
+    saved_paths = {m.path for m in trainable.saved_modules}
+    return {
+        p.name for m in arch.modules
+        if (m.kind in LINEAR_KINDS or m.kind == "experts")
+        and m.path != arch.head_path and m.path not in saved_paths
+        for p in m.params if not p.name.endswith(".bias")
+    }
 
 
 def plan_full(spec: ModelSpec, setup: TrainSetup, gpu: Gpu) -> MethodPlan:
@@ -115,10 +154,15 @@ def plan_full(spec: ModelSpec, setup: TrainSetup, gpu: Gpu) -> MethodPlan:
     total = arch.total_params
     dtype = _save_dtype(setup, precision)
     ckpt = checkpoints.safetensors_bytes(params, dtype)
+    largest = max(m.numel for m in arch.modules)
     return _assemble(
         "full", gpu,
         (dense_weight_bytes("weights_trainable", total, precision.weight_bytes, "trainable"),),
-        _states(total, params, setup, precision), (spec, setup),
+        _states(total, params, setup, precision), setup, spec,
+        gathered_layer_buffer(largest, precision.weight_bytes, precision.grad_bytes),
+        flops_per_token=cost.full_flops_per_token(
+            cost.matmul_params(spec, arch), cost.head_matmul_params(arch),
+            cost.attention_forward_flops(spec, setup.seq_len), setup.grad_checkpointing),
         rank=None, trainable_params=total, all_params=total, target_modules=(),
         wrapped_modules=0,
         checkpoint=Term("checkpoint", ckpt, f"safetensors, {len(params)} tensors in {dtype}"),
@@ -136,16 +180,9 @@ def plan_lora(spec: ModelSpec, setup: TrainSetup, gpu: Gpu) -> MethodPlan:
     frozen = [p for p in arch.params if p.name not in in_place]
 
     weight_terms: list[Term] = []
+    nf4: list[Param] = []
     if setup.method == "qlora":
-        saved_paths = {m.path for m in trainable.saved_modules}
-        # bitsandbytes quantises every linear layer but the output head; biases stay 16-bit.
-        # Fused 3-D expert weights are assumed quantised the same way.
-        quantised = {
-            p.name for m in arch.modules
-            if (m.kind in LINEAR_KINDS or m.kind == "experts")
-            and m.path != arch.head_path and m.path not in saved_paths
-            for p in m.params if not p.name.endswith(".bias")
-        }
+        quantised = quantised_params(arch, trainable)
         nf4 = [p for p in frozen if p.name in quantised]
         frozen = [p for p in frozen if p.name not in quantised]
         weight_terms.append(quantized_weight_bytes(nf4, setup.double_quant))
@@ -158,9 +195,20 @@ def plan_lora(spec: ModelSpec, setup: TrainSetup, gpu: Gpu) -> MethodPlan:
     adapter_params = trainable.file_params
     adapter = checkpoints.safetensors_bytes(adapter_params, dtype)
     base = checkpoints.safetensors_bytes(arch.params, dtype)
+    flops = cost.lora_flops_per_token(
+        cost.matmul_params(spec, arch), cost.head_matmul_params(arch), trainable.adapter_count,
+        trainable.saved_module_count, cost.attention_forward_flops(spec, setup.seq_len),
+        setup.grad_checkpointing)
+    if nf4:
+        flops = cost.plus(flops, cost.dequant_flops_per_token(
+            sum(p.numel for p in nf4), setup.batch_size * setup.seq_len, setup.grad_checkpointing))
+    # The frozen base is gathered without gradients; the adapters' own are too small to matter.
+    largest = max(m.numel for m in arch.modules)
     return _assemble(
         setup.method, gpu, tuple(weight_terms),
-        _states(trainable.count, trainable.params, setup, precision), (spec, setup),
+        _states(trainable.count, trainable.params, setup, precision), setup, spec,
+        gathered_layer_buffer(largest, precision.weight_bytes, 0),
+        flops_per_token=flops,
         rank=setup.rank, trainable_params=trainable.count,
         all_params=arch.total_params + trainable.adapter_count + trainable.saved_module_count,
         target_modules=trainable.target_names, wrapped_modules=len(trainable.adapters),
@@ -186,7 +234,8 @@ def plan_dense(size: DenseSize, setup: TrainSetup, gpu: Gpu) -> MethodPlan:
     return _assemble(
         "full", gpu,
         (dense_weight_bytes("weights_trainable", n, precision.weight_bytes, "trainable"),),
-        _states(n, params, setup, precision), None,
+        _states(n, params, setup, precision), setup, None,
+        flops_per_token=cost.dense_flops_per_token(n, setup.grad_checkpointing),
         rank=None, trainable_params=n, all_params=n, target_modules=(), wrapped_modules=0,
         checkpoint=Term("checkpoint", ckpt, f"{n:,} x {DTYPE_BYTES[dtype]} B ({dtype}), tensor data only"),
         full_checkpoint_bytes=ckpt,
@@ -194,8 +243,10 @@ def plan_dense(size: DenseSize, setup: TrainSetup, gpu: Gpu) -> MethodPlan:
     )
 
 
-def make_plan(model: ModelSpec | DenseSize, setups: tuple[TrainSetup, ...], gpu: Gpu) -> Plan:
-    """Plan each setup (one per method and rank) for one model on one kind of GPU."""
+def make_plan(model: ModelSpec | DenseSize, setups: tuple[TrainSetup, ...], gpu: Gpu,
+              workload: cost.Workload | None = None) -> Plan:
+    """Plan each setup (one per method and rank) for one model on one kind of GPU; with a workload
+    of tokens, also its time and cost."""
     if not setups:
         raise PlanError("nothing to plan: give at least one method")
     plans = []
@@ -212,7 +263,10 @@ def make_plan(model: ModelSpec | DenseSize, setups: tuple[TrainSetup, ...], gpu:
             plans.append(plan_full(model, setup, gpu))
         else:
             plans.append(plan_lora(model, setup, gpu))
-    notes = []
+    if workload is not None and workload.tokens is not None:
+        plans = [_with_compute(p, s, gpu, workload) for p, s in zip(plans, setups, strict=True)]
+    notes = sharding_notes(setups[0], isinstance(model, DenseSize))
+    notes += cost.notes(workload, gpu, isinstance(model, DenseSize))
     if isinstance(model, DenseSize):
         info = ModelInfo(model.name or f"dense {model.total_params:,} params", "dense", model.total_params)
         notes.append("--params: model states and checkpoint tensor data only; no activations "
@@ -221,4 +275,10 @@ def make_plan(model: ModelSpec | DenseSize, setups: tuple[TrainSetup, ...], gpu:
         first = setups[0]
         info = ModelInfo(model.name, model.family,
                          layout(model, first.task, first.num_labels).total_params, model.source, model)
-    return Plan(info, setups[0], gpu, tuple(plans), tuple(notes))
+    return Plan(info, setups[0], gpu, tuple(plans), tuple(notes), workload)
+
+
+def _with_compute(p: MethodPlan, setup: TrainSetup, gpu: Gpu, workload: cost.Workload) -> MethodPlan:
+    """Time and cost on --num-gpus GPUs, or on the fewest that hold the model states."""
+    num_gpus = setup.num_gpus or p.gpus_needed or 1
+    return replace(p, compute=cost.training_time(p.flops_per_token, workload.tokens, gpu, num_gpus, workload))

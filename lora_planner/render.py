@@ -51,8 +51,12 @@ def to_dict(plan: Plan) -> dict:
             "seq_len": s.seq_len,
             "attention": s.attention,
             "grad_checkpointing": s.grad_checkpointing,
+            "num_gpus": s.num_gpus,
+            "sharding": s.sharding,
+            "offload": s.offload,
         },
-        "gpu": {"name": plan.gpu.name, "memory_bytes": plan.gpu.memory_bytes},
+        "gpu": {"name": plan.gpu.name, "memory_bytes": plan.gpu.memory_bytes,
+                "peak_tflops": plan.gpu.peak_tflops, "price_per_hour": plan.gpu.price_per_hour},
         "plans": [
             {
                 "method": p.method,
@@ -70,9 +74,13 @@ def to_dict(plan: Plan) -> dict:
                 "full_checkpoint_bytes": p.full_checkpoint_bytes,
                 "storage_bytes": dict(p.storage),
                 "gpus_needed": p.gpus_needed,
+                **_scale_dict(p),
             }
             for p in plan.plans
         ],
+        "workload": None if plan.workload is None else {
+            "tokens": plan.workload.tokens, "mfu": plan.workload.mfu,
+            "price_per_hour": plan.workload.price_per_hour},
         "notes": list(plan.notes),
     }
 
@@ -91,14 +99,14 @@ def _rows(plan: Plan, unit: str) -> list[list[str]]:
     ]
     labels = {"weights": "weights", "gradients": "gradients", "master_weights": "fp32 master weights",
               "optimizer_states": "optimizer states", "activations": "activations",
-              "peak": "peak (allocator)"}
+              "peak": "peak per GPU (allocator)" if plan.setup.num_gpus else "peak (allocator)"}
     for key in MEMORY_KEYS:
         rows.append([labels[key]] + [fmt(p.memory[key].bytes) for p in plan.plans])
     if any(p.peak_phase for p in plan.plans):
         rows.append(["peak set in"] + [p.peak_phase or "-" for p in plan.plans])
         rows.append(["+ CUDA context/cache"] + [
             fmt(p.device_overhead.bytes) if p.device_overhead else "-" for p in plan.plans])
-    rows.append([f"GPUs needed ({plan.gpu.name})"] + [str(p.gpus_needed) for p in plan.plans])
+    rows += _scale_rows(plan, fmt)
     rows.append(["checkpoint"] + [fmt(p.checkpoint.bytes) for p in plan.plans])
     if plan.setup.tasks > 1:
         n = plan.setup.tasks
@@ -168,8 +176,7 @@ def to_explanation(plan: Plan) -> str:
             lines.append(f"  {key}: {p.memory[key].formula}")
         if p.device_overhead:
             lines.append(f"  device_overhead: {p.device_overhead.formula}")
-        lines.append(f"  gpus_needed: ceil({p.memory['peak'].bytes:,} / {plan.gpu.memory_bytes:,}) "
-                     f"= {p.gpus_needed}")
+        lines += _scale_explanation(plan, p)
         lines.append(f"  checkpoint: {p.checkpoint.formula} = {p.checkpoint.bytes:,} B")
     lines += ["", *(f"note: {n}" for n in plan.notes)]
     return "\n".join(lines) + "\n"
@@ -181,3 +188,73 @@ def render(plan: Plan, fmt: str, unit: str = "GB") -> str:
     if fmt == "csv":
         return to_csv(plan)
     return to_table(plan, unit, markdown=fmt == "markdown")
+
+
+# --- GPUs, sharding, time and cost ------------------------------------------------------------
+
+def _scale_dict(p: MethodPlan) -> dict:
+    """Per-plan JSON keys for data parallelism and compute; time keys are null without tokens."""
+    dp, c = p.data_parallel, p.compute
+    return {
+        "min_gpus": dict(dp.min_gpus) if dp else {},
+        "cpu_offload_bytes": dp.cpu_bytes if dp else 0,
+        "flops_per_token": int(p.flops_per_token.value) if p.flops_per_token else None,
+        "flops": c.flops if c else None,
+        "num_gpus_for_time": c.num_gpus if c else None,
+        "wall_hours": c.wall_hours if c else None,
+        "gpu_hours": c.gpu_hours if c else None,
+        "cost_usd": c.cost_usd if c else None,
+    }
+
+
+def _count(n: int | None) -> str:
+    return "does not fit" if n is None else str(n)
+
+
+def _hours(h: float | None) -> str:
+    return "-" if h is None else f"{h:,.1f} h" if h >= 10 else f"{h:,.2f} h"
+
+
+def _scale_rows(plan: Plan, fmt) -> list[list[str]]:
+    s = plan.setup
+    where = f"{plan.gpu.name}" + (f", {s.sharding}" if s.num_gpus else "")
+    rows = [[f"GPUs needed ({where})"] + [_count(p.gpus_needed) for p in plan.plans]]
+    if s.offload != "none":
+        rows.append(["CPU memory per GPU (offload)"] + [fmt(p.data_parallel.cpu_bytes) for p in plan.plans])
+    rows.append(["min GPUs none/zero1/zero2/zero3 (no offload)"] + [
+        "/".join("-" if n is None else str(n) for n in p.data_parallel.min_gpus.values())
+        for p in plan.plans])
+    if all(p.compute is not None for p in plan.plans) and plan.plans:
+        rows += [
+            ["training FLOPs"] + [f"{p.compute.flops:.3g}" for p in plan.plans],
+            ["wall time"] + [f"{_hours(p.compute.wall_hours)} on {p.compute.num_gpus}" for p in plan.plans],
+            ["GPU-hours"] + [_hours(p.compute.gpu_hours) for p in plan.plans],
+            ["cost (USD)"] + ["-" if p.compute.cost_usd is None else f"${p.compute.cost_usd:,.0f}"
+                              for p in plan.plans],
+        ]
+    return rows
+
+
+def _scale_explanation(plan: Plan, p: MethodPlan) -> list[str]:
+    dp = p.data_parallel
+    peak, cap = p.memory["peak"].bytes, plan.gpu.memory_bytes
+    if dp is None or dp.sharding is None:
+        lines = [f"  gpus_needed: ceil({peak:,} / {cap:,}) = {p.gpus_needed}"]
+    else:
+        sh = dp.sharding
+        lines = [f"  weights per GPU: {p.memory['weights'].formula}",
+                 f"  gpus_needed: fewest N with per-GPU peak <= {cap:,} B under {sh.strategy}, offload "
+                 f"{sh.offload} = {_count(p.gpus_needed)} (on {sh.num_gpus}: "
+                 f"{'fits' if peak <= cap else 'does not fit'})"]
+        if dp.cpu_bytes:
+            lines.append(f"  cpu_offload per GPU: {dp.cpu_bytes:,} B")
+    lines.append("  min_gpus (no offload): " + ", ".join(f"{k} {_count(v)}" for k, v in dp.min_gpus.items()))
+    if p.flops_per_token is not None:
+        lines.append(f"  flops_per_token: {p.flops_per_token.formula}")
+    c = p.compute
+    if c is not None and c.wall_hours is not None:
+        lines.append(f"  wall_hours: {c.flops:.4g} FLOPs / ({c.num_gpus} x {plan.gpu.peak_tflops:g}e12 "
+                     f"x {plan.workload.mfu:g} MFU) / 3600 = {c.wall_hours:,.2f} h; "
+                     f"gpu_hours {c.gpu_hours:,.2f}; cost_usd "
+                     + ("unknown" if c.cost_usd is None else f"{c.cost_usd:,.2f}"))
+    return lines

@@ -98,6 +98,10 @@ class TrainSetup:
     grad_checkpointing: bool = False
     dropout: float | None = None  # None: the family's config default (GPT-2 0.1, others 0)
     lora_dropout: float = 0.0
+    # Data parallelism: None plans whole-model totals; N plans one of N GPUs (see sharding.py).
+    num_gpus: int | None = None
+    sharding: str = "none"  # none | zero1 | zero2 | zero3 (fsdp)
+    offload: str = "none"  # none | optimizer | optimizer+params
 
     def with_(self, **changes) -> TrainSetup:
         return replace(self, **changes)

@@ -69,7 +69,7 @@ def step_phases(states: States, prof: Profile, vocab: int, tokens: int) -> tuple
         grads += mlp_grads
         if prof.checkpointed:
             saved_below -= prof.layer_inputs[i]
-            live = saved_below + prof.layers[i] + prof.layer_inputs[i]
+            live = saved_below + prof.layers[i] + prof.layer_inputs[i] - prof.input_saved_by_layer[i]
         else:
             live = saved_below
             saved_below -= prof.layers[i]

@@ -1,0 +1,436 @@
+"""The validation report: the planner's predictions against measured peaks, from JSONL records.
+
+A record is one measured job (format 1, written by `lora-plan measure`). Bad input never stops the
+report: a missing file, a line that is not JSON, or a record of another format becomes a `Problem`
+with its file and line, listed in the report, and the readable records are reported as usual.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..units import UNITS, format_bytes
+from . import markdown as md
+from . import plots
+from .markdown import Written
+
+RECORD_FORMAT = 1
+REQUIRED_KEYS = ("id", "status", "settings", "device", "predicted", "measured")
+STATUSES = ("ok", "oom", "error")
+
+
+
+def _whole(value) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def allocator_peak(measured: dict) -> int | None:
+    """The allocator's peak (CUDA), or the live-tensor tracer's (CPU): `peak_allocated`."""
+    return _whole(measured.get("peak_allocated"))
+
+
+def device_growth(measured: dict) -> int | None:
+    """What the device (NVML) saw the job add: peak used - baseline used before the model loaded.
+    The CUDA context and the allocator's cache are in it; a plan of tensors is not."""
+    peak, baseline = _whole(measured.get("nvml_peak_used")), _whole(measured.get("nvml_baseline_used"))
+    return None if peak is None or baseline is None else peak - baseline
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A measured peak compared with the predicted peak: its name in the report, how it is read from
+    `measured`, and the key of its stored error under `relative_error`."""
+
+    name: str
+    read: Callable[[dict], int | None]
+    error_key: str
+
+
+METRICS = (
+    Metric("allocator peak", allocator_peak, "peak_allocated"),
+    Metric("device growth (NVML)", device_growth, "nvml_peak_used"),
+)
+
+# The tracer's categories at the measured peak (`measured.at_peak`), by the planned term each one
+# is compared with; buffers, inputs and temporaries have no planned term.
+TRACED_TERMS = {"parameters": "weights", "gradients": "gradients", "optimizer_states": "optimizer_states",
+                "activations": "activations"}
+
+@dataclass(frozen=True)
+class Problem:
+    """Input that could not be used, and where it is (`file` or `file:line`)."""
+
+    where: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.message}"
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """One usable record and the `file:line` it came from."""
+
+    record: dict
+    where: str
+
+
+def _check(record: object) -> str | None:
+    """Why a parsed line is not a usable format-1 record, or None when it is."""
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    fmt = record.get("format")
+    if fmt is None:
+        return f"no `format` field (this reader reads format {RECORD_FORMAT})"
+    if not isinstance(fmt, int) or isinstance(fmt, bool):
+        return f"`format` is {fmt!r}, not a whole number"
+    if fmt < RECORD_FORMAT:
+        return f"record format {fmt} is older than format {RECORD_FORMAT}, which this reader reads"
+    if fmt > RECORD_FORMAT:
+        return f"record format {fmt} is newer than format {RECORD_FORMAT}; upgrade lora-plan to read it"
+    missing = [k for k in REQUIRED_KEYS if not isinstance(record.get(k), str | dict)]
+    if missing:
+        return f"missing or malformed keys: {', '.join(missing)}"
+    if record["status"] not in STATUSES:
+        return f"status {record['status']!r} is not one of {', '.join(STATUSES)}"
+    peak = record["predicted"].get("peak")
+    if not isinstance(peak, int) or isinstance(peak, bool):
+        return "predicted.peak is not a whole number of bytes"
+    return None
+
+
+def _files(paths: Iterable[str | Path]) -> tuple[list[Path], list[Problem]]:
+    """The files to read: each path, or the *.jsonl files of a folder."""
+    files, problems = [], []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(path.glob("*.jsonl"))
+            if not found:
+                problems.append(Problem(str(path), "folder holds no .jsonl files"))
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            problems.append(Problem(str(path), "no such file"))
+    return files, problems
+
+
+def read_records(paths: Iterable[str | Path]) -> tuple[list[Loaded], list[Problem]]:
+    """Every usable record in the files, and a `Problem` for everything else. Blank lines are
+    skipped silently."""
+    files, problems = _files(paths)
+    loaded: list[Loaded] = []
+    for path in files:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            problems.append(Problem(str(path), f"cannot read ({exc})"))
+            continue
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                problems.append(Problem(where, f"not valid JSON ({exc.msg}, column {exc.colno})"))
+                continue
+            why = _check(record)
+            if why:
+                problems.append(Problem(where, why))
+            else:
+                loaded.append(Loaded(record, where))
+    return loaded, problems
+
+
+def relative_error(predicted: int | None, measured: int | None) -> float | None:
+    """(predicted - measured) / measured: positive when the plan over-estimates."""
+    if predicted is None or not measured:
+        return None
+    return (predicted - measured) / measured
+
+
+def metric_error(record: dict, metric: Metric) -> float | None:
+    """The record's own relative error when it has one, else computed against predicted.peak."""
+    stored = (record.get("relative_error") or {}).get(metric.error_key)
+    if isinstance(stored, int | float) and not isinstance(stored, bool):
+        return float(stored)
+    return relative_error(record["predicted"]["peak"], metric.read(record["measured"]))
+
+
+def device_label(device: dict) -> str:
+    return f"{device.get('kind', '?')}: {device.get('name') or 'unnamed device'}"
+
+
+def group_by_device(loaded: Sequence[Loaded]) -> dict[str, list[Loaded]]:
+    """Records keyed by device kind and name, in the order first seen."""
+    groups: dict[str, list[Loaded]] = {}
+    for item in loaded:
+        groups.setdefault(device_label(item.record["device"]), []).append(item)
+    return groups
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:+.1f}%"
+
+
+def _bytes(value, unit: str) -> str:
+    return "-" if value is None else format_bytes(value, unit)
+
+
+def _job_label(settings: dict) -> str:
+    method = settings.get("method", "?")
+    rank = settings.get("rank")
+    return method if rank is None else f"{method} r={rank}"
+
+
+def jobs_frame(group: Sequence[Loaded], unit: str):
+    """Predicted against measured for each job of one device."""
+    import pandas as pd
+
+    rows = []
+    for item in group:
+        r = item.record
+        s, m = r["settings"], r["measured"]
+        row = {"job": r["id"], "model": s.get("model", "?"), "method": _job_label(s),
+               "batch x seq": f"{s.get('batch_size', '?')} x {s.get('seq_len', '?')}",
+               "precision": s.get("precision", "?"),
+               "status": r["status"], "source": m.get("source") or "-",
+               "predicted peak": _bytes(r["predicted"]["peak"], unit)}
+        for metric in METRICS:
+            row[metric.name] = _bytes(metric.read(m), unit)
+            row[f"error, {metric.name}"] = _percent(metric_error(r, metric))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def terms_frame(group: Sequence[Loaded], unit: str):
+    """Memory by category at the measured peak (the tracer's `measured.at_peak`) beside the planned
+    term it corresponds to (`TRACED_TERMS`); categories with no planned term show "-"."""
+    import pandas as pd
+
+    rows = []
+    for item in group:
+        r = item.record
+        phases = f"{r['predicted'].get('peak_phase') or '-'} / {r['measured'].get('peak_phase') or '-'}"
+        for category, measured in (r["measured"].get("at_peak") or {}).items():
+            term = TRACED_TERMS.get(category)
+            predicted = _whole(r["predicted"].get(term)) if term else None
+            rows.append({"job": r["id"], "traced": category, "planned term": term or "-",
+                         "peak phase (planned / traced)": phases,
+                         "planned": _bytes(predicted, unit), "traced at peak": _bytes(_whole(measured), unit),
+                         "error": _percent(relative_error(predicted, _whole(measured)))})
+    return pd.DataFrame(rows)
+
+
+def distribution_frame(group: Sequence[Loaded]):
+    """Median, 90th percentile (linear interpolation) and maximum of |relative error| per metric,
+    over the jobs that have the measurement, and the median signed error (the bias)."""
+    import pandas as pd
+
+    rows = []
+    for metric in METRICS:
+        errors = pd.Series([e for item in group if (e := metric_error(item.record, metric)) is not None],
+                           dtype="float64")
+        if errors.empty:
+            continue
+        size = errors.abs()
+        rows.append({"metric": metric.name, "jobs": str(len(errors)),
+                     "median |error|": f"{100 * size.median():.1f}%",
+                     "p90 |error|": f"{100 * size.quantile(0.9):.1f}%",
+                     "max |error|": f"{100 * size.max():.1f}%",
+                     "median error": _percent(float(errors.median()))})
+    return pd.DataFrame(rows)
+
+
+def worst_frame(group: Sequence[Loaded], count: int, unit: str):
+    """The `count` largest |relative errors| over every metric of every job."""
+    import pandas as pd
+
+    cases = []
+    for item in group:
+        r = item.record
+        for metric in METRICS:
+            error = metric_error(r, metric)
+            if error is not None:
+                cases.append((abs(error), r["id"], metric.name, r["predicted"]["peak"],
+                              metric.read(r["measured"]), error))
+    cases.sort(key=lambda c: (-c[0], c[1], c[2]))
+    return pd.DataFrame(
+        [{"job": job, "metric": name, "predicted": _bytes(p, unit), "measured": _bytes(m, unit),
+          "error": _percent(e)} for _, job, name, p, m, e in cases[:count]])
+
+
+def oom_verdict(record: dict) -> str | None:
+    """Whether an out-of-memory was foreseen: the plan foresees one when its peak exceeds the
+    device's total memory. None for a job that neither ran out nor was predicted to."""
+    total = record["device"].get("memory_total")
+    ran_out = record["status"] == "oom"
+    if not isinstance(total, int):
+        return "ran out; device memory unknown" if ran_out else None
+    predicted_over = record["predicted"]["peak"] > total
+    if ran_out:
+        return "foreseen" if predicted_over else "not foreseen"
+    if predicted_over and record["status"] == "ok":
+        return "predicted out of memory, but it ran"
+    return None
+
+
+def oom_frame(group: Sequence[Loaded], unit: str):
+    import pandas as pd
+
+    rows = [{"job": item.record["id"], "status": item.record["status"],
+             "predicted peak": _bytes(item.record["predicted"]["peak"], unit),
+             "device memory": _bytes(item.record["device"].get("memory_total"), unit),
+             "verdict": verdict}
+            for item in group if (verdict := oom_verdict(item.record))]
+    return pd.DataFrame(rows)
+
+
+def provenance_frame(loaded: Sequence[Loaded]):
+    """Where each record came from: file and line, when, which command, which versions."""
+    import pandas as pd
+
+    rows = []
+    for item in loaded:
+        r, d = item.record, item.record["device"]
+        rows.append({"job": r["id"], "record": item.where, "created": r.get("created") or "-",
+                     "command": md.code(r["command"]) if r.get("command") else "-",
+                     "lora-plan": r.get("lora_plan_version") or "-",
+                     "device": d.get("name") or "-", "torch": d.get("torch") or "-",
+                     "driver": d.get("driver") or "-", "CUDA": d.get("cuda") or "-",
+                     "notes": "; ".join(r.get("notes") or []) or "-"})
+    return pd.DataFrame(rows)
+
+
+def _scatter(group: Sequence[Loaded], title: str, unit: str, path: Path) -> Path | None:
+    series = {}
+    for metric in METRICS:
+        points = [(item.record["predicted"]["peak"], measured) for item in group
+                  if (measured := metric.read(item.record["measured"])) is not None]
+        if points:
+            series[metric.name] = points
+    scale = (unit, UNITS[unit.upper()])
+    return plots.predicted_versus_measured(series, title, scale, path) if series else None
+
+
+def validation_markdown(loaded: Sequence[Loaded], problems: Sequence[Problem], inputs: Sequence[str],
+                        command: str, unit: str, worst: int, images: dict[str, Path] | None,
+                        out: Path, no_plots_reason: str = "") -> str:
+    groups = group_by_device(loaded)
+    lines = [
+        "# Predicted versus measured memory", "",
+        "Each job's predicted peak (`lora-plan`'s plan for the job's settings) against the peaks "
+        "measured while it ran. Relative error = (predicted - measured) / measured: positive when "
+        "the plan over-estimates.", "",
+        "- allocator peak: the largest `torch.cuda.max_memory_allocated` of the job on a GPU, or the "
+        "live-tensor tracer's peak on CPU (the `source` column says which)",
+        "- device growth (NVML): the device's peak memory used minus its use before the model "
+        "loaded; it includes the CUDA context and the allocator's cache, which the plan does not",
+        f"- made by: {md.code(command)}",
+        f"- inputs: {', '.join(md.code(i) for i in inputs)}",
+        f"- records read: {len(loaded)}; problems: {len(problems)}",
+        f"- sizes in {md.unit_phrase(unit)}",
+        "",
+    ]
+    if problems:
+        lines += ["## Input problems", "",
+                  "These were skipped; everything else is reported below.", "",
+                  *(f"- `{p.where}`: {p.message}" for p in problems), ""]
+    if not loaded:
+        lines += ["No usable records.", ""]
+        return "\n".join(lines).rstrip("\n") + "\n"
+    lines += ["## Devices", "", md.table(_device_summary(groups)), ""]
+    for label, group in groups.items():
+        image = md.image(f"predicted versus measured, {label}", images[label], out) if (
+            images and label in images) else ""
+        if images is None:
+            image = f"No plot: {no_plots_reason}. Install it with `pip install 'lora-plan[reports]'`."
+        lines += device_section(label, group, unit, worst, image)
+    lines += ["## Provenance", "", md.table(provenance_frame(loaded), 10), ""]
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def _one_line(text: str) -> str:
+    # An error message may span lines; a markdown list item must not.
+    return " ".join(str(text).split())
+
+
+def device_section(label: str, group: Sequence[Loaded], unit: str, worst: int, image: str) -> list[str]:
+    """One device's jobs, traced terms, error distribution, worst cases, out-of-memory verdicts,
+    failures and scatter plot (`image`: its markdown link, or why there is none)."""
+    lines = [f"## {label}", "", _device_line(group[0].record["device"], unit), "",
+             "### Jobs", "", md.table(jobs_frame(group, unit), 7), "",
+             "### Memory by term at the peak", ""]
+    terms = terms_frame(group, unit)
+    if terms.empty:
+        lines.append("No job on this device traced its memory by term (the tracer runs for CPU jobs).")
+    else:
+        lines += ["What the live-tensor tracer found alive at the measured peak, beside the planned "
+                  "term. It is a snapshot at that moment: a term still being built then (gradients "
+                  "during backward) shows only its part.", "", md.table(terms, 4)]
+    distribution = distribution_frame(group)
+    lines += ["", "### Error distribution", "",
+              md.table(distribution) if not distribution.empty else "No job has a measured peak."]
+    worst_cases = worst_frame(group, worst, unit)
+    if not worst_cases.empty:
+        lines += ["", "### Worst cases", "", f"The {len(worst_cases)} largest relative errors, any metric.",
+                  "", md.table(worst_cases, 2)]
+    ooms = oom_frame(group, unit)
+    lines += ["", "### Out of memory", "",
+              md.table(ooms, 2) if not ooms.empty else "No job ran out of memory, and none was predicted to."]
+    failed = [item.record for item in group if item.record["status"] == "error"]
+    if failed:
+        lines += ["", "### Failed jobs", "",
+                  *(f"- `{r['id']}`: {_one_line(r.get('error') or 'no message')}" for r in failed)]
+    lines += [""]
+    if image:
+        lines += [image, ""]
+    return lines
+
+
+def _device_summary(groups: dict[str, list[Loaded]]):
+    import pandas as pd
+
+    return pd.DataFrame([
+        {"device": label, "jobs": str(len(group)),
+         **{s: str(sum(item.record["status"] == s for item in group)) for s in STATUSES}}
+        for label, group in groups.items()])
+
+
+def _device_line(device: dict, unit: str) -> str:
+    total = device.get("memory_total")
+    parts = [f"memory {_bytes(total, unit)}" if isinstance(total, int) else "memory unknown",
+             f"torch {device.get('torch') or '?'}"]
+    if device.get("driver"):
+        parts.append(f"driver {device['driver']}")
+    if device.get("cuda"):
+        parts.append(f"CUDA {device['cuda']}")
+    return "Device: " + ", ".join(parts) + "."
+
+
+def write_validation_report(paths: Sequence[str | Path], out: Path, command: str, unit: str = "GB",
+                            worst: int = 5) -> Written:
+    """Read the records, draw one scatter per device (when matplotlib is there), write `out`.
+    Input problems become warnings as well as a section of the report."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    loaded, problems = read_records(paths)
+    warnings = [str(p) for p in problems]
+    images: dict[str, Path] | None = {}
+    reason = ""
+    try:
+        for index, (label, group) in enumerate(group_by_device(loaded).items(), start=1):
+            path = _scatter(group, label, unit, out.with_name(f"{out.stem}-scatter-{index}.png"))
+            if path is not None:
+                images[label] = path
+    except plots.PlotsUnavailable as exc:
+        images, reason = None, str(exc)
+        warnings.append(f"{reason}: the report has no plots")
+    text = validation_markdown(loaded, problems, [str(p) for p in paths], command, unit, worst, images,
+                               out, reason)
+    out.write_text(text)
+    return Written(out, tuple((images or {}).values()), tuple(warnings))

@@ -1,0 +1,75 @@
+"""The `plan` command's options for GPUs, sharding, tokens, time and cost.
+
+Kept apart from `cli.py` so the plan command takes them as one decorator and one call: parsing
+here, formulas in `cost` and `sharding`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import click
+
+from .cost import DEFAULT_MFU, Workload, load_prices, training_tokens
+from .errors import PlanError
+from .gpus import PRICES_AS_OF, Gpu
+from .sharding import OFFLOADS, STRATEGIES, STRATEGY_ALIASES, strategy_name
+from .units import parse_count
+
+OPTIONS = ("num_gpus", "sharding", "offload", "tokens", "dataset_tokens", "epochs", "mfu", "price",
+           "price_file")
+
+
+def scale_options(f: Callable) -> Callable:
+    """Add the options to a click command (applied bottom-up, so listed here in reverse)."""
+    options = [
+        click.option("--num-gpus", type=int, metavar="N",
+                     help="Data-parallel GPUs. Memory becomes per GPU, and time is on N GPUs."),
+        click.option("--sharding", type=click.Choice([*STRATEGIES, *STRATEGY_ALIASES], case_sensitive=False),
+                     default="none", show_default=True,
+                     help="ZeRO stage across --num-gpus: zero1 shards optimizer states and fp32 master "
+                          "weights, zero2 also gradients, zero3 (= fsdp, full shard) also weights, "
+                          "the frozen LoRA base included."),
+        click.option("--offload", type=click.Choice(OFFLOADS), default="none", show_default=True,
+                     help="ZeRO-Offload to CPU memory: optimizer (master weights, optimizer states, "
+                          "gradient shards) or optimizer+params (zero3 only)."),
+        click.option("--tokens", "tokens", metavar="N",
+                     help="Tokens to train on (1e9, 1B): adds FLOPs, wall hours, GPU-hours and cost."),
+        click.option("--dataset-tokens", metavar="N", help="Tokens in the dataset; with --epochs."),
+        click.option("--epochs", type=float, help="Passes over --dataset-tokens (default 1)."),
+        click.option("--mfu", type=float, default=DEFAULT_MFU, show_default=True,
+                     help="Model FLOP utilisation: the share of the GPUs' peak dense 16-bit FLOP/s "
+                          "that training sustains (an assumption; lower it for QLoRA)."),
+        click.option("--price", type=float, metavar="USD",
+                     help=f"USD per GPU-hour (default: the catalog's as of {PRICES_AS_OF}, an assumption)."),
+        click.option("--price-file", type=click.Path(dir_okay=False), metavar="PATH",
+                     help='GPU name -> USD per GPU-hour, JSON ({"h100": 2.1}) or TOML (h100 = 2.1).'),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _tokens(text: str | None, option: str) -> int | None:
+    if text is None:
+        return None
+    try:
+        return parse_count(text)
+    except PlanError:
+        raise PlanError(f"cannot read {option} {text!r}: write e.g. 1e9 or 1B") from None
+
+
+def setup_changes(num_gpus: int | None, sharding: str, offload: str, **_) -> dict:
+    """The `TrainSetup` fields these options set."""
+    if num_gpus is not None and num_gpus < 1:
+        raise PlanError(f"--num-gpus must be at least 1, got {num_gpus}")
+    return {"num_gpus": num_gpus, "sharding": strategy_name(sharding), "offload": offload}
+
+
+def workload(gpu: Gpu, tokens: str | None, dataset_tokens: str | None, epochs: float | None,
+             mfu: float, price: float | None, price_file: str | None, **_) -> Workload:
+    """Tokens, MFU and the price for `gpu`: --price, else the price file's entry, else the catalog."""
+    n = training_tokens(_tokens(tokens, "--tokens"), _tokens(dataset_tokens, "--dataset-tokens"), epochs)
+    if price is None and price_file is not None:
+        price = load_prices(price_file).get(gpu.name)
+    return Workload(tokens=n, mfu=mfu, price_per_hour=price)
