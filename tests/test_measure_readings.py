@@ -98,11 +98,16 @@ def test_cuda_allocator_reader_keeps_each_phases_peak(monkeypatch):
     reader = readings.CudaAllocatorReader()
     reset()
     reader.attach(None, None)
+    reader.begin_step()
     for name in ("forward", "backward"):
         with reader.phase(name):
             reset()
+    reader.begin_step()
+    with reader.phase("forward"):
+        reset()  # (0, 0): the script has run out
     assert reader.result() == {"peak_allocated": 900, "peak_reserved": 1024,
-                               "phase_peaks": {"load": 100, "forward": 900, "backward": 400}}
+                               "phase_peaks": {"load": 100, "forward": 900, "backward": 400},
+                               "step_peaks": [900, 0]}
 
 
 def test_tracer_reader_without_the_tracer_gives_a_note(monkeypatch):

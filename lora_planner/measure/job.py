@@ -290,6 +290,8 @@ def _train(settings: JobSettings, spec: ModelSpec, reader, nvml, save_adapter: s
         for step, input_ids in zip(range(settings.steps), data, strict=False):  # data is endless
             if step == read_steps:
                 reading.close()  # the reader has seen the steady state; time the rest untouched
+            if step < read_steps:
+                reader.begin_step()
             input_ids = input_ids.to(device)  # (B, T)
             labels = input_ids.clone()  # (B, T): a collator's separate labels, as the planner counts
             sync()

@@ -40,6 +40,9 @@ class MemoryReader:
     def __exit__(self, *exc: object) -> None:
         pass
 
+    def begin_step(self) -> None:
+        """A new training step starts (readers that keep per-step peaks count from here)."""
+
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
         yield
@@ -64,6 +67,9 @@ class CudaAllocatorReader(MemoryReader):
         self.peak_allocated = 0
         self.peak_reserved = 0
         self.phase_peaks: dict[str, int] = {}
+        # Step 1 runs before any optimizer state exists; from step 2 on the states are live
+        # through forward and backward. Per-step peaks show the difference.
+        self.step_peaks: list[int] = []
 
     def _take(self) -> tuple[int, int]:
         cuda = self.torch.cuda
@@ -83,12 +89,17 @@ class CudaAllocatorReader(MemoryReader):
         finally:
             allocated, reserved = self._take()
             self.phase_peaks[name] = max(self.phase_peaks.get(name, 0), allocated)
+            if self.step_peaks:
+                self.step_peaks[-1] = max(self.step_peaks[-1], allocated)
             self.peak_allocated = max(self.peak_allocated, allocated)
             self.peak_reserved = max(self.peak_reserved, reserved)
 
+    def begin_step(self) -> None:
+        self.step_peaks.append(0)
+
     def result(self) -> dict:
         return {"peak_allocated": self.peak_allocated, "peak_reserved": self.peak_reserved,
-                "phase_peaks": dict(self.phase_peaks)}
+                "phase_peaks": dict(self.phase_peaks), "step_peaks": list(self.step_peaks)}
 
 
 class TracerReader(MemoryReader):
