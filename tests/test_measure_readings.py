@@ -130,3 +130,15 @@ def test_nvml_background_thread_finds_the_peak(monkeypatch):
     result = sampler.stop()
     assert result["nvml_baseline_used"] == 10 and result["nvml_peak_used"] == 50
     assert sampler.notes == []
+
+
+def test_nvml_handle_follows_cuda_visible_devices():
+    calls = []
+    fake = types.SimpleNamespace(nvmlDeviceGetHandleByIndex=lambda i: calls.append(("index", i)) or i,
+                                 nvmlDeviceGetHandleByUUID=lambda u: calls.append(("uuid", u)) or u)
+    readings.nvml_handle(fake, 0, visible="")
+    readings.nvml_handle(fake, 0, visible="3,1")
+    readings.nvml_handle(fake, 1, visible="3,1")
+    readings.nvml_handle(fake, 0, visible="GPU-5f3c0e8a-1111-2222-3333-444455556666")
+    assert calls == [("index", 0), ("index", 3), ("index", 1),
+                     ("uuid", "GPU-5f3c0e8a-1111-2222-3333-444455556666")]

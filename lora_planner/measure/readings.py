@@ -15,6 +15,7 @@ which one runs:
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -151,6 +152,25 @@ class TracerReader(MemoryReader):
                 "terms": {k: int(v) for k, v in getattr(self.report, "terms", {}).items()}}
 
 
+def nvml_handle(pynvml: Any, cuda_index: int = 0, visible: str | None = None) -> Any:
+    """The NVML handle of torch's CUDA device `cuda_index`.
+
+    NVML numbers every GPU in the machine and ignores CUDA_VISIBLE_DEVICES; torch numbers only the
+    visible ones. With CUDA_VISIBLE_DEVICES=3, torch's device 0 is NVML's device 3. Entries may be
+    indices or UUIDs (GPU-...). Without the variable the numbering agrees (both follow PCI order
+    when CUDA_DEVICE_ORDER=PCI_BUS_ID; the default, FASTEST_FIRST, agrees on one-GPU machines).
+    """
+    if visible is None:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if not visible:
+        return pynvml.nvmlDeviceGetHandleByIndex(cuda_index)
+    entries = [e.strip() for e in visible.split(",") if e.strip()]
+    entry = entries[cuda_index]
+    if entry.isdigit():
+        return pynvml.nvmlDeviceGetHandleByIndex(int(entry))
+    return pynvml.nvmlDeviceGetHandleByUUID(entry)
+
+
 class NvmlSampler:
     """Device-level memory in use, sampled every `interval_s` by a background thread.
 
@@ -160,7 +180,7 @@ class NvmlSampler:
     """
 
     def __init__(self, device_index: int = 0, interval_s: float = 0.005, background: bool = True) -> None:
-        self.device_index = device_index
+        self.device_index = device_index  # torch's index, among the visible devices
         self.background = background  # False: sample only at phase ends (deterministic, for tests)
         self.interval_s = interval_s
         self.notes: list[str] = []
@@ -187,7 +207,7 @@ class NvmlSampler:
         try:
             pynvml.nvmlInit()
             self._nvml = pynvml
-            self._handle = pynvml.nvmlDeviceGetHandleByIndex(self.device_index)
+            self._handle = nvml_handle(pynvml, self.device_index)
             driver = pynvml.nvmlSystemGetDriverVersion()
             self.driver = driver.decode() if isinstance(driver, bytes) else str(driver)
             self.baseline = self.peak = self._used()
