@@ -373,6 +373,8 @@ def layer_backward_transients(spec: ModelSpec, cond: Conditions,
     resid = t * spec.hidden_size * (FP32 if cond.autocast else cond.weight_bytes)
     rows = t * max(spec.experts_per_token, 1)
     mlp = (3 - down_trains) * rows * spec.intermediate_size * cb
+    if cond.autocast and not spec.num_experts:
+        mlp -= spec.intermediate_size * spec.hidden_size * 2  # the down projection's bf16 weight copy
     qkv = t * (2 * spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim * cb
     if cond.attention == "eager" or (cond.device == "cpu" and spec.family == "gpt2"):
         # softmax backward: the fp32 gradient of the probabilities and of the scores, once the

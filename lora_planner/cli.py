@@ -120,11 +120,14 @@ def main() -> None:
 @click.option("--units", type=click.Choice(["GB", "GiB"]), default="GB", show_default=True,
               help="Unit of the tables: GB = 10^9 bytes, GiB = 2^30 bytes. JSON is always bytes.")
 @click.option("--explain", is_flag=True, help="Print every term's formula with the numbers put in.")
+@click.option("--fit", "fit", is_flag=True,
+              help="Also find, per method, the largest batch (at --seq-len) and the longest sequence "
+                   "(at --batch-size) whose peak plus the CUDA allowance fits the GPU.")
 @scale_options
 def plan_command(model_name, params_text, methods, ranks, targets, precision, optimizer, bias, dora,
                  modules_to_save, double_quant, save_dtype, task, num_labels, tasks, batch_size,
                  seq_len, grad_checkpointing, attention, gpu_name, gpu_mem, fmt, units, explain,
-                 **scale) -> None:
+                 fit, **scale) -> None:
     """Trainable parameters, model-state memory, GPUs and checkpoint sizes, method by method;
     with --tokens, training FLOPs, hours and cost; with --num-gpus, memory per GPU under ZeRO/FSDP.
 
@@ -167,7 +170,7 @@ def plan_command(model_name, params_text, methods, ranks, targets, precision, op
                 setups.append(base.with_(method="full"))
             else:
                 setups += [base.with_(method=m, rank=r) for r in rank_list]
-        plan = make_plan(model, tuple(setups), gpu, workload(gpu, **scale))
+        plan = make_plan(model, tuple(setups), gpu, workload(gpu, **scale), fit=fit)
     except PlanError as exc:
         raise UserError(str(exc)) from None
     click.echo(to_explanation(plan) if explain else render(plan, fmt, units), nl=False)

@@ -8,6 +8,7 @@ from . import checkpoints, cost
 from .architecture import LINEAR_KINDS, Architecture, Param, layout
 from .counts import Trainable, lora_trainable
 from .errors import PlanError
+from .fit import Fit, fit_limits
 from .gpus import Gpu, gpus_needed
 from .memory import (
     Term,
@@ -59,6 +60,7 @@ class MethodPlan:
     data_parallel: DataParallel | None = None  # placement on GPUs; `memory` is per GPU with --num-gpus
     flops_per_token: cost.Quantity | None = None
     compute: cost.Compute | None = None  # time and money, when tokens are given
+    fit: Fit | None = None  # largest batch and sequence that fit the GPU, when asked
 
 
 @dataclass(frozen=True)
@@ -244,9 +246,9 @@ def plan_dense(size: DenseSize, setup: TrainSetup, gpu: Gpu) -> MethodPlan:
 
 
 def make_plan(model: ModelSpec | DenseSize, setups: tuple[TrainSetup, ...], gpu: Gpu,
-              workload: cost.Workload | None = None) -> Plan:
+              workload: cost.Workload | None = None, fit: bool = False) -> Plan:
     """Plan each setup (one per method and rank) for one model on one kind of GPU; with a workload
-    of tokens, also its time and cost."""
+    of tokens, also its time and cost; with `fit`, the largest batch and sequence that fit."""
     if not setups:
         raise PlanError("nothing to plan: give at least one method")
     plans = []
@@ -265,6 +267,10 @@ def make_plan(model: ModelSpec | DenseSize, setups: tuple[TrainSetup, ...], gpu:
             plans.append(plan_lora(model, setup, gpu))
     if workload is not None and workload.tokens is not None:
         plans = [_with_compute(p, s, gpu, workload) for p, s in zip(plans, setups, strict=True)]
+    if fit:
+        if isinstance(model, DenseSize):
+            raise PlanError("--fit needs the model's shape for activations; pass --model")
+        plans = [replace(p, fit=fit_limits(model, s, gpu)) for p, s in zip(plans, setups, strict=True)]
     notes = sharding_notes(setups[0], isinstance(model, DenseSize))
     notes += cost.notes(workload, gpu, isinstance(model, DenseSize))
     if isinstance(model, DenseSize):

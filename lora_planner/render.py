@@ -74,6 +74,8 @@ def to_dict(plan: Plan) -> dict:
                 "full_checkpoint_bytes": p.full_checkpoint_bytes,
                 "storage_bytes": dict(p.storage),
                 "gpus_needed": p.gpus_needed,
+                "fit": None if p.fit is None else {
+                    "max_batch_size": p.fit.max_batch_size, "max_seq_len": p.fit.max_seq_len},
                 **_scale_dict(p),
             }
             for p in plan.plans
@@ -87,6 +89,12 @@ def to_dict(plan: Plan) -> dict:
 
 def to_json(plan: Plan) -> str:
     return json.dumps(to_dict(plan), indent=2)
+
+
+def _limit(n: int, ceiling: int | None = None) -> str:
+    if n == 0:
+        return "does not fit"
+    return f"{n:,}" + (" (context)" if ceiling is not None and n == ceiling else "")
 
 
 def _rows(plan: Plan, unit: str) -> list[list[str]]:
@@ -107,6 +115,12 @@ def _rows(plan: Plan, unit: str) -> list[list[str]]:
         rows.append(["+ CUDA context/cache"] + [
             fmt(p.device_overhead.bytes) if p.device_overhead else "-" for p in plan.plans])
     rows += _scale_rows(plan, fmt)
+    if any(p.fit for p in plan.plans):
+        s = plan.setup
+        rows.append([f"largest batch at {s.seq_len} tokens"]
+                    + [_limit(p.fit.max_batch_size) for p in plan.plans])
+        rows.append([f"longest sequence at batch {s.batch_size}"] + [
+            _limit(p.fit.max_seq_len, p.fit.seq_limit) for p in plan.plans])
     rows.append(["checkpoint"] + [fmt(p.checkpoint.bytes) for p in plan.plans])
     if plan.setup.tasks > 1:
         n = plan.setup.tasks

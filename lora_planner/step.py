@@ -20,6 +20,8 @@ from .timeline import Phase, States, peak_phase, step_phases
 # Modules of a decoder layer whose backward runs before attention's: the MLP and the norms around it.
 MLP_PART = ("mlp", "ln_2", "post_attention_layernorm", "pre_feedforward_layernorm",
             "post_feedforward_layernorm")
+# ...of which the output projection's gradient comes first, before the MLP's backward peak.
+MLP_OUTPUT = ("mlp.down_proj", "mlp.c_proj")
 # Only one optimizer keeps a full-size temporary in the step: foreach AdamW's sqrt(v).
 FOREACH_TEMPORARY = {"adamw": 1}
 
@@ -75,13 +77,14 @@ def predict_step(spec: ModelSpec, setup: TrainSetup, precision: Precision, memor
     prof = profile(spec, cond, wrapped, trainable)
     grad_bytes = precision.grad_bytes
     prefix = "transformer.h." if spec.family == "gpt2" else "model.layers."
-    per_layer = [[0, 0] for _ in range(spec.num_layers)]  # (attention part, MLP part)
+    # (attention part, rest of the MLP part, the MLP's output projection)
+    per_layer = [[0, 0, 0] for _ in range(spec.num_layers)]
     head = 0
     for path, numel in by_path.items():
         if path.startswith(prefix):
             index, _, rest = path[len(prefix):].partition(".")
-            mlp = rest.startswith(MLP_PART)
-            per_layer[int(index)][mlp] += numel * grad_bytes
+            part = 2 if rest.startswith(MLP_OUTPUT) else 1 if rest.startswith(MLP_PART) else 0
+            per_layer[int(index)][part] += numel * grad_bytes
         elif path == arch.head_path or (arch.tied_head and path.endswith(("wte", "embed_tokens"))):
             head += numel * grad_bytes
     trainable_numel = sum(by_path.values())
@@ -93,7 +96,7 @@ def predict_step(spec: ModelSpec, setup: TrainSetup, precision: Precision, memor
         optimizer_temporary=temp,
         inputs=2 * cond.tokens * INT64,
         head_gradients=head,
-        layer_gradients=tuple((a, m) for a, m in per_layer),
+        layer_gradients=tuple(tuple(parts) for parts in per_layer),
     )
     phases = step_phases(states, prof, spec.vocab_size if setup.task == "causal-lm" else setup.num_labels,
                          cond.tokens)

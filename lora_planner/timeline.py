@@ -39,7 +39,8 @@ class States:
     optimizer_temporary: int  # foreach AdamW's sqrt(v): trainable numel x state bytes
     inputs: int  # token ids and labels
     head_gradients: int  # gradients produced at the LM head (lm_head / tied embedding)
-    layer_gradients: tuple[tuple[int, int], ...]  # per decoder layer: (attention part, MLP part)
+    # per decoder layer: (attention part, the rest of the MLP part, the MLP's output projection)
+    layer_gradients: tuple[tuple[int, int, int], ...]
 
 
 @dataclass(frozen=True)
@@ -65,8 +66,8 @@ def step_phases(states: States, prof: Profile, vocab: int, tokens: int) -> tuple
     n = len(prof.layers)
     resid, mlp, attn = prof.transients
     for i in reversed(range(n)):
-        attn_grads, mlp_grads = states.layer_gradients[i]
-        grads += mlp_grads
+        attn_grads, mlp_grads, out_grads = states.layer_gradients[i]
+        grads += out_grads
         if prof.checkpointed:
             saved_below -= prof.layer_inputs[i]
             live = saved_below + prof.layers[i] + prof.layer_inputs[i] - prof.input_saved_by_layer[i]
@@ -77,7 +78,7 @@ def step_phases(states: States, prof: Profile, vocab: int, tokens: int) -> tuple
         # MLP's saved tensors are gone
         phases.append(Phase("backward", base + live + grads + resid + mlp,
                             f"backward through layer {i}'s MLP"))
-        grads += attn_grads
+        grads += mlp_grads + attn_grads
         phases.append(Phase("backward", base + live - prof.mlp_layers[i] + grads + resid + attn,
                             f"backward through layer {i}'s attention"))
     phases.append(Phase("backward", base + states.gradients + states.head_gradients // 2,

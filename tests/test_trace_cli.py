@@ -1,0 +1,44 @@
+"""`lora-plan trace`: traced beside predicted, in JSON and as a table; clear errors."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from lora_planner.cli import main
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+
+def test_trace_json_contract(tmp_path):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({
+        "model_type": "llama", "vocab_size": 256, "hidden_size": 64, "num_hidden_layers": 3,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 128,
+        "max_position_embeddings": 128}))
+    result = CliRunner().invoke(main, ["trace", "--model", str(config), "--method", "full", "--layers", "2",
+                                       "--seq-len", "32", "--batch-size", "2", "--format", "json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output[result.output.index("{"):])
+    terms = {"weights", "gradients", "optimizer_states", "activations", "peak"}
+    assert set(data["predicted"]) == terms and set(data["traced"]) == terms
+    assert all(isinstance(v, int) for v in data["traced"].values())
+    assert data["traced"]["activations"] == data["predicted"]["activations"]
+    assert abs(data["relative_error"]["peak"]) < 0.02
+    assert data["peak_phase"]["traced"] in ("forward", "backward", "optimizer")
+
+
+def test_trace_fake_runs_a_large_slice_without_its_memory():
+    result = CliRunner().invoke(main, ["trace", "--model", "llama-3.1-8b", "--layers", "1",
+                                       "--seq-len", "256", "--fake"])
+    assert result.exit_code == 0, result.output
+    assert "peak set in: predicted" in result.output
+    assert "activations" in result.output
+
+
+def test_trace_errors_are_one_line():
+    unknown = CliRunner().invoke(main, ["trace", "--model", "no-such-model"])
+    assert unknown.exit_code == 2 and "unknown model" in unknown.output
+    qlora = CliRunner().invoke(main, ["trace", "--model", "gpt2", "--method", "qlora"])
+    assert qlora.exit_code == 2
