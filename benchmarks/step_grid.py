@@ -2,7 +2,7 @@
 
     python benchmarks/step_grid.py            # the CI grid (tiny configs of every family)
     python benchmarks/step_grid.py --fake     # the same under FakeTensorMode
-    python benchmarks/step_grid.py --large    # fake traces of 2-layer slices of 7B/8B/70B
+    python benchmarks/step_grid.py --large    # fake traces: 2-layer slices of 7B/8B/70B, all of 7B
 
 Each line: the case, the traced peak and phase, the predicted peak and phase, the error of the
 peak and of each term, and the error of the old sum-of-terms estimate (model states + activations).
@@ -43,8 +43,12 @@ def grid(families=tuple(TINY)):
 
 
 def large():
-    for name, s in (("llama-2-7b", 4096), ("llama-3.1-8b", 4096), ("llama-3.1-70b", 4096)):
-        spec = replace(get_model(name), num_layers=2)
+    """2-layer slices of 7B, 8B and 70B at 4,096 tokens, and the whole 7B at 2,048."""
+    for name, layers, s in (("llama-2-7b", 2, 4096), ("llama-3.1-8b", 2, 4096), ("llama-3.1-70b", 2, 4096),
+                            ("llama-2-7b", None, 2048)):
+        spec = get_model(name)
+        if layers:
+            spec = replace(spec, num_layers=layers, name=f"{name}[:{layers} layers]")
         for method, ckpt in itertools.product(("full", "lora"), (False, True)):
             yield spec, TrainSetup(method=method, precision="amp", batch_size=1, seq_len=s,
                                    grad_checkpointing=ckpt)
@@ -53,6 +57,24 @@ def large():
 def sum_of_terms(predicted: dict) -> int:
     """What calculators that add terms report: model states plus activations."""
     return sum(predicted[k] for k in ("weights", "gradients", "optimizer_states", "activations"))
+
+
+def provenance(fake: bool) -> dict:
+    """Where and how the numbers were made (no hostname)."""
+    import datetime
+    import platform
+
+    import peft
+    import torch
+    import transformers
+
+    return {
+        "command": "python " + " ".join(sys.argv),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": "cpu, FakeTensorMode" if fake else "cpu",
+        "machine": platform.machine(), "python": platform.python_version(),
+        "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+    }
 
 
 def main() -> int:
@@ -66,6 +88,7 @@ def main() -> int:
     args = ap.parse_args()
     cases = list(large() if args.large else grid(tuple(args.family or TINY)))
     out = open(args.jsonl, "a") if args.jsonl else None
+    origin = provenance(args.fake or args.large) if out else None
     worst = 0.0
     for spec, setup in cases:
         start = time.perf_counter()
@@ -80,7 +103,8 @@ def main() -> int:
               f"{r.predicted['peak']:>14,} ({r.predicted_phase:9s}) peak {err['peak']:+.2%} | {terms} "
               f"| sum-of-terms {old:+.2%} [{time.perf_counter() - start:.1f}s]", flush=True)
         if out:
-            out.write(json.dumps({"case": label, **r.to_dict(), "sum_of_terms_error": old}) + "\n")
+            record = {"case": label, **r.to_dict(), "sum_of_terms_error": old, "provenance": origin}
+            out.write(json.dumps(record) + "\n")
             out.flush()
     print(f"{len(cases)} cases, worst peak error {worst:.2%}")
     return 0

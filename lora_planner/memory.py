@@ -85,8 +85,10 @@ def activation_term(prof) -> Term:
         body = (f"{len(prof.layer_inputs)} checkpointed layer inputs {_n(sum(prof.layer_inputs))} B + "
                 f"their shared arguments {_n(prof.checkpoint_args)} B")
     else:
-        per = prof.layers[-1] if prof.layers else 0
-        body = f"{len(prof.layers)} layers (last: {_n(per)} B) = {_n(sum(prof.layers))} B"
+        last = len(prof.layers) - 1
+        attn, mlp = prof.layers[last] - prof.mlp_layers[last], prof.mlp_layers[last]
+        body = (f"{len(prof.layers)} layers (each about attention {_n(attn)} B + MLP {_n(mlp)} B) "
+                f"= {_n(sum(prof.layers))} B")
     return Term("activations", prof.total,
                 f"embedding {_n(prof.embedding)} B + {body} + head and loss {_n(prof.head)} B "
                 f"= {_n(prof.total)} B")

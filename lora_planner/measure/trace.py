@@ -98,6 +98,11 @@ def _trainable_tensors(spec: ModelSpec, setup: TrainSetup) -> int:
 def trace(spec: ModelSpec, setup: TrainSetup, *, fake: bool = False, seed: int = 0) -> Comparison:
     """Run (or fake) one step of `setup` on `spec` on CPU and compare it with the prediction."""
     _check(setup)
+    if setup.method == "lora":
+        try:
+            import peft  # noqa: F401
+        except ImportError:
+            raise PlanError("tracing LoRA needs peft: pip install peft") from None
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
     from transformers import AutoConfig, AutoModelForCausalLM

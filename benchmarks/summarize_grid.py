@@ -1,0 +1,36 @@
+"""Summarise a step-grid JSONL (from `step_grid.py --jsonl`): ours against the sum of terms.
+
+    python benchmarks/summarize_grid.py results/step-grid-cpu.jsonl
+
+Prints a markdown table of the absolute peak error, median / p90 / max, for the step timeline and for
+the sum-of-terms estimate (model states + activations) on the same traced steps.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+
+
+def quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def main(path: str) -> int:
+    records = [json.loads(line) for line in open(path) if line.strip()]
+    ours = [abs(r["relative_error"]["peak"]) for r in records]
+    summed = [abs(r["sum_of_terms_error"]) for r in records]
+    within = sum(e <= 0.02 for e in ours)
+    print(f"{len(records)} traced steps ({records[0]['provenance']['device']}, torch "
+          f"{records[0]['provenance']['torch']}); peak within 2%: {within}/{len(records)}\n")
+    print("| estimate | median abs error | p90 | max |")
+    print("|---|---:|---:|---:|")
+    for name, errs in (("step timeline (lora-plan)", ours), ("sum of terms", summed)):
+        print(f"| {name} | {statistics.median(errs):.2%} | {quantile(errs, 0.9):.2%} | {max(errs):.2%} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))

@@ -1,0 +1,66 @@
+"""The validation grid: the predicted step against a real CPU trace, for every family.
+
+{full, lora} x {fp32, bf16 autocast} x {checkpointing off, on} x {eager, sdpa} x three batch/sequence
+shapes, on tiny configs of each family (GPT-2, Llama, Qwen2, Gemma-2, Phi-3, Mixtral). The activation
+walk must match the trace byte for byte, the model-state terms within 5%, the allocator-level peak
+within 2%. Known misses are listed with the reason and must keep failing (strict xfail), so a fix
+shows up as a test to update.
+"""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from step_grid import grid, large  # noqa: E402
+
+from lora_planner.measure.trace import trace  # noqa: E402
+
+# Checkpointed cases whose recomputation holds forward-only intermediates the timeline does not list:
+# Gemma-2's soft-capped eager scores and Mixtral's gathered expert rows.
+KNOWN = {
+    ("tiny-gemma2", "full", "fp32", 1, 128, "eager", True),
+    ("tiny-gemma2", "full", "fp32", 4, 64, "eager", True),
+    ("tiny-phi3", "lora", "amp", 1, 128, "eager", True),
+    ("tiny-mixtral", "lora", "fp32", 4, 64, "sdpa", True),
+    ("tiny-mixtral", "lora", "amp", 1, 128, "eager", True),
+    ("tiny-mixtral", "lora", "amp", 4, 64, "eager", True),
+}
+
+
+def _key(spec, s):
+    return (spec.name, s.method, s.precision, s.batch_size, s.seq_len, s.attention, s.grad_checkpointing)
+
+
+CASES = [
+    pytest.param(spec, setup, id="-".join(map(str, _key(spec, setup))),
+                 marks=[pytest.mark.xfail(strict=True, reason="recompute transient not modelled")]
+                 if _key(spec, setup) in KNOWN else [])
+    for spec, setup in grid()
+]
+
+
+@pytest.mark.parametrize(("spec", "setup"), CASES)
+def test_predicted_step_matches_the_trace(spec, setup):
+    result = trace(spec, setup)
+    errors = result.errors()
+    assert result.predicted["activations"] == result.traced["activations"]
+    for term in ("weights", "gradients", "optimizer_states"):
+        assert abs(errors[term]) <= 0.05, (term, errors)
+    assert abs(errors["peak"]) <= 0.02, errors
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("spec", "setup"), [pytest.param(s, u, id=f"{s.name}-{u.method}-"
+                                                          f"{'ckpt' if u.grad_checkpointing else 'plain'}")
+                                             for s, u in large()])
+def test_large_models_under_fake_tensors(spec, setup):
+    """2-layer slices of 7B/8B/70B at 4,096 tokens and all of 7B, traced without their memory."""
+    result = trace(spec, setup, fake=True)
+    assert result.predicted["activations"] == result.traced["activations"]
+    assert abs(result.errors()["peak"]) <= 0.02
