@@ -262,3 +262,7 @@ def trace_command(model_name, method, rank, targets, precision, batch_size, seq_
 from .reports.cli import report_group  # noqa: E402  (registered last: it reads this module lazily)
 
 main.add_command(report_group)
+
+from .measure.cli import measure_group  # noqa: E402  (registered last; imports only click)
+
+main.add_command(measure_group)

@@ -1,0 +1,160 @@
+"""`lora-plan measure run|sweep`: parse, call the job or the sweep, print the record.
+
+Only click and the standard library at module level: this group is registered on the planning
+CLI, which must start without torch.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+
+import click
+
+from ..errors import PlanError
+
+
+def resolve_device(device: str) -> str:
+    """`auto` picks cuda when a CUDA device is there; asking for cuda without one is an error."""
+    if device == "cpu":
+        return "cpu"
+    import torch
+
+    available = torch.cuda.is_available()
+    if device == "cuda" and not available:
+        raise PlanError(f"--device cuda: no CUDA device is available here (torch {torch.__version__}); "
+                        "use --device cpu")
+    return "cuda" if available else "cpu"
+
+
+def _command_line() -> str:
+    return shlex.join(["lora-plan", *sys.argv[1:]])
+
+
+def _split(values: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(v.strip() for value in values for v in value.split(",") if v.strip())
+
+
+def _percent(error: float | None) -> str:
+    return "n/a" if error is None else f"{100 * error:+.1f}%"
+
+
+@click.group("measure")
+def measure_group() -> None:
+    """Fine-tune GPT-2 for real and set measured memory beside the plan.
+
+    \b
+        lora-plan measure run --model gpt2 --method lora --rank 8 --steps 10 -o results.jsonl
+        lora-plan measure run --model ./config.json --method full --precision bf16 --device cuda
+        lora-plan measure sweep benchmarks/gpu_grid.toml -o results/gpu_grid.jsonl
+        lora-plan measure sweep --set model=gpt2 --grid method=full,lora --grid rank=1,8 -o r.jsonl
+    """
+
+
+@measure_group.command("run")
+@click.option("--model", default="gpt2", show_default=True, metavar="NAME|PATH",
+              help="A catalog name (gpt2, gpt2-medium, ...) or a local config.json or its folder.")
+@click.option("--weights", metavar="DIR", help="Start from the pretrained weights in a local folder.")
+@click.option("--method", type=click.Choice(["full", "lora"]), default="lora", show_default=True)
+@click.option("--rank", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--targets", multiple=True, metavar="T[,T]",
+              help="LoRA targets, matched as the planner matches them (default: the family's).")
+@click.option("--alpha", type=float, default=16.0, show_default=True, help="LoRA alpha; scaling alpha/r.")
+@click.option("--rslora", is_flag=True, help="Scale by alpha/sqrt(r) instead.")
+@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--seq-len", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--steps", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--lr", type=float, default=1e-4, show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
+              help="fp32; bf16 autocast; fp16 autocast with a grad scaler (both planned as `amp`).")
+@click.option("--grad-checkpointing", is_flag=True, help="Recompute activations in the backward pass.")
+@click.option("--attention", type=click.Choice(["sdpa", "eager"]), default="sdpa", show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="auto: cuda when there is one.")
+@click.option("--data", default="qa", show_default=True, metavar="qa|synthetic|FILE",
+              help="The built-in Q/A set, random tokens, or a local text file (byte-level ids).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--save-adapter", metavar="DIR", help="Save the trained adapter in PEFT's layout.")
+@click.option("-o", "--output", metavar="FILE", help="Append the record to this JSONL file.")
+def run_command(model, weights, method, rank, targets, alpha, rslora, dropout, batch_size, seq_len,
+                steps, lr, precision, grad_checkpointing, attention, device, data, seed, save_adapter,
+                output) -> None:
+    """Fine-tune once, read peak memory and speed, print the record (one JSON line).
+
+    \b
+        lora-plan measure run --model gpt2 --method lora --rank 8 --targets c_attn --steps 5
+        lora-plan measure run --model gpt2-medium --method full --batch-size 8 --seq-len 1024 \\
+            --precision bf16 --grad-checkpointing --device cuda -o results.jsonl
+    """
+    from ..cli import UserError
+    from .job import JobSettings, run_job
+
+    try:
+        settings = JobSettings(
+            model=model, weights=weights, method=method, rank=rank, targets=_split(targets),
+            alpha=alpha, rslora=rslora, dropout=dropout, batch_size=batch_size, seq_len=seq_len,
+            steps=steps, lr=lr, precision=precision, grad_checkpointing=grad_checkpointing,
+            attention=attention, device=resolve_device(device), data=data, seed=seed,
+        )
+        record = run_job(settings, output, _command_line(), save_adapter)
+    except PlanError as exc:
+        raise UserError(str(exc)) from None
+    click.echo(json.dumps(record))
+    measured = record["measured"]["peak_allocated"]
+    click.echo(
+        f"{record['status']}: predicted peak {record['predicted']['peak']:,} B, measured "
+        f"{'n/a' if measured is None else f'{measured:,} B'} "
+        f"({_percent(record['relative_error']['peak_allocated'])})"
+        + (f"; {record['error']}" if record["error"] else ""),
+        err=True,
+    )
+
+
+@measure_group.command("sweep")
+@click.argument("spec", required=False, type=click.Path(dir_okay=False))
+@click.option("--set", "fixed", multiple=True, metavar="KEY=VALUE",
+              help="A fixed setting for every job (over the spec's): --set steps=5.")
+@click.option("--grid", "grid", multiple=True, metavar="KEY=V1,V2",
+              help="A grid axis (over the spec's): --grid rank=1,8,64 --grid targets=c_attn,all-linear.")
+@click.option("-o", "--output", required=True, metavar="FILE", help="The JSONL results file (appended).")
+@click.option("--dry-run", is_flag=True,
+              help="Plan and list the jobs as JSON lines (id, done, predicted peak, settings); run none.")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
+def sweep_command(spec, fixed, grid, output, dry_run, progress) -> None:
+    """Run a grid of jobs, one subprocess each; rerun to resume where it stopped.
+
+    SPEC is a TOML, YAML or JSON file with `fixed` and `grid` tables; --set and --grid add to it
+    or replace its keys. An out-of-memory job is recorded as `oom` and the sweep goes on.
+
+    \b
+        lora-plan measure sweep benchmarks/gpu_grid.toml -o results/gpu_grid.jsonl
+        lora-plan measure sweep --set model=gpt2 --set steps=5 --grid method=full,lora \\
+            --grid rank=1,8 -o results.jsonl
+    """
+    from ..cli import UserError
+    from .records import finished_ids
+    from .sweep import check_jobs, expand, load_spec, parse_assignments, run_sweep
+
+    try:
+        plan = load_spec(spec) if spec else {"fixed": {}, "grid": {}}
+        plan["fixed"] |= parse_assignments(fixed, as_lists=False)
+        plan["grid"] |= parse_assignments(grid, as_lists=True)
+        device = plan["fixed"].get("device", "auto")
+        # Listing a GPU grid needs no GPU; running one does.
+        if "device" not in plan["grid"] and not (dry_run and device == "cuda"):
+            plan["fixed"]["device"] = resolve_device(device)
+        jobs = expand(plan)
+        if dry_run:
+            predictions = check_jobs(jobs)
+            done = finished_ids(output)
+            for job in jobs:
+                click.echo(json.dumps({"id": job.id, "done": job.id in done,
+                                       "predicted_peak": predictions[job.id]["peak"],
+                                       "settings": job.to_dict()}))
+            return
+        result = run_sweep(jobs, output, _command_line(), progress=progress)
+    except PlanError as exc:
+        raise UserError(str(exc)) from None
+    click.echo(result.summary(), err=True)

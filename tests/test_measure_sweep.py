@@ -1,0 +1,172 @@
+"""Sweeps: grids from files and options, one subprocess per job, OOMs recorded, resumable."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from lora_planner.cli import main
+from lora_planner.errors import PlanError
+from lora_planner.measure import sweep
+from lora_planner.measure.job import FAULT_ENV
+from lora_planner.measure.records import read_records
+
+ROOT = Path(__file__).resolve().parents[1]
+GPU_GRID = ROOT / "benchmarks" / "gpu_grid.toml"
+TINY = {"model_type": "gpt2", "vocab_size": 300, "n_embd": 32, "n_layer": 1, "n_head": 2, "n_positions": 64}
+
+SPEC_TEXT = {
+    ".toml": '[fixed]\nmodel = "gpt2"\ndevice = "cpu"\n[grid]\nmethod = ["full", "lora"]\nrank = [1, 8]\n',
+    ".yaml": "fixed:\n  model: gpt2\n  device: cpu\ngrid:\n  method: [full, lora]\n  rank: [1, 8]\n",
+    ".json": json.dumps({"fixed": {"model": "gpt2", "device": "cpu"},
+                         "grid": {"method": ["full", "lora"], "rank": [1, 8]}}),
+}
+
+
+@pytest.mark.parametrize("suffix", list(SPEC_TEXT))
+def test_spec_formats_expand_alike_and_full_has_no_rank(tmp_path, suffix):
+    if suffix == ".yaml":
+        pytest.importorskip("yaml")
+    path = tmp_path / f"spec{suffix}"
+    path.write_text(SPEC_TEXT[suffix])
+    jobs = sweep.expand(sweep.load_spec(path))
+    assert [(j.method, j.rank) for j in jobs] == [("full", None), ("lora", 1), ("lora", 8)]
+    assert len({j.id for j in jobs}) == 3
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[grid]\nrank = 8\n", "must be a non-empty list"),
+    ("[grids]\nrank = [8]\n", "unknown section"),
+    ("[fixed]\ncolour = 'red'\n", "unknown job setting 'colour'"),
+    ("[fixed\n", "cannot parse"),
+])
+def test_bad_specs_are_plan_errors(tmp_path, text, message):
+    path = tmp_path / "spec.toml"
+    path.write_text(text)
+    with pytest.raises(PlanError, match=message):
+        sweep.expand(sweep.load_spec(path))
+
+
+def test_command_line_values_are_typed_by_setting():
+    grid = sweep.parse_assignments(["rank=1,8", "targets=c_attn,c_attn+c_fc", "grad-checkpointing=off,on"],
+                                   as_lists=True)
+    assert grid == {"rank": [1, 8], "targets": [["c_attn"], ["c_attn", "c_fc"]],
+                    "grad_checkpointing": [False, True]}
+    fixed = sweep.parse_assignments(["lr=3e-4", "weights=none"], as_lists=False)
+    assert fixed == {"lr": 3e-4, "weights": None}
+    with pytest.raises(PlanError, match="cannot read 'eight' as"):
+        sweep.parse_assignments(["rank=eight"], as_lists=False)
+
+
+def test_standard_gpu_grid_is_336_planned_cuda_jobs():
+    jobs = sweep.expand(sweep.load_spec(GPU_GRID))
+    assert len(jobs) == 3 * 7 * 2 * 2 * 2 * 2
+    assert {j.device for j in jobs} == {"cuda"}
+    assert {(j.method, j.rank, j.targets) for j in jobs} == {("full", None, ())} | {
+        ("lora", r, t) for r in (1, 8, 64) for t in (("c_attn",), ("all-linear",))}
+    predictions = sweep.check_jobs(jobs)
+    assert all(p["peak"] > p["weights"] > 0 for p in predictions.values())
+
+
+def test_dry_run_lists_jobs_and_what_is_done(tmp_path):
+    output = tmp_path / "results.jsonl"
+    args = ["measure", "sweep", "--set", "device=cpu", "--grid", "method=full,lora", "--grid", "rank=1,8",
+            "-o", str(output), "--dry-run"]
+    listed = [json.loads(line) for line in CliRunner().invoke(main, args).output.splitlines()]
+    assert [(j["settings"]["method"], j["settings"]["rank"]) for j in listed] == [
+        ("full", None), ("lora", 1), ("lora", 8)]
+    assert not any(j["done"] for j in listed)
+    output.write_text(json.dumps({"id": listed[1]["id"], "status": "ok"}) + "\n")
+    again = [json.loads(line) for line in CliRunner().invoke(main, args).output.splitlines()]
+    assert [j["done"] for j in again] == [False, True, False]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--grid", "rank"], "expected KEY=VALUE"),
+    (["--grid", "colour=red"], "unknown job setting 'colour'"),
+    (["--set", "model=gpt2-huge"], "unknown model 'gpt2-huge'"),
+    (["--set", "seq_len=4096"], "longer than gpt2's 1024 positions"),
+    (["missing.toml"], "no sweep spec at missing.toml"),
+])
+def test_sweep_mistakes_are_one_line_exit_2(tmp_path, args, message):
+    result = CliRunner().invoke(main, ["measure", "sweep", *args, "--set", "device=cpu",
+                                       "-o", str(tmp_path / "r.jsonl"), "--dry-run"])
+    assert result.exit_code == 2
+    assert message in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def _sweep_args(tmp_path: Path) -> tuple[list[str], list[str]]:
+    """Three cheap jobs on a one-layer model, and their ids."""
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(TINY))
+    fixed = ["--set", f"model={config}", "--set", "device=cpu", "--set", "steps=1", "--set", "seq_len=8"]
+    grid = ["--grid", "rank=1,2,4"]
+    spec = {"fixed": sweep.parse_assignments(fixed[1::2], False),
+            "grid": sweep.parse_assignments(grid[1::2], True)}
+    return [*fixed, *grid], [j.id for j in sweep.expand(spec)]
+
+
+def _run_sweep(args: list[str], output: Path, fault: str) -> subprocess.CompletedProcess:
+    code = "import sys; from lora_planner.cli import main; main(sys.argv[1:], prog_name='lora-plan')"
+    env = {**os.environ, FAULT_ENV: fault}
+    return subprocess.run([sys.executable, "-c", code, "measure", "sweep", *args, "-o", str(output),
+                           "--no-progress"], capture_output=True, text=True, env=env, cwd=ROOT)
+
+
+def test_oom_is_recorded_and_the_sweep_goes_on(tmp_path):
+    """Faults are rehearsed before torch loads, so each job costs one Python start."""
+    args, ids = _sweep_args(tmp_path)
+    output = tmp_path / "results.jsonl"
+    done = _run_sweep(args, output, f"error@{ids[0]},oom@{ids[1]},error@{ids[2]}")
+    assert done.returncode == 0, done.stderr
+    found = read_records(output)
+    assert [(r["id"], r["status"]) for r in found] == [(ids[0], "error"), (ids[1], "oom"), (ids[2], "error")]
+    assert "out of memory" in found[1]["error"] and found[1]["predicted"]["peak"] > 0
+    assert "3 jobs: 0 already in the results file; ran 2 error, 1 oom" in done.stderr
+
+
+def test_killed_sweep_loses_no_finished_job_and_resumes(tmp_path):
+    args, ids = _sweep_args(tmp_path)
+    output = tmp_path / "results.jsonl"
+    killed = _run_sweep(args, output, f"error@{ids[0]},kill-sweep@{ids[1]}")
+    assert killed.returncode == -9  # the sweep itself was killed, mid-grid
+    first_lines = output.read_text().splitlines()
+    assert [json.loads(line)["id"] for line in first_lines] == [ids[0]]
+
+    resumed = _run_sweep(args, output, "error")
+    assert resumed.returncode == 0, resumed.stderr
+    lines = output.read_text().splitlines()
+    assert lines[0] == first_lines[0]  # the finished job was neither lost nor rerun
+    assert [json.loads(line)["id"] for line in lines] == ids
+    assert "3 jobs: 1 already in the results file; ran 2 error" in resumed.stderr
+
+
+def test_a_job_that_dies_without_a_record_gets_an_error_record(tmp_path):
+    args, ids = _sweep_args(tmp_path)
+    jobs = [j for j in sweep.expand({"fixed": sweep.parse_assignments(args[1:8:2], False),
+                                     "grid": {"rank": [1]}})]
+    output = tmp_path / "results.jsonl"
+    result = sweep.run_sweep(jobs, output, launcher=lambda job, out, cmd: sweep.Launch(-9, "Killed\n"),
+                             progress=False)
+    (record,) = read_records(output)
+    assert result.statuses == {"error": 1}
+    assert record["status"] == "error" and "signal 9" in record["error"] and record["predicted"]["peak"] > 0
+
+
+@pytest.mark.slow
+def test_a_real_sweep_trains_every_job_in_its_own_process(tmp_path):
+    args, ids = _sweep_args(tmp_path)
+    output = tmp_path / "results.jsonl"
+    done = _run_sweep([*args, "--set", "steps=3"], output, "")
+    assert done.returncode == 0, done.stderr
+    found = read_records(output)
+    assert len(found) == 3 and {r["status"] for r in found} == {"ok"}
+    assert all(isinstance(r["measured"]["peak_allocated"], int) for r in found)
+    assert [r["predicted"]["trainable_params"] for r in found] == sorted(
+        r["predicted"]["trainable_params"] for r in found)  # rank 1 < 2 < 4
