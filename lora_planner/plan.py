@@ -279,6 +279,9 @@ def make_plan(model: ModelSpec | DenseSize, setups: tuple[TrainSetup, ...], gpu:
                      "without the model's shape, so peak is the sum of model states")
     else:
         first = setups[0]
+        if first.seq_len > model.max_positions:
+            notes.append(f"--seq-len {first.seq_len:,} is longer than {model.name}'s context of "
+                         f"{model.max_positions:,} positions: the model cannot train on it as is")
         info = ModelInfo(model.name, model.family,
                          layout(model, first.task, first.num_labels).total_params, model.source, model)
     return Plan(info, setups[0], gpu, tuple(plans), tuple(notes), workload)
