@@ -64,6 +64,7 @@ def main() -> None:
         lora-plan --model 70b --rank 8
         lora-plan --model llama-3.1-8b --method lora --rank 1,8,64 --targets all-linear
         lora-plan --params 70e9 --method full --precision bf16 --gpu-mem 80GB
+        lora-plan --model 8b --method lora --batch-size 8 --seq-len 4096 --grad-checkpointing --fit
         lora-plan --model ./my-model/config.json --format json
     """
 
@@ -128,7 +129,8 @@ def plan_command(model_name, params_text, methods, ranks, targets, precision, op
                  modules_to_save, double_quant, save_dtype, task, num_labels, tasks, batch_size,
                  seq_len, grad_checkpointing, attention, gpu_name, gpu_mem, fmt, units, explain,
                  fit, **scale) -> None:
-    """Trainable parameters, model-state memory, GPUs and checkpoint sizes, method by method;
+    """Trainable parameters, memory by term (model states, activations, the step's peak), GPUs and
+    checkpoint sizes, method by method; with --fit, the largest batch and sequence that fit;
     with --tokens, training FLOPs, hours and cost; with --num-gpus, memory per GPU under ZeRO/FSDP.
 
     \b
