@@ -162,7 +162,7 @@ def _wrap(model, strategy: str, world_size: int):
 
 
 def measure_rank(strategy: str, batch_size: int, seq_len: int, shape: dict | None = None) -> dict:
-    """Trace one step on this rank (the process group must be up) and return its row."""
+    """Trace one steady-state step on this rank (the process group must be up); return its row."""
     import torch.distributed as dist
 
     rank, world_size = dist.get_rank(), dist.get_world_size()
@@ -177,6 +177,11 @@ def measure_rank(strategy: str, batch_size: int, seq_len: int, shape: dict | Non
     generator = torch.Generator().manual_seed(rank)  # each rank its own micro-batch
     ids = torch.randint(0, spec.vocab_size, (batch_size, seq_len), generator=generator).to(device)
 
+    # One untraced step first: the optimizer's states then exist, as in every step of a run but
+    # the first, which is the step the plan describes.
+    model(ids).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
     tracer = _shard_aware_tracer()(model, optimizer)
     with tracer:
         with tracer.phase("forward"):
