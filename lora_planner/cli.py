@@ -2,22 +2,21 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import click
 
 from . import __version__
 from .catalog import CATALOG
 from .counts import BIAS_MODES, PRESET_NAMES
 from .errors import PlanError
-from .gpus import DEFAULT_GPU, GPUS, get_gpu
+from .gpus import DEFAULT_GPU, GPUS, get_gpu, with_memory
 from .optimizers import OPTIMIZERS
-from .plan import METHODS, make_plan
+from .plan import METHODS, check_methods, make_plan
 from .precision import DEFAULT_PRECISION, PRECISIONS
 from .render import FORMATS, render, to_explanation
 from .scale_options import scale_options, setup_changes, workload
 from .spec import DenseSize, TrainSetup
-from .units import parse_bytes, parse_count
+from .step_options import step_options
+from .units import parse_count
 
 
 class UserError(click.ClickException):
@@ -105,14 +104,7 @@ def main() -> None:
               help="Outputs of the seq-cls head.")
 @click.option("--tasks", "tasks", type=click.IntRange(min=1), default=1, show_default=True,
               help="Storage for N task-specific fine-tunes: N full copies vs base + N adapters.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Micro-batch size (sequences per step per GPU).")
-@click.option("--seq-len", type=click.IntRange(min=1), default=2048, show_default=True,
-              help="Tokens per sequence.")
-@click.option("--grad-checkpointing/--no-grad-checkpointing", default=False, show_default=True,
-              help="Hugging Face per-layer checkpointing: keep layer inputs, recompute in backward.")
-@click.option("--attention", type=click.Choice(["sdpa", "eager"]), default="sdpa", show_default=True,
-              help="sdpa: flash / memory-efficient kernels (no s x s scores kept); eager: keeps them.")
+@step_options
 @click.option("--gpu", "gpu_name", default=DEFAULT_GPU, show_default=True,
               help=f"GPU kind: {', '.join(g.name for g in GPUS)}.")
 @click.option("--gpu-mem", "gpu_mem", metavar="SIZE",
@@ -150,13 +142,10 @@ def plan_command(model_name, params_text, methods, ranks, targets, precision, op
 
             model = resolve_model(model_name)
             default_methods = METHODS
-        chosen = _split(methods) or default_methods
-        for m in chosen:
-            if m not in METHODS:
-                raise PlanError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+        chosen = check_methods(_split(methods) or default_methods)
         gpu = get_gpu(gpu_name)
         if gpu_mem:
-            gpu = replace(gpu, name=f"{gpu_mem} GPU", memory_bytes=parse_bytes(gpu_mem))
+            gpu = with_memory(gpu, gpu_mem)
         base = TrainSetup(
             precision=precision, optimizer=optimizer, bias=bias, use_dora=dora,
             targets=_split(targets) or ("default",), modules_to_save=_split(modules_to_save),

@@ -76,3 +76,12 @@ def gpus_needed(required_bytes: int, gpu_bytes: int) -> int:
     """Fewest GPUs whose memory holds `required_bytes` when it is sharded evenly across them:
     ceil(required / capacity). 840 GB of model states on 80 GB cards needs 11."""
     return max(1, math.ceil(required_bytes / gpu_bytes))
+
+
+def with_memory(gpu: Gpu, size_text: str) -> Gpu:
+    """The same GPU kind (throughput, price) with its memory overridden, e.g. from `--gpu-mem 24GB`."""
+    from dataclasses import replace
+
+    from .units import parse_bytes
+
+    return replace(gpu, name=f"{size_text} GPU", memory_bytes=parse_bytes(size_text))

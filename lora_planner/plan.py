@@ -245,6 +245,14 @@ def plan_dense(size: DenseSize, setup: TrainSetup, gpu: Gpu) -> MethodPlan:
     )
 
 
+def check_methods(methods: tuple[str, ...]) -> tuple[str, ...]:
+    """The methods asked for, each one we plan, or a PlanError naming the choices."""
+    for m in methods:
+        if m not in METHODS:
+            raise PlanError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+    return methods
+
+
 def make_plan(model: ModelSpec | DenseSize, setups: tuple[TrainSetup, ...], gpu: Gpu,
               workload: cost.Workload | None = None, fit: bool = False) -> Plan:
     """Plan each setup (one per method and rank) for one model on one kind of GPU; with a workload

@@ -5,21 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from click.testing import CliRunner
 
-from lora_planner.cli import main
+from tests.test_cli import plan_json, run
 
 TIME_KEYS = ("flops", "wall_hours", "gpu_hours", "cost_usd")
-
-
-def run(*args: str):
-    return CliRunner().invoke(main, list(args))
-
-
-def plan_json(*args: str) -> dict:
-    result = run(*args, "--format", "json")
-    assert result.exit_code == 0, result.output
-    return json.loads(result.output)
 
 
 def test_time_keys_are_null_without_tokens():

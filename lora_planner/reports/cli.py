@@ -14,6 +14,7 @@ import click
 from ..gpus import DEFAULT_GPU
 from ..optimizers import OPTIMIZERS
 from ..precision import DEFAULT_PRECISION, PRECISIONS
+from ..step_options import step_options
 from .capacity import DEFAULT_MODELS, DEFAULT_RANKS, DEFAULT_TASKS
 
 
@@ -83,13 +84,7 @@ def report_group() -> None:
 @click.option("--optimizer", type=click.Choice(list(OPTIMIZERS)), default="adamw", show_default=True)
 @click.option("--tasks", type=click.IntRange(min=1), default=DEFAULT_TASKS, show_default=True,
               help="Storage section: N fine-tunes as N full copies or one base plus N adapters.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Micro-batch size (sequences per step per GPU), for activations.")
-@click.option("--seq-len", type=click.IntRange(min=1), default=2048, show_default=True,
-              help="Tokens per sequence, for activations.")
-@click.option("--grad-checkpointing/--no-grad-checkpointing", default=False, show_default=True,
-              help="Activations with per-layer checkpointing, as for `lora-plan plan`.")
-@click.option("--attention", type=click.Choice(["sdpa", "eager"]), default="sdpa", show_default=True)
+@step_options
 @click.option("--units", type=click.Choice(["GB", "GiB"]), default="GB", show_default=True,
               help="GB = 10^9 bytes, GiB = 2^30 bytes.")
 @click.option("-o", "--output", "output", type=click.Path(dir_okay=False), default="capacity.md",
@@ -111,21 +106,17 @@ def capacity_command(ctx, models, methods, ranks, targets, gpu_name, gpu_mem, pr
 
     from ..cli import UserError, _ranks, _split
     from ..errors import PlanError
-    from ..gpus import Gpu, get_gpu
-    from ..plan import METHODS
+    from ..gpus import get_gpu, with_memory
+    from ..plan import METHODS, check_methods
     from ..spec import TrainSetup
-    from ..units import parse_bytes
     from .capacity import CapacitySettings, write_capacity_report
 
     _need_pandas()
     try:
-        chosen_methods = _split(methods) or METHODS
-        for m in chosen_methods:
-            if m not in METHODS:
-                raise PlanError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+        chosen_methods = check_methods(_split(methods) or METHODS)
         gpu = get_gpu(gpu_name)
         if gpu_mem:
-            gpu = Gpu(f"{gpu_mem} GPU", parse_bytes(gpu_mem))
+            gpu = with_memory(gpu, gpu_mem)
         settings = CapacitySettings(
             models=_split(models) or DEFAULT_MODELS,
             methods=tuple(dict.fromkeys(chosen_methods)),

@@ -1,0 +1,30 @@
+"""The options that shape one training step (batch, sequence, checkpointing, attention).
+
+Shared by `plan` and `report capacity`, so both read the same flags with the same help.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import click
+
+
+def step_options(f: Callable) -> Callable:
+    """Add --batch-size, --seq-len, --grad-checkpointing and --attention to a click command."""
+    options = [
+        click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="Micro-batch size (sequences per step per GPU)."),
+        click.option("--seq-len", type=click.IntRange(min=1), default=2048, show_default=True,
+                     help="Tokens per sequence."),
+        click.option("--grad-checkpointing/--no-grad-checkpointing", default=False, show_default=True,
+                     help="Hugging Face per-layer checkpointing: keep layer inputs, recompute in "
+                          "backward."),
+        click.option("--attention", type=click.Choice(["sdpa", "eager"]), default="sdpa",
+                     show_default=True,
+                     help="sdpa: flash / memory-efficient kernels (no s x s scores kept); eager: keeps "
+                          "them."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
