@@ -230,7 +230,7 @@ class Graph:
             # keeping one keeps the whole fused output (eager uses q and k so too; the math
             # kernel scales copies of them)
             vc = fused
-            if eager and qc.itemsize == fused.itemsize and spec_fused_qk(fused, q):
+            if eager and qc.itemsize == fused.itemsize and q.key == fused.key:  # q a slice too (GPT-2)
                 qc = kc = fused
         if kc.grad:
             self.save(qc)  # q @ k^T keeps q for k's gradient and k for q's
@@ -254,11 +254,6 @@ class Graph:
         if x.grad:
             self.save(cos, sin)
         return self.new(x.numel, max(x.itemsize, cos.itemsize), x.grad)
-
-
-def spec_fused_qk(fused: Tensor, q: Tensor) -> bool:
-    """q is itself a slice of the fused output (GPT-2), not a rotated copy of one (Phi-3)."""
-    return q.key == fused.key
 
 
 def _layers_prefix(spec: ModelSpec) -> str:
