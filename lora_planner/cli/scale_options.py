@@ -10,11 +10,11 @@ from collections.abc import Callable
 
 import click
 
-from .cost import DEFAULT_MFU, Workload, load_prices, training_tokens
-from .errors import PlanError
-from .gpus import PRICES_AS_OF, Gpu
-from .sharding import OFFLOADS, STRATEGIES, STRATEGY_ALIASES, strategy_name
-from .units import parse_count
+from ..cost import DEFAULT_MFU, Workload, load_prices, training_tokens
+from ..errors import PlanError
+from ..gpus import PRICES_AS_OF, Gpu
+from ..sharding import OFFLOADS, STRATEGIES, STRATEGY_ALIASES, strategy_name
+from ..units import parse_count
 
 OPTIONS = ("num_gpus", "sharding", "offload", "tokens", "dataset_tokens", "epochs", "mfu", "price",
            "price_file")

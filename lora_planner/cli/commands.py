@@ -1,74 +1,25 @@
-"""The `lora-plan` command: parse, call the planner, render. Nothing else lives here."""
+"""The `plan`, `models` and `trace` commands: parse, call the planner, render."""
 
 from __future__ import annotations
 
 import click
 
-from . import __version__
-from .catalog import CATALOG
-from .counts import BIAS_MODES, PRESET_NAMES
-from .errors import PlanError
-from .gpus import DEFAULT_GPU, GPUS, get_gpu, with_memory
-from .optimizers import OPTIMIZERS
-from .plan import METHODS, check_methods, make_plan
-from .precision import DEFAULT_PRECISION, PRECISIONS
-from .render import FORMATS, render, to_explanation
+from ..catalog import CATALOG
+from ..counts import BIAS_MODES, PRESET_NAMES
+from ..errors import PlanError
+from ..gpus import DEFAULT_GPU, GPUS, get_gpu, with_memory
+from ..optimizers import OPTIMIZERS
+from ..plan import METHODS, check_methods, make_plan
+from ..precision import DEFAULT_PRECISION, PRECISIONS
+from ..render import FORMATS, render, to_explanation
+from ..spec import DenseSize, TrainSetup
+from ..units import parse_count
+from .common import UserError, parse_ranks, split_values
 from .scale_options import scale_options, setup_changes, workload
-from .spec import DenseSize, TrainSetup
 from .step_options import step_options
-from .units import parse_count
 
 
-class UserError(click.ClickException):
-    """A user mistake: one line on stderr, exit code 2, no traceback."""
-
-    exit_code = 2
-
-
-def _split(values: tuple[str, ...]) -> tuple[str, ...]:
-    """Options that repeat or take commas: `--rank 1,8 --rank 64` -> ('1', '8', '64')."""
-    return tuple(v.strip() for value in values for v in value.split(",") if v.strip())
-
-
-def _ranks(values: tuple[str, ...]) -> tuple[int, ...]:
-    ranks = []
-    for v in _split(values):
-        try:
-            rank = int(v)
-        except ValueError:
-            raise PlanError(f"rank must be a whole number, got {v!r}") from None
-        if rank <= 0:
-            raise PlanError(f"rank must be a positive integer, got {rank}")
-        ranks.append(rank)
-    return tuple(dict.fromkeys(ranks)) or (8,)
-
-
-class DefaultGroup(click.Group):
-    """A group whose `plan` command runs when no command is named: `lora-plan --model 70b`."""
-
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
-            args = ["plan", *args]
-        return super().parse_args(ctx, args)
-
-
-@click.group(cls=DefaultGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="lora-plan")
-def main() -> None:
-    """Plan the memory, GPUs and checkpoints of a fine-tune before you rent anything.
-
-    With no command, `plan` runs:
-
-    \b
-        lora-plan --model 70b --rank 8
-        lora-plan --model llama-3.1-8b --method lora --rank 1,8,64 --targets all-linear
-        lora-plan --params 70e9 --method full --precision bf16 --gpu-mem 80GB
-        lora-plan --model 8b --method lora --batch-size 8 --seq-len 4096 --grad-checkpointing --fit
-        lora-plan --model ./my-model/config.json --format json
-    """
-
-
-@main.command("plan")
+@click.command("plan")
 @click.option("--model", "model_name", metavar="NAME|PATH|HUB-ID",
               help="Catalog name or alias (see `lora-plan models`), a local config.json or its "
                    "folder, or a Hugging Face hub id (needs network).")
@@ -138,23 +89,23 @@ def plan_command(model_name, params_text, methods, ranks, targets, precision, op
             model = DenseSize(parse_count(params_text))
             default_methods: tuple[str, ...] = ("full",)
         else:
-            from .resolve import resolve_model
+            from ..resolve import resolve_model
 
             model = resolve_model(model_name)
             default_methods = METHODS
-        chosen = check_methods(_split(methods) or default_methods)
+        chosen = check_methods(split_values(methods) or default_methods)
         gpu = get_gpu(gpu_name)
         if gpu_mem:
             gpu = with_memory(gpu, gpu_mem)
         base = TrainSetup(
             precision=precision, optimizer=optimizer, bias=bias, use_dora=dora,
-            targets=_split(targets) or ("default",), modules_to_save=_split(modules_to_save),
+            targets=split_values(targets) or ("default",), modules_to_save=split_values(modules_to_save),
             double_quant=double_quant, save_dtype=save_dtype, task=task, num_labels=num_labels,
             tasks=tasks, batch_size=batch_size, seq_len=seq_len,
             grad_checkpointing=grad_checkpointing, attention=attention,
             **setup_changes(**scale),
         )
-        rank_list = _ranks(ranks)
+        rank_list = parse_ranks(ranks)
         setups = []
         for m in dict.fromkeys(chosen):
             if m == "full":
@@ -167,7 +118,7 @@ def plan_command(model_name, params_text, methods, ranks, targets, precision, op
     click.echo(to_explanation(plan) if explain else render(plan, fmt, units), nl=False)
 
 
-@main.command("models")
+@click.command("models")
 @click.option("--format", "fmt", type=click.Choice(["table", "markdown", "json"]), default="table",
               show_default=True)
 def models_command(fmt: str) -> None:
@@ -176,7 +127,7 @@ def models_command(fmt: str) -> None:
 
     from tabulate import tabulate
 
-    from .counts import total_params
+    from ..counts import total_params
 
     rows = [
         {"name": s.name, "aliases": list(s.aliases), "params": total_params(s), "family": s.family,
@@ -193,7 +144,7 @@ def models_command(fmt: str) -> None:
                         colalign=("left", "left", "right", "left", "left")))
 
 
-@main.command("trace")
+@click.command("trace")
 @click.option("--model", "model_name", required=True, metavar="NAME|PATH",
               help="Catalog name or a local config.json (as for `plan`).")
 @click.option("--method", type=click.Choice(["full", "lora"]), default="lora", show_default=True)
@@ -222,15 +173,15 @@ def trace_command(model_name, method, rank, targets, precision, batch_size, seq_
     """
     import json
 
-    from .resolve import resolve_model
+    from ..resolve import resolve_model
 
     try:
         spec = resolve_model(model_name)
-        setup = TrainSetup(method=method, rank=rank, targets=_split(targets) or ("default",),
+        setup = TrainSetup(method=method, rank=rank, targets=split_values(targets) or ("default",),
                            precision=precision, batch_size=batch_size, seq_len=seq_len,
                            grad_checkpointing=grad_checkpointing, attention=attention)
         try:
-            from .measure.trace import sliced, trace
+            from ..measure.trace import sliced, trace
         except ImportError as exc:
             raise PlanError(f"trace needs torch and transformers: pip install 'lora-plan[measure]' "
                             f"({exc})") from None
@@ -248,12 +199,3 @@ def trace_command(model_name, method, rank, targets, precision, batch_size, seq_
     click.echo(tabulate(rows, headers=["bytes", "predicted", "traced", "error"],
                         colalign=("left", "right", "right", "right")))
     click.echo(f"peak set in: predicted {result.predicted_phase}, traced {result.traced_phase}")
-
-
-from .reports.cli import report_group  # noqa: E402  (registered last: it reads this module lazily)
-
-main.add_command(report_group)
-
-from .measure.cli import measure_group  # noqa: E402  (registered last; imports only click)
-
-main.add_command(measure_group)

@@ -13,6 +13,7 @@ import sys
 import click
 
 from ..errors import PlanError
+from .common import UserError, split_values
 
 
 def resolve_device(device: str) -> str:
@@ -30,10 +31,6 @@ def resolve_device(device: str) -> str:
 
 def _command_line() -> str:
     return shlex.join(["lora-plan", *sys.argv[1:]])
-
-
-def _split(values: tuple[str, ...]) -> tuple[str, ...]:
-    return tuple(v.strip() for value in values for v in value.split(",") if v.strip())
 
 
 def _percent(error: float | None) -> str:
@@ -88,12 +85,11 @@ def run_command(model, weights, method, rank, targets, alpha, rslora, dropout, b
         lora-plan measure run --model gpt2-medium --method full --batch-size 8 --seq-len 1024 \\
             --precision bf16 --grad-checkpointing --device cuda -o results.jsonl
     """
-    from ..cli import UserError
-    from .job import JobSettings, run_job
+    from ..measure.job import JobSettings, run_job
 
     try:
         settings = JobSettings(
-            model=model, weights=weights, method=method, rank=rank, targets=_split(targets),
+            model=model, weights=weights, method=method, rank=rank, targets=split_values(targets),
             alpha=alpha, rslora=rslora, dropout=dropout, batch_size=batch_size, seq_len=seq_len,
             steps=steps, lr=lr, precision=precision, grad_checkpointing=grad_checkpointing,
             attention=attention, device=resolve_device(device), data=data, seed=seed,
@@ -133,9 +129,8 @@ def sweep_command(spec, fixed, grid, output, dry_run, progress) -> None:
         lora-plan measure sweep --set model=gpt2 --set steps=5 --grid method=full,lora \\
             --grid rank=1,8 -o results.jsonl
     """
-    from ..cli import UserError
-    from .records import finished_ids
-    from .sweep import check_jobs, expand, load_spec, parse_assignments, run_sweep
+    from ..measure.records import finished_ids
+    from ..measure.sweep import check_jobs, expand, load_spec, parse_assignments, run_sweep
 
     try:
         plan = load_spec(spec) if spec else {"fixed": {}, "grid": {}}

@@ -14,8 +14,9 @@ import click
 from ..gpus import DEFAULT_GPU
 from ..optimizers import OPTIMIZERS
 from ..precision import DEFAULT_PRECISION, PRECISIONS
-from ..step_options import step_options
-from .capacity import DEFAULT_MODELS, DEFAULT_RANKS, DEFAULT_TASKS
+from ..reports.capacity import DEFAULT_MODELS, DEFAULT_RANKS, DEFAULT_TASKS
+from .common import UserError, parse_ranks, split_values
+from .step_options import step_options
 
 
 def _command_line(ctx: click.Context) -> str:
@@ -40,7 +41,6 @@ def _command_line(ctx: click.Context) -> str:
 
 def _need_pandas() -> None:
     """Tables need pandas (charts only want matplotlib, and go without it); say so in one line."""
-    from ..cli import UserError
 
     try:
         import pandas  # noqa: F401
@@ -104,25 +104,24 @@ def capacity_command(ctx, models, methods, ranks, targets, gpu_name, gpu_mem, pr
     """
     from pathlib import Path
 
-    from ..cli import UserError, _ranks, _split
     from ..errors import PlanError
     from ..gpus import get_gpu, with_memory
     from ..plan import METHODS, check_methods
+    from ..reports.capacity import CapacitySettings, write_capacity_report
     from ..spec import TrainSetup
-    from .capacity import CapacitySettings, write_capacity_report
 
     _need_pandas()
     try:
-        chosen_methods = check_methods(_split(methods) or METHODS)
+        chosen_methods = check_methods(split_values(methods) or METHODS)
         gpu = get_gpu(gpu_name)
         if gpu_mem:
             gpu = with_memory(gpu, gpu_mem)
         settings = CapacitySettings(
-            models=_split(models) or DEFAULT_MODELS,
+            models=split_values(models) or DEFAULT_MODELS,
             methods=tuple(dict.fromkeys(chosen_methods)),
-            ranks=_ranks(ranks) if ranks else DEFAULT_RANKS,
+            ranks=parse_ranks(ranks) if ranks else DEFAULT_RANKS,
             gpu=gpu,
-            setup=TrainSetup(targets=_split(targets) or ("default",), precision=precision,
+            setup=TrainSetup(targets=split_values(targets) or ("default",), precision=precision,
                              optimizer=optimizer, tasks=tasks, batch_size=batch_size, seq_len=seq_len,
                              grad_checkpointing=grad_checkpointing, attention=attention),
             unit=units,
@@ -159,8 +158,7 @@ def validation_command(ctx, records, units, worst, output) -> None:
     """
     from pathlib import Path
 
-    from ..cli import UserError
-    from .validation import write_validation_report
+    from ..reports.validation import write_validation_report
 
     _need_pandas()
     try:

@@ -1,0 +1,32 @@
+"""What every command of the CLI shares: the user-error type and the list-option parsers."""
+
+from __future__ import annotations
+
+import click
+
+from ..errors import PlanError
+
+
+class UserError(click.ClickException):
+    """A user mistake: one line on stderr, exit code 2, no traceback."""
+
+    exit_code = 2
+
+
+def split_values(values: tuple[str, ...]) -> tuple[str, ...]:
+    """Options that repeat or take commas: `--rank 1,8 --rank 64` -> ('1', '8', '64')."""
+    return tuple(v.strip() for value in values for v in value.split(",") if v.strip())
+
+
+def parse_ranks(values: tuple[str, ...]) -> tuple[int, ...]:
+    """LoRA ranks from repeated or comma-separated options, duplicates dropped, default (8,)."""
+    ranks = []
+    for v in split_values(values):
+        try:
+            rank = int(v)
+        except ValueError:
+            raise PlanError(f"rank must be a whole number, got {v!r}") from None
+        if rank <= 0:
+            raise PlanError(f"rank must be a positive integer, got {rank}")
+        ranks.append(rank)
+    return tuple(dict.fromkeys(ranks)) or (8,)
