@@ -282,7 +282,7 @@ def make_plan(model: ModelSpec | DenseSize, setups: tuple[TrainSetup, ...], gpu:
     notes = sharding_notes(setups[0], isinstance(model, DenseSize))
     notes += cost.notes(workload, gpu, isinstance(model, DenseSize))
     if isinstance(model, DenseSize):
-        info = ModelInfo(model.name or f"dense {model.total_params:,} params", "dense", model.total_params)
+        info = ModelInfo(model.name or "a dense model", "dense", model.total_params)
         notes.append("--params: model states and checkpoint tensor data only; no activations "
                      "without the model's shape, so peak is the sum of model states")
     else:

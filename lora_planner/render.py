@@ -143,7 +143,7 @@ def _header(plan: Plan, unit: str) -> list[str]:
     ]
     if m.family != "dense":
         s = plan.setup
-        lines.append(f"step: batch {s.batch_size} x {s.seq_len} tokens, {s.attention} attention, "
+        lines.append(f"step: batch {s.batch_size:,} x {s.seq_len:,} tokens, {s.attention} attention, "
                      f"gradient checkpointing {'on' if s.grad_checkpointing else 'off'}")
     if m.family in PEFT_DEFAULT_TARGETS and any(p.rank is not None for p in plan.plans):
         lines.append(f"default LoRA targets for {m.family}: {', '.join(PEFT_DEFAULT_TARGETS[m.family])}")

@@ -136,7 +136,22 @@ def _read_config_json(path: Path) -> dict:
 def spec_from_config_file(path: str | Path) -> ModelSpec:
     """Read a Hugging Face `config.json` (a file, or a folder holding one)."""
     path = Path(path)
-    return spec_from_hf_config(_read_config_json(path), name=path.resolve().name, source=str(path))
+    config = _read_config_json(path)
+    return spec_from_hf_config(config, name=config_display_name(path, config), source=str(path))
+
+
+def config_display_name(path: Path, config: dict) -> str:
+    """What to call a local model: its folder, or the file's stem when the file is not `config.json`
+    (`llama-tiny.json`); `_name_or_path` when the file sits loose as `config.json`."""
+    resolved = path.resolve()
+    if resolved.is_dir():
+        return resolved.name
+    if resolved.name != "config.json":
+        return resolved.stem
+    named = config.get("_name_or_path")
+    if isinstance(named, str) and named.strip():
+        return named.strip()
+    return resolved.parent.name or resolved.name
 
 
 def _need(config: dict, *keys: str, default=None):

@@ -31,7 +31,7 @@ def test_default_plan_shows_methods_side_by_side():
     header = next(line for line in result.output.splitlines() if "full" in line and "lora r=8" in line)
     assert header.split() == ["full", "lora", "r=8", "qlora", "r=8"]
     assert "default LoRA targets for llama: q_proj, v_proj" in result.output
-    assert "step: batch 1 x 2048 tokens, sdpa attention, gradient checkpointing off" in result.output
+    assert "step: batch 1 x 2,048 tokens, sdpa attention, gradient checkpointing off" in result.output
     assert "peak set in" in result.output
 
 
@@ -102,6 +102,19 @@ def test_config_json_file_and_folder(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(to_hf_config(CATALOG[0])))
     for arg in (str(tmp_path), str(tmp_path / "config.json")):
         assert plan_json("--model", arg)["model"]["total_params"] == 124_439_808
+
+
+def test_a_local_config_is_named_by_its_folder_or_file(tmp_path):
+    folder = tmp_path / "my-gpt2"
+    folder.mkdir()
+    config = to_hf_config(CATALOG[0])
+    (folder / "config.json").write_text(json.dumps(config))
+    assert plan_json("--model", str(folder))["model"]["name"] == "my-gpt2"
+    assert plan_json("--model", str(folder / "config.json"))["model"]["name"] == "my-gpt2"
+    (folder / "config.json").write_text(json.dumps({**config, "_name_or_path": "acme/gpt2-tuned"}))
+    assert plan_json("--model", str(folder / "config.json"))["model"]["name"] == "acme/gpt2-tuned"
+    (tmp_path / "tiny.json").write_text(json.dumps(config))
+    assert plan_json("--model", str(tmp_path / "tiny.json"))["model"]["name"] == "tiny"
 
 
 def test_models_lists_catalog():
