@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from . import checkpoints, cost
+from . import checkpoint_sizes, cost
 from .architecture import LINEAR_KINDS, Architecture, Param, layout
 from .counts import Trainable, lora_trainable
 from .errors import PlanError
@@ -155,7 +155,7 @@ def plan_full(spec: ModelSpec, setup: TrainSetup, gpu: Gpu) -> MethodPlan:
     params = arch.params
     total = arch.total_params
     dtype = _save_dtype(setup, precision)
-    ckpt = checkpoints.safetensors_bytes(params, dtype)
+    ckpt = checkpoint_sizes.safetensors_bytes(params, dtype)
     largest = max(m.numel for m in arch.modules)
     return _assemble(
         "full", gpu,
@@ -169,7 +169,7 @@ def plan_full(spec: ModelSpec, setup: TrainSetup, gpu: Gpu) -> MethodPlan:
         wrapped_modules=0,
         checkpoint=Term("checkpoint", ckpt, f"safetensors, {len(params)} tensors in {dtype}"),
         full_checkpoint_bytes=ckpt,
-        storage=checkpoints.storage_for_tasks(setup.tasks, ckpt, ckpt),
+        storage=checkpoint_sizes.storage_for_tasks(setup.tasks, ckpt, ckpt),
     )
 
 
@@ -195,8 +195,8 @@ def plan_lora(spec: ModelSpec, setup: TrainSetup, gpu: Gpu) -> MethodPlan:
 
     dtype = _save_dtype(setup, precision)
     adapter_params = trainable.file_params
-    adapter = checkpoints.safetensors_bytes(adapter_params, dtype)
-    base = checkpoints.safetensors_bytes(arch.params, dtype)
+    adapter = checkpoint_sizes.safetensors_bytes(adapter_params, dtype)
+    base = checkpoint_sizes.safetensors_bytes(arch.params, dtype)
     flops = cost.lora_flops_per_token(
         cost.matmul_params(spec, arch), cost.head_matmul_params(arch), trainable.adapter_count,
         trainable.saved_module_count, cost.attention_forward_flops(spec, setup.seq_len),
@@ -217,7 +217,7 @@ def plan_lora(spec: ModelSpec, setup: TrainSetup, gpu: Gpu) -> MethodPlan:
         checkpoint=Term("checkpoint", adapter,
                         f"adapter_model.safetensors, {len(adapter_params)} tensors in {dtype}"),
         full_checkpoint_bytes=base,
-        storage=checkpoints.storage_for_tasks(setup.tasks, base, adapter),
+        storage=checkpoint_sizes.storage_for_tasks(setup.tasks, base, adapter),
     )
 
 
@@ -241,7 +241,7 @@ def plan_dense(size: DenseSize, setup: TrainSetup, gpu: Gpu) -> MethodPlan:
         rank=None, trainable_params=n, all_params=n, target_modules=(), wrapped_modules=0,
         checkpoint=Term("checkpoint", ckpt, f"{n:,} x {DTYPE_BYTES[dtype]} B ({dtype}), tensor data only"),
         full_checkpoint_bytes=ckpt,
-        storage=checkpoints.storage_for_tasks(setup.tasks, ckpt, ckpt),
+        storage=checkpoint_sizes.storage_for_tasks(setup.tasks, ckpt, ckpt),
     )
 
 
