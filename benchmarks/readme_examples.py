@@ -1,7 +1,9 @@
-"""Re-run the README's shown `lora-plan` outputs and write them back (or check they are current).
+"""Re-run the README's shown `lora-plan` outputs and write them back (or check they are current);
+with --docs, also remake each report under docs/ from the command it records under "made by".
 
     python benchmarks/readme_examples.py            # rewrite README.md's example outputs
-    python benchmarks/readme_examples.py --check    # exit 1, listing the stale ones
+    python benchmarks/readme_examples.py --docs     # ... and docs/*.md with their images
+    python benchmarks/readme_examples.py --check    # exit 1, listing the stale README examples
 
 An example is a fenced ```text block whose lines start with `$ lora-plan ...` (a trailing `\\`
 continues the command on the next line); everything after a command up to the next `$ ` line or
@@ -68,9 +70,22 @@ def run(command: str) -> str:
     return result.stdout.rstrip("\n")
 
 
+def remake_docs() -> int:
+    """Run each docs/*.md report's own "made by" command from the repository root."""
+    made = 0
+    for markdown in sorted((ROOT / "docs").glob("*.md")):
+        made_by = [line for line in markdown.read_text().splitlines() if line.startswith("- made by: `")]
+        if not made_by:
+            continue
+        run(made_by[0].removeprefix("- made by: `").removesuffix("`"))
+        made += 1
+    return made
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="only report stale examples")
+    parser.add_argument("--docs", action="store_true", help="also remake the reports under docs/")
     args = parser.parse_args(argv)
     lines = README.read_text().splitlines()
     stale = []
@@ -85,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if stale else 0
     README.write_text("\n".join(lines) + "\n")
     print(f"rewrote {len(stale)} example(s)")
+    if args.docs:
+        print(f"remade {remake_docs()} report(s) under docs/")
     return 0
 
 

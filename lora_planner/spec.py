@@ -26,6 +26,15 @@ MODEL_TYPE_TO_FAMILY = {
 }
 
 
+# Tokens per sequence when none is given: a common fine-tuning length, cut to the model's context.
+DEFAULT_SEQ_LEN = 2048
+
+
+def default_seq_len(spec: ModelSpec) -> int:
+    """`--seq-len` left out: 2,048 tokens, or the model's context when that is shorter (GPT-2's 1,024)."""
+    return min(DEFAULT_SEQ_LEN, spec.max_positions)
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """The shape of a decoder-only transformer, as its Hugging Face config states it.
@@ -93,7 +102,7 @@ class TrainSetup:
     num_labels: int = 2
     tasks: int = 1
     batch_size: int = 1
-    seq_len: int = 2048
+    seq_len: int = DEFAULT_SEQ_LEN
     attention: str = "sdpa"  # sdpa (flash / memory-efficient kernels) or eager
     grad_checkpointing: bool = False
     dropout: float | None = None  # None: the family's config default (GPT-2 0.1, others 0)

@@ -12,7 +12,7 @@ from ..optimizers import OPTIMIZERS
 from ..plan import METHODS, check_methods, make_plan
 from ..precision import DEFAULT_PRECISION, PRECISIONS
 from ..render import FORMATS, render, to_explanation
-from ..spec import DenseSize, TrainSetup
+from ..spec import DEFAULT_SEQ_LEN, DenseSize, ModelSpec, TrainSetup, default_seq_len
 from ..units import parse_count
 from .common import UserError, parse_ranks, split_values
 from .scale_options import scale_options, setup_changes, workload
@@ -94,6 +94,8 @@ def plan_command(model_name, params_text, methods, ranks, targets, precision, op
             model = resolve_model(model_name)
             default_methods = METHODS
         chosen = check_methods(split_values(methods) or default_methods)
+        if seq_len is None:
+            seq_len = default_seq_len(model) if isinstance(model, ModelSpec) else DEFAULT_SEQ_LEN
         gpu = get_gpu(gpu_name)
         if gpu_mem:
             gpu = with_memory(gpu, gpu_mem)

@@ -108,7 +108,7 @@ def capacity_command(ctx, models, methods, ranks, targets, gpu_name, gpu_mem, pr
     from ..gpus import get_gpu, with_memory
     from ..plan import METHODS, check_methods
     from ..reports.capacity import CapacitySettings, write_capacity_report
-    from ..spec import TrainSetup
+    from ..spec import DEFAULT_SEQ_LEN, TrainSetup
 
     _need_pandas()
     try:
@@ -122,9 +122,11 @@ def capacity_command(ctx, models, methods, ranks, targets, gpu_name, gpu_mem, pr
             ranks=parse_ranks(ranks) if ranks else DEFAULT_RANKS,
             gpu=gpu,
             setup=TrainSetup(targets=split_values(targets) or ("default",), precision=precision,
-                             optimizer=optimizer, tasks=tasks, batch_size=batch_size, seq_len=seq_len,
+                             optimizer=optimizer, tasks=tasks, batch_size=batch_size,
+                             seq_len=seq_len or DEFAULT_SEQ_LEN,
                              grad_checkpointing=grad_checkpointing, attention=attention),
             unit=units,
+            seq_len_from_model=seq_len is None,
         )
         written = write_capacity_report(settings, Path(output), _command_line(ctx))
     except PlanError as exc:

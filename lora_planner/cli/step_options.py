@@ -15,8 +15,9 @@ def step_options(f: Callable) -> Callable:
     options = [
         click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
                      help="Micro-batch size (sequences per step per GPU)."),
-        click.option("--seq-len", type=click.IntRange(min=1), default=2048, show_default=True,
-                     help="Tokens per sequence."),
+        click.option("--seq-len", type=click.IntRange(min=1), default=None,
+                     help="Tokens per sequence. Default: 2,048, or the model's context when that is "
+                          "shorter (GPT-2: 1,024)."),
         click.option("--grad-checkpointing/--no-grad-checkpointing", default=False, show_default=True,
                      help="Hugging Face per-layer checkpointing: keep layer inputs, recompute in "
                           "backward."),

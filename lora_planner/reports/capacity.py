@@ -16,7 +16,7 @@ from ..gpus import DEFAULT_GPU, MIB, Gpu, get_gpu
 from ..plan import MEMORY_KEYS, METHODS, make_plan
 from ..precision import get_precision
 from ..render import to_dict
-from ..spec import TrainSetup
+from ..spec import TrainSetup, default_seq_len
 from ..units import UNITS, format_bytes
 from . import markdown as md
 from . import plots
@@ -69,6 +69,8 @@ class CapacitySettings:
     gpu: Gpu = field(default_factory=lambda: get_gpu(DEFAULT_GPU))
     setup: TrainSetup = field(default_factory=lambda: TrainSetup(tasks=DEFAULT_TASKS))
     unit: str = "GB"
+    # No --seq-len given: each model plans at 2,048 tokens or its context when shorter.
+    seq_len_from_model: bool = False
 
 
 def setups_for(settings: CapacitySettings) -> tuple[TrainSetup, ...]:
@@ -89,7 +91,14 @@ def plan_dicts(settings: CapacitySettings) -> list[dict]:
     setups = setups_for(settings)
     # Two names for one model (an alias and its name) plan it once.
     specs = {spec.name: spec for spec in map(resolve_model, settings.models)}
-    return [to_dict(make_plan(spec, setups, settings.gpu)) for spec in specs.values()]
+    return [to_dict(make_plan(spec, _at_seq_len(setups, spec, settings), settings.gpu))
+            for spec in specs.values()]
+
+
+def _at_seq_len(setups: tuple[TrainSetup, ...], spec, settings: CapacitySettings) -> tuple[TrainSetup, ...]:
+    if not settings.seq_len_from_model:
+        return setups
+    return tuple(s.with_(seq_len=default_seq_len(spec)) for s in setups)
 
 
 def plan_label(entry: dict) -> str:
@@ -193,9 +202,11 @@ def _draw(plans: Sequence[dict], settings: CapacitySettings, out: Path) -> dict[
     return images
 
 
-def _setup_fields(setup: TrainSetup) -> str:
+def _setup_fields(setup: TrainSetup, seq_len_from_model: bool = False) -> str:
     """Every field of the training setup but method and rank (which vary across the table)."""
     values = {k: v for k, v in dataclasses.asdict(setup).items() if k not in ("method", "rank")}
+    if seq_len_from_model:
+        values["seq_len"] = f"{setup.seq_len} (or the model's context when shorter)"
     return ", ".join(f"{k}={','.join(v) if isinstance(v, tuple | list) else v}" for k, v in values.items())
 
 
@@ -224,7 +235,7 @@ def settings_section(plans: Sequence[dict], settings: CapacitySettings, command:
                      "optimizer), reached in the `peak phase`; `+ CUDA context/cache` is the device's own "
                      "allowance, outside the peak")
     lines += [
-        f"- training setup: {_setup_fields(settings.setup)}",
+        f"- training setup: {_setup_fields(settings.setup, settings.seq_len_from_model)}",
         "- checkpoints: single safetensors files, header included; storage compares "
         f"{settings.setup.tasks} full copies with one base plus {settings.setup.tasks} adapters",
         f"- sizes in {md.unit_phrase(settings.unit)}; parameter counts are exact",
