@@ -127,3 +127,17 @@ def test_adapter_files_load_in_peft_with_the_same_logits(tmp_path):
     expected = ours.eval()(input_ids=x).logits
     assert (loaded(input_ids=x).logits - expected).abs().max().item() < 1e-5
     assert (base(input_ids=x).logits - expected).abs().max().item() > 1e-3  # the adapter matters
+
+
+def test_saved_adapter_files_follow_the_umask(tmp_path):
+    import os
+
+    model = tiny_model()
+    lora.inject(model, ("all-linear",), rank=2)
+    previous = os.umask(0o022)
+    try:
+        lora.save_adapter(model, tmp_path)
+    finally:
+        os.umask(previous)
+    for name in (lora.ADAPTER_WEIGHTS, lora.ADAPTER_CONFIG):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name

@@ -168,6 +168,17 @@ def save_adapter(model: nn.Module, directory: str | Path, base_model: str = "") 
     directory.mkdir(parents=True, exist_ok=True)
     config = adapter_config(model, base_model)
     tensors = {k: v.contiguous() for k, v in lora_state_dict(model).items()}
-    save_file(tensors, directory / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+    weights = directory / ADAPTER_WEIGHTS
+    save_file(tensors, weights, metadata={"format": "pt"})
+    weights.chmod(_default_file_mode())  # safetensors writes 0600; a shared adapter should be readable
     (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     return directory
+
+
+def _default_file_mode() -> int:
+    """The mode `open()` gives a new file: 0666 less the process's umask."""
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
