@@ -169,7 +169,8 @@ def test_a_job_past_its_timeout_is_killed_and_recorded(tmp_path):
     found = {r["id"]: r for r in read_records(output)}
     assert [found[i]["status"] for i in ids] == ["error", "timeout", "error"]
     assert "ran past the 3 s timeout" in found[ids[1]]["error"]
-    assert found[ids[1]]["predicted"]["peak"] > 0 and found[ids[1]]["relative_error"]["peak_allocated"] is None
+    timed_out = found[ids[1]]
+    assert timed_out["predicted"]["peak"] > 0 and timed_out["relative_error"]["peak_allocated"] is None
     assert not list(tmp_path.glob(".*.part"))  # nothing left behind
 
 
@@ -206,7 +207,8 @@ def test_devices_share_the_jobs_and_never_double_book_a_gpu(tmp_path):
             busy.discard(device)
         return sweep.Launch(1, "")
 
-    result = sweep.run_sweep(jobs, tmp_path / "r.jsonl", launcher=launcher, progress=False, devices=("0", "1"))
+    result = sweep.run_sweep(jobs, tmp_path / "r.jsonl", launcher=launcher, progress=False,
+                             devices=("0", "1"))
     assert result.statuses == {"error": 6} and sorted(set(seen)) == ["0", "1"]
     assert len(read_records(tmp_path / "r.jsonl")) == 6
 

@@ -244,7 +244,8 @@ def test_only_bad_input_still_writes_a_report_and_exits_1(tmp_path):
     out = tmp_path / "validation.md"
     result = run("report", "validation", str(tmp_path / "none.jsonl"), "-o", str(out))
     assert result.exit_code == 1
-    assert result.stderr.strip().splitlines()[-1] == "error: no usable record in the input; the report says why"
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == "error: no usable record in the input; the report says why"
     text = out.read_text()
     assert "No usable records." in text and "no such file" in text
     assert tables(text) == []
