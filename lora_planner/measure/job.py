@@ -53,6 +53,9 @@ OOM_MESSAGES = ("out of memory", "cublas_status_alloc_failed", "cudnn_status_all
 # `kill-sweep` kills the parent process (the sweep) and exits without a record, as a machine that
 # goes down mid-sweep would; `hang` sleeps until a sweep's timeout ends it.
 FAULT_ENV = "LORA_PLAN_FAULT"
+# A fraction of the GPU's memory the job may use (`torch.cuda.set_per_process_memory_fraction`):
+# a smaller GPU played by a larger one, and a real out-of-memory error on demand in tests.
+MEMORY_FRACTION_ENV = "LORA_PLAN_CUDA_MEMORY_FRACTION"
 
 
 @dataclass(frozen=True)
@@ -185,9 +188,10 @@ def device_info(device: str, driver: str | None = None) -> dict:
     torch = sys.modules.get("torch")
     if device == "cuda" and torch is not None and torch.cuda.is_initialized():
         props = torch.cuda.get_device_properties(0)
+        fraction = memory_fraction()  # the job may use only this part of the device
         return {"kind": "cuda", "name": torch.cuda.get_device_name(0), "driver": driver,
                 "cuda": torch.version.cuda, "torch": torch.__version__,
-                "memory_total": int(props.total_memory),
+                "memory_total": int(props.total_memory * (fraction or 1)), "memory_fraction": fraction,
                 "capability": [props.major, props.minor], "uuid": str(props.uuid)}
     if device == "cuda":
         return {"kind": "cuda", "name": None, "driver": driver, "cuda": None,
@@ -264,12 +268,29 @@ def _start_cuda(nvml) -> None:
     torch.cuda.init()
     if nvml is not None:
         nvml.bind(torch.cuda.get_device_properties(0).uuid)
+    fraction = memory_fraction()
+    if fraction is not None:
+        torch.cuda.set_per_process_memory_fraction(fraction, 0)
+
+
+def memory_fraction() -> float | None:
+    """The fraction of GPU memory set through `MEMORY_FRACTION_ENV`, or None."""
+    text = os.environ.get(MEMORY_FRACTION_ENV)
+    if not text:
+        return None
+    try:
+        fraction = float(text)
+    except ValueError:
+        fraction = -1.0
+    if not 0 < fraction <= 1:
+        raise PlanError(f"{MEMORY_FRACTION_ENV} must be a number in (0, 1], got {text!r}")
+    return fraction
 
 
 def _run_env() -> dict:
     """The environment that changes what a GPU run holds (allocator settings, lazy module loading,
     which devices are visible), as the job saw it once CUDA had started."""
-    return {key: os.environ.get(key) for key in ENV_KEYS}
+    return {key: os.environ.get(key) for key in (*ENV_KEYS, MEMORY_FRACTION_ENV)}
 
 
 def _train(settings: JobSettings, spec: ModelSpec, reader, nvml, save_adapter: str | None,
