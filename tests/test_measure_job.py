@@ -89,6 +89,8 @@ def test_simulated_oom_is_recorded_with_the_prediction(tmp_path, monkeypatch):
 def test_out_of_memory_detection():
     assert job.is_out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate"))
     assert job.is_out_of_memory(RuntimeError("CUDA error: out of memory"))
+    assert job.is_out_of_memory(RuntimeError(
+        "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"))
     assert not job.is_out_of_memory(RuntimeError("shape mismatch"))
 
 
@@ -119,3 +121,69 @@ def test_a_local_weights_folder_is_fine_tuned(tmp_path):
     assert loaded["settings"]["weights"] == str(folder)
     assert loaded["predicted"] == fresh["predicted"]  # the same shape either way
     assert loaded["measured"]["first_loss"] != fresh["measured"]["first_loss"]  # other weights
+
+
+def _scaler_skipping_first_steps(monkeypatch):
+    """A grad scaler whose first scale overflows fp16 gradients, so it skips optimizer steps (on a
+    GPU the default scale does that for a few steps)."""
+    import functools
+
+    monkeypatch.setattr(torch.amp, "GradScaler", functools.partial(torch.amp.GradScaler, init_scale=2.0**30))
+
+
+def test_fp16_warm_up_runs_until_the_optimizer_holds_its_states(tmp_path, monkeypatch):
+    _scaler_skipping_first_steps(monkeypatch)
+    settings = JobSettings(model=tiny_config_file(tmp_path), method="full", precision="fp16", steps=2,
+                           batch_size=1, seq_len=16)
+    record = job.run_job(settings)
+    assert record["status"] == "ok", record["error"]
+    measured = record["measured"]
+    assert measured["warmup_steps"] > 1  # the skipped steps did not count as steady ones
+    assert len(measured["losses"]) == measured["warmup_steps"] + 2
+    # the read step is a steady one: AdamW's states (torch's own tensors) were live at its peak
+    assert measured["at_peak"]["optimizer_states"] > 0
+    assert not any("held no states" in note for note in record["notes"])
+
+
+def test_a_warm_up_that_never_gets_states_says_so(tmp_path, monkeypatch):
+    _scaler_skipping_first_steps(monkeypatch)
+    monkeypatch.setattr(job, "MAX_WARMUP_STEPS", 2)
+    record = job.run_job(JobSettings(model=tiny_config_file(tmp_path), method="full", precision="fp16",
+                                     steps=1, batch_size=1, seq_len=16))
+    assert record["measured"]["warmup_steps"] == 2
+    assert any("held no states after 2 warm-up steps" in note for note in record["notes"])
+
+
+def test_a_cuda_start_failure_is_an_error_record_not_a_traceback(tmp_path, monkeypatch):
+    def fail():
+        raise RuntimeError("CUDA driver initialization failed, you might not have a CUDA gpu.")
+
+    monkeypatch.setattr(torch.cuda, "init", fail)
+    output = tmp_path / "results.jsonl"
+    record = job.run_job(JobSettings(model=tiny_config_file(tmp_path), device="cuda", steps=1), str(output))
+    assert record["status"] == "error" and "CUDA driver initialization failed" in record["error"]
+    assert record["device"]["kind"] == "cuda" and record["device"]["memory_total"] is None
+    assert record["predicted"]["device_overhead_bytes"] > 0
+    assert json.loads(output.read_text())["id"] == record["id"]
+
+
+def test_a_cpu_record_carries_the_run_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    record = job.run_job(JobSettings(model=tiny_config_file(tmp_path), steps=1, seq_len=16))
+    assert record["env"]["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    # GPT-2 trains with attention dropout: torch's CPU SDPA falls back to the math kernel under it
+    assert record["env"]["sdpa_backend"] == "math"
+    assert record["predicted"]["device_overhead_bytes"] == 0  # no GPU, no allowance
+
+
+def test_the_gpu_guard_counts_the_allowance_against_free_memory(tmp_path, monkeypatch):
+    from lora_planner.measure import guard
+
+    settings = JobSettings(model=tiny_config_file(tmp_path), device="cuda", steps=1).checked()
+    predicted = job.predict(settings, job.model_spec(settings))
+    need = predicted["peak"] + predicted["device_overhead_bytes"]
+    monkeypatch.setattr(guard, "cuda_free_bytes", lambda index=0: need - 1)
+    with pytest.raises(job.PlanError, match="of free GPU memory available"):
+        job.memory_guard(settings, predicted)
+    monkeypatch.setattr(guard, "cuda_free_bytes", lambda index=0: need)
+    job.memory_guard(settings, predicted)
