@@ -24,14 +24,30 @@ ROOT = Path(__file__).resolve().parents[1]
 ALLOCATOR_BAND = 0.10
 
 
-@pytest.mark.parametrize("precision, method", [("fp32", "full"), ("bf16", "lora"), ("fp16", "lora")])
-def test_a_small_gpt2_step_on_cuda_is_within_the_band_of_the_plan(precision, method):
-    from lora_planner.measure.job import JobSettings, run_job
+def run_in_own_process(tmp_path, **settings) -> dict:
+    """One job as a sweep runs it: a fresh process, so NVML's baseline is taken before its CUDA
+    context exists and no cached block of an earlier test hides its growth."""
+    import json
 
+    from lora_planner.measure.job import JobSettings
+    from lora_planner.measure.records import read_records
+
+    output = tmp_path / "record.jsonl"
+    job = JobSettings(**settings).checked()
+    done = subprocess.run([sys.executable, "-m", "lora_planner.measure.job", "--settings",
+                           json.dumps(job.to_dict()), "-o", str(output)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr
+    (record,) = read_records(output)
+    return record
+
+
+@pytest.mark.parametrize("precision, method", [("fp32", "full"), ("bf16", "lora"), ("fp16", "lora")])
+def test_a_small_gpt2_step_on_cuda_is_within_the_band_of_the_plan(tmp_path, precision, method):
     if precision == "bf16" and not torch.cuda.is_bf16_supported():
         pytest.skip("this GPU has no bf16")
-    record = run_job(JobSettings(model="gpt2", method=method, rank=8, batch_size=2, seq_len=256, steps=3,
-                                 precision=precision, device="cuda", data="synthetic"))
+    record = run_in_own_process(tmp_path, model="gpt2", method=method, rank=8, batch_size=2, seq_len=256,
+                                steps=3, precision=precision, device="cuda", data="synthetic")
     assert record["status"] == "ok", record["error"]
     measured, predicted = record["measured"], record["predicted"]
     assert measured["source"] == "cuda" and len(measured["step_peaks"]) == 3
@@ -53,6 +69,7 @@ def test_nvml_reads_the_device_torch_uses():
 
     gib = 2**30
     for index in range(torch.cuda.device_count()):
+        torch.cuda.empty_cache()  # a cached free block would serve the tensor without new device memory
         sampler = NvmlSampler(background=False).start()
         assert sampler.driver, sampler.notes
         sampler.bind(torch.cuda.get_device_properties(index).uuid)
@@ -90,11 +107,9 @@ def test_the_steady_step_peak_holds_the_optimizer_states():
     assert torch.cuda.max_memory_allocated() >= params + params + states  # weights, grads, states
 
 
-def test_fp16_warm_up_runs_until_the_scaler_lets_a_step_through():
-    from lora_planner.measure.job import JobSettings, run_job
-
-    record = run_job(JobSettings(model="gpt2", method="full", batch_size=1, seq_len=128, steps=2,
-                                 precision="fp16", device="cuda", data="synthetic"))
+def test_fp16_warm_up_runs_until_the_scaler_lets_a_step_through(tmp_path):
+    record = run_in_own_process(tmp_path, model="gpt2", method="full", batch_size=1, seq_len=128, steps=2,
+                                precision="fp16", device="cuda", data="synthetic")
     assert record["status"] == "ok", record["error"]
     assert record["measured"]["warmup_steps"] >= 1
     assert not any("held no states" in note for note in record["notes"])

@@ -177,7 +177,9 @@ def jobs_frame(group: Sequence[Loaded], unit: str):
                "precision": s.get("precision", "?"),
                "status": r["status"], "source": m.get("source") or "-",
                "predicted peak": _bytes(r["predicted"]["peak"], unit),
-               "+ allowance": _bytes(predicted_device_peak(r["predicted"]), unit)}
+               # a CPU job has no device allowance: nothing to add
+               "+ allowance": _bytes(predicted_device_peak(r["predicted"])
+                                     if r["predicted"].get("device_overhead_bytes") else None, unit)}
         for metric in METRICS:
             row[metric.name] = _bytes(metric.read(m), unit)
             row[f"error, {metric.name}"] = _percent(metric_error(r, metric))
