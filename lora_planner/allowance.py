@@ -7,12 +7,13 @@ using is more, and each part below is a named term with its source:
   images loaded for this GPU's architecture). It depends on the GPU generation, the CUDA version
   and `CUDA_MODULE_LOADING` (LAZY, the default torch sets since 2.x, loads kernels on first use).
   NVIDIA documents no figure; the prior is an assumption until GPU readings fit it.
-- `cublas_workspace_bytes`: cuBLAS keeps one workspace per (handle, stream), and torch hands out
-  one handle per thread; a training step runs matrix products on the main thread (forward,
-  optimizer) and on autograd's device thread (backward), so two workspaces. torch's default size
-  (`CUBLAS_WORKSPACE_CONFIG` unset, aten/src/ATen/cuda/CublasHandlePool.cpp): 4096 KiB x 2 +
-  16 KiB x 8 = 8,519,680 B, and 4096 KiB x 8 = 32 MiB on Hopper (sm_90) and later. cuBLASLt
-  shares that workspace in torch >= 2.6 (`CUBLASLT_WORKSPACE_SIZE` unset).
+- `cublas_workspace_bytes`: torch gives each (cuBLAS handle, stream) a cuBLAS workspace and a
+  cuBLASLt workspace, both from the caching allocator, and hands out one handle per thread; a
+  training step runs matrix products on the main thread (forward, optimizer) and on autograd's
+  device thread (backward), so two of each. torch's defaults (aten/src/ATen/cuda/
+  CublasHandlePool.cpp, `CUBLAS_WORKSPACE_CONFIG` and `CUBLASLT_WORKSPACE_SIZE` unset): cuBLAS
+  4096 KiB x 2 + 16 KiB x 8 = 8,519,680 B, or 4096 KiB x 8 = 32 MiB on sm_90 (Hopper) exactly;
+  cuBLASLt 1 MiB (capped at the cuBLAS size).
 - `allocator_segment_bytes`: the caching allocator (c10/cuda/CUDACachingAllocator.cpp) rounds
   every request to 512 B (kMinBlockSize), carves requests of at most 1 MiB from 2 MiB segments
   (kSmallBuffer), requests under 10 MiB from 20 MiB segments (kLargeBuffer), and rounds larger ones
@@ -22,7 +23,7 @@ using is more, and each part below is a named term with its source:
   and fragment; the prior is a fraction of the peak, an assumption until readings fit it.
 
 `fit_allowance` fits the two assumed terms (context and cache fraction) from GPU records: NVML
-growth - allocator peak against the allocator peak, a straight line. The fitted values go into
+growth - measured allocator peak against that peak, a straight line. The fitted values go into
 `FITTED` for the GPU generation they were read on.
 """
 
@@ -40,9 +41,11 @@ CONTEXT_PRIOR_BYTES = 500 * MIB
 # Prior for freed-but-cached and fragmented blocks, as a fraction of the allocator-level peak.
 CACHE_FRACTION_PRIOR = 0.05
 
-# torch's default cuBLAS workspace (CublasHandlePool.cpp, `getChosenWorkspaceSize`).
+# torch's default cuBLAS and cuBLASLt workspaces (CublasHandlePool.cpp, `parseChosenWorkspaceSize`,
+# `parseCUDABlasLtWorkspaceSize`).
 CUBLAS_WORKSPACE_DEFAULT = 4096 * KIB * 2 + 16 * KIB * 8
-CUBLAS_WORKSPACE_HOPPER = 4096 * KIB * 8
+CUBLAS_WORKSPACE_HOPPER = 4096 * KIB * 8  # sm_90 only: later generations get the default
+CUBLASLT_WORKSPACE = 1024 * KIB
 # Threads that issue matrix products in a training step: the main thread and autograd's.
 CUBLAS_HANDLES = 2
 
@@ -94,9 +97,10 @@ def cuda_context_bytes(generation: str) -> int:
 
 
 def cublas_workspace_bytes(generation: str, handles: int = CUBLAS_HANDLES) -> int:
-    """handles x torch's default cuBLAS workspace: 32 MiB from Hopper on, 8,519,680 B before."""
-    per = CUBLAS_WORKSPACE_HOPPER if generation in ("hopper", "blackwell") else CUBLAS_WORKSPACE_DEFAULT
-    return handles * per
+    """handles x (torch's default cuBLAS workspace + its 1 MiB cuBLASLt workspace); the cuBLAS one
+    is 32 MiB on Hopper (sm_90) and 8,519,680 B on every other generation."""
+    per = CUBLAS_WORKSPACE_HOPPER if generation == "hopper" else CUBLAS_WORKSPACE_DEFAULT
+    return handles * (per + CUBLASLT_WORKSPACE)
 
 
 def round_up(size: int, multiple: int) -> int:
@@ -152,9 +156,13 @@ def fits(per_gpu_peak: int, allowance_bytes: int, capacity: int) -> bool:
 
 
 def fit_allowance(points: Iterable[tuple[int, int]], generation: str) -> Fitted | None:
-    """Least-squares line through (allocator peak, NVML growth - allocator peak) of ok GPU jobs:
-    intercept = context + cuBLAS workspaces + segments (we subtract the two known terms), slope =
-    the cache fraction. None with fewer than two distinct peaks."""
+    """Least-squares line through (allocator peak, NVML growth - allocator peak) of ok GPU jobs.
+
+    The measured allocator peak already holds the cuBLAS workspaces (torch takes them from the
+    caching allocator), so growth - allocator peak = context + segments + cache fraction x peak:
+    the intercept less the segments' mean (`allocator_segment_bytes` with the 2 MiB rounding at
+    its mean, 1 MiB) is the context, the slope the cache fraction. None with fewer than two
+    distinct peaks."""
     pairs = [(int(peak), int(growth) - int(peak)) for peak, growth in points]
     if len({p for p, _ in pairs}) < 2:
         return None
@@ -164,5 +172,5 @@ def fit_allowance(points: Iterable[tuple[int, int]], generation: str) -> Fitted 
     sxx = sum((p - mean_x) ** 2 for p, _ in pairs)
     slope = sum((p - mean_x) * (e - mean_y) for p, e in pairs) / sxx
     intercept = mean_y - slope * mean_x
-    known = cublas_workspace_bytes(generation) + SMALL_SEGMENT + LARGE_SEGMENT + ROUND_LARGE // 2
-    return Fitted(int(round(intercept - known)), slope, f"least squares over {n} ok jobs")
+    segments = SMALL_SEGMENT + LARGE_SEGMENT + ROUND_LARGE // 2
+    return Fitted(int(round(intercept - segments)), slope, f"least squares over {n} ok jobs")
