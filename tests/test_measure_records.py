@@ -53,3 +53,29 @@ def test_append_fsyncs_and_survives_a_line_cut_short(tmp_path, monkeypatch):
     assert records.read_records(path) == [first, second]
     assert records.finished_ids(path) == {first["id"], "other"}
     assert records.read_records(tmp_path / "missing.jsonl") == []
+
+
+def test_one_schema_written_by_measure_and_read_by_reports():
+    """The schema lives in the core, stdlib only: measure writes with it, reports read with it,
+    and neither imports the other."""
+    import ast
+    import sys
+    from pathlib import Path
+
+    from lora_planner import record_schema
+    from lora_planner.reports import validation
+
+    tree = ast.parse(Path(record_schema.__file__).read_text())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                 if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module}
+    assert imported <= set(sys.stdlib_module_names) | {"__future__"}
+    assert records.make_record is record_schema.make_record and records.FORMAT == record_schema.FORMAT
+    assert validation.check_record is record_schema.check_record
+    for package, other in (("measure", "reports"), ("reports", "measure")):
+        for path in (Path(record_schema.__file__).parent / package).glob("*.py"):
+            assert f"{other}" not in {n.module.split(".")[0] for n in ast.walk(ast.parse(path.read_text()))
+                                      if isinstance(n, ast.ImportFrom) and n.level == 2 and n.module}, path
+    # a record measure writes is one reports reads
+    assert record_schema.check_record(record(peak_allocated=500)) is None
