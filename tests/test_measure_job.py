@@ -187,3 +187,34 @@ def test_the_gpu_guard_counts_the_allowance_against_free_memory(tmp_path, monkey
         job.memory_guard(settings, predicted)
     monkeypatch.setattr(guard, "cuda_free_bytes", lambda index=0: need)
     job.memory_guard(settings, predicted)
+
+
+def test_cuda_start_binds_nvml_to_torchs_device_and_records_it(monkeypatch):
+    """The CUDA path on a machine without a GPU, torch's CUDA calls stood in for: NVML is pointed
+    at the UUID torch reports, the memory fraction is applied, and the device and allowance
+    follow the device's compute capability."""
+    import types
+
+    from lora_planner.allowance import allowance
+
+    props = types.SimpleNamespace(uuid="5f3c0e8a-1111-2222-3333-444455556666", major=8, minor=0,
+                                  total_memory=80 * 10**9)
+    applied = []
+    monkeypatch.setattr(torch.cuda, "init", lambda: None)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index=0: props)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: "Stand-in A100")
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d=0: applied.append((f, d)))
+    monkeypatch.setenv(job.MEMORY_FRACTION_ENV, "0.5")
+    bound = []
+    job._start_cuda(types.SimpleNamespace(bind=bound.append))
+    assert bound == [props.uuid] and applied == [(0.5, 0)]
+    info = job.device_info("cuda", driver="550.54.15")
+    assert info["memory_total"] == 40 * 10**9 and info["memory_fraction"] == 0.5
+    assert info["capability"] == [8, 0] and info["uuid"] == props.uuid and info["name"] == "Stand-in A100"
+    peak = 3 * 10**9
+    assert job.device_allowance(peak) == allowance(peak, capability=(8, 0)).total
+    assert job.device_allowance(peak) != allowance(peak, capability=(9, 0)).total  # Hopper's workspaces
+    monkeypatch.setenv(job.MEMORY_FRACTION_ENV, "1.5")
+    with pytest.raises(job.PlanError, match="must be a number in"):
+        job.memory_fraction()
