@@ -5,17 +5,20 @@
     python benchmarks/lora_vs_peft.py --targets all-linear --rank 64 --format json
 
 Both wrap the same modules of the same randomly initialised model (same seed), train with AdamW
-on the same batches, and are timed over the steps after the first two (optimizer states and
-kernel warm-up). Peak memory is the CUDA allocator's on a GPU, and on CPU the live-tensor
-tracer's over one extra traced step. Needs `pip install -e '.[measure,test]'` (PEFT).
+on the same batches through the harness's one `train_step`, and are timed over the steps after
+the first two (optimizer states and kernel warm-up). Each implementation runs in a process of its
+own (no allocator cache or warm kernels carried from one to the other), and the order alternates
+over `--repeats` runs, so neither always goes first; the table shows medians over the runs. Peak
+memory is the CUDA allocator's on a GPU, and on CPU the live-tensor tracer's over one extra traced
+step. Needs `pip install -e '.[measure,test]'` (PEFT).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import statistics
+import subprocess
 import sys
 import time
 
@@ -25,6 +28,7 @@ from tabulate import tabulate
 from lora_planner.measure import lora
 from lora_planner.measure.data import batches
 from lora_planner.measure.job import JobSettings, build_model, model_spec
+from lora_planner.measure.step import train_step
 
 WARMUP_STEPS = 2
 
@@ -44,16 +48,6 @@ def wrap_peft(model, args) -> torch.nn.Module:
     return peft.get_peft_model(model, config)
 
 
-def train_step(model, optimizer, input_ids, compute) -> float:
-    autocast = torch.autocast(input_ids.device.type, dtype=compute) if compute else contextlib.nullcontext()
-    with autocast:
-        loss = model(input_ids=input_ids, labels=input_ids).loss
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return float(loss.detach())
-
-
 def measure(name: str, wrap, args) -> dict:
     device = torch.device(args.device)
     model = wrap(build_model(*args.model_args), args).to(device).train()
@@ -71,7 +65,7 @@ def measure(name: str, wrap, args) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        losses.append(train_step(model, optimizer, input_ids, compute))
+        losses.append(float(train_step(model, optimizer, input_ids, compute_dtype=compute)))
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
@@ -83,18 +77,22 @@ def measure(name: str, wrap, args) -> dict:
         input_ids = next(data)
         tracer = MemoryTracer(model, optimizer)
         with tracer:
-            with tracer.phase("forward"):
-                loss = model(input_ids=input_ids, labels=input_ids).loss
-            with tracer.phase("backward"):
-                loss.backward()
-            with tracer.phase("optimizer"):
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+            train_step(model, optimizer, input_ids, compute_dtype=compute, phase=tracer.phase)
         peak, source = tracer.report().peak_bytes, "tracer"
     step = statistics.median(times[WARMUP_STEPS:])
     return {"implementation": name, "trainable_params": sum(p.numel() for p in trainable),
             "step_ms": 1000 * step, "tokens_per_s": args.batch_size * args.seq_len / step,
             "peak_bytes": peak, "peak_source": source, "first_loss": losses[0]}
+
+
+IMPLEMENTATIONS = {"lora-plan": wrap_ours, "peft": wrap_peft}
+
+
+def median_row(rows: list[dict]) -> dict:
+    """One implementation's runs: median step time and throughput, the largest peak."""
+    step = statistics.median(r["step_ms"] for r in rows)
+    return {**rows[0], "step_ms": step, "tokens_per_s": statistics.median(r["tokens_per_s"] for r in rows),
+            "peak_bytes": max(r["peak_bytes"] for r in rows), "runs": len(rows)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,20 +107,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--format", choices=["table", "json"], default="table")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="runs of each implementation, each in its own process, order alternating")
+    parser.add_argument("--only", choices=list(IMPLEMENTATIONS), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but no CUDA device is available", file=sys.stderr)
         return 2
-    settings = JobSettings(model=args.model, seq_len=args.seq_len)
-    args.model_args = (model_spec(settings), settings)
-
-    rows = [measure("lora-plan", wrap_ours, args), measure("peft", wrap_peft, args)]
+    if args.only:  # one implementation, in this process: what the parent runs in a child
+        settings = JobSettings(model=args.model, seq_len=args.seq_len)
+        args.model_args = (model_spec(settings), settings)
+        print(json.dumps(measure(args.only, IMPLEMENTATIONS[args.only], args)))
+        return 0
+    runs: dict[str, list[dict]] = {name: [] for name in IMPLEMENTATIONS}
+    child = ["--model", args.model, "--rank", str(args.rank), "--alpha", str(args.alpha), "--targets",
+             args.targets, "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
+             "--steps", str(args.steps), "--precision", args.precision]
+    for repeat in range(args.repeats):
+        order = list(IMPLEMENTATIONS) if repeat % 2 == 0 else list(reversed(IMPLEMENTATIONS))
+        for name in order:
+            done = subprocess.run([sys.executable, __file__, *child, "--device", args.device, "--only", name],
+                                  capture_output=True, text=True)
+            if done.returncode != 0:
+                print(done.stderr, file=sys.stderr)
+                return done.returncode
+            runs[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    rows = [median_row(runs[name]) for name in IMPLEMENTATIONS]
     if rows[0]["trainable_params"] != rows[1]["trainable_params"]:
         print("warning: the two wrap different numbers of parameters", file=sys.stderr)
     if args.format == "json":
-        print(json.dumps({"settings": {k: v for k, v in vars(args).items() if k != "model_args"},
+        print(json.dumps({"settings": vars(args),
                           "torch": torch.__version__, "results": rows}, indent=2))
         return 0
     print(f"{args.model}, LoRA r={args.rank} on {args.targets}, batch {args.batch_size} x "

@@ -99,14 +99,17 @@ def timeline_peak_term(phase) -> Term:
     return Term("peak", phase.bytes, f"{phase.name}: {phase.what} = {_n(phase.bytes)} B")
 
 
-def device_overhead_term(allocator_peak: int) -> Term:
-    """Device-level allowance above the allocator peak: CUDA context + allocator slack (assumed)."""
-    from .timeline import ALLOCATOR_SLACK, CUDA_CONTEXT_BYTES, device_overhead_bytes
+def device_overhead_term(allocator_peak: int, gpu_name: str | None = None) -> Term:
+    """Device-level allowance above the allocator peak, term by term (see `allowance`): CUDA
+    context + cuBLAS workspaces + allocator segments + allocator cache, for the GPU's generation."""
+    from .allowance import allowance
 
-    extra = device_overhead_bytes(allocator_peak)
-    return Term("device_overhead", extra,
-                f"CUDA context {_n(CUDA_CONTEXT_BYTES)} B + {ALLOCATOR_SLACK:.0%} allocator slack "
-                f"= {_n(extra)} B (an allowance, not measured)")
+    a = allowance(allocator_peak, gpu_name)
+    how = "fitted" if a.fitted else "context and cache assumed"
+    return Term("device_overhead", a.total,
+                f"CUDA context {_n(a.context)} B + cuBLAS workspaces {_n(a.cublas_workspaces)} B + "
+                f"allocator segments {_n(a.segments)} B + allocator cache {_n(a.cache)} B "
+                f"= {_n(a.total)} B ({a.generation}; {how}, not measured here)")
 
 
 def peak_bytes(terms: Iterable[Term]) -> Term:

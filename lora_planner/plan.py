@@ -129,7 +129,7 @@ def _assemble(method: str, gpu: Gpu, weight_terms: tuple[Term, ...], states: dic
         phase, overhead = "", None
     else:
         memory["peak"] = timeline_peak_term(top)
-        phase, overhead = top.name, device_overhead_term(top.bytes)
+        phase, overhead = top.name, device_overhead_term(top.bytes, gpu.name)
     needed = gpus_needed(memory["peak"].bytes, gpu.memory_bytes) if placed.sharding is None \
         else placed.gpus_needed
     return MethodPlan(method=method, weight_terms=weight_terms, memory=memory, gpus_needed=needed,

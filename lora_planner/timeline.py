@@ -24,13 +24,6 @@ from dataclasses import dataclass
 
 from .activations import FP32, Profile
 
-# Device-level allowance: CUDA context plus what the caching allocator reserves beyond what it hands
-# out. The context of a CUDA 12 process with cuBLAS loaded takes roughly 500 MiB on Hopper; the
-# allocator rounds blocks to 2 MiB segments and keeps freed blocks cached, which we allow as 5% of the
-# allocator peak. Both are assumptions until the measurement harness has readings to fit them.
-CUDA_CONTEXT_BYTES = 500 * 2**20
-ALLOCATOR_SLACK = 0.05
-
 
 @dataclass(frozen=True)
 class States:
@@ -96,6 +89,8 @@ def peak_phase(phases: tuple[Phase, ...]) -> Phase:
     return max(phases, key=lambda p: p.bytes)
 
 
-def device_overhead_bytes(allocator_peak: int) -> int:
-    """CUDA context plus caching-allocator slack above the allocator-level peak (an allowance)."""
-    return CUDA_CONTEXT_BYTES + int(allocator_peak * ALLOCATOR_SLACK)
+def device_overhead_bytes(allocator_peak: int, gpu_name: str | None = None) -> int:
+    """The device allowance above the allocator-level peak (`allowance.allowance`, term by term)."""
+    from .allowance import allowance
+
+    return allowance(allocator_peak, gpu_name).total

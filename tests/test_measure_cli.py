@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
+import time
 
 import pytest
 from click.testing import CliRunner
@@ -58,3 +61,56 @@ def test_help_teaches_with_examples():
     result = CliRunner().invoke(main, ["measure", "run", "--help"])
     assert result.exit_code == 0
     assert "lora-plan measure run --model gpt2 --method lora --rank 8" in result.output
+
+
+@pytest.mark.parametrize("args, what", [
+    (["measure", "run", "--device", "cpu"], "lora-plan measure run"),
+    (["measure", "run"], "lora-plan measure run"),
+    (["measure", "sweep", "--set", "device=cpu", "-o", "r.jsonl"], "lora-plan measure sweep"),
+    (["measure", "sweep", "-o", "r.jsonl", "--dry-run"], "--device auto"),
+    (["trace", "--model", "gpt2", "--layers", "1"], "lora-plan trace"),
+    (["trace", "--model", "gpt2", "--fake"], "lora-plan trace"),
+])
+def test_base_install_names_the_extra_in_one_line(monkeypatch, tmp_path, args, what):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(sys.modules, "torch", None)  # as on a base install: `import torch` fails
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    assert result.output == f"Error: {what} needs torch: pip install 'lora-plan[measure]'\n"
+
+
+def test_listing_a_cpu_grid_needs_no_torch(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "torch", None)
+    result = CliRunner().invoke(main, ["measure", "sweep", "--set", "device=cpu", "--grid", "rank=1,8",
+                                       "-o", str(tmp_path / "r.jsonl"), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert len(result.output.splitlines()) == 2
+
+
+def test_an_oversized_cpu_job_is_refused_before_the_model_is_built():
+    start = time.monotonic()
+    result = run("--model", "llama-3.1-70b", "--device", "cpu")
+    assert result.exit_code == 2, result.output
+    assert time.monotonic() - start < 10
+    line = result.output.strip()
+    assert len(line.splitlines()) == 1 and "GB of host RAM available" in line and "--force" in line
+
+
+def test_the_guard_compares_the_planned_peak_with_host_ram(tmp_path, monkeypatch):
+    from lora_planner.measure import guard, job
+
+    config = tiny_config_file(tmp_path)
+    settings = job.JobSettings(model=config, steps=1, seq_len=16)
+    peak = job.predict(settings, job.model_spec(settings))["peak"]
+    monkeypatch.setattr(guard, "host_available_bytes", lambda: peak - 1)
+    refused = run("--model", config, "--device", "cpu", "--steps", "1", "--seq-len", "16")
+    assert refused.exit_code == 2 and "exceeds the" in refused.output
+    forced = run("--model", config, "--device", "cpu", "--steps", "1", "--seq-len", "16", "--force")
+    assert forced.exit_code == 0, forced.output
+    monkeypatch.setattr(guard, "host_available_bytes", lambda: peak)
+    assert run("--model", config, "--device", "cpu", "--steps", "1", "--seq-len", "16").exit_code == 0
+
+
+def test_host_ram_is_read_from_the_system():
+    available = __import__("lora_planner.measure.guard", fromlist=["x"]).host_available_bytes()
+    assert available is None or 0 < available <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from lora_planner.gpus import DEFAULT_GPU, get_gpu
-from lora_planner.plan import make_plan
+from lora_planner.plan import MEMORY_KEYS, make_plan
 from lora_planner.render import to_dict
 from lora_planner.spec import TrainSetup, spec_from_config_file
 from tests.measure_models import tiny_config_file, torch
@@ -23,7 +23,8 @@ def test_loss_goes_down_on_the_builtin_qa_set(tmp_path):
     record = job.run_job(settings)
     assert record["status"] == "ok", record["error"]
     losses = record["measured"]["losses"]
-    assert len(losses) == 20
+    assert record["measured"]["warmup_steps"] == 1  # fp32: the first step creates AdamW's states
+    assert len(losses) == 1 + 20
     # Byte-level text starts near ln(300) = 5.7; a model that learns it ends well below.
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 1.0
 
@@ -63,7 +64,7 @@ def test_prediction_is_the_planners_for_the_same_setup(tmp_path):
                            batch_size=2, seq_len=16, grad_checkpointing=True, device="cuda")
     on_gpu = job.predict(settings, job.model_spec(settings))
     plan = to_dict(make_plan(spec, (setup,), get_gpu(DEFAULT_GPU)))["plans"][0]
-    assert {k: on_gpu[k] for k in job.PREDICTED_KEYS} == plan["memory_bytes"]
+    assert {k: on_gpu[k] for k in MEMORY_KEYS} == plan["memory_bytes"]
     assert on_gpu["peak_phase"] == plan["peak_phase"]
 
     from lora_planner.measure.trace import predicted_terms
@@ -88,6 +89,8 @@ def test_simulated_oom_is_recorded_with_the_prediction(tmp_path, monkeypatch):
 def test_out_of_memory_detection():
     assert job.is_out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate"))
     assert job.is_out_of_memory(RuntimeError("CUDA error: out of memory"))
+    assert job.is_out_of_memory(RuntimeError(
+        "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"))
     assert not job.is_out_of_memory(RuntimeError("shape mismatch"))
 
 
@@ -102,7 +105,7 @@ def test_settings_normalise_and_validate():
 
 
 def test_an_oom_says_whether_the_planner_foresaw_it():
-    assert job.foresight_note(90, 80).startswith("the planner foresaw it: predicted peak 90 B")
+    assert job.foresight_note(90, 80).startswith("the planner foresaw it: predicted peak + allowance 90 B")
     assert job.foresight_note(70, 80).startswith("the planner did not foresee it")
 
 
@@ -118,3 +121,100 @@ def test_a_local_weights_folder_is_fine_tuned(tmp_path):
     assert loaded["settings"]["weights"] == str(folder)
     assert loaded["predicted"] == fresh["predicted"]  # the same shape either way
     assert loaded["measured"]["first_loss"] != fresh["measured"]["first_loss"]  # other weights
+
+
+def _scaler_skipping_first_steps(monkeypatch):
+    """A grad scaler whose first scale overflows fp16 gradients, so it skips optimizer steps (on a
+    GPU the default scale does that for a few steps)."""
+    import functools
+
+    monkeypatch.setattr(torch.amp, "GradScaler", functools.partial(torch.amp.GradScaler, init_scale=2.0**30))
+
+
+def test_fp16_warm_up_runs_until_the_optimizer_holds_its_states(tmp_path, monkeypatch):
+    _scaler_skipping_first_steps(monkeypatch)
+    settings = JobSettings(model=tiny_config_file(tmp_path), method="full", precision="fp16", steps=2,
+                           batch_size=1, seq_len=16)
+    record = job.run_job(settings)
+    assert record["status"] == "ok", record["error"]
+    measured = record["measured"]
+    assert measured["warmup_steps"] > 1  # the skipped steps did not count as steady ones
+    assert len(measured["losses"]) == measured["warmup_steps"] + 2
+    # the read step is a steady one: AdamW's states (torch's own tensors) were live at its peak
+    assert measured["at_peak"]["optimizer_states"] > 0
+    assert not any("held no states" in note for note in record["notes"])
+
+
+def test_a_warm_up_that_never_gets_states_says_so(tmp_path, monkeypatch):
+    _scaler_skipping_first_steps(monkeypatch)
+    monkeypatch.setattr(job, "MAX_WARMUP_STEPS", 2)
+    record = job.run_job(JobSettings(model=tiny_config_file(tmp_path), method="full", precision="fp16",
+                                     steps=1, batch_size=1, seq_len=16))
+    assert record["measured"]["warmup_steps"] == 2
+    assert any("held no states after 2 warm-up steps" in note for note in record["notes"])
+
+
+def test_a_cuda_start_failure_is_an_error_record_not_a_traceback(tmp_path, monkeypatch):
+    def fail():
+        raise RuntimeError("CUDA driver initialization failed, you might not have a CUDA gpu.")
+
+    monkeypatch.setattr(torch.cuda, "init", fail)
+    output = tmp_path / "results.jsonl"
+    record = job.run_job(JobSettings(model=tiny_config_file(tmp_path), device="cuda", steps=1), str(output))
+    assert record["status"] == "error" and "CUDA driver initialization failed" in record["error"]
+    assert record["device"]["kind"] == "cuda" and record["device"]["memory_total"] is None
+    assert record["predicted"]["device_overhead_bytes"] > 0
+    assert json.loads(output.read_text())["id"] == record["id"]
+
+
+def test_a_cpu_record_carries_the_run_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    record = job.run_job(JobSettings(model=tiny_config_file(tmp_path), steps=1, seq_len=16))
+    assert record["env"]["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    # GPT-2 trains with attention dropout: torch's CPU SDPA falls back to the math kernel under it
+    assert record["env"]["sdpa_backend"] == "math"
+    assert record["predicted"]["device_overhead_bytes"] == 0  # no GPU, no allowance
+
+
+def test_the_gpu_guard_counts_the_allowance_against_free_memory(tmp_path, monkeypatch):
+    from lora_planner.measure import guard
+
+    settings = JobSettings(model=tiny_config_file(tmp_path), device="cuda", steps=1).checked()
+    predicted = job.predict(settings, job.model_spec(settings))
+    need = predicted["peak"] + predicted["device_overhead_bytes"]
+    monkeypatch.setattr(guard, "cuda_free_bytes", lambda index=0: need - 1)
+    with pytest.raises(job.PlanError, match="of free GPU memory available"):
+        job.memory_guard(settings, predicted)
+    monkeypatch.setattr(guard, "cuda_free_bytes", lambda index=0: need)
+    job.memory_guard(settings, predicted)
+
+
+def test_cuda_start_binds_nvml_to_torchs_device_and_records_it(monkeypatch):
+    """The CUDA path on a machine without a GPU, torch's CUDA calls stood in for: NVML is pointed
+    at the UUID torch reports, the memory fraction is applied, and the device and allowance
+    follow the device's compute capability."""
+    import types
+
+    from lora_planner.allowance import allowance
+
+    props = types.SimpleNamespace(uuid="5f3c0e8a-1111-2222-3333-444455556666", major=8, minor=0,
+                                  total_memory=80 * 10**9)
+    applied = []
+    monkeypatch.setattr(torch.cuda, "init", lambda: None)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index=0: props)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: "Stand-in A100")
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d=0: applied.append((f, d)))
+    monkeypatch.setenv(job.MEMORY_FRACTION_ENV, "0.5")
+    bound = []
+    job._start_cuda(types.SimpleNamespace(bind=bound.append))
+    assert bound == [props.uuid] and applied == [(0.5, 0)]
+    info = job.device_info("cuda", driver="550.54.15")
+    assert info["memory_total"] == 40 * 10**9 and info["memory_fraction"] == 0.5
+    assert info["capability"] == [8, 0] and info["uuid"] == props.uuid and info["name"] == "Stand-in A100"
+    peak = 3 * 10**9
+    assert job.device_allowance(peak) == allowance(peak, capability=(8, 0)).total
+    assert job.device_allowance(peak) != allowance(peak, capability=(9, 0)).total  # Hopper's workspaces
+    monkeypatch.setenv(job.MEMORY_FRACTION_ENV, "1.5")
+    with pytest.raises(job.PlanError, match="must be a number in"):
+        job.memory_fraction()

@@ -6,6 +6,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -152,11 +154,93 @@ def test_a_job_that_dies_without_a_record_gets_an_error_record(tmp_path):
     jobs = [j for j in sweep.expand({"fixed": sweep.parse_assignments(args[1:8:2], False),
                                      "grid": {"rank": [1]}})]
     output = tmp_path / "results.jsonl"
-    result = sweep.run_sweep(jobs, output, launcher=lambda job, out, cmd: sweep.Launch(-9, "Killed\n"),
+    result = sweep.run_sweep(jobs, output, launcher=lambda *args: sweep.Launch(-9, "Killed\n"),
                              progress=False)
     (record,) = read_records(output)
     assert result.statuses == {"error": 1}
     assert record["status"] == "error" and "signal 9" in record["error"] and record["predicted"]["peak"] > 0
+
+
+def test_a_job_past_its_timeout_is_killed_and_recorded(tmp_path):
+    args, ids = _sweep_args(tmp_path)
+    output = tmp_path / "results.jsonl"
+    done = _run_sweep([*args, "--timeout", "3"], output, f"hang@{ids[1]},error")
+    assert done.returncode == 0, done.stderr
+    found = {r["id"]: r for r in read_records(output)}
+    assert [found[i]["status"] for i in ids] == ["error", "timeout", "error"]
+    assert "ran past the 3 s timeout" in found[ids[1]]["error"]
+    timed_out = found[ids[1]]
+    assert timed_out["predicted"]["peak"] > 0 and timed_out["relative_error"]["peak_allocated"] is None
+    assert not list(tmp_path.glob(".*.part"))  # nothing left behind
+
+
+def test_devices_run_one_job_per_gpu_at_a_time(tmp_path, monkeypatch):
+    """Each job process sees one GPU through CUDA_VISIBLE_DEVICES."""
+    args, _ = _sweep_args(tmp_path)
+    fixed = sweep.parse_assignments(args[1:8:2], False) | {"device": "cuda"}
+    jobs = sweep.expand({"fixed": fixed, "grid": {"rank": [1, 2, 4], "seq_len": [8, 16]}})
+    output = tmp_path / "results.jsonl"
+    # Rehearsed failures happen before CUDA starts, so a machine without GPUs can run this.
+    monkeypatch.setenv(FAULT_ENV, "error")
+    result = sweep.run_sweep(jobs, output, progress=False, devices=("3", "5"))
+    assert result.statuses == {"error": 6}
+    found = read_records(output)
+    assert len(found) == 6 and {r["settings"]["device"] for r in found} == {"cuda"}
+    assert {r["env"]["CUDA_VISIBLE_DEVICES"] for r in found} == {"3", "5"}
+
+
+def test_devices_share_the_jobs_and_never_double_book_a_gpu(tmp_path):
+    args, _ = _sweep_args(tmp_path)
+    spec = {"fixed": sweep.parse_assignments(args[1:8:2], False), "grid": {"rank": [1, 2, 4, 8, 16, 32]}}
+    jobs = sweep.expand(spec)
+    busy: set[str] = set()
+    seen: list[str] = []
+    lock = threading.Lock()
+
+    def launcher(job, part, command, device, timeout):
+        with lock:
+            assert device not in busy  # one job per GPU at a time
+            busy.add(device)
+            seen.append(device)
+        time.sleep(0.05)
+        with lock:
+            busy.discard(device)
+        return sweep.Launch(1, "")
+
+    result = sweep.run_sweep(jobs, tmp_path / "r.jsonl", launcher=launcher, progress=False,
+                             devices=("0", "1"))
+    assert result.statuses == {"error": 6} and sorted(set(seen)) == ["0", "1"]
+    assert len(read_records(tmp_path / "r.jsonl")) == 6
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 5])
+def test_shards_are_disjoint_and_cover_the_grid(count):
+    jobs = sweep.expand(sweep.load_spec(GPU_GRID))
+    shards = [sweep.shard_jobs(jobs, sweep.parse_shard(f"{k}/{count}")) for k in range(count)]
+    ids = [j.id for shard in shards for j in shard]
+    assert sorted(ids) == sorted(j.id for j in jobs) and len(ids) == len(set(ids))
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1
+
+
+@pytest.mark.parametrize("text", ["3/3", "-1/2", "1", "a/b", "0/0"])
+def test_bad_shards_are_one_line(tmp_path, text):
+    result = CliRunner().invoke(main, ["measure", "sweep", "--set", "device=cpu", "--shard", text,
+                                       "-o", str(tmp_path / "r.jsonl"), "--dry-run"])
+    assert result.exit_code == 2 and "--shard takes K/N" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_a_shard_runs_its_jobs_and_merges_by_id(tmp_path):
+    args, ids = _sweep_args(tmp_path)
+    output = tmp_path / "results.jsonl"
+    first = _run_sweep([*args, "--shard", "1/2"], output, "error")
+    assert first.returncode == 0, first.stderr
+    assert [r["id"] for r in read_records(output)] == [ids[1]]
+    assert "3 jobs (2 left to other shards)" not in first.stderr  # one shard of three jobs: 1 job
+    assert "1 jobs (2 left to other shards): 0 already in the results file; ran 1 error" in first.stderr
+    rest = _run_sweep(args, output, "error")
+    assert [r["id"] for r in read_records(output)] == [ids[1], ids[0], ids[2]]
+    assert "3 jobs: 1 already in the results file; ran 2 error" in rest.stderr
 
 
 @pytest.mark.slow

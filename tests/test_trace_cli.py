@@ -42,3 +42,15 @@ def test_trace_errors_are_one_line():
     assert unknown.exit_code == 2 and "unknown model" in unknown.output
     qlora = CliRunner().invoke(main, ["trace", "--model", "gpt2", "--method", "qlora"])
     assert qlora.exit_code == 2
+
+
+def test_a_step_too_large_for_the_host_is_refused_within_seconds():
+    import time
+
+    start = time.monotonic()
+    result = CliRunner().invoke(main, ["trace", "--model", "llama-3.1-70b"])
+    assert time.monotonic() - start < 10
+    assert result.exit_code == 2, result.output
+    line = result.output.strip()
+    assert len(line.splitlines()) == 1 and "of host RAM available" in line
+    assert "use --fake, --layers N or a smaller setup, or --force" in line

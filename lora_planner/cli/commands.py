@@ -14,7 +14,7 @@ from ..precision import DEFAULT_PRECISION, PRECISIONS
 from ..render import FORMATS, render, to_explanation
 from ..spec import DEFAULT_SEQ_LEN, DenseSize, ModelSpec, TrainSetup, default_seq_len
 from ..units import parse_count
-from .common import UserError, parse_ranks, split_values
+from .common import UserError, need_measure_extra, parse_ranks, split_values
 from .scale_options import scale_options, setup_changes, workload
 from .step_options import step_options
 
@@ -163,11 +163,15 @@ def models_command(fmt: str) -> None:
 @click.option("--fake", is_flag=True,
               help="Run under FakeTensorMode: same byte counts, no memory allocated (70B slices fit).")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.option("--force", is_flag=True,
+              help="Trace even when the planned peak exceeds the host RAM available.")
 def trace_command(model_name, method, rank, targets, precision, batch_size, seq_len, grad_checkpointing,
-                  attention, layers, fake, fmt) -> None:
+                  attention, layers, fake, fmt, force) -> None:
     """Trace one real training step on CPU and print it beside the prediction, term by term.
 
-    Needs the `measure` extra (torch, transformers; peft for LoRA).
+    Needs the `measure` extra (torch, transformers; peft for LoRA). Without --fake, a step whose
+    planned peak exceeds the host RAM available is refused before the model is built (--force
+    traces it anyway).
 
     \b
         lora-plan trace --model gpt2 --method full --seq-len 256 --layers 2
@@ -182,12 +186,16 @@ def trace_command(model_name, method, rank, targets, precision, batch_size, seq_
         setup = TrainSetup(method=method, rank=rank, targets=split_values(targets) or ("default",),
                            precision=precision, batch_size=batch_size, seq_len=seq_len,
                            grad_checkpointing=grad_checkpointing, attention=attention)
-        try:
-            from ..measure.trace import sliced, trace
-        except ImportError as exc:
-            raise PlanError(f"trace needs torch and transformers: pip install 'lora-plan[measure]' "
-                            f"({exc})") from None
-        result = trace(sliced(spec, layers), setup, fake=fake)
+        need_measure_extra("lora-plan trace")
+        from ..measure.trace import predicted_terms, sliced, trace
+
+        spec = sliced(spec, layers)
+        if not (fake or force):
+            from ..measure.guard import check_fits, host_available_bytes
+
+            check_fits(predicted_terms(spec, setup, "cpu")[0]["peak"], host_available_bytes(), "host RAM",
+                       "use --fake, --layers N or a smaller setup")
+        result = trace(spec, setup, fake=fake)
     except PlanError as exc:
         raise UserError(str(exc)) from None
     if fmt == "json":

@@ -13,6 +13,27 @@ class UserError(click.ClickException):
     exit_code = 2
 
 
+MEASURE_EXTRA = "pip install 'lora-plan[measure]'"
+
+
+def need_measure_extra(what: str, modules: tuple[str, ...] = ("torch", "transformers")) -> None:
+    """Stop in one line when a command needs the `measure` extra and the base install lacks it."""
+    import importlib.util
+    import sys
+
+    for name in modules:
+        if name in sys.modules:
+            if sys.modules[name] is None:  # blocked, as a test does to stand for a missing package
+                raise UserError(f"{what} needs {name}: {MEASURE_EXTRA}")
+            continue
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            raise UserError(f"{what} needs {name}: {MEASURE_EXTRA}")
+
+
 def split_values(values: tuple[str, ...]) -> tuple[str, ...]:
     """Options that repeat or take commas: `--rank 1,8 --rank 64` -> ('1', '8', '64')."""
     return tuple(v.strip() for value in values for v in value.split(",") if v.strip())

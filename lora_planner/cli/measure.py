@@ -13,13 +13,14 @@ import sys
 import click
 
 from ..errors import PlanError
-from .common import UserError, split_values
+from .common import UserError, need_measure_extra, split_values
 
 
 def resolve_device(device: str) -> str:
     """`auto` picks cuda when a CUDA device is there; asking for cuda without one is an error."""
     if device == "cpu":
         return "cpu"
+    need_measure_extra(f"--device {device}", ("torch",))
     import torch
 
     available = torch.cuda.is_available()
@@ -75,16 +76,23 @@ def measure_group() -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--save-adapter", metavar="DIR", help="Save the trained adapter in PEFT's layout.")
 @click.option("-o", "--output", metavar="FILE", help="Append the record to this JSONL file.")
+@click.option("--force", is_flag=True,
+              help="Run even when the planned peak exceeds the memory available (host RAM on CPU, "
+                   "free GPU memory on CUDA).")
 def run_command(model, weights, method, rank, targets, alpha, rslora, dropout, batch_size, seq_len,
                 steps, lr, precision, grad_checkpointing, attention, device, data, seed, save_adapter,
-                output) -> None:
+                output, force) -> None:
     """Fine-tune once, read peak memory and speed, print the record (one JSON line).
+
+    Before the model is built, a job whose planned peak exceeds the memory available is refused
+    in one line (--force runs it anyway).
 
     \b
         lora-plan measure run --model gpt2 --method lora --rank 8 --targets c_attn --steps 5
         lora-plan measure run --model gpt2-medium --method full --batch-size 8 --seq-len 1024 \\
             --precision bf16 --grad-checkpointing --device cuda -o results.jsonl
     """
+    need_measure_extra("lora-plan measure run")
     from ..measure.job import JobSettings, run_job
 
     try:
@@ -94,7 +102,7 @@ def run_command(model, weights, method, rank, targets, alpha, rslora, dropout, b
             steps=steps, lr=lr, precision=precision, grad_checkpointing=grad_checkpointing,
             attention=attention, device=resolve_device(device), data=data, seed=seed,
         )
-        record = run_job(settings, output, _command_line(), save_adapter)
+        record = run_job(settings, output, _command_line(), save_adapter, force=force)
     except PlanError as exc:
         raise UserError(str(exc)) from None
     click.echo(json.dumps(record))
@@ -118,7 +126,14 @@ def run_command(model, weights, method, rank, targets, alpha, rslora, dropout, b
 @click.option("--dry-run", is_flag=True,
               help="Plan and list the jobs as JSON lines (id, done, predicted peak, settings); run none.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
-def sweep_command(spec, fixed, grid, output, dry_run, progress) -> None:
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
+              help="Kill a job that runs longer and record it as `timeout`.")
+@click.option("--devices", metavar="I[,I]",
+              help="GPUs to run on, one job per GPU at a time (CUDA_VISIBLE_DEVICES set per job): "
+                   "indices or UUIDs, 0,1,2,3.")
+@click.option("--shard", metavar="K/N",
+              help="Run every N-th job from the K-th (0 <= K < N): one task of an array job.")
+def sweep_command(spec, fixed, grid, output, dry_run, progress, timeout, devices, shard) -> None:
     """Run a grid of jobs, one subprocess each; rerun to resume where it stopped.
 
     SPEC is a TOML, YAML or JSON file with `fixed` and `grid` tables; --set and --grid add to it
@@ -128,20 +143,32 @@ def sweep_command(spec, fixed, grid, output, dry_run, progress) -> None:
         lora-plan measure sweep benchmarks/gpu_grid.toml -o results/gpu_grid.jsonl
         lora-plan measure sweep --set model=gpt2 --set steps=5 --grid method=full,lora \\
             --grid rank=1,8 -o results.jsonl
+        lora-plan measure sweep benchmarks/gpu_grid.toml --devices 0,1,2,3 --timeout 900 -o r.jsonl
+        lora-plan measure sweep benchmarks/gpu_grid.toml --shard $SLURM_ARRAY_TASK_ID/8 \\
+            -o results/grid-$SLURM_ARRAY_TASK_ID.jsonl
     """
     from ..measure.records import finished_ids
-    from ..measure.sweep import check_jobs, expand, load_spec, parse_assignments, run_sweep
+    from ..measure.sweep import check_jobs, expand, load_spec, parse_assignments, parse_shard, run_sweep
 
+    if not dry_run:
+        need_measure_extra("lora-plan measure sweep", ("torch", "transformers", "tqdm"))
     try:
+        chosen_shard = parse_shard(shard) if shard else None
+        gpus = split_values((devices,)) if devices else ()
         plan = load_spec(spec) if spec else {"fixed": {}, "grid": {}}
         plan["fixed"] |= parse_assignments(fixed, as_lists=False)
         plan["grid"] |= parse_assignments(grid, as_lists=True)
+        if gpus:
+            plan["fixed"]["device"] = "cuda"
         device = plan["fixed"].get("device", "auto")
         # Listing a GPU grid needs no GPU; running one does.
         if "device" not in plan["grid"] and not (dry_run and device == "cuda"):
             plan["fixed"]["device"] = resolve_device(device)
         jobs = expand(plan)
         if dry_run:
+            from ..measure.sweep import shard_jobs
+
+            jobs = shard_jobs(jobs, chosen_shard)
             predictions = check_jobs(jobs)
             done = finished_ids(output)
             for job in jobs:
@@ -149,7 +176,8 @@ def sweep_command(spec, fixed, grid, output, dry_run, progress) -> None:
                                        "predicted_peak": predictions[job.id]["peak"],
                                        "settings": job.to_dict()}))
             return
-        result = run_sweep(jobs, output, _command_line(), progress=progress)
+        result = run_sweep(jobs, output, _command_line(), progress=progress, timeout=timeout, devices=gpus,
+                           shard=chosen_shard)
     except PlanError as exc:
         raise UserError(str(exc)) from None
     click.echo(result.summary(), err=True)

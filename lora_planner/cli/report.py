@@ -61,7 +61,7 @@ def report_group() -> None:
 
     \b
         lora-plan report capacity -o capacity.md
-        lora-plan report validation results/*.jsonl -o validation.md
+        lora-plan report validation results/measure/*.jsonl -o validation.md
     """
 
 
@@ -152,10 +152,11 @@ def validation_command(ctx, records, units, worst, output) -> None:
     maximum, the worst cases, whether out-of-memory failures were foreseen, the provenance of every
     record, and a predicted-versus-measured scatter plot. A folder stands for its *.jsonl files.
     A missing file, a corrupt line or a record of another format is listed in the report with its
-    file and line (and warned about here); the rest is still reported.
+    file and line (and warned about here); the rest is still reported. With no usable record at
+    all, the report says so and the command exits with 1.
 
     \b
-        lora-plan report validation results/*.jsonl -o validation.md
+        lora-plan report validation results/measure/*.jsonl -o validation.md
         lora-plan report validation results/ --units GiB --worst 10 -o validation.md
     """
     from pathlib import Path
@@ -168,3 +169,6 @@ def validation_command(ctx, records, units, worst, output) -> None:
     except OSError as exc:
         raise UserError(f"cannot write {output}: {exc.strerror or exc}") from None
     _report(written)
+    if not written.records:
+        click.echo("error: no usable record in the input; the report says why", err=True)
+        ctx.exit(1)

@@ -32,21 +32,30 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import PlanError
+from ..record_schema import ENV_KEYS, make_record, settings_id
 from ..spec import ModelSpec, TrainSetup
-from .records import PREDICTED_KEYS, append_record, make_record, settings_id
+from .records import append_record
 
-METHODS = ("full", "lora")
+HARNESS_METHODS = ("full", "lora")  # what a measured job trains (the planner also plans qlora)
 PLANNER_PRECISION = {"fp32": "fp32", "bf16": "amp", "fp16": "amp"}
 ATTENTIONS = ("eager", "sdpa")
 DEVICES = ("cpu", "cuda")
 DATA_SOURCES = ("qa", "synthetic")  # or the path of a local text file
-PHASES = ("forward", "backward", "optimizer")
+# A grad scaler skips the steps whose fp16 gradients overflow; warm-up steps run until the
+# optimizer holds its states, at most this many.
+MAX_WARMUP_STEPS = 20
+# What an allocation failure says when it is not torch's OutOfMemoryError.
+OOM_MESSAGES = ("out of memory", "cublas_status_alloc_failed", "cudnn_status_alloc_failed",
+                "cufft_alloc_failed", "cusparse_status_alloc_failed")
 
-# Tests and rehearsals inject faults through this variable: `oom`, `error` or `kill-sweep`,
+# Tests and rehearsals inject faults through this variable: `oom`, `error`, `hang` or `kill-sweep`,
 # optionally `@<job id>` to hit one job of a sweep, several entries joined by commas.
 # `kill-sweep` kills the parent process (the sweep) and exits without a record, as a machine that
-# goes down mid-sweep would.
+# goes down mid-sweep would; `hang` sleeps until a sweep's timeout ends it.
 FAULT_ENV = "LORA_PLAN_FAULT"
+# A fraction of the GPU's memory the job may use (`torch.cuda.set_per_process_memory_fraction`):
+# a smaller GPU played by a larger one, and a real out-of-memory error on demand in tests.
+MEMORY_FRACTION_ENV = "LORA_PLAN_CUDA_MEMORY_FRACTION"
 
 
 @dataclass(frozen=True)
@@ -89,8 +98,8 @@ class JobSettings:
     def checked(self) -> JobSettings:
         """Validate, and normalise what does not apply (a full fine-tune has no rank or targets),
         so equal jobs get equal ids."""
-        if self.method not in METHODS:
-            raise PlanError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.method not in HARNESS_METHODS:
+            raise PlanError(f"method must be one of {', '.join(HARNESS_METHODS)}, got {self.method!r}")
         if self.precision not in PLANNER_PRECISION:
             raise PlanError(f"precision must be one of {', '.join(PLANNER_PRECISION)}, "
                             f"got {self.precision!r}")
@@ -134,33 +143,32 @@ def model_spec(settings: JobSettings) -> ModelSpec:
 
 def planner_setup(settings: JobSettings) -> TrainSetup:
     """The planner's `TrainSetup` for the job, so prediction and measurement share one setting."""
-    values = {
-        "method": settings.method, "rank": settings.rank or 8,
-        "targets": settings.targets or ("default",), "precision": PLANNER_PRECISION[settings.precision],
-        "optimizer": "adamw", "batch_size": settings.batch_size, "seq_len": settings.seq_len,
-        "grad_checkpointing": settings.grad_checkpointing, "attention": settings.attention,
-        "lora_dropout": settings.dropout,
-    }
-    known = {f.name for f in dataclasses.fields(TrainSetup)}
-    # Fields a planner without activation modelling does not know yet are left out.
-    return TrainSetup(**{k: v for k, v in values.items() if k in known})
+    return TrainSetup(
+        method=settings.method, rank=settings.rank or 8, targets=settings.targets or ("default",),
+        precision=PLANNER_PRECISION[settings.precision], optimizer="adamw",
+        batch_size=settings.batch_size, seq_len=settings.seq_len,
+        grad_checkpointing=settings.grad_checkpointing, attention=settings.attention,
+        lora_dropout=settings.dropout)
 
 
-def predict(settings: JobSettings, spec: ModelSpec) -> dict:
-    """The planner's bytes for the job (read by key from the plan's JSON contract).
+def predict(settings: JobSettings, spec: ModelSpec, gpu_name: str | None = None) -> dict:
+    """The planner's bytes for the job (read by key from the plan's JSON contract), with the
+    device allowance (`allowance`) for the GPU it runs on (`gpu_name`, a catalog name; the
+    default GPU's generation when unknown). A CPU job has no allowance (0).
 
     The plan is for a CUDA device. A CPU job is set beside the planner's CPU variant of the same
     step (what `lora-plan trace` compares with): torch keeps a dropout mask in the input's dtype
     there instead of one byte, falls back to the math attention kernel under dropout, and keeps
     AdamW's step counters as tensors.
     """
+    from ..allowance import allowance
     from ..gpus import DEFAULT_GPU, get_gpu
-    from ..plan import make_plan
+    from ..plan import MEMORY_KEYS, make_plan
     from ..render import to_dict
 
     setup = planner_setup(settings)
     entry = to_dict(make_plan(spec, (setup,), get_gpu(DEFAULT_GPU)))["plans"][0]
-    predicted = {key: int(entry["memory_bytes"][key]) for key in PREDICTED_KEYS}
+    predicted = {key: int(entry["memory_bytes"][key]) for key in MEMORY_KEYS}
     predicted["peak_phase"] = entry.get("peak_phase") or None
     if settings.device == "cpu":
         from .trace import predicted_terms
@@ -169,31 +177,39 @@ def predict(settings: JobSettings, spec: ModelSpec) -> dict:
         predicted |= {"optimizer_states": on_cpu["optimizer_states"] - predicted["master_weights"],
                       "activations": on_cpu["activations"], "peak": on_cpu["peak"], "peak_phase": phase}
     predicted["trainable_params"] = int(entry["trainable_params"])
+    predicted["device_overhead_bytes"] = (
+        allowance(predicted["peak"], gpu_name).total if settings.device == "cuda" else 0)
     return predicted
 
 
 def device_info(device: str, driver: str | None = None) -> dict:
-    """Where the job ran, without the host's name."""
-    if device == "cuda":
-        import torch
-
+    """Where the job ran, without the host's name. A CUDA job that failed before CUDA started
+    says what it can without starting it."""
+    torch = sys.modules.get("torch")
+    if device == "cuda" and torch is not None and torch.cuda.is_initialized():
         props = torch.cuda.get_device_properties(0)
+        fraction = memory_fraction()  # the job may use only this part of the device
         return {"kind": "cuda", "name": torch.cuda.get_device_name(0), "driver": driver,
                 "cuda": torch.version.cuda, "torch": torch.__version__,
-                "memory_total": int(props.total_memory)}
-    torch = sys.modules.get("torch")  # a rehearsed failure never loads it
+                "memory_total": int(props.total_memory * (fraction or 1)), "memory_fraction": fraction,
+                "capability": [props.major, props.minor], "uuid": str(props.uuid)}
+    if device == "cuda":
+        return {"kind": "cuda", "name": None, "driver": driver, "cuda": None,
+                "torch": torch.__version__ if torch is not None else None, "memory_total": None}
     version = torch.__version__ if torch is not None else importlib.metadata.version("torch")
     return {"kind": "cpu", "name": platform.processor() or platform.machine(), "driver": None,
             "cuda": None, "torch": version, "memory_total": None}
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
-    """torch.cuda.OutOfMemoryError, or any error whose message says it ran out of memory (older
-    torch raises a plain RuntimeError; cuBLAS and NCCL word it their own way)."""
+    """torch.cuda.OutOfMemoryError, or any error whose message says an allocation failed (older
+    torch raises a plain RuntimeError; cuBLAS, cuDNN and NCCL word it their own way, as
+    `CUBLAS_STATUS_ALLOC_FAILED` when a workspace cannot be had)."""
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(exc, torch.cuda.OutOfMemoryError):
         return True
-    return "out of memory" in str(exc).lower()
+    text = str(exc).lower()
+    return any(message in text for message in OOM_MESSAGES)
 
 
 def _fault(job_id: str) -> str | None:
@@ -210,10 +226,12 @@ def _fault_error(kind: str) -> Exception:
         return RuntimeError(f"CUDA out of memory (simulated by {FAULT_ENV})")
     if kind == "error":
         return RuntimeError(f"simulated failure ({FAULT_ENV})")
+    if kind == "hang":
+        time.sleep(24 * 3600)
     if kind == "kill-sweep":
         os.kill(os.getppid(), signal.SIGKILL)
         os._exit(3)
-    raise PlanError(f"{FAULT_ENV} must be oom, error or kill-sweep, optionally @<job id>; got {kind!r}")
+    raise PlanError(f"{FAULT_ENV} must be oom, error, hang or kill-sweep, optionally @<job id>; got {kind!r}")
 
 
 def _error_text(exc: BaseException) -> str:
@@ -243,37 +261,55 @@ def build_model(spec: ModelSpec, settings: JobSettings):
     return model
 
 
-def _train(settings: JobSettings, spec: ModelSpec, reader, nvml, save_adapter: str | None) -> dict:
+def _start_cuda(nvml) -> None:
+    """Start CUDA in this process and point the NVML sampler at the device torch uses."""
+    import torch
+
+    torch.cuda.init()
+    if nvml is not None:
+        nvml.bind(torch.cuda.get_device_properties(0).uuid)
+    fraction = memory_fraction()
+    if fraction is not None:
+        torch.cuda.set_per_process_memory_fraction(fraction, 0)
+
+
+def memory_fraction() -> float | None:
+    """The fraction of GPU memory set through `MEMORY_FRACTION_ENV`, or None."""
+    text = os.environ.get(MEMORY_FRACTION_ENV)
+    if not text:
+        return None
+    try:
+        fraction = float(text)
+    except ValueError:
+        fraction = -1.0
+    if not 0 < fraction <= 1:
+        raise PlanError(f"{MEMORY_FRACTION_ENV} must be a number in (0, 1], got {text!r}")
+    return fraction
+
+
+def _run_env() -> dict:
+    """The environment that changes what a GPU run holds (allocator settings, lazy module loading,
+    which devices are visible), as the job saw it once CUDA had started."""
+    return {key: os.environ.get(key) for key in (*ENV_KEYS, MEMORY_FRACTION_ENV)}
+
+
+def _train(settings: JobSettings, spec: ModelSpec, reader, nvml, save_adapter: str | None,
+           facts: dict) -> dict:
+    """Build the model, warm up until the optimizer holds its states, then run `settings.steps`
+    steady-state steps: the reader reads the first `reader.read_steps` of them (all when None),
+    and the rest are timed untouched. `facts` collects what the run found out (SDPA backend,
+    warm-up steps), even when it fails later."""
     import torch
 
     from . import lora
     from .data import batches
+    from .step import OpNames, attention_backend, optimizer_holds_states, train_step
 
     device = torch.device(settings.device)
-    model = build_model(spec, settings).to(device)
-    if settings.method == "lora":
-        lora.inject(model, settings.targets, settings.rank, settings.alpha, settings.dropout,
-                    settings.rslora)
-    if settings.grad_checkpointing:
-        checkpointing = {"use_reentrant": False}
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpointing)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
-    model.train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    # foreach: torch's default on CUDA and what the planner's optimizer phase assumes (its sqrt(v)
-    # temporary); on CPU torch would otherwise step tensor by tensor.
-    optimizer = torch.optim.AdamW(trainable, lr=settings.lr, foreach=True)
-    scaler = torch.amp.GradScaler(device.type) if settings.precision == "fp16" else None
-    compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(settings.precision)
-    reader.attach(model, optimizer)
 
-    read_steps = settings.steps if reader.read_steps is None else min(reader.read_steps, settings.steps)
-
-    def phase(name: str, step: int) -> contextlib.ExitStack:
+    def phase(name: str, read: bool = True) -> contextlib.ExitStack:
         stack = contextlib.ExitStack()
-        if step < read_steps:
+        if read:
             stack.enter_context(reader.phase(name))
         if nvml is not None:
             stack.enter_context(nvml.phase(name))
@@ -283,45 +319,76 @@ def _train(settings: JobSettings, spec: ModelSpec, reader, nvml, save_adapter: s
         if device.type == "cuda":
             torch.cuda.synchronize()
 
+    with phase("load"):
+        model = build_model(spec, settings).to(device)
+        if settings.method == "lora":
+            lora.inject(model, settings.targets, settings.rank, settings.alpha, settings.dropout,
+                        settings.rslora)
+        if settings.grad_checkpointing:
+            checkpointing = {"use_reentrant": False}
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpointing)
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+        model.train()
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        # foreach: torch's default on CUDA and what the planner's optimizer phase assumes (its
+        # sqrt(v) temporary); on CPU torch would otherwise step tensor by tensor.
+        optimizer = torch.optim.AdamW(trainable, lr=settings.lr, foreach=True)
+        scaler = torch.amp.GradScaler(device.type) if settings.precision == "fp16" else None
+    compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(settings.precision)
     data = batches(settings.data, settings.batch_size, settings.seq_len, spec.vocab_size, settings.seed)
     losses, times = [], []
+
+    def step(input_ids, phases=lambda name: contextlib.nullcontext()) -> None:
+        input_ids = input_ids.to(device)  # (B, T)
+        labels = input_ids.clone()  # (B, T): a collator's separate labels, as the planner counts
+        sync()
+        start = time.perf_counter()
+        loss = train_step(model, optimizer, input_ids, labels, compute_dtype=compute, scaler=scaler,
+                          phase=phases)
+        sync()
+        times.append(time.perf_counter() - start)
+        losses.append(float(loss))
+
+    # Warm-up: the first step creates the optimizer's states (a grad scaler may skip a few
+    # first); the planned step is a steady-state one, with them live throughout.
+    warmup = 0
+    with phase("warmup"):
+        while warmup < MAX_WARMUP_STEPS and (warmup == 0 or not optimizer_holds_states(optimizer)):
+            if warmup == 0 and settings.attention == "sdpa":
+                with OpNames() as ops:
+                    step(next(data))
+                facts["sdpa_backend"] = attention_backend(ops.names)
+            else:
+                step(next(data))
+            warmup += 1
+    facts["warmup_steps"] = warmup
+    if not optimizer_holds_states(optimizer):
+        facts.setdefault("notes", []).append(
+            f"the optimizer held no states after {warmup} warm-up steps (the grad scaler skipped "
+            "them): the steps read are not steady-state ones")
+    reader.attach(model, optimizer)
+    read_steps = settings.steps if reader.read_steps is None else min(reader.read_steps, settings.steps)
     with contextlib.ExitStack() as reading:
         reading.enter_context(reader)
-        for step, input_ids in zip(range(settings.steps), data, strict=False):  # data is endless
-            if step == read_steps:
+        for index in range(settings.steps):
+            if index == read_steps:
                 reading.close()  # the reader has seen the steady state; time the rest untouched
-            if step < read_steps:
+            if index < read_steps:
                 reader.begin_step()
-            input_ids = input_ids.to(device)  # (B, T)
-            labels = input_ids.clone()  # (B, T): a collator's separate labels, as the planner counts
-            sync()
-            start = time.perf_counter()
-            with phase("forward", step):
-                autocast = (torch.autocast(device.type, dtype=compute) if compute
-                            else contextlib.nullcontext())
-                with autocast:
-                    loss = model(input_ids=input_ids, labels=labels).loss
-            with phase("backward", step):
-                (scaler.scale(loss) if scaler else loss).backward()
-            with phase("optimizer", step):
-                if scaler:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            sync()
-            times.append(time.perf_counter() - start)
-            losses.append(float(loss.detach()))
+            step(next(data), lambda name, read=index < read_steps: phase(name, read))
     if save_adapter:
         lora.save_adapter(model, save_adapter, base_model=settings.weights or settings.model)
-    # The first step allocates optimizer states and warms kernels up, and steps under a tracer pay
-    # for its bookkeeping: time the steady, unread steps when there are any.
-    first_timed = max(1, read_steps if reader.read_steps is not None else 1)
-    timed = times[first_timed:] or times[1:] or times
+    # Time the steady steps; under a tracer (CPU) only those it did not read, when there are any.
+    steady = times[warmup:]
+    timed = steady[read_steps:] if reader.source == "tracer" else steady
+    timed = timed or steady
     step_time = sum(timed) / len(timed)
     return {
         "step_time_s": step_time,
+        "timed_steps": len(timed),
+        "warmup_steps": warmup,
         "tokens_per_s": settings.batch_size * settings.seq_len / step_time,
         "first_loss": losses[0],
         "last_loss": losses[-1],
@@ -330,20 +397,28 @@ def _train(settings: JobSettings, spec: ModelSpec, reader, nvml, save_adapter: s
     }
 
 
-def foresight_note(predicted_peak: int, memory_total: int) -> str:
-    """Whether the planner saw an out-of-memory error coming: its peak against the device total."""
-    verdict = "foresaw it" if predicted_peak > memory_total else "did not foresee it"
-    return (f"the planner {verdict}: predicted peak {predicted_peak:,} B, device total "
-            f"{memory_total:,} B")
+def memory_guard(settings: JobSettings, predicted: dict) -> None:
+    """Refuse a job whose planned peak exceeds the memory it would run in (host RAM on CPU, free
+    GPU memory from `torch.cuda.mem_get_info` on CUDA), before any model is built."""
+    from .guard import check_fits, cuda_free_bytes, host_available_bytes
+
+    advice = "use a smaller model, batch or sequence (--batch-size, --seq-len, --grad-checkpointing)"
+    if settings.device == "cpu":
+        check_fits(predicted["peak"], host_available_bytes(), "host RAM", advice)
+    else:
+        check_fits(predicted["peak"] + predicted["device_overhead_bytes"], cuda_free_bytes(),
+                   "free GPU memory", advice)
 
 
 def run_job(settings: JobSettings, output: str | None = None, command: str = "",
-            save_adapter: str | None = None) -> dict:
+            save_adapter: str | None = None, force: bool = True) -> dict:
     """Run one job and return its record (appended to `output` when given).
 
-    A settings mistake raises `PlanError` before anything runs. Once the job starts, an
-    out-of-memory error becomes status `oom` and any other failure status `error`: both are
-    recorded with the prediction, so a sweep can tell whether the planner foresaw them.
+    A settings mistake raises `PlanError` before anything runs, and so does a job whose planned
+    peak does not fit where it would run, unless `force`. Once the job starts, an out-of-memory
+    error becomes status `oom` and any other failure (CUDA failing to start included) status
+    `error`: both are recorded with the prediction, so a sweep can tell whether the planner
+    foresaw them.
     """
     settings = settings.checked()
     if save_adapter and settings.method != "lora":
@@ -357,34 +432,43 @@ def run_job(settings: JobSettings, output: str | None = None, command: str = "",
             settings.to_dict(), status="oom" if is_out_of_memory(exc) else "error", error=_error_text(exc),
             device=device_info(settings.device), predicted=predicted,
             measured={"source": "cuda" if settings.device == "cuda" else "tracer"}, command=command,
-            notes=[f"failure simulated through {FAULT_ENV} before the model loaded"])
+            notes=[f"failure simulated through {FAULT_ENV} before the model loaded"], env=_run_env())
         if output:
             append_record(output, record)
         return record
+    if not force and settings.device == "cpu":
+        memory_guard(settings, predicted)
 
     from .readings import CudaAllocatorReader, NvmlSampler, TracerReader
 
     notes: list[str] = []
-    nvml = None
-    if settings.device == "cuda":
-        nvml = NvmlSampler().start()  # baseline before the model loads
-        reader = CudaAllocatorReader()
-    else:
-        reader = TracerReader()
-        notes.append("CPU run: NVML figures are absent (no GPU)")
+    facts: dict = {}
+    nvml = reader = None
     status, error = "ok", None
-    measured: dict = {"source": reader.source}
+    measured: dict = {"source": "cuda" if settings.device == "cuda" else "tracer"}
     try:
-        measured |= _train(settings, spec, reader, nvml, save_adapter)
+        if settings.device == "cuda":
+            nvml = NvmlSampler().start()  # baselines before this process starts CUDA
+            _start_cuda(nvml)
+            predicted["device_overhead_bytes"] = device_allowance(predicted["peak"])
+            if not force:
+                memory_guard(settings, predicted)
+            reader = CudaAllocatorReader()
+        else:
+            reader = TracerReader()
+            notes.append("CPU run: NVML figures are absent (no GPU)")
+        measured |= _train(settings, spec, reader, nvml, save_adapter, facts)
     except PlanError:
         if nvml is not None:
             nvml.stop()
         raise  # a settings mistake found late (a vocabulary too small for byte data): no record
     except Exception as exc:  # recorded, not raised: the record says what went wrong
         status, error = ("oom" if is_out_of_memory(exc) else "error"), _error_text(exc)
-    readings = reader.result()
+    readings = reader.result() if reader is not None else {}
     measured |= readings
-    notes += reader.notes
+    if reader is not None:
+        notes += reader.notes
+    notes += facts.pop("notes", [])
     driver = None
     if nvml is not None:
         measured |= nvml.stop()
@@ -393,17 +477,40 @@ def run_job(settings: JobSettings, output: str | None = None, command: str = "",
     if status == "ok" and measured.get("trainable_params") != predicted["trainable_params"]:
         notes.append(f"trainable parameters differ: measured {measured.get('trainable_params')}, "
                      f"planned {predicted['trainable_params']}")
-    if (status == "ok" and reader.source == "tracer" and readings["peak_allocated"] is not None
-            and settings.steps <= (reader.read_steps or 0)):
+    if status == "ok" and reader.source == "tracer" and measured.get("timed_steps") == settings.steps \
+            and readings.get("peak_allocated") is not None and settings.steps <= (reader.read_steps or 0):
         notes.append("CPU step time includes the tracer's bookkeeping")
     device = device_info(settings.device, driver)
+    env = _run_env() | {"sdpa_backend": facts.get("sdpa_backend") if settings.attention == "sdpa"
+                        else "eager"}
     if status == "oom" and device["memory_total"]:
-        notes.append(foresight_note(predicted["peak"], device["memory_total"]))
+        notes.append(foresight_note(predicted["peak"] + predicted["device_overhead_bytes"],
+                                    device["memory_total"]))
     record = make_record(settings.to_dict(), status=status, error=error, device=device,
-                         predicted=predicted, measured=measured, command=command, notes=notes)
+                         predicted=predicted, measured=measured, command=command, notes=notes, env=env)
     if output:
         append_record(output, record)
     return record
+
+
+def foresight_note(predicted_need: int, memory_total: int) -> str:
+    """Whether the planner saw an out-of-memory error coming, by the one fit rule: its peak plus
+    the device allowance against the device total."""
+    from ..allowance import fits
+
+    verdict = "did not foresee it" if fits(predicted_need, 0, memory_total) else "foresaw it"
+    return (f"the planner {verdict}: predicted peak + allowance {predicted_need:,} B, device total "
+            f"{memory_total:,} B")
+
+
+def device_allowance(peak: int) -> int:
+    """The device allowance for torch's CUDA device 0, by its compute capability."""
+    import torch
+
+    from ..allowance import allowance
+
+    props = torch.cuda.get_device_properties(0)
+    return allowance(peak, capability=(props.major, props.minor)).total
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -412,9 +519,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settings", required=True, help="the job's settings as a JSON object")
     parser.add_argument("-o", "--output", required=True)
     parser.add_argument("--command", default="")
+    parser.add_argument("--guard", action="store_true",
+                        help="refuse a CPU job whose planned peak exceeds the host RAM available")
     args = parser.parse_args(argv)
     try:
-        run_job(JobSettings.from_dict(json.loads(args.settings)), args.output, args.command)
+        run_job(JobSettings.from_dict(json.loads(args.settings)), args.output, args.command,
+                force=not args.guard)
     except PlanError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return 2

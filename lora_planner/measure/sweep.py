@@ -15,23 +15,35 @@ job. Settings that do not apply are normalised away (a full fine-tune has no ran
 
 Jobs whose id the results file already holds are skipped, so rerunning an interrupted sweep runs
 only what is missing. A job that dies without writing its record (a crash, the kernel's
-out-of-memory killer) gets an `error` record from the sweep, with the prediction beside it.
+out-of-memory killer) gets an `error` record from the sweep, with the prediction beside it; one
+that runs past `timeout` seconds is killed and recorded as `timeout`.
+
+Scaling out uses what schedulers already do: `devices` runs one job per GPU at a time on one
+machine, and `shard=(K, N)` runs every N-th job from the K-th, so the N tasks of an array job
+(Slurm's `--array=0-N-1` or any scheduler's) split a grid between them, each into a results file
+of its own; `lora-plan report validation` reads them all.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import dataclasses
 import itertools
 import json
+import os
+import queue
+import signal
 import subprocess
 import sys
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import PlanError
-from .job import JobSettings, model_spec, predict
+from .job import JobSettings, is_out_of_memory, model_spec, predict
 from .records import append_record, finished_ids, make_record, read_records
 
 SPEC_SECTIONS = ("fixed", "grid")
@@ -149,29 +161,52 @@ def check_jobs(jobs: list[JobSettings]) -> dict[str, dict]:
 class Launch:
     returncode: int
     output_tail: str
+    timed_out: bool = False
 
 
-Launcher = Callable[[JobSettings, Path, str], Launch]
+# (job, the file its record goes to, the command line, the CUDA device it may see or None, the
+# timeout in seconds or None) -> how the process ended.
+Launcher = Callable[[JobSettings, Path, str, "str | None", "float | None"], Launch]
 
 
-def launch_subprocess(job: JobSettings, output: Path, command: str) -> Launch:
-    """Run one job in a fresh Python process: its memory, and any crash, end with it."""
+def launch_subprocess(job: JobSettings, output: Path, command: str, device: str | None = None,
+                      timeout: float | None = None) -> Launch:
+    """Run one job in a fresh Python process: its memory, and any crash, end with it. `device`
+    sets CUDA_VISIBLE_DEVICES (the job then sees that one GPU as cuda:0); past `timeout` seconds
+    the process and everything it started are killed."""
     args = [sys.executable, "-m", "lora_planner.measure.job", "--settings", json.dumps(job.to_dict()),
             "-o", str(output), "--command", command]
-    done = subprocess.run(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    return Launch(done.returncode, done.stdout[-2000:])
+    if job.device == "cpu":
+        args.append("--guard")  # a CPU job too large for the host would take the machine down
+    env = dict(os.environ)
+    if device is not None:
+        env["CUDA_VISIBLE_DEVICES"] = device
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                               start_new_session=True)
+    try:
+        out, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        out, _ = process.communicate()
+        return Launch(process.returncode, (out or "")[-2000:], timed_out=True)
+    return Launch(process.returncode, (out or "")[-2000:])
 
 
-def _lost_job_record(job: JobSettings, predicted: dict, launch: Launch, command: str) -> dict:
-    if launch.returncode < 0:
-        why = f"the job process was ended by signal {-launch.returncode} before writing its record"
-    else:
-        why = f"the job process exited with code {launch.returncode} without writing its record"
+def _lost_job_record(job: JobSettings, predicted: dict, launch: Launch, command: str,
+                     timeout: float | None = None) -> dict:
     tail = launch.output_tail.strip().splitlines()
-    oom = "out of memory" in launch.output_tail.lower()
+    if launch.timed_out:
+        why, status = f"the job ran past the {timeout:g} s timeout and was killed", "timeout"
+    else:
+        if launch.returncode < 0:
+            why = f"the job process was ended by signal {-launch.returncode} before writing its record"
+        else:
+            why = f"the job process exited with code {launch.returncode} without writing its record"
+        status = "oom" if is_out_of_memory(RuntimeError(launch.output_tail)) else "error"
     device = {"kind": job.device, "name": None, "driver": None, "cuda": None, "torch": None,
               "memory_total": None}
-    return make_record(job.to_dict(), status="oom" if oom else "error",
+    return make_record(job.to_dict(), status=status,
                        error=why + (f"; last output: {tail[-1]}" if tail else ""), device=device,
                        predicted=predicted, measured={"source": "cuda" if job.device == "cuda" else "tracer"},
                        command=command, notes=["device provenance unknown: the job wrote no record"])
@@ -182,32 +217,78 @@ class SweepResult:
     total: int
     skipped: int
     statuses: dict[str, int]
+    other_shards: int = 0
 
     def summary(self) -> str:
-        ran = ", ".join(f"{n} {s}" for s, n in sorted(self.statuses.items())) or "none run"
-        return f"{self.total} jobs: {self.skipped} already in the results file; ran {ran}"
+        ran = ", ".join(f"{n} {s}" for s, n in sorted(self.statuses.items())) or "none"
+        shard = f" ({self.other_shards} left to other shards)" if self.other_shards else ""
+        return f"{self.total} jobs{shard}: {self.skipped} already in the results file; ran {ran}"
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """`K/N`: this is shard K of N (K from 0 to N-1, as a scheduler's array index)."""
+    k, sep, n = text.partition("/")
+    try:
+        index, count = int(k), int(n)
+    except ValueError:
+        index = count = -1
+    if not sep or count < 1 or not 0 <= index < count:
+        raise PlanError(f"--shard takes K/N with 0 <= K < N (this shard of N), got {text!r}")
+    return index, count
+
+
+def shard_jobs(jobs: list[JobSettings], shard: tuple[int, int] | None) -> list[JobSettings]:
+    """Every N-th job from the K-th: the shards of a grid are disjoint and together the whole."""
+    if shard is None:
+        return list(jobs)
+    index, count = shard
+    return list(jobs[index::count])
 
 
 def run_sweep(jobs: list[JobSettings], output: str | Path, command: str = "",
-              launcher: Launcher = launch_subprocess, progress: bool = True) -> SweepResult:
-    """Run the jobs the results file does not hold yet, one subprocess each, with a progress bar
-    (jobs done, rate, ETA) on stderr."""
+              launcher: Launcher = launch_subprocess, progress: bool = True, *,
+              timeout: float | None = None, devices: tuple[str, ...] = (),
+              shard: tuple[int, int] | None = None) -> SweepResult:
+    """Run the jobs (of this `shard`) the results file does not hold yet, one subprocess each,
+    with a progress bar (jobs done, rate, ETA) on stderr.
+
+    With `devices`, one job runs on each listed GPU at a time (CUDA_VISIBLE_DEVICES set per job).
+    Each job writes its record to a file of its own, which the sweep appends to `output` under a
+    lock as the job ends; a job that wrote none (killed, timed out) gets a record from the sweep.
+    """
     from tqdm import tqdm
 
     output = Path(output)
-    predictions = check_jobs(jobs)
+    mine = shard_jobs(jobs, shard)
+    predictions = check_jobs(mine)
     done = finished_ids(output)
-    todo = [job for job in jobs if job.id not in done]
+    todo = [job for job in mine if job.id not in done]
     statuses: Counter[str] = Counter()
-    with tqdm(total=len(jobs), initial=len(jobs) - len(todo), unit="job", file=sys.stderr,
-              disable=not progress, dynamic_ncols=True) as bar:
-        for job in todo:
-            bar.set_postfix_str(job.id, refresh=True)
-            launch = launcher(job, output, command)
-            record = next((r for r in read_records(output) if r["id"] == job.id), None)
-            if record is None:
-                record = _lost_job_record(job, predictions[job.id], launch, command)
-                append_record(output, record)
+    lock = threading.Lock()
+    free: queue.Queue[str | None] = queue.Queue()
+    for device in devices or (None,):
+        free.put(device)
+
+    def run_one(job: JobSettings, bar) -> None:
+        device = free.get()
+        part = output.with_name(f".{output.name}.{job.id}.part")
+        part.unlink(missing_ok=True)
+        try:
+            launch = launcher(job, part, command, device, timeout)
+        finally:
+            free.put(device)
+        record = next((r for r in read_records(part) if r["id"] == job.id), None)
+        if record is None:
+            record = _lost_job_record(job, predictions[job.id], launch, command, timeout)
+        with lock:
+            append_record(output, record)
             statuses[record["status"]] += 1
             bar.update()
-    return SweepResult(len(jobs), len(jobs) - len(todo), dict(statuses))
+        part.unlink(missing_ok=True)
+
+    with tqdm(total=len(mine), initial=len(mine) - len(todo), unit="job", file=sys.stderr,
+              disable=not progress, dynamic_ncols=True) as bar:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(devices))) as pool:
+            for future in [pool.submit(run_one, job, bar) for job in todo]:
+                future.result()
+    return SweepResult(len(mine), len(mine) - len(todo), dict(statuses), len(jobs) - len(mine))

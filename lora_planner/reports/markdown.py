@@ -13,6 +13,7 @@ class Written:
     markdown: Path
     images: tuple[Path, ...]
     warnings: tuple[str, ...]
+    records: int | None = None  # usable input records, for reports made from records
 
 def table(frame, text_columns: int = 1) -> str:
     """A pandas DataFrame of preformatted cells as a GitHub markdown table (tabulate underneath).

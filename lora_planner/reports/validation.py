@@ -1,8 +1,13 @@
 """The validation report: the planner's predictions against measured peaks, from JSONL records.
 
-A record is one measured job (format 1, written by `lora-plan measure`). Bad input never stops the
-report: a missing file, a line that is not JSON, or a record of another format becomes a `Problem`
-with its file and line, listed in the report, and the readable records are reported as usual.
+A record is one measured job (format 1, `lora_planner.record_schema`, written by `lora-plan
+measure`). Bad input never stops the report: a missing file, a line that is not JSON, or a record
+of another format becomes a `Problem` with its file and line, listed in the report, and the
+readable records are reported as usual.
+
+Only jobs that finished (`ok`) enter the error statistics: a job that ran out of memory, failed or
+timed out has at most a partial peak. Those go to a table of whether the plan foresaw them, by the
+one fit rule (`allowance.fits`: planned peak + device allowance within the device's memory).
 """
 
 from __future__ import annotations
@@ -12,19 +17,14 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..allowance import fits
+from ..record_schema import STATUSES, check_record, nvml_growth, predicted_device_peak
+from ..record_schema import relative_error as relative_error
+from ..record_schema import whole as _whole
 from ..units import UNITS, format_bytes
 from . import markdown as md
 from . import plots
 from .markdown import Written
-
-RECORD_FORMAT = 1
-REQUIRED_KEYS = ("id", "status", "settings", "device", "predicted", "measured")
-STATUSES = ("ok", "oom", "error")
-
-
-
-def _whole(value) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def allocator_peak(measured: dict) -> int | None:
@@ -33,25 +33,30 @@ def allocator_peak(measured: dict) -> int | None:
 
 
 def device_growth(measured: dict) -> int | None:
-    """What the device (NVML) saw the job add: peak used - baseline used before the model loaded.
-    The CUDA context and the allocator's cache are in it; a plan of tensors is not."""
-    peak, baseline = _whole(measured.get("nvml_peak_used")), _whole(measured.get("nvml_baseline_used"))
-    return None if peak is None or baseline is None else peak - baseline
+    """What the device (NVML) saw the job add: peak used - baseline used before CUDA started.
+    The CUDA context, cuBLAS workspaces and the allocator's cache are in it; the planned peak is
+    not, so it is set beside the planned peak + the device allowance."""
+    return nvml_growth(measured)
+
+
+def planned_peak(predicted: dict) -> int | None:
+    return _whole(predicted.get("peak"))
 
 
 @dataclass(frozen=True)
 class Metric:
-    """A measured peak compared with the predicted peak: its name in the report, how it is read from
-    `measured`, and the key of its stored error under `relative_error`."""
+    """A measured peak compared with a predicted one: its name in the report, how each is read
+    (from `measured`, from `predicted`), and the key of its stored error under `relative_error`."""
 
     name: str
     read: Callable[[dict], int | None]
     error_key: str
+    predicted: Callable[[dict], int | None] = planned_peak
 
 
 METRICS = (
     Metric("allocator peak", allocator_peak, "peak_allocated"),
-    Metric("device growth (NVML)", device_growth, "nvml_peak_used"),
+    Metric("device growth (NVML)", device_growth, "nvml_peak_used", predicted_device_peak),
 )
 
 # The tracer's categories at the measured peak (`measured.at_peak`), by the planned term each one
@@ -76,30 +81,6 @@ class Loaded:
 
     record: dict
     where: str
-
-
-def _check(record: object) -> str | None:
-    """Why a parsed line is not a usable format-1 record, or None when it is."""
-    if not isinstance(record, dict):
-        return "not a JSON object"
-    fmt = record.get("format")
-    if fmt is None:
-        return f"no `format` field (this reader reads format {RECORD_FORMAT})"
-    if not isinstance(fmt, int) or isinstance(fmt, bool):
-        return f"`format` is {fmt!r}, not a whole number"
-    if fmt < RECORD_FORMAT:
-        return f"record format {fmt} is older than format {RECORD_FORMAT}, which this reader reads"
-    if fmt > RECORD_FORMAT:
-        return f"record format {fmt} is newer than format {RECORD_FORMAT}; upgrade lora-plan to read it"
-    missing = [k for k in REQUIRED_KEYS if not isinstance(record.get(k), str | dict)]
-    if missing:
-        return f"missing or malformed keys: {', '.join(missing)}"
-    if record["status"] not in STATUSES:
-        return f"status {record['status']!r} is not one of {', '.join(STATUSES)}"
-    peak = record["predicted"].get("peak")
-    if not isinstance(peak, int) or isinstance(peak, bool):
-        return "predicted.peak is not a whole number of bytes"
-    return None
 
 
 def _files(paths: Iterable[str | Path]) -> tuple[list[Path], list[Problem]]:
@@ -138,7 +119,7 @@ def read_records(paths: Iterable[str | Path]) -> tuple[list[Loaded], list[Proble
             except json.JSONDecodeError as exc:
                 problems.append(Problem(where, f"not valid JSON ({exc.msg}, column {exc.colno})"))
                 continue
-            why = _check(record)
+            why = check_record(record)
             if why:
                 problems.append(Problem(where, why))
             else:
@@ -146,19 +127,15 @@ def read_records(paths: Iterable[str | Path]) -> tuple[list[Loaded], list[Proble
     return loaded, problems
 
 
-def relative_error(predicted: int | None, measured: int | None) -> float | None:
-    """(predicted - measured) / measured: positive when the plan over-estimates."""
-    if predicted is None or not measured:
-        return None
-    return (predicted - measured) / measured
-
-
 def metric_error(record: dict, metric: Metric) -> float | None:
-    """The record's own relative error when it has one, else computed against predicted.peak."""
+    """The record's own relative error when it has one, else computed from its figures; None for
+    a job that did not finish (its peak is partial)."""
+    if record["status"] != "ok":
+        return None
     stored = (record.get("relative_error") or {}).get(metric.error_key)
     if isinstance(stored, int | float) and not isinstance(stored, bool):
         return float(stored)
-    return relative_error(record["predicted"]["peak"], metric.read(record["measured"]))
+    return relative_error(metric.predicted(record["predicted"]), metric.read(record["measured"]))
 
 
 def device_label(device: dict) -> str:
@@ -199,7 +176,10 @@ def jobs_frame(group: Sequence[Loaded], unit: str):
                "batch x seq": f"{s.get('batch_size', '?')} x {s.get('seq_len', '?')}",
                "precision": s.get("precision", "?"),
                "status": r["status"], "source": m.get("source") or "-",
-               "predicted peak": _bytes(r["predicted"]["peak"], unit)}
+               "predicted peak": _bytes(r["predicted"]["peak"], unit),
+               # a CPU job has no device allowance: nothing to add
+               "+ allowance": _bytes(predicted_device_peak(r["predicted"])
+                                     if r["predicted"].get("device_overhead_bytes") else None, unit)}
         for metric in METRICS:
             row[metric.name] = _bytes(metric.read(m), unit)
             row[f"error, {metric.name}"] = _percent(metric_error(r, metric))
@@ -256,7 +236,7 @@ def worst_frame(group: Sequence[Loaded], count: int, unit: str):
         for metric in METRICS:
             error = metric_error(r, metric)
             if error is not None:
-                cases.append((abs(error), r["id"], metric.name, r["predicted"]["peak"],
+                cases.append((abs(error), r["id"], metric.name, metric.predicted(r["predicted"]),
                               metric.read(r["measured"]), error))
     cases.sort(key=lambda c: (-c[0], c[1], c[2]))
     return pd.DataFrame(
@@ -264,19 +244,29 @@ def worst_frame(group: Sequence[Loaded], count: int, unit: str):
           "error": _percent(e)} for _, job, name, p, m, e in cases[:count]])
 
 
+def planned_to_fit(record: dict) -> bool | None:
+    """The one fit rule on a record: planned peak + device allowance within the device's memory;
+    None when the device's memory is unknown (a CPU job, a job that failed before CUDA started)."""
+    total = _whole(record["device"].get("memory_total"))
+    if total is None:
+        return None
+    return fits(record["predicted"]["peak"], _whole(record["predicted"].get("device_overhead_bytes")) or 0,
+                total)
+
+
 def oom_verdict(record: dict) -> str | None:
-    """Whether an out-of-memory was foreseen: the plan foresees one when its peak exceeds the
-    device's total memory. None for a job that neither ran out nor was predicted to."""
-    total = record["device"].get("memory_total")
-    ran_out = record["status"] == "oom"
-    if not isinstance(total, int):
-        return "ran out; device memory unknown" if ran_out else None
-    predicted_over = record["predicted"]["peak"] > total
-    if ran_out:
-        return "foreseen" if predicted_over else "not foreseen"
-    if predicted_over and record["status"] == "ok":
-        return "predicted out of memory, but it ran"
-    return None
+    """Whether the plan foresaw how a job ended: for `oom`, `error` and `timeout` records, and for
+    `ok` ones the plan said would not fit. None for a job that finished as planned."""
+    status, planned = record["status"], planned_to_fit(record)
+    if status == "ok":
+        return "predicted out of memory, but it ran" if planned is False else None
+    if status == "oom":
+        if planned is None:
+            return "ran out; device memory unknown"
+        return "not foreseen" if planned else "foreseen"
+    said = {None: "device memory unknown", True: "the plan said it fits",
+            False: "the plan said it would not fit"}[planned]
+    return f"{'failed' if status == 'error' else 'timed out'}, not for memory; {said}"
 
 
 def oom_frame(group: Sequence[Loaded], unit: str):
@@ -284,10 +274,31 @@ def oom_frame(group: Sequence[Loaded], unit: str):
 
     rows = [{"job": item.record["id"], "status": item.record["status"],
              "predicted peak": _bytes(item.record["predicted"]["peak"], unit),
+             "+ allowance": _bytes(predicted_device_peak(item.record["predicted"]), unit),
              "device memory": _bytes(item.record["device"].get("memory_total"), unit),
              "verdict": verdict}
             for item in group if (verdict := oom_verdict(item.record))]
     return pd.DataFrame(rows)
+
+
+def fitted_allowance_line(group: Sequence[Loaded], unit: str) -> str | None:
+    """The allowance fitted from the ok GPU jobs that have NVML readings (`allowance.fit_allowance`),
+    for the device's generation; None with fewer than two distinct peaks."""
+    from ..allowance import cuda_context_bytes, fit_allowance, generation_of
+
+    records = [item.record for item in group if item.record["status"] == "ok"]
+    points = [(peak, growth) for r in records
+              if (peak := allocator_peak(r["measured"])) is not None
+              and (growth := device_growth(r["measured"])) is not None]
+    capability = next((tuple(c) for r in records if isinstance(c := r["device"].get("capability"), list)),
+                      None)
+    generation = generation_of(None, capability)
+    fitted = fit_allowance(points, generation)
+    if fitted is None:
+        return None
+    return (f"Allowance fitted from these jobs ({fitted.source}, {generation}): CUDA context "
+            f"{_bytes(fitted.context_bytes, unit)} (planned {_bytes(cuda_context_bytes(generation), unit)}), "
+            f"allocator cache {100 * fitted.cache_fraction:.1f}% of the peak.")
 
 
 def provenance_frame(loaded: Sequence[Loaded]):
@@ -309,8 +320,9 @@ def provenance_frame(loaded: Sequence[Loaded]):
 def _scatter(group: Sequence[Loaded], title: str, unit: str, path: Path) -> Path | None:
     series = {}
     for metric in METRICS:
-        points = [(item.record["predicted"]["peak"], measured) for item in group
-                  if (measured := metric.read(item.record["measured"])) is not None]
+        points = [(predicted, measured) for item in group if item.record["status"] == "ok"
+                  and (measured := metric.read(item.record["measured"])) is not None
+                  and (predicted := metric.predicted(item.record["predicted"])) is not None]
         if points:
             series[metric.name] = points
     scale = (unit, UNITS[unit.upper()])
@@ -328,8 +340,10 @@ def validation_markdown(loaded: Sequence[Loaded], problems: Sequence[Problem], i
         "the plan over-estimates.", "",
         "- allocator peak: the largest `torch.cuda.max_memory_allocated` of the job on a GPU, or the "
         "live-tensor tracer's peak on CPU (the `source` column says which)",
-        "- device growth (NVML): the device's peak memory used minus its use before the model "
-        "loaded; it includes the CUDA context and the allocator's cache, which the plan does not",
+        "- device growth (NVML): the device's peak memory used minus its use before CUDA started, "
+        "set beside the planned peak + the device allowance (CUDA context, cuBLAS workspaces, "
+        "the allocator's segments and cache)",
+        "- only jobs that finished (`ok`) enter the errors; the others are under Out of memory",
         f"- made by: {md.code(command)}",
         f"- inputs: {', '.join(md.code(i) for i in inputs)}",
         f"- records read: {len(loaded)}; problems: {len(problems)}",
@@ -381,8 +395,13 @@ def device_section(label: str, group: Sequence[Loaded], unit: str, worst: int, i
                   "", md.table(worst_cases, 2)]
     ooms = oom_frame(group, unit)
     lines += ["", "### Out of memory", "",
+              "Jobs that did not finish, and jobs the plan said would not fit, by the fit rule: "
+              "planned peak + device allowance within the device's memory.", "",
               md.table(ooms, 2) if not ooms.empty else "No job ran out of memory, and none was predicted to."]
-    failed = [item.record for item in group if item.record["status"] == "error"]
+    fitted = fitted_allowance_line(group, unit)
+    if fitted:
+        lines += ["", fitted]
+    failed = [item.record for item in group if item.record["status"] in ("error", "timeout")]
     if failed:
         lines += ["", "### Failed jobs", "",
                   *(f"- `{r['id']}`: {_one_line(r.get('error') or 'no message')}" for r in failed)]
@@ -433,4 +452,4 @@ def write_validation_report(paths: Sequence[str | Path], out: Path, command: str
     text = validation_markdown(loaded, problems, [str(p) for p in paths], command, unit, worst, images,
                                out, reason)
     out.write_text(text)
-    return Written(out, tuple((images or {}).values()), tuple(warnings))
+    return Written(out, tuple((images or {}).values()), tuple(warnings), len(loaded))

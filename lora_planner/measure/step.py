@@ -1,0 +1,88 @@
+"""One training step, the same everywhere a step is measured: forward (causal-LM loss, under
+autocast when a 16-bit compute dtype is given), backward (through the grad scaler when there is
+one), the optimizer's step and `zero_grad(set_to_none=True)`.
+
+`phase(name)` wraps each part (a reader's or a tracer's phase); by default it does nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+PHASES = ("forward", "backward", "optimizer")
+
+
+def _no_phase(_name: str) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext()
+
+
+def train_step(model: Any, optimizer: Any, input_ids: Any, labels: Any = None, *, compute_dtype: Any = None,
+               scaler: Any = None,
+               phase: Callable[[str], contextlib.AbstractContextManager] = _no_phase) -> Any:
+    """Run one step and return its loss (a detached 0-d tensor: reading it is the caller's sync).
+
+    `input_ids` (B, T); `labels` (B, T), the inputs when None (the model shifts them).
+    """
+    import torch
+
+    labels = input_ids if labels is None else labels
+    with phase("forward"):
+        autocast = (torch.autocast(input_ids.device.type, dtype=compute_dtype) if compute_dtype is not None
+                    else contextlib.nullcontext())
+        with autocast:
+            loss = model(input_ids=input_ids, labels=labels).loss  # () fp32
+    with phase("backward"):
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+    with phase("optimizer"):
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def optimizer_holds_states(optimizer: Any) -> bool:
+    """Whether every parameter the optimizer updates has its states (AdamW's step, exp_avg,
+    exp_avg_sq). A grad scaler skips the steps whose gradients overflowed; until one step went
+    through, the states do not exist and a step is not yet a steady-state one."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    return bool(params) and all(optimizer.state.get(p) for p in params)
+
+
+def attention_backend(ops: set[str]) -> str:
+    """Which scaled-dot-product-attention kernel ran, from the aten op names seen in a forward:
+    flash, efficient (memory-efficient), cudnn, flash_cpu, or math (no fused kernel) when SDPA
+    decomposed into matrix products; `none` when no attention op ran."""
+    fused = {"_scaled_dot_product_flash_attention_for_cpu": "flash_cpu",
+             "_scaled_dot_product_flash_attention": "flash",
+             "_scaled_dot_product_efficient_attention": "efficient",
+             "_scaled_dot_product_cudnn_attention": "cudnn",
+             "_scaled_dot_product_fused_attention_overrideable": "overrideable"}
+    for name, backend in fused.items():
+        if name in ops:
+            return backend
+    if ops & {"bmm", "baddbmm", "matmul", "mm"} and ops & {"_softmax", "_safe_softmax"}:
+        return "math"
+    return "none"
+
+
+class OpNames:
+    """A dispatch mode that collects the names of the aten ops that ran (for `attention_backend`)."""
+
+    def __new__(cls):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        class _Names(TorchDispatchMode):
+            def __init__(self) -> None:
+                super().__init__()
+                self.names: set[str] = set()
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                self.names.add(func._overloadpacket.__name__)
+                return func(*args, **(kwargs or {}))
+
+        return _Names()
