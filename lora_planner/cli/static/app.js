@@ -6,7 +6,7 @@
 // Where the options the page knows go; any other option lands under "More options".
 const GROUPS = [
   ["Model", ["model", "params", "task", "num-labels"]],
-  ["Method", ["method", "rank", "targets", "dora", "bias", "modules-to-save"]],
+  ["Method", ["method", "rank", "targets", "dora", "double-quant", "bias", "modules-to-save"]],
   ["Training step", ["precision", "optimizer", "batch-size", "seq-len", "grad-checkpointing", "attention"]],
   ["GPUs", ["gpu", "gpu-mem", "num-gpus", "sharding", "offload", "fit", "units"]],
 ];
@@ -140,6 +140,10 @@ function setForm(params) {
   }
   const known = new Set(schema.flatMap((o) => [o.key, o.off_key]));
   for (const [k, v] of params) if (!known.has(k)) extras.push([k, v]);
+  // a link that sets an option under "More options" opens it, so the page shows what is planned
+  const more = document.querySelector("details.more");
+  const set = new Set(formPairs().map(([k]) => k));
+  if ([...more.querySelectorAll(".field")].some((f) => set.has(f.dataset.key))) more.open = true;
 }
 
 // --- asking the planner ----------------------------------------------------------------------
