@@ -23,15 +23,22 @@ def chromium_path() -> str | None:
     return os.environ.get("LORA_PLAN_CHROMIUM") or found
 
 
+def _missing(why: str) -> None:
+    """Skip, unless LORA_PLAN_REQUIRE_BROWSER is set (CI sets it): there a missing browser fails."""
+    if os.environ.get("LORA_PLAN_REQUIRE_BROWSER"):
+        pytest.fail(f"browser tests required, but {why}")
+    pytest.skip(why)
+
+
 def browser_or_skip():
     """A started Playwright and a launched Chromium, or a pytest skip saying what is missing."""
     path = chromium_path()
     if path is None:
-        pytest.skip("no chromium on PATH (apt-get install chromium)")
+        _missing("no chromium on PATH (apt-get install chromium)")
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        pytest.skip("no playwright (pip install playwright)")
+        _missing("no playwright (pip install playwright)")
     playwright = sync_playwright().start()
     return playwright, playwright.chromium.launch(executable_path=path, args=ARGS)
 

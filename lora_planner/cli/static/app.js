@@ -22,6 +22,7 @@ let extras = [];       // query pairs the form has no field for: sent as they ar
 let lastPlan = null;   // the last good plan, redrawn when only the display unit changes
 let inflight = null;   // the AbortController of the request under way
 let timer = null;
+let ticking = null;    // the interval that shows how long a plan has taken
 
 const $ = (id) => document.getElementById(id);
 const el = (tag, attrs = {}, ...children) => {
@@ -164,7 +165,13 @@ async function refresh() {
   if (inflight) inflight.abort();
   const controller = (inflight = new AbortController());
   document.body.dataset.state = "loading";
+  const started = performance.now();
   $("status").textContent = "planning…";
+  clearInterval(ticking);  // a plan that takes long (--fit on a big model) counts its seconds
+  ticking = setInterval(() => {
+    if (document.body.dataset.state !== "loading") return clearInterval(ticking);
+    $("status").textContent = `planning… ${((performance.now() - started) / 1000).toFixed(1)} s`;
+  }, 250);
   try {
     const response = await fetch("/api/plan?" + qs, { signal: controller.signal });
     const body = await response.text();
@@ -180,12 +187,18 @@ async function refresh() {
       document.body.dataset.state = "ready";
       $("status").textContent = "";
     }
-    document.body.dataset.query = qs;
+    answered(qs);
   } catch (err) {
     if (err.name === "AbortError") return;
     showError("Error: the lora-plan server did not answer (" + err.message + ")");
-    document.body.dataset.query = qs;
+    answered(qs);
   }
+}
+
+// Marks on <body> for whoever watches the page (the browser tests): what was last answered.
+function answered(qs) {
+  document.body.dataset.query = qs;
+  document.body.dataset.answers = String(Number(document.body.dataset.answers || 0) + 1);
 }
 
 function showError(text) {
@@ -207,7 +220,7 @@ async function upload(file) {
   const body = await response.text();
   if (!response.ok) {
     showError(body);
-    document.body.dataset.query = "upload";
+    answered("upload");
     return;
   }
   $("f-model").value = JSON.parse(body).model;
@@ -273,6 +286,7 @@ function drawChart(plan) {
   root.append(axis);
   const n = plan.plans.length, slot = (W - left - right) / Math.max(n, 1);
   const bar = Math.min(46, slot * 0.32);
+  const labels = svg("g", { class: "labels" });  // drawn last, over the capacity line
   plan.plans.forEach((p, i) => {
     const x0 = left + slot * i + slot / 2 - bar - 3, x1 = x0 + bar + 6;
     const g = svg("g", { class: "plan", "data-plan": i, "data-label": label(p) });
@@ -296,7 +310,7 @@ function drawChart(plan) {
       ar.append(svg("title", {}, `${label(p)} CUDA context/cache allowance: ${size(over)}`));
       g.append(ar);
     }
-    g.append(svg("text", { x: x1 + bar / 2, y: y(peak + over) - 4, "text-anchor": "middle" },
+    labels.append(svg("text", { x: x1 + bar / 2, y: y(peak + over) - 4, "text-anchor": "middle", class: "peak-label" },
                  `${+(peak / uscale).toFixed(1)}${p.peak_phase ? " " + p.peak_phase : ""}`));
     g.append(svg("text", { x: left + slot * i + slot / 2, y: H - bottom + 16, "text-anchor": "middle" }, label(p)));
     g.append(svg("text", { x: left + slot * i + slot / 2, y: H - bottom + 30, "text-anchor": "middle", class: "sub" },
@@ -308,6 +322,7 @@ function drawChart(plan) {
   root.append(svg("text", { class: "capacity-label", x: W - right + 10, y: y(capacity) + 4 },
                   `${plan.gpu.name}`));
   root.append(svg("text", { class: "capacity-label", x: W - right + 10, y: y(capacity) + 18 }, size(capacity)));
+  root.append(labels);
   $("chart").replaceChildren(root);
   const swatch = (color, text) => el("span", {}, el("i", { style: `background:${color}` }), text);
   $("legend").replaceChildren(
@@ -320,7 +335,6 @@ function drawChart(plan) {
 
 function drawSummary(plan) {
   const plans = plan.plans;
-  const cap = plan.gpu.memory_bytes;
   const count = (n) => (n === null ? "does not fit" : String(n));
   const rows = [
     ["trainable params", (p) => `${p.trainable_params.toLocaleString("en-US")} (${p.trainable_percent.toPrecision(3)}%)`],
@@ -328,11 +342,9 @@ function drawSummary(plan) {
     ["peak (allocator)", (p) => size(p.memory_bytes.peak)],
     ["peak set in", (p) => p.peak_phase || "-"],
     ["+ CUDA context/cache", (p) => (p.device_overhead_bytes === null ? "-" : size(p.device_overhead_bytes))],
-    ["fits one " + plan.gpu.name, (p) => {
-      const need = p.memory_bytes.peak + (p.device_overhead_bytes || 0);
-      return need <= cap ? ["yes", "fits"] : ["no", "nofit"];
-    }],
-    [`GPUs needed (${plan.gpu.name}, ${plan.setup.num_gpus ? plan.setup.sharding : "no sharding"})`, (p) => count(p.gpus_needed)],
+    // the planner's gpus_needed, green where it is within the GPUs asked for (one by default)
+    [`GPUs needed (${plan.gpu.name}, ${plan.setup.num_gpus ? plan.setup.sharding : "no sharding"})`,
+      (p) => [count(p.gpus_needed), p.gpus_needed !== null && p.gpus_needed <= (plan.setup.num_gpus || 1) ? "fits" : "nofit"]],
     ["fewest GPUs " + Object.keys(plans[0]?.min_gpus || {}).join("/"), (p) => Object.values(p.min_gpus).map((n) => (n === null ? "-" : n)).join("/")],
     ["adapter / trained checkpoint", (p) => size(p.checkpoint_bytes)],
     ["full model checkpoint", (p) => size(p.full_checkpoint_bytes)],
