@@ -195,5 +195,32 @@ def test_explain_on_demand(page, base):
     page.goto(f"{base}/?model=gpt2&method=lora")
     settle(page, "--model gpt2")
     page.click("#explain-box summary")
+    assert page.evaluate("document.getElementById('explain-box').open")
     expected = cli(["--model", "gpt2", "--method", "lora", "--explain"]).output
-    page.wait_for_function("(t) => document.getElementById('explain').textContent === t", arg=expected)
+    try:
+        page.wait_for_function("(t) => document.getElementById('explain').textContent === t", arg=expected,
+                               timeout=15_000)
+    except Exception:  # say what the page shows instead
+        assert page.text_content("#explain") == expected
+        raise
+
+
+def test_a_slow_plan_shows_progress(page, base, monkeypatch):
+    """While the planner works (here made to take 1.2 s), the page counts the seconds."""
+    from lora_planner.cli import serve
+
+    run_plan = serve.run_plan
+
+    def slow(argv):
+        if "--seq-len" in argv:
+            time.sleep(1.2)
+        return run_plan(argv)
+
+    page.goto(f"{base}/?model=gpt2&method=lora")
+    settle(page, "--model gpt2")
+    monkeypatch.setattr(serve, "run_plan", slow)
+    page.fill("#f-seq-len", "512")
+    page.wait_for_function("/planning… [0-9.]+ s/.test(document.getElementById('status').textContent)"
+                           " && document.body.dataset.state === 'loading'")
+    settle(page, "--seq-len 512")
+    assert page.text_content("#status") == ""

@@ -210,8 +210,12 @@ function showError(text) {
 
 async function explain(qs) {
   $("explain").textContent = "…";
-  const response = await fetch("/api/plan?" + (qs ? qs + "&" : "") + "explain=on");
-  $("explain").textContent = await response.text();
+  try {
+    const response = await fetch("/api/plan?" + (qs ? qs + "&" : "") + "explain=on");
+    $("explain").textContent = await response.text();
+  } catch (err) {
+    $("explain").textContent = "Error: the lora-plan server did not answer (" + err.message + ")";
+  }
 }
 
 async function upload(file) {
