@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
-from urllib.parse import urlencode
+from urllib.parse import unquote, urlencode
 
 import pytest
 from click.testing import CliRunner
@@ -167,7 +168,7 @@ def test_the_command_header_reproduces_the_plan(server):
     status, headers, body = get(f"{server}/api/plan?model=8b&method=qlora&rank=16&batch-size=4"
                                 "&grad-checkpointing=on&double-quant=off")
     assert status == 200
-    command = headers["X-Lora-Plan-Command"]
+    command = unquote(headers["X-Lora-Plan-Command"])
     assert command == ("lora-plan --model 8b --method qlora --rank 16 --batch-size 4 "
                        "--grad-checkpointing --no-double-quant")
     assert cli([*command.split()[1:], "--format", "json"]).output == body
@@ -196,6 +197,13 @@ def test_bad_input_is_the_cli_error_line(server, query, argv):
     result = cli(argv)
     assert result.exit_code == 2 and status == 400
     assert body.strip() == result.output.strip().splitlines()[-1]
+
+
+def test_a_command_beyond_ascii_travels_percent_encoded(server):
+    status, headers, body = get(f"{server}/api/plan?{urlencode({'model': './modèle/config.json'})}")
+    assert status == 400 and body == "Error: no such file: ./modèle/config.json\n"
+    command = shlex.split(unquote(headers["X-Lora-Plan-Command"]))
+    assert command == ["lora-plan", "--model", "./modèle/config.json"]
 
 
 def test_a_flag_takes_on_or_off(server):
@@ -265,6 +273,11 @@ def test_answers_only_on_localhost(server):
     status, _, body = get(f"{server}/api/plan?model=gpt2", headers={"Host": "attacker.example:8765"})
     assert status == 403 and body.startswith("Error: ")
     assert get(f"{server}/api/plan?model=gpt2", headers={"Host": "localhost:1"})[0] == 200
+    request = urllib.request.Request(f"{server}/api/config", data=b"{}", method="POST",
+                                     headers={"Origin": "https://attacker.example"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=30)
+    assert refused.value.code == 403
 
 
 def test_serve_command_port_in_use(server):

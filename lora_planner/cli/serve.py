@@ -32,7 +32,7 @@ import traceback
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, quote, urlsplit
 
 import click
 
@@ -43,6 +43,7 @@ STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; ch
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 ON = ("", "1", "on", "true", "yes")
 OFF = ("0", "off", "false", "no")
+_PRINTABLE = "".join(chr(c) for c in range(32, 127) if chr(c) != "%")
 
 # click.echo writes to sys.stdout; the plan runs under this lock so each answer captures its own
 # output. A plan takes a fraction of a second, so requests queueing here is not felt.
@@ -223,10 +224,14 @@ class PlanHandler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def _host_ok(self) -> bool:
-        """Bound to loopback, answer only requests addressed to loopback: a page elsewhere cannot
-        reach this server through a DNS name that resolves to 127.0.0.1."""
+        """Bound to loopback, answer only requests addressed to loopback and sent by pages of
+        loopback: a site elsewhere can neither reach this server through a DNS name that resolves
+        to 127.0.0.1 nor make the browser post uploads to it."""
         if self.server.server_address[0] not in ("127.0.0.1", "::1"):
             return True
+        origin = self.headers.get("Origin")
+        if origin is not None and urlsplit(origin).hostname not in LOOPBACK:
+            return False
         return urlsplit("//" + (self.headers.get("Host") or "")).hostname in LOOPBACK
 
     def _guarded(self, handler) -> None:
@@ -255,7 +260,9 @@ class PlanHandler(BaseHTTPRequestHandler):
                 self._send(400, "text/plain; charset=utf-8", f"Error: {exc.format_message()}\n")
                 return
             status, content_type, body = run_plan(argv)
-            self._send(status, content_type, body, {"X-Lora-Plan-Command": command_line(argv)})
+            # headers are latin-1: the command is percent-encoded, all of printable ASCII but % kept
+            command = quote(command_line(argv), safe=_PRINTABLE)
+            self._send(status, content_type, body, {"X-Lora-Plan-Command": command})
         elif url.path == "/api/options":
             self._send(200, "application/json", json.dumps(options_schema()))
         elif url.path in ("/", "/index.html"):

@@ -176,7 +176,7 @@ async function refresh() {
     const response = await fetch("/api/plan?" + qs, { signal: controller.signal });
     const body = await response.text();
     if (controller !== inflight) return;
-    $("command").textContent = response.headers.get("X-Lora-Plan-Command") || "";
+    $("command").textContent = decodeURIComponent(response.headers.get("X-Lora-Plan-Command") || "");
     if (!response.ok) {
       showError(body);
     } else {
