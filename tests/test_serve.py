@@ -57,7 +57,12 @@ def post(url: str, data: bytes) -> tuple[int, str]:
 
 
 def cli(argv: list[str]):
-    return CliRunner().invoke(main, argv)
+    # CliRunner swaps sys.stdout, as the server does under its lock while it plans; the server runs
+    # in this process, so the CLI runs under that lock too, or one would capture the other's output.
+    from lora_planner.cli import serve
+
+    with serve._PLAN_LOCK:
+        return CliRunner().invoke(main, argv)
 
 
 def assert_same(server: str, pairs: list[tuple[str, str]], argv: list[str]) -> None:

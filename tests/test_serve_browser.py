@@ -22,7 +22,12 @@ pytestmark = pytest.mark.browser
 
 
 def cli(argv: list[str]):
-    return CliRunner().invoke(main, argv)
+    # CliRunner swaps sys.stdout, as the server does under its lock while it plans; the server runs
+    # in this process, so the CLI runs under that lock too, or one would capture the other's output.
+    from lora_planner.cli import serve
+
+    with serve._PLAN_LOCK:
+        return CliRunner().invoke(main, argv)
 
 
 def cli_json(argv: list[str]) -> dict:
