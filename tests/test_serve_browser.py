@@ -229,3 +229,15 @@ def test_a_slow_plan_shows_progress(page, base, monkeypatch):
                            " && document.body.dataset.state === 'loading'")
     settle(page, "--seq-len 512")
     assert page.text_content("#status") == ""
+
+
+def test_a_link_with_a_bad_value_shows_the_cli_error_until_fixed(page, base):
+    page.goto(f"{base}/?model=gpt2&method=lora&precision=fp8&batch-size=two")
+    settle(page, "--precision fp8", state="error")
+    result = cli(["--model", "gpt2", "--method", "lora", "--batch-size", "two", "--precision", "fp8"])
+    assert page.text_content("#error") == result.output.strip().splitlines()[-1]
+    page.fill("#f-batch-size", "2")
+    page.select_option("#f-precision", "bf16")
+    settle(page, "--precision bf16")
+    assert_drawn(page, cli_json(["--model", "gpt2", "--method", "lora", "--batch-size", "2",
+                                 "--precision", "bf16"]))

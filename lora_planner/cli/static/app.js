@@ -51,8 +51,9 @@ function fieldFor(opt) {
     input.checked = !!opt.default;
   } else if (opt.kind === "choice") {
     input = el("select", { id, name: opt.key });
+    if (opt.default === null) input.append(el("option", { value: "", text: "" }));  // not given
     for (const c of opt.choices) input.append(el("option", { value: c, text: c }));
-    input.value = opt.default ?? opt.choices[0];
+    input.value = opt.default ?? "";
   } else if (opt.multiple && opt.key === "method" && opt.suggestions) {
     // Methods are a closed set: tick boxes. None ticked = the CLI's default.
     input = el("div", { class: "checks", id, "data-multi": "1" });
@@ -62,11 +63,8 @@ function fieldFor(opt) {
     }
   } else {
     const attrs = { id, name: opt.key, type: "text", placeholder: opt.default ?? opt.metavar ?? "" };
-    if (opt.kind === "int" || opt.kind === "float") {
-      attrs.type = "number";
-      attrs.step = opt.kind === "int" ? "1" : "any";
-      if (opt.min !== undefined && opt.min !== null) attrs.min = opt.min;
-    }
+    // numbers stay text inputs: whatever is typed goes to the CLI, which says what is wrong with it
+    if (opt.kind === "int" || opt.kind === "float") attrs.inputmode = opt.kind === "int" ? "numeric" : "decimal";
     if (opt.suggestions) attrs.list = id + "-list";
     input = el("input", attrs);
     if (opt.suggestions) {
@@ -134,7 +132,10 @@ function setForm(params) {
       const want = (joined.get(opt.key) || "").split(",").map((s) => s.trim());
       for (const b of input.querySelectorAll("input")) b.checked = want.includes(b.value);
     } else if (opt.kind === "choice") {
-      input.value = joined.get(opt.key) ?? opt.default;
+      const want = joined.get(opt.key) ?? opt.default ?? "";
+      input.value = want;
+      // not one of the choices: sent as written, so the planner's error says so
+      if (input.value !== want) { input.value = opt.default ?? ""; extras.push([opt.key, want]); }
     } else {
       input.value = joined.get(opt.key) ?? "";
     }
@@ -383,6 +384,8 @@ async function start() {
   setForm(params.length ? params : START);
   $("form").addEventListener("input", (e) => {
     if (e.target.id === "upload") return;
+    const key = e.target.closest(".field")?.dataset.key;
+    extras = extras.filter(([k]) => k !== key);  // a field set by hand replaces what the link said
     if (e.target.id === "f-units" && lastPlan && !extras.length) { draw(lastPlan); }
     schedule();
   });
