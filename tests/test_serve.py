@@ -296,3 +296,26 @@ def test_serve_command_port_in_use(server):
 def test_serve_is_listed():
     assert "serve" in cli(["--help"]).output
     assert "--open" in cli(["serve", "--help"]).output
+
+
+def test_the_real_command_serves_what_the_cli_prints(tmp_path):
+    """`lora-plan serve --port 0` as a user starts it, in its own process, against `lora-plan`
+    run in another: the plan's JSON byte for byte."""
+    import subprocess
+    import sys
+
+    server = subprocess.Popen([sys.executable, "-m", "lora_planner", "serve", "--port", "0"],
+                              stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
+    try:
+        line = server.stdout.readline()
+        assert line.startswith("lora-plan serving http://127.0.0.1:"), line
+        url = line.split()[2]
+        status, _, body = get(f"{url}api/plan?model=8b&method=qlora&rank=16&gpu=l4&grad-checkpointing=on")
+        printed = subprocess.run([sys.executable, "-m", "lora_planner", "--model", "8b", "--method", "qlora",
+                                  "--rank", "16", "--gpu", "l4", "--grad-checkpointing", "--format", "json"],
+                                 capture_output=True, text=True, check=True,
+                                 cwd=Path(__file__).resolve().parents[1]).stdout
+        assert status == 200 and body == printed
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
