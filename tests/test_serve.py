@@ -11,6 +11,7 @@ import json
 import re
 import shlex
 import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -209,6 +210,37 @@ def test_a_command_beyond_ascii_travels_percent_encoded(server):
     assert status == 400 and body == "Error: no such file: ./modèle/config.json\n"
     command = shlex.split(unquote(headers["X-Lora-Plan-Command"]))
     assert command == ["lora-plan", "--model", "./modèle/config.json"]
+
+
+def test_only_the_newest_queued_request_of_a_channel_is_planned(server):
+    """While the planner is busy, three changes from one tab queue: the two older are answered
+    409 without planning, the newest is planned; another channel is not touched."""
+    from lora_planner.cli import serve
+
+    answers: dict[str, tuple[int, str]] = {}
+
+    def ask(name: str, channel: str, rank: int) -> None:
+        request = urllib.request.Request(f"{server}/api/plan?model=gpt2&method=lora&rank={rank}",
+                                         headers={"X-Lora-Plan-Channel": channel})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as r:
+                answers[name] = (r.status, r.read().decode())
+        except urllib.error.HTTPError as exc:
+            answers[name] = (exc.code, exc.read().decode())
+
+    threads = []
+    with serve._PLAN_LOCK:  # the planner is busy
+        for name, channel, rank in [("a1", "tab:plan", 1), ("a2", "tab:plan", 2), ("b", "tab:explain", 3),
+                                    ("a3", "tab:plan", 4)]:
+            threads.append(threading.Thread(target=ask, args=(name, channel, rank)))
+            threads[-1].start()
+            time.sleep(0.3)  # arrive in this order
+    for t in threads:
+        t.join(timeout=30)
+    assert answers["a1"] == answers["a2"] == (409, "Error: superseded by a newer request\n")
+    for name, rank in [("a3", 4), ("b", 3)]:
+        assert answers[name] == (200, cli(["--model", "gpt2", "--method", "lora", "--rank", str(rank),
+                                           "--format", "json"]).output)
 
 
 def test_a_flag_takes_on_or_off(server):

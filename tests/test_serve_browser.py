@@ -216,10 +216,10 @@ def test_a_slow_plan_shows_progress(page, base, monkeypatch):
 
     run_plan = serve.run_plan
 
-    def slow(argv):
+    def slow(argv, channel=""):
         if "--seq-len" in argv:
             time.sleep(1.2)
-        return run_plan(argv)
+        return run_plan(argv, channel)
 
     page.goto(f"{base}/?model=gpt2&method=lora")
     settle(page, "--model gpt2")

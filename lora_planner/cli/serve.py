@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import itertools
 import json
 import re
 import shlex
@@ -48,6 +49,15 @@ _PRINTABLE = "".join(chr(c) for c in range(32, 127) if chr(c) != "%")
 # click.echo writes to sys.stdout; the plan runs under this lock so each answer captures its own
 # output. A plan takes a fraction of a second, so requests queueing here is not felt.
 _PLAN_LOCK = threading.Lock()
+
+# The page names a channel per tab and purpose (`X-Lora-Plan-Channel`); while plans queue for the
+# lock, only the newest request of each channel is planned, the older ones (which the page has
+# dropped already) are answered 409 at once. Slow plans (--fit on a big model) then cost one wait,
+# not one per keystroke.
+_LATEST: dict[str, int] = {}
+_LATEST_LOCK = threading.Lock()
+_SEQUENCE = itertools.count()
+SUPERSEDED = (409, "text/plain; charset=utf-8", "Error: superseded by a newer request\n")
 
 
 def _plan_command() -> click.Command:
@@ -97,15 +107,22 @@ def command_line(argv: list[str]) -> str:
     return shlex.join(["lora-plan", *argv])
 
 
-def run_plan(argv: list[str]) -> tuple[int, str, str]:
+def run_plan(argv: list[str], channel: str = "") -> tuple[int, str, str]:
     """Run `lora-plan plan ARGV` (with `--format json` unless the argv sets a format or --explain)
-    and return (HTTP status, content type, body): the CLI's output, or its one-line error."""
+    and return (HTTP status, content type, body): the CLI's output, or its one-line error; or
+    `SUPERSEDED` when a newer request of the same `channel` arrived while this one waited."""
     if "--format" not in argv and "--explain" not in argv:
         argv = [*argv, "--format", "json"]
     json_out = "--explain" not in argv and argv[argv.index("--format") + 1] == "json"
+    ticket = next(_SEQUENCE)
+    if channel:
+        with _LATEST_LOCK:
+            _LATEST[channel] = ticket
     out = io.StringIO()
     try:
         with _PLAN_LOCK, contextlib.redirect_stdout(out):
+            if channel and _LATEST.get(channel) != ticket:
+                return SUPERSEDED
             _plan_command().main(argv, prog_name="lora-plan", standalone_mode=False)
     except click.ClickException as exc:
         return 400, "text/plain; charset=utf-8", f"Error: {exc.format_message()}\n"
@@ -259,7 +276,7 @@ class PlanHandler(BaseHTTPRequestHandler):
             except click.ClickException as exc:
                 self._send(400, "text/plain; charset=utf-8", f"Error: {exc.format_message()}\n")
                 return
-            status, content_type, body = run_plan(argv)
+            status, content_type, body = run_plan(argv, self.headers.get("X-Lora-Plan-Channel", ""))
             # headers are latin-1: the command is percent-encoded, all of printable ASCII but % kept
             command = quote(command_line(argv), safe=_PRINTABLE)
             self._send(status, content_type, body, {"X-Lora-Plan-Command": command})

@@ -23,6 +23,8 @@ let lastPlan = null;   // the last good plan, redrawn when only the display unit
 let inflight = null;   // the AbortController of the request under way
 let timer = null;
 let ticking = null;    // the interval that shows how long a plan has taken
+// this tab's name to the server, which then plans only the newest of its queued requests
+const TAB = Math.random().toString(36).slice(2);
 
 const $ = (id) => document.getElementById(id);
 const el = (tag, attrs = {}, ...children) => {
@@ -174,7 +176,8 @@ async function refresh() {
     $("status").textContent = `planning… ${((performance.now() - started) / 1000).toFixed(1)} s`;
   }, 250);
   try {
-    const response = await fetch("/api/plan?" + qs, { signal: controller.signal });
+    const response = await fetch("/api/plan?" + qs, { signal: controller.signal,
+                                                      headers: { "X-Lora-Plan-Channel": TAB + ":plan" } });
     const body = await response.text();
     if (controller !== inflight) return;
     $("command").textContent = decodeURIComponent(response.headers.get("X-Lora-Plan-Command") || "");
@@ -212,7 +215,9 @@ function showError(text) {
 async function explain(qs) {
   $("explain").textContent = "…";
   try {
-    const response = await fetch("/api/plan?" + (qs ? qs + "&" : "") + "explain=on");
+    const response = await fetch("/api/plan?" + (qs ? qs + "&" : "") + "explain=on",
+                                 { headers: { "X-Lora-Plan-Channel": TAB + ":explain" } });
+    if (response.status === 409) return;  // a newer derivation is on its way
     $("explain").textContent = await response.text();
   } catch (err) {
     $("explain").textContent = "Error: the lora-plan server did not answer (" + err.message + ")";
