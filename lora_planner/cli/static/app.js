@@ -156,9 +156,10 @@ function query() {
   return new URLSearchParams(formPairs()).toString();
 }
 
-function schedule() {
+// Typing waits for a pause (120 ms) before asking; a click or a pick from a list asks at once.
+function schedule(typing) {
   clearTimeout(timer);
-  timer = setTimeout(refresh, 120);
+  timer = setTimeout(refresh, typing ? 120 : 0);
 }
 
 async function refresh() {
@@ -392,7 +393,7 @@ async function start() {
     const key = e.target.closest(".field")?.dataset.key;
     extras = extras.filter(([k]) => k !== key);  // a field set by hand replaces what the link said
     if (e.target.id === "f-units" && lastPlan && !extras.length) { draw(lastPlan); }
-    schedule();
+    schedule(e.target.type === "text");
   });
   $("upload").addEventListener("change", (e) => { if (e.target.files[0]) upload(e.target.files[0]); });
   $("explain-box").addEventListener("toggle", () => { if ($("explain-box").open) explain(query()); });
