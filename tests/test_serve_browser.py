@@ -242,3 +242,20 @@ def test_a_link_with_a_bad_value_shows_the_cli_error_until_fixed(page, base):
     settle(page, "--precision bf16")
     assert_drawn(page, cli_json(["--model", "gpt2", "--method", "lora", "--batch-size", "2",
                                  "--precision", "bf16"]))
+
+
+def test_an_option_added_to_plan_appears_on_the_page(page, base, monkeypatch):
+    """The form is the click command's options: one added to `plan` shows up, with its choices,
+    under "More options", and a link setting it opens that section."""
+    import click
+
+    from lora_planner.cli.commands import plan_command
+
+    extra = click.Option(["--kernel-flavour"], type=click.Choice(["plain", "fused"]), default="plain",
+                         help="An option this test adds.")
+    monkeypatch.setattr(plan_command, "params", [*plan_command.params, extra])
+    page.goto(f"{base}/?model=gpt2&method=lora&kernel-flavour=fused")
+    page.wait_for_selector("details.more[open] #f-kernel-flavour")
+    assert page.eval_on_selector_all("#f-kernel-flavour option", "os => os.map((o) => o.value)") == [
+        "plain", "fused"]
+    assert page.input_value("#f-kernel-flavour") == "fused"
