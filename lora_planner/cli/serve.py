@@ -214,9 +214,12 @@ def save_config(data: bytes, folder: Path, filename: str = "") -> str:
     (target / "config.json").write_bytes(data)
     try:
         resolve_model(str(target))
-    except PlanError:
+    except PlanError as exc:
         (target / "config.json").unlink()
-        raise
+        # a message that names the file names it as the user knows it, not our temporary copy
+        shown = filename or "config.json"
+        message = str(exc).replace(str(target / "config.json"), shown).replace(str(target), shown)
+        raise PlanError(message) from None
     return str(target)
 
 
