@@ -66,7 +66,7 @@ def settle(page, expect_in_command: str = "", state: str = "ready") -> None:
     page.wait_for_function(
         "([text, state]) => document.body.dataset.state === state"
         " && document.getElementById('command').textContent.includes(text)",
-        arg=[expect_in_command, state], timeout=10_000)
+        arg=[expect_in_command, state], timeout=30_000)
 
 
 def bars(page) -> list[dict]:
@@ -261,3 +261,16 @@ def test_an_option_added_to_plan_appears_on_the_page(page, base, monkeypatch):
     assert page.eval_on_selector_all("#f-kernel-flavour option", "os => os.map((o) => o.value)") == [
         "plain", "fused"]
     assert page.input_value("#f-kernel-flavour") == "fused"
+
+
+@pytest.mark.parametrize("query, argv", [
+    ("params=70e9&method=full&precision=bf16&gpu-mem=80GB",  # no shapes: no phase, no activations
+     ["--params", "70e9", "--method", "full", "--precision", "bf16", "--gpu-mem", "80GB"]),
+    ("model=1b&method=full,qlora&num-gpus=8&sharding=zero3&tokens=1e9&fit=on&units=GiB",
+     ["--model", "1b", "--method", "full,qlora", "--num-gpus", "8", "--sharding", "zero3", "--tokens", "1e9",
+      "--fit", "--units", "GiB"]),
+])
+def test_other_shapes_of_plan_are_drawn(page, base, query, argv):
+    page.goto(f"{base}/?{query}")
+    page.wait_for_function("document.body.dataset.state === 'ready'", timeout=60_000)  # --fit searches
+    assert_drawn(page, cli_json(argv))
