@@ -17,6 +17,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("commands", "plan_command"),
     "models": ("commands", "models_command"),
     "trace": ("commands", "trace_command"),
+    "serve": ("serve", "serve_command"),
     "measure": ("measure", "measure_group"),
     "report": ("report", "report_group"),
 }
@@ -26,6 +27,7 @@ SUMMARIES: dict[str, str] = {
     "plan": "Memory by term, the step's peak, GPUs, time, cost and checkpoints (the default).",
     "models": "List the model catalog.",
     "trace": "Trace one real training step on CPU beside the prediction (needs torch).",
+    "serve": "A local page to click through a plan (GET /api/plan answers as --format json).",
     "measure": "Fine-tune GPT-2 for real and set measured memory beside the plan (needs torch).",
     "report": "Write markdown capacity and validation reports.",
 }
