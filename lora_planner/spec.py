@@ -157,7 +157,7 @@ def config_display_name(path: Path, config: dict) -> str:
         return resolved.name
     if resolved.name != "config.json":
         return resolved.stem
-    named = config.get("_name_or_path")
+    named = config.get("_name_or_path") if isinstance(config, dict) else None
     if isinstance(named, str) and named.strip():
         return named.strip()
     return resolved.parent.name or resolved.name
