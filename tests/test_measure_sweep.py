@@ -62,7 +62,7 @@ def test_command_line_values_are_typed_by_setting():
                     "grad_checkpointing": [False, True]}
     fixed = sweep.parse_assignments(["lr=3e-4", "weights=none"], as_lists=False)
     assert fixed == {"lr": 3e-4, "weights": None}
-    with pytest.raises(PlanError, match="cannot read 'eight' as"):
+    with pytest.raises(PlanError, match="setting rank: expected a whole number or none, got 'eight'"):
         sweep.parse_assignments(["rank=eight"], as_lists=False)
 
 

@@ -113,7 +113,9 @@ def parse_value(key: str, text: str):
         if kind == "float":
             return float(text)
     except ValueError:
-        raise PlanError(f"setting {key}: cannot read {text!r} as {kind}") from None
+        expected = {"bool": "true or false", "float": "a number"}.get(
+            kind, "a whole number" + (" or none" if "None" in kind else ""))
+        raise PlanError(f"setting {key}: expected {expected}, got {text!r}") from None
     return None if kind.endswith("None") and text.lower() == "none" else text
 
 
@@ -220,7 +222,7 @@ class SweepResult:
     other_shards: int = 0
 
     def summary(self) -> str:
-        ran = ", ".join(f"{n} {s}" for s, n in sorted(self.statuses.items())) or "none"
+        ran = ", ".join(f"{n} {s}" for s, n in sorted(self.statuses.items())) or "nothing"
         shard = f" ({self.other_shards} left to other shards)" if self.other_shards else ""
         return f"{self.total} jobs{shard}: {self.skipped} already in the results file; ran {ran}"
 
