@@ -44,7 +44,7 @@ CELL_FORMATS: dict[str, Callable[[object, str], str]] = {
     "count": lambda v, unit: f"{v:,}",
     "percent": lambda v, unit: f"{v:.4g}%",
     "bytes": lambda v, unit: format_bytes(v, unit),
-    "int": lambda v, unit: str(v),
+    "int": lambda v, unit: "does not fit" if v is None else str(v),
     "text": lambda v, unit: str(v),
 }
 
