@@ -41,12 +41,12 @@ from typing import TYPE_CHECKING
 
 from .errors import PlanError
 from .memory import Term
+from .timeline import Phase
 
 if TYPE_CHECKING:
     from .precision import Precision
     from .spec import ModelSpec, TrainSetup
     from .step import StepPrediction
-    from .timeline import Phase
 
 STRATEGIES = ("none", "zero1", "zero2", "zero3", "fsdp")
 STRATEGY_ALIASES = {"ddp": "none"}
@@ -362,6 +362,14 @@ def sharding_notes(setup: TrainSetup, dense: bool) -> list[str]:
     return notes
 
 
+def ddp_bucket_bytes(gradient_bytes: int) -> int:
+    """PyTorch DDP's gradient buckets: with `gradient_as_bucket_view=False` (the default) the
+    reducer keeps flat bucket tensors as large as all the trained gradients together, live for the
+    whole step, and copies each gradient into them for the all-reduce: + trainable x grad bytes.
+    Measured to the byte on CPU (`measure.distributed`); one GPU runs no DDP and holds none."""
+    return gradient_bytes
+
+
 def step_phases_on_gpu(predicted: StepPrediction, per_gpu: dict[str, Term], sharding: Sharding | None,
                        spec: ModelSpec, setup: TrainSetup, precision: Precision) -> tuple[Phase, ...]:
     """The step's timeline on one GPU: the whole-model `StepPrediction` with its model states
@@ -396,6 +404,10 @@ def step_phases_on_gpu(predicted: StepPrediction, per_gpu: dict[str, Term], shar
     vocab = spec.vocab_size if setup.task == "causal-lm" else setup.num_labels  # as `predict_step`
     tokens = conditions(setup, precision).tokens
     phases = step_phases(states, predicted.profile, vocab, tokens)
+    if sharding.strategy == "none" and sharding.num_gpus > 1:
+        bucket = ddp_bucket_bytes(s.gradients)
+        return tuple(Phase(p.name, p.bytes + bucket, f"{p.what}; + DDP gradient buckets {bucket:,} B")
+                     for p in phases)
     if sharding.strategy != "fsdp":
         return phases
     from .fsdp import phase_extras, units
