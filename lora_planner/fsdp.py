@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 
 from .architecture import layout
 from .precision import Precision
@@ -53,9 +54,11 @@ class Units:
     weight_bytes: int
 
 
+@lru_cache(maxsize=32)
 def units(spec: ModelSpec, setup: TrainSetup, precision: Precision, whole: States) -> Units:
     """Blocks are the decoder layers (`transformer.h.i`, `model.layers.i`), adapters included; the
-    root is every other parameter. `whole` is the whole-model step's states (unsharded gradients)."""
+    root is every other parameter. `whole` is the whole-model step's states (unsharded gradients).
+    Cached: the GPU-count search asks for the same setup's units at every count it tries."""
     arch = layout(spec, setup.task, setup.num_labels)
     prefix = "transformer.h." if spec.family == "gpt2" else "model.layers."
     blocks = [0] * spec.num_layers
@@ -107,7 +110,9 @@ def extra_bytes(phase: Phase, u: Units, n: int, reshard_after_forward: bool,
     else:
         gathered = sum(u.block_params[: i + 1])
     attn, mlp, out = u.block_grads[i]
-    produced = out + mlp if part == "MLP" else attn + mlp + out
+    # what the timeline counts as produced by then: the output projection's gradient before the
+    # MLP's backward, the whole layer's before the attention's
+    produced = out if part == "MLP" else attn + mlp + out
     produced_whole = produced - _share(produced, n, grads_offloaded)
     held = sum(u.block_grads[i + 1]) if i < last else 0
     return (root + gathered * w + produced_whole + held + head,
@@ -121,4 +126,4 @@ def phase_extras(phase: Phase, u: Units, n: int, reshard_after_forward: bool,
     extra, what = extra_bytes(phase, u, n, reshard_after_forward, grads_offloaded)
     if not extra:
         return phase
-    return Phase(phase.name, phase.bytes + extra, f"{phase.what}; FSDP2: {what} {extra:,} B")
+    return Phase(phase.name, phase.bytes + extra, f"{phase.what}; + FSDP2 buffers ({what}) {extra:,} B")

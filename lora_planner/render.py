@@ -14,6 +14,7 @@ from .counts import PEFT_DEFAULT_TARGETS
 from .gpus import MIB, largest_fitting_peak
 from .plan import MEMORY_KEYS, MethodPlan, Plan
 from .precision import get_precision
+from .sharding import DISPLAY
 from .units import format_bytes
 
 FORMATS = ("table", "markdown", "json", "csv")
@@ -284,7 +285,8 @@ def _scale_explanation(plan: Plan, p: MethodPlan) -> list[str]:
             lines.append(f"  cpu_offload per GPU: {dp.cpu_bytes:,} B")
         for t in dp.buffers.values():
             lines.append(f"  {t.name}: {t.formula} = {t.bytes:,} B")
-    lines.append("  min_gpus (no offload): " + ", ".join(f"{k} {_count(v)}" for k, v in dp.min_gpus.items()))
+    lines.append("  min_gpus (no offload): "
+                 + ", ".join(f"{DISPLAY[k]} {_count(v)}" for k, v in dp.min_gpus.items()))
     if p.flops_per_token is not None:
         lines.append(f"  flops_per_token: {p.flops_per_token.formula}")
     c = p.compute

@@ -20,6 +20,7 @@ that local shard, so every rank sees its own bytes, not the global tensor's.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import re
@@ -222,8 +223,16 @@ def measure_rank(spec, setup, strategy: str) -> dict:
     # the first, which is the step the plan describes.
     step()
     tracer = _shard_aware_tracer()(model, optimizer, inputs=(ids, labels))
-    with tracer:
-        loss = step(tracer)
+    # Python's cycle collector runs when it likes: a collection in the middle of a step frees
+    # cyclic garbage early on one rank and not on another. Collected before, off during: each rank
+    # counts what reference counting frees, the same on every rank.
+    gc.collect()
+    gc.disable()
+    try:
+        with tracer:
+            loss = step(tracer)
+    finally:
+        gc.enable()
     report = tracer.report()
     plan = predicted(spec, setup)
     peak = plan["memory_bytes"]["peak"]
