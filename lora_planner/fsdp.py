@@ -17,7 +17,10 @@ PyTorch's source (`_fully_shard/_fsdp_param_group.py`, `_fsdp_state.py`, torch 2
   reduce-scatter's input (a copy of them) is kept until the next block's post-backward (one buffer in
   flight, `reduce_scatter_max_input_buffers=1`), the last one until backward ends;
 - the root's gradients (the tied head's, produced first in backward) are whole until the root's
-  post-backward at the very end;
+  post-backward at the very end; the embedding's backward produces its gradient whole, and a tied
+  head's gradient is then summed with it out of place (three copies at once);
+- the root's all-gather output is kept beside its parameters until the first block is gathered,
+  so the forward starts with the root twice and the first block twice (`start_phase`);
 - with `reshard_after_forward` off, every block stays whole from its forward to its backward;
 - `CPUOffloadPolicy` (`--offload optimizer+params`) keeps the shards of parameters, gradients and
   optimizer states in CPU memory; what is gathered, and the whole gradients, are still on the GPU.
@@ -52,6 +55,9 @@ class Units:
     root_params: int
     head_grads: int
     weight_bytes: int
+    embedding_grads: int = 0  # the token embedding's gradient, when it is trained
+    tied: bool = False  # the head is the token embedding
+    root_grads: int = 0  # every trained root parameter's gradient (embeddings, norm, head)
 
 
 @lru_cache(maxsize=32)
@@ -69,7 +75,11 @@ def units(spec: ModelSpec, setup: TrainSetup, precision: Precision, whole: State
         blocks = [b + sum(g) // precision.grad_bytes
                   for b, g in zip(blocks, whole.layer_gradients, strict=True)]
     root = arch.total_params - sum(m.numel for m in arch.modules if m.path.startswith(prefix))
-    return Units(tuple(blocks), whole.layer_gradients, root, whole.head_gradients, precision.weight_bytes)
+    embedding = sum(m.numel for m in arch.modules if m.path.endswith(("wte", "embed_tokens")))
+    trained = setup.method == "full"
+    g = precision.grad_bytes if trained else 0
+    return Units(tuple(blocks), whole.layer_gradients, root, whole.head_gradients, precision.weight_bytes,
+                 embedding * g, arch.tied_head, root * g)
 
 
 def _share(value: int, n: int, offloaded: bool) -> int:
@@ -99,8 +109,14 @@ def extra_bytes(phase: Phase, u: Units, n: int, reshard_after_forward: bool,
         return root + gathered * w, "root and every block whole + last block's all-gather output"
     layer = _LAYER.search(phase.what)
     if layer is None and "end of backward" in phase.what:
-        return root + sum(u.block_grads[0]) + head, \
-            "root whole + block 0's reduce-scatter input + head gradients whole"
+        # The embedding's backward makes its gradient whole; tied to the head, it is added to the
+        # head's gradient out of place (FSDP2 holds the unsharded gradient), three copies at once.
+        # The timeline counts every gradient's shard and half the head's; before the root's
+        # reduce-scatter its gradients are whole instead, with two more copies of a tied embedding's.
+        copies = 2 * u.embedding_grads if u.tied else 0
+        counted = _share(u.root_grads, n, grads_offloaded) + _share(u.head_grads, n, grads_offloaded) // 2
+        return root + sum(u.block_grads[0]) + u.root_grads + copies - counted, \
+            "root whole + block 0's reduce-scatter input + the root's gradients whole"
     if layer is None:  # backward at the head, before any block
         gathered = u.block_params[last] if reshard_after_forward else sum(u.block_params)
         return root + gathered * w, "root whole + last block prefetched"
@@ -118,6 +134,20 @@ def extra_bytes(phase: Phase, u: Units, n: int, reshard_after_forward: bool,
     return (root + gathered * w + produced_whole + held + head,
             f"root whole + blocks gathered {gathered:,} params + layer {i}'s gradients whole "
             f"+ reduce-scatter input {held:,} B + head gradients whole")
+
+
+def start_phase(states: States, embedding: int, u: Units) -> Phase:
+    """The start of forward, which the timeline does not follow: the root's all-gather output is
+    kept beside the root's parameters until the first layer has been gathered, so at the first
+    layer's copy-out the GPU holds the root twice and the first layer twice, beside the shards and
+    the inputs: 2 x root + 2 x first layer, at weight width. It sets the peak when the root (the
+    embeddings and an untied head) is large beside the rest of the step."""
+    w = u.weight_bytes
+    gathered = 2 * u.root_params + 2 * u.block_params[0]
+    base = states.weights + states.inputs + states.optimizer_states  # as the timeline's phases
+    return Phase("forward", base + embedding + gathered * w,
+                 f"start of forward; + FSDP2 buffers (the root's all-gather output and parameters, the "
+                 f"first layer's: {gathered:,} params) {gathered * w:,} B")
 
 
 def phase_extras(phase: Phase, u: Units, n: int, reshard_after_forward: bool,

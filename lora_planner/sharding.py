@@ -410,8 +410,9 @@ def step_phases_on_gpu(predicted: StepPrediction, per_gpu: dict[str, Term], shar
                      for p in phases)
     if sharding.strategy != "fsdp":
         return phases
-    from .fsdp import phase_extras, units
+    from .fsdp import phase_extras, start_phase, units
 
     u = units(spec, setup, precision, predicted.states)
-    return tuple(phase_extras(p, u, sharding.num_gpus, setup.reshard_after_forward,
-                              placement("gradients", sharding) == "cpu") for p in phases)
+    return (start_phase(states, predicted.profile.embedding, u),) + tuple(
+        phase_extras(p, u, sharding.num_gpus, setup.reshard_after_forward,
+                     placement("gradients", sharding) == "cpu") for p in phases)
