@@ -150,6 +150,31 @@ def _shard_aware_tracer():
     return ShardTracer
 
 
+def _settle_collectives() -> None:
+    """On gloo a collective returns when its work is done, but gloo's worker thread may drop its own
+    reference to the buffers a moment later; under load that moment falls after the next
+    allocation and one rank reads a higher peak than the others. A short yield after each of
+    FSDP2's collectives lets the worker let go first (CPU measurement only: on a GPU the caching
+    allocator's stream order decides, not a thread)."""
+    import time
+
+    import torch.distributed as dist
+
+    for name in ("all_gather_single", "reduce_scatter_single", "all_gather_into_tensor",
+                 "reduce_scatter_tensor"):
+        original = getattr(dist, name, None)
+        if original is None or getattr(original, "_settled", False):
+            continue
+
+        def settled(*args, _original=original, **kwargs):
+            out = _original(*args, **kwargs)
+            time.sleep(0.002)
+            return out
+
+        settled._settled = True
+        setattr(dist, name, settled)
+
+
 def _wrap(model, strategy: str, world_size: int, reshard_after_forward: bool):
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -160,6 +185,8 @@ def _wrap(model, strategy: str, world_size: int, reshard_after_forward: bool):
         return DistributedDataParallel(model)
     from torch.distributed.fsdp import fully_shard
 
+    if device == "cpu":
+        _settle_collectives()
     mesh = init_device_mesh(device, (world_size,))
     blocks = [m for name, m in model.named_modules() if _BLOCK.search(name)]
     for block in blocks:  # one gathered unit per decoder layer
