@@ -213,7 +213,8 @@ def settings_section(plans: Sequence[dict], settings: CapacitySettings, command:
             if set(settings.methods) - {"full"} else ""),
         f"- precision: {precision.name} ({precision.summary}); optimizer: {settings.setup.optimizer}",
         f"- GPU: {gpu.name}, {gpu.memory_bytes:,} bytes ({gpu.memory_bytes / MIB:,.0f} MiB) as the "
-        "driver reports it; GPUs needed = ceil(peak / capacity), memory sharded evenly",
+        "driver reports it; GPUs needed: the fewest over ddp/zero1/zero2/zero3/fsdp whose per-GPU peak "
+        "plus the CUDA allowance fits (`-`: none does; a micro-batch's activations alone overflow one GPU)",
     ]
     for p in plans:
         targets = next((e["target_modules"] for e in p["plans"] if e["rank"] is not None), None)
