@@ -147,8 +147,9 @@ def zero3_buffers(largest_module: int, persistent: int, trained_largest: int, tr
                   weight_bytes: int, grad_bytes: int, z: Zero3Settings) -> dict[str, Term]:
     """ZeRO-3's run-time buffers on each GPU, by name; `zero3_buffer_terms` adds them to the terms.
 
-    - `zero3_live_params`: the module being run, gathered in full, plus what is prefetched:
-      min(stage3_max_live_parameters, largest module + stage3_prefetch_bucket_size) x weight bytes;
+    - `zero3_live_params`, `zero3_prefetch`: the module being run, gathered in full, plus what is
+      prefetched: max(0, min(stage3_max_live_parameters, largest module + stage3_prefetch_bucket_size)
+      - largest module) x weight bytes;
     - `zero3_persistent`: parameters of at most stage3_param_persistence_threshold elements stay whole
       on every GPU (norms, biases): their count x weight bytes (their 1/N shard is also counted in the
       weights term, a slight overcount);
@@ -159,15 +160,16 @@ def zero3_buffers(largest_module: int, persistent: int, trained_largest: int, tr
     DeepSpeed's own `4 * largest_layer_params` (`estimate_zero3_model_states_mem_needs`).
     Assumption: every gathered parameter is prefetched at weight width; the prefetch bucket fills.
     """
-    live = min(z.max_live_parameters, largest_module + z.prefetch_bucket_size)
+    # the running module is gathered whatever the cap; the cap bounds what is prefetched beside it
+    live = max(largest_module, min(z.max_live_parameters, largest_module + z.prefetch_bucket_size))
     out = {
         "zero3_live_params": Term(
             "zero3_live_params", largest_module * weight_bytes,
             f"largest module {largest_module:,} params x {weight_bytes} B"),
         "zero3_prefetch": Term(
             "zero3_prefetch", (live - largest_module) * weight_bytes,
-            f"min(stage3_max_live_parameters {z.max_live_parameters:,}, {largest_module:,} + "
-            f"stage3_prefetch_bucket_size {z.prefetch_bucket_size:,}) - {largest_module:,} = "
+            f"max(0, min(stage3_max_live_parameters {z.max_live_parameters:,}, {largest_module:,} + "
+            f"stage3_prefetch_bucket_size {z.prefetch_bucket_size:,}) - {largest_module:,}) = "
             f"{live - largest_module:,} params x {weight_bytes} B"),
         "zero3_persistent": Term(
             "zero3_persistent", persistent * weight_bytes,

@@ -226,3 +226,41 @@ def test_help_teaches_scale_options():
     for word in ("--num-gpus", "--sharding", "fsdp", "--offload", "--tokens", "--dataset-tokens", "--epochs",
                  "--mfu", "--price", "--price-file", "lora-plan --model 8b --tokens 1e9 --num-gpus 8"):
         assert word in out, word
+
+
+@pytest.mark.parametrize("model", ["llama-3.1-8b", "gpt2", "qwen2.5-0.5b"])
+def test_zero3_defaults_are_the_hugging_face_auto_values(model):
+    """The ZeRO-3 knobs' defaults against transformers' own "auto" fill
+    (`HfTrainerDeepSpeedConfig.trainer_config_finalize`) and DeepSpeed's default
+    `stage3_max_live_parameters`; then each knob, set, moves its buffer as `--explain` says."""
+    pytest.importorskip("deepspeed")
+    from types import SimpleNamespace
+
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
+    from lora_planner.catalog import get_model
+    from lora_planner.sharding import zero3_settings
+    from lora_planner.spec import TrainSetup
+
+    spec = get_model(model)
+    hf = HfTrainerDeepSpeedConfig({"zero_optimization": {
+        "stage": 3, "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",
+        "stage3_param_persistence_threshold": "auto"}})
+    hf.trainer_config_finalize(SimpleNamespace(get_warmup_steps=lambda n: 0),
+                               SimpleNamespace(config=SimpleNamespace(hidden_size=spec.hidden_size)), 10)
+    auto = hf.config["zero_optimization"]
+    z = zero3_settings(TrainSetup(), spec.hidden_size)
+    assert z.reduce_bucket_size == auto["reduce_bucket_size"]
+    assert z.prefetch_bucket_size == auto["stage3_prefetch_bucket_size"]
+    assert z.param_persistence_threshold == auto["stage3_param_persistence_threshold"]
+    assert z.max_live_parameters == DeepSpeedZeroConfig().max_live_parameters
+
+    args = ("--model", model, "--method", "full", "--num-gpus", "8", "--sharding", "zero3")
+    base = plan_entry(*args)["zero3_buffer_bytes"]
+    set_ = plan_entry(*args, "--zero3-prefetch-bucket-size", "0", "--reduce-bucket-size", "1000",
+                      "--zero3-param-persistence-threshold", "0")["zero3_buffer_bytes"]
+    assert base["zero3_prefetch"] > 0 and set_["zero3_prefetch"] == 0
+    assert set_["zero3_reduce_bucket"] == 1000 * 2 and set_["zero3_persistent"] == 0
+    capped = plan_entry(*args, "--zero3-max-live-parameters", "1000")["zero3_buffer_bytes"]
+    assert capped["zero3_prefetch"] == 0  # the largest module alone passes the cap; nothing prefetched
