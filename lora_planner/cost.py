@@ -254,7 +254,7 @@ def notes(workload: Workload | None, gpu: Gpu, dense: bool) -> list[str]:
         "/ 3600, perfect data-parallel scaling; FLOPs count matmuls only",
         "cost: GPU-hours x " + (f"${price:g} per GPU-hour ({source})" if price is not None
                                  else "unknown price (give --price)"),
-        "GPUs for time: --num-gpus, else the fewest whose memory holds the peak",
+        "GPUs for time: --num-gpus, else gpus_needed (the fewest that fit, over the strategies)",
     ]
     if dense:
         lines.append("--params: FLOPs are 6N with no attention term (layer shapes unknown)")

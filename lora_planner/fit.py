@@ -1,20 +1,21 @@
 """The largest micro-batch and the longest sequence that fit a GPU, method by method.
 
-"Fits" means the step's allocator-level peak plus the device allowance (CUDA context and caching
-slack, `timeline.device_overhead_bytes`) is at most the GPU's memory. The peak grows with batch size
-and with sequence length, so each limit is found by bisection over the planner itself: no second
-formula to drift from the plan.
+"Fits" is the one fit rule (`gpus.fits`): the step's per-GPU allocator peak plus the device
+allowance is at most the GPU's memory. The peak grows with batch size and with sequence length, so
+each limit is found by bisection over a verdict the caller supplies (the CLI passes the planner's
+own), so there is no second formula to drift from the plan and this module needs nothing of `plan`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 
-from .gpus import Gpu
-from .spec import ModelSpec, TrainSetup
+from .spec import TrainSetup
 
 MAX_BATCH = 1 << 16
+
+Verdict = Callable[[TrainSetup], bool]  # does this setup's step fit (the planner's `fits`)?
 
 
 @dataclass(frozen=True)
@@ -39,17 +40,15 @@ def largest(fits: Callable[[int], bool], high: int) -> int:
     return lo
 
 
-def step_fits(spec: ModelSpec, setup: TrainSetup, gpu: Gpu) -> bool:
-    """Peak plus the device allowance within the GPU's memory."""
-    from .plan import make_plan
-
-    plan = make_plan(spec, (setup,), gpu).plans[0]
-    extra = plan.device_overhead.bytes if plan.device_overhead else 0
-    return plan.memory["peak"].bytes + extra <= gpu.memory_bytes
+def fit_limits(step_fits: Verdict, setup: TrainSetup, seq_limit: int) -> Fit:
+    """Largest batch at `setup.seq_len`, longest sequence (up to `seq_limit`) at `setup.batch_size`."""
+    batch = largest(lambda b: step_fits(setup.with_(batch_size=b)), MAX_BATCH)
+    seq = largest(lambda s: step_fits(setup.with_(seq_len=s)), seq_limit)
+    return Fit(batch, seq, seq_limit)
 
 
-def fit_limits(spec: ModelSpec, setup: TrainSetup, gpu: Gpu) -> Fit:
-    """Largest batch at `setup.seq_len`, longest sequence at `setup.batch_size`."""
-    batch = largest(lambda b: step_fits(spec, setup.with_(batch_size=b), gpu), MAX_BATCH)
-    seq = largest(lambda s: step_fits(spec, setup.with_(seq_len=s), gpu), spec.max_positions)
-    return Fit(batch, seq, spec.max_positions)
+def with_fit(plan, setups: Sequence[TrainSetup], step_fits: Verdict, seq_limit: int):
+    """`plan` (a `plan.Plan`) with each method's `fit` filled in; `setups` are the plan's, in order."""
+    plans = tuple(replace(p, fit=fit_limits(step_fits, s, seq_limit))
+                  for p, s in zip(plan.plans, setups, strict=True))
+    return replace(plan, plans=plans)

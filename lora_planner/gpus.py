@@ -18,7 +18,7 @@ not quotes from any provider. Override them with `--price` or a price file (see 
 from __future__ import annotations
 
 import difflib
-import math
+import re
 from dataclasses import dataclass
 
 from .errors import PlanError
@@ -59,23 +59,63 @@ GPUS: tuple[Gpu, ...] = (
 )
 DEFAULT_GPU = "H100-80GB"
 
-_BY_NAME = {alias.lower(): g for g in GPUS for alias in (g.name, *g.aliases)}
+def _key(name: str) -> str:
+    """A GPU name as people type it, reduced to letters and digits: `H100 80GB`, `h100_80gb` and
+    `h100-80` all become `h10080gb` or `h10080`."""
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+def _spellings(g: Gpu) -> set[str]:
+    """Every key a card answers to: its name, its aliases, and its name without the `GB` suffix."""
+    keys = {_key(n) for n in (g.name, *g.aliases)}
+    keys |= {k[:-2] for k in keys if k.endswith("gb")}
+    return keys
+
+
+_BY_NAME = {key: g for g in GPUS for key in _spellings(g)}
 
 
 def get_gpu(name: str) -> Gpu:
-    gpu = _BY_NAME.get(name.strip().lower())
+    """A catalog GPU by name or alias, ignoring case, spaces, `-` and `_` and a trailing `GB`
+    (`h100`, `h100-80`, `h100_80gb`, `H100 80GB` are one card)."""
+    gpu = _BY_NAME.get(_key(name))
     if gpu is not None:
         return gpu
-    close = difflib.get_close_matches(name.strip().lower(), _BY_NAME, n=3, cutoff=0.5)
+    names = {n.lower(): g for g in GPUS for n in (g.name, *g.aliases)}
+    close = difflib.get_close_matches(name.strip().lower(), names, n=3, cutoff=0.5)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     known = ", ".join(g.name for g in GPUS)
     raise PlanError(f"unknown GPU {name!r}{hint} (known: {known}; or give --gpu-mem)")
 
 
-def gpus_needed(required_bytes: int, gpu_bytes: int) -> int:
-    """Fewest GPUs whose memory holds `required_bytes` when it is sharded evenly across them:
-    ceil(required / capacity). 840 GB of model states on 80 GB cards needs 11."""
-    return max(1, math.ceil(required_bytes / gpu_bytes))
+def device_allowance(peak_bytes: int, gpu: Gpu) -> int:
+    """What a GPU process needs above its allocator-level peak: the CUDA context and the caching
+    allocator's slack (`memory.device_overhead_term`, an allowance, not a measurement). The one
+    place the fit rule reads it; `gpu` is passed so a per-kind allowance can replace the flat one."""
+    from .memory import device_overhead_term
+
+    return device_overhead_term(peak_bytes, gpu.name).bytes
+
+
+def fits(peak_bytes: int, gpu: Gpu) -> bool:
+    """The fit rule, the only one: a step fits one GPU when its per-GPU allocator peak plus the
+    device allowance is at most the GPU's memory, peak + allowance(peak) <= capacity. Used by the
+    plan's GPU counts, `--fit`, the capacity report and the measurement's out-of-memory verdict."""
+    from .allowance import fits as within_capacity
+
+    return within_capacity(peak_bytes, device_allowance(peak_bytes, gpu), gpu.memory_bytes)
+
+
+def largest_fitting_peak(gpu: Gpu) -> int:
+    """The largest per-GPU peak that `fits` this GPU (-1 if none): found by bisection over `fits`,
+    which grows with the peak, so it follows whatever allowance `device_allowance` applies."""
+    if not fits(0, gpu):
+        return -1
+    lo, hi = 0, gpu.memory_bytes + 1  # fits(lo); not fits(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid, gpu) else (lo, mid)
+    return lo
 
 
 def with_memory(gpu: Gpu, size_text: str) -> Gpu:

@@ -8,8 +8,7 @@ from . import checkpoint_sizes, cost
 from .architecture import LINEAR_KINDS, Architecture, Param, layout
 from .counts import Trainable, lora_trainable
 from .errors import PlanError
-from .fit import Fit, fit_limits
-from .gpus import Gpu, gpus_needed
+from .gpus import Gpu, fits, largest_fitting_peak
 from .memory import (
     Term,
     activation_term,
@@ -28,14 +27,15 @@ from .precision import DTYPE_BYTES, Precision, get_precision, weight_dtype
 from .sharding import (
     DataParallel,
     distribute,
-    gathered_layer_buffer,
     sharding_notes,
     sharding_of,
-    step_peak_on_gpu,
+    step_phases_on_gpu,
+    zero3_buffers,
+    zero3_settings,
 )
 from .spec import DenseSize, ModelSpec, TrainSetup
 from .step import predict_step
-from .timeline import Phase
+from .timeline import Phase, peak_phase
 
 METHODS = ("full", "lora", "qlora")
 MEMORY_KEYS = ("weights", "gradients", "master_weights", "optimizer_states", "activations", "peak")
@@ -54,13 +54,15 @@ class MethodPlan:
     checkpoint: Term  # what this method saves: the full model, or the adapter
     full_checkpoint_bytes: int
     storage: dict[str, int]  # for `tasks` fine-tunes
-    gpus_needed: int | None  # None: no number of GPUs fits under the chosen sharding
+    gpus_needed: int | None  # fewest GPUs over the strategies (under the chosen one with --num-gpus)
     peak_phase: str = ""  # which moment of the step sets the peak
     device_overhead: Term | None = None  # CUDA context + allocator slack above the peak (allowance)
     data_parallel: DataParallel | None = None  # placement on GPUs; `memory` is per GPU with --num-gpus
     flops_per_token: cost.Quantity | None = None
     compute: cost.Compute | None = None  # time and money, when tokens are given
-    fit: Fit | None = None  # largest batch and sequence that fit the GPU, when asked
+    fit: object | None = None  # `fit.Fit`: largest batch and sequence that fit the GPU, when asked
+    gpus_needed_strategy: str | None = None  # single, ddp, zero1, zero2, zero3 or fsdp
+    fits: bool = False  # the fit rule for the planned step: one GPU, or one of --num-gpus
 
 
 @dataclass(frozen=True)
@@ -100,40 +102,51 @@ def _states(trainable: int, params: tuple[Param, ...], setup: TrainSetup,
 
 
 def _assemble(method: str, gpu: Gpu, weight_terms: tuple[Term, ...], states: dict[str, Term],
-              setup: TrainSetup, spec: ModelSpec | None, gathered: dict[str, Term] | None = None,
+              setup: TrainSetup, spec: ModelSpec | None, buffers: dict[str, Term] | None = None,
               **fields) -> MethodPlan:
     """Model states plus, when the model's shape is known, the step's activations and timeline peak;
-    with --num-gpus, all of it on one GPU under the chosen sharding."""
+    with --num-gpus, all of it on one GPU under the chosen sharding. GPU counts and the verdict come
+    from the one fit rule, `gpus.fits`."""
     weights = Term("weights", sum(t.bytes for t in weight_terms),
                    " + ".join(t.formula for t in weight_terms))
     memory = {"weights": weights, **states}
     if spec is None:
         memory["activations"] = no_activation_bytes()
 
-        def peak(m: dict[str, Term], _sharding) -> Phase:
+        def phases(m: dict[str, Term], _sharding) -> tuple[Phase, ...]:
             total = peak_bytes(m[k] for k in MEMORY_KEYS[:-1])
-            return Phase("", total.bytes, total.formula)
+            return (Phase("", total.bytes, total.formula),)
     else:
         precision = get_precision(setup.precision)
         predicted = predict_step(spec, setup, precision, {k: t.bytes for k, t in memory.items()})
         memory["activations"] = activation_term(predicted.profile)
 
-        def peak(m: dict[str, Term], sharding) -> Phase:
-            return step_peak_on_gpu(predicted, m, sharding, spec, setup, precision)
-    placed = distribute(memory, sharding_of(setup.num_gpus, setup.sharding, setup.offload), gathered,
-                        gpu.memory_bytes, lambda m, s: peak(m, s).bytes)
+        def phases(m: dict[str, Term], sharding) -> tuple[Phase, ...]:
+            return step_phases_on_gpu(predicted, m, sharding, spec, setup, precision)
+    placed = distribute(memory, sharding_of(setup.num_gpus, setup.sharding, setup.offload), buffers,
+                        largest_fitting_peak(gpu), phases)
     memory = dict(placed.per_gpu)
-    top = peak(memory, placed.sharding)
+    top = peak_phase(phases(memory, placed.sharding))
     if spec is None:
         memory["peak"] = peak_bytes(memory[k] for k in MEMORY_KEYS[:-1])
-        phase, overhead = "", None
+        phase = ""
     else:
         memory["peak"] = timeline_peak_term(top)
-        phase, overhead = top.name, device_overhead_term(top.bytes, gpu.name)
-    needed = gpus_needed(memory["peak"].bytes, gpu.memory_bytes) if placed.sharding is None \
-        else placed.gpus_needed
-    return MethodPlan(method=method, weight_terms=weight_terms, memory=memory, gpus_needed=needed,
-                      peak_phase=phase, device_overhead=overhead, data_parallel=placed, **fields)
+        phase = top.name
+    return MethodPlan(method=method, weight_terms=weight_terms, memory=memory,
+                      gpus_needed=placed.gpus_needed, gpus_needed_strategy=placed.gpus_needed_strategy,
+                      fits=fits(top.bytes, gpu), peak_phase=phase,
+                      device_overhead=device_overhead_term(top.bytes, gpu.name), data_parallel=placed, **fields)
+
+
+def _zero3(spec: ModelSpec, setup: TrainSetup, arch: Architecture, precision: Precision,
+           trained: dict[str, int], trainable: int) -> dict[str, Term]:
+    """ZeRO-3's run-time buffers for this model (see `sharding.zero3_buffers`); `trained` maps a
+    trained module's path to its trainable numel."""
+    z = zero3_settings(setup, spec.hidden_size)
+    persistent = sum(p.numel for p in arch.params if p.numel <= z.param_persistence_threshold)
+    return zero3_buffers(max(m.numel for m in arch.modules), persistent, max(trained.values(), default=0),
+                         trainable, precision.weight_bytes, precision.grad_bytes, z)
 
 
 def quantised_params(arch: Architecture, trainable: Trainable) -> set[str]:
@@ -156,12 +169,11 @@ def plan_full(spec: ModelSpec, setup: TrainSetup, gpu: Gpu) -> MethodPlan:
     total = arch.total_params
     dtype = _save_dtype(setup, precision)
     ckpt = checkpoint_sizes.safetensors_bytes(params, dtype)
-    largest = max(m.numel for m in arch.modules)
     return _assemble(
         "full", gpu,
         (dense_weight_bytes("weights_trainable", total, precision.weight_bytes, "trainable"),),
         _states(total, params, setup, precision), setup, spec,
-        gathered_layer_buffer(largest, precision.weight_bytes, precision.grad_bytes),
+        _zero3(spec, setup, arch, precision, {m.path: m.numel for m in arch.modules}, total),
         flops_per_token=cost.full_flops_per_token(
             cost.matmul_params(spec, arch), cost.head_matmul_params(arch),
             cost.attention_forward_flops(spec, setup.seq_len), setup.grad_checkpointing),
@@ -204,12 +216,12 @@ def plan_lora(spec: ModelSpec, setup: TrainSetup, gpu: Gpu) -> MethodPlan:
     if nf4:
         flops = cost.plus(flops, cost.dequant_flops_per_token(
             sum(p.numel for p in nf4), setup.batch_size * setup.seq_len, setup.grad_checkpointing))
-    # The frozen base is gathered without gradients; the adapters' own are too small to matter.
-    largest = max(m.numel for m in arch.modules)
+    # The frozen base is gathered without gradients; the adapters' are the trained modules.
     return _assemble(
         setup.method, gpu, tuple(weight_terms),
         _states(trainable.count, trainable.params, setup, precision), setup, spec,
-        gathered_layer_buffer(largest, precision.weight_bytes, 0),
+        _zero3(spec, setup, arch, precision, {a.module.path: a.numel for a in trainable.adapters},
+               trainable.count),
         flops_per_token=flops,
         rank=setup.rank, trainable_params=trainable.count,
         all_params=arch.total_params + trainable.adapter_count + trainable.saved_module_count,
@@ -254,9 +266,9 @@ def check_methods(methods: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def make_plan(model: ModelSpec | DenseSize, setups: tuple[TrainSetup, ...], gpu: Gpu,
-              workload: cost.Workload | None = None, fit: bool = False) -> Plan:
+              workload: cost.Workload | None = None) -> Plan:
     """Plan each setup (one per method and rank) for one model on one kind of GPU; with a workload
-    of tokens, also its time and cost; with `fit`, the largest batch and sequence that fit."""
+    of tokens, also its time and cost. (`fit.with_fit` adds the largest batch and sequence.)"""
     if not setups:
         raise PlanError("nothing to plan: give at least one method")
     plans = []
@@ -275,10 +287,6 @@ def make_plan(model: ModelSpec | DenseSize, setups: tuple[TrainSetup, ...], gpu:
             plans.append(plan_lora(model, setup, gpu))
     if workload is not None and workload.tokens is not None:
         plans = [_with_compute(p, s, gpu, workload) for p, s in zip(plans, setups, strict=True)]
-    if fit:
-        if isinstance(model, DenseSize):
-            raise PlanError("--fit needs the model's shape for activations; pass --model")
-        plans = [replace(p, fit=fit_limits(model, s, gpu)) for p, s in zip(plans, setups, strict=True)]
     notes = sharding_notes(setups[0], isinstance(model, DenseSize))
     notes += cost.notes(workload, gpu, isinstance(model, DenseSize))
     if isinstance(model, DenseSize):

@@ -11,9 +11,10 @@ import io
 import json
 
 from .counts import PEFT_DEFAULT_TARGETS
-from .gpus import MIB
+from .gpus import MIB, largest_fitting_peak
 from .plan import MEMORY_KEYS, MethodPlan, Plan
 from .precision import get_precision
+from .sharding import DISPLAY
 from .units import format_bytes
 
 FORMATS = ("table", "markdown", "json", "csv")
@@ -54,8 +55,14 @@ def to_dict(plan: Plan) -> dict:
             "num_gpus": s.num_gpus,
             "sharding": s.sharding,
             "offload": s.offload,
+            "reshard_after_forward": s.reshard_after_forward,
+            "zero3_max_live_parameters": s.zero3_max_live_parameters,
+            "zero3_prefetch_bucket_size": s.zero3_prefetch_bucket_size,
+            "reduce_bucket_size": s.reduce_bucket_size,
+            "zero3_param_persistence_threshold": s.zero3_param_persistence_threshold,
         },
         "gpu": {"name": plan.gpu.name, "memory_bytes": plan.gpu.memory_bytes,
+                "largest_fitting_peak_bytes": largest_fitting_peak(plan.gpu),
                 "peak_tflops": plan.gpu.peak_tflops, "price_per_hour": plan.gpu.price_per_hour},
         "plans": [
             {
@@ -74,6 +81,8 @@ def to_dict(plan: Plan) -> dict:
                 "full_checkpoint_bytes": p.full_checkpoint_bytes,
                 "storage_bytes": dict(p.storage),
                 "gpus_needed": p.gpus_needed,
+                "gpus_needed_strategy": p.gpus_needed_strategy,
+                "fits": p.fits,
                 "fit": None if p.fit is None else {
                     "max_batch_size": p.fit.max_batch_size, "max_seq_len": p.fit.max_seq_len},
                 **_scale_dict(p),
@@ -137,7 +146,8 @@ def _header(plan: Plan, unit: str) -> list[str]:
     lines = [
         f"model: {m.name} ({m.family}, {m.total_params:,} parameters)",
         f"precision: {precision.name} ({precision.summary}); optimizer: {plan.setup.optimizer}",
-        f"GPU: {plan.gpu.name} ({plan.gpu.memory_bytes / MIB:,.0f} MiB); "
+        f"GPU: {plan.gpu.name} ({format_bytes(plan.gpu.memory_bytes, unit)}, "
+        f"{plan.gpu.memory_bytes / MIB:,.0f} MiB); "
         "sizes in " + ("decimal units (1 GB = 10^9 bytes)" if unit == "GB"
                        else "binary units (1 GiB = 2^30 bytes)"),
     ]
@@ -211,6 +221,7 @@ def _scale_dict(p: MethodPlan) -> dict:
     dp, c = p.data_parallel, p.compute
     return {
         "min_gpus": dict(dp.min_gpus) if dp else {},
+        "zero3_buffer_bytes": {k: t.bytes for k, t in dp.buffers.items()} if dp else {},
         "cpu_offload_bytes": dp.cpu_bytes if dp else 0,
         "flops_per_token": int(p.flops_per_token.value) if p.flops_per_token else None,
         "flops": c.flops if c else None,
@@ -225,6 +236,13 @@ def _count(n: int | None) -> str:
     return "does not fit" if n is None else str(n)
 
 
+def _needed(p: MethodPlan) -> str:
+    """`5 (fsdp)`: the fewest GPUs and the strategy that achieves it."""
+    if p.gpus_needed is None:
+        return "does not fit"
+    return f"{p.gpus_needed} ({p.gpus_needed_strategy})" if p.gpus_needed_strategy else str(p.gpus_needed)
+
+
 def _hours(h: float | None) -> str:
     return "-" if h is None else f"{h:,.1f} h" if h >= 10 else f"{h:,.2f} h"
 
@@ -232,10 +250,13 @@ def _hours(h: float | None) -> str:
 def _scale_rows(plan: Plan, fmt) -> list[list[str]]:
     s = plan.setup
     where = f"{plan.gpu.name}" + (f", {s.sharding}" if s.num_gpus else "")
-    rows = [[f"GPUs needed ({where})"] + [_count(p.gpus_needed) for p in plan.plans]]
+    rows = [[f"GPUs needed ({where})"] + [_needed(p) for p in plan.plans]]
+    if s.num_gpus:
+        rows.append([f"fits on {s.num_gpus} (peak + allowance)"]
+                    + ["yes" if p.fits else "no" for p in plan.plans])
     if s.offload != "none":
         rows.append(["CPU memory per GPU (offload)"] + [fmt(p.data_parallel.cpu_bytes) for p in plan.plans])
-    rows.append(["min GPUs none/zero1/zero2/zero3 (no offload)"] + [
+    rows.append(["min GPUs ddp/zero1/zero2/zero3/fsdp (no offload)"] + [
         "/".join("-" if n is None else str(n) for n in p.data_parallel.min_gpus.values())
         for p in plan.plans])
     if all(p.compute is not None for p in plan.plans) and plan.plans:
@@ -252,17 +273,25 @@ def _scale_rows(plan: Plan, fmt) -> list[list[str]]:
 def _scale_explanation(plan: Plan, p: MethodPlan) -> list[str]:
     dp = p.data_parallel
     peak, cap = p.memory["peak"].bytes, plan.gpu.memory_bytes
+    allowance = p.device_overhead.bytes if p.device_overhead else 0
+    rule = (f"  fits: peak {peak:,} + allowance {allowance:,} = {peak + allowance:,} B "
+            f"{'<=' if p.fits else '>'} {cap:,} B")
     if dp is None or dp.sharding is None:
-        lines = [f"  gpus_needed: ceil({peak:,} / {cap:,}) = {p.gpus_needed}"]
+        lines = [rule + " (one GPU)",
+                 f"  gpus_needed: fewest N over ddp/zero1/zero2/zero3/fsdp whose per-GPU peak + allowance "
+                 f"<= {cap:,} B = {_needed(p)}"]
     else:
         sh = dp.sharding
         lines = [f"  weights per GPU: {p.memory['weights'].formula}",
-                 f"  gpus_needed: fewest N with per-GPU peak <= {cap:,} B under {sh.strategy}, offload "
-                 f"{sh.offload} = {_count(p.gpus_needed)} (on {sh.num_gpus}: "
-                 f"{'fits' if peak <= cap else 'does not fit'})"]
+                 rule + f" (one of {sh.num_gpus})",
+                 f"  gpus_needed: fewest N with per-GPU peak + allowance <= {cap:,} B under {sh.strategy}, "
+                 f"offload {sh.offload} = {_needed(p)}"]
         if dp.cpu_bytes:
             lines.append(f"  cpu_offload per GPU: {dp.cpu_bytes:,} B")
-    lines.append("  min_gpus (no offload): " + ", ".join(f"{k} {_count(v)}" for k, v in dp.min_gpus.items()))
+        for t in dp.buffers.values():
+            lines.append(f"  {t.name}: {t.formula} = {t.bytes:,} B")
+    lines.append("  min_gpus (no offload): "
+                 + ", ".join(f"{DISPLAY[k]} {_count(v)}" for k, v in dp.min_gpus.items()))
     if p.flops_per_token is not None:
         lines.append(f"  flops_per_token: {p.flops_per_token.formula}")
     c = p.compute

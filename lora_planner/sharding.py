@@ -1,7 +1,8 @@
 """Model states on N data-parallel GPUs under ZeRO / FSDP sharding and CPU offload.
 
 One pure transform turns the whole-model terms into per-GPU terms. What each strategy shards
-(ZeRO paper, Rajbhandari et al. 2020; DeepSpeed's stages; FSDP full shard = ZeRO-3):
+(ZeRO paper, Rajbhandari et al. 2020; DeepSpeed's stages; PyTorch FSDP2 `fully_shard`, which shards
+what ZeRO-3 shards but holds other buffers, see `fsdp`):
 
 | strategy | weights (frozen and trainable) | gradients | fp32 master + optimizer states |
 |----------|--------------------------------|-----------|--------------------------------|
@@ -19,31 +20,42 @@ states to CPU memory, and the gradient shards too where gradients are sharded (Z
 the optimizer step then runs on the CPU; `optimizer+params` also moves the weights (ZeRO-3 only),
 leaving on the GPU the layer being gathered.
 
-ZeRO-3 gathers one layer's full weights (and, when it is trained, its full gradient before the
-reduce-scatter) at a time: the gathered-layer buffer, sized, as DeepSpeed sizes it, by the largest
-module's own parameters.
+DeepSpeed ZeRO-3 at run time (`zero3_buffers`) holds, beside the shards: the module being run in
+full plus what it prefetches (`stage3_prefetch_bucket_size` parameters, capped by
+`stage3_max_live_parameters`), parameters of at most `stage3_param_persistence_threshold` elements
+unpartitioned, and, when trained, the module's full gradient and a `reduce_bucket_size` bucket. The
+defaults are the Hugging Face integration's "auto" values: reduce h^2, prefetch 0.9 h^2, persistence
+10 h (h the hidden size). FSDP2's buffers depend on the moment of the step; `fsdp` adds them phase by
+phase.
+
+The fewest GPUs under a strategy is found from the per-GPU peak's shape, replicated + sharded / N
+per phase, read off two evaluations, then checked against the fit rule (`gpus.fits`) at the boundary.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .errors import PlanError
 from .memory import Term
+from .timeline import Phase
 
 if TYPE_CHECKING:
     from .precision import Precision
     from .spec import ModelSpec, TrainSetup
     from .step import StepPrediction
-    from .timeline import Phase
 
-STRATEGIES = ("none", "zero1", "zero2", "zero3")
-STRATEGY_ALIASES = {"fsdp": "zero3", "ddp": "none"}
+STRATEGIES = ("none", "zero1", "zero2", "zero3", "fsdp")
+STRATEGY_ALIASES = {"ddp": "none"}
 OFFLOADS = ("none", "optimizer", "optimizer+params")
-STAGE = {s: i for i, s in enumerate(STRATEGIES)}
+STAGE = {"none": 0, "zero1": 1, "zero2": 2, "zero3": 3, "fsdp": 3}
+# How `gpus_needed_strategy` names a strategy: one GPU is `single`, plain data parallelism `ddp`.
+DISPLAY = {"none": "ddp", "zero1": "zero1", "zero2": "zero2", "zero3": "zero3", "fsdp": "fsdp"}
+# Hugging Face's DeepSpeed integration fills "auto" ZeRO-3 settings from the hidden size h.
+ZERO3_MAX_LIVE_PARAMETERS = 10**9  # DeepSpeed's default for stage3_max_live_parameters
 # The largest data-parallel group searched for a minimum; beyond it a plan "does not fit".
 MAX_GPUS = 1 << 20
 
@@ -75,9 +87,12 @@ class Sharding:
             raise PlanError(f"unknown offload {self.offload!r}; choose from {', '.join(OFFLOADS)}")
         if self.offload != "none" and self.strategy == "none":
             raise PlanError("--offload needs ZeRO: give --sharding zero1, zero2 or zero3")
-        if self.offload == "optimizer+params" and self.strategy != "zero3":
-            raise PlanError("offloading parameters needs --sharding zero3 (fsdp): "
-                            "only ZeRO-3 stops keeping a full copy of the weights on each GPU")
+        if self.offload == "optimizer+params" and STAGE[self.strategy] != 3:
+            raise PlanError("offloading parameters needs --sharding zero3 or fsdp: "
+                            "only they stop keeping a full copy of the weights on each GPU")
+        if self.strategy == "fsdp" and self.offload == "optimizer":
+            raise PlanError("FSDP2's CPUOffloadPolicy moves parameters, gradients and optimizer states "
+                            "together: give --offload optimizer+params")
 
     def with_gpus(self, num_gpus: int) -> Sharding:
         return Sharding(num_gpus, self.strategy, self.offload)
@@ -102,21 +117,85 @@ def placement(key: str, sharding: Sharding) -> str:
     return "replicated"  # activations: each GPU runs its own micro-batch
 
 
-def gathered_layer_buffer(largest_layer_params: int, weight_bytes: int, grad_bytes: int) -> dict[str, Term]:
-    """ZeRO-3's gathered layer, by the term it adds to: the largest module's parameters in full at
-    weight width (`weights`) and, when that module is trained, its full gradient before the
-    reduce-scatter (`gradients`). Under `mixed` full fine-tuning the two make DeepSpeed's
-    `4 * largest_layer_params`.
+@dataclass(frozen=True)
+class Zero3Settings:
+    """DeepSpeed ZeRO-3's run-time knobs, in parameters (elements), resolved for one model."""
 
-    Assumption: one layer is gathered at a time (no prefetch of the next one).
+    max_live_parameters: int
+    prefetch_bucket_size: int
+    reduce_bucket_size: int
+    param_persistence_threshold: int
+
+
+def zero3_settings(setup: TrainSetup, hidden_size: int) -> Zero3Settings:
+    """The setup's ZeRO-3 knobs, each None replaced by the Hugging Face integration's "auto" value
+    (`transformers.integrations.deepspeed`): reduce_bucket_size h^2, stage3_prefetch_bucket_size
+    int(0.9 h^2), stage3_param_persistence_threshold 10 h; stage3_max_live_parameters 1e9, DeepSpeed's
+    default."""
+    h = hidden_size
+
+    def pick(value: int | None, auto: int) -> int:
+        return auto if value is None else value
+
+    return Zero3Settings(pick(setup.zero3_max_live_parameters, ZERO3_MAX_LIVE_PARAMETERS),
+                         pick(setup.zero3_prefetch_bucket_size, int(0.9 * h * h)),
+                         pick(setup.reduce_bucket_size, h * h),
+                         pick(setup.zero3_param_persistence_threshold, 10 * h))
+
+
+def zero3_buffers(largest_module: int, persistent: int, trained_largest: int, trainable: int,
+                  weight_bytes: int, grad_bytes: int, z: Zero3Settings) -> dict[str, Term]:
+    """ZeRO-3's run-time buffers on each GPU, by name; `zero3_buffer_terms` adds them to the terms.
+
+    - `zero3_live_params`, `zero3_prefetch`: the module being run, gathered in full, plus what is
+      prefetched: max(0, min(stage3_max_live_parameters, largest module + stage3_prefetch_bucket_size)
+      - largest module) x weight bytes;
+    - `zero3_persistent`: parameters of at most stage3_param_persistence_threshold elements stay whole
+      on every GPU (norms, biases): their count x weight bytes (their 1/N shard is also counted in the
+      weights term, a slight overcount);
+    - `zero3_module_grad`: the largest trained module's full gradient before its reduce-scatter;
+    - `zero3_reduce_bucket`: min(reduce_bucket_size, trainable) x grad bytes.
+
+    With the module gradient, the largest module in full at 16-bit weights and gradients is
+    DeepSpeed's own `4 * largest_layer_params` (`estimate_zero3_model_states_mem_needs`).
+    Assumption: every gathered parameter is prefetched at weight width; the prefetch bucket fills.
     """
-    n = largest_layer_params
-    buffer = {"weights": Term("gathered_layer", n * weight_bytes,
-                              f"largest module {n:,} params x {weight_bytes} B")}
-    if grad_bytes:
-        buffer["gradients"] = Term("gathered_layer_grad", n * grad_bytes,
-                                   f"largest module {n:,} params x {grad_bytes} B")
-    return buffer
+    # the running module is gathered whatever the cap; the cap bounds what is prefetched beside it
+    live = max(largest_module, min(z.max_live_parameters, largest_module + z.prefetch_bucket_size))
+    out = {
+        "zero3_live_params": Term(
+            "zero3_live_params", largest_module * weight_bytes,
+            f"largest module {largest_module:,} params x {weight_bytes} B"),
+        "zero3_prefetch": Term(
+            "zero3_prefetch", (live - largest_module) * weight_bytes,
+            f"max(0, min(stage3_max_live_parameters {z.max_live_parameters:,}, {largest_module:,} + "
+            f"stage3_prefetch_bucket_size {z.prefetch_bucket_size:,}) - {largest_module:,}) = "
+            f"{live - largest_module:,} params x {weight_bytes} B"),
+        "zero3_persistent": Term(
+            "zero3_persistent", persistent * weight_bytes,
+            f"{persistent:,} params in tensors of <= stage3_param_persistence_threshold "
+            f"{z.param_persistence_threshold:,} elements x {weight_bytes} B"),
+    }
+    if trainable and grad_bytes:
+        bucket = min(z.reduce_bucket_size, trainable)
+        out["zero3_module_grad"] = Term("zero3_module_grad", trained_largest * grad_bytes,
+                                        f"largest trained module {trained_largest:,} params x {grad_bytes} B")
+        out["zero3_reduce_bucket"] = Term(
+            "zero3_reduce_bucket", bucket * grad_bytes,
+            f"min(reduce_bucket_size {z.reduce_bucket_size:,}, {trainable:,} trainable) x {grad_bytes} B")
+    return out
+
+
+def zero3_buffer_terms(buffers: dict[str, Term]) -> dict[str, Term]:
+    """The buffers summed into the terms they belong to: weights, or gradients."""
+    out: dict[str, Term] = {}
+    for key, names in (("weights", ("zero3_live_params", "zero3_prefetch", "zero3_persistent")),
+                       ("gradients", ("zero3_module_grad", "zero3_reduce_bucket"))):
+        parts = [buffers[n] for n in names if n in buffers]
+        if parts:
+            total = sum(t.bytes for t in parts)
+            out[key] = Term(key, total, " + ".join(f"{t.name} {t.bytes:,} B ({t.formula})" for t in parts))
+    return out
 
 
 def _on_gpu(term: Term, where: str, n: int) -> Term:
@@ -132,15 +211,16 @@ def per_gpu_states(memory: dict[str, Term], sharding: Sharding,
                    buffer: dict[str, Term] | None = None) -> dict[str, Term]:
     """The whole-model terms (weights, gradients, master weights, optimizer states, activations) ->
     the same terms on one GPU of `sharding.num_gpus`. Sharded terms take ceil(bytes / N); offloaded
-    terms take 0 on the GPU. Under ZeRO-3 the gathered-layer buffer (see `gathered_layer_buffer`)
-    is added to the terms it belongs to; it stays on the GPU whatever is offloaded."""
+    terms take 0 on the GPU. Under ZeRO-3 the run-time buffers (see `zero3_buffers`) are added to the
+    terms they belong to; they stay on the GPU whatever is offloaded. FSDP2's buffers depend on the
+    moment of the step and are added to the timeline's phases instead (`fsdp.phase_extras`)."""
     n = sharding.num_gpus
     out = {key: _on_gpu(term, placement(key, sharding), n) for key, term in memory.items()}
     if sharding.strategy == "zero3":
         for key, part in (buffer or {}).items():
             t = out[key]
             total = t.bytes + part.bytes
-            out[key] = Term(t.name, total, f"{t.formula}; + gathered layer: {part.formula} = {total:,} B")
+            out[key] = Term(t.name, total, f"{t.formula}; + ZeRO-3 buffers: {part.formula} = {total:,} B")
     return out
 
 
@@ -151,35 +231,61 @@ def cpu_bytes(memory: dict[str, Term], sharding: Sharding) -> int:
     return sum(math.ceil(t.bytes / n) for key, t in memory.items() if placement(key, sharding) == "cpu")
 
 
-PeakOf = Callable[[dict[str, Term], "Sharding | None"], int]
+PhasesOf = Callable[[dict[str, Term], "Sharding | None"], "tuple[Phase, ...]"]
 
 
-def min_gpus(memory: dict[str, Term], sharding: Sharding, capacity: int, buffer: dict[str, Term] | None,
-             peak: PeakOf) -> int | None:
-    """Fewest GPUs whose per-GPU peak fits `capacity` under this strategy and offload, or None when
-    no number does (replicated terms alone overflow one GPU). `peak` turns per-GPU terms (and the
-    sharding that made them) into the per-GPU peak, so this follows however the plan assembles it.
-
-    Per-GPU memory never grows with N, so the answer is found by doubling, then bisection.
-    """
-    def fits(n: int) -> bool:
-        on_n = sharding.with_gpus(n)
-        return peak(per_gpu_states(memory, on_n, buffer), on_n) <= capacity
-
-    if fits(1):
-        return 1
-    if sharding.strategy == "none":
-        return None
-    hi = 2
-    while not fits(hi):
-        if hi >= MAX_GPUS:
-            return None
-        hi *= 2
-    lo = hi // 2  # does not fit
+def _first_fitting(fits_on: Callable[[int], bool], guess: int) -> int | None:
+    """The least n in [1, MAX_GPUS] with fits_on(n), for fits_on false then true (monotone), searched
+    outward from `guess` by doubling steps, then bisection."""
+    guess = min(max(guess, 1), MAX_GPUS)
+    if fits_on(guess):
+        hi, step = guess, 1
+        lo = guess - 1
+        while lo >= 1 and fits_on(lo):
+            hi, step = lo, step * 2
+            lo = max(0, hi - step)
+        # lo does not fit (or is 0), hi fits
+    else:
+        lo, step = guess, 1
+        hi = guess + 1
+        while True:
+            if hi > MAX_GPUS:
+                return None
+            if fits_on(hi):
+                break
+            lo, step = hi, step * 2
+            hi = min(MAX_GPUS + 1, lo + step) if lo < MAX_GPUS else MAX_GPUS + 1
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if fits(mid) else (mid, hi)
+        lo, hi = (lo, mid) if fits_on(mid) else (mid, hi)
     return hi
+
+
+def fewest_gpus(phase_bytes: Callable[[int], tuple[int, ...]], budget: int, shards: bool) -> int | None:
+    """Fewest GPUs n whose every phase's per-GPU bytes are within `budget` (the largest peak the
+    fit rule allows), or None when no n up to MAX_GPUS does.
+
+    Each phase's per-GPU bytes have the shape r + s / n (r replicated, s sharded, each share rounded
+    up). r and s are read off n = 1 and n = MAX_GPUS; the least n with r + s / n <= budget for every
+    phase is the guess, and the exact fit is then checked around it (the bytes never grow with n),
+    so a few evaluations replace a scan."""
+    one = phase_bytes(1)
+    if max(one) <= budget:
+        return 1
+    if not shards or budget < 0:
+        return None
+    far = phase_bytes(MAX_GPUS)
+    if max(far) > budget:
+        return None
+    m = MAX_GPUS
+    guess = 1
+    for a, b in zip(one, far, strict=True):
+        s = (a - b) * m / (m - 1)  # sharded part
+        r = a - s
+        if a > budget:
+            room = budget - r
+            guess = max(guess, math.ceil(s / room) if room > 0 else m)
+    return _first_fitting(lambda n: max(phase_bytes(n)) <= budget, guess)
 
 
 @dataclass(frozen=True)
@@ -188,7 +294,9 @@ class DataParallel:
 
     `per_gpu` holds the terms on one GPU (the whole-model terms when no GPU count is given);
     `min_gpus` is the fewest GPUs for each strategy without offload (None: does not fit at any
-    count); `gpus_needed` is that minimum for the chosen strategy and offload.
+    count); `gpus_needed` is the fewest over the strategies (or, with a sharding, under it and its
+    offload) and `gpus_needed_strategy` names it (`single` when one GPU holds the step).
+    `buffers` are ZeRO-3's run-time buffers by name (under zero3).
     """
 
     sharding: Sharding | None
@@ -196,17 +304,39 @@ class DataParallel:
     cpu_bytes: int
     gpus_needed: int | None
     min_gpus: dict[str, int | None]
+    gpus_needed_strategy: str | None = None
+    buffers: dict[str, Term] = field(default_factory=dict)
 
 
-def distribute(memory: dict[str, Term], sharding: Sharding | None, buffer: dict[str, Term] | None,
-               capacity: int, peak: PeakOf) -> DataParallel:
+def _strategy_label(n: int | None, strategy: str) -> str | None:
+    if n is None:
+        return None
+    return "single" if n == 1 else DISPLAY[strategy]
+
+
+def distribute(memory: dict[str, Term], sharding: Sharding | None, buffers: dict[str, Term] | None,
+               budget: int, phases: PhasesOf) -> DataParallel:
     """Place whole-model terms on GPUs: per-GPU terms for the chosen sharding (unchanged when
-    `sharding` is None), CPU bytes under offload, and the minimum GPU count for every strategy."""
-    minimum = {s: min_gpus(memory, Sharding(1, s), capacity, buffer, peak) for s in STRATEGIES}
+    `sharding` is None), CPU bytes under offload, the fewest GPUs for every strategy, and the fewest
+    overall. `budget` is the largest per-GPU peak the fit rule allows (`gpus.largest_fitting_peak`);
+    `phases` gives the step's phases on one GPU from its per-GPU terms."""
+    buffer = zero3_buffer_terms(buffers or {})
+
+    def least(s: Sharding) -> int | None:
+        def on(n: int) -> tuple[int, ...]:
+            sh = s.with_gpus(n)
+            return tuple(p.bytes for p in phases(per_gpu_states(memory, sh, buffer), sh))
+        return fewest_gpus(on, budget, s.strategy != "none")
+
+    minimum = {s: least(Sharding(1, s)) for s in STRATEGIES}
     if sharding is None:
-        return DataParallel(None, dict(memory), 0, None, minimum)
+        counts = [(n, STRATEGIES.index(s), s) for s, n in minimum.items() if n is not None]
+        n, _, best = min(counts) if counts else (None, 0, "none")
+        return DataParallel(None, dict(memory), 0, n, minimum, _strategy_label(n, best))
+    n = minimum[sharding.strategy] if sharding.offload == "none" else least(sharding)
+    kept = buffers if sharding.strategy == "zero3" else {}
     return DataParallel(sharding, per_gpu_states(memory, sharding, buffer), cpu_bytes(memory, sharding),
-                        min_gpus(memory, sharding, capacity, buffer, peak), minimum)
+                        n, minimum, _strategy_label(n, sharding.strategy), dict(kept or {}))
 
 
 def sharding_of(num_gpus: int | None, strategy: str, offload: str) -> Sharding | None:
@@ -225,24 +355,37 @@ def sharding_notes(setup: TrainSetup, dense: bool) -> list[str]:
         return []
     notes = [f"memory is per GPU: one of {sharding.num_gpus} data-parallel GPUs, sharding "
              f"{sharding.strategy}, offload {sharding.offload}; activations are per GPU (not sharded)"]
-    if dense and sharding.strategy == "zero3":
-        notes.append("--params: layer sizes are unknown, so ZeRO-3's gathered-layer buffer is not counted")
+    if dense and STAGE[sharding.strategy] == 3:
+        notes.append("--params: layer sizes are unknown, so ZeRO-3's and FSDP2's gathered-layer buffers "
+                     "are not counted")
+    if sharding.strategy == "fsdp":
+        notes.append("fsdp: PyTorch FSDP2, fully_shard on each decoder layer and on the root; "
+                     f"reshard_after_forward {'on' if setup.reshard_after_forward else 'off'}")
     return notes
 
 
-def step_peak_on_gpu(predicted: StepPrediction, per_gpu: dict[str, Term], sharding: Sharding | None,
-                     spec: ModelSpec, setup: TrainSetup, precision: Precision) -> Phase:
-    """The step's timeline peak on one GPU: the whole-model `StepPrediction` with its model states
+def ddp_bucket_bytes(gradient_bytes: int) -> int:
+    """PyTorch DDP's gradient buckets: with `gradient_as_bucket_view=False` (the default) the
+    reducer keeps flat bucket tensors as large as all the trained gradients together, live for the
+    whole step, and copies each gradient into them for the all-reduce: + trainable x grad bytes.
+    Measured to the byte on CPU (`measure.distributed`); one GPU runs no DDP and holds none."""
+    return gradient_bytes
+
+
+def step_phases_on_gpu(predicted: StepPrediction, per_gpu: dict[str, Term], sharding: Sharding | None,
+                       spec: ModelSpec, setup: TrainSetup, precision: Precision) -> tuple[Phase, ...]:
+    """The step's timeline on one GPU: the whole-model `StepPrediction` with its model states
     replaced by the per-GPU terms, and the gradients each layer produces and foreach AdamW's
     temporary divided as their terms are (a shard of each, or none on the GPU when offloaded).
-    Activations are unchanged: each GPU runs a whole micro-batch. Without sharding this is the
-    prediction's own peak."""
+    Activations are unchanged: each GPU runs a whole micro-batch. Under FSDP2 each phase gains the
+    buffers FSDP2 holds at that moment (`fsdp.phase_extras`). Without sharding these are the
+    prediction's own phases."""
     if sharding is None:
-        return predicted.peak
+        return predicted.phases
     from dataclasses import replace
 
     from .step import conditions
-    from .timeline import peak_phase, step_phases
+    from .timeline import step_phases
 
     def share(value: int, key: str) -> int:
         where = placement(key, sharding)
@@ -262,4 +405,16 @@ def step_peak_on_gpu(predicted: StepPrediction, per_gpu: dict[str, Term], shardi
     )
     vocab = spec.vocab_size if setup.task == "causal-lm" else setup.num_labels  # as `predict_step`
     tokens = conditions(setup, precision).tokens
-    return peak_phase(step_phases(states, predicted.profile, vocab, tokens))
+    phases = step_phases(states, predicted.profile, vocab, tokens)
+    if sharding.strategy == "none" and sharding.num_gpus > 1:
+        bucket = ddp_bucket_bytes(s.gradients)
+        return tuple(Phase(p.name, p.bytes + bucket, f"{p.what}; + DDP gradient buckets {bucket:,} B")
+                     for p in phases)
+    if sharding.strategy != "fsdp":
+        return phases
+    from .fsdp import phase_extras, start_phase, units
+
+    u = units(spec, setup, precision, predicted.states)
+    return (start_phase(states, predicted.profile.embedding, u),) + tuple(
+        phase_extras(p, u, sharding.num_gpus, setup.reshard_after_forward,
+                     placement("gradients", sharding) == "cpu") for p in phases)

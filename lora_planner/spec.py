@@ -109,8 +109,14 @@ class TrainSetup:
     lora_dropout: float = 0.0
     # Data parallelism: None plans whole-model totals; N plans one of N GPUs (see sharding.py).
     num_gpus: int | None = None
-    sharding: str = "none"  # none | zero1 | zero2 | zero3 (fsdp)
+    sharding: str = "none"  # none | zero1 | zero2 | zero3 | fsdp (PyTorch FSDP2)
     offload: str = "none"  # none | optimizer | optimizer+params
+    reshard_after_forward: bool = True  # FSDP2's, for the blocks (the root never reshards)
+    # DeepSpeed ZeRO-3 run-time settings in parameters; None: the Hugging Face "auto" value
+    zero3_max_live_parameters: int | None = None
+    zero3_prefetch_bucket_size: int | None = None
+    reduce_bucket_size: int | None = None
+    zero3_param_persistence_threshold: int | None = None
 
     def with_(self, **changes) -> TrainSetup:
         return replace(self, **changes)

@@ -62,7 +62,8 @@ def test_mfu_and_price_overrides(tmp_path):
 
 def test_table_and_explain_show_time_and_assumptions():
     out = run("--model", "8b", "--tokens", "1e9", "--num-gpus", "8").output
-    for row in ("training FLOPs", "wall time", "GPU-hours", "cost (USD)", "min GPUs none/zero1/zero2/zero3"):
+    for row in ("training FLOPs", "wall time", "GPU-hours", "cost (USD)",
+                "min GPUs ddp/zero1/zero2/zero3/fsdp"):
         assert row in out
     assert "MFU 0.4" in out and "as of 2026-11" in out
     explain = run("--model", "8b", "--method", "lora", "--tokens", "1e9", "--explain").output

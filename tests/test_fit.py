@@ -6,9 +6,14 @@ from click.testing import CliRunner
 
 from lora_planner.catalog import get_model
 from lora_planner.cli import main
-from lora_planner.fit import largest, step_fits
+from lora_planner.fit import largest
 from lora_planner.gpus import Gpu
+from lora_planner.plan import make_plan
 from lora_planner.spec import TrainSetup
+
+
+def step_fits(spec, setup, gpu) -> bool:
+    return make_plan(spec, (setup,), gpu).plans[0].fits
 
 
 def test_largest_bisects_a_monotone_predicate():

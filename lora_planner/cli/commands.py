@@ -66,7 +66,8 @@ from .step_options import step_options
 @click.option("--explain", is_flag=True, help="Print every term's formula with the numbers put in.")
 @click.option("--fit", "fit", is_flag=True,
               help="Also find, per method, the largest batch (at --seq-len) and the longest sequence "
-                   "(at --batch-size) whose peak plus the CUDA allowance fits the GPU.")
+                   "(at --batch-size) whose per-GPU peak plus the CUDA allowance fits the GPU "
+                   "(under --num-gpus/--sharding when given).")
 @scale_options
 def plan_command(model_name, params_text, methods, ranks, targets, precision, optimizer, bias, dora,
                  modules_to_save, double_quant, save_dtype, task, num_labels, tasks, batch_size,
@@ -114,10 +115,21 @@ def plan_command(model_name, params_text, methods, ranks, targets, precision, op
                 setups.append(base.with_(method="full"))
             else:
                 setups += [base.with_(method=m, rank=r) for r in rank_list]
-        plan = make_plan(model, tuple(setups), gpu, workload(gpu, **scale), fit=fit)
+        plan = make_plan(model, tuple(setups), gpu, workload(gpu, **scale))
+        if fit:
+            plan = _with_fit(plan, model, tuple(setups), gpu)
     except PlanError as exc:
         raise UserError(str(exc)) from None
     click.echo(to_explanation(plan) if explain else render(plan, fmt, units), nl=False)
+
+
+def _with_fit(plan, model, setups, gpu):
+    """--fit: the largest batch and sequence each method's step fits, by the planner's own verdict."""
+    from ..fit import with_fit
+
+    if isinstance(model, DenseSize):
+        raise PlanError("--fit needs the model's shape for activations; pass --model")
+    return with_fit(plan, setups, lambda s: make_plan(model, (s,), gpu).plans[0].fits, model.max_positions)
 
 
 @click.command("models")

@@ -16,7 +16,9 @@ from ..gpus import PRICES_AS_OF, Gpu
 from ..sharding import OFFLOADS, STRATEGIES, STRATEGY_ALIASES, strategy_name
 from ..units import parse_count
 
-OPTIONS = ("num_gpus", "sharding", "offload", "tokens", "dataset_tokens", "epochs", "mfu", "price",
+OPTIONS = ("num_gpus", "sharding", "offload", "reshard_after_forward", "zero3_max_live_parameters",
+           "zero3_prefetch_bucket_size", "reduce_bucket_size", "zero3_param_persistence_threshold",
+           "tokens", "dataset_tokens", "epochs", "mfu", "price",
            "price_file")
 
 
@@ -27,12 +29,24 @@ def scale_options(f: Callable) -> Callable:
                      help="Data-parallel GPUs. Memory becomes per GPU, and time is on N GPUs."),
         click.option("--sharding", type=click.Choice([*STRATEGIES, *STRATEGY_ALIASES], case_sensitive=False),
                      default="none", show_default=True,
-                     help="ZeRO stage across --num-gpus: zero1 shards optimizer states and fp32 master "
-                          "weights, zero2 also gradients, zero3 (= fsdp, full shard) also weights, "
-                          "the frozen LoRA base included."),
+                     help="Across --num-gpus: ddp (= none) replicates; DeepSpeed zero1 shards optimizer "
+                          "states and fp32 master weights, zero2 also gradients, zero3 also weights "
+                          "(the frozen LoRA base too); fsdp is PyTorch FSDP2's full shard, with its "
+                          "own buffers."),
         click.option("--offload", type=click.Choice(OFFLOADS), default="none", show_default=True,
-                     help="ZeRO-Offload to CPU memory: optimizer (master weights, optimizer states, "
-                          "gradient shards) or optimizer+params (zero3 only)."),
+                     help="To CPU memory: optimizer (ZeRO-Offload: master weights, optimizer states, "
+                          "gradient shards) or optimizer+params (zero3; fsdp's CPUOffloadPolicy)."),
+        click.option("--reshard-after-forward/--no-reshard-after-forward", default=True, show_default=True,
+                     help="fsdp: free each layer's gathered weights after its forward (on), or keep them "
+                          "to backward (off: more memory, one all-gather fewer)."),
+        click.option("--zero3-max-live-parameters", type=click.IntRange(min=0), metavar="N",
+                     help="zero3: DeepSpeed's stage3_max_live_parameters (default 1e9)."),
+        click.option("--zero3-prefetch-bucket-size", type=click.IntRange(min=0), metavar="N",
+                     help="zero3: stage3_prefetch_bucket_size in parameters (default: HF auto, 0.9 h^2)."),
+        click.option("--reduce-bucket-size", type=click.IntRange(min=0), metavar="N",
+                     help="zero3: reduce_bucket_size in elements (default: HF auto, h^2)."),
+        click.option("--zero3-param-persistence-threshold", type=click.IntRange(min=0), metavar="N",
+                     help="zero3: stage3_param_persistence_threshold (default: HF auto, 10 h)."),
         click.option("--tokens", "tokens", metavar="N",
                      help="Tokens to train on (1e9, 1B): adds FLOPs, wall hours, GPU-hours and cost."),
         click.option("--dataset-tokens", metavar="N", help="Tokens in the dataset; with --epochs."),
@@ -59,11 +73,19 @@ def _tokens(text: str | None, option: str) -> int | None:
         raise PlanError(f"cannot read {option} {text!r}: write e.g. 1e9 or 1B") from None
 
 
-def setup_changes(num_gpus: int | None, sharding: str, offload: str, **_) -> dict:
+def setup_changes(num_gpus: int | None, sharding: str, offload: str, reshard_after_forward: bool = True,
+                  zero3_max_live_parameters: int | None = None, zero3_prefetch_bucket_size: int | None = None,
+                  reduce_bucket_size: int | None = None, zero3_param_persistence_threshold: int | None = None,
+                  **_) -> dict:
     """The `TrainSetup` fields these options set."""
     if num_gpus is not None and num_gpus < 1:
         raise PlanError(f"--num-gpus must be at least 1, got {num_gpus}")
-    return {"num_gpus": num_gpus, "sharding": strategy_name(sharding), "offload": offload}
+    return {"num_gpus": num_gpus, "sharding": strategy_name(sharding), "offload": offload,
+            "reshard_after_forward": reshard_after_forward,
+            "zero3_max_live_parameters": zero3_max_live_parameters,
+            "zero3_prefetch_bucket_size": zero3_prefetch_bucket_size,
+            "reduce_bucket_size": reduce_bucket_size,
+            "zero3_param_persistence_threshold": zero3_param_persistence_threshold}
 
 
 def workload(gpu: Gpu, tokens: str | None, dataset_tokens: str | None, epochs: float | None,

@@ -1,17 +1,17 @@
 """Per-rank memory of one data-parallel training step, traced, beside the per-GPU plan.
 
-Run it under `torchrun`; each rank builds the same small GPT-2 (`TinyGPT2`: GPT-2's modules,
-names and parameter shapes, written here so that a rank starts without importing transformers,
-which dominates a CPU test's time), wraps it with PyTorch FSDP2
-(`fully_shard` on every block and on the root: ZeRO-3) or DDP (replicated: no sharding), traces
-one forward, backward and AdamW step with `MemoryTracer`, and rank 0 writes one JSON line per rank
-with the traced peak, the plan's per-GPU prediction and the relative error
-(predicted - measured) / measured::
+Run it under `torchrun`; each rank builds the same transformers model from the planner's
+`ModelSpec` (a catalog name or a config.json, optionally its first `--layers N` decoder layers),
+adds PEFT LoRA adapters for `--method lora`, wraps it with PyTorch FSDP2 (`fully_shard` on every
+decoder layer and on the root) or DDP, traces one steady-state forward, backward and foreach AdamW
+step with `MemoryTracer`, and rank 0 writes one JSON line per rank with the traced peak, the plan's
+per-GPU prediction and the relative error (predicted - measured) / measured::
 
     torchrun --nproc-per-node 2 -m lora_planner.measure.distributed --strategy fsdp --out ranks.jsonl
 
-Without a GPU it runs on the CPU with the gloo backend. Training is in fp32 (the `fp32`
-convention: 4 B weights and gradients, two 4 B AdamW states per parameter).
+Without a GPU it runs on the CPU with the gloo backend, the plan taken for the CPU (its attention
+kernels, AdamW's 4-byte step counter per tensor in CPU memory). Precision is `fp32` or `amp` (bf16
+autocast over fp32 weights), what a plain PyTorch step runs.
 
 FSDP2 keeps each parameter as a DTensor whose local shard is a plain tensor; the tracer here counts
 that local shard, so every rank sees its own bytes, not the global tensor's.
@@ -20,117 +20,98 @@ that local shard, so every rank sees its own bytes, not the global tensor's.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
+import re
 import sys
-from dataclasses import asdict
+import warnings
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-STRATEGIES = {"fsdp": "zero3", "ddp": "none"}  # measured engine -> the plan's sharding
+STRATEGIES = {"fsdp": "fsdp", "ddp": "none"}  # measured engine -> the plan's sharding
 # A GPT-2 small enough for a CPU test, large enough that model states are not lost in the noise.
-DEFAULT_SHAPE = {"n_layer": 2, "n_embd": 128, "n_head": 4, "vocab_size": 512, "n_positions": 64}
+DEFAULT_SHAPE = {"model_type": "gpt2", "n_layer": 2, "n_embd": 128, "n_head": 4, "vocab_size": 512,
+                 "n_positions": 64}
 STATE_TERMS = ("parameters", "gradients", "optimizer_states")
+_BLOCK = re.compile(r"(^|\.)(transformer\.h|model\.layers)\.\d+$")
 
 
-class _Attention(nn.Module):
-    def __init__(self, d: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.c_attn = nn.Linear(d, 3 * d)  # fused q, k, v
-        self.c_proj = nn.Linear(d, d)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape
-        q, k, v = self.c_attn(x).split(d, dim=2)  # (B, T, d) each
-        # (B, nh, T, hs) each
-        q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
-        return self.c_proj(y.transpose(1, 2).reshape(b, t, d))  # (B, T, d)
-
-
-class _Mlp(nn.Module):
-    def __init__(self, d: int, inner: int) -> None:
-        super().__init__()
-        self.c_fc = nn.Linear(d, inner)
-        self.c_proj = nn.Linear(inner, d)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
-
-
-class _Block(nn.Module):
-    def __init__(self, d: int, heads: int, inner: int) -> None:
-        super().__init__()
-        self.ln_1, self.attn = nn.LayerNorm(d), _Attention(d, heads)
-        self.ln_2, self.mlp = nn.LayerNorm(d), _Mlp(d, inner)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
-
-
-class TinyGPT2(nn.Module):
-    """GPT-2 with the output head tied to the token embedding; parameter names and sizes are
-    transformers' (`transformer.h.0.attn.c_attn.weight`, ...), stored as nn.Linear (out, in)
-    rather than Conv1D (in, out): the same bytes."""
-
-    def __init__(self, spec) -> None:
-        super().__init__()
-        d = spec.hidden_size
-        self.transformer = nn.ModuleDict({
-            "wte": nn.Embedding(spec.vocab_size, d),
-            "wpe": nn.Embedding(spec.max_positions, d),
-            "h": nn.ModuleList(_Block(d, spec.num_heads, spec.intermediate_size)
-                               for _ in range(spec.num_layers)),
-            "ln_f": nn.LayerNorm(d),
-        })
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Next-token cross-entropy of (B, T) ids, the inputs as labels."""
-        t = input_ids.shape[1]
-        positions = torch.arange(t, device=input_ids.device)  # (T,)
-        x = self.transformer.wte(input_ids) + self.transformer.wpe(positions)  # (B, T, d)
-        for block in self.transformer.h:
-            x = block(x)
-        logits = self.transformer.ln_f(x) @ self.transformer.wte.weight.T  # (B, T, vocab)
-        return F.cross_entropy(logits[:, :-1].flatten(0, 1), input_ids[:, 1:].flatten())
-
-
-def tiny_spec(shape: dict | None = None):
-    """The planner's `ModelSpec` for the measured GPT-2 (the same shape builds the real model)."""
+def job_spec(model: str | None, layers: int | None = None):
+    """The measured model's `ModelSpec`: a catalog name or config.json (sliced to `layers`), or the
+    small default GPT-2."""
+    from ..measure.trace import sliced
     from ..spec import spec_from_hf_config
 
-    return spec_from_hf_config({"model_type": "gpt2", **(shape or DEFAULT_SHAPE)}, name="gpt2-tiny")
+    if model is None:
+        spec = spec_from_hf_config(DEFAULT_SHAPE, name="gpt2-tiny")
+    else:
+        from ..resolve import resolve_model
+
+        spec = resolve_model(model)
+    return sliced(spec, layers)
 
 
-def predicted(spec, strategy: str, world_size: int, batch_size: int, seq_len: int) -> dict:
-    """The plan's per-GPU bytes for full fp32 fine-tuning with AdamW on `world_size` GPUs, and the
-    whole-model terms divided as the sharding divides them (without the gathered layer)."""
-    from ..gpus import get_gpu
-    from ..plan import make_plan
+def job_setup(strategy: str, world_size: int, method: str = "full", rank: int = 8,
+              targets: tuple[str, ...] = ("default",), precision: str = "fp32", batch_size: int = 2,
+              seq_len: int = 32, grad_checkpointing: bool = False, reshard_after_forward: bool = True):
+    """The `TrainSetup` each rank runs and the plan describes. No dropout: the job runs without it,
+    so that every rank's step is deterministic (GPT-2's config default would be 0.1)."""
     from ..spec import TrainSetup
 
-    # TinyGPT2 has no dropout layers, so none is planned (GPT-2's config default would be 0.1).
-    setup = TrainSetup(method="full", precision="fp32", optimizer="adamw", batch_size=batch_size,
-                       seq_len=seq_len, dropout=0.0, num_gpus=world_size, sharding=STRATEGIES[strategy])
-    whole = make_plan(spec, (setup.with_(num_gpus=None, sharding="none"),), get_gpu("h100")).plans[0]
-    per_gpu = make_plan(spec, (setup,), get_gpu("h100")).plans[0]
-    divisor = world_size if strategy == "fsdp" else 1
+    return TrainSetup(method=method, rank=rank, targets=targets, precision=precision, optimizer="adamw",
+                      batch_size=batch_size, seq_len=seq_len, grad_checkpointing=grad_checkpointing,
+                      dropout=0.0, num_gpus=world_size, sharding=STRATEGIES[strategy],
+                      reshard_after_forward=reshard_after_forward)
+
+
+def predicted(spec, setup) -> dict:
+    """The plan's per-GPU bytes for `setup` on the CPU: the per-GPU terms and the step's peak from
+    the same functions the plan uses (`sharding.step_phases_on_gpu` on a CPU step prediction),
+    plus torch's 4-byte AdamW step counter per trainable tensor, which lives in CPU memory. `shards`
+    are the whole-model terms divided as the sharding divides them (without run-time buffers)."""
+    from ..gpus import get_gpu
+    from ..measure.trace import _trainable_tensors
+    from ..plan import make_plan
+    from ..precision import get_precision
+    from ..sharding import sharding_of, step_phases_on_gpu
+    from ..step import predict_step
+    from ..timeline import peak_phase
+
+    gpu = get_gpu("h100")
+    whole = make_plan(spec, (setup.with_(num_gpus=None, sharding="none"),), gpu).plans[0]
+    per_gpu = make_plan(spec, (setup,), gpu).plans[0]
+    precision = get_precision(setup.precision)
+    step = predict_step(spec, setup, precision, {k: t.bytes for k, t in whole.memory.items()}, device="cpu")
+    sharding = sharding_of(setup.num_gpus, setup.sharding, setup.offload)
+    phases = step_phases_on_gpu(step, per_gpu.data_parallel.per_gpu, sharding, spec, setup, precision)
+    top = peak_phase(phases)
+    counters = 4 * _trainable_tensors(spec, setup)
+    divisor = setup.num_gpus if setup.sharding == "fsdp" else 1
+    memory = {k: t.bytes for k, t in per_gpu.memory.items()}
+    memory["peak"] = top.bytes + counters
     return {
-        "memory_bytes": {k: t.bytes for k, t in per_gpu.memory.items()},
-        "shards": {  # the model states without the gathered layer, by the tracer's names
+        "memory_bytes": memory,
+        "peak_phase": top.name,
+        "peak_what": top.what,
+        "step_counters": counters,
+        "shards": {  # the model states by the tracer's names
             "parameters": -(-whole.memory["weights"].bytes // divisor),
             "gradients": -(-whole.memory["gradients"].bytes // divisor),
-            "optimizer_states": -(-whole.memory["optimizer_states"].bytes // divisor),
+            "optimizer_states": -(-(whole.memory["optimizer_states"].bytes
+                                    + whole.memory["master_weights"].bytes) // divisor),
         },
     }
 
 
 def _shard_aware_tracer():
-    """`MemoryTracer` counting a DTensor's local shard rather than the global tensor."""
+    """`MemoryTracer` for FSDP2: it counts a DTensor's local shard rather than the global tensor, and
+    follows storages resized in place. FSDP2 frees a gathered parameter with
+    `untyped_storage().resize_(0)` and gathers it again into the same storage, calls a dispatch mode
+    never sees; so before and after every op each live storage's size is read again, and the peak's
+    blocks are copied when the peak is set, so later resizes do not rewrite it."""
+    from dataclasses import replace
+
     from torch.distributed.tensor import DTensor
 
     from .tracer import MemoryTracer
@@ -141,10 +122,60 @@ def _shard_aware_tracer():
                 t = t._local_tensor
             return super()._track(t, op, tag)
 
+        def _resync(self) -> None:
+            for ref, block in self._live.values():
+                storage = ref()
+                if storage is None:
+                    continue
+                n = storage.nbytes()
+                if n != block.nbytes:
+                    self._current += n - block.nbytes
+                    block.nbytes = n
+            self._note_peak()
+
+        def _note_peak(self) -> None:
+            self._phase_peaks[self._phase] = max(self._phase_peaks.get(self._phase, 0), self._current)
+            if self._current >= self._peak:
+                self._peak = self._current
+                self._peak_phase = self._phase
+                self._peak_blocks = [replace(b) for _, b in self._live.values()]
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self._resync()
+            out = super().__torch_dispatch__(func, types, args, kwargs)
+            self._note_peak()
+            self._resync()
+            return out
+
     return ShardTracer
 
 
-def _wrap(model, strategy: str, world_size: int):
+def _settle_collectives() -> None:
+    """On gloo a collective returns when its work is done, but gloo's worker thread may drop its own
+    reference to the buffers a moment later; under load that moment falls after the next
+    allocation and one rank reads a higher peak than the others. A short yield after each of
+    FSDP2's collectives lets the worker let go first (CPU measurement only: on a GPU the caching
+    allocator's stream order decides, not a thread)."""
+    import time
+
+    import torch.distributed as dist
+
+    for name in ("all_gather_single", "reduce_scatter_single", "all_gather_into_tensor",
+                 "reduce_scatter_tensor"):
+        original = getattr(dist, name, None)
+        if original is None or getattr(original, "_settled", False):
+            continue
+
+        def settled(*args, _original=original, **kwargs):
+            out = _original(*args, **kwargs)
+            time.sleep(0.002)
+            return out
+
+        settled._settled = True
+        setattr(dist, name, settled)
+
+
+def _wrap(model, strategy: str, world_size: int, reshard_after_forward: bool):
     from torch.distributed.device_mesh import init_device_mesh
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -154,78 +185,144 @@ def _wrap(model, strategy: str, world_size: int):
         return DistributedDataParallel(model)
     from torch.distributed.fsdp import fully_shard
 
+    if device == "cpu":
+        _settle_collectives()
     mesh = init_device_mesh(device, (world_size,))
-    for block in model.transformer.h:  # one gathered unit per transformer block
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    blocks = [m for name, m in model.named_modules() if _BLOCK.search(name)]
+    for block in blocks:  # one gathered unit per decoder layer
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh)  # the root: embeddings, final norm, head
     return model
 
 
-def measure_rank(strategy: str, batch_size: int, seq_len: int, shape: dict | None = None) -> dict:
+def build_model(spec, setup, device):
+    """The transformers model of `spec` (random weights, no dropout), with PEFT LoRA for `lora`."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..spec import to_hf_config
+    from .trace import _with_lora
+
+    config = AutoConfig.for_model(**to_hf_config(spec))
+    config.use_cache = False
+    config._attn_implementation = setup.attention
+    for key in ("resid_pdrop", "embd_pdrop", "attn_pdrop", "attention_dropout"):
+        if hasattr(config, key):
+            setattr(config, key, 0.0)
+    model = AutoModelForCausalLM.from_config(config)
+    model.train()
+    if setup.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if setup.method == "lora":
+        model = _with_lora(model, spec, setup)
+    return model.to(device)
+
+
+def measure_rank(spec, setup, strategy: str) -> dict:
     """Trace one steady-state step on this rank (the process group must be up); return its row."""
     import torch.distributed as dist
 
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    spec = tiny_spec(shape)
     torch.manual_seed(0)  # every rank starts from the same weights, as data parallelism requires
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
         else torch.device("cpu")
-    model = TinyGPT2(spec).to(device)
-    model.train()
-    model = _wrap(model, strategy, world_size)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model = _wrap(build_model(spec, setup, device), strategy, world_size, setup.reshard_after_forward)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=True)
     generator = torch.Generator().manual_seed(rank)  # each rank its own micro-batch
-    ids = torch.randint(0, spec.vocab_size, (batch_size, seq_len), generator=generator).to(device)
+    ids = torch.randint(0, spec.vocab_size, (setup.batch_size, setup.seq_len), generator=generator).to(device)
+    labels = ids.clone()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=setup.precision == "amp")
+
+    def step(tracer=None):
+        import contextlib
+
+        phase = tracer.phase if tracer else lambda _name: contextlib.nullcontext()
+        with phase("forward"), autocast:
+            loss = model(input_ids=ids, labels=labels).loss
+        with phase("backward"):
+            loss.backward()
+        with phase("optimizer"):
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
 
     # One untraced step first: the optimizer's states then exist, as in every step of a run but
     # the first, which is the step the plan describes.
-    model(ids).backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    tracer = _shard_aware_tracer()(model, optimizer)
-    with tracer:
-        with tracer.phase("forward"):
-            loss = model(ids)
-        with tracer.phase("backward"):
-            loss.backward()
-        with tracer.phase("optimizer"):
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+    step()
+    tracer = _shard_aware_tracer()(model, optimizer, inputs=(ids, labels))
+    # Python's cycle collector runs when it likes: a collection in the middle of a step frees
+    # cyclic garbage early on one rank and not on another. Collected before, off during: each rank
+    # counts what reference counting frees, the same on every rank.
+    gc.collect()
+    gc.disable()
+    try:
+        with tracer:
+            loss = step(tracer)
+    finally:
+        gc.enable()
     report = tracer.report()
-    plan = predicted(spec, strategy, world_size, batch_size, seq_len)
+    plan = predicted(spec, setup)
     peak = plan["memory_bytes"]["peak"]
+    from dataclasses import asdict
+
     return {
         "rank": rank, "world_size": world_size, "strategy": strategy, "sharding": STRATEGIES[strategy],
         "backend": dist.get_backend(), "model": asdict(spec),
-        "batch_size": batch_size, "seq_len": seq_len,
+        "setup": {k: v for k, v in asdict(setup).items()},
+        "batch_size": setup.batch_size, "seq_len": setup.seq_len,
         "measured": report.to_dict(),
         "predicted": plan,
         "relative_error": {"peak": (peak - report.peak_bytes) / report.peak_bytes},
-        "loss": float(loss),
+        "loss": loss.item(),
     }
 
 
-def run(strategy: str, batch_size: int, seq_len: int, out: str | None) -> list[dict] | None:
-    """Initialise the process group from torchrun's environment, measure, gather rows on rank 0."""
+def versions() -> dict:
+    """What ran: torch, transformers, peft (when installed), Python."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "peft"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def run(cases: list[tuple], out: str | None, command: str = "") -> list[dict] | None:
+    """Initialise the process group from torchrun's environment, measure each (spec, setup, strategy)
+    case in turn, gather rows on rank 0, which writes them with the command and versions that
+    produced them. One launch for many cases: starting the ranks costs more than a small step."""
+    import datetime
+
     import torch.distributed as dist
 
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group(backend)
+    gathered: list[dict] = []
     try:
-        row = measure_rank(strategy, batch_size, seq_len)
-        rows: list = [None] * dist.get_world_size()
-        dist.all_gather_object(rows, row)
+        for spec, setup, strategy in cases:
+            row = measure_rank(spec, setup, strategy)
+            rows: list = [None] * dist.get_world_size()
+            dist.all_gather_object(rows, row)
+            gathered += rows
+        rank = dist.get_rank()
     finally:
         dist.destroy_process_group()
-    if row["rank"] != 0:
+    if rank != 0:
         return None
+    provenance = {"command": command, "versions": versions(),
+                  "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    gathered = [{**r, "provenance": provenance} for r in gathered]
     if out:
-        with open(out, "w") as f:
-            for r in rows:
+        with open(out, "a") as f:
+            for r in gathered:
                 f.write(json.dumps(r) + "\n")
-    return rows
+    return gathered
 
 
 def summary(rows: list[dict]) -> str:
@@ -233,23 +330,60 @@ def summary(rows: list[dict]) -> str:
     lines = []
     for r in rows:
         m, p = r["measured"], r["predicted"]["memory_bytes"]
-        lines.append(f"rank {r['rank']}/{r['world_size']} {r['strategy']} ({r['sharding']}): traced peak "
-                     f"{m['peak']:,} B in {m['peak_phase']}, predicted {p['peak']:,} B, "
-                     f"error {100 * r['relative_error']['peak']:+.1f}%")
+        s = r["setup"]
+        what = (f"{r['model']['name']} {s['method']} {s['precision']}"
+                + (" ckpt" if s["grad_checkpointing"] else "")
+                + ("" if s["reshard_after_forward"] or r["strategy"] != "fsdp" else " no-reshard"))
+        lines.append(f"rank {r['rank']}/{r['world_size']} {r['strategy']} {what}: traced peak "
+                     f"{m['peak']:,} B in {m['peak_phase']}, predicted {p['peak']:,} B in "
+                     f"{r['predicted']['peak_phase']}, error {100 * r['relative_error']['peak']:+.2f}%")
     return "\n".join(lines)
+
+
+def _list(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lora_planner.measure.distributed",
                                      description=__doc__.split("\n\n")[0])
-    parser.add_argument("--strategy", choices=sorted(STRATEGIES), default="fsdp")
+    parser.add_argument("--strategy", default="fsdp", help="fsdp, ddp, or both comma-separated")
+    parser.add_argument("--model", help="catalog names or config.json paths, comma-separated "
+                                        "(default: a 2-layer GPT-2 of width 128)")
+    parser.add_argument("--layers", type=int, help="only the first N decoder layers")
+    parser.add_argument("--method", default="full", help="full, lora, or both comma-separated")
+    parser.add_argument("--rank", type=int, default=8, help="LoRA rank")
+    parser.add_argument("--targets", default="default", help="LoRA targets, comma-separated (as `plan`)")
+    parser.add_argument("--precision", choices=("fp32", "amp"), default="fp32")
+    parser.add_argument("--grad-checkpointing", action="store_true")
+    parser.add_argument("--reshard-after-forward", action=argparse.BooleanOptionalAction, default=True,
+                        help="fsdp: free each layer's gathered weights after its forward")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=32)
-    parser.add_argument("--out", help="write one JSON line per rank here (rank 0 writes)")
+    parser.add_argument("--out", help="append one JSON line per rank and case here (rank 0 writes)")
     args = parser.parse_args(argv)
+    strategies, methods = _list(args.strategy), _list(args.method)
+    for value, known in ((strategies, STRATEGIES), (methods, ("full", "lora"))):
+        bad = [v for v in value if v not in known]
+        if bad or not value:
+            parser.error(f"choose from {', '.join(known)}, got {', '.join(bad) or 'nothing'}")
     if "RANK" not in os.environ:
         parser.error("run under torchrun: torchrun --nproc-per-node 2 -m lora_planner.measure.distributed")
-    rows = run(args.strategy, args.batch_size, args.seq_len, args.out)
+    # Third-party notices (PEFT, transformers, FSDP's own) are not the job's output.
+    warnings.filterwarnings("ignore")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    world = int(os.environ["WORLD_SIZE"])
+    targets = tuple(_list(args.targets)) or ("default",)
+    cases = [(job_spec(model, args.layers),
+              job_setup(strategy, world, method, args.rank, targets, args.precision, args.batch_size,
+                        args.seq_len, args.grad_checkpointing, args.reshard_after_forward), strategy)
+             for model in (_list(args.model) if args.model else [None])
+             for method in methods for strategy in strategies]
+    command = "torchrun --nproc-per-node {} -m lora_planner.measure.distributed {}".format(
+        world, " ".join(sys.argv[1:] if argv is None else argv))
+    rows = run(cases, args.out, command)
     if rows is not None:
         print(summary(rows))
     return 0

@@ -44,7 +44,7 @@ CELL_FORMATS: dict[str, Callable[[object, str], str]] = {
     "count": lambda v, unit: f"{v:,}",
     "percent": lambda v, unit: f"{v:.4g}%",
     "bytes": lambda v, unit: format_bytes(v, unit),
-    "int": lambda v, unit: str(v),
+    "int": lambda v, unit: "does not fit" if v is None else str(v),
     "text": lambda v, unit: str(v),
 }
 
@@ -224,7 +224,8 @@ def settings_section(plans: Sequence[dict], settings: CapacitySettings, command:
             if set(settings.methods) - {"full"} else ""),
         f"- precision: {precision.name} ({precision.summary}); optimizer: {settings.setup.optimizer}",
         f"- GPU: {gpu.name}, {gpu.memory_bytes:,} bytes ({gpu.memory_bytes / MIB:,.0f} MiB) as the "
-        "driver reports it; GPUs needed = ceil(peak / capacity), memory sharded evenly",
+        "driver reports it; GPUs needed: the fewest over ddp/zero1/zero2/zero3/fsdp whose per-GPU peak "
+        "plus the CUDA allowance fits (`-`: none does; a micro-batch's activations alone overflow one GPU)",
     ]
     for p in plans:
         targets = next((e["target_modules"] for e in p["plans"] if e["rank"] is not None), None)

@@ -117,7 +117,8 @@ def gpus_versus_model_size(rows: Sequence[dict], gpu_name: str, path: Path) -> P
     fig, (ax,) = _grid(1, width=7.0, height=4.5)
     for label in dict.fromkeys(r["label"] for r in rows):
         mine = [r for r in rows if r["label"] == label]
-        points = sorted((r["total_params"], r["gpus_needed"]) for r in mine)
+        # None: no GPU count fits (the activations alone overflow one GPU); no point to draw
+        points = sorted((r["total_params"], r["gpus_needed"]) for r in mine if r["gpus_needed"] is not None)
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label,
                 linestyle=styles.get(mine[0]["method"], "-"))
     sizes = sorted({(r["total_params"], r["model"]) for r in rows})
@@ -125,7 +126,7 @@ def gpus_versus_model_size(rows: Sequence[dict], gpu_name: str, path: Path) -> P
     ax.set_yscale("log")
     ax.set_xticks([n for n, _ in sizes], [name for _, name in sizes], rotation=20)
     ax.minorticks_off()
-    most = max(r["gpus_needed"] for r in rows)
+    most = max((r["gpus_needed"] for r in rows if r["gpus_needed"] is not None), default=1)
     ticks = [2**i for i in range(most.bit_length() + 1) if 2**i <= 2 * most]
     ax.set_yticks(ticks, [str(t) for t in ticks])
     ax.set_xlabel("model (by parameter count)")

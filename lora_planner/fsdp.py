@@ -1,0 +1,159 @@
+"""PyTorch FSDP2 (`torch.distributed.fsdp.fully_shard`) in its own right: what one GPU holds, moment by
+moment, beyond the 1/N shards of weights, gradients and optimizer states.
+
+The wrapping planned is the usual one: `fully_shard` on every decoder layer (a block), then on the
+model (the root), which keeps what no block holds: the embeddings, the final norm and the head. From
+PyTorch's source (`_fully_shard/_fsdp_param_group.py`, `_fsdp_state.py`, torch 2.13):
+
+- the root is not resharded after forward (`reshard_after_forward=None` means False for the root):
+  its parameters are whole from the start of forward to the end of backward;
+- a block's parameters are all-gathered before its forward and, with `reshard_after_forward` on
+  (the default), freed after it; in forward the all-gather's flat output is kept until the next
+  block's has been copied out (to overlap copy-out and the next all-gather), and the last one until
+  the root's forward ends, so the loss is computed beside one block's flat output;
+- in backward a block's pre-backward hook gathers it again (unless it was never resharded) and
+  prefetches the block before it: two blocks are whole at once;
+- a block's gradients are whole until its post-backward hook reduce-scatters them; the
+  reduce-scatter's input (a copy of them) is kept until the next block's post-backward (one buffer in
+  flight, `reduce_scatter_max_input_buffers=1`), the last one until backward ends;
+- the root's gradients (the tied head's, produced first in backward) are whole until the root's
+  post-backward at the very end; the embedding's backward produces its gradient whole, and a tied
+  head's gradient is then summed with it out of place (three copies at once);
+- the root's all-gather output is kept beside its parameters until the first block is gathered,
+  so the forward starts with the root twice and the first block twice (`start_phase`);
+- with `reshard_after_forward` off, every block stays whole from its forward to its backward;
+- `CPUOffloadPolicy` (`--offload optimizer+params`) keeps the shards of parameters, gradients and
+  optimizer states in CPU memory; what is gathered, and the whole gradients, are still on the GPU.
+
+Gathered parameters are at the weights' width, gradients at the gradients' (FSDP2's
+`MixedPrecisionPolicy` with param and reduce dtypes equal to the convention's).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+
+from .architecture import layout
+from .precision import Precision
+from .spec import ModelSpec, TrainSetup
+from .timeline import Phase, States
+
+_LAYER = re.compile(r"layer (\d+)'s (MLP|attention)")
+
+
+@dataclass(frozen=True)
+class Units:
+    """FSDP2's units for one setup: per block its parameters (all of them, frozen ones too) and its
+    trained gradient bytes by part (attention, MLP, the MLP's output projection); the root's
+    parameters and the gradient bytes produced at the head."""
+
+    block_params: tuple[int, ...]
+    block_grads: tuple[tuple[int, int, int], ...]
+    root_params: int
+    head_grads: int
+    weight_bytes: int
+    embedding_grads: int = 0  # the token embedding's gradient, when it is trained
+    tied: bool = False  # the head is the token embedding
+    root_grads: int = 0  # every trained root parameter's gradient (embeddings, norm, head)
+
+
+@lru_cache(maxsize=32)
+def units(spec: ModelSpec, setup: TrainSetup, precision: Precision, whole: States) -> Units:
+    """Blocks are the decoder layers (`transformer.h.i`, `model.layers.i`), adapters included; the
+    root is every other parameter. `whole` is the whole-model step's states (unsharded gradients).
+    Cached: the GPU-count search asks for the same setup's units at every count it tries."""
+    arch = layout(spec, setup.task, setup.num_labels)
+    prefix = "transformer.h." if spec.family == "gpt2" else "model.layers."
+    blocks = [0] * spec.num_layers
+    for m in arch.modules:
+        if m.path.startswith(prefix):
+            blocks[int(m.path[len(prefix):].split(".", 1)[0])] += m.numel
+    if setup.method != "full" and precision.grad_bytes:  # the adapters live in their blocks
+        blocks = [b + sum(g) // precision.grad_bytes
+                  for b, g in zip(blocks, whole.layer_gradients, strict=True)]
+    root = arch.total_params - sum(m.numel for m in arch.modules if m.path.startswith(prefix))
+    embedding = sum(m.numel for m in arch.modules if m.path.endswith(("wte", "embed_tokens")))
+    trained = setup.method == "full"
+    g = precision.grad_bytes if trained else 0
+    return Units(tuple(blocks), whole.layer_gradients, root, whole.head_gradients, precision.weight_bytes,
+                 embedding * g, arch.tied_head, root * g)
+
+
+def _share(value: int, n: int, offloaded: bool) -> int:
+    return 0 if offloaded else math.ceil(value / n)
+
+
+def extra_bytes(phase: Phase, u: Units, n: int, reshard_after_forward: bool,
+                grads_offloaded: bool = False) -> tuple[int, str]:
+    """Bytes FSDP2 holds at `phase` beyond the shards the timeline already counts, and what they are.
+
+    forward (at the loss): the root whole + the last block's flat all-gather output (+ every block
+    whole without resharding). Backward at the head: the root whole + the last block prefetched.
+    Backward through layer i: the root whole + block i and the prefetched block i-1 whole (without
+    resharding: blocks 0..i) + block i's gradients so far whole rather than a shard + the previous
+    block's reduce-scatter input + the head's gradients whole. End of backward: the root whole + block
+    0's reduce-scatter input + the head's gradients whole. Optimizer: nothing (all sharded)."""
+    w = u.weight_bytes
+    root = u.root_params * w
+    head = u.head_grads - _share(u.head_grads, n, grads_offloaded)
+    last = len(u.block_params) - 1
+    if phase.name == "optimizer":
+        return 0, ""
+    if phase.name == "forward":
+        if reshard_after_forward:
+            return root + u.block_params[last] * w, "root whole + last block's all-gather output"
+        gathered = sum(u.block_params) + u.block_params[last]
+        return root + gathered * w, "root and every block whole + last block's all-gather output"
+    layer = _LAYER.search(phase.what)
+    if layer is None and "end of backward" in phase.what:
+        # The embedding's backward makes its gradient whole; tied to the head, it is added to the
+        # head's gradient out of place (FSDP2 holds the unsharded gradient), three copies at once.
+        # The timeline counts every gradient's shard and half the head's; before the root's
+        # reduce-scatter its gradients are whole instead, with two more copies of a tied embedding's.
+        copies = 2 * u.embedding_grads if u.tied else 0
+        counted = _share(u.root_grads, n, grads_offloaded) + _share(u.head_grads, n, grads_offloaded) // 2
+        return root + sum(u.block_grads[0]) + u.root_grads + copies - counted, \
+            "root whole + block 0's reduce-scatter input + the root's gradients whole"
+    if layer is None:  # backward at the head, before any block
+        gathered = u.block_params[last] if reshard_after_forward else sum(u.block_params)
+        return root + gathered * w, "root whole + last block prefetched"
+    i, part = int(layer.group(1)), layer.group(2)
+    if reshard_after_forward:
+        gathered = u.block_params[i] + (u.block_params[i - 1] if i > 0 else 0)
+    else:
+        gathered = sum(u.block_params[: i + 1])
+    attn, mlp, out = u.block_grads[i]
+    # what the timeline counts as produced by then: the output projection's gradient before the
+    # MLP's backward, the whole layer's before the attention's
+    produced = out if part == "MLP" else attn + mlp + out
+    produced_whole = produced - _share(produced, n, grads_offloaded)
+    held = sum(u.block_grads[i + 1]) if i < last else 0
+    return (root + gathered * w + produced_whole + held + head,
+            f"root whole + blocks gathered {gathered:,} params + layer {i}'s gradients whole "
+            f"+ reduce-scatter input {held:,} B + head gradients whole")
+
+
+def start_phase(states: States, embedding: int, u: Units) -> Phase:
+    """The start of forward, which the timeline does not follow: the root's all-gather output is
+    kept beside the root's parameters until the first layer has been gathered, so at the first
+    layer's copy-out the GPU holds the root twice and the first layer twice, beside the shards and
+    the inputs: 2 x root + 2 x first layer, at weight width. It sets the peak when the root (the
+    embeddings and an untied head) is large beside the rest of the step."""
+    w = u.weight_bytes
+    gathered = 2 * u.root_params + 2 * u.block_params[0]
+    base = states.weights + states.inputs + states.optimizer_states  # as the timeline's phases
+    return Phase("forward", base + embedding + gathered * w,
+                 f"start of forward; + FSDP2 buffers (the root's all-gather output and parameters, the "
+                 f"first layer's: {gathered:,} params) {gathered * w:,} B")
+
+
+def phase_extras(phase: Phase, u: Units, n: int, reshard_after_forward: bool,
+                 grads_offloaded: bool = False) -> Phase:
+    """`phase` with FSDP2's buffers added (see `extra_bytes`)."""
+    extra, what = extra_bytes(phase, u, n, reshard_after_forward, grads_offloaded)
+    if not extra:
+        return phase
+    return Phase(phase.name, phase.bytes + extra, f"{phase.what}; + FSDP2 buffers ({what}) {extra:,} B")
