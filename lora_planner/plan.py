@@ -136,7 +136,8 @@ def _assemble(method: str, gpu: Gpu, weight_terms: tuple[Term, ...], states: dic
     return MethodPlan(method=method, weight_terms=weight_terms, memory=memory,
                       gpus_needed=placed.gpus_needed, gpus_needed_strategy=placed.gpus_needed_strategy,
                       fits=fits(top.bytes, gpu), peak_phase=phase,
-                      device_overhead=device_overhead_term(top.bytes, gpu.name), data_parallel=placed, **fields)
+                      device_overhead=device_overhead_term(top.bytes, gpu.name), data_parallel=placed,
+                      **fields)
 
 
 def _zero3(spec: ModelSpec, setup: TrainSetup, arch: Architecture, precision: Precision,

@@ -8,8 +8,7 @@ import random
 import pytest
 
 from lora_planner import allowance
-from lora_planner.fit import step_fits
-from lora_planner.gpus import GPUS, get_gpu
+from lora_planner.gpus import GPUS, fits, get_gpu
 from lora_planner.plan import make_plan
 from lora_planner.resolve import resolve_model
 from lora_planner.spec import TrainSetup
@@ -47,7 +46,7 @@ def test_segments_round_the_peak_to_2_mib(peak):
 
 
 def test_the_fit_rule_agrees_with_the_planners_fit_search():
-    """`fit.step_fits` decides by the plan object; `allowance.fits` by the three numbers."""
+    """The plan's verdict and `gpus.fits` decide by the plan; `allowance.fits` by the three numbers."""
     rng = random.Random(7)
     spec = resolve_model("gpt2-medium")
     for _ in range(12):
@@ -55,8 +54,8 @@ def test_the_fit_rule_agrees_with_the_planners_fit_search():
         setup = TrainSetup(method=rng.choice(["full", "lora"]), batch_size=rng.choice([1, 8, 32, 64]),
                            seq_len=rng.choice([128, 512, 1024]))
         plan = make_plan(spec, (setup,), gpu).plans[0]
-        assert allowance.fits(plan.memory["peak"].bytes, plan.device_overhead.bytes, gpu.memory_bytes) == \
-            step_fits(spec, setup, gpu)
+        by_numbers = allowance.fits(plan.memory["peak"].bytes, plan.device_overhead.bytes, gpu.memory_bytes)
+        assert by_numbers == plan.fits == fits(plan.memory["peak"].bytes, gpu)
 
 
 def test_fit_recovers_context_and_cache_fraction_from_noisy_readings():

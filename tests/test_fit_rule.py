@@ -59,9 +59,9 @@ def test_gpus_needed_is_the_smallest_min_gpus_and_names_it(case):
 def test_one_gpu_exactly_when_peak_plus_allowance_fits(case):
     _, _, gpu, p = one(*case)
     peak = p.memory["peak"].bytes
-    holds = peak + device_overhead_bytes(peak) <= gpu.memory_bytes
+    holds = peak + device_overhead_bytes(peak, gpu.name) <= gpu.memory_bytes
     assert (p.gpus_needed == 1) == holds == p.fits
-    assert p.device_overhead.bytes == device_overhead_bytes(peak)
+    assert p.device_overhead.bytes == device_overhead_bytes(peak, gpu.name)
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
