@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "trace": ("commands", "trace_command"),
     "measure": ("measure", "measure_group"),
     "report": ("report", "report_group"),
+    "adapter": ("adapter", "adapter_group"),
 }
 
 # One-line summaries for `lora-plan --help`, so listing the commands imports none of them.
@@ -28,6 +29,7 @@ SUMMARIES: dict[str, str] = {
     "trace": "Trace one real training step on CPU beside the prediction (needs torch).",
     "measure": "Fine-tune GPT-2 for real and set measured memory beside the plan (needs torch).",
     "report": "Write markdown capacity and validation reports.",
+    "adapter": "Singular values of a LoRA adapter or full update; resize it to a smaller rank.",
 }
 
 
