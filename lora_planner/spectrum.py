@@ -90,10 +90,10 @@ def cumulative_energy(singular_values: Sequence[float]) -> list[float]:
 def energy_rank(singular_values: Sequence[float], level: float) -> int:
     """The fewest directions that hold `level` of the energy: min k with cumsum(σ²)_k >= level·sum(σ²).
 
-    0 for a zero update (no direction holds anything)."""
+    0 for an update of no energy (no direction holds anything)."""
     if not 0.0 < level <= 1.0:
         raise PlanError(f"an energy share must be in (0, 1], got {level}")
-    if not any(singular_values):
+    if math.fsum(s * s for s in singular_values) == 0.0:
         return 0
     for k, share in enumerate(cumulative_energy(singular_values), start=1):
         if share >= level - _SLACK:

@@ -28,7 +28,7 @@ SUMMARIES: dict[str, str] = {
     "models": "List the model catalog.",
     "trace": "Trace one real training step on CPU beside the prediction (needs torch).",
     "measure": "Fine-tune GPT-2 for real and set measured memory beside the plan (needs torch).",
-    "report": "Write markdown capacity and validation reports.",
+    "report": "Write markdown capacity, validation and adapter reports.",
     "adapter": "Singular values of a LoRA adapter or full update; resize it to a smaller rank.",
 }
 
