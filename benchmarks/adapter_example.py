@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import datetime
 import importlib.metadata
 import json
@@ -94,7 +95,10 @@ def train(settings: JobSettings, steps: int, base_path: Path | None = None):
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
+        if len(losses) % 10 == 0:
+            print(f"  {settings.method} r={settings.rank}: step {len(losses)}, loss {losses[-1]:.3f}, "
+                  f"{time.perf_counter() - start:.0f} s", flush=True)
     seconds = time.perf_counter() - start
     return model, losses, seconds, sum(p.numel() for p in trainable)
 
@@ -126,12 +130,15 @@ def peft_agrees(initial, adapter: Path, windows: torch.Tensor) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--model", default="gpt2",
+                        help="Catalog name or config.json (a tiny config rehearses the script in seconds).")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--full-lr", type=float, default=1e-4)
     parser.add_argument("--lora-lr", type=float, default=2e-3)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads; on a shared machine one thread is the fastest")
     parser.add_argument("--out", default=str(ROOT / "docs"))
     parser.add_argument("--work", default=None, help="Folder for checkpoints (default: a temporary one).")
     args = parser.parse_args(argv)
@@ -141,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work or tempfile.mkdtemp(prefix="adapter-example-"))
     work.mkdir(parents=True, exist_ok=True)
     windows = eval_windows(args.seq_len)
-    common = {"model": "gpt2", "seq_len": args.seq_len, "batch_size": args.batch_size, "data": "qa",
+    common = {"model": args.model, "seq_len": args.seq_len, "batch_size": args.batch_size, "data": "qa",
               "seed": 0}
     runs = {}
 
@@ -167,9 +174,14 @@ def main(argv: list[str] | None = None) -> int:
         del model
         print(f"lora r={rank}: {runs[f'lora r={rank}']}", flush=True)
 
-    diff_all = diff_checkpoints(base_path, tuned_path)
-    diff_attn = diff_checkpoints(base_path, tuned_path, include=r"attn\.c_attn\.weight$")
-    r8, r1 = analyze_adapter(work / "lora-r8"), analyze_adapter(work / "lora-r1")
+    # Paths in the page are the names inside --work, not this machine's temporary folder.
+    names = {"base": base_path.name, "finetuned": tuned_path.name}
+    diff_all = relabel(diff_checkpoints(base_path, tuned_path), names)
+    diff_attn = relabel(diff_checkpoints(base_path, tuned_path, include=r"attn\.c_attn\.weight$"), names)
+    r8, r1 = (relabel(analyze_adapter(work / name),
+                      {"path": name, "weights": f"{name}/adapter_model.safetensors"})
+              for name in ("lora-r8", "lora-r1"))
+    print("analysed", flush=True)
 
     resizes = []
     for criterion in (Criterion("energy", 0.9), Criterion("energy", 0.5), Criterion("rank", 1)):
@@ -198,10 +210,12 @@ def main(argv: list[str] | None = None) -> int:
     provenance = {
         "command": shlex.join(["python", "benchmarks/adapter_example.py", *(argv or sys.argv[1:])]),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{platform.machine()} CPU, {args.threads} threads, {platform.system()}",
+        "machine": f"{platform.machine()} CPU, {args.threads} torch thread(s), "
+                   f"{platform.system()}, shared with other jobs",
         "python": platform.python_version(),
         "versions": versions,
-        "settings": {"steps": args.steps, "seq_len": args.seq_len, "batch_size": args.batch_size,
+        "settings": {"model": args.model, "steps": args.steps, "seq_len": args.seq_len,
+                     "batch_size": args.batch_size,
                      "precision": "fp32", "optimizer": "AdamW (torch defaults but lr)", "seed": 0},
     }
     results = {"provenance": provenance, "base_eval_loss": base_loss, "runs": runs, "resizes": resizes,
@@ -210,6 +224,10 @@ def main(argv: list[str] | None = None) -> int:
     write_markdown(out / "adapter-rank.md", results, series, plot)
     print(f"wrote {out / 'adapter-rank.md'}")
     return 0
+
+
+def relabel(analysis, changes: dict):
+    return dataclasses.replace(analysis, source={**analysis.source, **changes})
 
 
 def _has(name: str) -> bool:
@@ -245,10 +263,12 @@ def write_markdown(path: Path, results: dict, series, plot: Path) -> None:
                      f"{x['file_bytes']:,}", f"{x['max_frobenius_error']:.3f}", f"{x['eval_loss']:.4f}",
                      f"{x['peft_max_logit_difference']:.1e}"] for x in results["resizes"]]
     full_attn = diff_attn.summary["energy_rank"]
+    attn_shape = diff_attn.layers[0].shape
     text = [
         "# What did fine-tuning learn? A worked example of `lora-plan adapter`",
         "",
-        "GPT-2 small (124M parameters, random initial weights, seed 0) trained on the built-in Q/A set "
+        f"{p['settings']['model']} ({runs['full']['trainable_params']:,} parameters, random initial weights "
+        "from its config, seed 0) trained on the built-in Q/A set "
         f"for {p['settings']['steps']} steps of {p['settings']['batch_size']} x {p['settings']['seq_len']} "
         "tokens, three ways from the same initial weights: full fine-tuning, LoRA r=8 and LoRA r=1 on "
         "c_attn (PEFT's default target for GPT-2, alpha = 2r). Everything below comes from these runs.",
@@ -259,8 +279,9 @@ def write_markdown(path: Path, results: dict, series, plot: Path) -> None:
         "",
         "## The runs",
         "",
-        "Evaluation loss: mean next-token loss over every 128-token window of the Q/A text (the training "
-        "data: a memorisation task).",
+        f"Evaluation loss: mean next-token loss over every {p['settings']['seq_len']}-token window of the "
+        "Q/A text (the training data: a memorisation task). Train seconds are wall time on a machine "
+        "shared with other jobs.",
         "",
         table(["run", "trainable params", "lr", "first train loss", "last train loss", "eval loss",
                "train seconds"], run_rows),
@@ -275,7 +296,8 @@ def write_markdown(path: Path, results: dict, series, plot: Path) -> None:
         "",
         image("cumulative energy per layer", plot, path),
         "",
-        "The full update of c_attn (768 x 2304, rank up to 768) needs a median "
+        f"The full update of c_attn ({attn_shape[0]} x {attn_shape[1]}, rank up to {min(attn_shape)}) "
+        "needs a median "
         f"{full_attn['0.9']['median']:g} directions for 90% of its energy "
         f"({100 * full_attn['0.9']['median_share_of_full_rank']:.0f}% of its full rank) and "
         f"{full_attn['0.99']['median']:g} for 99%. The adapters hold at most r directions by construction; "

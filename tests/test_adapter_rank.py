@@ -189,6 +189,7 @@ def test_peft_loads_a_dynamically_resized_adapter_with_the_truncated_logits(tmp_
         if name.removeprefix("base_model.model.") in new_rank:
             assert module.r["default"] == new_rank[name.removeprefix("base_model.model.")]
     assert (loaded(input_ids=x).logits - expected).abs().max().item() < 1e-4
+    assert (base(input_ids=x).logits - expected).abs().max().item() > 1e-2  # the adapter matters
     ours = copy.deepcopy(base)
     lora.load_adapter(ours, tmp_path / "small")
     assert (ours.eval()(input_ids=x).logits - expected).abs().max().item() < 1e-4
@@ -392,3 +393,23 @@ def test_report_adapter_writes_sections_and_a_plot(tmp_path):
     assert f"--diff {tmp_path / 'a.safetensors'} {tmp_path / 'b.safetensors'}" in text
     assert (tmp_path / "report" / "adapters-cumulative-energy.png").stat().st_size > 1000
     one_line_error(run("report", "adapter", "-o", str(output)), "at least one")
+
+
+@pytest.mark.slow
+def test_worked_example_script_runs_on_a_tiny_config(tmp_path):
+    """benchmarks/adapter_example.py end to end on a tiny GPT-2 config (a minute on two cores)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.measure_models import tiny_config_file
+
+    root = Path(__file__).resolve().parent.parent
+    subprocess.run([sys.executable, str(root / "benchmarks" / "adapter_example.py"), "--model",
+                    tiny_config_file(tmp_path), "--steps", "10", "--out", str(tmp_path / "out"), "--work",
+                    str(tmp_path / "work")], check=True, cwd=root, capture_output=True,
+                   env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"})
+    results = json.loads((tmp_path / "out" / "adapter-rank.json").read_text())
+    assert set(results["runs"]) == {"full", "lora r=8", "lora r=1"}
+    assert all(x["peft_max_logit_difference"] < 1e-4 for x in results["resizes"])
+    assert (tmp_path / "out" / "adapter-rank-cumulative-energy.png").is_file()
