@@ -396,6 +396,7 @@ def planner_savings(analysis: Analysis, model: str, setup=None, gpu_name: str | 
                      f"{', '.join(targets)} in {spec.name}; the adapter has {len(analysis.layers)}")
     return {
         "model": spec.name,
+        "model_arg": model,
         "gpu": plan.gpu.name,
         "targets": list(targets),
         "batch_size": base.batch_size,

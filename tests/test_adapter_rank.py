@@ -339,9 +339,10 @@ def test_analyze_json_contract_and_planner_savings(tmp_path):
     assert summary["recommended_rank"] < 8
     assert planner["at_recommended_rank"]["rank"] == summary["recommended_rank"]
     assert planner["saved_peak_bytes"] > 0
-    table = run("adapter", "analyze", str(folder), "--model", "gpt2")
+    table = run("adapter", "analyze", str(folder), "--model", "gpt2", "--explain")
     assert table.exit_code == 0, table.output
     assert "recommended rank" in table.output and "through the planner" in table.output
+    assert f"= {summary['recommended_rank']}" in table.output and "r·(d + k)" in table.output
 
 
 def test_resize_command_and_its_errors(tmp_path):

@@ -86,6 +86,32 @@ def _adapter_text(analysis, savings: dict | None, units: str) -> str:
     return "\n".join(lines)
 
 
+def _adapter_explanation(analysis, savings: dict | None) -> str:
+    """The summary's formulas with this adapter's numbers put in."""
+    s, a = analysis.summary, analysis.source
+    width = {"fp32": 4, "bf16": 2, "fp16": 2}[a["dtype"]]
+    dims = sum(layer.shape[0] + layer.shape[1] for layer in analysis.layers)
+    lines = [
+        "singular values: ΔW = s·B·A with s = alpha/r (alpha/sqrt(r) with rsLoRA); B = Q_B R_B, Aᵀ = Q_A R_A "
+        "(thin QR); σ(ΔW) = σ(s·R_B·R_Aᵀ), an r x r SVD",
+        "rank@F: min k with σ1² + ... + σk² >= F·(σ1² + ... + σr²)",
+        f"recommended_rank: max over {s['layers']} layers of rank@{s['keep']:g} = {s['recommended_rank']}",
+        f"params: sum over layers of r·(d + k); at rank {s['recommended_rank']} in every layer (never above "
+        f"its own r): {s['at_recommended_rank']['params']:,} (sum of d + k = {dims:,})",
+        f"adapter bytes: 8 + safetensors header + params x {width} B ({a['dtype']}) + other tensors: "
+        f"{s['now']['bytes']:,} -> {s['at_recommended_rank']['bytes']:,}",
+    ]
+    if savings:
+        lines.append(f"peak: the planner's `lora-plan plan --model {savings['model_arg']} --method lora "
+                     f"--rank "
+                     f"{savings['now']['rank']},{savings['at_recommended_rank']['rank']} --targets "
+                     f"{','.join(savings['targets'])} --seq-len {savings['seq_len']} --batch-size "
+                     f"{savings['batch_size']} --precision {savings['precision']} --gpu {savings['gpu']}` "
+                     f"peaks, {savings['now']['peak_bytes']:,} - "
+                     f"{savings['at_recommended_rank']['peak_bytes']:,} = {savings['saved_peak_bytes']:,} B")
+    return "\n".join(lines)
+
+
 def _diff_text(analysis, units: str) -> str:
     d, s = analysis.source, analysis.summary
     lines = [f"full update {d['finetuned']} - {d['base']}: {d['tensors']} tensors, {d['params']:,} params",
@@ -132,8 +158,9 @@ _keep = click.option("--keep", type=click.FloatRange(0, 1, min_open=True), defau
 @step_options
 @_units
 @_format
+@click.option("--explain", is_flag=True, help="Show the summary's formulas with the numbers put in.")
 def analyze_command(path, keep, model_name, gpu_name, precision, batch_size, seq_len, grad_checkpointing,
-                    attention, units, fmt) -> None:
+                    attention, units, fmt, explain) -> None:
     """Singular values of each layer's ΔW = scaling·B·A, and whether a smaller rank would do.
 
     ADAPTER is a folder in PEFT's layout (adapter_model.safetensors, adapter_config.json) or a
@@ -156,6 +183,8 @@ def analyze_command(path, keep, model_name, gpu_name, precision, batch_size, seq
         click.echo(json.dumps(values, indent=2))
     else:
         click.echo(_adapter_text(analysis, savings, units))
+        if explain:
+            click.echo("\n" + _adapter_explanation(analysis, savings))
 
 
 @adapter_group.command("resize")
