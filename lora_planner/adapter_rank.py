@@ -575,7 +575,7 @@ def diff_checkpoints(base: str | Path, finetuned: str | Path, include: str | Non
     in both checkpoints with one shape (and matching the regex `include`).
 
     Streams: one tensor of each checkpoint is loaded at a time, the difference is taken in float32
-    and decomposed (in float64 when it has at most 2^22 entries), then all three are dropped.
+    and decomposed (in float64 when it has at most 2^22 entries), then dropped.
     """
     from safetensors import safe_open
 
@@ -602,22 +602,19 @@ def diff_checkpoints(base: str | Path, finetuned: str | Path, include: str | Non
     if not keys:
         raise PlanError("no weight of two or more dimensions is in both checkpoints"
                         + (f" and matches {include!r}" if include else ""))
+    def read(file: Path, key: str):
+        # Opened per tensor: a handle kept open would keep every page it mapped resident.
+        with safe_open(str(file), "pt") as f:
+            return f.get_tensor(key).float()
+
     layers = []
-    handles: dict[Path, object] = {}
-    try:
-        for key in keys:
-            for file in (base_files[key], tuned_files[key]):
-                if file not in handles:
-                    handles[file] = safe_open(str(file), "pt").__enter__()
-            delta = handles[tuned_files[key]].get_tensor(key).float()
-            delta -= handles[base_files[key]].get_tensor(key).float()  # in place: one extra tensor, not two
-            values = spectrum.dense_singular_values(delta)
-            shape = (delta.shape[0], math.prod(delta.shape[1:]))
-            del delta
-            layers.append(LayerSpectrum(key.removesuffix(".weight"), shape, min(shape), tuple(values)))
-    finally:
-        for handle in handles.values():
-            handle.__exit__(None, None, None)
+    for key in keys:
+        delta = read(tuned_files[key], key)
+        delta -= read(base_files[key], key)  # in place: the pair never exists beside a third copy
+        values = spectrum.dense_singular_values(delta)
+        shape = (delta.shape[0], math.prod(delta.shape[1:]))
+        del delta
+        layers.append(LayerSpectrum(key.removesuffix(".weight"), shape, min(shape), tuple(values)))
     info = {"base": str(base), "finetuned": str(finetuned), "include": include, "tensors": len(layers),
             "params": sum(math.prod(layer.shape) for layer in layers)}
     return Analysis("diff", info, tuple(layers), diff_summary(layers, levels, keep), tuple(notes), levels)

@@ -414,3 +414,37 @@ def test_worked_example_script_runs_on_a_tiny_config(tmp_path):
     assert set(results["runs"]) == {"full", "lora r=8", "lora r=1"}
     assert all(x["peft_max_logit_difference"] < 1e-4 for x in results["resizes"])
     assert (tmp_path / "out" / "adapter-rank-cumulative-energy.png").is_file()
+
+
+DIFF_MEMORY_PROBE = """
+import resource, sys, torch
+from lora_planner import adapter_rank
+# Imports, LAPACK and the headers are loaded before the baseline: what grows after is the streaming.
+torch.linalg.svdvals(torch.randn(4096, 256, dtype=torch.float64))
+adapter_rank.checkpoint_files(sys.argv[1]), adapter_rank.checkpoint_files(sys.argv[2])
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+analysis = adapter_rank.diff_checkpoints(sys.argv[1], sys.argv[2])
+print(len(analysis.layers), (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+"""
+
+
+def test_diff_streams_one_tensor_pair_at_a_time(tmp_path):
+    """Two 256 MiB checkpoints (64 tensors of 4 MiB each): the diff's peak memory grows by a few
+    tensors' worth, far below one checkpoint."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    g = torch.Generator().manual_seed(0)
+    for name, scale in (("a", 0.0), ("b", 1.0)):
+        tensors = {f"layers.{i}.weight": torch.randn(4096, 256, generator=g) * scale for i in range(64)}
+        safetensors_torch.save_file(tensors, str(tmp_path / f"{name}.safetensors"))
+        del tensors
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", DIFF_MEMORY_PROBE, str(tmp_path / "a.safetensors"),
+                          str(tmp_path / "b.safetensors")], capture_output=True, text=True, check=True,
+                         cwd=root, env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"}).stdout
+    layers, grown = map(int, out.split())
+    checkpoint = 64 * 4096 * 256 * 4
+    assert layers == 64
+    assert grown < checkpoint / 4, (grown, checkpoint)
