@@ -90,8 +90,9 @@ def adapter_section(title: str, analysis: Analysis, unit: str = "GB", level: int
 
 def cumulative_energy_plot(series: Sequence[tuple[str, Analysis]], path: Path,
                            levels: Sequence[float] = (0.9, 0.99)) -> Path:
-    """One panel per analysis: each layer's cumulative energy share against the rank k kept (log x),
-    thin lines, with the median layer in black and the energy levels dashed."""
+    """One panel per analysis: each layer's cumulative energy share against the rank k kept, thin
+    lines, with the median layer in black and the energy levels dashed. The rank axis is logarithmic
+    past 16 directions, and small ranks are marked point by point (a rank-1 adapter is one point)."""
     import math
 
     Figure = figure_class()
@@ -103,16 +104,24 @@ def cumulative_energy_plot(series: Sequence[tuple[str, Analysis]], path: Path,
         ax.set_visible(False)
     for ax, (label, analysis) in zip(axes, series, strict=False):
         curves = [cumulative_energy(layer.singular_values) for layer in analysis.layers]
-        for curve in curves:
-            ax.plot(range(1, len(curve) + 1), curve, color="#4C72B0", alpha=0.35, linewidth=0.8)
         width = max(len(c) for c in curves)
+        small = width <= 16
+        marker = "o" if small else None
+        for curve in curves:
+            ax.plot(range(1, len(curve) + 1), curve, color="#4C72B0", alpha=0.35, linewidth=0.8,
+                    marker=marker, markersize=3)
         padded = [c + [1.0] * (width - len(c)) for c in curves]
         median = [sorted(col)[len(col) // 2] for col in zip(*padded, strict=True)]
-        ax.plot(range(1, width + 1), median, color="black", linewidth=1.6, label="median layer")
+        ax.plot(range(1, width + 1), median, color="black", linewidth=1.6, marker=marker, markersize=4,
+                label="median layer")
         for level in levels:
             ax.axhline(level, color="#C44E52", linestyle="--", linewidth=0.8)
-        ax.set_xscale("log")
-        ax.set_xlim(1, max(width, 2))
+        if small:
+            ax.set_xticks(range(1, width + 1))
+            ax.set_xlim(0.5, width + 0.5)
+        else:
+            ax.set_xscale("log")
+            ax.set_xlim(1, width)
         ax.set_ylim(0, 1.02)
         ax.set_title(label, fontsize=9)
         ax.set_xlabel("directions kept (rank k)")
