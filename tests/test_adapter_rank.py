@@ -448,3 +448,27 @@ def test_diff_streams_one_tensor_pair_at_a_time(tmp_path):
     checkpoint = 32 * 4096 * 128 * 4
     assert layers == 32
     assert grown < checkpoint / 4, (grown, checkpoint)
+
+
+def test_spectra_of_an_adapter_peft_saved_match_peft_delta_weights(tmp_path):
+    """PEFT writes the adapter (rank_pattern, alpha_pattern, rsLoRA) and computes each ΔW itself
+    (`get_delta_weight`); our factored singular values must be those of PEFT's dense ΔW."""
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True,
+                             use_rslora=True, rank_pattern={"h.1.attn.c_attn": 6}, alpha_pattern={"c_fc": 3})
+    model = peft.get_peft_model(tiny_model(), config)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g))
+    model.save_pretrained(tmp_path / "peft")
+    deltas = {name.removeprefix("base_model.model."): module.get_delta_weight("default")
+              for name, module in model.named_modules() if hasattr(module, "get_delta_weight")
+              and "default" in getattr(module, "lora_A", {})}
+    analysis = adapter_rank.analyze_adapter(tmp_path / "peft")
+    assert {x.name for x in analysis.layers} == set(deltas)
+    for layer in analysis.layers:
+        dense = torch.linalg.svdvals(deltas[layer.name].double())[: len(layer.singular_values)]
+        assert list(layer.singular_values) == pytest.approx(dense.tolist(), rel=1e-5)
+    assert {x.name: x.rank for x in analysis.layers}["transformer.h.1.attn.c_attn"] == 6
