@@ -172,16 +172,16 @@ def test_peft_loads_a_dynamically_resized_adapter_with_the_truncated_logits(tmp_
                                           tmp_path / "small")
     assert len({x.new_rank for x in resized.layers}) > 1  # ranks differ: rank_pattern is used
 
-    # The oracle: the base model with each weight plus its densely truncated ΔW_k.
+    # The oracle: the base model with each weight plus the dense truncation of ΔW as PEFT computes it
+    # from the original adapter (`get_delta_weight`, in the weight's own (in, out) layout).
+    original = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ad")
     expected_model = copy.deepcopy(base)
-    source = adapter_rank.open_adapter(tmp_path / "ad")
     new_rank = {x.name: x.new_rank for x in resized.layers}
     with torch.no_grad():
-        for m, b, a in adapter_rank.iter_factors(source):
-            u, s, vh = torch.linalg.svd(m.scaling * b.double() @ a.double())
-            k = new_rank[m.name]
-            truncated = (u[:, :k] * s[:k]) @ vh[:k]  # (out, in)
-            expected_model.get_submodule(m.name).weight += truncated.T.float()  # Conv1D: (in, out)
+        for name, k in new_rank.items():
+            delta = original.base_model.model.get_submodule(name).get_delta_weight("default").double()
+            u, s, vh = torch.linalg.svd(delta)
+            expected_model.get_submodule(name).weight += ((u[:, :k] * s[:k]) @ vh[:k]).float()
     x = tokens()
     expected = expected_model(input_ids=x).logits
     loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "small").eval()
