@@ -20,6 +20,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("serve", "serve_command"),
     "measure": ("measure", "measure_group"),
     "report": ("report", "report_group"),
+    "adapter": ("adapter", "adapter_group"),
 }
 
 # One-line summaries for `lora-plan --help`, so listing the commands imports none of them.
@@ -29,7 +30,8 @@ SUMMARIES: dict[str, str] = {
     "trace": "Trace one real training step on CPU beside the prediction (needs torch).",
     "serve": "A local page to click through a plan (GET /api/plan answers as --format json).",
     "measure": "Fine-tune GPT-2 for real and set measured memory beside the plan (needs torch).",
-    "report": "Write markdown capacity and validation reports.",
+    "report": "Write markdown capacity, validation and adapter reports.",
+    "adapter": "Singular values of a LoRA adapter or full update; resize it to a smaller rank.",
 }
 
 

@@ -35,7 +35,7 @@ def _command_line(ctx: click.Context) -> str:
             words.append(flag if value else param.secondary_opts[0])
         else:
             for v in value if param.multiple else (value,):
-                words += [flag, str(v)]
+                words += [flag, *map(str, v)] if isinstance(v, tuple) else [flag, str(v)]
     return shlex.join(words)
 
 
@@ -57,7 +57,7 @@ def _report(written) -> None:
 
 @click.group("report")
 def report_group() -> None:
-    """Write markdown reports: capacity planning, and predictions against measurements.
+    """Write markdown reports: capacity planning, predictions against measurements, adapter spectra.
 
     \b
         lora-plan report capacity -o capacity.md
@@ -172,3 +172,44 @@ def validation_command(ctx, records, units, worst, output) -> None:
     if not written.records:
         click.echo("error: no usable record in the input; the report says why", err=True)
         ctx.exit(1)
+
+
+@report_group.command("adapter")
+@click.argument("adapters", nargs=-1, metavar="ADAPTER...")
+@click.option("--diff", "diffs", nargs=2, multiple=True, metavar="BASE FINETUNED",
+              help="Also a full fine-tune's update: two safetensors checkpoints (repeatable).")
+@click.option("--keep", type=click.FloatRange(0, 1, min_open=True), default=0.9, show_default=True,
+              help="Energy share the recommended rank keeps in every layer.")
+@click.option("--units", type=click.Choice(["GB", "GiB"]), default="GB", show_default=True,
+              help="GB = 10^9 bytes, GiB = 2^30 bytes.")
+@click.option("-o", "--output", "output", type=click.Path(dir_okay=False), default="adapters.md",
+              show_default=True, help="Markdown file to write; the cumulative-energy plot goes beside it.")
+@click.pass_context
+def adapter_command(ctx, adapters, diffs, keep, units, output) -> None:
+    """Spectra of LoRA adapters (and full updates): one section each, with a cumulative-energy plot.
+
+    \b
+        lora-plan report adapter ./lora-r8 ./lora-r1 -o adapters.md
+        lora-plan report adapter ./lora-r8 --diff base.safetensors tuned.safetensors -o adapters.md
+    """
+    from pathlib import Path
+
+    from ..adapter_rank import analyze_adapter, diff_checkpoints
+    from ..errors import PlanError
+    from ..reports.adapters import write_adapter_report
+
+    if not adapters and not diffs:
+        raise UserError("give at least one adapter folder or --diff BASE FINETUNED")
+    try:
+        series = [(f"adapter {path}", analyze_adapter(path, keep=keep)) for path in adapters]
+        series += [(f"full update {tuned}", diff_checkpoints(base, tuned, keep=keep))
+                   for base, tuned in diffs]
+        written = write_adapter_report(series, Path(output), _command_line(ctx), units)
+    except PlanError as exc:
+        raise UserError(str(exc)) from None
+    except ImportError as exc:
+        raise UserError(f"adapter reports need torch and safetensors ({exc.name} is missing): "
+                        "pip install 'lora-plan[measure]'") from None
+    except OSError as exc:
+        raise UserError(f"cannot write {output}: {exc.strerror or exc}") from None
+    _report(written)

@@ -182,3 +182,38 @@ def _default_file_mode() -> int:
     umask = os.umask(0)
     os.umask(umask)
     return 0o666 & ~umask
+
+
+@torch.no_grad()
+def load_adapter(model: nn.Module, directory: str | Path) -> tuple[str, ...]:
+    """Wrap the modules an adapter folder names (PEFT's layout) and load its factors; return the paths.
+
+    Each module gets the rank of its stored tensors and its alpha from `lora_alpha` or a matching
+    `alpha_pattern` key (PEFT's matching, `adapter_rank.layer_scaling`), so a resized adapter with a
+    `rank_pattern` loads layer by layer. The rest of the model is frozen, as after `inject`.
+    """
+    from safetensors import safe_open
+
+    from ..adapter_rank import layer_scaling, open_adapter
+
+    source = open_adapter(directory)
+    config = source.config or {}
+    with safe_open(str(source.weights), "pt") as f:
+        for m in source.modules:
+            if m.embedding or len(m.shape_a) != 2:
+                raise PlanError(f"{m.name}: this LoRA layer loads Linear and Conv1D adapters only")
+            parent_path, _, leaf = m.name.rpartition(".")
+            parent = model.get_submodule(parent_path)
+            base = getattr(parent, leaf)
+            if isinstance(base, LoraLayer):
+                base = base.base_layer
+            if not (isinstance(base, nn.Linear) or is_conv1d(base)):
+                raise PlanError(f"{m.name} is a {type(base).__name__}; "
+                                "this LoRA layer wraps Linear and Conv1D")
+            _, alpha, _ = layer_scaling(config, m.name) if config else (m.rank, float(m.rank), 1.0)
+            layer = LoraLayer(base, m.rank, alpha, rslora=bool(config.get("use_rslora")))
+            layer.lora_A.weight.copy_(f.get_tensor(m.key_a))
+            layer.lora_B.weight.copy_(f.get_tensor(m.key_b))
+            setattr(parent, leaf, layer)
+    mark_only_lora_trainable(model)
+    return tuple(m.name for m in source.modules)
