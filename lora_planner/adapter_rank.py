@@ -32,7 +32,7 @@ from pathlib import Path
 
 from . import spectrum
 from .architecture import Param
-from .checkpoints import safetensors_bytes
+from .checkpoint_sizes import safetensors_bytes
 from .errors import PlanError
 from .precision import SAFETENSORS_DTYPE
 
@@ -379,10 +379,12 @@ def planner_savings(analysis: Analysis, model: str, setup=None, gpu_name: str | 
     from .gpus import DEFAULT_GPU, get_gpu
     from .plan import make_plan
     from .resolve import resolve_model
-    from .spec import TrainSetup
+    from .spec import TrainSetup, default_seq_len
 
     spec = resolve_model(model)
     base = setup or TrainSetup()
+    if not base.seq_len:  # no --seq-len: the planner's default for this model
+        base = base.with_(seq_len=default_seq_len(spec))
     targets = tuple(sorted({layer.name.rsplit(".", 1)[-1] for layer in analysis.layers}))
     rank_now = max(layer.rank for layer in analysis.layers)
     rank_new = analysis.summary["recommended_rank"]

@@ -173,7 +173,7 @@ def analyze_command(path, keep, model_name, gpu_name, precision, batch_size, seq
     analysis = _run(lambda: analyze_adapter(path, keep=keep))
     savings = None
     if model_name:
-        setup = TrainSetup(precision=precision, batch_size=batch_size, seq_len=seq_len,
+        setup = TrainSetup(precision=precision, batch_size=batch_size, seq_len=seq_len or 0,
                            grad_checkpointing=grad_checkpointing, attention=attention)
         savings = _run(lambda: planner_savings(analysis, model_name, setup, gpu_name))
     if fmt == "json":
