@@ -37,8 +37,9 @@ def grid(families=tuple(TINY)):
             families, ("full", "lora"), ("fp32", "amp"), (False, True), ("sdpa", "eager"), SHAPES):
         if family == "gemma2" and attention == "sdpa":
             continue  # transformers runs Gemma-2 with eager attention only (logit soft-capping)
+        # a plain PyTorch step with foreach AdamW is what the trace runs: plan that stack
         setup = TrainSetup(method=method, rank=4, precision=precision, batch_size=b, seq_len=s,
-                           grad_checkpointing=ckpt, attention=attention)
+                           grad_checkpointing=ckpt, attention=attention, stack="torch")
         yield TINY[family], setup
 
 
@@ -51,7 +52,7 @@ def large():
             spec = replace(spec, num_layers=layers, name=f"{name}[:{layers} layers]")
         for method, ckpt in itertools.product(("full", "lora"), (False, True)):
             yield spec, TrainSetup(method=method, precision="amp", batch_size=1, seq_len=s,
-                                   grad_checkpointing=ckpt)
+                                   grad_checkpointing=ckpt, stack="torch")
 
 
 def sum_of_terms(predicted: dict) -> int:

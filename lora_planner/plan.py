@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from . import checkpoints, cost
+from . import checkpoints, cost, stacks
 from .architecture import LINEAR_KINDS, Architecture, Param, layout
 from .counts import Trainable, lora_trainable
 from .errors import PlanError
@@ -61,6 +61,7 @@ class MethodPlan:
     flops_per_token: cost.Quantity | None = None
     compute: cost.Compute | None = None  # time and money, when tokens are given
     fit: Fit | None = None  # largest batch and sequence that fit the GPU, when asked
+    optimizer_temporary: Term | None = None  # the optimizer step's temporary (whole model)
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,8 @@ def _states(trainable: int, params: tuple[Param, ...], setup: TrainSetup,
     return {
         "gradients": gradient_bytes(trainable, precision),
         "master_weights": master_weight_bytes(trainable, precision),
-        "optimizer_states": optimizer_bytes(setup.optimizer, params, precision),
+        "optimizer_states": optimizer_bytes(setup.optimizer, params, precision,
+                                            setup.optimizer_impl or "foreach"),
     }
 
 
@@ -117,6 +119,7 @@ def _assemble(method: str, gpu: Gpu, weight_terms: tuple[Term, ...], states: dic
         precision = get_precision(setup.precision)
         predicted = predict_step(spec, setup, precision, {k: t.bytes for k, t in memory.items()})
         memory["activations"] = activation_term(predicted.profile)
+        fields["optimizer_temporary"] = predicted.temporary
 
         def peak(m: dict[str, Term], sharding) -> Phase:
             return step_peak_on_gpu(predicted, m, sharding, spec, setup, precision)
@@ -259,6 +262,7 @@ def make_plan(model: ModelSpec | DenseSize, setups: tuple[TrainSetup, ...], gpu:
     of tokens, also its time and cost; with `fit`, the largest batch and sequence that fit."""
     if not setups:
         raise PlanError("nothing to plan: give at least one method")
+    setups = tuple(stacks.resolve(s) for s in setups)  # the stack's preset fills open choices
     plans = []
     for setup in setups:
         check_optimizer(setup.optimizer)

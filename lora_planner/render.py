@@ -54,6 +54,11 @@ def to_dict(plan: Plan) -> dict:
             "num_gpus": s.num_gpus,
             "sharding": s.sharding,
             "offload": s.offload,
+            "stack": s.stack,
+            "optimizer_impl": s.optimizer_impl,
+            "loss": s.loss,
+            "loss_chunks": s.loss_chunks,
+            "activation_offload": s.activation_offload,
         },
         "gpu": {"name": plan.gpu.name, "memory_bytes": plan.gpu.memory_bytes,
                 "peak_tflops": plan.gpu.peak_tflops, "price_per_hour": plan.gpu.price_per_hour},
@@ -145,6 +150,9 @@ def _header(plan: Plan, unit: str) -> list[str]:
         s = plan.setup
         lines.append(f"step: batch {s.batch_size} x {s.seq_len} tokens, {s.attention} attention, "
                      f"gradient checkpointing {'on' if s.grad_checkpointing else 'off'}")
+        loss = s.loss + (f" ({s.loss_chunks} chunks)" if s.loss == "chunked" else "")
+        lines.append(f"stack: {s.stack} (optimizer {s.optimizer_impl}, loss {loss}, activation offload "
+                     f"{'on' if s.activation_offload else 'off'})")
     if m.family in PEFT_DEFAULT_TARGETS and any(p.rank is not None for p in plan.plans):
         lines.append(f"default LoRA targets for {m.family}: {', '.join(PEFT_DEFAULT_TARGETS[m.family])}")
     return lines
@@ -188,6 +196,8 @@ def to_explanation(plan: Plan) -> str:
             lines.append(f"  {t.name}: {t.formula}")
         for key in MEMORY_KEYS[1:]:
             lines.append(f"  {key}: {p.memory[key].formula}")
+        if p.optimizer_temporary:
+            lines.append(f"  optimizer_temporary: {p.optimizer_temporary.formula}")
         if p.device_overhead:
             lines.append(f"  device_overhead: {p.device_overhead.formula}")
         lines += _scale_explanation(plan, p)

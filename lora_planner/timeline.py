@@ -37,11 +37,14 @@ class States:
     weights: int  # parameters (+ buffers) live all the time
     gradients: int
     optimizer_states: int  # including fp32 master copies where the convention keeps them
-    optimizer_temporary: int  # foreach AdamW's sqrt(v): trainable numel x state bytes
+    optimizer_temporary: int  # the optimizer step's temporary (`optimizers.optimizer_temporary_bytes`)
     inputs: int  # token ids and labels
     head_gradients: int  # gradients produced at the LM head (lm_head / tied embedding)
     # per decoder layer: (attention part, the rest of the MLP part, the MLP's output projection)
     layer_gradients: tuple[tuple[int, int, int], ...]
+    temporary_what: str = "foreach temporary"  # which implementation makes `optimizer_temporary`
+    # beyond all gradients as backward ends: the trained embedding's backward (`step.embedding_backward`)
+    embedding_backward: int = 0
 
 
 @dataclass(frozen=True)
@@ -61,7 +64,7 @@ def step_phases(states: States, prof: Profile, vocab: int, tokens: int) -> tuple
     mask = 0 if prof.checkpointed else prof.eager_mask
     phases = [Phase("forward", base + acts + logits + mask,
                      "weights + saved activations + logits at the loss")]
-    head_grads = 2 * tokens * vocab * FP32
+    head_grads = 2 * tokens * vocab * FP32 if prof.head_backward is None else prof.head_backward
     phases.append(Phase("backward", base + acts + head_grads,
                         "weights + saved activations + two fp32 logits gradients"))
     grads = states.head_gradients
@@ -84,11 +87,11 @@ def step_phases(states: States, prof: Profile, vocab: int, tokens: int) -> tuple
         grads += mlp_grads + attn_grads
         phases.append(Phase("backward", base + live - prof.mlp_layers[i] + grads + resid + attn,
                             f"backward through layer {i}'s attention"))
-    phases.append(Phase("backward", base + states.gradients + states.head_gradients // 2,
-                        "end of backward: all gradients"))
+    phases.append(Phase("backward", base + states.gradients + states.embedding_backward,
+                        "end of backward: all gradients + the embedding's backward"))
     phases.append(Phase("optimizer",
                         base + states.gradients + states.optimizer_temporary,
-                        "gradients + optimizer states + foreach temporary"))
+                        f"gradients + optimizer states + {states.temporary_what}"))
     return tuple(phases)
 
 
