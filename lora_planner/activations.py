@@ -55,6 +55,7 @@ class Conditions:
     lora_dropout: float = 0.0
     loss: str = "standard"  # standard | chunked | fused-linear (see `head_and_loss`)
     loss_chunks: int = 8
+    activation_offload: bool = False  # checkpointed layer inputs in CPU memory (see `Profile`)
 
     @property
     def tokens(self) -> int:
@@ -498,10 +499,26 @@ class Profile:
     # live beyond the saved activations in the head's backward; None: the standard loss's two fp32
     # (tokens x vocab) gradients (see `head_and_loss` for the other losses)
     head_backward: int | None = None
+    # activation offload (torchtune's / TRL's OffloadActivations) with checkpointing: the checkpointed
+    # layer inputs are copied to CPU memory as forward makes them; the GPU keeps the two in flight
+    offloaded: bool = False
+
+    @property
+    def in_flight(self) -> int:
+        """Layer inputs an offloaded run keeps on the GPU: the last two (the copy stream's and the
+        backward's prefetch)."""
+        return sum(self.layer_inputs[-2:])
+
+    @property
+    def cpu_bytes(self) -> int:
+        """Checkpointed layer inputs held in CPU memory under activation offload (all of them)."""
+        return sum(self.layer_inputs) if self.offloaded and self.checkpointed else 0
 
     @property
     def total(self) -> int:
         """Activations alive at the end of forward."""
+        if self.checkpointed and self.offloaded:
+            return self.embedding + self.in_flight + self.checkpoint_args + self.head
         if self.checkpointed:
             return self.embedding + sum(self.layer_inputs) + self.checkpoint_args + self.head
         return self.embedding + sum(self.layers) + self.head
@@ -593,4 +610,5 @@ def profile(spec: ModelSpec, cond: Conditions, wrapped: dict[str, int], trainabl
             spec, cond, f"{_layers_prefix(spec)}.0.mlp.{'c_proj' if spec.family == 'gpt2' else 'down_proj'}"
             in trainable),
         checkpointed=cond.grad_checkpointing,
+        offloaded=cond.activation_offload,
     )

@@ -85,7 +85,11 @@ def no_activation_bytes() -> Term:
 
 def activation_term(prof) -> Term:
     """Saved activations at the end of forward: embedding + each layer + head (see `activations`)."""
-    if prof.checkpointed:
+    if prof.checkpointed and prof.offloaded:
+        body = (f"{len(prof.layer_inputs)} checkpointed layer inputs offloaded to CPU memory "
+                f"({_n(prof.cpu_bytes)} B), 2 in flight on the GPU {_n(prof.in_flight)} B + "
+                f"their shared arguments {_n(prof.checkpoint_args)} B")
+    elif prof.checkpointed:
         body = (f"{len(prof.layer_inputs)} checkpointed layer inputs {_n(sum(prof.layer_inputs))} B + "
                 f"their shared arguments {_n(prof.checkpoint_args)} B")
     else:

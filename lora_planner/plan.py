@@ -62,6 +62,7 @@ class MethodPlan:
     compute: cost.Compute | None = None  # time and money, when tokens are given
     fit: Fit | None = None  # largest batch and sequence that fit the GPU, when asked
     optimizer_temporary: Term | None = None  # the optimizer step's temporary (whole model)
+    activation_cpu_bytes: int = 0  # checkpointed layer inputs in CPU memory (--activation-offload)
 
 
 @dataclass(frozen=True)
@@ -92,12 +93,13 @@ def _save_dtype(setup: TrainSetup, precision: Precision) -> str:
 
 
 def _states(trainable: int, params: tuple[Param, ...], setup: TrainSetup,
-            precision: Precision) -> dict[str, Term]:
+            precision: Precision, tensors_known: bool = True) -> dict[str, Term]:
+    # fused AdamW's per-tensor step counters need the tensor count, unknown for --params
+    impl = (setup.optimizer_impl or "foreach") if tensors_known else "foreach"
     return {
         "gradients": gradient_bytes(trainable, precision),
         "master_weights": master_weight_bytes(trainable, precision),
-        "optimizer_states": optimizer_bytes(setup.optimizer, params, precision,
-                                            setup.optimizer_impl or "foreach"),
+        "optimizer_states": optimizer_bytes(setup.optimizer, params, precision, impl),
     }
 
 
@@ -120,6 +122,7 @@ def _assemble(method: str, gpu: Gpu, weight_terms: tuple[Term, ...], states: dic
         predicted = predict_step(spec, setup, precision, {k: t.bytes for k, t in memory.items()})
         memory["activations"] = activation_term(predicted.profile)
         fields["optimizer_temporary"] = predicted.temporary
+        fields["activation_cpu_bytes"] = predicted.profile.cpu_bytes
 
         def peak(m: dict[str, Term], sharding) -> Phase:
             return step_peak_on_gpu(predicted, m, sharding, spec, setup, precision)
@@ -239,7 +242,7 @@ def plan_dense(size: DenseSize, setup: TrainSetup, gpu: Gpu) -> MethodPlan:
     return _assemble(
         "full", gpu,
         (dense_weight_bytes("weights_trainable", n, precision.weight_bytes, "trainable"),),
-        _states(n, params, setup, precision), setup, None,
+        _states(n, params, setup, precision, tensors_known=False), setup, None,
         flops_per_token=cost.dense_flops_per_token(n, setup.grad_checkpointing),
         rank=None, trainable_params=n, all_params=n, target_modules=(), wrapped_modules=0,
         checkpoint=Term("checkpoint", ckpt, f"{n:,} x {DTYPE_BYTES[dtype]} B ({dtype}), tensor data only"),

@@ -74,6 +74,7 @@ def to_dict(plan: Plan) -> dict:
                 "memory_bytes": {k: p.memory[k].bytes for k in MEMORY_KEYS},
                 "peak_phase": p.peak_phase or None,
                 "device_overhead_bytes": p.device_overhead.bytes if p.device_overhead else None,
+                "activation_cpu_bytes": p.activation_cpu_bytes,
                 "weights_bytes": {t.name: t.bytes for t in p.weight_terms},
                 "checkpoint_bytes": p.checkpoint.bytes,
                 "full_checkpoint_bytes": p.full_checkpoint_bytes,
@@ -119,6 +120,8 @@ def _rows(plan: Plan, unit: str) -> list[list[str]]:
         rows.append(["peak set in"] + [p.peak_phase or "-" for p in plan.plans])
         rows.append(["+ CUDA context/cache"] + [
             fmt(p.device_overhead.bytes) if p.device_overhead else "-" for p in plan.plans])
+    if any(p.activation_cpu_bytes for p in plan.plans):
+        rows.append(["CPU memory (activation offload)"] + [fmt(p.activation_cpu_bytes) for p in plan.plans])
     rows += _scale_rows(plan, fmt)
     if any(p.fit for p in plan.plans):
         s = plan.setup

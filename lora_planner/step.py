@@ -40,6 +40,9 @@ class StepPrediction:
 
 def conditions(setup: TrainSetup, precision: Precision, device: str = "cuda") -> Conditions:
     """What the activation walk needs from a setup: shape, dtypes, attention, checkpointing."""
+    if setup.activation_offload and not setup.grad_checkpointing:
+        raise PlanError("--activation-offload moves the checkpointed layer inputs to CPU memory: "
+                        "it needs --grad-checkpointing")
     if setup.batch_size < 1 or setup.seq_len < 1:
         raise PlanError(f"batch size and sequence length must be positive, got {setup.batch_size} "
                         f"and {setup.seq_len}")
@@ -49,6 +52,7 @@ def conditions(setup: TrainSetup, precision: Precision, device: str = "cuda") ->
         grad_checkpointing=setup.grad_checkpointing, device=device,
         dropout=setup.dropout, lora_dropout=setup.lora_dropout,
         loss=setup.loss or "standard", loss_chunks=setup.loss_chunks or 8,
+        activation_offload=bool(setup.activation_offload),
     )
 
 

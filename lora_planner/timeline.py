@@ -77,6 +77,9 @@ def step_phases(states: States, prof: Profile, vocab: int, tokens: int) -> tuple
         if prof.checkpointed:
             saved_below -= prof.layer_inputs[i]
             live = saved_below + prof.layers[i] + prof.layer_inputs[i] - prof.input_saved_by_layer[i]
+            if prof.offloaded:  # on the GPU: this layer's input and the next one's, prefetched
+                live += prof.embedding + prof.checkpoint_args + (prof.layer_inputs[i - 1] if i else 0) \
+                    - saved_below
         else:
             live = saved_below
             saved_below -= prof.layers[i]

@@ -154,3 +154,77 @@ def test_bad_stack_options_are_one_line_errors(args):
     result = run("--model", "gpt2", *args)
     assert result.exit_code == 2
     assert "Traceback" not in result.output
+
+
+def test_activation_offload_moves_the_checkpointed_inputs_to_cpu():
+    """With checkpointing the traced step keeps each layer's input; offloaded, all of them are CPU
+    bytes and the GPU keeps the last two. Layer-input bytes come from the real model's hidden states."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from lora_planner.gpus import GPUS
+    from lora_planner.measure.trace import trace
+    from lora_planner.plan import make_plan
+    from tests.hf import hf_config
+
+    spec = TINY["llama"]
+    setup = TrainSetup(method="full", precision="fp32", batch_size=2, seq_len=24, grad_checkpointing=True,
+                       stack="torch")
+    traced = trace(spec, setup).traced["activations"]
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_config(hf_config(spec))
+    hidden = model.model.embed_tokens(torch.zeros(2, 24, dtype=torch.long))  # a layer's input
+    per_input = hidden.numel() * hidden.element_size()
+    offloaded = make_plan(spec, (setup.with_(activation_offload=True),), GPUS[0]).plans[0]
+    assert offloaded.activation_cpu_bytes == spec.num_layers * per_input
+    gpu = offloaded.memory["activations"].bytes
+    assert gpu == traced - spec.num_layers * per_input + min(2, spec.num_layers) * per_input
+    kept = make_plan(spec, (setup,), GPUS[0]).plans[0]
+    assert offloaded.memory["peak"].bytes <= kept.memory["peak"].bytes
+    assert run("--model", "gpt2", "--activation-offload", "--no-grad-checkpointing").exit_code == 2
+
+
+def test_fused_linear_cross_entropy_keeps_no_logits():
+    """Liger's kernel never saves the (tokens x vocab) log-softmax the standard loss keeps."""
+    spec = get_model("llama-3.1-8b")
+    common = {"method": "lora", "precision": "mixed", "seq_len": 4096, "stack": "torch"}
+    standard = plan_json("--model", "8b", "--method", "lora", "--seq-len", "4096", "--stack", "torch")
+    fused = plan_json("--model", "8b", "--method", "lora", "--seq-len", "4096", "--stack", "torch",
+                      "--loss", "fused-linear")
+    saved = (standard["plans"][0]["memory_bytes"]["activations"]
+             - fused["plans"][0]["memory_bytes"]["activations"])
+    # the fp32 log-softmax, less the input gradient the kernel keeps instead (at most fp32)
+    assert saved >= 4096 * spec.vocab_size * 4 - 4096 * spec.hidden_size * 4
+    assert fused["plans"][0]["memory_bytes"]["peak"] < standard["plans"][0]["memory_bytes"]["peak"]
+    assert resolve(TrainSetup(**common, loss="fused-linear")).loss == "fused-linear"
+
+
+@pytest.mark.gpu
+def test_fused_linear_cross_entropy_on_a_gpu():
+    """Liger's fused linear cross-entropy on CUDA: the saved bytes after forward match the plan."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    liger = pytest.importorskip("liger_kernel.transformers")
+    from lora_planner.activations import Conditions, profile
+    from lora_planner.architecture import layout
+
+    spec = TINY["llama"]
+    import transformers
+
+    from tests.hf import hf_config
+
+    model = transformers.AutoModelForCausalLM.from_config(hf_config(spec)).cuda()
+    loss_fn = liger.LigerFusedLinearCrossEntropyLoss()
+    ids = torch.randint(0, spec.vocab_size, (2, 64), device="cuda")
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    hidden = model.model(input_ids=ids).last_hidden_state
+    loss = loss_fn(model.lm_head.weight, hidden[:, :-1].reshape(-1, spec.hidden_size),
+                   ids[:, 1:].reshape(-1))
+    saved = torch.cuda.memory_allocated() - before
+    arch = layout(spec, "causal-lm", 2)
+    cond = Conditions(batch_size=2, seq_len=64, weight_bytes=4, autocast=False, loss="fused-linear")
+    planned = profile(spec, cond, {}, {m.path for m in arch.modules}).total
+    loss.backward()
+    assert abs(planned - saved) <= 0.05 * saved, (planned, saved)

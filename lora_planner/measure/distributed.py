@@ -115,7 +115,8 @@ def predicted(spec, strategy: str, world_size: int, batch_size: int, seq_len: in
 
     # TinyGPT2 has no dropout layers, so none is planned (GPT-2's config default would be 0.1).
     setup = TrainSetup(method="full", precision="fp32", optimizer="adamw", batch_size=batch_size,
-                       seq_len=seq_len, dropout=0.0, num_gpus=world_size, sharding=STRATEGIES[strategy])
+                       seq_len=seq_len, dropout=0.0, num_gpus=world_size, sharding=STRATEGIES[strategy],
+                       stack="torch")
     whole = make_plan(spec, (setup.with_(num_gpus=None, sharding="none"),), get_gpu("h100")).plans[0]
     per_gpu = make_plan(spec, (setup,), get_gpu("h100")).plans[0]
     divisor = world_size if strategy == "fsdp" else 1

@@ -140,6 +140,7 @@ def planner_setup(settings: JobSettings) -> TrainSetup:
         "optimizer": "adamw", "batch_size": settings.batch_size, "seq_len": settings.seq_len,
         "grad_checkpointing": settings.grad_checkpointing, "attention": settings.attention,
         "lora_dropout": settings.dropout,
+        "stack": "torch",  # the job's loop: foreach AdamW and the model's own loss
     }
     known = {f.name for f in dataclasses.fields(TrainSetup)}
     # Fields a planner without activation modelling does not know yet are left out.
