@@ -79,7 +79,8 @@ def resolve(setup: TrainSetup) -> TrainSetup:
     """
     stack = get_stack(setup.stack)
     impl = setup.optimizer_impl or stack.optimizer_impl
-    loss = setup.loss or stack.loss
+    # a preset's loss kernel replaces the LM head's loss; a classifier keeps its own
+    loss = setup.loss or (stack.loss if setup.task == "causal-lm" else "standard")
     if impl not in OPTIMIZER_IMPLS:
         raise PlanError(f"unknown optimizer implementation {impl!r}; choose one of "
                         f"{', '.join(OPTIMIZER_IMPLS)}")

@@ -40,6 +40,8 @@ class StepPrediction:
 
 def conditions(setup: TrainSetup, precision: Precision, device: str = "cuda") -> Conditions:
     """What the activation walk needs from a setup: shape, dtypes, attention, checkpointing."""
+    if (setup.loss or "standard") != "standard" and setup.task != "causal-lm":
+        raise PlanError(f"--loss {setup.loss} replaces the LM head's loss: it needs --task causal-lm")
     if setup.activation_offload and not setup.grad_checkpointing:
         raise PlanError("--activation-offload moves the checkpointed layer inputs to CPU memory: "
                         "it needs --grad-checkpointing")

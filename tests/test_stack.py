@@ -228,3 +228,10 @@ def test_fused_linear_cross_entropy_on_a_gpu():
     planned = profile(spec, cond, {}, {m.path for m in arch.modules}).total
     loss.backward()
     assert abs(planned - saved) <= 0.05 * saved, (planned, saved)
+
+
+def test_a_classifier_keeps_its_loss_under_any_preset():
+    data = plan_json("--model", "gpt2", "--task", "seq-cls", "--stack", "torchtune", "--method", "lora")
+    assert data["setup"]["loss"] == "standard"
+    result = run("--model", "gpt2", "--task", "seq-cls", "--loss", "chunked")
+    assert result.exit_code == 2 and "needs --task causal-lm" in result.output
