@@ -10,8 +10,8 @@ optimizer has used them. On top of them each phase holds something else:
   and log-softmax's;
 - backward, layer by layer: what is still saved (checkpointing: the recomputed layer), the gradients
   produced so far, and the layer's own transient gradients (`activations.layer_backward_transient`);
-- optimizer: gradients, states, and foreach AdamW's temporary (one tensor per trainable parameter, the
-  square root of the second moment), the default on GPUs.
+- optimizer: gradients, states, and the optimizer kernel's temporary (foreach AdamW: one tensor per
+  trainable parameter, the square root of the second moment; fused: none; see `optimizers`).
 
 The largest of these is the allocator-level peak; the phase that sets it is reported. What the CUDA
 caching allocator and the CUDA context add on a real GPU is a separate, documented allowance
@@ -66,7 +66,9 @@ def step_phases(states: States, prof: Profile, vocab: int, tokens: int) -> tuple
                      "weights + saved activations + logits at the loss")]
     head_grads = 2 * tokens * vocab * FP32 if prof.head_backward is None else prof.head_backward
     phases.append(Phase("backward", base + acts + head_grads,
-                        "weights + saved activations + two fp32 logits gradients"))
+                        "weights + saved activations + two fp32 logits gradients"
+                        if prof.head_backward is None else "weights + saved activations + the head's "
+                        "backward (chunked or fused loss)"))
     grads = states.head_gradients
     saved_below = acts - prof.head
     n = len(prof.layers)
