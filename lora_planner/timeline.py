@@ -62,6 +62,8 @@ def step_phases(states: States, prof: Profile, vocab: int, tokens: int) -> tuple
     acts = prof.total
     logits = prof.logits + prof.logits_fp32
     mask = 0 if prof.checkpointed else prof.eager_mask
+    if prof.head_backward is not None:
+        mask = 0  # a chunked or fused loss runs after the decoder has returned and freed its mask
     phases = [Phase("forward", base + acts + logits + mask,
                      "weights + saved activations + logits at the loss")]
     head_grads = 2 * tokens * vocab * FP32 if prof.head_backward is None else prof.head_backward
