@@ -3,6 +3,8 @@
     python benchmarks/step_grid.py            # the CI grid (tiny configs of every family)
     python benchmarks/step_grid.py --fake     # the same under FakeTensorMode
     python benchmarks/step_grid.py --large    # fake traces: 2-layer slices of 7B/8B/70B, all of 7B
+    python benchmarks/step_grid.py --optimizer-impl fused     # the grid with another AdamW kernel
+    python benchmarks/step_grid.py --loss chunked --loss-chunks 4
 
 Each line: the case, the traced peak and phase, the predicted peak and phase, the error of the
 peak and of each term, and the error of the old sum-of-terms estimate (model states + activations).
@@ -37,8 +39,9 @@ def grid(families=tuple(TINY)):
             families, ("full", "lora"), ("fp32", "amp"), (False, True), ("sdpa", "eager"), SHAPES):
         if family == "gemma2" and attention == "sdpa":
             continue  # transformers runs Gemma-2 with eager attention only (logit soft-capping)
+        # a plain PyTorch step with foreach AdamW is what the trace runs: plan that stack
         setup = TrainSetup(method=method, rank=4, precision=precision, batch_size=b, seq_len=s,
-                           grad_checkpointing=ckpt, attention=attention)
+                           grad_checkpointing=ckpt, attention=attention, stack="torch")
         yield TINY[family], setup
 
 
@@ -51,7 +54,7 @@ def large():
             spec = replace(spec, num_layers=layers, name=f"{name}[:{layers} layers]")
         for method, ckpt in itertools.product(("full", "lora"), (False, True)):
             yield spec, TrainSetup(method=method, precision="amp", batch_size=1, seq_len=s,
-                                   grad_checkpointing=ckpt)
+                                   grad_checkpointing=ckpt, stack="torch")
 
 
 def sum_of_terms(predicted: dict) -> int:
@@ -85,8 +88,15 @@ def main() -> int:
     ap.add_argument("--large", action="store_true")
     ap.add_argument("--family", action="append")
     ap.add_argument("--jsonl", help="also write one JSON object per case to this file")
+    ap.add_argument("--optimizer-impl", choices=("fused", "foreach", "for-loop"),
+                    help="trace and plan this AdamW kernel instead of the torch stack's foreach")
+    ap.add_argument("--loss", choices=("standard", "chunked"), help="the loss to trace and plan")
+    ap.add_argument("--loss-chunks", type=int, help="chunks of the chunked loss (default 8)")
     args = ap.parse_args()
     cases = list(large() if args.large else grid(tuple(args.family or TINY)))
+    stack = {k: v for k, v in (("optimizer_impl", args.optimizer_impl), ("loss", args.loss),
+                               ("loss_chunks", args.loss_chunks)) if v is not None}
+    cases = [(spec, replace(setup, **stack)) for spec, setup in cases]
     out = open(args.jsonl, "a") if args.jsonl else None
     origin = provenance(args.fake or args.large) if out else None
     worst = 0.0
@@ -97,7 +107,8 @@ def main() -> int:
         old = (sum_of_terms(r.predicted) - r.traced["peak"]) / r.traced["peak"]
         worst = max(worst, abs(err["peak"]))
         label = (f"{spec.name} {setup.method} {setup.precision} b={setup.batch_size} s={setup.seq_len} "
-                 f"{setup.attention}{' ckpt' if setup.grad_checkpointing else ''}")
+                 f"{setup.attention}{' ckpt' if setup.grad_checkpointing else ''}"
+                 + "".join(f" {k}={v}" for k, v in stack.items()))
         terms = " ".join(f"{k}={v:+.2%}" for k, v in err.items() if v is not None and k != "peak")
         print(f"{label:55s} traced {r.traced['peak']:>14,} ({r.traced_phase:9s}) predicted "
               f"{r.predicted['peak']:>14,} ({r.predicted_phase:9s}) peak {err['peak']:+.2%} | {terms} "

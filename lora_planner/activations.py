@@ -53,6 +53,9 @@ class Conditions:
     device: str = "cuda"
     dropout: float | None = None  # None: the family's default
     lora_dropout: float = 0.0
+    loss: str = "standard"  # standard | chunked | fused-linear (see `head_and_loss`)
+    loss_chunks: int = 8
+    activation_offload: bool = False  # checkpointed layer inputs in CPU memory (see `Profile`)
 
     @property
     def tokens(self) -> int:
@@ -353,6 +356,92 @@ def _moe(g: Graph, spec: ModelSpec, p: str, h: Tensor) -> Tensor:
     return g.new(t * H, xb, True)
 
 
+def head_and_loss(g: Graph, spec: ModelSpec, h: Tensor, head: str) -> tuple[Tensor, int, int]:
+    """The LM head and the loss when they are not transformers' standard pair; returns the logits
+    alive at the loss (compute dtype), the fp32 bytes beside them, and what the head's backward holds
+    beyond the saved activations.
+
+    `chunked`, torchtune 0.6.1 (`TransformerDecoder.chunked_output` + `CEWithChunkedOutputLoss`): the
+    head runs on `loss_chunks` slices of the sequence (torch.chunk: ceil(s / n) positions each) and
+    the whole list of logits is alive at the loss; each chunk is upcast to fp32 on its own, so only
+    one chunk's fp32 copy exists at a time, but every chunk's log-softmax output (fp32) is saved.
+    Per chunk the head keeps its input (a bf16 copy under autocast) when its weight trains, and
+    under autocast a bf16 copy of a frozen weight (autocast caches the copy of a trained one, so that
+    one is kept once). nll_loss keeps each chunk's labels (a copy when rows > 1) and its total weight.
+    In backward autograd runs every chunk's loss before any chunk's head (they were made later):
+    the first loss backward holds the nll and log-softmax gradients of one chunk (2 x 4 B x chunk
+    tokens x vocab) beside everything saved.
+
+    `fused-linear`, Liger-kernel 0.8.5 (`fused_linear_cross_entropy_forward`): the head's matmul and
+    the loss in chunks of next_pow2(ceil(tokens / ceil(vocab / hidden))) tokens, the gradients
+    computed in the forward. It keeps the input's gradient (tokens x hidden, the input's dtype) and,
+    when the head trains, the weight's (vocab x hidden, the weight's dtype); at the loss one chunk's
+    logits exist (compute dtype), plus the per-token fp32 losses. Its backward only scales them.
+    """
+    cond, V, H = g.cond, spec.vocab_size, spec.hidden_size
+    b, s, t = cond.batch_size, cond.seq_len, cond.tokens
+    trains = head in g.trainable
+    grad = h.grad or trains
+    if cond.loss == "fused-linear":
+        inc = -(-V // H)
+        rows = min(1 << max(-(-t // inc) - 1, 0).bit_length(), t)
+        g.save(g.new(t * H, h.itemsize, False))  # grad_input
+        if trains:
+            g.save(g.new(V * H, cond.weight_bytes, False))  # grad_weight
+        return g.new(rows * V, cond.compute_bytes, False), t * FP32, 0
+    if cond.loss != "chunked":
+        raise PlanError(f"loss must be standard, chunked or fused-linear, got {cond.loss!r}")
+    size = -(-s // max(cond.loss_chunks, 1))
+    widths = [min(size, s - start) for start in range(0, s, size)]
+    cb = cond.compute_bytes
+    if trains and not cond.autocast:
+        g.save(h)  # each chunk is a view of h: keeping any keeps all of it
+    if cond.autocast and trains and grad:
+        g.save(g.new(V * H, 2, False))  # the cached bf16 copy of the trained weight, once
+    for w in widths:
+        rows = b * w
+        if cond.autocast and trains:
+            g.save(g.new(rows * H, 2, False))  # the chunk's bf16 input
+        if cond.autocast and h.grad and not trains:
+            g.save(g.new(V * H, 2, False))  # a frozen weight's bf16 copy, made per chunk
+        if spec.family == "gemma2" and grad:
+            g.save(g.new(rows * V, cb, True))  # final soft-cap: tanh keeps its output
+        if grad:
+            g.save(g.new(rows * V, FP32, True))  # log_softmax keeps its output
+            g.save(g.new(1, FP32, False))  # nll's total weight
+        if b > 1 and w > 1:
+            g.save(g.new(rows, INT64, False))  # the chunk's labels, made contiguous
+    if b == 1 or min(widths) == 1:
+        # a one-row (or one-column) chunk of the labels flattens as a view of the padded labels
+        g.save(g.new(b * (s + 1), INT64, False))
+    if grad:
+        # the count of labelled tokens the sum is divided by, and the loss
+        g.save(g.new(1, INT64, False), g.new(1, FP32, False))
+    logits = g.new(t * V, cb, grad)
+    # at chunk j's loss its fp32 copy exists and the later chunks' log-softmax outputs do not yet
+    fp32, later = 0, 0
+    for w in reversed(widths):
+        if cb != FP32:
+            fp32 = max(fp32, b * w * V * FP32 - later)
+        later += b * w * V * FP32 if grad else 0
+    # the head's input (unless kept for backward) and, for several rows, the padded labels are alive
+    # through the loss too
+    fp32 += (0 if trains and not cond.autocast else h.nbytes) + (b * (s + 1) * INT64 if b > 1 else 0)
+    # chunks are undone last to first; by chunk j's loss backward the later chunks' log-softmax
+    # outputs are freed and their logits gradients (compute dtype) wait for the head's backward
+    after, worst = 0, 0
+    for w in reversed(widths):
+        worst = max(worst, after + 2 * b * w * V * FP32)
+        after += b * w * V * (cb - FP32)
+    # then the heads, last chunk first: every log-softmax output is gone, the logits gradients not yet
+    # used wait, and a trained weight's gradients are summed chunk by chunk (the sum so far, the
+    # second chunk's and their sum: 3 weight-sized tensors in compute dtype)
+    if len(widths) > 1 and trains:
+        done = b * (widths[-1] + widths[-2])
+        worst = max(worst, -t * V * FP32 + (t - done) * V * cb + 3 * V * H * cb)
+    return logits, fp32, (worst if grad else 0)
+
+
 def layer_backward_transients(spec: ModelSpec, cond: Conditions,
                               down_trains: bool = False) -> tuple[int, int, int]:
     """Gradients alive at once inside one layer's backward, beyond what the forward saved.
@@ -407,10 +496,29 @@ class Profile:
     checkpoint_args: int
 
     checkpointed: bool = False
+    # live beyond the saved activations in the head's backward; None: the standard loss's two fp32
+    # (tokens x vocab) gradients (see `head_and_loss` for the other losses)
+    head_backward: int | None = None
+    # activation offload (torchtune's / TRL's OffloadActivations) with checkpointing: the checkpointed
+    # layer inputs are copied to CPU memory as forward makes them; the GPU keeps the two in flight
+    offloaded: bool = False
+
+    @property
+    def in_flight(self) -> int:
+        """Layer inputs an offloaded run keeps on the GPU: the last two (the copy stream's and the
+        backward's prefetch)."""
+        return sum(self.layer_inputs[-2:])
+
+    @property
+    def cpu_bytes(self) -> int:
+        """Checkpointed layer inputs held in CPU memory under activation offload (all of them)."""
+        return sum(self.layer_inputs) if self.offloaded and self.checkpointed else 0
 
     @property
     def total(self) -> int:
         """Activations alive at the end of forward."""
+        if self.checkpointed and self.offloaded:
+            return self.embedding + self.in_flight + self.checkpoint_args + self.head
         if self.checkpointed:
             return self.embedding + sum(self.layer_inputs) + self.checkpoint_args + self.head
         return self.embedding + sum(self.layers) + self.head
@@ -465,16 +573,21 @@ def profile(spec: ModelSpec, cond: Conditions, wrapped: dict[str, int], trainabl
     else:
         h = g.rms_norm(x, norm, H, spec.family == "gemma2")
     head = "lm_head"
-    logits = g.linear(h, head, H, spec.vocab_size)
-    if spec.family == "gemma2" and logits.grad:
-        g.save(g.new(logits.numel, logits.itemsize, True))  # final soft-cap: tanh keeps its output
-    fp32 = t * spec.vocab_size * FP32
-    # nll_loss keeps the shifted labels: a contiguous copy, or for one sequence the padded labels
-    # themselves (their [1:] slice is already contiguous)
-    g.save(g.new(t if cond.batch_size > 1 else cond.seq_len + 1, INT64, False))
-    if logits.grad:
-        g.save(g.new(t * spec.vocab_size, FP32, True))  # log_softmax keeps its output
-        g.save(g.new(1, FP32, False), g.new(1, FP32, False))  # the loss and nll's total weight
+    head_loss = None
+    if cond.loss != "standard":
+        head_loss = head_and_loss(g, spec, h, head)
+        logits, fp32 = head_loss[0], head_loss[1]
+    else:
+        logits = g.linear(h, head, H, spec.vocab_size)
+        if spec.family == "gemma2" and logits.grad:
+            g.save(g.new(logits.numel, logits.itemsize, True))  # final soft-cap: tanh keeps its output
+        fp32 = t * spec.vocab_size * FP32
+        # nll_loss keeps the shifted labels: a contiguous copy, or for one sequence the padded labels
+        # themselves (their [1:] slice is already contiguous)
+        g.save(g.new(t if cond.batch_size > 1 else cond.seq_len + 1, INT64, False))
+        if logits.grad:
+            g.save(g.new(t * spec.vocab_size, FP32, True))  # log_softmax keeps its output
+            g.save(g.new(1, FP32, False), g.new(1, FP32, False))  # the loss and nll's total weight
     mask = cond.batch_size * cond.seq_len * cond.seq_len * (FP32 if cond.autocast else wb)
     # Gemma-2 alternates sliding-window and global layers: two masks
     eager_mask = mask * (2 if spec.family == "gemma2" else 1) if cond.attention == "eager" else 0
@@ -487,8 +600,9 @@ def profile(spec: ModelSpec, cond: Conditions, wrapped: dict[str, int], trainabl
         layer_inputs=tuple(inputs),
         input_saved_by_layer=tuple(overlap),
         head=g.saved_bytes("head"),
-        logits=logits.nbytes,
-        logits_fp32=fp32 if logits.itemsize != FP32 else 0,
+        logits=logits.nbytes if head_loss is None else head_loss[0].nbytes,
+        logits_fp32=(fp32 if logits.itemsize != FP32 else 0) if head_loss is None else head_loss[1],
+        head_backward=None if head_loss is None else head_loss[2],
         eager_mask=eager_mask,
         checkpoint_args=shared,
         mlp_layers=tuple(mlps),
@@ -496,4 +610,5 @@ def profile(spec: ModelSpec, cond: Conditions, wrapped: dict[str, int], trainabl
             spec, cond, f"{_layers_prefix(spec)}.0.mlp.{'c_proj' if spec.family == 'gpt2' else 'down_proj'}"
             in trainable),
         checkpointed=cond.grad_checkpointing,
+        offloaded=cond.activation_offload,
     )

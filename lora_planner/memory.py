@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from .architecture import Param
-from .optimizers import OPTIMIZERS, optimizer_state_bytes
+from .optimizers import OPTIMIZERS, adamw_step_counter_bytes, optimizer_state_bytes
 from .precision import Precision
 from .quant import nf4_bytes
 
@@ -61,16 +61,20 @@ def master_weight_bytes(trainable: int, precision: Precision) -> Term:
                 f"{_n(trainable)} trainable x {m} B = {_n(trainable * m)} B")
 
 
-def optimizer_bytes(optimizer: str, params: Iterable[Param], precision: Precision) -> Term:
-    """Optimizer states summed over the trainable tensors (see `optimizers`)."""
+def optimizer_bytes(optimizer: str, params: Iterable[Param], precision: Precision,
+                    impl: str = "foreach") -> Term:
+    """Optimizer states summed over the trainable tensors (see `optimizers`); fused AdamW adds its
+    per-tensor fp32 step counters, which it keeps on the device."""
     params = tuple(params)
     numel = sum(p.numel for p in params)
-    total = optimizer_state_bytes(optimizer, params, precision.state_bytes)
+    total = optimizer_state_bytes(optimizer, params, precision.state_bytes, impl)
     per = total / numel if numel else 0.0
+    steps = adamw_step_counter_bytes(len(params), impl) if optimizer == "adamw" else 0
+    counters = f" (incl. {len(params)} fused step counters x 4 B)" if steps else ""
     return Term(
         "optimizer_states", total,
         f"{OPTIMIZERS[optimizer]}; {_n(numel)} trainable in {len(params)} tensors, "
-        f"{per:.4g} B each = {_n(total)} B",
+        f"{per:.4g} B each{counters} = {_n(total)} B",
     )
 
 
@@ -81,7 +85,11 @@ def no_activation_bytes() -> Term:
 
 def activation_term(prof) -> Term:
     """Saved activations at the end of forward: embedding + each layer + head (see `activations`)."""
-    if prof.checkpointed:
+    if prof.checkpointed and prof.offloaded:
+        body = (f"{len(prof.layer_inputs)} checkpointed layer inputs offloaded to CPU memory "
+                f"({_n(prof.cpu_bytes)} B), 2 in flight on the GPU {_n(prof.in_flight)} B + "
+                f"their shared arguments {_n(prof.checkpoint_args)} B")
+    elif prof.checkpointed:
         body = (f"{len(prof.layer_inputs)} checkpointed layer inputs {_n(sum(prof.layer_inputs))} B + "
                 f"their shared arguments {_n(prof.checkpoint_args)} B")
     else:
@@ -117,3 +125,17 @@ def peak_bytes(terms: Iterable[Term]) -> Term:
     terms = tuple(terms)
     total = sum(t.bytes for t in terms)
     return Term("peak", total, " + ".join(_n(t.bytes) for t in terms) + f" = {_n(total)} B")
+
+
+def optimizer_temporary_term(optimizer: str, impl: str, numels: tuple[int, ...], state_bytes: int) -> Term:
+    """The optimizer step's largest temporary (see `optimizers.optimizer_temporary_bytes`)."""
+    from .optimizers import optimizer_temporary_bytes
+
+    total = optimizer_temporary_bytes(optimizer, impl, numels, state_bytes)
+    if not total:
+        return Term("optimizer_temporary", 0, f"{impl} {optimizer}: updates in place, no temporary")
+    if impl == "foreach":
+        how = f"sqrt(v) of every trainable tensor at once: {_n(sum(numels))} x {state_bytes} B"
+    else:
+        how = f"sqrt(v) and its quotient for the largest tensor: 2 x {_n(max(numels))} x {state_bytes} B"
+    return Term("optimizer_temporary", total, f"{impl} {optimizer}: {how} = {_n(total)} B")

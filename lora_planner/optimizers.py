@@ -70,10 +70,13 @@ def adafactor_state_bytes(shape: tuple[int, ...]) -> int:
     return math.prod(shape) * 4
 
 
-def optimizer_state_bytes(optimizer: str, params: Iterable[Param], state_bytes: int) -> int:
-    """Sum of one optimizer's state bytes over the trainable tensors."""
+def optimizer_state_bytes(optimizer: str, params: Iterable[Param], state_bytes: int,
+                          impl: str = "foreach") -> int:
+    """Sum of one optimizer's state bytes over the trainable tensors (with fused AdamW's step
+    counters, which live on the device: `adamw_step_counter_bytes`)."""
     check_optimizer(optimizer)
-    total = 0
+    params = tuple(params)
+    total = adamw_step_counter_bytes(len(params), impl) if optimizer == "adamw" else 0
     for p in params:
         if optimizer == "adamw":
             total += adamw_state_bytes(p.numel, state_bytes)
@@ -85,3 +88,42 @@ def optimizer_state_bytes(optimizer: str, params: Iterable[Param], state_bytes: 
             total += adafactor_state_bytes(p.shape)
     return total
 
+
+
+# Optimizers whose torch implementation has the fused / foreach / for-loop choice; the others run
+# one implementation (bitsandbytes' in-place blockwise kernel, transformers' Adafactor loop).
+TORCH_OPTIMIZERS = ("adamw", "sgd", "sgd-momentum")
+
+
+def adamw_step_counter_bytes(tensors: int, impl: str) -> int:
+    """torch AdamW's `step`: one fp32 scalar per parameter tensor, kept on the parameters' device
+    only by the fused (or capturable) implementation; foreach and for-loop keep it in CPU memory.
+
+    torch 2.13 `Adam._init_group`: `torch.zeros((), dtype=float32, device=p.device)` if fused, else
+    `torch.tensor(0.0)` on the CPU. 4 B x tensors on the device when fused, else 0.
+    """
+    return 4 * tensors if impl == "fused" else 0
+
+
+def optimizer_temporary_bytes(optimizer: str, impl: str, numels: Iterable[int], state_bytes: int) -> int:
+    """The largest temporary the optimizer step allocates, with torch 2.13's defaults (no weight
+    decay on SGD, no amsgrad, no maximize, lr a float).
+
+    - AdamW foreach (`_multi_tensor_adam`): `torch._foreach_sqrt(exp_avg_sqs)` makes sqrt(v) for
+      every trainable tensor at once: sum(numel) x state bytes;
+    - AdamW for-loop (`_single_tensor_adam`): `(exp_avg_sq.sqrt() / bias_correction2_sqrt)` holds the
+      square root and the quotient of one tensor at once: 2 x max(numel) x state bytes;
+    - AdamW fused (`torch._fused_adamw_`): updates in place, 0;
+    - SGD, with or without momentum, every implementation: `param.add_(grad)` and
+      `buf.mul_().add_(grad)` in place, 0 (the momentum buffer is made on the first step only);
+    - bitsandbytes 8-bit AdamW: its blockwise update kernel works in place, 0;
+    - Adafactor: not modelled (0).
+    """
+    numels = tuple(numels)
+    if optimizer != "adamw" or not numels:
+        return 0
+    if impl == "foreach":
+        return sum(numels) * state_bytes
+    if impl == "for-loop":
+        return 2 * max(numels) * state_bytes
+    return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from . import checkpoint_sizes, cost
+from . import checkpoint_sizes, cost, stacks
 from .architecture import LINEAR_KINDS, Architecture, Param, layout
 from .counts import Trainable, lora_trainable
 from .errors import PlanError
@@ -63,6 +63,8 @@ class MethodPlan:
     fit: object | None = None  # `fit.Fit`: largest batch and sequence that fit the GPU, when asked
     gpus_needed_strategy: str | None = None  # single, ddp, zero1, zero2, zero3 or fsdp
     fits: bool = False  # the fit rule for the planned step: one GPU, or one of --num-gpus
+    optimizer_temporary: Term | None = None  # the optimizer step's temporary (whole model)
+    activation_cpu_bytes: int = 0  # checkpointed layer inputs in CPU memory (--activation-offload)
 
 
 @dataclass(frozen=True)
@@ -93,11 +95,13 @@ def _save_dtype(setup: TrainSetup, precision: Precision) -> str:
 
 
 def _states(trainable: int, params: tuple[Param, ...], setup: TrainSetup,
-            precision: Precision) -> dict[str, Term]:
+            precision: Precision, tensors_known: bool = True) -> dict[str, Term]:
+    # fused AdamW's per-tensor step counters need the tensor count, unknown for --params
+    impl = (setup.optimizer_impl or "foreach") if tensors_known else "foreach"
     return {
         "gradients": gradient_bytes(trainable, precision),
         "master_weights": master_weight_bytes(trainable, precision),
-        "optimizer_states": optimizer_bytes(setup.optimizer, params, precision),
+        "optimizer_states": optimizer_bytes(setup.optimizer, params, precision, impl),
     }
 
 
@@ -120,6 +124,8 @@ def _assemble(method: str, gpu: Gpu, weight_terms: tuple[Term, ...], states: dic
         precision = get_precision(setup.precision)
         predicted = predict_step(spec, setup, precision, {k: t.bytes for k, t in memory.items()})
         memory["activations"] = activation_term(predicted.profile)
+        fields["optimizer_temporary"] = predicted.temporary
+        fields["activation_cpu_bytes"] = predicted.profile.cpu_bytes
 
         def phases(m: dict[str, Term], sharding) -> tuple[Phase, ...]:
             return step_phases_on_gpu(predicted, m, sharding, spec, setup, precision)
@@ -249,7 +255,7 @@ def plan_dense(size: DenseSize, setup: TrainSetup, gpu: Gpu) -> MethodPlan:
     return _assemble(
         "full", gpu,
         (dense_weight_bytes("weights_trainable", n, precision.weight_bytes, "trainable"),),
-        _states(n, params, setup, precision), setup, None,
+        _states(n, params, setup, precision, tensors_known=False), setup, None,
         flops_per_token=cost.dense_flops_per_token(n, setup.grad_checkpointing),
         rank=None, trainable_params=n, all_params=n, target_modules=(), wrapped_modules=0,
         checkpoint=Term("checkpoint", ckpt, f"{n:,} x {DTYPE_BYTES[dtype]} B ({dtype}), tensor data only"),
@@ -272,6 +278,7 @@ def make_plan(model: ModelSpec | DenseSize, setups: tuple[TrainSetup, ...], gpu:
     of tokens, also its time and cost. (`fit.with_fit` adds the largest batch and sequence.)"""
     if not setups:
         raise PlanError("nothing to plan: give at least one method")
+    setups = tuple(stacks.resolve(s) for s in setups)  # the stack's preset fills open choices
     plans = []
     for setup in setups:
         check_optimizer(setup.optimizer)

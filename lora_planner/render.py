@@ -60,6 +60,11 @@ def to_dict(plan: Plan) -> dict:
             "zero3_prefetch_bucket_size": s.zero3_prefetch_bucket_size,
             "reduce_bucket_size": s.reduce_bucket_size,
             "zero3_param_persistence_threshold": s.zero3_param_persistence_threshold,
+            "stack": s.stack,
+            "optimizer_impl": s.optimizer_impl,
+            "loss": s.loss,
+            "loss_chunks": s.loss_chunks,
+            "activation_offload": s.activation_offload,
         },
         "gpu": {"name": plan.gpu.name, "memory_bytes": plan.gpu.memory_bytes,
                 "largest_fitting_peak_bytes": largest_fitting_peak(plan.gpu),
@@ -76,6 +81,7 @@ def to_dict(plan: Plan) -> dict:
                 "memory_bytes": {k: p.memory[k].bytes for k in MEMORY_KEYS},
                 "peak_phase": p.peak_phase or None,
                 "device_overhead_bytes": p.device_overhead.bytes if p.device_overhead else None,
+                "activation_cpu_bytes": p.activation_cpu_bytes,
                 "weights_bytes": {t.name: t.bytes for t in p.weight_terms},
                 "checkpoint_bytes": p.checkpoint.bytes,
                 "full_checkpoint_bytes": p.full_checkpoint_bytes,
@@ -123,6 +129,8 @@ def _rows(plan: Plan, unit: str) -> list[list[str]]:
         rows.append(["peak set in"] + [p.peak_phase or "-" for p in plan.plans])
         rows.append(["+ CUDA context/cache"] + [
             fmt(p.device_overhead.bytes) if p.device_overhead else "-" for p in plan.plans])
+    if any(p.activation_cpu_bytes for p in plan.plans):
+        rows.append(["CPU memory (activation offload)"] + [fmt(p.activation_cpu_bytes) for p in plan.plans])
     rows += _scale_rows(plan, fmt)
     if any(p.fit for p in plan.plans):
         s = plan.setup
@@ -155,6 +163,9 @@ def _header(plan: Plan, unit: str) -> list[str]:
         s = plan.setup
         lines.append(f"step: batch {s.batch_size:,} x {s.seq_len:,} tokens, {s.attention} attention, "
                      f"gradient checkpointing {'on' if s.grad_checkpointing else 'off'}")
+        loss = s.loss + (f" ({s.loss_chunks} chunks)" if s.loss == "chunked" else "")
+        lines.append(f"stack: {s.stack} (optimizer {s.optimizer_impl}, loss {loss}, activation offload "
+                     f"{'on' if s.activation_offload else 'off'})")
     if m.family in PEFT_DEFAULT_TARGETS and any(p.rank is not None for p in plan.plans):
         lines.append(f"default LoRA targets for {m.family}: {', '.join(PEFT_DEFAULT_TARGETS[m.family])}")
     return lines
@@ -198,6 +209,8 @@ def to_explanation(plan: Plan) -> str:
             lines.append(f"  {t.name}: {t.formula}")
         for key in MEMORY_KEYS[1:]:
             lines.append(f"  {key}: {p.memory[key].formula}")
+        if p.optimizer_temporary:
+            lines.append(f"  optimizer_temporary: {p.optimizer_temporary.formula}")
         if p.device_overhead:
             lines.append(f"  device_overhead: {p.device_overhead.formula}")
         lines += _scale_explanation(plan, p)

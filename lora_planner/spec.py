@@ -117,6 +117,12 @@ class TrainSetup:
     zero3_prefetch_bucket_size: int | None = None
     reduce_bucket_size: int | None = None
     zero3_param_persistence_threshold: int | None = None
+    # The training stack and its kernels (see stacks.py); None: the stack's preset default.
+    stack: str = "hf-trainer"  # torch | hf-trainer | trl | torchtune
+    optimizer_impl: str | None = None  # fused | foreach | for-loop
+    loss: str | None = None  # standard | chunked | fused-linear
+    loss_chunks: int | None = None  # chunked cross-entropy: number of chunks (torchtune: 8)
+    activation_offload: bool | None = None  # checkpointed layer inputs kept in CPU memory
 
     def with_(self, **changes) -> TrainSetup:
         return replace(self, **changes)

@@ -13,6 +13,7 @@ from .activations import INT64, Conditions, Profile, profile
 from .architecture import Architecture, layout
 from .counts import lora_trainable
 from .errors import PlanError
+from .memory import Term, optimizer_temporary_term
 from .precision import Precision
 from .spec import ModelSpec, TrainSetup
 from .timeline import Phase, States, peak_phase, step_phases
@@ -22,8 +23,6 @@ MLP_PART = ("mlp", "ln_2", "post_attention_layernorm", "pre_feedforward_layernor
             "post_feedforward_layernorm")
 # ...of which the output projection's gradient comes first, before the MLP's backward peak.
 MLP_OUTPUT = ("mlp.down_proj", "mlp.c_proj")
-# Only one optimizer keeps a full-size temporary in the step: foreach AdamW's sqrt(v).
-FOREACH_TEMPORARY = {"adamw": 1}
 
 
 @dataclass(frozen=True)
@@ -32,6 +31,7 @@ class StepPrediction:
     states: States
     phases: tuple[Phase, ...]
     peak: Phase
+    temporary: Term | None = None  # the optimizer step's temporary, for --explain
 
     @property
     def activations(self) -> int:
@@ -40,6 +40,11 @@ class StepPrediction:
 
 def conditions(setup: TrainSetup, precision: Precision, device: str = "cuda") -> Conditions:
     """What the activation walk needs from a setup: shape, dtypes, attention, checkpointing."""
+    if (setup.loss or "standard") != "standard" and setup.task != "causal-lm":
+        raise PlanError(f"--loss {setup.loss} replaces the LM head's loss: it needs --task causal-lm")
+    if setup.activation_offload and not setup.grad_checkpointing:
+        raise PlanError("--activation-offload moves the checkpointed layer inputs to CPU memory: "
+                        "it needs --grad-checkpointing")
     if setup.batch_size < 1 or setup.seq_len < 1:
         raise PlanError(f"batch size and sequence length must be positive, got {setup.batch_size} "
                         f"and {setup.seq_len}")
@@ -48,6 +53,8 @@ def conditions(setup: TrainSetup, precision: Precision, device: str = "cuda") ->
         autocast=precision.name == "amp", attention=setup.attention,
         grad_checkpointing=setup.grad_checkpointing, device=device,
         dropout=setup.dropout, lora_dropout=setup.lora_dropout,
+        loss=setup.loss or "standard", loss_chunks=setup.loss_chunks or 8,
+        activation_offload=bool(setup.activation_offload),
     )
 
 
@@ -66,6 +73,26 @@ def _training(spec: ModelSpec, setup: TrainSetup,
         path = p.name.rsplit(".", 1)[0]
         by_path[path] = by_path.get(path, 0) + p.numel
     return wrapped, saved, by_path
+
+
+def embedding_backward(trains: bool, tied: bool, head_gradients: int, incoming: int) -> int:
+    """Bytes beyond all gradients as backward ends, in the trained token embedding's backward.
+
+    Untied: `embedding_dense_backward` writes the weight's gradient while the incoming (tokens x
+    hidden) gradient is alive: + incoming. Tied to the LM head: the head's gradient waits in
+    autograd's input buffer until the embedding's arrives, and the two are summed into a third
+    tensor (the `.grad`): + 2 x the head's gradient bytes. Nothing when the embedding is frozen.
+    """
+    if not trains:
+        return 0
+    return 2 * head_gradients if tied else incoming
+
+
+def _trainable_numels(spec: ModelSpec, setup: TrainSetup, arch: Architecture) -> tuple[int, ...]:
+    """Element counts of the trainable tensors, one per tensor (what the optimizer loops over)."""
+    if setup.method == "full":
+        return tuple(p.numel for p in arch.params)
+    return tuple(p.numel for p in lora_trainable(spec, setup).params)
 
 
 def predict_step(spec: ModelSpec, setup: TrainSetup, precision: Precision, memory: dict[str, int],
@@ -87,8 +114,11 @@ def predict_step(spec: ModelSpec, setup: TrainSetup, precision: Precision, memor
             per_layer[int(index)][part] += numel * grad_bytes
         elif path == arch.head_path or (arch.tied_head and path.endswith(("wte", "embed_tokens"))):
             head += numel * grad_bytes
-    trainable_numel = sum(by_path.values())
-    temp = FOREACH_TEMPORARY.get(setup.optimizer, 0) * trainable_numel * precision.state_bytes
+    embed_trains = any(path.endswith(("wte", "embed_tokens")) for path in by_path)
+    impl = setup.optimizer_impl or "foreach"
+    temporary = optimizer_temporary_term(setup.optimizer, impl, _trainable_numels(spec, setup, arch),
+                                         precision.state_bytes)
+    temp = temporary.bytes
     states = States(
         weights=memory["weights"],
         gradients=memory["gradients"],
@@ -97,8 +127,11 @@ def predict_step(spec: ModelSpec, setup: TrainSetup, precision: Precision, memor
         inputs=2 * cond.tokens * INT64,
         head_gradients=head,
         layer_gradients=tuple(tuple(parts) for parts in per_layer),
+        embedding_backward=embedding_backward(embed_trains, arch.tied_head, head, prof.transients[0]),
+        temporary_what=f"{impl} {setup.optimizer} temporary" if temp else f"{impl} {setup.optimizer}, "
+                       "no temporary",
     )
     phases = step_phases(states, prof, spec.vocab_size if setup.task == "causal-lm" else setup.num_labels,
                          cond.tokens)
-    return StepPrediction(prof, states, phases, peak_phase(phases))
+    return StepPrediction(prof, states, phases, peak_phase(phases), temporary)
 

@@ -10,8 +10,8 @@ optimizer has used them. On top of them each phase holds something else:
   and log-softmax's;
 - backward, layer by layer: what is still saved (checkpointing: the recomputed layer), the gradients
   produced so far, and the layer's own transient gradients (`activations.layer_backward_transient`);
-- optimizer: gradients, states, and foreach AdamW's temporary (one tensor per trainable parameter, the
-  square root of the second moment), the default on GPUs.
+- optimizer: gradients, states, and the optimizer kernel's temporary (foreach AdamW: one tensor per
+  trainable parameter, the square root of the second moment; fused: none; see `optimizers`).
 
 The largest of these is the allocator-level peak; the phase that sets it is reported. What the CUDA
 caching allocator and the CUDA context add on a real GPU is a separate, documented allowance
@@ -30,11 +30,14 @@ class States:
     weights: int  # parameters (+ buffers) live all the time
     gradients: int
     optimizer_states: int  # including fp32 master copies where the convention keeps them
-    optimizer_temporary: int  # foreach AdamW's sqrt(v): trainable numel x state bytes
+    optimizer_temporary: int  # the optimizer step's temporary (`optimizers.optimizer_temporary_bytes`)
     inputs: int  # token ids and labels
     head_gradients: int  # gradients produced at the LM head (lm_head / tied embedding)
     # per decoder layer: (attention part, the rest of the MLP part, the MLP's output projection)
     layer_gradients: tuple[tuple[int, int, int], ...]
+    temporary_what: str = "foreach temporary"  # which implementation makes `optimizer_temporary`
+    # beyond all gradients as backward ends: the trained embedding's backward (`step.embedding_backward`)
+    embedding_backward: int = 0
 
 
 @dataclass(frozen=True)
@@ -52,11 +55,15 @@ def step_phases(states: States, prof: Profile, vocab: int, tokens: int) -> tuple
     acts = prof.total
     logits = prof.logits + prof.logits_fp32
     mask = 0 if prof.checkpointed else prof.eager_mask
+    if prof.head_backward is not None:
+        mask = 0  # a chunked or fused loss runs after the decoder has returned and freed its mask
     phases = [Phase("forward", base + acts + logits + mask,
                      "weights + saved activations + logits at the loss")]
-    head_grads = 2 * tokens * vocab * FP32
+    head_grads = 2 * tokens * vocab * FP32 if prof.head_backward is None else prof.head_backward
     phases.append(Phase("backward", base + acts + head_grads,
-                        "weights + saved activations + two fp32 logits gradients"))
+                        "weights + saved activations + two fp32 logits gradients"
+                        if prof.head_backward is None else "weights + saved activations + the head's "
+                        "backward (chunked or fused loss)"))
     grads = states.head_gradients
     saved_below = acts - prof.head
     n = len(prof.layers)
@@ -67,6 +74,9 @@ def step_phases(states: States, prof: Profile, vocab: int, tokens: int) -> tuple
         if prof.checkpointed:
             saved_below -= prof.layer_inputs[i]
             live = saved_below + prof.layers[i] + prof.layer_inputs[i] - prof.input_saved_by_layer[i]
+            if prof.offloaded:  # on the GPU: this layer's input and the next one's, prefetched
+                live += prof.embedding + prof.checkpoint_args + (prof.layer_inputs[i - 1] if i else 0) \
+                    - saved_below
         else:
             live = saved_below
             saved_below -= prof.layers[i]
@@ -77,11 +87,11 @@ def step_phases(states: States, prof: Profile, vocab: int, tokens: int) -> tuple
         grads += mlp_grads + attn_grads
         phases.append(Phase("backward", base + live - prof.mlp_layers[i] + grads + resid + attn,
                             f"backward through layer {i}'s attention"))
-    phases.append(Phase("backward", base + states.gradients + states.head_gradients // 2,
-                        "end of backward: all gradients"))
+    phases.append(Phase("backward", base + states.gradients + states.embedding_backward,
+                        "end of backward: all gradients + the embedding's backward"))
     phases.append(Phase("optimizer",
                         base + states.gradients + states.optimizer_temporary,
-                        "gradients + optimizer states + foreach temporary"))
+                        f"gradients + optimizer states + {states.temporary_what}"))
     return tuple(phases)
 
 

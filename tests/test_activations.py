@@ -72,9 +72,10 @@ def test_gpu_dropout_masks_are_one_byte():
 
 
 def test_peak_is_a_phase_of_the_step_and_holds_the_model_states():
-    p = _plan("llama-3.1-8b", method="full", precision="mixed", batch_size=1, seq_len=2048)
+    # a plain torch loop (foreach AdamW): 8B full fine-tuning's states and their temporary dominate
+    p = _plan("llama-3.1-8b", method="full", precision="mixed", batch_size=1, seq_len=2048, stack="torch")
     states = sum(p.memory[k].bytes for k in ("weights", "gradients", "master_weights", "optimizer_states"))
-    assert p.peak_phase == "optimizer"  # 8B full fine-tuning: the states dominate
+    assert p.peak_phase == "optimizer"
     assert p.memory["peak"].bytes >= states
     lora = _plan("llama-3.1-8b", method="lora", precision="mixed", batch_size=8, seq_len=4096)
     assert lora.peak_phase in ("forward", "backward")

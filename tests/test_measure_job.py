@@ -57,8 +57,9 @@ def test_cpu_record_has_the_schema_and_its_error_is_consistent(tmp_path):
 
 def test_prediction_is_the_planners_for_the_same_setup(tmp_path):
     path = tiny_config_file(tmp_path)
+    # the job's loop is a plain torch one (foreach AdamW): the torch stack
     setup = TrainSetup(method="lora", rank=2, targets=("all-linear",), precision="amp", batch_size=2,
-                       seq_len=16, grad_checkpointing=True)
+                       seq_len=16, grad_checkpointing=True, stack="torch")
     spec = spec_from_config_file(path)
     settings = JobSettings(model=path, method="lora", rank=2, targets=("all-linear",), precision="fp16",
                            batch_size=2, seq_len=16, grad_checkpointing=True, device="cuda")

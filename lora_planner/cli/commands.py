@@ -16,6 +16,7 @@ from ..spec import DEFAULT_SEQ_LEN, DenseSize, ModelSpec, TrainSetup, default_se
 from ..units import parse_count
 from .common import UserError, need_measure_extra, parse_ranks, split_values
 from .scale_options import scale_options, setup_changes, workload
+from .stack_options import stack_changes, stack_options
 from .step_options import step_options
 
 
@@ -56,6 +57,7 @@ from .step_options import step_options
 @click.option("--tasks", "tasks", type=click.IntRange(min=1), default=1, show_default=True,
               help="Storage for N task-specific fine-tunes: N full copies vs base + N adapters.")
 @step_options
+@stack_options
 @click.option("--gpu", "gpu_name", default=DEFAULT_GPU, show_default=True,
               help=f"GPU kind: {', '.join(g.name for g in GPUS)}.")
 @click.option("--gpu-mem", "gpu_mem", metavar="SIZE",
@@ -71,8 +73,8 @@ from .step_options import step_options
 @scale_options
 def plan_command(model_name, params_text, methods, ranks, targets, precision, optimizer, bias, dora,
                  modules_to_save, double_quant, save_dtype, task, num_labels, tasks, batch_size,
-                 seq_len, grad_checkpointing, attention, gpu_name, gpu_mem, fmt, units, explain,
-                 fit, **scale) -> None:
+                 seq_len, grad_checkpointing, attention, stack, optimizer_impl, loss, loss_chunks,
+                 activation_offload, gpu_name, gpu_mem, fmt, units, explain, fit, **scale) -> None:
     """Trainable parameters, memory by term (model states, activations, the step's peak), GPUs and
     checkpoint sizes, method by method; with --fit, the largest batch and sequence that fit;
     with --tokens, training FLOPs, hours and cost; with --num-gpus, memory per GPU under ZeRO/FSDP.
@@ -104,8 +106,9 @@ def plan_command(model_name, params_text, methods, ranks, targets, precision, op
             precision=precision, optimizer=optimizer, bias=bias, use_dora=dora,
             targets=split_values(targets) or ("default",), modules_to_save=split_values(modules_to_save),
             double_quant=double_quant, save_dtype=save_dtype, task=task, num_labels=num_labels,
-            tasks=tasks, batch_size=batch_size, seq_len=seq_len,
-            grad_checkpointing=grad_checkpointing, attention=attention,
+            tasks=tasks, batch_size=batch_size, seq_len=seq_len, attention=attention,
+            **stack_changes(stack, optimizer_impl, loss, loss_chunks, activation_offload,
+                            grad_checkpointing),
             **setup_changes(**scale),
         )
         rank_list = parse_ranks(ranks)
@@ -170,6 +173,7 @@ def models_command(fmt: str) -> None:
 @click.option("--seq-len", type=click.IntRange(min=1), default=512, show_default=True)
 @click.option("--grad-checkpointing/--no-grad-checkpointing", default=False, show_default=True)
 @click.option("--attention", type=click.Choice(["sdpa", "eager"]), default="sdpa", show_default=True)
+@stack_options
 @click.option("--layers", type=click.IntRange(min=1), default=None,
               help="Trace only the first N decoder layers (a slice of a large model).")
 @click.option("--fake", is_flag=True,
@@ -178,7 +182,8 @@ def models_command(fmt: str) -> None:
 @click.option("--force", is_flag=True,
               help="Trace even when the planned peak exceeds the host RAM available.")
 def trace_command(model_name, method, rank, targets, precision, batch_size, seq_len, grad_checkpointing,
-                  attention, layers, fake, fmt, force) -> None:
+                  attention, stack, optimizer_impl, loss, loss_chunks, activation_offload, layers, fake,
+                  fmt, force) -> None:
     """Trace one real training step on CPU and print it beside the prediction, term by term.
 
     Needs the `measure` extra (torch, transformers; peft for LoRA). Without --fake, a step whose
@@ -197,7 +202,9 @@ def trace_command(model_name, method, rank, targets, precision, batch_size, seq_
         spec = resolve_model(model_name)
         setup = TrainSetup(method=method, rank=rank, targets=split_values(targets) or ("default",),
                            precision=precision, batch_size=batch_size, seq_len=seq_len,
-                           grad_checkpointing=grad_checkpointing, attention=attention)
+                           attention=attention,
+                           **stack_changes(stack, optimizer_impl, loss, loss_chunks, activation_offload,
+                                           grad_checkpointing))
         need_measure_extra("lora-plan trace")
         from ..measure.trace import predicted_terms, sliced, trace
 

@@ -62,7 +62,8 @@ def job_setup(strategy: str, world_size: int, method: str = "full", rank: int = 
     return TrainSetup(method=method, rank=rank, targets=targets, precision=precision, optimizer="adamw",
                       batch_size=batch_size, seq_len=seq_len, grad_checkpointing=grad_checkpointing,
                       dropout=0.0, num_gpus=world_size, sharding=STRATEGIES[strategy],
-                      reshard_after_forward=reshard_after_forward)
+                      reshard_after_forward=reshard_after_forward,
+                      stack="torch")  # the job's loop: foreach AdamW and the model's own loss
 
 
 def predicted(spec, setup) -> dict:

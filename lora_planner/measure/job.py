@@ -148,7 +148,8 @@ def planner_setup(settings: JobSettings) -> TrainSetup:
         precision=PLANNER_PRECISION[settings.precision], optimizer="adamw",
         batch_size=settings.batch_size, seq_len=settings.seq_len,
         grad_checkpointing=settings.grad_checkpointing, attention=settings.attention,
-        lora_dropout=settings.dropout)
+        lora_dropout=settings.dropout,
+        stack="torch")  # the job's loop: foreach AdamW and the model's own loss
 
 
 def predict(settings: JobSettings, spec: ModelSpec, gpu_name: str | None = None) -> dict:

@@ -3,8 +3,11 @@
 The model is built from the planner's own `ModelSpec` (through `to_hf_config`), with random weights:
 on CPU for real, or under `FakeTensorMode` (`fake=True`) so that shapes far beyond this machine's
 memory trace in seconds. LoRA uses PEFT with the same targets the planner resolved. The step is
-forward (causal-LM loss), backward, foreach AdamW step, `zero_grad(set_to_none=True)`, run once
+forward (causal-LM loss), backward, optimizer step, `zero_grad(set_to_none=True)`, run once
 untraced (so the optimizer's states exist, as in every step of a run but the first) and then traced.
+The setup's stack choices run as named: AdamW or SGD with the fused, foreach or for-loop kernel
+forced, and the standard or chunked cross-entropy (`chunked_loss`); Liger's fused linear
+cross-entropy needs a GPU and is refused here.
 
 Supported precisions are those a plain PyTorch step realises: `fp32`, and `amp` (bf16 autocast over
 fp32 weights); `pure-bf16` builds the model in bf16 (AdamW then keeps bf16 states). `mixed` and `bf16`
@@ -14,15 +17,17 @@ need an fp32 master copy or fp32 states over bf16 weights, which torch's AdamW d
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from ..errors import PlanError
 from ..gpus import GPUS
 from ..plan import make_plan
 from ..spec import ModelSpec, TrainSetup, to_hf_config
+from ..stacks import resolve
 
 TRACEABLE_PRECISIONS = ("fp32", "amp", "pure-bf16")
 TERMS = ("weights", "gradients", "optimizer_states", "activations")
+TRACEABLE_OPTIMIZERS = ("adamw", "sgd", "sgd-momentum")
 
 
 @dataclass(frozen=True)
@@ -31,6 +36,9 @@ class Comparison:
     traced: dict[str, int]
     predicted_phase: str
     traced_phase: str
+    # the most bytes live within each phase (forward, backward, optimizer), predicted and traced
+    predicted_phases: dict[str, int] = field(default_factory=dict)
+    traced_phases: dict[str, int] = field(default_factory=dict)
 
     def errors(self) -> dict[str, float | None]:
         """(predicted - traced) / traced per term and for the peak; None where nothing was traced."""
@@ -41,6 +49,7 @@ class Comparison:
     def to_dict(self) -> dict:
         return {"predicted": self.predicted, "traced": self.traced,
                 "peak_phase": {"predicted": self.predicted_phase, "traced": self.traced_phase},
+                "phase_peaks": {"predicted": self.predicted_phases, "traced": self.traced_phases},
                 "relative_error": self.errors()}
 
 
@@ -59,22 +68,35 @@ def _check(setup: TrainSetup) -> None:
                         f"{', '.join(TRACEABLE_PRECISIONS)}, got {setup.precision!r}")
     if setup.method not in ("full", "lora"):
         raise PlanError("trace supports full and lora (QLoRA needs bitsandbytes on a GPU)")
-    if setup.optimizer != "adamw":
-        raise PlanError("trace runs AdamW; plan other optimizers with `lora-plan plan`")
+    if setup.optimizer not in TRACEABLE_OPTIMIZERS:
+        raise PlanError(f"trace runs torch's {', '.join(TRACEABLE_OPTIMIZERS)}; plan other optimizers "
+                        "with `lora-plan plan`")
     if setup.task != "causal-lm":
         raise PlanError("trace runs the causal-LM loss")
+    if setup.loss == "fused-linear":
+        raise PlanError("fused-linear cross-entropy runs Liger's Triton kernel on a GPU; trace --loss "
+                        "standard or chunked on CPU")
 
 
 def predicted_terms(spec: ModelSpec, setup: TrainSetup, device: str = "cpu") -> tuple[dict[str, int], str]:
     """The planner's figures for the traced step, on the device the trace runs on."""
+    predicted, phase, _ = _prediction(spec, setup, device)
+    return predicted, phase
+
+
+def _prediction(spec: ModelSpec, setup: TrainSetup,
+                device: str) -> tuple[dict[str, int], str, dict[str, int]]:
+    """`predicted_terms`, and the most bytes the plan has live within each phase."""
     from ..precision import get_precision
     from ..step import predict_step
 
+    setup = resolve(setup)
     plan = make_plan(spec, (setup,), GPUS[0]).plans[0]
     memory = {k: t.bytes for k, t in plan.memory.items()}
     precision = get_precision(setup.precision)
-    if device == "cpu":
-        # torch keeps AdamW's step counter as a 4-byte tensor per parameter tensor, in CPU memory
+    if device == "cpu" and setup.optimizer == "adamw" and setup.optimizer_impl != "fused":
+        # foreach and for-loop AdamW keep the step counter as a 4-byte tensor per parameter tensor
+        # in CPU memory (fused keeps it on the device, and the plan counts it already)
         memory["optimizer_states"] += 4 * _trainable_tensors(spec, setup)
     step = predict_step(spec, setup, precision, memory, device)
     predicted = {
@@ -84,7 +106,10 @@ def predicted_terms(spec: ModelSpec, setup: TrainSetup, device: str = "cpu") -> 
         "activations": step.activations,
         "peak": step.peak.bytes,
     }
-    return predicted, step.peak.name
+    phases: dict[str, int] = {}
+    for p in step.phases:
+        phases[p.name] = max(phases.get(p.name, 0), p.bytes)
+    return predicted, step.peak.name, phases
 
 
 def _trainable_tensors(spec: ModelSpec, setup: TrainSetup) -> int:
@@ -98,6 +123,7 @@ def _trainable_tensors(spec: ModelSpec, setup: TrainSetup) -> int:
 
 def trace(spec: ModelSpec, setup: TrainSetup, *, fake: bool = False, seed: int = 0) -> Comparison:
     """Run (or fake) one step of `setup` on `spec` on CPU and compare it with the prediction."""
+    setup = resolve(setup)
     _check(setup)
     if setup.method == "lora":
         try:
@@ -110,7 +136,7 @@ def trace(spec: ModelSpec, setup: TrainSetup, *, fake: bool = False, seed: int =
 
     from .tracer import MemoryTracer
 
-    predicted, predicted_phase = predicted_terms(spec, setup, "cpu")
+    predicted, predicted_phase, predicted_phases = _prediction(spec, setup, "cpu")
     config = AutoConfig.for_model(**to_hf_config(spec))
     config.use_cache = False
     config._attn_implementation = setup.attention
@@ -136,13 +162,16 @@ def trace(spec: ModelSpec, setup: TrainSetup, *, fake: bool = False, seed: int =
         ids = torch.randint(0, spec.vocab_size, (setup.batch_size, setup.seq_len))
         labels = ids.clone()
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=True)
+        optimizer = _optimizer(torch, params, setup)
         autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=setup.precision == "amp")
 
         def step(tracer: MemoryTracer | None) -> None:
             phase = tracer.phase if tracer else lambda _name: contextlib.nullcontext()
             with phase("forward"), autocast:
-                loss = model(input_ids=ids, labels=labels).loss
+                if setup.loss == "chunked":
+                    loss = chunked_loss(model, ids, labels, setup.loss_chunks)
+                else:
+                    loss = model(input_ids=ids, labels=labels).loss
             with phase("backward"):
                 loss.backward()
             with phase("optimizer"):
@@ -162,7 +191,50 @@ def trace(spec: ModelSpec, setup: TrainSetup, *, fake: bool = False, seed: int =
         "activations": report.terms["activations"],
         "peak": report.peak_bytes,
     }
-    return Comparison(predicted, traced, predicted_phase, report.peak_phase)
+    return Comparison(predicted, traced, predicted_phase, report.peak_phase, predicted_phases,
+                      dict(report.phase_peaks))
+
+
+def chunked_loss(model, ids, labels, chunks: int):
+    """torchtune 0.6.1's chunked head and loss, in plain PyTorch over a transformers model.
+
+    `TransformerDecoder.chunked_output`: the LM head applied to `chunks` slices of the sequence, the
+    list of logits returned; then `CEWithChunkedOutputLoss`: each chunk upcast to fp32 and its
+    cross-entropy summed, divided by the number of labelled tokens. Labels are shifted as
+    transformers' `ForCausalLMLoss` shifts them (padded with -100, then [1:]). Gemma-2's final
+    soft-capping is applied per chunk.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = base.base_model(input_ids=ids).last_hidden_state  # (b, s, H)
+    head = base.get_output_embeddings()
+    cap = getattr(base.config, "final_logit_softcapping", None)
+
+    def project(h):
+        x = head(h)  # (b, s / chunks, V)
+        return torch.tanh(x / cap) * cap if cap else x
+
+    logits = [project(h) for h in hidden.chunk(chunks, dim=1)]
+    shifted = F.pad(labels, (0, 1), value=-100)[:, 1:]  # (b, s)
+    total = (shifted != -100).sum()
+    loss = 0.0
+    for x, y in zip(logits, shifted.chunk(chunks, dim=1), strict=True):
+        loss = loss + F.cross_entropy(x.reshape(-1, x.size(-1)).float(), y.reshape(-1), ignore_index=-100,
+                                      reduction="sum")
+    return loss / total
+
+
+def _optimizer(torch, params, setup: TrainSetup):
+    """The optimizer the setup names, with its implementation forced (on CPU torch would pick the
+    for-loop by itself)."""
+    impl = {"fused": {"fused": True}, "foreach": {"foreach": True},
+            "for-loop": {"foreach": False, "fused": False}}[setup.optimizer_impl]
+    if setup.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=1e-4, **impl)
+    momentum = 0.9 if setup.optimizer == "sgd-momentum" else 0.0
+    return torch.optim.SGD(params, lr=1e-4, momentum=momentum, **impl)
 
 
 def _unpacked(fake: bool):

@@ -212,6 +212,8 @@ class MemoryTracer(TorchDispatchMode):
         if name not in PHASES:
             raise ValueError(f"phase must be one of {', '.join(PHASES)}, got {name!r}")
         self._phase = name
+        # what is live as the phase begins counts towards its peak (a phase may allocate nothing)
+        self._phase_peaks[name] = max(self._phase_peaks.get(name, 0), self._current)
         try:
             yield
         finally:

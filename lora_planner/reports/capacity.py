@@ -17,6 +17,7 @@ from ..plan import MEMORY_KEYS, METHODS, make_plan
 from ..precision import get_precision
 from ..render import to_dict
 from ..spec import TrainSetup, default_seq_len
+from ..stacks import resolve
 from ..units import UNITS, format_bytes
 from . import markdown as md
 from . import plots
@@ -236,7 +237,7 @@ def settings_section(plans: Sequence[dict], settings: CapacitySettings, command:
                      "optimizer), reached in the `peak phase`; `+ CUDA context/cache` is the device's own "
                      "allowance, outside the peak")
     lines += [
-        f"- training setup: {_setup_fields(settings.setup, settings.seq_len_from_model)}",
+        f"- training setup: {_setup_fields(resolve(settings.setup), settings.seq_len_from_model)}",
         "- checkpoints: single safetensors files, header included; storage compares "
         f"{settings.setup.tasks} full copies with one base plus {settings.setup.tasks} adapters",
         f"- sizes in {md.unit_phrase(settings.unit)}; parameter counts are exact",

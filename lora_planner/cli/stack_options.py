@@ -1,0 +1,51 @@
+"""The options that pick the training stack and its kernels (--stack, --optimizer-impl, --loss, ...).
+
+Shared by `plan` and `trace`. A preset (`--stack`) sets every choice left unsaid, checkpointing
+included; an option given explicitly wins over it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import click
+
+from ..stacks import DEFAULT_STACK, LOSSES, OPTIMIZER_IMPLS, STACKS, get_stack
+
+
+def stack_options(f: Callable) -> Callable:
+    """Add --stack, --optimizer-impl, --loss, --loss-chunks and --activation-offload."""
+    options = [
+        click.option("--stack", type=click.Choice(list(STACKS)), default=DEFAULT_STACK,
+                     show_default=True,
+                     help="Preset of the framework's defaults (optimizer kernel, loss, checkpointing, "
+                          "offload): torch = plain loop with AdamW() (foreach); hf-trainer = "
+                          "transformers Trainer (fused AdamW); trl = SFTTrainer (checkpointing, chunked "
+                          "LM head); torchtune = recipes (chunked CE, checkpointing)."),
+        click.option("--optimizer-impl", type=click.Choice(list(OPTIMIZER_IMPLS)), default=None,
+                     help="torch optimizer kernel: fused (in place), foreach (AdamW: sqrt(v) of every "
+                          "tensor at once), for-loop (one tensor at a time). Default: the stack's."),
+        click.option("--loss", type=click.Choice(list(LOSSES)), default=None,
+                     help="standard: full logits + fp32 copy; chunked: torchtune's chunked CE; "
+                          "fused-linear: Liger's fused linear CE (no logits). Default: the stack's."),
+        click.option("--loss-chunks", type=click.IntRange(min=1), default=None,
+                     help="Chunks of the chunked cross-entropy (default 8, torchtune's)."),
+        click.option("--activation-offload/--no-activation-offload", default=None,
+                     help="With checkpointing, keep the checkpointed layer inputs in CPU memory. "
+                          "Default: the stack's (off in every preset)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def stack_changes(stack: str, optimizer_impl: str | None, loss: str | None, loss_chunks: int | None,
+                  activation_offload: bool | None, grad_checkpointing: bool) -> dict:
+    """TrainSetup fields for the chosen stack. Checkpointing takes the preset's value unless the user
+    gave --grad-checkpointing or --no-grad-checkpointing."""
+    ctx = click.get_current_context()
+    source = ctx.get_parameter_source("grad_checkpointing")
+    if source in (None, click.core.ParameterSource.DEFAULT):
+        grad_checkpointing = get_stack(stack).grad_checkpointing
+    return {"stack": stack, "optimizer_impl": optimizer_impl, "loss": loss, "loss_chunks": loss_chunks,
+            "activation_offload": activation_offload, "grad_checkpointing": grad_checkpointing}

@@ -1,0 +1,93 @@
+"""Training stacks: the defaults each framework runs with, as a preset of the step's choices.
+
+The same model and settings take different memory in different stacks because each stack picks its
+own optimizer kernel, loss kernel, checkpointing and offloading. A preset names those defaults; any
+option given explicitly overrides it. Each default is read from the stack's source, version stated:
+
+- `torch`: a plain loop, `torch.optim.AdamW(params)` and `model(labels=...)`. With no `foreach`/`fused`
+  argument torch 2.13 picks foreach for CUDA tensors (`optimizer._default_to_fused_or_foreach`).
+- `hf-trainer`: transformers 5.23 `Trainer`. `TrainingArguments.optim` defaults to `adamw_torch_fused`
+  when torch >= 2.8 (`AdamW(fused=True)`); the loss is the model's `ForCausalLMLoss` (fp32 upcast of
+  the logits); `gradient_checkpointing` defaults to False.
+- `trl`: TRL 1.16 `SFTTrainer`: `SFTConfig` turns `gradient_checkpointing` on by default, keeps the
+  Trainer's fused AdamW and scores tokens with its own chunked LM head (`add_fused_lm_head`:
+  logits never materialised, planned here as `fused-linear`); `activation_offloading` off.
+- `torchtune`: torchtune 0.6.1 recipes (`llama3_1/8B_full.yaml`, `8B_lora_single_device.yaml`):
+  `torch.optim.AdamW(fused=True)`, `CEWithChunkedOutputLoss` (8 chunks), activation checkpointing
+  on, activation offloading off.
+
+Padding and packing: all four default to one sequence per row padded to the batch's longest
+(TRL's `packing` and `padding_free`, torchtune's `packed` are off), so tokens per step are
+batch x sequence in every preset.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from .errors import PlanError
+from .spec import TrainSetup
+
+OPTIMIZER_IMPLS = {
+    "fused": "one kernel per device and dtype updates in place: no temporary",
+    "foreach": "multi-tensor ops: AdamW's sqrt(v) for every trainable tensor at once",
+    "for-loop": "one tensor at a time: AdamW's sqrt(v) and its quotient for the largest tensor",
+}
+LOSSES = {
+    "standard": "transformers' ForCausalLMLoss: full logits, their fp32 copy, fp32 log-softmax saved",
+    "chunked": "torchtune's CEWithChunkedOutputLoss: the head in chunks, one chunk upcast at a time",
+    "fused-linear": "Liger's fused linear cross-entropy: head matmul and loss in chunks, no logits kept",
+}
+DEFAULT_LOSS_CHUNKS = 8  # torchtune CEWithChunkedOutputLoss(num_output_chunks=8)
+
+
+@dataclass(frozen=True)
+class Stack:
+    name: str
+    optimizer_impl: str
+    loss: str
+    grad_checkpointing: bool
+    activation_offload: bool
+    source: str
+
+
+STACKS = {
+    "torch": Stack("torch", "foreach", "standard", False, False,
+                   "torch 2.13 AdamW() default on CUDA (foreach)"),
+    "hf-trainer": Stack("hf-trainer", "fused", "standard", False, False,
+                        "transformers 5.23 Trainer: optim adamw_torch_fused"),
+    "trl": Stack("trl", "fused", "fused-linear", True, False,
+                 "TRL 1.16 SFTTrainer: fused AdamW, chunked LM head, gradient checkpointing on"),
+    "torchtune": Stack("torchtune", "fused", "chunked", True, False,
+                       "torchtune 0.6.1 recipes: AdamW(fused=True), CEWithChunkedOutputLoss(8), "
+                       "activation checkpointing on"),
+}
+DEFAULT_STACK = "hf-trainer"
+
+
+def get_stack(name: str) -> Stack:
+    if name not in STACKS:
+        raise PlanError(f"unknown stack {name!r}; choose one of {', '.join(STACKS)}")
+    return STACKS[name]
+
+
+def resolve(setup: TrainSetup) -> TrainSetup:
+    """The setup with every stack choice left open (None) set from its stack's preset.
+
+    Checkpointing is a plain `TrainSetup` flag: the CLI fills it from the preset when the user gives
+    neither --grad-checkpointing nor --no-grad-checkpointing (`Stack.grad_checkpointing`).
+    """
+    stack = get_stack(setup.stack)
+    impl = setup.optimizer_impl or stack.optimizer_impl
+    # a preset's loss kernel replaces the LM head's loss; a classifier keeps its own
+    loss = setup.loss or (stack.loss if setup.task == "causal-lm" else "standard")
+    if impl not in OPTIMIZER_IMPLS:
+        raise PlanError(f"unknown optimizer implementation {impl!r}; choose one of "
+                        f"{', '.join(OPTIMIZER_IMPLS)}")
+    if loss not in LOSSES:
+        raise PlanError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
+    chunks = setup.loss_chunks if setup.loss_chunks is not None else DEFAULT_LOSS_CHUNKS
+    if chunks < 1:
+        raise PlanError(f"--loss-chunks must be at least 1, got {chunks}")
+    offload = stack.activation_offload if setup.activation_offload is None else setup.activation_offload
+    return replace(setup, optimizer_impl=impl, loss=loss, loss_chunks=chunks, activation_offload=offload)
