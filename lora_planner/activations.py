@@ -88,6 +88,7 @@ class Graph:
     saved: dict[int, tuple[int, str]] = field(default_factory=dict)
     section: str = ""
     _keys: itertools.count = field(default_factory=lambda: itertools.count(1))
+    _section_bytes: dict[str, int] = field(default_factory=dict)
 
     # --- tensors ---------------------------------------------------------------------------------
     def new(self, numel: int, itemsize: int, grad: bool) -> Tensor:
@@ -95,10 +96,15 @@ class Graph:
 
     def save(self, *tensors: Tensor) -> None:
         for t in tensors:
-            self.saved.setdefault(t.key, (t.nbytes, self.section))
+            if t.key not in self.saved:
+                self.saved[t.key] = (t.nbytes, self.section)
+                self._section_bytes[self.section] = self._section_bytes.get(self.section, 0) + t.nbytes
 
     def saved_bytes(self, section: str | None = None) -> int:
-        return sum(b for b, s in self.saved.values() if section is None or s == section)
+        # running totals per section: a walk of 80 layers asks for each layer's bytes
+        if section is None:
+            return sum(self._section_bytes.values())
+        return self._section_bytes.get(section, 0)
 
     @property
     def dropout(self) -> float:
