@@ -96,6 +96,9 @@ def predict_step(spec: ModelSpec, setup: TrainSetup, precision: Precision, memor
         optimizer_temporary=temp,
         inputs=2 * cond.tokens * INT64,
         head_gradients=head,
+        tied_embedding_gradients=sum(numel for path, numel in by_path.items()
+                                     if arch.tied_head and path.endswith(("wte", "embed_tokens")))
+        * grad_bytes,
         layer_gradients=tuple(tuple(parts) for parts in per_layer),
     )
     phases = step_phases(states, prof, spec.vocab_size if setup.task == "causal-lm" else setup.num_labels,

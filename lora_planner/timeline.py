@@ -42,6 +42,8 @@ class States:
     head_gradients: int  # gradients produced at the LM head (lm_head / tied embedding)
     # per decoder layer: (attention part, the rest of the MLP part, the MLP's output projection)
     layer_gradients: tuple[tuple[int, int, int], ...]
+    # A trained embedding tied to the head: its gradient arrives twice (the head's, the lookup's)
+    tied_embedding_gradients: int = 0
 
 
 @dataclass(frozen=True)
@@ -84,12 +86,23 @@ def step_phases(states: States, prof: Profile, vocab: int, tokens: int) -> tuple
         grads += mlp_grads + attn_grads
         phases.append(Phase("backward", base + live - prof.mlp_layers[i] + grads + resid + attn,
                             f"backward through layer {i}'s attention"))
-    phases.append(Phase("backward", base + states.gradients + states.head_gradients // 2,
+    phases.append(Phase("backward", base + states.gradients + end_of_backward_extra(states),
                         "end of backward: all gradients"))
     phases.append(Phase("optimizer",
                         base + states.gradients + states.optimizer_temporary,
                         "gradients + optimizer states + foreach temporary"))
     return tuple(phases)
+
+
+def end_of_backward_extra(states: States) -> int:
+    """What the last backward op holds beyond the finished gradients.
+
+    A tied embedding's two gradients, the head's (kept by autograd since the start of backward)
+    and the lookup's (embedding_dense_backward), are both alive while they are summed into the one
+    `.grad`: 2 x the embedding's gradient bytes on top of the gradients. Untied, the lookup's
+    gradient becomes `.grad` itself and nothing is added.
+    """
+    return 2 * states.tied_embedding_gradients
 
 
 def peak_phase(phases: tuple[Phase, ...]) -> Phase:
