@@ -36,8 +36,6 @@ DEVICES = ("cuda", "cpu")
 INT64 = 8
 FP32 = 4
 
-# Dropout probabilities of the Hugging Face configs (GPT-2: resid, embd, attn = 0.1; the others 0).
-FAMILY_DROPOUT = {"gpt2": 0.1}
 
 
 @dataclass(frozen=True)
@@ -51,7 +49,7 @@ class Conditions:
     attention: str = "sdpa"
     grad_checkpointing: bool = False
     device: str = "cuda"
-    dropout: float | None = None  # None: the family's default
+    dropout: float | None = None  # None: the model's own rates (`ModelSpec.dropout_rates`)
     lora_dropout: float = 0.0
 
     @property
@@ -83,6 +81,7 @@ class Graph:
     wrapped: dict[str, int]  # module path -> LoRA rank
     trainable: set[str]  # module paths whose own weights train (full fine-tuning: all)
     saved: dict[int, tuple[int, str]] = field(default_factory=dict)
+    rates: tuple[float, float, float] = (0.0, 0.0, 0.0)  # attention, residual, embedding dropout
     section: str = ""
     _keys: itertools.count = field(default_factory=lambda: itertools.count(1))
 
@@ -96,10 +95,6 @@ class Graph:
 
     def saved_bytes(self, section: str | None = None) -> int:
         return sum(b for b, s in self.saved.values() if section is None or s == section)
-
-    @property
-    def dropout(self) -> float:
-        return self.cond.dropout if self.cond.dropout is not None else 0.0
 
     # --- elementwise and norms ------------------------------------------------------------------
     def cast(self, x: Tensor, itemsize: int) -> Tensor:
@@ -266,11 +261,11 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
     nh, nkv, inter = spec.num_heads, spec.num_kv_heads, spec.intermediate_size
     p = f"{_layers_prefix(spec)}.{i}"
     if spec.family == "gpt2":
-        drop = g.dropout
+        attn_drop, drop = g.rates[0], g.rates[1]
         h = g.layer_norm(x, f"{p}.ln_1", H)
         qkv = g.linear(h, f"{p}.attn.c_attn", H, 3 * H)
         qkv_view = Tensor(qkv.numel, qkv.itemsize, qkv.grad, qkv.key)  # q, k, v: views of one output
-        a = g.attention(qkv_view, qkv_view, qkv_view, nh, nh, hd, drop, fused=qkv_view)
+        a = g.attention(qkv_view, qkv_view, qkv_view, nh, nh, hd, attn_drop, fused=qkv_view)
         a = g.dropout_op(g.linear(a, f"{p}.attn.c_proj", H, H), drop)
         x = g.add(x, a)
         g.section += " mlp"
@@ -296,9 +291,11 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
         v = g.linear(h, f"{p}.self_attn.v_proj", H, nkv * hd)
     assert rot is not None
     q, k = g.rope(q, *rot), g.rope(k, *rot)
-    a = g.attention(q, k, v, nh, nkv, hd, 0.0, softcap=gemma, contiguous_q=spec.family == "phi3",
-                    fused=v if spec.family == "phi3" else None)
+    a = g.attention(q, k, v, nh, nkv, hd, g.rates[0], softcap=gemma and spec.attn_softcap,
+                    contiguous_q=spec.family == "phi3", fused=v if spec.family == "phi3" else None)
     a = g.linear(a, f"{p}.self_attn.o_proj", nh * hd, H)
+    if spec.family == "phi3":
+        a = g.dropout_op(a, g.rates[1])  # resid_attn_dropout
     if gemma:
         a = g.rms_norm(a, f"{p}.post_attention_layernorm", H, True)
     x = g.add(x, a)
@@ -315,6 +312,8 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
             g.save(gu, act)
         m = g.new(gu.numel // 2, gu.itemsize, gu.grad)
         m = g.linear(m, f"{p}.mlp.down_proj", inter, H)
+    if spec.family == "phi3":
+        m = g.dropout_op(m, g.rates[1])  # resid_mlp_dropout
     else:
         gate = g.linear(h, f"{p}.mlp.gate_proj", H, inter)
         up = g.linear(h, f"{p}.mlp.up_proj", H, inter)
@@ -422,9 +421,8 @@ def profile(spec: ModelSpec, cond: Conditions, wrapped: dict[str, int], trainabl
         raise PlanError(f"attention must be one of {', '.join(ATTENTION)}, got {cond.attention!r}")
     if cond.device not in DEVICES:
         raise PlanError(f"device must be one of {', '.join(DEVICES)}, got {cond.device!r}")
-    if cond.dropout is None:
-        cond = Conditions(**{**cond.__dict__, "dropout": FAMILY_DROPOUT.get(spec.family, 0.0)})
-    g = Graph(cond, wrapped, trainable)
+    rates = spec.dropout_rates if cond.dropout is None else (cond.dropout,) * 3
+    g = Graph(cond, wrapped, trainable, rates=rates)
     t, H, wb = cond.tokens, spec.hidden_size, cond.weight_bytes
     g.section = "embedding"
     # PEFT makes the embedding output require grad when checkpointing (enable_input_require_grads)
@@ -438,7 +436,7 @@ def profile(spec: ModelSpec, cond: Conditions, wrapped: dict[str, int], trainabl
             # the hook makes the token embeddings a leaf that requires grad; the graph holds it, and
             # the checkpointed layers hold the position ids
             g.save(g.new(t * H, wb, True), g.new(cond.seq_len, INT64, False))
-        x = g.dropout_op(x, g.dropout)
+        x = g.dropout_op(x, g.rates[2])
         rot = None
     else:
         x = g.new(t * H, wb, "model.embed_tokens" in trainable or input_grad)
@@ -466,7 +464,7 @@ def profile(spec: ModelSpec, cond: Conditions, wrapped: dict[str, int], trainabl
         h = g.rms_norm(x, norm, H, spec.family == "gemma2")
     head = "lm_head"
     logits = g.linear(h, head, H, spec.vocab_size)
-    if spec.family == "gemma2" and logits.grad:
+    if spec.family == "gemma2" and spec.final_softcap and logits.grad:
         g.save(g.new(logits.numel, logits.itemsize, True))  # final soft-cap: tanh keeps its output
     fp32 = t * spec.vocab_size * FP32
     # nll_loss keeps the shifted labels: a contiguous copy, or for one sequence the padded labels

@@ -16,7 +16,7 @@ from ..spec import DenseSize, TrainSetup
 from ..units import parse_count
 from .common import UserError, parse_ranks, split_values
 from .scale_options import scale_options, setup_changes, workload
-from .step_options import step_options
+from .step_options import dropout_option, step_options
 
 
 @click.command("plan")
@@ -56,6 +56,7 @@ from .step_options import step_options
 @click.option("--tasks", "tasks", type=click.IntRange(min=1), default=1, show_default=True,
               help="Storage for N task-specific fine-tunes: N full copies vs base + N adapters.")
 @step_options
+@dropout_option
 @click.option("--gpu", "gpu_name", default=DEFAULT_GPU, show_default=True,
               help=f"GPU kind: {', '.join(g.name for g in GPUS)}.")
 @click.option("--gpu-mem", "gpu_mem", metavar="SIZE",
@@ -71,7 +72,7 @@ from .step_options import step_options
 def plan_command(model_name, params_text, methods, ranks, targets, precision, optimizer, bias, dora,
                  modules_to_save, double_quant, save_dtype, task, num_labels, tasks, batch_size,
                  seq_len, grad_checkpointing, attention, gpu_name, gpu_mem, fmt, units, explain,
-                 fit, **scale) -> None:
+                 fit, dropout=None, **scale) -> None:
     """Trainable parameters, memory by term (model states, activations, the step's peak), GPUs and
     checkpoint sizes, method by method; with --fit, the largest batch and sequence that fit;
     with --tokens, training FLOPs, hours and cost; with --num-gpus, memory per GPU under ZeRO/FSDP.
@@ -102,7 +103,7 @@ def plan_command(model_name, params_text, methods, ranks, targets, precision, op
             targets=split_values(targets) or ("default",), modules_to_save=split_values(modules_to_save),
             double_quant=double_quant, save_dtype=save_dtype, task=task, num_labels=num_labels,
             tasks=tasks, batch_size=batch_size, seq_len=seq_len,
-            grad_checkpointing=grad_checkpointing, attention=attention,
+            grad_checkpointing=grad_checkpointing, attention=attention, dropout=dropout,
             **setup_changes(**scale),
         )
         rank_list = parse_ranks(ranks)
@@ -156,13 +157,14 @@ def models_command(fmt: str) -> None:
 @click.option("--seq-len", type=click.IntRange(min=1), default=512, show_default=True)
 @click.option("--grad-checkpointing/--no-grad-checkpointing", default=False, show_default=True)
 @click.option("--attention", type=click.Choice(["sdpa", "eager"]), default="sdpa", show_default=True)
+@dropout_option
 @click.option("--layers", type=click.IntRange(min=1), default=None,
               help="Trace only the first N decoder layers (a slice of a large model).")
 @click.option("--fake", is_flag=True,
               help="Run under FakeTensorMode: same byte counts, no memory allocated (70B slices fit).")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
 def trace_command(model_name, method, rank, targets, precision, batch_size, seq_len, grad_checkpointing,
-                  attention, layers, fake, fmt) -> None:
+                  attention, layers, fake, fmt, dropout=None) -> None:
     """Trace one real training step on CPU and print it beside the prediction, term by term.
 
     Needs the `measure` extra (torch, transformers; peft for LoRA).
@@ -179,7 +181,7 @@ def trace_command(model_name, method, rank, targets, precision, batch_size, seq_
         spec = resolve_model(model_name)
         setup = TrainSetup(method=method, rank=rank, targets=split_values(targets) or ("default",),
                            precision=precision, batch_size=batch_size, seq_len=seq_len,
-                           grad_checkpointing=grad_checkpointing, attention=attention)
+                           grad_checkpointing=grad_checkpointing, attention=attention, dropout=dropout)
         try:
             from ..measure.trace import sliced, trace
         except ImportError as exc:
