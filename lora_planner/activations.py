@@ -82,6 +82,19 @@ class Graph:
     trainable: set[str]  # module paths whose own weights train (full fine-tuning: all)
     saved: dict[int, tuple[int, str]] = field(default_factory=dict)
     rates: tuple[float, float, float] = (0.0, 0.0, 0.0)  # attention, residual, embedding dropout
+    biases: frozenset[str] = frozenset()  # module paths that have a bias
+    # autocast's cache of 16-bit copies of trained parameters, by section: [all, those also saved]
+    cache: dict[str, list[int]] = field(default_factory=dict)
+    # per layer: bytes saved by the ops after the MLP's activation (down projection, output norm and
+    # dropout); backward uses and frees them before it reaches the activation
+    tails: list[int] = field(default_factory=list)
+    _tail_from: set[int] = field(default_factory=set)
+    # ...and after attention's core (softmax, or the fused kernel): freed before that core's backward
+    attn_tails: list[int] = field(default_factory=list)
+    _attn_from: set[int] = field(default_factory=set)
+    # by section: the most a layer's forward holds at once beyond the saved tensors before it (a
+    # LoRA layer's base output, adapter output and scaled copy); what checkpointing's recompute peaks at
+    forward_peaks: dict[str, int] = field(default_factory=dict)
     section: str = ""
     _keys: itertools.count = field(default_factory=lambda: itertools.count(1))
 
@@ -151,14 +164,36 @@ class Graph:
         return self.new(h.numel, max(x.itemsize, self.cond.weight_bytes), h.grad or trains)
 
     def layer_norm(self, x: Tensor, path: str, dim: int) -> Tensor:
-        """native_layer_norm keeps its input and fp32 mean and rstd per row (autocast runs it in fp32)."""
+        """native_layer_norm keeps its input and mean and rstd per row (autocast runs it in fp32).
+
+        CUDA keeps the statistics in fp32 (the accumulate type); the CPU kernel in the input's dtype.
+        """
         trains = path in self.trainable
         if self.cond.autocast:
             x = self.cast(x, FP32)
         if x.grad or trains:
             rows = x.numel // dim
-            self.save(x, self.new(rows, FP32, False), self.new(rows, FP32, False))
+            stat = FP32 if self.cond.device == "cuda" else x.itemsize
+            self.save(x, self.new(rows, stat, False), self.new(rows, stat, False))
         return self.new(x.numel, x.itemsize, x.grad or trains)
+
+    def attn_tail_start(self) -> None:
+        self._attn_from = set(self.saved)
+
+    def attn_tail_end(self) -> None:
+        self.attn_tails.append(sum(b for key, (b, _) in self.saved.items() if key not in self._attn_from))
+
+    def tail_start(self) -> None:
+        self._tail_from = set(self.saved)
+
+    def tail_end(self) -> None:
+        self.tails.append(sum(b for key, (b, _) in self.saved.items() if key not in self._tail_from))
+
+    def cached(self, nbytes: int, saved: bool) -> None:
+        """A 16-bit copy of a trained parameter: autocast keeps it until forward ends."""
+        entry = self.cache.setdefault(self.section, [0, 0])
+        entry[0] += nbytes
+        entry[1] += nbytes if saved else 0
 
     # --- linear layers --------------------------------------------------------------------------
     def linear(self, x: Tensor, path: str, in_features: int, out_features: int) -> Tensor:
@@ -175,6 +210,10 @@ class Graph:
             self.save(xin)
         if self.cond.autocast and (x.grad or trains):
             self.save(self.new(in_features * out_features, 2, False))  # the bf16 weight copy
+        if self.cond.autocast and trains:
+            self.cached(in_features * out_features * 2, saved=True)
+            if path in self.biases:
+                self.cached(out_features * 2, saved=False)
         out = self.new(rows * out_features, xin.itemsize, x.grad or trains)
         if rank is None:
             return out
@@ -185,14 +224,21 @@ class Graph:
             self.save(self.new(in_features * rank, 2, False))
         a = self.new(rows * rank, xa.itemsize, True)
         self.save(a)  # lora_B's input
+        layer = self.section.removesuffix(" mlp")
+        # base output, lora_B's output and its scaled copy, on top of what the layer saved so far
+        held = (self.saved_bytes(layer) + self.saved_bytes(f"{layer} mlp")
+                + 3 * rows * out_features * out.itemsize)
+        self.forward_peaks[layer] = max(self.forward_peaks.get(layer, 0), held)
         if self.cond.autocast:
             self.save(self.new(rank * out_features, 2, False))
+            self.cached(in_features * rank * 2, saved=xd.grad)
+            self.cached(rank * out_features * 2, saved=True)
         return self.add(out, self.new(rows * out_features, xa.itemsize, True))
 
     # --- attention ------------------------------------------------------------------------------
     def attention(self, q: Tensor, k: Tensor, v: Tensor, heads: int, kv_heads: int, head_dim: int,
                   attn_dropout: float, softcap: bool = False, contiguous_q: bool = False,
-                  fused: Tensor | None = None) -> Tensor:
+                  fused: Tensor | None = None, softmax_fp32: bool = True) -> Tensor:
         """Attention over projected (and rotated) q, k, v; returns the (b, s, heads * head_dim) output
         as o_proj reads it.
 
@@ -213,6 +259,7 @@ class Graph:
             out = self.new(full, cb, grad)
             if grad:
                 self.save(q, k, v, out, self.new(b * heads * s, FP32, False))
+            self.attn_tail_start()
             # the kernel lays its output out like q: when q is (b, heads, s, d)-contiguous (Phi-3's
             # rotary concatenates), o_proj's (b, s, heads * d) view needs a copy
             return self.new(full, cb, grad) if contiguous_q else out
@@ -233,9 +280,13 @@ class Graph:
             self.save(kc)
         if softcap and (qc.grad or kc.grad):
             self.save(self.new(probs, cb, True))  # tanh(scores / cap) keeps its output
-        p = self.new(probs, FP32 if eager else cb, qc.grad or kc.grad)
+        # eager softmax runs in fp32 (an explicit dtype, or autocast's fp32 list); GPT-2's has no
+        # dtype, so without autocast it runs in the scores' dtype
+        soft = FP32 if eager and (softmax_fp32 or self.cond.autocast) else cb
+        p = self.new(probs, soft, qc.grad or kc.grad)
         if p.grad:
             self.save(p)  # softmax keeps its output
+        self.attn_tail_start()
         p = self.cast(p, max(q.itemsize, v.itemsize) if eager else cb)
         p = self.dropout_op(p, attn_dropout)
         if vc.grad:
@@ -265,9 +316,11 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
         h = g.layer_norm(x, f"{p}.ln_1", H)
         qkv = g.linear(h, f"{p}.attn.c_attn", H, 3 * H)
         qkv_view = Tensor(qkv.numel, qkv.itemsize, qkv.grad, qkv.key)  # q, k, v: views of one output
-        a = g.attention(qkv_view, qkv_view, qkv_view, nh, nh, hd, attn_drop, fused=qkv_view)
+        a = g.attention(qkv_view, qkv_view, qkv_view, nh, nh, hd, attn_drop, fused=qkv_view,
+                        softmax_fp32=False)
         a = g.dropout_op(g.linear(a, f"{p}.attn.c_proj", H, H), drop)
         x = g.add(x, a)
+        g.attn_tail_end()
         g.section += " mlp"
         h = g.layer_norm(x, f"{p}.ln_2", H)
         f = g.linear(h, f"{p}.mlp.c_fc", H, inter)
@@ -275,7 +328,9 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
         # product both factors
         t = g.unary(g.unary(f, "input"), "output")
         act = g.mul(g.new(f.numel, f.itemsize, f.grad), g.new(t.numel, t.itemsize, t.grad))
+        g.tail_start()
         m = g.dropout_op(g.linear(act, f"{p}.mlp.c_proj", inter, H), drop)
+        g.tail_end()
         return g.add(x, m)
     gemma = spec.family == "gemma2"
     h = g.rms_norm(x, f"{p}.input_layernorm", H, gemma)
@@ -299,6 +354,7 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
     if gemma:
         a = g.rms_norm(a, f"{p}.post_attention_layernorm", H, True)
     x = g.add(x, a)
+    g.attn_tail_end()
     g.section += " mlp"
     h = g.rms_norm(x, f"{p}.pre_feedforward_layernorm" if gemma else f"{p}.post_attention_layernorm",
                    H, gemma)
@@ -311,15 +367,21 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
         if gu.grad:
             g.save(gu, act)
         m = g.new(gu.numel // 2, gu.itemsize, gu.grad)
+        g.tail_start()
         m = g.linear(m, f"{p}.mlp.down_proj", inter, H)
-    if spec.family == "phi3":
         m = g.dropout_op(m, g.rates[1])  # resid_mlp_dropout
     else:
         gate = g.linear(h, f"{p}.mlp.gate_proj", H, inter)
         up = g.linear(h, f"{p}.mlp.up_proj", H, inter)
-        m = g.linear(g.mul(g.unary(gate, "input"), up), f"{p}.mlp.down_proj", inter, H)
+        act = g.mul(g.unary(gate, "input"), up)
+        g.tail_start()
+        m = g.linear(act, f"{p}.mlp.down_proj", inter, H)
     if gemma:
         m = g.rms_norm(m, f"{p}.post_feedforward_layernorm", H, True)
+    if spec.num_experts:
+        g.tails.append(0)  # the expert block's transient keeps its own count (see layer_backward_transients)
+    else:
+        g.tail_end()
     return g.add(x, m)
 
 
@@ -352,8 +414,7 @@ def _moe(g: Graph, spec: ModelSpec, p: str, h: Tensor) -> Tensor:
     return g.new(t * H, xb, True)
 
 
-def layer_backward_transients(spec: ModelSpec, cond: Conditions,
-                              down_trains: bool = False) -> tuple[int, int, int]:
+def layer_backward_transients(spec: ModelSpec, cond: Conditions) -> tuple[int, int, int]:
     """Gradients alive at once inside one layer's backward, beyond what the forward saved.
 
     The gradient of the residual stream flows through every layer (fp32 under autocast). On top of
@@ -362,19 +423,23 @@ def layer_backward_transients(spec: ModelSpec, cond: Conditions,
     attention's, where flash backward returns q, k and v gradients beside the output's, and eager
     backward holds the gradient of the s x s probabilities and of the scores. Returned apart
     (residual, MLP, attention) because the MLP's saved tensors are freed before attention's backward.
+    What the down projection and the ops after it kept is freed before the MLP's peak: the timeline
+    takes it off (`Profile.mlp_tails`).
     """
     t, cb = cond.tokens, cond.compute_bytes
     resid = t * spec.hidden_size * (FP32 if cond.autocast else cond.weight_bytes)
     rows = t * max(spec.experts_per_token, 1)
-    mlp = (3 - down_trains) * rows * spec.intermediate_size * cb
-    if cond.autocast and not spec.num_experts:
-        mlp -= spec.intermediate_size * spec.hidden_size * 2  # the down projection's bf16 weight copy
+    mlp = 3 * rows * spec.intermediate_size * cb
     qkv = t * (2 * spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim * cb
-    if cond.attention == "eager" or (cond.device == "cpu" and spec.family == "gpt2"):
+    attn_dropout = spec.dropout_rates[0] if cond.dropout is None else cond.dropout
+    # torch's CPU math fallback (attention dropout) keeps the probabilities as eager does
+    if cond.attention == "eager" or (cond.device == "cpu" and attn_dropout > 0):
         # softmax backward: the fp32 gradient of the probabilities and of the scores, once the
         # 16-bit probabilities kept for probs @ v (under 16-bit compute) have been freed
         probs = cond.batch_size * spec.num_heads * cond.seq_len * cond.seq_len
-        attn = max(qkv, probs * (2 * FP32 - (cb if cb != FP32 else 0)))
+        # GPT-2's eager softmax runs in the scores' dtype; the others' (and the math kernel) in fp32
+        soft = cb if spec.family == "gpt2" and not cond.autocast and cond.attention == "eager" else FP32
+        attn = max(qkv, probs * 2 * soft)
     else:
         attn = qkv
     return resid, mlp, attn
@@ -406,6 +471,21 @@ class Profile:
     checkpoint_args: int
 
     checkpointed: bool = False
+    # autocast's 16-bit copies of trained parameters alive at the loss but not saved: biases, and
+    # under checkpointing the weight copies of the layers (their saved sets are dropped)
+    autocast_cache: int = 0
+    # checkpointing with a frozen embedding: PEFT makes the embedding output a leaf that requires
+    # grad; it and its `.grad` stay alive after backward, for as long as the step's loss is held
+    input_leaf: int = 0
+    # per layer: what the MLP's backward frees before its peak (`Graph.tails`), and attention's
+    mlp_tails: tuple[int, ...] = ()
+    attn_tails: tuple[int, ...] = ()
+    # per layer: the most its forward holds at once (`Graph.forward_peaks`), reached again when a
+    # checkpointed layer is recomputed
+    recompute_peaks: tuple[int, ...] = ()
+    # the final norm's output: the model's forward holds it (as its last hidden state) until the
+    # loss, also when backward does not keep it
+    final_hidden: int = 0
 
     @property
     def total(self) -> int:
@@ -422,7 +502,10 @@ def profile(spec: ModelSpec, cond: Conditions, wrapped: dict[str, int], trainabl
     if cond.device not in DEVICES:
         raise PlanError(f"device must be one of {', '.join(DEVICES)}, got {cond.device!r}")
     rates = spec.dropout_rates if cond.dropout is None else (cond.dropout,) * 3
-    g = Graph(cond, wrapped, trainable, rates=rates)
+    from .architecture import layout
+
+    biases = frozenset(m.path for m in layout(spec).modules if m.bias is not None)
+    g = Graph(cond, wrapped, trainable, rates=rates, biases=biases)
     t, H, wb = cond.tokens, spec.hidden_size, cond.weight_bytes
     g.section = "embedding"
     # PEFT makes the embedding output require grad when checkpointing (enable_input_require_grads)
@@ -490,8 +573,14 @@ def profile(spec: ModelSpec, cond: Conditions, wrapped: dict[str, int], trainabl
         eager_mask=eager_mask,
         checkpoint_args=shared,
         mlp_layers=tuple(mlps),
-        transients=layer_backward_transients(
-            spec, cond, f"{_layers_prefix(spec)}.0.mlp.{'c_proj' if spec.family == 'gpt2' else 'down_proj'}"
-            in trainable),
+        transients=layer_backward_transients(spec, cond),
+        mlp_tails=tuple(g.tails),
+        attn_tails=tuple(g.attn_tails),
+        recompute_peaks=tuple(g.forward_peaks.get(f"layer {i}", 0) for i in range(spec.num_layers)),
         checkpointed=cond.grad_checkpointing,
+        final_hidden=0 if h.key in g.saved else h.nbytes,
+        input_leaf=t * H * wb if input_grad and not trainable & {"model.embed_tokens", "transformer.wte",
+                                                                 "transformer.wpe"} else 0,
+        autocast_cache=sum(total - kept + (kept if cond.grad_checkpointing and where.startswith("layer")
+                                           else 0) for where, (total, kept) in g.cache.items()),
     )

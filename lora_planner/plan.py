@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from . import checkpoints, cost
-from .architecture import LINEAR_KINDS, Architecture, Param, layout
-from .counts import Trainable, lora_trainable
+from .architecture import Param, layout
+from .counts import lora_trainable
 from .errors import PlanError
 from .fit import Fit, fit_limits
 from .gpus import Gpu, gpus_needed
@@ -25,6 +25,7 @@ from .memory import (
 )
 from .optimizers import check_optimizer
 from .precision import DTYPE_BYTES, Precision, get_precision, weight_dtype
+from .quant import quantised_params
 from .sharding import (
     DataParallel,
     distribute,
@@ -136,18 +137,6 @@ def _assemble(method: str, gpu: Gpu, weight_terms: tuple[Term, ...], states: dic
                       peak_phase=phase, device_overhead=overhead, data_parallel=placed, **fields)
 
 
-def quantised_params(arch: Architecture, trainable: Trainable) -> set[str]:
-    """Names of the weights QLoRA stores as NF4: bitsandbytes quantises every linear layer but the
-    output head; biases stay 16-bit. Fused 3-D expert weights are assumed quantised the same way."""
-    saved_paths = {m.path for m in trainable.saved_modules}
-    return {
-        p.name for m in arch.modules
-        if (m.kind in LINEAR_KINDS or m.kind == "experts")
-        and m.path != arch.head_path and m.path not in saved_paths
-        for p in m.params if not p.name.endswith(".bias")
-    }
-
-
 def plan_full(spec: ModelSpec, setup: TrainSetup, gpu: Gpu) -> MethodPlan:
     """Full fine-tuning: every parameter is trained and saved."""
     precision = get_precision(setup.precision)
@@ -184,7 +173,7 @@ def plan_lora(spec: ModelSpec, setup: TrainSetup, gpu: Gpu) -> MethodPlan:
     weight_terms: list[Term] = []
     nf4: list[Param] = []
     if setup.method == "qlora":
-        quantised = quantised_params(arch, trainable)
+        quantised = quantised_params(arch, trainable, setup.quantize_experts)
         nf4 = [p for p in frozen if p.name in quantised]
         frozen = [p for p in frozen if p.name not in quantised]
         weight_terms.append(quantized_weight_bytes(nf4, setup.double_quant))
@@ -280,6 +269,13 @@ def make_plan(model: ModelSpec | DenseSize, setups: tuple[TrainSetup, ...], gpu:
             raise PlanError("--fit needs the model's shape for activations; pass --model")
         plans = [replace(p, fit=fit_limits(model, s, gpu)) for p, s in zip(plans, setups, strict=True)]
     notes = sharding_notes(setups[0], isinstance(model, DenseSize))
+    if isinstance(model, ModelSpec) and model.num_experts and any(s.method == "qlora" for s in setups):
+        notes.append(
+            "QLoRA keeps the fused 3-D expert weights in 16-bit: bitsandbytes quantises nn.Linear "
+            "modules only (bitsandbytes#1849); --quantize-experts plans a stack that quantises them"
+            if not setups[0].quantize_experts else
+            "--quantize-experts: the fused expert weights are planned as NF4, which stock bitsandbytes "
+            "does not do (bitsandbytes#1849)")
     notes += cost.notes(workload, gpu, isinstance(model, DenseSize))
     if isinstance(model, DenseSize):
         info = ModelInfo(model.name or f"dense {model.total_params:,} params", "dense", model.total_params)

@@ -113,6 +113,7 @@ class TrainSetup:
     use_dora: bool = False
     modules_to_save: tuple[str, ...] = ()
     double_quant: bool = True
+    quantize_experts: bool = False  # QLoRA: quantise fused 3-D experts too (bitsandbytes does not)
     save_dtype: str = "auto"
     task: str = "causal-lm"
     num_labels: int = 2

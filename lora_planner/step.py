@@ -14,6 +14,7 @@ from .architecture import Architecture, layout
 from .counts import lora_trainable
 from .errors import PlanError
 from .precision import Precision
+from .quant import dequant_transient_bytes, quantised_params
 from .spec import ModelSpec, TrainSetup
 from .timeline import Phase, States, peak_phase, step_phases
 
@@ -88,6 +89,10 @@ def predict_step(spec: ModelSpec, setup: TrainSetup, precision: Precision, memor
         elif path == arch.head_path or (arch.tied_head and path.endswith(("wte", "embed_tokens"))):
             head += numel * grad_bytes
     trainable_numel = sum(by_path.values())
+    dequant = 0
+    if setup.method == "qlora":
+        nf4 = quantised_params(arch, lora_trainable(spec, setup), setup.quantize_experts)
+        dequant = dequant_transient_bytes([p.numel for p in arch.params if p.name in nf4])
     temp = FOREACH_TEMPORARY.get(setup.optimizer, 0) * trainable_numel * precision.state_bytes
     states = States(
         weights=memory["weights"],
@@ -96,6 +101,7 @@ def predict_step(spec: ModelSpec, setup: TrainSetup, precision: Precision, memor
         optimizer_temporary=temp,
         inputs=2 * cond.tokens * INT64,
         head_gradients=head,
+        dequant_transient=dequant,
         tied_embedding_gradients=sum(numel for path, numel in by_path.items()
                                      if arch.tied_head and path.endswith(("wte", "embed_tokens")))
         * grad_bytes,

@@ -44,6 +44,8 @@ class States:
     layer_gradients: tuple[tuple[int, int, int], ...]
     # A trained embedding tied to the head: its gradient arrives twice (the head's, the lookup's)
     tied_embedding_gradients: int = 0
+    # QLoRA: the 16-bit copy of the NF4 weight being multiplied (`quant.dequant_transient_bytes`)
+    dequant_transient: int = 0
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,7 @@ def step_phases(states: States, prof: Profile, vocab: int, tokens: int) -> tuple
     acts = prof.total
     logits = prof.logits + prof.logits_fp32
     mask = 0 if prof.checkpointed else prof.eager_mask
-    phases = [Phase("forward", base + acts + logits + mask,
+    phases = [Phase("forward", base + acts + logits + mask + prof.autocast_cache + prof.final_hidden,
                      "weights + saved activations + logits at the loss")]
     head_grads = 2 * tokens * vocab * FP32
     phases.append(Phase("backward", base + acts + head_grads,
@@ -76,20 +78,30 @@ def step_phases(states: States, prof: Profile, vocab: int, tokens: int) -> tuple
         if prof.checkpointed:
             saved_below -= prof.layer_inputs[i]
             live = saved_below + prof.layers[i] + prof.layer_inputs[i] - prof.input_saved_by_layer[i]
+            if prof.recompute_peaks and prof.recompute_peaks[i]:
+                held = (saved_below + prof.layer_inputs[i] - prof.input_saved_by_layer[i]
+                        + prof.recompute_peaks[i])
+                phases.append(Phase("backward", base + held + grads + resid,
+                                    f"recomputing layer {i}'s forward"))
         else:
             live = saved_below
             saved_below -= prof.layers[i]
         # the MLP's backward runs first, with the whole layer still saved; by the attention's, the
         # MLP's saved tensors are gone
-        phases.append(Phase("backward", base + live + grads + resid + mlp,
+        tail = prof.mlp_tails[i] if prof.mlp_tails else 0
+        dq = states.dequant_transient
+        phases.append(Phase("backward", base + live - tail + grads + resid + mlp + dq,
                             f"backward through layer {i}'s MLP"))
         grads += mlp_grads + attn_grads
-        phases.append(Phase("backward", base + live - prof.mlp_layers[i] + grads + resid + attn,
+        attn_tail = prof.attn_tails[i] if prof.attn_tails else 0
+        phases.append(Phase("backward",
+                            base + live - prof.mlp_layers[i] - attn_tail + grads + resid + attn + dq,
                             f"backward through layer {i}'s attention"))
-    phases.append(Phase("backward", base + states.gradients + end_of_backward_extra(states),
+    leaf = 2 * prof.input_leaf  # the embedding output made a leaf, and its gradient
+    phases.append(Phase("backward", base + states.gradients + end_of_backward_extra(states) + leaf,
                         "end of backward: all gradients"))
     phases.append(Phase("optimizer",
-                        base + states.gradients + states.optimizer_temporary,
+                        base + states.gradients + states.optimizer_temporary + leaf,
                         "gradients + optimizer states + foreach temporary"))
     return tuple(phases)
 

@@ -47,6 +47,9 @@ from .step_options import dropout_option, step_options
               help="Modules trained in full beside the adapters (PEFT's modules_to_save).")
 @click.option("--double-quant/--no-double-quant", default=True, show_default=True,
               help="QLoRA: quantise the 4-bit base's block constants too.")
+@click.option("--quantize-experts", is_flag=True,
+              help="QLoRA: plan fused 3-D expert weights (Mixtral) as NF4 too. Stock bitsandbytes "
+                   "quantises nn.Linear only, so by default they stay 16-bit.")
 @click.option("--save-dtype", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
               show_default=True, help="Checkpoint dtype; auto saves weights as they are stored.")
 @click.option("--task", type=click.Choice(["causal-lm", "seq-cls"]), default="causal-lm",
@@ -72,7 +75,7 @@ from .step_options import dropout_option, step_options
 def plan_command(model_name, params_text, methods, ranks, targets, precision, optimizer, bias, dora,
                  modules_to_save, double_quant, save_dtype, task, num_labels, tasks, batch_size,
                  seq_len, grad_checkpointing, attention, gpu_name, gpu_mem, fmt, units, explain,
-                 fit, dropout=None, **scale) -> None:
+                 fit, dropout=None, quantize_experts=False, **scale) -> None:
     """Trainable parameters, memory by term (model states, activations, the step's peak), GPUs and
     checkpoint sizes, method by method; with --fit, the largest batch and sequence that fit;
     with --tokens, training FLOPs, hours and cost; with --num-gpus, memory per GPU under ZeRO/FSDP.
@@ -101,7 +104,8 @@ def plan_command(model_name, params_text, methods, ranks, targets, precision, op
         base = TrainSetup(
             precision=precision, optimizer=optimizer, bias=bias, use_dora=dora,
             targets=split_values(targets) or ("default",), modules_to_save=split_values(modules_to_save),
-            double_quant=double_quant, save_dtype=save_dtype, task=task, num_labels=num_labels,
+            double_quant=double_quant, quantize_experts=quantize_experts, save_dtype=save_dtype,
+            task=task, num_labels=num_labels,
             tasks=tasks, batch_size=batch_size, seq_len=seq_len,
             grad_checkpointing=grad_checkpointing, attention=attention, dropout=dropout,
             **setup_changes(**scale),
