@@ -99,10 +99,11 @@ def step_phases(states: States, prof: Profile, vocab: int, tokens: int) -> tuple
                             f"backward through layer {i}'s attention"))
     leaf = 2 * prof.input_leaf  # the embedding output made a leaf, and its gradient
     phases.append(Phase("backward", base + states.gradients + end_of_backward_extra(states) + leaf,
-                        "end of backward: all gradients"))
+                        "end of backward: weights + optimizer states + all gradients"))
     phases.append(Phase("optimizer",
                         base + states.gradients + states.optimizer_temporary + leaf,
-                        "gradients + optimizer states + foreach temporary"))
+                        "weights + gradients + optimizer states (and any fp32 master weights) + "
+                        "foreach temporary"))
     return tuple(phases)
 
 
