@@ -95,6 +95,10 @@ class Graph:
     # by section: the most a layer's forward holds at once beyond the saved tensors before it (a
     # LoRA layer's base output, adapter output and scaled copy); what checkpointing's recompute peaks at
     forward_peaks: dict[str, int] = field(default_factory=dict)
+    # weights whose input needs no gradient (its product is skipped in backward), and attention
+    # layers whose q, k and v need none (their backward does not run at all)
+    no_input_grad_params: int = 0
+    attention_without_grad: int = 0
     section: str = ""
     _keys: itertools.count = field(default_factory=lambda: itertools.count(1))
 
@@ -205,6 +209,8 @@ class Graph:
         trains = path in self.trainable
         rank = self.wrapped.get(path)
         rows = x.numel // in_features
+        if not x.grad:
+            self.no_input_grad_params += in_features * out_features + in_features * (rank or 0)
         xin = self.cast(x, 2) if self.cond.autocast else x
         if trains:
             self.save(xin)
@@ -249,6 +255,7 @@ class Graph:
         """
         b, s = self.cond.batch_size, self.cond.seq_len
         grad = q.grad or k.grad or v.grad
+        self.attention_without_grad += not grad
         if self.cond.autocast:
             q, k, v = self.cast(q, 2), self.cast(k, 2), self.cast(v, 2)
         cb = max(q.itemsize, v.itemsize)
@@ -483,6 +490,9 @@ class Profile:
     # per layer: the most its forward holds at once (`Graph.forward_peaks`), reached again when a
     # checkpointed layer is recomputed
     recompute_peaks: tuple[int, ...] = ()
+    # backward work not done (see `Graph.no_input_grad_params`); `cost` takes it off the FLOPs
+    no_input_grad_params: int = 0
+    attention_without_grad: int = 0
     # the final norm's output: the model's forward holds it (as its last hidden state) until the
     # loss, also when backward does not keep it
     final_hidden: int = 0
@@ -576,6 +586,8 @@ def profile(spec: ModelSpec, cond: Conditions, wrapped: dict[str, int], trainabl
         transients=layer_backward_transients(spec, cond),
         mlp_tails=tuple(g.tails),
         attn_tails=tuple(g.attn_tails),
+        no_input_grad_params=g.no_input_grad_params,
+        attention_without_grad=g.attention_without_grad,
         recompute_peaks=tuple(g.forward_peaks.get(f"layer {i}", 0) for i in range(spec.num_layers)),
         checkpointed=cond.grad_checkpointing,
         final_hidden=0 if h.key in g.saved else h.nbytes,

@@ -35,7 +35,7 @@ from .sharding import (
     step_peak_on_gpu,
 )
 from .spec import DenseSize, ModelSpec, TrainSetup
-from .step import predict_step
+from .step import input_gradient_skips, predict_step
 from .timeline import Phase
 
 METHODS = ("full", "lora", "qlora")
@@ -186,10 +186,11 @@ def plan_lora(spec: ModelSpec, setup: TrainSetup, gpu: Gpu) -> MethodPlan:
     adapter_params = trainable.file_params
     adapter = checkpoints.safetensors_bytes(adapter_params, dtype)
     base = checkpoints.safetensors_bytes(arch.params, dtype)
+    skipped, attention_skipped = input_gradient_skips(spec, setup)
     flops = cost.lora_flops_per_token(
         cost.matmul_params(spec, arch), cost.head_matmul_params(arch), trainable.adapter_count,
         trainable.saved_module_count, cost.attention_forward_flops(spec, setup.seq_len),
-        setup.grad_checkpointing)
+        setup.grad_checkpointing, skipped, attention_skipped, spec.num_layers)
     if nf4:
         flops = cost.plus(flops, cost.dequant_flops_per_token(
             sum(p.numel for p in nf4), setup.batch_size * setup.seq_len, setup.grad_checkpointing))

@@ -69,6 +69,17 @@ def _training(spec: ModelSpec, setup: TrainSetup,
     return wrapped, saved, by_path
 
 
+def input_gradient_skips(spec: ModelSpec, setup: TrainSetup) -> tuple[int, int]:
+    """(weights whose input needs no gradient, attention layers with no gradient) in this setup's
+    backward, from the activation walk; what `cost.lora_flops_per_token` takes off."""
+    from .precision import get_precision
+
+    arch = layout(spec, setup.task, setup.num_labels)
+    wrapped, trainable, _ = _training(spec, setup, arch)
+    prof = profile(spec, conditions(setup, get_precision(setup.precision)), wrapped, trainable)
+    return prof.no_input_grad_params, prof.attention_without_grad
+
+
 def predict_step(spec: ModelSpec, setup: TrainSetup, precision: Precision, memory: dict[str, int],
                  device: str = "cuda") -> StepPrediction:
     """The step's activations and peak, given the plan's model-state bytes in `memory`."""
