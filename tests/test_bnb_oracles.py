@@ -78,3 +78,29 @@ def test_adamw_8bit_states_switch_at_bitsandbytes_minimum():
     for shape in ((63, 65), (64, 64), (4096, 3)):
         per_param, _ = _adamw8bit_state_bytes([shape])
         assert optimizer_state_bytes("adamw-8bit", [Param("p", shape)], 4) == per_param
+
+
+@pytest.mark.parametrize(("out_features", "in_features"), [(160, 96), (77, 200)])
+def test_dequant_transient_is_the_16_bit_weight_bitsandbytes_makes(out_features, in_features):
+    """A 4-bit layer's backward dequantises its weight to the compute dtype: the tracer sees that
+    storage appear, and its size is what the timeline adds for QLoRA."""
+    from lora_planner.measure.tracer import MemoryTracer
+    from lora_planner.quant import dequant_transient_bytes
+
+    torch.manual_seed(0)
+    layer = bnb.nn.Linear4bit(in_features, out_features, bias=False, compute_dtype=torch.bfloat16,
+                              quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(torch.randn(out_features, in_features, dtype=torch.bfloat16),
+                                     requires_grad=False, quant_type="nf4")
+    layer = layer.to("cpu")  # moving the layer is what quantises its weight
+    x = torch.randn(4, in_features, dtype=torch.bfloat16, requires_grad=True)
+    tracer = MemoryTracer(layer, record_timeline=True)
+    with tracer:
+        with tracer.phase("forward"):
+            y = layer(x)
+        with tracer.phase("backward"):
+            y.sum().backward()
+    steps = tracer.timeline
+    made = [now - before for (_, _, _, before), (_, op, _, now) in zip(steps, steps[1:], strict=False)
+            if op == "dequantize_4bit"]
+    assert made == [dequant_transient_bytes([out_features * in_features])]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("torch")
+torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
@@ -21,6 +21,15 @@ from fuzz_models import Case, random_case, run_case  # noqa: E402
 from lora_planner.spec import TrainSetup  # noqa: E402
 
 PEAK_TOLERANCE = 0.01
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors gain nothing from intra-op threads; one keeps the suite fast on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 # seed -> (bound on |peak error|, why). Misses of the recompute of a checkpointed layer with eager
 # attention: the recomputed forward's own transients (scores before the softmax, the residual
