@@ -256,6 +256,7 @@ class Graph:
         b, s = self.cond.batch_size, self.cond.seq_len
         grad = q.grad or k.grad or v.grad
         self.attention_without_grad += not grad
+        q_in, v_in = q.itemsize, v.itemsize  # before autocast: what `.to(query.dtype)` casts back to
         if self.cond.autocast:
             q, k, v = self.cast(q, 2), self.cast(k, 2), self.cast(v, 2)
         cb = max(q.itemsize, v.itemsize)
@@ -274,6 +275,9 @@ class Graph:
         if not eager:
             cb = FP32  # torch's CPU math kernel computes in fp32 whatever the input dtype
         qc, kc, vc = (self.new(full, cb, t.grad) for t in (q, k, v))  # contiguous (repeated) copies
+        if eager and kv_heads == 1 and heads > 1 and fused is None and not self.cond.autocast:
+            # one k/v head: repeat_kv's expand-and-reshape stays a view, so k and v are kept as they are
+            kc, vc = k, v
         if fused is not None and b == 1 and vc.itemsize == fused.itemsize:
             # one sequence: slices of the fused projection reshape for bmm without a copy, and
             # keeping one keeps the whole fused output (eager uses q and k so too; the math
@@ -294,8 +298,13 @@ class Graph:
         if p.grad:
             self.save(p)  # softmax keeps its output
         self.attn_tail_start()
-        p = self.cast(p, max(q.itemsize, v.itemsize) if eager else cb)
-        p = self.dropout_op(p, attn_dropout)
+        if eager:
+            # back to the query's dtype (GPT-2: the value's) as the module wrote it, dropout there,
+            # and autocast's matmul makes the 16-bit copy that probs @ v keeps
+            p = self.dropout_op(self.cast(p, q_in if softmax_fp32 else v_in), attn_dropout)
+            p = self.cast(p, 2) if self.cond.autocast else p
+        else:
+            p = self.dropout_op(self.cast(p, cb), attn_dropout)
         if vc.grad:
             self.save(p)  # probs @ v keeps the probabilities for v's gradient, v for theirs
         if p.grad:
