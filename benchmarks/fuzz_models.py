@@ -169,6 +169,11 @@ def main() -> int:
     ap.add_argument("--over", type=float, default=0.01, help="list cases whose peak misses by more")
     args = ap.parse_args()
     out = open(args.jsonl, "a") if args.jsonl else None
+    origin = None
+    if out:
+        from step_grid import provenance
+
+        origin = provenance(fake=False) | {"device": "cpu (fake tensors where a case says so)"}
     worst, misses = 0.0, []
     for seed in _seeds(args.seeds):
         case = random_case(seed)
@@ -185,7 +190,9 @@ def main() -> int:
             misses.append(case.label)
         if out:
             out.write(json.dumps({"case": case.label, "config": case.config,
-                                  "setup": replace(case.setup).__dict__, **r.to_dict()}) + "\n")
+                                  "setup": replace(case.setup).__dict__, **r.to_dict(),
+                                  "provenance": origin}) + "\n")
+            out.flush()
     print(f"{len(_seeds(args.seeds))} cases, worst peak error {worst:.3%}; {len(misses)} over "
           f"{args.over:.1%} or with inexact activations")
     for label in misses:

@@ -275,8 +275,9 @@ class Graph:
         if not eager:
             cb = FP32  # torch's CPU math kernel computes in fp32 whatever the input dtype
         qc, kc, vc = (self.new(full, cb, t.grad) for t in (q, k, v))  # contiguous (repeated) copies
-        if eager and kv_heads == 1 and heads > 1 and fused is None and not self.cond.autocast:
-            # one k/v head: repeat_kv's expand-and-reshape stays a view, so k and v are kept as they are
+        if eager and kv_heads == 1 and heads > 1 and b == 1 and fused is None and not self.cond.autocast:
+            # one k/v head and one sequence: repeat_kv's expand-and-reshape, and matmul's batching of
+            # it, stay views, so k and v are kept as they are
             kc, vc = k, v
         if fused is not None and b == 1 and vc.itemsize == fused.itemsize:
             # one sequence: slices of the fused projection reshape for bmm without a copy, and
