@@ -5,11 +5,16 @@ states (with any fp32 master copy) are live throughout, gradients from backward 
 optimizer has used them. On top of them each phase holds something else:
 
 - forward, at the loss: every saved activation, the logits, their fp32 copy under 16-bit compute, the
-  eager attention mask;
+  eager attention mask, autocast's cached 16-bit copies of trained weights that are not saved (all of
+  them under checkpointing) and the final hidden state the model still holds;
 - backward, at the head: every saved activation plus two fp32 (tokens x vocab) gradients, the loss's
   and log-softmax's;
-- backward, layer by layer: what is still saved (checkpointing: the recomputed layer), the gradients
-  produced so far, and the layer's own transient gradients (`activations.layer_backward_transient`);
+- backward, layer by layer: what is still saved (checkpointing: the recomputed layer, and the
+  recompute's own forward peak), less what the ops after the MLP's activation and after attention's
+  core kept (used and freed first), the gradients produced so far, the layer's own transient
+  gradients (`activations.layer_backward_transients`) and, for QLoRA, one dequantised weight;
+- end of backward: all gradients, a tied embedding's two partial gradients being summed, and under
+  checkpointing the embedding output PEFT makes a leaf, with its gradient;
 - optimizer: gradients, states, and foreach AdamW's temporary (one tensor per trainable parameter, the
   square root of the second moment), the default on GPUs.
 
@@ -64,7 +69,7 @@ def step_phases(states: States, prof: Profile, vocab: int, tokens: int) -> tuple
     logits = prof.logits + prof.logits_fp32
     mask = 0 if prof.checkpointed else prof.eager_mask
     phases = [Phase("forward", base + acts + logits + mask + prof.autocast_cache + prof.final_hidden,
-                     "weights + saved activations + logits at the loss")]
+                     "weights + saved activations + logits at the loss (+ autocast's weight cache)")]
     head_grads = 2 * tokens * vocab * FP32
     phases.append(Phase("backward", base + acts + head_grads,
                         "weights + saved activations + two fp32 logits gradients"))
