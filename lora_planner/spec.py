@@ -180,10 +180,10 @@ def _need(config: dict, *keys: str, default=None):
     raise PlanError(f"config.json has no {' / '.join(keys)}")
 
 
-def _rate(config: dict, key: str, default: float) -> float:
-    """A dropout probability from the config (the class default when absent or null)."""
+def _rate(config: dict, key: str) -> float | None:
+    """A dropout probability from the config; None (the class default) when absent or null."""
     value = config.get(key)
-    return default if value is None else float(value)
+    return None if value is None else float(value)
 
 
 def spec_from_hf_config(config: dict, name: str = "custom", source: str = "") -> ModelSpec:
@@ -216,9 +216,9 @@ def spec_from_hf_config(config: dict, name: str = "custom", source: str = "") ->
                 tied_embeddings=bool(config.get("tie_word_embeddings", True)),
                 max_positions=int(_need(config, "n_positions", "max_position_embeddings")),
                 qkv_bias=True, out_bias=True, mlp_bias=True,
-                attn_dropout=_rate(config, "attn_pdrop", 0.1),
-                resid_dropout=_rate(config, "resid_pdrop", 0.1),
-                embd_dropout=_rate(config, "embd_pdrop", 0.1),
+                attn_dropout=_rate(config, "attn_pdrop"),
+                resid_dropout=_rate(config, "resid_pdrop"),
+                embd_dropout=_rate(config, "embd_pdrop"),
             )
         hidden = int(_need(config, "hidden_size"))
         heads = int(_need(config, "num_attention_heads"))
@@ -238,11 +238,10 @@ def spec_from_hf_config(config: dict, name: str = "custom", source: str = "") ->
             mlp_bias=bool(config.get("mlp_bias", False)),
             num_experts=int(config.get("num_local_experts", 0) or 0) if family == "mixtral" else 0,
             experts_per_token=int(config.get("num_experts_per_tok", 0) or 0) if family == "mixtral" else 0,
-            attn_dropout=_rate(config, "attention_dropout", 0.0),
+            attn_dropout=_rate(config, "attention_dropout"),
             # Phi-3 drops on both residual branches; its embd_pdrop is read by no module in
             # transformers 5, so it is not planned
-            resid_dropout=_rate(config, "resid_pdrop", 0.0) if family == "phi3" else 0.0,
-            embd_dropout=0.0,
+            resid_dropout=_rate(config, "resid_pdrop") if family == "phi3" else None,
             attn_softcap=config.get("attn_logit_softcapping", 50.0) is not None,
             final_softcap=config.get("final_logit_softcapping", 30.0) is not None,
         )
@@ -264,7 +263,9 @@ def to_hf_config(spec: ModelSpec) -> dict:
             "n_layer": spec.num_layers, "n_head": spec.num_heads,
             "n_inner": spec.intermediate_size, "n_positions": spec.max_positions,
             "tie_word_embeddings": spec.tied_embeddings,
-            **dict(zip(("attn_pdrop", "resid_pdrop", "embd_pdrop"), spec.dropout_rates, strict=True)),
+            **{key: p for key, p in zip(("attn_pdrop", "resid_pdrop", "embd_pdrop"),
+                                        (spec.attn_dropout, spec.resid_dropout, spec.embd_dropout),
+                                        strict=True) if p is not None},
         }
     config = {
         "model_type": spec.family, "vocab_size": spec.vocab_size, "hidden_size": spec.hidden_size,
@@ -278,10 +279,10 @@ def to_hf_config(spec: ModelSpec) -> dict:
     if spec.family in ("llama", "gemma2"):
         config["attention_bias"] = spec.out_bias
         config["mlp_bias"] = spec.mlp_bias
-    attn, resid, _embd = spec.dropout_rates
-    config["attention_dropout"] = attn
-    if spec.family == "phi3":
-        config["resid_pdrop"] = resid
+    if spec.attn_dropout is not None:
+        config["attention_dropout"] = spec.attn_dropout
+    if spec.family == "phi3" and spec.resid_dropout is not None:
+        config["resid_pdrop"] = spec.resid_dropout
     if spec.family == "gemma2":
         if not spec.attn_softcap:
             config["attn_logit_softcapping"] = None
