@@ -36,8 +36,6 @@ DEVICES = ("cuda", "cpu")
 INT64 = 8
 FP32 = 4
 
-# Dropout probabilities of the Hugging Face configs (GPT-2: resid, embd, attn = 0.1; the others 0).
-FAMILY_DROPOUT = {"gpt2": 0.1}
 
 
 @dataclass(frozen=True)
@@ -51,7 +49,7 @@ class Conditions:
     attention: str = "sdpa"
     grad_checkpointing: bool = False
     device: str = "cuda"
-    dropout: float | None = None  # None: the family's default
+    dropout: float | None = None  # None: the model's own rates (`ModelSpec.dropout_rates`)
     lora_dropout: float = 0.0
     loss: str = "standard"  # standard | chunked | fused-linear (see `head_and_loss`)
     loss_chunks: int = 8
@@ -86,6 +84,24 @@ class Graph:
     wrapped: dict[str, int]  # module path -> LoRA rank
     trainable: set[str]  # module paths whose own weights train (full fine-tuning: all)
     saved: dict[int, tuple[int, str]] = field(default_factory=dict)
+    rates: tuple[float, float, float] = (0.0, 0.0, 0.0)  # attention, residual, embedding dropout
+    biases: frozenset[str] = frozenset()  # module paths that have a bias
+    # autocast's cache of 16-bit copies of trained parameters, by section: [all, those also saved]
+    cache: dict[str, list[int]] = field(default_factory=dict)
+    # per layer: bytes saved by the ops after the MLP's activation (down projection, output norm and
+    # dropout); backward uses and frees them before it reaches the activation
+    tails: list[int] = field(default_factory=list)
+    _tail_from: set[int] = field(default_factory=set)
+    # ...and after attention's core (softmax, or the fused kernel): freed before that core's backward
+    attn_tails: list[int] = field(default_factory=list)
+    _attn_from: set[int] = field(default_factory=set)
+    # by section: the most a layer's forward holds at once beyond the saved tensors before it (a
+    # LoRA layer's base output, adapter output and scaled copy); what checkpointing's recompute peaks at
+    forward_peaks: dict[str, int] = field(default_factory=dict)
+    # weights whose input needs no gradient (its product is skipped in backward), and attention
+    # layers whose q, k and v need none (their backward does not run at all)
+    no_input_grad_params: int = 0
+    attention_without_grad: int = 0
     section: str = ""
     _keys: itertools.count = field(default_factory=lambda: itertools.count(1))
     _section_bytes: dict[str, int] = field(default_factory=dict)
@@ -105,10 +121,6 @@ class Graph:
         if section is None:
             return sum(self._section_bytes.values())
         return self._section_bytes.get(section, 0)
-
-    @property
-    def dropout(self) -> float:
-        return self.cond.dropout if self.cond.dropout is not None else 0.0
 
     # --- elementwise and norms ------------------------------------------------------------------
     def cast(self, x: Tensor, itemsize: int) -> Tensor:
@@ -165,14 +177,36 @@ class Graph:
         return self.new(h.numel, max(x.itemsize, self.cond.weight_bytes), h.grad or trains)
 
     def layer_norm(self, x: Tensor, path: str, dim: int) -> Tensor:
-        """native_layer_norm keeps its input and fp32 mean and rstd per row (autocast runs it in fp32)."""
+        """native_layer_norm keeps its input and mean and rstd per row (autocast runs it in fp32).
+
+        CUDA keeps the statistics in fp32 (the accumulate type); the CPU kernel in the input's dtype.
+        """
         trains = path in self.trainable
         if self.cond.autocast:
             x = self.cast(x, FP32)
         if x.grad or trains:
             rows = x.numel // dim
-            self.save(x, self.new(rows, FP32, False), self.new(rows, FP32, False))
+            stat = FP32 if self.cond.device == "cuda" else x.itemsize
+            self.save(x, self.new(rows, stat, False), self.new(rows, stat, False))
         return self.new(x.numel, x.itemsize, x.grad or trains)
+
+    def attn_tail_start(self) -> None:
+        self._attn_from = set(self.saved)
+
+    def attn_tail_end(self) -> None:
+        self.attn_tails.append(sum(b for key, (b, _) in self.saved.items() if key not in self._attn_from))
+
+    def tail_start(self) -> None:
+        self._tail_from = set(self.saved)
+
+    def tail_end(self) -> None:
+        self.tails.append(sum(b for key, (b, _) in self.saved.items() if key not in self._tail_from))
+
+    def cached(self, nbytes: int, saved: bool) -> None:
+        """A 16-bit copy of a trained parameter: autocast keeps it until forward ends."""
+        entry = self.cache.setdefault(self.section, [0, 0])
+        entry[0] += nbytes
+        entry[1] += nbytes if saved else 0
 
     # --- linear layers --------------------------------------------------------------------------
     def linear(self, x: Tensor, path: str, in_features: int, out_features: int) -> Tensor:
@@ -184,11 +218,17 @@ class Graph:
         trains = path in self.trainable
         rank = self.wrapped.get(path)
         rows = x.numel // in_features
+        if not x.grad:
+            self.no_input_grad_params += in_features * out_features + in_features * (rank or 0)
         xin = self.cast(x, 2) if self.cond.autocast else x
         if trains:
             self.save(xin)
         if self.cond.autocast and (x.grad or trains):
             self.save(self.new(in_features * out_features, 2, False))  # the bf16 weight copy
+        if self.cond.autocast and trains:
+            self.cached(in_features * out_features * 2, saved=True)
+            if path in self.biases:
+                self.cached(out_features * 2, saved=False)
         out = self.new(rows * out_features, xin.itemsize, x.grad or trains)
         if rank is None:
             return out
@@ -199,14 +239,21 @@ class Graph:
             self.save(self.new(in_features * rank, 2, False))
         a = self.new(rows * rank, xa.itemsize, True)
         self.save(a)  # lora_B's input
+        layer = self.section.removesuffix(" mlp")
+        # base output, lora_B's output and its scaled copy, on top of what the layer saved so far
+        held = (self.saved_bytes(layer) + self.saved_bytes(f"{layer} mlp")
+                + 3 * rows * out_features * out.itemsize)
+        self.forward_peaks[layer] = max(self.forward_peaks.get(layer, 0), held)
         if self.cond.autocast:
             self.save(self.new(rank * out_features, 2, False))
+            self.cached(in_features * rank * 2, saved=xd.grad)
+            self.cached(rank * out_features * 2, saved=True)
         return self.add(out, self.new(rows * out_features, xa.itemsize, True))
 
     # --- attention ------------------------------------------------------------------------------
     def attention(self, q: Tensor, k: Tensor, v: Tensor, heads: int, kv_heads: int, head_dim: int,
                   attn_dropout: float, softcap: bool = False, contiguous_q: bool = False,
-                  fused: Tensor | None = None) -> Tensor:
+                  fused: Tensor | None = None, softmax_fp32: bool = True) -> Tensor:
         """Attention over projected (and rotated) q, k, v; returns the (b, s, heads * head_dim) output
         as o_proj reads it.
 
@@ -217,6 +264,8 @@ class Graph:
         """
         b, s = self.cond.batch_size, self.cond.seq_len
         grad = q.grad or k.grad or v.grad
+        self.attention_without_grad += not grad
+        q_in, v_in = q.itemsize, v.itemsize  # before autocast: what `.to(query.dtype)` casts back to
         if self.cond.autocast:
             q, k, v = self.cast(q, 2), self.cast(k, 2), self.cast(v, 2)
         cb = max(q.itemsize, v.itemsize)
@@ -227,6 +276,7 @@ class Graph:
             out = self.new(full, cb, grad)
             if grad:
                 self.save(q, k, v, out, self.new(b * heads * s, FP32, False))
+            self.attn_tail_start()
             # the kernel lays its output out like q: when q is (b, heads, s, d)-contiguous (Phi-3's
             # rotary concatenates), o_proj's (b, s, heads * d) view needs a copy
             return self.new(full, cb, grad) if contiguous_q else out
@@ -234,6 +284,10 @@ class Graph:
         if not eager:
             cb = FP32  # torch's CPU math kernel computes in fp32 whatever the input dtype
         qc, kc, vc = (self.new(full, cb, t.grad) for t in (q, k, v))  # contiguous (repeated) copies
+        if eager and kv_heads == 1 and heads > 1 and b == 1 and fused is None and not self.cond.autocast:
+            # one k/v head and one sequence: repeat_kv's expand-and-reshape, and matmul's batching of
+            # it, stay views, so k and v are kept as they are
+            kc, vc = k, v
         if fused is not None and b == 1 and vc.itemsize == fused.itemsize:
             # one sequence: slices of the fused projection reshape for bmm without a copy, and
             # keeping one keeps the whole fused output (eager uses q and k so too; the math
@@ -247,11 +301,20 @@ class Graph:
             self.save(kc)
         if softcap and (qc.grad or kc.grad):
             self.save(self.new(probs, cb, True))  # tanh(scores / cap) keeps its output
-        p = self.new(probs, FP32 if eager else cb, qc.grad or kc.grad)
+        # eager softmax runs in fp32 (an explicit dtype, or autocast's fp32 list); GPT-2's has no
+        # dtype, so without autocast it runs in the scores' dtype
+        soft = FP32 if eager and (softmax_fp32 or self.cond.autocast) else cb
+        p = self.new(probs, soft, qc.grad or kc.grad)
         if p.grad:
             self.save(p)  # softmax keeps its output
-        p = self.cast(p, max(q.itemsize, v.itemsize) if eager else cb)
-        p = self.dropout_op(p, attn_dropout)
+        self.attn_tail_start()
+        if eager:
+            # back to the query's dtype (GPT-2: the value's) as the module wrote it, dropout there,
+            # and autocast's matmul makes the 16-bit copy that probs @ v keeps
+            p = self.dropout_op(self.cast(p, q_in if softmax_fp32 else v_in), attn_dropout)
+            p = self.cast(p, 2) if self.cond.autocast else p
+        else:
+            p = self.dropout_op(self.cast(p, cb), attn_dropout)
         if vc.grad:
             self.save(p)  # probs @ v keeps the probabilities for v's gradient, v for theirs
         if p.grad:
@@ -275,13 +338,15 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
     nh, nkv, inter = spec.num_heads, spec.num_kv_heads, spec.intermediate_size
     p = f"{_layers_prefix(spec)}.{i}"
     if spec.family == "gpt2":
-        drop = g.dropout
+        attn_drop, drop = g.rates[0], g.rates[1]
         h = g.layer_norm(x, f"{p}.ln_1", H)
         qkv = g.linear(h, f"{p}.attn.c_attn", H, 3 * H)
         qkv_view = Tensor(qkv.numel, qkv.itemsize, qkv.grad, qkv.key)  # q, k, v: views of one output
-        a = g.attention(qkv_view, qkv_view, qkv_view, nh, nh, hd, drop, fused=qkv_view)
+        a = g.attention(qkv_view, qkv_view, qkv_view, nh, nh, hd, attn_drop, fused=qkv_view,
+                        softmax_fp32=False)
         a = g.dropout_op(g.linear(a, f"{p}.attn.c_proj", H, H), drop)
         x = g.add(x, a)
+        g.attn_tail_end()
         g.section += " mlp"
         h = g.layer_norm(x, f"{p}.ln_2", H)
         f = g.linear(h, f"{p}.mlp.c_fc", H, inter)
@@ -289,7 +354,9 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
         # product both factors
         t = g.unary(g.unary(f, "input"), "output")
         act = g.mul(g.new(f.numel, f.itemsize, f.grad), g.new(t.numel, t.itemsize, t.grad))
+        g.tail_start()
         m = g.dropout_op(g.linear(act, f"{p}.mlp.c_proj", inter, H), drop)
+        g.tail_end()
         return g.add(x, m)
     gemma = spec.family == "gemma2"
     h = g.rms_norm(x, f"{p}.input_layernorm", H, gemma)
@@ -305,12 +372,15 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
         v = g.linear(h, f"{p}.self_attn.v_proj", H, nkv * hd)
     assert rot is not None
     q, k = g.rope(q, *rot), g.rope(k, *rot)
-    a = g.attention(q, k, v, nh, nkv, hd, 0.0, softcap=gemma, contiguous_q=spec.family == "phi3",
-                    fused=v if spec.family == "phi3" else None)
+    a = g.attention(q, k, v, nh, nkv, hd, g.rates[0], softcap=gemma and spec.attn_softcap,
+                    contiguous_q=spec.family == "phi3", fused=v if spec.family == "phi3" else None)
     a = g.linear(a, f"{p}.self_attn.o_proj", nh * hd, H)
+    if spec.family == "phi3":
+        a = g.dropout_op(a, g.rates[1])  # resid_attn_dropout
     if gemma:
         a = g.rms_norm(a, f"{p}.post_attention_layernorm", H, True)
     x = g.add(x, a)
+    g.attn_tail_end()
     g.section += " mlp"
     h = g.rms_norm(x, f"{p}.pre_feedforward_layernorm" if gemma else f"{p}.post_attention_layernorm",
                    H, gemma)
@@ -323,13 +393,21 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
         if gu.grad:
             g.save(gu, act)
         m = g.new(gu.numel // 2, gu.itemsize, gu.grad)
+        g.tail_start()
         m = g.linear(m, f"{p}.mlp.down_proj", inter, H)
+        m = g.dropout_op(m, g.rates[1])  # resid_mlp_dropout
     else:
         gate = g.linear(h, f"{p}.mlp.gate_proj", H, inter)
         up = g.linear(h, f"{p}.mlp.up_proj", H, inter)
-        m = g.linear(g.mul(g.unary(gate, "input"), up), f"{p}.mlp.down_proj", inter, H)
+        act = g.mul(g.unary(gate, "input"), up)
+        g.tail_start()
+        m = g.linear(act, f"{p}.mlp.down_proj", inter, H)
     if gemma:
         m = g.rms_norm(m, f"{p}.post_feedforward_layernorm", H, True)
+    if spec.num_experts:
+        g.tails.append(0)  # the expert block's transient keeps its own count (see layer_backward_transients)
+    else:
+        g.tail_end()
     return g.add(x, m)
 
 
@@ -410,7 +488,7 @@ def head_and_loss(g: Graph, spec: ModelSpec, h: Tensor, head: str) -> tuple[Tens
             g.save(g.new(rows * H, 2, False))  # the chunk's bf16 input
         if cond.autocast and h.grad and not trains:
             g.save(g.new(V * H, 2, False))  # a frozen weight's bf16 copy, made per chunk
-        if spec.family == "gemma2" and grad:
+        if spec.family == "gemma2" and spec.final_softcap and grad:
             g.save(g.new(rows * V, cb, True))  # final soft-cap: tanh keeps its output
         if grad:
             g.save(g.new(rows * V, FP32, True))  # log_softmax keeps its output
@@ -448,8 +526,7 @@ def head_and_loss(g: Graph, spec: ModelSpec, h: Tensor, head: str) -> tuple[Tens
     return logits, fp32, (worst if grad else 0)
 
 
-def layer_backward_transients(spec: ModelSpec, cond: Conditions,
-                              down_trains: bool = False) -> tuple[int, int, int]:
+def layer_backward_transients(spec: ModelSpec, cond: Conditions) -> tuple[int, int, int]:
     """Gradients alive at once inside one layer's backward, beyond what the forward saved.
 
     The gradient of the residual stream flows through every layer (fp32 under autocast). On top of
@@ -458,19 +535,23 @@ def layer_backward_transients(spec: ModelSpec, cond: Conditions,
     attention's, where flash backward returns q, k and v gradients beside the output's, and eager
     backward holds the gradient of the s x s probabilities and of the scores. Returned apart
     (residual, MLP, attention) because the MLP's saved tensors are freed before attention's backward.
+    What the down projection and the ops after it kept is freed before the MLP's peak: the timeline
+    takes it off (`Profile.mlp_tails`).
     """
     t, cb = cond.tokens, cond.compute_bytes
     resid = t * spec.hidden_size * (FP32 if cond.autocast else cond.weight_bytes)
     rows = t * max(spec.experts_per_token, 1)
-    mlp = (3 - down_trains) * rows * spec.intermediate_size * cb
-    if cond.autocast and not spec.num_experts:
-        mlp -= spec.intermediate_size * spec.hidden_size * 2  # the down projection's bf16 weight copy
+    mlp = 3 * rows * spec.intermediate_size * cb
     qkv = t * (2 * spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim * cb
-    if cond.attention == "eager" or (cond.device == "cpu" and spec.family == "gpt2"):
+    attn_dropout = spec.dropout_rates[0] if cond.dropout is None else cond.dropout
+    # torch's CPU math fallback (attention dropout) keeps the probabilities as eager does
+    if cond.attention == "eager" or (cond.device == "cpu" and attn_dropout > 0):
         # softmax backward: the fp32 gradient of the probabilities and of the scores, once the
         # 16-bit probabilities kept for probs @ v (under 16-bit compute) have been freed
         probs = cond.batch_size * spec.num_heads * cond.seq_len * cond.seq_len
-        attn = max(qkv, probs * (2 * FP32 - (cb if cb != FP32 else 0)))
+        # GPT-2's eager softmax runs in the scores' dtype; the others' (and the math kernel) in fp32
+        soft = cb if spec.family == "gpt2" and not cond.autocast and cond.attention == "eager" else FP32
+        attn = max(qkv, probs * 2 * soft)
     else:
         attn = qkv
     return resid, mlp, attn
@@ -519,6 +600,24 @@ class Profile:
     def cpu_bytes(self) -> int:
         """Checkpointed layer inputs held in CPU memory under activation offload (all of them)."""
         return sum(self.layer_inputs) if self.offloaded and self.checkpointed else 0
+    # autocast's 16-bit copies of trained parameters alive at the loss but not saved: biases, and
+    # under checkpointing the weight copies of the layers (their saved sets are dropped)
+    autocast_cache: int = 0
+    # checkpointing with a frozen embedding: PEFT makes the embedding output a leaf that requires
+    # grad; it and its `.grad` stay alive after backward, for as long as the step's loss is held
+    input_leaf: int = 0
+    # per layer: what the MLP's backward frees before its peak (`Graph.tails`), and attention's
+    mlp_tails: tuple[int, ...] = ()
+    attn_tails: tuple[int, ...] = ()
+    # per layer: the most its forward holds at once (`Graph.forward_peaks`), reached again when a
+    # checkpointed layer is recomputed
+    recompute_peaks: tuple[int, ...] = ()
+    # backward work not done (see `Graph.no_input_grad_params`); `cost` takes it off the FLOPs
+    no_input_grad_params: int = 0
+    attention_without_grad: int = 0
+    # the final norm's output: the model's forward holds it (as its last hidden state) until the
+    # loss, also when backward does not keep it
+    final_hidden: int = 0
 
     @property
     def total(self) -> int:
@@ -536,9 +635,11 @@ def profile(spec: ModelSpec, cond: Conditions, wrapped: dict[str, int], trainabl
         raise PlanError(f"attention must be one of {', '.join(ATTENTION)}, got {cond.attention!r}")
     if cond.device not in DEVICES:
         raise PlanError(f"device must be one of {', '.join(DEVICES)}, got {cond.device!r}")
-    if cond.dropout is None:
-        cond = Conditions(**{**cond.__dict__, "dropout": FAMILY_DROPOUT.get(spec.family, 0.0)})
-    g = Graph(cond, wrapped, trainable)
+    rates = spec.dropout_rates if cond.dropout is None else (cond.dropout,) * 3
+    from .architecture import layout
+
+    biases = frozenset(m.path for m in layout(spec).modules if m.bias is not None)
+    g = Graph(cond, wrapped, trainable, rates=rates, biases=biases)
     t, H, wb = cond.tokens, spec.hidden_size, cond.weight_bytes
     g.section = "embedding"
     # PEFT makes the embedding output require grad when checkpointing (enable_input_require_grads)
@@ -552,7 +653,7 @@ def profile(spec: ModelSpec, cond: Conditions, wrapped: dict[str, int], trainabl
             # the hook makes the token embeddings a leaf that requires grad; the graph holds it, and
             # the checkpointed layers hold the position ids
             g.save(g.new(t * H, wb, True), g.new(cond.seq_len, INT64, False))
-        x = g.dropout_op(x, g.dropout)
+        x = g.dropout_op(x, g.rates[2])
         rot = None
     else:
         x = g.new(t * H, wb, "model.embed_tokens" in trainable or input_grad)
@@ -585,7 +686,7 @@ def profile(spec: ModelSpec, cond: Conditions, wrapped: dict[str, int], trainabl
         logits, fp32 = head_loss[0], head_loss[1]
     else:
         logits = g.linear(h, head, H, spec.vocab_size)
-        if spec.family == "gemma2" and logits.grad:
+        if spec.family == "gemma2" and spec.final_softcap and logits.grad:
             g.save(g.new(logits.numel, logits.itemsize, True))  # final soft-cap: tanh keeps its output
         fp32 = t * spec.vocab_size * FP32
         # nll_loss keeps the shifted labels: a contiguous copy, or for one sequence the padded labels
@@ -612,9 +713,17 @@ def profile(spec: ModelSpec, cond: Conditions, wrapped: dict[str, int], trainabl
         eager_mask=eager_mask,
         checkpoint_args=shared,
         mlp_layers=tuple(mlps),
-        transients=layer_backward_transients(
-            spec, cond, f"{_layers_prefix(spec)}.0.mlp.{'c_proj' if spec.family == 'gpt2' else 'down_proj'}"
-            in trainable),
+        transients=layer_backward_transients(spec, cond),
+        mlp_tails=tuple(g.tails),
+        attn_tails=tuple(g.attn_tails),
+        no_input_grad_params=g.no_input_grad_params,
+        attention_without_grad=g.attention_without_grad,
+        recompute_peaks=tuple(g.forward_peaks.get(f"layer {i}", 0) for i in range(spec.num_layers)),
         checkpointed=cond.grad_checkpointing,
         offloaded=cond.activation_offload,
+        final_hidden=0 if h.key in g.saved else h.nbytes,
+        input_leaf=t * H * wb if input_grad and not trainable & {"model.embed_tokens", "transformer.wte",
+                                                                 "transformer.wpe"} else 0,
+        autocast_cache=sum(total - kept + (kept if cond.grad_checkpointing and where.startswith("layer")
+                                           else 0) for where, (total, kept) in g.cache.items()),
     )

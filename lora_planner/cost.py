@@ -141,21 +141,28 @@ def full_flops_per_token(n: int, head: int, attention: Quantity, grad_checkpoint
 
 
 def lora_flops_per_token(n: int, head: int, adapter_params: int, saved_params: int,
-                         attention: Quantity, grad_checkpointing: bool) -> Quantity:
+                         attention: Quantity, grad_checkpointing: bool, no_input_grad_params: int = 0,
+                         attention_without_grad: int = 0, layers: int = 1) -> Quantity:
     """LoRA: the frozen base runs forward (2N) and passes input gradients back (2N), but computes no
     weight gradients; the adapters (A params in total) cost 2A forward and 4A backward; modules
     trained in full beside them (S params, e.g. a classifier head) add their weight gradients, 2S;
     attention costs its forward and twice that backward:
     4N + 6A + 2S + 3 x attention. Checkpointing adds `recompute_flops`.
 
-    Assumption: input gradients flow through every layer down to the embedding output, as they do
-    when the embedding output requires grad (what PEFT sets up for gradient checkpointing); without
-    that they stop at the first adapted layer, and the first layer's input gradients are not spent.
+    Input gradients flow down to the embedding output only when it requires grad (what PEFT sets up
+    for gradient checkpointing). Otherwise they stop below the first adapted layer: the F weights
+    whose input needs no gradient (`no_input_grad_params`, from the activation walk) skip their
+    input-gradient product, -2F, and an attention layer with no gradient to its q, k and v (L' of
+    `layers`) skips its backward, -2 x attention x L' / layers.
     """
     a = int(attention.value)
     value = 4 * n + 6 * adapter_params + 2 * saved_params + 3 * a
     formula = (f"4 x {n:,} base + 6 x {adapter_params:,} adapter + 2 x {saved_params:,} fully trained"
                f" + 3 x {a:,} attention")
+    if no_input_grad_params or attention_without_grad:
+        skipped = 2 * no_input_grad_params + 2 * a * attention_without_grad // layers
+        value -= skipped
+        formula += f" - {skipped:,} input gradients not needed below the first adapter"
     if grad_checkpointing:
         extra = recompute_flops(n, head, adapter_params, attention)
         value += extra

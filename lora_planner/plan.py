@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from . import checkpoint_sizes, cost, stacks
-from .architecture import LINEAR_KINDS, Architecture, Param, layout
-from .counts import Trainable, lora_trainable
+from .architecture import Architecture, Param, layout
+from .counts import lora_trainable
 from .errors import PlanError
 from .gpus import Gpu, fits, largest_fitting_peak
 from .memory import (
@@ -24,6 +24,7 @@ from .memory import (
 )
 from .optimizers import check_optimizer
 from .precision import DTYPE_BYTES, Precision, get_precision, weight_dtype
+from .quant import quantised_params
 from .sharding import (
     DataParallel,
     distribute,
@@ -34,7 +35,7 @@ from .sharding import (
     zero3_settings,
 )
 from .spec import DenseSize, ModelSpec, TrainSetup
-from .step import predict_step
+from .step import input_gradient_skips, predict_step
 from .timeline import Phase, peak_phase
 
 METHODS = ("full", "lora", "qlora")
@@ -156,18 +157,6 @@ def _zero3(spec: ModelSpec, setup: TrainSetup, arch: Architecture, precision: Pr
                          trainable, precision.weight_bytes, precision.grad_bytes, z)
 
 
-def quantised_params(arch: Architecture, trainable: Trainable) -> set[str]:
-    """Names of the weights QLoRA stores as NF4: bitsandbytes quantises every linear layer but the
-    output head; biases stay 16-bit. Fused 3-D expert weights are assumed quantised the same way."""
-    saved_paths = {m.path for m in trainable.saved_modules}
-    return {
-        p.name for m in arch.modules
-        if (m.kind in LINEAR_KINDS or m.kind == "experts")
-        and m.path != arch.head_path and m.path not in saved_paths
-        for p in m.params if not p.name.endswith(".bias")
-    }
-
-
 def plan_full(spec: ModelSpec, setup: TrainSetup, gpu: Gpu) -> MethodPlan:
     """Full fine-tuning: every parameter is trained and saved."""
     precision = get_precision(setup.precision)
@@ -203,7 +192,7 @@ def plan_lora(spec: ModelSpec, setup: TrainSetup, gpu: Gpu) -> MethodPlan:
     weight_terms: list[Term] = []
     nf4: list[Param] = []
     if setup.method == "qlora":
-        quantised = quantised_params(arch, trainable)
+        quantised = quantised_params(arch, trainable, setup.quantize_experts)
         nf4 = [p for p in frozen if p.name in quantised]
         frozen = [p for p in frozen if p.name not in quantised]
         weight_terms.append(quantized_weight_bytes(nf4, setup.double_quant))
@@ -216,10 +205,11 @@ def plan_lora(spec: ModelSpec, setup: TrainSetup, gpu: Gpu) -> MethodPlan:
     adapter_params = trainable.file_params
     adapter = checkpoint_sizes.safetensors_bytes(adapter_params, dtype)
     base = checkpoint_sizes.safetensors_bytes(arch.params, dtype)
+    skipped, attention_skipped = input_gradient_skips(spec, setup)
     flops = cost.lora_flops_per_token(
         cost.matmul_params(spec, arch), cost.head_matmul_params(arch), trainable.adapter_count,
         trainable.saved_module_count, cost.attention_forward_flops(spec, setup.seq_len),
-        setup.grad_checkpointing)
+        setup.grad_checkpointing, skipped, attention_skipped, spec.num_layers)
     if nf4:
         flops = cost.plus(flops, cost.dequant_flops_per_token(
             sum(p.numel for p in nf4), setup.batch_size * setup.seq_len, setup.grad_checkpointing))
@@ -296,6 +286,13 @@ def make_plan(model: ModelSpec | DenseSize, setups: tuple[TrainSetup, ...], gpu:
     if workload is not None and workload.tokens is not None:
         plans = [_with_compute(p, s, gpu, workload) for p, s in zip(plans, setups, strict=True)]
     notes = sharding_notes(setups[0], isinstance(model, DenseSize))
+    if isinstance(model, ModelSpec) and model.num_experts and any(s.method == "qlora" for s in setups):
+        notes.append(
+            "QLoRA keeps the fused 3-D expert weights in 16-bit: bitsandbytes quantises nn.Linear "
+            "modules only (bitsandbytes#1849); --quantize-experts plans a stack that quantises them"
+            if not setups[0].quantize_experts else
+            "--quantize-experts: the fused expert weights are planned as NF4, which stock bitsandbytes "
+            "does not do (bitsandbytes#1849)")
     notes += cost.notes(workload, gpu, isinstance(model, DenseSize))
     if isinstance(model, DenseSize):
         info = ModelInfo(model.name or "a dense model", "dense", model.total_params)

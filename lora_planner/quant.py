@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
+
+from .architecture import LINEAR_KINDS, Architecture
+
+if TYPE_CHECKING:
+    from .counts import Trainable
 
 NF4_BLOCK = 64  # values per quantisation block
 DOUBLE_QUANT_BLOCK = 256  # first-level absmax values per second-level block
@@ -23,3 +29,30 @@ def nf4_bytes(numel: int, double_quant: bool) -> int:
     if not double_quant:
         return packed + 4 * blocks
     return packed + blocks + 4 * math.ceil(blocks / DOUBLE_QUANT_BLOCK) + 4
+
+
+def quantised_params(arch: Architecture, trainable: Trainable, experts: bool = False) -> set[str]:
+    """Names of the weights QLoRA stores as NF4.
+
+    bitsandbytes (`replace_with_bnb_linear`) swaps every `nn.Linear` but the output head (and any
+    module trained in full) for a 4-bit layer; biases stay 16-bit. Fused 3-D expert weights
+    (Mixtral under transformers 5) are parameters of a non-Linear module, so they stay 16-bit
+    (bitsandbytes issue #1849); `experts=True` plans a stack that quantises them too.
+    """
+    saved_paths = {m.path for m in trainable.saved_modules}
+    return {
+        p.name for m in arch.modules
+        if (m.kind in LINEAR_KINDS or (experts and m.kind == "experts"))
+        and m.path != arch.head_path and m.path not in saved_paths
+        for p in m.params if not p.name.endswith(".bias")
+    }
+
+
+def dequant_transient_bytes(numels: list[int], compute_bytes: int = 2) -> int:
+    """QLoRA's dequantisation transient: the 16-bit copy of one NF4 weight being multiplied.
+
+    bitsandbytes' 4-bit matmul dequantises the weight to the compute dtype (bf16) for each forward
+    and each input-gradient product and frees it after; the largest such copy is alive at once:
+    max(numel) x compute bytes.
+    """
+    return max(numels, default=0) * compute_bytes

@@ -12,6 +12,10 @@ from pathlib import Path
 
 from .errors import PlanError
 
+# Dropout of the transformers config classes when a config.json leaves it out (GPT-2: attn_pdrop,
+# resid_pdrop and embd_pdrop are 0.1; every other family defaults to 0).
+FAMILY_DROPOUT = {"gpt2": 0.1}
+
 FAMILIES = ("gpt2", "llama", "mistral", "mixtral", "qwen2", "gemma2", "phi3")
 
 # Hugging Face `model_type` values whose layout one of our families reproduces exactly.
@@ -63,6 +67,23 @@ class ModelSpec:
     experts_per_token: int = 0
     aliases: tuple[str, ...] = ()
     source: str = ""
+    # Dropout probabilities as the config states them; None: the config class's default
+    # (`FAMILY_DROPOUT`). GPT-2 drops after the embedding, inside attention and on both residual
+    # branches; Phi-3 on both residual branches and inside attention; the others inside attention.
+    attn_dropout: float | None = None
+    resid_dropout: float | None = None
+    embd_dropout: float | None = None
+    # Gemma-2's tanh soft-caps of the attention scores and of the logits (a null in the config
+    # turns one off); ignored by the other families.
+    attn_softcap: bool = True
+    final_softcap: bool = True
+
+    @property
+    def dropout_rates(self) -> tuple[float, float, float]:
+        """(attention, residual, embedding) dropout, with the config class's defaults filled in."""
+        default = FAMILY_DROPOUT.get(self.family, 0.0)
+        return tuple(default if p is None else p
+                     for p in (self.attn_dropout, self.resid_dropout, self.embd_dropout))
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -72,6 +93,10 @@ class ModelSpec:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise PlanError(f"model {self.name!r}: {name} must be a positive integer, got {value!r}")
+        for name in ("attn_dropout", "resid_dropout", "embd_dropout"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and 0 <= value < 1):
+                raise PlanError(f"model {self.name!r}: {name} must be in [0, 1), got {value!r}")
         if self.num_heads % self.num_kv_heads:
             raise PlanError(
                 f"model {self.name!r}: num_heads {self.num_heads} is not a multiple of "
@@ -97,6 +122,7 @@ class TrainSetup:
     use_dora: bool = False
     modules_to_save: tuple[str, ...] = ()
     double_quant: bool = True
+    quantize_experts: bool = False  # QLoRA: quantise fused 3-D experts too (bitsandbytes does not)
     save_dtype: str = "auto"
     task: str = "causal-lm"
     num_labels: int = 2
@@ -105,7 +131,7 @@ class TrainSetup:
     seq_len: int = DEFAULT_SEQ_LEN
     attention: str = "sdpa"  # sdpa (flash / memory-efficient kernels) or eager
     grad_checkpointing: bool = False
-    dropout: float | None = None  # None: the family's config default (GPT-2 0.1, others 0)
+    dropout: float | None = None  # None: the model's own (config.json); else every dropout of the model
     lora_dropout: float = 0.0
     # Data parallelism: None plans whole-model totals; N plans one of N GPUs (see sharding.py).
     num_gpus: int | None = None
@@ -158,7 +184,12 @@ def spec_from_config_file(path: str | Path) -> ModelSpec:
     """Read a Hugging Face `config.json` (a file, or a folder holding one)."""
     path = Path(path)
     config = _read_config_json(path)
-    return spec_from_hf_config(config, name=config_display_name(path, config), source=str(path))
+    try:
+        return spec_from_hf_config(config, name=config_display_name(path, config), source=str(path))
+    except PlanError as exc:
+        # name the file the user gave, not the generic config.json
+        file = path / "config.json" if path.is_dir() else path
+        raise PlanError(str(exc).replace("config.json", str(file), 1)) from None
 
 
 def config_display_name(path: Path, config: dict) -> str:
@@ -182,6 +213,12 @@ def _need(config: dict, *keys: str, default=None):
     if default is not None:
         return default
     raise PlanError(f"config.json has no {' / '.join(keys)}")
+
+
+def _rate(config: dict, key: str) -> float | None:
+    """A dropout probability from the config; None (the class default) when absent or null."""
+    value = config.get(key)
+    return None if value is None else float(value)
 
 
 def spec_from_hf_config(config: dict, name: str = "custom", source: str = "") -> ModelSpec:
@@ -214,6 +251,9 @@ def spec_from_hf_config(config: dict, name: str = "custom", source: str = "") ->
                 tied_embeddings=bool(config.get("tie_word_embeddings", True)),
                 max_positions=int(_need(config, "n_positions", "max_position_embeddings")),
                 qkv_bias=True, out_bias=True, mlp_bias=True,
+                attn_dropout=_rate(config, "attn_pdrop"),
+                resid_dropout=_rate(config, "resid_pdrop"),
+                embd_dropout=_rate(config, "embd_pdrop"),
             )
         hidden = int(_need(config, "hidden_size"))
         heads = int(_need(config, "num_attention_heads"))
@@ -233,6 +273,12 @@ def spec_from_hf_config(config: dict, name: str = "custom", source: str = "") ->
             mlp_bias=bool(config.get("mlp_bias", False)),
             num_experts=int(config.get("num_local_experts", 0) or 0) if family == "mixtral" else 0,
             experts_per_token=int(config.get("num_experts_per_tok", 0) or 0) if family == "mixtral" else 0,
+            attn_dropout=_rate(config, "attention_dropout"),
+            # Phi-3 drops on both residual branches; its embd_pdrop is read by no module in
+            # transformers 5, so it is not planned
+            resid_dropout=_rate(config, "resid_pdrop") if family == "phi3" else None,
+            attn_softcap=config.get("attn_logit_softcapping", 50.0) is not None,
+            final_softcap=config.get("final_logit_softcapping", 30.0) is not None,
         )
     except (TypeError, ValueError) as exc:
         if isinstance(exc, PlanError):
@@ -252,6 +298,9 @@ def to_hf_config(spec: ModelSpec) -> dict:
             "n_layer": spec.num_layers, "n_head": spec.num_heads,
             "n_inner": spec.intermediate_size, "n_positions": spec.max_positions,
             "tie_word_embeddings": spec.tied_embeddings,
+            **{key: p for key, p in zip(("attn_pdrop", "resid_pdrop", "embd_pdrop"),
+                                        (spec.attn_dropout, spec.resid_dropout, spec.embd_dropout),
+                                        strict=True) if p is not None},
         }
     config = {
         "model_type": spec.family, "vocab_size": spec.vocab_size, "hidden_size": spec.hidden_size,
@@ -265,6 +314,15 @@ def to_hf_config(spec: ModelSpec) -> dict:
     if spec.family in ("llama", "gemma2"):
         config["attention_bias"] = spec.out_bias
         config["mlp_bias"] = spec.mlp_bias
+    if spec.attn_dropout is not None:
+        config["attention_dropout"] = spec.attn_dropout
+    if spec.family == "phi3" and spec.resid_dropout is not None:
+        config["resid_pdrop"] = spec.resid_dropout
+    if spec.family == "gemma2":
+        if not spec.attn_softcap:
+            config["attn_logit_softcapping"] = None
+        if not spec.final_softcap:
+            config["final_logit_softcapping"] = None
     if spec.family == "mixtral":
         config["num_local_experts"] = spec.num_experts
         config["num_experts_per_tok"] = spec.experts_per_token

@@ -15,6 +15,7 @@ from .counts import lora_trainable
 from .errors import PlanError
 from .memory import Term, optimizer_temporary_term
 from .precision import Precision
+from .quant import dequant_transient_bytes, quantised_params
 from .spec import ModelSpec, TrainSetup
 from .timeline import Phase, States, peak_phase, step_phases
 
@@ -95,6 +96,17 @@ def _trainable_numels(spec: ModelSpec, setup: TrainSetup, arch: Architecture) ->
     return tuple(p.numel for p in lora_trainable(spec, setup).params)
 
 
+def input_gradient_skips(spec: ModelSpec, setup: TrainSetup) -> tuple[int, int]:
+    """(weights whose input needs no gradient, attention layers with no gradient) in this setup's
+    backward, from the activation walk; what `cost.lora_flops_per_token` takes off."""
+    from .precision import get_precision
+
+    arch = layout(spec, setup.task, setup.num_labels)
+    wrapped, trainable, _ = _training(spec, setup, arch)
+    prof = profile(spec, conditions(setup, get_precision(setup.precision)), wrapped, trainable)
+    return prof.no_input_grad_params, prof.attention_without_grad
+
+
 def predict_step(spec: ModelSpec, setup: TrainSetup, precision: Precision, memory: dict[str, int],
                  device: str = "cuda") -> StepPrediction:
     """The step's activations and peak, given the plan's model-state bytes in `memory`."""
@@ -119,6 +131,10 @@ def predict_step(spec: ModelSpec, setup: TrainSetup, precision: Precision, memor
     temporary = optimizer_temporary_term(setup.optimizer, impl, _trainable_numels(spec, setup, arch),
                                          precision.state_bytes)
     temp = temporary.bytes
+    dequant = 0
+    if setup.method == "qlora":
+        nf4 = quantised_params(arch, lora_trainable(spec, setup), setup.quantize_experts)
+        dequant = dequant_transient_bytes([p.numel for p in arch.params if p.name in nf4])
     states = States(
         weights=memory["weights"],
         gradients=memory["gradients"],
@@ -126,6 +142,7 @@ def predict_step(spec: ModelSpec, setup: TrainSetup, precision: Precision, memor
         optimizer_temporary=temp,
         inputs=2 * cond.tokens * INT64,
         head_gradients=head,
+        dequant_transient=dequant,
         layer_gradients=tuple(tuple(parts) for parts in per_layer),
         embedding_backward=embedding_backward(embed_trains, arch.tied_head, head, prof.transients[0]),
         temporary_what=f"{impl} {setup.optimizer} temporary" if temp else f"{impl} {setup.optimizer}, "

@@ -5,11 +5,17 @@ states (with any fp32 master copy) are live throughout, gradients from backward 
 optimizer has used them. On top of them each phase holds something else:
 
 - forward, at the loss: every saved activation, the logits, their fp32 copy under 16-bit compute, the
-  eager attention mask;
+  eager attention mask, autocast's cached 16-bit copies of trained weights that are not saved (all of
+  them under checkpointing) and the final hidden state the model still holds;
 - backward, at the head: every saved activation plus two fp32 (tokens x vocab) gradients, the loss's
   and log-softmax's;
-- backward, layer by layer: what is still saved (checkpointing: the recomputed layer), the gradients
-  produced so far, and the layer's own transient gradients (`activations.layer_backward_transient`);
+- backward, layer by layer: what is still saved (checkpointing: the recomputed layer, and the
+  recompute's own forward peak), less what the ops after the MLP's activation and after attention's
+  core kept (used and freed first), the gradients produced so far, the layer's own transient
+  gradients (`activations.layer_backward_transients`) and, for QLoRA, one dequantised weight;
+- end of backward: all gradients, the trained embedding's backward (`step.embedding_backward`: a
+  tied embedding's two partial gradients being summed, or an untied one's incoming gradient), and
+  under checkpointing the embedding output PEFT makes a leaf, with its gradient;
 - optimizer: gradients, states, and the optimizer kernel's temporary (foreach AdamW: one tensor per
   trainable parameter, the square root of the second moment; fused: none; see `optimizers`).
 
@@ -38,6 +44,8 @@ class States:
     temporary_what: str = "foreach temporary"  # which implementation makes `optimizer_temporary`
     # beyond all gradients as backward ends: the trained embedding's backward (`step.embedding_backward`)
     embedding_backward: int = 0
+    # QLoRA: the 16-bit copy of the NF4 weight being multiplied (`quant.dequant_transient_bytes`)
+    dequant_transient: int = 0
 
 
 @dataclass(frozen=True)
@@ -57,8 +65,8 @@ def step_phases(states: States, prof: Profile, vocab: int, tokens: int) -> tuple
     mask = 0 if prof.checkpointed else prof.eager_mask
     if prof.head_backward is not None:
         mask = 0  # a chunked or fused loss runs after the decoder has returned and freed its mask
-    phases = [Phase("forward", base + acts + logits + mask,
-                     "weights + saved activations + logits at the loss")]
+    phases = [Phase("forward", base + acts + logits + mask + prof.autocast_cache + prof.final_hidden,
+                     "weights + saved activations + logits at the loss (+ autocast's weight cache)")]
     head_grads = 2 * tokens * vocab * FP32 if prof.head_backward is None else prof.head_backward
     phases.append(Phase("backward", base + acts + head_grads,
                         "weights + saved activations + two fp32 logits gradients"
@@ -77,21 +85,33 @@ def step_phases(states: States, prof: Profile, vocab: int, tokens: int) -> tuple
             if prof.offloaded:  # on the GPU: this layer's input and the next one's, prefetched
                 live += prof.embedding + prof.checkpoint_args + (prof.layer_inputs[i - 1] if i else 0) \
                     - saved_below
+            if prof.recompute_peaks and prof.recompute_peaks[i]:
+                held = (saved_below + prof.layer_inputs[i] - prof.input_saved_by_layer[i]
+                        + prof.recompute_peaks[i])
+                phases.append(Phase("backward", base + held + grads + resid,
+                                    f"recomputing layer {i}'s forward"))
         else:
             live = saved_below
             saved_below -= prof.layers[i]
         # the MLP's backward runs first, with the whole layer still saved; by the attention's, the
         # MLP's saved tensors are gone
-        phases.append(Phase("backward", base + live + grads + resid + mlp,
+        tail = prof.mlp_tails[i] if prof.mlp_tails else 0
+        dq = states.dequant_transient
+        phases.append(Phase("backward", base + live - tail + grads + resid + mlp + dq,
                             f"backward through layer {i}'s MLP"))
         grads += mlp_grads + attn_grads
-        phases.append(Phase("backward", base + live - prof.mlp_layers[i] + grads + resid + attn,
+        attn_tail = prof.attn_tails[i] if prof.attn_tails else 0
+        phases.append(Phase("backward",
+                            base + live - prof.mlp_layers[i] - attn_tail + grads + resid + attn + dq,
                             f"backward through layer {i}'s attention"))
-    phases.append(Phase("backward", base + states.gradients + states.embedding_backward,
-                        "end of backward: all gradients + the embedding's backward"))
+    leaf = 2 * prof.input_leaf  # the embedding output made a leaf, and its gradient
+    phases.append(Phase("backward", base + states.gradients + states.embedding_backward + leaf,
+                        "end of backward: weights + optimizer states + all gradients + the embedding's "
+                        "backward"))
     phases.append(Phase("optimizer",
-                        base + states.gradients + states.optimizer_temporary,
-                        f"gradients + optimizer states + {states.temporary_what}"))
+                        base + states.gradients + states.optimizer_temporary + leaf,
+                        "weights + gradients + optimizer states (and any fp32 master weights) + "
+                        f"{states.temporary_what}"))
     return tuple(phases)
 
 

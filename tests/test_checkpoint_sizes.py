@@ -6,7 +6,6 @@ import pytest
 
 from lora_planner.gpus import get_gpu
 from lora_planner.plan import plan_full, plan_lora
-from lora_planner.quant import nf4_bytes
 from lora_planner.spec import ModelSpec, TrainSetup
 
 from .hf import hf_config, torch, transformers
@@ -74,9 +73,3 @@ def test_adapter_file_size_is_exact(tmp_path, family, setup):
     predicted = plan_lora(spec, setup.with_(precision="fp32"), GPU).checkpoint.bytes
     assert (tmp_path / "adapter_model.safetensors").stat().st_size == predicted
 
-
-def test_nf4_bytes_per_weight():
-    # 0.5 B per weight plus one fp32 absmax per 64 weights: 0.5625 B.
-    assert nf4_bytes(64 * 1024, double_quant=False) == 64 * 1024 * 9 // 16
-    # Double quantisation: 1 B absmax per 64, an fp32 per 256 blocks, one fp32 offset.
-    assert nf4_bytes(64 * 256, double_quant=True) == 64 * 256 // 2 + 256 + 4 + 4

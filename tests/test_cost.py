@@ -17,6 +17,7 @@ from lora_planner.counts import lora_trainable
 from lora_planner.errors import PlanError
 from lora_planner.gpus import GPUS, Gpu, get_gpu
 from lora_planner.spec import TrainSetup, spec_from_hf_config
+from lora_planner.step import input_gradient_skips
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -34,13 +35,12 @@ def counted_flops(lora_rank: int | None, grad_checkpointing: bool) -> int:
     torch.manual_seed(0)
     config = transformers.GPT2Config(**{k: v for k, v in TINY.items() if k != "model_type"})
     model = transformers.GPT2LMHeadModel(config)
-    if lora_rank is not None:
-        # Gradients flow to the embedding output, as `lora_flops_per_token` assumes (and as PEFT
-        # arranges under gradient checkpointing).
-        model.enable_input_require_grads()
-        model = get_peft_model(model, LoraConfig(r=lora_rank, target_modules=list(TARGETS), lora_dropout=0.0))
     if grad_checkpointing:
-        model.gradient_checkpointing_enable()
+        # before PEFT, as a training script does: PEFT then makes the embedding output require grad
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if lora_rank is not None:
+        # a plain PEFT model: without checkpointing, no input gradient below the first adapter
+        model = get_peft_model(model, LoraConfig(r=lora_rank, target_modules=list(TARGETS), lora_dropout=0.0))
     model.train()
     ids = torch.randint(0, TINY["vocab_size"], (BATCH, SEQ))
     with FlopCounterMode(display=False) as counter:
@@ -56,9 +56,13 @@ def predicted_flops(lora_rank: int | None, grad_checkpointing: bool) -> int:
     if lora_rank is None:
         per_token = cost.full_flops_per_token(n, head, attention, grad_checkpointing)
     else:
-        trainable = lora_trainable(spec, TrainSetup(rank=lora_rank, targets=TARGETS))
+        setup = TrainSetup(rank=lora_rank, targets=TARGETS, batch_size=BATCH, seq_len=SEQ,
+                           grad_checkpointing=grad_checkpointing)
+        trainable = lora_trainable(spec, setup)
+        skipped, attention_skipped = input_gradient_skips(spec, setup)
         per_token = cost.lora_flops_per_token(n, head, trainable.adapter_count, trainable.saved_module_count,
-                                              attention, grad_checkpointing)
+                                              attention, grad_checkpointing, skipped, attention_skipped,
+                                              spec.num_layers)
     return int(per_token.value) * BATCH * SEQ
 
 

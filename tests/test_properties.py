@@ -66,14 +66,6 @@ def test_memory_is_monotone_in_rank(spec, target, r1, extra, precision, optimize
     assert small.checkpoint.bytes < large.checkpoint.bytes
 
 
-def test_adamw_8bit_switches_to_8_bit_states_at_4096_values():
-    from lora_planner.optimizers import adamw_8bit_state_bytes
-
-    assert adamw_8bit_state_bytes(4095) == 2 * 4095 * 4
-    assert adamw_8bit_state_bytes(4096) == 2 * (4096 + 16 * 4)
-    assert adamw_8bit_state_bytes(4096) < adamw_8bit_state_bytes(4095)
-
-
 @settings(max_examples=30, deadline=None)
 @given(specs(), targets, st.integers(1, 8), st.integers(1, 64), st.integers(16, 4096))
 def test_memory_is_monotone_in_batch(spec, target, rank, batch, seq):

@@ -17,7 +17,7 @@ from ..units import parse_count
 from .common import UserError, need_measure_extra, parse_ranks, split_values
 from .scale_options import scale_options, setup_changes, workload
 from .stack_options import stack_changes, stack_options
-from .step_options import step_options
+from .step_options import dropout_option, step_options
 
 
 @click.command("plan")
@@ -48,6 +48,9 @@ from .step_options import step_options
               help="Modules trained in full beside the adapters (PEFT's modules_to_save).")
 @click.option("--double-quant/--no-double-quant", default=True, show_default=True,
               help="QLoRA: quantise the 4-bit base's block constants too.")
+@click.option("--quantize-experts", is_flag=True,
+              help="QLoRA: plan fused 3-D expert weights (Mixtral) as NF4 too. Stock bitsandbytes "
+                   "quantises nn.Linear only, so by default they stay 16-bit.")
 @click.option("--save-dtype", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
               show_default=True, help="Checkpoint dtype; auto saves weights as they are stored.")
 @click.option("--task", type=click.Choice(["causal-lm", "seq-cls"]), default="causal-lm",
@@ -58,6 +61,7 @@ from .step_options import step_options
               help="Storage for N task-specific fine-tunes: N full copies vs base + N adapters.")
 @step_options
 @stack_options
+@dropout_option
 @click.option("--gpu", "gpu_name", default=DEFAULT_GPU, show_default=True,
               help=f"GPU kind: {', '.join(g.name for g in GPUS)}.")
 @click.option("--gpu-mem", "gpu_mem", metavar="SIZE",
@@ -74,7 +78,8 @@ from .step_options import step_options
 def plan_command(model_name, params_text, methods, ranks, targets, precision, optimizer, bias, dora,
                  modules_to_save, double_quant, save_dtype, task, num_labels, tasks, batch_size,
                  seq_len, grad_checkpointing, attention, stack, optimizer_impl, loss, loss_chunks,
-                 activation_offload, gpu_name, gpu_mem, fmt, units, explain, fit, **scale) -> None:
+                 activation_offload, gpu_name, gpu_mem, fmt, units, explain, fit, dropout=None,
+                 quantize_experts=False, **scale) -> None:
     """Trainable parameters, memory by term (model states, activations, the step's peak), GPUs and
     checkpoint sizes, method by method; with --fit, the largest batch and sequence that fit;
     with --tokens, training FLOPs, hours and cost; with --num-gpus, memory per GPU under ZeRO/FSDP.
@@ -105,8 +110,9 @@ def plan_command(model_name, params_text, methods, ranks, targets, precision, op
         base = TrainSetup(
             precision=precision, optimizer=optimizer, bias=bias, use_dora=dora,
             targets=split_values(targets) or ("default",), modules_to_save=split_values(modules_to_save),
-            double_quant=double_quant, save_dtype=save_dtype, task=task, num_labels=num_labels,
-            tasks=tasks, batch_size=batch_size, seq_len=seq_len, attention=attention,
+            double_quant=double_quant, quantize_experts=quantize_experts, save_dtype=save_dtype,
+            task=task, num_labels=num_labels, tasks=tasks, batch_size=batch_size, seq_len=seq_len,
+            attention=attention, dropout=dropout,
             **stack_changes(stack, optimizer_impl, loss, loss_chunks, activation_offload,
                             grad_checkpointing),
             **setup_changes(**scale),
@@ -174,6 +180,7 @@ def models_command(fmt: str) -> None:
 @click.option("--grad-checkpointing/--no-grad-checkpointing", default=False, show_default=True)
 @click.option("--attention", type=click.Choice(["sdpa", "eager"]), default="sdpa", show_default=True)
 @stack_options
+@dropout_option
 @click.option("--layers", type=click.IntRange(min=1), default=None,
               help="Trace only the first N decoder layers (a slice of a large model).")
 @click.option("--fake", is_flag=True,
@@ -183,7 +190,7 @@ def models_command(fmt: str) -> None:
               help="Trace even when the planned peak exceeds the host RAM available.")
 def trace_command(model_name, method, rank, targets, precision, batch_size, seq_len, grad_checkpointing,
                   attention, stack, optimizer_impl, loss, loss_chunks, activation_offload, layers, fake,
-                  fmt, force) -> None:
+                  fmt, force, dropout=None) -> None:
     """Trace one real training step on CPU and print it beside the prediction, term by term.
 
     Needs the `measure` extra (torch, transformers; peft for LoRA). Without --fake, a step whose
@@ -202,7 +209,7 @@ def trace_command(model_name, method, rank, targets, precision, batch_size, seq_
         spec = resolve_model(model_name)
         setup = TrainSetup(method=method, rank=rank, targets=split_values(targets) or ("default",),
                            precision=precision, batch_size=batch_size, seq_len=seq_len,
-                           attention=attention,
+                           attention=attention, dropout=dropout,
                            **stack_changes(stack, optimizer_impl, loss, loss_chunks, activation_offload,
                                            grad_checkpointing))
         need_measure_extra("lora-plan trace")

@@ -29,3 +29,12 @@ def step_options(f: Callable) -> Callable:
     for option in reversed(options):
         f = option(f)
     return f
+
+
+def dropout_option(f: Callable) -> Callable:
+    """Add --dropout P: every dropout of the model at P, instead of the rates its config states."""
+    return click.option(
+        "--dropout", type=click.FloatRange(0, 1, max_open=True), default=None, metavar="P",
+        help="Set every dropout of the model (attention, residual, embedding) to P. Default: the "
+             "rates config.json states (GPT-2's class default 0.1 where it states none; others 0). "
+             "Each dropout keeps a mask for backward.")(f)

@@ -121,8 +121,13 @@ def _trainable_tensors(spec: ModelSpec, setup: TrainSetup) -> int:
     return len(lora_trainable(spec, setup).params)
 
 
-def trace(spec: ModelSpec, setup: TrainSetup, *, fake: bool = False, seed: int = 0) -> Comparison:
-    """Run (or fake) one step of `setup` on `spec` on CPU and compare it with the prediction."""
+def trace(spec: ModelSpec, setup: TrainSetup, *, fake: bool = False, seed: int = 0,
+          hf_config: dict | None = None) -> Comparison:
+    """Run (or fake) one step of `setup` on `spec` on CPU and compare it with the prediction.
+
+    The model is built from `to_hf_config(spec)`, or from `hf_config` when given: a config.json the
+    spec was read from, so that transformers, not our inverse mapping, decides what is built.
+    """
     setup = resolve(setup)
     _check(setup)
     if setup.method == "lora":
@@ -137,7 +142,7 @@ def trace(spec: ModelSpec, setup: TrainSetup, *, fake: bool = False, seed: int =
     from .tracer import MemoryTracer
 
     predicted, predicted_phase, predicted_phases = _prediction(spec, setup, "cpu")
-    config = AutoConfig.for_model(**to_hf_config(spec))
+    config = AutoConfig.for_model(**(to_hf_config(spec) if hf_config is None else hf_config))
     config.use_cache = False
     config._attn_implementation = setup.attention
     if setup.dropout is not None:
@@ -264,5 +269,12 @@ def _with_lora(model, spec: ModelSpec, setup: TrainSetup):
     # PEFT moves each new adapter onto its base layer's device and dtype with `Module.to()`, which
     # cannot swap fake parameters. Everything is already on CPU in the dtype the model was built
     # under, so the moves are skipped while adapters are injected.
-    with mock.patch.object(torch.nn.Module, "to", lambda self, *args, **kwargs: self):
-        return get_peft_model(model, config)
+    # PEFT upcasts 16-bit adapters to fp32 by default; pure-bf16 plans every tensor in bf16, so the
+    # trace keeps the adapters in the model's dtype (autocast_adapter_dtype=False).
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(next(model.parameters()).dtype)  # adapters made in the model's dtype
+    try:
+        with mock.patch.object(torch.nn.Module, "to", lambda self, *args, **kwargs: self):
+            return get_peft_model(model, config, autocast_adapter_dtype=setup.precision != "pure-bf16")
+    finally:
+        torch.set_default_dtype(previous)

@@ -1,0 +1,106 @@
+"""QLoRA's NF4 storage and AdamW8bit's states, asked of bitsandbytes itself (it runs on CPU).
+
+The planner's byte counts (`quant.nf4_bytes`, `optimizers.optimizer_state_bytes`) are compared with
+the tensors bitsandbytes actually makes, for seeded random shapes, so a change in either side shows.
+"""
+
+import pytest
+
+torch = pytest.importorskip("torch")
+bnb = pytest.importorskip("bitsandbytes")
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from lora_planner.architecture import Param  # noqa: E402
+from lora_planner.optimizers import optimizer_state_bytes  # noqa: E402
+from lora_planner.quant import nf4_bytes  # noqa: E402
+
+
+def _nf4_storage(weight, double_quant: bool) -> int:
+    """Bytes bitsandbytes keeps for one NF4 weight: packed codes, absmax and, with double
+    quantisation, the second level's absmax and offset. The 16- and 256-entry code books are shared
+    lookup tables and are left out, as the planner's docstring says."""
+    from bitsandbytes.functional import quantize_4bit
+
+    packed, state = quantize_4bit(weight, blocksize=64, quant_type="nf4", compress_statistics=double_quant)
+    total = packed.numel() * packed.element_size() + state.absmax.numel() * state.absmax.element_size()
+    if double_quant:
+        inner = state.state2
+        total += inner.absmax.numel() * inner.absmax.element_size()
+        total += state.offset.numel() * state.offset.element_size()
+    return total
+
+
+@settings(max_examples=12, deadline=None)
+@given(st.integers(1, 700), st.integers(1, 300), st.booleans())
+def test_nf4_bytes_match_bitsandbytes(rows, cols, double_quant):
+    weight = torch.randn(rows, cols, dtype=torch.bfloat16)
+    assert nf4_bytes(rows * cols, double_quant) == _nf4_storage(weight, double_quant)
+
+
+def test_nf4_bytes_of_a_large_layer_match_bitsandbytes():
+    # more than 256 blocks: the second level of double quantisation has several blocks
+    weight = torch.randn(1024, 1040, dtype=torch.bfloat16)
+    for dq in (False, True):
+        assert nf4_bytes(weight.numel(), dq) == _nf4_storage(weight, dq)
+
+
+def _adamw8bit_state_bytes(shapes: list[tuple[int, ...]]) -> tuple[int, int]:
+    """(per-parameter state bytes, shared bytes) of bitsandbytes' AdamW8bit after one step on CPU."""
+    params = [torch.nn.Parameter(torch.randn(*s)) for s in shapes]
+    opt = bnb.optim.AdamW8bit(params, lr=1e-3)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    per_param, shared = 0, {}
+    for p in params:
+        for key, value in opt.state[p].items():
+            if not torch.is_tensor(value) or value.dim() == 0 and key == "step":
+                continue
+            if key.startswith("qmap"):  # the quantisation maps: one per optimizer, shared by all
+                shared[value.untyped_storage().data_ptr()] = value.numel() * value.element_size()
+            else:
+                per_param += value.numel() * value.element_size()
+    return per_param, sum(shared.values())
+
+
+@settings(max_examples=8, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 300), st.integers(1, 90)), min_size=1, max_size=4))
+def test_adamw_8bit_states_match_bitsandbytes(shapes):
+    per_param, shared = _adamw8bit_state_bytes(shapes)
+    predicted = optimizer_state_bytes("adamw-8bit", [Param(f"p{i}", s) for i, s in enumerate(shapes)], 4)
+    assert predicted == per_param
+    assert shared <= 2 * 256 * 4  # two 256-entry fp32 maps, whatever the model's size
+
+
+def test_adamw_8bit_states_switch_at_bitsandbytes_minimum():
+    # either side of min_8bit_size (4,096 values): fp32 states below, 8-bit above
+    for shape in ((63, 65), (64, 64), (4096, 3)):
+        per_param, _ = _adamw8bit_state_bytes([shape])
+        assert optimizer_state_bytes("adamw-8bit", [Param("p", shape)], 4) == per_param
+
+
+@pytest.mark.parametrize(("out_features", "in_features"), [(160, 96), (77, 200)])
+def test_dequant_transient_is_the_16_bit_weight_bitsandbytes_makes(out_features, in_features):
+    """A 4-bit layer's backward dequantises its weight to the compute dtype: the tracer sees that
+    storage appear, and its size is what the timeline adds for QLoRA."""
+    from lora_planner.measure.tracer import MemoryTracer
+    from lora_planner.quant import dequant_transient_bytes
+
+    torch.manual_seed(0)
+    layer = bnb.nn.Linear4bit(in_features, out_features, bias=False, compute_dtype=torch.bfloat16,
+                              quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(torch.randn(out_features, in_features, dtype=torch.bfloat16),
+                                     requires_grad=False, quant_type="nf4")
+    layer = layer.to("cpu")  # moving the layer is what quantises its weight
+    x = torch.randn(4, in_features, dtype=torch.bfloat16, requires_grad=True)
+    tracer = MemoryTracer(layer, record_timeline=True)
+    with tracer:
+        with tracer.phase("forward"):
+            y = layer(x)
+        with tracer.phase("backward"):
+            y.sum().backward()
+    steps = tracer.timeline
+    made = [now - before for (_, _, _, before), (_, op, _, now) in zip(steps, steps[1:], strict=False)
+            if op == "dequantize_4bit"]
+    assert made == [dequant_transient_bytes([out_features * in_features])]

@@ -1,0 +1,99 @@
+"""What a config.json says is what is planned: dropout, soft-caps, and which weights QLoRA quantises.
+
+Each check asks an independent source: the transformers config class for defaults, the modules
+transformers builds (on the meta device) for what bitsandbytes would replace.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from lora_planner.catalog import get_model
+from lora_planner.cli import main
+from lora_planner.spec import spec_from_hf_config
+
+
+def run(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+def plan_json(*args: str) -> dict:
+    result = run(*args, "--format", "json")
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output)
+
+
+def _activations(data: dict) -> int:
+    return data["plans"][0]["memory_bytes"]["activations"]
+
+
+def test_dropout_rates_default_as_transformers_config_classes_do():
+    transformers = pytest.importorskip("transformers")
+    for family in ("gpt2", "llama", "mistral", "qwen2", "gemma2", "phi3", "mixtral"):
+        config = transformers.CONFIG_MAPPING[family]()
+        attn, resid, embd = spec_from_hf_config({**config.to_dict(), "pad_token_id": None}).dropout_rates
+        if family == "gpt2":
+            assert (attn, resid, embd) == (config.attn_pdrop, config.resid_pdrop, config.embd_pdrop)
+        else:
+            assert attn == config.attention_dropout
+        if family == "phi3":
+            assert resid == config.resid_pdrop
+
+
+def test_gpt2_config_without_dropout_plans_no_masks(tmp_path):
+    config = {"model_type": "gpt2", "vocab_size": 50257, "n_embd": 768, "n_layer": 12, "n_head": 12,
+              "n_positions": 1024, "attn_pdrop": 0.0, "resid_pdrop": 0.0, "embd_pdrop": 0.0}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    args = ("--method", "lora", "--seq-len", "512", "--attention", "eager")
+    without = _activations(plan_json("--model", str(path), *args))
+    catalog = _activations(plan_json("--model", "gpt2", *args))  # GPT-2's class default, 0.1
+    assert without < catalog
+    assert _activations(plan_json("--model", "gpt2", *args, "--dropout", "0")) == without
+    assert _activations(plan_json("--model", str(path), *args, "--dropout", "0.1")) == catalog
+
+
+def test_dropout_option_is_checked():
+    result = run("--model", "gpt2", "--dropout", "1.5")
+    assert result.exit_code == 2
+    assert "--dropout" in result.output
+
+
+def test_a_malformed_config_names_the_file_given(tmp_path):
+    path = tmp_path / "my-model.json"
+    path.write_text(json.dumps({"model_type": "llama", "hidden_size": "wide", "num_attention_heads": 4}))
+    result = run("--model", str(path))
+    assert result.exit_code == 2
+    assert "my-model.json" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_explain_peak_line_names_weights():
+    result = run("--model", "8b", "--method", "full", "--explain")
+    assert result.exit_code == 0
+    line = next(x for x in result.output.splitlines() if x.strip().startswith("peak:"))
+    assert "weights" in line and "optimizer states" in line
+
+
+def test_mixtral_qlora_keeps_fused_experts_at_16_bit():
+    """bitsandbytes replaces nn.Linear modules; transformers' fused experts are not: the meta-device
+    model says which parameters stay 16-bit."""
+    torch = pytest.importorskip("torch")
+    from tests.hf import build_meta
+
+    spec = get_model("mixtral-8x7b")
+    model = build_meta(spec)
+    linear = {f"{name}.weight" for name, m in model.named_modules()
+              if isinstance(m, torch.nn.Linear) and name != "lm_head"}
+    dense = sum(p.numel() for name, p in model.named_parameters() if name not in linear)
+    data = plan_json("--model", "mixtral-8x7b", "--method", "qlora", "--precision", "bf16")
+    assert data["plans"][0]["weights_bytes"]["weights_frozen"] == 2 * dense
+    assert data["plans"][0]["memory_bytes"]["weights"] > 90e9
+    quantised = plan_json("--model", "mixtral-8x7b", "--method", "qlora", "--precision", "bf16",
+                          "--quantize-experts")
+    assert quantised["plans"][0]["memory_bytes"]["weights"] < 30e9
+    notes = " ".join(data["notes"])
+    assert "bitsandbytes#1849" in notes
