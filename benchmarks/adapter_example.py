@@ -40,6 +40,7 @@ from lora_planner.adapter_rank import analyze_adapter, diff_checkpoints, resize_
 from lora_planner.measure import lora
 from lora_planner.measure.data import token_stream
 from lora_planner.measure.job import JobSettings, build_model, model_spec
+from lora_planner.measure.step import train_step
 from lora_planner.reports.adapters import adapter_section, cumulative_energy_plot
 from lora_planner.reports.markdown import code, image
 from lora_planner.spectrum import Criterion
@@ -91,11 +92,8 @@ def train(settings: JobSettings, steps: int, base_path: Path | None = None):
     data = batches("qa", settings.batch_size, settings.seq_len, spec.vocab_size, settings.seed)
     losses, start = [], time.perf_counter()
     for _, input_ids in zip(range(steps), data, strict=False):
-        loss = model(input_ids=input_ids, labels=input_ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
+        loss = train_step(model, optimizer, input_ids)
+        losses.append(loss.item())
         if len(losses) % 10 == 0:
             print(f"  {settings.method} r={settings.rank}: step {len(losses)}, loss {losses[-1]:.3f}, "
                   f"{time.perf_counter() - start:.0f} s", flush=True)

@@ -151,7 +151,7 @@ def random_case(seed: int) -> Case:
 
 def run_case(case: Case):
     """Plan the case from its config and trace the same config; returns the `Comparison`."""
-    from lora_planner.measure.trace import sliced, trace
+    from lora_planner.measure.traced_step import sliced, trace
 
     spec = sliced(spec_from_hf_config(case.config, name=f"fuzz-{case.seed}"), case.layers)
     return trace(spec, case.setup, fake=case.fake, seed=case.seed, hf_config=case.build_config())

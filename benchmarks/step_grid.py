@@ -81,7 +81,7 @@ def provenance(fake: bool) -> dict:
 
 
 def main() -> int:
-    from lora_planner.measure.trace import trace
+    from lora_planner.measure.traced_step import trace
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--fake", action="store_true")

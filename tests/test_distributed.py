@@ -37,7 +37,7 @@ def launch(ranks: int, out: Path, *args: str) -> list[dict]:
 
 def param_tensors(r: dict) -> int:
     """Trainable parameter tensors of the measured model (each has AdamW's 4-byte step counter)."""
-    from lora_planner.measure.trace import _trainable_tensors
+    from lora_planner.measure.traced_step import _trainable_tensors
     from lora_planner.spec import ModelSpec, TrainSetup
 
     model = {**r["model"], "aliases": tuple(r["model"]["aliases"])}

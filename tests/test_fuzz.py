@@ -143,7 +143,7 @@ def test_full_fine_tuning_of_a_tied_slice_matches_the_readme_example():
     """`lora-plan trace --model gpt2 --method full --seq-len 256 --layers 2` was 8.1% under: the tied
     embedding's two gradients are summed at the end of backward."""
     from lora_planner.catalog import get_model
-    from lora_planner.measure.trace import sliced, trace
+    from lora_planner.measure.traced_step import sliced, trace
 
     result = trace(sliced(get_model("gpt2"), 2), TrainSetup(method="full", precision="fp32", seq_len=256),
                    fake=True)

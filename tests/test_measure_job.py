@@ -7,9 +7,9 @@ import json
 
 import pytest
 
+from lora_planner.contract import to_dict
 from lora_planner.gpus import DEFAULT_GPU, get_gpu
 from lora_planner.plan import MEMORY_KEYS, make_plan
-from lora_planner.render import to_dict
 from lora_planner.spec import TrainSetup, spec_from_config_file
 from tests.measure_models import tiny_config_file, torch
 
@@ -68,7 +68,7 @@ def test_prediction_is_the_planners_for_the_same_setup(tmp_path):
     assert {k: on_gpu[k] for k in MEMORY_KEYS} == plan["memory_bytes"]
     assert on_gpu["peak_phase"] == plan["peak_phase"]
 
-    from lora_planner.measure.trace import predicted_terms
+    from lora_planner.measure.traced_step import predicted_terms
 
     on_cpu = job.predict(dataclasses.replace(settings, device="cpu"), spec)
     expected, phase = predicted_terms(spec, setup, "cpu")

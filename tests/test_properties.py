@@ -7,10 +7,10 @@ import json
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lora_planner.contract import to_dict
 from lora_planner.counts import lora_trainable, total_params
 from lora_planner.gpus import get_gpu
 from lora_planner.plan import make_plan
-from lora_planner.render import to_dict
 from lora_planner.spec import ModelSpec, TrainSetup
 
 GPU = get_gpu("a100")

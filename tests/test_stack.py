@@ -58,7 +58,7 @@ def _cases(impls, seed=17, per_family=2, loss="standard"):
 def test_optimizer_implementations_match_the_trace(spec, setup):
     pytest.importorskip("transformers")
     pytest.importorskip("peft")
-    from lora_planner.measure.trace import trace
+    from lora_planner.measure.traced_step import trace
 
     result = trace(spec, setup)
     errors = result.errors()
@@ -71,10 +71,10 @@ def test_optimizer_implementations_match_the_trace(spec, setup):
 
 @pytest.mark.parametrize(("spec", "setup"), list(_cases(("fused", "foreach"), seed=5, loss="chunked")))
 def test_chunked_cross_entropy_matches_the_trace(spec, setup):
-    """torchtune's chunked head and loss, run in plain PyTorch (`measure.trace.chunked_loss`)."""
+    """torchtune's chunked head and loss, run in plain PyTorch (`measure.traced_step.chunked_loss`)."""
     pytest.importorskip("transformers")
     pytest.importorskip("peft")
-    from lora_planner.measure.trace import trace
+    from lora_planner.measure.traced_step import trace
 
     result = trace(spec, setup)
     errors = result.errors()
@@ -89,7 +89,7 @@ def test_chunked_cross_entropy_matches_the_trace(spec, setup):
 @pytest.mark.parametrize("impl", ["fused", "foreach", "for-loop"])
 def test_sgd_implementations_match_the_trace(optimizer, impl):
     pytest.importorskip("transformers")
-    from lora_planner.measure.trace import trace
+    from lora_planner.measure.traced_step import trace
 
     setup = TrainSetup(method="full", precision="fp32", batch_size=1, seq_len=16, optimizer=optimizer,
                        stack="torch", optimizer_impl=impl)
@@ -162,7 +162,7 @@ def test_activation_offload_moves_the_checkpointed_inputs_to_cpu():
     torch = pytest.importorskip("torch")
     pytest.importorskip("transformers")
     from lora_planner.gpus import GPUS
-    from lora_planner.measure.trace import trace
+    from lora_planner.measure.traced_step import trace
     from lora_planner.plan import make_plan
     from tests.hf import hf_config
 

@@ -18,7 +18,7 @@ pytest.importorskip("peft")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from step_grid import grid, large  # noqa: E402
 
-from lora_planner.measure.trace import trace  # noqa: E402
+from lora_planner.measure.traced_step import trace  # noqa: E402
 
 # Cases the timeline still misses by more than 2%, each with its own bound (the miss recorded in
 # results/trace/step-grid-cpu.jsonl, rounded up): the activation terms are asserted exact for them as

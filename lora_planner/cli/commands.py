@@ -213,7 +213,7 @@ def trace_command(model_name, method, rank, targets, precision, batch_size, seq_
                            **stack_changes(stack, optimizer_impl, loss, loss_chunks, activation_offload,
                                            grad_checkpointing))
         need_measure_extra("lora-plan trace")
-        from ..measure.trace import predicted_terms, sliced, trace
+        from ..measure.traced_step import predicted_terms, sliced, trace
 
         spec = sliced(spec, layers)
         if not (fake or force):

@@ -40,7 +40,7 @@ _BLOCK = re.compile(r"(^|\.)(transformer\.h|model\.layers)\.\d+$")
 def job_spec(model: str | None, layers: int | None = None):
     """The measured model's `ModelSpec`: a catalog name or config.json (sliced to `layers`), or the
     small default GPT-2."""
-    from ..measure.trace import sliced
+    from ..measure.traced_step import sliced
     from ..spec import spec_from_hf_config
 
     if model is None:
@@ -72,7 +72,7 @@ def predicted(spec, setup) -> dict:
     plus torch's 4-byte AdamW step counter per trainable tensor, which lives in CPU memory. `shards`
     are the whole-model terms divided as the sharding divides them (without run-time buffers)."""
     from ..gpus import get_gpu
-    from ..measure.trace import _trainable_tensors
+    from ..measure.traced_step import _trainable_tensors
     from ..plan import make_plan
     from ..precision import get_precision
     from ..sharding import sharding_of, step_phases_on_gpu
@@ -201,7 +201,7 @@ def build_model(spec, setup, device):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from ..spec import to_hf_config
-    from .trace import _with_lora
+    from .traced_step import _with_lora
 
     config = AutoConfig.for_model(**to_hf_config(spec))
     config.use_cache = False
@@ -232,20 +232,15 @@ def measure_rank(spec, setup, strategy: str) -> dict:
     generator = torch.Generator().manual_seed(rank)  # each rank its own micro-batch
     ids = torch.randint(0, spec.vocab_size, (setup.batch_size, setup.seq_len), generator=generator).to(device)
     labels = ids.clone()
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=setup.precision == "amp")
+    compute_dtype = torch.bfloat16 if setup.precision == "amp" else None
 
     def step(tracer=None):
         import contextlib
 
-        phase = tracer.phase if tracer else lambda _name: contextlib.nullcontext()
-        with phase("forward"), autocast:
-            loss = model(input_ids=ids, labels=labels).loss
-        with phase("backward"):
-            loss.backward()
-        with phase("optimizer"):
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
+        from .step import train_step
+
+        return train_step(model, optimizer, ids, labels, compute_dtype=compute_dtype,
+                          phase=tracer.phase if tracer else lambda _name: contextlib.nullcontext())
 
     # One untraced step first: the optimizer's states then exist, as in every step of a run but
     # the first, which is the step the plan describes.

@@ -163,16 +163,16 @@ def predict(settings: JobSettings, spec: ModelSpec, gpu_name: str | None = None)
     AdamW's step counters as tensors.
     """
     from ..allowance import allowance
+    from ..contract import to_dict
     from ..gpus import DEFAULT_GPU, get_gpu
     from ..plan import MEMORY_KEYS, make_plan
-    from ..render import to_dict
 
     setup = planner_setup(settings)
     entry = to_dict(make_plan(spec, (setup,), get_gpu(DEFAULT_GPU)))["plans"][0]
     predicted = {key: int(entry["memory_bytes"][key]) for key in MEMORY_KEYS}
     predicted["peak_phase"] = entry.get("peak_phase") or None
     if settings.device == "cpu":
-        from .trace import predicted_terms
+        from .traced_step import predicted_terms
 
         on_cpu, phase = predicted_terms(spec, setup, "cpu")
         predicted |= {"optimizer_states": on_cpu["optimizer_states"] - predicted["master_weights"],

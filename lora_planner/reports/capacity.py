@@ -1,6 +1,6 @@
 """The capacity report: models x methods x ranks on one kind of GPU, as markdown with plots.
 
-Every number comes from the planner's JSON (`render.to_dict(make_plan(...))`), read by key; this
+Every number comes from the planner's JSON (`contract.to_dict(make_plan(...))`), read by key; this
 module only arranges and formats it. A column of the summary is data (`Column`): a plan key that
 appears later (a time or a cost) becomes a column by adding one entry to `SUMMARY_COLUMNS`.
 """
@@ -12,10 +12,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..contract import to_dict
 from ..gpus import DEFAULT_GPU, MIB, Gpu, get_gpu
 from ..plan import MEMORY_KEYS, METHODS, make_plan
 from ..precision import get_precision
-from ..render import to_dict
 from ..spec import TrainSetup, default_seq_len
 from ..stacks import resolve
 from ..units import UNITS, format_bytes

@@ -139,6 +139,7 @@ def trace(spec: ModelSpec, setup: TrainSetup, *, fake: bool = False, seed: int =
     from torch._subclasses.fake_tensor import FakeTensorMode
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from .step import train_step
     from .tracer import MemoryTracer
 
     predicted, predicted_phase, predicted_phases = _prediction(spec, setup, "cpu")
@@ -168,20 +169,13 @@ def trace(spec: ModelSpec, setup: TrainSetup, *, fake: bool = False, seed: int =
         labels = ids.clone()
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = _optimizer(torch, params, setup)
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=setup.precision == "amp")
+        compute_dtype = torch.bfloat16 if setup.precision == "amp" else None
+        loss_fn = ((lambda m, i, labels: chunked_loss(m, i, labels, setup.loss_chunks))
+                   if setup.loss == "chunked" else None)
 
         def step(tracer: MemoryTracer | None) -> None:
-            phase = tracer.phase if tracer else lambda _name: contextlib.nullcontext()
-            with phase("forward"), autocast:
-                if setup.loss == "chunked":
-                    loss = chunked_loss(model, ids, labels, setup.loss_chunks)
-                else:
-                    loss = model(input_ids=ids, labels=labels).loss
-            with phase("backward"):
-                loss.backward()
-            with phase("optimizer"):
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+            train_step(model, optimizer, ids, labels, compute_dtype=compute_dtype, loss_fn=loss_fn,
+                       phase=tracer.phase if tracer else lambda _name: contextlib.nullcontext())
 
         with _unpacked(fake):
             step(None)  # the first step creates the optimizer's states; a run's later steps keep them

@@ -1,0 +1,102 @@
+"""The plan's JSON contract: what `--format json` prints and what `measure`, `reports` and `serve`
+read. Bytes are integers; every method and rank is one entry of `plans`. One place for the schema, so
+a renderer's layout can change without changing what other code reads."""
+
+from __future__ import annotations
+
+from .gpus import largest_fitting_peak
+from .plan import MEMORY_KEYS, MethodPlan, Plan
+
+
+def trainable_percent(p: MethodPlan, total: int) -> float:
+    return 100.0 * p.trainable_params / total if total else 0.0
+
+
+def to_dict(plan: Plan) -> dict:
+    """The JSON contract: integer bytes under `memory_bytes`, one entry per method and rank."""
+    s = plan.setup
+    return {
+        "model": {
+            "name": plan.model.name,
+            "family": plan.model.family,
+            "total_params": plan.model.total_params,
+            "source": plan.model.source,
+        },
+        "setup": {
+            "precision": s.precision,
+            "optimizer": s.optimizer,
+            "task": s.task,
+            "bias": s.bias,
+            "use_dora": s.use_dora,
+            "modules_to_save": list(s.modules_to_save),
+            "double_quant": s.double_quant,
+            "save_dtype": s.save_dtype,
+            "tasks": s.tasks,
+            "batch_size": s.batch_size,
+            "seq_len": s.seq_len,
+            "attention": s.attention,
+            "grad_checkpointing": s.grad_checkpointing,
+            "num_gpus": s.num_gpus,
+            "sharding": s.sharding,
+            "offload": s.offload,
+            "reshard_after_forward": s.reshard_after_forward,
+            "zero3_max_live_parameters": s.zero3_max_live_parameters,
+            "zero3_prefetch_bucket_size": s.zero3_prefetch_bucket_size,
+            "reduce_bucket_size": s.reduce_bucket_size,
+            "zero3_param_persistence_threshold": s.zero3_param_persistence_threshold,
+            "stack": s.stack,
+            "optimizer_impl": s.optimizer_impl,
+            "loss": s.loss,
+            "loss_chunks": s.loss_chunks,
+            "activation_offload": s.activation_offload,
+        },
+        "gpu": {"name": plan.gpu.name, "memory_bytes": plan.gpu.memory_bytes,
+                "largest_fitting_peak_bytes": largest_fitting_peak(plan.gpu),
+                "peak_tflops": plan.gpu.peak_tflops, "price_per_hour": plan.gpu.price_per_hour},
+        "plans": [
+            {
+                "method": p.method,
+                "rank": p.rank,
+                "trainable_params": p.trainable_params,
+                "trainable_percent": trainable_percent(p, plan.model.total_params),
+                "all_params": p.all_params,
+                "target_modules": list(p.target_modules),
+                "wrapped_modules": p.wrapped_modules,
+                "memory_bytes": {k: p.memory[k].bytes for k in MEMORY_KEYS},
+                "peak_phase": p.peak_phase or None,
+                "device_overhead_bytes": p.device_overhead.bytes if p.device_overhead else None,
+                "activation_cpu_bytes": p.activation_cpu_bytes,
+                "weights_bytes": {t.name: t.bytes for t in p.weight_terms},
+                "checkpoint_bytes": p.checkpoint.bytes,
+                "full_checkpoint_bytes": p.full_checkpoint_bytes,
+                "storage_bytes": dict(p.storage),
+                "gpus_needed": p.gpus_needed,
+                "gpus_needed_strategy": p.gpus_needed_strategy,
+                "fits": p.fits,
+                "fit": None if p.fit is None else {
+                    "max_batch_size": p.fit.max_batch_size, "max_seq_len": p.fit.max_seq_len},
+                **_scale_dict(p),
+            }
+            for p in plan.plans
+        ],
+        "workload": None if plan.workload is None else {
+            "tokens": plan.workload.tokens, "mfu": plan.workload.mfu,
+            "price_per_hour": plan.workload.price_per_hour},
+        "notes": list(plan.notes),
+    }
+
+
+def _scale_dict(p: MethodPlan) -> dict:
+    """Per-plan JSON keys for data parallelism and compute; time keys are null without tokens."""
+    dp, c = p.data_parallel, p.compute
+    return {
+        "min_gpus": dict(dp.min_gpus) if dp else {},
+        "zero3_buffer_bytes": {k: t.bytes for k, t in dp.buffers.items()} if dp else {},
+        "cpu_offload_bytes": dp.cpu_bytes if dp else 0,
+        "flops_per_token": int(p.flops_per_token.value) if p.flops_per_token else None,
+        "flops": c.flops if c else None,
+        "num_gpus_for_time": c.num_gpus if c else None,
+        "wall_hours": c.wall_hours if c else None,
+        "gpu_hours": c.gpu_hours if c else None,
+        "cost_usd": c.cost_usd if c else None,
+    }
