@@ -54,3 +54,16 @@ def test_a_step_too_large_for_the_host_is_refused_within_seconds():
     line = result.output.strip()
     assert len(line.splitlines()) == 1 and "of host RAM available" in line
     assert "use --fake, --layers N or a smaller setup, or --force" in line
+
+
+def test_trace_of_a_gpt2_lora_step_prints_nothing_on_stderr():
+    """No library notices (deprecations, PEFT's Conv1D guess, transformers' loss guess) reach the user."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "lora_planner", "trace", "--model", "gpt2", "--method", "lora",
+                           "--layers", "1", "--seq-len", "32", "--grad-checkpointing"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    assert "peak set in" in done.stdout

@@ -221,7 +221,10 @@ def trace_command(model_name, method, rank, targets, precision, batch_size, seq_
 
             check_fits(predicted_terms(spec, setup, "cpu")[0]["peak"], host_available_bytes(), "host RAM",
                        "use --fake, --layers N or a smaller setup")
-        result = trace(spec, setup, fake=fake)
+        from ..measure.step import quiet_libraries
+
+        with quiet_libraries():
+            result = trace(spec, setup, fake=fake)
     except PlanError as exc:
         raise UserError(str(exc)) from None
     if fmt == "json":

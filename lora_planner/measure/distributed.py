@@ -201,6 +201,7 @@ def build_model(spec, setup, device):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from ..spec import to_hf_config
+    from .step import enable_checkpointing
     from .traced_step import _with_lora
 
     config = AutoConfig.for_model(**to_hf_config(spec))
@@ -210,9 +211,10 @@ def build_model(spec, setup, device):
         if hasattr(config, key):
             setattr(config, key, 0.0)
     model = AutoModelForCausalLM.from_config(config)
+    model.loss_type = "ForCausalLM"  # GPT2LMHeadModel names no loss: say it, no warning
     model.train()
     if setup.grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     if setup.method == "lora":
         model = _with_lora(model, spec, setup)
     return model.to(device)

@@ -304,7 +304,7 @@ def _train(settings: JobSettings, spec: ModelSpec, reader, nvml, save_adapter: s
 
     from . import lora
     from .data import batches
-    from .step import OpNames, attention_backend, optimizer_holds_states, train_step
+    from .step import OpNames, attention_backend, enable_checkpointing, optimizer_holds_states, train_step
 
     device = torch.device(settings.device)
 
@@ -326,11 +326,7 @@ def _train(settings: JobSettings, spec: ModelSpec, reader, nvml, save_adapter: s
             lora.inject(model, settings.targets, settings.rank, settings.alpha, settings.dropout,
                         settings.rslora)
         if settings.grad_checkpointing:
-            checkpointing = {"use_reentrant": False}
-            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
-                model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpointing)
-            else:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+            enable_checkpointing(model)
         model.train()
         trainable = [p for p in model.parameters() if p.requires_grad]
         # foreach: torch's default on CUDA and what the planner's optimizer phase assumes (its

@@ -50,6 +50,28 @@ def train_step(model: Any, optimizer: Any, input_ids: Any, labels: Any = None, *
     return loss.detach()
 
 
+def enable_checkpointing(model: Any) -> None:
+    """Hugging Face per-layer checkpointing, non-reentrant, by transformers 5's name for it when the
+    installed version has it (the older name warns that it is deprecated)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+@contextlib.contextmanager
+def quiet_libraries():
+    """Silence the deprecation notices transformers and PEFT print about each other's names
+    (`is_gradient_checkpointing`): they are not the user's to act on."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*is deprecated and will be removed in v6",
+                                category=FutureWarning)
+        yield
+
+
 def optimizer_holds_states(optimizer: Any) -> bool:
     """Whether every parameter the optimizer updates has its states (AdamW's step, exp_avg,
     exp_avg_sq). A grad scaler skips the steps whose gradients overflowed; until one step went

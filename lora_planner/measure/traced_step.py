@@ -139,7 +139,7 @@ def trace(spec: ModelSpec, setup: TrainSetup, *, fake: bool = False, seed: int =
     from torch._subclasses.fake_tensor import FakeTensorMode
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .step import train_step
+    from .step import enable_checkpointing, train_step
     from .tracer import MemoryTracer
 
     predicted, predicted_phase, predicted_phases = _prediction(spec, setup, "cpu")
@@ -158,11 +158,12 @@ def trace(spec: ModelSpec, setup: TrainSetup, *, fake: bool = False, seed: int =
         torch.set_default_dtype(dtype)  # fake parameters cannot be converted after the fact
         try:
             model = AutoModelForCausalLM.from_config(config)
+            model.loss_type = "ForCausalLM"  # GPT2LMHeadModel names no loss: say it, no warning
         finally:
             torch.set_default_dtype(previous)
         model.train()
         if setup.grad_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(model)
         if setup.method == "lora":
             model = _with_lora(model, spec, setup)
         ids = torch.randint(0, spec.vocab_size, (setup.batch_size, setup.seq_len))
@@ -259,7 +260,8 @@ def _with_lora(model, spec: ModelSpec, setup: TrainSetup):
 
     paths = sorted({a.module.path for a in lora_trainable(spec, setup).adapters})
     config = LoraConfig(r=setup.rank, lora_alpha=2 * setup.rank, target_modules=paths,
-                        lora_dropout=setup.lora_dropout, bias=setup.bias, use_dora=setup.use_dora)
+                        lora_dropout=setup.lora_dropout, bias=setup.bias, use_dora=setup.use_dora,
+                        fan_in_fan_out=spec.family == "gpt2")  # GPT-2's Conv1D stores (in, out)
     # PEFT moves each new adapter onto its base layer's device and dtype with `Module.to()`, which
     # cannot swap fake parameters. Everything is already on CPU in the dtype the model was built
     # under, so the moves are skipped while adapters are injected.
