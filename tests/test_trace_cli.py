@@ -61,8 +61,8 @@ def test_trace_of_a_gpt2_lora_step_prints_nothing_on_stderr():
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "-m", "lora_planner", "trace", "--model", "gpt2", "--method", "lora",
-                           "--layers", "1", "--seq-len", "32", "--grad-checkpointing"],
+    done = subprocess.run([sys.executable, "-m", "lora_planner", "trace", "--model", "gpt2",
+                           "--method", "lora", "--layers", "1", "--seq-len", "32", "--grad-checkpointing"],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""
