@@ -48,6 +48,10 @@ class States:
     dequant_transient: int = 0
 
 
+# what every backward moment holds besides its own transients
+SO_FAR = "weights + optimizer states + saved activations left + gradients so far"
+
+
 @dataclass(frozen=True)
 class Phase:
     name: str
@@ -66,11 +70,13 @@ def step_phases(states: States, prof: Profile, vocab: int, tokens: int) -> tuple
     if prof.head_backward is not None:
         mask = 0  # a chunked or fused loss runs after the decoder has returned and freed its mask
     phases = [Phase("forward", base + acts + logits + mask + prof.autocast_cache + prof.final_hidden,
-                     "weights + saved activations + logits at the loss (+ autocast's weight cache)")]
+                     "weights + optimizer states + saved activations + logits at the loss (+ autocast's "
+                     "weight cache)")]
     head_grads = 2 * tokens * vocab * FP32 if prof.head_backward is None else prof.head_backward
     phases.append(Phase("backward", base + acts + head_grads,
-                        "weights + saved activations + two fp32 logits gradients"
-                        if prof.head_backward is None else "weights + saved activations + the head's "
+                        "weights + optimizer states + saved activations + two fp32 logits gradients"
+                        if prof.head_backward is None else "weights + optimizer states + saved "
+                        "activations + the head's "
                         "backward (chunked or fused loss)"))
     grads = states.head_gradients
     saved_below = acts - prof.head
@@ -89,7 +95,7 @@ def step_phases(states: States, prof: Profile, vocab: int, tokens: int) -> tuple
                 held = (saved_below + prof.layer_inputs[i] - prof.input_saved_by_layer[i]
                         + prof.recompute_peaks[i])
                 phases.append(Phase("backward", base + held + grads + resid,
-                                    f"recomputing layer {i}'s forward"))
+                                    f"{SO_FAR}, recomputing layer {i}'s forward"))
         else:
             live = saved_below
             saved_below -= prof.layers[i]
@@ -98,12 +104,12 @@ def step_phases(states: States, prof: Profile, vocab: int, tokens: int) -> tuple
         tail = prof.mlp_tails[i] if prof.mlp_tails else 0
         dq = states.dequant_transient
         phases.append(Phase("backward", base + live - tail + grads + resid + mlp + dq,
-                            f"backward through layer {i}'s MLP"))
+                            f"{SO_FAR}, backward through layer {i}'s MLP"))
         grads += mlp_grads + attn_grads
         attn_tail = prof.attn_tails[i] if prof.attn_tails else 0
         phases.append(Phase("backward",
                             base + live - prof.mlp_layers[i] - attn_tail + grads + resid + attn + dq,
-                            f"backward through layer {i}'s attention"))
+                            f"{SO_FAR}, backward through layer {i}'s attention"))
     leaf = 2 * prof.input_leaf  # the embedding output made a leaf, and its gradient
     phases.append(Phase("backward", base + states.gradients + states.embedding_backward + leaf,
                         "end of backward: weights + optimizer states + all gradients + the embedding's "
