@@ -721,7 +721,8 @@ def profile(spec: ModelSpec, cond: Conditions, wrapped: dict[str, int], trainabl
         recompute_peaks=tuple(g.forward_peaks.get(f"layer {i}", 0) for i in range(spec.num_layers)),
         checkpointed=cond.grad_checkpointing,
         offloaded=cond.activation_offload,
-        final_hidden=0 if h.key in g.saved else h.nbytes,
+        # a chunked or fused loss counts the head's input alive through the loss itself (`head_and_loss`)
+        final_hidden=0 if h.key in g.saved or cond.loss != "standard" else h.nbytes,
         input_leaf=t * H * wb if input_grad and not trainable & {"model.embed_tokens", "transformer.wte",
                                                                  "transformer.wpe"} else 0,
         autocast_cache=sum(total - kept + (kept if cond.grad_checkpointing and where.startswith("layer")
