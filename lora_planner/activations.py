@@ -25,6 +25,7 @@ Nothing here imports torch: it is arithmetic over the model's shape.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass, field
 
@@ -91,10 +92,10 @@ class Graph:
     # per layer: bytes saved by the ops after the MLP's activation (down projection, output norm and
     # dropout); backward uses and frees them before it reaches the activation
     tails: list[int] = field(default_factory=list)
-    _tail_from: set[int] = field(default_factory=set)
+    _tail_from: int = 0  # bytes saved before the MLP's tail began
     # ...and after attention's core (softmax, or the fused kernel): freed before that core's backward
     attn_tails: list[int] = field(default_factory=list)
-    _attn_from: set[int] = field(default_factory=set)
+    _attn_from: int = 0  # ... before attention's tail began
     # by section: the most a layer's forward holds at once beyond the saved tensors before it (a
     # LoRA layer's base output, adapter output and scaled copy); what checkpointing's recompute peaks at
     forward_peaks: dict[str, int] = field(default_factory=dict)
@@ -105,6 +106,7 @@ class Graph:
     section: str = ""
     _keys: itertools.count = field(default_factory=lambda: itertools.count(1))
     _section_bytes: dict[str, int] = field(default_factory=dict)
+    _saved_total: int = 0
 
     # --- tensors ---------------------------------------------------------------------------------
     def new(self, numel: int, itemsize: int, grad: bool) -> Tensor:
@@ -115,6 +117,7 @@ class Graph:
             if t.key not in self.saved:
                 self.saved[t.key] = (t.nbytes, self.section)
                 self._section_bytes[self.section] = self._section_bytes.get(self.section, 0) + t.nbytes
+                self._saved_total += t.nbytes
 
     def saved_bytes(self, section: str | None = None) -> int:
         # running totals per section: a walk of 80 layers asks for each layer's bytes
@@ -191,16 +194,17 @@ class Graph:
         return self.new(x.numel, x.itemsize, x.grad or trains)
 
     def attn_tail_start(self) -> None:
-        self._attn_from = set(self.saved)
+        self._attn_from = self._saved_total
 
     def attn_tail_end(self) -> None:
-        self.attn_tails.append(sum(b for key, (b, _) in self.saved.items() if key not in self._attn_from))
+        # tensors are only ever added, once each: what was saved since the start is the growth
+        self.attn_tails.append(self._saved_total - self._attn_from)
 
     def tail_start(self) -> None:
-        self._tail_from = set(self.saved)
+        self._tail_from = self._saved_total
 
     def tail_end(self) -> None:
-        self.tails.append(sum(b for key, (b, _) in self.saved.items() if key not in self._tail_from))
+        self.tails.append(self._saved_total - self._tail_from)
 
     def cached(self, nbytes: int, saved: bool) -> None:
         """A 16-bit copy of a trained parameter: autocast keeps it until forward ends."""
@@ -630,7 +634,15 @@ class Profile:
 
 
 def profile(spec: ModelSpec, cond: Conditions, wrapped: dict[str, int], trainable: set[str]) -> Profile:
-    """Walk the model's forward once and collect what autograd keeps, by place."""
+    """Walk the model's forward once and collect what autograd keeps, by place. A plan asks for the
+    same walk several times (the peak, the FLOPs' input-gradient skips), so each is made once."""
+    return _profile(spec, cond, tuple(sorted(wrapped.items())), frozenset(trainable))
+
+
+@functools.lru_cache(maxsize=64)
+def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, int], ...],
+             trainable_paths: frozenset[str]) -> Profile:
+    wrapped, trainable = dict(wrapped_items), set(trainable_paths)
     if cond.attention not in ATTENTION:
         raise PlanError(f"attention must be one of {', '.join(ATTENTION)}, got {cond.attention!r}")
     if cond.device not in DEVICES:

@@ -20,6 +20,7 @@ following PEFT's rules rather than inventing cleaner ones:
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -303,6 +304,7 @@ def _param_adapter(module: Module, rank: int, use_dora: bool) -> Adapter:
     ))
 
 
+@functools.lru_cache(maxsize=64)  # a plan asks again for each strategy and the FLOPs; the answer is frozen
 def lora_trainable(spec: ModelSpec, setup: TrainSetup) -> Trainable:
     """What a LoRA (or QLoRA) setup trains: adapters, trainable biases, modules_to_save copies."""
     if setup.rank <= 0:
