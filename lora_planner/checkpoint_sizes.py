@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from functools import lru_cache
 
 from .architecture import Param
 from .precision import DTYPE_BYTES, SAFETENSORS_DTYPE
@@ -37,7 +38,11 @@ def safetensors_header(params: Iterable[Param], dtype: str) -> bytes:
 
 def safetensors_bytes(params: Iterable[Param], dtype: str) -> int:
     """File size: 8 + len(header) + sum(numel) x bytes per element of `dtype`."""
-    params = tuple(params)
+    return _safetensors_bytes(tuple(params), dtype)
+
+
+@lru_cache(maxsize=32)  # full, LoRA and QLoRA plans of one model write the same base checkpoint
+def _safetensors_bytes(params: tuple[Param, ...], dtype: str) -> int:
     data = sum(p.numel for p in params) * DTYPE_BYTES[dtype]
     return 8 + len(safetensors_header(params, dtype)) + data
 
