@@ -9,21 +9,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from click.testing import CliRunner
 
 from lora_planner.catalog import get_model
-from lora_planner.cli import main
 from lora_planner.spec import spec_from_hf_config
-
-
-def run(*args: str):
-    return CliRunner().invoke(main, list(args))
-
-
-def plan_json(*args: str) -> dict:
-    result = run(*args, "--format", "json")
-    assert result.exit_code == 0, result.output
-    return json.loads(result.output)
+from tests.test_cli import plan_json, run
 
 
 def _activations(data: dict) -> int:

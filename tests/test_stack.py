@@ -6,16 +6,13 @@ and the meta-device transformers model for parameter counts: never our formulas 
 
 from __future__ import annotations
 
-import json
 import random
 import sys
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
 from lora_planner.catalog import get_model
-from lora_planner.cli import main
 from lora_planner.precision import get_precision
 from lora_planner.spec import TrainSetup
 from lora_planner.stacks import STACKS, resolve
@@ -24,15 +21,7 @@ from lora_planner.step import predict_step
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from step_grid import TINY  # noqa: E402
 
-
-def run(*args: str):
-    return CliRunner().invoke(main, list(args))
-
-
-def plan_json(*args: str) -> dict:
-    result = run(*args, "--format", "json")
-    assert result.exit_code == 0, result.output
-    return json.loads(result.output)
+from tests.test_cli import plan_json, run  # noqa: E402
 
 
 def _cases(impls, seed=17, per_family=2, loss="standard"):
