@@ -239,7 +239,7 @@ def test_zero3_defaults_are_the_hugging_face_auto_values(model):
     from types import SimpleNamespace
 
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
-    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig, unset_hf_deepspeed_config
 
     from lora_planner.catalog import get_model
     from lora_planner.sharding import zero3_settings
@@ -252,6 +252,10 @@ def test_zero3_defaults_are_the_hugging_face_auto_values(model):
     hf.trainer_config_finalize(SimpleNamespace(get_warmup_steps=lambda n: 0),
                                SimpleNamespace(config=SimpleNamespace(hidden_size=spec.hidden_size)), 10)
     auto = hf.config["zero_optimization"]
+    # the config registers itself globally: while it lives, transformers builds every model under
+    # DeepSpeed's ZeRO-3 init, so later tests' models would be partitioned
+    unset_hf_deepspeed_config()
+    del hf
     z = zero3_settings(TrainSetup(), spec.hidden_size)
     assert z.reduce_bucket_size == auto["reduce_bucket_size"]
     assert z.prefetch_bucket_size == auto["stage3_prefetch_bucket_size"]
