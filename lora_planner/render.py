@@ -94,12 +94,29 @@ def _header(plan: Plan, unit: str) -> list[str]:
     return lines
 
 
-def to_table(plan: Plan, unit: str = "GB", markdown: bool = False) -> str:
-    from tabulate import tabulate
+def aligned_table(rows: list[list[str]], headers: list[str], markdown: bool = False) -> str:
+    """The plan's table: first column left, the others right, each as wide as its widest cell or its
+    header plus two. It is the layout of tabulate's "simple" (or, for markdown, "github") format for
+    text cells, written here so that the plain plan needs click alone; tests/test_render.py holds
+    it to tabulate's own output."""
+    widths = [max([len(h) + 2, *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
 
+    def line(cells: list[str]) -> list[str]:
+        pairs = enumerate(zip(cells, widths, strict=True))
+        return [c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in pairs]
+
+    if markdown:
+        lines = ["| " + " | ".join(line(headers)) + " |", "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+        lines += ["| " + " | ".join(line(r)) + " |" for r in rows]
+    else:
+        lines = ["  ".join(line(headers)), "  ".join("-" * w for w in widths)]
+        lines += ["  ".join(line(r)) for r in rows]
+    return "\n".join(lines)
+
+
+def to_table(plan: Plan, unit: str = "GB", markdown: bool = False) -> str:
     headers = [""] + [plan_label(p) for p in plan.plans]
-    table = tabulate(_rows(plan, unit), headers=headers, tablefmt="github" if markdown else "simple",
-                     colalign=("left",) + ("right",) * len(plan.plans))
+    table = aligned_table(_rows(plan, unit), headers, markdown)
     head = _header(plan, unit)
     notes = [f"note: {n}" for n in plan.notes]
     if markdown:

@@ -12,7 +12,8 @@ try:
     main(["--model", "70b", "--rank", "8"])
 except SystemExit as exc:
     assert exc.code in (0, None), exc.code
-heavy = sorted(m for m in ("torch", "transformers", "pandas", "numpy", "safetensors") if m in sys.modules)
+heavy = sorted(m for m in ("torch", "transformers", "pandas", "numpy", "safetensors", "tabulate")
+               if m in sys.modules)
 print("HEAVY", heavy)
 """
 
