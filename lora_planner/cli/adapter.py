@@ -10,25 +10,11 @@ import json
 import click
 from tabulate import tabulate
 
-from ..errors import PlanError
 from ..gpus import DEFAULT_GPU
 from ..precision import DEFAULT_PRECISION, PRECISIONS
 from ..units import format_bytes
-from .common import UserError
+from .common import UserError, adapter_call
 from .step_options import step_options
-
-
-def _run(call):
-    """Call into the library: a user mistake or a missing extra becomes one line and exit 2."""
-    try:
-        return call()
-    except PlanError as exc:
-        raise UserError(str(exc)) from None
-    except ImportError as exc:
-        raise UserError(f"adapter commands need torch and safetensors ({exc.name} is missing): "
-                        "pip install 'lora-plan[measure]'") from None
-    except OSError as exc:
-        raise UserError(f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": ")) from None
 
 
 def _share(x: float) -> str:
@@ -170,12 +156,12 @@ def analyze_command(path, keep, model_name, gpu_name, precision, batch_size, seq
     from ..adapter_rank import analyze_adapter, planner_savings
     from ..spec import TrainSetup
 
-    analysis = _run(lambda: analyze_adapter(path, keep=keep))
+    analysis = adapter_call(lambda: analyze_adapter(path, keep=keep))
     savings = None
     if model_name:
         setup = TrainSetup(precision=precision, batch_size=batch_size, seq_len=seq_len or 0,
                            grad_checkpointing=grad_checkpointing, attention=attention)
-        savings = _run(lambda: planner_savings(analysis, model_name, setup, gpu_name))
+        savings = adapter_call(lambda: planner_savings(analysis, model_name, setup, gpu_name))
     if fmt == "json":
         values = analysis.to_dict()
         if savings:
@@ -216,7 +202,7 @@ def resize_command(path, rank, energy, fro, sv_ratio, output, units, fmt) -> Non
     if len(chosen) != 1:
         raise UserError("give exactly one of --rank, --energy, --fro, --sv-ratio")
     (kind, value), = chosen.items()
-    resized = _run(lambda: resize_adapter(path, Criterion(kind, float(value)), output))
+    resized = adapter_call(lambda: resize_adapter(path, Criterion(kind, float(value)), output))
     if fmt == "json":
         click.echo(json.dumps(resized.to_dict(), indent=2))
         return
@@ -259,7 +245,7 @@ def diff_command(base, finetuned, include, keep, units, fmt) -> None:
             re.compile(include)
         except re.error as exc:
             raise UserError(f"--include {include!r} is not a valid regex: {exc}") from None
-    analysis = _run(lambda: diff_checkpoints(base, finetuned, include=include, keep=keep))
+    analysis = adapter_call(lambda: diff_checkpoints(base, finetuned, include=include, keep=keep))
     if fmt == "json":
         click.echo(json.dumps(analysis.to_dict(), indent=2))
     else:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 import click
 
 from ..errors import PlanError
@@ -51,3 +54,22 @@ def parse_ranks(values: tuple[str, ...]) -> tuple[int, ...]:
             raise PlanError(f"rank must be a positive integer, got {rank}")
         ranks.append(rank)
     return tuple(dict.fromkeys(ranks)) or (8,)
+
+
+T = TypeVar("T")
+
+
+def adapter_call(call: Callable[[], T], needs: str = "adapter commands",
+                 os_error: Callable[[OSError], str] | None = None) -> T:
+    """Call into the adapter library: a user mistake, a missing extra (torch, safetensors) or a file
+    that cannot be read or written becomes one line and exit 2. `needs` names what needs the extra."""
+    try:
+        return call()
+    except PlanError as exc:
+        raise UserError(str(exc)) from None
+    except ImportError as exc:
+        raise UserError(f"{needs} need torch and safetensors ({exc.name} is missing): "
+                        "pip install 'lora-plan[measure]'") from None
+    except OSError as exc:
+        text = os_error(exc) if os_error else f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": ")
+        raise UserError(text) from None

@@ -195,21 +195,17 @@ def adapter_command(ctx, adapters, diffs, keep, units, output) -> None:
     from pathlib import Path
 
     from ..adapter_rank import analyze_adapter, diff_checkpoints
-    from ..errors import PlanError
     from ..reports.adapters import write_adapter_report
+    from .common import adapter_call
 
     if not adapters and not diffs:
         raise UserError("give at least one adapter folder or --diff BASE FINETUNED")
-    try:
+
+    def write():
         series = [(f"adapter {path}", analyze_adapter(path, keep=keep)) for path in adapters]
         series += [(f"full update {tuned}", diff_checkpoints(base, tuned, keep=keep))
                    for base, tuned in diffs]
-        written = write_adapter_report(series, Path(output), _command_line(ctx), units)
-    except PlanError as exc:
-        raise UserError(str(exc)) from None
-    except ImportError as exc:
-        raise UserError(f"adapter reports need torch and safetensors ({exc.name} is missing): "
-                        "pip install 'lora-plan[measure]'") from None
-    except OSError as exc:
-        raise UserError(f"cannot write {output}: {exc.strerror or exc}") from None
-    _report(written)
+        return write_adapter_report(series, Path(output), _command_line(ctx), units)
+
+    _report(adapter_call(write, "adapter reports",
+                         lambda exc: f"cannot write {output}: {exc.strerror or exc}"))
