@@ -15,7 +15,7 @@ from ..gpus import DEFAULT_GPU
 from ..optimizers import OPTIMIZERS
 from ..precision import DEFAULT_PRECISION, PRECISIONS
 from ..reports.capacity import DEFAULT_MODELS, DEFAULT_RANKS, DEFAULT_TASKS
-from .common import UserError, parse_ranks, split_values
+from .common import UserError, adapter_call, parse_ranks, split_values
 from .step_options import step_options
 
 
@@ -196,7 +196,6 @@ def adapter_command(ctx, adapters, diffs, keep, units, output) -> None:
 
     from ..adapter_rank import analyze_adapter, diff_checkpoints
     from ..reports.adapters import write_adapter_report
-    from .common import adapter_call
 
     if not adapters and not diffs:
         raise UserError("give at least one adapter folder or --diff BASE FINETUNED")
