@@ -1,6 +1,6 @@
 """Summarise a step-grid JSONL (from `step_grid.py --jsonl`): ours against the sum of terms.
 
-    python benchmarks/summarize_grid.py results/step-grid-cpu.jsonl
+    python benchmarks/summarize_grid.py results/trace/step-grid-cpu.jsonl
 
 Prints a markdown table of the absolute peak error, median / p90 / max, for the step timeline and for
 the sum-of-terms estimate (model states + activations) on the same traced steps; then, with and
@@ -10,6 +10,7 @@ activations byte for byte.
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import sys
@@ -20,8 +21,18 @@ def quantile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def main(path: str) -> int:
-    records = [json.loads(line) for line in open(path) if line.strip()]
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("jsonl", help="records written by `step_grid.py --jsonl`")
+    path = parser.parse_args(argv).jsonl
+    try:
+        with open(path) as lines:
+            records = [json.loads(line) for line in lines if line.strip()]
+    except (OSError, json.JSONDecodeError) as e:
+        parser.error(f"cannot read {path}: {e}")
+    if not records:
+        parser.error(f"{path} holds no records")
     ours = [abs(r["relative_error"]["peak"]) for r in records]
     summed = [abs(r["sum_of_terms_error"]) for r in records]
     within = sum(e <= 0.02 for e in ours)
@@ -45,4 +56,4 @@ def main(path: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    sys.exit(main())
