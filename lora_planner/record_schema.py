@@ -34,12 +34,18 @@ MEASURED_KEYS = ("peak_allocated", "peak_reserved", "nvml_peak_used", "nvml_base
 ENV_KEYS = ("PYTORCH_CUDA_ALLOC_CONF", "CUDA_MODULE_LOADING", "CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER")
 
 
+# Settings added after the first records were written, with the value every earlier job ran with: at
+# that value a setting is left out of the id, so a results file written before it existed resumes.
+LATER_SETTINGS = {"optimizer_impl": "foreach", "loss": "standard", "loss_chunks": 8}
+
+
 def settings_id(settings: dict) -> str:
     """A stable key for a job's settings: readable prefix, then a hash of every setting.
 
     Equal settings give equal ids in any process and any order of keys; that is what lets a sweep
     skip the jobs a results file already holds.
     """
+    settings = {k: v for k, v in settings.items() if k not in LATER_SETTINGS or v != LATER_SETTINGS[k]}
     canonical = json.dumps(settings, sort_keys=True, separators=(",", ":"))
     digest = hashlib.sha256(canonical.encode()).hexdigest()[:10]
     rank = f"-r{settings['rank']}" if settings.get("rank") else ""

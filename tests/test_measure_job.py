@@ -219,3 +219,41 @@ def test_cuda_start_binds_nvml_to_torchs_device_and_records_it(monkeypatch):
     monkeypatch.setenv(job.MEMORY_FRACTION_ENV, "1.5")
     with pytest.raises(job.PlanError, match="must be a number in"):
         job.memory_fraction()
+
+
+@pytest.mark.parametrize("kernels", [{"optimizer_impl": "fused"}, {"optimizer_impl": "for-loop"},
+                                     {"loss": "chunked", "loss_chunks": 3}],
+                         ids=["fused", "for-loop", "chunked"])
+def test_the_step_runs_the_kernels_it_names_and_is_planned_with_them(tmp_path, kernels):
+    """A job with another AdamW kernel or loss runs it (its traced peak moves as the kernel's
+    temporaries do) and is predicted with the same choice; the foreach job is the reference."""
+    common = {"model": tiny_config_file(tmp_path), "method": "full", "batch_size": 2, "seq_len": 32,
+              "steps": 1}
+    reference = job.run_job(JobSettings(**common))
+    record = job.run_job(JobSettings(**common, **kernels))
+    assert record["status"] == "ok", record["error"]
+    assert record["id"] != reference["id"]
+    setup = TrainSetup(method="full", precision="fp32", batch_size=2, seq_len=32, stack="torch", **kernels)
+    spec = spec_from_config_file(common["model"])
+    from lora_planner.measure.traced_step import predicted_terms
+
+    assert record["predicted"]["peak"] == predicted_terms(spec, setup, "cpu")[0]["peak"]
+    # the optimizer phase holds another temporary; a chunked loss other logits than the whole
+    phase = "optimizer" if "optimizer_impl" in kernels else "forward"
+    assert record["measured"]["phase_peaks"][phase] != reference["measured"]["phase_peaks"][phase]
+    assert abs(record["relative_error"]["peak_allocated"]) <= 0.02
+
+
+def test_settings_added_later_keep_earlier_ids():
+    """Records written before the kernel settings existed resume: at the kernels every earlier job
+    ran (foreach AdamW, the model's loss), a job's id is what it was."""
+    from pathlib import Path
+
+    for path in sorted(Path("results/measure").glob("*.jsonl")):
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            assert "optimizer_impl" not in record["settings"] or path.name != "cpu-tiny-gpt2.jsonl"
+            assert JobSettings.from_dict(record["settings"]).id == record["id"], record["id"]
+    assert JobSettings(loss="standard", loss_chunks=3).checked().id == JobSettings().checked().id
+    with pytest.raises(job.PlanError, match="CUDA"):
+        JobSettings(loss="fused-linear").checked()

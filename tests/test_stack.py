@@ -67,7 +67,7 @@ def test_optimizer_implementations_match_the_trace(spec, setup, request):
 
 @pytest.mark.parametrize(("spec", "setup"), list(_cases(("fused", "foreach"), seed=5, loss="chunked")))
 def test_chunked_cross_entropy_matches_the_trace(spec, setup):
-    """torchtune's chunked head and loss, run in plain PyTorch (`measure.traced_step.chunked_loss`)."""
+    """torchtune's chunked head and loss, run in plain PyTorch (`measure.step.chunked_loss`)."""
     pytest.importorskip("transformers")
     pytest.importorskip("peft")
     from lora_planner.measure.traced_step import trace

@@ -71,6 +71,14 @@ def measure_group() -> None:
 @click.option("--attention", type=click.Choice(["sdpa", "eager"]), default="sdpa", show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="auto: cuda when there is one.")
+@click.option("--optimizer-impl", type=click.Choice(["foreach", "fused", "for-loop"]), default="foreach",
+              show_default=True, help="AdamW's kernel, forced (as the planner's --optimizer-impl).")
+@click.option("--loss", type=click.Choice(["standard", "chunked", "fused-linear"]), default="standard",
+              show_default=True,
+              help="The model's own loss, torchtune's chunked cross-entropy, or Liger's fused linear "
+                   "cross-entropy (CUDA, needs liger-kernel).")
+@click.option("--loss-chunks", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Chunks of the chunked cross-entropy.")
 @click.option("--data", default="qa", show_default=True, metavar="qa|synthetic|FILE",
               help="The built-in Q/A set, random tokens, or a local text file (byte-level ids).")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -80,8 +88,8 @@ def measure_group() -> None:
               help="Run even when the planned peak exceeds the memory available (host RAM on CPU, "
                    "free GPU memory on CUDA).")
 def run_command(model, weights, method, rank, targets, alpha, rslora, dropout, batch_size, seq_len,
-                steps, lr, precision, grad_checkpointing, attention, device, data, seed, save_adapter,
-                output, force) -> None:
+                steps, lr, precision, grad_checkpointing, attention, device, optimizer_impl, loss,
+                loss_chunks, data, seed, save_adapter, output, force) -> None:
     """Fine-tune once, read peak memory and speed, print the record (one JSON line).
 
     Before the model is built, a job whose planned peak exceeds the memory available is refused
@@ -101,6 +109,7 @@ def run_command(model, weights, method, rank, targets, alpha, rslora, dropout, b
             alpha=alpha, rslora=rslora, dropout=dropout, batch_size=batch_size, seq_len=seq_len,
             steps=steps, lr=lr, precision=precision, grad_checkpointing=grad_checkpointing,
             attention=attention, device=resolve_device(device), data=data, seed=seed,
+            optimizer_impl=optimizer_impl, loss=loss, loss_chunks=loss_chunks,
         )
         record = run_job(settings, output, _command_line(), save_adapter, force=force)
     except PlanError as exc:

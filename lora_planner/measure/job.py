@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import PlanError
-from ..record_schema import ENV_KEYS, make_record, settings_id
+from ..record_schema import ENV_KEYS, LATER_SETTINGS, make_record, settings_id
 from ..spec import ModelSpec, TrainSetup
 from .records import append_record
 
@@ -41,6 +41,10 @@ PLANNER_PRECISION = {"fp32": "fp32", "bf16": "amp", "fp16": "amp"}
 ATTENTIONS = ("eager", "sdpa")
 DEVICES = ("cpu", "cuda")
 DATA_SOURCES = ("qa", "synthetic")  # or the path of a local text file
+# The step's kernels (as `--optimizer-impl` and `--loss` of the planner): AdamW fused, foreach or
+# for-loop; the model's own loss, torchtune's chunked cross-entropy, or Liger's fused linear one.
+OPTIMIZER_IMPLS = ("foreach", "fused", "for-loop")
+LOSSES = ("standard", "chunked", "fused-linear")
 # A grad scaler skips the steps whose fp16 gradients overflow; warm-up steps run until the
 # optimizer holds its states, at most this many.
 MAX_WARMUP_STEPS = 20
@@ -80,6 +84,9 @@ class JobSettings:
     data: str = "qa"
     seed: int = 0
     weights: str | None = None  # a local folder of pretrained weights; None: random weights
+    optimizer_impl: str = "foreach"  # torch's default AdamW kernel on CUDA
+    loss: str = "standard"
+    loss_chunks: int = 8  # chunked cross-entropy only (torchtune's default)
 
     @classmethod
     def from_dict(cls, values: dict) -> JobSettings:
@@ -109,10 +116,19 @@ class JobSettings:
             raise PlanError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.data not in DATA_SOURCES and not Path(self.data).is_file():
             raise PlanError(f"data must be qa, synthetic or a local text file; no file at {self.data}")
-        for name in ("batch_size", "seq_len", "steps"):
+        if self.optimizer_impl not in OPTIMIZER_IMPLS:
+            raise PlanError(f"optimizer_impl must be one of {', '.join(OPTIMIZER_IMPLS)}, "
+                            f"got {self.optimizer_impl!r}")
+        if self.loss not in LOSSES:
+            raise PlanError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if self.loss == "fused-linear" and self.device != "cuda":
+            raise PlanError("loss fused-linear runs Liger's Triton kernel, on a CUDA device only")
+        for name in ("batch_size", "seq_len", "steps", "loss_chunks"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise PlanError(f"{name} must be a positive integer, got {value!r}")
+        if self.loss != "chunked":  # the chunk count means nothing to another loss
+            self = dataclasses.replace(self, loss_chunks=LATER_SETTINGS["loss_chunks"])
         if self.method == "full":
             return dataclasses.replace(self, rank=None, targets=(), alpha=0.0, dropout=0.0, rslora=False)
         if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
@@ -148,8 +164,8 @@ def planner_setup(settings: JobSettings) -> TrainSetup:
         precision=PLANNER_PRECISION[settings.precision], optimizer="adamw",
         batch_size=settings.batch_size, seq_len=settings.seq_len,
         grad_checkpointing=settings.grad_checkpointing, attention=settings.attention,
-        lora_dropout=settings.dropout,
-        stack="torch")  # the job's loop: foreach AdamW and the model's own loss
+        lora_dropout=settings.dropout, stack="torch",  # the job's own loop, with its kernels named
+        optimizer_impl=settings.optimizer_impl, loss=settings.loss, loss_chunks=settings.loss_chunks)
 
 
 def predict(settings: JobSettings, spec: ModelSpec, gpu_name: str | None = None) -> dict:
@@ -304,7 +320,15 @@ def _train(settings: JobSettings, spec: ModelSpec, reader, nvml, save_adapter: s
 
     from . import lora
     from .data import batches
-    from .step import OpNames, attention_backend, enable_checkpointing, optimizer_holds_states, train_step
+    from .step import (
+        ADAMW_KERNEL,
+        OpNames,
+        attention_backend,
+        enable_checkpointing,
+        optimizer_holds_states,
+        step_loss,
+        train_step,
+    )
 
     device = torch.device(settings.device)
 
@@ -329,9 +353,10 @@ def _train(settings: JobSettings, spec: ModelSpec, reader, nvml, save_adapter: s
             enable_checkpointing(model)
         model.train()
         trainable = [p for p in model.parameters() if p.requires_grad]
-        # foreach: torch's default on CUDA and what the planner's optimizer phase assumes (its
-        # sqrt(v) temporary); on CPU torch would otherwise step tensor by tensor.
-        optimizer = torch.optim.AdamW(trainable, lr=settings.lr, foreach=True)
+        # the kernel forced, as planned: on CPU torch would otherwise step tensor by tensor
+        optimizer = torch.optim.AdamW(trainable, lr=settings.lr,
+                                      **ADAMW_KERNEL[settings.optimizer_impl])
+        loss_fn = step_loss(settings.loss, settings.loss_chunks)
         scaler = torch.amp.GradScaler(device.type) if settings.precision == "fp16" else None
     compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(settings.precision)
     data = batches(settings.data, settings.batch_size, settings.seq_len, spec.vocab_size, settings.seed)
@@ -343,7 +368,7 @@ def _train(settings: JobSettings, spec: ModelSpec, reader, nvml, save_adapter: s
         sync()
         start = time.perf_counter()
         loss = train_step(model, optimizer, input_ids, labels, compute_dtype=compute, scaler=scaler,
-                          phase=phases)
+                          phase=phases, loss_fn=loss_fn)
         sync()
         times.append(time.perf_counter() - start)
         losses.append(float(loss))

@@ -12,6 +12,9 @@ from collections.abc import Callable
 from typing import Any
 
 PHASES = ("forward", "backward", "optimizer")
+# AdamW's kernel forced by name (torch picks by itself otherwise: for-loop on CPU, foreach on CUDA)
+ADAMW_KERNEL = {"fused": {"fused": True}, "foreach": {"foreach": True},
+                "for-loop": {"foreach": False, "fused": False}}
 
 
 def _no_phase(_name: str) -> contextlib.AbstractContextManager:
@@ -48,6 +51,69 @@ def train_step(model: Any, optimizer: Any, input_ids: Any, labels: Any = None, *
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return loss.detach()
+
+
+def step_loss(loss: str, chunks: int = 8) -> Callable[[Any, Any, Any], Any] | None:
+    """The `loss_fn` of `train_step` for a loss kernel: None (the model's own loss) for standard,
+    torchtune's chunked cross-entropy, or Liger's fused linear cross-entropy (CUDA only)."""
+    if loss == "standard":
+        return None
+    if loss == "chunked":
+        return lambda model, ids, labels: chunked_loss(model, ids, labels, chunks)
+    if loss == "fused-linear":
+        return fused_linear_loss
+    raise ValueError(f"unknown loss {loss!r}")
+
+
+def chunked_loss(model, ids, labels, chunks: int):
+    """torchtune 0.6.1's chunked head and loss, in plain PyTorch over a transformers model.
+
+    `TransformerDecoder.chunked_output`: the LM head applied to `chunks` slices of the sequence, the
+    list of logits returned; then `CEWithChunkedOutputLoss`: each chunk upcast to fp32 and its
+    cross-entropy summed, divided by the number of labelled tokens. Labels are shifted as
+    transformers' `ForCausalLMLoss` shifts them (padded with -100, then [1:]). Gemma-2's final
+    soft-capping is applied per chunk.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = base.base_model(input_ids=ids).last_hidden_state  # (b, s, H)
+    head = base.get_output_embeddings()
+    cap = getattr(base.config, "final_logit_softcapping", None)
+
+    def project(h):
+        x = head(h)  # (b, s / chunks, V)
+        return torch.tanh(x / cap) * cap if cap else x
+
+    logits = [project(h) for h in hidden.chunk(chunks, dim=1)]
+    shifted = F.pad(labels, (0, 1), value=-100)[:, 1:]  # (b, s)
+    total = (shifted != -100).sum()
+    loss = 0.0
+    for x, y in zip(logits, shifted.chunk(chunks, dim=1), strict=True):
+        loss = loss + F.cross_entropy(x.reshape(-1, x.size(-1)).float(), y.reshape(-1), ignore_index=-100,
+                                      reduction="sum")
+    return loss / total
+
+
+def fused_linear_loss(model: Any, ids: Any, labels: Any) -> Any:
+    """Liger's fused linear cross-entropy over a transformers model: the decoder's last hidden
+    state and the head's weight go to the kernel, which never forms the whole logits. Labels are
+    shifted as transformers' loss shifts them (padded with -100, then [1:]); Gemma-2's final
+    soft-cap is the kernel's `softcap`."""
+    import torch.nn.functional as F
+
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    except ImportError:
+        raise RuntimeError("loss fused-linear needs Liger's kernels: pip install liger-kernel") from None
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = base.base_model(input_ids=ids).last_hidden_state  # (b, s, H)
+    head = base.get_output_embeddings()
+    cap = getattr(base.config, "final_logit_softcapping", None)
+    shifted = F.pad(labels, (0, 1), value=-100)[:, 1:]  # (b, s)
+    kernel = LigerFusedLinearCrossEntropyLoss(ignore_index=-100, **({"softcap": cap} if cap else {}))
+    return kernel(head.weight, hidden.reshape(-1, hidden.size(-1)), shifted.reshape(-1), head.bias)
 
 
 def enable_checkpointing(model: Any) -> None:

@@ -6,7 +6,7 @@ memory trace in seconds. LoRA uses PEFT with the same targets the planner resolv
 forward (causal-LM loss), backward, optimizer step, `zero_grad(set_to_none=True)`, run once
 untraced (so the optimizer's states exist, as in every step of a run but the first) and then traced.
 The setup's stack choices run as named: AdamW or SGD with the fused, foreach or for-loop kernel
-forced, and the standard or chunked cross-entropy (`chunked_loss`); Liger's fused linear
+forced, and the standard or chunked cross-entropy (`step.chunked_loss`); Liger's fused linear
 cross-entropy needs a GPU and is refused here.
 
 Supported precisions are those a plain PyTorch step realises: `fp32`, and `amp` (bf16 autocast over
@@ -139,7 +139,7 @@ def trace(spec: ModelSpec, setup: TrainSetup, *, fake: bool = False, seed: int =
     from torch._subclasses.fake_tensor import FakeTensorMode
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .step import enable_checkpointing, train_step
+    from .step import enable_checkpointing, step_loss, train_step
     from .tracer import MemoryTracer
 
     predicted, predicted_phase, predicted_phases = _prediction(spec, setup, "cpu")
@@ -171,8 +171,7 @@ def trace(spec: ModelSpec, setup: TrainSetup, *, fake: bool = False, seed: int =
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = _optimizer(torch, params, setup)
         compute_dtype = torch.bfloat16 if setup.precision == "amp" else None
-        loss_fn = ((lambda m, i, labels: chunked_loss(m, i, labels, setup.loss_chunks))
-                   if setup.loss == "chunked" else None)
+        loss_fn = step_loss(setup.loss, setup.loss_chunks)
 
         def step(tracer: MemoryTracer | None) -> None:
             train_step(model, optimizer, ids, labels, compute_dtype=compute_dtype, loss_fn=loss_fn,
@@ -193,37 +192,6 @@ def trace(spec: ModelSpec, setup: TrainSetup, *, fake: bool = False, seed: int =
     }
     return Comparison(predicted, traced, predicted_phase, report.peak_phase, predicted_phases,
                       dict(report.phase_peaks))
-
-
-def chunked_loss(model, ids, labels, chunks: int):
-    """torchtune 0.6.1's chunked head and loss, in plain PyTorch over a transformers model.
-
-    `TransformerDecoder.chunked_output`: the LM head applied to `chunks` slices of the sequence, the
-    list of logits returned; then `CEWithChunkedOutputLoss`: each chunk upcast to fp32 and its
-    cross-entropy summed, divided by the number of labelled tokens. Labels are shifted as
-    transformers' `ForCausalLMLoss` shifts them (padded with -100, then [1:]). Gemma-2's final
-    soft-capping is applied per chunk.
-    """
-    import torch
-    import torch.nn.functional as F
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hidden = base.base_model(input_ids=ids).last_hidden_state  # (b, s, H)
-    head = base.get_output_embeddings()
-    cap = getattr(base.config, "final_logit_softcapping", None)
-
-    def project(h):
-        x = head(h)  # (b, s / chunks, V)
-        return torch.tanh(x / cap) * cap if cap else x
-
-    logits = [project(h) for h in hidden.chunk(chunks, dim=1)]
-    shifted = F.pad(labels, (0, 1), value=-100)[:, 1:]  # (b, s)
-    total = (shifted != -100).sum()
-    loss = 0.0
-    for x, y in zip(logits, shifted.chunk(chunks, dim=1), strict=True):
-        loss = loss + F.cross_entropy(x.reshape(-1, x.size(-1)).float(), y.reshape(-1), ignore_index=-100,
-                                      reduction="sum")
-    return loss / total
 
 
 def _optimizer(torch, params, setup: TrainSetup):
