@@ -42,6 +42,21 @@ def run_in_own_process(tmp_path, **settings) -> dict:
     return record
 
 
+@pytest.mark.parametrize("kernels", [{"optimizer_impl": "fused"}, {"loss": "chunked"},
+                                     {"optimizer_impl": "fused", "loss": "fused-linear"}],
+                         ids=["fused-adamw", "chunked-ce", "liger"])
+def test_the_training_stacks_kernels_on_cuda_are_within_the_band_of_the_plan(tmp_path, kernels):
+    """Fused AdamW, torchtune's chunked cross-entropy and Liger's fused linear cross-entropy run
+    for real (Liger's Triton kernel only runs on a GPU) and are planned with the same choices."""
+    if kernels.get("loss") == "fused-linear":
+        pytest.importorskip("liger_kernel.transformers")
+    record = run_in_own_process(tmp_path, model="gpt2", method="full", batch_size=4, seq_len=512,
+                                steps=3, precision="bf16", device="cuda", data="synthetic", **kernels)
+    assert record["status"] == "ok", record["error"]
+    assert record["settings"] | kernels == record["settings"]
+    assert abs(record["relative_error"]["peak_allocated"]) <= ALLOCATOR_BAND, record["relative_error"]
+
+
 @pytest.mark.parametrize("precision, method", [("fp32", "full"), ("bf16", "lora"), ("fp16", "lora")])
 def test_a_small_gpt2_step_on_cuda_is_within_the_band_of_the_plan(tmp_path, precision, method):
     if precision == "bf16" and not torch.cuda.is_bf16_supported():
