@@ -8,7 +8,9 @@ One JSON object per line (format 1):
   `CUDA_MODULE_LOADING`, `CUDA_VISIBLE_DEVICES` and the SDPA backend that ran
 - `predicted`: the plan's byte terms (`plan.MEMORY_KEYS`), `peak_phase`, `trainable_params` and
   `device_overhead_bytes` (the device allowance, `allowance.allowance`, for that GPU)
-- `measured`: `MEASURED_KEYS` and what the reader adds (peaks per phase and step, traced terms)
+- `measured`: `MEASURED_KEYS` and what the reader adds (peaks per phase and step, traced terms);
+  `wall_s`: the job's wall seconds before the model (`start`: plan, torch, CUDA), building it
+  (`load`), warming up (`warmup`) and in all (`job`), so a sweep's overhead beside its steps shows
 - `relative_error`: (predicted - measured) / measured, only for `ok` records:
   `peak_allocated` sets the planned peak beside the allocator's (or the tracer's) peak;
   `nvml_peak_used` sets the planned peak + allowance beside the NVML growth over the baseline.

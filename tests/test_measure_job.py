@@ -257,3 +257,14 @@ def test_settings_added_later_keep_earlier_ids():
     assert JobSettings(loss="standard", loss_chunks=3).checked().id == JobSettings().checked().id
     with pytest.raises(job.PlanError, match="CUDA"):
         JobSettings(loss="fused-linear").checked()
+
+
+def test_a_record_says_where_the_jobs_time_went(tmp_path):
+    """The sweep's overhead beside its measured steps: wall seconds before the model, building it,
+    warming up and in all, each a part of the whole."""
+    record = job.run_job(JobSettings(model=tiny_config_file(tmp_path), method="full", seq_len=16, steps=2))
+    wall = record["measured"]["wall_s"]
+    assert set(wall) == {"start", "load", "warmup", "job"}
+    assert all(v >= 0 for v in wall.values())
+    assert wall["start"] + wall["load"] + wall["warmup"] <= wall["job"]
+    assert record["measured"]["step_time_s"] * 2 <= wall["job"]

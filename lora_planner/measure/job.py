@@ -332,8 +332,12 @@ def _train(settings: JobSettings, spec: ModelSpec, reader, nvml, save_adapter: s
 
     device = torch.device(settings.device)
 
+    wall = facts.setdefault("wall_s", {})
+
     def phase(name: str, read: bool = True) -> contextlib.ExitStack:
         stack = contextlib.ExitStack()
+        if name in ("load", "warmup"):  # where a job's time goes beside its measured steps
+            stack.enter_context(_timed(wall, name))
         if read:
             stack.enter_context(reader.phase(name))
         if nvml is not None:
@@ -345,7 +349,11 @@ def _train(settings: JobSettings, spec: ModelSpec, reader, nvml, save_adapter: s
             torch.cuda.synchronize()
 
     with phase("load"):
-        model = build_model(spec, settings).to(device)
+        # random weights are made where they train: initialising GPT-2 large on the host takes
+        # longer than the steps measured
+        with torch.device(device) if not settings.weights else contextlib.nullcontext():
+            model = build_model(spec, settings)
+        model = model.to(device)
         if settings.method == "lora":
             lora.inject(model, settings.targets, settings.rank, settings.alpha, settings.dropout,
                         settings.rslora)
@@ -419,6 +427,15 @@ def _train(settings: JobSettings, spec: ModelSpec, reader, nvml, save_adapter: s
     }
 
 
+@contextlib.contextmanager
+def _timed(wall: dict, name: str):
+    start = time.monotonic()
+    try:
+        yield
+    finally:
+        wall[name] = round(time.monotonic() - start, 3)
+
+
 def memory_guard(settings: JobSettings, predicted: dict) -> None:
     """Refuse a job whose planned peak exceeds the memory it would run in (host RAM on CPU, free
     GPU memory from `torch.cuda.mem_get_info` on CUDA), before any model is built."""
@@ -442,6 +459,7 @@ def run_job(settings: JobSettings, output: str | None = None, command: str = "",
     `error`: both are recorded with the prediction, so a sweep can tell whether the planner
     foresaw them.
     """
+    started = time.monotonic()
     settings = settings.checked()
     if save_adapter and settings.method != "lora":
         raise PlanError("--save-adapter needs --method lora")
@@ -479,6 +497,7 @@ def run_job(settings: JobSettings, output: str | None = None, command: str = "",
         else:
             reader = TracerReader()
             notes.append("CPU run: NVML figures are absent (no GPU)")
+        facts["wall_s"] = {"start": round(time.monotonic() - started, 3)}  # plan, torch, CUDA
         measured |= _train(settings, spec, reader, nvml, save_adapter, facts)
     except PlanError:
         if nvml is not None:
@@ -491,6 +510,8 @@ def run_job(settings: JobSettings, output: str | None = None, command: str = "",
     if reader is not None:
         notes += reader.notes
     notes += facts.pop("notes", [])
+    # wall seconds: before the model (plan, torch, CUDA), building it, warming up, and the whole job
+    measured["wall_s"] = facts.get("wall_s", {}) | {"job": round(time.monotonic() - started, 3)}
     driver = None
     if nvml is not None:
         measured |= nvml.stop()
