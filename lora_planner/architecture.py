@@ -9,7 +9,7 @@ tensor names. Tests build the same models on the meta device and compare name by
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 from .spec import ModelSpec
 
@@ -23,7 +23,7 @@ class Param:
     name: str
     shape: tuple[int, ...]
 
-    @property
+    @cached_property  # frozen values: computed once (cached_property writes the instance's __dict__)
     def numel(self) -> int:
         n = 1
         for d in self.shape:
@@ -45,7 +45,7 @@ class Module:
     in_features: int = 0
     out_features: int = 0
 
-    @property
+    @cached_property
     def numel(self) -> int:
         return sum(p.numel for p in self.params)
 
@@ -60,15 +60,15 @@ class Architecture:
     head_path: str  # the output head: lm_head, or score for a sequence classifier
     tied_head: bool
 
-    @property
+    @cached_property
     def params(self) -> tuple[Param, ...]:
         return tuple(p for m in self.modules for p in m.params)
 
-    @property
+    @cached_property
     def total_params(self) -> int:
         return sum(m.numel for m in self.modules)
 
-    @property
+    @cached_property
     def container_paths(self) -> tuple[str, ...]:
         """Every module path that is not a leaf (`model.layers.0.mlp`, `model`, ...)."""
         leaves = {m.path for m in self.modules}

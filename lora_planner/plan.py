@@ -30,6 +30,7 @@ from .sharding import (
     distribute,
     sharding_notes,
     sharding_of,
+    step_phase_bytes_on_gpu,
     step_phases_on_gpu,
     zero3_buffers,
     zero3_settings,
@@ -121,6 +122,7 @@ def _assemble(method: str, gpu: Gpu, weight_terms: tuple[Term, ...], states: dic
         def phases(m: dict[str, Term], _sharding) -> tuple[Phase, ...]:
             total = peak_bytes(m[k] for k in MEMORY_KEYS[:-1])
             return (Phase("", total.bytes, total.formula),)
+        phase_bytes = None
     else:
         precision = get_precision(setup.precision)
         predicted = predict_step(spec, setup, precision, {k: t.bytes for k, t in memory.items()})
@@ -130,8 +132,11 @@ def _assemble(method: str, gpu: Gpu, weight_terms: tuple[Term, ...], states: dic
 
         def phases(m: dict[str, Term], sharding) -> tuple[Phase, ...]:
             return step_phases_on_gpu(predicted, m, sharding, spec, setup, precision)
+
+        def phase_bytes(m: dict[str, Term], sharding) -> tuple[int, ...]:
+            return step_phase_bytes_on_gpu(predicted, m, sharding, spec, setup, precision)
     placed = distribute(memory, sharding_of(setup.num_gpus, setup.sharding, setup.offload), buffers,
-                        largest_fitting_peak(gpu), phases)
+                        largest_fitting_peak(gpu), phases, phase_bytes)
     memory = dict(placed.per_gpu)
     top = peak_phase(phases(memory, placed.sharding))
     if spec is None:
