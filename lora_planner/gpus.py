@@ -17,7 +17,6 @@ not quotes from any provider. Override them with `--price` or a price file (see 
 
 from __future__ import annotations
 
-import difflib
 import re
 from dataclasses import dataclass
 
@@ -81,6 +80,8 @@ def get_gpu(name: str) -> Gpu:
     gpu = _BY_NAME.get(_key(name))
     if gpu is not None:
         return gpu
+    import difflib  # only an unknown name needs it
+
     names = {n.lower(): g for g in GPUS for n in (g.name, *g.aliases)}
     close = difflib.get_close_matches(name.strip().lower(), names, n=3, cutoff=0.5)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
