@@ -198,7 +198,6 @@ def _decoder_layers(spec: ModelSpec) -> list[Module]:
     return modules
 
 
-@lru_cache(maxsize=64)
 def layout(spec: ModelSpec, task: str = "causal-lm", num_labels: int = 2) -> Architecture:
     """The model's parameter-owning modules, for a causal LM or a sequence classifier.
 
@@ -206,6 +205,12 @@ def layout(spec: ModelSpec, task: str = "causal-lm", num_labels: int = 2) -> Arc
     sequence classifier (`AutoModelForSequenceClassification`) ends in `score`, a bias-free linear
     layer of `num_labels` outputs that is never tied.
     """
+    # one cache entry however the defaults are spelt: `layout(spec)` is `layout(spec, "causal-lm", 2)`
+    return _layout(spec, task, num_labels)
+
+
+@lru_cache(maxsize=64)
+def _layout(spec: ModelSpec, task: str, num_labels: int) -> Architecture:
     body = _gpt2_layers(spec) if spec.family == "gpt2" else _decoder_layers(spec)
     if task == "seq-cls":
         head = _linear("score", spec.hidden_size, num_labels, bias=False)

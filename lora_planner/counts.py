@@ -304,9 +304,15 @@ def _param_adapter(module: Module, rank: int, use_dora: bool) -> Adapter:
     ))
 
 
-@functools.lru_cache(maxsize=64)  # a plan asks again for each strategy and the FLOPs; the answer is frozen
 def lora_trainable(spec: ModelSpec, setup: TrainSetup) -> Trainable:
-    """What a LoRA (or QLoRA) setup trains: adapters, trainable biases, modules_to_save copies."""
+    """What a LoRA (or QLoRA) setup trains: adapters, trainable biases, modules_to_save copies.
+    QLoRA trains what LoRA trains (only the frozen base is stored otherwise), so both share one
+    answer."""
+    return _lora_trainable(spec, setup if setup.method == "lora" else setup.with_(method="lora"))
+
+
+@functools.lru_cache(maxsize=64)  # a plan asks again for each strategy and the FLOPs; the answer is frozen
+def _lora_trainable(spec: ModelSpec, setup: TrainSetup) -> Trainable:
     if setup.rank <= 0:
         raise PlanError(f"rank must be a positive integer, got {setup.rank}")
     if setup.bias not in BIAS_MODES:

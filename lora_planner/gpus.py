@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 
 from .errors import PlanError
 
@@ -107,6 +108,7 @@ def fits(peak_bytes: int, gpu: Gpu) -> bool:
     return within_capacity(peak_bytes, device_allowance(peak_bytes, gpu), gpu.memory_bytes)
 
 
+@lru_cache(maxsize=32)  # asked once per method of a plan, for one GPU
 def largest_fitting_peak(gpu: Gpu) -> int:
     """The largest per-GPU peak that `fits` this GPU (-1 if none): found by bisection over `fits`,
     which grows with the peak, so it follows whatever allowance `device_allowance` applies."""
