@@ -20,6 +20,8 @@ LINEAR_KINDS = ("linear", "conv1d")
 
 @dataclass(frozen=True)
 class Param:
+    """One parameter tensor: its name as `named_parameters` gives it, and its shape."""
+
     name: str
     shape: tuple[int, ...]
 
@@ -56,6 +58,8 @@ class Module:
 
 @dataclass(frozen=True)
 class Architecture:
+    """A model's parameter-owning modules in order, and which module is the output head."""
+
     modules: tuple[Module, ...]
     head_path: str  # the output head: lm_head, or score for a sequence classifier
     tied_head: bool

@@ -67,7 +67,7 @@ class Adapter:
     module: Module
     params: tuple[Param, ...]
 
-    @property
+    @functools.cached_property  # a frozen value: computed once
     def numel(self) -> int:
         return sum(p.numel for p in self.params)
 
@@ -81,16 +81,16 @@ class Trainable:
     saved_modules: tuple[Module, ...]  # modules_to_save: trained copies of whole modules
     target_names: tuple[str, ...]  # the resolved target list, as it would go into LoraConfig
 
-    @property
+    @functools.cached_property
     def params(self) -> tuple[Param, ...]:
         copies = tuple(p for m in self.saved_modules for p in m.params)
         return tuple(p for a in self.adapters for p in a.params) + self.biases + copies
 
-    @property
+    @functools.cached_property
     def count(self) -> int:
         return sum(p.numel for p in self.params)
 
-    @property
+    @functools.cached_property
     def file_params(self) -> tuple[Param, ...]:
         """The tensors of PEFT's adapter file, under its names: `base_model.model.` + the path,
         with the bias of a wrapped layer under `base_layer.bias` (the wrapper holds the layer)."""
@@ -107,11 +107,11 @@ class Trainable:
                        for m in self.saved_modules for p in m.params)
         return adapters + tuple(saved_name(p) for p in self.biases) + copies
 
-    @property
+    @functools.cached_property
     def adapter_count(self) -> int:
         return sum(a.numel for a in self.adapters)
 
-    @property
+    @functools.cached_property
     def saved_module_count(self) -> int:
         return sum(m.numel for m in self.saved_modules)
 

@@ -31,6 +31,8 @@ PRICES_AS_OF = "2026-11"
 
 @dataclass(frozen=True)
 class Gpu:
+    """A kind of GPU: its memory in bytes, dense 16-bit throughput and on-demand price."""
+
     name: str
     memory_bytes: int
     aliases: tuple[str, ...] = ()

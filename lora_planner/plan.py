@@ -45,6 +45,8 @@ MEMORY_KEYS = ("weights", "gradients", "master_weights", "optimizer_states", "ac
 
 @dataclass(frozen=True)
 class MethodPlan:
+    """One method (and rank) planned: parameters, memory by term, GPUs, checkpoint and cost."""
+
     method: str
     rank: int | None
     trainable_params: int
@@ -71,6 +73,8 @@ class MethodPlan:
 
 @dataclass(frozen=True)
 class ModelInfo:
+    """The model planned, as the plan names it."""
+
     name: str
     family: str
     total_params: int
@@ -80,6 +84,8 @@ class ModelInfo:
 
 @dataclass(frozen=True)
 class Plan:
+    """A model, the first setup, the GPU, and one `MethodPlan` per method and rank."""
+
     model: ModelInfo
     setup: TrainSetup
     gpu: Gpu

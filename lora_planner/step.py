@@ -29,6 +29,8 @@ MLP_OUTPUT = ("mlp.down_proj", "mlp.c_proj")
 
 @dataclass(frozen=True)
 class StepPrediction:
+    """One step predicted: the forward's activation profile, the states, the phases and the peak."""
+
     profile: Profile
     states: States
     phases: tuple[Phase, ...]
