@@ -51,7 +51,7 @@ class Module:
     def numel(self) -> int:
         return sum(p.numel for p in self.params)
 
-    @property
+    @cached_property
     def bias(self) -> Param | None:
         return next((p for p in self.params if p.name.endswith(".bias")), None)
 

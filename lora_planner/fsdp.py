@@ -61,24 +61,33 @@ class Units:
 
 
 @lru_cache(maxsize=32)
-def units(spec: ModelSpec, setup: TrainSetup, precision: Precision, whole: States) -> Units:
-    """Blocks are the decoder layers (`transformer.h.i`, `model.layers.i`), adapters included; the
-    root is every other parameter. `whole` is the whole-model step's states (unsharded gradients).
-    Cached: the GPU-count search asks for the same setup's units at every count it tries."""
-    arch = layout(spec, setup.task, setup.num_labels)
+def _model_blocks(spec: ModelSpec, task: str, num_labels: int) -> tuple[tuple[int, ...], int, int]:
+    """The model's own parameters per decoder layer, the root's (every other parameter) and the
+    token embedding's: the same for every method of a plan, so counted once."""
+    arch = layout(spec, task, num_labels)
     prefix = "transformer.h." if spec.family == "gpt2" else "model.layers."
     blocks = [0] * spec.num_layers
     for m in arch.modules:
         if m.path.startswith(prefix):
             blocks[int(m.path[len(prefix):].split(".", 1)[0])] += m.numel
-    if setup.method != "full" and precision.grad_bytes:  # the adapters live in their blocks
-        blocks = [b + sum(g) // precision.grad_bytes
-                  for b, g in zip(blocks, whole.layer_gradients, strict=True)]
     root = arch.total_params - sum(m.numel for m in arch.modules if m.path.startswith(prefix))
     embedding = sum(m.numel for m in arch.modules if m.path.endswith(("wte", "embed_tokens")))
+    return tuple(blocks), root, embedding
+
+
+@lru_cache(maxsize=32)
+def units(spec: ModelSpec, setup: TrainSetup, precision: Precision, whole: States) -> Units:
+    """Blocks are the decoder layers (`transformer.h.i`, `model.layers.i`), adapters included; the
+    root is every other parameter. `whole` is the whole-model step's states (unsharded gradients).
+    Cached: the GPU-count search asks for the same setup's units at every count it tries."""
+    arch = layout(spec, setup.task, setup.num_labels)
+    blocks, root, embedding = _model_blocks(spec, setup.task, setup.num_labels)
+    if setup.method != "full" and precision.grad_bytes:  # the adapters live in their blocks
+        blocks = tuple(b + sum(g) // precision.grad_bytes
+                       for b, g in zip(blocks, whole.layer_gradients, strict=True))
     trained = setup.method == "full"
     g = precision.grad_bytes if trained else 0
-    return Units(tuple(blocks), whole.layer_gradients, root, whole.head_gradients, precision.weight_bytes,
+    return Units(blocks, whole.layer_gradients, root, whole.head_gradients, precision.weight_bytes,
                  embedding * g, arch.tied_head, root * g)
 
 

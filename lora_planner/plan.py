@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 
 from . import checkpoint_sizes, cost, stacks
 from .architecture import Architecture, Param, layout
@@ -158,6 +159,13 @@ def _assemble(method: str, gpu: Gpu, weight_terms: tuple[Term, ...], states: dic
                       **fields)
 
 
+@lru_cache(maxsize=32)
+def _matmul_params(spec: ModelSpec, task: str, num_labels: int) -> tuple[int, int]:
+    """`cost.matmul_params` and `cost.head_matmul_params` of the model: the same for every method."""
+    arch = layout(spec, task, num_labels)
+    return cost.matmul_params(spec, arch), cost.head_matmul_params(arch)
+
+
 def _zero3(spec: ModelSpec, setup: TrainSetup, arch: Architecture, precision: Precision,
            trained: dict[str, int], trainable: int) -> dict[str, Term]:
     """ZeRO-3's run-time buffers for this model (see `sharding.zero3_buffers`); `trained` maps a
@@ -182,7 +190,7 @@ def plan_full(spec: ModelSpec, setup: TrainSetup, gpu: Gpu) -> MethodPlan:
         _states(total, params, setup, precision), setup, spec,
         _zero3(spec, setup, arch, precision, {m.path: m.numel for m in arch.modules}, total),
         flops_per_token=cost.full_flops_per_token(
-            cost.matmul_params(spec, arch), cost.head_matmul_params(arch),
+            *_matmul_params(spec, setup.task, setup.num_labels),
             cost.attention_forward_flops(spec, setup.seq_len), setup.grad_checkpointing),
         rank=None, trainable_params=total, all_params=total, target_modules=(),
         wrapped_modules=0,
@@ -218,7 +226,7 @@ def plan_lora(spec: ModelSpec, setup: TrainSetup, gpu: Gpu) -> MethodPlan:
     base = checkpoint_sizes.safetensors_bytes(arch.params, dtype)
     skipped, attention_skipped = input_gradient_skips(spec, setup)
     flops = cost.lora_flops_per_token(
-        cost.matmul_params(spec, arch), cost.head_matmul_params(arch), trainable.adapter_count,
+        *_matmul_params(spec, setup.task, setup.num_labels), trainable.adapter_count,
         trainable.saved_module_count, cost.attention_forward_flops(spec, setup.seq_len),
         setup.grad_checkpointing, skipped, attention_skipped, spec.num_layers)
     if nf4:
