@@ -9,7 +9,7 @@ tensor names. Tests build the same models on the meta device and compare name by
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 from .spec import ModelSpec
 
@@ -20,10 +20,12 @@ LINEAR_KINDS = ("linear", "conv1d")
 
 @dataclass(frozen=True)
 class Param:
+    """One parameter tensor: its name as `named_parameters` gives it, and its shape."""
+
     name: str
     shape: tuple[int, ...]
 
-    @property
+    @cached_property  # frozen values: computed once (cached_property writes the instance's __dict__)
     def numel(self) -> int:
         n = 1
         for d in self.shape:
@@ -45,30 +47,32 @@ class Module:
     in_features: int = 0
     out_features: int = 0
 
-    @property
+    @cached_property
     def numel(self) -> int:
         return sum(p.numel for p in self.params)
 
-    @property
+    @cached_property
     def bias(self) -> Param | None:
         return next((p for p in self.params if p.name.endswith(".bias")), None)
 
 
 @dataclass(frozen=True)
 class Architecture:
+    """A model's parameter-owning modules in order, and which module is the output head."""
+
     modules: tuple[Module, ...]
     head_path: str  # the output head: lm_head, or score for a sequence classifier
     tied_head: bool
 
-    @property
+    @cached_property
     def params(self) -> tuple[Param, ...]:
         return tuple(p for m in self.modules for p in m.params)
 
-    @property
+    @cached_property
     def total_params(self) -> int:
         return sum(m.numel for m in self.modules)
 
-    @property
+    @cached_property
     def container_paths(self) -> tuple[str, ...]:
         """Every module path that is not a leaf (`model.layers.0.mlp`, `model`, ...)."""
         leaves = {m.path for m in self.modules}
@@ -198,7 +202,6 @@ def _decoder_layers(spec: ModelSpec) -> list[Module]:
     return modules
 
 
-@lru_cache(maxsize=64)
 def layout(spec: ModelSpec, task: str = "causal-lm", num_labels: int = 2) -> Architecture:
     """The model's parameter-owning modules, for a causal LM or a sequence classifier.
 
@@ -206,6 +209,12 @@ def layout(spec: ModelSpec, task: str = "causal-lm", num_labels: int = 2) -> Arc
     sequence classifier (`AutoModelForSequenceClassification`) ends in `score`, a bias-free linear
     layer of `num_labels` outputs that is never tied.
     """
+    # one cache entry however the defaults are spelt: `layout(spec)` is `layout(spec, "causal-lm", 2)`
+    return _layout(spec, task, num_labels)
+
+
+@lru_cache(maxsize=64)
+def _layout(spec: ModelSpec, task: str, num_labels: int) -> Architecture:
     body = _gpt2_layers(spec) if spec.family == "gpt2" else _decoder_layers(spec)
     if task == "seq-cls":
         head = _linear("score", spec.hidden_size, num_labels, bias=False)

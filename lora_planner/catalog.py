@@ -6,8 +6,6 @@ meta device and compare the parameter count to the parameter.
 
 from __future__ import annotations
 
-import difflib
-
 from .errors import PlanError
 from .spec import ModelSpec
 
@@ -96,6 +94,8 @@ def get_model(name: str) -> ModelSpec:
     spec = lookup(name)
     if spec is not None:
         return spec
+    import difflib  # only an unknown name needs it
+
     close = difflib.get_close_matches(name.strip().lower(), _BY_NAME, n=3, cutoff=0.5)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     raise PlanError(f"unknown model {name!r}{hint} (see `lora-plan models`)")

@@ -9,15 +9,17 @@ communication and idle time included.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .architecture import LINEAR_KINDS, Architecture
 from .errors import PlanError
 from .gpus import PRICES_AS_OF, Gpu, get_gpu
 from .spec import ModelSpec
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 DEFAULT_MFU = 0.4
 # NF4 dequantisation: look up the 4-bit code (1), scale by the block constant (1), and with double
@@ -208,6 +210,9 @@ def load_prices(path: str | Path) -> dict[str, float]:
     """A price file: GPU name or alias -> USD per GPU-hour, as JSON (`{"h100": 2.1}`) or TOML
     (`h100 = 2.1`). Names are checked against the catalog so a typo is an error, not a silent miss.
     """
+    import json
+    from pathlib import Path
+
     path = Path(path)
     if not path.is_file():
         raise PlanError(f"no price file at {path}")

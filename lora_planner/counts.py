@@ -67,7 +67,7 @@ class Adapter:
     module: Module
     params: tuple[Param, ...]
 
-    @property
+    @functools.cached_property  # a frozen value: computed once
     def numel(self) -> int:
         return sum(p.numel for p in self.params)
 
@@ -81,16 +81,16 @@ class Trainable:
     saved_modules: tuple[Module, ...]  # modules_to_save: trained copies of whole modules
     target_names: tuple[str, ...]  # the resolved target list, as it would go into LoraConfig
 
-    @property
+    @functools.cached_property
     def params(self) -> tuple[Param, ...]:
         copies = tuple(p for m in self.saved_modules for p in m.params)
         return tuple(p for a in self.adapters for p in a.params) + self.biases + copies
 
-    @property
+    @functools.cached_property
     def count(self) -> int:
         return sum(p.numel for p in self.params)
 
-    @property
+    @functools.cached_property
     def file_params(self) -> tuple[Param, ...]:
         """The tensors of PEFT's adapter file, under its names: `base_model.model.` + the path,
         with the bias of a wrapped layer under `base_layer.bias` (the wrapper holds the layer)."""
@@ -107,11 +107,11 @@ class Trainable:
                        for m in self.saved_modules for p in m.params)
         return adapters + tuple(saved_name(p) for p in self.biases) + copies
 
-    @property
+    @functools.cached_property
     def adapter_count(self) -> int:
         return sum(a.numel for a in self.adapters)
 
-    @property
+    @functools.cached_property
     def saved_module_count(self) -> int:
         return sum(m.numel for m in self.saved_modules)
 
@@ -304,9 +304,15 @@ def _param_adapter(module: Module, rank: int, use_dora: bool) -> Adapter:
     ))
 
 
-@functools.lru_cache(maxsize=64)  # a plan asks again for each strategy and the FLOPs; the answer is frozen
 def lora_trainable(spec: ModelSpec, setup: TrainSetup) -> Trainable:
-    """What a LoRA (or QLoRA) setup trains: adapters, trainable biases, modules_to_save copies."""
+    """What a LoRA (or QLoRA) setup trains: adapters, trainable biases, modules_to_save copies.
+    QLoRA trains what LoRA trains (only the frozen base is stored otherwise), so both share one
+    answer."""
+    return _lora_trainable(spec, setup if setup.method == "lora" else setup.with_(method="lora"))
+
+
+@functools.lru_cache(maxsize=64)  # a plan asks again for each strategy and the FLOPs; the answer is frozen
+def _lora_trainable(spec: ModelSpec, setup: TrainSetup) -> Trainable:
     if setup.rank <= 0:
         raise PlanError(f"rank must be a positive integer, got {setup.rank}")
     if setup.bias not in BIAS_MODES:

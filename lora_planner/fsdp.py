@@ -61,25 +61,43 @@ class Units:
 
 
 @lru_cache(maxsize=32)
-def units(spec: ModelSpec, setup: TrainSetup, precision: Precision, whole: States) -> Units:
-    """Blocks are the decoder layers (`transformer.h.i`, `model.layers.i`), adapters included; the
-    root is every other parameter. `whole` is the whole-model step's states (unsharded gradients).
-    Cached: the GPU-count search asks for the same setup's units at every count it tries."""
-    arch = layout(spec, setup.task, setup.num_labels)
+def _model_blocks(spec: ModelSpec, task: str, num_labels: int) -> tuple[tuple[int, ...], int, int]:
+    """The model's own parameters per decoder layer, the root's (every other parameter) and the
+    token embedding's: the same for every method of a plan, so counted once."""
+    arch = layout(spec, task, num_labels)
     prefix = "transformer.h." if spec.family == "gpt2" else "model.layers."
     blocks = [0] * spec.num_layers
     for m in arch.modules:
         if m.path.startswith(prefix):
             blocks[int(m.path[len(prefix):].split(".", 1)[0])] += m.numel
-    if setup.method != "full" and precision.grad_bytes:  # the adapters live in their blocks
-        blocks = [b + sum(g) // precision.grad_bytes
-                  for b, g in zip(blocks, whole.layer_gradients, strict=True)]
     root = arch.total_params - sum(m.numel for m in arch.modules if m.path.startswith(prefix))
     embedding = sum(m.numel for m in arch.modules if m.path.endswith(("wte", "embed_tokens")))
+    return tuple(blocks), root, embedding
+
+
+@lru_cache(maxsize=32)
+def units(spec: ModelSpec, setup: TrainSetup, precision: Precision, whole: States) -> Units:
+    """Blocks are the decoder layers (`transformer.h.i`, `model.layers.i`), adapters included; the
+    root is every other parameter. `whole` is the whole-model step's states (unsharded gradients).
+    Cached: the GPU-count search asks for the same setup's units at every count it tries."""
+    arch = layout(spec, setup.task, setup.num_labels)
+    blocks, root, embedding = _model_blocks(spec, setup.task, setup.num_labels)
+    if setup.method != "full" and precision.grad_bytes:  # the adapters live in their blocks
+        blocks = tuple(b + sum(g) // precision.grad_bytes
+                       for b, g in zip(blocks, whole.layer_gradients, strict=True))
     trained = setup.method == "full"
     g = precision.grad_bytes if trained else 0
-    return Units(tuple(blocks), whole.layer_gradients, root, whole.head_gradients, precision.weight_bytes,
+    return Units(blocks, whole.layer_gradients, root, whole.head_gradients, precision.weight_bytes,
                  embedding * g, arch.tied_head, root * g)
+
+
+@lru_cache(maxsize=1024)
+def _layer_of(what: str) -> tuple[int, str] | None:
+    """(layer, "MLP" or "attention") of a backward phase through a decoder layer, read off its
+    description; None for the other phases. Cached: the GPU-count search meets each phase's
+    description once per count it tries."""
+    layer = _LAYER.search(what)
+    return None if layer is None else (int(layer.group(1)), layer.group(2))
 
 
 def _share(value: int, n: int, offloaded: bool) -> int:
@@ -87,8 +105,9 @@ def _share(value: int, n: int, offloaded: bool) -> int:
 
 
 def extra_bytes(phase: Phase, u: Units, n: int, reshard_after_forward: bool,
-                grads_offloaded: bool = False) -> tuple[int, str]:
-    """Bytes FSDP2 holds at `phase` beyond the shards the timeline already counts, and what they are.
+                grads_offloaded: bool = False, describe: bool = True) -> tuple[int, str]:
+    """Bytes FSDP2 holds at `phase` beyond the shards the timeline already counts, and what they are
+    (left empty with `describe` off: the GPU-count search reads the bytes alone).
 
     forward (at the loss): the root whole + the last block's flat all-gather output (+ every block
     whole without resharding). Backward at the head: the root whole + the last block prefetched.
@@ -107,7 +126,7 @@ def extra_bytes(phase: Phase, u: Units, n: int, reshard_after_forward: bool,
             return root + u.block_params[last] * w, "root whole + last block's all-gather output"
         gathered = sum(u.block_params) + u.block_params[last]
         return root + gathered * w, "root and every block whole + last block's all-gather output"
-    layer = _LAYER.search(phase.what)
+    layer = _layer_of(phase.what)
     if layer is None and "end of backward" in phase.what:
         # The embedding's backward makes its gradient whole; tied to the head, it is added to the
         # head's gradient out of place (FSDP2 holds the unsharded gradient), three copies at once.
@@ -120,7 +139,7 @@ def extra_bytes(phase: Phase, u: Units, n: int, reshard_after_forward: bool,
     if layer is None:  # backward at the head, before any block
         gathered = u.block_params[last] if reshard_after_forward else sum(u.block_params)
         return root + gathered * w, "root whole + last block prefetched"
-    i, part = int(layer.group(1)), layer.group(2)
+    i, part = layer
     if reshard_after_forward:
         gathered = u.block_params[i] + (u.block_params[i - 1] if i > 0 else 0)
     else:
@@ -131,7 +150,10 @@ def extra_bytes(phase: Phase, u: Units, n: int, reshard_after_forward: bool,
     produced = out if part == "MLP" else attn + mlp + out
     produced_whole = produced - _share(produced, n, grads_offloaded)
     held = sum(u.block_grads[i + 1]) if i < last else 0
-    return (root + gathered * w + produced_whole + held + head,
+    extra = root + gathered * w + produced_whole + held + head
+    if not describe:
+        return extra, ""
+    return (extra,
             f"root whole + blocks gathered {gathered:,} params + layer {i}'s gradients whole "
             f"+ reduce-scatter input {held:,} B + head gradients whole")
 
@@ -157,3 +179,9 @@ def phase_extras(phase: Phase, u: Units, n: int, reshard_after_forward: bool,
     if not extra:
         return phase
     return Phase(phase.name, phase.bytes + extra, f"{phase.what}; + FSDP2 buffers ({what}) {extra:,} B")
+
+
+def phase_bytes_with_extras(phase: Phase, u: Units, n: int, reshard_after_forward: bool,
+                            grads_offloaded: bool = False) -> int:
+    """The bytes of `phase_extras(phase, ...)` without its description."""
+    return phase.bytes + extra_bytes(phase, u, n, reshard_after_forward, grads_offloaded, describe=False)[0]

@@ -17,9 +17,9 @@ not quotes from any provider. Override them with `--price` or a price file (see 
 
 from __future__ import annotations
 
-import difflib
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 
 from .errors import PlanError
 
@@ -31,6 +31,8 @@ PRICES_AS_OF = "2026-11"
 
 @dataclass(frozen=True)
 class Gpu:
+    """A kind of GPU: its memory in bytes, dense 16-bit throughput and on-demand price."""
+
     name: str
     memory_bytes: int
     aliases: tuple[str, ...] = ()
@@ -81,6 +83,8 @@ def get_gpu(name: str) -> Gpu:
     gpu = _BY_NAME.get(_key(name))
     if gpu is not None:
         return gpu
+    import difflib  # only an unknown name needs it
+
     names = {n.lower(): g for g in GPUS for n in (g.name, *g.aliases)}
     close = difflib.get_close_matches(name.strip().lower(), names, n=3, cutoff=0.5)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
@@ -106,6 +110,7 @@ def fits(peak_bytes: int, gpu: Gpu) -> bool:
     return within_capacity(peak_bytes, device_allowance(peak_bytes, gpu), gpu.memory_bytes)
 
 
+@lru_cache(maxsize=32)  # asked once per method of a plan, for one GPU
 def largest_fitting_peak(gpu: Gpu) -> int:
     """The largest per-GPU peak that `fits` this GPU (-1 if none): found by bisection over `fits`,
     which grows with the peak, so it follows whatever allowance `device_allowance` applies."""

@@ -17,6 +17,8 @@ from .quant import nf4_bytes
 
 @dataclass(frozen=True)
 class Term:
+    """A named number of bytes and the formula, with its numbers, that gives it."""
+
     name: str
     bytes: int
     formula: str

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 
 from . import checkpoint_sizes, cost, stacks
 from .architecture import Architecture, Param, layout
@@ -30,6 +31,7 @@ from .sharding import (
     distribute,
     sharding_notes,
     sharding_of,
+    step_phase_bytes_on_gpu,
     step_phases_on_gpu,
     zero3_buffers,
     zero3_settings,
@@ -44,6 +46,8 @@ MEMORY_KEYS = ("weights", "gradients", "master_weights", "optimizer_states", "ac
 
 @dataclass(frozen=True)
 class MethodPlan:
+    """One method (and rank) planned: parameters, memory by term, GPUs, checkpoint and cost."""
+
     method: str
     rank: int | None
     trainable_params: int
@@ -70,6 +74,8 @@ class MethodPlan:
 
 @dataclass(frozen=True)
 class ModelInfo:
+    """The model planned, as the plan names it."""
+
     name: str
     family: str
     total_params: int
@@ -79,6 +85,8 @@ class ModelInfo:
 
 @dataclass(frozen=True)
 class Plan:
+    """A model, the first setup, the GPU, and one `MethodPlan` per method and rank."""
+
     model: ModelInfo
     setup: TrainSetup
     gpu: Gpu
@@ -121,6 +129,7 @@ def _assemble(method: str, gpu: Gpu, weight_terms: tuple[Term, ...], states: dic
         def phases(m: dict[str, Term], _sharding) -> tuple[Phase, ...]:
             total = peak_bytes(m[k] for k in MEMORY_KEYS[:-1])
             return (Phase("", total.bytes, total.formula),)
+        phase_bytes = None
     else:
         precision = get_precision(setup.precision)
         predicted = predict_step(spec, setup, precision, {k: t.bytes for k, t in memory.items()})
@@ -130,8 +139,11 @@ def _assemble(method: str, gpu: Gpu, weight_terms: tuple[Term, ...], states: dic
 
         def phases(m: dict[str, Term], sharding) -> tuple[Phase, ...]:
             return step_phases_on_gpu(predicted, m, sharding, spec, setup, precision)
+
+        def phase_bytes(m: dict[str, Term], sharding) -> tuple[int, ...]:
+            return step_phase_bytes_on_gpu(predicted, m, sharding, spec, setup, precision)
     placed = distribute(memory, sharding_of(setup.num_gpus, setup.sharding, setup.offload), buffers,
-                        largest_fitting_peak(gpu), phases)
+                        largest_fitting_peak(gpu), phases, phase_bytes)
     memory = dict(placed.per_gpu)
     top = peak_phase(phases(memory, placed.sharding))
     if spec is None:
@@ -145,6 +157,13 @@ def _assemble(method: str, gpu: Gpu, weight_terms: tuple[Term, ...], states: dic
                       fits=fits(top.bytes, gpu), peak_phase=phase,
                       device_overhead=device_overhead_term(top.bytes, gpu.name), data_parallel=placed,
                       **fields)
+
+
+@lru_cache(maxsize=32)
+def _matmul_params(spec: ModelSpec, task: str, num_labels: int) -> tuple[int, int]:
+    """`cost.matmul_params` and `cost.head_matmul_params` of the model: the same for every method."""
+    arch = layout(spec, task, num_labels)
+    return cost.matmul_params(spec, arch), cost.head_matmul_params(arch)
 
 
 def _zero3(spec: ModelSpec, setup: TrainSetup, arch: Architecture, precision: Precision,
@@ -171,7 +190,7 @@ def plan_full(spec: ModelSpec, setup: TrainSetup, gpu: Gpu) -> MethodPlan:
         _states(total, params, setup, precision), setup, spec,
         _zero3(spec, setup, arch, precision, {m.path: m.numel for m in arch.modules}, total),
         flops_per_token=cost.full_flops_per_token(
-            cost.matmul_params(spec, arch), cost.head_matmul_params(arch),
+            *_matmul_params(spec, setup.task, setup.num_labels),
             cost.attention_forward_flops(spec, setup.seq_len), setup.grad_checkpointing),
         rank=None, trainable_params=total, all_params=total, target_modules=(),
         wrapped_modules=0,
@@ -207,7 +226,7 @@ def plan_lora(spec: ModelSpec, setup: TrainSetup, gpu: Gpu) -> MethodPlan:
     base = checkpoint_sizes.safetensors_bytes(arch.params, dtype)
     skipped, attention_skipped = input_gradient_skips(spec, setup)
     flops = cost.lora_flops_per_token(
-        cost.matmul_params(spec, arch), cost.head_matmul_params(arch), trainable.adapter_count,
+        *_matmul_params(spec, setup.task, setup.num_labels), trainable.adapter_count,
         trainable.saved_module_count, cost.attention_forward_flops(spec, setup.seq_len),
         setup.grad_checkpointing, skipped, attention_skipped, spec.num_layers)
     if nf4:

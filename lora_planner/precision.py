@@ -23,6 +23,8 @@ from .errors import PlanError
 
 @dataclass(frozen=True)
 class Precision:
+    """A precision convention: bytes per weight, gradient, master copy and optimizer state value."""
+
     name: str
     weight_bytes: int  # per stored weight, trainable or frozen
     grad_bytes: int  # per gradient of a trainable weight

@@ -6,10 +6,6 @@ decimal) and say which.
 
 from __future__ import annotations
 
-import csv
-import io
-import json
-
 from .contract import to_dict, trainable_percent
 from .counts import PEFT_DEFAULT_TARGETS
 from .gpus import MIB
@@ -26,6 +22,8 @@ def plan_label(p: MethodPlan) -> str:
 
 
 def to_json(plan: Plan) -> str:
+    import json
+
     return json.dumps(to_dict(plan), indent=2)
 
 
@@ -126,6 +124,9 @@ def to_table(plan: Plan, unit: str = "GB", markdown: bool = False) -> str:
 
 def to_csv(plan: Plan) -> str:
     """One row per method and rank, sizes in bytes."""
+    import csv
+    import io
+
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["model", "method", "rank", "trainable_params", *MEMORY_KEYS,

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 
 from .catalog import get_model, lookup
 from .errors import PlanError
@@ -15,6 +13,7 @@ HUB_URL = "https://huggingface.co/{repo}/resolve/main/config.json"
 
 def fetch_hub_config(repo: str, timeout: float = 5.0) -> dict:
     """Download a hub repository's config.json (HF_TOKEN is sent for gated models)."""
+    import json
     import urllib.error
     import urllib.request
 
@@ -40,8 +39,8 @@ def fetch_hub_config(repo: str, timeout: float = 5.0) -> dict:
 
 
 def resolve_model(text: str) -> ModelSpec:
-    path = Path(text).expanduser()
-    if path.exists():
+    path = os.path.expanduser(text)  # os.path, not pathlib: the plain plan imports no pathlib
+    if os.path.exists(path):
         return spec_from_config_file(path)
     spec = lookup(text)
     if spec is not None:

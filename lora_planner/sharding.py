@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING
 
 from .errors import PlanError
 from .memory import Term
-from .timeline import Phase
+from .timeline import Phase, States
 
 if TYPE_CHECKING:
     from .precision import Precision
@@ -232,6 +232,7 @@ def cpu_bytes(memory: dict[str, Term], sharding: Sharding) -> int:
 
 
 PhasesOf = Callable[[dict[str, Term], "Sharding | None"], "tuple[Phase, ...]"]
+PhaseBytesOf = Callable[[dict[str, Term], "Sharding | None"], "tuple[int, ...]"]
 
 
 def _first_fitting(fits_on: Callable[[int], bool], guess: int) -> int | None:
@@ -315,17 +316,25 @@ def _strategy_label(n: int | None, strategy: str) -> str | None:
 
 
 def distribute(memory: dict[str, Term], sharding: Sharding | None, buffers: dict[str, Term] | None,
-               budget: int, phases: PhasesOf) -> DataParallel:
+               budget: int, phases: PhasesOf, phase_bytes: PhaseBytesOf | None = None) -> DataParallel:
     """Place whole-model terms on GPUs: per-GPU terms for the chosen sharding (unchanged when
     `sharding` is None), CPU bytes under offload, the fewest GPUs for every strategy, and the fewest
     overall. `budget` is the largest per-GPU peak the fit rule allows (`gpus.largest_fitting_peak`);
-    `phases` gives the step's phases on one GPU from its per-GPU terms."""
+    `phases` gives the step's phases on one GPU from its per-GPU terms, and `phase_bytes` (when
+    given) their bytes alone, which is all the search for the fewest GPUs reads."""
     buffer = zero3_buffer_terms(buffers or {})
+    if phase_bytes is None:
+        def phase_bytes(m: dict[str, Term], sh: Sharding | None) -> tuple[int, ...]:
+            return tuple(p.bytes for p in phases(m, sh))
 
     def least(s: Sharding) -> int | None:
+        tried: dict[int, tuple[int, ...]] = {}  # the search may come back to a count
+
         def on(n: int) -> tuple[int, ...]:
-            sh = s.with_gpus(n)
-            return tuple(p.bytes for p in phases(per_gpu_states(memory, sh, buffer), sh))
+            if n not in tried:
+                sh = s.with_gpus(n)
+                tried[n] = phase_bytes(per_gpu_states(memory, sh, buffer), sh)
+            return tried[n]
         return fewest_gpus(on, budget, s.strategy != "none")
 
     minimum = {s: least(Sharding(1, s)) for s in STRATEGIES}
@@ -372,6 +381,50 @@ def ddp_bucket_bytes(gradient_bytes: int) -> int:
     return gradient_bytes
 
 
+def _states_on_gpu(predicted: StepPrediction, per_gpu: dict[str, Term], sharding: Sharding) -> States:
+    """The whole-model step's states with the model states replaced by the per-GPU terms, and the
+    gradients each layer produces and foreach AdamW's temporary divided as their terms are."""
+    from dataclasses import replace
+
+    n = sharding.num_gpus
+    grads_where = placement("gradients", sharding)
+
+    def share(value: int, where: str) -> int:
+        if where == "replicated":
+            return value
+        return 0 if where == "cpu" else math.ceil(value / n)
+
+    s = predicted.states
+    if grads_where == "replicated":
+        layer_gradients = s.layer_gradients
+    elif grads_where == "cpu":
+        layer_gradients = tuple((0, 0, 0) for _ in s.layer_gradients)
+    else:
+        ceil = math.ceil
+        layer_gradients = tuple((ceil(a / n), ceil(b / n), ceil(c / n)) for a, b, c in s.layer_gradients)
+    return replace(
+        s,
+        weights=per_gpu["weights"].bytes,
+        gradients=per_gpu["gradients"].bytes,
+        optimizer_states=per_gpu["optimizer_states"].bytes + per_gpu["master_weights"].bytes,
+        optimizer_temporary=share(s.optimizer_temporary, placement("optimizer_states", sharding)),
+        head_gradients=share(s.head_gradients, grads_where),
+        layer_gradients=layer_gradients,
+    )
+
+
+def _timeline_on_gpu(predicted: StepPrediction, per_gpu: dict[str, Term], sharding: Sharding, spec: ModelSpec,
+                     setup: TrainSetup, precision: Precision) -> tuple[States, tuple[Phase, ...]]:
+    """The per-GPU states and the timeline's phases on them, before DDP's or FSDP2's buffers."""
+    from .step import conditions
+    from .timeline import step_phases
+
+    states = _states_on_gpu(predicted, per_gpu, sharding)
+    vocab = spec.vocab_size if setup.task == "causal-lm" else setup.num_labels  # as `predict_step`
+    tokens = conditions(setup, precision).tokens
+    return states, step_phases(states, predicted.profile, vocab, tokens)
+
+
 def step_phases_on_gpu(predicted: StepPrediction, per_gpu: dict[str, Term], sharding: Sharding | None,
                        spec: ModelSpec, setup: TrainSetup, precision: Precision) -> tuple[Phase, ...]:
     """The step's timeline on one GPU: the whole-model `StepPrediction` with its model states
@@ -382,32 +435,9 @@ def step_phases_on_gpu(predicted: StepPrediction, per_gpu: dict[str, Term], shar
     prediction's own phases."""
     if sharding is None:
         return predicted.phases
-    from dataclasses import replace
-
-    from .step import conditions
-    from .timeline import step_phases
-
-    def share(value: int, key: str) -> int:
-        where = placement(key, sharding)
-        if where == "replicated":
-            return value
-        return 0 if where == "cpu" else math.ceil(value / sharding.num_gpus)
-
-    s = predicted.states
-    states = replace(
-        s,
-        weights=per_gpu["weights"].bytes,
-        gradients=per_gpu["gradients"].bytes,
-        optimizer_states=per_gpu["optimizer_states"].bytes + per_gpu["master_weights"].bytes,
-        optimizer_temporary=share(s.optimizer_temporary, "optimizer_states"),
-        head_gradients=share(s.head_gradients, "gradients"),
-        layer_gradients=tuple(tuple(share(g, "gradients") for g in parts) for parts in s.layer_gradients),
-    )
-    vocab = spec.vocab_size if setup.task == "causal-lm" else setup.num_labels  # as `predict_step`
-    tokens = conditions(setup, precision).tokens
-    phases = step_phases(states, predicted.profile, vocab, tokens)
+    states, phases = _timeline_on_gpu(predicted, per_gpu, sharding, spec, setup, precision)
     if sharding.strategy == "none" and sharding.num_gpus > 1:
-        bucket = ddp_bucket_bytes(s.gradients)
+        bucket = ddp_bucket_bytes(predicted.states.gradients)
         return tuple(Phase(p.name, p.bytes + bucket, f"{p.what}; + DDP gradient buckets {bucket:,} B")
                      for p in phases)
     if sharding.strategy != "fsdp":
@@ -418,3 +448,24 @@ def step_phases_on_gpu(predicted: StepPrediction, per_gpu: dict[str, Term], shar
     return (start_phase(states, predicted.profile.embedding, u),) + tuple(
         phase_extras(p, u, sharding.num_gpus, setup.reshard_after_forward,
                      placement("gradients", sharding) == "cpu") for p in phases)
+
+
+def step_phase_bytes_on_gpu(predicted: StepPrediction, per_gpu: dict[str, Term], sharding: Sharding | None,
+                            spec: ModelSpec, setup: TrainSetup, precision: Precision) -> tuple[int, ...]:
+    """The bytes of `step_phases_on_gpu`'s phases, without describing them: what the GPU-count
+    search reads at each count it tries."""
+    if sharding is None:
+        return tuple(p.bytes for p in predicted.phases)
+    states, phases = _timeline_on_gpu(predicted, per_gpu, sharding, spec, setup, precision)
+    if sharding.strategy == "none" and sharding.num_gpus > 1:
+        bucket = ddp_bucket_bytes(predicted.states.gradients)
+        return tuple(p.bytes + bucket for p in phases)
+    if sharding.strategy != "fsdp":
+        return tuple(p.bytes for p in phases)
+    from .fsdp import phase_bytes_with_extras, start_phase, units
+
+    u = units(spec, setup, precision, predicted.states)
+    offloaded = placement("gradients", sharding) == "cpu"
+    return (start_phase(states, predicted.profile.embedding, u).bytes,) + tuple(
+        phase_bytes_with_extras(p, u, sharding.num_gpus, setup.reshard_after_forward, offloaded)
+        for p in phases)

@@ -6,11 +6,13 @@ same `TrainSetup`, so a prediction and its measurement cannot disagree about the
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, replace
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import PlanError
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 # Dropout of the transformers config classes when a config.json leaves it out (GPT-2: attn_pdrop,
 # resid_pdrop and embd_pdrop are 0.1; every other family defaults to 0).
@@ -170,6 +172,8 @@ class DenseSize:
 
 
 def _read_config_json(path: Path) -> dict:
+    import json  # only a local config.json needs it (the plain plan reads the catalog)
+
     if path.is_dir():
         path = path / "config.json"
     if not path.is_file():
@@ -182,6 +186,8 @@ def _read_config_json(path: Path) -> dict:
 
 def spec_from_config_file(path: str | Path) -> ModelSpec:
     """Read a Hugging Face `config.json` (a file, or a folder holding one)."""
+    from pathlib import Path
+
     path = Path(path)
     config = _read_config_json(path)
     try:

@@ -43,6 +43,8 @@ DEFAULT_LOSS_CHUNKS = 8  # torchtune CEWithChunkedOutputLoss(num_output_chunks=8
 
 @dataclass(frozen=True)
 class Stack:
+    """A training stack's preset kernels: what it uses when the setup leaves a choice open."""
+
     name: str
     optimizer_impl: str
     loss: str

@@ -8,6 +8,7 @@ states the plan already computed, into the `timeline` of the step.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 from .activations import INT64, Conditions, Profile, profile
 from .architecture import Architecture, layout
@@ -28,6 +29,8 @@ MLP_OUTPUT = ("mlp.down_proj", "mlp.c_proj")
 
 @dataclass(frozen=True)
 class StepPrediction:
+    """One step predicted: the forward's activation profile, the states, the phases and the peak."""
+
     profile: Profile
     states: States
     phases: tuple[Phase, ...]
@@ -39,8 +42,10 @@ class StepPrediction:
         return self.profile.total
 
 
+@lru_cache(maxsize=64)
 def conditions(setup: TrainSetup, precision: Precision, device: str = "cuda") -> Conditions:
-    """What the activation walk needs from a setup: shape, dtypes, attention, checkpointing."""
+    """What the activation walk needs from a setup: shape, dtypes, attention, checkpointing.
+    Cached: the GPU-count search asks for the same setup's at every count it tries."""
     if (setup.loss or "standard") != "standard" and setup.task != "causal-lm":
         raise PlanError(f"--loss {setup.loss} replaces the LM head's loss: it needs --task causal-lm")
     if setup.activation_offload and not setup.grad_checkpointing:

@@ -11,12 +11,13 @@ from .errors import PlanError
 
 UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]+)\s*$")
+# compiled on first use (`re` caches it): the plain plan reads no size
+_SIZE = r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]+)\s*$"
 
 
 def parse_bytes(text: str) -> int:
     """'80GB' -> 80,000,000,000; '80GiB' -> 85,899,345,920; '81559MiB' -> 85,520,809,984."""
-    match = _SIZE.match(text)
+    match = re.match(_SIZE, text)
     if not match or match.group(2).upper() not in UNITS:
         raise PlanError(f"cannot read size {text!r}: write a number and a unit such as 80GB, 80GiB, 81559MiB")
     number, unit = match.groups()

@@ -270,3 +270,40 @@ def test_zero3_defaults_are_the_hugging_face_auto_values(model):
     assert set_["zero3_reduce_bucket"] == 1000 * 2 and set_["zero3_persistent"] == 0
     capped = plan_entry(*args, "--zero3-max-live-parameters", "1000")["zero3_buffer_bytes"]
     assert capped["zero3_prefetch"] == 0  # the largest module alone passes the cap; nothing prefetched
+
+
+def test_the_gpu_count_search_reads_the_bytes_of_the_phases_the_plan_shows():
+    """`step_phase_bytes_on_gpu` (what the fewest-GPU search reads) is the bytes of
+    `step_phases_on_gpu` (what the plan shows), for seeded random setups, strategies and counts."""
+    import random
+
+    from lora_planner.catalog import get_model
+    from lora_planner.gpus import get_gpu
+    from lora_planner.plan import make_plan
+    from lora_planner.precision import get_precision
+    from lora_planner.sharding import OFFLOADS, STRATEGIES, step_phase_bytes_on_gpu, step_phases_on_gpu
+    from lora_planner.spec import TrainSetup
+    from lora_planner.stacks import resolve
+    from lora_planner.step import predict_step
+
+    rng = random.Random(16)
+    for _ in range(24):
+        spec = get_model(rng.choice(["gpt2", "qwen2.5-0.5b", "llama-3.2-1b", "gemma-2-2b", "mixtral-8x7b"]))
+        setup = resolve(TrainSetup(method=rng.choice(["full", "lora", "qlora"]), rank=rng.choice([1, 8]),
+                                   seq_len=rng.choice([128, 512]), grad_checkpointing=rng.random() < 0.5,
+                                   reshard_after_forward=rng.random() < 0.5))
+        memory = dict(make_plan(spec, (setup,), get_gpu("h100")).plans[0].memory)
+        memory.pop("peak")
+        precision = get_precision(setup.precision)
+        predicted = predict_step(spec, setup, precision,
+                                 {k: t.bytes for k, t in memory.items() if k != "activations"})
+        for strategy in STRATEGIES:
+            for offload in OFFLOADS:
+                try:
+                    sharding = Sharding(rng.choice([1, 2, 3, 8, 1 << 20]), strategy, offload)
+                except PlanError:
+                    continue  # a combination the planner refuses
+                per_gpu = per_gpu_states(memory, sharding)
+                shown = step_phases_on_gpu(predicted, per_gpu, sharding, spec, setup, precision)
+                assert step_phase_bytes_on_gpu(predicted, per_gpu, sharding, spec, setup, precision) == \
+                    tuple(p.bytes for p in shown), (spec.name, setup.method, strategy, offload)
