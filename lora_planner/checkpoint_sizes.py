@@ -9,40 +9,30 @@ a sharded save repeats a header per shard (a few kilobytes each) and adds an ind
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from functools import lru_cache
 
 from .architecture import Param
 from .precision import DTYPE_BYTES, SAFETENSORS_DTYPE
 
-_METADATA = '"__metadata__":{"format":"pt"}'
-# Characters a JSON string holds as they are (json.dumps escapes others, and every non-ASCII one).
-_PLAIN = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
-
-
-def _json_string(text: str) -> str:
-    if _PLAIN.issuperset(text):
-        return f'"{text}"'
-    import json  # a name with characters to escape; the catalog's and config.json's have none
-
-    return json.dumps(text)
+_METADATA = {"format": "pt"}
 
 
 def safetensors_header(params: Iterable[Param], dtype: str) -> bytes:
-    """The exact header (JSON, padded to 8 bytes) safetensors writes for these tensors: compact
-    `json.dumps` of {"__metadata__": {"format": "pt"}, name: {"dtype", "shape", "data_offsets"},
-    ...} with the names sorted, written out here so that planning needs no json module."""
+    """The exact header (JSON, padded to 8 bytes) safetensors writes for these tensors."""
     width = DTYPE_BYTES[dtype]
-    code = SAFETENSORS_DTYPE[dtype]
-    entries = [_METADATA]
+    header: dict[str, object] = {"__metadata__": _METADATA}
     offset = 0
     for p in sorted(params, key=lambda p: p.name):
         size = p.numel * width
-        shape = ",".join(map(str, p.shape))
-        entries.append(f'{_json_string(p.name)}:{{"dtype":"{code}","shape":[{shape}],'
-                       f'"data_offsets":[{offset},{offset + size}]}}')
+        header[p.name] = {
+            "dtype": SAFETENSORS_DTYPE[dtype],
+            "shape": list(p.shape),
+            "data_offsets": [offset, offset + size],
+        }
         offset += size
-    text = ("{" + ",".join(entries) + "}").encode()
+    text = json.dumps(header, separators=(",", ":")).encode()
     return text + b" " * (-len(text) % 8)
 
 
