@@ -173,15 +173,10 @@ def start_phase(states: States, embedding: int, u: Units) -> Phase:
 
 
 def phase_extras(phase: Phase, u: Units, n: int, reshard_after_forward: bool,
-                 grads_offloaded: bool = False) -> Phase:
-    """`phase` with FSDP2's buffers added (see `extra_bytes`)."""
-    extra, what = extra_bytes(phase, u, n, reshard_after_forward, grads_offloaded)
+                 grads_offloaded: bool = False, describe: bool = True) -> Phase:
+    """`phase` with FSDP2's buffers added (see `extra_bytes`), spelt out when `describe`."""
+    extra, what = extra_bytes(phase, u, n, reshard_after_forward, grads_offloaded, describe)
     if not extra:
         return phase
-    return Phase(phase.name, phase.bytes + extra, f"{phase.what}; + FSDP2 buffers ({what}) {extra:,} B")
-
-
-def phase_bytes_with_extras(phase: Phase, u: Units, n: int, reshard_after_forward: bool,
-                            grads_offloaded: bool = False) -> int:
-    """The bytes of `phase_extras(phase, ...)` without its description."""
-    return phase.bytes + extra_bytes(phase, u, n, reshard_after_forward, grads_offloaded, describe=False)[0]
+    return Phase(phase.name, phase.bytes + extra,
+                 f"{phase.what}; + FSDP2 buffers ({what}) {extra:,} B" if describe else phase.what)

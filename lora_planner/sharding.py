@@ -426,19 +426,22 @@ def _timeline_on_gpu(predicted: StepPrediction, per_gpu: dict[str, Term], shardi
 
 
 def step_phases_on_gpu(predicted: StepPrediction, per_gpu: dict[str, Term], sharding: Sharding | None,
-                       spec: ModelSpec, setup: TrainSetup, precision: Precision) -> tuple[Phase, ...]:
+                       spec: ModelSpec, setup: TrainSetup, precision: Precision,
+                       describe: bool = True) -> tuple[Phase, ...]:
     """The step's timeline on one GPU: the whole-model `StepPrediction` with its model states
     replaced by the per-GPU terms, and the gradients each layer produces and foreach AdamW's
     temporary divided as their terms are (a shard of each, or none on the GPU when offloaded).
     Activations are unchanged: each GPU runs a whole micro-batch. Under FSDP2 each phase gains the
     buffers FSDP2 holds at that moment (`fsdp.phase_extras`). Without sharding these are the
-    prediction's own phases."""
+    prediction's own phases. With `describe` off the buffers added are not spelt out (the
+    fewest-GPU search reads bytes alone, at every count it tries)."""
     if sharding is None:
         return predicted.phases
     states, phases = _timeline_on_gpu(predicted, per_gpu, sharding, spec, setup, precision)
     if sharding.strategy == "none" and sharding.num_gpus > 1:
         bucket = ddp_bucket_bytes(predicted.states.gradients)
-        return tuple(Phase(p.name, p.bytes + bucket, f"{p.what}; + DDP gradient buckets {bucket:,} B")
+        return tuple(Phase(p.name, p.bytes + bucket,
+                           f"{p.what}; + DDP gradient buckets {bucket:,} B" if describe else p.what)
                      for p in phases)
     if sharding.strategy != "fsdp":
         return phases
@@ -447,25 +450,11 @@ def step_phases_on_gpu(predicted: StepPrediction, per_gpu: dict[str, Term], shar
     u = units(spec, setup, precision, predicted.states)
     return (start_phase(states, predicted.profile.embedding, u),) + tuple(
         phase_extras(p, u, sharding.num_gpus, setup.reshard_after_forward,
-                     placement("gradients", sharding) == "cpu") for p in phases)
+                     placement("gradients", sharding) == "cpu", describe) for p in phases)
 
 
 def step_phase_bytes_on_gpu(predicted: StepPrediction, per_gpu: dict[str, Term], sharding: Sharding | None,
                             spec: ModelSpec, setup: TrainSetup, precision: Precision) -> tuple[int, ...]:
-    """The bytes of `step_phases_on_gpu`'s phases, without describing them: what the GPU-count
-    search reads at each count it tries."""
-    if sharding is None:
-        return tuple(p.bytes for p in predicted.phases)
-    states, phases = _timeline_on_gpu(predicted, per_gpu, sharding, spec, setup, precision)
-    if sharding.strategy == "none" and sharding.num_gpus > 1:
-        bucket = ddp_bucket_bytes(predicted.states.gradients)
-        return tuple(p.bytes + bucket for p in phases)
-    if sharding.strategy != "fsdp":
-        return tuple(p.bytes for p in phases)
-    from .fsdp import phase_bytes_with_extras, start_phase, units
-
-    u = units(spec, setup, precision, predicted.states)
-    offloaded = placement("gradients", sharding) == "cpu"
-    return (start_phase(states, predicted.profile.embedding, u).bytes,) + tuple(
-        phase_bytes_with_extras(p, u, sharding.num_gpus, setup.reshard_after_forward, offloaded)
-        for p in phases)
+    """The bytes of `step_phases_on_gpu`'s phases: what the GPU-count search reads."""
+    return tuple(p.bytes for p in step_phases_on_gpu(predicted, per_gpu, sharding, spec, setup, precision,
+                                                      describe=False))
