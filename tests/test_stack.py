@@ -159,6 +159,36 @@ def test_sgd_implementations_match_the_trace(optimizer, impl):
     assert abs(predicted - traced) <= 0.01 * traced
 
 
+def _adafactor_cases(seed=23, per_family=2):
+    rng = random.Random(seed)
+    for family, spec in TINY.items():
+        for _ in range(per_family):
+            setup = TrainSetup(
+                method=rng.choice(("full", "lora")), rank=rng.choice((2, 4, 8)), optimizer="adafactor",
+                precision=rng.choice(("fp32", "amp", "pure-bf16")), batch_size=rng.choice((1, 2, 3)),
+                seq_len=rng.choice((8, 16, 24, 40)), stack="torch",
+                attention="eager" if family == "gemma2" else rng.choice(("sdpa", "eager")))
+            yield pytest.param(spec, setup, id=f"{spec.name}-{setup.method}-{setup.precision}-"
+                                                f"{setup.batch_size}x{setup.seq_len}-{setup.attention}")
+
+
+@pytest.mark.parametrize(("spec", "setup"), list(_adafactor_cases()))
+def test_adafactor_matches_the_trace(spec, setup):
+    """transformers' Adafactor as the Trainer makes it (beta1=None): its factored states and RMS
+    scalars, and its step's temporaries (a squared gradient, the factored estimate, the negated
+    update; fp32 copies of bf16 gradients and weights), against the traced step."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    from lora_planner.measure.traced_step import trace
+
+    result = trace(spec, setup)
+    assert result.predicted["optimizer_states"] == result.traced["optimizer_states"]
+    assert result.predicted["activations"] == result.traced["activations"]
+    predicted, traced = result.predicted_phases["optimizer"], result.traced_phases["optimizer"]
+    assert abs(predicted - traced) <= 0.01 * traced, (predicted, traced)
+    assert abs(result.errors()["peak"]) <= 0.01, result.errors()
+
+
 def test_foreach_and_fused_differ_by_the_foreach_temporary():
     """torch's foreach AdamW holds sqrt(v) for every trainable tensor; fused holds none but keeps its
     step counters on the device. Counted against the transformers model built on the meta device."""
