@@ -189,6 +189,23 @@ def test_adafactor_matches_the_trace(spec, setup):
     assert abs(result.errors()["peak"]) <= 0.01, result.errors()
 
 
+def test_trace_command_runs_adafactor_on_a_large_vocabulary():
+    """A 1-layer slice of Llama-3.1-8B under fake tensors: the 128k x 4,096 embedding sets Adafactor's
+    step temporary, and the traced optimizer step agrees with the plan."""
+    pytest.importorskip("transformers")
+    import json
+
+    result = run("trace", "--model", "llama-3.1-8b", "--method", "full", "--seq-len", "64", "--layers", "1",
+                 "--optimizer", "adafactor", "--fake", "--format", "json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["predicted"]["optimizer_states"] == data["traced"]["optimizer_states"]
+    phases = data["phase_peaks"]
+    predicted, traced = phases["predicted"]["optimizer"], phases["traced"]["optimizer"]
+    assert abs(predicted - traced) <= 0.01 * traced
+    assert data["peak_phase"] == {"predicted": "optimizer", "traced": "optimizer"}
+
+
 def test_foreach_and_fused_differ_by_the_foreach_temporary():
     """torch's foreach AdamW holds sqrt(v) for every trainable tensor; fused holds none but keeps its
     step counters on the device. Counted against the transformers model built on the meta device."""
