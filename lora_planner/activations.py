@@ -513,7 +513,8 @@ def merged_weight_backward(spec: ModelSpec, rows: int, xb: int, wb: int, up_lora
       (rows x inter) when the gate/up side needs one;
     - gate/up: incoming (rows x 2 inter), the weight's gradient (E x 2 inter x H), and the input's
       (rows x H) when the hidden states need one; by then the activation's backward has freed the
-      gate/up output and the activation it saved, and the down projection's its input.
+      gate/up output and the activation it saved, and the down projection's its input and its merged
+      weight.
     The larger of the two (0 with neither wrapped); the timeline takes the larger of this and the
     MLP's own transient (`layer_backward_transients`).
     """
@@ -523,7 +524,8 @@ def merged_weight_backward(spec: ModelSpec, rows: int, xb: int, wb: int, up_lora
     if down_lora:
         down = rows * H * xb + E * H * inter * wb + (rows * inter * xb if up_grad else 0) - combined
     if up_lora:
-        freed = rows * 2 * inter * xb + rows * inter * xb + (rows * inter * xb if down_saves_input else 0)
+        freed = (rows * 2 * inter * xb + rows * inter * xb + (rows * inter * xb if down_saves_input else 0)
+                 + (E * H * inter * wb if down_lora and up_grad else 0))
         up = (rows * 2 * inter * xb + E * 2 * inter * H * wb + (rows * H * xb if input_grad else 0)
               - freed - combined)
     return max(down, up, 0)
