@@ -95,6 +95,9 @@ class Graph:
     _tail_from: int = 0  # bytes saved before the MLP's tail began
     # ...and after attention's core (softmax, or the fused kernel): freed before that core's backward
     attn_tails: list[int] = field(default_factory=list)
+    # per MoE layer: what the backward of an expert matmul under PEFT's ParamWrapper holds beyond the
+    # layer's saved tensors (see `_moe`); 0 where no expert weight is wrapped
+    expert_backward: list[int] = field(default_factory=list)
     _attn_from: int = 0  # ... before attention's tail began
     # by section: the most a layer's forward holds at once beyond the saved tensors before it (a
     # LoRA layer's base output, adapter output and scaled copy); what checkpointing's recompute peaks at
@@ -253,6 +256,28 @@ class Graph:
             self.cached(in_features * rank * 2, saved=xd.grad)
             self.cached(rank * out_features * 2, saved=True)
         return self.add(out, self.new(rows * out_features, xa.itemsize, True))
+
+    def merged_linear(self, x: Tensor, path: str, in_features: int, out_features: int) -> Tensor:
+        """y = x (W + s B A)^T with PEFT's `ParamWrapper` on a 2-D parameter (`_LoraParameterProxy`):
+        `get_delta_weight` makes B @ A (autocast: from bf16 copies of A and B, which mm keeps; on
+        CPU a 16-bit model's A and B are upcast to fp32 copies first), W + delta is a new weight that
+        trains, so the matmul keeps x, and keeps that weight (its bf16 copy under autocast) when x
+        needs a gradient.
+        """
+        rank = self.wrapped[path]
+        rows = x.numel // in_features
+        if self.cond.autocast:
+            self.save(self.new(rank * in_features, 2, False), self.new(out_features * rank, 2, False))
+        elif self.cond.weight_bytes < FP32 and self.cond.device == "cpu":
+            self.save(self.new(rank * in_features, FP32, False), self.new(out_features * rank, FP32, False))
+        if not x.grad:
+            self.no_input_grad_params += in_features * out_features
+        xin = self.cast(x, 2) if self.cond.autocast else x
+        self.save(xin)
+        if x.grad:
+            wb = 2 if self.cond.autocast else self.cond.weight_bytes
+            self.save(self.new(in_features * out_features, wb, False))
+        return self.new(rows * out_features, xin.itemsize, True)
 
     # --- attention ------------------------------------------------------------------------------
     def attention(self, q: Tensor, k: Tensor, v: Tensor, heads: int, kv_heads: int, head_dim: int,
@@ -417,31 +442,93 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
 
 def _moe(g: Graph, spec: ModelSpec, p: str, h: Tensor) -> Tensor:
     """Mixtral's sparse block as transformers 5 runs it: a router, then the tokens sorted by expert and
-    two grouped matmuls over all (token, expert) rows at once.
+    two grouped matmuls over all (token, expert) rows at once (`grouped_mm_experts_forward`).
 
     The router keeps its fp32 softmax, the top-k indices, the normaliser and the normalised weights.
-    The experts keep the sort permutation and its inverse, the expert of each row, each row's routing
-    weight, the gate/up output, the activation, the down output (for the routing weights' gradient)
-    and, only when the expert weights train, the gathered input rows and the down projection's input.
-    Grouped matmuls are not autocast: they run in the hidden states' dtype.
+    The experts keep, each only when a gradient needs it: the row index of the gather (hidden states'
+    gradient), the sort permutation (routing weights' gradient), the inverse permutation and the group
+    offsets, each row's routing weight, the gate/up output and the activation, the down output (for the
+    routing weights' gradient), and, when an expert weight trains, the gathered input rows (gate/up)
+    or the down projection's input (down). Grouped matmuls are not autocast: they run in the hidden
+    states' dtype.
+
+    LoRA on the fused experts or the router is PEFT 0.21's `ParamWrapper` (`target_parameters`): the
+    weight is re-made each forward as a new tensor, W + s x B A (`_LoraFactorsProxy`, one `baddbmm`
+    in the weight's dtype, for 3-D experts; `_LoraParameterProxy`, W + delta, for the router), and a
+    matmul whose input needs a gradient keeps that merged weight: E x out x in x weight bytes.
     """
     H, inter, E, k = spec.hidden_size, spec.intermediate_size, spec.num_experts, spec.experts_per_token
     t = g.cond.tokens
     rows = t * k
-    logits = g.linear(h, f"{p}.mlp.gate", H, E)
+    router = f"{p}.mlp.gate"
+    logits = g.merged_linear(h, router, H, E) if router in g.wrapped else g.linear(h, router, H, E)
     if logits.grad:
         g.save(g.new(t * E, FP32, True), g.new(rows, INT64, False), g.new(t, FP32, False),
                g.new(rows, FP32, True))
-    experts_train = f"{p}.mlp.experts" in g.trainable
-    if not (h.grad or experts_train or logits.grad):
+    full = f"{p}.mlp.experts" in g.trainable
+    up_lora, down_lora = (f"{p}.mlp.experts.{leaf}" in g.wrapped for leaf in ("gate_up_proj", "down_proj"))
+    up_trains, down_trains = full or up_lora, full or down_lora
+    up_grad = h.grad or up_trains  # the gate/up output, the activation and the down input
+    down_grad = up_grad or down_trains  # the down output
+    if not (down_grad or logits.grad):
         return g.new(t * H, h.itemsize, False)
-    xb = h.itemsize
-    g.save(g.new(rows, INT64, False), g.new(rows, INT64, False), g.new(rows, INT64, False),
-           g.new(rows, FP32, False), g.new(E, 4, False))
-    if experts_train:
-        g.save(g.new(rows * H, xb, True), g.new(rows * inter, xb, True))
-    g.save(g.new(rows * 2 * inter, xb, True), g.new(rows * inter, xb, True), g.new(rows * H, xb, True))
+    xb, wb = h.itemsize, g.cond.weight_bytes
+    if h.grad:
+        g.save(g.new(rows, INT64, False))  # perm // k, the gather's index
+    if logits.grad:
+        g.save(g.new(rows, INT64, False))  # perm, the routing weights' gather
+    g.save(g.new(rows, INT64, False))  # the inverse permutation
+    if up_grad or down_trains:
+        g.save(g.new(E, 4, False))  # the offsets, int32
+    if down_grad:
+        g.save(g.new(rows, FP32, False))  # each row's routing weight
+    if up_trains:
+        g.save(g.new(rows * H, xb, True))  # the gathered rows
+    if up_lora and h.grad:
+        g.save(g.new(E * 2 * inter * H, wb, True))  # the merged gate/up weight
+    if up_grad:
+        g.save(g.new(rows * 2 * inter, xb, True), g.new(rows * inter, xb, True))
+    if down_trains:
+        g.save(g.new(rows * inter, xb, True))  # the down projection's input
+    if down_lora and up_grad:
+        g.save(g.new(E * H * inter, wb, True))  # the merged down weight
+    if logits.grad:
+        g.save(g.new(rows * H, xb, True))  # the down output
+    g.expert_backward.append(merged_weight_backward(spec, rows, xb, wb, up_lora, down_lora, h.grad,
+                                                    up_grad, down_trains, logits.grad))
     return g.new(t * H, xb, True)
+
+
+def merged_weight_backward(spec: ModelSpec, rows: int, xb: int, wb: int, up_lora: bool, down_lora: bool,
+                           input_grad: bool, up_grad: bool, down_saves_input: bool,
+                           routing_grad: bool) -> int:
+    """Bytes beyond the layer's saved tensors while a grouped matmul over a ParamWrapper weight runs
+    its backward: the merged weight's full gradient (E x out x in, the weight's dtype) before
+    `baddbmm`'s backward turns it into the small A and B gradients, beside the incoming gradient and
+    the one the matmul returns for its input. By the first of them the routing weights' product and
+    the un-permuting gather have run their backward, freeing what they saved: the inverse permutation,
+    each row's routing weight and (when the router has a gradient) the down output.
+
+    - down projection: incoming (rows x H), the weight's gradient (E x H x inter), and the input's
+      (rows x inter) when the gate/up side needs one;
+    - gate/up: incoming (rows x 2 inter), the weight's gradient (E x 2 inter x H), and the input's
+      (rows x H) when the hidden states need one; by then the activation's backward has freed the
+      gate/up output and the activation it saved, and the down projection's its input and its merged
+      weight.
+    The larger of the two (0 with neither wrapped); the timeline takes the larger of this and the
+    MLP's own transient (`layer_backward_transients`).
+    """
+    H, inter, E = spec.hidden_size, spec.intermediate_size, spec.num_experts
+    down = up = 0
+    combined = rows * INT64 + rows * FP32 + (rows * H * xb if routing_grad else 0)
+    if down_lora:
+        down = rows * H * xb + E * H * inter * wb + (rows * inter * xb if up_grad else 0) - combined
+    if up_lora:
+        freed = (rows * 2 * inter * xb + rows * inter * xb + (rows * inter * xb if down_saves_input else 0)
+                 + (E * H * inter * wb if down_lora and up_grad else 0))
+        up = (rows * 2 * inter * xb + E * 2 * inter * H * wb + (rows * H * xb if input_grad else 0)
+              - freed - combined)
+    return max(down, up, 0)
 
 
 def head_and_loss(g: Graph, spec: ModelSpec, h: Tensor, head: str) -> tuple[Tensor, int, int]:
@@ -616,6 +703,7 @@ class Profile:
     # per layer: the most its forward holds at once (`Graph.forward_peaks`), reached again when a
     # checkpointed layer is recomputed
     recompute_peaks: tuple[int, ...] = ()
+    expert_backward: tuple[int, ...] = ()  # per layer, ParamWrapper'd experts (`merged_weight_backward`)
     # backward work not done (see `Graph.no_input_grad_params`); `cost` takes it off the FLOPs
     no_input_grad_params: int = 0
     attention_without_grad: int = 0
@@ -727,6 +815,7 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
         mlp_layers=tuple(mlps),
         transients=layer_backward_transients(spec, cond),
         mlp_tails=tuple(g.tails),
+        expert_backward=tuple(g.expert_backward) if len(g.expert_backward) == spec.num_layers else (),
         attn_tails=tuple(g.attn_tails),
         no_input_grad_params=g.no_input_grad_params,
         attention_without_grad=g.attention_without_grad,

@@ -320,6 +320,9 @@ def _lora_trainable(spec: ModelSpec, setup: TrainSetup) -> Trainable:
     arch = layout(spec, setup.task, setup.num_labels)
     modules, targets = wrapped_modules(spec, setup)
     adapters = tuple(adapter_for(m, setup.rank, setup.use_dora) for m in modules)
+    if setup.lora_dropout and any(m.kind in ("router", "experts") for m in modules):
+        raise PlanError("LoRA dropout does not work on Mixtral's fused expert or router parameters "
+                        "(PEFT's ParamWrapper refuses it): set it to 0 or leave gate, w1, w2, w3 out")
 
     saved_names = _modules_to_save_names(setup)
     saved_modules = tuple(

@@ -129,6 +129,20 @@ def peak_bytes(terms: Iterable[Term]) -> Term:
     return Term("peak", total, " + ".join(_n(t.bytes) for t in terms) + f" = {_n(total)} B")
 
 
+def adafactor_temporary_term(shapes: tuple[tuple[int, ...], ...], precision: Precision) -> Term:
+    """Adafactor's step temporary (see `optimizers.adafactor_temporary_bytes`): fp32 copies of 16-bit
+    gradients and weights when the optimizer updates them directly (no fp32 master copy)."""
+    from .optimizers import adafactor_temporary_bytes
+
+    sixteen = precision.grad_bytes == 2 and not precision.master_bytes
+    total = adafactor_temporary_bytes(shapes, sixteen)
+    copies = ", plus fp32 copies of the 16-bit gradient and weight" if sixteen else ""
+    return Term("optimizer_temporary", total,
+                "adafactor: one tensor at a time, its squared gradient, the update and the factored "
+                f"estimate or the negated update beside the previous update (4 B each){copies} "
+                f"= {_n(total)} B")
+
+
 def optimizer_temporary_term(optimizer: str, impl: str, numels: tuple[int, ...], state_bytes: int) -> Term:
     """The optimizer step's largest temporary (see `optimizers.optimizer_temporary_bytes`)."""
     from .optimizers import optimizer_temporary_bytes

@@ -8,7 +8,7 @@ tensors rather than multiplied by a parameter count.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from .architecture import Param
 from .errors import PlanError
@@ -59,15 +59,39 @@ def sgd_momentum_state_bytes(numel: int, state_bytes: int) -> int:
 
 def adafactor_state_bytes(shape: tuple[int, ...]) -> int:
     """Adafactor without first moment: a matrix (..., r, c) keeps a row vector (..., r) and a
-    column vector (..., c) of second moments; a vector keeps a full second moment. 4 B each.
+    column vector (..., c) of second moments; a vector keeps a full second moment. 4 B each; plus
+    `state["RMS"]`, the parameter's RMS as a 0-d fp32 tensor on the parameter's device: 4 B.
 
-    Follows transformers' `Adafactor` with beta1=None (its default), which upcasts gradients and
-    keeps its states in fp32 whatever the weights' dtype; the RMS and step scalars are left out.
+    Follows transformers 5.23's `Adafactor` with beta1=None (its default), which upcasts gradients
+    and keeps its states in fp32 whatever the weights' dtype; `step` is a Python int (no bytes).
     """
     if len(shape) >= 2:
         lead = math.prod(shape[:-2])
-        return lead * (shape[-2] + shape[-1]) * 4
-    return math.prod(shape) * 4
+        return lead * (shape[-2] + shape[-1]) * 4 + 4
+    return math.prod(shape) * 4 + 4
+
+
+def adafactor_temporary_bytes(shapes: Sequence[tuple[int, ...]], sixteen_bit: bool) -> int:
+    """The most bytes transformers 5.23's `Adafactor.step` (beta1=None) holds beyond its states, going
+    through the trainable tensors one at a time in the optimizer's order, all in fp32 (4 B):
+
+    - `update = grad**2 + eps`: grad squared and the sum, 2n, while `update` still holds the previous
+      tensor's update, n_prev;
+    - a matrix (factored): `_approx_sq_grad` makes the row factor (..., r), the column factor (..., c)
+      and their product, n, beside the old update, n: 2n + r + c;
+    - `p.add_(-update)`: the negated copy beside the update, 2n (as the vector path's rsqrt, 2n);
+    - 16-bit gradients and weights (no fp32 master copy): `grad.float()` and `p.float()`, n each,
+      live through the tensor's whole update.
+
+    max over tensors of 4 x (2n + max(n_prev, r + c if factored else 0)) (+ 2 x 4n in 16 bits).
+    """
+    most, previous = 0, 0
+    for shape in shapes:
+        n = math.prod(shape)
+        factors = math.prod(shape[:-1]) + math.prod(shape[:-2]) * shape[-1] if len(shape) >= 2 else 0
+        held = 4 * (2 * n + max(previous, factors)) + (8 * n if sixteen_bit else 0)
+        most, previous = max(most, held), n
+    return most
 
 
 def optimizer_state_bytes(optimizer: str, params: Iterable[Param], state_bytes: int,
@@ -117,7 +141,7 @@ def optimizer_temporary_bytes(optimizer: str, impl: str, numels: Iterable[int], 
     - SGD, with or without momentum, every implementation: `param.add_(grad)` and
       `buf.mul_().add_(grad)` in place, 0 (the momentum buffer is made on the first step only);
     - bitsandbytes 8-bit AdamW: its blockwise update kernel works in place, 0;
-    - Adafactor: not modelled (0).
+    - Adafactor: see `adafactor_temporary_bytes` (it needs the shapes; 0 here).
     """
     numels = tuple(numels)
     if optimizer != "adamw" or not numels:

@@ -9,9 +9,20 @@ option given explicitly overrides it. Each default is read from the stack's sour
 - `hf-trainer`: transformers 5.23 `Trainer`. `TrainingArguments.optim` defaults to `adamw_torch_fused`
   when torch >= 2.8 (`AdamW(fused=True)`); the loss is the model's `ForCausalLMLoss` (fp32 upcast of
   the logits); `gradient_checkpointing` defaults to False.
-- `trl`: TRL 1.16 `SFTTrainer`: `SFTConfig` turns `gradient_checkpointing` on by default, keeps the
-  Trainer's fused AdamW and scores tokens with its own chunked LM head (`add_fused_lm_head`:
-  logits never materialised, planned here as `fused-linear`); `activation_offloading` off.
+- `trl`: TRL 1.16 `SFTTrainer`. Read from its source: `SFTConfig` turns `gradient_checkpointing` on
+  (`_BaseConfig`), keeps the Trainer's `optim` (fused AdamW), leaves `activation_offloading`,
+  `packing` and `padding_free` off, and `SFTTrainer.__init__` patches the model with TRL's
+  own LM head (`add_fused_lm_head` -> `kernels.ChunkedLogProbFunction`; Liger's fused linear
+  cross-entropy is refused, and `use_liger_kernel` is deprecated). That head never materialises
+  the (tokens x vocab) logits: its forward scores tiles of 4,096 tokens x 32,768 vocabulary entries
+  and saves the head's input rows, their labels, log Z and the entropy (fp32 per token); its
+  backward recomputes each tile and accumulates fp32 gradients for the input and (when it trains)
+  the head's weight. No term
+  here models that kernel: the preset plans the head with `fused-linear` (Liger 0.8.5's kernel),
+  the closest one, which also keeps no logits but computes the input's (and weight's) gradient in
+  the forward and keeps it, instead of TRL's fp32 accumulators in the backward. Not in the preset:
+  TRL's `bf16=True` default with a model loaded by id in float32 (that is `--precision amp`), and
+  `enable_input_require_grads()` for PEFT with checkpointing.
 - `torchtune`: torchtune 0.6.1 recipes (`llama3_1/8B_full.yaml`, `8B_lora_single_device.yaml`):
   `torch.optim.AdamW(fused=True)`, `CEWithChunkedOutputLoss` (8 chunks), activation checkpointing
   on, activation offloading off.
@@ -59,7 +70,8 @@ STACKS = {
     "hf-trainer": Stack("hf-trainer", "fused", "standard", False, False,
                         "transformers 5.23 Trainer: optim adamw_torch_fused"),
     "trl": Stack("trl", "fused", "fused-linear", True, False,
-                 "TRL 1.16 SFTTrainer: fused AdamW, chunked LM head, gradient checkpointing on"),
+                 "TRL 1.16 SFTTrainer: fused AdamW, gradient checkpointing on; its chunked log-prob "
+                 "LM head planned as fused-linear (no logits kept), the closest modelled kernel"),
     "torchtune": Stack("torchtune", "fused", "chunked", True, False,
                        "torchtune 0.6.1 recipes: AdamW(fused=True), CEWithChunkedOutputLoss(8), "
                        "activation checkpointing on"),

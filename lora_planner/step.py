@@ -14,7 +14,8 @@ from .activations import INT64, Conditions, Profile, profile
 from .architecture import Architecture, layout
 from .counts import lora_trainable
 from .errors import PlanError
-from .memory import Term, optimizer_temporary_term
+from .memory import Term, adafactor_temporary_term, optimizer_temporary_term
+from .optimizers import TORCH_OPTIMIZERS
 from .precision import Precision
 from .quant import dequant_transient_bytes, quantised_params
 from .spec import ModelSpec, TrainSetup
@@ -101,6 +102,13 @@ def _trainable_numels(spec: ModelSpec, setup: TrainSetup, arch: Architecture) ->
     return tuple(p.numel for p in lora_trainable(spec, setup).params)
 
 
+def _trainable_shapes(spec: ModelSpec, setup: TrainSetup, arch: Architecture) -> tuple[tuple[int, ...], ...]:
+    """Shapes of the trainable tensors, in the order the optimizer goes through them."""
+    if setup.method == "full":
+        return tuple(p.shape for p in arch.params)
+    return tuple(p.shape for p in lora_trainable(spec, setup).params)
+
+
 def input_gradient_skips(spec: ModelSpec, setup: TrainSetup) -> tuple[int, int]:
     """(weights whose input needs no gradient, attention layers with no gradient) in this setup's
     backward, from the activation walk; what `cost.lora_flops_per_token` takes off."""
@@ -133,9 +141,13 @@ def predict_step(spec: ModelSpec, setup: TrainSetup, precision: Precision, memor
             head += numel * grad_bytes
     embed_trains = any(path.endswith(("wte", "embed_tokens")) for path in by_path)
     impl = setup.optimizer_impl or "foreach"
-    temporary = optimizer_temporary_term(setup.optimizer, impl, _trainable_numels(spec, setup, arch),
-                                         precision.state_bytes)
+    if setup.optimizer == "adafactor":
+        temporary = adafactor_temporary_term(_trainable_shapes(spec, setup, arch), precision)
+    else:
+        temporary = optimizer_temporary_term(setup.optimizer, impl, _trainable_numels(spec, setup, arch),
+                                             precision.state_bytes)
     temp = temporary.bytes
+    kernel = f"{impl} " if setup.optimizer in TORCH_OPTIMIZERS else ""  # Adafactor, 8-bit: one kernel
     dequant = 0
     if setup.method == "qlora":
         nf4 = quantised_params(arch, lora_trainable(spec, setup), setup.quantize_experts)
@@ -150,7 +162,7 @@ def predict_step(spec: ModelSpec, setup: TrainSetup, precision: Precision, memor
         dequant_transient=dequant,
         layer_gradients=tuple(tuple(parts) for parts in per_layer),
         embedding_backward=embedding_backward(embed_trains, arch.tied_head, head, prof.transients[0]),
-        temporary_what=f"{impl} {setup.optimizer} temporary" if temp else f"{impl} {setup.optimizer}, "
+        temporary_what=f"{kernel}{setup.optimizer} temporary" if temp else f"{kernel}{setup.optimizer}, "
                        "no temporary",
     )
     phases = step_phases(states, prof, spec.vocab_size if setup.task == "causal-lm" else setup.num_labels,

@@ -103,7 +103,9 @@ def step_phases(states: States, prof: Profile, vocab: int, tokens: int) -> tuple
         # MLP's saved tensors are gone
         tail = prof.mlp_tails[i] if prof.mlp_tails else 0
         dq = states.dequant_transient
-        phases.append(Phase("backward", base + live - tail + grads + resid + mlp + dq,
+        # LoRA on fused experts (PEFT's ParamWrapper): a merged weight's full gradient, if larger
+        mlp_i = max(mlp, prof.expert_backward[i]) if prof.expert_backward else mlp
+        phases.append(Phase("backward", base + live - tail + grads + resid + mlp_i + dq,
                             f"{SO_FAR}, backward through layer {i}'s MLP"))
         grads += mlp_grads + attn_grads
         attn_tail = prof.attn_tails[i] if prof.attn_tails else 0

@@ -188,9 +188,13 @@ def models_command(fmt: str) -> None:
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
 @click.option("--force", is_flag=True,
               help="Trace even when the planned peak exceeds the host RAM available.")
+@click.option("--optimizer", type=click.Choice(["adamw", "sgd", "sgd-momentum", "adafactor"]),
+              default="adamw", show_default=True,
+              help="torch's AdamW or SGD (kernel from --optimizer-impl), or transformers' Adafactor as the "
+                   "Trainer makes it.")
 def trace_command(model_name, method, rank, targets, precision, batch_size, seq_len, grad_checkpointing,
                   attention, stack, optimizer_impl, loss, loss_chunks, activation_offload, layers, fake,
-                  fmt, force, dropout=None) -> None:
+                  fmt, force, dropout=None, optimizer="adamw") -> None:
     """Trace one real training step on CPU and print it beside the prediction, term by term.
 
     Needs the `measure` extra (torch, transformers; peft for LoRA). Without --fake, a step whose
@@ -209,7 +213,7 @@ def trace_command(model_name, method, rank, targets, precision, batch_size, seq_
         spec = resolve_model(model_name)
         setup = TrainSetup(method=method, rank=rank, targets=split_values(targets) or ("default",),
                            precision=precision, batch_size=batch_size, seq_len=seq_len,
-                           attention=attention, dropout=dropout,
+                           attention=attention, dropout=dropout, optimizer=optimizer,
                            **stack_changes(stack, optimizer_impl, loss, loss_chunks, activation_offload,
                                            grad_checkpointing))
         need_measure_extra("lora-plan trace")

@@ -20,8 +20,9 @@ def stack_options(f: Callable) -> Callable:
                      show_default=True,
                      help="Preset of the framework's defaults (optimizer kernel, loss, checkpointing, "
                           "offload): torch = plain loop with AdamW() (foreach); hf-trainer = "
-                          "transformers Trainer (fused AdamW); trl = SFTTrainer (checkpointing, chunked "
-                          "LM head); torchtune = recipes (chunked CE, checkpointing)."),
+                          "transformers Trainer (fused AdamW); trl = SFTTrainer (fused AdamW, "
+                          "checkpointing; TRL's chunked log-prob head planned as fused-linear, the "
+                          "closest modelled kernel); torchtune = recipes (chunked CE, checkpointing)."),
         click.option("--optimizer-impl", type=click.Choice(list(OPTIMIZER_IMPLS)), default=None,
                      help="torch optimizer kernel: fused (in place), foreach (AdamW: sqrt(v) of every "
                           "tensor at once), for-loop (one tensor at a time). Default: the stack's."),

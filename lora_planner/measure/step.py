@@ -12,7 +12,8 @@ from collections.abc import Callable
 from typing import Any
 
 PHASES = ("forward", "backward", "optimizer")
-# AdamW's kernel forced by name (torch picks by itself otherwise: for-loop on CPU, foreach on CUDA)
+# AdamW's (and SGD's) kernel forced by name (torch picks by itself otherwise: for-loop on CPU, foreach
+# on CUDA)
 ADAMW_KERNEL = {"fused": {"fused": True}, "foreach": {"foreach": True},
                 "for-loop": {"foreach": False, "fused": False}}
 

@@ -6,8 +6,8 @@ memory trace in seconds. LoRA uses PEFT with the same targets the planner resolv
 forward (causal-LM loss), backward, optimizer step, `zero_grad(set_to_none=True)`, run once
 untraced (so the optimizer's states exist, as in every step of a run but the first) and then traced.
 The setup's stack choices run as named: AdamW or SGD with the fused, foreach or for-loop kernel
-forced, and the standard or chunked cross-entropy (`step.chunked_loss`); Liger's fused linear
-cross-entropy needs a GPU and is refused here.
+forced (transformers' Adafactor has one implementation), and the standard or chunked cross-entropy
+(`step.chunked_loss`); Liger's fused linear cross-entropy needs a GPU and is refused here.
 
 Supported precisions are those a plain PyTorch step realises: `fp32`, and `amp` (bf16 autocast over
 fp32 weights); `pure-bf16` builds the model in bf16 (AdamW then keeps bf16 states). `mixed` and `bf16`
@@ -17,6 +17,8 @@ need an fp32 master copy or fp32 states over bf16 weights, which torch's AdamW d
 from __future__ import annotations
 
 import contextlib
+import re
+import warnings
 from dataclasses import dataclass, field, replace
 
 from ..errors import PlanError
@@ -27,7 +29,7 @@ from ..stacks import resolve
 
 TRACEABLE_PRECISIONS = ("fp32", "amp", "pure-bf16")
 TERMS = ("weights", "gradients", "optimizer_states", "activations")
-TRACEABLE_OPTIMIZERS = ("adamw", "sgd", "sgd-momentum")
+TRACEABLE_OPTIMIZERS = ("adamw", "sgd", "sgd-momentum", "adafactor")
 
 
 @dataclass(frozen=True)
@@ -130,6 +132,10 @@ def trace(spec: ModelSpec, setup: TrainSetup, *, fake: bool = False, seed: int =
     """
     setup = resolve(setup)
     _check(setup)
+    if fake and spec.num_experts and setup.precision != "pure-bf16":
+        # torch's fake (meta) kernel for _grouped_mm accepts bf16 operands only, as its CUDA kernel does
+        raise PlanError("a fake trace runs the experts' grouped matmul through torch's meta kernel, which "
+                        "takes bf16 only: trace Mixtral with --fake --precision pure-bf16, or without --fake")
     if setup.method == "lora":
         try:
             import peft  # noqa: F401
@@ -197,10 +203,16 @@ def trace(spec: ModelSpec, setup: TrainSetup, *, fake: bool = False, seed: int =
 def _optimizer(torch, params, setup: TrainSetup):
     """The optimizer the setup names, with its implementation forced (on CPU torch would pick the
     for-loop by itself)."""
-    impl = {"fused": {"fused": True}, "foreach": {"foreach": True},
-            "for-loop": {"foreach": False, "fused": False}}[setup.optimizer_impl]
+    from .step import ADAMW_KERNEL
+
+    impl = ADAMW_KERNEL[setup.optimizer_impl]  # torch's SGD takes the same two switches
     if setup.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=1e-4, **impl)
+    if setup.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        # as the Trainer makes it for `optim="adafactor"`: a fixed lr, beta1=None (one kernel only)
+        return Adafactor(params, lr=1e-4, scale_parameter=False, relative_step=False)
     momentum = 0.9 if setup.optimizer == "sgd-momentum" else 0.0
     return torch.optim.SGD(params, lr=1e-4, momentum=momentum, **impl)
 
@@ -218,6 +230,25 @@ def _unpacked(fake: bool):
     return mock.patch.object(masking_utils, "find_packed_sequence_indices", lambda *a, **k: None)
 
 
+def _peft_targets(adapters) -> tuple[list[str], list[str], set[str]]:
+    """PEFT targets for the plan's adapters: module paths for `target_modules`; for Mixtral's router
+    and fused 3-D experts (transformers 5), the parameter names for `target_parameters`, which PEFT
+    0.21 wraps with `ParamWrapper`; and the leaf names of the fused gate/up parameters."""
+    modules, parameters, fused = set(), set(), set()
+    for a in adapters:
+        module = a.module
+        if module.kind == "router":
+            parameters.add(f"{module.path}.weight")
+        elif module.kind == "experts":
+            parameters.add(module.path)  # the pseudo-module's path is the parameter's name
+            leaf = module.path.rsplit(".", 1)[-1]
+            if leaf == "gate_up_proj":
+                fused.add(leaf)
+        else:
+            modules.add(module.path)
+    return sorted(modules), sorted(parameters), fused
+
+
 def _with_lora(model, spec: ModelSpec, setup: TrainSetup):
     from unittest import mock
 
@@ -226,8 +257,14 @@ def _with_lora(model, spec: ModelSpec, setup: TrainSetup):
 
     from ..counts import lora_trainable
 
-    paths = sorted({a.module.path for a in lora_trainable(spec, setup).adapters})
-    config = LoraConfig(r=setup.rank, lora_alpha=2 * setup.rank, target_modules=paths,
+    modules, parameters, fused = _peft_targets(lora_trainable(spec, setup).adapters)
+    # w1 and w3 live in one fused parameter: PEFT's own v4 -> v5 conversion gives it rank and alpha
+    # times two (`_convert_peft_config_moe`), and so does the plan
+    patterns = {rf".*\.{re.escape(leaf)}": 2 for leaf in fused}
+    config = LoraConfig(r=setup.rank, lora_alpha=2 * setup.rank, target_modules=modules or None,
+                        target_parameters=parameters or None,
+                        rank_pattern={k: n * setup.rank for k, n in patterns.items()},
+                        alpha_pattern={k: n * 2 * setup.rank for k, n in patterns.items()},
                         lora_dropout=setup.lora_dropout, bias=setup.bias, use_dora=setup.use_dora,
                         fan_in_fan_out=spec.family == "gpt2")  # GPT-2's Conv1D stores (in, out)
     # PEFT moves each new adapter onto its base layer's device and dtype with `Module.to()`, which
@@ -238,7 +275,11 @@ def _with_lora(model, spec: ModelSpec, setup: TrainSetup):
     previous = torch.get_default_dtype()
     torch.set_default_dtype(next(model.parameters()).dtype)  # adapters made in the model's dtype
     try:
-        with mock.patch.object(torch.nn.Module, "to", lambda self, *args, **kwargs: self):
+        with mock.patch.object(torch.nn.Module, "to", lambda self, *args, **kwargs: self), \
+                warnings.catch_warnings():
+            # PEFT checks the patterns against targeted modules only and warns, but applies them to
+            # the targeted parameters (the adapter on gate_up_proj gets rank 2r)
+            warnings.filterwarnings("ignore", message=r"The following (rank|alpha)_pattern keys")
             return get_peft_model(model, config, autocast_adapter_dtype=setup.precision != "pure-bf16")
     finally:
         torch.set_default_dtype(previous)
