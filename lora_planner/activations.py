@@ -103,6 +103,11 @@ class Graph:
     # layers whose q, k and v need none (their backward does not run at all)
     no_input_grad_params: int = 0
     attention_without_grad: int = 0
+    # by section: gradients backward has made and still holds when it first needs the layer's saved
+    # tensors (beyond the residual stream's), alive through a checkpointed layer's recompute
+    pending: dict[str, int] = field(default_factory=dict)
+    # by section: what a recomputed expert block holds at its un-sort's backward (see `_moe`)
+    unsort: dict[str, int] = field(default_factory=dict)
     section: str = ""
     _keys: itertools.count = field(default_factory=lambda: itertools.count(1))
     _section_bytes: dict[str, int] = field(default_factory=dict)
@@ -205,6 +210,12 @@ class Graph:
 
     def tail_end(self) -> None:
         self.tails.append(self._saved_total - self._tail_from)
+
+    def peak_at(self, transient: int) -> None:
+        """The layer's forward holds everything saved so far plus `transient` bytes here."""
+        layer = self.section.removesuffix(" mlp")
+        held = self.saved_bytes(layer) + self.saved_bytes(f"{layer} mlp") + transient
+        self.forward_peaks[layer] = max(self.forward_peaks.get(layer, 0), held)
 
     def cached(self, nbytes: int, saved: bool) -> None:
         """A 16-bit copy of a trained parameter: autocast keeps it until forward ends."""
@@ -408,9 +419,7 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
         m = g.linear(act, f"{p}.mlp.down_proj", inter, H)
     if gemma:
         m = g.rms_norm(m, f"{p}.post_feedforward_layernorm", H, True)
-    if spec.num_experts:
-        g.tails.append(0)  # the expert block's transient keeps its own count (see layer_backward_transients)
-    else:
+    if not spec.num_experts:  # the expert block records its own tail (`_moe`)
         g.tail_end()
     return g.add(x, m)
 
@@ -441,7 +450,44 @@ def _moe(g: Graph, spec: ModelSpec, p: str, h: Tensor) -> Tensor:
     if experts_train:
         g.save(g.new(rows * H, xb, True), g.new(rows * inter, xb, True))
     g.save(g.new(rows * 2 * inter, xb, True), g.new(rows * inter, xb, True), g.new(rows * H, xb, True))
+    local = moe_locals(t, rows, E, 0 if h.key in g.saved else h.nbytes, logits.itemsize)
+    g.peak_at(moe_down_transient(rows, H, inter, xb, experts_train) + local)
+    # a checkpointed block's first backward op, the un-sort's, holds the recomputed saved set, its
+    # incoming gradient (`pending`), a zeroed (rows x hidden) buffer and its scattered copy; the
+    # recompute's locals are gone by then, the sorted expert ids with them
+    layer = g.section.removesuffix(" mlp")
+    g.unsort[layer] = g.saved_bytes(layer) + g.saved_bytes(f"{layer} mlp") - rows * INT64 + 2 * rows * H * xb
+    # backward reaches the block's saved tensors through the un-sort, after the sum over top-k has
+    # handed back a (rows x hidden) gradient: it waits through the recompute
+    g.pending[g.section.removesuffix(" mlp")] = rows * H * xb
+    # by the gated product's backward (the MLP's peak), the un-sort's inverse permutation, the down
+    # output (kept for the routing weights' gradient) and, when the experts train, the down
+    # projection's input (kept for its weight's gradient) have been used and freed
+    g.tails.append(rows * INT64 + rows * H * xb + (rows * inter * xb if experts_train else 0))
     return g.new(t * H, xb, True)
+
+
+def moe_down_transient(rows: int, hidden: int, inter: int, itemsize: int, experts_train: bool) -> int:
+    """What the expert block holds beyond its saved tensors at its peak, the down grouped matmul.
+
+    The gathered input rows (rows x hidden) and the gated activation that the down projection reads
+    (rows x intermediate) are local variables alive until the block returns; when the expert weights
+    train both are saved already, otherwise they are transients. Assumption: transformers 5's
+    grouped_mm experts (`integrations/moe.py`), rows = tokens x top-k, in the hidden states' dtype.
+    """
+    return 0 if experts_train else rows * (hidden + inter) * itemsize
+
+
+def moe_locals(tokens: int, rows: int, experts: int, block_input: int, logits_itemsize: int) -> int:
+    """Unsaved tensors the sparse block's forward keeps in local variables until it returns.
+
+    The block's input (`block_input`: its bytes when no op saved it), the router logits (returned and
+    bound to `_`, tokens x experts in the router's compute dtype), the top-k routing weights before
+    their in-place normalisation was recorded (rows fp32; autograd saved a clone), the float copy of
+    the sorted expert ids `histc` counts (rows x 4 B) and its per-expert counts (experts x 4 B).
+    Source: transformers 5 `MixtralSparseMoeBlock.forward` and `grouped_mm_experts_forward`.
+    """
+    return block_input + tokens * experts * logits_itemsize + rows * FP32 + rows * 4 + experts * 4
 
 
 def head_and_loss(g: Graph, spec: ModelSpec, h: Tensor, head: str) -> tuple[Tensor, int, int]:
@@ -561,6 +607,18 @@ def layer_backward_transients(spec: ModelSpec, cond: Conditions) -> tuple[int, i
     return resid, mlp, attn
 
 
+def post_norm_backward(tokens: int, hidden: int, weight_trains: bool) -> int:
+    """Gradients alive at once in the backward of Gemma-2's RMSNorm, beyond the incoming one.
+
+    The norm computes in fp32: y = (h * rsqrt(mean(h^2) + eps)) * (1 + w), h = x.float(). At the
+    backward of h^2 five (tokens x hidden) fp32 tensors are alive: h's gradient through the scaling,
+    the mean's gradient spread over the row, and pow's backward (h^1, and two products). When w
+    trains, the normalised h it saved for w's gradient has been used and freed by then: one fewer.
+    Assumption: transformers 5's `Gemma2RMSNorm`, autograd's decomposition of pow / mean / mul.
+    """
+    return (4 if weight_trains else 5) * tokens * hidden * FP32
+
+
 @dataclass(frozen=True)
 class Profile:
     """Saved bytes of one step's forward, by place.
@@ -577,7 +635,9 @@ class Profile:
     embedding: int
     layers: tuple[int, ...]
     layer_inputs: tuple[int, ...]
-    input_saved_by_layer: tuple[int, ...]  # the part of `layers[i]` that is the layer's own input
+    # the part of `layers[i]` alive anyway under checkpointing: the layer's own input, and the rotary
+    # cos and sin the first rotary layer saves (also checkpoint arguments)
+    input_saved_by_layer: tuple[int, ...]
     head: int
     logits: int
     logits_fp32: int
@@ -616,6 +676,15 @@ class Profile:
     # per layer: the most its forward holds at once (`Graph.forward_peaks`), reached again when a
     # checkpointed layer is recomputed
     recompute_peaks: tuple[int, ...] = ()
+    # per layer: gradients alive through its recompute besides the residual stream's (`Graph.pending`)
+    recompute_pending: tuple[int, ...] = ()
+    # Gemma-2's norms after attention and after the MLP: their backward runs while the block before
+    # them is still saved (`post_norm_backward`); 0 for the other families
+    post_norm_transient: int = 0
+    # per layer: checkpoint arguments no lower layer uses, freed when this layer's backward is done
+    args_freed: tuple[int, ...] = ()
+    # per layer: a recomputed expert block at its first backward op (`Graph.unsort`); 0 without experts
+    recompute_unsort: tuple[int, ...] = ()
     # backward work not done (see `Graph.no_input_grad_params`); `cost` takes it off the FLOPs
     no_input_grad_params: int = 0
     attention_without_grad: int = 0
@@ -683,6 +752,10 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
         kept = g.saved.get(x_in.key)
         inputs.append(x_in.nbytes)
         overlap.append(x_in.nbytes if kept and kept[1].startswith(f"layer {i}") else 0)
+        # the rotary cos and sin are saved once, by the first layer that uses them; a checkpointed
+        # layer keeps them among its arguments (`checkpoint_args`) already
+        overlap[-1] += sum(r.nbytes for r in rot or ()
+                           if g.saved.get(r.key, (0, ""))[1].startswith(f"layer {i}"))
         mlps.append(g.saved_bytes(f"layer {i} mlp"))
         layers.append(g.saved_bytes(f"layer {i}") + mlps[-1])
     g.section = "head"
@@ -731,6 +804,14 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
         no_input_grad_params=g.no_input_grad_params,
         attention_without_grad=g.attention_without_grad,
         recompute_peaks=tuple(g.forward_peaks.get(f"layer {i}", 0) for i in range(spec.num_layers)),
+        recompute_pending=tuple(g.pending.get(f"layer {i}", 0) for i in range(spec.num_layers)),
+        post_norm_transient=post_norm_backward(cond.tokens, H, any(
+            p.endswith("post_feedforward_layernorm") for p in trainable)) if spec.family == "gemma2" else 0,
+        # Gemma-2's global-attention mask: its last user in backward is layer 1 (layers alternate
+        # sliding, global from layer 0); the checkpoint holding it lets go once that layer is done
+        args_freed=tuple(mask if spec.family == "gemma2" and cond.attention == "eager" and i == 1
+                         and cond.grad_checkpointing else 0 for i in range(spec.num_layers)),
+        recompute_unsort=tuple(g.unsort.get(f"layer {i}", 0) for i in range(spec.num_layers)),
         checkpointed=cond.grad_checkpointing,
         offloaded=cond.activation_offload,
         # a chunked or fused loss counts the head's input alive through the loss itself (`head_and_loss`)

@@ -84,7 +84,9 @@ def step_phases(states: States, prof: Profile, vocab: int, tokens: int) -> tuple
     resid, mlp, attn = prof.transients
     for i in reversed(range(n)):
         attn_grads, mlp_grads, out_grads = states.layer_gradients[i]
-        grads += out_grads
+        # a checkpointed layer is recomputed when backward first needs one of its saved tensors:
+        # before its output projection's gradient exists
+        pending = prof.recompute_pending[i] if prof.recompute_pending else 0
         if prof.checkpointed:
             saved_below -= prof.layer_inputs[i]
             live = saved_below + prof.layers[i] + prof.layer_inputs[i] - prof.input_saved_by_layer[i]
@@ -94,22 +96,36 @@ def step_phases(states: States, prof: Profile, vocab: int, tokens: int) -> tuple
             if prof.recompute_peaks and prof.recompute_peaks[i]:
                 held = (saved_below + prof.layer_inputs[i] - prof.input_saved_by_layer[i]
                         + prof.recompute_peaks[i])
-                phases.append(Phase("backward", base + held + grads + resid,
+                phases.append(Phase("backward", base + held + grads + resid + pending,
                                     f"{SO_FAR}, recomputing layer {i}'s forward"))
+            if prof.recompute_unsort and prof.recompute_unsort[i]:
+                held = (saved_below + prof.layer_inputs[i] - prof.input_saved_by_layer[i]
+                        + prof.recompute_unsort[i])
+                phases.append(Phase("backward", base + held + grads + resid + pending,
+                                    f"{SO_FAR}, backward through layer {i}'s expert un-sort"))
         else:
             live = saved_below
             saved_below -= prof.layers[i]
+        if prof.post_norm_transient:
+            phases.append(Phase("backward", base + live + grads + resid + prof.post_norm_transient,
+                                f"{SO_FAR}, backward through layer {i}'s post-feedforward norm"))
+        grads += out_grads
         # the MLP's backward runs first, with the whole layer still saved; by the attention's, the
         # MLP's saved tensors are gone
         tail = prof.mlp_tails[i] if prof.mlp_tails else 0
         dq = states.dequant_transient
         phases.append(Phase("backward", base + live - tail + grads + resid + mlp + dq,
                             f"{SO_FAR}, backward through layer {i}'s MLP"))
+        if prof.post_norm_transient:
+            phases.append(Phase("backward", base + live - prof.mlp_layers[i] + grads + mlp_grads + resid
+                                + prof.post_norm_transient,
+                                f"{SO_FAR}, backward through layer {i}'s post-attention norm"))
         grads += mlp_grads + attn_grads
         attn_tail = prof.attn_tails[i] if prof.attn_tails else 0
         phases.append(Phase("backward",
                             base + live - prof.mlp_layers[i] - attn_tail + grads + resid + attn + dq,
                             f"{SO_FAR}, backward through layer {i}'s attention"))
+        saved_below -= prof.args_freed[i] if prof.args_freed else 0
     leaf = 2 * prof.input_leaf  # the embedding output made a leaf, and its gradient
     phases.append(Phase("backward", base + states.gradients + states.embedding_backward + leaf,
                         "end of backward: weights + optimizer states + all gradients + the embedding's "
