@@ -10,9 +10,12 @@ optimizer has used them. On top of them each phase holds something else:
 - backward, at the head: every saved activation plus two fp32 (tokens x vocab) gradients, the loss's
   and log-softmax's;
 - backward, layer by layer: what is still saved (checkpointing: the recomputed layer, and the
-  recompute's own forward peak), less what the ops after the MLP's activation and after attention's
-  core kept (used and freed first), the gradients produced so far, the layer's own transient
-  gradients (`activations.layer_backward_transients`) and, for QLoRA, one dequantised weight;
+  recompute's own forward peak, with the gradients that wait for it), less what the ops after the
+  MLP's activation and after attention's core kept (used and freed first), the gradients produced
+  so far, the layer's own transient gradients (`activations.layer_backward_transients`) and, for
+  QLoRA, one dequantised weight; a recomputed expert block's un-sort backward (`Graph.unsort`) and
+  Gemma-2's post-feedforward and post-attention norms (`activations.post_norm_backward`), whose
+  backward runs while the block before them is still saved;
 - end of backward: all gradients, the trained embedding's backward (`step.embedding_backward`: a
   tied embedding's two partial gradients being summed, or an untied one's incoming gradient), and
   under checkpointing the embedding output PEFT makes a leaf, with its gradient;
