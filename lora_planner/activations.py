@@ -108,6 +108,8 @@ class Graph:
     pending: dict[str, int] = field(default_factory=dict)
     # by section: what a recomputed expert block holds at its un-sort's backward (see `_moe`)
     unsort: dict[str, int] = field(default_factory=dict)
+    # by section: a trained expert block's gate/up backward, (saved bytes freed by then, transient)
+    up_backward: dict[str, tuple[int, int]] = field(default_factory=dict)
     section: str = ""
     _keys: itertools.count = field(default_factory=lambda: itertools.count(1))
     _section_bytes: dict[str, int] = field(default_factory=dict)
@@ -210,6 +212,11 @@ class Graph:
 
     def tail_end(self) -> None:
         self.tails.append(self._saved_total - self._tail_from)
+
+    def unsaved(self, *tensors: Tensor) -> int:
+        """Bytes of `tensors` no op has saved: alive here as arguments or results, freed later."""
+        keys = {t.key: t.nbytes for t in tensors if t.key not in self.saved}
+        return sum(keys.values())
 
     def peak_at(self, transient: int) -> None:
         """The layer's forward holds everything saved so far plus `transient` bytes here."""
@@ -370,7 +377,10 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
         t = g.unary(g.unary(f, "input"), "output")
         act = g.mul(g.new(f.numel, f.itemsize, f.grad), g.new(t.numel, t.itemsize, t.grad))
         g.tail_start()
-        m = g.dropout_op(g.linear(act, f"{p}.mlp.c_proj", inter, H), drop)
+        out = g.linear(act, f"{p}.mlp.c_proj", inter, H)
+        g.peak_at(g.unsaved(h, act, out))
+        m = g.dropout_op(out, drop)
+        g.peak_at(g.unsaved(h, out, m) if m is not out else 0)
         g.tail_end()
         return g.add(x, m)
     gemma = spec.family == "gemma2"
@@ -409,14 +419,17 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
             g.save(gu, act)
         m = g.new(gu.numel // 2, gu.itemsize, gu.grad)
         g.tail_start()
-        m = g.linear(m, f"{p}.mlp.down_proj", inter, H)
-        m = g.dropout_op(m, g.rates[1])  # resid_mlp_dropout
+        out = g.linear(m, f"{p}.mlp.down_proj", inter, H)
+        g.peak_at(g.unsaved(h, m, out))
+        m = g.dropout_op(out, g.rates[1])  # resid_mlp_dropout
+        g.peak_at(g.unsaved(h, out, m) if m is not out else 0)
     else:
         gate = g.linear(h, f"{p}.mlp.gate_proj", H, inter)
         up = g.linear(h, f"{p}.mlp.up_proj", H, inter)
         act = g.mul(g.unary(gate, "input"), up)
         g.tail_start()
         m = g.linear(act, f"{p}.mlp.down_proj", inter, H)
+        g.peak_at(g.unsaved(h, act, m))
     if gemma:
         m = g.rms_norm(m, f"{p}.post_feedforward_layernorm", H, True)
     if not spec.num_experts:  # the expert block records its own tail (`_moe`)
@@ -464,6 +477,10 @@ def _moe(g: Graph, spec: ModelSpec, p: str, h: Tensor) -> Tensor:
     # output (kept for the routing weights' gradient) and, when the experts train, the down
     # projection's input (kept for its weight's gradient) have been used and freed
     g.tails.append(rows * INT64 + rows * H * xb + (rows * inter * xb if experts_train else 0))
+    if experts_train:
+        # the gate/up grouped matmul's backward: its gradient and the gathered rows' (rows x hidden)
+        # beside the gate/up output's gradient; the gate/up output and the activation are used up
+        g.up_backward[layer] = (rows * 3 * inter * xb, rows * (2 * inter + H) * xb)
     return g.new(t * H, xb, True)
 
 
@@ -591,7 +608,8 @@ def layer_backward_transients(spec: ModelSpec, cond: Conditions) -> tuple[int, i
     t, cb = cond.tokens, cond.compute_bytes
     resid = t * spec.hidden_size * (FP32 if cond.autocast else cond.weight_bytes)
     rows = t * max(spec.experts_per_token, 1)
-    mlp = 3 * rows * spec.intermediate_size * cb
+    # grouped expert matmuls are not autocast: they run in the hidden states' (the weights') dtype
+    mlp = 3 * rows * spec.intermediate_size * (cond.weight_bytes if spec.num_experts else cb)
     qkv = t * (2 * spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim * cb
     attn_dropout = spec.dropout_rates[0] if cond.dropout is None else cond.dropout
     # torch's CPU math fallback (attention dropout) keeps the probabilities as eager does
@@ -681,6 +699,8 @@ class Profile:
     # Gemma-2's norms after attention and after the MLP: their backward runs while the block before
     # them is still saved (`post_norm_backward`); 0 for the other families
     post_norm_transient: int = 0
+    # per layer: a trained expert block's gate/up backward (`Graph.up_backward`), () without one
+    expert_up_backward: tuple[tuple[int, int], ...] = ()
     # per layer: checkpoint arguments no lower layer uses, freed when this layer's backward is done
     args_freed: tuple[int, ...] = ()
     # per layer: a recomputed expert block at its first backward op (`Graph.unsort`); 0 without experts
@@ -811,6 +831,8 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
         # sliding, global from layer 0); the checkpoint holding it lets go once that layer is done
         args_freed=tuple(mask if spec.family == "gemma2" and cond.attention == "eager" and i == 1
                          and cond.grad_checkpointing else 0 for i in range(spec.num_layers)),
+        expert_up_backward=tuple(g.up_backward.get(f"layer {i}", (0, 0)) for i in range(spec.num_layers))
+        if g.up_backward else (),
         recompute_unsort=tuple(g.unsort.get(f"layer {i}", 0) for i in range(spec.num_layers)),
         checkpointed=cond.grad_checkpointing,
         offloaded=cond.activation_offload,

@@ -127,6 +127,7 @@ def predict_step(spec: ModelSpec, setup: TrainSetup, precision: Precision, memor
     prefix = "transformer.h." if spec.family == "gpt2" else "model.layers."
     # (attention part, rest of the MLP part, the MLP's output projection)
     per_layer = [[0, 0, 0] for _ in range(spec.num_layers)]
+    expert_up = [0] * spec.num_layers
     head = 0
     for path, numel in by_path.items():
         if path.startswith(prefix):
@@ -134,6 +135,7 @@ def predict_step(spec: ModelSpec, setup: TrainSetup, precision: Precision, memor
             part = 2 if rest.startswith(MLP_OUTPUT) else 1 if rest.startswith(MLP_PART) else 0
             down = _experts_down_numel(arch, path, numel)
             per_layer[int(index)][2] += down * grad_bytes
+            expert_up[int(index)] += 2 * down * grad_bytes  # gate/up: twice the down projection
             per_layer[int(index)][part] += (numel - down) * grad_bytes
         elif path == arch.head_path or (arch.tied_head and path.endswith(("wte", "embed_tokens"))):
             head += numel * grad_bytes
@@ -154,6 +156,7 @@ def predict_step(spec: ModelSpec, setup: TrainSetup, precision: Precision, memor
         inputs=2 * cond.tokens * INT64,
         head_gradients=head,
         dequant_transient=dequant,
+        expert_up_gradients=tuple(expert_up),
         layer_gradients=tuple(tuple(parts) for parts in per_layer),
         embedding_backward=embedding_backward(embed_trains, arch.tied_head, head, prof.transients[0]),
         temporary_what=f"{impl} {setup.optimizer} temporary" if temp else f"{impl} {setup.optimizer}, "

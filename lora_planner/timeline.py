@@ -49,6 +49,8 @@ class States:
     embedding_backward: int = 0
     # QLoRA: the 16-bit copy of the NF4 weight being multiplied (`quant.dequant_transient_bytes`)
     dequant_transient: int = 0
+    # per decoder layer: the fused experts' gate/up gradient, made before the rest of the MLP part's
+    expert_up_gradients: tuple[int, ...] = ()
 
 
 # what every backward moment holds besides its own transients
@@ -123,6 +125,11 @@ def step_phases(states: States, prof: Profile, vocab: int, tokens: int) -> tuple
             phases.append(Phase("backward", base + live - prof.mlp_layers[i] + grads + mlp_grads + resid
                                 + prof.post_norm_transient,
                                 f"{SO_FAR}, backward through layer {i}'s post-attention norm"))
+        if prof.expert_up_backward and prof.expert_up_backward[i][1]:
+            freed, held = prof.expert_up_backward[i]
+            up = states.expert_up_gradients[i] if states.expert_up_gradients else 0
+            phases.append(Phase("backward", base + live - tail - freed + grads + up + resid + held,
+                                f"{SO_FAR}, backward through layer {i}'s expert gate/up projection"))
         grads += mlp_grads + attn_grads
         attn_tail = prof.attn_tails[i] if prof.attn_tails else 0
         phases.append(Phase("backward",
