@@ -111,6 +111,8 @@ class Graph:
     # by section: a trained expert block's gate/up backward, (saved bytes freed by then, transient)
     up_backward: dict[str, tuple[int, int]] = field(default_factory=dict)
     section: str = ""
+    # tensors a caller holds as arguments while the current block runs (the MLP's input)
+    args: tuple[Tensor, ...] = ()
     _keys: itertools.count = field(default_factory=lambda: itertools.count(1))
     _section_bytes: dict[str, int] = field(default_factory=dict)
     _saved_total: int = 0
@@ -262,9 +264,15 @@ class Graph:
         a = self.new(rows * rank, xa.itemsize, True)
         self.save(a)  # lora_B's input
         layer = self.section.removesuffix(" mlp")
-        # base output, lora_B's output and its scaled copy, on top of what the layer saved so far
+        # base output, lora_B's output and its scaled copy, on top of what the layer saved so far,
+        # its input and the block's when no op saved them. PEFT casts an input of another dtype to
+        # the adapter's (`_cast_input_dtype`) and that copy stays bound until the layer returns;
+        # the 16-bit copy autocast then makes of it is what lora_A saves, not the input itself.
+        recast = x.itemsize != self.cond.weight_bytes
         held = (self.saved_bytes(layer) + self.saved_bytes(f"{layer} mlp")
-                + 3 * rows * out_features * out.itemsize)
+                + 3 * rows * out_features * out.itemsize
+                + (x.numel * self.cond.weight_bytes + x.nbytes if recast else self.unsaved(x))
+                + self.unsaved(*(a for a in self.args if a.key != x.key)))
         self.forward_peaks[layer] = max(self.forward_peaks.get(layer, 0), held)
         if self.cond.autocast:
             self.save(self.new(rank * out_features, 2, False))
@@ -371,6 +379,7 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
         g.attn_tail_end()
         g.section += " mlp"
         h = g.layer_norm(x, f"{p}.ln_2", H)
+        g.args = (h,)
         f = g.linear(h, f"{p}.mlp.c_fc", H, inter)
         # NewGELU: 0.5 * f * (1 + tanh(c * (f + 0.044715 f^3))): pow keeps f, tanh its output, the last
         # product both factors
@@ -382,6 +391,7 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
         m = g.dropout_op(out, drop)
         g.peak_at(g.unsaved(h, out, m) if m is not out else 0)
         g.tail_end()
+        g.args = ()
         return g.add(x, m)
     gemma = spec.family == "gemma2"
     h = g.rms_norm(x, f"{p}.input_layernorm", H, gemma)
@@ -409,6 +419,7 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
     g.section += " mlp"
     h = g.rms_norm(x, f"{p}.pre_feedforward_layernorm" if gemma else f"{p}.post_attention_layernorm",
                    H, gemma)
+    g.args = (h,)
     if spec.num_experts:
         m = _moe(g, spec, p, h)
     elif spec.family == "phi3":
@@ -434,6 +445,7 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
         m = g.rms_norm(m, f"{p}.post_feedforward_layernorm", H, True)
     if not spec.num_experts:  # the expert block records its own tail (`_moe`)
         g.tail_end()
+    g.args = ()
     return g.add(x, m)
 
 
