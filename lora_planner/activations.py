@@ -106,7 +106,16 @@ class Graph:
     # layers whose q, k and v need none (their backward does not run at all)
     no_input_grad_params: int = 0
     attention_without_grad: int = 0
+    # by section: gradients backward has made and still holds when it first needs the layer's saved
+    # tensors (beyond the residual stream's), alive through a checkpointed layer's recompute
+    pending: dict[str, int] = field(default_factory=dict)
+    # by section: what a recomputed expert block holds at its un-sort's backward (see `_moe`)
+    unsort: dict[str, int] = field(default_factory=dict)
+    # by section: a trained expert block's gate/up backward, (saved bytes freed by then, transient)
+    up_backward: dict[str, tuple[int, int]] = field(default_factory=dict)
     section: str = ""
+    # tensors a caller holds as arguments while the current block runs (the MLP's input)
+    args: tuple[Tensor, ...] = ()
     _keys: itertools.count = field(default_factory=lambda: itertools.count(1))
     _section_bytes: dict[str, int] = field(default_factory=dict)
     _saved_total: int = 0
@@ -209,6 +218,17 @@ class Graph:
     def tail_end(self) -> None:
         self.tails.append(self._saved_total - self._tail_from)
 
+    def unsaved(self, *tensors: Tensor) -> int:
+        """Bytes of `tensors` no op has saved: alive here as arguments or results, freed later."""
+        keys = {t.key: t.nbytes for t in tensors if t.key not in self.saved}
+        return sum(keys.values())
+
+    def peak_at(self, transient: int) -> None:
+        """The layer's forward holds everything saved so far plus `transient` bytes here."""
+        layer = self.section.removesuffix(" mlp")
+        held = self.saved_bytes(layer) + self.saved_bytes(f"{layer} mlp") + transient
+        self.forward_peaks[layer] = max(self.forward_peaks.get(layer, 0), held)
+
     def cached(self, nbytes: int, saved: bool) -> None:
         """A 16-bit copy of a trained parameter: autocast keeps it until forward ends."""
         entry = self.cache.setdefault(self.section, [0, 0])
@@ -247,9 +267,15 @@ class Graph:
         a = self.new(rows * rank, xa.itemsize, True)
         self.save(a)  # lora_B's input
         layer = self.section.removesuffix(" mlp")
-        # base output, lora_B's output and its scaled copy, on top of what the layer saved so far
+        # base output, lora_B's output and its scaled copy, on top of what the layer saved so far,
+        # its input and the block's when no op saved them. PEFT casts an input of another dtype to
+        # the adapter's (`_cast_input_dtype`) and that copy stays bound until the layer returns;
+        # the 16-bit copy autocast then makes of it is what lora_A saves, not the input itself.
+        recast = x.itemsize != self.cond.weight_bytes
         held = (self.saved_bytes(layer) + self.saved_bytes(f"{layer} mlp")
-                + 3 * rows * out_features * out.itemsize)
+                + 3 * rows * out_features * out.itemsize
+                + (x.numel * self.cond.weight_bytes + x.nbytes if recast else self.unsaved(x))
+                + self.unsaved(*(a for a in self.args if a.key != x.key)))
         self.forward_peaks[layer] = max(self.forward_peaks.get(layer, 0), held)
         if self.cond.autocast:
             self.save(self.new(rank * out_features, 2, False))
@@ -378,14 +404,19 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
         g.attn_tail_end()
         g.section += " mlp"
         h = g.layer_norm(x, f"{p}.ln_2", H)
+        g.args = (h,)
         f = g.linear(h, f"{p}.mlp.c_fc", H, inter)
         # NewGELU: 0.5 * f * (1 + tanh(c * (f + 0.044715 f^3))): pow keeps f, tanh its output, the last
         # product both factors
         t = g.unary(g.unary(f, "input"), "output")
         act = g.mul(g.new(f.numel, f.itemsize, f.grad), g.new(t.numel, t.itemsize, t.grad))
         g.tail_start()
-        m = g.dropout_op(g.linear(act, f"{p}.mlp.c_proj", inter, H), drop)
+        out = g.linear(act, f"{p}.mlp.c_proj", inter, H)
+        g.peak_at(g.unsaved(h, act, out))
+        m = g.dropout_op(out, drop)
+        g.peak_at(g.unsaved(h, out, m) if m is not out else 0)
         g.tail_end()
+        g.args = ()
         return g.add(x, m)
     gemma = spec.family == "gemma2"
     h = g.rms_norm(x, f"{p}.input_layernorm", H, gemma)
@@ -413,6 +444,7 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
     g.section += " mlp"
     h = g.rms_norm(x, f"{p}.pre_feedforward_layernorm" if gemma else f"{p}.post_attention_layernorm",
                    H, gemma)
+    g.args = (h,)
     if spec.num_experts:
         m = _moe(g, spec, p, h)
     elif spec.family == "phi3":
@@ -423,20 +455,22 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
             g.save(gu, act)
         m = g.new(gu.numel // 2, gu.itemsize, gu.grad)
         g.tail_start()
-        m = g.linear(m, f"{p}.mlp.down_proj", inter, H)
-        m = g.dropout_op(m, g.rates[1])  # resid_mlp_dropout
+        out = g.linear(m, f"{p}.mlp.down_proj", inter, H)
+        g.peak_at(g.unsaved(h, m, out))
+        m = g.dropout_op(out, g.rates[1])  # resid_mlp_dropout
+        g.peak_at(g.unsaved(h, out, m) if m is not out else 0)
     else:
         gate = g.linear(h, f"{p}.mlp.gate_proj", H, inter)
         up = g.linear(h, f"{p}.mlp.up_proj", H, inter)
         act = g.mul(g.unary(gate, "input"), up)
         g.tail_start()
         m = g.linear(act, f"{p}.mlp.down_proj", inter, H)
+        g.peak_at(g.unsaved(h, act, m))
     if gemma:
         m = g.rms_norm(m, f"{p}.post_feedforward_layernorm", H, True)
-    if spec.num_experts:
-        g.tails.append(0)  # the expert block's transient keeps its own count (see layer_backward_transients)
-    else:
+    if not spec.num_experts:  # the expert block records its own tail (`_moe`)
         g.tail_end()
+    g.args = ()
     return g.add(x, m)
 
 
@@ -494,6 +528,25 @@ def _moe(g: Graph, spec: ModelSpec, p: str, h: Tensor) -> Tensor:
         g.save(g.new(E * H * inter, wb, True))  # the merged down weight
     if logits.grad:
         g.save(g.new(rows * H, xb, True))  # the down output
+    local = moe_locals(t, rows, E, 0 if h.key in g.saved else h.nbytes, logits.itemsize)
+    g.peak_at(moe_down_transient(rows, H, inter, xb, up_trains, down_trains) + local)
+    # a checkpointed block's first backward op, the un-sort's, holds the recomputed saved set, its
+    # incoming gradient (`pending`), a zeroed (rows x hidden) buffer and its scattered copy; the
+    # recompute's locals are gone by then, the sorted expert ids with them
+    layer = g.section.removesuffix(" mlp")
+    g.unsort[layer] = g.saved_bytes(layer) + g.saved_bytes(f"{layer} mlp") - rows * INT64 + 2 * rows * H * xb
+    # backward reaches the block's saved tensors through the un-sort, after the sum over top-k has
+    # handed back a (rows x hidden) gradient: it waits through the recompute
+    g.pending[layer] = rows * H * xb
+    # by the gated product's backward (the MLP's peak), the un-sort's inverse permutation, the down
+    # output (kept for the routing weights' gradient) and the down projection's input (kept for its
+    # weight's gradient) have been used and freed
+    g.tails.append(rows * INT64 + (rows * H * xb if logits.grad else 0)
+                   + (rows * inter * xb if down_trains else 0))
+    if full:
+        # the gate/up grouped matmul's backward: its gradient and the gathered rows' (rows x hidden)
+        # beside the gate/up output's gradient; the gate/up output and the activation are used up
+        g.up_backward[layer] = (rows * 3 * inter * xb, rows * (2 * inter + H) * xb)
     g.expert_backward.append(merged_weight_backward(spec, rows, xb, wb, up_lora, down_lora, h.grad,
                                                     up_grad, down_trains, logits.grad))
     return g.new(t * H, xb, True)
@@ -529,6 +582,31 @@ def merged_weight_backward(spec: ModelSpec, rows: int, xb: int, wb: int, up_lora
         up = (rows * 2 * inter * xb + E * 2 * inter * H * wb + (rows * H * xb if input_grad else 0)
               - freed - combined)
     return max(down, up, 0)
+
+
+def moe_down_transient(rows: int, hidden: int, inter: int, itemsize: int, up_trains: bool,
+                       down_trains: bool) -> int:
+    """What the expert block holds beyond its saved tensors at its peak, the down grouped matmul.
+
+    The gathered input rows (rows x hidden) and the gated activation that the down projection reads
+    (rows x intermediate) are local variables alive until the block returns; when the gate/up (the
+    down) weights train, fully or through an adapter, the rows (the activation) are saved already,
+    otherwise they are transients. Assumption: transformers 5's grouped_mm experts
+    (`integrations/moe.py`), rows = tokens x top-k, in the hidden states' dtype.
+    """
+    return ((0 if up_trains else rows * hidden) + (0 if down_trains else rows * inter)) * itemsize
+
+
+def moe_locals(tokens: int, rows: int, experts: int, block_input: int, logits_itemsize: int) -> int:
+    """Unsaved tensors the sparse block's forward keeps in local variables until it returns.
+
+    The block's input (`block_input`: its bytes when no op saved it), the router logits (returned and
+    bound to `_`, tokens x experts in the router's compute dtype), the top-k routing weights before
+    their in-place normalisation was recorded (rows fp32; autograd saved a clone), the float copy of
+    the sorted expert ids `histc` counts (rows x 4 B) and its per-expert counts (experts x 4 B).
+    Source: transformers 5 `MixtralSparseMoeBlock.forward` and `grouped_mm_experts_forward`.
+    """
+    return block_input + tokens * experts * logits_itemsize + rows * FP32 + rows * 4 + experts * 4
 
 
 def head_and_loss(g: Graph, spec: ModelSpec, h: Tensor, head: str) -> tuple[Tensor, int, int]:
@@ -632,7 +710,8 @@ def layer_backward_transients(spec: ModelSpec, cond: Conditions) -> tuple[int, i
     t, cb = cond.tokens, cond.compute_bytes
     resid = t * spec.hidden_size * (FP32 if cond.autocast else cond.weight_bytes)
     rows = t * max(spec.experts_per_token, 1)
-    mlp = 3 * rows * spec.intermediate_size * cb
+    # grouped expert matmuls are not autocast: they run in the hidden states' (the weights') dtype
+    mlp = 3 * rows * spec.intermediate_size * (cond.weight_bytes if spec.num_experts else cb)
     qkv = t * (2 * spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim * cb
     attn_dropout = spec.dropout_rates[0] if cond.dropout is None else cond.dropout
     # torch's CPU math fallback (attention dropout) keeps the probabilities as eager does
@@ -646,6 +725,18 @@ def layer_backward_transients(spec: ModelSpec, cond: Conditions) -> tuple[int, i
     else:
         attn = qkv
     return resid, mlp, attn
+
+
+def post_norm_backward(tokens: int, hidden: int, weight_trains: bool) -> int:
+    """Gradients alive at once in the backward of Gemma-2's RMSNorm, beyond the incoming one.
+
+    The norm computes in fp32: y = (h * rsqrt(mean(h^2) + eps)) * (1 + w), h = x.float(). At the
+    backward of h^2 five (tokens x hidden) fp32 tensors are alive: h's gradient through the scaling,
+    the mean's gradient spread over the row, and pow's backward (h^1, and two products). When w
+    trains, the normalised h it saved for w's gradient has been used and freed by then: one fewer.
+    Assumption: transformers 5's `Gemma2RMSNorm`, autograd's decomposition of pow / mean / mul.
+    """
+    return (4 if weight_trains else 5) * tokens * hidden * FP32
 
 
 @dataclass(frozen=True)
@@ -664,7 +755,9 @@ class Profile:
     embedding: int
     layers: tuple[int, ...]
     layer_inputs: tuple[int, ...]
-    input_saved_by_layer: tuple[int, ...]  # the part of `layers[i]` that is the layer's own input
+    # the part of `layers[i]` alive anyway under checkpointing: the layer's own input, and the rotary
+    # cos and sin the first rotary layer saves (also checkpoint arguments)
+    input_saved_by_layer: tuple[int, ...]
     head: int
     logits: int
     logits_fp32: int
@@ -704,6 +797,17 @@ class Profile:
     # checkpointed layer is recomputed
     recompute_peaks: tuple[int, ...] = ()
     expert_backward: tuple[int, ...] = ()  # per layer, ParamWrapper'd experts (`merged_weight_backward`)
+    # per layer: gradients alive through its recompute besides the residual stream's (`Graph.pending`)
+    recompute_pending: tuple[int, ...] = ()
+    # Gemma-2's norms after attention and after the MLP: their backward runs while the block before
+    # them is still saved (`post_norm_backward`); 0 for the other families
+    post_norm_transient: int = 0
+    # per layer: a trained expert block's gate/up backward (`Graph.up_backward`), () without one
+    expert_up_backward: tuple[tuple[int, int], ...] = ()
+    # per layer: checkpoint arguments no lower layer uses, freed when this layer's backward is done
+    args_freed: tuple[int, ...] = ()
+    # per layer: a recomputed expert block at its first backward op (`Graph.unsort`); 0 without experts
+    recompute_unsort: tuple[int, ...] = ()
     # backward work not done (see `Graph.no_input_grad_params`); `cost` takes it off the FLOPs
     no_input_grad_params: int = 0
     attention_without_grad: int = 0
@@ -771,6 +875,10 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
         kept = g.saved.get(x_in.key)
         inputs.append(x_in.nbytes)
         overlap.append(x_in.nbytes if kept and kept[1].startswith(f"layer {i}") else 0)
+        # the rotary cos and sin are saved once, by the first layer that uses them; a checkpointed
+        # layer keeps them among its arguments (`checkpoint_args`) already
+        overlap[-1] += sum(r.nbytes for r in rot or ()
+                           if g.saved.get(r.key, (0, ""))[1].startswith(f"layer {i}"))
         mlps.append(g.saved_bytes(f"layer {i} mlp"))
         layers.append(g.saved_bytes(f"layer {i}") + mlps[-1])
     g.section = "head"
@@ -820,6 +928,16 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
         no_input_grad_params=g.no_input_grad_params,
         attention_without_grad=g.attention_without_grad,
         recompute_peaks=tuple(g.forward_peaks.get(f"layer {i}", 0) for i in range(spec.num_layers)),
+        recompute_pending=tuple(g.pending.get(f"layer {i}", 0) for i in range(spec.num_layers)),
+        post_norm_transient=post_norm_backward(cond.tokens, H, any(
+            p.endswith("post_feedforward_layernorm") for p in trainable)) if spec.family == "gemma2" else 0,
+        # Gemma-2's global-attention mask: its last user in backward is layer 1 (layers alternate
+        # sliding, global from layer 0); the checkpoint holding it lets go once that layer is done
+        args_freed=tuple(mask if spec.family == "gemma2" and cond.attention == "eager" and i == 1
+                         and cond.grad_checkpointing else 0 for i in range(spec.num_layers)),
+        expert_up_backward=tuple(g.up_backward.get(f"layer {i}", (0, 0)) for i in range(spec.num_layers))
+        if g.up_backward else (),
+        recompute_unsort=tuple(g.unsort.get(f"layer {i}", 0) for i in range(spec.num_layers)),
         checkpointed=cond.grad_checkpointing,
         offloaded=cond.activation_offload,
         # a chunked or fused loss counts the head's input alive through the loss itself (`head_and_loss`)

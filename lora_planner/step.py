@@ -82,6 +82,15 @@ def _training(spec: ModelSpec, setup: TrainSetup,
     return wrapped, saved, by_path
 
 
+def _experts_down_numel(arch: Architecture, path: str, numel: int) -> int:
+    """The fused experts' down projection, when all of an expert block trains: its gradient comes
+    first in the block's backward, like a dense MLP's output projection (0 for any other module)."""
+    module = next((m for m in arch.modules if m.path == path and m.kind == "experts"), None)
+    if module is None or numel != module.numel:
+        return 0
+    return sum(p.numel for p in module.params if p.name.endswith(".down_proj"))
+
+
 def embedding_backward(trains: bool, tied: bool, head_gradients: int, incoming: int) -> int:
     """Bytes beyond all gradients as backward ends, in the trained token embedding's backward.
 
@@ -131,12 +140,16 @@ def predict_step(spec: ModelSpec, setup: TrainSetup, precision: Precision, memor
     prefix = "transformer.h." if spec.family == "gpt2" else "model.layers."
     # (attention part, rest of the MLP part, the MLP's output projection)
     per_layer = [[0, 0, 0] for _ in range(spec.num_layers)]
+    expert_up = [0] * spec.num_layers
     head = 0
     for path, numel in by_path.items():
         if path.startswith(prefix):
             index, _, rest = path[len(prefix):].partition(".")
             part = 2 if rest.startswith(MLP_OUTPUT) else 1 if rest.startswith(MLP_PART) else 0
-            per_layer[int(index)][part] += numel * grad_bytes
+            down = _experts_down_numel(arch, path, numel)
+            per_layer[int(index)][2] += down * grad_bytes
+            expert_up[int(index)] += 2 * down * grad_bytes  # gate/up: twice the down projection
+            per_layer[int(index)][part] += (numel - down) * grad_bytes
         elif path == arch.head_path or (arch.tied_head and path.endswith(("wte", "embed_tokens"))):
             head += numel * grad_bytes
     embed_trains = any(path.endswith(("wte", "embed_tokens")) for path in by_path)
@@ -160,6 +173,7 @@ def predict_step(spec: ModelSpec, setup: TrainSetup, precision: Precision, memor
         inputs=2 * cond.tokens * INT64,
         head_gradients=head,
         dequant_transient=dequant,
+        expert_up_gradients=tuple(expert_up),
         layer_gradients=tuple(tuple(parts) for parts in per_layer),
         embedding_backward=embedding_backward(embed_trains, arch.tied_head, head, prof.transients[0]),
         temporary_what=f"{kernel}{setup.optimizer} temporary" if temp else f"{kernel}{setup.optimizer}, "

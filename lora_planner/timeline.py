@@ -10,9 +10,12 @@ optimizer has used them. On top of them each phase holds something else:
 - backward, at the head: every saved activation plus two fp32 (tokens x vocab) gradients, the loss's
   and log-softmax's;
 - backward, layer by layer: what is still saved (checkpointing: the recomputed layer, and the
-  recompute's own forward peak), less what the ops after the MLP's activation and after attention's
-  core kept (used and freed first), the gradients produced so far, the layer's own transient
-  gradients (`activations.layer_backward_transients`) and, for QLoRA, one dequantised weight;
+  recompute's own forward peak, with the gradients that wait for it), less what the ops after the
+  MLP's activation and after attention's core kept (used and freed first), the gradients produced
+  so far, the layer's own transient gradients (`activations.layer_backward_transients`) and, for
+  QLoRA, one dequantised weight; a recomputed expert block's un-sort backward (`Graph.unsort`) and
+  Gemma-2's post-feedforward and post-attention norms (`activations.post_norm_backward`), whose
+  backward runs while the block before them is still saved;
 - end of backward: all gradients, the trained embedding's backward (`step.embedding_backward`: a
   tied embedding's two partial gradients being summed, or an untied one's incoming gradient), and
   under checkpointing the embedding output PEFT makes a leaf, with its gradient;
@@ -46,6 +49,8 @@ class States:
     embedding_backward: int = 0
     # QLoRA: the 16-bit copy of the NF4 weight being multiplied (`quant.dequant_transient_bytes`)
     dequant_transient: int = 0
+    # per decoder layer: the fused experts' gate/up gradient, made before the rest of the MLP part's
+    expert_up_gradients: tuple[int, ...] = ()
 
 
 # what every backward moment holds besides its own transients
@@ -84,7 +89,9 @@ def step_phases(states: States, prof: Profile, vocab: int, tokens: int) -> tuple
     resid, mlp, attn = prof.transients
     for i in reversed(range(n)):
         attn_grads, mlp_grads, out_grads = states.layer_gradients[i]
-        grads += out_grads
+        # a checkpointed layer is recomputed when backward first needs one of its saved tensors:
+        # before its output projection's gradient exists
+        pending = prof.recompute_pending[i] if prof.recompute_pending else 0
         if prof.checkpointed:
             saved_below -= prof.layer_inputs[i]
             live = saved_below + prof.layers[i] + prof.layer_inputs[i] - prof.input_saved_by_layer[i]
@@ -94,24 +101,46 @@ def step_phases(states: States, prof: Profile, vocab: int, tokens: int) -> tuple
             if prof.recompute_peaks and prof.recompute_peaks[i]:
                 held = (saved_below + prof.layer_inputs[i] - prof.input_saved_by_layer[i]
                         + prof.recompute_peaks[i])
-                phases.append(Phase("backward", base + held + grads + resid,
+                phases.append(Phase("backward", base + held + grads + resid + pending,
                                     f"{SO_FAR}, recomputing layer {i}'s forward"))
+            if prof.recompute_unsort and prof.recompute_unsort[i]:
+                held = (saved_below + prof.layer_inputs[i] - prof.input_saved_by_layer[i]
+                        + prof.recompute_unsort[i])
+                phases.append(Phase("backward", base + held + grads + resid + pending,
+                                    f"{SO_FAR}, backward through layer {i}'s expert un-sort"))
         else:
             live = saved_below
             saved_below -= prof.layers[i]
+        if prof.post_norm_transient:
+            phases.append(Phase("backward", base + live + grads + resid + prof.post_norm_transient,
+                                f"{SO_FAR}, backward through layer {i}'s post-feedforward norm"))
+        grads += out_grads
         # the MLP's backward runs first, with the whole layer still saved; by the attention's, the
         # MLP's saved tensors are gone
         tail = prof.mlp_tails[i] if prof.mlp_tails else 0
         dq = states.dequant_transient
-        # LoRA on fused experts (PEFT's ParamWrapper): a merged weight's full gradient, if larger
-        mlp_i = max(mlp, prof.expert_backward[i]) if prof.expert_backward else mlp
-        phases.append(Phase("backward", base + live - tail + grads + resid + mlp_i + dq,
+        mlp_held = mlp - tail  # beyond what the layer saved
+        if prof.expert_backward and prof.expert_backward[i]:
+            # LoRA on fused experts (PEFT's ParamWrapper): a merged weight's full gradient, when larger
+            # (`merged_weight_backward` counts what is freed by then itself)
+            mlp_held = max(mlp_held, prof.expert_backward[i])
+        phases.append(Phase("backward", base + live + grads + resid + mlp_held + dq,
                             f"{SO_FAR}, backward through layer {i}'s MLP"))
+        if prof.post_norm_transient:
+            phases.append(Phase("backward", base + live - prof.mlp_layers[i] + grads + mlp_grads + resid
+                                + prof.post_norm_transient,
+                                f"{SO_FAR}, backward through layer {i}'s post-attention norm"))
+        if prof.expert_up_backward and prof.expert_up_backward[i][1]:
+            freed, held = prof.expert_up_backward[i]
+            up = states.expert_up_gradients[i] if states.expert_up_gradients else 0
+            phases.append(Phase("backward", base + live - tail - freed + grads + up + resid + held,
+                                f"{SO_FAR}, backward through layer {i}'s expert gate/up projection"))
         grads += mlp_grads + attn_grads
         attn_tail = prof.attn_tails[i] if prof.attn_tails else 0
         phases.append(Phase("backward",
                             base + live - prof.mlp_layers[i] - attn_tail + grads + resid + attn + dq,
                             f"{SO_FAR}, backward through layer {i}'s attention"))
+        saved_below -= prof.args_freed[i] if prof.args_freed else 0
     leaf = 2 * prof.input_leaf  # the embedding output made a leaf, and its gradient
     phases.append(Phase("backward", base + states.gradients + states.embedding_backward + leaf,
                         "end of backward: weights + optimizer states + all gradients + the embedding's "

@@ -22,20 +22,9 @@ from lora_planner.measure.traced_step import trace  # noqa: E402
 
 # Cases the timeline still misses by more than 2%, each with its own bound (the miss recorded in
 # results/trace/step-grid-cpu.jsonl, rounded up): the activation terms are asserted exact for them as
-# for every case, and the peak within the bound, so a regression shows. All are checkpointed: the
-# recomputed forward of a Gemma-2 layer (soft-capped eager scores) or of Mixtral's expert block
-# holds transients the timeline does not list (gathered rows, grouped-matmul outputs), or frees
-# listed ones earlier.
-KNOWN: dict[tuple, float] = {
-    ("tiny-gemma2", "full", "fp32", 1, 128, "eager", True): 0.03,
-    ("tiny-gemma2", "full", "amp", 4, 64, "eager", True): 0.04,
-    ("tiny-gemma2", "lora", "amp", 1, 128, "eager", True): 0.05,
-    ("tiny-mixtral", "full", "fp32", 4, 64, "sdpa", True): 0.04,
-    ("tiny-mixtral", "full", "fp32", 4, 64, "eager", True): 0.04,
-    ("tiny-mixtral", "lora", "fp32", 4, 64, "sdpa", True): 0.025,
-    ("tiny-mixtral", "lora", "amp", 1, 128, "eager", True): 0.06,
-    ("tiny-mixtral", "lora", "amp", 4, 64, "eager", True): 0.08,
-}
+# for every case, and the peak within the bound, so a regression shows. None at present: the
+# checkpointed backward (recomputed expert blocks, Gemma-2's post-norms) is modelled moment by moment.
+KNOWN: dict[tuple, float] = {}
 
 
 def _key(spec, s):
