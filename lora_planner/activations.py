@@ -799,6 +799,10 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
     # A checkpointed layer also keeps its other arguments: the attention mask its kind of layer gets
     # (eager) and, for rotary families, cos, sin and the position ids.
     shared = eager_mask + (0 if rot is None else 2 * rot[0].nbytes + cond.seq_len * INT64)
+    if cond.attention == "sdpa" and any(spec.sliding_layer(i) and cond.seq_len >= (spec.sliding_window or 0)
+                                        for i in range(spec.num_layers)):
+        # SDPA's sliding-window mask: boolean (1, 1, s, s), expanded over the batch without a copy
+        shared += cond.seq_len * cond.seq_len
     return Profile(
         embedding=g.saved_bytes("embedding"),
         layers=tuple(layers),
