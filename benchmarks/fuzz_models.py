@@ -10,6 +10,7 @@ transformers, so the two sides share nothing but the file.
 
     python benchmarks/fuzz_models.py --seeds 0:200            # one line per case, worst error last
     python benchmarks/fuzz_models.py --seeds 0:1000 --jsonl results/trace/fuzz-cpu.jsonl
+    python benchmarks/fuzz_models.py --seeds 0:1060 --known tests/fuzz_known.json  # the known misses
 """
 
 from __future__ import annotations
@@ -160,6 +161,30 @@ def run_case(case: Case):
     return trace(spec, case.setup, fake=case.fake, seed=case.seed, hf_config=case.build_config())
 
 
+# the tests' peak tolerance: the default suite (seeds below 60) within 1%, the slow one within 2%
+FAST_SEEDS, FAST_TOLERANCE, SLOW_TOLERANCE = 60, 0.01, 0.02
+
+
+def known_entry(case: Case, result) -> dict | None:
+    """The case's line in `tests/fuzz_known.json` when it misses the tests' tolerance or traces its
+    activations inexactly: each |error| rounded up to 0.5%, and why (the phases, or checkpointing)."""
+    err = result.errors()
+    tolerance = FAST_TOLERANCE if case.seed < FAST_SEEDS else SLOW_TOLERANCE
+    exact = result.predicted["activations"] == result.traced["activations"]
+    if abs(err["peak"]) <= tolerance and exact:
+        return None
+    why = [] if exact else ["activation walk misses a tensor"]
+    if abs(err["peak"]) > tolerance:
+        why.append("checkpointed recompute transients" if case.setup.grad_checkpointing else
+                   f"peak in {result.traced_phase}, predicted {result.predicted_phase}")
+
+    def up(x: float) -> float:
+        return round(-(-abs(x) // 0.005) * 0.005, 3)
+
+    return {"activations": 0.0 if exact else up(err["activations"]), "case": case.label,
+            "peak": up(err["peak"]), "why": "; ".join(why)}
+
+
 def _seeds(text: str) -> range:
     start, _, stop = text.partition(":")
     return range(int(start), int(stop)) if stop else range(int(start), int(start) + 1)
@@ -170,7 +195,10 @@ def main() -> int:
     ap.add_argument("--seeds", default="0:60", help="a range START:STOP of seeds, or one seed")
     ap.add_argument("--jsonl", help="also write one JSON object per case to this file")
     ap.add_argument("--over", type=float, default=0.01, help="list cases whose peak misses by more")
+    ap.add_argument("--known", help="write the run's misses beyond the tests' tolerances to this JSON "
+                                    "file (tests/fuzz_known.json's format)")
     args = ap.parse_args()
+    known: dict[str, dict] = {}
     out = open(args.jsonl, "a") if args.jsonl else None
     origin = None
     if out:
@@ -191,6 +219,9 @@ def main() -> int:
               f"[{time.perf_counter() - start:.1f}s]", flush=True)
         if abs(err["peak"]) > args.over or not exact:
             misses.append(case.label)
+        entry = known_entry(case, r)
+        if entry:
+            known[str(seed)] = entry
         if out:
             out.write(json.dumps({"case": case.label, "config": case.config,
                                   "setup": replace(case.setup).__dict__, **r.to_dict(),
@@ -200,6 +231,9 @@ def main() -> int:
           f"{args.over:.1%} or with inexact activations")
     for label in misses:
         print("  ", label)
+    if args.known:
+        with open(args.known, "w") as f:
+            json.dump(known, f, indent=1)  # seeds in run order, each entry's keys sorted
     return 0
 
 

@@ -259,7 +259,10 @@ class Graph:
         out = self.new(rows * out_features, xin.itemsize, x.grad or trains)
         if rank is None:
             return out
-        xd = self.dropout_op(x, self.cond.lora_dropout)
+        # PEFT casts the adapter's input to lora_A's dtype first: under autocast the adapters are fp32,
+        # so a 16-bit input (attention's output, the MLP's product) makes a fp32 copy, and lora_A's
+        # autocast a new 16-bit copy of that, which it keeps
+        xd = self.dropout_op(self.cast(x, FP32) if self.cond.autocast else x, self.cond.lora_dropout)
         xa = self.cast(xd, 2) if self.cond.autocast else xd
         self.save(xa)  # lora_A's weight trains
         if self.cond.autocast and xd.grad:
@@ -308,7 +311,7 @@ class Graph:
     # --- attention ------------------------------------------------------------------------------
     def attention(self, q: Tensor, k: Tensor, v: Tensor, heads: int, kv_heads: int, head_dim: int,
                   attn_dropout: float, softcap: bool = False, contiguous_q: bool = False,
-                  fused: Tensor | None = None, softmax_fp32: bool = True) -> Tensor:
+                  fused: Tensor | None = None, softmax_fp32: bool = True, masked: bool = False) -> Tensor:
         """Attention over projected (and rotated) q, k, v; returns the (b, s, heads * head_dim) output
         as o_proj reads it.
 
@@ -316,37 +319,57 @@ class Graph:
         k and v stay at kv_heads (GQA handled in the kernel). Eager attention and torch's math
         fallback keep contiguous copies of q, k and v at `heads`, the s x s softmax output (fp32 for
         eager), its 16-bit copy and, with dropout, the mask and the dropped probabilities.
+        `masked`: SDPA is given an explicit mask (a sliding window no longer than the sequence), see
+        `sdpa_mask_bytes`.
         """
         b, s = self.cond.batch_size, self.cond.seq_len
         grad = q.grad or k.grad or v.grad
         self.attention_without_grad += not grad
         q_in, v_in = q.itemsize, v.itemsize  # before autocast: what `.to(query.dtype)` casts back to
-        if self.cond.autocast:
-            q, k, v = self.cast(q, 2), self.cast(k, 2), self.cast(v, 2)
-        cb = max(q.itemsize, v.itemsize)
         full = b * heads * s * head_dim
         probs = b * heads * s * s
         flash = self.cond.attention == "sdpa" and not (self.cond.device == "cpu" and attn_dropout > 0)
+        # with a mask transformers does not ask SDPA for grouped-query attention: it repeats k and v
+        # to every head (`repeat_kv`). From several k/v heads that is a copy; from one it stays an
+        # expanded view of the original, until autocast's cast copies it at full size.
+        repeat = flash and masked and kv_heads < heads
+        if repeat and kv_heads > 1:
+            k, v = self.new(full, k.itemsize, k.grad), self.new(full, v.itemsize, v.grad)
+        k_in, v_in_t = k, v
+        if self.cond.autocast:
+            q = self.cast(q, 2)
+            k, v = ((self.new(full, 2, t.grad) if repeat and t.itemsize != 2 else self.cast(t, 2))
+                    for t in (k, v))
+        cb = max(q.itemsize, v.itemsize)
         if flash:
             out = self.new(full, cb, grad)
+            lse = b * heads * s * FP32
+            if masked:
+                mask, lse = sdpa_mask_bytes(b, heads, s, cb, self.cond.device)
+                if grad:
+                    self.save(self.new(mask, 1, False))
             if grad:
-                self.save(q, k, v, out, self.new(b * heads * s, FP32, False))
+                self.save(q, k, v, out, self.new(lse, 1, False))
             self.attn_tail_start()
             # the kernel lays its output out like q: when q is (b, heads, s, d)-contiguous (Phi-3's
-            # rotary concatenates), o_proj's (b, s, heads * d) view needs a copy
-            return self.new(full, cb, grad) if contiguous_q else out
+            # rotary concatenates), o_proj's (b, s, heads * d) view needs a copy, unless one head
+            # or one position makes it a view
+            return self.new(full, cb, grad) if contiguous_q and heads > 1 and s > 1 else out
         eager = self.cond.attention == "eager"
         if not eager:
             cb = FP32  # torch's CPU math kernel computes in fp32 whatever the input dtype
         qc, kc, vc = (self.new(full, cb, t.grad) for t in (q, k, v))  # contiguous (repeated) copies
-        if eager and kv_heads == 1 and heads > 1 and b == 1 and fused is None and not self.cond.autocast:
+        if eager and kv_heads == 1 and heads > 1 and b == 1:
             # one k/v head and one sequence: repeat_kv's expand-and-reshape, and matmul's batching of
-            # it, stay views, so k and v are kept as they are
-            kc, vc = k, v
-        if fused is not None and b == 1 and vc.itemsize == fused.itemsize:
-            # one sequence: slices of the fused projection reshape for bmm without a copy, and
-            # keeping one keeps the whole fused output (eager uses q and k so too; the math
-            # kernel scales copies of them)
+            # it, stay views, so k and v are kept as they are, unless autocast's cast copies one (at
+            # every head: the cast of an expanded view is laid out in full)
+            kc = k if k is k_in else kc
+            vc = v if v is v_in_t else vc
+        if (fused is not None and (b == 1 or heads == 1) and vc.itemsize == fused.itemsize
+                and kv_heads in (1, heads)):
+            # one sequence (or one head): slices of the fused projection reshape for bmm without a
+            # copy, and keeping one keeps the whole fused output (eager uses q and k so too; the
+            # math kernel scales copies of them). repeat_kv from several k/v heads copies v instead.
             vc = fused
             if eager and qc.itemsize == fused.itemsize and q.key == fused.key:  # q a slice too (GPT-2)
                 qc = kc = fused
@@ -381,6 +404,23 @@ class Graph:
         if x.grad:
             self.save(cos, sin)
         return self.new(x.numel, max(x.itemsize, cos.itemsize), x.grad)
+
+
+def sdpa_mask_bytes(batch: int, heads: int, seq: int, itemsize: int, device: str) -> tuple[int, int]:
+    """(mask, log-sum-exp) bytes a fused SDPA kernel keeps when it is given an explicit mask.
+
+    transformers hands SDPA a boolean (b, 1, s, s) mask when a sliding window is no longer than the
+    sequence (`masking_utils._ignore_causal_mask_sdpa`); torch converts it to an additive mask in
+    the query's dtype (`convert_boolean_attn_mask`: b x s x s x itemsize) and the kernel keeps it
+    for backward. On CUDA the mask rules out flash attention: the memory-efficient kernel runs, which
+    pads the mask's rows to a multiple of 8 elements when they are not (`preprocess_mask`: s + 8 -
+    s % 8) and its fp32 log-sum-exp to a multiple of 32 queries (`kAlignLSE`). On CPU the flash
+    kernel takes the mask as it is, with a log-sum-exp of one fp32 per query and head.
+    """
+    if device == "cuda":
+        row = seq if seq % 8 == 0 else seq + 8 - seq % 8
+        return batch * seq * row * itemsize, batch * heads * (-(-seq // 32) * 32) * FP32
+    return batch * seq * seq * itemsize, batch * heads * seq * FP32
 
 
 def _layers_prefix(spec: ModelSpec) -> str:
@@ -432,8 +472,11 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
         v = g.linear(h, f"{p}.self_attn.v_proj", H, nkv * hd)
     assert rot is not None
     q, k = g.rope(q, *rot), g.rope(k, *rot)
+    masked = (g.cond.attention == "sdpa" and spec.sliding_layer(i)
+              and g.cond.seq_len >= (spec.sliding_window or 0))
     a = g.attention(q, k, v, nh, nkv, hd, g.rates[0], softcap=gemma and spec.attn_softcap,
-                    contiguous_q=spec.family == "phi3", fused=v if spec.family == "phi3" else None)
+                    contiguous_q=spec.family == "phi3", fused=v if spec.family == "phi3" else None,
+                    masked=masked)
     a = g.linear(a, f"{p}.self_attn.o_proj", nh * hd, H)
     if spec.family == "phi3":
         a = g.dropout_op(a, g.rates[1])  # resid_attn_dropout
@@ -648,7 +691,9 @@ def head_and_loss(g: Graph, spec: ModelSpec, h: Tensor, head: str) -> tuple[Tens
     widths = [min(size, s - start) for start in range(0, s, size)]
     cb = cond.compute_bytes
     if trains and not cond.autocast:
-        g.save(h)  # each chunk is a view of h: keeping any keeps all of it
+        # one sequence: each chunk is a view of h, keeping any keeps all of it; several: a chunk is
+        # not contiguous and the head's matmul keeps a copy of it (the same bytes in all)
+        g.save(h)
     if cond.autocast and trains and grad:
         g.save(g.new(V * H, 2, False))  # the cached bf16 copy of the trained weight, once
     for w in widths:
@@ -677,9 +722,9 @@ def head_and_loss(g: Graph, spec: ModelSpec, h: Tensor, head: str) -> tuple[Tens
         if cb != FP32:
             fp32 = max(fp32, b * w * V * FP32 - later)
         later += b * w * V * FP32 if grad else 0
-    # the head's input (unless kept for backward) and, for several rows, the padded labels are alive
-    # through the loss too
-    fp32 += (0 if trains and not cond.autocast else h.nbytes) + (b * (s + 1) * INT64 if b > 1 else 0)
+    # for several rows the padded labels are alive through the loss too; the head's input is not
+    # (the model has returned the list of logits), unless backward keeps it
+    fp32 += b * (s + 1) * INT64 if b > 1 else 0
     # chunks are undone last to first; by chunk j's loss backward the later chunks' log-softmax
     # outputs are freed and their logits gradients (compute dtype) wait for the head's backward
     after, worst = 0, 0
@@ -688,10 +733,12 @@ def head_and_loss(g: Graph, spec: ModelSpec, h: Tensor, head: str) -> tuple[Tens
         after += b * w * V * (cb - FP32)
     # then the heads, last chunk first: every log-softmax output is gone, the logits gradients not yet
     # used wait, and a trained weight's gradients are summed chunk by chunk (the sum so far, the
-    # second chunk's and their sum: 3 weight-sized tensors in compute dtype)
+    # second chunk's and their sum: 3 weight-sized tensors in compute dtype). Gemma-2's soft-cap is
+    # undone with its chunk's head: the two chunks done have freed their tanh outputs.
     if len(widths) > 1 and trains:
         done = b * (widths[-1] + widths[-2])
-        worst = max(worst, -t * V * FP32 + (t - done) * V * cb + 3 * V * H * cb)
+        capped = done * V * cb if spec.family == "gemma2" and spec.final_softcap else 0
+        worst = max(worst, -t * V * FP32 + (t - done) * V * cb + 3 * V * H * cb - capped)
     return logits, fp32, (worst if grad else 0)
 
 
@@ -727,14 +774,15 @@ def layer_backward_transients(spec: ModelSpec, cond: Conditions) -> tuple[int, i
     return resid, mlp, attn
 
 
-def post_norm_backward(tokens: int, hidden: int, weight_trains: bool) -> int:
-    """Gradients alive at once in the backward of Gemma-2's RMSNorm, beyond the incoming one.
+def rms_norm_backward(tokens: int, hidden: int, weight_trains: bool = False) -> int:
+    """Gradients alive at once in an RMSNorm's backward, beyond the incoming one.
 
-    The norm computes in fp32: y = (h * rsqrt(mean(h^2) + eps)) * (1 + w), h = x.float(). At the
-    backward of h^2 five (tokens x hidden) fp32 tensors are alive: h's gradient through the scaling,
-    the mean's gradient spread over the row, and pow's backward (h^1, and two products). When w
-    trains, the normalised h it saved for w's gradient has been used and freed by then: one fewer.
-    Assumption: transformers 5's `Gemma2RMSNorm`, autograd's decomposition of pow / mean / mul.
+    The norm computes in fp32 whatever the model's dtype (h = x.float(); h * rsqrt(mean(h^2) + eps),
+    then the weight): at the backward of h^2 five (tokens x hidden) fp32 tensors are alive: the
+    gradient of the normalised product, the mean's gradient spread over the row, and pow's backward
+    (h^1, and two products). In Gemma-2's (1 + w) form a trained w has by then used and freed the
+    normalised h it saved for its gradient: one fewer. Assumption: transformers 5's RMSNorm classes,
+    autograd's decomposition of pow / mean / mul (as the tracer lists the tensors).
     """
     return (4 if weight_trains else 5) * tokens * hidden * FP32
 
@@ -800,7 +848,7 @@ class Profile:
     # per layer: gradients alive through its recompute besides the residual stream's (`Graph.pending`)
     recompute_pending: tuple[int, ...] = ()
     # Gemma-2's norms after attention and after the MLP: their backward runs while the block before
-    # them is still saved (`post_norm_backward`); 0 for the other families
+    # them is still saved (`rms_norm_backward`); 0 for the other families
     post_norm_transient: int = 0
     # per layer: a trained expert block's gate/up backward (`Graph.up_backward`), () without one
     expert_up_backward: tuple[tuple[int, int], ...] = ()
@@ -814,6 +862,10 @@ class Profile:
     # the final norm's output: the model's forward holds it (as its last hidden state) until the
     # loss, also when backward does not keep it
     final_hidden: int = 0
+    # what the final norm saved (part of `head`), and what its backward holds beyond it
+    # (`rms_norm_backward`; none for GPT-2's fused LayerNorm backward)
+    final_norm: int = 0
+    norm_backward: int = 0
 
     @property
     def total(self) -> int:
@@ -887,6 +939,7 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
         h = g.layer_norm(x, norm, H)
     else:
         h = g.rms_norm(x, norm, H, spec.family == "gemma2")
+    final_norm = g.saved_bytes("head")
     head = "lm_head"
     head_loss = None
     if cond.loss != "standard":
@@ -904,11 +957,18 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
             g.save(g.new(t * spec.vocab_size, FP32, True))  # log_softmax keeps its output
             g.save(g.new(1, FP32, False), g.new(1, FP32, False))  # the loss and nll's total weight
     mask = cond.batch_size * cond.seq_len * cond.seq_len * (FP32 if cond.autocast else wb)
-    # Gemma-2 alternates sliding-window and global layers: two masks
-    eager_mask = mask * (2 if spec.family == "gemma2" else 1) if cond.attention == "eager" else 0
-    # A checkpointed layer also keeps its other arguments: the attention mask (eager) and, for rotary
-    # families, cos, sin and the position ids.
+    # Gemma-2 alternates sliding-window and global layers, and Qwen2's layers from max_window_layers on
+    # slide: each kind of layer gets its own mask
+    kinds = {spec.sliding_layer(i) or (spec.family == "gemma2" and i % 2 == 0)
+             for i in range(spec.num_layers)}
+    eager_mask = mask * len(kinds) if cond.attention == "eager" else 0
+    # A checkpointed layer also keeps its other arguments: the attention mask its kind of layer gets
+    # (eager) and, for rotary families, cos, sin and the position ids.
     shared = eager_mask + (0 if rot is None else 2 * rot[0].nbytes + cond.seq_len * INT64)
+    if cond.attention == "sdpa" and any(spec.sliding_layer(i) and cond.seq_len >= (spec.sliding_window or 0)
+                                        for i in range(spec.num_layers)):
+        # SDPA's sliding-window mask: boolean (1, 1, s, s), expanded over the batch without a copy
+        shared += cond.seq_len * cond.seq_len
     return Profile(
         embedding=g.saved_bytes("embedding"),
         layers=tuple(layers),
@@ -929,7 +989,7 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
         attention_without_grad=g.attention_without_grad,
         recompute_peaks=tuple(g.forward_peaks.get(f"layer {i}", 0) for i in range(spec.num_layers)),
         recompute_pending=tuple(g.pending.get(f"layer {i}", 0) for i in range(spec.num_layers)),
-        post_norm_transient=post_norm_backward(cond.tokens, H, any(
+        post_norm_transient=rms_norm_backward(cond.tokens, H, any(
             p.endswith("post_feedforward_layernorm") for p in trainable)) if spec.family == "gemma2" else 0,
         # Gemma-2's global-attention mask: its last user in backward is layer 1 (layers alternate
         # sliding, global from layer 0); the checkpoint holding it lets go once that layer is done
@@ -942,6 +1002,10 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
         offloaded=cond.activation_offload,
         # a chunked or fused loss counts the head's input alive through the loss itself (`head_and_loss`)
         final_hidden=0 if h.key in g.saved or cond.loss != "standard" else h.nbytes,
+        final_norm=final_norm,
+        # GPT-2's LayerNorm backward is one fused kernel: its gradient, no more
+        norm_backward=(rms_norm_backward(cond.tokens, H)
+                       if spec.family != "gpt2" and (x.grad or norm in trainable) else 0),
         input_leaf=t * H * wb if input_grad and not trainable & {"model.embed_tokens", "transformer.wte",
                                                                  "transformer.wpe"} else 0,
         autocast_cache=sum(total - kept + (kept if cond.grad_checkpointing and where.startswith("layer")

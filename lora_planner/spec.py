@@ -79,6 +79,22 @@ class ModelSpec:
     # turns one off); ignored by the other families.
     attn_softcap: bool = True
     final_softcap: bool = True
+    # Sliding-window attention as the config states it (None: every layer attends to the whole
+    # sequence). Which layers slide is the family's rule (`sliding_layer`); Qwen2's layers below
+    # `max_window_layers` attend fully.
+    sliding_window: int | None = None
+    max_window_layers: int = 0
+
+    def sliding_layer(self, i: int) -> bool:
+        """Whether decoder layer `i` attends through a sliding window (transformers 5's `layer_types`:
+        Gemma-2 even layers, Qwen2 layers from `max_window_layers` on, Mistral, Mixtral and Phi-3 all)."""
+        if self.sliding_window is None or self.family in ("gpt2", "llama"):
+            return False
+        if self.family == "gemma2":
+            return i % 2 == 0
+        if self.family == "qwen2":
+            return i >= self.max_window_layers
+        return True
 
     @property
     def dropout_rates(self) -> tuple[float, float, float]:
@@ -285,11 +301,25 @@ def spec_from_hf_config(config: dict, name: str = "custom", source: str = "") ->
             resid_dropout=_rate(config, "resid_pdrop") if family == "phi3" else None,
             attn_softcap=config.get("attn_logit_softcapping", 50.0) is not None,
             final_softcap=config.get("final_logit_softcapping", 30.0) is not None,
+            sliding_window=_sliding_window(config, family),
+            max_window_layers=int(config.get("max_window_layers", 28) or 0) if family == "qwen2" else 0,
         )
     except (TypeError, ValueError) as exc:
         if isinstance(exc, PlanError):
             raise
         raise PlanError(f"config.json has a malformed value: {exc}") from None
+
+
+# The config classes' `sliding_window` when a config.json leaves it out (Qwen2's applies only with
+# `use_sliding_window`)
+SLIDING_WINDOW_DEFAULT = {"mistral": 4096, "gemma2": 4096, "qwen2": 4096}
+
+
+def _sliding_window(config: dict, family: str) -> int | None:
+    if family in ("llama", "gpt2") or (family == "qwen2" and not config.get("use_sliding_window", False)):
+        return None
+    window = config.get("sliding_window", SLIDING_WINDOW_DEFAULT.get(family))
+    return None if window is None else int(window)
 
 
 def to_hf_config(spec: ModelSpec) -> dict:
@@ -332,4 +362,9 @@ def to_hf_config(spec: ModelSpec) -> dict:
     if spec.family == "mixtral":
         config["num_local_experts"] = spec.num_experts
         config["num_experts_per_tok"] = spec.experts_per_token
+    if spec.family in ("mistral", "mixtral", "phi3") or (spec.family == "gemma2" and spec.sliding_window):
+        config["sliding_window"] = spec.sliding_window
+    if spec.family == "qwen2" and spec.sliding_window is not None:
+        config.update(use_sliding_window=True, sliding_window=spec.sliding_window,
+                      max_window_layers=spec.max_window_layers)
     return config

@@ -4,9 +4,10 @@ The step planned is a steady-state one (the second and every later step): weight
 states (with any fp32 master copy) are live throughout, gradients from backward until the
 optimizer has used them. On top of them each phase holds something else:
 
-- forward, at the loss: every saved activation, the logits, their fp32 copy under 16-bit compute, the
-  eager attention mask, autocast's cached 16-bit copies of trained weights that are not saved (all of
-  them under checkpointing) and the final hidden state the model still holds;
+- forward, at the loss: every saved activation, the logits, their fp32 copy under 16-bit compute,
+  autocast's cached 16-bit copies of trained weights that are not saved (all of them under
+  checkpointing) and the final hidden state the model still holds (the decoder's attention masks
+  are freed when it returns, before the head);
 - backward, at the head: every saved activation plus two fp32 (tokens x vocab) gradients, the loss's
   and log-softmax's;
 - backward, layer by layer: what is still saved (checkpointing: the recomputed layer, and the
@@ -14,7 +15,7 @@ optimizer has used them. On top of them each phase holds something else:
   MLP's activation and after attention's core kept (used and freed first), the gradients produced
   so far, the layer's own transient gradients (`activations.layer_backward_transients`) and, for
   QLoRA, one dequantised weight; a recomputed expert block's un-sort backward (`Graph.unsort`) and
-  Gemma-2's post-feedforward and post-attention norms (`activations.post_norm_backward`), whose
+  Gemma-2's post-feedforward and post-attention norms (`activations.rms_norm_backward`), whose
   backward runs while the block before them is still saved;
 - end of backward: all gradients, the trained embedding's backward (`step.embedding_backward`: a
   tied embedding's two partial gradients being summed, or an untied one's incoming gradient), and
@@ -71,10 +72,7 @@ def step_phases(states: States, prof: Profile, vocab: int, tokens: int) -> tuple
     base = states.weights + states.inputs + states.optimizer_states
     acts = prof.total
     logits = prof.logits + prof.logits_fp32
-    mask = 0 if prof.checkpointed else prof.eager_mask
-    if prof.head_backward is not None:
-        mask = 0  # a chunked or fused loss runs after the decoder has returned and freed its mask
-    phases = [Phase("forward", base + acts + logits + mask + prof.autocast_cache + prof.final_hidden,
+    phases = [Phase("forward", base + acts + logits + prof.autocast_cache + prof.final_hidden,
                      "weights + optimizer states + saved activations + logits at the loss (+ autocast's "
                      "weight cache)")]
     head_grads = 2 * tokens * vocab * FP32 if prof.head_backward is None else prof.head_backward
@@ -83,6 +81,10 @@ def step_phases(states: States, prof: Profile, vocab: int, tokens: int) -> tuple
                         if prof.head_backward is None else "weights + optimizer states + saved "
                         "activations + the head's "
                         "backward (chunked or fused loss)"))
+    if prof.norm_backward:
+        phases.append(Phase("backward", base + acts - prof.head + prof.final_norm + states.head_gradients
+                            + prof.norm_backward,
+                            f"{SO_FAR}, backward through the final norm"))
     grads = states.head_gradients
     saved_below = acts - prof.head
     n = len(prof.layers)

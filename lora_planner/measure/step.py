@@ -79,7 +79,6 @@ def chunked_loss(model, ids, labels, chunks: int):
     import torch.nn.functional as F
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hidden = base.base_model(input_ids=ids).last_hidden_state  # (b, s, H)
     head = base.get_output_embeddings()
     cap = getattr(base.config, "final_logit_softcapping", None)
 
@@ -87,7 +86,12 @@ def chunked_loss(model, ids, labels, chunks: int):
         x = head(h)  # (b, s / chunks, V)
         return torch.tanh(x / cap) * cap if cap else x
 
-    logits = [project(h) for h in hidden.chunk(chunks, dim=1)]
+    def chunked_output():
+        # torchtune's model returns the list of logits: the final hidden state is not held past it
+        hidden = base.base_model(input_ids=ids).last_hidden_state  # (b, s, H)
+        return [project(h) for h in hidden.chunk(chunks, dim=1)]
+
+    logits = chunked_output()
     shifted = F.pad(labels, (0, 1), value=-100)[:, 1:]  # (b, s)
     total = (shifted != -100).sum()
     loss = 0.0
