@@ -155,10 +155,12 @@ def random_case(seed: int) -> Case:
 
 def run_case(case: Case):
     """Plan the case from its config and trace the same config; returns the `Comparison`."""
+    from lora_planner.measure.step import quiet_libraries
     from lora_planner.measure.traced_step import sliced, trace
 
     spec = sliced(spec_from_hf_config(case.config, name=f"fuzz-{case.seed}"), case.layers)
-    return trace(spec, case.setup, fake=case.fake, seed=case.seed, hf_config=case.build_config())
+    with quiet_libraries():  # transformers' and PEFT's notices about each other's names
+        return trace(spec, case.setup, fake=case.fake, seed=case.seed, hf_config=case.build_config())
 
 
 # the tests' peak tolerance: the default suite (seeds below 60) within 1%, the slow one within 2%
