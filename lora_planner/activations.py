@@ -759,6 +759,15 @@ def layer_backward_transients(spec: ModelSpec, cond: Conditions) -> tuple[int, i
     rows = t * max(spec.experts_per_token, 1)
     # grouped expert matmuls are not autocast: they run in the hidden states' (the weights') dtype
     mlp = 3 * rows * spec.intermediate_size * (cond.weight_bytes if spec.num_experts else cb)
+    if spec.num_experts and not cond.grad_checkpointing:
+        # before them, the backward of the rows' weighting by the fp32 routing weights: the weighted
+        # rows' gradient and the two products' (fp32, rows x hidden), a cast back to the hidden
+        # states' dtype when that is 16-bit, beside the down output and the inverse permutation it
+        # frees after (both in the MLP's tail, which the timeline takes off). A recomputed block
+        # reaches it with other tensors alive (`Graph.unsort`), which set that moment instead.
+        xb = cond.weight_bytes
+        combine = rows * spec.hidden_size * (3 * FP32 + (xb if xb != FP32 else 0) + xb) + rows * INT64
+        mlp = max(mlp, combine)
     qkv = t * (2 * spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim * cb
     attn_dropout = spec.dropout_rates[0] if cond.dropout is None else cond.dropout
     # torch's CPU math fallback (attention dropout) keeps the probabilities as eager does
