@@ -22,13 +22,13 @@ def _gpt2(name: str, hidden: int, layers: int, heads: int, source: str, aliases=
 def _decoder(name: str, family: str, *, vocab: int, hidden: int, layers: int, heads: int,
              kv_heads: int, inner: int, tied: bool, positions: int, head_dim: int | None = None,
              experts: int = 0, experts_per_token: int = 0, source: str,
-             aliases=()) -> ModelSpec:
+             aliases=(), sliding_window: int | None = None) -> ModelSpec:
     return ModelSpec(
         name=name, family=family, vocab_size=vocab, hidden_size=hidden, num_layers=layers,
         num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim or hidden // heads,
         intermediate_size=inner, tied_embeddings=tied, max_positions=positions,
         qkv_bias=family == "qwen2", num_experts=experts, experts_per_token=experts_per_token,
-        aliases=tuple(aliases), source=source,
+        aliases=tuple(aliases), source=source, sliding_window=sliding_window,
     )
 
 
@@ -72,12 +72,14 @@ CATALOG: tuple[ModelSpec, ...] = (
     _decoder("qwen2.5-72b", "qwen2", vocab=152064, hidden=8192, layers=80, heads=64, kv_heads=8,
              inner=29568, tied=False, positions=131072, source="Qwen/Qwen2.5-72B"),
     _decoder("gemma-2-2b", "gemma2", vocab=256000, hidden=2304, layers=26, heads=8, kv_heads=4,
-             inner=9216, tied=True, positions=8192, head_dim=256, source="google/gemma-2-2b"),
+             inner=9216, tied=True, positions=8192, head_dim=256, source="google/gemma-2-2b",
+             sliding_window=4096),
     _decoder("gemma-2-9b", "gemma2", vocab=256000, hidden=3584, layers=42, heads=16, kv_heads=8,
-             inner=14336, tied=True, positions=8192, head_dim=256, source="google/gemma-2-9b"),
+             inner=14336, tied=True, positions=8192, head_dim=256, source="google/gemma-2-9b",
+             sliding_window=4096),
     _decoder("gemma-2-27b", "gemma2", vocab=256000, hidden=4608, layers=46, heads=32,
              kv_heads=16, inner=36864, tied=True, positions=8192, head_dim=128,
-             source="google/gemma-2-27b"),
+             source="google/gemma-2-27b", sliding_window=4096),
     _decoder("phi-3-mini", "phi3", vocab=32064, hidden=3072, layers=32, heads=32, kv_heads=32,
              inner=8192, tied=False, positions=4096, source="microsoft/Phi-3-mini-4k-instruct"),
 )

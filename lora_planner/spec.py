@@ -302,7 +302,9 @@ def spec_from_hf_config(config: dict, name: str = "custom", source: str = "") ->
             attn_softcap=config.get("attn_logit_softcapping", 50.0) is not None,
             final_softcap=config.get("final_logit_softcapping", 30.0) is not None,
             sliding_window=_sliding_window(config, family),
-            max_window_layers=int(config.get("max_window_layers", 28) or 0) if family == "qwen2" else 0,
+            # which layers slide matters only where a window applies
+            max_window_layers=(int(config.get("max_window_layers", 28) or 0)
+                               if family == "qwen2" and _sliding_window(config, family) is not None else 0),
         )
     except (TypeError, ValueError) as exc:
         if isinstance(exc, PlanError):
