@@ -36,7 +36,7 @@ def _one_thread():
 
 # Misses the fuzzer found and not yet fixed, one bound per seed (from the recorded run of seeds
 # 0-1059, results/trace/fuzz-cpu.jsonl, each |error| rounded up): `fuzz_known.json` gives the seed's
-# case, its peak bound, its activation bound (0: exact; every seed is exact now) and why. Fifty remain:
+# case, its peak bound, its activation bound (0: exact; every seed is exact now) and why. 47 remain:
 # mostly checkpointed LoRA steps under autocast or pure-bf16 (the recomputed layer's transients), a
 # few forward peaks inside a layer (LoRA's base, adapter and scaled outputs beside eager
 # probabilities), and one attention through the math kernel in a layer with no gradient (seed 88).
