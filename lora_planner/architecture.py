@@ -73,6 +73,11 @@ class Architecture:
         return sum(m.numel for m in self.modules)
 
     @cached_property
+    def experts(self) -> dict[str, Module]:
+        """The fused expert modules by path (Mixtral's `...mlp.experts`), found once."""
+        return {m.path: m for m in self.modules if m.kind == "experts"}
+
+    @cached_property
     def container_paths(self) -> tuple[str, ...]:
         """Every module path that is not a leaf (`model.layers.0.mlp`, `model`, ...)."""
         leaves = {m.path for m in self.modules}

@@ -85,7 +85,7 @@ def _training(spec: ModelSpec, setup: TrainSetup,
 def _experts_down_numel(arch: Architecture, path: str, numel: int) -> int:
     """The fused experts' down projection, when all of an expert block trains: its gradient comes
     first in the block's backward, like a dense MLP's output projection (0 for any other module)."""
-    module = next((m for m in arch.modules if m.path == path and m.kind == "experts"), None)
+    module = arch.experts.get(path)
     if module is None or numel != module.numel:
         return 0
     return sum(p.numel for p in module.params if p.name.endswith(".down_proj"))
