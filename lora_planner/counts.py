@@ -112,6 +112,34 @@ class Trainable:
         return sum(a.numel for a in self.adapters)
 
     @functools.cached_property
+    def formula(self) -> str:
+        """How `count` is made, one clause per kind of wrapped module (in the order first met):
+        a linear layer or router r x (in + out), an embedding r x (rows + dim), a fused expert
+        tensor of E experts r x E x (in + out) (2r on gate_up, which fuses two projections),
+        DoRA's one magnitude per output, then trained biases and modules_to_save copies."""
+        kinds: dict[str, int] = {}
+        for a in self.adapters:
+            kind = a.module.kind
+            if kind == "experts":
+                kind = "gate_up" if a.module.path.endswith("gate_up_proj") else "experts"
+            kinds[kind] = kinds.get(kind, 0) + 1
+        described = {
+            "embedding": "embeddings, r x (rows + dim) each",
+            "router": "routers, r x (in + out) each",
+            "gate_up": "fused expert gate_up tensors, 2r x E x (in + out) each",
+            "experts": "fused expert down tensors, r x E x (in + out) each",
+        }
+        clauses = [f"{n} {described.get(k, 'linear layers, r x (in + out) each')}"
+                   for k, n in kinds.items()]
+        if any(p.name.endswith("lora_magnitude_vector") for a in self.adapters for p in a.params):
+            clauses.append("DoRA: one magnitude per output feature")
+        if self.biases:
+            clauses.append(f"{len(self.biases)} trained biases")
+        if self.saved_modules:
+            clauses.append(f"{len(self.saved_modules)} modules_to_save copies")
+        return "; ".join(clauses)
+
+    @functools.cached_property
     def saved_module_count(self) -> int:
         return sum(m.numel for m in self.saved_modules)
 

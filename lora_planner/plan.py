@@ -67,6 +67,7 @@ class MethodPlan:
     compute: cost.Compute | None = None  # time and money, when tokens are given
     fit: object | None = None  # `fit.Fit`: largest batch and sequence that fit the GPU, when asked
     gpus_needed_strategy: str | None = None  # single, ddp, zero1, zero2, zero3 or fsdp
+    adapter_formula: str = ""  # how trainable_params is made, by kind of wrapped module
     fits: bool = False  # the fit rule for the planned step: one GPU, or one of --num-gpus
     optimizer_temporary: Term | None = None  # the optimizer step's temporary (whole model)
     activation_cpu_bytes: int = 0  # checkpointed layer inputs in CPU memory (--activation-offload)
@@ -242,6 +243,7 @@ def plan_lora(spec: ModelSpec, setup: TrainSetup, gpu: Gpu) -> MethodPlan:
         rank=setup.rank, trainable_params=trainable.count,
         all_params=arch.total_params + trainable.adapter_count + trainable.saved_module_count,
         target_modules=trainable.target_names, wrapped_modules=len(trainable.adapters),
+        adapter_formula=trainable.formula,
         checkpoint=Term("checkpoint", adapter,
                         f"adapter_model.safetensors, {len(adapter_params)} tensors in {dtype}"),
         full_checkpoint_bytes=base,

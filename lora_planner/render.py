@@ -145,7 +145,7 @@ def to_explanation(plan: Plan) -> str:
         lines += ["", f"[{plan_label(p)}]"]
         if p.rank is not None:
             lines.append(f"  trainable: {p.trainable_params:,} in {p.wrapped_modules} wrapped "
-                         f"modules (r x (in + out) each) for targets {', '.join(p.target_modules)}")
+                         f"modules ({p.adapter_formula}) for targets {', '.join(p.target_modules)}")
         for t in p.weight_terms:
             lines.append(f"  {t.name}: {t.formula}")
         for key in MEMORY_KEYS[1:]:

@@ -113,3 +113,48 @@ def test_explicit_suffix_and_regex_targets_equal_peft():
             model, peft.LoraConfig(r=8, target_modules=r".*\.h\.[0-3]\.attn\.c_attn", init_lora_weights=False)
         )
     assert lora_trainable(spec, setup).count == peft_model.get_nb_trainable_parameters()[0]
+
+
+KIND_WORDS = {"linear layers": "linear", "embeddings": "embedding", "routers": "router",
+              "fused expert gate_up tensors": "gate_up", "fused expert down tensors": "down"}
+
+
+def peft_wrapped_kinds(spec, setup: TrainSetup) -> dict[str, int]:
+    """How many layers of each kind PEFT wraps: LoRA linears and embeddings, and ParamWrappers on a
+    router weight (2-D) or a fused expert tensor (3-D, named by the parameter it wraps)."""
+    model = build_meta(spec)
+    targets = expand_targets(spec, setup.targets)
+    config = peft.LoraConfig(r=setup.rank, init_lora_weights=False,
+                             target_modules="all-linear" if targets == ("all-linear",) else list(targets))
+    with torch.device("meta"):
+        peft_model = peft.get_peft_model(model, config)
+    layer = peft.tuners.lora.layer
+    kinds: dict[str, int] = {}
+    for module in peft_model.modules():
+        if isinstance(module, layer.ParamWrapper):
+            param = module.get_param()
+            kind = "router" if param.dim() == 2 else (
+                "gate_up" if module.parameter_name == "gate_up_proj" else "down")
+        elif isinstance(module, layer.Embedding):
+            kind = "embedding"
+        elif isinstance(module, layer.LoraLayer):
+            kind = "linear"
+        else:
+            continue
+        kinds[kind] = kinds.get(kind, 0) + 1
+    return kinds
+
+
+@pytest.mark.parametrize("name", SMALL)
+@pytest.mark.parametrize("targets", [("default",), ("mlp",), ("all-linear",)])
+def test_explained_adapter_formula_counts_what_peft_wraps(name, targets):
+    """`--explain`'s trainable line names each kind of wrapped layer with its own formula; its
+    counts are PEFT's, so a fused expert tensor is never described as one linear layer."""
+    import re
+
+    spec = get_model(name)
+    setup = TrainSetup(method="lora", rank=8, targets=targets)
+    formula = plan_lora(spec, setup, get_gpu("h100")).adapter_formula
+    stated = {KIND_WORDS[words]: int(n)
+              for n, words in re.findall(r"(\d+) ([a-z_ ]+?), ", formula)}
+    assert stated == peft_wrapped_kinds(spec, setup), formula
