@@ -26,7 +26,10 @@ PyTorch's source (`_fully_shard/_fsdp_param_group.py`, `_fsdp_state.py`, torch 2
   optimizer states in CPU memory; what is gathered, and the whole gradients, are still on the GPU.
 
 Gathered parameters are at the weights' width, gradients at the gradients' (FSDP2's
-`MixedPrecisionPolicy` with param and reduce dtypes equal to the convention's).
+`MixedPrecisionPolicy` with param and reduce dtypes equal to the convention's). QLoRA's NF4 weights
+are gathered as stored: FSDP shards and gathers a 4-bit layer's packed codes (bitsandbytes'
+`bnb_4bit_quant_storage` set to the 16-bit dtype, as FSDP requires), ceil(numel / 2) bytes, while its
+quantisation state is a module attribute, never gathered.
 """
 
 from __future__ import annotations
@@ -46,18 +49,21 @@ _LAYER = re.compile(r"layer (\d+)'s (MLP|attention)")
 
 @dataclass(frozen=True)
 class Units:
-    """FSDP2's units for one setup: per block its parameters (all of them, frozen ones too) and its
-    trained gradient bytes by part (attention, MLP, the MLP's output projection); the root's
-    parameters and the gradient bytes produced at the head."""
+    """FSDP2's units for one setup: per block the bytes of its parameters as gathered (all of them,
+    frozen ones too) and its trained gradient bytes by part (attention, MLP, the MLP's output
+    projection); the root's parameter bytes and the gradient bytes produced at the head."""
 
-    block_params: tuple[int, ...]
+    block_bytes: tuple[int, ...]
     block_grads: tuple[tuple[int, int, int], ...]
-    root_params: int
+    root_bytes: int
     head_grads: int
-    weight_bytes: int
     embedding_grads: int = 0  # the token embedding's gradient, when it is trained
     tied: bool = False  # the head is the token embedding
     root_grads: int = 0  # every trained root parameter's gradient (embeddings, norm, head)
+
+
+def _block_prefix(spec: ModelSpec) -> str:
+    return "transformer.h." if spec.family == "gpt2" else "model.layers."
 
 
 @lru_cache(maxsize=32)
@@ -65,7 +71,7 @@ def _model_blocks(spec: ModelSpec, task: str, num_labels: int) -> tuple[tuple[in
     """The model's own parameters per decoder layer, the root's (every other parameter) and the
     token embedding's: the same for every method of a plan, so counted once."""
     arch = layout(spec, task, num_labels)
-    prefix = "transformer.h." if spec.family == "gpt2" else "model.layers."
+    prefix = _block_prefix(spec)
     blocks = [0] * spec.num_layers
     for m in arch.modules:
         if m.path.startswith(prefix):
@@ -73,6 +79,26 @@ def _model_blocks(spec: ModelSpec, task: str, num_labels: int) -> tuple[tuple[in
     root = arch.total_params - sum(m.numel for m in arch.modules if m.path.startswith(prefix))
     embedding = sum(m.numel for m in arch.modules if m.path.endswith(("wte", "embed_tokens")))
     return tuple(blocks), root, embedding
+
+
+def nf4_gathered_saving(spec: ModelSpec, setup: TrainSetup, weight_bytes: int) -> tuple[tuple[int, ...], int]:
+    """QLoRA: per block (and for the root) the bytes FSDP gathers less than it would at weight width,
+    because each NF4 weight travels as its packed codes: numel x weight bytes - ceil(numel / 2)."""
+    from .counts import lora_trainable
+    from .quant import quantised_params
+
+    arch = layout(spec, setup.task, setup.num_labels)
+    quantised = quantised_params(arch, lora_trainable(spec, setup), setup.quantize_experts)
+    prefix = _block_prefix(spec)
+    blocks, root = [0] * spec.num_layers, 0
+    for p in arch.params:
+        if p.name in quantised:
+            saving = p.numel * weight_bytes - math.ceil(p.numel / 2)
+            if p.name.startswith(prefix):
+                blocks[int(p.name[len(prefix):].split(".", 1)[0])] += saving
+            else:
+                root += saving
+    return tuple(blocks), root
 
 
 @lru_cache(maxsize=32)
@@ -87,7 +113,13 @@ def units(spec: ModelSpec, setup: TrainSetup, precision: Precision, whole: State
                        for b, g in zip(blocks, whole.layer_gradients, strict=True))
     trained = setup.method == "full"
     g = precision.grad_bytes if trained else 0
-    return Units(blocks, whole.layer_gradients, root, whole.head_gradients, precision.weight_bytes,
+    w = precision.weight_bytes
+    block_bytes, root_bytes = tuple(b * w for b in blocks), root * w
+    if setup.method == "qlora":
+        savings, root_saving = nf4_gathered_saving(spec, setup, w)
+        block_bytes = tuple(b - s for b, s in zip(block_bytes, savings, strict=True))
+        root_bytes -= root_saving
+    return Units(block_bytes, whole.layer_gradients, root_bytes, whole.head_gradients,
                  embedding * g, arch.tied_head, root * g)
 
 
@@ -115,17 +147,16 @@ def extra_bytes(phase: Phase, u: Units, n: int, reshard_after_forward: bool,
     resharding: blocks 0..i) + block i's gradients so far whole rather than a shard + the previous
     block's reduce-scatter input + the head's gradients whole. End of backward: the root whole + block
     0's reduce-scatter input + the head's gradients whole. Optimizer: nothing (all sharded)."""
-    w = u.weight_bytes
-    root = u.root_params * w
+    root = u.root_bytes
     head = u.head_grads - _share(u.head_grads, n, grads_offloaded)
-    last = len(u.block_params) - 1
+    last = len(u.block_bytes) - 1
     if phase.name == "optimizer":
         return 0, ""
     if phase.name == "forward":
         if reshard_after_forward:
-            return root + u.block_params[last] * w, "root whole + last block's all-gather output"
-        gathered = sum(u.block_params) + u.block_params[last]
-        return root + gathered * w, "root and every block whole + last block's all-gather output"
+            return root + u.block_bytes[last], "root whole + last block's all-gather output"
+        gathered = sum(u.block_bytes) + u.block_bytes[last]
+        return root + gathered, "root and every block whole + last block's all-gather output"
     layer = _layer_of(phase.what)
     if layer is None and "end of backward" in phase.what:
         # The embedding's backward makes its gradient whole; tied to the head, it is added to the
@@ -137,24 +168,24 @@ def extra_bytes(phase: Phase, u: Units, n: int, reshard_after_forward: bool,
         return root + sum(u.block_grads[0]) + u.root_grads + copies - counted, \
             "root whole + block 0's reduce-scatter input + the root's gradients whole"
     if layer is None:  # backward at the head, before any block
-        gathered = u.block_params[last] if reshard_after_forward else sum(u.block_params)
-        return root + gathered * w, "root whole + last block prefetched"
+        gathered = u.block_bytes[last] if reshard_after_forward else sum(u.block_bytes)
+        return root + gathered, "root whole + last block prefetched"
     i, part = layer
     if reshard_after_forward:
-        gathered = u.block_params[i] + (u.block_params[i - 1] if i > 0 else 0)
+        gathered = u.block_bytes[i] + (u.block_bytes[i - 1] if i > 0 else 0)
     else:
-        gathered = sum(u.block_params[: i + 1])
+        gathered = sum(u.block_bytes[: i + 1])
     attn, mlp, out = u.block_grads[i]
     # what the timeline counts as produced by then: the output projection's gradient before the
     # MLP's backward, the whole layer's before the attention's
     produced = out if part == "MLP" else attn + mlp + out
     produced_whole = produced - _share(produced, n, grads_offloaded)
     held = sum(u.block_grads[i + 1]) if i < last else 0
-    extra = root + gathered * w + produced_whole + held + head
+    extra = root + gathered + produced_whole + held + head
     if not describe:
         return extra, ""
     return (extra,
-            f"root whole + blocks gathered {gathered:,} params + layer {i}'s gradients whole "
+            f"root whole + blocks gathered {gathered:,} B + layer {i}'s gradients whole "
             f"+ reduce-scatter input {held:,} B + head gradients whole")
 
 
@@ -162,14 +193,13 @@ def start_phase(states: States, embedding: int, u: Units) -> Phase:
     """The start of forward, which the timeline does not follow: the root's all-gather output is
     kept beside the root's parameters until the first layer has been gathered, so at the first
     layer's copy-out the GPU holds the root twice and the first layer twice, beside the shards and
-    the inputs: 2 x root + 2 x first layer, at weight width. It sets the peak when the root (the
+    the inputs: 2 x root + 2 x first layer, as gathered. It sets the peak when the root (the
     embeddings and an untied head) is large beside the rest of the step."""
-    w = u.weight_bytes
-    gathered = 2 * u.root_params + 2 * u.block_params[0]
+    gathered = 2 * u.root_bytes + 2 * u.block_bytes[0]
     base = states.weights + states.inputs + states.optimizer_states  # as the timeline's phases
-    return Phase("forward", base + embedding + gathered * w,
+    return Phase("forward", base + embedding + gathered,
                  f"start of forward; + FSDP2 buffers (the root's all-gather output and parameters, the "
-                 f"first layer's: {gathered:,} params) {gathered * w:,} B")
+                 f"first layer's) {gathered:,} B")
 
 
 def phase_extras(phase: Phase, u: Units, n: int, reshard_after_forward: bool,

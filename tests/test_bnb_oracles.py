@@ -104,3 +104,68 @@ def test_dequant_transient_is_the_16_bit_weight_bitsandbytes_makes(out_features,
     made = [now - before for (_, _, _, before), (_, op, _, now) in zip(steps, steps[1:], strict=False)
             if op == "dequantize_4bit"]
     assert made == [dequant_transient_bytes([out_features * in_features])]
+
+
+def _quantised_block_bytes(config: dict, targets: list[str]) -> tuple[list[int], int]:
+    """What FSDP shards and gathers per decoder layer and for the rest (the root) of a QLoRA model
+    built for it: every nn.Linear but the head swapped for bitsandbytes' Linear4bit with
+    `quant_storage=bfloat16` and quantised on CPU, PEFT's adapters on top, everything else in bf16
+    (FSDP2's parameter dtype). Bytes are the parameters' storage, as FSDP flattens them."""
+    import peft
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**config))
+    model.to(torch.bfloat16)
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, torch.nn.Linear) and f"{name}.{child_name}".lstrip(".") != "lm_head":
+                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                      compute_dtype=torch.bfloat16, quant_type="nf4",
+                                      quant_storage=torch.bfloat16)
+                q.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4",
+                                             quant_storage=torch.bfloat16)
+                if child.bias is not None:
+                    q.bias = child.bias
+                setattr(module, child_name, q.to("cpu"))
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=targets))
+    model.to(torch.bfloat16)  # the adapters, as FSDP2 gathers them under a bf16 param dtype
+    layers = model.base_model.model.model.layers
+    blocks = [sum(p.numel() * p.element_size() for p in layer.parameters()) for layer in layers]
+    everything = sum(p.numel() * p.element_size() for p in model.parameters())
+    return blocks, everything - sum(blocks)
+
+
+@settings(max_examples=6, deadline=None)
+@given(st.integers(0, 10**6))
+def test_fsdp_gathers_qlora_blocks_as_bitsandbytes_stores_them(seed):
+    """FSDP's gathered-layer buffers under QLoRA: NF4 weights travel as their packed codes (0.5 B
+    per weight), not at 16 bits; the planner's per-block bytes equal the real quantised layers'."""
+    import random
+
+    from lora_planner.fsdp import units
+    from lora_planner.gpus import get_gpu
+    from lora_planner.plan import plan_lora
+    from lora_planner.precision import get_precision
+    from lora_planner.spec import TrainSetup, spec_from_hf_config
+    from lora_planner.stacks import resolve
+    from lora_planner.step import predict_step
+
+    rng = random.Random(seed)
+    heads = rng.choice([2, 4])
+    config = {"model_type": "llama", "vocab_size": 64 * rng.randint(2, 6), "hidden_size": 8 * heads,
+              "intermediate_size": 4 * rng.randint(5, 20), "num_hidden_layers": rng.randint(1, 3),
+              "num_attention_heads": heads, "num_key_value_heads": rng.choice([1, heads]),
+              "tie_word_embeddings": rng.random() < 0.5, "max_position_embeddings": 64}
+    targets = rng.choice([["q_proj", "v_proj"], ["gate_proj", "up_proj", "down_proj"]])
+    blocks, root = _quantised_block_bytes(config, targets)
+
+    spec = spec_from_hf_config(config, name="qlora-fsdp")
+    setup = resolve(TrainSetup(method="qlora", rank=4, targets=tuple(targets), precision="mixed",
+                               num_gpus=2, sharding="fsdp"))
+    precision = get_precision(setup.precision)
+    plan = plan_lora(spec, setup, get_gpu("h100"))
+    memory = {k: t.bytes for k, t in plan.memory.items()}
+    u = units(spec, setup, precision, predict_step(spec, setup, precision, memory).states)
+    assert list(u.block_bytes) == blocks
+    assert u.root_bytes == root
