@@ -25,7 +25,7 @@ from .memory import (
 )
 from .optimizers import check_optimizer
 from .precision import DTYPE_BYTES, Precision, get_precision, weight_dtype
-from .quant import quantised_params
+from .quant import nf4_state_bytes, quantised_params
 from .sharding import (
     DataParallel,
     distribute,
@@ -117,7 +117,7 @@ def _states(trainable: int, params: tuple[Param, ...], setup: TrainSetup,
 
 def _assemble(method: str, gpu: Gpu, weight_terms: tuple[Term, ...], states: dict[str, Term],
               setup: TrainSetup, spec: ModelSpec | None, buffers: dict[str, Term] | None = None,
-              **fields) -> MethodPlan:
+              unsharded: dict[str, int] | None = None, **fields) -> MethodPlan:
     """Model states plus, when the model's shape is known, the step's activations and timeline peak;
     with --num-gpus, all of it on one GPU under the chosen sharding. GPU counts and the verdict come
     from the one fit rule, `gpus.fits`."""
@@ -144,7 +144,7 @@ def _assemble(method: str, gpu: Gpu, weight_terms: tuple[Term, ...], states: dic
         def phase_bytes(m: dict[str, Term], sharding) -> tuple[int, ...]:
             return step_phase_bytes_on_gpu(predicted, m, sharding, spec, setup, precision)
     placed = distribute(memory, sharding_of(setup.num_gpus, setup.sharding, setup.offload), buffers,
-                        largest_fitting_peak(gpu), phases, phase_bytes)
+                        largest_fitting_peak(gpu), phases, phase_bytes, unsharded)
     memory = dict(placed.per_gpu)
     top = peak_phase(phases(memory, placed.sharding))
     if spec is None:
@@ -239,6 +239,8 @@ def plan_lora(spec: ModelSpec, setup: TrainSetup, gpu: Gpu) -> MethodPlan:
         _states(trainable.count, trainable.params, setup, precision), setup, spec,
         _zero3(spec, setup, arch, precision, {a.module.path: a.numel for a in trainable.adapters},
                trainable.count),
+        # NF4 quantisation state: module attributes, never sharded
+        unsharded={"weights": sum(nf4_state_bytes(p.numel, setup.double_quant) for p in nf4)},
         flops_per_token=flops,
         rank=setup.rank, trainable_params=trainable.count,
         all_params=arch.total_params + trainable.adapter_count + trainable.saved_module_count,

@@ -31,6 +31,16 @@ def nf4_bytes(numel: int, double_quant: bool) -> int:
     return packed + blocks + 4 * math.ceil(blocks / DOUBLE_QUANT_BLOCK) + 4
 
 
+def nf4_state_bytes(numel: int, double_quant: bool) -> int:
+    """The quantisation state of one NF4 weight: `nf4_bytes` less its packed codes (ceil(numel / 2)).
+
+    bitsandbytes keeps it in the layer's `quant_state`, a plain attribute rather than a parameter:
+    FSDP and ZeRO-3 shard and gather only the packed codes (stored as a 16-bit tensor under
+    `bnb_4bit_quant_storage`), so every GPU holds the whole state of every layer.
+    """
+    return nf4_bytes(numel, double_quant) - math.ceil(numel / 2)
+
+
 def quantised_params(arch: Architecture, trainable: Trainable, experts: bool = False) -> set[str]:
     """Names of the weights QLoRA stores as NF4.
 

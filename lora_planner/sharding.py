@@ -198,24 +198,32 @@ def zero3_buffer_terms(buffers: dict[str, Term]) -> dict[str, Term]:
     return out
 
 
-def _on_gpu(term: Term, where: str, n: int) -> Term:
+def _on_gpu(term: Term, where: str, n: int, whole: int = 0) -> Term:
     if where == "replicated":
         return term
     if where == "cpu":
         return Term(term.name, 0, f"offloaded to CPU ({term.bytes:,} B)")
+    if whole:
+        share = math.ceil((term.bytes - whole) / n) + whole
+        return Term(term.name, share, f"({term.formula} - {whole:,} B of NF4 quantisation state) / {n} GPUs "
+                                      f"+ that state whole on every GPU = {share:,} B")
     share = math.ceil(term.bytes / n)
     return Term(term.name, share, f"({term.formula}) / {n} GPUs = {share:,} B")
 
 
 def per_gpu_states(memory: dict[str, Term], sharding: Sharding,
-                   buffer: dict[str, Term] | None = None) -> dict[str, Term]:
+                   buffer: dict[str, Term] | None = None,
+                   unsharded: dict[str, int] | None = None) -> dict[str, Term]:
     """The whole-model terms (weights, gradients, master weights, optimizer states, activations) ->
-    the same terms on one GPU of `sharding.num_gpus`. Sharded terms take ceil(bytes / N); offloaded
-    terms take 0 on the GPU. Under ZeRO-3 the run-time buffers (see `zero3_buffers`) are added to the
-    terms they belong to; they stay on the GPU whatever is offloaded. FSDP2's buffers depend on the
-    moment of the step and are added to the timeline's phases instead (`fsdp.phase_extras`)."""
+    the same terms on one GPU of `sharding.num_gpus`. Sharded terms take ceil(bytes / N), but for
+    the part of a term no strategy shards (`unsharded`: QLoRA's quantisation state, see
+    `quant.nf4_state_bytes`), which every GPU holds whole; offloaded terms take 0 on the GPU. Under
+    ZeRO-3 the run-time buffers (see `zero3_buffers`) are added to the terms they belong to; they
+    stay on the GPU whatever is offloaded. FSDP2's buffers depend on the moment of the step and are
+    added to the timeline's phases instead (`fsdp.phase_extras`)."""
     n = sharding.num_gpus
-    out = {key: _on_gpu(term, placement(key, sharding), n) for key, term in memory.items()}
+    kept = unsharded or {}
+    out = {key: _on_gpu(term, placement(key, sharding), n, kept.get(key, 0)) for key, term in memory.items()}
     if sharding.strategy == "zero3":
         for key, part in (buffer or {}).items():
             t = out[key]
@@ -316,12 +324,14 @@ def _strategy_label(n: int | None, strategy: str) -> str | None:
 
 
 def distribute(memory: dict[str, Term], sharding: Sharding | None, buffers: dict[str, Term] | None,
-               budget: int, phases: PhasesOf, phase_bytes: PhaseBytesOf | None = None) -> DataParallel:
+               budget: int, phases: PhasesOf, phase_bytes: PhaseBytesOf | None = None,
+               unsharded: dict[str, int] | None = None) -> DataParallel:
     """Place whole-model terms on GPUs: per-GPU terms for the chosen sharding (unchanged when
     `sharding` is None), CPU bytes under offload, the fewest GPUs for every strategy, and the fewest
     overall. `budget` is the largest per-GPU peak the fit rule allows (`gpus.largest_fitting_peak`);
     `phases` gives the step's phases on one GPU from its per-GPU terms, and `phase_bytes` (when
-    given) their bytes alone, which is all the search for the fewest GPUs reads."""
+    given) their bytes alone, which is all the search for the fewest GPUs reads. `unsharded`: the
+    part of a term every GPU keeps whole (see `per_gpu_states`)."""
     buffer = zero3_buffer_terms(buffers or {})
     if phase_bytes is None:
         def phase_bytes(m: dict[str, Term], sh: Sharding | None) -> tuple[int, ...]:
@@ -333,7 +343,7 @@ def distribute(memory: dict[str, Term], sharding: Sharding | None, buffers: dict
         def on(n: int) -> tuple[int, ...]:
             if n not in tried:
                 sh = s.with_gpus(n)
-                tried[n] = phase_bytes(per_gpu_states(memory, sh, buffer), sh)
+                tried[n] = phase_bytes(per_gpu_states(memory, sh, buffer, unsharded), sh)
             return tried[n]
         return fewest_gpus(on, budget, s.strategy != "none")
 
@@ -344,8 +354,9 @@ def distribute(memory: dict[str, Term], sharding: Sharding | None, buffers: dict
         return DataParallel(None, dict(memory), 0, n, minimum, _strategy_label(n, best))
     n = minimum[sharding.strategy] if sharding.offload == "none" else least(sharding)
     kept = buffers if sharding.strategy == "zero3" else {}
-    return DataParallel(sharding, per_gpu_states(memory, sharding, buffer), cpu_bytes(memory, sharding),
-                        n, minimum, _strategy_label(n, sharding.strategy), dict(kept or {}))
+    return DataParallel(sharding, per_gpu_states(memory, sharding, buffer, unsharded),
+                        cpu_bytes(memory, sharding), n, minimum, _strategy_label(n, sharding.strategy),
+                        dict(kept or {}))
 
 
 def sharding_of(num_gpus: int | None, strategy: str, offload: str) -> Sharding | None:

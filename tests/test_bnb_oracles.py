@@ -4,6 +4,8 @@ The planner's byte counts (`quant.nf4_bytes`, `optimizers.optimizer_state_bytes`
 the tensors bitsandbytes actually makes, for seeded random shapes, so a change in either side shows.
 """
 
+import math
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -106,11 +108,13 @@ def test_dequant_transient_is_the_16_bit_weight_bitsandbytes_makes(out_features,
     assert made == [dequant_transient_bytes([out_features * in_features])]
 
 
-def _quantised_block_bytes(config: dict, targets: list[str]) -> tuple[list[int], int]:
+def _quantised_block_bytes(config: dict, targets: list[str]) -> tuple[list[int], int, int]:
     """What FSDP shards and gathers per decoder layer and for the rest (the root) of a QLoRA model
     built for it: every nn.Linear but the head swapped for bitsandbytes' Linear4bit with
     `quant_storage=bfloat16` and quantised on CPU, PEFT's adapters on top, everything else in bf16
-    (FSDP2's parameter dtype). Bytes are the parameters' storage, as FSDP flattens them."""
+    (FSDP2's parameter dtype). Bytes are the parameters' storage, as FSDP flattens them. Third: the
+    bytes of every layer's `quant_state` (absmax, and double quantisation's second level), which are
+    module attributes, not parameters."""
     import peft
     import transformers
 
@@ -133,7 +137,15 @@ def _quantised_block_bytes(config: dict, targets: list[str]) -> tuple[list[int],
     layers = model.base_model.model.model.layers
     blocks = [sum(p.numel() * p.element_size() for p in layer.parameters()) for layer in layers]
     everything = sum(p.numel() * p.element_size() for p in model.parameters())
-    return blocks, everything - sum(blocks)
+    state = 0
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            q = m.weight.quant_state
+            state += q.absmax.numel() * q.absmax.element_size()
+            if q.nested:
+                state += q.state2.absmax.numel() * q.state2.absmax.element_size()
+                state += q.offset.numel() * q.offset.element_size()
+    return blocks, everything - sum(blocks), state
 
 
 @settings(max_examples=6, deadline=None)
@@ -158,7 +170,7 @@ def test_fsdp_gathers_qlora_blocks_as_bitsandbytes_stores_them(seed):
               "num_attention_heads": heads, "num_key_value_heads": rng.choice([1, heads]),
               "tie_word_embeddings": rng.random() < 0.5, "max_position_embeddings": 64}
     targets = rng.choice([["q_proj", "v_proj"], ["gate_proj", "up_proj", "down_proj"]])
-    blocks, root = _quantised_block_bytes(config, targets)
+    blocks, root, state = _quantised_block_bytes(config, targets)
 
     spec = spec_from_hf_config(config, name="qlora-fsdp")
     setup = resolve(TrainSetup(method="qlora", rank=4, targets=tuple(targets), precision="mixed",
@@ -169,3 +181,12 @@ def test_fsdp_gathers_qlora_blocks_as_bitsandbytes_stores_them(seed):
     u = units(spec, setup, precision, predict_step(spec, setup, precision, memory).states)
     assert list(u.block_bytes) == blocks
     assert u.root_bytes == root
+    # each GPU holds a 1/N shard of the weights but the whole quantisation state
+    gpu = get_gpu("h100")
+    whole = plan_lora(spec, setup.with_(num_gpus=None, sharding="none"), gpu).memory["weights"].bytes
+    for n, strategy in ((2, "fsdp"), (3, "zero3"), (8, "fsdp")):
+        placed = plan_lora(spec, setup.with_(num_gpus=n, sharding=strategy), gpu).data_parallel
+        weight_buffers = ("zero3_live_params", "zero3_prefetch", "zero3_persistent")
+        buffers = sum(placed.buffers[k].bytes for k in weight_buffers
+                      if k in placed.buffers)  # ZeRO-3's run-time buffers, added to the weights
+        assert placed.per_gpu["weights"].bytes - buffers == math.ceil((whole - state) / n) + state
