@@ -119,6 +119,14 @@ class Graph:
     _keys: itertools.count = field(default_factory=lambda: itertools.count(1))
     _section_bytes: dict[str, int] = field(default_factory=dict)
     _saved_total: int = 0
+    # tensors the model's Python code holds in variables while later ops run (the embedding output,
+    # masks, rotary cos and sin, the residual stream, attention's returned weights), by key; what
+    # no op saved of them is alive beside the saved set (see `moment`)
+    held: dict[int, Tensor] = field(default_factory=dict)
+    # autocast's 16-bit copies of trained parameters no op saved: alive from their linear to the loss
+    _cache_unsaved: int = 0
+    # the most the whole forward holds at once before the loss, without checkpointing (`moment`)
+    forward_live: int = 0
 
     # --- tensors ---------------------------------------------------------------------------------
     def new(self, numel: int, itemsize: int, grad: bool) -> Tensor:
@@ -234,6 +242,30 @@ class Graph:
         entry = self.cache.setdefault(self.section, [0, 0])
         entry[0] += nbytes
         entry[1] += nbytes if saved else 0
+        self._cache_unsaved += 0 if saved else nbytes
+
+    # --- the forward's own moments (no checkpointing) ---------------------------------------------
+    def hold(self, *tensors: Tensor) -> None:
+        """The model's code keeps `tensors` in variables from here (until `release`)."""
+        for t in tensors:
+            self.held[t.key] = t
+
+    def release(self, *tensors: Tensor) -> None:
+        for t in tensors:
+            self.held.pop(t.key, None)
+
+    def moment(self, *tensors: Tensor, extra: int = 0) -> int:
+        """Live bytes of the forward at one op, when nothing is checkpointed: every tensor saved so
+        far (all layers before and this one's so far), autocast's unsaved weight copies, and the
+        tensors alive here that no op saved: those held in variables (`held`), the block's arguments
+        (`args`), `tensors` (the op's inputs and output) and `extra` bytes of anonymous ones. Each
+        tensor counts once. Keeps the largest in `forward_live`, which the timeline compares with
+        the forward's end at the loss.
+        """
+        live = (self._saved_total + self._cache_unsaved + extra
+                + self.unsaved(*self.held.values(), *self.args, *tensors))
+        self.forward_live = max(self.forward_live, live)
+        return live
 
     # --- linear layers --------------------------------------------------------------------------
     def linear(self, x: Tensor, path: str, in_features: int, out_features: int) -> Tensor:
@@ -257,6 +289,10 @@ class Graph:
             if path in self.biases:
                 self.cached(out_features * 2, saved=False)
         out = self.new(rows * out_features, xin.itemsize, x.grad or trains)
+        # the matmul's moment: its input, autocast's copies of the input and (when no op keeps it)
+        # of the weight, and its output
+        self.moment(x, xin, out, extra=in_features * out_features * 2
+                    if self.cond.autocast and not (x.grad or trains) else 0)
         if rank is None:
             return out
         # PEFT casts the adapter's input to lora_A's dtype first: under autocast the adapters are fp32,
@@ -284,6 +320,9 @@ class Graph:
             self.save(self.new(rank * out_features, 2, False))
             self.cached(in_features * rank * 2, saved=xd.grad)
             self.cached(rank * out_features * 2, saved=True)
+        # the same moment in the whole forward: the base output, lora_B's output and its scaled copy
+        # beside the input and PEFT's cast of it (`xd`, the input itself when of the adapter's dtype)
+        self.moment(x, xd, out, extra=2 * rows * out_features * out.itemsize)
         return self.add(out, self.new(rows * out_features, xa.itemsize, True))
 
     def merged_linear(self, x: Tensor, path: str, in_features: int, out_features: int) -> Tensor:
@@ -326,6 +365,7 @@ class Graph:
         grad = q.grad or k.grad or v.grad
         self.attention_without_grad += not grad
         q_in, v_in = q.itemsize, v.itemsize  # before autocast: what `.to(query.dtype)` casts back to
+        q0, k0, v0 = q, k, v  # as the module holds them (`attention_moments`)
         full = b * heads * s * head_dim
         probs = b * heads * s * s
         flash = self.cond.attention == "sdpa" and not (self.cond.device == "cpu" and attn_dropout > 0)
@@ -386,18 +426,112 @@ class Graph:
         if p.grad:
             self.save(p)  # softmax keeps its output
         self.attn_tail_start()
+        # the forward's moments inside the core, for the families that run transformers' shared
+        # eager function or SDPA (not GPT-2's own attention nor Phi-3's sliced fused projection)
+        moments = fused is None and softmax_fp32 and not masked
         if eager:
             # back to the query's dtype (GPT-2: the value's) as the module wrote it, dropout there,
             # and autocast's matmul makes the 16-bit copy that probs @ v keeps
-            p = self.dropout_op(self.cast(p, q_in if softmax_fp32 else v_in), attn_dropout)
-            p = self.cast(p, 2) if self.cond.autocast else p
+            pw = self.cast(p, q_in if softmax_fp32 else v_in)
+            dropped = self.dropout_op(pw, attn_dropout)
+            if moments:
+                self.eager_moments((q0, k0, v0), (qc, kc, vc), p, pw, dropped, heads, kv_heads, head_dim)
+            p = self.cast(dropped, 2) if self.cond.autocast else dropped
+            if moments:
+                self.eager_output_moment((k0, v0), vc, dropped, p, heads, kv_heads, head_dim)
+                self.hold(dropped)  # the attention weights it returns: the layer binds them to `_`
         else:
+            soft_p = p
             p = self.dropout_op(self.cast(p, cb), attn_dropout)
+            if moments:
+                self.math_moments((q0, k0, v0), (q, k, v), (qc, vc), soft_p, p, heads, kv_heads, head_dim)
         if vc.grad:
             self.save(p)  # probs @ v keeps the probabilities for v's gradient, v for theirs
         if p.grad:
             self.save(vc)
         return self.new(full, max(q.itemsize, v.itemsize), grad)  # contiguous (b, s, heads * hd)
+
+    def eager_moments(self, inputs: tuple[Tensor, Tensor, Tensor], operands: tuple[Tensor, Tensor, Tensor],
+                      p: Tensor, pw: Tensor, dropped: Tensor, heads: int, kv_heads: int,
+                      head_dim: int) -> None:
+        """transformers' `eager_attention_forward`, op by op, as the forward's moments: repeat_kv's
+        copies of k and v (from several k/v heads; from one it is a view), the scores (scaled, plus
+        the mask: promoted to the mask's dtype, fp32 under autocast), softmax's fp32 copy of them when
+        they are 16-bit and its fp32 output, the cast back to the query's dtype (`pw`), then dropout's
+        mask (the input's dtype on CPU, one byte on CUDA) and output.
+
+        What the q @ k^T matmul works on (`operands`, the walk's saved copies) is q or k itself when
+        no copy is needed: without autocast, a repeated k (contiguous) or, for one sequence or one
+        head, the projection's transposed view reshapes for bmm as it is.
+        """
+        b, s = self.cond.batch_size, self.cond.seq_len
+        q0, k0, v0 = inputs
+        qc, kc, _ = operands
+        full = b * heads * s * head_dim
+        copies = 1 < kv_heads < heads
+        rep_k = self.new(full, k0.itemsize, False) if copies else None
+        rep_v = self.new(full, v0.itemsize, False) if copies else None
+        live = [v0] + ([rep_v] if rep_v else [])
+        if self.cond.autocast or not (b == 1 or heads == 1):
+            live.append(q0)
+        if self.cond.autocast or copies or not (b == 1 or heads == 1):
+            live.append(k0)
+        if rep_k and self.cond.autocast:
+            live.append(rep_k)
+        live += [qc, kc]
+        probs = b * heads * s * s
+        scores = probs * (FP32 if self.cond.autocast else max(q0.itemsize, self.cond.weight_bytes))
+        upcast = probs * FP32 if scores != probs * FP32 else 0
+        self.moment(*live, p, extra=scores + upcast)  # softmax
+        if pw is not p:
+            self.moment(*live, p, pw, extra=scores)  # .to(query.dtype)
+        if dropped is not pw:
+            noise = 0 if pw.grad else probs * (1 if self.cond.device == "cuda" else pw.itemsize)
+            self.moment(*live, pw, dropped, extra=noise)
+
+    def eager_output_moment(self, kv: tuple[Tensor, Tensor], vc: Tensor, weights: Tensor, wa: Tensor,
+                            heads: int, kv_heads: int, head_dim: int) -> None:
+        """probs @ v and its transposed contiguous copy: the weights (and autocast's 16-bit copy),
+        v as the matmul reads it, and the output twice (b, heads, s, d then (b, s, heads, d))."""
+        b, s = self.cond.batch_size, self.cond.seq_len
+        _, v0 = kv
+        full = b * heads * s * head_dim
+        copies = 1 < kv_heads < heads
+        live = [v0, weights, wa, vc]
+        if copies and self.cond.autocast:
+            live.append(self.new(full, v0.itemsize, False))  # repeat_kv's copy
+        itemsize = 2 if self.cond.autocast else max(weights.itemsize, vc.itemsize)
+        self.moment(*live, extra=2 * full * itemsize)
+
+    def math_moments(self, inputs: tuple[Tensor, Tensor, Tensor], args: tuple[Tensor, Tensor, Tensor],
+                     operands: tuple[Tensor, Tensor], p: Tensor, dropped: Tensor, heads: int,
+                     kv_heads: int, head_dim: int) -> None:
+        """torch's math SDPA kernel (`_scaled_dot_product_attention_math`, which CPU runs when attention
+        dropout is on), op by op, as the forward's moments.
+
+        It holds the module's q, k, v (`inputs`), the arguments it was given (`args`: autocast's 16-bit
+        copies), fp32 copies of 16-bit ones, q scaled (`operands[0]`), the causal mask made fp32
+        (s x s), k and v repeated to every head (`enable_gqa`: copies from fewer k/v heads, else the
+        fp32 ones themselves; v's is `operands[1]`), then the scores and softmax's output; dropout's
+        mask (fp32 on CPU) and output; last the output (fp32), and, for a 16-bit query, both results
+        cast back (the probabilities first: the arguments of its return are built right to left).
+        """
+        b, s = self.cond.batch_size, self.cond.seq_len
+        full, probs = b * heads * s * head_dim, b * heads * s * s
+        qc, vc = operands
+        acc = [t if t.itemsize == FP32 else self.new(t.numel, FP32, False) for t in args]
+        live = [*inputs, *args, acc[0], acc[1], qc]
+        if kv_heads < heads:
+            live += [acc[2], self.new(full, FP32, False), vc]
+        else:  # v repeated is v's fp32 copy, or v itself
+            live = [t for t in live if t.key != acc[2].key] + [vc]
+        mask = s * s * FP32 if s > 1 else 0
+        self.moment(*live, p, extra=mask + probs * FP32)  # softmax, beside the scores
+        noise = 0 if p.grad else probs * FP32
+        self.moment(*live, p, dropped, extra=mask + noise)
+        origin = args[0].itemsize
+        cast = (probs + full) * origin if origin != FP32 else 0
+        self.moment(*live, dropped, extra=mask + full * FP32 + cast)
 
     def rope(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         """x * cos + rotate_half(x) * sin: the products keep cos and sin (shared by all layers)."""
@@ -460,6 +594,7 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
         return g.add(x, m)
     gemma = spec.family == "gemma2"
     h = g.rms_norm(x, f"{p}.input_layernorm", H, gemma)
+    g.hold(h)  # the attention's input, until it returns
     if spec.family == "phi3":
         qkv = g.linear(h, f"{p}.self_attn.qkv_proj", H, (nh + 2 * nkv) * hd)
         # q and k are slices that rope copies; v is a slice too, and keeping it keeps the fused output
@@ -483,6 +618,8 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
     if gemma:
         a = g.rms_norm(a, f"{p}.post_attention_layernorm", H, True)
     x = g.add(x, a)
+    g.release(h)
+    g.hold(x)  # the residual, until the layer returns
     g.attn_tail_end()
     g.section += " mlp"
     h = g.rms_norm(x, f"{p}.pre_feedforward_layernorm" if gemma else f"{p}.post_attention_layernorm",
@@ -783,6 +920,24 @@ def layer_backward_transients(spec: ModelSpec, cond: Conditions) -> tuple[int, i
     return resid, mlp, attn
 
 
+def forward_mask_bytes(spec: ModelSpec, cond: Conditions) -> int:
+    """The attention masks the model's forward builds once and holds through its layers.
+
+    Eager attention gets an additive (b, 1, s, s) mask in the embeddings' dtype (fp32 under autocast)
+    per kind of layer (full, sliding); SDPA a boolean (1, 1, s, s) one when a sliding window is no
+    longer than the sequence, and none otherwise (it runs causal). Source: transformers 5
+    `masking_utils` (`create_causal_mask`, `create_sliding_window_causal_mask`).
+    """
+    kinds = {spec.sliding_layer(i) or (spec.family == "gemma2" and i % 2 == 0)
+             for i in range(spec.num_layers)}
+    if cond.attention == "eager":
+        return len(kinds) * cond.batch_size * cond.seq_len * cond.seq_len * (
+            FP32 if cond.autocast else cond.weight_bytes)
+    sliding = any(spec.sliding_layer(i) and cond.seq_len >= (spec.sliding_window or 0)
+                  for i in range(spec.num_layers))
+    return cond.seq_len * cond.seq_len if sliding else 0
+
+
 def rms_norm_backward(tokens: int, hidden: int, weight_trains: bool = False) -> int:
     """Gradients alive at once in an RMSNorm's backward, beyond the incoming one.
 
@@ -875,6 +1030,8 @@ class Profile:
     # (`rms_norm_backward`; none for GPT-2's fused LayerNorm backward)
     final_norm: int = 0
     norm_backward: int = 0
+    # without checkpointing: the most the forward holds at once inside a layer (`Graph.moment`)
+    forward_live: int = 0
 
     @property
     def total(self) -> int:
@@ -922,15 +1079,24 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
         rot = None
     else:
         x = g.new(t * H, wb, "model.embed_tokens" in trainable or input_grad)
+        embedded = x
         if spec.family == "gemma2":
             x = g.new(t * H, wb, x.grad)  # scaled by sqrt(hidden): the product keeps a scalar
         half = cond.seq_len * spec.head_dim
         rot = (g.new(half, wb, False), g.new(half, wb, False))
     layers, mlps, inputs, overlap = [], [], [], []
+    if spec.family != "gpt2":
+        # the model's forward holds these until it returns: the embedding output (`inputs_embeds`),
+        # the position ids, the rotary cos and sin, and the attention masks
+        g.hold(embedded, x, g.new(cond.seq_len, INT64, False), *rot,
+               g.new(forward_mask_bytes(spec, cond), 1, False))
     for i in range(spec.num_layers):
         g.section = f"layer {i}"
         x_in = x
+        outer = dict(g.held)
+        g.hold(x_in)  # the caller's hidden states, until the layer returns
         x = _decoder_layer(g, spec, i, x, rot)
+        g.held = outer
         # a checkpointed layer keeps its input; when the layer's own ops save it too, the recomputed
         # set already holds it (count it once)
         kept = g.saved.get(x_in.key)
@@ -1015,6 +1181,7 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
         # GPT-2's LayerNorm backward is one fused kernel: its gradient, no more
         norm_backward=(rms_norm_backward(cond.tokens, H)
                        if spec.family != "gpt2" and (x.grad or norm in trainable) else 0),
+        forward_live=0 if cond.grad_checkpointing else g.forward_live,
         input_leaf=t * H * wb if input_grad and not trainable & {"model.embed_tokens", "transformer.wte",
                                                                  "transformer.wpe"} else 0,
         autocast_cache=sum(total - kept + (kept if cond.grad_checkpointing and where.startswith("layer")

@@ -75,6 +75,10 @@ def step_phases(states: States, prof: Profile, vocab: int, tokens: int) -> tuple
     phases = [Phase("forward", base + acts + logits + prof.autocast_cache + prof.final_hidden,
                      "weights + optimizer states + saved activations + logits at the loss (+ autocast's "
                      "weight cache)")]
+    if prof.forward_live:
+        phases.append(Phase("forward", base + prof.forward_live,
+                            "weights + optimizer states + activations saved so far + the tensors one "
+                            "op inside a layer's forward holds"))
     head_grads = 2 * tokens * vocab * FP32 if prof.head_backward is None else prof.head_backward
     phases.append(Phase("backward", base + acts + head_grads,
                         "weights + optimizer states + saved activations + two fp32 logits gradients"

@@ -304,3 +304,38 @@ def test_checkpointed_layers_keep_sdpas_sliding_window_mask():
                              sliding_window=16, max_window_layers=0),
                       method="full", precision="pure-bf16", batch_size=3, seq_len=37,
                       grad_checkpointing=True))
+
+
+# --- forward peaks inside a layer (no checkpointing) -----------------------------------------------
+
+def test_math_sdpa_in_a_layer_without_gradient_peaks_in_the_forward():
+    """Attention dropout on CPU runs SDPA's math kernel: with LoRA on the MLP only, attention needs no
+    gradient, keeps nothing, and its fp32 copies, scores, probabilities, dropout mask and dropped
+    probabilities set the step's peak in the forward (-37.7% before, planned in the backward)."""
+    check(_regression(_dense("qwen2", vocab_size=137, hidden_size=8, num_hidden_layers=4,
+                             num_attention_heads=4, num_key_value_heads=2, intermediate_size=75,
+                             tie_word_embeddings=False, head_dim=14, attention_dropout=0.1),
+                      layers=1, fake=True, method="lora", rank=3, targets=("mlp",), precision="amp",
+                      batch_size=2, seq_len=45))
+
+
+def test_eager_attention_weights_stay_bound_through_the_mlp():
+    """The decoder layer binds eager attention's returned weights to `_` until it returns: beside the
+    down projection's LoRA outputs, the embedding output and the residuals, they set the forward's
+    peak (-8.9% before)."""
+    check(_regression(_dense("mistral", vocab_size=111, hidden_size=78, num_hidden_layers=1,
+                             num_attention_heads=6, num_key_value_heads=2, intermediate_size=93,
+                             tie_word_embeddings=True, head_dim=10, attention_dropout=0.0,
+                             sliding_window=None),
+                      method="lora", rank=7, targets=("mlp",), precision="amp", batch_size=3, seq_len=23,
+                      attention="eager"))
+
+
+def test_eager_softmax_upcasts_16_bit_scores():
+    """Under pure-bf16 eager softmax makes a fp32 copy of the scores beside them and its fp32 output,
+    with repeat_kv's copies of k and v alive (-4.8% before)."""
+    check(_regression(_dense("mistral", vocab_size=130, hidden_size=81, num_hidden_layers=1,
+                             num_attention_heads=9, num_key_value_heads=3, intermediate_size=42,
+                             tie_word_embeddings=False, head_dim=12, sliding_window=None),
+                      fake=True, method="lora", rank=5, targets=("mlp",), precision="pure-bf16",
+                      batch_size=1, seq_len=19, attention="eager"))
