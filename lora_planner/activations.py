@@ -127,6 +127,9 @@ class Graph:
     _cache_unsaved: int = 0
     # the most the whole forward holds at once before the loss, without checkpointing (`moment`)
     forward_live: int = 0
+    # eager attention's softmax backward with v's gradient waiting (`softmax_backward_bytes`)
+    softmax_backward: int = 0
+    qkv_backward: int = 0  # `qkv_backward_bytes`: what is left of the attention's transient after it
 
     # --- tensors ---------------------------------------------------------------------------------
     def new(self, numel: int, itemsize: int, grad: bool) -> Tensor:
@@ -710,6 +713,9 @@ def _moe(g: Graph, spec: ModelSpec, p: str, h: Tensor) -> Tensor:
         g.save(g.new(rows * H, xb, True))  # the down output
     local = moe_locals(t, rows, E, 0 if h.key in g.saved else h.nbytes, logits.itemsize)
     g.peak_at(moe_down_transient(rows, H, inter, xb, up_trains, down_trains) + local)
+    # the whole forward's moments in the block (its input is among the block's arguments)
+    g.moment(extra=moe_locals(t, rows, E, 0, logits.itemsize) + moe_forward_transient(
+        t, rows, H, inter, xb, up_trains, up_grad, down_grad, logits.grad))
     # a checkpointed block's first backward op, the un-sort's, holds the recomputed saved set, its
     # incoming gradient (`pending`), a zeroed (rows x hidden) buffer and its scattered copy; the
     # recompute's locals are gone by then, the sorted expert ids with them
@@ -775,6 +781,29 @@ def moe_down_transient(rows: int, hidden: int, inter: int, itemsize: int, up_tra
     (`integrations/moe.py`), rows = tokens x top-k, in the hidden states' dtype.
     """
     return ((0 if up_trains else rows * hidden) + (0 if down_trains else rows * inter)) * itemsize
+
+
+def moe_forward_transient(tokens: int, rows: int, hidden: int, inter: int, itemsize: int, up_trains: bool,
+                          up_grad: bool, down_grad: bool, routing_grad: bool) -> int:
+    """The most the expert block's forward holds beyond its saved tensors and `moe_locals`, at the
+    down grouped matmul or at the combine after it (the larger).
+
+    Both: the sorted expert ids (rows x int64), the sort permutation and each row's routing weight
+    when not saved, and the gathered input rows unless the gate/up weights train (then saved).
+    Down matmul: its input (the gated activation, rows x intermediate, unless saved) and its output
+    (rows x hidden). Combine: the down output (unless saved for the routing weights' gradient); the
+    rows weighted by the fp32 routing weights (fp32) and their un-sorted copy, together at the
+    un-sort; then the un-sorted rows, their sum over top-k (tokens x hidden, fp32) and its cast back
+    to the hidden states' dtype when that is 16-bit. Source: transformers 5
+    `grouped_mm_experts_forward`; rows = tokens x top-k.
+    """
+    both = (rows * INT64 + (0 if routing_grad else rows * INT64) + (0 if down_grad else rows * FP32)
+            + (0 if up_trains else rows * hidden * itemsize))
+    down = (0 if up_grad else rows * inter * itemsize) + rows * hidden * itemsize
+    out = 0 if routing_grad else rows * hidden * itemsize
+    unsort = out + 2 * rows * hidden * FP32
+    summed = out + rows * hidden * FP32 + tokens * hidden * (FP32 + (itemsize if itemsize != FP32 else 0))
+    return both + max(down, unsort, summed)
 
 
 def moe_locals(tokens: int, rows: int, experts: int, block_input: int, logits_itemsize: int) -> int:
@@ -905,7 +934,7 @@ def layer_backward_transients(spec: ModelSpec, cond: Conditions) -> tuple[int, i
         xb = cond.weight_bytes
         combine = rows * spec.hidden_size * (3 * FP32 + (xb if xb != FP32 else 0) + xb) + rows * INT64
         mlp = max(mlp, combine)
-    qkv = t * (2 * spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim * cb
+    qkv = qkv_backward_bytes(spec, cond)
     attn_dropout = spec.dropout_rates[0] if cond.dropout is None else cond.dropout
     # torch's CPU math fallback (attention dropout) keeps the probabilities as eager does
     if cond.attention == "eager" or (cond.device == "cpu" and attn_dropout > 0):
@@ -936,6 +965,40 @@ def forward_mask_bytes(spec: ModelSpec, cond: Conditions) -> int:
     sliding = any(spec.sliding_layer(i) and cond.seq_len >= (spec.sliding_window or 0)
                   for i in range(spec.num_layers))
     return cond.seq_len * cond.seq_len if sliding else 0
+
+
+def qkv_backward_bytes(spec: ModelSpec, cond: Conditions) -> int:
+    """The gradients of q, k, v and of attention's output alive at once when the core's backward
+    returns: tokens x (2 heads + 2 k/v heads) x head_dim in compute dtype."""
+    return cond.tokens * (2 * spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim * cond.compute_bytes
+
+
+def softmax_backward_bytes(spec: ModelSpec, cond: Conditions) -> int:
+    """Eager attention's (or the CPU math kernel's) softmax backward, beyond the saved tensors: the
+    gradients of the probabilities and of the scores (`layer_backward_transients`' attention term)
+    and v's gradient waiting beside them (`attention_value_gradient`). 0 for fused SDPA kernels.
+    At this moment the q, k and v projections' own gradients are not made yet (the timeline leaves
+    them out). Assumption: v needs a gradient whenever this backward runs.
+    """
+    attn_dropout = spec.dropout_rates[0] if cond.dropout is None else cond.dropout
+    if not (cond.attention == "eager" or (cond.device == "cpu" and attn_dropout > 0)):
+        return 0
+    probs = cond.batch_size * spec.num_heads * cond.seq_len * cond.seq_len
+    soft = (cond.compute_bytes if spec.family == "gpt2" and not cond.autocast and cond.attention == "eager"
+            else FP32)
+    return probs * 2 * soft + attention_value_gradient(spec, cond)
+
+
+def attention_value_gradient(spec: ModelSpec, cond: Conditions) -> int:
+    """The gradient of v (repeated to every head) that waits through eager attention's softmax
+    backward: probs @ v's backward makes it beside the probabilities' gradient, and the nodes it goes
+    to next (repeat_kv, the split of a fused projection, v's projection) were recorded before the
+    softmax, so autograd runs them after it. b x heads x s x head_dim, in the dtype probs @ v ran in:
+    16-bit under autocast, the model's otherwise, fp32 in torch's CPU math kernel.
+    """
+    math = cond.attention == "sdpa"  # only reached for the math fallback
+    itemsize = FP32 if math else cond.compute_bytes
+    return cond.batch_size * spec.num_heads * cond.seq_len * spec.head_dim * itemsize
 
 
 def rms_norm_backward(tokens: int, hidden: int, weight_trains: bool = False) -> int:
@@ -1032,6 +1095,9 @@ class Profile:
     norm_backward: int = 0
     # without checkpointing: the most the forward holds at once inside a layer (`Graph.moment`)
     forward_live: int = 0
+    # eager attention's softmax backward with v's gradient waiting (`softmax_backward_bytes`)
+    softmax_backward: int = 0
+    qkv_backward: int = 0  # `qkv_backward_bytes`: what is left of the attention's transient after it
 
     @property
     def total(self) -> int:
@@ -1182,6 +1248,8 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
         norm_backward=(rms_norm_backward(cond.tokens, H)
                        if spec.family != "gpt2" and (x.grad or norm in trainable) else 0),
         forward_live=0 if cond.grad_checkpointing else g.forward_live,
+        softmax_backward=softmax_backward_bytes(spec, cond),
+        qkv_backward=qkv_backward_bytes(spec, cond),
         input_leaf=t * H * wb if input_grad and not trainable & {"model.embed_tokens", "transformer.wte",
                                                                  "transformer.wpe"} else 0,
         autocast_cache=sum(total - kept + (kept if cond.grad_checkpointing and where.startswith("layer")

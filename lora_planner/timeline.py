@@ -52,6 +52,9 @@ class States:
     dequant_transient: int = 0
     # per decoder layer: the fused experts' gate/up gradient, made before the rest of the MLP part's
     expert_up_gradients: tuple[int, ...] = ()
+    # per decoder layer: the q, k and v projections' gradients (part of the attention part), made
+    # only after the attention core's backward
+    attention_input_gradients: tuple[int, ...] = ()
 
 
 # what every backward moment holds besides its own transients
@@ -143,9 +146,18 @@ def step_phases(states: States, prof: Profile, vocab: int, tokens: int) -> tuple
                                 f"{SO_FAR}, backward through layer {i}'s expert gate/up projection"))
         grads += mlp_grads + attn_grads
         attn_tail = prof.attn_tails[i] if prof.attn_tails else 0
+        # with the softmax's backward a moment of its own (below), the q, k, v projections' gradients
+        # are made after it, beside what the core hands back
+        core = prof.qkv_backward if prof.softmax_backward and not prof.checkpointed else attn
         phases.append(Phase("backward",
-                            base + live - prof.mlp_layers[i] - attn_tail + grads + resid + attn + dq,
+                            base + live - prof.mlp_layers[i] - attn_tail + grads + resid + core + dq,
                             f"{SO_FAR}, backward through layer {i}'s attention"))
+        if prof.softmax_backward and not prof.checkpointed:
+            # eager attention's softmax backward: the q, k, v projections' gradients are not made yet
+            qkv = states.attention_input_gradients[i] if states.attention_input_gradients else 0
+            phases.append(Phase("backward", base + live - prof.mlp_layers[i] - attn_tail + grads - qkv
+                                + resid + prof.softmax_backward + dq,
+                                f"{SO_FAR}, layer {i}'s softmax backward, v's gradient waiting"))
         saved_below -= prof.args_freed[i] if prof.args_freed else 0
     leaf = 2 * prof.input_leaf  # the embedding output made a leaf, and its gradient
     phases.append(Phase("backward", base + states.gradients + states.embedding_backward + leaf,
