@@ -8,6 +8,8 @@ optimizer has used them. On top of them each phase holds something else:
   autocast's cached 16-bit copies of trained weights that are not saved (all of them under
   checkpointing) and the final hidden state the model still holds (the decoder's attention masks
   are freed when it returns, before the head);
+- forward, inside a layer (no checkpointing): the largest of its ops' moments (`Graph.moment`):
+  everything saved so far and what the code holds unsaved there;
 - backward, at the head: every saved activation plus two fp32 (tokens x vocab) gradients, the loss's
   and log-softmax's;
 - backward, layer by layer: what is still saved (checkpointing: the recomputed layer, and the
@@ -17,6 +19,9 @@ optimizer has used them. On top of them each phase holds something else:
   QLoRA, one dequantised weight; a recomputed expert block's un-sort backward (`Graph.unsort`) and
   Gemma-2's post-feedforward and post-attention norms (`activations.rms_norm_backward`), whose
   backward runs while the block before them is still saved;
+- backward, eager attention's softmax (no checkpointing): the probabilities' and the scores'
+  gradients with v's waiting (`activations.softmax_backward_bytes`), before the q, k and v
+  projections make their gradients (`States.attention_input_gradients`);
 - end of backward: all gradients, the trained embedding's backward (`step.embedding_backward`: a
   tied embedding's two partial gradients being summed, or an untied one's incoming gradient), and
   under checkpointing the embedding output PEFT makes a leaf, with its gradient;
@@ -90,7 +95,7 @@ def step_phases(states: States, prof: Profile, vocab: int, tokens: int) -> tuple
                         "backward (chunked or fused loss)"))
     if prof.norm_backward:
         phases.append(Phase("backward", base + acts - prof.head + prof.final_norm + states.head_gradients
-                            + prof.norm_backward,
+                            + prof.norm_backward - prof.final_norm_freed,
                             f"{SO_FAR}, backward through the final norm"))
     grads = states.head_gradients
     saved_below = acts - prof.head
@@ -157,7 +162,8 @@ def step_phases(states: States, prof: Profile, vocab: int, tokens: int) -> tuple
             qkv = states.attention_input_gradients[i] if states.attention_input_gradients else 0
             phases.append(Phase("backward", base + live - prof.mlp_layers[i] - attn_tail + grads - qkv
                                 + resid + prof.softmax_backward + dq,
-                                f"{SO_FAR}, layer {i}'s softmax backward, v's gradient waiting"))
+                                f"{SO_FAR}, backward through layer {i}'s attention softmax, v's gradient "
+                                "waiting"))
         saved_below -= prof.args_freed[i] if prof.args_freed else 0
     leaf = 2 * prof.input_leaf  # the embedding output made a leaf, and its gradient
     phases.append(Phase("backward", base + states.gradients + states.embedding_backward + leaf,
