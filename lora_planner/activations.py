@@ -268,8 +268,12 @@ class Graph:
         tensor counts once. Keeps the largest in `forward_live`, which the timeline compares with
         the forward's end at the loss.
         """
-        live = (self._saved_total + self._cache_unsaved + extra
-                + self.unsaved(*self.held.values(), *self.args, *tensors))
+        seen, unsaved, saved = set(), 0, self.saved
+        for t in itertools.chain(self.held.values(), self.args, tensors):
+            if t.key not in saved and t.key not in seen:  # size only what no op saved, once
+                seen.add(t.key)
+                unsaved += t.numel * t.itemsize
+        live = self._saved_total + self._cache_unsaved + extra + unsaved
         self.forward_live = max(self.forward_live, live)
         return live
 
