@@ -119,6 +119,20 @@ class Graph:
     _keys: itertools.count = field(default_factory=lambda: itertools.count(1))
     _section_bytes: dict[str, int] = field(default_factory=dict)
     _saved_total: int = 0
+    # tensors the model's Python code holds in variables while later ops run (the embedding output,
+    # masks, rotary cos and sin, the residual stream, attention's returned weights), by key; what
+    # no op saved of them is alive beside the saved set (see `moment`)
+    held: dict[int, Tensor] = field(default_factory=dict)
+    # autocast's 16-bit copies of trained parameters no op saved: alive from their linear to the loss
+    _cache_unsaved: int = 0
+    # the most the whole forward holds at once before the loss, without checkpointing (`moment`)
+    forward_live: int = 0
+    # a trained final norm: its weight's product has used and freed what it saved by the backward's
+    # peak inside the norm (`trained_norm_product_bytes`)
+    final_norm_freed: int = 0
+    # eager attention's softmax backward with v's gradient waiting (`softmax_backward_bytes`)
+    softmax_backward: int = 0
+    qkv_backward: int = 0  # `qkv_backward_bytes`: what is left of the attention's transient after it
 
     # --- tensors ---------------------------------------------------------------------------------
     def new(self, numel: int, itemsize: int, grad: bool) -> Tensor:
@@ -234,6 +248,34 @@ class Graph:
         entry = self.cache.setdefault(self.section, [0, 0])
         entry[0] += nbytes
         entry[1] += nbytes if saved else 0
+        self._cache_unsaved += 0 if saved else nbytes
+
+    # --- the forward's own moments (no checkpointing) ---------------------------------------------
+    def hold(self, *tensors: Tensor) -> None:
+        """The model's code keeps `tensors` in variables from here (until `release`)."""
+        for t in tensors:
+            self.held[t.key] = t
+
+    def release(self, *tensors: Tensor) -> None:
+        for t in tensors:
+            self.held.pop(t.key, None)
+
+    def moment(self, *tensors: Tensor, extra: int = 0) -> int:
+        """Live bytes of the forward at one op, when nothing is checkpointed: every tensor saved so
+        far (all layers before and this one's so far), autocast's unsaved weight copies, and the
+        tensors alive here that no op saved: those held in variables (`held`), the block's arguments
+        (`args`), `tensors` (the op's inputs and output) and `extra` bytes of anonymous ones. Each
+        tensor counts once. Keeps the largest in `forward_live`, which the timeline compares with
+        the forward's end at the loss.
+        """
+        seen, unsaved, saved = set(), 0, self.saved
+        for t in itertools.chain(self.held.values(), self.args, tensors):
+            if t.key not in saved and t.key not in seen:  # size only what no op saved, once
+                seen.add(t.key)
+                unsaved += t.numel * t.itemsize
+        live = self._saved_total + self._cache_unsaved + extra + unsaved
+        self.forward_live = max(self.forward_live, live)
+        return live
 
     # --- linear layers --------------------------------------------------------------------------
     def linear(self, x: Tensor, path: str, in_features: int, out_features: int) -> Tensor:
@@ -257,6 +299,10 @@ class Graph:
             if path in self.biases:
                 self.cached(out_features * 2, saved=False)
         out = self.new(rows * out_features, xin.itemsize, x.grad or trains)
+        # the matmul's moment: its input, autocast's copies of the input and (when no op keeps it)
+        # of the weight, and its output
+        self.moment(x, xin, out, extra=in_features * out_features * 2
+                    if self.cond.autocast and not (x.grad or trains) else 0)
         if rank is None:
             return out
         # PEFT casts the adapter's input to lora_A's dtype first: under autocast the adapters are fp32,
@@ -284,6 +330,9 @@ class Graph:
             self.save(self.new(rank * out_features, 2, False))
             self.cached(in_features * rank * 2, saved=xd.grad)
             self.cached(rank * out_features * 2, saved=True)
+        # the same moment in the whole forward: the base output, lora_B's output and its scaled copy
+        # beside the input and PEFT's cast of it (`xd`, the input itself when of the adapter's dtype)
+        self.moment(x, xd, out, extra=2 * rows * out_features * out.itemsize)
         return self.add(out, self.new(rows * out_features, xa.itemsize, True))
 
     def merged_linear(self, x: Tensor, path: str, in_features: int, out_features: int) -> Tensor:
@@ -326,6 +375,7 @@ class Graph:
         grad = q.grad or k.grad or v.grad
         self.attention_without_grad += not grad
         q_in, v_in = q.itemsize, v.itemsize  # before autocast: what `.to(query.dtype)` casts back to
+        q0, k0, v0 = q, k, v  # as the module holds them (`attention_moments`)
         full = b * heads * s * head_dim
         probs = b * heads * s * s
         flash = self.cond.attention == "sdpa" and not (self.cond.device == "cpu" and attn_dropout > 0)
@@ -386,18 +436,112 @@ class Graph:
         if p.grad:
             self.save(p)  # softmax keeps its output
         self.attn_tail_start()
+        # the forward's moments inside the core, for the families that run transformers' shared
+        # eager function or SDPA (not GPT-2's own attention nor Phi-3's sliced fused projection)
+        moments = fused is None and softmax_fp32 and not masked
         if eager:
             # back to the query's dtype (GPT-2: the value's) as the module wrote it, dropout there,
             # and autocast's matmul makes the 16-bit copy that probs @ v keeps
-            p = self.dropout_op(self.cast(p, q_in if softmax_fp32 else v_in), attn_dropout)
-            p = self.cast(p, 2) if self.cond.autocast else p
+            pw = self.cast(p, q_in if softmax_fp32 else v_in)
+            dropped = self.dropout_op(pw, attn_dropout)
+            if moments:
+                self.eager_moments((q0, k0, v0), (qc, kc, vc), p, pw, dropped, heads, kv_heads, head_dim)
+            p = self.cast(dropped, 2) if self.cond.autocast else dropped
+            if moments:
+                self.eager_output_moment((k0, v0), vc, dropped, p, heads, kv_heads, head_dim)
+                self.hold(dropped)  # the attention weights it returns: the layer binds them to `_`
         else:
+            soft_p = p
             p = self.dropout_op(self.cast(p, cb), attn_dropout)
+            if moments:
+                self.math_moments((q0, k0, v0), (q, k, v), (qc, vc), soft_p, p, heads, kv_heads, head_dim)
         if vc.grad:
             self.save(p)  # probs @ v keeps the probabilities for v's gradient, v for theirs
         if p.grad:
             self.save(vc)
         return self.new(full, max(q.itemsize, v.itemsize), grad)  # contiguous (b, s, heads * hd)
+
+    def eager_moments(self, inputs: tuple[Tensor, Tensor, Tensor], operands: tuple[Tensor, Tensor, Tensor],
+                      p: Tensor, pw: Tensor, dropped: Tensor, heads: int, kv_heads: int,
+                      head_dim: int) -> None:
+        """transformers' `eager_attention_forward`, op by op, as the forward's moments: repeat_kv's
+        copies of k and v (from several k/v heads; from one it is a view), the scores (scaled, plus
+        the mask: promoted to the mask's dtype, fp32 under autocast), softmax's fp32 copy of them when
+        they are 16-bit and its fp32 output, the cast back to the query's dtype (`pw`), then dropout's
+        mask (the input's dtype on CPU, one byte on CUDA) and output.
+
+        What the q @ k^T matmul works on (`operands`, the walk's saved copies) is q or k itself when
+        no copy is needed: without autocast, a repeated k (contiguous) or, for one sequence or one
+        head, the projection's transposed view reshapes for bmm as it is.
+        """
+        b, s = self.cond.batch_size, self.cond.seq_len
+        q0, k0, v0 = inputs
+        qc, kc, _ = operands
+        full = b * heads * s * head_dim
+        copies = 1 < kv_heads < heads
+        rep_k = self.new(full, k0.itemsize, False) if copies else None
+        rep_v = self.new(full, v0.itemsize, False) if copies else None
+        live = [v0] + ([rep_v] if rep_v else [])
+        if self.cond.autocast or not (b == 1 or heads == 1):
+            live.append(q0)
+        if self.cond.autocast or copies or not (b == 1 or heads == 1):
+            live.append(k0)
+        if rep_k and self.cond.autocast:
+            live.append(rep_k)
+        live += [qc, kc]
+        probs = b * heads * s * s
+        scores = probs * (FP32 if self.cond.autocast else max(q0.itemsize, self.cond.weight_bytes))
+        upcast = probs * FP32 if scores != probs * FP32 else 0
+        self.moment(*live, p, extra=scores + upcast)  # softmax
+        if pw is not p:
+            self.moment(*live, p, pw, extra=scores)  # .to(query.dtype)
+        if dropped is not pw:
+            noise = 0 if pw.grad else probs * (1 if self.cond.device == "cuda" else pw.itemsize)
+            self.moment(*live, pw, dropped, extra=noise)
+
+    def eager_output_moment(self, kv: tuple[Tensor, Tensor], vc: Tensor, weights: Tensor, wa: Tensor,
+                            heads: int, kv_heads: int, head_dim: int) -> None:
+        """probs @ v and its transposed contiguous copy: the weights (and autocast's 16-bit copy),
+        v as the matmul reads it, and the output twice (b, heads, s, d then (b, s, heads, d))."""
+        b, s = self.cond.batch_size, self.cond.seq_len
+        _, v0 = kv
+        full = b * heads * s * head_dim
+        copies = 1 < kv_heads < heads
+        live = [v0, weights, wa, vc]
+        if copies and self.cond.autocast:
+            live.append(self.new(full, v0.itemsize, False))  # repeat_kv's copy
+        itemsize = 2 if self.cond.autocast else max(weights.itemsize, vc.itemsize)
+        self.moment(*live, extra=2 * full * itemsize)
+
+    def math_moments(self, inputs: tuple[Tensor, Tensor, Tensor], args: tuple[Tensor, Tensor, Tensor],
+                     operands: tuple[Tensor, Tensor], p: Tensor, dropped: Tensor, heads: int,
+                     kv_heads: int, head_dim: int) -> None:
+        """torch's math SDPA kernel (`_scaled_dot_product_attention_math`, which CPU runs when attention
+        dropout is on), op by op, as the forward's moments.
+
+        It holds the module's q, k, v (`inputs`), the arguments it was given (`args`: autocast's 16-bit
+        copies), fp32 copies of 16-bit ones, q scaled (`operands[0]`), the causal mask made fp32
+        (s x s), k and v repeated to every head (`enable_gqa`: copies from fewer k/v heads, else the
+        fp32 ones themselves; v's is `operands[1]`), then the scores and softmax's output; dropout's
+        mask (fp32 on CPU) and output; last the output (fp32), and, for a 16-bit query, both results
+        cast back (the probabilities first: the arguments of its return are built right to left).
+        """
+        b, s = self.cond.batch_size, self.cond.seq_len
+        full, probs = b * heads * s * head_dim, b * heads * s * s
+        qc, vc = operands
+        acc = [t if t.itemsize == FP32 else self.new(t.numel, FP32, False) for t in args]
+        live = [*inputs, *args, acc[0], acc[1], qc]
+        if kv_heads < heads:
+            live += [acc[2], self.new(full, FP32, False), vc]
+        else:  # v repeated is v's fp32 copy, or v itself
+            live = [t for t in live if t.key != acc[2].key] + [vc]
+        mask = s * s * FP32 if s > 1 else 0
+        self.moment(*live, p, extra=mask + probs * FP32)  # softmax, beside the scores
+        noise = 0 if p.grad else probs * FP32
+        self.moment(*live, p, dropped, extra=mask + noise)
+        origin = args[0].itemsize
+        cast = (probs + full) * origin if origin != FP32 else 0
+        self.moment(*live, dropped, extra=mask + full * FP32 + cast)
 
     def rope(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         """x * cos + rotate_half(x) * sin: the products keep cos and sin (shared by all layers)."""
@@ -460,6 +604,7 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
         return g.add(x, m)
     gemma = spec.family == "gemma2"
     h = g.rms_norm(x, f"{p}.input_layernorm", H, gemma)
+    g.hold(h)  # the attention's input, until it returns
     if spec.family == "phi3":
         qkv = g.linear(h, f"{p}.self_attn.qkv_proj", H, (nh + 2 * nkv) * hd)
         # q and k are slices that rope copies; v is a slice too, and keeping it keeps the fused output
@@ -483,6 +628,8 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
     if gemma:
         a = g.rms_norm(a, f"{p}.post_attention_layernorm", H, True)
     x = g.add(x, a)
+    g.release(h)
+    g.hold(x)  # the residual, until the layer returns
     g.attn_tail_end()
     g.section += " mlp"
     h = g.rms_norm(x, f"{p}.pre_feedforward_layernorm" if gemma else f"{p}.post_attention_layernorm",
@@ -573,6 +720,9 @@ def _moe(g: Graph, spec: ModelSpec, p: str, h: Tensor) -> Tensor:
         g.save(g.new(rows * H, xb, True))  # the down output
     local = moe_locals(t, rows, E, 0 if h.key in g.saved else h.nbytes, logits.itemsize)
     g.peak_at(moe_down_transient(rows, H, inter, xb, up_trains, down_trains) + local)
+    # the whole forward's moments in the block (its input is among the block's arguments)
+    g.moment(extra=moe_locals(t, rows, E, 0, logits.itemsize) + moe_forward_transient(
+        t, rows, H, inter, xb, up_trains, up_grad, down_grad, logits.grad))
     # a checkpointed block's first backward op, the un-sort's, holds the recomputed saved set, its
     # incoming gradient (`pending`), a zeroed (rows x hidden) buffer and its scattered copy; the
     # recompute's locals are gone by then, the sorted expert ids with them
@@ -638,6 +788,29 @@ def moe_down_transient(rows: int, hidden: int, inter: int, itemsize: int, up_tra
     (`integrations/moe.py`), rows = tokens x top-k, in the hidden states' dtype.
     """
     return ((0 if up_trains else rows * hidden) + (0 if down_trains else rows * inter)) * itemsize
+
+
+def moe_forward_transient(tokens: int, rows: int, hidden: int, inter: int, itemsize: int, up_trains: bool,
+                          up_grad: bool, down_grad: bool, routing_grad: bool) -> int:
+    """The most the expert block's forward holds beyond its saved tensors and `moe_locals`, at the
+    down grouped matmul or at the combine after it (the larger).
+
+    Both: the sorted expert ids (rows x int64), the sort permutation and each row's routing weight
+    when not saved, and the gathered input rows unless the gate/up weights train (then saved).
+    Down matmul: its input (the gated activation, rows x intermediate, unless saved) and its output
+    (rows x hidden). Combine: the down output (unless saved for the routing weights' gradient); the
+    rows weighted by the fp32 routing weights (fp32) and their un-sorted copy, together at the
+    un-sort; then the un-sorted rows, their sum over top-k (tokens x hidden, fp32) and its cast back
+    to the hidden states' dtype when that is 16-bit. Source: transformers 5
+    `grouped_mm_experts_forward`; rows = tokens x top-k.
+    """
+    both = (rows * INT64 + (0 if routing_grad else rows * INT64) + (0 if down_grad else rows * FP32)
+            + (0 if up_trains else rows * hidden * itemsize))
+    down = (0 if up_grad else rows * inter * itemsize) + rows * hidden * itemsize
+    out = 0 if routing_grad else rows * hidden * itemsize
+    unsort = out + 2 * rows * hidden * FP32
+    summed = out + rows * hidden * FP32 + tokens * hidden * (FP32 + (itemsize if itemsize != FP32 else 0))
+    return both + max(down, unsort, summed)
 
 
 def moe_locals(tokens: int, rows: int, experts: int, block_input: int, logits_itemsize: int) -> int:
@@ -768,7 +941,7 @@ def layer_backward_transients(spec: ModelSpec, cond: Conditions) -> tuple[int, i
         xb = cond.weight_bytes
         combine = rows * spec.hidden_size * (3 * FP32 + (xb if xb != FP32 else 0) + xb) + rows * INT64
         mlp = max(mlp, combine)
-    qkv = t * (2 * spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim * cb
+    qkv = qkv_backward_bytes(spec, cond)
     attn_dropout = spec.dropout_rates[0] if cond.dropout is None else cond.dropout
     # torch's CPU math fallback (attention dropout) keeps the probabilities as eager does
     if cond.attention == "eager" or (cond.device == "cpu" and attn_dropout > 0):
@@ -781,6 +954,67 @@ def layer_backward_transients(spec: ModelSpec, cond: Conditions) -> tuple[int, i
     else:
         attn = qkv
     return resid, mlp, attn
+
+
+def forward_mask_bytes(spec: ModelSpec, cond: Conditions) -> int:
+    """The attention masks the model's forward builds once and holds through its layers.
+
+    Eager attention gets an additive (b, 1, s, s) mask in the embeddings' dtype (fp32 under autocast)
+    per kind of layer (full, sliding); SDPA a boolean (1, 1, s, s) one when a sliding window is no
+    longer than the sequence, and none otherwise (it runs causal). Source: transformers 5
+    `masking_utils` (`create_causal_mask`, `create_sliding_window_causal_mask`).
+    """
+    kinds = {spec.sliding_layer(i) or (spec.family == "gemma2" and i % 2 == 0)
+             for i in range(spec.num_layers)}
+    if cond.attention == "eager":
+        return len(kinds) * cond.batch_size * cond.seq_len * cond.seq_len * (
+            FP32 if cond.autocast else cond.weight_bytes)
+    sliding = any(spec.sliding_layer(i) and cond.seq_len >= (spec.sliding_window or 0)
+                  for i in range(spec.num_layers))
+    return cond.seq_len * cond.seq_len if sliding else 0
+
+
+def trained_norm_product_bytes(numel: int, itemsize: int, offset_weight: bool) -> int:
+    """What an RMSNorm whose weight trains saved for that weight's gradient: the normalised input
+    (cast back to the input's dtype; fp32 in Gemma-2's (1 + w) form). The weight's product is the
+    norm's last op, so its backward runs first and frees it before the norm's own backward peaks
+    (`rms_norm_backward`, at pow's). Source: the traced step of a fully fine-tuned Phi-3 under amp.
+    """
+    return numel * (FP32 if offset_weight else itemsize)
+
+
+def qkv_backward_bytes(spec: ModelSpec, cond: Conditions) -> int:
+    """The gradients of q, k, v and of attention's output alive at once when the core's backward
+    returns: tokens x (2 heads + 2 k/v heads) x head_dim in compute dtype."""
+    return cond.tokens * (2 * spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim * cond.compute_bytes
+
+
+def softmax_backward_bytes(spec: ModelSpec, cond: Conditions) -> int:
+    """Eager attention's (or the CPU math kernel's) softmax backward, beyond the saved tensors: the
+    gradients of the probabilities and of the scores (`layer_backward_transients`' attention term)
+    and v's gradient waiting beside them (`attention_value_gradient`). 0 for fused SDPA kernels.
+    At this moment the q, k and v projections' own gradients are not made yet (the timeline leaves
+    them out). Assumption: v needs a gradient whenever this backward runs.
+    """
+    attn_dropout = spec.dropout_rates[0] if cond.dropout is None else cond.dropout
+    if not (cond.attention == "eager" or (cond.device == "cpu" and attn_dropout > 0)):
+        return 0
+    probs = cond.batch_size * spec.num_heads * cond.seq_len * cond.seq_len
+    soft = (cond.compute_bytes if spec.family == "gpt2" and not cond.autocast and cond.attention == "eager"
+            else FP32)
+    return probs * 2 * soft + attention_value_gradient(spec, cond)
+
+
+def attention_value_gradient(spec: ModelSpec, cond: Conditions) -> int:
+    """The gradient of v (repeated to every head) that waits through eager attention's softmax
+    backward: probs @ v's backward makes it beside the probabilities' gradient, and the nodes it goes
+    to next (repeat_kv, the split of a fused projection, v's projection) were recorded before the
+    softmax, so autograd runs them after it. b x heads x s x head_dim, in the dtype probs @ v ran in:
+    16-bit under autocast, the model's otherwise, fp32 in torch's CPU math kernel.
+    """
+    math = cond.attention == "sdpa"  # only reached for the math fallback
+    itemsize = FP32 if math else cond.compute_bytes
+    return cond.batch_size * spec.num_heads * cond.seq_len * spec.head_dim * itemsize
 
 
 def rms_norm_backward(tokens: int, hidden: int, weight_trains: bool = False) -> int:
@@ -875,6 +1109,14 @@ class Profile:
     # (`rms_norm_backward`; none for GPT-2's fused LayerNorm backward)
     final_norm: int = 0
     norm_backward: int = 0
+    # without checkpointing: the most the forward holds at once inside a layer (`Graph.moment`)
+    forward_live: int = 0
+    # a trained final norm: its weight's product has used and freed what it saved by the backward's
+    # peak inside the norm (`trained_norm_product_bytes`)
+    final_norm_freed: int = 0
+    # eager attention's softmax backward with v's gradient waiting (`softmax_backward_bytes`)
+    softmax_backward: int = 0
+    qkv_backward: int = 0  # `qkv_backward_bytes`: what is left of the attention's transient after it
 
     @property
     def total(self) -> int:
@@ -922,15 +1164,24 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
         rot = None
     else:
         x = g.new(t * H, wb, "model.embed_tokens" in trainable or input_grad)
+        embedded = x
         if spec.family == "gemma2":
             x = g.new(t * H, wb, x.grad)  # scaled by sqrt(hidden): the product keeps a scalar
         half = cond.seq_len * spec.head_dim
         rot = (g.new(half, wb, False), g.new(half, wb, False))
     layers, mlps, inputs, overlap = [], [], [], []
+    if spec.family != "gpt2":
+        # the model's forward holds these until it returns: the embedding output (`inputs_embeds`),
+        # the position ids, the rotary cos and sin, and the attention masks
+        g.hold(embedded, x, g.new(cond.seq_len, INT64, False), *rot,
+               g.new(forward_mask_bytes(spec, cond), 1, False))
     for i in range(spec.num_layers):
         g.section = f"layer {i}"
         x_in = x
+        outer = dict(g.held)
+        g.hold(x_in)  # the caller's hidden states, until the layer returns
         x = _decoder_layer(g, spec, i, x, rot)
+        g.held = outer
         # a checkpointed layer keeps its input; when the layer's own ops save it too, the recomputed
         # set already holds it (count it once)
         kept = g.saved.get(x_in.key)
@@ -1015,6 +1266,11 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
         # GPT-2's LayerNorm backward is one fused kernel: its gradient, no more
         norm_backward=(rms_norm_backward(cond.tokens, H)
                        if spec.family != "gpt2" and (x.grad or norm in trainable) else 0),
+        forward_live=0 if cond.grad_checkpointing else g.forward_live,
+        final_norm_freed=trained_norm_product_bytes(x.numel, x.itemsize, spec.family == "gemma2")
+        if spec.family != "gpt2" and norm in trainable else 0,
+        softmax_backward=softmax_backward_bytes(spec, cond),
+        qkv_backward=qkv_backward_bytes(spec, cond),
         input_leaf=t * H * wb if input_grad and not trainable & {"model.embed_tokens", "transformer.wte",
                                                                  "transformer.wpe"} else 0,
         autocast_cache=sum(total - kept + (kept if cond.grad_checkpointing and where.startswith("layer")

@@ -8,6 +8,8 @@ optimizer has used them. On top of them each phase holds something else:
   autocast's cached 16-bit copies of trained weights that are not saved (all of them under
   checkpointing) and the final hidden state the model still holds (the decoder's attention masks
   are freed when it returns, before the head);
+- forward, inside a layer (no checkpointing): the largest of its ops' moments (`Graph.moment`):
+  everything saved so far and what the code holds unsaved there;
 - backward, at the head: every saved activation plus two fp32 (tokens x vocab) gradients, the loss's
   and log-softmax's;
 - backward, layer by layer: what is still saved (checkpointing: the recomputed layer, and the
@@ -17,6 +19,9 @@ optimizer has used them. On top of them each phase holds something else:
   QLoRA, one dequantised weight; a recomputed expert block's un-sort backward (`Graph.unsort`) and
   Gemma-2's post-feedforward and post-attention norms (`activations.rms_norm_backward`), whose
   backward runs while the block before them is still saved;
+- backward, eager attention's softmax (no checkpointing): the probabilities' and the scores'
+  gradients with v's waiting (`activations.softmax_backward_bytes`), before the q, k and v
+  projections make their gradients (`States.attention_input_gradients`);
 - end of backward: all gradients, the trained embedding's backward (`step.embedding_backward`: a
   tied embedding's two partial gradients being summed, or an untied one's incoming gradient), and
   under checkpointing the embedding output PEFT makes a leaf, with its gradient;
@@ -52,6 +57,9 @@ class States:
     dequant_transient: int = 0
     # per decoder layer: the fused experts' gate/up gradient, made before the rest of the MLP part's
     expert_up_gradients: tuple[int, ...] = ()
+    # per decoder layer: the q, k and v projections' gradients (part of the attention part), made
+    # only after the attention core's backward
+    attention_input_gradients: tuple[int, ...] = ()
 
 
 # what every backward moment holds besides its own transients
@@ -75,6 +83,10 @@ def step_phases(states: States, prof: Profile, vocab: int, tokens: int) -> tuple
     phases = [Phase("forward", base + acts + logits + prof.autocast_cache + prof.final_hidden,
                      "weights + optimizer states + saved activations + logits at the loss (+ autocast's "
                      "weight cache)")]
+    if prof.forward_live:
+        phases.append(Phase("forward", base + prof.forward_live,
+                            "weights + optimizer states + activations saved so far + the tensors one "
+                            "op inside a layer's forward holds"))
     head_grads = 2 * tokens * vocab * FP32 if prof.head_backward is None else prof.head_backward
     phases.append(Phase("backward", base + acts + head_grads,
                         "weights + optimizer states + saved activations + two fp32 logits gradients"
@@ -83,7 +95,7 @@ def step_phases(states: States, prof: Profile, vocab: int, tokens: int) -> tuple
                         "backward (chunked or fused loss)"))
     if prof.norm_backward:
         phases.append(Phase("backward", base + acts - prof.head + prof.final_norm + states.head_gradients
-                            + prof.norm_backward,
+                            + prof.norm_backward - prof.final_norm_freed,
                             f"{SO_FAR}, backward through the final norm"))
     grads = states.head_gradients
     saved_below = acts - prof.head
@@ -139,9 +151,19 @@ def step_phases(states: States, prof: Profile, vocab: int, tokens: int) -> tuple
                                 f"{SO_FAR}, backward through layer {i}'s expert gate/up projection"))
         grads += mlp_grads + attn_grads
         attn_tail = prof.attn_tails[i] if prof.attn_tails else 0
+        # with the softmax's backward a moment of its own (below), the q, k, v projections' gradients
+        # are made after it, beside what the core hands back
+        core = prof.qkv_backward if prof.softmax_backward and not prof.checkpointed else attn
         phases.append(Phase("backward",
-                            base + live - prof.mlp_layers[i] - attn_tail + grads + resid + attn + dq,
+                            base + live - prof.mlp_layers[i] - attn_tail + grads + resid + core + dq,
                             f"{SO_FAR}, backward through layer {i}'s attention"))
+        if prof.softmax_backward and not prof.checkpointed:
+            # eager attention's softmax backward: the q, k, v projections' gradients are not made yet
+            qkv = states.attention_input_gradients[i] if states.attention_input_gradients else 0
+            phases.append(Phase("backward", base + live - prof.mlp_layers[i] - attn_tail + grads - qkv
+                                + resid + prof.softmax_backward + dq,
+                                f"{SO_FAR}, backward through layer {i}'s attention softmax, v's gradient "
+                                "waiting"))
         saved_below -= prof.args_freed[i] if prof.args_freed else 0
     leaf = 2 * prof.input_leaf  # the embedding output made a leaf, and its gradient
     phases.append(Phase("backward", base + states.gradients + states.embedding_backward + leaf,

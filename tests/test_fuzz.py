@@ -304,3 +304,75 @@ def test_checkpointed_layers_keep_sdpas_sliding_window_mask():
                              sliding_window=16, max_window_layers=0),
                       method="full", precision="pure-bf16", batch_size=3, seq_len=37,
                       grad_checkpointing=True))
+
+
+# --- forward peaks inside a layer (no checkpointing) -----------------------------------------------
+
+def test_math_sdpa_in_a_layer_without_gradient_peaks_in_the_forward():
+    """Attention dropout on CPU runs SDPA's math kernel: with LoRA on the MLP only, attention needs no
+    gradient, keeps nothing, and its fp32 copies, scores, probabilities, dropout mask and dropped
+    probabilities set the step's peak in the forward (-37.7% before, planned in the backward)."""
+    check(_regression(_dense("qwen2", vocab_size=137, hidden_size=8, num_hidden_layers=4,
+                             num_attention_heads=4, num_key_value_heads=2, intermediate_size=75,
+                             tie_word_embeddings=False, head_dim=14, attention_dropout=0.1),
+                      layers=1, fake=True, method="lora", rank=3, targets=("mlp",), precision="amp",
+                      batch_size=2, seq_len=45))
+
+
+def test_eager_attention_weights_stay_bound_through_the_mlp():
+    """The decoder layer binds eager attention's returned weights to `_` until it returns: beside the
+    down projection's LoRA outputs, the embedding output and the residuals, they set the forward's
+    peak (-8.9% before)."""
+    check(_regression(_dense("mistral", vocab_size=111, hidden_size=78, num_hidden_layers=1,
+                             num_attention_heads=6, num_key_value_heads=2, intermediate_size=93,
+                             tie_word_embeddings=True, head_dim=10, attention_dropout=0.0,
+                             sliding_window=None),
+                      method="lora", rank=7, targets=("mlp",), precision="amp", batch_size=3, seq_len=23,
+                      attention="eager"))
+
+
+def test_eager_softmax_upcasts_16_bit_scores():
+    """Under pure-bf16 eager softmax makes a fp32 copy of the scores beside them and its fp32 output,
+    with repeat_kv's copies of k and v alive (-4.8% before)."""
+    check(_regression(_dense("mistral", vocab_size=130, hidden_size=81, num_hidden_layers=1,
+                             num_attention_heads=9, num_key_value_heads=3, intermediate_size=42,
+                             tie_word_embeddings=False, head_dim=12, sliding_window=None),
+                      fake=True, method="lora", rank=5, targets=("mlp",), precision="pure-bf16",
+                      batch_size=1, seq_len=19, attention="eager"))
+
+
+def test_expert_block_forward_peaks_at_the_combine():
+    """The expert block's forward holds the gathered rows, the rows weighted by the fp32 routing
+    weights and their un-sorted copy at once, beside the router's and the sort's locals (-1.8%
+    before)."""
+    check(_regression(_dense("mixtral", vocab_size=116, hidden_size=48, num_hidden_layers=1,
+                             num_attention_heads=6, num_key_value_heads=3, intermediate_size=64,
+                             tie_word_embeddings=True, head_dim=12, attention_dropout=0.0,
+                             sliding_window=None, num_local_experts=2, num_experts_per_tok=2),
+                      method="lora", rank=6, targets=("attn",), precision="fp32", batch_size=2, seq_len=42,
+                      attention="eager"))
+
+
+def test_eager_softmax_backward_holds_v_gradient_before_the_projections():
+    """Eager attention's softmax backward runs with v's gradient waiting beside the probabilities'
+    and the scores' gradients (-1.6% before), but before the q, k, v projections make theirs: counting
+    those too over-predicted a full fine-tuning step (+2.6% before, the second case)."""
+    check(_regression(_dense("qwen2", vocab_size=56, hidden_size=16, num_hidden_layers=4,
+                             num_attention_heads=4, num_key_value_heads=2, intermediate_size=20,
+                             tie_word_embeddings=False, head_dim=16, attention_dropout=0.0),
+                      fake=True, method="lora", rank=7, precision="fp32", batch_size=1, seq_len=47,
+                      attention="eager"))
+    check(_regression(_dense("qwen2", vocab_size=94, hidden_size=88, num_hidden_layers=2,
+                             num_attention_heads=8, num_key_value_heads=2, intermediate_size=82,
+                             tie_word_embeddings=True, head_dim=8),
+                      layers=1, fake=True, method="full", precision="fp32", batch_size=1, seq_len=40,
+                      attention="eager"))
+
+
+def test_trained_final_norm_frees_its_product_before_its_backward_peak():
+    """A trained final norm's weight product runs its backward first and frees the normalised input
+    it saved before the norm's own backward peaks (+1.2% before, planned in the backward)."""
+    check(_regression(_dense("phi3", vocab_size=106, hidden_size=84, num_hidden_layers=2,
+                             num_attention_heads=6, num_key_value_heads=2, intermediate_size=74,
+                             tie_word_embeddings=True, attention_dropout=0.0, resid_pdrop=0.1),
+                      method="full", precision="amp", batch_size=3, seq_len=29, attention="eager"))
