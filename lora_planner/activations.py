@@ -113,6 +113,10 @@ class Graph:
     unsort: dict[str, int] = field(default_factory=dict)
     # by section: a trained expert block's gate/up backward, (saved bytes freed by then, transient)
     up_backward: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # by section: the MLP's pre-norm backward, what it holds beyond the saved tensors left once the
+    # MLP's own are freed (`pre_mlp_norm_backward`)
+    mlp_norm_backward: dict[str, int] = field(default_factory=dict)
+    norm_copy: int = 0  # the fp32 copy of its input the last `rms_norm` saved (0: the input was fp32)
     section: str = ""
     # tensors a caller holds as arguments while the current block runs (the MLP's input)
     args: tuple[Tensor, ...] = ()
@@ -179,6 +183,7 @@ class Graph:
         h = self.cast(x, FP32)
         if h.grad:
             self.save(h, self.new(x.numel // dim, FP32, False))
+        self.norm_copy = h.nbytes if h.grad and h is not x else 0
         normed = self.new(h.numel, FP32, h.grad)
         if offset_weight:
             if trains:
@@ -487,6 +492,10 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
     g.section += " mlp"
     h = g.rms_norm(x, f"{p}.pre_feedforward_layernorm" if gemma else f"{p}.post_attention_layernorm",
                    H, gemma)
+    if x.grad:
+        norm = f"{p}.pre_feedforward_layernorm" if gemma else f"{p}.post_attention_layernorm"
+        g.mlp_norm_backward[f"layer {i}"] = pre_mlp_norm_backward(
+            g.cond.tokens, H, g.norm_copy, gemma and norm in g.trainable)
     g.args = (h,)
     if spec.num_experts:
         m = _moe(g, spec, p, h)
@@ -777,10 +786,22 @@ def layer_backward_transients(spec: ModelSpec, cond: Conditions) -> tuple[int, i
         probs = cond.batch_size * spec.num_heads * cond.seq_len * cond.seq_len
         # GPT-2's eager softmax runs in the scores' dtype; the others' (and the math kernel) in fp32
         soft = cb if spec.family == "gpt2" and not cond.autocast and cond.attention == "eager" else FP32
-        attn = max(qkv, probs * 2 * soft)
+        attn = max(qkv, probs * 2 * soft + value_gradient_bytes(spec, cond))
     else:
         attn = qkv
     return resid, mlp, attn
+
+
+def value_gradient_bytes(spec: ModelSpec, cond: Conditions) -> int:
+    """The value's gradient eager (or the math kernel's) attention holds through its softmax backward.
+
+    probs @ v's backward returns the probabilities' gradient and v's: (batch x heads x seq x
+    head_dim), at every query head (GQA's repeated v), in the matmul's dtype (the compute dtype; fp32
+    in torch's CPU math kernel). Autograd runs the softmax's branch first (it was recorded after v's
+    repeat), so v's gradient waits beside the probabilities' and the scores' gradients.
+    """
+    math = cond.attention != "eager"
+    return cond.tokens * spec.num_heads * spec.head_dim * (FP32 if math else cond.compute_bytes)
 
 
 def rms_norm_backward(tokens: int, hidden: int, weight_trains: bool = False) -> int:
@@ -794,6 +815,21 @@ def rms_norm_backward(tokens: int, hidden: int, weight_trains: bool = False) -> 
     autograd's decomposition of pow / mean / mul (as the tracer lists the tensors).
     """
     return (4 if weight_trains else 5) * tokens * hidden * FP32
+
+
+def pre_mlp_norm_backward(tokens: int, hidden: int, fp32_copy: int, offset_weight_trains: bool) -> int:
+    """What the backward of the RMSNorm before the MLP holds beyond the saved tensors left, the
+    gradients so far and the residual stream's gradient, at the backward of h^2: the five fp32
+    (tokens x hidden) gradients of `rms_norm_backward` (four for Gemma-2's (1 + w) form with w
+    trained) and, for a 16-bit model, the fp32 copy h = x.float() the norm saved (`fp32_copy`
+    bytes), which pow's backward still reads. By then the MLP's backward has used and freed what the
+    MLP saved, the norm's 1/rms with it; an fp32 input (amp, fp32) is the residual stream itself,
+    whose saved copy the recomputed graph has already handed over and let go.
+
+    Assumption: transformers 5's RMSNorm, autograd's decomposition of pow / mean / mul; measured
+    op by op with the tracer on llama, mistral and qwen2 steps (16-bit and amp).
+    """
+    return fp32_copy + rms_norm_backward(tokens, hidden, offset_weight_trains)
 
 
 @dataclass(frozen=True)
@@ -865,6 +901,8 @@ class Profile:
     args_freed: tuple[int, ...] = ()
     # per layer: a recomputed expert block at its first backward op (`Graph.unsort`); 0 without experts
     recompute_unsort: tuple[int, ...] = ()
+    # per layer: the MLP's pre-norm backward beyond the saved tensors left (`pre_mlp_norm_backward`)
+    mlp_norm_backward: tuple[int, ...] = ()
     # backward work not done (see `Graph.no_input_grad_params`); `cost` takes it off the FLOPs
     no_input_grad_params: int = 0
     attention_without_grad: int = 0
@@ -1007,6 +1045,7 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
         expert_up_backward=tuple(g.up_backward.get(f"layer {i}", (0, 0)) for i in range(spec.num_layers))
         if g.up_backward else (),
         recompute_unsort=tuple(g.unsort.get(f"layer {i}", 0) for i in range(spec.num_layers)),
+        mlp_norm_backward=tuple(g.mlp_norm_backward.get(f"layer {i}", 0) for i in range(spec.num_layers)),
         checkpointed=cond.grad_checkpointing,
         offloaded=cond.activation_offload,
         # a chunked or fused loss counts the head's input alive through the loss itself (`head_and_loss`)

@@ -52,6 +52,9 @@ class States:
     dequant_transient: int = 0
     # per decoder layer: the fused experts' gate/up gradient, made before the rest of the MLP part's
     expert_up_gradients: tuple[int, ...] = ()
+    # per decoder layer: the attention output projection's part of the attention gradients, the only
+    # one made when the attention core's backward runs (() or a larger value: all of them counted)
+    attn_out_gradients: tuple[int, ...] = ()
 
 
 # what every backward moment holds besides its own transients
@@ -137,10 +140,16 @@ def step_phases(states: States, prof: Profile, vocab: int, tokens: int) -> tuple
             up = states.expert_up_gradients[i] if states.expert_up_gradients else 0
             phases.append(Phase("backward", base + live - tail - freed + grads + up + resid + held,
                                 f"{SO_FAR}, backward through layer {i}'s expert gate/up projection"))
+        if prof.mlp_norm_backward and prof.mlp_norm_backward[i]:
+            phases.append(Phase("backward", base + live - prof.mlp_layers[i] + grads + mlp_grads + resid
+                                + prof.mlp_norm_backward[i],
+                                f"{SO_FAR}, backward through layer {i}'s norm before the MLP"))
         grads += mlp_grads + attn_grads
         attn_tail = prof.attn_tails[i] if prof.attn_tails else 0
+        # the query, key and value projections' gradients come after the attention core's backward
+        later = max(attn_grads - states.attn_out_gradients[i], 0) if states.attn_out_gradients else 0
         phases.append(Phase("backward",
-                            base + live - prof.mlp_layers[i] - attn_tail + grads + resid + attn + dq,
+                            base + live - prof.mlp_layers[i] - attn_tail + grads - later + resid + attn + dq,
                             f"{SO_FAR}, backward through layer {i}'s attention"))
         saved_below -= prof.args_freed[i] if prof.args_freed else 0
     leaf = 2 * prof.input_leaf  # the embedding output made a leaf, and its gradient
