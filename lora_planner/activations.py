@@ -120,6 +120,10 @@ class Graph:
     section: str = ""
     # tensors a caller holds as arguments while the current block runs (the MLP's input)
     args: tuple[Tensor, ...] = ()
+    # the last `attention`: the weights eager attention returns, and what the kernel holds at its end
+    # beyond its inputs, its saved tensors and its output (`math_attention_internals`, eager's product)
+    attn_weights: Tensor | None = None
+    attn_internal: int = 0
     _keys: itertools.count = field(default_factory=lambda: itertools.count(1))
     _section_bytes: dict[str, int] = field(default_factory=dict)
     _saved_total: int = 0
@@ -330,6 +334,8 @@ class Graph:
         b, s = self.cond.batch_size, self.cond.seq_len
         grad = q.grad or k.grad or v.grad
         self.attention_without_grad += not grad
+        self.attn_weights, self.attn_internal = None, 0
+        inputs = (q, k, v)
         q_in, v_in = q.itemsize, v.itemsize  # before autocast: what `.to(query.dtype)` casts back to
         full = b * heads * s * head_dim
         probs = b * heads * s * s
@@ -362,6 +368,23 @@ class Graph:
             return self.new(full, cb, grad) if contiguous_q and heads > 1 and s > 1 else out
         eager = self.cond.attention == "eager"
         if not eager:
+            # with a mask transformers repeats k and v to every head first (`repeat_kv`: copies from
+            # several k/v heads, an expanded view of one), and the kernel then works at every head
+            rep = masked and kv_heads < heads
+            kv_numel = full if rep else b * kv_heads * s * head_dim
+            casts = (q.nbytes if q is not inputs[0] else 0) + sum(
+                kv_numel * t.itemsize for t, t0 in zip((k, v), inputs[1:], strict=True) if t is not t0)
+            copies = kv_numel * (inputs[1].itemsize + inputs[2].itemsize) if rep and kv_heads > 1 else 0
+            self.attn_internal = copies + math_attention_internals(
+                b, heads, heads if rep else kv_heads, s, head_dim, q.itemsize, attn_dropout,
+                causal=not masked, casts=casts)
+            if masked:  # the boolean mask converted to an additive one in q's dtype, not kept
+                self.attn_internal += b * s * s * q.itemsize
+            if rep:
+                # the repeated v is contiguous: its fp32 copy (or, in fp32, the repeat itself) is what
+                # probs @ v keeps, not a transient
+                self.attn_internal -= (full * FP32 if q.itemsize != FP32 else
+                                       full * inputs[2].itemsize if kv_heads > 1 else 0)
             cb = FP32  # torch's CPU math kernel computes in fp32 whatever the input dtype
         qc, kc, vc = (self.new(full, cb, t.grad) for t in (q, k, v))  # contiguous (repeated) copies
         if eager and kv_heads == 1 and heads > 1 and b == 1:
@@ -395,6 +418,9 @@ class Graph:
             # back to the query's dtype (GPT-2: the value's) as the module wrote it, dropout there,
             # and autocast's matmul makes the 16-bit copy that probs @ v keeps
             p = self.dropout_op(self.cast(p, q_in if softmax_fp32 else v_in), attn_dropout)
+            self.attn_weights = p  # returned beside the output: alive until the attention module returns
+            # the product's (b, heads, s, d) output, before the transpose's contiguous copy
+            self.attn_internal = full * max(q.itemsize, v.itemsize) if heads > 1 and s > 1 else 0
             p = self.cast(p, 2) if self.cond.autocast else p
         else:
             p = self.dropout_op(self.cast(p, cb), attn_dropout)
@@ -409,6 +435,54 @@ class Graph:
         if x.grad:
             self.save(cos, sin)
         return self.new(x.numel, max(x.itemsize, cos.itemsize), x.grad)
+
+
+def recompute_stop_transient(cond: Conditions, in_numel: int, out_numel: int, wrapped: bool) -> int:
+    """What a recomputed dense layer holds, beyond its saved tensors and the down projection's input,
+    when its recompute stops: once the last saved tensor is recomputed (torch's non-reentrant
+    checkpoint, early stop), which is the down projection's. Without LoRA that is its matmul, before
+    its output; with LoRA, lora_B's matmul, after the base layer's output (tokens x hidden, compute
+    dtype) and, when PEFT cast the 16-bit input to the adapter's fp32 (autocast), that fp32 copy. The
+    LoRA output, its scaled copy and the residual sum are never made again.
+    """
+    if not wrapped:
+        return 0
+    return out_numel * cond.compute_bytes + (in_numel * cond.weight_bytes if cond.autocast else 0)
+
+
+def mlp_output_pending(cond: Conditions, numel: int, wrapped: bool) -> int:
+    """Gradients a dense layer's backward has made when it first needs the layer's saved tensors (the
+    down projection's): alive through a checkpointed layer's recompute, beside the residual stream's.
+
+    Under autocast the MLP's 16-bit output was added to the fp32 residual stream: the add's backward
+    casts the incoming gradient to 16 bits (tokens x hidden). A LoRA-wrapped down projection scales
+    its adapter's output by a Python float, whose backward saves nothing and runs first: the scaled
+    gradient (tokens x hidden, compute dtype) waits too. Assumption: transformers 5's dense MLP,
+    PEFT's `lora_B(lora_A(x)) * scaling`; measured with the tracer.
+    """
+    return numel * cond.compute_bytes * ((1 if cond.autocast else 0) + (1 if wrapped else 0))
+
+
+def math_attention_internals(batch: int, heads: int, kv_heads: int, seq: int, head_dim: int, itemsize: int,
+                             dropout: float, causal: bool, casts: int) -> int:
+    """What torch's math SDPA kernel (the CPU fallback under attention dropout) holds at its end,
+    beyond its inputs, the tensors it saved and its output, all freed when it returns.
+
+    `_scaled_dot_product_attention_math` upcasts 16-bit q, k and v to fp32 (heads, kv heads, kv heads
+    x (b x s x head_dim) x 4 B), scales q (a new fp32 tensor, which the matmul then copies
+    contiguous and keeps), builds the causal mask (s x s fp32) when it is given none, repeats k to
+    every head for grouped-query attention (k^T's scaled copy is what it keeps), and ends with the
+    probabilities @ v product in fp32, cast back to the input's dtype; with a 16-bit input it also
+    makes a 16-bit copy of the dropped probabilities. `casts`: autocast's 16-bit copies of q, k and v
+    made for the call (the kernel keeps fp32 copies instead). Measured op by op with the tracer
+    (torch 2.13, CPU); the scores and their masked sum are freed by the softmax.
+    """
+    full, kv = batch * heads * seq * head_dim, batch * kv_heads * seq * head_dim
+    half = itemsize != FP32
+    return (casts + ((full + 2 * kv) * FP32 if half else 0) + full * FP32
+            + (seq * seq * FP32 if causal else 0) + (full * FP32 if kv_heads < heads else 0)
+            + (batch * heads * seq * seq * itemsize if half and dropout > 0 else 0)
+            + (full * FP32 if half else 0))
 
 
 def sdpa_mask_bytes(batch: int, heads: int, seq: int, itemsize: int, device: str) -> tuple[int, int]:
@@ -482,7 +556,15 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
     a = g.attention(q, k, v, nh, nkv, hd, g.rates[0], softcap=gemma and spec.attn_softcap,
                     contiguous_q=spec.family == "phi3", fused=v if spec.family == "phi3" else None,
                     masked=masked)
+    if spec.family in ("llama", "mistral", "qwen2"):
+        # the attention module keeps q, k, v (and eager's weights) and the layer its normed input until
+        # the module returns: through the kernel's end and o_proj, what a recomputed layer reaches again
+        g.args = tuple(t for t in (h, q, k, v, g.attn_weights) if t is not None)
+        g.peak_at(g.unsaved(*g.args, a) + g.attn_internal)
+    # the layer binds the returned weights to `_`: they stay alive until the layer returns
+    weights = (g.attn_weights,) if spec.family in ("llama", "mistral", "qwen2") and g.attn_weights else ()
     a = g.linear(a, f"{p}.self_attn.o_proj", nh * hd, H)
+    g.args = ()
     if spec.family == "phi3":
         a = g.dropout_op(a, g.rates[1])  # resid_attn_dropout
     if gemma:
@@ -496,7 +578,7 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
         norm = f"{p}.pre_feedforward_layernorm" if gemma else f"{p}.post_attention_layernorm"
         g.mlp_norm_backward[f"layer {i}"] = pre_mlp_norm_backward(
             g.cond.tokens, H, g.norm_copy, gemma and norm in g.trainable)
-    g.args = (h,)
+    g.args = (h, *weights)
     if spec.num_experts:
         m = _moe(g, spec, p, h)
     elif spec.family == "phi3":
@@ -516,8 +598,18 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
         up = g.linear(h, f"{p}.mlp.up_proj", H, inter)
         act = g.mul(g.unary(gate, "input"), up)
         g.tail_start()
+        dense = spec.family in ("llama", "mistral", "qwen2")
+        reached = g.forward_peaks.get(f"layer {i}", 0)
         m = g.linear(act, f"{p}.mlp.down_proj", inter, H)
-        g.peak_at(g.unsaved(h, act, m))
+        if dense:
+            # the down projection is the layer's last op to save anything: a recompute stops once it
+            # has (non-reentrant checkpointing's early stop), before the projection's outputs exist
+            g.forward_peaks[f"layer {i}"] = reached
+            g.peak_at(g.unsaved(h, act, *weights) + recompute_stop_transient(
+                g.cond, act.numel, m.numel, f"{p}.mlp.down_proj" in g.wrapped))
+            g.pending[f"layer {i}"] = mlp_output_pending(g.cond, m.numel, f"{p}.mlp.down_proj" in g.wrapped)
+        else:
+            g.peak_at(g.unsaved(h, act, m))
     if gemma:
         m = g.rms_norm(m, f"{p}.post_feedforward_layernorm", H, True)
     if not spec.num_experts:  # the expert block records its own tail (`_moe`)
