@@ -16,7 +16,11 @@ optimizer has used them. On top of them each phase holds something else:
   so far, the layer's own transient gradients (`activations.layer_backward_transients`) and, for
   QLoRA, one dequantised weight; a recomputed expert block's un-sort backward (`Graph.unsort`) and
   Gemma-2's post-feedforward and post-attention norms (`activations.rms_norm_backward`), whose
-  backward runs while the block before them is still saved;
+  backward runs while the block before them is still saved; the norm before the MLP, once the MLP's
+  saved tensors are gone (`activations.pre_mlp_norm_backward`); at the attention core only the
+  output projection's gradient exists (`States.attn_out_gradients`). A recomputed dense layer peaks
+  at its attention kernel's end or where its recompute stops (`activations.math_attention_internals`,
+  `recompute_stop_transient`), with the gradients that wait for it (`mlp_output_pending`);
 - end of backward: all gradients, the trained embedding's backward (`step.embedding_backward`: a
   tied embedding's two partial gradients being summed, or an untied one's incoming gradient), and
   under checkpointing the embedding output PEFT makes a leaf, with its gradient;
