@@ -113,9 +113,17 @@ class Graph:
     unsort: dict[str, int] = field(default_factory=dict)
     # by section: a trained expert block's gate/up backward, (saved bytes freed by then, transient)
     up_backward: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # by section: the MLP's pre-norm backward, what it holds beyond the saved tensors left once the
+    # MLP's own are freed (`pre_mlp_norm_backward`)
+    mlp_norm_backward: dict[str, int] = field(default_factory=dict)
+    norm_copy: int = 0  # the fp32 copy of its input the last `rms_norm` saved (0: the input was fp32)
     section: str = ""
     # tensors a caller holds as arguments while the current block runs (the MLP's input)
     args: tuple[Tensor, ...] = ()
+    # the last `attention`: the weights eager attention returns, and what the kernel holds at its end
+    # beyond its inputs, its saved tensors and its output (`math_attention_internals`, eager's product)
+    attn_weights: Tensor | None = None
+    attn_internal: int = 0
     _keys: itertools.count = field(default_factory=lambda: itertools.count(1))
     _section_bytes: dict[str, int] = field(default_factory=dict)
     _saved_total: int = 0
@@ -130,9 +138,6 @@ class Graph:
     # a trained final norm: its weight's product has used and freed what it saved by the backward's
     # peak inside the norm (`trained_norm_product_bytes`)
     final_norm_freed: int = 0
-    # eager attention's softmax backward with v's gradient waiting (`softmax_backward_bytes`)
-    softmax_backward: int = 0
-    qkv_backward: int = 0  # `qkv_backward_bytes`: what is left of the attention's transient after it
 
     # --- tensors ---------------------------------------------------------------------------------
     def new(self, numel: int, itemsize: int, grad: bool) -> Tensor:
@@ -193,6 +198,7 @@ class Graph:
         h = self.cast(x, FP32)
         if h.grad:
             self.save(h, self.new(x.numel // dim, FP32, False))
+        self.norm_copy = h.nbytes if h.grad and h is not x else 0
         normed = self.new(h.numel, FP32, h.grad)
         if offset_weight:
             if trains:
@@ -374,6 +380,8 @@ class Graph:
         b, s = self.cond.batch_size, self.cond.seq_len
         grad = q.grad or k.grad or v.grad
         self.attention_without_grad += not grad
+        self.attn_weights, self.attn_internal = None, 0
+        inputs = (q, k, v)
         q_in, v_in = q.itemsize, v.itemsize  # before autocast: what `.to(query.dtype)` casts back to
         q0, k0, v0 = q, k, v  # as the module holds them (`attention_moments`)
         full = b * heads * s * head_dim
@@ -407,6 +415,23 @@ class Graph:
             return self.new(full, cb, grad) if contiguous_q and heads > 1 and s > 1 else out
         eager = self.cond.attention == "eager"
         if not eager:
+            # with a mask transformers repeats k and v to every head first (`repeat_kv`: copies from
+            # several k/v heads, an expanded view of one), and the kernel then works at every head
+            rep = masked and kv_heads < heads
+            kv_numel = full if rep else b * kv_heads * s * head_dim
+            casts = (q.nbytes if q is not inputs[0] else 0) + sum(
+                kv_numel * t.itemsize for t, t0 in zip((k, v), inputs[1:], strict=True) if t is not t0)
+            copies = kv_numel * (inputs[1].itemsize + inputs[2].itemsize) if rep and kv_heads > 1 else 0
+            self.attn_internal = copies + math_attention_internals(
+                b, heads, heads if rep else kv_heads, s, head_dim, q.itemsize, attn_dropout,
+                causal=not masked, casts=casts)
+            if masked:  # the boolean mask converted to an additive one in q's dtype, not kept
+                self.attn_internal += b * s * s * q.itemsize
+            if rep:
+                # the repeated v is contiguous: its fp32 copy (or, in fp32, the repeat itself) is what
+                # probs @ v keeps, not a transient
+                self.attn_internal -= (full * FP32 if q.itemsize != FP32 else
+                                       full * inputs[2].itemsize if kv_heads > 1 else 0)
             cb = FP32  # torch's CPU math kernel computes in fp32 whatever the input dtype
         qc, kc, vc = (self.new(full, cb, t.grad) for t in (q, k, v))  # contiguous (repeated) copies
         if eager and kv_heads == 1 and heads > 1 and b == 1:
@@ -446,6 +471,9 @@ class Graph:
             dropped = self.dropout_op(pw, attn_dropout)
             if moments:
                 self.eager_moments((q0, k0, v0), (qc, kc, vc), p, pw, dropped, heads, kv_heads, head_dim)
+            self.attn_weights = dropped  # returned beside the output, alive until the module returns
+            # the product's (b, heads, s, d) output, before the transpose's contiguous copy
+            self.attn_internal = full * max(q.itemsize, v.itemsize) if heads > 1 and s > 1 else 0
             p = self.cast(dropped, 2) if self.cond.autocast else dropped
             if moments:
                 self.eager_output_moment((k0, v0), vc, dropped, p, heads, kv_heads, head_dim)
@@ -550,6 +578,54 @@ class Graph:
         return self.new(x.numel, max(x.itemsize, cos.itemsize), x.grad)
 
 
+def recompute_stop_transient(cond: Conditions, in_numel: int, out_numel: int, wrapped: bool) -> int:
+    """What a recomputed dense layer holds, beyond its saved tensors and the down projection's input,
+    when its recompute stops: once the last saved tensor is recomputed (torch's non-reentrant
+    checkpoint, early stop), which is the down projection's. Without LoRA that is its matmul, before
+    its output; with LoRA, lora_B's matmul, after the base layer's output (tokens x hidden, compute
+    dtype) and, when PEFT cast the 16-bit input to the adapter's fp32 (autocast), that fp32 copy. The
+    LoRA output, its scaled copy and the residual sum are never made again.
+    """
+    if not wrapped:
+        return 0
+    return out_numel * cond.compute_bytes + (in_numel * cond.weight_bytes if cond.autocast else 0)
+
+
+def mlp_output_pending(cond: Conditions, numel: int, wrapped: bool) -> int:
+    """Gradients a dense layer's backward has made when it first needs the layer's saved tensors (the
+    down projection's): alive through a checkpointed layer's recompute, beside the residual stream's.
+
+    Under autocast the MLP's 16-bit output was added to the fp32 residual stream: the add's backward
+    casts the incoming gradient to 16 bits (tokens x hidden). A LoRA-wrapped down projection scales
+    its adapter's output by a Python float, whose backward saves nothing and runs first: the scaled
+    gradient (tokens x hidden, compute dtype) waits too. Assumption: transformers 5's dense MLP,
+    PEFT's `lora_B(lora_A(x)) * scaling`; measured with the tracer.
+    """
+    return numel * cond.compute_bytes * ((1 if cond.autocast else 0) + (1 if wrapped else 0))
+
+
+def math_attention_internals(batch: int, heads: int, kv_heads: int, seq: int, head_dim: int, itemsize: int,
+                             dropout: float, causal: bool, casts: int) -> int:
+    """What torch's math SDPA kernel (the CPU fallback under attention dropout) holds at its end,
+    beyond its inputs, the tensors it saved and its output, all freed when it returns.
+
+    `_scaled_dot_product_attention_math` upcasts 16-bit q, k and v to fp32 (heads, kv heads, kv heads
+    x (b x s x head_dim) x 4 B), scales q (a new fp32 tensor, which the matmul then copies
+    contiguous and keeps), builds the causal mask (s x s fp32) when it is given none, repeats k to
+    every head for grouped-query attention (k^T's scaled copy is what it keeps), and ends with the
+    probabilities @ v product in fp32, cast back to the input's dtype; with a 16-bit input it also
+    makes a 16-bit copy of the dropped probabilities. `casts`: autocast's 16-bit copies of q, k and v
+    made for the call (the kernel keeps fp32 copies instead). Measured op by op with the tracer
+    (torch 2.13, CPU); the scores and their masked sum are freed by the softmax.
+    """
+    full, kv = batch * heads * seq * head_dim, batch * kv_heads * seq * head_dim
+    half = itemsize != FP32
+    return (casts + ((full + 2 * kv) * FP32 if half else 0) + full * FP32
+            + (seq * seq * FP32 if causal else 0) + (full * FP32 if kv_heads < heads else 0)
+            + (batch * heads * seq * seq * itemsize if half and dropout > 0 else 0)
+            + (full * FP32 if half else 0))
+
+
 def sdpa_mask_bytes(batch: int, heads: int, seq: int, itemsize: int, device: str) -> tuple[int, int]:
     """(mask, log-sum-exp) bytes a fused SDPA kernel keeps when it is given an explicit mask.
 
@@ -622,7 +698,15 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
     a = g.attention(q, k, v, nh, nkv, hd, g.rates[0], softcap=gemma and spec.attn_softcap,
                     contiguous_q=spec.family == "phi3", fused=v if spec.family == "phi3" else None,
                     masked=masked)
+    if spec.family in ("llama", "mistral", "qwen2"):
+        # the attention module keeps q, k, v (and eager's weights) and the layer its normed input until
+        # the module returns: through the kernel's end and o_proj, what a recomputed layer reaches again
+        g.args = tuple(t for t in (h, q, k, v, g.attn_weights) if t is not None)
+        g.peak_at(g.unsaved(*g.args, a) + g.attn_internal)
+    # the layer binds the returned weights to `_`: they stay alive until the layer returns
+    weights = (g.attn_weights,) if spec.family in ("llama", "mistral", "qwen2") and g.attn_weights else ()
     a = g.linear(a, f"{p}.self_attn.o_proj", nh * hd, H)
+    g.args = ()
     if spec.family == "phi3":
         a = g.dropout_op(a, g.rates[1])  # resid_attn_dropout
     if gemma:
@@ -634,7 +718,11 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
     g.section += " mlp"
     h = g.rms_norm(x, f"{p}.pre_feedforward_layernorm" if gemma else f"{p}.post_attention_layernorm",
                    H, gemma)
-    g.args = (h,)
+    if x.grad:
+        norm = f"{p}.pre_feedforward_layernorm" if gemma else f"{p}.post_attention_layernorm"
+        g.mlp_norm_backward[f"layer {i}"] = pre_mlp_norm_backward(
+            g.cond.tokens, H, g.norm_copy, gemma and norm in g.trainable)
+    g.args = (h, *weights)
     if spec.num_experts:
         m = _moe(g, spec, p, h)
     elif spec.family == "phi3":
@@ -654,8 +742,18 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
         up = g.linear(h, f"{p}.mlp.up_proj", H, inter)
         act = g.mul(g.unary(gate, "input"), up)
         g.tail_start()
+        dense = spec.family in ("llama", "mistral", "qwen2")
+        reached = g.forward_peaks.get(f"layer {i}", 0)
         m = g.linear(act, f"{p}.mlp.down_proj", inter, H)
-        g.peak_at(g.unsaved(h, act, m))
+        if dense:
+            # the down projection is the layer's last op to save anything: a recompute stops once it
+            # has (non-reentrant checkpointing's early stop), before the projection's outputs exist
+            g.forward_peaks[f"layer {i}"] = reached
+            g.peak_at(g.unsaved(h, act, *weights) + recompute_stop_transient(
+                g.cond, act.numel, m.numel, f"{p}.mlp.down_proj" in g.wrapped))
+            g.pending[f"layer {i}"] = mlp_output_pending(g.cond, m.numel, f"{p}.mlp.down_proj" in g.wrapped)
+        else:
+            g.peak_at(g.unsaved(h, act, m))
     if gemma:
         m = g.rms_norm(m, f"{p}.post_feedforward_layernorm", H, True)
     if not spec.num_experts:  # the expert block records its own tail (`_moe`)
@@ -950,7 +1048,7 @@ def layer_backward_transients(spec: ModelSpec, cond: Conditions) -> tuple[int, i
         probs = cond.batch_size * spec.num_heads * cond.seq_len * cond.seq_len
         # GPT-2's eager softmax runs in the scores' dtype; the others' (and the math kernel) in fp32
         soft = cb if spec.family == "gpt2" and not cond.autocast and cond.attention == "eager" else FP32
-        attn = max(qkv, probs * 2 * soft)
+        attn = max(qkv, probs * 2 * soft + value_gradient_bytes(spec, cond))
     else:
         attn = qkv
     return resid, mlp, attn
@@ -989,32 +1087,16 @@ def qkv_backward_bytes(spec: ModelSpec, cond: Conditions) -> int:
     return cond.tokens * (2 * spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim * cond.compute_bytes
 
 
-def softmax_backward_bytes(spec: ModelSpec, cond: Conditions) -> int:
-    """Eager attention's (or the CPU math kernel's) softmax backward, beyond the saved tensors: the
-    gradients of the probabilities and of the scores (`layer_backward_transients`' attention term)
-    and v's gradient waiting beside them (`attention_value_gradient`). 0 for fused SDPA kernels.
-    At this moment the q, k and v projections' own gradients are not made yet (the timeline leaves
-    them out). Assumption: v needs a gradient whenever this backward runs.
-    """
-    attn_dropout = spec.dropout_rates[0] if cond.dropout is None else cond.dropout
-    if not (cond.attention == "eager" or (cond.device == "cpu" and attn_dropout > 0)):
-        return 0
-    probs = cond.batch_size * spec.num_heads * cond.seq_len * cond.seq_len
-    soft = (cond.compute_bytes if spec.family == "gpt2" and not cond.autocast and cond.attention == "eager"
-            else FP32)
-    return probs * 2 * soft + attention_value_gradient(spec, cond)
+def value_gradient_bytes(spec: ModelSpec, cond: Conditions) -> int:
+    """The value's gradient eager (or the math kernel's) attention holds through its softmax backward.
 
-
-def attention_value_gradient(spec: ModelSpec, cond: Conditions) -> int:
-    """The gradient of v (repeated to every head) that waits through eager attention's softmax
-    backward: probs @ v's backward makes it beside the probabilities' gradient, and the nodes it goes
-    to next (repeat_kv, the split of a fused projection, v's projection) were recorded before the
-    softmax, so autograd runs them after it. b x heads x s x head_dim, in the dtype probs @ v ran in:
-    16-bit under autocast, the model's otherwise, fp32 in torch's CPU math kernel.
+    probs @ v's backward returns the probabilities' gradient and v's: (batch x heads x seq x
+    head_dim), at every query head (GQA's repeated v), in the matmul's dtype (the compute dtype; fp32
+    in torch's CPU math kernel). Autograd runs the softmax's branch first (it was recorded after v's
+    repeat), so v's gradient waits beside the probabilities' and the scores' gradients.
     """
-    math = cond.attention == "sdpa"  # only reached for the math fallback
-    itemsize = FP32 if math else cond.compute_bytes
-    return cond.batch_size * spec.num_heads * cond.seq_len * spec.head_dim * itemsize
+    math = cond.attention != "eager"
+    return cond.tokens * spec.num_heads * spec.head_dim * (FP32 if math else cond.compute_bytes)
 
 
 def rms_norm_backward(tokens: int, hidden: int, weight_trains: bool = False) -> int:
@@ -1028,6 +1110,21 @@ def rms_norm_backward(tokens: int, hidden: int, weight_trains: bool = False) -> 
     autograd's decomposition of pow / mean / mul (as the tracer lists the tensors).
     """
     return (4 if weight_trains else 5) * tokens * hidden * FP32
+
+
+def pre_mlp_norm_backward(tokens: int, hidden: int, fp32_copy: int, offset_weight_trains: bool) -> int:
+    """What the backward of the RMSNorm before the MLP holds beyond the saved tensors left, the
+    gradients so far and the residual stream's gradient, at the backward of h^2: the five fp32
+    (tokens x hidden) gradients of `rms_norm_backward` (four for Gemma-2's (1 + w) form with w
+    trained) and, for a 16-bit model, the fp32 copy h = x.float() the norm saved (`fp32_copy`
+    bytes), which pow's backward still reads. By then the MLP's backward has used and freed what the
+    MLP saved, the norm's 1/rms with it; an fp32 input (amp, fp32) is the residual stream itself,
+    whose saved copy the recomputed graph has already handed over and let go.
+
+    Assumption: transformers 5's RMSNorm, autograd's decomposition of pow / mean / mul; measured
+    op by op with the tracer on llama, mistral and qwen2 steps (16-bit and amp).
+    """
+    return fp32_copy + rms_norm_backward(tokens, hidden, offset_weight_trains)
 
 
 @dataclass(frozen=True)
@@ -1099,6 +1196,8 @@ class Profile:
     args_freed: tuple[int, ...] = ()
     # per layer: a recomputed expert block at its first backward op (`Graph.unsort`); 0 without experts
     recompute_unsort: tuple[int, ...] = ()
+    # per layer: the MLP's pre-norm backward beyond the saved tensors left (`pre_mlp_norm_backward`)
+    mlp_norm_backward: tuple[int, ...] = ()
     # backward work not done (see `Graph.no_input_grad_params`); `cost` takes it off the FLOPs
     no_input_grad_params: int = 0
     attention_without_grad: int = 0
@@ -1114,9 +1213,6 @@ class Profile:
     # a trained final norm: its weight's product has used and freed what it saved by the backward's
     # peak inside the norm (`trained_norm_product_bytes`)
     final_norm_freed: int = 0
-    # eager attention's softmax backward with v's gradient waiting (`softmax_backward_bytes`)
-    softmax_backward: int = 0
-    qkv_backward: int = 0  # `qkv_backward_bytes`: what is left of the attention's transient after it
 
     @property
     def total(self) -> int:
@@ -1258,6 +1354,7 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
         expert_up_backward=tuple(g.up_backward.get(f"layer {i}", (0, 0)) for i in range(spec.num_layers))
         if g.up_backward else (),
         recompute_unsort=tuple(g.unsort.get(f"layer {i}", 0) for i in range(spec.num_layers)),
+        mlp_norm_backward=tuple(g.mlp_norm_backward.get(f"layer {i}", 0) for i in range(spec.num_layers)),
         checkpointed=cond.grad_checkpointing,
         offloaded=cond.activation_offload,
         # a chunked or fused loss counts the head's input alive through the loss itself (`head_and_loss`)
@@ -1269,8 +1366,6 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
         forward_live=0 if cond.grad_checkpointing else g.forward_live,
         final_norm_freed=trained_norm_product_bytes(x.numel, x.itemsize, spec.family == "gemma2")
         if spec.family != "gpt2" and norm in trainable else 0,
-        softmax_backward=softmax_backward_bytes(spec, cond),
-        qkv_backward=qkv_backward_bytes(spec, cond),
         input_leaf=t * H * wb if input_grad and not trainable & {"model.embed_tokens", "transformer.wte",
                                                                  "transformer.wpe"} else 0,
         autocast_cache=sum(total - kept + (kept if cond.grad_checkpointing and where.startswith("layer")

@@ -413,13 +413,13 @@ def _states_on_gpu(predicted: StepPrediction, per_gpu: dict[str, Term], sharding
     else:
         ceil = math.ceil
         layer_gradients = tuple((ceil(a / n), ceil(b / n), ceil(c / n)) for a, b, c in s.layer_gradients)
-    # the q, k, v projections' part of each layer's attention gradients, placed as those are
-    qkv = s.attention_input_gradients
+    # the output projection's part of each layer's attention gradients, placed as those are
+    attn_out = s.attn_out_gradients
     if grads_where != "replicated":
-        qkv = tuple(0 if grads_where == "cpu" else math.ceil(g / n) for g in qkv)
+        attn_out = tuple(0 if grads_where == "cpu" else math.ceil(g / n) for g in attn_out)
     return replace(
         s,
-        attention_input_gradients=qkv,
+        attn_out_gradients=attn_out,
         weights=per_gpu["weights"].bytes,
         gradients=per_gpu["gradients"].bytes,
         optimizer_states=per_gpu["optimizer_states"].bytes + per_gpu["master_weights"].bytes,

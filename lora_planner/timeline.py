@@ -18,10 +18,11 @@ optimizer has used them. On top of them each phase holds something else:
   so far, the layer's own transient gradients (`activations.layer_backward_transients`) and, for
   QLoRA, one dequantised weight; a recomputed expert block's un-sort backward (`Graph.unsort`) and
   Gemma-2's post-feedforward and post-attention norms (`activations.rms_norm_backward`), whose
-  backward runs while the block before them is still saved;
-- backward, eager attention's softmax (no checkpointing): the probabilities' and the scores'
-  gradients with v's waiting (`activations.softmax_backward_bytes`), before the q, k and v
-  projections make their gradients (`States.attention_input_gradients`);
+  backward runs while the block before them is still saved; the norm before the MLP, once the MLP's
+  saved tensors are gone (`activations.pre_mlp_norm_backward`); at the attention core only the
+  output projection's gradient exists (`States.attn_out_gradients`). A recomputed dense layer peaks
+  at its attention kernel's end or where its recompute stops (`activations.math_attention_internals`,
+  `recompute_stop_transient`), with the gradients that wait for it (`mlp_output_pending`);
 - end of backward: all gradients, the trained embedding's backward (`step.embedding_backward`: a
   tied embedding's two partial gradients being summed, or an untied one's incoming gradient), and
   under checkpointing the embedding output PEFT makes a leaf, with its gradient;
@@ -57,9 +58,9 @@ class States:
     dequant_transient: int = 0
     # per decoder layer: the fused experts' gate/up gradient, made before the rest of the MLP part's
     expert_up_gradients: tuple[int, ...] = ()
-    # per decoder layer: the q, k and v projections' gradients (part of the attention part), made
-    # only after the attention core's backward
-    attention_input_gradients: tuple[int, ...] = ()
+    # per decoder layer: the attention output projection's part of the attention gradients, the only
+    # one made when the attention core's backward runs (() or a larger value: all of them counted)
+    attn_out_gradients: tuple[int, ...] = ()
 
 
 # what every backward moment holds besides its own transients
@@ -149,21 +150,17 @@ def step_phases(states: States, prof: Profile, vocab: int, tokens: int) -> tuple
             up = states.expert_up_gradients[i] if states.expert_up_gradients else 0
             phases.append(Phase("backward", base + live - tail - freed + grads + up + resid + held,
                                 f"{SO_FAR}, backward through layer {i}'s expert gate/up projection"))
+        if prof.mlp_norm_backward and prof.mlp_norm_backward[i]:
+            phases.append(Phase("backward", base + live - prof.mlp_layers[i] + grads + mlp_grads + resid
+                                + prof.mlp_norm_backward[i],
+                                f"{SO_FAR}, backward through layer {i}'s norm before the MLP"))
         grads += mlp_grads + attn_grads
         attn_tail = prof.attn_tails[i] if prof.attn_tails else 0
-        # with the softmax's backward a moment of its own (below), the q, k, v projections' gradients
-        # are made after it, beside what the core hands back
-        core = prof.qkv_backward if prof.softmax_backward and not prof.checkpointed else attn
+        # the query, key and value projections' gradients come after the attention core's backward
+        later = max(attn_grads - states.attn_out_gradients[i], 0) if states.attn_out_gradients else 0
         phases.append(Phase("backward",
-                            base + live - prof.mlp_layers[i] - attn_tail + grads + resid + core + dq,
+                            base + live - prof.mlp_layers[i] - attn_tail + grads - later + resid + attn + dq,
                             f"{SO_FAR}, backward through layer {i}'s attention"))
-        if prof.softmax_backward and not prof.checkpointed:
-            # eager attention's softmax backward: the q, k, v projections' gradients are not made yet
-            qkv = states.attention_input_gradients[i] if states.attention_input_gradients else 0
-            phases.append(Phase("backward", base + live - prof.mlp_layers[i] - attn_tail + grads - qkv
-                                + resid + prof.softmax_backward + dq,
-                                f"{SO_FAR}, backward through layer {i}'s attention softmax, v's gradient "
-                                "waiting"))
         saved_below -= prof.args_freed[i] if prof.args_freed else 0
     leaf = 2 * prof.input_leaf  # the embedding output made a leaf, and its gradient
     phases.append(Phase("backward", base + states.gradients + states.embedding_backward + leaf,
