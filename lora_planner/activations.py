@@ -116,6 +116,11 @@ class Graph:
     section: str = ""
     # tensors a caller holds as arguments while the current block runs (the MLP's input)
     args: tuple[Tensor, ...] = ()
+    # the probabilities eager attention returns: the decoder layer binds them (`hidden_states, _ =
+    # self.self_attn(...)`) until it returns, through the MLP; None for SDPA
+    attn_weights: Tensor | None = None
+    # by section: what the norm before the MLP saved, alive at its own backward (`rms_norm_backward`)
+    mlp_norm: dict[str, int] = field(default_factory=dict)
     _keys: itertools.count = field(default_factory=lambda: itertools.count(1))
     _section_bytes: dict[str, int] = field(default_factory=dict)
     _saved_total: int = 0
@@ -390,6 +395,7 @@ class Graph:
             # back to the query's dtype (GPT-2: the value's) as the module wrote it, dropout there,
             # and autocast's matmul makes the 16-bit copy that probs @ v keeps
             p = self.dropout_op(self.cast(p, q_in if softmax_fp32 else v_in), attn_dropout)
+            self.attn_weights = p
             p = self.cast(p, 2) if self.cond.autocast else p
         else:
             p = self.dropout_op(self.cast(p, cb), attn_dropout)
@@ -460,6 +466,7 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
         return g.add(x, m)
     gemma = spec.family == "gemma2"
     h = g.rms_norm(x, f"{p}.input_layernorm", H, gemma)
+    g.args, g.attn_weights = (h,), None  # the attention's input, bound by the decoder layer
     if spec.family == "phi3":
         qkv = g.linear(h, f"{p}.self_attn.qkv_proj", H, (nh + 2 * nkv) * hd)
         # q and k are slices that rope copies; v is a slice too, and keeping it keeps the fused output
@@ -468,16 +475,21 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
         v = Tensor(qkv.numel, qkv.itemsize, qkv.grad, qkv.key)
     else:
         q = g.linear(h, f"{p}.self_attn.q_proj", H, nh * hd)
+        g.args = (h, q)
         k = g.linear(h, f"{p}.self_attn.k_proj", H, nkv * hd)
+        g.args = (h, q, k)
         v = g.linear(h, f"{p}.self_attn.v_proj", H, nkv * hd)
     assert rot is not None
     q, k = g.rope(q, *rot), g.rope(k, *rot)
+    g.args = attention_locals(h, q, k, v)
     masked = (g.cond.attention == "sdpa" and spec.sliding_layer(i)
               and g.cond.seq_len >= (spec.sliding_window or 0))
     a = g.attention(q, k, v, nh, nkv, hd, g.rates[0], softcap=gemma and spec.attn_softcap,
                     contiguous_q=spec.family == "phi3", fused=v if spec.family == "phi3" else None,
                     masked=masked)
-    a = g.linear(a, f"{p}.self_attn.o_proj", nh * hd, H)
+    o = g.linear(a, f"{p}.self_attn.o_proj", nh * hd, H)
+    g.peak_at(g.unsaved(a, o, *g.args))
+    a = o
     if spec.family == "phi3":
         a = g.dropout_op(a, g.rates[1])  # resid_attn_dropout
     if gemma:
@@ -485,9 +497,11 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
     x = g.add(x, a)
     g.attn_tail_end()
     g.section += " mlp"
+    before = g.saved_bytes(g.section)
     h = g.rms_norm(x, f"{p}.pre_feedforward_layernorm" if gemma else f"{p}.post_attention_layernorm",
                    H, gemma)
-    g.args = (h,)
+    g.mlp_norm[g.section.removesuffix(" mlp")] = g.saved_bytes(g.section) - before
+    g.args = (h,) if g.attn_weights is None else (h, g.attn_weights)
     if spec.num_experts:
         m = _moe(g, spec, p, h)
     elif spec.family == "phi3":
@@ -499,22 +513,39 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
         m = g.new(gu.numel // 2, gu.itemsize, gu.grad)
         g.tail_start()
         out = g.linear(m, f"{p}.mlp.down_proj", inter, H)
-        g.peak_at(g.unsaved(h, m, out))
+        g.peak_at(g.unsaved(h, m, out, *g.args))
         m = g.dropout_op(out, g.rates[1])  # resid_mlp_dropout
-        g.peak_at(g.unsaved(h, out, m) if m is not out else 0)
+        g.peak_at(g.unsaved(h, out, m, *g.args) if m is not out else 0)
     else:
         gate = g.linear(h, f"{p}.mlp.gate_proj", H, inter)
         up = g.linear(h, f"{p}.mlp.up_proj", H, inter)
         act = g.mul(g.unary(gate, "input"), up)
         g.tail_start()
         m = g.linear(act, f"{p}.mlp.down_proj", inter, H)
-        g.peak_at(g.unsaved(h, act, m))
+        g.peak_at(g.unsaved(h, act, m, *g.args))
     if gemma:
         m = g.rms_norm(m, f"{p}.post_feedforward_layernorm", H, True)
     if not spec.num_experts:  # the expert block records its own tail (`_moe`)
         g.tail_end()
-    g.args = ()
+    g.args, g.attn_weights = (), None
+    if m.itemsize < x.itemsize and not gemma:
+        # autocast: the add's backward casts the fp32 residual gradient to the block's 16-bit output;
+        # that copy waits through the recompute its first saved tensor sets off
+        layer = g.section.removesuffix(" mlp")
+        g.pending[layer] = g.pending.get(layer, 0) + m.nbytes
     return g.add(x, m)
+
+
+def attention_locals(h: Tensor, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, ...]:
+    """Tensors alive in local variables while attention and its output projection run, beyond what
+    they save: the decoder layer's normed input (`hidden_states`, bound until `self_attn` returns),
+    and the attention module's rotated query and key and its value (`query_states`, `key_states`,
+    `value_states`), bound until it returns after o_proj. Phi-3's value is a slice of the fused
+    qkv output, so it holds all of it. What an op saved is counted there (`Graph.unsaved` skips it).
+    Assumption: transformers 5's attention modules (llama form), which rebind q and k to their rotated
+    copies, so the projections' own outputs are freed unless saved.
+    """
+    return (h, q, k, v)
 
 
 def _moe(g: Graph, spec: ModelSpec, p: str, h: Tensor) -> Tensor:
@@ -571,7 +602,8 @@ def _moe(g: Graph, spec: ModelSpec, p: str, h: Tensor) -> Tensor:
         g.save(g.new(E * H * inter, wb, True))  # the merged down weight
     if logits.grad:
         g.save(g.new(rows * H, xb, True))  # the down output
-    local = moe_locals(t, rows, E, 0 if h.key in g.saved else h.nbytes, logits.itemsize)
+    local = (moe_locals(t, rows, E, 0 if h.key in g.saved else h.nbytes, logits.itemsize)
+             + g.unsaved(*(a for a in g.args if a.key != h.key)))
     g.peak_at(moe_down_transient(rows, H, inter, xb, up_trains, down_trains) + local)
     # a checkpointed block's first backward op, the un-sort's, holds the recomputed saved set, its
     # incoming gradient (`pending`), a zeroed (rows x hidden) buffer and its scattered copy; the
@@ -865,6 +897,10 @@ class Profile:
     args_freed: tuple[int, ...] = ()
     # per layer: a recomputed expert block at its first backward op (`Graph.unsort`); 0 without experts
     recompute_unsort: tuple[int, ...] = ()
+    # per layer: what the norm before the MLP saved (`Graph.mlp_norm`), and what its backward holds
+    # beyond it (`rms_norm_backward`; 0 for GPT-2's fused LayerNorm backward)
+    mlp_norm_saved: tuple[int, ...] = ()
+    mlp_norm_backward: int = 0
     # backward work not done (see `Graph.no_input_grad_params`); `cost` takes it off the FLOPs
     no_input_grad_params: int = 0
     attention_without_grad: int = 0
@@ -1007,6 +1043,9 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
         expert_up_backward=tuple(g.up_backward.get(f"layer {i}", (0, 0)) for i in range(spec.num_layers))
         if g.up_backward else (),
         recompute_unsort=tuple(g.unsort.get(f"layer {i}", 0) for i in range(spec.num_layers)),
+        mlp_norm_saved=tuple(g.mlp_norm.get(f"layer {i}", 0) for i in range(spec.num_layers)),
+        mlp_norm_backward=0 if spec.family == "gpt2" else rms_norm_backward(cond.tokens, H, any(
+            p.endswith("pre_feedforward_layernorm") for p in trainable) and spec.family == "gemma2"),
         checkpointed=cond.grad_checkpointing,
         offloaded=cond.activation_offload,
         # a chunked or fused loss counts the head's input alive through the loss itself (`head_and_loss`)

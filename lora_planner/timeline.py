@@ -132,6 +132,11 @@ def step_phases(states: States, prof: Profile, vocab: int, tokens: int) -> tuple
             phases.append(Phase("backward", base + live - prof.mlp_layers[i] + grads + mlp_grads + resid
                                 + prof.post_norm_transient,
                                 f"{SO_FAR}, backward through layer {i}'s post-attention norm"))
+        if prof.mlp_norm_backward and prof.mlp_norm_saved and prof.mlp_norm_saved[i]:
+            # the norm before the MLP: the MLP's other saved tensors are gone, the norm's own are not
+            phases.append(Phase("backward", base + live - prof.mlp_layers[i] + prof.mlp_norm_saved[i] + grads
+                                + mlp_grads + resid + prof.mlp_norm_backward,
+                                f"{SO_FAR}, backward through layer {i}'s norm before the MLP"))
         if prof.expert_up_backward and prof.expert_up_backward[i][1]:
             freed, held = prof.expert_up_backward[i]
             up = states.expert_up_gradients[i] if states.expert_up_gradients else 0
