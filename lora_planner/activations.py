@@ -119,7 +119,8 @@ class Graph:
     # the probabilities eager attention returns: the decoder layer binds them (`hidden_states, _ =
     # self.self_attn(...)`) until it returns, through the MLP; None for SDPA
     attn_weights: Tensor | None = None
-    # by section: what the norm before the MLP saved, alive at its own backward (`rms_norm_backward`)
+    # by section: the fp32 input the norm before the MLP saved, alive at its own backward
+    # (`rms_norm_backward`)
     mlp_norm: dict[str, int] = field(default_factory=dict)
     _keys: itertools.count = field(default_factory=lambda: itertools.count(1))
     _section_bytes: dict[str, int] = field(default_factory=dict)
@@ -403,7 +404,10 @@ class Graph:
             self.save(p)  # probs @ v keeps the probabilities for v's gradient, v for theirs
         if p.grad:
             self.save(vc)
-        return self.new(full, max(q.itemsize, v.itemsize), grad)  # contiguous (b, s, heads * hd)
+        out = self.new(full, max(q.itemsize, v.itemsize), grad)  # contiguous (b, s, heads * hd)
+        if eager:
+            self.peak_at(eager_output_transient(self, k_in, kv_heads, heads, full, out.nbytes))
+        return out
 
     def rope(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         """x * cos + rotate_half(x) * sin: the products keep cos and sin (shared by all layers)."""
@@ -487,6 +491,8 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
     a = g.attention(q, k, v, nh, nkv, hd, g.rates[0], softcap=gemma and spec.attn_softcap,
                     contiguous_q=spec.family == "phi3", fused=v if spec.family == "phi3" else None,
                     masked=masked)
+    if g.attn_weights is not None:  # bound by the attention module until it returns
+        g.args += (g.attn_weights,)
     o = g.linear(a, f"{p}.self_attn.o_proj", nh * hd, H)
     g.peak_at(g.unsaved(a, o, *g.args))
     a = o
@@ -497,10 +503,11 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
     x = g.add(x, a)
     g.attn_tail_end()
     g.section += " mlp"
-    before = g.saved_bytes(g.section)
     h = g.rms_norm(x, f"{p}.pre_feedforward_layernorm" if gemma else f"{p}.post_attention_layernorm",
                    H, gemma)
-    g.mlp_norm[g.section.removesuffix(" mlp")] = g.saved_bytes(g.section) - before
+    # of what the norm saved, only its fp32 input is left when pow's backward runs: the statistics
+    # and a trained weight's normed copy have been used and freed
+    g.mlp_norm[g.section.removesuffix(" mlp")] = x.numel * FP32 if x.grad else 0
     g.args = (h,) if g.attn_weights is None else (h, g.attn_weights)
     if spec.num_experts:
         m = _moe(g, spec, p, h)
@@ -523,17 +530,39 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
         g.tail_start()
         m = g.linear(act, f"{p}.mlp.down_proj", inter, H)
         g.peak_at(g.unsaved(h, act, m, *g.args))
+    block_out = m
     if gemma:
         m = g.rms_norm(m, f"{p}.post_feedforward_layernorm", H, True)
+        # the block's output is bound until the norm returns; the MLP's normed input is gone by then
+        g.peak_at(g.unsaved(block_out, *(a for a in g.args if a.key != h.key)))
     if not spec.num_experts:  # the expert block records its own tail (`_moe`)
         g.tail_end()
     g.args, g.attn_weights = (), None
+    layer = g.section.removesuffix(" mlp")
     if m.itemsize < x.itemsize and not gemma:
         # autocast: the add's backward casts the fp32 residual gradient to the block's 16-bit output;
         # that copy waits through the recompute its first saved tensor sets off
-        layer = g.section.removesuffix(" mlp")
         g.pending[layer] = g.pending.get(layer, 0) + m.nbytes
+    if gemma and block_out.itemsize < FP32:
+        # Gemma-2's post-feedforward norm returns `type_as` its 16-bit input: the backward of that cast
+        # makes a fp32 gradient, which waits for the norm's saved tensors (the recompute)
+        g.pending[layer] = g.pending.get(layer, 0) + block_out.numel * FP32
     return g.add(x, m)
+
+
+def eager_output_transient(g: Graph, k: Tensor, kv_heads: int, heads: int, full: int, out: int) -> int:
+    """What eager attention holds beyond the saved tensors as it makes its output contiguous.
+
+    `eager_attention_forward` binds until it returns: the repeated key (`repeat_kv`: a copy at every
+    head when 1 < kv heads < heads, in the rotated key's dtype; under autocast that is not the 16-bit
+    copy the matmul keeps), the probabilities it returns (after dropout, in the query's dtype; unsaved
+    when autocast's matmul keeps its own 16-bit copy), the matmul's (b, heads, s, d) output and its
+    transposed contiguous copy (2 x `out`). The caller's locals (`Graph.args`) are alive too.
+    """
+    local = [] if g.attn_weights is None else [g.attn_weights]
+    if g.cond.autocast and 1 < kv_heads < heads and k.itemsize != 2:
+        local.append(g.new(full, k.itemsize, False))
+    return g.unsaved(*g.args, *local) + 2 * out
 
 
 def attention_locals(h: Tensor, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, ...]:
@@ -809,10 +838,23 @@ def layer_backward_transients(spec: ModelSpec, cond: Conditions) -> tuple[int, i
         probs = cond.batch_size * spec.num_heads * cond.seq_len * cond.seq_len
         # GPT-2's eager softmax runs in the scores' dtype; the others' (and the math kernel) in fp32
         soft = cb if spec.family == "gpt2" and not cond.autocast and cond.attention == "eager" else FP32
-        attn = max(qkv, probs * 2 * soft)
+        attn = max(qkv, probs * 2 * soft + value_gradient_bytes(spec, cond))
     else:
         attn = qkv
     return resid, mlp, attn
+
+
+def value_gradient_bytes(spec: ModelSpec, cond: Conditions) -> int:
+    """The value's gradient alive through eager attention's softmax backward.
+
+    probs @ v's backward returns the probabilities' gradient and the (repeated) value's, tokens x
+    heads x head_dim in the matmul's dtype (the compute dtype; fp32 in torch's CPU math kernel).
+    Autograd runs the later-made branch first: the softmax's, made after v's projection, so the
+    value's gradient waits through it. Assumption: eager attention or the math kernel, whose
+    probabilities are materialised.
+    """
+    math = cond.attention != "eager"
+    return cond.tokens * spec.num_heads * spec.head_dim * (FP32 if math else cond.compute_bytes)
 
 
 def rms_norm_backward(tokens: int, hidden: int, weight_trains: bool = False) -> int:
@@ -897,7 +939,7 @@ class Profile:
     args_freed: tuple[int, ...] = ()
     # per layer: a recomputed expert block at its first backward op (`Graph.unsort`); 0 without experts
     recompute_unsort: tuple[int, ...] = ()
-    # per layer: what the norm before the MLP saved (`Graph.mlp_norm`), and what its backward holds
+    # per layer: the norm before the MLP's saved fp32 input (`Graph.mlp_norm`), and what its backward holds
     # beyond it (`rms_norm_backward`; 0 for GPT-2's fused LayerNorm backward)
     mlp_norm_saved: tuple[int, ...] = ()
     mlp_norm_backward: int = 0

@@ -410,6 +410,9 @@ def _states_on_gpu(predicted: StepPrediction, per_gpu: dict[str, Term], sharding
         optimizer_temporary=share(s.optimizer_temporary, placement("optimizer_states", sharding)),
         head_gradients=share(s.head_gradients, grads_where),
         layer_gradients=layer_gradients,
+        # made after the attention core's backward: sharded as the attention part they belong to
+        attention_input_gradients=tuple(0 if grads_where == "cpu" else share(g, grads_where)
+                                        for g in s.attention_input_gradients),
     )
 
 

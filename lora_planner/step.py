@@ -26,6 +26,10 @@ MLP_PART = ("mlp", "ln_2", "post_attention_layernorm", "pre_feedforward_layernor
             "post_feedforward_layernorm")
 # ...of which the output projection's gradient comes first, before the MLP's backward peak.
 MLP_OUTPUT = ("mlp.down_proj", "mlp.c_proj")
+# Of the attention part, these gradients come after the attention core's backward (softmax, or the
+# fused kernel), which sets the attention's backward peak: the q, k, v projections and the norm before.
+ATTENTION_INPUT = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.qkv_proj",
+                   "attn.c_attn", "input_layernorm", "ln_1")
 
 
 @dataclass(frozen=True)
@@ -141,6 +145,7 @@ def predict_step(spec: ModelSpec, setup: TrainSetup, precision: Precision, memor
     # (attention part, rest of the MLP part, the MLP's output projection)
     per_layer = [[0, 0, 0] for _ in range(spec.num_layers)]
     expert_up = [0] * spec.num_layers
+    attention_input = [0] * spec.num_layers
     head = 0
     for path, numel in by_path.items():
         if path.startswith(prefix):
@@ -150,6 +155,8 @@ def predict_step(spec: ModelSpec, setup: TrainSetup, precision: Precision, memor
             per_layer[int(index)][2] += down * grad_bytes
             expert_up[int(index)] += 2 * down * grad_bytes  # gate/up: twice the down projection
             per_layer[int(index)][part] += (numel - down) * grad_bytes
+            if rest.startswith(ATTENTION_INPUT):
+                attention_input[int(index)] += numel * grad_bytes
         elif path == arch.head_path or (arch.tied_head and path.endswith(("wte", "embed_tokens"))):
             head += numel * grad_bytes
     embed_trains = any(path.endswith(("wte", "embed_tokens")) for path in by_path)
@@ -174,6 +181,7 @@ def predict_step(spec: ModelSpec, setup: TrainSetup, precision: Precision, memor
         head_gradients=head,
         dequant_transient=dequant,
         expert_up_gradients=tuple(expert_up),
+        attention_input_gradients=tuple(attention_input),
         layer_gradients=tuple(tuple(parts) for parts in per_layer),
         embedding_backward=embedding_backward(embed_trains, arch.tied_head, head, prof.transients[0]),
         temporary_what=f"{kernel}{setup.optimizer} temporary" if temp else f"{kernel}{setup.optimizer}, "

@@ -52,6 +52,9 @@ class States:
     dequant_transient: int = 0
     # per decoder layer: the fused experts' gate/up gradient, made before the rest of the MLP part's
     expert_up_gradients: tuple[int, ...] = ()
+    # per decoder layer: the part of the attention gradients made after the attention core's backward
+    # (q, k, v projections and the norm before them; `step.ATTENTION_INPUT`)
+    attention_input_gradients: tuple[int, ...] = ()
 
 
 # what every backward moment holds besides its own transients
@@ -144,8 +147,9 @@ def step_phases(states: States, prof: Profile, vocab: int, tokens: int) -> tuple
                                 f"{SO_FAR}, backward through layer {i}'s expert gate/up projection"))
         grads += mlp_grads + attn_grads
         attn_tail = prof.attn_tails[i] if prof.attn_tails else 0
+        later = states.attention_input_gradients[i] if states.attention_input_gradients else 0
         phases.append(Phase("backward",
-                            base + live - prof.mlp_layers[i] - attn_tail + grads + resid + attn + dq,
+                            base + live - prof.mlp_layers[i] - attn_tail + grads - later + resid + attn + dq,
                             f"{SO_FAR}, backward through layer {i}'s attention"))
         saved_below -= prof.args_freed[i] if prof.args_freed else 0
     leaf = 2 * prof.input_leaf  # the embedding output made a leaf, and its gradient
