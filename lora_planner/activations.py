@@ -407,6 +407,11 @@ class Graph:
         out = self.new(full, max(q.itemsize, v.itemsize), grad)  # contiguous (b, s, heads * hd)
         if eager:
             self.peak_at(eager_output_transient(self, k_in, kv_heads, heads, full, out.nbytes))
+        else:
+            b_s = b * s
+            self.peak_at(self.unsaved(*self.args) + math_kernel_transient(
+                b_s * heads * head_dim, b_s * kv_heads * head_dim, b * heads * s * s, s * s,
+                q_in if not self.cond.autocast or q_in == 2 else 2, q_in, k.itemsize, kv_heads, heads))
         return out
 
     def rope(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -565,6 +570,29 @@ def eager_output_transient(g: Graph, k: Tensor, kv_heads: int, heads: int, full:
     return g.unsaved(*g.args, *local) + 2 * out
 
 
+def math_kernel_transient(full: int, kv_full: int, probs: int, square: int, itemsize: int,
+                          query_itemsize: int, key_itemsize: int, kv_heads: int, heads: int) -> int:
+    """What torch's CPU math attention kernel (`_scaled_dot_product_attention_math`, the fallback when
+    attention dropout is on) holds beyond what it saves, as its output is cast back to the inputs'
+    dtype: 16-bit inputs upcast to fp32 (q, k, v), k repeated over the query heads (a copy when
+    1 < kv heads < heads), a contiguous scaled copy for the score matmul, the causal mask built as a
+    fp32 (s x s) tensor, the dropped probabilities cast back to the inputs' dtype for probs @ v, the
+    fp32 output and its cast. Under autocast, the 16-bit casts of a fp32 rotated q and k are alive too.
+    `full`, `kv_full`: elements of q and of k (or v); `probs`: b x heads x s x s.
+    Assumption: torch 2.13's CPU math kernel, as the tracer lists its tensors; the saved copies
+    (scaled q and k, v, probabilities, dropout mask, dropped probabilities) are counted by `attention`.
+    """
+    upcast = itemsize != FP32
+    held = full * FP32 + square * FP32 + full * FP32  # scaled contiguous copy, mask, fp32 output
+    if upcast:
+        held += (full + 2 * kv_full) * FP32 + probs * itemsize + full * itemsize
+    if 1 < kv_heads < heads:
+        held += full * FP32
+    if query_itemsize != itemsize:  # autocast's casts of the fp32 rotated query and key
+        held += full * itemsize + kv_full * itemsize
+    return held
+
+
 def attention_locals(h: Tensor, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, ...]:
     """Tensors alive in local variables while attention and its output projection run, beyond what
     they save: the decoder layer's normed input (`hidden_states`, bound until `self_attn` returns),
@@ -636,12 +664,15 @@ def _moe(g: Graph, spec: ModelSpec, p: str, h: Tensor) -> Tensor:
     g.peak_at(moe_down_transient(rows, H, inter, xb, up_trains, down_trains) + local)
     # a checkpointed block's first backward op, the un-sort's, holds the recomputed saved set, its
     # incoming gradient (`pending`), a zeroed (rows x hidden) buffer and its scattered copy; the
-    # recompute's locals are gone by then, the sorted expert ids with them
+    # recompute's locals are gone by then, the sorted expert ids with them. The rows were weighted by
+    # the fp32 routing weights, so these gradients are fp32 whatever the hidden states' dtype.
     layer = g.section.removesuffix(" mlp")
-    g.unsort[layer] = g.saved_bytes(layer) + g.saved_bytes(f"{layer} mlp") - rows * INT64 + 2 * rows * H * xb
+    g.unsort[layer] = (g.saved_bytes(layer) + g.saved_bytes(f"{layer} mlp") - rows * INT64
+                       + 2 * rows * H * FP32)
     # backward reaches the block's saved tensors through the un-sort, after the sum over top-k has
-    # handed back a (rows x hidden) gradient: it waits through the recompute
-    g.pending[layer] = rows * H * xb
+    # handed back a (rows x hidden) gradient: it waits through the recompute. With one expert per
+    # token the sum's expanded gradient flattens to rows as a view of the incoming one: nothing new.
+    g.pending[layer] = rows * H * FP32 if k > 1 else 0
     # by the gated product's backward (the MLP's peak), the un-sort's inverse permutation, the down
     # output (kept for the routing weights' gradient) and the down projection's input (kept for its
     # weight's gradient) have been used and freed
