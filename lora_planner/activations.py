@@ -411,7 +411,7 @@ class Graph:
             b_s = b * s
             self.peak_at(self.unsaved(*self.args) + math_kernel_transient(
                 b_s * heads * head_dim, b_s * kv_heads * head_dim, b * heads * s * s, s * s,
-                q_in if not self.cond.autocast or q_in == 2 else 2, q_in, k.itemsize, kv_heads, heads))
+                q_in if not self.cond.autocast or q_in == 2 else 2, q_in, kv_heads, heads, contiguous_q))
         return out
 
     def rope(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -571,11 +571,12 @@ def eager_output_transient(g: Graph, k: Tensor, kv_heads: int, heads: int, full:
 
 
 def math_kernel_transient(full: int, kv_full: int, probs: int, square: int, itemsize: int,
-                          query_itemsize: int, key_itemsize: int, kv_heads: int, heads: int) -> int:
+                          query_itemsize: int, kv_heads: int, heads: int, contiguous_q: bool) -> int:
     """What torch's CPU math attention kernel (`_scaled_dot_product_attention_math`, the fallback when
     attention dropout is on) holds beyond what it saves, as its output is cast back to the inputs'
     dtype: 16-bit inputs upcast to fp32 (q, k, v), k repeated over the query heads (a copy when
-    1 < kv heads < heads), a contiguous scaled copy for the score matmul, the causal mask built as a
+    1 < kv heads < heads), a contiguous copy of the scaled query for the score matmul (unless the
+    rotary embedding made q contiguous: Phi-3's concatenation), the causal mask built as a
     fp32 (s x s) tensor, the dropped probabilities cast back to the inputs' dtype for probs @ v, the
     fp32 output and its cast. Under autocast, the 16-bit casts of a fp32 rotated q and k are alive too.
     `full`, `kv_full`: elements of q and of k (or v); `probs`: b x heads x s x s.
@@ -583,7 +584,9 @@ def math_kernel_transient(full: int, kv_full: int, probs: int, square: int, item
     (scaled q and k, v, probabilities, dropout mask, dropped probabilities) are counted by `attention`.
     """
     upcast = itemsize != FP32
-    held = full * FP32 + square * FP32 + full * FP32  # scaled contiguous copy, mask, fp32 output
+    held = square * FP32 + full * FP32  # the mask, the fp32 output
+    if not contiguous_q:
+        held += full * FP32
     if upcast:
         held += (full + 2 * kv_full) * FP32 + probs * itemsize + full * itemsize
     if 1 < kv_heads < heads:
