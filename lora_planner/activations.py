@@ -513,7 +513,9 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
     # of what the norm saved, only its fp32 input is left when pow's backward runs: the statistics
     # and a trained weight's normed copy have been used and freed
     g.mlp_norm[g.section.removesuffix(" mlp")] = x.numel * FP32 if x.grad else 0
-    g.args = (h,) if g.attn_weights is None else (h, g.attn_weights)
+    # the decoder layer also binds the residual (the stream after attention) until the MLP returns;
+    # it is saved already unless the norm upcast a 16-bit copy of it
+    g.args = (h, x) if g.attn_weights is None else (h, x, g.attn_weights)
     if spec.num_experts:
         m = _moe(g, spec, p, h)
     elif spec.family == "phi3":
@@ -548,6 +550,11 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
         # autocast: the add's backward casts the fp32 residual gradient to the block's 16-bit output;
         # that copy waits through the recompute its first saved tensor sets off
         g.pending[layer] = g.pending.get(layer, 0) + m.nbytes
+    if (f"{p}.mlp.down_proj" in g.wrapped and not gemma and not spec.num_experts
+            and (spec.family != "phi3" or g.rates[1] <= 0)):
+        # LoRA on the output projection: the scale's backward needs no saved tensor, so the scaled
+        # branch's gradient is made before lora_B's backward sets off the recompute
+        g.pending[layer] = g.pending.get(layer, 0) + block_out.nbytes
     if gemma and block_out.itemsize < FP32:
         # Gemma-2's post-feedforward norm returns `type_as` its 16-bit input: the backward of that cast
         # makes a fp32 gradient, which waits for the norm's saved tensors (the recompute)
