@@ -672,6 +672,7 @@ def _moe(g: Graph, spec: ModelSpec, p: str, h: Tensor) -> Tensor:
     local = (moe_locals(t, rows, E, 0 if h.key in g.saved else h.nbytes, logits.itemsize)
              + g.unsaved(*(a for a in g.args if a.key != h.key)))
     g.peak_at(moe_down_transient(rows, H, inter, xb, up_trains, down_trains) + local)
+    g.peak_at(moe_end_transient(rows, H, xb, up_trains) + local)
     # a checkpointed block's first backward op, the un-sort's, holds the recomputed saved set, its
     # incoming gradient (`pending`), a zeroed (rows x hidden) buffer and its scattered copy; the
     # recompute's locals are gone by then, the sorted expert ids with them. The rows were weighted by
@@ -740,6 +741,16 @@ def moe_down_transient(rows: int, hidden: int, inter: int, itemsize: int, up_tra
     (`integrations/moe.py`), rows = tokens x top-k, in the hidden states' dtype.
     """
     return ((0 if up_trains else rows * hidden) + (0 if down_trains else rows * inter)) * itemsize
+
+
+def moe_end_transient(rows: int, hidden: int, itemsize: int, up_trains: bool) -> int:
+    """What the expert block holds beyond its saved tensors as it ends: the gathered input rows (a
+    local, saved already when the gate/up weights train), the down output weighted by the fp32 routing
+    weights (rows x hidden, fp32 or wider) and the arange the inverse permutation is scattered from
+    (rows int64). The gated activation the down projection read is gone by then. Assumption:
+    transformers 5's grouped_mm experts, as the tracer lists them at the block's last op.
+    """
+    return (0 if up_trains else rows * hidden * itemsize) + rows * hidden * max(itemsize, FP32) + rows * INT64
 
 
 def moe_locals(tokens: int, rows: int, experts: int, block_input: int, logits_itemsize: int) -> int:

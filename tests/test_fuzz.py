@@ -400,3 +400,15 @@ def test_decoder_binds_a_bf16_residual_through_the_mlp():
                        "num_attention_heads": 1, "intermediate_size": 52}, fake=True, method="lora", rank=8,
                       targets=("mlp",), precision="pure-bf16", batch_size=2, seq_len=36, attention="eager",
                       grad_checkpointing=True))
+
+
+def test_recomputed_expert_block_ends_with_its_weighted_rows():
+    """A recomputed expert block's last op (the inverse permutation's scatter) runs with the rows
+    weighted by the fp32 routing weights and the gathered input rows alive (-2.7% before; fuzz seed
+    164)."""
+    check(_regression(_dense("mixtral", vocab_size=194, hidden_size=192, num_hidden_layers=1,
+                             num_attention_heads=8, num_key_value_heads=2, intermediate_size=104,
+                             tie_word_embeddings=True, head_dim=10, sliding_window=None,
+                             num_local_experts=3, num_experts_per_tok=2),
+                      method="lora", rank=8, targets=("attn",), precision="fp32", batch_size=3, seq_len=38,
+                      grad_checkpointing=True, dropout=0.1))
