@@ -123,8 +123,22 @@ class Graph:
     # (`rms_norm_backward`)
     mlp_norm: dict[str, int] = field(default_factory=dict)
     _keys: itertools.count = field(default_factory=lambda: itertools.count(1))
+    # every forward moment as (layer, saves made so far, bytes held), and each layer's last save: a
+    # recompute stops at its layer's last saved tensor (`recompute_peak`)
+    moments: list[tuple[str, int, int]] = field(default_factory=list)
+    _saves: int = 0
+    _last_save: dict[str, int] = field(default_factory=dict)
     _section_bytes: dict[str, int] = field(default_factory=dict)
     _saved_total: int = 0
+
+    def recompute_peak(self, layer: str) -> int:
+        """The most a checkpointed layer's recompute holds: its forward's moments up to the op that
+        saves its last tensor. torch's non-reentrant checkpoint stops recomputing there (early stop),
+        so what forward did after it (a last LoRA layer's lora_B output and its scaled copy, when the
+        adapter's input was its last save) does not happen again."""
+        last = self._last_save.get(layer, 0)
+        return max((held for where, saves, held in self.moments if where == layer and saves < last),
+                   default=0)
 
     # --- tensors ---------------------------------------------------------------------------------
     def new(self, numel: int, itemsize: int, grad: bool) -> Tensor:
@@ -136,6 +150,8 @@ class Graph:
                 self.saved[t.key] = (t.nbytes, self.section)
                 self._section_bytes[self.section] = self._section_bytes.get(self.section, 0) + t.nbytes
                 self._saved_total += t.nbytes
+                self._saves += 1
+                self._last_save[self.section.removesuffix(" mlp")] = self._saves
 
     def saved_bytes(self, section: str | None = None) -> int:
         # running totals per section: a walk of 80 layers asks for each layer's bytes
@@ -229,11 +245,16 @@ class Graph:
         keys = {t.key: t.nbytes for t in tensors if t.key not in self.saved}
         return sum(keys.values())
 
-    def peak_at(self, transient: int) -> None:
-        """The layer's forward holds everything saved so far plus `transient` bytes here."""
+    def peak_at(self, transient: int, after_saves: bool = False) -> None:
+        """The layer's forward holds everything saved so far plus `transient` bytes here.
+
+        `after_saves`: a moment a recompute skips when no tensor is saved after it (see
+        `recompute_peak`); otherwise the walk's order of saves need not be the ops' (the expert block's).
+        """
         layer = self.section.removesuffix(" mlp")
         held = self.saved_bytes(layer) + self.saved_bytes(f"{layer} mlp") + transient
         self.forward_peaks[layer] = max(self.forward_peaks.get(layer, 0), held)
+        self.moments.append((layer, self._saves if after_saves else -1, held))
 
     def cached(self, nbytes: int, saved: bool) -> None:
         """A 16-bit copy of a trained parameter: autocast keeps it until forward ends."""
@@ -286,6 +307,7 @@ class Graph:
                 + (x.numel * self.cond.weight_bytes + x.nbytes if recast else self.unsaved(x))
                 + self.unsaved(*(a for a in self.args if a.key != x.key)))
         self.forward_peaks[layer] = max(self.forward_peaks.get(layer, 0), held)
+        self.moments.append((layer, self._saves, held))
         if self.cond.autocast:
             self.save(self.new(rank * out_features, 2, False))
             self.cached(in_features * rank * 2, saved=xd.grad)
@@ -527,16 +549,16 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
         m = g.new(gu.numel // 2, gu.itemsize, gu.grad)
         g.tail_start()
         out = g.linear(m, f"{p}.mlp.down_proj", inter, H)
-        g.peak_at(g.unsaved(h, m, out, *g.args))
+        g.peak_at(g.unsaved(h, m, out, *g.args), after_saves=True)
         m = g.dropout_op(out, g.rates[1])  # resid_mlp_dropout
-        g.peak_at(g.unsaved(h, out, m, *g.args) if m is not out else 0)
+        g.peak_at(g.unsaved(h, out, m, *g.args) if m is not out else 0, after_saves=True)
     else:
         gate = g.linear(h, f"{p}.mlp.gate_proj", H, inter)
         up = g.linear(h, f"{p}.mlp.up_proj", H, inter)
         act = g.mul(g.unary(gate, "input"), up)
         g.tail_start()
         m = g.linear(act, f"{p}.mlp.down_proj", inter, H)
-        g.peak_at(g.unsaved(h, act, m, *g.args))
+        g.peak_at(g.unsaved(h, act, m, *g.args), after_saves=True)
     block_out = m
     if gemma:
         m = g.rms_norm(m, f"{p}.post_feedforward_layernorm", H, True)
@@ -1126,7 +1148,7 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
         attn_tails=tuple(g.attn_tails),
         no_input_grad_params=g.no_input_grad_params,
         attention_without_grad=g.attention_without_grad,
-        recompute_peaks=tuple(g.forward_peaks.get(f"layer {i}", 0) for i in range(spec.num_layers)),
+        recompute_peaks=tuple(g.recompute_peak(f"layer {i}") for i in range(spec.num_layers)),
         recompute_pending=tuple(g.pending.get(f"layer {i}", 0) for i in range(spec.num_layers)),
         post_norm_transient=rms_norm_backward(cond.tokens, H, any(
             p.endswith("post_feedforward_layernorm") for p in trainable)) if spec.family == "gemma2" else 0,
