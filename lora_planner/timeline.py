@@ -16,7 +16,9 @@ optimizer has used them. On top of them each phase holds something else:
   so far, the layer's own transient gradients (`activations.layer_backward_transients`) and, for
   QLoRA, one dequantised weight; a recomputed expert block's un-sort backward (`Graph.unsort`) and
   Gemma-2's post-feedforward and post-attention norms (`activations.rms_norm_backward`), whose
-  backward runs while the block before them is still saved;
+  backward runs while the block before them is still saved; the norm before the MLP, whose fp32
+  backward runs with its saved input and the attention's saved tensors; the attention's peak comes
+  before the q, k, v projections' gradients (`States.attention_input_gradients`);
 - end of backward: all gradients, the trained embedding's backward (`step.embedding_backward`: a
   tied embedding's two partial gradients being summed, or an untied one's incoming gradient), and
   under checkpointing the embedding output PEFT makes a leaf, with its gradient;
