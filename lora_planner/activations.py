@@ -124,7 +124,15 @@ class Graph:
     # beyond its inputs, its saved tensors and its output (`math_attention_internals`, eager's product)
     attn_weights: Tensor | None = None
     attn_internal: int = 0
+    # by section: the fp32 input the norm before the MLP saved, alive at its own backward
+    # (`rms_norm_backward`)
+    mlp_norm: dict[str, int] = field(default_factory=dict)
     _keys: itertools.count = field(default_factory=lambda: itertools.count(1))
+    # every forward moment as (layer, saves made so far, bytes held), and each layer's last save: a
+    # recompute stops at its layer's last saved tensor (`recompute_peak`)
+    moments: list[tuple[str, int, int]] = field(default_factory=list)
+    _saves: int = 0
+    _last_save: dict[str, int] = field(default_factory=dict)
     _section_bytes: dict[str, int] = field(default_factory=dict)
     _saved_total: int = 0
     # tensors the model's Python code holds in variables while later ops run (the embedding output,
@@ -139,6 +147,15 @@ class Graph:
     # peak inside the norm (`trained_norm_product_bytes`)
     final_norm_freed: int = 0
 
+    def recompute_peak(self, layer: str) -> int:
+        """The most a checkpointed layer's recompute holds: its forward's moments up to the op that
+        saves its last tensor. torch's non-reentrant checkpoint stops recomputing there (early stop),
+        so what forward did after it (a last LoRA layer's lora_B output and its scaled copy, when the
+        adapter's input was its last save) does not happen again."""
+        last = self._last_save.get(layer, 0)
+        return max((held for where, saves, held in self.moments if where == layer and saves < last),
+                   default=0)
+
     # --- tensors ---------------------------------------------------------------------------------
     def new(self, numel: int, itemsize: int, grad: bool) -> Tensor:
         return Tensor(numel, itemsize, grad, next(self._keys))
@@ -149,6 +166,8 @@ class Graph:
                 self.saved[t.key] = (t.nbytes, self.section)
                 self._section_bytes[self.section] = self._section_bytes.get(self.section, 0) + t.nbytes
                 self._saved_total += t.nbytes
+                self._saves += 1
+                self._last_save[self.section.removesuffix(" mlp")] = self._saves
 
     def saved_bytes(self, section: str | None = None) -> int:
         # running totals per section: a walk of 80 layers asks for each layer's bytes
@@ -243,11 +262,16 @@ class Graph:
         keys = {t.key: t.nbytes for t in tensors if t.key not in self.saved}
         return sum(keys.values())
 
-    def peak_at(self, transient: int) -> None:
-        """The layer's forward holds everything saved so far plus `transient` bytes here."""
+    def peak_at(self, transient: int, after_saves: bool = False) -> None:
+        """The layer's forward holds everything saved so far plus `transient` bytes here.
+
+        `after_saves`: a moment a recompute skips when no tensor is saved after it (see
+        `recompute_peak`); otherwise the walk's order of saves need not be the ops' (the expert block's).
+        """
         layer = self.section.removesuffix(" mlp")
         held = self.saved_bytes(layer) + self.saved_bytes(f"{layer} mlp") + transient
         self.forward_peaks[layer] = max(self.forward_peaks.get(layer, 0), held)
+        self.moments.append((layer, self._saves if after_saves else -1, held))
 
     def cached(self, nbytes: int, saved: bool) -> None:
         """A 16-bit copy of a trained parameter: autocast keeps it until forward ends."""
@@ -269,13 +293,13 @@ class Graph:
     def moment(self, *tensors: Tensor, extra: int = 0) -> int:
         """Live bytes of the forward at one op, when nothing is checkpointed: every tensor saved so
         far (all layers before and this one's so far), autocast's unsaved weight copies, and the
-        tensors alive here that no op saved: those held in variables (`held`), the block's arguments
-        (`args`), `tensors` (the op's inputs and output) and `extra` bytes of anonymous ones. Each
-        tensor counts once. Keeps the largest in `forward_live`, which the timeline compares with
-        the forward's end at the loss.
+        tensors alive here that no op saved: those held in variables (`held`), `tensors` (the op's
+        inputs and output) and `extra` bytes of anonymous ones. Each tensor counts once. (`args` is
+        the recompute's own account of what a checkpointed layer holds, not read here.) Keeps the
+        largest in `forward_live`, which the timeline compares with the forward's end at the loss.
         """
         seen, unsaved, saved = set(), 0, self.saved
-        for t in itertools.chain(self.held.values(), self.args, tensors):
+        for t in itertools.chain(self.held.values(), tensors):
             if t.key not in saved and t.key not in seen:  # size only what no op saved, once
                 seen.add(t.key)
                 unsaved += t.numel * t.itemsize
@@ -332,6 +356,7 @@ class Graph:
                 + (x.numel * self.cond.weight_bytes + x.nbytes if recast else self.unsaved(x))
                 + self.unsaved(*(a for a in self.args if a.key != x.key)))
         self.forward_peaks[layer] = max(self.forward_peaks.get(layer, 0), held)
+        self.moments.append((layer, self._saves, held))
         if self.cond.autocast:
             self.save(self.new(rank * out_features, 2, False))
             self.cached(in_features * rank * 2, saved=xd.grad)
@@ -487,7 +512,15 @@ class Graph:
             self.save(p)  # probs @ v keeps the probabilities for v's gradient, v for theirs
         if p.grad:
             self.save(vc)
-        return self.new(full, max(q.itemsize, v.itemsize), grad)  # contiguous (b, s, heads * hd)
+        out = self.new(full, max(q.itemsize, v.itemsize), grad)  # contiguous (b, s, heads * hd)
+        if eager:
+            self.peak_at(eager_output_transient(self, k_in, kv_heads, heads, full, out.nbytes))
+        else:
+            b_s = b * s
+            self.peak_at(self.unsaved(*self.args) + math_kernel_transient(
+                b_s * heads * head_dim, b_s * kv_heads * head_dim, b * heads * s * s, s * s,
+                q_in if not self.cond.autocast or q_in == 2 else 2, q_in, kv_heads, heads, contiguous_q))
+        return out
 
     def eager_moments(self, inputs: tuple[Tensor, Tensor, Tensor], operands: tuple[Tensor, Tensor, Tensor],
                       p: Tensor, pw: Tensor, dropped: Tensor, heads: int, kv_heads: int,
@@ -681,6 +714,7 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
     gemma = spec.family == "gemma2"
     h = g.rms_norm(x, f"{p}.input_layernorm", H, gemma)
     g.hold(h)  # the attention's input, until it returns
+    g.args, g.attn_weights = (h,), None  # the attention's input, bound by the decoder layer
     if spec.family == "phi3":
         qkv = g.linear(h, f"{p}.self_attn.qkv_proj", H, (nh + 2 * nkv) * hd)
         # q and k are slices that rope copies; v is a slice too, and keeping it keeps the fused output
@@ -689,24 +723,33 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
         v = Tensor(qkv.numel, qkv.itemsize, qkv.grad, qkv.key)
     else:
         q = g.linear(h, f"{p}.self_attn.q_proj", H, nh * hd)
+        g.args = (h, q)
         k = g.linear(h, f"{p}.self_attn.k_proj", H, nkv * hd)
+        g.args = (h, q, k)
         v = g.linear(h, f"{p}.self_attn.v_proj", H, nkv * hd)
     assert rot is not None
     q, k = g.rope(q, *rot), g.rope(k, *rot)
+    g.args = attention_locals(h, q, k, v)
     masked = (g.cond.attention == "sdpa" and spec.sliding_layer(i)
               and g.cond.seq_len >= (spec.sliding_window or 0))
     a = g.attention(q, k, v, nh, nkv, hd, g.rates[0], softcap=gemma and spec.attn_softcap,
                     contiguous_q=spec.family == "phi3", fused=v if spec.family == "phi3" else None,
                     masked=masked)
-    if spec.family in ("llama", "mistral", "qwen2"):
+    dense = spec.family in ("llama", "mistral", "qwen2")
+    if dense:
         # the attention module keeps q, k, v (and eager's weights) and the layer its normed input until
         # the module returns: through the kernel's end and o_proj, what a recomputed layer reaches again
         g.args = tuple(t for t in (h, q, k, v, g.attn_weights) if t is not None)
         g.peak_at(g.unsaved(*g.args, a) + g.attn_internal)
+    elif g.attn_weights is not None:  # bound by the attention module until it returns
+        g.args += (g.attn_weights,)
     # the layer binds the returned weights to `_`: they stay alive until the layer returns
-    weights = (g.attn_weights,) if spec.family in ("llama", "mistral", "qwen2") and g.attn_weights else ()
-    a = g.linear(a, f"{p}.self_attn.o_proj", nh * hd, H)
-    g.args = ()
+    weights = (g.attn_weights,) if dense and g.attn_weights else ()
+    o = g.linear(a, f"{p}.self_attn.o_proj", nh * hd, H)
+    g.peak_at(g.unsaved(a, o, *g.args))
+    a = o
+    if dense:
+        g.args = ()
     if spec.family == "phi3":
         a = g.dropout_op(a, g.rates[1])  # resid_attn_dropout
     if gemma:
@@ -722,7 +765,16 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
         norm = f"{p}.pre_feedforward_layernorm" if gemma else f"{p}.post_attention_layernorm"
         g.mlp_norm_backward[f"layer {i}"] = pre_mlp_norm_backward(
             g.cond.tokens, H, g.norm_copy, gemma and norm in g.trainable)
-    g.args = (h, *weights)
+    # of what the norm saved, only its fp32 input is left when pow's backward runs: the statistics
+    # and a trained weight's normed copy have been used and freed
+    g.mlp_norm[g.section.removesuffix(" mlp")] = x.numel * FP32 if x.grad else 0
+    g.hold(h)  # the MLP's input, until it returns
+    if dense:
+        g.args = (h, *weights)
+    else:
+        # the decoder layer also binds the residual (the stream after attention) until the MLP returns;
+        # it is saved already unless the norm upcast a 16-bit copy of it
+        g.args = (h, x) if g.attn_weights is None else (h, x, g.attn_weights)
     if spec.num_experts:
         m = _moe(g, spec, p, h)
     elif spec.family == "phi3":
@@ -734,32 +786,99 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
         m = g.new(gu.numel // 2, gu.itemsize, gu.grad)
         g.tail_start()
         out = g.linear(m, f"{p}.mlp.down_proj", inter, H)
-        g.peak_at(g.unsaved(h, m, out))
+        g.peak_at(g.unsaved(h, m, out, *g.args), after_saves=True)
         m = g.dropout_op(out, g.rates[1])  # resid_mlp_dropout
-        g.peak_at(g.unsaved(h, out, m) if m is not out else 0)
+        g.peak_at(g.unsaved(h, out, m, *g.args) if m is not out else 0, after_saves=True)
     else:
         gate = g.linear(h, f"{p}.mlp.gate_proj", H, inter)
         up = g.linear(h, f"{p}.mlp.up_proj", H, inter)
         act = g.mul(g.unary(gate, "input"), up)
         g.tail_start()
-        dense = spec.family in ("llama", "mistral", "qwen2")
-        reached = g.forward_peaks.get(f"layer {i}", 0)
         m = g.linear(act, f"{p}.mlp.down_proj", inter, H)
         if dense:
             # the down projection is the layer's last op to save anything: a recompute stops once it
             # has (non-reentrant checkpointing's early stop), before the projection's outputs exist
-            g.forward_peaks[f"layer {i}"] = reached
             g.peak_at(g.unsaved(h, act, *weights) + recompute_stop_transient(
                 g.cond, act.numel, m.numel, f"{p}.mlp.down_proj" in g.wrapped))
             g.pending[f"layer {i}"] = mlp_output_pending(g.cond, m.numel, f"{p}.mlp.down_proj" in g.wrapped)
         else:
-            g.peak_at(g.unsaved(h, act, m))
+            g.peak_at(g.unsaved(h, act, m, *g.args), after_saves=True)
+    block_out = m
     if gemma:
         m = g.rms_norm(m, f"{p}.post_feedforward_layernorm", H, True)
+        # the block's output is bound until the norm returns; the MLP's normed input is gone by then
+        g.peak_at(g.unsaved(block_out, *(a for a in g.args if a.key != h.key)))
     if not spec.num_experts:  # the expert block records its own tail (`_moe`)
         g.tail_end()
-    g.args = ()
+    g.args, g.attn_weights = (), None
+    layer = g.section.removesuffix(" mlp")
+    if m.itemsize < x.itemsize and not gemma and not dense:
+        # autocast: the add's backward casts the fp32 residual gradient to the block's 16-bit output;
+        # that copy waits through the recompute its first saved tensor sets off
+        g.pending[layer] = g.pending.get(layer, 0) + m.nbytes
+    if (f"{p}.mlp.down_proj" in g.wrapped and not gemma and not spec.num_experts and not dense
+            and (spec.family != "phi3" or g.rates[1] <= 0)):
+        # LoRA on the output projection: the scale's backward needs no saved tensor, so the scaled
+        # branch's gradient is made before lora_B's backward sets off the recompute
+        g.pending[layer] = g.pending.get(layer, 0) + block_out.nbytes
+    if gemma and block_out.itemsize < FP32:
+        # Gemma-2's post-feedforward norm returns `type_as` its 16-bit input: the backward of that cast
+        # makes a fp32 gradient, which waits for the norm's saved tensors (the recompute)
+        g.pending[layer] = g.pending.get(layer, 0) + block_out.numel * FP32
     return g.add(x, m)
+
+
+def eager_output_transient(g: Graph, k: Tensor, kv_heads: int, heads: int, full: int, out: int) -> int:
+    """What eager attention holds beyond the saved tensors as it makes its output contiguous.
+
+    `eager_attention_forward` binds until it returns: the repeated key (`repeat_kv`: a copy at every
+    head when 1 < kv heads < heads, in the rotated key's dtype; under autocast that is not the 16-bit
+    copy the matmul keeps), the probabilities it returns (after dropout, in the query's dtype; unsaved
+    when autocast's matmul keeps its own 16-bit copy), the matmul's (b, heads, s, d) output and its
+    transposed contiguous copy (2 x `out`). The caller's locals (`Graph.args`) are alive too.
+    """
+    local = [] if g.attn_weights is None else [g.attn_weights]
+    if g.cond.autocast and 1 < kv_heads < heads and k.itemsize != 2:
+        local.append(g.new(full, k.itemsize, False))
+    return g.unsaved(*g.args, *local) + 2 * out
+
+
+def math_kernel_transient(full: int, kv_full: int, probs: int, square: int, itemsize: int,
+                          query_itemsize: int, kv_heads: int, heads: int, contiguous_q: bool) -> int:
+    """What torch's CPU math attention kernel (`_scaled_dot_product_attention_math`, the fallback when
+    attention dropout is on) holds beyond what it saves, as its output is cast back to the inputs'
+    dtype: 16-bit inputs upcast to fp32 (q, k, v), k repeated over the query heads (a copy when
+    1 < kv heads < heads), a contiguous copy of the scaled query for the score matmul (unless the
+    rotary embedding made q contiguous: Phi-3's concatenation), the causal mask built as a
+    fp32 (s x s) tensor, the dropped probabilities cast back to the inputs' dtype for probs @ v, the
+    fp32 output and its cast. Under autocast, the 16-bit casts of a fp32 rotated q and k are alive too.
+    `full`, `kv_full`: elements of q and of k (or v); `probs`: b x heads x s x s.
+    Assumption: torch 2.13's CPU math kernel, as the tracer lists its tensors; the saved copies
+    (scaled q and k, v, probabilities, dropout mask, dropped probabilities) are counted by `attention`.
+    """
+    upcast = itemsize != FP32
+    held = square * FP32 + full * FP32  # the mask, the fp32 output
+    if not contiguous_q:
+        held += full * FP32
+    if upcast:
+        held += (full + 2 * kv_full) * FP32 + probs * itemsize + full * itemsize
+    if 1 < kv_heads < heads:
+        held += full * FP32
+    if query_itemsize != itemsize:  # autocast's casts of the fp32 rotated query and key
+        held += full * itemsize + kv_full * itemsize
+    return held
+
+
+def attention_locals(h: Tensor, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, ...]:
+    """Tensors alive in local variables while attention and its output projection run, beyond what
+    they save: the decoder layer's normed input (`hidden_states`, bound until `self_attn` returns),
+    and the attention module's rotated query and key and its value (`query_states`, `key_states`,
+    `value_states`), bound until it returns after o_proj. Phi-3's value is a slice of the fused
+    qkv output, so it holds all of it. What an op saved is counted there (`Graph.unsaved` skips it).
+    Assumption: transformers 5's attention modules (llama form), which rebind q and k to their rotated
+    copies, so the projections' own outputs are freed unless saved.
+    """
+    return (h, q, k, v)
 
 
 def _moe(g: Graph, spec: ModelSpec, p: str, h: Tensor) -> Tensor:
@@ -816,19 +935,24 @@ def _moe(g: Graph, spec: ModelSpec, p: str, h: Tensor) -> Tensor:
         g.save(g.new(E * H * inter, wb, True))  # the merged down weight
     if logits.grad:
         g.save(g.new(rows * H, xb, True))  # the down output
-    local = moe_locals(t, rows, E, 0 if h.key in g.saved else h.nbytes, logits.itemsize)
+    local = (moe_locals(t, rows, E, 0 if h.key in g.saved else h.nbytes, logits.itemsize)
+             + g.unsaved(*(a for a in g.args if a.key != h.key)))
     g.peak_at(moe_down_transient(rows, H, inter, xb, up_trains, down_trains) + local)
     # the whole forward's moments in the block (its input is among the block's arguments)
     g.moment(extra=moe_locals(t, rows, E, 0, logits.itemsize) + moe_forward_transient(
         t, rows, H, inter, xb, up_trains, up_grad, down_grad, logits.grad))
+    g.peak_at(moe_end_transient(rows, H, xb, up_trains) + local)
     # a checkpointed block's first backward op, the un-sort's, holds the recomputed saved set, its
     # incoming gradient (`pending`), a zeroed (rows x hidden) buffer and its scattered copy; the
-    # recompute's locals are gone by then, the sorted expert ids with them
+    # recompute's locals are gone by then, the sorted expert ids with them. The rows were weighted by
+    # the fp32 routing weights, so these gradients are fp32 whatever the hidden states' dtype.
     layer = g.section.removesuffix(" mlp")
-    g.unsort[layer] = g.saved_bytes(layer) + g.saved_bytes(f"{layer} mlp") - rows * INT64 + 2 * rows * H * xb
+    g.unsort[layer] = (g.saved_bytes(layer) + g.saved_bytes(f"{layer} mlp") - rows * INT64
+                       + 2 * rows * H * FP32)
     # backward reaches the block's saved tensors through the un-sort, after the sum over top-k has
-    # handed back a (rows x hidden) gradient: it waits through the recompute
-    g.pending[layer] = rows * H * xb
+    # handed back a (rows x hidden) gradient: it waits through the recompute. With one expert per
+    # token the sum's expanded gradient flattens to rows as a view of the incoming one: nothing new.
+    g.pending[layer] = rows * H * FP32 if k > 1 else 0
     # by the gated product's backward (the MLP's peak), the un-sort's inverse permutation, the down
     # output (kept for the routing weights' gradient) and the down projection's input (kept for its
     # weight's gradient) have been used and freed
@@ -909,6 +1033,16 @@ def moe_forward_transient(tokens: int, rows: int, hidden: int, inter: int, items
     unsort = out + 2 * rows * hidden * FP32
     summed = out + rows * hidden * FP32 + tokens * hidden * (FP32 + (itemsize if itemsize != FP32 else 0))
     return both + max(down, unsort, summed)
+
+
+def moe_end_transient(rows: int, hidden: int, itemsize: int, up_trains: bool) -> int:
+    """What the expert block holds beyond its saved tensors as it ends: the gathered input rows (a
+    local, saved already when the gate/up weights train), the down output weighted by the fp32 routing
+    weights (rows x hidden, fp32 or wider) and the arange the inverse permutation is scattered from
+    (rows int64). The gated activation the down projection read is gone by then. Assumption:
+    transformers 5's grouped_mm experts, as the tracer lists them at the block's last op.
+    """
+    return (0 if up_trains else rows * hidden * itemsize) + rows * hidden * max(itemsize, FP32) + rows * INT64
 
 
 def moe_locals(tokens: int, rows: int, experts: int, block_input: int, logits_itemsize: int) -> int:
@@ -1198,6 +1332,10 @@ class Profile:
     recompute_unsort: tuple[int, ...] = ()
     # per layer: the MLP's pre-norm backward beyond the saved tensors left (`pre_mlp_norm_backward`)
     mlp_norm_backward: tuple[int, ...] = ()
+    # per layer: the norm before the MLP's saved fp32 input (`Graph.mlp_norm`), and what its backward
+    # holds beyond it (`rms_norm_backward`; 0 for GPT-2's fused LayerNorm backward)
+    mlp_norm_saved: tuple[int, ...] = ()
+    mlp_norm_rms_backward: int = 0
     # backward work not done (see `Graph.no_input_grad_params`); `cost` takes it off the FLOPs
     no_input_grad_params: int = 0
     attention_without_grad: int = 0
@@ -1343,7 +1481,7 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
         attn_tails=tuple(g.attn_tails),
         no_input_grad_params=g.no_input_grad_params,
         attention_without_grad=g.attention_without_grad,
-        recompute_peaks=tuple(g.forward_peaks.get(f"layer {i}", 0) for i in range(spec.num_layers)),
+        recompute_peaks=tuple(g.recompute_peak(f"layer {i}") for i in range(spec.num_layers)),
         recompute_pending=tuple(g.pending.get(f"layer {i}", 0) for i in range(spec.num_layers)),
         post_norm_transient=rms_norm_backward(cond.tokens, H, any(
             p.endswith("post_feedforward_layernorm") for p in trainable)) if spec.family == "gemma2" else 0,
@@ -1355,6 +1493,9 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
         if g.up_backward else (),
         recompute_unsort=tuple(g.unsort.get(f"layer {i}", 0) for i in range(spec.num_layers)),
         mlp_norm_backward=tuple(g.mlp_norm_backward.get(f"layer {i}", 0) for i in range(spec.num_layers)),
+        mlp_norm_saved=tuple(g.mlp_norm.get(f"layer {i}", 0) for i in range(spec.num_layers)),
+        mlp_norm_rms_backward=0 if spec.family == "gpt2" else rms_norm_backward(cond.tokens, H, any(
+            p.endswith("pre_feedforward_layernorm") for p in trainable) and spec.family == "gemma2"),
         checkpointed=cond.grad_checkpointing,
         offloaded=cond.activation_offload,
         # a chunked or fused loss counts the head's input alive through the loss itself (`head_and_loss`)

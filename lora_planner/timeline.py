@@ -150,6 +150,11 @@ def step_phases(states: States, prof: Profile, vocab: int, tokens: int) -> tuple
             up = states.expert_up_gradients[i] if states.expert_up_gradients else 0
             phases.append(Phase("backward", base + live - tail - freed + grads + up + resid + held,
                                 f"{SO_FAR}, backward through layer {i}'s expert gate/up projection"))
+        if prof.mlp_norm_rms_backward and prof.mlp_norm_saved and prof.mlp_norm_saved[i]:
+            # the same norm counted by its saved fp32 input: the MLP's other saved tensors are gone
+            phases.append(Phase("backward", base + live - prof.mlp_layers[i] + prof.mlp_norm_saved[i] + grads
+                                + mlp_grads + resid + prof.mlp_norm_rms_backward,
+                                f"{SO_FAR}, backward through layer {i}'s norm before the MLP"))
         if prof.mlp_norm_backward and prof.mlp_norm_backward[i]:
             phases.append(Phase("backward", base + live - prof.mlp_layers[i] + grads + mlp_grads + resid
                                 + prof.mlp_norm_backward[i],
