@@ -572,7 +572,11 @@ def _moe(g: Graph, spec: ModelSpec, p: str, h: Tensor) -> Tensor:
     if logits.grad:
         g.save(g.new(rows * H, xb, True))  # the down output
     local = moe_locals(t, rows, E, 0 if h.key in g.saved else h.nbytes, logits.itemsize)
-    g.peak_at(moe_down_transient(rows, H, inter, xb, up_trains, down_trains) + local)
+    cached = merged_weights_cached(E, H, inter, wb, up_lora and not h.grad, down_lora and not up_grad)
+    # a checkpointed layer's recompute stops early, once its last saved tensor is made again: the
+    # un-sort's copy is then never made (the grid's recomputes peak at the down matmul)
+    unsort = 0 if g.cond.grad_checkpointing else moe_unsort_transient(rows, H, xb, up_trains, logits.grad)
+    g.peak_at(max(moe_down_transient(rows, H, inter, xb, up_trains, down_trains), unsort) + cached + local)
     # a checkpointed block's first backward op, the un-sort's, holds the recomputed saved set, its
     # incoming gradient (`pending`), a zeroed (rows x hidden) buffer and its scattered copy; the
     # recompute's locals are gone by then, the sorted expert ids with them
@@ -638,6 +642,28 @@ def moe_down_transient(rows: int, hidden: int, inter: int, itemsize: int, up_tra
     (`integrations/moe.py`), rows = tokens x top-k, in the hidden states' dtype.
     """
     return ((0 if up_trains else rows * hidden) + (0 if down_trains else rows * inter)) * itemsize
+
+
+def moe_unsort_transient(rows: int, hidden: int, itemsize: int, up_trains: bool, routing_grad: bool) -> int:
+    """What the expert block holds beyond its saved tensors when it restores the token order
+    (`weighted_out[inv_perm]`): the down output (saved when the routing weights need a gradient),
+    its routing-weighted product and the re-ordered copy, each rows x hidden, and the gathered input
+    rows (saved when the gate/up weights train). The gated activation is gone: its variable now names
+    the down output. Assumption: transformers 5's grouped_mm experts, in the hidden states' dtype.
+    """
+    return ((0 if routing_grad else rows * hidden) + 2 * rows * hidden
+            + (0 if up_trains else rows * hidden)) * itemsize
+
+
+def merged_weights_cached(experts: int, hidden: int, inter: int, weight_bytes: int, up_unsaved: bool,
+                          down_unsaved: bool) -> int:
+    """PEFT's ParamWrapper merges a fused expert weight (W + s B A) inside `parametrize.cached()`, so
+    each merged weight stays alive until the wrapped experts' forward returns, saved or not. The ones
+    no matmul saved (its input needed no gradient) are counted here: gate/up E x 2 inter x hidden,
+    down E x hidden x inter, in the weight's dtype. Source: PEFT 0.21 `ParamWrapper._activate_lora`.
+    """
+    return ((2 * inter * hidden if up_unsaved else 0)
+            + (hidden * inter if down_unsaved else 0)) * experts * weight_bytes
 
 
 def moe_locals(tokens: int, rows: int, experts: int, block_input: int, logits_itemsize: int) -> int:
