@@ -589,7 +589,8 @@ def _moe(g: Graph, spec: ModelSpec, p: str, h: Tensor) -> Tensor:
     # output (kept for the routing weights' gradient) and the down projection's input (kept for its
     # weight's gradient) have been used and freed
     g.tails.append(rows * INT64 + (rows * H * xb if logits.grad else 0)
-                   + (rows * inter * xb if down_trains else 0))
+                   + (rows * inter * xb if down_trains else 0)
+                   + (E * H * inter * wb if down_lora and up_grad else 0))  # and the merged down weight
     if full:
         # the gate/up grouped matmul's backward: its gradient and the gathered rows' (rows x hidden)
         # beside the gate/up output's gradient; the gate/up output and the activation are used up
