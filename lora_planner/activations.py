@@ -937,11 +937,13 @@ def _moe(g: Graph, spec: ModelSpec, p: str, h: Tensor) -> Tensor:
         g.save(g.new(rows * H, xb, True))  # the down output
     local = (moe_locals(t, rows, E, 0 if h.key in g.saved else h.nbytes, logits.itemsize)
              + g.unsaved(*(a for a in g.args if a.key != h.key)))
-    g.peak_at(moe_down_transient(rows, H, inter, xb, up_trains, down_trains) + local)
+    # PEFT's merged expert weights no matmul saved stay cached until the experts return
+    cached = merged_weights_cached(E, H, inter, wb, up_lora and not h.grad, down_lora and not up_grad)
+    g.peak_at(moe_down_transient(rows, H, inter, xb, up_trains, down_trains) + local + cached)
     # the whole forward's moments in the block (its input is among the block's arguments)
-    g.moment(extra=moe_locals(t, rows, E, 0, logits.itemsize) + moe_forward_transient(
+    g.moment(extra=moe_locals(t, rows, E, 0, logits.itemsize) + cached + moe_forward_transient(
         t, rows, H, inter, xb, up_trains, up_grad, down_grad, logits.grad))
-    g.peak_at(moe_end_transient(rows, H, xb, up_trains) + local)
+    g.peak_at(moe_end_transient(rows, H, xb, up_trains) + local + cached)
     # a checkpointed block's first backward op, the un-sort's, holds the recomputed saved set, its
     # incoming gradient (`pending`), a zeroed (rows x hidden) buffer and its scattered copy; the
     # recompute's locals are gone by then, the sorted expert ids with them. The rows were weighted by
@@ -957,7 +959,8 @@ def _moe(g: Graph, spec: ModelSpec, p: str, h: Tensor) -> Tensor:
     # output (kept for the routing weights' gradient) and the down projection's input (kept for its
     # weight's gradient) have been used and freed
     g.tails.append(rows * INT64 + (rows * H * xb if logits.grad else 0)
-                   + (rows * inter * xb if down_trains else 0))
+                   + (rows * inter * xb if down_trains else 0)
+                   + (E * H * inter * wb if down_lora and up_grad else 0))  # and the merged down weight
     if full:
         # the gate/up grouped matmul's backward: its gradient and the gathered rows' (rows x hidden)
         # beside the gate/up output's gradient; the gate/up output and the activation are used up
@@ -1043,6 +1046,17 @@ def moe_end_transient(rows: int, hidden: int, itemsize: int, up_trains: bool) ->
     transformers 5's grouped_mm experts, as the tracer lists them at the block's last op.
     """
     return (0 if up_trains else rows * hidden * itemsize) + rows * hidden * max(itemsize, FP32) + rows * INT64
+
+
+def merged_weights_cached(experts: int, hidden: int, inter: int, weight_bytes: int, up_unsaved: bool,
+                          down_unsaved: bool) -> int:
+    """PEFT's ParamWrapper merges a fused expert weight (W + s B A) inside `parametrize.cached()`, so
+    each merged weight stays alive until the wrapped experts' forward returns, saved or not. The ones
+    no matmul saved (its input needed no gradient) are counted here: gate/up E x 2 inter x hidden,
+    down E x hidden x inter, in the weight's dtype. Source: PEFT 0.21 `ParamWrapper._activate_lora`.
+    """
+    return ((2 * inter * hidden if up_unsaved else 0)
+            + (hidden * inter if down_unsaved else 0)) * experts * weight_bytes
 
 
 def moe_locals(tokens: int, rows: int, experts: int, block_input: int, logits_itemsize: int) -> int:
