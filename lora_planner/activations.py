@@ -958,15 +958,20 @@ def _moe(g: Graph, spec: ModelSpec, p: str, h: Tensor) -> Tensor:
     # by the gated product's backward (the MLP's peak), the un-sort's inverse permutation, the down
     # output (kept for the routing weights' gradient) and the down projection's input (kept for its
     # weight's gradient) have been used and freed
-    g.tails.append(rows * INT64 + (rows * H * xb if logits.grad else 0)
-                   + (rows * inter * xb if down_trains else 0)
-                   + (E * H * inter * wb if down_lora and up_grad else 0))  # and the merged down weight
+    down_kept = ((rows * inter * xb if down_trains else 0)
+                 + (E * H * inter * wb if down_lora and up_grad else 0))  # and the merged down weight
+    tail = rows * INT64 + (rows * H * xb if logits.grad else 0) + down_kept
+    g.tails.append(tail)
     if full:
         # the gate/up grouped matmul's backward: its gradient and the gathered rows' (rows x hidden)
         # beside the gate/up output's gradient; the gate/up output and the activation are used up
         g.up_backward[layer] = (rows * 3 * inter * xb, rows * (2 * inter + H) * xb)
-    g.expert_backward.append(merged_weight_backward(spec, rows, xb, wb, up_lora, down_lora, h.grad,
-                                                    up_grad, down_trains, logits.grad))
+    merged = merged_weight_backward(spec, rows, xb, wb, up_lora, down_lora, h.grad, up_grad, down_trains,
+                                    logits.grad)
+    # the combine's backward comes before the down projection's: what that keeps (its input, a merged
+    # weight) is not freed yet, though the tail takes it off the MLP's peak
+    combine = 0 if g.cond.grad_checkpointing else moe_combine_backward(rows, H, xb) - tail + down_kept
+    g.expert_backward.append(max(merged, combine) if merged or down_kept else merged)
     return g.new(t * H, xb, True)
 
 
@@ -1046,6 +1051,14 @@ def moe_end_transient(rows: int, hidden: int, itemsize: int, up_trains: bool) ->
     transformers 5's grouped_mm experts, as the tracer lists them at the block's last op.
     """
     return (0 if up_trains else rows * hidden * itemsize) + rows * hidden * max(itemsize, FP32) + rows * INT64
+
+
+def moe_combine_backward(rows: int, hidden: int, itemsize: int) -> int:
+    """The backward of the rows' weighting by the fp32 routing weights, beyond the saved tensors: the
+    weighted rows' gradient and the two products' (fp32, rows x hidden), a cast back to the hidden
+    states' dtype when that is 16-bit, beside the down output and the inverse permutation (rows int64)
+    it frees after. Assumption: transformers 5's grouped_mm experts, without checkpointing."""
+    return rows * hidden * (3 * FP32 + (itemsize if itemsize != FP32 else 0) + itemsize) + rows * INT64
 
 
 def merged_weights_cached(experts: int, hidden: int, inter: int, weight_bytes: int, up_unsaved: bool,
@@ -1184,9 +1197,7 @@ def layer_backward_transients(spec: ModelSpec, cond: Conditions) -> tuple[int, i
         # states' dtype when that is 16-bit, beside the down output and the inverse permutation it
         # frees after (both in the MLP's tail, which the timeline takes off). A recomputed block
         # reaches it with other tensors alive (`Graph.unsort`), which set that moment instead.
-        xb = cond.weight_bytes
-        combine = rows * spec.hidden_size * (3 * FP32 + (xb if xb != FP32 else 0) + xb) + rows * INT64
-        mlp = max(mlp, combine)
+        mlp = max(mlp, moe_combine_backward(rows, spec.hidden_size, cond.weight_bytes))
     qkv = qkv_backward_bytes(spec, cond)
     attn_dropout = spec.dropout_rates[0] if cond.dropout is None else cond.dropout
     # torch's CPU math fallback (attention dropout) keeps the probabilities as eager does
