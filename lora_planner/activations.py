@@ -356,11 +356,13 @@ class Graph:
                 + (x.numel * self.cond.weight_bytes + x.nbytes if recast else self.unsaved(x))
                 + self.unsaved(*(a for a in self.args if a.key != x.key)))
         self.forward_peaks[layer] = max(self.forward_peaks.get(layer, 0), held)
-        self.moments.append((layer, self._saves, held))
         if self.cond.autocast:
             self.save(self.new(rank * out_features, 2, False))
             self.cached(in_features * rank * 2, saved=xd.grad)
             self.cached(rank * out_features * 2, saved=True)
+        # lora_B's matmul saved its weight's 16-bit copy before this moment's outputs exist: a
+        # recompute that stops at that save never reaches it
+        self.moments.append((layer, self._saves, held))
         # the same moment in the whole forward: the base output, lora_B's output and its scaled copy
         # beside the input and PEFT's cast of it (`xd`, the input itself when of the adapter's dtype)
         self.moment(x, xd, out, extra=2 * rows * out_features * out.itemsize)
