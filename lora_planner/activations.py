@@ -970,10 +970,11 @@ def _moe(g: Graph, spec: ModelSpec, p: str, h: Tensor) -> Tensor:
         g.up_backward[layer] = (rows * 3 * inter * xb, rows * (2 * inter + H) * xb)
     merged = merged_weight_backward(spec, rows, xb, wb, up_lora, down_lora, h.grad, up_grad, down_trains,
                                     logits.grad)
-    # the combine's backward comes before the down projection's: what that keeps (its input, a merged
-    # weight) is not freed yet, though the tail takes it off the MLP's peak
+    # the combine's backward comes before the down projection's: what that keeps under LoRA (its input,
+    # the merged weight) is not freed yet, though the tail takes it off the MLP's peak. (Trained in
+    # full, the down weight's gradient, counted at the MLP's peak, does not exist yet either.)
     combine = 0 if g.cond.grad_checkpointing else moe_combine_backward(rows, H, xb) - tail + down_kept
-    g.expert_backward.append(max(merged, combine) if merged or down_kept else merged)
+    g.expert_backward.append(max(merged, combine) if down_lora else merged)
     return g.new(t * H, xb, True)
 
 
