@@ -99,9 +99,6 @@ class Graph:
     # layer's saved tensors (see `_moe`); 0 where no expert weight is wrapped
     expert_backward: list[int] = field(default_factory=list)
     _attn_from: int = 0  # ... before attention's tail began
-    # by section: the most a layer's forward holds at once beyond the saved tensors before it (a
-    # LoRA layer's base output, adapter output and scaled copy); what checkpointing's recompute peaks at
-    forward_peaks: dict[str, int] = field(default_factory=dict)
     # weights whose input needs no gradient (its product is skipped in backward), and attention
     # layers whose q, k and v need none (their backward does not run at all)
     no_input_grad_params: int = 0
@@ -270,7 +267,6 @@ class Graph:
         """
         layer = self.section.removesuffix(" mlp")
         held = self.saved_bytes(layer) + self.saved_bytes(f"{layer} mlp") + transient
-        self.forward_peaks[layer] = max(self.forward_peaks.get(layer, 0), held)
         self.moments.append((layer, self._saves if after_saves else -1, held))
 
     def cached(self, nbytes: int, saved: bool) -> None:
@@ -355,7 +351,6 @@ class Graph:
                 + 3 * rows * out_features * out.itemsize
                 + (x.numel * self.cond.weight_bytes + x.nbytes if recast else self.unsaved(x))
                 + self.unsaved(*(a for a in self.args if a.key != x.key)))
-        self.forward_peaks[layer] = max(self.forward_peaks.get(layer, 0), held)
         if self.cond.autocast:
             self.save(self.new(rank * out_features, 2, False))
             self.cached(in_features * rank * 2, saved=xd.grad)
@@ -1343,8 +1338,8 @@ class Profile:
     # per layer: what the MLP's backward frees before its peak (`Graph.tails`), and attention's
     mlp_tails: tuple[int, ...] = ()
     attn_tails: tuple[int, ...] = ()
-    # per layer: the most its forward holds at once (`Graph.forward_peaks`), reached again when a
-    # checkpointed layer is recomputed
+    # per layer: the most its forward holds at once up to its last save (`Graph.recompute_peak`),
+    # reached again when a checkpointed layer is recomputed
     recompute_peaks: tuple[int, ...] = ()
     expert_backward: tuple[int, ...] = ()  # per layer, ParamWrapper'd experts (`merged_weight_backward`)
     # per layer: gradients alive through its recompute besides the residual stream's (`Graph.pending`)
