@@ -121,9 +121,6 @@ class Graph:
     # beyond its inputs, its saved tensors and its output (`math_attention_internals`, eager's product)
     attn_weights: Tensor | None = None
     attn_internal: int = 0
-    # by section: the fp32 input the norm before the MLP saved, alive at its own backward
-    # (`rms_norm_backward`)
-    mlp_norm: dict[str, int] = field(default_factory=dict)
     _keys: itertools.count = field(default_factory=lambda: itertools.count(1))
     # every forward moment as (layer, saves made so far, bytes held), and each layer's last save: a
     # recompute stops at its layer's last saved tensor (`recompute_peak`)
@@ -762,9 +759,6 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
         norm = f"{p}.pre_feedforward_layernorm" if gemma else f"{p}.post_attention_layernorm"
         g.mlp_norm_backward[f"layer {i}"] = pre_mlp_norm_backward(
             g.cond.tokens, H, g.norm_copy, gemma and norm in g.trainable)
-    # of what the norm saved, only its fp32 input is left when pow's backward runs: the statistics
-    # and a trained weight's normed copy have been used and freed
-    g.mlp_norm[g.section.removesuffix(" mlp")] = x.numel * FP32 if x.grad else 0
     g.hold(h)  # the MLP's input, until it returns
     if dense:
         g.args = (h, *weights)
@@ -1279,7 +1273,8 @@ def pre_mlp_norm_backward(tokens: int, hidden: int, fp32_copy: int, offset_weigh
     whose saved copy the recomputed graph has already handed over and let go.
 
     Assumption: transformers 5's RMSNorm, autograd's decomposition of pow / mean / mul; measured
-    op by op with the tracer on llama, mistral and qwen2 steps (16-bit and amp).
+    op by op with the tracer on llama, mistral and qwen2 steps (16-bit and amp), and checked on Phi-3
+    fp32 and amp steps (counting an fp32 input's saved copy as well over-predicted them by 1-2%).
     """
     return fp32_copy + rms_norm_backward(tokens, hidden, offset_weight_trains)
 
@@ -1355,10 +1350,6 @@ class Profile:
     recompute_unsort: tuple[int, ...] = ()
     # per layer: the MLP's pre-norm backward beyond the saved tensors left (`pre_mlp_norm_backward`)
     mlp_norm_backward: tuple[int, ...] = ()
-    # per layer: the norm before the MLP's saved fp32 input (`Graph.mlp_norm`), and what its backward
-    # holds beyond it (`rms_norm_backward`; 0 for GPT-2's fused LayerNorm backward)
-    mlp_norm_saved: tuple[int, ...] = ()
-    mlp_norm_rms_backward: int = 0
     # backward work not done (see `Graph.no_input_grad_params`); `cost` takes it off the FLOPs
     no_input_grad_params: int = 0
     attention_without_grad: int = 0
@@ -1516,9 +1507,6 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
         if g.up_backward else (),
         recompute_unsort=tuple(g.unsort.get(f"layer {i}", 0) for i in range(spec.num_layers)),
         mlp_norm_backward=tuple(g.mlp_norm_backward.get(f"layer {i}", 0) for i in range(spec.num_layers)),
-        mlp_norm_saved=tuple(g.mlp_norm.get(f"layer {i}", 0) for i in range(spec.num_layers)),
-        mlp_norm_rms_backward=0 if spec.family == "gpt2" else rms_norm_backward(cond.tokens, H, any(
-            p.endswith("pre_feedforward_layernorm") for p in trainable) and spec.family == "gemma2"),
         checkpointed=cond.grad_checkpointing,
         offloaded=cond.activation_offload,
         # a chunked or fused loss counts the head's input alive through the loss itself (`head_and_loss`)

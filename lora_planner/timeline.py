@@ -150,14 +150,11 @@ def step_phases(states: States, prof: Profile, vocab: int, tokens: int) -> tuple
             up = states.expert_up_gradients[i] if states.expert_up_gradients else 0
             phases.append(Phase("backward", base + live - tail - freed + grads + up + resid + held,
                                 f"{SO_FAR}, backward through layer {i}'s expert gate/up projection"))
-        # the norm before the MLP, once the MLP's other saved tensors are gone, two ways: its backward's
-        # own transient (`pre_mlp_norm_backward`), or its saved fp32 input beside `rms_norm_backward`
-        by_saved = (prof.mlp_norm_saved[i] + prof.mlp_norm_rms_backward
-                    if prof.mlp_norm_rms_backward and prof.mlp_norm_saved and prof.mlp_norm_saved[i] else 0)
-        by_transient = prof.mlp_norm_backward[i] if prof.mlp_norm_backward else 0
-        if by_saved or by_transient:
+        # the norm before the MLP, once the MLP's other saved tensors are gone (`pre_mlp_norm_backward`)
+        norm_backward = prof.mlp_norm_backward[i] if prof.mlp_norm_backward else 0
+        if norm_backward:
             phases.append(Phase("backward", base + live - prof.mlp_layers[i] + grads + mlp_grads + resid
-                                + max(by_saved, by_transient),
+                                + norm_backward,
                                 f"{SO_FAR}, backward through layer {i}'s norm before the MLP"))
         grads += mlp_grads + attn_grads
         attn_tail = prof.attn_tails[i] if prof.attn_tails else 0
