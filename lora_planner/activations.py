@@ -113,6 +113,9 @@ class Graph:
     # by section: the MLP's pre-norm backward, what it holds beyond the saved tensors left once the
     # MLP's own are freed (`pre_mlp_norm_backward`)
     mlp_norm_backward: dict[str, int] = field(default_factory=dict)
+    # by section: torch's CPU math kernel's probs @ v backward, the core's saves after softmax still
+    # alive plus `value_product_backward` (beyond what the layer saved before them)
+    pv_backward: dict[str, int] = field(default_factory=dict)
     norm_copy: int = 0  # the fp32 copy of its input the last `rms_norm` saved (0: the input was fp32)
     section: str = ""
     # tensors a caller holds as arguments while the current block runs (the MLP's input)
@@ -506,6 +509,10 @@ class Graph:
             self.save(p)  # probs @ v keeps the probabilities for v's gradient, v for theirs
         if p.grad:
             self.save(vc)
+        if not eager and (p.grad or vc.grad):
+            # probs @ v's backward runs with the core's later saves still alive (`value_product_backward`)
+            self.pv_backward[self.section] = self._saved_total - self._attn_from + value_product_backward(
+                full, probs, self.cond.device)
         out = self.new(full, max(q.itemsize, v.itemsize), grad)  # contiguous (b, s, heads * hd)
         if eager:
             self.peak_at(eager_output_transient(self, k_in, kv_heads, heads, full, out.nbytes))
@@ -1250,6 +1257,18 @@ def value_gradient_bytes(spec: ModelSpec, cond: Conditions) -> int:
     return cond.tokens * spec.num_heads * spec.head_dim * (FP32 if math else cond.compute_bytes)
 
 
+def value_product_backward(full: int, probs: int, device: str) -> int:
+    """What the backward of probs @ v inside torch's CPU math kernel (SDPA with attention dropout)
+    holds beyond the saved tensors: the output's gradient made contiguous for bmm (the module's
+    transpose back to (b, s, heads, d) leaves it strided), v's gradient at every head and the
+    (dropped) probabilities' gradient, all in the kernel's fp32. The probabilities and v it saved
+    are still alive then; softmax's backward, where the timeline's attention phase sits, comes after
+    they are freed. Assumption: torch 2.13's math kernel as the tracer lists its tensors (CPU only:
+    on CUDA SDPA runs a fused kernel).
+    """
+    return (2 * full + probs) * FP32 if device == "cpu" else 0
+
+
 def rms_norm_backward(tokens: int, hidden: int, weight_trains: bool = False) -> int:
     """Gradients alive at once in an RMSNorm's backward, beyond the incoming one.
 
@@ -1350,6 +1369,9 @@ class Profile:
     recompute_unsort: tuple[int, ...] = ()
     # per layer: the MLP's pre-norm backward beyond the saved tensors left (`pre_mlp_norm_backward`)
     mlp_norm_backward: tuple[int, ...] = ()
+    # per layer: the math kernel's probs @ v backward, the core's later saves and its gradients
+    # (`value_product_backward`); () when no layer runs it
+    value_product_backward: tuple[int, ...] = ()
     # backward work not done (see `Graph.no_input_grad_params`); `cost` takes it off the FLOPs
     no_input_grad_params: int = 0
     attention_without_grad: int = 0
@@ -1493,6 +1515,8 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
         mlp_tails=tuple(g.tails),
         expert_backward=tuple(g.expert_backward) if len(g.expert_backward) == spec.num_layers else (),
         attn_tails=tuple(g.attn_tails),
+        value_product_backward=tuple(g.pv_backward.get(f"layer {i}", 0) for i in range(spec.num_layers))
+        if g.pv_backward else (),
         no_input_grad_params=g.no_input_grad_params,
         attention_without_grad=g.attention_without_grad,
         recompute_peaks=tuple(g.recompute_peak(f"layer {i}") for i in range(spec.num_layers)),

@@ -160,9 +160,11 @@ def step_phases(states: States, prof: Profile, vocab: int, tokens: int) -> tuple
         attn_tail = prof.attn_tails[i] if prof.attn_tails else 0
         # the query, key and value projections' gradients come after the attention core's backward
         later = max(attn_grads - states.attn_out_gradients[i], 0) if states.attn_out_gradients else 0
-        phases.append(Phase("backward",
-                            base + live - prof.mlp_layers[i] - attn_tail + grads - later + resid + attn + dq,
-                            f"{SO_FAR}, backward through layer {i}'s attention"))
+        core = base + live - prof.mlp_layers[i] - attn_tail + grads - later + resid + dq
+        phases.append(Phase("backward", core + attn, f"{SO_FAR}, backward through layer {i}'s attention"))
+        if prof.value_product_backward and prof.value_product_backward[i]:
+            phases.append(Phase("backward", core + prof.value_product_backward[i],
+                                f"{SO_FAR}, backward through layer {i}'s attention probabilities @ v"))
         saved_below -= prof.args_freed[i] if prof.args_freed else 0
     leaf = 2 * prof.input_leaf  # the embedding output made a leaf, and its gradient
     phases.append(Phase("backward", base + states.gradients + states.embedding_backward + leaf,
