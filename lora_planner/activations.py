@@ -1434,16 +1434,17 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
         rot = None
     else:
         x = g.new(t * H, wb, "model.embed_tokens" in trainable or input_grad)
-        embedded = x
         if spec.family == "gemma2":
-            x = g.new(t * H, wb, x.grad)  # scaled by sqrt(hidden): the product keeps a scalar
+            # scaled by sqrt(hidden) inside the embedding module (`Gemma2TextScaledWordEmbedding`):
+            # the product keeps a scalar, and the unscaled lookup is freed as the module returns
+            x = g.new(t * H, wb, x.grad)
         half = cond.seq_len * spec.head_dim
         rot = (g.new(half, wb, False), g.new(half, wb, False))
     layers, mlps, inputs, overlap = [], [], [], []
     if spec.family != "gpt2":
         # the model's forward holds these until it returns: the embedding output (`inputs_embeds`),
         # the position ids, the rotary cos and sin, and the attention masks
-        g.hold(embedded, x, g.new(cond.seq_len, INT64, False), *rot,
+        g.hold(x, g.new(cond.seq_len, INT64, False), *rot,
                g.new(forward_mask_bytes(spec, cond), 1, False))
     for i in range(spec.num_layers):
         g.section = f"layer {i}"
