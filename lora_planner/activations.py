@@ -584,7 +584,9 @@ class Graph:
         It holds the module's q, k, v (`inputs`), the arguments it was given (`args`: autocast's 16-bit
         copies), fp32 copies of 16-bit ones, q scaled (`operands[0]`), the causal mask made fp32
         (s x s), k and v repeated to every head (`enable_gqa`: copies from fewer k/v heads, else the
-        fp32 ones themselves; v's is `operands[1]`), then the scores and softmax's output; dropout's
+        fp32 ones themselves; v's is `operands[1]`), q scaled in its transposed layout beside the
+        contiguous copy the score matmul makes of it (several sequences and heads), then the scores
+        and softmax's output; dropout's
         mask (fp32 on CPU) and output; last the output (fp32), and, for a 16-bit query, both results
         cast back (the probabilities first: the arguments of its return are built right to left).
         """
@@ -597,6 +599,11 @@ class Graph:
             live += [acc[2], self.new(full, FP32, False), vc]
         else:  # v repeated is v's fp32 copy, or v itself
             live = [t for t in live if t.key != acc[2].key] + [vc]
+        if args[1].grad and b > 1 and heads > 1 and s > 1:
+            # q scaled keeps q's transposed layout, so the score matmul's (b x heads, s, d) reshape
+            # copies it: `qc` is that copy, saved for k's gradient; the strided product stays bound
+            # in the kernel (without k's gradient the copy is freed after the matmul instead)
+            live.append(self.new(full, FP32, False))
         mask = s * s * FP32 if s > 1 else 0
         self.moment(*live, p, extra=mask + probs * FP32)  # softmax, beside the scores
         noise = 0 if p.grad else probs * FP32
