@@ -116,6 +116,8 @@ class Graph:
     # by section: torch's CPU math kernel's probs @ v backward, the core's saves after softmax still
     # alive plus `value_product_backward` (beyond what the layer saved before them)
     pv_backward: dict[str, int] = field(default_factory=dict)
+    # by section: a LoRA-wrapped up projection's input gradient, (saved bytes freed by then, held)
+    up_input_backward: dict[str, tuple[int, int]] = field(default_factory=dict)
     norm_copy: int = 0  # the fp32 copy of its input the last `rms_norm` saved (0: the input was fp32)
     section: str = ""
     # tensors a caller holds as arguments while the current block runs (the MLP's input)
@@ -796,8 +798,17 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
         g.peak_at(g.unsaved(h, out, m, *g.args) if m is not out else 0, after_saves=True)
     else:
         gate = g.linear(h, f"{p}.mlp.gate_proj", H, inter)
+        before_up = g._saved_total
         up = g.linear(h, f"{p}.mlp.up_proj", H, inter)
-        act = g.mul(g.unary(gate, "input"), up)
+        up_saved = g._saved_total - before_up
+        gate_act = g.unary(gate, "input")
+        before_mul = g._saved_total
+        act = g.mul(gate_act, up)
+        if f"{p}.mlp.up_proj" in g.wrapped and h.grad:
+            # by the up projection's input gradient, the product's and the up projection's saved
+            # tensors are freed and the gate branch's gradient waits (`lora_input_gradient_sum`)
+            g.up_input_backward[g.section.removesuffix(" mlp")] = (
+                up_saved + g._saved_total - before_mul, gate_act.nbytes + lora_input_gradient_sum(h.nbytes))
         g.tail_start()
         m = g.linear(act, f"{p}.mlp.down_proj", inter, H)
         if dense:
@@ -1264,6 +1275,17 @@ def value_gradient_bytes(spec: ModelSpec, cond: Conditions) -> int:
     return cond.tokens * spec.num_heads * spec.head_dim * (FP32 if math else cond.compute_bytes)
 
 
+def lora_input_gradient_sum(input_bytes: int) -> int:
+    """A LoRA-wrapped layer's input gradient as autograd builds it: the base layer's and the
+    adapter's (through lora_A) gradients of the input, and their sum, alive at once; each the size
+    and dtype of the input (`input_bytes`). In a dense MLP whose hidden size is large beside its
+    intermediate size, the up projection's (its backward runs before the gate's) sets the MLP's
+    peak. Assumption: PEFT's `result = base(x) + lora_B(lora_A(dropout(x))) * scaling`, autograd's
+    accumulation of two gradients into a new tensor, as the tracer lists them.
+    """
+    return 3 * input_bytes
+
+
 def value_product_backward(full: int, probs: int, device: str) -> int:
     """What the backward of probs @ v inside torch's CPU math kernel (SDPA with attention dropout)
     holds beyond the saved tensors: the output's gradient made contiguous for bmm (the module's
@@ -1376,6 +1398,8 @@ class Profile:
     recompute_unsort: tuple[int, ...] = ()
     # per layer: the MLP's pre-norm backward beyond the saved tensors left (`pre_mlp_norm_backward`)
     mlp_norm_backward: tuple[int, ...] = ()
+    # per layer: a LoRA-wrapped up projection's input gradient, (saved bytes freed by then, held)
+    up_input_backward: tuple[tuple[int, int], ...] = ()
     # per layer: the math kernel's probs @ v backward, the core's later saves and its gradients
     # (`value_product_backward`); () when no layer runs it
     value_product_backward: tuple[int, ...] = ()
@@ -1523,6 +1547,8 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
         mlp_tails=tuple(g.tails),
         expert_backward=tuple(g.expert_backward) if len(g.expert_backward) == spec.num_layers else (),
         attn_tails=tuple(g.attn_tails),
+        up_input_backward=tuple(g.up_input_backward.get(f"layer {i}", (0, 0)) for i in range(spec.num_layers))
+        if g.up_input_backward else (),
         value_product_backward=tuple(g.pv_backward.get(f"layer {i}", 0) for i in range(spec.num_layers))
         if g.pv_backward else (),
         no_input_grad_params=g.no_input_grad_params,

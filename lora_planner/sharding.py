@@ -415,11 +415,14 @@ def _states_on_gpu(predicted: StepPrediction, per_gpu: dict[str, Term], sharding
         layer_gradients = tuple((ceil(a / n), ceil(b / n), ceil(c / n)) for a, b, c in s.layer_gradients)
     # the output projection's part of each layer's attention gradients, placed as those are
     attn_out = s.attn_out_gradients
+    mlp_up = s.mlp_up_gradients
     if grads_where != "replicated":
         attn_out = tuple(0 if grads_where == "cpu" else math.ceil(g / n) for g in attn_out)
+        mlp_up = tuple(0 if grads_where == "cpu" else math.ceil(g / n) for g in mlp_up)
     return replace(
         s,
         attn_out_gradients=attn_out,
+        mlp_up_gradients=mlp_up,
         weights=per_gpu["weights"].bytes,
         gradients=per_gpu["gradients"].bytes,
         optimizer_states=per_gpu["optimizer_states"].bytes + per_gpu["master_weights"].bytes,

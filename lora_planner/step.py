@@ -145,6 +145,7 @@ def predict_step(spec: ModelSpec, setup: TrainSetup, precision: Precision, memor
     per_layer = [[0, 0, 0] for _ in range(spec.num_layers)]
     expert_up = [0] * spec.num_layers
     attn_out = [0] * spec.num_layers
+    mlp_up = [0] * spec.num_layers
     head = 0
     for path, numel in by_path.items():
         if path.startswith(prefix):
@@ -155,6 +156,7 @@ def predict_step(spec: ModelSpec, setup: TrainSetup, precision: Precision, memor
             expert_up[int(index)] += 2 * down * grad_bytes  # gate/up: twice the down projection
             per_layer[int(index)][part] += (numel - down) * grad_bytes
             attn_out[int(index)] += numel * grad_bytes if rest.startswith(ATTN_OUTPUT) else 0
+            mlp_up[int(index)] += numel * grad_bytes if rest.startswith("mlp.up_proj") else 0
         elif path == arch.head_path or (arch.tied_head and path.endswith(("wte", "embed_tokens"))):
             head += numel * grad_bytes
     embed_trains = any(path.endswith(("wte", "embed_tokens")) for path in by_path)
@@ -180,6 +182,7 @@ def predict_step(spec: ModelSpec, setup: TrainSetup, precision: Precision, memor
         dequant_transient=dequant,
         expert_up_gradients=tuple(expert_up),
         attn_out_gradients=tuple(attn_out),
+        mlp_up_gradients=tuple(mlp_up),
         layer_gradients=tuple(tuple(parts) for parts in per_layer),
         embedding_backward=embedding_backward(embed_trains, arch.tied_head, head, prof.transients[0]),
         temporary_what=f"{kernel}{setup.optimizer} temporary" if temp else f"{kernel}{setup.optimizer}, "

@@ -61,6 +61,8 @@ class States:
     # per decoder layer: the attention output projection's part of the attention gradients, the only
     # one made when the attention core's backward runs (() or a larger value: all of them counted)
     attn_out_gradients: tuple[int, ...] = ()
+    # per layer: the up projection's part of the MLP's gradients (made before its input gradient)
+    mlp_up_gradients: tuple[int, ...] = ()
 
 
 # what every backward moment holds besides its own transients
@@ -141,6 +143,12 @@ def step_phases(states: States, prof: Profile, vocab: int, tokens: int) -> tuple
             mlp_held = max(mlp_held, prof.expert_backward[i])
         phases.append(Phase("backward", base + live + grads + resid + mlp_held + dq,
                             f"{SO_FAR}, backward through layer {i}'s MLP"))
+        if prof.up_input_backward and prof.up_input_backward[i][1]:
+            freed, held = prof.up_input_backward[i]
+            up = states.mlp_up_gradients[i] if states.mlp_up_gradients else 0
+            phases.append(Phase("backward", base + live - tail - freed + grads + up + resid + held,
+                                f"{SO_FAR}, backward through layer {i}'s MLP at the up projection's "
+                                "input gradient"))
         if prof.post_norm_transient:
             phases.append(Phase("backward", base + live - prof.mlp_layers[i] + grads + mlp_grads + resid
                                 + prof.post_norm_transient,

@@ -369,6 +369,17 @@ def test_math_sdpa_forward_holds_the_scaled_query_and_its_contiguous_copy():
                       batch_size=3, seq_len=29))
 
 
+def test_lora_up_projection_input_gradient_sets_a_narrow_mlps_peak():
+    """With the hidden size five times the intermediate one, a LoRA-wrapped up projection's input
+    gradient (the base layer's, the adapter's and their sum, each tokens x hidden) outweighs the
+    product's backward (-1.3% before, checkpointed fp32)."""
+    check(_regression(_dense("mistral", vocab_size=202, hidden_size=156, num_hidden_layers=1,
+                             num_attention_heads=12, num_key_value_heads=3, intermediate_size=31,
+                             tie_word_embeddings=False, head_dim=10, sliding_window=37),
+                      fake=True, method="lora", rank=7, targets=("all-linear",), precision="fp32",
+                      batch_size=3, seq_len=23, grad_checkpointing=True))
+
+
 def test_eager_attention_weights_stay_bound_through_the_mlp():
     """The decoder layer binds eager attention's returned weights to `_` until it returns: beside the
     down projection's LoRA outputs, the embedding output and the residuals, they set the forward's
