@@ -1400,6 +1400,9 @@ class Profile:
     mlp_norm_backward: tuple[int, ...] = ()
     # per layer: a LoRA-wrapped up projection's input gradient, (saved bytes freed by then, held)
     up_input_backward: tuple[tuple[int, int], ...] = ()
+    # per layer: whether its input needs a gradient; when not (the first layer over frozen
+    # embeddings, unchecked), the residual stream's gradient is not kept past the attention's add
+    layer_input_grads: tuple[bool, ...] = ()
     # per layer: the math kernel's probs @ v backward, the core's later saves and its gradients
     # (`value_product_backward`); () when no layer runs it
     value_product_backward: tuple[int, ...] = ()
@@ -1472,6 +1475,7 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
         half = cond.seq_len * spec.head_dim
         rot = (g.new(half, wb, False), g.new(half, wb, False))
     layers, mlps, inputs, overlap = [], [], [], []
+    input_grads: list[bool] = []
     if spec.family != "gpt2":
         # the model's forward holds these until it returns: the embedding output (`inputs_embeds`),
         # the position ids, the rotary cos and sin, and the attention masks
@@ -1488,6 +1492,7 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
         # set already holds it (count it once)
         kept = g.saved.get(x_in.key)
         inputs.append(x_in.nbytes)
+        input_grads.append(x_in.grad)
         overlap.append(x_in.nbytes if kept and kept[1].startswith(f"layer {i}") else 0)
         # the rotary cos and sin are saved once, by the first layer that uses them; a checkpointed
         # layer keeps them among its arguments (`checkpoint_args`) already
@@ -1535,6 +1540,7 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
         embedding=g.saved_bytes("embedding"),
         layers=tuple(layers),
         layer_inputs=tuple(inputs),
+        layer_input_grads=tuple(input_grads),
         input_saved_by_layer=tuple(overlap),
         head=g.saved_bytes("head"),
         logits=logits.nbytes if head_loss is None else head_loss[0].nbytes,

@@ -168,7 +168,10 @@ def step_phases(states: States, prof: Profile, vocab: int, tokens: int) -> tuple
         attn_tail = prof.attn_tails[i] if prof.attn_tails else 0
         # the query, key and value projections' gradients come after the attention core's backward
         later = max(attn_grads - states.attn_out_gradients[i], 0) if states.attn_out_gradients else 0
-        core = base + live - prof.mlp_layers[i] - attn_tail + grads - later + resid + dq
+        # the residual's gradient waits through attention's backward for the layer's input, unless
+        # that input needs none: then the add hands its one gradient to the attention branch alone
+        skip = resid if not prof.layer_input_grads or prof.layer_input_grads[i] else 0
+        core = base + live - prof.mlp_layers[i] - attn_tail + grads - later + skip + dq
         phases.append(Phase("backward", core + attn, f"{SO_FAR}, backward through layer {i}'s attention"))
         if prof.value_product_backward and prof.value_product_backward[i]:
             phases.append(Phase("backward", core + prof.value_product_backward[i],

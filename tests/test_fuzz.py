@@ -380,6 +380,17 @@ def test_lora_up_projection_input_gradient_sets_a_narrow_mlps_peak():
                       batch_size=3, seq_len=23, grad_checkpointing=True))
 
 
+def test_first_layer_over_frozen_embeddings_keeps_no_residual_gradient():
+    """The first layer's input (frozen embeddings, no checkpointing) needs no gradient: the
+    attention's residual add hands its gradient to the attention branch alone, so none waits
+    through the attention's backward (+2.0% before)."""
+    check(_regression(_dense("phi3", vocab_size=60, hidden_size=36, num_hidden_layers=1,
+                             num_attention_heads=9, num_key_value_heads=3, intermediate_size=11,
+                             tie_word_embeddings=False),
+                      method="lora", rank=1, targets=("qv",), precision="pure-bf16", batch_size=1,
+                      seq_len=20, attention="eager"))
+
+
 def test_eager_attention_weights_stay_bound_through_the_mlp():
     """The decoder layer binds eager attention's returned weights to `_` until it returns: beside the
     down projection's LoRA outputs, the embedding output and the residuals, they set the forward's
