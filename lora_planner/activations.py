@@ -618,6 +618,22 @@ def recompute_stop_transient(cond: Conditions, in_numel: int, out_numel: int, wr
     return out_numel * cond.compute_bytes + (in_numel * cond.weight_bytes if cond.autocast else 0)
 
 
+def gpt2_recompute_stop(g: Graph, h: Tensor, act: Tensor, attn_out: Tensor, out_numel: int,
+                        wrapped: bool) -> int:
+    """What a recomputed GPT-2 layer holds beyond its saved tensors when its recompute stops at the
+    MLP's output projection (c_proj), its last save when no residual dropout follows.
+
+    GPT2Block binds the MLP's normed input (`hidden_states`) and the attention's output
+    (`attn_output`) until it returns, and GPT2MLP the GELU's output, c_proj's input; those no op
+    saved are alive. c_proj's own part is `recompute_stop_transient`: with LoRA, the base layer's
+    output and, under autocast, PEFT's fp32 copy of the 16-bit input; lora_B's output, its scaled copy
+    and their sum are never made again. Assumption: transformers 5's GPT2Block and GPT2MLP, PEFT's
+    LoRA on Conv1D, torch's non-reentrant checkpoint with early stop; measured with the tracer (fuzz
+    seed 966: GPT-2 LoRA on all linear layers under amp, checkpointed).
+    """
+    return g.unsaved(h, act, attn_out) + recompute_stop_transient(g.cond, act.numel, out_numel, wrapped)
+
+
 def mlp_output_pending(cond: Conditions, numel: int, wrapped: bool) -> int:
     """Gradients a dense layer's backward has made when it first needs the layer's saved tensors (the
     down projection's): alive through a checkpointed layer's recompute, beside the residual stream's.
@@ -691,7 +707,8 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
         g.attn_tail_end()
         g.section += " mlp"
         h = g.layer_norm(x, f"{p}.ln_2", H)
-        g.args = (h,)
+        # GPT2Block binds the attention's output (`attn_output`) until it returns: alive through the MLP
+        g.args = (h, a)
         f = g.linear(h, f"{p}.mlp.c_fc", H, inter)
         # NewGELU: 0.5 * f * (1 + tanh(c * (f + 0.044715 f^3))): pow keeps f, tanh its output, the last
         # product both factors
@@ -699,11 +716,18 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
         act = g.mul(g.new(f.numel, f.itemsize, f.grad), g.new(t.numel, t.itemsize, t.grad))
         g.tail_start()
         out = g.linear(act, f"{p}.mlp.c_proj", inter, H)
-        g.peak_at(g.unsaved(h, act, out))
+        g.peak_at(g.unsaved(h, act, out, a))
+        # a recompute that stops at c_proj's last save (lora_B's, or the base layer's) never makes its
+        # output; the base output and PEFT's fp32 copy of the input may exist (`gpt2_recompute_stop`)
+        g.peak_at(gpt2_recompute_stop(g, h, act, a, out.numel, f"{p}.mlp.c_proj" in g.wrapped))
         m = g.dropout_op(out, drop)
-        g.peak_at(g.unsaved(h, out, m) if m is not out else 0)
+        g.peak_at(g.unsaved(h, out, m, a) if m is not out else 0)
         g.tail_end()
         g.args = ()
+        # gradients waiting through the recompute: autocast's 16-bit cast of the residual gradient and,
+        # without residual dropout (whose mask sets off the recompute first), LoRA's scaled branch's
+        g.pending[f"layer {i}"] = mlp_output_pending(g.cond, out.numel,
+                                                     f"{p}.mlp.c_proj" in g.wrapped and m is out)
         return g.add(x, m)
     gemma = spec.family == "gemma2"
     h = g.rms_norm(x, f"{p}.input_layernorm", H, gemma)
