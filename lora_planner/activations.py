@@ -716,7 +716,8 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
         act = g.mul(g.new(f.numel, f.itemsize, f.grad), g.new(t.numel, t.itemsize, t.grad))
         g.tail_start()
         out = g.linear(act, f"{p}.mlp.c_proj", inter, H)
-        g.peak_at(g.unsaved(h, act, out, a))
+        # c_proj's output beside its input: a recompute reaches it only when a residual dropout saves after
+        g.peak_at(g.unsaved(h, act, out, a), after_saves=True)
         # a recompute that stops at c_proj's last save (lora_B's, or the base layer's) never makes its
         # output; the base output and PEFT's fp32 copy of the input may exist (`gpt2_recompute_stop`)
         g.peak_at(gpt2_recompute_stop(g, h, act, a, out.numel, f"{p}.mlp.c_proj" in g.wrapped))
