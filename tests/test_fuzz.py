@@ -133,6 +133,16 @@ def test_gpt2_recompute_stops_at_the_lora_output_projection_with_its_gradients_w
                       precision="amp", batch_size=3, seq_len=11, grad_checkpointing=True))
 
 
+@pytest.mark.parametrize("precision", ["amp", "fp32"])
+def test_gpt2_wide_mlp_recompute_sets_the_peak(precision):
+    """The same moment made the peak: a wide MLP beside a small vocabulary, so a checkpointed layer's
+    recompute outweighs the logits' gradients (amp: -12.3% before, the fp32 copy of the GELU output
+    missing; fp32, where PEFT makes no copy, stays exact)."""
+    check(_regression({**TINY_GPT2, "vocab_size": 60, "n_embd": 32, "n_layer": 2, "n_inner": 400,
+                       "resid_pdrop": 0.0}, method="lora", rank=4, targets=("mlp",), precision=precision,
+                      batch_size=4, seq_len=32, grad_checkpointing=True))
+
+
 def test_gpt2_block_holds_the_attention_output_through_a_recomputed_mlp():
     """With residual dropout after c_proj the recompute runs through the whole MLP: `attn_output` is
     still bound by GPT2Block, and only the residual gradient's 16-bit cast waits (seed 1015, -1.74%)."""
