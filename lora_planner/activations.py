@@ -634,6 +634,34 @@ def recompute_stop_transient(cond: Conditions, in_numel: int, out_numel: int, wr
     return out_numel * cond.compute_bytes + (in_numel * cond.weight_bytes if cond.autocast else 0)
 
 
+def gpt2_recompute_stop(g: Graph, h: Tensor, act: Tensor, attn_out: Tensor, out_numel: int,
+                        wrapped: bool) -> int:
+    """What a recomputed GPT-2 layer holds beyond its saved tensors when its recompute stops at the
+    MLP's output projection (c_proj), its last save when no residual dropout follows.
+
+    GPT2Block binds the MLP's normed input (`hidden_states`) and the attention's output
+    (`attn_output`) until it returns, and GPT2MLP the GELU's output, c_proj's input; those no op
+    saved are alive. c_proj's own part is `recompute_stop_transient`: with LoRA, the base layer's
+    output and, under autocast, PEFT's fp32 copy of the 16-bit input; lora_B's output, its scaled copy
+    and their sum are never made again. Assumption: transformers 5's GPT2Block and GPT2MLP, PEFT's
+    LoRA on Conv1D, torch's non-reentrant checkpoint with early stop; measured with the tracer (fuzz
+    seed 966: GPT-2 LoRA on all linear layers under amp, checkpointed).
+    """
+    return g.unsaved(h, act, attn_out) + recompute_stop_transient(g.cond, act.numel, out_numel, wrapped)
+
+
+def gpt2_model_locals(g: Graph, spec: ModelSpec, embeds: Tensor, ids: Tensor) -> tuple[Tensor, ...]:
+    """What GPT2Model's forward binds until it returns, beside the layers: the token embeddings
+    (`inputs_embeds`, b x s x hidden), the position ids (s int64), the position embeddings
+    (`position_embeds`, s x hidden: one sequence, broadcast over the batch) and, under eager attention,
+    the causal mask (`forward_mask_bytes`). Their sum, the first layer's input, is the caller's.
+    Assumption: transformers 5's GPT2Model; measured with the tracer (a wide-MLP GPT-2 LoRA step under
+    amp without checkpointing, whose forward peaks inside the last layer's MLP).
+    """
+    return (embeds, ids, g.new(g.cond.seq_len * spec.hidden_size, g.cond.weight_bytes, False),
+            g.new(forward_mask_bytes(spec, g.cond), 1, False))
+
+
 def mlp_output_pending(cond: Conditions, numel: int, wrapped: bool) -> int:
     """Gradients a dense layer's backward has made when it first needs the layer's saved tensors (the
     down projection's): alive through a checkpointed layer's recompute, beside the residual stream's.
@@ -698,16 +726,23 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
     if spec.family == "gpt2":
         attn_drop, drop = g.rates[0], g.rates[1]
         h = g.layer_norm(x, f"{p}.ln_1", H)
+        g.hold(h)  # GPT2Block's `hidden_states`, until the attention's output replaces it
         qkv = g.linear(h, f"{p}.attn.c_attn", H, 3 * H)
         qkv_view = Tensor(qkv.numel, qkv.itemsize, qkv.grad, qkv.key)  # q, k, v: views of one output
         a = g.attention(qkv_view, qkv_view, qkv_view, nh, nh, hd, attn_drop, fused=qkv_view,
                         softmax_fp32=False)
         a = g.dropout_op(g.linear(a, f"{p}.attn.c_proj", H, H), drop)
         x = g.add(x, a)
+        g.release(h)
+        # GPT2Block's `residual` and `attn_output` and, from eager attention, the weights it binds to `_`
+        weights = (g.attn_weights,) if g.attn_weights is not None else ()
+        g.hold(x, a, *weights)
         g.attn_tail_end()
         g.section += " mlp"
         h = g.layer_norm(x, f"{p}.ln_2", H)
-        g.args = (h,)
+        g.hold(h)  # the MLP's input, until the block returns
+        # GPT2Block binds the attention's output (`attn_output`) until it returns: alive through the MLP
+        g.args = (h, a, *weights)
         f = g.linear(h, f"{p}.mlp.c_fc", H, inter)
         # NewGELU: 0.5 * f * (1 + tanh(c * (f + 0.044715 f^3))): pow keeps f, tanh its output, the last
         # product both factors
@@ -715,11 +750,19 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
         act = g.mul(g.new(f.numel, f.itemsize, f.grad), g.new(t.numel, t.itemsize, t.grad))
         g.tail_start()
         out = g.linear(act, f"{p}.mlp.c_proj", inter, H)
-        g.peak_at(g.unsaved(h, act, out))
+        # c_proj's output beside its input: a recompute reaches it only when a residual dropout saves after
+        g.peak_at(g.unsaved(h, act, out, a), after_saves=True)
+        # a recompute that stops at c_proj's last save (lora_B's, or the base layer's) never makes its
+        # output; the base output and PEFT's fp32 copy of the input may exist (`gpt2_recompute_stop`)
+        g.peak_at(gpt2_recompute_stop(g, h, act, a, out.numel, f"{p}.mlp.c_proj" in g.wrapped))
         m = g.dropout_op(out, drop)
-        g.peak_at(g.unsaved(h, out, m) if m is not out else 0)
+        g.peak_at(g.unsaved(h, out, m, a) if m is not out else 0)
         g.tail_end()
         g.args = ()
+        # gradients waiting through the recompute: autocast's 16-bit cast of the residual gradient and,
+        # without residual dropout (whose mask sets off the recompute first), LoRA's scaled branch's
+        g.pending[f"layer {i}"] = mlp_output_pending(g.cond, out.numel,
+                                                     f"{p}.mlp.c_proj" in g.wrapped and m is out)
         return g.add(x, m)
     gemma = spec.family == "gemma2"
     h = g.rms_norm(x, f"{p}.input_layernorm", H, gemma)
@@ -1457,13 +1500,16 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
     input_grad = cond.grad_checkpointing
     if spec.family == "gpt2":
         wte, wpe = "transformer.wte", "transformer.wpe"
+        ids, embeds = g.new(cond.seq_len, INT64, False), g.new(t * H, wb, wte in trainable or input_grad)
         if wpe in trainable:
-            g.save(g.new(cond.seq_len, INT64, False))  # position ids
+            g.save(ids)  # position ids
         x = g.new(t * H, wb, wte in trainable or wpe in trainable or input_grad)
         if input_grad and not {wte, wpe} & trainable:
             # the hook makes the token embeddings a leaf that requires grad; the graph holds it, and
             # the checkpointed layers hold the position ids
-            g.save(g.new(t * H, wb, True), g.new(cond.seq_len, INT64, False))
+            g.save(embeds, ids)
+        # GPT2Model's forward holds these until it returns (`gpt2_model_locals`)
+        g.hold(*gpt2_model_locals(g, spec, embeds, ids))
         x = g.dropout_op(x, g.rates[2])
         rot = None
     else:

@@ -123,6 +123,46 @@ def test_mlp_backward_frees_what_the_down_projection_kept():
                       seq_len=35, attention="eager", grad_checkpointing=True))
 
 
+def test_gpt2_recompute_stops_at_the_lora_output_projection_with_its_gradients_waiting():
+    """A checkpointed GPT-2 layer under autocast, LoRA on c_proj: the recompute stops at lora_B's weight
+    copy, with the base output, PEFT's fp32 copy of the GELU output and the block's `attn_output`
+    alive, while the residual gradient's 16-bit cast and the scaled branch's gradient wait (seed 966,
+    -1.99% before; 1015 and 1043, with residual dropout, -1.74% and -1.59%)."""
+    check(_regression({**TINY_GPT2, "vocab_size": 210, "n_embd": 32, "n_layer": 1, "n_inner": 87,
+                       "resid_pdrop": 0.0}, method="lora", rank=3, targets=("all-linear",),
+                      precision="amp", batch_size=3, seq_len=11, grad_checkpointing=True))
+
+
+@pytest.mark.parametrize("precision", ["amp", "fp32"])
+def test_gpt2_wide_mlp_recompute_sets_the_peak(precision):
+    """The same moment made the peak: a wide MLP beside a small vocabulary, so a checkpointed layer's
+    recompute outweighs the logits' gradients (amp: -12.3% before, the fp32 copy of the GELU output
+    missing; fp32, where PEFT makes no copy, stays exact)."""
+    check(_regression({**TINY_GPT2, "vocab_size": 60, "n_embd": 32, "n_layer": 2, "n_inner": 400,
+                       "resid_pdrop": 0.0}, method="lora", rank=4, targets=("mlp",), precision=precision,
+                      batch_size=4, seq_len=32, grad_checkpointing=True))
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_gpt2_forward_peak_counts_what_the_model_and_block_bind(attention):
+    """Without checkpointing a wide MLP's LoRA output projection sets the forward's peak, beside what
+    GPT2Model binds (token and position embeddings, position ids, eager's mask) and GPT2Block binds
+    (`residual`, the MLP's input, `attn_output`, eager's weights as `_`): sdpa -5.3% before, and
+    eager's weights a further -2.7% once the rest was counted."""
+    check(_regression({**TINY_GPT2, "vocab_size": 60, "n_embd": 32, "n_layer": 1, "n_inner": 400,
+                       "resid_pdrop": 0.0}, fake=True, method="lora", rank=4, targets=("mlp",),
+                      precision="amp", batch_size=4, seq_len=32, attention=attention))
+
+
+def test_gpt2_block_holds_the_attention_output_through_a_recomputed_mlp():
+    """With residual dropout after c_proj the recompute runs through the whole MLP: `attn_output` is
+    still bound by GPT2Block, and only the residual gradient's 16-bit cast waits (seed 1015, -1.74%)."""
+    check(_regression({"model_type": "gpt2", "vocab_size": 194, "n_embd": 44, "n_layer": 1, "n_head": 4,
+                       "n_positions": 128, "tie_word_embeddings": False, "attn_pdrop": 0.1},
+                      fake=True, method="lora", rank=2, targets=("mlp",), precision="amp", batch_size=2,
+                      seq_len=35, grad_checkpointing=True))
+
+
 def test_mixtral_lora_plans_the_expert_block_once():
     check(_regression({"model_type": "mixtral", "vocab_size": 343, "hidden_size": 48, "num_hidden_layers": 2,
                        "num_attention_heads": 3, "num_key_value_heads": 1, "intermediate_size": 24,
