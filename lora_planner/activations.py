@@ -663,14 +663,15 @@ def gpt2_model_locals(g: Graph, spec: ModelSpec, embeds: Tensor, ids: Tensor) ->
 
 
 def mlp_output_pending(cond: Conditions, numel: int, wrapped: bool) -> int:
-    """Gradients a dense layer's backward has made when it first needs the layer's saved tensors (the
-    down projection's): alive through a checkpointed layer's recompute, beside the residual stream's.
+    """Gradients a dense (or GPT-2) layer's backward has made when it first needs the layer's saved
+    tensors (the down projection's, GPT-2's c_proj's): alive through a checkpointed layer's
+    recompute, beside the residual stream's.
 
     Under autocast the MLP's 16-bit output was added to the fp32 residual stream: the add's backward
     casts the incoming gradient to 16 bits (tokens x hidden). A LoRA-wrapped down projection scales
     its adapter's output by a Python float, whose backward saves nothing and runs first: the scaled
-    gradient (tokens x hidden, compute dtype) waits too. Assumption: transformers 5's dense MLP,
-    PEFT's `lora_B(lora_A(x)) * scaling`; measured with the tracer.
+    gradient (tokens x hidden, compute dtype) waits too. Assumption: transformers 5's dense and
+    GPT-2 MLPs, PEFT's `lora_B(lora_A(x)) * scaling`; measured with the tracer.
     """
     return numel * cond.compute_bytes * ((1 if cond.autocast else 0) + (1 if wrapped else 0))
 
