@@ -1274,6 +1274,31 @@ def layer_backward_transients(spec: ModelSpec, cond: Conditions) -> tuple[int, i
     return resid, mlp, attn
 
 
+def checkpoint_masks_freed(spec: ModelSpec, cond: Conditions) -> tuple[int, ...]:
+    """Per layer, the attention-mask bytes freed once that layer's checkpointed backward is done.
+
+    A checkpointed layer keeps the mask its kind of layer gets among its arguments, and backward
+    runs from the last layer to the first: a kind's mask is let go with the checkpoint of the
+    lowest layer using it. Eager attention gets one (b, 1, s, s) mask per kind (full, sliding;
+    Gemma-2 alternates them from a sliding layer 0), in the embeddings' dtype (fp32 under autocast);
+    SDPA only a boolean (1, 1, s, s) one for sliding layers whose window is no longer than the
+    sequence. Source: transformers 5 `masking_utils` and each model's `layer_types`.
+    """
+    b, s = cond.batch_size, cond.seq_len
+    eager = cond.attention == "eager"
+    eager_bytes = b * s * s * (FP32 if cond.autocast else cond.weight_bytes)
+    lowest: dict[bool, int] = {}
+    for i in reversed(range(spec.num_layers)):
+        lowest[spec.sliding_layer(i) or (spec.family == "gemma2" and i % 2 == 0)] = i
+    freed = [0] * spec.num_layers
+    for sliding, i in lowest.items():
+        if eager:
+            freed[i] += eager_bytes
+        elif sliding and s >= (spec.sliding_window or 0):
+            freed[i] += s * s
+    return tuple(freed)
+
+
 def forward_mask_bytes(spec: ModelSpec, cond: Conditions) -> int:
     """The attention masks the model's forward builds once and holds through its layers.
 
@@ -1610,10 +1635,7 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
         recompute_pending=tuple(g.pending.get(f"layer {i}", 0) for i in range(spec.num_layers)),
         post_norm_transient=rms_norm_backward(cond.tokens, H, any(
             p.endswith("post_feedforward_layernorm") for p in trainable)) if spec.family == "gemma2" else 0,
-        # Gemma-2's global-attention mask: its last user in backward is layer 1 (layers alternate
-        # sliding, global from layer 0); the checkpoint holding it lets go once that layer is done
-        args_freed=tuple(mask if spec.family == "gemma2" and cond.attention == "eager" and i == 1
-                         and cond.grad_checkpointing else 0 for i in range(spec.num_layers)),
+        args_freed=checkpoint_masks_freed(spec, cond) if cond.grad_checkpointing else (),
         expert_up_backward=tuple(g.up_backward.get(f"layer {i}", (0, 0)) for i in range(spec.num_layers))
         if g.up_backward else (),
         recompute_unsort=tuple(g.unsort.get(f"layer {i}", 0) for i in range(spec.num_layers)),

@@ -431,6 +431,18 @@ def test_first_layer_over_frozen_embeddings_keeps_no_residual_gradient():
                       seq_len=20, attention="eager"))
 
 
+def test_qwen2_sliding_mask_is_freed_with_its_lowest_checkpointed_layer():
+    """Qwen2's layers from max_window_layers on slide: their eager mask lives in their checkpoints
+    only, so it is gone by the time the full-attention layers below run their backward (+1.3%
+    before)."""
+    check(_regression(_dense("qwen2", vocab_size=134, hidden_size=24, num_hidden_layers=3,
+                             num_attention_heads=6, num_key_value_heads=3, intermediate_size=78,
+                             tie_word_embeddings=False, head_dim=12, use_sliding_window=True,
+                             sliding_window=70, max_window_layers=2),
+                      method="full", precision="amp", batch_size=2, seq_len=39, attention="eager",
+                      grad_checkpointing=True))
+
+
 def test_eager_attention_weights_stay_bound_through_the_mlp():
     """The decoder layer binds eager attention's returned weights to `_` until it returns: beside the
     down projection's LoRA outputs, the embedding output and the residuals, they set the forward's
