@@ -16,7 +16,9 @@ optimizer has used them. On top of them each phase holds something else:
   recompute's own forward peak, with the gradients that wait for it), less what the ops after the
   MLP's activation and after attention's core kept (used and freed first), the gradients produced
   so far, the layer's own transient gradients (`activations.layer_backward_transients`) and, for
-  QLoRA, one dequantised weight; a recomputed expert block's un-sort backward (`Graph.unsort`) and
+  QLoRA, one dequantised weight; an expert block's combine backward, before the down projection's
+  weight gradient exists (`activations.moe_combine_backward`; recomputed: `moe_recompute_combine`);
+  a recomputed expert block's un-sort backward (`Graph.unsort`) and
   Gemma-2's post-feedforward and post-attention norms (`activations.rms_norm_backward`), whose
   backward runs while the block before them is still saved; the norm before the MLP, once the MLP's
   saved tensors are gone (`activations.pre_mlp_norm_backward`); at the attention core only the
