@@ -110,6 +110,10 @@ class Graph:
     unsort: dict[str, int] = field(default_factory=dict)
     # by section: a trained expert block's gate/up backward, (saved bytes freed by then, transient)
     up_backward: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # by section: an expert block's combine backward without checkpointing (see `_moe`)
+    combine: dict[str, int] = field(default_factory=dict)
+    # by section: a recomputed expert block at its combine's backward (`moe_recompute_combine`)
+    recompute_combine: dict[str, int] = field(default_factory=dict)
     # by section: the MLP's pre-norm backward, what it holds beyond the saved tensors left once the
     # MLP's own are freed (`pre_mlp_norm_backward`)
     mlp_norm_backward: dict[str, int] = field(default_factory=dict)
@@ -1011,10 +1015,12 @@ def _moe(g: Graph, spec: ModelSpec, p: str, h: Tensor) -> Tensor:
     layer = g.section.removesuffix(" mlp")
     g.unsort[layer] = (g.saved_bytes(layer) + g.saved_bytes(f"{layer} mlp") - rows * INT64
                        + 2 * rows * H * FP32)
+    # then the combine's backward, the un-sort's buffers and the gradient it scattered freed
+    g.recompute_combine[layer] = (g.saved_bytes(layer) + g.saved_bytes(f"{layer} mlp") - rows * INT64
+                                  + moe_recompute_combine(rows, H, logits.grad))
     # backward reaches the block's saved tensors through the un-sort, after the sum over top-k has
-    # handed back a (rows x hidden) gradient: it waits through the recompute. With one expert per
-    # token the sum's expanded gradient flattens to rows as a view of the incoming one: nothing new.
-    g.pending[layer] = rows * H * FP32 if k > 1 else 0
+    # handed back a (rows x hidden) gradient: it waits through the recompute (`moe_pending`)
+    g.pending[layer] = moe_pending(t, rows, H, xb)
     # by the gated product's backward (the MLP's peak), the un-sort's inverse permutation, the down
     # output (kept for the routing weights' gradient) and the down projection's input (kept for its
     # weight's gradient) have been used and freed
@@ -1033,6 +1039,8 @@ def _moe(g: Graph, spec: ModelSpec, p: str, h: Tensor) -> Tensor:
     # full, the down weight's gradient, counted at the MLP's peak, does not exist yet either.)
     combine = 0 if g.cond.grad_checkpointing else moe_combine_backward(rows, H, xb) - tail + down_kept
     g.expert_backward.append(max(merged, combine) if down_lora else merged)
+    # its own moment, before the down projection's weight gradient exists (a full one when trained)
+    g.combine[layer] = combine
     return g.new(t * H, xb, True)
 
 
@@ -1102,6 +1110,34 @@ def moe_forward_transient(tokens: int, rows: int, hidden: int, inter: int, items
     unsort = out + 2 * rows * hidden * FP32
     summed = out + rows * hidden * FP32 + tokens * hidden * (FP32 + (itemsize if itemsize != FP32 else 0))
     return both + max(down, unsort, summed)
+
+
+def moe_pending(tokens: int, rows: int, hidden: int, itemsize: int) -> int:
+    """The expert block's output gradient made before backward first needs its saved tensors (the
+    un-sort's inverse permutation), alive through a checkpointed block's recompute.
+
+    The block sums its un-sorted rows over top-k in fp32 and casts the sum back to the hidden states'
+    dtype when that is 16-bit. Backward runs the cast's backward (a tokens x hidden fp32 copy of the
+    incoming gradient), then the sum's (expand, then a contiguous rows x hidden fp32 clone for the
+    un-sort's scatter, after which the cast's copy is freed). With top-1 the expand flattens to rows
+    as a view: only the cast's copy, none at fp32. Source: transformers 5 `grouped_mm_experts_forward`
+    (`.sum(dim=1)` then `.to(hidden_states.dtype)`); rows = tokens x top-k.
+    """
+    if rows > tokens:
+        return rows * hidden * FP32
+    return tokens * hidden * FP32 if itemsize != FP32 else 0
+
+
+def moe_recompute_combine(rows: int, hidden: int, routing_grad: bool) -> int:
+    """What a recomputed expert block holds beyond its saved tensors (less the sorted expert ids, a
+    recompute local gone by then) at the backward of the rows' weighting by the fp32 routing weights,
+    the op after the un-sort's. The un-sort has used and freed the inverse permutation (rows int64),
+    its zeroed buffer and the incoming gradient (`moe_pending`); its scattered rows x hidden gradient
+    is alive beside the product's two gradients, the down output's and (when the router's logits need
+    one) the routing weights', all fp32 (rows x hidden) since the weights are fp32. Assumption:
+    transformers 5's grouped_mm experts; rows = tokens x top-k.
+    """
+    return (3 if routing_grad else 2) * rows * hidden * FP32 - rows * INT64
 
 
 def moe_end_transient(rows: int, hidden: int, itemsize: int, up_trains: bool) -> int:
@@ -1252,13 +1288,9 @@ def layer_backward_transients(spec: ModelSpec, cond: Conditions) -> tuple[int, i
     rows = t * max(spec.experts_per_token, 1)
     # grouped expert matmuls are not autocast: they run in the hidden states' (the weights') dtype
     mlp = 3 * rows * spec.intermediate_size * (cond.weight_bytes if spec.num_experts else cb)
-    if spec.num_experts and not cond.grad_checkpointing:
-        # before them, the backward of the rows' weighting by the fp32 routing weights: the weighted
-        # rows' gradient and the two products' (fp32, rows x hidden), a cast back to the hidden
-        # states' dtype when that is 16-bit, beside the down output and the inverse permutation it
-        # frees after (both in the MLP's tail, which the timeline takes off). A recomputed block
-        # reaches it with other tensors alive (`Graph.unsort`), which set that moment instead.
-        mlp = max(mlp, moe_combine_backward(rows, spec.hidden_size, cond.weight_bytes))
+    # An expert block's first backward op without checkpointing, the combine's (the rows' weighting by
+    # the fp32 routing weights), is its own phase (`Profile.expert_combine`, `moe_combine_backward`):
+    # it comes before the down projection's weight gradient exists.
     qkv = qkv_backward_bytes(spec, cond)
     attn_dropout = spec.dropout_rates[0] if cond.dropout is None else cond.dropout
     # torch's CPU math fallback (attention dropout) keeps the probabilities as eager does
@@ -1475,6 +1507,12 @@ class Profile:
     # per layer: the math kernel's probs @ v backward, the core's later saves and its gradients
     # (`value_product_backward`); () when no layer runs it
     value_product_backward: tuple[int, ...] = ()
+    # per layer: an expert block's combine backward beyond its saved tensors, no checkpointing
+    # (`moe_combine_backward`); () without experts
+    expert_combine: tuple[int, ...] = ()
+    # per layer: a recomputed expert block at its combine's backward (`moe_recompute_combine`); 0
+    # without experts
+    recompute_combine: tuple[int, ...] = ()
     # backward work not done (see `Graph.no_input_grad_params`); `cost` takes it off the FLOPs
     no_input_grad_params: int = 0
     attention_without_grad: int = 0
@@ -1640,6 +1678,10 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
         if g.up_backward else (),
         recompute_unsort=tuple(g.unsort.get(f"layer {i}", 0) for i in range(spec.num_layers)),
         mlp_norm_backward=tuple(g.mlp_norm_backward.get(f"layer {i}", 0) for i in range(spec.num_layers)),
+        expert_combine=tuple(g.combine.get(f"layer {i}", 0) for i in range(spec.num_layers))
+        if g.combine else (),
+        recompute_combine=tuple(g.recompute_combine.get(f"layer {i}", 0) for i in range(spec.num_layers))
+        if g.recompute_combine else (),
         checkpointed=cond.grad_checkpointing,
         offloaded=cond.activation_offload,
         # a chunked or fused loss counts the head's input alive through the loss itself (`head_and_loss`)

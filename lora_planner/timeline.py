@@ -16,7 +16,9 @@ optimizer has used them. On top of them each phase holds something else:
   recompute's own forward peak, with the gradients that wait for it), less what the ops after the
   MLP's activation and after attention's core kept (used and freed first), the gradients produced
   so far, the layer's own transient gradients (`activations.layer_backward_transients`) and, for
-  QLoRA, one dequantised weight; a recomputed expert block's un-sort backward (`Graph.unsort`) and
+  QLoRA, one dequantised weight; an expert block's combine backward, before the down projection's
+  weight gradient exists (`activations.moe_combine_backward`; recomputed: `moe_recompute_combine`);
+  a recomputed expert block's un-sort backward (`Graph.unsort`) and
   Gemma-2's post-feedforward and post-attention norms (`activations.rms_norm_backward`), whose
   backward runs while the block before them is still saved; the norm before the MLP, once the MLP's
   saved tensors are gone (`activations.pre_mlp_norm_backward`); at the attention core only the
@@ -125,12 +127,22 @@ def step_phases(states: States, prof: Profile, vocab: int, tokens: int) -> tuple
                         + prof.recompute_unsort[i])
                 phases.append(Phase("backward", base + held + grads + resid + pending,
                                     f"{SO_FAR}, backward through layer {i}'s expert un-sort"))
+            if prof.recompute_combine and prof.recompute_combine[i]:
+                # the combine's backward after it: the incoming gradient (`pending`) is used up
+                held = (saved_below + prof.layer_inputs[i] - prof.input_saved_by_layer[i]
+                        + prof.recompute_combine[i])
+                phases.append(Phase("backward", base + held + grads + resid,
+                                    f"{SO_FAR}, backward through layer {i}'s expert combine"))
         else:
             live = saved_below
             saved_below -= prof.layers[i]
         if prof.post_norm_transient:
             phases.append(Phase("backward", base + live + grads + resid + prof.post_norm_transient,
                                 f"{SO_FAR}, backward through layer {i}'s post-feedforward norm"))
+        if prof.expert_combine and prof.expert_combine[i]:
+            # an expert block's combine backward, before the down projection's weight gradient exists
+            phases.append(Phase("backward", base + live + grads + resid + prof.expert_combine[i],
+                                f"{SO_FAR}, backward through layer {i}'s expert combine"))
         grads += out_grads
         # the MLP's backward runs first, with the whole layer still saved; by the attention's, the
         # MLP's saved tensors are gone
