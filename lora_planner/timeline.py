@@ -39,6 +39,7 @@ caching allocator and the CUDA context add on a real GPU is a separate, document
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from .activations import FP32, Profile
 
@@ -71,8 +72,10 @@ class States:
 SO_FAR = "weights + optimizer states + saved activations left + gradients so far"
 
 
-@dataclass(frozen=True)
-class Phase:
+class Phase(NamedTuple):
+    """One moment of the step: its part (forward, backward, optimizer), live bytes and what they are.
+    A named tuple, not a frozen dataclass: the fewest-GPU search builds tens of thousands of them."""
+
     name: str
     bytes: int
     what: str
