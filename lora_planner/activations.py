@@ -844,6 +844,10 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
         m = g.new(gu.numel // 2, gu.itemsize, gu.grad)
         g.tail_start()
         out = g.linear(m, f"{p}.mlp.down_proj", inter, H)
+        # the down projection's last save (its weight's 16-bit copy under autocast, or lora_B's), where
+        # a recompute stops when nothing after it saves: everything saved, before its output exists
+        g.peak_at(g.unsaved(h, m, *g.args) + recompute_stop_transient(
+            g.cond, m.numel, out.numel, f"{p}.mlp.down_proj" in g.wrapped))
         g.peak_at(g.unsaved(h, m, out, *g.args), after_saves=True)
         m = g.dropout_op(out, g.rates[1])  # resid_mlp_dropout
         g.peak_at(g.unsaved(h, out, m, *g.args) if m is not out else 0, after_saves=True)
