@@ -18,6 +18,8 @@ optimizer has used them. On top of them each phase holds something else:
   so far, the layer's own transient gradients (`activations.layer_backward_transients`) and, for
   QLoRA, one dequantised weight; an expert block's combine backward, before the down projection's
   weight gradient exists (`activations.moe_combine_backward`; recomputed: `moe_recompute_combine`);
+  a LoRA up projection's input gradient in a narrow MLP (`activations.lora_input_gradient_sum`);
+  the math SDPA kernel's probs @ v backward (`activations.value_product_backward`);
   a recomputed expert block's un-sort backward (`Graph.unsort`) and
   Gemma-2's post-feedforward and post-attention norms (`activations.rms_norm_backward`), whose
   backward runs while the block before them is still saved; the norm before the MLP, once the MLP's
