@@ -524,9 +524,13 @@ class Graph:
             self.peak_at(eager_output_transient(self, k_in, kv_heads, heads, full, out.nbytes))
         else:
             b_s = b * s
+            # v upcast is what probs @ v keeps when the kernel does not repeat it and bmm can read it
+            # as it is: contiguous (an upcast slice of Phi-3's fused output) or one sequence or head
+            v_kept = kv_heads == heads and (fused is not None or b == 1 or heads == 1)
             self.peak_at(self.unsaved(*self.args) + math_kernel_transient(
                 b_s * heads * head_dim, b_s * kv_heads * head_dim, b * heads * s * s, s * s,
-                q_in if not self.cond.autocast or q_in == 2 else 2, q_in, kv_heads, heads, contiguous_q))
+                q_in if not self.cond.autocast or q_in == 2 else 2, q_in, kv_heads, heads, contiguous_q,
+                masked, v_kept))
         return out
 
     def eager_moments(self, inputs: tuple[Tensor, Tensor, Tensor], operands: tuple[Tensor, Tensor, Tensor],
@@ -915,15 +919,19 @@ def eager_output_transient(g: Graph, k: Tensor, kv_heads: int, heads: int, full:
 
 
 def math_kernel_transient(full: int, kv_full: int, probs: int, square: int, itemsize: int,
-                          query_itemsize: int, kv_heads: int, heads: int, contiguous_q: bool) -> int:
+                          query_itemsize: int, kv_heads: int, heads: int, contiguous_q: bool,
+                          masked: bool = False, v_kept: bool = False) -> int:
     """What torch's CPU math attention kernel (`_scaled_dot_product_attention_math`, the fallback when
     attention dropout is on) holds beyond what it saves, as its output is cast back to the inputs'
-    dtype: 16-bit inputs upcast to fp32 (q, k, v), k repeated over the query heads (a copy when
-    1 < kv heads < heads), a contiguous copy of the scaled query for the score matmul (unless the
-    rotary embedding made q contiguous: Phi-3's concatenation), the causal mask built as a
+    dtype: 16-bit inputs upcast to fp32 (q, k, v), k repeated over the query heads (`enable_gqa`: a
+    copy, from one k/v head too; with a mask, transformers' `repeat_kv` already gave the kernel
+    every head, copied from several k/v heads, an expanded view of one), a contiguous copy of the
+    scaled query for the score matmul (unless the rotary embedding made q contiguous: Phi-3's
+    concatenation), the causal mask built as a
     fp32 (s x s) tensor, the dropped probabilities cast back to the inputs' dtype for probs @ v, the
     fp32 output and its cast. Under autocast, the 16-bit casts of a fp32 rotated q and k are alive too.
-    `full`, `kv_full`: elements of q and of k (or v); `probs`: b x heads x s x s.
+    `full`, `kv_full`: elements of q and of k (or v); `probs`: b x heads x s x s. `v_kept`: v's fp32
+    upcast is itself what probs @ v keeps (counted as saved), not a transient beside a copy.
     Assumption: torch 2.13's CPU math kernel, as the tracer lists its tensors; the saved copies
     (scaled q and k, v, probabilities, dropout mask, dropped probabilities) are counted by `attention`.
     """
@@ -932,8 +940,8 @@ def math_kernel_transient(full: int, kv_full: int, probs: int, square: int, item
     if not contiguous_q:
         held += full * FP32
     if upcast:
-        held += (full + 2 * kv_full) * FP32 + probs * itemsize + full * itemsize
-    if 1 < kv_heads < heads:
+        held += (full + (1 if v_kept else 2) * kv_full) * FP32 + probs * itemsize + full * itemsize
+    if kv_heads < heads and (kv_heads > 1 or not masked):
         held += full * FP32
     if query_itemsize != itemsize:  # autocast's casts of the fp32 rotated query and key
         held += full * itemsize + kv_full * itemsize
