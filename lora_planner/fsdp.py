@@ -35,7 +35,6 @@ quantisation state is a module attribute, never gathered.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -43,8 +42,6 @@ from .architecture import layout
 from .precision import Precision
 from .spec import ModelSpec, TrainSetup
 from .timeline import Phase, States
-
-_LAYER = re.compile(r"layer (\d+)'s (MLP|attention)")
 
 
 @dataclass(frozen=True)
@@ -123,15 +120,6 @@ def units(spec: ModelSpec, setup: TrainSetup, precision: Precision, whole: State
                  embedding * g, arch.tied_head, root * g)
 
 
-@lru_cache(maxsize=1024)
-def _layer_of(what: str) -> tuple[int, str] | None:
-    """(layer, "MLP" or "attention") of a backward phase through a decoder layer, read off its
-    description; None for the other phases. Cached: the GPU-count search meets each phase's
-    description once per count it tries."""
-    layer = _LAYER.search(what)
-    return None if layer is None else (int(layer.group(1)), layer.group(2))
-
-
 def _share(value: int, n: int, offloaded: bool) -> int:
     return 0 if offloaded else math.ceil(value / n)
 
@@ -157,8 +145,7 @@ def extra_bytes(phase: Phase, u: Units, n: int, reshard_after_forward: bool,
             return root + u.block_bytes[last], "root whole + last block's all-gather output"
         gathered = sum(u.block_bytes) + u.block_bytes[last]
         return root + gathered, "root and every block whole + last block's all-gather output"
-    layer = _layer_of(phase.what)
-    if layer is None and "end of backward" in phase.what:
+    if phase.part == "end":
         # The embedding's backward makes its gradient whole; tied to the head, it is added to the
         # head's gradient out of place (FSDP2 holds the unsharded gradient), three copies at once.
         # The timeline counts every gradient's shard and half the head's; before the root's
@@ -167,10 +154,10 @@ def extra_bytes(phase: Phase, u: Units, n: int, reshard_after_forward: bool,
         counted = _share(u.root_grads, n, grads_offloaded) + _share(u.head_grads, n, grads_offloaded) // 2
         return root + sum(u.block_grads[0]) + u.root_grads + copies - counted, \
             "root whole + block 0's reduce-scatter input + the root's gradients whole"
-    if layer is None:  # backward at the head, before any block
+    if phase.part not in ("MLP", "attention"):  # backward at the head, before any block
         gathered = u.block_bytes[last] if reshard_after_forward else sum(u.block_bytes)
         return root + gathered, "root whole + last block prefetched"
-    i, part = layer
+    i, part = phase.layer, phase.part
     if reshard_after_forward:
         gathered = u.block_bytes[i] + (u.block_bytes[i - 1] if i > 0 else 0)
     else:
@@ -208,5 +195,7 @@ def phase_extras(phase: Phase, u: Units, n: int, reshard_after_forward: bool,
     extra, what = extra_bytes(phase, u, n, reshard_after_forward, grads_offloaded, describe)
     if not extra:
         return phase
-    return Phase(phase.name, phase.bytes + extra,
-                 f"{phase.what}; + FSDP2 buffers ({what}) {extra:,} B" if describe else phase.what)
+    if not describe:
+        return phase._replace(bytes=phase.bytes + extra)
+    return phase._replace(bytes=phase.bytes + extra,
+                          text=f"{phase.what}; + FSDP2 buffers ({what}) {extra:,} B")

@@ -459,8 +459,9 @@ def step_phases_on_gpu(predicted: StepPrediction, per_gpu: dict[str, Term], shar
     states, phases = _timeline_on_gpu(predicted, per_gpu, sharding, spec, setup, precision)
     if sharding.strategy == "none" and sharding.num_gpus > 1:
         bucket = ddp_bucket_bytes(predicted.states.gradients)
-        return tuple(Phase(p.name, p.bytes + bucket,
-                           f"{p.what}; + DDP gradient buckets {bucket:,} B" if describe else p.what)
+        if not describe:
+            return tuple(p._replace(bytes=p.bytes + bucket) for p in phases)
+        return tuple(p._replace(bytes=p.bytes + bucket, text=f"{p.what}; + DDP gradient buckets {bucket:,} B")
                      for p in phases)
     if sharding.strategy != "fsdp":
         return phases

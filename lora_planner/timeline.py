@@ -72,15 +72,31 @@ class States:
 
 # what every backward moment holds besides its own transients
 SO_FAR = "weights + optimizer states + saved activations left + gradients so far"
+# a moment inside decoder layer {} (`Phase.text`)
+_THROUGH = SO_FAR + ", backward through layer {}'s "
+_RECOMPUTING = SO_FAR + ", recomputing layer {}'s forward"
 
 
 class Phase(NamedTuple):
     """One moment of the step: its part (forward, backward, optimizer), live bytes and what they are.
-    A named tuple, not a frozen dataclass: the fewest-GPU search builds tens of thousands of them."""
+    A named tuple, not a frozen dataclass: the fewest-GPU search builds tens of thousands of them,
+    and reads their bytes alone; so a moment inside a decoder layer keeps its description as a
+    template (`text`, "{}" for the layer) and `what` spells it out only when asked.
+
+    `layer`: the decoder layer the moment is inside (-1: none); `part`: "MLP" or "attention" for the
+    backward through that part of the layer (FSDP2's buffers depend on it), "end" for the end of
+    backward, else empty.
+    """
 
     name: str
     bytes: int
-    what: str
+    text: str
+    layer: int = -1
+    part: str = ""
+
+    @property
+    def what(self) -> str:
+        return self.text.format(self.layer) if self.layer >= 0 else self.text
 
 
 def step_phases(states: States, prof: Profile, vocab: int, tokens: int) -> tuple[Phase, ...]:
@@ -126,28 +142,28 @@ def step_phases(states: States, prof: Profile, vocab: int, tokens: int) -> tuple
                 held = (saved_below + prof.layer_inputs[i] - prof.input_saved_by_layer[i]
                         + prof.recompute_peaks[i])
                 phases.append(Phase("backward", base + held + grads + resid + pending,
-                                    f"{SO_FAR}, recomputing layer {i}'s forward"))
+                                    _RECOMPUTING, i))
             if prof.recompute_unsort and prof.recompute_unsort[i]:
                 held = (saved_below + prof.layer_inputs[i] - prof.input_saved_by_layer[i]
                         + prof.recompute_unsort[i])
                 phases.append(Phase("backward", base + held + grads + resid + pending,
-                                    f"{SO_FAR}, backward through layer {i}'s expert un-sort"))
+                                    _THROUGH + "expert un-sort", i))
             if prof.recompute_combine and prof.recompute_combine[i]:
                 # the combine's backward after it: the incoming gradient (`pending`) is used up
                 held = (saved_below + prof.layer_inputs[i] - prof.input_saved_by_layer[i]
                         + prof.recompute_combine[i])
                 phases.append(Phase("backward", base + held + grads + resid,
-                                    f"{SO_FAR}, backward through layer {i}'s expert combine"))
+                                    _THROUGH + "expert combine", i))
         else:
             live = saved_below
             saved_below -= prof.layers[i]
         if prof.post_norm_transient:
             phases.append(Phase("backward", base + live + grads + resid + prof.post_norm_transient,
-                                f"{SO_FAR}, backward through layer {i}'s post-feedforward norm"))
+                                _THROUGH + "post-feedforward norm", i))
         if prof.expert_combine and prof.expert_combine[i]:
             # an expert block's combine backward, before the down projection's weight gradient exists
             phases.append(Phase("backward", base + live + grads + resid + prof.expert_combine[i],
-                                f"{SO_FAR}, backward through layer {i}'s expert combine"))
+                                _THROUGH + "expert combine", i))
         grads += out_grads
         # the MLP's backward runs first, with the whole layer still saved; by the attention's, the
         # MLP's saved tensors are gone
@@ -159,28 +175,27 @@ def step_phases(states: States, prof: Profile, vocab: int, tokens: int) -> tuple
             # (`merged_weight_backward` counts what is freed by then itself)
             mlp_held = max(mlp_held, prof.expert_backward[i])
         phases.append(Phase("backward", base + live + grads + resid + mlp_held + dq,
-                            f"{SO_FAR}, backward through layer {i}'s MLP"))
+                            _THROUGH + "MLP", i, "MLP"))
         if prof.up_input_backward and prof.up_input_backward[i][1]:
             freed, held = prof.up_input_backward[i]
             up = states.mlp_up_gradients[i] if states.mlp_up_gradients else 0
             phases.append(Phase("backward", base + live - tail - freed + grads + up + resid + held,
-                                f"{SO_FAR}, backward through layer {i}'s MLP at the up projection's "
-                                "input gradient"))
+                                _THROUGH + "MLP at the up projection's input gradient", i, "MLP"))
         if prof.post_norm_transient:
             phases.append(Phase("backward", base + live - prof.mlp_layers[i] + grads + mlp_grads + resid
                                 + prof.post_norm_transient,
-                                f"{SO_FAR}, backward through layer {i}'s post-attention norm"))
+                                _THROUGH + "post-attention norm", i))
         if prof.expert_up_backward and prof.expert_up_backward[i][1]:
             freed, held = prof.expert_up_backward[i]
             up = states.expert_up_gradients[i] if states.expert_up_gradients else 0
             phases.append(Phase("backward", base + live - tail - freed + grads + up + resid + held,
-                                f"{SO_FAR}, backward through layer {i}'s expert gate/up projection"))
+                                _THROUGH + "expert gate/up projection", i))
         # the norm before the MLP, once the MLP's other saved tensors are gone (`pre_mlp_norm_backward`)
         norm_backward = prof.mlp_norm_backward[i] if prof.mlp_norm_backward else 0
         if norm_backward:
             phases.append(Phase("backward", base + live - prof.mlp_layers[i] + grads + mlp_grads + resid
                                 + norm_backward,
-                                f"{SO_FAR}, backward through layer {i}'s norm before the MLP"))
+                                _THROUGH + "norm before the MLP", i))
         grads += mlp_grads + attn_grads
         attn_tail = prof.attn_tails[i] if prof.attn_tails else 0
         # the query, key and value projections' gradients come after the attention core's backward
@@ -189,15 +204,16 @@ def step_phases(states: States, prof: Profile, vocab: int, tokens: int) -> tuple
         # that input needs none: then the add hands its one gradient to the attention branch alone
         skip = resid if not prof.layer_input_grads or prof.layer_input_grads[i] else 0
         core = base + live - prof.mlp_layers[i] - attn_tail + grads - later + skip + dq
-        phases.append(Phase("backward", core + attn, f"{SO_FAR}, backward through layer {i}'s attention"))
+        phases.append(Phase("backward", core + attn, _THROUGH + "attention", i, "attention"))
         if prof.value_product_backward and prof.value_product_backward[i]:
             phases.append(Phase("backward", core + prof.value_product_backward[i],
-                                f"{SO_FAR}, backward through layer {i}'s attention probabilities @ v"))
+                                _THROUGH + "attention probabilities @ v", i,
+                                "attention"))
         saved_below -= prof.args_freed[i] if prof.args_freed else 0
     leaf = 2 * prof.input_leaf  # the embedding output made a leaf, and its gradient
     phases.append(Phase("backward", base + states.gradients + states.embedding_backward + leaf,
                         "end of backward: weights + optimizer states + all gradients + the embedding's "
-                        "backward"))
+                        "backward", part="end"))
     phases.append(Phase("optimizer",
                         base + states.gradients + states.optimizer_temporary + leaf,
                         "weights + gradients + optimizer states (and any fp32 master weights) + "
