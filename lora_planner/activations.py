@@ -469,10 +469,11 @@ class Graph:
             kc = k if k is k_in else kc
             vc = v if v is v_in_t else vc
         if (fused is not None and (b == 1 or heads == 1) and vc.itemsize == fused.itemsize
-                and kv_heads in (1, heads)):
+                and kv_heads in (1, heads) and (eager or masked or kv_heads == heads)):
             # one sequence (or one head): slices of the fused projection reshape for bmm without a
             # copy, and keeping one keeps the whole fused output (eager uses q and k so too; the
-            # math kernel scales copies of them). repeat_kv from several k/v heads copies v instead.
+            # math kernel scales copies of them). repeat_kv from several k/v heads copies v instead,
+            # and so does the math kernel's own repeat (`enable_gqa`, no mask) from one.
             vc = fused
             if eager and qc.itemsize == fused.itemsize and q.key == fused.key:  # q a slice too (GPT-2)
                 qc = kc = fused
