@@ -561,7 +561,10 @@ class Graph:
             live.append(k0)
         if rep_k and self.cond.autocast:
             live.append(rep_k)
-        live += [qc, kc]
+        if not self.cond.autocast:
+            live += [qc, kc]
+        # (autocast's 16-bit casts of q and k are the matmul's own: alive past it only when saved,
+        # and the saved ones are counted as such)
         probs = b * heads * s * s
         scores = probs * (FP32 if self.cond.autocast else max(q0.itemsize, self.cond.weight_bytes))
         upcast = probs * FP32 if scores != probs * FP32 else 0
