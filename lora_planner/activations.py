@@ -1367,12 +1367,14 @@ def forward_mask_bytes(spec: ModelSpec, cond: Conditions) -> int:
     """The attention masks the model's forward builds once and holds through its layers.
 
     Eager attention gets an additive (b, 1, s, s) mask in the embeddings' dtype (fp32 under autocast)
-    per kind of layer (full, sliding); SDPA a boolean (1, 1, s, s) one when a sliding window is no
-    longer than the sequence, and none otherwise (it runs causal). Source: transformers 5
+    per kind of layer (full, sliding; Gemma-2 always both, even for a one-layer slice); SDPA a
+    boolean (1, 1, s, s) one when a sliding window is no longer than the sequence, and none otherwise
+    (it runs causal). Source: transformers 5
     `masking_utils` (`create_causal_mask`, `create_sliding_window_causal_mask`).
     """
-    kinds = {spec.sliding_layer(i) or (spec.family == "gemma2" and i % 2 == 0)
-             for i in range(spec.num_layers)}
+    # Gemma2Model builds both masks whatever layers it has (a one-layer slice too)
+    kinds = ({True, False} if spec.family == "gemma2"
+             else {spec.sliding_layer(i) for i in range(spec.num_layers)})
     if cond.attention == "eager":
         return len(kinds) * cond.batch_size * cond.seq_len * cond.seq_len * (
             FP32 if cond.autocast else cond.weight_bytes)
