@@ -227,7 +227,9 @@ class Graph:
                 self.save(normed)
             if h.grad:
                 self.save(self.new(dim, FP32, False))  # (1 + weight) in fp32
-            return self.cast(self.new(h.numel, FP32, h.grad or trains), x.itemsize)
+            product = self.new(h.numel, FP32, h.grad or trains)
+            self.moment(x, h, normed, product)  # the fp32 product, before its cast back
+            return self.cast(product, x.itemsize)
         normed = self.cast(normed, x.itemsize)
         if trains:
             self.save(normed)
@@ -884,6 +886,7 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
             g.peak_at(g.unsaved(h, act, m, *g.args), after_saves=True)
     block_out = m
     if gemma:
+        g.release(h)  # the MLP's normed input, gone once the MLP returns
         m = g.rms_norm(m, f"{p}.post_feedforward_layernorm", H, True)
         # the block's output is bound until the norm returns; the MLP's normed input is gone by then
         g.peak_at(g.unsaved(block_out, *(a for a in g.args if a.key != h.key)))
