@@ -528,8 +528,9 @@ class Graph:
         else:
             b_s = b * s
             # v upcast is what probs @ v keeps when the kernel does not repeat it and bmm can read it
-            # as it is: contiguous (an upcast slice of Phi-3's fused output) or one sequence or head
-            v_kept = kv_heads == heads and (fused is not None or b == 1 or heads == 1)
+            # as it is: the upcast keeps v's transposed (b, s, heads, d) layout, which reshapes to
+            # (b x heads, s, d) without a copy only for one sequence or one head
+            v_kept = kv_heads == heads and (b == 1 or heads == 1)
             self.peak_at(self.unsaved(*self.args) + math_kernel_transient(
                 b_s * heads * head_dim, b_s * kv_heads * head_dim, b * heads * s * s, s * s,
                 q_in if not self.cond.autocast or q_in == 2 else 2, q_in, kv_heads, heads, contiguous_q,
@@ -744,6 +745,8 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
         g.hold(h)  # GPT2Block's `hidden_states`, until the attention's output replaces it
         qkv = g.linear(h, f"{p}.attn.c_attn", H, 3 * H)
         qkv_view = Tensor(qkv.numel, qkv.itemsize, qkv.grad, qkv.key)  # q, k, v: views of one output
+        # GPT2Attention binds q, k and v until it returns (after c_proj), GPT2Block `hidden_states`
+        g.args = (h, qkv)
         a = g.attention(qkv_view, qkv_view, qkv_view, nh, nh, hd, attn_drop, fused=qkv_view,
                         softmax_fp32=False)
         a = g.dropout_op(g.linear(a, f"{p}.attn.c_proj", H, H), drop)

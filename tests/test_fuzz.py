@@ -869,3 +869,15 @@ def test_gemma2_post_feedforward_norm_is_a_forward_moment():
                              final_logit_softcapping=30.0),
                       fake=True, method="lora", rank=4, targets=("mlp",), precision="amp", batch_size=2,
                       seq_len=41, attention="eager"))
+
+
+def test_gpt2_math_kernel_recompute_holds_the_block_and_attention_locals():
+    """A recomputed GPT-2 layer under autocast with attention dropout (CPU's math SDPA kernel): the
+    block's fp32 `hidden_states` and the attention's fused q, k, v output are bound, unsaved, while
+    the kernel runs, and the kernel's fp32 upcast of v is copied for probs @ v with several sequences
+    and heads (-7.4% before; fuzz seed 3773)."""
+    check(_regression({"model_type": "gpt2", "vocab_size": 148, "n_embd": 18, "n_layer": 3, "n_head": 2,
+                       "n_positions": 128, "tie_word_embeddings": True, "n_inner": 20, "attn_pdrop": 0.25,
+                       "embd_pdrop": 0.1},
+                      method="lora", rank=4, targets=("qv",), precision="amp", batch_size=2, seq_len=48,
+                      grad_checkpointing=True))
