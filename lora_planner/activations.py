@@ -816,6 +816,8 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
         g.args += (g.attn_weights,)
     # the layer binds the returned weights to `_`: they stay alive until the layer returns
     weights = (g.attn_weights,) if dense and g.attn_weights else ()
+    if g.attn_weights is not None:
+        g.hold(g.attn_weights)  # (Phi-3's as `self_attn_weights`), through the MLP in the forward too
     # the attention module's locals (`attention_locals`) are bound through o_proj in the forward too
     g.hold(q, k, v)
     o = g.linear(a, f"{p}.self_attn.o_proj", nh * hd, H)
