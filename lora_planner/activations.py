@@ -867,11 +867,15 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
         m = g.dropout_op(out, g.rates[1])  # resid_mlp_dropout
         g.peak_at(g.unsaved(h, out, m, *g.args) if m is not out else 0, after_saves=True)
     else:
+        # act_fn(gate_proj(x)) * up_proj(x): the activation is made before the up projection runs,
+        # and is alive through it
         gate = g.linear(h, f"{p}.mlp.gate_proj", H, inter)
+        gate_act = g.unary(gate, "input")
+        g.hold(gate_act)
         before_up = g._saved_total
         up = g.linear(h, f"{p}.mlp.up_proj", H, inter)
         up_saved = g._saved_total - before_up
-        gate_act = g.unary(gate, "input")
+        g.release(gate_act)
         before_mul = g._saved_total
         act = g.mul(gate_act, up)
         if f"{p}.mlp.up_proj" in g.wrapped and h.grad:

@@ -891,3 +891,15 @@ def test_phi3_layer_binds_eager_attention_weights_through_the_mlp():
                              tie_word_embeddings=True, attention_dropout=0.1),
                       fake=True, method="lora", rank=7, targets=("mlp",), precision="fp32", batch_size=3,
                       seq_len=14, attention="eager"))
+
+
+def test_mlp_activation_is_alive_through_the_up_projection():
+    """`act_fn(gate_proj(x)) * up_proj(x)` makes the activation before the up projection runs: with LoRA
+    on a wide MLP the gate output and its activation are alive at the up projection's LoRA moment
+    (-2.1% before; fuzz seed 3435)."""
+    check(_regression(_dense("gemma2", vocab_size=43, hidden_size=32, num_hidden_layers=1,
+                             num_attention_heads=4, num_key_value_heads=2, intermediate_size=128, head_dim=8,
+                             tie_word_embeddings=False, sliding_window=60, attn_logit_softcapping=None,
+                             final_logit_softcapping=None),
+                      method="lora", rank=1, targets=("mlp",), precision="fp32", batch_size=2, seq_len=20,
+                      attention="eager"))
