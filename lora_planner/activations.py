@@ -122,6 +122,8 @@ class Graph:
     pv_backward: dict[str, int] = field(default_factory=dict)
     # by section: a LoRA-wrapped up projection's input gradient, (saved bytes freed by then, held)
     up_input_backward: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # by section: a LoRA-wrapped attention output projection's input gradient (`lora_input_gradient_sum`)
+    out_input_backward: dict[str, int] = field(default_factory=dict)
     norm_copy: int = 0  # the fp32 copy of its input the last `rms_norm` saved (0: the input was fp32)
     section: str = ""
     # tensors a caller holds as arguments while the current block runs (the MLP's input)
@@ -822,6 +824,8 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
     g.hold(q, k, v)
     o = g.linear(a, f"{p}.self_attn.o_proj", nh * hd, H)
     g.release(q, k, v)
+    if f"{p}.self_attn.o_proj" in g.wrapped and a.grad:
+        g.out_input_backward[f"layer {i}"] = lora_input_gradient_sum(a.nbytes)
     g.peak_at(g.unsaved(a, o, *g.args))
     a = o
     if dense:
@@ -1428,7 +1432,9 @@ def lora_input_gradient_sum(input_bytes: int) -> int:
     and dtype of the input (`input_bytes`). In a dense MLP whose hidden size is large beside its
     intermediate size, the up projection's (its backward runs before the gate's) sets the MLP's
     peak. Assumption: PEFT's `result = base(x) + lora_B(lora_A(dropout(x))) * scaling`, autograd's
-    accumulation of two gradients into a new tensor, as the tracer lists them.
+    accumulation of two gradients into a new tensor, as the tracer lists them. The attention output
+    projection's is a moment of the attention's backward too: its input, (heads x head_dim) wide,
+    can outweigh the q, k and v gradients flash backward returns.
     """
     return 3 * input_bytes
 
@@ -1547,6 +1553,9 @@ class Profile:
     mlp_norm_backward: tuple[int, ...] = ()
     # per layer: a LoRA-wrapped up projection's input gradient, (saved bytes freed by then, held)
     up_input_backward: tuple[tuple[int, int], ...] = ()
+    # per layer: a LoRA-wrapped attention output projection's input gradient, beside what the
+    # attention core's backward holds (0: not wrapped)
+    out_input_backward: tuple[int, ...] = ()
     # per layer: whether its input needs a gradient; when not (the first layer over frozen
     # embeddings, unchecked), the residual stream's gradient is not kept past the attention's add
     layer_input_grads: tuple[bool, ...] = ()
@@ -1711,6 +1720,8 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
         attn_tails=tuple(g.attn_tails),
         up_input_backward=tuple(g.up_input_backward.get(f"layer {i}", (0, 0)) for i in range(spec.num_layers))
         if g.up_input_backward else (),
+        out_input_backward=tuple(g.out_input_backward.get(f"layer {i}", 0) for i in range(spec.num_layers))
+        if g.out_input_backward else (),
         value_product_backward=tuple(g.pv_backward.get(f"layer {i}", 0) for i in range(spec.num_layers))
         if g.pv_backward else (),
         no_input_grad_params=g.no_input_grad_params,

@@ -18,7 +18,8 @@ optimizer has used them. On top of them each phase holds something else:
   so far, the layer's own transient gradients (`activations.layer_backward_transients`) and, for
   QLoRA, one dequantised weight; an expert block's combine backward, before the down projection's
   weight gradient exists (`activations.moe_combine_backward`; recomputed: `moe_recompute_combine`);
-  a LoRA up projection's input gradient in a narrow MLP (`activations.lora_input_gradient_sum`);
+  a LoRA up projection's input gradient in a narrow MLP, and a LoRA attention output projection's
+  (`activations.lora_input_gradient_sum`);
   the math SDPA kernel's probs @ v backward (`activations.value_product_backward`);
   a recomputed expert block's un-sort backward (`Graph.unsort`) and
   Gemma-2's post-feedforward and post-attention norms (`activations.rms_norm_backward`), whose
@@ -205,6 +206,9 @@ def step_phases(states: States, prof: Profile, vocab: int, tokens: int) -> tuple
         skip = resid if not prof.layer_input_grads or prof.layer_input_grads[i] else 0
         core = base + live - prof.mlp_layers[i] - attn_tail + grads - later + skip + dq
         phases.append(Phase("backward", core + attn, _THROUGH + "attention", i, "attention"))
+        if prof.out_input_backward and prof.out_input_backward[i]:
+            phases.append(Phase("backward", core + prof.out_input_backward[i],
+                                _THROUGH + "attention output projection's input gradient", i, "attention"))
         if prof.value_product_backward and prof.value_product_backward[i]:
             phases.append(Phase("backward", core + prof.value_product_backward[i],
                                 _THROUGH + "attention probabilities @ v", i,
