@@ -456,7 +456,7 @@ class Graph:
             copies = kv_numel * (inputs[1].itemsize + inputs[2].itemsize) if rep and kv_heads > 1 else 0
             self.attn_internal = copies + math_attention_internals(
                 b, heads, heads if rep else kv_heads, s, head_dim, q.itemsize, attn_dropout,
-                causal=not masked, casts=casts)
+                causal=not masked, casts=casts, q_copied=not contiguous_q and b > 1 and heads > 1 and s > 1)
             if masked:  # the boolean mask converted to an additive one in q's dtype, not kept
                 self.attn_internal += b * s * s * q.itemsize
             if rep:
@@ -535,7 +535,8 @@ class Graph:
             v_kept = kv_heads == heads and (b == 1 or heads == 1)
             self.peak_at(self.unsaved(*self.args) + math_kernel_transient(
                 b_s * heads * head_dim, b_s * kv_heads * head_dim, b * heads * s * s, s * s,
-                q_in if not self.cond.autocast or q_in == 2 else 2, q_in, kv_heads, heads, contiguous_q,
+                q_in if not self.cond.autocast or q_in == 2 else 2, q_in, kv_heads, heads,
+                not contiguous_q and b > 1 and heads > 1 and s > 1,
                 masked, v_kept))
         return out
 
@@ -694,13 +695,14 @@ def mlp_output_pending(cond: Conditions, numel: int, wrapped: bool) -> int:
 
 
 def math_attention_internals(batch: int, heads: int, kv_heads: int, seq: int, head_dim: int, itemsize: int,
-                             dropout: float, causal: bool, casts: int) -> int:
+                             dropout: float, causal: bool, casts: int, q_copied: bool = True) -> int:
     """What torch's math SDPA kernel (the CPU fallback under attention dropout) holds at its end,
     beyond its inputs, the tensors it saved and its output, all freed when it returns.
 
     `_scaled_dot_product_attention_math` upcasts 16-bit q, k and v to fp32 (heads, kv heads, kv heads
     x (b x s x head_dim) x 4 B), scales q (a new fp32 tensor, which the matmul then copies
-    contiguous and keeps), builds the causal mask (s x s fp32) when it is given none, repeats k to
+    contiguous and keeps when `q_copied`: several sequences, heads and positions; otherwise the
+    scaled q itself is kept), builds the causal mask (s x s fp32) when it is given none, repeats k to
     every head for grouped-query attention (k^T's scaled copy is what it keeps), and ends with the
     probabilities @ v product in fp32, cast back to the input's dtype; with a 16-bit input it also
     makes a 16-bit copy of the dropped probabilities. `casts`: autocast's 16-bit copies of q, k and v
@@ -709,7 +711,7 @@ def math_attention_internals(batch: int, heads: int, kv_heads: int, seq: int, he
     """
     full, kv = batch * heads * seq * head_dim, batch * kv_heads * seq * head_dim
     half = itemsize != FP32
-    return (casts + ((full + 2 * kv) * FP32 if half else 0) + full * FP32
+    return (casts + ((full + 2 * kv) * FP32 if half else 0) + (full * FP32 if q_copied else 0)
             + (seq * seq * FP32 if causal else 0) + (full * FP32 if kv_heads < heads else 0)
             + (batch * heads * seq * seq * itemsize if half and dropout > 0 else 0)
             + (full * FP32 if half else 0))
@@ -939,17 +941,18 @@ def eager_output_transient(g: Graph, k: Tensor, kv_heads: int, heads: int, full:
 
 
 def math_kernel_transient(full: int, kv_full: int, probs: int, square: int, itemsize: int,
-                          query_itemsize: int, kv_heads: int, heads: int, contiguous_q: bool,
+                          query_itemsize: int, kv_heads: int, heads: int, q_copied: bool,
                           masked: bool = False, v_kept: bool = False) -> int:
     """What torch's CPU math attention kernel (`_scaled_dot_product_attention_math`, the fallback when
     attention dropout is on) holds beyond what it saves, as its output is cast back to the inputs'
     dtype: 16-bit inputs upcast to fp32 (q, k, v), k repeated over the query heads (`enable_gqa`: a
     copy, from one k/v head too; with a mask, transformers' `repeat_kv` already gave the kernel
-    every head, copied from several k/v heads, an expanded view of one), a contiguous copy of the
-    scaled query for the score matmul (unless the rotary embedding made q contiguous: Phi-3's
-    concatenation), the causal mask built as a
-    fp32 (s x s) tensor, the dropped probabilities cast back to the inputs' dtype for probs @ v, the
-    fp32 output and its cast. Under autocast, the 16-bit casts of a fp32 rotated q and k are alive too.
+    every head, copied from several k/v heads, an expanded view of one), the scaled query beside
+    the contiguous copy the score matmul makes of it (`q_copied`: several sequences, heads and
+    positions, unless the rotary embedding made q contiguous: Phi-3's concatenation), the causal
+    mask built as a fp32 (s x s) tensor, the dropped probabilities cast back to the inputs' dtype for
+    probs @ v, the fp32 output and its cast. Under autocast, the 16-bit casts of a fp32 rotated q and
+    k are alive too.
     `full`, `kv_full`: elements of q and of k (or v); `probs`: b x heads x s x s. `v_kept`: v's fp32
     upcast is itself what probs @ v keeps (counted as saved), not a transient beside a copy.
     Assumption: torch 2.13's CPU math kernel, as the tracer lists its tensors; the saved copies
@@ -957,7 +960,7 @@ def math_kernel_transient(full: int, kv_full: int, probs: int, square: int, item
     """
     upcast = itemsize != FP32
     held = square * FP32 + full * FP32  # the mask, the fp32 output
-    if not contiguous_q:
+    if q_copied:
         held += full * FP32
     if upcast:
         held += (full + (1 if v_kept else 2) * kv_full) * FP32 + probs * itemsize + full * itemsize
