@@ -472,6 +472,10 @@ class Graph:
             # every head: the cast of an expanded view is laid out in full)
             kc = k if k is k_in else kc
             vc = v if v is v_in_t else vc
+        if eager and contiguous_q:
+            # a (b, heads, s, d)-contiguous q (Phi-3's rotary concatenation, or autocast's cast of it)
+            # batches for the score matmul as a view: the matmul keeps q itself
+            qc = q
         if (fused is not None and (b == 1 or heads == 1) and vc.itemsize == fused.itemsize
                 and kv_heads in (1, heads) and (eager or masked or kv_heads == heads)):
             # one sequence (or one head): slices of the fused projection reshape for bmm without a
