@@ -782,7 +782,9 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
         # output; the base output and PEFT's fp32 copy of the input may exist (`gpt2_recompute_stop`)
         g.peak_at(gpt2_recompute_stop(g, h, act, a, out.numel, f"{p}.mlp.c_proj" in g.wrapped))
         m = g.dropout_op(out, drop)
-        g.peak_at(g.unsaved(h, out, m, a) if m is not out else 0)
+        # the residual dropout's mask, the layer's last save: it is saved as the product's input, so a
+        # recompute stops before the dropped output exists
+        g.peak_at(g.unsaved(h, out, a) if m is not out else 0)
         g.tail_end()
         g.args = ()
         # gradients waiting through the recompute: autocast's 16-bit cast of the residual gradient and,
