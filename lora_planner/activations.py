@@ -524,10 +524,10 @@ class Graph:
             self.save(p)  # probs @ v keeps the probabilities for v's gradient, v for theirs
         if p.grad:
             self.save(vc)
-        if not eager and (p.grad or vc.grad):
+        if p.grad or vc.grad:
             # probs @ v's backward runs with the core's later saves still alive (`value_product_backward`)
             self.pv_backward[self.section] = self._saved_total - self._attn_from + value_product_backward(
-                full, probs, self.cond.device)
+                full, probs, self.cond.device, max(p.itemsize, vc.itemsize) if eager else None)
         out = self.new(full, max(q.itemsize, v.itemsize), grad)  # contiguous (b, s, heads * hd)
         if eager:
             self.peak_at(eager_output_transient(self, k_in, kv_heads, heads, full, out.nbytes))
@@ -1448,15 +1448,20 @@ def lora_input_gradient_sum(input_bytes: int) -> int:
     return 3 * input_bytes
 
 
-def value_product_backward(full: int, probs: int, device: str) -> int:
-    """What the backward of probs @ v inside torch's CPU math kernel (SDPA with attention dropout)
-    holds beyond the saved tensors: the output's gradient made contiguous for bmm (the module's
-    transpose back to (b, s, heads, d) leaves it strided), v's gradient at every head and the
-    (dropped) probabilities' gradient, all in the kernel's fp32. The probabilities and v it saved
-    are still alive then; softmax's backward, where the timeline's attention phase sits, comes after
-    they are freed. Assumption: torch 2.13's math kernel as the tracer lists its tensors (CPU only:
-    on CUDA SDPA runs a fused kernel).
+def value_product_backward(full: int, probs: int, device: str, eager_itemsize: int | None = None) -> int:
+    """What the backward of probs @ v holds beyond the saved tensors: the output's gradient as bmm
+    reads it, v's gradient at every head and the (dropped) probabilities' gradient. The
+    probabilities and v it saved are still alive then; softmax's backward, where the timeline's
+    attention phase sits, comes after they are freed.
+
+    Inside torch's CPU math kernel (SDPA with attention dropout) all three are fp32 (the output's
+    gradient made contiguous for bmm: the module's transpose back to (b, s, heads, d) leaves it
+    strided); on CUDA SDPA runs a fused kernel instead (0). Eager attention (`eager_itemsize`: the
+    matmul's dtype) runs the same product on any device. Assumption: torch 2.13's kernels as the
+    tracer lists their tensors.
     """
+    if eager_itemsize is not None:
+        return (2 * full + probs) * eager_itemsize
     return (2 * full + probs) * FP32 if device == "cpu" else 0
 
 
