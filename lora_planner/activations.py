@@ -499,8 +499,9 @@ class Graph:
             self.save(p)  # softmax keeps its output
         self.attn_tail_start()
         # the forward's moments inside the core, for the families that run transformers' shared
-        # eager function or SDPA (not GPT-2's own attention nor Phi-3's sliced fused projection)
-        moments = fused is None and softmax_fp32 and not masked
+        # eager function or SDPA (not GPT-2's own attention, nor Phi-3's sliced fused projection
+        # under eager)
+        moments = (fused is None or not eager) and softmax_fp32 and not masked
         if eager:
             # back to the query's dtype (GPT-2: the value's) as the module wrote it, dropout there,
             # and autocast's matmul makes the 16-bit copy that probs @ v keeps
@@ -519,7 +520,10 @@ class Graph:
             soft_p = p
             p = self.dropout_op(self.cast(p, cb), attn_dropout)
             if moments:
-                self.math_moments((q0, k0, v0), (q, k, v), (qc, vc), soft_p, p, heads, kv_heads, head_dim)
+                if fused is not None:  # v is a slice of the fused output: the kernel upcasts the slice
+                    v = Tensor(b * kv_heads * s * head_dim, v.itemsize, v.grad, v.key)
+                self.math_moments((q0, k0, v0), (q, k, v), (qc, vc), soft_p, p, heads, kv_heads, head_dim,
+                                  contiguous_q, fused is not None)
         if vc.grad:
             self.save(p)  # probs @ v keeps the probabilities for v's gradient, v for theirs
         if p.grad:
@@ -601,7 +605,8 @@ class Graph:
 
     def math_moments(self, inputs: tuple[Tensor, Tensor, Tensor], args: tuple[Tensor, Tensor, Tensor],
                      operands: tuple[Tensor, Tensor], p: Tensor, dropped: Tensor, heads: int,
-                     kv_heads: int, head_dim: int) -> None:
+                     kv_heads: int, head_dim: int, contiguous_q: bool = False,
+                     fused_v: bool = False) -> None:
         """torch's math SDPA kernel (`_scaled_dot_product_attention_math`, which CPU runs when attention
         dropout is on), op by op, as the forward's moments.
 
@@ -613,6 +618,9 @@ class Graph:
         and softmax's output; dropout's
         mask (fp32 on CPU) and output; last the output (fp32), and, for a 16-bit query, both results
         cast back (the probabilities first: the arguments of its return are built right to left).
+        `contiguous_q`: q is (b, heads, s, d)-contiguous (Phi-3's rotary concatenation), so the score
+        matmul reads its scaled copy as a view; `fused_v`: v is a slice of Phi-3's fused projection,
+        whose whole output stays alive (`inputs[2]`; `args[2]` is the slice the kernel upcasts).
         """
         b, s = self.cond.batch_size, self.cond.seq_len
         full, probs = b * heads * s * head_dim, b * heads * s * s
@@ -621,9 +629,9 @@ class Graph:
         live = [*inputs, *args, acc[0], acc[1], qc]
         if kv_heads < heads:
             live += [acc[2], self.new(full, FP32, False), vc]
-        else:  # v repeated is v's fp32 copy, or v itself
-            live = [t for t in live if t.key != acc[2].key] + [vc]
-        if args[1].grad and b > 1 and heads > 1 and s > 1:
+        else:  # v repeated is v's fp32 copy, or v itself (a slice of Phi-3's fused output keeps it whole)
+            live = [t for t in live if t.key != acc[2].key or (fused_v and t is inputs[2])] + [vc]
+        if args[1].grad and b > 1 and heads > 1 and s > 1 and not contiguous_q:
             # q scaled keeps q's transposed layout, so the score matmul's (b x heads, s, d) reshape
             # copies it: `qc` is that copy, saved for k's gradient; the strided product stays bound
             # in the kernel (without k's gradient the copy is freed after the matmul instead)
