@@ -576,7 +576,11 @@ class Graph:
         if rep_k and self.cond.autocast:
             live.append(rep_k)
         if not self.cond.autocast:
-            live += [qc, kc]
+            # for one sequence or one head the matmul reads q and k as they are (`qc`, `kc` stand for
+            # them), and a repeated k is repeat_kv's local; otherwise they are the matmul's own
+            # contiguous copies, alive past it only when saved (q's for k's gradient, k's for q's)
+            view = b == 1 or heads == 1
+            live += [t for t, kept in ((qc, view or kc.grad), (kc, view or copies or qc.grad)) if kept]
         # (autocast's 16-bit casts of q and k are the matmul's own: alive past it only when saved,
         # and the saved ones are counted as such)
         probs = b * heads * s * s

@@ -967,3 +967,14 @@ def test_phi3_math_kernel_forward_moments():
                              tie_word_embeddings=False, attention_dropout=0.1),
                       fake=True, method="lora", rank=1, targets=("default",), precision="pure-bf16",
                       batch_size=1, seq_len=44))
+
+
+def test_eager_attention_without_gradients_frees_the_score_matmuls_copies():
+    """Without autocast too, the score matmul's contiguous copies of q and the expanded one-head k
+    (several sequences and heads) are its own temporaries: with no gradient needed they are freed
+    before the softmax (+10.2% before; fuzz seed 5511)."""
+    check(_regression(_dense("mistral", vocab_size=78, hidden_size=6, num_hidden_layers=1,
+                             num_attention_heads=3, num_key_value_heads=1, intermediate_size=25, head_dim=14,
+                             tie_word_embeddings=False, sliding_window=None),
+                      method="lora", rank=5, targets=("mlp",), precision="pure-bf16", batch_size=2,
+                      seq_len=42, attention="eager", dropout=0.1))
