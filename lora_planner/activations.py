@@ -501,7 +501,7 @@ class Graph:
         # the forward's moments inside the core, for the families that run transformers' shared
         # eager function or SDPA (not GPT-2's own attention, nor Phi-3's sliced fused projection
         # under eager)
-        moments = (fused is None or not eager) and softmax_fp32 and not masked
+        moments = (fused is None or not eager) and softmax_fp32 and not (masked and eager)
         if eager:
             # back to the query's dtype (GPT-2: the value's) as the module wrote it, dropout there,
             # and autocast's matmul makes the 16-bit copy that probs @ v keeps
@@ -522,8 +522,12 @@ class Graph:
             if moments:
                 if fused is not None:  # v is a slice of the fused output: the kernel upcasts the slice
                     v = Tensor(b * kv_heads * s * head_dim, v.itemsize, v.grad, v.key)
-                self.math_moments((q0, k0, v0), (q, k, v), (qc, vc), soft_p, p, heads, kv_heads, head_dim,
-                                  contiguous_q, fused is not None)
+                kernel_kv, repeats = (k, v), ()
+                if masked and kv_heads < heads:
+                    kernel_kv, repeats = self.repeated_kv((k_in, v_in_t), full, kv_heads)
+                self.math_moments((q0, k0, v0), (q, *kernel_kv), (qc, vc), soft_p, p, heads,
+                                  heads if masked else kv_heads, head_dim, contiguous_q, fused is not None,
+                                  b * s * s * q.itemsize if masked else None, repeats)
         if vc.grad:
             self.save(p)  # probs @ v keeps the probabilities for v's gradient, v for theirs
         if p.grad:
@@ -607,10 +611,29 @@ class Graph:
         itemsize = 2 if self.cond.autocast else max(weights.itemsize, vc.itemsize)
         self.moment(*live, extra=2 * full * itemsize)
 
+    def repeated_kv(self, kv: tuple[Tensor, Tensor], full: int,
+                    kv_heads: int) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, ...]]:
+        """k and v as SDPA gets them with a mask: transformers repeats them to every head first
+        (`repeat_kv`: copies from several k/v heads, bound in `sdpa_attention_forward`; an expanded
+        view of one, sharing its storage), then autocast casts each to 16 bits, laid out in full.
+        Returns the kernel's k and v, and the repeat copies."""
+        kernel, repeats = [], []
+        for t in kv:
+            if kv_heads > 1:
+                rep = self.new(full, t.itemsize, t.grad)
+                repeats.append(rep)
+            else:
+                rep = Tensor(full, t.itemsize, t.grad, t.key)
+            if self.cond.autocast and t.itemsize != 2:
+                rep = self.new(full, 2, t.grad)
+            kernel.append(rep)
+        return (kernel[0], kernel[1]), tuple(repeats)
+
     def math_moments(self, inputs: tuple[Tensor, Tensor, Tensor], args: tuple[Tensor, Tensor, Tensor],
                      operands: tuple[Tensor, Tensor], p: Tensor, dropped: Tensor, heads: int,
                      kv_heads: int, head_dim: int, contiguous_q: bool = False,
-                     fused_v: bool = False) -> None:
+                     fused_v: bool = False, mask_bytes: int | None = None,
+                     repeats: tuple[Tensor, ...] = ()) -> None:
         """torch's math SDPA kernel (`_scaled_dot_product_attention_math`, which CPU runs when attention
         dropout is on), op by op, as the forward's moments.
 
@@ -625,12 +648,15 @@ class Graph:
         `contiguous_q`: q is (b, heads, s, d)-contiguous (Phi-3's rotary concatenation), so the score
         matmul reads its scaled copy as a view; `fused_v`: v is a slice of Phi-3's fused projection,
         whose whole output stays alive (`inputs[2]`; `args[2]` is the slice the kernel upcasts).
+        Given a mask (a sliding window no longer than the sequence), the kernel builds no causal
+        mask but converts the boolean one to an additive one (`mask_bytes`: b x s x s in q's dtype),
+        and gets k and v already repeated to every head (`repeated_kv`; `repeats`: the copies).
         """
         b, s = self.cond.batch_size, self.cond.seq_len
         full, probs = b * heads * s * head_dim, b * heads * s * s
         qc, vc = operands
         acc = [t if t.itemsize == FP32 else self.new(t.numel, FP32, False) for t in args]
-        live = [*inputs, *args, acc[0], acc[1], qc]
+        live = [*inputs, *repeats, *args, acc[0], acc[1], qc]
         if kv_heads < heads:
             live += [acc[2], self.new(full, FP32, False), vc]
         else:  # v repeated is v's fp32 copy, or v itself (a slice of Phi-3's fused output keeps it whole)
@@ -640,7 +666,7 @@ class Graph:
             # copies it: `qc` is that copy, saved for k's gradient; the strided product stays bound
             # in the kernel (without k's gradient the copy is freed after the matmul instead)
             live.append(self.new(full, FP32, False))
-        mask = s * s * FP32 if s > 1 else 0
+        mask = (s * s * FP32 if s > 1 else 0) if mask_bytes is None else mask_bytes
         self.moment(*live, p, extra=mask + probs * FP32)  # softmax, beside the scores
         noise = 0 if p.grad else probs * FP32
         self.moment(*live, p, dropped, extra=mask + noise)
