@@ -498,10 +498,10 @@ class Graph:
         if p.grad:
             self.save(p)  # softmax keeps its output
         self.attn_tail_start()
-        # the forward's moments inside the core, for the families that run transformers' shared
-        # eager function or SDPA (not GPT-2's own attention, nor Phi-3's sliced fused projection
-        # under eager)
-        moments = (fused is None or not eager) and softmax_fp32 and not (masked and eager)
+        # the forward's moments inside the core: SDPA's math kernel for every family, eager attention
+        # for the families that run transformers' shared function (not GPT-2's own, nor Phi-3's
+        # sliced fused projection)
+        moments = not eager or (fused is None and softmax_fp32 and not masked)
         if eager:
             # back to the query's dtype (GPT-2: the value's) as the module wrote it, dropout there,
             # and autocast's matmul makes the 16-bit copy that probs @ v keeps
@@ -520,14 +520,18 @@ class Graph:
             soft_p = p
             p = self.dropout_op(self.cast(p, cb), attn_dropout)
             if moments:
-                if fused is not None:  # v is a slice of the fused output: the kernel upcasts the slice
-                    v = Tensor(b * kv_heads * s * head_dim, v.itemsize, v.grad, v.key)
+                if fused is not None:  # slices of the fused output (v; GPT-2's q and k too): the
+                    # kernel upcasts each slice
+                    q, k, v = (Tensor(n, t.itemsize, t.grad, t.key) if t.key == fused.key else t
+                               for t, n in zip((q, k, v), (full, b * kv_heads * s * head_dim,
+                                                           b * kv_heads * s * head_dim), strict=True))
                 kernel_kv, repeats = (k, v), ()
                 if masked and kv_heads < heads:
                     kernel_kv, repeats = self.repeated_kv((k_in, v_in_t), full, kv_heads)
                 self.math_moments((q0, k0, v0), (q, *kernel_kv), (qc, vc), soft_p, p, heads,
                                   heads if masked else kv_heads, head_dim, contiguous_q, fused is not None,
-                                  b * s * s * q.itemsize if masked else None, repeats)
+                                  b * s * s * q.itemsize if masked else None, repeats,
+                                  v_contiguous=masked and kv_heads < heads)
         if vc.grad:
             self.save(p)  # probs @ v keeps the probabilities for v's gradient, v for theirs
         if p.grad:
@@ -633,7 +637,7 @@ class Graph:
                      operands: tuple[Tensor, Tensor], p: Tensor, dropped: Tensor, heads: int,
                      kv_heads: int, head_dim: int, contiguous_q: bool = False,
                      fused_v: bool = False, mask_bytes: int | None = None,
-                     repeats: tuple[Tensor, ...] = ()) -> None:
+                     repeats: tuple[Tensor, ...] = (), v_contiguous: bool = False) -> None:
         """torch's math SDPA kernel (`_scaled_dot_product_attention_math`, which CPU runs when attention
         dropout is on), op by op, as the forward's moments.
 
@@ -650,7 +654,8 @@ class Graph:
         whose whole output stays alive (`inputs[2]`; `args[2]` is the slice the kernel upcasts).
         Given a mask (a sliding window no longer than the sequence), the kernel builds no causal
         mask but converts the boolean one to an additive one (`mask_bytes`: b x s x s in q's dtype),
-        and gets k and v already repeated to every head (`repeated_kv`; `repeats`: the copies).
+        and gets k and v already repeated to every head (`repeated_kv`; `repeats`: the copies), laid
+        out contiguous (`v_contiguous`: v's fp32 copy is then what probs @ v keeps).
         """
         b, s = self.cond.batch_size, self.cond.seq_len
         full, probs = b * heads * s * head_dim, b * heads * s * s
@@ -659,8 +664,12 @@ class Graph:
         live = [*inputs, *repeats, *args, acc[0], acc[1], qc]
         if kv_heads < heads:
             live += [acc[2], self.new(full, FP32, False), vc]
-        else:  # v repeated is v's fp32 copy, or v itself (a slice of Phi-3's fused output keeps it whole)
+        elif b == 1 or heads == 1 or v_contiguous:
+            # bmm reads v's fp32 copy (or v) as it is: that is what it keeps (a slice of a fused
+            # output keeps the whole output alive)
             live = [t for t in live if t.key != acc[2].key or (fused_v and t is inputs[2])] + [vc]
+        else:  # the fp32 copy keeps v's transposed layout: bmm copies it contiguous (`vc`)
+            live += [acc[2], vc]
         if args[1].grad and b > 1 and heads > 1 and s > 1 and not contiguous_q:
             # q scaled keeps q's transposed layout, so the score matmul's (b x heads, s, d) reshape
             # copies it: `qc` is that copy, saved for k's gradient; the strided product stays bound
