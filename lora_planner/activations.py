@@ -499,9 +499,8 @@ class Graph:
             self.save(p)  # softmax keeps its output
         self.attn_tail_start()
         # the forward's moments inside the core: SDPA's math kernel for every family, eager attention
-        # for the families that run transformers' shared function (not GPT-2's own, nor Phi-3's
-        # sliced fused projection)
-        moments = not eager or (fused is None and softmax_fp32 and not masked)
+        # for the families that run transformers' shared function (not GPT-2's own)
+        moments = not eager or (softmax_fp32 and not masked)
         if eager:
             # back to the query's dtype (GPT-2: the value's) as the module wrote it, dropout there,
             # and autocast's matmul makes the 16-bit copy that probs @ v keeps
