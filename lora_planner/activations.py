@@ -682,11 +682,18 @@ class Graph:
         cast = (probs + full) * origin if origin != FP32 else 0
         self.moment(*live, dropped, extra=mask + full * FP32 + cast)
 
-    def rope(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        """x * cos + rotate_half(x) * sin: the products keep cos and sin (shared by all layers)."""
+    def rope(self, x: Tensor, cos: Tensor, sin: Tensor, alive: tuple[Tensor, ...] = ()) -> Tensor:
+        """x * cos + rotate_half(x) * sin: the products keep cos and sin (shared by all layers).
+
+        A forward moment at the second product: x * cos, rotate_half(x) and its product with sin
+        (in the wider of x's and cos's dtypes) beside `alive`, what the attention module holds then
+        (its projections; x itself among them unless it is a slice of a fused output).
+        """
         if x.grad:
             self.save(cos, sin)
-        return self.new(x.numel, max(x.itemsize, cos.itemsize), x.grad)
+        out = self.new(x.numel, max(x.itemsize, cos.itemsize), x.grad)
+        self.moment(*alive, extra=3 * out.nbytes)
+        return out
 
 
 def recompute_stop_transient(cond: Conditions, in_numel: int, out_numel: int, wrapped: bool) -> int:
@@ -855,7 +862,10 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
         g.args = (h, q, k)
         v = g.linear(h, f"{p}.self_attn.v_proj", H, nkv * hd)
     assert rot is not None
-    q, k = g.rope(q, *rot), g.rope(k, *rot)
+    # the module holds its projections while rope runs (Phi-3's q and k are slices of `v`'s output)
+    sliced = spec.family == "phi3"
+    q = g.rope(q, *rot, alive=(v,) if sliced else (q, k, v))
+    k = g.rope(k, *rot, alive=(q, v) if sliced else (q, k, v))
     g.args = attention_locals(h, q, k, v)
     masked = (g.cond.attention == "sdpa" and spec.sliding_layer(i)
               and g.cond.seq_len >= (spec.sliding_window or 0))
@@ -1438,14 +1448,17 @@ def forward_mask_bytes(spec: ModelSpec, cond: Conditions) -> int:
     """The attention masks the model's forward builds once and holds through its layers.
 
     Eager attention gets an additive (b, 1, s, s) mask in the embeddings' dtype (fp32 under autocast)
-    per kind of layer (full, sliding; Gemma-2 always both, even for a one-layer slice); SDPA a
+    per kind of layer (full, sliding; Gemma-2 always both, even for a one-layer slice, and Qwen2
+    always the full one); SDPA a
     boolean (1, 1, s, s) one when a sliding window is no longer than the sequence, and none otherwise
     (it runs causal). Source: transformers 5
     `masking_utils` (`create_causal_mask`, `create_sliding_window_causal_mask`).
     """
-    # Gemma2Model builds both masks whatever layers it has (a one-layer slice too)
-    kinds = ({True, False} if spec.family == "gemma2"
-             else {spec.sliding_layer(i) for i in range(spec.num_layers)})
+    # Gemma2Model builds both masks whatever layers it has (a one-layer slice too); Qwen2Model the
+    # full one always, and the sliding one when any layer slides
+    kinds = {spec.sliding_layer(i) for i in range(spec.num_layers)}
+    if spec.family in ("gemma2", "qwen2"):
+        kinds |= {True, False} if spec.family == "gemma2" else {False}
     if cond.attention == "eager":
         return len(kinds) * cond.batch_size * cond.seq_len * cond.seq_len * (
             FP32 if cond.autocast else cond.weight_bytes)
