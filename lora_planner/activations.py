@@ -687,12 +687,15 @@ class Graph:
 
         A forward moment at the second product: x * cos, rotate_half(x) and its product with sin
         (in the wider of x's and cos's dtypes) beside `alive`, what the attention module holds then
-        (its projections; x itself among them unless it is a slice of a fused output).
+        (its projections; x itself among them unless it is a slice of a fused output). A recompute
+        reaches the same moment: under autocast x is 16-bit and cos fp32, so the three fp32 products
+        are six times a 16-bit q and can set a checkpointed step's peak (fuzz seed 9241).
         """
         if x.grad:
             self.save(cos, sin)
         out = self.new(x.numel, max(x.itemsize, cos.itemsize), x.grad)
         self.moment(*alive, extra=3 * out.nbytes)
+        self.peak_at(self.unsaved(*self.args, *alive) + 3 * out.nbytes)
         return out
 
 
@@ -864,8 +867,9 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
     assert rot is not None
     # the module holds its projections while rope runs (Phi-3's q and k are slices of `v`'s output)
     sliced = spec.family == "phi3"
-    q = g.rope(q, *rot, alive=(v,) if sliced else (q, k, v))
-    k = g.rope(k, *rot, alive=(q, v) if sliced else (q, k, v))
+    # rope's caller still binds the projected q while k is rotated
+    q_projected, q = q, g.rope(q, *rot, alive=(v,) if sliced else (q, k, v))
+    k = g.rope(k, *rot, alive=(q, v) if sliced else (q_projected, q, k, v))
     g.args = attention_locals(h, q, k, v)
     masked = (g.cond.attention == "sdpa" and spec.sliding_layer(i)
               and g.cond.seq_len >= (spec.sliding_window or 0))

@@ -35,10 +35,10 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 # Misses the fuzzer found and not yet fixed, one bound per seed (from the recorded run of seeds
-# 0-1999, results/trace/fuzz-cpu.jsonl, each |error| rounded up): `fuzz_known.json` gives the seed's
+# 0-3999, results/trace/fuzz-cpu.jsonl, each |error| rounded up): `fuzz_known.json` gives the seed's
 # case, its peak bound, its activation bound (0: exact; every seed is exact now) and why. None
 # remains beyond the tests' tolerances; the file stays so a new miss is bounded, not hidden.
-# `python benchmarks/fuzz_models.py --seeds 0:2000 --known tests/fuzz_known.json` rewrites the list.
+# `python benchmarks/fuzz_models.py --seeds 0:4000 --known tests/fuzz_known.json` rewrites the list.
 KNOWN: dict[int, dict] = {int(k): v for k, v in
                           json.loads((Path(__file__).parent / "fuzz_known.json").read_text()).items()}
 SLOW_TOLERANCE = 0.02  # the issue's independent check: every family within 2%
@@ -65,7 +65,7 @@ def test_random_architecture_matches_its_trace(seed):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", range(60, 2000), ids=lambda s: f"seed{s}")
+@pytest.mark.parametrize("seed", range(60, 4000), ids=lambda s: f"seed{s}")
 def test_random_architecture_matches_its_trace_slow(seed):
     check(random_case(seed), *_bounds(seed, SLOW_TOLERANCE))
 
@@ -1034,3 +1034,14 @@ def test_qwen2_builds_the_full_mask_beside_the_sliding_one():
                              max_window_layers=0),
                       layers=1, method="lora", rank=5, targets=("mlp",), precision="fp32", batch_size=3,
                       seq_len=32, attention="eager"))
+
+
+def test_recomputed_rotary_embedding_under_autocast_holds_three_fp32_products():
+    """A recomputed layer rotates its 16-bit q again, and under autocast q * cos, rotate_half(q) * sin
+    and their sum are fp32 (cos is): with wide heads beside a small hidden size that moment, with the
+    gradients waiting for the layer, is the step's peak (-16.6% before; fuzz seed 9241)."""
+    check(_regression(_dense("llama", vocab_size=77, hidden_size=12, num_hidden_layers=3,
+                             num_attention_heads=6, num_key_value_heads=2, intermediate_size=8, head_dim=16,
+                             tie_word_embeddings=True, attention_bias=False, mlp_bias=False),
+                      method="lora", rank=7, targets=("mlp",), precision="amp", batch_size=3, seq_len=44,
+                      grad_checkpointing=True))
