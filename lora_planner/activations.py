@@ -1260,11 +1260,12 @@ def moe_recompute_combine(rows: int, hidden: int, routing_grad: bool) -> int:
 def moe_end_transient(rows: int, hidden: int, itemsize: int, up_trains: bool) -> int:
     """What the expert block holds beyond its saved tensors as it ends: the gathered input rows (a
     local, saved already when the gate/up weights train), the down output weighted by the fp32 routing
-    weights (rows x hidden, fp32 or wider) and the arange the inverse permutation is scattered from
-    (rows int64). The gated activation the down projection read is gone by then. Assumption:
-    transformers 5's grouped_mm experts, as the tracer lists them at the block's last op.
+    weights (rows x hidden, fp32 or wider), the sorted expert ids (`expert_ids_g`, rows int64, bound
+    until the block returns) and the arange the inverse permutation is scattered from (rows int64).
+    The gated activation the down projection read is gone by then. Assumption: transformers 5's
+    grouped_mm experts, as the tracer lists them at the block's last op (fuzz seed 3965).
     """
-    return (0 if up_trains else rows * hidden * itemsize) + rows * hidden * max(itemsize, FP32) + rows * INT64
+    return (0 if up_trains else rows * hidden * itemsize) + rows * hidden * max(itemsize, FP32) + 2 * rows * INT64
 
 
 def moe_combine_backward(rows: int, hidden: int, itemsize: int) -> int:
