@@ -1137,8 +1137,9 @@ def _moe(g: Graph, spec: ModelSpec, p: str, h: Tensor) -> Tensor:
         # the gate/up grouped matmul's backward: its gradient and the gathered rows' (rows x hidden)
         # beside the gate/up output's gradient; the gate/up output and the activation are used up
         g.up_backward[layer] = (rows * 3 * inter * xb, rows * (2 * inter + H) * xb)
+    down_rank = g.wrapped.get(f"{p}.mlp.experts.down_proj", 0)
     merged = merged_weight_backward(spec, rows, xb, wb, up_lora, down_lora, h.grad, up_grad, down_trains,
-                                    logits.grad)
+                                    logits.grad, down_rank * E * (H + inter) * wb)
     # the combine's backward comes before the down projection's: what that keeps under LoRA (its input,
     # the merged weight) is not freed yet, though the tail takes it off the MLP's peak. (Trained in
     # full, the down weight's gradient, counted at the MLP's peak, does not exist yet either.)
@@ -1151,7 +1152,7 @@ def _moe(g: Graph, spec: ModelSpec, p: str, h: Tensor) -> Tensor:
 
 def merged_weight_backward(spec: ModelSpec, rows: int, xb: int, wb: int, up_lora: bool, down_lora: bool,
                            input_grad: bool, up_grad: bool, down_saves_input: bool,
-                           routing_grad: bool) -> int:
+                           routing_grad: bool, down_lora_grads: int = 0) -> int:
     """Bytes beyond the layer's saved tensors while a grouped matmul over a ParamWrapper weight runs
     its backward: the merged weight's full gradient (E x out x in, the weight's dtype) before
     `baddbmm`'s backward turns it into the small A and B gradients, beside the incoming gradient and
@@ -1164,7 +1165,9 @@ def merged_weight_backward(spec: ModelSpec, rows: int, xb: int, wb: int, up_lora
     - gate/up: incoming (rows x 2 inter), the weight's gradient (E x 2 inter x H), and the input's
       (rows x H) when the hidden states need one; by then the activation's backward has freed the
       gate/up output and the activation it saved, and the down projection's its input and its merged
-      weight.
+      weight; the down projection's LoRA gradients (`down_lora_grads`: A and B, in the adapters'
+      dtype) exist by then, though the timeline counts them with the MLP's, after its peak (fuzz
+      seed 9600).
     The larger of the two (0 with neither wrapped); the timeline takes the larger of this and the
     MLP's own transient (`layer_backward_transients`).
     """
@@ -1177,7 +1180,7 @@ def merged_weight_backward(spec: ModelSpec, rows: int, xb: int, wb: int, up_lora
         freed = (rows * 2 * inter * xb + rows * inter * xb + (rows * inter * xb if down_saves_input else 0)
                  + (E * H * inter * wb if down_lora and up_grad else 0))
         up = (rows * 2 * inter * xb + E * 2 * inter * H * wb + (rows * H * xb if input_grad else 0)
-              - freed - combined)
+              + (down_lora_grads if down_lora else 0) - freed - combined)
     return max(down, up, 0)
 
 

@@ -1056,3 +1056,15 @@ def test_recomputed_expert_block_ends_with_its_sorted_expert_ids_bound():
                              num_experts_per_tok=3),
                       layers=2, method="lora", rank=2, targets=("default",), precision="fp32", batch_size=1,
                       seq_len=17, attention="eager", grad_checkpointing=True))
+
+
+def test_expert_gate_up_backward_holds_the_down_projections_lora_gradients():
+    """LoRA on both fused expert weights: by the gate/up grouped matmul's backward, the down
+    projection's A and B gradients exist beside the merged gate/up weight's full gradient (-1.2%
+    before; fuzz seed 9600)."""
+    check(_regression(_dense("mixtral", vocab_size=309, hidden_size=192, num_hidden_layers=4,
+                             num_attention_heads=8, num_key_value_heads=2, intermediate_size=24, head_dim=10,
+                             tie_word_embeddings=False, attention_dropout=0.1, sliding_window=None,
+                             num_local_experts=5, num_experts_per_tok=1),
+                      layers=2, method="lora", rank=7, targets=("mlp",), precision="amp", batch_size=1,
+                      seq_len=4, grad_checkpointing=True))
