@@ -1137,51 +1137,76 @@ def _moe(g: Graph, spec: ModelSpec, p: str, h: Tensor) -> Tensor:
         # the gate/up grouped matmul's backward: its gradient and the gathered rows' (rows x hidden)
         # beside the gate/up output's gradient; the gate/up output and the activation are used up
         g.up_backward[layer] = (rows * 3 * inter * xb, rows * (2 * inter + H) * xb)
-    down_rank = g.wrapped.get(f"{p}.mlp.experts.down_proj", 0)
-    merged = merged_weight_backward(spec, rows, xb, wb, up_lora, down_lora, h.grad, up_grad, down_trains,
-                                    logits.grad, down_rank * E * (H + inter) * wb)
+    merged = merged_weight_backward(spec, rows, xb, wb, g.wrapped.get(f"{p}.mlp.experts.gate_up_proj", 0),
+                                    g.wrapped.get(f"{p}.mlp.experts.down_proj", 0), h.grad, up_grad,
+                                    down_trains, logits.grad)
     # the combine's backward comes before the down projection's: what that keeps under LoRA (its input,
     # the merged weight) is not freed yet, though the tail takes it off the MLP's peak. (Trained in
     # full, the down weight's gradient, counted at the MLP's peak, does not exist yet either.)
     combine = 0 if g.cond.grad_checkpointing else moe_combine_backward(rows, H, xb) - tail + down_kept
+    if merged and not h.grad:
+        # nothing before the block needs a gradient (the first layer over frozen embeddings): the
+        # residual stream's gradient, which the timeline holds through every layer, is the block's
+        # incoming one alone, used up by its first backward op (fuzz seed 16747)
+        merged -= residual_gradient_bytes(spec, g.cond)
     g.expert_backward.append(max(merged, combine) if down_lora else merged)
     # its own moment, before the down projection's weight gradient exists (a full one when trained)
     g.combine[layer] = combine
     return g.new(t * H, xb, True)
 
 
-def merged_weight_backward(spec: ModelSpec, rows: int, xb: int, wb: int, up_lora: bool, down_lora: bool,
+def merged_weight_backward(spec: ModelSpec, rows: int, xb: int, wb: int, up_rank: int, down_rank: int,
                            input_grad: bool, up_grad: bool, down_saves_input: bool,
-                           routing_grad: bool, down_lora_grads: int = 0) -> int:
+                           routing_grad: bool) -> int:
     """Bytes beyond the layer's saved tensors while a grouped matmul over a ParamWrapper weight runs
-    its backward: the merged weight's full gradient (E x out x in, the weight's dtype) before
-    `baddbmm`'s backward turns it into the small A and B gradients, beside the incoming gradient and
-    the one the matmul returns for its input. By the first of them the routing weights' product and
-    the un-permuting gather have run their backward, freeing what they saved: the inverse permutation,
-    each row's routing weight and (when the router has a gradient) the down output.
+    its backward (ranks 0: not wrapped), at two moments per weight. By the first of them the routing
+    weights' product and the un-permuting gather have run their backward, freeing what they saved:
+    the inverse permutation, each row's routing weight and (when the router has a gradient) the down
+    output.
 
-    - down projection: incoming (rows x H), the weight's gradient (E x H x inter), and the input's
-      (rows x inter) when the gate/up side needs one;
-    - gate/up: incoming (rows x 2 inter), the weight's gradient (E x 2 inter x H), and the input's
-      (rows x H) when the hidden states need one; by then the activation's backward has freed the
-      gate/up output and the activation it saved, and the down projection's its input and its merged
-      weight; the down projection's LoRA gradients (`down_lora_grads`: A and B, in the adapters'
-      dtype) exist by then, though the timeline counts them with the MLP's, after its peak (fuzz
-      seed 9600).
-    The larger of the two (0 with neither wrapped); the timeline takes the larger of this and the
-    MLP's own transient (`layer_backward_transients`).
+    - the matmul's: the merged weight's full gradient (E x out x in, the weight's dtype) beside the
+      incoming gradient and the one the matmul returns for its input;
+    - `baddbmm`'s backward after it, which turns that gradient into the small B and A gradients (B's
+      first, each a bmm and its scaled copy, in the adapters' dtype): the incoming gradient, the merged
+      weight and the input the matmul saved are freed by then, the input's gradient is not (fuzz
+      seed 16747).
+
+    Down projection: incoming rows x H, input rows x inter (its gradient only when the gate/up side
+    needs one). Gate/up (rank 2r, PEFT fuses two projections): incoming rows x 2 inter, input rows x
+    H (its gradient when the hidden states need one); by then the activation's backward has freed
+    the gate/up output and the activation it saved, the down projection its input and its merged
+    weight, and the down projection's LoRA gradients exist, though the timeline counts them with
+    the MLP's, after its peak (fuzz seed 9600). The largest (0 with neither wrapped); the timeline
+    takes the larger of this and the MLP's own transient (`layer_backward_transients`).
     """
     H, inter, E = spec.hidden_size, spec.intermediate_size, spec.num_experts
-    down = up = 0
+
+    def factor_gradients(out_f: int, in_f: int, rank: int) -> tuple[int, int]:
+        """(the most B's and A's gradients hold while made, both once made)"""
+        b, a = E * out_f * rank * wb, E * rank * in_f * wb
+        return max(2 * b, b + 2 * a), a + b
+
     combined = rows * INT64 + rows * FP32 + (rows * H * xb if routing_grad else 0)
-    if down_lora:
-        down = rows * H * xb + E * H * inter * wb + (rows * inter * xb if up_grad else 0) - combined
-    if up_lora:
+    moments = [0]
+    down_grads = 0
+    if down_rank:
+        making, down_grads = factor_gradients(H, inter, down_rank)
+        weight_grad, input_grad_d = E * H * inter * wb, (rows * inter * xb if up_grad else 0)
+        moments.append(rows * H * xb + weight_grad + input_grad_d - combined)
+        moments.append(weight_grad + input_grad_d + making - combined
+                       - (E * H * inter * wb if up_grad else 0) - (rows * inter * xb if down_saves_input else 0))
+    if up_rank:
+        making, _ = factor_gradients(2 * inter, H, 2 * up_rank)
         freed = (rows * 2 * inter * xb + rows * inter * xb + (rows * inter * xb if down_saves_input else 0)
-                 + (E * H * inter * wb if down_lora and up_grad else 0))
-        up = (rows * 2 * inter * xb + E * 2 * inter * H * wb + (rows * H * xb if input_grad else 0)
-              + (down_lora_grads if down_lora else 0) - freed - combined)
-    return max(down, up, 0)
+                 + (E * H * inter * wb if down_rank and up_grad else 0))
+        weight_grad, input_grad_u = E * 2 * inter * H * wb, (rows * H * xb if input_grad else 0)
+        at_matmul = rows * 2 * inter * xb + weight_grad + input_grad_u + down_grads - freed - combined
+        moments.append(at_matmul)
+        # the incoming gradient, the merged weight (saved when the input needs a gradient), the
+        # gathered rows and the group offsets (int32) are freed once the matmul's backward is done
+        moments.append(at_matmul - rows * 2 * inter * xb - (weight_grad if input_grad else 0)
+                       - rows * H * xb - E * 4 + making)
+    return max(moments)
 
 
 def moe_down_transient(rows: int, hidden: int, inter: int, itemsize: int, up_trains: bool,
@@ -1392,6 +1417,11 @@ def head_and_loss(g: Graph, spec: ModelSpec, h: Tensor, head: str) -> tuple[Tens
     return logits, fp32, (worst if grad else 0)
 
 
+def residual_gradient_bytes(spec: ModelSpec, cond: Conditions) -> int:
+    """The residual stream's gradient, tokens x hidden: fp32 under autocast (the stream is fp32)."""
+    return cond.tokens * spec.hidden_size * (FP32 if cond.autocast else cond.weight_bytes)
+
+
 def layer_backward_transients(spec: ModelSpec, cond: Conditions) -> tuple[int, int, int]:
     """Gradients alive at once inside one layer's backward, beyond what the forward saved.
 
@@ -1405,7 +1435,7 @@ def layer_backward_transients(spec: ModelSpec, cond: Conditions) -> tuple[int, i
     takes it off (`Profile.mlp_tails`).
     """
     t, cb = cond.tokens, cond.compute_bytes
-    resid = t * spec.hidden_size * (FP32 if cond.autocast else cond.weight_bytes)
+    resid = residual_gradient_bytes(spec, cond)
     rows = t * max(spec.experts_per_token, 1)
     # grouped expert matmuls are not autocast: they run in the hidden states' (the weights') dtype
     mlp = 3 * rows * spec.intermediate_size * (cond.weight_bytes if spec.num_experts else cb)
