@@ -359,7 +359,7 @@ class Graph:
         recast = x.itemsize != self.cond.weight_bytes
         held = (self.saved_bytes(layer) + self.saved_bytes(f"{layer} mlp")
                 + 3 * rows * out_features * out.itemsize
-                + (x.numel * self.cond.weight_bytes + x.nbytes if recast else self.unsaved(x))
+                + (x.numel * self.cond.weight_bytes if recast else 0) + self.unsaved(x)
                 + self.unsaved(*(a for a in self.args if a.key != x.key)))
         if self.cond.autocast:
             self.save(self.new(rank * out_features, 2, False))
