@@ -593,12 +593,19 @@ class Graph:
         probs = b * heads * s * s
         scores = probs * (FP32 if self.cond.autocast else max(q0.itemsize, self.cond.weight_bytes))
         upcast = probs * FP32 if scores != probs * FP32 else 0
-        self.moment(*live, p, extra=scores + upcast)  # softmax
+
+        def at(*tensors: Tensor, extra: int) -> None:
+            # the forward's moment, and the same one when a checkpointed layer is recomputed (beside
+            # the module's locals, `args`)
+            self.moment(*tensors, extra=extra)
+            self.peak_at(self.unsaved(*self.args, *tensors) + extra)
+
+        at(*live, p, extra=scores + upcast)  # softmax
         if pw is not p:
-            self.moment(*live, p, pw, extra=scores)  # .to(query.dtype)
+            at(*live, p, pw, extra=scores)  # .to(query.dtype)
         if dropped is not pw:
             noise = 0 if pw.grad else probs * (1 if self.cond.device == "cuda" else pw.itemsize)
-            self.moment(*live, pw, dropped, extra=noise)
+            at(*live, pw, dropped, extra=noise)
 
     def eager_output_moment(self, kv: tuple[Tensor, Tensor], vc: Tensor, weights: Tensor, wa: Tensor,
                             heads: int, kv_heads: int, head_dim: int) -> None:
