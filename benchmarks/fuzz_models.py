@@ -9,8 +9,8 @@ as a user's config.json (`spec_from_hf_config`); the trace builds the model from
 transformers, so the two sides share nothing but the file.
 
     python benchmarks/fuzz_models.py --seeds 0:200            # one line per case, worst error last
-    python benchmarks/fuzz_models.py --seeds 0:2000 --jsonl results/trace/fuzz-cpu.jsonl
-    python benchmarks/fuzz_models.py --seeds 0:2000 --known tests/fuzz_known.json  # the known misses
+    python benchmarks/fuzz_models.py --seeds 0:4000 --jsonl results/trace/fuzz-cpu.jsonl
+    python benchmarks/fuzz_models.py --seeds 0:4000 --known tests/fuzz_known.json  # the known misses
 """
 
 from __future__ import annotations

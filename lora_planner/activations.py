@@ -1200,8 +1200,8 @@ def merged_weight_backward(spec: ModelSpec, rows: int, xb: int, wb: int, up_rank
         making, down_grads = factor_gradients(H, inter, down_rank)
         weight_grad, input_grad_d = E * H * inter * wb, (rows * inter * xb if up_grad else 0)
         moments.append(rows * H * xb + weight_grad + input_grad_d - combined)
-        moments.append(weight_grad + input_grad_d + making - combined
-                       - (E * H * inter * wb if up_grad else 0) - (rows * inter * xb if down_saves_input else 0))
+        moments.append(weight_grad + input_grad_d + making - combined - (E * H * inter * wb if up_grad else 0)
+                       - (rows * inter * xb if down_saves_input else 0))
     if up_rank:
         making, _ = factor_gradients(2 * inter, H, 2 * up_rank)
         freed = (rows * 2 * inter * xb + rows * inter * xb + (rows * inter * xb if down_saves_input else 0)
@@ -1300,7 +1300,8 @@ def moe_end_transient(rows: int, hidden: int, itemsize: int, up_trains: bool) ->
     The gated activation the down projection read is gone by then. Assumption: transformers 5's
     grouped_mm experts, as the tracer lists them at the block's last op (fuzz seed 3965).
     """
-    return (0 if up_trains else rows * hidden * itemsize) + rows * hidden * max(itemsize, FP32) + 2 * rows * INT64
+    return ((0 if up_trains else rows * hidden * itemsize) + rows * hidden * max(itemsize, FP32)
+            + 2 * rows * INT64)
 
 
 def moe_combine_backward(rows: int, hidden: int, itemsize: int) -> int:

@@ -1087,8 +1087,8 @@ def test_lora_output_projection_reads_the_saved_attention_output_under_autocast(
     """PEFT's fp32 copy of o_proj's 16-bit input is alive beside the input itself, which SDPA's flash
     kernel saved as its output (the transposed output is a view): counted once, not again as a
     transient (+4.4% before; fuzz seed 13528)."""
-    check(_regression(_dense("qwen2", vocab_size=272, hidden_size=36, num_hidden_layers=3,
-                             num_attention_heads=12, num_key_value_heads=3, intermediate_size=117, head_dim=16,
+    check(_regression(_dense("qwen2", vocab_size=272, hidden_size=36, num_hidden_layers=3, head_dim=16,
+                             num_attention_heads=12, num_key_value_heads=3, intermediate_size=117,
                              tie_word_embeddings=True, use_sliding_window=True, sliding_window=67,
                              max_window_layers=1),
                       fake=True, method="lora", rank=3, targets=("attn",), precision="amp", batch_size=3,
