@@ -505,9 +505,11 @@ class Graph:
             # back to the query's dtype (GPT-2: the value's) as the module wrote it, dropout there,
             # and autocast's matmul makes the 16-bit copy that probs @ v keeps
             pw = self.cast(p, q_in if softmax_fp32 else v_in)
-            dropped = self.dropout_op(pw, attn_dropout)
             if moments:
-                self.eager_moments((q0, k0, v0), (qc, kc, vc), p, pw, dropped, heads, kv_heads, head_dim)
+                dropped = self.eager_moments((q0, k0, v0), (qc, kc, vc), p, pw, attn_dropout, heads, kv_heads,
+                                             head_dim)
+            else:
+                dropped = self.dropout_op(pw, attn_dropout)
             self.attn_weights = dropped  # returned beside the output, alive until the module returns
             # the product's (b, heads, s, d) output, before the transpose's contiguous copy
             self.attn_internal = full * max(q.itemsize, v.itemsize) if heads > 1 and s > 1 else 0
@@ -556,13 +558,16 @@ class Graph:
         return out
 
     def eager_moments(self, inputs: tuple[Tensor, Tensor, Tensor], operands: tuple[Tensor, Tensor, Tensor],
-                      p: Tensor, pw: Tensor, dropped: Tensor, heads: int, kv_heads: int,
-                      head_dim: int) -> None:
+                      p: Tensor, pw: Tensor, attn_dropout: float, heads: int, kv_heads: int,
+                      head_dim: int) -> Tensor:
         """transformers' `eager_attention_forward`, op by op, as the forward's moments: repeat_kv's
         copies of k and v (from several k/v heads; from one it is a view), the scores (scaled, plus
         the mask: promoted to the mask's dtype, fp32 under autocast), softmax's fp32 copy of them when
         they are 16-bit and its fp32 output, the cast back to the query's dtype (`pw`), then dropout's
-        mask (the input's dtype on CPU, one byte on CUDA) and output.
+        mask (the input's dtype on CPU, one byte on CUDA) and output, which it returns. Dropout saves
+        its mask after the softmax's moments (fuzz seed 20542). A recomputed layer reaches the same
+        moments beside the attention module's locals (`args`), q and k among them unless the matmul
+        reads them as they are (then `qc` and `kc` stand for them).
 
         What the q @ k^T matmul works on (`operands`, the walk's saved copies) is q or k itself when
         no copy is needed: without autocast, a repeated k (contiguous) or, for one sequence or one
@@ -593,19 +598,20 @@ class Graph:
         probs = b * heads * s * s
         scores = probs * (FP32 if self.cond.autocast else max(q0.itemsize, self.cond.weight_bytes))
         upcast = probs * FP32 if scores != probs * FP32 else 0
+        module_locals = tuple(a for a in self.args if a.key not in (q0.key, k0.key))
 
         def at(*tensors: Tensor, extra: int) -> None:
-            # the forward's moment, and the same one when a checkpointed layer is recomputed (beside
-            # the module's locals, `args`)
             self.moment(*tensors, extra=extra)
-            self.peak_at(self.unsaved(*self.args, *tensors) + extra)
+            self.peak_at(self.unsaved(*module_locals, *tensors) + extra)
 
         at(*live, p, extra=scores + upcast)  # softmax
         if pw is not p:
             at(*live, p, pw, extra=scores)  # .to(query.dtype)
+        dropped = self.dropout_op(pw, attn_dropout)
         if dropped is not pw:
             noise = 0 if pw.grad else probs * (1 if self.cond.device == "cuda" else pw.itemsize)
             at(*live, pw, dropped, extra=noise)
+        return dropped
 
     def eager_output_moment(self, kv: tuple[Tensor, Tensor], vc: Tensor, weights: Tensor, wa: Tensor,
                             heads: int, kv_heads: int, head_dim: int) -> None:
