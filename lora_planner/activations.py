@@ -1145,7 +1145,10 @@ def _moe(g: Graph, spec: ModelSpec, p: str, h: Tensor) -> Tensor:
     down_kept = ((rows * inter * xb if down_trains else 0)
                  + (E * H * inter * wb if down_lora and up_grad else 0))  # and the merged down weight
     tail = rows * INT64 + (rows * H * xb if logits.grad else 0) + down_kept
-    g.tails.append(tail)
+    # (with nothing before the block needing a gradient, the residual stream's gradient is used up
+    # by then too, and so is each row's routing weight, when kept, by the combine's backward)
+    used_up = 0 if h.grad else residual_gradient_bytes(spec, g.cond) + (rows * FP32 if down_grad else 0)
+    g.tails.append(tail + used_up)
     if full:
         # the gate/up grouped matmul's backward: its gradient and the gathered rows' (rows x hidden)
         # beside the gate/up output's gradient; the gate/up output and the activation are used up
@@ -1156,7 +1159,11 @@ def _moe(g: Graph, spec: ModelSpec, p: str, h: Tensor) -> Tensor:
     # the combine's backward comes before the down projection's: what that keeps under LoRA (its input,
     # the merged weight) is not freed yet, though the tail takes it off the MLP's peak. (Trained in
     # full, the down weight's gradient, counted at the MLP's peak, does not exist yet either.)
-    combine = 0 if g.cond.grad_checkpointing else moe_combine_backward(rows, H, xb) - tail + down_kept
+    # (the timeline counts the down projection's LoRA gradients as made before the MLP's peak; they
+    # are not, yet)
+    down_grads = expert_lora_gradients(E, H, inter, g.wrapped.get(f"{p}.mlp.experts.down_proj", 0), wb)[1]
+    combine = (0 if g.cond.grad_checkpointing else
+               moe_combine_backward(rows, H, xb) - tail + down_kept - down_grads)
     if merged and not h.grad:
         # nothing before the block needs a gradient (the first layer over frozen embeddings): the
         # residual stream's gradient, which the timeline holds through every layer, is the block's
@@ -1166,6 +1173,13 @@ def _moe(g: Graph, spec: ModelSpec, p: str, h: Tensor) -> Tensor:
     # its own moment, before the down projection's weight gradient exists (a full one when trained)
     g.combine[layer] = combine
     return g.new(t * H, xb, True)
+
+
+def expert_lora_gradients(experts: int, out_f: int, in_f: int, rank: int, itemsize: int) -> tuple[int, int]:
+    """LoRA on a fused expert weight (E x out x in): (the most its B and A gradients hold while
+    `baddbmm`'s backward makes them, B's first, each a bmm and its scaled copy; both, once made)."""
+    b, a = experts * out_f * rank * itemsize, experts * rank * in_f * itemsize
+    return max(2 * b, b + 2 * a), a + b
 
 
 def merged_weight_backward(spec: ModelSpec, rows: int, xb: int, wb: int, up_rank: int, down_rank: int,
@@ -1188,16 +1202,15 @@ def merged_weight_backward(spec: ModelSpec, rows: int, xb: int, wb: int, up_rank
     needs one). Gate/up (rank 2r, PEFT fuses two projections): incoming rows x 2 inter, input rows x
     H (its gradient when the hidden states need one); by then the activation's backward has freed
     the gate/up output and the activation it saved, the down projection its input and its merged
-    weight, and the down projection's LoRA gradients exist, though the timeline counts them with
-    the MLP's, after its peak (fuzz seed 9600). The largest (0 with neither wrapped); the timeline
-    takes the larger of this and the MLP's own transient (`layer_backward_transients`).
+    weight, and the down projection's LoRA gradients exist: the timeline counts them with
+    the MLP's output projection's, before the MLP's peak, so the down projection's own moments take
+    them off (fuzz seeds 9600, 20212). The largest (0 with neither wrapped); the timeline takes the
+    larger of this and the MLP's own transient (`layer_backward_transients`).
     """
     H, inter, E = spec.hidden_size, spec.intermediate_size, spec.num_experts
 
     def factor_gradients(out_f: int, in_f: int, rank: int) -> tuple[int, int]:
-        """(the most B's and A's gradients hold while made, both once made)"""
-        b, a = E * out_f * rank * wb, E * rank * in_f * wb
-        return max(2 * b, b + 2 * a), a + b
+        return expert_lora_gradients(E, out_f, in_f, rank, wb)
 
     combined = rows * INT64 + rows * FP32 + (rows * H * xb if routing_grad else 0)
     moments = [0]
@@ -1205,15 +1218,15 @@ def merged_weight_backward(spec: ModelSpec, rows: int, xb: int, wb: int, up_rank
     if down_rank:
         making, down_grads = factor_gradients(H, inter, down_rank)
         weight_grad, input_grad_d = E * H * inter * wb, (rows * inter * xb if up_grad else 0)
-        moments.append(rows * H * xb + weight_grad + input_grad_d - combined)
-        moments.append(weight_grad + input_grad_d + making - combined - (E * H * inter * wb if up_grad else 0)
-                       - (rows * inter * xb if down_saves_input else 0))
+        moments.append(rows * H * xb + weight_grad + input_grad_d - combined - down_grads)
+        freed_d = (E * H * inter * wb if up_grad else 0) + (rows * inter * xb if down_saves_input else 0)
+        moments.append(weight_grad + input_grad_d + making - combined - down_grads - freed_d)
     if up_rank:
         making, _ = factor_gradients(2 * inter, H, 2 * up_rank)
         freed = (rows * 2 * inter * xb + rows * inter * xb + (rows * inter * xb if down_saves_input else 0)
                  + (E * H * inter * wb if down_rank and up_grad else 0))
         weight_grad, input_grad_u = E * 2 * inter * H * wb, (rows * H * xb if input_grad else 0)
-        at_matmul = rows * 2 * inter * xb + weight_grad + input_grad_u + down_grads - freed - combined
+        at_matmul = rows * 2 * inter * xb + weight_grad + input_grad_u - freed - combined
         moments.append(at_matmul)
         # the incoming gradient, the merged weight (saved when the input needs a gradient), the
         # gathered rows and the group offsets (int32) are freed once the matmul's backward is done

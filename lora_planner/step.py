@@ -25,7 +25,9 @@ from .timeline import Phase, States, peak_phase, step_phases
 MLP_PART = ("mlp", "ln_2", "post_attention_layernorm", "pre_feedforward_layernorm",
             "post_feedforward_layernorm")
 # ...of which the output projection's gradient comes first, before the MLP's backward peak.
-MLP_OUTPUT = ("mlp.down_proj", "mlp.c_proj")
+# (LoRA on fused experts: PEFT's ParamWrapper on the down weight, its A and B made by baddbmm's backward
+# right after the down grouped matmul's)
+MLP_OUTPUT = ("mlp.down_proj", "mlp.c_proj", "mlp.experts.down_proj")
 # the attention's output projection: its gradient is made before the attention core's backward, the
 # query, key and value projections' after it
 ATTN_OUTPUT = ("self_attn.o_proj", "attn.c_proj")
