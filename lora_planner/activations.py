@@ -133,9 +133,9 @@ class Graph:
     attn_weights: Tensor | None = None
     attn_internal: int = 0
     _keys: itertools.count = field(default_factory=lambda: itertools.count(1))
-    # every forward moment as (layer, saves made so far, bytes held), and each layer's last save: a
+    # every forward moment as (saves made so far, bytes held) by layer, and each layer's last save: a
     # recompute stops at its layer's last saved tensor (`recompute_peak`)
-    moments: list[tuple[str, int, int]] = field(default_factory=list)
+    moments: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
     _saves: int = 0
     _last_save: dict[str, int] = field(default_factory=dict)
     _section_bytes: dict[str, int] = field(default_factory=dict)
@@ -158,8 +158,7 @@ class Graph:
         so what forward did after it (a last LoRA layer's lora_B output and its scaled copy, when the
         adapter's input was its last save) does not happen again."""
         last = self._last_save.get(layer, 0)
-        return max((held for where, saves, held in self.moments if where == layer and saves < last),
-                   default=0)
+        return max((held for saves, held in self.moments.get(layer, ()) if saves < last), default=0)
 
     # --- tensors ---------------------------------------------------------------------------------
     def new(self, numel: int, itemsize: int, grad: bool) -> Tensor:
@@ -277,7 +276,7 @@ class Graph:
         """
         layer = self.section.removesuffix(" mlp")
         held = self.saved_bytes(layer) + self.saved_bytes(f"{layer} mlp") + transient
-        self.moments.append((layer, self._saves if after_saves else -1, held))
+        self.moments.setdefault(layer, []).append((self._saves if after_saves else -1, held))
 
     def cached(self, nbytes: int, saved: bool) -> None:
         """A 16-bit copy of a trained parameter: autocast keeps it until forward ends."""
@@ -367,7 +366,7 @@ class Graph:
             self.cached(rank * out_features * 2, saved=True)
         # lora_B's matmul saved its weight's 16-bit copy before this moment's outputs exist: a
         # recompute that stops at that save never reaches it
-        self.moments.append((layer, self._saves, held))
+        self.moments.setdefault(layer, []).append((self._saves, held))
         # the same moment in the whole forward: the base output, lora_B's output and its scaled copy
         # beside the input and PEFT's cast of it (`xd`, the input itself when of the adapter's dtype)
         self.moment(x, xd, out, extra=2 * rows * out_features * out.itemsize)
