@@ -505,8 +505,8 @@ class Graph:
             # and autocast's matmul makes the 16-bit copy that probs @ v keeps
             pw = self.cast(p, q_in if softmax_fp32 else v_in)
             if moments:
-                dropped = self.eager_moments((q0, k0, v0), (qc, kc, vc), p, pw, attn_dropout, heads, kv_heads,
-                                             head_dim)
+                dropped, bound = self.eager_moments((q0, k0, v0), (qc, kc, vc), p, pw, attn_dropout, heads,
+                                                    kv_heads, head_dim)
             else:
                 dropped = self.dropout_op(pw, attn_dropout)
             self.attn_weights = dropped  # returned beside the output, alive until the module returns
@@ -514,7 +514,7 @@ class Graph:
             self.attn_internal = full * max(q.itemsize, v.itemsize) if heads > 1 and s > 1 else 0
             p = self.cast(dropped, 2) if self.cond.autocast else dropped
             if moments:
-                self.eager_output_moment((k0, v0), vc, dropped, p, heads, kv_heads, head_dim)
+                self.eager_output_moment(bound, vc, dropped, p, heads, head_dim)
                 self.hold(dropped)  # the attention weights it returns: the layer binds them to `_`
         else:
             soft_p = p
@@ -558,12 +558,13 @@ class Graph:
 
     def eager_moments(self, inputs: tuple[Tensor, Tensor, Tensor], operands: tuple[Tensor, Tensor, Tensor],
                       p: Tensor, pw: Tensor, attn_dropout: float, heads: int, kv_heads: int,
-                      head_dim: int) -> Tensor:
+                      head_dim: int) -> tuple[Tensor, tuple[Tensor, ...]]:
         """transformers' `eager_attention_forward`, op by op, as the forward's moments: repeat_kv's
         copies of k and v (from several k/v heads; from one it is a view), the scores (scaled, plus
         the mask: promoted to the mask's dtype, fp32 under autocast), softmax's fp32 copy of them when
         they are 16-bit and its fp32 output, the cast back to the query's dtype (`pw`), then dropout's
-        mask (the input's dtype on CPU, one byte on CUDA) and output, which it returns. Dropout saves
+        mask (the input's dtype on CPU, one byte on CUDA) and output, which it returns with the
+        tensors still bound when probs @ v runs (`eager_output_moment`). Dropout saves
         its mask after the softmax's moments (fuzz seed 20542). A recomputed layer reaches the same
         moments beside the attention module's locals (`args`), q and k among them unless the matmul
         reads them as they are (then `qc` and `kc` stand for them).
@@ -610,19 +611,23 @@ class Graph:
         if dropped is not pw:
             noise = 0 if pw.grad else probs * (1 if self.cond.device == "cuda" else pw.itemsize)
             at(*live, pw, dropped, extra=noise)
-        return dropped
+        if self.cond.autocast:
+            # (as the tracer lists them at probs @ v: v and repeat_kv's copy of it)
+            return dropped, (v0, rep_v) if rep_v else (v0,)
+        # without autocast probs @ v reads the repeated v as it is (`vc` stands for it)
+        return dropped, tuple(t for t in live if t is not rep_v)
 
-    def eager_output_moment(self, kv: tuple[Tensor, Tensor], vc: Tensor, weights: Tensor, wa: Tensor,
-                            heads: int, kv_heads: int, head_dim: int) -> None:
+    def eager_output_moment(self, bound: tuple[Tensor, ...], vc: Tensor, weights: Tensor, wa: Tensor,
+                            heads: int, head_dim: int) -> None:
         """probs @ v and its transposed contiguous copy: the weights (and autocast's 16-bit copy),
-        v as the matmul reads it, and the output twice (b, heads, s, d then (b, s, heads, d))."""
+        v as the matmul reads it, and the output twice (b, heads, s, d then (b, s, heads, d)), beside
+        what is bound since the scores (`bound`, from `eager_moments`): v and, without autocast, q,
+        k and repeat_kv's copies, which stay bound until the function returns. In a layer with no
+        gradient through its attention none of them is saved (fuzz seed 24382: q, k and the
+        repeated k were missed)."""
         b, s = self.cond.batch_size, self.cond.seq_len
-        _, v0 = kv
         full = b * heads * s * head_dim
-        copies = 1 < kv_heads < heads
-        live = [v0, weights, wa, vc]
-        if copies and self.cond.autocast:
-            live.append(self.new(full, v0.itemsize, False))  # repeat_kv's copy
+        live = [*bound, weights, wa, vc]
         itemsize = 2 if self.cond.autocast else max(weights.itemsize, vc.itemsize)
         self.moment(*live, extra=2 * full * itemsize)
 
