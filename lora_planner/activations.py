@@ -471,6 +471,12 @@ class Graph:
             # every head: the cast of an expanded view is laid out in full)
             kc = k if k is k_in else kc
             vc = v if v is v_in_t else vc
+        if (not eager and masked and kv_heads == 1 and heads > 1 and b == 1 and v is v_in_t
+                and v.itemsize == FP32):
+            # the math fallback given a mask: repeat_kv's expanded view of one k/v head batches for
+            # probs @ v as it is (one sequence; fp32, so no upcast copies it): the product keeps v
+            # itself (fuzz seed 24496)
+            vc = v
         if eager and contiguous_q:
             # a (b, heads, s, d)-contiguous q (Phi-3's rotary concatenation, or autocast's cast of it)
             # batches for the score matmul as a view: the matmul keeps q itself

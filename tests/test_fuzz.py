@@ -1142,3 +1142,16 @@ def test_eager_probs_times_v_holds_q_k_and_the_repeated_k_without_a_gradient():
                              tie_word_embeddings=True, attention_bias=False, mlp_bias=False),
                       fake=True, method="lora", rank=4, targets=("mlp",), precision="fp32", batch_size=3,
                       seq_len=16, attention="eager"))
+
+
+def test_math_fallback_reads_one_repeated_kv_head_as_a_view():
+    """SDPA with attention dropout runs torch's math fallback on CPU; given a sliding-window mask,
+    transformers repeats one k/v head as an expanded view, which probs @ v batches as it is for one
+    fp32 sequence: it keeps v itself, not a copy at every head (activations +4.2% before; fuzz seed
+    24496)."""
+    check(_regression(_dense("mixtral", vocab_size=94, hidden_size=24, num_hidden_layers=4,
+                             num_attention_heads=3, num_key_value_heads=1, intermediate_size=40, head_dim=16,
+                             tie_word_embeddings=False, attention_dropout=0.1, sliding_window=6,
+                             num_local_experts=2, num_experts_per_tok=2),
+                      layers=1, method="lora", rank=6, targets=("attn",), precision="fp32", batch_size=1,
+                      seq_len=7))
