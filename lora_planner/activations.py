@@ -618,22 +618,26 @@ class Graph:
             noise = 0 if pw.grad else probs * (1 if self.cond.device == "cuda" else pw.itemsize)
             at(*live, pw, dropped, extra=noise)
         if self.cond.autocast:
-            # (as the tracer lists them at probs @ v: v and repeat_kv's copy of it)
-            return dropped, (v0, rep_v) if rep_v else (v0,)
-        # without autocast probs @ v reads the repeated v as it is (`vc` stands for it)
+            # q and k (fp32 from the rotary embedding) and repeat_kv's fp32 copy of k; autocast's
+            # 16-bit casts for the score matmul are freed after it unless saved (fuzz seed 25537)
+            return dropped, (v0, q0, k0) + ((rep_k,) if rep_k else ())
         return dropped, tuple(t for t in live if t is not rep_v)
 
     def eager_output_moment(self, bound: tuple[Tensor, ...], vc: Tensor, weights: Tensor, wa: Tensor,
                             heads: int, head_dim: int) -> None:
         """probs @ v and its transposed contiguous copy: the weights (and autocast's 16-bit copy),
         v as the matmul reads it, and the output twice (b, heads, s, d then (b, s, heads, d)), beside
-        what is bound since the scores (`bound`, from `eager_moments`): v and, without autocast, q,
-        k and repeat_kv's copies, which stay bound until the function returns. In a layer with no
-        gradient through its attention none of them is saved (fuzz seed 24382: q, k and the
-        repeated k were missed)."""
+        what is bound since the scores (`bound`, from `eager_moments`): q, k, v and repeat_kv's
+        copies, which stay bound until the function returns (under autocast q and k are fp32, the
+        rotary embedding's products). In a layer with no gradient through its attention none of them
+        is saved (fuzz seeds 24382, 25537: q, k and the repeated k were missed)."""
         b, s = self.cond.batch_size, self.cond.seq_len
         full = b * heads * s * head_dim
-        live = [*bound, weights, wa, vc]
+        # what the product reads: repeat_kv's copy of v (from several k/v heads), bound, 16-bit under
+        # autocast too; else a contiguous copy of v, and autocast's 16-bit copy of the weights, the
+        # product's own, kept only when it saves them (it does so after this moment)
+        repeated = vc.numel == full and bound[0].numel != full
+        live = [*bound, weights] + ([vc] if repeated or wa.grad else []) + ([wa] if vc.grad else [])
         itemsize = 2 if self.cond.autocast else max(weights.itemsize, vc.itemsize)
         self.moment(*live, extra=2 * full * itemsize)
 
@@ -1820,6 +1824,10 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
     else:
         h = g.rms_norm(x, norm, H, spec.family == "gemma2")
     final_norm = g.saved_bytes("head")
+    # the decoder model returns after its final norm: what its forward held (the embedding output,
+    # position ids, rotary cos and sin, attention masks) is freed before the head, unless saved
+    # (fuzz seed 25989: Gemma-2's two eager masks at the LM head's matmul)
+    g.held = {}
     head = "lm_head"
     head_loss = None
     if cond.loss != "standard":
