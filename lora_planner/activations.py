@@ -211,11 +211,15 @@ class Graph:
             self.save(self.new(x.numel, 1 if self.cond.device == "cuda" else x.itemsize, False))
         return out
 
-    def rms_norm(self, x: Tensor, path: str, dim: int, offset_weight: bool = False) -> Tensor:
+    def rms_norm(self, x: Tensor, path: str, dim: int, offset_weight: bool = False,
+                 recompute_alive: tuple[Tensor, ...] | None = None) -> Tensor:
         """RMSNorm: h = x.float(); h * rsqrt(mean(h^2) + eps); times the weight, cast back.
 
         pow keeps h, rsqrt keeps its (rows,) output; the weight product keeps the normalised tensor only
         when the weight trains. Gemma-2's form multiplies by (1 + weight) in fp32 before the cast.
+        `recompute_alive`: what a recomputed layer holds beside the norm, whose (1 + weight) is the
+        layer's last save (Gemma-2's post-feedforward norm): the recompute reaches the moment before
+        the product, the input, its fp32 copy and the normalised tensor alive (fuzz seed 25688).
         """
         trains = path in self.trainable
         h = self.cast(x, FP32)
@@ -228,6 +232,8 @@ class Graph:
                 self.save(normed)
             if h.grad:
                 self.save(self.new(dim, FP32, False))  # (1 + weight) in fp32
+            if recompute_alive is not None:
+                self.peak_at(self.unsaved(x, h, normed, *recompute_alive))
             product = self.new(h.numel, FP32, h.grad or trains)
             self.moment(x, h, normed, product)  # the fp32 product, before its cast back
             return self.cast(product, x.itemsize)
@@ -995,7 +1001,8 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
     block_out = m
     if gemma:
         g.release(h)  # the MLP's normed input, gone once the MLP returns
-        m = g.rms_norm(m, f"{p}.post_feedforward_layernorm", H, True)
+        m = g.rms_norm(m, f"{p}.post_feedforward_layernorm", H, True,
+                       recompute_alive=tuple(a for a in g.args if a.key != h.key))
         # the block's output is bound until the norm returns; the MLP's normed input is gone by then
         g.peak_at(g.unsaved(block_out, *(a for a in g.args if a.key != h.key)))
     if not spec.num_experts:  # the expert block records its own tail (`_moe`)

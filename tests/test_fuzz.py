@@ -1180,3 +1180,16 @@ def test_decoder_frees_its_masks_before_the_lm_head():
                        "attn_logit_softcapping": 50.0, "final_logit_softcapping": None},
                       fake=True, method="lora", rank=4, targets=("attn",), precision="amp", batch_size=1,
                       seq_len=46, attention="eager"))
+
+
+def test_recomputed_gemma2_layer_ends_inside_its_post_feedforward_norm():
+    """A recomputed Gemma-2 layer's last save is its post-feedforward norm's (1 + weight): the
+    recompute reaches the moment before the product, with the MLP's output, its fp32 copy and the
+    normalised tensor alive beside the recomputed attention (-2.1% before; fuzz seed 25688)."""
+    check(_regression({"model_type": "gemma2", "vocab_size": 164, "hidden_size": 96, "num_hidden_layers": 4,
+                       "num_attention_heads": 8, "num_key_value_heads": 2, "intermediate_size": 67,
+                       "max_position_embeddings": 128, "tie_word_embeddings": False, "pad_token_id": None,
+                       "bos_token_id": None, "eos_token_id": None, "head_dim": 4, "attention_dropout": 0.1,
+                       "sliding_window": 71, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0},
+                      layers=1, fake=True, method="lora", rank=5, targets=("qv",), precision="amp",
+                      batch_size=3, seq_len=45, attention="eager", grad_checkpointing=True))
