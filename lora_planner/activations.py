@@ -548,6 +548,12 @@ class Graph:
             self.save(p)  # probs @ v keeps the probabilities for v's gradient, v for theirs
         if p.grad:
             self.save(vc)
+        if eager and not self.cond.autocast and (b == 1 or heads == 1):
+            # for one sequence or one head the matmuls read q, k and v as they are: a saved operand
+            # is the module's tensor itself, which its locals hold then as saved (fuzz seed 27042)
+            for t0, tc in ((q0, qc), (k0, kc), (v0, vc)):
+                if tc.key in self.saved and t0.numel == tc.numel and t0.itemsize == tc.itemsize:
+                    self.saved.setdefault(t0.key, (0, self.section))
         if p.grad or vc.grad:
             # probs @ v's backward runs with the core's later saves still alive (`value_product_backward`)
             self.pv_backward[self.section] = self._saved_total - self._attn_from + value_product_backward(

@@ -1193,3 +1193,14 @@ def test_recomputed_gemma2_layer_ends_inside_its_post_feedforward_norm():
                        "sliding_window": 71, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0},
                       layers=1, fake=True, method="lora", rank=5, targets=("qv",), precision="amp",
                       batch_size=3, seq_len=45, attention="eager", grad_checkpointing=True))
+
+
+def test_eager_one_sequence_operands_are_the_modules_own_tensors():
+    """Eager attention on one sequence without autocast: the matmuls read q, k and v as they are, so
+    the operands they save are the attention module's q, k and v, not copies beside them: a
+    recomputed layer's kernel end counted them twice (+5.4% before; fuzz seed 27042)."""
+    check(_regression(_dense("llama", vocab_size=94, hidden_size=15, num_hidden_layers=2, head_dim=16,
+                             num_attention_heads=3, num_key_value_heads=3, intermediate_size=19,
+                             tie_word_embeddings=True, attention_bias=False, mlp_bias=True),
+                      fake=True, method="lora", rank=1, targets=("all-linear",), precision="fp32",
+                      batch_size=1, seq_len=22, attention="eager", grad_checkpointing=True))
