@@ -526,7 +526,7 @@ class Graph:
             self.attn_internal = full * max(q.itemsize, v.itemsize) if heads > 1 and s > 1 else 0
             p = self.cast(dropped, 2) if self.cond.autocast else dropped
             if moments:
-                self.eager_output_moment(bound, vc, dropped, p, heads, head_dim)
+                self.eager_output_moment(v0, bound, vc, dropped, p, heads, head_dim)
                 self.hold(dropped)  # the attention weights it returns: the layer binds them to `_`
         else:
             soft_p = p
@@ -635,8 +635,8 @@ class Graph:
             return dropped, (v0, q0, k0) + ((rep_k,) if rep_k else ())
         return dropped, tuple(t for t in live if t is not rep_v)
 
-    def eager_output_moment(self, bound: tuple[Tensor, ...], vc: Tensor, weights: Tensor, wa: Tensor,
-                            heads: int, head_dim: int) -> None:
+    def eager_output_moment(self, v0: Tensor, bound: tuple[Tensor, ...], vc: Tensor, weights: Tensor,
+                            wa: Tensor, heads: int, head_dim: int) -> None:
         """probs @ v and its transposed contiguous copy: the weights (and autocast's 16-bit copy),
         v as the matmul reads it, and the output twice (b, heads, s, d then (b, s, heads, d)), beside
         what is bound since the scores (`bound`, from `eager_moments`): q, k, v and repeat_kv's
@@ -648,7 +648,7 @@ class Graph:
         # what the product reads: repeat_kv's copy of v (from several k/v heads), bound, 16-bit under
         # autocast too; else a contiguous copy of v, and autocast's 16-bit copy of the weights, the
         # product's own, kept only when it saves them (it does so after this moment)
-        repeated = vc.numel == full and bound[0].numel != full
+        repeated = vc.numel == full and v0.numel != full
         live = [*bound, weights] + ([vc] if repeated or wa.grad else []) + ([wa] if vc.grad else [])
         itemsize = 2 if self.cond.autocast else max(weights.itemsize, vc.itemsize)
         self.moment(*live, extra=2 * full * itemsize)
@@ -1115,7 +1115,9 @@ def _moe(g: Graph, spec: ModelSpec, p: str, h: Tensor) -> Tensor:
         g.save(g.new(t * E, FP32, True), g.new(rows, INT64, False), g.new(t, FP32, False),
                g.new(rows, FP32, True))
     full = f"{p}.mlp.experts" in g.trainable
-    up_lora, down_lora = (f"{p}.mlp.experts.{leaf}" in g.wrapped for leaf in ("gate_up_proj", "down_proj"))
+    up_rank, down_rank = (g.wrapped.get(f"{p}.mlp.experts.{leaf}", 0)
+                          for leaf in ("gate_up_proj", "down_proj"))
+    up_lora, down_lora = up_rank > 0, down_rank > 0
     up_trains, down_trains = full or up_lora, full or down_lora
     up_grad = h.grad or up_trains  # the gate/up output, the activation and the down input
     down_grad = up_grad or down_trains  # the down output
@@ -1174,28 +1176,28 @@ def _moe(g: Graph, spec: ModelSpec, p: str, h: Tensor) -> Tensor:
     tail = rows * INT64 + (rows * H * xb if logits.grad else 0) + down_kept
     # (with nothing before the block needing a gradient, the residual stream's gradient is used up
     # by then too, and so is each row's routing weight, when kept, by the combine's backward)
-    used_up = 0 if h.grad else residual_gradient_bytes(spec, g.cond) + (rows * FP32 if down_grad else 0)
+    residual = 0 if h.grad else residual_gradient_bytes(spec, g.cond)
+    used_up = 0 if h.grad else residual + (rows * FP32 if down_grad else 0)
     g.tails.append(tail + used_up)
     if full:
         # the gate/up grouped matmul's backward: its gradient and the gathered rows' (rows x hidden)
         # beside the gate/up output's gradient; the gate/up output and the activation are used up
         g.up_backward[layer] = (rows * 3 * inter * xb, rows * (2 * inter + H) * xb)
-    merged = merged_weight_backward(spec, rows, xb, wb, g.wrapped.get(f"{p}.mlp.experts.gate_up_proj", 0),
-                                    g.wrapped.get(f"{p}.mlp.experts.down_proj", 0), h.grad, up_grad,
-                                    down_trains, logits.grad)
+    merged = merged_weight_backward(spec, rows, xb, wb, up_rank, down_rank, h.grad, up_grad, down_trains,
+                                    logits.grad)
     # the combine's backward comes before the down projection's: what that keeps under LoRA (its input,
     # the merged weight) is not freed yet, though the tail takes it off the MLP's peak. (Trained in
     # full, the down weight's gradient, counted at the MLP's peak, does not exist yet either.)
     # (the timeline counts the down projection's LoRA gradients as made before the MLP's peak; they
     # are not, yet)
-    down_grads = expert_lora_gradients(E, H, inter, g.wrapped.get(f"{p}.mlp.experts.down_proj", 0), wb)[1]
+    down_grads = expert_lora_gradients(E, H, inter, down_rank, wb)[1]
     combine = (0 if g.cond.grad_checkpointing else
                moe_combine_backward(rows, H, xb) - tail + down_kept - down_grads)
     if merged and not h.grad:
         # nothing before the block needs a gradient (the first layer over frozen embeddings): the
         # residual stream's gradient, which the timeline holds through every layer, is the block's
         # incoming one alone, used up by its first backward op (fuzz seed 16747)
-        merged -= residual_gradient_bytes(spec, g.cond)
+        merged -= residual
     g.expert_backward.append(max(merged, combine) if down_lora else merged)
     # its own moment, before the down projection's weight gradient exists (a full one when trained)
     g.combine[layer] = combine
@@ -1235,21 +1237,17 @@ def merged_weight_backward(spec: ModelSpec, rows: int, xb: int, wb: int, up_rank
     larger of this and the MLP's own transient (`layer_backward_transients`).
     """
     H, inter, E = spec.hidden_size, spec.intermediate_size, spec.num_experts
-
-    def factor_gradients(out_f: int, in_f: int, rank: int) -> tuple[int, int]:
-        return expert_lora_gradients(E, out_f, in_f, rank, wb)
-
     combined = rows * INT64 + rows * FP32 + (rows * H * xb if routing_grad else 0)
     moments = [0]
     down_grads = 0
     if down_rank:
-        making, down_grads = factor_gradients(H, inter, down_rank)
+        making, down_grads = expert_lora_gradients(E, H, inter, down_rank, wb)
         weight_grad, input_grad_d = E * H * inter * wb, (rows * inter * xb if up_grad else 0)
         moments.append(rows * H * xb + weight_grad + input_grad_d - combined - down_grads)
         freed_d = (E * H * inter * wb if up_grad else 0) + (rows * inter * xb if down_saves_input else 0)
         moments.append(weight_grad + input_grad_d + making - combined - down_grads - freed_d)
     if up_rank:
-        making, _ = factor_gradients(2 * inter, H, 2 * up_rank)
+        making, _ = expert_lora_gradients(E, 2 * inter, H, 2 * up_rank, wb)
         freed = (rows * 2 * inter * xb + rows * inter * xb + (rows * inter * xb if down_saves_input else 0)
                  + (E * H * inter * wb if down_rank and up_grad else 0))
         weight_grad, input_grad_u = E * 2 * inter * H * wb, (rows * H * xb if input_grad else 0)
