@@ -75,11 +75,7 @@ from .step_options import dropout_option, step_options
                    "(at --batch-size) whose per-GPU peak plus the CUDA allowance fits the GPU "
                    "(under --num-gpus/--sharding when given).")
 @scale_options
-def plan_command(model_name, params_text, methods, ranks, targets, precision, optimizer, bias, dora,
-                 modules_to_save, double_quant, save_dtype, task, num_labels, tasks, batch_size,
-                 seq_len, grad_checkpointing, attention, stack, optimizer_impl, loss, loss_chunks,
-                 activation_offload, gpu_name, gpu_mem, fmt, units, explain, fit, dropout=None,
-                 quantize_experts=False, **scale) -> None:
+def plan_command(**params) -> None:
     """Trainable parameters, memory by term (model states, activations, the step's peak), GPUs and
     checkpoint sizes, method by method; with --fit, the largest batch and sequence that fit;
     with --tokens, training FLOPs, hours and cost; with --num-gpus, memory per GPU under ZeRO/FSDP.
@@ -91,45 +87,56 @@ def plan_command(model_name, params_text, methods, ranks, targets, precision, op
         lora-plan --model 8b --dataset-tokens 50M --epochs 3 --gpu a100 --price 1.5 --mfu 0.35
     """
     try:
-        if bool(model_name) == bool(params_text):
-            raise PlanError("give exactly one of --model NAME or --params N")
-        if params_text:
-            model = DenseSize(parse_count(params_text))
-            default_methods: tuple[str, ...] = ("full",)
-        else:
-            from ..resolve import resolve_model
-
-            model = resolve_model(model_name)
-            default_methods = METHODS
-        chosen = check_methods(split_values(methods) or default_methods)
-        if seq_len is None:
-            seq_len = default_seq_len(model) if isinstance(model, ModelSpec) else DEFAULT_SEQ_LEN
-        gpu = get_gpu(gpu_name)
-        if gpu_mem:
-            gpu = with_memory(gpu, gpu_mem)
-        base = TrainSetup(
-            precision=precision, optimizer=optimizer, bias=bias, use_dora=dora,
-            targets=split_values(targets) or ("default",), modules_to_save=split_values(modules_to_save),
-            double_quant=double_quant, quantize_experts=quantize_experts, save_dtype=save_dtype,
-            task=task, num_labels=num_labels, tasks=tasks, batch_size=batch_size, seq_len=seq_len,
-            attention=attention, dropout=dropout,
-            **stack_changes(stack, optimizer_impl, loss, loss_chunks, activation_offload,
-                            grad_checkpointing),
-            **setup_changes(**scale),
-        )
-        rank_list = parse_ranks(ranks)
-        setups = []
-        for m in dict.fromkeys(chosen):
-            if m == "full":
-                setups.append(base.with_(method="full"))
-            else:
-                setups += [base.with_(method=m, rank=r) for r in rank_list]
-        plan = make_plan(model, tuple(setups), gpu, workload(gpu, **scale))
-        if fit:
-            plan = _with_fit(plan, model, tuple(setups), gpu)
+        text = plan_output(**params)
     except PlanError as exc:
         raise UserError(str(exc)) from None
-    click.echo(to_explanation(plan) if explain else render(plan, fmt, units), nl=False)
+    click.echo(text, nl=False)
+
+
+def plan_output(model_name, params_text, methods, ranks, targets, precision, optimizer, bias, dora,
+                modules_to_save, double_quant, save_dtype, task, num_labels, tasks, batch_size,
+                seq_len, grad_checkpointing, attention, stack, optimizer_impl, loss, loss_chunks,
+                activation_offload, gpu_name, gpu_mem, fmt, units, explain, fit, dropout=None,
+                quantize_experts=False, **scale) -> str:
+    """What `plan` prints for its parsed options (click's parameter names); a user mistake
+    raises PlanError. The command echoes it; the page (`serve`) answers with it directly."""
+    if bool(model_name) == bool(params_text):
+        raise PlanError("give exactly one of --model NAME or --params N")
+    if params_text:
+        model = DenseSize(parse_count(params_text))
+        default_methods: tuple[str, ...] = ("full",)
+    else:
+        from ..resolve import resolve_model
+
+        model = resolve_model(model_name)
+        default_methods = METHODS
+    chosen = check_methods(split_values(methods) or default_methods)
+    if seq_len is None:
+        seq_len = default_seq_len(model) if isinstance(model, ModelSpec) else DEFAULT_SEQ_LEN
+    gpu = get_gpu(gpu_name)
+    if gpu_mem:
+        gpu = with_memory(gpu, gpu_mem)
+    base = TrainSetup(
+        precision=precision, optimizer=optimizer, bias=bias, use_dora=dora,
+        targets=split_values(targets) or ("default",), modules_to_save=split_values(modules_to_save),
+        double_quant=double_quant, quantize_experts=quantize_experts, save_dtype=save_dtype,
+        task=task, num_labels=num_labels, tasks=tasks, batch_size=batch_size, seq_len=seq_len,
+        attention=attention, dropout=dropout,
+        **stack_changes(stack, optimizer_impl, loss, loss_chunks, activation_offload,
+                        grad_checkpointing),
+        **setup_changes(**scale),
+    )
+    rank_list = parse_ranks(ranks)
+    setups = []
+    for m in dict.fromkeys(chosen):
+        if m == "full":
+            setups.append(base.with_(method="full"))
+        else:
+            setups += [base.with_(method=m, rank=r) for r in rank_list]
+    plan = make_plan(model, tuple(setups), gpu, workload(gpu, **scale))
+    if fit:
+        plan = _with_fit(plan, model, tuple(setups), gpu)
+    return to_explanation(plan) if explain else render(plan, fmt, units)
 
 
 def _with_fit(plan, model, setups, gpu):
