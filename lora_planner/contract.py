@@ -64,6 +64,8 @@ def to_dict(plan: Plan) -> dict:
                 "wrapped_modules": p.wrapped_modules,
                 "memory_bytes": {k: p.memory[k].bytes for k in MEMORY_KEYS},
                 "peak_phase": p.peak_phase or None,
+                # the allowance is on the per-GPU peak of the GPUs shown (see `MethodPlan.per_gpu_peak`)
+                "per_gpu_peak_bytes": p.per_gpu_peak,
                 "device_overhead_bytes": p.device_overhead.bytes if p.device_overhead else None,
                 "activation_cpu_bytes": p.activation_cpu_bytes,
                 "weights_bytes": {t.name: t.bytes for t in p.weight_terms},

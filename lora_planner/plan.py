@@ -71,6 +71,9 @@ class MethodPlan:
     fits: bool = False  # the fit rule for the planned step: one GPU, or one of --num-gpus
     optimizer_temporary: Term | None = None  # the optimizer step's temporary (whole model)
     activation_cpu_bytes: int = 0  # checkpointed layer inputs in CPU memory (--activation-offload)
+    # per-GPU allocator peak on the GPUs shown (`device_overhead` is on it): the peak on one GPU or
+    # one of --num-gpus, or without --num-gpus on one of the fewest `gpus_needed` when that is > 1
+    per_gpu_peak: int = 0
 
 
 @dataclass(frozen=True)
@@ -153,11 +156,16 @@ def _assemble(method: str, gpu: Gpu, weight_terms: tuple[Term, ...], states: dic
     else:
         memory["peak"] = timeline_peak_term(top)
         phase = top.name
+    # The allowance is per GPU, on the GPUs the plan shows: one of --num-gpus, one GPU when one
+    # holds the step, else one of the fewest that do (not one GPU holding the whole model)
+    shown = top.bytes
+    if placed.sharding is None and placed.gpus_needed and placed.gpus_needed > 1:
+        shown = placed.needed_peak
     return MethodPlan(method=method, weight_terms=weight_terms, memory=memory,
                       gpus_needed=placed.gpus_needed, gpus_needed_strategy=placed.gpus_needed_strategy,
                       fits=fits(top.bytes, gpu), peak_phase=phase,
-                      device_overhead=device_overhead_term(top.bytes, gpu.name), data_parallel=placed,
-                      **fields)
+                      device_overhead=device_overhead_term(shown, gpu.name), data_parallel=placed,
+                      per_gpu_peak=shown, **fields)
 
 
 @lru_cache(maxsize=32)

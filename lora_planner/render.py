@@ -48,8 +48,7 @@ def _rows(plan: Plan, unit: str) -> list[list[str]]:
         rows.append([labels[key]] + [fmt(p.memory[key].bytes) for p in plan.plans])
     if any(p.peak_phase for p in plan.plans):
         rows.append(["peak set in"] + [p.peak_phase or "-" for p in plan.plans])
-        rows.append(["+ CUDA context/cache"] + [
-            fmt(p.device_overhead.bytes) if p.device_overhead else "-" for p in plan.plans])
+        rows += _per_gpu_rows(plan, fmt)
     if any(p.activation_cpu_bytes for p in plan.plans):
         rows.append(["CPU memory (activation offload)"] + [fmt(p.activation_cpu_bytes) for p in plan.plans])
     rows += _scale_rows(plan, fmt)
@@ -66,6 +65,24 @@ def _rows(plan: Plan, unit: str) -> list[list[str]]:
             fmt(p.storage["full_copies"] if p.method == "full" else p.storage["base_plus_adapters"])
             for p in plan.plans
         ])
+    return rows
+
+
+def _spread(p: MethodPlan) -> bool:
+    """Whether the plan shows this method on several GPUs it was not given (`gpus_needed` > 1)."""
+    return p.per_gpu_peak != p.memory["peak"].bytes and bool(p.gpus_needed) and p.gpus_needed > 1
+
+
+def _per_gpu_rows(plan: Plan, fmt) -> list[list[str]]:
+    """The allowance row, on the per-GPU peak of the GPUs shown: without --num-gpus, a method that
+    needs several GPUs gets a row with its peak on one of them, and the allowance is on that."""
+    rows = []
+    spread = any(_spread(p) for p in plan.plans)
+    if spread:
+        rows.append(["peak per GPU on GPUs needed"]
+                    + [fmt(p.per_gpu_peak) if _spread(p) else "-" for p in plan.plans])
+    rows.append(["+ CUDA context/cache" + (" per GPU" if spread or plan.setup.num_gpus else "")] + [
+        fmt(p.device_overhead.bytes) if p.device_overhead else "-" for p in plan.plans])
     return rows
 
 

@@ -298,6 +298,33 @@ def fewest_gpus(phase_bytes: Callable[[int], tuple[int, ...]], budget: int, shar
 
 
 @dataclass(frozen=True)
+class Count:
+    """The fewest GPUs under one strategy and why: at that count the phase that sets the per-GPU
+    peak holds `whole` bytes on every GPU (activations, replicated states, gathered buffers) and a
+    1/N share of `sharded` bytes, so N = ceil(sharded / (budget - whole)) up to the shares' rounding.
+    `whole` and `sharded` are read off that phase at 1 and at MAX_GPUS GPUs, as `fewest_gpus` does."""
+
+    gpus: int
+    peak: int  # per-GPU allocator peak at `gpus`
+    whole: int
+    sharded: int
+
+
+def _count(n: int | None, on: Callable[[int], tuple[int, ...]]) -> Count | None:
+    """The `Count` for n GPUs from the search's own evaluations `on` (cached: no new plan work but
+    the two ends, which the search has read whenever n > 1)."""
+    if n is None:
+        return None
+    at = on(n)
+    j = max(range(len(at)), key=at.__getitem__)
+    if n == 1:
+        return Count(1, at[j], at[j], 0)
+    a, b, m = on(1)[j], on(MAX_GPUS)[j], MAX_GPUS
+    sharded = round((a - b) * m / (m - 1))
+    return Count(n, at[j], a - sharded, sharded)
+
+
+@dataclass(frozen=True)
 class DataParallel:
     """A method's model states placed on GPUs: what `plan` keeps per method.
 
@@ -315,6 +342,10 @@ class DataParallel:
     min_gpus: dict[str, int | None]
     gpus_needed_strategy: str | None = None
     buffers: dict[str, Term] = field(default_factory=dict)
+    # per strategy, at its fewest GPUs: the per-GPU peak, and that peak's phase split as whole bytes
+    # every GPU holds + bytes sharded 1/N (`Count`); None where the strategy does not fit
+    min_gpus_count: dict[str, Count | None] = field(default_factory=dict)
+    needed_peak: int | None = None  # the per-GPU peak on `gpus_needed` GPUs (the count shown)
 
 
 def _strategy_label(n: int | None, strategy: str) -> str | None:
@@ -337,7 +368,7 @@ def distribute(memory: dict[str, Term], sharding: Sharding | None, buffers: dict
         def phase_bytes(m: dict[str, Term], sh: Sharding | None) -> tuple[int, ...]:
             return tuple(p.bytes for p in phases(m, sh))
 
-    def least(s: Sharding) -> int | None:
+    def least(s: Sharding) -> Count | None:
         tried: dict[int, tuple[int, ...]] = {}  # the search may come back to a count
 
         def on(n: int) -> tuple[int, ...]:
@@ -345,18 +376,21 @@ def distribute(memory: dict[str, Term], sharding: Sharding | None, buffers: dict
                 sh = s.with_gpus(n)
                 tried[n] = phase_bytes(per_gpu_states(memory, sh, buffer, unsharded), sh)
             return tried[n]
-        return fewest_gpus(on, budget, s.strategy != "none")
+        return _count(fewest_gpus(on, budget, s.strategy != "none"), on)
 
-    minimum = {s: least(Sharding(1, s)) for s in STRATEGIES}
+    counts = {s: least(Sharding(1, s)) for s in STRATEGIES}
+    minimum = {s: None if c is None else c.gpus for s, c in counts.items()}
     if sharding is None:
-        counts = [(n, STRATEGIES.index(s), s) for s, n in minimum.items() if n is not None]
-        n, _, best = min(counts) if counts else (None, 0, "none")
-        return DataParallel(None, dict(memory), 0, n, minimum, _strategy_label(n, best))
-    n = minimum[sharding.strategy] if sharding.offload == "none" else least(sharding)
+        fewest = [(c.gpus, STRATEGIES.index(s), s) for s, c in counts.items() if c is not None]
+        n, _, best = min(fewest) if fewest else (None, 0, "none")
+        return DataParallel(None, dict(memory), 0, n, minimum, _strategy_label(n, best),
+                            min_gpus_count=counts, needed_peak=counts[best].peak if n else None)
+    chosen = counts[sharding.strategy] if sharding.offload == "none" else least(sharding)
+    n = None if chosen is None else chosen.gpus
     kept = buffers if sharding.strategy == "zero3" else {}
     return DataParallel(sharding, per_gpu_states(memory, sharding, buffer, unsharded),
                         cpu_bytes(memory, sharding), n, minimum, _strategy_label(n, sharding.strategy),
-                        dict(kept or {}))
+                        dict(kept or {}), counts, None if chosen is None else chosen.peak)
 
 
 def sharding_of(num_gpus: int | None, strategy: str, offload: str) -> Sharding | None:
