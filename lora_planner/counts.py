@@ -293,12 +293,7 @@ def adapter_for(module: Module, rank: int, use_dora: bool) -> Adapter:
     p = module.path
     if module.kind in ("router", "experts"):
         return _param_adapter(module, rank, use_dora)
-    if rank > min(module.in_features, module.out_features):
-        raise PlanError(
-            f"rank {rank} is larger than layer {p} ({module.in_features} -> "
-            f"{module.out_features}); use a rank of at most "
-            f"{min(module.in_features, module.out_features)}"
-        )
+    # PEFT wraps a layer at any rank, even above min(in, out) (`oversized_rank_note` says so)
     if module.kind == "embedding":
         if use_dora:
             raise PlanError(f"DoRA on the embedding {p} is not modelled; leave it out of the targets")
@@ -324,12 +319,43 @@ def _param_adapter(module: Module, rank: int, use_dora: bool) -> Adapter:
     experts = param.shape[0] if len(param.shape) == 3 else 1
     out_f, in_f = param.shape[-2:]
     r = 2 * rank if param.name.endswith("gate_up_proj") else rank
-    if rank > min(in_f, out_f):
-        raise PlanError(f"rank {rank} is larger than {param.name} ({in_f} -> {out_f})")
     return Adapter(module, (
         Param(f"{module.path}.lora_A.weight", (r * experts, in_f)),
         Param(f"{module.path}.lora_B.weight", (out_f, r * experts)),
     ))
+
+
+def _shape(module: Module) -> tuple[int, int]:
+    """(in, out) of one expert's or one layer's matrix: the LoRA update's size limit."""
+    if module.kind in ("router", "experts"):
+        out_f, in_f = module.params[0].shape[-2:]
+        return in_f, out_f
+    return module.in_features, module.out_features
+
+
+def oversized_rank_note(spec: ModelSpec, setup: TrainSetup) -> str | None:
+    """Which wrapped modules the rank exceeds, all at once, or None.
+
+    B @ A of a module with `in` inputs and `out` outputs has rank at most min(in, out), so a LoRA
+    rank above it adds parameters (PEFT creates and trains them: A is (r, in), B is (out, r))
+    without adding anything the update can express. PEFT accepts such a rank, and so does the plan;
+    the note names each kind of module (by its last path element and shape) the rank exceeds.
+    A fused gate_up tensor is wrapped at 2r (it holds w1 and w3), so 2r is compared for it.
+    """
+    if setup.method == "full":
+        return None
+    over: dict[tuple[str, int, int], None] = {}
+    for adapter in lora_trainable(spec, setup).adapters:
+        m = adapter.module
+        r = 2 * setup.rank if m.path.endswith("gate_up_proj") else setup.rank
+        in_f, out_f = _shape(m)
+        if r > min(in_f, out_f):
+            over[(m.path.rsplit(".", 1)[-1], in_f, out_f)] = None
+    if not over:
+        return None
+    named = ", ".join(f"{name} ({in_f} -> {out_f})" for name, in_f, out_f in over)
+    return (f"rank {setup.rank} is above the size of {named}: PEFT wraps them at that rank, but the "
+            "update B @ A has rank at most min(in, out), so the parameters above it are wasted there")
 
 
 def lora_trainable(spec: ModelSpec, setup: TrainSetup) -> Trainable:

@@ -134,9 +134,24 @@ def plan_output(model_name, params_text, methods, ranks, targets, precision, opt
         else:
             setups += [base.with_(method=m, rank=r) for r in rank_list]
     plan = make_plan(model, tuple(setups), gpu, workload(gpu, **scale))
+    plan = _with_rank_notes(plan, model)
     if fit:
         plan = _with_fit(plan, model, tuple(setups), gpu)
     return to_explanation(plan) if explain else render(plan, fmt, units)
+
+
+def _with_rank_notes(plan, model):
+    """The plan with a note for each rank above some wrapped module's size (planned, as PEFT
+    allows it, but wasted there)."""
+    from dataclasses import replace
+
+    from ..counts import oversized_rank_note
+
+    if not isinstance(model, ModelSpec):
+        return plan
+    ranks = dict.fromkeys(p.rank for p in plan.plans if p.rank is not None)
+    notes = [oversized_rank_note(model, plan.setup.with_(method="lora", rank=r)) for r in ranks]
+    return replace(plan, notes=plan.notes + tuple(n for n in notes if n))
 
 
 def _with_fit(plan, model, setups, gpu):
