@@ -85,10 +85,14 @@ CATALOG: tuple[ModelSpec, ...] = (
 )
 
 _BY_NAME = {alias: spec for spec in CATALOG for alias in (spec.name, *spec.aliases)}
+# The hub id each entry copies (`meta-llama/Llama-3.1-8B`), so it is answered without the network.
+_BY_SOURCE = {spec.source.lower(): spec for spec in CATALOG if spec.source}
 
 
 def lookup(name: str) -> ModelSpec | None:
-    return _BY_NAME.get(name.strip().lower())
+    """A catalog entry by name, alias or the hub id it copies (any case); None when there is none."""
+    key = name.strip().lower()
+    return _BY_NAME.get(key) or _BY_SOURCE.get(key)
 
 
 def get_model(name: str) -> ModelSpec:
