@@ -85,7 +85,26 @@ def to_dict(plan: Plan) -> dict:
             "tokens": plan.workload.tokens, "mfu": plan.workload.mfu,
             "price_per_hour": plan.workload.price_per_hour},
         "notes": list(plan.notes),
+        **_advice_dict(plan),
     }
+
+
+def _advice_dict(plan: Plan) -> dict:
+    """`suggestions`: for each method whose step does not fit, the changes that make it fit (the
+    CLI flags to add) and what the plan then gives; `with_grad_checkpointing`: every method planned
+    again with checkpointing (null when it is on, or when every method fits)."""
+    advice = plan.advice
+    suggestions = [] if advice is None else [
+        {"method": s.method, "rank": s.rank, "change": s.change,
+         "effect": {"peak_bytes_per_gpu": s.peak, "gpus": s.gpus, "strategy": s.strategy}}
+        for s in advice.suggestions]
+    checkpointed = None if advice is None or not advice.checkpointed else [
+        {"method": q.method, "rank": q.rank, "gpus_needed": q.gpus_needed,
+         "gpus_needed_strategy": q.gpus_needed_strategy, "fits": q.fits,
+         "activations_bytes": q.memory["activations"].bytes, "peak_bytes": q.memory["peak"].bytes,
+         "per_gpu_peak_bytes": q.per_gpu_peak}
+        for q in advice.checkpointed]
+    return {"suggestions": suggestions, "with_grad_checkpointing": checkpointed}
 
 
 def _scale_dict(p: MethodPlan) -> dict:

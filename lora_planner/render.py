@@ -134,9 +134,44 @@ def to_table(plan: Plan, unit: str = "GB", markdown: bool = False) -> str:
     table = aligned_table(_rows(plan, unit), headers, markdown)
     head = _header(plan, unit)
     notes = [f"note: {n}" for n in plan.notes]
+    advice = advice_lines(plan, unit, markdown)
     if markdown:
-        return "\n".join([*(f"- {h}" for h in head), "", table, "", *(f"- {n}" for n in notes)]) + "\n"
-    return "\n".join([*head, "", table, "", *notes]) + "\n"
+        return "\n".join([*(f"- {h}" for h in head), "", table, "", *advice,
+                          *(f"- {n}" for n in notes)]) + "\n"
+    return "\n".join([*head, "", table, "", *advice, *notes]) + "\n"
+
+
+def _on(n: int | None, strategy: str | None) -> str:
+    if n is None:
+        return "does not fit"
+    return "1 GPU" if n == 1 else f"{n} GPUs ({strategy})"
+
+
+def advice_lines(plan: Plan, unit: str = "GB", markdown: bool = False) -> list[str]:
+    """What gradient checkpointing gives (when it is off and a method does not fit) and the changes
+    that make each method fit (`advice`), each with the plan's numbers after it; a blank line after."""
+    advice = plan.advice
+    if advice is None:
+        return []
+    fmt = lambda n: format_bytes(n, unit)  # noqa: E731
+    code = (lambda t: f"`{t}`") if markdown else (lambda t: t)  # noqa: E731
+    lines = []
+    if advice.checkpointed:
+        on = ", ".join(f"{plan_label(q)} {_on(q.gpus_needed, q.gpus_needed_strategy)}"
+                       for q in advice.checkpointed)
+        acts = " / ".join(fmt(q.memory["activations"].bytes) for q in advice.checkpointed)
+        lines.append(f"with {code('--grad-checkpointing')}: {on} (activations {acts}, "
+                     f"against {' / '.join(fmt(p.memory['activations'].bytes) for p in plan.plans)} without)")
+    if advice.suggestions:
+        lines.append("to make it fit (each change planned again):")
+        for s in advice.suggestions:
+            label = s.method if s.rank is None else f"{s.method} r={s.rank}"
+            lines.append(f"  {label}: {code(s.change)} -> {_on(s.gpus, s.strategy)}, "
+                         f"peak {fmt(s.peak)} per GPU")
+    if markdown:
+        lines = [f"- {line.strip()}" if not line.startswith("  ") else f"  - {line.strip()}"
+                 for line in lines]
+    return [*lines, ""] if lines else []
 
 
 def to_csv(plan: Plan) -> str:

@@ -135,6 +135,9 @@ def plan_output(model_name, params_text, methods, ranks, targets, precision, opt
             setups += [base.with_(method=m, rank=r) for r in rank_list]
     plan = make_plan(model, tuple(setups), gpu, workload(gpu, **scale))
     plan = _with_rank_notes(plan, model)
+    from ..advice import advise  # what to change when a method does not fit, each re-planned
+
+    plan = advise(plan, model, tuple(setups), gpu)
     if fit:
         plan = _with_fit(plan, model, tuple(setups), gpu)
     return to_explanation(plan) if explain else render(plan, fmt, units)
