@@ -7,7 +7,7 @@ from functools import lru_cache
 
 from . import checkpoint_sizes, cost, stacks
 from .architecture import Architecture, Param, layout
-from .counts import check_ranks, lora_trainable
+from .counts import lora_trainable
 from .errors import PlanError
 from .gpus import Gpu, fits, largest_fitting_peak
 from .memory import (
@@ -301,8 +301,6 @@ def make_plan(model: ModelSpec | DenseSize, setups: tuple[TrainSetup, ...], gpu:
     if not setups:
         raise PlanError("nothing to plan: give at least one method")
     setups = tuple(stacks.resolve(s) for s in setups)  # the stack's preset fills open choices
-    if isinstance(model, ModelSpec):
-        check_ranks(model, setups)  # every rank at once, before any is planned
     plans = []
     for setup in setups:
         check_optimizer(setup.optimizer)
