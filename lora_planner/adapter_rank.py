@@ -34,10 +34,12 @@ from . import spectrum
 from .architecture import Param
 from .checkpoint_sizes import safetensors_bytes
 from .errors import PlanError
+from .files import default_mode, replacing_folder
 from .precision import SAFETENSORS_DTYPE
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_FILES = (ADAPTER_WEIGHTS, ADAPTER_CONFIG)  # what a resize writes, and may replace
 PEFT_PREFIX = "base_model.model."
 DEFAULT_KEEP = 0.9  # the energy share the recommended rank keeps in every layer
 
@@ -513,9 +515,12 @@ def resize_adapter(path: str | Path, criterion: spectrum.Criterion, output: str 
     r = max(counts, key=lambda k: (counts[k], k))
     config["r"] = r
     config["rank_pattern"] = {re.escape(name): k for name, k in keeps.items() if k != r}
-    output.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(output / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    (output / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    # Weights and config go into a temporary folder that is renamed into place: a failure between
+    # the two files must not leave new weights beside an old config.
+    with replacing_folder(output, ADAPTER_FILES) as folder:
+        save_file(tensors, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        (folder / ADAPTER_WEIGHTS).chmod(default_mode())  # safetensors writes 0600
+        (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     after = sum(lora_params(m.shape, keeps[m.name]) for m in source.modules)
     return Resized(output, criterion, tuple(layers), config, (source.params, after),
                    (source.weights.stat().st_size, (output / ADAPTER_WEIGHTS).stat().st_size), tuple(notes))

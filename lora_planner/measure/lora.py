@@ -21,6 +21,7 @@ from torch import nn
 
 from ..counts import lora_trainable
 from ..errors import PlanError
+from ..files import default_mode, replacing_folder
 from ..spec import TrainSetup, spec_from_hf_config
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -165,23 +166,15 @@ def save_adapter(model: nn.Module, directory: str | Path, base_model: str = "") 
     from safetensors.torch import save_file
 
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     config = adapter_config(model, base_model)
     tensors = {k: v.contiguous() for k, v in lora_state_dict(model).items()}
-    weights = directory / ADAPTER_WEIGHTS
-    save_file(tensors, weights, metadata={"format": "pt"})
-    weights.chmod(_default_file_mode())  # safetensors writes 0600; a shared adapter should be readable
-    (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    # Both files go into a temporary folder renamed into place: the pair on disk always matches.
+    with replacing_folder(directory, (ADAPTER_WEIGHTS, ADAPTER_CONFIG)) as folder:
+        weights = folder / ADAPTER_WEIGHTS
+        save_file(tensors, weights, metadata={"format": "pt"})
+        weights.chmod(default_mode())  # safetensors writes 0600; a shared adapter should be readable
+        (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     return directory
-
-
-def _default_file_mode() -> int:
-    """The mode `open()` gives a new file: 0666 less the process's umask."""
-    import os
-
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
 
 
 @torch.no_grad()

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..adapter_rank import Analysis
+from ..files import write_text
 from ..spectrum import cumulative_energy
 from ..units import format_bytes
 from .markdown import Written, code, image
@@ -147,5 +148,5 @@ def write_adapter_report(series: Sequence[tuple[str, Analysis]], output: Path, c
         parts += [image("cumulative energy per layer", images[0], output), ""]
     for label, analysis in series:
         parts.append(adapter_section(label, analysis, unit))
-    output.write_text("\n".join(parts).rstrip() + "\n")
+    write_text(output, "\n".join(parts).rstrip() + "\n")
     return Written(output, tuple(images), tuple(warnings))

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..contract import to_dict
+from ..files import write_text
 from ..gpus import DEFAULT_GPU, MIB, Gpu, get_gpu
 from ..plan import MEMORY_KEYS, METHODS, make_plan
 from ..precision import get_precision
@@ -289,5 +290,5 @@ def write_capacity_report(settings: CapacitySettings, out: Path, command: str) -
     except plots.PlotsUnavailable as exc:
         images, reason = {}, str(exc)
         warnings.append(f"{reason}: the report has no plots")
-    out.write_text(capacity_markdown(plans, settings, command, images, out, reason))
+    write_text(out, capacity_markdown(plans, settings, command, images, out, reason))
     return Written(out, tuple(images.values()), tuple(warnings))

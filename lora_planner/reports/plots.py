@@ -11,6 +11,8 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..files import replacing
+
 # Fixed colours per memory term, so the same term looks the same in every chart.
 TERM_COLOURS = {
     "weights": "#4C72B0",
@@ -47,7 +49,8 @@ def _grid(count: int, width: float = 5.0, height: float = 3.6):
 
 def _save(fig, path: Path) -> Path:
     # No "Software" entry: the file then depends only on the data and the matplotlib version.
-    fig.savefig(path, format="png", dpi=90, metadata={"Software": None})
+    with replacing(path) as temporary:
+        fig.savefig(temporary, format="png", dpi=90, metadata={"Software": None})
     return path
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..allowance import fits
+from ..files import write_text
 from ..record_schema import STATUSES, check_record, nvml_growth, predicted_device_peak
 from ..record_schema import relative_error as relative_error
 from ..record_schema import whole as _whole
@@ -451,5 +452,5 @@ def write_validation_report(paths: Sequence[str | Path], out: Path, command: str
         warnings.append(f"{reason}: the report has no plots")
     text = validation_markdown(loaded, problems, [str(p) for p in paths], command, unit, worst, images,
                                out, reason)
-    out.write_text(text)
+    write_text(out, text)
     return Written(out, tuple((images or {}).values()), tuple(warnings), len(loaded))
