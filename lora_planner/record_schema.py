@@ -38,7 +38,12 @@ ENV_KEYS = ("PYTORCH_CUDA_ALLOC_CONF", "CUDA_MODULE_LOADING", "CUDA_VISIBLE_DEVI
 
 # Settings added after the first records were written, with the value every earlier job ran with: at
 # that value a setting is left out of the id, so a results file written before it existed resumes.
-LATER_SETTINGS = {"optimizer_impl": "foreach", "loss": "standard", "loss_chunks": 8}
+# (`dropout`, every dropout of the model, None: the model's own, as every earlier job ran.)
+LATER_SETTINGS = {"optimizer_impl": "foreach", "loss": "standard", "loss_chunks": 8, "dropout": None,
+                  "amp_dtype": "bf16"}
+# Settings renamed since, by their first name: hashed under it while the first name is free, so a
+# job keeps its id (LoRA's dropout was `dropout` until that name went to every dropout, as in `plan`).
+RENAMED_SETTINGS = {"lora_dropout": "dropout"}
 
 
 def settings_id(settings: dict) -> str:
@@ -48,6 +53,9 @@ def settings_id(settings: dict) -> str:
     skip the jobs a results file already holds.
     """
     settings = {k: v for k, v in settings.items() if k not in LATER_SETTINGS or v != LATER_SETTINGS[k]}
+    for name, first in RENAMED_SETTINGS.items():
+        if name in settings and first not in settings:
+            settings[first] = settings.pop(name)
     canonical = json.dumps(settings, sort_keys=True, separators=(",", ":"))
     digest = hashlib.sha256(canonical.encode()).hexdigest()[:10]
     rank = f"-r{settings['rank']}" if settings.get("rank") else ""

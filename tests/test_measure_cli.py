@@ -36,12 +36,32 @@ def test_run_prints_the_record_and_appends_it(tmp_path):
     assert "predicted peak" in result.stderr
 
 
+def test_dropout_and_precision_mean_what_they_mean_in_the_plan(tmp_path):
+    """--dropout sets every dropout of the model and --lora-dropout the adapters' (as in `plan`);
+    --precision amp is the plan's autocast over fp32 weights."""
+    result = run("--model", tiny_config_file(tmp_path), "--rank", "2", "--steps", "1", "--seq-len", "16",
+                 "--device", "cpu", "--dropout", "0.0", "--lora-dropout", "0.1", "--precision", "amp",
+                 "--amp-dtype", "fp16", "--no-grad-checkpointing")
+    assert result.exit_code == 0, result.output
+    settings = json.loads(result.stdout)["settings"]
+    assert (settings["dropout"], settings["lora_dropout"]) == (0.0, 0.1)
+    assert (settings["precision"], settings["amp_dtype"]) == ("amp", "fp16")
+    assert settings["grad_checkpointing"] is False
+    # no model dropout left: torch's CPU SDPA keeps its flash kernel (GPT-2's own 0.1 falls back to math)
+    assert json.loads(result.stdout)["env"]["sdpa_backend"] != "math"
+    # measure's former fp16 is amp in fp16 now: the choice list is the plan's
+    refused = run("--precision", "fp16", "--device", "cpu")
+    assert refused.exit_code == 2 and "'fp16' is not one of 'fp32', 'amp', 'mixed'" in refused.output
+
+
 @pytest.mark.parametrize("args, message", [
     (["--model", "gpt2-huge"], "unknown model 'gpt2-huge'"),
     (["--targets", "q_proj"], "matches no module"),
     (["--seq-len", "2048"], "longer than gpt2's 1024 positions"),
     (["--method", "full", "--save-adapter", "out"], "--save-adapter needs --method lora"),
     (["--data", "no-such-file.txt"], "no file at no-such-file.txt"),
+    # `bf16` is the plan's: 16-bit weights without a master copy, which a plain torch loop does not run
+    (["--precision", "bf16"], "a measured job runs precision fp32 or amp"),
 ])
 def test_run_mistakes_are_one_line_exit_2(args, message):
     result = run("--device", "cpu", "--steps", "1", *args)
@@ -100,7 +120,7 @@ def test_the_guard_compares_the_planned_peak_with_host_ram(tmp_path, monkeypatch
     from lora_planner.measure import guard, job
 
     config = tiny_config_file(tmp_path)
-    settings = job.JobSettings(model=config, steps=1, seq_len=16)
+    settings = job.Job.from_dict({"model": config, "steps": 1, "seq_len": 16})
     peak = job.predict(settings, job.model_spec(settings))["peak"]
     monkeypatch.setattr(guard, "host_available_bytes", lambda: peak - 1)
     refused = run("--model", config, "--device", "cpu", "--steps", "1", "--seq-len", "16")

@@ -11,14 +11,19 @@ from lora_planner.contract import to_dict
 from lora_planner.gpus import DEFAULT_GPU, get_gpu
 from lora_planner.plan import MEMORY_KEYS, make_plan
 from lora_planner.spec import TrainSetup, spec_from_config_file
+from lora_planner.stacks import resolve
 from tests.measure_models import tiny_config_file, torch
 
 job = pytest.importorskip("lora_planner.measure.job")
-JobSettings = job.JobSettings
+
+
+def make(**settings) -> job.Job:
+    """A checked job from flat settings, as a spec file or `--set` gives them."""
+    return job.Job.from_dict(settings)
 
 
 def test_loss_goes_down_on_the_builtin_qa_set(tmp_path):
-    settings = JobSettings(model=tiny_config_file(tmp_path), method="full", batch_size=2, seq_len=32,
+    settings = make(model=tiny_config_file(tmp_path), method="full", batch_size=2, seq_len=32,
                            steps=20, lr=3e-3, data="qa")
     record = job.run_job(settings)
     assert record["status"] == "ok", record["error"]
@@ -31,8 +36,8 @@ def test_loss_goes_down_on_the_builtin_qa_set(tmp_path):
 
 def test_cpu_record_has_the_schema_and_its_error_is_consistent(tmp_path):
     output = tmp_path / "results.jsonl"
-    settings = JobSettings(model=tiny_config_file(tmp_path), method="lora", rank=4, targets=("c_attn",),
-                           batch_size=2, seq_len=32, steps=3, precision="bf16")
+    settings = make(model=tiny_config_file(tmp_path), method="lora", rank=4, targets=("c_attn",),
+                           batch_size=2, seq_len=32, steps=3, precision="amp")
     record = job.run_job(settings, str(output), command="lora-plan measure run ...")
     assert record["status"] == "ok", record["error"]
     assert json.loads(output.read_text()) == record
@@ -61,8 +66,10 @@ def test_prediction_is_the_planners_for_the_same_setup(tmp_path):
     setup = TrainSetup(method="lora", rank=2, targets=("all-linear",), precision="amp", batch_size=2,
                        seq_len=16, grad_checkpointing=True, stack="torch")
     spec = spec_from_config_file(path)
-    settings = JobSettings(model=path, method="lora", rank=2, targets=("all-linear",), precision="fp16",
-                           batch_size=2, seq_len=16, grad_checkpointing=True, device="cuda")
+    settings = make(model=path, method="lora", rank=2, targets=("all-linear",), precision="amp",
+                    amp_dtype="fp16", batch_size=2, seq_len=16, grad_checkpointing=True, device="cuda")
+    # the job runs the planner's own setup object: the torch stack's, its kernels named
+    assert settings.setup == resolve(setup)
     on_gpu = job.predict(settings, job.model_spec(settings))
     plan = to_dict(make_plan(spec, (setup,), get_gpu(DEFAULT_GPU)))["plans"][0]
     assert {k: on_gpu[k] for k in MEMORY_KEYS} == plan["memory_bytes"]
@@ -70,7 +77,8 @@ def test_prediction_is_the_planners_for_the_same_setup(tmp_path):
 
     from lora_planner.measure.traced_step import predicted_terms
 
-    on_cpu = job.predict(dataclasses.replace(settings, device="cpu"), spec)
+    on_cpu = job.predict(dataclasses.replace(settings, run=dataclasses.replace(settings.run, device="cpu")),
+                         spec)
     expected, phase = predicted_terms(spec, setup, "cpu")
     assert (on_cpu["peak"], on_cpu["activations"], on_cpu["peak_phase"]) == (
         expected["peak"], expected["activations"], phase)
@@ -79,7 +87,7 @@ def test_prediction_is_the_planners_for_the_same_setup(tmp_path):
 def test_simulated_oom_is_recorded_with_the_prediction(tmp_path, monkeypatch):
     output = tmp_path / "results.jsonl"
     monkeypatch.setenv(job.FAULT_ENV, "oom")
-    record = job.run_job(JobSettings(model=tiny_config_file(tmp_path), steps=1), str(output))
+    record = job.run_job(make(model=tiny_config_file(tmp_path), steps=1), str(output))
     assert record["status"] == "oom"
     assert "out of memory" in record["error"]
     assert record["predicted"]["peak"] > 0
@@ -96,13 +104,55 @@ def test_out_of_memory_detection():
 
 
 def test_settings_normalise_and_validate():
-    full = JobSettings(method="full", rank=64, targets=("c_attn",)).checked()
-    assert full.rank is None and full.targets == ()
-    assert full.id == JobSettings(method="full", rank=1).checked().id
-    assert JobSettings(rank=1).checked().id != JobSettings(rank=8).checked().id
-    for bad in ({"method": "qlora"}, {"precision": "int8"}, {"steps": 0}, {"rank": 0}, {"colour": 1}):
+    full = make(method="full", rank=64, targets=("c_attn",), lora_dropout=0.1)
+    assert full.to_dict()["rank"] is None and full.to_dict()["targets"] == []
+    assert full.id == make(method="full", rank=1).id
+    assert make(rank=1).id != make(rank=8).id
+    assert make(precision="fp32", amp_dtype="fp16").id == make().id  # no autocast, no 16-bit type
+    for bad in ({"method": "qlora"}, {"precision": "int8"}, {"steps": 0}, {"rank": 0}, {"colour": 1},
+                {"dropout": 1.0}, {"lora_dropout": -0.1}, {"amp_dtype": "fp8"}):
         with pytest.raises(job.PlanError):
-            JobSettings.from_dict(bad)
+            job.Job.from_dict(bad)
+    with pytest.raises(job.PlanError, match="does not vary bias"):
+        job.Job(make().setup.with_(bias="all")).checked()
+
+
+def test_the_jobs_default_sequence_is_the_planners():
+    """A job without seq_len trains what `lora-plan plan` plans without --seq-len: 2,048 tokens, or
+    the model's context when shorter (GPT-2: 1,024)."""
+    from lora_planner.catalog import get_model
+    from lora_planner.spec import default_seq_len
+
+    assert make(model="gpt2").setup.seq_len == default_seq_len(get_model("gpt2")) == 1024
+
+
+@pytest.mark.parametrize("precision, message", [
+    ("bf16", "runs precision fp32 or amp"), ("mixed", "runs precision fp32 or amp"),
+    ("pure-bf16", "runs precision fp32 or amp")])
+def test_precision_means_what_it_means_in_the_plan(precision, message):
+    """`bf16` is the planner's 16-bit weights without a master copy, not autocast: a job refuses
+    what a plain torch loop does not run, naming what it does."""
+    with pytest.raises(job.PlanError, match=message):
+        make(precision=precision)
+
+
+def test_records_written_under_earlier_names_read_as_today(tmp_path):
+    """Until `dropout` named every dropout of the model, it was LoRA's; `bf16` and `fp16` named
+    autocast. A record under those names reads as the same job, with the same id."""
+    old = {"model": "gpt2", "method": "lora", "rank": 8, "targets": ["c_attn"], "alpha": 16.0,
+           "dropout": 0.05, "rslora": False, "batch_size": 1, "seq_len": 128, "steps": 6,
+           "precision": "fp16", "grad_checkpointing": False, "attention": "sdpa", "device": "cuda",
+           "lr": 1e-4, "data": "synthetic", "seed": 0, "weights": None}
+    read = job.Job.from_record(old)
+    assert (read.setup.lora_dropout, read.setup.dropout) == (0.05, None)
+    assert (read.setup.precision, read.run.amp_dtype) == ("amp", "fp16")
+    assert read == make(**(old | {"dropout": None, "lora_dropout": 0.05, "precision": "amp",
+                                  "amp_dtype": "fp16"}))
+    fp32 = old | {"precision": "fp32"}
+    assert job.Job.from_record(fp32).id == job.settings_id(fp32)  # an fp32 job keeps its id
+    # every dropout of the model set: a job of its own
+    assert make(**(old | {"precision": "fp32", "dropout": 0.0, "lora_dropout": 0.05})).id != \
+        job.settings_id(fp32)
 
 
 def test_an_oom_says_whether_the_planner_foresaw_it():
@@ -116,8 +166,8 @@ def test_a_local_weights_folder_is_fine_tuned(tmp_path):
     folder = tmp_path / "pretrained"
     tiny_model(seed=5).save_pretrained(folder)
     common = {"method": "lora", "rank": 2, "batch_size": 2, "seq_len": 16, "steps": 1}
-    loaded = job.run_job(JobSettings(model="unused-when-weights-given", weights=str(folder), **common))
-    fresh = job.run_job(JobSettings(model=str(folder / "config.json"), **common))
+    loaded = job.run_job(make(model="unused-when-weights-given", weights=str(folder), **common))
+    fresh = job.run_job(make(model=str(folder / "config.json"), **common))
     assert loaded["status"] == fresh["status"] == "ok"
     assert loaded["settings"]["weights"] == str(folder)
     assert loaded["predicted"] == fresh["predicted"]  # the same shape either way
@@ -134,8 +184,8 @@ def _scaler_skipping_first_steps(monkeypatch):
 
 def test_fp16_warm_up_runs_until_the_optimizer_holds_its_states(tmp_path, monkeypatch):
     _scaler_skipping_first_steps(monkeypatch)
-    settings = JobSettings(model=tiny_config_file(tmp_path), method="full", precision="fp16", steps=2,
-                           batch_size=1, seq_len=16)
+    settings = make(model=tiny_config_file(tmp_path), method="full", precision="amp", amp_dtype="fp16",
+                    steps=2, batch_size=1, seq_len=16)
     record = job.run_job(settings)
     assert record["status"] == "ok", record["error"]
     measured = record["measured"]
@@ -149,8 +199,8 @@ def test_fp16_warm_up_runs_until_the_optimizer_holds_its_states(tmp_path, monkey
 def test_a_warm_up_that_never_gets_states_says_so(tmp_path, monkeypatch):
     _scaler_skipping_first_steps(monkeypatch)
     monkeypatch.setattr(job, "MAX_WARMUP_STEPS", 2)
-    record = job.run_job(JobSettings(model=tiny_config_file(tmp_path), method="full", precision="fp16",
-                                     steps=1, batch_size=1, seq_len=16))
+    record = job.run_job(make(model=tiny_config_file(tmp_path), method="full", precision="amp",
+                              amp_dtype="fp16", steps=1, batch_size=1, seq_len=16))
     assert record["measured"]["warmup_steps"] == 2
     assert any("held no states after 2 warm-up steps" in note for note in record["notes"])
 
@@ -161,7 +211,7 @@ def test_a_cuda_start_failure_is_an_error_record_not_a_traceback(tmp_path, monke
 
     monkeypatch.setattr(torch.cuda, "init", fail)
     output = tmp_path / "results.jsonl"
-    record = job.run_job(JobSettings(model=tiny_config_file(tmp_path), device="cuda", steps=1), str(output))
+    record = job.run_job(make(model=tiny_config_file(tmp_path), device="cuda", steps=1), str(output))
     assert record["status"] == "error" and "CUDA driver initialization failed" in record["error"]
     assert record["device"]["kind"] == "cuda" and record["device"]["memory_total"] is None
     assert record["predicted"]["device_overhead_bytes"] > 0
@@ -170,7 +220,7 @@ def test_a_cuda_start_failure_is_an_error_record_not_a_traceback(tmp_path, monke
 
 def test_a_cpu_record_carries_the_run_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    record = job.run_job(JobSettings(model=tiny_config_file(tmp_path), steps=1, seq_len=16))
+    record = job.run_job(make(model=tiny_config_file(tmp_path), steps=1, seq_len=16))
     assert record["env"]["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
     # GPT-2 trains with attention dropout: torch's CPU SDPA falls back to the math kernel under it
     assert record["env"]["sdpa_backend"] == "math"
@@ -180,7 +230,7 @@ def test_a_cpu_record_carries_the_run_environment(tmp_path, monkeypatch):
 def test_the_gpu_guard_counts_the_allowance_against_free_memory(tmp_path, monkeypatch):
     from lora_planner.measure import guard
 
-    settings = JobSettings(model=tiny_config_file(tmp_path), device="cuda", steps=1).checked()
+    settings = make(model=tiny_config_file(tmp_path), device="cuda", steps=1)
     predicted = job.predict(settings, job.model_spec(settings))
     need = predicted["peak"] + predicted["device_overhead_bytes"]
     monkeypatch.setattr(guard, "cuda_free_bytes", lambda index=0: need - 1)
@@ -229,8 +279,8 @@ def test_the_step_runs_the_kernels_it_names_and_is_planned_with_them(tmp_path, k
     temporaries do) and is predicted with the same choice; the foreach job is the reference."""
     common = {"model": tiny_config_file(tmp_path), "method": "full", "batch_size": 2, "seq_len": 32,
               "steps": 1}
-    reference = job.run_job(JobSettings(**common))
-    record = job.run_job(JobSettings(**common, **kernels))
+    reference = job.run_job(make(**common))
+    record = job.run_job(make(**common, **kernels))
     assert record["status"] == "ok", record["error"]
     assert record["id"] != reference["id"]
     setup = TrainSetup(method="full", precision="fp32", batch_size=2, seq_len=32, stack="torch", **kernels)
@@ -253,16 +303,16 @@ def test_settings_added_later_keep_earlier_ids():
         for line in path.read_text().splitlines():
             record = json.loads(line)
             assert "optimizer_impl" not in record["settings"] or path.name != "cpu-tiny-gpt2.jsonl"
-            assert JobSettings.from_dict(record["settings"]).id == record["id"], record["id"]
-    assert JobSettings(loss="standard", loss_chunks=3).checked().id == JobSettings().checked().id
+            assert job.Job.from_record(record["settings"]).id == record["id"], record["id"]
+    assert make(loss="standard", loss_chunks=3).id == make().id
     with pytest.raises(job.PlanError, match="CUDA"):
-        JobSettings(loss="fused-linear").checked()
+        make(loss="fused-linear")
 
 
 def test_a_record_says_where_the_jobs_time_went(tmp_path):
     """The sweep's overhead beside its measured steps: wall seconds before the model, building it,
     warming up and in all, each a part of the whole."""
-    record = job.run_job(JobSettings(model=tiny_config_file(tmp_path), method="full", seq_len=16, steps=2))
+    record = job.run_job(make(model=tiny_config_file(tmp_path), method="full", seq_len=16, steps=2))
     wall = record["measured"]["wall_s"]
     assert set(wall) == {"start", "load", "warmup", "job"}
     assert all(v >= 0 for v in wall.values())

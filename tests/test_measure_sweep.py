@@ -38,7 +38,8 @@ def test_spec_formats_expand_alike_and_full_has_no_rank(tmp_path, suffix):
     path = tmp_path / f"spec{suffix}"
     path.write_text(SPEC_TEXT[suffix])
     jobs = sweep.expand(sweep.load_spec(path))
-    assert [(j.method, j.rank) for j in jobs] == [("full", None), ("lora", 1), ("lora", 8)]
+    assert [(j.to_dict()["method"], j.to_dict()["rank"]) for j in jobs] == [
+        ("full", None), ("lora", 1), ("lora", 8)]
     assert len({j.id for j in jobs}) == 3
 
 
@@ -60,8 +61,12 @@ def test_command_line_values_are_typed_by_setting():
                                    as_lists=True)
     assert grid == {"rank": [1, 8], "targets": [["c_attn"], ["c_attn", "c_fc"]],
                     "grad_checkpointing": [False, True]}
-    fixed = sweep.parse_assignments(["lr=3e-4", "weights=none"], as_lists=False)
-    assert fixed == {"lr": 3e-4, "weights": None}
+    fixed = sweep.parse_assignments(["lr=3e-4", "weights=none", "dropout=none", "lora-dropout=0.1"],
+                                    as_lists=False)
+    assert fixed == {"lr": 3e-4, "weights": None, "dropout": None, "lora_dropout": 0.1}
+    assert sweep.parse_assignments(["dropout=0.2"], as_lists=False) == {"dropout": 0.2}
+    with pytest.raises(PlanError, match="setting dropout: expected a number or none, got 'high'"):
+        sweep.parse_assignments(["dropout=high"], as_lists=False)
     with pytest.raises(PlanError, match="setting rank: expected a whole number or none, got 'eight'"):
         sweep.parse_assignments(["rank=eight"], as_lists=False)
 
@@ -69,9 +74,10 @@ def test_command_line_values_are_typed_by_setting():
 def test_standard_gpu_grid_is_336_planned_cuda_jobs():
     jobs = sweep.expand(sweep.load_spec(GPU_GRID))
     assert len(jobs) == 3 * 7 * 2 * 2 * 2 * 2
-    assert {j.device for j in jobs} == {"cuda"}
-    assert {(j.method, j.rank, j.targets) for j in jobs} == {("full", None, ())} | {
-        ("lora", r, t) for r in (1, 8, 64) for t in (("c_attn",), ("all-linear",))}
+    assert {j.run.device for j in jobs} == {"cuda"}
+    assert {(j.to_dict()["method"], j.to_dict()["rank"], tuple(j.to_dict()["targets"])) for j in jobs} == {
+        ("full", None, ())} | {("lora", r, t) for r in (1, 8, 64) for t in (("c_attn",), ("all-linear",))}
+    assert {(j.setup.precision, j.run.amp_dtype) for j in jobs} == {("fp32", "bf16"), ("amp", "bf16")}
     predictions = sweep.check_jobs(jobs)
     assert all(p["peak"] > p["weights"] > 0 for p in predictions.values())
 
@@ -94,6 +100,7 @@ def test_dry_run_lists_jobs_and_what_is_done(tmp_path):
     (["--grid", "colour=red"], "unknown job setting 'colour'"),
     (["--set", "model=gpt2-huge"], "unknown model 'gpt2-huge'"),
     (["--set", "seq_len=4096"], "longer than gpt2's 1024 positions"),
+    (["--set", "precision=bf16"], "runs precision fp32 or amp"),
     (["missing.toml"], "no sweep spec at missing.toml"),
 ])
 def test_sweep_mistakes_are_one_line_exit_2(tmp_path, args, message):

@@ -14,6 +14,7 @@ import click
 
 from ..errors import PlanError
 from .common import UserError, need_measure_extra, split_values
+from .step_options import dropout_option, lora_dropout_option, precision_option, step_options
 
 
 def resolve_device(device: str) -> str:
@@ -44,7 +45,7 @@ def measure_group() -> None:
 
     \b
         lora-plan measure run --model gpt2 --method lora --rank 8 --steps 10 -o results.jsonl
-        lora-plan measure run --model ./config.json --method full --precision bf16 --device cuda
+        lora-plan measure run --model ./config.json --method full --precision amp --device cuda
         lora-plan measure sweep benchmarks/gpu_grid.toml -o results/gpu_grid.jsonl
         lora-plan measure sweep --set model=gpt2 --grid method=full,lora --grid rank=1,8 -o r.jsonl
     """
@@ -60,15 +61,15 @@ def measure_group() -> None:
               help="LoRA targets, matched as the planner matches them (default: the family's).")
 @click.option("--alpha", type=float, default=16.0, show_default=True, help="LoRA alpha; scaling alpha/r.")
 @click.option("--rslora", is_flag=True, help="Scale by alpha/sqrt(r) instead.")
-@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--seq-len", type=click.IntRange(min=1), default=128, show_default=True)
+@lora_dropout_option
+@dropout_option
+@step_options
 @click.option("--steps", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--lr", type=float, default=1e-4, show_default=True)
-@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
-              help="fp32; bf16 autocast; fp16 autocast with a grad scaler (both planned as `amp`).")
-@click.option("--grad-checkpointing", is_flag=True, help="Recompute activations in the backward pass.")
-@click.option("--attention", type=click.Choice(["sdpa", "eager"]), default="sdpa", show_default=True)
+@precision_option("fp32", runs="A measured job runs fp32 and amp (autocast in --amp-dtype).")
+@click.option("--amp-dtype", type=click.Choice(["bf16", "fp16"]), default="bf16", show_default=True,
+              help="Autocast's 16-bit type under --precision amp; fp16 adds a grad scaler (planned "
+                   "as amp too: its few scalars move no byte term).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="auto: cuda when there is one.")
 @click.option("--optimizer-impl", type=click.Choice(["foreach", "fused", "for-loop"]), default="foreach",
@@ -87,9 +88,9 @@ def measure_group() -> None:
 @click.option("--force", is_flag=True,
               help="Run even when the planned peak exceeds the memory available (host RAM on CPU, "
                    "free GPU memory on CUDA).")
-def run_command(model, weights, method, rank, targets, alpha, rslora, dropout, batch_size, seq_len,
-                steps, lr, precision, grad_checkpointing, attention, device, optimizer_impl, loss,
-                loss_chunks, data, seed, save_adapter, output, force) -> None:
+def run_command(model, weights, method, rank, targets, alpha, rslora, lora_dropout, dropout, batch_size,
+                seq_len, grad_checkpointing, attention, steps, lr, precision, amp_dtype, device,
+                optimizer_impl, loss, loss_chunks, data, seed, save_adapter, output, force) -> None:
     """Fine-tune once, read peak memory and speed, print the record (one JSON line).
 
     Before the model is built, a job whose planned peak exceeds the memory available is refused
@@ -98,20 +99,20 @@ def run_command(model, weights, method, rank, targets, alpha, rslora, dropout, b
     \b
         lora-plan measure run --model gpt2 --method lora --rank 8 --targets c_attn --steps 5
         lora-plan measure run --model gpt2-medium --method full --batch-size 8 --seq-len 1024 \\
-            --precision bf16 --grad-checkpointing --device cuda -o results.jsonl
+            --precision amp --grad-checkpointing --device cuda -o results.jsonl
     """
     need_measure_extra("lora-plan measure run")
-    from ..measure.job import JobSettings, run_job
+    from ..measure.job import Job, run_job
 
     try:
-        settings = JobSettings(
+        job = Job.from_dict(dict(
             model=model, weights=weights, method=method, rank=rank, targets=split_values(targets),
-            alpha=alpha, rslora=rslora, dropout=dropout, batch_size=batch_size, seq_len=seq_len,
-            steps=steps, lr=lr, precision=precision, grad_checkpointing=grad_checkpointing,
-            attention=attention, device=resolve_device(device), data=data, seed=seed,
-            optimizer_impl=optimizer_impl, loss=loss, loss_chunks=loss_chunks,
-        )
-        record = run_job(settings, output, _command_line(), save_adapter, force=force)
+            alpha=alpha, rslora=rslora, lora_dropout=lora_dropout, dropout=dropout, batch_size=batch_size,
+            seq_len=seq_len, steps=steps, lr=lr, precision=precision, amp_dtype=amp_dtype,
+            grad_checkpointing=grad_checkpointing, attention=attention, device=resolve_device(device),
+            data=data, seed=seed, optimizer_impl=optimizer_impl, loss=loss, loss_chunks=loss_chunks,
+        ))
+        record = run_job(job, output, _command_line(), save_adapter, force=force)
     except PlanError as exc:
         raise UserError(str(exc)) from None
     click.echo(json.dumps(record))

@@ -1,6 +1,9 @@
-"""The options that shape one training step (batch, sequence, checkpointing, attention).
+"""The options that shape one training step: batch, sequence, checkpointing, attention, precision,
+dropout.
 
-Shared by `plan` and `report capacity`, so both read the same flags with the same help.
+Shared by `plan`, `trace`, `measure run` and `report capacity`, so an option means the same in each,
+with the same names, defaults and help. Where a command cannot run a value (a plain torch step
+keeps no fp32 master copy), it says so in one line and names the values it runs.
 """
 
 from __future__ import annotations
@@ -9,6 +12,11 @@ from collections.abc import Callable
 
 import click
 
+from ..precision import PRECISIONS
+
+PRECISION_HELP = ("fp32: all fp32 (16 B/param with AdamW). amp: autocast, fp32 storage. mixed: "
+                  "16-bit weights+grads, fp32 master+Adam (16 B). bf16: no master copy (12 B). "
+                  "pure-bf16: Adam states in bf16 too (8 B).")
 
 def step_options(f: Callable) -> Callable:
     """Add --batch-size, --seq-len, --grad-checkpointing and --attention to a click command."""
@@ -38,3 +46,20 @@ def dropout_option(f: Callable) -> Callable:
         help="Set every dropout of the model (attention, residual, embedding) to P. Default: the "
              "rates config.json states (GPT-2's class default 0.1 where it states none; others 0). "
              "Each dropout keeps a mask for backward.")(f)
+
+
+def lora_dropout_option(f: Callable) -> Callable:
+    """Add --lora-dropout P: the dropout on each adapter's input (PEFT's `lora_dropout`)."""
+    return click.option(
+        "--lora-dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
+        metavar="P",
+        help="PEFT's lora_dropout: dropout on each LoRA adapter's input (recipes use 0.05-0.1), "
+             "which keeps a mask and a dropped copy of the input per wrapped layer. --dropout "
+             "sets the model's own dropouts.")(f)
+
+
+def precision_option(default: str, runs: str = "") -> Callable:
+    """--precision under the planner's names and meanings (`precision.PRECISIONS`); `runs` says
+    which of them the command can run when that is not all of them."""
+    return click.option("--precision", type=click.Choice(list(PRECISIONS)), default=default,
+                        show_default=True, help=f"{PRECISION_HELP} {runs}".strip())

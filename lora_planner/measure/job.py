@@ -4,13 +4,14 @@ write one record beside the planner's prediction for the same settings.
 Run in-process by `lora-plan measure run`, and as `python -m lora_planner.measure.job` (one
 subprocess per job) by sweeps, so an out-of-memory error or a crash ends only its own job.
 
-Precision names of a measured run and the planner convention each one is predicted with:
+The job takes the planner's own `TrainSetup` (`Job.setup`) beside its run settings (`Job.run`),
+so the prediction is made from the very setup that runs. Of the planner's precisions it runs
+those a plain torch loop realises:
 
-| measured | what runs                                   | planner |
-|----------|---------------------------------------------|---------|
-| fp32     | fp32 weights, grads, AdamW states, compute  | fp32    |
-| bf16     | fp32 storage, torch.autocast bf16 compute   | amp     |
-| fp16     | fp32 storage, autocast fp16 + a GradScaler  | amp     |
+| precision | what runs                                                    |
+|-----------|--------------------------------------------------------------|
+| fp32      | fp32 weights, grads, AdamW states, compute                   |
+| amp       | fp32 storage, torch.autocast compute: bf16 (`amp_dtype`), or fp16 with a GradScaler |
 
 The GradScaler keeps one scale value and a few flags, far below a byte term worth planning, so
 fp16 with a scaler is predicted as `amp` too.
@@ -32,12 +33,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import PlanError
-from ..record_schema import ENV_KEYS, LATER_SETTINGS, make_record, settings_id
-from ..spec import ModelSpec, TrainSetup
+from ..record_schema import ENV_KEYS, make_record, settings_id
+from ..spec import ModelSpec, TrainSetup, default_seq_len
 from .records import append_record
 
 HARNESS_METHODS = ("full", "lora")  # what a measured job trains (the planner also plans qlora)
-PLANNER_PRECISION = {"fp32": "fp32", "bf16": "amp", "fp16": "amp"}
+# The planner's precisions a plain torch loop runs: fp32, and autocast over fp32 weights (`amp`),
+# in bf16 or in fp16 with a grad scaler (`amp_dtype`). `mixed` and `bf16` keep 16-bit weights
+# beside an fp32 master copy or fp32 states, which torch's AdamW does not.
+JOB_PRECISIONS = ("fp32", "amp")
+AMP_DTYPES = ("bf16", "fp16")
 ATTENTIONS = ("eager", "sdpa")
 DEVICES = ("cpu", "cuda")
 DATA_SOURCES = ("qa", "synthetic")  # or the path of a local text file
@@ -61,37 +66,65 @@ FAULT_ENV = "LORA_PLAN_FAULT"
 # a smaller GPU played by a larger one, and a real out-of-memory error on demand in tests.
 MEMORY_FRACTION_ENV = "LORA_PLAN_CUDA_MEMORY_FRACTION"
 
+# What every measured job is, in the planner's terms: AdamW in a plain torch loop, every choice
+# of its stack named (torch's default foreach AdamW on CUDA, the model's own loss, no offload). A
+# job varies only `SETUP_SETTINGS` of it.
+JOB_SETUP = TrainSetup(method="lora", precision="fp32", optimizer="adamw", stack="torch",
+                       optimizer_impl="foreach", loss="standard", loss_chunks=8, activation_offload=False)
+# The TrainSetup fields a job varies, under the same names in spec files, `--set` and records.
+SETUP_SETTINGS = ("method", "rank", "targets", "precision", "batch_size", "seq_len",
+                  "grad_checkpointing", "attention", "dropout", "lora_dropout", "optimizer_impl",
+                  "loss", "loss_chunks")
+
 
 @dataclass(frozen=True)
-class JobSettings:
-    """Everything that defines a measured job. Two jobs with equal settings are the same job."""
+class RunSettings:
+    """What a measured run adds to the planner's `TrainSetup`: the model it builds (a catalog
+    name or config path, or a local weights folder), LoRA's scaling (which moves no byte), the
+    16-bit type of autocast, and how long, on what data and where it trains."""
 
     model: str = "gpt2"
-    method: str = "lora"
-    rank: int | None = 8
-    targets: tuple[str, ...] = ("default",)
+    weights: str | None = None  # a local folder of pretrained weights; None: random weights
     alpha: float = 16.0
-    dropout: float = 0.0
     rslora: bool = False
-    batch_size: int = 1
-    seq_len: int = 128
+    amp_dtype: str = "bf16"  # precision amp only: bf16, or fp16 with a grad scaler
     steps: int = 10
-    precision: str = "fp32"
-    grad_checkpointing: bool = False
-    attention: str = "sdpa"
-    device: str = "cpu"
     lr: float = 1e-4
     data: str = "qa"
     seed: int = 0
-    weights: str | None = None  # a local folder of pretrained weights; None: random weights
-    optimizer_impl: str = "foreach"  # torch's default AdamW kernel on CUDA
-    loss: str = "standard"
-    loss_chunks: int = 8  # chunked cross-entropy only (torchtune's default)
+    device: str = "cpu"
+
+
+RUN_SETTINGS = tuple(f.name for f in dataclasses.fields(RunSettings))
+# How a setting is read from command-line text (`--set key=value`, `--grid key=v1,v2`).
+SETTING_KINDS = {
+    "method": "str", "rank": "int|none", "targets": "list", "precision": "str", "batch_size": "int",
+    "seq_len": "int", "grad_checkpointing": "bool", "attention": "str", "dropout": "float|none",
+    "lora_dropout": "float", "optimizer_impl": "str", "loss": "str", "loss_chunks": "int",
+    "model": "str", "weights": "str|none", "alpha": "float", "rslora": "bool", "amp_dtype": "str",
+    "steps": "int", "lr": "float", "data": "str", "seed": "int", "device": "str",
+}
+# Names a record once used, read as the settings they are now: until `dropout` named every dropout
+# of the model (as in `plan`), it was LoRA's; `bf16` and `fp16` named autocast, the planner's `amp`.
+LEGACY_PRECISIONS = {"bf16": ("amp", "bf16"), "fp16": ("amp", "fp16")}
+
+
+@dataclass(frozen=True)
+class Job:
+    """Everything that defines a measured job: the planner's setup, so the prediction and the
+    measurement cannot disagree about it, and the run's own settings. Two jobs with equal
+    settings are the same job (`id`)."""
+
+    setup: TrainSetup = JOB_SETUP
+    run: RunSettings = RunSettings()
 
     @classmethod
-    def from_dict(cls, values: dict) -> JobSettings:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
+    def from_dict(cls, values: dict) -> Job:
+        """A checked job from flat settings (a spec file's, `--set`'s, a record's): the names of
+        `SETUP_SETTINGS` and `RUN_SETTINGS`. A missing or null `seq_len` is the planner's default
+        for the model (2,048 tokens, or its context when shorter)."""
+        known = (*SETUP_SETTINGS, *RUN_SETTINGS)
+        unknown = sorted(set(values) - set(known))
         if unknown:
             raise PlanError(f"unknown job setting {', '.join(map(repr, unknown))}; "
                             f"known: {', '.join(sorted(known))}")
@@ -100,78 +133,108 @@ class JobSettings:
             values["targets"] = values["targets"].split(",")
         if "targets" in values:
             values["targets"] = tuple(t.strip() for t in values["targets"] if t.strip())
-        return cls(**values).checked()
+        run = RunSettings(**{k: v for k, v in values.items() if k in RUN_SETTINGS})
+        if values.get("seq_len") is None:
+            from ..resolve import resolve_model
 
-    def checked(self) -> JobSettings:
+            values["seq_len"] = default_seq_len(resolve_model(run.weights or run.model))
+        setup = JOB_SETUP.with_(**{k: v for k, v in values.items() if k in SETUP_SETTINGS})
+        return cls(setup, run).checked()
+
+    @classmethod
+    def from_record(cls, settings: dict) -> Job:
+        """The job a record's settings describe, written under today's names or earlier ones
+        (`LEGACY_PRECISIONS`; `dropout` as LoRA's where the record has no `lora_dropout`)."""
+        values = dict(settings)
+        if "lora_dropout" not in values and "dropout" in values:
+            values["lora_dropout"] = values.pop("dropout")
+        if values.get("precision") in LEGACY_PRECISIONS:
+            values["precision"], values["amp_dtype"] = LEGACY_PRECISIONS[values["precision"]]
+        return cls.from_dict(values)
+
+    def checked(self) -> Job:
         """Validate, and normalise what does not apply (a full fine-tune has no rank or targets),
         so equal jobs get equal ids."""
-        if self.method not in HARNESS_METHODS:
-            raise PlanError(f"method must be one of {', '.join(HARNESS_METHODS)}, got {self.method!r}")
-        if self.precision not in PLANNER_PRECISION:
-            raise PlanError(f"precision must be one of {', '.join(PLANNER_PRECISION)}, "
-                            f"got {self.precision!r}")
-        if self.attention not in ATTENTIONS:
-            raise PlanError(f"attention must be one of {', '.join(ATTENTIONS)}, got {self.attention!r}")
-        if self.device not in DEVICES:
-            raise PlanError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
-        if self.data not in DATA_SOURCES and not Path(self.data).is_file():
-            raise PlanError(f"data must be qa, synthetic or a local text file; no file at {self.data}")
-        if self.optimizer_impl not in OPTIMIZER_IMPLS:
+        s, r = self.setup, self.run
+        fixed = [f.name for f in dataclasses.fields(TrainSetup)
+                 if f.name not in SETUP_SETTINGS and getattr(s, f.name) != getattr(JOB_SETUP, f.name)]
+        if fixed:
+            raise PlanError(f"a measured job trains with AdamW in a plain torch loop; it does not vary "
+                            f"{', '.join(fixed)}")
+        if s.method not in HARNESS_METHODS:
+            raise PlanError(f"method must be one of {', '.join(HARNESS_METHODS)}, got {s.method!r}")
+        if s.precision not in JOB_PRECISIONS:
+            raise PlanError(f"a measured job runs precision fp32 or amp (autocast over fp32 weights, "
+                            f"in bf16 or in fp16 by amp_dtype), not {s.precision!r}")
+        if r.amp_dtype not in AMP_DTYPES:
+            raise PlanError(f"amp_dtype must be one of {', '.join(AMP_DTYPES)}, got {r.amp_dtype!r}")
+        if s.attention not in ATTENTIONS:
+            raise PlanError(f"attention must be one of {', '.join(ATTENTIONS)}, got {s.attention!r}")
+        if r.device not in DEVICES:
+            raise PlanError(f"device must be one of {', '.join(DEVICES)}, got {r.device!r}")
+        if r.data not in DATA_SOURCES and not Path(r.data).is_file():
+            raise PlanError(f"data must be qa, synthetic or a local text file; no file at {r.data}")
+        if s.optimizer_impl not in OPTIMIZER_IMPLS:
             raise PlanError(f"optimizer_impl must be one of {', '.join(OPTIMIZER_IMPLS)}, "
-                            f"got {self.optimizer_impl!r}")
-        if self.loss not in LOSSES:
-            raise PlanError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
-        if self.loss == "fused-linear" and self.device != "cuda":
+                            f"got {s.optimizer_impl!r}")
+        if s.loss not in LOSSES:
+            raise PlanError(f"loss must be one of {', '.join(LOSSES)}, got {s.loss!r}")
+        if s.loss == "fused-linear" and r.device != "cuda":
             raise PlanError("loss fused-linear runs Liger's Triton kernel, on a CUDA device only")
-        for name in ("batch_size", "seq_len", "steps", "loss_chunks"):
-            value = getattr(self, name)
+        for name, value in (("batch_size", s.batch_size), ("seq_len", s.seq_len), ("steps", r.steps),
+                            ("loss_chunks", s.loss_chunks)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise PlanError(f"{name} must be a positive integer, got {value!r}")
-        if self.loss != "chunked":  # the chunk count means nothing to another loss
-            self = dataclasses.replace(self, loss_chunks=LATER_SETTINGS["loss_chunks"])
-        if self.method == "full":
-            return dataclasses.replace(self, rank=None, targets=(), alpha=0.0, dropout=0.0, rslora=False)
-        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
-            raise PlanError(f"LoRA rank must be a positive integer, got {self.rank!r}")
-        return dataclasses.replace(self, targets=self.targets or ("default",))
+        for name, value in (("dropout", s.dropout), ("lora_dropout", s.lora_dropout)):
+            if value is not None and (not isinstance(value, int | float) or isinstance(value, bool)
+                                      or not 0 <= value < 1):
+                raise PlanError(f"{name} must be a probability in [0, 1), got {value!r}")
+        if s.loss != "chunked":  # the chunk count means nothing to another loss
+            s = s.with_(loss_chunks=JOB_SETUP.loss_chunks)
+        if s.precision != "amp":  # the 16-bit type means nothing without autocast
+            r = dataclasses.replace(r, amp_dtype=RunSettings.amp_dtype)
+        if s.method == "full":
+            s = s.with_(rank=JOB_SETUP.rank, targets=JOB_SETUP.targets, lora_dropout=0.0)
+            return Job(s, dataclasses.replace(r, alpha=0.0, rslora=False))
+        if not isinstance(s.rank, int) or isinstance(s.rank, bool) or s.rank < 1:
+            raise PlanError(f"LoRA rank must be a positive integer, got {s.rank!r}")
+        return Job(s.with_(targets=s.targets or JOB_SETUP.targets), r)
 
     def to_dict(self) -> dict:
-        values = dataclasses.asdict(self)
-        values["targets"] = list(self.targets)
-        return values
+        """The flat settings a record and a sweep's subprocess carry (`from_dict` reads them back)."""
+        s, r = self.setup, self.run
+        full = s.method == "full"
+        return {
+            "model": r.model, "method": s.method, "rank": None if full else s.rank,
+            "targets": [] if full else list(s.targets), "alpha": r.alpha, "lora_dropout": s.lora_dropout,
+            "rslora": r.rslora, "dropout": s.dropout, "batch_size": s.batch_size, "seq_len": s.seq_len,
+            "steps": r.steps, "precision": s.precision, "amp_dtype": r.amp_dtype,
+            "grad_checkpointing": s.grad_checkpointing, "attention": s.attention, "device": r.device,
+            "lr": r.lr, "data": r.data, "seed": r.seed, "weights": r.weights,
+            "optimizer_impl": s.optimizer_impl, "loss": s.loss, "loss_chunks": s.loss_chunks,
+        }
 
     @property
     def id(self) -> str:
         return settings_id(self.to_dict())
 
 
-def model_spec(settings: JobSettings) -> ModelSpec:
+def model_spec(job: Job) -> ModelSpec:
     """The planner's shape for the job's model: a catalog name, a config path, or the config of
     the local weights folder."""
     from ..resolve import resolve_model
 
-    spec = resolve_model(settings.weights or settings.model)
-    if settings.seq_len > spec.max_positions:
-        raise PlanError(f"seq_len {settings.seq_len} is longer than {spec.name}'s "
+    spec = resolve_model(job.run.weights or job.run.model)
+    if job.setup.seq_len > spec.max_positions:
+        raise PlanError(f"seq_len {job.setup.seq_len} is longer than {spec.name}'s "
                         f"{spec.max_positions} positions")
     return spec
 
 
-def planner_setup(settings: JobSettings) -> TrainSetup:
-    """The planner's `TrainSetup` for the job, so prediction and measurement share one setting."""
-    return TrainSetup(
-        method=settings.method, rank=settings.rank or 8, targets=settings.targets or ("default",),
-        precision=PLANNER_PRECISION[settings.precision], optimizer="adamw",
-        batch_size=settings.batch_size, seq_len=settings.seq_len,
-        grad_checkpointing=settings.grad_checkpointing, attention=settings.attention,
-        lora_dropout=settings.dropout, stack="torch",  # the job's own loop, with its kernels named
-        optimizer_impl=settings.optimizer_impl, loss=settings.loss, loss_chunks=settings.loss_chunks)
-
-
-def predict(settings: JobSettings, spec: ModelSpec, gpu_name: str | None = None) -> dict:
-    """The planner's bytes for the job (read by key from the plan's JSON contract), with the
-    device allowance (`allowance`) for the GPU it runs on (`gpu_name`, a catalog name; the
-    default GPU's generation when unknown). A CPU job has no allowance (0).
+def predict(job: Job, spec: ModelSpec, gpu_name: str | None = None) -> dict:
+    """The planner's bytes for the job's own setup, with the device allowance (`allowance`) for
+    the GPU it runs on (`gpu_name`, a catalog name; the default GPU's generation when unknown).
+    A CPU job has no allowance (0).
 
     The plan is for a CUDA device. A CPU job is set beside the planner's CPU variant of the same
     step (what `lora-plan trace` compares with): torch keeps a dropout mask in the input's dtype
@@ -179,23 +242,21 @@ def predict(settings: JobSettings, spec: ModelSpec, gpu_name: str | None = None)
     AdamW's step counters as tensors.
     """
     from ..allowance import allowance
-    from ..contract import to_dict
     from ..gpus import DEFAULT_GPU, get_gpu
     from ..plan import MEMORY_KEYS, make_plan
 
-    setup = planner_setup(settings)
-    entry = to_dict(make_plan(spec, (setup,), get_gpu(DEFAULT_GPU)))["plans"][0]
-    predicted = {key: int(entry["memory_bytes"][key]) for key in MEMORY_KEYS}
-    predicted["peak_phase"] = entry.get("peak_phase") or None
-    if settings.device == "cpu":
+    planned = make_plan(spec, (job.setup,), get_gpu(DEFAULT_GPU)).plans[0]
+    predicted = {key: int(planned.memory[key].bytes) for key in MEMORY_KEYS}
+    predicted["peak_phase"] = planned.peak_phase or None
+    if job.run.device == "cpu":
         from .traced_step import predicted_terms
 
-        on_cpu, phase = predicted_terms(spec, setup, "cpu")
+        on_cpu, phase = predicted_terms(spec, job.setup, "cpu")
         predicted |= {"optimizer_states": on_cpu["optimizer_states"] - predicted["master_weights"],
                       "activations": on_cpu["activations"], "peak": on_cpu["peak"], "peak_phase": phase}
-    predicted["trainable_params"] = int(entry["trainable_params"])
+    predicted["trainable_params"] = int(planned.trainable_params)
     predicted["device_overhead_bytes"] = (
-        allowance(predicted["peak"], gpu_name).total if settings.device == "cuda" else 0)
+        allowance(predicted["peak"], gpu_name).total if job.run.device == "cuda" else 0)
     return predicted
 
 
@@ -256,24 +317,37 @@ def _error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first_line}"
 
 
-def build_model(spec: ModelSpec, settings: JobSettings):
-    """A transformers causal LM: random weights from the spec's config, or a local weights folder."""
+# The config keys of the families' dropouts (GPT-2's three, Phi-3's residual one, the others'
+# attention dropout): `TrainSetup.dropout` sets each one a config has.
+DROPOUT_KEYS = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "attention_dropout")
+
+
+def build_model(spec: ModelSpec, job: Job):
+    """A transformers causal LM: random weights from the spec's config, or a local weights folder;
+    every dropout at the setup's `dropout` when it sets one (as the planner plans it)."""
     import torch
     import transformers
 
     from ..spec import to_hf_config
 
-    torch.manual_seed(settings.seed)
-    if settings.weights:
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            settings.weights, local_files_only=True, attn_implementation=settings.attention)
+    torch.manual_seed(job.run.seed)
+    if job.run.weights:
+        config = transformers.AutoConfig.from_pretrained(job.run.weights, local_files_only=True)
     else:
         values = to_hf_config(spec)
         if spec.family == "gpt2" and spec.vocab_size <= 50256:
             # GPT-2's config names token 50256 as bos/eos; a small test vocabulary has no such id.
             values |= {"bos_token_id": None, "eos_token_id": None}
         config = transformers.CONFIG_MAPPING[values.pop("model_type")](**values)
-        model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=settings.attention)
+    if job.setup.dropout is not None:
+        for key in DROPOUT_KEYS:
+            if hasattr(config, key):
+                setattr(config, key, job.setup.dropout)
+    if job.run.weights:
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            job.run.weights, config=config, local_files_only=True, attn_implementation=job.setup.attention)
+    else:
+        model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=job.setup.attention)
     model.config.use_cache = False  # training keeps no key/value cache
     return model
 
@@ -310,9 +384,8 @@ def _run_env() -> dict:
     return {key: os.environ.get(key) for key in (*ENV_KEYS, MEMORY_FRACTION_ENV)}
 
 
-def _train(settings: JobSettings, spec: ModelSpec, reader, nvml, save_adapter: str | None,
-           facts: dict) -> dict:
-    """Build the model, warm up until the optimizer holds its states, then run `settings.steps`
+def _train(job: Job, spec: ModelSpec, reader, nvml, save_adapter: str | None, facts: dict) -> dict:
+    """Build the model, warm up until the optimizer holds its states, then run `job.run.steps`
     steady-state steps: the reader reads the first `reader.read_steps` of them (all when None),
     and the rest are timed untouched. `facts` collects what the run found out (SDPA backend,
     warm-up steps), even when it fails later."""
@@ -330,7 +403,8 @@ def _train(settings: JobSettings, spec: ModelSpec, reader, nvml, save_adapter: s
         train_step,
     )
 
-    device = torch.device(settings.device)
+    setup, run = job.setup, job.run
+    device = torch.device(run.device)
 
     wall = facts.setdefault("wall_s", {})
 
@@ -351,23 +425,22 @@ def _train(settings: JobSettings, spec: ModelSpec, reader, nvml, save_adapter: s
     with phase("load"):
         # random weights are made where they train: initialising GPT-2 large on the host takes
         # longer than the steps measured
-        with torch.device(device) if not settings.weights else contextlib.nullcontext():
-            model = build_model(spec, settings)
+        with torch.device(device) if not run.weights else contextlib.nullcontext():
+            model = build_model(spec, job)
         model = model.to(device)
-        if settings.method == "lora":
-            lora.inject(model, settings.targets, settings.rank, settings.alpha, settings.dropout,
-                        settings.rslora)
-        if settings.grad_checkpointing:
+        if setup.method == "lora":
+            lora.inject(model, setup.targets, setup.rank, run.alpha, setup.lora_dropout, run.rslora)
+        if setup.grad_checkpointing:
             enable_checkpointing(model)
         model.train()
         trainable = [p for p in model.parameters() if p.requires_grad]
         # the kernel forced, as planned: on CPU torch would otherwise step tensor by tensor
-        optimizer = torch.optim.AdamW(trainable, lr=settings.lr,
-                                      **ADAMW_KERNEL[settings.optimizer_impl])
-        loss_fn = step_loss(settings.loss, settings.loss_chunks)
-        scaler = torch.amp.GradScaler(device.type) if settings.precision == "fp16" else None
-    compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(settings.precision)
-    data = batches(settings.data, settings.batch_size, settings.seq_len, spec.vocab_size, settings.seed)
+        optimizer = torch.optim.AdamW(trainable, lr=run.lr, **ADAMW_KERNEL[setup.optimizer_impl])
+        loss_fn = step_loss(setup.loss, setup.loss_chunks)
+        autocast = setup.precision == "amp"
+        scaler = torch.amp.GradScaler(device.type) if autocast and run.amp_dtype == "fp16" else None
+    compute = {"bf16": torch.bfloat16, "fp16": torch.float16}[run.amp_dtype] if autocast else None
+    data = batches(run.data, setup.batch_size, setup.seq_len, spec.vocab_size, run.seed)
     losses, times = [], []
 
     def step(input_ids, phases=lambda name: contextlib.nullcontext()) -> None:
@@ -386,7 +459,7 @@ def _train(settings: JobSettings, spec: ModelSpec, reader, nvml, save_adapter: s
     warmup = 0
     with phase("warmup"):
         while warmup < MAX_WARMUP_STEPS and (warmup == 0 or not optimizer_holds_states(optimizer)):
-            if warmup == 0 and settings.attention == "sdpa":
+            if warmup == 0 and setup.attention == "sdpa":
                 with OpNames() as ops:
                     step(next(data))
                 facts["sdpa_backend"] = attention_backend(ops.names)
@@ -399,17 +472,17 @@ def _train(settings: JobSettings, spec: ModelSpec, reader, nvml, save_adapter: s
             f"the optimizer held no states after {warmup} warm-up steps (the grad scaler skipped "
             "them): the steps read are not steady-state ones")
     reader.attach(model, optimizer)
-    read_steps = settings.steps if reader.read_steps is None else min(reader.read_steps, settings.steps)
+    read_steps = run.steps if reader.read_steps is None else min(reader.read_steps, run.steps)
     with contextlib.ExitStack() as reading:
         reading.enter_context(reader)
-        for index in range(settings.steps):
+        for index in range(run.steps):
             if index == read_steps:
                 reading.close()  # the reader has seen the steady state; time the rest untouched
             if index < read_steps:
                 reader.begin_step()
             step(next(data), lambda name, read=index < read_steps: phase(name, read))
     if save_adapter:
-        lora.save_adapter(model, save_adapter, base_model=settings.weights or settings.model)
+        lora.save_adapter(model, save_adapter, base_model=run.weights or run.model)
     # Time the steady steps; under a tracer (CPU) only those it did not read, when there are any.
     steady = times[warmup:]
     timed = steady[read_steps:] if reader.source == "tracer" else steady
@@ -419,7 +492,7 @@ def _train(settings: JobSettings, spec: ModelSpec, reader, nvml, save_adapter: s
         "step_time_s": step_time,
         "timed_steps": len(timed),
         "warmup_steps": warmup,
-        "tokens_per_s": settings.batch_size * settings.seq_len / step_time,
+        "tokens_per_s": setup.batch_size * setup.seq_len / step_time,
         "first_loss": losses[0],
         "last_loss": losses[-1],
         "losses": losses,
@@ -436,20 +509,20 @@ def _timed(wall: dict, name: str):
         wall[name] = round(time.monotonic() - start, 3)
 
 
-def memory_guard(settings: JobSettings, predicted: dict) -> None:
+def memory_guard(job: Job, predicted: dict) -> None:
     """Refuse a job whose planned peak exceeds the memory it would run in (host RAM on CPU, free
     GPU memory from `torch.cuda.mem_get_info` on CUDA), before any model is built."""
     from .guard import check_fits, cuda_free_bytes, host_available_bytes
 
     advice = "use a smaller model, batch or sequence (--batch-size, --seq-len, --grad-checkpointing)"
-    if settings.device == "cpu":
+    if job.run.device == "cpu":
         check_fits(predicted["peak"], host_available_bytes(), "host RAM", advice)
     else:
         check_fits(predicted["peak"] + predicted["device_overhead_bytes"], cuda_free_bytes(),
                    "free GPU memory", advice)
 
 
-def run_job(settings: JobSettings, output: str | None = None, command: str = "",
+def run_job(job: Job, output: str | None = None, command: str = "",
             save_adapter: str | None = None, force: bool = True) -> dict:
     """Run one job and return its record (appended to `output` when given).
 
@@ -460,24 +533,24 @@ def run_job(settings: JobSettings, output: str | None = None, command: str = "",
     foresaw them.
     """
     started = time.monotonic()
-    settings = settings.checked()
-    if save_adapter and settings.method != "lora":
+    job = job.checked()
+    if save_adapter and job.setup.method != "lora":
         raise PlanError("--save-adapter needs --method lora")
-    spec = model_spec(settings)
-    predicted = predict(settings, spec)
-    fault = _fault(settings.id)
+    spec = model_spec(job)
+    predicted = predict(job, spec)
+    fault = _fault(job.id)
     if fault:  # a rehearsal: fail before torch loads, so it costs no training
         exc = _fault_error(fault)
         record = make_record(
-            settings.to_dict(), status="oom" if is_out_of_memory(exc) else "error", error=_error_text(exc),
-            device=device_info(settings.device), predicted=predicted,
-            measured={"source": "cuda" if settings.device == "cuda" else "tracer"}, command=command,
+            job.to_dict(), status="oom" if is_out_of_memory(exc) else "error", error=_error_text(exc),
+            device=device_info(job.run.device), predicted=predicted,
+            measured={"source": "cuda" if job.run.device == "cuda" else "tracer"}, command=command,
             notes=[f"failure simulated through {FAULT_ENV} before the model loaded"], env=_run_env())
         if output:
             append_record(output, record)
         return record
-    if not force and settings.device == "cpu":
-        memory_guard(settings, predicted)
+    if not force and job.run.device == "cpu":
+        memory_guard(job, predicted)
 
     from .readings import CudaAllocatorReader, NvmlSampler, TracerReader
 
@@ -485,20 +558,20 @@ def run_job(settings: JobSettings, output: str | None = None, command: str = "",
     facts: dict = {}
     nvml = reader = None
     status, error = "ok", None
-    measured: dict = {"source": "cuda" if settings.device == "cuda" else "tracer"}
+    measured: dict = {"source": "cuda" if job.run.device == "cuda" else "tracer"}
     try:
-        if settings.device == "cuda":
+        if job.run.device == "cuda":
             nvml = NvmlSampler().start()  # baselines before this process starts CUDA
             _start_cuda(nvml)
             predicted["device_overhead_bytes"] = device_allowance(predicted["peak"])
             if not force:
-                memory_guard(settings, predicted)
+                memory_guard(job, predicted)
             reader = CudaAllocatorReader()
         else:
             reader = TracerReader()
             notes.append("CPU run: NVML figures are absent (no GPU)")
         facts["wall_s"] = {"start": round(time.monotonic() - started, 3)}  # plan, torch, CUDA
-        measured |= _train(settings, spec, reader, nvml, save_adapter, facts)
+        measured |= _train(job, spec, reader, nvml, save_adapter, facts)
     except PlanError:
         if nvml is not None:
             nvml.stop()
@@ -520,16 +593,16 @@ def run_job(settings: JobSettings, output: str | None = None, command: str = "",
     if status == "ok" and measured.get("trainable_params") != predicted["trainable_params"]:
         notes.append(f"trainable parameters differ: measured {measured.get('trainable_params')}, "
                      f"planned {predicted['trainable_params']}")
-    if status == "ok" and reader.source == "tracer" and measured.get("timed_steps") == settings.steps \
-            and readings.get("peak_allocated") is not None and settings.steps <= (reader.read_steps or 0):
+    if status == "ok" and reader.source == "tracer" and measured.get("timed_steps") == job.run.steps \
+            and readings.get("peak_allocated") is not None and job.run.steps <= (reader.read_steps or 0):
         notes.append("CPU step time includes the tracer's bookkeeping")
-    device = device_info(settings.device, driver)
-    env = _run_env() | {"sdpa_backend": facts.get("sdpa_backend") if settings.attention == "sdpa"
+    device = device_info(job.run.device, driver)
+    env = _run_env() | {"sdpa_backend": facts.get("sdpa_backend") if job.setup.attention == "sdpa"
                         else "eager"}
     if status == "oom" and device["memory_total"]:
         notes.append(foresight_note(predicted["peak"] + predicted["device_overhead_bytes"],
                                     device["memory_total"]))
-    record = make_record(settings.to_dict(), status=status, error=error, device=device,
+    record = make_record(job.to_dict(), status=status, error=error, device=device,
                          predicted=predicted, measured=measured, command=command, notes=notes, env=env)
     if output:
         append_record(output, record)
@@ -566,7 +639,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="refuse a CPU job whose planned peak exceeds the host RAM available")
     args = parser.parse_args(argv)
     try:
-        run_job(JobSettings.from_dict(json.loads(args.settings)), args.output, args.command,
+        run_job(Job.from_dict(json.loads(args.settings)), args.output, args.command,
                 force=not args.guard)
     except PlanError as exc:
         print(f"Error: {exc}", file=sys.stderr)

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import dataclasses
 import itertools
 import json
 import os
@@ -43,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import PlanError
-from .job import JobSettings, is_out_of_memory, model_spec, predict
+from .job import SETTING_KINDS, Job, is_out_of_memory, model_spec, predict
 from .records import append_record, finished_ids, make_record, read_records
 
 SPEC_SECTIONS = ("fixed", "grid")
@@ -90,18 +89,18 @@ def load_spec(path: str | Path) -> dict:
     return {"fixed": dict(spec.get("fixed", {})), "grid": dict(spec.get("grid", {}))}
 
 
-_FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(JobSettings)}
-
-
 def parse_value(key: str, text: str):
-    """A setting's value from command-line text, typed by the setting: `rank=8`, `steps=5`,
-    `grad_checkpointing=true`, `targets=c_attn+c_fc` (several targets joined by `+`)."""
-    kind = _FIELD_TYPES.get(key)
+    """A setting's value from command-line text, typed by the setting (`SETTING_KINDS`): `rank=8`,
+    `steps=5`, `grad_checkpointing=true`, `dropout=none`, `targets=c_attn+c_fc` (several targets
+    joined by `+`)."""
+    kind = SETTING_KINDS.get(key)
     if kind is None:
-        raise PlanError(f"unknown job setting {key!r}; known: {', '.join(_FIELD_TYPES)}")
+        raise PlanError(f"unknown job setting {key!r}; known: {', '.join(SETTING_KINDS)}")
     text = text.strip()
+    if kind.endswith("|none") and text.lower() == "none":
+        return None
     try:
-        if key == "targets":
+        if kind == "list":
             return [t for t in text.split("+") if t]
         if kind == "bool":
             lowered = text.lower()
@@ -109,14 +108,15 @@ def parse_value(key: str, text: str):
                 raise ValueError(text)
             return lowered in ("true", "on", "1", "yes")
         if kind.startswith("int"):
-            return None if text.lower() == "none" else int(text)
-        if kind == "float":
+            return int(text)
+        if kind.startswith("float"):
             return float(text)
     except ValueError:
-        expected = {"bool": "true or false", "float": "a number"}.get(
-            kind, "a whole number" + (" or none" if "None" in kind else ""))
+        expected = {"bool": "true or false", "int": "a whole number", "int|none": "a whole number"}.get(
+            kind, "a number")
+        expected += " or none" if kind.endswith("|none") else ""
         raise PlanError(f"setting {key}: expected {expected}, got {text!r}") from None
-    return None if kind.endswith("None") and text.lower() == "none" else text
+    return text
 
 
 def parse_assignments(items: Iterable[str], as_lists: bool) -> dict:
@@ -136,19 +136,19 @@ def parse_assignments(items: Iterable[str], as_lists: bool) -> dict:
     return result
 
 
-def expand(spec: dict) -> list[JobSettings]:
+def expand(spec: dict) -> list[Job]:
     """Every combination of the grid over the fixed settings, checked, duplicates removed,
     in the grid's order (the last key varies fastest)."""
     fixed, grid = spec.get("fixed", {}), spec.get("grid", {})
     keys = list(grid)
-    jobs: dict[str, JobSettings] = {}
+    jobs: dict[str, Job] = {}
     for combination in itertools.product(*(grid[k] for k in keys)):
-        job = JobSettings.from_dict({**fixed, **dict(zip(keys, combination, strict=True))})
+        job = Job.from_dict({**fixed, **dict(zip(keys, combination, strict=True))})
         jobs.setdefault(job.id, job)
     return list(jobs.values())
 
 
-def check_jobs(jobs: list[JobSettings]) -> dict[str, dict]:
+def check_jobs(jobs: list[Job]) -> dict[str, dict]:
     """Plan every job before any runs, so a mistake in the spec fails at once, in one line."""
     predictions = {}
     for job in jobs:
@@ -168,17 +168,17 @@ class Launch:
 
 # (job, the file its record goes to, the command line, the CUDA device it may see or None, the
 # timeout in seconds or None) -> how the process ended.
-Launcher = Callable[[JobSettings, Path, str, "str | None", "float | None"], Launch]
+Launcher = Callable[[Job, Path, str, "str | None", "float | None"], Launch]
 
 
-def launch_subprocess(job: JobSettings, output: Path, command: str, device: str | None = None,
+def launch_subprocess(job: Job, output: Path, command: str, device: str | None = None,
                       timeout: float | None = None) -> Launch:
     """Run one job in a fresh Python process: its memory, and any crash, end with it. `device`
     sets CUDA_VISIBLE_DEVICES (the job then sees that one GPU as cuda:0); past `timeout` seconds
     the process and everything it started are killed."""
     args = [sys.executable, "-m", "lora_planner.measure.job", "--settings", json.dumps(job.to_dict()),
             "-o", str(output), "--command", command]
-    if job.device == "cpu":
+    if job.run.device == "cpu":
         args.append("--guard")  # a CPU job too large for the host would take the machine down
     env = dict(os.environ)
     if device is not None:
@@ -195,7 +195,7 @@ def launch_subprocess(job: JobSettings, output: Path, command: str, device: str 
     return Launch(process.returncode, (out or "")[-2000:])
 
 
-def _lost_job_record(job: JobSettings, predicted: dict, launch: Launch, command: str,
+def _lost_job_record(job: Job, predicted: dict, launch: Launch, command: str,
                      timeout: float | None = None) -> dict:
     tail = launch.output_tail.strip().splitlines()
     if launch.timed_out:
@@ -206,11 +206,12 @@ def _lost_job_record(job: JobSettings, predicted: dict, launch: Launch, command:
         else:
             why = f"the job process exited with code {launch.returncode} without writing its record"
         status = "oom" if is_out_of_memory(RuntimeError(launch.output_tail)) else "error"
-    device = {"kind": job.device, "name": None, "driver": None, "cuda": None, "torch": None,
+    device = {"kind": job.run.device, "name": None, "driver": None, "cuda": None, "torch": None,
               "memory_total": None}
+    source = "cuda" if job.run.device == "cuda" else "tracer"
     return make_record(job.to_dict(), status=status,
                        error=why + (f"; last output: {tail[-1]}" if tail else ""), device=device,
-                       predicted=predicted, measured={"source": "cuda" if job.device == "cuda" else "tracer"},
+                       predicted=predicted, measured={"source": source},
                        command=command, notes=["device provenance unknown: the job wrote no record"])
 
 
@@ -239,7 +240,7 @@ def parse_shard(text: str) -> tuple[int, int]:
     return index, count
 
 
-def shard_jobs(jobs: list[JobSettings], shard: tuple[int, int] | None) -> list[JobSettings]:
+def shard_jobs(jobs: list[Job], shard: tuple[int, int] | None) -> list[Job]:
     """Every N-th job from the K-th: the shards of a grid are disjoint and together the whole."""
     if shard is None:
         return list(jobs)
@@ -247,7 +248,7 @@ def shard_jobs(jobs: list[JobSettings], shard: tuple[int, int] | None) -> list[J
     return list(jobs[index::count])
 
 
-def run_sweep(jobs: list[JobSettings], output: str | Path, command: str = "",
+def run_sweep(jobs: list[Job], output: str | Path, command: str = "",
               launcher: Launcher = launch_subprocess, progress: bool = True, *,
               timeout: float | None = None, devices: tuple[str, ...] = (),
               shard: tuple[int, int] | None = None) -> SweepResult:
@@ -271,7 +272,7 @@ def run_sweep(jobs: list[JobSettings], output: str | Path, command: str = "",
     for device in devices or (None,):
         free.put(device)
 
-    def run_one(job: JobSettings, bar) -> None:
+    def run_one(job: Job, bar) -> None:
         device = free.get()
         part = output.with_name(f".{output.name}.{job.id}.part")
         part.unlink(missing_ok=True)
