@@ -57,12 +57,17 @@ ROUND_LARGE = 2 * MIB  # kRoundLarge: larger requests round up to it
 
 # GPU generations by CUDA compute capability (major, minor), as torch reports it.
 GENERATIONS = {(7, 0): "volta", (7, 5): "turing", (8, 0): "ampere", (8, 6): "ampere", (8, 7): "ampere",
-               (8, 9): "ada", (9, 0): "hopper", (10, 0): "blackwell", (12, 0): "blackwell"}
+               (8, 9): "ada", (9, 0): "hopper", (10, 0): "blackwell", (12, 0): "blackwell",
+               # ROCm's torch reports gfx942 (MI300X) as (9, 4); hipBLASLt's workspace is assumed
+               # to be cuBLAS's default until readings say otherwise
+               (9, 4): "cdna3"}
 # The catalog's GPUs (`gpus.GPUS`) by generation.
 GPU_GENERATIONS = {"H100-80GB": "hopper", "H100-PCIe-80GB": "hopper", "H200-141GB": "hopper",
                    "A100-80GB": "ampere", "A100-40GB": "ampere", "RTX-3090-24GB": "ampere",
                    "L40S-48GB": "ada", "L4-24GB": "ada", "RTX-4090-24GB": "ada",
-                   "V100-32GB": "volta", "V100-16GB": "volta", "T4-16GB": "turing"}
+                   "V100-32GB": "volta", "V100-16GB": "volta", "T4-16GB": "turing",
+                   "A10G-24GB": "ampere", "RTX-A6000-48GB": "ampere", "RTX-5090-32GB": "blackwell",
+                   "B200-180GB": "blackwell", "MI300X-192GB": "cdna3"}
 DEFAULT_GENERATION = "hopper"  # the default GPU's (H100)
 
 

@@ -52,7 +52,8 @@ def to_dict(plan: Plan) -> dict:
         },
         "gpu": {"name": plan.gpu.name, "memory_bytes": plan.gpu.memory_bytes,
                 "largest_fitting_peak_bytes": largest_fitting_peak(plan.gpu),
-                "peak_tflops": plan.gpu.peak_tflops, "price_per_hour": plan.gpu.price_per_hour},
+                "peak_tflops": plan.gpu.peak_tflops, "price_per_hour": plan.gpu.price_per_hour,
+                "source": plan.gpu.source},
         "plans": [
             {
                 "method": p.method,

@@ -41,12 +41,14 @@ class Workload:
     """How much training, and the assumptions that turn FLOPs into hours and dollars.
 
     `tokens` is the number of tokens trained on (dataset tokens x epochs); None plans no time.
-    `price_per_hour` overrides the GPU catalog's price (USD per GPU-hour).
+    `price_per_hour` overrides the GPU catalog's price (USD per GPU-hour), `peak_tflops` its dense
+    16-bit throughput (`--tflops`; the only one a GPU given by its memory alone has).
     """
 
     tokens: int | None = None
     mfu: float = DEFAULT_MFU
     price_per_hour: float | None = None
+    peak_tflops: float | None = None
 
     def __post_init__(self) -> None:
         if self.tokens is not None and self.tokens <= 0:
@@ -55,6 +57,8 @@ class Workload:
             raise PlanError(f"--mfu must be in (0, 1], got {self.mfu}")
         if self.price_per_hour is not None and self.price_per_hour < 0:
             raise PlanError(f"--price must not be negative, got {self.price_per_hour}")
+        if self.peak_tflops is not None and not (0 < self.peak_tflops < math.inf):
+            raise PlanError(f"--tflops must be a positive number, got {self.peak_tflops}")
 
 
 @dataclass(frozen=True)
@@ -254,9 +258,13 @@ def plus(a: Quantity, b: Quantity) -> Quantity:
 
 
 def notes(workload: Workload | None, gpu: Gpu, dense: bool) -> list[str]:
-    """The assumptions behind the time and cost rows, printed beside them."""
+    """The assumptions behind the time and cost rows, printed beside them; for a GPU of unknown
+    throughput (one given by --gpu-mem), that time and cost are not planned without --tflops."""
+    unknown = [] if gpu.peak_tflops else [
+        f"{gpu.name}: no known throughput or price, so memory only; give --tflops (and --price) "
+        "to plan time and cost"]
     if workload is None or workload.tokens is None:
-        return []
+        return unknown
     price = workload.price_per_hour if workload.price_per_hour is not None else gpu.price_per_hour
     peak = f"{gpu.peak_tflops:g} TFLOP/s dense 16-bit peak" if gpu.peak_tflops else "unknown peak"
     source = ("given" if workload.price_per_hour is not None
@@ -270,4 +278,4 @@ def notes(workload: Workload | None, gpu: Gpu, dense: bool) -> list[str]:
     ]
     if dense:
         lines.append("--params: FLOPs are 6N with no attention term (layer shapes unknown)")
-    return lines
+    return unknown + lines

@@ -6,13 +6,15 @@ an "80 GB" H100 reports 81,559 MiB, an A100 80GB 81,920 MiB. The CUDA context an
 overhead come out of that total; they are planned separately, not hidden in the capacity.
 
 Peak TFLOP/s are the vendors' dense (no 2:4 sparsity) tensor-core figures for the 16-bit format
-training uses: bf16 where the card has it, fp16 on V100 and T4, which have no bf16. Sources are
-NVIDIA's datasheets (H100, H200, A100, L40S, L4, V100, T4) and architecture whitepapers (Ada for
-the RTX 4090, Ampere GA102 for the RTX 3090; for GeForce cards the figure is fp16 with fp32
-accumulation, the mode bf16 training runs in, half of the fp16-accumulate figure).
+training uses: bf16 where the card has it, fp16 on V100 and T4, which have no bf16. Where a sheet
+gives only the figure with sparsity, dense is half of it. For GeForce and RTX workstation cards the
+figure is fp16/bf16 with fp32 accumulation, the mode bf16 training runs in. Each entry names its
+source; NVIDIA publishes no sheet for AWS's A10G, so it carries the A10's figure, an assumption.
 
 Prices are on-demand US dollars per GPU-hour as of 2026-11: round figures chosen as assumptions,
-not quotes from any provider. Override them with `--price` or a price file (see `cost`).
+not quotes from any provider, and only for the cards that have always had one here; the others
+have none (cost is unknown without `--price`). Override them with `--price` or a price file (see
+`cost`). A GPU given only by its memory (`--gpu-mem`) has neither throughput nor price.
 """
 
 from __future__ import annotations
@@ -38,26 +40,53 @@ class Gpu:
     aliases: tuple[str, ...] = ()
     peak_tflops: float | None = None  # dense 16-bit tensor-core TFLOP/s (None: unknown card)
     price_per_hour: float | None = None  # USD per GPU-hour, on demand (None: unknown)
+    source: str = ""  # where the throughput figure comes from
 
 
-def _gpu(name: str, mib: int, tflops: float, price: float, *aliases: str) -> Gpu:
-    return Gpu(name, mib * MIB, aliases, tflops, price)
+def _gpu(name: str, mib: int, tflops: float, price: float | None, source: str, *aliases: str) -> Gpu:
+    return Gpu(name, mib * MIB, aliases, tflops, price, source)
 
 
 GPUS: tuple[Gpu, ...] = (
-    _gpu("H100-80GB", 81559, 989.4, 3.00, "h100", "h100-sxm"),
+    _gpu("H100-80GB", 81559, 989.4, 3.00, "NVIDIA H100 Tensor Core GPU datasheet, H100 SXM: BF16 "
+         "1,979 TFLOPS with sparsity", "h100", "h100-sxm"),
     # The PCIe card has the same 80 GB and NVML total as the SXM one, but fewer SMs and lower clocks.
-    _gpu("H100-PCIe-80GB", 81559, 756.0, 2.50, "h100-pcie"),
-    _gpu("H200-141GB", 143771, 989.4, 3.50, "h200"),
-    _gpu("A100-80GB", 81920, 312.0, 1.80, "a100-80gb", "a100"),
-    _gpu("A100-40GB", 40960, 312.0, 1.30, "a100-40gb"),
-    _gpu("L40S-48GB", 46068, 362.05, 1.00, "l40s"),
-    _gpu("L4-24GB", 23034, 121.0, 0.50, "l4"),
-    _gpu("RTX-4090-24GB", 24564, 165.2, 0.40, "rtx4090", "4090"),
-    _gpu("RTX-3090-24GB", 24576, 71.0, 0.25, "rtx3090", "3090"),
-    _gpu("V100-32GB", 32768, 125.0, 0.55, "v100-32gb", "v100"),
-    _gpu("V100-16GB", 16384, 125.0, 0.45, "v100-16gb"),
-    _gpu("T4-16GB", 15360, 65.0, 0.30, "t4"),
+    _gpu("H100-PCIe-80GB", 81559, 756.0, 2.50, "NVIDIA H100 Tensor Core GPU datasheet, H100 PCIe: "
+         "BF16 1,513 TFLOPS with sparsity", "h100-pcie"),
+    _gpu("H200-141GB", 143771, 989.4, 3.50, "NVIDIA H200 Tensor Core GPU datasheet, H200 SXM: BF16 "
+         "1,979 TFLOPS with sparsity", "h200"),
+    _gpu("A100-80GB", 81920, 312.0, 1.80, "NVIDIA A100 Tensor Core GPU datasheet: BF16 312 TFLOPS "
+         "(624 with sparsity)", "a100-80gb", "a100"),
+    _gpu("A100-40GB", 40960, 312.0, 1.30, "NVIDIA A100 Tensor Core GPU datasheet: BF16 312 TFLOPS "
+         "(624 with sparsity)", "a100-40gb"),
+    _gpu("L40S-48GB", 46068, 362.05, 1.00, "NVIDIA L40S GPU datasheet: BF16 733 TFLOPS with sparsity",
+         "l40s"),
+    _gpu("L4-24GB", 23034, 121.0, 0.50, "NVIDIA L4 Tensor Core GPU datasheet: BF16 242 TFLOPS with "
+         "sparsity", "l4"),
+    _gpu("RTX-4090-24GB", 24564, 165.2, 0.40, "NVIDIA Ada Lovelace GPU architecture whitepaper, "
+         "GeForce RTX 4090: FP16/BF16 tensor with FP32 accumulate 165.2 TFLOPS dense", "rtx4090", "4090"),
+    _gpu("RTX-3090-24GB", 24576, 71.0, 0.25, "NVIDIA Ampere GA102 GPU architecture whitepaper, GeForce "
+         "RTX 3090: FP16/BF16 tensor with FP32 accumulate 71 TFLOPS dense", "rtx3090", "3090"),
+    _gpu("V100-32GB", 32768, 125.0, 0.55, "NVIDIA V100 Tensor Core GPU datasheet, SXM2: FP16 tensor "
+         "125 TFLOPS (no bf16)", "v100-32gb", "v100"),
+    _gpu("V100-16GB", 16384, 125.0, 0.45, "NVIDIA V100 Tensor Core GPU datasheet, SXM2: FP16 tensor "
+         "125 TFLOPS (no bf16)", "v100-16gb"),
+    _gpu("T4-16GB", 15360, 65.0, 0.30, "NVIDIA T4 Tensor Core GPU datasheet: FP16/FP32 mixed 65 "
+         "TFLOPS (no bf16)", "t4"),
+    # Cards added later carry no price: none was chosen for them (give --price).
+    _gpu("A10G-24GB", 23028, 125.0, None, "NVIDIA A10 Tensor Core GPU datasheet: BF16 125 TFLOPS "
+         "(250 with sparsity); AWS's A10G has no NVIDIA sheet, the A10's figure is an assumption",
+         "a10g"),
+    _gpu("RTX-A6000-48GB", 49140, 154.8, None, "NVIDIA Ampere GA102 GPU architecture whitepaper, "
+         "RTX A6000: FP16/BF16 tensor with FP32 accumulate 154.8 TFLOPS dense (309.7 with sparsity)",
+         "rtx-a6000", "a6000"),
+    _gpu("RTX-5090-32GB", 32607, 209.5, None, "NVIDIA RTX Blackwell GPU architecture whitepaper, "
+         "GeForce RTX 5090: FP16/BF16 tensor with FP32 accumulate 209.5 TFLOPS dense", "rtx5090", "5090"),
+    _gpu("B200-180GB", 183359, 2250.0, None, "NVIDIA HGX B200 datasheet: FP16/BF16 tensor 36 PFLOPS "
+         "with sparsity for 8 GPUs, 2.25 PFLOPS dense per GPU", "b200"),
+    # AMD: ROCm's total (rocm-smi, torch.cuda.mem_get_info) of the 192 GB HBM3, 205,822,885,888 B
+    _gpu("MI300X-192GB", 196288, 1307.4, None, "AMD Instinct MI300X accelerator datasheet: peak BF16 "
+         "1,307.4 TFLOPS dense (2,614.9 with sparsity)", "mi300x", "mi300"),
 )
 DEFAULT_GPU = "H100-80GB"
 
@@ -124,9 +153,12 @@ def largest_fitting_peak(gpu: Gpu) -> int:
 
 
 def with_memory(gpu: Gpu, size_text: str) -> Gpu:
-    """The same GPU kind (throughput, price) with its memory overridden, e.g. from `--gpu-mem 24GB`."""
+    """A GPU of `size_text` memory (`--gpu-mem 24GB`) and no known throughput or price: memory is
+    planned, time and cost only with `--tflops` and `--price` (a 24 GB card is not an H100)."""
     from dataclasses import replace
 
     from .units import parse_bytes
 
-    return replace(gpu, name=f"{size_text} GPU", memory_bytes=parse_bytes(size_text))
+    # a card known only by its memory: its throughput and price are unknown (--tflops, --price)
+    return replace(gpu, name=f"{size_text} GPU", memory_bytes=parse_bytes(size_text), peak_tflops=None,
+                   price_per_hour=None, source="")

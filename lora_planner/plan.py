@@ -300,6 +300,8 @@ def make_plan(model: ModelSpec | DenseSize, setups: tuple[TrainSetup, ...], gpu:
     of tokens, also its time and cost. (`fit.with_fit` adds the largest batch and sequence.)"""
     if not setups:
         raise PlanError("nothing to plan: give at least one method")
+    if workload is not None and workload.peak_tflops is not None:  # --tflops: this card's throughput
+        gpu = replace(gpu, peak_tflops=workload.peak_tflops)
     setups = tuple(stacks.resolve(s) for s in setups)  # the stack's preset fills open choices
     plans = []
     for setup in setups:

@@ -56,6 +56,9 @@ def scale_options(f: Callable) -> Callable:
                           "that training sustains (an assumption; lower it for QLoRA)."),
         click.option("--price", type=float, metavar="USD",
                      help=f"USD per GPU-hour (default: the catalog's as of {PRICES_AS_OF}, an assumption)."),
+        click.option("--tflops", type=click.FloatRange(min=0, min_open=True), metavar="TFLOPS",
+                     help="The GPU's peak dense 16-bit TFLOP/s, for time: overrides the catalog's; a "
+                          "--gpu-mem GPU has none, so time and cost need it (and --price)."),
         click.option("--price-file", type=click.Path(dir_okay=False), metavar="PATH",
                      help='GPU name -> USD per GPU-hour, JSON ({"h100": 2.1}) or TOML (h100 = 2.1).'),
     ]
@@ -89,9 +92,10 @@ def setup_changes(num_gpus: int | None, sharding: str, offload: str, reshard_aft
 
 
 def workload(gpu: Gpu, tokens: str | None, dataset_tokens: str | None, epochs: float | None,
-             mfu: float, price: float | None, price_file: str | None, **_) -> Workload:
+             mfu: float, price: float | None, price_file: str | None, tflops: float | None = None,
+             **_) -> Workload:
     """Tokens, MFU and the price for `gpu`: --price, else the price file's entry, else the catalog."""
     n = training_tokens(_tokens(tokens, "--tokens"), _tokens(dataset_tokens, "--dataset-tokens"), epochs)
     if price is None and price_file is not None:
         price = load_prices(price_file).get(gpu.name)
-    return Workload(tokens=n, mfu=mfu, price_per_hour=price)
+    return Workload(tokens=n, mfu=mfu, price_per_hour=price, peak_tflops=tflops)
