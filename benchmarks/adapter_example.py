@@ -39,7 +39,7 @@ import torch
 from lora_planner.adapter_rank import analyze_adapter, diff_checkpoints, resize_adapter
 from lora_planner.measure import lora
 from lora_planner.measure.data import token_stream
-from lora_planner.measure.job import JobSettings, build_model, model_spec
+from lora_planner.measure.job import Job, build_model, model_spec
 from lora_planner.measure.step import train_step
 from lora_planner.reports.adapters import adapter_section, cumulative_energy_plot
 from lora_planner.reports.markdown import code, image
@@ -63,7 +63,7 @@ def eval_loss(model, windows: torch.Tensor) -> float:
     return sum(losses) / len(losses)
 
 
-def initial_model(settings: JobSettings, base: Path | None = None):
+def initial_model(settings: Job, base: Path | None = None):
     """The seeded initial model of every run (`measure.job.build_model`), or the weights saved in `base`."""
     model = build_model(model_spec(settings), settings)
     if base is not None:
@@ -73,7 +73,7 @@ def initial_model(settings: JobSettings, base: Path | None = None):
     return model
 
 
-def train(settings: JobSettings, steps: int, base_path: Path | None = None):
+def train(settings: Job, steps: int, base_path: Path | None = None):
     """Train from the seeded initial weights (saved to `base_path` first, when given); return
     (model, losses, seconds, trainable parameters)."""
     from lora_planner.measure.data import batches
@@ -82,20 +82,21 @@ def train(settings: JobSettings, steps: int, base_path: Path | None = None):
     model = initial_model(settings)
     if base_path is not None:
         save_weights(model, base_path)
-    if settings.method == "lora":
-        lora.inject(model, settings.targets, settings.rank, settings.alpha)
+    setup, run = settings.setup, settings.run
+    if setup.method == "lora":
+        lora.inject(model, setup.targets, setup.rank, run.alpha)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     # foreach=False: the same AdamW arithmetic as the harness's, stepping tensor by tensor, so a full
     # fine-tune of 124M parameters stays near 2 GB on a shared machine.
-    optimizer = torch.optim.AdamW(trainable, lr=settings.lr, foreach=False)
-    data = batches("qa", settings.batch_size, settings.seq_len, spec.vocab_size, settings.seed)
+    optimizer = torch.optim.AdamW(trainable, lr=run.lr, foreach=False)
+    data = batches("qa", setup.batch_size, setup.seq_len, spec.vocab_size, run.seed)
     losses, start = [], time.perf_counter()
     for _, input_ids in zip(range(steps), data, strict=False):
         loss = train_step(model, optimizer, input_ids)
         losses.append(loss.item())
         if len(losses) % 10 == 0:
-            print(f"  {settings.method} r={settings.rank}: step {len(losses)}, loss {losses[-1]:.3f}, "
+            print(f"  {setup.method} r={setup.rank}: step {len(losses)}, loss {losses[-1]:.3f}, "
                   f"{time.perf_counter() - start:.0f} s", flush=True)
     seconds = time.perf_counter() - start
     return model, losses, seconds, sum(p.numel() for p in trainable)
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
               "seed": 0}
     runs = {}
 
-    full = JobSettings(method="full", lr=args.full_lr, **common).checked()
+    full = Job.from_dict({"method": "full", "lr": args.full_lr, **common})
     base_path, tuned_path = work / "base.safetensors", work / "full.safetensors"
     model, losses, seconds, trainable = train(full, args.steps, base_path)
     save_weights(model, tuned_path)
@@ -162,8 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"full: {runs['full']}", flush=True)
 
     for rank in (8, 1):
-        settings = JobSettings(method="lora", rank=rank, alpha=2.0 * rank, lr=args.lora_lr,
-                               **common).checked()
+        settings = Job.from_dict({"method": "lora", "rank": rank, "alpha": 2.0 * rank, "lr": args.lora_lr,
+                                  **common})
         model, losses, seconds, trainable = train(settings, args.steps)
         lora.save_adapter(model, work / f"lora-r{rank}", base_model="gpt2 (random init, seed 0)")
         runs[f"lora r={rank}"] = {"trainable_params": trainable, "lr": args.lora_lr, "alpha": 2.0 * rank,

@@ -27,7 +27,7 @@ from tabulate import tabulate
 
 from lora_planner.measure import lora
 from lora_planner.measure.data import batches
-from lora_planner.measure.job import JobSettings, build_model, model_spec
+from lora_planner.measure.job import Job, build_model, model_spec
 from lora_planner.measure.step import train_step
 
 WARMUP_STEPS = 2
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --device cuda but no CUDA device is available", file=sys.stderr)
         return 2
     if args.only:  # one implementation, in this process: what the parent runs in a child
-        settings = JobSettings(model=args.model, seq_len=args.seq_len)
+        settings = Job.from_dict({"model": args.model, "seq_len": args.seq_len})
         args.model_args = (model_spec(settings), settings)
         print(json.dumps(measure(args.only, IMPLEMENTATIONS[args.only], args)))
         return 0

@@ -29,11 +29,11 @@ def run_in_own_process(tmp_path, **settings) -> dict:
     context exists and no cached block of an earlier test hides its growth."""
     import json
 
-    from lora_planner.measure.job import JobSettings
+    from lora_planner.measure.job import Job
     from lora_planner.measure.records import read_records
 
     output = tmp_path / "record.jsonl"
-    job = JobSettings(**settings).checked()
+    job = Job.from_dict(settings)
     done = subprocess.run([sys.executable, "-m", "lora_planner.measure.job", "--settings",
                            json.dumps(job.to_dict()), "-o", str(output)], capture_output=True, text=True,
                           cwd=ROOT, timeout=600)
@@ -51,18 +51,20 @@ def test_the_training_stacks_kernels_on_cuda_are_within_the_band_of_the_plan(tmp
     if kernels.get("loss") == "fused-linear":
         pytest.importorskip("liger_kernel.transformers")
     record = run_in_own_process(tmp_path, model="gpt2", method="full", batch_size=4, seq_len=512,
-                                steps=3, precision="bf16", device="cuda", data="synthetic", **kernels)
+                                steps=3, precision="amp", device="cuda", data="synthetic", **kernels)
     assert record["status"] == "ok", record["error"]
     assert record["settings"] | kernels == record["settings"]
     assert abs(record["relative_error"]["peak_allocated"]) <= ALLOCATOR_BAND, record["relative_error"]
 
 
-@pytest.mark.parametrize("precision, method", [("fp32", "full"), ("bf16", "lora"), ("fp16", "lora")])
-def test_a_small_gpt2_step_on_cuda_is_within_the_band_of_the_plan(tmp_path, precision, method):
-    if precision == "bf16" and not torch.cuda.is_bf16_supported():
+@pytest.mark.parametrize("precision, amp_dtype, method", [("fp32", "bf16", "full"), ("amp", "bf16", "lora"),
+                                                          ("amp", "fp16", "lora")])
+def test_a_small_gpt2_step_on_cuda_is_within_the_band_of_the_plan(tmp_path, precision, amp_dtype, method):
+    if (precision, amp_dtype) == ("amp", "bf16") and not torch.cuda.is_bf16_supported():
         pytest.skip("this GPU has no bf16")
     record = run_in_own_process(tmp_path, model="gpt2", method=method, rank=8, batch_size=2, seq_len=256,
-                                steps=3, precision=precision, device="cuda", data="synthetic")
+                                steps=3, precision=precision, amp_dtype=amp_dtype, device="cuda",
+                                data="synthetic")
     assert record["status"] == "ok", record["error"]
     measured, predicted = record["measured"], record["predicted"]
     assert measured["source"] == "cuda" and len(measured["step_peaks"]) == 3
@@ -102,10 +104,10 @@ def test_nvml_reads_the_device_torch_uses():
 def test_the_steady_step_peak_holds_the_optimizer_states():
     """From the second step on AdamW's states are live through the whole step: torch's own
     counter at the step's peak is at least parameters + gradients + the states' tensors."""
-    from lora_planner.measure.job import JobSettings, build_model, model_spec
+    from lora_planner.measure.job import Job, build_model, model_spec
     from lora_planner.measure.step import optimizer_holds_states, train_step
 
-    settings = JobSettings(model="gpt2", method="full", batch_size=1, seq_len=128)
+    settings = Job.from_dict({"model": "gpt2", "method": "full", "batch_size": 1, "seq_len": 128})
     model = build_model(model_spec(settings), settings).cuda().train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
     ids = torch.randint(0, 50257, (1, 128), device="cuda")
@@ -124,7 +126,7 @@ def test_the_steady_step_peak_holds_the_optimizer_states():
 
 def test_fp16_warm_up_runs_until_the_scaler_lets_a_step_through(tmp_path):
     record = run_in_own_process(tmp_path, model="gpt2", method="full", batch_size=1, seq_len=128, steps=2,
-                                precision="fp16", device="cuda", data="synthetic")
+                                precision="amp", amp_dtype="fp16", device="cuda", data="synthetic")
     assert record["status"] == "ok", record["error"]
     assert record["measured"]["warmup_steps"] >= 1
     assert not any("held no states" in note for note in record["notes"])
