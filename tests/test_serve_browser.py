@@ -22,12 +22,7 @@ pytestmark = pytest.mark.browser
 
 
 def cli(argv: list[str]):
-    # CliRunner swaps sys.stdout, as the server does under its lock while it plans; the server runs
-    # in this process, so the CLI runs under that lock too, or one would capture the other's output.
-    from lora_planner.cli import serve
-
-    with serve._PLAN_LOCK:
-        return CliRunner().invoke(main, argv)
+    return CliRunner().invoke(main, argv)
 
 
 def cli_json(argv: list[str]) -> dict:
@@ -217,16 +212,16 @@ def test_a_slow_plan_shows_progress(page, base, monkeypatch):
     """While the planner works (here made to take 1.2 s), the page counts the seconds."""
     from lora_planner.cli import serve
 
-    run_plan = serve.run_plan
+    run_plan = serve.PlanServer.run_plan
 
-    def slow(argv, channel=""):
-        if "--seq-len" in argv:
+    def slow(self, argv, heavy, wait):
+        if any(a.startswith("--seq-len") for a in argv):
             time.sleep(1.2)
-        return run_plan(argv, channel)
+        return run_plan(self, argv, heavy, wait)
 
     page.goto(f"{base}/?model=gpt2&method=lora")
     settle(page, "--model gpt2")
-    monkeypatch.setattr(serve, "run_plan", slow)
+    monkeypatch.setattr(serve.PlanServer, "run_plan", slow)
     page.fill("#f-seq-len", "512")
     page.wait_for_function("/planning… [0-9.]+ s/.test(document.getElementById('status').textContent)"
                            " && document.body.dataset.state === 'loading'")
