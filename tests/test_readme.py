@@ -15,6 +15,8 @@ from click.testing import CliRunner
 
 from lora_planner.cli import SUBCOMMANDS, main
 
+from .markdown_doc import tables
+
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -154,6 +156,14 @@ def test_links_point_at_what_exists(page):
         if fragment and target.suffix == ".md":
             headings = re.findall(r"^#{1,6} (.+)$", target.read_text(), flags=re.M)
             assert fragment in {anchor(h) for h in headings}, f"{page.name}: no heading #{fragment}"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=[str(p.relative_to(ROOT)) for p in PAGES])
+def test_tables_are_well_formed(page):
+    """Every table has a header, a separator and rows as wide as the header (`tables` asserts it
+    while it parses); code blocks are left out, since a plan's output is not a table."""
+    text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.S | re.M)
+    assert all(table.rows for table in tables(text))
 
 
 def test_every_hand_written_page_is_in_the_index():
