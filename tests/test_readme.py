@@ -123,6 +123,19 @@ def test_the_quick_start_measure_counts_what_it_says():
     assert quick_start_lines(text) == 7
 
 
+def test_the_quick_start_explains_rows_the_output_has():
+    """Each row the quick start explains in bold is a row of the output shown above it, so a row
+    renamed in the table cannot leave its explanation behind."""
+    text = README.read_text()
+    quick = text[text.index("## Quick start"):text.index("The questions people ask")]
+    output = re.search(r"^```text\n(.*?)^```", quick, flags=re.S | re.M).group(1).splitlines()
+    explained = {t.rstrip(":") for t in re.findall(r"\*\*(.+?)\*\*", quick)}
+    explained -= {"Header", "Columns", "Below the table"}  # parts of the output, not rows
+    assert len(explained) >= 8
+    for row in explained:
+        assert any(line.startswith(row) for line in output), f"no row {row!r} in the quick start's output"
+
+
 def test_shown_outputs_are_current():
     check = subprocess.run([sys.executable, "benchmarks/readme_examples.py", "--check"], cwd=ROOT,
                            capture_output=True, text=True)
