@@ -160,5 +160,12 @@ def with_memory(gpu: Gpu, size_text: str) -> Gpu:
     from .units import parse_bytes
 
     # a card known only by its memory: its throughput and price are unknown (--tflops, --price)
-    return replace(gpu, name=f"{size_text} GPU", memory_bytes=parse_bytes(size_text), peak_tflops=None,
-                   price_per_hour=None, source="")
+    sized = replace(gpu, name=f"{size_text} GPU", memory_bytes=parse_bytes(size_text), peak_tflops=None,
+                    price_per_hour=None, source="")
+    if not fits(0, sized):  # no step could fit: every fit figure would be -1
+        from .units import format_bytes
+
+        allowance = format_bytes(device_allowance(0, sized))
+        raise PlanError(f"--gpu-mem {size_text} is not more than the {allowance} a CUDA process takes "
+                        "before its first tensor (the device allowance)")
+    return sized

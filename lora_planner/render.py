@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from .contract import to_dict, trainable_percent
 from .counts import PEFT_DEFAULT_TARGETS
-from .gpus import MIB
+from .gpus import MIB, largest_fitting_peak
 from .plan import MEMORY_KEYS, MethodPlan, Plan
 from .precision import get_precision
-from .sharding import DISPLAY
+from .sharding import DISPLAY, count_reasons
 from .units import format_bytes
 
 FORMATS = ("table", "markdown", "json", "csv")
@@ -282,6 +282,7 @@ def _scale_explanation(plan: Plan, p: MethodPlan) -> list[str]:
             lines.append(f"  {t.name}: {t.formula} = {t.bytes:,} B")
     lines.append("  min_gpus (no offload): "
                  + ", ".join(f"{DISPLAY[k]} {_count(v)}" for k, v in dp.min_gpus.items()))
+    lines += [f"    {line}" for line in count_reasons(dp, largest_fitting_peak(plan.gpu))]
     if p.flops_per_token is not None:
         lines.append(f"  flops_per_token: {p.flops_per_token.formula}")
     c = p.compute

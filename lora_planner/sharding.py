@@ -393,6 +393,54 @@ def distribute(memory: dict[str, Term], sharding: Sharding | None, buffers: dict
                         dict(kept or {}), counts, None if chosen is None else chosen.peak)
 
 
+# What every GPU holds whole (not divided by N) under each strategy, beside the activations of its
+# own micro-batch, at the moment of the step that sets its GPU count.
+HELD_WHOLE = {
+    "none": "every model state (plain data parallelism shards nothing)",
+    "zero1": "the weights and gradients (zero1 shards only master weights and optimizer states)",
+    "zero2": "the weights (zero2 shards gradients, master weights and optimizer states)",
+    "zero3": "DeepSpeed's run-time buffers: the module being run gathered in full with the "
+             "prefetch bucket (stage3_prefetch_bucket_size), small persistent parameters, that "
+             "module's gradient and the reduce bucket",
+    "fsdp": "FSDP2's buffers: the root (embeddings, final norm, head) gathered from forward to the "
+            "end of backward, two decoder blocks gathered in backward (the one run and the one "
+            "prefetched), a block's gradients whole until their reduce-scatter and the previous "
+            "block's reduce-scatter input",
+}
+
+
+def count_reasons(dp: DataParallel, budget: int) -> list[str]:
+    """Why the strategies need different GPU counts, from the search's own numbers (`Count`): at
+    the moment that sets a strategy's count every GPU holds W bytes whole and S / N of the rest, so
+    the fewest N with W + S / N <= budget is about S / (budget - W). Where ZeRO-3 and FSDP differ,
+    the difference in W (what each holds whole) is the reason."""
+    lines = []
+    for s, c in dp.min_gpus_count.items():
+        name = DISPLAY[s]
+        if c is None:
+            lines.append(f"{name}: no count fits: what every GPU keeps whole, its activations and "
+                         f"{HELD_WHOLE[s]}, is over the {budget:,} B a GPU allows")
+        elif c.gpus == 1:
+            lines.append(f"{name}: 1 GPU holds the step (peak {c.peak:,} B <= {budget:,} B)")
+        else:
+            room = budget - c.whole
+            lines.append(f"{name} {c.gpus}: {c.whole:,} B whole on every GPU (activations and "
+                         f"{HELD_WHOLE[s]}) + {c.sharded:,} B / N; N >= {c.sharded:,} / ({budget:,} - "
+                         f"{c.whole:,}) = {c.sharded / room:,.1f}")
+    z, f = dp.min_gpus_count.get("zero3"), dp.min_gpus_count.get("fsdp")
+    if z and f and z.gpus != f.gpus and min(z.gpus, f.gpus) > 1:
+        more, fewer = ("fsdp", "zero3") if f.gpus > z.gpus else ("zero3", "fsdp")
+        hi, lo = (f, z) if more == "fsdp" else (z, f)
+        lines.append(f"{more} needs {hi.gpus} GPUs where {fewer} needs {lo.gpus}: it holds "
+                     f"{hi.whole - lo.whole:,} B more whole on every GPU, which leaves "
+                     f"{budget - hi.whole:,} B for its shards instead of {budget - lo.whole:,} B"
+                     + (" (FSDP2 keeps the root and two blocks gathered, DeepSpeed one module and "
+                        "its prefetch bucket)" if more == "fsdp" else
+                        " (DeepSpeed's prefetch and reduce buckets beside the gathered module, "
+                        "against FSDP2's root and two blocks)"))
+    return lines
+
+
 def sharding_of(num_gpus: int | None, strategy: str, offload: str) -> Sharding | None:
     """The setup's sharding, or None when no GPU count was given (whole-model totals)."""
     if num_gpus is None:

@@ -104,22 +104,49 @@ class ModelSpec:
                      for p in (self.attn_dropout, self.resid_dropout, self.embd_dropout))
 
     def __post_init__(self) -> None:
+        from .validate import real_number, whole_number
+
         if self.family not in FAMILIES:
             raise PlanError(f"unknown model family {self.family!r}; known: {', '.join(FAMILIES)}")
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
-                     "head_dim", "intermediate_size"):
+        for name, (lo, hi) in SHAPE_LIMITS.items():
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise PlanError(f"model {self.name!r}: {name} must be a positive integer, got {value!r}")
+            if name == "num_experts" and self.family == "mixtral":
+                lo = 1
+            if name == "experts_per_token" and self.family == "mixtral":
+                lo, hi = 1, self.num_experts
+            if name in ("num_experts", "experts_per_token") and self.family != "mixtral":
+                hi = 0  # the dense families have no experts
+            if name != "sliding_window" or value is not None:
+                whole_number(f"model {self.name!r}: {name}", value, lo, hi)
         for name in ("attn_dropout", "resid_dropout", "embd_dropout"):
             value = getattr(self, name)
-            if value is not None and not (isinstance(value, (int, float)) and 0 <= value < 1):
-                raise PlanError(f"model {self.name!r}: {name} must be in [0, 1), got {value!r}")
+            if value is not None:
+                real_number(f"model {self.name!r}: {name}", value, 0, 1, hi_open=True)
         if self.num_heads % self.num_kv_heads:
             raise PlanError(
                 f"model {self.name!r}: num_heads {self.num_heads} is not a multiple of "
                 f"num_kv_heads {self.num_kv_heads}"
             )
+
+
+# What a shape may hold: (least, most) per ModelSpec field. The upper bounds are far above any
+# published model (Llama-3.1-405B: 126 layers, hidden 16,384, vocabulary 128,256; the largest
+# vocabularies are ~256k) and keep every byte count an exact, quickly computed int: planning is
+# linear in layers, so 10^5 layers would take minutes and 10^19 would never finish.
+SHAPE_LIMITS: dict[str, tuple[int, int]] = {
+    "vocab_size": (1, 10**7),
+    "hidden_size": (1, 10**6),
+    "num_layers": (1, 1_000),
+    "num_heads": (1, 10**5),
+    "num_kv_heads": (1, 10**5),
+    "head_dim": (1, 10**5),
+    "intermediate_size": (1, 10**7),
+    "max_positions": (1, 10**9),
+    "num_experts": (0, 1_024),
+    "experts_per_token": (0, 1_024),
+    "sliding_window": (1, 10**9),
+    "max_window_layers": (0, 10**6),
+}
 
 
 @dataclass(frozen=True)
@@ -188,16 +215,13 @@ class DenseSize:
 
 
 def _read_config_json(path: Path) -> dict:
-    import json  # only a local config.json needs it (the plain plan reads the catalog)
+    from .validate import read_json_file
 
     if path.is_dir():
         path = path / "config.json"
     if not path.is_file():
         raise PlanError(f"no config.json at {path}")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise PlanError(f"{path}: not valid JSON ({exc})") from None
+    return read_json_file(path)
 
 
 def spec_from_config_file(path: str | Path) -> ModelSpec:
@@ -224,23 +248,51 @@ def config_display_name(path: Path, config: dict) -> str:
         return resolved.stem
     named = config.get("_name_or_path") if isinstance(config, dict) else None
     if isinstance(named, str) and named.strip():
-        return named.strip()
+        return named.strip()[:200]
     return resolved.parent.name or resolved.name
 
 
-def _need(config: dict, *keys: str, default=None):
+_MISSING = object()
+
+
+def _whole(config: dict, field_name: str, *keys: str, default=_MISSING, least: int | None = None) -> int:
+    """The first of `keys` the config sets (not null), as a whole number within `SHAPE_LIMITS` of
+    the ModelSpec field it fills; `default` when none is set, else an error naming the keys."""
+    from .validate import whole_number
+
     for key in keys:
         if config.get(key) is not None:
-            return config[key]
-    if default is not None:
+            lo, hi = SHAPE_LIMITS[field_name]
+            lo = lo if least is None else least
+            return whole_number(f"config.json {key}", config[key], lo, hi)
+    if default is not _MISSING:
         return default
     raise PlanError(f"config.json has no {' / '.join(keys)}")
 
 
 def _rate(config: dict, key: str) -> float | None:
     """A dropout probability from the config; None (the class default) when absent or null."""
+    from .validate import real_number
+
     value = config.get(key)
-    return None if value is None else float(value)
+    return None if value is None else real_number(f"config.json {key}", value, 0, 1, hi_open=True)
+
+
+def _flag(config: dict, key: str, default: bool) -> bool:
+    from .validate import flag
+
+    return flag(f"config.json {key}", config.get(key), default)
+
+
+def _softcap(config: dict, key: str, default: float) -> bool:
+    """Gemma-2's soft-cap: on unless the config sets it to null; a value must be a positive number."""
+    from .validate import real_number
+
+    value = config.get(key, default)
+    if value is None:
+        return False
+    real_number(f"config.json {key}", value, 0, None, lo_open=True)
+    return True
 
 
 def spec_from_hf_config(config: dict, name: str = "custom", source: str = "") -> ModelSpec:
@@ -248,68 +300,85 @@ def spec_from_hf_config(config: dict, name: str = "custom", source: str = "") ->
 
     Defaults follow each transformers config class: a missing `num_key_value_heads` means multi-head
     attention, a missing `head_dim` means hidden_size / num_heads, a missing GPT-2 `n_inner` means
-    4 * n_embd, and `tie_word_embeddings` defaults to True only where the class does (GPT-2, Gemma-2).
+    4 * n_embd, a missing Mixtral `num_local_experts` / `num_experts_per_tok` means 8 / 2, and
+    `tie_word_embeddings` defaults to True only where the class does (GPT-2, Gemma-2). Every value
+    read is checked here (type, finiteness, `SHAPE_LIMITS`), each failure one line naming the key.
     """
+    from .validate import text
+
     if not isinstance(config, dict):
         raise PlanError("config.json must hold a JSON object")
     model_type = config.get("model_type")
-    family = MODEL_TYPE_TO_FAMILY.get(model_type)
+    family = MODEL_TYPE_TO_FAMILY.get(text("config.json model_type", model_type)
+                                      if model_type is not None else None)
     if family is None:
         raise PlanError(
             f"config.json model_type {model_type!r} is not supported; "
             f"supported: {', '.join(sorted(MODEL_TYPE_TO_FAMILY))}"
         )
-    try:
-        if family == "gpt2":
-            hidden = int(_need(config, "n_embd", "hidden_size"))
-            heads = int(_need(config, "n_head", "num_attention_heads"))
-            return ModelSpec(
-                name=name, family=family, source=source,
-                vocab_size=int(_need(config, "vocab_size")),
-                hidden_size=hidden,
-                num_layers=int(_need(config, "n_layer", "num_hidden_layers")),
-                num_heads=heads, num_kv_heads=heads, head_dim=hidden // heads,
-                intermediate_size=int(_need(config, "n_inner", default=4 * hidden)),
-                tied_embeddings=bool(config.get("tie_word_embeddings", True)),
-                max_positions=int(_need(config, "n_positions", "max_position_embeddings")),
-                qkv_bias=True, out_bias=True, mlp_bias=True,
-                attn_dropout=_rate(config, "attn_pdrop"),
-                resid_dropout=_rate(config, "resid_pdrop"),
-                embd_dropout=_rate(config, "embd_pdrop"),
-            )
-        hidden = int(_need(config, "hidden_size"))
-        heads = int(_need(config, "num_attention_heads"))
+    if family == "gpt2":
+        hidden = _whole(config, "hidden_size", "n_embd", "hidden_size")
+        heads = _whole(config, "num_heads", "n_head", "num_attention_heads")
+        if hidden % heads:  # transformers' GPT2Attention refuses it too
+            raise PlanError(f"config.json n_embd {hidden} is not a multiple of n_head {heads}")
         return ModelSpec(
             name=name, family=family, source=source,
-            vocab_size=int(_need(config, "vocab_size")),
+            vocab_size=_whole(config, "vocab_size", "vocab_size"),
             hidden_size=hidden,
-            num_layers=int(_need(config, "num_hidden_layers")),
-            num_heads=heads,
-            num_kv_heads=int(_need(config, "num_key_value_heads", default=heads)),
-            head_dim=int(_need(config, "head_dim", default=hidden // heads)),
-            intermediate_size=int(_need(config, "intermediate_size")),
-            tied_embeddings=bool(config.get("tie_word_embeddings", family == "gemma2")),
-            max_positions=int(_need(config, "max_position_embeddings", default=4096)),
-            qkv_bias=family == "qwen2" or bool(config.get("attention_bias", False)),
-            out_bias=family != "qwen2" and bool(config.get("attention_bias", False)),
-            mlp_bias=bool(config.get("mlp_bias", False)),
-            num_experts=int(config.get("num_local_experts", 0) or 0) if family == "mixtral" else 0,
-            experts_per_token=int(config.get("num_experts_per_tok", 0) or 0) if family == "mixtral" else 0,
-            attn_dropout=_rate(config, "attention_dropout"),
-            # Phi-3 drops on both residual branches; its embd_pdrop is read by no module in
-            # transformers 5, so it is not planned
-            resid_dropout=_rate(config, "resid_pdrop") if family == "phi3" else None,
-            attn_softcap=config.get("attn_logit_softcapping", 50.0) is not None,
-            final_softcap=config.get("final_logit_softcapping", 30.0) is not None,
-            sliding_window=_sliding_window(config, family),
-            # which layers slide matters only where a window applies
-            max_window_layers=(int(config.get("max_window_layers", 28) or 0)
-                               if family == "qwen2" and _sliding_window(config, family) is not None else 0),
+            num_layers=_whole(config, "num_layers", "n_layer", "num_hidden_layers"),
+            num_heads=heads, num_kv_heads=heads, head_dim=hidden // heads,
+            intermediate_size=_whole(config, "intermediate_size", "n_inner", default=4 * hidden),
+            tied_embeddings=_flag(config, "tie_word_embeddings", True),
+            max_positions=_whole(config, "max_positions", "n_positions", "max_position_embeddings"),
+            qkv_bias=True, out_bias=True, mlp_bias=True,
+            attn_dropout=_rate(config, "attn_pdrop"),
+            resid_dropout=_rate(config, "resid_pdrop"),
+            embd_dropout=_rate(config, "embd_pdrop"),
         )
-    except (TypeError, ValueError) as exc:
-        if isinstance(exc, PlanError):
-            raise
-        raise PlanError(f"config.json has a malformed value: {exc}") from None
+    hidden = _whole(config, "hidden_size", "hidden_size")
+    heads = _whole(config, "num_heads", "num_attention_heads")
+    kv_heads = _whole(config, "num_kv_heads", "num_key_value_heads", default=heads)
+    if heads % kv_heads:
+        raise PlanError(f"config.json num_attention_heads {heads} is not a multiple of "
+                        f"num_key_value_heads {kv_heads}")
+    if hidden < heads and config.get("head_dim") is None:
+        raise PlanError(f"config.json hidden_size {hidden} is smaller than num_attention_heads {heads} "
+                        "and no head_dim is given")
+    mixtral = family == "mixtral"
+    experts = _whole(config, "num_experts", "num_local_experts", default=8, least=1) if mixtral else 0
+    top_k = _whole(config, "experts_per_token", "num_experts_per_tok", default=2,
+                   least=1) if mixtral else 0
+    if mixtral and top_k > experts:
+        raise PlanError(f"config.json num_experts_per_tok {top_k} is more than num_local_experts {experts}")
+    window = _sliding_window(config, family)
+    attention_bias = _flag(config, "attention_bias", False)
+    return ModelSpec(
+        name=name, family=family, source=source,
+        vocab_size=_whole(config, "vocab_size", "vocab_size"),
+        hidden_size=hidden,
+        num_layers=_whole(config, "num_layers", "num_hidden_layers"),
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=_whole(config, "head_dim", "head_dim", default=hidden // heads),
+        intermediate_size=_whole(config, "intermediate_size", "intermediate_size"),
+        tied_embeddings=_flag(config, "tie_word_embeddings", family == "gemma2"),
+        max_positions=_whole(config, "max_positions", "max_position_embeddings", default=4096),
+        qkv_bias=family == "qwen2" or attention_bias,
+        out_bias=family != "qwen2" and attention_bias,
+        mlp_bias=_flag(config, "mlp_bias", False),
+        num_experts=experts,
+        experts_per_token=top_k,
+        attn_dropout=_rate(config, "attention_dropout"),
+        # Phi-3 drops on both residual branches; its embd_pdrop is read by no module in
+        # transformers 5, so it is not planned
+        resid_dropout=_rate(config, "resid_pdrop") if family == "phi3" else None,
+        attn_softcap=family != "gemma2" or _softcap(config, "attn_logit_softcapping", 50.0),
+        final_softcap=family != "gemma2" or _softcap(config, "final_logit_softcapping", 30.0),
+        sliding_window=window,
+        # which layers slide matters only where a window applies
+        max_window_layers=(_whole(config, "max_window_layers", "max_window_layers", default=28)
+                           if family == "qwen2" and window is not None else 0),
+    )
 
 
 # The config classes' `sliding_window` when a config.json leaves it out (Qwen2's applies only with
@@ -318,10 +387,11 @@ SLIDING_WINDOW_DEFAULT = {"mistral": 4096, "gemma2": 4096, "qwen2": 4096}
 
 
 def _sliding_window(config: dict, family: str) -> int | None:
-    if family in ("llama", "gpt2") or (family == "qwen2" and not config.get("use_sliding_window", False)):
+    if family in ("llama", "gpt2") or (family == "qwen2" and not _flag(config, "use_sliding_window", False)):
         return None
-    window = config.get("sliding_window", SLIDING_WINDOW_DEFAULT.get(family))
-    return None if window is None else int(window)
+    if "sliding_window" in config and config["sliding_window"] is None:
+        return None
+    return _whole(config, "sliding_window", "sliding_window", default=SLIDING_WINDOW_DEFAULT.get(family))
 
 
 def to_hf_config(spec: ModelSpec) -> dict:

@@ -15,20 +15,30 @@ UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
 _SIZE = r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]+)\s*$"
 
 
-def parse_bytes(text: str) -> int:
+# The most a size or a count may be: a petabyte of GPU memory, 10^15 parameters or tokens (the
+# largest models and pretraining runs are thousands of times smaller). Far above real values, and
+# small enough that every product stays an exact int and every float finite.
+MAX_BYTES = 10**15
+MAX_COUNT = 10**15
+
+
+def parse_bytes(text: str, most: int = MAX_BYTES) -> int:
     """'80GB' -> 80,000,000,000; '80GiB' -> 85,899,345,920; '81559MiB' -> 85,520,809,984."""
-    match = re.match(_SIZE, text)
+    match = re.match(_SIZE, text) if len(text) <= 100 else None
     if not match or match.group(2).upper() not in UNITS:
         raise PlanError(f"cannot read size {text!r}: write a number and a unit such as 80GB, 80GiB, 81559MiB")
     number, unit = match.groups()
     value = round(float(number) * UNITS[unit.upper()])
     if value <= 0:
         raise PlanError(f"size {text!r} must be positive")
+    if value > most:
+        raise PlanError(f"size {text!r} is more than {format_bytes(most)}")
     return value
 
 
-def parse_count(text: str) -> int:
-    """A parameter count: '70e9', '70B', '1.5b', '124439808'."""
+def parse_count(text: str, most: int = MAX_COUNT, what: str = "parameter count") -> int:
+    """A parameter count: '70e9', '70B', '1.5b', '124439808'; from 1 to `most`. `what` names the
+    value in an error (a token count reads the same)."""
     cleaned = text.strip().replace(",", "").replace("_", "")
     scale = {"K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12}.get(cleaned[-1:].upper(), 1)
     if scale != 1:
@@ -36,9 +46,11 @@ def parse_count(text: str) -> int:
     try:
         value = float(cleaned) * scale
     except ValueError:
-        raise PlanError(f"cannot read parameter count {text!r}: write e.g. 70e9 or 70B") from None
+        raise PlanError(f"cannot read {what} {text!r}: write e.g. 70e9 or 70B") from None
     if value < 1 or value != value or value == float("inf"):
-        raise PlanError(f"parameter count {text!r} must be a positive number")
+        raise PlanError(f"{what} {text!r} must be a positive number")
+    if value > most:
+        raise PlanError(f"{what} {text!r} is more than {most:,}")
     return round(value)
 
 

@@ -73,3 +73,26 @@ def test_fit_recovers_context_and_cache_fraction_from_noisy_readings():
     assert fitted.context_bytes == pytest.approx(context, abs=4 * 2**20)
     assert fitted.cache_fraction == pytest.approx(fraction, abs=1e-4)
     assert allowance.fit_allowance(points[:1], "ampere") is None
+
+
+@pytest.mark.parametrize("model, method", [("llama-3.1-70b", "full"), ("llama-3.1-70b", "lora"),
+                                           ("llama-3.1-8b", "full")])
+def test_the_allowance_is_on_one_of_the_gpus_the_plan_shows(model, method):
+    """Without --num-gpus, a step that needs N GPUs gets its allowance on the peak of one of those N,
+    the same as a plan made on N GPUs under that strategy says (not on one GPU holding it all)."""
+    spec, gpu = resolve_model(model), get_gpu("h100")
+    setup = TrainSetup(method=method, seq_len=2048)
+    whole = make_plan(spec, (setup,), gpu).plans[0]
+    assert whole.gpus_needed > 1 and not whole.fits
+    on_n = make_plan(spec, (setup.with_(num_gpus=whole.gpus_needed, sharding=whole.gpus_needed_strategy),),
+                     gpu).plans[0]
+    assert on_n.fits
+    assert whole.per_gpu_peak == on_n.memory["peak"].bytes
+    assert whole.device_overhead.bytes == on_n.device_overhead.bytes \
+        == allowance.allowance(on_n.memory["peak"].bytes, gpu.name).total
+    assert whole.device_overhead.bytes < 0.1 * gpu.memory_bytes  # 70B full was 57.1 GB on one GPU
+
+
+def test_a_step_on_one_gpu_keeps_its_allowance_on_its_peak():
+    plan = make_plan(resolve_model("gpt2"), (TrainSetup(method="lora"),), get_gpu("h100")).plans[0]
+    assert plan.fits and plan.per_gpu_peak == plan.memory["peak"].bytes

@@ -67,7 +67,7 @@ def test_params_only_back_of_envelope():
 
 
 @pytest.mark.parametrize("size,expected", [("80GB", 80 * 10**9), ("80GiB", 80 * 2**30),
-                                           ("81559MiB", 81559 * 2**20), ("500MB", 500 * 10**6)])
+                                           ("81559MiB", 81559 * 2**20), ("900MB", 900 * 10**6)])
 def test_gpu_mem_units(size, expected):
     assert plan_json("--params", "1e9", "--gpu-mem", size)["gpu"]["memory_bytes"] == expected
 

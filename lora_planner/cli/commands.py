@@ -15,9 +15,14 @@ from ..render import FORMATS, render, to_explanation
 from ..spec import DEFAULT_SEQ_LEN, DenseSize, ModelSpec, TrainSetup, default_seq_len
 from ..units import parse_count
 from .common import UserError, need_measure_extra, parse_ranks, split_values
+from .option_types import MAX_BATCH, MAX_LAYERS, MAX_RANK, MAX_SEQ_LEN, check_ranks, check_targets
 from .scale_options import scale_options, setup_changes, workload
 from .stack_options import stack_changes, stack_options
 from .step_options import dropout_option, step_options
+
+# A seq-cls head's outputs and stored fine-tunes: far above real use, small enough to plan at once.
+MAX_LABELS = 10**6
+MAX_TASKS = 10**6
 
 
 @click.command("plan")
@@ -29,9 +34,9 @@ from .step_options import dropout_option, step_options
                    "full fine-tuning's model states and checkpoint data.")
 @click.option("--method", "methods", multiple=True, metavar="M[,M]",
               help=f"Methods side by side: {', '.join(METHODS)} (default: all; full with --params).")
-@click.option("--rank", "ranks", multiple=True, metavar="R[,R]",
+@click.option("--rank", "ranks", multiple=True, metavar="R[,R]", callback=check_ranks,
               help="LoRA ranks, repeated or comma-separated (default 8).")
-@click.option("--targets", "targets", multiple=True, metavar="T[,T]",
+@click.option("--targets", "targets", multiple=True, metavar="T[,T]", callback=check_targets,
               help=f"LoRA targets: a preset ({', '.join(PRESET_NAMES)}), module names matched as "
                    "PEFT matches them (exact path or dotted suffix), or re:REGEX. Default: PEFT's "
                    "default for the model's family.")
@@ -55,9 +60,9 @@ from .step_options import dropout_option, step_options
               show_default=True, help="Checkpoint dtype; auto saves weights as they are stored.")
 @click.option("--task", type=click.Choice(["causal-lm", "seq-cls"]), default="causal-lm",
               show_default=True, help="seq-cls replaces the LM head with a trained `score` head.")
-@click.option("--num-labels", type=click.IntRange(min=1), default=2, show_default=True,
+@click.option("--num-labels", type=click.IntRange(1, MAX_LABELS), default=2, show_default=True,
               help="Outputs of the seq-cls head.")
-@click.option("--tasks", "tasks", type=click.IntRange(min=1), default=1, show_default=True,
+@click.option("--tasks", "tasks", type=click.IntRange(1, MAX_TASKS), default=1, show_default=True,
               help="Storage for N task-specific fine-tunes: N full copies vs base + N adapters.")
 @step_options
 @stack_options
@@ -196,17 +201,18 @@ def models_command(fmt: str) -> None:
 @click.option("--model", "model_name", required=True, metavar="NAME|PATH",
               help="Catalog name or a local config.json (as for `plan`).")
 @click.option("--method", type=click.Choice(["full", "lora"]), default="lora", show_default=True)
-@click.option("--rank", type=click.IntRange(min=1), default=8, show_default=True)
-@click.option("--targets", "targets", multiple=True, metavar="T[,T]", help="LoRA targets, as for `plan`.")
+@click.option("--rank", type=click.IntRange(1, MAX_RANK), default=8, show_default=True)
+@click.option("--targets", "targets", multiple=True, metavar="T[,T]", callback=check_targets,
+              help="LoRA targets, as for `plan`.")
 @click.option("--precision", type=click.Choice(["fp32", "amp", "pure-bf16"]), default="fp32",
               show_default=True, help="What a plain PyTorch step can run: fp32, bf16 autocast, bf16 model.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--seq-len", type=click.IntRange(min=1), default=512, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1, MAX_BATCH), default=1, show_default=True)
+@click.option("--seq-len", type=click.IntRange(1, MAX_SEQ_LEN), default=512, show_default=True)
 @click.option("--grad-checkpointing/--no-grad-checkpointing", default=False, show_default=True)
 @click.option("--attention", type=click.Choice(["sdpa", "eager"]), default="sdpa", show_default=True)
 @stack_options
 @dropout_option
-@click.option("--layers", type=click.IntRange(min=1), default=None,
+@click.option("--layers", type=click.IntRange(1, MAX_LAYERS), default=None,
               help="Trace only the first N decoder layers (a slice of a large model).")
 @click.option("--fake", is_flag=True,
               help="Run under FakeTensorMode: same byte counts, no memory allocated (70B slices fit).")

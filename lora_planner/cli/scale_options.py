@@ -15,17 +15,21 @@ from ..errors import PlanError
 from ..gpus import PRICES_AS_OF, Gpu
 from ..sharding import OFFLOADS, STRATEGIES, STRATEGY_ALIASES, strategy_name
 from ..units import parse_count
+from .option_types import MAX_GPUS, MAX_PARAMETERS, FiniteFloat
 
 OPTIONS = ("num_gpus", "sharding", "offload", "reshard_after_forward", "zero3_max_live_parameters",
            "zero3_prefetch_bucket_size", "reduce_bucket_size", "zero3_param_persistence_threshold",
            "tokens", "dataset_tokens", "epochs", "mfu", "price",
            "price_file")
+# Passes over a dataset and USD per GPU-hour: far above any real value, and finite.
+MAX_EPOCHS = 10**6
+MAX_PRICE = 10**6
 
 
 def scale_options(f: Callable) -> Callable:
     """Add the options to a click command (applied bottom-up, so listed here in reverse)."""
     options = [
-        click.option("--num-gpus", type=int, metavar="N",
+        click.option("--num-gpus", type=click.IntRange(1, MAX_GPUS), metavar="N",
                      help="Data-parallel GPUs. Memory becomes per GPU, and time is on N GPUs."),
         click.option("--sharding", type=click.Choice([*STRATEGIES, *STRATEGY_ALIASES], case_sensitive=False),
                      default="none", show_default=True,
@@ -39,22 +43,24 @@ def scale_options(f: Callable) -> Callable:
         click.option("--reshard-after-forward/--no-reshard-after-forward", default=True, show_default=True,
                      help="fsdp: free each layer's gathered weights after its forward (on), or keep them "
                           "to backward (off: more memory, one all-gather fewer)."),
-        click.option("--zero3-max-live-parameters", type=click.IntRange(min=0), metavar="N",
+        click.option("--zero3-max-live-parameters", type=click.IntRange(0, MAX_PARAMETERS), metavar="N",
                      help="zero3: DeepSpeed's stage3_max_live_parameters (default 1e9)."),
-        click.option("--zero3-prefetch-bucket-size", type=click.IntRange(min=0), metavar="N",
+        click.option("--zero3-prefetch-bucket-size", type=click.IntRange(0, MAX_PARAMETERS), metavar="N",
                      help="zero3: stage3_prefetch_bucket_size in parameters (default: HF auto, 0.9 h^2)."),
-        click.option("--reduce-bucket-size", type=click.IntRange(min=0), metavar="N",
+        click.option("--reduce-bucket-size", type=click.IntRange(0, MAX_PARAMETERS), metavar="N",
                      help="zero3: reduce_bucket_size in elements (default: HF auto, h^2)."),
-        click.option("--zero3-param-persistence-threshold", type=click.IntRange(min=0), metavar="N",
+        click.option("--zero3-param-persistence-threshold", type=click.IntRange(0, MAX_PARAMETERS),
+                     metavar="N",
                      help="zero3: stage3_param_persistence_threshold (default: HF auto, 10 h)."),
         click.option("--tokens", "tokens", metavar="N",
                      help="Tokens to train on (1e9, 1B): adds FLOPs, wall hours, GPU-hours and cost."),
         click.option("--dataset-tokens", metavar="N", help="Tokens in the dataset; with --epochs."),
-        click.option("--epochs", type=float, help="Passes over --dataset-tokens (default 1)."),
+        click.option("--epochs", type=FiniteFloat(0, MAX_EPOCHS, lo_open=True),
+                     help="Passes over --dataset-tokens (default 1)."),
         click.option("--mfu", type=float, default=DEFAULT_MFU, show_default=True,
                      help="Model FLOP utilisation: the share of the GPUs' peak dense 16-bit FLOP/s "
                           "that training sustains (an assumption; lower it for QLoRA)."),
-        click.option("--price", type=float, metavar="USD",
+        click.option("--price", type=FiniteFloat(None, MAX_PRICE), metavar="USD",  # negative: cost says
                      help=f"USD per GPU-hour (default: the catalog's as of {PRICES_AS_OF}, an assumption)."),
         click.option("--tflops", type=click.FloatRange(min=0, min_open=True), metavar="TFLOPS",
                      help="The GPU's peak dense 16-bit TFLOP/s, for time: overrides the catalog's; a "
@@ -71,8 +77,10 @@ def _tokens(text: str | None, option: str) -> int | None:
     if text is None:
         return None
     try:
-        return parse_count(text)
-    except PlanError:
+        return parse_count(text, what=option)
+    except PlanError as exc:
+        if "cannot read" not in str(exc):
+            raise  # read, but out of range: say so
         raise PlanError(f"cannot read {option} {text!r}: write e.g. 1e9 or 1B") from None
 
 

@@ -11,6 +11,7 @@ from collections.abc import Callable
 import click
 
 from ..stacks import DEFAULT_STACK, LOSSES, OPTIMIZER_IMPLS, STACKS, get_stack
+from .option_types import MAX_SEQ_LEN
 
 
 def stack_options(f: Callable) -> Callable:
@@ -29,7 +30,7 @@ def stack_options(f: Callable) -> Callable:
         click.option("--loss", type=click.Choice(list(LOSSES)), default=None,
                      help="standard: full logits + fp32 copy; chunked: torchtune's chunked CE; "
                           "fused-linear: Liger's fused linear CE (no logits). Default: the stack's."),
-        click.option("--loss-chunks", type=click.IntRange(min=1), default=None,
+        click.option("--loss-chunks", type=click.IntRange(1, MAX_SEQ_LEN), default=None,
                      help="Chunks of the chunked cross-entropy (default 8, torchtune's)."),
         click.option("--activation-offload/--no-activation-offload", default=None,
                      help="With checkpointing, keep the checkpointed layer inputs in CPU memory. "

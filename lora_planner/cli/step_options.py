@@ -13,17 +13,19 @@ from collections.abc import Callable
 import click
 
 from ..precision import PRECISIONS
+from .option_types import MAX_BATCH, MAX_SEQ_LEN, FiniteFloat
 
 PRECISION_HELP = ("fp32: all fp32 (16 B/param with AdamW). amp: autocast, fp32 storage. mixed: "
                   "16-bit weights+grads, fp32 master+Adam (16 B). bf16: no master copy (12 B). "
                   "pure-bf16: Adam states in bf16 too (8 B).")
 
+
 def step_options(f: Callable) -> Callable:
     """Add --batch-size, --seq-len, --grad-checkpointing and --attention to a click command."""
     options = [
-        click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
+        click.option("--batch-size", type=click.IntRange(1, MAX_BATCH), default=1, show_default=True,
                      help="Micro-batch size (sequences per step per GPU)."),
-        click.option("--seq-len", type=click.IntRange(min=1), default=None,
+        click.option("--seq-len", type=click.IntRange(1, MAX_SEQ_LEN), default=None,
                      help="Tokens per sequence. Default: 2,048, or the model's context when that is "
                           "shorter (GPT-2: 1,024)."),
         click.option("--grad-checkpointing/--no-grad-checkpointing", default=False, show_default=True,
@@ -42,7 +44,7 @@ def step_options(f: Callable) -> Callable:
 def dropout_option(f: Callable) -> Callable:
     """Add --dropout P: every dropout of the model at P, instead of the rates its config states."""
     return click.option(
-        "--dropout", type=click.FloatRange(0, 1, max_open=True), default=None, metavar="P",
+        "--dropout", type=FiniteFloat(0, 1, hi_open=True), default=None, metavar="P",
         help="Set every dropout of the model (attention, residual, embedding) to P. Default: the "
              "rates config.json states (GPT-2's class default 0.1 where it states none; others 0). "
              "Each dropout keeps a mask for backward.")(f)

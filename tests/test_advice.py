@@ -1,0 +1,162 @@
+"""Advice for a plan that does not fit, held to the CLI itself: every suggestion is run again as the
+flags it names, and that separate plan must fit with the numbers the suggestion gave. The headline
+checkpointing line is held to a separate --grad-checkpointing run, and --explain's account of the
+GPU counts to plans made on those counts."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import random
+import shlex
+
+import pytest
+from click.testing import CliRunner
+
+from lora_planner.advice import PER_METHOD
+from lora_planner.cli import main
+
+
+def plan_json(*args: str) -> dict:
+    result = CliRunner().invoke(main, ["plan", *args, "--format", "json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output)
+
+
+def method_args(method: str, rank: int | None) -> list[str]:
+    return ["--method", method] + ([] if rank is None else ["--rank", str(rank)])
+
+
+def applied(base: list[str], suggestion: dict) -> list[str]:
+    """The command the suggestion names: the base (one method) with its flags added; a change of
+    method replaces the method rather than adding a second one."""
+    change = shlex.split(suggestion["change"])
+    method = suggestion["method"]
+    if "--method" in change:
+        i = change.index("--method")
+        method = change[i + 1]
+        change = change[:i] + change[i + 2:]
+    return [*base, *method_args(method, suggestion["rank"]), *change]
+
+
+def check_suggestions(base: list[str], method: str, rank: int | None) -> list[dict]:
+    """Plan `base` for one method; run every suggestion as a fresh CLI plan and check it fits with
+    the suggestion's numbers. Returns the suggestions."""
+    data = plan_json(*base, *method_args(method, rank))
+    p = data["plans"][0]
+    suggestions = data["suggestions"]
+    if p["fits"]:
+        assert suggestions == [] and data["with_grad_checkpointing"] is None
+        return []
+    assert 0 < len(suggestions) <= PER_METHOD or p["gpus_needed"] is None
+    gpus = [s["effect"]["gpus"] for s in suggestions]
+    assert gpus == sorted(gpus)  # fewest GPUs first
+    for s in suggestions:
+        assert (s["method"], s["rank"]) == (method, rank)
+        again = plan_json(*applied(base, s))
+        q = again["plans"][0]
+        assert q["fits"], (s, q["memory_bytes"])
+        assert q["memory_bytes"]["peak"] == s["effect"]["peak_bytes_per_gpu"]
+        assert (again["setup"]["num_gpus"] or 1) == s["effect"]["gpus"]
+        assert again["suggestions"] == []
+        if s["effect"]["gpus"] < (p["gpus_needed"] or math.inf):
+            assert s["change"] != f"--num-gpus {p['gpus_needed']}"  # a change, not just more GPUs
+    return suggestions
+
+
+def _cases() -> list[tuple[str, str, int | None, str, int]]:
+    """A seeded sample of models x methods x GPUs x batch sizes (most do not fit one GPU)."""
+    models = ["llama-3.1-8b", "qwen2.5-7b", "gemma-2-2b", "llama-3.2-3b", "mistral-7b", "phi-3-mini"]
+    grid = [(m, method, None if method == "full" else 8, gpu, batch)
+            for m, method, gpu, batch in itertools.product(
+                models, ["full", "lora", "qlora"], ["rtx4090", "l4", "t4", "a100-40gb", "a10g"], [4, 16])]
+    return random.Random(29).sample(grid, 16)
+
+
+@pytest.mark.parametrize("model, method, rank, gpu, batch", _cases())
+def test_every_suggestion_fits_when_run_as_its_flags(model, method, rank, gpu, batch):
+    check_suggestions(["--model", model, "--gpu", gpu, "--batch-size", str(batch), "--seq-len", "1024"],
+                      method, rank)
+
+
+@pytest.mark.parametrize("extra", [
+    ["--num-gpus", "2", "--sharding", "zero2"],  # a count and strategy given: advice keeps them
+    ["--num-gpus", "4", "--sharding", "fsdp"],
+])
+def test_suggestions_under_a_given_count_and_strategy(extra):
+    base = ["--model", "llama-3.1-8b", "--gpu", "rtx4090", "--batch-size", "2", *extra]
+    for method, rank in (("full", None), ("lora", 8)):
+        for s in check_suggestions(base, method, rank):
+            if "--sharding" not in s["change"]:  # only the count changes under the chosen strategy
+                assert s["effect"]["strategy"] in ("single", extra[-1])
+
+
+def test_the_dead_end_gets_a_way_out():
+    """8B LoRA at batch 4 on a 24 GB card: not even one sequence fits without checkpointing."""
+    base = ["--model", "llama-3.1-8b", "--gpu", "rtx4090", "--batch-size", "4"]
+    suggestions = check_suggestions(base, "lora", 8)
+    assert suggestions[0]["effect"]["gpus"] == 1
+    table = CliRunner().invoke(main, ["plan", *base, "--method", "lora"]).output
+    assert "to make it fit" in table and suggestions[0]["change"] in table
+
+
+def test_a_smaller_batch_is_the_largest_that_fits():
+    base = ["--model", "llama-3.2-1b", "--gpu", "l4", "--batch-size", "64"]
+    suggestions = check_suggestions(base, "lora", 8)
+    batch = [s for s in suggestions if s["change"].startswith("--batch-size")]
+    assert batch, suggestions
+    b = int(batch[0]["change"].split()[1])
+    assert not plan_json(*base, *method_args("lora", 8), "--batch-size", str(b + 1))["plans"][0]["fits"]
+
+
+def test_headline_checkpointing_line_is_a_checkpointed_plans_numbers():
+    data = plan_json("--model", "70b", "--rank", "8")
+    again = plan_json("--model", "70b", "--rank", "8", "--grad-checkpointing")
+    assert data["with_grad_checkpointing"] is not None
+    for line, q in zip(data["with_grad_checkpointing"], again["plans"], strict=True):
+        assert (line["method"], line["rank"]) == (q["method"], q["rank"])
+        assert line["gpus_needed"] == q["gpus_needed"]
+        assert line["gpus_needed_strategy"] == q["gpus_needed_strategy"]
+        assert line["activations_bytes"] == q["memory_bytes"]["activations"]
+    assert [q["gpus_needed"] for q in again["plans"]] == [15, 2, 1]
+    table = CliRunner().invoke(main, ["plan", "--model", "70b", "--rank", "8"]).output
+    headline = "with --grad-checkpointing: full 15 GPUs (zero3), lora r=8 2 GPUs (zero3), qlora r=8 1 GPU"
+    assert headline in table
+
+
+def test_headline_suggestions_fit():
+    base = ["--model", "70b"]
+    for method, rank in (("full", None), ("lora", 8), ("qlora", 8)):
+        assert check_suggestions(base, method, rank)
+
+
+def test_a_plan_that_fits_has_no_advice():
+    data = plan_json("--model", "gpt2", "--method", "lora")
+    assert data["suggestions"] == [] and data["with_grad_checkpointing"] is None
+    table = CliRunner().invoke(main, ["plan", "--model", "gpt2"]).output
+    assert "to make it fit" not in table and "with --grad-checkpointing" not in table
+
+
+def test_markdown_carries_the_advice():
+    out = CliRunner().invoke(main, ["plan", "--model", "llama-3.1-8b", "--method", "lora", "--gpu", "rtx4090",
+                                    "--batch-size", "4", "--format", "markdown"]).output
+    assert "- to make it fit (each change planned again):" in out
+    assert "  - lora r=8: `--grad-checkpointing --method qlora` -> 1 GPU" in out
+
+
+def test_explain_says_why_fsdp_needs_more_gpus_than_zero3():
+    """70B full on H100: zero3 96, fsdp 255. Each count's split into what every GPU holds whole (W)
+    and what it shares (S) must reproduce the peak a plan on that count reports, and the count."""
+    out = CliRunner().invoke(main, ["plan", "--model", "70b", "--method", "full", "--explain"]).output
+    assert "fsdp needs 255 GPUs where zero3 needs 96: it holds" in out
+    budget = None
+    for strategy, n in (("zero3", 96), ("fsdp", 255)):
+        line = next(x for x in out.splitlines() if x.strip().startswith(f"{strategy} {n}:"))
+        numbers = [int(t.replace(",", "")) for t in line.replace("(", " ").replace(")", " ").split()
+                   if t.replace(",", "").isdigit() and "," in t]
+        whole, sharded, budget = numbers[0], numbers[1], numbers[3]
+        assert math.ceil(sharded / (budget - whole)) == n
+        peak = plan_json("--model", "70b", "--method", "full", "--num-gpus", str(n), "--sharding",
+                         strategy)["plans"][0]["memory_bytes"]["peak"]
+        assert abs(peak - (whole + sharded / n)) < 2e-4 * peak  # shares round up, tensor by tensor
