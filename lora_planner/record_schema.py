@@ -24,6 +24,9 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 from . import __version__
 
@@ -127,24 +130,146 @@ def make_record(settings: dict, *, status: str, device: dict, predicted: dict, m
     }
 
 
+# Bytes are counted in a signed 64-bit integer (torch, NVML, safetensors): anything at or past this is
+# not a reading, and it would overflow a float in the report's arithmetic.
+BYTE_LIMIT = 2**63
+# The byte counts a reader uses, where they may appear in a record (each optional but `predicted.peak`).
+PREDICTED_BYTES = ("peak", "weights", "gradients", "master_weights", "optimizer_states", "activations",
+                   "device_overhead_bytes")
+MEASURED_BYTES = ("peak_allocated", "peak_reserved", "nvml_peak_used", "nvml_baseline_used")
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _byte_count_problem(where: str, value: object) -> str | None:
+    if value is None:
+        return None
+    if whole(value) is None:
+        return f"{where} is {_shown(value)}, not a whole number of bytes"
+    if not 0 <= value < BYTE_LIMIT:
+        return f"{where} is {_shown(value)}, outside 0 to 2^63 bytes"
+    return None
+
+
+def _shape_problem(record: dict) -> str | None:
+    """Why a record's values are not the types the readers use (None when they are): every field
+    a report or a resume reads, so that no value in a file can make one of them raise."""
+    for key in ("id", "status"):
+        if not isinstance(record.get(key), str):
+            return f"`{key}` is {_shown(record.get(key))}, not a string"
+    for key in ("settings", "device", "predicted", "measured"):
+        if not isinstance(record.get(key), dict):
+            return f"`{key}` is {_shown(record.get(key))}, not a JSON object"
+    if record["status"] not in STATUSES:
+        return f"status {record['status']!r} is not one of {', '.join(STATUSES)}"
+    for key in ("error", "command", "created", "lora_plan_version"):
+        if record.get(key) is not None and not isinstance(record[key], str):
+            return f"`{key}` is {_shown(record[key])}, not a string"
+    notes = record.get("notes")
+    if notes is not None and not (isinstance(notes, list) and all(isinstance(n, str) for n in notes)):
+        return f"`notes` is {_shown(notes)}, not a list of strings"
+    errors = record.get("relative_error")
+    if errors is not None:
+        if not isinstance(errors, dict):
+            return f"`relative_error` is {_shown(errors)}, not a JSON object"
+        for key, value in errors.items():
+            if value is not None and (not isinstance(value, int | float) or isinstance(value, bool)
+                                      or (isinstance(value, int) and abs(value) >= BYTE_LIMIT)):
+                return f"relative_error.{key} is {_shown(value)}, not a number"
+    predicted, measured, device = record["predicted"], record["measured"], record["device"]
+    if predicted.get("peak") is None:
+        return "predicted.peak is missing"
+    checks = [(f"predicted.{k}", predicted.get(k)) for k in PREDICTED_BYTES]
+    checks += [(f"measured.{k}", measured.get(k)) for k in MEASURED_BYTES]
+    checks.append(("device.memory_total", device.get("memory_total")))
+    at_peak = measured.get("at_peak")
+    if at_peak is not None:
+        if not isinstance(at_peak, dict):
+            return f"measured.at_peak is {_shown(at_peak)}, not a JSON object"
+        checks += [(f"measured.at_peak.{k}", v) for k, v in at_peak.items()]
+    for where, value in checks:
+        why = _byte_count_problem(where, value)
+        if why:
+            return why
+    capability = device.get("capability")
+    if capability is not None and not (isinstance(capability, list) and len(capability) == 2
+                                       and all(whole(c) is not None and 0 <= c < 1000 for c in capability)):
+        return f"device.capability is {_shown(capability)}, not [major, minor]"
+    return None
+
+
 def check_record(record: object) -> str | None:
-    """Why a parsed line is not a usable format-1 record, or None when it is."""
+    """Why a parsed line is not a usable format-1 record, or None when it is. Every reader of
+    records (the validation report, a sweep's resume and dry run) keeps exactly what this passes."""
     if not isinstance(record, dict):
         return "not a JSON object"
     fmt = record.get("format")
     if fmt is None:
         return f"no `format` field (this reader reads format {FORMAT})"
     if whole(fmt) is None:
-        return f"`format` is {fmt!r}, not a whole number"
+        return f"`format` is {_shown(fmt)}, not a whole number"
     if fmt < FORMAT:
         return f"record format {fmt} is older than format {FORMAT}, which this reader reads"
     if fmt > FORMAT:
-        return f"record format {fmt} is newer than format {FORMAT}; upgrade lora-plan to read it"
-    missing = [k for k in REQUIRED_KEYS if not isinstance(record.get(k), str | dict)]
-    if missing:
-        return f"missing or malformed keys: {', '.join(missing)}"
-    if record["status"] not in STATUSES:
-        return f"status {record['status']!r} is not one of {', '.join(STATUSES)}"
-    if whole(record["predicted"].get("peak")) is None:
-        return "predicted.peak is not a whole number of bytes"
-    return None
+        return f"record format {_shown(fmt)} is newer than format {FORMAT}; upgrade lora-plan to read it"
+    return _shape_problem(record)
+
+
+def parse_line(raw: bytes) -> tuple[dict | None, str | None]:
+    """A record from one line of a records file, or None and why not. Never raises: bytes that
+    are not UTF-8, JSON nested past the parser's recursion limit, integers past Python's digit
+    limit and right-shaped records with wrong types are all reasons, not exceptions."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return None, f"not UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})"
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return None, f"not valid JSON ({exc.msg}, column {exc.colno})"
+    except RecursionError:
+        return None, "JSON nested too deeply to read"
+    except ValueError as exc:  # an integer past sys.get_int_max_str_digits, for one
+        return None, f"not readable JSON ({str(exc).splitlines()[0][:80]})"
+    why = check_record(value)
+    return (None, why) if why else (value, None)
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A non-blank line of a records file that is not a usable record: `file:line` and why."""
+
+    where: str
+    why: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.why}"
+
+
+def read_records_file(path: str | Path) -> tuple[list[tuple[int, dict]], list[Skipped]]:
+    """Every usable record of a JSONL records file with its line number (from 1), and a `Skipped`
+    for every other non-blank line. Lines are split on newline bytes only, and each is judged on
+    its own, so one bad line costs that line and no other. Raises only OSError, for a file that
+    cannot be opened or read."""
+    data = Path(path).read_bytes()
+    records, skipped = [], []
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        if not raw.strip():
+            continue
+        record, why = parse_line(raw)
+        if record is None:
+            skipped.append(Skipped(f"{path}:{number}", why))
+        else:
+            records.append((number, record))
+    return records, skipped
+
+
+def skipped_warning(skipped: Sequence[Skipped], shown: int = 5) -> str:
+    """One line for every skipped line: how many, then the first few with `file:line (why)`."""
+    listed = "; ".join(f"{s.where} ({s.why})" for s in skipped[:shown])
+    more = f"; and {len(skipped) - shown} more" if len(skipped) > shown else ""
+    noun = "line that is" if len(skipped) == 1 else "lines that are"
+    return f"skipped {len(skipped)} {noun} not a usable record: {listed}{more}"

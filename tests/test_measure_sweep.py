@@ -19,6 +19,8 @@ from lora_planner.measure import sweep
 from lora_planner.measure.job import FAULT_ENV
 from lora_planner.measure.records import read_records
 
+from .test_reports_validation import record
+
 ROOT = Path(__file__).resolve().parents[1]
 GPU_GRID = ROOT / "benchmarks" / "gpu_grid.toml"
 TINY = {"model_type": "gpt2", "vocab_size": 300, "n_embd": 32, "n_layer": 1, "n_head": 2, "n_positions": 64}
@@ -90,9 +92,12 @@ def test_dry_run_lists_jobs_and_what_is_done(tmp_path):
     assert [(j["settings"]["method"], j["settings"]["rank"]) for j in listed] == [
         ("full", None), ("lora", 1), ("lora", 8)]
     assert not any(j["done"] for j in listed)
-    output.write_text(json.dumps({"id": listed[1]["id"], "status": "ok"}) + "\n")
-    again = [json.loads(line) for line in CliRunner().invoke(main, args).output.splitlines()]
+    output.write_text(json.dumps({**record("done", 1, 1), "id": listed[1]["id"]}) + "\n"
+                      + json.dumps({"id": listed[2]["id"], "status": "ok"}) + "\n")  # not a record
+    result = CliRunner().invoke(main, args)
+    again = [json.loads(line) for line in result.stdout.splitlines()]
     assert [j["done"] for j in again] == [False, True, False]
+    assert result.stderr.startswith(f"warning: skipped 1 line that is not a usable record: {output}:2 (")
 
 
 @pytest.mark.parametrize("args, message", [

@@ -157,7 +157,7 @@ def sweep_command(spec, fixed, grid, output, dry_run, progress, timeout, devices
         lora-plan measure sweep benchmarks/gpu_grid.toml --shard $SLURM_ARRAY_TASK_ID/8 \\
             -o results/grid-$SLURM_ARRAY_TASK_ID.jsonl
     """
-    from ..measure.records import finished_ids
+    from ..measure.records import load_records, skipped_warning
     from ..measure.sweep import check_jobs, expand, load_spec, parse_assignments, parse_shard, run_sweep
 
     if not dry_run:
@@ -180,7 +180,10 @@ def sweep_command(spec, fixed, grid, output, dry_run, progress, timeout, devices
 
             jobs = shard_jobs(jobs, chosen_shard)
             predictions = check_jobs(jobs)
-            done = finished_ids(output)
+            found, skipped = load_records(output)
+            if skipped:
+                click.echo(f"warning: {skipped_warning(skipped)}", err=True)
+            done = {record["id"] for record in found}
             for job in jobs:
                 click.echo(json.dumps({"id": job.id, "done": job.id in done,
                                        "predicted_peak": predictions[job.id]["peak"],
@@ -190,4 +193,6 @@ def sweep_command(spec, fixed, grid, output, dry_run, progress, timeout, devices
                            shard=chosen_shard)
     except PlanError as exc:
         raise UserError(str(exc)) from None
+    except OSError as exc:  # the results file cannot be read or written: one line, not a traceback
+        raise UserError(f"{exc.filename or output}: {exc.strerror or exc}") from None
     click.echo(result.summary(), err=True)

@@ -12,14 +12,14 @@ one fit rule (`allowance.fits`: planned peak + device allowance within the devic
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..allowance import fits
 from ..files import write_text
-from ..record_schema import STATUSES, check_record, nvml_growth, predicted_device_peak
+from ..record_schema import STATUSES, nvml_growth, predicted_device_peak, read_records_file
+from ..record_schema import check_record as check_record  # the one check every reader uses
 from ..record_schema import relative_error as relative_error
 from ..record_schema import whole as _whole
 from ..units import UNITS, format_bytes
@@ -101,30 +101,19 @@ def _files(paths: Iterable[str | Path]) -> tuple[list[Path], list[Problem]]:
 
 
 def read_records(paths: Iterable[str | Path]) -> tuple[list[Loaded], list[Problem]]:
-    """Every usable record in the files, and a `Problem` for everything else. Blank lines are
-    skipped silently."""
+    """Every usable record in the files, and a `Problem` for everything else: a file that cannot
+    be read, and each non-blank line `record_schema.check_record` refuses (the rest of its file
+    is read as usual)."""
     files, problems = _files(paths)
     loaded: list[Loaded] = []
     for path in files:
         try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            problems.append(Problem(str(path), f"cannot read ({exc})"))
+            found, skipped = read_records_file(path)
+        except OSError as exc:
+            problems.append(Problem(str(path), f"cannot read ({exc.strerror or exc})"))
             continue
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                problems.append(Problem(where, f"not valid JSON ({exc.msg}, column {exc.colno})"))
-                continue
-            why = check_record(record)
-            if why:
-                problems.append(Problem(where, why))
-            else:
-                loaded.append(Loaded(record, where))
+        loaded += [Loaded(record, f"{path}:{number}") for number, record in found]
+        problems += [Problem(s.where, s.why) for s in skipped]
     return loaded, problems
 
 
@@ -432,6 +421,13 @@ def _device_line(device: dict, unit: str) -> str:
     return "Device: " + ", ".join(parts) + "."
 
 
+def _problems_warning(problems: Sequence[Problem], shown: int = 5) -> str:
+    listed = "; ".join(f"{p.where} ({p.message})" for p in problems[:shown])
+    more = f"; and {len(problems) - shown} more" if len(problems) > shown else ""
+    inputs = "input" if len(problems) == 1 else "inputs"
+    return f"skipped {len(problems)} unusable {inputs} (listed in the report): {listed}{more}"
+
+
 def write_validation_report(paths: Sequence[str | Path], out: Path, command: str, unit: str = "GB",
                             worst: int = 5) -> Written:
     """Read the records, draw one scatter per device (when matplotlib is there), write `out`.
@@ -439,7 +435,8 @@ def write_validation_report(paths: Sequence[str | Path], out: Path, command: str
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     loaded, problems = read_records(paths)
-    warnings = [str(p) for p in problems]
+    # One warning for every input problem, however many: each is listed in the report.
+    warnings = [_problems_warning(problems)] if problems else []
     images: dict[str, Path] | None = {}
     reason = ""
     try:
