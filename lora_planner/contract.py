@@ -4,12 +4,26 @@ a renderer's layout can change without changing what other code reads."""
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 from .gpus import largest_fitting_peak
 from .plan import MEMORY_KEYS, MethodPlan, Plan
+from .spec import TrainSetup
 
 
 def trainable_percent(p: MethodPlan, total: int) -> float:
     return 100.0 * p.trainable_params / total if total else 0.0
+
+
+# TrainSetup fields that differ between the entries of `plans`: each entry carries its own.
+PER_PLAN_FIELDS = ("method", "rank")
+
+
+def setup_dict(setup: TrainSetup) -> dict:
+    """The JSON `setup`: every `TrainSetup` field, read off the dataclass so that a new field
+    cannot be left out, but the per-plan ones (`PER_PLAN_FIELDS`); tuples as lists."""
+    return {f.name: list(value) if isinstance(value := getattr(setup, f.name), tuple) else value
+            for f in fields(TrainSetup) if f.name not in PER_PLAN_FIELDS}
 
 
 def to_dict(plan: Plan) -> dict:
@@ -22,34 +36,7 @@ def to_dict(plan: Plan) -> dict:
             "total_params": plan.model.total_params,
             "source": plan.model.source,
         },
-        "setup": {
-            "precision": s.precision,
-            "optimizer": s.optimizer,
-            "task": s.task,
-            "bias": s.bias,
-            "use_dora": s.use_dora,
-            "modules_to_save": list(s.modules_to_save),
-            "double_quant": s.double_quant,
-            "save_dtype": s.save_dtype,
-            "tasks": s.tasks,
-            "batch_size": s.batch_size,
-            "seq_len": s.seq_len,
-            "attention": s.attention,
-            "grad_checkpointing": s.grad_checkpointing,
-            "num_gpus": s.num_gpus,
-            "sharding": s.sharding,
-            "offload": s.offload,
-            "reshard_after_forward": s.reshard_after_forward,
-            "zero3_max_live_parameters": s.zero3_max_live_parameters,
-            "zero3_prefetch_bucket_size": s.zero3_prefetch_bucket_size,
-            "reduce_bucket_size": s.reduce_bucket_size,
-            "zero3_param_persistence_threshold": s.zero3_param_persistence_threshold,
-            "stack": s.stack,
-            "optimizer_impl": s.optimizer_impl,
-            "loss": s.loss,
-            "loss_chunks": s.loss_chunks,
-            "activation_offload": s.activation_offload,
-        },
+        "setup": setup_dict(s),
         "gpu": {"name": plan.gpu.name, "memory_bytes": plan.gpu.memory_bytes,
                 "largest_fitting_peak_bytes": largest_fitting_peak(plan.gpu),
                 "peak_tflops": plan.gpu.peak_tflops, "price_per_hour": plan.gpu.price_per_hour,

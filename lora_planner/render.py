@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from .contract import to_dict, trainable_percent
 from .counts import PEFT_DEFAULT_TARGETS
+from .errors import PlanError
 from .gpus import MIB, largest_fitting_peak
 from .plan import MEMORY_KEYS, MethodPlan, Plan
 from .precision import get_precision
@@ -53,10 +54,10 @@ def _rows(plan: Plan, unit: str) -> list[list[str]]:
         rows.append(["CPU memory (activation offload)"] + [fmt(p.activation_cpu_bytes) for p in plan.plans])
     rows += _scale_rows(plan, fmt)
     if any(p.fit for p in plan.plans):
-        s = plan.setup
-        rows.append([f"largest batch at {s.seq_len} tokens"]
+        s, where = plan.setup, _fit_scope(plan)
+        rows.append([f"largest batch at {s.seq_len} tokens ({where})"]
                     + [_limit(p.fit.max_batch_size) for p in plan.plans])
-        rows.append([f"longest sequence at batch {s.batch_size}"] + [
+        rows.append([f"longest sequence at batch {s.batch_size} ({where})"] + [
             _limit(p.fit.max_seq_len, p.fit.seq_limit) for p in plan.plans])
     rows.append(["checkpoint"] + [fmt(p.checkpoint.bytes) for p in plan.plans])
     if plan.setup.tasks > 1:
@@ -104,9 +105,41 @@ def _header(plan: Plan, unit: str) -> list[str]:
         loss = s.loss + (f" ({s.loss_chunks} chunks)" if s.loss == "chunked" else "")
         lines.append(f"stack: {s.stack} (optimizer {s.optimizer_impl}, loss {loss}, activation offload "
                      f"{'on' if s.activation_offload else 'off'})")
-    if m.family in PEFT_DEFAULT_TARGETS and any(p.rank is not None for p in plan.plans):
-        lines.append(f"default LoRA targets for {m.family}: {', '.join(PEFT_DEFAULT_TARGETS[m.family])}")
+    lines += _targets_line(plan)
     return lines
+
+
+def _targets_line(plan: Plan) -> list[str]:
+    """The LoRA targets the plan used: PEFT's default for the family, or the ones given, as
+    resolved (a preset becomes module names; `all-linear` is PEFT's own shorthand)."""
+    lora = [p for p in plan.plans if p.rank is not None]
+    if not lora:
+        return []
+    family = plan.model.family
+    if plan.setup.targets == ("default",) and family in PEFT_DEFAULT_TARGETS:
+        return [f"default LoRA targets for {family}: {', '.join(PEFT_DEFAULT_TARGETS[family])}"]
+    used, given = lora[0].target_modules, plan.setup.targets
+    text = ", ".join(used) + (f" (--targets {','.join(given)})" if used != given else "")
+    if used == ("all-linear",):
+        text = "all-linear (every linear layer but the output head)"
+    return [f"LoRA targets: {text}"]
+
+
+def _fit_scope(plan: Plan) -> str:
+    """What `--fit` searched on: one GPU, or one of the GPUs the plan was given."""
+    counts = {_planned_gpus(p) for p in plan.plans}
+    if counts == {None}:
+        return "one GPU"
+    sharding = DISPLAY.get(plan.setup.sharding, plan.setup.sharding)
+    if len(counts) == 1:
+        return f"one of {counts.pop()} GPUs, {sharding}"
+    return f"one of each method's GPUs, {sharding}"
+
+
+def _planned_gpus(p: MethodPlan) -> int | None:
+    """The GPU count a method was planned on (None: whole-model totals on one GPU)."""
+    dp = p.data_parallel
+    return dp.sharding.num_gpus if dp is not None and dp.sharding is not None else None
 
 
 def aligned_table(rows: list[list[str]], headers: list[str], markdown: bool = False) -> str:
@@ -181,43 +214,75 @@ def to_csv(plan: Plan) -> str:
 
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
+    fit = any(p.fit for p in plan.plans)  # --fit adds its two limits (0: nothing fits)
     writer.writerow(["model", "method", "rank", "trainable_params", *MEMORY_KEYS,
-                     "checkpoint_bytes", "gpus_needed"])
+                     "checkpoint_bytes", "gpus_needed",
+                     *(["max_batch_size", "max_seq_len"] if fit else [])])
     for p in plan.plans:
         writer.writerow([plan.model.name, p.method, "" if p.rank is None else p.rank,
                          p.trainable_params, *(p.memory[k].bytes for k in MEMORY_KEYS),
-                         p.checkpoint.bytes, p.gpus_needed])
+                         p.checkpoint.bytes, p.gpus_needed,
+                         *([p.fit.max_batch_size, p.fit.max_seq_len] if fit else [])])
     return out.getvalue()
+
+
+def explained_terms(plan: Plan, p: MethodPlan) -> list[str]:
+    """One method's terms, each `name: formula with the numbers put in`."""
+    lines = []
+    if p.rank is not None:
+        lines.append(f"trainable: {p.trainable_params:,} in {p.wrapped_modules} wrapped "
+                     f"modules ({p.adapter_formula}) for targets {', '.join(p.target_modules)}")
+    for t in p.weight_terms:
+        lines.append(f"{t.name}: {t.formula}")
+    for key in MEMORY_KEYS[1:]:
+        lines.append(f"{key}: {p.memory[key].formula}")
+    if p.optimizer_temporary:
+        lines.append(f"optimizer_temporary: {p.optimizer_temporary.formula}")
+    if p.device_overhead:
+        lines.append(f"device_overhead: {p.device_overhead.formula}")
+    lines += [line.removeprefix("  ") for line in _scale_explanation(plan, p)]
+    lines.append(f"checkpoint: {p.checkpoint.formula} = {p.checkpoint.bytes:,} B")
+    return lines
 
 
 def to_explanation(plan: Plan) -> str:
     """Every term's formula with the numbers put in."""
     lines = _header(plan, "GB")
     for p in plan.plans:
-        lines += ["", f"[{plan_label(p)}]"]
-        if p.rank is not None:
-            lines.append(f"  trainable: {p.trainable_params:,} in {p.wrapped_modules} wrapped "
-                         f"modules ({p.adapter_formula}) for targets {', '.join(p.target_modules)}")
-        for t in p.weight_terms:
-            lines.append(f"  {t.name}: {t.formula}")
-        for key in MEMORY_KEYS[1:]:
-            lines.append(f"  {key}: {p.memory[key].formula}")
-        if p.optimizer_temporary:
-            lines.append(f"  optimizer_temporary: {p.optimizer_temporary.formula}")
-        if p.device_overhead:
-            lines.append(f"  device_overhead: {p.device_overhead.formula}")
-        lines += _scale_explanation(plan, p)
-        lines.append(f"  checkpoint: {p.checkpoint.formula} = {p.checkpoint.bytes:,} B")
+        lines += ["", f"[{plan_label(p)}]", *(f"  {line}" for line in explained_terms(plan, p))]
     lines += ["", *(f"note: {n}" for n in plan.notes)]
     return "\n".join(lines) + "\n"
 
 
-def render(plan: Plan, fmt: str, unit: str = "GB") -> str:
+def _markdown_explanation(plan: Plan) -> str:
+    """--explain under the markdown table: each method's terms in a text block (formulas hold `*`
+    and `_`, which markdown would read as emphasis)."""
+    parts = ["## How each term is computed", ""]
+    for p in plan.plans:
+        parts += [f"### {plan_label(p)}", "", "```text", *explained_terms(plan, p), "```", ""]
+    return "\n".join(parts)
+
+
+def render(plan: Plan, fmt: str, unit: str = "GB", explain: bool = False) -> str:
+    """The plan in `fmt`. With `explain`, JSON carries every method's terms under `explain`,
+    markdown adds a section after the table, the table becomes the derivation itself; CSV has no
+    place for it and refuses."""
+    import json
+
     if fmt == "json":
-        return to_json(plan) + "\n"
+        data = to_dict(plan)
+        if explain:
+            data["explain"] = [{"method": p.method, "rank": p.rank, "terms": explained_terms(plan, p)}
+                               for p in plan.plans]
+        return json.dumps(data, indent=2) + "\n"
     if fmt == "csv":
+        if explain:
+            raise PlanError("--explain has no CSV form: use --format json (an `explain` key) or markdown")
         return to_csv(plan)
-    return to_table(plan, unit, markdown=fmt == "markdown")
+    if explain and fmt == "table":
+        return to_explanation(plan)
+    text = to_table(plan, unit, markdown=fmt == "markdown")
+    return text + "\n" + _markdown_explanation(plan) if explain else text
 
 
 # --- GPUs, sharding, time and cost ------------------------------------------------------------
@@ -239,10 +304,14 @@ def _hours(h: float | None) -> str:
 
 def _scale_rows(plan: Plan, fmt) -> list[list[str]]:
     s = plan.setup
-    where = f"{plan.gpu.name}" + (f", {s.sharding}" if s.num_gpus else "")
+    where = f"{plan.gpu.name}" + (f", {DISPLAY.get(s.sharding, s.sharding)}" if s.num_gpus else "")
     rows = [[f"GPUs needed ({where})"] + [_needed(p) for p in plan.plans]]
-    if s.num_gpus:
-        rows.append([f"fits on {s.num_gpus} (peak + allowance)"]
+    counts = {_planned_gpus(p) for p in plan.plans}
+    if len(counts) > 1:  # each method on its own fewest GPUs (--sharding without --num-gpus)
+        rows.append(["GPUs planned"] + [str(_planned_gpus(p)) for p in plan.plans])
+        rows.append(["fits on them (peak + allowance)"] + ["yes" if p.fits else "no" for p in plan.plans])
+    elif s.num_gpus:
+        rows.append([f"fits on {counts.pop()} (peak + allowance)"]
                     + ["yes" if p.fits else "no" for p in plan.plans])
     if s.offload != "none":
         rows.append(["CPU memory per GPU (offload)"] + [fmt(p.data_parallel.cpu_bytes) for p in plan.plans])
@@ -252,12 +321,27 @@ def _scale_rows(plan: Plan, fmt) -> list[list[str]]:
     if all(p.compute is not None for p in plan.plans) and plan.plans:
         rows += [
             ["training FLOPs"] + [f"{p.compute.flops:.3g}" for p in plan.plans],
-            ["wall time"] + [f"{_hours(p.compute.wall_hours)} on {p.compute.num_gpus}" for p in plan.plans],
-            ["GPU-hours"] + [_hours(p.compute.gpu_hours) for p in plan.plans],
-            ["cost (USD)"] + ["-" if p.compute.cost_usd is None else f"${p.compute.cost_usd:,.0f}"
-                              for p in plan.plans],
+            ["wall time"] + [_wall_time(p) for p in plan.plans],
+            ["GPU-hours"] + [_hours(p.compute.gpu_hours) if _fits_timed(p) else "-" for p in plan.plans],
+            ["cost (USD)"] + ["-" if p.compute.cost_usd is None or not _fits_timed(p)
+                              else f"${p.compute.cost_usd:,.0f}" for p in plan.plans],
         ]
     return rows
+
+
+def _fits_timed(p: MethodPlan) -> bool:
+    """Whether the step fits on the GPUs its time is computed for: the GPUs given (the fit rule's
+    verdict), else the fewest that fit (none when nothing fits at any count)."""
+    return p.fits if _planned_gpus(p) is not None else p.gpus_needed is not None
+
+
+def _wall_time(p: MethodPlan) -> str:
+    """`12.9 h on 16`, or why there is no time: a step that does not fit is not priced."""
+    n = p.compute.num_gpus
+    if not _fits_timed(p):
+        return f"does not fit on {n}" if _planned_gpus(p) is not None else "does not fit"
+    on = f"{n} ({p.gpus_needed_strategy})" if _planned_gpus(p) is None and n > 1 else str(n)
+    return f"{_hours(p.compute.wall_hours)} on {on}"
 
 
 def _scale_explanation(plan: Plan, p: MethodPlan) -> list[str]:
@@ -286,7 +370,9 @@ def _scale_explanation(plan: Plan, p: MethodPlan) -> list[str]:
     if p.flops_per_token is not None:
         lines.append(f"  flops_per_token: {p.flops_per_token.formula}")
     c = p.compute
-    if c is not None and c.wall_hours is not None:
+    if c is not None and c.wall_hours is not None and not _fits_timed(p):
+        lines.append(f"  wall_hours: none: the step does not fit on {c.num_gpus} GPU(s)")
+    elif c is not None and c.wall_hours is not None:
         lines.append(f"  wall_hours: {c.flops:.4g} FLOPs / ({c.num_gpus} x {plan.gpu.peak_tflops:g}e12 "
                      f"x {plan.workload.mfu:g} MFU) / 3600 = {c.wall_hours:,.2f} h; "
                      f"gpu_hours {c.gpu_hours:,.2f}; cost_usd "

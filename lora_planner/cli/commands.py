@@ -11,21 +11,26 @@ from ..gpus import DEFAULT_GPU, GPUS, get_gpu, with_memory
 from ..optimizers import OPTIMIZERS
 from ..plan import METHODS, check_methods, make_plan
 from ..precision import DEFAULT_PRECISION, PRECISIONS
-from ..render import FORMATS, render, to_explanation
+from ..render import FORMATS, render
 from ..spec import DEFAULT_SEQ_LEN, DenseSize, ModelSpec, TrainSetup, default_seq_len
 from ..units import parse_count
 from .common import UserError, need_measure_extra, parse_ranks, split_values
 from .option_types import MAX_BATCH, MAX_LAYERS, MAX_RANK, MAX_SEQ_LEN, check_ranks, check_targets
 from .scale_options import scale_options, setup_changes, workload
 from .stack_options import stack_changes, stack_options
-from .step_options import dropout_option, step_options
+from .step_options import dropout_option, lora_dropout_option, step_options
 
 # A seq-cls head's outputs and stored fine-tunes: far above real use, small enough to plan at once.
 MAX_LABELS = 10**6
 MAX_TASKS = 10**6
 
 
-@click.command("plan")
+# Every choice (--method LoRA, --precision BF16, --format JSON) is read in any case: click folds the
+# value and the choices alike before comparing, and passes on the choice as it is spelt here.
+ANY_CASE = {"token_normalize_func": str.lower}
+
+
+@click.command("plan", context_settings=ANY_CASE)
 @click.option("--model", "model_name", metavar="NAME|PATH|HUB-ID",
               help="Catalog name or alias (see `lora-plan models`), a local config.json or its "
                    "folder, or a Hugging Face hub id (needs network).")
@@ -67,6 +72,7 @@ MAX_TASKS = 10**6
 @step_options
 @stack_options
 @dropout_option
+@lora_dropout_option
 @click.option("--gpu", "gpu_name", default=DEFAULT_GPU, show_default=True,
               help=f"GPU kind: {', '.join(g.name for g in GPUS)}.")
 @click.option("--gpu-mem", "gpu_mem", metavar="SIZE",
@@ -102,7 +108,7 @@ def plan_output(model_name, params_text, methods, ranks, targets, precision, opt
                 modules_to_save, double_quant, save_dtype, task, num_labels, tasks, batch_size,
                 seq_len, grad_checkpointing, attention, stack, optimizer_impl, loss, loss_chunks,
                 activation_offload, gpu_name, gpu_mem, fmt, units, explain, fit, dropout=None,
-                quantize_experts=False, **scale) -> str:
+                quantize_experts=False, lora_dropout=0.0, **scale) -> str:
     """What `plan` prints for its parsed options (click's parameter names); a user mistake
     raises PlanError. The command echoes it; the page (`serve`) answers with it directly."""
     if bool(model_name) == bool(params_text):
@@ -115,7 +121,7 @@ def plan_output(model_name, params_text, methods, ranks, targets, precision, opt
 
         model = resolve_model(model_name)
         default_methods = METHODS
-    chosen = check_methods(split_values(methods) or default_methods)
+    chosen = check_methods(tuple(m.lower() for m in split_values(methods)) or default_methods)
     if seq_len is None:
         seq_len = default_seq_len(model) if isinstance(model, ModelSpec) else DEFAULT_SEQ_LEN
     gpu = get_gpu(gpu_name)
@@ -126,7 +132,7 @@ def plan_output(model_name, params_text, methods, ranks, targets, precision, opt
         targets=split_values(targets) or ("default",), modules_to_save=split_values(modules_to_save),
         double_quant=double_quant, quantize_experts=quantize_experts, save_dtype=save_dtype,
         task=task, num_labels=num_labels, tasks=tasks, batch_size=batch_size, seq_len=seq_len,
-        attention=attention, dropout=dropout,
+        attention=attention, dropout=dropout, lora_dropout=lora_dropout,
         **stack_changes(stack, optimizer_impl, loss, loss_chunks, activation_offload,
                         grad_checkpointing),
         **setup_changes(**scale),
@@ -138,14 +144,46 @@ def plan_output(model_name, params_text, methods, ranks, targets, precision, opt
             setups.append(base.with_(method="full"))
         else:
             setups += [base.with_(method=m, rank=r) for r in rank_list]
+    fewest = None
+    if base.num_gpus is None and (base.sharding != "none" or base.offload != "none"):
+        setups, fewest = _on_fewest_gpus(model, tuple(setups), gpu)
     plan = make_plan(model, tuple(setups), gpu, workload(gpu, **scale))
+    if fewest is not None:
+        plan = _with_fewest_note(plan, fewest)
     plan = _with_rank_notes(plan, model)
     from ..advice import advise  # what to change when a method does not fit, each re-planned
 
     plan = advise(plan, model, tuple(setups), gpu)
     if fit:
         plan = _with_fit(plan, model, tuple(setups), gpu)
-    return to_explanation(plan) if explain else render(plan, fmt, units)
+    return render(plan, fmt, units, explain)
+
+
+def _on_fewest_gpus(model, setups, gpu):
+    """--sharding or --offload without --num-gpus: each setup on the fewest GPUs whose per-GPU peak
+    fits under that strategy and offload. The planner finds that count already (`gpus_needed` of a
+    plan given the strategy); a setup that fits at no count stays on one GPU, where it does not fit."""
+    probe = make_plan(model, tuple(s.with_(num_gpus=1) for s in setups), gpu)
+    counts = tuple(p.gpus_needed for p in probe.plans)
+    return [s.with_(num_gpus=n or 1) for s, n in zip(setups, counts, strict=True)], counts
+
+
+def _with_fewest_note(plan, counts):
+    """The per-GPU note, naming the GPU count each method was planned on (they may differ)."""
+    from dataclasses import replace
+
+    from ..render import plan_label
+    from ..sharding import DISPLAY
+
+    s = plan.setup
+    each = ", ".join(f"{plan_label(p)} {n if n else 'none (does not fit at any count)'}"
+                     for p, n in zip(plan.plans, counts, strict=True))
+    note = (f"memory is per GPU: no --num-gpus, so each method is planned on the fewest GPUs that fit "
+            f"under {DISPLAY[s.sharding]}, offload {s.offload}: {each}; activations are per GPU "
+            "(not sharded)")
+    # the planner's own per-GPU note names the first method's count only
+    kept = tuple(n for n in plan.notes if not n.startswith("memory is per GPU: one of "))
+    return replace(plan, notes=(note, *kept))
 
 
 def _with_rank_notes(plan, model):
@@ -171,7 +209,7 @@ def _with_fit(plan, model, setups, gpu):
     return with_fit(plan, setups, lambda s: make_plan(model, (s,), gpu).plans[0].fits, model.max_positions)
 
 
-@click.command("models")
+@click.command("models", context_settings=ANY_CASE)
 @click.option("--format", "fmt", type=click.Choice(["table", "markdown", "json"]), default="table",
               show_default=True)
 def models_command(fmt: str) -> None:
@@ -197,7 +235,7 @@ def models_command(fmt: str) -> None:
                         colalign=("left", "left", "right", "left", "left")))
 
 
-@click.command("trace")
+@click.command("trace", context_settings=ANY_CASE)
 @click.option("--model", "model_name", required=True, metavar="NAME|PATH",
               help="Catalog name or a local config.json (as for `plan`).")
 @click.option("--method", type=click.Choice(["full", "lora"]), default="lora", show_default=True)
@@ -212,6 +250,7 @@ def models_command(fmt: str) -> None:
 @click.option("--attention", type=click.Choice(["sdpa", "eager"]), default="sdpa", show_default=True)
 @stack_options
 @dropout_option
+@lora_dropout_option
 @click.option("--layers", type=click.IntRange(1, MAX_LAYERS), default=None,
               help="Trace only the first N decoder layers (a slice of a large model).")
 @click.option("--fake", is_flag=True,
@@ -225,7 +264,7 @@ def models_command(fmt: str) -> None:
                    "Trainer makes it.")
 def trace_command(model_name, method, rank, targets, precision, batch_size, seq_len, grad_checkpointing,
                   attention, stack, optimizer_impl, loss, loss_chunks, activation_offload, layers, fake,
-                  fmt, force, dropout=None, optimizer="adamw") -> None:
+                  fmt, force, dropout=None, optimizer="adamw", lora_dropout=0.0) -> None:
     """Trace one real training step on CPU and print it beside the prediction, term by term.
 
     Needs the `measure` extra (torch, transformers; peft for LoRA). Without --fake, a step whose
@@ -245,6 +284,7 @@ def trace_command(model_name, method, rank, targets, precision, batch_size, seq_
         setup = TrainSetup(method=method, rank=rank, targets=split_values(targets) or ("default",),
                            precision=precision, batch_size=batch_size, seq_len=seq_len,
                            attention=attention, dropout=dropout, optimizer=optimizer,
+                           lora_dropout=lora_dropout,
                            **stack_changes(stack, optimizer_impl, loss, loss_chunks, activation_offload,
                                            grad_checkpointing))
         need_measure_extra("lora-plan trace")
@@ -267,9 +307,19 @@ def trace_command(model_name, method, rank, targets, precision, batch_size, seq_
         return
     from tabulate import tabulate
 
+    click.echo(_trace_header(spec, setup))
     errors = result.errors()
     rows = [[k, f"{result.predicted[k]:,}", f"{result.traced[k]:,}",
              "-" if errors[k] is None else f"{errors[k]:+.2%}"] for k in errors]
     click.echo(tabulate(rows, headers=["bytes", "predicted", "traced", "error"],
                         colalign=("left", "right", "right", "right")))
     click.echo(f"peak set in: predicted {result.predicted_phase}, traced {result.traced_phase}")
+
+
+def _trace_header(spec: ModelSpec, setup: TrainSetup) -> str:
+    """What was traced, in one line above the table: model and layers, method, precision, step."""
+    method = "full" if setup.method == "full" else f"lora r={setup.rank} ({','.join(setup.targets)})"
+    dropout = f", lora dropout {setup.lora_dropout:g}" if setup.lora_dropout else ""
+    return (f"traced: {spec.name} ({spec.family}, {spec.num_layers} layers); method {method}{dropout}; "
+            f"precision {setup.precision}; batch {setup.batch_size} x {setup.seq_len} tokens; "
+            f"checkpointing {'on' if setup.grad_checkpointing else 'off'}")
