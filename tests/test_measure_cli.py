@@ -1,4 +1,5 @@
-"""`lora-plan measure run`: the record on stdout, the file appended, every mistake one line."""
+"""`lora-plan measure run`: one summary line (the record with --format json), the file appended,
+every mistake one line."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ def test_run_prints_the_record_and_appends_it(tmp_path):
     adapter = tmp_path / "adapter"
     result = run("--model", tiny_config_file(tmp_path), "--method", "lora", "--rank", "2", "--targets",
                  "c_attn,c_fc", "--steps", "3", "--seq-len", "16", "--batch-size", "2", "--device", "cpu",
-                 "--save-adapter", str(adapter), "-o", str(output))
+                 "--save-adapter", str(adapter), "-o", str(output), "--format", "json")
     assert result.exit_code == 0, result.output
     record = json.loads(result.stdout)
     assert json.loads(output.read_text()) == record
@@ -41,7 +42,7 @@ def test_dropout_and_precision_mean_what_they_mean_in_the_plan(tmp_path):
     --precision amp is the plan's autocast over fp32 weights."""
     result = run("--model", tiny_config_file(tmp_path), "--rank", "2", "--steps", "1", "--seq-len", "16",
                  "--device", "cpu", "--dropout", "0.0", "--lora-dropout", "0.1", "--precision", "amp",
-                 "--amp-dtype", "fp16", "--no-grad-checkpointing")
+                 "--amp-dtype", "fp16", "--no-grad-checkpointing", "--format", "json")
     assert result.exit_code == 0, result.output
     settings = json.loads(result.stdout)["settings"]
     assert (settings["dropout"], settings["lora_dropout"]) == (0.0, 0.1)
@@ -52,6 +53,19 @@ def test_dropout_and_precision_mean_what_they_mean_in_the_plan(tmp_path):
     # measure's former fp16 is amp in fp16 now: the choice list is the plan's
     refused = run("--precision", "fp16", "--device", "cpu")
     assert refused.exit_code == 2 and "'fp16' is not one of 'fp32', 'amp', 'mixed'" in refused.output
+
+
+def test_run_prints_one_summary_line_by_default(tmp_path):
+    output = tmp_path / "results.jsonl"
+    result = run("--model", tiny_config_file(tmp_path), "--method", "lora", "--rank", "2", "--steps", "2",
+                 "--seq-len", "16", "--device", "cpu", "-o", str(output))
+    assert result.exit_code == 0, result.output
+    (line,) = result.stdout.splitlines()
+    record = json.loads(output.read_text())
+    peak, error = record["measured"]["peak_allocated"], record["relative_error"]["peak_allocated"]
+    assert line.startswith("ok: ") and " lora r=2, fp32, batch 1 x 16 tokens, 2 steps on cpu: " in line
+    assert f"predicted peak {record['predicted']['peak']:,} B, measured {peak:,} B ({100 * error:+.1f}%)" in line
+    assert line.endswith(f"; appended to {output}") and result.stderr == ""
 
 
 @pytest.mark.parametrize("args, message", [

@@ -88,10 +88,16 @@ def measure_group() -> None:
 @click.option("--force", is_flag=True,
               help="Run even when the planned peak exceeds the memory available (host RAM on CPU, "
                    "free GPU memory on CUDA).")
+@click.option("--format", "fmt", type=click.Choice(["summary", "json"]), default="summary",
+              show_default=True,
+              help="summary: one line (what ran, predicted and measured peak, speed); json: the record "
+                   "as one JSON line, as -o appends it (the summary then goes to stderr).")
 def run_command(model, weights, method, rank, targets, alpha, rslora, lora_dropout, dropout, batch_size,
                 seq_len, grad_checkpointing, attention, steps, lr, precision, amp_dtype, device,
-                optimizer_impl, loss, loss_chunks, data, seed, save_adapter, output, force) -> None:
-    """Fine-tune once, read peak memory and speed, print the record (one JSON line).
+                optimizer_impl, loss, loss_chunks, data, seed, save_adapter, output, force,
+                fmt="summary") -> None:
+    """Fine-tune once, read peak memory and speed, print one summary line (--format json: the
+    record).
 
     Before the model is built, a job whose planned peak exceeds the memory available is refused
     in one line (--force runs it anyway).
@@ -115,15 +121,24 @@ def run_command(model, weights, method, rank, targets, alpha, rslora, lora_dropo
         record = run_job(job, output, _command_line(), save_adapter, force=force)
     except PlanError as exc:
         raise UserError(str(exc)) from None
-    click.echo(json.dumps(record))
-    measured = record["measured"]["peak_allocated"]
-    click.echo(
-        f"{record['status']}: predicted peak {record['predicted']['peak']:,} B, measured "
-        f"{'n/a' if measured is None else f'{measured:,} B'} "
-        f"({_percent(record['relative_error']['peak_allocated'])})"
-        + (f"; {record['error']}" if record["error"] else ""),
-        err=True,
-    )
+    if fmt == "json":
+        click.echo(json.dumps(record))
+    click.echo(run_summary(record, output), err=fmt == "json")
+
+
+def run_summary(record: dict, output: str | None = None) -> str:
+    """One line for a measured job: status, what ran, predicted and measured peak with the error,
+    speed, and where the record went."""
+    s, m = record["settings"], record["measured"]
+    method = s["method"] + (f" r={s['rank']}" if s["method"] != "full" else "")
+    peak = m["peak_allocated"]
+    speed = f"; {m['tokens_per_s']:,.0f} tokens/s" if m.get("tokens_per_s") else ""
+    return (f"{record['status']}: {s['model']} {method}, {s['precision']}, batch {s['batch_size']} x "
+            f"{s['seq_len']} tokens, {s['steps']} steps on {s['device']}: predicted peak "
+            f"{record['predicted']['peak']:,} B, measured {'n/a' if peak is None else f'{peak:,} B'} "
+            f"({_percent(record['relative_error']['peak_allocated'])}){speed}"
+            + (f"; appended to {output}" if output else "")
+            + (f"; {record['error']}" if record["error"] else ""))
 
 
 @measure_group.command("sweep")
