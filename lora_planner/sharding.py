@@ -557,6 +557,17 @@ def step_phases_on_gpu(predicted: StepPrediction, per_gpu: dict[str, Term], shar
 
 def step_phase_bytes_on_gpu(predicted: StepPrediction, per_gpu: dict[str, Term], sharding: Sharding | None,
                             spec: ModelSpec, setup: TrainSetup, precision: Precision) -> tuple[int, ...]:
-    """The bytes of `step_phases_on_gpu`'s phases: what the GPU-count search reads."""
-    return tuple(p.bytes for p in step_phases_on_gpu(predicted, per_gpu, sharding, spec, setup, precision,
-                                                      describe=False))
+    """The bytes of `step_phases_on_gpu`'s phases: what the GPU-count search reads. Under FSDP2 the
+    buffers are added to the bytes directly (`fsdp.extra_bytes`), no phase rebuilt: the search reads
+    every phase at every count it tries."""
+    if sharding is None or sharding.strategy != "fsdp":
+        return tuple(p.bytes for p in step_phases_on_gpu(predicted, per_gpu, sharding, spec, setup, precision,
+                                                          describe=False))
+    from .fsdp import extra_bytes, start_phase, units
+
+    states, phases = _timeline_on_gpu(predicted, per_gpu, sharding, spec, setup, precision)
+    u = units(spec, setup, precision, predicted.states)
+    n, reshard = sharding.num_gpus, setup.reshard_after_forward
+    offloaded = placement("gradients", sharding) == "cpu"
+    return (start_phase(states, predicted.profile.embedding, u).bytes,) + tuple(
+        p.bytes + extra_bytes(p, u, n, reshard, offloaded, False)[0] for p in phases)
