@@ -180,7 +180,10 @@ def suggestions_for(setup: TrainSetup, p: MethodPlan, model: ModelSpec | DenseSi
     batch = _smaller_batch(setup, plan_one)
     if batch is not None:
         found.append(batch)
+    enough: list[set[str]] = []  # changes that fit as they are: adding to them cannot help
     for names, changes, flags in _candidates(setup, p, isinstance(model, ModelSpec)):
+        if any(e < set(names) for e in enough):
+            continue
         try:
             q = plan_one(setup.with_(**changes))
         except PlanError:  # a change this setup cannot take (e.g. a stack that forbids it)
@@ -188,6 +191,8 @@ def suggestions_for(setup: TrainSetup, p: MethodPlan, model: ModelSpec | DenseSi
         s = _placed(setup, names, flags, q)
         if s is not None:
             found.append(s)
+            if q.fits:
+                enough.append(set(names))
     return _ordered(found)
 
 
