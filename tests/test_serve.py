@@ -517,12 +517,13 @@ def test_binding_beyond_loopback_needs_a_flag(host):
 def test_allow_remote_warns_with_the_addresses(tmp_path):
     """With --allow-remote the server says where others reach it, and still answers only the
     names it knows."""
-    process = subprocess.Popen([sys.executable, "-m", "lora_planner", "serve", "--host", "0.0.0.0",
-                                "--allow-remote", "--port", "0"], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    with open(tmp_path / "stderr", "w") as stderr:
+        process = subprocess.Popen([sys.executable, "-m", "lora_planner", "serve", "--host", "0.0.0.0",
+                                    "--allow-remote", "--port", "0"], stdout=subprocess.PIPE,
+                                   stderr=stderr, text=True, cwd=ROOT)
     try:
-        line = process.stdout.readline()
-        warning = process.stderr.readline()
+        line = process.stdout.readline()  # the warning is written just before this line
+        warning = (tmp_path / "stderr").read_text()
         port = int(line.split(":")[2].split("/")[0])
         assert warning.startswith("warning: other machines reach this page at ")
         assert "without a password" in warning and f":{port}/" in warning

@@ -391,8 +391,12 @@ class PlanServer(ThreadingHTTPServer):
     def server_close(self) -> None:
         super().server_close()
         if self.pool is not None:
+            # pebble's join waits for its own threads without a limit: wait a while in a thread of
+            # its own, so stopping never hangs; workers left over end with this process
             self.pool.stop()
-            self.pool.join(timeout=5)
+            joiner = threading.Thread(target=self.pool.join, daemon=True)
+            joiner.start()
+            joiner.join(timeout=5)
         self._remove_root()
 
     def _remove_root(self) -> None:
@@ -828,9 +832,8 @@ def allowed_hosts(host: str, extra: tuple[str, ...] = ()) -> frozenset[str]:
     names = set(LOOPBACK) | {h.strip().lower().strip("[]") for h in extra if h.strip()}
     if not is_loopback(host):
         bound = bind_addresses(host)
-        names |= set(machine_addresses()) if bound in (["0.0.0.0"], ["::"]) else set(bound)
-        if host:
-            names.add(host.lower())
+        wildcard = bound in (["0.0.0.0"], ["::"])
+        names |= set(machine_addresses()) if wildcard else {*bound, host.lower()}
     return frozenset(names)
 
 
@@ -890,13 +893,13 @@ def serve_command(port: int, host: str, allow_remote: bool, allow_host: tuple[st
         bound_host, bound_port = server.server_address[:2]
         shown = f"[{bound_host}]" if ":" in bound_host else bound_host
         url = f"http://{'127.0.0.1' if bound_host in ('0.0.0.0', '::') else shown}:{bound_port}/"
-        click.echo(f"lora-plan serving {url}  (Ctrl+C to stop)")
         if not is_loopback(host):
             reach = sorted(server.allowed_hosts - set(LOOPBACK) - {h.lower() for h in allow_host})
             where = ", ".join(f"http://{f'[{a}]' if ':' in a else a}:{bound_port}/" for a in reach)
             click.echo(f"warning: other machines reach this page at {where or 'this machine addresses'}: "
                        "anyone who can reach it can plan and upload configs, without a password "
                        "(see SECURITY.md)", err=True)
+        click.echo(f"lora-plan serving {url}  (Ctrl+C to stop)")
         if open_browser:
             import webbrowser
 
