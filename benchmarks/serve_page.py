@@ -8,12 +8,19 @@ Target: every redraw under 1 s.
     python benchmarks/serve_page.py                         # times 12 changes
     python benchmarks/serve_page.py --screenshot docs/serve.png
 
-Prints each change's seconds and the slowest; exits 1 when the slowest is over the target.
+Prints each change's seconds and the slowest; exits 1 when the slowest is over the target. With
+--screenshot it also writes, beside the PNG (`docs/serve.json`), the query it shows and the figures
+the page drew for it (command line, headline, each bar's bytes, the table's cells, the notes) and
+the PNG's SHA-256: `tests/test_serve.py` checks those figures against the CLI of today and
+`tests/test_serve_browser.py` against the page of today, so a screenshot of an older plan fails.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
+import os
 import statistics
 import subprocess
 import sys
@@ -22,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.browser import ARGS, chromium_path  # noqa: E402
+from tests.browser import ARGS, chromium_path, page_figures  # noqa: E402
 
 # The page the README shows: Llama-3.1-8B, LoRA against QLoRA on a 24 GB card.
 SHOWN = ("model=llama-3.1-8b&method=lora,qlora&rank=16,64&batch-size=2&grad-checkpointing=on"
@@ -40,6 +47,19 @@ def start_server() -> tuple[subprocess.Popen, str]:
     process = subprocess.Popen([*command, "serve", "--port", "0"], stdout=subprocess.PIPE, text=True)
     line = process.stdout.readline()  # "lora-plan serving http://127.0.0.1:PORT/  (Ctrl+C to stop)"
     return process, line.split()[2]
+
+
+def write_screenshot(page, path: Path) -> None:
+    """The PNG and, beside it, its record (`.json`): the query and the figures the page shows.
+    Each is written to a temporary name and renamed into place."""
+    png = page.screenshot(full_page=True)
+    record = {"query": SHOWN, **page_figures(page), "png_sha256": hashlib.sha256(png).hexdigest()}
+    for target, data in [(path, png), (path.with_suffix(".json"),
+                                       (json.dumps(record, indent=1) + "\n").encode())]:
+        part = target.with_name(f".{target.name}.part")
+        part.write_bytes(data)
+        os.replace(part, target)
+        print(f"wrote {target}")
 
 
 def main() -> int:
@@ -72,8 +92,7 @@ def main() -> int:
             if args.screenshot:
                 page.goto(f"{url}?{SHOWN}")
                 page.wait_for_function("document.body.dataset.state === 'ready'")
-                page.screenshot(path=str(args.screenshot), full_page=True)
-                print(f"wrote {args.screenshot}")
+                write_screenshot(page, args.screenshot)
             browser.close()
     finally:
         process.terminate()

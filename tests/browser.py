@@ -56,3 +56,25 @@ def serving(upload_dir: Path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+# What the page shows, read off the page: the command line, the headline, each plan's bars (the
+# bytes each stands for), the summary table's cells and the notes. The screenshot's record
+# (docs/serve.json) holds this, and a test compares it with the page and the CLI of today.
+FIGURES_JS = """() => ({
+  command: document.getElementById('command').textContent,
+  headline: document.getElementById('headline').textContent,
+  bars: [...document.querySelectorAll('#chart g.plan')].map((g) => ({
+    label: g.dataset.label,
+    bytes: Object.fromEntries([...g.querySelectorAll('rect.seg')].map(
+      (r) => [r.dataset.term, Number(r.dataset.bytes)])),
+  })),
+  summary: [...document.querySelectorAll('#summary tr')].map(
+    (tr) => [...tr.children].map((cell) => cell.textContent)),
+  notes: [...document.querySelectorAll('#notes li')].map((li) => li.textContent),
+})"""
+
+
+def page_figures(page) -> dict:
+    """The figures the page shows now (see FIGURES_JS)."""
+    return page.evaluate(FIGURES_JS)

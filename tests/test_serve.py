@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
@@ -657,3 +658,28 @@ def test_ctrl_c_and_sigterm_remove_the_uploads(tmp_path, sig):
     finally:
         process.kill()
     assert list(tmp.iterdir()) == []
+
+
+def test_the_screenshot_shows_what_the_cli_plans_today():
+    """docs/serve.png is of today's plan: its record (docs/serve.json, written with it by
+    `benchmarks/serve_page.py --screenshot docs/serve.png`) holds the command the page showed and
+    the bytes of every bar it drew, and those are what the CLI plans now for that command. When
+    this fails, the plan changed: regenerate the screenshot with that command."""
+    import hashlib
+
+    record = json.loads((ROOT / "docs" / "serve.json").read_text())
+    assert hashlib.sha256((ROOT / "docs" / "serve.png").read_bytes()).hexdigest() == record["png_sha256"]
+    argv = shlex.split(record["command"])[1:]
+    assert argv == [a for pair in urllib.parse.parse_qsl(record["query"]) for a in
+                    ([f"--{pair[0]}"] if pair[1] == "on" else [f"--{pair[0]}", pair[1]])]
+    result = cli([*argv, "--format", "json"])
+    assert result.exit_code == 0, result.output
+    plans = json.loads(result.output)["plans"]
+    drawn = []
+    for p in plans:
+        label = p["method"] if p["rank"] is None else f"{p['method']} r={p['rank']}"
+        terms = dict(p["memory_bytes"])
+        if p["device_overhead_bytes"]:
+            terms["device_overhead"] = p["device_overhead_bytes"]
+        drawn.append({"label": label, "bytes": terms})
+    assert record["bars"] == drawn

@@ -269,3 +269,20 @@ def test_other_shapes_of_plan_are_drawn(page, base, query, argv):
     page.goto(f"{base}/?{query}")
     page.wait_for_function("document.body.dataset.state === 'ready'", timeout=60_000)  # --fit searches
     assert_drawn(page, cli_json(argv))
+
+
+def test_the_screenshot_is_the_page_of_today(page, base):
+    """docs/serve.png's record (docs/serve.json) holds every figure the page showed when it was
+    taken: the page of today, at the same query, shows the same ones: the table's cells as
+    formatted, the headline and the notes as well as the bars. When this fails, regenerate it:
+    `.venv/bin/python benchmarks/serve_page.py --screenshot docs/serve.png`."""
+    from pathlib import Path
+
+    from .browser import page_figures
+
+    record = json.loads((Path(__file__).resolve().parents[1] / "docs" / "serve.json").read_text())
+    page.set_viewport_size({"width": 1280, "height": 940})  # as the benchmark takes it
+    page.goto(f"{base}/?{record['query']}")
+    settle(page, "--model")
+    shown = page_figures(page)
+    assert {k: record[k] for k in shown} == shown

@@ -300,7 +300,7 @@ def _worker_plan(argv: list[str]) -> tuple[int, str]:
     from .commands import plan_output
 
     try:
-        with _plan_command().make_context("lora-plan", argv, help_option_names=[]) as ctx:
+        with _plan_command().make_context("lora-plan", list(argv), help_option_names=[]) as ctx:
             return 200, plan_output(**ctx.params)
     except PlanError as exc:
         return 400, f"Error: {exc}\n"
