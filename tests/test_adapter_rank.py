@@ -472,3 +472,27 @@ def test_spectra_of_an_adapter_peft_saved_match_peft_delta_weights(tmp_path):
         dense = torch.linalg.svdvals(deltas[layer.name].double())[: len(layer.singular_values)]
         assert list(layer.singular_values) == pytest.approx(dense.tolist(), rel=1e-5)
     assert {x.name: x.rank for x in analysis.layers}["transformer.h.1.attn.c_attn"] == 6
+
+
+def test_analyze_and_diff_show_a_module_the_same_way_round(tmp_path):
+    """GPT-2's Conv1D stores its weight (in, out); the adapter's B·A is (out, in). Both tables show
+    out x in, read off the module itself."""
+    model = tiny_model()
+    model.save_pretrained(tmp_path / "base")
+    with torch.no_grad():
+        model.transformer.h[0].attn.c_attn.weight.add_(1.0)
+    model.save_pretrained(tmp_path / "tuned")
+    conv = model.transformer.h[0].attn.c_attn
+    expected = f"{conv.nf}x{conv.weight.shape[0]}"  # out x in
+    assert conv.nf != conv.weight.shape[0]
+
+    def shape_of(output: str, layer: str) -> str:
+        line = next(x for x in output.splitlines() if x.startswith(layer + " "))
+        return line.split()[1]
+
+    diff = run("adapter", "diff", str(tmp_path / "base"), str(tmp_path / "tuned"), "--include", "c_attn")
+    analyze = run("adapter", "analyze", str(gpt2_adapter(tmp_path)))
+    assert diff.exit_code == 0 and analyze.exit_code == 0, diff.output + analyze.output
+    assert "out x in" in diff.output and "out x in" in analyze.output
+    assert shape_of(diff.output, "transformer.h.0.attn.c_attn") == expected
+    assert shape_of(analyze.output, "transformer.h.0.attn.c_attn") == expected

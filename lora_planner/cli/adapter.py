@@ -21,21 +21,55 @@ def _share(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
-def _layer_rows(analysis) -> list[list]:
+def _out_x_in(shape: tuple[int, int], stored_in_out: bool = False) -> str:
+    """A module's shape the one way round every adapter table shows it: outputs x inputs (a
+    nn.Linear weight's own order; ΔW = B·A is (out, in)). GPT-2's Conv1D and embeddings store
+    their weight (in, out), so a checkpoint tensor of theirs is turned round."""
+    out_f, in_f = (shape[1], shape[0]) if stored_in_out else (shape[0], shape[1])
+    return f"{out_f}x{in_f}"
+
+
+def _layer_rows(analysis, stored_in_out: frozenset[str] = frozenset()) -> list[list]:
     rows = []
     for layer in analysis.layers:
         values = layer.singular_values
         top = layer.to_dict(analysis.levels)["cumulative_energy"]
-        rows.append([layer.name, f"{layer.shape[0]}x{layer.shape[1]}", layer.rank,
+        rows.append([layer.name, _out_x_in(layer.shape, layer.name in stored_in_out), layer.rank,
                      f"{values[0]:.4g}" if values else "-", _share(top[0]) if top else "-",
                      *[layer.energy_rank(level) for level in analysis.levels]])
     return rows
 
 
-def _layer_table(analysis, rank_header: str) -> str:
-    headers = ["layer", "shape", rank_header, "σ1", "top-1 energy",
+def _layer_table(analysis, rank_header: str, stored_in_out: frozenset[str] = frozenset()) -> str:
+    headers = ["layer", "out x in", rank_header, "σ1", "top-1 energy",
                *[f"rank@{level:g}" for level in analysis.levels]]
-    return tabulate(_layer_rows(analysis), headers=headers, disable_numparse=True)
+    return tabulate(_layer_rows(analysis, stored_in_out), headers=headers, disable_numparse=True)
+
+
+def stored_in_out(names: list[str], *checkpoints: str) -> frozenset[str] | None:
+    """Which of these weights a checkpoint stores (in, out) rather than nn.Linear's (out, in): the
+    Conv1D layers and embeddings of the model its config.json describes, by the planner's own
+    module layout (a name matches a module path, or one ends with the other after a dot). None when
+    no checkpoint has a config.json the planner reads: the orientation is then unknown."""
+    import os
+
+    from ..architecture import layout
+    from ..errors import PlanError
+    from ..spec import spec_from_config_file
+
+    for checkpoint in checkpoints:
+        folder = checkpoint if os.path.isdir(checkpoint) else os.path.dirname(checkpoint) or "."
+        config = os.path.join(folder, "config.json")
+        if not os.path.isfile(config):
+            continue
+        try:
+            arch = layout(spec_from_config_file(config))
+        except PlanError:
+            continue
+        paths = [m.path for m in arch.modules if m.kind in ("conv1d", "embedding")]
+        return frozenset(n for n in names if any(
+            n == p or n.endswith("." + p) or p.endswith("." + n) for p in paths))
+    return None
 
 
 def _stats_line(summary: dict) -> str:
@@ -100,14 +134,18 @@ def _adapter_explanation(analysis, savings: dict | None) -> str:
 
 def _diff_text(analysis, units: str) -> str:
     d, s = analysis.source, analysis.summary
+    turned = stored_in_out([x.name for x in analysis.layers], d["finetuned"], d["base"])
     lines = [f"full update {d['finetuned']} - {d['base']}: {d['tensors']} tensors, {d['params']:,} params",
              "",
-             _layer_table(analysis, "full rank"),
+             _layer_table(analysis, "full rank", turned or frozenset()),
              "",
              _stats_line(s),
              f"a LoRA of rank {s['recommended_rank']} could hold >= {s['keep']:g} of every tensor's update: "
              f"{s['lora_params_at_recommended_rank']:,} params against {s['full_params']:,}"]
     lines += [f"note: {n}" for n in analysis.notes]
+    if turned is None:
+        lines.append("note: out x in as stored: no config.json beside the checkpoints says which "
+                     "weights are Conv1D or embeddings (stored in x out)")
     return "\n".join(lines)
 
 
@@ -206,9 +244,9 @@ def resize_command(path, rank, energy, fro, sv_ratio, output, units, fmt) -> Non
     if fmt == "json":
         click.echo(json.dumps(resized.to_dict(), indent=2))
         return
-    rows = [[x.name, f"{x.shape[0]}x{x.shape[1]}", x.rank, x.new_rank, f"{x.frobenius_error:.4f}"]
+    rows = [[x.name, _out_x_in(x.shape), x.rank, x.new_rank, f"{x.frobenius_error:.4f}"]
             for x in resized.layers]
-    click.echo(tabulate(rows, headers=["layer", "shape", "r", "new r", "rel. Frobenius error"],
+    click.echo(tabulate(rows, headers=["layer", "out x in", "r", "new r", "rel. Frobenius error"],
                         disable_numparse=True))
     worst = max(resized.layers, key=lambda x: x.frobenius_error)
     click.echo(f"\nwrote {resized.output} ({resized.criterion.describe()}): r={resized.config['r']}, "
