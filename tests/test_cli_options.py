@@ -149,3 +149,10 @@ def test_lora_dropout_is_planned_and_shown():
     assert lora > plain["plans"][1]["memory_bytes"]["activations"]
     result = run("--model", "gpt2", "--lora-dropout", "1")
     assert result.exit_code == 2
+
+
+def test_every_subcommand_reads_choices_in_any_case():
+    # measure run checks its choices before it needs the model: an unknown model is the first error
+    result = run("measure", "run", "--device", "CPU", "--method", "LoRA", "--model", "gpt2-huge")
+    assert result.exit_code == 2 and "unknown model 'gpt2-huge'" in result.output
+    assert json.loads(run("models", "--format", "JSON").output)[0]["name"] == "gpt2"

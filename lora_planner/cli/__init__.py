@@ -68,7 +68,10 @@ class LazyGroup(click.Group):
         return super().parse_args(ctx, args)
 
 
-@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+# Every subcommand reads its choices in any case (--method LoRA, --device CPU): click folds the value
+# and the choices alike before comparing, and passes on the choice as the command spells it.
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"],
+                                              "token_normalize_func": str.lower})
 @click.version_option(__version__, prog_name="lora-plan")
 def main() -> None:
     """Plan the memory, GPUs and checkpoints of a fine-tune before you rent anything.
