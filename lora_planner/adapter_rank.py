@@ -124,16 +124,41 @@ def _find_weights(path: Path) -> tuple[Path, Path | None]:
 
 
 def read_config(path: Path) -> dict:
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise PlanError(f"cannot read {path}: {exc}") from None
+    """An adapter_config.json, with every value the analysis reads checked (`check_config`)."""
+    from .validate import read_json_file
+
+    config = read_json_file(path, what="adapter config")
     if not isinstance(config, dict):
         raise PlanError(f"{path} is not a JSON object")
     if config.get("peft_type", "LORA") != "LORA":
         raise PlanError(f"{path}: peft_type {config.get('peft_type')!r}; "
                         "only LoRA adapters have a B·A update")
+    check_config(config, str(path))
     return config
+
+
+def check_config(config: dict, where: str) -> None:
+    """The values PEFT's scaling reads: `r` and `rank_pattern` ranks whole numbers from 1,
+    `lora_alpha` and `alpha_pattern` values finite, `use_rslora` true or false, and every pattern
+    key a regex PEFT can compile (as `(.*\\.)?(KEY)$`). Each failure is one line naming the field."""
+    from .validate import MAX_LORA_RANK, flag, real_number, regex, whole_number
+
+    whole_number(f"{where}: r", config.get("r", 8), 1, MAX_LORA_RANK)
+    real_number(f"{where}: lora_alpha", config.get("lora_alpha", 8))
+    flag(f"{where}: use_rslora", config.get("use_rslora"), False)
+    for field_name in ("rank_pattern", "alpha_pattern"):
+        patterns = config.get(field_name)
+        if patterns is None:
+            continue
+        if not isinstance(patterns, dict):
+            raise PlanError(f"{where}: {field_name} must be an object of regex -> value, "
+                            f"got {type(patterns).__name__}")
+        for key, value in patterns.items():
+            regex(f"{where}: {field_name} key", rf"(.*\.)?({key})$", max_length=10_000, shown=key)
+            if field_name == "rank_pattern":
+                whole_number(f"{where}: rank_pattern[{key[:40]!r}]", value, 1, MAX_LORA_RANK)
+            else:
+                real_number(f"{where}: alpha_pattern[{key[:40]!r}]", value)
 
 
 def open_adapter(path: str | Path) -> AdapterSource:
@@ -210,12 +235,17 @@ def _natural(name: str) -> list:
 
 def iter_factors(source: AdapterSource) -> Iterator[tuple[LoraModule, object, object]]:
     """Each module with its factors as 2-D tensors: B (d, r), A (r, k), loaded one module at a time."""
+    import torch
     from safetensors import safe_open
 
     with safe_open(str(source.weights), "pt") as f:
         for m in source.modules:
             a = f.get_tensor(m.key_a)
             b = f.get_tensor(m.key_b)
+            for key, factor in ((m.key_a, a), (m.key_b, b)):
+                # an SVD of NaN or infinity does not converge (LinAlgError); say which tensor
+                if factor.is_floating_point() and not bool(torch.isfinite(factor).all()):
+                    raise PlanError(f"{source.weights}: {key} holds NaN or infinite values")
             yield m, b.reshape(b.shape[0], m.rank), a.reshape(m.rank, -1)  # (d, r), (r, k)
 
 
@@ -543,11 +573,7 @@ def checkpoint_files(path: str | Path) -> dict[str, Path]:
     elif path.is_dir():
         index = path / "model.safetensors.index.json"
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (OSError, json.JSONDecodeError, KeyError) as exc:
-                raise PlanError(f"cannot read {index}: {exc}") from None
-            return {k: path / v for k, v in weight_map.items()}
+            return _index_files(path, index)
         files = sorted(path.glob("*.safetensors"))
         if not files:
             raise PlanError(f"no .safetensors files in {path}")
@@ -563,15 +589,41 @@ def checkpoint_files(path: str | Path) -> dict[str, Path]:
     return names
 
 
+def _index_files(folder: Path, index: Path) -> dict[str, Path]:
+    """A sharded checkpoint's `weight_map` (tensor name -> shard file name). Every shard must be a
+    .safetensors file inside `folder`: a name such as ../../etc/passwd or /etc/passwd is refused,
+    never opened."""
+    from .validate import read_json_file
+
+    data = read_json_file(index, what="checkpoint index", max_bytes=64 * 2**20)
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise PlanError(f"{index}: weight_map must be an object of tensor name -> shard file name")
+    root = folder.resolve()
+    files: dict[str, Path] = {}
+    for name in set(weight_map.values()):
+        file = (folder / name).resolve()
+        if file.parent != root or file.suffix != ".safetensors":
+            raise PlanError(f"{index}: shard {name[:80]!r} is not a .safetensors file in {folder}")
+        if not file.is_file():
+            raise PlanError(f"{index}: shard {name[:80]!r} is missing from {folder}")
+        files[name] = folder / name
+    return {k: files[v] for k, v in weight_map.items()}
+
+
 def _shapes(files: dict[str, Path]) -> dict[str, tuple[int, ...]]:
     from safetensors import safe_open
 
     shapes = {}
     for file in sorted(set(files.values())):
-        with safe_open(str(file), "pt") as f:
-            for key in f.keys():
-                if files.get(key) == file:
-                    shapes[key] = tuple(f.get_slice(key).get_shape())
+        try:
+            with safe_open(str(file), "pt") as f:
+                for key in f.keys():
+                    if files.get(key) == file:
+                        shapes[key] = tuple(f.get_slice(key).get_shape())
+        except Exception as exc:  # noqa: BLE001 - a bad header is a SafetensorError, OSError or ValueError
+            raise PlanError(f"cannot read {file}: {exc}") from None
     return shapes
 
 
@@ -618,6 +670,11 @@ def diff_checkpoints(base: str | Path, finetuned: str | Path, include: str | Non
     for key in keys:
         delta = read(tuned_files[key], key)
         delta -= read(base_files[key], key)  # in place: the pair never exists beside a third copy
+        # one sum, no tensor-sized mask: NaN or infinity anywhere makes it non-finite (an SVD of
+        # them does not converge)
+        if not math.isfinite(float(delta.sum())):
+            raise PlanError(f"{key}: the update holds NaN or infinite values (or values past float32's "
+                            "range)")
         values = spectrum.dense_singular_values(delta)
         shape = (delta.shape[0], math.prod(delta.shape[1:]))
         del delta

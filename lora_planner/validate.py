@@ -62,7 +62,9 @@ def real_number(name: str, value: object, lo: float | None = None, hi: float | N
                 lo_open: bool = False, hi_open: bool = False) -> float:
     """`value` as a finite float in the range (bounds closed unless `lo_open` / `hi_open`).
     A bool, a string, NaN and the infinities are refused."""
-    shown = f"{name} must be a finite number {_range(lo, hi, lo_open, hi_open)}, got {_shown(value)}"
+    shown = (f"{name} must be a finite number{'' if lo is None and hi is None else ' '}"
+             f"{_range(lo, hi, lo_open, hi_open) if lo is not None or hi is not None else ''}, "
+             f"got {_shown(value)}")
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise PlanError(shown)
     try:
@@ -94,23 +96,28 @@ def text(name: str, value: object) -> str:
     return value
 
 
-def regex(name: str, pattern: str, max_length: int = 1000):
+def regex(name: str, pattern: str, max_length: int = 1000, shown: str | None = None):
     """`pattern` compiled, or one line: a bad regex, one nested past the parser's recursion limit
-    ('(' * 1000), or one longer than `max_length` characters is refused."""
+    ('(' * 1000), or one longer than `max_length` characters is refused. `shown` is what the error
+    quotes (the user's text, when `pattern` wraps it)."""
     import re
 
+    quoted = _shown(pattern if shown is None else shown)
     if len(pattern) > max_length:
         raise PlanError(f"{name} is a regular expression of {len(pattern):,} characters; "
                         f"at most {max_length:,} are read")
     try:
         return re.compile(pattern)
     except RecursionError:
-        raise PlanError(f"{name} {_shown(pattern)} is not a regular expression Python can compile: "
+        raise PlanError(f"{name} {quoted} is not a regex Python can compile: "
                         "nested too deeply") from None
     except (re.error, OverflowError, ValueError) as exc:
-        raise PlanError(f"{name} {_shown(pattern)} is not a valid regular expression: "
+        raise PlanError(f"{name} {quoted} is not a valid regex: "
                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
 
+
+# The largest LoRA rank read from an option or an adapter config: far above any layer's width.
+MAX_LORA_RANK = 2**20
 
 # A config file is a few kilobytes; one that is larger is not a config (or is a device such as
 # /proc/self/mem): read at most this much.

@@ -274,15 +274,15 @@ def diff_command(base, finetuned, include, keep, units, fmt) -> None:
     of two or more dimensions in both is read one tensor at a time, so a large model is never in
     memory twice. Answers: how low-rank was the full update?
     """
-    import re
-
     from ..adapter_rank import diff_checkpoints
+    from ..errors import PlanError
+    from ..validate import regex
 
     if include:
         try:
-            re.compile(include)
-        except re.error as exc:
-            raise UserError(f"--include {include!r} is not a valid regex: {exc}") from None
+            regex("--include", include)
+        except PlanError as exc:
+            raise UserError(str(exc)) from None
     analysis = adapter_call(lambda: diff_checkpoints(base, finetuned, include=include, keep=keep))
     if fmt == "json":
         click.echo(json.dumps(analysis.to_dict(), indent=2))

@@ -11,13 +11,13 @@ import click
 
 from ..errors import PlanError
 from ..spec import SHAPE_LIMITS
-from ..validate import real_number
+from ..validate import MAX_LORA_RANK, real_number
 
 # Most LoRA ranks one plan compares side by side: each is a full plan (and a search with --fit),
 # so a list of thousands would plan for minutes before answering.
 MAX_RANKS = 64
 # Far above any layer's width (PEFT accepts a rank above min(in, out); the plan notes it as wasted).
-MAX_RANK = 2**20
+MAX_RANK = MAX_LORA_RANK
 # Sizes in whole-number options (batch, sequence, GPUs, buckets): far above any real run, and
 # small enough that every byte count stays a quickly computed int.
 MAX_BATCH = 2**20
