@@ -266,3 +266,161 @@ def test_a_real_sweep_trains_every_job_in_its_own_process(tmp_path):
     assert all(isinstance(r["measured"]["peak_allocated"], int) for r in found)
     assert [r["predicted"]["trainable_params"] for r in found] == sorted(
         r["predicted"]["trainable_params"] for r in found)  # rank 1 < 2 < 4
+
+
+# --- one sweep per results file; jobs end with their sweep ----------------------------------
+
+
+def _start_sweep(args: list[str], output: Path, fault: str) -> subprocess.Popen:
+    code = "import sys; from lora_planner.cli import main; main(sys.argv[1:], prog_name='lora-plan')"
+    return subprocess.Popen([sys.executable, "-c", code, "measure", "sweep", *args, "-o", str(output),
+                             "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, FAULT_ENV: fault}, cwd=ROOT)
+
+
+def _until(condition, seconds: float = 10.0) -> bool:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _children(pid: int) -> list[int]:
+    """Processes whose parent is `pid`, from /proc (Linux)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie waiting for whoever adopted it to reap it."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def test_two_sweeps_on_one_file_give_each_job_exactly_one_record(tmp_path):
+    args, ids = _sweep_args(tmp_path)
+    output = tmp_path / "results.jsonl"
+    first = _start_sweep([*args, "--timeout", "3"], output, f"hang@{ids[1]},error")
+    assert _until((tmp_path / ".results.jsonl.lock").exists), first.communicate()
+    refused = _run_sweep(args, output, "error")
+    assert refused.returncode == 2
+    assert refused.stderr == (f"Error: {output} is in use by another sweep (pid {first.pid} on "
+                              f"{os.uname().nodename}); wait for it to end, or pass --wait to start "
+                              "when it does\n")
+    waiting = _start_sweep([*args, "--wait"], output, "error")
+    _, first_err = first.communicate(timeout=60)
+    _, waiting_err = waiting.communicate(timeout=60)
+    assert first.returncode == 0 and waiting.returncode == 0, (first_err, waiting_err)
+    assert "3 jobs: 3 already in the results file; ran nothing" in waiting_err
+    found = read_records(output)
+    assert sorted(r["id"] for r in found) == sorted(ids)  # each job once, no false `error` twin
+    assert [r["status"] for r in found] == ["error", "timeout", "error"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.jsonl", "tiny.json"]
+
+
+def test_kill_9_of_a_sweep_leaves_no_job_running(tmp_path):
+    args, ids = _sweep_args(tmp_path)
+    sweep_process = _start_sweep(args, tmp_path / "results.jsonl", f"hang@{ids[0]}")
+    assert _until(lambda: _children(sweep_process.pid)), sweep_process.communicate()
+    (job,) = _children(sweep_process.pid)
+    time.sleep(0.5)  # past the job's start: it is hanging in its own session now
+    assert _alive(job) and os.getpgid(job) == job != os.getpgid(sweep_process.pid)
+    sweep_process.kill()
+    sweep_process.communicate()
+    assert _until(lambda: not _alive(job), 5), f"job {job} outlived its sweep"
+
+
+def test_sigterm_kills_the_running_job_and_the_same_command_resumes(tmp_path):
+    args, ids = _sweep_args(tmp_path)
+    output = tmp_path / "results.jsonl"
+    sweep_process = _start_sweep(args, output, f"error@{ids[0]},hang@{ids[1]}")
+    assert _until(lambda: read_records(output) and _children(sweep_process.pid)), sweep_process.communicate()
+    (job,) = _children(sweep_process.pid)
+    sweep_process.terminate()
+    _, err = sweep_process.communicate(timeout=20)
+    assert sweep_process.returncode == 128 + 15
+    assert err.strip().splitlines()[-1] == (
+        "3 jobs: 0 already in the results file; ran 1 error; stopped by SIGTERM with 2 jobs not run: "
+        "run the same command again to run them")
+    assert not _alive(job)
+    assert [r["id"] for r in read_records(output)] == [ids[0]]  # the killed job has no record
+    resumed = _run_sweep(args, output, "error")
+    assert resumed.returncode == 0, resumed.stderr
+    assert [r["id"] for r in read_records(output)] == ids
+
+
+def test_ctrl_c_twice_kills_the_running_job_and_exits_130(tmp_path):
+    import signal
+
+    args, ids = _sweep_args(tmp_path)
+    output = tmp_path / "results.jsonl"
+    sweep_process = _start_sweep(args, output, f"hang@{ids[0]}")
+    assert _until(lambda: _children(sweep_process.pid)), sweep_process.communicate()
+    sweep_process.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    assert sweep_process.poll() is None  # the first Ctrl-C waits for the running job
+    sweep_process.send_signal(signal.SIGINT)
+    _, err = sweep_process.communicate(timeout=20)
+    assert sweep_process.returncode == 130
+    lines = err.strip().splitlines()
+    assert "stopping after the running job (Ctrl-C again kills it; it then runs again on resume)" in lines
+    assert lines[-1].endswith("stopped by Ctrl-C with 3 jobs not run: run the same command again to run them")
+    assert read_records(output) == []
+
+
+def test_ctrl_c_stops_after_the_running_job_and_keeps_its_record(tmp_path):
+    """A launcher that stands for a job during which the user presses Ctrl-C."""
+    import signal
+
+    args, ids = _sweep_args(tmp_path)
+    jobs = sweep.expand({"fixed": sweep.parse_assignments(args[1:8:2], False), "grid": {"rank": [1, 2, 4]}})
+    started = []
+
+    def launcher(job, part, command, device, timeout):
+        started.append(job.id)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.2)  # the handler runs in the main thread meanwhile
+        return sweep.Launch(1, "failed on purpose")
+
+    output = tmp_path / "r.jsonl"
+    before = signal.getsignal(signal.SIGINT)
+    result = sweep.run_sweep(jobs, output, launcher=launcher, progress=False)
+    assert started == [ids[0]] and [r["id"] for r in read_records(output)] == [ids[0]]
+    assert result.stopped_by == signal.SIGINT and result.not_run == 2
+    assert signal.getsignal(signal.SIGINT) is before  # the handler the sweep found is back
+    assert result.summary().endswith("stopped by Ctrl-C with 2 jobs not run: run the same command again "
+                                     "to run them")
+
+
+def test_a_record_left_in_a_killed_sweeps_part_file_is_kept(tmp_path):
+    args, ids = _sweep_args(tmp_path)
+    jobs = sweep.expand({"fixed": sweep.parse_assignments(args[1:8:2], False), "grid": {"rank": [1, 2]}})
+    output = tmp_path / "r.jsonl"
+    left = {**record("x", 1, 1), "id": ids[1]}
+    (tmp_path / f".r.jsonl.{ids[1]}.4242.part").write_text(json.dumps(left) + "\n")
+    ran = []
+    result = sweep.run_sweep(jobs, output, progress=False,
+                             launcher=lambda job, *rest: ran.append(job.id) or sweep.Launch(1, ""))
+    assert ran == [ids[0]] and result.skipped == 1
+    assert sorted(r["id"] for r in read_records(output)) == sorted(ids[:2])
+    assert not list(tmp_path.glob(".*"))
+
+
+@pytest.mark.parametrize("where, message", [(".", "is a folder"), ("/dev/full", "is not a regular file")])
+def test_a_results_file_that_cannot_be_written_is_refused_before_any_job(tmp_path, where, message):
+    args, _ = _sweep_args(tmp_path)
+    output = tmp_path if where == "." else Path(where)
+    result = CliRunner().invoke(main, ["measure", "sweep", *args, "-o", str(output), "--no-progress"])
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
+    assert message in result.output

@@ -158,11 +158,17 @@ def run_summary(record: dict, output: str | None = None) -> str:
                    "indices or UUIDs, 0,1,2,3.")
 @click.option("--shard", metavar="K/N",
               help="Run every N-th job from the K-th (0 <= K < N): one task of an array job.")
-def sweep_command(spec, fixed, grid, output, dry_run, progress, timeout, devices, shard) -> None:
+@click.option("--wait", is_flag=True,
+              help="When another sweep holds the results file, start once it ends (default: refuse).")
+def sweep_command(spec, fixed, grid, output, dry_run, progress, timeout, devices, shard, wait) -> None:
     """Run a grid of jobs, one subprocess each; rerun to resume where it stopped.
 
     SPEC is a TOML, YAML or JSON file with `fixed` and `grid` tables; --set and --grid add to it
     or replace its keys. An out-of-memory job is recorded as `oom` and the sweep goes on.
+
+    One sweep at a time writes a results file (another is refused, or waits with --wait). Ctrl-C
+    stops after the running job and keeps its record; Ctrl-C again (or SIGTERM) kills it too.
+    Either way the sweep exits non-zero and the same command resumes it.
 
     \b
         lora-plan measure sweep benchmarks/gpu_grid.toml -o results/gpu_grid.jsonl
@@ -205,9 +211,12 @@ def sweep_command(spec, fixed, grid, output, dry_run, progress, timeout, devices
                                        "settings": job.to_dict()}))
             return
         result = run_sweep(jobs, output, _command_line(), progress=progress, timeout=timeout, devices=gpus,
-                           shard=chosen_shard)
+                           shard=chosen_shard, wait=wait,
+                           warn=lambda text: click.echo(f"warning: {text}", err=True))
     except PlanError as exc:
         raise UserError(str(exc)) from None
     except OSError as exc:  # the results file cannot be read or written: one line, not a traceback
         raise UserError(f"{exc.filename or output}: {exc.strerror or exc}") from None
     click.echo(result.summary(), err=True)
+    if result.stopped_by is not None:
+        sys.exit(128 + result.stopped_by)  # as a shell reports a command a signal ended

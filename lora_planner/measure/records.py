@@ -7,9 +7,13 @@ short by a crash, or any other line that is not a usable record, is skipped on r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
+
+from ..errors import PlanError
 
 # The schema itself lives in the core, so that reports read what measure writes without importing it.
 from ..record_schema import (
@@ -63,3 +67,49 @@ def finished_ids(path: str | Path) -> set[str]:
     """Ids of the jobs a results file already holds a usable record of, whatever their status: a
     job whose only line is unreadable runs again."""
     return {r["id"] for r in read_records(path)}
+
+
+def lock_path(path: str | Path) -> Path:
+    """The lock file beside a results file: `.NAME.lock`, holding the pid and host of its holder."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.lock")
+
+
+@contextlib.contextmanager
+def exclusive(path: str | Path, wait: bool = False) -> Iterator[None]:
+    """Hold a results file for the block, so that no other sweep appends to it meanwhile.
+
+    An exclusive `flock` on `lock_path(path)` (POSIX: Linux and macOS; advisory, so only sweeps
+    honour it). Taken, it refuses at once in one line naming the holder's pid and host, or with
+    `wait` blocks until the holder ends. The holder removes the lock file as it ends; a process
+    that locked the file just before it was removed sees its inode gone and locks the new one.
+    """
+    import fcntl
+    import socket
+
+    path = Path(path)
+    lock = lock_path(path)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
+            os.close(fd)
+            raise PlanError(f"{path} is in use by another sweep ({holder or 'a process starting'}); "
+                            "wait for it to end, or pass --wait to start when it does") from None
+        try:
+            current = os.stat(lock).st_ino
+        except FileNotFoundError:
+            current = None
+        if current == os.fstat(fd).st_ino:
+            break
+        os.close(fd)  # locked a lock file its holder has just removed: lock the new one
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        os.close(fd)

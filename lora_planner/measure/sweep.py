@@ -14,7 +14,12 @@ job. Settings that do not apply are normalised away (a full fine-tune has no ran
     batch_size = [1, 8]
 
 Jobs whose id the results file already holds are skipped, so rerunning an interrupted sweep runs
-only what is missing. A job that dies without writing its record (a crash, the kernel's
+only what is missing. A sweep holds its results file for its life (a lock file beside it): a
+second sweep on the same file is refused at once, naming the holder, or waits with `--wait`.
+Ctrl-C stops the sweep after the running job, keeping its record; a second Ctrl-C, SIGTERM or
+SIGHUP kills the running job too. A job dies with its sweep, `kill -9` included (Linux).
+
+A job that dies without writing its record (a crash, the kernel's
 out-of-memory killer) gets an `error` record from the sweep, with the prediction beside it; one
 that runs past `timeout` seconds is killed and recorded as `timeout`.
 
@@ -28,6 +33,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import functools
+import glob
 import itertools
 import json
 import os
@@ -42,8 +49,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import PlanError
+from ..files import check_output_file
 from .job import SETTING_KINDS, Job, is_out_of_memory, model_spec, predict
-from .records import append_record, finished_ids, make_record, read_records
+from .records import append_record, exclusive, load_records, make_record, read_records, skipped_warning
 
 SPEC_SECTIONS = ("fixed", "grid")
 
@@ -171,11 +179,81 @@ class Launch:
 Launcher = Callable[[Job, Path, str, "str | None", "float | None"], Launch]
 
 
+def _die_with_parent() -> Callable[[], None] | None:
+    """A `preexec_fn` that makes the job die with the sweep (Linux): `prctl(PR_SET_PDEATHSIG,
+    SIGKILL)` has the kernel kill the job when the thread that started it ends, `kill -9` of the
+    sweep included. The job runs in a session of its own (so that Ctrl-C at the terminal reaches
+    only the sweep, which decides), so nothing else would end it. A sweep that died before the
+    prctl ran is caught by comparing the parent's pid. None where there is no prctl (macOS):
+    there, only the signals the sweep can catch stop its jobs."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: the child only calls it
+    except (AttributeError, OSError):
+        return None
+    parent, pr_set_pdeathsig = os.getpid(), 1
+
+    def preexec() -> None:
+        prctl(pr_set_pdeathsig, signal.SIGKILL)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return preexec
+
+
+class Stop:
+    """How a sweep answers signals. Ctrl-C (SIGINT) once: start no more jobs and let the running
+    ones finish, keeping their records. Ctrl-C again, SIGTERM or SIGHUP: also kill the running
+    jobs' process groups; a job killed so gets no record and runs again on resume."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self.starting_stopped = threading.Event()
+        self.killing = threading.Event()
+        self.groups: set[int] = set()  # process groups of the running jobs
+
+    def handle(self, signum: int, frame=None) -> None:
+        first = self.signal is None
+        self.signal = self.signal or signum
+        self.starting_stopped.set()
+        if signum == signal.SIGINT and first:
+            sys.stderr.write("\nstopping after the running job (Ctrl-C again kills it; "
+                             "it then runs again on resume)\n")
+            return
+        self.killing.set()
+        for group in list(self.groups):
+            self.kill(group)
+
+    @staticmethod
+    def kill(group: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(group, signal.SIGKILL)
+
+    @contextlib.contextmanager
+    def catching(self):
+        """Handle SIGINT, SIGTERM and SIGHUP for the block (from the main thread only: Python
+        runs handlers there), then restore the handlers that were set."""
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        names = [s for s in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, s)]
+        previous = {name: signal.signal(getattr(signal, name), self.handle) for name in names}
+        try:
+            yield self
+        finally:
+            for name, handler in previous.items():
+                signal.signal(getattr(signal, name), handler)
+
+
 def launch_subprocess(job: Job, output: Path, command: str, device: str | None = None,
-                      timeout: float | None = None) -> Launch:
+                      timeout: float | None = None, stop: Stop | None = None) -> Launch:
     """Run one job in a fresh Python process: its memory, and any crash, end with it. `device`
     sets CUDA_VISIBLE_DEVICES (the job then sees that one GPU as cuda:0); past `timeout` seconds
-    the process and everything it started are killed."""
+    the process and everything it started are killed. The job runs in a process group of its own,
+    which `stop` kills on SIGTERM or a second Ctrl-C; it dies with the sweep (`_die_with_parent`)."""
     args = [sys.executable, "-m", "lora_planner.measure.job", "--settings", json.dumps(job.to_dict()),
             "-o", str(output), "--command", command]
     if job.run.device == "cpu":
@@ -184,14 +262,20 @@ def launch_subprocess(job: Job, output: Path, command: str, device: str | None =
     if device is not None:
         env["CUDA_VISIBLE_DEVICES"] = device
     process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                               start_new_session=True)
+                               start_new_session=True, preexec_fn=_die_with_parent())
+    if stop is not None:
+        stop.groups.add(process.pid)  # its own session: the group id is its pid
+        if stop.killing.is_set():  # the signal came while it was starting
+            stop.kill(process.pid)
     try:
         out, _ = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
+        Stop.kill(process.pid)
         out, _ = process.communicate()
         return Launch(process.returncode, (out or "")[-2000:], timed_out=True)
+    finally:
+        if stop is not None:
+            stop.groups.discard(process.pid)
     return Launch(process.returncode, (out or "")[-2000:])
 
 
@@ -221,11 +305,18 @@ class SweepResult:
     skipped: int
     statuses: dict[str, int]
     other_shards: int = 0
+    stopped_by: int | None = None  # the signal that stopped the sweep early
+    not_run: int = 0  # jobs of this shard with no record yet, when stopped
 
     def summary(self) -> str:
         ran = ", ".join(f"{n} {s}" for s, n in sorted(self.statuses.items())) or "nothing"
         shard = f" ({self.other_shards} left to other shards)" if self.other_shards else ""
-        return f"{self.total} jobs{shard}: {self.skipped} already in the results file; ran {ran}"
+        text = f"{self.total} jobs{shard}: {self.skipped} already in the results file; ran {ran}"
+        if self.stopped_by is not None:
+            name = "Ctrl-C" if self.stopped_by == signal.SIGINT else signal.Signals(self.stopped_by).name
+            text += (f"; stopped by {name} with {self.not_run} job{'s' if self.not_run != 1 else ''} "
+                     "not run: run the same command again to run them")
+        return text
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -248,24 +339,45 @@ def shard_jobs(jobs: list[Job], shard: tuple[int, int] | None) -> list[Job]:
     return list(jobs[index::count])
 
 
+def _salvage_parts(output: Path, done: set[str]) -> int:
+    """Records that jobs of an earlier, killed sweep wrote into their `.part` files after it died:
+    appended when the results file lacks them, then the files removed. Called under the lock, so
+    no running sweep owns these files. Returns how many records were kept."""
+    kept = 0
+    for part in sorted(output.parent.glob(f".{glob.escape(output.name)}.*.part")):
+        for record in read_records(part):
+            if record["id"] not in done:
+                append_record(output, record)
+                done.add(record["id"])
+                kept += 1
+        part.unlink(missing_ok=True)
+    return kept
+
+
 def run_sweep(jobs: list[Job], output: str | Path, command: str = "",
               launcher: Launcher = launch_subprocess, progress: bool = True, *,
               timeout: float | None = None, devices: tuple[str, ...] = (),
-              shard: tuple[int, int] | None = None) -> SweepResult:
+              shard: tuple[int, int] | None = None, wait: bool = False,
+              warn: Callable[[str], None] = lambda text: None) -> SweepResult:
     """Run the jobs (of this `shard`) the results file does not hold yet, one subprocess each,
     with a progress bar (jobs done, rate, ETA) on stderr.
 
-    With `devices`, one job runs on each listed GPU at a time (CUDA_VISIBLE_DEVICES set per job).
-    Each job writes its record to a file of its own, which the sweep appends to `output` under a
-    lock as the job ends; a job that wrote none (killed, timed out) gets a record from the sweep.
+    The results file is held for the sweep's life (`records.exclusive`: a second sweep on it is
+    refused, or with `wait` starts when this one ends), so each job gets exactly one record. With
+    `devices`, one job runs on each listed GPU at a time (CUDA_VISIBLE_DEVICES set per job). Each
+    job writes its record to a `.part` file named by job and sweep, which the sweep appends to
+    `output` as the job ends; a job that wrote none (crashed, timed out) gets a record from the
+    sweep. Signals stop it early (`Stop`); lines of the results file that are not usable records
+    are skipped and passed to `warn` in one line.
     """
     from tqdm import tqdm
 
     output = Path(output)
+    check_output_file(output, "the results file")
     mine = shard_jobs(jobs, shard)
     predictions = check_jobs(mine)
-    done = finished_ids(output)
-    todo = [job for job in mine if job.id not in done]
+    stop = Stop()
+    run = functools.partial(launch_subprocess, stop=stop) if launcher is launch_subprocess else launcher
     statuses: Counter[str] = Counter()
     lock = threading.Lock()
     free: queue.Queue[str | None] = queue.Queue()
@@ -273,25 +385,38 @@ def run_sweep(jobs: list[Job], output: str | Path, command: str = "",
         free.put(device)
 
     def run_one(job: Job, bar) -> None:
+        if stop.starting_stopped.is_set():
+            return
         device = free.get()
-        part = output.with_name(f".{output.name}.{job.id}.part")
-        part.unlink(missing_ok=True)
+        part = output.with_name(f".{output.name}.{job.id}.{os.getpid()}.part")
         try:
-            launch = launcher(job, part, command, device, timeout)
+            if stop.starting_stopped.is_set():
+                return
+            launch = run(job, part, command, device, timeout)
         finally:
             free.put(device)
         record = next((r for r in read_records(part) if r["id"] == job.id), None)
-        if record is None:
+        if record is None and not stop.killing.is_set():  # a job the sweep killed runs again
             record = _lost_job_record(job, predictions[job.id], launch, command, timeout)
-        with lock:
-            append_record(output, record)
-            statuses[record["status"]] += 1
-            bar.update()
+        if record is not None:
+            with lock:
+                append_record(output, record)
+                statuses[record["status"]] += 1
+                bar.update()
         part.unlink(missing_ok=True)
 
-    with tqdm(total=len(mine), initial=len(mine) - len(todo), unit="job", file=sys.stderr,
-              disable=not progress, dynamic_ncols=True) as bar:
-        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(devices))) as pool:
-            for future in [pool.submit(run_one, job, bar) for job in todo]:
-                future.result()
-    return SweepResult(len(mine), len(mine) - len(todo), dict(statuses), len(jobs) - len(mine))
+    with exclusive(output, wait), stop.catching():
+        found, skipped = load_records(output)
+        if skipped:
+            warn(skipped_warning(skipped))
+        done = {record["id"] for record in found}
+        _salvage_parts(output, done)
+        todo = [job for job in mine if job.id not in done]
+        with tqdm(total=len(mine), initial=len(mine) - len(todo), unit="job", file=sys.stderr,
+                  disable=not progress, dynamic_ncols=True) as bar:
+            with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(devices))) as pool:
+                for future in [pool.submit(run_one, job, bar) for job in todo]:
+                    future.result()
+    ran = sum(statuses.values())
+    return SweepResult(len(mine), len(mine) - len(todo), dict(statuses), len(jobs) - len(mine),
+                       stopped_by=stop.signal, not_run=len(todo) - ran if stop.signal else 0)
