@@ -683,3 +683,24 @@ def test_the_screenshot_shows_what_the_cli_plans_today():
             terms["device_overhead"] = p["device_overhead_bytes"]
         drawn.append({"label": label, "bytes": terms})
     assert record["bars"] == drawn
+
+
+def test_a_broken_pool_is_replaced(tmp_path):
+    """Workers that can no longer start (here: the pool stopped under the server) cost one
+    replacement, not a 500 for every later request."""
+    with running(tmp_path, workers=1) as (url, srv):
+        assert get(f"{url}/api/plan?{CHEAP}")[0] == 200
+        srv.pool.stop()
+        status, _, body = get(f"{url}/api/plan?{CHEAP}")
+        assert status == 200, body
+
+
+def test_a_link_from_another_site_opens_the_page(server):
+    """The page and its files are not work: a link elsewhere may open them (the plan they then
+    ask for comes from the page itself). No other site may frame the page."""
+    elsewhere = {"Referer": "https://chat.example/", "Sec-Fetch-Site": "cross-site"}
+    status, headers, _ = get(f"{server}/?model=gpt2", elsewhere)
+    assert status == 200 and headers["X-Frame-Options"] == "DENY"
+    assert get(f"{server}/static/app.js", elsewhere)[0] == 200
+    assert get(f"{server}/api/plan?{CHEAP}", elsewhere)[0] == 403
+    assert get(f"{server}/", {"Host": "attacker.example"})[0] == 403

@@ -63,7 +63,7 @@ ON = ("", "1", "on", "true", "yes")
 OFF = ("0", "off", "false", "no")
 TEXT = "text/plain; charset=utf-8"
 _PRINTABLE = "".join(chr(c) for c in range(32, 127) if chr(c) != "%")
-UPLOAD_TOKEN = re.compile(r"upload:([0-9a-f]{12})/([A-Za-z0-9._-]{1,64})")
+UPLOAD_TOKEN = re.compile(r"upload:([0-9a-f]{12})/([A-Za-z0-9_-][A-Za-z0-9._-]{0,63})")
 # owner/name as the hub spells repositories; anything else with a slash is a path
 HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 SUPERSEDED = (409, TEXT, "Error: superseded by a newer request\n")
@@ -354,6 +354,7 @@ class PlanServer(ThreadingHTTPServer):
         self.latest_lock = threading.Lock()
         self.sequence = itertools.count()
         self.pool = None
+        self.pool_lock = threading.Lock()
         try:
             super().__init__(address, PlanHandler)
         except OSError:
@@ -426,13 +427,25 @@ class PlanServer(ThreadingHTTPServer):
         if heavy:
             wait.acquire(self.heavy)
         try:
-            return wait.result(self.pool.schedule(_worker_plan, args=(argv,)))
+            return wait.result(self.schedule(_worker_plan, argv))
         finally:
             if heavy:
                 self.heavy.release()
 
     def check_config(self, path: str, wait: Waiter) -> str | None:
-        return wait.result(self.pool.schedule(_worker_check_config, args=(path,)))
+        return wait.result(self.schedule(_worker_check_config, path))
+
+    def schedule(self, function, *args):
+        """A task for the pool. A pool that broke (its workers could not start: the forkserver
+        killed, say) is replaced, so one bad moment is not a 500 for every later request."""
+        try:
+            return self.pool.schedule(function, args=args)
+        except RuntimeError:
+            with self.pool_lock:
+                if not self.pool.active:
+                    broken, self.pool = self.pool, _make_pool(self.limits, str(self.root / "cwd"))
+                    broken.stop()
+            return self.pool.schedule(function, args=args)
 
     def upload_path(self, token: str) -> Path:
         """The folder an upload token names, or Refused when this server holds no such upload."""
@@ -577,32 +590,39 @@ class PlanHandler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         self.send_header("Cache-Control", "no-store")
         self.send_header("X-Content-Type-Options", "nosniff")
+        # no other site may frame the page (and so make it plan, or click on it)
+        self.send_header("X-Frame-Options", "DENY")
+        self.send_header("Content-Security-Policy", "frame-ancestors 'none'")
         for k, v in (headers or {}).items():
             self.send_header(k, v)
         self.end_headers()
         self.wfile.write(data)
 
-    def _origin_ok(self) -> bool:
-        """Requests addressed to an allowed host, and sent by this server's own page or by no page.
+    def _host_ok(self) -> bool:
+        """Addressed to an allowed host: a site elsewhere cannot reach this server through a DNS
+        name that resolves to it (DNS rebinding)."""
+        hostname = _hostname((self.headers.get("Host") or "").strip().lower())
+        return hostname is not None and hostname in self.server.allowed_hosts
 
-        Host: a site elsewhere cannot reach this server through a DNS name that resolves to it
-        (DNS rebinding). Origin, else Referer: a page's request must come from this very origin,
-        scheme, host and port (a page on another loopback port is another site). Sec-Fetch-Site:
-        a browser that sends it says whether another site made the request, Referer or not."""
-        host = (self.headers.get("Host") or "").strip().lower()
-        hostname = _hostname(host)
-        if hostname is None or hostname not in self.server.allowed_hosts:
-            return False
+    def _same_origin(self) -> bool:
+        """Sent by this server's own page, or by no page. Origin, else Referer: a page's request
+        must come from this very origin, scheme, host and port (a page on another loopback port is
+        another site). Sec-Fetch-Site: a browser that sends it says whether another site made the
+        request, Referer or not. The page and its files are not asked this (a link from elsewhere
+        opens the page); what plans or uploads is."""
         if self.headers.get("Sec-Fetch-Site", "same-origin").lower() not in ("same-origin", "none"):
             return False
         source = self.headers.get("Origin") or self.headers.get("Referer")
         if source is None:
             return True  # not sent by a page (curl, a script): nothing to check
         url = urlsplit(source.strip().lower())
+        host = (self.headers.get("Host") or "").strip().lower()
         return url.scheme in ("http", "https") and _netloc(url.netloc, url.scheme) == _netloc(host, "http")
 
     def _guarded(self, handler) -> None:
-        if not self._origin_ok():
+        path = urlsplit(self.path).path
+        work = self.command != "GET" or (path.startswith("/api/") and path != "/api/options")
+        if not self._host_ok() or (work and not self._same_origin()):
             self._send(403, TEXT, "Error: this server answers its own page on an allowed host only "
                                   "(see --allow-host)\n")
             return
