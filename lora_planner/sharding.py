@@ -369,6 +369,11 @@ def distribute(memory: dict[str, Term], sharding: Sharding | None, buffers: dict
             return tuple(p.bytes for p in phases(m, sh))
 
     def least(s: Sharding) -> Count | None:
+        # every phase holds the weights on the GPU: where they alone (as sharded as they get) are
+        # over the budget, no count fits, and no phase need be evaluated (ddp, zero1 and zero2 keep
+        # the weights whole: a 70B model's 141 GB never fits an 80 GB card under them)
+        if per_gpu_states(memory, s.with_gpus(MAX_GPUS), buffer, unsharded)["weights"].bytes > budget:
+            return None
         tried: dict[int, tuple[int, ...]] = {}  # the search may come back to a count
 
         def on(n: int) -> tuple[int, ...]:
