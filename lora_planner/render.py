@@ -9,7 +9,7 @@ from __future__ import annotations
 from .contract import to_dict, trainable_percent
 from .counts import PEFT_DEFAULT_TARGETS
 from .errors import PlanError
-from .gpus import MIB, largest_fitting_peak
+from .gpus import MIB, device_allowance, largest_fitting_peak
 from .plan import MEMORY_KEYS, MethodPlan, Plan
 from .precision import get_precision
 from .sharding import DISPLAY, count_reasons
@@ -347,13 +347,19 @@ def _wall_time(p: MethodPlan) -> str:
 def _scale_explanation(plan: Plan, p: MethodPlan) -> list[str]:
     dp = p.data_parallel
     peak, cap = p.memory["peak"].bytes, plan.gpu.memory_bytes
-    allowance = p.device_overhead.bytes if p.device_overhead else 0
+    # the verdict's allowance is on this peak; the one shown (device_overhead) is on one of the GPUs
+    # the plan shows, which differ when the step needs several
+    allowance = device_allowance(peak, plan.gpu) if p.device_overhead else 0
     rule = (f"  fits: peak {peak:,} + allowance {allowance:,} = {peak + allowance:,} B "
             f"{'<=' if p.fits else '>'} {cap:,} B")
     if dp is None or dp.sharding is None:
         lines = [rule + " (one GPU)",
                  f"  gpus_needed: fewest N over ddp/zero1/zero2/zero3/fsdp whose per-GPU peak + allowance "
                  f"<= {cap:,} B = {_needed(p)}"]
+        if p.device_overhead and p.per_gpu_peak != peak:
+            shown, extra = p.per_gpu_peak, p.device_overhead.bytes
+            lines.append(f"  on {_needed(p)}: per-GPU peak {shown:,} + allowance {extra:,} = "
+                         f"{shown + extra:,} B <= {cap:,} B (the allowance shown)")
     else:
         sh = dp.sharding
         lines = [f"  weights per GPU: {p.memory['weights'].formula}",
