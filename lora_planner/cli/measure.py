@@ -108,7 +108,10 @@ def run_command(model, weights, method, rank, targets, alpha, rslora, lora_dropo
             --precision amp --grad-checkpointing --device cuda -o results.jsonl
     """
     need_measure_extra("lora-plan measure run")
+    from ..adapter_rank import ADAPTER_FILES
+    from ..files import check_folder_target, check_output_file
     from ..measure.job import Job, run_job
+    from ..measure.records import append_record
 
     try:
         job = Job.from_dict(dict(
@@ -118,11 +121,26 @@ def run_command(model, weights, method, rank, targets, alpha, rslora, lora_dropo
             grad_checkpointing=grad_checkpointing, attention=attention, device=resolve_device(device),
             data=data, seed=seed, optimizer_impl=optimizer_impl, loss=loss, loss_chunks=loss_chunks,
         ))
-        record = run_job(job, output, _command_line(), save_adapter, force=force)
+        # Where the results go is checked before the job trains, not found wanting after it.
+        if output:
+            check_output_file(output, "the results file")
+        if save_adapter:
+            check_folder_target(save_adapter, ADAPTER_FILES)
+        record = run_job(job, None, _command_line(), save_adapter, force=force)
     except PlanError as exc:
         raise UserError(str(exc)) from None
     if fmt == "json":
         click.echo(json.dumps(record))
+    if output:
+        try:
+            append_record(output, record)
+        except OSError as exc:  # a record that cost a training run is printed, never lost in a traceback
+            if fmt != "json":
+                click.echo(json.dumps(record), err=True)
+            where = "on stdout above" if fmt == "json" else "the JSON line above"
+            click.echo(f"error: cannot append the record to {output} ({exc.strerror or exc}); "
+                       f"the record is {where}", err=True)
+            sys.exit(1)
     click.echo(run_summary(record, output), err=fmt == "json")
 
 
