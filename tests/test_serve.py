@@ -640,9 +640,10 @@ def test_the_temporary_folder_goes_with_the_server():
     assert not root.exists()
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_ctrl_c_and_sigterm_remove_the_uploads(tmp_path, sig):
-    """The real command, stopped as a terminal or a service manager stops it, leaves no file."""
+    """The real command, stopped as a terminal (Ctrl+C, or closed) or a service manager stops it,
+    leaves no file."""
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     process = subprocess.Popen([sys.executable, "-m", "lora_planner", "serve", "--port", "0"],

@@ -928,7 +928,10 @@ def serve_command(port: int, host: str, allow_remote: bool, allow_host: tuple[st
         def stop(signum, frame):
             raise KeyboardInterrupt
 
-        signal.signal(signal.SIGTERM, stop)  # a service manager's stop cleans up like Ctrl+C
+        # a service manager's stop, or the terminal closing, cleans up as Ctrl+C does
+        for name in ("SIGTERM", "SIGHUP"):
+            if hasattr(signal, name):
+                signal.signal(getattr(signal, name), stop)
         server.serve_forever()
     except KeyboardInterrupt:
         pass
