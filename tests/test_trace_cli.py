@@ -67,3 +67,41 @@ def test_trace_of_a_gpt2_lora_step_prints_nothing_on_stderr():
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""
     assert "peak set in" in done.stdout
+
+
+TINY_LLAMA = {"model_type": "llama", "vocab_size": 256, "hidden_size": 64, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 128,
+              "max_position_embeddings": 128}
+
+
+def test_trace_table_starts_with_a_header_naming_what_ran(tmp_path):
+    config = tmp_path / "tiny-llama.json"
+    config.write_text(json.dumps(TINY_LLAMA))
+    result = CliRunner().invoke(main, ["trace", "--model", str(config), "--method", "LoRA",
+                                       "--seq-len", "32", "--precision", "AMP", "--targets", "attn"])
+    assert result.exit_code == 0, result.output
+    first = result.output.splitlines()[0]
+    assert first == ("traced: tiny-llama (llama, 2 layers); method lora r=8 (attn); precision amp; "
+                     "batch 1 x 32 tokens; checkpointing off")
+    assert result.output.splitlines()[1].split() == ["bytes", "predicted", "traced", "error"]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "amp"])
+def test_lora_dropout_is_traced_as_planned(tmp_path, precision):
+    """PEFT's lora_dropout (a mask and a dropped copy of each adapter's input) as the plan counts it,
+    and more than without it."""
+    pytest.importorskip("peft")
+    config = tmp_path / "tiny-llama.json"
+    config.write_text(json.dumps(TINY_LLAMA))
+
+    def traced(p: str) -> dict:
+        result = CliRunner().invoke(main, ["trace", "--model", str(config), "--method", "lora",
+                                           "--seq-len", "32", "--precision", precision, "--targets", "all-linear",
+                                           "--lora-dropout", p, "--format", "json"])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.output[result.output.index("{"):])
+
+    plain, dropped = traced("0"), traced("0.1")
+    assert dropped["traced"]["activations"] == dropped["predicted"]["activations"]
+    assert dropped["traced"]["activations"] > plain["traced"]["activations"]
+    assert abs(dropped["relative_error"]["peak"]) < 0.01
