@@ -299,3 +299,16 @@ def test_help_teaches():
     for option in ("--models", "--ranks", "--methods", "--gpu", "--tasks", "--grad-checkpointing", "--units"):
         assert option in out
     assert "capacity" in run("report", "--help").output and "report" in run("--help").output
+
+
+def test_the_plans_singular_spelling_is_read_too(tmp_path):
+    """`plan` says --model/--method/--rank; `report capacity` takes those spellings as well as its
+    plurals, and writes the same report (its command line in the plural)."""
+    common = ("--gpu", "l4", "--seq-len", "256")
+    plural, singular = tmp_path / "xplr.md", tmp_path / "xsgl.md"
+    assert run("report", "capacity", "--models", "gpt2", "--methods", "lora", "--ranks", "4", *common,
+               "-o", str(plural)).exit_code == 0
+    result = run("report", "capacity", "--model", "gpt2", "--method", "lora", "--rank", "4", *common,
+                 "-o", str(singular))
+    assert result.exit_code == 0, result.output
+    assert singular.read_text().replace("xsgl", "xplr") == plural.read_text()

@@ -10,15 +10,15 @@ from ..errors import PlanError
 from ..gpus import DEFAULT_GPU, GPUS, get_gpu, with_memory
 from ..optimizers import OPTIMIZERS
 from ..plan import METHODS, check_methods, make_plan
-from ..precision import DEFAULT_PRECISION, PRECISIONS
+from ..precision import DEFAULT_PRECISION
 from ..render import FORMATS, render
 from ..spec import DEFAULT_SEQ_LEN, DenseSize, ModelSpec, TrainSetup, default_seq_len
 from ..units import parse_count
 from .common import UserError, need_measure_extra, parse_ranks, split_values
-from .option_types import MAX_BATCH, MAX_LAYERS, MAX_RANK, MAX_SEQ_LEN, check_ranks, check_targets
+from .option_types import MAX_LAYERS, MAX_RANK, check_ranks, check_targets
 from .scale_options import scale_options, setup_changes, workload
 from .stack_options import stack_changes, stack_options
-from .step_options import dropout_option, lora_dropout_option, step_options
+from .step_options import dropout_option, lora_dropout_option, precision_option, step_options
 
 # A seq-cls head's outputs and stored fine-tunes: far above real use, small enough to plan at once.
 MAX_LABELS = 10**6
@@ -45,11 +45,7 @@ ANY_CASE = {"token_normalize_func": str.lower}
               help=f"LoRA targets: a preset ({', '.join(PRESET_NAMES)}), module names matched as "
                    "PEFT matches them (exact path or dotted suffix), or re:REGEX. Default: PEFT's "
                    "default for the model's family.")
-@click.option("--precision", type=click.Choice(list(PRECISIONS)), default=DEFAULT_PRECISION,
-              show_default=True,
-              help="fp32: all fp32 (16 B/param with AdamW). amp: autocast, fp32 storage. mixed: "
-                   "16-bit weights+grads, fp32 master+Adam (16 B). bf16: no master copy (12 B). "
-                   "pure-bf16: Adam states in bf16 too (8 B).")
+@precision_option(DEFAULT_PRECISION)
 @click.option("--optimizer", type=click.Choice(list(OPTIMIZERS)), default="adamw", show_default=True)
 @click.option("--bias", type=click.Choice(BIAS_MODES), default="none", show_default=True,
               help="Which biases LoRA trains (PEFT's `bias`).")
@@ -242,12 +238,9 @@ def models_command(fmt: str) -> None:
 @click.option("--rank", type=click.IntRange(1, MAX_RANK), default=8, show_default=True)
 @click.option("--targets", "targets", multiple=True, metavar="T[,T]", callback=check_targets,
               help="LoRA targets, as for `plan`.")
-@click.option("--precision", type=click.Choice(["fp32", "amp", "pure-bf16"]), default="fp32",
-              show_default=True, help="What a plain PyTorch step can run: fp32, bf16 autocast, bf16 model.")
-@click.option("--batch-size", type=click.IntRange(1, MAX_BATCH), default=1, show_default=True)
-@click.option("--seq-len", type=click.IntRange(1, MAX_SEQ_LEN), default=512, show_default=True)
-@click.option("--grad-checkpointing/--no-grad-checkpointing", default=False, show_default=True)
-@click.option("--attention", type=click.Choice(["sdpa", "eager"]), default="sdpa", show_default=True)
+@precision_option("fp32", runs="A traced step runs fp32, amp (bf16 autocast) and pure-bf16 (a bf16 "
+                                "model): a plain torch step keeps no fp32 master copy.")
+@step_options
 @stack_options
 @dropout_option
 @lora_dropout_option
@@ -281,6 +274,7 @@ def trace_command(model_name, method, rank, targets, precision, batch_size, seq_
 
     try:
         spec = resolve_model(model_name)
+        seq_len = seq_len or default_seq_len(spec)  # as plan's: 2,048, or the model's context
         setup = TrainSetup(method=method, rank=rank, targets=split_values(targets) or ("default",),
                            precision=precision, batch_size=batch_size, seq_len=seq_len,
                            attention=attention, dropout=dropout, optimizer=optimizer,

@@ -13,10 +13,10 @@ import click
 # The planner's own modules are light (stdlib only); pandas and matplotlib load inside the commands.
 from ..gpus import DEFAULT_GPU
 from ..optimizers import OPTIMIZERS
-from ..precision import DEFAULT_PRECISION, PRECISIONS
+from ..precision import DEFAULT_PRECISION
 from ..reports.capacity import DEFAULT_MODELS, DEFAULT_RANKS, DEFAULT_TASKS
 from .common import UserError, adapter_call, parse_ranks, split_values
-from .step_options import step_options
+from .step_options import precision_option, step_options
 
 
 def _command_line(ctx: click.Context) -> str:
@@ -66,12 +66,12 @@ def report_group() -> None:
 
 
 @report_group.command("capacity")
-@click.option("--models", "models", multiple=True, metavar="NAME[,NAME]",
+@click.option("--models", "--model", "models", multiple=True, metavar="NAME[,NAME]",
               help="Models to compare: catalog names or aliases, or local config.json paths "
                    f"[default: {', '.join(DEFAULT_MODELS)}].")
-@click.option("--methods", "methods", multiple=True, metavar="M[,M]",
+@click.option("--methods", "--method", "methods", multiple=True, metavar="M[,M]",
               help="Methods: full, lora, qlora [default: all three].")
-@click.option("--ranks", "ranks", multiple=True, metavar="R[,R]",
+@click.option("--ranks", "--rank", "ranks", multiple=True, metavar="R[,R]",
               help=f"LoRA ranks [default: {','.join(map(str, DEFAULT_RANKS))}].")
 @click.option("--targets", "targets", multiple=True, metavar="T[,T]",
               help="LoRA targets, as for `lora-plan plan` [default: PEFT's default for each family].")
@@ -79,8 +79,7 @@ def report_group() -> None:
               help="GPU kind, as for `lora-plan plan --gpu`.")
 @click.option("--gpu-mem", "gpu_mem", metavar="SIZE",
               help="Override the GPU's memory: 80GB, 80GiB, 81559MiB.")
-@click.option("--precision", type=click.Choice(list(PRECISIONS)), default=DEFAULT_PRECISION,
-              show_default=True, help="Storage convention per term (see `lora-plan plan --help`).")
+@precision_option(DEFAULT_PRECISION)
 @click.option("--optimizer", type=click.Choice(list(OPTIMIZERS)), default="adamw", show_default=True)
 @click.option("--tasks", type=click.IntRange(min=1), default=DEFAULT_TASKS, show_default=True,
               help="Storage section: N fine-tunes as N full copies or one base plus N adapters.")
