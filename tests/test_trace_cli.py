@@ -96,8 +96,9 @@ def test_lora_dropout_is_traced_as_planned(tmp_path, precision):
 
     def traced(p: str) -> dict:
         result = CliRunner().invoke(main, ["trace", "--model", str(config), "--method", "lora",
-                                           "--seq-len", "32", "--precision", precision, "--targets", "all-linear",
-                                           "--lora-dropout", p, "--format", "json"])
+                                           "--seq-len", "32", "--precision", precision,
+                                           "--targets", "all-linear", "--lora-dropout", p,
+                                           "--format", "json"])
         assert result.exit_code == 0, result.output
         return json.loads(result.output[result.output.index("{"):])
 
