@@ -319,6 +319,14 @@ def test_bad_upload_is_the_cli_error_line(server, tmp_path, content):
         assert result.exit_code == 2 and "JSON" in body
 
 
+@pytest.mark.parametrize("content", [b'{"n": ' + b"1" * 5000 + b"}", b"[" * 100_000 + b"]" * 100_000,
+                                     b"\xff\xfe{}"])
+def test_an_upload_past_what_json_reads_is_one_line(server, content):
+    status, body = post(f"{server}/api/config", content)
+    assert status == 400 and body.startswith("Error: the uploaded file is not JSON we can read: ")
+    assert body.count("\n") == 1
+
+
 def test_upload_too_large(server):
     status, body = post(f"{server}/api/config", b" " * (2 << 20))
     assert status == 413 and body == ("Error: a config.json is a few kB; this upload is 2,097,152 bytes "

@@ -546,8 +546,8 @@ def upload_name(data: bytes, filename: str = "") -> str:
 
     try:
         config = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise PlanError(f"the uploaded file is not JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # not JSON, not UTF-8, a 5,000-digit number, deep
+        raise PlanError(f"the uploaded file is not JSON we can read: {exc}") from None
     config = config if isinstance(config, dict) else {}  # not an object: the check says so
     stem = Path(filename).stem if filename else ""
     if stem and stem != "config":
