@@ -365,6 +365,28 @@ def test_resize_command_and_its_errors(tmp_path):
     one_line_error(run("adapter", "diff", str(folder), str(folder), "--include", "("), "regex")
 
 
+def test_resize_into_a_folder_that_is_not_an_adapter_or_cannot_be_written_is_one_line(tmp_path, monkeypatch):
+    folder = gpt2_adapter(tmp_path)
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "train.log").write_text("mine")
+    one_line_error(run("adapter", "resize", str(folder), "--rank", "2", "-o", str(tmp_path / "work")),
+                   "already holds other files (train.log)")
+    assert (tmp_path / "work" / "train.log").read_text() == "mine"
+    (tmp_path / "file").write_text("")
+    one_line_error(run("adapter", "resize", str(folder), "--rank", "2", "-o", str(tmp_path / "file")),
+                   "is a file")
+    # a resize over an earlier one replaces it whole; one whose write fails leaves it as it was
+    assert run("adapter", "resize", str(folder), "--rank", "4", "-o", str(tmp_path / "r")).exit_code == 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / "r").iterdir()}
+    monkeypatch.setattr(type(tmp_path), "write_text", lambda *a, **k: (_ for _ in ()).throw(
+        OSError(28, "No space left on device")))
+    one_line_error(run("adapter", "resize", str(folder), "--rank", "2", "-o", str(tmp_path / "r")),
+                   "No space left on device")
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in (tmp_path / "r").iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
 def test_diff_command(tmp_path):
     g = torch.Generator().manual_seed(0)
     base = {"h.0.w": torch.randn(8, 6, generator=g)}

@@ -144,6 +144,18 @@ def test_garbage_lines_anywhere_never_raise_and_never_lose_a_good_record(tmp_pat
     assert len(loaded) + len(problems) == len(good) + sum(1 for line in lines if line.strip())
 
 
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(tail=st.binary(max_size=2000) | st.lists(st.sampled_from(
+    [b"\n", b"\xff", b"{", b"[" * 3000, b'"', b"9" * 4400, b"\r", b"\x00", b"\xe2\x80\xa8", b"NaN",
+     json.dumps(GOOD[0]).encode()[:-1]]), max_size=30).map(b"".join))
+def test_any_bytes_appended_to_a_good_file_never_raise_and_lose_nothing(tmp_path, tail):
+    path = tmp_path / "r.jsonl"
+    path.write_bytes(good_file(path) + tail)
+    assert records.read_records(path)[: len(GOOD)] == GOOD
+    loaded, _ = validation.read_records([path])
+    assert [item.record for item in loaded][: len(GOOD)] == GOOD
+
+
 @settings(max_examples=80, deadline=None)
 @given(changes=st.lists(st.tuples(st.sampled_from(FIELDS), json_values), min_size=1, max_size=3))
 def test_a_record_the_check_passes_never_makes_the_report_raise(changes):
