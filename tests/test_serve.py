@@ -713,3 +713,19 @@ def test_a_link_from_another_site_opens_the_page(server):
     assert get(f"{server}/static/app.js", elsewhere)[0] == 200
     assert get(f"{server}/api/plan?{CHEAP}", elsewhere)[0] == 403
     assert get(f"{server}/", {"Host": "attacker.example"})[0] == 403
+
+
+HOSTILE = ["", "0", "-1", "nan", "inf", "1e308", "1e19", "abc", "on", "off", "é", "a/b c", "/etc/passwd",
+           "../x", "re:" + "(" * 300, ",".join(["1"] * 100), "\x00", "--format=json", "=", "9" * 5000]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.sampled_from(["model", "params", "rank", "method", "targets", "gpu", "gpu-mem",
+                                           "batch-size", "seq-len", "tokens", "price", "price-file", "fit",
+                                           "num-gpus", "help", "format", "explain", "x"]),
+                          st.sampled_from([*HOSTILE, "8b", "gpt2", "lora"])), max_size=5))
+def test_hostile_queries_get_one_line(server, pairs):
+    """Whatever the query, an answer: a plan, or one line and a 4xx; never a 500, never a file."""
+    status, _, body = get(f"{server}/api/plan?{urlencode([('model', 'gpt2'), *pairs])}")
+    assert status in (200, 400), body
+    assert status == 200 or (body.startswith("Error: ") and body.count("\n") == 1 and "root:" not in body)
