@@ -409,8 +409,8 @@ HELD_WHOLE = {
              "module's gradient and the reduce bucket",
     "fsdp": "FSDP2's buffers: the root (embeddings, final norm, head) gathered from forward to the "
             "end of backward, two decoder blocks gathered in backward (the one run and the one "
-            "prefetched), a block's gradients whole until their reduce-scatter and the previous "
-            "block's reduce-scatter input",
+            "prefetched), a block's gradients whole until their reduce-scatter, the previous "
+            "block's reduce-scatter input and the head's gradients whole",
 }
 
 
