@@ -84,8 +84,8 @@ GPUS: tuple[Gpu, ...] = (
          "GeForce RTX 5090: FP16/BF16 tensor with FP32 accumulate 209.5 TFLOPS dense", "rtx5090", "5090"),
     _gpu("B200-180GB", 183359, 2250.0, None, "NVIDIA HGX B200 datasheet: FP16/BF16 tensor 36 PFLOPS "
          "with sparsity for 8 GPUs, 2.25 PFLOPS dense per GPU", "b200"),
-    # AMD: ROCm's total (rocm-smi, torch.cuda.mem_get_info) of the 192 GB HBM3, 205,822,885,888 B
-    _gpu("MI300X-192GB", 196288, 1307.4, None, "AMD Instinct MI300X accelerator datasheet: peak BF16 "
+    # AMD: ROCm's VRAM pool (rocminfo: 201,310,208 KB; torch: "total capacity of 191.98 GiB")
+    _gpu("MI300X-192GB", 196592, 1307.4, None, "AMD Instinct MI300X accelerator datasheet: peak BF16 "
          "1,307.4 TFLOPS dense (2,614.9 with sparsity)", "mi300x", "mi300"),
 )
 DEFAULT_GPU = "H100-80GB"

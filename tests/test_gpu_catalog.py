@@ -21,7 +21,7 @@ def plan_json(*args: str) -> dict:
 @pytest.mark.parametrize("typed, name, mib", [
     ("A10G", "A10G-24GB", 23028), ("a10g", "A10G-24GB", 23028), ("L4", "L4-24GB", 23034),
     ("l40s", "L40S-48GB", 46068), ("RTX A6000", "RTX-A6000-48GB", 49140), ("rtx5090", "RTX-5090-32GB", 32607),
-    ("B200", "B200-180GB", 183359), ("MI300X", "MI300X-192GB", 196288), ("H100", "H100-80GB", 81559)])
+    ("B200", "B200-180GB", 183359), ("MI300X", "MI300X-192GB", 196592), ("H100", "H100-80GB", 81559)])
 def test_catalog_names_ignore_case_and_memory_is_the_drivers_total(typed, name, mib):
     gpu = get_gpu(typed)
     assert gpu.name == name and gpu.memory_bytes == mib * MIB
