@@ -118,8 +118,9 @@ def replacing_folder(path: str | Path, own: Collection[str]) -> Iterator[Path]:
     try:
         yield temporary
         for entry in temporary.iterdir():
-            with open(entry, "rb") as f:
-                os.fsync(f.fileno())
+            if entry.is_file():
+                with open(entry, "rb") as f:
+                    os.fsync(f.fileno())
         os.chmod(temporary, path.stat().st_mode & 0o7777 if path.is_dir() else default_mode(folder=True))
         if not path.exists():
             os.rename(temporary, path)
