@@ -3,6 +3,11 @@ answer exactly what `lora-plan ... --format json` prints, and each bad input the
 
 The oracle is the click command run through CliRunner with an argv the test writes by hand from
 the same settings; the server runs in a thread on a free port and is asked over real HTTP.
+
+Then what the page must refuse and bound (SECURITY.md): paths and files, other sites, bad
+Content-Length, remote binding without a flag; and what one request may cost: the size budget
+before work, the time budget, a client that leaves, a newer request of the same tab, idle and
+excess connections, and a load test (cheap plans beside a slow one: p99 under a second).
 """
 
 from __future__ import annotations
