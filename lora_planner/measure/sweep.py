@@ -345,6 +345,8 @@ def _salvage_parts(output: Path, done: set[str]) -> int:
     no running sweep owns these files. Returns how many records were kept."""
     kept = 0
     for part in sorted(output.parent.glob(f".{glob.escape(output.name)}.*.part")):
+        if not part.is_file():
+            continue  # not one a job wrote
         for record in read_records(part):
             if record["id"] not in done:
                 append_record(output, record)
