@@ -445,18 +445,14 @@ def test_a_value_cannot_smuggle_an_option(server):
 
 
 def test_a_hub_id_is_not_read_as_a_folder(server, tmp_path, monkeypatch):
-    """`owner/name` is a hub id even where a folder of that name holds a config.json: the workers
-    plan from an empty folder of their own, so no relative name reaches a file."""
-    folder = Path.cwd() / "acme-test-serve" / "tiny"
-    folder.mkdir(parents=True)
-    try:
-        (folder / "config.json").write_text(json.dumps(to_hf_config(CATALOG[0])))
-        status, _, body = get(f"{server}/api/plan?model=acme-test-serve/tiny")
-        assert status == 400 and "acme-test-serve/tiny" in body and "hub" in body
-    finally:
-        (folder / "config.json").unlink()
-        folder.rmdir()
-        folder.parent.rmdir()
+    """`owner/name` is a hub id even where a folder of that name, relative to the server's working
+    folder, holds a config.json: the workers plan from an empty folder of their own."""
+    monkeypatch.chdir(tmp_path)  # the server runs in this process: this is its working folder now
+    (tmp_path / "acme" / "tiny").mkdir(parents=True)
+    (tmp_path / "acme" / "tiny" / "config.json").write_text(json.dumps(to_hf_config(CATALOG[0])))
+    assert cli(["--model", "acme/tiny", "--format", "json"]).exit_code == 0  # the CLI reads it
+    status, _, body = get(f"{server}/api/plan?model=acme/tiny")
+    assert status == 400 and "acme/tiny" in body and "hub" in body
 
 
 @pytest.mark.parametrize("length, status, message", [
