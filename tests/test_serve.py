@@ -664,6 +664,9 @@ def test_ctrl_c_and_sigterm_remove_the_uploads(tmp_path, sig):
         assert post(f"{url}api/config", config)[0] == 200
         assert [p for p in tmp.iterdir() if p.name.startswith("lora-plan-serve-")]
         process.send_signal(sig)
+        time.sleep(0.02)
+        if process.poll() is None:  # an impatient second signal does not cut the cleanup short
+            process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=10) == 0
     finally:
         process.kill()

@@ -936,4 +936,8 @@ def serve_command(port: int, host: str, allow_remote: bool, allow_host: tuple[st
     except KeyboardInterrupt:
         pass
     finally:
+        # a second Ctrl+C or SIGTERM must not cut the cleanup short (it takes at most seconds)
+        for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+            if hasattr(signal, name):
+                signal.signal(getattr(signal, name), signal.SIG_IGN)
         server.server_close()
