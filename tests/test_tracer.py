@@ -78,3 +78,60 @@ def test_unknown_phase_is_refused():
     with tracer, pytest.raises(ValueError, match="phase must be one of"):
         with tracer.phase("warmup"):
             pass
+
+
+# --- the allocator beside the tracer ---------------------------------------------------------------
+
+from lora_planner.measure import allocator  # noqa: E402
+
+
+def test_running_peak_is_the_largest_prefix_sum():
+    assert allocator.running_peak([3, -1, 5, -7, 2], 10) == (17, 2)
+    assert allocator.running_peak([-4, 2], 10) == (10, -1)  # never above what was live before
+    assert allocator.running_peak([], 0) == (0, -1)
+
+
+def _profiled_phase(body):
+    """Run `body` in a traced, annotated, profiled forward phase; the tracer's report and the reading."""
+    model = torch.nn.Linear(4, 4, bias=False)  # 64 B of parameters
+    tracer = MemoryTracer(model, annotate=True)
+    baseline = tracer.live_bytes()
+    with allocator.profiled() as prof, tracer:
+        with tracer.phase("forward"):
+            body()
+    return baseline, tracer.report(), allocator.reading(prof, tracer.calls, baseline)
+
+
+def test_allocator_peak_of_known_allocations_is_their_sum():
+    """torch.empty of known sizes: the allocator's peak is the live parameters plus the two largest
+    blocks alive together, byte for byte, and the tracer agrees."""
+    def body():
+        a = torch.empty(MB, dtype=torch.uint8)
+        b = torch.empty(3 * MB // 4, dtype=torch.float32)  # 3 MiB
+        del a
+        c = torch.empty(MB // 2, dtype=torch.uint8)
+        del b, c
+
+    baseline, report, reading = _profiled_phase(body)
+    assert baseline == 64
+    assert reading.peak_bytes == 64 + MB + 3 * MB == report.peak_bytes
+    assert reading.phase == "forward"
+    assert reading.extra_by_op == ()
+
+
+def test_allocation_outside_any_op_is_the_allocators_extra_and_named():
+    """`torch.get_rng_state` allocates without dispatching an op (checkpointing calls it per layer): the
+    allocator counts its bytes, the tracer cannot, and the reading names where they were made."""
+    states = []
+
+    def body():
+        states.append(torch.get_rng_state())
+        big = torch.empty(MB, dtype=torch.uint8)
+        del big
+
+    _, report, reading = _profiled_phase(body)
+    state = states[0].untyped_storage().nbytes()  # the generator's own size for its state
+    assert report.peak_bytes == 64 + MB
+    assert reading.peak_bytes == 64 + MB + state
+    (extra,) = reading.extra_by_op
+    assert extra.bytes == state and "get_state" in extra.op and extra.phase == "forward"

@@ -20,12 +20,16 @@ import contextlib
 import re
 import warnings
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 from ..errors import PlanError
 from ..gpus import GPUS
 from ..plan import make_plan
 from ..spec import ModelSpec, TrainSetup, to_hf_config
 from ..stacks import resolve
+
+if TYPE_CHECKING:
+    from .allocator import AllocatorReading
 
 TRACEABLE_PRECISIONS = ("fp32", "amp", "pure-bf16")
 TERMS = ("weights", "gradients", "optimizer_states", "activations")
@@ -41,6 +45,8 @@ class Comparison:
     # the most bytes live within each phase (forward, backward, optimizer), predicted and traced
     predicted_phases: dict[str, int] = field(default_factory=dict)
     traced_phases: dict[str, int] = field(default_factory=dict)
+    # the allocator's own count of the traced step (`trace(..., allocator=True)`), else None
+    allocator: AllocatorReading | None = None
 
     def errors(self) -> dict[str, float | None]:
         """(predicted - traced) / traced per term and for the peak; None where nothing was traced."""
@@ -49,10 +55,14 @@ class Comparison:
                 for k in keys}
 
     def to_dict(self) -> dict:
-        return {"predicted": self.predicted, "traced": self.traced,
-                "peak_phase": {"predicted": self.predicted_phase, "traced": self.traced_phase},
-                "phase_peaks": {"predicted": self.predicted_phases, "traced": self.traced_phases},
-                "relative_error": self.errors()}
+        """The comparison; with an allocator reading, its keys too (`allocator_peak`, ...)."""
+        out = {"predicted": self.predicted, "traced": self.traced,
+               "peak_phase": {"predicted": self.predicted_phase, "traced": self.traced_phase},
+               "phase_peaks": {"predicted": self.predicted_phases, "traced": self.traced_phases},
+               "relative_error": self.errors()}
+        if self.allocator is not None:
+            out.update(self.allocator.to_dict(self.traced["peak"]))
+        return out
 
 
 def sliced(spec: ModelSpec, layers: int | None) -> ModelSpec:
@@ -124,11 +134,13 @@ def _trainable_tensors(spec: ModelSpec, setup: TrainSetup) -> int:
 
 
 def trace(spec: ModelSpec, setup: TrainSetup, *, fake: bool = False, seed: int = 0,
-          hf_config: dict | None = None) -> Comparison:
+          hf_config: dict | None = None, allocator: bool = False) -> Comparison:
     """Run (or fake) one step of `setup` on `spec` on CPU and compare it with the prediction.
 
     The model is built from `to_hf_config(spec)`, or from `hf_config` when given: a config.json the
     spec was read from, so that transformers, not our inverse mapping, decides what is built.
+    With `allocator`, the traced step also runs under torch's profiler, and the comparison carries
+    the allocator's peak beside the tracer's (`allocator.reading`); a fake step has none.
     """
     setup = resolve(setup)
     _check(setup)
@@ -145,6 +157,7 @@ def trace(spec: ModelSpec, setup: TrainSetup, *, fake: bool = False, seed: int =
     from torch._subclasses.fake_tensor import FakeTensorMode
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from . import allocator as alloc
     from .step import enable_checkpointing, step_loss, train_step
     from .tracer import MemoryTracer
 
@@ -185,9 +198,15 @@ def trace(spec: ModelSpec, setup: TrainSetup, *, fake: bool = False, seed: int =
 
         with _unpacked(fake):
             step(None)  # the first step creates the optimizer's states; a run's later steps keep them
-            tracer = MemoryTracer(model, optimizer, inputs=(ids, labels))
-            with tracer:
+            profiling = allocator and not fake
+            tracer = MemoryTracer(model, optimizer, inputs=(ids, labels), annotate=profiling)
+            baseline = tracer.live_bytes()
+            with alloc.profiled() if profiling else contextlib.nullcontext() as prof, tracer:
                 step(tracer)
+    reading = None
+    if allocator:
+        reading = (alloc.reading(prof, tracer.calls, baseline) if not fake else
+                   alloc.unavailable("under FakeTensorMode nothing is allocated"))
     report = tracer.report()
     traced = {
         "weights": report.terms["parameters"],
@@ -197,7 +216,7 @@ def trace(spec: ModelSpec, setup: TrainSetup, *, fake: bool = False, seed: int =
         "peak": report.peak_bytes,
     }
     return Comparison(predicted, traced, predicted_phase, report.peak_phase, predicted_phases,
-                      dict(report.phase_peaks))
+                      dict(report.phase_peaks), reading)
 
 
 def _optimizer(torch, params, setup: TrainSetup):

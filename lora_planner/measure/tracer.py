@@ -33,10 +33,15 @@ Usage::
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     report = tracer.report()
+
+With `annotate=True` each op runs inside a `torch.profiler` range and the tracer keeps `calls`, the
+ops it saw with the storages they returned, so that a profile of the same step can be read against
+it (`allocator.reading`: the allocator's peak, and the bytes a dispatch mode cannot see).
 """
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -71,6 +76,17 @@ class Block:
         if self.phase == "forward" and self.alive_after_forward:
             return "activations"
         return "temporaries"
+
+
+@dataclass(frozen=True)
+class Call:
+    """One op the tracer saw (kept with `annotate=True`): its phase, name, module, and the data
+    addresses of the storages it returned (what the allocator reported allocating for them)."""
+
+    phase: str
+    op: str
+    module: str
+    outputs: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -109,9 +125,11 @@ class MemoryTracer(TorchDispatchMode):
     """Count live tensor storage bytes through one training step; see the module docstring."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                 inputs: object = None, keep_largest: int = 12, record_timeline: bool = False) -> None:
+                 inputs: object = None, keep_largest: int = 12, record_timeline: bool = False,
+                 annotate: bool = False) -> None:
         super().__init__()
         self.timeline: list[tuple[str, str, str, int]] | None = [] if record_timeline else None
+        self.calls: list[Call] | None = [] if annotate else None
         self.model = model
         self.optimizer = optimizer
         self.keep_largest = keep_largest
@@ -197,10 +215,21 @@ class MemoryTracer(TorchDispatchMode):
 
     # --- the dispatch hook ---------------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                self._track(t, str(func.overloadpacket.__name__))
+        if self.calls is None:
+            out = func(*args, **(kwargs or {}))
+        else:
+            from .allocator import CALL_RANGE, profiler_range
+
+            with profiler_range(f"{CALL_RANGE}{len(self.calls)}"):
+                out = func(*args, **(kwargs or {}))
+        tensors = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        for t in tensors:
+            self._track(t, str(func.overloadpacket.__name__))
+        if self.calls is not None:
+            module = self._module_stack[-1] if self._module_stack else ""
+            self.calls.append(Call(self._phase, func.overloadpacket.__name__, module,
+                                   tuple(t.untyped_storage().data_ptr() for t in tensors
+                                         if t.device.type != "meta")))
         if self.timeline is not None:
             module = self._module_stack[-1] if self._module_stack else ""
             self.timeline.append((self._phase, func.overloadpacket.__name__, module, self._current))
@@ -212,10 +241,19 @@ class MemoryTracer(TorchDispatchMode):
         if name not in PHASES:
             raise ValueError(f"phase must be one of {', '.join(PHASES)}, got {name!r}")
         self._phase = name
+        # a checkpointed recompute that stops early leaves its modules' forward hooks unrun: no
+        # module a phase ran in is still running when the next begins
+        self._module_stack.clear()
         # what is live as the phase begins counts towards its peak (a phase may allocate nothing)
         self._phase_peaks[name] = max(self._phase_peaks.get(name, 0), self._current)
+        marked = contextlib.nullcontext()
+        if self.calls is not None:
+            from .allocator import PHASE_RANGE, profiler_range
+
+            marked = profiler_range(f"{PHASE_RANGE}{name}")
         try:
-            yield
+            with marked:
+                yield
         finally:
             if name == "forward":
                 for _, block in self._live.values():
@@ -239,6 +277,10 @@ class MemoryTracer(TorchDispatchMode):
         return super().__exit__(*exc)
 
     # --- results -------------------------------------------------------------------------------
+    def live_bytes(self) -> int:
+        """The bytes the tracer counts live now."""
+        return self._current
+
     def report(self) -> TraceReport:
         at_peak = {c: 0 for c in CATEGORIES}
         for block in self._peak_blocks:
