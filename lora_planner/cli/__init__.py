@@ -11,6 +11,8 @@ import importlib
 import click
 
 from .. import __version__
+from ..errors import PlanError
+from .common import UserError
 
 # name -> (module under lora_planner.cli, attribute): loaded on first use.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -54,6 +56,8 @@ class LazyGroup(click.Group):
             formatter.write_dl(list(SUMMARIES.items()))
 
     def invoke(self, ctx: click.Context):
+        """Run the subcommand. A user mistake found anywhere below it (`PlanError`, from the
+        planner, a job or a report) ends here as one line and exit 2: no command catches it."""
         try:
             return super().invoke(ctx)
         except click.UsageError as exc:
@@ -61,6 +65,8 @@ class LazyGroup(click.Group):
             # the usage block click prints above it (`--help` shows the usage).
             exc.ctx = None
             raise
+        except PlanError as exc:
+            raise UserError(str(exc)) from None
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         if args and args[0] not in SUBCOMMANDS and args[0] not in ("--help", "-h", "--version"):

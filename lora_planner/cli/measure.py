@@ -113,22 +113,19 @@ def run_command(model, weights, method, rank, targets, alpha, rslora, lora_dropo
     from ..measure.job import Job, run_job
     from ..measure.records import append_record
 
-    try:
-        job = Job.from_dict(dict(
-            model=model, weights=weights, method=method, rank=rank, targets=split_values(targets),
-            alpha=alpha, rslora=rslora, lora_dropout=lora_dropout, dropout=dropout, batch_size=batch_size,
-            seq_len=seq_len, steps=steps, lr=lr, precision=precision, amp_dtype=amp_dtype,
-            grad_checkpointing=grad_checkpointing, attention=attention, device=resolve_device(device),
-            data=data, seed=seed, optimizer_impl=optimizer_impl, loss=loss, loss_chunks=loss_chunks,
-        ))
-        # Where the results go is checked before the job trains, not found wanting after it.
-        if output:
-            check_output_file(output, "the results file")
-        if save_adapter:
-            check_folder_target(save_adapter, ADAPTER_FILES)
-        record = run_job(job, None, _command_line(), save_adapter, force=force)
-    except PlanError as exc:
-        raise UserError(str(exc)) from None
+    job = Job.from_dict(dict(
+        model=model, weights=weights, method=method, rank=rank, targets=split_values(targets),
+        alpha=alpha, rslora=rslora, lora_dropout=lora_dropout, dropout=dropout, batch_size=batch_size,
+        seq_len=seq_len, steps=steps, lr=lr, precision=precision, amp_dtype=amp_dtype,
+        grad_checkpointing=grad_checkpointing, attention=attention, device=resolve_device(device),
+        data=data, seed=seed, optimizer_impl=optimizer_impl, loss=loss, loss_chunks=loss_chunks,
+    ))
+    # Where the results go is checked before the job trains, not found wanting after it.
+    if output:
+        check_output_file(output, "the results file")
+    if save_adapter:
+        check_folder_target(save_adapter, ADAPTER_FILES)
+    record = run_job(job, None, _command_line(), save_adapter, force=force)
     if fmt == "json":
         click.echo(json.dumps(record))
     if output:
@@ -231,8 +228,6 @@ def sweep_command(spec, fixed, grid, output, dry_run, progress, timeout, devices
         result = run_sweep(jobs, output, _command_line(), progress=progress, timeout=timeout, devices=gpus,
                            shard=chosen_shard, wait=wait,
                            warn=lambda text: click.echo(f"warning: {text}", err=True))
-    except PlanError as exc:
-        raise UserError(str(exc)) from None
     except OSError as exc:  # the results file cannot be read or written: one line, not a traceback
         raise UserError(f"{exc.filename or output}: {exc.strerror or exc}") from None
     click.echo(result.summary(), err=True)

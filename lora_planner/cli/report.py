@@ -103,7 +103,6 @@ def capacity_command(ctx, models, methods, ranks, targets, gpu_name, gpu_mem, pr
     """
     from pathlib import Path
 
-    from ..errors import PlanError
     from ..gpus import get_gpu, with_memory
     from ..plan import METHODS, check_methods
     from ..reports.capacity import CapacitySettings, write_capacity_report
@@ -128,8 +127,6 @@ def capacity_command(ctx, models, methods, ranks, targets, gpu_name, gpu_mem, pr
             seq_len_from_model=seq_len is None,
         )
         written = write_capacity_report(settings, Path(output), _command_line(ctx))
-    except PlanError as exc:
-        raise UserError(str(exc)) from None
     except OSError as exc:
         raise UserError(f"cannot write {output}: {exc.strerror or exc}") from None
     _report(written)
