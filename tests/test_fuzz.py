@@ -1,15 +1,17 @@
 """Differential fuzzing: random small architectures of every family, planned from their config.json,
-against a traced step built by transformers from the same config (`benchmarks/fuzz_models.py`).
+against a traced step built by transformers from the same config (`lora_planner/measure/fuzz.py`).
 
 Every case must trace the activations byte for byte and the peak within 1%. The cases the fuzzer
 found wrong and fixed are kept below as named regressions, each with the config that exposed it. A
 case still missed is listed in `fuzz_known.json` with its own bounds and reason, so a regression
 beyond them fails.
+
+The default run traces five random seeds (`DEFAULT_SEEDS`); the other seeds and the named
+regressions are marked slow (`pytest -m slow`).
 """
 
 import json
 import random
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,9 +20,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from fuzz_models import Case, random_case, random_config, run_case  # noqa: E402
-
+from lora_planner.measure.fuzz import Case, random_case, random_config, run_case  # noqa: E402
 from lora_planner.spec import FAMILIES, TrainSetup, spec_from_hf_config  # noqa: E402
 
 PEAK_TOLERANCE = 0.01
@@ -59,7 +59,15 @@ def _bounds(seed: int, tolerance: float) -> tuple[float, float]:
     return (max(known["peak"], tolerance), known["activations"]) if known else (tolerance, 0.0)
 
 
-@pytest.mark.parametrize("seed", range(60), ids=lambda s: f"seed{s}")
+# The seeds the default run traces, between them: Mistral LoRA over a bf16 base under checkpointing
+# (fake tensors), Gemma-2 full pure-bf16 with eager attention, GPT-2 LoRA under autocast with SDPA,
+# Qwen2 LoRA over a bf16 base with checkpointing, Mixtral LoRA on every linear (its experts) under
+# autocast with checkpointing. The grid's default cases (test_step_grid.py) cover the rest.
+DEFAULT_SEEDS = (9, 47, 14, 46, 38)
+
+
+@pytest.mark.parametrize("seed", [pytest.param(s, marks=() if s in DEFAULT_SEEDS else pytest.mark.slow)
+                                  for s in range(60)], ids=lambda s: f"seed{s}")
 def test_random_architecture_matches_its_trace(seed):
     check(random_case(seed), *_bounds(seed, PEAK_TOLERANCE))
 
@@ -80,6 +88,7 @@ TINY_GPT2 = {"model_type": "gpt2", "vocab_size": 117, "n_embd": 12, "n_layer": 3
              "n_positions": 128, "tie_word_embeddings": True, "attn_pdrop": 0.0, "embd_pdrop": 0.0}
 
 
+@pytest.mark.slow
 def test_pure_bf16_lora_keeps_adapters_in_bf16():
     """PEFT upcast 16-bit adapters to fp32 (and a mocked `.to` left them fp32): the trace realised a
     different precision from the one planned (-17% activations)."""
@@ -91,18 +100,21 @@ def test_pure_bf16_lora_keeps_adapters_in_bf16():
                       seq_len=40))
 
 
+@pytest.mark.slow
 def test_checkpointed_autocast_caches_weight_copies_until_the_loss():
     """Under checkpointing the 16-bit weight copies autocast caches are not saved but live until
     forward ends; GPT-2's sdpa was also planned as the math kernel without any attention dropout."""
     check(_regression(TINY_GPT2, method="full", precision="amp", seq_len=39, grad_checkpointing=True))
 
 
+@pytest.mark.slow
 def test_cpu_layer_norm_statistics_are_bf16_under_pure_bf16():
     check(_regression({**TINY_GPT2, "n_embd": 33, "n_layer": 1, "n_head": 3, "n_inner": 67,
                        "tie_word_embeddings": False}, fake=True, method="full", precision="pure-bf16",
                       batch_size=3, seq_len=11, dropout=0.0))
 
 
+@pytest.mark.slow
 def test_checkpointed_lora_keeps_the_embedding_leaf_and_its_gradient():
     """PEFT makes the embedding output a leaf under checkpointing: it and its gradient outlive
     backward, into the optimizer step."""
@@ -114,6 +126,7 @@ def test_checkpointed_lora_keeps_the_embedding_leaf_and_its_gradient():
                       grad_checkpointing=True))
 
 
+@pytest.mark.slow
 def test_mlp_backward_frees_what_the_down_projection_kept():
     """GPT-2's eager softmax runs in the scores' dtype, and the down projection's LoRA input and the
     output dropout's mask are gone before the MLP's backward peak (+11% before)."""
@@ -122,6 +135,7 @@ def test_mlp_backward_frees_what_the_down_projection_kept():
                       seq_len=35, attention="eager", grad_checkpointing=True))
 
 
+@pytest.mark.slow
 def test_gpt2_recompute_stops_at_the_lora_output_projection_with_its_gradients_waiting():
     """A checkpointed GPT-2 layer under autocast, LoRA on c_proj: the recompute stops at lora_B's weight
     copy, with the base output, PEFT's fp32 copy of the GELU output and the block's `attn_output`
@@ -132,6 +146,7 @@ def test_gpt2_recompute_stops_at_the_lora_output_projection_with_its_gradients_w
                       precision="amp", batch_size=3, seq_len=11, grad_checkpointing=True))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["amp", "fp32"])
 def test_gpt2_wide_mlp_recompute_sets_the_peak(precision):
     """The same moment made the peak: a wide MLP beside a small vocabulary, so a checkpointed layer's
@@ -142,6 +157,7 @@ def test_gpt2_wide_mlp_recompute_sets_the_peak(precision):
                       batch_size=4, seq_len=32, grad_checkpointing=True))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_gpt2_forward_peak_counts_what_the_model_and_block_bind(attention):
     """Without checkpointing a wide MLP's LoRA output projection sets the forward's peak, beside what
@@ -153,6 +169,7 @@ def test_gpt2_forward_peak_counts_what_the_model_and_block_bind(attention):
                       precision="amp", batch_size=4, seq_len=32, attention=attention))
 
 
+@pytest.mark.slow
 def test_gpt2_block_holds_the_attention_output_through_a_recomputed_mlp():
     """With residual dropout after c_proj the recompute runs through the whole MLP: `attn_output` is
     still bound by GPT2Block, and only the residual gradient's 16-bit cast waits (seed 1015, -1.74%)."""
@@ -162,6 +179,7 @@ def test_gpt2_block_holds_the_attention_output_through_a_recomputed_mlp():
                       seq_len=35, grad_checkpointing=True))
 
 
+@pytest.mark.slow
 def test_mixtral_lora_plans_the_expert_block_once():
     check(_regression({"model_type": "mixtral", "vocab_size": 343, "hidden_size": 48, "num_hidden_layers": 2,
                        "num_attention_heads": 3, "num_key_value_heads": 1, "intermediate_size": 24,
@@ -172,6 +190,7 @@ def test_mixtral_lora_plans_the_expert_block_once():
                       attention="eager"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pdrop", [0.0, 0.1])
 def test_gpt2_dropout_is_read_from_the_config(pdrop):
     """A GPT-2 config.json with its dropouts at 0 was planned with the class default 0.1 (+8-33%)."""
@@ -180,6 +199,7 @@ def test_gpt2_dropout_is_read_from_the_config(pdrop):
                       attention="eager"))
 
 
+@pytest.mark.slow
 def test_full_fine_tuning_of_a_tied_slice_matches_the_readme_example():
     """`lora-plan trace --model gpt2 --method full --seq-len 256 --layers 2` was 8.1% under: the tied
     embedding's two gradients are summed at the end of backward."""
@@ -198,6 +218,7 @@ def _dense(family: str, **config) -> dict:
             "eos_token_id": None, **config}
 
 
+@pytest.mark.slow
 def test_lora_input_is_cast_to_the_adapters_dtype_under_autocast():
     """PEFT casts a LoRA layer's input to lora_A's dtype (fp32 under amp) before autocast casts it back:
     o_proj's 16-bit input became a new 16-bit copy that lora_A keeps (-3.5% activations before)."""
@@ -207,6 +228,7 @@ def test_lora_input_is_cast_to_the_adapters_dtype_under_autocast():
                       fake=True, method="lora", rank=5, targets=("attn",), precision="amp", seq_len=15))
 
 
+@pytest.mark.slow
 def test_sliding_window_mask_makes_sdpa_repeat_k_and_v():
     """A sliding window no longer than the sequence hands SDPA a mask: transformers repeats k and v
     to every head and the kernel keeps them and the mask (-8.4% activations before)."""
@@ -218,6 +240,7 @@ def test_sliding_window_mask_makes_sdpa_repeat_k_and_v():
                       seq_len=25))
 
 
+@pytest.mark.slow
 def test_masked_sdpa_keeps_one_kv_head_as_a_view():
     """From one k/v head repeat_kv is an expanded view: nothing is copied (-4.6% activations before)."""
     check(_regression(_dense("mistral", vocab_size=189, hidden_size=33, num_hidden_layers=4,
@@ -226,6 +249,7 @@ def test_masked_sdpa_keeps_one_kv_head_as_a_view():
                       method="full", precision="pure-bf16", batch_size=3, seq_len=27))
 
 
+@pytest.mark.slow
 def test_eager_one_kv_head_under_autocast_copies_only_what_autocast_casts():
     """One k/v head and one sequence keep k and v as views; under amp the fp32 k is cast (a copy at
     every head) but the bf16 v is not. Qwen2 with a sliding layer builds two masks."""
@@ -240,12 +264,14 @@ PHI3 = _dense("phi3", vocab_size=340, hidden_size=60, num_hidden_layers=3, num_a
               num_key_value_heads=2, intermediate_size=77, tie_word_embeddings=True)
 
 
+@pytest.mark.slow
 def test_phi3_repeat_kv_copies_v_from_several_kv_heads():
     """Phi-3's v is a slice of the fused projection; from several k/v heads repeat_kv copies it, so the
     fused output is not what attention keeps (+3.4% activations before)."""
     check(_regression(PHI3, layers=3, method="full", precision="fp32", seq_len=13, attention="eager"))
 
 
+@pytest.mark.slow
 def test_phi3_one_head_attention_output_is_a_view():
     """With one head the SDPA output's (b, s, heads * d) layout is a view: no copy for o_proj."""
     check(_regression({**PHI3, "vocab_size": 108, "hidden_size": 12, "num_hidden_layers": 2,
@@ -255,6 +281,7 @@ def test_phi3_one_head_attention_output_is_a_view():
                       seq_len=19))
 
 
+@pytest.mark.slow
 def test_phi3_one_head_keeps_the_fused_projection_for_several_sequences():
     """With one head a slice of the fused projection batches for bmm as a view also for b > 1."""
     check(_regression({**PHI3, "vocab_size": 135, "hidden_size": 8, "num_hidden_layers": 4,
@@ -264,6 +291,7 @@ def test_phi3_one_head_keeps_the_fused_projection_for_several_sequences():
                       attention="eager"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["llama", "qwen2", "phi3"])
 def test_chunked_loss_with_several_sequences_copies_each_chunk(family):
     """torchtune's chunks of the hidden state are not contiguous for b > 1: the head keeps a copy of
@@ -275,6 +303,7 @@ def test_chunked_loss_with_several_sequences_copies_each_chunk(family):
                       loss_chunks=4, stack="torch"))
 
 
+@pytest.mark.slow
 def test_chunked_loss_frees_gemma2_soft_cap_outputs_with_each_chunks_head():
     """Gemma-2's final soft-cap is undone with its chunk's head: the chunks done by the head's gradient
     sum have freed their tanh outputs (+2.25% before)."""
@@ -306,6 +335,7 @@ MIXTRAL = _dense("mixtral", vocab_size=155, hidden_size=16, num_hidden_layers=4,
                  sliding_window=None, num_local_experts=3, num_experts_per_tok=3)
 
 
+@pytest.mark.slow
 def test_expert_backward_runs_in_the_hidden_states_dtype():
     """The experts' grouped matmuls are not autocast: under amp their backward's gradients are fp32,
     and the down output is freed (by the routing weights' gradient) before that peak (-16.6% before)."""
@@ -313,6 +343,7 @@ def test_expert_backward_runs_in_the_hidden_states_dtype():
                       batch_size=3, seq_len=46, attention="eager"))
 
 
+@pytest.mark.slow
 def test_expert_lora_frees_the_merged_down_weight_with_the_down_backward():
     """LoRA on the fused experts (PEFT's ParamWrapper): the merged down weight the down matmul saved
     is freed by its backward, before the activation's backward peak (+1.6% before)."""
@@ -320,6 +351,7 @@ def test_expert_lora_frees_the_merged_down_weight_with_the_down_backward():
                       batch_size=3, seq_len=46, attention="eager"))
 
 
+@pytest.mark.slow
 def test_final_norm_backward_holds_five_fp32_hidden_sized_tensors():
     """A wide hidden state beside a small vocabulary: the final RMSNorm's fp32 backward sets the peak
     (-9.9% before)."""
@@ -330,6 +362,7 @@ def test_final_norm_backward_holds_five_fp32_hidden_sized_tensors():
                       attention="eager"))
 
 
+@pytest.mark.slow
 def test_eager_mask_is_freed_before_the_loss():
     """The decoder's attention mask dies when the decoder returns: the forward at the loss holds no mask
     (+1.7% before, where the forward set the peak)."""
@@ -340,6 +373,7 @@ def test_eager_mask_is_freed_before_the_loss():
                       attention="eager"))
 
 
+@pytest.mark.slow
 def test_checkpointed_layers_keep_sdpas_sliding_window_mask():
     """A checkpointed layer keeps its arguments: with a sliding window no longer than the sequence
     that includes SDPA's boolean (1, 1, s, s) mask (-1.7% activations before)."""
@@ -353,6 +387,7 @@ def test_checkpointed_layers_keep_sdpas_sliding_window_mask():
 
 # --- forward peaks inside a layer (no checkpointing) -----------------------------------------------
 
+@pytest.mark.slow
 def test_math_sdpa_in_a_layer_without_gradient_peaks_in_the_forward():
     """Attention dropout on CPU runs SDPA's math kernel: with LoRA on the MLP only, attention needs no
     gradient, keeps nothing, and its fp32 copies, scores, probabilities, dropout mask and dropped
@@ -364,6 +399,7 @@ def test_math_sdpa_in_a_layer_without_gradient_peaks_in_the_forward():
                       batch_size=2, seq_len=45))
 
 
+@pytest.mark.slow
 def test_math_sdpa_probs_times_v_backward_keeps_what_it_saved():
     """In the math kernel's backward, probs @ v runs with the dropped probabilities and v it saved
     still alive, beside the output's contiguous gradient, v's and the probabilities' (all fp32): with
@@ -375,6 +411,7 @@ def test_math_sdpa_probs_times_v_backward_keeps_what_it_saved():
                       method="full", precision="fp32", batch_size=2, seq_len=8, dropout=0.1))
 
 
+@pytest.mark.slow
 def test_pre_mlp_norm_backward_does_not_count_an_fp32_input_twice():
     """Under autocast the norm before the MLP reads the fp32 residual stream itself: the phase counted
     its saved input on top of the stream's own bytes (+3.3% before)."""
@@ -385,6 +422,7 @@ def test_pre_mlp_norm_backward_does_not_count_an_fp32_input_twice():
                       seq_len=41, attention="eager", grad_checkpointing=True))
 
 
+@pytest.mark.slow
 def test_gemma2_forward_holds_only_the_scaled_embedding():
     """Gemma-2's embedding module returns the lookup scaled by sqrt(hidden) and frees the lookup: the
     forward holds one embedding output, not two (+1.0% before, a forward peak)."""
@@ -396,6 +434,7 @@ def test_gemma2_forward_holds_only_the_scaled_embedding():
                       batch_size=1, seq_len=38, attention="eager"))
 
 
+@pytest.mark.slow
 def test_math_sdpa_forward_holds_the_scaled_query_and_its_contiguous_copy():
     """The math kernel scales q in its transposed layout and the score matmul copies it contiguous
     (the copy is saved for k's gradient): both are alive at probs @ v, a pure-bf16 step's forward
@@ -408,6 +447,7 @@ def test_math_sdpa_forward_holds_the_scaled_query_and_its_contiguous_copy():
                       batch_size=3, seq_len=29))
 
 
+@pytest.mark.slow
 def test_lora_up_projection_input_gradient_sets_a_narrow_mlps_peak():
     """With the hidden size five times the intermediate one, a LoRA-wrapped up projection's input
     gradient (the base layer's, the adapter's and their sum, each tokens x hidden) outweighs the
@@ -419,6 +459,7 @@ def test_lora_up_projection_input_gradient_sets_a_narrow_mlps_peak():
                       batch_size=3, seq_len=23, grad_checkpointing=True))
 
 
+@pytest.mark.slow
 def test_first_layer_over_frozen_embeddings_keeps_no_residual_gradient():
     """The first layer's input (frozen embeddings, no checkpointing) needs no gradient: the
     attention's residual add hands its gradient to the attention branch alone, so none waits
@@ -430,6 +471,7 @@ def test_first_layer_over_frozen_embeddings_keeps_no_residual_gradient():
                       seq_len=20, attention="eager"))
 
 
+@pytest.mark.slow
 def test_qwen2_sliding_mask_is_freed_with_its_lowest_checkpointed_layer():
     """Qwen2's layers from max_window_layers on slide: their eager mask lives in their checkpoints
     only, so it is gone by the time the full-attention layers below run their backward (+1.3%
@@ -442,6 +484,7 @@ def test_qwen2_sliding_mask_is_freed_with_its_lowest_checkpointed_layer():
                       grad_checkpointing=True))
 
 
+@pytest.mark.slow
 def test_attention_module_locals_stay_bound_through_a_lora_output_projection():
     """The attention module keeps its rotated query and key (fp32 under autocast) and its value in
     variables until it returns after o_proj: beside a LoRA o_proj's outputs they set the forward's
@@ -454,6 +497,7 @@ def test_attention_module_locals_stay_bound_through_a_lora_output_projection():
                       precision="amp", batch_size=1, seq_len=27, attention="eager", dropout=0.0))
 
 
+@pytest.mark.slow
 def test_phi3_recompute_stops_at_the_down_projections_last_save():
     """A recomputed Phi-3 layer stops at the down projection's weight copy, its last save, with every
     saved tensor rebuilt and the MLP's product still bound; with five tokens the 16-bit weight
@@ -465,6 +509,7 @@ def test_phi3_recompute_stops_at_the_down_projections_last_save():
                       batch_size=1, seq_len=5, attention="eager", grad_checkpointing=True))
 
 
+@pytest.mark.slow
 def test_eager_attention_weights_stay_bound_through_the_mlp():
     """The decoder layer binds eager attention's returned weights to `_` until it returns: beside the
     down projection's LoRA outputs, the embedding output and the residuals, they set the forward's
@@ -477,6 +522,7 @@ def test_eager_attention_weights_stay_bound_through_the_mlp():
                       attention="eager"))
 
 
+@pytest.mark.slow
 def test_eager_softmax_upcasts_16_bit_scores():
     """Under pure-bf16 eager softmax makes a fp32 copy of the scores beside them and its fp32 output,
     with repeat_kv's copies of k and v alive (-4.8% before)."""
@@ -487,6 +533,7 @@ def test_eager_softmax_upcasts_16_bit_scores():
                       batch_size=1, seq_len=19, attention="eager"))
 
 
+@pytest.mark.slow
 def test_expert_block_forward_peaks_at_the_combine():
     """The expert block's forward holds the gathered rows, the rows weighted by the fp32 routing
     weights and their un-sorted copy at once, beside the router's and the sort's locals (-1.8%
@@ -499,6 +546,7 @@ def test_expert_block_forward_peaks_at_the_combine():
                       attention="eager"))
 
 
+@pytest.mark.slow
 def test_eager_softmax_backward_holds_v_gradient_before_the_projections():
     """Eager attention's softmax backward runs with v's gradient waiting beside the probabilities'
     and the scores' gradients (-1.6% before), but before the q, k, v projections make theirs: counting
@@ -515,6 +563,7 @@ def test_eager_softmax_backward_holds_v_gradient_before_the_projections():
                       attention="eager"))
 
 
+@pytest.mark.slow
 def test_trained_final_norm_frees_its_product_before_its_backward_peak():
     """A trained final norm's weight product runs its backward first and frees the normalised input
     it saved before the norm's own backward peaks (+1.2% before, planned in the backward)."""
@@ -524,6 +573,7 @@ def test_trained_final_norm_frees_its_product_before_its_backward_peak():
                       method="full", precision="amp", batch_size=3, seq_len=29, attention="eager"))
 
 
+@pytest.mark.slow
 def test_norm_before_the_mlp_holds_its_fp32_input_through_its_backward():
     """A wide hidden state beside a narrow MLP in a 16-bit model: the backward of the norm before the
     MLP (five fp32 gradients beside the fp32 copy of its input it saved) sets the peak, after the
@@ -535,6 +585,7 @@ def test_norm_before_the_mlp_holds_its_fp32_input_through_its_backward():
                       grad_checkpointing=True))
 
 
+@pytest.mark.slow
 def test_eager_softmax_backward_holds_the_value_gradient_and_only_o_projs():
     """Eager attention's softmax backward runs while v's (repeated) gradient waits, and before the
     query, key and value projections have made their weights' gradients: only o_proj's exists
@@ -546,6 +597,7 @@ def test_eager_softmax_backward_holds_the_value_gradient_and_only_o_projs():
                       grad_checkpointing=True))
 
 
+@pytest.mark.slow
 def test_recomputed_math_attention_holds_its_kernels_fp32_copies():
     """On CPU, attention dropout sends SDPA to torch's math kernel: recomputing the layer for its
     backward, the kernel's fp32 copies, scaled q, repeated k, causal mask and fp32 product sit beside
@@ -557,6 +609,7 @@ def test_recomputed_math_attention_holds_its_kernels_fp32_copies():
                       dropout=0.1, grad_checkpointing=True))
 
 
+@pytest.mark.slow
 def test_recomputed_eager_attention_holds_its_returned_weights():
     """Recomputing an eager layer under autocast: the fp32 dropped weights the attention returns, the
     rotated q and k and the product before its contiguous copy are alive at the kernel's end
@@ -568,6 +621,7 @@ def test_recomputed_eager_attention_holds_its_returned_weights():
                       seq_len=48, attention="eager", dropout=0.1, grad_checkpointing=True))
 
 
+@pytest.mark.slow
 def test_recomputed_masked_math_attention_works_at_every_head():
     """A sliding window no longer than the sequence: transformers repeats k and v before the math
     kernel, which then copies at every head and converts the mask itself (-11.9% before)."""
@@ -578,6 +632,7 @@ def test_recomputed_masked_math_attention_works_at_every_head():
                       grad_checkpointing=True))
 
 
+@pytest.mark.slow
 def test_recompute_stops_once_the_down_projection_has_saved_its_input():
     """Non-reentrant checkpointing stops a layer's recompute at its last saved tensor: LoRA's down
     projection never makes its adapter output and scaled copy again, while the scaled gradient its
@@ -590,6 +645,7 @@ def test_recompute_stops_once_the_down_projection_has_saved_its_input():
                       grad_checkpointing=True))
 
 
+@pytest.mark.slow
 def test_eager_weights_stay_alive_through_the_recomputed_mlp():
     """The decoder layer binds the attention's returned weights to `_`: under autocast with attention
     dropout the fp32 dropped weights (not what probs @ v keeps) live until the layer returns, so a
@@ -609,6 +665,7 @@ PHI3 = _dense("phi3", vocab_size=46, hidden_size=40, num_hidden_layers=2, num_at
               num_key_value_heads=1, intermediate_size=18, tie_word_embeddings=True)
 
 
+@pytest.mark.slow
 def test_recompute_holds_attentions_locals_at_the_output_projection():
     """At o_proj's LoRA in a recomputed layer the normed input, the rotated fp32 q and k, Phi-3's fused
     qkv output (v is a slice of it) and autocast's 16-bit copy of the residual gradient are alive
@@ -617,6 +674,7 @@ def test_recompute_holds_attentions_locals_at_the_output_projection():
                       batch_size=2, seq_len=31, attention="eager", grad_checkpointing=True))
 
 
+@pytest.mark.slow
 def test_norm_before_the_mlp_sets_the_backward_peak():
     """The pre-MLP RMSNorm's fp32 backward (five hidden-sized tensors beside its saved fp32 input) in a
     wide, shallow layer (-6.7% before; fuzz seed 230)."""
@@ -625,6 +683,7 @@ def test_norm_before_the_mlp_sets_the_backward_peak():
                       seq_len=15, attention="eager", grad_checkpointing=True))
 
 
+@pytest.mark.slow
 def test_gemma2_recompute_ends_at_the_post_feedforward_norm():
     """Gemma-2's recompute ends with the post-feedforward norm, the MLP's output and the eager
     probabilities still bound; its `type_as` backward leaves a fp32 gradient waiting (-3.8% before;
@@ -637,6 +696,7 @@ def test_gemma2_recompute_ends_at_the_post_feedforward_norm():
                       grad_checkpointing=True))
 
 
+@pytest.mark.slow
 def test_value_gradient_waits_through_the_softmax_backward():
     """Eager softmax backward holds the repeated value's gradient; the q and v adapters' gradients come
     after it (-4.6% before, +0.8% with the first alone; fuzz seed 432)."""
@@ -648,6 +708,7 @@ def test_value_gradient_waits_through_the_softmax_backward():
                       seq_len=32, attention="eager", grad_checkpointing=True))
 
 
+@pytest.mark.slow
 def test_recomputed_math_kernel_holds_its_upcasts_and_output():
     """Attention dropout sends CPU SDPA to the math kernel: its recompute holds fp32 upcasts, the
     repeated key, the mask and the output; with one expert per token no un-sort gradient waits
@@ -660,6 +721,7 @@ def test_recomputed_math_kernel_holds_its_upcasts_and_output():
                       grad_checkpointing=True))
 
 
+@pytest.mark.slow
 def test_math_kernel_needs_no_query_copy_after_phi3s_rotary():
     """Phi-3's rotary concatenation leaves q contiguous: the math kernel makes no copy of it (+1.7%
     with one; fuzz seed 587)."""
@@ -669,6 +731,7 @@ def test_math_kernel_needs_no_query_copy_after_phi3s_rotary():
                       precision="amp", batch_size=2, seq_len=34, grad_checkpointing=True, dropout=0.1))
 
 
+@pytest.mark.slow
 def test_expert_unsort_gradients_are_fp32_under_pure_bf16():
     """The rows were weighted by fp32 routing weights: the un-sort's buffers and the top-k sum's
     gradient are fp32 in a bf16 model (-8.2% before; fuzz seed 822)."""
@@ -680,6 +743,7 @@ def test_expert_unsort_gradients_are_fp32_under_pure_bf16():
                       seq_len=42, grad_checkpointing=True))
 
 
+@pytest.mark.slow
 def test_down_projection_lora_gradient_waits_through_the_recompute():
     """LoRA on the MLP's output projection: the scale's backward makes the adapter branch's gradient
     before lora_B's backward sets off the recompute (-2.9% before; fuzz seed 1056)."""
@@ -689,6 +753,7 @@ def test_down_projection_lora_gradient_waits_through_the_recompute():
                       attention="eager", grad_checkpointing=True))
 
 
+@pytest.mark.slow
 def test_decoder_binds_a_bf16_residual_through_the_mlp():
     """Under pure-bf16 the norm saves a fp32 copy of the residual, so the 16-bit residual the decoder
     layer binds through the MLP is not saved, but alive (-2.3% before; fuzz seed 69)."""
@@ -698,6 +763,7 @@ def test_decoder_binds_a_bf16_residual_through_the_mlp():
                       grad_checkpointing=True))
 
 
+@pytest.mark.slow
 def test_recomputed_expert_block_ends_with_its_weighted_rows():
     """A recomputed expert block's last op (the inverse permutation's scatter) runs with the rows
     weighted by the fp32 routing weights and the gathered input rows alive (-2.7% before; fuzz seed
@@ -710,6 +776,7 @@ def test_recomputed_expert_block_ends_with_its_weighted_rows():
                       grad_checkpointing=True, dropout=0.1))
 
 
+@pytest.mark.slow
 def test_recompute_stops_at_the_layers_last_saved_tensor():
     """torch's checkpoint stops recomputing once the layer's last saved tensor exists: with LoRA on the
     down projection in fp32 that is lora_A's output, so lora_B's output and its scaled copy are never
@@ -729,6 +796,7 @@ def _mixtral(**overrides) -> dict:
             **overrides}
 
 
+@pytest.mark.slow
 def test_merged_expert_weights_stay_cached_until_the_experts_return():
     """PEFT merges each wrapped expert weight inside `parametrize.cached()`: with LoRA on the MLP only,
     layer 0's input needs no gradient, so no matmul saves the merged gate/up weight, yet it is alive
@@ -740,6 +808,7 @@ def test_merged_expert_weights_stay_cached_until_the_experts_return():
                       attention="eager"))
 
 
+@pytest.mark.slow
 def test_expert_combine_backward_keeps_what_the_down_projection_saved():
     """The routing weights' product is backpropagated before the down projection: its input and the
     merged down weight it saved are still alive then (-3.7% before)."""
@@ -750,6 +819,7 @@ def test_expert_combine_backward_keeps_what_the_down_projection_saved():
                       precision="pure-bf16", batch_size=3, seq_len=5, attention="eager"))
 
 
+@pytest.mark.slow
 def test_recompute_stops_before_a_last_lora_layers_outputs_under_autocast():
     """Under autocast lora_B's matmul saves its weight's 16-bit copy before its output exists: a
     recompute stopping at that save never makes the LoRA output and its scaled copy (+2.2% before)."""
@@ -761,6 +831,7 @@ def test_recompute_stops_before_a_last_lora_layers_outputs_under_autocast():
                       seq_len=25, grad_checkpointing=True))
 
 
+@pytest.mark.slow
 def test_expert_output_cast_gradient_waits_through_the_recompute():
     """Under pure-bf16 the expert block casts its fp32 top-k sum back to bf16: that cast's backward
     makes a fp32 copy of the incoming gradient, which waits through the recompute even with one
@@ -772,6 +843,7 @@ def test_expert_output_cast_gradient_waits_through_the_recompute():
                       seq_len=31, grad_checkpointing=True))
 
 
+@pytest.mark.slow
 def test_recomputed_expert_combine_holds_three_fp32_row_gradients():
     """After a recomputed block's un-sort, the routing weights' product is backpropagated: the
     scattered gradient and both products' gradients (fp32 rows x hidden) are alive at once (-1.5%
@@ -783,6 +855,7 @@ def test_recomputed_expert_combine_holds_three_fp32_row_gradients():
                       dropout=0.1))
 
 
+@pytest.mark.slow
 def test_full_expert_combine_comes_before_the_down_weights_gradient():
     """Trained in full, the expert block's combine backward runs before the down projection's weight
     gradient exists: counting it there put the peak in backward, not at the optimizer (+1.4% before;
@@ -793,6 +866,7 @@ def test_full_expert_combine_comes_before_the_down_weights_gradient():
                       method="full", precision="amp", batch_size=3, seq_len=32))
 
 
+@pytest.mark.slow
 def test_math_kernel_repeats_one_kv_head_to_every_head():
     """torch's math SDPA kernel (CPU, attention dropout) repeats k and v to every query head
     (`enable_gqa`) also from one k/v head: the repeated k, which only its scaled copy outlives, is
@@ -804,6 +878,7 @@ def test_math_kernel_repeats_one_kv_head_to_every_head():
                       seq_len=28, grad_checkpointing=True))
 
 
+@pytest.mark.slow
 def test_math_kernel_keeps_phi3_value_upcast_for_the_value_product():
     """The math kernel's fp32 upcast of Phi-3's v (a slice of the fused projection, so the upcast is
     contiguous) is what probs @ v keeps: counting it also as a transient over-predicted a recomputed
@@ -815,6 +890,7 @@ def test_math_kernel_keeps_phi3_value_upcast_for_the_value_product():
                       seq_len=42, grad_checkpointing=True))
 
 
+@pytest.mark.slow
 def test_recomputed_expert_block_peaks_at_its_last_op_the_un_sort():
     """A recomputed expert block's last op scatters the weighted rows into a zeroed fp32 buffer while
     the sorted expert ids and the per-expert counts are still bound: more than the un-sort's backward
@@ -826,6 +902,7 @@ def test_recomputed_expert_block_peaks_at_its_last_op_the_un_sort():
                       seq_len=29, grad_checkpointing=True))
 
 
+@pytest.mark.slow
 def test_math_kernel_copies_phi3_value_from_one_kv_head():
     """With one k/v head and no mask, the math SDPA kernel repeats Phi-3's v to every head itself
     (`enable_gqa`): probs @ v keeps that copy, not the fused projection's output (+1.5% activations
@@ -837,6 +914,7 @@ def test_math_kernel_copies_phi3_value_from_one_kv_head():
                       dropout=0.1))
 
 
+@pytest.mark.slow
 def test_eager_attention_without_gradients_frees_autocasts_query_and_key_copies():
     """Attention whose q, k and v need no gradient (LoRA on the MLP of a one-layer model) saves
     nothing: autocast's 16-bit copies of q and the repeated k are freed after the score matmul, so
@@ -848,6 +926,7 @@ def test_eager_attention_without_gradients_frees_autocasts_query_and_key_copies(
                       seq_len=32, attention="eager"))
 
 
+@pytest.mark.slow
 def test_gemma2_one_layer_slice_builds_both_masks():
     """Gemma2Model builds its full and its sliding-window mask whatever layers it has: a one-layer
     slice under eager attention holds both through its forward (-1.8% before; fuzz seed 2840)."""
@@ -859,6 +938,7 @@ def test_gemma2_one_layer_slice_builds_both_masks():
                       seq_len=31, attention="eager"))
 
 
+@pytest.mark.slow
 def test_gemma2_post_feedforward_norm_is_a_forward_moment():
     """Gemma-2's post-feedforward norm multiplies in fp32 beside its fp32 input copy and normalised
     tensor, while the layer still binds the attention weights: a forward moment of its own once the
@@ -871,6 +951,7 @@ def test_gemma2_post_feedforward_norm_is_a_forward_moment():
                       seq_len=41, attention="eager"))
 
 
+@pytest.mark.slow
 def test_gpt2_math_kernel_recompute_holds_the_block_and_attention_locals():
     """A recomputed GPT-2 layer under autocast with attention dropout (CPU's math SDPA kernel): the
     block's fp32 `hidden_states` and the attention's fused q, k, v output are bound, unsaved, while
@@ -883,6 +964,7 @@ def test_gpt2_math_kernel_recompute_holds_the_block_and_attention_locals():
                       grad_checkpointing=True))
 
 
+@pytest.mark.slow
 def test_phi3_layer_binds_eager_attention_weights_through_the_mlp():
     """Phi3DecoderLayer binds the eager attention's returned weights (`self_attn_weights`) until it
     returns: alive at the MLP's LoRA moment in the forward (-3.5% before; fuzz seed 3485)."""
@@ -893,6 +975,7 @@ def test_phi3_layer_binds_eager_attention_weights_through_the_mlp():
                       seq_len=14, attention="eager"))
 
 
+@pytest.mark.slow
 def test_mlp_activation_is_alive_through_the_up_projection():
     """`act_fn(gate_proj(x)) * up_proj(x)` makes the activation before the up projection runs: with LoRA
     on a wide MLP the gate output and its activation are alive at the up projection's LoRA moment
@@ -905,6 +988,7 @@ def test_mlp_activation_is_alive_through_the_up_projection():
                       attention="eager"))
 
 
+@pytest.mark.slow
 def test_lora_output_projection_input_gradient_sets_a_wide_attentions_peak():
     """With many heads beside a small hidden size, a LoRA o_proj's input gradient (the base layer's,
     the adapter's and their sum, heads x head_dim wide) outweighs the q, k and v gradients flash
@@ -916,6 +1000,7 @@ def test_lora_output_projection_input_gradient_sets_a_wide_attentions_peak():
                       batch_size=2, seq_len=30, grad_checkpointing=True, dropout=0.0))
 
 
+@pytest.mark.slow
 def test_math_kernel_keeps_the_scaled_query_itself_for_one_sequence():
     """For one sequence the math SDPA kernel's scaled q reshapes for the score matmul as a view: the
     matmul keeps it, with no contiguous copy beside it (+2.3% before; fuzz seed 3593)."""
@@ -926,6 +1011,7 @@ def test_math_kernel_keeps_the_scaled_query_itself_for_one_sequence():
                       seq_len=34, grad_checkpointing=True))
 
 
+@pytest.mark.slow
 def test_phi3_eager_score_matmul_keeps_the_rotated_query_itself():
     """Phi-3's rotary embedding concatenates q into a (b, heads, s, d)-contiguous tensor, which eager
     attention's score matmul batches as a view and keeps: no copy of it beside the original (+1.9%
@@ -937,6 +1023,7 @@ def test_phi3_eager_score_matmul_keeps_the_rotated_query_itself():
                       seq_len=24, attention="eager", grad_checkpointing=True))
 
 
+@pytest.mark.slow
 def test_gpt2_recompute_stops_before_the_residual_dropouts_output():
     """GPT-2's MLP residual dropout saves its mask as the product's input, packed before the product
     runs: a recompute stops there, before the dropped output exists (+1.7% before; fuzz seed 3983)."""
@@ -947,6 +1034,7 @@ def test_gpt2_recompute_stops_before_the_residual_dropouts_output():
                       seq_len=35, attention="eager", grad_checkpointing=True))
 
 
+@pytest.mark.slow
 def test_eager_value_product_backward_is_a_moment():
     """Eager attention's probs @ v backward makes the probabilities' gradient (s x s per head) and v's
     while the probabilities, dropout's mask and the dropped copy are all still saved: with many heads
@@ -958,6 +1046,7 @@ def test_eager_value_product_backward_is_a_moment():
                       seq_len=38, attention="eager", grad_checkpointing=True))
 
 
+@pytest.mark.slow
 def test_phi3_math_kernel_forward_moments():
     """Phi-3 under SDPA with attention dropout runs torch's math kernel on CPU: its forward moments
     (the fp32 upcasts, the scores, softmax, dropout and the probabilities' 16-bit copy) hold the
@@ -969,6 +1058,7 @@ def test_phi3_math_kernel_forward_moments():
                       batch_size=1, seq_len=44))
 
 
+@pytest.mark.slow
 def test_eager_attention_without_gradients_frees_the_score_matmuls_copies():
     """Without autocast too, the score matmul's contiguous copies of q and the expanded one-head k
     (several sequences and heads) are its own temporaries: with no gradient needed they are freed
@@ -980,6 +1070,7 @@ def test_eager_attention_without_gradients_frees_the_score_matmuls_copies():
                       seq_len=42, attention="eager", dropout=0.1))
 
 
+@pytest.mark.slow
 def test_masked_math_kernel_forward_moments():
     """A sliding window no longer than the sequence gives SDPA a mask; with attention dropout CPU runs
     the math kernel on k and v that transformers repeated to every head, with an additive mask in q's
@@ -992,6 +1083,7 @@ def test_masked_math_kernel_forward_moments():
                       seq_len=47, dropout=0.1))
 
 
+@pytest.mark.slow
 def test_gpt2_math_kernel_forward_moments():
     """GPT-2 under SDPA with its default attention dropout runs torch's math kernel on CPU: its
     forward moments hold the fused q, k, v output whole, each slice's fp32 upcast, and, for several
@@ -1003,6 +1095,7 @@ def test_gpt2_math_kernel_forward_moments():
                       seq_len=12))
 
 
+@pytest.mark.slow
 def test_phi3_eager_forward_moments():
     """Phi-3's eager attention runs transformers' shared function on its rotated q and k and a slice
     of the fused projection: the softmax's fp32 upcast and output beside the 16-bit scores set the
@@ -1014,6 +1107,7 @@ def test_phi3_eager_forward_moments():
                       seq_len=26, attention="eager"))
 
 
+@pytest.mark.slow
 def test_rotary_embedding_is_a_forward_moment():
     """Rotating a wide q (many heads beside a small hidden size) holds q, q * cos, rotate_half(q)
     and its product with sin at once, beside k and v: a forward moment of its own in an attention
@@ -1025,6 +1119,7 @@ def test_rotary_embedding_is_a_forward_moment():
                       seq_len=18))
 
 
+@pytest.mark.slow
 def test_qwen2_builds_the_full_mask_beside_the_sliding_one():
     """Qwen2Model builds its full causal mask whatever its layers are, and a sliding one when any layer
     slides: under eager attention both are held through the forward (-5.7% before; fuzz seed 18148)."""
@@ -1036,6 +1131,7 @@ def test_qwen2_builds_the_full_mask_beside_the_sliding_one():
                       seq_len=32, attention="eager"))
 
 
+@pytest.mark.slow
 def test_recomputed_rotary_embedding_under_autocast_holds_three_fp32_products():
     """A recomputed layer rotates its 16-bit q again, and under autocast q * cos, rotate_half(q) * sin
     and their sum are fp32 (cos is): with wide heads beside a small hidden size that moment, with the
@@ -1047,6 +1143,7 @@ def test_recomputed_rotary_embedding_under_autocast_holds_three_fp32_products():
                       grad_checkpointing=True))
 
 
+@pytest.mark.slow
 def test_recomputed_expert_block_ends_with_its_sorted_expert_ids_bound():
     """A recomputed expert block stops at its inverse permutation, with the sorted expert ids still
     bound beside the arange scattered into it (-1.1% before; fuzz seed 3965)."""
@@ -1058,6 +1155,7 @@ def test_recomputed_expert_block_ends_with_its_sorted_expert_ids_bound():
                       seq_len=17, attention="eager", grad_checkpointing=True))
 
 
+@pytest.mark.slow
 def test_expert_gate_up_backward_holds_the_down_projections_lora_gradients():
     """LoRA on both fused expert weights: by the gate/up grouped matmul's backward, the down
     projection's A and B gradients exist beside the merged gate/up weight's full gradient (-1.2%
@@ -1070,6 +1168,7 @@ def test_expert_gate_up_backward_holds_the_down_projections_lora_gradients():
                       seq_len=4, grad_checkpointing=True))
 
 
+@pytest.mark.slow
 def test_expert_lora_factor_gradients_after_the_first_layers_gate_up_backward():
     """After the gate/up grouped matmul's backward, baddbmm's turns the merged weight's gradient into
     B's and A's (each a bmm and its scaled copy): with a wide hidden size A's two copies set the peak.
@@ -1083,6 +1182,7 @@ def test_expert_lora_factor_gradients_after_the_first_layers_gate_up_backward():
                       attention="eager"))
 
 
+@pytest.mark.slow
 def test_lora_output_projection_reads_the_saved_attention_output_under_autocast():
     """PEFT's fp32 copy of o_proj's 16-bit input is alive beside the input itself, which SDPA's flash
     kernel saved as its output (the transposed output is a view): counted once, not again as a
@@ -1095,6 +1195,7 @@ def test_lora_output_projection_reads_the_saved_attention_output_under_autocast(
                       seq_len=40, grad_checkpointing=True))
 
 
+@pytest.mark.slow
 def test_recomputed_eager_attention_reaches_its_softmax_moment_again():
     """A recomputed layer's eager attention makes its scores again: under autocast the masked scores
     and softmax's output are fp32 (b x heads x s x s each) beside the repeated k and v, the
@@ -1106,6 +1207,7 @@ def test_recomputed_eager_attention_reaches_its_softmax_moment_again():
                       seq_len=26, attention="eager", grad_checkpointing=True))
 
 
+@pytest.mark.slow
 def test_eager_softmax_moment_comes_before_dropouts_mask():
     """Eager attention's softmax moments come before dropout saves its mask, and with one sequence
     the score matmul's saved q is the module's q itself: a recomputed layer's softmax moment counted
@@ -1117,6 +1219,7 @@ def test_eager_softmax_moment_comes_before_dropouts_mask():
                       seq_len=40, attention="eager", grad_checkpointing=True, dropout=0.1))
 
 
+@pytest.mark.slow
 def test_expert_gated_backward_holds_the_down_projections_lora_gradients():
     """LoRA on the fused experts' down weight: its A and B gradients are made right after the down
     grouped matmul's backward, so they are alive at the gated product's backward, the MLP's peak
@@ -1133,6 +1236,7 @@ def test_expert_gated_backward_holds_the_down_projections_lora_gradients():
                       attention="eager"), tolerance=0.002)
 
 
+@pytest.mark.slow
 def test_eager_probs_times_v_holds_q_k_and_the_repeated_k_without_a_gradient():
     """Eager attention with no gradient through it (the first layer over frozen embeddings, LoRA on
     the MLP only), fp32: at probs @ v nothing is saved, and q, k and repeat_kv's copy of k, bound
@@ -1144,6 +1248,7 @@ def test_eager_probs_times_v_holds_q_k_and_the_repeated_k_without_a_gradient():
                       seq_len=16, attention="eager"))
 
 
+@pytest.mark.slow
 def test_math_fallback_reads_one_repeated_kv_head_as_a_view():
     """SDPA with attention dropout runs torch's math fallback on CPU; given a sliding-window mask,
     transformers repeats one k/v head as an expanded view, which probs @ v batches as it is for one
@@ -1157,6 +1262,7 @@ def test_math_fallback_reads_one_repeated_kv_head_as_a_view():
                       seq_len=7))
 
 
+@pytest.mark.slow
 def test_eager_probs_times_v_under_autocast_with_dropout():
     """Under autocast eager attention's q and k are fp32 (the rotary embedding's products) and bound
     with repeat_kv's fp32 copy of k through probs @ v, which keeps autocast's 16-bit copy of the
@@ -1169,6 +1275,7 @@ def test_eager_probs_times_v_under_autocast_with_dropout():
                       batch_size=2, seq_len=17, attention="eager", dropout=0.1))
 
 
+@pytest.mark.slow
 def test_decoder_frees_its_masks_before_the_lm_head():
     """The decoder model returns after its final norm, freeing the embedding output, the position ids
     and Gemma-2's two eager masks it held: the LM head's matmul does not hold them (+3.0% before;
@@ -1182,6 +1289,7 @@ def test_decoder_frees_its_masks_before_the_lm_head():
                       seq_len=46, attention="eager"))
 
 
+@pytest.mark.slow
 def test_recomputed_gemma2_layer_ends_inside_its_post_feedforward_norm():
     """A recomputed Gemma-2 layer's last save is its post-feedforward norm's (1 + weight): the
     recompute reaches the moment before the product, with the MLP's output, its fp32 copy and the
@@ -1195,6 +1303,7 @@ def test_recomputed_gemma2_layer_ends_inside_its_post_feedforward_norm():
                       batch_size=3, seq_len=45, attention="eager", grad_checkpointing=True))
 
 
+@pytest.mark.slow
 def test_eager_one_sequence_operands_are_the_modules_own_tensors():
     """Eager attention on one sequence without autocast: the matmuls read q, k and v as they are, so
     the operands they save are the attention module's q, k and v, not copies beside them: a

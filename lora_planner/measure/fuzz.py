@@ -1,0 +1,183 @@
+"""Differential fuzzing: random small architectures, planned from their config.json, against a trace.
+
+Each seed gives one case: a Hugging Face config dict for one of the families we lay out (1-4
+layers, odd widths, grouped- and multi-query attention, head_dim unlike hidden / heads, tied and
+untied embeddings, biases, sliding windows, soft-caps, dropout, mixtures of experts with top-k),
+and a training setup (full or LoRA with random targets and rank, fp32 / amp / pure-bf16, eager or
+SDPA, checkpointing, batch, odd sequence lengths, a `--layers` slice). The planner reads the config
+as a user's config.json (`spec_from_hf_config`); the trace builds the model from the same dict with
+transformers, so the two sides share nothing but the file.
+
+The generator and one case's run live here, in the package, so the tests and the scripts
+(`benchmarks/fuzz_models.py`, which runs ranges of seeds and writes the records) import the same
+code. Drawing a case needs no torch; running one needs the `measure` extra.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from ..spec import FAMILIES, TrainSetup, spec_from_hf_config
+
+TARGET_PRESETS = ("default", "qv", "attn", "mlp", "all-linear")
+
+
+@dataclass(frozen=True)
+class Case:
+    seed: int
+    config: dict  # the config.json, whole model
+    setup: TrainSetup
+    layers: int | None  # a --layers slice, or None for the whole model
+    fake: bool
+
+    @property
+    def label(self) -> str:
+        c, s = self.config, self.setup
+        return (f"seed={self.seed} {c['model_type']} L={self.layers or 'all'} {s.method}"
+                f"{'' if s.method == 'full' else f' r={s.rank} {s.targets[0]}'} {s.precision} "
+                f"b={s.batch_size} s={s.seq_len} {s.attention}{' ckpt' if s.grad_checkpointing else ''}"
+                f"{' fake' if self.fake else ''}")
+
+    def build_config(self) -> dict:
+        """The config transformers builds: the whole config, cut to the slice's layers."""
+        key = "n_layer" if self.config["model_type"] == "gpt2" else "num_hidden_layers"
+        if self.layers is None:
+            return dict(self.config)
+        return {**self.config, key: min(self.layers, self.config[key])}
+
+
+def _heads(rng: random.Random) -> tuple[int, int]:
+    """(heads, kv heads): multi-head, grouped-query or multi-query."""
+    kv = rng.choice((1, 1, 2, 3))
+    group = rng.choice((1, 2, 3, 4))
+    return kv * group, kv
+
+
+def random_config(rng: random.Random, family: str) -> dict:
+    """A small config.json of `family`, drawn from the shapes and options the family allows."""
+    layers = rng.randint(1, 4)
+    vocab = rng.randint(40, 400)
+    positions = 128
+    if family == "gpt2":
+        heads = rng.randint(1, 4)
+        hidden = heads * rng.randint(3, 12)  # any head size: GPT-2 has no rotary
+        config = {"model_type": "gpt2", "vocab_size": vocab, "n_embd": hidden, "n_layer": layers,
+                  "n_head": heads, "n_positions": positions,
+                  "tie_word_embeddings": rng.random() < 0.7}
+        if rng.random() < 0.5:
+            config["n_inner"] = rng.randint(8, 160)
+        for key in ("attn_pdrop", "resid_pdrop", "embd_pdrop"):
+            r = rng.random()
+            if r < 0.5:
+                config[key] = rng.choice((0.0, 0.1, 0.25))  # else left out: the class default 0.1
+        return config
+    heads, kv = _heads(rng)
+    head_dim = 2 * rng.randint(2, 8)  # rotary needs an even head size
+    if family == "phi3":
+        hidden = heads * head_dim  # Phi-3 derives head_dim from hidden / heads
+    elif family == "mixtral":
+        # torch's grouped matmul wants 16-byte strides: widths a multiple of 8
+        hidden = heads * 8 * rng.randint(1, 3)
+    else:
+        # transformers wants hidden a multiple of heads, even with its own head_dim
+        hidden = heads * rng.randint(2, 13)
+    config = {
+        "model_type": family, "vocab_size": vocab, "hidden_size": hidden, "num_hidden_layers": layers,
+        "num_attention_heads": heads, "num_key_value_heads": kv,
+        "intermediate_size": rng.randint(1, 16) * 8 if family == "mixtral" else rng.randint(8, 130),
+        "max_position_embeddings": positions,
+        "tie_word_embeddings": rng.random() < 0.5,
+        "pad_token_id": None, "bos_token_id": None, "eos_token_id": None,
+    }
+    if family != "phi3":
+        config["head_dim"] = head_dim
+    if rng.random() < 0.3:
+        config["attention_dropout"] = rng.choice((0.0, 0.1))
+    if family in ("llama",):
+        config["attention_bias"] = rng.random() < 0.3
+        config["mlp_bias"] = rng.random() < 0.3
+    if family in ("mistral", "mixtral", "gemma2"):
+        config["sliding_window"] = rng.choice((None, rng.randint(2, 80))) if family != "gemma2" \
+            else rng.randint(2, 80)
+    if family == "qwen2" and rng.random() < 0.5:
+        config.update(use_sliding_window=True, sliding_window=rng.randint(2, 80),
+                      max_window_layers=rng.randint(0, layers))
+    if family == "gemma2":
+        config["attn_logit_softcapping"] = rng.choice((None, 50.0))
+        config["final_logit_softcapping"] = rng.choice((None, 30.0))
+    if family == "phi3" and rng.random() < 0.4:
+        config["resid_pdrop"] = rng.choice((0.0, 0.1))
+    if family == "mixtral":
+        experts = rng.randint(2, 5)
+        config.update(num_local_experts=experts, num_experts_per_tok=rng.randint(1, min(3, experts)))
+    return config
+
+
+def random_case(seed: int) -> Case:
+    rng = random.Random(seed)
+    family = FAMILIES[seed % len(FAMILIES)]  # every family equally often
+    config = random_config(rng, family)
+    spec = spec_from_hf_config(config, name=f"fuzz-{seed}")
+    layers = rng.randint(1, spec.num_layers) if spec.num_layers > 1 and rng.random() < 0.3 else None
+    method = rng.choice(("full", "lora", "lora"))
+    attention = "eager" if family == "gemma2" else rng.choice(("sdpa", "eager"))
+    setup = TrainSetup(
+        method=method, rank=rng.randint(1, 8),
+        # Mixtral's mlp and all-linear reach its fused experts (PEFT's target_parameters)
+        targets=(rng.choice(TARGET_PRESETS),),
+        precision=rng.choice(("fp32", "amp", "pure-bf16")), batch_size=rng.randint(1, 3),
+        seq_len=rng.randint(3, 48), attention=attention, grad_checkpointing=rng.random() < 0.35,
+        dropout=rng.choice((0.0, 0.1)) if rng.random() < 0.1 else None,
+        # the plain PyTorch loop (foreach AdamW) the recorded bounds were measured with; the kernels of
+        # other stacks are checked against the tracer in tests/test_stack.py
+        stack="torch",
+    )
+    if method == "lora":
+        from lora_planner.counts import lora_trainable
+        from lora_planner.errors import PlanError
+
+        while setup.rank > 1:  # a rank no larger than the narrowest wrapped layer (PEFT allows more)
+            try:
+                lora_trainable(spec, setup)
+                break
+            except PlanError:
+                setup = setup.with_(rank=setup.rank // 2)
+    fake = rng.random() < 0.5
+    if family == "mixtral" and setup.precision != "pure-bf16":
+        fake = False  # torch's fake grouped matmul accepts bf16 only (the CPU kernel takes fp32)
+    return Case(seed, config, setup, layers, fake=fake)
+
+
+def run_case(case: Case):
+    """Plan the case from its config and trace the same config; returns the `Comparison`."""
+    from .step import quiet_libraries
+    from .traced_step import sliced, trace
+
+    spec = sliced(spec_from_hf_config(case.config, name=f"fuzz-{case.seed}"), case.layers)
+    with quiet_libraries():  # transformers' and PEFT's notices about each other's names
+        return trace(spec, case.setup, fake=case.fake, seed=case.seed, hf_config=case.build_config())
+
+
+# the tests' peak tolerance: the default suite (seeds below 60) within 1%, the slow one within 2%
+FAST_SEEDS, FAST_TOLERANCE, SLOW_TOLERANCE = 60, 0.01, 0.02
+
+
+def known_entry(case: Case, result) -> dict | None:
+    """The case's line in `tests/fuzz_known.json` when it misses the tests' tolerance or traces its
+    activations inexactly: each |error| rounded up to 0.5%, and why (the phases, or checkpointing)."""
+    err = result.errors()
+    tolerance = FAST_TOLERANCE if case.seed < FAST_SEEDS else SLOW_TOLERANCE
+    exact = result.predicted["activations"] == result.traced["activations"]
+    if abs(err["peak"]) <= tolerance and exact:
+        return None
+    why = [] if exact else ["activation walk misses a tensor"]
+    if abs(err["peak"]) > tolerance:
+        why.append("checkpointed recompute transients" if case.setup.grad_checkpointing else
+                   f"peak in {result.traced_phase}, predicted {result.predicted_phase}")
+
+    def up(x: float) -> float:
+        return round(-(-abs(x) // 0.005) * 0.005, 3)
+
+    return {"activations": 0.0 if exact else up(err["activations"]), "case": case.label,
+            "peak": up(err["peak"]), "why": "; ".join(why)}
