@@ -14,7 +14,7 @@ from ..precision import DEFAULT_PRECISION
 from ..render import FORMATS, render
 from ..spec import DEFAULT_SEQ_LEN, DenseSize, ModelSpec, TrainSetup, default_seq_len
 from ..units import parse_count
-from .common import UserError, need_measure_extra, parse_ranks, split_values
+from .common import need_measure_extra, parse_ranks, split_values
 from .option_types import MAX_LAYERS, MAX_RANK, check_ranks, check_targets
 from .scale_options import scale_options, setup_changes, workload
 from .stack_options import stack_changes, stack_options
@@ -93,10 +93,7 @@ def plan_command(**params) -> None:
         lora-plan --model 70b --num-gpus 8 --sharding fsdp --offload optimizer --explain
         lora-plan --model 8b --dataset-tokens 50M --epochs 3 --gpu a100 --price 1.5 --mfu 0.35
     """
-    try:
-        text = plan_output(**params)
-    except PlanError as exc:
-        raise UserError(str(exc)) from None
+    text = plan_output(**params)
     click.echo(text, nl=False)
 
 
@@ -272,30 +269,27 @@ def trace_command(model_name, method, rank, targets, precision, batch_size, seq_
 
     from ..resolve import resolve_model
 
-    try:
-        spec = resolve_model(model_name)
-        seq_len = seq_len or default_seq_len(spec)  # as plan's: 2,048, or the model's context
-        setup = TrainSetup(method=method, rank=rank, targets=split_values(targets) or ("default",),
-                           precision=precision, batch_size=batch_size, seq_len=seq_len,
-                           attention=attention, dropout=dropout, optimizer=optimizer,
-                           lora_dropout=lora_dropout,
-                           **stack_changes(stack, optimizer_impl, loss, loss_chunks, activation_offload,
-                                           grad_checkpointing))
-        need_measure_extra("lora-plan trace")
-        from ..measure.traced_step import predicted_terms, sliced, trace
+    spec = resolve_model(model_name)
+    seq_len = seq_len or default_seq_len(spec)  # as plan's: 2,048, or the model's context
+    setup = TrainSetup(method=method, rank=rank, targets=split_values(targets) or ("default",),
+                       precision=precision, batch_size=batch_size, seq_len=seq_len,
+                       attention=attention, dropout=dropout, optimizer=optimizer,
+                       lora_dropout=lora_dropout,
+                       **stack_changes(stack, optimizer_impl, loss, loss_chunks, activation_offload,
+                                       grad_checkpointing))
+    need_measure_extra("lora-plan trace")
+    from ..measure.traced_step import predicted_terms, sliced, trace
 
-        spec = sliced(spec, layers)
-        if not (fake or force):
-            from ..measure.guard import check_fits, host_available_bytes
+    spec = sliced(spec, layers)
+    if not (fake or force):
+        from ..measure.guard import check_fits, host_available_bytes
 
-            check_fits(predicted_terms(spec, setup, "cpu")[0]["peak"], host_available_bytes(), "host RAM",
-                       "use --fake, --layers N or a smaller setup")
-        from ..measure.step import quiet_libraries
+        check_fits(predicted_terms(spec, setup, "cpu")[0]["peak"], host_available_bytes(), "host RAM",
+                   "use --fake, --layers N or a smaller setup")
+    from ..measure.step import quiet_libraries
 
-        with quiet_libraries():
-            result = trace(spec, setup, fake=fake)
-    except PlanError as exc:
-        raise UserError(str(exc)) from None
+    with quiet_libraries():
+        result = trace(spec, setup, fake=fake)
     if fmt == "json":
         click.echo(json.dumps(result.to_dict(), indent=2))
         return
