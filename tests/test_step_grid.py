@@ -4,6 +4,9 @@
 shapes, on tiny configs of each family (GPT-2, Llama, Qwen2, Gemma-2, Phi-3, Mixtral). The activation
 walk must match the trace byte for byte, the model-state terms within 5%, the allocator-level peak
 within 1% (or a known miss's own bound, listed in `KNOWN`).
+
+The default run traces one case of each family (`DEFAULT`); the rest of the grid is marked slow
+(`pytest -m slow`).
 """
 
 import sys
@@ -11,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("torch")
+torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
@@ -31,7 +34,32 @@ def _key(spec, s):
     return (spec.name, s.method, s.precision, s.batch_size, s.seq_len, s.attention, s.grad_checkpointing)
 
 
-CASES = [pytest.param(spec, setup, id="-".join(map(str, _key(spec, setup)))) for spec, setup in grid()]
+# One case per family, between them: full and LoRA, fp32 and bf16 autocast, checkpointing off and
+# on, SDPA and eager, and each of the three shapes
+DEFAULT = {
+    ("tiny-gpt2", "full", "fp32", 4, 64, "sdpa", False),
+    ("tiny-llama", "lora", "amp", 1, 128, "sdpa", True),
+    ("tiny-qwen2", "full", "amp", 2, 32, "eager", False),
+    ("tiny-gemma2", "lora", "fp32", 4, 64, "eager", True),
+    ("tiny-phi3", "lora", "amp", 2, 32, "sdpa", False),
+    ("tiny-mixtral", "full", "fp32", 1, 128, "eager", True),
+}
+CASES = [pytest.param(spec, setup, id="-".join(map(str, _key(spec, setup))),
+                      marks=() if _key(spec, setup) in DEFAULT else pytest.mark.slow)
+         for spec, setup in grid()]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors gain nothing from intra-op threads; one keeps the suite fast on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_every_default_case_is_in_the_grid():
+    assert DEFAULT <= {_key(spec, setup) for spec, setup in grid()}
 
 
 @pytest.mark.parametrize(("spec", "setup"), CASES)
