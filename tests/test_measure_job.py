@@ -127,8 +127,9 @@ def test_the_jobs_default_sequence_is_the_planners():
 
 
 @pytest.mark.parametrize("precision, message", [
-    ("bf16", "runs precision fp32 or amp"), ("mixed", "runs precision fp32 or amp"),
-    ("pure-bf16", "runs precision fp32 or amp")])
+    ("bf16", "not 'bf16'; bf16 autocast is precision amp with amp_dtype bf16"),
+    ("fp16", "not 'fp16'; fp16 autocast is precision amp with amp_dtype fp16"),
+    ("mixed", "runs precision fp32 or amp"), ("pure-bf16", "runs precision fp32 or amp")])
 def test_precision_means_what_it_means_in_the_plan(precision, message):
     """`bf16` is the planner's 16-bit weights without a master copy, not autocast: a job refuses
     what a plain torch loop does not run, naming what it does."""

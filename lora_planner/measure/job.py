@@ -164,8 +164,11 @@ class Job:
         if s.method not in HARNESS_METHODS:
             raise PlanError(f"method must be one of {', '.join(HARNESS_METHODS)}, got {s.method!r}")
         if s.precision not in JOB_PRECISIONS:
-            raise PlanError(f"a measured job runs precision fp32 or amp (autocast over fp32 weights, "
-                            f"in bf16 or in fp16 by amp_dtype), not {s.precision!r}")
+            # bf16 and fp16 named autocast here once; in the plan bf16 keeps 16-bit weights
+            legacy = LEGACY_PRECISIONS.get(s.precision)
+            hint = f"; {s.precision} autocast is precision amp with amp_dtype {legacy[1]}" if legacy else ""
+            raise PlanError(f"a measured job runs precision fp32 or amp (autocast over fp32 weights, in "
+                            f"bf16 or fp16 by amp_dtype, --amp-dtype), not {s.precision!r}{hint}")
         if r.amp_dtype not in AMP_DTYPES:
             raise PlanError(f"amp_dtype must be one of {', '.join(AMP_DTYPES)}, got {r.amp_dtype!r}")
         if s.attention not in ATTENTIONS:
