@@ -30,7 +30,7 @@ import itertools
 from dataclasses import dataclass, field
 
 from .errors import PlanError
-from .spec import ModelSpec
+from .spec import QWEN_WINDOWS, ModelSpec
 
 ATTENTION = ("sdpa", "eager")
 DEVICES = ("cuda", "cpu")
@@ -900,7 +900,11 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
     else:
         q = g.linear(h, f"{p}.self_attn.q_proj", H, nh * hd)
         g.args = (h, q)
+        q = qk_norm(g, spec, q, f"{p}.self_attn.q_norm", nh)
+        g.args = (h, q)
         k = g.linear(h, f"{p}.self_attn.k_proj", H, nkv * hd)
+        g.args = (h, q, k)
+        k = qk_norm(g, spec, k, f"{p}.self_attn.k_norm", nkv)
         g.args = (h, q, k)
         v = g.linear(h, f"{p}.self_attn.v_proj", H, nkv * hd)
     assert rot is not None
@@ -915,7 +919,7 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
     a = g.attention(q, k, v, nh, nkv, hd, g.rates[0], softcap=gemma and spec.attn_softcap,
                     contiguous_q=spec.family == "phi3", fused=v if spec.family == "phi3" else None,
                     masked=masked)
-    dense = spec.family in ("llama", "mistral", "qwen2")
+    dense = spec.family in ("llama", "mistral", "qwen2", "qwen3")
     if dense:
         # the attention module keeps q, k, v (and eager's weights) and the layer its normed input until
         # the module returns: through the kernel's end and o_proj, what a recomputed layer reaches again
@@ -1029,6 +1033,17 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
         # makes a fp32 gradient, which waits for the norm's saved tensors (the recompute)
         g.pending[layer] = g.pending.get(layer, 0) + block_out.numel * FP32
     return g.add(x, m)
+
+
+def qk_norm(g: Graph, spec: ModelSpec, x: Tensor, path: str, heads: int) -> Tensor:
+    """The projected query or key through the attention's RMSNorm, where the family has one
+    (`ModelSpec.qk_norm`): Qwen3's over each head's head_dim values, in Llama's form
+    (`Graph.rms_norm`); the projection's output is freed once normed unless an op saved it.
+    Source: transformers 5 `Qwen3Attention.forward`."""
+    if spec.qk_norm is None:
+        return x
+    dim = spec.head_dim if spec.qk_norm == "head" else heads * spec.head_dim
+    return g.rms_norm(x, path, dim)
 
 
 def eager_output_transient(g: Graph, k: Tensor, kv_heads: int, heads: int, full: int, out: int) -> int:
@@ -1547,7 +1562,7 @@ def forward_mask_bytes(spec: ModelSpec, cond: Conditions) -> int:
     # Gemma2Model builds both masks whatever layers it has (a one-layer slice too); Qwen2Model the
     # full one always, and the sliding one when any layer slides
     kinds = {spec.sliding_layer(i) for i in range(spec.num_layers)}
-    if spec.family in ("gemma2", "qwen2"):
+    if spec.family in ("gemma2", *QWEN_WINDOWS):
         kinds |= {True, False} if spec.family == "gemma2" else {False}
     if cond.attention == "eager":
         return len(kinds) * cond.batch_size * cond.seq_len * cond.seq_len * (

@@ -150,12 +150,20 @@ def _attention(spec: ModelSpec, p: str) -> list[Module]:
             _linear(f"{p}.self_attn.qkv_proj", h, q_out + 2 * kv_out, spec.qkv_bias),
             _linear(f"{p}.self_attn.o_proj", q_out, h, spec.out_bias),
         ]
-    return [
+    modules = [
         _linear(f"{p}.self_attn.q_proj", h, q_out, spec.qkv_bias),
         _linear(f"{p}.self_attn.k_proj", h, kv_out, spec.qkv_bias),
         _linear(f"{p}.self_attn.v_proj", h, kv_out, spec.qkv_bias),
         _linear(f"{p}.self_attn.o_proj", q_out, h, spec.out_bias),
     ]
+    if spec.qk_norm:
+        # Qwen3 normalises each head (a weight of head_dim), OLMo 2 the whole projection
+        per_head = spec.qk_norm == "head"
+        modules += [
+            _norm(f"{p}.self_attn.q_norm", spec.head_dim if per_head else q_out, bias=False),
+            _norm(f"{p}.self_attn.k_norm", spec.head_dim if per_head else kv_out, bias=False),
+        ]
+    return modules
 
 
 def _mlp(spec: ModelSpec, p: str) -> list[Module]:

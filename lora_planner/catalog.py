@@ -82,6 +82,21 @@ CATALOG: tuple[ModelSpec, ...] = (
              source="google/gemma-2-27b", sliding_window=4096),
     _decoder("phi-3-mini", "phi3", vocab=32064, hidden=3072, layers=32, heads=32, kv_heads=32,
              inner=8192, tied=False, positions=4096, source="microsoft/Phi-3-mini-4k-instruct"),
+    _decoder("llama-3.3-70b", "llama", vocab=128256, hidden=8192, layers=80, heads=64, kv_heads=8,
+             inner=28672, tied=False, positions=131072, source="meta-llama/Llama-3.3-70B-Instruct"),
+    # the language model of Mistral Small 3.1 (its config's `text_config`; the vision tower is not
+    # planned): a Mistral decoder without a sliding window
+    _decoder("mistral-small-3.1-24b", "mistral", vocab=131072, hidden=5120, layers=40, heads=32,
+             kv_heads=8, inner=32768, tied=False, positions=131072, head_dim=128,
+             source="mistralai/Mistral-Small-3.1-24B-Base-2503"),
+    _decoder("phi-4", "phi3", vocab=100352, hidden=5120, layers=40, heads=40, kv_heads=10,
+             inner=17920, tied=False, positions=16384, source="microsoft/phi-4"),
+    _decoder("qwen3-0.6b", "qwen3", vocab=151936, hidden=1024, layers=28, heads=16, kv_heads=8,
+             inner=3072, tied=True, positions=40960, head_dim=128, source="Qwen/Qwen3-0.6B"),
+    _decoder("qwen3-8b", "qwen3", vocab=151936, hidden=4096, layers=36, heads=32, kv_heads=8,
+             inner=12288, tied=False, positions=40960, head_dim=128, source="Qwen/Qwen3-8B"),
+    _decoder("qwen3-32b", "qwen3", vocab=151936, hidden=5120, layers=64, heads=64, kv_heads=8,
+             inner=25600, tied=False, positions=40960, head_dim=128, source="Qwen/Qwen3-32B"),
 )
 
 _BY_NAME = {alias: spec for spec in CATALOG for alias in (spec.name, *spec.aliases)}

@@ -38,6 +38,7 @@ PEFT_DEFAULT_TARGETS = {
     "qwen2": ("q_proj", "v_proj"),
     "gemma2": ("q_proj", "v_proj"),
     "phi3": ("qkv_proj",),
+    "qwen3": ("q_proj", "v_proj"),
 }
 
 _SPLIT_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")

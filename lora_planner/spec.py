@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 # resid_pdrop and embd_pdrop are 0.1; every other family defaults to 0).
 FAMILY_DROPOUT = {"gpt2": 0.1}
 
-FAMILIES = ("gpt2", "llama", "mistral", "mixtral", "qwen2", "gemma2", "phi3")
+FAMILIES = ("gpt2", "llama", "mistral", "mixtral", "qwen2", "gemma2", "phi3", "qwen3")
 
 # Hugging Face `model_type` values whose layout one of our families reproduces exactly.
 MODEL_TYPE_TO_FAMILY = {
@@ -29,7 +29,18 @@ MODEL_TYPE_TO_FAMILY = {
     "qwen2": "qwen2",
     "gemma2": "gemma2",
     "phi3": "phi3",
+    "qwen3": "qwen3",
 }
+
+# RMSNorm on the projected queries and keys before rope, as each family's attention module has it:
+# "head" normalises each head's head_dim values (Qwen3, a weight of head_dim), "full" the whole
+# projection (OLMo 2, a weight of heads x head_dim); None: no such norm.
+QK_NORMS = ("head", "full")
+FAMILY_QK_NORM = {"qwen3": "head"}
+
+# Families whose sliding window is Qwen2's: only with `use_sliding_window`, and only on the layers
+# from `max_window_layers` on
+QWEN_WINDOWS = ("qwen2", "qwen3")
 
 
 # Tokens per sequence when none is given: a common fine-tuning length, cut to the model's context.
@@ -84,6 +95,9 @@ class ModelSpec:
     # `max_window_layers` attend fully.
     sliding_window: int | None = None
     max_window_layers: int = 0
+    # RMSNorm on q and k before rope (`QK_NORMS`); None: the family's (`FAMILY_QK_NORM`), which is
+    # the only form transformers builds for it
+    qk_norm: str | None = None
 
     def sliding_layer(self, i: int) -> bool:
         """Whether decoder layer `i` attends through a sliding window (transformers 5's `layer_types`:
@@ -92,7 +106,7 @@ class ModelSpec:
             return False
         if self.family == "gemma2":
             return i % 2 == 0
-        if self.family == "qwen2":
+        if self.family in QWEN_WINDOWS:
             return i >= self.max_window_layers
         return True
 
@@ -108,6 +122,13 @@ class ModelSpec:
 
         if self.family not in FAMILIES:
             raise PlanError(f"unknown model family {self.family!r}; known: {', '.join(FAMILIES)}")
+        qk_norm = FAMILY_QK_NORM.get(self.family)
+        if self.qk_norm is None:
+            object.__setattr__(self, "qk_norm", qk_norm)  # a frozen value, completed once
+        elif self.qk_norm != qk_norm:
+            raise PlanError(f"model {self.name!r}: a {self.family} model has "
+                            f"{f'{qk_norm!r} q/k norms' if qk_norm else 'no q/k norms'}, "
+                            f"not {self.qk_norm!r}")
         for name, (lo, hi) in SHAPE_LIMITS.items():
             value = getattr(self, name)
             if name == "num_experts" and self.family == "mixtral":
@@ -341,7 +362,8 @@ def spec_from_hf_config(config: dict, name: str = "custom", source: str = "") ->
     if heads % kv_heads:
         raise PlanError(f"config.json num_attention_heads {heads} is not a multiple of "
                         f"num_key_value_heads {kv_heads}")
-    if hidden < heads and config.get("head_dim") is None:
+    head_dim_default = HEAD_DIM_DEFAULT.get(family, hidden // heads)
+    if head_dim_default == 0 and config.get("head_dim") is None:
         raise PlanError(f"config.json hidden_size {hidden} is smaller than num_attention_heads {heads} "
                         "and no head_dim is given")
     mixtral = family == "mixtral"
@@ -359,13 +381,14 @@ def spec_from_hf_config(config: dict, name: str = "custom", source: str = "") ->
         num_layers=_whole(config, "num_layers", "num_hidden_layers"),
         num_heads=heads,
         num_kv_heads=kv_heads,
-        head_dim=_whole(config, "head_dim", "head_dim", default=hidden // heads),
+        head_dim=_whole(config, "head_dim", "head_dim", default=head_dim_default),
         intermediate_size=_whole(config, "intermediate_size", "intermediate_size"),
         tied_embeddings=_flag(config, "tie_word_embeddings", family == "gemma2"),
         max_positions=_whole(config, "max_positions", "max_position_embeddings", default=4096),
         qkv_bias=family == "qwen2" or attention_bias,
         out_bias=family != "qwen2" and attention_bias,
-        mlp_bias=_flag(config, "mlp_bias", False),
+        # Qwen3's MLP has no bias whatever the config says
+        mlp_bias=family != "qwen3" and _flag(config, "mlp_bias", False),
         num_experts=experts,
         experts_per_token=top_k,
         attn_dropout=_rate(config, "attention_dropout"),
@@ -377,17 +400,20 @@ def spec_from_hf_config(config: dict, name: str = "custom", source: str = "") ->
         sliding_window=window,
         # which layers slide matters only where a window applies
         max_window_layers=(_whole(config, "max_window_layers", "max_window_layers", default=28)
-                           if family == "qwen2" and window is not None else 0),
+                           if family in QWEN_WINDOWS and window is not None else 0),
     )
 
 
 # The config classes' `sliding_window` when a config.json leaves it out (Qwen2's applies only with
 # `use_sliding_window`)
-SLIDING_WINDOW_DEFAULT = {"mistral": 4096, "gemma2": 4096, "qwen2": 4096}
+SLIDING_WINDOW_DEFAULT = {"mistral": 4096, "gemma2": 4096, "qwen2": 4096, "qwen3": 4096}
+# The config classes' `head_dim` when a config.json leaves it out, where it is not hidden / heads
+HEAD_DIM_DEFAULT = {"qwen3": 128}
 
 
 def _sliding_window(config: dict, family: str) -> int | None:
-    if family in ("llama", "gpt2") or (family == "qwen2" and not _flag(config, "use_sliding_window", False)):
+    if family in ("llama", "gpt2") or (family in QWEN_WINDOWS
+                                         and not _flag(config, "use_sliding_window", False)):
         return None
     if "sliding_window" in config and config["sliding_window"] is None:
         return None
@@ -419,7 +445,7 @@ def to_hf_config(spec: ModelSpec) -> dict:
         # Token ids are irrelevant to shapes; None keeps small test vocabularies valid.
         "pad_token_id": None, "bos_token_id": None, "eos_token_id": None,
     }
-    if spec.family in ("llama", "gemma2"):
+    if spec.family in ("llama", "gemma2", "qwen3"):
         config["attention_bias"] = spec.out_bias
         config["mlp_bias"] = spec.mlp_bias
     if spec.attn_dropout is not None:
@@ -436,7 +462,7 @@ def to_hf_config(spec: ModelSpec) -> dict:
         config["num_experts_per_tok"] = spec.experts_per_token
     if spec.family in ("mistral", "mixtral", "phi3") or (spec.family == "gemma2" and spec.sliding_window):
         config["sliding_window"] = spec.sliding_window
-    if spec.family == "qwen2" and spec.sliding_window is not None:
+    if spec.family in QWEN_WINDOWS and spec.sliding_window is not None:
         config.update(use_sliding_window=True, sliding_window=spec.sliding_window,
                       max_window_layers=spec.max_window_layers)
     return config
