@@ -64,7 +64,8 @@ def test_run_prints_one_summary_line_by_default(tmp_path):
     record = json.loads(output.read_text())
     peak, error = record["measured"]["peak_allocated"], record["relative_error"]["peak_allocated"]
     assert line.startswith("ok: ") and " lora r=2, fp32, batch 1 x 16 tokens, 2 steps on cpu: " in line
-    assert f"predicted peak {record['predicted']['peak']:,} B, measured {peak:,} B ({100 * error:+.1f}%)" in line
+    predicted = record["predicted"]["peak"]
+    assert f"predicted peak {predicted:,} B, measured {peak:,} B ({100 * error:+.1f}%)" in line
     assert line.endswith(f"; appended to {output}") and result.stderr == ""
 
 
