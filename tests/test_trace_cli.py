@@ -35,6 +35,29 @@ def test_trace_fake_runs_a_large_slice_without_its_memory():
     assert result.exit_code == 0, result.output
     assert "peak set in: predicted" in result.output
     assert "activations" in result.output
+    assert "allocator peak: none (under FakeTensorMode nothing is allocated)" in result.output
+
+
+def test_allocator_peak_of_a_tiny_gpt2_step_is_the_tracers_plus_named_extras(tmp_path):
+    """A 2-layer GPT-2 (n_embd 64, 4 heads, no dropout), full fine-tuning, fp32, SDPA, 4 x 256: the
+    profiler's allocations, summed on what was live before the step, peak at or above the tracer's
+    count, and every byte over it is put down to a named op or function."""
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({
+        "model_type": "gpt2", "vocab_size": 512, "n_embd": 64, "n_layer": 2, "n_head": 4,
+        "n_positions": 256, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}))
+    result = CliRunner().invoke(main, ["trace", "--model", str(config), "--method", "full",
+                                       "--batch-size", "4", "--seq-len", "256", "--attention", "sdpa",
+                                       "--format", "json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output[result.output.index("{"):])
+    traced, allocated = data["traced"]["peak"], data["allocator_peak"]
+    assert isinstance(allocated, int) and allocated >= traced
+    assert data["allocator_vs_tracer"] == (allocated - traced) / traced
+    extra = data["allocator_extra_by_op"]
+    assert allocated - traced <= sum(e["bytes"] for e in extra)
+    assert all(e["op"] and e["bytes"] > 0 and e["phase"] in ("forward", "backward", "optimizer")
+               for e in extra)
 
 
 def test_trace_errors_are_one_line():

@@ -289,7 +289,7 @@ def trace_command(model_name, method, rank, targets, precision, batch_size, seq_
     from ..measure.step import quiet_libraries
 
     with quiet_libraries():
-        result = trace(spec, setup, fake=fake)
+        result = trace(spec, setup, fake=fake, allocator=True)
     if fmt == "json":
         click.echo(json.dumps(result.to_dict(), indent=2))
         return
@@ -299,9 +299,30 @@ def trace_command(model_name, method, rank, targets, precision, batch_size, seq_
     errors = result.errors()
     rows = [[k, f"{result.predicted[k]:,}", f"{result.traced[k]:,}",
              "-" if errors[k] is None else f"{errors[k]:+.2%}"] for k in errors]
+    rows.append(_allocator_row(result))
     click.echo(tabulate(rows, headers=["bytes", "predicted", "traced", "error"],
                         colalign=("left", "right", "right", "right")))
     click.echo(f"peak set in: predicted {result.predicted_phase}, traced {result.traced_phase}")
+    click.echo(_allocator_line(result.allocator, result.traced["peak"]))
+
+
+def _allocator_row(result) -> list[str]:
+    """The allocator's peak as a row: the predicted peak beside it, and the prediction's error."""
+    peak = result.allocator.peak_bytes
+    if peak is None:
+        return ["peak (allocator)", f"{result.predicted['peak']:,}", "-", "-"]
+    return ["peak (allocator)", f"{result.predicted['peak']:,}", f"{peak:,}",
+            f"{(result.predicted['peak'] - peak) / peak:+.2%}"]
+
+
+def _allocator_line(reading, tracer_peak: int) -> str:
+    """Why there is no allocator peak, or its bytes over the tracer's and the ops they were made in."""
+    if reading.peak_bytes is None:
+        return f"allocator peak: none ({reading.reason})"
+    where = "; ".join(f"{e.op}{f' in {e.module}' if e.module else ''} ({e.phase}) {e.bytes:,}"
+                      for e in reading.extra_by_op)
+    return (f"allocator peak: {reading.peak_bytes - tracer_peak:+,} bytes beside the tracer's"
+            + (f"; not seen by it at that moment: {where}" if where else ""))
 
 
 def _trace_header(spec: ModelSpec, setup: TrainSetup) -> str:
