@@ -109,6 +109,7 @@ def test_settings_normalise_and_validate():
     assert full.id == make(method="full", rank=1).id
     assert make(rank=1).id != make(rank=8).id
     assert make(precision="fp32", amp_dtype="fp16").id == make().id  # no autocast, no 16-bit type
+    assert set(job.SETTING_KINDS) == {*job.SETUP_SETTINGS, *job.RUN_SETTINGS}  # every setting typed
     for bad in ({"method": "qlora"}, {"precision": "int8"}, {"steps": 0}, {"rank": 0}, {"colour": 1},
                 {"dropout": 1.0}, {"lora_dropout": -0.1}, {"amp_dtype": "fp8"}):
         with pytest.raises(job.PlanError):
@@ -135,6 +136,19 @@ def test_precision_means_what_it_means_in_the_plan(precision, message):
     what a plain torch loop does not run, naming what it does."""
     with pytest.raises(job.PlanError, match=message):
         make(precision=precision)
+
+
+def test_dropout_reaches_the_model_as_the_planner_plans_it(tmp_path):
+    """`dropout` sets every dropout of the built model and `lora_dropout` the adapters', as the
+    plan reads them: the traced step holds the planned activations, masks included, in each case."""
+    path = tiny_config_file(tmp_path)
+    activations = []
+    for dropouts in ({}, {"dropout": 0.0}, {"dropout": 0.3, "lora_dropout": 0.1}):
+        record = job.run_job(make(model=path, rank=2, steps=1, seq_len=16, **dropouts))
+        assert record["status"] == "ok", record["error"]
+        assert record["measured"]["terms"]["activations"] == record["predicted"]["activations"], dropouts
+        activations.append(record["predicted"]["activations"])
+    assert len(set(activations)) == 3  # GPT-2's own 0.1, none, and LoRA's masks on top
 
 
 def test_records_written_under_earlier_names_read_as_today(tmp_path):
