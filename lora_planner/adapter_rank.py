@@ -137,14 +137,20 @@ def read_config(path: Path) -> dict:
     return config
 
 
+# |lora_alpha| at most this: recipes use 8 to a few hundred; far larger ones square past float
+# range in the energy sums.
+MAX_ALPHA = 1e6
+
+
 def check_config(config: dict, where: str) -> None:
     """The values PEFT's scaling reads: `r` and `rank_pattern` ranks whole numbers from 1,
-    `lora_alpha` and `alpha_pattern` values finite, `use_rslora` true or false, and every pattern
-    key a regex PEFT can compile (as `(.*\\.)?(KEY)$`). Each failure is one line naming the field."""
+    `lora_alpha` and `alpha_pattern` values finite and at most `MAX_ALPHA` in size, `use_rslora`
+    true or false, and every pattern key a regex PEFT can compile (as `(.*\\.)?(KEY)$`). Each
+    failure is one line naming the field."""
     from .validate import MAX_LORA_RANK, flag, real_number, regex, whole_number
 
     whole_number(f"{where}: r", config.get("r", 8), 1, MAX_LORA_RANK)
-    real_number(f"{where}: lora_alpha", config.get("lora_alpha", 8))
+    real_number(f"{where}: lora_alpha", config.get("lora_alpha", 8), -MAX_ALPHA, MAX_ALPHA)
     flag(f"{where}: use_rslora", config.get("use_rslora"), False)
     for field_name in ("rank_pattern", "alpha_pattern"):
         patterns = config.get(field_name)
@@ -158,7 +164,7 @@ def check_config(config: dict, where: str) -> None:
             if field_name == "rank_pattern":
                 whole_number(f"{where}: rank_pattern[{key[:40]!r}]", value, 1, MAX_LORA_RANK)
             else:
-                real_number(f"{where}: alpha_pattern[{key[:40]!r}]", value)
+                real_number(f"{where}: alpha_pattern[{key[:40]!r}]", value, -MAX_ALPHA, MAX_ALPHA)
 
 
 def open_adapter(path: str | Path) -> AdapterSource:
@@ -518,6 +524,11 @@ def resize_adapter(path: str | Path, criterion: spectrum.Criterion, output: str 
     source = open_adapter(path)
     if source.config is None:
         raise PlanError(f"{path}: resizing needs adapter_config.json for each layer's alpha")
+    # the new factors are sqrt(σ / scaling'): a scaling of 0 or below has no such factors
+    flat = [m.name for m in source.modules if layer_scaling(source.config, m.name)[1] <= 0]
+    if flat:
+        raise PlanError(f"{path}: resizing needs lora_alpha above 0; {flat[0]} has "
+                        f"{layer_scaling(source.config, flat[0])[1]:g}")
     output = Path(output)
     if output.resolve() == source.weights.parent.resolve():
         raise PlanError("the output folder is the adapter's own folder; write the resized adapter elsewhere")

@@ -214,24 +214,29 @@ def load_prices(path: str | Path) -> dict[str, float]:
     """A price file: GPU name or alias -> USD per GPU-hour, as JSON (`{"h100": 2.1}`) or TOML
     (`h100 = 2.1`). Names are checked against the catalog so a typo is an error, not a silent miss.
     """
-    import json
     from pathlib import Path
 
+    from .validate import parse_json, printable, read_small_file
+
     path = Path(path)
-    if not path.is_file():
-        raise PlanError(f"no price file at {path}")
-    text = path.read_text()
     try:
-        if path.suffix.lower() == ".toml":
+        found = path.is_file()
+    except (OSError, ValueError):  # a name too long for the file system, a NUL byte
+        found = False
+    if not found:
+        raise PlanError(f"no price file at {printable(str(path))}")
+    data = read_small_file(path, "price")
+    if path.suffix.lower() != ".toml":
+        data = parse_json(data, f"{printable(str(path))}: cannot read prices;")
+    else:
+        try:
             import tomllib
 
-            data = tomllib.loads(text)
-        else:
-            data = json.loads(text)
-    except ImportError:
-        raise PlanError("TOML price files need Python 3.11 or later; write the file as JSON") from None
-    except ValueError as exc:  # JSONDecodeError and TOMLDecodeError are both ValueErrors
-        raise PlanError(f"{path}: cannot read prices ({exc})") from None
+            data = tomllib.loads(data.decode("utf-8"))
+        except ImportError:
+            raise PlanError("TOML price files need Python 3.11 or later; write the file as JSON") from None
+        except (ValueError, RecursionError) as exc:  # TOMLDecodeError and UnicodeDecodeError are ValueErrors
+            raise PlanError(f"{printable(str(path))}: cannot read prices ({str(exc)[:200]})") from None
     if not isinstance(data, dict):
         raise PlanError(f"{path}: a price file maps GPU names to USD per hour")
     prices = {}

@@ -124,18 +124,24 @@ MAX_LORA_RANK = 2**20
 MAX_CONFIG_BYTES = 4 * 2**20
 
 
-def read_json_file(path, what: str = "config", max_bytes: int = MAX_CONFIG_BYTES):
-    """A small JSON file's value: at most `max_bytes` read, UTF-8, nesting within Python's limits;
-    anything else one line naming the file."""
-
+def read_small_file(path, what: str = "config", max_bytes: int = MAX_CONFIG_BYTES) -> bytes:
+    """A small file's bytes: at most `max_bytes` read (a device such as /dev/zero or a huge file
+    costs one line, not the memory), any OSError one line naming the file."""
     try:
         with open(path, "rb") as f:
             data = f.read(max_bytes + 1)
     except OSError as exc:
         raise PlanError(f"cannot read {printable(str(path))}: {exc.strerror or exc}") from None
     if len(data) > max_bytes:
-        raise PlanError(f"{path} is larger than {max_bytes // 2**20} MiB; a {what} file is small")
-    return parse_json(data, str(path))
+        raise PlanError(f"{printable(str(path))} is larger than {max_bytes // 2**20} MiB; "
+                        f"a {what} file is small")
+    return data
+
+
+def read_json_file(path, what: str = "config", max_bytes: int = MAX_CONFIG_BYTES):
+    """A small JSON file's value: at most `max_bytes` read, UTF-8, nesting within Python's limits;
+    anything else one line naming the file."""
+    return parse_json(read_small_file(path, what, max_bytes), printable(str(path)))
 
 
 def parse_json(data: bytes | str, where: str):

@@ -65,6 +65,13 @@ class LazyGroup(click.Group):
             # the usage block click prints above it (`--help` shows the usage).
             exc.ctx = None
             raise
+        except OSError as exc:
+            # A path the user gave that cannot be read or written (a name too long, a device, a
+            # folder where a file belongs, a full disk): one line naming it, not a traceback.
+            from ..validate import printable
+
+            where = f"{printable(str(exc.filename))}: " if exc.filename else ""
+            raise UserError(f"{where}{exc.strerror or exc}") from None
         except PlanError as exc:
             raise UserError(str(exc)) from None
 

@@ -14,6 +14,7 @@ from ..gpus import DEFAULT_GPU
 from ..precision import DEFAULT_PRECISION, PRECISIONS
 from ..units import format_bytes
 from .common import UserError, adapter_call
+from .option_types import MAX_RANK, FiniteFloat
 from .step_options import step_options
 
 
@@ -165,7 +166,7 @@ _format = click.option("--format", "fmt", type=click.Choice(["table", "json"]), 
                        show_default=True)
 _units = click.option("--units", type=click.Choice(["GB", "GiB"]), default="GB", show_default=True,
                       help="GB = 10^9 bytes, GiB = 2^30 bytes.")
-_keep = click.option("--keep", type=click.FloatRange(0, 1, min_open=True), default=0.9, show_default=True,
+_keep = click.option("--keep", type=FiniteFloat(0, 1, lo_open=True), default=0.9, show_default=True,
                      help="Energy share (sum of squared singular values) the recommended rank keeps "
                           "in every layer.")
 
@@ -213,12 +214,13 @@ def analyze_command(path, keep, model_name, gpu_name, precision, batch_size, seq
 
 @adapter_group.command("resize")
 @click.argument("path", metavar="ADAPTER")
-@click.option("--rank", type=click.IntRange(min=1), help="The same rank R in every layer (at most its own).")
-@click.option("--energy", type=click.FloatRange(0, 1, min_open=True),
+@click.option("--rank", type=click.IntRange(1, MAX_RANK),
+              help="The same rank R in every layer (at most its own).")
+@click.option("--energy", type=FiniteFloat(0, 1, lo_open=True),
               help="Per layer, the fewest directions holding this share of sum σ².")
-@click.option("--fro", type=click.FloatRange(0, 1, min_open=True),
+@click.option("--fro", type=FiniteFloat(0, 1, lo_open=True),
               help="Per layer, the fewest directions holding this share of the Frobenius norm.")
-@click.option("--sv-ratio", type=click.FloatRange(min=1),
+@click.option("--sv-ratio", type=FiniteFloat(1, None),
               help="Per layer, every direction with σ >= σ1 / X.")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), metavar="DIR",
               help="Folder for the resized adapter (PEFT's layout).")

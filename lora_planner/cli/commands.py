@@ -15,15 +15,10 @@ from ..render import FORMATS, render
 from ..spec import DEFAULT_SEQ_LEN, DenseSize, ModelSpec, TrainSetup, default_seq_len
 from ..units import parse_count
 from .common import need_measure_extra, parse_ranks, split_values
-from .option_types import MAX_LAYERS, MAX_RANK, check_ranks, check_targets
+from .option_types import MAX_LABELS, MAX_LAYERS, MAX_RANK, MAX_TASKS, check_ranks, check_targets
 from .scale_options import scale_options, setup_changes, workload
 from .stack_options import stack_changes, stack_options
 from .step_options import dropout_option, lora_dropout_option, precision_option, step_options
-
-# A seq-cls head's outputs and stored fine-tunes: far above real use, small enough to plan at once.
-MAX_LABELS = 10**6
-MAX_TASKS = 10**6
-
 
 # Every choice (--method LoRA, --precision BF16, --format JSON) is read in any case: click folds the
 # value and the choices alike before comparing, and passes on the choice as it is spelt here.

@@ -24,7 +24,10 @@ MAX_BATCH = 2**20
 MAX_SEQ_LEN = 2**30
 MAX_GPUS = 2**20
 MAX_PARAMETERS = 10**15
-MAX_LAYERS = SHAPE_LIMITS["num_layers"]  # trace --layers: a slice of at most a model's own depth
+MAX_LAYERS = SHAPE_LIMITS["num_layers"][1]  # trace --layers: a slice of at most a model's own depth
+# A seq-cls head's outputs and stored fine-tunes: far above real use, small enough to plan at once.
+MAX_LABELS = 10**6
+MAX_TASKS = 10**6
 
 
 class FiniteFloat(click.ParamType):
@@ -99,3 +102,10 @@ def check_targets(ctx: click.Context, param: click.Parameter, values: tuple[str,
                 except PlanError as exc:
                     raise click.BadParameter(str(exc), ctx, param) from None
     return values
+
+
+def check_output_file(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """-o FILE: a file name, not empty text (which names the current folder)."""
+    if value is not None and not value.strip():
+        raise click.BadParameter("a file name is needed, got an empty one", ctx, param)
+    return value

@@ -16,6 +16,7 @@ from ..optimizers import OPTIMIZERS
 from ..precision import DEFAULT_PRECISION
 from ..reports.capacity import DEFAULT_MODELS, DEFAULT_RANKS, DEFAULT_TASKS
 from .common import UserError, adapter_call, parse_ranks, split_values
+from .option_types import MAX_TASKS, FiniteFloat, check_output_file, check_ranks, check_targets
 from .step_options import precision_option, step_options
 
 
@@ -71,9 +72,9 @@ def report_group() -> None:
                    f"[default: {', '.join(DEFAULT_MODELS)}].")
 @click.option("--methods", "--method", "methods", multiple=True, metavar="M[,M]",
               help="Methods: full, lora, qlora [default: all three].")
-@click.option("--ranks", "--rank", "ranks", multiple=True, metavar="R[,R]",
+@click.option("--ranks", "--rank", "ranks", multiple=True, metavar="R[,R]", callback=check_ranks,
               help=f"LoRA ranks [default: {','.join(map(str, DEFAULT_RANKS))}].")
-@click.option("--targets", "targets", multiple=True, metavar="T[,T]",
+@click.option("--targets", "targets", multiple=True, metavar="T[,T]", callback=check_targets,
               help="LoRA targets, as for `lora-plan plan` [default: PEFT's default for each family].")
 @click.option("--gpu", "gpu_name", default=DEFAULT_GPU, show_default=True,
               help="GPU kind, as for `lora-plan plan --gpu`.")
@@ -81,12 +82,13 @@ def report_group() -> None:
               help="Override the GPU's memory: 80GB, 80GiB, 81559MiB.")
 @precision_option(DEFAULT_PRECISION)
 @click.option("--optimizer", type=click.Choice(list(OPTIMIZERS)), default="adamw", show_default=True)
-@click.option("--tasks", type=click.IntRange(min=1), default=DEFAULT_TASKS, show_default=True,
+@click.option("--tasks", type=click.IntRange(1, MAX_TASKS), default=DEFAULT_TASKS, show_default=True,
               help="Storage section: N fine-tunes as N full copies or one base plus N adapters.")
 @step_options
 @click.option("--units", type=click.Choice(["GB", "GiB"]), default="GB", show_default=True,
               help="GB = 10^9 bytes, GiB = 2^30 bytes.")
-@click.option("-o", "--output", "output", type=click.Path(dir_okay=False), default="capacity.md",
+@click.option("-o", "--output", "output", type=click.Path(dir_okay=False), callback=check_output_file,
+              default="capacity.md",
               show_default=True, help="Markdown file to write; the PNG plots go beside it, named after it.")
 @click.pass_context
 def capacity_command(ctx, models, methods, ranks, targets, gpu_name, gpu_mem, precision, optimizer, tasks,
@@ -138,7 +140,8 @@ def capacity_command(ctx, models, methods, ranks, targets, gpu_name, gpu_mem, pr
               help="GB = 10^9 bytes, GiB = 2^30 bytes.")
 @click.option("--worst", type=click.IntRange(min=1), default=5, show_default=True,
               help="How many of the largest errors to list per device.")
-@click.option("-o", "--output", "output", type=click.Path(dir_okay=False), default="validation.md",
+@click.option("-o", "--output", "output", type=click.Path(dir_okay=False), callback=check_output_file,
+              default="validation.md",
               show_default=True, help="Markdown file to write; the scatter plots go beside it.")
 @click.pass_context
 def validation_command(ctx, records, units, worst, output) -> None:
@@ -174,11 +177,12 @@ def validation_command(ctx, records, units, worst, output) -> None:
 @click.argument("adapters", nargs=-1, metavar="ADAPTER...")
 @click.option("--diff", "diffs", nargs=2, multiple=True, metavar="BASE FINETUNED",
               help="Also a full fine-tune's update: two safetensors checkpoints (repeatable).")
-@click.option("--keep", type=click.FloatRange(0, 1, min_open=True), default=0.9, show_default=True,
+@click.option("--keep", type=FiniteFloat(0, 1, lo_open=True), default=0.9, show_default=True,
               help="Energy share the recommended rank keeps in every layer.")
 @click.option("--units", type=click.Choice(["GB", "GiB"]), default="GB", show_default=True,
               help="GB = 10^9 bytes, GiB = 2^30 bytes.")
-@click.option("-o", "--output", "output", type=click.Path(dir_okay=False), default="adapters.md",
+@click.option("-o", "--output", "output", type=click.Path(dir_okay=False), callback=check_output_file,
+              default="adapters.md",
               show_default=True, help="Markdown file to write; the cumulative-energy plot goes beside it.")
 @click.pass_context
 def adapter_command(ctx, adapters, diffs, keep, units, output) -> None:

@@ -24,6 +24,7 @@ OPTIONS = ("num_gpus", "sharding", "offload", "reshard_after_forward", "zero3_ma
 # Passes over a dataset and USD per GPU-hour: far above any real value, and finite.
 MAX_EPOCHS = 10**6
 MAX_PRICE = 10**6
+MAX_TFLOPS = 10**6  # a GPU's peak: today's are ~1,000-2,000
 
 
 def scale_options(f: Callable) -> Callable:
@@ -62,7 +63,7 @@ def scale_options(f: Callable) -> Callable:
                           "that training sustains (an assumption; lower it for QLoRA)."),
         click.option("--price", type=FiniteFloat(None, MAX_PRICE), metavar="USD",  # negative: cost says
                      help=f"USD per GPU-hour (default: the catalog's as of {PRICES_AS_OF}, an assumption)."),
-        click.option("--tflops", type=click.FloatRange(min=0, min_open=True), metavar="TFLOPS",
+        click.option("--tflops", type=FiniteFloat(0, MAX_TFLOPS, lo_open=True), metavar="TFLOPS",
                      help="The GPU's peak dense 16-bit TFLOP/s, for time: overrides the catalog's; a "
                           "--gpu-mem GPU has none, so time and cost need it (and --price)."),
         click.option("--price-file", type=click.Path(dir_okay=False), metavar="PATH",

@@ -53,7 +53,7 @@ def dropout_option(f: Callable) -> Callable:
 def lora_dropout_option(f: Callable) -> Callable:
     """Add --lora-dropout P: the dropout on each adapter's input (PEFT's `lora_dropout`)."""
     return click.option(
-        "--lora-dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
+        "--lora-dropout", type=FiniteFloat(0, 1, hi_open=True), default=0.0, show_default=True,
         metavar="P",
         help="PEFT's lora_dropout: dropout on each LoRA adapter's input (recipes use 0.05-0.1), "
              "which keeps a mask and a dropped copy of the input per wrapped layer. --dropout "
