@@ -1120,6 +1120,11 @@ def _moe(g: Graph, spec: ModelSpec, p: str, h: Tensor) -> Tensor:
     weight is re-made each forward as a new tensor, W + s x B A (`_LoraFactorsProxy`, one `baddbmm`
     in the weight's dtype, for 3-D experts; `_LoraParameterProxy`, W + delta, for the router), and a
     matmul whose input needs a gradient keeps that merged weight: E x out x in x weight bytes.
+
+    Qwen3-MoE runs the same block, but divides the top-k weights by their sum only with
+    `norm_topk_prob` (`ModelSpec.norm_topk`: without it the router keeps no normaliser and no
+    normalised weights) and casts them back to the router logits' dtype, so the rows are weighted,
+    un-sorted and summed in the wider of that and the hidden states' dtype (`routing_weight_bytes`).
     """
     H, inter, E, k = spec.hidden_size, spec.intermediate_size, spec.num_experts, spec.experts_per_token
     t = g.cond.tokens
@@ -1127,8 +1132,9 @@ def _moe(g: Graph, spec: ModelSpec, p: str, h: Tensor) -> Tensor:
     router = f"{p}.mlp.gate"
     logits = g.merged_linear(h, router, H, E) if router in g.wrapped else g.linear(h, router, H, E)
     if logits.grad:
-        g.save(g.new(t * E, FP32, True), g.new(rows, INT64, False), g.new(t, FP32, False),
-               g.new(rows, FP32, True))
+        g.save(g.new(t * E, FP32, True), g.new(rows, INT64, False))  # softmax's output, top-k's indices
+        if spec.norm_topk:
+            g.save(g.new(t, FP32, False), g.new(rows, FP32, True))  # the normaliser, the quotient
     full = f"{p}.mlp.experts" in g.trainable
     up_rank, down_rank = (g.wrapped.get(f"{p}.mlp.experts.{leaf}", 0)
                           for leaf in ("gate_up_proj", "down_proj"))
@@ -1139,6 +1145,8 @@ def _moe(g: Graph, spec: ModelSpec, p: str, h: Tensor) -> Tensor:
     if not (down_grad or logits.grad):
         return g.new(t * H, h.itemsize, False)
     xb, wb = h.itemsize, g.cond.weight_bytes
+    rw = routing_weight_bytes(spec, logits.itemsize)
+    cw = max(xb, rw)  # the weighted rows, their un-sorted copy and their sum
     if h.grad:
         g.save(g.new(rows, INT64, False))  # perm // k, the gather's index
     if logits.grad:
@@ -1147,7 +1155,7 @@ def _moe(g: Graph, spec: ModelSpec, p: str, h: Tensor) -> Tensor:
     if up_grad or down_trains:
         g.save(g.new(E, 4, False))  # the offsets, int32
     if down_grad:
-        g.save(g.new(rows, FP32, False))  # each row's routing weight
+        g.save(g.new(rows, rw, False))  # each row's routing weight
     if up_trains:
         g.save(g.new(rows * H, xb, True))  # the gathered rows
     if up_lora and h.grad:
@@ -1160,29 +1168,30 @@ def _moe(g: Graph, spec: ModelSpec, p: str, h: Tensor) -> Tensor:
         g.save(g.new(E * H * inter, wb, True))  # the merged down weight
     if logits.grad:
         g.save(g.new(rows * H, xb, True))  # the down output
-    local = (moe_locals(t, rows, E, 0 if h.key in g.saved else h.nbytes, logits.itemsize)
+    local = (moe_locals(t, rows, E, 0 if h.key in g.saved else h.nbytes, logits.itemsize, rw)
              + g.unsaved(*(a for a in g.args if a.key != h.key)))
     # PEFT's merged expert weights no matmul saved stay cached until the experts return
     cached = merged_weights_cached(E, H, inter, wb, up_lora and not h.grad, down_lora and not up_grad)
     g.peak_at(moe_down_transient(rows, H, inter, xb, up_trains, down_trains) + local + cached)
     # the whole forward's moments in the block (its input is among the block's arguments)
-    g.moment(extra=moe_locals(t, rows, E, 0, logits.itemsize) + cached + moe_forward_transient(
-        t, rows, H, inter, xb, up_trains, up_grad, down_grad, logits.grad))
-    g.peak_at(moe_end_transient(rows, H, xb, up_trains) + local + cached)
+    g.moment(extra=moe_locals(t, rows, E, 0, logits.itemsize, rw) + cached + moe_forward_transient(
+        t, rows, H, inter, xb, up_trains, up_grad, down_grad, logits.grad, rw))
+    g.peak_at(moe_end_transient(rows, H, xb, up_trains, cw) + local + cached)
     # a checkpointed block's first backward op, the un-sort's, holds the recomputed saved set, its
     # incoming gradient (`pending`), a zeroed (rows x hidden) buffer and its scattered copy; the
     # recompute's locals are gone by then, the sorted expert ids with them. The rows were weighted by
-    # the fp32 routing weights, so these gradients are fp32 whatever the hidden states' dtype.
+    # the routing weights, so these gradients are in the weighted rows' dtype (`cw`: Mixtral's fp32
+    # whatever the hidden states' dtype).
     layer = g.section.removesuffix(" mlp")
     g.unsort[layer] = (g.saved_bytes(layer) + g.saved_bytes(f"{layer} mlp") - rows * INT64
-                       + 2 * rows * H * FP32)
-    g.peak_at(moe_unsort_transient(rows, H, E))  # the recompute's last op, the un-sort itself
+                       + 2 * rows * H * cw)
+    g.peak_at(moe_unsort_transient(rows, H, E, cw))  # the recompute's last op, the un-sort itself
     # then the combine's backward, the un-sort's buffers and the gradient it scattered freed
     g.recompute_combine[layer] = (g.saved_bytes(layer) + g.saved_bytes(f"{layer} mlp") - rows * INT64
-                                  + moe_recompute_combine(rows, H, logits.grad))
+                                  + moe_recompute_combine(rows, H, logits.grad, cw))
     # backward reaches the block's saved tensors through the un-sort, after the sum over top-k has
     # handed back a (rows x hidden) gradient: it waits through the recompute (`moe_pending`)
-    g.pending[layer] = moe_pending(t, rows, H, xb)
+    g.pending[layer] = moe_pending(t, rows, H, xb, cw)
     # by the gated product's backward (the MLP's peak), the un-sort's inverse permutation, the down
     # output (kept for the routing weights' gradient) and the down projection's input (kept for its
     # weight's gradient) have been used and freed
@@ -1192,14 +1201,14 @@ def _moe(g: Graph, spec: ModelSpec, p: str, h: Tensor) -> Tensor:
     # (with nothing before the block needing a gradient, the residual stream's gradient is used up
     # by then too, and so is each row's routing weight, when kept, by the combine's backward)
     residual = 0 if h.grad else residual_gradient_bytes(spec, g.cond)
-    used_up = 0 if h.grad else residual + (rows * FP32 if down_grad else 0)
+    used_up = 0 if h.grad else residual + (rows * rw if down_grad else 0)
     g.tails.append(tail + used_up)
     if full:
         # the gate/up grouped matmul's backward: its gradient and the gathered rows' (rows x hidden)
         # beside the gate/up output's gradient; the gate/up output and the activation are used up
         g.up_backward[layer] = (rows * 3 * inter * xb, rows * (2 * inter + H) * xb)
     merged = merged_weight_backward(spec, rows, xb, wb, up_rank, down_rank, h.grad, up_grad, down_trains,
-                                    logits.grad)
+                                    logits.grad, rw)
     # the combine's backward comes before the down projection's: what that keeps under LoRA (its input,
     # the merged weight) is not freed yet, though the tail takes it off the MLP's peak. (Trained in
     # full, the down weight's gradient, counted at the MLP's peak, does not exist yet either.)
@@ -1207,7 +1216,7 @@ def _moe(g: Graph, spec: ModelSpec, p: str, h: Tensor) -> Tensor:
     # are not, yet)
     down_grads = expert_lora_gradients(E, H, inter, down_rank, wb)[1]
     combine = (0 if g.cond.grad_checkpointing else
-               moe_combine_backward(rows, H, xb) - tail + down_kept - down_grads)
+               moe_combine_backward(rows, H, xb, cw) - tail + down_kept - down_grads)
     if merged and not h.grad:
         # nothing before the block needs a gradient (the first layer over frozen embeddings): the
         # residual stream's gradient, which the timeline holds through every layer, is the block's
@@ -1228,7 +1237,7 @@ def expert_lora_gradients(experts: int, out_f: int, in_f: int, rank: int, itemsi
 
 def merged_weight_backward(spec: ModelSpec, rows: int, xb: int, wb: int, up_rank: int, down_rank: int,
                            input_grad: bool, up_grad: bool, down_saves_input: bool,
-                           routing_grad: bool) -> int:
+                           routing_grad: bool, routing_bytes: int = FP32) -> int:
     """Bytes beyond the layer's saved tensors while a grouped matmul over a ParamWrapper weight runs
     its backward (ranks 0: not wrapped), at two moments per weight. By the first of them the routing
     weights' product and the un-permuting gather have run their backward, freeing what they saved:
@@ -1252,7 +1261,7 @@ def merged_weight_backward(spec: ModelSpec, rows: int, xb: int, wb: int, up_rank
     larger of this and the MLP's own transient (`layer_backward_transients`).
     """
     H, inter, E = spec.hidden_size, spec.intermediate_size, spec.num_experts
-    combined = rows * INT64 + rows * FP32 + (rows * H * xb if routing_grad else 0)
+    combined = rows * INT64 + rows * routing_bytes + (rows * H * xb if routing_grad else 0)
     moments = [0]
     down_grads = 0
     if down_rank:
@@ -1289,7 +1298,8 @@ def moe_down_transient(rows: int, hidden: int, inter: int, itemsize: int, up_tra
 
 
 def moe_forward_transient(tokens: int, rows: int, hidden: int, inter: int, itemsize: int, up_trains: bool,
-                          up_grad: bool, down_grad: bool, routing_grad: bool) -> int:
+                          up_grad: bool, down_grad: bool, routing_grad: bool,
+                          routing_bytes: int = FP32) -> int:
     """The most the expert block's forward holds beyond its saved tensors and `moe_locals`, at the
     down grouped matmul or at the combine after it (the larger).
 
@@ -1300,18 +1310,20 @@ def moe_forward_transient(tokens: int, rows: int, hidden: int, inter: int, items
     rows weighted by the fp32 routing weights (fp32) and their un-sorted copy, together at the
     un-sort; then the un-sorted rows, their sum over top-k (tokens x hidden, fp32) and its cast back
     to the hidden states' dtype when that is 16-bit. Source: transformers 5
-    `grouped_mm_experts_forward`; rows = tokens x top-k.
+    `grouped_mm_experts_forward`; rows = tokens x top-k. `routing_bytes`: the routing weights' dtype
+    (`routing_weight_bytes`); the weighted rows are in the wider of it and the hidden states'.
     """
-    both = (rows * INT64 + (0 if routing_grad else rows * INT64) + (0 if down_grad else rows * FP32)
+    cw = max(itemsize, routing_bytes)
+    both = (rows * INT64 + (0 if routing_grad else rows * INT64) + (0 if down_grad else rows * routing_bytes)
             + (0 if up_trains else rows * hidden * itemsize))
     down = (0 if up_grad else rows * inter * itemsize) + rows * hidden * itemsize
     out = 0 if routing_grad else rows * hidden * itemsize
-    unsort = out + 2 * rows * hidden * FP32
-    summed = out + rows * hidden * FP32 + tokens * hidden * (FP32 + (itemsize if itemsize != FP32 else 0))
+    unsort = out + 2 * rows * hidden * cw
+    summed = out + rows * hidden * cw + tokens * hidden * (cw + (itemsize if itemsize != cw else 0))
     return both + max(down, unsort, summed)
 
 
-def moe_pending(tokens: int, rows: int, hidden: int, itemsize: int) -> int:
+def moe_pending(tokens: int, rows: int, hidden: int, itemsize: int, combine_bytes: int = FP32) -> int:
     """The expert block's output gradient made before backward first needs its saved tensors (the
     un-sort's inverse permutation), alive through a checkpointed block's recompute.
 
@@ -1320,38 +1332,41 @@ def moe_pending(tokens: int, rows: int, hidden: int, itemsize: int) -> int:
     incoming gradient), then the sum's (expand, then a contiguous rows x hidden fp32 clone for the
     un-sort's scatter, after which the cast's copy is freed). With top-1 the expand flattens to rows
     as a view: only the cast's copy, none at fp32. Source: transformers 5 `grouped_mm_experts_forward`
-    (`.sum(dim=1)` then `.to(hidden_states.dtype)`); rows = tokens x top-k.
+    (`.sum(dim=1)` then `.to(hidden_states.dtype)`); rows = tokens x top-k. `combine_bytes`: the
+    weighted rows' dtype (fp32 for Mixtral; see `routing_weight_bytes`).
     """
     if rows > tokens:
-        return rows * hidden * FP32
-    return tokens * hidden * FP32 if itemsize != FP32 else 0
+        return rows * hidden * combine_bytes
+    return tokens * hidden * combine_bytes if itemsize != combine_bytes else 0
 
 
-def moe_unsort_transient(rows: int, hidden: int, experts: int) -> int:
+def moe_unsort_transient(rows: int, hidden: int, experts: int, combine_bytes: int = FP32) -> int:
     """What a recomputed expert block holds beyond its saved tensors at its last op, the un-sort's
     scatter of the weighted rows back to token order (`index_put` into a zeroed buffer): the buffer
     and its scattered copy (rows x hidden, fp32 since the routing weights are fp32), and the
     per-expert counts `histc` made and their running sum (experts x fp32 each), still bound. The
     sorted expert ids are alive too (the walk counts them among the saved tensors). Assumption:
     transformers 5's grouped_mm experts; measured with the tracer (fuzz seed 2509: Mixtral LoRA on
-    all linear layers, pure-bf16, checkpointed).
+    all linear layers, pure-bf16, checkpointed). `combine_bytes`: the weighted rows' dtype.
     """
-    return 2 * rows * hidden * FP32 + 2 * experts * FP32
+    return 2 * rows * hidden * combine_bytes + 2 * experts * FP32
 
 
-def moe_recompute_combine(rows: int, hidden: int, routing_grad: bool) -> int:
+def moe_recompute_combine(rows: int, hidden: int, routing_grad: bool, combine_bytes: int = FP32) -> int:
     """What a recomputed expert block holds beyond its saved tensors (less the sorted expert ids, a
     recompute local gone by then) at the backward of the rows' weighting by the fp32 routing weights,
     the op after the un-sort's. The un-sort has used and freed the inverse permutation (rows int64),
     its zeroed buffer and the incoming gradient (`moe_pending`); its scattered rows x hidden gradient
     is alive beside the product's two gradients, the down output's and (when the router's logits need
     one) the routing weights', all fp32 (rows x hidden) since the weights are fp32. Assumption:
-    transformers 5's grouped_mm experts; rows = tokens x top-k.
+    transformers 5's grouped_mm experts; rows = tokens x top-k; `combine_bytes`: the weighted rows'
+    dtype (fp32 for Mixtral).
     """
-    return (3 if routing_grad else 2) * rows * hidden * FP32 - rows * INT64
+    return (3 if routing_grad else 2) * rows * hidden * combine_bytes - rows * INT64
 
 
-def moe_end_transient(rows: int, hidden: int, itemsize: int, up_trains: bool) -> int:
+def moe_end_transient(rows: int, hidden: int, itemsize: int, up_trains: bool,
+                      combine_bytes: int = FP32) -> int:
     """What the expert block holds beyond its saved tensors as it ends: the gathered input rows (a
     local, saved already when the gate/up weights train), the down output weighted by the fp32 routing
     weights (rows x hidden, fp32 or wider), the sorted expert ids (`expert_ids_g`, rows int64, bound
@@ -1359,16 +1374,18 @@ def moe_end_transient(rows: int, hidden: int, itemsize: int, up_trains: bool) ->
     The gated activation the down projection read is gone by then. Assumption: transformers 5's
     grouped_mm experts, as the tracer lists them at the block's last op (fuzz seed 3965).
     """
-    return ((0 if up_trains else rows * hidden * itemsize) + rows * hidden * max(itemsize, FP32)
+    return ((0 if up_trains else rows * hidden * itemsize) + rows * hidden * max(itemsize, combine_bytes)
             + 2 * rows * INT64)
 
 
-def moe_combine_backward(rows: int, hidden: int, itemsize: int) -> int:
+def moe_combine_backward(rows: int, hidden: int, itemsize: int, combine_bytes: int = FP32) -> int:
     """The backward of the rows' weighting by the fp32 routing weights, beyond the saved tensors: the
     weighted rows' gradient and the two products' (fp32, rows x hidden), a cast back to the hidden
     states' dtype when that is 16-bit, beside the down output and the inverse permutation (rows int64)
-    it frees after. Assumption: transformers 5's grouped_mm experts, without checkpointing."""
-    return rows * hidden * (3 * FP32 + (itemsize if itemsize != FP32 else 0) + itemsize) + rows * INT64
+    it frees after. Assumption: transformers 5's grouped_mm experts, without checkpointing.
+    `combine_bytes`: the weighted rows' dtype (fp32 for Mixtral)."""
+    cw = combine_bytes
+    return rows * hidden * (3 * cw + (itemsize if itemsize != cw else 0) + itemsize) + rows * INT64
 
 
 def merged_weights_cached(experts: int, hidden: int, inter: int, weight_bytes: int, up_unsaved: bool,
@@ -1382,7 +1399,8 @@ def merged_weights_cached(experts: int, hidden: int, inter: int, weight_bytes: i
             + (hidden * inter if down_unsaved else 0)) * experts * weight_bytes
 
 
-def moe_locals(tokens: int, rows: int, experts: int, block_input: int, logits_itemsize: int) -> int:
+def moe_locals(tokens: int, rows: int, experts: int, block_input: int, logits_itemsize: int,
+               routing_bytes: int = FP32) -> int:
     """Unsaved tensors the sparse block's forward keeps in local variables until it returns.
 
     The block's input (`block_input`: its bytes when no op saved it), the router logits (returned and
@@ -1390,8 +1408,16 @@ def moe_locals(tokens: int, rows: int, experts: int, block_input: int, logits_it
     their in-place normalisation was recorded (rows fp32; autograd saved a clone), the float copy of
     the sorted expert ids `histc` counts (rows x 4 B) and its per-expert counts (experts x 4 B).
     Source: transformers 5 `MixtralSparseMoeBlock.forward` and `grouped_mm_experts_forward`.
+    `routing_bytes`: the routing weights' dtype as the block binds them (`routing_weight_bytes`).
     """
-    return block_input + tokens * experts * logits_itemsize + rows * FP32 + rows * 4 + experts * 4
+    return block_input + tokens * experts * logits_itemsize + rows * routing_bytes + rows * 4 + experts * 4
+
+
+def routing_weight_bytes(spec: ModelSpec, logits_itemsize: int) -> int:
+    """Bytes per top-k routing weight as the experts get them: Mixtral's router hands over the
+    softmax's fp32 values; Qwen3-MoE's casts them back to the router logits' dtype (16-bit under
+    autocast or a 16-bit model). Source: transformers 5 `MixtralTopKRouter`, `Qwen3MoeTopKRouter`."""
+    return FP32 if spec.family == "mixtral" else logits_itemsize
 
 
 def head_and_loss(g: Graph, spec: ModelSpec, h: Tensor, head: str) -> tuple[Tensor, int, int]:

@@ -173,9 +173,10 @@ def _mlp(spec: ModelSpec, p: str) -> list[Module]:
             _linear(f"{p}.mlp.gate_up_proj", h, 2 * inner, b),  # fused gate and up
             _linear(f"{p}.mlp.down_proj", inner, h, b),
         ]
-    if spec.family == "mixtral":
+    if spec.num_experts:
         # transformers 5 stores all experts of a layer as two 3-D parameters and the router as a
-        # plain weight: none of them is an nn.Linear, so PEFT's target_modules cannot wrap them.
+        # plain weight (Mixtral, Qwen3-MoE): none of them is an nn.Linear, so PEFT's target_modules
+        # cannot wrap them.
         e = spec.num_experts
         return [
             Module(f"{p}.mlp.gate", "router", (Param(f"{p}.mlp.gate.weight", (e, h)),)),

@@ -22,13 +22,13 @@ def _gpt2(name: str, hidden: int, layers: int, heads: int, source: str, aliases=
 def _decoder(name: str, family: str, *, vocab: int, hidden: int, layers: int, heads: int,
              kv_heads: int, inner: int, tied: bool, positions: int, head_dim: int | None = None,
              experts: int = 0, experts_per_token: int = 0, source: str,
-             aliases=(), sliding_window: int | None = None) -> ModelSpec:
+             aliases=(), sliding_window: int | None = None, norm_topk: bool = True) -> ModelSpec:
     return ModelSpec(
         name=name, family=family, vocab_size=vocab, hidden_size=hidden, num_layers=layers,
         num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim or hidden // heads,
         intermediate_size=inner, tied_embeddings=tied, max_positions=positions,
         qkv_bias=family == "qwen2", num_experts=experts, experts_per_token=experts_per_token,
-        aliases=tuple(aliases), source=source, sliding_window=sliding_window,
+        aliases=tuple(aliases), source=source, sliding_window=sliding_window, norm_topk=norm_topk,
     )
 
 
@@ -97,6 +97,13 @@ CATALOG: tuple[ModelSpec, ...] = (
              inner=12288, tied=False, positions=40960, head_dim=128, source="Qwen/Qwen3-8B"),
     _decoder("qwen3-32b", "qwen3", vocab=151936, hidden=5120, layers=64, heads=64, kv_heads=8,
              inner=25600, tied=False, positions=40960, head_dim=128, source="Qwen/Qwen3-32B"),
+    # `inner` is the experts' width (moe_intermediate_size): every layer is sparse
+    _decoder("qwen3-30b-a3b", "qwen3_moe", vocab=151936, hidden=2048, layers=48, heads=32, kv_heads=4,
+             inner=768, tied=False, positions=40960, head_dim=128, experts=128, experts_per_token=8,
+             source="Qwen/Qwen3-30B-A3B"),
+    _decoder("qwen3-235b-a22b", "qwen3_moe", vocab=151936, hidden=4096, layers=94, heads=64,
+             kv_heads=4, inner=1536, tied=False, positions=40960, head_dim=128, experts=128,
+             experts_per_token=8, source="Qwen/Qwen3-235B-A22B"),
 )
 
 _BY_NAME = {alias: spec for spec in CATALOG for alias in (spec.name, *spec.aliases)}

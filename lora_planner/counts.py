@@ -15,7 +15,8 @@ following PEFT's rules rather than inventing cleaner ones:
 - Mixtral on transformers 5 (fused experts): PEFT maps the v4 names to parameter targets. `w1` and
   `w3` (always together) become `experts.gate_up_proj` at rank 2r, `w2` becomes
   `experts.down_proj`, `gate` becomes the router weight; `all-linear` takes all three. A 3-D
-  parameter of E experts gets A = (r*E, in) and B = (out, r*E).
+  parameter of E experts gets A = (r*E, in) and B = (out, r*E). Qwen3-MoE the same, its v4 names
+  `gate_proj` and `up_proj` (together) and `down_proj`.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ PEFT_DEFAULT_TARGETS = {
     "gemma2": ("q_proj", "v_proj"),
     "phi3": ("qkv_proj",),
     "qwen3": ("q_proj", "v_proj"),
+    "qwen3_moe": ("q_proj", "v_proj"),  # PEFT has no entry; as for Mixtral
 }
 
 _SPLIT_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -51,7 +53,7 @@ PRESETS = {
     "mlp": {
         "gpt2": ("c_fc", "mlp.c_proj"),
         "phi3": ("gate_up_proj", "down_proj"),
-        "mixtral": ("w1", "w2", "w3"),
+        "mixtral": ("w1", "w2", "w3"),  # Qwen3-MoE's v4 names are the common gate/up/down
         "*": _GATED_MLP,
     },
 }
@@ -212,8 +214,9 @@ def wrapped_modules(spec: ModelSpec, setup: TrainSetup) -> tuple[tuple[Module, .
     targets = expand_targets(spec, setup.targets)
     _check_targets(arch, targets)
     saved = _modules_to_save_names(setup)
-    moe = _moe_targets(arch, targets) if spec.family == "mixtral" else []
-    targets_left = tuple(t for t in targets if not any(_matches(f"x.{n}", t) for n in MOE_V4_NAMES))
+    v4_names = MOE_V4_NAMES.get(spec.family, {})
+    moe = _moe_targets(arch, targets, v4_names) if v4_names else []
+    targets_left = tuple(t for t in targets if not any(_matches(f"x.{n}", t) for n in v4_names))
     if moe and not targets_left:
         return tuple(moe), targets
     if "all-linear" in targets:
@@ -251,25 +254,31 @@ def wrapped_modules(spec: ModelSpec, setup: TrainSetup) -> tuple[tuple[Module, .
     return tuple(chosen), targets
 
 
-# PEFT's v4 -> v5 names for Mixtral: v4 expert linears live inside fused 3-D parameters now.
-MOE_V4_NAMES = ("w1", "w2", "w3", "gate")
+# PEFT's v4 -> v5 names (`_MOE_TARGET_MODULE_MAPPING`): the v4 expert linears live inside fused
+# 3-D parameters now, the router is a plain weight. Each v4 name -> what it reaches.
+MOE_V4_NAMES = {
+    "mixtral": {"w1": "gate_up_proj", "w3": "gate_up_proj", "w2": "down_proj", "gate": "router"},
+    "qwen3_moe": {"gate_proj": "gate_up_proj", "up_proj": "gate_up_proj", "down_proj": "down_proj",
+                  "gate": "router"},
+}
 
 
-def _moe_targets(arch: Architecture, targets: tuple[str, ...]) -> list[Module]:
-    """The router and expert parameters PEFT targets for Mixtral's v4 names, as pseudo-modules
+def _moe_targets(arch: Architecture, targets: tuple[str, ...], v4_names: dict[str, str]) -> list[Module]:
+    """The router and expert parameters PEFT targets for the family's v4 names, as pseudo-modules
     holding just the targeted parameter (`kind` router or experts)."""
     everything = "all-linear" in targets
-    named = {n for n in MOE_V4_NAMES if everything or any(_matches(f"x.{n}", t) for t in targets)}
-    if named & {"w1", "w3"} and not {"w1", "w3"} <= named:
-        raise PlanError("Mixtral's w1 and w3 are fused into experts.gate_up_proj: target both or neither")
+    named = {n for n in v4_names if everything or any(_matches(f"x.{n}", t) for t in targets)}
+    reached = {v4_names[n] for n in named}
+    fused = sorted(n for n, reach in v4_names.items() if reach == "gate_up_proj")
+    if named & set(fused) and not set(fused) <= named:
+        raise PlanError(f"{' and '.join(fused)} are fused into experts.gate_up_proj: target both or neither")
     chosen = []
     for m in arch.modules:
         for p in m.params:
             leaf = p.name.rsplit(".", 1)[-1]
             picked = (
-                (m.kind == "router" and "gate" in named)
-                or (leaf == "gate_up_proj" and "w1" in named)
-                or (leaf == "down_proj" and m.kind == "experts" and "w2" in named)
+                (m.kind == "router" and "router" in reached)
+                or (m.kind == "experts" and leaf in reached)
             )
             if picked:
                 chosen.append(Module(f"{m.path}.{leaf}" if m.kind == "experts" else m.path,
@@ -315,7 +324,7 @@ def _param_adapter(module: Module, rank: int, use_dora: bool) -> Adapter:
     """PEFT's ParamWrapper on a router weight (out, in) or a fused expert weight (E, out, in):
     A = (r*E, in), B = (out, r*E); `gate_up_proj` fuses w1 and w3, so its rank is 2r."""
     if use_dora:
-        raise PlanError("DoRA does not work on Mixtral's fused expert or router parameters (PEFT refuses it)")
+        raise PlanError("DoRA does not work on fused expert or router parameters (PEFT refuses it)")
     (param,) = module.params
     experts = param.shape[0] if len(param.shape) == 3 else 1
     out_f, in_f = param.shape[-2:]
@@ -376,8 +385,8 @@ def _lora_trainable(spec: ModelSpec, setup: TrainSetup) -> Trainable:
     modules, targets = wrapped_modules(spec, setup)
     adapters = tuple(adapter_for(m, setup.rank, setup.use_dora) for m in modules)
     if setup.lora_dropout and any(m.kind in ("router", "experts") for m in modules):
-        raise PlanError("LoRA dropout does not work on Mixtral's fused expert or router parameters "
-                        "(PEFT's ParamWrapper refuses it): set it to 0 or leave gate, w1, w2, w3 out")
+        raise PlanError("LoRA dropout does not work on fused expert or router parameters (PEFT's "
+                        "ParamWrapper refuses it): set it to 0 or leave the router and the experts out")
 
     saved_names = _modules_to_save_names(setup)
     saved_modules = tuple(

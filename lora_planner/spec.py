@@ -18,7 +18,9 @@ if TYPE_CHECKING:
 # resid_pdrop and embd_pdrop are 0.1; every other family defaults to 0).
 FAMILY_DROPOUT = {"gpt2": 0.1}
 
-FAMILIES = ("gpt2", "llama", "mistral", "mixtral", "qwen2", "gemma2", "phi3", "qwen3")
+FAMILIES = ("gpt2", "llama", "mistral", "mixtral", "qwen2", "gemma2", "phi3", "qwen3", "qwen3_moe")
+# Families whose MLP is a sparse block of fused experts (3-D parameters) and a router, in every layer
+MOE_FAMILIES = ("mixtral", "qwen3_moe")
 
 # Hugging Face `model_type` values whose layout one of our families reproduces exactly.
 MODEL_TYPE_TO_FAMILY = {
@@ -30,13 +32,14 @@ MODEL_TYPE_TO_FAMILY = {
     "gemma2": "gemma2",
     "phi3": "phi3",
     "qwen3": "qwen3",
+    "qwen3_moe": "qwen3_moe",
 }
 
 # RMSNorm on the projected queries and keys before rope, as each family's attention module has it:
 # "head" normalises each head's head_dim values (Qwen3, a weight of head_dim), "full" the whole
 # projection (OLMo 2, a weight of heads x head_dim); None: no such norm.
 QK_NORMS = ("head", "full")
-FAMILY_QK_NORM = {"qwen3": "head"}
+FAMILY_QK_NORM = {"qwen3": "head", "qwen3_moe": "head"}
 
 # Families whose sliding window is Qwen2's: only with `use_sliding_window`, and only on the layers
 # from `max_window_layers` on
@@ -98,6 +101,9 @@ class ModelSpec:
     # RMSNorm on q and k before rope (`QK_NORMS`); None: the family's (`FAMILY_QK_NORM`), which is
     # the only form transformers builds for it
     qk_norm: str | None = None
+    # a sparse block's top-k routing weights divided by their sum (Mixtral always; Qwen3-MoE's
+    # `norm_topk_prob`)
+    norm_topk: bool = True
 
     def sliding_layer(self, i: int) -> bool:
         """Whether decoder layer `i` attends through a sliding window (transformers 5's `layer_types`:
@@ -131,11 +137,11 @@ class ModelSpec:
                             f"not {self.qk_norm!r}")
         for name, (lo, hi) in SHAPE_LIMITS.items():
             value = getattr(self, name)
-            if name == "num_experts" and self.family == "mixtral":
+            if name == "num_experts" and self.family in MOE_FAMILIES:
                 lo = 1
-            if name == "experts_per_token" and self.family == "mixtral":
+            if name == "experts_per_token" and self.family in MOE_FAMILIES:
                 lo, hi = 1, self.num_experts
-            if name in ("num_experts", "experts_per_token") and self.family != "mixtral":
+            if name in ("num_experts", "experts_per_token") and self.family not in MOE_FAMILIES:
                 hi = 0  # the dense families have no experts
             if name != "sliding_window" or value is not None:
                 whole_number(f"model {self.name!r}: {name}", value, lo, hi)
@@ -366,12 +372,16 @@ def spec_from_hf_config(config: dict, name: str = "custom", source: str = "") ->
     if head_dim_default == 0 and config.get("head_dim") is None:
         raise PlanError(f"config.json hidden_size {hidden} is smaller than num_attention_heads {heads} "
                         "and no head_dim is given")
-    mixtral = family == "mixtral"
-    experts = _whole(config, "num_experts", "num_local_experts", default=8, least=1) if mixtral else 0
-    top_k = _whole(config, "experts_per_token", "num_experts_per_tok", default=2,
-                   least=1) if mixtral else 0
-    if mixtral and top_k > experts:
-        raise PlanError(f"config.json num_experts_per_tok {top_k} is more than num_local_experts {experts}")
+    moe = family in MOE_FAMILIES
+    experts_key = "num_local_experts" if family == "mixtral" else "num_experts"
+    experts = _whole(config, "num_experts", experts_key, default=MOE_DEFAULTS[family][0],
+                     least=1) if moe else 0
+    top_k = _whole(config, "experts_per_token", "num_experts_per_tok", default=MOE_DEFAULTS[family][1],
+                   least=1) if moe else 0
+    if moe and top_k > experts:
+        raise PlanError(f"config.json num_experts_per_tok {top_k} is more than {experts_key} {experts}")
+    if family == "qwen3_moe":
+        _all_layers_sparse(config)
     window = _sliding_window(config, family)
     attention_bias = _flag(config, "attention_bias", False)
     return ModelSpec(
@@ -382,15 +392,20 @@ def spec_from_hf_config(config: dict, name: str = "custom", source: str = "") ->
         num_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=_whole(config, "head_dim", "head_dim", default=head_dim_default),
-        intermediate_size=_whole(config, "intermediate_size", "intermediate_size"),
+        # Qwen3-MoE's experts are `moe_intermediate_size` wide (its `intermediate_size` is for dense
+        # layers, which `_all_layers_sparse` leaves out)
+        intermediate_size=(_whole(config, "intermediate_size", "moe_intermediate_size", default=768)
+                           if family == "qwen3_moe"
+                           else _whole(config, "intermediate_size", "intermediate_size")),
         tied_embeddings=_flag(config, "tie_word_embeddings", family == "gemma2"),
         max_positions=_whole(config, "max_positions", "max_position_embeddings", default=4096),
         qkv_bias=family == "qwen2" or attention_bias,
         out_bias=family != "qwen2" and attention_bias,
-        # Qwen3's MLP has no bias whatever the config says
-        mlp_bias=family != "qwen3" and _flag(config, "mlp_bias", False),
+        # Qwen3's MLP and experts have no bias whatever the config says
+        mlp_bias=family not in ("qwen3", "qwen3_moe") and _flag(config, "mlp_bias", False),
         num_experts=experts,
         experts_per_token=top_k,
+        norm_topk=family != "qwen3_moe" or _flag(config, "norm_topk_prob", False),
         attn_dropout=_rate(config, "attention_dropout"),
         # Phi-3 drops on both residual branches; its embd_pdrop is read by no module in
         # transformers 5, so it is not planned
@@ -406,13 +421,32 @@ def spec_from_hf_config(config: dict, name: str = "custom", source: str = "") ->
 
 # The config classes' `sliding_window` when a config.json leaves it out (Qwen2's applies only with
 # `use_sliding_window`)
-SLIDING_WINDOW_DEFAULT = {"mistral": 4096, "gemma2": 4096, "qwen2": 4096, "qwen3": 4096}
+SLIDING_WINDOW_DEFAULT = {"mistral": 4096, "gemma2": 4096, "qwen2": 4096, "qwen3": 4096,
+                          "qwen3_moe": 4096}
+# The config classes' (experts, experts per token) when a config.json leaves them out
+MOE_DEFAULTS = {"mixtral": (8, 2), "qwen3_moe": (128, 8)}
+
+
+def _all_layers_sparse(config: dict) -> None:
+    """Qwen3-MoE makes layer i dense (a gated MLP of `intermediate_size`) when i is in
+    `mlp_only_layers` or (i + 1) is not a multiple of `decoder_sparse_step`; the published models
+    have none, and a mix of dense and sparse layers is not planned: refused in one line."""
+    from .validate import whole_number
+
+    step = config.get("decoder_sparse_step")
+    only = config.get("mlp_only_layers")
+    if step is not None and whole_number("config.json decoder_sparse_step", step, 1, 10**6) != 1:
+        raise PlanError("config.json decoder_sparse_step other than 1 makes some Qwen3-MoE layers dense; "
+                        "a mix of dense and sparse layers is not planned")
+    if only is not None and (not isinstance(only, list) or only):
+        raise PlanError("config.json mlp_only_layers makes some Qwen3-MoE layers dense; a mix of dense "
+                        "and sparse layers is not planned (it must be empty)")
 # The config classes' `head_dim` when a config.json leaves it out, where it is not hidden / heads
 HEAD_DIM_DEFAULT = {"qwen3": 128}
 
 
 def _sliding_window(config: dict, family: str) -> int | None:
-    if family in ("llama", "gpt2") or (family in QWEN_WINDOWS
+    if family in ("llama", "gpt2") or (family in (*QWEN_WINDOWS, "qwen3_moe")
                                          and not _flag(config, "use_sliding_window", False)):
         return None
     if "sliding_window" in config and config["sliding_window"] is None:
@@ -445,7 +479,7 @@ def to_hf_config(spec: ModelSpec) -> dict:
         # Token ids are irrelevant to shapes; None keeps small test vocabularies valid.
         "pad_token_id": None, "bos_token_id": None, "eos_token_id": None,
     }
-    if spec.family in ("llama", "gemma2", "qwen3"):
+    if spec.family in ("llama", "gemma2", "qwen3", "qwen3_moe"):
         config["attention_bias"] = spec.out_bias
         config["mlp_bias"] = spec.mlp_bias
     if spec.attn_dropout is not None:
@@ -460,6 +494,12 @@ def to_hf_config(spec: ModelSpec) -> dict:
     if spec.family == "mixtral":
         config["num_local_experts"] = spec.num_experts
         config["num_experts_per_tok"] = spec.experts_per_token
+    if spec.family == "qwen3_moe":
+        config.update(num_experts=spec.num_experts, num_experts_per_tok=spec.experts_per_token,
+                      moe_intermediate_size=spec.intermediate_size, norm_topk_prob=spec.norm_topk,
+                      decoder_sparse_step=1, mlp_only_layers=[])
+    if spec.family == "qwen3_moe" and spec.sliding_window is not None:
+        config.update(use_sliding_window=True, sliding_window=spec.sliding_window)
     if spec.family in ("mistral", "mixtral", "phi3") or (spec.family == "gemma2" and spec.sliding_window):
         config["sliding_window"] = spec.sliding_window
     if spec.family in QWEN_WINDOWS and spec.sliding_window is not None:

@@ -21,7 +21,7 @@ def _activations(data: dict) -> int:
 
 def test_dropout_rates_default_as_transformers_config_classes_do():
     transformers = pytest.importorskip("transformers")
-    for family in ("gpt2", "llama", "mistral", "qwen2", "gemma2", "phi3", "mixtral"):
+    for family in ("gpt2", "llama", "mistral", "qwen2", "gemma2", "phi3", "mixtral", "qwen3", "qwen3_moe"):
         config = transformers.CONFIG_MAPPING[family]()
         attn, resid, embd = spec_from_hf_config({**config.to_dict(), "pad_token_id": None}).dropout_rates
         if family == "gpt2":
@@ -67,22 +67,24 @@ def test_explain_peak_line_names_weights():
     assert "weights" in line and "optimizer states" in line
 
 
-def test_mixtral_qlora_keeps_fused_experts_at_16_bit():
+@pytest.mark.parametrize(("name", "whole", "quantised_below"),
+                         [("mixtral-8x7b", 90e9, 30e9), ("qwen3-30b-a3b", 55e9, 20e9)])
+def test_moe_qlora_keeps_fused_experts_at_16_bit(name, whole, quantised_below):
     """bitsandbytes replaces nn.Linear modules; transformers' fused experts are not: the meta-device
     model says which parameters stay 16-bit."""
     torch = pytest.importorskip("torch")
     from tests.hf import build_meta
 
-    spec = get_model("mixtral-8x7b")
+    spec = get_model(name)
     model = build_meta(spec)
-    linear = {f"{name}.weight" for name, m in model.named_modules()
-              if isinstance(m, torch.nn.Linear) and name != "lm_head"}
-    dense = sum(p.numel() for name, p in model.named_parameters() if name not in linear)
-    data = plan_json("--model", "mixtral-8x7b", "--method", "qlora", "--precision", "bf16")
+    linear = {f"{path}.weight" for path, m in model.named_modules()
+              if isinstance(m, torch.nn.Linear) and path != "lm_head"}
+    dense = sum(p.numel() for path, p in model.named_parameters() if path not in linear)
+    data = plan_json("--model", name, "--method", "qlora", "--precision", "bf16")
     assert data["plans"][0]["weights_bytes"]["weights_frozen"] == 2 * dense
-    assert data["plans"][0]["memory_bytes"]["weights"] > 90e9
-    quantised = plan_json("--model", "mixtral-8x7b", "--method", "qlora", "--precision", "bf16",
+    assert data["plans"][0]["memory_bytes"]["weights"] > whole
+    quantised = plan_json("--model", name, "--method", "qlora", "--precision", "bf16",
                           "--quantize-experts")
-    assert quantised["plans"][0]["memory_bytes"]["weights"] < 30e9
+    assert quantised["plans"][0]["memory_bytes"]["weights"] < quantised_below
     notes = " ".join(data["notes"])
     assert "bitsandbytes#1849" in notes

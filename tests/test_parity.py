@@ -76,7 +76,8 @@ def test_lora_trainable_equals_peft_for_every_model(name, targets):
     assert ours(spec, setup) == peft_counts(spec, setup)
 
 
-SMALL = ["gpt2", "llama-3.2-1b", "qwen2.5-0.5b", "gemma-2-2b", "phi-3-mini", "mixtral-8x7b"]
+SMALL = ["gpt2", "llama-3.2-1b", "qwen2.5-0.5b", "gemma-2-2b", "phi-3-mini", "mixtral-8x7b", "qwen3-0.6b",
+         "qwen3-30b-a3b"]
 
 
 @pytest.mark.parametrize("name", SMALL)
@@ -95,7 +96,7 @@ SMALL = ["gpt2", "llama-3.2-1b", "qwen2.5-0.5b", "gemma-2-2b", "phi-3-mini", "mi
 )
 def test_lora_variants_equal_peft(name, setup):
     spec = get_model(name)
-    if name == "mixtral-8x7b" and setup.use_dora:
+    if spec.num_experts and setup.use_dora:
         setup = setup.with_(targets=("q_proj", "v_proj"))  # PEFT refuses DoRA on fused experts
     assert ours(spec, setup) == peft_counts(spec, setup)
 

@@ -76,7 +76,7 @@ def random_config(rng: random.Random, family: str) -> dict:
     head_dim = 2 * rng.randint(2, 8)  # rotary needs an even head size
     if family == "phi3":
         hidden = heads * head_dim  # Phi-3 derives head_dim from hidden / heads
-    elif family == "mixtral":
+    elif family in ("mixtral", "qwen3_moe"):
         # torch's grouped matmul wants 16-byte strides: widths a multiple of 8
         hidden = heads * 8 * rng.randint(1, 3)
     else:
@@ -85,7 +85,8 @@ def random_config(rng: random.Random, family: str) -> dict:
     config = {
         "model_type": family, "vocab_size": vocab, "hidden_size": hidden, "num_hidden_layers": layers,
         "num_attention_heads": heads, "num_key_value_heads": kv,
-        "intermediate_size": rng.randint(1, 16) * 8 if family == "mixtral" else rng.randint(8, 130),
+        "intermediate_size": rng.randint(1, 16) * 8 if family in ("mixtral", "qwen3_moe")
+        else rng.randint(8, 130),
         "max_position_embeddings": positions,
         "tie_word_embeddings": rng.random() < 0.5,
         "pad_token_id": None, "bos_token_id": None, "eos_token_id": None,
@@ -94,7 +95,7 @@ def random_config(rng: random.Random, family: str) -> dict:
         config["head_dim"] = head_dim
     if rng.random() < 0.3:
         config["attention_dropout"] = rng.choice((0.0, 0.1))
-    if family in ("llama", "qwen3"):
+    if family in ("llama", "qwen3", "qwen3_moe"):
         config["attention_bias"] = rng.random() < 0.3
     if family == "llama":
         config["mlp_bias"] = rng.random() < 0.3
@@ -112,6 +113,14 @@ def random_config(rng: random.Random, family: str) -> dict:
     if family == "mixtral":
         experts = rng.randint(2, 5)
         config.update(num_local_experts=experts, num_experts_per_tok=rng.randint(1, min(3, experts)))
+    if family == "qwen3_moe":
+        experts = rng.randint(2, 5)
+        # the experts' width is moe_intermediate_size; the dense one is unused (every layer sparse)
+        config.update(num_experts=experts, num_experts_per_tok=rng.randint(1, min(3, experts)),
+                      moe_intermediate_size=config["intermediate_size"],
+                      norm_topk_prob=rng.random() < 0.5)
+        if rng.random() < 0.3:
+            config.update(use_sliding_window=True, sliding_window=rng.randint(2, 80))
     return config
 
 
@@ -152,7 +161,7 @@ def random_case(seed: int, family: str | None = None) -> Case:
             except PlanError:
                 setup = setup.with_(rank=setup.rank // 2)
     fake = rng.random() < 0.5
-    if family == "mixtral" and setup.precision != "pure-bf16":
+    if family in ("mixtral", "qwen3_moe") and setup.precision != "pure-bf16":
         fake = False  # torch's fake grouped matmul accepts bf16 only (the CPU kernel takes fp32)
     return Case(seed, config, setup, layers, fake=fake)
 

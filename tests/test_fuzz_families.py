@@ -1,0 +1,49 @@
+"""Differential fuzzing of the families added after the seeded suite: Qwen3 (per-head q/k norms) and
+Qwen3-MoE (those norms beside Mixtral's fused experts, with or without `norm_topk_prob`).
+
+Each case is drawn by name (`random_case(seed, family)`), planned from its config.json and traced
+from the same config by transformers, as in `test_fuzz.py`: activations byte for byte, the peak
+within 1%. Two cases per family run by default, the first 60 seeds of each with `-m slow`.
+"""
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+from lora_planner.measure.fuzz import random_case  # noqa: E402
+
+from .test_fuzz import PEAK_TOLERANCE, check  # noqa: E402
+
+NEW_FAMILIES = ("qwen3", "qwen3_moe")
+# one LoRA case under autocast or a 16-bit model, one checkpointed or trained in full, per family
+DEFAULT_SEEDS = {"qwen3": (6, 45), "qwen3_moe": (2, 4)}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors gain nothing from intra-op threads; one keeps the suite fast on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize(("family", "seed"), [(f, s) for f in NEW_FAMILIES for s in DEFAULT_SEEDS[f]],
+                         ids=lambda v: str(v))
+def test_new_family_matches_its_trace(family, seed):
+    check(random_case(seed, family), PEAK_TOLERANCE)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("family", "seed"), [(f, s) for f in NEW_FAMILIES for s in range(60)
+                                              if s not in DEFAULT_SEEDS[f]], ids=lambda v: str(v))
+def test_new_family_matches_its_trace_slow(family, seed):
+    check(random_case(seed, family), PEAK_TOLERANCE)
+
+
+def test_qwen3_moe_draws_both_router_forms():
+    """The generator reaches both of Qwen3-MoE's routers: with and without `norm_topk_prob`."""
+    drawn = {random_case(seed, "qwen3_moe").config["norm_topk_prob"] for seed in range(20)}
+    assert drawn == {True, False}
