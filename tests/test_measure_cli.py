@@ -76,7 +76,7 @@ def test_run_prints_one_summary_line_by_default(tmp_path):
     (["--method", "full", "--save-adapter", "out"], "--save-adapter needs --method lora"),
     (["--data", "no-such-file.txt"], "no file at no-such-file.txt"),
     # `bf16` is the plan's: 16-bit weights without a master copy, which a plain torch loop does not run
-    (["--precision", "bf16"], "a measured job runs precision fp32 or amp"),
+    (["--precision", "bf16"], "a measured job runs precision fp32, amp"),
 ])
 def test_run_mistakes_are_one_line_exit_2(args, message):
     result = run("--device", "cpu", "--steps", "1", *args)

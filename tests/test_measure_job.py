@@ -130,7 +130,7 @@ def test_the_jobs_default_sequence_is_the_planners():
 @pytest.mark.parametrize("precision, message", [
     ("bf16", "not 'bf16'; bf16 autocast is precision amp with amp_dtype bf16"),
     ("fp16", "not 'fp16'; fp16 autocast is precision amp with amp_dtype fp16"),
-    ("mixed", "runs precision fp32 or amp"), ("pure-bf16", "runs precision fp32 or amp")])
+    ("mixed", "runs precision fp32, amp"), ("bf16", "or pure-bf16, not 'bf16'")])
 def test_precision_means_what_it_means_in_the_plan(precision, message):
     """`bf16` is the planner's 16-bit weights without a master copy, not autocast: a job refuses
     what a plain torch loop does not run, naming what it does."""
@@ -149,6 +149,23 @@ def test_dropout_reaches_the_model_as_the_planner_plans_it(tmp_path):
         assert record["measured"]["terms"]["activations"] == record["predicted"]["activations"], dropouts
         activations.append(record["predicted"]["activations"])
     assert len(set(activations)) == 3  # GPT-2's own 0.1, none, and LoRA's masks on top
+
+
+def test_a_pure_bf16_job_holds_the_planned_terms(tmp_path):
+    """pure-bf16 is the plan's: the model, adapters included, in bf16, and AdamW's states with it
+    (torch keeps them in the parameters' dtype). The traced terms are the planned ones, half fp32's."""
+    path = tiny_config_file(tmp_path)
+    records = {p: job.run_job(make(model=path, rank=2, steps=1, seq_len=16, batch_size=2, precision=p))
+               for p in ("fp32", "pure-bf16")}
+    for record in records.values():
+        measured, predicted = record["measured"], record["predicted"]
+        assert record["status"] == "ok", record["error"]
+        assert measured["at_peak"]["parameters"] == predicted["weights"]
+        assert measured["terms"]["gradients"] == predicted["gradients"]
+        assert measured["at_peak"]["optimizer_states"] == predicted["optimizer_states"]
+        assert measured["terms"]["activations"] == predicted["activations"]
+    fp32, bf16 = (records[p]["predicted"] for p in ("fp32", "pure-bf16"))
+    assert 2 * bf16["weights"] == fp32["weights"] and 2 * bf16["gradients"] == fp32["gradients"]
 
 
 def test_records_written_under_earlier_names_read_as_today(tmp_path):

@@ -105,7 +105,7 @@ def test_dry_run_lists_jobs_and_what_is_done(tmp_path):
     (["--grid", "colour=red"], "unknown job setting 'colour'"),
     (["--set", "model=gpt2-huge"], "unknown model 'gpt2-huge'"),
     (["--set", "seq_len=4096"], "longer than gpt2's 1024 positions"),
-    (["--set", "precision=bf16"], "runs precision fp32 or amp"),
+    (["--set", "precision=bf16"], "runs precision fp32, amp"),
     (["missing.toml"], "no sweep spec at missing.toml"),
 ])
 def test_sweep_mistakes_are_one_line_exit_2(tmp_path, args, message):

@@ -66,7 +66,8 @@ def measure_group() -> None:
 @step_options
 @click.option("--steps", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--lr", type=float, default=1e-4, show_default=True)
-@precision_option("fp32", runs="A measured job runs fp32 and amp (autocast in --amp-dtype).")
+@precision_option("fp32", runs="A measured job runs fp32, amp (autocast in --amp-dtype) and pure-bf16 "
+                                "(a bf16 model): a plain torch loop keeps no fp32 master copy.")
 @click.option("--amp-dtype", type=click.Choice(["bf16", "fp16"]), default="bf16", show_default=True,
               help="Autocast's 16-bit type under --precision amp; fp16 adds a grad scaler (planned "
                    "as amp too: its few scalars move no byte term).")

@@ -12,6 +12,7 @@ those a plain torch loop realises:
 |-----------|--------------------------------------------------------------|
 | fp32      | fp32 weights, grads, AdamW states, compute                   |
 | amp       | fp32 storage, torch.autocast compute: bf16 (`amp_dtype`), or fp16 with a GradScaler |
+| pure-bf16 | the model (adapters included) cast to bf16: bf16 grads and AdamW states |
 
 The GradScaler keeps one scale value and a few flags, far below a byte term worth planning, so
 fp16 with a scaler is predicted as `amp` too.
@@ -38,10 +39,11 @@ from ..spec import ModelSpec, TrainSetup, default_seq_len
 from .records import append_record
 
 HARNESS_METHODS = ("full", "lora")  # what a measured job trains (the planner also plans qlora)
-# The planner's precisions a plain torch loop runs: fp32, and autocast over fp32 weights (`amp`),
-# in bf16 or in fp16 with a grad scaler (`amp_dtype`). `mixed` and `bf16` keep 16-bit weights
-# beside an fp32 master copy or fp32 states, which torch's AdamW does not.
-JOB_PRECISIONS = ("fp32", "amp")
+# The planner's precisions a plain torch loop runs: fp32; autocast over fp32 weights (`amp`), in
+# bf16 or in fp16 with a grad scaler (`amp_dtype`); and a bf16 model (`pure-bf16`), whose AdamW
+# states torch keeps in bf16 too. `mixed` and `bf16` keep 16-bit weights beside an fp32 master copy
+# or fp32 states, which torch's AdamW does not.
+JOB_PRECISIONS = ("fp32", "amp", "pure-bf16")
 AMP_DTYPES = ("bf16", "fp16")
 ATTENTIONS = ("eager", "sdpa")
 DEVICES = ("cpu", "cuda")
@@ -167,8 +169,8 @@ class Job:
             # bf16 and fp16 named autocast here once; in the plan bf16 keeps 16-bit weights
             legacy = LEGACY_PRECISIONS.get(s.precision)
             hint = f"; {s.precision} autocast is precision amp with amp_dtype {legacy[1]}" if legacy else ""
-            raise PlanError(f"a measured job runs precision fp32 or amp (autocast over fp32 weights, in "
-                            f"bf16 or fp16 by amp_dtype, --amp-dtype), not {s.precision!r}{hint}")
+            raise PlanError(f"a measured job runs precision fp32, amp (autocast over fp32 weights, in bf16 "
+                            f"or fp16 by amp_dtype, --amp-dtype) or pure-bf16, not {s.precision!r}{hint}")
         if r.amp_dtype not in AMP_DTYPES:
             raise PlanError(f"amp_dtype must be one of {', '.join(AMP_DTYPES)}, got {r.amp_dtype!r}")
         if s.attention not in ATTENTIONS:
@@ -433,6 +435,8 @@ def _train(job: Job, spec: ModelSpec, reader, nvml, save_adapter: str | None, fa
         model = model.to(device)
         if setup.method == "lora":
             lora.inject(model, setup.targets, setup.rank, run.alpha, setup.lora_dropout, run.rslora)
+        if setup.precision == "pure-bf16":  # every tensor bf16, the adapters too; AdamW's states follow
+            model = model.to(torch.bfloat16)
         if setup.grad_checkpointing:
             enable_checkpointing(model)
         model.train()
