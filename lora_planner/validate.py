@@ -20,7 +20,7 @@ def _shown(value: object) -> str:
 
 
 def _fmt(x: float) -> str:
-    return f"{x:,}" if float(x).is_integer() and abs(x) < 1e16 else f"{x:g}"
+    return f"{int(x):,}" if float(x).is_integer() and abs(x) < 1e16 else f"{x:g}"
 
 
 def _range(lo: float | None, hi: float | None, lo_open: bool = False, hi_open: bool = False) -> str:

@@ -14,6 +14,7 @@ import click
 
 from ..errors import PlanError
 from .common import UserError, need_measure_extra, split_values
+from .option_types import FiniteFloat
 from .step_options import dropout_option, lora_dropout_option, precision_option, step_options
 
 
@@ -167,7 +168,7 @@ def run_summary(record: dict, output: str | None = None) -> str:
 @click.option("--dry-run", is_flag=True,
               help="Plan and list the jobs as JSON lines (id, done, predicted peak, settings); run none.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
+@click.option("--timeout", type=FiniteFloat(0, None, lo_open=True), metavar="SECONDS",
               help="Kill a job that runs longer and record it as `timeout`.")
 @click.option("--devices", metavar="I[,I]",
               help="GPUs to run on, one job per GPU at a time (CUDA_VISIBLE_DEVICES set per job): "

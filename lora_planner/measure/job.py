@@ -36,6 +36,7 @@ from pathlib import Path
 from ..errors import PlanError
 from ..record_schema import ENV_KEYS, make_record, settings_id
 from ..spec import ModelSpec, TrainSetup, default_seq_len
+from ..validate import real_number, whole_number
 from .records import append_record
 
 HARNESS_METHODS = ("full", "lora")  # what a measured job trains (the planner also plans qlora)
@@ -194,6 +195,10 @@ class Job:
             if value is not None and (not isinstance(value, int | float) or isinstance(value, bool)
                                       or not 0 <= value < 1):
                 raise PlanError(f"{name} must be a probability in [0, 1), got {value!r}")
+        # a NaN or an infinity would train into NaN: checked here, so --set and spec files are too
+        real_number("alpha", r.alpha, -1e6, 1e6)
+        real_number("lr", r.lr, 0, 1e6, lo_open=True)
+        whole_number("seed", r.seed, 0, 2**32 - 1)  # numpy's and torch's seeds both take it
         if s.loss != "chunked":  # the chunk count means nothing to another loss
             s = s.with_(loss_chunks=JOB_SETUP.loss_chunks)
         if s.precision != "amp":  # the 16-bit type means nothing without autocast
