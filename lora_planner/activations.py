@@ -212,11 +212,13 @@ class Graph:
         return out
 
     def rms_norm(self, x: Tensor, path: str, dim: int, offset_weight: bool = False,
-                 recompute_alive: tuple[Tensor, ...] | None = None) -> Tensor:
+                 recompute_alive: tuple[Tensor, ...] | None = None, fp32_product: bool = False) -> Tensor:
         """RMSNorm: h = x.float(); h * rsqrt(mean(h^2) + eps); times the weight, cast back.
 
         pow keeps h, rsqrt keeps its (rows,) output; the weight product keeps the normalised tensor only
-        when the weight trains. Gemma-2's form multiplies by (1 + weight) in fp32 before the cast.
+        when the weight trains. Gemma-2's form multiplies by (1 + weight) in fp32 before the cast;
+        OLMo 2's (`fp32_product`) by the weight itself in fp32 before the cast (the product keeps the
+        parameter, no new tensor).
         `recompute_alive`: what a recomputed layer holds beside the norm, whose (1 + weight) is the
         layer's last save (Gemma-2's post-feedforward norm): the recompute reaches the moment before
         the product, the input, its fp32 copy and the normalised tensor alive (fuzz seed 25688).
@@ -227,10 +229,10 @@ class Graph:
             self.save(h, self.new(x.numel // dim, FP32, False))
         self.norm_copy = h.nbytes if h.grad and h is not x else 0
         normed = self.new(h.numel, FP32, h.grad)
-        if offset_weight:
+        if offset_weight or fp32_product:
             if trains:
                 self.save(normed)
-            if h.grad:
+            if h.grad and offset_weight:
                 self.save(self.new(dim, FP32, False))  # (1 + weight) in fp32
             if recompute_alive is not None:
                 self.peak_at(self.unsaved(x, h, normed, *recompute_alive))
@@ -721,7 +723,8 @@ class Graph:
         cast = (probs + full) * origin if origin != FP32 else 0
         self.moment(*live, dropped, extra=mask + full * FP32 + cast)
 
-    def rope(self, x: Tensor, cos: Tensor, sin: Tensor, alive: tuple[Tensor, ...] = ()) -> Tensor:
+    def rope(self, x: Tensor, cos: Tensor, sin: Tensor, alive: tuple[Tensor, ...] = (),
+             cast_back: bool = False) -> Tensor:
         """x * cos + rotate_half(x) * sin: the products keep cos and sin (shared by all layers).
 
         A forward moment at the second product: x * cos, rotate_half(x) and its product with sin
@@ -729,12 +732,18 @@ class Graph:
         (its projections; x itself among them unless it is a slice of a fused output). A recompute
         reaches the same moment: under autocast x is 16-bit and cos fp32, so the three fp32 products
         are six times a 16-bit q and can set a checkpointed step's peak (fuzz seed 9241).
+        `cast_back`: the sum is cast back to x's dtype (OLMo 2's fp32 cos and sin), a copy when wider.
         """
         if x.grad:
             self.save(cos, sin)
         out = self.new(x.numel, max(x.itemsize, cos.itemsize), x.grad)
         self.moment(*alive, extra=3 * out.nbytes)
         self.peak_at(self.unsaved(*self.args, *alive) + 3 * out.nbytes)
+        if cast_back and out.itemsize != x.itemsize:
+            back = self.cast(out, x.itemsize)
+            self.moment(*alive, out, back)
+            self.peak_at(self.unsaved(*self.args, *alive, out, back))
+            return back
         return out
 
 
@@ -888,7 +897,10 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
                                                      f"{p}.mlp.c_proj" in g.wrapped and m is out)
         return g.add(x, m)
     gemma = spec.family == "gemma2"
-    h = g.rms_norm(x, f"{p}.input_layernorm", H, gemma)
+    # OLMo 2 normalises only each block's output: attention and the MLP read the residual stream
+    post_only = spec.norm_placement == "post"
+    post_norms = spec.norm_placement in ("sandwich", "post")
+    h = x if post_only else g.rms_norm(x, f"{p}.input_layernorm", H, gemma)
     g.hold(h)  # the attention's input, until it returns
     g.args, g.attn_weights = (h,), None  # the attention's input, bound by the decoder layer
     if spec.family == "phi3":
@@ -911,16 +923,20 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
     # the module holds its projections while rope runs (Phi-3's q and k are slices of `v`'s output)
     sliced = spec.family == "phi3"
     # rope's caller still binds the projected q while k is rotated
-    q_projected, q = q, g.rope(q, *rot, alive=(v,) if sliced else (q, k, v))
-    k = g.rope(k, *rot, alive=(q, v) if sliced else (q_projected, q, k, v))
+    back = fp32_rotary(spec)
+    q_projected, q = q, g.rope(q, *rot, alive=(v,) if sliced else (q, k, v), cast_back=back)
+    k = g.rope(k, *rot, alive=(q, v) if sliced else (q_projected, q, k, v), cast_back=back)
     g.args = attention_locals(h, q, k, v)
     masked = (g.cond.attention == "sdpa" and spec.sliding_layer(i)
               and g.cond.seq_len >= (spec.sliding_window or 0))
     a = g.attention(q, k, v, nh, nkv, hd, g.rates[0], softcap=gemma and spec.attn_softcap,
                     contiguous_q=spec.family == "phi3", fused=v if spec.family == "phi3" else None,
                     masked=masked)
-    dense = spec.family in ("llama", "mistral", "qwen2", "qwen3")
-    if dense:
+    # the attention modules of Llama's form (OLMo 2's too); the MLP of Llama's form is the layer's
+    # last op only with the norms before the blocks (`dense`)
+    llama_attention = spec.family in ("llama", "mistral", "qwen2", "qwen3", "olmo2")
+    dense = llama_attention and not post_norms
+    if llama_attention:
         # the attention module keeps q, k, v (and eager's weights) and the layer its normed input until
         # the module returns: through the kernel's end and o_proj, what a recomputed layer reaches again
         g.args = tuple(t for t in (h, q, k, v, g.attn_weights) if t is not None)
@@ -928,7 +944,7 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
     elif g.attn_weights is not None:  # bound by the attention module until it returns
         g.args += (g.attn_weights,)
     # the layer binds the returned weights to `_`: they stay alive until the layer returns
-    weights = (g.attn_weights,) if dense and g.attn_weights else ()
+    weights = (g.attn_weights,) if llama_attention and g.attn_weights else ()
     if g.attn_weights is not None:
         g.hold(g.attn_weights)  # (Phi-3's as `self_attn_weights`), through the MLP in the forward too
     # the attention module's locals (`attention_locals`) are bound through o_proj in the forward too
@@ -939,20 +955,20 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
         g.out_input_backward[f"layer {i}"] = lora_input_gradient_sum(a.nbytes)
     g.peak_at(g.unsaved(a, o, *g.args))
     a = o
-    if dense:
+    if llama_attention:
         g.args = ()
     if spec.family == "phi3":
         a = g.dropout_op(a, g.rates[1])  # resid_attn_dropout
-    if gemma:
-        a = g.rms_norm(a, f"{p}.post_attention_layernorm", H, True)
+    if post_norms:
+        a = g.rms_norm(a, f"{p}.post_attention_layernorm", H, gemma, fp32_product=post_only)
     x = g.add(x, a)
     g.release(h)
     g.hold(x)  # the residual, until the layer returns
     g.attn_tail_end()
     g.section += " mlp"
-    h = g.rms_norm(x, f"{p}.pre_feedforward_layernorm" if gemma else f"{p}.post_attention_layernorm",
-                   H, gemma)
-    if x.grad:
+    h = x if post_only else g.rms_norm(
+        x, f"{p}.pre_feedforward_layernorm" if gemma else f"{p}.post_attention_layernorm", H, gemma)
+    if x.grad and not post_only:
         norm = f"{p}.pre_feedforward_layernorm" if gemma else f"{p}.post_attention_layernorm"
         g.mlp_norm_backward[f"layer {i}"] = pre_mlp_norm_backward(
             g.cond.tokens, H, g.norm_copy, gemma and norm in g.trainable)
@@ -1009,41 +1025,56 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
         else:
             g.peak_at(g.unsaved(h, act, m, *g.args), after_saves=True)
     block_out = m
-    if gemma:
+    if post_norms:
         g.release(h)  # the MLP's normed input, gone once the MLP returns
-        m = g.rms_norm(m, f"{p}.post_feedforward_layernorm", H, True,
-                       recompute_alive=tuple(a for a in g.args if a.key != h.key))
+        m = g.rms_norm(m, f"{p}.post_feedforward_layernorm", H, gemma,
+                       recompute_alive=tuple(a for a in g.args if a.key != h.key), fp32_product=post_only)
         # the block's output is bound until the norm returns; the MLP's normed input is gone by then
         g.peak_at(g.unsaved(block_out, *(a for a in g.args if a.key != h.key)))
     if not spec.num_experts:  # the expert block records its own tail (`_moe`)
         g.tail_end()
     g.args, g.attn_weights = (), None
     layer = g.section.removesuffix(" mlp")
-    if m.itemsize < x.itemsize and not gemma and not dense:
+    if m.itemsize < x.itemsize and not post_norms and not dense:
         # autocast: the add's backward casts the fp32 residual gradient to the block's 16-bit output;
         # that copy waits through the recompute its first saved tensor sets off
         g.pending[layer] = g.pending.get(layer, 0) + m.nbytes
-    if (f"{p}.mlp.down_proj" in g.wrapped and not gemma and not spec.num_experts and not dense
+    if (f"{p}.mlp.down_proj" in g.wrapped and not post_norms and not spec.num_experts and not dense
             and (spec.family != "phi3" or g.rates[1] <= 0)):
         # LoRA on the output projection: the scale's backward needs no saved tensor, so the scaled
         # branch's gradient is made before lora_B's backward sets off the recompute
         g.pending[layer] = g.pending.get(layer, 0) + block_out.nbytes
-    if gemma and block_out.itemsize < FP32:
-        # Gemma-2's post-feedforward norm returns `type_as` its 16-bit input: the backward of that cast
-        # makes a fp32 gradient, which waits for the norm's saved tensors (the recompute)
+    if post_norms and block_out.itemsize < FP32:
+        # Gemma-2's post-feedforward norm returns `type_as` its 16-bit input (OLMo 2's `.to` it): the
+        # backward of that cast makes a fp32 gradient, which waits for the norm's saved tensors (the
+        # recompute)
         g.pending[layer] = g.pending.get(layer, 0) + block_out.numel * FP32
     return g.add(x, m)
 
 
 def qk_norm(g: Graph, spec: ModelSpec, x: Tensor, path: str, heads: int) -> Tensor:
     """The projected query or key through the attention's RMSNorm, where the family has one
-    (`ModelSpec.qk_norm`): Qwen3's over each head's head_dim values, in Llama's form
-    (`Graph.rms_norm`); the projection's output is freed once normed unless an op saved it.
-    Source: transformers 5 `Qwen3Attention.forward`."""
+    (`ModelSpec.qk_norm`): Qwen3's over each head's head_dim values, in Llama's form, OLMo 2's over
+    the whole projection (a row of heads x head_dim), in its own (`fp32_norm_product`); the
+    projection's output is freed once normed unless an op saved it. Source: transformers 5
+    `Qwen3Attention.forward`, `Olmo2Attention.forward`."""
     if spec.qk_norm is None:
         return x
     dim = spec.head_dim if spec.qk_norm == "head" else heads * spec.head_dim
-    return g.rms_norm(x, path, dim)
+    return g.rms_norm(x, path, dim, fp32_product=fp32_norm_product(spec))
+
+
+def fp32_rotary(spec: ModelSpec) -> bool:
+    """Whether the rotary embedding hands the layers fp32 cos and sin and rotates q and k in fp32,
+    casting the results back to their dtype (OLMo 2), rather than cos and sin in the hidden states'
+    dtype (Llama). Source: transformers 5 `Olmo2RotaryEmbedding`, olmo2's `apply_rotary_pos_emb`."""
+    return spec.family == "olmo2"
+
+
+def fp32_norm_product(spec: ModelSpec) -> bool:
+    """Whether the family's RMSNorm multiplies by its weight in fp32 and then casts back (OLMo 2's
+    `(self.weight * hidden_states).to(input_dtype)`), rather than casting back first (Llama's)."""
+    return spec.family == "olmo2"
 
 
 def eager_output_transient(g: Graph, k: Tensor, kv_heads: int, heads: int, full: int, out: int) -> int:
@@ -1842,7 +1873,8 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
             # the product keeps a scalar, and the unscaled lookup is freed as the module returns
             x = g.new(t * H, wb, x.grad)
         half = cond.seq_len * spec.head_dim
-        rot = (g.new(half, wb, False), g.new(half, wb, False))
+        rb = FP32 if fp32_rotary(spec) else wb
+        rot = (g.new(half, rb, False), g.new(half, rb, False))
     layers, mlps, inputs, overlap = [], [], [], []
     input_grads: list[bool] = []
     if spec.family != "gpt2":
@@ -1874,7 +1906,7 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
     if spec.family == "gpt2":
         h = g.layer_norm(x, norm, H)
     else:
-        h = g.rms_norm(x, norm, H, spec.family == "gemma2")
+        h = g.rms_norm(x, norm, H, spec.family == "gemma2", fp32_product=fp32_norm_product(spec))
     final_norm = g.saved_bytes("head")
     # the decoder model returns after its final norm: what its forward held (the embedding output,
     # position ids, rotary cos and sin, attention masks) is freed before the head, unless saved
@@ -1937,7 +1969,8 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
         recompute_peaks=tuple(g.recompute_peak(f"layer {i}") for i in range(spec.num_layers)),
         recompute_pending=tuple(g.pending.get(f"layer {i}", 0) for i in range(spec.num_layers)),
         post_norm_transient=rms_norm_backward(cond.tokens, H, any(
-            p.endswith("post_feedforward_layernorm") for p in trainable)) if spec.family == "gemma2" else 0,
+            p.endswith("post_feedforward_layernorm") for p in trainable))
+        if spec.norm_placement != "pre" else 0,
         args_freed=checkpoint_masks_freed(spec, cond) if cond.grad_checkpointing else (),
         expert_up_backward=tuple(g.up_backward.get(f"layer {i}", (0, 0)) for i in range(spec.num_layers))
         if g.up_backward else (),
@@ -1956,7 +1989,8 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
         norm_backward=(rms_norm_backward(cond.tokens, H)
                        if spec.family != "gpt2" and (x.grad or norm in trainable) else 0),
         forward_live=0 if cond.grad_checkpointing else g.forward_live,
-        final_norm_freed=trained_norm_product_bytes(x.numel, x.itemsize, spec.family == "gemma2")
+        final_norm_freed=trained_norm_product_bytes(x.numel, x.itemsize,
+                                                    spec.family == "gemma2" or fp32_norm_product(spec))
         if spec.family != "gpt2" and norm in trainable else 0,
         input_leaf=t * H * wb if input_grad and not trainable & {"model.embed_tokens", "transformer.wte",
                                                                  "transformer.wpe"} else 0,

@@ -203,15 +203,14 @@ def _decoder_layers(spec: ModelSpec) -> list[Module]:
         p = f"model.layers.{i}"
         modules += _attention(spec, p)
         modules += _mlp(spec, p)
-        modules += [
-            _norm(f"{p}.input_layernorm", h, bias=False),
-            _norm(f"{p}.post_attention_layernorm", h, bias=False),
-        ]
-        if spec.family == "gemma2":  # Gemma-2 normalises around the MLP too
-            modules += [
-                _norm(f"{p}.pre_feedforward_layernorm", h, bias=False),
-                _norm(f"{p}.post_feedforward_layernorm", h, bias=False),
-            ]
+        if spec.norm_placement != "post":  # OLMo 2 has no norm before attention
+            modules.append(_norm(f"{p}.input_layernorm", h, bias=False))
+        # before the MLP (Llama), after attention (Gemma-2, OLMo 2): the same name
+        modules.append(_norm(f"{p}.post_attention_layernorm", h, bias=False))
+        if spec.norm_placement == "sandwich":  # Gemma-2 normalises around the MLP too
+            modules.append(_norm(f"{p}.pre_feedforward_layernorm", h, bias=False))
+        if spec.norm_placement in ("sandwich", "post"):
+            modules.append(_norm(f"{p}.post_feedforward_layernorm", h, bias=False))
     modules.append(_norm("model.norm", h, bias=False))
     return modules
 

@@ -104,6 +104,8 @@ CATALOG: tuple[ModelSpec, ...] = (
     _decoder("qwen3-235b-a22b", "qwen3_moe", vocab=151936, hidden=4096, layers=94, heads=64,
              kv_heads=4, inner=1536, tied=False, positions=40960, head_dim=128, experts=128,
              experts_per_token=8, source="Qwen/Qwen3-235B-A22B"),
+    _decoder("olmo-2-7b", "olmo2", vocab=100352, hidden=4096, layers=32, heads=32, kv_heads=32,
+             inner=11008, tied=False, positions=4096, source="allenai/OLMo-2-1124-7B"),
 )
 
 _BY_NAME = {alias: spec for spec in CATALOG for alias in (spec.name, *spec.aliases)}

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 # resid_pdrop and embd_pdrop are 0.1; every other family defaults to 0).
 FAMILY_DROPOUT = {"gpt2": 0.1}
 
-FAMILIES = ("gpt2", "llama", "mistral", "mixtral", "qwen2", "gemma2", "phi3", "qwen3", "qwen3_moe")
+FAMILIES = ("gpt2", "llama", "mistral", "mixtral", "qwen2", "gemma2", "phi3", "qwen3", "qwen3_moe", "olmo2")
 # Families whose MLP is a sparse block of fused experts (3-D parameters) and a router, in every layer
 MOE_FAMILIES = ("mixtral", "qwen3_moe")
 
@@ -33,13 +33,20 @@ MODEL_TYPE_TO_FAMILY = {
     "phi3": "phi3",
     "qwen3": "qwen3",
     "qwen3_moe": "qwen3_moe",
+    "olmo2": "olmo2",
 }
 
 # RMSNorm on the projected queries and keys before rope, as each family's attention module has it:
 # "head" normalises each head's head_dim values (Qwen3, a weight of head_dim), "full" the whole
 # projection (OLMo 2, a weight of heads x head_dim); None: no such norm.
 QK_NORMS = ("head", "full")
-FAMILY_QK_NORM = {"qwen3": "head", "qwen3_moe": "head"}
+FAMILY_QK_NORM = {"qwen3": "head", "qwen3_moe": "head", "olmo2": "full"}
+
+# Where a decoder layer's RMSNorms sit: "pre" before attention and before the MLP (Llama's
+# input_layernorm and post_attention_layernorm), "sandwich" before and after each (Gemma-2), "post"
+# after each block's output only (OLMo 2's post_attention_layernorm and post_feedforward_layernorm).
+NORM_PLACEMENTS = ("pre", "sandwich", "post")
+FAMILY_NORM_PLACEMENT = {"gemma2": "sandwich", "olmo2": "post"}
 
 # Families whose sliding window is Qwen2's: only with `use_sliding_window`, and only on the layers
 # from `max_window_layers` on
@@ -104,6 +111,9 @@ class ModelSpec:
     # a sparse block's top-k routing weights divided by their sum (Mixtral always; Qwen3-MoE's
     # `norm_topk_prob`)
     norm_topk: bool = True
+    # where the layer's norms sit (`NORM_PLACEMENTS`); None: the family's (`FAMILY_NORM_PLACEMENT`,
+    # else "pre"), the only placement transformers builds for it
+    norm_placement: str | None = None
 
     def sliding_layer(self, i: int) -> bool:
         """Whether decoder layer `i` attends through a sliding window (transformers 5's `layer_types`:
@@ -135,6 +145,12 @@ class ModelSpec:
             raise PlanError(f"model {self.name!r}: a {self.family} model has "
                             f"{f'{qk_norm!r} q/k norms' if qk_norm else 'no q/k norms'}, "
                             f"not {self.qk_norm!r}")
+        placement = FAMILY_NORM_PLACEMENT.get(self.family, "pre")
+        if self.norm_placement is None:
+            object.__setattr__(self, "norm_placement", placement)
+        elif self.norm_placement != placement:
+            raise PlanError(f"model {self.name!r}: a {self.family} model's norms are {placement!r}, "
+                            f"not {self.norm_placement!r}")
         for name, (lo, hi) in SHAPE_LIMITS.items():
             value = getattr(self, name)
             if name == "num_experts" and self.family in MOE_FAMILIES:
@@ -398,11 +414,12 @@ def spec_from_hf_config(config: dict, name: str = "custom", source: str = "") ->
                            if family == "qwen3_moe"
                            else _whole(config, "intermediate_size", "intermediate_size")),
         tied_embeddings=_flag(config, "tie_word_embeddings", family == "gemma2"),
-        max_positions=_whole(config, "max_positions", "max_position_embeddings", default=4096),
+        max_positions=_whole(config, "max_positions", "max_position_embeddings",
+                             default=MAX_POSITIONS_DEFAULT.get(family, 4096)),
         qkv_bias=family == "qwen2" or attention_bias,
         out_bias=family != "qwen2" and attention_bias,
-        # Qwen3's MLP and experts have no bias whatever the config says
-        mlp_bias=family not in ("qwen3", "qwen3_moe") and _flag(config, "mlp_bias", False),
+        # Qwen3's and OLMo 2's MLPs and experts have no bias whatever the config says
+        mlp_bias=family not in ("qwen3", "qwen3_moe", "olmo2") and _flag(config, "mlp_bias", False),
         num_experts=experts,
         experts_per_token=top_k,
         norm_topk=family != "qwen3_moe" or _flag(config, "norm_topk_prob", False),
@@ -423,6 +440,8 @@ def spec_from_hf_config(config: dict, name: str = "custom", source: str = "") ->
 # `use_sliding_window`)
 SLIDING_WINDOW_DEFAULT = {"mistral": 4096, "gemma2": 4096, "qwen2": 4096, "qwen3": 4096,
                           "qwen3_moe": 4096}
+# The config classes' `max_position_embeddings` when a config.json leaves it out, where not 4,096
+MAX_POSITIONS_DEFAULT = {"olmo2": 2048}
 # The config classes' (experts, experts per token) when a config.json leaves them out
 MOE_DEFAULTS = {"mixtral": (8, 2), "qwen3_moe": (128, 8)}
 
@@ -446,7 +465,7 @@ HEAD_DIM_DEFAULT = {"qwen3": 128}
 
 
 def _sliding_window(config: dict, family: str) -> int | None:
-    if family in ("llama", "gpt2") or (family in (*QWEN_WINDOWS, "qwen3_moe")
+    if family in ("llama", "gpt2", "olmo2") or (family in (*QWEN_WINDOWS, "qwen3_moe")
                                          and not _flag(config, "use_sliding_window", False)):
         return None
     if "sliding_window" in config and config["sliding_window"] is None:
@@ -479,7 +498,7 @@ def to_hf_config(spec: ModelSpec) -> dict:
         # Token ids are irrelevant to shapes; None keeps small test vocabularies valid.
         "pad_token_id": None, "bos_token_id": None, "eos_token_id": None,
     }
-    if spec.family in ("llama", "gemma2", "qwen3", "qwen3_moe"):
+    if spec.family in ("llama", "gemma2", "qwen3", "qwen3_moe", "olmo2"):
         config["attention_bias"] = spec.out_bias
         config["mlp_bias"] = spec.mlp_bias
     if spec.attn_dropout is not None:

@@ -21,7 +21,8 @@ def _activations(data: dict) -> int:
 
 def test_dropout_rates_default_as_transformers_config_classes_do():
     transformers = pytest.importorskip("transformers")
-    for family in ("gpt2", "llama", "mistral", "qwen2", "gemma2", "phi3", "mixtral", "qwen3", "qwen3_moe"):
+    for family in ("gpt2", "llama", "mistral", "qwen2", "gemma2", "phi3", "mixtral", "qwen3", "qwen3_moe",
+                   "olmo2"):
         config = transformers.CONFIG_MAPPING[family]()
         attn, resid, embd = spec_from_hf_config({**config.to_dict(), "pad_token_id": None}).dropout_rates
         if family == "gpt2":

@@ -95,7 +95,7 @@ def random_config(rng: random.Random, family: str) -> dict:
         config["head_dim"] = head_dim
     if rng.random() < 0.3:
         config["attention_dropout"] = rng.choice((0.0, 0.1))
-    if family in ("llama", "qwen3", "qwen3_moe"):
+    if family in ("llama", "qwen3", "qwen3_moe", "olmo2"):
         config["attention_bias"] = rng.random() < 0.3
     if family == "llama":
         config["mlp_bias"] = rng.random() < 0.3
