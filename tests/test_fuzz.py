@@ -315,15 +315,17 @@ def test_chunked_loss_frees_gemma2_soft_cap_outputs_with_each_chunks_head():
 
 @pytest.mark.parametrize("seed", range(0, 300, 7))
 def test_sliding_layers_match_transformers_layer_types(seed):
-    """The spec's sliding-window layers are those transformers' config marks `sliding_attention`."""
+    """The spec's sliding-window layers are those transformers' config marks `sliding_attention`; a
+    config class without `layer_types` (Qwen3-MoE's) hands its `sliding_window` to every layer."""
     from transformers import AutoConfig
 
     family = FAMILIES[seed % len(FAMILIES)]
     config = random_config(random.Random(seed), family)
     spec = spec_from_hf_config(config)
     built = AutoConfig.for_model(**config)
-    types = getattr(built, "layer_types", None) or ["full_attention"] * spec.num_layers
     window = getattr(built, "sliding_window", None)
+    types = getattr(built, "layer_types", None) or (
+        ["sliding_attention" if window is not None else "full_attention"] * spec.num_layers)
     assert [spec.sliding_layer(i) for i in range(spec.num_layers)] == \
         [t == "sliding_attention" and window is not None for t in types]
     if any(spec.sliding_layer(i) for i in range(spec.num_layers)):
