@@ -203,6 +203,10 @@ def advise(plan: Plan, model: ModelSpec | DenseSize, setups: tuple[TrainSetup, .
     if all(p.fits for p in plan.plans):
         return plan
     plan_one = _planner(model, gpu)
+    # a change can land on a setup already planned (LoRA's `--method qlora` is the plan's own QLoRA
+    # column): its verdict and GPUs are read off that plan, not planned again (a method's plan is
+    # the same alone or beside others; only `compute` differs, which advice does not read)
+    plan_one.seen.update(zip(setups, plan.plans, strict=True))  # type: ignore[attr-defined]
     checkpointed: tuple[MethodPlan, ...] = ()
     if isinstance(model, ModelSpec) and not any(s.grad_checkpointing for s in setups):
         on = tuple(s.with_(grad_checkpointing=True) for s in setups)

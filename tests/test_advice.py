@@ -160,3 +160,19 @@ def test_explain_says_why_fsdp_needs_more_gpus_than_zero3():
         peak = plan_json("--model", "70b", "--method", "full", "--num-gpus", str(n), "--sharding",
                          strategy)["plans"][0]["memory_bytes"]["peak"]
         assert abs(peak - (whole + sharded / n)) < 2e-4 * peak  # shares round up, tensor by tensor
+
+
+def test_a_methods_plan_is_the_same_alone_or_beside_others():
+    """Advice reads a changed setup's verdict off the plan's own column when the change lands on it
+    (LoRA's `--method qlora`): that is sound because planning a method beside others changes
+    nothing of its plan."""
+    from lora_planner.catalog import get_model
+    from lora_planner.gpus import get_gpu
+    from lora_planner.plan import make_plan
+    from lora_planner.spec import TrainSetup
+
+    spec, gpu = get_model("llama-3.1-8b"), get_gpu("l4")
+    setups = tuple(TrainSetup(method=m, rank=8, batch_size=4, grad_checkpointing=g)
+                   for m in ("full", "lora", "qlora") for g in (False, True))
+    together = make_plan(spec, setups, gpu).plans
+    assert together == tuple(make_plan(spec, (s,), gpu).plans[0] for s in setups)
