@@ -457,7 +457,9 @@ def _all_layers_sparse(config: dict) -> None:
     if step is not None and whole_number("config.json decoder_sparse_step", step, 1, 10**6) != 1:
         raise PlanError("config.json decoder_sparse_step other than 1 makes some Qwen3-MoE layers dense; "
                         "a mix of dense and sparse layers is not planned")
-    if only is not None and (not isinstance(only, list) or only):
+    if only is not None and not isinstance(only, list):
+        raise PlanError("config.json mlp_only_layers must be a list of layer indices")
+    if only:
         raise PlanError("config.json mlp_only_layers makes some Qwen3-MoE layers dense; a mix of dense "
                         "and sparse layers is not planned (it must be empty)")
 # The config classes' `head_dim` when a config.json leaves it out, where it is not hidden / heads
