@@ -372,8 +372,15 @@ def oversized_rank_note(spec: ModelSpec, setup: TrainSetup) -> str | None:
 def lora_trainable(spec: ModelSpec, setup: TrainSetup) -> Trainable:
     """What a LoRA (or QLoRA) setup trains: adapters, trainable biases, modules_to_save copies.
     QLoRA trains what LoRA trains (only the frozen base is stored otherwise), so both share one
-    answer."""
-    return _lora_trainable(spec, setup if setup.method == "lora" else setup.with_(method="lora"))
+    answer; so do setups that differ only in how the step runs or is placed (`_STEP_ONLY`), which
+    advice and --fit plan again and again."""
+    return _lora_trainable(spec, setup.with_(method="lora", **_STEP_ONLY))
+
+
+# TrainSetup fields that cannot change what trains, at their defaults: the cache key leaves them out
+_STEP_ONLY = {f: getattr(TrainSetup(), f) for f in (
+    "grad_checkpointing", "activation_offload", "optimizer", "optimizer_impl", "batch_size", "seq_len",
+    "num_gpus", "sharding", "offload")}
 
 
 @functools.lru_cache(maxsize=64)  # a plan asks again for each strategy and the FLOPs; the answer is frozen

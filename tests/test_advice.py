@@ -176,3 +176,22 @@ def test_a_methods_plan_is_the_same_alone_or_beside_others():
                    for m in ("full", "lora", "qlora") for g in (False, True))
     together = make_plan(spec, setups, gpu).plans
     assert together == tuple(make_plan(spec, (s,), gpu).plans[0] for s in setups)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("grad_checkpointing", True), ("activation_offload", True), ("optimizer", "adamw-8bit"),
+    ("optimizer_impl", "fused"), ("batch_size", 7), ("seq_len", 333), ("num_gpus", 4),
+    ("sharding", "zero3"), ("offload", "optimizer")])
+def test_what_trains_does_not_read_the_step_options(field, value):
+    """Advice and --fit plan setups that differ in how the step runs again and again; what LoRA
+    trains is remembered across them (`counts._STEP_ONLY`), so it must not depend on them: the
+    uncached count with the option changed is the same."""
+    from lora_planner.catalog import get_model
+    from lora_planner.counts import _lora_trainable, lora_trainable
+    from lora_planner.spec import TrainSetup
+
+    spec = get_model("mixtral-8x7b")
+    setup = TrainSetup(method="lora", rank=8, targets=("all-linear",), bias="all",
+                       modules_to_save=("lm_head",))
+    changed = setup.with_(**{field: value})
+    assert _lora_trainable.__wrapped__(spec, changed) == lora_trainable(spec, setup)
