@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import functools
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .errors import PlanError
 from .spec import QWEN_WINDOWS, ModelSpec
@@ -1831,8 +1831,15 @@ class Profile:
 
 def profile(spec: ModelSpec, cond: Conditions, wrapped: dict[str, int], trainable: set[str]) -> Profile:
     """Walk the model's forward once and collect what autograd keeps, by place. A plan asks for the
-    same walk several times (the peak, the FLOPs' input-gradient skips), so each is made once."""
-    return _profile(spec, cond, tuple(sorted(wrapped.items())), frozenset(trainable))
+    same walk several times (the peak, the FLOPs' input-gradient skips), so each is made once.
+
+    Activation offload moves the checkpointed inputs to CPU memory after forward saved them: it
+    changes where they live, not what the forward saves, so its walk is the one without it (advice
+    plans checkpointing with and without offload; a test runs the walk with it to hold this)."""
+    items, paths = tuple(sorted(wrapped.items())), frozenset(trainable)
+    if cond.activation_offload:
+        return replace(_profile(spec, replace(cond, activation_offload=False), items, paths), offloaded=True)
+    return _profile(spec, cond, items, paths)
 
 
 @functools.lru_cache(maxsize=64)

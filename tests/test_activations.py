@@ -91,3 +91,24 @@ def test_bad_step_settings_are_plan_errors():
         _plan("gpt2", method="lora", attention="flash3")
     with pytest.raises(PlanError, match="batch size and sequence length must be positive"):
         _plan("gpt2", method="lora", batch_size=0)
+
+
+@pytest.mark.parametrize("model", ["gpt2", "llama-3.1-8b", "gemma-2-2b", "mixtral-8x7b"])
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_activation_offload_shares_the_walk_without_it(model, method):
+    """`profile` answers activation offload with the walk made without it (offload moves the
+    checkpointed layer inputs to CPU memory; the forward saves the same): the walk itself, run
+    with offload on, gives the same profile."""
+    from lora_planner import activations
+
+    spec = get_model(model)
+    arch = layout(spec, "causal-lm", 2)
+    trainable = {m.path for m in arch.modules} if method == "full" else set()
+    wrapped = {} if method == "full" else {
+        m.path: 8 for m in arch.modules if m.path.endswith(("q_proj", "v_proj", "c_attn"))}
+    cond = Conditions(batch_size=2, seq_len=256, weight_bytes=2, autocast=False, grad_checkpointing=True,
+                      activation_offload=True)
+    walked = activations._profile.__wrapped__(spec, cond, tuple(sorted(wrapped.items())),
+                                              frozenset(trainable))
+    shared = profile(spec, cond, wrapped, trainable)
+    assert walked.offloaded and shared == walked
