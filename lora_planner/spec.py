@@ -343,7 +343,9 @@ def spec_from_hf_config(config: dict, name: str = "custom", source: str = "") ->
 
     Defaults follow each transformers config class: a missing `num_key_value_heads` means multi-head
     attention, a missing `head_dim` means hidden_size / num_heads, a missing GPT-2 `n_inner` means
-    4 * n_embd, a missing Mixtral `num_local_experts` / `num_experts_per_tok` means 8 / 2, and
+    4 * n_embd, a missing Mixtral `num_local_experts` / `num_experts_per_tok` means 8 / 2 (Qwen3-MoE's
+    `num_experts` / `num_experts_per_tok` 128 / 8, its `moe_intermediate_size` 768, `norm_topk_prob`
+    false), a missing Qwen3 `head_dim` means 128, a missing OLMo 2 `max_position_embeddings` 2,048, and
     `tie_word_embeddings` defaults to True only where the class does (GPT-2, Gemma-2). Every value
     read is checked here (type, finiteness, `SHAPE_LIMITS`), each failure one line naming the key.
     """
