@@ -89,3 +89,29 @@ def test_moe_qlora_keeps_fused_experts_at_16_bit(name, whole, quantised_below):
     assert quantised["plans"][0]["memory_bytes"]["weights"] < quantised_below
     notes = " ".join(data["notes"])
     assert "bitsandbytes#1849" in notes
+
+
+# the keys whose default the reader fills in itself, per family (the shapes it always needs)
+READER_DEFAULTS = {"qwen3": ("head_dim", "num_key_value_heads"),
+                   "qwen3_moe": ("num_experts", "num_experts_per_tok", "moe_intermediate_size",
+                                 "norm_topk_prob", "head_dim"),
+                   "olmo2": ("num_key_value_heads", "head_dim", "max_position_embeddings")}
+
+
+@pytest.mark.parametrize("family", sorted(READER_DEFAULTS))
+def test_the_readers_defaults_are_the_config_classes(family):
+    """The defaults the reader fills in (Qwen3's head_dim 128, Qwen3-MoE's experts and their width,
+    OLMo 2's head_dim from hidden / heads) are the config class's: its default config, those keys
+    left out, counts as transformers builds the class's default model (on the meta device)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from lora_planner.counts import total_params
+
+    # a hidden size whose hidden / heads is not Qwen3's head_dim 128, so that default shows
+    built = transformers.CONFIG_MAPPING[family](hidden_size=1024)
+    config = {k: v for k, v in built.to_dict().items() if k not in READER_DEFAULTS[family]}
+    spec = spec_from_hf_config({**config, "pad_token_id": None})
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(built)
+    assert total_params(spec) == sum(p.numel() for p in model.parameters())
+    assert spec.max_positions == built.max_position_embeddings
