@@ -55,6 +55,10 @@ class Conditions:
     loss: str = "standard"  # standard | chunked | fused-linear (see `head_and_loss`)
     loss_chunks: int = 8
     activation_offload: bool = False  # checkpointed layer inputs in CPU memory (see `Profile`)
+    # fp32 LoRA adapters over a 16-bit base (`adapter_dtype`): 4; 0 for adapters in the precision's
+    # dtype. `adapter_autocast`: their matmuls then run under autocast (mixed, bf16), on 16-bit copies
+    adapter_bytes: int = 0
+    adapter_autocast: bool = False
 
     @property
     def tokens(self) -> int:
@@ -351,24 +355,34 @@ class Graph:
         # PEFT casts the adapter's input to lora_A's dtype first: under autocast the adapters are fp32,
         # so a 16-bit input (attention's output, the MLP's product) makes a fp32 copy, and lora_A's
         # autocast a new 16-bit copy of that, which it keeps
-        xd = self.dropout_op(self.cast(x, FP32) if self.cond.autocast else x, self.cond.lora_dropout)
-        xa = self.cast(xd, 2) if self.cond.autocast else xd
+        # fp32 adapters over a 16-bit base (`adapter_dtype`): PEFT's cast of every input to fp32,
+        # their matmuls under autocast (mixed, bf16) or in fp32 (pure-bf16)
+        fp32_adapters = bool(self.cond.adapter_bytes)
+        autocast = self.cond.autocast or self.cond.adapter_autocast
+        xc = self.cast(x, FP32) if self.cond.autocast or fp32_adapters else x
+        xd = self.dropout_op(xc, self.cond.lora_dropout)
+        xa = self.cast(xd, 2) if autocast else xd
         self.save(xa)  # lora_A's weight trains
-        if self.cond.autocast and xd.grad:
+        if autocast and xd.grad:
             self.save(self.new(in_features * rank, 2, False))
         a = self.new(rows * rank, xa.itemsize, True)
         self.save(a)  # lora_B's input
         layer = self.section.removesuffix(" mlp")
-        # base output, lora_B's output and its scaled copy, on top of what the layer saved so far,
-        # its input and the block's when no op saved them. PEFT casts an input of another dtype to
-        # the adapter's (`_cast_input_dtype`) and that copy stays bound until the layer returns;
-        # the 16-bit copy autocast then makes of it is what lora_A saves, not the input itself.
-        recast = x.itemsize != self.cond.weight_bytes
+        # base output, lora_B's output and its scaled copy (in lora_B's dtype), on top of what the
+        # layer saved so far, its input and the block's when no op saved them. PEFT casts an input
+        # of another dtype to the adapter's (`_cast_input_dtype`) and that copy stays bound until
+        # the layer returns; the 16-bit copy autocast then makes of it is what lora_A saves, not
+        # the input itself.
+        # With fp32 adapters every tensor alive here is sized once, those the model's code holds too.
+        if fp32_adapters:
+            alive = self.unsaved(x, xc, xd, *self.args, *self.held.values())
+        else:
+            recast = x.itemsize != self.cond.weight_bytes
+            alive = ((x.numel * self.cond.weight_bytes if recast else 0) + self.unsaved(x)
+                     + self.unsaved(*(a for a in self.args if a.key != x.key)))
         held = (self.saved_bytes(layer) + self.saved_bytes(f"{layer} mlp")
-                + 3 * rows * out_features * out.itemsize
-                + (x.numel * self.cond.weight_bytes if recast else 0) + self.unsaved(x)
-                + self.unsaved(*(a for a in self.args if a.key != x.key)))
-        if self.cond.autocast:
+                + rows * out_features * (out.itemsize + 2 * xa.itemsize) + alive)
+        if autocast:
             self.save(self.new(rank * out_features, 2, False))
             self.cached(in_features * rank * 2, saved=xd.grad)
             self.cached(rank * out_features * 2, saved=True)
@@ -377,8 +391,10 @@ class Graph:
         self.moments.setdefault(layer, []).append((self._saves, held))
         # the same moment in the whole forward: the base output, lora_B's output and its scaled copy
         # beside the input and PEFT's cast of it (`xd`, the input itself when of the adapter's dtype)
-        self.moment(x, xd, out, extra=2 * rows * out_features * out.itemsize)
-        return self.add(out, self.new(rows * out_features, xa.itemsize, True))
+        self.moment(x, xd, out, *((xc,) if fp32_adapters else ()),
+                    extra=2 * rows * out_features * xa.itemsize)
+        # PEFT casts the sum back to the base output's dtype (`result.to(torch_result_dtype)`)
+        return self.cast(self.add(out, self.new(rows * out_features, xa.itemsize, True)), out.itemsize)
 
     def merged_linear(self, x: Tensor, path: str, in_features: int, out_features: int) -> Tensor:
         """y = x (W + s B A)^T with PEFT's `ParamWrapper` on a 2-D parameter (`_LoraParameterProxy`):
@@ -757,6 +773,9 @@ def recompute_stop_transient(cond: Conditions, in_numel: int, out_numel: int, wr
     """
     if not wrapped:
         return 0
+    if cond.adapter_bytes:  # fp32 adapters over a 16-bit base: PEFT's fp32 copy of the input,
+        # unsaved when autocast's 16-bit copy of it is what lora_A keeps
+        return out_numel * cond.compute_bytes + (in_numel * FP32 if cond.adapter_autocast else 0)
     return out_numel * cond.compute_bytes + (in_numel * cond.weight_bytes if cond.autocast else 0)
 
 
@@ -799,6 +818,10 @@ def mlp_output_pending(cond: Conditions, numel: int, wrapped: bool) -> int:
     gradient (tokens x hidden, compute dtype) waits too. Assumption: transformers 5's dense and
     GPT-2 MLPs, PEFT's `lora_B(lora_A(x)) * scaling`; measured with the tracer.
     """
+    if wrapped and cond.adapter_bytes and not cond.adapter_autocast:
+        # fp32 adapters, no autocast: the sum PEFT cast back to 16 bits gets an fp32 gradient; the
+        # base output's is cast to 16 bits, the adapter's scaled in fp32 (both wait)
+        return numel * (cond.weight_bytes + FP32)
     return numel * cond.compute_bytes * ((1 if cond.autocast else 0) + (1 if wrapped else 0))
 
 

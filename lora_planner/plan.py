@@ -6,6 +6,7 @@ from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
 from . import checkpoint_sizes, cost, stacks
+from .adapter_dtype import FP32_ADAPTERS, fp32_adapters
 from .architecture import Architecture, Param, layout
 from .counts import lora_trainable
 from .errors import PlanError
@@ -119,6 +120,20 @@ def _states(trainable: int, params: tuple[Param, ...], setup: TrainSetup,
     }
 
 
+def _split_states(trainable, setup: TrainSetup, precision: Precision) -> dict[str, Term]:
+    """Model states of fp32 adapters (`adapter_dtype.FP32_ADAPTERS`: 4 B gradients, no master copy,
+    fp32 optimizer states) beside any other trained tensors at the precision's widths."""
+    adapters = tuple(p for a in trainable.adapters for p in a.params)
+    rest = trainable.params[len(adapters):]  # `Trainable.params`: the adapters' tensors first
+    parts = [_states(trainable.adapter_count, adapters, setup, FP32_ADAPTERS)]
+    if rest:
+        parts.append(_states(trainable.count - trainable.adapter_count, rest, setup, precision))
+    if len(parts) == 1:
+        return parts[0]
+    return {k: Term(k, sum(p[k].bytes for p in parts), "adapters: " + parts[0][k].formula + "; other: "
+                    + parts[1][k].formula) for k in parts[0]}
+
+
 def _assemble(method: str, gpu: Gpu, weight_terms: tuple[Term, ...], states: dict[str, Term],
               setup: TrainSetup, spec: ModelSpec | None, buffers: dict[str, Term] | None = None,
               unsharded: dict[str, int] | None = None, **fields) -> MethodPlan:
@@ -227,13 +242,26 @@ def plan_lora(spec: ModelSpec, setup: TrainSetup, gpu: Gpu) -> MethodPlan:
         weight_terms.append(quantized_weight_bytes(nf4, setup.double_quant))
     frozen_numel = sum(p.numel for p in frozen)
     weight_terms.append(dense_weight_bytes("weights_frozen", frozen_numel, precision.weight_bytes, "frozen"))
-    weight_terms.append(dense_weight_bytes("weights_trainable", trainable.count,
-                                           precision.weight_bytes, "trainable"))
+    fp32 = fp32_adapters(setup.method, precision, setup.adapter_dtype)
+    if fp32:  # PEFT's default: fp32 adapters over the 16-bit base; the rest trains in the base's dtype
+        weight_terms.append(dense_weight_bytes("weights_adapters", trainable.adapter_count,
+                                               FP32_ADAPTERS.weight_bytes, "fp32 adapter"))
+        rest = trainable.count - trainable.adapter_count
+        if rest:
+            weight_terms.append(dense_weight_bytes("weights_trainable", rest, precision.weight_bytes,
+                                                   "other trainable"))
+        states = _split_states(trainable, setup, precision)
+    else:
+        weight_terms.append(dense_weight_bytes("weights_trainable", trainable.count,
+                                               precision.weight_bytes, "trainable"))
+        states = _states(trainable.count, trainable.params, setup, precision)
 
-    dtype = _save_dtype(setup, precision)
+    base_dtype = _save_dtype(setup, precision)
+    # PEFT saves the adapters as they are stored: fp32 adapters in fp32, unless a dtype is asked for
+    dtype = "fp32" if fp32 and setup.save_dtype == "auto" else base_dtype
     adapter_params = trainable.file_params
     adapter = checkpoint_sizes.safetensors_bytes(adapter_params, dtype)
-    base = checkpoint_sizes.safetensors_bytes(arch.params, dtype)
+    base = checkpoint_sizes.safetensors_bytes(arch.params, base_dtype)
     skipped, attention_skipped = input_gradient_skips(spec, setup)
     flops = cost.lora_flops_per_token(
         *_matmul_params(spec, setup.task, setup.num_labels), trainable.adapter_count,
@@ -245,7 +273,7 @@ def plan_lora(spec: ModelSpec, setup: TrainSetup, gpu: Gpu) -> MethodPlan:
     # The frozen base is gathered without gradients; the adapters' are the trained modules.
     return _assemble(
         setup.method, gpu, tuple(weight_terms),
-        _states(trainable.count, trainable.params, setup, precision), setup, spec,
+        states, setup, spec,
         _zero3(spec, setup, arch, precision, {a.module.path: a.numel for a in trainable.adapters},
                trainable.count),
         # NF4 quantisation state: module attributes, never sharded

@@ -105,8 +105,23 @@ def _header(plan: Plan, unit: str) -> list[str]:
         loss = s.loss + (f" ({s.loss_chunks} chunks)" if s.loss == "chunked" else "")
         lines.append(f"stack: {s.stack} (optimizer {s.optimizer_impl}, loss {loss}, activation offload "
                      f"{'on' if s.activation_offload else 'off'})")
-    lines += _targets_line(plan)
+    lines += _targets_line(plan) + _adapter_dtype_line(plan)
     return lines
+
+
+def _adapter_dtype_line(plan: Plan) -> list[str]:
+    """What --adapter-dtype changed, when it changed anything (`adapter_dtype.fp32_adapters`)."""
+    from .adapter_dtype import adapter_autocast, fp32_adapters
+
+    precision = get_precision(plan.setup.precision)
+    if not fp32_adapters("lora", precision, plan.setup.adapter_dtype) or \
+            not any(p.method == "lora" for p in plan.plans):
+        return []
+    how = ("under autocast (16-bit copies for their matmuls)" if adapter_autocast(precision)
+           else "in fp32 (no autocast)")
+    return [f"adapters: fp32 over the 16-bit base (PEFT's default): fp32 weights, gradients and "
+            f"optimizer states, no master copy; each input cast to fp32, the adapters run {how} "
+            "(LoRA only; QLoRA as planned without it)"]
 
 
 def _targets_line(plan: Plan) -> list[str]:

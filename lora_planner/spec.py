@@ -221,6 +221,9 @@ class TrainSetup:
     grad_checkpointing: bool = False
     dropout: float | None = None  # None: the model's own (config.json); else every dropout of the model
     lora_dropout: float = 0.0
+    # the adapters' dtype (`adapter_dtype.py`): auto keeps the precision's; fp32 is PEFT's default
+    # on a 16-bit model (get_peft_model's autocast_adapter_dtype=True)
+    adapter_dtype: str = "auto"
     # Data parallelism: None plans whole-model totals; N plans one of N GPUs (see sharding.py).
     num_gpus: int | None = None
     sharding: str = "none"  # none | zero1 | zero2 | zero3 | fsdp (PyTorch FSDP2)

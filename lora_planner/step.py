@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-from .activations import INT64, Conditions, Profile, profile
+from .activations import FP32, INT64, Conditions, Profile, profile
+from .adapter_dtype import FP32_ADAPTERS, adapter_autocast, fp32_adapters
 from .architecture import Architecture, layout
 from .counts import lora_trainable
 from .errors import PlanError
@@ -60,7 +61,9 @@ def conditions(setup: TrainSetup, precision: Precision, device: str = "cuda") ->
     if setup.batch_size < 1 or setup.seq_len < 1:
         raise PlanError(f"batch size and sequence length must be positive, got {setup.batch_size} "
                         f"and {setup.seq_len}")
+    fp32 = fp32_adapters(setup.method, precision, setup.adapter_dtype)
     return Conditions(
+        adapter_bytes=FP32 if fp32 else 0, adapter_autocast=fp32 and adapter_autocast(precision),
         batch_size=setup.batch_size, seq_len=setup.seq_len, weight_bytes=precision.weight_bytes,
         autocast=precision.name == "amp", attention=setup.attention,
         grad_checkpointing=setup.grad_checkpointing, device=device,
@@ -109,6 +112,48 @@ def embedding_backward(trains: bool, tied: bool, head_gradients: int, incoming: 
     return 2 * head_gradients if tied else incoming
 
 
+def gradient_bytes_by_path(spec: ModelSpec, setup: TrainSetup, precision: Precision,
+                           by_path: dict[str, int]) -> dict[str, int]:
+    """Gradient bytes of each trained module: numel x the precision's gradient bytes, except that
+    fp32 adapters over a 16-bit base (`adapter_dtype`) have 4-byte gradients (a wrapped layer's own
+    trained bias keeps the base's width)."""
+    widths = {path: numel * precision.grad_bytes for path, numel in by_path.items()}
+    if fp32_adapters(setup.method, precision, setup.adapter_dtype):
+        for a in lora_trainable(spec, setup).adapters:
+            widths[a.module.path] += a.numel * (FP32_ADAPTERS.grad_bytes - precision.grad_bytes)
+    return widths
+
+
+def _temporary(spec: ModelSpec, setup: TrainSetup, arch: Architecture, precision: Precision,
+               impl: str) -> Term:
+    """The optimizer step's temporary. With fp32 adapters over a 16-bit base the adapters and any
+    other trained tensors (biases, modules_to_save) differ in dtype; torch's optimizers step each
+    dtype's tensors as a group, one group after the other, so the larger group's temporary is the one."""
+    def of(shapes: tuple[tuple[int, ...], ...], convention: Precision) -> Term:
+        if setup.optimizer == "adafactor":
+            return adafactor_temporary_term(shapes, convention)
+        return optimizer_temporary_term(setup.optimizer, impl, tuple(_numel(s) for s in shapes),
+                                        convention.state_bytes)
+
+    if not fp32_adapters(setup.method, precision, setup.adapter_dtype):
+        if setup.optimizer == "adafactor":
+            return adafactor_temporary_term(_trainable_shapes(spec, setup, arch), precision)
+        return optimizer_temporary_term(setup.optimizer, impl, _trainable_numels(spec, setup, arch),
+                                        precision.state_bytes)
+    shapes = _trainable_shapes(spec, setup, arch)
+    adapters = tuple(p.shape for a in lora_trainable(spec, setup).adapters for p in a.params)
+    rest = shapes[len(adapters):]  # `Trainable.params`: the adapters' tensors first
+    groups = [of(adapters, FP32_ADAPTERS)] + ([of(rest, precision)] if rest else [])
+    return max(groups, key=lambda t: t.bytes)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
 def _trainable_numels(spec: ModelSpec, setup: TrainSetup, arch: Architecture) -> tuple[int, ...]:
     """Element counts of the trainable tensors, one per tensor (what the optimizer loops over)."""
     if setup.method == "full":
@@ -149,6 +194,7 @@ def predict_step(spec: ModelSpec, setup: TrainSetup, precision: Precision, memor
     attn_out = [0] * spec.num_layers
     mlp_up = [0] * spec.num_layers
     head = 0
+    nbytes = gradient_bytes_by_path(spec, setup, precision, by_path)
     for path, numel in by_path.items():
         if path.startswith(prefix):
             index, _, rest = path[len(prefix):].partition(".")
@@ -156,18 +202,14 @@ def predict_step(spec: ModelSpec, setup: TrainSetup, precision: Precision, memor
             down = _experts_down_numel(arch, path, numel)
             per_layer[int(index)][2] += down * grad_bytes
             expert_up[int(index)] += 2 * down * grad_bytes  # gate/up: twice the down projection
-            per_layer[int(index)][part] += (numel - down) * grad_bytes
-            attn_out[int(index)] += numel * grad_bytes if rest.startswith(ATTN_OUTPUT) else 0
-            mlp_up[int(index)] += numel * grad_bytes if rest.startswith("mlp.up_proj") else 0
+            per_layer[int(index)][part] += nbytes[path] - down * grad_bytes
+            attn_out[int(index)] += nbytes[path] if rest.startswith(ATTN_OUTPUT) else 0
+            mlp_up[int(index)] += nbytes[path] if rest.startswith("mlp.up_proj") else 0
         elif path == arch.head_path or (arch.tied_head and path.endswith(("wte", "embed_tokens"))):
-            head += numel * grad_bytes
+            head += nbytes[path]
     embed_trains = any(path.endswith(("wte", "embed_tokens")) for path in by_path)
     impl = setup.optimizer_impl or "foreach"
-    if setup.optimizer == "adafactor":
-        temporary = adafactor_temporary_term(_trainable_shapes(spec, setup, arch), precision)
-    else:
-        temporary = optimizer_temporary_term(setup.optimizer, impl, _trainable_numels(spec, setup, arch),
-                                             precision.state_bytes)
+    temporary = _temporary(spec, setup, arch, precision, impl)
     temp = temporary.bytes
     kernel = f"{impl} " if setup.optimizer in TORCH_OPTIMIZERS else ""  # Adafactor, 8-bit: one kernel
     dequant = 0

@@ -18,7 +18,13 @@ from .common import need_measure_extra, parse_ranks, split_values
 from .option_types import MAX_LABELS, MAX_LAYERS, MAX_RANK, MAX_TASKS, check_ranks, check_targets
 from .scale_options import scale_options, setup_changes, workload
 from .stack_options import stack_changes, stack_options
-from .step_options import dropout_option, lora_dropout_option, precision_option, step_options
+from .step_options import (
+    adapter_dtype_option,
+    dropout_option,
+    lora_dropout_option,
+    precision_option,
+    step_options,
+)
 
 # Every choice (--method LoRA, --precision BF16, --format JSON) is read in any case: click folds the
 # value and the choices alike before comparing, and passes on the choice as it is spelt here.
@@ -64,6 +70,7 @@ ANY_CASE = {"token_normalize_func": str.lower}
 @stack_options
 @dropout_option
 @lora_dropout_option
+@adapter_dtype_option
 @click.option("--gpu", "gpu_name", default=DEFAULT_GPU, show_default=True,
               help=f"GPU kind: {', '.join(g.name for g in GPUS)}.")
 @click.option("--gpu-mem", "gpu_mem", metavar="SIZE",
@@ -96,7 +103,8 @@ def plan_output(model_name, params_text, methods, ranks, targets, precision, opt
                 modules_to_save, double_quant, save_dtype, task, num_labels, tasks, batch_size,
                 seq_len, grad_checkpointing, attention, stack, optimizer_impl, loss, loss_chunks,
                 activation_offload, gpu_name, gpu_mem, fmt, units, explain, fit, dropout=None,
-                quantize_experts=False, lora_dropout=0.0, **scale) -> str:
+                quantize_experts=False, lora_dropout=0.0, adapter_dtype="auto",
+                **scale) -> str:
     """What `plan` prints for its parsed options (click's parameter names); a user mistake
     raises PlanError. The command echoes it; the page (`serve`) answers with it directly."""
     if bool(model_name) == bool(params_text):
@@ -120,7 +128,7 @@ def plan_output(model_name, params_text, methods, ranks, targets, precision, opt
         targets=split_values(targets) or ("default",), modules_to_save=split_values(modules_to_save),
         double_quant=double_quant, quantize_experts=quantize_experts, save_dtype=save_dtype,
         task=task, num_labels=num_labels, tasks=tasks, batch_size=batch_size, seq_len=seq_len,
-        attention=attention, dropout=dropout, lora_dropout=lora_dropout,
+        attention=attention, dropout=dropout, lora_dropout=lora_dropout, adapter_dtype=adapter_dtype,
         **stack_changes(stack, optimizer_impl, loss, loss_chunks, activation_offload,
                         grad_checkpointing),
         **setup_changes(**scale),
@@ -231,11 +239,13 @@ def models_command(fmt: str) -> None:
 @click.option("--targets", "targets", multiple=True, metavar="T[,T]", callback=check_targets,
               help="LoRA targets, as for `plan`.")
 @precision_option("fp32", runs="A traced step runs fp32, amp (bf16 autocast) and pure-bf16 (a bf16 "
-                                "model): a plain torch step keeps no fp32 master copy.")
+                                "model): a plain torch step keeps no fp32 master copy; mixed and bf16 with "
+                                "--adapter-dtype fp32, whose fp32 adapters need none.")
 @step_options
 @stack_options
 @dropout_option
 @lora_dropout_option
+@adapter_dtype_option
 @click.option("--layers", type=click.IntRange(1, MAX_LAYERS), default=None,
               help="Trace only the first N decoder layers (a slice of a large model).")
 @click.option("--fake", is_flag=True,
@@ -249,7 +259,8 @@ def models_command(fmt: str) -> None:
                    "Trainer makes it.")
 def trace_command(model_name, method, rank, targets, precision, batch_size, seq_len, grad_checkpointing,
                   attention, stack, optimizer_impl, loss, loss_chunks, activation_offload, layers, fake,
-                  fmt, force, dropout=None, optimizer="adamw", lora_dropout=0.0) -> None:
+                  fmt, force, dropout=None, optimizer="adamw", lora_dropout=0.0,
+                  adapter_dtype="auto") -> None:
     """Trace one real training step on CPU and print it beside the prediction, term by term.
 
     Needs the `measure` extra (torch, transformers; peft for LoRA). Without --fake, a step whose
@@ -269,7 +280,7 @@ def trace_command(model_name, method, rank, targets, precision, batch_size, seq_
     setup = TrainSetup(method=method, rank=rank, targets=split_values(targets) or ("default",),
                        precision=precision, batch_size=batch_size, seq_len=seq_len,
                        attention=attention, dropout=dropout, optimizer=optimizer,
-                       lora_dropout=lora_dropout,
+                       lora_dropout=lora_dropout, adapter_dtype=adapter_dtype,
                        **stack_changes(stack, optimizer_impl, loss, loss_chunks, activation_offload,
                                        grad_checkpointing))
     need_measure_extra("lora-plan trace")
@@ -324,6 +335,8 @@ def _trace_header(spec: ModelSpec, setup: TrainSetup) -> str:
     """What was traced, in one line above the table: model and layers, method, precision, step."""
     method = "full" if setup.method == "full" else f"lora r={setup.rank} ({','.join(setup.targets)})"
     dropout = f", lora dropout {setup.lora_dropout:g}" if setup.lora_dropout else ""
+    if setup.adapter_dtype != "auto":
+        dropout += f", {setup.adapter_dtype} adapters"
     return (f"traced: {spec.name} ({spec.family}, {spec.num_layers} layers); method {method}{dropout}; "
             f"precision {setup.precision}; batch {setup.batch_size} x {setup.seq_len} tokens; "
             f"checkpointing {'on' if setup.grad_checkpointing else 'off'}")

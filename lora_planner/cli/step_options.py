@@ -65,3 +65,17 @@ def precision_option(default: str, runs: str = "") -> Callable:
     which of them the command can run when that is not all of them."""
     return click.option("--precision", type=click.Choice(list(PRECISIONS)), default=default,
                         show_default=True, help=f"{PRECISION_HELP} {runs}".strip())
+
+
+def adapter_dtype_option(f: Callable) -> Callable:
+    """Add --adapter-dtype: the LoRA adapters' dtype over a 16-bit base (`adapter_dtype`)."""
+    from ..adapter_dtype import ADAPTER_DTYPES
+
+    return click.option(
+        "--adapter-dtype", type=click.Choice(list(ADAPTER_DTYPES)), default="auto", show_default=True,
+        help="LoRA adapters' dtype. fp32: PEFT's default on a model loaded in 16 bits (get_peft_model's "
+             "autocast_adapter_dtype=True): fp32 adapters, gradients and Adam states, no master copy, "
+             "each adapter's input cast to fp32; with --precision mixed or bf16 the step runs under "
+             "autocast (the Trainer's bf16=True), with pure-bf16 without. auto: the adapters in the "
+             "precision's own dtype (16-bit under mixed, bf16, pure-bf16), as plans before this "
+             "option. QLoRA and full fine-tuning are planned as without it.")(f)

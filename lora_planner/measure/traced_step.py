@@ -74,10 +74,21 @@ def sliced(spec: ModelSpec, layers: int | None) -> ModelSpec:
     return replace(spec, num_layers=min(layers, spec.num_layers), name=f"{spec.name}[:{layers} layers]")
 
 
+def _fp32_adapters(setup: TrainSetup) -> bool:
+    """fp32 LoRA adapters over a 16-bit base (`adapter_dtype`): PEFT's default."""
+    from ..adapter_dtype import fp32_adapters
+    from ..precision import get_precision
+
+    return fp32_adapters(setup.method, get_precision(setup.precision), setup.adapter_dtype)
+
+
 def _check(setup: TrainSetup) -> None:
-    if setup.precision not in TRACEABLE_PRECISIONS:
+    if setup.precision in ("mixed", "bf16") and _fp32_adapters(setup):
+        pass  # the trainable tensors are fp32: a plain torch step over a bf16 model, under autocast
+    elif setup.precision not in TRACEABLE_PRECISIONS:
         raise PlanError(f"trace runs plain PyTorch steps: precision must be one of "
-                        f"{', '.join(TRACEABLE_PRECISIONS)}, got {setup.precision!r}")
+                        f"{', '.join(TRACEABLE_PRECISIONS)}, got {setup.precision!r} (mixed and bf16 "
+                        "trace LoRA with --adapter-dtype fp32, whose fp32 adapters need no master copy)")
     if setup.method not in ("full", "lora"):
         raise PlanError("trace supports full and lora (QLoRA needs bitsandbytes on a GPU)")
     if setup.optimizer not in TRACEABLE_OPTIMIZERS:
@@ -169,7 +180,7 @@ def trace(spec: ModelSpec, setup: TrainSetup, *, fake: bool = False, seed: int =
         for key in ("resid_pdrop", "embd_pdrop", "attn_pdrop", "attention_dropout"):
             if hasattr(config, key):
                 setattr(config, key, setup.dropout)
-    dtype = torch.bfloat16 if setup.precision == "pure-bf16" else torch.float32
+    dtype = torch.float32 if setup.precision in ("fp32", "amp") else torch.bfloat16
     torch.manual_seed(seed)
     mode = FakeTensorMode() if fake else contextlib.nullcontext()
     previous = torch.get_default_dtype()
@@ -189,7 +200,8 @@ def trace(spec: ModelSpec, setup: TrainSetup, *, fake: bool = False, seed: int =
         labels = ids.clone()
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = _optimizer(torch, params, setup)
-        compute_dtype = torch.bfloat16 if setup.precision == "amp" else None
+        # amp, and the Trainer's bf16=True autocast over a bf16 model with fp32 adapters (mixed, bf16)
+        compute_dtype = torch.bfloat16 if setup.precision in ("amp", "mixed", "bf16") else None
         loss_fn = step_loss(setup.loss, setup.loss_chunks)
 
         def step(tracer: MemoryTracer | None) -> None:
@@ -290,7 +302,8 @@ def _with_lora(model, spec: ModelSpec, setup: TrainSetup):
     # cannot swap fake parameters. Everything is already on CPU in the dtype the model was built
     # under, so the moves are skipped while adapters are injected.
     # PEFT upcasts 16-bit adapters to fp32 by default; pure-bf16 plans every tensor in bf16, so the
-    # trace keeps the adapters in the model's dtype (autocast_adapter_dtype=False).
+    # trace keeps the adapters in the model's dtype (autocast_adapter_dtype=False), unless the setup
+    # asks for PEFT's default (--adapter-dtype fp32).
     previous = torch.get_default_dtype()
     torch.set_default_dtype(next(model.parameters()).dtype)  # adapters made in the model's dtype
     try:
@@ -299,6 +312,7 @@ def _with_lora(model, spec: ModelSpec, setup: TrainSetup):
             # PEFT checks the patterns against targeted modules only and warns, but applies them to
             # the targeted parameters (the adapter on gate_up_proj gets rank 2r)
             warnings.filterwarnings("ignore", message=r"The following (rank|alpha)_pattern keys")
-            return get_peft_model(model, config, autocast_adapter_dtype=setup.precision != "pure-bf16")
+            return get_peft_model(model, config, autocast_adapter_dtype=setup.precision != "pure-bf16"
+                                  or _fp32_adapters(setup))
     finally:
         torch.set_default_dtype(previous)
