@@ -42,8 +42,17 @@ def _temporary_name(path: Path, folder: bool = False) -> Path:
 def replacing(path: str | Path) -> Iterator[Path]:
     """A temporary path next to `path` to write to; when the block ends without an error it is
     flushed to disk and renamed onto `path`, and on any error (KeyboardInterrupt included) it is
-    removed and `path` is left as it was. A file that existed keeps its mode."""
-    path = Path(path)
+    removed and `path` is left as it was. A file that existed keeps its mode.
+
+    A symbolic link is followed (the file it names is replaced, the link stays). A target that
+    exists and is not a regular file (/dev/stdout, a pipe, /dev/full) is written in place: renaming
+    onto it would replace a device node with a plain file."""
+    path = Path(os.path.realpath(path))
+    if path.exists() and not path.is_file():
+        if path.is_dir():
+            raise IsADirectoryError(21, "Is a directory", str(path))
+        yield path
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = _temporary_name(path)
     try:

@@ -167,3 +167,29 @@ def test_a_report_cut_short_mid_write_keeps_the_previous_report(tmp_path, monkey
     with pytest.raises(OSError):
         validation.write_validation_report([records], out, "lora-plan report validation")
     assert out.read_text() == "the previous report\n" and listing(tmp_path) == ["r.jsonl", "validation.md"]
+
+
+def test_a_target_that_is_not_a_regular_file_is_written_in_place_not_replaced(tmp_path):
+    """Renaming onto /dev/full (or a pipe) would swap the device node for a plain file: a report
+    sent there is written through it, and the node stays what it was."""
+    import stat
+    import threading
+
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    received = []
+    reader = threading.Thread(target=lambda: received.append(pipe.read_bytes()))
+    reader.start()
+    files.write_text(pipe, "report\n")
+    reader.join(timeout=10)
+    assert received == [b"report\n"]
+    assert stat.S_ISFIFO(os.lstat(pipe).st_mode)
+    assert listing(tmp_path) == ["pipe"]
+
+
+def test_a_symbolic_link_is_followed_and_kept(tmp_path):
+    (tmp_path / "real.md").write_text("old")
+    (tmp_path / "link.md").symlink_to("real.md")
+    files.write_text(tmp_path / "link.md", "new")
+    assert (tmp_path / "link.md").is_symlink()
+    assert (tmp_path / "real.md").read_text() == "new"
