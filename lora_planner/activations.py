@@ -947,8 +947,9 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
     sliced = spec.family == "phi3"
     # rope's caller still binds the projected q while k is rotated
     back = fp32_rotary(spec)
-    q_projected, q = q, g.rope(q, *rot, alive=(v,) if sliced else (q, k, v), cast_back=back)
-    k = g.rope(k, *rot, alive=(q, v) if sliced else (q_projected, q, k, v), cast_back=back)
+    if spec.rotary_layer(i):  # SmolLM3's NoPE layers attend with q and k as projected
+        q_projected, q = q, g.rope(q, *rot, alive=(v,) if sliced else (q, k, v), cast_back=back)
+        k = g.rope(k, *rot, alive=(q, v) if sliced else (q_projected, q, k, v), cast_back=back)
     g.args = attention_locals(h, q, k, v)
     masked = (g.cond.attention == "sdpa" and spec.sliding_layer(i)
               and g.cond.seq_len >= (spec.sliding_window or 0))
@@ -957,7 +958,7 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
                     masked=masked)
     # the attention modules of Llama's form (OLMo 2's too); the MLP of Llama's form is the layer's
     # last op only with the norms before the blocks (`dense`)
-    llama_attention = spec.family in ("llama", "mistral", "qwen2", "qwen3", "olmo2")
+    llama_attention = spec.family in ("llama", "mistral", "qwen2", "qwen3", "olmo2", "smollm3")
     dense = llama_attention and not post_norms
     if llama_attention:
         # the attention module keeps q, k, v (and eager's weights) and the layer its normed input until
@@ -1642,7 +1643,7 @@ def forward_mask_bytes(spec: ModelSpec, cond: Conditions) -> int:
     # Gemma2Model builds both masks whatever layers it has (a one-layer slice too); Qwen2Model the
     # full one always, and the sliding one when any layer slides
     kinds = {spec.sliding_layer(i) for i in range(spec.num_layers)}
-    if spec.family in ("gemma2", *QWEN_WINDOWS):
+    if spec.family in ("gemma2", "smollm3", *QWEN_WINDOWS):
         kinds |= {True, False} if spec.family == "gemma2" else {False}
     if cond.attention == "eager":
         return len(kinds) * cond.batch_size * cond.seq_len * cond.seq_len * (

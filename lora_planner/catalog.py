@@ -22,13 +22,15 @@ def _gpt2(name: str, hidden: int, layers: int, heads: int, source: str, aliases=
 def _decoder(name: str, family: str, *, vocab: int, hidden: int, layers: int, heads: int,
              kv_heads: int, inner: int, tied: bool, positions: int, head_dim: int | None = None,
              experts: int = 0, experts_per_token: int = 0, source: str,
-             aliases=(), sliding_window: int | None = None, norm_topk: bool = True) -> ModelSpec:
+             aliases=(), sliding_window: int | None = None, norm_topk: bool = True,
+             nope_layers: tuple[int, ...] = ()) -> ModelSpec:
     return ModelSpec(
         name=name, family=family, vocab_size=vocab, hidden_size=hidden, num_layers=layers,
         num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim or hidden // heads,
         intermediate_size=inner, tied_embeddings=tied, max_positions=positions,
         qkv_bias=family == "qwen2", num_experts=experts, experts_per_token=experts_per_token,
         aliases=tuple(aliases), source=source, sliding_window=sliding_window, norm_topk=norm_topk,
+        nope_layers=nope_layers,
     )
 
 
@@ -106,6 +108,10 @@ CATALOG: tuple[ModelSpec, ...] = (
              experts_per_token=8, source="Qwen/Qwen3-235B-A22B"),
     _decoder("olmo-2-7b", "olmo2", vocab=100352, hidden=4096, layers=32, heads=32, kv_heads=32,
              inner=11008, tied=False, positions=4096, source="allenai/OLMo-2-1124-7B"),
+    # every fourth layer without rotary embeddings (NoPE): layers 3, 7, ..., 35
+    _decoder("smollm3-3b", "smollm3", vocab=128256, hidden=2048, layers=36, heads=16, kv_heads=4,
+             inner=11008, tied=True, positions=65536, nope_layers=tuple(range(3, 36, 4)),
+             source="HuggingFaceTB/SmolLM3-3B"),
 )
 
 _BY_NAME = {alias: spec for spec in CATALOG for alias in (spec.name, *spec.aliases)}

@@ -42,6 +42,7 @@ PEFT_DEFAULT_TARGETS = {
     "qwen3": ("q_proj", "v_proj"),
     "qwen3_moe": ("q_proj", "v_proj"),  # PEFT has no entry; as for Mixtral
     "olmo2": ("q_proj", "v_proj"),  # PEFT has no entry; as for Llama
+    "smollm3": ("q_proj", "v_proj"),  # PEFT has no entry; as for Llama
 }
 
 _SPLIT_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")

@@ -18,7 +18,8 @@ if TYPE_CHECKING:
 # resid_pdrop and embd_pdrop are 0.1; every other family defaults to 0).
 FAMILY_DROPOUT = {"gpt2": 0.1}
 
-FAMILIES = ("gpt2", "llama", "mistral", "mixtral", "qwen2", "gemma2", "phi3", "qwen3", "qwen3_moe", "olmo2")
+FAMILIES = ("gpt2", "llama", "mistral", "mixtral", "qwen2", "gemma2", "phi3", "qwen3", "qwen3_moe", "olmo2",
+            "smollm3")
 # Families whose MLP is a sparse block of fused experts (3-D parameters) and a router, in every layer
 MOE_FAMILIES = ("mixtral", "qwen3_moe")
 
@@ -34,6 +35,7 @@ MODEL_TYPE_TO_FAMILY = {
     "qwen3": "qwen3",
     "qwen3_moe": "qwen3_moe",
     "olmo2": "olmo2",
+    "smollm3": "smollm3",
 }
 
 # RMSNorm on the projected queries and keys before rope, as each family's attention module has it:
@@ -114,6 +116,13 @@ class ModelSpec:
     # where the layer's norms sit (`NORM_PLACEMENTS`); None: the family's (`FAMILY_NORM_PLACEMENT`,
     # else "pre"), the only placement transformers builds for it
     norm_placement: str | None = None
+    # decoder layers without rotary embeddings (SmolLM3's NoPE layers); with a sliding window, they
+    # are the layers that slide
+    nope_layers: tuple[int, ...] = ()
+
+    def rotary_layer(self, i: int) -> bool:
+        """Whether decoder layer `i` rotates q and k (every layer but SmolLM3's NoPE ones)."""
+        return self.family != "gpt2" and i not in self.nope_layers
 
     def sliding_layer(self, i: int) -> bool:
         """Whether decoder layer `i` attends through a sliding window (transformers 5's `layer_types`:
@@ -124,6 +133,8 @@ class ModelSpec:
             return i % 2 == 0
         if self.family in QWEN_WINDOWS:
             return i >= self.max_window_layers
+        if self.family == "smollm3":
+            return i in self.nope_layers
         return True
 
     @property
@@ -145,6 +156,10 @@ class ModelSpec:
             raise PlanError(f"model {self.name!r}: a {self.family} model has "
                             f"{f'{qk_norm!r} q/k norms' if qk_norm else 'no q/k norms'}, "
                             f"not {self.qk_norm!r}")
+        # (an index past the last layer is one a `--layers` slice left out)
+        if self.nope_layers and (self.family != "smollm3" or any(
+                isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in self.nope_layers)):
+            raise PlanError(f"model {self.name!r}: nope_layers must be layer indices of a smollm3 model")
         placement = FAMILY_NORM_PLACEMENT.get(self.family, "pre")
         if self.norm_placement is None:
             object.__setattr__(self, "norm_placement", placement)
@@ -349,7 +364,7 @@ def spec_from_hf_config(config: dict, name: str = "custom", source: str = "") ->
     4 * n_embd, a missing Mixtral `num_local_experts` / `num_experts_per_tok` means 8 / 2 (Qwen3-MoE's
     `num_experts` / `num_experts_per_tok` 128 / 8, its `moe_intermediate_size` 768, `norm_topk_prob`
     false), a missing Qwen3 `head_dim` means 128, a missing OLMo 2 `max_position_embeddings` 2,048, and
-    `tie_word_embeddings` defaults to True only where the class does (GPT-2, Gemma-2). Every value
+    `tie_word_embeddings` defaults to True only where the class does (GPT-2, Gemma-2, SmolLM3). Every value
     read is checked here (type, finiteness, `SHAPE_LIMITS`), each failure one line naming the key.
     """
     from .validate import text
@@ -405,11 +420,12 @@ def spec_from_hf_config(config: dict, name: str = "custom", source: str = "") ->
         _all_layers_sparse(config)
     window = _sliding_window(config, family)
     attention_bias = _flag(config, "attention_bias", False)
+    layers = _whole(config, "num_layers", "num_hidden_layers")
     return ModelSpec(
         name=name, family=family, source=source,
         vocab_size=_whole(config, "vocab_size", "vocab_size"),
         hidden_size=hidden,
-        num_layers=_whole(config, "num_layers", "num_hidden_layers"),
+        num_layers=layers,
         num_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=_whole(config, "head_dim", "head_dim", default=head_dim_default),
@@ -418,7 +434,7 @@ def spec_from_hf_config(config: dict, name: str = "custom", source: str = "") ->
         intermediate_size=(_whole(config, "intermediate_size", "moe_intermediate_size", default=768)
                            if family == "qwen3_moe"
                            else _whole(config, "intermediate_size", "intermediate_size")),
-        tied_embeddings=_flag(config, "tie_word_embeddings", family == "gemma2"),
+        tied_embeddings=_flag(config, "tie_word_embeddings", family in ("gemma2", "smollm3")),
         max_positions=_whole(config, "max_positions", "max_position_embeddings",
                              default=MAX_POSITIONS_DEFAULT.get(family, 4096)),
         qkv_bias=family == "qwen2" or attention_bias,
@@ -428,6 +444,7 @@ def spec_from_hf_config(config: dict, name: str = "custom", source: str = "") ->
         num_experts=experts,
         experts_per_token=top_k,
         norm_topk=family != "qwen3_moe" or _flag(config, "norm_topk_prob", False),
+        nope_layers=_nope_layers(config, layers) if family == "smollm3" else (),
         attn_dropout=_rate(config, "attention_dropout"),
         # Phi-3 drops on both residual branches; its embd_pdrop is read by no module in
         # transformers 5, so it is not planned
@@ -446,9 +463,26 @@ def spec_from_hf_config(config: dict, name: str = "custom", source: str = "") ->
 SLIDING_WINDOW_DEFAULT = {"mistral": 4096, "gemma2": 4096, "qwen2": 4096, "qwen3": 4096,
                           "qwen3_moe": 4096}
 # The config classes' `max_position_embeddings` when a config.json leaves it out, where not 4,096
-MAX_POSITIONS_DEFAULT = {"olmo2": 2048}
+MAX_POSITIONS_DEFAULT = {"olmo2": 2048, "smollm3": 32768}
 # The config classes' (experts, experts per token) when a config.json leaves them out
 MOE_DEFAULTS = {"mixtral": (8, 2), "qwen3_moe": (128, 8)}
+
+
+def _nope_layers(config: dict, layers: int) -> tuple[int, ...]:
+    """SmolLM3's layers without rotary embeddings: those whose `no_rope_layers` flag is 0 (1: rope),
+    or, without the list, every `no_rope_layer_interval`-th layer (4: layers 3, 7, 11, ...), as
+    `SmolLM3Config` fills it in."""
+    from .validate import whole_number
+
+    flags = config.get("no_rope_layers")
+    if flags is None:
+        every = whole_number("config.json no_rope_layer_interval",
+                             config.get("no_rope_layer_interval", 4), 1, 10**6)
+        return tuple(i for i in range(layers) if (i + 1) % every == 0)
+    if not isinstance(flags, list) or len(flags) < layers:
+        raise PlanError(f"config.json no_rope_layers must be a list of {layers} flags (1: rope, 0: none)")
+    return tuple(i for i in range(layers)
+                 if not whole_number(f"config.json no_rope_layers[{i}]", flags[i], 0, 1))
 
 
 def _all_layers_sparse(config: dict) -> None:
@@ -472,7 +506,7 @@ HEAD_DIM_DEFAULT = {"qwen3": 128}
 
 
 def _sliding_window(config: dict, family: str) -> int | None:
-    if family in ("llama", "gpt2", "olmo2") or (family in (*QWEN_WINDOWS, "qwen3_moe")
+    if family in ("llama", "gpt2", "olmo2") or (family in (*QWEN_WINDOWS, "qwen3_moe", "smollm3")
                                          and not _flag(config, "use_sliding_window", False)):
         return None
     if "sliding_window" in config and config["sliding_window"] is None:
@@ -505,7 +539,7 @@ def to_hf_config(spec: ModelSpec) -> dict:
         # Token ids are irrelevant to shapes; None keeps small test vocabularies valid.
         "pad_token_id": None, "bos_token_id": None, "eos_token_id": None,
     }
-    if spec.family in ("llama", "gemma2", "qwen3", "qwen3_moe", "olmo2"):
+    if spec.family in ("llama", "gemma2", "qwen3", "qwen3_moe", "olmo2", "smollm3"):
         config["attention_bias"] = spec.out_bias
         config["mlp_bias"] = spec.mlp_bias
     if spec.attn_dropout is not None:
@@ -526,6 +560,10 @@ def to_hf_config(spec: ModelSpec) -> dict:
                       decoder_sparse_step=1, mlp_only_layers=[])
     if spec.family == "qwen3_moe" and spec.sliding_window is not None:
         config.update(use_sliding_window=True, sliding_window=spec.sliding_window)
+    if spec.family == "smollm3":
+        config["no_rope_layers"] = [int(spec.rotary_layer(i)) for i in range(spec.num_layers)]
+        if spec.sliding_window is not None:
+            config.update(use_sliding_window=True, sliding_window=spec.sliding_window)
     if spec.family in ("mistral", "mixtral", "phi3") or (spec.family == "gemma2" and spec.sliding_window):
         config["sliding_window"] = spec.sliding_window
     if spec.family in QWEN_WINDOWS and spec.sliding_window is not None:

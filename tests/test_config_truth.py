@@ -22,7 +22,7 @@ def _activations(data: dict) -> int:
 def test_dropout_rates_default_as_transformers_config_classes_do():
     transformers = pytest.importorskip("transformers")
     for family in ("gpt2", "llama", "mistral", "qwen2", "gemma2", "phi3", "mixtral", "qwen3", "qwen3_moe",
-                   "olmo2"):
+                   "olmo2", "smollm3"):
         config = transformers.CONFIG_MAPPING[family]()
         attn, resid, embd = spec_from_hf_config({**config.to_dict(), "pad_token_id": None}).dropout_rates
         if family == "gpt2":
@@ -95,7 +95,9 @@ def test_moe_qlora_keeps_fused_experts_at_16_bit(name, whole, quantised_below):
 READER_DEFAULTS = {"qwen3": ("head_dim", "num_key_value_heads"),
                    "qwen3_moe": ("num_experts", "num_experts_per_tok", "moe_intermediate_size",
                                  "norm_topk_prob", "head_dim"),
-                   "olmo2": ("num_key_value_heads", "head_dim", "max_position_embeddings")}
+                   "olmo2": ("num_key_value_heads", "head_dim", "max_position_embeddings"),
+                   "smollm3": ("no_rope_layers", "layer_types", "tie_word_embeddings",
+                               "max_position_embeddings")}
 
 
 @pytest.mark.parametrize("family", sorted(READER_DEFAULTS))

@@ -1,6 +1,7 @@
 """Differential fuzzing of the families added after the seeded suite: Qwen3 (per-head q/k norms),
-Qwen3-MoE (those norms beside Mixtral's fused experts, with or without `norm_topk_prob`) and OLMo 2
-(norms after each block only, q/k norms over the whole projection, fp32 rotary).
+Qwen3-MoE (those norms beside Mixtral's fused experts, with or without `norm_topk_prob`), OLMo 2
+(norms after each block only, q/k norms over the whole projection, fp32 rotary) and SmolLM3 (Llama
+with layers that skip the rotary embedding, and a sliding window on those).
 
 Each case is drawn by name (`random_case(seed, family)`), planned from its config.json and traced
 from the same config by transformers, as in `test_fuzz.py`: activations byte for byte, the peak
@@ -17,9 +18,9 @@ from lora_planner.measure.fuzz import random_case  # noqa: E402
 
 from .test_fuzz import PEAK_TOLERANCE, check  # noqa: E402
 
-NEW_FAMILIES = ("qwen3", "qwen3_moe", "olmo2")
+NEW_FAMILIES = ("qwen3", "qwen3_moe", "olmo2", "smollm3")
 # one LoRA case under autocast or a 16-bit model, one checkpointed or trained in full, per family
-DEFAULT_SEEDS = {"qwen3": (6, 45), "qwen3_moe": (2, 4), "olmo2": (15, 19)}
+DEFAULT_SEEDS = {"qwen3": (6, 45), "qwen3_moe": (2, 4), "olmo2": (15, 19), "smollm3": (20, 25)}
 
 
 @pytest.fixture(autouse=True, scope="module")

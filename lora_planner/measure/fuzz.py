@@ -95,10 +95,18 @@ def random_config(rng: random.Random, family: str) -> dict:
         config["head_dim"] = head_dim
     if rng.random() < 0.3:
         config["attention_dropout"] = rng.choice((0.0, 0.1))
-    if family in ("llama", "qwen3", "qwen3_moe", "olmo2"):
+    if family in ("llama", "qwen3", "qwen3_moe", "olmo2", "smollm3"):
         config["attention_bias"] = rng.random() < 0.3
-    if family == "llama":
+    if family in ("llama", "smollm3"):
         config["mlp_bias"] = rng.random() < 0.3
+    if family == "smollm3":
+        # NoPE layers: a list of rope flags, or every n-th layer; a sliding window on them
+        if rng.random() < 0.5:
+            config["no_rope_layers"] = [rng.randint(0, 1) for _ in range(layers)]
+        else:
+            config["no_rope_layer_interval"] = rng.randint(1, 4)
+        if rng.random() < 0.3:
+            config.update(use_sliding_window=True, sliding_window=rng.randint(2, 80))
     if family in ("mistral", "mixtral", "gemma2"):
         config["sliding_window"] = rng.choice((None, rng.randint(2, 80))) if family != "gemma2" \
             else rng.randint(2, 80)
