@@ -158,7 +158,8 @@ def trace(spec: ModelSpec, setup: TrainSetup, *, fake: bool = False, seed: int =
     if fake and spec.num_experts and setup.precision != "pure-bf16":
         # torch's fake (meta) kernel for _grouped_mm accepts bf16 operands only, as its CUDA kernel does
         raise PlanError("a fake trace runs the experts' grouped matmul through torch's meta kernel, which "
-                        "takes bf16 only: trace fused experts with --fake --precision pure-bf16, or without --fake")
+                        "takes bf16 only: trace fused experts with --fake --precision pure-bf16, or "
+                        "without --fake")
     if setup.method == "lora":
         try:
             import peft  # noqa: F401
