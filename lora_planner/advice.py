@@ -53,7 +53,9 @@ class Suggestion:
 @dataclass(frozen=True)
 class Advice:
     """`checkpointed`: the plan's methods planned again with gradient checkpointing, in order (empty
-    when it is on, or when every method fits); `suggestions`: for each method that does not fit."""
+    when it is on, or when every method fits); `suggestions`: for each method that does not fit.
+    Each plan made again searches GPU counts only as far as the fewest (`make_plan`'s `fewest_only`):
+    the fewest, its strategy and its peak are all advice reads or shows."""
 
     checkpointed: tuple[MethodPlan, ...] = ()
     suggestions: tuple[Suggestion, ...] = ()
@@ -68,7 +70,7 @@ def _planner(model: ModelSpec | DenseSize, gpu: Gpu) -> Planner:
 
     def plan_one(setup: TrainSetup) -> MethodPlan:
         if setup not in seen:
-            seen[setup] = make_plan(model, (setup,), gpu).plans[0]
+            seen[setup] = make_plan(model, (setup,), gpu, fewest_only=True).plans[0]
         return seen[setup]
     plan_one.seen = seen  # type: ignore[attr-defined]
     return plan_one
@@ -210,7 +212,7 @@ def advise(plan: Plan, model: ModelSpec | DenseSize, setups: tuple[TrainSetup, .
     checkpointed: tuple[MethodPlan, ...] = ()
     if isinstance(model, ModelSpec) and not any(s.grad_checkpointing for s in setups):
         on = tuple(s.with_(grad_checkpointing=True) for s in setups)
-        checkpointed = make_plan(model, on, gpu).plans
+        checkpointed = make_plan(model, on, gpu, fewest_only=True).plans
         plan_one.seen.update(zip(on, checkpointed, strict=True))  # type: ignore[attr-defined]
     found: list[Suggestion] = []
     for setup, p in zip(setups, plan.plans, strict=True):

@@ -136,10 +136,10 @@ def _split_states(trainable, setup: TrainSetup, precision: Precision) -> dict[st
 
 def _assemble(method: str, gpu: Gpu, weight_terms: tuple[Term, ...], states: dict[str, Term],
               setup: TrainSetup, spec: ModelSpec | None, buffers: dict[str, Term] | None = None,
-              unsharded: dict[str, int] | None = None, **fields) -> MethodPlan:
+              unsharded: dict[str, int] | None = None, fewest_only: bool = False, **fields) -> MethodPlan:
     """Model states plus, when the model's shape is known, the step's activations and timeline peak;
     with --num-gpus, all of it on one GPU under the chosen sharding. GPU counts and the verdict come
-    from the one fit rule, `gpus.fits`."""
+    from the one fit rule, `gpus.fits` (`fewest_only`: see `sharding.distribute`)."""
     weights = Term("weights", sum(t.bytes for t in weight_terms),
                    " + ".join(t.formula for t in weight_terms))
     memory = {"weights": weights, **states}
@@ -163,7 +163,7 @@ def _assemble(method: str, gpu: Gpu, weight_terms: tuple[Term, ...], states: dic
         def phase_bytes(m: dict[str, Term], sharding) -> tuple[int, ...]:
             return step_phase_bytes_on_gpu(predicted, m, sharding, spec, setup, precision)
     placed = distribute(memory, sharding_of(setup.num_gpus, setup.sharding, setup.offload), buffers,
-                        largest_fitting_peak(gpu), phases, phase_bytes, unsharded)
+                        largest_fitting_peak(gpu), phases, phase_bytes, unsharded, fewest_only)
     memory = dict(placed.per_gpu)
     top = peak_phase(phases(memory, placed.sharding))
     if spec is None:
@@ -201,7 +201,7 @@ def _zero3(spec: ModelSpec, setup: TrainSetup, arch: Architecture, precision: Pr
                          trainable, precision.weight_bytes, precision.grad_bytes, z)
 
 
-def plan_full(spec: ModelSpec, setup: TrainSetup, gpu: Gpu) -> MethodPlan:
+def plan_full(spec: ModelSpec, setup: TrainSetup, gpu: Gpu, fewest_only: bool = False) -> MethodPlan:
     """Full fine-tuning: every parameter is trained and saved."""
     precision = get_precision(setup.precision)
     arch = layout(spec, setup.task, setup.num_labels)
@@ -222,10 +222,11 @@ def plan_full(spec: ModelSpec, setup: TrainSetup, gpu: Gpu) -> MethodPlan:
         checkpoint=Term("checkpoint", ckpt, f"safetensors, {len(params)} tensors in {dtype}"),
         full_checkpoint_bytes=ckpt,
         storage=checkpoint_sizes.storage_for_tasks(setup.tasks, ckpt, ckpt),
+        fewest_only=fewest_only,
     )
 
 
-def plan_lora(spec: ModelSpec, setup: TrainSetup, gpu: Gpu) -> MethodPlan:
+def plan_lora(spec: ModelSpec, setup: TrainSetup, gpu: Gpu, fewest_only: bool = False) -> MethodPlan:
     """LoRA or QLoRA: a frozen base (16-bit, or NF4 linear layers for QLoRA) plus adapters."""
     precision = get_precision(setup.precision)
     arch = layout(spec, setup.task, setup.num_labels)
@@ -287,10 +288,11 @@ def plan_lora(spec: ModelSpec, setup: TrainSetup, gpu: Gpu) -> MethodPlan:
                         f"adapter_model.safetensors, {len(adapter_params)} tensors in {dtype}"),
         full_checkpoint_bytes=base,
         storage=checkpoint_sizes.storage_for_tasks(setup.tasks, base, adapter),
+        fewest_only=fewest_only,
     )
 
 
-def plan_dense(size: DenseSize, setup: TrainSetup, gpu: Gpu) -> MethodPlan:
+def plan_dense(size: DenseSize, setup: TrainSetup, gpu: Gpu, fewest_only: bool = False) -> MethodPlan:
     """A model known only by its parameter count: full fine-tuning's model states and checkpoint
     data (no header: tensor names are unknown)."""
     if setup.method != "full":
@@ -311,6 +313,7 @@ def plan_dense(size: DenseSize, setup: TrainSetup, gpu: Gpu) -> MethodPlan:
         checkpoint=Term("checkpoint", ckpt, f"{n:,} x {DTYPE_BYTES[dtype]} B ({dtype}), tensor data only"),
         full_checkpoint_bytes=ckpt,
         storage=checkpoint_sizes.storage_for_tasks(setup.tasks, ckpt, ckpt),
+        fewest_only=fewest_only,
     )
 
 
@@ -323,9 +326,11 @@ def check_methods(methods: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def make_plan(model: ModelSpec | DenseSize, setups: tuple[TrainSetup, ...], gpu: Gpu,
-              workload: cost.Workload | None = None) -> Plan:
+              workload: cost.Workload | None = None, fewest_only: bool = False) -> Plan:
     """Plan each setup (one per method and rank) for one model on one kind of GPU; with a workload
-    of tokens, also its time and cost. (`fit.with_fit` adds the largest batch and sequence.)"""
+    of tokens, also its time and cost. (`fit.with_fit` adds the largest batch and sequence.)
+    `fewest_only`: each method's GPU counts are searched only as far as the fewest that hold it,
+    which is all advice reads (`sharding.distribute`)."""
     if not setups:
         raise PlanError("nothing to plan: give at least one method")
     if workload is not None and workload.peak_tflops is not None:  # --tflops: this card's throughput
@@ -340,11 +345,11 @@ def make_plan(model: ModelSpec | DenseSize, setups: tuple[TrainSetup, ...], gpu:
         if setup.method not in METHODS:
             raise PlanError(f"unknown method {setup.method!r}; choose from {', '.join(METHODS)}")
         if isinstance(model, DenseSize):
-            plans.append(plan_dense(model, setup, gpu))
+            plans.append(plan_dense(model, setup, gpu, fewest_only))
         elif setup.method == "full":
-            plans.append(plan_full(model, setup, gpu))
+            plans.append(plan_full(model, setup, gpu, fewest_only))
         else:
-            plans.append(plan_lora(model, setup, gpu))
+            plans.append(plan_lora(model, setup, gpu, fewest_only))
     if workload is not None and workload.tokens is not None:
         plans = [_with_compute(p, s, gpu, workload) for p, s in zip(plans, setups, strict=True)]
     notes = sharding_notes(setups[0], isinstance(model, DenseSize))

@@ -356,13 +356,18 @@ def _strategy_label(n: int | None, strategy: str) -> str | None:
 
 def distribute(memory: dict[str, Term], sharding: Sharding | None, buffers: dict[str, Term] | None,
                budget: int, phases: PhasesOf, phase_bytes: PhaseBytesOf | None = None,
-               unsharded: dict[str, int] | None = None) -> DataParallel:
+               unsharded: dict[str, int] | None = None, fewest_only: bool = False) -> DataParallel:
     """Place whole-model terms on GPUs: per-GPU terms for the chosen sharding (unchanged when
     `sharding` is None), CPU bytes under offload, the fewest GPUs for every strategy, and the fewest
     overall. `budget` is the largest per-GPU peak the fit rule allows (`gpus.largest_fitting_peak`);
     `phases` gives the step's phases on one GPU from its per-GPU terms, and `phase_bytes` (when
     given) their bytes alone, which is all the search for the fewest GPUs reads. `unsharded`: the
-    part of a term every GPU keeps whole (see `per_gpu_states`)."""
+    part of a term every GPU keeps whole (see `per_gpu_states`).
+
+    `fewest_only`: only the fewest overall (or under the chosen sharding) is wanted, as advice's
+    re-plans read it: a strategy that does not hold the step on one GPU fewer than a strategy before
+    it needs is not searched (bytes never grow with N, so it can need no fewer), and `min_gpus` and
+    `min_gpus_count` leave it out; under a chosen sharding only that strategy is searched."""
     buffer = zero3_buffer_terms(buffers or {})
     if phase_bytes is None:
         def phase_bytes(m: dict[str, Term], sh: Sharding | None) -> tuple[int, ...]:
@@ -383,7 +388,25 @@ def distribute(memory: dict[str, Term], sharding: Sharding | None, buffers: dict
             return tried[n]
         return _count(fewest_gpus(on, budget, s.strategy != "none"), on)
 
-    counts = {s: least(Sharding(1, s)) for s in STRATEGIES}
+    def holds(s: str, n: int) -> bool:
+        """Whether strategy `s` holds the step on `n` GPUs, by the search's own test."""
+        if n < 1:
+            return False
+        sh = Sharding(n, s)
+        m = per_gpu_states(memory, sh, buffer, unsharded)
+        return m["weights"].bytes <= budget and max(phase_bytes(m, sh)) <= budget
+
+    if not fewest_only:
+        counts = {s: least(Sharding(1, s)) for s in STRATEGIES}
+    elif sharding is not None:
+        searched = (sharding.strategy,) if sharding.offload == "none" else ()
+        counts = {s: least(Sharding(1, s)) for s in searched}
+    else:  # a later strategy must need fewer GPUs to be the fewest (ties go to the earlier)
+        counts = {}
+        for s in STRATEGIES:
+            found = [c.gpus for c in counts.values() if c is not None]
+            if not found or holds(s, min(found) - 1):
+                counts[s] = least(Sharding(1, s))
     minimum = {s: None if c is None else c.gpus for s, c in counts.items()}
     if sharding is None:
         fewest = [(c.gpus, STRATEGIES.index(s), s) for s, c in counts.items() if c is not None]

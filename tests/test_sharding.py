@@ -307,3 +307,34 @@ def test_the_gpu_count_search_reads_the_bytes_of_the_phases_the_plan_shows():
                 shown = step_phases_on_gpu(predicted, per_gpu, sharding, spec, setup, precision)
                 assert step_phase_bytes_on_gpu(predicted, per_gpu, sharding, spec, setup, precision) == \
                     tuple(p.bytes for p in shown), (spec.name, setup.method, strategy, offload)
+
+
+@pytest.mark.parametrize("model, gpu", [("llama-3.1-70b", "h100"), ("llama-3.1-8b", "l4"),
+                                        ("qwen2.5-7b", "rtx4090"), ("mixtral-8x7b", "a100-80gb"),
+                                        # zero3 needs one GPU fewer than zero2 (full, batch 4 and 1)
+                                        ("phi-3-mini", "l4"), ("gpt2-xl", "a10g")])
+def test_the_fewest_only_search_finds_what_the_full_search_finds(model, gpu):
+    """Advice's re-plans search GPU counts only as far as the fewest over the strategies (or under
+    the chosen one): the fewest, its strategy, its peak, the verdict and every per-GPU term are the
+    full search's, and each strategy it did search has the full search's count."""
+    from lora_planner.catalog import get_model
+    from lora_planner.gpus import get_gpu
+    from lora_planner.plan import METHODS, make_plan
+    from lora_planner.spec import TrainSetup
+
+    spec, g = get_model(model), get_gpu(gpu)
+    placements = ({}, {"num_gpus": 3, "sharding": "zero2"}, {"num_gpus": 2, "sharding": "zero3"},
+                  {"num_gpus": 4, "sharding": "fsdp"},
+                  {"num_gpus": 2, "sharding": "zero3", "offload": "optimizer"})
+    for method in METHODS:
+        for batch, checkpointing in ((1, False), (4, True), (16, False)):
+            for placed in placements:
+                setup = TrainSetup(method=method, rank=16, batch_size=batch, grad_checkpointing=checkpointing,
+                                   **placed)
+                full = make_plan(spec, (setup,), g).plans[0]
+                fewest = make_plan(spec, (setup,), g, fewest_only=True).plans[0]
+                read = lambda p: (p.fits, p.gpus_needed, p.gpus_needed_strategy,  # noqa: E731
+                                  p.data_parallel.needed_peak, p.memory, p.per_gpu_peak, p.peak_phase)
+                assert read(fewest) == read(full), setup
+                searched = fewest.data_parallel.min_gpus_count
+                assert searched == {s: full.data_parallel.min_gpus_count[s] for s in searched}
