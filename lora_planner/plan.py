@@ -113,8 +113,15 @@ def _states(trainable: int, params: tuple[Param, ...], setup: TrainSetup,
             precision: Precision, tensors_known: bool = True) -> dict[str, Term]:
     # fused AdamW's per-tensor step counters need the tensor count, unknown for --params
     impl = (setup.optimizer_impl or "foreach") if tensors_known else "foreach"
+    grads = gradient_bytes(trainable, precision)
+    if setup.optimizer_in_backward and params:
+        # each gradient is stepped and freed as it is made: one tensor's at a time, the largest
+        largest = max(p.numel for p in params)
+        grads = Term("gradients", largest * precision.grad_bytes,
+                     f"optimizer in backward: one tensor's gradient at a time, the largest {largest:,} x "
+                     f"{precision.grad_bytes} B = {largest * precision.grad_bytes:,} B")
     return {
-        "gradients": gradient_bytes(trainable, precision),
+        "gradients": grads,
         "master_weights": master_weight_bytes(trainable, precision),
         "optimizer_states": optimizer_bytes(setup.optimizer, params, precision, impl),
     }

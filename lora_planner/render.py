@@ -106,6 +106,10 @@ def _header(plan: Plan, unit: str) -> list[str]:
         lines.append(f"stack: {s.stack} (optimizer {s.optimizer_impl}, loss {loss}, activation offload "
                      f"{'on' if s.activation_offload else 'off'})")
     lines += _targets_line(plan) + _adapter_dtype_line(plan)
+    if plan.setup.optimizer_in_backward:
+        lines.append("optimizer in backward: one optimizer per parameter, stepped in its gradient's hook "
+                     "(torchtune's optimizer_in_bwd); one tensor's gradient and step temporary at a time, "
+                     "no optimizer phase")
     return lines
 
 

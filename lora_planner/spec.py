@@ -239,6 +239,9 @@ class TrainSetup:
     # the adapters' dtype (`adapter_dtype.py`): auto keeps the precision's; fp32 is PEFT's default
     # on a 16-bit model (get_peft_model's autocast_adapter_dtype=True)
     adapter_dtype: str = "auto"
+    # torchtune's optimizer_in_bwd: one optimizer per parameter, stepped in the parameter's
+    # post-accumulate-grad hook, which frees its gradient (`step.in_backward_steps`)
+    optimizer_in_backward: bool = False
     # Data parallelism: None plans whole-model totals; N plans one of N GPUs (see sharding.py).
     num_gpus: int | None = None
     sharding: str = "none"  # none | zero1 | zero2 | zero3 | fsdp (PyTorch FSDP2)

@@ -7,7 +7,7 @@ states the plan already computed, into the `timeline` of the step.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 from .activations import FP32, INT64, Conditions, Profile, profile
@@ -29,6 +29,8 @@ MLP_PART = ("mlp", "ln_2", "post_attention_layernorm", "pre_feedforward_layernor
 # (LoRA on fused experts: PEFT's ParamWrapper on the down weight, its A and B made by baddbmm's backward
 # right after the down grouped matmul's)
 MLP_OUTPUT = ("mlp.down_proj", "mlp.c_proj", "mlp.experts.down_proj")
+# the token and position embeddings' modules (their gradients are made last in backward)
+EMBEDDINGS = ("wte", "wpe", "embed_tokens")
 # the attention's output projection: its gradient is made before the attention core's backward, the
 # query, key and value projections' after it
 ATTN_OUTPUT = ("self_attn.o_proj", "attn.c_proj")
@@ -61,6 +63,9 @@ def conditions(setup: TrainSetup, precision: Precision, device: str = "cuda") ->
     if setup.batch_size < 1 or setup.seq_len < 1:
         raise PlanError(f"batch size and sequence length must be positive, got {setup.batch_size} "
                         f"and {setup.seq_len}")
+    if setup.optimizer_in_backward and (setup.num_gpus or 1) > 1:
+        raise PlanError("--optimizer-in-backward is planned on one GPU (torchtune's single-device "
+                        "recipes); drop --num-gpus")
     fp32 = fp32_adapters(setup.method, precision, setup.adapter_dtype)
     return Conditions(
         adapter_bytes=FP32 if fp32 else 0, adapter_autocast=fp32 and adapter_autocast(precision),
@@ -232,7 +237,77 @@ def predict_step(spec: ModelSpec, setup: TrainSetup, precision: Precision, memor
         temporary_what=f"{kernel}{setup.optimizer} temporary" if temp else f"{kernel}{setup.optimizer}, "
                        "no temporary",
     )
-    phases = step_phases(states, prof, spec.vocab_size if setup.task == "causal-lm" else setup.num_labels,
-                         cond.tokens)
+    vocab = spec.vocab_size if setup.task == "causal-lm" else setup.num_labels
+    if setup.optimizer_in_backward:
+        steps = in_backward_steps(spec, setup, arch, precision, impl)
+        states = replace(
+            states, gradients=0, optimizer_temporary=0, layer_gradients=((0, 0, 0),) * spec.num_layers,
+            expert_up_gradients=(), attn_out_gradients=(), mlp_up_gradients=(),
+            # a tied head's gradient waits in autograd's buffer for the embedding's, as without
+            head_gradients=head if arch.tied_head and embed_trains else 0,
+            temporary_what="stepped in backward", **in_backward_states(steps, prefix, spec.num_layers))
+        if cond.autocast and arch.tied_head and embed_trains:
+            # the tied head's partial gradient is made in 16 bits and cast to the fp32 one that waits
+            states = replace(states, in_backward_head=max(states.in_backward_head, head // 2))
+        # the embedding's step is its own phase (`in_backward_embedding`), not on top of all gradients
+        states = replace(states, embedding_backward=embedding_backward(
+            embed_trains, arch.tied_head, head, prof.transients[0]) - (head if arch.tied_head and embed_trains
+                                                                       else 0))
+        phases = tuple(p for p in step_phases(states, prof, vocab, cond.tokens) if p.name != "optimizer")
+        temporary = Term("optimizer_temporary", max(steps.values(), default=0),
+                         "optimizer in backward: one tensor's gradient and its step's temporary at a time, "
+                         f"the largest {max(steps.values(), default=0):,} B")
+        return StepPrediction(prof, states, phases, peak_phase(phases), temporary)
+    phases = step_phases(states, prof, vocab, cond.tokens)
     return StepPrediction(prof, states, phases, peak_phase(phases), temporary)
 
+
+def in_backward_steps(spec: ModelSpec, setup: TrainSetup, arch: Architecture, precision: Precision,
+                      impl: str) -> dict[str, int]:
+    """Per trained module: the most one of its tensors holds while it is stepped in backward (torchtune's
+    `optimizer_in_bwd`): its gradient, and the temporary of an optimizer that holds that tensor alone
+    (`optimizers.optimizer_temporary_bytes` of one tensor: foreach AdamW's sqrt(v) of it, for-loop's
+    two, fused none)."""
+    from .optimizers import adafactor_temporary_bytes, optimizer_temporary_bytes
+
+    fp32 = fp32_adapters(setup.method, precision, setup.adapter_dtype)
+    tensors: list[tuple[str, tuple[int, ...], Precision]] = []
+    if setup.method == "full":
+        tensors = [(p.name.rsplit(".", 1)[0], p.shape, precision) for p in arch.params]
+    else:
+        trainable = lora_trainable(spec, setup)
+        for a in trainable.adapters:
+            tensors += [(a.module.path, p.shape, FP32_ADAPTERS if fp32 else precision) for p in a.params]
+        tensors += [(p.name.rsplit(".", 1)[0], p.shape, precision) for p in trainable.biases]
+        tensors += [(m.path, p.shape, precision) for m in trainable.saved_modules for p in m.params]
+    steps: dict[str, int] = {}
+    for path, shape, convention in tensors:
+        numel = _numel(shape)
+        if setup.optimizer == "adafactor":
+            sixteen = convention.grad_bytes == 2 and not convention.master_bytes
+            temp = adafactor_temporary_bytes((shape,), sixteen)
+        else:
+            temp = optimizer_temporary_bytes(setup.optimizer, impl, (numel,), convention.state_bytes)
+        steps[path] = max(steps.get(path, 0), numel * convention.grad_bytes + temp)
+    return steps
+
+
+def in_backward_states(steps: dict[str, int], prefix: str, layers: int) -> dict:
+    """`States.in_backward` (per decoder layer) and `in_backward_outside` from `in_backward_steps`.
+    With the optimizer stepped in backward there is no optimizer phase: every tensor was stepped by
+    the end of backward. Assumption: each gradient is freed by its hook (`zero_grad(set_to_none=True)`)
+    before the next is made, as torchtune's hooks do."""
+    per_layer = [[0, 0, 0, 0] for _ in range(layers)]
+    head = embedding = 0
+    for path, nbytes in steps.items():
+        if path.startswith(prefix):
+            index, _, rest = path[len(prefix):].partition(".")
+            part = (0 if rest.startswith(MLP_OUTPUT) else 1 if rest.startswith(MLP_PART)
+                    else 2 if rest.startswith(ATTN_OUTPUT) else 3)
+            per_layer[int(index)][part] = max(per_layer[int(index)][part], nbytes)
+        elif path.endswith(EMBEDDINGS):
+            embedding = max(embedding, nbytes)
+        else:
+            head = max(head, nbytes)
+    return {"in_backward": tuple(tuple(parts) for parts in per_layer), "in_backward_head": head,
+            "in_backward_embedding": embedding}

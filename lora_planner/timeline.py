@@ -69,6 +69,13 @@ class States:
     attn_out_gradients: tuple[int, ...] = ()
     # per layer: the up projection's part of the MLP's gradients (made before its input gradient)
     mlp_up_gradients: tuple[int, ...] = ()
+    # the optimizer stepped in backward (`step.in_backward_steps`): per decoder layer, the most one of
+    # its tensors holds while stepped (its gradient and the step's temporary), by part (the MLP's output
+    # projection, the rest of the MLP, attention's output projection, the rest of attention); the same
+    # for the head and final norm, and for the embeddings; () when the optimizer steps after backward
+    in_backward: tuple[tuple[int, int, int, int], ...] = ()
+    in_backward_head: int = 0
+    in_backward_embedding: int = 0
 
 
 # what every backward moment holds besides its own transients
@@ -177,6 +184,24 @@ def step_phases(states: States, prof: Profile, vocab: int, tokens: int) -> tuple
             mlp_held = max(mlp_held, prof.expert_backward[i])
         phases.append(Phase("backward", base + live + grads + resid + mlp_held + dq,
                             _THROUGH + "MLP", i, "MLP"))
+        if states.in_backward:
+            # a weight's step in its gradient's hook, beside the incoming gradient and the input
+            # gradient the same node made: the MLP's output projection's with its input used (the
+            # MLP's tail freed), the rest of the MLP's once the MLP's saved tensors are gone, and
+            # attention's once attention's tail is gone too (autograd frees a node's saved tensors
+            # as it runs, before the weight's gradient is accumulated and its hook runs)
+            out_step, mlp_step, attn_out_step, attn_step = states.in_backward[i]
+            tail = prof.mlp_tails[i] if prof.mlp_tails else 0
+            attn_tail = prof.attn_tails[i] if prof.attn_tails else 0
+            held = base + grads + 2 * resid
+            for freed, step, where in ((tail, out_step, "MLP output projection"),
+                                       (prof.mlp_layers[i], mlp_step, "MLP"),
+                                       (prof.mlp_layers[i] + attn_tail, max(attn_out_step, attn_step),
+                                        "attention")):
+                if step:
+                    phases.append(Phase("backward", held + live - freed + step,
+                                        _THROUGH + where + ", one tensor stepped in backward", i,
+                                        "attention" if where == "attention" else "MLP"))
         if prof.up_input_backward and prof.up_input_backward[i][1]:
             freed, held = prof.up_input_backward[i]
             up = states.mlp_up_gradients[i] if states.mlp_up_gradients else 0
@@ -215,6 +240,17 @@ def step_phases(states: States, prof: Profile, vocab: int, tokens: int) -> tuple
                                 "attention"))
         saved_below -= prof.args_freed[i] if prof.args_freed else 0
     leaf = 2 * prof.input_leaf  # the embedding output made a leaf, and its gradient
+    if states.in_backward:
+        # the head's (or final norm's) step: the head's saved tensors used, its input gradient made;
+        # the embedding's: at the end, beside what the embedding's backward holds
+        phases.append(Phase("backward", base + acts - prof.head + resid + states.head_gradients
+                            + states.in_backward_head,
+                            "weights + optimizer states + saved activations below the head + the head's "
+                            "input gradient + its weight's gradient, stepped in backward"))
+        phases.append(Phase("backward",
+                            base + states.embedding_backward + leaf + states.in_backward_embedding,
+                            "end of backward: weights + optimizer states + the embedding's backward + "
+                            "its gradient, stepped in backward", part="end"))
     phases.append(Phase("backward", base + states.gradients + states.embedding_backward + leaf,
                         "end of backward: weights + optimizer states + all gradients + the embedding's "
                         "backward", part="end"))

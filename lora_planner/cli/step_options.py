@@ -79,3 +79,12 @@ def adapter_dtype_option(f: Callable) -> Callable:
              "autocast (the Trainer's bf16=True), with pure-bf16 without. auto: the adapters in the "
              "precision's own dtype (16-bit under mixed, bf16, pure-bf16), as plans before this "
              "option. QLoRA and full fine-tuning are planned as without it.")(f)
+
+
+def optimizer_in_backward_option(f: Callable) -> Callable:
+    """Add --optimizer-in-backward: torchtune's optimizer_in_bwd."""
+    return click.option(
+        "--optimizer-in-backward", is_flag=True,
+        help="torchtune's optimizer_in_bwd: one optimizer per parameter, stepped in its "
+             "post-accumulate-grad hook, which frees the gradient; the step holds one tensor's "
+             "gradient (and its step's temporary) at a time instead of all of them. One GPU only.")(f)

@@ -200,7 +200,10 @@ def trace(spec: ModelSpec, setup: TrainSetup, *, fake: bool = False, seed: int =
         ids = torch.randint(0, spec.vocab_size, (setup.batch_size, setup.seq_len))
         labels = ids.clone()
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = _optimizer(torch, params, setup)
+        if setup.optimizer_in_backward:
+            optimizer = StepInBackward(params, lambda group: _optimizer(torch, group, setup))
+        else:
+            optimizer = _optimizer(torch, params, setup)
         # amp, and the Trainer's bf16=True autocast over a bf16 model with fp32 adapters (mixed, bf16)
         compute_dtype = torch.bfloat16 if setup.precision in ("amp", "mixed", "bf16") else None
         loss_fn = step_loss(setup.loss, setup.loss_chunks)
@@ -230,6 +233,36 @@ def trace(spec: ModelSpec, setup: TrainSetup, *, fake: bool = False, seed: int =
     }
     return Comparison(predicted, traced, predicted_phase, report.peak_phase, predicted_phases,
                       dict(report.phase_peaks), reading)
+
+
+class StepInBackward:
+    """torchtune's `optimizer_in_bwd`: one optimizer per parameter, stepped in the parameter's
+    post-accumulate-grad hook and then zeroed (`set_to_none`), so each gradient is freed as soon as
+    it has been used (torchtune's `create_optim_in_bwd_wrapper` / `register_optim_in_bwd_hooks`).
+    `step` and `zero_grad` are left with nothing to do; `state` is every optimizer's, for the tracer."""
+
+    def __init__(self, params, make) -> None:
+        self.optimizers = {p: make([p]) for p in params}
+        for p in self.optimizers:
+            p.register_post_accumulate_grad_hook(self._step)
+
+    def _step(self, param) -> None:
+        optimizer = self.optimizers[param]
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    @property
+    def state(self) -> dict:
+        merged: dict = {}
+        for optimizer in self.optimizers.values():
+            merged.update(optimizer.state)
+        return merged
+
+    def step(self) -> None:
+        pass
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        pass
 
 
 def _optimizer(torch, params, setup: TrainSetup):
