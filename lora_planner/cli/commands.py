@@ -205,7 +205,9 @@ def _with_fit(plan, model, setups, gpu):
 
     if isinstance(model, DenseSize):
         raise PlanError("--fit needs the model's shape for activations; pass --model")
-    return with_fit(plan, setups, lambda s: make_plan(model, (s,), gpu).plans[0].fits, model.max_positions)
+    # the verdict alone is read: GPU counts are searched only as far as the fewest (`fewest_only`)
+    return with_fit(plan, setups, lambda s: make_plan(model, (s,), gpu, fewest_only=True).plans[0].fits,
+                    model.max_positions)
 
 
 @click.command("models", context_settings=ANY_CASE)
