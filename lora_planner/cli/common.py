@@ -15,6 +15,11 @@ class UserError(click.ClickException):
 
     exit_code = 2
 
+    def format_message(self) -> str:
+        # One line whatever the message quotes: a file name or a value may hold a line break or
+        # another control character, which is shown escaped (\n, \x1e).
+        return "".join(c if c.isprintable() else repr(c)[1:-1] for c in self.message)
+
 
 MEASURE_EXTRA = "pip install 'lora-plan[measure]'"
 

@@ -8,6 +8,7 @@ short by a crash, or any other line that is not a usable record, is skipped on r
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 from collections.abc import Iterator
@@ -54,6 +55,8 @@ def load_records(path: str | Path) -> tuple[list[dict], list[Skipped]]:
     path = Path(path)
     if not path.exists():
         return [], []
+    if not path.is_file():  # a folder, /dev/full, a pipe: no records, and /dev/full has no end
+        raise OSError(errno.EINVAL, "not a regular file", str(path))
     found, skipped = read_records_file(path)
     return [record for _, record in found], skipped
 
