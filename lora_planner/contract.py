@@ -95,9 +95,24 @@ def _advice_dict(plan: Plan) -> dict:
     return {"suggestions": suggestions, "with_grad_checkpointing": checkpointed}
 
 
+def planned_gpus(p: MethodPlan) -> int | None:
+    """The GPU count a method was planned on (None: whole-model totals on one GPU)."""
+    dp = p.data_parallel
+    return dp.sharding.num_gpus if dp is not None and dp.sharding is not None else None
+
+
+def step_is_timed(p: MethodPlan) -> bool:
+    """Whether the step fits on the GPUs its time is computed for: the GPUs given (the fit rule's
+    verdict), else the fewest that fit (none when nothing fits at any count). A step that does not
+    fit is given no wall time, GPU-hours or cost."""
+    return p.fits if planned_gpus(p) is not None else p.gpus_needed is not None
+
+
 def _scale_dict(p: MethodPlan) -> dict:
-    """Per-plan JSON keys for data parallelism and compute; time keys are null without tokens."""
+    """Per-plan JSON keys for data parallelism and compute; time keys are null without tokens, and
+    null (with `timed` false) for a step that does not fit on the GPUs it would be timed on."""
     dp, c = p.data_parallel, p.compute
+    timed = c is not None and step_is_timed(p)
     return {
         "min_gpus": dict(dp.min_gpus) if dp else {},
         "zero3_buffer_bytes": {k: t.bytes for k, t in dp.buffers.items()} if dp else {},
@@ -105,7 +120,8 @@ def _scale_dict(p: MethodPlan) -> dict:
         "flops_per_token": int(p.flops_per_token.value) if p.flops_per_token else None,
         "flops": c.flops if c else None,
         "num_gpus_for_time": c.num_gpus if c else None,
-        "wall_hours": c.wall_hours if c else None,
-        "gpu_hours": c.gpu_hours if c else None,
-        "cost_usd": c.cost_usd if c else None,
+        "timed": timed,
+        "wall_hours": c.wall_hours if timed else None,
+        "gpu_hours": c.gpu_hours if timed else None,
+        "cost_usd": c.cost_usd if timed else None,
     }

@@ -6,7 +6,7 @@ decimal) and say which.
 
 from __future__ import annotations
 
-from .contract import to_dict, trainable_percent
+from .contract import planned_gpus, step_is_timed, to_dict, trainable_percent
 from .counts import PEFT_DEFAULT_TARGETS
 from .errors import PlanError
 from .gpus import MIB, device_allowance, largest_fitting_peak
@@ -146,19 +146,13 @@ def _targets_line(plan: Plan) -> list[str]:
 
 def _fit_scope(plan: Plan) -> str:
     """What `--fit` searched on: one GPU, or one of the GPUs the plan was given."""
-    counts = {_planned_gpus(p) for p in plan.plans}
+    counts = {planned_gpus(p) for p in plan.plans}
     if counts == {None}:
         return "one GPU"
     sharding = DISPLAY.get(plan.setup.sharding, plan.setup.sharding)
     if len(counts) == 1:
         return f"one of {counts.pop()} GPUs, {sharding}"
     return f"one of each method's GPUs, {sharding}"
-
-
-def _planned_gpus(p: MethodPlan) -> int | None:
-    """The GPU count a method was planned on (None: whole-model totals on one GPU)."""
-    dp = p.data_parallel
-    return dp.sharding.num_gpus if dp is not None and dp.sharding is not None else None
 
 
 def aligned_table(rows: list[list[str]], headers: list[str], markdown: bool = False) -> str:
@@ -325,9 +319,9 @@ def _scale_rows(plan: Plan, fmt) -> list[list[str]]:
     s = plan.setup
     where = f"{plan.gpu.name}" + (f", {DISPLAY.get(s.sharding, s.sharding)}" if s.num_gpus else "")
     rows = [[f"GPUs needed ({where})"] + [_needed(p) for p in plan.plans]]
-    counts = {_planned_gpus(p) for p in plan.plans}
+    counts = {planned_gpus(p) for p in plan.plans}
     if len(counts) > 1:  # each method on its own fewest GPUs (--sharding without --num-gpus)
-        rows.append(["GPUs planned"] + [str(_planned_gpus(p)) for p in plan.plans])
+        rows.append(["GPUs planned"] + [str(planned_gpus(p)) for p in plan.plans])
         rows.append(["fits on them (peak + allowance)"] + ["yes" if p.fits else "no" for p in plan.plans])
     elif s.num_gpus:
         rows.append([f"fits on {counts.pop()} (peak + allowance)"]
@@ -341,25 +335,19 @@ def _scale_rows(plan: Plan, fmt) -> list[list[str]]:
         rows += [
             ["training FLOPs"] + [f"{p.compute.flops:.3g}" for p in plan.plans],
             ["wall time"] + [_wall_time(p) for p in plan.plans],
-            ["GPU-hours"] + [_hours(p.compute.gpu_hours) if _fits_timed(p) else "-" for p in plan.plans],
-            ["cost (USD)"] + ["-" if p.compute.cost_usd is None or not _fits_timed(p)
+            ["GPU-hours"] + [_hours(p.compute.gpu_hours) if step_is_timed(p) else "-" for p in plan.plans],
+            ["cost (USD)"] + ["-" if p.compute.cost_usd is None or not step_is_timed(p)
                               else f"${p.compute.cost_usd:,.0f}" for p in plan.plans],
         ]
     return rows
 
 
-def _fits_timed(p: MethodPlan) -> bool:
-    """Whether the step fits on the GPUs its time is computed for: the GPUs given (the fit rule's
-    verdict), else the fewest that fit (none when nothing fits at any count)."""
-    return p.fits if _planned_gpus(p) is not None else p.gpus_needed is not None
-
-
 def _wall_time(p: MethodPlan) -> str:
     """`12.9 h on 16`, or why there is no time: a step that does not fit is not priced."""
     n = p.compute.num_gpus
-    if not _fits_timed(p):
-        return f"does not fit on {n}" if _planned_gpus(p) is not None else "does not fit"
-    on = f"{n} ({p.gpus_needed_strategy})" if _planned_gpus(p) is None and n > 1 else str(n)
+    if not step_is_timed(p):
+        return f"does not fit on {n}" if planned_gpus(p) is not None else "does not fit"
+    on = f"{n} ({p.gpus_needed_strategy})" if planned_gpus(p) is None and n > 1 else str(n)
     return f"{_hours(p.compute.wall_hours)} on {on}"
 
 
@@ -395,7 +383,7 @@ def _scale_explanation(plan: Plan, p: MethodPlan) -> list[str]:
     if p.flops_per_token is not None:
         lines.append(f"  flops_per_token: {p.flops_per_token.formula}")
     c = p.compute
-    if c is not None and c.wall_hours is not None and not _fits_timed(p):
+    if c is not None and c.wall_hours is not None and not step_is_timed(p):
         lines.append(f"  wall_hours: none: the step does not fit on {c.num_gpus} GPU(s)")
     elif c is not None and c.wall_hours is not None:
         lines.append(f"  wall_hours: {c.flops:.4g} FLOPs / ({c.num_gpus} x {plan.gpu.peak_tflops:g}e12 "

@@ -105,6 +105,13 @@ def test_a_plan_that_does_not_fit_is_not_timed_or_priced():
     assert "h on 16" in fits and "$" in fits
     explain = run("--model", "70b", "--rank", "8", "--num-gpus", "16", "--tokens", "1e9", "--explain").output
     assert explain.count("wall_hours: none: the step does not fit on 16 GPU(s)") == 3
+    for p in plan_json("--model", "70b", "--rank", "8", "--num-gpus", "16", "--tokens", "1e9")["plans"]:
+        assert (p["fits"], p["timed"], p["wall_hours"], p["gpu_hours"], p["cost_usd"]) == (
+            False, False, None, None, None)
+        assert p["flops"] > 0  # the work is still counted; only its time on these GPUs is withheld
+    priced = plan_json("--model", "70b", "--rank", "8", "--num-gpus", "16", "--sharding", "zero3",
+                       "--method", "qlora", "--tokens", "1e9")["plans"][0]
+    assert priced["timed"] and priced["wall_hours"] > 0 and priced["cost_usd"] > 0
 
 
 @pytest.mark.parametrize(("args", "where"), [
