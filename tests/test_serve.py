@@ -219,6 +219,10 @@ def test_other_formats_and_explain_are_what_the_cli_prints(server):
         status, headers, body = get(f"{server}/api/plan?{urlencode([('model', 'gpt2'), *extra])}")
         assert status == 200 and headers["Content-Type"].startswith("text/plain")
         assert body == cli(["--model", "gpt2", *argv]).output
+    status, headers, body = get(f"{server}/api/plan?model=gpt2&format=json&explain=on")
+    assert status == 200 and headers["Content-Type"] == "application/json"
+    assert json.loads(body)["explain"]
+    assert body == cli(["--model", "gpt2", "--format", "json", "--explain"]).output
 
 
 @pytest.mark.parametrize("query, argv", [

@@ -698,7 +698,7 @@ class PlanHandler(BaseHTTPRequestHandler):
         if token:
             body = body.replace(folder, token)
         fmt = params.get("fmt")
-        json_out = status == 200 and fmt == "json" and not params.get("explain")
+        json_out = status == 200 and fmt == "json"  # --explain with JSON is inside it (`explain`)
         self._send(status, "application/json" if json_out else TEXT, body, headers)
 
     def _static(self, name: str) -> None:
