@@ -34,7 +34,8 @@ def scale_options(f: Callable) -> Callable:
                      help="Data-parallel GPUs. Memory becomes per GPU, and time is on N GPUs."),
         click.option("--sharding", type=click.Choice([*STRATEGIES, *STRATEGY_ALIASES], case_sensitive=False),
                      default="none", show_default=True,
-                     help="Across --num-gpus: ddp (= none) replicates; DeepSpeed zero1 shards optimizer "
+                     help="Across --num-gpus (without it: each method on the fewest GPUs that fit): "
+                          "ddp (= none) replicates; DeepSpeed zero1 shards optimizer "
                           "states and fp32 master weights, zero2 also gradients, zero3 also weights "
                           "(the frozen LoRA base too); fsdp is PyTorch FSDP2's full shard, with its "
                           "own buffers."),
