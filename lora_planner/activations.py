@@ -59,6 +59,9 @@ class Conditions:
     # dtype. `adapter_autocast`: their matmuls then run under autocast (mixed, bf16), on 16-bit copies
     adapter_bytes: int = 0
     adapter_autocast: bool = False
+    # packed documents (`--packing`): one row of every token, position ids restarting per document;
+    # transformers then hands attention an explicit block-diagonal (1, 1, s, s) mask
+    packed: bool = False
 
     @property
     def tokens(self) -> int:
@@ -375,7 +378,8 @@ class Graph:
         # the input itself.
         # With fp32 adapters every tensor alive here is sized once, those the model's code holds too.
         if fp32_adapters:
-            alive = self.unsaved(x, xc, xd, *self.args, *self.held.values())
+            # (the dropped copy, when lora_A keeps autocast's 16-bit copy of it, is gone by now)
+            alive = self.unsaved(x, xc, *self.args, *self.held.values())
         else:
             recast = x.itemsize != self.cond.weight_bytes
             alive = ((x.numel * self.cond.weight_bytes if recast else 0) + self.unsaved(x)
@@ -389,9 +393,16 @@ class Graph:
         # lora_B's matmul saved its weight's 16-bit copy before this moment's outputs exist: a
         # recompute that stops at that save never reaches it
         self.moments.setdefault(layer, []).append((self._saves, held))
+        if fp32_adapters and xd is not xc:
+            # lora_A's output made, the dropped fp32 copy still alive beside PEFT's cast of the input
+            # (the dropped copy is freed after, when autocast's 16-bit copy of it is what lora_A kept)
+            at_a = self.unsaved(x, xc, xd, out, *self.args, *self.held.values())
+            saved = self.saved_bytes(layer) + self.saved_bytes(f"{layer} mlp")
+            self.moments[layer].append((self._saves, saved + at_a))
+            self.moment(x, xc, xd, out)
         # the same moment in the whole forward: the base output, lora_B's output and its scaled copy
         # beside the input and PEFT's cast of it (`xd`, the input itself when of the adapter's dtype)
-        self.moment(x, xd, out, *((xc,) if fp32_adapters else ()),
+        self.moment(x, *((xc,) if fp32_adapters else (xd,)), out,
                     extra=2 * rows * out_features * xa.itemsize)
         # PEFT casts the sum back to the base output's dtype (`result.to(torch_result_dtype)`)
         return self.cast(self.add(out, self.new(rows * out_features, xa.itemsize, True)), out.itemsize)
@@ -883,7 +894,7 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
         # GPT2Attention binds q, k and v until it returns (after c_proj), GPT2Block `hidden_states`
         g.args = (h, qkv)
         a = g.attention(qkv_view, qkv_view, qkv_view, nh, nh, hd, attn_drop, fused=qkv_view,
-                        softmax_fp32=False)
+                        softmax_fp32=False, masked=g.cond.packed and g.cond.attention == "sdpa")
         a = g.dropout_op(g.linear(a, f"{p}.attn.c_proj", H, H), drop)
         x = g.add(x, a)
         g.release(h)
@@ -951,8 +962,8 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
         q_projected, q = q, g.rope(q, *rot, alive=(v,) if sliced else (q, k, v), cast_back=back)
         k = g.rope(k, *rot, alive=(q, v) if sliced else (q_projected, q, k, v), cast_back=back)
     g.args = attention_locals(h, q, k, v)
-    masked = (g.cond.attention == "sdpa" and spec.sliding_layer(i)
-              and g.cond.seq_len >= (spec.sliding_window or 0))
+    masked = g.cond.attention == "sdpa" and (g.cond.packed or (
+        spec.sliding_layer(i) and g.cond.seq_len >= (spec.sliding_window or 0)))
     a = g.attention(q, k, v, nh, nkv, hd, g.rates[0], softcap=gemma and spec.attn_softcap,
                     contiguous_q=spec.family == "phi3", fused=v if spec.family == "phi3" else None,
                     masked=masked)
@@ -1625,7 +1636,7 @@ def checkpoint_masks_freed(spec: ModelSpec, cond: Conditions) -> tuple[int, ...]
     for sliding, i in lowest.items():
         if eager:
             freed[i] += eager_bytes
-        elif sliding and s >= (spec.sliding_window or 0):
+        elif cond.packed or (sliding and s >= (spec.sliding_window or 0)):
             freed[i] += s * s
     return tuple(freed)
 
@@ -1650,6 +1661,8 @@ def forward_mask_bytes(spec: ModelSpec, cond: Conditions) -> int:
             FP32 if cond.autocast else cond.weight_bytes)
     sliding = any(spec.sliding_layer(i) and cond.seq_len >= (spec.sliding_window or 0)
                   for i in range(spec.num_layers))
+    if cond.packed:  # one block-diagonal mask per kind of layer
+        return len(kinds) * cond.seq_len * cond.seq_len
     return cond.seq_len * cond.seq_len if sliding else 0
 
 
@@ -1880,12 +1893,14 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
     biases = frozenset(m.path for m in layout(spec).modules if m.bias is not None)
     g = Graph(cond, wrapped, trainable, rates=rates, biases=biases)
     t, H, wb = cond.tokens, spec.hidden_size, cond.weight_bytes
+    positions = 0 if cond.packed else cond.seq_len  # position ids the model makes itself
     g.section = "embedding"
     # PEFT makes the embedding output require grad when checkpointing (enable_input_require_grads)
     input_grad = cond.grad_checkpointing
     if spec.family == "gpt2":
         wte, wpe = "transformer.wte", "transformer.wpe"
-        ids, embeds = g.new(cond.seq_len, INT64, False), g.new(t * H, wb, wte in trainable or input_grad)
+        # the position ids the model makes (packed: the caller's input, counted with the token ids)
+        ids, embeds = g.new(positions, INT64, False), g.new(t * H, wb, wte in trainable or input_grad)
         if wpe in trainable:
             g.save(ids)  # position ids
         x = g.new(t * H, wb, wte in trainable or wpe in trainable or input_grad)
@@ -1911,7 +1926,7 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
     if spec.family != "gpt2":
         # the model's forward holds these until it returns: the embedding output (`inputs_embeds`),
         # the position ids, the rotary cos and sin, and the attention masks
-        g.hold(x, g.new(cond.seq_len, INT64, False), *rot,
+        g.hold(x, g.new(positions, INT64, False), *rot,
                g.new(forward_mask_bytes(spec, cond), 1, False))
     for i in range(spec.num_layers):
         g.section = f"layer {i}"
@@ -1967,11 +1982,13 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
     eager_mask = mask * len(kinds) if cond.attention == "eager" else 0
     # A checkpointed layer also keeps its other arguments: the attention mask its kind of layer gets
     # (eager) and, for rotary families, cos, sin and the position ids.
-    shared = eager_mask + (0 if rot is None else 2 * rot[0].nbytes + cond.seq_len * INT64)
-    if cond.attention == "sdpa" and any(spec.sliding_layer(i) and cond.seq_len >= (spec.sliding_window or 0)
-                                        for i in range(spec.num_layers)):
-        # SDPA's sliding-window mask: boolean (1, 1, s, s), expanded over the batch without a copy
-        shared += cond.seq_len * cond.seq_len
+    shared = eager_mask + (0 if rot is None else 2 * rot[0].nbytes + positions * INT64)
+    if cond.attention == "sdpa" and (cond.packed or any(
+            spec.sliding_layer(i) and cond.seq_len >= (spec.sliding_window or 0)
+            for i in range(spec.num_layers))):
+        # SDPA's sliding-window mask: boolean (1, 1, s, s), expanded over the batch without a copy;
+        # packed, each kind of layer's block-diagonal mask
+        shared += cond.seq_len * cond.seq_len * (len(kinds) if cond.packed else 1)
     return Profile(
         embedding=g.saved_bytes("embedding"),
         layers=tuple(layers),

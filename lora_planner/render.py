@@ -106,6 +106,12 @@ def _header(plan: Plan, unit: str) -> list[str]:
         lines.append(f"stack: {s.stack} (optimizer {s.optimizer_impl}, loss {loss}, activation offload "
                      f"{'on' if s.activation_offload else 'off'})")
     lines += _targets_line(plan) + _adapter_dtype_line(plan)
+    if plan.setup.packing:
+        s = plan.setup
+        lines.append(f"packing: {s.batch_size} documents of {s.seq_len:,} tokens as one row of "
+                     f"{s.batch_size * s.seq_len:,}, position ids restarting per document; attention "
+                     "under a block-diagonal (1, 1, T, T) mask" if s.batch_size > 1 else
+                     "packing: one document per step, nothing to pack (attention runs causal)")
     if plan.setup.optimizer_in_backward:
         lines.append("optimizer in backward: one optimizer per parameter, stepped in its gradient's hook "
                      "(torchtune's optimizer_in_bwd); one tensor's gradient and step temporary at a time, "

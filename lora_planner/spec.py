@@ -242,6 +242,9 @@ class TrainSetup:
     # torchtune's optimizer_in_bwd: one optimizer per parameter, stepped in the parameter's
     # post-accumulate-grad hook, which frees its gradient (`step.in_backward_steps`)
     optimizer_in_backward: bool = False
+    # packed documents: the micro-batch's batch_size sequences of seq_len tokens as one row, position
+    # ids restarting per sequence (TRL's padding_free, torchtune's packed datasets); see `step.conditions`
+    packing: bool = False
     # Data parallelism: None plans whole-model totals; N plans one of N GPUs (see sharding.py).
     num_gpus: int | None = None
     sharding: str = "none"  # none | zero1 | zero2 | zero3 | fsdp (PyTorch FSDP2)

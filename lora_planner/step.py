@@ -67,9 +67,13 @@ def conditions(setup: TrainSetup, precision: Precision, device: str = "cuda") ->
         raise PlanError("--optimizer-in-backward is planned on one GPU (torchtune's single-device "
                         "recipes); drop --num-gpus")
     fp32 = fp32_adapters(setup.method, precision, setup.adapter_dtype)
+    # packed: the batch's sequences are one row of every token, attended under a block-diagonal mask
+    # (one sequence is no packing: transformers finds no document boundary and runs causal)
+    packed = setup.packing and setup.batch_size > 1
+    batch, seq = (1, setup.batch_size * setup.seq_len) if packed else (setup.batch_size, setup.seq_len)
     return Conditions(
         adapter_bytes=FP32 if fp32 else 0, adapter_autocast=fp32 and adapter_autocast(precision),
-        batch_size=setup.batch_size, seq_len=setup.seq_len, weight_bytes=precision.weight_bytes,
+        packed=packed, batch_size=batch, seq_len=seq, weight_bytes=precision.weight_bytes,
         autocast=precision.name == "amp", attention=setup.attention,
         grad_checkpointing=setup.grad_checkpointing, device=device,
         dropout=setup.dropout, lora_dropout=setup.lora_dropout,
@@ -190,6 +194,10 @@ def predict_step(spec: ModelSpec, setup: TrainSetup, precision: Precision, memor
     arch = layout(spec, setup.task, setup.num_labels)
     cond = conditions(setup, precision, device)
     wrapped, trainable, by_path = _training(spec, setup, arch)
+    if cond.adapter_bytes and any(a.module.kind in ("router", "experts")
+                                  for a in lora_trainable(spec, setup).adapters):
+        raise PlanError("--adapter-dtype fp32 is not modelled for adapters on a router or fused experts "
+                        "(PEFT's ParamWrapper): leave them out of --targets, or plan --adapter-dtype auto")
     prof = profile(spec, cond, wrapped, trainable)
     grad_bytes = precision.grad_bytes
     prefix = "transformer.h." if spec.family == "gpt2" else "model.layers."
@@ -226,7 +234,8 @@ def predict_step(spec: ModelSpec, setup: TrainSetup, precision: Precision, memor
         gradients=memory["gradients"],
         optimizer_states=memory["optimizer_states"] + memory["master_weights"],
         optimizer_temporary=temp,
-        inputs=2 * cond.tokens * INT64,
+        # token ids and labels, and the position ids a packed batch is given
+        inputs=(3 if cond.packed else 2) * cond.tokens * INT64,
         head_gradients=head,
         dequant_transient=dequant,
         expert_up_gradients=tuple(expert_up),

@@ -72,8 +72,7 @@ def test_fp32_adapters_over_a_bf16_base_match_peft(seed, family, precision):
 
 # checkpointed all-linear steps whose recompute the plan puts 1-5% above the trace (measured)
 LOOSE = {(12, "qwen2", "pure-bf16"): 0.05, (28, "llama", "pure-bf16"): 0.02, (28, "llama", "bf16"): 0.02,
-         (36, "llama", "pure-bf16"): 0.03, (36, "gpt2", "pure-bf16"): 0.03, (36, "gpt2", "bf16"): 0.05,
-         (2, "llama", "bf16"): 0.012}
+         (36, "llama", "pure-bf16"): 0.03, (36, "gpt2", "pure-bf16"): 0.03, (36, "gpt2", "bf16"): 0.05}
 
 
 @pytest.mark.slow
@@ -136,3 +135,13 @@ def test_cli_adapter_dtype_in_setup_explain_and_errors():
     assert wrong.exit_code == 2 and "--adapter-dtype" in wrong.output
     assert "--adapter-dtype" in runner.invoke(cli, ["plan", "--help"]).output
     assert "--adapter-dtype" in runner.invoke(cli, ["trace", "--help"]).output
+
+
+def test_fp32_adapters_on_fused_experts_are_refused():
+    """PEFT's ParamWrapper on a router or fused experts merges the adapter into the weight: not
+    modelled with fp32 adapters (traced: activations 3-14% above the plan), so refused."""
+    spec = resolve_model("mixtral-8x7b")
+    setup = TrainSetup(method="lora", precision="bf16", adapter_dtype="fp32", targets=("all-linear",))
+    with pytest.raises(PlanError, match="router or fused experts"):
+        make_plan(spec, (setup,), GPUS[0])
+    make_plan(spec, (setup.with_(targets=("attn",)),), GPUS[0])  # attention only: planned

@@ -23,6 +23,7 @@ from .step_options import (
     dropout_option,
     lora_dropout_option,
     optimizer_in_backward_option,
+    packing_option,
     precision_option,
     step_options,
 )
@@ -73,6 +74,7 @@ ANY_CASE = {"token_normalize_func": str.lower}
 @lora_dropout_option
 @adapter_dtype_option
 @optimizer_in_backward_option
+@packing_option
 @click.option("--gpu", "gpu_name", default=DEFAULT_GPU, show_default=True,
               help=f"GPU kind: {', '.join(g.name for g in GPUS)}.")
 @click.option("--gpu-mem", "gpu_mem", metavar="SIZE",
@@ -106,7 +108,7 @@ def plan_output(model_name, params_text, methods, ranks, targets, precision, opt
                 seq_len, grad_checkpointing, attention, stack, optimizer_impl, loss, loss_chunks,
                 activation_offload, gpu_name, gpu_mem, fmt, units, explain, fit, dropout=None,
                 quantize_experts=False, lora_dropout=0.0, adapter_dtype="auto",
-                optimizer_in_backward=False, **scale) -> str:
+                optimizer_in_backward=False, packing=False, **scale) -> str:
     """What `plan` prints for its parsed options (click's parameter names); a user mistake
     raises PlanError. The command echoes it; the page (`serve`) answers with it directly."""
     if bool(model_name) == bool(params_text):
@@ -131,7 +133,7 @@ def plan_output(model_name, params_text, methods, ranks, targets, precision, opt
         double_quant=double_quant, quantize_experts=quantize_experts, save_dtype=save_dtype,
         task=task, num_labels=num_labels, tasks=tasks, batch_size=batch_size, seq_len=seq_len,
         attention=attention, dropout=dropout, lora_dropout=lora_dropout, adapter_dtype=adapter_dtype,
-        optimizer_in_backward=optimizer_in_backward,
+        optimizer_in_backward=optimizer_in_backward, packing=packing,
         **stack_changes(stack, optimizer_impl, loss, loss_chunks, activation_offload,
                         grad_checkpointing),
         **setup_changes(**scale),
@@ -252,6 +254,7 @@ def models_command(fmt: str) -> None:
 @lora_dropout_option
 @adapter_dtype_option
 @optimizer_in_backward_option
+@packing_option
 @click.option("--layers", type=click.IntRange(1, MAX_LAYERS), default=None,
               help="Trace only the first N decoder layers (a slice of a large model).")
 @click.option("--fake", is_flag=True,
@@ -266,7 +269,7 @@ def models_command(fmt: str) -> None:
 def trace_command(model_name, method, rank, targets, precision, batch_size, seq_len, grad_checkpointing,
                   attention, stack, optimizer_impl, loss, loss_chunks, activation_offload, layers, fake,
                   fmt, force, dropout=None, optimizer="adamw", lora_dropout=0.0,
-                  adapter_dtype="auto", optimizer_in_backward=False) -> None:
+                  adapter_dtype="auto", optimizer_in_backward=False, packing=False) -> None:
     """Trace one real training step on CPU and print it beside the prediction, term by term.
 
     Needs the `measure` extra (torch, transformers; peft for LoRA). Without --fake, a step whose
@@ -287,7 +290,7 @@ def trace_command(model_name, method, rank, targets, precision, batch_size, seq_
                        precision=precision, batch_size=batch_size, seq_len=seq_len,
                        attention=attention, dropout=dropout, optimizer=optimizer,
                        lora_dropout=lora_dropout, adapter_dtype=adapter_dtype,
-                       optimizer_in_backward=optimizer_in_backward,
+                       optimizer_in_backward=optimizer_in_backward, packing=packing,
                        **stack_changes(stack, optimizer_impl, loss, loss_chunks, activation_offload,
                                        grad_checkpointing))
     need_measure_extra("lora-plan trace")
@@ -346,6 +349,8 @@ def _trace_header(spec: ModelSpec, setup: TrainSetup) -> str:
         dropout += f", {setup.adapter_dtype} adapters"
     if setup.optimizer_in_backward:
         dropout += ", optimizer stepped in backward"
+    if setup.packing:
+        dropout += ", packed into one row"
     return (f"traced: {spec.name} ({spec.family}, {spec.num_layers} layers); method {method}{dropout}; "
             f"precision {setup.precision}; batch {setup.batch_size} x {setup.seq_len} tokens; "
             f"checkpointing {'on' if setup.grad_checkpointing else 'off'}")

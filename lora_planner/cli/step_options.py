@@ -88,3 +88,15 @@ def optimizer_in_backward_option(f: Callable) -> Callable:
         help="torchtune's optimizer_in_bwd: one optimizer per parameter, stepped in its "
              "post-accumulate-grad hook, which frees the gradient; the step holds one tensor's "
              "gradient (and its step's temporary) at a time instead of all of them. One GPU only.")(f)
+
+
+def packing_option(f: Callable) -> Callable:
+    """Add --packing: the batch's sequences packed into one row."""
+    return click.option(
+        "--packing", is_flag=True,
+        help="Pack the micro-batch: its --batch-size documents of --seq-len tokens as one row of "
+             "batch x seq tokens, position ids restarting per document (TRL's padding_free, "
+             "torchtune's packed datasets). transformers then gives attention an explicit "
+             "block-diagonal (1, 1, T, T) mask: SDPA keeps it and runs the memory-efficient kernel "
+             "on CUDA, eager attention's scores are T x T. flash_attention_2's varlen kernel, "
+             "which needs no mask, is not planned.")(f)

@@ -25,11 +25,12 @@ def _no_phase(_name: str) -> contextlib.AbstractContextManager:
 def train_step(model: Any, optimizer: Any, input_ids: Any, labels: Any = None, *, compute_dtype: Any = None,
                scaler: Any = None,
                phase: Callable[[str], contextlib.AbstractContextManager] = _no_phase,
-               loss_fn: Callable[[Any, Any, Any], Any] | None = None) -> Any:
+               loss_fn: Callable[[Any, Any, Any], Any] | None = None, position_ids: Any = None) -> Any:
     """Run one step and return its loss (a detached 0-d tensor: reading it is the caller's sync).
 
     `input_ids` (B, T); `labels` (B, T), the inputs when None (the model shifts them). `loss_fn`
     (model, input_ids, labels) -> loss replaces the model's own loss (a chunked cross-entropy).
+    `position_ids` (1, T), restarting per document, for packed sequences (the model's own loss only).
     """
     import torch
 
@@ -41,7 +42,8 @@ def train_step(model: Any, optimizer: Any, input_ids: Any, labels: Any = None, *
             if loss_fn is not None:
                 loss = loss_fn(model, input_ids, labels)
             else:
-                loss = model(input_ids=input_ids, labels=labels).loss  # () fp32
+                extra = {} if position_ids is None else {"position_ids": position_ids}
+                loss = model(input_ids=input_ids, labels=labels, **extra).loss  # () fp32
     with phase("backward"):
         (scaler.scale(loss) if scaler is not None else loss).backward()
     with phase("optimizer"):

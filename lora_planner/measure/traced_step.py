@@ -96,6 +96,9 @@ def _check(setup: TrainSetup) -> None:
                         "with `lora-plan plan`")
     if setup.task != "causal-lm":
         raise PlanError("trace runs the causal-LM loss")
+    if setup.packing and (setup.loss or "standard") != "standard":
+        raise PlanError("a packed trace gives the model its position ids: trace --packing with "
+                        "--loss standard")
     if setup.loss == "fused-linear":
         raise PlanError("fused-linear cross-entropy runs Liger's Triton kernel on a GPU; trace --loss "
                         "standard or chunked on CPU")
@@ -197,7 +200,13 @@ def trace(spec: ModelSpec, setup: TrainSetup, *, fake: bool = False, seed: int =
             enable_checkpointing(model)
         if setup.method == "lora":
             model = _with_lora(model, spec, setup)
-        ids = torch.randint(0, spec.vocab_size, (setup.batch_size, setup.seq_len))
+        positions = None
+        packed = setup.packing and setup.batch_size > 1  # one sequence has nothing to pack
+        if packed:  # the batch's sequences as one row, positions restarting per sequence
+            ids = torch.randint(0, spec.vocab_size, (1, setup.batch_size * setup.seq_len))
+            positions = torch.arange(setup.seq_len).repeat(setup.batch_size)[None]  # (1, T)
+        else:
+            ids = torch.randint(0, spec.vocab_size, (setup.batch_size, setup.seq_len))
         labels = ids.clone()
         params = [p for p in model.parameters() if p.requires_grad]
         if setup.optimizer_in_backward:
@@ -210,12 +219,14 @@ def trace(spec: ModelSpec, setup: TrainSetup, *, fake: bool = False, seed: int =
 
         def step(tracer: MemoryTracer | None) -> None:
             train_step(model, optimizer, ids, labels, compute_dtype=compute_dtype, loss_fn=loss_fn,
-                       phase=tracer.phase if tracer else lambda _name: contextlib.nullcontext())
+                       phase=tracer.phase if tracer else lambda _name: contextlib.nullcontext(),
+                       position_ids=positions)
 
-        with _unpacked(fake):
+        with _unpacked(fake and not packed):
             step(None)  # the first step creates the optimizer's states; a run's later steps keep them
             profiling = allocator and not fake
-            tracer = MemoryTracer(model, optimizer, inputs=(ids, labels), annotate=profiling)
+            inputs = (ids, labels) if positions is None else (ids, labels, positions)
+            tracer = MemoryTracer(model, optimizer, inputs=inputs, annotate=profiling)
             baseline = tracer.live_bytes()
             with alloc.profiled() if profiling else contextlib.nullcontext() as prof, tracer:
                 step(tracer)
