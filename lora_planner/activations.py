@@ -132,6 +132,8 @@ class Graph:
     # by section: a LoRA-wrapped attention output projection's input gradient (`lora_input_gradient_sum`)
     out_input_backward: dict[str, int] = field(default_factory=dict)
     norm_copy: int = 0  # the fp32 copy of its input the last `rms_norm` saved (0: the input was fp32)
+    # keys of the tensors held around the current decoder layer (its input, the model's locals)
+    outer: frozenset[int] = frozenset()
     section: str = ""
     # tensors a caller holds as arguments while the current block runs (the MLP's input)
     args: tuple[Tensor, ...] = ()
@@ -327,6 +329,12 @@ class Graph:
         self.forward_live = max(self.forward_live, live)
         return live
 
+    def _layer_held(self) -> list[Tensor]:
+        """What the layer's own code holds (the MLP's activation beside the up projection): a layer's
+        moment counts it beside the layer's saves; what the model holds around the layer, the
+        timeline counts."""
+        return [t for k, t in self.held.items() if k not in self.outer]
+
     # --- linear layers --------------------------------------------------------------------------
     def linear(self, x: Tensor, path: str, in_features: int, out_features: int) -> Tensor:
         """y = x W^T (+ b), plus LoRA's B(A(dropout(x))) * scale when the module is wrapped.
@@ -379,7 +387,7 @@ class Graph:
         # With fp32 adapters every tensor alive here is sized once, those the model's code holds too.
         if fp32_adapters:
             # (the dropped copy, when lora_A keeps autocast's 16-bit copy of it, is gone by now)
-            alive = self.unsaved(x, xc, *self.args, *self.held.values())
+            alive = self.unsaved(x, xc, *self.args, *self._layer_held())
         else:
             recast = x.itemsize != self.cond.weight_bytes
             alive = ((x.numel * self.cond.weight_bytes if recast else 0) + self.unsaved(x)
@@ -396,7 +404,7 @@ class Graph:
         if fp32_adapters and xd is not xc:
             # lora_A's output made, the dropped fp32 copy still alive beside PEFT's cast of the input
             # (the dropped copy is freed after, when autocast's 16-bit copy of it is what lora_A kept)
-            at_a = self.unsaved(x, xc, xd, out, *self.args, *self.held.values())
+            at_a = self.unsaved(x, xc, xd, out, *self.args, *self._layer_held())
             saved = self.saved_bytes(layer) + self.saved_bytes(f"{layer} mlp")
             self.moments[layer].append((self._saves, saved + at_a))
             self.moment(x, xc, xd, out)
@@ -831,8 +839,9 @@ def mlp_output_pending(cond: Conditions, numel: int, wrapped: bool) -> int:
     """
     if wrapped and cond.adapter_bytes and not cond.adapter_autocast:
         # fp32 adapters, no autocast: the sum PEFT cast back to 16 bits gets an fp32 gradient; the
-        # base output's is cast to 16 bits, the adapter's scaled in fp32 (both wait)
-        return numel * (cond.weight_bytes + FP32)
+        # base output's is cast to 16 bits, the adapter's scaled in fp32, and a second 16-bit copy
+        # waits beside them (measured with the tracer: two tokens x hidden 16-bit casts and one fp32)
+        return numel * (2 * cond.weight_bytes + FP32)
     return numel * cond.compute_bytes * ((1 if cond.autocast else 0) + (1 if wrapped else 0))
 
 
@@ -1077,8 +1086,11 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
     if (f"{p}.mlp.down_proj" in g.wrapped and not post_norms and not spec.num_experts and not dense
             and (spec.family != "phi3" or g.rates[1] <= 0)):
         # LoRA on the output projection: the scale's backward needs no saved tensor, so the scaled
-        # branch's gradient is made before lora_B's backward sets off the recompute
-        g.pending[layer] = g.pending.get(layer, 0) + block_out.nbytes
+        # branch's gradient is made before lora_B's backward sets off the recompute (fp32 adapters
+        # without autocast: `mlp_output_pending`'s casts)
+        fp32 = g.cond.adapter_bytes and not g.cond.adapter_autocast
+        g.pending[layer] = g.pending.get(layer, 0) + (
+            mlp_output_pending(g.cond, block_out.numel, True) if fp32 else block_out.nbytes)
     if post_norms and block_out.itemsize < FP32:
         # Gemma-2's post-feedforward norm returns `type_as` its 16-bit input (OLMo 2's `.to` it): the
         # backward of that cast makes a fp32 gradient, which waits for the norm's saved tensors (the
@@ -1933,6 +1945,7 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
         x_in = x
         outer = dict(g.held)
         g.hold(x_in)  # the caller's hidden states, until the layer returns
+        g.outer = frozenset(g.held)  # what the model holds around the layer (the timeline's own)
         x = _decoder_layer(g, spec, i, x, rot)
         g.held = outer
         # a checkpointed layer keeps its input; when the layer's own ops save it too, the recomputed
