@@ -47,17 +47,14 @@ def test_optimizer_in_backward_each_adamw_kernel(impl):
     _check(29, optimizer_impl=impl)  # llama, full fine-tuning under amp
 
 
-# measured: one-layer toy models whose largest tensor (the tied embedding) is a large share
-LOOSE = {149: 0.015, 203: 0.02}
+# measured: toy full fine-tunes whose largest tensor (a tied embedding, a fused expert tensor) is a
+# large share of the step
+LOOSE = {115: 0.016, 149: 0.015, 203: 0.02}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", range(400))
 def test_optimizer_in_backward_random_configs(seed):
-    from fuzz_models import random_case
-
-    if random_case(seed).config["model_type"] == "mixtral":
-        pytest.skip("Mixtral's fused experts: not traced in backward here")
     _check(seed, LOOSE.get(seed, 0.01))
 
 
