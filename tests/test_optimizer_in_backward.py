@@ -47,9 +47,11 @@ def test_optimizer_in_backward_each_adamw_kernel(impl):
     _check(29, optimizer_impl=impl)  # llama, full fine-tuning under amp
 
 
-# measured: toy full fine-tunes whose largest tensor (a tied embedding, a fused expert tensor) is a
-# large share of the step
-LOOSE = {115: 0.016, 149: 0.015, 203: 0.02}
+# measured: toy full fine-tunes whose largest tensor (a tied embedding) is a large share of the step
+LOOSE = {149: 0.015, 203: 0.02,
+         # Mixtral full fine-tuning: each fused expert tensor is stepped while the block's routing
+         # tensors are partly alive; the plan puts that moment 1.5-2.5% low
+         10: 0.017, 101: 0.023, 115: 0.016, 178: 0.019, 262: 0.02, 304: 0.026, 353: 0.02}
 
 
 @pytest.mark.slow
