@@ -127,6 +127,15 @@ def _states(trainable: int, params: tuple[Param, ...], setup: TrainSetup,
     }
 
 
+def _attended(setup: TrainSetup) -> int:
+    """Positions each token attends over in the attention's FLOPs: the sequence, or packed (several
+    documents in one row under a block-diagonal mask, which SDPA's masked kernels and eager
+    attention compute in full) the whole row."""
+    if setup.packing and setup.batch_size > 1:
+        return setup.batch_size * setup.seq_len
+    return setup.seq_len
+
+
 def _split_states(trainable, setup: TrainSetup, precision: Precision) -> dict[str, Term]:
     """Model states of fp32 adapters (`adapter_dtype.FP32_ADAPTERS`: 4 B gradients, no master copy,
     fp32 optimizer states) beside any other trained tensors at the precision's widths."""
@@ -223,7 +232,7 @@ def plan_full(spec: ModelSpec, setup: TrainSetup, gpu: Gpu, fewest_only: bool = 
         _zero3(spec, setup, arch, precision, {m.path: m.numel for m in arch.modules}, total),
         flops_per_token=cost.full_flops_per_token(
             *_matmul_params(spec, setup.task, setup.num_labels),
-            cost.attention_forward_flops(spec, setup.seq_len), setup.grad_checkpointing),
+            cost.attention_forward_flops(spec, _attended(setup)), setup.grad_checkpointing),
         rank=None, trainable_params=total, all_params=total, target_modules=(),
         wrapped_modules=0,
         checkpoint=Term("checkpoint", ckpt, f"safetensors, {len(params)} tensors in {dtype}"),
@@ -273,7 +282,7 @@ def plan_lora(spec: ModelSpec, setup: TrainSetup, gpu: Gpu, fewest_only: bool = 
     skipped, attention_skipped = input_gradient_skips(spec, setup)
     flops = cost.lora_flops_per_token(
         *_matmul_params(spec, setup.task, setup.num_labels), trainable.adapter_count,
-        trainable.saved_module_count, cost.attention_forward_flops(spec, setup.seq_len),
+        trainable.saved_module_count, cost.attention_forward_flops(spec, _attended(setup)),
         setup.grad_checkpointing, skipped, attention_skipped, spec.num_layers)
     if nf4:
         flops = cost.plus(flops, cost.dequant_flops_per_token(

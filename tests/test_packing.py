@@ -91,6 +91,11 @@ def test_packing_plans_one_row_under_a_mask():
     step holds more than the batch of four; one document has nothing to pack."""
     batch, packed = _plan(batch_size=4, seq_len=1024), _plan(batch_size=4, seq_len=1024, packing=True)
     assert packed.memory["activations"].bytes > batch.memory["activations"].bytes
+    # the masked kernels compute the whole row's scores: attention's FLOPs per token at 4,096, not 1,024
+    spec = resolve_model("llama-3.1-8b")
+    per_position = 4 * spec.num_layers * spec.num_heads * spec.head_dim  # `cost.attention_forward_flops`
+    extra = packed.flops_per_token.value - batch.flops_per_token.value
+    assert extra > 0 and extra % (per_position * (4096 - 1024)) == 0
     one = _plan(batch_size=1, seq_len=4096)
     assert _plan(batch_size=1, seq_len=4096, packing=True).memory["peak"].bytes == one.memory["peak"].bytes
 
