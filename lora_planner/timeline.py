@@ -33,6 +33,11 @@ optimizer has used them. On top of them each phase holds something else:
   under checkpointing the embedding output PEFT makes a leaf, with its gradient;
 - optimizer: gradients, states, and the optimizer kernel's temporary (foreach AdamW: one tensor per
   trainable parameter, the square root of the second moment; fused: none; see `optimizers`).
+- with the optimizer stepped in backward (torchtune's `optimizer_in_bwd`, `States.in_backward`): no
+  gradient is kept and there is no optimizer phase; instead each layer's backward holds, at the
+  moment its largest tensor of each part is stepped, that tensor's gradient and its optimizer's
+  temporary beside what that part of the layer has not yet freed, and so do the head's and the
+  embeddings' steps.
 
 The largest of these is the allocator-level peak; the phase that sets it is reported. What the CUDA
 caching allocator and the CUDA context add on a real GPU is a separate, documented allowance
