@@ -401,7 +401,7 @@ class Graph:
         # lora_B's matmul saved its weight's 16-bit copy before this moment's outputs exist: a
         # recompute that stops at that save never reaches it
         self.moments.setdefault(layer, []).append((self._saves, held))
-        if fp32_adapters and xd is not xc:
+        if (fp32_adapters or self.cond.autocast) and xd is not xc:
             # lora_A's output made, the dropped fp32 copy still alive beside PEFT's cast of the input
             # (the dropped copy is freed after, when autocast's 16-bit copy of it is what lora_A kept)
             at_a = self.unsaved(x, xc, xd, out, *self.args, *self._layer_held())
@@ -792,10 +792,13 @@ def recompute_stop_transient(cond: Conditions, in_numel: int, out_numel: int, wr
     """
     if not wrapped:
         return 0
+    # under autocast lora_A keeps a 16-bit copy of its input: LoRA dropout's fp32 output, which the
+    # recompute stops beside (lora_A's output is the last save), is alive and unsaved there too
+    dropped = in_numel * FP32 if cond.lora_dropout > 0 and (cond.autocast or cond.adapter_autocast) else 0
     if cond.adapter_bytes:  # fp32 adapters over a 16-bit base: PEFT's fp32 copy of the input,
         # unsaved when autocast's 16-bit copy of it is what lora_A keeps
-        return out_numel * cond.compute_bytes + (in_numel * FP32 if cond.adapter_autocast else 0)
-    return out_numel * cond.compute_bytes + (in_numel * cond.weight_bytes if cond.autocast else 0)
+        return out_numel * cond.compute_bytes + (in_numel * FP32 if cond.adapter_autocast else 0) + dropped
+    return out_numel * cond.compute_bytes + (in_numel * cond.weight_bytes if cond.autocast else 0) + dropped
 
 
 def gpt2_recompute_stop(g: Graph, h: Tensor, act: Tensor, attn_out: Tensor, out_numel: int,

@@ -65,11 +65,6 @@ def test_packed_step_matches_its_trace(seed, family, precision, method):
     _check(_case(seed, family, precision, method))
 
 
-# measured: LoRA dropout under amp, whose forward peaks at a lora_A output the amp walk does not
-# follow (the same miss unpacked, made the step's peak by the longer row)
-LOOSE = {(2, "llama", "amp"): 0.03, (2, "mistral", "amp"): 0.03}
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", range(20))
 @pytest.mark.parametrize("family", ("llama", "qwen2", "gpt2", "mistral"))
@@ -77,7 +72,7 @@ LOOSE = {(2, "llama", "amp"): 0.03, (2, "mistral", "amp"): 0.03}
 @pytest.mark.parametrize("method", ("lora", "full"))
 def test_packed_random_configs(seed, family, precision, method):
     pytest.importorskip("peft")
-    _check(_case(seed, family, precision, method), LOOSE.get((seed, family, precision), 0.01))
+    _check(_case(seed, family, precision, method))
 
 
 def _plan(**changes):
