@@ -40,7 +40,7 @@ def param_tensors(r: dict) -> int:
     from lora_planner.measure.traced_step import _trainable_tensors
     from lora_planner.spec import ModelSpec, TrainSetup
 
-    model = {**r["model"], "aliases": tuple(r["model"]["aliases"])}
+    model = {k: tuple(v) if isinstance(v, list) else v for k, v in r["model"].items()}
     setup = {k: tuple(v) if isinstance(v, list) else v for k, v in r["setup"].items()}
     return _trainable_tensors(ModelSpec(**model), TrainSetup(**setup))
 
