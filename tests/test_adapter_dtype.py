@@ -9,25 +9,20 @@ within 1% (two checkpointed steps with every linear layer wrapped are bounded as
 
 import json
 import random
-import sys
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from lora_planner.cli import main as cli
-from lora_planner.counts import lora_trainable
 from lora_planner.errors import PlanError
 from lora_planner.gpus import GPUS
 from lora_planner.plan import make_plan
 from lora_planner.resolve import resolve_model
 from lora_planner.spec import TrainSetup, spec_from_hf_config
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
 
 def _case(seed: int, family: str, precision: str, **changes):
-    from fuzz_models import Case, random_config
+    from lora_planner.measure.fuzz import Case, plannable_rank, random_config
 
     rng = random.Random(seed)
     config = random_config(rng, family)
@@ -39,17 +34,12 @@ def _case(seed: int, family: str, precision: str, **changes):
         attention=rng.choice(("sdpa", "eager")), grad_checkpointing=rng.random() < 0.5,
         lora_dropout=rng.choice((0.0, 0.0, 0.1)), stack="torch", adapter_dtype="fp32")
     setup = setup.with_(**changes)
-    while setup.rank > 1:
-        try:
-            lora_trainable(spec, setup)
-            break
-        except PlanError:
-            setup = setup.with_(rank=setup.rank // 2)
+    setup = plannable_rank(spec, setup)
     return Case(seed, config, setup, None, fake=rng.random() < 0.5)
 
 
 def _check(case, peak: float = 0.01) -> None:
-    from fuzz_models import run_case
+    from lora_planner.measure.fuzz import run_case
 
     errors = run_case(case).errors()
     assert errors["activations"] == 0, (case.label, errors)

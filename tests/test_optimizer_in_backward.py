@@ -8,8 +8,6 @@ whose largest tensor is a large share of the step, are bounded as measured below
 
 import dataclasses
 import json
-import sys
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -20,12 +18,10 @@ from lora_planner.plan import make_plan
 from lora_planner.resolve import resolve_model
 from lora_planner.spec import TrainSetup
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
 
 def _check(seed: int, peak: float = 0.01, **changes) -> None:
     pytest.importorskip("peft")
-    from fuzz_models import random_case, run_case
+    from lora_planner.measure.fuzz import random_case, run_case
 
     case = random_case(seed)
     case = dataclasses.replace(case, setup=case.setup.with_(optimizer_in_backward=True, **changes))

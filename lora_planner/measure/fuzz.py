@@ -159,19 +159,26 @@ def random_case(seed: int, family: str | None = None) -> Case:
         stack="torch",
     )
     if method == "lora":
-        from lora_planner.counts import lora_trainable
-        from lora_planner.errors import PlanError
-
-        while setup.rank > 1:  # a rank no larger than the narrowest wrapped layer (PEFT allows more)
-            try:
-                lora_trainable(spec, setup)
-                break
-            except PlanError:
-                setup = setup.with_(rank=setup.rank // 2)
+        setup = plannable_rank(spec, setup)
     fake = rng.random() < 0.5
     if family in ("mixtral", "qwen3_moe") and setup.precision != "pure-bf16":
         fake = False  # torch's fake grouped matmul accepts bf16 only (the CPU kernel takes fp32)
     return Case(seed, config, setup, layers, fake=fake)
+
+
+def plannable_rank(spec, setup: TrainSetup) -> TrainSetup:
+    """`setup` with its rank halved until the planner counts its adapters (1 at the least): the
+    random rank may exceed what a tiny config's wrapped layers take."""
+    from lora_planner.counts import lora_trainable
+    from lora_planner.errors import PlanError
+
+    while setup.rank > 1:
+        try:
+            lora_trainable(spec, setup)
+            break
+        except PlanError:
+            setup = setup.with_(rank=setup.rank // 2)
+    return setup
 
 
 def run_case(case: Case):
