@@ -22,17 +22,10 @@ pytest.importorskip("peft")
 
 from lora_planner.measure.fuzz import Case, random_case, random_config, run_case  # noqa: E402
 from lora_planner.spec import FAMILIES, TrainSetup, spec_from_hf_config  # noqa: E402
+from tests.tracing import one_thread  # noqa: E402, F401 (autouse: traces run on one thread)
 
 PEAK_TOLERANCE = 0.01
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads; one keeps the suite fast on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 # Misses the fuzzer found and not yet fixed, one bound per seed (from the recorded run of seeds
 # 0-3999, results/trace/fuzz-cpu.jsonl, each |error| rounded up): `fuzz_known.json` gives the seed's

@@ -15,21 +15,13 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 from lora_planner.measure.fuzz import random_case  # noqa: E402
+from tests.tracing import one_thread  # noqa: E402, F401 (autouse: traces run on one thread)
 
 from .test_fuzz import PEAK_TOLERANCE, check  # noqa: E402
 
 NEW_FAMILIES = ("qwen3", "qwen3_moe", "olmo2", "smollm3")
 # one LoRA case under autocast or a 16-bit model, one checkpointed or trained in full, per family
 DEFAULT_SEEDS = {"qwen3": (6, 45), "qwen3_moe": (2, 4), "olmo2": (15, 19), "smollm3": (20, 25)}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads; one keeps the suite fast on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize(("family", "seed"), [(f, s) for f in NEW_FAMILIES for s in DEFAULT_SEEDS[f]],

@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from step_grid import grid, large  # noqa: E402
 
 from lora_planner.measure.traced_step import trace  # noqa: E402
+from tests.tracing import one_thread  # noqa: E402, F401 (autouse: traces run on one thread)
 
 # Cases the timeline still misses by more than 1%, each with its own bound (the miss recorded in
 # results/trace/step-grid-cpu.jsonl, rounded up): the activation terms are asserted exact for them as
@@ -47,15 +48,6 @@ DEFAULT = {
 CASES = [pytest.param(spec, setup, id="-".join(map(str, _key(spec, setup))),
                       marks=() if _key(spec, setup) in DEFAULT else pytest.mark.slow)
          for spec, setup in grid()]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads; one keeps the suite fast on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_every_default_case_is_in_the_grid():
