@@ -262,14 +262,28 @@ def plus(a: Quantity, b: Quantity) -> Quantity:
     return Quantity(a.name, value, f"{a.formula}; + {b.name}: {b.formula}; total {value:,}")
 
 
+def _unused_without_tokens(workload: Workload) -> list[str]:
+    """Time and cost are planned per token: --price, --mfu or --tflops given without a token count
+    would otherwise change nothing, silently."""
+    given = [flag for flag, set_ in (("--price", workload.price_per_hour is not None),
+                                     ("--mfu", workload.mfu != DEFAULT_MFU),
+                                     ("--tflops", workload.peak_tflops is not None)) if set_]
+    if not given:
+        return []
+    return [f"{', '.join(given)} given but time and cost need --tokens N (or --dataset-tokens N); "
+            "without it they are not planned"]
+
+
 def notes(workload: Workload | None, gpu: Gpu, dense: bool) -> list[str]:
     """The assumptions behind the time and cost rows, printed beside them; for a GPU of unknown
     throughput (one given by --gpu-mem), that time and cost are not planned without --tflops."""
     unknown = [] if gpu.peak_tflops else [
         f"{gpu.name}: no known throughput or price, so memory only; give --tflops (and --price) "
         "to plan time and cost"]
-    if workload is None or workload.tokens is None:
+    if workload is None:
         return unknown
+    if workload.tokens is None:
+        return unknown + _unused_without_tokens(workload)
     price = workload.price_per_hour if workload.price_per_hour is not None else gpu.price_per_hour
     peak = f"{gpu.peak_tflops:g} TFLOP/s dense 16-bit peak" if gpu.peak_tflops else "unknown peak"
     source = ("given" if workload.price_per_hour is not None

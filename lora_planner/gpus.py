@@ -152,16 +152,20 @@ def largest_fitting_peak(gpu: Gpu) -> int:
     return lo
 
 
-def with_memory(gpu: Gpu, size_text: str) -> Gpu:
-    """A GPU of `size_text` memory (`--gpu-mem 24GB`) and no known throughput or price: memory is
+def with_memory(gpu: Gpu, size_text: str, keep_kind: bool = False) -> Gpu:
+    """A GPU of `size_text` memory (`--gpu-mem 24GB`). With `keep_kind` (`--gpu h100 --gpu-mem
+    40GB`: the user named the card) only the memory changes: the name, throughput and price stay.
+    Otherwise the card is known only by its memory, with no known throughput or price: memory is
     planned, time and cost only with `--tflops` and `--price` (a 24 GB card is not an H100)."""
     from dataclasses import replace
 
     from .units import parse_bytes
 
-    # a card known only by its memory: its throughput and price are unknown (--tflops, --price)
-    sized = replace(gpu, name=f"{size_text} GPU", memory_bytes=parse_bytes(size_text), peak_tflops=None,
-                    price_per_hour=None, source="")
+    if keep_kind:
+        sized = replace(gpu, memory_bytes=parse_bytes(size_text))
+    else:  # a card known only by its memory: its throughput and price are unknown (--tflops, --price)
+        sized = replace(gpu, name=f"{size_text} GPU", memory_bytes=parse_bytes(size_text),
+                        peak_tflops=None, price_per_hour=None, source="")
     if not fits(0, sized):  # no step could fit: every fit figure would be -1
         from .units import format_bytes
 

@@ -370,6 +370,19 @@ def test_answers_only_on_localhost(server):
     assert refused.value.code == 403
 
 
+def test_gpu_mem_keeps_a_named_gpu_on_the_page_as_on_the_cli(server):
+    """`--gpu h100 --gpu-mem 40GB` keeps the H100's throughput and price; `--gpu-mem` alone does not."""
+    named = [("model", "8b"), ("method", "lora"), ("gpu", "h100"), ("gpu-mem", "40GB"), ("tokens", "1e8")]
+    assert_same(server, named, ["--model", "8b", "--method", "lora", "--gpu", "h100", "--gpu-mem", "40GB",
+                                "--tokens", "1e8"])
+    status, _, body = get(f"{server}/api/plan?{urlencode(named)}")
+    assert status == 200 and json.loads(body)["gpu"]["name"] == "H100-80GB"
+    alone = [p for p in named if p[0] != "gpu"]
+    assert_same(server, alone, ["--model", "8b", "--method", "lora", "--gpu-mem", "40GB", "--tokens", "1e8"])
+    status, _, body = get(f"{server}/api/plan?{urlencode(alone)}")
+    assert status == 200 and json.loads(body)["gpu"]["name"] == "40GB GPU"
+
+
 def test_serve_command_port_in_use(server):
     port = server.rsplit(":", 1)[1]
     result = cli(["serve", "--port", port])

@@ -78,7 +78,9 @@ ANY_CASE = {"token_normalize_func": str.lower}
 @click.option("--gpu", "gpu_name", default=DEFAULT_GPU, show_default=True,
               help=f"GPU kind: {', '.join(g.name for g in GPUS)}.")
 @click.option("--gpu-mem", "gpu_mem", metavar="SIZE",
-              help="Override the GPU's memory exactly: 80GB (10^9), 80GiB (2^30), 81559MiB.")
+              help="Override the GPU's memory exactly: 80GB (10^9), 80GiB (2^30), 81559MiB. With "
+                   "--gpu, that card keeps its throughput and price; without, it is a card of "
+                   "unknown throughput (memory only, unless --tflops).")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True)
 @click.option("--units", type=click.Choice(["GB", "GiB"]), default="GB", show_default=True,
               help="Unit of the tables: GB = 10^9 bytes, GiB = 2^30 bytes. JSON is always bytes.")
@@ -88,7 +90,8 @@ ANY_CASE = {"token_normalize_func": str.lower}
                    "(at --batch-size) whose per-GPU peak plus the CUDA allowance fits the GPU "
                    "(under --num-gpus/--sharding when given).")
 @scale_options
-def plan_command(**params) -> None:
+@click.pass_context
+def plan_command(ctx: click.Context, **params) -> None:
     """Trainable parameters, memory by term (model states, activations, the step's peak), GPUs and
     checkpoint sizes, method by method; with --fit, the largest batch and sequence that fit;
     with --tokens, training FLOPs, hours and cost; with --num-gpus, memory per GPU under ZeRO/FSDP.
@@ -99,8 +102,16 @@ def plan_command(**params) -> None:
         lora-plan --model 70b --num-gpus 8 --sharding fsdp --offload optimizer --explain
         lora-plan --model 8b --dataset-tokens 50M --epochs 3 --gpu a100 --price 1.5 --mfu 0.35
     """
-    text = plan_output(**params)
+    text = plan_output(**params, gpu_given=gpu_given(ctx))
     click.echo(text, nl=False)
+
+
+def gpu_given(ctx: click.Context) -> bool:
+    """Whether the user named the GPU (`--gpu`), not left the default: `--gpu-mem` then overrides
+    that card's memory only, keeping its throughput and price."""
+    from click.core import ParameterSource
+
+    return ctx.get_parameter_source("gpu_name") not in (None, ParameterSource.DEFAULT)
 
 
 def plan_output(model_name, params_text, methods, ranks, targets, precision, optimizer, bias, dora,
@@ -108,9 +119,10 @@ def plan_output(model_name, params_text, methods, ranks, targets, precision, opt
                 seq_len, grad_checkpointing, attention, stack, optimizer_impl, loss, loss_chunks,
                 activation_offload, gpu_name, gpu_mem, fmt, units, explain, fit, dropout=None,
                 quantize_experts=False, lora_dropout=0.0, adapter_dtype="auto",
-                optimizer_in_backward=False, packing=False, **scale) -> str:
+                optimizer_in_backward=False, packing=False, gpu_given=False, **scale) -> str:
     """What `plan` prints for its parsed options (click's parameter names); a user mistake
-    raises PlanError. The command echoes it; the page (`serve`) answers with it directly."""
+    raises PlanError. The command echoes it; the page (`serve`) answers with it directly.
+    `gpu_given`: the user named --gpu (see `gpu_given()`), so --gpu-mem keeps that card's kind."""
     if bool(model_name) == bool(params_text):
         raise PlanError("give exactly one of --model NAME or --params N")
     if params_text:
@@ -126,7 +138,7 @@ def plan_output(model_name, params_text, methods, ranks, targets, precision, opt
         seq_len = default_seq_len(model) if isinstance(model, ModelSpec) else DEFAULT_SEQ_LEN
     gpu = get_gpu(gpu_name)
     if gpu_mem:
-        gpu = with_memory(gpu, gpu_mem)
+        gpu = with_memory(gpu, gpu_mem, keep_kind=gpu_given)
     base = TrainSetup(
         precision=precision, optimizer=optimizer, bias=bias, use_dora=dora,
         targets=split_values(targets) or ("default",), modules_to_save=split_values(modules_to_save),

@@ -297,11 +297,11 @@ def _worker_plan(argv: list[str]) -> tuple[int, str]:
     """In a worker: (HTTP status, body) of `lora-plan plan ARGV`: its output, or its error line.
     Parsed inside a click context, as the command runs (a default is told from a given value)."""
     from ..errors import PlanError
-    from .commands import plan_output
+    from .commands import gpu_given, plan_output
 
     try:
         with _plan_command().make_context("lora-plan", list(argv), help_option_names=[]) as ctx:
-            return 200, plan_output(**ctx.params)
+            return 200, plan_output(**ctx.params, gpu_given=gpu_given(ctx))
     except PlanError as exc:
         return 400, f"Error: {exc}\n"
     except click.ClickException as exc:

@@ -1,0 +1,66 @@
+"""What a new user meets on a first run: flags that would do nothing say so, and each error names
+its next step. Each case runs the real command (CliRunner), JSON parsed, exit code asserted."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from lora_planner.cli import main
+from lora_planner.gpus import get_gpu
+
+
+def run(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+def plan_json(*args: str) -> dict:
+    result = run(*args, "--format", "json")
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output)
+
+
+NEEDS_TOKENS = "time and cost need --tokens N (or --dataset-tokens N)"
+
+
+def test_price_mfu_tflops_without_tokens_say_they_need_tokens():
+    notes = plan_json("--model", "gpt2", "--price", "2", "--mfu", "0.3", "--tflops", "100")["notes"]
+    line = [n for n in notes if NEEDS_TOKENS in n]
+    assert line == ["--price, --mfu, --tflops given but time and cost need --tokens N "
+                    "(or --dataset-tokens N); without it they are not planned"]
+    table = run("--model", "gpt2", "--price", "2")
+    assert table.exit_code == 0
+    assert [x for x in table.output.splitlines() if NEEDS_TOKENS in x] == [
+        "note: --price given but time and cost need --tokens N (or --dataset-tokens N); without it they "
+        "are not planned"]
+    markdown = run("--model", "gpt2", "--mfu", "0.3", "--format", "markdown")
+    assert markdown.exit_code == 0 and NEEDS_TOKENS in markdown.output
+
+
+@pytest.mark.parametrize("args", [("--price", "2", "--tokens", "1e6"),
+                                  ("--price", "2", "--dataset-tokens", "1e6"), ()])
+def test_no_tokens_note_when_tokens_are_given_or_nothing_is_unused(args):
+    assert not any(NEEDS_TOKENS in n for n in plan_json("--model", "gpt2", *args)["notes"])
+
+
+def test_gpu_mem_with_a_named_gpu_keeps_its_throughput_and_price():
+    h100 = get_gpu("h100")
+    sized = plan_json("--model", "8b", "--method", "lora", "--gpu", "h100", "--gpu-mem", "40GB",
+                      "--tokens", "1e8")
+    plain = plan_json("--model", "8b", "--method", "lora", "--gpu", "h100", "--tokens", "1e8")
+    assert sized["gpu"]["name"] == h100.name
+    assert sized["gpu"]["memory_bytes"] == 40 * 10**9
+    assert sized["gpu"]["peak_tflops"] == h100.peak_tflops
+    assert sized["gpu"]["price_per_hour"] == h100.price_per_hour
+    # LoRA on 8B fits one GPU either way, so its time and cost are the full-size card's
+    assert sized["plans"][0]["gpus_needed"] == plain["plans"][0]["gpus_needed"] == 1
+    assert sized["plans"][0]["cost_usd"] == plain["plans"][0]["cost_usd"] is not None
+
+
+def test_gpu_mem_alone_is_a_card_of_unknown_throughput():
+    sized = plan_json("--model", "8b", "--method", "lora", "--gpu-mem", "40GB", "--tokens", "1e8")
+    assert sized["gpu"]["name"] == "40GB GPU"
+    assert (sized["gpu"]["peak_tflops"], sized["gpu"]["price_per_hour"]) == (None, None)
+    assert sized["plans"][0]["cost_usd"] is None
