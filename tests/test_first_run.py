@@ -4,6 +4,7 @@ its next step. Each case runs the real command (CliRunner), JSON parsed, exit co
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 from click.testing import CliRunner
@@ -64,3 +65,16 @@ def test_gpu_mem_alone_is_a_card_of_unknown_throughput():
     assert sized["gpu"]["name"] == "40GB GPU"
     assert (sized["gpu"]["peak_tflops"], sized["gpu"]["price_per_hour"]) == (None, None)
     assert sized["plans"][0]["cost_usd"] is None
+
+
+@pytest.mark.parametrize("blocked, named", [(("torch", "safetensors"), "torch, safetensors"),
+                                            (("safetensors",), "safetensors")])
+def test_adapter_commands_name_every_missing_module(monkeypatch, tmp_path, blocked, named):
+    for name in blocked:
+        monkeypatch.setitem(sys.modules, name, None)  # as on a base install: the import fails
+    adapter = tmp_path / "adapter_model.safetensors"
+    adapter.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    result = run("adapter", "analyze", str(adapter))
+    assert result.exit_code == 2, result.output
+    assert result.output == (f"Error: adapter commands need torch and safetensors ({named} missing): "
+                             "pip install 'lora-plan[measure]' (from a clone: pip install -e '.[measure]')\n")

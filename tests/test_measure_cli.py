@@ -111,7 +111,8 @@ def test_base_install_names_the_extra_in_one_line(monkeypatch, tmp_path, args, w
     monkeypatch.setitem(sys.modules, "torch", None)  # as on a base install: `import torch` fails
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2, result.output
-    assert result.output == f"Error: {what} needs torch: pip install 'lora-plan[measure]'\n"
+    assert result.output == (f"Error: {what} needs torch: pip install 'lora-plan[measure]' "
+                             "(from a clone: pip install -e '.[measure]')\n")
 
 
 def test_listing_a_cpu_grid_needs_no_torch(monkeypatch, tmp_path):

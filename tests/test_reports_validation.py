@@ -289,5 +289,6 @@ def test_without_pandas_one_line(tmp_path, monkeypatch):
     for args in (("validation", str(tmp_path / "r.jsonl")), ("capacity", "--models", "gpt2")):
         result = run("report", *args, "-o", str(tmp_path / "out.md"))
         assert result.exit_code == 2
-        assert result.output.strip() == "Error: reports need pandas: pip install 'lora-plan[reports]'"
+        assert result.output.strip() == ("Error: reports need pandas: pip install 'lora-plan[reports]' "
+                                         "(from a clone: pip install -e '.[reports]')")
     assert not (tmp_path / "out.md").exists()

@@ -7,7 +7,7 @@ from typing import TypeVar
 
 import click
 
-from ..errors import PlanError
+from ..errors import MEASURE_EXTRA, PlanError
 
 
 class UserError(click.ClickException):
@@ -21,25 +21,33 @@ class UserError(click.ClickException):
         return "".join(c if c.isprintable() else repr(c)[1:-1] for c in self.message)
 
 
-MEASURE_EXTRA = "pip install 'lora-plan[measure]'"
-
-
-def need_measure_extra(what: str, modules: tuple[str, ...] = ("torch", "transformers")) -> None:
-    """Stop in one line when a command needs the `measure` extra and the base install lacks it."""
+def _missing(modules: tuple[str, ...]) -> list[str]:
+    """The modules of `modules` that cannot be imported (None in sys.modules: blocked, as a test
+    does to stand for a missing package)."""
     import importlib.util
     import sys
 
+    missing = []
     for name in modules:
         if name in sys.modules:
-            if sys.modules[name] is None:  # blocked, as a test does to stand for a missing package
-                raise UserError(f"{what} needs {name}: {MEASURE_EXTRA}")
+            if sys.modules[name] is None:
+                missing.append(name)
             continue
         try:
             found = importlib.util.find_spec(name) is not None
         except (ImportError, ValueError):
             found = False
         if not found:
-            raise UserError(f"{what} needs {name}: {MEASURE_EXTRA}")
+            missing.append(name)
+    return missing
+
+
+def need_measure_extra(what: str, modules: tuple[str, ...] = ("torch", "transformers")) -> None:
+    """Stop in one line, naming every missing module, when a command needs the `measure` extra and
+    the base install lacks it."""
+    missing = _missing(modules)
+    if missing:
+        raise UserError(f"{what} needs {', '.join(missing)}: {MEASURE_EXTRA}")
 
 
 def split_values(values: tuple[str, ...]) -> tuple[str, ...]:
@@ -73,8 +81,8 @@ def adapter_call(call: Callable[[], T], needs: str = "adapter commands",
     except PlanError as exc:
         raise UserError(str(exc)) from None
     except ImportError as exc:
-        raise UserError(f"{needs} need torch and safetensors ({exc.name} is missing): "
-                        "pip install 'lora-plan[measure]'") from None
+        missing = ", ".join(_missing(("torch", "safetensors")) or [exc.name or "a module"])
+        raise UserError(f"{needs} need torch and safetensors ({missing} missing): {MEASURE_EXTRA}") from None
     except OSError as exc:
         text = os_error(exc) if os_error else f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": ")
         raise UserError(text) from None

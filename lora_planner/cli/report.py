@@ -46,7 +46,9 @@ def _need_pandas() -> None:
     try:
         import pandas  # noqa: F401
     except ImportError:
-        raise UserError("reports need pandas: pip install 'lora-plan[reports]'") from None
+        from ..errors import REPORTS_EXTRA
+
+        raise UserError(f"reports need pandas: {REPORTS_EXTRA}") from None
 
 
 def _report(written) -> None:

@@ -48,7 +48,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import PlanError
+from ..errors import MEASURE_EXTRA, PlanError
 from ..files import check_output_file
 from .job import SETTING_KINDS, Job, is_out_of_memory, model_spec, predict
 from .records import append_record, exclusive, load_records, make_record, read_records, skipped_warning
@@ -72,7 +72,7 @@ def load_spec(path: str | Path) -> dict:
             try:
                 import yaml
             except ImportError:
-                raise PlanError("YAML sweep specs need pyyaml: pip install 'lora-plan[measure]'") from None
+                raise PlanError(f"YAML sweep specs need pyyaml: {MEASURE_EXTRA}") from None
             spec = yaml.safe_load(text) or {}
         elif suffix == ".json":
             spec = json.loads(text)

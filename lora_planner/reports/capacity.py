@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..contract import to_dict
+from ..errors import REPORTS_EXTRA
 from ..files import write_text
 from ..gpus import DEFAULT_GPU, MIB, Gpu, get_gpu
 from ..plan import MEMORY_KEYS, METHODS, make_plan
@@ -274,7 +275,7 @@ def capacity_markdown(plans: Sequence[dict], settings: CapacitySettings, command
         for alt, path in images.items():
             lines += [f"### {alt}", "", md.image(alt, path, out), ""]
     else:
-        lines += [f"No plots: {no_plots_reason}. Install them with `pip install 'lora-plan[reports]'`.", ""]
+        lines += [f"No plots: {no_plots_reason}. Install them with {REPORTS_EXTRA}.", ""]
     return "\n".join(lines).rstrip("\n") + "\n"
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..allowance import fits
+from ..errors import REPORTS_EXTRA
 from ..files import write_text
 from ..record_schema import STATUSES, nvml_growth, predicted_device_peak, read_records_file
 from ..record_schema import check_record as check_record  # the one check every reader uses
@@ -352,7 +353,7 @@ def validation_markdown(loaded: Sequence[Loaded], problems: Sequence[Problem], i
         image = md.image(f"predicted versus measured, {label}", images[label], out) if (
             images and label in images) else ""
         if images is None:
-            image = f"No plot: {no_plots_reason}. Install it with `pip install 'lora-plan[reports]'`."
+            image = f"No plot: {no_plots_reason}. Install it with {REPORTS_EXTRA}."
         lines += device_section(label, group, unit, worst, image)
     lines += ["## Provenance", "", md.table(provenance_frame(loaded), 10), ""]
     return "\n".join(lines).rstrip("\n") + "\n"
