@@ -150,3 +150,36 @@ def test_the_guard_compares_the_planned_peak_with_host_ram(tmp_path, monkeypatch
 def test_host_ram_is_read_from_the_system():
     available = __import__("lora_planner.measure.guard", fromlist=["x"]).host_available_bytes()
     assert available is None or 0 < available <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def test_a_run_does_not_print_transformers_default_loss_notice(tmp_path, monkeypatch):
+    """transformers warns "`loss_type=None` was set in the config but it is unrecognized" for a model
+    built from a config (the causal-LM loss is then used, the one meant); a run drops that notice."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    from lora_planner.measure.step import DefaultLossNotice
+
+    logger = logging.getLogger("transformers.modeling_utils")
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    kept = [f for f in logger.filters if not isinstance(f, DefaultLossNotice)]
+    monkeypatch.setattr(logger, "filters", kept)
+    logger.addHandler(handler)
+    try:
+        hf_logging.warning_once.cache_clear()  # transformers warns once a process
+        from tests.measure_models import tiny_model
+
+        assert tiny_model().loss_function is not None  # the control: the notice as transformers prints it
+        notice = "`loss_type=None` was set in the config but it is unrecognized"
+        assert any(m.startswith(notice) for m in seen)
+        seen.clear()
+        hf_logging.warning_once.cache_clear()
+        result = run("--model", tiny_config_file(tmp_path), "--rank", "2", "--steps", "1", "--seq-len", "16",
+                     "--device", "cpu", "-o", str(tmp_path / "r.jsonl"))
+        assert result.exit_code == 0, result.output
+        assert not [m for m in seen if "loss_type" in m]
+    finally:
+        logger.removeHandler(handler)

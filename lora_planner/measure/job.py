@@ -339,7 +339,9 @@ def build_model(spec: ModelSpec, job: Job):
     import transformers
 
     from ..spec import to_hf_config
+    from .step import quiet_default_loss_notice
 
+    quiet_default_loss_notice()  # the causal-LM loss is the one meant: no notice on every run
     torch.manual_seed(job.run.seed)
     if job.run.weights:
         config = transformers.AutoConfig.from_pretrained(job.run.weights, local_files_only=True)

@@ -8,6 +8,7 @@ one), the optimizer's step and `zero_grad(set_to_none=True)`.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -131,6 +132,24 @@ def enable_checkpointing(model: Any) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+class DefaultLossNotice(logging.Filter):
+    """Drops transformers' "`loss_type=None` was set in the config but it is unrecognized" warning.
+    A model built from a config names no loss type, and transformers then uses the causal-LM loss,
+    the one a step measures: the notice is printed on every run and asks nothing of the user. Any
+    other loss type it does not recognise is still reported."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(
+            "`loss_type=None` was set in the config but it is unrecognized")
+
+
+def quiet_default_loss_notice() -> None:
+    """Attach `DefaultLossNotice` to the logger transformers warns on, once per process."""
+    logger = logging.getLogger("transformers.modeling_utils")
+    if not any(isinstance(f, DefaultLossNotice) for f in logger.filters):
+        logger.addFilter(DefaultLossNotice())
 
 
 @contextlib.contextmanager
