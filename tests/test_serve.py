@@ -387,8 +387,8 @@ def test_serve_command_port_in_use(server):
     port = server.rsplit(":", 1)[1]
     result = cli(["serve", "--port", port])
     assert result.exit_code == 2
-    assert result.output.startswith("Error: cannot listen on 127.0.0.1:")
-    assert result.output.count("\n") == 1
+    assert result.output == (f"Error: cannot listen on 127.0.0.1:{port}: Address already in use; is another "
+                             "`lora-plan serve` running? try --port 0 for any free port\n")
 
 
 def test_serve_is_listed():

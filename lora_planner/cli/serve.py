@@ -908,7 +908,11 @@ def serve_command(port: int, host: str, allow_remote: bool, allow_host: tuple[st
         server = make_server(host, port, verbose=verbose, allow_hosts=allow_host,
                              limits=Limits(seconds=time_limit, workers=workers))
     except OSError as exc:
-        raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        import errno
+
+        hint = ("; is another `lora-plan serve` running? try --port 0 for any free port"
+                if exc.errno == errno.EADDRINUSE else "")
+        raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}{hint}") from None
     try:
         bound_host, bound_port = server.server_address[:2]
         shown = f"[{bound_host}]" if ":" in bound_host else bound_host
