@@ -50,8 +50,9 @@ def check_suggestions(base: list[str], method: str, rank: int | None) -> list[di
         assert suggestions == [] and data["with_grad_checkpointing"] is None
         return []
     assert 0 < len(suggestions) <= PER_METHOD or p["gpus_needed"] is None
-    gpus = [s["effect"]["gpus"] for s in suggestions]
-    assert gpus == sorted(gpus)  # fewest GPUs first
+    target = data["setup"]["num_gpus"] or 1
+    gpus = [max(s["effect"]["gpus"], target) for s in suggestions]
+    assert gpus == sorted(gpus)  # the user's GPUs (or fewer) first, then fewest GPUs
     for s in suggestions:
         assert (s["method"], s["rank"]) == (method, rank)
         again = plan_json(*applied(base, s))
@@ -108,6 +109,58 @@ def test_a_smaller_batch_is_the_largest_that_fits():
     assert batch, suggestions
     b = int(batch[0]["change"].split()[1])
     assert not plan_json(*base, *method_args("lora", 8), "--batch-size", str(b + 1))["plans"][0]["fits"]
+
+
+def _everything(method: str, num_gpus: int | None) -> list[str]:
+    """Every change the search may make at once, each at its strongest: what saves the most memory
+    on the user's GPUs. When this fits, some combination in the search space does."""
+    out = ["--grad-checkpointing", "--activation-offload", "--batch-size", "1"]
+    out += {"full": ["--optimizer", "adamw-8bit"], "lora": ["--method", "qlora"]}.get(method, [])
+    if num_gpus:
+        out += ["--sharding", "zero3", "--offload", "optimizer+params"]
+    return out
+
+
+def _generated() -> list[tuple[str, str, str, int, int | None]]:
+    """A seeded sample of models x methods x GPUs x batch sizes x GPU counts."""
+    models = ["llama-3.1-8b", "qwen2.5-7b", "gemma-2-2b", "llama-3.2-3b", "mistral-7b", "llama-3.1-70b"]
+    grid = itertools.product(models, ["full", "lora", "qlora"], ["rtx4090", "l4", "a100-40gb", "h100"],
+                             [1, 4, 16], [None, 2, 8])
+    return random.Random(7).sample(list(grid), 20)
+
+
+@pytest.mark.parametrize("model, method, gpu, batch, num_gpus", _generated())
+def test_a_way_out_whenever_one_exists(model, method, gpu, batch, num_gpus):
+    """Whenever the strongest combination of changes fits the user's GPUs (an independent CLI run),
+    advice names at least one suggestion on those GPUs; every suggestion fits when run as its flags."""
+    rank = None if method == "full" else 8
+    base = ["--model", model, "--gpu", gpu, "--batch-size", str(batch), "--seq-len", "2048",
+            *([] if num_gpus is None else ["--num-gpus", str(num_gpus)])]
+    suggestions = check_suggestions(base, method, rank)
+    if not plan_json(*base, *method_args(method, rank))["plans"][0]["fits"]:
+        strongest = CliRunner().invoke(main, ["plan", *base, *method_args(method, rank),
+                                              *_everything(method, num_gpus), "--format", "json"])
+        if strongest.exit_code == 0 and json.loads(strongest.output)["plans"][0]["fits"]:
+            assert any(s["effect"]["gpus"] <= (num_gpus or 1) for s in suggestions), suggestions
+
+
+def test_too_big_a_batch_gets_checkpointing_and_the_largest_batch_that_then_fits():
+    """8B LoRA on a 24 GB card at batch 16 x 4,096 tokens fits nowhere, checkpointed or on more GPUs
+    (activations are per GPU); checkpointing at batch 1 does, and batch 2 does not."""
+    base = ["--model", "8b", "--gpu", "rtx4090", "--batch-size", "16", "--seq-len", "4096"]
+    changes = [s["change"] for s in check_suggestions(base, "lora", 8)]
+    assert "--grad-checkpointing --batch-size 1" in changes, changes
+    again = [*base, *method_args("lora", 8), "--grad-checkpointing", "--batch-size", "2"]
+    assert not plan_json(*again)["plans"][0]["fits"]
+
+
+def test_a_given_gpu_count_is_tried_before_more_gpus():
+    """70B full on 8 H100s: ZeRO-3 with checkpointing and the optimizer in CPU memory fits on those 8
+    (docs/multi-gpu.md), so advice names a change on 8 before any larger count."""
+    base = ["--model", "70b", "--num-gpus", "8"]
+    suggestions = check_suggestions(base, "full", None)
+    assert suggestions[0]["effect"]["gpus"] == 8
+    assert "--grad-checkpointing --sharding zero3 --offload optimizer" in [s["change"] for s in suggestions]
 
 
 def test_headline_checkpointing_line_is_a_checkpointed_plans_numbers():
