@@ -78,3 +78,18 @@ def test_adapter_commands_name_every_missing_module(monkeypatch, tmp_path, block
     assert result.exit_code == 2, result.output
     assert result.output == (f"Error: adapter commands need torch and safetensors ({named} missing): "
                              "pip install 'lora-plan[measure]' (from a clone: pip install -e '.[measure]')\n")
+
+
+@pytest.mark.parametrize("args, line", [
+    (["70b"], "Error: Got unexpected extra argument (70b); did you mean --model 70b?"),
+    (["plan", "--rank", "8", "Llama-3.1-8B"],
+     "Error: Got unexpected extra argument (Llama-3.1-8B); did you mean --model Llama-3.1-8B?"),
+    (["./my-model/config.json", "x"],
+     "Error: Got unexpected extra arguments (./my-model/config.json x); did you mean --model "
+     "./my-model/config.json?"),
+    (["--model", "8b", "bananas"], "Error: Got unexpected extra argument (bananas)"),
+])
+def test_a_bare_model_name_suggests_the_model_option(args, line):
+    result = run(*args)
+    assert result.exit_code == 2
+    assert result.output == line + "\n"

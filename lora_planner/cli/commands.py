@@ -33,7 +33,35 @@ from .step_options import (
 ANY_CASE = {"token_normalize_func": str.lower}
 
 
-@click.command("plan", context_settings=ANY_CASE)
+class PlanCommand(click.Command):
+    """`plan`, whose error for a stray word names the option it was likely meant for: `lora-plan 70b`
+    is a model given without `--model`."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        allowed, ctx.allow_extra_args = ctx.allow_extra_args, True  # leftovers kept, not refused
+        try:
+            rest = super().parse_args(ctx, args)
+        finally:
+            ctx.allow_extra_args = allowed
+        if rest and not allowed and not ctx.resilient_parsing:
+            ctx.fail(f"Got unexpected extra argument{'s' if len(rest) > 1 else ''} ({' '.join(rest)})"
+                     + bare_model_hint(rest[0]))
+        return rest
+
+
+def bare_model_hint(word: str) -> str:
+    """'; did you mean --model WORD?' when a stray word reads as a model: a catalog name or alias,
+    a hub id (org/name) or a config.json; else nothing."""
+    import shlex
+
+    from ..catalog import lookup
+
+    if word.startswith("-") or not (lookup(word) is not None or "/" in word or word.endswith(".json")):
+        return ""
+    return f"; did you mean --model {shlex.quote(word)}?"
+
+
+@click.command("plan", cls=PlanCommand, context_settings=ANY_CASE)
 @click.option("--model", "model_name", metavar="NAME|PATH|HUB-ID",
               help="Catalog name or alias (see `lora-plan models`), a local config.json or its "
                    "folder, or a Hugging Face hub id (needs network).")
