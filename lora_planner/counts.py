@@ -241,7 +241,8 @@ def wrapped_modules(spec: ModelSpec, setup: TrainSetup) -> tuple[tuple[Module, .
         if unmatched:
             raise PlanError(
                 f"target {', '.join(map(repr, unmatched))} matches no module of {spec.name}; "
-                f"linear layers are: {', '.join(_wrappable_names(arch))}"
+                f"linear layers are: {', '.join(_wrappable_names(arch))}; "
+                f"presets: {', '.join(PRESET_NAMES)}"
             )
     chosen = [m for m in chosen if not _saved_by(m.path, saved)]
     for m in chosen:

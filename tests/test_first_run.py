@@ -93,3 +93,11 @@ def test_a_bare_model_name_suggests_the_model_option(args, line):
     result = run(*args)
     assert result.exit_code == 2
     assert result.output == line + "\n"
+
+
+def test_an_unknown_target_lists_the_presets_too():
+    result = run("--model", "llama-3.1-8b", "--targets", "all")
+    assert result.exit_code == 2
+    assert result.output == ("Error: target 'all' matches no module of llama-3.1-8b; linear layers are: "
+                             "down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj; "
+                             "presets: default, qv, attn, mlp, all-linear\n")
