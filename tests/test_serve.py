@@ -307,6 +307,29 @@ def test_uploaded_config_plans_as_the_cli_plans_the_file(server, tmp_path):
     assert json.loads(body)["model"].endswith("/my-model")  # a file's own name wins
 
 
+def test_a_form_upload_is_told_to_send_the_raw_body(server):
+    """`curl -F file=@config.json` sends multipart/form-data: the answer says how to send the file
+    instead, and that way (the raw body) is then read."""
+    data = json.dumps(to_hf_config(next(s for s in CATALOG if s.name == "gpt2"))).encode()
+    boundary = "----lora-plan-test"
+    form = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"config.json\"\r\n"
+            "Content-Type: application/json\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    request = urllib.request.Request(f"{server}/api/config", data=form, method="POST",
+                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=30)
+    host = urlsplit(server).netloc
+    assert refused.value.code == 400
+    assert refused.value.read().decode() == (
+        "Error: a form upload (multipart/form-data) is not read: send the file as the raw body, curl "
+        "--data-binary @config.json -H 'Content-Type: application/json' "
+        f"'http://{host}/api/config?filename=config.json'\n")
+    raw_body = urllib.request.Request(f"{server}/api/config?filename=config.json", data=data, method="POST",
+                                      headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(raw_body, timeout=30) as answer:
+        assert json.loads(answer.read())["model"].startswith("upload:")
+
+
 def test_an_unknown_upload_token_is_refused(server):
     status, _, body = get(f"{server}/api/plan?model=upload:0123456789ab/tiny")
     assert status == 400 and body == ("Error: no upload upload:0123456789ab/tiny on this server "

@@ -538,6 +538,15 @@ def _safe_name(text: str) -> str:
     return name[:64] or "custom"
 
 
+def form_upload_hint(host: str) -> str:
+    """What to send instead of a form upload (`curl -F file=@config.json`): the page reads the
+    config as the request's raw body, as its own upload button sends it."""
+    host = host if re.fullmatch(r"[A-Za-z0-9.:\[\]-]{1,100}", host) else "HOST:PORT"
+    return ("a form upload (multipart/form-data) is not read: send the file as the raw body, "
+            f"curl --data-binary @config.json -H 'Content-Type: application/json' "
+            f"'http://{host}/api/config?filename=config.json'")
+
+
 def upload_name(data: bytes, filename: str = "") -> str:
     """The model's name for an upload, as a downloaded model's folder would give it: the uploaded
     file's name unless it is plain `config.json`, else the config's `_name_or_path`, else
@@ -760,6 +769,9 @@ class PlanHandler(BaseHTTPRequestHandler):
             self._send(404, TEXT, "Error: not found\n")
             return
         data = self._read(self._content_length())
+        if self.headers.get("Content-Type", "").lower().startswith("multipart/form-data"):
+            self._send(400, TEXT, f"Error: {form_upload_hint(self.headers.get('Host', ''))}\n")
+            return
         filename = dict(parse_qsl(url.query)).get("filename", "")
         try:
             token = self._save_config(data, filename)
