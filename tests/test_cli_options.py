@@ -6,20 +6,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from click.testing import CliRunner
 
 from lora_planner import resolve
-from lora_planner.cli import main
-
-
-def run(*args: str):
-    return CliRunner().invoke(main, list(args))
-
-
-def plan_json(*args: str) -> dict:
-    result = run(*args, "--format", "json")
-    assert result.exit_code == 0, result.output
-    return json.loads(result.output)
+from tests.test_cli import plan_json, run
 
 
 @pytest.mark.parametrize("hub_id", ["meta-llama/Llama-3.1-8B", "META-LLAMA/llama-3.1-8b",

@@ -3,25 +3,12 @@ its next step. Each case runs the real command (CliRunner), JSON parsed, exit co
 
 from __future__ import annotations
 
-import json
 import sys
 
 import pytest
-from click.testing import CliRunner
 
-from lora_planner.cli import main
 from lora_planner.gpus import get_gpu
-
-
-def run(*args: str):
-    return CliRunner().invoke(main, list(args))
-
-
-def plan_json(*args: str) -> dict:
-    result = run(*args, "--format", "json")
-    assert result.exit_code == 0, result.output
-    return json.loads(result.output)
-
+from tests.test_cli import plan_json, run
 
 NEEDS_TOKENS = "time and cost need --tokens N (or --dataset-tokens N)"
 
