@@ -30,7 +30,7 @@ import itertools
 from dataclasses import dataclass, field, replace
 
 from .errors import PlanError
-from .spec import QWEN_WINDOWS, ModelSpec
+from .spec import GEMMA_FAMILIES, QWEN_WINDOWS, ModelSpec
 
 ATTENTION = ("sdpa", "eager")
 DEVICES = ("cuda", "cpu")
@@ -62,6 +62,8 @@ class Conditions:
     # packed documents (`--packing`): one row of every token, position ids restarting per document;
     # transformers then hands attention an explicit block-diagonal (1, 1, s, s) mask
     packed: bool = False
+    # DoRA (`use_dora`): PEFT's `DoraLinearLayer` beside every wrapped Linear (see `Graph.dora`)
+    dora: bool = False
 
     @property
     def tokens(self) -> int:
@@ -94,6 +96,9 @@ class Graph:
     saved: dict[int, tuple[int, str]] = field(default_factory=dict)
     rates: tuple[float, float, float] = (0.0, 0.0, 0.0)  # attention, residual, embedding dropout
     biases: frozenset[str] = frozenset()  # module paths that have a bias
+    transposed_weights: bool = False  # GPT-2's Conv1D: weights stored (in, out)
+    # by section: the most one DoRA layer's backward of its scaling holds (see `dora`)
+    dora_backward: dict[str, int] = field(default_factory=dict)
     # autocast's cache of 16-bit copies of trained parameters, by section: [all, those also saved]
     cache: dict[str, list[int]] = field(default_factory=dict)
     # per layer: bytes saved by the ops after the MLP's activation (down projection, output norm and
@@ -372,6 +377,7 @@ class Graph:
         autocast = self.cond.autocast or self.cond.adapter_autocast
         xc = self.cast(x, FP32) if self.cond.autocast or fp32_adapters else x
         xd = self.dropout_op(xc, self.cond.lora_dropout)
+        kept = self.dora_weight_norm(x, xc, xd, out, in_features, out_features, rank) if self.cond.dora else 0
         xa = self.cast(xd, 2) if autocast else xd
         self.save(xa)  # lora_A's weight trains
         if autocast and xd.grad:
@@ -393,7 +399,7 @@ class Graph:
             alive = ((x.numel * self.cond.weight_bytes if recast else 0) + self.unsaved(x)
                      + self.unsaved(*(a for a in self.args if a.key != x.key)))
         held = (self.saved_bytes(layer) + self.saved_bytes(f"{layer} mlp")
-                + rows * out_features * (out.itemsize + 2 * xa.itemsize) + alive)
+                + rows * out_features * (out.itemsize + 2 * xa.itemsize) + alive + kept)
         if autocast:
             self.save(self.new(rank * out_features, 2, False))
             self.cached(in_features * rank * 2, saved=xd.grad)
@@ -411,9 +417,95 @@ class Graph:
         # the same moment in the whole forward: the base output, lora_B's output and its scaled copy
         # beside the input and PEFT's cast of it (`xd`, the input itself when of the adapter's dtype)
         self.moment(x, *((xc,) if fp32_adapters else (xd,)), out,
-                    extra=2 * rows * out_features * xa.itemsize)
+                    extra=2 * rows * out_features * xa.itemsize + kept)
+        if self.cond.dora:
+            self.dora(x, xc, xd, out, path, in_features, out_features, xa.itemsize, kept)
         # PEFT casts the sum back to the base output's dtype (`result.to(torch_result_dtype)`)
         return self.cast(self.add(out, self.new(rows * out_features, xa.itemsize, True)), out.itemsize)
+
+    def dora_weight_norm(self, x: Tensor, xc: Tensor, xd: Tensor, out: Tensor, in_features: int,
+                         out_features: int, rank: int) -> int:
+        """The moment PEFT's DoRA forms ||W + s·B·A|| per output, before lora_A sees the input; returns
+        the bytes it leaves alive until the wrapped layer returns.
+
+        `get_lora_weight` makes B·A as lora_B(lora_A(I)) with an (in, in) identity: autograd keeps
+        the identity (its 16-bit copy under autocast) and lora_A's (in, r) output for as long as
+        B·A is alive, and B·A (in the adapter's dtype, cast up from autocast's 16-bit output) stays
+        bound until the layer returns, as does W cast to the adapter's dtype when that is a copy. The
+        norm's s·B·A and W + s·B·A, both (out, in) in the adapter's dtype, are alive at the sum;
+        under autocast the moment B·A is made, with the identity and its 16-bit copy, can be larger
+        (a down projection, in much wider than out).
+        """
+        adapter = self.cond.adapter_bytes or self.cond.weight_bytes
+        compute = 2 if self.cond.autocast or self.cond.adapter_autocast else adapter
+        weight = in_features * out_features
+        kept = (in_features * in_features + in_features * rank) * compute + weight * adapter
+        kept += weight * adapter if adapter != self.cond.weight_bytes else 0
+        # B·A made, the identity in the adapter's dtype still bound beside autocast's copy of it
+        made = (in_features * in_features * (adapter + (compute if compute != adapter else 0))
+                + (in_features * rank + weight) * compute)
+        transient = max(made, kept + 2 * weight * adapter)
+        alive = (x, xc, xd, out)
+        self.peak_at(self.unsaved(*alive, *self.args, *self._layer_held()) + transient, after_saves=True)
+        self.moment(*alive, extra=transient)
+        return kept
+
+    def dora(self, x: Tensor, xc: Tensor, xd: Tensor, out: Tensor, path: str, in_features: int,
+             out_features: int, branch_bytes: int, kept: int) -> None:
+        """What PEFT's `DoraLinearLayer.forward` saves beside LoRA's own: with m the magnitude and
+        n = ||W + s·B·A|| per output (detached, the paper's section 4.3), the result gains
+        (m/n - 1) * base + (m/n) * lora_B(lora_A(x)) * s. The divide keeps n, the first product
+        keeps the base output and m/n - 1, the second lora_B's output and m/n: two (rows, out)
+        tensors and three (out,) vectors in the adapter's dtype.
+
+        The base output is the base layer's own, less its bias (a new tensor in the promoted dtype),
+        or with LoRA dropout `F.linear(dropout(x), W)` again (16-bit under autocast, which then keeps
+        the weight's 16-bit copy for x's gradient; without autocast a 16-bit W cast up to the
+        adapter's dtype is a copy it keeps; Conv1D's transposed W trains, so the input is kept).
+        """
+        rows = out.numel // out_features
+        adapter = self.cond.adapter_bytes or self.cond.weight_bytes
+        dropped = self.cond.lora_dropout > 0
+        # PEFT's `transpose` wraps Conv1D's W.T in a new Parameter, which requires a gradient: the
+        # re-run base matmul then keeps its input and its output needs a gradient, layer 0's too
+        weight_grad = dropped and self.transposed_weights
+        grad = xd.grad or weight_grad
+        self.save(self.new(out_features, adapter, False))  # n, kept by the divide
+        if dropped:
+            autocast = self.cond.autocast or self.cond.adapter_autocast
+            base = self.new(rows * out_features, 2 if autocast else xd.itemsize, grad)
+            copy = in_features * out_features * (2 if autocast else adapter)
+            if weight_grad and autocast:
+                # autocast caches the new Parameter's 16-bit copy (a trained leaf) until forward ends
+                self.cached(copy, saved=xd.grad)
+            if xd.grad and (autocast or adapter != self.cond.weight_bytes):
+                self.save(self.new(in_features * out_features, 2 if autocast else adapter, False))
+            if weight_grad:
+                self.save(self.cast(xd, 2) if autocast else xd)
+        elif path in self.biases:
+            base = self.new(out.numel, max(out.itemsize, self.cond.weight_bytes), out.grad)
+        else:
+            base = out
+        self.save(base)
+        if grad:
+            self.save(self.new(out_features, adapter, True))  # m/n - 1, for the base output's gradient
+        promoted = max(adapter, base.itemsize, branch_bytes)
+        alive = (x, xc, xd, out, base)
+        # (m/n - 1) * base made: a recompute stopping at the second product's saves holds it
+        self.peak_at(self.unsaved(*alive, *self.args, *self._layer_held()) + kept
+                     + rows * out_features * promoted, after_saves=True)
+        self.save(self.new(out_features, adapter, True), self.new(rows * out_features, branch_bytes, True))
+        # backward of (m/n) * lora: the scaled incoming gradient, lora's gradient and the product
+        # summed into m's, each (rows, out) in the promoted dtype, beside the incoming one
+        # (under autocast also the fp32 gradient of the sum PEFT cast back and its 16-bit cast): the
+        # MLP's output projection's, whose backward runs with all the layer's saves alive
+        if path.endswith((".mlp.down_proj", ".mlp.c_proj")):
+            back = rows * out_features * (3 * promoted + (FP32 + 2 if self.cond.autocast else 0))
+            self.dora_backward[self.section.removesuffix(" mlp")] = back
+        # (m/n - 1) * base, (m/n) * lora and its scaled copy, in the promoted dtype, beside the saves
+        self.peak_at(self.unsaved(*alive, *self.args, *self._layer_held()) + kept
+                     + 3 * rows * out_features * promoted, after_saves=True)
+        self.moment(*alive, extra=kept + 3 * rows * out_features * promoted)
 
     def merged_linear(self, x: Tensor, path: str, in_features: int, out_features: int) -> Tensor:
         """y = x (W + s B A)^T with PEFT's `ParamWrapper` on a 2-D parameter (`_LoraParameterProxy`):
@@ -845,6 +937,10 @@ def mlp_output_pending(cond: Conditions, numel: int, wrapped: bool) -> int:
         # base output's is cast to 16 bits, the adapter's scaled in fp32, and a second 16-bit copy
         # waits beside them (measured with the tracer: two tokens x hidden 16-bit casts and one fp32)
         return numel * (2 * cond.weight_bytes + FP32)
+    if wrapped and cond.dora and cond.autocast:
+        # DoRA under autocast: the fp32 sum PEFT cast back gets an fp32 gradient, the base output's
+        # is cast to 16 bits, and the scaled branch's is fp32 (promoted by the fp32 magnitude)
+        return numel * (2 + FP32 + 2 + FP32)
     return numel * cond.compute_bytes * ((1 if cond.autocast else 0) + (1 if wrapped else 0))
 
 
@@ -942,7 +1038,7 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
         g.pending[f"layer {i}"] = mlp_output_pending(g.cond, out.numel,
                                                      f"{p}.mlp.c_proj" in g.wrapped and m is out)
         return g.add(x, m)
-    gemma = spec.family == "gemma2"
+    gemma = spec.family in GEMMA_FAMILIES
     # OLMo 2 normalises only each block's output: attention and the MLP read the residual stream
     post_only = spec.norm_placement == "post"
     post_norms = spec.norm_placement in ("sandwich", "post")
@@ -955,6 +1051,17 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
         q = Tensor(g.cond.tokens * nh * hd, qkv.itemsize, qkv.grad, -1)
         k = Tensor(g.cond.tokens * nkv * hd, qkv.itemsize, qkv.grad, -1)
         v = Tensor(qkv.numel, qkv.itemsize, qkv.grad, qkv.key)
+    elif spec.family == "gemma3":
+        # Gemma 3 projects q, k and v first, then normalises q and k (each head, Gemma's form)
+        q = g.linear(h, f"{p}.self_attn.q_proj", H, nh * hd)
+        g.args = (h, q)
+        k = g.linear(h, f"{p}.self_attn.k_proj", H, nkv * hd)
+        g.args = (h, q, k)
+        v = g.linear(h, f"{p}.self_attn.v_proj", H, nkv * hd)
+        g.args = (h, q, k, v)
+        q = qk_norm(g, spec, q, f"{p}.self_attn.q_norm", nh)
+        g.args = (h, q, k, v)
+        k = qk_norm(g, spec, k, f"{p}.self_attn.k_norm", nkv)
     else:
         q = g.linear(h, f"{p}.self_attn.q_proj", H, nh * hd)
         g.args = (h, q)
@@ -1111,7 +1218,14 @@ def qk_norm(g: Graph, spec: ModelSpec, x: Tensor, path: str, heads: int) -> Tens
     if spec.qk_norm is None:
         return x
     dim = spec.head_dim if spec.qk_norm == "head" else heads * spec.head_dim
-    return g.rms_norm(x, path, dim, fp32_product=fp32_norm_product(spec))
+    return g.rms_norm(x, path, dim, spec.family in GEMMA_FAMILIES, fp32_product=fp32_norm_product(spec))
+
+
+def rotary_kind(spec: ModelSpec, i: int) -> bool:
+    """Which rotary embedding layer `i` rotates with: Gemma 3's sliding layers a local one
+    (`rope_local_base_freq`), its global layers another, each with its own cos and sin; every other
+    family one for all layers. Source: transformers 5 `Gemma3RotaryEmbedding`, `Gemma3TextModel`."""
+    return spec.family == "gemma3" and spec.sliding_type(i)
 
 
 def fp32_rotary(spec: ModelSpec) -> bool:
@@ -1551,7 +1665,7 @@ def head_and_loss(g: Graph, spec: ModelSpec, h: Tensor, head: str) -> tuple[Tens
             g.save(g.new(rows * H, 2, False))  # the chunk's bf16 input
         if cond.autocast and h.grad and not trains:
             g.save(g.new(V * H, 2, False))  # a frozen weight's bf16 copy, made per chunk
-        if spec.family == "gemma2" and spec.final_softcap and grad:
+        if spec.family in GEMMA_FAMILIES and spec.final_softcap and grad:
             g.save(g.new(rows * V, cb, True))  # final soft-cap: tanh keeps its output
         if grad:
             g.save(g.new(rows * V, FP32, True))  # log_softmax keeps its output
@@ -1586,7 +1700,7 @@ def head_and_loss(g: Graph, spec: ModelSpec, h: Tensor, head: str) -> tuple[Tens
     # undone with its chunk's head: the two chunks done have freed their tanh outputs.
     if len(widths) > 1 and trains:
         done = b * (widths[-1] + widths[-2])
-        capped = done * V * cb if spec.family == "gemma2" and spec.final_softcap else 0
+        capped = done * V * cb if spec.family in GEMMA_FAMILIES and spec.final_softcap else 0
         worst = max(worst, -t * V * FP32 + (t - done) * V * cb + 3 * V * H * cb - capped)
     return logits, fp32, (worst if grad else 0)
 
@@ -1646,13 +1760,21 @@ def checkpoint_masks_freed(spec: ModelSpec, cond: Conditions) -> tuple[int, ...]
     eager_bytes = b * s * s * (FP32 if cond.autocast else cond.weight_bytes)
     lowest: dict[bool, int] = {}
     for i in reversed(range(spec.num_layers)):
-        lowest[spec.sliding_layer(i) or (spec.family == "gemma2" and i % 2 == 0)] = i
+        lowest[spec.sliding_type(i)] = i
     freed = [0] * spec.num_layers
     for sliding, i in lowest.items():
         if eager:
             freed[i] += eager_bytes
         elif cond.packed or (sliding and s >= (spec.sliding_window or 0)):
             freed[i] += s * s
+    # Gemma 3's rotary embeddings likewise: a kind's cos and sin go with the lowest layer using it
+    # (the one layer 0 rotates with stays through the embedding's backward, as in every family)
+    rotary_low: dict[bool, int] = {}
+    for i in reversed(range(spec.num_layers)):
+        rotary_low[rotary_kind(spec, i)] = i
+    pair = 2 * s * spec.head_dim * (FP32 if fp32_rotary(spec) else cond.weight_bytes)
+    for i in rotary_low.values():
+        freed[i] += pair if i else 0
     return tuple(freed)
 
 
@@ -1669,8 +1791,8 @@ def forward_mask_bytes(spec: ModelSpec, cond: Conditions) -> int:
     # Gemma2Model builds both masks whatever layers it has (a one-layer slice too); Qwen2Model the
     # full one always, and the sliding one when any layer slides
     kinds = {spec.sliding_layer(i) for i in range(spec.num_layers)}
-    if spec.family in ("gemma2", "smollm3", *QWEN_WINDOWS):
-        kinds |= {True, False} if spec.family == "gemma2" else {False}
+    if spec.family in ("smollm3", *QWEN_WINDOWS, *GEMMA_FAMILIES):
+        kinds |= {True, False} if spec.family in GEMMA_FAMILIES else {False}
     if cond.attention == "eager":
         return len(kinds) * cond.batch_size * cond.seq_len * cond.seq_len * (
             FP32 if cond.autocast else cond.weight_bytes)
@@ -1827,6 +1949,9 @@ class Profile:
     expert_backward: tuple[int, ...] = ()  # per layer, ParamWrapper'd experts (`merged_weight_backward`)
     # per layer: gradients alive through its recompute besides the residual stream's (`Graph.pending`)
     recompute_pending: tuple[int, ...] = ()
+    # per layer: the most a DoRA layer's backward of its scaling holds beyond the layer's saves and
+    # the residual's gradient (`Graph.dora`); empty without DoRA
+    dora_backward: tuple[int, ...] = ()
     # Gemma-2's norms after attention and after the MLP: their backward runs while the block before
     # them is still saved (`rms_norm_backward`); 0 for the other families
     post_norm_transient: int = 0
@@ -1906,7 +2031,7 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
     from .architecture import layout
 
     biases = frozenset(m.path for m in layout(spec).modules if m.bias is not None)
-    g = Graph(cond, wrapped, trainable, rates=rates, biases=biases)
+    g = Graph(cond, wrapped, trainable, rates=rates, biases=biases, transposed_weights=spec.family == "gpt2")
     t, H, wb = cond.tokens, spec.hidden_size, cond.weight_bytes
     positions = 0 if cond.packed else cond.seq_len  # position ids the model makes itself
     g.section = "embedding"
@@ -1926,22 +2051,24 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
         # GPT2Model's forward holds these until it returns (`gpt2_model_locals`)
         g.hold(*gpt2_model_locals(g, spec, embeds, ids))
         x = g.dropout_op(x, g.rates[2])
-        rot = None
+        rots = {}
     else:
         x = g.new(t * H, wb, "model.embed_tokens" in trainable or input_grad)
-        if spec.family == "gemma2":
+        if spec.family in GEMMA_FAMILIES:
             # scaled by sqrt(hidden) inside the embedding module (`Gemma2TextScaledWordEmbedding`):
             # the product keeps a scalar, and the unscaled lookup is freed as the module returns
             x = g.new(t * H, wb, x.grad)
         half = cond.seq_len * spec.head_dim
         rb = FP32 if fp32_rotary(spec) else wb
-        rot = (g.new(half, rb, False), g.new(half, rb, False))
+        # a cos and sin per rotary embedding the layers use (Gemma 3's local and global ones)
+        rots = {kind: (g.new(half, rb, False), g.new(half, rb, False))
+                for kind in sorted({rotary_kind(spec, i) for i in range(spec.num_layers)})}
     layers, mlps, inputs, overlap = [], [], [], []
     input_grads: list[bool] = []
     if spec.family != "gpt2":
         # the model's forward holds these until it returns: the embedding output (`inputs_embeds`),
         # the position ids, the rotary cos and sin, and the attention masks
-        g.hold(x, g.new(positions, INT64, False), *rot,
+        g.hold(x, g.new(positions, INT64, False), *(r for rot in rots.values() for r in rot),
                g.new(forward_mask_bytes(spec, cond), 1, False))
     for i in range(spec.num_layers):
         g.section = f"layer {i}"
@@ -1949,7 +2076,7 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
         outer = dict(g.held)
         g.hold(x_in)  # the caller's hidden states, until the layer returns
         g.outer = frozenset(g.held)  # what the model holds around the layer (the timeline's own)
-        x = _decoder_layer(g, spec, i, x, rot)
+        x = _decoder_layer(g, spec, i, x, rots.get(rotary_kind(spec, i)))
         g.held = outer
         # a checkpointed layer keeps its input; when the layer's own ops save it too, the recomputed
         # set already holds it (count it once)
@@ -1959,7 +2086,7 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
         overlap.append(x_in.nbytes if kept and kept[1].startswith(f"layer {i}") else 0)
         # the rotary cos and sin are saved once, by the first layer that uses them; a checkpointed
         # layer keeps them among its arguments (`checkpoint_args`) already
-        overlap[-1] += sum(r.nbytes for r in rot or ()
+        overlap[-1] += sum(r.nbytes for rot in rots.values() for r in rot
                            if g.saved.get(r.key, (0, ""))[1].startswith(f"layer {i}"))
         mlps.append(g.saved_bytes(f"layer {i} mlp"))
         layers.append(g.saved_bytes(f"layer {i}") + mlps[-1])
@@ -1968,7 +2095,7 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
     if spec.family == "gpt2":
         h = g.layer_norm(x, norm, H)
     else:
-        h = g.rms_norm(x, norm, H, spec.family == "gemma2", fp32_product=fp32_norm_product(spec))
+        h = g.rms_norm(x, norm, H, spec.family in GEMMA_FAMILIES, fp32_product=fp32_norm_product(spec))
     final_norm = g.saved_bytes("head")
     # the decoder model returns after its final norm: what its forward held (the embedding output,
     # position ids, rotary cos and sin, attention masks) is freed before the head, unless saved
@@ -1981,7 +2108,7 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
         logits, fp32 = head_loss[0], head_loss[1]
     else:
         logits = g.linear(h, head, H, spec.vocab_size)
-        if spec.family == "gemma2" and spec.final_softcap and logits.grad:
+        if spec.family in GEMMA_FAMILIES and spec.final_softcap and logits.grad:
             g.save(g.new(logits.numel, logits.itemsize, True))  # final soft-cap: tanh keeps its output
         fp32 = t * spec.vocab_size * FP32
         # nll_loss keeps the shifted labels: a contiguous copy, or for one sequence the padded labels
@@ -1993,12 +2120,12 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
     mask = cond.batch_size * cond.seq_len * cond.seq_len * (FP32 if cond.autocast else wb)
     # Gemma-2 alternates sliding-window and global layers, and Qwen2's layers from max_window_layers on
     # slide: each kind of layer gets its own mask
-    kinds = {spec.sliding_layer(i) or (spec.family == "gemma2" and i % 2 == 0)
-             for i in range(spec.num_layers)}
+    kinds = {spec.sliding_type(i) for i in range(spec.num_layers)}
     eager_mask = mask * len(kinds) if cond.attention == "eager" else 0
     # A checkpointed layer also keeps its other arguments: the attention mask its kind of layer gets
     # (eager) and, for rotary families, cos, sin and the position ids.
-    shared = eager_mask + (0 if rot is None else 2 * rot[0].nbytes + positions * INT64)
+    shared = eager_mask + (sum(r.nbytes for rot in rots.values() for r in rot) + positions * INT64
+                           if rots else 0)
     if cond.attention == "sdpa" and (cond.packed or any(
             spec.sliding_layer(i) and cond.seq_len >= (spec.sliding_window or 0)
             for i in range(spec.num_layers))):
@@ -2032,6 +2159,8 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
         attention_without_grad=g.attention_without_grad,
         recompute_peaks=tuple(g.recompute_peak(f"layer {i}") for i in range(spec.num_layers)),
         recompute_pending=tuple(g.pending.get(f"layer {i}", 0) for i in range(spec.num_layers)),
+        dora_backward=tuple(g.dora_backward.get(f"layer {i}", 0) for i in range(spec.num_layers))
+        if cond.dora else (),
         post_norm_transient=rms_norm_backward(cond.tokens, H, any(
             p.endswith("post_feedforward_layernorm") for p in trainable))
         if spec.norm_placement != "pre" else 0,
@@ -2054,7 +2183,7 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
                        if spec.family != "gpt2" and (x.grad or norm in trainable) else 0),
         forward_live=0 if cond.grad_checkpointing else g.forward_live,
         final_norm_freed=trained_norm_product_bytes(x.numel, x.itemsize,
-                                                    spec.family == "gemma2" or fp32_norm_product(spec))
+                                                    spec.family in GEMMA_FAMILIES or fp32_norm_product(spec))
         if spec.family != "gpt2" and norm in trainable else 0,
         input_leaf=t * H * wb if input_grad and not trainable & {"model.embed_tokens", "transformer.wte",
                                                                  "transformer.wpe"} else 0,

@@ -23,15 +23,23 @@ def _decoder(name: str, family: str, *, vocab: int, hidden: int, layers: int, he
              kv_heads: int, inner: int, tied: bool, positions: int, head_dim: int | None = None,
              experts: int = 0, experts_per_token: int = 0, source: str,
              aliases=(), sliding_window: int | None = None, norm_topk: bool = True,
-             nope_layers: tuple[int, ...] = ()) -> ModelSpec:
+             nope_layers: tuple[int, ...] = (), global_layers: tuple[int, ...] = ()) -> ModelSpec:
     return ModelSpec(
         name=name, family=family, vocab_size=vocab, hidden_size=hidden, num_layers=layers,
         num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim or hidden // heads,
         intermediate_size=inner, tied_embeddings=tied, max_positions=positions,
         qkv_bias=family == "qwen2", num_experts=experts, experts_per_token=experts_per_token,
         aliases=tuple(aliases), source=source, sliding_window=sliding_window, norm_topk=norm_topk,
-        nope_layers=nope_layers,
+        nope_layers=nope_layers, global_layers=global_layers,
     )
+
+
+def _gemma3(name: str, *, vocab: int, hidden: int, layers: int, heads: int, kv_heads: int, head_dim: int,
+            inner: int, positions: int, window: int, source: str) -> ModelSpec:
+    """A Gemma 3 text tower: tied embeddings, every sixth layer global (sliding_window_pattern 6)."""
+    return _decoder(name, "gemma3", vocab=vocab, hidden=hidden, layers=layers, heads=heads,
+                    kv_heads=kv_heads, inner=inner, tied=True, positions=positions, head_dim=head_dim,
+                    sliding_window=window, global_layers=tuple(range(5, layers, 6)), source=source)
 
 
 CATALOG: tuple[ModelSpec, ...] = (
@@ -112,6 +120,16 @@ CATALOG: tuple[ModelSpec, ...] = (
     _decoder("smollm3-3b", "smollm3", vocab=128256, hidden=2048, layers=36, heads=16, kv_heads=4,
              inner=11008, tied=True, positions=65536, nope_layers=tuple(range(3, 36, 4)),
              source="HuggingFaceTB/SmolLM3-3B"),
+    # Gemma 3: 1B is text only; 4B, 12B and 27B are the language models of the multimodal checkpoints
+    # (their config's `text_config`; the vision tower is not planned)
+    _gemma3("gemma-3-1b", vocab=262144, hidden=1152, layers=26, heads=4, kv_heads=1, head_dim=256,
+            inner=6912, positions=32768, window=512, source="google/gemma-3-1b-pt"),
+    _gemma3("gemma-3-4b", vocab=262208, hidden=2560, layers=34, heads=8, kv_heads=4, head_dim=256,
+            inner=10240, positions=131072, window=1024, source="google/gemma-3-4b-pt"),
+    _gemma3("gemma-3-12b", vocab=262208, hidden=3840, layers=48, heads=16, kv_heads=8, head_dim=256,
+            inner=15360, positions=131072, window=1024, source="google/gemma-3-12b-pt"),
+    _gemma3("gemma-3-27b", vocab=262208, hidden=5376, layers=62, heads=32, kv_heads=16, head_dim=128,
+            inner=21504, positions=131072, window=1024, source="google/gemma-3-27b-pt"),
 )
 
 _BY_NAME = {alias: spec for spec in CATALOG for alias in (spec.name, *spec.aliases)}

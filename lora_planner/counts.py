@@ -43,6 +43,7 @@ PEFT_DEFAULT_TARGETS = {
     "qwen3_moe": ("q_proj", "v_proj"),  # PEFT has no entry; as for Mixtral
     "olmo2": ("q_proj", "v_proj"),  # PEFT has no entry; as for Llama
     "smollm3": ("q_proj", "v_proj"),  # PEFT has no entry; as for Llama
+    "gemma3": ("q_proj", "v_proj"),  # PEFT's gemma3_text entry
 }
 
 _SPLIT_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")

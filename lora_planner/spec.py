@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 FAMILY_DROPOUT = {"gpt2": 0.1}
 
 FAMILIES = ("gpt2", "llama", "mistral", "mixtral", "qwen2", "gemma2", "phi3", "qwen3", "qwen3_moe", "olmo2",
-            "smollm3")
+            "smollm3", "gemma3")
 # Families whose MLP is a sparse block of fused experts (3-D parameters) and a router, in every layer
 MOE_FAMILIES = ("mixtral", "qwen3_moe")
 
@@ -36,19 +36,25 @@ MODEL_TYPE_TO_FAMILY = {
     "qwen3_moe": "qwen3_moe",
     "olmo2": "olmo2",
     "smollm3": "smollm3",
+    "gemma3_text": "gemma3",
 }
+# The `model_type` each family's config.json states, where it is not the family's name
+FAMILY_MODEL_TYPE = {"gemma3": "gemma3_text"}
+# Families of Gemma's form: RMSNorms multiplying by (1 + weight) in fp32 before the cast back, the
+# embedding scaled by sqrt(hidden) inside its module, the logits' soft-cap where the config has one
+GEMMA_FAMILIES = ("gemma2", "gemma3")
 
 # RMSNorm on the projected queries and keys before rope, as each family's attention module has it:
 # "head" normalises each head's head_dim values (Qwen3, a weight of head_dim), "full" the whole
 # projection (OLMo 2, a weight of heads x head_dim); None: no such norm.
 QK_NORMS = ("head", "full")
-FAMILY_QK_NORM = {"qwen3": "head", "qwen3_moe": "head", "olmo2": "full"}
+FAMILY_QK_NORM = {"qwen3": "head", "qwen3_moe": "head", "olmo2": "full", "gemma3": "head"}
 
 # Where a decoder layer's RMSNorms sit: "pre" before attention and before the MLP (Llama's
 # input_layernorm and post_attention_layernorm), "sandwich" before and after each (Gemma-2), "post"
 # after each block's output only (OLMo 2's post_attention_layernorm and post_feedforward_layernorm).
 NORM_PLACEMENTS = ("pre", "sandwich", "post")
-FAMILY_NORM_PLACEMENT = {"gemma2": "sandwich", "olmo2": "post"}
+FAMILY_NORM_PLACEMENT = {"gemma2": "sandwich", "olmo2": "post", "gemma3": "sandwich"}
 
 # Families whose sliding window is Qwen2's: only with `use_sliding_window`, and only on the layers
 # from `max_window_layers` on
@@ -119,6 +125,9 @@ class ModelSpec:
     # decoder layers without rotary embeddings (SmolLM3's NoPE layers); with a sliding window, they
     # are the layers that slide
     nope_layers: tuple[int, ...] = ()
+    # Gemma 3's full-attention layers (its `layer_types`); every other layer is a sliding one, with
+    # the local rotary embedding
+    global_layers: tuple[int, ...] = ()
 
     def rotary_layer(self, i: int) -> bool:
         """Whether decoder layer `i` rotates q and k (every layer but SmolLM3's NoPE ones)."""
@@ -135,7 +144,19 @@ class ModelSpec:
             return i >= self.max_window_layers
         if self.family == "smollm3":
             return i in self.nope_layers
+        if self.family == "gemma3":
+            return i not in self.global_layers
         return True
+
+    def sliding_type(self, i: int) -> bool:
+        """Whether layer `i` is a sliding one in the config's `layer_types`, which picks its mask (and
+        Gemma 3's rotary embedding) even with no window: Gemma-2's even layers, Gemma 3's all but
+        `global_layers`, else `sliding_layer`."""
+        if self.family == "gemma2":
+            return i % 2 == 0
+        if self.family == "gemma3":
+            return i not in self.global_layers
+        return self.sliding_layer(i)
 
     @property
     def dropout_rates(self) -> tuple[float, float, float]:
@@ -160,6 +181,9 @@ class ModelSpec:
         if self.nope_layers and (self.family != "smollm3" or any(
                 isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in self.nope_layers)):
             raise PlanError(f"model {self.name!r}: nope_layers must be layer indices of a smollm3 model")
+        if self.global_layers and (self.family != "gemma3" or any(
+                isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in self.global_layers)):
+            raise PlanError(f"model {self.name!r}: global_layers must be layer indices of a gemma3 model")
         placement = FAMILY_NORM_PLACEMENT.get(self.family, "pre")
         if self.norm_placement is None:
             object.__setattr__(self, "norm_placement", placement)
@@ -370,8 +394,10 @@ def spec_from_hf_config(config: dict, name: str = "custom", source: str = "") ->
     attention, a missing `head_dim` means hidden_size / num_heads, a missing GPT-2 `n_inner` means
     4 * n_embd, a missing Mixtral `num_local_experts` / `num_experts_per_tok` means 8 / 2 (Qwen3-MoE's
     `num_experts` / `num_experts_per_tok` 128 / 8, its `moe_intermediate_size` 768, `norm_topk_prob`
-    false), a missing Qwen3 `head_dim` means 128, a missing OLMo 2 `max_position_embeddings` 2,048, and
-    `tie_word_embeddings` defaults to True only where the class does (GPT-2, Gemma-2, SmolLM3). Every value
+    false), a missing Qwen3 `head_dim` means 128, a missing OLMo 2 `max_position_embeddings` 2,048, a
+    missing Gemma 3 `head_dim` 256, its `max_position_embeddings` 131,072, its soft-caps none and its
+    `layer_types` every `sliding_window_pattern`-th (6th) layer global, and `tie_word_embeddings`
+    defaults to True only where the class does (GPT-2, Gemma-2, Gemma 3, SmolLM3). Every value
     read is checked here (type, finiteness, `SHAPE_LIMITS`), each failure one line naming the key.
     """
     from .validate import text
@@ -441,23 +467,26 @@ def spec_from_hf_config(config: dict, name: str = "custom", source: str = "") ->
         intermediate_size=(_whole(config, "intermediate_size", "moe_intermediate_size", default=768)
                            if family == "qwen3_moe"
                            else _whole(config, "intermediate_size", "intermediate_size")),
-        tied_embeddings=_flag(config, "tie_word_embeddings", family in ("gemma2", "smollm3")),
+        tied_embeddings=_flag(config, "tie_word_embeddings", family in ("gemma2", "gemma3", "smollm3")),
         max_positions=_whole(config, "max_positions", "max_position_embeddings",
                              default=MAX_POSITIONS_DEFAULT.get(family, 4096)),
         qkv_bias=family == "qwen2" or attention_bias,
         out_bias=family != "qwen2" and attention_bias,
-        # Qwen3's and OLMo 2's MLPs and experts have no bias whatever the config says
-        mlp_bias=family not in ("qwen3", "qwen3_moe", "olmo2") and _flag(config, "mlp_bias", False),
+        # Qwen3's, OLMo 2's and Gemma 3's MLPs and experts have no bias whatever the config says
+        mlp_bias=family not in ("qwen3", "qwen3_moe", "olmo2", "gemma3") and _flag(config, "mlp_bias", False),
         num_experts=experts,
         experts_per_token=top_k,
         norm_topk=family != "qwen3_moe" or _flag(config, "norm_topk_prob", False),
         nope_layers=_nope_layers(config, layers) if family == "smollm3" else (),
+        global_layers=_global_layers(config, layers) if family == "gemma3" else (),
         attn_dropout=_rate(config, "attention_dropout"),
         # Phi-3 drops on both residual branches; its embd_pdrop is read by no module in
         # transformers 5, so it is not planned
         resid_dropout=_rate(config, "resid_pdrop") if family == "phi3" else None,
-        attn_softcap=family != "gemma2" or _softcap(config, "attn_logit_softcapping", 50.0),
-        final_softcap=family != "gemma2" or _softcap(config, "final_logit_softcapping", 30.0),
+        attn_softcap=family not in GEMMA_FAMILIES or _softcap(config, "attn_logit_softcapping",
+                                                              SOFTCAP_DEFAULTS[family][0]),
+        final_softcap=family not in GEMMA_FAMILIES or _softcap(config, "final_logit_softcapping",
+                                                               SOFTCAP_DEFAULTS[family][1]),
         sliding_window=window,
         # which layers slide matters only where a window applies
         max_window_layers=(_whole(config, "max_window_layers", "max_window_layers", default=28)
@@ -468,9 +497,11 @@ def spec_from_hf_config(config: dict, name: str = "custom", source: str = "") ->
 # The config classes' `sliding_window` when a config.json leaves it out (Qwen2's applies only with
 # `use_sliding_window`)
 SLIDING_WINDOW_DEFAULT = {"mistral": 4096, "gemma2": 4096, "qwen2": 4096, "qwen3": 4096,
-                          "qwen3_moe": 4096}
+                          "qwen3_moe": 4096, "gemma3": 4096}
 # The config classes' `max_position_embeddings` when a config.json leaves it out, where not 4,096
-MAX_POSITIONS_DEFAULT = {"olmo2": 2048, "smollm3": 32768}
+MAX_POSITIONS_DEFAULT = {"olmo2": 2048, "smollm3": 32768, "gemma3": 131072}
+# The config classes' (attention, final) logit soft-caps when a config.json leaves them out
+SOFTCAP_DEFAULTS = {"gemma2": (50.0, 30.0), "gemma3": (None, None)}
 # The config classes' (experts, experts per token) when a config.json leaves them out
 MOE_DEFAULTS = {"mixtral": (8, 2), "qwen3_moe": (128, 8)}
 
@@ -492,6 +523,29 @@ def _nope_layers(config: dict, layers: int) -> tuple[int, ...]:
                  if not whole_number(f"config.json no_rope_layers[{i}]", flags[i], 0, 1))
 
 
+def _global_layers(config: dict, layers: int) -> tuple[int, ...]:
+    """Gemma 3's full-attention layers: those `layer_types` names "full_attention", or, without the
+    list, every `sliding_window_pattern`-th layer (6: layers 5, 11, 17, ...), as `Gemma3TextConfig`
+    fills it in. A bidirectional config (`use_bidirectional_attention`) masks otherwise: refused."""
+    from .validate import whole_number
+
+    if _flag(config, "use_bidirectional_attention", False):
+        raise PlanError("config.json use_bidirectional_attention: only causal Gemma 3 models are planned")
+    if "sliding_window" in config and config["sliding_window"] is None:
+        raise PlanError("config.json sliding_window must be a number for a Gemma 3 model (its sliding "
+                        "layers always build a windowed mask)")
+    kinds = config.get("layer_types")
+    if kinds is None:
+        every = whole_number("config.json sliding_window_pattern",
+                             config.get("sliding_window_pattern", 6), 1, 10**6)
+        return tuple(i for i in range(layers) if (i + 1) % every == 0)
+    allowed = ("sliding_attention", "full_attention")
+    if not isinstance(kinds, list) or len(kinds) < layers or any(k not in allowed for k in kinds[:layers]):
+        raise PlanError(f"config.json layer_types must be a list of {layers} names, each "
+                        f"{' or '.join(allowed)}")
+    return tuple(i for i in range(layers) if kinds[i] == "full_attention")
+
+
 def _all_layers_sparse(config: dict) -> None:
     """Qwen3-MoE makes layer i dense (a gated MLP of `intermediate_size`) when i is in
     `mlp_only_layers` or (i + 1) is not a multiple of `decoder_sparse_step`; the published models
@@ -509,7 +563,7 @@ def _all_layers_sparse(config: dict) -> None:
         raise PlanError("config.json mlp_only_layers makes some Qwen3-MoE layers dense; a mix of dense "
                         "and sparse layers is not planned (it must be empty)")
 # The config classes' `head_dim` when a config.json leaves it out, where it is not hidden / heads
-HEAD_DIM_DEFAULT = {"qwen3": 128}
+HEAD_DIM_DEFAULT = {"qwen3": 128, "gemma3": 256}
 
 
 def _sliding_window(config: dict, family: str) -> int | None:
@@ -538,7 +592,8 @@ def to_hf_config(spec: ModelSpec) -> dict:
                                         strict=True) if p is not None},
         }
     config = {
-        "model_type": spec.family, "vocab_size": spec.vocab_size, "hidden_size": spec.hidden_size,
+        "model_type": FAMILY_MODEL_TYPE.get(spec.family, spec.family), "vocab_size": spec.vocab_size,
+        "hidden_size": spec.hidden_size,
         "num_hidden_layers": spec.num_layers, "num_attention_heads": spec.num_heads,
         "num_key_value_heads": spec.num_kv_heads, "head_dim": spec.head_dim,
         "intermediate_size": spec.intermediate_size, "tie_word_embeddings": spec.tied_embeddings,
@@ -546,7 +601,7 @@ def to_hf_config(spec: ModelSpec) -> dict:
         # Token ids are irrelevant to shapes; None keeps small test vocabularies valid.
         "pad_token_id": None, "bos_token_id": None, "eos_token_id": None,
     }
-    if spec.family in ("llama", "gemma2", "qwen3", "qwen3_moe", "olmo2", "smollm3"):
+    if spec.family in ("llama", "gemma2", "qwen3", "qwen3_moe", "olmo2", "smollm3", "gemma3"):
         config["attention_bias"] = spec.out_bias
         config["mlp_bias"] = spec.mlp_bias
     if spec.attn_dropout is not None:
@@ -558,6 +613,13 @@ def to_hf_config(spec: ModelSpec) -> dict:
             config["attn_logit_softcapping"] = None
         if not spec.final_softcap:
             config["final_logit_softcapping"] = None
+    if spec.family == "gemma3":
+        # its classes cap nothing by default; a cap the spec has on takes Gemma-2's value
+        config["attn_logit_softcapping"] = 50.0 if spec.attn_softcap else None
+        config["final_logit_softcapping"] = 30.0 if spec.final_softcap else None
+        config["layer_types"] = ["sliding_attention" if spec.sliding_type(i) else "full_attention"
+                                 for i in range(spec.num_layers)]
+        config["sliding_window"] = spec.sliding_window
     if spec.family == "mixtral":
         config["num_local_experts"] = spec.num_experts
         config["num_experts_per_tok"] = spec.experts_per_token

@@ -66,7 +66,8 @@ def test_the_catalog_entries_copy_their_published_configs():
 
 @pytest.mark.parametrize("hub_id", ["Qwen/Qwen3-8B", "Qwen/Qwen3-30B-A3B", "allenai/OLMo-2-1124-7B",
                                     "microsoft/phi-4", "meta-llama/Llama-3.3-70B-Instruct",
-                                    "HuggingFaceTB/SmolLM3-3B"])
+                                    "HuggingFaceTB/SmolLM3-3B", "google/gemma-3-1b-pt",
+                                    "google/gemma-3-27b-pt"])
 def test_a_catalog_hub_id_is_answered_offline(hub_id, monkeypatch):
     import lora_planner.resolve as resolve
 
@@ -82,7 +83,8 @@ def test_models_lists_the_new_entries():
     assert result.exit_code == 0
     names = {line.split()[0] for line in result.output.splitlines() if line.strip()}
     assert {"qwen3-0.6b", "qwen3-8b", "qwen3-32b", "qwen3-30b-a3b", "qwen3-235b-a22b", "olmo-2-7b",
-            "llama-3.3-70b", "mistral-small-3.1-24b", "phi-4", "smollm3-3b"} <= names
+            "llama-3.3-70b", "mistral-small-3.1-24b", "phi-4", "smollm3-3b", "gemma-3-1b", "gemma-3-4b",
+            "gemma-3-12b", "gemma-3-27b"} <= names
 
 
 @pytest.mark.parametrize(("key", "value"), [("mlp_only_layers", [0, 1]), ("decoder_sparse_step", 2)])

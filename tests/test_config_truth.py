@@ -22,7 +22,7 @@ def _activations(data: dict) -> int:
 def test_dropout_rates_default_as_transformers_config_classes_do():
     transformers = pytest.importorskip("transformers")
     for family in ("gpt2", "llama", "mistral", "qwen2", "gemma2", "phi3", "mixtral", "qwen3", "qwen3_moe",
-                   "olmo2", "smollm3"):
+                   "olmo2", "smollm3", "gemma3_text"):
         config = transformers.CONFIG_MAPPING[family]()
         attn, resid, embd = spec_from_hf_config({**config.to_dict(), "pad_token_id": None}).dropout_rates
         if family == "gpt2":
@@ -97,7 +97,10 @@ READER_DEFAULTS = {"qwen3": ("head_dim", "num_key_value_heads"),
                                  "norm_topk_prob", "head_dim"),
                    "olmo2": ("num_key_value_heads", "head_dim", "max_position_embeddings"),
                    "smollm3": ("no_rope_layers", "layer_types", "tie_word_embeddings",
-                               "max_position_embeddings")}
+                               "max_position_embeddings"),
+                   "gemma3_text": ("head_dim", "max_position_embeddings", "layer_types",
+                                   "tie_word_embeddings", "attn_logit_softcapping",
+                                   "final_logit_softcapping", "sliding_window")}
 
 
 @pytest.mark.parametrize("family", sorted(READER_DEFAULTS))
@@ -117,3 +120,19 @@ def test_the_readers_defaults_are_the_config_classes(family):
         model = transformers.AutoModelForCausalLM.from_config(built)
     assert total_params(spec) == sum(p.numel() for p in model.parameters())
     assert spec.max_positions == built.max_position_embeddings
+
+
+@pytest.mark.parametrize("pattern", [None, 1, 4])
+def test_gemma3_layer_kinds_and_caps_are_its_config_classes(pattern):
+    """Gemma 3's global layers (every `sliding_window_pattern`-th, 6 by default) and its soft-caps
+    (none by default) as `Gemma3TextConfig` fills them in, from a config that leaves them out."""
+    transformers = pytest.importorskip("transformers")
+    stated = {} if pattern is None else {"sliding_window_pattern": pattern}
+    built = transformers.CONFIG_MAPPING["gemma3_text"](num_hidden_layers=13, **stated)
+    config = {k: v for k, v in built.to_dict().items()
+              if k not in ("layer_types", "attn_logit_softcapping", "final_logit_softcapping")}
+    spec = spec_from_hf_config({**config, **stated, "pad_token_id": None})
+    kinds = built.layer_types
+    assert spec.global_layers == tuple(i for i, kind in enumerate(kinds) if kind == "full_attention")
+    assert spec.attn_softcap == (built.attn_logit_softcapping is not None)
+    assert spec.final_softcap == (built.final_logit_softcapping is not None)

@@ -1,7 +1,9 @@
 """Differential fuzzing of the families added after the seeded suite: Qwen3 (per-head q/k norms),
 Qwen3-MoE (those norms beside Mixtral's fused experts, with or without `norm_topk_prob`), OLMo 2
-(norms after each block only, q/k norms over the whole projection, fp32 rotary) and SmolLM3 (Llama
-with layers that skip the rotary embedding, and a sliding window on those).
+(norms after each block only, q/k norms over the whole projection, fp32 rotary), SmolLM3 (Llama
+with layers that skip the rotary embedding, and a sliding window on those) and Gemma 3 (Gemma-2's
+sandwich norms with per-head q/k norms, sliding and global layers each with its own rotary
+embedding, no attention soft-cap).
 
 Each case is drawn by name (`random_case(seed, family)`), planned from its config.json and traced
 from the same config by transformers, as in `test_fuzz.py`: activations byte for byte, the peak
@@ -19,9 +21,11 @@ from tests.tracing import one_thread  # noqa: E402, F401 (autouse: traces run on
 
 from .test_fuzz import PEAK_TOLERANCE, check  # noqa: E402
 
-NEW_FAMILIES = ("qwen3", "qwen3_moe", "olmo2", "smollm3")
+NEW_FAMILIES = ("qwen3", "qwen3_moe", "olmo2", "smollm3", "gemma3")
 # one LoRA case under autocast or a 16-bit model, one checkpointed or trained in full, per family
-DEFAULT_SEEDS = {"qwen3": (6, 45), "qwen3_moe": (2, 4), "olmo2": (15, 19), "smollm3": (20, 25)}
+DEFAULT_SEEDS = {"qwen3": (6, 45), "qwen3_moe": (2, 4), "olmo2": (15, 19), "smollm3": (20, 25),
+                 # both with sliding and global layers, checkpointed: each rotary pair freed with its kind
+                 "gemma3": (38, 25)}
 
 
 @pytest.mark.parametrize(("family", "seed"), [(f, s) for f in NEW_FAMILIES for s in DEFAULT_SEEDS[f]],

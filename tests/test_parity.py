@@ -77,7 +77,7 @@ def test_lora_trainable_equals_peft_for_every_model(name, targets):
 
 
 SMALL = ["gpt2", "llama-3.2-1b", "qwen2.5-0.5b", "gemma-2-2b", "phi-3-mini", "mixtral-8x7b", "qwen3-0.6b",
-         "qwen3-30b-a3b", "olmo-2-7b", "smollm3-3b"]
+         "qwen3-30b-a3b", "olmo-2-7b", "smollm3-3b", "gemma-3-1b"]
 
 
 @pytest.mark.parametrize("name", SMALL)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from ..spec import TrainSetup, spec_from_hf_config
+from ..spec import FAMILY_MODEL_TYPE, TrainSetup, spec_from_hf_config
 
 TARGET_PRESETS = ("default", "qv", "attn", "mlp", "all-linear")
 
@@ -44,7 +44,9 @@ class Case:
         key = "n_layer" if self.config["model_type"] == "gpt2" else "num_hidden_layers"
         if self.layers is None:
             return dict(self.config)
-        return {**self.config, key: min(self.layers, self.config[key])}
+        kept = min(self.layers, self.config[key])
+        cut = {"layer_types": self.config["layer_types"][:kept]} if "layer_types" in self.config else {}
+        return {**self.config, key: kept, **cut}
 
 
 def _heads(rng: random.Random) -> tuple[int, int]:
@@ -83,7 +85,8 @@ def random_config(rng: random.Random, family: str) -> dict:
         # transformers wants hidden a multiple of heads, even with its own head_dim
         hidden = heads * rng.randint(2, 13)
     config = {
-        "model_type": family, "vocab_size": vocab, "hidden_size": hidden, "num_hidden_layers": layers,
+        "model_type": FAMILY_MODEL_TYPE.get(family, family), "vocab_size": vocab, "hidden_size": hidden,
+        "num_hidden_layers": layers,
         "num_attention_heads": heads, "num_key_value_heads": kv,
         "intermediate_size": rng.randint(1, 16) * 8 if family in ("mixtral", "qwen3_moe")
         else rng.randint(8, 130),
@@ -95,7 +98,7 @@ def random_config(rng: random.Random, family: str) -> dict:
         config["head_dim"] = head_dim
     if rng.random() < 0.3:
         config["attention_dropout"] = rng.choice((0.0, 0.1))
-    if family in ("llama", "qwen3", "qwen3_moe", "olmo2", "smollm3"):
+    if family in ("llama", "qwen3", "qwen3_moe", "olmo2", "smollm3", "gemma3"):
         config["attention_bias"] = rng.random() < 0.3
     if family in ("llama", "smollm3"):
         config["mlp_bias"] = rng.random() < 0.3
@@ -116,6 +119,17 @@ def random_config(rng: random.Random, family: str) -> dict:
     if family == "gemma2":
         config["attn_logit_softcapping"] = rng.choice((None, 50.0))
         config["final_logit_softcapping"] = rng.choice((None, 30.0))
+    if family == "gemma3":
+        # every n-th layer global (the published 6 leaves 1-4 layers all sliding, as 4 or more can),
+        # or a list of layer types; soft-caps off, as the class has them
+        if rng.random() < 0.5:
+            config["sliding_window_pattern"] = rng.randint(1, 4)
+        else:
+            config["layer_types"] = [rng.choice(("sliding_attention", "full_attention"))
+                                     for _ in range(layers)]
+        config["sliding_window"] = rng.randint(2, 80)
+        config["query_pre_attn_scalar"] = rng.choice((head_dim, rng.randint(8, 300)))
+        config["final_logit_softcapping"] = rng.choice((None, None, 30.0))
     if family == "phi3" and rng.random() < 0.4:
         config["resid_pdrop"] = rng.choice((0.0, 0.1))
     if family == "mixtral":
