@@ -6,6 +6,8 @@ meta device and compare the parameter count to the parameter.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from .errors import PlanError
 from .spec import ModelSpec
 
@@ -36,10 +38,12 @@ def _decoder(name: str, family: str, *, vocab: int, hidden: int, layers: int, he
 
 def _gemma3(name: str, *, vocab: int, hidden: int, layers: int, heads: int, kv_heads: int, head_dim: int,
             inner: int, positions: int, window: int, source: str) -> ModelSpec:
-    """A Gemma 3 text tower: tied embeddings, every sixth layer global (sliding_window_pattern 6)."""
-    return _decoder(name, "gemma3", vocab=vocab, hidden=hidden, layers=layers, heads=heads,
+    """A Gemma 3 text tower: tied embeddings, every sixth layer global (sliding_window_pattern 6), no
+    soft-caps (the published configs state none)."""
+    spec = _decoder(name, "gemma3", vocab=vocab, hidden=hidden, layers=layers, heads=heads,
                     kv_heads=kv_heads, inner=inner, tied=True, positions=positions, head_dim=head_dim,
                     sliding_window=window, global_layers=tuple(range(5, layers, 6)), source=source)
+    return replace(spec, attn_softcap=False, final_softcap=False)
 
 
 CATALOG: tuple[ModelSpec, ...] = (

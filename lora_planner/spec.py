@@ -405,6 +405,9 @@ def spec_from_hf_config(config: dict, name: str = "custom", source: str = "") ->
     if not isinstance(config, dict):
         raise PlanError("config.json must hold a JSON object")
     model_type = config.get("model_type")
+    if model_type == "gemma3":  # the multimodal config: its language model is planned
+        config = _gemma3_language_model(config)
+        model_type = config["model_type"]
     family = MODEL_TYPE_TO_FAMILY.get(text("config.json model_type", model_type)
                                       if model_type is not None else None)
     if family is None:
@@ -521,6 +524,22 @@ def _nope_layers(config: dict, layers: int) -> tuple[int, ...]:
         raise PlanError(f"config.json no_rope_layers must be a list of {layers} flags (1: rope, 0: none)")
     return tuple(i for i in range(layers)
                  if not whole_number(f"config.json no_rope_layers[{i}]", flags[i], 0, 1))
+
+
+# `Gemma3TextConfig`'s shapes, which a multimodal config's `text_config` states only where they differ
+GEMMA3_TEXT_DEFAULTS = {"vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216,
+                        "num_hidden_layers": 26, "num_attention_heads": 8, "num_key_value_heads": 4}
+
+
+def _gemma3_language_model(config: dict) -> dict:
+    """The text config of a multimodal Gemma 3 config.json (`Gemma3Config`): its `text_config` over
+    `Gemma3TextConfig`'s defaults, the LM head tied to the embedding unless the outer config says
+    otherwise. Its vision tower and projector are not planned."""
+    text = config.get("text_config", {})
+    if not isinstance(text, dict):
+        raise PlanError("config.json text_config must be a JSON object")
+    tied = config.get("tie_word_embeddings", text.get("tie_word_embeddings", True))
+    return {**GEMMA3_TEXT_DEFAULTS, **text, "model_type": "gemma3_text", "tie_word_embeddings": tied}
 
 
 def _global_layers(config: dict, layers: int) -> tuple[int, ...]:

@@ -136,3 +136,37 @@ def test_gemma3_layer_kinds_and_caps_are_its_config_classes(pattern):
     assert spec.global_layers == tuple(i for i, kind in enumerate(kinds) if kind == "full_attention")
     assert spec.attn_softcap == (built.attn_logit_softcapping is not None)
     assert spec.final_softcap == (built.final_logit_softcapping is not None)
+
+
+# google/gemma-3-4b-pt's text_config as published (the rest are Gemma3TextConfig's defaults)
+GEMMA3_4B_TEXT = {"hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text",
+                  "num_hidden_layers": 34, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+                  "sliding_window": 1024}
+
+
+@pytest.mark.parametrize("text_config", [None, GEMMA3_4B_TEXT], ids=["class-default", "gemma-3-4b"])
+def test_multimodal_gemma3_plans_its_language_model(text_config):
+    """A multimodal Gemma 3 config.json (model_type gemma3) is planned as its language model: the
+    parameters count as those of the text model and LM head transformers builds (on the meta
+    device), without the vision tower."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from lora_planner.counts import total_params
+
+    stated = {} if text_config is None else {"text_config": text_config}
+    built = transformers.CONFIG_MAPPING["gemma3"](**stated)
+    spec = spec_from_hf_config(built.to_dict())
+    with torch.device("meta"):
+        model = transformers.AutoModelForImageTextToText.from_config(built)
+    language = model.model.language_model
+    head = 0 if model.lm_head.weight is language.embed_tokens.weight else model.lm_head.weight.numel()
+    assert total_params(spec) == sum(p.numel() for p in language.parameters()) + head
+
+
+def test_published_gemma3_4b_config_plans_as_its_catalog_entry():
+    from lora_planner.catalog import get_model
+
+    entry = get_model("gemma-3-4b")
+    read = spec_from_hf_config({"model_type": "gemma3", "text_config": GEMMA3_4B_TEXT},
+                               name=entry.name, source=entry.source)
+    assert read == entry
