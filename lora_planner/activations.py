@@ -62,6 +62,8 @@ class Conditions:
     # packed documents (`--packing`): one row of every token, position ids restarting per document;
     # transformers then hands attention an explicit block-diagonal (1, 1, s, s) mask
     packed: bool = False
+    # DoRA (`use_dora`): PEFT's `DoraLinearLayer` beside every wrapped Linear (see `Graph.dora`)
+    dora: bool = False
 
     @property
     def tokens(self) -> int:
@@ -94,6 +96,10 @@ class Graph:
     saved: dict[int, tuple[int, str]] = field(default_factory=dict)
     rates: tuple[float, float, float] = (0.0, 0.0, 0.0)  # attention, residual, embedding dropout
     biases: frozenset[str] = frozenset()  # module paths that have a bias
+    transposed_weights: bool = False  # GPT-2's Conv1D: weights stored (in, out)
+    # by section: the most one DoRA layer's backward of its scaling holds (see `dora`)
+    dora_backward: dict[str, int] = field(default_factory=dict)
+    dora_weight_grads: dict[str, int] = field(default_factory=dict)
     # autocast's cache of 16-bit copies of trained parameters, by section: [all, those also saved]
     cache: dict[str, list[int]] = field(default_factory=dict)
     # per layer: bytes saved by the ops after the MLP's activation (down projection, output norm and
@@ -372,6 +378,7 @@ class Graph:
         autocast = self.cond.autocast or self.cond.adapter_autocast
         xc = self.cast(x, FP32) if self.cond.autocast or fp32_adapters else x
         xd = self.dropout_op(xc, self.cond.lora_dropout)
+        kept = self.dora_weight_norm(x, xc, xd, out, in_features, out_features, rank) if self.cond.dora else 0
         xa = self.cast(xd, 2) if autocast else xd
         self.save(xa)  # lora_A's weight trains
         if autocast and xd.grad:
@@ -393,7 +400,7 @@ class Graph:
             alive = ((x.numel * self.cond.weight_bytes if recast else 0) + self.unsaved(x)
                      + self.unsaved(*(a for a in self.args if a.key != x.key)))
         held = (self.saved_bytes(layer) + self.saved_bytes(f"{layer} mlp")
-                + rows * out_features * (out.itemsize + 2 * xa.itemsize) + alive)
+                + rows * out_features * (out.itemsize + 2 * xa.itemsize) + alive + kept)
         if autocast:
             self.save(self.new(rank * out_features, 2, False))
             self.cached(in_features * rank * 2, saved=xd.grad)
@@ -411,9 +418,101 @@ class Graph:
         # the same moment in the whole forward: the base output, lora_B's output and its scaled copy
         # beside the input and PEFT's cast of it (`xd`, the input itself when of the adapter's dtype)
         self.moment(x, *((xc,) if fp32_adapters else (xd,)), out,
-                    extra=2 * rows * out_features * xa.itemsize)
+                    extra=2 * rows * out_features * xa.itemsize + kept)
+        if self.cond.dora:
+            self.dora(x, xc, xd, out, path, in_features, out_features, xa.itemsize, kept)
         # PEFT casts the sum back to the base output's dtype (`result.to(torch_result_dtype)`)
         return self.cast(self.add(out, self.new(rows * out_features, xa.itemsize, True)), out.itemsize)
+
+    def dora_weight_norm(self, x: Tensor, xc: Tensor, xd: Tensor, out: Tensor, in_features: int,
+                         out_features: int, rank: int) -> int:
+        """The moment PEFT's DoRA forms ||W + s·B·A|| per output, before lora_A sees the input; returns
+        the bytes it leaves alive until the wrapped layer returns.
+
+        `get_lora_weight` makes B·A as lora_B(lora_A(I)) with an (in, in) identity: autograd keeps
+        the identity (its 16-bit copy under autocast) and lora_A's (in, r) output for as long as
+        B·A is alive, and B·A (in the adapter's dtype, cast up from autocast's 16-bit output) stays
+        bound until the layer returns, as does W cast to the adapter's dtype when that is a copy. The
+        norm's s·B·A and W + s·B·A, both (out, in) in the adapter's dtype, are alive at the sum;
+        under autocast the moment B·A is made, with the identity and its 16-bit copy, can be larger
+        (a down projection, in much wider than out).
+        """
+        adapter = self.cond.adapter_bytes or self.cond.weight_bytes
+        compute = 2 if self.cond.autocast or self.cond.adapter_autocast else adapter
+        weight = in_features * out_features
+        kept = (in_features * in_features + in_features * rank) * compute + weight * adapter
+        kept += weight * adapter if adapter != self.cond.weight_bytes else 0
+        # B·A made, the identity in the adapter's dtype still bound beside autocast's copy of it
+        made = (in_features * in_features * (adapter + (compute if compute != adapter else 0))
+                + (in_features * rank + weight) * compute)
+        transient = max(made, kept + 2 * weight * adapter)
+        alive = (x, xc, xd, out)
+        self.peak_at(self.unsaved(*alive, *self.args, *self._layer_held()) + transient, after_saves=True)
+        self.moment(*alive, extra=transient)
+        return kept
+
+    def dora(self, x: Tensor, xc: Tensor, xd: Tensor, out: Tensor, path: str, in_features: int,
+             out_features: int, branch_bytes: int, kept: int) -> None:
+        """What PEFT's `DoraLinearLayer.forward` saves beside LoRA's own: with m the magnitude and
+        n = ||W + s·B·A|| per output (detached, the paper's section 4.3), the result gains
+        (m/n - 1) * base + (m/n) * lora_B(lora_A(x)) * s. The divide keeps n, the first product
+        keeps the base output and m/n - 1, the second lora_B's output and m/n: two (rows, out)
+        tensors and three (out,) vectors in the adapter's dtype.
+
+        The base output is the base layer's own, less its bias (a new tensor in the promoted dtype),
+        or with LoRA dropout `F.linear(dropout(x), W)` again (16-bit under autocast, which then keeps
+        the weight's 16-bit copy for x's gradient; without autocast a 16-bit W cast up to the
+        adapter's dtype is a copy it keeps; Conv1D's transposed W trains, so the input is kept).
+        """
+        rows = out.numel // out_features
+        adapter = self.cond.adapter_bytes or self.cond.weight_bytes
+        dropped = self.cond.lora_dropout > 0
+        # PEFT's `transpose` wraps Conv1D's W.T in a new Parameter, which requires a gradient: the
+        # re-run base matmul then keeps its input and its output needs a gradient, layer 0's too
+        weight_grad = dropped and self.transposed_weights
+        grad = xd.grad or weight_grad
+        self.save(self.new(out_features, adapter, False))  # n, kept by the divide
+        if dropped:
+            autocast = self.cond.autocast or self.cond.adapter_autocast
+            base = self.new(rows * out_features, 2 if autocast else xd.itemsize, grad)
+            copy = in_features * out_features * (2 if autocast else adapter)
+            if weight_grad and autocast:
+                # autocast caches the new Parameter's 16-bit copy (a trained leaf) until forward ends
+                self.cached(copy, saved=xd.grad)
+            if xd.grad and (autocast or adapter != self.cond.weight_bytes):
+                self.save(self.new(in_features * out_features, 2 if autocast else adapter, False))
+            if weight_grad:
+                self.save(self.cast(xd, 2) if autocast else xd)
+                # that Parameter's gradient, in the adapter's dtype: under checkpointing it outlives
+                # the layer's backward (measured with the tracer; without, the peak is elsewhere)
+                layer = self.section.removesuffix(" mlp")
+                self.dora_weight_grads[layer] = (self.dora_weight_grads.get(layer, 0)
+                                                 + in_features * out_features * adapter)
+        elif path in self.biases:
+            base = self.new(out.numel, max(out.itemsize, self.cond.weight_bytes), out.grad)
+        else:
+            base = out
+        self.save(base)
+        if grad:
+            self.save(self.new(out_features, adapter, True))  # m/n - 1, for the base output's gradient
+        promoted = max(adapter, base.itemsize, branch_bytes)
+        alive = (x, xc, xd, out, base)
+        # (m/n - 1) * base made: a recompute stopping at the second product's saves holds it
+        self.peak_at(self.unsaved(*alive, *self.args, *self._layer_held()) + kept
+                     + rows * out_features * promoted, after_saves=True)
+        self.save(self.new(out_features, adapter, True), self.new(rows * out_features, branch_bytes, True))
+        # backward of (m/n) * lora: the scaled incoming gradient, lora's gradient and the product
+        # summed into m's, each (rows, out) in the promoted dtype, beside the incoming one
+        # (under autocast also the fp32 gradient of the sum PEFT cast back and its 16-bit cast): the
+        # MLP's output projection's, whose backward runs with all the layer's saves alive
+        if path.endswith((".mlp.down_proj", ".mlp.c_proj")):
+            back = rows * out_features * ((4 if dropped else 3) * promoted
+                                          + (FP32 + 2 if self.cond.autocast else 0))
+            self.dora_backward[self.section.removesuffix(" mlp")] = back
+        # (m/n - 1) * base, (m/n) * lora and its scaled copy, in the promoted dtype, beside the saves
+        self.peak_at(self.unsaved(*alive, *self.args, *self._layer_held()) + kept
+                     + 3 * rows * out_features * promoted, after_saves=True)
+        self.moment(*alive, extra=kept + 3 * rows * out_features * promoted)
 
     def merged_linear(self, x: Tensor, path: str, in_features: int, out_features: int) -> Tensor:
         """y = x (W + s B A)^T with PEFT's `ParamWrapper` on a 2-D parameter (`_LoraParameterProxy`):
@@ -845,6 +944,10 @@ def mlp_output_pending(cond: Conditions, numel: int, wrapped: bool) -> int:
         # base output's is cast to 16 bits, the adapter's scaled in fp32, and a second 16-bit copy
         # waits beside them (measured with the tracer: two tokens x hidden 16-bit casts and one fp32)
         return numel * (2 * cond.weight_bytes + FP32)
+    if wrapped and cond.dora and cond.autocast:
+        # DoRA under autocast: the fp32 sum PEFT cast back gets an fp32 gradient, the base output's
+        # is cast to 16 bits, and the scaled branch's is fp32 (promoted by the fp32 magnitude)
+        return numel * (2 + FP32 + 2 + FP32)
     return numel * cond.compute_bytes * ((1 if cond.autocast else 0) + (1 if wrapped else 0))
 
 
@@ -1853,6 +1956,12 @@ class Profile:
     expert_backward: tuple[int, ...] = ()  # per layer, ParamWrapper'd experts (`merged_weight_backward`)
     # per layer: gradients alive through its recompute besides the residual stream's (`Graph.pending`)
     recompute_pending: tuple[int, ...] = ()
+    # per layer: the most a DoRA layer's backward of its scaling holds beyond the layer's saves and
+    # the residual's gradient (`Graph.dora`); empty without DoRA
+    dora_backward: tuple[int, ...] = ()
+    # per layer: the gradients of the Parameters PEFT wraps Conv1D's W.T in under DoRA with LoRA
+    # dropout (`Graph.dora`), alive once its backward has run while the recomputed graph lives on
+    dora_weight_grads: tuple[int, ...] = ()
     # Gemma-2's norms after attention and after the MLP: their backward runs while the block before
     # them is still saved (`rms_norm_backward`); 0 for the other families
     post_norm_transient: int = 0
@@ -1932,7 +2041,7 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
     from .architecture import layout
 
     biases = frozenset(m.path for m in layout(spec).modules if m.bias is not None)
-    g = Graph(cond, wrapped, trainable, rates=rates, biases=biases)
+    g = Graph(cond, wrapped, trainable, rates=rates, biases=biases, transposed_weights=spec.family == "gpt2")
     t, H, wb = cond.tokens, spec.hidden_size, cond.weight_bytes
     positions = 0 if cond.packed else cond.seq_len  # position ids the model makes itself
     g.section = "embedding"
@@ -2060,6 +2169,10 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
         attention_without_grad=g.attention_without_grad,
         recompute_peaks=tuple(g.recompute_peak(f"layer {i}") for i in range(spec.num_layers)),
         recompute_pending=tuple(g.pending.get(f"layer {i}", 0) for i in range(spec.num_layers)),
+        dora_backward=tuple(g.dora_backward.get(f"layer {i}", 0) for i in range(spec.num_layers))
+        if cond.dora else (),
+        dora_weight_grads=tuple(g.dora_weight_grads.get(f"layer {i}", 0) for i in range(spec.num_layers))
+        if cond.dora and cond.grad_checkpointing else (),
         post_norm_transient=rms_norm_backward(cond.tokens, H, any(
             p.endswith("post_feedforward_layernorm") for p in trainable))
         if spec.norm_placement != "pre" else 0,

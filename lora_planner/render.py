@@ -105,7 +105,7 @@ def _header(plan: Plan, unit: str) -> list[str]:
         loss = s.loss + (f" ({s.loss_chunks} chunks)" if s.loss == "chunked" else "")
         lines.append(f"stack: {s.stack} (optimizer {s.optimizer_impl}, loss {loss}, activation offload "
                      f"{'on' if s.activation_offload else 'off'})")
-    lines += _targets_line(plan) + _adapter_dtype_line(plan)
+    lines += _targets_line(plan) + _adapter_dtype_line(plan) + _dora_line(plan)
     if plan.setup.packing:
         s = plan.setup
         lines.append(f"packing: {s.batch_size} documents of {s.seq_len:,} tokens as one row of "
@@ -132,6 +132,18 @@ def _adapter_dtype_line(plan: Plan) -> list[str]:
     return [f"adapters: fp32 over the 16-bit base (PEFT's default): fp32 weights, gradients and "
             f"optimizer states, no master copy; each input cast to fp32, the adapters run {how} "
             "(LoRA only; QLoRA as planned without it)"]
+
+
+def _dora_line(plan: Plan) -> list[str]:
+    """What --dora adds to the step beyond the magnitude vectors (`activations.Graph.dora`)."""
+    if not plan.setup.use_dora or not any(p.rank is not None for p in plan.plans):
+        return []
+    return ["DoRA (PEFT): each wrapped layer's forward forms B·A as lora_B(lora_A(I)) (the in x in "
+            "identity kept while it lives), W + s·B·A and its per-output norm n (detached), then adds "
+            "(m/n - 1) x base output + (m/n) x s x lora_B output; activations: the base output and "
+            "lora_B's output (tokens x out each) and three out-sized vectors per wrapped layer; "
+            "transients: the identity, B·A and two W-sized tensors at the norm, and the scaling's "
+            "gradients in backward (LoRA only; QLoRA's DoRA counts its magnitude vectors alone)"]
 
 
 def _targets_line(plan: Plan) -> list[str]:

@@ -79,6 +79,7 @@ def conditions(setup: TrainSetup, precision: Precision, device: str = "cuda") ->
         dropout=setup.dropout, lora_dropout=setup.lora_dropout,
         loss=setup.loss or "standard", loss_chunks=setup.loss_chunks or 8,
         activation_offload=bool(setup.activation_offload),
+        dora=setup.use_dora and setup.method == "lora",
     )
 
 

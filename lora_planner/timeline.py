@@ -170,6 +170,9 @@ def step_phases(states: States, prof: Profile, vocab: int, tokens: int) -> tuple
         else:
             live = saved_below
             saved_below -= prof.layers[i]
+        if prof.dora_backward and prof.dora_backward[i]:
+            phases.append(Phase("backward", base + live + grads + resid + prof.dora_backward[i],
+                                _THROUGH + "DoRA's magnitude scaling", i))
         if prof.post_norm_transient:
             phases.append(Phase("backward", base + live + grads + resid + prof.post_norm_transient,
                                 _THROUGH + "post-feedforward norm", i))
@@ -227,7 +230,7 @@ def step_phases(states: States, prof: Profile, vocab: int, tokens: int) -> tuple
             phases.append(Phase("backward", base + live - prof.mlp_layers[i] + grads + mlp_grads + resid
                                 + norm_backward,
                                 _THROUGH + "norm before the MLP", i))
-        grads += mlp_grads + attn_grads
+        grads += mlp_grads + attn_grads + (prof.dora_weight_grads[i] if prof.dora_weight_grads else 0)
         attn_tail = prof.attn_tails[i] if prof.attn_tails else 0
         # the query, key and value projections' gradients come after the attention core's backward
         later = max(attn_grads - states.attn_out_gradients[i], 0) if states.attn_out_gradients else 0
