@@ -80,7 +80,8 @@ def bare_model_hint(word: str) -> str:
 @click.option("--optimizer", type=click.Choice(list(OPTIMIZERS)), default="adamw", show_default=True)
 @click.option("--bias", type=click.Choice(BIAS_MODES), default="none", show_default=True,
               help="Which biases LoRA trains (PEFT's `bias`).")
-@click.option("--dora", is_flag=True, help="DoRA: adds a magnitude vector per wrapped layer.")
+@click.option("--dora", is_flag=True, help="DoRA (PEFT's use_dora): a magnitude vector per wrapped "
+              "layer, and the outputs and weight-norm transients its forward adds.")
 @click.option("--modules-to-save", "modules_to_save", multiple=True, metavar="NAME[,NAME]",
               help="Modules trained in full beside the adapters (PEFT's modules_to_save).")
 @click.option("--double-quant/--no-double-quant", default=True, show_default=True,
