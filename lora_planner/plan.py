@@ -377,6 +377,14 @@ def make_plan(model: ModelSpec | DenseSize, setups: tuple[TrainSetup, ...], gpu:
             "--quantize-experts: the fused expert weights are planned as NF4, which stock bitsandbytes "
             "does not do (bitsandbytes#1849)")
     notes += cost.notes(workload, gpu, isinstance(model, DenseSize))
+    if any(s.use_dora and fp32_adapters(s.method, get_precision(s.precision), s.adapter_dtype)
+           for s in setups):
+        # measured, not modelled: CPU traces of PEFT put such steps up to 6% above the plan
+        notes.append("--dora with fp32 adapters is not yet held to traces: checkpointed steps traced "
+                     "up to 6% above this plan")
+    if any(s.use_dora and s.method == "qlora" for s in setups):
+        notes.append("--dora with QLoRA counts the magnitude vectors only: PEFT dequantises the 4-bit "
+                     "weight to form W + s*BA in every forward, which is not planned")
     if isinstance(model, DenseSize):
         info = ModelInfo(model.name or "a dense model", "dense", model.total_params)
         notes.append("--params: model states and checkpoint tensor data only; no activations "

@@ -101,3 +101,15 @@ def test_dora_costs_more_than_lora_and_explain_names_it():
     assert "DoRA (PEFT)" in explain.output and "lora_B(lora_A(I))" in explain.output
     plain = runner.invoke(cli, ["plan", "--model", "llama-2-7b", "--method", "lora", "--explain"])
     assert "DoRA (PEFT)" not in plain.output
+
+
+@pytest.mark.parametrize(("args", "note"), [
+    (("--method", "lora", "--precision", "bf16", "--adapter-dtype", "fp32"), "--dora with fp32 adapters"),
+    (("--method", "qlora"), "--dora with QLoRA counts the magnitude vectors only"),
+])
+def test_what_dora_does_not_plan_is_said(args, note):
+    result = CliRunner().invoke(cli, ["--model", "llama-3.2-1b", "--dora", *args, "--format", "json"])
+    assert result.exit_code == 0, result.output
+    assert [n for n in json.loads(result.output)["notes"] if n.startswith(note)]
+    plain = CliRunner().invoke(cli, ["--model", "llama-3.2-1b", "--method", "lora", "--format", "json"])
+    assert not [n for n in json.loads(plain.output)["notes"] if "--dora" in n]
