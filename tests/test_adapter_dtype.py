@@ -19,6 +19,7 @@ from lora_planner.gpus import GPUS
 from lora_planner.plan import make_plan
 from lora_planner.resolve import resolve_model
 from lora_planner.spec import TrainSetup, spec_from_hf_config
+from tests.tracing import check_traced_case
 
 
 def _case(seed: int, family: str, precision: str, **changes):
@@ -38,16 +39,6 @@ def _case(seed: int, family: str, precision: str, **changes):
     return Case(seed, config, setup, None, fake=rng.random() < 0.5)
 
 
-def _check(case, peak: float = 0.01) -> None:
-    from lora_planner.measure.fuzz import run_case
-
-    errors = run_case(case).errors()
-    assert errors["activations"] == 0, (case.label, errors)
-    for term in ("weights", "gradients", "optimizer_states"):
-        assert errors[term] == 0, (case.label, term, errors)
-    assert abs(errors["peak"]) <= peak, (case.label, errors)
-
-
 # (seed, family, precision): no checkpointing and checkpointing, each family, autocast or not
 FAST = [(0, "llama", "pure-bf16"), (0, "qwen2", "bf16"), (0, "gpt2", "pure-bf16"),
         (1, "gpt2", "bf16"), (1, "llama", "mixed")]
@@ -56,7 +47,7 @@ FAST = [(0, "llama", "pure-bf16"), (0, "qwen2", "bf16"), (0, "gpt2", "pure-bf16"
 @pytest.mark.parametrize("seed,family,precision", FAST, ids=lambda v: str(v))
 def test_fp32_adapters_over_a_bf16_base_match_peft(seed, family, precision):
     pytest.importorskip("peft")
-    _check(_case(seed, family, precision))
+    check_traced_case(_case(seed, family, precision))
 
 
 # measured: two checkpointed all-linear steps whose recompute the plan puts 1-2% below the trace
@@ -69,7 +60,7 @@ LOOSE = {(28, "llama", "bf16"): 0.012, (36, "gpt2", "pure-bf16"): 0.017}
 @pytest.mark.parametrize("precision", ("pure-bf16", "bf16"))
 def test_fp32_adapters_random_configs(seed, family, precision):
     pytest.importorskip("peft")
-    _check(_case(seed, family, precision), LOOSE.get((seed, family, precision), 0.01))
+    check_traced_case(_case(seed, family, precision), LOOSE.get((seed, family, precision), 0.01))
 
 
 @pytest.mark.parametrize("seed,family,checkpointing", [(2, "qwen2", False), (0, "qwen2", True)])
@@ -78,7 +69,7 @@ def test_autocast_lora_dropout_keeps_the_dropped_copy_to_lora_a(seed, family, ch
     PEFT's fp32 cast of the input are both alive when lora_A's output is made (the forward's peak
     with a narrow down projection: -9.9% before), and a recompute stops there (-1.7% before)."""
     pytest.importorskip("peft")
-    _check(_case(seed, family, "amp", lora_dropout=0.1, adapter_dtype="auto",
+    check_traced_case(_case(seed, family, "amp", lora_dropout=0.1, adapter_dtype="auto",
                  grad_checkpointing=checkpointing))
 
 

@@ -15,6 +15,7 @@ from click.testing import CliRunner
 
 from lora_planner.cli import main as cli
 from lora_planner.spec import TrainSetup, spec_from_hf_config
+from tests.tracing import check_traced_case
 
 
 def _case(seed: int, family: str, precision: str, checkpointing: bool, dropout: float):
@@ -32,16 +33,6 @@ def _case(seed: int, family: str, precision: str, checkpointing: bool, dropout: 
     return Case(seed, config, plannable_rank(spec, setup), None, fake=False)
 
 
-def _check(case, peak: float = 0.01) -> None:
-    from lora_planner.measure.fuzz import run_case
-
-    errors = run_case(case).errors()
-    assert errors["activations"] == 0, (case.label, errors)
-    for term in ("weights", "gradients", "optimizer_states"):
-        assert errors[term] == 0, (case.label, term, errors)
-    assert abs(errors["peak"]) <= peak, (case.label, errors)
-
-
 # (seed, family, precision, checkpointing, LoRA dropout): a down projection much wider than its
 # output (the identity's moment under autocast), a checkpointed scaling backward, GPT-2's Conv1D
 # with dropout (its transposed W is a new Parameter that trains)
@@ -52,7 +43,7 @@ FAST = [(2, "llama", "amp", False, 0.0), (1, "qwen2", "amp", True, 0.0),
 @pytest.mark.parametrize("seed,family,precision,checkpointing,dropout", FAST, ids=lambda v: str(v))
 def test_dora_matches_peft(seed, family, precision, checkpointing, dropout):
     pytest.importorskip("peft")
-    _check(_case(seed, family, precision, checkpointing, dropout))
+    check_traced_case(_case(seed, family, precision, checkpointing, dropout))
 
 
 # measured: checkpointed steps whose recompute the plan puts 1-1.5% below the trace
@@ -73,7 +64,7 @@ LOOSE = {(1, "llama", "amp", True, 0.1): 0.012, (8, "llama", "fp32", True, 0.0):
 def test_dora_random_configs(seed, family, precision, checkpointing, dropout):
     pytest.importorskip("peft")
     key = (seed, family, precision, checkpointing, dropout)
-    _check(_case(*key), LOOSE.get(key, 0.01))
+    check_traced_case(_case(*key), LOOSE.get(key, 0.01))
 
 
 def test_dora_costs_more_than_lora_and_explain_names_it():

@@ -14,3 +14,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def check_traced_case(case, peak: float = 0.01) -> None:
+    """A random case (`lora_planner.measure.fuzz.Case`) planned and traced: activations and model
+    states byte for byte, the peak within `peak`."""
+    from lora_planner.measure.fuzz import run_case
+
+    errors = run_case(case).errors()
+    assert errors["activations"] == 0, (case.label, errors)
+    for term in ("weights", "gradients", "optimizer_states"):
+        assert errors[term] == 0, (case.label, term, errors)
+    assert abs(errors["peak"]) <= peak, (case.label, errors)
