@@ -19,7 +19,7 @@ from pathlib import Path
 from ..allowance import fits
 from ..errors import REPORTS_EXTRA
 from ..files import write_text
-from ..record_schema import STATUSES, nvml_growth, predicted_device_peak, read_records_file
+from ..record_schema import STATUSES, Skipped, nvml_growth, predicted_device_peak, read_records_file
 from ..record_schema import check_record as check_record  # the one check every reader uses
 from ..record_schema import relative_error as relative_error
 from ..record_schema import whole as _whole
@@ -66,15 +66,9 @@ METRICS = (
 TRACED_TERMS = {"parameters": "weights", "gradients": "gradients", "optimizer_states": "optimizer_states",
                 "activations": "activations"}
 
-@dataclass(frozen=True)
-class Problem:
-    """Input that could not be used, and where it is (`file` or `file:line`)."""
-
-    where: str
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.where}: {self.message}"
+# Input that could not be used, and where it is (`file` or `file:line`): the records reader's own
+# type, so a skipped line and a missing file are reported alike.
+Problem = Skipped
 
 
 @dataclass(frozen=True)
@@ -114,7 +108,7 @@ def read_records(paths: Iterable[str | Path]) -> tuple[list[Loaded], list[Proble
             problems.append(Problem(str(path), f"cannot read ({exc.strerror or exc})"))
             continue
         loaded += [Loaded(record, f"{path}:{number}") for number, record in found]
-        problems += [Problem(s.where, s.why) for s in skipped]
+        problems += skipped
     return loaded, problems
 
 
@@ -344,7 +338,7 @@ def validation_markdown(loaded: Sequence[Loaded], problems: Sequence[Problem], i
     if problems:
         lines += ["## Input problems", "",
                   "These were skipped; everything else is reported below.", "",
-                  *(f"- `{p.where}`: {p.message}" for p in problems), ""]
+                  *(f"- `{p.where}`: {p.why}" for p in problems), ""]
     if not loaded:
         lines += ["No usable records.", ""]
         return "\n".join(lines).rstrip("\n") + "\n"
@@ -423,7 +417,7 @@ def _device_line(device: dict, unit: str) -> str:
 
 
 def _problems_warning(problems: Sequence[Problem], shown: int = 5) -> str:
-    listed = "; ".join(f"{p.where} ({p.message})" for p in problems[:shown])
+    listed = "; ".join(f"{p.where} ({p.why})" for p in problems[:shown])
     more = f"; and {len(problems) - shown} more" if len(problems) > shown else ""
     inputs = "input" if len(problems) == 1 else "inputs"
     return f"skipped {len(problems)} unusable {inputs} (listed in the report): {listed}{more}"
