@@ -1,12 +1,5 @@
-"""Differential fuzzing: random small architectures, planned from their config.json, against a trace.
-
-Each seed gives one case: a Hugging Face config dict for one of the families we lay out (1-4
-layers, odd widths, grouped- and multi-query attention, head_dim unlike hidden / heads, tied and
-untied embeddings, biases, sliding windows, soft-caps, dropout, mixtures of experts with top-k),
-and a training setup (full or LoRA with random targets and rank, fp32 / amp / pure-bf16, eager or
-SDPA, checkpointing, batch, odd sequence lengths, a `--layers` slice). The planner reads the config
-as a user's config.json (`spec_from_hf_config`); the trace builds the model from the same dict with
-transformers, so the two sides share nothing but the file.
+"""Run ranges of the differential fuzz cases (`lora_planner/measure/fuzz.py` says what a case is)
+and write their records.
 
     python benchmarks/fuzz_models.py --seeds 0:200            # one line per case, worst error last
     python benchmarks/fuzz_models.py --seeds 0:4000 --jsonl results/trace/fuzz-cpu.jsonl
