@@ -236,7 +236,7 @@ class Graph:
         parameter, no new tensor).
         `recompute_alive`: what a recomputed layer holds beside the norm, whose (1 + weight) is the
         layer's last save (Gemma-2's post-feedforward norm): the recompute reaches the moment before
-        the product, the input, its fp32 copy and the normalised tensor alive (fuzz seed 25688).
+        the product, the input, its fp32 copy and the normalised tensor alive.
         """
         trains = path in self.trainable
         h = self.cast(x, FP32)
@@ -617,7 +617,7 @@ class Graph:
                 and v.itemsize == FP32):
             # the math fallback given a mask: repeat_kv's expanded view of one k/v head batches for
             # probs @ v as it is (one sequence; fp32, so no upcast copies it): the product keeps v
-            # itself (fuzz seed 24496)
+            # itself
             vc = v
         if eager and contiguous_q:
             # a (b, heads, s, d)-contiguous q (Phi-3's rotary concatenation, or autocast's cast of it)
@@ -686,7 +686,7 @@ class Graph:
             self.save(vc)
         if eager and not self.cond.autocast and (b == 1 or heads == 1):
             # for one sequence or one head the matmuls read q, k and v as they are: a saved operand
-            # is the module's tensor itself, which its locals hold then as saved (fuzz seed 27042)
+            # is the module's tensor itself, which its locals hold then as saved
             for t0, tc in ((q0, qc), (k0, kc), (v0, vc)):
                 if tc.key in self.saved and t0.numel == tc.numel and t0.itemsize == tc.itemsize:
                     self.saved.setdefault(t0.key, (0, self.section))
@@ -719,7 +719,7 @@ class Graph:
         they are 16-bit and its fp32 output, the cast back to the query's dtype (`pw`), then dropout's
         mask (the input's dtype on CPU, one byte on CUDA) and output, which it returns with the
         tensors still bound when probs @ v runs (`eager_output_moment`). Dropout saves
-        its mask after the softmax's moments (fuzz seed 20542). A recomputed layer reaches the same
+        its mask after the softmax's moments. A recomputed layer reaches the same
         moments beside the attention module's locals (`args`), q and k among them unless the matmul
         reads them as they are (then `qc` and `kc` stand for them).
 
@@ -767,7 +767,7 @@ class Graph:
             at(*live, pw, dropped, extra=noise)
         if self.cond.autocast:
             # q and k (fp32 from the rotary embedding) and repeat_kv's fp32 copy of k; autocast's
-            # 16-bit casts for the score matmul are freed after it unless saved (fuzz seed 25537)
+            # 16-bit casts for the score matmul are freed after it unless saved
             return dropped, (v0, q0, k0) + ((rep_k,) if rep_k else ())
         return dropped, tuple(t for t in live if t is not rep_v)
 
@@ -778,7 +778,7 @@ class Graph:
         what is bound since the scores (`bound`, from `eager_moments`): q, k, v and repeat_kv's
         copies, which stay bound until the function returns (under autocast q and k are fp32, the
         rotary embedding's products). In a layer with no gradient through its attention none of them
-        is saved (fuzz seeds 24382, 25537: q, k and the repeated k were missed)."""
+        is saved (q, k and the repeated k are alive beside them)."""
         b, s = self.cond.batch_size, self.cond.seq_len
         full = b * heads * s * head_dim
         # what the product reads: repeat_kv's copy of v (from several k/v heads), bound, 16-bit under
@@ -865,7 +865,7 @@ class Graph:
         (in the wider of x's and cos's dtypes) beside `alive`, what the attention module holds then
         (its projections; x itself among them unless it is a slice of a fused output). A recompute
         reaches the same moment: under autocast x is 16-bit and cos fp32, so the three fp32 products
-        are six times a 16-bit q and can set a checkpointed step's peak (fuzz seed 9241).
+        are six times a 16-bit q and can set a checkpointed step's peak.
         `cast_back`: the sum is cast back to x's dtype (OLMo 2's fp32 cos and sin), a copy when wider.
         """
         if x.grad:
@@ -910,8 +910,8 @@ def gpt2_recompute_stop(g: Graph, h: Tensor, act: Tensor, attn_out: Tensor, out_
     saved are alive. c_proj's own part is `recompute_stop_transient`: with LoRA, the base layer's
     output and, under autocast, PEFT's fp32 copy of the 16-bit input; lora_B's output, its scaled copy
     and their sum are never made again. Assumption: transformers 5's GPT2Block and GPT2MLP, PEFT's
-    LoRA on Conv1D, torch's non-reentrant checkpoint with early stop; measured with the tracer (fuzz
-    seed 966: GPT-2 LoRA on all linear layers under amp, checkpointed).
+    LoRA on Conv1D, torch's non-reentrant checkpoint with early stop; measured with the tracer (GPT-2
+    LoRA on all linear layers under amp, checkpointed).
     """
     return g.unsaved(h, act, attn_out) + recompute_stop_transient(g.cond, act.numel, out_numel, wrapped)
 
@@ -1422,7 +1422,7 @@ def _moe(g: Graph, spec: ModelSpec, p: str, h: Tensor) -> Tensor:
     if merged and not h.grad:
         # nothing before the block needs a gradient (the first layer over frozen embeddings): the
         # residual stream's gradient, which the timeline holds through every layer, is the block's
-        # incoming one alone, used up by its first backward op (fuzz seed 16747)
+        # incoming one alone, used up by its first backward op
         merged -= residual
     g.expert_backward.append(max(merged, combine) if down_lora else merged)
     # its own moment, before the down projection's weight gradient exists (a full one when trained)
@@ -1450,8 +1450,7 @@ def merged_weight_backward(spec: ModelSpec, rows: int, xb: int, wb: int, up_rank
       incoming gradient and the one the matmul returns for its input;
     - `baddbmm`'s backward after it, which turns that gradient into the small B and A gradients (B's
       first, each a bmm and its scaled copy, in the adapters' dtype): the incoming gradient, the merged
-      weight and the input the matmul saved are freed by then, the input's gradient is not (fuzz
-      seed 16747).
+      weight and the input the matmul saved are freed by then, the input's gradient is not.
 
     Down projection: incoming rows x H, input rows x inter (its gradient only when the gate/up side
     needs one). Gate/up (rank 2r, PEFT fuses two projections): incoming rows x 2 inter, input rows x
@@ -1459,7 +1458,7 @@ def merged_weight_backward(spec: ModelSpec, rows: int, xb: int, wb: int, up_rank
     the gate/up output and the activation it saved, the down projection its input and its merged
     weight, and the down projection's LoRA gradients exist: the timeline counts them with
     the MLP's output projection's, before the MLP's peak, so the down projection's own moments take
-    them off (fuzz seeds 9600, 20212). The largest (0 with neither wrapped); the timeline takes the
+    them off. The largest (0 with neither wrapped); the timeline takes the
     larger of this and the MLP's own transient (`layer_backward_transients`).
     """
     H, inter, E = spec.hidden_size, spec.intermediate_size, spec.num_experts
@@ -1548,8 +1547,8 @@ def moe_unsort_transient(rows: int, hidden: int, experts: int, combine_bytes: in
     and its scattered copy (rows x hidden, fp32 since the routing weights are fp32), and the
     per-expert counts `histc` made and their running sum (experts x fp32 each), still bound. The
     sorted expert ids are alive too (the walk counts them among the saved tensors). Assumption:
-    transformers 5's grouped_mm experts; measured with the tracer (fuzz seed 2509: Mixtral LoRA on
-    all linear layers, pure-bf16, checkpointed). `combine_bytes`: the weighted rows' dtype.
+    transformers 5's grouped_mm experts; measured with the tracer (Mixtral LoRA on all linear
+    layers, pure-bf16, checkpointed). `combine_bytes`: the weighted rows' dtype.
     """
     return 2 * rows * hidden * combine_bytes + 2 * experts * FP32
 
@@ -1574,7 +1573,7 @@ def moe_end_transient(rows: int, hidden: int, itemsize: int, up_trains: bool,
     weights (rows x hidden, fp32 or wider), the sorted expert ids (`expert_ids_g`, rows int64, bound
     until the block returns) and the arange the inverse permutation is scattered from (rows int64).
     The gated activation the down projection read is gone by then. Assumption: transformers 5's
-    grouped_mm experts, as the tracer lists them at the block's last op (fuzz seed 3965).
+    grouped_mm experts, as the tracer lists them at the block's last op.
     """
     return ((0 if up_trains else rows * hidden * itemsize) + rows * hidden * max(itemsize, combine_bytes)
             + 2 * rows * INT64)
@@ -2109,7 +2108,7 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
     final_norm = g.saved_bytes("head")
     # the decoder model returns after its final norm: what its forward held (the embedding output,
     # position ids, rotary cos and sin, attention masks) is freed before the head, unless saved
-    # (fuzz seed 25989: Gemma-2's two eager masks at the LM head's matmul)
+    # (Gemma-2's two eager masks at the LM head's matmul, for one)
     g.held = {}
     head = "lm_head"
     head_loss = None
