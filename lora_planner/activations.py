@@ -64,6 +64,9 @@ class Conditions:
     packed: bool = False
     # DoRA (`use_dora`): PEFT's `DoraLinearLayer` beside every wrapped Linear (see `Graph.dora`)
     dora: bool = False
+    # torch.compile (`--compile`): none, layers (each decoder layer one graph) or model; see
+    # `recompute_frontier` for what a compiled graph saves instead
+    compile: str = "none"
 
     @property
     def tokens(self) -> int:
@@ -80,6 +83,9 @@ class Tensor:
     itemsize: int
     grad: bool
     key: int = 0
+    # a pointwise op's result: the tensors it is computed from elementwise (a compiled backward may
+    # recompute it from them, `recompute_frontier`); None for a kernel's output or an input
+    sources: tuple[Tensor, ...] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -148,6 +154,9 @@ class Graph:
     attn_weights: Tensor | None = None
     attn_internal: int = 0
     _keys: itertools.count = field(default_factory=lambda: itertools.count(1))
+    # the first key made inside the current compiled region (`enter_region`): older tensors are its inputs
+    region_start: int = 0
+    _casts: dict[tuple[int, int], Tensor] = field(default_factory=dict)  # (key, itemsize): one cast
     # every forward moment as (saves made so far, bytes held) by layer, and each layer's last save: a
     # recompute stops at its layer's last saved tensor (`recompute_peak`)
     moments: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
@@ -179,7 +188,31 @@ class Graph:
     def new(self, numel: int, itemsize: int, grad: bool) -> Tensor:
         return Tensor(numel, itemsize, grad, next(self._keys))
 
-    def save(self, *tensors: Tensor) -> None:
+    def pointwise(self, numel: int, itemsize: int, grad: bool, *sources: Tensor) -> Tensor:
+        """The result of an elementwise op over `sources` (a cast, an activation, a product, a sum)."""
+        return Tensor(numel, itemsize, grad, next(self._keys), sources)
+
+    def enter_region(self) -> None:
+        """A compiled region (a decoder layer under `--compile layers`) begins: what was made before
+        it is the region's input, which its backward cannot recompute."""
+        self.region_start = next(self._keys)
+        self._casts = {}
+
+    def compiled_here(self) -> bool:
+        """Whether the op being walked runs inside a compiled graph (`compiled_section`)."""
+        return compiled_section(self.cond.compile, self.section.startswith("layer"))
+
+    def save(self, *tensors: Tensor, kernel: bool = False) -> None:
+        """Autograd keeps `tensors` for backward. Inside a compiled graph, a pointwise result saved
+        for a pointwise op's backward (`kernel` False) is replaced by the cheaper set backward can
+        recompute it from (`recompute_frontier`); one a kernel's backward reads (`kernel`: a matmul,
+        attention) is kept as is."""
+        for t in tensors:
+            frontier = (recompute_frontier(t, self.saved, self.region_start)
+                        if not kernel and self.compiled_here() else None)
+            self._keep(*(frontier if frontier is not None else (t,)))
+
+    def _keep(self, *tensors: Tensor) -> None:
         for t in tensors:
             if t.key not in self.saved:
                 self.saved[t.key] = (t.nbytes, self.section)
@@ -196,19 +229,27 @@ class Graph:
 
     # --- elementwise and norms ------------------------------------------------------------------
     def cast(self, x: Tensor, itemsize: int) -> Tensor:
-        """`.to(dtype)`: a no-op for the same dtype, else a copy (its backward keeps nothing)."""
-        return x if x.itemsize == itemsize else self.new(x.numel, itemsize, x.grad)
+        """`.to(dtype)`: a no-op for the same dtype, else a copy (its backward keeps nothing).
+
+        Eager autocast casts a linear's input anew for each linear that reads it (q, k and v each get
+        a copy); a compiled graph computes one cast once (AOTAutograd's common-subexpression
+        elimination, `fx_graph_cse` in torch/_functorch/compile_utils.py)."""
+        if x.itemsize == itemsize:
+            return x
+        if not self.compiled_here():
+            return self.pointwise(x.numel, itemsize, x.grad, x)
+        return self._casts.setdefault((x.key, itemsize), self.pointwise(x.numel, itemsize, x.grad, x))
 
     def unary(self, x: Tensor, saves: str = "input") -> Tensor:
         """An elementwise op that keeps its input (silu, gelu, pow) or its output (tanh, rsqrt)."""
-        out = self.new(x.numel, x.itemsize, x.grad)
+        out = self.pointwise(x.numel, x.itemsize, x.grad, x)
         if x.grad:
             self.save(x if saves == "input" else out)
         return out
 
     def mul(self, a: Tensor, b: Tensor) -> Tensor:
         """a * b keeps b for a's gradient and a for b's."""
-        out = self.new(max(a.numel, b.numel), max(a.itemsize, b.itemsize), a.grad or b.grad)
+        out = self.pointwise(max(a.numel, b.numel), max(a.itemsize, b.itemsize), a.grad or b.grad, a, b)
         if a.grad:
             self.save(b)
         if b.grad:
@@ -216,15 +257,18 @@ class Graph:
         return out
 
     def add(self, a: Tensor, b: Tensor) -> Tensor:
-        return self.new(max(a.numel, b.numel), max(a.itemsize, b.itemsize), a.grad or b.grad)
+        return self.pointwise(max(a.numel, b.numel), max(a.itemsize, b.itemsize), a.grad or b.grad, a, b)
 
     def dropout_op(self, x: Tensor, p: float) -> Tensor:
+        """Dropout keeps its mask. A compiled graph draws it from a random op, which the partitioner
+        never recomputes, and keeps it as a bool (`dropout_mask_bytes`)."""
         if p <= 0:
             return x
-        out = self.new(x.numel, x.itemsize, x.grad)
+        mask = self.new(x.numel, dropout_mask_bytes(self.cond.device, x.itemsize, self.compiled_here()),
+                        False)
         if x.grad:
-            self.save(self.new(x.numel, 1 if self.cond.device == "cuda" else x.itemsize, False))
-        return out
+            self.save(mask)
+        return self.pointwise(x.numel, x.itemsize, x.grad, x, mask)
 
     def rms_norm(self, x: Tensor, path: str, dim: int, offset_weight: bool = False,
                  recompute_alive: tuple[Tensor, ...] | None = None, fp32_product: bool = False) -> Tensor:
@@ -240,10 +284,11 @@ class Graph:
         """
         trains = path in self.trainable
         h = self.cast(x, FP32)
+        rstd = self.new(x.numel // dim, FP32, False)  # a reduction's output: never recomputed
         if h.grad:
-            self.save(h, self.new(x.numel // dim, FP32, False))
+            self.save(h, rstd)
         self.norm_copy = h.nbytes if h.grad and h is not x else 0
-        normed = self.new(h.numel, FP32, h.grad)
+        normed = self.pointwise(h.numel, FP32, h.grad, h, rstd)
         if offset_weight or fp32_product:
             if trains:
                 self.save(normed)
@@ -251,13 +296,13 @@ class Graph:
                 self.save(self.new(dim, FP32, False))  # (1 + weight) in fp32
             if recompute_alive is not None:
                 self.peak_at(self.unsaved(x, h, normed, *recompute_alive))
-            product = self.new(h.numel, FP32, h.grad or trains)
+            product = self.pointwise(h.numel, FP32, h.grad or trains, normed)
             self.moment(x, h, normed, product)  # the fp32 product, before its cast back
             return self.cast(product, x.itemsize)
         normed = self.cast(normed, x.itemsize)
         if trains:
             self.save(normed)
-        return self.new(h.numel, max(x.itemsize, self.cond.weight_bytes), h.grad or trains)
+        return self.pointwise(h.numel, max(x.itemsize, self.cond.weight_bytes), h.grad or trains, normed)
 
     def layer_norm(self, x: Tensor, path: str, dim: int) -> Tensor:
         """native_layer_norm keeps its input and mean and rstd per row (autocast runs it in fp32).
@@ -267,11 +312,12 @@ class Graph:
         trains = path in self.trainable
         if self.cond.autocast:
             x = self.cast(x, FP32)
+        rows = x.numel // dim
+        stat = FP32 if self.cond.device == "cuda" else x.itemsize
+        mean, rstd = self.new(rows, stat, False), self.new(rows, stat, False)
         if x.grad or trains:
-            rows = x.numel // dim
-            stat = FP32 if self.cond.device == "cuda" else x.itemsize
-            self.save(x, self.new(rows, stat, False), self.new(rows, stat, False))
-        return self.new(x.numel, x.itemsize, x.grad or trains)
+            self.save(x, mean, rstd)
+        return self.pointwise(x.numel, x.itemsize, x.grad or trains, x, mean, rstd)
 
     def attn_tail_start(self) -> None:
         self._attn_from = self._saved_total
@@ -355,7 +401,7 @@ class Graph:
             self.no_input_grad_params += in_features * out_features + in_features * (rank or 0)
         xin = self.cast(x, 2) if self.cond.autocast else x
         if trains:
-            self.save(xin)
+            self.save(xin, kernel=True)
         if self.cond.autocast and (x.grad or trains):
             self.save(self.new(in_features * out_features, 2, False))  # the bf16 weight copy
         if self.cond.autocast and trains:
@@ -380,7 +426,7 @@ class Graph:
         xd = self.dropout_op(xc, self.cond.lora_dropout)
         kept = self.dora_weight_norm(x, xc, xd, out, in_features, out_features, rank) if self.cond.dora else 0
         xa = self.cast(xd, 2) if autocast else xd
-        self.save(xa)  # lora_A's weight trains
+        self.save(xa, kernel=True)  # lora_A's weight trains
         if autocast and xd.grad:
             self.save(self.new(in_features * rank, 2, False))
         a = self.new(rows * rank, xa.itemsize, True)
@@ -530,7 +576,7 @@ class Graph:
         if not x.grad:
             self.no_input_grad_params += in_features * out_features
         xin = self.cast(x, 2) if self.cond.autocast else x
-        self.save(xin)
+        self.save(xin, kernel=True)
         if x.grad:
             wb = 2 if self.cond.autocast else self.cond.weight_bytes
             self.save(self.new(in_features * out_features, wb, False))
@@ -580,7 +626,7 @@ class Graph:
                 if grad:
                     self.save(self.new(mask, 1, False))
             if grad:
-                self.save(q, k, v, out, self.new(lse, 1, False))
+                self.save(q, k, v, out, self.new(lse, 1, False), kernel=True)
             self.attn_tail_start()
             # the kernel lays its output out like q: when q is (b, heads, s, d)-contiguous (Phi-3's
             # rotary concatenates), o_proj's (b, s, heads * d) view needs a copy, unless one head
@@ -633,9 +679,9 @@ class Graph:
             if eager and qc.itemsize == fused.itemsize and q.key == fused.key:  # q a slice too (GPT-2)
                 qc = kc = fused
         if kc.grad:
-            self.save(qc)  # q @ k^T keeps q for k's gradient and k for q's
+            self.save(qc, kernel=True)  # q @ k^T keeps q for k's gradient and k for q's
         if qc.grad:
-            self.save(kc)
+            self.save(kc, kernel=True)
         if softcap and (qc.grad or kc.grad):
             self.save(self.new(probs, cb, True))  # tanh(scores / cap) keeps its output
         # eager softmax runs in fp32 (an explicit dtype, or autocast's fp32 list); GPT-2's has no
@@ -643,7 +689,7 @@ class Graph:
         soft = FP32 if eager and (softmax_fp32 or self.cond.autocast) else cb
         p = self.new(probs, soft, qc.grad or kc.grad)
         if p.grad:
-            self.save(p)  # softmax keeps its output
+            self.save(p, kernel=True)  # softmax keeps its output (a reduction's: never recomputed)
         self.attn_tail_start()
         # the forward's moments inside the core: SDPA's math kernel for every family, eager attention
         # for the families that run transformers' shared function (not GPT-2's own)
@@ -681,9 +727,9 @@ class Graph:
                                   b * s * s * q.itemsize if masked else None, repeats,
                                   v_contiguous=masked and kv_heads < heads)
         if vc.grad:
-            self.save(p)  # probs @ v keeps the probabilities for v's gradient, v for theirs
+            self.save(p, kernel=True)  # probs @ v keeps the probabilities for v's gradient, v for theirs
         if p.grad:
-            self.save(vc)
+            self.save(vc, kernel=True)
         if eager and not self.cond.autocast and (b == 1 or heads == 1):
             # for one sequence or one head the matmuls read q, k and v as they are: a saved operand
             # is the module's tensor itself, which its locals hold then as saved
@@ -870,7 +916,7 @@ class Graph:
         """
         if x.grad:
             self.save(cos, sin)
-        out = self.new(x.numel, max(x.itemsize, cos.itemsize), x.grad)
+        out = self.pointwise(x.numel, max(x.itemsize, cos.itemsize), x.grad, x, cos, sin)
         self.moment(*alive, extra=3 * out.nbytes)
         self.peak_at(self.unsaved(*self.args, *alive) + 3 * out.nbytes)
         if cast_back and out.itemsize != x.itemsize:
@@ -879,6 +925,95 @@ class Graph:
             self.peak_at(self.unsaved(*self.args, *alive, out, back))
             return back
         return out
+
+
+def recompute_frontier(t: Tensor, saved: dict[int, object],
+                       region_start: int = 0) -> tuple[Tensor, ...] | None:
+    """What a compiled graph saves instead of the pointwise result `t`: the tensors backward
+    recomputes it from, when they cost fewer bytes to keep than `t` itself; None to keep `t`.
+
+    torch.compile's AOTAutograd splits the joint forward-backward graph with a min cut
+    (`min_cut_rematerialization_partition` / `solve_min_cut` in torch/_functorch/partitioners.py):
+    pointwise ops and casts are recomputable (`get_default_op_list`: `pointwise_ops()`, views),
+    while matmuls and attention (`compute_intensive_ops`), random ops (dropout's draw) and
+    reductions (an output 4x smaller than its inputs, `ban_recompute_reductions`) never are; nor is
+    a tensor a kernel's backward reads (`is_materialized_backwards`: the caller's `kernel` save).
+    The cut keeps the fewest bytes: here, walking back from `t` through its `sources`, each tensor is
+    either already saved (free), or kept itself, or rebuilt from its own sources when those cost
+    less. Ties keep the tensor itself. A tensor made before the compiled region (`region_start`:
+    the graph's input) cannot be rebuilt inside it.
+    Examples: RMSNorm's normalised fp32 tensor (rebuilt from the saved input and 1/rms), SwiGLU's
+    silu(gate) (from the saved gate projection), GPT-2's tanh-GELU chain (from c_fc's output).
+    Assumption: a greedy walk in forward order, not the graph-wide flow the partitioner solves; it
+    agrees with the partition torch 2.13 makes for the decoder layers measured
+    (`benchmarks/compile_step.py`).
+    """
+    if t.sources is None or t.key in saved:
+        return None
+    memo: dict[int, dict[int, Tensor]] = {}
+
+    def cheapest(u: Tensor) -> dict[int, Tensor]:
+        if u.key in saved:
+            return {}
+        if u.sources is None or u.key < region_start:
+            return {u.key: u}
+        if u.key not in memo:
+            rebuilt: dict[int, Tensor] = {}
+            for s in u.sources:
+                rebuilt.update(cheapest(s))
+            memo[u.key] = rebuilt if sum(s.nbytes for s in rebuilt.values()) < u.nbytes else {u.key: u}
+        return memo[u.key]
+
+    rebuilt: dict[int, Tensor] = {}
+    for s in t.sources:
+        rebuilt.update(cheapest(s))
+    return tuple(rebuilt.values()) if sum(s.nbytes for s in rebuilt.values()) < t.nbytes else None
+
+
+def compiled_section(mode: str, in_layer: bool) -> bool:
+    """Whether a part of the model runs as a compiled graph under `--compile mode`: `layers`
+    compiles each decoder layer, `model` everything.
+
+    A checkpointed decoder layer is compiled too: dynamo traces `torch.utils.checkpoint` as a
+    higher-order op whose backward recomputes the layer's compiled forward, so the recompute keeps
+    the compiled saved set. Not modelled: a layer whose forward mutates state outside the op (with
+    the `kernels` package installed, transformers' hub-kernel RMSNorm sets a context variable) breaks
+    the graph there ("HOP: Unsafe side effect", torch/_dynamo/variables/higher_order_ops.py) and
+    runs eagerly, eager's saved set; see the plan's note.
+    """
+    if in_layer:
+        return mode in ("layers", "model")
+    return mode == "model"
+
+
+def compiled_loss_backward(logits_numel: int, logits_itemsize: int) -> int:
+    """What the standard loss's backward holds beyond the saved tensors when the loss is compiled
+    with the model: numel x (fp32 + the logits' itemsize).
+
+    The compiled backward computes log-softmax's gradient in fp32 from the saved logits and the
+    row statistics (`exp(x - max - lse) * g - ...`, a `sub` over the upcast logits) and casts it to
+    the logits' dtype for the head's matmul backward; both buffers exist at once. Eager's two fp32
+    gradients (log-softmax's and the upcast's) are the same bytes in fp32; under autocast the second
+    is 16-bit. Its forward never makes the fp32 copy of the logits (`Profile.logits_fp32` 0): the
+    upcast is fused into the loss's kernels.
+    """
+    return logits_numel * (FP32 + logits_itemsize)
+
+
+def explicit_causal_mask(cond: Conditions) -> bool:
+    """Whether SDPA is handed an explicit mask where a plain causal run would get none: packed
+    documents (block-diagonal), and a whole-model compile. transformers skips the causal mask only
+    outside tracing (`masking_utils._ignore_causal_mask_sdpa`: torch before 2.14 reads
+    `is_exporting()` as True under dynamo), so a compiled model builds the (b, 1, s, s) mask, and
+    SDPA then gets k and v repeated to every head (`sdpa_mask_bytes`, `Graph.attention`)."""
+    return cond.packed or cond.compile == "model"
+
+
+def dropout_mask_bytes(device: str, itemsize: int, compiled: bool) -> int:
+    """Bytes per element of dropout's saved mask: eager CUDA's bool, eager CPU's input dtype
+    (`native_dropout`); a compiled graph's bool (inductor's decomposition draws `rand < 1 - p`, a
+    bool tensor, torch/_decomp/decompositions.py `native_dropout`)."""
+    return 1 if device == "cuda" or compiled else itemsize
 
 
 def recompute_stop_transient(cond: Conditions, in_numel: int, out_numel: int, wrapped: bool) -> int:
@@ -1009,7 +1144,8 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
         # GPT2Attention binds q, k and v until it returns (after c_proj), GPT2Block `hidden_states`
         g.args = (h, qkv)
         a = g.attention(qkv_view, qkv_view, qkv_view, nh, nh, hd, attn_drop, fused=qkv_view,
-                        softmax_fp32=False, masked=g.cond.packed and g.cond.attention == "sdpa")
+                        softmax_fp32=False,
+                        masked=explicit_causal_mask(g.cond) and g.cond.attention == "sdpa")
         a = g.dropout_op(g.linear(a, f"{p}.attn.c_proj", H, H), drop)
         x = g.add(x, a)
         g.release(h)
@@ -1026,7 +1162,7 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
         # NewGELU: 0.5 * f * (1 + tanh(c * (f + 0.044715 f^3))): pow keeps f, tanh its output, the last
         # product both factors
         t = g.unary(g.unary(f, "input"), "output")
-        act = g.mul(g.new(f.numel, f.itemsize, f.grad), g.new(t.numel, t.itemsize, t.grad))
+        act = g.mul(g.pointwise(f.numel, f.itemsize, f.grad, f), g.pointwise(t.numel, t.itemsize, t.grad, t))
         g.tail_start()
         out = g.linear(act, f"{p}.mlp.c_proj", inter, H)
         # c_proj's output beside its input: a recompute reaches it only when a residual dropout saves after
@@ -1088,7 +1224,7 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
         q_projected, q = q, g.rope(q, *rot, alive=(v,) if sliced else (q, k, v), cast_back=back)
         k = g.rope(k, *rot, alive=(q, v) if sliced else (q_projected, q, k, v), cast_back=back)
     g.args = attention_locals(h, q, k, v)
-    masked = g.cond.attention == "sdpa" and (g.cond.packed or (
+    masked = g.cond.attention == "sdpa" and (explicit_causal_mask(g.cond) or (
         spec.sliding_layer(i) and g.cond.seq_len >= (spec.sliding_window or 0)))
     a = g.attention(q, k, v, nh, nkv, hd, g.rates[0], softcap=gemma and spec.attn_softcap,
                     contiguous_q=spec.family == "phi3", fused=v if spec.family == "phi3" else None,
@@ -2004,6 +2140,7 @@ class Profile:
     # a trained final norm: its weight's product has used and freed what it saved by the backward's
     # peak inside the norm (`trained_norm_product_bytes`)
     final_norm_freed: int = 0
+    compiled: str = "none"  # `Conditions.compile`: the saved sets are a compiled graph's
 
     @property
     def total(self) -> int:
@@ -2084,6 +2221,7 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
         x_in = x
         outer = dict(g.held)
         g.hold(x_in)  # the caller's hidden states, until the layer returns
+        g.enter_region()  # under `--compile layers`, each decoder layer is one graph
         g.outer = frozenset(g.held)  # what the model holds around the layer (the timeline's own)
         x = _decoder_layer(g, spec, i, x, rots.get(rotary_kind(spec, i)))
         g.held = outer
@@ -2112,6 +2250,7 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
     g.held = {}
     head = "lm_head"
     head_loss = None
+    compiled_loss = cond.loss == "standard" and g.compiled_here()
     if cond.loss != "standard":
         head_loss = head_and_loss(g, spec, h, head)
         logits, fp32 = head_loss[0], head_loss[1]
@@ -2124,7 +2263,10 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
         # themselves (their [1:] slice is already contiguous)
         g.save(g.new(t if cond.batch_size > 1 else cond.seq_len + 1, INT64, False))
         if logits.grad:
-            g.save(g.new(t * spec.vocab_size, FP32, True))  # log_softmax keeps its output
+            # log_softmax keeps its output, elementwise of the (upcast) logits and two reductions per
+            # row (max, log-sum-exp): a compiled loss keeps those instead when they are smaller
+            stats = (g.new(t, FP32, False), g.new(t, FP32, False))
+            g.save(g.pointwise(t * spec.vocab_size, FP32, True, logits, *stats))
             g.save(g.new(1, FP32, False), g.new(1, FP32, False))  # the loss and nll's total weight
     mask = cond.batch_size * cond.seq_len * cond.seq_len * (FP32 if cond.autocast else wb)
     # Gemma-2 alternates sliding-window and global layers, and Qwen2's layers from max_window_layers on
@@ -2149,8 +2291,10 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
         input_saved_by_layer=tuple(overlap),
         head=g.saved_bytes("head"),
         logits=logits.nbytes if head_loss is None else head_loss[0].nbytes,
-        logits_fp32=(fp32 if logits.itemsize != FP32 else 0) if head_loss is None else head_loss[1],
-        head_backward=None if head_loss is None else head_loss[2],
+        logits_fp32=(0 if compiled_loss else fp32 if logits.itemsize != FP32 else 0) if head_loss is None
+        else head_loss[1],
+        head_backward=(compiled_loss_backward(logits.numel, logits.itemsize) if compiled_loss else None)
+        if head_loss is None else head_loss[2],
         eager_mask=eager_mask,
         checkpoint_args=shared,
         mlp_layers=tuple(mlps),
@@ -2186,6 +2330,7 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
         if g.recompute_combine else (),
         checkpointed=cond.grad_checkpointing,
         offloaded=cond.activation_offload,
+        compiled=cond.compile,
         # a chunked or fused loss counts the head's input alive through the loss itself (`head_and_loss`)
         final_hidden=0 if h.key in g.saved or cond.loss != "standard" else h.nbytes,
         final_norm=final_norm,

@@ -383,7 +383,7 @@ def lora_trainable(spec: ModelSpec, setup: TrainSetup) -> Trainable:
 # TrainSetup fields that cannot change what trains, at their defaults: the cache key leaves them out
 _STEP_ONLY = {f: getattr(TrainSetup(), f) for f in (
     "grad_checkpointing", "activation_offload", "optimizer", "optimizer_impl", "batch_size", "seq_len",
-    "num_gpus", "sharding", "offload")}
+    "num_gpus", "sharding", "offload", "compile")}
 
 
 @functools.lru_cache(maxsize=64)  # a plan asks again for each strategy and the FLOPs; the answer is frozen

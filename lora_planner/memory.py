@@ -99,9 +99,13 @@ def activation_term(prof) -> Term:
         attn, mlp = prof.layers[last] - prof.mlp_layers[last], prof.mlp_layers[last]
         body = (f"{len(prof.layers)} layers (each about attention {_n(attn)} B + MLP {_n(mlp)} B) "
                 f"= {_n(sum(prof.layers))} B")
+    compiled = {"layers": " (each layer compiled: ", "model": " (whole model compiled: "}.get(prof.compiled)
+    if compiled:
+        compiled += ("a pointwise result is saved only where cheaper than what backward recomputes it "
+                     "from, torch's min-cut partition)")
     return Term("activations", prof.total,
                 f"embedding {_n(prof.embedding)} B + {body} + head and loss {_n(prof.head)} B "
-                f"= {_n(prof.total)} B")
+                f"= {_n(prof.total)} B{compiled or ''}")
 
 
 def timeline_peak_term(phase) -> Term:

@@ -382,6 +382,8 @@ def make_plan(model: ModelSpec | DenseSize, setups: tuple[TrainSetup, ...], gpu:
         # measured, not modelled: CPU traces of PEFT put such steps up to 6% above the plan
         notes.append("--dora with fp32 adapters is not yet held to traces: checkpointed steps traced "
                      "up to 6% above this plan")
+    if isinstance(model, ModelSpec) and (setups[0].compile or "none") != "none":
+        notes.append(compile_note(setups[0].compile, setups[0].grad_checkpointing))
     if any(s.use_dora and s.method == "qlora" for s in setups):
         notes.append("--dora with QLoRA counts the magnitude vectors only: PEFT dequantises the 4-bit "
                      "weight to form W + s*BA in every forward, which is not planned")
@@ -397,6 +399,20 @@ def make_plan(model: ModelSpec | DenseSize, setups: tuple[TrainSetup, ...], gpu:
         info = ModelInfo(model.name, model.family,
                          layout(model, first.task, first.num_labels).total_params, model.source, model)
     return Plan(info, setups[0], gpu, tuple(plans), tuple(notes), workload)
+
+
+def compile_note(mode: str, checkpointed: bool) -> str:
+    """What `--compile` changes in the plan and what it leaves as eager's."""
+    text = (f"--compile {mode}: each compiled graph saves what torch's min-cut partition keeps "
+            "(pointwise results recomputed in backward, matmul and attention inputs kept, one cast per "
+            "tensor); the transients inside a compiled layer are planned as eager's")
+    if mode == "model":
+        text += ("; the whole model builds an explicit causal mask (SDPA then repeats k and v to every "
+                 "head) and fuses the loss's fp32 upcast")
+    if checkpointed:
+        text += ("; with the `kernels` package installed, transformers' hub-kernel layers break the "
+                 "graph inside a checkpointed layer, which then runs (and saves) as in eager")
+    return text
 
 
 def _with_compute(p: MethodPlan, setup: TrainSetup, gpu: Gpu, workload: cost.Workload) -> MethodPlan:

@@ -104,7 +104,8 @@ def _header(plan: Plan, unit: str) -> list[str]:
                      f"gradient checkpointing {'on' if s.grad_checkpointing else 'off'}")
         loss = s.loss + (f" ({s.loss_chunks} chunks)" if s.loss == "chunked" else "")
         lines.append(f"stack: {s.stack} (optimizer {s.optimizer_impl}, loss {loss}, activation offload "
-                     f"{'on' if s.activation_offload else 'off'})")
+                     f"{'on' if s.activation_offload else 'off'}"
+                     + (f", compile {s.compile})" if (s.compile or "none") != "none" else ")"))
     lines += _targets_line(plan) + _adapter_dtype_line(plan) + _dora_line(plan)
     if plan.setup.packing:
         s = plan.setup

@@ -286,6 +286,9 @@ class TrainSetup:
     loss: str | None = None  # standard | chunked | fused-linear
     loss_chunks: int | None = None  # chunked cross-entropy: number of chunks (torchtune: 8)
     activation_offload: bool | None = None  # checkpointed layer inputs kept in CPU memory
+    # torch.compile (inductor): none, each decoder layer (torchtune's `compile=True`) or the whole
+    # model (the Trainer's `torch_compile`); None: the stack's preset (see `compiled.py`)
+    compile: str | None = None
 
     def with_(self, **changes) -> TrainSetup:
         return replace(self, **changes)

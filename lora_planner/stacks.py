@@ -27,6 +27,10 @@ option given explicitly overrides it. Each default is read from the stack's sour
   `torch.optim.AdamW(fused=True)`, `CEWithChunkedOutputLoss` (8 chunks), activation checkpointing
   on, activation offloading off.
 
+Compilation: no preset compiles. The Trainer's `torch_compile` defaults to False (transformers 5.23
+`TrainingArguments`), TRL's `SFTConfig` keeps it, and torchtune 0.6.1's recipe configs set
+`compile: False`; a plain loop compiles only when asked. `--compile` turns it on (`compiled.py`).
+
 Padding and packing: all four default to one sequence per row padded to the batch's longest
 (TRL's `packing` and `padding_free`, torchtune's `packed` are off), so tokens per step are
 batch x sequence in every preset.
@@ -49,6 +53,13 @@ LOSSES = {
     "chunked": "torchtune's CEWithChunkedOutputLoss: the head in chunks, one chunk upcast at a time",
     "fused-linear": "Liger's fused linear cross-entropy: head matmul and loss in chunks, no logits kept",
 }
+COMPILE_MODES = {
+    "none": "eager: every op runs as written, autograd saves what each op's derivative needs",
+    "layers": "torch.compile on each decoder layer (torchtune's compile=True): inside a layer, "
+              "pointwise intermediates are recomputed in backward, not saved",
+    "model": "torch.compile on the whole model (the Trainer's torch_compile): layers as above, and "
+             "the loss's fp32 logits and log-softmax fused away",
+}
 DEFAULT_LOSS_CHUNKS = 8  # torchtune CEWithChunkedOutputLoss(num_output_chunks=8)
 
 
@@ -62,6 +73,7 @@ class Stack:
     grad_checkpointing: bool
     activation_offload: bool
     source: str
+    compile: str = "none"  # none | layers | model: what the stack compiles by default
 
 
 STACKS = {
@@ -104,4 +116,8 @@ def resolve(setup: TrainSetup) -> TrainSetup:
     if chunks < 1:
         raise PlanError(f"--loss-chunks must be at least 1, got {chunks}")
     offload = stack.activation_offload if setup.activation_offload is None else setup.activation_offload
-    return replace(setup, optimizer_impl=impl, loss=loss, loss_chunks=chunks, activation_offload=offload)
+    compiled = setup.compile or stack.compile
+    if compiled not in COMPILE_MODES:
+        raise PlanError(f"unknown compile mode {compiled!r}; choose one of {', '.join(COMPILE_MODES)}")
+    return replace(setup, optimizer_impl=impl, loss=loss, loss_chunks=chunks, activation_offload=offload,
+                   compile=compiled)

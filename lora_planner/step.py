@@ -80,6 +80,7 @@ def conditions(setup: TrainSetup, precision: Precision, device: str = "cuda") ->
         loss=setup.loss or "standard", loss_chunks=setup.loss_chunks or 8,
         activation_offload=bool(setup.activation_offload),
         dora=setup.use_dora and setup.method == "lora",
+        compile=setup.compile or "none",
     )
 
 

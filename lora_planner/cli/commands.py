@@ -148,7 +148,8 @@ def plan_output(model_name, params_text, methods, ranks, targets, precision, opt
                 seq_len, grad_checkpointing, attention, stack, optimizer_impl, loss, loss_chunks,
                 activation_offload, gpu_name, gpu_mem, fmt, units, explain, fit, dropout=None,
                 quantize_experts=False, lora_dropout=0.0, adapter_dtype="auto",
-                optimizer_in_backward=False, packing=False, gpu_given=False, **scale) -> str:
+                optimizer_in_backward=False, packing=False, gpu_given=False, compile_mode=None,
+                **scale) -> str:
     """What `plan` prints for its parsed options (click's parameter names); a user mistake
     raises PlanError. The command echoes it; the page (`serve`) answers with it directly.
     `gpu_given`: the user named --gpu (see `gpu_given()`), so --gpu-mem keeps that card's kind."""
@@ -176,7 +177,7 @@ def plan_output(model_name, params_text, methods, ranks, targets, precision, opt
         attention=attention, dropout=dropout, lora_dropout=lora_dropout, adapter_dtype=adapter_dtype,
         optimizer_in_backward=optimizer_in_backward, packing=packing,
         **stack_changes(stack, optimizer_impl, loss, loss_chunks, activation_offload,
-                        grad_checkpointing),
+                        grad_checkpointing, compile_mode),
         **setup_changes(**scale),
     )
     rank_list = parse_ranks(ranks)
@@ -310,7 +311,8 @@ def models_command(fmt: str) -> None:
 def trace_command(model_name, method, rank, targets, precision, batch_size, seq_len, grad_checkpointing,
                   attention, stack, optimizer_impl, loss, loss_chunks, activation_offload, layers, fake,
                   fmt, force, dropout=None, optimizer="adamw", lora_dropout=0.0,
-                  adapter_dtype="auto", optimizer_in_backward=False, packing=False) -> None:
+                  adapter_dtype="auto", optimizer_in_backward=False, packing=False,
+                  compile_mode=None) -> None:
     """Trace one real training step on CPU and print it beside the prediction, term by term.
 
     Needs the `measure` extra (torch, transformers; peft for LoRA). Without --fake, a step whose
@@ -333,7 +335,7 @@ def trace_command(model_name, method, rank, targets, precision, batch_size, seq_
                        lora_dropout=lora_dropout, adapter_dtype=adapter_dtype,
                        optimizer_in_backward=optimizer_in_backward, packing=packing,
                        **stack_changes(stack, optimizer_impl, loss, loss_chunks, activation_offload,
-                                       grad_checkpointing))
+                                       grad_checkpointing, compile_mode))
     need_measure_extra("lora-plan trace")
     from ..measure.traced_step import predicted_terms, sliced, trace
 
@@ -353,14 +355,18 @@ def trace_command(model_name, method, rank, targets, precision, batch_size, seq_
     from tabulate import tabulate
 
     click.echo(_trace_header(spec, setup))
+    compiled = (setup.compile or "none") != "none"
     errors = result.errors()
-    rows = [[k, f"{result.predicted[k]:,}", f"{result.traced[k]:,}",
-             "-" if errors[k] is None else f"{errors[k]:+.2%}"] for k in errors]
+    # a compiled step runs kernels no tracer sees: the allocator's peak is its one reading
+    rows = [] if compiled else [[k, f"{result.predicted[k]:,}", f"{result.traced[k]:,}",
+                                 "-" if errors[k] is None else f"{errors[k]:+.2%}"] for k in errors]
     rows.append(_allocator_row(result))
     click.echo(tabulate(rows, headers=["bytes", "predicted", "traced", "error"],
                         colalign=("left", "right", "right", "right")))
     click.echo(f"peak set in: predicted {result.predicted_phase}, traced {result.traced_phase}")
-    click.echo(_allocator_line(result.allocator, result.traced["peak"]))
+    click.echo(f"compiled ({setup.compile}): inductor's kernels are out of the tracer's sight; the "
+               "allocator's peak is the step's only reading" if compiled
+               else _allocator_line(result.allocator, result.traced["peak"]))
 
 
 def _allocator_row(result) -> list[str]:
@@ -394,4 +400,5 @@ def _trace_header(spec: ModelSpec, setup: TrainSetup) -> str:
         dropout += ", packed into one row"
     return (f"traced: {spec.name} ({spec.family}, {spec.num_layers} layers); method {method}{dropout}; "
             f"precision {setup.precision}; batch {setup.batch_size} x {setup.seq_len} tokens; "
-            f"checkpointing {'on' if setup.grad_checkpointing else 'off'}")
+            f"checkpointing {'on' if setup.grad_checkpointing else 'off'}"
+            + (f"; compile {setup.compile}" if (setup.compile or "none") != "none" else ""))

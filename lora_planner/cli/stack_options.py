@@ -10,12 +10,12 @@ from collections.abc import Callable
 
 import click
 
-from ..stacks import DEFAULT_STACK, LOSSES, OPTIMIZER_IMPLS, STACKS, get_stack
+from ..stacks import COMPILE_MODES, DEFAULT_STACK, LOSSES, OPTIMIZER_IMPLS, STACKS, get_stack
 from .option_types import MAX_SEQ_LEN
 
 
 def stack_options(f: Callable) -> Callable:
-    """Add --stack, --optimizer-impl, --loss, --loss-chunks and --activation-offload."""
+    """Add --stack, --optimizer-impl, --loss, --loss-chunks, --activation-offload and --compile."""
     options = [
         click.option("--stack", type=click.Choice(list(STACKS)), default=DEFAULT_STACK,
                      show_default=True,
@@ -35,6 +35,13 @@ def stack_options(f: Callable) -> Callable:
         click.option("--activation-offload/--no-activation-offload", default=None,
                      help="With checkpointing, keep the checkpointed layer inputs in CPU memory. "
                           "Default: the stack's (off in every preset)."),
+        click.option("--compile", "compile_mode", type=click.Choice(list(COMPILE_MODES)), default=None,
+                     help="torch.compile: layers = each decoder layer (torchtune's compile=True), "
+                          "model = the whole model (the Trainer's torch_compile). Inside a compiled "
+                          "graph, backward recomputes pointwise results (the norms' normalised "
+                          "tensors, silu(gate), GELU) from tensors it keeps anyway instead of saving "
+                          "them; matmul and attention inputs stay saved, dropout masks become bool. "
+                          "Default: the stack's (none in every preset)."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -42,7 +49,8 @@ def stack_options(f: Callable) -> Callable:
 
 
 def stack_changes(stack: str, optimizer_impl: str | None, loss: str | None, loss_chunks: int | None,
-                  activation_offload: bool | None, grad_checkpointing: bool) -> dict:
+                  activation_offload: bool | None, grad_checkpointing: bool,
+                  compile_mode: str | None = None) -> dict:
     """TrainSetup fields for the chosen stack. Checkpointing takes the preset's value unless the user
     gave --grad-checkpointing or --no-grad-checkpointing."""
     ctx = click.get_current_context()
@@ -50,4 +58,5 @@ def stack_changes(stack: str, optimizer_impl: str | None, loss: str | None, loss
     if source in (None, click.core.ParameterSource.DEFAULT):
         grad_checkpointing = get_stack(stack).grad_checkpointing
     return {"stack": stack, "optimizer_impl": optimizer_impl, "loss": loss, "loss_chunks": loss_chunks,
-            "activation_offload": activation_offload, "grad_checkpointing": grad_checkpointing}
+            "activation_offload": activation_offload, "grad_checkpointing": grad_checkpointing,
+            "compile": compile_mode}

@@ -158,6 +158,11 @@ def trace(spec: ModelSpec, setup: TrainSetup, *, fake: bool = False, seed: int =
     """
     setup = resolve(setup)
     _check(setup)
+    compiled = setup.compile != "none"
+    if compiled and fake:
+        raise PlanError("a compiled step runs inductor's kernels on real tensors: trace --compile without "
+                        "--fake")
+    allocator = allocator or compiled  # a compiled step's only reading is the allocator's
     if fake and spec.num_experts and setup.precision != "pure-bf16":
         # torch's fake (meta) kernel for _grouped_mm accepts bf16 operands only, as its CUDA kernel does
         raise PlanError("a fake trace runs the experts' grouped matmul through torch's meta kernel, which "
@@ -200,6 +205,7 @@ def trace(spec: ModelSpec, setup: TrainSetup, *, fake: bool = False, seed: int =
             enable_checkpointing(model)
         if setup.method == "lora":
             model = _with_lora(model, spec, setup)
+        compile_model(model, setup.compile)
         positions = None
         packed = setup.packing and setup.batch_size > 1  # one sequence has nothing to pack
         if packed:  # the batch's sequences as one row, positions restarting per sequence
@@ -226,10 +232,23 @@ def trace(spec: ModelSpec, setup: TrainSetup, *, fake: bool = False, seed: int =
             step(None)  # the first step creates the optimizer's states; a run's later steps keep them
             profiling = allocator and not fake
             inputs = (ids, labels) if positions is None else (ids, labels, positions)
-            tracer = MemoryTracer(model, optimizer, inputs=inputs, annotate=profiling)
+            tracer = MemoryTracer(model, optimizer, inputs=inputs, annotate=profiling and not compiled)
             baseline = tracer.live_bytes()
-            with alloc.profiled() if profiling else contextlib.nullcontext() as prof, tracer:
-                step(tracer)
+            # a dispatch mode makes the compiled code fall back to eager: a compiled step is profiled
+            # with no tracer entered (the allocator's peak is then its only reading)
+            with alloc.profiled() if profiling else contextlib.nullcontext() as prof, \
+                    tracer if not compiled else contextlib.nullcontext():
+                if compiled:  # the phases marked for the allocator's reading, no tracer
+                    train_step(model, optimizer, ids, labels, compute_dtype=compute_dtype, loss_fn=loss_fn,
+                               phase=lambda name: alloc.profiler_range(f"{alloc.PHASE_RANGE}{name}"),
+                               position_ids=positions)
+                else:
+                    step(tracer)
+    if compiled:
+        reading = alloc.reading(prof, [], baseline)
+        # only the peak is measured: the other terms are left 0 (their errors None)
+        traced = dict.fromkeys(TERMS, 0) | {"peak": reading.peak_bytes}
+        return Comparison(predicted, traced, predicted_phase, reading.phase, predicted_phases, {}, reading)
     reading = None
     if allocator:
         reading = (alloc.reading(prof, tracer.calls, baseline) if not fake else
@@ -244,6 +263,25 @@ def trace(spec: ModelSpec, setup: TrainSetup, *, fake: bool = False, seed: int =
     }
     return Comparison(predicted, traced, predicted_phase, report.peak_phase, predicted_phases,
                       dict(report.phase_peaks), reading)
+
+
+def compile_model(model, mode: str) -> None:
+    """torch.compile (inductor, in place) as the stacks apply it: `layers` compiles each decoder layer
+    as torchtune's `training.compile_model` does (`module.compile()` on every transformer layer; its
+    loss compile is not run here), `model` the whole model as the Trainer's `torch_compile`."""
+    if mode == "none":
+        return
+    import torch
+
+    # a fresh cache of compiled frames: the layers of models traced before share this one's code, and
+    # past dynamo's recompile limit it would run them eagerly
+    torch._dynamo.reset()
+    if mode == "model":
+        model.compile()
+        return
+    for module in model.modules():
+        if type(module).__name__.endswith(("DecoderLayer", "Block")) and hasattr(module, "mlp"):
+            module.compile()
 
 
 class StepInBackward:
