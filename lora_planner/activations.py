@@ -193,10 +193,12 @@ class Graph:
         return Tensor(numel, itemsize, grad, next(self._keys), sources)
 
     def enter_region(self) -> None:
-        """A compiled region (a decoder layer under `--compile layers`) begins: what was made before
-        it is the region's input, which its backward cannot recompute."""
-        self.region_start = next(self._keys)
-        self._casts = {}
+        """A decoder layer begins: under `--compile layers` a compiled region of its own, whose
+        inputs (what was made before it) its backward cannot recompute, and whose casts are its own.
+        Under `--compile model` the whole model is one region."""
+        if self.cond.compile == "layers":
+            self.region_start = next(self._keys)
+            self._casts = {}
 
     def compiled_here(self) -> bool:
         """Whether the op being walked runs inside a compiled graph (`compiled_section`)."""
@@ -624,7 +626,12 @@ class Graph:
             if masked:
                 mask, lse = sdpa_mask_bytes(b, heads, s, cb, self.cond.device)
                 if grad:
-                    self.save(self.new(mask, 1, False))
+                    # each call converts the mask anew; one compiled graph converts it once for all
+                    # its layers (`cast`)
+                    converted = self.new(mask, 1, False)
+                    if self.compiled_here():
+                        converted = self._casts.setdefault((0, mask), converted)
+                    self.save(converted)
             if grad:
                 self.save(q, k, v, out, self.new(lse, 1, False), kernel=True)
             self.attn_tail_start()
@@ -651,7 +658,10 @@ class Graph:
                 # probs @ v keeps, not a transient
                 self.attn_internal -= (full * FP32 if q.itemsize != FP32 else
                                        full * inputs[2].itemsize if kv_heads > 1 else 0)
-            cb = FP32  # torch's CPU math kernel computes in fp32 whatever the input dtype
+            if not self.compiled_here():
+                # torch's CPU math kernel computes in fp32 whatever the input dtype; compiled, its
+                # decomposition (`_scaled_dot_product_attention_math`) keeps the inputs' dtype
+                cb = FP32
         qc, kc, vc = (self.new(full, cb, t.grad) for t in (q, k, v))  # contiguous (repeated) copies
         if eager and kv_heads == 1 and heads > 1 and b == 1:
             # one k/v head and one sequence: repeat_kv's expand-and-reshape, and matmul's batching of
@@ -686,7 +696,8 @@ class Graph:
             self.save(self.new(probs, cb, True))  # tanh(scores / cap) keeps its output
         # eager softmax runs in fp32 (an explicit dtype, or autocast's fp32 list); GPT-2's has no
         # dtype, so without autocast it runs in the scores' dtype
-        soft = FP32 if eager and (softmax_fp32 or self.cond.autocast) else cb
+        # the math kernel's: fp32 on CPU (`cb`), and compiled, autocast's fp32 softmax
+        soft = FP32 if (eager and softmax_fp32) or self.cond.autocast else cb
         p = self.new(probs, soft, qc.grad or kc.grad)
         if p.grad:
             self.save(p, kernel=True)  # softmax keeps its output (a reduction's: never recomputed)
@@ -726,8 +737,12 @@ class Graph:
                                   heads if masked else kv_heads, head_dim, contiguous_q, fused is not None,
                                   b * s * s * q.itemsize if masked else None, repeats,
                                   v_contiguous=masked and kv_heads < heads)
+        # a compiled math kernel under autocast rebuilds the dropped 16-bit probabilities from the
+        # fp32 softmax output and the dropout mask it keeps; in one dtype it keeps them (both seen in
+        # the partitions torch 2.13 makes for GPT-2 on CPU; the rule for the difference is not known)
+        rebuilt = self.compiled_here() and not eager and attn_dropout > 0 and soft != cb
         if vc.grad:
-            self.save(p, kernel=True)  # probs @ v keeps the probabilities for v's gradient, v for theirs
+            self.save(p, kernel=not rebuilt)  # probs @ v keeps the probabilities for v's gradient, v for theirs
         if p.grad:
             self.save(vc, kernel=True)
         if eager and not self.cond.autocast and (b == 1 or heads == 1):
@@ -930,7 +945,7 @@ class Graph:
 def recompute_frontier(t: Tensor, saved: dict[int, object],
                        region_start: int = 0) -> tuple[Tensor, ...] | None:
     """What a compiled graph saves instead of the pointwise result `t`: the tensors backward
-    recomputes it from, when they cost fewer bytes to keep than `t` itself; None to keep `t`.
+    recomputes it from, when keeping them costs less than keeping `t`; None to keep `t`.
 
     torch.compile's AOTAutograd splits the joint forward-backward graph with a min cut
     (`min_cut_rematerialization_partition` / `solve_min_cut` in torch/_functorch/partitioners.py):
@@ -938,19 +953,26 @@ def recompute_frontier(t: Tensor, saved: dict[int, object],
     while matmuls and attention (`compute_intensive_ops`), random ops (dropout's draw) and
     reductions (an output 4x smaller than its inputs, `ban_recompute_reductions`) never are; nor is
     a tensor a kernel's backward reads (`is_materialized_backwards`: the caller's `kernel` save).
-    The cut keeps the fewest bytes: here, walking back from `t` through its `sources`, each tensor is
-    either already saved (free), or kept itself, or rebuilt from its own sources when those cost
-    less. Ties keep the tensor itself. A tensor made before the compiled region (`region_start`:
-    the graph's input) cannot be rebuilt inside it.
+    The cut's weights (`get_node_weight`): a tensor's bytes, doubled for one only pointwise ops read
+    (inductor would fuse it away, so keeping it costs a write and a read); a kernel's output or the
+    graph's input counts once. Here, walking back from `t` through its `sources`, each tensor is
+    free when already saved, else kept at its weight or rebuilt from its own sources, whichever
+    weighs less; a tensor made before the compiled region (`region_start`: the graph's input) is
+    not rebuilt inside it. Ties keep the tensor.
     Examples: RMSNorm's normalised fp32 tensor (rebuilt from the saved input and 1/rms), SwiGLU's
-    silu(gate) (from the saved gate projection), GPT-2's tanh-GELU chain (from c_fc's output).
-    Assumption: a greedy walk in forward order, not the graph-wide flow the partitioner solves; it
-    agrees with the partition torch 2.13 makes for the decoder layers measured
-    (`benchmarks/compile_step.py`).
+    silu(gate) (from the saved gate projection), GPT-2's tanh-GELU chain (from c_fc's output), the
+    residual sum a norm reads (from the layer's input and the output projection's result).
+    Assumption: a greedy walk in forward order, without the partitioner's bias towards tensors made
+    near backward (`dist_from_bw`); it agrees with the partition torch 2.13 makes for the decoder
+    layers the tests compile (`tests/test_compile.py`).
     """
-    if t.sources is None or t.key in saved:
+    if t.sources is None or t.key in saved or t.key < region_start:
         return None
     memo: dict[int, dict[int, Tensor]] = {}
+
+    def weight(u: Tensor) -> int:
+        fused = u.sources is not None and u.key >= region_start
+        return u.nbytes * (2 if fused else 1)
 
     def cheapest(u: Tensor) -> dict[int, Tensor]:
         if u.key in saved:
@@ -961,13 +983,13 @@ def recompute_frontier(t: Tensor, saved: dict[int, object],
             rebuilt: dict[int, Tensor] = {}
             for s in u.sources:
                 rebuilt.update(cheapest(s))
-            memo[u.key] = rebuilt if sum(s.nbytes for s in rebuilt.values()) < u.nbytes else {u.key: u}
+            memo[u.key] = rebuilt if sum(map(weight, rebuilt.values())) < weight(u) else {u.key: u}
         return memo[u.key]
 
     rebuilt: dict[int, Tensor] = {}
     for s in t.sources:
         rebuilt.update(cheapest(s))
-    return tuple(rebuilt.values()) if sum(s.nbytes for s in rebuilt.values()) < t.nbytes else None
+    return tuple(rebuilt.values()) if sum(map(weight, rebuilt.values())) < weight(t) else None
 
 
 def compiled_section(mode: str, in_layer: bool) -> bool:
