@@ -741,8 +741,8 @@ class Graph:
         # fp32 softmax output and the dropout mask it keeps; in one dtype it keeps them (both seen in
         # the partitions torch 2.13 makes for GPT-2 on CPU; the rule for the difference is not known)
         rebuilt = self.compiled_here() and not eager and attn_dropout > 0 and soft != cb
-        if vc.grad:
-            self.save(p, kernel=not rebuilt)  # probs @ v keeps the probabilities for v's gradient, v for theirs
+        if vc.grad:  # probs @ v keeps the probabilities for v's gradient, v for theirs
+            self.save(p, kernel=not rebuilt)
         if p.grad:
             self.save(vc, kernel=True)
         if eager and not self.cond.autocast and (b == 1 or heads == 1):
