@@ -206,3 +206,12 @@ def test_layer_saved_set_is_the_partitioners(method, precision):
     if len(graphs) > 1:  # the first layer's own graph; the walk saves the rotary cos and sin there
         rotary = 2 * setup.seq_len * spec.head_dim * 4
         assert walk.layers[0] - rotary == graphs[0]
+
+
+def test_trace_refuses_a_fake_compiled_step(tmp_path):
+    """Inductor's kernels run on real tensors: --compile with --fake is one line and exit 2."""
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps({"model_type": "gpt2", "vocab_size": 300, "n_embd": 64, "n_layer": 2,
+                                  "n_head": 4, "n_positions": 128}))
+    result = run("trace", "--model", str(config), "--compile", "layers", "--fake")
+    assert result.exit_code == 2 and "without --fake" in result.output and "Traceback" not in result.output
