@@ -42,6 +42,10 @@ CASES = (
     ("gpt2", "lora", "fp32", False, "model"),
     ("llama:3", "full", "fp32", False, "layers"),
     ("gpt2:5", "lora", "fp32", False, "layers"),
+    ("qwen2:4", "lora", "amp", False, "layers"),
+    ("gpt2:9", "full", "amp", False, "model"),
+    ("llama:8", "lora", "fp32", False, "model"),
+    ("qwen3:5", "full", "fp32", False, "layers"),
 )
 BATCH, SEQ = 2, 64
 

@@ -695,8 +695,8 @@ class Graph:
         if softcap and (qc.grad or kc.grad):
             self.save(self.new(probs, cb, True))  # tanh(scores / cap) keeps its output
         # eager softmax runs in fp32 (an explicit dtype, or autocast's fp32 list); GPT-2's has no
-        # dtype, so without autocast it runs in the scores' dtype
-        # the math kernel's: fp32 on CPU (`cb`), and compiled, autocast's fp32 softmax
+        # dtype, so without autocast it runs in the scores' dtype. The math kernel's runs in `cb`
+        # (fp32 on CPU) and, compiled (its inputs' dtype), in autocast's fp32
         soft = FP32 if (eager and softmax_fp32) or self.cond.autocast else cb
         p = self.new(probs, soft, qc.grad or kc.grad)
         if p.grad:

@@ -107,7 +107,7 @@ def test_compile_lowers_saved_activations_of_a_large_model():
     assert after["activations"] < before["activations"] and after["peak"] < before["peak"]
 
 
-def _partition_saved_bytes(config: dict, method: str, autocast: bool) -> list[int]:
+def _partition_saved_bytes(config: dict, method: str, autocast: bool, targets: list[str]) -> list[int]:
     """Compile each decoder layer of a 2-layer model built from `config` and run a step; return, for
     each graph compiled (the first layer's again when its input needs no gradient and the second's
     does), the bytes of the tensors the min-cut partition saved for backward: its forward graph's
@@ -136,7 +136,7 @@ def _partition_saved_bytes(config: dict, method: str, autocast: bool) -> list[in
             if not isinstance(value, torch.Tensor):
                 continue
             if base.op == "placeholder":
-                if tuple(value.shape) != (2, 16, config["hidden_size"]):
+                if tuple(value.shape) != (2, 16, hidden):
                     continue  # a parameter, or the rotary cos and sin
             bases[base.name] = value.numel() * value.element_size()
         found.append(sum(bases.values()))
@@ -146,6 +146,7 @@ def _partition_saved_bytes(config: dict, method: str, autocast: bool) -> list[in
     VIEWS = {aten.view.default, aten.permute.default, aten.t.default, aten._unsafe_view.default,
              aten.transpose.int, aten.expand.default, aten.unsqueeze.default, aten.squeeze.dim,
              aten.reshape.default, aten.slice.Tensor, aten.select.int, aten.alias.default}
+    hidden = config.get("hidden_size", config.get("n_embd"))
     hf = AutoConfig.for_model(**config)
     hf.use_cache = False
     hf._attn_implementation = "sdpa"
@@ -155,9 +156,10 @@ def _partition_saved_bytes(config: dict, method: str, autocast: bool) -> list[in
     if method == "lora":
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                 fan_in_fan_out=config["model_type"] == "gpt2"))
     for module in model.modules():
-        if type(module).__name__.endswith("DecoderLayer"):
+        if type(module).__name__.endswith(("DecoderLayer", "Block")) and hasattr(module, "mlp"):
             module.compile()
     ids = torch.randint(0, config["vocab_size"], (2, 16))
     caches = {"TORCHINDUCTOR_FX_GRAPH_CACHE": "0", "TORCHINDUCTOR_AUTOGRAD_CACHE": "0"}
@@ -180,11 +182,24 @@ def _partition_saved_bytes(config: dict, method: str, autocast: bool) -> list[in
     return found
 
 
+LLAMA = {"model_type": "llama", "vocab_size": 96, "hidden_size": 48, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 72,
+         "max_position_embeddings": 64, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None,
+         "tie_word_embeddings": False}
+# GPT-2's default dropout (0.1): on CPU attention runs torch's math kernel, masks are kept
+GPT2 = {"model_type": "gpt2", "vocab_size": 96, "n_embd": 48, "n_layer": 2, "n_head": 4,
+        "n_positions": 64, "bos_token_id": None, "eos_token_id": None}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("method,precision", [("full", "fp32"), ("full", "amp"), ("lora", "amp")])
-def test_layer_saved_set_is_the_partitioners(method, precision):
+@pytest.mark.parametrize("config,targets,method,precision", [
+    (LLAMA, ["q_proj", "v_proj"], "full", "fp32"), (LLAMA, ["q_proj", "v_proj"], "full", "amp"),
+    (LLAMA, ["q_proj", "v_proj"], "lora", "amp"), (GPT2, ["c_attn"], "full", "fp32"),
+    (GPT2, ["c_attn"], "lora", "amp")],
+    ids=["llama-full-fp32", "llama-full-amp", "llama-lora-amp", "gpt2-full-fp32", "gpt2-lora-amp"])
+def test_layer_saved_set_is_the_partitioners(config, targets, method, precision):
     """The walk's compiled saved set of a decoder layer, byte for byte against the forward graph
-    outputs torch's min-cut partition made for a real compiled Llama layer."""
+    outputs torch's min-cut partition made for a real compiled layer (each layer's own graph)."""
     from lora_planner.activations import profile
     from lora_planner.architecture import layout
     from lora_planner.precision import get_precision
@@ -192,19 +207,15 @@ def test_layer_saved_set_is_the_partitioners(method, precision):
     from lora_planner.stacks import resolve
     from lora_planner.step import _training, conditions
 
-    config = {"model_type": "llama", "vocab_size": 96, "hidden_size": 48, "num_hidden_layers": 2,
-              "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 72,
-              "max_position_embeddings": 64, "pad_token_id": None, "bos_token_id": None,
-              "eos_token_id": None, "tie_word_embeddings": False}
     spec = spec_from_hf_config(config)
-    setup = resolve(TrainSetup(method=method, rank=4, targets=("q_proj", "v_proj"), precision=precision,
+    setup = resolve(TrainSetup(method=method, rank=4, targets=tuple(targets), precision=precision,
                                batch_size=2, seq_len=16, stack="torch", compile="layers"))
     wrapped, trainable, _ = _training(spec, setup, layout(spec))
     walk = profile(spec, conditions(setup, get_precision(precision), "cpu"), wrapped, trainable)
-    graphs = _partition_saved_bytes(config, method, precision == "amp")
+    graphs = _partition_saved_bytes(config, method, precision == "amp", targets)
     assert walk.layers[-1] == graphs[-1]
     if len(graphs) > 1:  # the first layer's own graph; the walk saves the rotary cos and sin there
-        rotary = 2 * setup.seq_len * spec.head_dim * 4
+        rotary = 2 * setup.seq_len * spec.head_dim * 4 if config is LLAMA else 0
         assert walk.layers[0] - rotary == graphs[0]
 
 

@@ -9,6 +9,11 @@ The setup's stack choices run as named: AdamW or SGD with the fused, foreach or 
 forced (transformers' Adafactor has one implementation), and the standard or chunked cross-entropy
 (`step.chunked_loss`); Liger's fused linear cross-entropy needs a GPU and is refused here.
 
+A compiled setup (`--compile layers|model`, `compile_model`) runs torch.compile's inductor kernels:
+a dispatch mode entered around them makes the compiled code fall back to eager, and they allocate
+their buffers below the dispatcher, so the tracer is not entered and the allocator's peak is the
+step's one reading (the other terms are left 0, their errors None).
+
 Supported precisions are those a plain PyTorch step realises: `fp32`, and `amp` (bf16 autocast over
 fp32 weights); `pure-bf16` builds the model in bf16 (AdamW then keeps bf16 states). `mixed` and `bf16`
 need an fp32 master copy or fp32 states over bf16 weights, which torch's AdamW does not keep.
