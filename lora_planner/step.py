@@ -13,7 +13,7 @@ from functools import lru_cache
 from .activations import FP32, INT64, Conditions, Profile, profile
 from .adapter_dtype import FP32_ADAPTERS, adapter_autocast, fp32_adapters
 from .architecture import Architecture, layout
-from .counts import lora_trainable
+from .counts import lora_trainable, training_key
 from .errors import PlanError
 from .memory import Term, adafactor_temporary_term, optimizer_temporary_term
 from .optimizers import TORCH_OPTIMIZERS
@@ -178,31 +178,28 @@ def _trainable_shapes(spec: ModelSpec, setup: TrainSetup, arch: Architecture) ->
     return tuple(p.shape for p in lora_trainable(spec, setup).params)
 
 
-def input_gradient_skips(spec: ModelSpec, setup: TrainSetup) -> tuple[int, int]:
-    """(weights whose input needs no gradient, attention layers with no gradient) in this setup's
-    backward, from the activation walk; what `cost.lora_flops_per_token` takes off."""
-    from .precision import get_precision
+@dataclass(frozen=True)
+class LayerGradients:
+    """Where the trained tensors' gradients are made, in the order backward makes them (bytes)."""
 
+    # per decoder layer: (attention part, rest of the MLP part, the MLP's output projection)
+    per_layer: tuple[tuple[int, int, int], ...]
+    expert_up: tuple[int, ...]  # per layer: fused experts' gate/up, twice the down projection's
+    attn_out: tuple[int, ...]  # per layer: the attention's output projection's
+    mlp_up: tuple[int, ...]  # per layer: the MLP's up projection's
+    head: int  # the LM head's (the tied embedding's, when the embedding trains)
+    embed_trains: bool  # whether the token (or position) embedding trains
+
+
+@lru_cache(maxsize=64)
+def layer_gradients(spec: ModelSpec, setup: TrainSetup, precision: Precision) -> LayerGradients:
+    """Each trained module's gradient bytes (`gradient_bytes_by_path`), summed by the part of the
+    step whose backward makes it. Depends on what trains and its dtypes alone: `predict_step` asks
+    with `counts.training_key(setup)`, so the setups advice and --fit plan again share one answer."""
     arch = layout(spec, setup.task, setup.num_labels)
-    wrapped, trainable, _ = _training(spec, setup, arch)
-    prof = profile(spec, conditions(setup, get_precision(setup.precision)), wrapped, trainable)
-    return prof.no_input_grad_params, prof.attention_without_grad
-
-
-def predict_step(spec: ModelSpec, setup: TrainSetup, precision: Precision, memory: dict[str, int],
-                 device: str = "cuda") -> StepPrediction:
-    """The step's activations and peak, given the plan's model-state bytes in `memory`."""
-    arch = layout(spec, setup.task, setup.num_labels)
-    cond = conditions(setup, precision, device)
-    wrapped, trainable, by_path = _training(spec, setup, arch)
-    if cond.adapter_bytes and any(a.module.kind in ("router", "experts")
-                                  for a in lora_trainable(spec, setup).adapters):
-        raise PlanError("--adapter-dtype fp32 is not modelled for adapters on a router or fused experts "
-                        "(PEFT's ParamWrapper): leave them out of --targets, or plan --adapter-dtype auto")
-    prof = profile(spec, cond, wrapped, trainable)
+    _, _, by_path = _training(spec, setup, arch)
     grad_bytes = precision.grad_bytes
     prefix = "transformer.h." if spec.family == "gpt2" else "model.layers."
-    # (attention part, rest of the MLP part, the MLP's output projection)
     per_layer = [[0, 0, 0] for _ in range(spec.num_layers)]
     expert_up = [0] * spec.num_layers
     attn_out = [0] * spec.num_layers
@@ -222,6 +219,34 @@ def predict_step(spec: ModelSpec, setup: TrainSetup, precision: Precision, memor
         elif path == arch.head_path or (arch.tied_head and path.endswith(("wte", "embed_tokens"))):
             head += nbytes[path]
     embed_trains = any(path.endswith(("wte", "embed_tokens")) for path in by_path)
+    return LayerGradients(tuple(tuple(parts) for parts in per_layer), tuple(expert_up), tuple(attn_out),
+                          tuple(mlp_up), head, embed_trains)
+
+
+def input_gradient_skips(spec: ModelSpec, setup: TrainSetup) -> tuple[int, int]:
+    """(weights whose input needs no gradient, attention layers with no gradient) in this setup's
+    backward, from the activation walk; what `cost.lora_flops_per_token` takes off."""
+    from .precision import get_precision
+
+    arch = layout(spec, setup.task, setup.num_labels)
+    wrapped, trainable, _ = _training(spec, setup, arch)
+    prof = profile(spec, conditions(setup, get_precision(setup.precision)), wrapped, trainable)
+    return prof.no_input_grad_params, prof.attention_without_grad
+
+
+def predict_step(spec: ModelSpec, setup: TrainSetup, precision: Precision, memory: dict[str, int],
+                 device: str = "cuda") -> StepPrediction:
+    """The step's activations and peak, given the plan's model-state bytes in `memory`."""
+    arch = layout(spec, setup.task, setup.num_labels)
+    cond = conditions(setup, precision, device)
+    wrapped, trainable, _ = _training(spec, setup, arch)
+    if cond.adapter_bytes and any(a.module.kind in ("router", "experts")
+                                  for a in lora_trainable(spec, setup).adapters):
+        raise PlanError("--adapter-dtype fp32 is not modelled for adapters on a router or fused experts "
+                        "(PEFT's ParamWrapper): leave them out of --targets, or plan --adapter-dtype auto")
+    prof = profile(spec, cond, wrapped, trainable)
+    grads = layer_gradients(spec, training_key(setup), precision)
+    head, embed_trains = grads.head, grads.embed_trains
     impl = setup.optimizer_impl or "foreach"
     temporary = _temporary(spec, setup, arch, precision, impl)
     temp = temporary.bytes
@@ -239,10 +264,10 @@ def predict_step(spec: ModelSpec, setup: TrainSetup, precision: Precision, memor
         inputs=(3 if cond.packed else 2) * cond.tokens * INT64,
         head_gradients=head,
         dequant_transient=dequant,
-        expert_up_gradients=tuple(expert_up),
-        attn_out_gradients=tuple(attn_out),
-        mlp_up_gradients=tuple(mlp_up),
-        layer_gradients=tuple(tuple(parts) for parts in per_layer),
+        expert_up_gradients=grads.expert_up,
+        attn_out_gradients=grads.attn_out,
+        mlp_up_gradients=grads.mlp_up,
+        layer_gradients=grads.per_layer,
         embedding_backward=embedding_backward(embed_trains, arch.tied_head, head, prof.transients[0]),
         temporary_what=f"{kernel}{setup.optimizer} temporary" if temp else f"{kernel}{setup.optimizer}, "
                        "no temporary",
@@ -250,6 +275,7 @@ def predict_step(spec: ModelSpec, setup: TrainSetup, precision: Precision, memor
     vocab = spec.vocab_size if setup.task == "causal-lm" else setup.num_labels
     if setup.optimizer_in_backward:
         steps = in_backward_steps(spec, setup, arch, precision, impl)
+        prefix = "transformer.h." if spec.family == "gpt2" else "model.layers."
         states = replace(
             states, gradients=0, optimizer_temporary=0, layer_gradients=((0, 0, 0),) * spec.num_layers,
             expert_up_gradients=(), attn_out_gradients=(), mlp_up_gradients=(),
