@@ -12,9 +12,9 @@ command from expressing it (`missing`). A case is
   beside the measurement; `bound` is the largest error the case is allowed (`tests/
   test_published_runs.py` holds it);
 - **pending** when a missing entry names a planner option (`"option": "--compile"`) that does not
-  exist yet. The command is written as it will read once the option lands; when it does, the table
-  shows the case as `option landed` and the test fails until the case is moved to planned, with
-  its bound;
+  exist yet. The command is written as it will read once the option lands; when one does, the test
+  fails until its entry leaves `missing` (the command keeps the option), and a case left with
+  nothing missing is planned and given its bound;
 - **not expressible** when a missing entry is `unpublished`: an input the source does not state
   (the longest batch of a padded dataset, the recipe's config), which no option can supply.
 
@@ -88,12 +88,13 @@ def replace(argv: list[str], spelling: str, nearest: str = "") -> list[str]:
     raise ValueError(f"{spelling!r} is not in the command")
 
 
-def nearest_argv(case: dict) -> list[str]:
-    """A pending case's command as today's options allow: each missing option dropped, or replaced
-    by the `nearest` its entry names."""
+def nearest_argv(case: dict, options: dict[str, object]) -> list[str]:
+    """A pending case's command as today's options allow: each missing option that does not exist
+    yet dropped, or replaced by the `nearest` its entry names."""
     argv = plan_argv(case["command"])
     for entry in case["missing"]:
-        argv = replace(argv, entry["option"], entry.get("nearest", ""))
+        if not option_exists(entry["option"], options):
+            argv = replace(argv, entry["option"], entry.get("nearest", ""))
     return argv
 
 
@@ -144,7 +145,7 @@ def evaluate(case: dict, options: dict[str, object]) -> Row:
         return Row(case, "option landed", None, None)
     measured = measured_bytes(case)
     if pending:
-        nearest = planned_bytes(run_plan(nearest_argv(case)), case["measured"]["compare"])
+        nearest = planned_bytes(run_plan(nearest_argv(case, options)), case["measured"]["compare"])
         return Row(case, "pending", None, None, (nearest - measured) / measured)
     planned = planned_bytes(run_plan(plan_argv(case["command"])), case["measured"]["compare"])
     return Row(case, "planned", planned, (planned - measured) / measured)
