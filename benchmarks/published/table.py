@@ -133,6 +133,7 @@ class Row:
     planned: int | None
     error: float | None
     nearest_error: float | None = None  # pending: the error of the command without the missing options
+    waiting: tuple[str, ...] = ()  # pending: the missing options that do not exist yet
 
 
 def evaluate(case: dict, options: dict[str, object]) -> Row:
@@ -146,7 +147,7 @@ def evaluate(case: dict, options: dict[str, object]) -> Row:
     measured = measured_bytes(case)
     if pending:
         nearest = planned_bytes(run_plan(nearest_argv(case, options)), case["measured"]["compare"])
-        return Row(case, "pending", None, None, (nearest - measured) / measured)
+        return Row(case, "pending", None, None, (nearest - measured) / measured, tuple(pending))
     planned = planned_bytes(run_plan(plan_argv(case["command"])), case["measured"]["compare"])
     return Row(case, "planned", planned, (planned - measured) / measured)
 
@@ -188,7 +189,8 @@ def _status_cell(row: Row) -> str:
         return f"not published: {unpublished}" + (f"; needs {options}" if options else "")
     if row.status == "option landed":
         return f"{options} landed: plan it"
-    return f"needs {options} (nearest plan today: {row.nearest_error:+.1%})"
+    waiting = ", ".join(f"`{option}`" for option in row.waiting)
+    return f"needs {waiting} (nearest plan today: {row.nearest_error:+.1%})"
 
 
 def markdown(rows: list[Row]) -> str:
