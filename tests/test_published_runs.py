@@ -37,8 +37,12 @@ def test_record_schema():
         where = case["id"]
         assert re.fullmatch(r"[a-z0-9][a-z0-9.-]*", where), where
         src, measured = case["source"], case["measured"]
-        assert re.fullmatch(r"[0-9a-f]{40}", src["commit"]), where
-        assert src["url"] == f"https://github.com/{src['repo']}/blob/{src['commit']}/{src['path']}", where
+        if "repo" in src:  # a file of a repository at a commit
+            assert re.fullmatch(r"[0-9a-f]{40}", src["commit"]), where
+            assert src["url"] == f"https://github.com/{src['repo']}/blob/{src['commit']}/{src['path']}", where
+        else:  # a web page, with the date it was read
+            assert src["url"].startswith("https://"), where
+            assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", src["read"]), where
         # The figure is copied from the quoted line, never typed apart from it.
         assert measured["value"] in src["quote"], where
         assert float(measured["value"]) > 0 and measured["unit"] in table.UNITS, where
