@@ -28,8 +28,8 @@ from lora_planner.measure.fuzz import (
 ROOT = Path(__file__).resolve().parents[1]
 RECORD = ROOT / "results" / "trace" / "fuzz-cpu-allocator.jsonl"
 ROWS = [json.loads(line) for line in RECORD.read_text().splitlines() if line.strip()]
-KNOWN: dict[int, dict] = {int(k): v for k, v in
-                          json.loads((Path(__file__).parent / "fuzz_allocator_known.json").read_text()).items()}
+KNOWN_FILE = Path(__file__).parent / "fuzz_allocator_known.json"
+KNOWN: dict[int, dict] = {int(k): v for k, v in json.loads(KNOWN_FILE.read_text()).items()}
 
 
 def test_the_record_is_a_sample_of_the_recorded_seeds():
