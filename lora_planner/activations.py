@@ -64,6 +64,10 @@ class Conditions:
     packed: bool = False
     # DoRA (`use_dora`): PEFT's `DoraLinearLayer` beside every wrapped Linear (see `Graph.dora`)
     dora: bool = False
+    # QLoRA: every frozen linear but the LM head is 4-bit (`quant.quantised_params`); its matmul keeps
+    # no 16-bit weight, and keeps its input only as `quant.nf4_saved_input_bytes` says (0: not at all)
+    quantised_base: bool = False
+    nf4_saved_input: int = 0
 
     @property
     def tokens(self) -> int:
@@ -356,7 +360,14 @@ class Graph:
         xin = self.cast(x, 2) if self.cond.autocast else x
         if trains:
             self.save(xin)
-        if self.cond.autocast and (x.grad or trains):
+        # a 4-bit base layer keeps its packed weight (a parameter) and, in old bitsandbytes, its input
+        # cast to the compute dtype (`quant.nf4_saved_input_bytes`); no autocast copy of the weight.
+        # The head and an MoE router stay 16-bit, as `quant.quantised_params` plans them
+        quantised = (self.cond.quantised_base and not trains and path != "lm_head"
+                     and not path.endswith(".mlp.gate"))
+        if quantised and self.cond.nf4_saved_input and x.grad:
+            self.save(self.cast(x, self.cond.nf4_saved_input))
+        if self.cond.autocast and (x.grad or trains) and not quantised:
             self.save(self.new(in_features * out_features, 2, False))  # the bf16 weight copy
         if self.cond.autocast and trains:
             self.cached(in_features * out_features * 2, saved=True)
@@ -366,7 +377,7 @@ class Graph:
         # the matmul's moment: its input, autocast's copies of the input and (when no op keeps it)
         # of the weight, and its output
         self.moment(x, xin, out, extra=in_features * out_features * 2
-                    if self.cond.autocast and not (x.grad or trains) else 0)
+                    if self.cond.autocast and not (x.grad or trains or quantised) else 0)
         if rank is None:
             return out
         # PEFT casts the adapter's input to lora_A's dtype first: under autocast the adapters are fp32,

@@ -26,7 +26,7 @@ from .memory import (
 )
 from .optimizers import check_optimizer
 from .precision import DTYPE_BYTES, Precision, get_precision, weight_dtype
-from .quant import nf4_state_bytes, quantised_params
+from .quant import nf4_state_bytes, quant_notes, quantised_params, torchao_replicated_bytes
 from .sharding import (
     DataParallel,
     distribute,
@@ -71,6 +71,7 @@ class MethodPlan:
     adapter_formula: str = ""  # how trainable_params is made, by kind of wrapped module
     fits: bool = False  # the fit rule for the planned step: one GPU, or one of --num-gpus
     optimizer_temporary: Term | None = None  # the optimizer step's temporary (whole model)
+    dequant_transient: Term | None = None  # QLoRA: one 4-bit weight's dequantisation (whole model)
     activation_cpu_bytes: int = 0  # checkpointed layer inputs in CPU memory (--activation-offload)
     # per-GPU allocator peak on the GPUs shown (`device_overhead` is on it): the peak on one GPU or
     # one of --num-gpus, or without --num-gpus on one of the fewest `gpus_needed` when that is > 1
@@ -171,6 +172,7 @@ def _assemble(method: str, gpu: Gpu, weight_terms: tuple[Term, ...], states: dic
         predicted = predict_step(spec, setup, precision, {k: t.bytes for k, t in memory.items()})
         memory["activations"] = activation_term(predicted.profile)
         fields["optimizer_temporary"] = predicted.temporary
+        fields["dequant_transient"] = predicted.dequant
         fields["activation_cpu_bytes"] = predicted.profile.cpu_bytes
 
         def phases(m: dict[str, Term], sharding) -> tuple[Phase, ...]:
@@ -256,7 +258,11 @@ def plan_lora(spec: ModelSpec, setup: TrainSetup, gpu: Gpu, fewest_only: bool = 
         quantised = quantised_params(arch, trainable, setup.quantize_experts)
         nf4 = [p for p in frozen if p.name in quantised]
         frozen = [p for p in frozen if p.name not in quantised]
-        weight_terms.append(quantized_weight_bytes(nf4, setup.double_quant))
+        if setup.quant_backend == "torchao" and not setup.double_quant:
+            raise PlanError("--no-double-quant: torchao's NF4Tensor always quantises its block scalers "
+                            "(to_nf4); drop it or plan --quant-backend bnb")
+        weight_terms.append(quantized_weight_bytes(nf4, setup.double_quant, setup.quant_backend,
+                                                   precision.weight_bytes))
     frozen_numel = sum(p.numel for p in frozen)
     weight_terms.append(dense_weight_bytes("weights_frozen", frozen_numel, precision.weight_bytes, "frozen"))
     fp32 = fp32_adapters(setup.method, precision, setup.adapter_dtype)
@@ -293,8 +299,7 @@ def plan_lora(spec: ModelSpec, setup: TrainSetup, gpu: Gpu, fewest_only: bool = 
         states, setup, spec,
         _zero3(spec, setup, arch, precision, {a.module.path: a.numel for a in trainable.adapters},
                trainable.count),
-        # NF4 quantisation state: module attributes, never sharded
-        unsharded={"weights": sum(nf4_state_bytes(p.numel, setup.double_quant) for p in nf4)},
+        unsharded={"weights": unsharded_quant_state(nf4, setup)},
         flops_per_token=flops,
         rank=setup.rank, trainable_params=trainable.count,
         all_params=arch.total_params + trainable.adapter_count + trainable.saved_module_count,
@@ -306,6 +311,17 @@ def plan_lora(spec: ModelSpec, setup: TrainSetup, gpu: Gpu, fewest_only: bool = 
         storage=checkpoint_sizes.storage_for_tasks(setup.tasks, base, adapter),
         fewest_only=fewest_only,
     )
+
+
+def unsharded_quant_state(nf4: list[Param], setup: TrainSetup) -> int:
+    """The part of the 4-bit base no sharding strategy shards. bitsandbytes keeps each layer's
+    quantisation state in `quant_state`, a module attribute, not a parameter: every GPU holds it
+    whole (`quant.nf4_state_bytes`). torchao 0.18.0's NF4Tensor shards its scalers with its codes
+    (`nf4_tensor.py`, `nf4_split` / `nf4_all_gather_into_tensor`), all but its mean and code table
+    (`quant.torchao_replicated_bytes`)."""
+    if setup.quant_backend == "torchao":
+        return len(nf4) * torchao_replicated_bytes(get_precision(setup.precision).weight_bytes)
+    return sum(nf4_state_bytes(p.numel, setup.double_quant) for p in nf4)
 
 
 def plan_dense(size: DenseSize, setup: TrainSetup, gpu: Gpu, fewest_only: bool = False) -> MethodPlan:
@@ -376,6 +392,9 @@ def make_plan(model: ModelSpec | DenseSize, setups: tuple[TrainSetup, ...], gpu:
             if not setups[0].quantize_experts else
             "--quantize-experts: the fused expert weights are planned as NF4, which stock bitsandbytes "
             "does not do (bitsandbytes#1849)")
+    qlora = next((s for s in setups if s.method == "qlora"), None)
+    if qlora is not None:
+        notes += quant_notes(qlora.quant_backend, qlora.bnb_version)
     notes += cost.notes(workload, gpu, isinstance(model, DenseSize))
     if any(s.use_dora and fp32_adapters(s.method, get_precision(s.precision), s.adapter_dtype)
            for s in setups):
