@@ -10,7 +10,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from .architecture import Param
-from .optimizers import OPTIMIZERS, adamw_step_counter_bytes, optimizer_state_bytes
+from .optimizers import (
+    BNB_PAGED_MIN,
+    OPTIMIZERS,
+    PAGED_OPTIMIZERS,
+    adamw_step_counter_bytes,
+    optimizer_state_bytes,
+    paged_state_bytes,
+)
 from .precision import Precision
 from .quant import check_quant, dequant_transient, nf4_bytes, torchao_nf4_bytes
 
@@ -99,11 +106,27 @@ def optimizer_bytes(optimizer: str, params: Iterable[Param], precision: Precisio
     per = total / numel if numel else 0.0
     steps = adamw_step_counter_bytes(len(params), impl) if optimizer == "adamw" else 0
     counters = f" (incl. {len(params)} fused step counters x 4 B)" if steps else ""
+    if optimizer in PAGED_OPTIMIZERS:
+        counters = " in the allocator (absmax, and the states of tensors under 100,000 values)"
     return Term(
         "optimizer_states", total,
         f"{OPTIMIZERS[optimizer]}; {_n(numel)} trainable in {len(params)} tensors, "
         f"{per:.4g} B each{counters} = {_n(total)} B",
     )
+
+
+def paged_optimizer_term(optimizer: str, params: Iterable[Param]) -> Term | None:
+    """A bitsandbytes paged optimizer's states in CUDA unified memory (`optimizers.paged_state_split`):
+    outside the caching allocator, so outside the peak and the fit check; None for any other."""
+    if optimizer not in PAGED_OPTIMIZERS:
+        return None
+    numels = [p.numel for p in params]
+    total = paged_state_bytes(optimizer, numels)
+    large = sum(1 for n in numels if n >= BNB_PAGED_MIN)
+    return Term("paged_optimizer_states", total,
+                f"{optimizer} state buffers of the {large} of {len(numels)} trainable tensors with "
+                f">= {BNB_PAGED_MIN:,} values, in CUDA unified memory (not in the allocator peak; "
+                f"evictable to host memory) = {_n(total)} B")
 
 
 def no_activation_bytes() -> Term:

@@ -281,6 +281,8 @@ def explained_terms(plan: Plan, p: MethodPlan) -> list[str]:
         lines.append(f"optimizer_temporary: {p.optimizer_temporary.formula}")
     if p.dequant_transient:
         lines.append(f"dequant_transient: {p.dequant_transient.formula}")
+    if p.paged_optimizer_states:
+        lines.append(f"paged_optimizer_states: {p.paged_optimizer_states.formula}")
     if p.device_overhead:
         lines.append(f"device_overhead: {p.device_overhead.formula}")
     lines += [line.removeprefix("  ") for line in _scale_explanation(plan, p)]
