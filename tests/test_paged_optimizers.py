@@ -85,7 +85,8 @@ def test_paged_states_after_a_cpu_step(name):
     total = sum(v.numel() * v.element_size() for p in params for k, v in opt.state[p].items()
                 if torch.is_tensor(v) and not k.startswith("qmap"))
     planned = [Param(f"p{i}", s) for i, s in enumerate(shapes)]
-    assert total == optimizer_state_bytes(name, planned, 4) + paged_state_bytes(name, [p.numel for p in planned])
+    paged = paged_state_bytes(name, [p.numel for p in planned])
+    assert total == optimizer_state_bytes(name, planned, 4) + paged
 
 
 def _plan(*args: str) -> dict:

@@ -215,3 +215,48 @@ def test_torchao_nf4_bytes_and_dequant_transient(out_features, in_features):
     forward = max(live for phase, _, _, live in tracer.timeline if phase == "forward")
     # beyond the dequantisation: the input's bf16 copy the tracer saw made, none; the output after it
     assert torchao_dequant_bytes(numel, 2) <= forward <= torchao_dequant_bytes(numel, 2) + 1024
+
+
+def _cli(*args: str):
+    from click.testing import CliRunner
+
+    from lora_planner.cli import main
+
+    return CliRunner().invoke(main, ["--model", "llama-3.2-1b", "--method", "qlora", *args])
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("--bnb-version", "0.38"), "has no 4-bit layers"),
+    (("--bnb-version", "latest"), "must be a version"),
+    (("--quant-backend", "torchao", "--no-double-quant"), "always quantises its block scalers"),
+])
+def test_bad_quant_choices_are_one_line_errors(args, message):
+    result = _cli(*args)
+    assert result.exit_code == 2 and message in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_the_planned_release_is_in_setup_notes_and_explain():
+    import json
+
+    old = json.loads(_cli("--bnb-version", "0.43.1", "--format", "json", "--explain").output)
+    new = json.loads(_cli("--format", "json", "--explain").output)
+    assert old["setup"]["bnb_version"] == "0.43.1" and new["setup"]["bnb_version"] == "0.50.1"
+    assert new["setup"]["quant_backend"] == "bnb" and new["setup"]["bnb_compute_dtype"] == "bf16"
+    assert any("0.43.2" in n for n in old["notes"]) and not any("0.43.2" in n for n in new["notes"])
+    assert old["plans"][0]["memory_bytes"]["activations"] > new["plans"][0]["memory_bytes"]["activations"]
+    assert any(t.startswith("dequant_transient: ") for t in new["explain"][0]["terms"])
+    text = _cli("--bnb-version", "0.43.1", "--explain").output
+    assert "QLoRA base: bitsandbytes 0.43.1" in text and "keeps its input" in text
+
+
+def test_torchtune_stack_plans_torchao_nf4():
+    """torchtune's QLoRA quantises with torchao: its preset picks that backend, and an explicit
+    --quant-backend wins over the preset."""
+    import json
+
+    tune = json.loads(_cli("--stack", "torchtune", "--format", "json").output)
+    chosen = json.loads(_cli("--stack", "torchtune", "--quant-backend", "bnb", "--format", "json").output)
+    assert tune["setup"]["quant_backend"] == "torchao" and chosen["setup"]["quant_backend"] == "bnb"
+    nf4 = [d["plans"][0]["weights_bytes"]["weights_nf4"] for d in (tune, chosen)]
+    assert nf4[0] != nf4[1]
