@@ -217,18 +217,12 @@ def describe_quant(backend: str, bnb_version: str, compute_dtype: str) -> str:
     """One line saying what a QLoRA plan models of its 4-bit layers: the implementation, the
     release, what the matmul keeps for backward and what it dequantises into."""
     if backend == "torchao":
-        return ("QLoRA base: torchao 0.18.0 NF4Tensor (torchtune), linear_nf4 in eager mode: keeps only "
-                "the NF4 weight for backward; each forward and input-gradient product dequantises one "
-                "weight through int64 codes (dequant_transient); the output head stays 16-bit")
+        return ("QLoRA base: torchao NF4Tensor (torchtune), eager linear_nf4: keeps only the NF4 weight; "
+                "dequantises via int64 codes")
     version = parse_bnb_version(bnb_version)
-    newer = version > parse_bnb_version(BNB_MODELLED)
-    read = f" (planned as {BNB_MODELLED}, the newest source read)" if newer else ""
-    keeps = (f"keeps its input cast to {compute_dtype} for backward (MatMul4Bit's ctx.tensors before "
-             "0.43.2)" if bnb_saves_input(version) else
-             "keeps only the packed weight for backward (input dropped since 0.43.2)")
-    return (f"QLoRA base: bitsandbytes {bnb_version}{read} Linear4bit, compute dtype {compute_dtype}: "
-            f"each 4-bit matmul {keeps} and dequantises its weight to {compute_dtype} per product "
-            "(dequant_transient); the output head stays 16-bit")
+    read = f" as {BNB_MODELLED}" if version > parse_bnb_version(BNB_MODELLED) else ""
+    keeps = f"keeps its {compute_dtype} input" if bnb_saves_input(version) else "keeps no input"
+    return f"QLoRA base: bitsandbytes {bnb_version}{read}, compute {compute_dtype}: the 4-bit matmul {keeps}"
 
 
 def quant_notes(backend: str, bnb_version: str) -> list[str]:

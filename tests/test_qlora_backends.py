@@ -247,7 +247,7 @@ def test_the_planned_release_is_in_setup_notes_and_explain():
     assert old["plans"][0]["memory_bytes"]["activations"] > new["plans"][0]["memory_bytes"]["activations"]
     assert any(t.startswith("dequant_transient: ") for t in new["explain"][0]["terms"])
     text = _cli("--bnb-version", "0.43.1", "--explain").output
-    assert "QLoRA base: bitsandbytes 0.43.1" in text and "keeps its input" in text
+    assert "QLoRA base: bitsandbytes 0.43.1" in text and "keeps its bf16 input" in text
 
 
 def test_torchtune_stack_plans_torchao_nf4():
