@@ -1,4 +1,11 @@
-"""4-bit NF4 storage of a QLoRA base model, as bitsandbytes lays it out."""
+"""QLoRA's 4-bit base: NF4 storage as bitsandbytes and torchao lay it out, and what each one's
+4-bit matmul keeps for backward and holds while it dequantises a weight, release by release.
+
+Read from the source: bitsandbytes `bitsandbytes/autograd/_functions.py` (`MatMul4Bit`),
+`nn/modules.py` (`Linear4bit`, `Params4bit`) and `backends/*/ops.py` (`gemm_4bit`) at the tags
+named in each docstring, 0.39.1 to 0.50.1; torchao 0.18.0
+`torchao/quantization/quantize_/workflows/nf4/nf4_tensor.py` (`NF4Tensor`, `LinearNF4`), which
+torchtune 0.6.1's QLoRA uses (`torchtune/modules/peft/lora.py`)."""
 
 from __future__ import annotations
 
@@ -59,16 +66,6 @@ def quantised_params(arch: Architecture, trainable: Trainable, experts: bool = F
     }
 
 
-def dequant_transient_bytes(numels: list[int], compute_bytes: int = 2) -> int:
-    """QLoRA's dequantisation transient: the 16-bit copy of one NF4 weight being multiplied.
-
-    bitsandbytes' 4-bit matmul dequantises the weight to the compute dtype (bf16) for each forward
-    and each input-gradient product and frees it after; the largest such copy is alive at once:
-    max(numel) x compute bytes.
-    """
-    return max(numels, default=0) * compute_bytes
-
-
 # --- which 4-bit implementation, and what its matmul keeps and makes -------------------------------
 
 QUANT_BACKENDS = {
@@ -112,7 +109,9 @@ def bnb_saves_input(version: tuple[int, int, int]) -> bool:
     QLoRA mem bug: delete useless buffered activation", #1270, July 2024), first in tag 0.43.2,
     keeps `ctx.tensors = (None, B)`; 0.44.0 to 0.50.1 read the same. B, the packed weight, is the
     frozen parameter itself: no new bytes. So before 0.43.2 every 4-bit layer whose input needs a
-    gradient keeps that input alive to backward, as a trained layer would.
+    gradient keeps that input alive to backward, as a trained layer would. (`matmul_4bit`'s other
+    path, `gemv_4bit`, runs only for one row that needs no gradient: inference, never a training
+    step.)
     """
     return version < BNB_DROPS_SAVED_INPUT
 
@@ -134,8 +133,9 @@ def nf4_saved_input_bytes(backend: str, version: tuple[int, int, int], compute_d
 def bnb_dequant_bytes(numel: int, compute_bytes: int, load_bytes: int) -> int:
     """bitsandbytes: the most one 4-bit matmul holds to dequantise its weight.
 
-    Forward (0.50.1 `gemm_4bit`'s fallback for more than a few hundred rows, which training always
-    has: `dequantize_4bit(..., A.dtype)` then `F.linear`) and backward (every release:
+    Forward (0.50.1 `MatMul4Bit` calls `gemm_4bit`, whose CUDA dispatch runs a fused kernel for up
+    to 1,536 rows on some GPUs and otherwise, as every earlier release, `dequantize_4bit(...,
+    A.dtype)` then `F.linear`) and backward (every release:
     `F.dequantize_4bit(B, ctx.state).to(grad_output.dtype)`) make the weight in `quant_state.dtype`,
     the dtype it had when quantised (the dtype the model was loaded in), then copy it to the compute
     dtype when the two differ. numel x compute bytes, + numel x load bytes when they differ.
