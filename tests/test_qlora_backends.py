@@ -258,3 +258,21 @@ def test_torchtune_stack_plans_torchao_nf4():
     assert tune["setup"]["quant_backend"] == "torchao" and chosen["setup"]["quant_backend"] == "bnb"
     nf4 = [d["plans"][0]["weights_bytes"]["weights_nf4"] for d in (tune, chosen)]
     assert nf4[0] != nf4[1]
+
+
+def test_torchao_shards_all_but_its_mean_and_table():
+    """What FSDP shards of a torchao NF4Tensor: the inner tensors torchao splits and all-gathers
+    (`_INNER_TENSOR_NAMES_FOR_SHARDING`), split along rows; the rest is replicated (skipped where
+    torchao is not installed)."""
+    nf4 = pytest.importorskip("torchao.quantization.quantize_.workflows.nf4.nf4_tensor")
+    from lora_planner.quant import nf4_gathered_bytes, torchao_replicated_bytes
+
+    weight = torch.randn(512, 64, dtype=torch.bfloat16)
+    t = nf4.to_nf4(weight)
+    sharded = sum(getattr(t, name).numel() * getattr(t, name).element_size()
+                  for name in nf4._INNER_TENSOR_NAMES_FOR_SHARDING)
+    assert sharded == nf4_gathered_bytes("torchao", weight.numel(), 2)
+    assert sharded + torchao_replicated_bytes(2) == torchao_nf4_bytes(weight.numel(), 2)
+    halves = torch.split(t, 256)
+    assert [sum(getattr(h, name).numel() * getattr(h, name).element_size()
+                for name in nf4._INNER_TENSOR_NAMES_FOR_SHARDING) for h in halves] == [sharded // 2] * 2
