@@ -78,7 +78,10 @@ def bare_model_hint(word: str) -> str:
                    "PEFT matches them (exact path or dotted suffix), or re:REGEX. Default: PEFT's "
                    "default for the model's family.")
 @precision_option(DEFAULT_PRECISION)
-@click.option("--optimizer", type=click.Choice(list(OPTIMIZERS)), default="adamw", show_default=True)
+@click.option("--optimizer", type=click.Choice(list(OPTIMIZERS)), default="adamw", show_default=True,
+              help="adamw-8bit: bitsandbytes' 1-byte states. paged-*: the Trainer's paged_adamw_8bit, "
+                   "paged_adamw_32bit, paged_lion_8bit, paged_lion_32bit; states of tensors of 100,000+ "
+                   "values sit in CUDA unified memory, shown apart and left out of the peak.")
 @click.option("--bias", type=click.Choice(BIAS_MODES), default="none", show_default=True,
               help="Which biases LoRA trains (PEFT's `bias`).")
 @click.option("--dora", is_flag=True, help="DoRA (PEFT's use_dora): a magnitude vector per wrapped "
