@@ -418,7 +418,8 @@ def make_plan(model: ModelSpec | DenseSize, setups: tuple[TrainSetup, ...], gpu:
                      "resident, and the driver moves them to host memory when the GPU runs short")
     qlora = next((s for s in setups if s.method == "qlora"), None)
     if qlora is not None:
-        notes += quant_notes(qlora.quant_backend, qlora.bnb_version)
+        notes += quant_notes(qlora.quant_backend, qlora.bnb_version, qlora.bnb_compute_dtype,
+                             get_precision(qlora.precision).weight_bytes)
     notes += cost.notes(workload, gpu, isinstance(model, DenseSize))
     if any(s.use_dora and fp32_adapters(s.method, get_precision(s.precision), s.adapter_dtype)
            for s in setups):

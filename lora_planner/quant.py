@@ -225,8 +225,20 @@ def describe_quant(backend: str, bnb_version: str, compute_dtype: str) -> str:
     return f"QLoRA base: bitsandbytes {bnb_version}{read}, compute {compute_dtype}: the 4-bit matmul {keeps}"
 
 
-def quant_notes(backend: str, bnb_version: str) -> list[str]:
-    """What a reader of a QLoRA plan must know about the 4-bit implementation planned."""
+def quant_notes(backend: str, bnb_version: str, compute_dtype: str = "bf16",
+                load_bytes: int = 2) -> list[str]:
+    """What a reader of a QLoRA plan must know about the 4-bit implementation planned. PEFT 0.21
+    makes the adapters on a 4-bit layer in that layer's compute dtype
+    (`tuners_utils._get_base_layer_device_and_dtype`), so fp32 compute over a 16-bit model gives fp32
+    adapters, which the plan does not model (it keeps them at the precision's width)."""
+    notes = []
+    if backend != "torchao" and COMPUTE_DTYPES.get(compute_dtype, 2) > load_bytes:
+        notes.append(f"--bnb-compute-dtype {compute_dtype} over a 16-bit model: PEFT makes the adapters "
+                     f"on 4-bit layers {compute_dtype} too; the plan keeps them at the precision's width")
+    return notes + _release_notes(backend, bnb_version)
+
+
+def _release_notes(backend: str, bnb_version: str) -> list[str]:
     if backend == "torchao":
         return ["--quant-backend torchao: dequantisation planned in eager mode (torchao's "
                 "get_original_weight, int64 codes); under torch.compile it fuses and the transient "
