@@ -103,7 +103,7 @@ def bnb_saves_input(version: tuple[int, int, int]) -> bool:
     """Whether bitsandbytes' `MatMul4Bit.forward` keeps its input A (the layer's input cast to the
     compute dtype) for backward.
 
-    bitsandbytes `bitsandbytes/autograd/_functions.py`, tags 0.39.0 to 0.43.1: `if
+    bitsandbytes `bitsandbytes/autograd/_functions.py`, tags 0.39.1 to 0.43.1: `if
     any(ctx.needs_input_grad[:2]): ctx.tensors = (A, B)`; backward never reads A (the 4-bit weight
     takes no gradient, and the input's gradient needs only the weight). Commit 9e753741 ("fix
     QLoRA mem bug: delete useless buffered activation", #1270, July 2024), first in tag 0.43.2,
@@ -133,12 +133,12 @@ def nf4_saved_input_bytes(backend: str, version: tuple[int, int, int], compute_d
 def bnb_dequant_bytes(numel: int, compute_bytes: int, load_bytes: int) -> int:
     """bitsandbytes: the most one 4-bit matmul holds to dequantise its weight.
 
-    Forward (0.50.1 `MatMul4Bit` calls `gemm_4bit`, whose CUDA dispatch runs a fused kernel for up
-    to 1,536 rows on some GPUs and otherwise, as every earlier release, `dequantize_4bit(...,
-    A.dtype)` then `F.linear`) and backward (every release:
-    `F.dequantize_4bit(B, ctx.state).to(grad_output.dtype)`) make the weight in `quant_state.dtype`,
-    the dtype it had when quantised (the dtype the model was loaded in), then copy it to the compute
-    dtype when the two differ. numel x compute bytes, + numel x load bytes when they differ.
+    Backward, every release 0.39.1 to 0.50.1: `F.dequantize_4bit(B, ctx.state).to(grad_output.dtype)`
+    makes the weight in `quant_state.dtype`, the dtype it had when quantised (the dtype the model was
+    loaded in), then copies it to the compute dtype when the two differ. Forward holds no more:
+    before 0.50 the same `dequantize_4bit(...).to(A.dtype)`; 0.50.1's `gemm_4bit` dequantises
+    straight into the compute dtype, or on some GPUs runs a fused kernel for up to 1,536 rows.
+    numel x compute bytes, + numel x load bytes when they differ.
     """
     return numel * compute_bytes + (numel * load_bytes if load_bytes != compute_bytes else 0)
 
