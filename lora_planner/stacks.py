@@ -25,7 +25,10 @@ option given explicitly overrides it. Each default is read from the stack's sour
   `enable_input_require_grads()` for PEFT with checkpointing.
 - `torchtune`: torchtune 0.6.1 recipes (`llama3_1/8B_full.yaml`, `8B_lora_single_device.yaml`):
   `torch.optim.AdamW(fused=True)`, `CEWithChunkedOutputLoss` (8 chunks), activation checkpointing
-  on, activation offloading off.
+  on, activation offloading off. Its QLoRA (`8B_qlora_single_device.yaml`, `compile: False`)
+  quantises with torchao's NF4Tensor (`modules/peft/lora.py`: `to_nf4`, `linear_nf4`), every
+  linear layer but the output projection ("quantize_base is not applied to final output_proj").
+  The others quantise with bitsandbytes (transformers' `BitsAndBytesConfig`).
 
 Compilation: no preset compiles. The Trainer's `torch_compile` defaults to False (transformers 5.23
 `TrainingArguments`), TRL's `SFTConfig` keeps it, and torchtune 0.6.1's recipe configs set
@@ -74,6 +77,7 @@ class Stack:
     activation_offload: bool
     source: str
     compile: str = "none"  # none | layers | model: what the stack compiles by default
+    quant_backend: str = "bnb"  # QLoRA's 4-bit implementation (`quant.QUANT_BACKENDS`)
 
 
 STACKS = {
@@ -86,7 +90,7 @@ STACKS = {
                  "LM head planned as fused-linear (no logits kept), the closest modelled kernel"),
     "torchtune": Stack("torchtune", "fused", "chunked", True, False,
                        "torchtune 0.6.1 recipes: AdamW(fused=True), CEWithChunkedOutputLoss(8), "
-                       "activation checkpointing on"),
+                       "activation checkpointing on; QLoRA with torchao NF4", quant_backend="torchao"),
 }
 DEFAULT_STACK = "hf-trainer"
 
@@ -120,4 +124,4 @@ def resolve(setup: TrainSetup) -> TrainSetup:
     if compiled not in COMPILE_MODES:
         raise PlanError(f"unknown compile mode {compiled!r}; choose one of {', '.join(COMPILE_MODES)}")
     return replace(setup, optimizer_impl=impl, loss=loss, loss_chunks=chunks, activation_offload=offload,
-                   compile=compiled)
+                   quant_backend=setup.quant_backend or stack.quant_backend, compile=compiled)
