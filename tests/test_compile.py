@@ -114,7 +114,6 @@ def _partition_saved_bytes(config: dict, method: str, autocast: bool, targets: l
     outputs past the user's, views counted once by their base, parameters and the rotary cos and sin
     (inputs shared by every layer) left out."""
     import contextlib
-    import os
 
     import torch
     import torch._inductor.compile_fx as compile_fx
@@ -162,21 +161,16 @@ def _partition_saved_bytes(config: dict, method: str, autocast: bool, targets: l
         if type(module).__name__.endswith(("DecoderLayer", "Block")) and hasattr(module, "mlp"):
             module.compile()
     ids = torch.randint(0, config["vocab_size"], (2, 16))
-    caches = {"TORCHINDUCTOR_FX_GRAPH_CACHE": "0", "TORCHINDUCTOR_AUTOGRAD_CACHE": "0"}
-    saved_env = {k: os.environ.get(k) for k in caches}
-    os.environ.update(caches)
     compile_fx.min_cut_rematerialization_partition = recorded
+    # no cached graph: the partition runs
     try:
-        with torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext():
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
+        with torch._inductor.config.patch(fx_graph_cache=False), \
+                torch._functorch.config.patch(enable_autograd_cache=False):
+            with torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext():
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
     finally:
         compile_fx.min_cut_rematerialization_partition = partition
-        for k, v in saved_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         torch._dynamo.reset()
     assert found, "no graph was partitioned"
     return found
