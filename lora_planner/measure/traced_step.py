@@ -331,12 +331,13 @@ def _with_lora(model, spec: ModelSpec, setup: TrainSetup):
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from ..counts import lora_trainable
+    from ..counts import gate_up_rank_factor, lora_trainable
 
     modules, parameters, fused = _peft_targets(lora_trainable(spec, setup).adapters)
     # w1 and w3 live in one fused parameter: PEFT's own v4 -> v5 conversion gives it rank and alpha
-    # times two (`_convert_peft_config_moe`), and so does the plan
-    patterns = {rf".*\.{re.escape(leaf)}": 2 for leaf in fused}
+    # times two (`_convert_peft_config_moe`), and so does the plan (GPT-OSS's is targeted by name: r)
+    factor = gate_up_rank_factor(spec)
+    patterns = {rf".*\.{re.escape(leaf)}": factor for leaf in fused if factor != 1}
     config = LoraConfig(r=setup.rank, lora_alpha=2 * setup.rank, target_modules=modules or None,
                         target_parameters=parameters or None,
                         rank_pattern={k: n * setup.rank for k, n in patterns.items()},

@@ -1,0 +1,113 @@
+"""GPT-OSS planned natively: its published configs read as the catalog entries, its counts as
+transformers builds them, and what LoRA trains on its attention, router and fused experts as PEFT
+0.21 trains it (`target_modules` for the linear layers, `target_parameters` for the router weight
+and the 3-D expert tensors), on random tiny configs."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import replace
+
+import pytest
+
+from lora_planner.catalog import get_model
+from lora_planner.counts import lora_trainable, total_params
+from lora_planner.spec import TrainSetup, spec_from_hf_config
+
+from .test_cli import plan_json
+
+# openai/gpt-oss-20b's config.json as published (its MXFP4 quantization_config included: read past)
+GPT_OSS_20B = {
+    "architectures": ["GptOssForCausalLM"], "attention_bias": True, "attention_dropout": 0.0,
+    "eos_token_id": 200002, "experts_per_token": 4, "head_dim": 64, "hidden_act": "silu",
+    "hidden_size": 2880, "initial_context_length": 4096, "initializer_range": 0.02,
+    "intermediate_size": 2880,
+    "layer_types": ["sliding_attention", "full_attention"] * 12,
+    "max_position_embeddings": 131072, "model_type": "gpt_oss", "num_attention_heads": 64,
+    "num_experts_per_tok": 4, "num_hidden_layers": 24, "num_key_value_heads": 8, "num_local_experts": 32,
+    "output_router_logits": False, "pad_token_id": 199999,
+    "quantization_config": {"modules_to_not_convert": ["model.layers.*.self_attn",
+                                                       "model.layers.*.mlp.router", "model.embed_tokens",
+                                                       "lm_head"],
+                            "quant_method": "mxfp4"},
+    "rms_norm_eps": 1e-05,
+    "rope_scaling": {"beta_fast": 32.0, "beta_slow": 1.0, "factor": 32.0,
+                     "original_max_position_embeddings": 4096, "rope_type": "yarn", "truncate": False},
+    "rope_theta": 150000, "router_aux_loss_coef": 0.9, "sliding_window": 128, "swiglu_limit": 7.0,
+    "tie_word_embeddings": False, "torch_dtype": "bfloat16", "transformers_version": "4.55.0.dev0",
+    "use_cache": True, "vocab_size": 201088,
+}
+GPT_OSS_120B = {**GPT_OSS_20B, "num_hidden_layers": 36, "num_local_experts": 128,
+                "layer_types": ["sliding_attention", "full_attention"] * 18}
+
+
+@pytest.mark.parametrize(("config", "name"), [(GPT_OSS_20B, "gpt-oss-20b"), (GPT_OSS_120B, "gpt-oss-120b")])
+def test_the_catalog_entries_copy_their_published_configs(config, name):
+    entry = get_model(name)
+    read = spec_from_hf_config(config, name=entry.name, source=entry.source)
+    assert replace(read, attn_dropout=None) == entry
+
+
+@pytest.mark.parametrize(("config", "name"), [(GPT_OSS_20B, "gpt-oss-20b")])
+def test_a_published_config_json_plans_as_its_catalog_entry(tmp_path, config, name):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    from_file = plan_json("--model", str(path), "--method", "lora,qlora", "--rank", "16")
+    from_catalog = plan_json("--model", name, "--method", "lora,qlora", "--rank", "16")
+    assert from_file["model"]["total_params"] == from_catalog["model"]["total_params"]
+    for ours, theirs in zip(from_file["plans"], from_catalog["plans"], strict=True):
+        assert ours["memory_bytes"] == theirs["memory_bytes"]
+
+
+def test_published_sizes():
+    """20.9B and 116.8B parameters, as OpenAI's model card states them (the meta-device build is
+    held to the same count in tests/test_parity.py)."""
+    assert round(total_params(get_model("gpt-oss-20b")) / 1e9, 1) == 20.9
+    assert round(total_params(get_model("gpt-oss-120b")) / 1e9, 1) == 116.8
+
+
+TARGETS = (("q_proj", "v_proj"), ("gate_up_proj",), ("down_proj",), ("router",), ("mlp",),
+           ("all-linear",), ("router", "gate_up_proj", "down_proj", "o_proj"), ("attn",))
+
+
+def _random_config(rng: random.Random) -> dict:
+    heads = rng.choice((2, 4))
+    layers = rng.randint(1, 3)
+    return {"model_type": "gpt_oss", "vocab_size": rng.randint(16, 90), "hidden_size": 8 * rng.randint(1, 4),
+            "num_hidden_layers": layers, "num_attention_heads": heads,
+            "num_key_value_heads": rng.choice([k for k in (1, 2, 4) if heads % k == 0]),
+            "head_dim": 2 * rng.randint(2, 6), "intermediate_size": 8 * rng.randint(1, 3),
+            "num_local_experts": (experts := rng.randint(2, 5)),
+            "num_experts_per_tok": rng.randint(1, min(3, experts)), "sliding_window": rng.randint(2, 9),
+            "layer_types": [rng.choice(("sliding_attention", "full_attention")) for _ in range(layers)],
+            "attention_bias": rng.random() < 0.8, "tie_word_embeddings": rng.random() < 0.3,
+            "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_lora_trainable_equals_peft_on_random_configs(seed):
+    """PEFT's own trainable count, on a random tiny GPT-OSS built from its config, for targets over
+    the attention, the router weight (a ParamWrapper of rank r) and the fused expert tensors (rank r
+    each: targeted by name, no v4 conversion doubles gate_up_proj), with and without biases."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from lora_planner.measure.traced_step import _peft_targets
+
+    rng = random.Random(seed)
+    config = _random_config(rng)
+    spec = spec_from_hf_config(config)
+    built = transformers.AutoConfig.for_model(**config)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(built)
+    assert total_params(spec) == sum(p.numel() for p in model.parameters())
+    setup = TrainSetup(rank=rng.choice((1, 2, 4, 8)), targets=rng.choice(TARGETS),
+                       bias=rng.choice(("none", "all")))
+    trainable = lora_trainable(spec, setup)
+    modules, parameters, _ = _peft_targets(trainable.adapters)
+    lora = peft.LoraConfig(r=setup.rank, target_modules=modules or None, bias=setup.bias,
+                           target_parameters=parameters or None, init_lora_weights=False)
+    with torch.device("meta"):
+        peft_model = peft.get_peft_model(model, lora)
+    assert trainable.count == peft_model.get_nb_trainable_parameters()[0], (setup.targets, setup.bias)
