@@ -754,26 +754,33 @@ class Graph:
         ldt = max(cb, mask_bytes, self.cond.weight_bytes)  # the scores with the mask and the sinks
         logits_grad = qo.grad or ko.grad or sinks_train
         live = [t for t in (q0, k0, v0, kr, vr) if t.key not in self.saved]
+        masked = scores_n * max(cb, mask_bytes)
         self.moment(*live, extra=scores_n * (2 * cb))  # the matmul's output and its scaled copy
-        self.moment(*live, extra=scores_n * cb + scores_n * max(cb, mask_bytes) + probs_n * ldt)  # the cat
+        self.moment(*live, extra=scores_n * cb + masked)  # the mask's sum
+        # the shifted logits: the concatenation, its row maxima and their difference, beside the
+        # masked scores (bound as `attn_weights` until the probabilities replace them)
+        self.moment(*live, extra=masked + 2 * probs_n * ldt + b * heads * s * ldt)
         if logits_grad:
             self.save(self.new(b * heads * s, INT64, False))  # max's indices
         p = self.new(probs_n, ldt, logits_grad)
         if p.grad:
             self.save(p)  # softmax keeps its output
         self.attn_tail_start()
-        self.moment(*live, p, extra=probs_n * ldt)  # softmax, beside the shifted logits
+        # the shifted logits (`combined_logits`) stay bound until the function returns
+        shifted = self.new(probs_n, ldt, False)
+        live.append(shifted)
+        self.moment(*live, p, extra=masked)  # softmax
         # the sink column dropped: a view of the probabilities (b, heads, s, s), strided rows
         view = Tensor(scores_n, ldt, p.grad, p.key)
         dropped = self.dropout_op(view, attn_dropout)
         if dropped is view:
             dropped = p  # no copy: the view keeps the softmax's output
         else:
-            self.moment(*live, p, dropped)
+            self.moment(*live, p, dropped, extra=masked)
         w = self.cast(dropped, v.itemsize) if dropped.itemsize != v.itemsize else dropped
         if w is not dropped:
             w = self.new(scores_n, v.itemsize, dropped.grad)
-            self.moment(*live, p, dropped, w)
+            self.moment(*live, p, dropped, w, extra=masked)
         self.attn_weights = w  # returned beside the output, alive until the module returns
         wo = self.cast(w, 2) if auto and w.itemsize != 2 else w
         vo = self.cast(vr, 2) if auto else vr
@@ -788,8 +795,8 @@ class Graph:
         ob = max(wo.itemsize, vo.itemsize)
         out = self.new(full, ob, grad)
         self.moment(*live, w, extra=2 * full * ob)
-        self.attn_internal = full * ob
-        self.peak_at(self.unsaved(*self.args, w, kr, vr) + 2 * full * ob)
+        self.attn_internal = full * ob + shifted.nbytes
+        self.peak_at(self.unsaved(*self.args, w, kr, vr, shifted) + 2 * full * ob)
         return out
 
     def eager_moments(self, inputs: tuple[Tensor, Tensor, Tensor], operands: tuple[Tensor, Tensor, Tensor],
@@ -1478,15 +1485,28 @@ def _moe(g: Graph, spec: ModelSpec, p: str, h: Tensor) -> Tensor:
         g.save(g.new(E * H * inter, wb, True))  # the merged down weight
     if logits.grad:
         g.save(g.new(rows * H, xb, True))  # the down output
-    local = (moe_locals(t, rows, E, 0 if h.key in g.saved else h.nbytes, logits.itemsize, rw)
+    # (GPT-OSS's k-wide routing weights are softmax's output, saved when the logits need a gradient)
+    bound = 0 if spec.routing == "topk-softmax" and logits.grad else rw
+    local = (moe_locals(t, rows, E, 0 if h.key in g.saved else h.nbytes, logits.itemsize, bound)
              + g.unsaved(*(a for a in g.args if a.key != h.key)))
     # PEFT's merged expert weights no matmul saved stay cached until the experts return
     cached = merged_weights_cached(E, H, inter, wb, up_lora and not h.grad, down_lora and not up_grad)
-    g.peak_at(moe_down_transient(rows, H, inter, xb, up_trains, down_trains) + local + cached)
+    forward_local = moe_locals(t, rows, E, 0, logits.itemsize, bound) + cached
+    if spec.expert_gate == "clamped-swiglu":
+        # (less what the block saves after its gate: the inverse permutation, the down output, the
+        # merged down weight)
+        gate = expert_gate_moment(spec, rows, xb, wb, up_trains, up_grad, down_trains, full) - (
+            rows * INT64 + (rows * H * xb if logits.grad else 0)
+            + (E * H * inter * wb if down_lora and up_grad else 0))
+        g.peak_at(gate + local + cached)
+        g.moment(extra=gate + forward_local)
+    # GPT-OSS's down biases, gathered per row, are bound from the down projection to the block's end
+    down_bias = rows * H * wb if spec.mlp_bias else 0
+    g.peak_at(moe_down_transient(rows, H, inter, xb, up_trains, down_trains) + down_bias + local + cached)
     # the whole forward's moments in the block (its input is among the block's arguments)
-    g.moment(extra=moe_locals(t, rows, E, 0, logits.itemsize, rw) + cached + moe_forward_transient(
+    g.moment(extra=forward_local + down_bias + moe_forward_transient(
         t, rows, H, inter, xb, up_trains, up_grad, down_grad, logits.grad, rw))
-    g.peak_at(moe_end_transient(rows, H, xb, up_trains, cw) + local + cached)
+    g.peak_at(moe_end_transient(rows, H, xb, up_trains, cw) + down_bias + local + cached)
     # a checkpointed block's first backward op, the un-sort's, holds the recomputed saved set, its
     # incoming gradient (`pending`), a zeroed (rows x hidden) buffer and its scattered copy; the
     # recompute's locals are gone by then, the sorted expert ids with them. The rows were weighted by
@@ -1720,6 +1740,23 @@ def moe_locals(tokens: int, rows: int, experts: int, block_input: int, logits_it
     `routing_bytes`: the routing weights' dtype as the block binds them (`routing_weight_bytes`).
     """
     return block_input + tokens * experts * logits_itemsize + rows * routing_bytes + rows * 4 + experts * 4
+
+
+def expert_gate_moment(spec: ModelSpec, rows: int, xb: int, wb: int, up_trains: bool, up_grad: bool,
+                       down_trains: bool, full: bool) -> int:
+    """What GPT-OSS's expert block holds beyond its saved tensors and `moe_locals` at the clamped
+    SwiGLU's last op, (up + 1) * glu: the gathered input rows (a local, saved when the gate/up weights
+    train), the gate/up biases gathered per row (rows x 2 inter, the weights' dtype, bound until the
+    down biases replace them), the sorted expert ids (rows int64; saved when the biases train), and
+    of the gate's intermediates those not saved: with a gradient, the clamped up; without, the gate/up
+    output, both clamps, glu and up + 1 (6 x rows x inter); and the product unless the down weights
+    train (the down projection keeps it). Source: transformers 5 `GptOssExperts._apply_gate`,
+    `grouped_mm_experts_forward`.
+    """
+    H, inter = spec.hidden_size, spec.intermediate_size
+    gate = ((1 if up_grad else 6) + (0 if down_trains else 1)) * rows * inter * xb
+    return ((0 if up_trains else rows * H * xb) + rows * 2 * inter * wb
+            + (0 if full and spec.mlp_bias else rows * INT64) + gate)
 
 
 def router_saves(g: Graph, spec: ModelSpec, tokens: int, rows: int, routing_bytes: int) -> tuple[Tensor, ...]:
