@@ -1535,8 +1535,8 @@ def _moe(g: Graph, spec: ModelSpec, p: str, h: Tensor) -> Tensor:
     g.tails.append(tail + used_up)
     if full:
         # the gate/up grouped matmul's backward: its gradient and the gathered rows' (rows x hidden)
-        # beside the gate/up output's gradient; the gate/up output and the activation are used up
-        g.up_backward[layer] = (rows * 3 * inter * xb, rows * (2 * inter + H) * xb)
+        # beside the gate/up output's gradient; what the gate kept is used up
+        g.up_backward[layer] = (sum(gate_saved_numels(spec, rows)) * xb, rows * (2 * inter + H) * xb)
     merged = merged_weight_backward(spec, rows, xb, wb, up_rank, down_rank, h.grad, up_grad, down_trains,
                                     logits.grad, rw)
     # the combine's backward comes before the down projection's: what that keeps under LoRA (its input,
