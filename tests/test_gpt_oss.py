@@ -17,6 +17,9 @@ from lora_planner.spec import TrainSetup, spec_from_hf_config
 
 from .test_cli import plan_json
 
+torch = pytest.importorskip("torch")
+from tests.tracing import one_thread  # noqa: E402, F401 (autouse: traces run on one thread)
+
 # openai/gpt-oss-20b's config.json as published (its MXFP4 quantization_config included: read past)
 GPT_OSS_20B = {
     "architectures": ["GptOssForCausalLM"], "attention_bias": True, "attention_dropout": 0.0,
@@ -111,3 +114,44 @@ def test_lora_trainable_equals_peft_on_random_configs(seed):
     with torch.device("meta"):
         peft_model = peft.get_peft_model(model, lora)
     assert trainable.count == peft_model.get_nb_trainable_parameters()[0], (setup.targets, setup.bias)
+
+
+# Traced steps held to the allocator as well as to the tracer: full and LoRA, fp32 and 16-bit,
+# checkpointing off and on. Two by default, the rest with -m slow.
+ALLOCATOR_SEEDS = (4, 15)  # full fp32; LoRA under autocast, checkpointed
+ALLOCATOR_SLOW_SEEDS = (0, 6, 7, 11, 17, 22, 24, 34, 37, 44, 45, 60)
+
+
+def _allocator_case(seed: int):
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    from lora_planner.measure.fuzz import random_case
+    from lora_planner.measure.step import quiet_libraries
+    from lora_planner.measure.traced_step import sliced, trace
+
+    case = random_case(seed, "gpt_oss")
+    spec = sliced(spec_from_hf_config(case.config, name=f"fuzz-{seed}"), case.layers)
+    with quiet_libraries():
+        result = trace(spec, case.setup, seed=seed, hf_config=case.build_config(), allocator=True)
+    errors = result.errors()
+    assert errors["activations"] == 0, (case.label, errors)
+    for term in ("weights", "gradients", "optimizer_states"):
+        assert errors[term] == 0, (case.label, term, errors)
+    assert abs(errors["peak"]) <= 0.01, (case.label, errors)
+    # a checkpointed layer keeps the CPU RNG state it saved for its recompute (torch.get_rng_state,
+    # 5,056 B each): host memory beside a GPU's step, which the plan does not count; the allocator
+    # names it, and everything else it allocated is held to the plan
+    rng_states = sum(e.bytes for e in result.allocator.extra_by_op if "get_state" in e.op)
+    allocated = result.allocator.peak_bytes - rng_states
+    assert abs(result.predicted["peak"] - allocated) / allocated <= 0.01, (case.label, allocated)
+
+
+@pytest.mark.parametrize("seed", ALLOCATOR_SEEDS)
+def test_planned_peak_matches_the_tracer_and_the_allocator(seed):
+    _allocator_case(seed)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", ALLOCATOR_SLOW_SEEDS)
+def test_planned_peak_matches_the_tracer_and_the_allocator_many(seed):
+    _allocator_case(seed)
