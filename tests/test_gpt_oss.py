@@ -155,3 +155,37 @@ def test_planned_peak_matches_the_tracer_and_the_allocator(seed):
 @pytest.mark.parametrize("seed", ALLOCATOR_SLOW_SEEDS)
 def test_planned_peak_matches_the_tracer_and_the_allocator_many(seed):
     _allocator_case(seed)
+
+
+def test_mxfp4_checkpoint_bytes_are_the_blocks_and_scales_transformers_dequantises():
+    """The MXFP4 experts' bytes: for each fused expert tensor, the `_blocks` (E, out, in/32, 16) and
+    `_scales` (E, out, in/32) uint8 tensors that transformers' own dequantiser turns back into the
+    (E, in, out) parameter the model trains; every other tensor in bf16."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    from lora_planner.architecture import layout
+    from lora_planner.checkpoint_sizes import mxfp4_tensor_bytes
+
+    config = {**_random_config(random.Random(0)), "hidden_size": 64, "intermediate_size": 96}
+    spec = spec_from_hf_config(config)
+    params = layout(spec).params
+    stored, bf16 = 0, 0
+    for p in params:
+        if len(p.shape) == 3 and not p.name.endswith("_bias"):
+            e, d_in, d_out = p.shape
+            blocks = torch.zeros(e, d_out, d_in // 32, 16, dtype=torch.uint8)
+            scales = torch.full((e, d_out, d_in // 32), 127, dtype=torch.uint8)
+            assert tuple(convert_moe_packed_tensors(blocks, scales).shape) == p.shape
+            stored += blocks.numel() + scales.numel()
+        else:
+            bf16 += 2 * p.numel
+    assert mxfp4_tensor_bytes(params) == (stored, bf16)
+
+
+def test_plan_notes_say_what_gpt_oss_is_stored_and_trained_as():
+    data = plan_json("--model", "gpt-oss-20b", "--method", "lora,qlora")
+    notes = " ".join(data["notes"])
+    assert "MXFP4" in notes and "dequantize=True" in notes and "bitsandbytes#1849" in notes
+    assert "vllm-flash-attn3" in notes
+    eager = plan_json("--model", "gpt-oss-20b", "--attention", "eager")
+    assert "vllm-flash-attn3" not in " ".join(eager["notes"])
