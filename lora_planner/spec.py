@@ -80,6 +80,15 @@ QWEN_WINDOWS = ("qwen2", "qwen3")
 DEFAULT_SEQ_LEN = 2048
 
 
+def check_runnable_attention(spec: ModelSpec, attention: str) -> None:
+    """A step transformers will run: it builds GPT-OSS (attention sinks) with eager attention only,
+    its SDPA path taking no sinks, so a traced or measured GPT-OSS step under sdpa is refused in one
+    line (the plan's sdpa stands for a GPU kernel that takes them)."""
+    if spec.attention_sinks and attention == "sdpa":
+        raise PlanError(f"transformers runs {spec.family} with eager attention only (its SDPA takes no "
+                        "attention sinks): run it with --attention eager")
+
+
 def default_seq_len(spec: ModelSpec) -> int:
     """`--seq-len` left out: 2,048 tokens, or the model's context when that is shorter (GPT-2's 1,024)."""
     return min(DEFAULT_SEQ_LEN, spec.max_positions)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 from ..errors import PlanError
 from ..gpus import GPUS
 from ..plan import make_plan
-from ..spec import ModelSpec, TrainSetup, to_hf_config
+from ..spec import ModelSpec, TrainSetup, check_runnable_attention, to_hf_config
 from ..stacks import resolve
 
 if TYPE_CHECKING:
@@ -158,6 +158,7 @@ def trace(spec: ModelSpec, setup: TrainSetup, *, fake: bool = False, seed: int =
     """
     setup = resolve(setup)
     _check(setup)
+    check_runnable_attention(spec, setup.attention)
     if fake and spec.num_experts and setup.precision != "pure-bf16":
         # torch's fake (meta) kernel for _grouped_mm accepts bf16 operands only, as its CUDA kernel does
         raise PlanError("a fake trace runs the experts' grouped matmul through torch's meta kernel, which "
