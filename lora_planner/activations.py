@@ -30,6 +30,7 @@ import itertools
 from dataclasses import dataclass, field, replace
 
 from .architecture import router_path
+from .counts import gate_up_rank_factor
 from .errors import PlanError
 from .spec import GEMMA_FAMILIES, QWEN_WINDOWS, ModelSpec
 
@@ -1495,11 +1496,17 @@ def _moe(g: Graph, spec: ModelSpec, p: str, h: Tensor) -> Tensor:
     if spec.expert_gate == "clamped-swiglu":
         # (less what the block saves after its gate: the inverse permutation, the down output, the
         # merged down weight)
-        gate = expert_gate_moment(spec, rows, xb, wb, up_trains, up_grad, down_trains, full) - (
-            rows * INT64 + (rows * H * xb if logits.grad else 0)
-            + (E * H * inter * wb if down_lora and up_grad else 0))
-        g.peak_at(gate + local + cached)
-        g.moment(extra=gate + forward_local)
+        gate, down = expert_gate_moments(spec, rows, xb, wb, up_trains, up_grad, down_trains, full,
+                                         logits.grad)
+        # (less what the block saves later: the inverse permutation, the down output and, at the
+        # gate, the merged down weight; of PEFT's merged weights only the gate/up one exists then)
+        later = rows * INT64 + (rows * H * xb if logits.grad else 0)
+        gate -= later + (E * H * inter * wb if down_lora and up_grad else 0)
+        merged_up = merged_weights_cached(E, H, inter, wb, up_lora and not h.grad, False)
+        g.peak_at(gate + local + merged_up)
+        g.moment(extra=gate + forward_local - cached + merged_up)
+        g.peak_at(down - later + local + cached)
+        g.moment(extra=down - later + forward_local)
     # GPT-OSS's down biases, gathered per row, are bound from the down projection to the block's end
     down_bias = rows * H * wb if spec.mlp_bias else 0
     g.peak_at(moe_down_transient(rows, H, inter, xb, up_trains, down_trains) + down_bias + local + cached)
@@ -1581,13 +1588,13 @@ def merged_weight_backward(spec: ModelSpec, rows: int, xb: int, wb: int, up_rank
       weight and the input the matmul saved are freed by then, the input's gradient is not.
 
     Down projection: incoming rows x H, input rows x inter (its gradient only when the gate/up side
-    needs one). Gate/up (rank 2r, PEFT fuses two projections): incoming rows x 2 inter, input rows x
-    H (its gradient when the hidden states need one); by then the activation's backward has freed
-    the gate/up output and the activation it saved, the down projection its input and its merged
-    weight, and the down projection's LoRA gradients exist: the timeline counts them with
-    the MLP's output projection's, before the MLP's peak, so the down projection's own moments take
-    them off. The largest (0 with neither wrapped); the timeline takes the
-    larger of this and the MLP's own transient (`layer_backward_transients`).
+    needs one). Gate/up (rank 2r where PEFT fuses two projections, r for GPT-OSS): incoming rows x 2
+    inter, input rows x H (its gradient when the hidden states need one); by then the activation's
+    backward has freed the gate/up output and the activation it saved, the down projection its input and
+    its merged weight, and the down projection's LoRA gradients exist: the timeline counts them with the
+    MLP's output projection's, before the MLP's peak, so the down projection's own moments take them
+    off. The largest (0 with neither wrapped); the timeline takes the larger of this and the MLP's own
+    transient (`layer_backward_transients`).
     """
     H, inter, E = spec.hidden_size, spec.intermediate_size, spec.num_experts
     combined = rows * INT64 + rows * routing_bytes + (rows * H * xb if routing_grad else 0)
@@ -1600,7 +1607,8 @@ def merged_weight_backward(spec: ModelSpec, rows: int, xb: int, wb: int, up_rank
         freed_d = (E * H * inter * wb if up_grad else 0) + (rows * inter * xb if down_saves_input else 0)
         moments.append(weight_grad + input_grad_d + making - combined - down_grads - freed_d)
     if up_rank:
-        making, _ = expert_lora_gradients(E, 2 * inter, H, 2 * up_rank, wb)
+        # (rank 2r where PEFT fuses two v4 linears into it, r where it is targeted by name: GPT-OSS)
+        making, _ = expert_lora_gradients(E, 2 * inter, H, gate_up_rank_factor(spec) * up_rank, wb)
         freed = (rows * 2 * inter * xb + rows * inter * xb + (rows * inter * xb if down_saves_input else 0)
                  + (E * H * inter * wb if down_rank and up_grad else 0))
         weight_grad, input_grad_u = E * 2 * inter * H * wb, (rows * H * xb if input_grad else 0)
@@ -1742,21 +1750,27 @@ def moe_locals(tokens: int, rows: int, experts: int, block_input: int, logits_it
     return block_input + tokens * experts * logits_itemsize + rows * routing_bytes + rows * 4 + experts * 4
 
 
-def expert_gate_moment(spec: ModelSpec, rows: int, xb: int, wb: int, up_trains: bool, up_grad: bool,
-                       down_trains: bool, full: bool) -> int:
-    """What GPT-OSS's expert block holds beyond its saved tensors and `moe_locals` at the clamped
-    SwiGLU's last op, (up + 1) * glu: the gathered input rows (a local, saved when the gate/up weights
-    train), the gate/up biases gathered per row (rows x 2 inter, the weights' dtype, bound until the
-    down biases replace them), the sorted expert ids (rows int64; saved when the biases train), and
-    of the gate's intermediates those not saved: with a gradient, the clamped up; without, the gate/up
-    output, both clamps, glu and up + 1 (6 x rows x inter); and the product unless the down weights
-    train (the down projection keeps it). Source: transformers 5 `GptOssExperts._apply_gate`,
-    `grouped_mm_experts_forward`.
+def expert_gate_moments(spec: ModelSpec, rows: int, xb: int, wb: int, up_trains: bool, up_grad: bool,
+                        down_trains: bool, full: bool, routing_grad: bool) -> tuple[int, int]:
+    """What GPT-OSS's expert block holds beyond the saved tensors and `moe_locals` at two moments:
+    the clamped SwiGLU's last op, (up + 1) * glu, and the gather of the down biases per row, when
+    the gate/up ones are still bound.
+
+    Both: the gathered input rows (a local, saved when the gate/up weights train), the gate/up biases
+    gathered per row (rows x 2 inter, the weights' dtype), the sorted expert ids (rows int64; saved
+    when the biases train) and, without a routing gradient, the router's top-k indices and the
+    sort's permutation (rows int64 each, saved otherwise). At the gate, of its intermediates those
+    not saved: with a gradient, the clamped up; without, the gate/up output, both clamps, glu and
+    up + 1 (6 x rows x inter); and the product unless the down weights train. At the down biases:
+    those too (rows x hidden), and the product when nothing saved it. Source: transformers 5
+    `GptOssExperts._apply_gate`, `grouped_mm_experts_forward`.
     """
     H, inter = spec.hidden_size, spec.intermediate_size
-    gate = ((1 if up_grad else 6) + (0 if down_trains else 1)) * rows * inter * xb
-    return ((0 if up_trains else rows * H * xb) + rows * 2 * inter * wb
-            + (0 if full and spec.mlp_bias else rows * INT64) + gate)
+    ids = (0 if full and spec.mlp_bias else rows * INT64) + (0 if routing_grad else 2 * rows * INT64)
+    bound = (0 if up_trains else rows * H * xb) + rows * 2 * inter * wb + ids
+    product = 0 if down_trains else rows * inter * xb
+    gate = (1 if up_grad else 6) * rows * inter * xb + product
+    return bound + gate, bound + rows * H * wb + product
 
 
 def router_saves(g: Graph, spec: ModelSpec, tokens: int, rows: int, routing_bytes: int) -> tuple[Tensor, ...]:
