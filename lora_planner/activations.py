@@ -735,17 +735,7 @@ class Graph:
         full, scores_n, probs_n = b * heads * s * head_dim, b * heads * s * s, b * heads * s * (s + 1)
         q0, k0, v0 = q, k, v
 
-        def repeated(t: Tensor) -> Tensor:
-            if 1 < kv_heads < heads:
-                return self.new(full, t.itemsize, t.grad)  # expand + reshape: a copy
-            return t
-
-        kr, vr = repeated(k), repeated(v)
-        # the score matmul's operands: autocast's 16-bit copies, else the tensors themselves (q and a
-        # repeated k are contiguous; one k/v head over several sequences is an expanded view bmm copies)
-        qo = self.cast(q, 2) if auto else q
-        ko = (self.new(full, 2, k.grad) if kv_heads < heads and k.itemsize != 2 else self.cast(kr, 2)) \
-            if auto else (self.new(full, k.itemsize, k.grad) if kv_heads == 1 < heads and b > 1 else kr)
+        kr, vr, qo, ko = self.sink_operands(q, k, v, heads, kv_heads, full)
         if ko.grad:
             self.save(qo)
         if qo.grad:
@@ -786,9 +776,7 @@ class Graph:
         wo = self.cast(w, 2) if auto and w.itemsize != 2 else w
         vo = self.cast(vr, 2) if auto else vr
         if vo is v0 and b > 1 and heads > 1:
-            # v as projected is (b, s, heads, d)-strided, or one k/v head's expanded view: bmm's
-            # (b x heads, s, d) reshape copies it over several sequences
-            vo = self.new(full, v.itemsize, v.grad)
+            vo = self.new(full, v.itemsize, v.grad)  # v's strided layout (or expanded view): bmm copies it
         if vo.grad:
             self.save(wo)
         if wo.grad:
@@ -799,6 +787,25 @@ class Graph:
         self.attn_internal = full * ob + shifted.nbytes
         self.peak_at(self.unsaved(*self.args, w, kr, vr, shifted) + 2 * full * ob)
         return out
+
+    def sink_operands(self, q: Tensor, k: Tensor, v: Tensor, heads: int, kv_heads: int,
+                      full: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """GPT-OSS's eager attention's k and v repeated to every head (`repeat_kv`: a copy from several
+        k/v heads, an expanded view of one), and the score matmul's operands: autocast's 16-bit copies
+        (at every head), else q and the repeated k themselves (contiguous), but for one k/v head over
+        several sequences, whose expanded view bmm copies. Returns (k, v repeated, q and k operands)."""
+        auto, b = self.cond.autocast, self.cond.batch_size
+
+        def repeated(t: Tensor) -> Tensor:
+            return self.new(full, t.itemsize, t.grad) if 1 < kv_heads < heads else t
+
+        kr, vr = repeated(k), repeated(v)
+        qo = self.cast(q, 2) if auto else q
+        if auto:
+            ko = self.new(full, 2, k.grad) if kv_heads < heads and k.itemsize != 2 else self.cast(kr, 2)
+        else:
+            ko = self.new(full, k.itemsize, k.grad) if kv_heads == 1 < heads and b > 1 else kr
+        return kr, vr, qo, ko
 
     def eager_moments(self, inputs: tuple[Tensor, Tensor, Tensor], operands: tuple[Tensor, Tensor, Tensor],
                       p: Tensor, pw: Tensor, attn_dropout: float, heads: int, kv_heads: int,
@@ -1494,19 +1501,8 @@ def _moe(g: Graph, spec: ModelSpec, p: str, h: Tensor) -> Tensor:
     cached = merged_weights_cached(E, H, inter, wb, up_lora and not h.grad, down_lora and not up_grad)
     forward_local = moe_locals(t, rows, E, 0, logits.itemsize, bound) + cached
     if spec.expert_gate == "clamped-swiglu":
-        # (less what the block saves after its gate: the inverse permutation, the down output, the
-        # merged down weight)
-        gate, down = expert_gate_moments(spec, rows, xb, wb, up_trains, up_grad, down_trains, full,
-                                         logits.grad)
-        # (less what the block saves later: the inverse permutation, the down output and, at the
-        # gate, the merged down weight; of PEFT's merged weights only the gate/up one exists then)
-        later = rows * INT64 + (rows * H * xb if logits.grad else 0)
-        gate -= later + (E * H * inter * wb if down_lora and up_grad else 0)
-        merged_up = merged_weights_cached(E, H, inter, wb, up_lora and not h.grad, False)
-        g.peak_at(gate + local + merged_up)
-        g.moment(extra=gate + forward_local - cached + merged_up)
-        g.peak_at(down - later + local + cached)
-        g.moment(extra=down - later + forward_local)
+        swiglu_block_moments(g, spec, rows, xb, (up_trains, up_grad, down_trains, full, logits.grad),
+                             (up_lora and not h.grad, down_lora and up_grad), (local, forward_local, cached))
     # GPT-OSS's down biases, gathered per row, are bound from the down projection to the block's end
     down_bias = rows * H * wb if spec.mlp_bias else 0
     g.peak_at(moe_down_transient(rows, H, inter, xb, up_trains, down_trains) + down_bias + local + cached)
@@ -1748,6 +1744,28 @@ def moe_locals(tokens: int, rows: int, experts: int, block_input: int, logits_it
     `routing_bytes`: the routing weights' dtype as the block binds them (`routing_weight_bytes`).
     """
     return block_input + tokens * experts * logits_itemsize + rows * routing_bytes + rows * 4 + experts * 4
+
+
+def swiglu_block_moments(g: Graph, spec: ModelSpec, rows: int, xb: int, flags: tuple[bool, ...],
+                         merged: tuple[bool, bool], held: tuple[int, int, int]) -> None:
+    """GPT-OSS's expert block's two moments of its own (`expert_gate_moments`), as a recompute and the
+    forward reach them. `flags`: the gate/up weights train, the gate/up output needs a gradient, the
+    down weights train, the experts train in full, the router's logits need a gradient; `merged`:
+    PEFT's merged gate/up weight unsaved, its merged down weight saved; `held`: the block's locals
+    beside a recompute, beside the forward, and PEFT's merged weights cached (`_moe`). What the
+    block saves later is taken off: the inverse permutation, the down output and, at the gate, the
+    merged down weight; of the merged weights only the gate/up one exists at the gate."""
+    H, inter, E, wb = spec.hidden_size, spec.intermediate_size, spec.num_experts, g.cond.weight_bytes
+    up_trains, up_grad, down_trains, full, routing_grad = flags
+    local, forward_local, cached = held
+    gate, down = expert_gate_moments(spec, rows, xb, wb, up_trains, up_grad, down_trains, full, routing_grad)
+    later = rows * INT64 + (rows * H * xb if routing_grad else 0)
+    gate -= later + (E * H * inter * wb if merged[1] else 0)
+    merged_up = merged_weights_cached(E, H, inter, wb, merged[0], False)
+    g.peak_at(gate + local + merged_up)
+    g.moment(extra=gate + forward_local - cached + merged_up)
+    g.peak_at(down - later + local + cached)
+    g.moment(extra=down - later + forward_local)
 
 
 def expert_gate_moments(spec: ModelSpec, rows: int, xb: int, wb: int, up_trains: bool, up_grad: bool,
