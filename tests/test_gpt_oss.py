@@ -189,6 +189,10 @@ def test_plan_notes_say_what_gpt_oss_is_stored_and_trained_as():
     assert "vllm-flash-attn3" in notes
     eager = plan_json("--model", "gpt-oss-20b", "--attention", "eager")
     assert "vllm-flash-attn3" not in " ".join(eager["notes"])
+    # the larger model answers every method, QLoRA storing less than LoRA (its attention in NF4)
+    big = plan_json("--model", "gpt-oss-120b", "--method", "full,lora,qlora")
+    assert [p["method"] for p in big["plans"]] == ["full", "lora", "qlora"]
+    assert big["plans"][2]["memory_bytes"]["weights"] < big["plans"][1]["memory_bytes"]["weights"]
 
 
 EXPERT_TARGETS = (("gate_up_proj",), ("down_proj",), ("router",), ("gate_up_proj", "down_proj"),
