@@ -354,7 +354,7 @@ def trace_command(model_name, method, rank, targets, precision, batch_size, seq_
 
     click.echo(_trace_header(spec, setup))
     errors = result.errors()
-    rows = [[k, f"{result.predicted[k]:,}", f"{result.traced[k]:,}",
+    rows = [[k, f"{result.predicted_seen[k]:,}", f"{result.traced[k]:,}",
              "-" if errors[k] is None else f"{errors[k]:+.2%}"] for k in errors]
     rows.append(_allocator_row(result))
     click.echo(tabulate(rows, headers=["bytes", "predicted", "traced", "error"],
