@@ -68,9 +68,10 @@ def job_setup(strategy: str, world_size: int, method: str = "full", rank: int = 
 
 def predicted(spec, setup) -> dict:
     """The plan's per-GPU bytes for `setup` on the CPU: the per-GPU terms and the step's peak from
-    the same functions the plan uses (`sharding.step_phases_on_gpu` on a CPU step prediction, its peak
-    over the terms the tracer counts: `timeline.tracer_peak`), plus torch's 4-byte AdamW step counter per trainable tensor, which lives in CPU memory. `shards`
-    are the whole-model terms divided as the sharding divides them (without run-time buffers)."""
+    the same functions the plan uses (`sharding.step_phases_on_gpu` on a CPU step prediction, its
+    peak over the terms the tracer counts: `timeline.tracer_peak`), plus torch's 4-byte AdamW step
+    counter per trainable tensor, which lives in CPU memory. `shards` are the whole-model terms
+    divided as the sharding divides them (without run-time buffers)."""
     from ..gpus import get_gpu
     from ..measure.traced_step import _trainable_tensors
     from ..plan import make_plan

@@ -125,7 +125,8 @@ def predicted_terms(spec: ModelSpec, setup: TrainSetup, device: str = "cpu") -> 
     return predicted, phase
 
 
-def predicted_step(spec: ModelSpec, setup: TrainSetup, device: str = "cpu") -> tuple[dict[str, int], StepPrediction]:
+def predicted_step(spec: ModelSpec, setup: TrainSetup,
+                   device: str = "cpu") -> tuple[dict[str, int], StepPrediction]:
     """The plan's model-state bytes and step for the traced step on `device`."""
     from ..precision import get_precision
     from ..step import predict_step
