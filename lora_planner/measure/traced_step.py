@@ -30,6 +30,7 @@ from ..stacks import resolve
 
 if TYPE_CHECKING:
     from ..step import StepPrediction
+    from ..timeline import Phase
     from .allocator import AllocatorReading
 
 TRACEABLE_PRECISIONS = ("fp32", "amp", "pure-bf16")
@@ -51,6 +52,8 @@ class Comparison:
     # the plan's peak over the tracer's terms (`timeline.tracer_peak`), when it is not `predicted`'s:
     # the tracer's phases and peak are held against it, the allocator's peak against the whole
     predicted_tracer_peak: int | None = None
+    # the moment of the plan's whole peak, spelt out (`timeline.Phase.what`)
+    predicted_peak_what: str = ""
 
     @property
     def predicted_seen(self) -> dict[str, int]:
@@ -121,8 +124,8 @@ def _check(setup: TrainSetup) -> None:
 
 def predicted_terms(spec: ModelSpec, setup: TrainSetup, device: str = "cpu") -> tuple[dict[str, int], str]:
     """The planner's figures for the traced step, on the device the trace runs on."""
-    predicted, phase, _, _ = _prediction(spec, setup, device)
-    return predicted, phase
+    predicted, seen, _, _ = _prediction(spec, setup, device)
+    return predicted, seen.name
 
 
 def predicted_step(spec: ModelSpec, setup: TrainSetup,
@@ -143,9 +146,10 @@ def predicted_step(spec: ModelSpec, setup: TrainSetup,
 
 
 def _prediction(spec: ModelSpec, setup: TrainSetup,
-                device: str) -> tuple[dict[str, int], str, dict[str, int], int]:
-    """`predicted_terms`, the most bytes the plan has live within each phase, and the plan's peak,
-    each over the terms the tracer counts (the phase of that peak in place of the whole's)."""
+                device: str) -> tuple[dict[str, int], Phase, dict[str, int], Phase]:
+    """`predicted_terms`' figures (the whole peak's bytes), the moment of the plan's peak over the
+    terms the tracer counts, the most bytes of those the plan has live within each phase, and the
+    moment of the whole peak."""
     from ..timeline import tracer_peak
 
     memory, step = predicted_step(spec, setup, device)
@@ -162,7 +166,7 @@ def _prediction(spec: ModelSpec, setup: TrainSetup,
     phases: dict[str, int] = {}
     for p in step.phases:
         phases[p.name] = max(phases.get(p.name, 0), p.bytes - p.untraced)
-    return predicted, seen.name, phases, seen.bytes
+    return predicted, seen, phases, step.peak
 
 
 def _trainable_tensors(spec: ModelSpec, setup: TrainSetup) -> int:
@@ -203,7 +207,7 @@ def trace(spec: ModelSpec, setup: TrainSetup, *, fake: bool = False, seed: int =
     from .step import enable_checkpointing, step_loss, train_step
     from .tracer import MemoryTracer
 
-    predicted, predicted_phase, predicted_phases, seen = _prediction(spec, setup, "cpu")
+    predicted, seen, predicted_phases, whole = _prediction(spec, setup, "cpu")
     config = AutoConfig.for_model(**(to_hf_config(spec) if hf_config is None else hf_config))
     config.use_cache = False
     config._attn_implementation = setup.attention
@@ -269,8 +273,8 @@ def trace(spec: ModelSpec, setup: TrainSetup, *, fake: bool = False, seed: int =
         "activations": report.terms["activations"],
         "peak": report.peak_bytes,
     }
-    return Comparison(predicted, traced, predicted_phase, report.peak_phase, predicted_phases,
-                      dict(report.phase_peaks), reading, seen)
+    return Comparison(predicted, traced, seen.name, report.peak_phase, predicted_phases,
+                      dict(report.phase_peaks), reading, seen.bytes, whole.what)
 
 
 class StepInBackward:
