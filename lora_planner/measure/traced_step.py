@@ -122,10 +122,15 @@ def _check(setup: TrainSetup) -> None:
                         "standard or chunked on CPU")
 
 
-def predicted_terms(spec: ModelSpec, setup: TrainSetup, device: str = "cpu") -> tuple[dict[str, int], str]:
-    """The planner's figures for the traced step, on the device the trace runs on."""
-    predicted, seen, _, _ = _prediction(spec, setup, device)
-    return predicted, seen.name
+def predicted_terms(spec: ModelSpec, setup: TrainSetup, device: str = "cpu",
+                    tracer: bool = False) -> tuple[dict[str, int], str]:
+    """The planner's figures for the traced step, on the device the trace runs on, and the phase of
+    its peak: the whole peak, or with `tracer` the peak over the terms the tracer counts
+    (`timeline.tracer_peak`), for a step the tracer reads."""
+    predicted, seen, _, whole = _prediction(spec, setup, device)
+    if tracer:
+        return {**predicted, "peak": seen.bytes}, seen.name
+    return predicted, whole.name
 
 
 def predicted_step(spec: ModelSpec, setup: TrainSetup,
