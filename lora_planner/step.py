@@ -15,10 +15,10 @@ from .adapter_dtype import FP32_ADAPTERS, adapter_autocast, fp32_adapters
 from .architecture import Architecture, layout
 from .counts import lora_trainable, training_key
 from .errors import PlanError
-from .memory import Term, adafactor_temporary_term, optimizer_temporary_term
+from .memory import Term, adafactor_temporary_term, dequant_term, optimizer_temporary_term
 from .optimizers import TORCH_OPTIMIZERS
 from .precision import Precision
-from .quant import dequant_transient_bytes, quantised_params
+from .quant import check_quant, quantised_params
 from .spec import ModelSpec, TrainSetup
 from .timeline import Phase, States, peak_phase, step_phases
 
@@ -45,6 +45,7 @@ class StepPrediction:
     phases: tuple[Phase, ...]
     peak: Phase
     temporary: Term | None = None  # the optimizer step's temporary, for --explain
+    dequant: Term | None = None  # QLoRA: one 4-bit weight's dequantisation transient, for --explain
 
     @property
     def activations(self) -> int:
@@ -80,7 +81,18 @@ def conditions(setup: TrainSetup, precision: Precision, device: str = "cuda") ->
         loss=setup.loss or "standard", loss_chunks=setup.loss_chunks or 8,
         activation_offload=bool(setup.activation_offload),
         dora=setup.use_dora and setup.method == "lora",
+        **qlora_conditions(setup, precision),
     )
+
+
+def qlora_conditions(setup: TrainSetup, precision: Precision) -> dict:
+    """The activation walk's QLoRA fields: which layers are 4-bit, and what their matmul keeps of its
+    input (`quant.check_quant`); none for LoRA and full fine-tuning."""
+    if setup.method != "qlora":
+        return {}
+    _, _, saved = check_quant(setup.quant_backend, setup.bnb_version, setup.bnb_compute_dtype,
+                              precision.weight_bytes)
+    return {"quantised_base": True, "nf4_saved_input": saved}
 
 
 def _training(spec: ModelSpec, setup: TrainSetup,
@@ -251,10 +263,10 @@ def predict_step(spec: ModelSpec, setup: TrainSetup, precision: Precision, memor
     temporary = _temporary(spec, setup, arch, precision, impl)
     temp = temporary.bytes
     kernel = f"{impl} " if setup.optimizer in TORCH_OPTIMIZERS else ""  # Adafactor, 8-bit: one kernel
-    dequant = 0
+    dequant = None
     if setup.method == "qlora":
         nf4 = quantised_params(arch, lora_trainable(spec, setup), setup.quantize_experts)
-        dequant = dequant_transient_bytes([p.numel for p in arch.params if p.name in nf4])
+        dequant = dequant_term(setup, [p.numel for p in arch.params if p.name in nf4], precision)
     states = States(
         weights=memory["weights"],
         gradients=memory["gradients"],
@@ -263,7 +275,7 @@ def predict_step(spec: ModelSpec, setup: TrainSetup, precision: Precision, memor
         # token ids and labels, and the position ids a packed batch is given
         inputs=(3 if cond.packed else 2) * cond.tokens * INT64,
         head_gradients=head,
-        dequant_transient=dequant,
+        dequant_transient=dequant.bytes if dequant else 0,
         expert_up_gradients=grads.expert_up,
         attn_out_gradients=grads.attn_out,
         mlp_up_gradients=grads.mlp_up,
@@ -293,9 +305,9 @@ def predict_step(spec: ModelSpec, setup: TrainSetup, precision: Precision, memor
         temporary = Term("optimizer_temporary", max(steps.values(), default=0),
                          "optimizer in backward: one tensor's gradient and its step's temporary at a time, "
                          f"the largest {max(steps.values(), default=0):,} B")
-        return StepPrediction(prof, states, phases, peak_phase(phases), temporary)
+        return StepPrediction(prof, states, phases, peak_phase(phases), temporary, dequant)
     phases = step_phases(states, prof, vocab, cond.tokens)
-    return StepPrediction(prof, states, phases, peak_phase(phases), temporary)
+    return StepPrediction(prof, states, phases, peak_phase(phases), temporary, dequant)
 
 
 def in_backward_steps(spec: ModelSpec, setup: TrainSetup, arch: Architecture, precision: Precision,
