@@ -373,15 +373,22 @@ def trace_command(model_name, method, rank, targets, precision, batch_size, seq_
     compiled = (setup.compile or "none") != "none"
     errors = result.errors()
     # a compiled step runs kernels no tracer sees: the allocator's peak is its one reading
-    rows = [] if compiled else [[k, f"{result.predicted[k]:,}", f"{result.traced[k]:,}",
+    rows = [] if compiled else [[k, f"{result.predicted_seen[k]:,}", f"{result.traced[k]:,}",
                                  "-" if errors[k] is None else f"{errors[k]:+.2%}"] for k in errors]
     rows.append(_allocator_row(result))
     click.echo(tabulate(rows, headers=["bytes", "predicted", "traced", "error"],
                         colalign=("left", "right", "right", "right")))
     click.echo(f"peak set in: predicted {result.predicted_phase}, traced {result.traced_phase}")
-    click.echo(f"compiled ({setup.compile}): inductor's kernels are out of the tracer's sight; the "
-               "allocator's peak is the step's only reading" if compiled
-               else _allocator_line(result.allocator, result.traced["peak"]))
+    if compiled:
+        click.echo(f"compiled ({setup.compile}): inductor's kernels are out of the tracer's sight; the "
+                   "allocator's peak is the step's only reading")
+        return
+    if result.predicted_tracer_peak != result.predicted["peak"]:
+        # the plan counts bytes made outside every op (checkpointing's CPU RNG states): the
+        # allocator's row holds the whole; say where the plan's whole peak is and what it holds
+        click.echo(f"predicted peak with the bytes made outside every op: {result.predicted['peak']:,} B "
+                   f"({result.predicted_peak_what})")
+    click.echo(_allocator_line(result.allocator, result.traced["peak"]))
 
 
 def _allocator_row(result) -> list[str]:
