@@ -14,19 +14,22 @@ from .gpus import Gpu, fits, largest_fitting_peak
 from .memory import (
     Term,
     activation_term,
+    adafactor_temporary_term,
     dense_weight_bytes,
     device_overhead_term,
     gradient_bytes,
     master_weight_bytes,
     no_activation_bytes,
     optimizer_bytes,
+    optimizer_temporary_term,
     peak_bytes,
     quantized_weight_bytes,
     timeline_peak_term,
 )
 from .optimizers import check_optimizer
 from .precision import DTYPE_BYTES, Precision, get_precision, weight_dtype
-from .quant import nf4_state_bytes, quantised_params
+from .quant import dequant_transient_bytes, nf4_state_bytes, quantised_params
+from .recorded import RecordedModel, RecordedStep, is_adapter, recorded_phases
 from .sharding import (
     DataParallel,
     distribute,
@@ -141,9 +144,15 @@ def _split_states(trainable, setup: TrainSetup, precision: Precision) -> dict[st
     fp32 optimizer states) beside any other trained tensors at the precision's widths."""
     adapters = tuple(p for a in trainable.adapters for p in a.params)
     rest = trainable.params[len(adapters):]  # `Trainable.params`: the adapters' tensors first
-    parts = [_states(trainable.adapter_count, adapters, setup, FP32_ADAPTERS)]
+    return _adapter_and_rest_states(adapters, rest, setup, precision)
+
+
+def _adapter_and_rest_states(adapters: tuple[Param, ...], rest: tuple[Param, ...], setup: TrainSetup,
+                             precision: Precision) -> dict[str, Term]:
+    """`_split_states` of the adapters' tensors and the other trained tensors, given apart."""
+    parts = [_states(sum(p.numel for p in adapters), adapters, setup, FP32_ADAPTERS)]
     if rest:
-        parts.append(_states(trainable.count - trainable.adapter_count, rest, setup, precision))
+        parts.append(_states(sum(p.numel for p in rest), rest, setup, precision))
     if len(parts) == 1:
         return parts[0]
     return {k: Term(k, sum(p[k].bytes for p in parts), "adapters: " + parts[0][k].formula + "; other: "
@@ -152,14 +161,27 @@ def _split_states(trainable, setup: TrainSetup, precision: Precision) -> dict[st
 
 def _assemble(method: str, gpu: Gpu, weight_terms: tuple[Term, ...], states: dict[str, Term],
               setup: TrainSetup, spec: ModelSpec | None, buffers: dict[str, Term] | None = None,
-              unsharded: dict[str, int] | None = None, fewest_only: bool = False, **fields) -> MethodPlan:
+              unsharded: dict[str, int] | None = None, fewest_only: bool = False,
+              recorded: RecordedStep | None = None, recorded_layers: int = 0, dequant: int = 0,
+              **fields) -> MethodPlan:
     """Model states plus, when the model's shape is known, the step's activations and timeline peak;
     with --num-gpus, all of it on one GPU under the chosen sharding. GPU counts and the verdict come
-    from the one fit rule, `gpus.fits` (`fewest_only`: see `sharding.distribute`)."""
+    from the one fit rule, `gpus.fits` (`fewest_only`: see `sharding.distribute`). A `recorded` step
+    (a model of no family of ours, `recorded.py`) of `recorded_layers` layers gives the activations
+    and phases instead of the walk; `dequant`: QLoRA's dequantised weight in its backward."""
     weights = Term("weights", sum(t.bytes for t in weight_terms),
                    " + ".join(t.formula for t in weight_terms))
     memory = {"weights": weights, **states}
-    if spec is None:
+    if recorded is not None:
+        memory["activations"] = Term("activations", recorded.activations.at(recorded_layers),
+                                     "recorded: " + recorded.activations.formula(recorded_layers))
+        fields["optimizer_temporary"] = _recorded_temporary(recorded, setup)
+
+        def phases(m: dict[str, Term], sharding) -> tuple[Phase, ...]:
+            return recorded_phases(recorded, recorded_layers, m, sharding, fields["optimizer_temporary"],
+                                   dequant)
+        phase_bytes = None
+    elif spec is None:
         memory["activations"] = no_activation_bytes()
 
         def phases(m: dict[str, Term], _sharding) -> tuple[Phase, ...]:
@@ -182,7 +204,7 @@ def _assemble(method: str, gpu: Gpu, weight_terms: tuple[Term, ...], states: dic
                         largest_fitting_peak(gpu), phases, phase_bytes, unsharded, fewest_only)
     memory = dict(placed.per_gpu)
     top = peak_phase(phases(memory, placed.sharding))
-    if spec is None:
+    if spec is None and recorded is None:
         memory["peak"] = peak_bytes(memory[k] for k in MEMORY_KEYS[:-1])
         phase = ""
     else:
@@ -333,6 +355,88 @@ def plan_dense(size: DenseSize, setup: TrainSetup, gpu: Gpu, fewest_only: bool =
     )
 
 
+def _recorded_temporary(step: RecordedStep, setup: TrainSetup) -> Term:
+    """The optimizer step's temporary over the recorded trainable tensors, as `step._temporary`
+    makes it: with fp32 adapters over a 16-bit base, the larger of the two dtype groups'."""
+    precision = get_precision(setup.precision)
+    impl = setup.optimizer_impl or "foreach"
+    fp32 = setup.method != "full" and fp32_adapters(setup.method, precision, setup.adapter_dtype)
+    adapters = tuple(p for p in step.trainable if fp32 and is_adapter(p.name))
+    rest = tuple(p for p in step.trainable if not (fp32 and is_adapter(p.name)))
+
+    def of(params: tuple[Param, ...], convention: Precision) -> Term:
+        if setup.optimizer == "adafactor":
+            return adafactor_temporary_term(tuple(p.shape for p in params), convention)
+        return optimizer_temporary_term(setup.optimizer, impl, tuple(p.numel for p in params),
+                                        convention.state_bytes)
+    groups = [of(g, c) for g, c in ((adapters, FP32_ADAPTERS), (rest, precision)) if g]
+    return max(groups, key=lambda t: t.bytes)
+
+
+def plan_recorded(model: RecordedModel, setup: TrainSetup, gpu: Gpu, fewest_only: bool = False) -> MethodPlan:
+    """Any method for a model planned from its recorded step (`recorded.py`): the model states from
+    the meta-device build's tensors, exactly as `plan_full` and `plan_lora` count them; activations
+    and the step's phases from the recorded lines; FLOPs by `cost.full_flops_per_token` and
+    `cost.lora_flops_per_token` over its linear weights, without an attention term."""
+    precision = get_precision(setup.precision)
+    step = model.step(setup)
+    params, total = model.params, model.total_params
+    base_dtype = _save_dtype(setup, precision)
+    base = checkpoint_sizes.safetensors_bytes(params, base_dtype)
+    no_attention = cost.Quantity("attention_flops", 0, "attention not counted (recorded model)")
+    if setup.method == "full":
+        return _assemble(
+            "full", gpu,
+            (dense_weight_bytes("weights_trainable", total, precision.weight_bytes, "trainable"),),
+            _states(total, params, setup, precision), setup, None, fewest_only=fewest_only,
+            recorded=step, recorded_layers=model.num_layers,
+            flops_per_token=cost.full_flops_per_token(model.matmul_params, model.head_params, no_attention,
+                                                      setup.grad_checkpointing),
+            rank=None, trainable_params=total, all_params=total, target_modules=(), wrapped_modules=0,
+            checkpoint=Term("checkpoint", base, f"safetensors, {len(params)} tensors in {base_dtype}"),
+            full_checkpoint_bytes=base, storage=checkpoint_sizes.storage_for_tasks(setup.tasks, base, base))
+    in_place = {p.name for p in step.trainable}  # trained biases: trained where they are
+    frozen = [p for p in params if p.name not in in_place]
+    weight_terms: list[Term] = []
+    nf4: list[Param] = []
+    if setup.method == "qlora":
+        quantisable = set(model.quantisable)
+        nf4 = [p for p in frozen if p.name in quantisable]
+        frozen = [p for p in frozen if p.name not in quantisable]
+        weight_terms.append(quantized_weight_bytes(nf4, setup.double_quant))
+    weight_terms.append(dense_weight_bytes("weights_frozen", sum(p.numel for p in frozen),
+                                           precision.weight_bytes, "frozen"))
+    count = sum(p.numel for p in step.trainable)
+    fp32 = fp32_adapters(setup.method, precision, setup.adapter_dtype)
+    if fp32:
+        adapters = tuple(p for p in step.trainable if is_adapter(p.name))
+        rest = tuple(p for p in step.trainable if not is_adapter(p.name))
+        weight_terms.append(dense_weight_bytes("weights_adapters", step.adapter_params,
+                                               FP32_ADAPTERS.weight_bytes, "fp32 adapter"))
+        if rest:
+            weight_terms.append(dense_weight_bytes("weights_trainable", count - step.adapter_params,
+                                                   precision.weight_bytes, "other trainable"))
+        states = _adapter_and_rest_states(adapters, rest, setup, precision)
+    else:
+        weight_terms.append(dense_weight_bytes("weights_trainable", count, precision.weight_bytes,
+                                               "trainable"))
+        states = _states(count, step.trainable, setup, precision)
+    dtype = "fp32" if fp32 and setup.save_dtype == "auto" else base_dtype
+    adapter = checkpoint_sizes.safetensors_bytes(step.trainable, dtype)
+    flops = cost.lora_flops_per_token(model.matmul_params, model.head_params, step.adapter_params,
+                                      count - step.adapter_params, no_attention, setup.grad_checkpointing)
+    return _assemble(
+        setup.method, gpu, tuple(weight_terms), states, setup, None, fewest_only=fewest_only,
+        recorded=step, recorded_layers=model.num_layers,
+        dequant=dequant_transient_bytes([p.numel for p in nf4]),
+        unsharded={"weights": sum(nf4_state_bytes(p.numel, setup.double_quant) for p in nf4)},
+        flops_per_token=flops, rank=setup.rank, trainable_params=count, all_params=step.all_params,
+        target_modules=step.target_modules, wrapped_modules=step.wrapped_modules,
+        checkpoint=Term("checkpoint", adapter,
+                        f"adapter_model.safetensors, {len(step.trainable)} tensors in {dtype}"),
+        full_checkpoint_bytes=base, storage=checkpoint_sizes.storage_for_tasks(setup.tasks, base, adapter))
+
+
 def check_methods(methods: tuple[str, ...]) -> tuple[str, ...]:
     """The methods asked for, each one we plan, or a PlanError naming the choices."""
     for m in methods:
@@ -341,7 +445,7 @@ def check_methods(methods: tuple[str, ...]) -> tuple[str, ...]:
     return methods
 
 
-def make_plan(model: ModelSpec | DenseSize, setups: tuple[TrainSetup, ...], gpu: Gpu,
+def make_plan(model: ModelSpec | DenseSize | RecordedModel, setups: tuple[TrainSetup, ...], gpu: Gpu,
               workload: cost.Workload | None = None, fewest_only: bool = False) -> Plan:
     """Plan each setup (one per method and rank) for one model on one kind of GPU; with a workload
     of tokens, also its time and cost. (`fit.with_fit` adds the largest batch and sequence.)
@@ -362,6 +466,8 @@ def make_plan(model: ModelSpec | DenseSize, setups: tuple[TrainSetup, ...], gpu:
             raise PlanError(f"unknown method {setup.method!r}; choose from {', '.join(METHODS)}")
         if isinstance(model, DenseSize):
             plans.append(plan_dense(model, setup, gpu, fewest_only))
+        elif isinstance(model, RecordedModel):
+            plans.append(plan_recorded(model, setup, gpu, fewest_only))
         elif setup.method == "full":
             plans.append(plan_full(model, setup, gpu, fewest_only))
         else:
@@ -385,7 +491,13 @@ def make_plan(model: ModelSpec | DenseSize, setups: tuple[TrainSetup, ...], gpu:
     if any(s.use_dora and s.method == "qlora" for s in setups):
         notes.append("--dora with QLoRA counts the magnitude vectors only: PEFT dequantises the 4-bit "
                      "weight to form W + s*BA in every forward, which is not planned")
-    if isinstance(model, DenseSize):
+    if isinstance(model, RecordedModel):
+        notes.append(model.note())
+        if any(s.method == "qlora" for s in setups):
+            notes.append("QLoRA's step is recorded as LoRA's over the 16-bit base, plus one dequantised "
+                         "weight in backward; the NF4 weights are every nn.Linear but the LM head")
+        info = ModelInfo(model.name, model.model_type, model.total_params, model.source)
+    elif isinstance(model, DenseSize):
         info = ModelInfo(model.name or "a dense model", "dense", model.total_params)
         notes.append("--params: model states and checkpoint tensor data only; no activations "
                      "without the model's shape, so peak is the sum of model states")

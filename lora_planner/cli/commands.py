@@ -160,11 +160,13 @@ def plan_output(model_name, params_text, methods, ranks, targets, precision, opt
     else:
         from ..resolve import resolve_model
 
-        model = resolve_model(model_name)
+        model = resolve_model(model_name, other_types=True)
         default_methods = METHODS
     chosen = check_methods(tuple(m.lower() for m in split_values(methods)) or default_methods)
+    other = _other_config(model)
     if seq_len is None:
-        seq_len = default_seq_len(model) if isinstance(model, ModelSpec) else DEFAULT_SEQ_LEN
+        seq_len = (default_seq_len(model) if isinstance(model, ModelSpec) else
+                   min(DEFAULT_SEQ_LEN, other.max_positions) if other else DEFAULT_SEQ_LEN)
     gpu = get_gpu(gpu_name)
     if gpu_mem:
         gpu = with_memory(gpu, gpu_mem, keep_kind=gpu_given)
@@ -186,6 +188,8 @@ def plan_output(model_name, params_text, methods, ranks, targets, precision, opt
             setups.append(base.with_(method="full"))
         else:
             setups += [base.with_(method=m, rank=r) for r in rank_list]
+    if other is not None:
+        model = _recorded(model, tuple(setups), fit)
     fewest = None
     if base.num_gpus is None and (base.sharding != "none" or base.offload != "none"):
         setups, fewest = _on_fewest_gpus(model, tuple(setups), gpu)
@@ -195,10 +199,45 @@ def plan_output(model_name, params_text, methods, ranks, targets, precision, opt
     plan = _with_rank_notes(plan, model)
     from ..advice import advise  # what to change when a method does not fit, each re-planned
 
-    plan = advise(plan, model, tuple(setups), gpu)
+    if other is None:  # each change advice tries would be a recording of its own
+        plan = advise(plan, model, tuple(setups), gpu)
     if fit:
         plan = _with_fit(plan, model, tuple(setups), gpu)
     return render(plan, fmt, units, explain)
+
+
+class _Other:
+    """What `plan` needs to know of a config.json of another model_type before recording it."""
+
+    def __init__(self, max_positions: int) -> None:
+        self.max_positions = max_positions
+
+
+def _other_config(model) -> _Other | None:
+    """For a config.json of a model_type none of our families lays out: its context (for the
+    default --seq-len); None for any other model."""
+    from ..resolve import OtherConfig
+    from ..validate import whole_number
+
+    if not isinstance(model, OtherConfig):
+        return None
+    positions = model.config.get("max_position_embeddings")
+    return _Other(DEFAULT_SEQ_LEN if positions is None else
+                  whole_number("config.json max_position_embeddings", positions, 1, 10**9))
+
+
+def _recorded(other, setups, fit):
+    """The model of another model_type, with each setup's step recorded from transformers (or read
+    from the cache): needs the measure extra."""
+    if fit:
+        raise PlanError(f"--fit re-plans many batch sizes and lengths: each would be a recording of "
+                        f"model_type {other.model_type!r}; plan chosen --batch-size/--seq-len instead")
+    need_measure_extra(f"planning model_type {other.model_type!r} (recorded from transformers)",
+                       ("torch", "transformers", "peft"))
+    from ..measure.recorded import recorded_model
+    from ..stacks import resolve
+
+    return recorded_model(other.config, other.name, other.source, tuple(resolve(s) for s in setups))
 
 
 def _on_fewest_gpus(model, setups, gpu):

@@ -1,0 +1,320 @@
+"""Plan a model of any decoder architecture transformers builds, from transformers' own code.
+
+A `model_type` none of our families lays out is planned in two parts (`lora_planner.recorded`):
+
+- its tensors: the real class built from the config.json on the meta device (no memory, any size),
+  with PEFT's adapters applied there for LoRA, gives every parameter's name and shape: parameter
+  counts, trainable counts and the model-state bytes are exact;
+- its step: the real training step run under `FakeTensorMode` (`traced_step.run_step`, the same step
+  `lora-plan trace --fake` records) on the first 1, 2 and 3 decoder layers, at the setup's batch and
+  sequence; each phase's most bytes beside the model states is fitted per layer (`fit_line`) and
+  scaled to the model's depth.
+
+What is recorded depends on the config, the setup, and the installed transformers and torch, so a
+recording is cached on disk under that key (`cache_dir`); asking again reads it back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import warnings
+from dataclasses import asdict, fields
+from pathlib import Path
+
+from ..architecture import Param
+from ..errors import PlanError
+from ..recorded import (
+    Line,
+    RecordedModel,
+    RecordedStep,
+    fit_line,
+    is_adapter,
+    recorded_fields,
+    recording_setup,
+)
+from ..spec import SHAPE_LIMITS, TrainSetup
+from ..stacks import resolve
+
+# Decoder layers of the slices recorded: the deepest two set the per-layer line, the first checks it
+RECORD_DEPTHS = (1, 2, 3)
+CACHE_ENV = "LORA_PLAN_CACHE"  # a folder for recordings, instead of $XDG_CACHE_HOME/lora-plan
+SCHEMA = 1  # a recording's format; a cache entry of another is recorded again
+PRESET_TARGETS = {"qv": ("q_proj", "v_proj"), "attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
+                  "mlp": ("gate_proj", "up_proj", "down_proj")}
+# the precision each plan precision's step is recorded in (a plain PyTorch step realises these)
+TRACED_PRECISION = {"fp32": "fp32", "amp": "amp", "pure-bf16": "pure-bf16", "mixed": "pure-bf16",
+                    "bf16": "pure-bf16"}
+
+
+def cache_dir() -> Path:
+    """Where recordings are kept: $LORA_PLAN_CACHE, else $XDG_CACHE_HOME/lora-plan, else
+    ~/.cache/lora-plan."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "lora-plan"
+
+
+def versions() -> tuple[str, str]:
+    """The transformers and the torch whose code is recorded."""
+    import torch
+    import transformers
+
+    return f"transformers {transformers.__version__}", f"torch {torch.__version__}"
+
+
+def check_config(config: dict) -> str:
+    """The config's `model_type`, when transformers builds a causal LM of it; the shapes it states
+    within `spec.SHAPE_LIMITS` (as for our own families). Else one line saying why not."""
+    from transformers import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from ..validate import text, whole_number
+
+    model_type = text("config.json model_type", config.get("model_type"))
+    if model_type not in CONFIG_MAPPING or model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise PlanError(f"config.json model_type {model_type!r} is not a causal LM the installed "
+                        f"{versions()[0]} builds")
+    keys = {"num_hidden_layers": "num_layers", "n_layer": "num_layers", "hidden_size": "hidden_size",
+            "vocab_size": "vocab_size", "num_attention_heads": "num_heads", "intermediate_size":
+            "intermediate_size", "max_position_embeddings": "max_positions"}
+    for key, limit in keys.items():
+        if config.get(key) is not None:
+            whole_number(f"config.json {key}", config[key], *SHAPE_LIMITS[limit])
+    return model_type
+
+
+def hf_config(config: dict, layers: int | None = None):
+    """transformers' config object of `config`, cut to its first `layers` decoder layers (a list
+    with one entry per layer, such as `layer_types`, cut with it)."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.for_model(**config)
+    depth = cfg.num_hidden_layers
+    if layers is not None:
+        for key, value in list(cfg.to_dict().items()):
+            if isinstance(value, list) and len(value) == depth:
+                setattr(cfg, key, value[:layers])
+        cfg.num_hidden_layers = layers
+    cfg.use_cache = False
+    return cfg
+
+
+def _normal(name: str) -> str:
+    """A PEFT model's tensor name as the base model (or the adapter file) names it."""
+    return name.removeprefix("base_model.model.").replace(".base_layer.", ".").replace(".default", "")
+
+
+def lora_config(model, model_type: str, setup: TrainSetup):
+    """PEFT's `LoraConfig` for the setup's targets on this model: `default` is PEFT's own targets for
+    the model_type (q_proj and v_proj where PEFT has none and the model has them, as for Llama);
+    presets name the usual modules; module names match as PEFT matches them; re:REGEX a full path."""
+    from peft import LoraConfig
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
+
+    leaves = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    names: list[str] = []
+    for target in setup.targets:
+        if target == "default":
+            chosen = DEFAULTS.get(model_type) or (["q_proj", "v_proj"] if {"q_proj", "v_proj"} <= leaves
+                                                  else None)
+            if chosen is None:
+                raise PlanError(f"PEFT has no default LoRA targets for model_type {model_type!r}: pass "
+                                "--targets (all-linear, or module names)")
+            names += chosen
+        else:
+            names += PRESET_TARGETS.get(target, (target,))
+    names = list(dict.fromkeys(names))
+    if "all-linear" in names and len(names) > 1:
+        raise PlanError("--targets all-linear is not combined with other targets for this model")
+    targets: str | list[str] = names
+    if any(n.startswith("re:") for n in names):
+        targets = "|".join(f"(?:{n[3:]})" if n.startswith("re:") else rf"(?:.*\.)?{re.escape(n)}"
+                           for n in names)
+    elif names == ["all-linear"]:
+        targets = "all-linear"
+    config = LoraConfig(r=setup.rank, lora_alpha=2 * setup.rank, target_modules=targets,
+                        lora_dropout=setup.lora_dropout, bias=setup.bias, use_dora=setup.use_dora,
+                        modules_to_save=list(setup.modules_to_save) or None)
+    return config, tuple(names)
+
+
+def _peft(model, config, setup: TrainSetup):
+    from .traced_step import apply_lora
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
+        try:
+            return apply_lora(model, config, setup)
+        except ValueError as exc:  # PEFT's: a target that matches nothing, a module it cannot wrap
+            raise PlanError(f"PEFT refused the targets: {str(exc).splitlines()[0]}") from None
+
+
+def meta_model(config: dict, model_type: str, name: str, source: str) -> RecordedModel:
+    """The base model's tensors from the real class built on the meta device (no step yet)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config(config))
+    head = model.get_output_embeddings()
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    layer_class = sorted(model._no_split_modules or [type(model).__name__])[0]
+    cfg = model.config
+    return RecordedModel(
+        name=name, model_type=model_type, source=source, num_layers=cfg.num_hidden_layers,
+        layer_class=layer_class, versions=versions(),
+        params=tuple(Param(n, tuple(p.shape)) for n, p in model.named_parameters()),
+        quantisable=tuple(f"{n}.weight" for n, m in linears if m is not head),
+        matmul_params=sum(m.weight.numel() for _, m in linears),
+        head_params=head.weight.numel() if head is not None else 0,
+        max_positions=getattr(cfg, "max_position_embeddings", None) or 0, steps={})
+
+
+def trainable_tensors(config: dict, model_type: str, setup: TrainSetup) -> dict:
+    """The trainable tensors of the whole model under the setup (PEFT applied on the meta device
+    for LoRA), adapters first; PEFT's counts beside them."""
+    import torch
+    from peft.tuners.lora import LoraLayer
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config(config))
+    if setup.method == "full":
+        params = tuple(Param(n, tuple(p.shape)) for n, p in model.named_parameters())
+        return {"trainable": params, "adapter_params": 0, "wrapped_modules": 0, "target_modules": (),
+                "all_params": sum(p.numel for p in params)}
+    lora, names = lora_config(model, model_type, setup)
+    model = _peft(model, lora, setup.with_(method="lora"))
+    named = [(_normal(n), p) for n, p in model.named_parameters() if p.requires_grad]
+    params = tuple(Param(n, tuple(p.shape)) for n, p in sorted(named, key=lambda np: not is_adapter(np[0])))
+    return {"trainable": params, "adapter_params": sum(p.numel for p in params if is_adapter(p.name)),
+            "wrapped_modules": sum(isinstance(m, LoraLayer) for m in model.modules()),
+            "target_modules": names, "all_params": sum(p.numel() for p in model.parameters())}
+
+
+def traced_setup(setup: TrainSetup) -> TrainSetup:
+    """What is run to record a setup's step: QLoRA as LoRA, the precision a plain PyTorch step
+    realises (`TRACED_PRECISION`; fp32 adapters keep mixed and bf16, as `trace` runs them), an
+    optimizer torch has in its place (the optimizer's own step is planned, not recorded)."""
+    from ..adapter_dtype import fp32_adapters
+    from ..precision import get_precision
+
+    method = "lora" if setup.method == "qlora" else setup.method
+    keep = fp32_adapters(method, get_precision(setup.precision), setup.adapter_dtype)
+    precision = setup.precision if keep else TRACED_PRECISION[setup.precision]
+    optimizer = setup.optimizer if setup.optimizer in ("adamw", "sgd", "sgd-momentum") else "adamw"
+    return setup.with_(method=method, precision=precision, optimizer=optimizer)
+
+
+def record_slice(config: dict, model_type: str, setup: TrainSetup, layers: int, fake: bool = True,
+                 allocator: bool = False):
+    """The tracer's report (and allocator reading) of the setup's step on the first `layers` layers."""
+    from .traced_step import run_step
+
+    cfg = hf_config(config, layers)
+
+    def adapt(model):
+        return _peft(model, lora_config(model, model_type, setup)[0], setup)
+    return run_step(cfg, setup, cfg.vocab_size, fake=fake, allocator=allocator, adapt=adapt)
+
+
+def record_step(config: dict, model_type: str, setup: TrainSetup, depths: tuple[int, ...] = RECORD_DEPTHS,
+                fake: bool = True) -> RecordedStep:
+    """One setup's step recorded at each of `depths` (consecutive) layers and fitted per layer."""
+    from .traced_step import _check
+
+    run = traced_setup(resolve(setup))
+    _check(run)
+    if run.optimizer_in_backward:
+        raise PlanError("--optimizer-in-backward is not planned for a model recorded from transformers")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # transformers' renamed checkpointing query
+        reports = [record_slice(config, model_type, run, d, fake)[0] for d in depths]
+        trainable = trainable_tensors(config, model_type, setup)
+
+    def line(values: list[int]) -> tuple[Line, tuple[int, ...]]:
+        return fit_line(depths[0], tuple(values))
+    states = [r.terms["parameters"] + r.terms["optimizer_states"] for r in reports]
+    lines = {
+        "activations": line([r.terms["activations"] for r in reports]),
+        "forward": line([r.phase_peaks["forward"] - s for r, s in zip(reports, states, strict=True)]),
+        "backward": line([r.phase_peaks["backward"] - s for r, s in zip(reports, states, strict=True)]),
+    }
+    last = reports[-1]
+    return RecordedStep(
+        traced_precision=run.precision, depths=depths, resident=last.terms["buffers"] + last.terms["inputs"],
+        increments={k: v[1] for k, v in lines.items()}, **{k: v[0] for k, v in lines.items()},
+        **trainable)
+
+
+def _key(config: dict, setup: TrainSetup) -> str:
+    text = json.dumps({"schema": SCHEMA, "config": config, "setup": asdict(setup), "versions": versions(),
+                       "depths": RECORD_DEPTHS}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _from_json(data: dict) -> RecordedStep:
+    """A cached recording, or a ValueError/TypeError/KeyError when it is not one."""
+    if set(data) != set(recorded_fields()):
+        raise KeyError("fields")
+    data = dict(data)
+    for k in ("activations", "forward", "backward"):
+        data[k] = Line(int(data[k]["base"]), int(data[k]["per_layer"]))
+    data["trainable"] = tuple(Param(str(n), tuple(int(d) for d in s)) for n, s in data["trainable"])
+    data["depths"] = tuple(int(d) for d in data["depths"])
+    data["target_modules"] = tuple(str(t) for t in data["target_modules"])
+    data["increments"] = {str(k): tuple(int(i) for i in v) for k, v in data["increments"].items()}
+    for k in ("resident", "adapter_params", "wrapped_modules", "all_params"):
+        if not isinstance(data[k], int):
+            raise TypeError(k)
+    return RecordedStep(**data)
+
+
+def cached_step(config: dict, model_type: str, setup: TrainSetup) -> RecordedStep:
+    """`record_step` of the setup, read from the cache when recorded before (an entry that cannot be
+    read back is recorded again and replaced), else recorded and written there."""
+    from ..files import write_text
+
+    path = cache_dir() / f"{_key(config, setup)}.json"
+    try:
+        return _from_json(json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        pass
+    step = record_step(config, model_type, setup)
+    data = {f.name: getattr(step, f.name) for f in fields(step)}
+    for k in ("activations", "forward", "backward"):
+        data[k] = asdict(data[k])
+    data["trainable"] = [[p.name, list(p.shape)] for p in step.trainable]
+    try:
+        write_text(path, json.dumps(data))
+    except OSError:
+        pass  # an unwritable cache costs the next run a recording, not this one its answer
+    return step
+
+
+def recorded_model(config: dict, name: str, source: str, setups: tuple[TrainSetup, ...]) -> RecordedModel:
+    """The model of `config` with every setup's step recorded (or read from the cache)."""
+    from dataclasses import replace
+
+    model_type = check_config(config)
+    if any(s.task != "causal-lm" for s in setups):
+        raise PlanError("a model recorded from transformers is planned for --task causal-lm only")
+    try:
+        model = meta_model(config, model_type, name, source)
+        steps = {}
+        for setup in setups:
+            key = recording_setup(resolve(setup))
+            if key not in steps:
+                steps[key] = cached_step(config, model_type, key)
+    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError, NotImplementedError) as exc:
+        if isinstance(exc, PlanError):
+            raise
+        # transformers' own refusal of this config or this step, in one line
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise PlanError(f"transformers could not build or run model_type {model_type!r} from this "
+                        f"config: {type(exc).__name__}: {first}") from None
+    return replace(model, steps=steps)
