@@ -70,14 +70,20 @@ def check_config(config: dict) -> str:
     """The config's `model_type`, when transformers builds a causal LM of it; the shapes it states
     within `spec.SHAPE_LIMITS` (as for our own families). Else one line saying why not."""
     from transformers import CONFIG_MAPPING
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
 
     from ..validate import text, whole_number
 
     model_type = text("config.json model_type", config.get("model_type"))
-    if model_type not in CONFIG_MAPPING or model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise PlanError(f"config.json model_type {model_type!r} is not a causal LM the installed "
-                        f"{versions()[0]} builds")
+    # an encoder (BERT) or encoder-decoder (BART) has a masked-LM head too, and a causal head only
+    # as a decoder of another model
+    if (model_type not in CONFIG_MAPPING or model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+            or model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES or config.get("is_encoder_decoder")):
+        raise PlanError(f"config.json model_type {model_type!r} is not a decoder-only causal LM the "
+                        f"installed {versions()[0]} builds")
     keys = {"num_hidden_layers": "num_layers", "n_layer": "num_layers", "hidden_size": "hidden_size",
             "vocab_size": "vocab_size", "num_attention_heads": "num_heads", "intermediate_size":
             "intermediate_size", "max_position_embeddings": "max_positions"}
@@ -188,7 +194,9 @@ def trainable_tensors(config: dict, model_type: str, setup: TrainSetup) -> dict:
         return {"trainable": params, "adapter_params": 0, "wrapped_modules": 0, "target_modules": (),
                 "all_params": sum(p.numel for p in params)}
     lora, names = lora_config(model, model_type, setup)
-    model = _peft(model, lora, setup.with_(method="lora"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        model = _peft(model, lora, setup.with_(method="lora"))
     named = [(_normal(n), p) for n, p in model.named_parameters() if p.requires_grad]
     params = tuple(Param(n, tuple(p.shape)) for n, p in sorted(named, key=lambda np: not is_adapter(np[0])))
     return {"trainable": params, "adapter_params": sum(p.numel for p in params if is_adapter(p.name)),
@@ -219,7 +227,9 @@ def record_slice(config: dict, model_type: str, setup: TrainSetup, layers: int, 
 
     def adapt(model):
         return _peft(model, lora_config(model, model_type, setup)[0], setup)
-    return run_step(cfg, setup, cfg.vocab_size, fake=fake, allocator=allocator, adapt=adapt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # transformers' renamed checkpointing query
+        return run_step(cfg, setup, cfg.vocab_size, fake=fake, allocator=allocator, adapt=adapt)
 
 
 def record_step(config: dict, model_type: str, setup: TrainSetup, depths: tuple[int, ...] = RECORD_DEPTHS,
@@ -231,10 +241,8 @@ def record_step(config: dict, model_type: str, setup: TrainSetup, depths: tuple[
     _check(run)
     if run.optimizer_in_backward:
         raise PlanError("--optimizer-in-backward is not planned for a model recorded from transformers")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # transformers' renamed checkpointing query
-        reports = [record_slice(config, model_type, run, d, fake)[0] for d in depths]
-        trainable = trainable_tensors(config, model_type, setup)
+    reports = [record_slice(config, model_type, run, d, fake)[0] for d in depths]
+    trainable = trainable_tensors(config, model_type, setup)
 
     def line(values: list[int]) -> tuple[Line, tuple[int, ...]]:
         return fit_line(depths[0], tuple(values))

@@ -1,0 +1,207 @@
+"""Models of a model_type no family of ours lays out, planned from transformers' own code
+(`lora_planner.measure.recorded`), held to a real CPU step of the real class at full depth: the
+tracer's peak and the allocator's, and the parameter counts of the model transformers builds."""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from lora_planner.cli import main
+from lora_planner.gpus import GPUS
+from lora_planner.plan import make_plan
+from lora_planner.spec import TrainSetup
+
+from .tracing import one_thread  # noqa: F401
+
+pytest.importorskip("peft")
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    """Every test records into its own cache folder."""
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("LORA_PLAN_CACHE", str(folder))
+    return folder
+
+
+def small_config(model_type: str, seed: int, layers: int) -> dict:
+    """A small random decoder of `model_type`: widths, heads and vocabulary drawn from `seed`."""
+    rng = random.Random(seed)
+    heads = rng.choice((2, 4))
+    head_dim = rng.choice((8, 16))
+    config = {"model_type": model_type, "vocab_size": rng.randrange(200, 700),
+              "hidden_size": heads * head_dim, "intermediate_size": rng.choice((48, 96, 160)),
+              "num_hidden_layers": layers, "num_attention_heads": heads, "head_dim": head_dim,
+              "num_key_value_heads": rng.choice((1, heads)), "max_position_embeddings": 512,
+              "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
+    if model_type == "falcon":  # Falcon's config names its key/value heads so, and picks its layout
+        config.update(num_kv_heads=config.pop("num_key_value_heads"), new_decoder_architecture=True)
+    return config
+
+
+def planned_and_traced(config: dict, setup: TrainSetup) -> tuple[int, int, int, object]:
+    """(planned peak, the tracer's peak, the allocator's peak, the plan) of the setup's step on the
+    whole small model, planned from the recording and run for real on CPU."""
+    from lora_planner.measure.recorded import record_slice, recorded_model, traced_setup
+    from lora_planner.stacks import resolve
+
+    setup = resolve(setup)
+    model = recorded_model(config, "small", "", (setup,))
+    plan = make_plan(model, (setup,), GPUS[0]).plans[0]
+    planned = plan.memory["peak"].bytes
+    if setup.optimizer == "adamw" and setup.optimizer_impl != "fused":
+        # on CPU, foreach AdamW keeps each tensor's step counter in host memory (4 B)
+        planned += 4 * len(model.step(setup).trainable)
+    report, reading = record_slice(config, config["model_type"], traced_setup(setup),
+                                   config["num_hidden_layers"], fake=False, allocator=True)
+    return planned, report.peak_bytes, reading.peak_bytes, plan
+
+
+def real_counts(config: dict, setup: TrainSetup) -> tuple[int, int]:
+    """(parameters, trainable parameters) of the model transformers builds, with PEFT's adapters."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lora_planner.measure.recorded import hf_config, lora_config
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config(config))
+    total = sum(p.numel() for p in model.parameters())
+    if setup.method == "full":
+        return total, total
+    from peft import get_peft_model
+
+    model = get_peft_model(model, lora_config(model, config["model_type"], setup)[0])
+    return total, sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def check(config: dict, setup: TrainSetup) -> None:
+    planned, traced, allocated, plan = planned_and_traced(config, setup)
+    assert abs(planned - traced) <= 0.01 * traced, (planned, traced, plan.peak_phase)
+    assert abs(planned - allocated) <= 0.02 * allocated, (planned, allocated)
+    total, trainable = real_counts(config, setup)
+    assert plan.trainable_params == trainable
+
+
+def test_a_granite_lora_step_is_planned_within_a_percent_of_its_real_trace():
+    check(small_config("granite", 1, 4), TrainSetup(method="lora", precision="fp32", batch_size=2,
+                                                    seq_len=64, stack="torch"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type, seed, layers", [("granite", 2, 6), ("starcoder2", 3, 5),
+                                                      ("falcon", 4, 4), ("starcoder2", 5, 4)])
+@pytest.mark.parametrize("method, precision, checkpointing", [("full", "fp32", False),
+                                                             ("lora", "pure-bf16", False),
+                                                             ("lora", "fp32", True)])
+def test_other_families_are_planned_within_a_percent_of_their_real_trace(model_type, seed, layers, method,
+                                                                          precision, checkpointing):
+    setup = TrainSetup(method=method, precision=precision, grad_checkpointing=checkpointing,
+                       batch_size=2, seq_len=96, targets=("all-linear",) if seed % 2 else ("default",),
+                       stack="torch")
+    check(small_config(model_type, seed, layers), setup)
+
+
+def test_the_plan_counts_the_parameters_transformers_builds():
+    from lora_planner.measure.recorded import meta_model
+
+    config = small_config("starcoder2", 7, 3)
+    model = meta_model(config, "starcoder2", "small", "")
+    assert model.total_params == real_counts(config, TrainSetup(method="full"))[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_a_llama_planned_from_its_recording_agrees_with_the_native_walk(method):
+    """A structural cross-check: one model, planned by our walk of Llama and from transformers'
+    LlamaDecoderLayer recorded on 1-3 layers and scaled to 8, at the default mixed precision."""
+    from lora_planner.measure.recorded import recorded_model
+    from lora_planner.spec import ModelSpec, to_hf_config
+
+    spec = ModelSpec(name="llama-small", family="llama", vocab_size=1000, hidden_size=128, num_layers=8,
+                     num_heads=4, num_kv_heads=2, head_dim=32, intermediate_size=344,
+                     tied_embeddings=False, max_positions=2048)
+    setup = TrainSetup(method=method, batch_size=2, seq_len=256)
+    native = make_plan(spec, (setup,), GPUS[0]).plans[0]
+    recorded = make_plan(recorded_model(to_hf_config(spec), spec.name, "", (setup,)), (setup,), GPUS[0]).plans[0]
+    assert recorded.trainable_params == native.trainable_params
+    for key in ("weights", "gradients", "master_weights", "optimizer_states"):
+        assert recorded.memory[key].bytes == native.memory[key].bytes, key
+    for key in ("activations", "peak"):
+        assert abs(recorded.memory[key].bytes - native.memory[key].bytes) <= 0.01 * native.memory[key].bytes, \
+            (key, recorded.memory[key].bytes, native.memory[key].bytes)
+
+
+def test_a_recording_is_cached_and_a_corrupt_entry_is_recorded_again(cache, monkeypatch):
+    from lora_planner.measure import recorded
+
+    config = small_config("helium", 8, 2)
+    setup = TrainSetup(method="lora", precision="fp32", seq_len=32, stack="torch")
+    first = recorded.recorded_model(config, "small", "", (setup,))
+    (entry,) = cache.iterdir()
+    (step,) = first.steps.values()
+    calls = []
+
+    def again(*args, **kwargs):
+        calls.append(args)
+        return step
+    monkeypatch.setattr(recorded, "record_step", again)
+    assert recorded.recorded_model(config, "small", "", (setup,)).steps == first.steps
+    assert calls == []  # read back, not recorded
+    for broken in ("{not json", json.dumps({"activations": 1}), json.dumps({**json.loads(entry.read_text()),
+                                                                            "resident": "many"})):
+        entry.write_text(broken)
+        assert recorded.recorded_model(config, "small", "", (setup,)).steps == first.steps
+        assert json.loads(entry.read_text())["resident"] == step.resident  # replaced by a good one
+    assert len(calls) == 3
+
+
+def write_config(tmp_path, config: dict):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    return str(path)
+
+
+def test_the_plan_names_the_recording_in_a_note(tmp_path):
+    path = write_config(tmp_path, small_config("granite", 9, 4))
+    result = CliRunner().invoke(main, ["--model", path, "--seq-len", "32", "--method", "lora",
+                                       "--precision", "fp32", "--format", "json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output)
+    assert out["model"]["family"] == "granite"
+    (note,) = [n for n in out["notes"] if n.startswith("activations recorded from transformers")]
+    assert "GraniteDecoderLayer" in note and "1, 2 and 3 layers, scaled to 4" in note
+
+
+def test_without_torch_an_other_model_type_names_the_measure_extra(tmp_path, monkeypatch):
+    path = write_config(tmp_path, small_config("granite", 10, 2))
+    monkeypatch.setitem(sys.modules, "torch", None)  # as on a base install: `import torch` fails
+    result = CliRunner().invoke(main, ["--model", path])
+    assert result.exit_code == 2, result.output
+    assert result.output == ("Error: planning model_type 'granite' (recorded from transformers) needs torch: "
+                             "pip install 'lora-plan[measure]' (from a clone: pip install -e '.[measure]')\n")
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"model_type": "bert"}, "is not a decoder-only causal LM"),
+    ({"model_type": "bart"}, "is not a decoder-only causal LM"),
+    ({"model_type": "no_such_type"}, "is not a decoder-only causal LM"),
+    ({"num_hidden_layers": 10**6}, "num_hidden_layers"),
+    ({"hidden_size": -3}, "hidden_size"),
+])
+def test_a_config_transformers_cannot_plan_is_refused_in_one_line(tmp_path, change, message):
+    path = write_config(tmp_path, {**small_config("granite", 11, 2), **change})
+    result = CliRunner().invoke(main, ["--model", path, "--seq-len", "32"])
+    assert result.exit_code == 2, result.output
+    assert len(result.output.strip().splitlines()) == 1 and message in result.output, result.output
+
+
+def test_fit_is_refused_for_a_recorded_model(tmp_path):
+    path = write_config(tmp_path, small_config("granite", 12, 2))
+    result = CliRunner().invoke(main, ["--model", path, "--fit"])
+    assert result.exit_code == 2 and "--fit" in result.output, result.output
