@@ -432,6 +432,7 @@ def plan_recorded(model: RecordedModel, setup: TrainSetup, gpu: Gpu, fewest_only
         unsharded={"weights": sum(nf4_state_bytes(p.numel, setup.double_quant) for p in nf4)},
         flops_per_token=flops, rank=setup.rank, trainable_params=count, all_params=step.all_params,
         target_modules=step.target_modules, wrapped_modules=step.wrapped_modules,
+        adapter_formula="counted on PEFT's model built on the meta device",
         checkpoint=Term("checkpoint", adapter,
                         f"adapter_model.safetensors, {len(step.trainable)} tensors in {dtype}"),
         full_checkpoint_bytes=base, storage=checkpoint_sizes.storage_for_tasks(setup.tasks, base, adapter))

@@ -161,16 +161,17 @@ def recorded_phases(step: RecordedStep, layers: int, m: dict, sharding, temporar
         bucket = ddp_bucket_bytes(m["gradients"].bytes)
     ddp = f" + DDP gradient buckets {bucket:,} B" if bucket else ""
     qlora = f" + one dequantised weight {dequant:,} B" if dequant else ""
+    states = f"weights and optimizer states {held:,} B"
     return (
         Phase("forward", held + step.forward.at(layers) + bucket,
-              "weights + optimizer states + the recorded forward's most beside them (saved "
-              f"activations, logits, buffers, batch): {step.forward.formula(layers)}{ddp}"),
+              f"{states} + the recorded forward's most beside them (saved activations, logits, "
+              f"buffers, batch): {step.forward.formula(layers)}{ddp}"),
         Phase("backward", held + step.backward.at(layers) + dequant + bucket,
-              "weights + optimizer states + the recorded backward's most beside them (activations "
-              f"still saved, gradients so far, transients): {step.backward.formula(layers)}{qlora}{ddp}"),
+              f"{states} + the recorded backward's most beside them (activations still saved, "
+              f"gradients so far, transients): {step.backward.formula(layers)}{qlora}{ddp}"),
         Phase("optimizer", held + m["gradients"].bytes + temp + step.resident + bucket,
-              "weights + gradients + optimizer states (and any fp32 master weights) + "
-              f"{temporary.formula} + buffers and batch {step.resident:,} B{ddp}"),
+              f"{states} + gradients {m['gradients'].bytes:,} B + {temporary.formula} + buffers and "
+              f"batch {step.resident:,} B{ddp}"),
     )
 
 

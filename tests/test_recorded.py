@@ -41,6 +41,7 @@ def small_config(model_type: str, seed: int, layers: int) -> dict:
               "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
     if model_type == "falcon":  # Falcon's config names its key/value heads so, and picks its layout
         config.update(num_kv_heads=config.pop("num_key_value_heads"), new_decoder_architecture=True)
+        del config["head_dim"]  # a property of FalconConfig: hidden_size / heads
     return config
 
 
@@ -81,9 +82,15 @@ def real_counts(config: dict, setup: TrainSetup) -> tuple[int, int]:
 
 
 def check(config: dict, setup: TrainSetup) -> None:
+    import torch
+
     planned, traced, allocated, plan = planned_and_traced(config, setup)
     assert abs(planned - traced) <= 0.01 * traced, (planned, traced, plan.peak_phase)
-    assert abs(planned - allocated) <= 0.02 * allocated, (planned, allocated)
+    # on CPU, checkpointing keeps the CPU generator's state (`torch.get_rng_state()`) per layer, made
+    # outside any op: the allocator sees it, a dispatch mode (and so the recording) does not; on a
+    # GPU the state kept is the CUDA generator's few bytes
+    rng = len(torch.get_rng_state()) * config["num_hidden_layers"] if setup.grad_checkpointing else 0
+    assert abs(planned + rng - allocated) <= 0.02 * allocated, (planned, rng, allocated)
     total, trainable = real_counts(config, setup)
     assert plan.trainable_params == trainable
 
@@ -128,13 +135,14 @@ def test_a_llama_planned_from_its_recording_agrees_with_the_native_walk(method):
                      tied_embeddings=False, max_positions=2048)
     setup = TrainSetup(method=method, batch_size=2, seq_len=256)
     native = make_plan(spec, (setup,), GPUS[0]).plans[0]
-    recorded = make_plan(recorded_model(to_hf_config(spec), spec.name, "", (setup,)), (setup,), GPUS[0]).plans[0]
+    model = recorded_model(to_hf_config(spec), spec.name, "", (setup,))
+    recorded = make_plan(model, (setup,), GPUS[0]).plans[0]
     assert recorded.trainable_params == native.trainable_params
     for key in ("weights", "gradients", "master_weights", "optimizer_states"):
         assert recorded.memory[key].bytes == native.memory[key].bytes, key
     for key in ("activations", "peak"):
-        assert abs(recorded.memory[key].bytes - native.memory[key].bytes) <= 0.01 * native.memory[key].bytes, \
-            (key, recorded.memory[key].bytes, native.memory[key].bytes)
+        ours, walked = recorded.memory[key].bytes, native.memory[key].bytes
+        assert abs(ours - walked) <= 0.01 * walked, (key, ours, walked)
 
 
 def test_a_recording_is_cached_and_a_corrupt_entry_is_recorded_again(cache, monkeypatch):

@@ -64,7 +64,11 @@ def bare_model_hint(word: str) -> str:
 @click.command("plan", cls=PlanCommand, context_settings=ANY_CASE)
 @click.option("--model", "model_name", metavar="NAME|PATH|HUB-ID",
               help="Catalog name or alias (see `lora-plan models`), a local config.json or its "
-                   "folder, or a Hugging Face hub id (needs network).")
+                   "folder, or a Hugging Face hub id (needs network). A local config.json of any "
+                   "other decoder model_type transformers builds is planned from transformers' own "
+                   "code: its tensors built on the meta device, its step recorded under fake tensors "
+                   "on 1-3 layers and scaled to its depth (needs the measure extra; cached in "
+                   "~/.cache/lora-plan or $LORA_PLAN_CACHE).")
 @click.option("--params", "params_text", metavar="N",
               help="Plan a hypothetical dense model from its parameter count alone (70e9, 70B): "
                    "full fine-tuning's model states and checkpoint data.")

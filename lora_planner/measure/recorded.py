@@ -239,8 +239,10 @@ def record_step(config: dict, model_type: str, setup: TrainSetup, depths: tuple[
 
     run = traced_setup(resolve(setup))
     _check(run)
-    if run.optimizer_in_backward:
-        raise PlanError("--optimizer-in-backward is not planned for a model recorded from transformers")
+    for flag, name in ((run.optimizer_in_backward, "--optimizer-in-backward"),
+                       (run.activation_offload, "--activation-offload")):
+        if flag:  # the recorded step runs neither (`traced_step.run_step`)
+            raise PlanError(f"{name} is not planned for a model recorded from transformers")
     reports = [record_slice(config, model_type, run, d, fake)[0] for d in depths]
     trainable = trainable_tensors(config, model_type, setup)
 
