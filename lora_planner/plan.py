@@ -493,7 +493,7 @@ def make_plan(model: ModelSpec | DenseSize | RecordedModel, setups: tuple[TrainS
         notes.append("--dora with QLoRA counts the magnitude vectors only: PEFT dequantises the 4-bit "
                      "weight to form W + s*BA in every forward, which is not planned")
     if isinstance(model, RecordedModel):
-        notes.append(model.note())
+        notes += [model.note(), *model.caveats]
         if any(s.method == "qlora" for s in setups):
             notes.append("QLoRA's step is recorded as LoRA's over the 16-bit base, plus one dequantised "
                          "weight in backward; the NF4 weights are every nn.Linear but the LM head")

@@ -101,11 +101,12 @@ class RecordedModel:
     layer_class: str  # the decoder layer's class, as transformers names it
     versions: tuple[str, str]  # ("transformers X", "torch Y")
     params: tuple[Param, ...]
-    quantisable: tuple[str, ...]  # names of the nn.Linear weights QLoRA quantises (not the head)
-    matmul_params: int  # nn.Linear weights, the head's included (a tied head: the embedding's)
+    quantisable: tuple[str, ...]  # the nn.Linear (and GPT-2 Conv1D) weights QLoRA quantises, not the head
+    matmul_params: int  # nn.Linear and Conv1D weights, the head's included (a tied head: the embedding's)
     head_params: int
     max_positions: int
     steps: dict[TrainSetup, RecordedStep]
+    caveats: tuple[str, ...] = ()  # what the recording leaves out for this model, one note each
 
     @property
     def total_params(self) -> int:

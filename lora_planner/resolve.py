@@ -67,14 +67,21 @@ class OtherConfig:
     source: str
 
 
+def _other_type(model_type: str) -> bool:
+    """Whether no family of ours lays out this model_type (Gemma 3's multimodal one is read)."""
+    from .spec import MODEL_TYPE_TO_FAMILY
+
+    return model_type not in MODEL_TYPE_TO_FAMILY and model_type != "gemma3"
+
+
 def _other_config(path: str) -> OtherConfig | None:
     from pathlib import Path
 
-    from .spec import MODEL_TYPE_TO_FAMILY, _read_config_json, config_display_name
+    from .spec import _read_config_json, config_display_name
 
     config = _read_config_json(Path(path))
     model_type = config.get("model_type") if isinstance(config, dict) else None
-    if not isinstance(model_type, str) or model_type in MODEL_TYPE_TO_FAMILY or model_type == "gemma3":
+    if not isinstance(model_type, str) or not _other_type(model_type):
         return None
     return OtherConfig(config, model_type, config_display_name(Path(path), config), path)
 
@@ -93,7 +100,12 @@ def resolve_model(text: str, other_types: bool = False) -> ModelSpec | OtherConf
         if not is_hub_id(text):
             raise PlanError(f"no such file, and {text!r} is not a hub id (owner/name of ASCII "
                             "letters, digits, '-', '_', '.')")
-        return spec_from_hf_config(fetch_hub_config(text), name=text, source=text)
+        config = fetch_hub_config(text)
+        model_type = config.get("model_type") if isinstance(config, dict) else None
+        if other_types and isinstance(model_type, str) and _other_type(model_type):
+            raise PlanError(f"{text}'s model_type {model_type!r} is planned from transformers' own code "
+                            "from a local config.json only: save the hub's config.json and pass its path")
+        return spec_from_hf_config(config, name=text, source=text)
     if text.endswith(".json") or "/" in text:
         from .validate import printable
 

@@ -41,12 +41,28 @@ from ..stacks import resolve
 # Decoder layers of the slices recorded: the deepest two set the per-layer line, the first checks it
 RECORD_DEPTHS = (1, 2, 3)
 CACHE_ENV = "LORA_PLAN_CACHE"  # a folder for recordings, instead of $XDG_CACHE_HOME/lora-plan
-SCHEMA = 1  # a recording's format; a cache entry of another is recorded again
+SCHEMA = 2  # a recording's format; a cache entry of another is recorded again
 PRESET_TARGETS = {"qv": ("q_proj", "v_proj"), "attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
                   "mlp": ("gate_proj", "up_proj", "down_proj")}
 # the precision each plan precision's step is recorded in (a plain PyTorch step realises these)
 TRACED_PRECISION = {"fp32": "fp32", "amp": "amp", "pure-bf16": "pure-bf16", "mixed": "pure-bf16",
                     "bf16": "pure-bf16"}
+
+
+# Dropout probabilities a config may state (those `traced_step.run_step` sets), and of them the
+# attention's: recorded as off. A GPU's flash and memory-efficient kernels apply attention dropout
+# inside the kernel and save no mask; on CPU, SDPA with dropout falls back to math attention and
+# saves the (seq x seq) probabilities, which would overstate a GPU's step many times over.
+DROPOUT_KEYS = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "attention_dropout")
+ATTENTION_DROPOUT_KEYS = ("attn_pdrop", "attention_dropout")
+
+
+def attention_dropout(config: dict, setup: TrainSetup) -> float:
+    """The attention dropout the step would run with (the setup's, else the config's stated one)."""
+    if setup.dropout is not None:
+        return setup.dropout
+    cfg = hf_config(config, 1)
+    return max((float(getattr(cfg, k, 0.0) or 0.0) for k in ATTENTION_DROPOUT_KEYS), default=0.0)
 
 
 def cache_dir() -> Path:
@@ -82,8 +98,11 @@ def check_config(config: dict) -> str:
     # as a decoder of another model
     if (model_type not in CONFIG_MAPPING or model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
             or model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES or config.get("is_encoder_decoder")):
-        raise PlanError(f"config.json model_type {model_type!r} is not a decoder-only causal LM the "
-                        f"installed {versions()[0]} builds")
+        from ..spec import MODEL_TYPE_TO_FAMILY
+
+        raise PlanError(f"config.json model_type {model_type!r} is not supported: it is not a "
+                        f"decoder-only causal LM the installed {versions()[0]} builds, nor one of "
+                        f"{', '.join(sorted(MODEL_TYPE_TO_FAMILY))}")
     keys = {"num_hidden_layers": "num_layers", "n_layer": "num_layers", "hidden_size": "hidden_size",
             "vocab_size": "vocab_size", "num_attention_heads": "num_heads", "intermediate_size":
             "intermediate_size", "max_position_embeddings": "max_positions"}
@@ -166,8 +185,11 @@ def meta_model(config: dict, model_type: str, name: str, source: str) -> Recorde
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_config(config))
+    from transformers.pytorch_utils import Conv1D
+
     head = model.get_output_embeddings()
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    # the layers transformers' bitsandbytes integration quantises (`replace_with_bnb_linear`)
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))]
     layer_class = sorted(model._no_split_modules or [type(model).__name__])[0]
     cfg = model.config
     return RecordedModel(
@@ -224,6 +246,14 @@ def record_slice(config: dict, model_type: str, setup: TrainSetup, layers: int, 
     from .traced_step import run_step
 
     cfg = hf_config(config, layers)
+    if setup.dropout is not None:  # the setup's dropout everywhere, as `run_step` sets it...
+        for key in DROPOUT_KEYS:
+            if hasattr(cfg, key):
+                setattr(cfg, key, setup.dropout)
+        setup = setup.with_(dropout=None)
+    for key in ATTENTION_DROPOUT_KEYS:  # ...but attention's (see `ATTENTION_DROPOUT_KEYS`)
+        if hasattr(cfg, key):
+            setattr(cfg, key, 0.0)
 
     def adapt(model):
         return _peft(model, lora_config(model, model_type, setup)[0], setup)
@@ -243,7 +273,13 @@ def record_step(config: dict, model_type: str, setup: TrainSetup, depths: tuple[
                        (run.activation_offload, "--activation-offload")):
         if flag:  # the recorded step runs neither (`traced_step.run_step`)
             raise PlanError(f"{name} is not planned for a model recorded from transformers")
-    reports = [record_slice(config, model_type, run, d, fake)[0] for d in depths]
+    try:
+        reports = [record_slice(config, model_type, run, d, fake)[0] for d in depths]
+    except ValueError as exc:
+        if "does not support an attention implementation" not in str(exc):
+            raise
+        raise PlanError(f"transformers runs model_type {model_type!r} without --attention "
+                        f"{run.attention}: plan it with --attention eager") from None
     trainable = trainable_tensors(config, model_type, setup)
 
     def line(values: list[int]) -> tuple[Line, tuple[int, ...]]:
@@ -327,4 +363,15 @@ def recorded_model(config: dict, name: str, source: str, setups: tuple[TrainSetu
         first = (str(exc).strip().splitlines() or [""])[0][:300]
         raise PlanError(f"transformers could not build or run model_type {model_type!r} from this "
                         f"config: {type(exc).__name__}: {first}") from None
-    return replace(model, steps=steps)
+    caveats = []
+    if any(s.attention == "sdpa" and attention_dropout(config, s) > 0 for s in setups):
+        caveats.append("attention dropout is recorded as off: a GPU's SDPA kernels apply it inside the "
+                       "kernel, saving no mask (CPU's would fall back to math attention); other dropout "
+                       "masks are recorded at CPU's width, above a GPU's 1 B per element")
+    kinds = getattr(hf_config(config), "layer_types", None) or []
+    if len(set(kinds)) > 1:
+        seen = sorted(set(kinds[:max(RECORD_DEPTHS)]))
+        caveats.append(f"the config's layer_types mixes {', '.join(sorted(set(kinds)))} layers; the layers "
+                       f"recorded are {', '.join(seen)}, and every layer is scaled as the deepest two "
+                       "recorded")
+    return replace(model, steps=steps, caveats=tuple(caveats))
