@@ -176,10 +176,11 @@ def _assemble(method: str, gpu: Gpu, weight_terms: tuple[Term, ...], states: dic
         memory["activations"] = Term("activations", recorded.activations.at(recorded_layers),
                                      "recorded: " + recorded.activations.formula(recorded_layers))
         fields["optimizer_temporary"] = _recorded_temporary(recorded, setup)
+        whole = memory["gradients"].bytes
 
         def phases(m: dict[str, Term], sharding) -> tuple[Phase, ...]:
             return recorded_phases(recorded, recorded_layers, m, sharding, fields["optimizer_temporary"],
-                                   dequant)
+                                   dequant, whole)
         phase_bytes = None
     elif spec is None:
         memory["activations"] = no_activation_bytes()
@@ -373,6 +374,25 @@ def _recorded_temporary(step: RecordedStep, setup: TrainSetup) -> Term:
     return max(groups, key=lambda t: t.bytes)
 
 
+def _recorded_zero3(model: RecordedModel, trainable: tuple[Param, ...], setup: TrainSetup,
+                    precision: Precision) -> dict[str, Term]:
+    """ZeRO-3's run-time buffers (`sharding.zero3_buffers`) from the recorded model's tensors, as
+    `_zero3` takes them from a layout: a module's numel is its own tensors'; a trained module's, its
+    trainable tensors' (an adapter's A and B belong to the layer they wrap)."""
+    z = zero3_settings(setup, model.hidden_size)
+    modules: dict[str, int] = {}
+    for p in model.params:
+        path = p.name.rsplit(".", 1)[0]
+        modules[path] = modules.get(path, 0) + p.numel
+    trained: dict[str, int] = {}
+    for p in trainable:
+        path = p.name.split(".lora_")[0] if is_adapter(p.name) else p.name.rsplit(".", 1)[0]
+        trained[path] = trained.get(path, 0) + p.numel
+    persistent = sum(p.numel for p in model.params if p.numel <= z.param_persistence_threshold)
+    return zero3_buffers(max(modules.values()), persistent, max(trained.values(), default=0),
+                         sum(p.numel for p in trainable), precision.weight_bytes, precision.grad_bytes, z)
+
+
 def plan_recorded(model: RecordedModel, setup: TrainSetup, gpu: Gpu, fewest_only: bool = False) -> MethodPlan:
     """Any method for a model planned from its recorded step (`recorded.py`): the model states from
     the meta-device build's tensors, exactly as `plan_full` and `plan_lora` count them; activations
@@ -388,7 +408,8 @@ def plan_recorded(model: RecordedModel, setup: TrainSetup, gpu: Gpu, fewest_only
         return _assemble(
             "full", gpu,
             (dense_weight_bytes("weights_trainable", total, precision.weight_bytes, "trainable"),),
-            _states(total, params, setup, precision), setup, None, fewest_only=fewest_only,
+            _states(total, params, setup, precision), setup, None,
+            _recorded_zero3(model, params, setup, precision), fewest_only=fewest_only,
             recorded=step, recorded_layers=model.num_layers,
             flops_per_token=cost.full_flops_per_token(model.matmul_params, model.head_params, no_attention,
                                                       setup.grad_checkpointing),
@@ -426,7 +447,8 @@ def plan_recorded(model: RecordedModel, setup: TrainSetup, gpu: Gpu, fewest_only
     flops = cost.lora_flops_per_token(model.matmul_params, model.head_params, step.adapter_params,
                                       count - step.adapter_params, no_attention, setup.grad_checkpointing)
     return _assemble(
-        setup.method, gpu, tuple(weight_terms), states, setup, None, fewest_only=fewest_only,
+        setup.method, gpu, tuple(weight_terms), states, setup, None,
+        _recorded_zero3(model, step.trainable, setup, precision), fewest_only=fewest_only,
         recorded=step, recorded_layers=model.num_layers,
         dequant=dequant_transient_bytes([p.numel for p in nf4]),
         unsharded={"weights": sum(nf4_state_bytes(p.numel, setup.double_quant) for p in nf4)},
@@ -493,7 +515,9 @@ def make_plan(model: ModelSpec | DenseSize | RecordedModel, setups: tuple[TrainS
         notes.append("--dora with QLoRA counts the magnitude vectors only: PEFT dequantises the 4-bit "
                      "weight to form W + s*BA in every forward, which is not planned")
     if isinstance(model, RecordedModel):
-        notes += [model.note(), *model.caveats]
+        notes += [model.note(), *model.caveats,
+                  "GPU counts under fsdp leave out FSDP2's gather buffers, which a recorded model's "
+                  "plan does not follow layer by layer: a lower bound"]
         if any(s.method == "qlora" for s in setups):
             notes.append("QLoRA's step is recorded as LoRA's over the 16-bit base, plus one dequantised "
                          "weight in backward; the NF4 weights are every nn.Linear but the LM head")

@@ -67,7 +67,8 @@ class RecordedStep:
     - `activations`: what forward left saved for backward (the tracer's activations at its end);
     - `forward`, `backward`: the most bytes live within that phase, less the parameters and the
       optimizer states (so the plan puts its own model-state terms under them); backward's keeps
-      the gradients made so far (at its end, all of them);
+      the gradients made so far (at its end, all of them), which `backward_gradients` gives apart
+      (sharded gradients put a GPU's share in their place);
     - `resident`: buffers and the batch's token ids and labels, live through the optimizer's step.
     """
 
@@ -76,6 +77,11 @@ class RecordedStep:
     activations: Line
     forward: Line
     backward: Line
+    backward_gradients: Line  # of `backward`, the gradients live at its most
+    # backward's moment of the most bytes beside the gradients (where sharded gradients may move
+    # the peak), less the parameters and optimizer states, and the gradients live then
+    backward_other: Line
+    backward_other_gradients: Line
     resident: int
     increments: dict[str, tuple[int, ...]]  # per line: the per-layer increments seen between depths
     trainable: tuple[Param, ...]  # every trainable tensor of the whole model, adapters first
@@ -98,6 +104,7 @@ class RecordedModel:
     model_type: str
     source: str
     num_layers: int
+    hidden_size: int
     layer_class: str  # the decoder layer's class, as transformers names it
     versions: tuple[str, str]  # ("transformers X", "torch Y")
     params: tuple[Param, ...]
@@ -137,16 +144,18 @@ def recorded_fields() -> tuple[str, ...]:
     return tuple(f.name for f in fields(RecordedStep))
 
 
-def recorded_phases(step: RecordedStep, layers: int, m: dict, sharding, temporary, dequant: int = 0) -> tuple:
+def recorded_phases(step: RecordedStep, layers: int, m: dict, sharding, temporary, dequant: int = 0,
+                    whole_gradients: int = 0) -> tuple:
     """The step's moments on one GPU from its per-GPU model-state terms `m` and the recorded lines
     at `layers` layers: forward's and backward's recorded most over the weights, master weights and
-    optimizer states; the optimizer's step over those, the gradients, the optimizer's `temporary`
+    optimizer states, backward's gradients as the GPU holds them (its `m` share of the
+    `whole_gradients`); the optimizer's step over those, the gradients, the optimizer's `temporary`
     (a `Term`; divided as the optimizer states are) and the `resident` buffers and batch. `dequant`:
     QLoRA's dequantised 16-bit weight, added to backward. Under plain data parallelism on more
     than one GPU every moment gains DDP's gradient buckets (`sharding.ddp_bucket_bytes`).
 
-    Assumption: backward's recorded gradients are whole on every GPU (ZeRO-2/3 and FSDP2 shard
-    them, and gather weights into buffers not recorded here)."""
+    Assumption: the gradients live at backward's most are sharded as all of them are; FSDP2's
+    gather buffers are not recorded (ZeRO-3's are model states, `sharding.zero3_buffers`)."""
     import math
 
     from .sharding import ddp_bucket_bytes, placement
@@ -163,13 +172,28 @@ def recorded_phases(step: RecordedStep, layers: int, m: dict, sharding, temporar
     ddp = f" + DDP gradient buckets {bucket:,} B" if bucket else ""
     qlora = f" + one dequantised weight {dequant:,} B" if dequant else ""
     states = f"weights and optimizer states {held:,} B"
+
+    def on_gpu(most: Line, gradients: Line) -> tuple[int, str]:
+        """A recorded backward moment with its gradients replaced by this GPU's share of them."""
+        grads = gradients.at(layers)
+        if not whole_gradients or m["gradients"].bytes == whole_gradients:
+            return most.at(layers), ""
+        shared = math.ceil(grads * m["gradients"].bytes / whole_gradients)
+        return (most.at(layers) - grads + shared,
+                f" (of which gradients {grads:,} B, {shared:,} B on this GPU)")
+    backward, shard = on_gpu(step.backward, step.backward_gradients)
+    other, other_shard = on_gpu(step.backward_other, step.backward_other_gradients)
     return (
         Phase("forward", held + step.forward.at(layers) + bucket,
               f"{states} + the recorded forward's most beside them (saved activations, logits, "
               f"buffers, batch): {step.forward.formula(layers)}{ddp}"),
-        Phase("backward", held + step.backward.at(layers) + dequant + bucket,
+        Phase("backward", held + backward + dequant + bucket,
               f"{states} + the recorded backward's most beside them (activations still saved, "
-              f"gradients so far, transients): {step.backward.formula(layers)}{qlora}{ddp}"),
+              f"gradients so far, transients): {step.backward.formula(layers)}{shard}{qlora}{ddp}"),
+        Phase("backward", held + other + dequant + bucket,
+              f"{states} + the recorded backward's most beside the gradients (activations still "
+              f"saved, transients) and the gradients then: {step.backward_other.formula(layers)}"
+              f"{other_shard}{qlora}{ddp}"),
         Phase("optimizer", held + m["gradients"].bytes + temp + step.resident + bucket,
               f"{states} + gradients {m['gradients'].bytes:,} B + {temporary.formula} + buffers and "
               f"batch {step.resident:,} B{ddp}"),

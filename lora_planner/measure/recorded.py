@@ -41,7 +41,9 @@ from ..stacks import resolve
 # Decoder layers of the slices recorded: the deepest two set the per-layer line, the first checks it
 RECORD_DEPTHS = (1, 2, 3)
 CACHE_ENV = "LORA_PLAN_CACHE"  # a folder for recordings, instead of $XDG_CACHE_HOME/lora-plan
-SCHEMA = 2  # a recording's format; a cache entry of another is recorded again
+SCHEMA = 4  # a recording's format; a cache entry of another is recorded again
+LINES = ("activations", "forward", "backward", "backward_gradients", "backward_other",
+         "backward_other_gradients")  # `RecordedStep`'s `Line`s
 PRESET_TARGETS = {"qv": ("q_proj", "v_proj"), "attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
                   "mlp": ("gate_proj", "up_proj", "down_proj")}
 # the precision each plan precision's step is recorded in (a plain PyTorch step realises these)
@@ -194,6 +196,7 @@ def meta_model(config: dict, model_type: str, name: str, source: str) -> Recorde
     cfg = model.config
     return RecordedModel(
         name=name, model_type=model_type, source=source, num_layers=cfg.num_hidden_layers,
+        hidden_size=cfg.hidden_size,
         layer_class=layer_class, versions=versions(),
         params=tuple(Param(n, tuple(p.shape)) for n, p in model.named_parameters()),
         quantisable=tuple(f"{n}.weight" for n, m in linears if m is not head),
@@ -289,6 +292,10 @@ def record_step(config: dict, model_type: str, setup: TrainSetup, depths: tuple[
         "activations": line([r.terms["activations"] for r in reports]),
         "forward": line([r.phase_peaks["forward"] - s for r, s in zip(reports, states, strict=True)]),
         "backward": line([r.phase_peaks["backward"] - s for r, s in zip(reports, states, strict=True)]),
+        "backward_gradients": line([r.phase_peak_gradients["backward"] for r in reports]),
+        "backward_other": line([sum(r.phase_other_peaks["backward"]) - s
+                                for r, s in zip(reports, states, strict=True)]),
+        "backward_other_gradients": line([r.phase_other_peaks["backward"][1] for r in reports]),
     }
     last = reports[-1]
     return RecordedStep(
@@ -308,7 +315,7 @@ def _from_json(data: dict) -> RecordedStep:
     if set(data) != set(recorded_fields()):
         raise KeyError("fields")
     data = dict(data)
-    for k in ("activations", "forward", "backward"):
+    for k in LINES:
         data[k] = Line(int(data[k]["base"]), int(data[k]["per_layer"]))
     data["trainable"] = tuple(Param(str(n), tuple(int(d) for d in s)) for n, s in data["trainable"])
     data["depths"] = tuple(int(d) for d in data["depths"])
@@ -332,7 +339,7 @@ def cached_step(config: dict, model_type: str, setup: TrainSetup) -> RecordedSte
         pass
     step = record_step(config, model_type, setup)
     data = {f.name: getattr(step, f.name) for f in fields(step)}
-    for k in ("activations", "forward", "backward"):
+    for k in LINES:
         data[k] = asdict(data[k])
     data["trainable"] = [[p.name, list(p.shape)] for p in step.trainable]
     try:
@@ -357,8 +364,11 @@ def recorded_model(config: dict, name: str, source: str, setups: tuple[TrainSetu
             if key not in steps:
                 steps[key] = cached_step(config, model_type, key)
     except (ValueError, TypeError, KeyError, AttributeError, RuntimeError, NotImplementedError) as exc:
-        if isinstance(exc, PlanError):
-            raise
+        import traceback
+
+        where = traceback.extract_tb(exc.__traceback__)[-1].filename
+        if isinstance(exc, PlanError) or "lora_planner" in where:
+            raise  # a user's mistake said already, or a bug of ours: not transformers' refusal
         # transformers' own refusal of this config or this step, in one line
         first = (str(exc).strip().splitlines() or [""])[0][:300]
         raise PlanError(f"transformers could not build or run model_type {model_type!r} from this "
