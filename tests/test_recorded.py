@@ -21,12 +21,14 @@ from .tracing import one_thread  # noqa: F401
 pytest.importorskip("peft")
 
 
-@pytest.fixture(autouse=True)
-def cache(tmp_path, monkeypatch):
-    """Every test records into its own cache folder."""
-    folder = tmp_path / "cache"
-    monkeypatch.setenv("LORA_PLAN_CACHE", str(folder))
-    return folder
+@pytest.fixture(autouse=True, scope="module")
+def cache(tmp_path_factory):
+    """The tests of this module record into one cache folder of their own (a test that plans a
+    setup another recorded reads it back)."""
+    folder = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LORA_PLAN_CACHE", str(folder))
+        yield folder
 
 
 def small_config(model_type: str, seed: int, layers: int) -> dict:
@@ -145,9 +147,11 @@ def test_a_llama_planned_from_its_recording_agrees_with_the_native_walk(method):
         assert abs(ours - walked) <= 0.01 * walked, (key, ours, walked)
 
 
-def test_a_recording_is_cached_and_a_corrupt_entry_is_recorded_again(cache, monkeypatch):
+def test_a_recording_is_cached_and_a_corrupt_entry_is_recorded_again(tmp_path, monkeypatch):
     from lora_planner.measure import recorded
 
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("LORA_PLAN_CACHE", str(cache))
     config = small_config("helium", 8, 2)
     setup = TrainSetup(method="lora", precision="fp32", seq_len=32, stack="torch")
     first = recorded.recorded_model(config, "small", "", (setup,))
@@ -176,9 +180,11 @@ def write_config(tmp_path, config: dict):
 
 
 def test_the_plan_names_the_recording_in_a_note(tmp_path):
-    path = write_config(tmp_path, small_config("granite", 9, 4))
-    result = CliRunner().invoke(main, ["--model", path, "--seq-len", "32", "--method", "lora",
-                                       "--precision", "fp32", "--format", "json"])
+    # the setup of the granite step above: its recording is read back
+    path = write_config(tmp_path, small_config("granite", 1, 4))
+    result = CliRunner().invoke(main, ["--model", path, "--seq-len", "64", "--batch-size", "2",
+                                       "--method", "lora", "--precision", "fp32", "--stack", "torch",
+                                       "--format", "json"])
     assert result.exit_code == 0, result.output
     out = json.loads(result.output)
     assert out["model"]["family"] == "granite"

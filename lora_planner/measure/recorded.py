@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import warnings
@@ -260,9 +261,16 @@ def record_slice(config: dict, model_type: str, setup: TrainSetup, layers: int, 
 
     def adapt(model):
         return _peft(model, lora_config(model, model_type, setup)[0], setup)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # transformers' renamed checkpointing query
-        return run_step(cfg, setup, cfg.vocab_size, fake=fake, allocator=allocator, adapt=adapt)
+    # a kernel that refuses the config's shapes is reported in one line, not in fake tensors' log
+    fake_log = logging.getLogger("torch._subclasses.fake_tensor")
+    level = fake_log.level
+    fake_log.setLevel(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # transformers' renamed checkpointing query
+            return run_step(cfg, setup, cfg.vocab_size, fake=fake, allocator=allocator, adapt=adapt)
+    finally:
+        fake_log.setLevel(level)
 
 
 def record_step(config: dict, model_type: str, setup: TrainSetup, depths: tuple[int, ...] = RECORD_DEPTHS,
