@@ -246,3 +246,24 @@ def test_catalog_models_recorded_at_full_size_agree_with_the_walk(name, attentio
             assert abs(ours - walked) <= 0.01 * walked, (method, gpus, ours, walked)
             counts = {k: v for k, v in recorded.data_parallel.min_gpus.items() if k != "fsdp"}
             assert counts == {k: v for k, v in native.data_parallel.min_gpus.items() if k != "fsdp"}
+
+
+def test_a_line_is_fitted_through_the_deepest_two_recordings_and_checked_against_the_first():
+    from lora_planner.recorded import fit_line
+
+    line, steps = fit_line(1, (1_000 + 300, 1_000 + 2 * 300, 1_000 + 3 * 300))
+    assert (line.base, line.per_layer, line.at(80), steps) == (1_000, 300, 1_000 + 80 * 300, (300, 300))
+    line, steps = fit_line(1, (1_500, 1_600, 1_900))  # a first layer unlike the others
+    assert (line.base, line.per_layer, steps) == (1_000, 300, (100, 300))
+
+
+@pytest.mark.slow
+def test_mixed_layer_types_are_named_in_a_note(tmp_path):
+    """Cohere 2's layers alternate sliding and full attention (every 4th full): the first three
+    recorded are sliding ones, and the plan says so."""
+    path = write_config(tmp_path, {**small_config("cohere2", 13, 8), "sliding_window": 16})
+    result = CliRunner().invoke(main, ["--model", path, "--seq-len", "64", "--method", "lora",
+                                       "--format", "json"])
+    assert result.exit_code == 0, result.output
+    notes = json.loads(result.output)["notes"]
+    assert any("layer_types mixes full_attention, sliding_attention" in n for n in notes), notes
