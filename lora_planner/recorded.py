@@ -52,7 +52,7 @@ def fit_line(first: int, values: tuple[int, ...]) -> tuple[Line, tuple[int, ...]
     Assumption: every decoder layer adds the same bytes; the deepest two recordings set the line
     (the first layer may differ: its input needs no gradient)."""
     steps = tuple(b - a for a, b in zip(values, values[1:], strict=False))
-    slope = steps[-1]
+    slope = steps[-1] if steps else 0  # one recording: a model of one layer, recorded whole
     deepest = first + len(values) - 1
     return Line(values[-1] - slope * deepest, slope), steps
 
@@ -128,10 +128,11 @@ class RecordedModel:
 
     def note(self) -> str:
         depths = sorted({d for s in self.steps.values() for d in s.depths})
-        shown = ", ".join(map(str, depths[:-1])) + f" and {depths[-1]}"
+        shown = (", ".join(map(str, depths[:-1])) + f" and {depths[-1]} layers, scaled to {self.num_layers}"
+                 if len(depths) > 1 else "the whole model of 1 layer")
         note = (f"activations recorded from {self.versions[0]}'s {self.layer_class} under fake tensors "
-                f"({self.versions[1]}, CPU kernels), {shown} layers, scaled to {self.num_layers}; "
-                "parameters from a meta-device build of the real class")
+                f"({self.versions[1]}, CPU kernels), {shown}; parameters from a meta-device build of "
+                "the real class")
         irregular = sorted({k for s in self.steps.values() for k in s.irregular()})
         if irregular:
             note += (f"; the per-layer increment of {', '.join(irregular)} was not constant across "

@@ -47,9 +47,10 @@ def small_config(model_type: str, seed: int, layers: int) -> dict:
     return config
 
 
-def planned_and_traced(config: dict, setup: TrainSetup) -> tuple[int, int, int, object]:
-    """(planned peak, the tracer's peak, the allocator's peak, the plan) of the setup's step on the
-    whole small model, planned from the recording and run for real on CPU."""
+def planned_and_traced(config: dict, setup: TrainSetup) -> tuple[int, int, int, object, object]:
+    """(planned peak, the tracer's peak, the allocator's peak, the plan, the tracer's report) of the
+    setup's step on the whole small model, planned from the recording and run for real on CPU; the
+    planned peak with the CPU's optimizer step counters (see below)."""
     from lora_planner.measure.recorded import record_slice, recorded_model, traced_setup
     from lora_planner.stacks import resolve
 
@@ -62,7 +63,7 @@ def planned_and_traced(config: dict, setup: TrainSetup) -> tuple[int, int, int, 
         planned += 4 * len(model.step(setup).trainable)
     report, reading = record_slice(config, config["model_type"], traced_setup(setup),
                                    config["num_hidden_layers"], fake=False, allocator=True)
-    return planned, report.peak_bytes, reading.peak_bytes, plan
+    return planned, report.peak_bytes, reading.peak_bytes, plan, report
 
 
 def real_counts(config: dict, setup: TrainSetup) -> tuple[int, int]:
@@ -86,8 +87,13 @@ def real_counts(config: dict, setup: TrainSetup) -> tuple[int, int]:
 def check(config: dict, setup: TrainSetup) -> None:
     import torch
 
-    planned, traced, allocated, plan = planned_and_traced(config, setup)
+    planned, traced, allocated, plan, report = planned_and_traced(config, setup)
     assert abs(planned - traced) <= 0.01 * traced, (planned, traced, plan.peak_phase)
+    # model states byte for byte (the CPU's step counters as `planned_and_traced` adds them)
+    counters = planned - plan.memory["peak"].bytes
+    assert plan.memory["weights"].bytes == report.terms["parameters"]
+    assert plan.memory["gradients"].bytes == report.terms["gradients"]
+    assert plan.memory["optimizer_states"].bytes + counters == report.terms["optimizer_states"]
     # on CPU, checkpointing keeps the CPU generator's state (`torch.get_rng_state()`) per layer, made
     # outside any op: the allocator sees it, a dispatch mode (and so the recording) does not; on a
     # GPU the state kept is the CUDA generator's few bytes
@@ -104,7 +110,8 @@ def test_a_granite_lora_step_is_planned_within_a_percent_of_its_real_trace():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model_type, seed, layers", [("granite", 2, 6), ("starcoder2", 3, 5),
-                                                      ("falcon", 4, 4), ("starcoder2", 5, 4)])
+                                                      ("falcon", 4, 4), ("starcoder2", 5, 4),
+                                                      ("helium", 6, 1)])
 @pytest.mark.parametrize("method, precision, checkpointing", [("full", "fp32", False),
                                                              ("lora", "pure-bf16", False),
                                                              ("lora", "fp32", True)])

@@ -273,9 +273,12 @@ def record_slice(config: dict, model_type: str, setup: TrainSetup, layers: int, 
         fake_log.setLevel(level)
 
 
-def record_step(config: dict, model_type: str, setup: TrainSetup, depths: tuple[int, ...] = RECORD_DEPTHS,
+def record_step(config: dict, model_type: str, setup: TrainSetup, depths: tuple[int, ...] | None = None,
                 fake: bool = True) -> RecordedStep:
-    """One setup's step recorded at each of `depths` (consecutive) layers and fitted per layer."""
+    """One setup's step recorded at each of `depths` (consecutive) layers and fitted per layer;
+    by default `RECORD_DEPTHS`, those of them the model has (a model of one layer is recorded whole)."""
+    if depths is None:
+        depths = tuple(d for d in RECORD_DEPTHS if d <= hf_config(config).num_hidden_layers)
     from .traced_step import _check
 
     run = traced_setup(resolve(setup))
