@@ -123,6 +123,15 @@ def test_other_families_are_planned_within_a_percent_of_their_real_trace(model_t
     check(small_config(model_type, seed, layers), setup)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("changes", [{"use_dora": True}, {"modules_to_save": ("lm_head",), "bias": "all"},
+                                     {"loss": "chunked", "loss_chunks": 4}, {"packing": True}])
+def test_peft_options_and_stack_choices_are_recorded_as_run(changes):
+    setup = TrainSetup(method="lora", precision="fp32", batch_size=2, seq_len=64, stack="torch",
+                       targets=("all-linear",), **changes)
+    check(small_config("starcoder2", 14, 4), setup)
+
+
 def test_the_plan_counts_the_parameters_transformers_builds():
     from lora_planner.measure.recorded import meta_model
 

@@ -173,12 +173,38 @@ def lora_config(model, model_type: str, setup: TrainSetup):
 def _peft(model, config, setup: TrainSetup):
     from .traced_step import apply_lora
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _fake_deepcopy():
         warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
         try:
             return apply_lora(model, config, setup)
         except ValueError as exc:  # PEFT's: a target that matches nothing, a module it cannot wrap
             raise PlanError(f"PEFT refused the targets: {str(exc).splitlines()[0]}") from None
+
+
+def _fake_deepcopy():
+    """PEFT copies each of modules_to_save with `copy.deepcopy`, which would give a fake tensor a
+    fake mode of its own that the step's cannot mix with (and whose collection crashes torch): while
+    PEFT runs, a module's fake tensors are copied as fresh ones of the same shapes and dtypes made in
+    the mode running now (their values do not matter to memory)."""
+    import copy
+    from unittest import mock
+
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    deepcopy = copy.deepcopy
+
+    def fresh(t):
+        made = torch.empty(t.shape, dtype=t.dtype)
+        return torch.nn.Parameter(made, requires_grad=t.requires_grad) if isinstance(t, torch.nn.Parameter) \
+            else made
+
+    def copied(obj, memo=None, _nil=None):
+        if isinstance(obj, torch.nn.Module) and memo is None:
+            tensors = [*obj.parameters(), *obj.buffers()]
+            memo = {id(t): fresh(t) for t in tensors if isinstance(t, FakeTensor)}
+        return deepcopy(obj, memo)
+    return mock.patch.object(copy, "deepcopy", copied)
 
 
 def meta_model(config: dict, model_type: str, name: str, source: str) -> RecordedModel:
@@ -210,11 +236,19 @@ def trainable_tensors(config: dict, model_type: str, setup: TrainSetup) -> dict:
     """The trainable tensors of the whole model under the setup (PEFT applied on the meta device
     for LoRA), adapters first; PEFT's counts beside them."""
     import torch
-    from peft.tuners.lora import LoraLayer
+    from torch._subclasses.fake_tensor import FakeTensorMode
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf_config(config))
+    # DoRA's magnitude starts as the norm of the weight, which a meta tensor cannot give: fake ones can
+    place = FakeTensorMode() if setup.use_dora and setup.method != "full" else torch.device("meta")
+    with place:
+        return _trainable_of(AutoModelForCausalLM.from_config(hf_config(config)), model_type, setup)
+
+
+def _trainable_of(model, model_type: str, setup: TrainSetup) -> dict:
+    """`trainable_tensors` of a model already built (on the meta device or under fake tensors)."""
+    from peft.tuners.lora import LoraLayer
+
     if setup.method == "full":
         params = tuple(Param(n, tuple(p.shape)) for n, p in model.named_parameters())
         return {"trainable": params, "adapter_params": 0, "wrapped_modules": 0, "target_modules": (),
@@ -282,7 +316,13 @@ def record_step(config: dict, model_type: str, setup: TrainSetup, depths: tuple[
     from .traced_step import _check
 
     run = traced_setup(resolve(setup))
-    _check(run)
+    if run.loss == "fused-linear":
+        raise PlanError("--loss fused-linear runs Liger's Triton kernel, which a step recorded on CPU "
+                        "cannot run: plan --loss standard or chunked for this model")
+    try:
+        _check(run)
+    except PlanError as exc:
+        raise PlanError(f"recording the step: {exc}") from None
     for flag, name in ((run.optimizer_in_backward, "--optimizer-in-backward"),
                        (run.activation_offload, "--activation-offload")):
         if flag:  # the recorded step runs neither (`traced_step.run_step`)
