@@ -274,12 +274,24 @@ def test_a_line_is_fitted_through_the_deepest_two_recordings_and_checked_against
 
 
 @pytest.mark.slow
-def test_mixed_layer_types_are_named_in_a_note(tmp_path):
-    """Cohere 2's layers alternate sliding and full attention (every 4th full): the first three
-    recorded are sliding ones, and the plan says so."""
-    path = write_config(tmp_path, {**small_config("cohere2", 13, 8), "sliding_window": 16})
-    result = CliRunner().invoke(main, ["--model", path, "--seq-len", "64", "--method", "lora",
-                                       "--format", "json"])
+@pytest.mark.parametrize("model_type, precision", [("cohere2", "fp32"), ("qwen3_next", "pure-bf16")])
+def test_layers_of_several_kinds_are_recorded_kind_by_kind(tmp_path, model_type, precision):
+    """Cohere 2 mixes sliding and full attention layers (every 4th full); Qwen3-Next linear
+    attention (gated delta rule) and full attention layers, over fused experts (whose fake grouped
+    matmul takes bf16 only). The first three layers are of one kind: each kind is recorded on its
+    own, the plan held to the real step at full depth and the note saying so."""
+    config = {**small_config(model_type, 13, 8), "sliding_window": 16}
+    if model_type == "qwen3_next":
+        config.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=32, linear_num_value_heads=2, linear_num_key_heads=2,
+                      linear_key_head_dim=8, linear_value_head_dim=8)
+    for method in ("full", "lora"):
+        check(config, TrainSetup(method=method, precision=precision, batch_size=2, seq_len=96, stack="torch",
+                                 targets=("all-linear",)))
+    result = CliRunner().invoke(main, ["--model", write_config(tmp_path, config), "--seq-len", "96",
+                                       "--batch-size", "2", "--method", "lora", "--precision", precision,
+                                       "--stack", "torch", "--targets", "all-linear", "--format", "json"])
     assert result.exit_code == 0, result.output
     notes = json.loads(result.output)["notes"]
-    assert any("layer_types mixes full_attention, sliding_attention" in n for n in notes), notes
+    assert any("layer_types mixes layer kinds (" in n and "each kind is recorded on its own" in n
+               for n in notes), notes

@@ -42,7 +42,7 @@ from ..stacks import resolve
 # Decoder layers of the slices recorded: the deepest two set the per-layer line, the first checks it
 RECORD_DEPTHS = (1, 2, 3)
 CACHE_ENV = "LORA_PLAN_CACHE"  # a folder for recordings, instead of $XDG_CACHE_HOME/lora-plan
-SCHEMA = 4  # a recording's format; a cache entry of another is recorded again
+SCHEMA = 5  # a recording's format; a cache entry of another is recorded again
 LINES = ("activations", "forward", "backward", "backward_gradients", "backward_other",
          "backward_other_gradients")  # `RecordedStep`'s `Line`s
 PRESET_TARGETS = {"qv": ("q_proj", "v_proj"), "attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
@@ -279,11 +279,14 @@ def traced_setup(setup: TrainSetup) -> TrainSetup:
 
 
 def record_slice(config: dict, model_type: str, setup: TrainSetup, layers: int, fake: bool = True,
-                 allocator: bool = False):
-    """The tracer's report (and allocator reading) of the setup's step on the first `layers` layers."""
+                 kind: str | None = None, allocator: bool = False):
+    """The tracer's report (and allocator reading) of the setup's step on the first `layers` layers
+    (with `kind`, every one of them of that kind of `layer_types`)."""
     from .traced_step import run_step
 
     cfg = hf_config(config, layers)
+    if kind is not None:
+        cfg.layer_types = [kind] * layers
     if setup.dropout is not None:  # the setup's dropout everywhere, as `run_step` sets it...
         for key in DROPOUT_KEYS:
             if hasattr(cfg, key):
@@ -327,32 +330,63 @@ def record_step(config: dict, model_type: str, setup: TrainSetup, depths: tuple[
                        (run.activation_offload, "--activation-offload")):
         if flag:  # the recorded step runs neither (`traced_step.run_step`)
             raise PlanError(f"{name} is not planned for a model recorded from transformers")
+    kinds = layer_kinds(config)
     try:
-        reports = [record_slice(config, model_type, run, d, fake)[0] for d in depths]
+        # a model whose layers are of more than one kind: each kind recorded on its own
+        recorded = {kind: [record_slice(config, model_type, run, d, fake, kind)[0] for d in depths]
+                    for kind in dict.fromkeys(kinds or [None])}
     except ValueError as exc:
         if "does not support an attention implementation" not in str(exc):
             raise
         raise PlanError(f"transformers runs model_type {model_type!r} without --attention "
                         f"{run.attention}: plan it with --attention eager") from None
-    trainable = trainable_tensors(config, model_type, setup)
-
-    def line(values: list[int]) -> tuple[Line, tuple[int, ...]]:
-        return fit_line(depths[0], tuple(values))
-    states = [r.terms["parameters"] + r.terms["optimizer_states"] for r in reports]
-    lines = {
-        "activations": line([r.terms["activations"] for r in reports]),
-        "forward": line([r.phase_peaks["forward"] - s for r, s in zip(reports, states, strict=True)]),
-        "backward": line([r.phase_peaks["backward"] - s for r, s in zip(reports, states, strict=True)]),
-        "backward_gradients": line([r.phase_peak_gradients["backward"] for r in reports]),
-        "backward_other": line([sum(r.phase_other_peaks["backward"]) - s
-                                for r, s in zip(reports, states, strict=True)]),
-        "backward_other_gradients": line([r.phase_other_peaks["backward"][1] for r in reports]),
-    }
-    last = reports[-1]
+    lines = _combined({kind: _lines(reports, depths[0]) for kind, reports in recorded.items()}, kinds)
+    last = next(iter(recorded.values()))[-1]
     return RecordedStep(
         traced_precision=run.precision, depths=depths, resident=last.terms["buffers"] + last.terms["inputs"],
-        increments={k: v[1] for k, v in lines.items()}, **{k: v[0] for k, v in lines.items()},
-        **trainable)
+        increments={k: v[1] for k, v in lines.items()},
+        **{k: v[0] for k, v in lines.items() if k in LINES},
+        **trainable_tensors(config, model_type, setup))
+
+
+def layer_kinds(config: dict) -> list[str]:
+    """The config's `layer_types` (one kind per decoder layer) when it names more than one kind."""
+    kinds = getattr(hf_config(config), "layer_types", None) or []
+    return list(kinds) if len(set(kinds)) > 1 else []
+
+
+def _lines(reports: list, first: int) -> dict[str, tuple[Line, tuple[int, ...]]]:
+    """Each `LINES` quantity of the step, read from the reports of slices of `first`, `first` + 1,
+    ... layers and fitted per layer (`fit_line`), with the increments seen."""
+    states = [r.terms["parameters"] + r.terms["optimizer_states"] for r in reports]
+    values = {
+        "activations": [r.terms["activations"] for r in reports],
+        "forward": [r.phase_peaks["forward"] - s for r, s in zip(reports, states, strict=True)],
+        "backward": [r.phase_peaks["backward"] - s for r, s in zip(reports, states, strict=True)],
+        "backward_gradients": [r.phase_peak_gradients["backward"] for r in reports],
+        "backward_other": [sum(r.phase_other_peaks["backward"]) - s
+                           for r, s in zip(reports, states, strict=True)],
+        "backward_other_gradients": [r.phase_other_peaks["backward"][1] for r in reports],
+    }
+    return {k: fit_line(first, tuple(v)) for k, v in values.items()}
+
+
+def _combined(by_kind: dict, kinds: list[str]) -> dict[str, tuple[Line, tuple[int, ...]]]:
+    """One kind's lines as they are; several kinds' as the line of the first layer's kind with
+    every other layer's difference in per-layer bytes put in its base:
+    base(first kind) + sum over kinds of (its layers) x (its per-layer bytes), at the model's depth.
+    Each kind's increments are kept (as "name (kind)" for the others) to check them apart."""
+    if not kinds:
+        return next(iter(by_kind.values()))
+    first = by_kind[kinds[0]]
+    lines = {}
+    for name, (line, steps) in first.items():
+        extra = sum(kinds.count(kind) * (lines_of[name][0].per_layer - line.per_layer)
+                    for kind, lines_of in by_kind.items())
+        lines[name] = (Line(line.base + extra, line.per_layer), steps)
+        lines.update({f"{name} ({kind})": ((), lines_of[name][1])
+                      for kind, lines_of in by_kind.items() if kind != kinds[0]})
+    return lines
 
 
 def _key(config: dict, setup: TrainSetup) -> str:
@@ -429,10 +463,10 @@ def recorded_model(config: dict, name: str, source: str, setups: tuple[TrainSetu
         caveats.append("attention dropout is recorded as off: a GPU's SDPA kernels apply it inside the "
                        "kernel, saving no mask (CPU's would fall back to math attention); other dropout "
                        "masks are recorded at CPU's width, above a GPU's 1 B per element")
-    kinds = getattr(hf_config(config), "layer_types", None) or []
-    if len(set(kinds)) > 1:
-        seen = sorted(set(kinds[:max(RECORD_DEPTHS)]))
-        caveats.append(f"the config's layer_types mixes {', '.join(sorted(set(kinds)))} layers; the layers "
-                       f"recorded are {', '.join(seen)}, and every layer is scaled as the deepest two "
-                       "recorded")
+    kinds = layer_kinds(config)
+    if kinds:
+        counts = ", ".join(f"{kinds.count(k)} {k}" for k in dict.fromkeys(kinds))
+        caveats.append(f"the config's layer_types mixes layer kinds ({counts}): each kind is recorded on "
+                       "its own and its per-layer bytes counted for its layers; the moments of the peak "
+                       f"are those of the first layer's kind ({kinds[0]})")
     return replace(model, steps=steps, caveats=tuple(caveats))
