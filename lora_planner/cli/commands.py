@@ -167,10 +167,10 @@ def plan_output(model_name, params_text, methods, ranks, targets, precision, opt
         model = resolve_model(model_name, other_types=True)
         default_methods = METHODS
     chosen = check_methods(tuple(m.lower() for m in split_values(methods)) or default_methods)
-    other = _other_config(model)
+    context = _other_context(model)
     if seq_len is None:
         seq_len = (default_seq_len(model) if isinstance(model, ModelSpec) else
-                   min(DEFAULT_SEQ_LEN, other.max_positions) if other else DEFAULT_SEQ_LEN)
+                   min(DEFAULT_SEQ_LEN, context) if context else DEFAULT_SEQ_LEN)
     gpu = get_gpu(gpu_name)
     if gpu_mem:
         gpu = with_memory(gpu, gpu_mem, keep_kind=gpu_given)
@@ -192,7 +192,8 @@ def plan_output(model_name, params_text, methods, ranks, targets, precision, opt
             setups.append(base.with_(method="full"))
         else:
             setups += [base.with_(method=m, rank=r) for r in rank_list]
-    if other is not None:
+    recorded = context is not None
+    if recorded:
         model = _recorded(model, tuple(setups), fit)
     fewest = None
     if base.num_gpus is None and (base.sharding != "none" or base.offload != "none"):
@@ -203,31 +204,24 @@ def plan_output(model_name, params_text, methods, ranks, targets, precision, opt
     plan = _with_rank_notes(plan, model)
     from ..advice import advise  # what to change when a method does not fit, each re-planned
 
-    if other is None:  # each change advice tries would be a recording of its own
+    if not recorded:  # each change advice tries would be a recording of its own
         plan = advise(plan, model, tuple(setups), gpu)
     if fit:
         plan = _with_fit(plan, model, tuple(setups), gpu)
     return render(plan, fmt, units, explain)
 
 
-class _Other:
-    """What `plan` needs to know of a config.json of another model_type before recording it."""
-
-    def __init__(self, max_positions: int) -> None:
-        self.max_positions = max_positions
-
-
-def _other_config(model) -> _Other | None:
-    """For a config.json of a model_type none of our families lays out: its context (for the
-    default --seq-len); None for any other model."""
+def _other_context(model) -> int | None:
+    """For a config.json of a model_type none of our families lays out (`resolve.OtherConfig`): its
+    context, for the default --seq-len; None for any other model."""
     from ..resolve import OtherConfig
     from ..validate import whole_number
 
     if not isinstance(model, OtherConfig):
         return None
     positions = model.config.get("max_position_embeddings")
-    return _Other(DEFAULT_SEQ_LEN if positions is None else
-                  whole_number("config.json max_position_embeddings", positions, 1, 10**9))
+    return DEFAULT_SEQ_LEN if positions is None else whole_number(
+        "config.json max_position_embeddings", positions, 1, 10**9)
 
 
 def _recorded(other, setups, fit):
