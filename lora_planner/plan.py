@@ -16,23 +16,31 @@ from .memory import (
     activation_term,
     adafactor_temporary_term,
     dense_weight_bytes,
+    dequant_term,
     device_overhead_term,
     gradient_bytes,
     master_weight_bytes,
     no_activation_bytes,
     optimizer_bytes,
     optimizer_temporary_term,
+    paged_optimizer_term,
     peak_bytes,
     quantized_weight_bytes,
     timeline_peak_term,
 )
-from .optimizers import check_optimizer
+from .optimizers import PAGED_OPTIMIZERS, check_optimizer
 from .precision import DTYPE_BYTES, Precision, get_precision, weight_dtype
-from .quant import dequant_transient_bytes, nf4_state_bytes, quantised_params
+from .quant import (
+    nf4_state_bytes,
+    quant_notes,
+    quantised_params,
+    torchao_replicated_bytes,
+)
 from .recorded import RecordedModel, RecordedStep, is_adapter, recorded_phases
 from .sharding import (
     DataParallel,
     distribute,
+    placement,
     sharding_notes,
     sharding_of,
     step_phase_bytes_on_gpu,
@@ -41,7 +49,7 @@ from .sharding import (
     zero3_settings,
 )
 from .spec import DenseSize, ModelSpec, TrainSetup
-from .step import input_gradient_skips, predict_step
+from .step import input_gradient_skips, predict_step, qlora_conditions
 from .timeline import Phase, peak_phase
 
 METHODS = ("full", "lora", "qlora")
@@ -74,6 +82,9 @@ class MethodPlan:
     adapter_formula: str = ""  # how trainable_params is made, by kind of wrapped module
     fits: bool = False  # the fit rule for the planned step: one GPU, or one of --num-gpus
     optimizer_temporary: Term | None = None  # the optimizer step's temporary (whole model)
+    dequant_transient: Term | None = None  # QLoRA: one 4-bit weight's dequantisation (whole model)
+    # a bitsandbytes paged optimizer's states in CUDA unified memory, per GPU: not in `memory`
+    paged_optimizer_states: Term | None = None
     activation_cpu_bytes: int = 0  # checkpointed layer inputs in CPU memory (--activation-offload)
     # per-GPU allocator peak on the GPUs shown (`device_overhead` is on it): the peak on one GPU or
     # one of --num-gpus, or without --num-gpus on one of the fewest `gpus_needed` when that is > 1
@@ -194,6 +205,7 @@ def _assemble(method: str, gpu: Gpu, weight_terms: tuple[Term, ...], states: dic
         predicted = predict_step(spec, setup, precision, {k: t.bytes for k, t in memory.items()})
         memory["activations"] = activation_term(predicted.profile)
         fields["optimizer_temporary"] = predicted.temporary
+        fields["dequant_transient"] = predicted.dequant
         fields["activation_cpu_bytes"] = predicted.profile.cpu_bytes
 
         def phases(m: dict[str, Term], sharding) -> tuple[Phase, ...]:
@@ -204,6 +216,8 @@ def _assemble(method: str, gpu: Gpu, weight_terms: tuple[Term, ...], states: dic
     placed = distribute(memory, sharding_of(setup.num_gpus, setup.sharding, setup.offload), buffers,
                         largest_fitting_peak(gpu), phases, phase_bytes, unsharded, fewest_only)
     memory = dict(placed.per_gpu)
+    if fields.get("paged_optimizer_states") is not None and placed.sharding is not None:
+        fields["paged_optimizer_states"] = paged_on_gpu(fields["paged_optimizer_states"], placed.sharding)
     top = peak_phase(phases(memory, placed.sharding))
     if spec is None and recorded is None:
         memory["peak"] = peak_bytes(memory[k] for k in MEMORY_KEYS[:-1])
@@ -221,6 +235,16 @@ def _assemble(method: str, gpu: Gpu, weight_terms: tuple[Term, ...], states: dic
                       fits=fits(top.bytes, gpu), peak_phase=phase,
                       device_overhead=device_overhead_term(shown, gpu.name), data_parallel=placed,
                       per_gpu_peak=shown, **fields)
+
+
+def paged_on_gpu(term: Term, sharding) -> Term:
+    """A paged optimizer's states on one GPU: where the optimizer states are placed
+    (`sharding.placement`): whole when replicated, 1/N when sharded, none when offloaded."""
+    where = placement("optimizer_states", sharding)
+    n = sharding.num_gpus
+    share = 0 if where == "cpu" else -(-term.bytes // n) if where == "sharded" else term.bytes
+    how = {"cpu": "offloaded: 0 on the GPU", "sharded": f"/ {n} GPUs", "replicated": "on every GPU"}[where]
+    return Term(term.name, share, f"{term.formula}; {how} = {share:,} B")
 
 
 @lru_cache(maxsize=32)
@@ -256,6 +280,7 @@ def plan_full(spec: ModelSpec, setup: TrainSetup, gpu: Gpu, fewest_only: bool = 
         flops_per_token=cost.full_flops_per_token(
             *_matmul_params(spec, setup.task, setup.num_labels),
             cost.attention_forward_flops(spec, _attended(setup)), setup.grad_checkpointing),
+        paged_optimizer_states=paged_optimizer_term(setup.optimizer, params),
         rank=None, trainable_params=total, all_params=total, target_modules=(),
         wrapped_modules=0,
         checkpoint=Term("checkpoint", ckpt, f"safetensors, {len(params)} tensors in {dtype}"),
@@ -279,7 +304,11 @@ def plan_lora(spec: ModelSpec, setup: TrainSetup, gpu: Gpu, fewest_only: bool = 
         quantised = quantised_params(arch, trainable, setup.quantize_experts)
         nf4 = [p for p in frozen if p.name in quantised]
         frozen = [p for p in frozen if p.name not in quantised]
-        weight_terms.append(quantized_weight_bytes(nf4, setup.double_quant))
+        if setup.quant_backend == "torchao" and not setup.double_quant:
+            raise PlanError("--no-double-quant: torchao's NF4Tensor always quantises its block scalers "
+                            "(to_nf4); drop it or plan --quant-backend bnb")
+        weight_terms.append(quantized_weight_bytes(nf4, setup.double_quant, setup.quant_backend,
+                                                   precision.weight_bytes))
     frozen_numel = sum(p.numel for p in frozen)
     weight_terms.append(dense_weight_bytes("weights_frozen", frozen_numel, precision.weight_bytes, "frozen"))
     fp32 = fp32_adapters(setup.method, precision, setup.adapter_dtype)
@@ -316,9 +345,9 @@ def plan_lora(spec: ModelSpec, setup: TrainSetup, gpu: Gpu, fewest_only: bool = 
         states, setup, spec,
         _zero3(spec, setup, arch, precision, {a.module.path: a.numel for a in trainable.adapters},
                trainable.count),
-        # NF4 quantisation state: module attributes, never sharded
-        unsharded={"weights": sum(nf4_state_bytes(p.numel, setup.double_quant) for p in nf4)},
+        unsharded={"weights": unsharded_quant_state(nf4, setup)},
         flops_per_token=flops,
+        paged_optimizer_states=paged_optimizer_term(setup.optimizer, trainable.params),
         rank=setup.rank, trainable_params=trainable.count,
         all_params=arch.total_params + trainable.adapter_count + trainable.saved_module_count,
         target_modules=trainable.target_names, wrapped_modules=len(trainable.adapters),
@@ -329,6 +358,17 @@ def plan_lora(spec: ModelSpec, setup: TrainSetup, gpu: Gpu, fewest_only: bool = 
         storage=checkpoint_sizes.storage_for_tasks(setup.tasks, base, adapter),
         fewest_only=fewest_only,
     )
+
+
+def unsharded_quant_state(nf4: list[Param], setup: TrainSetup) -> int:
+    """The part of the 4-bit base no sharding strategy shards. bitsandbytes keeps each layer's
+    quantisation state in `quant_state`, a module attribute, not a parameter: every GPU holds it
+    whole (`quant.nf4_state_bytes`). torchao 0.18.0's NF4Tensor shards its scalers with its codes
+    (`nf4_tensor.py`, `nf4_split` / `nf4_all_gather_into_tensor`), all but its mean and code table
+    (`quant.torchao_replicated_bytes`)."""
+    if setup.quant_backend == "torchao":
+        return len(nf4) * torchao_replicated_bytes(get_precision(setup.precision).weight_bytes)
+    return sum(nf4_state_bytes(p.numel, setup.double_quant) for p in nf4)
 
 
 def plan_dense(size: DenseSize, setup: TrainSetup, gpu: Gpu, fewest_only: bool = False) -> MethodPlan:
@@ -348,6 +388,7 @@ def plan_dense(size: DenseSize, setup: TrainSetup, gpu: Gpu, fewest_only: bool =
         (dense_weight_bytes("weights_trainable", n, precision.weight_bytes, "trainable"),),
         _states(n, params, setup, precision, tensors_known=False), setup, None,
         flops_per_token=cost.dense_flops_per_token(n, setup.grad_checkpointing),
+        paged_optimizer_states=paged_optimizer_term(setup.optimizer, params),
         rank=None, trainable_params=n, all_params=n, target_modules=(), wrapped_modules=0,
         checkpoint=Term("checkpoint", ckpt, f"{n:,} x {DTYPE_BYTES[dtype]} B ({dtype}), tensor data only"),
         full_checkpoint_bytes=ckpt,
@@ -393,6 +434,15 @@ def _recorded_zero3(model: RecordedModel, trainable: tuple[Param, ...], setup: T
                          sum(p.numel for p in trainable), precision.weight_bytes, precision.grad_bytes, z)
 
 
+def _check_recorded_qlora(setup: TrainSetup, precision: Precision) -> None:
+    """A recorded QLoRA step is LoRA's over the 16-bit base: a 4-bit layer that keeps its input for
+    backward (bitsandbytes before 0.43.2, `quant.nf4_saved_input_bytes`) is not in the recording."""
+    if qlora_conditions(setup, precision).get("nf4_saved_input"):
+        raise PlanError(f"bitsandbytes {setup.bnb_version} keeps each 4-bit layer's input for backward, "
+                        "which a model recorded from transformers does not count: plan a release from "
+                        "0.43.2 on")
+
+
 def plan_recorded(model: RecordedModel, setup: TrainSetup, gpu: Gpu, fewest_only: bool = False) -> MethodPlan:
     """Any method for a model planned from its recorded step (`recorded.py`): the model states from
     the meta-device build's tensors, exactly as `plan_full` and `plan_lora` count them; activations
@@ -413,6 +463,7 @@ def plan_recorded(model: RecordedModel, setup: TrainSetup, gpu: Gpu, fewest_only
             recorded=step, recorded_layers=model.num_layers,
             flops_per_token=cost.full_flops_per_token(model.matmul_params, model.head_params, no_attention,
                                                       setup.grad_checkpointing),
+            paged_optimizer_states=paged_optimizer_term(setup.optimizer, params),
             rank=None, trainable_params=total, all_params=total, target_modules=(), wrapped_modules=0,
             checkpoint=Term("checkpoint", base, f"safetensors, {len(params)} tensors in {base_dtype}"),
             full_checkpoint_bytes=base, storage=checkpoint_sizes.storage_for_tasks(setup.tasks, base, base))
@@ -421,10 +472,12 @@ def plan_recorded(model: RecordedModel, setup: TrainSetup, gpu: Gpu, fewest_only
     weight_terms: list[Term] = []
     nf4: list[Param] = []
     if setup.method == "qlora":
+        _check_recorded_qlora(setup, precision)
         quantisable = set(model.quantisable)
         nf4 = [p for p in frozen if p.name in quantisable]
         frozen = [p for p in frozen if p.name not in quantisable]
-        weight_terms.append(quantized_weight_bytes(nf4, setup.double_quant))
+        weight_terms.append(quantized_weight_bytes(nf4, setup.double_quant, setup.quant_backend,
+                                                   precision.weight_bytes))
     weight_terms.append(dense_weight_bytes("weights_frozen", sum(p.numel for p in frozen),
                                            precision.weight_bytes, "frozen"))
     count = sum(p.numel for p in step.trainable)
@@ -450,8 +503,9 @@ def plan_recorded(model: RecordedModel, setup: TrainSetup, gpu: Gpu, fewest_only
         setup.method, gpu, tuple(weight_terms), states, setup, None,
         _recorded_zero3(model, step.trainable, setup, precision), fewest_only=fewest_only,
         recorded=step, recorded_layers=model.num_layers,
-        dequant=dequant_transient_bytes([p.numel for p in nf4]),
-        unsharded={"weights": sum(nf4_state_bytes(p.numel, setup.double_quant) for p in nf4)},
+        dequant=dequant_term(setup, [p.numel for p in nf4], precision).bytes if nf4 else 0,
+        unsharded={"weights": unsharded_quant_state(nf4, setup)},
+        paged_optimizer_states=paged_optimizer_term(setup.optimizer, step.trainable),
         flops_per_token=flops, rank=setup.rank, trainable_params=count, all_params=step.all_params,
         target_modules=step.target_modules, wrapped_modules=step.wrapped_modules,
         adapter_formula="counted on PEFT's model built on the meta device",
@@ -505,6 +559,15 @@ def make_plan(model: ModelSpec | DenseSize | RecordedModel, setups: tuple[TrainS
             if not setups[0].quantize_experts else
             "--quantize-experts: the fused expert weights are planned as NF4, which stock bitsandbytes "
             "does not do (bitsandbytes#1849)")
+    if setups[0].optimizer in PAGED_OPTIMIZERS:
+        notes.append(f"--optimizer {setups[0].optimizer}: bitsandbytes keeps the state buffers of tensors "
+                     "with 100,000 values or more in CUDA unified memory (paged_optimizer_states): outside "
+                     "the allocator, so outside the peak and the fit check; nvidia-smi counts them while "
+                     "resident, and the driver moves them to host memory when the GPU runs short")
+    qlora = next((s for s in setups if s.method == "qlora"), None)
+    if qlora is not None:
+        notes += quant_notes(qlora.quant_backend, qlora.bnb_version, qlora.bnb_compute_dtype,
+                             get_precision(qlora.precision).weight_bytes)
     notes += cost.notes(workload, gpu, isinstance(model, DenseSize))
     if any(s.use_dora and fp32_adapters(s.method, get_precision(s.precision), s.adapter_dtype)
            for s in setups):
