@@ -295,3 +295,13 @@ def test_layers_of_several_kinds_are_recorded_kind_by_kind(tmp_path, model_type,
     notes = json.loads(result.output)["notes"]
     assert any("layer_types mixes layer kinds (" in n and "each kind is recorded on its own" in n
                for n in notes), notes
+
+
+def test_an_old_bitsandbytes_that_keeps_the_4bit_input_is_refused_for_a_recorded_model(tmp_path):
+    # the setup of the granite step above, as QLoRA: its recording is LoRA's, which misses the input
+    # bitsandbytes before 0.43.2 keeps in every 4-bit layer
+    path = write_config(tmp_path, small_config("granite", 1, 4))
+    result = CliRunner().invoke(main, ["--model", path, "--seq-len", "64", "--batch-size", "2",
+                                       "--method", "qlora", "--bnb-version", "0.43.1"])
+    assert result.exit_code == 2, result.output
+    assert "0.43.2" in result.output and len(result.output.strip().splitlines()) == 1, result.output
