@@ -101,11 +101,9 @@ def check_config(config: dict) -> str:
     # as a decoder of another model
     if (model_type not in CONFIG_MAPPING or model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
             or model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES or config.get("is_encoder_decoder")):
-        from ..spec import MODEL_TYPE_TO_FAMILY
+        from ..spec import unsupported_model_type
 
-        raise PlanError(f"config.json model_type {model_type!r} is not supported: it is not a "
-                        f"decoder-only causal LM the installed {versions()[0]} builds, nor one of "
-                        f"{', '.join(sorted(MODEL_TYPE_TO_FAMILY))}")
+        raise unsupported_model_type(model_type)
     keys = {"num_hidden_layers": "num_layers", "n_layer": "num_layers", "hidden_size": "hidden_size",
             "vocab_size": "vocab_size", "num_attention_heads": "num_heads", "intermediate_size":
             "intermediate_size", "max_position_embeddings": "max_positions"}
