@@ -25,10 +25,12 @@ from typing import TYPE_CHECKING
 from ..errors import PlanError
 from ..gpus import GPUS
 from ..plan import make_plan
-from ..spec import ModelSpec, TrainSetup, to_hf_config
+from ..spec import ModelSpec, TrainSetup, check_runnable_attention, to_hf_config
 from ..stacks import resolve
 
 if TYPE_CHECKING:
+    from ..step import StepPrediction
+    from ..timeline import Phase
     from .allocator import AllocatorReading
     from .tracer import TraceReport
 
@@ -48,12 +50,26 @@ class Comparison:
     traced_phases: dict[str, int] = field(default_factory=dict)
     # the allocator's own count of the traced step (`trace(..., allocator=True)`), else None
     allocator: AllocatorReading | None = None
+    # the plan's peak over the tracer's terms (`timeline.tracer_peak`), when it is not `predicted`'s:
+    # the tracer's phases and peak are held against it, the allocator's peak against the whole
+    predicted_tracer_peak: int | None = None
+    # the moment of the plan's whole peak, spelt out (`timeline.Phase.what`)
+    predicted_peak_what: str = ""
+
+    @property
+    def predicted_seen(self) -> dict[str, int]:
+        """`predicted` over the tracer's own terms: its peak without the bytes made outside every op
+        (`timeline.tracer_peak`), which the allocator's peak is held against instead."""
+        if self.predicted_tracer_peak is None:
+            return self.predicted
+        return {**self.predicted, "peak": self.predicted_tracer_peak}
 
     def errors(self) -> dict[str, float | None]:
-        """(predicted - traced) / traced per term and for the peak; None where nothing was traced."""
-        keys = (*TERMS, "peak")
-        return {k: (self.predicted[k] - self.traced[k]) / self.traced[k] if self.traced[k] else None
-                for k in keys}
+        """(predicted - traced) / traced per term and for the peak (`predicted_seen`); None where
+        nothing was traced."""
+        seen = self.predicted_seen
+        return {k: (seen[k] - self.traced[k]) / self.traced[k] if self.traced[k] else None
+                for k in (*TERMS, "peak")}
 
     def to_dict(self) -> dict:
         """The comparison; with an allocator reading, its keys too (`allocator_peak`, ...)."""
@@ -61,6 +77,8 @@ class Comparison:
                "peak_phase": {"predicted": self.predicted_phase, "traced": self.traced_phase},
                "phase_peaks": {"predicted": self.predicted_phases, "traced": self.traced_phases},
                "relative_error": self.errors()}
+        if self.predicted_tracer_peak is not None and self.predicted_tracer_peak != self.predicted["peak"]:
+            out["predicted_tracer_peak"] = self.predicted_tracer_peak
         if self.allocator is not None:
             out.update(self.allocator.to_dict(self.traced["peak"]))
         return out
@@ -105,15 +123,20 @@ def _check(setup: TrainSetup) -> None:
                         "standard or chunked on CPU")
 
 
-def predicted_terms(spec: ModelSpec, setup: TrainSetup, device: str = "cpu") -> tuple[dict[str, int], str]:
-    """The planner's figures for the traced step, on the device the trace runs on."""
-    predicted, phase, _ = _prediction(spec, setup, device)
-    return predicted, phase
+def predicted_terms(spec: ModelSpec, setup: TrainSetup, device: str = "cpu",
+                    tracer: bool = False) -> tuple[dict[str, int], str]:
+    """The planner's figures for the traced step, on the device the trace runs on, and the phase of
+    its peak: the whole peak, or with `tracer` the peak over the terms the tracer counts
+    (`timeline.tracer_peak`), for a step the tracer reads."""
+    predicted, seen, _, whole = _prediction(spec, setup, device)
+    if tracer:
+        return {**predicted, "peak": seen.bytes}, seen.name
+    return predicted, whole.name
 
 
-def _prediction(spec: ModelSpec, setup: TrainSetup,
-                device: str) -> tuple[dict[str, int], str, dict[str, int]]:
-    """`predicted_terms`, and the most bytes the plan has live within each phase."""
+def predicted_step(spec: ModelSpec, setup: TrainSetup,
+                   device: str = "cpu") -> tuple[dict[str, int], StepPrediction]:
+    """The plan's model-state bytes and step for the traced step on `device`."""
     from ..precision import get_precision
     from ..step import predict_step
 
@@ -125,7 +148,20 @@ def _prediction(spec: ModelSpec, setup: TrainSetup,
         # foreach and for-loop AdamW keep the step counter as a 4-byte tensor per parameter tensor
         # in CPU memory (fused keeps it on the device, and the plan counts it already)
         memory["optimizer_states"] += 4 * _trainable_tensors(spec, setup)
-    step = predict_step(spec, setup, precision, memory, device)
+    return memory, predict_step(spec, setup, precision, memory, device)
+
+
+def _prediction(spec: ModelSpec, setup: TrainSetup,
+                device: str) -> tuple[dict[str, int], Phase, dict[str, int], Phase]:
+    """`predicted_terms`' figures (the whole peak's bytes), the moment of the plan's peak over the
+    terms the tracer counts, the most bytes of those the plan has live within each phase, and the
+    moment of the whole peak."""
+    from ..timeline import tracer_peak
+
+    memory, step = predicted_step(spec, setup, device)
+    # the tracer sees ops' tensors only: its peak is held against the plan's over the same terms,
+    # without what the plan counts made outside every op (`timeline.tracer_peak`)
+    seen = tracer_peak(step.phases)
     predicted = {
         "weights": memory["weights"],
         "gradients": memory["gradients"],
@@ -135,8 +171,8 @@ def _prediction(spec: ModelSpec, setup: TrainSetup,
     }
     phases: dict[str, int] = {}
     for p in step.phases:
-        phases[p.name] = max(phases.get(p.name, 0), p.bytes)
-    return predicted, step.peak.name, phases
+        phases[p.name] = max(phases.get(p.name, 0), p.bytes - p.untraced)
+    return predicted, seen, phases, step.peak
 
 
 def _trainable_tensors(spec: ModelSpec, setup: TrainSetup) -> int:
@@ -159,6 +195,7 @@ def trace(spec: ModelSpec, setup: TrainSetup, *, fake: bool = False, seed: int =
     """
     setup = resolve(setup)
     _check(setup)
+    check_runnable_attention(spec, setup.attention)
     if fake and spec.num_experts and setup.precision != "pure-bf16":
         # torch's fake (meta) kernel for _grouped_mm accepts bf16 operands only, as its CUDA kernel does
         raise PlanError("a fake trace runs the experts' grouped matmul through torch's meta kernel, which "
@@ -166,7 +203,7 @@ def trace(spec: ModelSpec, setup: TrainSetup, *, fake: bool = False, seed: int =
                         "without --fake")
     from transformers import AutoConfig
 
-    predicted, predicted_phase, predicted_phases = _prediction(spec, setup, "cpu")
+    predicted, seen, predicted_phases, whole = _prediction(spec, setup, "cpu")
     config = AutoConfig.for_model(**(to_hf_config(spec) if hf_config is None else hf_config))
     report, reading = run_step(config, setup, spec.vocab_size, fake=fake, seed=seed, allocator=allocator,
                                adapt=lambda model: _with_lora(model, spec, setup))
@@ -177,8 +214,8 @@ def trace(spec: ModelSpec, setup: TrainSetup, *, fake: bool = False, seed: int =
         "activations": report.terms["activations"],
         "peak": report.peak_bytes,
     }
-    return Comparison(predicted, traced, predicted_phase, report.peak_phase, predicted_phases,
-                      dict(report.phase_peaks), reading)
+    return Comparison(predicted, traced, seen.name, report.peak_phase, predicted_phases,
+                      dict(report.phase_peaks), reading, seen.bytes, whole.what)
 
 
 def run_step(config, setup: TrainSetup, vocab_size: int, *, fake: bool = False, seed: int = 0,
@@ -341,12 +378,13 @@ def _peft_targets(adapters) -> tuple[list[str], list[str], set[str]]:
 def _with_lora(model, spec: ModelSpec, setup: TrainSetup):
     from peft import LoraConfig
 
-    from ..counts import lora_trainable
+    from ..counts import gate_up_rank_factor, lora_trainable
 
     modules, parameters, fused = _peft_targets(lora_trainable(spec, setup).adapters)
     # w1 and w3 live in one fused parameter: PEFT's own v4 -> v5 conversion gives it rank and alpha
-    # times two (`_convert_peft_config_moe`), and so does the plan
-    patterns = {rf".*\.{re.escape(leaf)}": 2 for leaf in fused}
+    # times two (`_convert_peft_config_moe`), and so does the plan (GPT-OSS's is targeted by name: r)
+    factor = gate_up_rank_factor(spec)
+    patterns = {rf".*\.{re.escape(leaf)}": factor for leaf in fused if factor != 1}
     config = LoraConfig(r=setup.rank, lora_alpha=2 * setup.rank, target_modules=modules or None,
                         target_parameters=parameters or None,
                         rank_pattern={k: n * setup.rank for k, n in patterns.items()},
