@@ -14,12 +14,15 @@ from .gpus import Gpu, fits, largest_fitting_peak
 from .memory import (
     Term,
     activation_term,
+    adafactor_temporary_term,
     dense_weight_bytes,
+    dequant_term,
     device_overhead_term,
     gradient_bytes,
     master_weight_bytes,
     no_activation_bytes,
     optimizer_bytes,
+    optimizer_temporary_term,
     paged_optimizer_term,
     peak_bytes,
     quantized_weight_bytes,
@@ -27,7 +30,13 @@ from .memory import (
 )
 from .optimizers import PAGED_OPTIMIZERS, check_optimizer
 from .precision import DTYPE_BYTES, Precision, get_precision, weight_dtype
-from .quant import nf4_state_bytes, quant_notes, quantised_params, torchao_replicated_bytes
+from .quant import (
+    nf4_state_bytes,
+    quant_notes,
+    quantised_params,
+    torchao_replicated_bytes,
+)
+from .recorded import RecordedModel, RecordedStep, is_adapter, recorded_phases
 from .sharding import (
     DataParallel,
     distribute,
@@ -40,7 +49,7 @@ from .sharding import (
     zero3_settings,
 )
 from .spec import DenseSize, ModelSpec, TrainSetup
-from .step import input_gradient_skips, predict_step
+from .step import input_gradient_skips, predict_step, qlora_conditions
 from .timeline import Phase, peak_phase
 
 METHODS = ("full", "lora", "qlora")
@@ -146,9 +155,15 @@ def _split_states(trainable, setup: TrainSetup, precision: Precision) -> dict[st
     fp32 optimizer states) beside any other trained tensors at the precision's widths."""
     adapters = tuple(p for a in trainable.adapters for p in a.params)
     rest = trainable.params[len(adapters):]  # `Trainable.params`: the adapters' tensors first
-    parts = [_states(trainable.adapter_count, adapters, setup, FP32_ADAPTERS)]
+    return _adapter_and_rest_states(adapters, rest, setup, precision)
+
+
+def _adapter_and_rest_states(adapters: tuple[Param, ...], rest: tuple[Param, ...], setup: TrainSetup,
+                             precision: Precision) -> dict[str, Term]:
+    """`_split_states` of the adapters' tensors and the other trained tensors, given apart."""
+    parts = [_states(sum(p.numel for p in adapters), adapters, setup, FP32_ADAPTERS)]
     if rest:
-        parts.append(_states(trainable.count - trainable.adapter_count, rest, setup, precision))
+        parts.append(_states(sum(p.numel for p in rest), rest, setup, precision))
     if len(parts) == 1:
         return parts[0]
     return {k: Term(k, sum(p[k].bytes for p in parts), "adapters: " + parts[0][k].formula + "; other: "
@@ -157,14 +172,28 @@ def _split_states(trainable, setup: TrainSetup, precision: Precision) -> dict[st
 
 def _assemble(method: str, gpu: Gpu, weight_terms: tuple[Term, ...], states: dict[str, Term],
               setup: TrainSetup, spec: ModelSpec | None, buffers: dict[str, Term] | None = None,
-              unsharded: dict[str, int] | None = None, fewest_only: bool = False, **fields) -> MethodPlan:
+              unsharded: dict[str, int] | None = None, fewest_only: bool = False,
+              recorded: RecordedStep | None = None, recorded_layers: int = 0, dequant: int = 0,
+              **fields) -> MethodPlan:
     """Model states plus, when the model's shape is known, the step's activations and timeline peak;
     with --num-gpus, all of it on one GPU under the chosen sharding. GPU counts and the verdict come
-    from the one fit rule, `gpus.fits` (`fewest_only`: see `sharding.distribute`)."""
+    from the one fit rule, `gpus.fits` (`fewest_only`: see `sharding.distribute`). A `recorded` step
+    (a model of no family of ours, `recorded.py`) of `recorded_layers` layers gives the activations
+    and phases instead of the walk; `dequant`: QLoRA's dequantised weight in its backward."""
     weights = Term("weights", sum(t.bytes for t in weight_terms),
                    " + ".join(t.formula for t in weight_terms))
     memory = {"weights": weights, **states}
-    if spec is None:
+    if recorded is not None:
+        memory["activations"] = Term("activations", recorded.activations.at(recorded_layers),
+                                     "recorded: " + recorded.activations.formula(recorded_layers))
+        fields["optimizer_temporary"] = _recorded_temporary(recorded, setup)
+        whole = memory["gradients"].bytes
+
+        def phases(m: dict[str, Term], sharding) -> tuple[Phase, ...]:
+            return recorded_phases(recorded, recorded_layers, m, sharding, fields["optimizer_temporary"],
+                                   dequant, whole)
+        phase_bytes = None
+    elif spec is None:
         memory["activations"] = no_activation_bytes()
 
         def phases(m: dict[str, Term], _sharding) -> tuple[Phase, ...]:
@@ -190,7 +219,7 @@ def _assemble(method: str, gpu: Gpu, weight_terms: tuple[Term, ...], states: dic
     if fields.get("paged_optimizer_states") is not None and placed.sharding is not None:
         fields["paged_optimizer_states"] = paged_on_gpu(fields["paged_optimizer_states"], placed.sharding)
     top = peak_phase(phases(memory, placed.sharding))
-    if spec is None:
+    if spec is None and recorded is None:
         memory["peak"] = peak_bytes(memory[k] for k in MEMORY_KEYS[:-1])
         phase = ""
     else:
@@ -368,6 +397,123 @@ def plan_dense(size: DenseSize, setup: TrainSetup, gpu: Gpu, fewest_only: bool =
     )
 
 
+def _recorded_temporary(step: RecordedStep, setup: TrainSetup) -> Term:
+    """The optimizer step's temporary over the recorded trainable tensors, as `step._temporary`
+    makes it: with fp32 adapters over a 16-bit base, the larger of the two dtype groups'."""
+    precision = get_precision(setup.precision)
+    impl = setup.optimizer_impl or "foreach"
+    fp32 = setup.method != "full" and fp32_adapters(setup.method, precision, setup.adapter_dtype)
+    adapters = tuple(p for p in step.trainable if fp32 and is_adapter(p.name))
+    rest = tuple(p for p in step.trainable if not (fp32 and is_adapter(p.name)))
+
+    def of(params: tuple[Param, ...], convention: Precision) -> Term:
+        if setup.optimizer == "adafactor":
+            return adafactor_temporary_term(tuple(p.shape for p in params), convention)
+        return optimizer_temporary_term(setup.optimizer, impl, tuple(p.numel for p in params),
+                                        convention.state_bytes)
+    groups = [of(g, c) for g, c in ((adapters, FP32_ADAPTERS), (rest, precision)) if g]
+    return max(groups, key=lambda t: t.bytes)
+
+
+def _recorded_zero3(model: RecordedModel, trainable: tuple[Param, ...], setup: TrainSetup,
+                    precision: Precision) -> dict[str, Term]:
+    """ZeRO-3's run-time buffers (`sharding.zero3_buffers`) from the recorded model's tensors, as
+    `_zero3` takes them from a layout: a module's numel is its own tensors'; a trained module's, its
+    trainable tensors' (an adapter's A and B belong to the layer they wrap)."""
+    z = zero3_settings(setup, model.hidden_size)
+    modules: dict[str, int] = {}
+    for p in model.params:
+        path = p.name.rsplit(".", 1)[0]
+        modules[path] = modules.get(path, 0) + p.numel
+    trained: dict[str, int] = {}
+    for p in trainable:
+        path = p.name.split(".lora_")[0] if is_adapter(p.name) else p.name.rsplit(".", 1)[0]
+        trained[path] = trained.get(path, 0) + p.numel
+    persistent = sum(p.numel for p in model.params if p.numel <= z.param_persistence_threshold)
+    return zero3_buffers(max(modules.values()), persistent, max(trained.values(), default=0),
+                         sum(p.numel for p in trainable), precision.weight_bytes, precision.grad_bytes, z)
+
+
+def _check_recorded_qlora(setup: TrainSetup, precision: Precision) -> None:
+    """A recorded QLoRA step is LoRA's over the 16-bit base: a 4-bit layer that keeps its input for
+    backward (bitsandbytes before 0.43.2, `quant.nf4_saved_input_bytes`) is not in the recording."""
+    if qlora_conditions(setup, precision).get("nf4_saved_input"):
+        raise PlanError(f"bitsandbytes {setup.bnb_version} keeps each 4-bit layer's input for backward, "
+                        "which a model recorded from transformers does not count: plan a release from "
+                        "0.43.2 on")
+
+
+def plan_recorded(model: RecordedModel, setup: TrainSetup, gpu: Gpu, fewest_only: bool = False) -> MethodPlan:
+    """Any method for a model planned from its recorded step (`recorded.py`): the model states from
+    the meta-device build's tensors, exactly as `plan_full` and `plan_lora` count them; activations
+    and the step's phases from the recorded lines; FLOPs by `cost.full_flops_per_token` and
+    `cost.lora_flops_per_token` over its linear weights, without an attention term."""
+    precision = get_precision(setup.precision)
+    step = model.step(setup)
+    params, total = model.params, model.total_params
+    base_dtype = _save_dtype(setup, precision)
+    base = checkpoint_sizes.safetensors_bytes(params, base_dtype)
+    no_attention = cost.Quantity("attention_flops", 0, "attention not counted (recorded model)")
+    if setup.method == "full":
+        return _assemble(
+            "full", gpu,
+            (dense_weight_bytes("weights_trainable", total, precision.weight_bytes, "trainable"),),
+            _states(total, params, setup, precision), setup, None,
+            _recorded_zero3(model, params, setup, precision), fewest_only=fewest_only,
+            recorded=step, recorded_layers=model.num_layers,
+            flops_per_token=cost.full_flops_per_token(model.matmul_params, model.head_params, no_attention,
+                                                      setup.grad_checkpointing),
+            paged_optimizer_states=paged_optimizer_term(setup.optimizer, params),
+            rank=None, trainable_params=total, all_params=total, target_modules=(), wrapped_modules=0,
+            checkpoint=Term("checkpoint", base, f"safetensors, {len(params)} tensors in {base_dtype}"),
+            full_checkpoint_bytes=base, storage=checkpoint_sizes.storage_for_tasks(setup.tasks, base, base))
+    in_place = {p.name for p in step.trainable}  # trained biases: trained where they are
+    frozen = [p for p in params if p.name not in in_place]
+    weight_terms: list[Term] = []
+    nf4: list[Param] = []
+    if setup.method == "qlora":
+        _check_recorded_qlora(setup, precision)
+        quantisable = set(model.quantisable)
+        nf4 = [p for p in frozen if p.name in quantisable]
+        frozen = [p for p in frozen if p.name not in quantisable]
+        weight_terms.append(quantized_weight_bytes(nf4, setup.double_quant, setup.quant_backend,
+                                                   precision.weight_bytes))
+    weight_terms.append(dense_weight_bytes("weights_frozen", sum(p.numel for p in frozen),
+                                           precision.weight_bytes, "frozen"))
+    count = sum(p.numel for p in step.trainable)
+    fp32 = fp32_adapters(setup.method, precision, setup.adapter_dtype)
+    if fp32:
+        adapters = tuple(p for p in step.trainable if is_adapter(p.name))
+        rest = tuple(p for p in step.trainable if not is_adapter(p.name))
+        weight_terms.append(dense_weight_bytes("weights_adapters", step.adapter_params,
+                                               FP32_ADAPTERS.weight_bytes, "fp32 adapter"))
+        if rest:
+            weight_terms.append(dense_weight_bytes("weights_trainable", count - step.adapter_params,
+                                                   precision.weight_bytes, "other trainable"))
+        states = _adapter_and_rest_states(adapters, rest, setup, precision)
+    else:
+        weight_terms.append(dense_weight_bytes("weights_trainable", count, precision.weight_bytes,
+                                               "trainable"))
+        states = _states(count, step.trainable, setup, precision)
+    dtype = "fp32" if fp32 and setup.save_dtype == "auto" else base_dtype
+    adapter = checkpoint_sizes.safetensors_bytes(step.trainable, dtype)
+    flops = cost.lora_flops_per_token(model.matmul_params, model.head_params, step.adapter_params,
+                                      count - step.adapter_params, no_attention, setup.grad_checkpointing)
+    return _assemble(
+        setup.method, gpu, tuple(weight_terms), states, setup, None,
+        _recorded_zero3(model, step.trainable, setup, precision), fewest_only=fewest_only,
+        recorded=step, recorded_layers=model.num_layers,
+        dequant=dequant_term(setup, [p.numel for p in nf4], precision).bytes if nf4 else 0,
+        unsharded={"weights": unsharded_quant_state(nf4, setup)},
+        paged_optimizer_states=paged_optimizer_term(setup.optimizer, step.trainable),
+        flops_per_token=flops, rank=setup.rank, trainable_params=count, all_params=step.all_params,
+        target_modules=step.target_modules, wrapped_modules=step.wrapped_modules,
+        adapter_formula="counted on PEFT's model built on the meta device",
+        checkpoint=Term("checkpoint", adapter,
+                        f"adapter_model.safetensors, {len(step.trainable)} tensors in {dtype}"),
+        full_checkpoint_bytes=base, storage=checkpoint_sizes.storage_for_tasks(setup.tasks, base, adapter))
+
+
 def check_methods(methods: tuple[str, ...]) -> tuple[str, ...]:
     """The methods asked for, each one we plan, or a PlanError naming the choices."""
     for m in methods:
@@ -376,7 +522,7 @@ def check_methods(methods: tuple[str, ...]) -> tuple[str, ...]:
     return methods
 
 
-def make_plan(model: ModelSpec | DenseSize, setups: tuple[TrainSetup, ...], gpu: Gpu,
+def make_plan(model: ModelSpec | DenseSize | RecordedModel, setups: tuple[TrainSetup, ...], gpu: Gpu,
               workload: cost.Workload | None = None, fewest_only: bool = False) -> Plan:
     """Plan each setup (one per method and rank) for one model on one kind of GPU; with a workload
     of tokens, also its time and cost. (`fit.with_fit` adds the largest batch and sequence.)
@@ -397,6 +543,8 @@ def make_plan(model: ModelSpec | DenseSize, setups: tuple[TrainSetup, ...], gpu:
             raise PlanError(f"unknown method {setup.method!r}; choose from {', '.join(METHODS)}")
         if isinstance(model, DenseSize):
             plans.append(plan_dense(model, setup, gpu, fewest_only))
+        elif isinstance(model, RecordedModel):
+            plans.append(plan_recorded(model, setup, gpu, fewest_only))
         elif setup.method == "full":
             plans.append(plan_full(model, setup, gpu, fewest_only))
         else:
@@ -433,7 +581,15 @@ def make_plan(model: ModelSpec | DenseSize, setups: tuple[TrainSetup, ...], gpu:
     if any(s.use_dora and s.method == "qlora" for s in setups):
         notes.append("--dora with QLoRA counts the magnitude vectors only: PEFT dequantises the 4-bit "
                      "weight to form W + s*BA in every forward, which is not planned")
-    if isinstance(model, DenseSize):
+    if isinstance(model, RecordedModel):
+        notes += [model.note(), *model.caveats,
+                  "GPU counts under fsdp leave out FSDP2's gather buffers, which a recorded model's "
+                  "plan does not follow layer by layer: a lower bound"]
+        if any(s.method == "qlora" for s in setups):
+            notes.append("QLoRA's step is recorded as LoRA's over the 16-bit base, plus one dequantised "
+                         "weight in backward; the NF4 weights are every nn.Linear but the LM head")
+        info = ModelInfo(model.name, model.model_type, model.total_params, model.source)
+    elif isinstance(model, DenseSize):
         info = ModelInfo(model.name or "a dense model", "dense", model.total_params)
         notes.append("--params: model states and checkpoint tensor data only; no activations "
                      "without the model's shape, so peak is the sum of model states")

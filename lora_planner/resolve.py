@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 from .catalog import get_model, lookup
 from .errors import PlanError
@@ -55,10 +56,43 @@ def fetch_hub_config(repo: str, timeout: float = 5.0) -> dict:
     return parse_json(data, f"the hub's config.json for {repo!r}")
 
 
-def resolve_model(text: str) -> ModelSpec:
+@dataclass(frozen=True)
+class OtherConfig:
+    """A local config.json whose `model_type` none of our families lays out: `plan` records its
+    step from transformers (`measure.recorded`) instead of walking it."""
+
+    config: dict
+    model_type: str
+    name: str
+    source: str
+
+
+def _other_type(model_type: str) -> bool:
+    """Whether no family of ours lays out this model_type (Gemma 3's multimodal one is read)."""
+    from .spec import MODEL_TYPE_TO_FAMILY
+
+    return model_type not in MODEL_TYPE_TO_FAMILY and model_type != "gemma3"
+
+
+def _other_config(path: str) -> OtherConfig | None:
+    from pathlib import Path
+
+    from .spec import _read_config_json, config_display_name
+
+    config = _read_config_json(Path(path))
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if not isinstance(model_type, str) or not _other_type(model_type):
+        return None
+    return OtherConfig(config, model_type, config_display_name(Path(path), config), path)
+
+
+def resolve_model(text: str, other_types: bool = False) -> ModelSpec | OtherConfig:
+    """The model `--model` names. With `other_types`, a local config.json of a model_type no family
+    of ours lays out comes back as an `OtherConfig` (else: an error naming the supported ones)."""
     path = os.path.expanduser(text)  # os.path, not pathlib: the plain plan imports no pathlib
     if os.path.exists(path):
-        return spec_from_config_file(path)
+        other = _other_config(path) if other_types else None
+        return other if other is not None else spec_from_config_file(path)
     spec = lookup(text)
     if spec is not None:
         return spec
@@ -66,7 +100,12 @@ def resolve_model(text: str) -> ModelSpec:
         if not is_hub_id(text):
             raise PlanError(f"no such file, and {text!r} is not a hub id (owner/name of ASCII "
                             "letters, digits, '-', '_', '.')")
-        return spec_from_hf_config(fetch_hub_config(text), name=text, source=text)
+        config = fetch_hub_config(text)
+        model_type = config.get("model_type") if isinstance(config, dict) else None
+        if other_types and isinstance(model_type, str) and _other_type(model_type):
+            raise PlanError(f"{text}'s model_type {model_type!r} is planned from transformers' own code "
+                            "from a local config.json only: save the hub's config.json and pass its path")
+        return spec_from_hf_config(config, name=text, source=text)
     if text.endswith(".json") or "/" in text:
         from .validate import printable
 

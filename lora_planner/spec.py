@@ -438,6 +438,15 @@ def _softcap(config: dict, key: str, default: float) -> bool:
     return True
 
 
+def unsupported_model_type(model_type: object) -> PlanError:
+    """The error for a model_type no family of ours lays out and `lora-plan plan` does not record
+    from transformers either (`measure.recorded`)."""
+    return PlanError(f"config.json model_type {model_type!r} is not supported; supported: "
+                     f"{', '.join(sorted(MODEL_TYPE_TO_FAMILY))}, or any decoder-only causal LM the "
+                     "installed transformers builds, planned from a local config.json with the measure "
+                     "extra")
+
+
 def spec_from_hf_config(config: dict, name: str = "custom", source: str = "") -> ModelSpec:
     """Map a Hugging Face config dict onto a `ModelSpec`, for the families we lay out exactly.
 
@@ -464,10 +473,7 @@ def spec_from_hf_config(config: dict, name: str = "custom", source: str = "") ->
     family = MODEL_TYPE_TO_FAMILY.get(text("config.json model_type", model_type)
                                       if model_type is not None else None)
     if family is None:
-        raise PlanError(
-            f"config.json model_type {model_type!r} is not supported; "
-            f"supported: {', '.join(sorted(MODEL_TYPE_TO_FAMILY))}"
-        )
+        raise unsupported_model_type(model_type)
     if family == "gpt2":
         hidden = _whole(config, "hidden_size", "n_embd", "hidden_size")
         heads = _whole(config, "num_heads", "n_head", "num_attention_heads")

@@ -64,7 +64,7 @@ READ_PATHS = ["adapters/good", "adapters/nan", "adapters/inf", "adapters/r0", "a
               "records/bad.jsonl", "records/deep.jsonl", "empty_dir", "/proc/self/mem", "/dev/zero",
               "/dev/null", "/etc/passwd", "../../../../etc/passwd", ".", "nowhere.json", "nowhere/"]
 # Paths to write: never outside the scratch folder (the suite may run as root).
-WRITE_PATHS = ["", ".", "out/deep/x.md", "empty_dir", "configs/heads0.json", "é.md", "a\nb.md",
+WRITE_PATHS = ["", ".", "out/deep/x.md", "empty_dir", "configs/existing.json", "é.md", "a\nb.md",
                "x" * 300, "/dev/full", "out.md", "adapters/good"]
 OUTPUT_OPTIONS = {"-o", "--output", "--save-adapter"}
 
@@ -233,6 +233,8 @@ def build_scratch(root: Path) -> None:
     (configs / "big.json").write_text(json.dumps({**LLAMA, "pad": "x" * 5 * 2**20}))
     (configs / "list.json").write_text("[1, 2]")
     (configs / "empty.json").write_text("")
+    # an existing file for the cases to overwrite: never one the fixed cases read back
+    (configs / "existing.json").write_text(json.dumps(LLAMA))
     records = root / "records"
     records.mkdir()
     shutil.copy(REPO / "results/measure/cpu-tiny-gpt2.jsonl", records / "good.jsonl")

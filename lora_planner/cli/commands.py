@@ -65,7 +65,11 @@ def bare_model_hint(word: str) -> str:
 @click.command("plan", cls=PlanCommand, context_settings=ANY_CASE)
 @click.option("--model", "model_name", metavar="NAME|PATH|HUB-ID",
               help="Catalog name or alias (see `lora-plan models`), a local config.json or its "
-                   "folder, or a Hugging Face hub id (needs network).")
+                   "folder, or a Hugging Face hub id (needs network). A local config.json of any "
+                   "other decoder model_type transformers builds is planned from transformers' own "
+                   "code: its tensors built on the meta device, its step recorded under fake tensors "
+                   "on 1-3 layers and scaled to its depth (needs the measure extra; cached in "
+                   "~/.cache/lora-plan or $LORA_PLAN_CACHE).")
 @click.option("--params", "params_text", metavar="N",
               help="Plan a hypothetical dense model from its parameter count alone (70e9, 70B): "
                    "full fine-tuning's model states and checkpoint data.")
@@ -175,11 +179,13 @@ def plan_output(model_name, params_text, methods, ranks, targets, precision, opt
     else:
         from ..resolve import resolve_model
 
-        model = resolve_model(model_name)
+        model = resolve_model(model_name, other_types=True)
         default_methods = METHODS
     chosen = check_methods(tuple(m.lower() for m in split_values(methods)) or default_methods)
+    context = _other_context(model)
     if seq_len is None:
-        seq_len = default_seq_len(model) if isinstance(model, ModelSpec) else DEFAULT_SEQ_LEN
+        seq_len = (default_seq_len(model) if isinstance(model, ModelSpec) else
+                   min(DEFAULT_SEQ_LEN, context) if context else DEFAULT_SEQ_LEN)
     gpu = get_gpu(gpu_name)
     if gpu_mem:
         gpu = with_memory(gpu, gpu_mem, keep_kind=gpu_given)
@@ -202,6 +208,9 @@ def plan_output(model_name, params_text, methods, ranks, targets, precision, opt
             setups.append(base.with_(method="full"))
         else:
             setups += [base.with_(method=m, rank=r) for r in rank_list]
+    recorded = context is not None
+    if recorded:
+        model = _recorded(model, tuple(setups), fit)
     fewest = None
     if base.num_gpus is None and (base.sharding != "none" or base.offload != "none"):
         setups, fewest = _on_fewest_gpus(model, tuple(setups), gpu)
@@ -211,10 +220,38 @@ def plan_output(model_name, params_text, methods, ranks, targets, precision, opt
     plan = _with_rank_notes(plan, model)
     from ..advice import advise  # what to change when a method does not fit, each re-planned
 
-    plan = advise(plan, model, tuple(setups), gpu)
+    if not recorded:  # each change advice tries would be a recording of its own
+        plan = advise(plan, model, tuple(setups), gpu)
     if fit:
         plan = _with_fit(plan, model, tuple(setups), gpu)
     return render(plan, fmt, units, explain)
+
+
+def _other_context(model) -> int | None:
+    """For a config.json of a model_type none of our families lays out (`resolve.OtherConfig`): its
+    context, for the default --seq-len; None for any other model."""
+    from ..resolve import OtherConfig
+    from ..validate import whole_number
+
+    if not isinstance(model, OtherConfig):
+        return None
+    positions = model.config.get("max_position_embeddings")
+    return DEFAULT_SEQ_LEN if positions is None else whole_number(
+        "config.json max_position_embeddings", positions, 1, 10**9)
+
+
+def _recorded(other, setups, fit):
+    """The model of another model_type, with each setup's step recorded from transformers (or read
+    from the cache): needs the measure extra."""
+    if fit:
+        raise PlanError(f"--fit re-plans many batch sizes and lengths: each would be a recording of "
+                        f"model_type {other.model_type!r}; plan chosen --batch-size/--seq-len instead")
+    need_measure_extra(f"planning model_type {other.model_type!r} (recorded from transformers)",
+                       ("torch", "transformers", "peft"))
+    from ..measure.recorded import recorded_model
+    from ..stacks import resolve
+
+    return recorded_model(other.config, other.name, other.source, tuple(resolve(s) for s in setups))
 
 
 def _on_fewest_gpus(model, setups, gpu):

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from ..step import StepPrediction
     from ..timeline import Phase
     from .allocator import AllocatorReading
+    from .tracer import TraceReport
 
 TRACEABLE_PRECISIONS = ("fp32", "amp", "pure-bf16")
 TERMS = ("weights", "gradients", "optimizer_states", "activations")
@@ -210,6 +211,36 @@ def trace(spec: ModelSpec, setup: TrainSetup, *, fake: bool = False, seed: int =
         raise PlanError("a fake trace runs the experts' grouped matmul through torch's meta kernel, which "
                         "takes bf16 only: trace fused experts with --fake --precision pure-bf16, or "
                         "without --fake")
+    from transformers import AutoConfig
+
+    predicted, seen, predicted_phases, whole = _prediction(spec, setup, "cpu")
+    config = AutoConfig.for_model(**(to_hf_config(spec) if hf_config is None else hf_config))
+    report, reading = run_step(config, setup, spec.vocab_size, fake=fake, seed=seed, allocator=allocator,
+                               adapt=lambda model: _with_lora(model, spec, setup))
+    if report is None:  # compiled: only the peak is measured, the other terms left 0 (errors None)
+        traced = dict.fromkeys(TERMS, 0) | {"peak": reading.peak_bytes}
+        return Comparison(predicted, traced, whole.name, reading.phase, predicted_phases, {}, reading,
+                          predicted_peak_what=whole.what)
+    traced = {
+        "weights": report.terms["parameters"],
+        "gradients": report.terms["gradients"],
+        "optimizer_states": report.terms["optimizer_states"],
+        "activations": report.terms["activations"],
+        "peak": report.peak_bytes,
+    }
+    return Comparison(predicted, traced, seen.name, report.peak_phase, predicted_phases,
+                      dict(report.phase_peaks), reading, seen.bytes, whole.what)
+
+
+def run_step(config, setup: TrainSetup, vocab_size: int, *, fake: bool = False, seed: int = 0,
+             allocator: bool = False, adapt=None) -> tuple[TraceReport | None, AllocatorReading | None]:
+    """Build the causal LM transformers makes of `config` (a `PretrainedConfig`, changed in place:
+    no KV cache, the setup's attention and dropout), run one untraced step and trace the next (see
+    the module docstring); `adapt(model)` returns it with LoRA applied when the setup is LoRA.
+    The tracer's report, and with `allocator` the allocator's reading (none for a fake step); a
+    compiled setup has no report (None), only the allocator's reading."""
+    # a fake step cannot run inductor's kernels: it runs eagerly (`trace` refuses the pair)
+    compiled = (setup.compile or "none") != "none" and not fake
     if setup.method == "lora":
         try:
             import peft  # noqa: F401
@@ -217,14 +248,12 @@ def trace(spec: ModelSpec, setup: TrainSetup, *, fake: bool = False, seed: int =
             raise PlanError("tracing LoRA needs peft: pip install peft") from None
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from . import allocator as alloc
     from .step import enable_checkpointing, step_loss, train_step
     from .tracer import MemoryTracer
 
-    predicted, seen, predicted_phases, whole = _prediction(spec, setup, "cpu")
-    config = AutoConfig.for_model(**(to_hf_config(spec) if hf_config is None else hf_config))
     config.use_cache = False
     config._attn_implementation = setup.attention
     if setup.dropout is not None:
@@ -246,15 +275,15 @@ def trace(spec: ModelSpec, setup: TrainSetup, *, fake: bool = False, seed: int =
         if setup.grad_checkpointing:
             enable_checkpointing(model)
         if setup.method == "lora":
-            model = _with_lora(model, spec, setup)
-        compile_model(model, setup.compile)
+            model = adapt(model)
+        compile_model(model, setup.compile if compiled else "none")
         positions = None
         packed = setup.packing and setup.batch_size > 1  # one sequence has nothing to pack
         if packed:  # the batch's sequences as one row, positions restarting per sequence
-            ids = torch.randint(0, spec.vocab_size, (1, setup.batch_size * setup.seq_len))
+            ids = torch.randint(0, vocab_size, (1, setup.batch_size * setup.seq_len))
             positions = torch.arange(setup.seq_len).repeat(setup.batch_size)[None]  # (1, T)
         else:
-            ids = torch.randint(0, spec.vocab_size, (setup.batch_size, setup.seq_len))
+            ids = torch.randint(0, vocab_size, (setup.batch_size, setup.seq_len))
         labels = ids.clone()
         params = [p for p in model.parameters() if p.requires_grad]
         if setup.optimizer_in_backward:
@@ -286,33 +315,20 @@ def trace(spec: ModelSpec, setup: TrainSetup, *, fake: bool = False, seed: int =
                                position_ids=positions)
                 else:
                     step(tracer)
-    if compiled:
-        reading = alloc.reading(prof, [], baseline)
-        # only the peak is measured: the other terms are left 0 (their errors None)
-        traced = dict.fromkeys(TERMS, 0) | {"peak": reading.peak_bytes}
-        return Comparison(predicted, traced, whole.name, reading.phase, predicted_phases, {}, reading,
-                          predicted_peak_what=whole.what)
+    if compiled:  # the allocator's reading alone: no tracer report
+        return None, alloc.reading(prof, [], baseline)
     reading = None
     if allocator:
         reading = (alloc.reading(prof, tracer.calls, baseline) if not fake else
                    alloc.unavailable("under FakeTensorMode nothing is allocated"))
-    report = tracer.report()
-    traced = {
-        "weights": report.terms["parameters"],
-        "gradients": report.terms["gradients"],
-        "optimizer_states": report.terms["optimizer_states"],
-        "activations": report.terms["activations"],
-        "peak": report.peak_bytes,
-    }
-    return Comparison(predicted, traced, seen.name, report.peak_phase, predicted_phases,
-                      dict(report.phase_peaks), reading, seen.bytes, whole.what)
+    return tracer.report(), reading
 
 
-def compile_model(model, mode: str) -> None:
+def compile_model(model, mode: str | None) -> None:
     """torch.compile (inductor, in place) as the stacks apply it: `layers` compiles each decoder layer
     as torchtune's `training.compile_model` does (`module.compile()` on every transformer layer; its
     loss compile is not run here), `model` the whole model as the Trainer's `torch_compile`."""
-    if mode == "none":
+    if mode in (None, "none"):
         return
     import torch
 
@@ -407,10 +423,7 @@ def _peft_targets(adapters) -> tuple[list[str], list[str], set[str]]:
 
 
 def _with_lora(model, spec: ModelSpec, setup: TrainSetup):
-    from unittest import mock
-
-    import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
     from ..counts import gate_up_rank_factor, lora_trainable
 
@@ -425,6 +438,16 @@ def _with_lora(model, spec: ModelSpec, setup: TrainSetup):
                         alpha_pattern={k: n * 2 * setup.rank for k, n in patterns.items()},
                         lora_dropout=setup.lora_dropout, bias=setup.bias, use_dora=setup.use_dora,
                         fan_in_fan_out=spec.family == "gpt2")  # GPT-2's Conv1D stores (in, out)
+    return apply_lora(model, config, setup)
+
+
+def apply_lora(model, config, setup: TrainSetup):
+    """PEFT's `get_peft_model` with `config` (a `LoraConfig`), on a real, fake or meta model."""
+    from unittest import mock
+
+    import torch
+    from peft import get_peft_model
+
     # PEFT moves each new adapter onto its base layer's device and dtype with `Module.to()`, which
     # cannot swap fake parameters. Everything is already on CPU in the dtype the model was built
     # under, so the moves are skipped while adapters are injected.

@@ -105,6 +105,10 @@ class TraceReport:
     phase_peaks: dict[str, int]
     terms: dict[str, int]
     largest_at_peak: tuple[Block, ...] = field(default=())
+    # the gradients live at each phase's most (`phase_peaks`)
+    phase_peak_gradients: dict[str, int] = field(default_factory=dict)
+    # per phase: (the most bytes live beside the gradients, the gradients live then)
+    phase_other_peaks: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {
@@ -140,6 +144,9 @@ class MemoryTracer(TorchDispatchMode):
         self._peak_phase = ""
         self._phase = "setup"
         self._phase_peaks: dict[str, int] = {}
+        self._phase_peak_gradients: dict[str, int] = {}
+        self._phase_other_peaks: dict[str, tuple[int, int]] = {}
+        self._gradients = 0  # bytes of live storages tagged as gradients
         self._module_stack: list[str] = []
         self._hooks: list = []
         self._terms: dict[str, int] = {}
@@ -157,6 +164,7 @@ class MemoryTracer(TorchDispatchMode):
             block = self._live[key][1]
             if tag and not block.tag:
                 block.tag = tag
+                self._gradients += block.nbytes if tag == "gradients" else 0
             return block
         block = Block(storage.nbytes(), self._phase, op, tuple(t.shape), str(t.dtype).removeprefix("torch."),
                       self._module_stack[-1] if self._module_stack else "", tag)
@@ -165,15 +173,28 @@ class MemoryTracer(TorchDispatchMode):
             if self._live.pop(key, None) is not None:
                 block.freed = True
                 self._current -= block.nbytes
+                self._gradients -= block.nbytes if block.tag == "gradients" else 0
 
         self._live[key] = (weakref.ref(storage, _free), block)
         self._current += block.nbytes
-        self._phase_peaks[self._phase] = max(self._phase_peaks.get(self._phase, 0), self._current)
+        self._gradients += block.nbytes if tag == "gradients" else 0
+        self._phase_peak(self._phase)
         if self._current > self._peak:
             self._peak = self._current
             self._peak_phase = self._phase
             self._peak_blocks = [b for _, b in self._live.values()]
         return block
+
+    def _phase_peak(self, phase: str) -> None:
+        """Keep the phase's most live bytes, and the gradients' part of them at that moment (a
+        gradient counts once its parameter's hook has tagged it); and the most bytes beside the
+        gradients, with the gradients then."""
+        if self._current > self._phase_peaks.get(phase, -1):
+            self._phase_peaks[phase] = self._current
+            self._phase_peak_gradients[phase] = self._gradients
+        other = self._current - self._gradients
+        if other > self._phase_other_peaks.get(phase, (-1, 0))[0]:
+            self._phase_other_peaks[phase] = (other, self._gradients)
 
     def _adopt_model(self) -> None:
         for name, p in self.model.named_parameters():
@@ -245,7 +266,7 @@ class MemoryTracer(TorchDispatchMode):
         # module a phase ran in is still running when the next begins
         self._module_stack.clear()
         # what is live as the phase begins counts towards its peak (a phase may allocate nothing)
-        self._phase_peaks[name] = max(self._phase_peaks.get(name, 0), self._current)
+        self._phase_peak(name)
         marked = contextlib.nullcontext()
         if self.calls is not None:
             from .allocator import PHASE_RANGE, profiler_range
@@ -295,4 +316,5 @@ class MemoryTracer(TorchDispatchMode):
         }
         largest = tuple(sorted(self._peak_blocks, key=lambda b: -b.nbytes)[: self.keep_largest])
         return TraceReport(self._peak, self._peak_phase.removeprefix("after "), at_peak,
-                           dict(self._phase_peaks), terms, largest)
+                           dict(self._phase_peaks), terms, largest, dict(self._phase_peak_gradients),
+                           dict(self._phase_other_peaks))
