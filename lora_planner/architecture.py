@@ -141,7 +141,33 @@ def _gpt2_layers(spec: ModelSpec) -> list[Module]:
     return modules
 
 
+def _latent_attention(spec: ModelSpec, p: str) -> list[Module]:
+    """DeepSeek-V3's multi-head latent attention: queries projected directly (`q_proj`) or through a
+    normed bottleneck (`q_a_proj`, `q_a_layernorm`, `q_b_proj`); one compressed key/value latent and
+    the shared rotary key (`kv_a_proj_with_mqa`), normed (`kv_a_layernorm`) and expanded to every
+    head's key and value (`kv_b_proj`). `attention_bias` puts a bias on q_a, kv_a and o only."""
+    h, nh, b = spec.hidden_size, spec.num_heads, spec.qkv_bias
+    q_out = nh * spec.head_dim
+    nope = spec.head_dim - spec.rotary_dim
+    a = f"{p}.self_attn"
+    if spec.q_lora_rank:
+        query = [_linear(f"{a}.q_a_proj", h, spec.q_lora_rank, b),
+                 _norm(f"{a}.q_a_layernorm", spec.q_lora_rank, bias=False),
+                 _linear(f"{a}.q_b_proj", spec.q_lora_rank, q_out, False)]
+    else:
+        query = [_linear(f"{a}.q_proj", h, q_out, False)]
+    return [
+        *query,
+        _linear(f"{a}.kv_a_proj_with_mqa", h, spec.kv_lora_rank + spec.rotary_dim, b),
+        _norm(f"{a}.kv_a_layernorm", spec.kv_lora_rank, bias=False),
+        _linear(f"{a}.kv_b_proj", spec.kv_lora_rank, nh * (nope + spec.value_head_dim), False),
+        _linear(f"{a}.o_proj", nh * spec.value_head_dim, h, spec.out_bias),
+    ]
+
+
 def _attention(spec: ModelSpec, p: str) -> list[Module]:
+    if spec.kv_lora_rank:
+        return _latent_attention(spec, p)
     h = spec.hidden_size
     q_out = spec.num_heads * spec.head_dim
     kv_out = spec.num_kv_heads * spec.head_dim  # grouped-query attention: fewer k/v heads
@@ -166,19 +192,27 @@ def _attention(spec: ModelSpec, p: str) -> list[Module]:
     return modules
 
 
-def _mlp(spec: ModelSpec, p: str) -> list[Module]:
-    h, inner, b = spec.hidden_size, spec.intermediate_size, spec.mlp_bias
+def _gated_mlp(path: str, h: int, inner: int, b: bool) -> list[Module]:
+    return [
+        _linear(f"{path}.gate_proj", h, inner, b),
+        _linear(f"{path}.up_proj", h, inner, b),
+        _linear(f"{path}.down_proj", inner, h, b),
+    ]
+
+
+def _mlp(spec: ModelSpec, p: str, i: int) -> list[Module]:
+    h, inner, b = spec.hidden_size, spec.mlp_width(i), spec.mlp_bias
     if spec.family == "phi3":
         return [
             _linear(f"{p}.mlp.gate_up_proj", h, 2 * inner, b),  # fused gate and up
             _linear(f"{p}.mlp.down_proj", inner, h, b),
         ]
-    if spec.num_experts:
+    if spec.sparse_layer(i):
         # transformers 5 stores all experts of a layer as two 3-D parameters and the router as a
         # plain weight (Mixtral, Qwen3-MoE): none of them is an nn.Linear, so PEFT's target_modules
         # cannot wrap them.
         e = spec.num_experts
-        return [
+        sparse = [
             Module(f"{p}.mlp.gate", "router", (Param(f"{p}.mlp.gate.weight", (e, h)),)),
             Module(
                 f"{p}.mlp.experts",
@@ -189,11 +223,11 @@ def _mlp(spec: ModelSpec, p: str) -> list[Module]:
                 ),
             ),
         ]
-    return [
-        _linear(f"{p}.mlp.gate_proj", h, inner, b),
-        _linear(f"{p}.mlp.up_proj", h, inner, b),
-        _linear(f"{p}.mlp.down_proj", inner, h, b),
-    ]
+        # DeepSeek-V3's shared experts: one gated MLP as wide as `shared_experts` experts
+        if spec.shared_experts:
+            sparse += _gated_mlp(f"{p}.mlp.shared_experts", h, spec.shared_experts * inner, b)
+        return sparse
+    return _gated_mlp(f"{p}.mlp", h, inner, b)
 
 
 def _decoder_layers(spec: ModelSpec) -> list[Module]:
@@ -202,7 +236,7 @@ def _decoder_layers(spec: ModelSpec) -> list[Module]:
     for i in range(spec.num_layers):
         p = f"model.layers.{i}"
         modules += _attention(spec, p)
-        modules += _mlp(spec, p)
+        modules += _mlp(spec, p, i)
         if spec.norm_placement != "post":  # OLMo 2 has no norm before attention
             modules.append(_norm(f"{p}.input_layernorm", h, bias=False))
         # before the MLP (Llama), after attention (Gemma-2, OLMo 2): the same name

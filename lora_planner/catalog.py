@@ -136,6 +136,30 @@ CATALOG: tuple[ModelSpec, ...] = (
             inner=21504, positions=131072, window=1024, source="google/gemma-3-27b-pt"),
 )
 
+# DeepSeek-V3 as transformers builds it: latent attention (q through a 1,536 bottleneck, k and v from a
+# 512 latent, 64 of each 192-wide q/k head rotating, interleaved), 3 dense layers then 58 of 256 routed
+# experts (top 8, within the best 4 of 8 groups) beside one shared expert. The multi-token-prediction
+# layer of the checkpoint (`model.layers.61`) is not built, so not planned.
+DEEPSEEK_V3 = ModelSpec(
+    name="deepseek-v3", family="deepseek_v3", vocab_size=129280, hidden_size=7168, num_layers=61,
+    num_heads=128, num_kv_heads=128, head_dim=128 + 64, intermediate_size=2048, tied_embeddings=False,
+    max_positions=163840, num_experts=256, experts_per_token=8, source="deepseek-ai/DeepSeek-V3",
+    kv_lora_rank=512, q_lora_rank=1536, rope_head_dim=64, v_head_dim=128, rope_interleave=True,
+    dense_layers=3, dense_intermediate_size=18432, shared_experts=1, expert_groups=8, topk_groups=4,
+    routed_scaling=2.5,
+)
+
+CATALOG += (DEEPSEEK_V3,)
+
+# What a plan of an entry says about its published checkpoint, by hub id, where the plan's 16-bit base
+# is not what the hub holds
+PUBLISHED_NOTES = {
+    "deepseek-ai/DeepSeek-V3": (
+        "deepseek-ai/DeepSeek-V3 is published in FP8 (block-scaled e4m3 weights; 685B parameters with "
+        "its multi-token-prediction module, which transformers does not build): this plan assumes a "
+        "16-bit base, as after dequantising the checkpoint to bf16"),
+}
+
 _BY_NAME = {alias: spec for spec in CATALOG for alias in (spec.name, *spec.aliases)}
 # The hub id each entry copies (`meta-llama/Llama-3.1-8B`), so it is answered without the network.
 _BY_SOURCE = {spec.source.lower(): spec for spec in CATALOG if spec.source}

@@ -16,7 +16,9 @@ following PEFT's rules rather than inventing cleaner ones:
   `w3` (always together) become `experts.gate_up_proj` at rank 2r, `w2` becomes
   `experts.down_proj`, `gate` becomes the router weight; `all-linear` takes all three. A 3-D
   parameter of E experts gets A = (r*E, in) and B = (out, r*E). Qwen3-MoE the same, its v4 names
-  `gate_proj` and `up_proj` (together) and `down_proj`.
+  `gate_proj` and `up_proj` (together) and `down_proj`; DeepSeek-V3 too, whose dense MLPs and shared
+  experts are nn.Linear layers under those same names, which PEFT therefore never wraps (the names
+  reach the fused experts only, `all-linear` included).
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ PEFT_DEFAULT_TARGETS = {
     "olmo2": ("q_proj", "v_proj"),  # PEFT has no entry; as for Llama
     "smollm3": ("q_proj", "v_proj"),  # PEFT has no entry; as for Llama
     "gemma3": ("q_proj", "v_proj"),  # PEFT's gemma3_text entry
+    # PEFT has no entry; latent attention has no v_proj: its `qv` preset (`latent_attention_targets`)
+    "deepseek_v3": (),
 }
 
 _SPLIT_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -61,6 +65,17 @@ PRESETS = {
     },
 }
 PRESET_NAMES = ("default", *PRESETS, "all-linear")
+
+
+def latent_attention_targets(spec: ModelSpec, preset: str) -> tuple[str, ...]:
+    """`qv` and `attn` for multi-head latent attention, which has no per-head q/k/v layers: `qv` the
+    query's projections (q_proj, or q_a_proj and q_b_proj through the bottleneck) and kv_b_proj, the
+    one layer that makes the values (with the keys' unrotated part: LoRA cannot wrap half of it);
+    `attn` those with kv_a_proj_with_mqa (the compressed latent and the rotary key) and o_proj."""
+    query = ("q_a_proj", "q_b_proj") if spec.q_lora_rank else ("q_proj",)
+    if preset == "qv":
+        return (*query, "kv_b_proj")
+    return (*query, "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
 
 SEQ_CLS_MODULES_TO_SAVE = ("classifier", "score")
 BIAS_MODES = ("none", "all", "lora_only")
@@ -168,6 +183,8 @@ def lora_linear_params(in_features: int, out_features: int, rank: int) -> int:
 
 
 def default_targets(spec: ModelSpec) -> tuple[str, ...]:
+    if spec.kv_lora_rank:
+        return latent_attention_targets(spec, "qv")
     return PEFT_DEFAULT_TARGETS[spec.family]
 
 
@@ -177,6 +194,8 @@ def expand_targets(spec: ModelSpec, targets: tuple[str, ...]) -> tuple[str, ...]
     for target in targets:
         if target == "default":
             names += default_targets(spec)
+        elif target in ("qv", "attn") and spec.kv_lora_rank:
+            names += latent_attention_targets(spec, target)
         elif target in PRESETS:
             by_family = PRESETS[target]
             chosen = by_family.get(spec.family, by_family["*"])
@@ -224,9 +243,13 @@ def wrapped_modules(spec: ModelSpec, setup: TrainSetup) -> tuple[tuple[Module, .
         return tuple(moe), targets
     if "all-linear" in targets:
         others = tuple(t for t in targets_left if t != "all-linear")
+        # PEFT resolves all-linear to the linear layers' names, then hands the v4 expert names on to
+        # the fused experts: a linear layer under one of those names (DeepSeek-V3's dense MLPs and
+        # shared experts) is left unwrapped
         chosen = [
             m for m in arch.modules
-            if (m.kind in LINEAR_KINDS and m.path != arch.head_path)
+            if (m.kind in LINEAR_KINDS and m.path != arch.head_path
+                and m.path.rsplit(".", 1)[-1] not in v4_names)
             or any(_matches(m.path, t) for t in others)
         ]
     else:
@@ -264,6 +287,10 @@ MOE_V4_NAMES = {
     "mixtral": {"w1": "gate_up_proj", "w3": "gate_up_proj", "w2": "down_proj", "gate": "router"},
     "qwen3_moe": {"gate_proj": "gate_up_proj", "up_proj": "gate_up_proj", "down_proj": "down_proj",
                   "gate": "router"},
+    # DeepSeek-V3 (PEFT maps it as Qwen2-MoE): its dense MLPs' and shared experts' gate_proj, up_proj
+    # and down_proj are nn.Linear layers, but these names reach only the fused experts
+    "deepseek_v3": {"gate_proj": "gate_up_proj", "up_proj": "gate_up_proj", "down_proj": "down_proj",
+                    "gate": "router"},
 }
 
 

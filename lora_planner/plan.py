@@ -8,6 +8,7 @@ from functools import lru_cache
 from . import checkpoint_sizes, cost, stacks
 from .adapter_dtype import FP32_ADAPTERS, fp32_adapters
 from .architecture import Architecture, Param, layout
+from .catalog import PUBLISHED_NOTES
 from .counts import lora_trainable
 from .errors import PlanError
 from .gpus import Gpu, fits, largest_fitting_peak
@@ -394,6 +395,8 @@ def make_plan(model: ModelSpec | DenseSize, setups: tuple[TrainSetup, ...], gpu:
         if first.seq_len > model.max_positions:
             notes.append(f"--seq-len {first.seq_len:,} is longer than {model.name}'s context of "
                          f"{model.max_positions:,} positions: the model cannot train on it as is")
+        if model.source in PUBLISHED_NOTES:
+            notes.append(PUBLISHED_NOTES[model.source])
         info = ModelInfo(model.name, model.family,
                          layout(model, first.task, first.num_labels).total_params, model.source, model)
     return Plan(info, setups[0], gpu, tuple(plans), tuple(notes), workload)

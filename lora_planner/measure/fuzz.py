@@ -78,7 +78,7 @@ def random_config(rng: random.Random, family: str) -> dict:
     head_dim = 2 * rng.randint(2, 8)  # rotary needs an even head size
     if family == "phi3":
         hidden = heads * head_dim  # Phi-3 derives head_dim from hidden / heads
-    elif family in ("mixtral", "qwen3_moe"):
+    elif family in ("mixtral", "qwen3_moe", "deepseek_v3"):
         # torch's grouped matmul wants 16-byte strides: widths a multiple of 8
         hidden = heads * 8 * rng.randint(1, 3)
     else:
@@ -88,7 +88,7 @@ def random_config(rng: random.Random, family: str) -> dict:
         "model_type": FAMILY_MODEL_TYPE.get(family, family), "vocab_size": vocab, "hidden_size": hidden,
         "num_hidden_layers": layers,
         "num_attention_heads": heads, "num_key_value_heads": kv,
-        "intermediate_size": rng.randint(1, 16) * 8 if family in ("mixtral", "qwen3_moe")
+        "intermediate_size": rng.randint(1, 16) * 8 if family in ("mixtral", "qwen3_moe", "deepseek_v3")
         else rng.randint(8, 130),
         "max_position_embeddings": positions,
         "tie_word_embeddings": rng.random() < 0.5,
@@ -132,6 +132,8 @@ def random_config(rng: random.Random, family: str) -> dict:
         config["final_logit_softcapping"] = rng.choice((None, None, 30.0))
     if family == "phi3" and rng.random() < 0.4:
         config["resid_pdrop"] = rng.choice((0.0, 0.1))
+    if family == "deepseek_v3":
+        config.update(_latent_config(rng, heads, layers, config["intermediate_size"]))
     if family == "mixtral":
         experts = rng.randint(2, 5)
         config.update(num_local_experts=experts, num_experts_per_tok=rng.randint(1, min(3, experts)))
@@ -144,6 +146,30 @@ def random_config(rng: random.Random, family: str) -> dict:
         if rng.random() < 0.3:
             config.update(use_sliding_window=True, sliding_window=rng.randint(2, 80))
     return config
+
+
+def _latent_config(rng: random.Random, heads: int, layers: int, expert_width: int) -> dict:
+    """DeepSeek-V3's keys: latent attention (a key and value per head, the query through a bottleneck
+    or not, interleaved rotary pairs or halves), 0 to all layers dense first, one or two shared
+    experts, experts in one or two groups (each of two or three), the router's top-k within the best
+    groups, normalised or not."""
+    groups = rng.randint(1, 2)
+    experts = groups * rng.randint(2, 3)
+    topk_groups = rng.randint(1, groups)
+    rope = 2 * rng.randint(1, 4)
+    return {
+        "head_dim": rope,  # DeepseekV3Config's: the rotary part of a head
+        "num_key_value_heads": heads,
+        "q_lora_rank": rng.choice((None, rng.randint(2, 24))), "kv_lora_rank": rng.randint(2, 24),
+        "qk_nope_head_dim": rng.randint(1, 10), "qk_rope_head_dim": rope,
+        "v_head_dim": rng.randint(1, 10), "rope_interleave": rng.random() < 0.5,
+        "attention_bias": rng.random() < 0.3,
+        "moe_intermediate_size": expert_width, "intermediate_size": rng.randint(8, 130),
+        "first_k_dense_replace": rng.randint(0, layers), "n_shared_experts": rng.randint(1, 2),
+        "n_routed_experts": experts, "n_group": groups, "topk_group": topk_groups,
+        "num_experts_per_tok": rng.randint(1, min(3, topk_groups * experts // groups)),
+        "norm_topk_prob": rng.random() < 0.5, "routed_scaling_factor": rng.choice((1.0, 2.5)),
+    }
 
 
 # The families seeds cycle through, in this order. A family added later is drawn by name
@@ -175,7 +201,7 @@ def random_case(seed: int, family: str | None = None) -> Case:
     if method == "lora":
         setup = plannable_rank(spec, setup)
     fake = rng.random() < 0.5
-    if family in ("mixtral", "qwen3_moe") and setup.precision != "pure-bf16":
+    if family in ("mixtral", "qwen3_moe", "deepseek_v3") and setup.precision != "pure-bf16":
         fake = False  # torch's fake grouped matmul accepts bf16 only (the CPU kernel takes fp32)
     return Case(seed, config, setup, layers, fake=fake)
 
