@@ -283,8 +283,8 @@ def _check_latent_and_experts(spec: ModelSpec) -> None:
     name = f"model {spec.name!r}"
     latent = spec.family == "deepseek_v3"
     if bool(spec.kv_lora_rank) != latent:
-        raise PlanError(f"{name}: kv_lora_rank (latent attention) is {'required for' if latent else 'only for'} "
-                        "a deepseek_v3 model")
+        need = "required for" if latent else "only for"
+        raise PlanError(f"{name}: kv_lora_rank (latent attention) is {need} a deepseek_v3 model")
     if not latent and (spec.q_lora_rank or spec.v_head_dim or spec.rope_interleave):
         raise PlanError(f"{name}: q_lora_rank, v_head_dim and rope_interleave are latent attention's "
                         "(a deepseek_v3 model)")
@@ -308,7 +308,7 @@ def _check_latent_and_experts(spec: ModelSpec) -> None:
         whole_number(f"{name}: topk_groups", spec.topk_groups, 1, groups)
         if spec.num_experts % groups or spec.num_experts // groups < 2:
             raise PlanError(f"{name}: {spec.num_experts} experts do not split into {groups} groups of "
-                            "at least two (n_routed_experts must be a multiple of n_group, twice it at least)")
+                            "at least two (n_routed_experts: a multiple of n_group, twice it at least)")
         real_number(f"{name}: routed_scaling", spec.routed_scaling, 0, None, lo_open=True)
 
 
@@ -582,7 +582,8 @@ def spec_from_hf_config(config: dict, name: str = "custom", source: str = "") ->
         # (latent attention: the bias is on q_a_proj, kv_a_proj_with_mqa and o_proj)
         qkv_bias=family == "qwen2" or attention_bias,
         out_bias=family != "qwen2" and attention_bias,
-        # Qwen3's, OLMo 2's, Gemma 3's and DeepSeek-V3's MLPs and experts have no bias whatever the config says
+        # Qwen3's, OLMo 2's, Gemma 3's and DeepSeek-V3's MLPs and experts have no bias, whatever the
+        # config says
         mlp_bias=family not in ("qwen3", "qwen3_moe", "olmo2", "gemma3", "deepseek_v3")
         and _flag(config, "mlp_bias", False),
         num_experts=experts,
@@ -739,8 +740,9 @@ HEAD_DIM_DEFAULT = {"qwen3": 128, "gemma3": 256}
 
 
 def _sliding_window(config: dict, family: str) -> int | None:
-    if family in ("llama", "gpt2", "olmo2", "deepseek_v3") or (family in (*QWEN_WINDOWS, "qwen3_moe", "smollm3")
-                                         and not _flag(config, "use_sliding_window", False)):
+    if family in ("llama", "gpt2", "olmo2", "deepseek_v3") or (
+            family in (*QWEN_WINDOWS, "qwen3_moe", "smollm3")
+            and not _flag(config, "use_sliding_window", False)):
         return None
     if "sliding_window" in config and config["sliding_window"] is None:
         return None
