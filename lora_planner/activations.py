@@ -514,12 +514,14 @@ class Graph:
                      + 3 * rows * out_features * promoted, after_saves=True)
         self.moment(*alive, extra=kept + 3 * rows * out_features * promoted)
 
-    def merged_linear(self, x: Tensor, path: str, in_features: int, out_features: int) -> Tensor:
+    def merged_linear(self, x: Tensor, path: str, in_features: int, out_features: int,
+                      weight_bytes: int = 0) -> Tensor:
         """y = x (W + s B A)^T with PEFT's `ParamWrapper` on a 2-D parameter (`_LoraParameterProxy`):
         `get_delta_weight` makes B @ A (autocast: from bf16 copies of A and B, which mm keeps; on
         CPU a 16-bit model's A and B are upcast to fp32 copies first), W + delta is a new weight that
         trains, so the matmul keeps x, and keeps that weight (its bf16 copy under autocast) when x
-        needs a gradient.
+        needs a gradient. `weight_bytes`: the weight's own width where it is not the model's (a router
+        kept in fp32: the merged weight is then fp32 too).
         """
         rank = self.wrapped[path]
         rows = x.numel // in_features
@@ -532,7 +534,7 @@ class Graph:
         xin = self.cast(x, 2) if self.cond.autocast else x
         self.save(xin)
         if x.grad:
-            wb = 2 if self.cond.autocast else self.cond.weight_bytes
+            wb = 2 if self.cond.autocast else weight_bytes or self.cond.weight_bytes
             self.save(self.new(in_features * out_features, wb, False))
         return self.new(rows * out_features, xin.itemsize, True)
 
@@ -1295,7 +1297,8 @@ def _latent_qkv(g: Graph, spec: ModelSpec, p: str, h: Tensor,
     kv = g.linear(kv_in, f"{a}.kv_b_proj", latent, nh * (hd - rd + vd))
     key = g.new(t * nh * hd, kv.itemsize, kv.grad or k_rot.grad)  # new_empty, then two copy_
     g.args = latent_locals(h, q, ckv, kv_in, q_rot, k_rot, query, kv, key)
-    g.moment(*g.args)
+    g.hold(*g.args)  # through the kernel and o_proj (the layer releases them)
+    g.moment()
     return query, key, Tensor(kv.numel, kv.itemsize, kv.grad, kv.key)
 
 
@@ -1535,7 +1538,8 @@ def route(g: Graph, spec: ModelSpec, router: str, h: Tensor) -> Tensor:
     sigmoid = spec.router == "sigmoid"
     if sigmoid:
         h = g.cast(h, FP32)
-    logits = g.merged_linear(h, router, H, E) if router in g.wrapped else g.linear(h, router, H, E)
+    logits = (g.merged_linear(h, router, H, E, FP32 if sigmoid else 0) if router in g.wrapped
+              else g.linear(h, router, H, E))
     if logits.grad:
         scores = logits.itemsize if sigmoid else FP32
         g.save(g.new(t * E, scores, True), g.new(rows, INT64, False))  # the scores, the chosen indices

@@ -268,3 +268,12 @@ def _layout(spec: ModelSpec, task: str, num_labels: int) -> Architecture:
         return Architecture(tuple(body) + (head,), "score", tied_head=False)
     head = _head("lm_head", spec.hidden_size, spec.vocab_size, spec.tied_embeddings)
     return Architecture(tuple(body) + (head,), "lm_head", tied_head=spec.tied_embeddings)
+
+
+def kept_in_fp32(spec: ModelSpec, arch: Architecture) -> tuple[Param, ...]:
+    """Parameters transformers keeps in fp32 whatever dtype the model is loaded in
+    (`_keep_in_fp32_modules_strict`): DeepSeek-V3's router weights (`mlp.gate.weight`), which its
+    sigmoid router reads in fp32. Empty for every other family."""
+    if spec.router != "sigmoid":
+        return ()
+    return tuple(p for m in arch.modules if m.kind == "router" for p in m.params)

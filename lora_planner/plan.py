@@ -7,7 +7,7 @@ from functools import lru_cache
 
 from . import checkpoint_sizes, cost, stacks
 from .adapter_dtype import FP32_ADAPTERS, fp32_adapters
-from .architecture import Architecture, Param, layout
+from .architecture import Architecture, Param, kept_in_fp32, layout
 from .catalog import PUBLISHED_NOTES
 from .counts import lora_trainable
 from .errors import PlanError
@@ -147,8 +147,23 @@ def _split_states(trainable, setup: TrainSetup, precision: Precision) -> dict[st
         parts.append(_states(trainable.count - trainable.adapter_count, rest, setup, precision))
     if len(parts) == 1:
         return parts[0]
-    return {k: Term(k, sum(p[k].bytes for p in parts), "adapters: " + parts[0][k].formula + "; other: "
-                    + parts[1][k].formula) for k in parts[0]}
+    return _joined_states(*parts, "adapters")
+
+
+def _joined_states(rest: dict[str, Term], apart: dict[str, Term], what: str) -> dict[str, Term]:
+    """Model states of tensors at two widths, summed term by term: `apart` (named `what`) and the rest."""
+    return {k: Term(k, rest[k].bytes + apart[k].bytes, f"{what}: {apart[k].formula}; other: {rest[k].formula}")
+            for k in rest}
+
+
+def _fp32_kept(spec: ModelSpec, arch: Architecture, precision: Precision) -> tuple[Param, ...]:
+    """The parameters transformers keeps in fp32 (`kept_in_fp32`), where the model's weights are not."""
+    return kept_in_fp32(spec, arch) if precision.weight_bytes < 4 else ()
+
+
+def _fp32_weight_term(params) -> Term:
+    return dense_weight_bytes("weights_fp32", sum(p.numel for p in params), 4,
+                              "kept in fp32 by transformers (router weights)")
 
 
 def _assemble(method: str, gpu: Gpu, weight_terms: tuple[Term, ...], states: dict[str, Term],
@@ -226,10 +241,19 @@ def plan_full(spec: ModelSpec, setup: TrainSetup, gpu: Gpu, fewest_only: bool = 
     total = arch.total_params
     dtype = _save_dtype(setup, precision)
     ckpt = checkpoint_sizes.safetensors_bytes(params, dtype)
+    wide = _fp32_kept(spec, arch, precision)
+    weights = (dense_weight_bytes("weights_trainable", total - sum(p.numel for p in wide),
+                                  precision.weight_bytes, "trainable"),)
+    states = _states(total, params, setup, precision)
+    if wide:
+        names = {p.name for p in wide}
+        rest = tuple(p for p in params if p.name not in names)
+        weights += (_fp32_weight_term(wide),)
+        states = _joined_states(_states(total - sum(p.numel for p in wide), rest, setup, precision),
+                                _states(sum(p.numel for p in wide), wide, setup, FP32_ADAPTERS),
+                                "kept in fp32")
     return _assemble(
-        "full", gpu,
-        (dense_weight_bytes("weights_trainable", total, precision.weight_bytes, "trainable"),),
-        _states(total, params, setup, precision), setup, spec,
+        "full", gpu, weights, states, setup, spec,
         _zero3(spec, setup, arch, precision, {m.path: m.numel for m in arch.modules}, total),
         flops_per_token=cost.full_flops_per_token(
             *_matmul_params(spec, setup.task, setup.num_labels),
@@ -258,6 +282,10 @@ def plan_lora(spec: ModelSpec, setup: TrainSetup, gpu: Gpu, fewest_only: bool = 
         nf4 = [p for p in frozen if p.name in quantised]
         frozen = [p for p in frozen if p.name not in quantised]
         weight_terms.append(quantized_weight_bytes(nf4, setup.double_quant))
+    wide = {p.name for p in _fp32_kept(spec, arch, precision)}
+    if wide:
+        weight_terms.append(_fp32_weight_term([p for p in frozen if p.name in wide]))
+        frozen = [p for p in frozen if p.name not in wide]
     frozen_numel = sum(p.numel for p in frozen)
     weight_terms.append(dense_weight_bytes("weights_frozen", frozen_numel, precision.weight_bytes, "frozen"))
     fp32 = fp32_adapters(setup.method, precision, setup.adapter_dtype)
