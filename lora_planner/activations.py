@@ -1873,11 +1873,9 @@ def layer_backward_transients(spec: ModelSpec, cond: Conditions) -> tuple[int, i
     t, cb = cond.tokens, cond.compute_bytes
     resid = residual_gradient_bytes(spec, cond)
     rows = t * max(spec.experts_per_token, 1)
-    # grouped expert matmuls are not autocast: they run in the hidden states' (the weights') dtype.
-    # A model with dense layers first and shared experts (DeepSeek-V3) takes the largest of its MLPs.
-    mlps = [3 * t * w * cb for w in (spec.dense_intermediate_size if spec.dense_layers else 0,
-                                    spec.shared_experts * spec.intermediate_size)]
-    mlp = max(3 * rows * spec.intermediate_size * (cond.weight_bytes if spec.num_experts else cb), *mlps)
+    # grouped expert matmuls are not autocast: they run in the hidden states' (the weights') dtype
+    # (a model with dense layers or shared experts has its own per layer: `mlp_backward_transients`)
+    mlp = 3 * rows * spec.intermediate_size * (cond.weight_bytes if spec.num_experts else cb)
     # An expert block's first backward op without checkpointing, the combine's (the rows' weighting by
     # the fp32 routing weights), is its own phase (`Profile.expert_combine`, `moe_combine_backward`):
     # it comes before the down projection's weight gradient exists.
@@ -1894,6 +1892,21 @@ def layer_backward_transients(spec: ModelSpec, cond: Conditions) -> tuple[int, i
     else:
         attn = qkv
     return resid, mlp, attn
+
+
+def mlp_backward_transients(spec: ModelSpec, cond: Conditions) -> tuple[int, ...]:
+    """Per layer, the MLP's part of `layer_backward_transients` for a model whose layers' MLPs differ
+    (DeepSeek-V3's dense layers first, its shared experts beside the routed ones); () for the rest.
+    A dense layer's gated product hands back two (tokens x width) gradients beside the incoming one,
+    in compute dtype; a sparse layer's the larger of its routed experts' (rows x expert width, in the
+    weights' dtype) and its shared experts' (tokens x shared width, compute dtype)."""
+    if not (spec.dense_layers or spec.shared_experts):
+        return ()
+    t, cb = cond.tokens, cond.compute_bytes
+    routed = 3 * t * spec.experts_per_token * spec.intermediate_size * cond.weight_bytes
+    shared = 3 * t * spec.shared_experts * spec.intermediate_size * cb
+    return tuple(max(routed, shared) if spec.sparse_layer(i) else 3 * t * spec.mlp_width(i) * cb
+                 for i in range(spec.num_layers))
 
 
 def checkpoint_masks_freed(spec: ModelSpec, cond: Conditions) -> tuple[int, ...]:
@@ -2099,7 +2112,9 @@ class Profile:
     # per layer: the most its forward holds at once up to its last save (`Graph.recompute_peak`),
     # reached again when a checkpointed layer is recomputed
     recompute_peaks: tuple[int, ...] = ()
-    expert_backward: tuple[int, ...] = ()  # per layer, ParamWrapper'd experts (`merged_weight_backward`)
+    expert_backward: tuple[int, ...] = ()
+    # per layer, the MLP's backward transient where layers' MLPs differ (`mlp_backward_transients`)
+    mlp_transients: tuple[int, ...] = ()  # per layer, ParamWrapper'd experts (`merged_weight_backward`)
     # per layer: gradients alive through its recompute besides the residual stream's (`Graph.pending`)
     recompute_pending: tuple[int, ...] = ()
     # per layer: the most a DoRA layer's backward of its scaling holds beyond the layer's saves and
@@ -2302,6 +2317,7 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
         checkpoint_args=shared,
         mlp_layers=tuple(mlps),
         transients=layer_backward_transients(spec, cond),
+        mlp_transients=mlp_backward_transients(spec, cond),
         mlp_tails=tuple(g.tails),
         expert_backward=tuple(g.expert_backward) if len(g.expert_backward) == spec.num_layers else (),
         attn_tails=tuple(g.attn_tails),
