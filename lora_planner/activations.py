@@ -1552,7 +1552,11 @@ def shared_experts(g: Graph, spec: ModelSpec, p: str, h: Tensor, routed: Tensor)
     """DeepSeek-V3's shared experts: a gated MLP of shared_experts x intermediate_size over the block's
     input, run after the routed experts (whose output is bound meanwhile) and added to it. What it
     saves is used and freed first in backward (its ops were recorded last), before the routed
-    experts' peak: it joins the block's tail. Source: transformers 5 `DeepseekV3MoE.forward`."""
+    experts' peak: it joins the block's tail. Its own peak, the gated product's backward (its
+    gradient and the two it hands back, tokens x width each in compute dtype), comes with every
+    routed expert's saved tensor still alive and only the down projection's freed: a moment of the
+    block's backward beyond its saved tensors (`Graph.expert_backward`). Source: transformers 5
+    `DeepseekV3MoE.forward`."""
     H, inter = spec.hidden_size, spec.shared_experts * spec.intermediate_size
     path = f"{p}.mlp.shared_experts"
     before = g._saved_total
@@ -1563,12 +1567,16 @@ def shared_experts(g: Graph, spec: ModelSpec, p: str, h: Tensor, routed: Tensor)
     up = g.linear(h, f"{path}.up_proj", H, inter)
     g.release(gate_act)
     act = g.mul(gate_act, up)
+    down_from = g._saved_total
     out = g.linear(act, f"{path}.down_proj", inter, H)
     g.peak_at(g.unsaved(h, act, out, *g.args), after_saves=True)
     g.release(routed)
     g.args = g.args[:-1]
     if g.tails:
         g.tails[-1] += g._saved_total - before
+    if act.grad:
+        product = 3 * g.cond.tokens * inter * g.cond.compute_bytes - (g._saved_total - down_from)
+        g.expert_backward[-1] = max(g.expert_backward[-1], product)
     return g.add(routed, out)
 
 
