@@ -1555,8 +1555,10 @@ def shared_experts(g: Graph, spec: ModelSpec, p: str, h: Tensor, routed: Tensor)
     experts' peak: it joins the block's tail. Its own peak, the gated product's backward (its
     gradient and the two it hands back, tokens x width each in compute dtype), comes with every
     routed expert's saved tensor still alive and only the down projection's freed: a moment of the
-    block's backward beyond its saved tensors (`Graph.expert_backward`). Source: transformers 5
-    `DeepseekV3MoE.forward`."""
+    block's backward beyond its saved tensors (`Graph.expert_backward`). Its input's gradient then
+    waits through all of the routed experts' backward, to be summed with theirs: every later moment
+    of the block holds it too (the un-sort's and the combine's, the recompute's, the gated product's
+    and a merged expert weight's). Source: transformers 5 `DeepseekV3MoE.forward`."""
     H, inter = spec.hidden_size, spec.shared_experts * spec.intermediate_size
     path = f"{p}.mlp.shared_experts"
     before = g._saved_total
@@ -1574,9 +1576,16 @@ def shared_experts(g: Graph, spec: ModelSpec, p: str, h: Tensor, routed: Tensor)
     g.args = g.args[:-1]
     if g.tails:
         g.tails[-1] += g._saved_total - before
-    if act.grad:
-        product = 3 * g.cond.tokens * inter * g.cond.compute_bytes - (g._saved_total - down_from)
-        g.expert_backward[-1] = max(g.expert_backward[-1], product)
+    layer = g.section.removesuffix(" mlp")
+    waits = h.nbytes if h.grad else 0  # the shared branch's input gradient
+    for moments in (g.pending, g.combine, g.recompute_combine):
+        if moments.get(layer):
+            moments[layer] += waits
+    routed_peak = (3 * g.cond.tokens * spec.experts_per_token * spec.intermediate_size * g.cond.weight_bytes
+                   - (g.tails[-1] if g.tails else 0))
+    shared = 3 * g.cond.tokens * inter * g.cond.compute_bytes - (g._saved_total - down_from) if act.grad else 0
+    g.expert_backward[-1] = max(g.expert_backward[-1] + waits if g.expert_backward[-1] else 0,
+                                routed_peak + waits if waits else 0, shared)
     return g.add(routed, out)
 
 
