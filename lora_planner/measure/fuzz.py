@@ -198,6 +198,10 @@ def random_case(seed: int, family: str | None = None) -> Case:
         # other stacks are checked against the tracer in tests/test_stack.py
         stack="torch",
     )
+    kept = spec.num_layers if layers is None else layers
+    if setup.targets == ("mlp",) and spec.num_experts and not any(spec.sparse_layer(i) for i in range(kept)):
+        # PEFT's v4 expert names reach only fused experts, which a model of dense layers has none of
+        setup = setup.with_(targets=("attn",))
     if method == "lora":
         setup = plannable_rank(spec, setup)
     fake = rng.random() < 0.5
