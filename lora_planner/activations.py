@@ -1578,14 +1578,16 @@ def shared_experts(g: Graph, spec: ModelSpec, p: str, h: Tensor, routed: Tensor)
         g.tails[-1] += g._saved_total - before
     layer = g.section.removesuffix(" mlp")
     waits = h.nbytes if h.grad else 0  # the shared branch's input gradient
-    for moments in (g.pending, g.combine, g.recompute_combine):
-        if moments.get(layer):
-            moments[layer] += waits
+    mine = g._saved_total - before  # freed by the time backward reaches the routed experts
+    for moments, freed in ((g.pending, 0), (g.combine, mine), (g.recompute_combine, 0)):
+        if moments.get(layer):  # (the un-sort's and the recompute's were written before these saves)
+            moments[layer] += waits - freed
     routed_peak = (3 * g.cond.tokens * spec.experts_per_token * spec.intermediate_size * g.cond.weight_bytes
                    - (g.tails[-1] if g.tails else 0))
     shared = 3 * g.cond.tokens * inter * g.cond.compute_bytes - (g._saved_total - down_from) if act.grad else 0
-    g.expert_backward[-1] = max(g.expert_backward[-1] + waits if g.expert_backward[-1] else 0,
-                                routed_peak + waits if waits else 0, shared)
+    merged = g.expert_backward[-1]
+    g.expert_backward[-1] = max(merged + waits - mine if merged else 0, routed_peak + waits if waits else 0,
+                                shared)
     return g.add(routed, out)
 
 
