@@ -1567,10 +1567,15 @@ def shared_experts(g: Graph, spec: ModelSpec, p: str, h: Tensor, routed: Tensor)
     gate_act = g.unary(gate, "input")
     g.hold(routed, gate_act)
     up = g.linear(h, f"{path}.up_proj", H, inter)
+    g.peak_at(g.unsaved(h, gate_act, up, *g.args))
     g.release(gate_act)
     act = g.mul(gate_act, up)
     down_from = g._saved_total
-    out = g.linear(act, f"{path}.down_proj", inter, H)
+    down = f"{path}.down_proj"
+    out = g.linear(act, down, inter, H)
+    # the down projection saves the layer's last tensor: a recompute stops there, before its output
+    g.peak_at(g.unsaved(h, act, *g.args) + recompute_stop_transient(g.cond, act.numel, out.numel,
+                                                                     down in g.wrapped))
     g.peak_at(g.unsaved(h, act, out, *g.args), after_saves=True)
     g.release(routed)
     g.args = g.args[:-1]
@@ -1582,9 +1587,15 @@ def shared_experts(g: Graph, spec: ModelSpec, p: str, h: Tensor, routed: Tensor)
     for moments, freed in ((g.pending, 0), (g.combine, mine), (g.recompute_combine, 0)):
         if moments.get(layer):  # (the un-sort's and the recompute's were written before these saves)
             moments[layer] += waits - freed
+    # under autocast the 16-bit shared output was added to the routed experts' fp32 one: the add's
+    # backward casts the incoming gradient to 16 bits for the shared branch, which waits through the
+    # recompute its down projection sets off
+    cast = out.nbytes if out.itemsize < routed.itemsize else 0
+    g.pending[layer] = g.pending.get(layer, 0) + cast
     routed_peak = (3 * g.cond.tokens * spec.experts_per_token * spec.intermediate_size * g.cond.weight_bytes
                    - (g.tails[-1] if g.tails else 0))
-    shared = 3 * g.cond.tokens * inter * g.cond.compute_bytes - (g._saved_total - down_from) if act.grad else 0
+    shared = (3 * g.cond.tokens * inter * g.cond.compute_bytes - (g._saved_total - down_from) + cast
+              if act.grad else 0)
     merged = g.expert_backward[-1]
     g.expert_backward[-1] = max(merged + waits - mine if merged else 0, routed_peak + waits if waits else 0,
                                 shared)
