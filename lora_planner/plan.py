@@ -152,8 +152,8 @@ def _split_states(trainable, setup: TrainSetup, precision: Precision) -> dict[st
 
 def _joined_states(rest: dict[str, Term], apart: dict[str, Term], what: str) -> dict[str, Term]:
     """Model states of tensors at two widths, summed term by term: `apart` (named `what`) and the rest."""
-    return {k: Term(k, rest[k].bytes + apart[k].bytes, f"{what}: {apart[k].formula}; other: {rest[k].formula}")
-            for k in rest}
+    return {k: Term(k, rest[k].bytes + apart[k].bytes,
+                    f"{what}: {apart[k].formula}; other: {rest[k].formula}") for k in rest}
 
 
 def _fp32_kept(spec: ModelSpec, arch: Architecture, precision: Precision) -> tuple[Param, ...]:
