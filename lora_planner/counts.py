@@ -237,6 +237,9 @@ def wrapped_modules(spec: ModelSpec, setup: TrainSetup) -> tuple[tuple[Module, .
     _check_targets(arch, targets)
     saved = _modules_to_save_names(setup)
     v4_names = MOE_V4_NAMES.get(spec.family, {})
+    if v4_names:
+        targets = tuple(dict.fromkeys(name for t in targets for name in (
+            regex_target_names(arch, t[3:], v4_names) if t.startswith("re:") else (t,))))
     moe = _moe_targets(arch, targets, v4_names) if v4_names else []
     targets_left = tuple(t for t in targets if not any(_matches(f"x.{n}", t) for n in v4_names))
     if moe and not targets_left:
@@ -292,6 +295,29 @@ MOE_V4_NAMES = {
     "deepseek_v3": {"gate_proj": "gate_up_proj", "up_proj": "gate_up_proj", "down_proj": "down_proj",
                     "gate": "router"},
 }
+
+
+def regex_target_names(arch: Architecture, pattern: str, v4_names: dict[str, str]) -> tuple[str, ...]:
+    """A regex target on a model whose experts PEFT converts from v4 names, as PEFT 0.21 reads it
+    (`_resolve_string_target_modules`): the last names of the module paths and parameter names it
+    matches in full, and a v4 expert name where the regex matches it under a fused expert's module
+    (`...mlp.experts.gate_proj`). Each is then a plain name, matched in every layer, and a v4 name
+    reaches the fused experts: a regex cannot single out one layer, nor a dense or shared MLP."""
+    from .validate import regex
+
+    compiled = regex("target", pattern)
+    keys = [*(m.path for m in arch.modules), *arch.container_paths, *(p.name for p in arch.params)]
+    matched = {k.rsplit(".", 1)[-1] for k in keys if compiled.fullmatch(k)}
+    holders: dict[str, set[str]] = {}
+    for p in arch.params:
+        holder, _, leaf = p.name.rpartition(".")
+        holders.setdefault(leaf, set()).add(holder)
+    for old, new in v4_names.items():
+        if old not in matched and any(compiled.fullmatch(f"{h}.{old}") for h in holders.get(new, ())):
+            matched.add(old)
+    if not matched:
+        raise PlanError(f"target 're:{pattern}' matches no module of the model")
+    return tuple(sorted(matched))
 
 
 def _moe_targets(arch: Architecture, targets: tuple[str, ...], v4_names: dict[str, str]) -> list[Module]:

@@ -71,6 +71,21 @@ def test_presets_train_what_peft_trains(seed, targets):
     assert lora_trainable(spec, setup).count == wrapped.get_nb_trainable_parameters()[0]
 
 
+@pytest.mark.parametrize("pattern", [r".*shared_experts\.(gate|up|down)_proj",
+                                     r".*layers\.0\.mlp\.(gate|up|down)_proj",
+                                     r".*layers\.1\.self_attn\.o_proj", r".*\.kv_b_proj"])
+def test_regex_targets_are_read_as_peft_reads_them(pattern):
+    """On a model whose experts PEFT converts from v4 names, a regex is resolved to the last names of
+    what it matches: a shared or dense MLP's name reaches the fused experts, one layer's o_proj
+    every layer's."""
+    config = _config(0, sparse=True)
+    spec = spec_from_hf_config(config)
+    with torch.device("meta"):
+        wrapped = peft.get_peft_model(_meta_model(config), peft.LoraConfig(r=4, target_modules=pattern))
+    setup = TrainSetup(rank=4, targets=(f"re:{pattern}",))
+    assert lora_trainable(spec, setup).count == wrapped.get_nb_trainable_parameters()[0]
+
+
 def test_latent_attention_presets_follow_the_query_bottleneck():
     spec = get_model("deepseek-v3")
     assert expand_targets(spec, ("default",)) == ("q_a_proj", "q_b_proj", "kv_b_proj")
