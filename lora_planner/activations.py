@@ -1086,8 +1086,9 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
         v = Tensor(qkv.numel, qkv.itemsize, qkv.grad, qkv.key)
     elif spec.kv_lora_rank:
         q, k, v = _latent_qkv(g, spec, p, h, rot)
-    elif spec.family == "gemma3":
-        # Gemma 3 projects q, k and v first, then normalises q and k (each head, Gemma's form)
+    elif spec.family in ("gemma3", "glm4_moe"):
+        # Gemma 3 and GLM-4-MoE project q, k and v first, then normalise q and k (each head; Gemma's
+        # form, Llama's) where they have the norms
         q = g.linear(h, f"{p}.self_attn.q_proj", H, nh * hd)
         g.args = (h, q)
         k = g.linear(h, f"{p}.self_attn.k_proj", H, nkv * hd)
@@ -1112,7 +1113,9 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
     sliced = spec.family == "phi3"
     # rope's caller still binds the projected q while k is rotated
     back = fp32_rotary(spec)
-    if spec.rotary_layer(i) and not spec.kv_lora_rank:  # (latent attention rotates its own part)
+    if spec.rope_head_dim and not spec.kv_lora_rank:
+        q, k = partial_rope(g, spec, q, k, v, rot)
+    elif spec.rotary_layer(i) and not spec.kv_lora_rank:  # (latent attention rotates its own part)
         # SmolLM3's NoPE layers attend with q and k as projected
         q_projected, q = q, g.rope(q, *rot, alive=(v,) if sliced else (q, k, v), cast_back=back)
         k = g.rope(k, *rot, alive=(q, v) if sliced else (q_projected, q, k, v), cast_back=back)
@@ -1121,14 +1124,15 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
     masked = g.cond.attention == "sdpa" and (g.cond.packed or (
         spec.sliding_layer(i) and g.cond.seq_len >= (spec.sliding_window or 0)))
     # Phi-3's rotary concatenation and latent attention's make q (b, heads, s, d)-contiguous; each's
-    # v is a slice of a fused output (qkv_proj's, kv_b_proj's)
+    # v is a slice of a fused output (qkv_proj's, kv_b_proj's). A partial rotary concatenates too.
     fused = spec.family == "phi3" or bool(spec.kv_lora_rank)
     a = g.attention(q, k, v, nh, nkv, hd, g.rates[0], softcap=gemma and spec.attn_softcap,
-                    contiguous_q=fused, fused=v if fused else None, masked=masked,
-                    value_dim=spec.v_head_dim)
+                    contiguous_q=fused or bool(spec.rope_head_dim), fused=v if fused else None,
+                    masked=masked, value_dim=spec.v_head_dim)
     # the attention modules of Llama's form (OLMo 2's too); the MLP of Llama's form is the layer's
     # last op only with the norms before the blocks (`dense`)
-    llama_attention = spec.family in ("llama", "mistral", "qwen2", "qwen3", "olmo2", "smollm3", "deepseek_v3")
+    llama_attention = spec.family in ("llama", "mistral", "qwen2", "qwen3", "olmo2", "smollm3", "deepseek_v3",
+                                      "glm4_moe")
     dense = llama_attention and not post_norms
     if llama_attention:
         # the attention module keeps q, k, v (and eager's weights) and the layer its normed input until
@@ -1300,6 +1304,26 @@ def _latent_qkv(g: Graph, spec: ModelSpec, p: str, h: Tensor,
     g.hold(*g.args)  # through the kernel and o_proj (the layer releases them)
     g.moment()
     return query, key, Tensor(kv.numel, kv.itemsize, kv.grad, kv.key)
+
+
+def partial_rope(g: Graph, spec: ModelSpec, q: Tensor, k: Tensor, v: Tensor,
+                 rot: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """GLM-4-MoE's partial rotary embedding: the first `rope_head_dim` values of each query and key
+    head rotate (slices of the projections), then each is concatenated with its unrotated rest into a
+    new (b, heads, s, head_dim) tensor, in the wider of the two dtypes (fp32 under autocast, whose
+    cos and sin are fp32). Both rotated parts are made before either concatenation; the projections
+    are bound until the function returns. Source: transformers 5 glm4_moe `apply_rotary_pos_emb`."""
+    t, rd = g.cond.tokens, spec.rotary_dim
+    nh, nkv = spec.num_heads, spec.num_kv_heads
+    q_rot = g.rope(Tensor(t * nh * rd, q.itemsize, q.grad, -1), *rot, alive=(q, k, v))
+    k_rot = g.rope(Tensor(t * nkv * rd, k.itemsize, k.grad, -1), *rot, alive=(q, k, v, q_rot))
+    q_cat = g.new(q.numel, max(q.itemsize, q_rot.itemsize), q.grad)
+    g.moment(q, k, v, q_rot, k_rot, q_cat)
+    g.peak_at(g.unsaved(*g.args, q, k, v, q_rot, k_rot, q_cat))
+    k_cat = g.new(k.numel, max(k.itemsize, k_rot.itemsize), k.grad)
+    g.moment(q, k, v, k_rot, q_cat, k_cat)
+    g.peak_at(g.unsaved(*g.args, q, k, v, k_rot, q_cat, k_cat))
+    return q_cat, k_cat
 
 
 def latent_locals(*tensors: Tensor) -> tuple[Tensor, ...]:

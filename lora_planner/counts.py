@@ -48,6 +48,7 @@ PEFT_DEFAULT_TARGETS = {
     "gemma3": ("q_proj", "v_proj"),  # PEFT's gemma3_text entry
     # PEFT has no entry; latent attention has no v_proj: its `qv` preset (`latent_attention_targets`)
     "deepseek_v3": (),
+    "glm4_moe": ("q_proj", "v_proj"),  # PEFT has no entry; as for Llama
 }
 
 _SPLIT_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -294,6 +295,8 @@ MOE_V4_NAMES = {
     # and down_proj are nn.Linear layers, but these names reach only the fused experts
     "deepseek_v3": {"gate_proj": "gate_up_proj", "up_proj": "gate_up_proj", "down_proj": "down_proj",
                     "gate": "router"},
+    "glm4_moe": {"gate_proj": "gate_up_proj", "up_proj": "gate_up_proj", "down_proj": "down_proj",
+                 "gate": "router"},
 }
 
 

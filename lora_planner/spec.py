@@ -19,10 +19,10 @@ if TYPE_CHECKING:
 FAMILY_DROPOUT = {"gpt2": 0.1}
 
 FAMILIES = ("gpt2", "llama", "mistral", "mixtral", "qwen2", "gemma2", "phi3", "qwen3", "qwen3_moe", "olmo2",
-            "smollm3", "gemma3", "deepseek_v3")
+            "smollm3", "gemma3", "deepseek_v3", "glm4_moe")
 # Families whose MLP is a sparse block of fused experts (3-D parameters) and a router (in every layer
 # but the first `dense_layers`)
-MOE_FAMILIES = ("mixtral", "qwen3_moe", "deepseek_v3")
+MOE_FAMILIES = ("mixtral", "qwen3_moe", "deepseek_v3", "glm4_moe")
 
 # Hugging Face `model_type` values whose layout one of our families reproduces exactly.
 MODEL_TYPE_TO_FAMILY = {
@@ -39,6 +39,7 @@ MODEL_TYPE_TO_FAMILY = {
     "smollm3": "smollm3",
     "gemma3_text": "gemma3",
     "deepseek_v3": "deepseek_v3",
+    "glm4_moe": "glm4_moe",
 }
 # The `model_type` each family's config.json states, where it is not the family's name
 FAMILY_MODEL_TYPE = {"gemma3": "gemma3_text"}
@@ -51,6 +52,8 @@ GEMMA_FAMILIES = ("gemma2", "gemma3")
 # projection (OLMo 2, a weight of heads x head_dim); None: no such norm.
 QK_NORMS = ("head", "full")
 FAMILY_QK_NORM = {"qwen3": "head", "qwen3_moe": "head", "olmo2": "full", "gemma3": "head"}
+# Families whose config turns a q/k norm on or off (GLM-4-MoE's `use_qk_norm`): the form it has when on
+OPTIONAL_QK_NORM = {"glm4_moe": "head"}
 
 # Where a decoder layer's RMSNorms sit: "pre" before attention and before the MLP (Llama's
 # input_layernorm and post_attention_layernorm), "sandwich" before and after each (Gemma-2), "post"
@@ -63,7 +66,7 @@ FAMILY_NORM_PLACEMENT = {"gemma2": "sandwich", "olmo2": "post", "gemma3": "sandw
 # within the best `topk_groups` of `expert_groups` groups and the chosen scores scaled by
 # `routed_scaling` (DeepSeek-V3's `DeepseekV3TopkRouter`)
 ROUTERS = ("softmax", "sigmoid")
-FAMILY_ROUTER = {"deepseek_v3": "sigmoid"}
+FAMILY_ROUTER = {"deepseek_v3": "sigmoid", "glm4_moe": "sigmoid"}
 
 # Families whose sliding window is Qwen2's: only with `use_sliding_window`, and only on the layers
 # from `max_window_layers` on
@@ -144,8 +147,9 @@ class ModelSpec:
     # (qk_nope_head_dim + qk_rope_head_dim).
     kv_lora_rank: int = 0
     q_lora_rank: int = 0
-    # the last `rope_head_dim` values of each query and key head rotate (0: all of head_dim), the key's
-    # shared by every head; values are `v_head_dim` wide (0: head_dim)
+    # `rope_head_dim` values of each query and key head rotate (0: all of head_dim): latent attention's
+    # last ones, its key part shared by every head; GLM-4-MoE's first ones (`partial_rotary_factor`).
+    # Values are `v_head_dim` wide (0: head_dim)
     rope_head_dim: int = 0
     v_head_dim: int = 0
     # rotary pairs interleaved (x0, x1), (x2, x3), ... rather than split in halves (`rope_interleave`)
@@ -228,7 +232,7 @@ class ModelSpec:
         qk_norm = FAMILY_QK_NORM.get(self.family)
         if self.qk_norm is None:
             object.__setattr__(self, "qk_norm", qk_norm)  # a frozen value, completed once
-        elif self.qk_norm != qk_norm:
+        elif self.qk_norm != qk_norm and self.qk_norm != OPTIONAL_QK_NORM.get(self.family):
             raise PlanError(f"model {self.name!r}: a {self.family} model has "
                             f"{f'{qk_norm!r} q/k norms' if qk_norm else 'no q/k norms'}, "
                             f"not {self.qk_norm!r}")
@@ -558,7 +562,8 @@ def spec_from_hf_config(config: dict, name: str = "custom", source: str = "") ->
     window = _sliding_window(config, family)
     attention_bias = _flag(config, "attention_bias", False)
     layers = _whole(config, "num_layers", "num_hidden_layers")
-    latent = _latent_fields(config) if family == "deepseek_v3" else {}
+    latent = (_latent_fields(config) if family == "deepseek_v3"
+              else _glm4_moe_fields(config, head_dim_default) if family == "glm4_moe" else {})
     latent_head_dim = latent.pop("head_dim", 0)
     return ModelSpec(**latent,
         name=name, family=family, source=source,
@@ -581,10 +586,11 @@ def spec_from_hf_config(config: dict, name: str = "custom", source: str = "") ->
                              default=MAX_POSITIONS_DEFAULT.get(family, 4096)),
         # (latent attention: the bias is on q_a_proj, kv_a_proj_with_mqa and o_proj)
         qkv_bias=family == "qwen2" or attention_bias,
-        out_bias=family != "qwen2" and attention_bias,
+        # (GLM-4-MoE's o_proj never has one)
+        out_bias=family not in ("qwen2", "glm4_moe") and attention_bias,
         # Qwen3's, OLMo 2's, Gemma 3's and DeepSeek-V3's MLPs and experts have no bias, whatever the
         # config says
-        mlp_bias=family not in ("qwen3", "qwen3_moe", "olmo2", "gemma3", "deepseek_v3")
+        mlp_bias=family not in ("qwen3", "qwen3_moe", "olmo2", "gemma3", "deepseek_v3", "glm4_moe")
         and _flag(config, "mlp_bias", False),
         num_experts=experts,
         experts_per_token=top_k,
@@ -612,17 +618,61 @@ def spec_from_hf_config(config: dict, name: str = "custom", source: str = "") ->
 SLIDING_WINDOW_DEFAULT = {"mistral": 4096, "gemma2": 4096, "qwen2": 4096, "qwen3": 4096,
                           "qwen3_moe": 4096, "gemma3": 4096}
 # The config classes' `max_position_embeddings` when a config.json leaves it out, where not 4,096
-MAX_POSITIONS_DEFAULT = {"olmo2": 2048, "smollm3": 32768, "gemma3": 131072}
+MAX_POSITIONS_DEFAULT = {"olmo2": 2048, "smollm3": 32768, "gemma3": 131072, "glm4_moe": 131072}
 # The config classes' (attention, final) logit soft-caps when a config.json leaves them out
 SOFTCAP_DEFAULTS = {"gemma2": (50.0, 30.0), "gemma3": (None, None)}
 # The config classes' (experts, experts per token) when a config.json leaves them out
-MOE_DEFAULTS = {"mixtral": (8, 2), "qwen3_moe": (128, 8), "deepseek_v3": (256, 8)}
+MOE_DEFAULTS = {"mixtral": (8, 2), "qwen3_moe": (128, 8), "deepseek_v3": (256, 8), "glm4_moe": (128, 8)}
 # The key that counts the routed experts, where it is not `num_experts`
-EXPERTS_KEY = {"mixtral": "num_local_experts", "deepseek_v3": "n_routed_experts"}
+EXPERTS_KEY = {"mixtral": "num_local_experts", "deepseek_v3": "n_routed_experts", "glm4_moe": "n_routed_experts"}
 # The experts' width (`moe_intermediate_size`) when a config.json leaves it out
-MOE_INTERMEDIATE_DEFAULT = {"qwen3_moe": 768, "deepseek_v3": 2048}
+MOE_INTERMEDIATE_DEFAULT = {"qwen3_moe": 768, "deepseek_v3": 2048, "glm4_moe": 1408}
 # `norm_topk_prob` when a config.json leaves it out, for the families that read it
-NORM_TOPK_DEFAULT = {"qwen3_moe": False, "deepseek_v3": True}
+NORM_TOPK_DEFAULT = {"qwen3_moe": False, "deepseek_v3": True, "glm4_moe": True}
+
+
+def _shared_expert_fields(config: dict, dense: int, dense_width: int, shared: int, groups: int,
+                          topk_groups: int, scaling: float) -> dict:
+    """The expert-block keys DeepSeek-V3 and GLM-4-MoE share, with the config class's defaults given:
+    `first_k_dense_replace` dense layers of `intermediate_size`, `n_shared_experts`, `n_group`,
+    `topk_group` and `routed_scaling_factor`."""
+    from .validate import real_number, whole_number
+
+    def whole(key: str, default: int, lo: int = 1, hi: int = 10**6) -> int:
+        value = config.get(key, default)
+        return whole_number(f"config.json {key}", default if value is None else value, lo, hi)
+
+    first = whole("first_k_dense_replace", dense, 0)
+    return {
+        "dense_layers": first,
+        "dense_intermediate_size": whole("intermediate_size", dense_width, 1, 10**7) if first else 0,
+        "shared_experts": whole("n_shared_experts", shared),
+        "expert_groups": whole("n_group", groups), "topk_groups": whole("topk_group", topk_groups),
+        "routed_scaling": real_number("config.json routed_scaling_factor",
+                                      config.get("routed_scaling_factor", scaling), 0, None, lo_open=True),
+    }
+
+
+def _glm4_moe_fields(config: dict, head_dim_default: int) -> dict:
+    """GLM-4-MoE's fields beyond Llama's, with `Glm4MoeConfig`'s defaults: the first
+    `partial_rotary_factor` (0.5) of each head rotates (at the top level, or in `rope_parameters`),
+    q/k norms per head with `use_qk_norm` (false), first_k_dense_replace 1 dense layer of
+    intermediate_size 10,944, n_shared_experts 1, n_group 1, topk_group 1, routed_scaling_factor 1.
+    The multi-token-prediction layer a checkpoint may hold is not built by transformers."""
+    from .validate import real_number
+
+    head_dim = _whole(config, "head_dim", "head_dim", default=head_dim_default)
+    rope = config.get("rope_parameters") if isinstance(config.get("rope_parameters"), dict) else {}
+    factor = real_number("config.json partial_rotary_factor",
+                         config.get("partial_rotary_factor", rope.get("partial_rotary_factor", 0.5)),
+                         0, 1, lo_open=True)
+    rotary = int(head_dim * factor)
+    if rotary % 2 or not rotary:
+        raise PlanError(f"config.json partial_rotary_factor {factor:g} of head_dim {head_dim} rotates "
+                        f"{rotary} values a head: rotary pairs need an even, positive number")
+    return {"head_dim": head_dim, "rope_head_dim": 0 if rotary == head_dim else rotary,
+            "qk_norm": "head" if _flag(config, "use_qk_norm", False) else None,
+            **_shared_expert_fields(config, 1, 10944, 1, 1, 1, 1.0)}
 
 
 def _latent_fields(config: dict) -> dict:
@@ -632,7 +682,7 @@ def _latent_fields(config: dict) -> dict:
     18,432; n_shared_experts 1; n_group 8, topk_group 4, routed_scaling_factor 2.5. `head_dim` is
     returned as qk_nope_head_dim + qk_rope_head_dim. The multi-token-prediction layer a checkpoint
     may hold (`num_nextn_predict_layers`) is not built by transformers and not planned."""
-    from .validate import real_number, whole_number
+    from .validate import whole_number
 
     def whole(key: str, default: int | None, lo: int = 1, hi: int = 10**6) -> int:
         value = config.get(key, default)
@@ -649,17 +699,11 @@ def _latent_fields(config: dict) -> dict:
         q_rank = 0
     else:
         q_rank = whole("q_lora_rank", 1536)
-    dense = whole("first_k_dense_replace", 3, 0)
     return {
         "head_dim": nope + rope, "rope_head_dim": rope, "kv_lora_rank": whole("kv_lora_rank", 512),
         "q_lora_rank": q_rank, "v_head_dim": whole("v_head_dim", 128),
         "rope_interleave": _flag(config, "rope_interleave", True),
-        "dense_layers": dense,
-        "dense_intermediate_size": whole("intermediate_size", 18432, 1, 10**7) if dense else 0,
-        "shared_experts": whole("n_shared_experts", 1),
-        "expert_groups": whole("n_group", 8), "topk_groups": whole("topk_group", 4),
-        "routed_scaling": real_number("config.json routed_scaling_factor",
-                                      config.get("routed_scaling_factor", 2.5), 0, None, lo_open=True),
+        **_shared_expert_fields(config, 3, 18432, 1, 8, 4, 2.5),
     }
 
 
@@ -740,7 +784,7 @@ HEAD_DIM_DEFAULT = {"qwen3": 128, "gemma3": 256}
 
 
 def _sliding_window(config: dict, family: str) -> int | None:
-    if family in ("llama", "gpt2", "olmo2", "deepseek_v3") or (
+    if family in ("llama", "gpt2", "olmo2", "deepseek_v3", "glm4_moe") or (
             family in (*QWEN_WINDOWS, "qwen3_moe", "smollm3")
             and not _flag(config, "use_sliding_window", False)):
         return None
@@ -813,17 +857,26 @@ def to_hf_config(spec: ModelSpec) -> dict:
         config.update(use_sliding_window=True, sliding_window=spec.sliding_window,
                       max_window_layers=spec.max_window_layers)
     if spec.kv_lora_rank:
-        config.update(_latent_config(spec))
+        config.update(_latent_config(spec), **_shared_expert_config(spec))
+    if spec.family == "glm4_moe":
+        config.update(partial_rotary_factor=spec.rotary_dim / spec.head_dim, use_qk_norm=bool(spec.qk_norm),
+                      **_shared_expert_config(spec))
     return config
 
 
 def _latent_config(spec: ModelSpec) -> dict:
-    """The DeepSeek-V3 keys of `to_hf_config`: latent attention and the expert block's."""
+    """The DeepSeek-V3 keys of `to_hf_config` for latent attention."""
     return {
         "q_lora_rank": spec.q_lora_rank or None, "kv_lora_rank": spec.kv_lora_rank,
         "qk_nope_head_dim": spec.head_dim - spec.rotary_dim, "qk_rope_head_dim": spec.rotary_dim,
         "v_head_dim": spec.value_head_dim, "rope_interleave": spec.rope_interleave,
         "head_dim": spec.rotary_dim,  # as DeepseekV3Config sets it: the rotary embedding's width
+    }
+
+
+def _shared_expert_config(spec: ModelSpec) -> dict:
+    """The expert-block keys of `to_hf_config` DeepSeek-V3 and GLM-4-MoE share."""
+    return {
         "n_routed_experts": spec.num_experts, "num_experts_per_tok": spec.experts_per_token,
         "moe_intermediate_size": spec.intermediate_size,
         # a model without dense layers never reads `intermediate_size`: any width builds it
