@@ -1592,8 +1592,9 @@ def shared_experts(g: Graph, spec: ModelSpec, p: str, h: Tensor, routed: Tensor)
     g.hold(routed, gate_act)
     up = g.linear(h, f"{path}.up_proj", H, inter)
     g.peak_at(g.unsaved(h, gate_act, up, *g.args))
-    g.release(gate_act)
     act = g.mul(gate_act, up)
+    g.moment(up, act)  # the product beside its factors (the activation held)
+    g.release(gate_act)
     down_from = g._saved_total
     down = f"{path}.down_proj"
     out = g.linear(act, down, inter, H)
