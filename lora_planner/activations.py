@@ -1113,7 +1113,7 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
     sliced = spec.family == "phi3"
     # rope's caller still binds the projected q while k is rotated
     back = fp32_rotary(spec)
-    if spec.rope_head_dim and not spec.kv_lora_rank:
+    if concatenated_rope(spec):
         q, k = partial_rope(g, spec, q, k, v, rot)
     elif spec.rotary_layer(i) and not spec.kv_lora_rank:  # (latent attention rotates its own part)
         # SmolLM3's NoPE layers attend with q and k as projected
@@ -1127,7 +1127,7 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
     # v is a slice of a fused output (qkv_proj's, kv_b_proj's). A partial rotary concatenates too.
     fused = spec.family == "phi3" or bool(spec.kv_lora_rank)
     a = g.attention(q, k, v, nh, nkv, hd, g.rates[0], softcap=gemma and spec.attn_softcap,
-                    contiguous_q=fused or bool(spec.rope_head_dim), fused=v if fused else None,
+                    contiguous_q=fused or concatenated_rope(spec), fused=v if fused else None,
                     masked=masked, value_dim=spec.v_head_dim)
     # the attention modules of Llama's form (OLMo 2's too); the MLP of Llama's form is the layer's
     # last op only with the norms before the blocks (`dense`)
@@ -1304,6 +1304,14 @@ def _latent_qkv(g: Graph, spec: ModelSpec, p: str, h: Tensor,
     g.hold(*g.args)  # through the kernel and o_proj (the layer releases them)
     g.moment()
     return query, key, Tensor(kv.numel, kv.itemsize, kv.grad, kv.key)
+
+
+def concatenated_rope(spec: ModelSpec) -> bool:
+    """Whether the rotary embedding rotates a slice of each head and concatenates the rest back
+    (`partial_rope`): GLM-4-MoE's does so whatever its `partial_rotary_factor`, 1 too (the rest is
+    then empty, the concatenation a copy); a partial rotary embedding of another family would too.
+    Latent attention rotates its own part (`_latent_qkv`)."""
+    return not spec.kv_lora_rank and (bool(spec.rope_head_dim) or spec.family == "glm4_moe")
 
 
 def partial_rope(g: Graph, spec: ModelSpec, q: Tensor, k: Tensor, v: Tensor,
