@@ -149,7 +149,18 @@ DEEPSEEK_V3 = ModelSpec(
     routed_scaling=2.5,
 )
 
-CATALOG += (DEEPSEEK_V3,)
+# GLM-4.5-Air: 1 dense layer then 45 of 128 routed experts (top 8) beside one shared expert, half of
+# each 128-wide head rotating, biases on q/k/v, no q/k norms (use_qk_norm false). 106.85B parameters
+# as transformers builds it; the multi-token-prediction layer of the checkpoint is not built.
+GLM_4_5_AIR = ModelSpec(
+    name="glm-4.5-air", family="glm4_moe", vocab_size=151552, hidden_size=4096, num_layers=46,
+    num_heads=96, num_kv_heads=8, head_dim=128, intermediate_size=1408, tied_embeddings=False,
+    max_positions=131072, qkv_bias=True, num_experts=128, experts_per_token=8,
+    source="zai-org/GLM-4.5-Air", rope_head_dim=64, dense_layers=1, dense_intermediate_size=10944,
+    shared_experts=1,
+)
+
+CATALOG += (DEEPSEEK_V3, GLM_4_5_AIR)
 
 # What a plan of an entry says about its published checkpoint, by hub id, where the plan's 16-bit base
 # is not what the hub holds

@@ -624,7 +624,8 @@ SOFTCAP_DEFAULTS = {"gemma2": (50.0, 30.0), "gemma3": (None, None)}
 # The config classes' (experts, experts per token) when a config.json leaves them out
 MOE_DEFAULTS = {"mixtral": (8, 2), "qwen3_moe": (128, 8), "deepseek_v3": (256, 8), "glm4_moe": (128, 8)}
 # The key that counts the routed experts, where it is not `num_experts`
-EXPERTS_KEY = {"mixtral": "num_local_experts", "deepseek_v3": "n_routed_experts", "glm4_moe": "n_routed_experts"}
+EXPERTS_KEY = {"mixtral": "num_local_experts", "deepseek_v3": "n_routed_experts",
+               "glm4_moe": "n_routed_experts"}
 # The experts' width (`moe_intermediate_size`) when a config.json leaves it out
 MOE_INTERMEDIATE_DEFAULT = {"qwen3_moe": 768, "deepseek_v3": 2048, "glm4_moe": 1408}
 # `norm_topk_prob` when a config.json leaves it out, for the families that read it

@@ -1,7 +1,9 @@
-"""DeepSeek-V3 (`deepseek_v3`): multi-head latent attention, dense layers first, shared experts and a
-grouped sigmoid router, held to transformers (models built from random small configs on the meta
-device) and PEFT (the trainable count of every preset), and the catalog entry to its published shape.
-Traced steps of random configs are in tests/test_fuzz_families.py."""
+"""DeepSeek-V3 (`deepseek_v3`: multi-head latent attention, dense layers first, shared experts and a
+grouped sigmoid router) and GLM-4-MoE (`glm4_moe`: the same expert block beside Llama's attention
+with a partial rotary embedding and optional q/k norms), held to transformers (models built from
+random small configs on the meta device) and PEFT (the trainable count of every preset), and the
+catalog entries to their published shapes. Traced steps of random configs are in
+tests/test_fuzz_families.py."""
 
 from __future__ import annotations
 
@@ -31,8 +33,11 @@ def _meta_model(config: dict):
         return transformers.AutoModelForCausalLM.from_config(built)
 
 
-def _config(seed: int, sparse: bool = False) -> dict:
-    config = random_config(random.Random(seed), "deepseek_v3")
+FAMILIES = ("deepseek_v3", "glm4_moe")
+
+
+def _config(seed: int, sparse: bool = False, family: str = "deepseek_v3") -> dict:
+    config = random_config(random.Random(seed), family)
     if sparse:  # at least one layer of routed experts
         layers = config["num_hidden_layers"]
         config["first_k_dense_replace"] = min(config["first_k_dense_replace"], layers - 1)
@@ -43,26 +48,29 @@ def _config(seed: int, sparse: bool = False) -> dict:
 SEEDS = [0, 1, 2] + [pytest.param(s, marks=pytest.mark.slow) for s in range(3, 12)]
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("seed", SEEDS)
-def test_random_configs_lay_out_as_transformers_builds(seed):
+def test_random_configs_lay_out_as_transformers_builds(family, seed):
     """Every parameter's name and shape, for latent attention with and without the query's
-    bottleneck and with 0 to all layers dense."""
-    config = _config(seed)
+    bottleneck, GLM's attention with and without q/k norms and biases, and 0 to all layers dense."""
+    config = _config(seed, family=family)
     spec = spec_from_hf_config(config)
     model = _meta_model(config)
     assert {p.name: p.shape for p in layout(spec).params} == {
         n: tuple(p.shape) for n, p in model.named_parameters()}
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("seed", SEEDS[:2] + SEEDS[3:8])
-@pytest.mark.parametrize("targets", ["default", "qv", "attn", "mlp", "all-linear", "gate",
-                                     "o_proj,kv_a_proj_with_mqa"])
-def test_presets_train_what_peft_trains(seed, targets):
+@pytest.mark.parametrize("targets", ["default", "qv", "attn", "mlp", "all-linear", "gate", "o_proj,k_proj"])
+def test_presets_train_what_peft_trains(family, seed, targets):
     """PEFT maps the v4 expert names (gate_proj, up_proj, down_proj, gate) to the fused experts and
     the router: `mlp` and `all-linear` leave the dense layers' and shared experts' linear layers
     unwrapped, as PEFT does."""
-    config = _config(seed, sparse=True)
+    config = _config(seed, sparse=True, family=family)
     spec = spec_from_hf_config(config)
+    if family == "deepseek_v3":  # latent attention has no k_proj
+        targets = targets.replace("k_proj", "kv_a_proj_with_mqa")
     setup = TrainSetup(rank=4, targets=tuple(targets.split(",")))
     names = expand_targets(spec, setup.targets)
     lora = peft.LoraConfig(r=4, target_modules="all-linear" if names == ("all-linear",) else list(names))
@@ -136,10 +144,42 @@ def test_a_bad_config_is_one_line(tmp_path, key, value, says):
     assert says in result.output and "Traceback" not in result.output
 
 
+def test_glm_catalog_entry_is_the_published_shape():
+    """GLM-4.5-Air's config.json fields (as republished with PrimeIntellect/INTELLECT-3-Base, built on
+    GLM-4.5-Air-Base) plan as the catalog entry, field for field: 106.85B parameters as transformers
+    builds them, the 106B the model card states."""
+    published = {"model_type": "glm4_moe", "attention_bias": True, "head_dim": 128, "hidden_size": 4096,
+                 "partial_rotary_factor": 0.5, "intermediate_size": 10944, "max_position_embeddings": 131072,
+                 "moe_intermediate_size": 1408, "norm_topk_prob": True, "num_attention_heads": 96,
+                 "n_group": 1, "topk_group": 1, "n_routed_experts": 128, "n_shared_experts": 1,
+                 "routed_scaling_factor": 1.0, "num_experts_per_tok": 8, "first_k_dense_replace": 1,
+                 "num_hidden_layers": 46, "num_key_value_heads": 8, "tie_word_embeddings": False,
+                 "use_qk_norm": False, "vocab_size": 151552}
+    spec = spec_from_hf_config(published, name="glm-4.5-air", source="zai-org/GLM-4.5-Air")
+    assert spec == replace(get_model("glm-4.5-air"), aliases=())
+
+
+def test_glm_readers_defaults_are_the_config_class():
+    """The defaults the reader fills in for GLM-4-MoE (experts, their width, dense layers, shared
+    experts, the routing groups, the rotary half, no q/k norms) are Glm4MoeConfig's."""
+    built = transformers.Glm4MoeConfig(hidden_size=1536, num_hidden_layers=3)
+    left_out = ("n_routed_experts", "num_experts_per_tok", "moe_intermediate_size", "first_k_dense_replace",
+                "n_shared_experts", "n_group", "topk_group", "norm_topk_prob", "partial_rotary_factor",
+                "rope_parameters", "use_qk_norm", "max_position_embeddings")
+    spec = spec_from_hf_config({k: v for k, v in built.to_dict().items() if k not in left_out})
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(built)
+    assert {p.name: p.shape for p in layout(spec).params} == {
+        n: tuple(p.shape) for n, p in model.named_parameters()}
+    head_dim = getattr(built, "head_dim", None) or built.hidden_size // built.num_attention_heads
+    assert spec.rotary_dim == head_dim // 2
+
+
 def test_plan_answers_for_lora_and_qlora_and_says_the_base_is_fp8():
     data = plan_json("--model", "deepseek-v3", "--method", "lora,qlora", "--grad-checkpointing",
-                     "--num-gpus", "32", "--sharding", "zero3", "--fit")
+                     "--num-gpus", "32", "--sharding", "zero3")
     lora, qlora = data["plans"]
+    assert lora["per_gpu_peak_bytes"] < 80e9 and lora["gpus_needed"] <= 32  # 671B over 32 GPUs
     assert lora["trainable_params"] == qlora["trainable_params"] > 0
     # QLoRA quantises the linear layers, not the fused experts or the fp32 routers
     assert 0 < qlora["memory_bytes"]["weights"] < lora["memory_bytes"]["weights"]
