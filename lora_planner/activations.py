@@ -1599,16 +1599,18 @@ def shared_experts(g: Graph, spec: ModelSpec, p: str, h: Tensor, routed: Tensor)
     gate_act = g.unary(gate, "input")
     g.hold(routed, gate_act)
     up = g.linear(h, f"{path}.up_proj", H, inter)
-    g.peak_at(g.unsaved(h, gate_act, up, *g.args))
+    # (a recompute reaches each moment only when a tensor is saved after it: early stop)
+    g.peak_at(g.unsaved(h, gate_act, up, *g.args), after_saves=True)
     act = g.mul(gate_act, up)
     g.moment(up, act)  # the product beside its factors (the activation held)
     g.release(gate_act)
     down_from = g._saved_total
     down = f"{path}.down_proj"
+    # the down projection, when it saves anything, saves the layer's last tensor: a recompute stops
+    # there, before its output
+    g.peak_at(g.unsaved(h, act, *g.args) + recompute_stop_transient(g.cond, act.numel, g.cond.tokens * H,
+                                                                     down in g.wrapped), after_saves=True)
     out = g.linear(act, down, inter, H)
-    # the down projection saves the layer's last tensor: a recompute stops there, before its output
-    g.peak_at(g.unsaved(h, act, *g.args) + recompute_stop_transient(g.cond, act.numel, out.numel,
-                                                                     down in g.wrapped))
     g.peak_at(g.unsaved(h, act, out, *g.args), after_saves=True)
     g.release(routed)
     g.args = g.args[:-1]
