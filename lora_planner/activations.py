@@ -1629,7 +1629,13 @@ def shared_experts(g: Graph, spec: ModelSpec, p: str, h: Tensor, routed: Tensor)
     g.pending[layer] = g.pending.get(layer, 0) + cast
     routed_peak = (3 * g.cond.tokens * spec.experts_per_token * spec.intermediate_size * g.cond.weight_bytes
                    - (g.tails[-1] if g.tails else 0))
-    shared = (3 * g.cond.tokens * inter * g.cond.compute_bytes - (g._saved_total - down_from) + cast
+    # (trained in full, only the shared down projection's weight gradient exists by then, not the routed
+    # experts' down one, which the timeline counts before the block's backward)
+    wb = g.cond.weight_bytes
+    routed = f"{p}.mlp.experts" in g.trainable
+    routed_grad = spec.num_experts * H * spec.intermediate_size * wb if routed else 0
+    grads = (H * inter * wb if down in g.trainable else 0) - routed_grad
+    shared = (3 * g.cond.tokens * inter * g.cond.compute_bytes - (g._saved_total - down_from) + cast + grads
               if act.grad else 0)
     merged = g.expert_backward[-1]
     g.expert_backward[-1] = max(merged + waits - mine if merged else 0, routed_peak + waits if waits else 0,
