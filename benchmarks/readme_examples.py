@@ -32,19 +32,19 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from lora_planner.reports.markdown import hand_written
+
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 FENCE = re.compile(r"^```(\w*)$")
 REGION_START = re.compile(r"^<!-- output of: (.+) -->$")
 REGION_END = "<!-- end of output -->"
 ABRIDGED = "..."
-_GENERATED = re.compile(r"^(- made by: `|Made by `)", re.M)
 
 
 def pages() -> list[Path]:
     """README.md and the hand-written pages under docs/ (not the reports the tool writes there)."""
-    docs = sorted(p for p in (ROOT / "docs").glob("*.md") if not _GENERATED.search(p.read_text()))
-    return [README, *docs]
+    return hand_written(ROOT)
 
 
 @dataclass(frozen=True)

@@ -16,13 +16,9 @@ import contextlib
 import sys
 import traceback
 from collections import Counter
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from fuzz_models import random_case  # noqa: E402
-
-from lora_planner.spec import spec_from_hf_config  # noqa: E402
+from lora_planner.measure.fuzz import random_case, run_case
+from lora_planner.spec import spec_from_hf_config
 
 
 def walk_saves(case) -> list[tuple[int, str, str]]:
@@ -78,8 +74,6 @@ def traced_blocks(case, timeline: bool):
     original = tracer_mod.MemoryTracer
     tracer_mod.MemoryTracer = Recording  # trace() imports it from the module when it runs
     try:
-        from fuzz_models import run_case
-
         result = run_case(case)
     finally:
         tracer_mod.MemoryTracer = original

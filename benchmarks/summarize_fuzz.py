@@ -1,21 +1,29 @@
 """The figures the README quotes about a fuzz run, read off its records.
 
     python benchmarks/summarize_fuzz.py results/trace/fuzz-cpu.jsonl
+    python benchmarks/summarize_fuzz.py results/trace/fuzz-cpu-allocator.jsonl \
+        --allocator-known tests/fuzz_allocator_known.json
 
 Prints how many cases trace their activations byte for byte, how many peaks are within 1% and 2%,
 the median peak error, the default suite's seeds (below 60), and the misses over 1% by kind
-(checkpointed or not, under- or over-predicted), worst first.
+(checkpointed or not, under- or over-predicted), worst first. A run with the allocator's peak
+(`fuzz_models.py --allocator`) adds the plan against the allocator and the tracer against the
+allocator (median, 95th percentile, worst) and the ops the allocator's extra bytes were made in;
+--allocator-known writes the cases whose plan, made now, misses the allocator's peak by more than
+1%, each with its bound and why (tests/test_fuzz_allocator.py holds them).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import statistics
 import sys
 
 FAST_SEEDS = 60  # tests/test_fuzz.py's default suite
+TOP_OPS = 8  # ops listed where the allocator's extra bytes were made
 
 
 def _seed(case: str) -> int:
@@ -55,20 +63,77 @@ def summarize(rows: list[dict]) -> list[str]:
     return lines
 
 
+def _quantile(values: list[float], q: float) -> float:
+    """The smallest value with at least a share `q` of the values at or below it."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
+def _spread(name: str, values: list[float]) -> str:
+    """The median error, the 95th percentile of its size, and the worst, signed."""
+    return (f"{name}: median {statistics.median(values):+.2%}, 95th percentile of |error| "
+            f"{_quantile([abs(v) for v in values], 0.95):.2%}, worst {max(values, key=abs):+.2%}")
+
+
+def summarize_allocator(rows: list[dict]) -> list[str]:
+    """Plan and tracer against the allocator's peak, and where the allocator's extra bytes were made."""
+    from lora_planner.measure.fuzz import ALLOCATOR_TOLERANCE
+
+    rows = [r for r in rows if r.get("allocator_peak")]
+    if not rows:
+        return []
+    plan = [(r["predicted"]["peak"] - r["allocator_peak"]) / r["allocator_peak"] for r in rows]
+    within = sum(abs(e) <= ALLOCATOR_TOLERANCE for e in plan)
+    lines = [f"allocator peaks: {len(rows)} cases; plan within {ALLOCATOR_TOLERANCE:.0%} of the "
+             f"allocator: {within}",
+             _spread("plan vs allocator", plan),
+             _spread("allocator vs tracer", [r["allocator_vs_tracer"] for r in rows]),
+             "allocator above the tracer, by the op its extra bytes were made in (cases, largest, "
+             "largest share of the peak):"]
+    by_op: dict[str, list[tuple[int, float]]] = {}
+    for r in rows:
+        for extra in r["allocator_extra_by_op"]:
+            by_op.setdefault(extra["op"], []).append((extra["bytes"], extra["bytes"] / r["allocator_peak"]))
+    ranked = sorted(by_op.items(), key=lambda kv: -max(share for _, share in kv[1]))
+    lines += [f"  {op}: {len(seen)}, {max(b for b, _ in seen):,} B, {max(s for _, s in seen):.1%}"
+              for op, seen in ranked[:TOP_OPS]]
+    return lines
+
+
+def allocator_known(rows: list[dict]) -> dict[str, dict]:
+    """Each case whose plan, made now, misses its allocator peak beyond the tolerance
+    (`fuzz.allocator_known_entry`), by seed in record order."""
+    from lora_planner.measure.fuzz import allocator_known_entry, plan_vs_allocator, record_seed
+
+    known = {}
+    for r in rows:
+        entry = allocator_known_entry(r, plan_vs_allocator(r)) if r.get("allocator_peak") else None
+        if entry:
+            known[str(record_seed(r))] = entry
+    return known
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("records", help="a fuzz run's JSON lines (benchmarks/fuzz_models.py --jsonl)")
+    ap.add_argument("--allocator-known", help="write the cases whose plan misses the allocator's peak "
+                                              "by more than 1% to this JSON file")
     args = ap.parse_args()
     try:
         with open(args.records) as f:
             rows = [json.loads(line) for line in f if line.strip()]
         if not rows:
             raise ValueError("no records")
-        lines = summarize(rows)
+        lines = summarize(rows) + summarize_allocator(rows)
+        known = allocator_known(rows) if args.allocator_known else None
     except (OSError, ValueError, KeyError) as e:
         print(f"error: {args.records}: {e}", file=sys.stderr)
         return 2
     print("\n".join(lines))
+    if known is not None:
+        with open(args.allocator_known, "w") as f:
+            json.dump(known, f, indent=1)
+        print(f"{len(known)} cases over 1% of the allocator's peak written to {args.allocator_known}")
     return 0
 
 

@@ -64,6 +64,10 @@ class Conditions:
     packed: bool = False
     # DoRA (`use_dora`): PEFT's `DoraLinearLayer` beside every wrapped Linear (see `Graph.dora`)
     dora: bool = False
+    # QLoRA: every frozen linear but the LM head is 4-bit (`quant.quantised_params`); its matmul keeps
+    # no 16-bit weight, and keeps its input only as `quant.nf4_saved_input_bytes` says (0: not at all)
+    quantised_base: bool = False
+    nf4_saved_input: int = 0
 
     @property
     def tokens(self) -> int:
@@ -356,7 +360,8 @@ class Graph:
         xin = self.cast(x, 2) if self.cond.autocast else x
         if trains:
             self.save(xin)
-        if self.cond.autocast and (x.grad or trains):
+        quantised = self.nf4_input(x, path, trains)  # QLoRA's 4-bit base: no autocast weight copy
+        if self.cond.autocast and (x.grad or trains) and not quantised:
             self.save(self.new(in_features * out_features, 2, False))  # the bf16 weight copy
         if self.cond.autocast and trains:
             self.cached(in_features * out_features * 2, saved=True)
@@ -366,7 +371,7 @@ class Graph:
         # the matmul's moment: its input, autocast's copies of the input and (when no op keeps it)
         # of the weight, and its output
         self.moment(x, xin, out, extra=in_features * out_features * 2
-                    if self.cond.autocast and not (x.grad or trains) else 0)
+                    if self.cond.autocast and not (x.grad or trains or quantised) else 0)
         if rank is None:
             return out
         # PEFT casts the adapter's input to lora_A's dtype first: under autocast the adapters are fp32,
@@ -423,6 +428,17 @@ class Graph:
             self.dora(x, xc, xd, out, path, in_features, out_features, xa.itemsize, kept)
         # PEFT casts the sum back to the base output's dtype (`result.to(torch_result_dtype)`)
         return self.cast(self.add(out, self.new(rows * out_features, xa.itemsize, True)), out.itemsize)
+
+    def nf4_input(self, x: Tensor, path: str, trains: bool) -> bool:
+        """Whether `path` is a 4-bit base layer (QLoRA: every frozen linear but the LM head and an MoE
+        router, as `quant.quantised_params` plans them), saving what its matmul keeps of its input:
+        in bitsandbytes before 0.43.2 the input cast to the compute dtype (`quant.nf4_saved_input_bytes`).
+        Its packed weight is a parameter, so nothing else is kept, and autocast makes no copy of it."""
+        quantised = (self.cond.quantised_base and not trains and path != "lm_head"
+                     and not path.endswith(".mlp.gate"))
+        if quantised and self.cond.nf4_saved_input and x.grad:
+            self.save(self.cast(x, self.cond.nf4_saved_input))
+        return quantised
 
     def dora_weight_norm(self, x: Tensor, xc: Tensor, xd: Tensor, out: Tensor, in_features: int,
                          out_features: int, rank: int) -> int:

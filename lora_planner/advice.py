@@ -27,7 +27,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from .errors import PlanError
-from .fit import largest
 from .gpus import Gpu
 from .plan import MethodPlan, Plan, make_plan
 from .spec import DenseSize, ModelSpec, TrainSetup
@@ -228,6 +227,8 @@ def _fitting(setup: TrainSetup, knob: Change, ladder: list[Change], plan_one: Pl
     i = _weakest(plan_one, ones)
     if i is None:
         return None
+    from .fit import largest  # only a batch that fits nowhere is searched: not every plan's import
+
     b = largest(lambda n: _fits(plan_one, rungs[i].with_(batch_size=n)), setup.batch_size - 1)
     q = rungs[i].with_(batch_size=b)
     return _placed(setup, q, knob[0] + ladder[i][0] + ("batch",),

@@ -56,6 +56,10 @@ def to_dict(plan: Plan) -> dict:
                 "per_gpu_peak_bytes": p.per_gpu_peak,
                 "device_overhead_bytes": p.device_overhead.bytes if p.device_overhead else None,
                 "activation_cpu_bytes": p.activation_cpu_bytes,
+                # a bitsandbytes paged optimizer's states in CUDA unified memory, per GPU (null for
+                # any other optimizer): outside memory_bytes, the peak and the fit check
+                "paged_optimizer_bytes": (p.paged_optimizer_states.bytes if p.paged_optimizer_states
+                                          else None),
                 "weights_bytes": {t.name: t.bytes for t in p.weight_terms},
                 "checkpoint_bytes": p.checkpoint.bytes,
                 "full_checkpoint_bytes": p.full_checkpoint_bytes,

@@ -433,7 +433,13 @@ def lora_trainable(spec: ModelSpec, setup: TrainSetup) -> Trainable:
     QLoRA trains what LoRA trains (only the frozen base is stored otherwise), so both share one
     answer; so do setups that differ only in how the step runs or is placed (`_STEP_ONLY`), which
     advice and --fit plan again and again."""
-    return _lora_trainable(spec, setup.with_(method="lora", **_STEP_ONLY))
+    return _lora_trainable(spec, training_key(setup).with_(method="lora"))
+
+
+def training_key(setup: TrainSetup) -> TrainSetup:
+    """`setup` with the fields that cannot change what trains (`_STEP_ONLY`) at their defaults: the
+    cache key of an answer that depends on what trains and its dtypes alone."""
+    return setup.with_(**_STEP_ONLY)
 
 
 # TrainSetup fields that cannot change what trains, at their defaults: the cache key leaves them out

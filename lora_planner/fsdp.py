@@ -80,9 +80,10 @@ def _model_blocks(spec: ModelSpec, task: str, num_labels: int) -> tuple[tuple[in
 
 def nf4_gathered_saving(spec: ModelSpec, setup: TrainSetup, weight_bytes: int) -> tuple[tuple[int, ...], int]:
     """QLoRA: per block (and for the root) the bytes FSDP gathers less than it would at weight width,
-    because each NF4 weight travels as its packed codes: numel x weight bytes - ceil(numel / 2)."""
+    because each NF4 weight travels as its packed codes: numel x weight bytes - ceil(numel / 2)
+    (torchao's NF4Tensor: less its sharded scalers too, `quant.nf4_gathered_bytes`)."""
     from .counts import lora_trainable
-    from .quant import quantised_params
+    from .quant import nf4_gathered_bytes, quantised_params
 
     arch = layout(spec, setup.task, setup.num_labels)
     quantised = quantised_params(arch, lora_trainable(spec, setup), setup.quantize_experts)
@@ -90,7 +91,7 @@ def nf4_gathered_saving(spec: ModelSpec, setup: TrainSetup, weight_bytes: int) -
     blocks, root = [0] * spec.num_layers, 0
     for p in arch.params:
         if p.name in quantised:
-            saving = p.numel * weight_bytes - math.ceil(p.numel / 2)
+            saving = p.numel * weight_bytes - nf4_gathered_bytes(setup.quant_backend, p.numel, weight_bytes)
             if p.name.startswith(prefix):
                 blocks[int(p.name[len(prefix):].split(".", 1)[0])] += saving
             else:

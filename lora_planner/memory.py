@@ -10,9 +10,16 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from .architecture import Param
-from .optimizers import OPTIMIZERS, adamw_step_counter_bytes, optimizer_state_bytes
+from .optimizers import (
+    BNB_PAGED_MIN,
+    OPTIMIZERS,
+    PAGED_OPTIMIZERS,
+    adamw_step_counter_bytes,
+    optimizer_state_bytes,
+    paged_state_bytes,
+)
 from .precision import Precision
-from .quant import nf4_bytes
+from .quant import check_quant, dequant_transient, nf4_bytes, torchao_nf4_bytes
 
 
 @dataclass(frozen=True)
@@ -33,18 +40,44 @@ def dense_weight_bytes(name: str, numel: int, bytes_per: int, what: str) -> Term
     return Term(name, numel * bytes_per, f"{_n(numel)} {what} x {bytes_per} B = {_n(numel * bytes_per)} B")
 
 
-def quantized_weight_bytes(params: Iterable[Param], double_quant: bool) -> Term:
-    """QLoRA's 4-bit base: the sum of `nf4_bytes` over each quantised weight tensor."""
+def quantized_weight_bytes(params: Iterable[Param], double_quant: bool, backend: str = "bnb",
+                           dtype_bytes: int = 2) -> Term:
+    """QLoRA's 4-bit base: the sum over each quantised weight tensor of `nf4_bytes` (bitsandbytes) or
+    `torchao_nf4_bytes` (torchao, always double-quantised, its constants in the weight's dtype)."""
     params = tuple(params)
     numel = sum(p.numel for p in params)
-    total = sum(nf4_bytes(p.numel, double_quant) for p in params)
+    if backend == "torchao":
+        total = sum(torchao_nf4_bytes(p.numel, dtype_bytes) for p in params)
+        how = f"torchao NF4Tensor, scalers double-quantised, constants in {dtype_bytes} B"
+    else:
+        total = sum(nf4_bytes(p.numel, double_quant) for p in params)
+        how = f"bitsandbytes NF4 {'with' if double_quant else 'without'} double quantisation"
     per = total / numel if numel else 0.0
-    dq = "with" if double_quant else "without"
     return Term(
         "weights_nf4", total,
-        f"{_n(numel)} weights in {len(params)} linear layers as NF4 {dq} double quantisation "
+        f"{_n(numel)} weights in {len(params)} linear layers as {how} "
         f"(0.5 B + block constants, {per:.4f} B each) = {_n(total)} B",
     )
+
+
+def dequant_term(setup, numels: list[int], precision: Precision) -> Term:
+    """QLoRA's dequantisation transient: the most one 4-bit matmul holds to rebuild its weight, for the
+    largest quantised weight (`quant.dequant_transient`); the model is loaded in the precision's
+    weight dtype, so that is the dtype bitsandbytes dequantises into first."""
+    _, compute, _ = check_quant(setup.quant_backend, setup.bnb_version, setup.bnb_compute_dtype,
+                                precision.weight_bytes)
+    load = precision.weight_bytes
+    total = dequant_transient(setup.quant_backend, numels, compute, load)
+    largest = max(numels, default=0)
+    if setup.quant_backend == "torchao":
+        how = (f"torchao get_original_weight (eager): 8 B int64 codes + 3 x {load} B halves, scaled halves "
+               f"and stacked weight + scalers, per weight")
+    elif compute != load:
+        how = f"bitsandbytes dequantize_4bit in the load dtype ({load} B) then .to(compute, {compute} B)"
+    else:
+        how = f"bitsandbytes dequantize_4bit to the compute dtype, {compute} B per weight"
+    return Term("dequant_transient", total,
+                f"{how}; largest 4-bit weight {_n(largest)} values = {_n(total)} B")
 
 
 def gradient_bytes(trainable: int, precision: Precision) -> Term:
@@ -73,11 +106,27 @@ def optimizer_bytes(optimizer: str, params: Iterable[Param], precision: Precisio
     per = total / numel if numel else 0.0
     steps = adamw_step_counter_bytes(len(params), impl) if optimizer == "adamw" else 0
     counters = f" (incl. {len(params)} fused step counters x 4 B)" if steps else ""
+    if optimizer in PAGED_OPTIMIZERS:
+        counters = " in the allocator (absmax, and the states of tensors under 100,000 values)"
     return Term(
         "optimizer_states", total,
         f"{OPTIMIZERS[optimizer]}; {_n(numel)} trainable in {len(params)} tensors, "
         f"{per:.4g} B each{counters} = {_n(total)} B",
     )
+
+
+def paged_optimizer_term(optimizer: str, params: Iterable[Param]) -> Term | None:
+    """A bitsandbytes paged optimizer's states in CUDA unified memory (`optimizers.paged_state_split`):
+    outside the caching allocator, so outside the peak and the fit check; None for any other."""
+    if optimizer not in PAGED_OPTIMIZERS:
+        return None
+    numels = [p.numel for p in params]
+    total = paged_state_bytes(optimizer, numels)
+    large = sum(1 for n in numels if n >= BNB_PAGED_MIN)
+    return Term("paged_optimizer_states", total,
+                f"{optimizer} state buffers of the {large} of {len(numels)} trainable tensors with "
+                f">= {BNB_PAGED_MIN:,} values, in CUDA unified memory (not in the allocator peak; "
+                f"evictable to host memory) = {_n(total)} B")
 
 
 def no_activation_bytes() -> Term:

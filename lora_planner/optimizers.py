@@ -24,7 +24,19 @@ OPTIMIZERS = {
     "sgd": "SGD without momentum: no state",
     "sgd-momentum": "SGD with momentum: one momentum buffer per parameter",
     "adafactor": "Adafactor (beta1=None): factored second moment, rows + columns per matrix",
+    # bitsandbytes' paged optimizers, as transformers 5.25's Trainer makes them for `optim`
+    # paged_adamw_8bit, paged_adamw_32bit, paged_lion_8bit, paged_lion_32bit (`_get_bitsandbytes_optimizer`:
+    # bnb AdamW / Lion with optim_bits 8 or 32, is_paged=True): the large states in CUDA unified
+    # memory, outside the allocator (`paged_state_split`)
+    "paged-adamw-8bit": "bitsandbytes PagedAdamW8bit: AdamW8bit's states, the large ones paged",
+    "paged-adamw-32bit": "bitsandbytes PagedAdamW32bit: two fp32 states, the large ones paged",
+    "paged-lion-8bit": "bitsandbytes PagedLion8bit: one 1-byte state + absmax, the large ones paged",
+    "paged-lion-32bit": "bitsandbytes PagedLion32bit: one fp32 state, the large ones paged",
 }
+PAGED_OPTIMIZERS = ("paged-adamw-8bit", "paged-adamw-32bit", "paged-lion-8bit", "paged-lion-32bit")
+# bitsandbytes `Optimizer8bit.get_state_buffer`: `if not self.is_paged or p.numel() < 1e5` the state
+# buffer is an ordinary device tensor; only larger ones come from `F.get_paged` (unified memory)
+BNB_PAGED_MIN = 100_000
 
 
 def check_optimizer(name: str) -> str:
@@ -50,6 +62,37 @@ def adamw_8bit_state_bytes(numel: int) -> int:
     if numel < BNB_MIN_8BIT_SIZE:
         return 2 * numel * 4
     return 2 * (numel + math.ceil(numel / BNB_STATE_BLOCK) * 4)
+
+
+def paged_state_split(optimizer: str, numel: int) -> tuple[int, int]:
+    """(bytes in the device allocator, bytes in CUDA unified memory) of one tensor's states under a
+    bitsandbytes paged optimizer, read from bitsandbytes 0.50.1 `optim/optimizer.py`:
+
+    - `init_state`: AdamW keeps two state buffers (`Optimizer2State`), Lion one (`Optimizer1State`);
+      8-bit ones are uint8 (1 B) unless numel < `min_8bit_size` (4,096), then fp32 (4 B), as 32-bit
+      ones are; an 8-bit state adds an fp32 absmax per 256-value block (`torch.zeros((blocks,),
+      device=p.device)`: never paged);
+    - `get_state_buffer`: a state buffer is paged (`F.get_paged`, `cget_managed_ptr`) when numel
+      >= 100,000, else an ordinary `torch.zeros_like` on the device.
+
+    The paged bytes are not in the caching allocator (`torch.cuda.max_memory_allocated`); the driver
+    counts them while resident (nvidia-smi) and evicts them to host memory under pressure.
+    """
+    states = 2 if optimizer.startswith("paged-adamw") else 1
+    eight_bit = optimizer.endswith("8bit") and numel >= BNB_MIN_8BIT_SIZE
+    buffers = states * numel * (1 if eight_bit else 4)
+    absmax = states * math.ceil(numel / BNB_STATE_BLOCK) * 4 if eight_bit else 0
+    if numel < BNB_PAGED_MIN:
+        return buffers + absmax, 0
+    return absmax, buffers
+
+
+def paged_state_bytes(optimizer: str, numels: Iterable[int]) -> int:
+    """The paged part of `paged_state_split` summed over the trainable tensors (0 for any other
+    optimizer)."""
+    if optimizer not in PAGED_OPTIMIZERS:
+        return 0
+    return sum(paged_state_split(optimizer, n)[1] for n in numels)
 
 
 def sgd_momentum_state_bytes(numel: int, state_bytes: int) -> int:
@@ -96,8 +139,9 @@ def adafactor_temporary_bytes(shapes: Sequence[tuple[int, ...]], sixteen_bit: bo
 
 def optimizer_state_bytes(optimizer: str, params: Iterable[Param], state_bytes: int,
                           impl: str = "foreach") -> int:
-    """Sum of one optimizer's state bytes over the trainable tensors (with fused AdamW's step
-    counters, which live on the device: `adamw_step_counter_bytes`)."""
+    """Sum of one optimizer's state bytes in the device allocator over the trainable tensors (with
+    fused AdamW's step counters, which live on the device: `adamw_step_counter_bytes`; a paged
+    optimizer's paged states are not among them: `paged_state_bytes`)."""
     check_optimizer(optimizer)
     params = tuple(params)
     total = adamw_step_counter_bytes(len(params), impl) if optimizer == "adamw" else 0
@@ -110,6 +154,8 @@ def optimizer_state_bytes(optimizer: str, params: Iterable[Param], state_bytes: 
             total += sgd_momentum_state_bytes(p.numel, state_bytes)
         elif optimizer == "adafactor":
             total += adafactor_state_bytes(p.shape)
+        elif optimizer in PAGED_OPTIMIZERS:  # the device part; the paged part is `paged_state_bytes`
+            total += paged_state_split(optimizer, p.numel)[0]
     return total
 
 
@@ -140,7 +186,7 @@ def optimizer_temporary_bytes(optimizer: str, impl: str, numels: Iterable[int], 
     - AdamW fused (`torch._fused_adamw_`): updates in place, 0;
     - SGD, with or without momentum, every implementation: `param.add_(grad)` and
       `buf.mul_().add_(grad)` in place, 0 (the momentum buffer is made on the first step only);
-    - bitsandbytes 8-bit AdamW: its blockwise update kernel works in place, 0;
+    - bitsandbytes 8-bit AdamW and the paged optimizers: their update kernels work in place, 0;
     - Adafactor: see `adafactor_temporary_bytes` (it needs the shapes; 0 here).
     """
     numels = tuple(numels)

@@ -21,16 +21,18 @@ from .memory import (
     master_weight_bytes,
     no_activation_bytes,
     optimizer_bytes,
+    paged_optimizer_term,
     peak_bytes,
     quantized_weight_bytes,
     timeline_peak_term,
 )
-from .optimizers import check_optimizer
+from .optimizers import PAGED_OPTIMIZERS, check_optimizer
 from .precision import DTYPE_BYTES, Precision, get_precision, weight_dtype
-from .quant import nf4_state_bytes, quantised_params
+from .quant import nf4_state_bytes, quant_notes, quantised_params, torchao_replicated_bytes
 from .sharding import (
     DataParallel,
     distribute,
+    placement,
     sharding_notes,
     sharding_of,
     step_phase_bytes_on_gpu,
@@ -72,6 +74,9 @@ class MethodPlan:
     adapter_formula: str = ""  # how trainable_params is made, by kind of wrapped module
     fits: bool = False  # the fit rule for the planned step: one GPU, or one of --num-gpus
     optimizer_temporary: Term | None = None  # the optimizer step's temporary (whole model)
+    dequant_transient: Term | None = None  # QLoRA: one 4-bit weight's dequantisation (whole model)
+    # a bitsandbytes paged optimizer's states in CUDA unified memory, per GPU: not in `memory`
+    paged_optimizer_states: Term | None = None
     activation_cpu_bytes: int = 0  # checkpointed layer inputs in CPU memory (--activation-offload)
     # per-GPU allocator peak on the GPUs shown (`device_overhead` is on it): the peak on one GPU or
     # one of --num-gpus, or without --num-gpus on one of the fewest `gpus_needed` when that is > 1
@@ -187,6 +192,7 @@ def _assemble(method: str, gpu: Gpu, weight_terms: tuple[Term, ...], states: dic
         predicted = predict_step(spec, setup, precision, {k: t.bytes for k, t in memory.items()})
         memory["activations"] = activation_term(predicted.profile)
         fields["optimizer_temporary"] = predicted.temporary
+        fields["dequant_transient"] = predicted.dequant
         fields["activation_cpu_bytes"] = predicted.profile.cpu_bytes
 
         def phases(m: dict[str, Term], sharding) -> tuple[Phase, ...]:
@@ -197,6 +203,8 @@ def _assemble(method: str, gpu: Gpu, weight_terms: tuple[Term, ...], states: dic
     placed = distribute(memory, sharding_of(setup.num_gpus, setup.sharding, setup.offload), buffers,
                         largest_fitting_peak(gpu), phases, phase_bytes, unsharded, fewest_only)
     memory = dict(placed.per_gpu)
+    if fields.get("paged_optimizer_states") is not None and placed.sharding is not None:
+        fields["paged_optimizer_states"] = paged_on_gpu(fields["paged_optimizer_states"], placed.sharding)
     top = peak_phase(phases(memory, placed.sharding))
     if spec is None:
         memory["peak"] = peak_bytes(memory[k] for k in MEMORY_KEYS[:-1])
@@ -214,6 +222,16 @@ def _assemble(method: str, gpu: Gpu, weight_terms: tuple[Term, ...], states: dic
                       fits=fits(top.bytes, gpu), peak_phase=phase,
                       device_overhead=device_overhead_term(shown, gpu.name), data_parallel=placed,
                       per_gpu_peak=shown, **fields)
+
+
+def paged_on_gpu(term: Term, sharding) -> Term:
+    """A paged optimizer's states on one GPU: where the optimizer states are placed
+    (`sharding.placement`): whole when replicated, 1/N when sharded, none when offloaded."""
+    where = placement("optimizer_states", sharding)
+    n = sharding.num_gpus
+    share = 0 if where == "cpu" else -(-term.bytes // n) if where == "sharded" else term.bytes
+    how = {"cpu": "offloaded: 0 on the GPU", "sharded": f"/ {n} GPUs", "replicated": "on every GPU"}[where]
+    return Term(term.name, share, f"{term.formula}; {how} = {share:,} B")
 
 
 @lru_cache(maxsize=32)
@@ -258,6 +276,7 @@ def plan_full(spec: ModelSpec, setup: TrainSetup, gpu: Gpu, fewest_only: bool = 
         flops_per_token=cost.full_flops_per_token(
             *_matmul_params(spec, setup.task, setup.num_labels),
             cost.attention_forward_flops(spec, _attended(setup)), setup.grad_checkpointing),
+        paged_optimizer_states=paged_optimizer_term(setup.optimizer, params),
         rank=None, trainable_params=total, all_params=total, target_modules=(),
         wrapped_modules=0,
         checkpoint=Term("checkpoint", ckpt, f"safetensors, {len(params)} tensors in {dtype}"),
@@ -281,7 +300,11 @@ def plan_lora(spec: ModelSpec, setup: TrainSetup, gpu: Gpu, fewest_only: bool = 
         quantised = quantised_params(arch, trainable, setup.quantize_experts)
         nf4 = [p for p in frozen if p.name in quantised]
         frozen = [p for p in frozen if p.name not in quantised]
-        weight_terms.append(quantized_weight_bytes(nf4, setup.double_quant))
+        if setup.quant_backend == "torchao" and not setup.double_quant:
+            raise PlanError("--no-double-quant: torchao's NF4Tensor always quantises its block scalers "
+                            "(to_nf4); drop it or plan --quant-backend bnb")
+        weight_terms.append(quantized_weight_bytes(nf4, setup.double_quant, setup.quant_backend,
+                                                   precision.weight_bytes))
     wide = {p.name for p in _fp32_kept(spec, arch, precision)}
     if wide:
         weight_terms.append(_fp32_weight_term([p for p in frozen if p.name in wide]))
@@ -322,9 +345,9 @@ def plan_lora(spec: ModelSpec, setup: TrainSetup, gpu: Gpu, fewest_only: bool = 
         states, setup, spec,
         _zero3(spec, setup, arch, precision, {a.module.path: a.numel for a in trainable.adapters},
                trainable.count),
-        # NF4 quantisation state: module attributes, never sharded
-        unsharded={"weights": sum(nf4_state_bytes(p.numel, setup.double_quant) for p in nf4)},
+        unsharded={"weights": unsharded_quant_state(nf4, setup)},
         flops_per_token=flops,
+        paged_optimizer_states=paged_optimizer_term(setup.optimizer, trainable.params),
         rank=setup.rank, trainable_params=trainable.count,
         all_params=arch.total_params + trainable.adapter_count + trainable.saved_module_count,
         target_modules=trainable.target_names, wrapped_modules=len(trainable.adapters),
@@ -335,6 +358,17 @@ def plan_lora(spec: ModelSpec, setup: TrainSetup, gpu: Gpu, fewest_only: bool = 
         storage=checkpoint_sizes.storage_for_tasks(setup.tasks, base, adapter),
         fewest_only=fewest_only,
     )
+
+
+def unsharded_quant_state(nf4: list[Param], setup: TrainSetup) -> int:
+    """The part of the 4-bit base no sharding strategy shards. bitsandbytes keeps each layer's
+    quantisation state in `quant_state`, a module attribute, not a parameter: every GPU holds it
+    whole (`quant.nf4_state_bytes`). torchao 0.18.0's NF4Tensor shards its scalers with its codes
+    (`nf4_tensor.py`, `nf4_split` / `nf4_all_gather_into_tensor`), all but its mean and code table
+    (`quant.torchao_replicated_bytes`)."""
+    if setup.quant_backend == "torchao":
+        return len(nf4) * torchao_replicated_bytes(get_precision(setup.precision).weight_bytes)
+    return sum(nf4_state_bytes(p.numel, setup.double_quant) for p in nf4)
 
 
 def plan_dense(size: DenseSize, setup: TrainSetup, gpu: Gpu, fewest_only: bool = False) -> MethodPlan:
@@ -354,6 +388,7 @@ def plan_dense(size: DenseSize, setup: TrainSetup, gpu: Gpu, fewest_only: bool =
         (dense_weight_bytes("weights_trainable", n, precision.weight_bytes, "trainable"),),
         _states(n, params, setup, precision, tensors_known=False), setup, None,
         flops_per_token=cost.dense_flops_per_token(n, setup.grad_checkpointing),
+        paged_optimizer_states=paged_optimizer_term(setup.optimizer, params),
         rank=None, trainable_params=n, all_params=n, target_modules=(), wrapped_modules=0,
         checkpoint=Term("checkpoint", ckpt, f"{n:,} x {DTYPE_BYTES[dtype]} B ({dtype}), tensor data only"),
         full_checkpoint_bytes=ckpt,
@@ -405,6 +440,15 @@ def make_plan(model: ModelSpec | DenseSize, setups: tuple[TrainSetup, ...], gpu:
             if not setups[0].quantize_experts else
             "--quantize-experts: the fused expert weights are planned as NF4, which stock bitsandbytes "
             "does not do (bitsandbytes#1849)")
+    if setups[0].optimizer in PAGED_OPTIMIZERS:
+        notes.append(f"--optimizer {setups[0].optimizer}: bitsandbytes keeps the state buffers of tensors "
+                     "with 100,000 values or more in CUDA unified memory (paged_optimizer_states): outside "
+                     "the allocator, so outside the peak and the fit check; nvidia-smi counts them while "
+                     "resident, and the driver moves them to host memory when the GPU runs short")
+    qlora = next((s for s in setups if s.method == "qlora"), None)
+    if qlora is not None:
+        notes += quant_notes(qlora.quant_backend, qlora.bnb_version, qlora.bnb_compute_dtype,
+                             get_precision(qlora.precision).weight_bytes)
     notes += cost.notes(workload, gpu, isinstance(model, DenseSize))
     if any(s.use_dora and fp32_adapters(s.method, get_precision(s.precision), s.adapter_dtype)
            for s in setups):

@@ -105,7 +105,7 @@ def _header(plan: Plan, unit: str) -> list[str]:
         loss = s.loss + (f" ({s.loss_chunks} chunks)" if s.loss == "chunked" else "")
         lines.append(f"stack: {s.stack} (optimizer {s.optimizer_impl}, loss {loss}, activation offload "
                      f"{'on' if s.activation_offload else 'off'})")
-    lines += _targets_line(plan) + _adapter_dtype_line(plan) + _dora_line(plan)
+    lines += _targets_line(plan) + _adapter_dtype_line(plan) + _dora_line(plan) + _qlora_line(plan)
     if plan.setup.packing:
         s = plan.setup
         lines.append(f"packing: {s.batch_size} documents of {s.seq_len:,} tokens as one row of "
@@ -132,6 +132,16 @@ def _adapter_dtype_line(plan: Plan) -> list[str]:
     return [f"adapters: fp32 over the 16-bit base (PEFT's default): fp32 weights, gradients and "
             f"optimizer states, no master copy; each input cast to fp32, the adapters run {how} "
             "(LoRA only; QLoRA as planned without it)"]
+
+
+def _qlora_line(plan: Plan) -> list[str]:
+    """Which 4-bit implementation the QLoRA plans model, and what its matmul keeps (`quant`)."""
+    if not any(p.method == "qlora" for p in plan.plans):
+        return []
+    from .quant import describe_quant
+
+    s = plan.setup
+    return [describe_quant(s.quant_backend, s.bnb_version, s.bnb_compute_dtype)]
 
 
 def _dora_line(plan: Plan) -> list[str]:
@@ -270,6 +280,10 @@ def explained_terms(plan: Plan, p: MethodPlan) -> list[str]:
         lines.append(f"{key}: {p.memory[key].formula}")
     if p.optimizer_temporary:
         lines.append(f"optimizer_temporary: {p.optimizer_temporary.formula}")
+    if p.dequant_transient:
+        lines.append(f"dequant_transient: {p.dequant_transient.formula}")
+    if p.paged_optimizer_states:
+        lines.append(f"paged_optimizer_states: {p.paged_optimizer_states.formula}")
     if p.device_overhead:
         lines.append(f"device_overhead: {p.device_overhead.formula}")
     lines += [line.removeprefix("  ") for line in _scale_explanation(plan, p)]

@@ -356,6 +356,12 @@ class TrainSetup:
     modules_to_save: tuple[str, ...] = ()
     double_quant: bool = True
     quantize_experts: bool = False  # QLoRA: quantise fused 3-D experts too (bitsandbytes does not)
+    # QLoRA's 4-bit implementation (`quant.QUANT_BACKENDS`; None: the stack's, see stacks.py); with
+    # bitsandbytes, the release planned (`quant.BNB_MODELLED` by default) and Linear4bit's compute
+    # dtype (bnb_4bit_compute_dtype)
+    quant_backend: str | None = None
+    bnb_version: str = "0.50.1"
+    bnb_compute_dtype: str = "bf16"
     save_dtype: str = "auto"
     task: str = "causal-lm"
     num_labels: int = 2

@@ -25,7 +25,10 @@ option given explicitly overrides it. Each default is read from the stack's sour
   `enable_input_require_grads()` for PEFT with checkpointing.
 - `torchtune`: torchtune 0.6.1 recipes (`llama3_1/8B_full.yaml`, `8B_lora_single_device.yaml`):
   `torch.optim.AdamW(fused=True)`, `CEWithChunkedOutputLoss` (8 chunks), activation checkpointing
-  on, activation offloading off.
+  on, activation offloading off. Its QLoRA (`8B_qlora_single_device.yaml`, `compile: False`)
+  quantises with torchao's NF4Tensor (`modules/peft/lora.py`: `to_nf4`, `linear_nf4`), every
+  linear layer but the output projection ("quantize_base is not applied to final output_proj").
+  The others quantise with bitsandbytes (transformers' `BitsAndBytesConfig`).
 
 Padding and packing: all four default to one sequence per row padded to the batch's longest
 (TRL's `packing` and `padding_free`, torchtune's `packed` are off), so tokens per step are
@@ -62,6 +65,7 @@ class Stack:
     grad_checkpointing: bool
     activation_offload: bool
     source: str
+    quant_backend: str = "bnb"  # QLoRA's 4-bit implementation (`quant.QUANT_BACKENDS`)
 
 
 STACKS = {
@@ -74,7 +78,7 @@ STACKS = {
                  "LM head planned as fused-linear (no logits kept), the closest modelled kernel"),
     "torchtune": Stack("torchtune", "fused", "chunked", True, False,
                        "torchtune 0.6.1 recipes: AdamW(fused=True), CEWithChunkedOutputLoss(8), "
-                       "activation checkpointing on"),
+                       "activation checkpointing on; QLoRA with torchao NF4", quant_backend="torchao"),
 }
 DEFAULT_STACK = "hf-trainer"
 
@@ -104,4 +108,5 @@ def resolve(setup: TrainSetup) -> TrainSetup:
     if chunks < 1:
         raise PlanError(f"--loss-chunks must be at least 1, got {chunks}")
     offload = stack.activation_offload if setup.activation_offload is None else setup.activation_offload
-    return replace(setup, optimizer_impl=impl, loss=loss, loss_chunks=chunks, activation_offload=offload)
+    return replace(setup, optimizer_impl=impl, loss=loss, loss_chunks=chunks, activation_offload=offload,
+                   quant_backend=setup.quant_backend or stack.quant_backend)

@@ -13,12 +13,12 @@ from functools import lru_cache
 from .activations import FP32, INT64, Conditions, Profile, profile
 from .adapter_dtype import FP32_ADAPTERS, adapter_autocast, fp32_adapters
 from .architecture import Architecture, layout
-from .counts import lora_trainable
+from .counts import lora_trainable, training_key
 from .errors import PlanError
-from .memory import Term, adafactor_temporary_term, optimizer_temporary_term
+from .memory import Term, adafactor_temporary_term, dequant_term, optimizer_temporary_term
 from .optimizers import TORCH_OPTIMIZERS
 from .precision import Precision
-from .quant import dequant_transient_bytes, quantised_params
+from .quant import check_quant, quantised_params
 from .spec import ModelSpec, TrainSetup
 from .timeline import Phase, States, peak_phase, step_phases
 
@@ -45,6 +45,7 @@ class StepPrediction:
     phases: tuple[Phase, ...]
     peak: Phase
     temporary: Term | None = None  # the optimizer step's temporary, for --explain
+    dequant: Term | None = None  # QLoRA: one 4-bit weight's dequantisation transient, for --explain
 
     @property
     def activations(self) -> int:
@@ -80,7 +81,18 @@ def conditions(setup: TrainSetup, precision: Precision, device: str = "cuda") ->
         loss=setup.loss or "standard", loss_chunks=setup.loss_chunks or 8,
         activation_offload=bool(setup.activation_offload),
         dora=setup.use_dora and setup.method == "lora",
+        **qlora_conditions(setup, precision),
     )
+
+
+def qlora_conditions(setup: TrainSetup, precision: Precision) -> dict:
+    """The activation walk's QLoRA fields: which layers are 4-bit, and what their matmul keeps of its
+    input (`quant.check_quant`); none for LoRA and full fine-tuning."""
+    if setup.method != "qlora":
+        return {}
+    _, _, saved = check_quant(setup.quant_backend, setup.bnb_version, setup.bnb_compute_dtype,
+                              precision.weight_bytes)
+    return {"quantised_base": True, "nf4_saved_input": saved}
 
 
 def _training(spec: ModelSpec, setup: TrainSetup,
@@ -178,31 +190,28 @@ def _trainable_shapes(spec: ModelSpec, setup: TrainSetup, arch: Architecture) ->
     return tuple(p.shape for p in lora_trainable(spec, setup).params)
 
 
-def input_gradient_skips(spec: ModelSpec, setup: TrainSetup) -> tuple[int, int]:
-    """(weights whose input needs no gradient, attention layers with no gradient) in this setup's
-    backward, from the activation walk; what `cost.lora_flops_per_token` takes off."""
-    from .precision import get_precision
+@dataclass(frozen=True)
+class LayerGradients:
+    """Where the trained tensors' gradients are made, in the order backward makes them (bytes)."""
 
+    # per decoder layer: (attention part, rest of the MLP part, the MLP's output projection)
+    per_layer: tuple[tuple[int, int, int], ...]
+    expert_up: tuple[int, ...]  # per layer: fused experts' gate/up, twice the down projection's
+    attn_out: tuple[int, ...]  # per layer: the attention's output projection's
+    mlp_up: tuple[int, ...]  # per layer: the MLP's up projection's
+    head: int  # the LM head's (the tied embedding's, when the embedding trains)
+    embed_trains: bool  # whether the token (or position) embedding trains
+
+
+@lru_cache(maxsize=64)
+def layer_gradients(spec: ModelSpec, setup: TrainSetup, precision: Precision) -> LayerGradients:
+    """Each trained module's gradient bytes (`gradient_bytes_by_path`), summed by the part of the
+    step whose backward makes it. Depends on what trains and its dtypes alone: `predict_step` asks
+    with `counts.training_key(setup)`, so the setups advice and --fit plan again share one answer."""
     arch = layout(spec, setup.task, setup.num_labels)
-    wrapped, trainable, _ = _training(spec, setup, arch)
-    prof = profile(spec, conditions(setup, get_precision(setup.precision)), wrapped, trainable)
-    return prof.no_input_grad_params, prof.attention_without_grad
-
-
-def predict_step(spec: ModelSpec, setup: TrainSetup, precision: Precision, memory: dict[str, int],
-                 device: str = "cuda") -> StepPrediction:
-    """The step's activations and peak, given the plan's model-state bytes in `memory`."""
-    arch = layout(spec, setup.task, setup.num_labels)
-    cond = conditions(setup, precision, device)
-    wrapped, trainable, by_path = _training(spec, setup, arch)
-    if cond.adapter_bytes and any(a.module.kind in ("router", "experts")
-                                  for a in lora_trainable(spec, setup).adapters):
-        raise PlanError("--adapter-dtype fp32 is not modelled for adapters on a router or fused experts "
-                        "(PEFT's ParamWrapper): leave them out of --targets, or plan --adapter-dtype auto")
-    prof = profile(spec, cond, wrapped, trainable)
+    _, _, by_path = _training(spec, setup, arch)
     grad_bytes = precision.grad_bytes
     prefix = "transformer.h." if spec.family == "gpt2" else "model.layers."
-    # (attention part, rest of the MLP part, the MLP's output projection)
     per_layer = [[0, 0, 0] for _ in range(spec.num_layers)]
     expert_up = [0] * spec.num_layers
     attn_out = [0] * spec.num_layers
@@ -222,14 +231,42 @@ def predict_step(spec: ModelSpec, setup: TrainSetup, precision: Precision, memor
         elif path == arch.head_path or (arch.tied_head and path.endswith(("wte", "embed_tokens"))):
             head += nbytes[path]
     embed_trains = any(path.endswith(("wte", "embed_tokens")) for path in by_path)
+    return LayerGradients(tuple(tuple(parts) for parts in per_layer), tuple(expert_up), tuple(attn_out),
+                          tuple(mlp_up), head, embed_trains)
+
+
+def input_gradient_skips(spec: ModelSpec, setup: TrainSetup) -> tuple[int, int]:
+    """(weights whose input needs no gradient, attention layers with no gradient) in this setup's
+    backward, from the activation walk; what `cost.lora_flops_per_token` takes off."""
+    from .precision import get_precision
+
+    arch = layout(spec, setup.task, setup.num_labels)
+    wrapped, trainable, _ = _training(spec, setup, arch)
+    prof = profile(spec, conditions(setup, get_precision(setup.precision)), wrapped, trainable)
+    return prof.no_input_grad_params, prof.attention_without_grad
+
+
+def predict_step(spec: ModelSpec, setup: TrainSetup, precision: Precision, memory: dict[str, int],
+                 device: str = "cuda") -> StepPrediction:
+    """The step's activations and peak, given the plan's model-state bytes in `memory`."""
+    arch = layout(spec, setup.task, setup.num_labels)
+    cond = conditions(setup, precision, device)
+    wrapped, trainable, _ = _training(spec, setup, arch)
+    if cond.adapter_bytes and any(a.module.kind in ("router", "experts")
+                                  for a in lora_trainable(spec, setup).adapters):
+        raise PlanError("--adapter-dtype fp32 is not modelled for adapters on a router or fused experts "
+                        "(PEFT's ParamWrapper): leave them out of --targets, or plan --adapter-dtype auto")
+    prof = profile(spec, cond, wrapped, trainable)
+    grads = layer_gradients(spec, training_key(setup), precision)
+    head, embed_trains = grads.head, grads.embed_trains
     impl = setup.optimizer_impl or "foreach"
     temporary = _temporary(spec, setup, arch, precision, impl)
     temp = temporary.bytes
     kernel = f"{impl} " if setup.optimizer in TORCH_OPTIMIZERS else ""  # Adafactor, 8-bit: one kernel
-    dequant = 0
+    dequant = None
     if setup.method == "qlora":
         nf4 = quantised_params(arch, lora_trainable(spec, setup), setup.quantize_experts)
-        dequant = dequant_transient_bytes([p.numel for p in arch.params if p.name in nf4])
+        dequant = dequant_term(setup, [p.numel for p in arch.params if p.name in nf4], precision)
     states = States(
         weights=memory["weights"],
         gradients=memory["gradients"],
@@ -238,11 +275,11 @@ def predict_step(spec: ModelSpec, setup: TrainSetup, precision: Precision, memor
         # token ids and labels, and the position ids a packed batch is given
         inputs=(3 if cond.packed else 2) * cond.tokens * INT64,
         head_gradients=head,
-        dequant_transient=dequant,
-        expert_up_gradients=tuple(expert_up),
-        attn_out_gradients=tuple(attn_out),
-        mlp_up_gradients=tuple(mlp_up),
-        layer_gradients=tuple(tuple(parts) for parts in per_layer),
+        dequant_transient=dequant.bytes if dequant else 0,
+        expert_up_gradients=grads.expert_up,
+        attn_out_gradients=grads.attn_out,
+        mlp_up_gradients=grads.mlp_up,
+        layer_gradients=grads.per_layer,
         embedding_backward=embedding_backward(embed_trains, arch.tied_head, head, prof.transients[0]),
         temporary_what=f"{kernel}{setup.optimizer} temporary" if temp else f"{kernel}{setup.optimizer}, "
                        "no temporary",
@@ -250,6 +287,7 @@ def predict_step(spec: ModelSpec, setup: TrainSetup, precision: Precision, memor
     vocab = spec.vocab_size if setup.task == "causal-lm" else setup.num_labels
     if setup.optimizer_in_backward:
         steps = in_backward_steps(spec, setup, arch, precision, impl)
+        prefix = "transformer.h." if spec.family == "gpt2" else "model.layers."
         states = replace(
             states, gradients=0, optimizer_temporary=0, layer_gradients=((0, 0, 0),) * spec.num_layers,
             expert_up_gradients=(), attn_out_gradients=(), mlp_up_gradients=(),
@@ -267,9 +305,9 @@ def predict_step(spec: ModelSpec, setup: TrainSetup, precision: Precision, memor
         temporary = Term("optimizer_temporary", max(steps.values(), default=0),
                          "optimizer in backward: one tensor's gradient and its step's temporary at a time, "
                          f"the largest {max(steps.values(), default=0):,} B")
-        return StepPrediction(prof, states, phases, peak_phase(phases), temporary)
+        return StepPrediction(prof, states, phases, peak_phase(phases), temporary, dequant)
     phases = step_phases(states, prof, vocab, cond.tokens)
-    return StepPrediction(prof, states, phases, peak_phase(phases), temporary)
+    return StepPrediction(prof, states, phases, peak_phase(phases), temporary, dequant)
 
 
 def in_backward_steps(spec: ModelSpec, setup: TrainSetup, arch: Architecture, precision: Precision,

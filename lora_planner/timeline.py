@@ -65,7 +65,7 @@ class States:
     temporary_what: str = "foreach temporary"  # which implementation makes `optimizer_temporary`
     # beyond all gradients as backward ends: the trained embedding's backward (`step.embedding_backward`)
     embedding_backward: int = 0
-    # QLoRA: the 16-bit copy of the NF4 weight being multiplied (`quant.dequant_transient_bytes`)
+    # QLoRA: what dequantising the NF4 weight being multiplied holds (`quant.dequant_transient`)
     dequant_transient: int = 0
     # per decoder layer: the fused experts' gate/up gradient, made before the rest of the MLP part's
     expert_up_gradients: tuple[int, ...] = ()

@@ -87,7 +87,7 @@ def test_dequant_transient_is_the_16_bit_weight_bitsandbytes_makes(out_features,
     """A 4-bit layer's backward dequantises its weight to the compute dtype: the tracer sees that
     storage appear, and its size is what the timeline adds for QLoRA."""
     from lora_planner.measure.tracer import MemoryTracer
-    from lora_planner.quant import dequant_transient_bytes
+    from lora_planner.quant import bnb_dequant_bytes
 
     torch.manual_seed(0)
     layer = bnb.nn.Linear4bit(in_features, out_features, bias=False, compute_dtype=torch.bfloat16,
@@ -105,7 +105,7 @@ def test_dequant_transient_is_the_16_bit_weight_bitsandbytes_makes(out_features,
     steps = tracer.timeline
     made = [now - before for (_, _, _, before), (_, op, _, now) in zip(steps, steps[1:], strict=False)
             if op == "dequantize_4bit"]
-    assert made == [dequant_transient_bytes([out_features * in_features])]
+    assert made == [bnb_dequant_bytes(out_features * in_features, 2, 2)]
 
 
 def _quantised_block_bytes(config: dict, targets: list[str]) -> tuple[list[int], int, int]:

@@ -21,7 +21,7 @@ def test_every_setup_field_is_in_the_json():
     setup = TrainSetup(method="qlora", rank=4, targets=("q_proj", "v_proj"), precision="bf16",
                        quantize_experts=True, task="seq-cls", num_labels=5, dropout=0.2, lora_dropout=0.05,
                        batch_size=2, seq_len=64, stack="torch", optimizer_impl="for-loop", loss="standard",
-                       loss_chunks=8, activation_offload=False)
+                       loss_chunks=8, activation_offload=False, quant_backend="bnb")
     data = json.loads(json.dumps(to_dict(make_plan(resolve_model("mixtral-8x7b"), (setup,),
                                                    get_gpu(DEFAULT_GPU)))))
     names = {f.name for f in dataclasses.fields(TrainSetup)}

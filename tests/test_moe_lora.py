@@ -10,17 +10,12 @@ optimizer-state bytes, its saved activations and its peak.
 from __future__ import annotations
 
 import random
-import sys
-from pathlib import Path
 
 import pytest
 
+from lora_planner.measure.grid import TINY
 from lora_planner.spec import TrainSetup
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from step_grid import TINY  # noqa: E402
-
-from tests.test_cli import run  # noqa: E402
+from tests.test_cli import run
 
 TARGETS = (("w1", "w3"), ("w2",), ("gate",), ("w1", "w2", "w3"), ("q_proj", "w2"), ("all-linear",),
            ("gate", "w1", "w3", "v_proj"))

@@ -7,21 +7,16 @@ and the meta-device transformers model for parameter counts: never our formulas 
 from __future__ import annotations
 
 import random
-import sys
-from pathlib import Path
 
 import pytest
 
 from lora_planner.catalog import get_model
+from lora_planner.measure.grid import TINY
 from lora_planner.precision import get_precision
 from lora_planner.spec import TrainSetup
 from lora_planner.stacks import STACKS, resolve
 from lora_planner.step import predict_step
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from step_grid import TINY  # noqa: E402
-
-from tests.test_cli import plan_json, run  # noqa: E402
+from tests.test_cli import plan_json, run
 
 
 def _cases(impls, seed=17, per_family=2, loss="standard"):
@@ -81,7 +76,7 @@ def _grid_key(spec, s):
 def _for_loop_grid():
     from dataclasses import replace
 
-    from step_grid import grid
+    from lora_planner.measure.grid import grid
 
     for spec, setup in grid():
         yield pytest.param(spec, replace(setup, optimizer_impl="for-loop"),

@@ -9,18 +9,13 @@ The default run traces one case of each family (`DEFAULT`); the rest of the grid
 (`pytest -m slow`).
 """
 
-import sys
-from pathlib import Path
-
 import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from step_grid import grid, large  # noqa: E402
-
+from lora_planner.measure.grid import grid, large  # noqa: E402
 from lora_planner.measure.traced_step import trace  # noqa: E402
 from tests.tracing import one_thread  # noqa: E402, F401 (autouse: traces run on one thread)
 

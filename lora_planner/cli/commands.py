@@ -11,6 +11,7 @@ from ..gpus import DEFAULT_GPU, GPUS, get_gpu, with_memory
 from ..optimizers import OPTIMIZERS
 from ..plan import METHODS, check_methods, make_plan
 from ..precision import DEFAULT_PRECISION
+from ..quant import BNB_MODELLED, COMPUTE_DTYPES, QUANT_BACKENDS
 from ..render import FORMATS, render
 from ..spec import DEFAULT_SEQ_LEN, DenseSize, ModelSpec, TrainSetup, default_seq_len
 from ..units import parse_count
@@ -77,7 +78,10 @@ def bare_model_hint(word: str) -> str:
                    "PEFT matches them (exact path or dotted suffix), or re:REGEX. Default: PEFT's "
                    "default for the model's family.")
 @precision_option(DEFAULT_PRECISION)
-@click.option("--optimizer", type=click.Choice(list(OPTIMIZERS)), default="adamw", show_default=True)
+@click.option("--optimizer", type=click.Choice(list(OPTIMIZERS)), default="adamw", show_default=True,
+              help="adamw-8bit: bitsandbytes' 1-byte states. paged-*: the Trainer's paged_adamw_8bit, "
+                   "paged_adamw_32bit, paged_lion_8bit, paged_lion_32bit; states of tensors of 100,000+ "
+                   "values sit in CUDA unified memory, shown apart and left out of the peak.")
 @click.option("--bias", type=click.Choice(BIAS_MODES), default="none", show_default=True,
               help="Which biases LoRA trains (PEFT's `bias`).")
 @click.option("--dora", is_flag=True, help="DoRA (PEFT's use_dora): a magnitude vector per wrapped "
@@ -86,6 +90,16 @@ def bare_model_hint(word: str) -> str:
               help="Modules trained in full beside the adapters (PEFT's modules_to_save).")
 @click.option("--double-quant/--no-double-quant", default=True, show_default=True,
               help="QLoRA: quantise the 4-bit base's block constants too.")
+@click.option("--quant-backend", type=click.Choice(list(QUANT_BACKENDS)), default=None,
+              help="QLoRA's 4-bit layers: bnb = bitsandbytes Linear4bit (transformers, PEFT); torchao = "
+                   "torchao NF4Tensor (torchtune's QLoRA). Default: the stack's (torchao for torchtune).")
+@click.option("--bnb-version", default=BNB_MODELLED, show_default=True, metavar="X.Y[.Z]",
+              help="QLoRA: the bitsandbytes release. Before 0.43.2 each 4-bit layer kept its input "
+                   "for backward (more activations); newer than the default plans as the default.")
+@click.option("--bnb-compute-dtype", type=click.Choice(list(COMPUTE_DTYPES)), default="bf16",
+              show_default=True,
+              help="QLoRA (bitsandbytes): bnb_4bit_compute_dtype, the dtype each 4-bit weight is "
+                   "dequantised into. transformers' own default is fp32; QLoRA recipes set bf16.")
 @click.option("--quantize-experts", is_flag=True,
               help="QLoRA: plan fused 3-D expert weights (Mixtral) as NF4 too. Stock bitsandbytes "
                    "quantises nn.Linear only, so by default they stay 16-bit.")
@@ -148,7 +162,8 @@ def plan_output(model_name, params_text, methods, ranks, targets, precision, opt
                 seq_len, grad_checkpointing, attention, stack, optimizer_impl, loss, loss_chunks,
                 activation_offload, gpu_name, gpu_mem, fmt, units, explain, fit, dropout=None,
                 quantize_experts=False, lora_dropout=0.0, adapter_dtype="auto",
-                optimizer_in_backward=False, packing=False, gpu_given=False, **scale) -> str:
+                optimizer_in_backward=False, packing=False, gpu_given=False, quant_backend=None,
+                bnb_version=BNB_MODELLED, bnb_compute_dtype="bf16", **scale) -> str:
     """What `plan` prints for its parsed options (click's parameter names); a user mistake
     raises PlanError. The command echoes it; the page (`serve`) answers with it directly.
     `gpu_given`: the user named --gpu (see `gpu_given()`), so --gpu-mem keeps that card's kind."""
@@ -171,7 +186,8 @@ def plan_output(model_name, params_text, methods, ranks, targets, precision, opt
     base = TrainSetup(
         precision=precision, optimizer=optimizer, bias=bias, use_dora=dora,
         targets=split_values(targets) or ("default",), modules_to_save=split_values(modules_to_save),
-        double_quant=double_quant, quantize_experts=quantize_experts, save_dtype=save_dtype,
+        double_quant=double_quant, quantize_experts=quantize_experts, quant_backend=quant_backend,
+        bnb_version=bnb_version, bnb_compute_dtype=bnb_compute_dtype, save_dtype=save_dtype,
         task=task, num_labels=num_labels, tasks=tasks, batch_size=batch_size, seq_len=seq_len,
         attention=attention, dropout=dropout, lora_dropout=lora_dropout, adapter_dtype=adapter_dtype,
         optimizer_in_backward=optimizer_in_backward, packing=packing,

@@ -73,7 +73,8 @@ MEMORY_FRACTION_ENV = "LORA_PLAN_CUDA_MEMORY_FRACTION"
 # of its stack named (torch's default foreach AdamW on CUDA, the model's own loss, no offload). A
 # job varies only `SETUP_SETTINGS` of it.
 JOB_SETUP = TrainSetup(method="lora", precision="fp32", optimizer="adamw", stack="torch",
-                       optimizer_impl="foreach", loss="standard", loss_chunks=8, activation_offload=False)
+                       optimizer_impl="foreach", loss="standard", loss_chunks=8, activation_offload=False,
+                       quant_backend="bnb")
 # The TrainSetup fields a job varies, under the same names in spec files, `--set` and records.
 SETUP_SETTINGS = ("method", "rank", "targets", "precision", "batch_size", "seq_len",
                   "grad_checkpointing", "attention", "dropout", "lora_dropout", "optimizer_impl",

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
+
+# How a report says what made it (capacity and validation: a "- made by:" bullet; adapters: a
+# sentence): a page holding either was written by a report, not by hand.
+MADE_BY = re.compile(r"^(- made by: `|Made by `)", re.M)
 
 
 @dataclass(frozen=True)
@@ -48,3 +53,10 @@ def unit_phrase(unit: str) -> str:
 
 def code(text: str) -> str:
     return f"`{text}`"
+
+
+def hand_written(root: Path) -> list[Path]:
+    """`root`/README.md and the pages under `root`/docs/ that no report wrote (none says `MADE_BY`):
+    the pages whose shown outputs are checked and rewritten from the commands they show."""
+    docs = sorted(p for p in (root / "docs").glob("*.md") if not MADE_BY.search(p.read_text()))
+    return [root / "README.md", *docs]
