@@ -1648,8 +1648,8 @@ def shared_experts(g: Graph, spec: ModelSpec, p: str, h: Tensor, routed: Tensor)
     # (trained in full, only the shared down projection's weight gradient exists by then, not the routed
     # experts' down one, which the timeline counts before the block's backward)
     wb = g.cond.weight_bytes
-    routed = f"{p}.mlp.experts" in g.trainable
-    routed_grad = spec.num_experts * H * spec.intermediate_size * wb if routed else 0
+    routed_trains = f"{p}.mlp.experts" in g.trainable
+    routed_grad = spec.num_experts * H * spec.intermediate_size * wb if routed_trains else 0
     grads = (H * inter * wb if down in g.trainable else 0) - routed_grad
     shared = (3 * g.cond.tokens * inter * g.cond.compute_bytes - (g._saved_total - down_from) + cast + grads
               if act.grad else 0)
