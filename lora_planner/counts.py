@@ -428,6 +428,25 @@ def oversized_rank_note(spec: ModelSpec, setup: TrainSetup) -> str | None:
             "update B @ A has rank at most min(in, out), so the parameters above it are wasted there")
 
 
+def unwrapped_mlp_note(spec: ModelSpec, setup: TrainSetup) -> str | None:
+    """What MLP layers a LoRA setup naming the MLP leaves frozen, or None. On DeepSeek-V3 and
+    GLM-4-MoE PEFT 0.21 reads gate_proj, up_proj and down_proj (all-linear and a regex too) as the
+    fused routed experts (`MOE_V4_NAMES`), so the dense layers' gated MLPs and the shared experts,
+    nn.Linear layers under the same names, are never wrapped."""
+    if setup.method == "full" or not (spec.dense_layers or spec.shared_experts):
+        return None
+    mlp_names = {n for n, reach in MOE_V4_NAMES.get(spec.family, {}).items() if reach != "router"}
+    names = lora_trainable(spec, setup).target_names
+    if not ("all-linear" in names or any(_matches(f"x.{n}", t) for n in mlp_names for t in names)):
+        return None
+    dense = min(spec.dense_layers, spec.num_layers)
+    frozen = " and ".join(part for part in (
+        ("the dense layer's MLP" if dense == 1 else f"the {dense} dense layers' MLPs") if dense else "",
+        "the shared experts" if spec.shared_experts else "") if part)
+    return (f"PEFT 0.21 reads gate_proj, up_proj and down_proj on {spec.family} as the fused routed "
+            f"experts: {frozen} stay frozen (no target name or regex reaches them)")
+
+
 def lora_trainable(spec: ModelSpec, setup: TrainSetup) -> Trainable:
     """What a LoRA (or QLoRA) setup trains: adapters, trainable biases, modules_to_save copies.
     QLoRA trains what LoRA trains (only the frozen base is stored otherwise), so both share one

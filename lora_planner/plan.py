@@ -9,7 +9,7 @@ from . import checkpoint_sizes, cost, stacks
 from .adapter_dtype import FP32_ADAPTERS, fp32_adapters
 from .architecture import Architecture, Param, kept_in_fp32, layout
 from .catalog import PUBLISHED_NOTES
-from .counts import lora_trainable
+from .counts import lora_trainable, unwrapped_mlp_note
 from .errors import PlanError
 from .gpus import Gpu, fits, largest_fitting_peak
 from .memory import (
@@ -469,6 +469,10 @@ def make_plan(model: ModelSpec | DenseSize, setups: tuple[TrainSetup, ...], gpu:
                          f"{model.max_positions:,} positions: the model cannot train on it as is")
         if model.source in PUBLISHED_NOTES:
             notes.append(PUBLISHED_NOTES[model.source])
+        lora = next((s for s in setups if s.method != "full"), None)
+        mlp_note = unwrapped_mlp_note(model, lora) if lora is not None else None
+        if mlp_note:
+            notes.append(mlp_note)
         info = ModelInfo(model.name, model.family,
                          layout(model, first.task, first.num_labels).total_params, model.source, model)
     return Plan(info, setups[0], gpu, tuple(plans), tuple(notes), workload)

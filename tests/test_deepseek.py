@@ -45,7 +45,7 @@ def _config(seed: int, sparse: bool = False, family: str = "deepseek_v3") -> dic
 
 
 # a few seeds by default, more with -m slow
-SEEDS = [0, 1, 2] + [pytest.param(s, marks=pytest.mark.slow) for s in range(3, 12)]
+SEEDS = [0, 1] + [pytest.param(s, marks=pytest.mark.slow) for s in range(2, 12)]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -61,7 +61,7 @@ def test_random_configs_lay_out_as_transformers_builds(family, seed):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("seed", SEEDS[:2] + SEEDS[3:8])
+@pytest.mark.parametrize("seed", SEEDS[:1] + SEEDS[2:8])
 @pytest.mark.parametrize("targets", ["default", "qv", "attn", "mlp", "all-linear", "gate", "o_proj,k_proj"])
 def test_presets_train_what_peft_trains(family, seed, targets):
     """PEFT maps the v4 expert names (gate_proj, up_proj, down_proj, gate) to the fused experts and
@@ -173,6 +173,14 @@ def test_glm_readers_defaults_are_the_config_class():
         n: tuple(p.shape) for n, p in model.named_parameters()}
     head_dim = getattr(built, "head_dim", None) or built.hidden_size // built.num_attention_heads
     assert spec.rotary_dim == head_dim // 2
+
+
+@pytest.mark.parametrize(("targets", "noted"), [("mlp", True), ("all-linear", True), ("default", False)])
+def test_a_plan_says_what_the_mlp_targets_leave_frozen(targets, noted):
+    data = plan_json("--model", "glm-4.5-air", "--method", "lora", "--targets", targets)
+    says = [n for n in data["notes"] if "fused routed experts" in n]
+    assert bool(says) == noted
+    assert not says or "the dense layer's MLP and the shared experts stay frozen" in says[0]
 
 
 def test_plan_answers_for_lora_and_qlora_and_says_the_base_is_fp8():
