@@ -1651,7 +1651,8 @@ def shared_experts(g: Graph, spec: ModelSpec, p: str, h: Tensor, routed: Tensor)
     routed_trains = f"{p}.mlp.experts" in g.trainable
     routed_grad = spec.num_experts * H * spec.intermediate_size * wb if routed_trains else 0
     grads = (H * inter * wb if down in g.trainable else 0) - routed_grad
-    shared = (3 * g.cond.tokens * inter * g.cond.compute_bytes - (g._saved_total - down_from) + cast + grads
+    # (the cast gradient is used up by the down projection's backward by then)
+    shared = (3 * g.cond.tokens * inter * g.cond.compute_bytes - (g._saved_total - down_from) + grads
               if act.grad else 0)
     merged = g.expert_backward[-1]
     g.expert_backward[-1] = max(merged + waits - mine if merged else 0, routed_peak + waits if waits else 0,
