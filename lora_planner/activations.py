@@ -558,7 +558,7 @@ class Graph:
     def attention(self, q: Tensor, k: Tensor, v: Tensor, heads: int, kv_heads: int, head_dim: int,
                   attn_dropout: float, softcap: bool = False, contiguous_q: bool = False,
                   fused: Tensor | None = None, softmax_fp32: bool = True, masked: bool = False,
-                  value_dim: int = 0) -> Tensor:
+                  value_dim: int = 0, contiguous_k: bool = False) -> Tensor:
         """Attention over projected (and rotated) q, k, v; returns the (b, s, heads * head_dim) output
         as o_proj reads it.
 
@@ -570,6 +570,8 @@ class Graph:
         `sdpa_mask_bytes`. `value_dim`: each head's value (and output) when narrower or wider than q's
         and k's (latent attention; 0: `head_dim`). torch's fused CPU kernel needs one head size for
         all three, so on CPU such attention runs the math kernel; on CUDA the memory-efficient one.
+        `contiguous_k`: k is (b, heads, s, d)-contiguous at every head (latent attention's key, filled
+        into a new tensor), so eager attention's score matmul keeps k itself, not a copy.
         """
         b, s = self.cond.batch_size, self.cond.seq_len
         grad = q.grad or k.grad or v.grad
@@ -652,6 +654,8 @@ class Graph:
             # a (b, heads, s, d)-contiguous q (Phi-3's rotary concatenation, or autocast's cast of it)
             # batches for the score matmul as a view: the matmul keeps q itself
             qc = q
+        if eager and contiguous_k and kv_heads == heads and k.itemsize == kc.itemsize:
+            kc = k  # likewise k, when no cast copied it
         if (fused is not None and (b == 1 or heads == 1) and vc.itemsize == fused.itemsize
                 and kv_heads in (1, heads) and (eager or masked or kv_heads == heads)):
             # one sequence (or one head): slices of the fused projection reshape for bmm without a
@@ -1144,7 +1148,7 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
     fused = spec.family == "phi3" or bool(spec.kv_lora_rank)
     a = g.attention(q, k, v, nh, nkv, hd, g.rates[0], softcap=gemma and spec.attn_softcap,
                     contiguous_q=fused or concatenated_rope(spec), fused=v if fused else None,
-                    masked=masked, value_dim=spec.v_head_dim)
+                    masked=masked, value_dim=spec.v_head_dim, contiguous_k=bool(spec.kv_lora_rank))
     # the attention modules of Llama's form (OLMo 2's too); the MLP of Llama's form is the layer's
     # last op only with the norms before the blocks (`dense`)
     llama_attention = spec.family in ("llama", "mistral", "qwen2", "qwen3", "olmo2", "smollm3", "deepseek_v3",
