@@ -1626,11 +1626,12 @@ def shared_experts(g: Graph, spec: ModelSpec, p: str, h: Tensor, routed: Tensor)
     g.release(gate_act)
     down_from = g._saved_total
     down = f"{path}.down_proj"
-    # the down projection, when it saves anything, saves the layer's last tensor: a recompute stops
-    # there, before its output
-    g.peak_at(g.unsaved(h, act, *g.args) + recompute_stop_transient(g.cond, act.numel, g.cond.tokens * H,
-                                                                     down in g.wrapped), after_saves=True)
     out = g.linear(act, down, inter, H)
+    if g._saved_total > down_from:
+        # the down projection, when it saves anything, saves the layer's last tensor: a recompute stops
+        # there, once it has, before its output
+        g.peak_at(g.unsaved(h, act, *g.args) + recompute_stop_transient(g.cond, act.numel, out.numel,
+                                                                         down in g.wrapped))
     g.peak_at(g.unsaved(h, act, out, *g.args), after_saves=True)
     g.release(routed)
     g.args = g.args[:-1]
