@@ -1637,32 +1637,40 @@ def shared_experts(g: Graph, spec: ModelSpec, p: str, h: Tensor, routed: Tensor)
     g.args = g.args[:-1]
     if g.tails:
         g.tails[-1] += g._saved_total - before
+    shared_backward_moments(g, spec, p, h.nbytes if h.grad else 0, g._saved_total - before,
+                            g._saved_total - down_from if act.grad else None,
+                            out.nbytes if out.itemsize < routed.itemsize else 0)
+    return g.add(routed, out)
+
+
+def shared_backward_moments(g: Graph, spec: ModelSpec, p: str, waits: int, mine: int, down_saved: int | None,
+                            cast: int) -> None:
+    """The shared experts' share of the sparse block's backward moments (see `shared_experts`): their
+    input's gradient (`waits`) alive through the routed experts' backward, what they saved (`mine`)
+    freed by then, and, trained in full, their three weight gradients made by then; under autocast the
+    16-bit cast of their gradient (`cast`) waiting through a recompute. Their own gated product's
+    moment (`down_saved`: what the down projection saved; None when no gradient reaches it) holds
+    only the down projection's weight gradient, not yet the routed experts' down one, which the
+    timeline counts before the block's backward."""
+    H, inter, wb = spec.hidden_size, spec.shared_experts * spec.intermediate_size, g.cond.weight_bytes
+    path = f"{p}.mlp.shared_experts"
     layer = g.section.removesuffix(" mlp")
-    waits = h.nbytes if h.grad else 0  # the shared branch's input gradient
-    mine = g._saved_total - before  # freed by the time backward reaches the routed experts
-    for moments, freed in ((g.pending, 0), (g.combine, mine), (g.recompute_combine, 0)):
+    made = sum(H * inter * wb for leaf in ("gate_proj", "up_proj", "down_proj")
+               if f"{path}.{leaf}" in g.trainable)
+    for moments, freed in ((g.pending, 0), (g.combine, mine), (g.recompute_combine, 0), (g.unsort, 0)):
         if moments.get(layer):  # (the un-sort's and the recompute's were written before these saves)
-            moments[layer] += waits - freed
-    # under autocast the 16-bit shared output was added to the routed experts' fp32 one: the add's
-    # backward casts the incoming gradient to 16 bits for the shared branch, which waits through the
-    # recompute its down projection sets off
-    cast = out.nbytes if out.itemsize < routed.itemsize else 0
-    g.pending[layer] = g.pending.get(layer, 0) + cast
-    routed_peak = (3 * g.cond.tokens * spec.experts_per_token * spec.intermediate_size * g.cond.weight_bytes
+            moments[layer] += waits + made - freed
+    g.pending[layer] = g.pending.get(layer, 0) + cast - (made if g.pending.get(layer) else 0)
+    routed_peak = (3 * g.cond.tokens * spec.experts_per_token * spec.intermediate_size * wb
                    - (g.tails[-1] if g.tails else 0))
-    # (trained in full, only the shared down projection's weight gradient exists by then, not the routed
-    # experts' down one, which the timeline counts before the block's backward)
-    wb = g.cond.weight_bytes
     routed_trains = f"{p}.mlp.experts" in g.trainable
     routed_grad = spec.num_experts * H * spec.intermediate_size * wb if routed_trains else 0
-    grads = (H * inter * wb if down in g.trainable else 0) - routed_grad
-    # (the cast gradient is used up by the down projection's backward by then)
-    shared = (3 * g.cond.tokens * inter * g.cond.compute_bytes - (g._saved_total - down_from) + grads
-              if act.grad else 0)
+    down_grad = H * inter * wb if f"{path}.down_proj" in g.trainable else 0
+    shared = (0 if down_saved is None else
+              3 * g.cond.tokens * inter * g.cond.compute_bytes - down_saved + down_grad - routed_grad)
     merged = g.expert_backward[-1]
-    g.expert_backward[-1] = max(merged + waits - mine if merged else 0, routed_peak + waits if waits else 0,
-                                shared)
-    return g.add(routed, out)
+    g.expert_backward[-1] = max(merged + waits + made - mine if merged else 0,
+                                routed_peak + waits + made if waits else 0, shared)
 
 
 def expert_lora_gradients(experts: int, out_f: int, in_f: int, rank: int, itemsize: int) -> tuple[int, int]:
