@@ -507,7 +507,8 @@ def spec_from_hf_config(config: dict, name: str = "custom", source: str = "") ->
     `num_experts` / `num_experts_per_tok` 128 / 8, its `moe_intermediate_size` 768, `norm_topk_prob`
     false), a missing Qwen3 `head_dim` means 128, a missing OLMo 2 `max_position_embeddings` 2,048, a
     missing Gemma 3 `head_dim` 256, its `max_position_embeddings` 131,072, its soft-caps none and its
-    `layer_types` every `sliding_window_pattern`-th (6th) layer global, and `tie_word_embeddings`
+    `layer_types` every `sliding_window_pattern`-th (6th) layer global, DeepSeek-V3's and GLM-4-MoE's
+    those of `_latent_fields` and `_glm4_moe_fields`, and `tie_word_embeddings`
     defaults to True only where the class does (GPT-2, Gemma-2, Gemma 3, SmolLM3). Every value
     read is checked here (type, finiteness, `SHAPE_LIMITS`), each failure one line naming the key.
     """
