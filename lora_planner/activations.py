@@ -1657,10 +1657,13 @@ def shared_backward_moments(g: Graph, spec: ModelSpec, p: str, waits: int, mine:
     layer = g.section.removesuffix(" mlp")
     made = sum(H * inter * wb for leaf in ("gate_proj", "up_proj", "down_proj")
                if f"{path}.{leaf}" in g.trainable)
-    for moments, freed in ((g.pending, 0), (g.combine, mine), (g.recompute_combine, 0), (g.unsort, 0)):
+    for moments, freed in ((g.pending, 0), (g.combine, mine), (g.recompute_combine, 0)):
         if moments.get(layer):  # (the un-sort's and the recompute's were written before these saves)
             moments[layer] += waits + made - freed
+    # (the un-sort's moment adds `pending`, which holds `waits`; the gradients are made before it)
     g.pending[layer] = g.pending.get(layer, 0) + cast - (made if g.pending.get(layer) else 0)
+    if g.unsort.get(layer):
+        g.unsort[layer] += made
     routed_peak = (3 * g.cond.tokens * spec.experts_per_token * spec.intermediate_size * wb
                    - (g.tails[-1] if g.tails else 0))
     routed_trains = f"{p}.mlp.experts" in g.trainable
