@@ -46,11 +46,11 @@ def walk_saves(case) -> list[tuple[int, str, str]]:
     activations.Graph.save = save
     try:
         spec = sliced(spec_from_hf_config(case.config, name=f"fuzz-{case.seed}"), case.layers)
-        predicted, phase, phases = _prediction(spec, case.setup, "cpu")
+        predicted, seen, phases, _ = _prediction(spec, case.setup, "cpu")
     finally:
         activations.Graph.save = original
         activations._profile.cache_clear()
-    return saves, predicted, phase, phases
+    return saves, predicted, seen.name, phases
 
 
 def traced_blocks(case, timeline: bool):

@@ -2013,6 +2013,35 @@ def mlp_backward_transients(spec: ModelSpec, cond: Conditions) -> tuple[int, ...
                  for i in range(spec.num_layers))
 
 
+def cpu_rng_state_bytes() -> int:
+    """Bytes of `torch.get_rng_state()`: the CPU generator's state copied into a uint8 tensor, the
+    size of ATen's `CPUGeneratorImplState` (aten/src/ATen/CPUGeneratorImpl.cpp). Formula, C layout
+    with 8-byte alignment: the legacy part (seed u64, left i32, seeded i32, next u64, the Mersenne
+    twister's 624 x u64 state, three doubles, an int) padded to 8, then a float and a bool, padded
+    to 8: 5,048 + 8 = 5,056."""
+    def padded(n: int) -> int:
+        return -(-n // 8) * 8
+
+    mersenne_state_n = 624  # at::MERSENNE_STATE_N (ATen/core/MT19937RNGEngine.h)
+    legacy = padded(8 + 4 + 4 + 8 + mersenne_state_n * 8 + 3 * 8 + 4)
+    return padded(legacy + 4 + 1)
+
+
+def checkpoint_rng_state_bytes(cond: Conditions) -> int:
+    """Bytes of the CPU RNG state one checkpointed layer keeps, when the planned device's memory holds
+    it: `cpu_rng_state_bytes()` on CPU under checkpointing, else 0.
+
+    torch/utils/checkpoint.py (`_checkpoint_without_reentrant_generator`, preserve_rng_state=True, the
+    default) calls `torch.get_rng_state()` as each checkpointed layer's forward starts; the state lives
+    in the layer's `_CheckpointFrame` (its `recompute_fn`'s closure) until the last node of the layer's
+    backward has run. Its recompute runs under `torch.random.fork_rng`, which copies the current state
+    once more for as long as the recompute runs (`timeline.checkpoint_rng_states` places both). Both
+    are CPU tensors made outside every op; a CUDA step's generator state (`get_device_states`) is a CPU
+    tensor too, so on a GPU none of them is device memory.
+    """
+    return cpu_rng_state_bytes() if cond.grad_checkpointing and cond.device == "cpu" else 0
+
+
 def checkpoint_masks_freed(spec: ModelSpec, cond: Conditions) -> tuple[int, ...]:
     """Per layer, the attention-mask bytes freed once that layer's checkpointed backward is done.
 
@@ -2270,6 +2299,8 @@ class Profile:
     # a trained final norm: its weight's product has used and freed what it saved by the backward's
     # peak inside the norm (`trained_norm_product_bytes`)
     final_norm_freed: int = 0
+    # checkpointing on CPU: the RNG state each checkpointed layer keeps (`checkpoint_rng_state_bytes`)
+    rng_state: int = 0
 
     @property
     def total(self) -> int:
@@ -2452,6 +2483,7 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
         recompute_combine=tuple(g.recompute_combine.get(f"layer {i}", 0) for i in range(spec.num_layers))
         if g.recompute_combine else (),
         checkpointed=cond.grad_checkpointing,
+        rng_state=checkpoint_rng_state_bytes(cond),
         offloaded=cond.activation_offload,
         # a chunked or fused loss counts the head's input alive through the loss itself (`head_and_loss`)
         final_hidden=0 if h.key in g.saved or cond.loss != "standard" else h.nbytes,

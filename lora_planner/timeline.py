@@ -38,6 +38,9 @@ optimizer has used them. On top of them each phase holds something else:
   moment its largest tensor of each part is stepped, that tensor's gradient and its optimizer's
   temporary beside what that part of the layer has not yet freed, and so do the head's and the
   embeddings' steps.
+- a step planned on CPU under checkpointing: the RNG state each checkpointed layer saved, alive until
+  its backward is done, and one more during a recompute (`checkpoint_rng_states`); made outside every
+  op, so an op-level tracer does not count them (`Phase.untraced`, `tracer_peak`).
 
 The largest of these is the allocator-level peak; the phase that sets it is reported. What the CUDA
 caching allocator and the CUDA context add on a real GPU is a separate, documented allowance
@@ -98,7 +101,8 @@ class Phase(NamedTuple):
 
     `layer`: the decoder layer the moment is inside (-1: none); `part`: "MLP" or "attention" for the
     backward through that part of the layer (FSDP2's buffers depend on it), "end" for the end of
-    backward, else empty.
+    backward, else empty. `untraced`: the part of `bytes` made outside every op (checkpointing's CPU
+    RNG states, `checkpoint_rng_states`), which an allocator counts and an op-level tracer cannot.
     """
 
     name: str
@@ -106,6 +110,7 @@ class Phase(NamedTuple):
     text: str
     layer: int = -1
     part: str = ""
+    untraced: int = 0
 
     @property
     def what(self) -> str:
@@ -266,7 +271,40 @@ def step_phases(states: States, prof: Profile, vocab: int, tokens: int) -> tuple
                         base + states.gradients + states.optimizer_temporary + leaf,
                         "weights + gradients + optimizer states (and any fp32 master weights) + "
                         f"{states.temporary_what}"))
-    return tuple(phases)
+    return checkpoint_rng_states(tuple(phases), prof.rng_state, n)
+
+
+def rng_states_live(phase: Phase, layers: int) -> int:
+    """How many of checkpointing's saved RNG states are alive at `phase`
+    (`activations.checkpoint_rng_state_bytes`): forward saves one per layer, kept until that layer's
+    backward is done, so every layer's through the forward's end and the backward above the layers,
+    layers 0..i's inside layer i's backward, and one more while layer i is recomputed (fork_rng's
+    copy of the current state); none once backward has finished."""
+    if phase.name == "optimizer" or phase.part == "end":
+        return 0
+    if phase.layer < 0:
+        return layers
+    return phase.layer + 1 + (phase.text == _RECOMPUTING)
+
+
+def checkpoint_rng_states(phases: tuple[Phase, ...], state: int, layers: int) -> tuple[Phase, ...]:
+    """Each moment with the checkpointed layers' CPU RNG states alive then (`rng_states_live` x
+    `state` bytes) added, as bytes made outside every op (`Phase.untraced`); unchanged when `state` is
+    0 (no checkpointing, or a GPU, where the states are not device memory)."""
+    if not state:
+        return phases
+    out = []
+    for p in phases:
+        count = rng_states_live(p, layers)
+        out.append(p._replace(bytes=p.bytes + count * state, untraced=count * state,
+                              text=f"{p.text} + checkpointing's saved CPU RNG states ({count} x "
+                                   f"{state:,} B)") if count else p)
+    return tuple(out)
+
+
+def tracer_peak(phases: tuple[Phase, ...]) -> Phase:
+    """The peak over what an op-level tracer counts: each moment less its `untraced` bytes."""
+    return max((p._replace(bytes=p.bytes - p.untraced, untraced=0) for p in phases), key=lambda p: p.bytes)
 
 
 def peak_phase(phases: tuple[Phase, ...]) -> Phase:

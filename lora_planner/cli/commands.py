@@ -370,12 +370,17 @@ def trace_command(model_name, method, rank, targets, precision, batch_size, seq_
 
     click.echo(_trace_header(spec, setup))
     errors = result.errors()
-    rows = [[k, f"{result.predicted[k]:,}", f"{result.traced[k]:,}",
+    rows = [[k, f"{result.predicted_seen[k]:,}", f"{result.traced[k]:,}",
              "-" if errors[k] is None else f"{errors[k]:+.2%}"] for k in errors]
     rows.append(_allocator_row(result))
     click.echo(tabulate(rows, headers=["bytes", "predicted", "traced", "error"],
                         colalign=("left", "right", "right", "right")))
     click.echo(f"peak set in: predicted {result.predicted_phase}, traced {result.traced_phase}")
+    if result.predicted_tracer_peak != result.predicted["peak"]:
+        # the plan counts bytes made outside every op (checkpointing's CPU RNG states): the
+        # allocator's row holds the whole; say where the plan's whole peak is and what it holds
+        click.echo(f"predicted peak with the bytes made outside every op: {result.predicted['peak']:,} B "
+                   f"({result.predicted_peak_what})")
     click.echo(_allocator_line(result.allocator, result.traced["peak"]))
 
 

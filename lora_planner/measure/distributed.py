@@ -68,16 +68,17 @@ def job_setup(strategy: str, world_size: int, method: str = "full", rank: int = 
 
 def predicted(spec, setup) -> dict:
     """The plan's per-GPU bytes for `setup` on the CPU: the per-GPU terms and the step's peak from
-    the same functions the plan uses (`sharding.step_phases_on_gpu` on a CPU step prediction),
-    plus torch's 4-byte AdamW step counter per trainable tensor, which lives in CPU memory. `shards`
-    are the whole-model terms divided as the sharding divides them (without run-time buffers)."""
+    the same functions the plan uses (`sharding.step_phases_on_gpu` on a CPU step prediction, its
+    peak over the terms the tracer counts: `timeline.tracer_peak`), plus torch's 4-byte AdamW step
+    counter per trainable tensor, which lives in CPU memory. `shards` are the whole-model terms
+    divided as the sharding divides them (without run-time buffers)."""
     from ..gpus import get_gpu
     from ..measure.traced_step import _trainable_tensors
     from ..plan import make_plan
     from ..precision import get_precision
     from ..sharding import sharding_of, step_phases_on_gpu
     from ..step import predict_step
-    from ..timeline import peak_phase
+    from ..timeline import tracer_peak
 
     gpu = get_gpu("h100")
     whole = make_plan(spec, (setup.with_(num_gpus=None, sharding="none"),), gpu).plans[0]
@@ -86,7 +87,7 @@ def predicted(spec, setup) -> dict:
     step = predict_step(spec, setup, precision, {k: t.bytes for k, t in whole.memory.items()}, device="cpu")
     sharding = sharding_of(setup.num_gpus, setup.sharding, setup.offload)
     phases = step_phases_on_gpu(step, per_gpu.data_parallel.per_gpu, sharding, spec, setup, precision)
-    top = peak_phase(phases)
+    top = tracer_peak(phases)  # the tracer's terms: not the CPU RNG states checkpointing keeps
     counters = 4 * _trainable_tensors(spec, setup)
     divisor = setup.num_gpus if setup.sharding == "fsdp" else 1
     memory = {k: t.bytes for k, t in per_gpu.memory.items()}

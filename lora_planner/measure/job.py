@@ -250,7 +250,8 @@ def predict(job: Job, spec: ModelSpec, gpu_name: str | None = None) -> dict:
     The plan is for a CUDA device. A CPU job is set beside the planner's CPU variant of the same
     step (what `lora-plan trace` compares with): torch keeps a dropout mask in the input's dtype
     there instead of one byte, falls back to the math attention kernel under dropout, and keeps
-    AdamW's step counters as tensors.
+    AdamW's step counters as tensors. A CPU job is read by the tracer, so its peak is the plan's over
+    the tracer's terms (without checkpointing's CPU RNG states, which no op makes).
     """
     from ..allowance import allowance
     from ..gpus import DEFAULT_GPU, get_gpu
@@ -262,7 +263,7 @@ def predict(job: Job, spec: ModelSpec, gpu_name: str | None = None) -> dict:
     if job.run.device == "cpu":
         from .traced_step import predicted_terms
 
-        on_cpu, phase = predicted_terms(spec, job.setup, "cpu")
+        on_cpu, phase = predicted_terms(spec, job.setup, "cpu", tracer=True)  # read by the tracer
         predicted |= {"optimizer_states": on_cpu["optimizer_states"] - predicted["master_weights"],
                       "activations": on_cpu["activations"], "peak": on_cpu["peak"], "peak_phase": phase}
     predicted["trainable_params"] = int(planned.trainable_params)

@@ -29,6 +29,8 @@ from ..spec import ModelSpec, TrainSetup, to_hf_config
 from ..stacks import resolve
 
 if TYPE_CHECKING:
+    from ..step import StepPrediction
+    from ..timeline import Phase
     from .allocator import AllocatorReading
 
 TRACEABLE_PRECISIONS = ("fp32", "amp", "pure-bf16")
@@ -47,12 +49,26 @@ class Comparison:
     traced_phases: dict[str, int] = field(default_factory=dict)
     # the allocator's own count of the traced step (`trace(..., allocator=True)`), else None
     allocator: AllocatorReading | None = None
+    # the plan's peak over the tracer's terms (`timeline.tracer_peak`), when it is not `predicted`'s:
+    # the tracer's phases and peak are held against it, the allocator's peak against the whole
+    predicted_tracer_peak: int | None = None
+    # the moment of the plan's whole peak, spelt out (`timeline.Phase.what`)
+    predicted_peak_what: str = ""
+
+    @property
+    def predicted_seen(self) -> dict[str, int]:
+        """`predicted` over the tracer's own terms: its peak without the bytes made outside every op
+        (`timeline.tracer_peak`), which the allocator's peak is held against instead."""
+        if self.predicted_tracer_peak is None:
+            return self.predicted
+        return {**self.predicted, "peak": self.predicted_tracer_peak}
 
     def errors(self) -> dict[str, float | None]:
-        """(predicted - traced) / traced per term and for the peak; None where nothing was traced."""
-        keys = (*TERMS, "peak")
-        return {k: (self.predicted[k] - self.traced[k]) / self.traced[k] if self.traced[k] else None
-                for k in keys}
+        """(predicted - traced) / traced per term and for the peak (`predicted_seen`); None where
+        nothing was traced."""
+        seen = self.predicted_seen
+        return {k: (seen[k] - self.traced[k]) / self.traced[k] if self.traced[k] else None
+                for k in (*TERMS, "peak")}
 
     def to_dict(self) -> dict:
         """The comparison; with an allocator reading, its keys too (`allocator_peak`, ...)."""
@@ -60,6 +76,8 @@ class Comparison:
                "peak_phase": {"predicted": self.predicted_phase, "traced": self.traced_phase},
                "phase_peaks": {"predicted": self.predicted_phases, "traced": self.traced_phases},
                "relative_error": self.errors()}
+        if self.predicted_tracer_peak is not None and self.predicted_tracer_peak != self.predicted["peak"]:
+            out["predicted_tracer_peak"] = self.predicted_tracer_peak
         if self.allocator is not None:
             out.update(self.allocator.to_dict(self.traced["peak"]))
         return out
@@ -104,15 +122,20 @@ def _check(setup: TrainSetup) -> None:
                         "standard or chunked on CPU")
 
 
-def predicted_terms(spec: ModelSpec, setup: TrainSetup, device: str = "cpu") -> tuple[dict[str, int], str]:
-    """The planner's figures for the traced step, on the device the trace runs on."""
-    predicted, phase, _ = _prediction(spec, setup, device)
-    return predicted, phase
+def predicted_terms(spec: ModelSpec, setup: TrainSetup, device: str = "cpu",
+                    tracer: bool = False) -> tuple[dict[str, int], str]:
+    """The planner's figures for the traced step, on the device the trace runs on, and the phase of
+    its peak: the whole peak, or with `tracer` the peak over the terms the tracer counts
+    (`timeline.tracer_peak`), for a step the tracer reads."""
+    predicted, seen, _, whole = _prediction(spec, setup, device)
+    if tracer:
+        return {**predicted, "peak": seen.bytes}, seen.name
+    return predicted, whole.name
 
 
-def _prediction(spec: ModelSpec, setup: TrainSetup,
-                device: str) -> tuple[dict[str, int], str, dict[str, int]]:
-    """`predicted_terms`, and the most bytes the plan has live within each phase."""
+def predicted_step(spec: ModelSpec, setup: TrainSetup,
+                   device: str = "cpu") -> tuple[dict[str, int], StepPrediction]:
+    """The plan's model-state bytes and step for the traced step on `device`."""
     from ..precision import get_precision
     from ..step import predict_step
 
@@ -124,7 +147,20 @@ def _prediction(spec: ModelSpec, setup: TrainSetup,
         # foreach and for-loop AdamW keep the step counter as a 4-byte tensor per parameter tensor
         # in CPU memory (fused keeps it on the device, and the plan counts it already)
         memory["optimizer_states"] += 4 * _trainable_tensors(spec, setup)
-    step = predict_step(spec, setup, precision, memory, device)
+    return memory, predict_step(spec, setup, precision, memory, device)
+
+
+def _prediction(spec: ModelSpec, setup: TrainSetup,
+                device: str) -> tuple[dict[str, int], Phase, dict[str, int], Phase]:
+    """`predicted_terms`' figures (the whole peak's bytes), the moment of the plan's peak over the
+    terms the tracer counts, the most bytes of those the plan has live within each phase, and the
+    moment of the whole peak."""
+    from ..timeline import tracer_peak
+
+    memory, step = predicted_step(spec, setup, device)
+    # the tracer sees ops' tensors only: its peak is held against the plan's over the same terms,
+    # without what the plan counts made outside every op (`timeline.tracer_peak`)
+    seen = tracer_peak(step.phases)
     predicted = {
         "weights": memory["weights"],
         "gradients": memory["gradients"],
@@ -134,8 +170,8 @@ def _prediction(spec: ModelSpec, setup: TrainSetup,
     }
     phases: dict[str, int] = {}
     for p in step.phases:
-        phases[p.name] = max(phases.get(p.name, 0), p.bytes)
-    return predicted, step.peak.name, phases
+        phases[p.name] = max(phases.get(p.name, 0), p.bytes - p.untraced)
+    return predicted, seen, phases, step.peak
 
 
 def _trainable_tensors(spec: ModelSpec, setup: TrainSetup) -> int:
@@ -176,7 +212,7 @@ def trace(spec: ModelSpec, setup: TrainSetup, *, fake: bool = False, seed: int =
     from .step import enable_checkpointing, step_loss, train_step
     from .tracer import MemoryTracer
 
-    predicted, predicted_phase, predicted_phases = _prediction(spec, setup, "cpu")
+    predicted, seen, predicted_phases, whole = _prediction(spec, setup, "cpu")
     config = AutoConfig.for_model(**(to_hf_config(spec) if hf_config is None else hf_config))
     config.use_cache = False
     config._attn_implementation = setup.attention
@@ -242,8 +278,8 @@ def trace(spec: ModelSpec, setup: TrainSetup, *, fake: bool = False, seed: int =
         "activations": report.terms["activations"],
         "peak": report.peak_bytes,
     }
-    return Comparison(predicted, traced, predicted_phase, report.peak_phase, predicted_phases,
-                      dict(report.phase_peaks), reading)
+    return Comparison(predicted, traced, seen.name, report.peak_phase, predicted_phases,
+                      dict(report.phase_peaks), reading, seen.bytes, whole.what)
 
 
 class StepInBackward:
