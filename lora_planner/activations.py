@@ -29,6 +29,8 @@ import functools
 import itertools
 from dataclasses import dataclass, field, replace
 
+from .architecture import router_path
+from .counts import gate_up_rank_factor
 from .errors import PlanError
 from .spec import GEMMA_FAMILIES, QWEN_WINDOWS, ModelSpec
 
@@ -744,6 +746,101 @@ class Graph:
                 masked, v_kept, out_full=vfull))
         return out
 
+    def sink_attention(self, q: Tensor, k: Tensor, v: Tensor, heads: int, kv_heads: int, head_dim: int,
+                       attn_dropout: float, sinks_train: bool) -> Tensor:
+        """GPT-OSS's `eager_attention_forward`, op by op: k and v repeated to every head (`repeat_kv`:
+        copies from several k/v heads, an expanded view of one), the scores q @ k^T scaled and
+        masked, each head's sink logit concatenated as one more column (b, heads, s, s + 1), the
+        row maxima subtracted (max keeps its int64 indices), softmax in that dtype (it keeps its
+        output), the sink column dropped (a view), dropout, the cast to v's dtype (a copy under
+        autocast, where v is 16-bit and the scores fp32 through the mask), then probs @ v and its
+        transposed contiguous copy. Returns the (b, s, heads * head_dim) output.
+
+        q and k come from the rotary embedding's concatenation, (b, heads, s, d)-contiguous: the score
+        matmul reads them as views. Under autocast both matmuls keep 16-bit copies of their operands.
+        The softmax's inputs are promoted by the additive mask (the embeddings' dtype) and by the
+        sinks (the weights' dtype). Source: transformers 5 `models/gpt_oss/modeling_gpt_oss.py`.
+        """
+        b, s = self.cond.batch_size, self.cond.seq_len
+        auto = self.cond.autocast
+        grad = q.grad or k.grad or v.grad
+        self.attention_without_grad += not grad
+        self.attn_weights, self.attn_internal = None, 0
+        full, scores_n, probs_n = b * heads * s * head_dim, b * heads * s * s, b * heads * s * (s + 1)
+        q0, k0, v0 = q, k, v
+
+        kr, vr, qo, ko = self.sink_operands(q, k, v, heads, kv_heads, full)
+        if ko.grad:
+            self.save(qo)
+        if qo.grad:
+            self.save(ko)
+        cb = qo.itemsize if auto else max(q.itemsize, k.itemsize)
+        mask_bytes = FP32 if auto else self.cond.weight_bytes
+        ldt = max(cb, mask_bytes, self.cond.weight_bytes)  # the scores with the mask and the sinks
+        logits_grad = qo.grad or ko.grad or sinks_train
+        live = [t for t in (q0, k0, v0, kr, vr) if t.key not in self.saved]
+        masked = scores_n * max(cb, mask_bytes)
+        self.moment(*live, extra=scores_n * (2 * cb))  # the matmul's output and its scaled copy
+        self.moment(*live, extra=scores_n * cb + masked)  # the mask's sum
+        # the shifted logits: the concatenation, its row maxima and their difference, beside the
+        # masked scores (bound as `attn_weights` until the probabilities replace them)
+        self.moment(*live, extra=masked + 2 * probs_n * ldt + b * heads * s * ldt)
+        if logits_grad:
+            self.save(self.new(b * heads * s, INT64, False))  # max's indices
+        p = self.new(probs_n, ldt, logits_grad)
+        if p.grad:
+            self.save(p)  # softmax keeps its output
+        self.attn_tail_start()
+        # the shifted logits (`combined_logits`) stay bound until the function returns
+        shifted = self.new(probs_n, ldt, False)
+        live.append(shifted)
+        self.moment(*live, p, extra=masked)  # softmax
+        # the sink column dropped: a view of the probabilities (b, heads, s, s), strided rows
+        view = Tensor(scores_n, ldt, p.grad, p.key)
+        dropped = self.dropout_op(view, attn_dropout)
+        if dropped is view:
+            dropped = p  # no copy: the view keeps the softmax's output
+        else:
+            self.moment(*live, p, dropped, extra=masked)
+        w = self.cast(dropped, v.itemsize) if dropped.itemsize != v.itemsize else dropped
+        if w is not dropped:
+            w = self.new(scores_n, v.itemsize, dropped.grad)
+            self.moment(*live, p, dropped, w, extra=masked)
+        self.attn_weights = w  # returned beside the output, alive until the module returns
+        wo = self.cast(w, 2) if auto and w.itemsize != 2 else w
+        vo = self.cast(vr, 2) if auto else vr
+        if vo is v0 and b > 1 and heads > 1:
+            vo = self.new(full, v.itemsize, v.grad)  # v's strided layout (or expanded view): bmm copies it
+        if vo.grad:
+            self.save(wo)
+        if wo.grad:
+            self.save(vo)
+        ob = max(wo.itemsize, vo.itemsize)
+        out = self.new(full, ob, grad)
+        self.moment(*live, w, extra=2 * full * ob)
+        self.attn_internal = full * ob + shifted.nbytes
+        self.peak_at(self.unsaved(*self.args, w, kr, vr, shifted) + 2 * full * ob)
+        return out
+
+    def sink_operands(self, q: Tensor, k: Tensor, v: Tensor, heads: int, kv_heads: int,
+                      full: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """GPT-OSS's eager attention's k and v repeated to every head (`repeat_kv`: a copy from several
+        k/v heads, an expanded view of one), and the score matmul's operands: autocast's 16-bit copies
+        (at every head), else q and the repeated k themselves (contiguous), but for one k/v head over
+        several sequences, whose expanded view bmm copies. Returns (k, v repeated, q and k operands)."""
+        auto, b = self.cond.autocast, self.cond.batch_size
+
+        def repeated(t: Tensor) -> Tensor:
+            return self.new(full, t.itemsize, t.grad) if 1 < kv_heads < heads else t
+
+        kr, vr = repeated(k), repeated(v)
+        qo = self.cast(q, 2) if auto else q
+        if auto:
+            ko = self.new(full, 2, k.grad) if kv_heads < heads and k.itemsize != 2 else self.cast(kr, 2)
+        else:
+            ko = self.new(full, k.itemsize, k.grad) if kv_heads == 1 < heads and b > 1 else kr
+        return kr, vr, qo, ko
+
     def eager_moments(self, inputs: tuple[Tensor, Tensor, Tensor], operands: tuple[Tensor, Tensor, Tensor],
                       p: Tensor, pw: Tensor, attn_dropout: float, heads: int, kv_heads: int,
                       head_dim: int) -> tuple[Tensor, tuple[Tensor, ...]]:
@@ -894,7 +991,7 @@ class Graph:
         self.moment(*live, dropped, extra=mask + out * FP32 + cast)
 
     def rope(self, x: Tensor, cos: Tensor, sin: Tensor, alive: tuple[Tensor, ...] = (),
-             cast_back: bool = False, interleaved: bool = False) -> Tensor:
+             cast_back: bool = False, halves: bool = False, interleaved: bool = False) -> Tensor:
         """x * cos + rotate_half(x) * sin: the products keep cos and sin (shared by all layers).
 
         A forward moment at the second product: x * cos, rotate_half(x) and its product with sin
@@ -903,6 +1000,9 @@ class Graph:
         reaches the same moment: under autocast x is 16-bit and cos fp32, so the three fp32 products
         are six times a 16-bit q and can set a checkpointed step's peak.
         `cast_back`: the sum is cast back to x's dtype (OLMo 2's fp32 cos and sin), a copy when wider.
+        `halves`: GPT-OSS's form, x's two halves each times cos and sin (head_dim / 2 wide), the
+        rotated halves concatenated: at most four half-size products, or both rotated halves and
+        their concatenation, alive at once (2 x the output); the output is (b, heads, s, d)-contiguous.
         `interleaved`: DeepSeek's rotation of the even and odd elements (`rope_interleave`): each half
         of the result is a difference or sum of two half-sized products, the first half alive beside
         the second's two products and their sum, then both halves beside their concatenation: twice
@@ -911,9 +1011,9 @@ class Graph:
         if x.grad:
             self.save(cos, sin)
         out = self.new(x.numel, max(x.itemsize, cos.itemsize), x.grad)
-        products = (2 if interleaved else 3) * out.nbytes
-        self.moment(*alive, extra=products)
-        self.peak_at(self.unsaved(*self.args, *alive) + products)
+        temps = (2 if halves or interleaved else 3) * out.nbytes
+        self.moment(*alive, extra=temps)
+        self.peak_at(self.unsaved(*self.args, *alive) + temps)
         if cast_back and out.itemsize != x.itemsize:
             back = self.cast(out, x.itemsize)
             self.moment(*alive, out, back)
@@ -1095,7 +1195,8 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
     # OLMo 2 normalises only each block's output: attention and the MLP read the residual stream
     post_only = spec.norm_placement == "post"
     post_norms = spec.norm_placement in ("sandwich", "post")
-    h = x if post_only else g.rms_norm(x, f"{p}.input_layernorm", H, gemma)
+    product = fp32_norm_product(spec)
+    h = x if post_only else g.rms_norm(x, f"{p}.input_layernorm", H, gemma, fp32_product=product)
     g.hold(h)  # the attention's input, until it returns
     g.args, g.attn_weights = (h,), None  # the attention's input, bound by the decoder layer
     if spec.family == "phi3":
@@ -1132,23 +1233,31 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
     # the module holds its projections while rope runs (Phi-3's q and k are slices of `v`'s output)
     sliced = spec.family == "phi3"
     # rope's caller still binds the projected q while k is rotated
-    back = fp32_rotary(spec)
+    back, halves = fp32_rotary(spec), rotary_halves(spec)
     if concatenated_rope(spec):
         q, k = partial_rope(g, spec, q, k, v, rot)
     elif spec.rotary_layer(i) and not spec.kv_lora_rank:  # (latent attention rotates its own part)
         # SmolLM3's NoPE layers attend with q and k as projected
-        q_projected, q = q, g.rope(q, *rot, alive=(v,) if sliced else (q, k, v), cast_back=back)
-        k = g.rope(k, *rot, alive=(q, v) if sliced else (q_projected, q, k, v), cast_back=back)
+        q_projected, q = q, g.rope(q, *rot, alive=(v,) if sliced else (q, k, v), cast_back=back,
+                                   halves=halves)
+        k = g.rope(k, *rot, alive=(q, v) if sliced else (q_projected, q, k, v), cast_back=back,
+                   halves=halves)
     if not spec.kv_lora_rank:
         g.args = attention_locals(h, q, k, v)
     masked = g.cond.attention == "sdpa" and (g.cond.packed or (
         spec.sliding_layer(i) and g.cond.seq_len >= (spec.sliding_window or 0)))
-    # Phi-3's rotary concatenation and latent attention's make q (b, heads, s, d)-contiguous; each's
-    # v is a slice of a fused output (qkv_proj's, kv_b_proj's). A partial rotary concatenates too.
-    fused = spec.family == "phi3" or bool(spec.kv_lora_rank)
-    a = g.attention(q, k, v, nh, nkv, hd, g.rates[0], softcap=gemma and spec.attn_softcap,
-                    contiguous_q=fused or concatenated_rope(spec), fused=v if fused else None,
-                    masked=masked, value_dim=spec.v_head_dim, contiguous_k=bool(spec.kv_lora_rank))
+    if spec.attention_sinks and g.cond.attention == "eager":
+        a = g.sink_attention(q, k, v, nh, nkv, hd, g.rates[0], f"{p}.self_attn" in g.trainable)
+    else:
+        # (GPT-OSS under sdpa: a fused kernel that takes the sinks, vllm-flash-attn3's, kept as
+        # flash attention's q, k, v, output and log-sum-exp.) Phi-3's rotary concatenation, GPT-OSS's
+        # halves and latent attention's make q (b, heads, s, d)-contiguous; Phi-3's and latent
+        # attention's v is a slice of a fused output (qkv_proj's, kv_b_proj's). A partial rotary
+        # concatenates too.
+        fused = spec.family == "phi3" or bool(spec.kv_lora_rank)
+        a = g.attention(q, k, v, nh, nkv, hd, g.rates[0], softcap=gemma and spec.attn_softcap,
+                        contiguous_q=fused or halves or concatenated_rope(spec), fused=v if fused else None,
+                        masked=masked, value_dim=spec.v_head_dim, contiguous_k=bool(spec.kv_lora_rank))
     # the attention modules of Llama's form (OLMo 2's too); the MLP of Llama's form is the layer's
     # last op only with the norms before the blocks (`dense`)
     llama_attention = spec.family in ("llama", "mistral", "qwen2", "qwen3", "olmo2", "smollm3", "deepseek_v3",
@@ -1189,7 +1298,8 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
     g.attn_tail_end()
     g.section += " mlp"
     h = x if post_only else g.rms_norm(
-        x, f"{p}.pre_feedforward_layernorm" if gemma else f"{p}.post_attention_layernorm", H, gemma)
+        x, f"{p}.pre_feedforward_layernorm" if gemma else f"{p}.post_attention_layernorm", H, gemma,
+        fp32_product=product)
     if x.grad and not post_only:
         norm = f"{p}.pre_feedforward_layernorm" if gemma else f"{p}.post_attention_layernorm"
         g.mlp_norm_backward[f"layer {i}"] = pre_mlp_norm_backward(
@@ -1391,8 +1501,22 @@ def fp32_rotary(spec: ModelSpec) -> bool:
 
 def fp32_norm_product(spec: ModelSpec) -> bool:
     """Whether the family's RMSNorm multiplies by its weight in fp32 and then casts back (OLMo 2's
-    `(self.weight * hidden_states).to(input_dtype)`), rather than casting back first (Llama's)."""
-    return spec.family == "olmo2"
+    and GPT-OSS's `(self.weight * hidden_states).to(input_dtype)`), rather than casting back first
+    (Llama's)."""
+    return spec.family in ("olmo2", "gpt_oss")
+
+
+def rotary_halves(spec: ModelSpec) -> bool:
+    """Whether the rotary embedding rotates q's and k's two halves by cos and sin of head_dim / 2
+    and concatenates them (GPT-OSS's `_apply_rotary_emb`), rather than x * cos + rotate_half(x) * sin
+    with cos and sin of head_dim (Llama's). Source: transformers 5 `GptOssRotaryEmbedding`."""
+    return spec.family == "gpt_oss"
+
+
+def rotary_width(spec: ModelSpec) -> int:
+    """Elements per position of the rotary cos (and of sin): head_dim, GPT-OSS's head_dim / 2, the
+    rotating part of a head where only part rotates (`ModelSpec.rotary_dim`)."""
+    return spec.head_dim // 2 if rotary_halves(spec) else spec.rotary_dim
 
 
 def eager_output_transient(g: Graph, k: Tensor, kv_heads: int, heads: int, full: int, out: int) -> int:
@@ -1481,7 +1605,8 @@ def _moe(g: Graph, spec: ModelSpec, p: str, h: Tensor) -> Tensor:
     H, inter, E, k = spec.hidden_size, spec.intermediate_size, spec.num_experts, spec.experts_per_token
     t = g.cond.tokens
     rows = t * k
-    logits = route(g, spec, f"{p}.mlp.gate", h)
+    logits = route(g, spec, router_path(spec, p), h)
+    rw = routing_weight_bytes(spec, logits.itemsize)
     full = f"{p}.mlp.experts" in g.trainable
     up_rank, down_rank = (g.wrapped.get(f"{p}.mlp.experts.{leaf}", 0)
                           for leaf in ("gate_up_proj", "down_proj"))
@@ -1492,13 +1617,14 @@ def _moe(g: Graph, spec: ModelSpec, p: str, h: Tensor) -> Tensor:
     if not (down_grad or logits.grad):
         return g.new(t * H, h.itemsize, False)
     xb, wb = h.itemsize, g.cond.weight_bytes
-    rw = routing_weight_bytes(spec, logits.itemsize)
     cw = max(xb, rw)  # the weighted rows, their un-sorted copy and their sum
     if h.grad:
         g.save(g.new(rows, INT64, False))  # perm // k, the gather's index
     if logits.grad:
         g.save(g.new(rows, INT64, False))  # perm, the routing weights' gather
     g.save(g.new(rows, INT64, False))  # the inverse permutation
+    if full and spec.mlp_bias:
+        g.save(g.new(rows, INT64, False))  # the sorted expert ids, the expert biases' gather index
     if up_grad or down_trains:
         g.save(g.new(E, 4, False))  # the offsets, int32
     if down_grad:
@@ -1508,22 +1634,30 @@ def _moe(g: Graph, spec: ModelSpec, p: str, h: Tensor) -> Tensor:
     if up_lora and h.grad:
         g.save(g.new(E * 2 * inter * H, wb, True))  # the merged gate/up weight
     if up_grad:
-        g.save(g.new(rows * 2 * inter, xb, True), g.new(rows * inter, xb, True))
+        g.save(*(g.new(n, xb, True) for n in gate_saved_numels(spec, rows)))
     if down_trains:
         g.save(g.new(rows * inter, xb, True))  # the down projection's input
     if down_lora and up_grad:
         g.save(g.new(E * H * inter, wb, True))  # the merged down weight
     if logits.grad:
         g.save(g.new(rows * H, xb, True))  # the down output
-    local = (moe_locals(t, rows, E, 0 if h.key in g.saved else h.nbytes, logits.itemsize, rw)
+    # (GPT-OSS's k-wide routing weights are softmax's output, saved when the logits need a gradient)
+    bound = 0 if spec.routing == "topk-softmax" and logits.grad else rw
+    local = (moe_locals(t, rows, E, 0 if h.key in g.saved else h.nbytes, logits.itemsize, bound)
              + g.unsaved(*(a for a in g.args if a.key != h.key)))
     # PEFT's merged expert weights no matmul saved stay cached until the experts return
     cached = merged_weights_cached(E, H, inter, wb, up_lora and not h.grad, down_lora and not up_grad)
-    g.peak_at(moe_down_transient(rows, H, inter, xb, up_trains, down_trains) + local + cached)
+    forward_local = moe_locals(t, rows, E, 0, logits.itemsize, bound) + cached
+    if spec.expert_gate == "clamped-swiglu":
+        swiglu_block_moments(g, spec, rows, xb, (up_trains, up_grad, down_trains, full, logits.grad),
+                             (up_lora and not h.grad, down_lora and up_grad), (local, forward_local, cached))
+    # GPT-OSS's down biases, gathered per row, are bound from the down projection to the block's end
+    down_bias = rows * H * wb if spec.mlp_bias else 0
+    g.peak_at(moe_down_transient(rows, H, inter, xb, up_trains, down_trains) + down_bias + local + cached)
     # the whole forward's moments in the block (its input is among the block's arguments)
-    g.moment(extra=moe_locals(t, rows, E, 0, logits.itemsize, rw) + cached + moe_forward_transient(
+    g.moment(extra=forward_local + down_bias + moe_forward_transient(
         t, rows, H, inter, xb, up_trains, up_grad, down_grad, logits.grad, rw))
-    g.peak_at(moe_end_transient(rows, H, xb, up_trains, cw) + local + cached)
+    g.peak_at(moe_end_transient(rows, H, xb, up_trains, cw) + down_bias + local + cached)
     # a checkpointed block's first backward op, the un-sort's, holds the recomputed saved set, its
     # incoming gradient (`pending`), a zeroed (rows x hidden) buffer and its scattered copy; the
     # recompute's locals are gone by then, the sorted expert ids with them. The rows were weighted by
@@ -1552,8 +1686,8 @@ def _moe(g: Graph, spec: ModelSpec, p: str, h: Tensor) -> Tensor:
     g.tails.append(tail + used_up)
     if full:
         # the gate/up grouped matmul's backward: its gradient and the gathered rows' (rows x hidden)
-        # beside the gate/up output's gradient; the gate/up output and the activation are used up
-        g.up_backward[layer] = (rows * 3 * inter * xb, rows * (2 * inter + H) * xb)
+        # beside the gate/up output's gradient; what the gate kept is used up
+        g.up_backward[layer] = (sum(gate_saved_numels(spec, rows)) * xb, rows * (2 * inter + H) * xb)
     merged = merged_weight_backward(spec, rows, xb, wb, up_rank, down_rank, h.grad, up_grad, down_trains,
                                     logits.grad, rw)
     # the combine's backward comes before the down projection's: what that keeps under LoRA (its input,
@@ -1576,15 +1710,11 @@ def _moe(g: Graph, spec: ModelSpec, p: str, h: Tensor) -> Tensor:
 
 
 def route(g: Graph, spec: ModelSpec, router: str, h: Tensor) -> Tensor:
-    """The sparse block's router, what it saves, and its logits (whose dtype the routing weights take,
-    `routing_weight_bytes`). Softmax (Mixtral, Qwen3-MoE): the linear router, its fp32 softmax, the
-    top-k indices, with `norm_topk` the normaliser and the quotient (fp32). Sigmoid (DeepSeek-V3):
-    the input cast to fp32 (a copy of a 16-bit one) through the fp32 router weight (autocast still
-    runs it in 16 bits), the sigmoid's output, the gather's indices of the chosen scores, with
-    `norm_topk` the normaliser and the quotient, in the logits' dtype; the choice itself (the
-    correction bias, the group scores and masks, the top-k) keeps nothing, and the scaling by
-    `routed_scaling` multiplies by a number. Source: transformers 5 `MixtralTopKRouter`,
-    `Qwen3MoeTopKRouter`, `DeepseekV3TopkRouter`; rows = tokens x top-k."""
+    """The sparse block's router and its logits (whose dtype the routing weights take,
+    `routing_weight_bytes`), with what it saves (`router_saves`). A sigmoid router (DeepSeek-V3,
+    GLM-4-MoE) casts its input to fp32 (a copy of a 16-bit one) for its fp32 weight (autocast still
+    runs it in 16 bits; a LoRA-merged weight is fp32 too). Source: transformers 5
+    `DeepseekV3TopkRouter`."""
     H, E, t = spec.hidden_size, spec.num_experts, g.cond.tokens
     rows = t * spec.experts_per_token
     sigmoid = spec.router == "sigmoid"
@@ -1593,10 +1723,7 @@ def route(g: Graph, spec: ModelSpec, router: str, h: Tensor) -> Tensor:
     logits = (g.merged_linear(h, router, H, E, FP32 if sigmoid else 0) if router in g.wrapped
               else g.linear(h, router, H, E))
     if logits.grad:
-        scores = logits.itemsize if sigmoid else FP32
-        g.save(g.new(t * E, scores, True), g.new(rows, INT64, False))  # the scores, the chosen indices
-        if spec.norm_topk:
-            g.save(g.new(t, scores, False), g.new(rows, scores, True))  # the normaliser, the quotient
+        g.save(*router_saves(g, spec, t, rows, routing_weight_bytes(spec, logits.itemsize)))
     return logits
 
 
@@ -1699,13 +1826,13 @@ def merged_weight_backward(spec: ModelSpec, rows: int, xb: int, wb: int, up_rank
       weight and the input the matmul saved are freed by then, the input's gradient is not.
 
     Down projection: incoming rows x H, input rows x inter (its gradient only when the gate/up side
-    needs one). Gate/up (rank 2r, PEFT fuses two projections): incoming rows x 2 inter, input rows x
-    H (its gradient when the hidden states need one); by then the activation's backward has freed
-    the gate/up output and the activation it saved, the down projection its input and its merged
-    weight, and the down projection's LoRA gradients exist: the timeline counts them with
-    the MLP's output projection's, before the MLP's peak, so the down projection's own moments take
-    them off. The largest (0 with neither wrapped); the timeline takes the
-    larger of this and the MLP's own transient (`layer_backward_transients`).
+    needs one). Gate/up (rank 2r where PEFT fuses two projections, r for GPT-OSS): incoming rows x 2
+    inter, input rows x H (its gradient when the hidden states need one); by then the activation's
+    backward has freed the gate/up output and the activation it saved, the down projection its input and
+    its merged weight, and the down projection's LoRA gradients exist: the timeline counts them with the
+    MLP's output projection's, before the MLP's peak, so the down projection's own moments take them
+    off. The largest (0 with neither wrapped); the timeline takes the larger of this and the MLP's own
+    transient (`layer_backward_transients`).
     """
     H, inter, E = spec.hidden_size, spec.intermediate_size, spec.num_experts
     combined = rows * INT64 + rows * routing_bytes + (rows * H * xb if routing_grad else 0)
@@ -1718,7 +1845,8 @@ def merged_weight_backward(spec: ModelSpec, rows: int, xb: int, wb: int, up_rank
         freed_d = (E * H * inter * wb if up_grad else 0) + (rows * inter * xb if down_saves_input else 0)
         moments.append(weight_grad + input_grad_d + making - combined - down_grads - freed_d)
     if up_rank:
-        making, _ = expert_lora_gradients(E, 2 * inter, H, 2 * up_rank, wb)
+        # (rank 2r where PEFT fuses two v4 linears into it, r where it is targeted by name: GPT-OSS)
+        making, _ = expert_lora_gradients(E, 2 * inter, H, gate_up_rank_factor(spec) * up_rank, wb)
         freed = (rows * 2 * inter * xb + rows * inter * xb + (rows * inter * xb if down_saves_input else 0)
                  + (E * H * inter * wb if down_rank and up_grad else 0))
         weight_grad, input_grad_u = E * 2 * inter * H * wb, (rows * H * xb if input_grad else 0)
@@ -1858,6 +1986,82 @@ def moe_locals(tokens: int, rows: int, experts: int, block_input: int, logits_it
     `routing_bytes`: the routing weights' dtype as the block binds them (`routing_weight_bytes`).
     """
     return block_input + tokens * experts * logits_itemsize + rows * routing_bytes + rows * 4 + experts * 4
+
+
+def swiglu_block_moments(g: Graph, spec: ModelSpec, rows: int, xb: int, flags: tuple[bool, ...],
+                         merged: tuple[bool, bool], held: tuple[int, int, int]) -> None:
+    """GPT-OSS's expert block's two moments of its own (`expert_gate_moments`), as a recompute and the
+    forward reach them. `flags`: the gate/up weights train, the gate/up output needs a gradient, the
+    down weights train, the experts train in full, the router's logits need a gradient; `merged`:
+    PEFT's merged gate/up weight unsaved, its merged down weight saved; `held`: the block's locals
+    beside a recompute, beside the forward, and PEFT's merged weights cached (`_moe`). What the
+    block saves later is taken off: the inverse permutation, the down output and, at the gate, the
+    merged down weight; of the merged weights only the gate/up one exists at the gate."""
+    H, inter, E, wb = spec.hidden_size, spec.intermediate_size, spec.num_experts, g.cond.weight_bytes
+    up_trains, up_grad, down_trains, full, routing_grad = flags
+    local, forward_local, cached = held
+    gate, down = expert_gate_moments(spec, rows, xb, wb, up_trains, up_grad, down_trains, full, routing_grad)
+    later = rows * INT64 + (rows * H * xb if routing_grad else 0)
+    gate -= later + (E * H * inter * wb if merged[1] else 0)
+    merged_up = merged_weights_cached(E, H, inter, wb, merged[0], False)
+    g.peak_at(gate + local + merged_up)
+    g.moment(extra=gate + forward_local - cached + merged_up)
+    g.peak_at(down - later + local + cached)
+    g.moment(extra=down - later + forward_local)
+
+
+def expert_gate_moments(spec: ModelSpec, rows: int, xb: int, wb: int, up_trains: bool, up_grad: bool,
+                        down_trains: bool, full: bool, routing_grad: bool) -> tuple[int, int]:
+    """What GPT-OSS's expert block holds beyond the saved tensors and `moe_locals` at two moments:
+    the clamped SwiGLU's last op, (up + 1) * glu, and the gather of the down biases per row, when
+    the gate/up ones are still bound.
+
+    Both: the gathered input rows (a local, saved when the gate/up weights train), the gate/up biases
+    gathered per row (rows x 2 inter, the weights' dtype), the sorted expert ids (rows int64; saved
+    when the biases train) and, without a routing gradient, the router's top-k indices and the
+    sort's permutation (rows int64 each, saved otherwise). At the gate, of its intermediates those
+    not saved: with a gradient, the clamped up; without, the gate/up output, both clamps, glu and
+    up + 1 (6 x rows x inter); and the product unless the down weights train. At the down biases:
+    those too (rows x hidden), and the product when nothing saved it. Source: transformers 5
+    `GptOssExperts._apply_gate`, `grouped_mm_experts_forward`.
+    """
+    H, inter = spec.hidden_size, spec.intermediate_size
+    ids = (0 if full and spec.mlp_bias else rows * INT64) + (0 if routing_grad else 2 * rows * INT64)
+    bound = (0 if up_trains else rows * H * xb) + rows * 2 * inter * wb + ids
+    product = 0 if down_trains else rows * inter * xb
+    gate = (1 if up_grad else 6) * rows * inter * xb + product
+    return bound + gate, bound + rows * H * wb + product
+
+
+def router_saves(g: Graph, spec: ModelSpec, tokens: int, rows: int, routing_bytes: int) -> tuple[Tensor, ...]:
+    """What the router keeps when its logits need a gradient. Softmax then top-k (Mixtral,
+    Qwen3-MoE): the fp32 softmax over every expert (tokens x experts) and top-k's indices, then with
+    `norm_topk` the normaliser and the quotient. Top-k then softmax (GPT-OSS): top-k's indices and
+    the softmax over the k selected logits (rows, in the logits' dtype). Rows = tokens x top-k.
+    Source: transformers 5 `MixtralTopKRouter`, `Qwen3MoeTopKRouter`, `GptOssTopKRouter`."""
+    if spec.routing == "topk-softmax":
+        return g.new(rows, INT64, False), g.new(rows, routing_bytes, True)
+    # a sigmoid router (DeepSeek-V3, GLM-4-MoE) keeps its scores and the gather's indices of the
+    # chosen ones, and with `norm_topk` the normaliser and the quotient, in the logits' dtype; the
+    # choice itself (correction bias, group scores and masks, top-k) keeps nothing
+    scores = routing_bytes if spec.router == "sigmoid" else FP32
+    kept = (g.new(tokens * spec.num_experts, scores, True), g.new(rows, INT64, False))
+    if spec.norm_topk:
+        kept += (g.new(tokens, scores, False), g.new(rows, scores, True))
+    return kept
+
+
+def gate_saved_numels(spec: ModelSpec, rows: int) -> tuple[int, ...]:
+    """Elements of each tensor the experts' gate keeps when the gate/up output needs a gradient
+    (rows = tokens x top-k). silu(gate) * up: the gate/up output (silu and the product keep its halves,
+    views of it) and silu's output, rows x 2 inter and rows x inter. GPT-OSS's clamped SwiGLU: the
+    gate/up output (both clamps keep views of it), the clamped gate, sigmoid's output, gate x sigmoid
+    and up + 1, four rows x inter. Source: transformers 5 `_default_apply_gate`,
+    `GptOssExperts._apply_gate`."""
+    inter = spec.intermediate_size
+    if spec.expert_gate == "clamped-swiglu":
+        return (rows * 2 * inter, *(rows * inter,) * 4)
+    return rows * 2 * inter, rows * inter
 
 
 def routing_weight_bytes(spec: ModelSpec, logits_itemsize: int) -> int:
@@ -2069,7 +2273,7 @@ def checkpoint_masks_freed(spec: ModelSpec, cond: Conditions) -> tuple[int, ...]
     rotary_low: dict[bool, int] = {}
     for i in reversed(range(spec.num_layers)):
         rotary_low[rotary_kind(spec, i)] = i
-    pair = 2 * s * spec.rotary_dim * (FP32 if fp32_rotary(spec) else cond.weight_bytes)
+    pair = 2 * s * rotary_width(spec) * (FP32 if fp32_rotary(spec) else cond.weight_bytes)
     for i in rotary_low.values():
         freed[i] += pair if i else 0
     return tuple(freed)
@@ -2088,8 +2292,9 @@ def forward_mask_bytes(spec: ModelSpec, cond: Conditions) -> int:
     # Gemma2Model builds both masks whatever layers it has (a one-layer slice too); Qwen2Model the
     # full one always, and the sliding one when any layer slides
     kinds = {spec.sliding_layer(i) for i in range(spec.num_layers)}
-    if spec.family in ("smollm3", *QWEN_WINDOWS, *GEMMA_FAMILIES):
-        kinds |= {True, False} if spec.family in GEMMA_FAMILIES else {False}
+    if spec.family in ("smollm3", "gpt_oss", *QWEN_WINDOWS, *GEMMA_FAMILIES):
+        # (GptOssModel builds both too)
+        kinds |= {True, False} if spec.family in (*GEMMA_FAMILIES, "gpt_oss") else {False}
     if cond.attention == "eager":
         return len(kinds) * cond.batch_size * cond.seq_len * cond.seq_len * (
             FP32 if cond.autocast else cond.weight_bytes)
@@ -2364,7 +2569,7 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
             # scaled by sqrt(hidden) inside the embedding module (`Gemma2TextScaledWordEmbedding`):
             # the product keeps a scalar, and the unscaled lookup is freed as the module returns
             x = g.new(t * H, wb, x.grad)
-        half = cond.seq_len * spec.rotary_dim
+        half = cond.seq_len * rotary_width(spec)
         rb = FP32 if fp32_rotary(spec) else wb
         # a cos and sin per rotary embedding the layers use (Gemma 3's local and global ones)
         rots = {kind: (g.new(half, rb, False), g.new(half, rb, False))

@@ -16,6 +16,9 @@ from .spec import ModelSpec
 # Module kinds. `linear` and `conv1d` are what PEFT's LoRA wraps as linear layers; GPT-2's Conv1D
 # stores its weight transposed, as (in_features, out_features).
 LINEAR_KINDS = ("linear", "conv1d")
+# Families whose fused experts store each expert's weight as (in, out), with the router at
+# `mlp.router` (GPT-OSS)
+TRANSPOSED_EXPERTS = ("gpt_oss",)
 
 
 @dataclass(frozen=True)
@@ -42,7 +45,7 @@ class Module:
     """
 
     path: str
-    kind: str  # linear | conv1d | embedding | norm | router | experts
+    kind: str  # linear | conv1d | embedding | norm | router | experts | sinks
     params: tuple[Param, ...]
     in_features: int = 0
     out_features: int = 0
@@ -208,21 +211,7 @@ def _mlp(spec: ModelSpec, p: str, i: int) -> list[Module]:
             _linear(f"{p}.mlp.down_proj", inner, h, b),
         ]
     if spec.sparse_layer(i):
-        # transformers 5 stores all experts of a layer as two 3-D parameters and the router as a
-        # plain weight (Mixtral, Qwen3-MoE): none of them is an nn.Linear, so PEFT's target_modules
-        # cannot wrap them.
-        e = spec.num_experts
-        sparse = [
-            Module(f"{p}.mlp.gate", "router", (Param(f"{p}.mlp.gate.weight", (e, h)),)),
-            Module(
-                f"{p}.mlp.experts",
-                "experts",
-                (
-                    Param(f"{p}.mlp.experts.gate_up_proj", (e, 2 * inner, h)),
-                    Param(f"{p}.mlp.experts.down_proj", (e, h, inner)),
-                ),
-            ),
-        ]
+        sparse = _experts(spec, p)
         # DeepSeek-V3's shared experts: one gated MLP as wide as `shared_experts` experts
         if spec.shared_experts:
             sparse += _gated_mlp(f"{p}.mlp.shared_experts", h, spec.shared_experts * inner, b)
@@ -230,11 +219,40 @@ def _mlp(spec: ModelSpec, p: str, i: int) -> list[Module]:
     return _gated_mlp(f"{p}.mlp", h, inner, b)
 
 
+def router_path(spec: ModelSpec, p: str) -> str:
+    """The router module of layer prefix `p`: `mlp.gate` (Mixtral, Qwen3-MoE), `mlp.router` (GPT-OSS)."""
+    return f"{p}.mlp.router" if spec.family in TRANSPOSED_EXPERTS else f"{p}.mlp.gate"
+
+
+def _experts(spec: ModelSpec, p: str) -> list[Module]:
+    """transformers 5 stores all experts of a layer as two 3-D parameters and the router as a plain
+    weight: none of them is an nn.Linear, so PEFT's target_modules cannot wrap them. Mixtral and
+    Qwen3-MoE store each expert's weight as (out, in); GPT-OSS as (in, out), gate and up interleaved
+    in one (hidden, 2 x inner), with a bias per expert output and a router bias (`mlp_bias`)."""
+    h, inner, e = spec.hidden_size, spec.intermediate_size, spec.num_experts
+    router, experts = router_path(spec, p), f"{p}.mlp.experts"
+    transposed = spec.family in TRANSPOSED_EXPERTS
+    router_params = [Param(f"{router}.weight", (e, h))]
+    expert_params = [
+        Param(f"{experts}.gate_up_proj", (e, h, 2 * inner) if transposed else (e, 2 * inner, h)),
+        Param(f"{experts}.down_proj", (e, inner, h) if transposed else (e, h, inner)),
+    ]
+    if spec.mlp_bias:
+        router_params.append(Param(f"{router}.bias", (e,)))
+        expert_params[1:1] = [Param(f"{experts}.gate_up_proj_bias", (e, 2 * inner))]
+        expert_params.append(Param(f"{experts}.down_proj_bias", (e, h)))
+    return [Module(router, "router", tuple(router_params)),
+            Module(experts, "experts", tuple(expert_params))]
+
+
 def _decoder_layers(spec: ModelSpec) -> list[Module]:
     h = spec.hidden_size
     modules = [_embedding("model.embed_tokens", spec.vocab_size, h)]
     for i in range(spec.num_layers):
         p = f"model.layers.{i}"
+        if spec.attention_sinks:  # a parameter of the attention module itself, one logit per head
+            modules.append(Module(f"{p}.self_attn", "sinks",
+                                  (Param(f"{p}.self_attn.sinks", (spec.num_heads,)),)))
         modules += _attention(spec, p)
         modules += _mlp(spec, p, i)
         if spec.norm_placement != "post":  # OLMo 2 has no norm before attention

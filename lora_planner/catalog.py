@@ -46,6 +46,17 @@ def _gemma3(name: str, *, vocab: int, hidden: int, layers: int, heads: int, kv_h
     return replace(spec, attn_softcap=False, final_softcap=False)
 
 
+def _gpt_oss(name: str, *, layers: int, experts: int, source: str) -> ModelSpec:
+    """A GPT-OSS model: hidden 2,880, 64 query heads of 64 over 8 k/v heads, biases on every
+    projection, the router and the experts, attention sinks, a 128-token window on the even layers
+    (layer_types alternate, sliding first), experts 2,880 wide, 4 per token, vocabulary 201,088."""
+    spec = _decoder(name, "gpt_oss", vocab=201088, hidden=2880, layers=layers, heads=64, kv_heads=8,
+                    inner=2880, tied=False, positions=131072, head_dim=64, experts=experts,
+                    experts_per_token=4, sliding_window=128, global_layers=tuple(range(1, layers, 2)),
+                    norm_topk=False, source=source)
+    return replace(spec, qkv_bias=True, out_bias=True, mlp_bias=True, attention_sinks=True)
+
+
 CATALOG: tuple[ModelSpec, ...] = (
     _gpt2("gpt2", 768, 12, 12, "openai-community/gpt2", aliases=("gpt2-small",)),
     _gpt2("gpt2-medium", 1024, 24, 16, "openai-community/gpt2-medium"),
@@ -134,6 +145,10 @@ CATALOG: tuple[ModelSpec, ...] = (
             inner=15360, positions=131072, window=1024, source="google/gemma-3-12b-pt"),
     _gemma3("gemma-3-27b", vocab=262208, hidden=5376, layers=62, heads=32, kv_heads=16, head_dim=128,
             inner=21504, positions=131072, window=1024, source="google/gemma-3-27b-pt"),
+    # OpenAI's open-weight MoE models; their published checkpoints store the experts in MXFP4, which
+    # transformers dequantises to 16 bits for training (`integrations/mxfp4.py`)
+    _gpt_oss("gpt-oss-20b", layers=24, experts=32, source="openai/gpt-oss-20b"),
+    _gpt_oss("gpt-oss-120b", layers=36, experts=128, source="openai/gpt-oss-120b"),
 )
 
 # DeepSeek-V3 as transformers builds it: latent attention (q through a 1,536 bottleneck, k and v from a

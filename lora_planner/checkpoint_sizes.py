@@ -53,3 +53,28 @@ def storage_for_tasks(tasks: int, full_checkpoint: int, adapter_checkpoint: int)
         "full_copies": tasks * full_checkpoint,
         "base_plus_adapters": full_checkpoint + tasks * adapter_checkpoint,
     }
+
+
+# Families whose published checkpoints store the fused expert weights in MXFP4 (OpenAI's gpt-oss)
+MXFP4_FAMILIES = ("gpt_oss",)
+MXFP4_BLOCK = 32  # weights per shared scale
+
+
+def mxfp4_tensor_bytes(params: Iterable[Param]) -> tuple[int, int]:
+    """(MXFP4 expert bytes, bf16 bytes of the rest): the tensor data of a checkpoint that stores each
+    fused 3-D expert weight in MXFP4, as OpenAI publishes gpt-oss. A weight (E, in, out) is saved as
+    `_blocks`, 4-bit values two to a byte, and `_scales`, one 8-bit power of two per 32 inputs:
+    E x out x (ceil(in / 32) x 16 + ceil(in / 32)) bytes, 17/32 of a byte per weight (4.25 bits).
+    Every other tensor, the expert biases included, is bf16. Headers are left out (kilobytes).
+    Source: transformers 5 `integrations/mxfp4.py` (blocks (E, out, in/32, 16) uint8, scales
+    (E, out, in/32) uint8). transformers trains no MXFP4 model: it dequantises the experts to bf16
+    first (`Mxfp4Config(dequantize=True)`), which is what the plan's weights are."""
+    experts, rest = 0, 0
+    for p in params:
+        if len(p.shape) == 3 and p.name.endswith(("gate_up_proj", "down_proj")):
+            e, d_in, d_out = p.shape  # GPT-OSS stores (E, in, out)
+            groups = -(-d_in // MXFP4_BLOCK)
+            experts += e * d_out * groups * (MXFP4_BLOCK // 2 + 1)
+        else:
+            rest += p.numel * 2
+    return experts, rest

@@ -10,15 +10,20 @@ following PEFT's rules rather than inventing cleaner ones:
   head of a classifier).
 - Modules named in `modules_to_save` are never LoRA-wrapped; they are copied and trained in full.
   A sequence classifier always saves `classifier` and `score`.
-- `bias="all"` trains every parameter whose name contains "bias"; `bias="lora_only"` trains the
+- `bias="all"` trains every parameter named `bias` (not GPT-OSS's expert `gate_up_proj_bias` and
+  `down_proj_bias`, whose names do not end in `.bias`); `bias="lora_only"` trains the
   biases of the wrapped layers.
 - Mixtral on transformers 5 (fused experts): PEFT maps the v4 names to parameter targets. `w1` and
   `w3` (always together) become `experts.gate_up_proj` at rank 2r, `w2` becomes
   `experts.down_proj`, `gate` becomes the router weight; `all-linear` takes all three. A 3-D
   parameter of E experts gets A = (r*E, in) and B = (out, r*E). Qwen3-MoE the same, its v4 names
-  `gate_proj` and `up_proj` (together) and `down_proj`; DeepSeek-V3 too, whose dense MLPs and shared
-  experts are nn.Linear layers under those same names, which PEFT therefore never wraps (the names
-  reach the fused experts only, `all-linear` included).
+  `gate_proj` and `up_proj` (together) and `down_proj`; DeepSeek-V3 and GLM-4-MoE too, whose dense
+  MLPs and shared experts are nn.Linear layers under those same names, which PEFT therefore never
+  wraps (the names reach the fused experts only, `all-linear` included).
+- GPT-OSS (fused experts with biases, PEFT has no v4 names for it): its expert parameters are
+  targeted by their own names, `gate_up_proj` and `down_proj`, and its router by `router`, as PEFT's
+  `target_parameters` reaches them; the gate/up tensor at rank r (no conversion doubles it), and
+  `all-linear` takes the attention's linear layers only (PEFT's `all-linear` is nn.Linear only).
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ PEFT_DEFAULT_TARGETS = {
     "olmo2": ("q_proj", "v_proj"),  # PEFT has no entry; as for Llama
     "smollm3": ("q_proj", "v_proj"),  # PEFT has no entry; as for Llama
     "gemma3": ("q_proj", "v_proj"),  # PEFT's gemma3_text entry
+    "gpt_oss": ("q_proj", "v_proj"),  # PEFT has no entry; as for Llama
     # PEFT has no entry; latent attention has no v_proj: its `qv` preset (`latent_attention_targets`)
     "deepseek_v3": (),
     "glm4_moe": ("q_proj", "v_proj"),  # PEFT has no entry; as for Llama
@@ -62,6 +68,7 @@ PRESETS = {
         "gpt2": ("c_fc", "mlp.c_proj"),
         "phi3": ("gate_up_proj", "down_proj"),
         "mixtral": ("w1", "w2", "w3"),  # Qwen3-MoE's v4 names are the common gate/up/down
+        "gpt_oss": ("gate_up_proj", "down_proj"),  # its fused expert parameters
         "*": _GATED_MLP,
     },
 }
@@ -102,6 +109,7 @@ class Trainable:
     biases: tuple[Param, ...]
     saved_modules: tuple[Module, ...]  # modules_to_save: trained copies of whole modules
     target_names: tuple[str, ...]  # the resolved target list, as it would go into LoraConfig
+    gate_up_factor: int = 2  # a fused gate/up tensor's rank over r (`gate_up_rank_factor`)
 
     @functools.cached_property
     def params(self) -> tuple[Param, ...]:
@@ -148,7 +156,8 @@ class Trainable:
         described = {
             "embedding": "embeddings, r x (rows + dim) each",
             "router": "routers, r x (in + out) each",
-            "gate_up": "fused expert gate_up tensors, 2r x E x (in + out) each",
+            "gate_up": f"fused expert gate_up tensors, {'2r' if self.gate_up_factor == 2 else 'r'} x E x "
+                       "(in + out) each",
             "experts": "fused expert down tensors, r x E x (in + out) each",
         }
         clauses = [f"{n} {described.get(k, 'linear layers, r x (in + out) each')}"
@@ -238,10 +247,10 @@ def wrapped_modules(spec: ModelSpec, setup: TrainSetup) -> tuple[tuple[Module, .
     _check_targets(arch, targets)
     saved = _modules_to_save_names(setup)
     v4_names = MOE_V4_NAMES.get(spec.family, {})
-    if v4_names:
+    if v4_names and spec.family in PEFT_CONVERTED:
         targets = tuple(dict.fromkeys(name for t in targets for name in (
             regex_target_names(arch, t[3:], v4_names) if t.startswith("re:") else (t,))))
-    moe = _moe_targets(arch, targets, v4_names) if v4_names else []
+    moe = _moe_targets(arch, targets, v4_names, spec.family in PEFT_CONVERTED) if v4_names else []
     targets_left = tuple(t for t in targets if not any(_matches(f"x.{n}", t) for n in v4_names))
     if moe and not targets_left:
         return tuple(moe), targets
@@ -285,12 +294,15 @@ def wrapped_modules(spec: ModelSpec, setup: TrainSetup) -> tuple[tuple[Module, .
     return tuple(chosen), targets
 
 
-# PEFT's v4 -> v5 names (`_MOE_TARGET_MODULE_MAPPING`): the v4 expert linears live inside fused
-# 3-D parameters now, the router is a plain weight. Each v4 name -> what it reaches.
+# The names that reach a family's router and fused expert parameters, each -> what it reaches. For
+# Mixtral and Qwen3-MoE these are PEFT's v4 -> v5 names (`_MOE_TARGET_MODULE_MAPPING`): the v4 expert
+# linears live inside fused 3-D parameters now, the router is a plain weight. GPT-OSS's are its
+# parameters' own names (PEFT's `target_parameters`).
 MOE_V4_NAMES = {
     "mixtral": {"w1": "gate_up_proj", "w3": "gate_up_proj", "w2": "down_proj", "gate": "router"},
     "qwen3_moe": {"gate_proj": "gate_up_proj", "up_proj": "gate_up_proj", "down_proj": "down_proj",
                   "gate": "router"},
+    "gpt_oss": {"gate_up_proj": "gate_up_proj", "down_proj": "down_proj", "router": "router"},
     # DeepSeek-V3 (PEFT maps it as Qwen2-MoE): its dense MLPs' and shared experts' gate_proj, up_proj
     # and down_proj are nn.Linear layers, but these names reach only the fused experts
     "deepseek_v3": {"gate_proj": "gate_up_proj", "up_proj": "gate_up_proj", "down_proj": "down_proj",
@@ -298,6 +310,9 @@ MOE_V4_NAMES = {
     "glm4_moe": {"gate_proj": "gate_up_proj", "up_proj": "gate_up_proj", "down_proj": "down_proj",
                  "gate": "router"},
 }
+# Families whose names PEFT converts (`_convert_peft_config_moe`): two v4 linears fuse into gate_up_proj
+# at rank and alpha 2r, and `all-linear` reaches the experts and the router
+PEFT_CONVERTED = ("mixtral", "qwen3_moe", "deepseek_v3", "glm4_moe")
 
 
 def regex_target_names(arch: Architecture, pattern: str, v4_names: dict[str, str]) -> tuple[str, ...]:
@@ -323,10 +338,18 @@ def regex_target_names(arch: Architecture, pattern: str, v4_names: dict[str, str
     return tuple(sorted(matched))
 
 
-def _moe_targets(arch: Architecture, targets: tuple[str, ...], v4_names: dict[str, str]) -> list[Module]:
-    """The router and expert parameters PEFT targets for the family's v4 names, as pseudo-modules
-    holding just the targeted parameter (`kind` router or experts)."""
-    everything = "all-linear" in targets
+def gate_up_rank_factor(spec: ModelSpec) -> int:
+    """A fused gate/up expert tensor's LoRA rank over r: 2 where PEFT converts two v4 linears into it
+    (Mixtral, Qwen3-MoE), 1 where it is targeted by its own name (GPT-OSS)."""
+    return 2 if spec.family in PEFT_CONVERTED else 1
+
+
+def _moe_targets(arch: Architecture, targets: tuple[str, ...], v4_names: dict[str, str],
+                 converted: bool) -> list[Module]:
+    """The router and expert parameters PEFT targets for the family's names, as pseudo-modules
+    holding just the targeted parameter (`kind` router or experts; a router's weight, not its bias).
+    `converted`: PEFT's v4 conversion, under which `all-linear` reaches them all."""
+    everything = converted and "all-linear" in targets
     named = {n for n in v4_names if everything or any(_matches(f"x.{n}", t) for t in targets)}
     reached = {v4_names[n] for n in named}
     fused = sorted(n for n, reach in v4_names.items() if reach == "gate_up_proj")
@@ -337,7 +360,7 @@ def _moe_targets(arch: Architecture, targets: tuple[str, ...], v4_names: dict[st
         for p in m.params:
             leaf = p.name.rsplit(".", 1)[-1]
             picked = (
-                (m.kind == "router" and "router" in reached)
+                (m.kind == "router" and "router" in reached and leaf == "weight")
                 or (m.kind == "experts" and leaf in reached)
             )
             if picked:
@@ -353,7 +376,7 @@ def _modules_to_save_names(setup: TrainSetup) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
-def adapter_for(module: Module, rank: int, use_dora: bool) -> Adapter:
+def adapter_for(module: Module, rank: int, use_dora: bool, gate_up_factor: int = 2) -> Adapter:
     """The tensors PEFT adds to one module, under the names it saves them with.
 
     Linear and Conv1D: `lora_A.weight` (r, in) and `lora_B.weight` (out, r); DoRA adds
@@ -362,7 +385,7 @@ def adapter_for(module: Module, rank: int, use_dora: bool) -> Adapter:
     """
     p = module.path
     if module.kind in ("router", "experts"):
-        return _param_adapter(module, rank, use_dora)
+        return _param_adapter(module, rank, use_dora, gate_up_factor)
     # PEFT wraps a layer at any rank, even above min(in, out) (`oversized_rank_note` says so)
     if module.kind == "embedding":
         if use_dora:
@@ -380,15 +403,16 @@ def adapter_for(module: Module, rank: int, use_dora: bool) -> Adapter:
     return Adapter(module, tuple(params))
 
 
-def _param_adapter(module: Module, rank: int, use_dora: bool) -> Adapter:
+def _param_adapter(module: Module, rank: int, use_dora: bool, gate_up_factor: int) -> Adapter:
     """PEFT's ParamWrapper on a router weight (out, in) or a fused expert weight (E, out, in):
-    A = (r*E, in), B = (out, r*E); `gate_up_proj` fuses w1 and w3, so its rank is 2r."""
+    A = (r*E, in), B = (out, r*E); `gate_up_proj` fusing w1 and w3 has rank 2r (`gate_up_factor`).
+    GPT-OSS stores (E, in, out): the count r*E*(in + out) is the same either way."""
     if use_dora:
         raise PlanError("DoRA does not work on fused expert or router parameters (PEFT refuses it)")
     (param,) = module.params
     experts = param.shape[0] if len(param.shape) == 3 else 1
     out_f, in_f = param.shape[-2:]
-    r = 2 * rank if param.name.endswith("gate_up_proj") else rank
+    r = gate_up_factor * rank if param.name.endswith("gate_up_proj") else rank
     return Adapter(module, (
         Param(f"{module.path}.lora_A.weight", (r * experts, in_f)),
         Param(f"{module.path}.lora_B.weight", (out_f, r * experts)),
@@ -417,7 +441,7 @@ def oversized_rank_note(spec: ModelSpec, setup: TrainSetup) -> str | None:
     over: dict[tuple[str, int, int], None] = {}
     for adapter in lora_trainable(spec, setup).adapters:
         m = adapter.module
-        r = 2 * setup.rank if m.path.endswith("gate_up_proj") else setup.rank
+        r = gate_up_rank_factor(spec) * setup.rank if m.path.endswith("gate_up_proj") else setup.rank
         in_f, out_f = _shape(m)
         if r > min(in_f, out_f):
             over[(m.path.rsplit(".", 1)[-1], in_f, out_f)] = None
@@ -475,7 +499,8 @@ def _lora_trainable(spec: ModelSpec, setup: TrainSetup) -> Trainable:
         raise PlanError(f"bias must be one of {', '.join(BIAS_MODES)}, got {setup.bias!r}")
     arch = layout(spec, setup.task, setup.num_labels)
     modules, targets = wrapped_modules(spec, setup)
-    adapters = tuple(adapter_for(m, setup.rank, setup.use_dora) for m in modules)
+    factor = gate_up_rank_factor(spec)
+    adapters = tuple(adapter_for(m, setup.rank, setup.use_dora, factor) for m in modules)
     if setup.lora_dropout and any(m.kind in ("router", "experts") for m in modules):
         raise PlanError("LoRA dropout does not work on fused expert or router parameters (PEFT's "
                         "ParamWrapper refuses it): set it to 0 or leave the router and the experts out")
@@ -491,9 +516,9 @@ def _lora_trainable(spec: ModelSpec, setup: TrainSetup) -> Trainable:
     in_saved = {p.name for m in saved_modules for p in m.params}
 
     if setup.bias == "all":
-        biases = tuple(p for p in arch.params if "bias" in p.name and p.name not in in_saved)
+        biases = tuple(p for p in arch.params if p.name.endswith(".bias") and p.name not in in_saved)
     elif setup.bias == "lora_only":
         biases = tuple(m.bias for m in modules if m.bias is not None)
     else:
         biases = ()
-    return Trainable(adapters, biases, saved_modules, targets)
+    return Trainable(adapters, biases, saved_modules, targets, factor)

@@ -440,6 +440,8 @@ def make_plan(model: ModelSpec | DenseSize, setups: tuple[TrainSetup, ...], gpu:
             if not setups[0].quantize_experts else
             "--quantize-experts: the fused expert weights are planned as NF4, which stock bitsandbytes "
             "does not do (bitsandbytes#1849)")
+    if isinstance(model, ModelSpec):
+        notes += family_notes(model, setups[0])
     if setups[0].optimizer in PAGED_OPTIMIZERS:
         notes.append(f"--optimizer {setups[0].optimizer}: bitsandbytes keeps the state buffers of tensors "
                      "with 100,000 values or more in CUDA unified memory (paged_optimizer_states): outside "
@@ -476,6 +478,26 @@ def make_plan(model: ModelSpec | DenseSize, setups: tuple[TrainSetup, ...], gpu:
         info = ModelInfo(model.name, model.family,
                          layout(model, first.task, first.num_labels).total_params, model.source, model)
     return Plan(info, setups[0], gpu, tuple(plans), tuple(notes), workload)
+
+
+def family_notes(model: ModelSpec, setup: TrainSetup) -> list[str]:
+    """What a family's plan assumes beyond its shape: GPT-OSS's MXFP4 checkpoint, dequantised to
+    bf16 for training (`checkpoint_sizes.mxfp4_tensor_bytes`), and which kernel --attention sdpa
+    stands for when transformers' SDPA takes no attention sinks."""
+    from .units import format_bytes
+
+    notes = []
+    if model.family in checkpoint_sizes.MXFP4_FAMILIES:
+        experts, rest = checkpoint_sizes.mxfp4_tensor_bytes(layout(model).params)
+        notes.append(f"{model.name} as OpenAI publishes it stores its experts in MXFP4 "
+                     f"({format_bytes(experts + rest)} of tensor data, {format_bytes(experts)} of it "
+                     "experts); transformers trains it dequantised (Mxfp4Config(dequantize=True)), so "
+                     "every weight planned here is bf16")
+    if model.attention_sinks and setup.attention == "sdpa":
+        notes.append("--attention sdpa with attention sinks plans a fused kernel that takes them "
+                     "(kernels-community/vllm-flash-attn3: q, k, v, output and log-sum-exp kept); "
+                     "transformers' own SDPA does not, and on CPU the model runs --attention eager")
+    return notes
 
 
 def _with_compute(p: MethodPlan, setup: TrainSetup, gpu: Gpu, workload: cost.Workload) -> MethodPlan:

@@ -62,7 +62,7 @@ def quantised_params(arch: Architecture, trainable: Trainable, experts: bool = F
         p.name for m in arch.modules
         if (m.kind in LINEAR_KINDS or (experts and m.kind == "experts"))
         and m.path != arch.head_path and m.path not in saved_paths
-        for p in m.params if not p.name.endswith(".bias")
+        for p in m.params if not p.name.endswith((".bias", "_bias"))  # GPT-OSS's expert biases too
     }
 
 

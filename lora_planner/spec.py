@@ -19,10 +19,24 @@ if TYPE_CHECKING:
 FAMILY_DROPOUT = {"gpt2": 0.1}
 
 FAMILIES = ("gpt2", "llama", "mistral", "mixtral", "qwen2", "gemma2", "phi3", "qwen3", "qwen3_moe", "olmo2",
-            "smollm3", "gemma3", "deepseek_v3", "glm4_moe")
+            "smollm3", "gemma3", "gpt_oss", "deepseek_v3", "glm4_moe")
 # Families whose MLP is a sparse block of fused experts (3-D parameters) and a router (in every layer
 # but the first `dense_layers`)
-MOE_FAMILIES = ("mixtral", "qwen3_moe", "deepseek_v3", "glm4_moe")
+MOE_FAMILIES = ("mixtral", "qwen3_moe", "gpt_oss", "deepseek_v3", "glm4_moe")
+# Families whose config names each layer's attention in `layer_types` (sliding or full), read into
+# `ModelSpec.global_layers`
+LAYER_TYPE_FAMILIES = ("gemma3", "gpt_oss")
+
+# How a sparse block routes and gates (`ModelSpec.routing`, `ModelSpec.expert_gate`):
+# "softmax-topk" takes a softmax over every expert's logit, then the top k (Mixtral, Qwen3-MoE);
+# "topk-softmax" takes the top k logits, then a softmax over those alone (GPT-OSS).
+ROUTINGS = ("softmax-topk", "topk-softmax")
+FAMILY_ROUTING = {"gpt_oss": "topk-softmax"}
+# "silu": silu(gate) * up over the halves of the fused gate/up output (Mixtral, Qwen3-MoE);
+# "clamped-swiglu": GPT-OSS's gate and up interleaved, the gate clamped above at `swiglu_limit` and
+# the up on both sides, (up + 1) * gate * sigmoid(alpha * gate)
+EXPERT_GATES = ("silu", "clamped-swiglu")
+FAMILY_EXPERT_GATE = {"gpt_oss": "clamped-swiglu"}
 
 # Hugging Face `model_type` values whose layout one of our families reproduces exactly.
 MODEL_TYPE_TO_FAMILY = {
@@ -40,6 +54,7 @@ MODEL_TYPE_TO_FAMILY = {
     "gemma3_text": "gemma3",
     "deepseek_v3": "deepseek_v3",
     "glm4_moe": "glm4_moe",
+    "gpt_oss": "gpt_oss",
 }
 # The `model_type` each family's config.json states, where it is not the family's name
 FAMILY_MODEL_TYPE = {"gemma3": "gemma3_text"}
@@ -75,6 +90,15 @@ QWEN_WINDOWS = ("qwen2", "qwen3")
 
 # Tokens per sequence when none is given: a common fine-tuning length, cut to the model's context.
 DEFAULT_SEQ_LEN = 2048
+
+
+def check_runnable_attention(spec: ModelSpec, attention: str) -> None:
+    """A step transformers will run: it builds GPT-OSS (attention sinks) with eager attention only,
+    its SDPA path taking no sinks, so a traced or measured GPT-OSS step under sdpa is refused in one
+    line (the plan's sdpa stands for a GPU kernel that takes them)."""
+    if spec.attention_sinks and attention == "sdpa":
+        raise PlanError(f"transformers runs {spec.family} with eager attention only (its SDPA takes no "
+                        "attention sinks): run it with --attention eager")
 
 
 def default_seq_len(spec: ModelSpec) -> int:
@@ -137,9 +161,16 @@ class ModelSpec:
     # decoder layers without rotary embeddings (SmolLM3's NoPE layers); with a sliding window, they
     # are the layers that slide
     nope_layers: tuple[int, ...] = ()
-    # Gemma 3's full-attention layers (its `layer_types`); every other layer is a sliding one, with
-    # the local rotary embedding
+    # the full-attention layers of a family with `layer_types` (`LAYER_TYPE_FAMILIES`); every other
+    # layer is a sliding one (Gemma 3's with the local rotary embedding)
     global_layers: tuple[int, ...] = ()
+    # a learned logit per head that joins every query's softmax and takes no value (GPT-OSS's
+    # `sinks`): probability mass the attention can give to nothing
+    attention_sinks: bool = False
+    # a sparse block's routing and its experts' gate (`ROUTINGS`, `EXPERT_GATES`); None: the family's
+    # (`FAMILY_ROUTING`, `FAMILY_EXPERT_GATE`, else the first), the only form transformers builds for it
+    routing: str | None = None
+    expert_gate: str | None = None
     # Multi-head latent attention (DeepSeek-V3's MLA): keys and values come from one compressed latent
     # of `kv_lora_rank` values per token (`kv_a_proj_with_mqa`, normed, then `kv_b_proj` to every head),
     # queries through a `q_lora_rank` bottleneck (`q_a_proj`, normed, `q_b_proj`; 0: one `q_proj`).
@@ -203,7 +234,7 @@ class ModelSpec:
             return i >= self.max_window_layers
         if self.family == "smollm3":
             return i in self.nope_layers
-        if self.family == "gemma3":
+        if self.family in LAYER_TYPE_FAMILIES:
             return i not in self.global_layers
         return True
 
@@ -213,7 +244,7 @@ class ModelSpec:
         `global_layers`, else `sliding_layer`."""
         if self.family == "gemma2":
             return i % 2 == 0
-        if self.family == "gemma3":
+        if self.family in LAYER_TYPE_FAMILIES:
             return i not in self.global_layers
         return self.sliding_layer(i)
 
@@ -240,9 +271,20 @@ class ModelSpec:
         if self.nope_layers and (self.family != "smollm3" or any(
                 isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in self.nope_layers)):
             raise PlanError(f"model {self.name!r}: nope_layers must be layer indices of a smollm3 model")
-        if self.global_layers and (self.family != "gemma3" or any(
+        if self.global_layers and (self.family not in LAYER_TYPE_FAMILIES or any(
                 isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in self.global_layers)):
-            raise PlanError(f"model {self.name!r}: global_layers must be layer indices of a gemma3 model")
+            raise PlanError(f"model {self.name!r}: global_layers must be layer indices of a "
+                            f"{' or '.join(LAYER_TYPE_FAMILIES)} model")
+        if self.attention_sinks and self.family != "gpt_oss":
+            raise PlanError(f"model {self.name!r}: only a gpt_oss model has attention sinks")
+        for name, known, forms in (("routing", FAMILY_ROUTING, ROUTINGS),
+                                   ("expert_gate", FAMILY_EXPERT_GATE, EXPERT_GATES)):
+            form = known.get(self.family, forms[0])
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, form)
+            elif getattr(self, name) != form:
+                raise PlanError(f"model {self.name!r}: a {self.family} model's {name} is {form!r}, "
+                                f"not {getattr(self, name)!r}")
         router = FAMILY_ROUTER.get(self.family, "softmax")
         if self.router is None:
             object.__setattr__(self, "router", router)
@@ -509,7 +551,9 @@ def spec_from_hf_config(config: dict, name: str = "custom", source: str = "") ->
     missing Gemma 3 `head_dim` 256, its `max_position_embeddings` 131,072, its soft-caps none and its
     `layer_types` every `sliding_window_pattern`-th (6th) layer global, DeepSeek-V3's and GLM-4-MoE's
     those of `_latent_fields` and `_glm4_moe_fields`, and `tie_word_embeddings`
-    defaults to True only where the class does (GPT-2, Gemma-2, Gemma 3, SmolLM3). Every value
+    defaults to True only where the class does (GPT-2, Gemma-2, Gemma 3, SmolLM3). GPT-OSS's class
+    defaults: 128 experts, 4 per token, head_dim 64, attention biases on, a 128-token window on every
+    other layer (layer_types), 131,072 positions. Every value
     read is checked here (type, finiteness, `SHAPE_LIMITS`), each failure one line naming the key.
     """
     from .validate import text
@@ -557,8 +601,9 @@ def spec_from_hf_config(config: dict, name: str = "custom", source: str = "") ->
         raise PlanError(f"config.json hidden_size {hidden} is smaller than num_attention_heads {heads} "
                         "and no head_dim is given")
     moe = family in MOE_FAMILIES
-    experts_key = EXPERTS_KEY.get(family, "num_experts")
-    experts = _whole(config, "num_experts", experts_key, default=MOE_DEFAULTS[family][0],
+    experts_keys = MOE_EXPERTS_KEYS.get(family, ("num_experts",))
+    experts_key = experts_keys[0]
+    experts = _whole(config, "num_experts", *experts_keys, default=MOE_DEFAULTS[family][0],
                      least=1) if moe else 0
     top_k = _whole(config, "experts_per_token", "num_experts_per_tok", default=MOE_DEFAULTS[family][1],
                    least=1) if moe else 0
@@ -567,7 +612,7 @@ def spec_from_hf_config(config: dict, name: str = "custom", source: str = "") ->
     if family == "qwen3_moe":
         _all_layers_sparse(config)
     window = _sliding_window(config, family)
-    attention_bias = _flag(config, "attention_bias", False)
+    attention_bias = _flag(config, "attention_bias", family == "gpt_oss")
     layers = _whole(config, "num_layers", "num_hidden_layers")
     latent = (_latent_fields(config) if family == "deepseek_v3"
               else _glm4_moe_fields(config, head_dim_default) if family == "glm4_moe" else {})
@@ -595,16 +640,19 @@ def spec_from_hf_config(config: dict, name: str = "custom", source: str = "") ->
         qkv_bias=family == "qwen2" or attention_bias,
         # (GLM-4-MoE's o_proj never has one)
         out_bias=family not in ("qwen2", "glm4_moe") and attention_bias,
-        # Qwen3's, OLMo 2's, Gemma 3's and DeepSeek-V3's MLPs and experts have no bias, whatever the
-        # config says
-        mlp_bias=family not in ("qwen3", "qwen3_moe", "olmo2", "gemma3", "deepseek_v3", "glm4_moe")
-        and _flag(config, "mlp_bias", False),
+        # Qwen3's, OLMo 2's, Gemma 3's, DeepSeek-V3's and GLM-4-MoE's MLPs and experts have no bias
+        # whatever the config says; GPT-OSS's router and experts always have them
+        mlp_bias=family == "gpt_oss" or (
+            family not in ("qwen3", "qwen3_moe", "olmo2", "gemma3", "deepseek_v3", "glm4_moe")
+            and _flag(config, "mlp_bias", False)),
         num_experts=experts,
         experts_per_token=top_k,
-        norm_topk=(family not in NORM_TOPK_DEFAULT
-                   or _flag(config, "norm_topk_prob", NORM_TOPK_DEFAULT[family])),
+        # (GPT-OSS's softmax over the top k logits needs no normalising)
+        norm_topk=family != "gpt_oss" and (family not in NORM_TOPK_DEFAULT
+                                           or _flag(config, "norm_topk_prob", NORM_TOPK_DEFAULT[family])),
         nope_layers=_nope_layers(config, layers) if family == "smollm3" else (),
-        global_layers=_global_layers(config, layers) if family == "gemma3" else (),
+        global_layers=_global_layers(config, layers, family) if family in LAYER_TYPE_FAMILIES else (),
+        attention_sinks=family == "gpt_oss",
         attn_dropout=_rate(config, "attention_dropout"),
         # Phi-3 drops on both residual branches; its embd_pdrop is read by no module in
         # transformers 5, so it is not planned
@@ -623,16 +671,22 @@ def spec_from_hf_config(config: dict, name: str = "custom", source: str = "") ->
 # The config classes' `sliding_window` when a config.json leaves it out (Qwen2's applies only with
 # `use_sliding_window`)
 SLIDING_WINDOW_DEFAULT = {"mistral": 4096, "gemma2": 4096, "qwen2": 4096, "qwen3": 4096,
-                          "qwen3_moe": 4096, "gemma3": 4096}
+                          "qwen3_moe": 4096, "gemma3": 4096, "gpt_oss": 128}
 # The config classes' `max_position_embeddings` when a config.json leaves it out, where not 4,096
-MAX_POSITIONS_DEFAULT = {"olmo2": 2048, "smollm3": 32768, "gemma3": 131072, "glm4_moe": 131072}
+MAX_POSITIONS_DEFAULT = {"olmo2": 2048, "smollm3": 32768, "gemma3": 131072, "gpt_oss": 131072,
+                         "glm4_moe": 131072}
 # The config classes' (attention, final) logit soft-caps when a config.json leaves them out
 SOFTCAP_DEFAULTS = {"gemma2": (50.0, 30.0), "gemma3": (None, None)}
 # The config classes' (experts, experts per token) when a config.json leaves them out
-MOE_DEFAULTS = {"mixtral": (8, 2), "qwen3_moe": (128, 8), "deepseek_v3": (256, 8), "glm4_moe": (128, 8)}
-# The key that counts the routed experts, where it is not `num_experts`
-EXPERTS_KEY = {"mixtral": "num_local_experts", "deepseek_v3": "n_routed_experts",
-               "glm4_moe": "n_routed_experts"}
+MOE_DEFAULTS = {"mixtral": (8, 2), "qwen3_moe": (128, 8), "gpt_oss": (128, 4), "deepseek_v3": (256, 8),
+                "glm4_moe": (128, 8)}
+# The keys naming the number of experts, first found wins, where not `num_experts` (GptOssConfig maps
+# num_experts onto num_local_experts)
+MOE_EXPERTS_KEYS = {"mixtral": ("num_local_experts",), "gpt_oss": ("num_local_experts", "num_experts"),
+                    "deepseek_v3": ("n_routed_experts",), "glm4_moe": ("n_routed_experts",)}
+# Where a config without `layer_types` puts its full-attention layers: every n-th layer, n from the
+# key named, else this default (Gemma 3's sliding_window_pattern; GPT-OSS alternates, odd layers full)
+GLOBAL_EVERY = {"gemma3": ("sliding_window_pattern", 6), "gpt_oss": (None, 2)}
 # The experts' width (`moe_intermediate_size`) when a config.json leaves it out
 MOE_INTERMEDIATE_DEFAULT = {"qwen3_moe": 768, "deepseek_v3": 2048, "glm4_moe": 1408}
 # `norm_topk_prob` when a config.json leaves it out, for the families that read it
@@ -748,21 +802,23 @@ def _gemma3_language_model(config: dict) -> dict:
     return {**GEMMA3_TEXT_DEFAULTS, **text, "model_type": "gemma3_text", "tie_word_embeddings": tied}
 
 
-def _global_layers(config: dict, layers: int) -> tuple[int, ...]:
-    """Gemma 3's full-attention layers: those `layer_types` names "full_attention", or, without the
-    list, every `sliding_window_pattern`-th layer (6: layers 5, 11, 17, ...), as `Gemma3TextConfig`
-    fills it in. A bidirectional config (`use_bidirectional_attention`) masks otherwise: refused."""
+def _global_layers(config: dict, layers: int, family: str) -> tuple[int, ...]:
+    """The full-attention layers of Gemma 3 or GPT-OSS: those `layer_types` names "full_attention",
+    or, without the list, every n-th layer as the config class fills it in (`GLOBAL_EVERY`: Gemma 3
+    every `sliding_window_pattern`-th, 6: layers 5, 11, 17, ...; GPT-OSS every second: 1, 3, 5, ...).
+    A bidirectional config (`use_bidirectional_attention`) masks otherwise: refused."""
     from .validate import whole_number
 
     if _flag(config, "use_bidirectional_attention", False):
-        raise PlanError("config.json use_bidirectional_attention: only causal Gemma 3 models are planned")
+        raise PlanError("config.json use_bidirectional_attention: only causal models are planned")
     if "sliding_window" in config and config["sliding_window"] is None:
-        raise PlanError("config.json sliding_window must be a number for a Gemma 3 model (its sliding "
+        raise PlanError(f"config.json sliding_window must be a number for a {family} model (its sliding "
                         "layers always build a windowed mask)")
     kinds = config.get("layer_types")
     if kinds is None:
-        every = whole_number("config.json sliding_window_pattern",
-                             config.get("sliding_window_pattern", 6), 1, 10**6)
+        key, default = GLOBAL_EVERY[family]
+        every = (whole_number(f"config.json {key}", config.get(key, default), 1, 10**6)
+                 if key else default)
         return tuple(i for i in range(layers) if (i + 1) % every == 0)
     allowed = ("sliding_attention", "full_attention")
     if not isinstance(kinds, list) or len(kinds) < layers or any(k not in allowed for k in kinds[:layers]):
@@ -788,7 +844,7 @@ def _all_layers_sparse(config: dict) -> None:
         raise PlanError("config.json mlp_only_layers makes some Qwen3-MoE layers dense; a mix of dense "
                         "and sparse layers is not planned (it must be empty)")
 # The config classes' `head_dim` when a config.json leaves it out, where it is not hidden / heads
-HEAD_DIM_DEFAULT = {"qwen3": 128, "gemma3": 256}
+HEAD_DIM_DEFAULT = {"qwen3": 128, "gemma3": 256, "gpt_oss": 64}
 
 
 def _sliding_window(config: dict, family: str) -> int | None:
@@ -855,6 +911,12 @@ def to_hf_config(spec: ModelSpec) -> dict:
                       decoder_sparse_step=1, mlp_only_layers=[])
     if spec.family == "qwen3_moe" and spec.sliding_window is not None:
         config.update(use_sliding_window=True, sliding_window=spec.sliding_window)
+    if spec.family == "gpt_oss":
+        # its attention biases are all or none; its router and experts always have them
+        config.update(attention_bias=spec.out_bias, num_local_experts=spec.num_experts,
+                      num_experts_per_tok=spec.experts_per_token, sliding_window=spec.sliding_window,
+                      layer_types=["sliding_attention" if spec.sliding_type(i) else "full_attention"
+                                   for i in range(spec.num_layers)])
     if spec.family == "smollm3":
         config["no_rope_layers"] = [int(spec.rotary_layer(i)) for i in range(spec.num_layers)]
         if spec.sliding_window is not None:

@@ -69,7 +69,8 @@ def test_explain_peak_line_names_weights():
 
 
 @pytest.mark.parametrize(("name", "whole", "quantised_below"),
-                         [("mixtral-8x7b", 90e9, 30e9), ("qwen3-30b-a3b", 55e9, 20e9)])
+                         [("mixtral-8x7b", 90e9, 30e9), ("qwen3-30b-a3b", 55e9, 20e9),
+                          ("gpt-oss-20b", 38e9, 15e9)])
 def test_moe_qlora_keeps_fused_experts_at_16_bit(name, whole, quantised_below):
     """bitsandbytes replaces nn.Linear modules; transformers' fused experts are not: the meta-device
     model says which parameters stay 16-bit."""
@@ -98,6 +99,9 @@ READER_DEFAULTS = {"qwen3": ("head_dim", "num_key_value_heads"),
                    "olmo2": ("num_key_value_heads", "head_dim", "max_position_embeddings"),
                    "smollm3": ("no_rope_layers", "layer_types", "tie_word_embeddings",
                                "max_position_embeddings"),
+                   "gpt_oss": ("num_local_experts", "num_experts_per_tok", "head_dim", "attention_bias",
+                               "layer_types", "sliding_window", "max_position_embeddings",
+                               "tie_word_embeddings"),
                    "gemma3_text": ("head_dim", "max_position_embeddings", "layer_types",
                                    "tie_word_embeddings", "attn_logit_softcapping",
                                    "final_logit_softcapping", "sliding_window"),

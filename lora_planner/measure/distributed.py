@@ -201,10 +201,11 @@ def build_model(spec, setup, device):
     """The transformers model of `spec` (random weights, no dropout), with PEFT LoRA for `lora`."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ..spec import to_hf_config
+    from ..spec import check_runnable_attention, to_hf_config
     from .step import enable_checkpointing
     from .traced_step import _with_lora
 
+    check_runnable_attention(spec, setup.attention)
     config = AutoConfig.for_model(**to_hf_config(spec))
     config.use_cache = False
     config._attn_implementation = setup.attention

@@ -19,7 +19,7 @@ import random
 from dataclasses import dataclass, replace
 
 from ..activations import cpu_rng_state_bytes
-from ..spec import FAMILY_MODEL_TYPE, TrainSetup, spec_from_hf_config
+from ..spec import FAMILY_MODEL_TYPE, MOE_FAMILIES, TrainSetup, spec_from_hf_config
 from ..timeline import Phase
 
 TARGET_PRESETS = ("default", "qv", "attn", "mlp", "all-linear")
@@ -80,7 +80,7 @@ def random_config(rng: random.Random, family: str) -> dict:
     head_dim = 2 * rng.randint(2, 8)  # rotary needs an even head size
     if family == "phi3":
         hidden = heads * head_dim  # Phi-3 derives head_dim from hidden / heads
-    elif family in ("mixtral", "qwen3_moe", "deepseek_v3", "glm4_moe"):
+    elif family in ("mixtral", "qwen3_moe", "gpt_oss", "deepseek_v3", "glm4_moe"):
         # torch's grouped matmul wants 16-byte strides: widths a multiple of 8
         hidden = heads * 8 * rng.randint(1, 3)
     else:
@@ -90,8 +90,8 @@ def random_config(rng: random.Random, family: str) -> dict:
         "model_type": FAMILY_MODEL_TYPE.get(family, family), "vocab_size": vocab, "hidden_size": hidden,
         "num_hidden_layers": layers,
         "num_attention_heads": heads, "num_key_value_heads": kv,
-        "intermediate_size": rng.randint(1, 16) * 8 if family in ("mixtral", "qwen3_moe", "deepseek_v3",
-                                                                   "glm4_moe")
+        "intermediate_size": rng.randint(1, 16) * 8 if family in ("mixtral", "qwen3_moe", "gpt_oss",
+                                                                   "deepseek_v3", "glm4_moe")
         else rng.randint(8, 130),
         "max_position_embeddings": positions,
         "tie_word_embeddings": rng.random() < 0.5,
@@ -150,6 +150,13 @@ def random_config(rng: random.Random, family: str) -> dict:
                       norm_topk_prob=rng.random() < 0.5)
         if rng.random() < 0.3:
             config.update(use_sliding_window=True, sliding_window=rng.randint(2, 80))
+    if family == "gpt_oss":
+        experts = rng.randint(2, 5)
+        # biases on all four projections or none; sliding and full layers in any order
+        config.update(num_local_experts=experts, num_experts_per_tok=rng.randint(1, min(3, experts)),
+                      attention_bias=rng.random() < 0.7, sliding_window=rng.randint(2, 80),
+                      layer_types=[rng.choice(("sliding_attention", "full_attention"))
+                                   for _ in range(layers)])
     return config
 
 
@@ -209,7 +216,8 @@ def random_case(seed: int, family: str | None = None) -> Case:
     spec = spec_from_hf_config(config, name=f"fuzz-{seed}")
     layers = rng.randint(1, spec.num_layers) if spec.num_layers > 1 and rng.random() < 0.3 else None
     method = rng.choice(("full", "lora", "lora"))
-    attention = "eager" if family == "gemma2" else rng.choice(("sdpa", "eager"))
+    # GPT-OSS's attention is eager only in transformers (no SDPA path takes its sinks)
+    attention = "eager" if family in ("gemma2", "gpt_oss") else rng.choice(("sdpa", "eager"))
     setup = TrainSetup(
         method=method, rank=rng.randint(1, 8),
         # Mixtral's mlp and all-linear reach its fused experts (PEFT's target_parameters)
@@ -228,7 +236,7 @@ def random_case(seed: int, family: str | None = None) -> Case:
     if method == "lora":
         setup = plannable_rank(spec, setup)
     fake = rng.random() < 0.5
-    if family in ("mixtral", "qwen3_moe", "deepseek_v3", "glm4_moe") and setup.precision != "pure-bf16":
+    if family in MOE_FAMILIES and setup.precision != "pure-bf16":
         fake = False  # torch's fake grouped matmul accepts bf16 only (the CPU kernel takes fp32)
     return Case(seed, config, setup, layers, fake=fake)
 

@@ -340,9 +340,10 @@ def build_model(spec: ModelSpec, job: Job):
     import torch
     import transformers
 
-    from ..spec import to_hf_config
+    from ..spec import check_runnable_attention, to_hf_config
     from .step import quiet_default_loss_notice
 
+    check_runnable_attention(spec, job.setup.attention)
     quiet_default_loss_notice()  # the causal-LM loss is the one meant: no notice on every run
     torch.manual_seed(job.run.seed)
     if job.run.weights:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 from ..errors import PlanError
 from ..gpus import GPUS
 from ..plan import make_plan
-from ..spec import ModelSpec, TrainSetup, to_hf_config
+from ..spec import ModelSpec, TrainSetup, check_runnable_attention, to_hf_config
 from ..stacks import resolve
 
 if TYPE_CHECKING:
@@ -194,6 +194,7 @@ def trace(spec: ModelSpec, setup: TrainSetup, *, fake: bool = False, seed: int =
     """
     setup = resolve(setup)
     _check(setup)
+    check_runnable_attention(spec, setup.attention)
     if fake and spec.num_experts and setup.precision != "pure-bf16":
         # torch's fake (meta) kernel for _grouped_mm accepts bf16 operands only, as its CUDA kernel does
         raise PlanError("a fake trace runs the experts' grouped matmul through torch's meta kernel, which "
@@ -367,12 +368,13 @@ def _with_lora(model, spec: ModelSpec, setup: TrainSetup):
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from ..counts import lora_trainable
+    from ..counts import gate_up_rank_factor, lora_trainable
 
     modules, parameters, fused = _peft_targets(lora_trainable(spec, setup).adapters)
     # w1 and w3 live in one fused parameter: PEFT's own v4 -> v5 conversion gives it rank and alpha
-    # times two (`_convert_peft_config_moe`), and so does the plan
-    patterns = {rf".*\.{re.escape(leaf)}": 2 for leaf in fused}
+    # times two (`_convert_peft_config_moe`), and so does the plan (GPT-OSS's is targeted by name: r)
+    factor = gate_up_rank_factor(spec)
+    patterns = {rf".*\.{re.escape(leaf)}": factor for leaf in fused if factor != 1}
     config = LoraConfig(r=setup.rank, lora_alpha=2 * setup.rank, target_modules=modules or None,
                         target_parameters=parameters or None,
                         rank_pattern={k: n * setup.rank for k, n in patterns.items()},
