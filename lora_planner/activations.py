@@ -580,12 +580,14 @@ class Graph:
                      + 3 * rows * out_features * promoted, after_saves=True)
         self.moment(*alive, extra=kept + 3 * rows * out_features * promoted)
 
-    def merged_linear(self, x: Tensor, path: str, in_features: int, out_features: int) -> Tensor:
+    def merged_linear(self, x: Tensor, path: str, in_features: int, out_features: int,
+                      weight_bytes: int = 0) -> Tensor:
         """y = x (W + s B A)^T with PEFT's `ParamWrapper` on a 2-D parameter (`_LoraParameterProxy`):
         `get_delta_weight` makes B @ A (autocast: from bf16 copies of A and B, which mm keeps; on
         CPU a 16-bit model's A and B are upcast to fp32 copies first), W + delta is a new weight that
         trains, so the matmul keeps x, and keeps that weight (its bf16 copy under autocast) when x
-        needs a gradient.
+        needs a gradient. `weight_bytes`: the weight's own width where it is not the model's (a router
+        kept in fp32: the merged weight is then fp32 too).
         """
         rank = self.wrapped[path]
         rows = x.numel // in_features
@@ -598,14 +600,15 @@ class Graph:
         xin = self.cast(x, 2) if self.cond.autocast else x
         self.save(xin, kernel=True)
         if x.grad:
-            wb = 2 if self.cond.autocast else self.cond.weight_bytes
+            wb = 2 if self.cond.autocast else weight_bytes or self.cond.weight_bytes
             self.save(self.new(in_features * out_features, wb, False))
         return self.new(rows * out_features, xin.itemsize, True)
 
     # --- attention ------------------------------------------------------------------------------
     def attention(self, q: Tensor, k: Tensor, v: Tensor, heads: int, kv_heads: int, head_dim: int,
                   attn_dropout: float, softcap: bool = False, contiguous_q: bool = False,
-                  fused: Tensor | None = None, softmax_fp32: bool = True, masked: bool = False) -> Tensor:
+                  fused: Tensor | None = None, softmax_fp32: bool = True, masked: bool = False,
+                  value_dim: int = 0, contiguous_k: bool = False) -> Tensor:
         """Attention over projected (and rotated) q, k, v; returns the (b, s, heads * head_dim) output
         as o_proj reads it.
 
@@ -614,7 +617,11 @@ class Graph:
         fallback keep contiguous copies of q, k and v at `heads`, the s x s softmax output (fp32 for
         eager), its 16-bit copy and, with dropout, the mask and the dropped probabilities.
         `masked`: SDPA is given an explicit mask (a sliding window no longer than the sequence), see
-        `sdpa_mask_bytes`.
+        `sdpa_mask_bytes`. `value_dim`: each head's value (and output) when narrower or wider than q's
+        and k's (latent attention; 0: `head_dim`). torch's fused CPU kernel needs one head size for
+        all three, so on CPU such attention runs the math kernel; on CUDA the memory-efficient one.
+        `contiguous_k`: k is (b, heads, s, d)-contiguous at every head (latent attention's key, filled
+        into a new tensor), so eager attention's score matmul keeps k itself, not a copy.
         """
         b, s = self.cond.batch_size, self.cond.seq_len
         grad = q.grad or k.grad or v.grad
@@ -624,8 +631,10 @@ class Graph:
         q_in, v_in = q.itemsize, v.itemsize  # before autocast: what `.to(query.dtype)` casts back to
         q0, k0, v0 = q, k, v  # as the module holds them (`attention_moments`)
         full = b * heads * s * head_dim
+        vfull = b * heads * s * (value_dim or head_dim)  # v (kv_heads == heads where they differ) and out
         probs = b * heads * s * s
-        flash = self.cond.attention == "sdpa" and not (self.cond.device == "cpu" and attn_dropout > 0)
+        flash = self.cond.attention == "sdpa" and not (self.cond.device == "cpu" and (
+            attn_dropout > 0 or value_dim not in (0, head_dim)))
         # with a mask transformers does not ask SDPA for grouped-query attention: it repeats k and v
         # to every head (`repeat_kv`). From several k/v heads that is a copy; from one it stays an
         # expanded view of the original, until autocast's cast copies it at full size.
@@ -637,9 +646,11 @@ class Graph:
             q = self.cast(q, 2)
             k, v = ((self.new(full, 2, t.grad) if repeat and t.itemsize != 2 else self.cast(t, 2))
                     for t in (k, v))
+            if value_dim and v is not v_in_t:  # the cast of a slice of a fused output copies the slice
+                v = self.new(vfull, 2, v.grad)
         cb = max(q.itemsize, v.itemsize)
         if flash:
-            out = self.new(full, cb, grad)
+            out = self.new(vfull, cb, grad)
             lse = b * heads * s * FP32
             if masked:
                 mask, lse = sdpa_mask_bytes(b, heads, s, cb, self.cond.device)
@@ -656,19 +667,22 @@ class Graph:
             # the kernel lays its output out like q: when q is (b, heads, s, d)-contiguous (Phi-3's
             # rotary concatenates), o_proj's (b, s, heads * d) view needs a copy, unless one head
             # or one position makes it a view
-            return self.new(full, cb, grad) if contiguous_q and heads > 1 and s > 1 else out
+            return self.new(vfull, cb, grad) if contiguous_q and heads > 1 and s > 1 else out
         eager = self.cond.attention == "eager"
         if not eager:
             # with a mask transformers repeats k and v to every head first (`repeat_kv`: copies from
             # several k/v heads, an expanded view of one), and the kernel then works at every head
             rep = masked and kv_heads < heads
             kv_numel = full if rep else b * kv_heads * s * head_dim
+            v_numel = kv_numel * (value_dim or head_dim) // head_dim
             casts = (q.nbytes if q is not inputs[0] else 0) + sum(
-                kv_numel * t.itemsize for t, t0 in zip((k, v), inputs[1:], strict=True) if t is not t0)
+                n * t.itemsize for t, t0, n in zip((k, v), inputs[1:], (kv_numel, v_numel), strict=True)
+                if t is not t0)
             copies = kv_numel * (inputs[1].itemsize + inputs[2].itemsize) if rep and kv_heads > 1 else 0
             self.attn_internal = copies + math_attention_internals(
                 b, heads, heads if rep else kv_heads, s, head_dim, q.itemsize, attn_dropout,
-                causal=not masked, casts=casts, q_copied=not contiguous_q and b > 1 and heads > 1 and s > 1)
+                causal=not masked, casts=casts, q_copied=not contiguous_q and b > 1 and heads > 1 and s > 1,
+                value_dim=value_dim)
             if masked:  # the boolean mask converted to an additive one in q's dtype, not kept
                 self.attn_internal += b * s * s * q.itemsize
             if rep:
@@ -680,7 +694,8 @@ class Graph:
                 # torch's CPU math kernel computes in fp32 whatever the input dtype; compiled, its
                 # decomposition (`_scaled_dot_product_attention_math`) keeps the inputs' dtype
                 cb = FP32
-        qc, kc, vc = (self.new(full, cb, t.grad) for t in (q, k, v))  # contiguous (repeated) copies
+        qc, kc, vc = (self.new(n, cb, t.grad) for t, n in zip((q, k, v), (full, full, vfull), strict=True))
+        # (contiguous, repeated copies)
         if eager and kv_heads == 1 and heads > 1 and b == 1:
             # one k/v head and one sequence: repeat_kv's expand-and-reshape, and matmul's batching of
             # it, stay views, so k and v are kept as they are, unless autocast's cast copies one (at
@@ -697,6 +712,8 @@ class Graph:
             # a (b, heads, s, d)-contiguous q (Phi-3's rotary concatenation, or autocast's cast of it)
             # batches for the score matmul as a view: the matmul keeps q itself
             qc = q
+        if eager and contiguous_k and kv_heads == heads and k.itemsize == kc.itemsize:
+            kc = k  # likewise k, when no cast copied it
         if (fused is not None and (b == 1 or heads == 1) and vc.itemsize == fused.itemsize
                 and kv_heads in (1, heads) and (eager or masked or kv_heads == heads)):
             # one sequence (or one head): slices of the fused projection reshape for bmm without a
@@ -734,10 +751,10 @@ class Graph:
                 dropped = self.dropout_op(pw, attn_dropout)
             self.attn_weights = dropped  # returned beside the output, alive until the module returns
             # the product's (b, heads, s, d) output, before the transpose's contiguous copy
-            self.attn_internal = full * max(q.itemsize, v.itemsize) if heads > 1 and s > 1 else 0
+            self.attn_internal = vfull * max(q.itemsize, v.itemsize) if heads > 1 and s > 1 else 0
             p = self.cast(dropped, 2) if self.cond.autocast else dropped
             if moments:
-                self.eager_output_moment(v0, bound, vc, dropped, p, heads, head_dim)
+                self.eager_output_moment(v0, bound, vc, dropped, p, heads, value_dim or head_dim)
                 self.hold(dropped)  # the attention weights it returns: the layer binds them to `_`
         else:
             soft_p = p
@@ -747,14 +764,15 @@ class Graph:
                     # kernel upcasts each slice
                     q, k, v = (Tensor(n, t.itemsize, t.grad, t.key) if t.key == fused.key else t
                                for t, n in zip((q, k, v), (full, b * kv_heads * s * head_dim,
-                                                           b * kv_heads * s * head_dim), strict=True))
+                                                           b * kv_heads * s * (value_dim or head_dim)),
+                                               strict=True))
                 kernel_kv, repeats = (k, v), ()
                 if masked and kv_heads < heads:
                     kernel_kv, repeats = self.repeated_kv((k_in, v_in_t), full, kv_heads)
                 self.math_moments((q0, k0, v0), (q, *kernel_kv), (qc, vc), soft_p, p, heads,
                                   heads if masked else kv_heads, head_dim, contiguous_q, fused is not None,
                                   b * s * s * q.itemsize if masked else None, repeats,
-                                  v_contiguous=masked and kv_heads < heads)
+                                  v_contiguous=masked and kv_heads < heads, value_dim=value_dim)
         # a compiled math kernel under autocast rebuilds the dropped 16-bit probabilities from the
         # fp32 softmax output and the dropout mask it keeps; in one dtype it keeps them (both seen in
         # the partitions torch 2.13 makes for GPT-2 on CPU; the rule for the difference is not known)
@@ -772,8 +790,8 @@ class Graph:
         if p.grad or vc.grad:
             # probs @ v's backward runs with the core's later saves still alive (`value_product_backward`)
             self.pv_backward[self.section] = self._saved_total - self._attn_from + value_product_backward(
-                full, probs, self.cond.device, max(p.itemsize, vc.itemsize) if eager else None)
-        out = self.new(full, max(q.itemsize, v.itemsize), grad)  # contiguous (b, s, heads * hd)
+                vfull, probs, self.cond.device, max(p.itemsize, vc.itemsize) if eager else None)
+        out = self.new(vfull, max(q.itemsize, v.itemsize), grad)  # contiguous (b, s, heads * hd)
         if eager:
             self.peak_at(eager_output_transient(self, k_in, kv_heads, heads, full, out.nbytes))
         else:
@@ -786,7 +804,7 @@ class Graph:
                 b_s * heads * head_dim, b_s * kv_heads * head_dim, b * heads * s * s, s * s,
                 q_in if not self.cond.autocast or q_in == 2 else 2, q_in, kv_heads, heads,
                 not contiguous_q and b > 1 and heads > 1 and s > 1,
-                masked, v_kept))
+                masked, v_kept, out_full=vfull))
         return out
 
     def sink_attention(self, q: Tensor, k: Tensor, v: Tensor, heads: int, kv_heads: int, head_dim: int,
@@ -985,7 +1003,8 @@ class Graph:
                      operands: tuple[Tensor, Tensor], p: Tensor, dropped: Tensor, heads: int,
                      kv_heads: int, head_dim: int, contiguous_q: bool = False,
                      fused_v: bool = False, mask_bytes: int | None = None,
-                     repeats: tuple[Tensor, ...] = (), v_contiguous: bool = False) -> None:
+                     repeats: tuple[Tensor, ...] = (), v_contiguous: bool = False,
+                     value_dim: int = 0) -> None:
         """torch's math SDPA kernel (`_scaled_dot_product_attention_math`, which CPU runs when attention
         dropout is on), op by op, as the forward's moments.
 
@@ -1007,6 +1026,7 @@ class Graph:
         """
         b, s = self.cond.batch_size, self.cond.seq_len
         full, probs = b * heads * s * head_dim, b * heads * s * s
+        out = b * heads * s * (value_dim or head_dim)  # the output (latent attention's v heads differ)
         qc, vc = operands
         acc = [t if t.itemsize == FP32 else self.new(t.numel, FP32, False) for t in args]
         live = [*inputs, *repeats, *args, acc[0], acc[1], qc]
@@ -1028,11 +1048,11 @@ class Graph:
         noise = 0 if p.grad else probs * FP32
         self.moment(*live, p, dropped, extra=mask + noise)
         origin = args[0].itemsize
-        cast = (probs + full) * origin if origin != FP32 else 0
-        self.moment(*live, dropped, extra=mask + full * FP32 + cast)
+        cast = (probs + out) * origin if origin != FP32 else 0
+        self.moment(*live, dropped, extra=mask + out * FP32 + cast)
 
     def rope(self, x: Tensor, cos: Tensor, sin: Tensor, alive: tuple[Tensor, ...] = (),
-             cast_back: bool = False, halves: bool = False) -> Tensor:
+             cast_back: bool = False, halves: bool = False, interleaved: bool = False) -> Tensor:
         """x * cos + rotate_half(x) * sin: the products keep cos and sin (shared by all layers).
 
         A forward moment at the second product: x * cos, rotate_half(x) and its product with sin
@@ -1044,11 +1064,15 @@ class Graph:
         `halves`: GPT-OSS's form, x's two halves each times cos and sin (head_dim / 2 wide), the
         rotated halves concatenated: at most four half-size products, or both rotated halves and
         their concatenation, alive at once (2 x the output); the output is (b, heads, s, d)-contiguous.
+        `interleaved`: DeepSeek's rotation of the even and odd elements (`rope_interleave`): each half
+        of the result is a difference or sum of two half-sized products, the first half alive beside
+        the second's two products and their sum, then both halves beside their concatenation: twice
+        the output at most.
         """
         if x.grad:
             self.save(cos, sin)
         out = self.pointwise(x.numel, max(x.itemsize, cos.itemsize), x.grad, x, cos, sin)
-        temps = (2 if halves else 3) * out.nbytes
+        temps = (2 if halves or interleaved else 3) * out.nbytes
         self.moment(*alive, extra=temps)
         self.peak_at(self.unsaved(*self.args, *alive) + temps)
         if cast_back and out.itemsize != x.itemsize:
@@ -1226,7 +1250,8 @@ def mlp_output_pending(cond: Conditions, numel: int, wrapped: bool) -> int:
 
 
 def math_attention_internals(batch: int, heads: int, kv_heads: int, seq: int, head_dim: int, itemsize: int,
-                             dropout: float, causal: bool, casts: int, q_copied: bool = True) -> int:
+                             dropout: float, causal: bool, casts: int, q_copied: bool = True,
+                             value_dim: int = 0) -> int:
     """What torch's math SDPA kernel (the CPU fallback under attention dropout) holds at its end,
     beyond its inputs, the tensors it saved and its output, all freed when it returns.
 
@@ -1238,14 +1263,17 @@ def math_attention_internals(batch: int, heads: int, kv_heads: int, seq: int, he
     probabilities @ v product in fp32, cast back to the input's dtype; with a 16-bit input it also
     makes a 16-bit copy of the dropped probabilities. `casts`: autocast's 16-bit copies of q, k and v
     made for the call (the kernel keeps fp32 copies instead). Measured op by op with the tracer
-    (torch 2.13, CPU); the scores and their masked sum are freed by the softmax.
+    (torch 2.13, CPU); the scores and their masked sum are freed by the softmax. `value_dim`: v's
+    and the output's head size where it is not q's (latent attention; 0: `head_dim`).
     """
     full, kv = batch * heads * seq * head_dim, batch * kv_heads * seq * head_dim
+    vd = value_dim or head_dim
+    v, out = kv * vd // head_dim, batch * heads * seq * vd
     half = itemsize != FP32
-    return (casts + ((full + 2 * kv) * FP32 if half else 0) + (full * FP32 if q_copied else 0)
+    return (casts + ((full + kv + v) * FP32 if half else 0) + (full * FP32 if q_copied else 0)
             + (seq * seq * FP32 if causal else 0) + (full * FP32 if kv_heads < heads else 0)
             + (batch * heads * seq * seq * itemsize if half and dropout > 0 else 0)
-            + (full * FP32 if half else 0))
+            + (out * FP32 if half else 0))
 
 
 def sdpa_mask_bytes(batch: int, heads: int, seq: int, itemsize: int, device: str) -> tuple[int, int]:
@@ -1272,7 +1300,8 @@ def _layers_prefix(spec: ModelSpec) -> str:
 def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tensor, Tensor] | None) -> Tensor:
     """One decoder layer of `spec`'s family, as transformers 5 writes it."""
     H, hd = spec.hidden_size, spec.head_dim
-    nh, nkv, inter = spec.num_heads, spec.num_kv_heads, spec.intermediate_size
+    nh, nkv, inter = spec.num_heads, spec.num_kv_heads, spec.mlp_width(i)
+    sparse = spec.sparse_layer(i)
     p = f"{_layers_prefix(spec)}.{i}"
     if spec.family == "gpt2":
         attn_drop, drop = g.rates[0], g.rates[1]
@@ -1334,8 +1363,11 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
         q = Tensor(g.cond.tokens * nh * hd, qkv.itemsize, qkv.grad, -1)
         k = Tensor(g.cond.tokens * nkv * hd, qkv.itemsize, qkv.grad, -1)
         v = Tensor(qkv.numel, qkv.itemsize, qkv.grad, qkv.key)
-    elif spec.family == "gemma3":
-        # Gemma 3 projects q, k and v first, then normalises q and k (each head, Gemma's form)
+    elif spec.kv_lora_rank:
+        q, k, v = _latent_qkv(g, spec, p, h, rot)
+    elif spec.family in ("gemma3", "glm4_moe"):
+        # Gemma 3 and GLM-4-MoE project q, k and v first, then normalise q and k (each head; Gemma's
+        # form, Llama's) where they have the norms
         q = g.linear(h, f"{p}.self_attn.q_proj", H, nh * hd)
         g.args = (h, q)
         k = g.linear(h, f"{p}.self_attn.k_proj", H, nkv * hd)
@@ -1360,30 +1392,41 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
     sliced = spec.family == "phi3"
     # rope's caller still binds the projected q while k is rotated
     back, halves = fp32_rotary(spec), rotary_halves(spec)
-    if spec.rotary_layer(i):  # SmolLM3's NoPE layers attend with q and k as projected
+    if concatenated_rope(spec):
+        q, k = partial_rope(g, spec, q, k, v, rot)
+    elif spec.rotary_layer(i) and not spec.kv_lora_rank:  # (latent attention rotates its own part)
+        # SmolLM3's NoPE layers attend with q and k as projected
         q_projected, q = q, g.rope(q, *rot, alive=(v,) if sliced else (q, k, v), cast_back=back,
                                    halves=halves)
         k = g.rope(k, *rot, alive=(q, v) if sliced else (q_projected, q, k, v), cast_back=back,
                    halves=halves)
-    g.args = attention_locals(h, q, k, v)
+    if not spec.kv_lora_rank:
+        g.args = attention_locals(h, q, k, v)
     masked = g.cond.attention == "sdpa" and (explicit_causal_mask(g.cond) or (
         spec.sliding_layer(i) and g.cond.seq_len >= (spec.sliding_window or 0)))
     if spec.attention_sinks and g.cond.attention == "eager":
         a = g.sink_attention(q, k, v, nh, nkv, hd, g.rates[0], f"{p}.self_attn" in g.trainable)
     else:
         # (GPT-OSS under sdpa: a fused kernel that takes the sinks, vllm-flash-attn3's, kept as
-        # flash attention's q, k, v, output and log-sum-exp)
+        # flash attention's q, k, v, output and log-sum-exp.) Phi-3's rotary concatenation, GPT-OSS's
+        # halves and latent attention's make q (b, heads, s, d)-contiguous; Phi-3's and latent
+        # attention's v is a slice of a fused output (qkv_proj's, kv_b_proj's). A partial rotary
+        # concatenates too.
+        fused = spec.family == "phi3" or bool(spec.kv_lora_rank)
         a = g.attention(q, k, v, nh, nkv, hd, g.rates[0], softcap=gemma and spec.attn_softcap,
-                        contiguous_q=spec.family == "phi3" or halves,
-                        fused=v if spec.family == "phi3" else None, masked=masked)
+                        contiguous_q=fused or halves or concatenated_rope(spec), fused=v if fused else None,
+                        masked=masked, value_dim=spec.v_head_dim, contiguous_k=bool(spec.kv_lora_rank))
     # the attention modules of Llama's form (OLMo 2's too); the MLP of Llama's form is the layer's
     # last op only with the norms before the blocks (`dense`)
-    llama_attention = spec.family in ("llama", "mistral", "qwen2", "qwen3", "olmo2", "smollm3")
+    llama_attention = spec.family in ("llama", "mistral", "qwen2", "qwen3", "olmo2", "smollm3", "deepseek_v3",
+                                      "glm4_moe")
     dense = llama_attention and not post_norms
     if llama_attention:
         # the attention module keeps q, k, v (and eager's weights) and the layer its normed input until
         # the module returns: through the kernel's end and o_proj, what a recomputed layer reaches again
-        g.args = tuple(t for t in (h, q, k, v, g.attn_weights) if t is not None)
+        # (latent attention's module binds more: `latent_locals`)
+        g.args = tuple(t for t in (*(g.args if spec.kv_lora_rank else (h, q, k, v)), g.attn_weights)
+                       if t is not None)
         g.peak_at(g.unsaved(*g.args, a) + g.attn_internal)
     elif g.attn_weights is not None:  # bound by the attention module until it returns
         g.args += (g.attn_weights,)
@@ -1392,9 +1435,11 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
     if g.attn_weights is not None:
         g.hold(g.attn_weights)  # (Phi-3's as `self_attn_weights`), through the MLP in the forward too
     # the attention module's locals (`attention_locals`) are bound through o_proj in the forward too
-    g.hold(q, k, v)
-    o = g.linear(a, f"{p}.self_attn.o_proj", nh * hd, H)
-    g.release(q, k, v)
+    module_locals = tuple(t for t in g.args if t is not g.attn_weights) if spec.kv_lora_rank else (q, k, v)
+    g.hold(*module_locals)
+    o = g.linear(a, f"{p}.self_attn.o_proj", nh * spec.value_head_dim, H)
+    g.release(*module_locals)
+    g.hold(h)
     if f"{p}.self_attn.o_proj" in g.wrapped and a.grad:
         g.out_input_backward[f"layer {i}"] = lora_input_gradient_sum(a.nbytes)
     g.peak_at(g.unsaved(a, o, *g.args))
@@ -1424,8 +1469,10 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
         # the decoder layer also binds the residual (the stream after attention) until the MLP returns;
         # it is saved already unless the norm upcast a 16-bit copy of it
         g.args = (h, x) if g.attn_weights is None else (h, x, g.attn_weights)
-    if spec.num_experts:
+    if sparse:
         m = _moe(g, spec, p, h)
+        if spec.shared_experts:
+            m = shared_experts(g, spec, p, h, m)
     elif spec.family == "phi3":
         gu = g.linear(h, f"{p}.mlp.gate_up_proj", H, 2 * inter)
         # gate and up are halves of one output: keeping either keeps all of it
@@ -1476,15 +1523,17 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
                        recompute_alive=tuple(a for a in g.args if a.key != h.key), fp32_product=post_only)
         # the block's output is bound until the norm returns; the MLP's normed input is gone by then
         g.peak_at(g.unsaved(block_out, *(a for a in g.args if a.key != h.key)))
-    if not spec.num_experts:  # the expert block records its own tail (`_moe`)
+    if not sparse:  # the expert block records its own tail (`_moe`)
         g.tail_end()
+        if spec.num_experts:
+            g.expert_backward.append(0)  # (a dense layer of an expert model: DeepSeek-V3's first)
     g.args, g.attn_weights = (), None
     layer = g.section.removesuffix(" mlp")
     if m.itemsize < x.itemsize and not post_norms and not dense:
         # autocast: the add's backward casts the fp32 residual gradient to the block's 16-bit output;
         # that copy waits through the recompute its first saved tensor sets off
         g.pending[layer] = g.pending.get(layer, 0) + m.nbytes
-    if (f"{p}.mlp.down_proj" in g.wrapped and not post_norms and not spec.num_experts and not dense
+    if (f"{p}.mlp.down_proj" in g.wrapped and not post_norms and not sparse and not dense
             and (spec.family != "phi3" or g.rates[1] <= 0)):
         # LoRA on the output projection: the scale's backward needs no saved tensor, so the scaled
         # branch's gradient is made before lora_B's backward sets off the recompute (fp32 adapters
@@ -1498,6 +1547,88 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
         # recompute)
         g.pending[layer] = g.pending.get(layer, 0) + block_out.numel * FP32
     return g.add(x, m)
+
+
+def _latent_qkv(g: Graph, spec: ModelSpec, p: str, h: Tensor,
+                rot: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Multi-head latent attention's q, k and v as `DeepseekV3Attention.forward` makes them: q from
+    q_proj, or q_a_proj, its RMSNorm and q_b_proj; the latent and the shared rotary key from one
+    projection (kv_a_proj_with_mqa), the latent's slice through kv_a_layernorm (in fp32 the norm's
+    `.to(float32)` is no copy, so it keeps a view of the whole projection), kv_b_proj to every head's
+    key part and value. Each head's last `rope_head_dim` values of q, and the one rotary key, rotate;
+    q is then the concatenation of its parts (contiguous, in the wider dtype), k a new tensor the key
+    parts are copied into, v a view of kv_b_proj's output (keeping it keeps all of it).
+    Leaves in `g.args` what the module binds until it returns (`latent_locals`)."""
+    H, nh, hd = spec.hidden_size, spec.num_heads, spec.head_dim
+    rd, vd, latent = spec.rotary_dim, spec.value_head_dim, spec.kv_lora_rank
+    t, a = g.cond.tokens, f"{p}.self_attn"
+    if spec.q_lora_rank:
+        qa = g.linear(h, f"{a}.q_a_proj", H, spec.q_lora_rank)
+        g.args = (h, qa)
+        qa = g.rms_norm(qa, f"{a}.q_a_layernorm", spec.q_lora_rank)
+        g.args = (h, qa)
+        q = g.linear(qa, f"{a}.q_b_proj", spec.q_lora_rank, nh * hd)
+    else:
+        q = g.linear(h, f"{a}.q_proj", H, nh * hd)
+    g.args = (h, q)
+    ckv = g.linear(h, f"{a}.kv_a_proj_with_mqa", H, latent + rd)
+    g.args = (h, q, ckv)
+    if ckv.grad and ckv.itemsize == FP32:
+        g.save(ckv)  # the norm's pow keeps its input, a view of the projection's whole output
+    kv_in = g.rms_norm(Tensor(t * latent, ckv.itemsize, ckv.grad, ckv.key), f"{a}.kv_a_layernorm", latent)
+    g.args = (h, q, ckv, kv_in)
+    assert rot is not None
+    q_rot = g.rope(Tensor(t * nh * rd, q.itemsize, q.grad, -1), *rot, alive=g.args,
+                   interleaved=spec.rope_interleave)
+    g.args = (h, q, ckv, kv_in, q_rot)
+    k_rot = g.rope(Tensor(t * rd, ckv.itemsize, ckv.grad, -1), *rot, alive=g.args,
+                   interleaved=spec.rope_interleave)
+    query = g.new(t * nh * hd, max(q.itemsize, q_rot.itemsize), q.grad)  # cat((q_pass, q_rot))
+    g.args = (h, q, ckv, kv_in, q_rot, k_rot, query)
+    g.moment(*g.args)
+    kv = g.linear(kv_in, f"{a}.kv_b_proj", latent, nh * (hd - rd + vd))
+    key = g.new(t * nh * hd, kv.itemsize, kv.grad or k_rot.grad)  # new_empty, then two copy_
+    g.args = latent_locals(h, q, ckv, kv_in, q_rot, k_rot, query, kv, key)
+    g.hold(*g.args)  # through the kernel and o_proj (the layer releases them)
+    g.moment()
+    return query, key, Tensor(kv.numel, kv.itemsize, kv.grad, kv.key)
+
+
+def concatenated_rope(spec: ModelSpec) -> bool:
+    """Whether the rotary embedding rotates a slice of each head and concatenates the rest back
+    (`partial_rope`): GLM-4-MoE's does so whatever its `partial_rotary_factor`, 1 too (the rest is
+    then empty, the concatenation a copy); a partial rotary embedding of another family would too.
+    Latent attention rotates its own part (`_latent_qkv`)."""
+    return not spec.kv_lora_rank and (bool(spec.rope_head_dim) or spec.family == "glm4_moe")
+
+
+def partial_rope(g: Graph, spec: ModelSpec, q: Tensor, k: Tensor, v: Tensor,
+                 rot: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """GLM-4-MoE's partial rotary embedding: the first `rope_head_dim` values of each query and key
+    head rotate (slices of the projections), then each is concatenated with its unrotated rest into a
+    new (b, heads, s, head_dim) tensor, in the wider of the two dtypes (fp32 under autocast, whose
+    cos and sin are fp32). Both rotated parts are made before either concatenation; the projections
+    are bound until the function returns. Source: transformers 5 glm4_moe `apply_rotary_pos_emb`."""
+    t, rd = g.cond.tokens, spec.rotary_dim
+    nh, nkv = spec.num_heads, spec.num_kv_heads
+    q_rot = g.rope(Tensor(t * nh * rd, q.itemsize, q.grad, -1), *rot, alive=(q, k, v))
+    k_rot = g.rope(Tensor(t * nkv * rd, k.itemsize, k.grad, -1), *rot, alive=(q, k, v, q_rot))
+    q_cat = g.new(q.numel, max(q.itemsize, q_rot.itemsize), q.grad)
+    g.moment(q, k, v, q_rot, k_rot, q_cat)
+    g.peak_at(g.unsaved(*g.args, q, k, v, q_rot, k_rot, q_cat))
+    k_cat = g.new(k.numel, max(k.itemsize, k_rot.itemsize), k.grad)
+    g.moment(q, k, v, k_rot, q_cat, k_cat)
+    g.peak_at(g.unsaved(*g.args, q, k, v, k_rot, q_cat, k_cat))
+    return q_cat, k_cat
+
+
+def latent_locals(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """What latent attention's forward binds while the kernel and o_proj run, beyond what they save:
+    the layer's normed input, the projected query (its unrotated part a view of it), the latent
+    projection (the rotary key's view of it), the normed latent, the rotated query part and key,
+    the query, kv_b_proj's output (the value a view of it) and the key. Source: transformers 5
+    `DeepseekV3Attention.forward` and `expand_kv`, whose locals are freed as it returns."""
+    return tensors
 
 
 def qk_norm(g: Graph, spec: ModelSpec, x: Tensor, path: str, heads: int) -> Tensor:
@@ -1541,8 +1672,9 @@ def rotary_halves(spec: ModelSpec) -> bool:
 
 
 def rotary_width(spec: ModelSpec) -> int:
-    """Elements per position of the rotary cos (and of sin): head_dim, GPT-OSS's head_dim / 2."""
-    return spec.head_dim // 2 if rotary_halves(spec) else spec.head_dim
+    """Elements per position of the rotary cos (and of sin): head_dim, GPT-OSS's head_dim / 2, the
+    rotating part of a head where only part rotates (`ModelSpec.rotary_dim`)."""
+    return spec.head_dim // 2 if rotary_halves(spec) else spec.rotary_dim
 
 
 def eager_output_transient(g: Graph, k: Tensor, kv_heads: int, heads: int, full: int, out: int) -> int:
@@ -1562,7 +1694,7 @@ def eager_output_transient(g: Graph, k: Tensor, kv_heads: int, heads: int, full:
 
 def math_kernel_transient(full: int, kv_full: int, probs: int, square: int, itemsize: int,
                           query_itemsize: int, kv_heads: int, heads: int, q_copied: bool,
-                          masked: bool = False, v_kept: bool = False) -> int:
+                          masked: bool = False, v_kept: bool = False, out_full: int = 0) -> int:
     """What torch's CPU math attention kernel (`_scaled_dot_product_attention_math`, the fallback when
     attention dropout is on) holds beyond what it saves, as its output is cast back to the inputs'
     dtype: 16-bit inputs upcast to fp32 (q, k, v), k repeated over the query heads (`enable_gqa`: a
@@ -1577,13 +1709,16 @@ def math_kernel_transient(full: int, kv_full: int, probs: int, square: int, item
     upcast is itself what probs @ v keeps (counted as saved), not a transient beside a copy.
     Assumption: torch 2.13's CPU math kernel, as the tracer lists its tensors; the saved copies
     (scaled q and k, v, probabilities, dropout mask, dropped probabilities) are counted by `attention`.
+    `out_full`: elements of v and of the output where their heads are not q's (latent attention).
     """
+    out = out_full or full
+    v_full = kv_full * out // full
     upcast = itemsize != FP32
-    held = square * FP32 + full * FP32  # the mask, the fp32 output
+    held = square * FP32 + out * FP32  # the mask, the fp32 output
     if q_copied:
         held += full * FP32
     if upcast:
-        held += (full + (1 if v_kept else 2) * kv_full) * FP32 + probs * itemsize + full * itemsize
+        held += (full + kv_full + (0 if v_kept else v_full)) * FP32 + probs * itemsize + out * itemsize
     if kv_heads < heads and (kv_heads > 1 or not masked):
         held += full * FP32
     if query_itemsize != itemsize:  # autocast's casts of the fp32 rotated query and key
@@ -1628,11 +1763,8 @@ def _moe(g: Graph, spec: ModelSpec, p: str, h: Tensor) -> Tensor:
     H, inter, E, k = spec.hidden_size, spec.intermediate_size, spec.num_experts, spec.experts_per_token
     t = g.cond.tokens
     rows = t * k
-    router = router_path(spec, p)
-    logits = g.merged_linear(h, router, H, E) if router in g.wrapped else g.linear(h, router, H, E)
+    logits = route(g, spec, router_path(spec, p), h)
     rw = routing_weight_bytes(spec, logits.itemsize)
-    if logits.grad:
-        g.save(*router_saves(g, spec, t, rows, rw))
     full = f"{p}.mlp.experts" in g.trainable
     up_rank, down_rank = (g.wrapped.get(f"{p}.mlp.experts.{leaf}", 0)
                           for leaf in ("gate_up_proj", "down_proj"))
@@ -1733,6 +1865,100 @@ def _moe(g: Graph, spec: ModelSpec, p: str, h: Tensor) -> Tensor:
     # its own moment, before the down projection's weight gradient exists (a full one when trained)
     g.combine[layer] = combine
     return g.new(t * H, xb, True)
+
+
+def route(g: Graph, spec: ModelSpec, router: str, h: Tensor) -> Tensor:
+    """The sparse block's router and its logits (whose dtype the routing weights take,
+    `routing_weight_bytes`), with what it saves (`router_saves`). A sigmoid router (DeepSeek-V3,
+    GLM-4-MoE) casts its input to fp32 (a copy of a 16-bit one) for its fp32 weight (autocast still
+    runs it in 16 bits; a LoRA-merged weight is fp32 too). Source: transformers 5
+    `DeepseekV3TopkRouter`."""
+    H, E, t = spec.hidden_size, spec.num_experts, g.cond.tokens
+    rows = t * spec.experts_per_token
+    sigmoid = spec.router == "sigmoid"
+    if sigmoid:
+        h = g.cast(h, FP32)
+    logits = (g.merged_linear(h, router, H, E, FP32 if sigmoid else 0) if router in g.wrapped
+              else g.linear(h, router, H, E))
+    if logits.grad:
+        g.save(*router_saves(g, spec, t, rows, routing_weight_bytes(spec, logits.itemsize)))
+    return logits
+
+
+def shared_experts(g: Graph, spec: ModelSpec, p: str, h: Tensor, routed: Tensor) -> Tensor:
+    """DeepSeek-V3's shared experts: a gated MLP of shared_experts x intermediate_size over the block's
+    input, run after the routed experts (whose output is bound meanwhile) and added to it. What it
+    saves is used and freed first in backward (its ops were recorded last), before the routed
+    experts' peak: it joins the block's tail. Its own peak, the gated product's backward (its
+    gradient and the two it hands back, tokens x width each in compute dtype), comes with every
+    routed expert's saved tensor still alive and only the down projection's freed: a moment of the
+    block's backward beyond its saved tensors (`Graph.expert_backward`). Its input's gradient then
+    waits through all of the routed experts' backward, to be summed with theirs: every later moment
+    of the block holds it too (the un-sort's and the combine's, the recompute's, the gated product's
+    and a merged expert weight's). Source: transformers 5 `DeepseekV3MoE.forward`."""
+    H, inter = spec.hidden_size, spec.shared_experts * spec.intermediate_size
+    path = f"{p}.mlp.shared_experts"
+    before = g._saved_total
+    g.args += (routed,)
+    gate = g.linear(h, f"{path}.gate_proj", H, inter)
+    gate_act = g.unary(gate, "input")
+    g.hold(routed, gate_act)
+    up = g.linear(h, f"{path}.up_proj", H, inter)
+    # (a recompute reaches each moment only when a tensor is saved after it: early stop)
+    g.peak_at(g.unsaved(h, gate_act, up, *g.args), after_saves=True)
+    act = g.mul(gate_act, up)
+    g.moment(up, act)  # the product beside its factors (the activation held)
+    g.release(gate_act)
+    down_from = g._saved_total
+    down = f"{path}.down_proj"
+    out = g.linear(act, down, inter, H)
+    if g._saved_total > down_from:
+        # the down projection, when it saves anything, saves the layer's last tensor: a recompute stops
+        # there, once it has, before its output
+        g.peak_at(g.unsaved(h, act, *g.args) + recompute_stop_transient(g.cond, act.numel, out.numel,
+                                                                         down in g.wrapped))
+    g.peak_at(g.unsaved(h, act, out, *g.args), after_saves=True)
+    g.release(routed)
+    g.args = g.args[:-1]
+    if g.tails:
+        g.tails[-1] += g._saved_total - before
+    shared_backward_moments(g, spec, p, h.nbytes if h.grad else 0, g._saved_total - before,
+                            g._saved_total - down_from if act.grad else None,
+                            out.nbytes if out.itemsize < routed.itemsize else 0)
+    return g.add(routed, out)
+
+
+def shared_backward_moments(g: Graph, spec: ModelSpec, p: str, waits: int, mine: int, down_saved: int | None,
+                            cast: int) -> None:
+    """The shared experts' share of the sparse block's backward moments (see `shared_experts`): their
+    input's gradient (`waits`) alive through the routed experts' backward, what they saved (`mine`)
+    freed by then, and, trained in full, their three weight gradients made by then; under autocast the
+    16-bit cast of their gradient (`cast`) waiting through a recompute. Their own gated product's
+    moment (`down_saved`: what the down projection saved; None when no gradient reaches it) holds
+    only the down projection's weight gradient, not yet the routed experts' down one, which the
+    timeline counts before the block's backward."""
+    H, inter, wb = spec.hidden_size, spec.shared_experts * spec.intermediate_size, g.cond.weight_bytes
+    path = f"{p}.mlp.shared_experts"
+    layer = g.section.removesuffix(" mlp")
+    made = sum(H * inter * wb for leaf in ("gate_proj", "up_proj", "down_proj")
+               if f"{path}.{leaf}" in g.trainable)
+    for moments, freed in ((g.pending, 0), (g.combine, mine), (g.recompute_combine, 0)):
+        if moments.get(layer):  # (the un-sort's and the recompute's were written before these saves)
+            moments[layer] += waits + made - freed
+    # (the un-sort's moment adds `pending`, which holds `waits`; the gradients are made before it)
+    g.pending[layer] = g.pending.get(layer, 0) + cast - (made if g.pending.get(layer) else 0)
+    if g.unsort.get(layer):
+        g.unsort[layer] += made
+    routed_peak = (3 * g.cond.tokens * spec.experts_per_token * spec.intermediate_size * wb
+                   - (g.tails[-1] if g.tails else 0))
+    routed_trains = f"{p}.mlp.experts" in g.trainable
+    routed_grad = spec.num_experts * H * spec.intermediate_size * wb if routed_trains else 0
+    down_grad = H * inter * wb if f"{path}.down_proj" in g.trainable else 0
+    shared = (0 if down_saved is None else
+              3 * g.cond.tokens * inter * g.cond.compute_bytes - down_saved + down_grad - routed_grad)
+    merged = g.expert_backward[-1]
+    g.expert_backward[-1] = max(merged + waits + made - mine if merged else 0,
+                                routed_peak + waits + made if waits else 0, shared)
 
 
 def expert_lora_gradients(experts: int, out_f: int, in_f: int, rank: int, itemsize: int) -> tuple[int, int]:
@@ -1973,9 +2199,13 @@ def router_saves(g: Graph, spec: ModelSpec, tokens: int, rows: int, routing_byte
     Source: transformers 5 `MixtralTopKRouter`, `Qwen3MoeTopKRouter`, `GptOssTopKRouter`."""
     if spec.routing == "topk-softmax":
         return g.new(rows, INT64, False), g.new(rows, routing_bytes, True)
-    kept = (g.new(tokens * spec.num_experts, FP32, True), g.new(rows, INT64, False))
+    # a sigmoid router (DeepSeek-V3, GLM-4-MoE) keeps its scores and the gather's indices of the
+    # chosen ones, and with `norm_topk` the normaliser and the quotient, in the logits' dtype; the
+    # choice itself (correction bias, group scores and masks, top-k) keeps nothing
+    scores = routing_bytes if spec.router == "sigmoid" else FP32
+    kept = (g.new(tokens * spec.num_experts, scores, True), g.new(rows, INT64, False))
     if spec.norm_topk:
-        kept += (g.new(tokens, FP32, False), g.new(rows, FP32, True))
+        kept += (g.new(tokens, scores, False), g.new(rows, scores, True))
     return kept
 
 
@@ -2110,6 +2340,7 @@ def layer_backward_transients(spec: ModelSpec, cond: Conditions) -> tuple[int, i
     resid = residual_gradient_bytes(spec, cond)
     rows = t * max(spec.experts_per_token, 1)
     # grouped expert matmuls are not autocast: they run in the hidden states' (the weights') dtype
+    # (a model with dense layers or shared experts has its own per layer: `mlp_backward_transients`)
     mlp = 3 * rows * spec.intermediate_size * (cond.weight_bytes if spec.num_experts else cb)
     # An expert block's first backward op without checkpointing, the combine's (the rows' weighting by
     # the fp32 routing weights), is its own phase (`Profile.expert_combine`, `moe_combine_backward`):
@@ -2127,6 +2358,21 @@ def layer_backward_transients(spec: ModelSpec, cond: Conditions) -> tuple[int, i
     else:
         attn = qkv
     return resid, mlp, attn
+
+
+def mlp_backward_transients(spec: ModelSpec, cond: Conditions) -> tuple[int, ...]:
+    """Per layer, the MLP's part of `layer_backward_transients` for a model whose layers' MLPs differ
+    (DeepSeek-V3's dense layers first, its shared experts beside the routed ones); () for the rest.
+    A dense layer's gated product hands back two (tokens x width) gradients beside the incoming one,
+    in compute dtype; a sparse layer's the larger of its routed experts' (rows x expert width, in the
+    weights' dtype) and its shared experts' (tokens x shared width, compute dtype)."""
+    if not (spec.dense_layers or spec.shared_experts):
+        return ()
+    t, cb = cond.tokens, cond.compute_bytes
+    routed = 3 * t * spec.experts_per_token * spec.intermediate_size * cond.weight_bytes
+    shared = 3 * t * spec.shared_experts * spec.intermediate_size * cb
+    return tuple(max(routed, shared) if spec.sparse_layer(i) else 3 * t * spec.mlp_width(i) * cb
+                 for i in range(spec.num_layers))
 
 
 def cpu_rng_state_bytes() -> int:
@@ -2228,8 +2474,10 @@ def trained_norm_product_bytes(numel: int, itemsize: int, offset_weight: bool) -
 
 def qkv_backward_bytes(spec: ModelSpec, cond: Conditions) -> int:
     """The gradients of q, k, v and of attention's output alive at once when the core's backward
-    returns: tokens x (2 heads + 2 k/v heads) x head_dim in compute dtype."""
-    return cond.tokens * (2 * spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim * cond.compute_bytes
+    returns: tokens x (heads + k/v heads) x (head_dim + v head_dim) in compute dtype (latent
+    attention's values are v_head_dim wide; elsewhere 2 x head_dim)."""
+    return (cond.tokens * (spec.num_heads + spec.num_kv_heads) * (spec.head_dim + spec.value_head_dim)
+            * cond.compute_bytes)
 
 
 def value_gradient_bytes(spec: ModelSpec, cond: Conditions) -> int:
@@ -2241,7 +2489,7 @@ def value_gradient_bytes(spec: ModelSpec, cond: Conditions) -> int:
     repeat), so v's gradient waits beside the probabilities' and the scores' gradients.
     """
     math = cond.attention != "eager"
-    return cond.tokens * spec.num_heads * spec.head_dim * (FP32 if math else cond.compute_bytes)
+    return cond.tokens * spec.num_heads * spec.value_head_dim * (FP32 if math else cond.compute_bytes)
 
 
 def lora_input_gradient_sum(input_bytes: int) -> int:
@@ -2360,7 +2608,9 @@ class Profile:
     # per layer: the most its forward holds at once up to its last save (`Graph.recompute_peak`),
     # reached again when a checkpointed layer is recomputed
     recompute_peaks: tuple[int, ...] = ()
-    expert_backward: tuple[int, ...] = ()  # per layer, ParamWrapper'd experts (`merged_weight_backward`)
+    expert_backward: tuple[int, ...] = ()
+    # per layer, the MLP's backward transient where layers' MLPs differ (`mlp_backward_transients`)
+    mlp_transients: tuple[int, ...] = ()  # per layer, ParamWrapper'd experts (`merged_weight_backward`)
     # per layer: gradients alive through its recompute besides the residual stream's (`Graph.pending`)
     recompute_pending: tuple[int, ...] = ()
     # per layer: the most a DoRA layer's backward of its scaling holds beyond the layer's saves and
@@ -2573,6 +2823,7 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
         checkpoint_args=shared,
         mlp_layers=tuple(mlps),
         transients=layer_backward_transients(spec, cond),
+        mlp_transients=mlp_backward_transients(spec, cond),
         mlp_tails=tuple(g.tails),
         expert_backward=tuple(g.expert_backward) if len(g.expert_backward) == spec.num_layers else (),
         attn_tails=tuple(g.attn_tails),

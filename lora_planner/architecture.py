@@ -144,7 +144,33 @@ def _gpt2_layers(spec: ModelSpec) -> list[Module]:
     return modules
 
 
+def _latent_attention(spec: ModelSpec, p: str) -> list[Module]:
+    """DeepSeek-V3's multi-head latent attention: queries projected directly (`q_proj`) or through a
+    normed bottleneck (`q_a_proj`, `q_a_layernorm`, `q_b_proj`); one compressed key/value latent and
+    the shared rotary key (`kv_a_proj_with_mqa`), normed (`kv_a_layernorm`) and expanded to every
+    head's key and value (`kv_b_proj`). `attention_bias` puts a bias on q_a, kv_a and o only."""
+    h, nh, b = spec.hidden_size, spec.num_heads, spec.qkv_bias
+    q_out = nh * spec.head_dim
+    nope = spec.head_dim - spec.rotary_dim
+    a = f"{p}.self_attn"
+    if spec.q_lora_rank:
+        query = [_linear(f"{a}.q_a_proj", h, spec.q_lora_rank, b),
+                 _norm(f"{a}.q_a_layernorm", spec.q_lora_rank, bias=False),
+                 _linear(f"{a}.q_b_proj", spec.q_lora_rank, q_out, False)]
+    else:
+        query = [_linear(f"{a}.q_proj", h, q_out, False)]
+    return [
+        *query,
+        _linear(f"{a}.kv_a_proj_with_mqa", h, spec.kv_lora_rank + spec.rotary_dim, b),
+        _norm(f"{a}.kv_a_layernorm", spec.kv_lora_rank, bias=False),
+        _linear(f"{a}.kv_b_proj", spec.kv_lora_rank, nh * (nope + spec.value_head_dim), False),
+        _linear(f"{a}.o_proj", nh * spec.value_head_dim, h, spec.out_bias),
+    ]
+
+
 def _attention(spec: ModelSpec, p: str) -> list[Module]:
+    if spec.kv_lora_rank:
+        return _latent_attention(spec, p)
     h = spec.hidden_size
     q_out = spec.num_heads * spec.head_dim
     kv_out = spec.num_kv_heads * spec.head_dim  # grouped-query attention: fewer k/v heads
@@ -169,20 +195,28 @@ def _attention(spec: ModelSpec, p: str) -> list[Module]:
     return modules
 
 
-def _mlp(spec: ModelSpec, p: str) -> list[Module]:
-    h, inner, b = spec.hidden_size, spec.intermediate_size, spec.mlp_bias
+def _gated_mlp(path: str, h: int, inner: int, b: bool) -> list[Module]:
+    return [
+        _linear(f"{path}.gate_proj", h, inner, b),
+        _linear(f"{path}.up_proj", h, inner, b),
+        _linear(f"{path}.down_proj", inner, h, b),
+    ]
+
+
+def _mlp(spec: ModelSpec, p: str, i: int) -> list[Module]:
+    h, inner, b = spec.hidden_size, spec.mlp_width(i), spec.mlp_bias
     if spec.family == "phi3":
         return [
             _linear(f"{p}.mlp.gate_up_proj", h, 2 * inner, b),  # fused gate and up
             _linear(f"{p}.mlp.down_proj", inner, h, b),
         ]
-    if spec.num_experts:
-        return _experts(spec, p)
-    return [
-        _linear(f"{p}.mlp.gate_proj", h, inner, b),
-        _linear(f"{p}.mlp.up_proj", h, inner, b),
-        _linear(f"{p}.mlp.down_proj", inner, h, b),
-    ]
+    if spec.sparse_layer(i):
+        sparse = _experts(spec, p)
+        # DeepSeek-V3's shared experts: one gated MLP as wide as `shared_experts` experts
+        if spec.shared_experts:
+            sparse += _gated_mlp(f"{p}.mlp.shared_experts", h, spec.shared_experts * inner, b)
+        return sparse
+    return _gated_mlp(f"{p}.mlp", h, inner, b)
 
 
 def router_path(spec: ModelSpec, p: str) -> str:
@@ -220,7 +254,7 @@ def _decoder_layers(spec: ModelSpec) -> list[Module]:
             modules.append(Module(f"{p}.self_attn", "sinks",
                                   (Param(f"{p}.self_attn.sinks", (spec.num_heads,)),)))
         modules += _attention(spec, p)
-        modules += _mlp(spec, p)
+        modules += _mlp(spec, p, i)
         if spec.norm_placement != "post":  # OLMo 2 has no norm before attention
             modules.append(_norm(f"{p}.input_layernorm", h, bias=False))
         # before the MLP (Llama), after attention (Gemma-2, OLMo 2): the same name
@@ -252,3 +286,12 @@ def _layout(spec: ModelSpec, task: str, num_labels: int) -> Architecture:
         return Architecture(tuple(body) + (head,), "score", tied_head=False)
     head = _head("lm_head", spec.hidden_size, spec.vocab_size, spec.tied_embeddings)
     return Architecture(tuple(body) + (head,), "lm_head", tied_head=spec.tied_embeddings)
+
+
+def kept_in_fp32(spec: ModelSpec, arch: Architecture) -> tuple[Param, ...]:
+    """Parameters transformers keeps in fp32 whatever dtype the model is loaded in
+    (`_keep_in_fp32_modules_strict`): DeepSeek-V3's router weights (`mlp.gate.weight`), which its
+    sigmoid router reads in fp32. Empty for every other family."""
+    if spec.router != "sigmoid":
+        return ()
+    return tuple(p for m in arch.modules if m.kind == "router" for p in m.params)

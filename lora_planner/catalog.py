@@ -151,6 +151,41 @@ CATALOG: tuple[ModelSpec, ...] = (
     _gpt_oss("gpt-oss-120b", layers=36, experts=128, source="openai/gpt-oss-120b"),
 )
 
+# DeepSeek-V3 as transformers builds it: latent attention (q through a 1,536 bottleneck, k and v from a
+# 512 latent, 64 of each 192-wide q/k head rotating, interleaved), 3 dense layers then 58 of 256 routed
+# experts (top 8, within the best 4 of 8 groups) beside one shared expert. The multi-token-prediction
+# layer of the checkpoint (`model.layers.61`) is not built, so not planned.
+DEEPSEEK_V3 = ModelSpec(
+    name="deepseek-v3", family="deepseek_v3", vocab_size=129280, hidden_size=7168, num_layers=61,
+    num_heads=128, num_kv_heads=128, head_dim=128 + 64, intermediate_size=2048, tied_embeddings=False,
+    max_positions=163840, num_experts=256, experts_per_token=8, source="deepseek-ai/DeepSeek-V3",
+    kv_lora_rank=512, q_lora_rank=1536, rope_head_dim=64, v_head_dim=128, rope_interleave=True,
+    dense_layers=3, dense_intermediate_size=18432, shared_experts=1, expert_groups=8, topk_groups=4,
+    routed_scaling=2.5,
+)
+
+# GLM-4.5-Air: 1 dense layer then 45 of 128 routed experts (top 8) beside one shared expert, half of
+# each 128-wide head rotating, biases on q/k/v, no q/k norms (use_qk_norm false). 106.85B parameters
+# as transformers builds it; the multi-token-prediction layer of the checkpoint is not built.
+GLM_4_5_AIR = ModelSpec(
+    name="glm-4.5-air", family="glm4_moe", vocab_size=151552, hidden_size=4096, num_layers=46,
+    num_heads=96, num_kv_heads=8, head_dim=128, intermediate_size=1408, tied_embeddings=False,
+    max_positions=131072, qkv_bias=True, num_experts=128, experts_per_token=8,
+    source="zai-org/GLM-4.5-Air", rope_head_dim=64, dense_layers=1, dense_intermediate_size=10944,
+    shared_experts=1,
+)
+
+CATALOG += (DEEPSEEK_V3, GLM_4_5_AIR)
+
+# What a plan of an entry says about its published checkpoint, by hub id, where the plan's 16-bit base
+# is not what the hub holds
+PUBLISHED_NOTES = {
+    "deepseek-ai/DeepSeek-V3": (
+        "deepseek-ai/DeepSeek-V3 is published in FP8 (block-scaled e4m3 weights; 685B parameters with "
+        "its multi-token-prediction module, which transformers does not build): this plan assumes a "
+        "16-bit base, as after dequantising the checkpoint to bf16"),
+}
+
 _BY_NAME = {alias: spec for spec in CATALOG for alias in (spec.name, *spec.aliases)}
 # The hub id each entry copies (`meta-llama/Llama-3.1-8B`), so it is answered without the network.
 _BY_SOURCE = {spec.source.lower(): spec for spec in CATALOG if spec.source}

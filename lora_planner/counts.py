@@ -17,7 +17,9 @@ following PEFT's rules rather than inventing cleaner ones:
   `w3` (always together) become `experts.gate_up_proj` at rank 2r, `w2` becomes
   `experts.down_proj`, `gate` becomes the router weight; `all-linear` takes all three. A 3-D
   parameter of E experts gets A = (r*E, in) and B = (out, r*E). Qwen3-MoE the same, its v4 names
-  `gate_proj` and `up_proj` (together) and `down_proj`.
+  `gate_proj` and `up_proj` (together) and `down_proj`; DeepSeek-V3 and GLM-4-MoE too, whose dense
+  MLPs and shared experts are nn.Linear layers under those same names, which PEFT therefore never
+  wraps (the names reach the fused experts only, `all-linear` included).
 - GPT-OSS (fused experts with biases, PEFT has no v4 names for it): its expert parameters are
   targeted by their own names, `gate_up_proj` and `down_proj`, and its router by `router`, as PEFT's
   `target_parameters` reaches them; the gate/up tensor at rank r (no conversion doubles it), and
@@ -50,6 +52,9 @@ PEFT_DEFAULT_TARGETS = {
     "smollm3": ("q_proj", "v_proj"),  # PEFT has no entry; as for Llama
     "gemma3": ("q_proj", "v_proj"),  # PEFT's gemma3_text entry
     "gpt_oss": ("q_proj", "v_proj"),  # PEFT has no entry; as for Llama
+    # PEFT has no entry; latent attention has no v_proj: its `qv` preset (`latent_attention_targets`)
+    "deepseek_v3": (),
+    "glm4_moe": ("q_proj", "v_proj"),  # PEFT has no entry; as for Llama
 }
 
 _SPLIT_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -68,6 +73,17 @@ PRESETS = {
     },
 }
 PRESET_NAMES = ("default", *PRESETS, "all-linear")
+
+
+def latent_attention_targets(spec: ModelSpec, preset: str) -> tuple[str, ...]:
+    """`qv` and `attn` for multi-head latent attention, which has no per-head q/k/v layers: `qv` the
+    query's projections (q_proj, or q_a_proj and q_b_proj through the bottleneck) and kv_b_proj, the
+    one layer that makes the values (with the keys' unrotated part: LoRA cannot wrap half of it);
+    `attn` those with kv_a_proj_with_mqa (the compressed latent and the rotary key) and o_proj."""
+    query = ("q_a_proj", "q_b_proj") if spec.q_lora_rank else ("q_proj",)
+    if preset == "qv":
+        return (*query, "kv_b_proj")
+    return (*query, "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
 
 SEQ_CLS_MODULES_TO_SAVE = ("classifier", "score")
 BIAS_MODES = ("none", "all", "lora_only")
@@ -177,6 +193,8 @@ def lora_linear_params(in_features: int, out_features: int, rank: int) -> int:
 
 
 def default_targets(spec: ModelSpec) -> tuple[str, ...]:
+    if spec.kv_lora_rank:
+        return latent_attention_targets(spec, "qv")
     return PEFT_DEFAULT_TARGETS[spec.family]
 
 
@@ -186,6 +204,8 @@ def expand_targets(spec: ModelSpec, targets: tuple[str, ...]) -> tuple[str, ...]
     for target in targets:
         if target == "default":
             names += default_targets(spec)
+        elif target in ("qv", "attn") and spec.kv_lora_rank:
+            names += latent_attention_targets(spec, target)
         elif target in PRESETS:
             by_family = PRESETS[target]
             chosen = by_family.get(spec.family, by_family["*"])
@@ -227,15 +247,22 @@ def wrapped_modules(spec: ModelSpec, setup: TrainSetup) -> tuple[tuple[Module, .
     _check_targets(arch, targets)
     saved = _modules_to_save_names(setup)
     v4_names = MOE_V4_NAMES.get(spec.family, {})
+    if v4_names and spec.family in PEFT_CONVERTED:
+        targets = tuple(dict.fromkeys(name for t in targets for name in (
+            regex_target_names(arch, t[3:], v4_names) if t.startswith("re:") else (t,))))
     moe = _moe_targets(arch, targets, v4_names, spec.family in PEFT_CONVERTED) if v4_names else []
     targets_left = tuple(t for t in targets if not any(_matches(f"x.{n}", t) for n in v4_names))
     if moe and not targets_left:
         return tuple(moe), targets
     if "all-linear" in targets:
         others = tuple(t for t in targets_left if t != "all-linear")
+        # PEFT resolves all-linear to the linear layers' names, then hands the v4 expert names on to
+        # the fused experts: a linear layer under one of those names (DeepSeek-V3's dense MLPs and
+        # shared experts) is left unwrapped
         chosen = [
             m for m in arch.modules
-            if (m.kind in LINEAR_KINDS and m.path != arch.head_path)
+            if (m.kind in LINEAR_KINDS and m.path != arch.head_path
+                and m.path.rsplit(".", 1)[-1] not in v4_names)
             or any(_matches(m.path, t) for t in others)
         ]
     else:
@@ -276,10 +303,39 @@ MOE_V4_NAMES = {
     "qwen3_moe": {"gate_proj": "gate_up_proj", "up_proj": "gate_up_proj", "down_proj": "down_proj",
                   "gate": "router"},
     "gpt_oss": {"gate_up_proj": "gate_up_proj", "down_proj": "down_proj", "router": "router"},
+    # DeepSeek-V3 (PEFT maps it as Qwen2-MoE): its dense MLPs' and shared experts' gate_proj, up_proj
+    # and down_proj are nn.Linear layers, but these names reach only the fused experts
+    "deepseek_v3": {"gate_proj": "gate_up_proj", "up_proj": "gate_up_proj", "down_proj": "down_proj",
+                    "gate": "router"},
+    "glm4_moe": {"gate_proj": "gate_up_proj", "up_proj": "gate_up_proj", "down_proj": "down_proj",
+                 "gate": "router"},
 }
 # Families whose names PEFT converts (`_convert_peft_config_moe`): two v4 linears fuse into gate_up_proj
 # at rank and alpha 2r, and `all-linear` reaches the experts and the router
-PEFT_CONVERTED = ("mixtral", "qwen3_moe")
+PEFT_CONVERTED = ("mixtral", "qwen3_moe", "deepseek_v3", "glm4_moe")
+
+
+def regex_target_names(arch: Architecture, pattern: str, v4_names: dict[str, str]) -> tuple[str, ...]:
+    """A regex target on a model whose experts PEFT converts from v4 names, as PEFT 0.21 reads it
+    (`_resolve_string_target_modules`): the last names of the module paths and parameter names it
+    matches in full, and a v4 expert name where the regex matches it under a fused expert's module
+    (`...mlp.experts.gate_proj`). Each is then a plain name, matched in every layer, and a v4 name
+    reaches the fused experts: a regex cannot single out one layer, nor a dense or shared MLP."""
+    from .validate import regex
+
+    compiled = regex("target", pattern)
+    keys = [*(m.path for m in arch.modules), *arch.container_paths, *(p.name for p in arch.params)]
+    matched = {k.rsplit(".", 1)[-1] for k in keys if compiled.fullmatch(k)}
+    holders: dict[str, set[str]] = {}
+    for p in arch.params:
+        holder, _, leaf = p.name.rpartition(".")
+        holders.setdefault(leaf, set()).add(holder)
+    for old, new in v4_names.items():
+        if old not in matched and any(compiled.fullmatch(f"{h}.{old}") for h in holders.get(new, ())):
+            matched.add(old)
+    if not matched:
+        raise PlanError(f"target 're:{pattern}' matches no module of the model")
+    return tuple(sorted(matched))
 
 
 def gate_up_rank_factor(spec: ModelSpec) -> int:
@@ -394,6 +450,25 @@ def oversized_rank_note(spec: ModelSpec, setup: TrainSetup) -> str | None:
     named = ", ".join(f"{name} ({in_f} -> {out_f})" for name, in_f, out_f in over)
     return (f"rank {setup.rank} is above the size of {named}: PEFT wraps them at that rank, but the "
             "update B @ A has rank at most min(in, out), so the parameters above it are wasted there")
+
+
+def unwrapped_mlp_note(spec: ModelSpec, setup: TrainSetup) -> str | None:
+    """What MLP layers a LoRA setup naming the MLP leaves frozen, or None. On DeepSeek-V3 and
+    GLM-4-MoE PEFT 0.21 reads gate_proj, up_proj and down_proj (all-linear and a regex too) as the
+    fused routed experts (`MOE_V4_NAMES`), so the dense layers' gated MLPs and the shared experts,
+    nn.Linear layers under the same names, are never wrapped."""
+    if setup.method == "full" or not (spec.dense_layers or spec.shared_experts):
+        return None
+    mlp_names = {n for n, reach in MOE_V4_NAMES.get(spec.family, {}).items() if reach != "router"}
+    names = lora_trainable(spec, setup).target_names
+    if not ("all-linear" in names or any(_matches(f"x.{n}", t) for n in mlp_names for t in names)):
+        return None
+    dense = min(spec.dense_layers, spec.num_layers)
+    frozen = " and ".join(part for part in (
+        ("the dense layer's MLP" if dense == 1 else f"the {dense} dense layers' MLPs") if dense else "",
+        "the shared experts" if spec.shared_experts else "") if part)
+    return (f"PEFT 0.21 reads gate_proj, up_proj and down_proj on {spec.family} as the fused routed "
+            f"experts: {frozen} stay frozen (no target name or regex reaches them)")
 
 
 def lora_trainable(spec: ModelSpec, setup: TrainSetup) -> Trainable:

@@ -7,8 +7,9 @@ from functools import lru_cache
 
 from . import checkpoint_sizes, cost, stacks
 from .adapter_dtype import FP32_ADAPTERS, fp32_adapters
-from .architecture import Architecture, Param, layout
-from .counts import lora_trainable
+from .architecture import Architecture, Param, kept_in_fp32, layout
+from .catalog import PUBLISHED_NOTES
+from .counts import lora_trainable, unwrapped_mlp_note
 from .errors import PlanError
 from .gpus import Gpu, fits, largest_fitting_peak
 from .memory import (
@@ -166,8 +167,23 @@ def _adapter_and_rest_states(adapters: tuple[Param, ...], rest: tuple[Param, ...
         parts.append(_states(sum(p.numel for p in rest), rest, setup, precision))
     if len(parts) == 1:
         return parts[0]
-    return {k: Term(k, sum(p[k].bytes for p in parts), "adapters: " + parts[0][k].formula + "; other: "
-                    + parts[1][k].formula) for k in parts[0]}
+    return _joined_states(*parts, "adapters")
+
+
+def _joined_states(rest: dict[str, Term], apart: dict[str, Term], what: str) -> dict[str, Term]:
+    """Model states of tensors at two widths, summed term by term: `apart` (named `what`) and the rest."""
+    return {k: Term(k, rest[k].bytes + apart[k].bytes,
+                    f"{what}: {apart[k].formula}; other: {rest[k].formula}") for k in rest}
+
+
+def _fp32_kept(spec: ModelSpec, arch: Architecture, precision: Precision) -> tuple[Param, ...]:
+    """The parameters transformers keeps in fp32 (`kept_in_fp32`), where the model's weights are not."""
+    return kept_in_fp32(spec, arch) if precision.weight_bytes < 4 else ()
+
+
+def _fp32_weight_term(params) -> Term:
+    return dense_weight_bytes("weights_fp32", sum(p.numel for p in params), 4,
+                              "kept in fp32 by transformers (router weights)")
 
 
 def _assemble(method: str, gpu: Gpu, weight_terms: tuple[Term, ...], states: dict[str, Term],
@@ -272,10 +288,19 @@ def plan_full(spec: ModelSpec, setup: TrainSetup, gpu: Gpu, fewest_only: bool = 
     total = arch.total_params
     dtype = _save_dtype(setup, precision)
     ckpt = checkpoint_sizes.safetensors_bytes(params, dtype)
+    wide = _fp32_kept(spec, arch, precision)
+    weights = (dense_weight_bytes("weights_trainable", total - sum(p.numel for p in wide),
+                                  precision.weight_bytes, "trainable"),)
+    states = _states(total, params, setup, precision)
+    if wide:
+        names = {p.name for p in wide}
+        rest = tuple(p for p in params if p.name not in names)
+        weights += (_fp32_weight_term(wide),)
+        states = _joined_states(_states(total - sum(p.numel for p in wide), rest, setup, precision),
+                                _states(sum(p.numel for p in wide), wide, setup, FP32_ADAPTERS),
+                                "kept in fp32")
     return _assemble(
-        "full", gpu,
-        (dense_weight_bytes("weights_trainable", total, precision.weight_bytes, "trainable"),),
-        _states(total, params, setup, precision), setup, spec,
+        "full", gpu, weights, states, setup, spec,
         _zero3(spec, setup, arch, precision, {m.path: m.numel for m in arch.modules}, total),
         flops_per_token=cost.full_flops_per_token(
             *_matmul_params(spec, setup.task, setup.num_labels),
@@ -309,6 +334,10 @@ def plan_lora(spec: ModelSpec, setup: TrainSetup, gpu: Gpu, fewest_only: bool = 
                             "(to_nf4); drop it or plan --quant-backend bnb")
         weight_terms.append(quantized_weight_bytes(nf4, setup.double_quant, setup.quant_backend,
                                                    precision.weight_bytes))
+    wide = {p.name for p in _fp32_kept(spec, arch, precision)}
+    if wide:
+        weight_terms.append(_fp32_weight_term([p for p in frozen if p.name in wide]))
+        frozen = [p for p in frozen if p.name not in wide]
     frozen_numel = sum(p.numel for p in frozen)
     weight_terms.append(dense_weight_bytes("weights_frozen", frozen_numel, precision.weight_bytes, "frozen"))
     fp32 = fp32_adapters(setup.method, precision, setup.adapter_dtype)
@@ -598,6 +627,12 @@ def make_plan(model: ModelSpec | DenseSize | RecordedModel, setups: tuple[TrainS
         if first.seq_len > model.max_positions:
             notes.append(f"--seq-len {first.seq_len:,} is longer than {model.name}'s context of "
                          f"{model.max_positions:,} positions: the model cannot train on it as is")
+        if model.source in PUBLISHED_NOTES:
+            notes.append(PUBLISHED_NOTES[model.source])
+        lora = next((s for s in setups if s.method != "full"), None)
+        mlp_note = unwrapped_mlp_note(model, lora) if lora is not None else None
+        if mlp_note:
+            notes.append(mlp_note)
         info = ModelInfo(model.name, model.family,
                          layout(model, first.task, first.num_labels).total_params, model.source, model)
     return Plan(info, setups[0], gpu, tuple(plans), tuple(notes), workload)

@@ -165,7 +165,8 @@ def _targets_line(plan: Plan) -> list[str]:
         return []
     family = plan.model.family
     if plan.setup.targets == ("default",) and family in PEFT_DEFAULT_TARGETS:
-        return [f"default LoRA targets for {family}: {', '.join(PEFT_DEFAULT_TARGETS[family])}"]
+        # (latent attention's default is its `qv` preset, which depends on the query's bottleneck)
+        return [f"default LoRA targets for {family}: {', '.join(lora[0].target_modules)}"]
     used, given = lora[0].target_modules, plan.setup.targets
     text = ", ".join(used) + (f" (--targets {','.join(given)})" if used != given else "")
     if used == ("all-linear",):

@@ -19,9 +19,10 @@ if TYPE_CHECKING:
 FAMILY_DROPOUT = {"gpt2": 0.1}
 
 FAMILIES = ("gpt2", "llama", "mistral", "mixtral", "qwen2", "gemma2", "phi3", "qwen3", "qwen3_moe", "olmo2",
-            "smollm3", "gemma3", "gpt_oss")
-# Families whose MLP is a sparse block of fused experts (3-D parameters) and a router, in every layer
-MOE_FAMILIES = ("mixtral", "qwen3_moe", "gpt_oss")
+            "smollm3", "gemma3", "gpt_oss", "deepseek_v3", "glm4_moe")
+# Families whose MLP is a sparse block of fused experts (3-D parameters) and a router (in every layer
+# but the first `dense_layers`)
+MOE_FAMILIES = ("mixtral", "qwen3_moe", "gpt_oss", "deepseek_v3", "glm4_moe")
 # Families whose config names each layer's attention in `layer_types` (sliding or full), read into
 # `ModelSpec.global_layers`
 LAYER_TYPE_FAMILIES = ("gemma3", "gpt_oss")
@@ -51,6 +52,8 @@ MODEL_TYPE_TO_FAMILY = {
     "olmo2": "olmo2",
     "smollm3": "smollm3",
     "gemma3_text": "gemma3",
+    "deepseek_v3": "deepseek_v3",
+    "glm4_moe": "glm4_moe",
     "gpt_oss": "gpt_oss",
 }
 # The `model_type` each family's config.json states, where it is not the family's name
@@ -64,12 +67,21 @@ GEMMA_FAMILIES = ("gemma2", "gemma3")
 # projection (OLMo 2, a weight of heads x head_dim); None: no such norm.
 QK_NORMS = ("head", "full")
 FAMILY_QK_NORM = {"qwen3": "head", "qwen3_moe": "head", "olmo2": "full", "gemma3": "head"}
+# Families whose config turns a q/k norm on or off (GLM-4-MoE's `use_qk_norm`): the form it has when on
+OPTIONAL_QK_NORM = {"glm4_moe": "head"}
 
 # Where a decoder layer's RMSNorms sit: "pre" before attention and before the MLP (Llama's
 # input_layernorm and post_attention_layernorm), "sandwich" before and after each (Gemma-2), "post"
 # after each block's output only (OLMo 2's post_attention_layernorm and post_feedforward_layernorm).
 NORM_PLACEMENTS = ("pre", "sandwich", "post")
 FAMILY_NORM_PLACEMENT = {"gemma2": "sandwich", "olmo2": "post", "gemma3": "sandwich"}
+
+# How a sparse block's router scores its experts: "softmax" over the router's logits (Mixtral,
+# Qwen3-MoE); "sigmoid" of fp32 logits, a correction bias added for the choice only, the top-k taken
+# within the best `topk_groups` of `expert_groups` groups and the chosen scores scaled by
+# `routed_scaling` (DeepSeek-V3's `DeepseekV3TopkRouter`)
+ROUTERS = ("softmax", "sigmoid")
+FAMILY_ROUTER = {"deepseek_v3": "sigmoid", "glm4_moe": "sigmoid"}
 
 # Families whose sliding window is Qwen2's: only with `use_sliding_window`, and only on the layers
 # from `max_window_layers` on
@@ -159,6 +171,53 @@ class ModelSpec:
     # (`FAMILY_ROUTING`, `FAMILY_EXPERT_GATE`, else the first), the only form transformers builds for it
     routing: str | None = None
     expert_gate: str | None = None
+    # Multi-head latent attention (DeepSeek-V3's MLA): keys and values come from one compressed latent
+    # of `kv_lora_rank` values per token (`kv_a_proj_with_mqa`, normed, then `kv_b_proj` to every head),
+    # queries through a `q_lora_rank` bottleneck (`q_a_proj`, normed, `q_b_proj`; 0: one `q_proj`).
+    # 0 `kv_lora_rank`: q, k and v are projected per head. `head_dim` is then the query and key head
+    # (qk_nope_head_dim + qk_rope_head_dim).
+    kv_lora_rank: int = 0
+    q_lora_rank: int = 0
+    # `rope_head_dim` values of each query and key head rotate (0: all of head_dim): latent attention's
+    # last ones, its key part shared by every head; GLM-4-MoE's first ones (`partial_rotary_factor`).
+    # Values are `v_head_dim` wide (0: head_dim)
+    rope_head_dim: int = 0
+    v_head_dim: int = 0
+    # rotary pairs interleaved (x0, x1), (x2, x3), ... rather than split in halves (`rope_interleave`)
+    rope_interleave: bool = False
+    # the first `dense_layers` layers have a gated MLP of `dense_intermediate_size` instead of the
+    # sparse block (`first_k_dense_replace`)
+    dense_layers: int = 0
+    dense_intermediate_size: int = 0
+    # a gated MLP of shared_experts x intermediate_size every token goes through beside the routed
+    # experts (`n_shared_experts`)
+    shared_experts: int = 0
+    # how the router scores experts (`ROUTERS`); None: the family's (`FAMILY_ROUTER`, else "softmax")
+    router: str | None = None
+    expert_groups: int = 1
+    topk_groups: int = 1
+    routed_scaling: float = 1.0
+
+    @property
+    def value_head_dim(self) -> int:
+        """Elements of one head's value (and attention output): `v_head_dim`, else `head_dim`."""
+        return self.v_head_dim or self.head_dim
+
+    @property
+    def rotary_dim(self) -> int:
+        """Elements of each query and key head that rotate: `rope_head_dim`, else all of `head_dim`."""
+        return self.rope_head_dim or self.head_dim
+
+    def sparse_layer(self, i: int) -> bool:
+        """Whether layer `i`'s MLP is the sparse expert block (every layer of an MoE family but the
+        first `dense_layers`)."""
+        return self.num_experts > 0 and i >= self.dense_layers
+
+    def mlp_width(self, i: int) -> int:
+        """The gated MLP's width in layer `i` when it is dense (`dense_intermediate_size` for the
+        first layers of a model that has them), else the experts' width."""
+        return self.dense_intermediate_size if self.dense_layers and not self.sparse_layer(i) \
+            else self.intermediate_size
 
     def rotary_layer(self, i: int) -> bool:
         """Whether decoder layer `i` rotates q and k (every layer but SmolLM3's NoPE ones)."""
@@ -204,7 +263,7 @@ class ModelSpec:
         qk_norm = FAMILY_QK_NORM.get(self.family)
         if self.qk_norm is None:
             object.__setattr__(self, "qk_norm", qk_norm)  # a frozen value, completed once
-        elif self.qk_norm != qk_norm:
+        elif self.qk_norm != qk_norm and self.qk_norm != OPTIONAL_QK_NORM.get(self.family):
             raise PlanError(f"model {self.name!r}: a {self.family} model has "
                             f"{f'{qk_norm!r} q/k norms' if qk_norm else 'no q/k norms'}, "
                             f"not {self.qk_norm!r}")
@@ -226,6 +285,13 @@ class ModelSpec:
             elif getattr(self, name) != form:
                 raise PlanError(f"model {self.name!r}: a {self.family} model's {name} is {form!r}, "
                                 f"not {getattr(self, name)!r}")
+        router = FAMILY_ROUTER.get(self.family, "softmax")
+        if self.router is None:
+            object.__setattr__(self, "router", router)
+        elif self.router != router:
+            raise PlanError(f"model {self.name!r}: a {self.family} model's router is {router!r}, "
+                            f"not {self.router!r}")
+        _check_latent_and_experts(self)
         placement = FAMILY_NORM_PLACEMENT.get(self.family, "pre")
         if self.norm_placement is None:
             object.__setattr__(self, "norm_placement", placement)
@@ -251,6 +317,45 @@ class ModelSpec:
                 f"model {self.name!r}: num_heads {self.num_heads} is not a multiple of "
                 f"num_kv_heads {self.num_kv_heads}"
             )
+
+
+def _check_latent_and_experts(spec: ModelSpec) -> None:
+    """The latent-attention and expert-block fields (see `ModelSpec`) hold together: latent attention
+    is DeepSeek-V3's and has a k/v head per query head; the rotating part of a head is even and no
+    wider than the head; dense-first layers have a width; expert groups divide the experts, with at
+    least two experts each (the router sums each group's best two)."""
+    from .validate import real_number, whole_number
+
+    name = f"model {spec.name!r}"
+    latent = spec.family == "deepseek_v3"
+    if bool(spec.kv_lora_rank) != latent:
+        need = "required for" if latent else "only for"
+        raise PlanError(f"{name}: kv_lora_rank (latent attention) is {need} a deepseek_v3 model")
+    if not latent and (spec.q_lora_rank or spec.v_head_dim or spec.rope_interleave):
+        raise PlanError(f"{name}: q_lora_rank, v_head_dim and rope_interleave are latent attention's "
+                        "(a deepseek_v3 model)")
+    if latent and spec.num_kv_heads != spec.num_heads:
+        raise PlanError(f"{name}: latent attention makes a key and a value for every head: "
+                        f"num_kv_heads must equal num_heads ({spec.num_heads})")
+    for field_name in ("kv_lora_rank", "q_lora_rank", "v_head_dim", "dense_layers", "shared_experts"):
+        whole_number(f"{name}: {field_name}", getattr(spec, field_name), 0, 10**6)
+    whole_number(f"{name}: rope_head_dim", spec.rope_head_dim, 0, spec.head_dim)
+    if spec.rope_head_dim % 2 or (latent and not spec.rope_head_dim):
+        raise PlanError(f"{name}: rope_head_dim must be even{' and positive' if latent else ''}, "
+                        f"got {spec.rope_head_dim}")
+    if spec.family not in MOE_FAMILIES and (spec.dense_layers or spec.shared_experts):
+        raise PlanError(f"{name}: dense_layers and shared_experts belong to an expert model")
+    if spec.dense_layers:
+        whole_number(f"{name}: dense_intermediate_size", spec.dense_intermediate_size, 1, 10**7)
+    if spec.router not in ROUTERS:
+        raise PlanError(f"{name}: router must be one of {', '.join(ROUTERS)}, got {spec.router!r}")
+    if spec.router == "sigmoid":
+        groups = whole_number(f"{name}: expert_groups", spec.expert_groups, 1, max(spec.num_experts, 1))
+        whole_number(f"{name}: topk_groups", spec.topk_groups, 1, groups)
+        if spec.num_experts % groups or spec.num_experts // groups < 2:
+            raise PlanError(f"{name}: {spec.num_experts} experts do not split into {groups} groups of "
+                            "at least two (n_routed_experts: a multiple of n_group, twice it at least)")
+        real_number(f"{name}: routed_scaling", spec.routed_scaling, 0, None, lo_open=True)
 
 
 # What a shape may hold: (least, most) per ModelSpec field. The upper bounds are far above any
@@ -456,7 +561,8 @@ def spec_from_hf_config(config: dict, name: str = "custom", source: str = "") ->
     `num_experts` / `num_experts_per_tok` 128 / 8, its `moe_intermediate_size` 768, `norm_topk_prob`
     false), a missing Qwen3 `head_dim` means 128, a missing OLMo 2 `max_position_embeddings` 2,048, a
     missing Gemma 3 `head_dim` 256, its `max_position_embeddings` 131,072, its soft-caps none and its
-    `layer_types` every `sliding_window_pattern`-th (6th) layer global, and `tie_word_embeddings`
+    `layer_types` every `sliding_window_pattern`-th (6th) layer global, DeepSeek-V3's and GLM-4-MoE's
+    those of `_latent_fields` and `_glm4_moe_fields`, and `tie_word_embeddings`
     defaults to True only where the class does (GPT-2, Gemma-2, Gemma 3, SmolLM3). GPT-OSS's class
     defaults: 128 experts, 4 per token, head_dim 64, attention biases on, a 128-token window on every
     other layer (layer_types), 131,072 positions. Every value
@@ -517,32 +623,42 @@ def spec_from_hf_config(config: dict, name: str = "custom", source: str = "") ->
     window = _sliding_window(config, family)
     attention_bias = _flag(config, "attention_bias", family == "gpt_oss")
     layers = _whole(config, "num_layers", "num_hidden_layers")
-    return ModelSpec(
+    latent = (_latent_fields(config) if family == "deepseek_v3"
+              else _glm4_moe_fields(config, head_dim_default) if family == "glm4_moe" else {})
+    latent_head_dim = latent.pop("head_dim", 0)
+    return ModelSpec(**latent,
         name=name, family=family, source=source,
         vocab_size=_whole(config, "vocab_size", "vocab_size"),
         hidden_size=hidden,
         num_layers=layers,
         num_heads=heads,
         num_kv_heads=kv_heads,
-        head_dim=_whole(config, "head_dim", "head_dim", default=head_dim_default),
+        # latent attention's query and key heads are qk_nope_head_dim + qk_rope_head_dim wide (its
+        # config class sets `head_dim` to the rotary part: not read)
+        head_dim=latent_head_dim or _whole(config, "head_dim", "head_dim", default=head_dim_default),
         # Qwen3-MoE's experts are `moe_intermediate_size` wide (its `intermediate_size` is for dense
         # layers, which `_all_layers_sparse` leaves out)
-        intermediate_size=(_whole(config, "intermediate_size", "moe_intermediate_size", default=768)
-                           if family == "qwen3_moe"
+        intermediate_size=(_whole(config, "intermediate_size", "moe_intermediate_size",
+                                  default=MOE_INTERMEDIATE_DEFAULT[family])
+                           if family in MOE_INTERMEDIATE_DEFAULT
                            else _whole(config, "intermediate_size", "intermediate_size")),
         tied_embeddings=_flag(config, "tie_word_embeddings", family in ("gemma2", "gemma3", "smollm3")),
         max_positions=_whole(config, "max_positions", "max_position_embeddings",
                              default=MAX_POSITIONS_DEFAULT.get(family, 4096)),
+        # (latent attention: the bias is on q_a_proj, kv_a_proj_with_mqa and o_proj)
         qkv_bias=family == "qwen2" or attention_bias,
-        out_bias=family != "qwen2" and attention_bias,
-        # Qwen3's, OLMo 2's and Gemma 3's MLPs and experts have no bias whatever the config says;
-        # GPT-OSS's router and experts always have them
-        mlp_bias=family == "gpt_oss" or (family not in ("qwen3", "qwen3_moe", "olmo2", "gemma3")
-                                         and _flag(config, "mlp_bias", False)),
+        # (GLM-4-MoE's o_proj never has one)
+        out_bias=family not in ("qwen2", "glm4_moe") and attention_bias,
+        # Qwen3's, OLMo 2's, Gemma 3's, DeepSeek-V3's and GLM-4-MoE's MLPs and experts have no bias
+        # whatever the config says; GPT-OSS's router and experts always have them
+        mlp_bias=family == "gpt_oss" or (
+            family not in ("qwen3", "qwen3_moe", "olmo2", "gemma3", "deepseek_v3", "glm4_moe")
+            and _flag(config, "mlp_bias", False)),
         num_experts=experts,
         experts_per_token=top_k,
         # (GPT-OSS's softmax over the top k logits needs no normalising)
-        norm_topk=family != "gpt_oss" and (family != "qwen3_moe" or _flag(config, "norm_topk_prob", False)),
+        norm_topk=family != "gpt_oss" and (family not in NORM_TOPK_DEFAULT
+                                           or _flag(config, "norm_topk_prob", NORM_TOPK_DEFAULT[family])),
         nope_layers=_nope_layers(config, layers) if family == "smollm3" else (),
         global_layers=_global_layers(config, layers, family) if family in LAYER_TYPE_FAMILIES else (),
         attention_sinks=family == "gpt_oss",
@@ -566,17 +682,100 @@ def spec_from_hf_config(config: dict, name: str = "custom", source: str = "") ->
 SLIDING_WINDOW_DEFAULT = {"mistral": 4096, "gemma2": 4096, "qwen2": 4096, "qwen3": 4096,
                           "qwen3_moe": 4096, "gemma3": 4096, "gpt_oss": 128}
 # The config classes' `max_position_embeddings` when a config.json leaves it out, where not 4,096
-MAX_POSITIONS_DEFAULT = {"olmo2": 2048, "smollm3": 32768, "gemma3": 131072, "gpt_oss": 131072}
+MAX_POSITIONS_DEFAULT = {"olmo2": 2048, "smollm3": 32768, "gemma3": 131072, "gpt_oss": 131072,
+                         "glm4_moe": 131072}
 # The config classes' (attention, final) logit soft-caps when a config.json leaves them out
 SOFTCAP_DEFAULTS = {"gemma2": (50.0, 30.0), "gemma3": (None, None)}
 # The config classes' (experts, experts per token) when a config.json leaves them out
-MOE_DEFAULTS = {"mixtral": (8, 2), "qwen3_moe": (128, 8), "gpt_oss": (128, 4)}
+MOE_DEFAULTS = {"mixtral": (8, 2), "qwen3_moe": (128, 8), "gpt_oss": (128, 4), "deepseek_v3": (256, 8),
+                "glm4_moe": (128, 8)}
 # The keys naming the number of experts, first found wins, where not `num_experts` (GptOssConfig maps
 # num_experts onto num_local_experts)
-MOE_EXPERTS_KEYS = {"mixtral": ("num_local_experts",), "gpt_oss": ("num_local_experts", "num_experts")}
+MOE_EXPERTS_KEYS = {"mixtral": ("num_local_experts",), "gpt_oss": ("num_local_experts", "num_experts"),
+                    "deepseek_v3": ("n_routed_experts",), "glm4_moe": ("n_routed_experts",)}
 # Where a config without `layer_types` puts its full-attention layers: every n-th layer, n from the
 # key named, else this default (Gemma 3's sliding_window_pattern; GPT-OSS alternates, odd layers full)
 GLOBAL_EVERY = {"gemma3": ("sliding_window_pattern", 6), "gpt_oss": (None, 2)}
+# The experts' width (`moe_intermediate_size`) when a config.json leaves it out
+MOE_INTERMEDIATE_DEFAULT = {"qwen3_moe": 768, "deepseek_v3": 2048, "glm4_moe": 1408}
+# `norm_topk_prob` when a config.json leaves it out, for the families that read it
+NORM_TOPK_DEFAULT = {"qwen3_moe": False, "deepseek_v3": True, "glm4_moe": True}
+
+
+def _shared_expert_fields(config: dict, dense: int, dense_width: int, shared: int, groups: int,
+                          topk_groups: int, scaling: float) -> dict:
+    """The expert-block keys DeepSeek-V3 and GLM-4-MoE share, with the config class's defaults given:
+    `first_k_dense_replace` dense layers of `intermediate_size`, `n_shared_experts`, `n_group`,
+    `topk_group` and `routed_scaling_factor`."""
+    from .validate import real_number, whole_number
+
+    def whole(key: str, default: int, lo: int = 1, hi: int = 10**6) -> int:
+        value = config.get(key, default)
+        return whole_number(f"config.json {key}", default if value is None else value, lo, hi)
+
+    first = whole("first_k_dense_replace", dense, 0)
+    return {
+        "dense_layers": first,
+        "dense_intermediate_size": whole("intermediate_size", dense_width, 1, 10**7) if first else 0,
+        "shared_experts": whole("n_shared_experts", shared),
+        "expert_groups": whole("n_group", groups), "topk_groups": whole("topk_group", topk_groups),
+        "routed_scaling": real_number("config.json routed_scaling_factor",
+                                      config.get("routed_scaling_factor", scaling), 0, None, lo_open=True),
+    }
+
+
+def _glm4_moe_fields(config: dict, head_dim_default: int) -> dict:
+    """GLM-4-MoE's fields beyond Llama's, with `Glm4MoeConfig`'s defaults: the first
+    `partial_rotary_factor` (0.5) of each head rotates (at the top level, or in `rope_parameters`),
+    q/k norms per head with `use_qk_norm` (false), first_k_dense_replace 1 dense layer of
+    intermediate_size 10,944, n_shared_experts 1, n_group 1, topk_group 1, routed_scaling_factor 1.
+    The multi-token-prediction layer a checkpoint may hold is not built by transformers."""
+    from .validate import real_number
+
+    head_dim = _whole(config, "head_dim", "head_dim", default=head_dim_default)
+    rope = config.get("rope_parameters") if isinstance(config.get("rope_parameters"), dict) else {}
+    factor = real_number("config.json partial_rotary_factor",
+                         config.get("partial_rotary_factor", rope.get("partial_rotary_factor", 0.5)),
+                         0, 1, lo_open=True)
+    rotary = int(head_dim * factor)
+    if rotary % 2 or not rotary:
+        raise PlanError(f"config.json partial_rotary_factor {factor:g} of head_dim {head_dim} rotates "
+                        f"{rotary} values a head: rotary pairs need an even, positive number")
+    return {"head_dim": head_dim, "rope_head_dim": 0 if rotary == head_dim else rotary,
+            "qk_norm": "head" if _flag(config, "use_qk_norm", False) else None,
+            **_shared_expert_fields(config, 1, 10944, 1, 1, 1, 1.0)}
+
+
+def _latent_fields(config: dict) -> dict:
+    """DeepSeek-V3's latent attention and expert-block fields, with `DeepseekV3Config`'s defaults:
+    q_lora_rank 1,536 (null: one q_proj), kv_lora_rank 512, qk_nope_head_dim 128, qk_rope_head_dim 64,
+    v_head_dim 128, rope_interleave true; first_k_dense_replace 3 dense layers of intermediate_size
+    18,432; n_shared_experts 1; n_group 8, topk_group 4, routed_scaling_factor 2.5. `head_dim` is
+    returned as qk_nope_head_dim + qk_rope_head_dim. The multi-token-prediction layer a checkpoint
+    may hold (`num_nextn_predict_layers`) is not built by transformers and not planned."""
+    from .validate import whole_number
+
+    def whole(key: str, default: int | None, lo: int = 1, hi: int = 10**6) -> int:
+        value = config.get(key, default)
+        return 0 if value is None else whole_number(f"config.json {key}", value, lo, hi)
+
+    nope, rope = whole("qk_nope_head_dim", 128, 0), whole("qk_rope_head_dim", 64)
+    if rope % 2:
+        raise PlanError(f"config.json qk_rope_head_dim must be even (rotary pairs), got {rope}")
+    if config.get("head_dim") is not None and config["head_dim"] != rope:
+        # the rotary embedding is head_dim wide: another width fails in transformers' rope
+        raise PlanError(f"config.json head_dim {config['head_dim']!r} must equal qk_rope_head_dim {rope} "
+                        "(DeepseekV3Config sets it so; it is the rotary embedding's width)")
+    if "q_lora_rank" in config and config["q_lora_rank"] is None:
+        q_rank = 0
+    else:
+        q_rank = whole("q_lora_rank", 1536)
+    return {
+        "head_dim": nope + rope, "rope_head_dim": rope, "kv_lora_rank": whole("kv_lora_rank", 512),
+        "q_lora_rank": q_rank, "v_head_dim": whole("v_head_dim", 128),
+        "rope_interleave": _flag(config, "rope_interleave", True),
+        **_shared_expert_fields(config, 3, 18432, 1, 8, 4, 2.5),
+    }
 
 
 def _nope_layers(config: dict, layers: int) -> tuple[int, ...]:
@@ -658,8 +857,9 @@ HEAD_DIM_DEFAULT = {"qwen3": 128, "gemma3": 256, "gpt_oss": 64}
 
 
 def _sliding_window(config: dict, family: str) -> int | None:
-    if family in ("llama", "gpt2", "olmo2") or (family in (*QWEN_WINDOWS, "qwen3_moe", "smollm3")
-                                         and not _flag(config, "use_sliding_window", False)):
+    if family in ("llama", "gpt2", "olmo2", "deepseek_v3", "glm4_moe") or (
+            family in (*QWEN_WINDOWS, "qwen3_moe", "smollm3")
+            and not _flag(config, "use_sliding_window", False)):
         return None
     if "sliding_window" in config and config["sliding_window"] is None:
         return None
@@ -735,4 +935,33 @@ def to_hf_config(spec: ModelSpec) -> dict:
     if spec.family in QWEN_WINDOWS and spec.sliding_window is not None:
         config.update(use_sliding_window=True, sliding_window=spec.sliding_window,
                       max_window_layers=spec.max_window_layers)
+    if spec.kv_lora_rank:
+        config.update(_latent_config(spec), **_shared_expert_config(spec))
+    if spec.family == "glm4_moe":
+        config.update(partial_rotary_factor=spec.rotary_dim / spec.head_dim, use_qk_norm=bool(spec.qk_norm),
+                      **_shared_expert_config(spec))
     return config
+
+
+def _latent_config(spec: ModelSpec) -> dict:
+    """The DeepSeek-V3 keys of `to_hf_config` for latent attention."""
+    return {
+        "q_lora_rank": spec.q_lora_rank or None, "kv_lora_rank": spec.kv_lora_rank,
+        "qk_nope_head_dim": spec.head_dim - spec.rotary_dim, "qk_rope_head_dim": spec.rotary_dim,
+        "v_head_dim": spec.value_head_dim, "rope_interleave": spec.rope_interleave,
+        "head_dim": spec.rotary_dim,  # as DeepseekV3Config sets it: the rotary embedding's width
+    }
+
+
+def _shared_expert_config(spec: ModelSpec) -> dict:
+    """The expert-block keys of `to_hf_config` DeepSeek-V3 and GLM-4-MoE share."""
+    return {
+        "n_routed_experts": spec.num_experts, "num_experts_per_tok": spec.experts_per_token,
+        "moe_intermediate_size": spec.intermediate_size,
+        # a model without dense layers never reads `intermediate_size`: any width builds it
+        "intermediate_size": spec.dense_intermediate_size or spec.intermediate_size,
+        "first_k_dense_replace": spec.dense_layers, "n_shared_experts": spec.shared_experts,
+        "n_group": spec.expert_groups, "topk_group": spec.topk_groups,
+        "routed_scaling_factor": spec.routed_scaling, "norm_topk_prob": spec.norm_topk,
+        "attention_bias": spec.qkv_bias,
+    }

@@ -190,7 +190,7 @@ def step_phases(states: States, prof: Profile, vocab: int, tokens: int) -> tuple
         # MLP's saved tensors are gone
         tail = prof.mlp_tails[i] if prof.mlp_tails else 0
         dq = states.dequant_transient
-        mlp_held = mlp - tail  # beyond what the layer saved
+        mlp_held = (prof.mlp_transients[i] if prof.mlp_transients else mlp) - tail  # beyond the saved
         if prof.expert_backward and prof.expert_backward[i]:
             # LoRA on fused experts (PEFT's ParamWrapper): a merged weight's full gradient, when larger
             # (`merged_weight_backward` counts what is freed by then itself)

@@ -104,7 +104,12 @@ READER_DEFAULTS = {"qwen3": ("head_dim", "num_key_value_heads"),
                                "tie_word_embeddings"),
                    "gemma3_text": ("head_dim", "max_position_embeddings", "layer_types",
                                    "tie_word_embeddings", "attn_logit_softcapping",
-                                   "final_logit_softcapping", "sliding_window")}
+                                   "final_logit_softcapping", "sliding_window"),
+                   "deepseek_v3": ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+                                   "v_head_dim", "n_routed_experts", "num_experts_per_tok",
+                                   "moe_intermediate_size", "first_k_dense_replace", "n_shared_experts",
+                                   "n_group", "topk_group", "norm_topk_prob", "head_dim",
+                                   "num_key_value_heads")}
 
 
 @pytest.mark.parametrize("family", sorted(READER_DEFAULTS))

@@ -19,7 +19,7 @@ import random
 from dataclasses import dataclass, replace
 
 from ..activations import cpu_rng_state_bytes
-from ..spec import FAMILY_MODEL_TYPE, TrainSetup, spec_from_hf_config
+from ..spec import FAMILY_MODEL_TYPE, MOE_FAMILIES, TrainSetup, spec_from_hf_config
 from ..timeline import Phase
 
 TARGET_PRESETS = ("default", "qv", "attn", "mlp", "all-linear")
@@ -80,7 +80,7 @@ def random_config(rng: random.Random, family: str) -> dict:
     head_dim = 2 * rng.randint(2, 8)  # rotary needs an even head size
     if family == "phi3":
         hidden = heads * head_dim  # Phi-3 derives head_dim from hidden / heads
-    elif family in ("mixtral", "qwen3_moe", "gpt_oss"):
+    elif family in ("mixtral", "qwen3_moe", "gpt_oss", "deepseek_v3", "glm4_moe"):
         # torch's grouped matmul wants 16-byte strides: widths a multiple of 8
         hidden = heads * 8 * rng.randint(1, 3)
     else:
@@ -90,7 +90,8 @@ def random_config(rng: random.Random, family: str) -> dict:
         "model_type": FAMILY_MODEL_TYPE.get(family, family), "vocab_size": vocab, "hidden_size": hidden,
         "num_hidden_layers": layers,
         "num_attention_heads": heads, "num_key_value_heads": kv,
-        "intermediate_size": rng.randint(1, 16) * 8 if family in ("mixtral", "qwen3_moe", "gpt_oss")
+        "intermediate_size": rng.randint(1, 16) * 8 if family in ("mixtral", "qwen3_moe", "gpt_oss",
+                                                                   "deepseek_v3", "glm4_moe")
         else rng.randint(8, 130),
         "max_position_embeddings": positions,
         "tie_word_embeddings": rng.random() < 0.5,
@@ -134,6 +135,10 @@ def random_config(rng: random.Random, family: str) -> dict:
         config["final_logit_softcapping"] = rng.choice((None, None, 30.0))
     if family == "phi3" and rng.random() < 0.4:
         config["resid_pdrop"] = rng.choice((0.0, 0.1))
+    if family == "deepseek_v3":
+        config.update(_latent_config(rng, heads, layers, config["intermediate_size"]))
+    if family == "glm4_moe":
+        config.update(_glm4_moe_config(rng, layers, config["intermediate_size"]))
     if family == "mixtral":
         experts = rng.randint(2, 5)
         config.update(num_local_experts=experts, num_experts_per_tok=rng.randint(1, min(3, experts)))
@@ -153,6 +158,48 @@ def random_config(rng: random.Random, family: str) -> dict:
                       layer_types=[rng.choice(("sliding_attention", "full_attention"))
                                    for _ in range(layers)])
     return config
+
+
+def _latent_config(rng: random.Random, heads: int, layers: int, expert_width: int) -> dict:
+    """DeepSeek-V3's keys: latent attention (a key and value per head, the query through a bottleneck
+    or not, interleaved rotary pairs or halves), 0 to all layers dense first, one or two shared
+    experts, experts in one or two groups (each of two or three), the router's top-k within the best
+    groups, normalised or not."""
+    groups = rng.randint(1, 2)
+    experts = groups * rng.randint(2, 3)
+    topk_groups = rng.randint(1, groups)
+    rope = 2 * rng.randint(1, 4)
+    return {
+        "head_dim": rope,  # DeepseekV3Config's: the rotary part of a head
+        "num_key_value_heads": heads,
+        "q_lora_rank": rng.choice((None, rng.randint(2, 24))), "kv_lora_rank": rng.randint(2, 24),
+        "qk_nope_head_dim": rng.randint(1, 10), "qk_rope_head_dim": rope,
+        "v_head_dim": rng.randint(1, 10), "rope_interleave": rng.random() < 0.5,
+        "attention_bias": rng.random() < 0.3,
+        "moe_intermediate_size": expert_width, "intermediate_size": rng.randint(8, 130),
+        "first_k_dense_replace": rng.randint(0, layers), "n_shared_experts": rng.randint(1, 2),
+        "n_routed_experts": experts, "n_group": groups, "topk_group": topk_groups,
+        "num_experts_per_tok": rng.randint(1, min(3, topk_groups * experts // groups)),
+        "norm_topk_prob": rng.random() < 0.5, "routed_scaling_factor": rng.choice((1.0, 2.5)),
+    }
+
+
+def _glm4_moe_config(rng: random.Random, layers: int, expert_width: int) -> dict:
+    """GLM-4-MoE's keys: a partial rotary embedding (half of each head, or all of it), q/k norms or
+    none, biases on q/k/v or none, and DeepSeek-V3's expert block (dense layers first, shared
+    experts, grouped sigmoid routing)."""
+    groups = rng.randint(1, 2)
+    experts = groups * rng.randint(2, 3)
+    topk_groups = rng.randint(1, groups)
+    return {
+        "head_dim": 4 * rng.randint(1, 4), "partial_rotary_factor": rng.choice((0.5, 0.5, 1.0)),
+        "use_qk_norm": rng.random() < 0.5, "attention_bias": rng.random() < 0.5,
+        "moe_intermediate_size": expert_width, "intermediate_size": rng.randint(8, 130),
+        "first_k_dense_replace": rng.randint(0, layers), "n_shared_experts": rng.randint(1, 2),
+        "n_routed_experts": experts, "n_group": groups, "topk_group": topk_groups,
+        "num_experts_per_tok": rng.randint(1, min(3, topk_groups * experts // groups)),
+        "norm_topk_prob": rng.random() < 0.5, "routed_scaling_factor": rng.choice((1.0, 2.5)),
+    }
 
 
 # The families seeds cycle through, in this order. A family added later is drawn by name
@@ -182,10 +229,14 @@ def random_case(seed: int, family: str | None = None) -> Case:
         # other stacks are checked against the tracer in tests/test_stack.py
         stack="torch",
     )
+    kept = spec.num_layers if layers is None else layers
+    if setup.targets == ("mlp",) and spec.num_experts and not any(spec.sparse_layer(i) for i in range(kept)):
+        # PEFT's v4 expert names reach only fused experts, which a model of dense layers has none of
+        setup = setup.with_(targets=("attn",))
     if method == "lora":
         setup = plannable_rank(spec, setup)
     fake = rng.random() < 0.5
-    if family in ("mixtral", "qwen3_moe", "gpt_oss") and setup.precision != "pure-bf16":
+    if family in MOE_FAMILIES and setup.precision != "pure-bf16":
         fake = False  # torch's fake grouped matmul accepts bf16 only (the CPU kernel takes fp32)
     return Case(seed, config, setup, layers, fake=fake)
 
