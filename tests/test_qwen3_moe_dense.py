@@ -83,8 +83,8 @@ def test_the_dense_width_default_is_the_config_classes():
     assert total_params(spec) == sum(p.numel() for p in model.parameters())
 
 
-# LoRA on every linear layer under autocast; full fine-tuning in bf16, checkpointed
-@pytest.mark.parametrize("seed", [2, 1])
+# LoRA on every linear layer under autocast (more with -m slow; the fuzz sampler draws dense layers too)
+@pytest.mark.parametrize("seed", [2] + [pytest.param(s, marks=pytest.mark.slow) for s in (1, 3, 4)])
 def test_a_step_with_dense_layers_matches_its_trace(seed):
     case = random_case(seed, "qwen3_moe")
     check_traced_case(dataclasses.replace(case, config=_mixed(case.config, seed), layers=None))
