@@ -29,9 +29,13 @@ LAYER_TYPE_FAMILIES = ("gemma3", "gpt_oss")
 
 # How a sparse block routes and gates (`ModelSpec.routing`, `ModelSpec.expert_gate`):
 # "softmax-topk" takes a softmax over every expert's logit, then the top k (Mixtral, Qwen3-MoE);
-# "topk-softmax" takes the top k logits, then a softmax over those alone (GPT-OSS).
-ROUTINGS = ("softmax-topk", "topk-softmax")
-FAMILY_ROUTING = {"gpt_oss": "topk-softmax"}
+# "topk-softmax" takes the top k logits, then a softmax over those alone (GPT-OSS);
+# "sigmoid-group-topk" takes a sigmoid of fp32 logits, a correction bias added for the choice only,
+# the top k within the best `topk_groups` of `expert_groups` groups and the chosen scores scaled by
+# `routed_scaling` (DeepSeek-V3's `DeepseekV3TopkRouter`, GLM-4-MoE's).
+ROUTINGS = ("softmax-topk", "topk-softmax", "sigmoid-group-topk")
+FAMILY_ROUTING = {"gpt_oss": "topk-softmax", "deepseek_v3": "sigmoid-group-topk",
+                  "glm4_moe": "sigmoid-group-topk"}
 # "silu": silu(gate) * up over the halves of the fused gate/up output (Mixtral, Qwen3-MoE);
 # "clamped-swiglu": GPT-OSS's gate and up interleaved, the gate clamped above at `swiglu_limit` and
 # the up on both sides, (up + 1) * gate * sigmoid(alpha * gate)
@@ -76,12 +80,6 @@ OPTIONAL_QK_NORM = {"glm4_moe": "head"}
 NORM_PLACEMENTS = ("pre", "sandwich", "post")
 FAMILY_NORM_PLACEMENT = {"gemma2": "sandwich", "olmo2": "post", "gemma3": "sandwich"}
 
-# How a sparse block's router scores its experts: "softmax" over the router's logits (Mixtral,
-# Qwen3-MoE); "sigmoid" of fp32 logits, a correction bias added for the choice only, the top-k taken
-# within the best `topk_groups` of `expert_groups` groups and the chosen scores scaled by
-# `routed_scaling` (DeepSeek-V3's `DeepseekV3TopkRouter`)
-ROUTERS = ("softmax", "sigmoid")
-FAMILY_ROUTER = {"deepseek_v3": "sigmoid", "glm4_moe": "sigmoid"}
 # Families whose dense layers are the first ones (`first_k_dense_replace`): their `dense_layers` are
 # 0 .. k - 1
 FIRST_DENSE = ("deepseek_v3", "glm4_moe")
@@ -196,8 +194,7 @@ class ModelSpec:
     # a gated MLP of shared_experts x intermediate_size every token goes through beside the routed
     # experts (`n_shared_experts`)
     shared_experts: int = 0
-    # how the router scores experts (`ROUTERS`); None: the family's (`FAMILY_ROUTER`, else "softmax")
-    router: str | None = None
+    # the grouped sigmoid routing's groups, groups kept and scale (`ROUTINGS`)
     expert_groups: int = 1
     topk_groups: int = 1
     routed_scaling: float = 1.0
@@ -289,12 +286,6 @@ class ModelSpec:
             elif getattr(self, name) != form:
                 raise PlanError(f"model {self.name!r}: a {self.family} model's {name} is {form!r}, "
                                 f"not {getattr(self, name)!r}")
-        router = FAMILY_ROUTER.get(self.family, "softmax")
-        if self.router is None:
-            object.__setattr__(self, "router", router)
-        elif self.router != router:
-            raise PlanError(f"model {self.name!r}: a {self.family} model's router is {router!r}, "
-                            f"not {self.router!r}")
         _check_latent_and_experts(self)
         placement = FAMILY_NORM_PLACEMENT.get(self.family, "pre")
         if self.norm_placement is None:
@@ -357,9 +348,7 @@ def _check_latent_and_experts(spec: ModelSpec) -> None:
         raise PlanError(f"{name}: dense_layers and shared_experts belong to an expert model")
     if spec.dense_layers:
         whole_number(f"{name}: dense_intermediate_size", spec.dense_intermediate_size, 1, 10**7)
-    if spec.router not in ROUTERS:
-        raise PlanError(f"{name}: router must be one of {', '.join(ROUTERS)}, got {spec.router!r}")
-    if spec.router == "sigmoid":
+    if spec.routing == "sigmoid-group-topk":
         groups = whole_number(f"{name}: expert_groups", spec.expert_groups, 1, max(spec.num_experts, 1))
         whole_number(f"{name}: topk_groups", spec.topk_groups, 1, groups)
         if spec.num_experts % groups or spec.num_experts // groups < 2:
