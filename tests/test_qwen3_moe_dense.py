@@ -48,7 +48,8 @@ def test_dense_layers_lay_out_as_transformers_builds(seed):
     config = _config(seed)
     spec = spec_from_hf_config(config)
     model = _meta_model(config)
-    assert spec.dense_layers == ((0,) if seed % 2 else (0, 2))[:len(spec.dense_layers)]
+    sparse = {i for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts")}
+    assert spec.dense_layers and set(spec.dense_layers) == set(range(len(model.model.layers))) - sparse
     assert {p.name: p.shape for p in layout(spec).params} == {
         n: tuple(p.shape) for n, p in model.named_parameters()}
     assert total_params(spec) == sum(p.numel() for p in model.parameters())
