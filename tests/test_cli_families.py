@@ -25,6 +25,28 @@ QWEN3_8B = {
     "torch_dtype": "bfloat16", "transformers_version": "4.51.0", "use_cache": True,
     "use_sliding_window": False, "vocab_size": 151936,
 }
+# openai/gpt-oss-20b's config.json as published (its MXFP4 quantization_config included: read past)
+GPT_OSS_20B = {
+    "architectures": ["GptOssForCausalLM"], "attention_bias": True, "attention_dropout": 0.0,
+    "eos_token_id": 200002, "experts_per_token": 4, "head_dim": 64, "hidden_act": "silu",
+    "hidden_size": 2880, "initial_context_length": 4096, "initializer_range": 0.02,
+    "intermediate_size": 2880,
+    "layer_types": ["sliding_attention", "full_attention"] * 12,
+    "max_position_embeddings": 131072, "model_type": "gpt_oss", "num_attention_heads": 64,
+    "num_experts_per_tok": 4, "num_hidden_layers": 24, "num_key_value_heads": 8, "num_local_experts": 32,
+    "output_router_logits": False, "pad_token_id": 199999,
+    "quantization_config": {"modules_to_not_convert": ["model.layers.*.self_attn",
+                                                       "model.layers.*.mlp.router", "model.embed_tokens",
+                                                       "lm_head"],
+                            "quant_method": "mxfp4"},
+    "rms_norm_eps": 1e-05,
+    "rope_scaling": {"beta_fast": 32.0, "beta_slow": 1.0, "factor": 32.0,
+                     "original_max_position_embeddings": 4096, "rope_type": "yarn", "truncate": False},
+    "rope_theta": 150000, "router_aux_loss_coef": 0.9, "sliding_window": 128, "swiglu_limit": 7.0,
+    "tie_word_embeddings": False, "torch_dtype": "bfloat16", "transformers_version": "4.55.0.dev0",
+    "use_cache": True, "vocab_size": 201088,
+}
+
 QWEN3_30B_A3B = {
     **QWEN3_8B, "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_size": 2048,
     "intermediate_size": 6144, "num_hidden_layers": 48, "num_attention_heads": 32, "num_key_value_heads": 4,
@@ -42,7 +64,8 @@ def test_qwen3_8b_lora_rank_16_trains_q_and_v():
     assert plan["peak_phase"] in ("forward", "backward", "optimizer")
 
 
-@pytest.mark.parametrize(("config", "name"), [(QWEN3_8B, "qwen3-8b"), (QWEN3_30B_A3B, "qwen3-30b-a3b")])
+@pytest.mark.parametrize(("config", "name"), [(QWEN3_8B, "qwen3-8b"), (QWEN3_30B_A3B, "qwen3-30b-a3b"),
+                                                 (GPT_OSS_20B, "gpt-oss-20b")])
 def test_a_published_config_json_plans_as_its_catalog_entry(tmp_path, config, name):
     path = tmp_path / "config.json"
     path.write_text(json.dumps(config))
