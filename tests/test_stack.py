@@ -112,6 +112,27 @@ def test_chunked_cross_entropy_matches_the_trace(spec, setup):
         assert abs(predicted - traced) <= 0.01 * traced, (phase, predicted, traced)
 
 
+@pytest.mark.slow
+def test_chunked_cross_entropy_at_torchtune_llama_3b_lora_shape():
+    """The head and loss of torchtune's Llama 3.2 3B LoRA row (benchmarks/published: torchtune-3b-lora)
+    at its own shape: bf16 weights, the tied head frozen, rank-64 adapters on q, v, o and the MLP,
+    2 x 4,096 tokens, 8 chunks over a 128,256 vocabulary, checkpointed layers (two of them: the head
+    and loss do not depend on depth). Faked at full size: every chunk's fp32 log-softmax output and
+    the bf16 logits at the loss are the tracer's, byte for byte, and no logits are counted twice."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    from lora_planner.measure.traced_step import sliced, trace
+
+    setup = TrainSetup(method="lora", rank=64, targets=("q_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                        "down_proj"),
+                       precision="pure-bf16", batch_size=2, seq_len=4096, stack="torchtune", loss="chunked",
+                       loss_chunks=8, grad_checkpointing=True, activation_offload=False)
+    result = trace(sliced(get_model("llama-3.2-3b"), 2), setup, fake=True)
+    assert result.predicted["activations"] == result.traced["activations"]
+    assert (result.predicted_phase, result.traced_phase) == ("forward", "forward")
+    assert abs(result.errors()["peak"]) <= 0.001, result.errors()
+
+
 @pytest.mark.parametrize("optimizer", ["sgd", "sgd-momentum"])
 @pytest.mark.parametrize("impl", ["fused", "foreach", "for-loop"])
 def test_sgd_implementations_match_the_trace(optimizer, impl):
