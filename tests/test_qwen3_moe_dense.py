@@ -21,12 +21,7 @@ peft = pytest.importorskip("peft")
 
 from tests.tracing import check_traced_case, one_thread  # noqa: E402, F401 (autouse: one thread)
 
-
-def _meta_model(config: dict):
-    values = dict(config)
-    built = transformers.CONFIG_MAPPING[values.pop("model_type")](**values)
-    with torch.device("meta"):
-        return transformers.AutoModelForCausalLM.from_config(built)
+from .hf import build_meta_from_config  # noqa: E402
 
 
 def _mixed(config: dict, seed: int) -> dict:
@@ -47,7 +42,7 @@ def _config(seed: int) -> dict:
 def test_dense_layers_lay_out_as_transformers_builds(seed):
     config = _config(seed)
     spec = spec_from_hf_config(config)
-    model = _meta_model(config)
+    model = build_meta_from_config(config)
     sparse = {i for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts")}
     assert spec.dense_layers and set(spec.dense_layers) == set(range(len(model.model.layers))) - sparse
     assert {p.name: p.shape for p in layout(spec).params} == {
@@ -66,7 +61,7 @@ def test_presets_train_what_peft_trains(seed, targets):
     names = expand_targets(spec, setup.targets)
     lora = peft.LoraConfig(r=4, target_modules="all-linear" if names == ("all-linear",) else list(names))
     with torch.device("meta"):
-        wrapped = peft.get_peft_model(_meta_model(config), lora)
+        wrapped = peft.get_peft_model(build_meta_from_config(config), lora)
     assert lora_trainable(spec, setup).count == wrapped.get_nb_trainable_parameters()[0]
 
 
