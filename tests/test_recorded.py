@@ -5,6 +5,7 @@ tracer's peak and the allocator's, and the parameter counts of the model transfo
 from __future__ import annotations
 
 import json
+import os
 import random
 import sys
 
@@ -171,7 +172,9 @@ def test_a_recording_is_cached_and_a_corrupt_entry_is_recorded_again(tmp_path, m
     config = small_config("helium", 8, 2)
     setup = TrainSetup(method="lora", precision="fp32", seq_len=32, stack="torch")
     first = recorded.recorded_model(config, "small", "", (setup,))
-    (entry,) = cache.iterdir()
+    # two entries: the model's meta-device build and the step's recording
+    (entry,) = (e for e in cache.iterdir() if "resident" in json.loads(e.read_text()))
+    assert len(list(cache.iterdir())) == 2
     (step,) = first.steps.values()
     calls = []
 
@@ -187,6 +190,29 @@ def test_a_recording_is_cached_and_a_corrupt_entry_is_recorded_again(tmp_path, m
         assert recorded.recorded_model(config, "small", "", (setup,)).steps == first.steps
         assert json.loads(entry.read_text())["resident"] == step.resident  # replaced by a good one
     assert len(calls) == 3
+
+
+def test_a_plan_asked_again_imports_neither_torch_nor_transformers(tmp_path, monkeypatch):
+    """Asking again is answered from the cache alone: the plan path of a cached model loads no torch."""
+    import subprocess
+    import sys
+
+    from lora_planner.measure import recorded
+
+    monkeypatch.setenv("LORA_PLAN_CACHE", str(tmp_path / "cache"))
+    config = small_config("helium", 8, 2)
+    setup = TrainSetup(method="lora", precision="fp32", seq_len=32, stack="torch")
+    first = recorded.recorded_model(config, "small", "", (setup,))
+    script = (
+        "import json, sys\n"
+        "from lora_planner.measure.recorded import recorded_model\n"
+        "from lora_planner.spec import TrainSetup\n"
+        f"model = recorded_model(json.loads({json.dumps(json.dumps(config))}), 'small', '',\n"
+        "                       (TrainSetup(method='lora', precision='fp32', seq_len=32, stack='torch'),))\n"
+        "print(model.total_params, 'torch' in sys.modules, 'transformers' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                         env={**os.environ, "LORA_PLAN_CACHE": str(tmp_path / "cache")})
+    assert out.stdout.split() == [str(first.total_params), "False", "False"]
 
 
 def write_config(tmp_path, config: dict):

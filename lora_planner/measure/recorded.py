@@ -42,7 +42,10 @@ from ..stacks import resolve
 # Decoder layers of the slices recorded: the deepest two set the per-layer line, the first checks it
 RECORD_DEPTHS = (1, 2, 3)
 CACHE_ENV = "LORA_PLAN_CACHE"  # a folder for recordings, instead of $XDG_CACHE_HOME/lora-plan
-SCHEMA = 5  # a recording's format; a cache entry of another is recorded again
+SCHEMA = 6  # a recording's format; a cache entry of another is recorded again
+# what the model's cache entry keeps beside its tensors: what the config class fills in, read when
+# planning (the attention dropout it states or defaults to; its layer_types when they mix kinds)
+CONFIG_FACTS = ("attention_dropout", "layer_kinds")
 LINES = ("activations", "forward", "backward", "backward_gradients", "backward_other",
          "backward_other_gradients")  # `RecordedStep`'s `Line`s
 PRESET_TARGETS = {"qv": ("q_proj", "v_proj"), "attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
@@ -60,10 +63,8 @@ DROPOUT_KEYS = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "attention_dropout")
 ATTENTION_DROPOUT_KEYS = ("attn_pdrop", "attention_dropout")
 
 
-def attention_dropout(config: dict, setup: TrainSetup) -> float:
-    """The attention dropout the step would run with (the setup's, else the config's stated one)."""
-    if setup.dropout is not None:
-        return setup.dropout
+def config_attention_dropout(config: dict) -> float:
+    """The attention dropout the config states, or its config class's default."""
     cfg = hf_config(config, 1)
     return max((float(getattr(cfg, k, 0.0) or 0.0) for k in ATTENTION_DROPOUT_KEYS), default=0.0)
 
@@ -78,11 +79,15 @@ def cache_dir() -> Path:
 
 
 def versions() -> tuple[str, str]:
-    """The transformers and the torch whose code is recorded."""
-    import torch
-    import transformers
+    """The transformers and the torch whose code is recorded, from their installed metadata: reading
+    it imports neither, so a plan answered from the cache never loads torch."""
+    from importlib.metadata import PackageNotFoundError, version
 
-    return f"transformers {transformers.__version__}", f"torch {torch.__version__}"
+    try:
+        return f"transformers {version('transformers')}", f"torch {version('torch')}"
+    except PackageNotFoundError as exc:
+        raise PlanError(f"planning this model_type needs {exc.name} (pip install 'lora-plan[measure]')") \
+            from None
 
 
 def check_config(config: dict) -> str:
@@ -387,10 +392,55 @@ def _combined(by_kind: dict, kinds: list[str]) -> dict[str, tuple[Line, tuple[in
     return lines
 
 
-def _key(config: dict, setup: TrainSetup) -> str:
-    text = json.dumps({"schema": SCHEMA, "config": config, "setup": asdict(setup), "versions": versions(),
-                       "depths": RECORD_DEPTHS}, sort_keys=True, default=str)
+def _key(config: dict, setup: TrainSetup | None) -> str:
+    """The cache name of a recording of `setup` (None: of the model's meta-device build)."""
+    text = json.dumps({"schema": SCHEMA, "config": config, "setup": asdict(setup) if setup else None,
+                       "versions": versions(), "depths": RECORD_DEPTHS}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+ConfigFacts = tuple[float, tuple[str, ...]]  # `CONFIG_FACTS`'s values
+
+
+def _model_from_json(data: dict, name: str, source: str) -> tuple[RecordedModel, ConfigFacts]:
+    """A cached meta-device build and its `CONFIG_FACTS`, or a ValueError/TypeError/KeyError when it
+    is not one."""
+    expected = {f.name for f in fields(RecordedModel)} - {"name", "source", "steps", "caveats"}
+    if set(data) != expected | set(CONFIG_FACTS):
+        raise KeyError("fields")
+    data = dict(data)
+    facts = (float(data.pop("attention_dropout")), tuple(str(k) for k in data.pop("layer_kinds")))
+    data["params"] = tuple(Param(str(n), tuple(int(d) for d in shape)) for n, shape in data["params"])
+    data["quantisable"] = tuple(str(q) for q in data["quantisable"])
+    data["versions"] = tuple(str(v) for v in data["versions"])
+    for k in ("num_layers", "hidden_size", "matmul_params", "head_params", "max_positions"):
+        if not isinstance(data[k], int):
+            raise TypeError(k)
+    return RecordedModel(name=name, source=source, steps={}, **data), facts
+
+
+def cached_model(config: dict, name: str, source: str) -> tuple[RecordedModel, ConfigFacts]:
+    """`meta_model` of the config and what its config class fills in (`CONFIG_FACTS`), read from the
+    cache when built before (so a plan asked again imports neither torch nor transformers), else
+    built after `check_config` and written there."""
+    from ..files import write_text
+
+    path = cache_dir() / f"{_key(config, None)}.json"
+    try:
+        return _model_from_json(json.loads(path.read_text()), name, source)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        pass
+    model = meta_model(config, check_config(config), name, source)
+    facts = (config_attention_dropout(config), tuple(layer_kinds(config)))
+    data = {f.name: getattr(model, f.name) for f in fields(model)
+            if f.name not in ("name", "source", "steps", "caveats")}
+    data["params"] = [[p.name, list(p.shape)] for p in model.params]
+    data.update(zip(CONFIG_FACTS, facts, strict=True))
+    try:
+        write_text(path, json.dumps(data))
+    except OSError:
+        pass  # an unwritable cache costs the next run a build, not this one its answer
+    return model, facts
 
 
 def _from_json(data: dict) -> RecordedStep:
@@ -436,11 +486,12 @@ def recorded_model(config: dict, name: str, source: str, setups: tuple[TrainSetu
     """The model of `config` with every setup's step recorded (or read from the cache)."""
     from dataclasses import replace
 
-    model_type = check_config(config)
     if any(s.task != "causal-lm" for s in setups):
         raise PlanError("a model recorded from transformers is planned for --task causal-lm only")
+    model_type = config.get("model_type")
     try:
-        model = meta_model(config, model_type, name, source)
+        model, (config_dropout, kinds) = cached_model(config, name, source)
+        model_type = model.model_type
         steps = {}
         for setup in setups:
             key = recording_setup(resolve(setup))
@@ -457,11 +508,11 @@ def recorded_model(config: dict, name: str, source: str, setups: tuple[TrainSetu
         raise PlanError(f"transformers could not build or run model_type {model_type!r} from this "
                         f"config: {type(exc).__name__}: {first}") from None
     caveats = []
-    if any(s.attention == "sdpa" and attention_dropout(config, s) > 0 for s in setups):
+    if any(s.attention == "sdpa" and (config_dropout if s.dropout is None else s.dropout) > 0
+           for s in setups):
         caveats.append("attention dropout is recorded as off: a GPU's SDPA kernels apply it inside the "
                        "kernel, saving no mask (CPU's would fall back to math attention); other dropout "
                        "masks are recorded at CPU's width, above a GPU's 1 B per element")
-    kinds = layer_kinds(config)
     if kinds:
         counts = ", ".join(f"{kinds.count(k)} {k}" for k in dict.fromkeys(kinds))
         caveats.append(f"the config's layer_types mixes layer kinds ({counts}): each kind is recorded on "
