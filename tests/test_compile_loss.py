@@ -104,11 +104,11 @@ def _planned(b: int, s: int, hidden: int, vocab: int, n: int) -> tuple[int, int]
 def test_compiled_chunked_loss_follows_the_allocator(one_thread, b, s, hidden, vocab, n):  # noqa: F811
     saved, peak = _allocator_reading(b, s, vocab, n)
     plan_saved, plan_peak = _planned(b, s, hidden, vocab, n)
-    logits = b * s * vocab * 2
-    # the saved set is per-row statistics and labels: within 1% of the logits' bytes
-    assert abs(plan_saved - saved) <= 0.01 * logits, (plan_saved, saved)
+    # the saved set is per-row statistics and labels (a one-row chunk's labels are a view: the plan
+    # counts the padded labels once more, under 1 KB here)
+    assert abs(plan_saved - saved) <= 1024, (plan_saved, saved)
     # backward: all logits (saved by the compiled loss) and the gradients replacing them
-    assert abs(plan_peak - peak) <= 0.03 * peak, (plan_peak, peak)
+    assert abs(plan_peak - peak) <= 0.002 * peak, (plan_peak, peak)
 
 
 def test_compiled_loss_keeps_no_fp32_logits():
