@@ -29,7 +29,7 @@ def _chunked_loss(chunks, labels, n: int, compute):
     total = (labels != -100).sum()
     parts = [c.reshape(-1) for c in labels.chunk(n, dim=1)]
     loss = 0.0
-    for logits, lab in zip(chunks, parts):
+    for logits, lab in zip(chunks, parts, strict=True):
         loss = loss + compute(logits.reshape(-1, logits.size(-1)), lab)
     return loss / total
 
@@ -129,3 +129,11 @@ def test_layers_loss_option_in_help_setup_and_explain():
     assert compiled < eager
     explained = run(*args, "--compile", "layers+loss", "--explain").output
     assert "each layer and the loss compiled" in explained
+
+
+def test_trace_refuses_layers_loss(tmp_path):
+    """The traced step runs the model's own loss eagerly: tracing a compiled loss is refused in one
+    line (exit 2) rather than read as if it were compiled."""
+    result = run("trace", "--model", "llama-3.2-1b", "--method", "lora", "--compile", "layers+loss")
+    assert result.exit_code == 2 and "trace --compile layers" in result.output
+    assert "Traceback" not in result.output
