@@ -1900,7 +1900,7 @@ def route(g: Graph, spec: ModelSpec, router: str, h: Tensor) -> Tensor:
     `DeepseekV3TopkRouter`."""
     H, E, t = spec.hidden_size, spec.num_experts, g.cond.tokens
     rows = t * spec.experts_per_token
-    sigmoid = spec.router == "sigmoid"
+    sigmoid = spec.routing == "sigmoid-group-topk"
     if sigmoid:
         h = g.cast(h, FP32)
     logits = (g.merged_linear(h, router, H, E, FP32 if sigmoid else 0) if router in g.wrapped
@@ -2227,7 +2227,7 @@ def router_saves(g: Graph, spec: ModelSpec, tokens: int, rows: int, routing_byte
     # a sigmoid router (DeepSeek-V3, GLM-4-MoE) keeps its scores and the gather's indices of the
     # chosen ones, and with `norm_topk` the normaliser and the quotient, in the logits' dtype; the
     # choice itself (correction bias, group scores and masks, top-k) keeps nothing
-    scores = routing_bytes if spec.router == "sigmoid" else FP32
+    scores = routing_bytes if spec.routing == "sigmoid-group-topk" else FP32
     kept = (g.new(tokens * spec.num_experts, scores, True), g.new(rows, INT64, False))
     if spec.norm_topk:
         kept += (g.new(tokens, scores, False), g.new(rows, scores, True))

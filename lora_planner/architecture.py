@@ -292,6 +292,6 @@ def kept_in_fp32(spec: ModelSpec, arch: Architecture) -> tuple[Param, ...]:
     """Parameters transformers keeps in fp32 whatever dtype the model is loaded in
     (`_keep_in_fp32_modules_strict`): DeepSeek-V3's router weights (`mlp.gate.weight`), which its
     sigmoid router reads in fp32. Empty for every other family."""
-    if spec.router != "sigmoid":
+    if spec.routing != "sigmoid-group-topk":
         return ()
     return tuple(p for m in arch.modules if m.kind == "router" for p in m.params)

@@ -160,7 +160,7 @@ DEEPSEEK_V3 = ModelSpec(
     num_heads=128, num_kv_heads=128, head_dim=128 + 64, intermediate_size=2048, tied_embeddings=False,
     max_positions=163840, num_experts=256, experts_per_token=8, source="deepseek-ai/DeepSeek-V3",
     kv_lora_rank=512, q_lora_rank=1536, rope_head_dim=64, v_head_dim=128, rope_interleave=True,
-    dense_layers=3, dense_intermediate_size=18432, shared_experts=1, expert_groups=8, topk_groups=4,
+    dense_layers=(0, 1, 2), dense_intermediate_size=18432, shared_experts=1, expert_groups=8, topk_groups=4,
     routed_scaling=2.5,
 )
 
@@ -171,7 +171,7 @@ GLM_4_5_AIR = ModelSpec(
     name="glm-4.5-air", family="glm4_moe", vocab_size=151552, hidden_size=4096, num_layers=46,
     num_heads=96, num_kv_heads=8, head_dim=128, intermediate_size=1408, tied_embeddings=False,
     max_positions=131072, qkv_bias=True, num_experts=128, experts_per_token=8,
-    source="zai-org/GLM-4.5-Air", rope_head_dim=64, dense_layers=1, dense_intermediate_size=10944,
+    source="zai-org/GLM-4.5-Air", rope_head_dim=64, dense_layers=(0,), dense_intermediate_size=10944,
     shared_experts=1,
 )
 

@@ -453,17 +453,17 @@ def oversized_rank_note(spec: ModelSpec, setup: TrainSetup) -> str | None:
 
 
 def unwrapped_mlp_note(spec: ModelSpec, setup: TrainSetup) -> str | None:
-    """What MLP layers a LoRA setup naming the MLP leaves frozen, or None. On DeepSeek-V3 and
-    GLM-4-MoE PEFT 0.21 reads gate_proj, up_proj and down_proj (all-linear and a regex too) as the
-    fused routed experts (`MOE_V4_NAMES`), so the dense layers' gated MLPs and the shared experts,
-    nn.Linear layers under the same names, are never wrapped."""
+    """What MLP layers a LoRA setup naming the MLP leaves frozen, or None. On DeepSeek-V3, GLM-4-MoE
+    and Qwen3-MoE with dense layers PEFT 0.21 reads gate_proj, up_proj and down_proj (all-linear and
+    a regex too) as the fused routed experts (`MOE_V4_NAMES`), so the dense layers' gated MLPs and the
+    shared experts, nn.Linear layers under the same names, are never wrapped."""
     if setup.method == "full" or not (spec.dense_layers or spec.shared_experts):
         return None
     mlp_names = {n for n, reach in MOE_V4_NAMES.get(spec.family, {}).items() if reach != "router"}
     names = lora_trainable(spec, setup).target_names
     if not ("all-linear" in names or any(_matches(f"x.{n}", t) for n in mlp_names for t in names)):
         return None
-    dense = min(spec.dense_layers, spec.num_layers)
+    dense = sum(1 for i in spec.dense_layers if i < spec.num_layers)
     frozen = " and ".join(part for part in (
         ("the dense layer's MLP" if dense == 1 else f"the {dense} dense layers' MLPs") if dense else "",
         "the shared experts" if spec.shared_experts else "") if part)

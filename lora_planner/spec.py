@@ -21,7 +21,7 @@ FAMILY_DROPOUT = {"gpt2": 0.1}
 FAMILIES = ("gpt2", "llama", "mistral", "mixtral", "qwen2", "gemma2", "phi3", "qwen3", "qwen3_moe", "olmo2",
             "smollm3", "gemma3", "gpt_oss", "deepseek_v3", "glm4_moe")
 # Families whose MLP is a sparse block of fused experts (3-D parameters) and a router (in every layer
-# but the first `dense_layers`)
+# but the `dense_layers`)
 MOE_FAMILIES = ("mixtral", "qwen3_moe", "gpt_oss", "deepseek_v3", "glm4_moe")
 # Families whose config names each layer's attention in `layer_types` (sliding or full), read into
 # `ModelSpec.global_layers`
@@ -29,9 +29,13 @@ LAYER_TYPE_FAMILIES = ("gemma3", "gpt_oss")
 
 # How a sparse block routes and gates (`ModelSpec.routing`, `ModelSpec.expert_gate`):
 # "softmax-topk" takes a softmax over every expert's logit, then the top k (Mixtral, Qwen3-MoE);
-# "topk-softmax" takes the top k logits, then a softmax over those alone (GPT-OSS).
-ROUTINGS = ("softmax-topk", "topk-softmax")
-FAMILY_ROUTING = {"gpt_oss": "topk-softmax"}
+# "topk-softmax" takes the top k logits, then a softmax over those alone (GPT-OSS);
+# "sigmoid-group-topk" takes a sigmoid of fp32 logits, a correction bias added for the choice only,
+# the top k within the best `topk_groups` of `expert_groups` groups and the chosen scores scaled by
+# `routed_scaling` (DeepSeek-V3's `DeepseekV3TopkRouter`, GLM-4-MoE's).
+ROUTINGS = ("softmax-topk", "topk-softmax", "sigmoid-group-topk")
+FAMILY_ROUTING = {"gpt_oss": "topk-softmax", "deepseek_v3": "sigmoid-group-topk",
+                  "glm4_moe": "sigmoid-group-topk"}
 # "silu": silu(gate) * up over the halves of the fused gate/up output (Mixtral, Qwen3-MoE);
 # "clamped-swiglu": GPT-OSS's gate and up interleaved, the gate clamped above at `swiglu_limit` and
 # the up on both sides, (up + 1) * gate * sigmoid(alpha * gate)
@@ -76,12 +80,9 @@ OPTIONAL_QK_NORM = {"glm4_moe": "head"}
 NORM_PLACEMENTS = ("pre", "sandwich", "post")
 FAMILY_NORM_PLACEMENT = {"gemma2": "sandwich", "olmo2": "post", "gemma3": "sandwich"}
 
-# How a sparse block's router scores its experts: "softmax" over the router's logits (Mixtral,
-# Qwen3-MoE); "sigmoid" of fp32 logits, a correction bias added for the choice only, the top-k taken
-# within the best `topk_groups` of `expert_groups` groups and the chosen scores scaled by
-# `routed_scaling` (DeepSeek-V3's `DeepseekV3TopkRouter`)
-ROUTERS = ("softmax", "sigmoid")
-FAMILY_ROUTER = {"deepseek_v3": "sigmoid", "glm4_moe": "sigmoid"}
+# Families whose dense layers are the first ones (`first_k_dense_replace`): their `dense_layers` are
+# 0 .. k - 1
+FIRST_DENSE = ("deepseek_v3", "glm4_moe")
 
 # Families whose sliding window is Qwen2's: only with `use_sliding_window`, and only on the layers
 # from `max_window_layers` on
@@ -185,15 +186,15 @@ class ModelSpec:
     v_head_dim: int = 0
     # rotary pairs interleaved (x0, x1), (x2, x3), ... rather than split in halves (`rope_interleave`)
     rope_interleave: bool = False
-    # the first `dense_layers` layers have a gated MLP of `dense_intermediate_size` instead of the
-    # sparse block (`first_k_dense_replace`)
-    dense_layers: int = 0
+    # the indices of the layers with a gated MLP of `dense_intermediate_size` instead of the sparse
+    # block: DeepSeek-V3's and GLM-4-MoE's first `first_k_dense_replace`; Qwen3-MoE's `mlp_only_layers`
+    # and those whose (i + 1) is not a multiple of `decoder_sparse_step`
+    dense_layers: tuple[int, ...] = ()
     dense_intermediate_size: int = 0
     # a gated MLP of shared_experts x intermediate_size every token goes through beside the routed
     # experts (`n_shared_experts`)
     shared_experts: int = 0
-    # how the router scores experts (`ROUTERS`); None: the family's (`FAMILY_ROUTER`, else "softmax")
-    router: str | None = None
+    # the grouped sigmoid routing's groups, groups kept and scale (`ROUTINGS`)
     expert_groups: int = 1
     topk_groups: int = 1
     routed_scaling: float = 1.0
@@ -210,12 +211,12 @@ class ModelSpec:
 
     def sparse_layer(self, i: int) -> bool:
         """Whether layer `i`'s MLP is the sparse expert block (every layer of an MoE family but the
-        first `dense_layers`)."""
-        return self.num_experts > 0 and i >= self.dense_layers
+        `dense_layers`)."""
+        return self.num_experts > 0 and i not in self.dense_layers
 
     def mlp_width(self, i: int) -> int:
         """The gated MLP's width in layer `i` when it is dense (`dense_intermediate_size` for the
-        first layers of a model that has them), else the experts' width."""
+        `dense_layers` of a model that has them), else the experts' width."""
         return self.dense_intermediate_size if self.dense_layers and not self.sparse_layer(i) \
             else self.intermediate_size
 
@@ -285,12 +286,6 @@ class ModelSpec:
             elif getattr(self, name) != form:
                 raise PlanError(f"model {self.name!r}: a {self.family} model's {name} is {form!r}, "
                                 f"not {getattr(self, name)!r}")
-        router = FAMILY_ROUTER.get(self.family, "softmax")
-        if self.router is None:
-            object.__setattr__(self, "router", router)
-        elif self.router != router:
-            raise PlanError(f"model {self.name!r}: a {self.family} model's router is {router!r}, "
-                            f"not {self.router!r}")
         _check_latent_and_experts(self)
         placement = FAMILY_NORM_PLACEMENT.get(self.family, "pre")
         if self.norm_placement is None:
@@ -337,7 +332,13 @@ def _check_latent_and_experts(spec: ModelSpec) -> None:
     if latent and spec.num_kv_heads != spec.num_heads:
         raise PlanError(f"{name}: latent attention makes a key and a value for every head: "
                         f"num_kv_heads must equal num_heads ({spec.num_heads})")
-    for field_name in ("kv_lora_rank", "q_lora_rank", "v_head_dim", "dense_layers", "shared_experts"):
+    if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in spec.dense_layers):
+        raise PlanError(f"{name}: dense_layers must be layer indices")
+    if spec.dense_layers and spec.family in FIRST_DENSE \
+            and sorted(spec.dense_layers) != list(range(len(spec.dense_layers))):
+        raise PlanError(f"{name}: a {spec.family} model's dense layers are its first ones "
+                        "(first_k_dense_replace)")
+    for field_name in ("kv_lora_rank", "q_lora_rank", "v_head_dim", "shared_experts"):
         whole_number(f"{name}: {field_name}", getattr(spec, field_name), 0, 10**6)
     whole_number(f"{name}: rope_head_dim", spec.rope_head_dim, 0, spec.head_dim)
     if spec.rope_head_dim % 2 or (latent and not spec.rope_head_dim):
@@ -347,9 +348,7 @@ def _check_latent_and_experts(spec: ModelSpec) -> None:
         raise PlanError(f"{name}: dense_layers and shared_experts belong to an expert model")
     if spec.dense_layers:
         whole_number(f"{name}: dense_intermediate_size", spec.dense_intermediate_size, 1, 10**7)
-    if spec.router not in ROUTERS:
-        raise PlanError(f"{name}: router must be one of {', '.join(ROUTERS)}, got {spec.router!r}")
-    if spec.router == "sigmoid":
+    if spec.routing == "sigmoid-group-topk":
         groups = whole_number(f"{name}: expert_groups", spec.expert_groups, 1, max(spec.num_experts, 1))
         whole_number(f"{name}: topk_groups", spec.topk_groups, 1, groups)
         if spec.num_experts % groups or spec.num_experts // groups < 2:
@@ -618,13 +617,12 @@ def spec_from_hf_config(config: dict, name: str = "custom", source: str = "") ->
                    least=1) if moe else 0
     if moe and top_k > experts:
         raise PlanError(f"config.json num_experts_per_tok {top_k} is more than {experts_key} {experts}")
-    if family == "qwen3_moe":
-        _all_layers_sparse(config)
     window = _sliding_window(config, family)
     attention_bias = _flag(config, "attention_bias", family == "gpt_oss")
     layers = _whole(config, "num_layers", "num_hidden_layers")
     latent = (_latent_fields(config) if family == "deepseek_v3"
-              else _glm4_moe_fields(config, head_dim_default) if family == "glm4_moe" else {})
+              else _glm4_moe_fields(config, head_dim_default) if family == "glm4_moe"
+              else _qwen3_moe_dense_fields(config, layers) if family == "qwen3_moe" else {})
     latent_head_dim = latent.pop("head_dim", 0)
     return ModelSpec(**latent,
         name=name, family=family, source=source,
@@ -637,7 +635,7 @@ def spec_from_hf_config(config: dict, name: str = "custom", source: str = "") ->
         # config class sets `head_dim` to the rotary part: not read)
         head_dim=latent_head_dim or _whole(config, "head_dim", "head_dim", default=head_dim_default),
         # Qwen3-MoE's experts are `moe_intermediate_size` wide (its `intermediate_size` is for dense
-        # layers, which `_all_layers_sparse` leaves out)
+        # layers: `dense_intermediate_size`)
         intermediate_size=(_whole(config, "intermediate_size", "moe_intermediate_size",
                                   default=MOE_INTERMEDIATE_DEFAULT[family])
                            if family in MOE_INTERMEDIATE_DEFAULT
@@ -689,9 +687,10 @@ SOFTCAP_DEFAULTS = {"gemma2": (50.0, 30.0), "gemma3": (None, None)}
 # The config classes' (experts, experts per token) when a config.json leaves them out
 MOE_DEFAULTS = {"mixtral": (8, 2), "qwen3_moe": (128, 8), "gpt_oss": (128, 4), "deepseek_v3": (256, 8),
                 "glm4_moe": (128, 8)}
-# The keys naming the number of experts, first found wins, where not `num_experts` (GptOssConfig maps
-# num_experts onto num_local_experts)
+# The keys naming the number of experts, first found wins, where not `num_experts` (GptOssConfig and
+# Qwen3MoeConfig map num_experts onto num_local_experts, the key a config they save holds)
 MOE_EXPERTS_KEYS = {"mixtral": ("num_local_experts",), "gpt_oss": ("num_local_experts", "num_experts"),
+                    "qwen3_moe": ("num_experts", "num_local_experts"),
                     "deepseek_v3": ("n_routed_experts",), "glm4_moe": ("n_routed_experts",)}
 # Where a config without `layer_types` puts its full-attention layers: every n-th layer, n from the
 # key named, else this default (Gemma 3's sliding_window_pattern; GPT-OSS alternates, odd layers full)
@@ -715,7 +714,7 @@ def _shared_expert_fields(config: dict, dense: int, dense_width: int, shared: in
 
     first = whole("first_k_dense_replace", dense, 0)
     return {
-        "dense_layers": first,
+        "dense_layers": tuple(range(first)),
         "dense_intermediate_size": whole("intermediate_size", dense_width, 1, 10**7) if first else 0,
         "shared_experts": whole("n_shared_experts", shared),
         "expert_groups": whole("n_group", groups), "topk_groups": whole("topk_group", topk_groups),
@@ -836,22 +835,28 @@ def _global_layers(config: dict, layers: int, family: str) -> tuple[int, ...]:
     return tuple(i for i in range(layers) if kinds[i] == "full_attention")
 
 
-def _all_layers_sparse(config: dict) -> None:
-    """Qwen3-MoE makes layer i dense (a gated MLP of `intermediate_size`) when i is in
-    `mlp_only_layers` or (i + 1) is not a multiple of `decoder_sparse_step`; the published models
-    have none, and a mix of dense and sparse layers is not planned: refused in one line."""
+def _qwen3_moe_dense_fields(config: dict, layers: int) -> dict:
+    """Qwen3-MoE's dense layers, as `Qwen3MoeDecoderLayer` picks them: layer i is dense (a gated MLP
+    of `intermediate_size`, default 6144) when i is in `mlp_only_layers` or (i + 1) is not a multiple
+    of `decoder_sparse_step` (default 1: none)."""
     from .validate import whole_number
 
     step = config.get("decoder_sparse_step")
+    step = 1 if step is None else whole_number("config.json decoder_sparse_step", step, 1, 10**6)
     only = config.get("mlp_only_layers")
-    if step is not None and whole_number("config.json decoder_sparse_step", step, 1, 10**6) != 1:
-        raise PlanError("config.json decoder_sparse_step other than 1 makes some Qwen3-MoE layers dense; "
-                        "a mix of dense and sparse layers is not planned")
-    if only is not None and not isinstance(only, list):
+    if only is None:
+        only = []
+    if not isinstance(only, list) or any(isinstance(i, bool) or not isinstance(i, int) or i < 0
+                                         for i in only):
         raise PlanError("config.json mlp_only_layers must be a list of layer indices")
-    if only:
-        raise PlanError("config.json mlp_only_layers makes some Qwen3-MoE layers dense; a mix of dense "
-                        "and sparse layers is not planned (it must be empty)")
+    dense = tuple(i for i in range(layers) if i in only or (i + 1) % step)
+    width = config.get("intermediate_size")
+    return {"dense_layers": dense,
+            "dense_intermediate_size": whole_number("config.json intermediate_size",
+                                                    6144 if width is None else width, 1, 10**7)
+            if dense else 0}
+
+
 # The config classes' `head_dim` when a config.json leaves it out, where it is not hidden / heads
 HEAD_DIM_DEFAULT = {"qwen3": 128, "gemma3": 256, "gpt_oss": 64}
 
@@ -917,7 +922,8 @@ def to_hf_config(spec: ModelSpec) -> dict:
     if spec.family == "qwen3_moe":
         config.update(num_experts=spec.num_experts, num_experts_per_tok=spec.experts_per_token,
                       moe_intermediate_size=spec.intermediate_size, norm_topk_prob=spec.norm_topk,
-                      decoder_sparse_step=1, mlp_only_layers=[])
+                      decoder_sparse_step=1, mlp_only_layers=list(spec.dense_layers),
+                      intermediate_size=spec.dense_intermediate_size or spec.intermediate_size)
     if spec.family == "qwen3_moe" and spec.sliding_window is not None:
         config.update(use_sliding_window=True, sliding_window=spec.sliding_window)
     if spec.family == "gpt_oss":
@@ -960,7 +966,7 @@ def _shared_expert_config(spec: ModelSpec) -> dict:
         "moe_intermediate_size": spec.intermediate_size,
         # a model without dense layers never reads `intermediate_size`: any width builds it
         "intermediate_size": spec.dense_intermediate_size or spec.intermediate_size,
-        "first_k_dense_replace": spec.dense_layers, "n_shared_experts": spec.shared_experts,
+        "first_k_dense_replace": len(spec.dense_layers), "n_shared_experts": spec.shared_experts,
         "n_group": spec.expert_groups, "topk_group": spec.topk_groups,
         "routed_scaling_factor": spec.routed_scaling, "norm_topk_prob": spec.norm_topk,
         "attention_bias": spec.qkv_bias,

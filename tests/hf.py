@@ -24,3 +24,11 @@ def build_meta(spec: ModelSpec, task: str = "causal-lm", num_labels: int = 2):
             else transformers.AutoModelForCausalLM)
     with torch.device("meta"):
         return auto.from_config(config)
+
+
+def build_meta_from_config(config: dict):
+    """The transformers causal LM a config.json's values describe, on the meta device."""
+    values = dict(config)
+    built = transformers.CONFIG_MAPPING[values.pop("model_type")](**values)
+    with torch.device("meta"):
+        return transformers.AutoModelForCausalLM.from_config(built)

@@ -82,30 +82,53 @@ def test_adamw_8bit_states_switch_at_bitsandbytes_minimum():
         assert optimizer_state_bytes("adamw-8bit", [Param("p", shape)], 4) == per_param
 
 
-@pytest.mark.parametrize(("out_features", "in_features"), [(160, 96), (77, 200)])
-def test_dequant_transient_is_the_16_bit_weight_bitsandbytes_makes(out_features, in_features):
-    """A 4-bit layer's backward dequantises its weight to the compute dtype: the tracer sees that
-    storage appear, and its size is what the timeline adds for QLoRA."""
+def _traced_nf4_step(out_features: int, in_features: int, compute_dtype):
+    """A bitsandbytes 4-bit layer (bf16 weight, quantised by the move to CPU) run forward and
+    backward on a batch of 4 in `compute_dtype` under the tracer: the tracer's timeline, and the bytes
+    live when backward began."""
     from lora_planner.measure.tracer import MemoryTracer
-    from lora_planner.quant import bnb_dequant_bytes
 
     torch.manual_seed(0)
-    layer = bnb.nn.Linear4bit(in_features, out_features, bias=False, compute_dtype=torch.bfloat16,
+    layer = bnb.nn.Linear4bit(in_features, out_features, bias=False, compute_dtype=compute_dtype,
                               quant_type="nf4")
     layer.weight = bnb.nn.Params4bit(torch.randn(out_features, in_features, dtype=torch.bfloat16),
                                      requires_grad=False, quant_type="nf4")
     layer = layer.to("cpu")  # moving the layer is what quantises its weight
-    x = torch.randn(4, in_features, dtype=torch.bfloat16, requires_grad=True)
+    x = torch.randn(4, in_features, dtype=compute_dtype, requires_grad=True)
     tracer = MemoryTracer(layer, record_timeline=True)
     with tracer:
         with tracer.phase("forward"):
             y = layer(x)
         with tracer.phase("backward"):
+            before = tracer.live_bytes()
             y.sum().backward()
-    steps = tracer.timeline
+    return tracer.timeline, before
+
+
+@pytest.mark.parametrize(("out_features", "in_features"), [(160, 96), (77, 200)])
+def test_dequant_transient_is_the_16_bit_weight_bitsandbytes_makes(out_features, in_features):
+    """A 4-bit layer's backward dequantises its weight to the compute dtype: the tracer sees that
+    storage appear, and its size is what the timeline adds for QLoRA."""
+    from lora_planner.quant import bnb_dequant_bytes
+
+    steps, _ = _traced_nf4_step(out_features, in_features, torch.bfloat16)
     made = [now - before for (_, _, _, before), (_, op, _, now) in zip(steps, steps[1:], strict=False)
             if op == "dequantize_4bit"]
     assert made == [bnb_dequant_bytes(out_features * in_features, 2, 2)]
+
+
+def test_dequant_transient_of_a_fp32_compute_dtype():
+    """bnb_4bit_compute_dtype fp32 over a bf16-loaded weight: the backward dequantises to bf16 (the
+    weight's dtype when quantised) and copies to fp32, both alive at once; the tracer sees it."""
+    from lora_planner.quant import bnb_dequant_bytes
+
+    out_features, in_features = 96, 128
+    steps, before = _traced_nf4_step(out_features, in_features, torch.float32)
+    held = max(live for phase, _, _, live in steps if phase == "backward") - before
+    numel = out_features * in_features
+    # beyond the dequantised weight: the incoming gradient and the input gradient (4 x in, 4 x out fp32)
+    assert held - 4 * 4 * (in_features + out_features) <= bnb_dequant_bytes(numel, 4, 2)
+    assert held >= bnb_dequant_bytes(numel, 4, 2)
 
 
 def _quantised_block_bytes(config: dict, targets: list[str]) -> tuple[list[int], int, int]:

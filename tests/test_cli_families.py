@@ -110,8 +110,9 @@ def test_models_lists_the_new_entries():
             "gemma-3-12b", "gemma-3-27b"} <= names
 
 
-@pytest.mark.parametrize(("key", "value"), [("mlp_only_layers", [0, 1]), ("decoder_sparse_step", 2)])
-def test_qwen3_moe_with_dense_layers_is_refused_in_one_line(tmp_path, key, value):
+@pytest.mark.parametrize(("key", "value"), [("mlp_only_layers", "0,1"), ("mlp_only_layers", [0, -1]),
+                                            ("decoder_sparse_step", 0)])
+def test_qwen3_moe_with_bad_dense_layers_is_refused_in_one_line(tmp_path, key, value):
     path = tmp_path / "config.json"
     path.write_text(json.dumps({**QWEN3_30B_A3B, key: value}))
     result = run("--model", str(path))

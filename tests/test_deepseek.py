@@ -25,13 +25,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-
-def _meta_model(config: dict):
-    values = dict(config)
-    built = transformers.CONFIG_MAPPING[values.pop("model_type")](**values)
-    with torch.device("meta"):
-        return transformers.AutoModelForCausalLM.from_config(built)
-
+from .hf import build_meta_from_config  # noqa: E402
 
 FAMILIES = ("deepseek_v3", "glm4_moe")
 
@@ -55,7 +49,7 @@ def test_random_configs_lay_out_as_transformers_builds(family, seed):
     bottleneck, GLM's attention with and without q/k norms and biases, and 0 to all layers dense."""
     config = _config(seed, family=family)
     spec = spec_from_hf_config(config)
-    model = _meta_model(config)
+    model = build_meta_from_config(config)
     assert {p.name: p.shape for p in layout(spec).params} == {
         n: tuple(p.shape) for n, p in model.named_parameters()}
 
@@ -75,7 +69,7 @@ def test_presets_train_what_peft_trains(family, seed, targets):
     names = expand_targets(spec, setup.targets)
     lora = peft.LoraConfig(r=4, target_modules="all-linear" if names == ("all-linear",) else list(names))
     with torch.device("meta"):
-        wrapped = peft.get_peft_model(_meta_model(config), lora)
+        wrapped = peft.get_peft_model(build_meta_from_config(config), lora)
     assert lora_trainable(spec, setup).count == wrapped.get_nb_trainable_parameters()[0]
 
 
@@ -89,7 +83,8 @@ def test_regex_targets_are_read_as_peft_reads_them(pattern):
     config = _config(0, sparse=True)
     spec = spec_from_hf_config(config)
     with torch.device("meta"):
-        wrapped = peft.get_peft_model(_meta_model(config), peft.LoraConfig(r=4, target_modules=pattern))
+        wrapped = peft.get_peft_model(build_meta_from_config(config),
+                                      peft.LoraConfig(r=4, target_modules=pattern))
     setup = TrainSetup(rank=4, targets=(f"re:{pattern}",))
     assert lora_trainable(spec, setup).count == wrapped.get_nb_trainable_parameters()[0]
 

@@ -1,5 +1,6 @@
 """Differential fuzzing of the families added after the seeded suite: Qwen3 (per-head q/k norms),
-Qwen3-MoE (those norms beside Mixtral's fused experts, with or without `norm_topk_prob`), OLMo 2
+Qwen3-MoE (those norms beside Mixtral's fused experts, with or without `norm_topk_prob`, dense
+layers among them by `mlp_only_layers` or `decoder_sparse_step`), OLMo 2
 (norms after each block only, q/k norms over the whole projection, fp32 rotary), SmolLM3 (Llama
 with layers that skip the rotary embedding, and a sliding window on those) and Gemma 3 (Gemma-2's
 sandwich norms with per-head q/k norms, sliding and global layers each with its own rotary
@@ -28,7 +29,9 @@ from .test_fuzz import PEAK_TOLERANCE, check  # noqa: E402
 
 NEW_FAMILIES = ("qwen3", "qwen3_moe", "olmo2", "smollm3", "gemma3", "gpt_oss", "deepseek_v3", "glm4_moe")
 # one LoRA case under autocast or a 16-bit model, one checkpointed or trained in full, per family
-DEFAULT_SEEDS = {"qwen3": (6, 45), "qwen3_moe": (2, 4), "olmo2": (15, 19), "smollm3": (20, 25),
+DEFAULT_SEEDS = {"qwen3": (6, 45),
+                 # LoRA under autocast; full fine-tuning, checkpointed, with dense layers among sparse ones
+                 "qwen3_moe": (2, 20), "olmo2": (15, 19), "smollm3": (20, 25),
                  # both with sliding and global layers, checkpointed: each rotary pair freed with its kind
                  "gemma3": (38, 25),
                  # LoRA on the fused experts (pure-bf16); LoRA under autocast, checkpointed
@@ -57,3 +60,11 @@ def test_qwen3_moe_draws_both_router_forms():
     """The generator reaches both of Qwen3-MoE's routers: with and without `norm_topk_prob`."""
     drawn = {random_case(seed, "qwen3_moe").config["norm_topk_prob"] for seed in range(20)}
     assert drawn == {True, False}
+
+
+def test_qwen3_moe_draws_dense_layers_both_ways():
+    """The generator reaches Qwen3-MoE's dense layers by a list and by a step, and models without."""
+    configs = [random_case(seed, "qwen3_moe").config for seed in range(40)]
+    assert any(c.get("mlp_only_layers") for c in configs)
+    assert any(c.get("decoder_sparse_step", 1) > 1 for c in configs)
+    assert any(not c.get("mlp_only_layers") and c.get("decoder_sparse_step", 1) == 1 for c in configs)

@@ -204,33 +204,6 @@ def test_qlora_step_peak_matches_traced_bitsandbytes_steps(seed):
         assert abs(predicted["peak"] - predicted["weights"] - traced) <= 0.01 * traced, (quant, seed)
 
 
-def test_dequant_transient_of_a_fp32_compute_dtype():
-    """bnb_4bit_compute_dtype fp32 over a bf16-loaded weight: the backward dequantises to bf16 (the
-    weight's dtype when quantised) and copies to fp32, both alive at once; the tracer sees it."""
-    from lora_planner.measure.tracer import MemoryTracer
-    from lora_planner.quant import bnb_dequant_bytes
-
-    out_features, in_features = 96, 128
-    layer = bnb.nn.Linear4bit(in_features, out_features, bias=False, compute_dtype=torch.float32,
-                              quant_type="nf4")
-    layer.weight = bnb.nn.Params4bit(torch.randn(out_features, in_features, dtype=torch.bfloat16),
-                                     requires_grad=False, quant_type="nf4")
-    layer = layer.to("cpu")
-    x = torch.randn(4, in_features, dtype=torch.float32, requires_grad=True)
-    tracer = MemoryTracer(layer, record_timeline=True)
-    with tracer:
-        with tracer.phase("forward"):
-            y = layer(x)
-        with tracer.phase("backward"):
-            before = tracer.live_bytes()
-            y.sum().backward()
-    held = max(live for phase, _, _, live in tracer.timeline if phase == "backward") - before
-    numel = out_features * in_features
-    # beyond the dequantised weight: the incoming gradient and the input gradient (4 x in, 4 x out fp32)
-    assert held - 4 * 4 * (in_features + out_features) <= bnb_dequant_bytes(numel, 4, 2)
-    assert held >= bnb_dequant_bytes(numel, 4, 2)
-
-
 @pytest.mark.parametrize(("out_features", "in_features"), [(256, 128), (128, 384)])
 def test_torchao_nf4_bytes_and_dequant_transient(out_features, in_features):
     """torchao's NF4Tensor (torchtune's QLoRA): its storage, and the most its linear holds while it

@@ -144,12 +144,18 @@ def random_config(rng: random.Random, family: str) -> dict:
         config.update(num_local_experts=experts, num_experts_per_tok=rng.randint(1, min(3, experts)))
     if family == "qwen3_moe":
         experts = rng.randint(2, 5)
-        # the experts' width is moe_intermediate_size; the dense one is unused (every layer sparse)
+        # the experts' width is moe_intermediate_size, the dense layers' intermediate_size
         config.update(num_experts=experts, num_experts_per_tok=rng.randint(1, min(3, experts)),
                       moe_intermediate_size=config["intermediate_size"],
                       norm_topk_prob=rng.random() < 0.5)
         if rng.random() < 0.3:
             config.update(use_sliding_window=True, sliding_window=rng.randint(2, 80))
+        if rng.random() < 0.3:  # dense layers among the sparse ones, listed or every step-th sparse
+            config["intermediate_size"] = rng.randint(1, 16) * 8
+            if rng.random() < 0.5:
+                config["mlp_only_layers"] = sorted(rng.sample(range(layers), rng.randint(1, layers)))
+            else:
+                config["decoder_sparse_step"] = rng.randint(2, 3)
     if family == "gpt_oss":
         experts = rng.randint(2, 5)
         # biases on all four projections or none; sliding and full layers in any order
