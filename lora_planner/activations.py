@@ -162,6 +162,7 @@ class Graph:
     _keys: itertools.count = field(default_factory=lambda: itertools.count(1))
     # the first key made inside the current compiled region (`enter_region`): older tensors are its inputs
     region_start: int = 0
+    in_loss: bool = False  # walking the loss (compiled on its own under `layers+loss`)
     _casts: dict[tuple[int, int], Tensor] = field(default_factory=dict)  # (key, itemsize): one cast
     # every forward moment as (saves made so far, bytes held) by layer, and each layer's last save: a
     # recompute stops at its layer's last saved tensor (`recompute_peak`)
@@ -202,13 +203,14 @@ class Graph:
         """A decoder layer begins: under `--compile layers` a compiled region of its own, whose
         inputs (what was made before it) its backward cannot recompute, and whose casts are its own.
         Under `--compile model` the whole model is one region."""
-        if self.cond.compile == "layers":
+        if self.cond.compile in ("layers", "layers+loss"):
             self.region_start = next(self._keys)
             self._casts = {}
 
     def compiled_here(self) -> bool:
         """Whether the op being walked runs inside a compiled graph (`compiled_section`)."""
-        return compiled_section(self.cond.compile, self.section.startswith("layer"))
+        return (compiled_section(self.cond.compile, self.section.startswith("layer"))
+                or (self.in_loss and loss_compiled(self.cond.compile)))
 
     def save(self, *tensors: Tensor, kernel: bool = False) -> None:
         """Autograd keeps `tensors` for backward. Inside a compiled graph, a pointwise result saved
@@ -1145,8 +1147,31 @@ def compiled_section(mode: str, in_layer: bool) -> bool:
     runs eagerly, eager's saved set; see the plan's note.
     """
     if in_layer:
-        return mode in ("layers", "model")
+        return mode in ("layers", "layers+loss", "model")
     return mode == "model"
+
+
+def loss_compiled(mode: str) -> bool:
+    """Whether the loss runs as a compiled graph: under `model` with the rest, and under
+    `layers+loss` on its own (torchtune's compile=True: `training.compile_loss` in
+    recipes/*_single_device.py; torchtune/training/_compile.py compiles
+    `CEWithChunkedOutputLoss.compute_cross_entropy`, the upcast and cross-entropy of one chunk, or
+    the whole loss module otherwise). Its input, the logits, comes from the eager head."""
+    return mode in ("layers+loss", "model")
+
+
+def compiled_loss_alone_backward(grad_numel: int, logits_itemsize: int) -> int:
+    """What a loss compiled apart from the head (`--compile layers+loss`) holds in its backward
+    beyond the saved tensors: the logits' gradient, numel x the logits' itemsize.
+
+    Inductor fuses the whole cross-entropy backward (`exp(x - max - lse) * g`, minus g at the label,
+    the upcast's cast back) into one kernel that reads the saved 16-bit logits and the two fp32
+    statistics per row and writes the gradient in the logits' dtype: no fp32 buffer of the vocab's
+    width is made (measured with the CPU allocator on torch 2.13 inductor,
+    `tests/test_compile_loss.py`). Its forward saves the logits themselves (already alive) and the
+    per-row max and log-sum-exp instead of the fp32 log-softmax, and never materialises the upcast.
+    """
+    return grad_numel * logits_itemsize
 
 
 def compiled_loss_backward(logits_numel: int, logits_itemsize: int) -> int:
@@ -2267,6 +2292,9 @@ def head_and_loss(g: Graph, spec: ModelSpec, h: Tensor, head: str) -> tuple[Tens
     size = -(-s // max(cond.loss_chunks, 1))
     widths = [min(size, s - start) for start in range(0, s, size)]
     cb = cond.compute_bytes
+    # compiled (`loss_compiled`): each chunk's loss keeps its 16-bit logits (alive anyway until its
+    # backward) and two fp32 values per row; no fp32 copy nor log-softmax output of the vocab's width
+    compiled = loss_compiled(cond.compile)
     if trains and not cond.autocast:
         # one sequence: each chunk is a view of h, keeping any keeps all of it; several: a chunk is
         # not contiguous and the head's matmul keeps a copy of it (the same bytes in all)
@@ -2281,7 +2309,9 @@ def head_and_loss(g: Graph, spec: ModelSpec, h: Tensor, head: str) -> tuple[Tens
             g.save(g.new(V * H, 2, False))  # a frozen weight's bf16 copy, made per chunk
         if spec.family in GEMMA_FAMILIES and spec.final_softcap and grad:
             g.save(g.new(rows * V, cb, True))  # final soft-cap: tanh keeps its output
-        if grad:
+        if grad and compiled:
+            g.save(g.new(rows, FP32, False), g.new(rows, FP32, False))  # per row: max, log-sum-exp
+        elif grad:
             g.save(g.new(rows * V, FP32, True))  # log_softmax keeps its output
             g.save(g.new(1, FP32, False))  # nll's total weight
         if b > 1 and w > 1:
@@ -2295,7 +2325,7 @@ def head_and_loss(g: Graph, spec: ModelSpec, h: Tensor, head: str) -> tuple[Tens
     logits = g.new(t * V, cb, grad)
     # at chunk j's loss its fp32 copy exists and the later chunks' log-softmax outputs do not yet
     fp32, later = 0, 0
-    for w in reversed(widths):
+    for w in reversed(widths if not compiled else ()):
         if cb != FP32:
             fp32 = max(fp32, b * w * V * FP32 - later)
         later += b * w * V * FP32 if grad else 0
@@ -2305,7 +2335,12 @@ def head_and_loss(g: Graph, spec: ModelSpec, h: Tensor, head: str) -> tuple[Tens
     # chunks are undone last to first; by chunk j's loss backward the later chunks' log-softmax
     # outputs are freed and their logits gradients (compute dtype) wait for the head's backward
     after, worst = 0, 0
-    for w in reversed(widths):
+    if compiled and grad:
+        # the logits stay saved until their chunk's backward, which writes that chunk's gradient
+        # (`compiled_loss_alone_backward`): all logits plus one chunk's gradient, then the gradients
+        # replace the logits chunk by chunk
+        worst = t * V * cb + compiled_loss_alone_backward(b * max(widths) * V, cb)
+    for w in reversed(widths if not compiled else ()):
         worst = max(worst, after + 2 * b * w * V * FP32)
         after += b * w * V * (cb - FP32)
     # then the heads, last chunk first: every log-softmax output is gone, the logits gradients not yet
@@ -2315,7 +2350,8 @@ def head_and_loss(g: Graph, spec: ModelSpec, h: Tensor, head: str) -> tuple[Tens
     if len(widths) > 1 and trains:
         done = b * (widths[-1] + widths[-2])
         capped = done * V * cb if spec.family in GEMMA_FAMILIES and spec.final_softcap else 0
-        worst = max(worst, -t * V * FP32 + (t - done) * V * cb + 3 * V * H * cb - capped)
+        freed = 0 if compiled else t * V * FP32  # the log-softmax outputs saved (eager)
+        worst = max(worst, -freed + (t - done) * V * cb + 3 * V * H * cb - capped)
     return logits, fp32, (worst if grad else 0)
 
 
@@ -2774,7 +2810,8 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
     g.held = {}
     head = "lm_head"
     head_loss = None
-    compiled_loss = cond.loss == "standard" and g.compiled_here()
+    compiled_loss = cond.loss == "standard" and loss_compiled(cond.compile)
+    alone = cond.compile == "layers+loss"
     if cond.loss != "standard":
         head_loss = head_and_loss(g, spec, h, head)
         logits, fp32 = head_loss[0], head_loss[1]
@@ -2789,8 +2826,13 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
         if logits.grad:
             # log_softmax keeps its output, elementwise of the (upcast) logits and two reductions per
             # row (max, log-sum-exp): a compiled loss keeps those instead when they are smaller
+            g.in_loss = True
             stats = (g.new(t, FP32, False), g.new(t, FP32, False))
-            g.save(g.pointwise(t * spec.vocab_size, FP32, True, logits, *stats))
+            if alone:
+                g.save(*stats)  # and the logits, alive anyway: in the head's backward term
+            else:
+                g.save(g.pointwise(t * spec.vocab_size, FP32, True, logits, *stats))
+            g.in_loss = False
             g.save(g.new(1, FP32, False), g.new(1, FP32, False))  # the loss and nll's total weight
     mask = cond.batch_size * cond.seq_len * cond.seq_len * (FP32 if cond.autocast else wb)
     # Gemma-2 alternates sliding-window and global layers, and Qwen2's layers from max_window_layers on
@@ -2817,7 +2859,9 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
         logits=logits.nbytes if head_loss is None else head_loss[0].nbytes,
         logits_fp32=(0 if compiled_loss else fp32 if logits.itemsize != FP32 else 0) if head_loss is None
         else head_loss[1],
-        head_backward=(compiled_loss_backward(logits.numel, logits.itemsize) if compiled_loss else None)
+        head_backward=((logits.nbytes + compiled_loss_alone_backward(logits.numel, logits.itemsize)
+                        if alone else compiled_loss_backward(logits.numel, logits.itemsize))
+                       if compiled_loss and logits.grad else None)
         if head_loss is None else head_loss[2],
         eager_mask=eager_mask,
         checkpoint_args=shared,

@@ -148,7 +148,9 @@ def activation_term(prof) -> Term:
         attn, mlp = prof.layers[last] - prof.mlp_layers[last], prof.mlp_layers[last]
         body = (f"{len(prof.layers)} layers (each about attention {_n(attn)} B + MLP {_n(mlp)} B) "
                 f"= {_n(sum(prof.layers))} B")
-    compiled = {"layers": " (each layer compiled: ", "model": " (whole model compiled: "}.get(prof.compiled)
+    compiled = {"layers": " (each layer compiled: ",
+                "layers+loss": " (each layer and the loss compiled: ",
+                "model": " (whole model compiled: "}.get(prof.compiled)
     if compiled:
         compiled += ("a pointwise result is saved only where cheaper than what backward recomputes it "
                      "from, torch's min-cut partition)")

@@ -60,6 +60,9 @@ COMPILE_MODES = {
     "none": "eager: every op runs as written, autograd saves what each op's derivative needs",
     "layers": "torch.compile on each decoder layer (torchtune's compile=True): inside a layer, "
               "pointwise intermediates are recomputed in backward, not saved",
+    "layers+loss": "torchtune's compile=True in full: each decoder layer as above, and the loss "
+                   "compiled apart (training.compile_loss): no fp32 logits nor log-softmax kept, "
+                   "its backward writes the 16-bit logits gradient directly",
     "model": "torch.compile on the whole model (the Trainer's torch_compile): layers as above, and "
              "the loss's fp32 logits and log-softmax fused away",
 }

@@ -36,7 +36,8 @@ def stack_options(f: Callable) -> Callable:
                      help="With checkpointing, keep the checkpointed layer inputs in CPU memory. "
                           "Default: the stack's (off in every preset)."),
         click.option("--compile", "compile_mode", type=click.Choice(list(COMPILE_MODES)), default=None,
-                     help="torch.compile: layers = each decoder layer (torchtune's compile=True), "
+                     help="torch.compile: layers = each decoder layer, layers+loss = each layer and "
+                          "the loss apart (torchtune's compile=True: no fp32 logits kept), "
                           "model = the whole model (the Trainer's torch_compile). Inside a compiled "
                           "graph, backward recomputes pointwise results (the norms' normalised "
                           "tensors, silu(gate), GELU) from tensors it keeps anyway instead of saving "

@@ -205,6 +205,9 @@ def trace(spec: ModelSpec, setup: TrainSetup, *, fake: bool = False, seed: int =
     if compiled and fake:
         raise PlanError("a compiled step runs inductor's kernels on real tensors: trace --compile without "
                         "--fake")
+    if setup.compile == "layers+loss":
+        raise PlanError("trace runs its loss eagerly (the model's own): trace --compile layers; the "
+                        "compiled loss is held to the allocator in tests/test_compile_loss.py")
     allocator = allocator or compiled  # a compiled step's only reading is the allocator's
     if fake and spec.num_experts and setup.precision != "pure-bf16":
         # torch's fake (meta) kernel for _grouped_mm accepts bf16 operands only, as its CUDA kernel does
