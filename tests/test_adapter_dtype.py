@@ -19,7 +19,7 @@ from lora_planner.gpus import GPUS
 from lora_planner.plan import make_plan
 from lora_planner.resolve import resolve_model
 from lora_planner.spec import TrainSetup, spec_from_hf_config
-from tests.tracing import check_traced_case
+from tests.tracing import check_traced_case, random_lora_setup
 
 
 def _case(seed: int, family: str, precision: str, **changes):
@@ -28,12 +28,7 @@ def _case(seed: int, family: str, precision: str, **changes):
     rng = random.Random(seed)
     config = random_config(rng, family)
     spec = spec_from_hf_config(config, name=f"adapter-{seed}")
-    setup = TrainSetup(
-        method="lora", rank=rng.randint(1, 8),
-        targets=(rng.choice(("default", "qv", "attn", "mlp", "all-linear")),),
-        precision=precision, batch_size=rng.randint(1, 3), seq_len=rng.randint(3, 48),
-        attention=rng.choice(("sdpa", "eager")), grad_checkpointing=rng.random() < 0.5,
-        lora_dropout=rng.choice((0.0, 0.0, 0.1)), stack="torch", adapter_dtype="fp32")
+    setup = random_lora_setup(rng, precision, adapter_dtype="fp32")
     setup = setup.with_(**changes)
     setup = plannable_rank(spec, setup)
     return Case(seed, config, setup, None, fake=rng.random() < 0.5)

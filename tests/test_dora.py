@@ -14,8 +14,8 @@ import pytest
 from click.testing import CliRunner
 
 from lora_planner.cli import main as cli
-from lora_planner.spec import TrainSetup, spec_from_hf_config
-from tests.tracing import check_traced_case
+from lora_planner.spec import spec_from_hf_config
+from tests.tracing import check_traced_case, random_lora_setup
 
 
 def _case(seed: int, family: str, precision: str, checkpointing: bool, dropout: float):
@@ -24,12 +24,7 @@ def _case(seed: int, family: str, precision: str, checkpointing: bool, dropout: 
     rng = random.Random(seed)
     config = random_config(rng, family)
     spec = spec_from_hf_config(config, name=f"dora-{seed}")
-    setup = TrainSetup(
-        method="lora", rank=rng.randint(1, 8),
-        targets=(rng.choice(("default", "qv", "attn", "mlp", "all-linear")),),
-        precision=precision, batch_size=rng.randint(1, 3), seq_len=rng.randint(3, 48),
-        attention=rng.choice(("sdpa", "eager")), grad_checkpointing=checkpointing,
-        lora_dropout=dropout, stack="torch", use_dora=True)
+    setup = random_lora_setup(rng, precision, checkpointing, dropout, use_dora=True)
     return Case(seed, config, plannable_rank(spec, setup), None, fake=False)
 
 

@@ -26,3 +26,22 @@ def check_traced_case(case, peak: float = 0.01) -> None:
     for term in ("weights", "gradients", "optimizer_states"):
         assert errors[term] == 0, (case.label, term, errors)
     assert abs(errors["peak"]) <= peak, (case.label, errors)
+
+
+def random_lora_setup(rng, precision: str, grad_checkpointing: bool | None = None,
+                      lora_dropout: float | None = None, **fields):
+    """A random small LoRA step of the torch stack, drawn from `rng` in one fixed order (rank,
+    targets, batch, length, attention, then checkpointing and LoRA dropout unless given)."""
+    from lora_planner.spec import TrainSetup
+
+    rank, targets = rng.randint(1, 8), (rng.choice(("default", "qv", "attn", "mlp", "all-linear")),)
+    batch_size, seq_len = rng.randint(1, 3), rng.randint(3, 48)
+    attention = rng.choice(("sdpa", "eager"))
+    if grad_checkpointing is None:
+        grad_checkpointing = rng.random() < 0.5
+    if lora_dropout is None:
+        lora_dropout = rng.choice((0.0, 0.0, 0.1))
+    return TrainSetup(method="lora", rank=rank, targets=targets, precision=precision,
+                      batch_size=batch_size, seq_len=seq_len, attention=attention,
+                      grad_checkpointing=grad_checkpointing, lora_dropout=lora_dropout, stack="torch",
+                      **fields)
