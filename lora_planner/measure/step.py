@@ -124,14 +124,27 @@ def fused_linear_loss(model: Any, ids: Any, labels: Any) -> Any:
     return kernel(head.weight, hidden.reshape(-1, hidden.size(-1)), shifted.reshape(-1), head.bias)
 
 
-def enable_checkpointing(model: Any) -> None:
+def enable_checkpointing(model: Any, every: int = 1, torchtune_count: bool = False) -> None:
     """Hugging Face per-layer checkpointing, non-reentrant, by transformers 5's name for it when the
-    installed version has it (the older name warns that it is deprecated)."""
+    installed version has it (the older name warns that it is deprecated).
+
+    `every` > 1: selective, every `every`-th decoder layer, counted by transformers' own
+    `every_n_layers` (layers 0, k, 2k, ...), or with `torchtune_count` as torchtune's and torchtitan's
+    checkpoint wrappers count the layers they are applied to: from 1, wrapping count % k == 0."""
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        extra = {"every_n_layers": every} if every > 1 and not torchtune_count else {}
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, **extra)
+    elif every > 1 and not torchtune_count:
+        raise RuntimeError("selective checkpointing needs transformers' activation_checkpointing_enable")
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if every > 1 and torchtune_count:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+        for count, block in enumerate(blocks, start=1):
+            block.gradient_checkpointing = count % every == 0
 
 
 class DefaultLossNotice(logging.Filter):

@@ -31,7 +31,7 @@ from ..errors import PlanError
 from ..gpus import GPUS
 from ..plan import make_plan
 from ..spec import ModelSpec, TrainSetup, check_runnable_attention, to_hf_config
-from ..stacks import resolve
+from ..stacks import get_stack, resolve
 
 if TYPE_CHECKING:
     from ..step import StepPrediction
@@ -276,7 +276,7 @@ def run_step(config, setup: TrainSetup, vocab_size: int, *, fake: bool = False, 
             torch.set_default_dtype(previous)
         model.train()
         if setup.grad_checkpointing:
-            enable_checkpointing(model)
+            enable_checkpointing(model, setup.checkpoint_every, get_stack(setup.stack).checkpoint_offset == 1)
         if setup.method == "lora":
             model = adapt(model)
         compile_model(model, setup.compile if compiled else "none")
