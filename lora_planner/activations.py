@@ -55,6 +55,9 @@ class Conditions:
     # are checkpointed, the rest keep their whole saved set (`checkpointed_layers`)
     checkpoint_every: int = 1
     checkpoint_offset: int = 0
+    # torchtitan's op-level selective checkpointing (`sac_saves`): a checkpointed layer keeps, beside
+    # its input, the outputs of every other matmul and of the fused attention kernel
+    checkpoint_ops: bool = False
     device: str = "cuda"
     dropout: float | None = None  # None: the model's own rates (`ModelSpec.dropout_rates`)
     lora_dropout: float = 0.0
@@ -116,6 +119,22 @@ def checkpointed_layers(num_layers: int, cond: Conditions) -> tuple[bool, ...]:
     if not cond.grad_checkpointing:
         return (False,) * num_layers
     return every_kth_layer(num_layers, cond.checkpoint_every, cond.checkpoint_offset)
+
+
+def sac_saves(op: str, mm_count: int, device: str) -> bool:
+    """Whether torchtitan's op-level selective checkpointing policy caches an op's outputs in
+    forward (MUST_SAVE) rather than recompute them in backward.
+
+    torchtitan's `_apply_ac_to_transformer_block` (selective_ac_option "op") saves the outputs of
+    `aten.mm` but every second one counted within a layer's forward (`mm_count` odd: the 1st, 3rd,
+    ... matmul), and of the fused attention kernels `_scaled_dot_product_flash_attention` and
+    `_scaled_dot_product_efficient_attention` (CUDA's; CPU's flash kernel is another op, not on the
+    list), and recomputes everything else. A linear with a bias runs `addmm`, neither saved nor
+    counted. (Its list's reduce_scatter, abs and max do not run in a plain step's layers.)
+    """
+    if op == "mm":
+        return mm_count % 2 == 1
+    return op == "sdpa" and device == "cuda"
 
 
 def every_kth_layer(num_layers: int, every: int, offset: int) -> tuple[bool, ...]:
@@ -191,7 +210,9 @@ class Graph:
     _casts: dict[tuple[int, int], Tensor] = field(default_factory=dict)  # (key, itemsize): one cast
     # every forward moment as (saves made so far, bytes held) by layer, and each layer's last save: a
     # recompute stops at its layer's last saved tensor (`recompute_peak`)
-    moments: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
+    # (each moment also notes the newest tensor key then: op-level selective checkpointing's cached
+    # outputs made later are alive beside it in a recompute, `recompute_peak`)
+    moments: dict[str, list[tuple[int, int, int]]] = field(default_factory=dict)
     _saves: int = 0
     _last_save: dict[str, int] = field(default_factory=dict)
     _section_bytes: dict[str, int] = field(default_factory=dict)
@@ -213,6 +234,28 @@ class Graph:
     # saved bytes of the checkpointed layers walked so far that their forward did not keep (all but
     # their input, their shared arguments and autocast's weight copies): `moment` takes them off
     dropped: int = 0
+    # op-level selective checkpointing (`Conditions.checkpoint_ops`): the current layer's matmuls so
+    # far, and by layer the op outputs its checkpoint caches in forward (`sac_saves`)
+    mm_count: int = 0
+    sac: dict[str, list[Tensor]] = field(default_factory=dict)
+    _last_save_key: dict[str, int] = field(default_factory=dict)  # the newest key at a layer's last save
+
+    def sac_unconsumed(self, layer: str) -> int:
+        """Cached op outputs (op-level selective checkpointing) that a layer's recompute never takes
+        back: those of ops at or after its last save, where torch's non-reentrant checkpoint stops
+        recomputing (autograd packs an op's inputs before it runs the op). No op saves them; the
+        checkpoint holds them until the layer's backward is done."""
+        last = self._last_save_key.get(layer, 0)
+        return sum(t.nbytes for t in self.sac.get(layer, ()) if t.key not in self.saved and t.key > last)
+
+    def sac_op(self, op: str, *outputs: Tensor) -> None:
+        """An op ran inside a checkpointed layer: under op-level selective checkpointing, the
+        checkpoint caches its outputs when the policy says so (`sac_saves`)."""
+        if not (self.checkpointed and self.cond.checkpoint_ops):
+            return
+        self.mm_count += op == "mm"
+        if sac_saves(op, self.mm_count, self.cond.device):
+            self.sac.setdefault(self.section.removesuffix(" mlp"), []).extend(outputs)
 
     def recompute_peak(self, layer: str) -> int:
         """The most a checkpointed layer's recompute holds: its forward's moments up to the op that
@@ -220,7 +263,11 @@ class Graph:
         so what forward did after it (a last LoRA layer's lora_B output and its scaled copy, when the
         adapter's input was its last save) does not happen again."""
         last = self._last_save.get(layer, 0)
-        return max((held for saves, held in self.moments.get(layer, ()) if saves < last), default=0)
+        # op-level selective checkpointing: the recompute is handed each cached output as it reaches
+        # that op; until then the cache holds it (those no op saves count here, the rest are saved)
+        cached = [(t.key, t.nbytes) for t in self.sac.get(layer, ()) if t.key not in self.saved]
+        return max((held + sum(n for key, n in cached if key > now)
+                    for saves, held, now in self.moments.get(layer, ()) if saves < last), default=0)
 
     # --- tensors ---------------------------------------------------------------------------------
     def new(self, numel: int, itemsize: int, grad: bool) -> Tensor:
@@ -261,6 +308,8 @@ class Graph:
                 self._saved_total += t.nbytes
                 self._saves += 1
                 self._last_save[self.section.removesuffix(" mlp")] = self._saves
+                if self.checkpointed and self.cond.checkpoint_ops:
+                    self._last_save_key[self.section.removesuffix(" mlp")] = next(self._keys)
 
     def saved_bytes(self, section: str | None = None) -> int:
         # running totals per section: a walk of 80 layers asks for each layer's bytes
@@ -386,7 +435,8 @@ class Graph:
         """
         layer = self.section.removesuffix(" mlp")
         held = self.saved_bytes(layer) + self.saved_bytes(f"{layer} mlp") + transient
-        self.moments.setdefault(layer, []).append((self._saves if after_saves else -1, held))
+        at = self._saves if after_saves else -1
+        self.moments.setdefault(layer, []).append((at, held, next(self._keys)))
 
     def cached(self, nbytes: int, saved: bool) -> None:
         """A 16-bit copy of a trained parameter: autocast keeps it until forward ends."""
@@ -452,6 +502,7 @@ class Graph:
             if path in self.biases:
                 self.cached(out_features * 2, saved=False)
         out = self.new(rows * out_features, xin.itemsize, x.grad or trains)
+        self.sac_op("addmm" if path in self.biases else "mm", out)
         # the matmul's moment: its input, autocast's copies of the input and (when no op keeps it)
         # of the weight, and its output
         self.moment(x, xin, out, extra=in_features * out_features * 2
@@ -496,13 +547,13 @@ class Graph:
             self.cached(rank * out_features * 2, saved=True)
         # lora_B's matmul saved its weight's 16-bit copy before this moment's outputs exist: a
         # recompute that stops at that save never reaches it
-        self.moments.setdefault(layer, []).append((self._saves, held))
+        self.moments.setdefault(layer, []).append((self._saves, held, next(self._keys)))
         if (fp32_adapters or self.cond.autocast) and xd is not xc:
             # lora_A's output made, the dropped fp32 copy still alive beside PEFT's cast of the input
             # (the dropped copy is freed after, when autocast's 16-bit copy of it is what lora_A kept)
             at_a = self.unsaved(x, xc, xd, out, *self.args, *self._layer_held())
             saved = self.saved_bytes(layer) + self.saved_bytes(f"{layer} mlp")
-            self.moments[layer].append((self._saves, saved + at_a))
+            self.moments[layer].append((self._saves, saved + at_a, next(self._keys)))
             self.moment(x, xc, xd, out)
         # the same moment in the whole forward: the base output, lora_B's output and its scaled copy
         # beside the input and PEFT's cast of it (`xd`, the input itself when of the adapter's dtype)
@@ -695,8 +746,10 @@ class Graph:
                     if self.compiled_here():
                         converted = self._casts.setdefault((0, mask), converted)
                     self.save(converted)
+            lse_t = self.new(lse, 1, False)
             if grad:
-                self.save(q, k, v, out, self.new(lse, 1, False), kernel=True)
+                self.save(q, k, v, out, lse_t, kernel=True)
+            self.sac_op("sdpa", out, lse_t)
             self.attn_tail_start()
             # the kernel lays its output out like q: when q is (b, heads, s, d)-contiguous (Phi-3's
             # rotary concatenates), o_proj's (b, s, heads * d) view needs a copy, unless one head
@@ -2749,6 +2802,12 @@ class Profile:
     # among the shared arguments instead
     args_saved_by_layer: tuple[int, ...] = ()
 
+    # per layer, op-level selective checkpointing (`sac_saves`): the op outputs a checkpointed layer
+    # caches from forward to its backward, and those of them its recompute never reaches
+    # (`Graph.sac_unconsumed`), alive through its backward
+    sac_kept: tuple[int, ...] = ()
+    sac_unconsumed: tuple[int, ...] = ()
+
     def checkpointed_at(self, i: int) -> bool:
         """Whether layer i is checkpointed (keeps its input, recomputes its saved set in backward)."""
         return self.checkpointed and not (self.kept_layers and self.kept_layers[i])
@@ -2758,7 +2817,7 @@ class Profile:
         any other its saved set, less the rotary cos and sin a checkpointed step counts among the
         shared arguments (`checkpoint_args`)."""
         if self.checkpointed_at(i):
-            return self.layer_inputs[i]
+            return self.layer_inputs[i] + (self.sac_kept[i] if self.sac_kept else 0)
         return self.layers[i] - (self.args_saved_by_layer[i] if self.checkpointed else 0)
 
     @property
@@ -2843,9 +2902,12 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
     ckpt = checkpointed_layers(spec.num_layers, cond)
     rot_saved: list[int] = []
     leaf_held = 0
+    sac_kept: list[int] = []  # per layer, op-level selective checkpointing's cached outputs
+    sac_unconsumed: list[int] = []  # ... those of them its recompute does not reach
     for i in range(spec.num_layers):
         g.section = f"layer {i}"
         g.checkpointed = ckpt[i]
+        g.mm_count = 0  # torchtitan's policy counts a layer's matmuls afresh at each checkpoint
         x_in = x
         outer = dict(g.held)
         g.hold(x_in)  # the caller's hidden states, until the layer returns
@@ -2873,12 +2935,16 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
             # saves no copy of it leaves it alive all the same
             leaf_held = x_in.nbytes
             g.dropped -= leaf_held
-        if ckpt[i] and not all(ckpt):
+        cached = {t.key: t for t in g.sac.get(f"layer {i}", ())}
+        sac_kept.append(sum(t.nbytes for t in cached.values()))
+        sac_unconsumed.append(g.sac_unconsumed(f"layer {i}"))
+        if ckpt[i] and (not all(ckpt) or cond.checkpoint_ops):
             # selective checkpointing: the later forward moments hold this layer's input (unless
-            # another section saved it), its arguments and autocast's weight copies, not its saves
+            # another section saved it), its arguments, autocast's weight copies and what the op
+            # policy cached, not its saves
             elsewhere = kept is not None and not kept[1].startswith(f"layer {i}")
             g.dropped += layers[-1] - (0 if elsewhere else x_in.nbytes) - rot_saved[-1] - sum(
-                g.cache.get(where, [0, 0])[1] for where in (f"layer {i}", f"layer {i} mlp"))
+                g.cache.get(where, [0, 0])[1] for where in (f"layer {i}", f"layer {i} mlp")) - sac_kept[-1]
     g.checkpointed = False
     g.section = "head"
     norm = "transformer.ln_f" if spec.family == "gpt2" else "model.norm"
@@ -2976,6 +3042,8 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
         args_freed=checkpoint_masks_freed(spec, cond, ckpt) if cond.grad_checkpointing else (),
         kept_layers=tuple(not c for c in ckpt) if any(ckpt) and not all(ckpt) else (),
         args_saved_by_layer=tuple(rot_saved),
+        sac_kept=tuple(sac_kept) if any(sac_kept) else (),
+        sac_unconsumed=tuple(sac_unconsumed) if any(sac_kept) else (),
         expert_up_backward=tuple(g.up_backward.get(f"layer {i}", (0, 0)) for i in range(spec.num_layers))
         if g.up_backward else (),
         recompute_unsort=tuple(g.unsort.get(f"layer {i}", 0) for i in range(spec.num_layers)),

@@ -156,6 +156,10 @@ def activation_term(prof) -> Term:
         attn, mlp = prof.layers[last] - prof.mlp_layers[last], prof.mlp_layers[last]
         body = (f"{len(prof.layers)} layers (each about attention {_n(attn)} B + MLP {_n(mlp)} B) "
                 f"= {_n(sum(prof.layers))} B")
+    if prof.checkpointed and prof.sac_kept:
+        cached = sum(prof.sac_kept[i] for i in range(len(prof.layers)) if prof.checkpointed_at(i))
+        body += (f" + op outputs the checkpoints cache (torchtitan's op policy: every other matmul's, "
+                 f"the fused attention kernel's) {_n(cached)} B")
     compiled = {"layers": " (each layer compiled: ",
                 "layers+loss": " (each layer and the loss compiled: ",
                 "model": " (whole model compiled: "}.get(prof.compiled)

@@ -67,9 +67,15 @@ def conditions(setup: TrainSetup, precision: Precision, device: str = "cuda") ->
     if setup.checkpoint_every > 1 and not setup.grad_checkpointing:
         raise PlanError("--checkpoint-every K checkpoints every K-th layer: it needs checkpointing on "
                         "(drop --no-grad-checkpointing)")
-    if setup.checkpoint_every > 1 and setup.activation_offload:
-        raise PlanError("--activation-offload is planned with every layer checkpointed: drop "
-                        "--checkpoint-every or the offload")
+    if setup.checkpoint_ops and not setup.grad_checkpointing:
+        raise PlanError("--checkpoint-ops chooses what checkpointed layers keep: it needs checkpointing "
+                        "on (drop --no-grad-checkpointing)")
+    if setup.checkpoint_ops and setup.method != "full":
+        raise PlanError("--checkpoint-ops (torchtitan's op-level selective checkpointing) is planned "
+                        "for --method full, as torchtitan trains")
+    if (setup.checkpoint_every > 1 or setup.checkpoint_ops) and setup.activation_offload:
+        raise PlanError("--activation-offload is planned with every layer checkpointed to its input: "
+                        "drop --checkpoint-every / --checkpoint-ops or the offload")
     if setup.batch_size < 1 or setup.seq_len < 1:
         raise PlanError(f"batch size and sequence length must be positive, got {setup.batch_size} "
                         f"and {setup.seq_len}")
@@ -87,6 +93,7 @@ def conditions(setup: TrainSetup, precision: Precision, device: str = "cuda") ->
         autocast=precision.name == "amp", attention=setup.attention,
         grad_checkpointing=setup.grad_checkpointing, device=device,
         checkpoint_every=setup.checkpoint_every, checkpoint_offset=get_stack(setup.stack).checkpoint_offset,
+        checkpoint_ops=setup.checkpoint_ops,
         dropout=setup.dropout, lora_dropout=setup.lora_dropout,
         loss=setup.loss or "standard", loss_chunks=setup.loss_chunks or 8,
         activation_offload=bool(setup.activation_offload),

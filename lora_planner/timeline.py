@@ -151,8 +151,12 @@ def step_phases(states: States, prof: Profile, vocab: int, tokens: int) -> tuple
         # before its output projection's gradient exists
         pending = prof.recompute_pending[i] if prof.recompute_pending else 0
         if prof.checkpointed_at(i):
-            saved_below -= prof.layer_inputs[i]
-            live = saved_below + prof.layers[i] + prof.layer_inputs[i] - prof.input_saved_by_layer[i]
+            saved_below -= prof.held_after_forward(i)
+            # op-level selective checkpointing: the recompute takes each cached op output back as it
+            # reaches its op (those no op saves are alive until then, in `recompute_peaks`); those it
+            # stops before stay alive through the layer's backward
+            live = (saved_below + prof.layers[i] + prof.layer_inputs[i] - prof.input_saved_by_layer[i]
+                    + (prof.sac_unconsumed[i] if prof.sac_unconsumed else 0))
             if prof.offloaded:  # on the GPU: this layer's input and the next one's, prefetched
                 live += prof.embedding + prof.checkpoint_args + (prof.layer_inputs[i - 1] if i else 0) \
                     - saved_below

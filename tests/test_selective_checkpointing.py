@@ -137,3 +137,57 @@ def test_cli_refuses_in_one_line(args, message):
     out = CliRunner().invoke(cli, ["plan", "--model", "llama-3.2-1b", *args])
     assert out.exit_code != 0
     assert message in out.output and "Traceback" not in out.output
+
+
+# --- --checkpoint-ops: torchtitan's op-level policy ---------------------------------------------------
+
+def _ops_case(seed: int):
+    """Seed `seed`'s fuzz case as a full fine-tune on real tensors, every layer (or every 2nd)
+    checkpointed under torchtitan's op policy, which the traced step applies to transformers'
+    checkpoints as torchtitan's `context_fn` (`measure.step.torchtitan_op_context`)."""
+    from lora_planner.measure.fuzz import random_case
+
+    case = random_case(seed)
+    rng = random.Random(seed)
+    setup = case.setup.with_(method="full", grad_checkpointing=True, checkpoint_ops=True, stack="torch",
+                             checkpoint_every=rng.choice((1, 1, 2)))
+    return replace(case, setup=setup, layers=None, fake=False)
+
+
+@pytest.mark.parametrize("seed", (1, 2, 9, 11, 15, 27))
+def test_op_policy_step_matches_its_trace(seed):
+    """The op outputs the checkpoint caches (every other matmul's; on CPU, no attention kernel's:
+    torch's CPU flash kernel is not on torchtitan's list) byte for byte, the peak within 1%: the
+    recompute takes a cached output back as it reaches its op, and one at or after its early stop
+    stays alive through the layer's backward."""
+    from tests.tracing import check_traced_case
+
+    check_traced_case(_ops_case(seed))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(30, 100))
+def test_op_policy_step_matches_its_trace_more_seeds(seed):
+    from tests.tracing import check_traced_case
+
+    check_traced_case(_ops_case(seed))
+
+
+def test_op_policy_keeps_every_other_matmul_and_the_cuda_attention_output():
+    """Llama 3.1 8B, batch 2 x 8,192 in bf16 on CUDA: per layer q_proj's, v_proj's, gate_proj's and
+    down_proj's outputs (the 1st, 3rd, 5th and 7th matmul) and the flash kernel's output and
+    log-sum-exp, counted from the model's shapes."""
+    base = TrainSetup(method="full", precision="pure-bf16", batch_size=2, seq_len=8192, stack="torch",
+                      grad_checkpointing=True)
+    spec = resolve_model("llama-3.1-8b")
+    plain = make_plan(spec, (base,), GPUS[0]).plans[0].memory["activations"].bytes
+    ops = make_plan(spec, (base.with_(checkpoint_ops=True),), GPUS[0]).plans[0].memory["activations"].bytes
+    t, hidden, inter = 2 * 8192, spec.hidden_size, spec.intermediate_size
+    kv = spec.num_kv_heads * spec.head_dim
+    per_layer = 2 * t * (hidden + kv + inter + hidden) + 2 * t * hidden + 4 * t * spec.num_heads
+    assert ops - plain == spec.num_layers * per_layer
+
+
+def test_op_policy_refuses_lora():
+    out = CliRunner().invoke(cli, ["plan", "--model", "llama-3.2-1b", "--method", "lora", "--checkpoint-ops"])
+    assert out.exit_code != 0 and "--method full" in out.output and "Traceback" not in out.output

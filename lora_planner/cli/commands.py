@@ -22,6 +22,7 @@ from .stack_options import stack_changes, stack_options
 from .step_options import (
     adapter_dtype_option,
     checkpoint_every_option,
+    checkpoint_ops_option,
     dropout_option,
     lora_dropout_option,
     optimizer_in_backward_option,
@@ -118,6 +119,7 @@ def bare_model_hint(word: str) -> str:
               help="Storage for N task-specific fine-tunes: N full copies vs base + N adapters.")
 @step_options
 @checkpoint_every_option
+@checkpoint_ops_option
 @stack_options
 @dropout_option
 @lora_dropout_option
@@ -170,7 +172,7 @@ def plan_output(model_name, params_text, methods, ranks, targets, precision, opt
                 quantize_experts=False, lora_dropout=0.0, adapter_dtype="auto",
                 optimizer_in_backward=False, packing=False, gpu_given=False, quant_backend=None,
                 bnb_version=BNB_MODELLED, bnb_compute_dtype="bf16", compile_mode=None, checkpoint_every=1,
-                **scale) -> str:
+                checkpoint_ops=False, **scale) -> str:
     """What `plan` prints for its parsed options (click's parameter names); a user mistake
     raises PlanError. The command echoes it; the page (`serve`) answers with it directly.
     `gpu_given`: the user named --gpu (see `gpu_given()`), so --gpu-mem keeps that card's kind."""
@@ -201,7 +203,7 @@ def plan_output(model_name, params_text, methods, ranks, targets, precision, opt
         attention=attention, dropout=dropout, lora_dropout=lora_dropout, adapter_dtype=adapter_dtype,
         optimizer_in_backward=optimizer_in_backward, packing=packing,
         **stack_changes(stack, optimizer_impl, loss, loss_chunks, activation_offload,
-                        grad_checkpointing, compile_mode, checkpoint_every),
+                        grad_checkpointing, compile_mode, checkpoint_every, checkpoint_ops),
         **setup_changes(**scale),
     )
     rank_list = parse_ranks(ranks)
@@ -347,6 +349,7 @@ def models_command(fmt: str) -> None:
                                 "--adapter-dtype fp32, whose fp32 adapters need none.")
 @step_options
 @checkpoint_every_option
+@checkpoint_ops_option
 @stack_options
 @dropout_option
 @lora_dropout_option
@@ -368,7 +371,7 @@ def trace_command(model_name, method, rank, targets, precision, batch_size, seq_
                   attention, stack, optimizer_impl, loss, loss_chunks, activation_offload, layers, fake,
                   fmt, force, dropout=None, optimizer="adamw", lora_dropout=0.0,
                   adapter_dtype="auto", optimizer_in_backward=False, packing=False,
-                  compile_mode=None, checkpoint_every=1) -> None:
+                  compile_mode=None, checkpoint_every=1, checkpoint_ops=False) -> None:
     """Trace one real training step on CPU and print it beside the prediction, term by term.
 
     Needs the `measure` extra (torch, transformers; peft for LoRA). Without --fake, a step whose
@@ -391,7 +394,8 @@ def trace_command(model_name, method, rank, targets, precision, batch_size, seq_
                        lora_dropout=lora_dropout, adapter_dtype=adapter_dtype,
                        optimizer_in_backward=optimizer_in_backward, packing=packing,
                        **stack_changes(stack, optimizer_impl, loss, loss_chunks, activation_offload,
-                                       grad_checkpointing, compile_mode, checkpoint_every))
+                                       grad_checkpointing, compile_mode, checkpoint_every,
+                                       checkpoint_ops))
     need_measure_extra("lora-plan trace")
     from ..measure.traced_step import predicted_terms, sliced, trace
 

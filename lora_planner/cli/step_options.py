@@ -54,6 +54,17 @@ def checkpoint_every_option(f: Callable) -> Callable:
              "as torchtune and torchtitan (K-1, 2K-1, ...). 1: every layer.")(f)
 
 
+def checkpoint_ops_option(f: Callable) -> Callable:
+    """Add --checkpoint-ops: torchtitan's op-level selective checkpointing."""
+    return click.option(
+        "--checkpoint-ops", is_flag=True,
+        help="torchtitan's op-level selective checkpointing (activation_checkpoint mode selective, "
+             "selective_ac_option op): each checkpointed layer keeps its input and the outputs of "
+             "every other matmul (the 1st, 3rd, ... of the layer) and of CUDA's fused attention "
+             "kernel, and recomputes the rest in backward; implies --grad-checkpointing. Full "
+             "fine-tuning only.")(f)
+
+
 def dropout_option(f: Callable) -> Callable:
     """Add --dropout P: every dropout of the model at P, instead of the rates its config states."""
     return click.option(

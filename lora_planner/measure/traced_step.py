@@ -276,7 +276,8 @@ def run_step(config, setup: TrainSetup, vocab_size: int, *, fake: bool = False, 
             torch.set_default_dtype(previous)
         model.train()
         if setup.grad_checkpointing:
-            enable_checkpointing(model, setup.checkpoint_every, get_stack(setup.stack).checkpoint_offset == 1)
+            enable_checkpointing(model, setup.checkpoint_every, get_stack(setup.stack).checkpoint_offset == 1,
+                                 setup.checkpoint_ops)
         if setup.method == "lora":
             model = adapt(model)
         compile_model(model, setup.compile if compiled else "none")
