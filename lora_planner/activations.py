@@ -264,8 +264,8 @@ class Graph:
         adapter's input was its last save) does not happen again."""
         last = self._last_save.get(layer, 0)
         # op-level selective checkpointing: the recompute is handed each cached output as it reaches
-        # that op; until then the cache holds it (those no op saves count here, the rest are saved)
-        cached = [(t.key, t.nbytes) for t in self.sac.get(layer, ()) if t.key not in self.saved]
+        # that op; until then the cache holds it, beside what the moment counts (the saves so far)
+        cached = [(t.key, t.nbytes) for t in self.sac.get(layer, ())]
         return max((held + sum(n for key, n in cached if key > now)
                     for saves, held, now in self.moments.get(layer, ()) if saves < last), default=0)
 
