@@ -176,7 +176,8 @@ def test_a_cuda_trace_reads_the_caching_allocators_peak(tmp_path, method):
         "model_type": "gpt2", "vocab_size": 512, "n_embd": 64, "n_layer": 2, "n_head": 4,
         "n_positions": 256, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
         "bos_token_id": 0, "eos_token_id": 0}))
-    result = CliRunner().invoke(main, ["trace", "--model", str(config), "--method", method, "--device", "cuda",
+    result = CliRunner().invoke(main, ["trace", "--model", str(config), "--method", method,
+                                       "--device", "cuda",
                                        "--batch-size", "4", "--seq-len", "256", "--format", "json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.output[result.output.index("{"):])
