@@ -151,12 +151,12 @@ def installed_bnb_version() -> str:
     return version("bitsandbytes")
 
 
-def quantise_bnb(model, compute_dtype) -> None:
+def quantise_bnb(model, compute_dtype, device: str = "cpu") -> None:
     """Every `nn.Linear` and GPT-2 `Conv1D` but the output head swapped for bitsandbytes'
     `Linear4bit` (NF4, double quantised, computing in `compute_dtype`), as transformers'
     `replace_with_bnb_linear` does with the output embeddings left out; a Conv1D's (in, out) weight
     is transposed first, as transformers does before quantising it. The weight is quantised on its
-    move to CPU (`Params4bit._quantize`)."""
+    move to `device` (`Params4bit._quantize`)."""
     import bitsandbytes as bnb
     import torch
     from transformers.pytorch_utils import Conv1D
@@ -174,7 +174,7 @@ def quantise_bnb(model, compute_dtype) -> None:
                                          compress_statistics=True)
             if child.bias is not None:
                 q.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
-            setattr(module, name, q.to("cpu"))
+            setattr(module, name, q.to(device))
 
 
 def predicted_terms(spec: ModelSpec, setup: TrainSetup, device: str = "cpu",
@@ -351,7 +351,7 @@ def run_step(config, setup: TrainSetup, vocab_size: int, *, fake: bool = False, 
             enable_checkpointing(model)
         if setup.method == "qlora":
             dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-            quantise_bnb(model, dtypes[setup.bnb_compute_dtype])
+            quantise_bnb(model, dtypes[setup.bnb_compute_dtype], device)
         if setup.method in ("lora", "qlora"):
             model = adapt(model)
         compile_model(model, setup.compile if compiled else "none")
