@@ -1,0 +1,93 @@
+"""The step engine: a training step's memory from an op tape, one liveness rule and a per-op table.
+
+`plan_step(spec, setup)` writes the model's forward as a tape (`dense`), replays it (`replay`) over
+the step's baseline (parameters, buffers, the batch, the optimizer's states) and returns the peak,
+the peak a dispatch-level tracer would see, and the activations. It runs beside the planner's walk
+(`activations`, `timeline`, `step`) and is held to real steps (tests/test_engine.py,
+benchmarks/engine_vs_trace.py); the planner does not use it yet.
+
+Covered: the dense families whose layout `dense.features` reads (GPT-2's, the Llama shape's), full
+fine-tuning and LoRA, fp32 and pure-bf16, SDPA (the CPU flash kernel) and eager attention,
+non-reentrant checkpointing per layer, AdamW (foreach, for-loop, fused), on CPU, dropout off.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..architecture import layout
+from ..counts import lora_trainable
+from ..errors import PlanError
+from ..optimizers import optimizer_temporary_bytes
+from ..spec import ModelSpec, TrainSetup
+from ..stacks import resolve
+from .dense import FP32, INT64, Writer, features
+from .replay import Moment, replay
+from .tape import Tape
+
+ITEM = {"fp32": 4, "pure-bf16": 2}
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    peak: Moment  # what the allocator counts
+    tracer_peak: Moment  # what a dispatch-level tracer counts
+    activations: int
+    baseline: int
+    phase_peaks: dict[str, int]
+    ops: int
+
+
+def check(spec: ModelSpec, setup: TrainSetup) -> None:
+    """Refuse, in one line, a step the engine does not model yet."""
+    if spec.num_experts or spec.kv_lora_rank or spec.sliding_window or spec.norm_placement != "pre":
+        raise PlanError("the step engine models dense pre-norm models without sliding windows so far")
+    if setup.method not in ("full", "lora") or setup.precision not in ITEM:
+        raise PlanError("the step engine models full and LoRA steps in fp32 or pure-bf16 so far")
+    dropout = spec.dropout_rates if setup.dropout is None else (setup.dropout,)
+    if any(dropout) or setup.lora_dropout or setup.use_dora or setup.packing or setup.optimizer != "adamw":
+        raise PlanError("the step engine models AdamW steps without dropout, DoRA or packing so far")
+    if (setup.loss or "standard") != "standard" or setup.task != "causal-lm" or setup.bias != "none":
+        raise PlanError("the step engine models the standard causal-LM loss without trained biases so far")
+
+
+def _parameters(tape: Tape, spec: ModelSpec, setup: TrainSetup, item: int) -> tuple[dict, dict, list[int]]:
+    """Every parameter as a tensor (trainable ones need a gradient), LoRA's A and B per wrapped
+    module, and the trainable tensors' bytes."""
+    arch = layout(spec)
+    full = setup.method == "full"
+    params = {p.name: tape.tensor(p.numel * item, "parameter", full, p.name) for p in arch.params}
+    if spec.tied_embeddings:
+        params[f"{arch.head_path}.weight"] = params[arch.params[0].name]
+    lora: dict[str, tuple[int, int]] = {}
+    if not full:
+        for a in lora_trainable(spec, setup).adapters:
+            m, r = a.module, setup.rank
+            lora[m.path] = (tape.tensor(r * m.in_features * item, "parameter", True),
+                            tape.tensor(m.out_features * r * item, "parameter", True))
+    trainable = [t.bytes for t in tape.tensors if t.role == "parameter" and t.grad]
+    return params, lora, trainable
+
+
+def plan_step(spec: ModelSpec, setup: TrainSetup, rng_bytes: int = 0) -> StepPlan:
+    """The step's peak on CPU (`rng_bytes`: one CPU RNG state, kept per checkpointed layer)."""
+    check(spec, setup)
+    setup = resolve(setup)
+    item = ITEM[setup.precision]
+    tape = Tape()
+    params, lora, trainable = _parameters(tape, spec, setup, item)
+    if spec.rotary_layer(0):
+        params["inv_freq"] = tape.tensor(spec.rotary_dim // 2 * FP32, "buffer")
+    batch = setup.batch_size * setup.seq_len * INT64
+    ids, labels = tape.tensor(batch, "input"), tape.tensor(batch, "input")
+    arch = layout(spec)
+    writer = Writer(tape, spec, setup.batch_size, setup.seq_len, item, params, lora,
+                    setup.attention == "eager", features(spec, arch), setup.grad_checkpointing, rng_bytes)
+    with tape.phase("forward"):
+        loss = writer.forward(arch, ids, labels)
+    states = 2 * sum(trainable) + (FP32 * len(trainable) if setup.optimizer_impl != "fused" else 0)
+    base = sum(t.bytes for t in tape.tensors if t.role != "activation") + states
+    scratch = optimizer_temporary_bytes("adamw", setup.optimizer_impl, [b // item for b in trainable], item)
+    r = replay(tape, base=base, base_seen=base, loss=loss, checkpointing=setup.grad_checkpointing,
+               optimizer_scratch=(scratch,))
+    return StepPlan(r.peak, r.tracer_peak, r.activations, base, r.phase_peaks, len(tape.ops))
