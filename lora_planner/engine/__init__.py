@@ -40,7 +40,8 @@ class StepPlan:
 
 def check(spec: ModelSpec, setup: TrainSetup) -> None:
     """Refuse, in one line, a step the engine does not model yet."""
-    if spec.num_experts or spec.kv_lora_rank or spec.sliding_window or spec.norm_placement != "pre":
+    if (spec.num_experts or spec.kv_lora_rank or spec.sliding_window or spec.norm_placement != "pre"
+            or features(spec, layout(spec)).fused_gate_up):
         raise PlanError("the step engine models dense pre-norm models without sliding windows so far")
     if setup.method not in ("full", "lora") or setup.precision not in ITEM:
         raise PlanError("the step engine models full and LoRA steps in fp32 or pure-bf16 so far")

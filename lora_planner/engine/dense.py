@@ -29,6 +29,7 @@ class Features:
     fused_qkv: bool
     gated: bool
     qk_norm: bool
+    fused_gate_up: bool = False  # one projection of 2 x the MLP's width (Phi-3): not written yet
 
     @property
     def fp32_softmax(self) -> bool:
@@ -55,7 +56,8 @@ def features(spec: ModelSpec, arch: Architecture) -> Features:
     return Features(layer_norm=norms[-1].bias is not None,
                     learned_positions=sum(m.kind == "embedding" for m in arch.modules) > 1,
                     fused_qkv=fused, gated=len(linears) - (2 if fused else 4) == 3,
-                    qk_norm=len(norms) > 2)
+                    qk_norm=len(norms) > 2,
+                    fused_gate_up=linears[-2].out_features == 2 * spec.mlp_width(0))
 
 
 @dataclass
