@@ -45,11 +45,18 @@ def check(spec: ModelSpec, setup: TrainSetup) -> None:
         raise PlanError("the step engine models dense pre-norm models without sliding windows so far")
     if setup.method not in ("full", "lora") or setup.precision not in ITEM:
         raise PlanError("the step engine models full and LoRA steps in fp32 or pure-bf16 so far")
-    dropout = spec.dropout_rates if setup.dropout is None else (setup.dropout,)
-    if any(dropout) or setup.lora_dropout or setup.use_dora or setup.packing or setup.optimizer != "adamw":
-        raise PlanError("the step engine models AdamW steps without dropout, DoRA or packing so far")
+    if dropout_rates(spec, setup)[0] and setup.attention == "sdpa":
+        raise PlanError("the step engine models SDPA without attention dropout so far (on CPU it runs "
+                        "the math kernel)")
+    if setup.lora_dropout or setup.use_dora or setup.packing or setup.optimizer != "adamw":
+        raise PlanError("the step engine models AdamW steps without LoRA dropout, DoRA or packing so far")
     if (setup.loss or "standard") != "standard" or setup.task != "causal-lm" or setup.bias != "none":
         raise PlanError("the step engine models the standard causal-LM loss without trained biases so far")
+
+
+def dropout_rates(spec: ModelSpec, setup: TrainSetup) -> tuple[float, float, float]:
+    """(attention, residual, embedding) dropout: the setup's for all three, else the config's."""
+    return spec.dropout_rates if setup.dropout is None else (setup.dropout,) * 3
 
 
 def _parameters(tape: Tape, spec: ModelSpec, setup: TrainSetup, item: int) -> tuple[dict, dict, list[int]]:
@@ -83,7 +90,8 @@ def plan_step(spec: ModelSpec, setup: TrainSetup, rng_bytes: int = 0) -> StepPla
     ids, labels = tape.tensor(batch, "input"), tape.tensor(batch, "input")
     arch = layout(spec)
     writer = Writer(tape, spec, setup.batch_size, setup.seq_len, item, params, lora,
-                    setup.attention == "eager", features(spec, arch), setup.grad_checkpointing, rng_bytes)
+                    setup.attention == "eager", features(spec, arch), setup.grad_checkpointing, rng_bytes,
+                    dropout=dropout_rates(spec, setup))
     with tape.phase("forward"):
         loss = writer.forward(arch, ids, labels)
     states = 2 * sum(trainable) + (FP32 * len(trainable) if setup.optimizer_impl != "fused" else 0)

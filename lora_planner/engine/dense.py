@@ -8,7 +8,7 @@ linear appends PEFT's `result + B(A(x)) * scaling`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..architecture import LINEAR_KINDS, Architecture, Module
 from ..spec import ModelSpec
@@ -35,6 +35,12 @@ class Features:
     def fp32_softmax(self) -> bool:
         """The Llama shape's eager softmax runs in fp32 and casts back; GPT-2's in the scores' dtype."""
         return not self.layer_norm
+
+    @property
+    def block_dropout(self) -> bool:
+        """GPT-2's layout drops after the embeddings and after each block's output projections; the
+        Llama shape only inside attention (`attention_dropout`)."""
+        return self.layer_norm
 
 
 def layer_modules(arch: Architecture, layers: int) -> list[list[Module]]:
@@ -77,6 +83,19 @@ class Writer:
     checkpointing: bool = False
     rng_bytes: int = 0
     mask: int | None = None  # eager attention's additive causal mask
+    dropout: tuple[float, float, float] = (0.0, 0.0, 0.0)  # attention, residual, embedding
+
+    def block_rate(self, which: int) -> float:
+        """The residual (1) or embedding (2) dropout, where the layout has one."""
+        return self.dropout[which] if self.features.block_dropout else 0.0
+
+    def drop(self, x: int, p: float) -> int:
+        """`native_dropout` when p > 0 (CPU: a mask in the input's dtype, kept for backward); at
+        p = 0 torch returns the input itself."""
+        if not p:
+            return x
+        size = self.tape.tensors[x].bytes
+        return self.tape.op("dropout", (x,), (size, (size, False)))[0]
 
     @property
     def tokens(self) -> int:
@@ -142,7 +161,7 @@ class Writer:
         else:
             lse = (self.batch * spec.num_heads * self.seq * FP32, False)
             out = t.op("sdpa", (q, k, v), (q_size, lse), where=mods[0].path.rsplit(".", 1)[0])[0]
-        return self.linear(mods[-1], out)
+        return self.drop(self.linear(mods[-1], out), self.block_rate(1))
 
     def eager_core(self, q: int, k: int, v: int, q_size: int) -> int:
         """transformers' `eager_attention_forward`: k and v repeated to every query head (a copy when
@@ -158,6 +177,7 @@ class Writer:
         p = t.one("softmax", (s,), scores * (FP32 if fp32 else self.item))
         if fp32 and self.item != FP32:
             p = t.one("cast", (p,), scores * self.item)
+        p = self.drop(p, self.dropout[0])
         return t.one("copy", (t.one("matmul", (p, v), q_size),), q_size)  # made contiguous
 
     def mlp(self, mods: list[Module], x: int) -> int:
@@ -166,7 +186,7 @@ class Writer:
             g = self.linear(mods[0], x)
             act = t.one("silu", (g,), t.tensors[g].bytes)
             h = t.one("mul", (act, self.linear(mods[1], x)), t.tensors[g].bytes)
-            return self.linear(mods[2], h)
+            return self.linear(mods[2], h)  # (the Llama shape drops nothing here)
         h = self.linear(mods[0], x)
         size = t.tensors[h].bytes  # gelu_new: 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))
         half = t.one("scale", (h,), size)
@@ -174,7 +194,8 @@ class Writer:
         inner = t.one("scale", (t.one("add", (h, cube), size),), size)
         gate = t.one("add", (t.one("tanh", (inner,), size),), size)
         del n
-        return self.linear(mods[1], t.one("mul", (half, gate), size))
+        out = self.linear(mods[1], t.one("mul", (half, gate), size))
+        return self.drop(out, self.block_rate(1))
 
     def layer(self, mods: list[Module], x: int, rope: tuple[int, int] | None) -> int:
         """A pre-norm block: x + attention(norm(x)), then + mlp(norm(.))."""
@@ -207,6 +228,10 @@ class Writer:
         tables = [m for m in arch.modules if m.kind == "embedding"]
         width = n * spec.hidden_size * self.item
         x = t.one("embedding", (self.params[f"{tables[0].path}.weight"], ids), width)
+        if self.checkpointing and self.lora:
+            # PEFT readies a checkpointed model with `enable_input_require_grads`: a hook makes the
+            # input embedding's output need a gradient, frozen table or not
+            t.tensors[x] = replace(t.tensors[x], grad=True)
         positions = t.one("index", (), self.seq * INT64)  # cache_position / position ids
         rope, kept = None, [positions]
         if self.features.learned_positions:
@@ -216,12 +241,14 @@ class Writer:
         else:
             rope = self.rotary(positions)
             kept += rope
+        x = self.drop(x, self.block_rate(2))
         if self.eager:
             self.mask = t.one("index", (), self.batch * self.seq * self.seq * self.item)
             kept.append(self.mask)
         for mods in layer_modules(arch, spec.num_layers):
             if self.checkpointing:
-                with t.checkpointed((x, *kept[1:]), self.rng_bytes):
+                # every tensor argument of the layer is saved: the positions, cos and sin, the mask
+                with t.checkpointed((x, *kept), self.rng_bytes):
                     x = self.layer(mods, x, rope)
             else:
                 x = self.layer(mods, x, rope)
