@@ -169,7 +169,11 @@ class Writer:
         Llama shape asks for it), @ v, then made contiguous."""
         t, spec = self.tape, self.spec
         scores = self.batch * spec.num_heads * self.seq * self.seq
-        if spec.num_kv_heads != spec.num_heads:
+        # k and v expanded to every head: reshaped to (b * heads, s, d) for the batched product, a
+        # view only where one batch row and one k/v head leave a single stride to merge; else a copy
+        if spec.num_kv_heads == 1 < spec.num_heads and self.batch == 1:
+            k, v = (t.view("repeat", x, (q_size,))[0] for x in (k, v))
+        elif spec.num_kv_heads < spec.num_heads:
             k, v = (t.one("repeat", (x,), q_size) for x in (k, v))
         s = t.one("scale", (t.one("matmul", (q, k), scores * self.item),), scores * self.item)
         s = t.one("add", (s, self.mask), scores * self.item)
@@ -230,8 +234,9 @@ class Writer:
         x = t.one("embedding", (self.params[f"{tables[0].path}.weight"], ids), width)
         if self.checkpointing and self.lora:
             # PEFT readies a checkpointed model with `enable_input_require_grads`: a hook makes the
-            # input embedding's output need a gradient, frozen table or not
+            # input embedding's output a leaf that needs a gradient, held by its AccumulateGrad node
             t.tensors[x] = replace(t.tensors[x], grad=True)
+            t.keep(x)
         positions = t.one("index", (), self.seq * INT64)  # cache_position / position ids
         rope, kept = None, [positions]
         if self.features.learned_positions:
@@ -266,6 +271,7 @@ class Writer:
         if self.item != FP32:
             logits = t.one("cast", (logits,), n * v * FP32)
         padded = t.one("index", (labels,), self.batch * (self.seq + 1) * INT64)
-        shifted = t.one("index", (padded,), n * INT64)
+        # labels[..., 1:].contiguous(): a copy, except of one row (already contiguous)
+        shifted = t.one("index", (padded,), n * INT64) if self.batch > 1 else padded
         logp = t.one("log_softmax", (logits,), n * v * FP32)
         return t.op("nll_loss", (logp, shifted), (FP32, (FP32, False)))[0]

@@ -126,7 +126,8 @@ def replay(tape: Tape, *, base: int, base_seen: int, loss: int, checkpointing: b
     regions = _region_of(tape, checkpointing)
     keys: dict[int, object] = {}
     last = _last_uses(tape)
-    last[tape.root(loss)] = len(tape.ops)  # the caller holds the loss through the step
+    for t in (loss, *tape.kept):
+        last[tape.root(t)] = len(tape.ops)
     # outside a checkpointed region an op keeps what it saves; inside, nothing until its recompute
     for i in range(len(tape.ops)):
         _run_forward(tape, live, range(i, i + 1), keys, "forward", i not in regions, last)

@@ -47,6 +47,7 @@ class Tape:
     ops: list[Op] = field(default_factory=list)
     phases: list[tuple[str, int, int]] = field(default_factory=list)  # (label, first op, end op)
     regions: list[tuple[int, int, int]] = field(default_factory=list)  # checkpointed (first, end, input)
+    kept: list[int] = field(default_factory=list)  # held through the whole step (`keep`)
     _open: list[str] = field(default_factory=list)
 
     def tensor(self, nbytes: int, role: str = "activation", grad: bool = False, name: str = "",
@@ -89,6 +90,11 @@ class Tape:
         """The model's code still binds `ids` here (a local, an argument): they live at least until
         this point of the forward."""
         self.ops.append(Op("hold", tuple(ids), (), (), where=self.where))
+
+    def keep(self, t: int) -> None:
+        """`t` lives through the step: the loss the caller holds, or a leaf that autograd's
+        AccumulateGrad node holds until backward is over."""
+        self.kept.append(t)
 
     def one(self, rule: str, inputs: tuple[int, ...], nbytes: int, **kw) -> int:
         return self.op(rule, inputs, (nbytes,), **kw)[0]
