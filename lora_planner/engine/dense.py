@@ -37,6 +37,13 @@ class Features:
         return not self.layer_norm
 
     @property
+    def binds_branches(self) -> bool:
+        """GPT-2's block binds its attention's and its MLP's outputs to locals until it returns (a
+        recompute stopped early never returns: they live until it stops); the Llama shape rebinds
+        the name to the sum."""
+        return self.layer_norm
+
+    @property
     def block_dropout(self) -> bool:
         """GPT-2's layout drops after the embeddings and after each block's output projections; the
         Llama shape only inside attention (`attention_dropout`)."""
@@ -211,7 +218,11 @@ class Writer:
         a = self.attention(linears[:split], norms[:2] if f.qk_norm else [], h, rope)
         x = t.one("add", (x, a), t.tensors[x].bytes)
         h = self.norm(norms[-1], x, self.tokens, self.spec.hidden_size)
-        return t.one("add", (x, self.mlp(linears[split:], h)), t.tensors[x].bytes)
+        m = self.mlp(linears[split:], h)
+        out = t.one("add", (x, m), t.tensors[x].bytes)
+        if f.binds_branches:
+            t.hold(a, m)
+        return out
 
     def rotary(self, positions: int) -> tuple[int, int]:
         """cos and sin of (1, T, rotary_dim): inverse frequencies @ positions (fp32), concatenated

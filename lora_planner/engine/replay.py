@@ -35,6 +35,7 @@ class Replay:
     tracer_peak: Moment
     activations: int  # traced bytes made in forward and live as it ends (the tracer's term)
     phase_peaks: dict[str, int]
+    moments: tuple[Moment, ...] = ()  # every moment, with `replay(..., moments=True)`
 
 
 class _Live:
@@ -45,6 +46,7 @@ class _Live:
         self.total, self.seen = base, base_seen
         self.peak = self.tracer_peak = Moment("start", "", base, base_seen)
         self.phase_peaks: dict[str, int] = {}
+        self.moments: list[Moment] | None = None  # every moment, when asked for
         self._n = 0
 
     def add(self, key: object, nbytes: int, traced: bool = True) -> object:
@@ -75,6 +77,8 @@ class _Live:
         self.peak = max(self.peak, m, key=lambda x: x.bytes)
         self.tracer_peak = max(self.tracer_peak, m, key=lambda x: x.seen)
         self.phase_peaks[phase] = max(self.phase_peaks.get(phase, 0), m.bytes)
+        if self.moments is not None:
+            self.moments.append(m)
 
 
 def _last_uses(tape: Tape) -> dict[int, int]:
@@ -102,6 +106,9 @@ def _run_forward(tape: Tape, live: _Live, ops: range, keys: dict[int, object], p
                  keep_saved: bool, last: dict[int, int]) -> None:
     """Run `ops` forward: each output's storage from its op to its last use in `ops` (`last`), held
     longer by each op that saves it (`keep_saved`); `keys` maps a tensor to its live storage."""
+    ends: dict[int, list[int]] = {}
+    for t, i in last.items():
+        ends.setdefault(i, []).append(t)
     for i in ops:
         op = tape.ops[i]
         for o in op.outputs:
@@ -113,16 +120,17 @@ def _run_forward(tape: Tape, live: _Live, ops: range, keys: dict[int, object], p
             for s in op.saved:
                 if tape.root(s) in keys:
                     live.add(keys[tape.root(s)], 0)
-        for t in {tape.root(x) for x in (*op.inputs, *op.outputs)}:
-            if last.get(t) == i and t in keys:
+        for t in ends.get(i, ()):
+            if t in keys:
                 live.drop(keys[t])
 
 
 def replay(tape: Tape, *, base: int, base_seen: int, loss: int, checkpointing: bool,
-           optimizer_scratch: tuple[int, ...] = ()) -> Replay:
+           optimizer_scratch: tuple[int, ...] = (), moments: bool = False) -> Replay:
     """The step's moments over a baseline of `base` bytes (parameters, buffers, inputs, optimizer
     states; `base_seen` of them traced); `loss` is the tensor backward starts from."""
     live = _Live(base, base_seen)
+    live.moments = [] if moments else None
     regions = _region_of(tape, checkpointing)
     keys: dict[int, object] = {}
     last = _last_uses(tape)
@@ -135,21 +143,21 @@ def replay(tape: Tape, *, base: int, base_seen: int, loss: int, checkpointing: b
     _backward(tape, live, keys, regions, loss, last)
     for scratch in optimizer_scratch:  # the step's kernels, one after another
         live.moment("optimizer", "optimizer.step", scratch, scratch)
-    return Replay(live.peak, live.tracer_peak, activations, dict(live.phase_peaks))
+    return Replay(live.peak, live.tracer_peak, activations, dict(live.phase_peaks), tuple(live.moments or ()))
 
 
 def _recompute(tape: Tape, live: _Live, keys: dict[int, object], region: int, last: dict[int, int]) -> None:
-    """Replay the region's forward up to its last op that saves a tensor, keeping what each saves."""
+    """Replay the region's forward up to its last op that saves a tensor, keeping what each saves,
+    under `torch.random.fork_rng`, which copies the RNG state once more while the replay runs."""
     start, end, _ = tape.regions[region]
+    rng = tape.tensors[tape.ops[start - 1].outputs[0]]  # the region's `checkpoint` op made its state
+    fork = live.add(("fork_rng", region), rng.bytes, traced=False)
     stop = max((i for i in range(start, end) if tape.ops[i].saved), default=start - 1)
     ops = range(start, stop + 1)
-    made = {tape.root(o) for i in ops for o in tape.ops[i].outputs}
-    uses: dict[int, int] = {}  # each recomputed storage's last use within the recompute
-    for i in ops:
-        for t in (*tape.ops[i].inputs, *tape.ops[i].outputs):
-            if tape.root(t) in made:
-                uses[tape.root(t)] = i
+    # what the region's code still holds when the early stop unwinds it lives until then
+    uses = {tape.root(o): min(last[tape.root(o)], stop) for i in ops for o in tape.ops[i].outputs}
     _run_forward(tape, live, ops, keys, "recompute", True, uses)
+    live.drop(fork)
 
 
 def _backward(tape: Tape, live: _Live, keys: dict[int, object], regions: dict[int, int], loss: int,
