@@ -184,9 +184,11 @@ class Writer:
             k, v = (t.one("repeat", (x,), q_size) for x in (k, v))
         s = t.one("scale", (t.one("matmul", (q, k), scores * self.item),), scores * self.item)
         s = t.one("add", (s, self.mask), scores * self.item)
-        fp32 = self.features.fp32_softmax
-        p = t.one("softmax", (s,), scores * (FP32 if fp32 else self.item))
-        if fp32 and self.item != FP32:
+        upcast = self.features.fp32_softmax and self.item != FP32
+        if upcast:  # softmax(dtype=float32) on CPU casts its input first
+            s = t.one("cast", (s,), scores * FP32)
+        p = t.one("softmax", (s,), t.tensors[s].bytes)
+        if upcast:
             p = t.one("cast", (p,), scores * self.item)
         p = self.drop(p, self.dropout[0])
         return t.one("copy", (t.one("matmul", (p, v), q_size),), q_size)  # made contiguous
