@@ -38,7 +38,8 @@ def dense_config(rng: random.Random, family: str) -> dict:
                 "resid_pdrop": 0.0, "embd_pdrop": 0.0, "tie_word_embeddings": rng.random() < 0.7}
     kv, group = rng.choice((1, 2, 3)), rng.choice((1, 2, 4))
     head_dim = 2 * rng.randint(2, 12)
-    return {"model_type": family, "vocab_size": vocab, "hidden_size": rng.randint(4, 24) * 4,
+    # transformers asks some of these configs for a width that is a multiple of the heads
+    return {"model_type": family, "vocab_size": vocab, "hidden_size": kv * group * rng.randint(2, 24),
             "num_hidden_layers": layers, "num_attention_heads": kv * group, "num_key_value_heads": kv,
             "head_dim": head_dim, "intermediate_size": rng.randint(4, 48) * 4,
             "max_position_embeddings": 256, "tie_word_embeddings": rng.random() < 0.3,
