@@ -36,7 +36,6 @@ def summary(name: str, engine: list[float], walk: list[float]) -> str:
 
 def recorded(limit: int) -> tuple[list[float], list[float], int]:
     """The engine's and the walk's peak errors against each recorded allocator peak it models."""
-    from lora_planner.activations import cpu_rng_state_bytes
     from lora_planner.engine import plan_step
     from lora_planner.measure.fuzz import planned_peak, recorded_case
     from lora_planner.measure.traced_step import sliced
@@ -48,7 +47,7 @@ def recorded(limit: int) -> tuple[list[float], list[float], int]:
         case = recorded_case(row)
         spec = sliced(spec_from_hf_config(case.config, name=f"fuzz-{case.seed}"), case.layers)
         try:
-            plan = plan_step(spec, case.setup, cpu_rng_state_bytes() if case.setup.grad_checkpointing else 0)
+            plan = plan_step(spec, case.setup)
         except PlanError:
             skipped += 1
             continue

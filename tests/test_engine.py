@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from lora_planner.activations import cpu_rng_state_bytes
 from lora_planner.engine import plan_step
 from lora_planner.errors import PlanError
 from lora_planner.measure.engine_check import compare, engine_case
@@ -33,15 +32,18 @@ def _held(result: dict) -> None:
     assert abs(result["engine_activations"] - result["activations"]) <= 0.005 * result["activations"], result
 
 
-# a GPT-2 LoRA bf16 step, a Qwen2 LoRA fp32 eager step checkpointed, a GPT-2 full fp32 eager step
-@pytest.mark.parametrize("seed", [0, 3, 5])
+# a GPT-2 bf16 eager step and a Qwen2 fp32 eager step, both checkpointed; a Mistral LoRA bf16 SDPA step
+FAST = (10, 13, 22)
+
+
+@pytest.mark.parametrize("seed", FAST)
 def test_engine_matches_the_cpu_allocator(seed):
     case = engine_case(seed)
     _held(compare(case.config, case.setup))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", range(6, 60))
+@pytest.mark.parametrize("seed", [s for s in range(60) if s not in FAST])
 def test_engine_matches_the_cpu_allocator_sweep(seed):
     case = engine_case(seed)
     _held(compare(case.config, case.setup))
@@ -65,7 +67,7 @@ def test_recorded_allocator_cases_replanned_by_the_engine():
         case = recorded_case(row)
         spec = sliced(spec_from_hf_config(case.config, name=f"fuzz-{case.seed}"), case.layers)
         try:
-            plan = plan_step(spec, case.setup, cpu_rng_state_bytes() if case.setup.grad_checkpointing else 0)
+            plan = plan_step(spec, case.setup)
         except PlanError:
             continue
         modelled += 1

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..activations import cpu_rng_state_bytes
 from ..architecture import layout
 from ..counts import lora_trainable
 from ..errors import PlanError
@@ -77,9 +78,14 @@ def _parameters(tape: Tape, spec: ModelSpec, setup: TrainSetup, item: int) -> tu
     return params, lora, trainable
 
 
-def plan_step(spec: ModelSpec, setup: TrainSetup, rng_bytes: int = 0) -> StepPlan:
-    """The step's peak on CPU (`rng_bytes`: one CPU RNG state, kept per checkpointed layer)."""
+def plan_step(spec: ModelSpec, setup: TrainSetup, device: str = "cpu") -> StepPlan:
+    """One steady-state step's peak (its phase and the module or range it is in), the peak a
+    dispatch-level tracer would see, and the activations, on `device`."""
+    if device != "cpu":
+        raise PlanError("the step engine models CPU steps so far (no GPU kernel's workspace yet)")
     check(spec, setup)
+    # checkpointing copies the CPU RNG state per layer, outside every op (`cpu_rng_state_bytes`)
+    rng_bytes = cpu_rng_state_bytes() if setup.grad_checkpointing else 0
     setup = resolve(setup)
     item = ITEM[setup.precision]
     tape = Tape()

@@ -50,6 +50,11 @@ class Features:
         return self.layer_norm
 
 
+def _parent(m: Module | str) -> str:
+    path = m if isinstance(m, str) else m.path
+    return path.rsplit(".", 1)[0]
+
+
 def layer_modules(arch: Architecture, layers: int) -> list[list[Module]]:
     """Each decoder layer's modules, in layout order: those whose path's first number is the layer."""
     out: list[list[Module]] = [[] for _ in range(layers)]
@@ -194,7 +199,7 @@ class Writer:
         return t.one("copy", (t.one("matmul", (p, v), q_size),), q_size)  # made contiguous
 
     def mlp(self, mods: list[Module], x: int) -> int:
-        t, n = self.tape, self.tokens
+        t = self.tape
         if len(mods) == 3:  # down(silu(gate(x)) * up(x))
             g = self.linear(mods[0], x)
             act = t.one("silu", (g,), t.tensors[g].bytes)
@@ -206,7 +211,6 @@ class Writer:
         cube = t.one("scale", (t.one("pow", (h,), size),), size)
         inner = t.one("scale", (t.one("add", (h, cube), size),), size)
         gate = t.one("add", (t.one("tanh", (inner,), size),), size)
-        del n
         out = self.linear(mods[1], t.one("mul", (half, gate), size))
         return self.drop(out, self.block_rate(1))
 
@@ -217,10 +221,12 @@ class Writer:
         norms = [m for m in mods if m.kind == "norm"]
         split = 2 if f.fused_qkv else 4
         h = self.norm(norms[-2], x, self.tokens, self.spec.hidden_size)
-        a = self.attention(linears[:split], norms[:2] if f.qk_norm else [], h, rope)
+        with t.phase(_parent(linears[0])):  # the tape range of the attention, then of the MLP
+            a = self.attention(linears[:split], norms[:2] if f.qk_norm else [], h, rope)
         x = t.one("add", (x, a), t.tensors[x].bytes)
         h = self.norm(norms[-1], x, self.tokens, self.spec.hidden_size)
-        m = self.mlp(linears[split:], h)
+        with t.phase(_parent(linears[split])):
+            m = self.mlp(linears[split:], h)
         out = t.one("add", (x, m), t.tensors[x].bytes)
         if f.binds_branches:
             t.hold(a, m)
@@ -235,7 +241,7 @@ class Writer:
         both = t.one("cat", (freqs,), self.seq * d * FP32)
         out = []
         for _ in ("cos", "sin"):
-            x = t.one("index", (t.one("index", (both,), self.seq * d * FP32),), self.seq * d * FP32)
+            x = t.one("constant", (t.one("constant", (both,), self.seq * d * FP32),), self.seq * d * FP32)
             out.append(x if self.item == FP32 else t.one("cast", (x,), self.seq * d * self.item))
         return out[0], out[1]
 
@@ -250,7 +256,7 @@ class Writer:
             # input embedding's output a leaf that needs a gradient, held by its AccumulateGrad node
             t.tensors[x] = replace(t.tensors[x], grad=True)
             t.keep(x)
-        positions = t.one("index", (), self.seq * INT64)  # cache_position / position ids
+        positions = t.one("constant", (), self.seq * INT64)  # cache_position / position ids
         rope, kept = None, [positions]
         if self.features.learned_positions:
             pe = t.one("embedding", (self.params[f"{tables[1].path}.weight"], positions),
@@ -261,20 +267,22 @@ class Writer:
             kept += rope
         x = self.drop(x, self.block_rate(2))
         if self.eager:
-            self.mask = t.one("index", (), self.batch * self.seq * self.seq * self.item)
+            self.mask = t.one("constant", (), self.batch * self.seq * self.seq * self.item)
             kept.append(self.mask)
         for mods in layer_modules(arch, spec.num_layers):
-            if self.checkpointing:
-                # every tensor argument of the layer is saved: the positions, cos and sin, the mask
-                with t.checkpointed((x, *kept), self.rng_bytes):
+            with t.phase(_parent(_parent(mods[0]))):
+                if self.checkpointing:
+                    # every tensor argument of the layer is saved: the positions, cos and sin, the mask
+                    with t.checkpointed((x, *kept), self.rng_bytes):
+                        x = self.layer(mods, x, rope)
+                else:
                     x = self.layer(mods, x, rope)
-            else:
-                x = self.layer(mods, x, rope)
         final = [m for m in arch.modules if m.kind == "norm"][-1]
         x = self.norm(final, x, n, spec.hidden_size)
         t.hold(*kept)  # the base model's locals, let go as it returns
         head = next(m for m in arch.modules if m.path == arch.head_path)
-        return self.loss(head, x, labels)
+        with t.phase("loss"):
+            return self.loss(head, x, labels)
 
     def loss(self, head: Module, x: int, labels: int) -> int:
         """transformers' ForCausalLMLoss: logits in fp32, labels padded and shifted, log_softmax,
@@ -283,8 +291,8 @@ class Writer:
         logits = self.linear(head, x)
         if self.item != FP32:
             logits = t.one("cast", (logits,), n * v * FP32)
-        padded = t.one("index", (labels,), self.batch * (self.seq + 1) * INT64)
+        padded = t.one("constant", (labels,), self.batch * (self.seq + 1) * INT64)
         # labels[..., 1:].contiguous(): a copy, except of one row (already contiguous)
-        shifted = t.one("index", (padded,), n * INT64) if self.batch > 1 else padded
+        shifted = t.one("constant", (padded,), n * INT64) if self.batch > 1 else padded
         logp = t.one("log_softmax", (logits,), n * v * FP32)
         return t.op("nll_loss", (logp, shifted), (FP32, (FP32, False)))[0]

@@ -97,11 +97,6 @@ def _region_of(tape: Tape, checkpointing: bool) -> dict[int, int]:
     return {i: r for r, (start, end, _) in enumerate(tape.regions) for i in range(start, end)}
 
 
-def _phase_of(tape: Tape, i: int) -> str:
-    inner = [(end - start, label) for label, start, end in tape.phases if start <= i < end]
-    return min(inner)[1] if inner else "forward"
-
-
 def _run_forward(tape: Tape, live: _Live, ops: range, keys: dict[int, object], phase: str,
                  keep_saved: bool, last: dict[int, int]) -> None:
     """Run `ops` forward: each output's storage from its op to its last use in `ops` (`last`), held

@@ -144,6 +144,6 @@ RULES: dict[str, Rule] = {
     # a checkpointed region's first op: keeps the region's input (and the RNG state) for the recompute
     "checkpoint": Rule(_none, _no_node),
     "hold": Rule(_none, _no_node),
-    # ops on indices and masks: nothing differentiable
-    "index": Rule(_none, _no_node),
+    # ops on indices, masks and constants (positions, cos / sin): nothing differentiable
+    "constant": Rule(_none, _no_node),
 }

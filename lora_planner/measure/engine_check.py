@@ -67,13 +67,12 @@ def engine_case(seed: int) -> EngineCase:
 
 def compare(config: dict, setup: TrainSetup) -> dict:
     """One real CPU step traced with the allocator, beside the engine's plan and the walk's."""
-    from ..activations import cpu_rng_state_bytes
     from ..engine import plan_step
     from .step import quiet_libraries
     from .traced_step import trace
 
     spec = spec_from_hf_config(config, name="engine-case")
-    plan = plan_step(spec, setup, cpu_rng_state_bytes() if setup.grad_checkpointing else 0)
+    plan = plan_step(spec, setup)
     with quiet_libraries():
         traced = trace(spec, setup, hf_config=config, allocator=True)
     allocator = traced.allocator.peak_bytes
