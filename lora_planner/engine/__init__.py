@@ -41,9 +41,14 @@ class StepPlan:
 
 def check(spec: ModelSpec, setup: TrainSetup) -> None:
     """Refuse, in one line, a step the engine does not model yet."""
-    if (spec.num_experts or spec.kv_lora_rank or spec.sliding_window or spec.norm_placement != "pre"
+    if (spec.num_experts or spec.kv_lora_rank or spec.norm_placement != "pre"
             or features(spec, layout(spec)).fused_gate_up):
-        raise PlanError("the step engine models dense pre-norm models without sliding windows so far")
+        raise PlanError("the step engine models dense pre-norm models so far")
+    if setup.attention == "sdpa" and any(spec.sliding_layer(i) and spec.sliding_window <= setup.seq_len
+                                         for i in range(spec.num_layers)):
+        # transformers then hands SDPA a boolean mask, and repeats k and v for it
+        raise PlanError("the step engine models SDPA with a sliding window shorter than the sequence "
+                        "not yet")
     if setup.method not in ("full", "lora") or setup.precision not in ITEM:
         raise PlanError("the step engine models full and LoRA steps in fp32 or pure-bf16 so far")
     if dropout_rates(spec, setup)[0] and setup.attention == "sdpa":

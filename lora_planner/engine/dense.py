@@ -245,6 +245,16 @@ class Writer:
             out.append(x if self.item == FP32 else t.one("cast", (x,), self.seq * d * self.item))
         return out[0], out[1]
 
+    def masks(self) -> dict[bool, int]:
+        """Eager attention's additive causal masks, (b, 1, s, s) in the model's dtype: one per kind of
+        layer (full, sliding) the model has (`ModelSpec.sliding_type`), made before the layers run.
+        SDPA gets none (`check` refuses a sliding window it would be handed as a mask)."""
+        if not self.eager:
+            return {}
+        kinds = {self.spec.sliding_type(i) for i in range(self.spec.num_layers)}
+        size = self.batch * self.seq * self.seq * self.item
+        return {kind: self.tape.one("constant", (), size) for kind in sorted(kinds)}
+
     def forward(self, arch: Architecture, ids: int, labels: int) -> int:
         """The causal LM's forward and loss; returns the loss tensor."""
         t, n, spec = self.tape, self.tokens, self.spec
@@ -266,20 +276,20 @@ class Writer:
             rope = self.rotary(positions)
             kept += rope
         x = self.drop(x, self.block_rate(2))
-        if self.eager:
-            self.mask = t.one("constant", (), self.batch * self.seq * self.seq * self.item)
-            kept.append(self.mask)
-        for mods in layer_modules(arch, spec.num_layers):
+        masks = self.masks()
+        for i, mods in enumerate(layer_modules(arch, spec.num_layers)):
+            self.mask = masks.get(spec.sliding_type(i))
             with t.phase(_parent(_parent(mods[0]))):
                 if self.checkpointing:
-                    # every tensor argument of the layer is saved: the positions, cos and sin, the mask
-                    with t.checkpointed((x, *kept), self.rng_bytes):
+                    # every tensor argument of the layer is saved: the positions, cos and sin, its mask
+                    mask = () if self.mask is None else (self.mask,)
+                    with t.checkpointed((x, *kept, *mask), self.rng_bytes):
                         x = self.layer(mods, x, rope)
                 else:
                     x = self.layer(mods, x, rope)
         final = [m for m in arch.modules if m.kind == "norm"][-1]
         x = self.norm(final, x, n, spec.hidden_size)
-        t.hold(*kept)  # the base model's locals, let go as it returns
+        t.hold(*kept, *masks.values())  # the base model's locals, let go as it returns
         head = next(m for m in arch.modules if m.path == arch.head_path)
         with t.phase("loss"):
             return self.loss(head, x, labels)
