@@ -26,7 +26,7 @@ from .dense import FP32, INT64, Writer, features
 from .replay import Moment, replay
 from .tape import Tape
 
-ITEM = {"fp32": 4, "pure-bf16": 2}
+ITEM = {"fp32": 4, "amp": 4, "pure-bf16": 2}  # the parameters' bytes per value
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ def check(spec: ModelSpec, setup: TrainSetup) -> None:
         raise PlanError("the step engine models SDPA with a sliding window shorter than the sequence "
                         "not yet")
     if setup.method not in ("full", "lora") or setup.precision not in ITEM:
-        raise PlanError("the step engine models full and LoRA steps in fp32 or pure-bf16 so far")
+        raise PlanError("the step engine models full and LoRA steps in fp32, amp or pure-bf16 so far")
     if dropout_rates(spec, setup)[0] and setup.attention == "sdpa":
         raise PlanError("the step engine models SDPA without attention dropout so far (on CPU it runs "
                         "the math kernel)")
@@ -102,7 +102,7 @@ def plan_step(spec: ModelSpec, setup: TrainSetup, device: str = "cpu") -> StepPl
     arch = layout(spec)
     writer = Writer(tape, spec, setup.batch_size, setup.seq_len, item, params, lora,
                     setup.attention == "eager", features(spec, arch), setup.grad_checkpointing, rng_bytes,
-                    dropout=dropout_rates(spec, setup))
+                    dropout=dropout_rates(spec, setup), amp=setup.precision == "amp")
     with tape.phase("forward"):
         loss = writer.forward(arch, ids, labels)
     states = 2 * sum(trainable) + (FP32 * len(trainable) if setup.optimizer_impl != "fused" else 0)

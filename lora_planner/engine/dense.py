@@ -8,7 +8,7 @@ linear appends PEFT's `result + B(A(x)) * scaling`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from ..architecture import LINEAR_KINDS, Architecture, Module
 from ..spec import ModelSpec
@@ -81,21 +81,72 @@ def features(spec: ModelSpec, arch: Architecture) -> Features:
 @dataclass
 class Writer:
     """Appends a dense model's forward to `tape`: `params` maps each parameter name to its tensor,
-    `lora` a wrapped linear's path to its (A, B) tensors."""
+    `lora` a wrapped linear's path to its (A, B) tensors. Each activation's dtype is tracked (`dt`):
+    a pointwise op's output takes the wider of its inputs' (type promotion), and under autocast
+    (`amp`) a matmul's fp32 operands are cast to bf16 first, a trainable weight once per forward
+    (autocast's cache of leaf casts, let go as autocast exits), any other tensor at every use."""
 
     tape: Tape
     spec: ModelSpec
     batch: int
     seq: int
-    item: int  # bytes per value of the model's dtype
+    item: int  # bytes per value of the model's dtype (its parameters)
     params: dict[str, int]
     lora: dict[str, tuple[int, int]]
     eager: bool
     features: Features
     checkpointing: bool = False
     rng_bytes: int = 0
-    mask: int | None = None  # eager attention's additive causal mask
     dropout: tuple[float, float, float] = (0.0, 0.0, 0.0)  # attention, residual, embedding
+    amp: bool = False
+    mask: int | None = None  # the running layer's additive causal mask (eager)
+    dt: dict[int, int] = field(default_factory=dict)
+    cache: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq
+
+    @property
+    def compute(self) -> int:
+        """Bytes per value a matmul computes in: bf16 under autocast, else the model's dtype."""
+        return 2 if self.amp else self.item
+
+    def size(self, x: int) -> int:
+        return self.dt.get(x, self.item)
+
+    def numel(self, x: int) -> int:
+        return self.tape.tensors[x].bytes // self.size(x)
+
+    def new(self, rule: str, inputs: tuple[int, ...], numel: int, item: int, **kw) -> int:
+        x = self.tape.one(rule, inputs, numel * item, **kw)
+        self.dt[x] = item
+        return x
+
+    def ew(self, rule: str, inputs: tuple[int, ...]) -> int:
+        """A pointwise op: the largest input's shape (broadcasting), the widest input's dtype."""
+        numel = max(self.numel(x) for x in inputs)
+        return self.new(rule, inputs, numel, max(self.size(x) for x in inputs))
+
+    def cast(self, x: int, item: int) -> int:
+        return x if self.size(x) == item else self.new("cast", (x,), self.numel(x), item)
+
+    def low(self, x: int) -> int:
+        """A matmul's operand under autocast: cast to bf16, a trainable parameter once per forward."""
+        if not self.amp or self.size(x) == 2:
+            return x
+        t = self.tape.tensors[x]
+        if t.role == "parameter" and t.grad:
+            if x not in self.cache:
+                self.cache[x] = self.cast(x, 2)
+            return self.cache[x]
+        return self.cast(x, 2)
+
+    def split(self, rule: str, x: int, numels: tuple[int, ...]) -> tuple[int, ...]:
+        parts = self.tape.view(rule, x, tuple(n * self.size(x) for n in numels))
+        for part in parts:
+            self.dt[part] = self.size(x)
+        return parts
 
     def block_rate(self, which: int) -> float:
         """The residual (1) or embedding (2) dropout, where the layout has one."""
@@ -107,111 +158,102 @@ class Writer:
         if not p:
             return x
         size = self.tape.tensors[x].bytes
-        return self.tape.op("dropout", (x,), (size, (size, False)))[0]
-
-    @property
-    def tokens(self) -> int:
-        return self.batch * self.seq
+        y = self.tape.op("dropout", (x,), (size, (size, False)))[0]
+        self.dt[y] = self.size(x)
+        return y
 
     def linear(self, m: Module, x: int) -> int:
         """nn.Linear / Conv1D (mm or addmm), then PEFT's adapter when `m` is wrapped."""
-        t, n = self.tape, self.tokens
-        inputs = (x, self.params[f"{m.path}.weight"])
+        n = self.tokens
+        inputs = (self.low(x), self.low(self.params[f"{m.path}.weight"]))
         if m.bias is not None:
-            inputs += (self.params[m.bias.name],)
-        y = t.one("linear", inputs, n * m.out_features * self.item, where=m.path)
+            inputs += (self.low(self.params[m.bias.name]),)
+        y = self.new("linear", inputs, n * m.out_features, self.compute, where=m.path)
         if m.path not in self.lora:
             return y
         a, b = self.lora[m.path]
-        rank = t.tensors[a].bytes // (m.in_features * self.item)
-        low = t.one("linear", (x, a), n * rank * self.item, where=m.path)
-        up = t.one("linear", (low, b), n * m.out_features * self.item, where=m.path)
-        size = n * m.out_features * self.item
-        return t.one("add", (y, t.one("scale", (up,), size)), size)
+        rank = self.tape.tensors[a].bytes // (m.in_features * self.item)
+        low = self.new("linear", (self.low(x), self.low(a)), n * rank, self.compute, where=m.path)
+        up = self.new("linear", (low, self.low(b)), n * m.out_features, self.compute, where=m.path)
+        return self.ew("add", (y, self.ew("scale", (up,))))
 
     def norm(self, m: Module, x: int, rows: int, width: int) -> int:
-        """LayerNorm (`native_layer_norm`: y, mean, rstd) or Llama's RMSNorm in Python: x in fp32,
-        pow, mean, + eps, rsqrt, x * rsqrt, back to the dtype, weight * x."""
+        """LayerNorm (`native_layer_norm`: y, mean, rstd in the input's dtype) or Llama's RMSNorm in
+        Python: x in fp32, pow, mean, + eps, rsqrt, x * rsqrt, back to x's dtype, weight * x."""
         t, w = self.tape, self.params[f"{m.path}.weight"]
         if m.bias is not None:
-            stats = (rows * self.item, False)
-            return t.op("layer_norm", (x, w, self.params[m.bias.name]),
-                        (rows * width * self.item, stats, stats), where=m.path)[0]
-        full = rows * width * FP32
-        h = x if self.item == FP32 else t.one("cast", (x,), full, where=m.path)
-        var = t.one("mean", (t.one("pow", (h,), full, where=m.path),), rows * FP32, where=m.path)
-        r = t.one("rsqrt", (t.one("add", (var,), rows * FP32, where=m.path),), rows * FP32, where=m.path)
-        h = t.one("mul", (h, r), full, where=m.path)
-        if self.item != FP32:
-            h = t.one("cast", (h,), rows * width * self.item, where=m.path)
-        return t.one("mul", (w, h), rows * width * self.item, where=m.path)
+            stats = (rows * self.size(x), False)
+            y = t.op("layer_norm", (x, w, self.params[m.bias.name]),
+                     (rows * width * self.size(x), stats, stats), where=m.path)[0]
+            self.dt[y] = self.size(x)
+            return y
+        h = self.cast(x, FP32)
+        var = self.new("mean", (self.ew("pow", (h,)),), rows, FP32, where=m.path)
+        r = self.ew("rsqrt", (self.ew("add", (var,)),))
+        return self.ew("mul", (w, self.cast(self.ew("mul", (h, r)), self.size(x))))
 
-    def rotate(self, x: int, heads: int, cos: int, sin: int) -> int:
+    def rotate(self, x: int, cos: int, sin: int) -> int:
         """q * cos + rotate_half(q) * sin: rotate_half slices the halves, negates one and concatenates."""
-        t, size = self.tape, self.tokens * heads * self.spec.head_dim * self.item
-        first, second = t.view("slice", x, (size // 2,))[0], t.view("slice", x, (size // 2,))[0]
-        turned = t.one("cat", (t.one("neg", (second,), size // 2), first), size)
-        return t.one("add", (t.one("mul", (x, cos), size), t.one("mul", (turned, sin), size)), size)
+        half = (self.numel(x) // 2,)
+        first, second = self.split("slice", x, half)[0], self.split("slice", x, half)[0]
+        turned = self.new("cat", (self.ew("neg", (second,)), first), self.numel(x), self.size(x))
+        return self.ew("add", (self.ew("mul", (x, cos)), self.ew("mul", (turned, sin))))
 
     def attention(self, mods: list[Module], norms: list[Module], x: int, rope: tuple[int, int] | None) -> int:
         """q, k, v (one fused projection split in three, or three), q/k norms, rotary, the attention
         kernel (SDPA's CPU flash kernel, or eager: scores, scale, mask, softmax, values), output."""
-        t, spec, n = self.tape, self.spec, self.tokens
-        head = n * spec.head_dim * self.item
-        q_size, kv_size = spec.num_heads * head, spec.num_kv_heads * head
+        spec, n = self.spec, self.tokens
+        q_numel, kv_numel = n * spec.num_heads * spec.head_dim, n * spec.num_kv_heads * spec.head_dim
         if len(mods) == 2:
-            q, k, v = t.view("split", self.linear(mods[0], x), (q_size, kv_size, kv_size))
+            q, k, v = self.split("split", self.linear(mods[0], x), (q_numel, kv_numel, kv_numel))
         else:
             q, k, v = (self.linear(m, x) for m in mods[:3])
         if norms:  # per-head RMSNorm of the queries and keys
             q = self.norm(norms[0], q, n * spec.num_heads, spec.head_dim)
             k = self.norm(norms[1], k, n * spec.num_kv_heads, spec.head_dim)
         if rope is not None:
-            q, k = self.rotate(q, spec.num_heads, *rope), self.rotate(k, spec.num_kv_heads, *rope)
+            q, k = self.rotate(q, *rope), self.rotate(k, *rope)
         if self.eager:
-            out = self.eager_core(q, k, v, q_size)
+            out = self.eager_core(q, k, v, q_numel)
         else:
             lse = (self.batch * spec.num_heads * self.seq * FP32, False)
-            out = t.op("sdpa", (q, k, v), (q_size, lse), where=mods[0].path.rsplit(".", 1)[0])[0]
+            out = self.tape.op("sdpa", (self.low(q), self.low(k), self.low(v)),
+                               (q_numel * self.compute, lse), where=_parent(mods[0]))[0]
+            self.dt[out] = self.compute
         return self.drop(self.linear(mods[-1], out), self.block_rate(1))
 
-    def eager_core(self, q: int, k: int, v: int, q_size: int) -> int:
-        """transformers' `eager_attention_forward`: k and v repeated to every query head (a copy when
-        grouped), q @ k^T scaled, the causal mask added, softmax (in fp32 and cast back where the
-        Llama shape asks for it), @ v, then made contiguous."""
-        t, spec = self.tape, self.spec
+    def eager_core(self, q: int, k: int, v: int, q_numel: int) -> int:
+        """transformers' `eager_attention_forward`: k and v repeated to every query head, q @ k^T
+        scaled, the causal mask added, softmax (the Llama shape's in fp32, cast back to q's dtype;
+        GPT-2's in the scores' dtype, cast to v's), @ v, then made contiguous."""
+        spec = self.spec
         scores = self.batch * spec.num_heads * self.seq * self.seq
         # k and v expanded to every head: reshaped to (b * heads, s, d) for the batched product, a
         # view only where one batch row and one k/v head leave a single stride to merge; else a copy
         if spec.num_kv_heads == 1 < spec.num_heads and self.batch == 1:
-            k, v = (t.view("repeat", x, (q_size,))[0] for x in (k, v))
+            k, v = (self.split("repeat", x, (q_numel,))[0] for x in (k, v))
         elif spec.num_kv_heads < spec.num_heads:
-            k, v = (t.one("repeat", (x,), q_size) for x in (k, v))
-        s = t.one("scale", (t.one("matmul", (q, k), scores * self.item),), scores * self.item)
-        s = t.one("add", (s, self.mask), scores * self.item)
-        upcast = self.features.fp32_softmax and self.item != FP32
-        if upcast:  # softmax(dtype=float32) on CPU casts its input first
-            s = t.one("cast", (s,), scores * FP32)
-        p = t.one("softmax", (s,), t.tensors[s].bytes)
-        if upcast:
-            p = t.one("cast", (p,), scores * self.item)
+            k, v = (self.new("repeat", (x,), q_numel, self.size(x)) for x in (k, v))
+        s = self.ew("scale", (self.new("matmul", (self.low(q), self.low(k)), scores, self.compute),))
+        s = self.ew("add", (s, self.mask))
+        if self.features.fp32_softmax:  # softmax(dtype=float32) on CPU casts its input first
+            p = self.cast(self.ew("softmax", (self.cast(s, FP32),)), self.size(q))
+        else:
+            p = self.cast(self.ew("softmax", (s,)), self.size(v))
         p = self.drop(p, self.dropout[0])
-        return t.one("copy", (t.one("matmul", (p, v), q_size),), q_size)  # made contiguous
+        o = self.new("matmul", (self.low(p), self.low(v)), q_numel, self.compute)
+        return self.new("copy", (o,), q_numel, self.compute)  # made contiguous
 
     def mlp(self, mods: list[Module], x: int) -> int:
-        t = self.tape
-        if len(mods) == 3:  # down(silu(gate(x)) * up(x))
-            g = self.linear(mods[0], x)
-            act = t.one("silu", (g,), t.tensors[g].bytes)
-            h = t.one("mul", (act, self.linear(mods[1], x)), t.tensors[g].bytes)
-            return self.linear(mods[2], h)  # (the Llama shape drops nothing here)
-        h = self.linear(mods[0], x)
-        size = t.tensors[h].bytes  # gelu_new: 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))
-        half = t.one("scale", (h,), size)
-        cube = t.one("scale", (t.one("pow", (h,), size),), size)
-        inner = t.one("scale", (t.one("add", (h, cube), size),), size)
-        gate = t.one("add", (t.one("tanh", (inner,), size),), size)
-        out = self.linear(mods[1], t.one("mul", (half, gate), size))
+        if len(mods) == 3:  # down(silu(gate(x)) * up(x)); the Llama shape drops nothing here
+            act = self.ew("silu", (self.linear(mods[0], x),))
+            return self.linear(mods[2], self.ew("mul", (act, self.linear(mods[1], x))))
+        h = self.linear(mods[0], x)  # gelu_new: 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))
+        half = self.ew("scale", (h,))
+        cube = self.ew("scale", (self.ew("pow", (h,)),))
+        inner = self.ew("scale", (self.ew("add", (h, cube)),))
+        gate = self.ew("add", (self.ew("tanh", (inner,)),))
+        out = self.linear(mods[1], self.ew("mul", (half, gate)))
         return self.drop(out, self.block_rate(1))
 
     def layer(self, mods: list[Module], x: int, rope: tuple[int, int] | None) -> int:
@@ -223,55 +265,55 @@ class Writer:
         h = self.norm(norms[-2], x, self.tokens, self.spec.hidden_size)
         with t.phase(_parent(linears[0])):  # the tape range of the attention, then of the MLP
             a = self.attention(linears[:split], norms[:2] if f.qk_norm else [], h, rope)
-        x = t.one("add", (x, a), t.tensors[x].bytes)
+        x = self.ew("add", (x, a))
         h = self.norm(norms[-1], x, self.tokens, self.spec.hidden_size)
         with t.phase(_parent(linears[split])):
             m = self.mlp(linears[split:], h)
-        out = t.one("add", (x, m), t.tensors[x].bytes)
+        out = self.ew("add", (x, m))
         if f.binds_branches:
             t.hold(a, m)
         return out
 
     def rotary(self, positions: int) -> tuple[int, int]:
         """cos and sin of (1, T, rotary_dim): inverse frequencies @ positions (fp32), concatenated
-        twice, cos / sin, times the attention scaling, cast to the model's dtype."""
-        t, d = self.tape, self.spec.rotary_dim
-        pos = t.one("cast", (positions,), self.seq * FP32)
-        freqs = t.one("matmul", (self.params["inv_freq"], pos), self.seq * d // 2 * FP32)
-        both = t.one("cat", (freqs,), self.seq * d * FP32)
+        twice, cos / sin, times the attention scaling, cast to the embeddings' dtype."""
+        d = self.spec.rotary_dim
+        pos = self.new("cast", (positions,), self.seq, FP32)
+        freqs = self.new("matmul", (self.params["inv_freq"], pos), self.seq * d // 2, FP32)
+        both = self.new("cat", (freqs,), self.seq * d, FP32)
         out = []
         for _ in ("cos", "sin"):
-            x = t.one("constant", (t.one("constant", (both,), self.seq * d * FP32),), self.seq * d * FP32)
-            out.append(x if self.item == FP32 else t.one("cast", (x,), self.seq * d * self.item))
+            x = self.new("constant", (self.new("constant", (both,), self.seq * d, FP32),), self.seq * d, FP32)
+            out.append(self.cast(x, self.item))
         return out[0], out[1]
 
     def masks(self) -> dict[bool, int]:
-        """Eager attention's additive causal masks, (b, 1, s, s) in the model's dtype: one per kind of
-        layer (full, sliding) the model has (`ModelSpec.sliding_type`), made before the layers run.
-        SDPA gets none (`check` refuses a sliding window it would be handed as a mask)."""
+        """Eager attention's additive causal masks, (b, 1, s, s) in the embeddings' dtype: one per
+        kind of layer (full, sliding) the model has (`ModelSpec.sliding_type`), made before the layers
+        run. SDPA gets none (`check` refuses a sliding window it would be handed as a mask)."""
         if not self.eager:
             return {}
         kinds = {self.spec.sliding_type(i) for i in range(self.spec.num_layers)}
-        size = self.batch * self.seq * self.seq * self.item
-        return {kind: self.tape.one("constant", (), size) for kind in sorted(kinds)}
+        return {kind: self.new("constant", (), self.batch * self.seq * self.seq, self.item)
+                for kind in sorted(kinds)}
 
     def forward(self, arch: Architecture, ids: int, labels: int) -> int:
         """The causal LM's forward and loss; returns the loss tensor."""
         t, n, spec = self.tape, self.tokens, self.spec
         tables = [m for m in arch.modules if m.kind == "embedding"]
-        width = n * spec.hidden_size * self.item
-        x = t.one("embedding", (self.params[f"{tables[0].path}.weight"], ids), width)
+        table = self.params[f"{tables[0].path}.weight"]
+        x = self.new("embedding", (table, ids), n * spec.hidden_size, self.item)
         if self.checkpointing and self.lora:
             # PEFT readies a checkpointed model with `enable_input_require_grads`: a hook makes the
             # input embedding's output a leaf that needs a gradient, held by its AccumulateGrad node
             t.tensors[x] = replace(t.tensors[x], grad=True)
             t.keep(x)
-        positions = t.one("constant", (), self.seq * INT64)  # cache_position / position ids
+        positions = self.new("constant", (), self.seq, INT64)  # cache_position / position ids
         rope, kept = None, [positions]
         if self.features.learned_positions:
-            pe = t.one("embedding", (self.params[f"{tables[1].path}.weight"], positions),
-                       self.seq * spec.hidden_size * self.item)
-            x = t.one("add", (x, pe), t.tensors[x].bytes)
+            pe = self.new("embedding", (self.params[f"{tables[1].path}.weight"], positions),
+                          self.seq * spec.hidden_size, self.item)
+            x = self.ew("add", (x, pe))
         else:
             rope = self.rotary(positions)
             kept += rope
@@ -292,17 +334,17 @@ class Writer:
         t.hold(*kept, *masks.values())  # the base model's locals, let go as it returns
         head = next(m for m in arch.modules if m.path == arch.head_path)
         with t.phase("loss"):
-            return self.loss(head, x, labels)
+            loss = self.loss(head, x, labels)
+        t.hold(*self.cache.values())  # autocast's cached weight casts, let go as it exits
+        return loss
 
     def loss(self, head: Module, x: int, labels: int) -> int:
         """transformers' ForCausalLMLoss: logits in fp32, labels padded and shifted, log_softmax,
         nll_loss (mean)."""
-        t, n, v = self.tape, self.tokens, self.spec.vocab_size
-        logits = self.linear(head, x)
-        if self.item != FP32:
-            logits = t.one("cast", (logits,), n * v * FP32)
-        padded = t.one("constant", (labels,), self.batch * (self.seq + 1) * INT64)
+        n, v = self.tokens, self.spec.vocab_size
+        logits = self.cast(self.linear(head, x), FP32)
+        padded = self.new("constant", (labels,), self.batch * (self.seq + 1), INT64)
         # labels[..., 1:].contiguous(): a copy, except of one row (already contiguous)
-        shifted = t.one("constant", (padded,), n * INT64) if self.batch > 1 else padded
-        logp = t.one("log_softmax", (logits,), n * v * FP32)
-        return t.op("nll_loss", (logp, shifted), (FP32, (FP32, False)))[0]
+        shifted = self.new("constant", (padded,), n, INT64) if self.batch > 1 else padded
+        logp = self.new("log_softmax", (logits,), n * v, FP32)
+        return self.tape.op("nll_loss", (logp, shifted), (FP32, (FP32, False)))[0]
