@@ -173,7 +173,10 @@ class Writer:
             return y
         a, b = self.lora[m.path]
         rank = self.tape.tensors[a].bytes // (m.in_features * self.item)
-        low = self.new("linear", (self.low(x), self.low(a)), n * rank, self.compute, where=m.path)
+        # PEFT casts the adapter's input to its weight's dtype first (`_cast_input_dtype`): under
+        # autocast a bf16 input becomes an fp32 copy, which the matmul casts back to a bf16 one
+        xa = self.low(self.cast(x, self.item))
+        low = self.new("linear", (xa, self.low(a)), n * rank, self.compute, where=m.path)
         up = self.new("linear", (low, self.low(b)), n * m.out_features, self.compute, where=m.path)
         return self.ew("add", (y, self.ew("scale", (up,))))
 
