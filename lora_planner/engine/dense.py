@@ -102,6 +102,8 @@ class Writer:
     mask: int | None = None  # the running layer's additive causal mask (eager)
     dt: dict[int, int] = field(default_factory=dict)
     cache: dict[int, int] = field(default_factory=dict)
+    # heads viewed out of a (b, s, heads, d) projection: (b, heads, s, d) views that are not contiguous
+    strided: set[int] = field(default_factory=set)
 
     @property
     def tokens(self) -> int:
@@ -124,12 +126,29 @@ class Writer:
         return x
 
     def ew(self, rule: str, inputs: tuple[int, ...]) -> int:
-        """A pointwise op: the largest input's shape (broadcasting), the widest input's dtype."""
+        """A pointwise op: the largest input's shape (broadcasting), the widest input's dtype, the
+        layout of a full-size input (TensorIterator keeps it)."""
         numel = max(self.numel(x) for x in inputs)
-        return self.new(rule, inputs, numel, max(self.size(x) for x in inputs))
+        y = self.new(rule, inputs, numel, max(self.size(x) for x in inputs))
+        if any(x in self.strided and self.numel(x) == numel for x in inputs):
+            self.strided.add(y)
+        return y
 
     def cast(self, x: int, item: int) -> int:
-        return x if self.size(x) == item else self.new("cast", (x,), self.numel(x), item)
+        """`.to(dtype)`, which keeps the input's strides."""
+        if self.size(x) == item:
+            return x
+        y = self.new("cast", (x,), self.numel(x), item)
+        if x in self.strided:
+            self.strided.add(y)
+        return y
+
+    def batched(self, x: int) -> int:
+        """An operand of a 4-D `torch.matmul`, reshaped to (b * heads, ...): a copy when its heads
+        are strided and batch, heads and positions are all above one (no stride merges), else a view."""
+        if x not in self.strided or min(self.batch, self.spec.num_heads, self.seq) == 1:
+            return x
+        return self.new("copy", (x,), self.numel(x), self.size(x))
 
     def low(self, x: int) -> int:
         """A matmul's operand under autocast: cast to bf16, a trainable parameter once per forward."""
@@ -153,14 +172,11 @@ class Writer:
         return self.dropout[which] if self.features.block_dropout else 0.0
 
     def drop(self, x: int, p: float) -> int:
-        """`native_dropout` when p > 0 (CPU: a mask in the input's dtype, kept for backward); at
-        p = 0 torch returns the input itself."""
+        """Dropout on CPU (`at::dropout`'s unfused path): a mask in the input's dtype drawn and
+        scaled, then x * mask, which keeps the mask; at p = 0 torch returns the input itself."""
         if not p:
             return x
-        size = self.tape.tensors[x].bytes
-        y = self.tape.op("dropout", (x,), (size, (size, False)))[0]
-        self.dt[y] = self.size(x)
-        return y
+        return self.ew("mul", (x, self.new("constant", (), self.numel(x), self.size(x))))
 
     def linear(self, m: Module, x: int) -> int:
         """nn.Linear / Conv1D (mm or addmm), then PEFT's adapter when `m` is wrapped."""
@@ -175,10 +191,12 @@ class Writer:
         rank = self.tape.tensors[a].bytes // (m.in_features * self.item)
         # PEFT casts the adapter's input to its weight's dtype first (`_cast_input_dtype`): under
         # autocast a bf16 input becomes an fp32 copy, which the matmul casts back to a bf16 one
-        xa = self.low(self.cast(x, self.item))
-        low = self.new("linear", (xa, self.low(a)), n * rank, self.compute, where=m.path)
+        bound = self.cast(x, self.item)  # PEFT rebinds `x` to it until its forward returns
+        low = self.new("linear", (self.low(bound), self.low(a)), n * rank, self.compute, where=m.path)
         up = self.new("linear", (low, self.low(b)), n * m.out_features, self.compute, where=m.path)
-        return self.ew("add", (y, self.ew("scale", (up,))))
+        out = self.ew("add", (y, self.ew("scale", (up,))))
+        self.tape.hold(bound)
+        return out
 
     def norm(self, m: Module, x: int, rows: int, width: int) -> int:
         """LayerNorm (`native_layer_norm`: y, mean, rstd in the input's dtype) or Llama's RMSNorm in
@@ -193,7 +211,9 @@ class Writer:
         h = self.cast(x, FP32)
         var = self.new("mean", (self.ew("pow", (h,)),), rows, FP32, where=m.path)
         r = self.ew("rsqrt", (self.ew("add", (var,)),))
-        return self.ew("mul", (w, self.cast(self.ew("mul", (h, r)), self.size(x))))
+        out = self.ew("mul", (w, self.cast(self.ew("mul", (h, r)), self.size(x))))
+        self.tape.hold(var)  # `variance`, bound until the norm returns
+        return out
 
     def rotate(self, x: int, cos: int, sin: int) -> int:
         """q * cos + rotate_half(q) * sin: rotate_half slices the halves, negates one and concatenates."""
@@ -211,21 +231,25 @@ class Writer:
             q, k, v = self.split("split", self.linear(mods[0], x), (q_numel, kv_numel, kv_numel))
         else:
             q, k, v = (self.linear(m, x) for m in mods[:3])
+        self.strided |= {q, k, v}
         if norms:  # per-head RMSNorm of the queries and keys
             q = self.norm(norms[0], q, n * spec.num_heads, spec.head_dim)
             k = self.norm(norms[1], k, n * spec.num_kv_heads, spec.head_dim)
         if rope is not None:
             q, k = self.rotate(q, *rope), self.rotate(k, *rope)
         if self.eager:
-            out = self.eager_core(q, k, v, q_numel)
+            out, weights = self.eager_core(q, k, v, q_numel)
         else:
             lse = (self.batch * spec.num_heads * self.seq * FP32, False)
             out = self.tape.op("sdpa", (self.low(q), self.low(k), self.low(v)),
                                (q_numel * self.compute, lse), where=_parent(mods[0]))[0]
-            self.dt[out] = self.compute
-        return self.drop(self.linear(mods[-1], out), self.block_rate(1))
+            self.dt[out], weights = self.compute, out
+        out = self.drop(self.linear(mods[-1], out), self.block_rate(1))
+        # the module's locals until it returns: q, k, v (rotated) and the attention weights it got back
+        self.tape.hold(q, k, v, weights)
+        return out
 
-    def eager_core(self, q: int, k: int, v: int, q_numel: int) -> int:
+    def eager_core(self, q: int, k: int, v: int, q_numel: int) -> tuple[int, int]:
         """transformers' `eager_attention_forward`: k and v repeated to every query head, q @ k^T
         scaled, the causal mask added, softmax (the Llama shape's in fp32, cast back to q's dtype;
         GPT-2's in the scores' dtype, cast to v's), @ v, then made contiguous."""
@@ -237,15 +261,20 @@ class Writer:
             k, v = (self.split("repeat", x, (q_numel,))[0] for x in (k, v))
         elif spec.num_kv_heads < spec.num_heads:
             k, v = (self.new("repeat", (x,), q_numel, self.size(x)) for x in (k, v))
-        s = self.ew("scale", (self.new("matmul", (self.low(q), self.low(k)), scores, self.compute),))
+        cast = (self.low(q), self.low(k))  # autocast's casts live while the product runs
+        s = self.new("matmul", tuple(self.batched(x) for x in cast), scores, self.compute)
+        self.tape.hold(*cast)
+        s = self.ew("scale", (s,))
         s = self.ew("add", (s, self.mask))
         if self.features.fp32_softmax:  # softmax(dtype=float32) on CPU casts its input first
             p = self.cast(self.ew("softmax", (self.cast(s, FP32),)), self.size(q))
         else:
             p = self.cast(self.ew("softmax", (s,)), self.size(v))
         p = self.drop(p, self.dropout[0])
-        o = self.new("matmul", (self.low(p), self.low(v)), q_numel, self.compute)
-        return self.new("copy", (o,), q_numel, self.compute)  # made contiguous
+        cast = (self.low(p), self.low(v))
+        o = self.new("matmul", (cast[0], self.batched(cast[1])), q_numel, self.compute)
+        self.tape.hold(*cast, k, v)  # and the repeated k and v, bound until the function returns
+        return self.new("copy", (o,), q_numel, self.compute), p  # made contiguous; and the weights
 
     def mlp(self, mods: list[Module], x: int) -> int:
         if len(mods) == 3:  # down(silu(gate(x)) * up(x)); the Llama shape drops nothing here
@@ -268,10 +297,12 @@ class Writer:
         h = self.norm(norms[-2], x, self.tokens, self.spec.hidden_size)
         with t.phase(_parent(linears[0])):  # the tape range of the attention, then of the MLP
             a = self.attention(linears[:split], norms[:2] if f.qk_norm else [], h, rope)
+        t.hold(h)  # `hidden_states` is the norm's output until the attention's replaces it
         x = self.ew("add", (x, a))
         h = self.norm(norms[-1], x, self.tokens, self.spec.hidden_size)
         with t.phase(_parent(linears[split])):
             m = self.mlp(linears[split:], h)
+        t.hold(h)
         out = self.ew("add", (x, m))
         if f.binds_branches:
             t.hold(a, m)

@@ -27,6 +27,7 @@ class Moment:
     where: str
     bytes: int
     seen: int
+    op: str = ""  # the op's rule (its backward, in backward)
 
 
 @dataclass(frozen=True)
@@ -72,8 +73,8 @@ class _Live:
             self.total -= entry[0]
             self.seen -= entry[0] if entry[1] else 0
 
-    def moment(self, phase: str, where: str, scratch: int = 0, seen_scratch: int = 0) -> None:
-        m = Moment(phase, where, self.total + scratch, self.seen + seen_scratch)
+    def moment(self, phase: str, where: str, scratch: int = 0, seen_scratch: int = 0, op: str = "") -> None:
+        m = Moment(phase, where, self.total + scratch, self.seen + seen_scratch, op)
         self.peak = max(self.peak, m, key=lambda x: x.bytes)
         self.tracer_peak = max(self.tracer_peak, m, key=lambda x: x.seen)
         self.phase_peaks[phase] = max(self.phase_peaks.get(phase, 0), m.bytes)
@@ -98,19 +99,23 @@ def _region_of(tape: Tape, checkpointing: bool) -> dict[int, int]:
 
 
 def _run_forward(tape: Tape, live: _Live, ops: range, keys: dict[int, object], phase: str,
-                 keep_saved: bool, last: dict[int, int]) -> None:
+                 keep_saved: bool, last: dict[int, int], stop_early: bool = False) -> None:
     """Run `ops` forward: each output's storage from its op to its last use in `ops` (`last`), held
-    longer by each op that saves it (`keep_saved`); `keys` maps a tensor to its live storage."""
+    longer by each op that saves it (`keep_saved`); `keys` maps a tensor to its live storage.
+    `stop_early`: the last op's saves end a recompute; an op packs the inputs it saves before its
+    kernel runs, so one that saves none of its outputs stops it without running."""
     ends: dict[int, list[int]] = {}
     for t, i in last.items():
         ends.setdefault(i, []).append(t)
     for i in ops:
         op = tape.ops[i]
-        for o in op.outputs:
+        runs = not (stop_early and i == ops[-1] and not set(op.saved) & set(op.outputs))
+        for o in op.outputs if runs else ():
             t = tape.tensors[o]
             if t.base is None:
                 keys[o] = live.add((phase, o), t.bytes, t.traced)
-        live.moment(phase, op.where, op.workspace)
+        if runs:
+            live.moment(phase, op.where, op.workspace, 0, op.rule)
         if keep_saved:  # parameters and inputs are live all step: only activations are held
             for s in op.saved:
                 if tape.root(s) in keys:
@@ -151,7 +156,7 @@ def _recompute(tape: Tape, live: _Live, keys: dict[int, object], region: int, la
     ops = range(start, stop + 1)
     # what the region's code still holds when the early stop unwinds it lives until then
     uses = {tape.root(o): min(last[tape.root(o)], stop) for i in ops for o in tape.ops[i].outputs}
-    _run_forward(tape, live, ops, keys, "recompute", True, uses)
+    _run_forward(tape, live, ops, keys, "recompute", True, uses, stop_early=True)
     live.drop(fork)
 
 
@@ -164,7 +169,7 @@ def _backward(tape: Tape, live: _Live, keys: dict[int, object], regions: dict[in
     for i in reversed(range(len(tape.ops))):
         op = tape.ops[i]
         needs = tuple(tape.tensors[t].grad for t in op.inputs)
-        if not any(needs) and not op.saved:
+        if op.rule == "hold" or (not any(needs) and not op.saved):  # no autograd node
             continue
         if i in regions and regions[i] not in done:
             done.add(regions[i])
@@ -179,7 +184,8 @@ def _backward(tape: Tape, live: _Live, keys: dict[int, object], regions: dict[in
                 made.append((t, live.add(incoming[0], 0)))
             else:
                 made.append((t, live.new(g)))
-        live.moment("backward", op.where, scratch + op.backward_workspace, scratch + op.backward_workspace)
+        extra = scratch + op.backward_workspace
+        live.moment("backward", op.where, extra, extra, op.rule)
         for g in incoming:
             live.drop(g)
         for s in op.saved:
