@@ -6,9 +6,13 @@ the peak a dispatch-level tracer would see, and the activations. It runs beside 
 (`activations`, `timeline`, `step`) and is held to real steps (tests/test_engine.py,
 benchmarks/engine_vs_trace.py); the planner does not use it yet.
 
-Covered: the dense families whose layout `dense.features` reads (GPT-2's, the Llama shape's), full
-fine-tuning and LoRA, fp32 and pure-bf16, SDPA (the CPU flash kernel) and eager attention,
-non-reentrant checkpointing per layer, AdamW (foreach, for-loop, fused), on CPU, dropout off.
+Covered: the dense pre-norm families whose layout `dense.features` reads (GPT-2's, the Llama
+shape's: Llama, Mistral, Qwen2, Qwen3), full fine-tuning and LoRA, fp32, amp (bf16 autocast) and
+pure-bf16, SDPA (the CPU flash kernel) and eager attention, dropout, sliding windows (eager; SDPA
+while the window covers the sequence), non-reentrant checkpointing per layer, AdamW (foreach,
+for-loop, fused), on CPU. Not yet: MoE, latent attention, fused gate/up (Phi-3), sandwich and post
+norms (Gemma, OLMo 2), SDPA with a mask or with attention dropout, QLoRA, DoRA, packing, other
+losses and optimizers, GPU kernels' workspaces, torch.compile.
 """
 
 from __future__ import annotations
@@ -105,7 +109,7 @@ def plan_step(spec: ModelSpec, setup: TrainSetup, device: str = "cpu") -> StepPl
                     dropout=dropout_rates(spec, setup), amp=setup.precision == "amp")
     with tape.phase("forward"):
         loss = writer.forward(arch, ids, labels)
-    states = 2 * sum(trainable) + (FP32 * len(trainable) if setup.optimizer_impl != "fused" else 0)
+    states = 2 * sum(trainable) + FP32 * len(trainable)  # exp_avg, exp_avg_sq; a 4-byte step per tensor
     base = sum(t.bytes for t in tape.tensors if t.role != "activation") + states
     scratch = optimizer_temporary_bytes("adamw", setup.optimizer_impl, [b // item for b in trainable], item)
     r = replay(tape, base=base, base_seen=base, loss=loss, checkpointing=setup.grad_checkpointing,

@@ -99,9 +99,10 @@ def _region_of(tape: Tape, checkpointing: bool) -> dict[int, int]:
 
 
 def _run_forward(tape: Tape, live: _Live, ops: range, keys: dict[int, object], phase: str,
-                 keep_saved: bool, last: dict[int, int], stop_early: bool = False) -> None:
+                 keeps: set[int] | None, last: dict[int, int], stop_early: bool = False) -> None:
     """Run `ops` forward: each output's storage from its op to its last use in `ops` (`last`), held
-    longer by each op that saves it (`keep_saved`); `keys` maps a tensor to its live storage.
+    longer by each op that saves it (those in `keeps`; None: all); `keys` maps a tensor to its
+    live storage.
     `stop_early`: the last op's saves end a recompute; an op packs the inputs it saves before its
     kernel runs, so one that saves none of its outputs stops it without running."""
     ends: dict[int, list[int]] = {}
@@ -116,7 +117,7 @@ def _run_forward(tape: Tape, live: _Live, ops: range, keys: dict[int, object], p
                 keys[o] = live.add((phase, o), t.bytes, t.traced)
         if runs:
             live.moment(phase, op.where, op.workspace, 0, op.rule)
-        if keep_saved:  # parameters and inputs are live all step: only activations are held
+        if keeps is None or i in keeps:  # parameters and inputs are live all step: only activations held
             for s in op.saved:
                 if tape.root(s) in keys:
                     live.add(keys[tape.root(s)], 0)
@@ -137,8 +138,8 @@ def replay(tape: Tape, *, base: int, base_seen: int, loss: int, checkpointing: b
     for t in (loss, *tape.kept):
         last[tape.root(t)] = len(tape.ops)
     # outside a checkpointed region an op keeps what it saves; inside, nothing until its recompute
-    for i in range(len(tape.ops)):
-        _run_forward(tape, live, range(i, i + 1), keys, "forward", i not in regions, last)
+    outside = {i for i in range(len(tape.ops)) if i not in regions}
+    _run_forward(tape, live, range(len(tape.ops)), keys, "forward", outside, last)
     activations = sum(e[0] for k, e in live.held.items() if e[1])
     _backward(tape, live, keys, regions, loss, last)
     for scratch in optimizer_scratch:  # the step's kernels, one after another
@@ -156,7 +157,7 @@ def _recompute(tape: Tape, live: _Live, keys: dict[int, object], region: int, la
     ops = range(start, stop + 1)
     # what the region's code still holds when the early stop unwinds it lives until then
     uses = {tape.root(o): min(last[tape.root(o)], stop) for i in ops for o in tape.ops[i].outputs}
-    _run_forward(tape, live, ops, keys, "recompute", True, uses, stop_early=True)
+    _run_forward(tape, live, ops, keys, "recompute", None, uses, stop_early=True)
     live.drop(fork)
 
 

@@ -48,14 +48,14 @@ def dense_config(rng: random.Random, family: str) -> dict:
 
 
 def engine_case(seed: int) -> EngineCase:
-    """Seed `seed`'s case: a family in turn, full or LoRA, fp32 or pure-bf16, SDPA or eager,
+    """Seed `seed`'s case: a family in turn, full or LoRA, fp32, amp or pure-bf16, SDPA or eager,
     checkpointing on or off, batch 1-4 x 8-96 tokens."""
     rng = random.Random(seed)
     family = DENSE[seed % len(DENSE)]
     config = dense_config(rng, family)
     setup = TrainSetup(method=rng.choice(("full", "lora")), rank=rng.randint(1, 8),
                        targets=(rng.choice(("default", "attn", "mlp", "all-linear")),),
-                       precision=rng.choice(("fp32", "pure-bf16")), batch_size=rng.randint(1, 4),
+                       precision=rng.choice(("fp32", "amp", "pure-bf16")), batch_size=rng.randint(1, 4),
                        seq_len=rng.randint(8, 96), attention=rng.choice(("sdpa", "eager")),
                        grad_checkpointing=rng.random() < 0.4, stack="torch")
     if setup.method == "lora":
