@@ -113,13 +113,11 @@ RULES: dict[str, Rule] = {
     # mean over the last dimension: the gradient expanded and divided, at the input's size
     "mean": Rule(_none, _fresh),
     "neg": Rule(_none, _fresh),
-    # pointwise unary ops whose backward reads the input (silu, gelu) or the output (tanh)
+    # pointwise unary ops whose backward reads the input (silu) or the output (tanh)
     "silu": Rule(_inputs, _fresh),
-    "gelu": Rule(_inputs, _fresh),
     "tanh": Rule(_outputs, _fresh),
     # concatenation: each input's gradient is a slice of the incoming one
     "cat": Rule(_none, _through),
-    "view": Rule(_none, _through),
     "split": Rule(_none, _split),
     # one slice of a tensor: its gradient is a zeroed tensor of the whole's size with the slice copied in
     "slice": Rule(_none, _split),
@@ -130,8 +128,6 @@ RULES: dict[str, Rule] = {
     # softmax / log_softmax keep their output; the gradient is the input's size
     "softmax": Rule(_outputs, _first_only),
     "log_softmax": Rule(_outputs, _first_only),
-    # native_dropout(x) -> (y, mask): keeps the 1-byte mask
-    "dropout": Rule(lambda i, o, n: o[1:2], _first_only),
     # native_layer_norm(x, w, b) -> (y, mean, rstd): keeps x, w, b and both statistics
     "layer_norm": Rule(lambda i, o, n: (*i, *o[1:]), _fresh),
     "embedding": Rule(lambda i, o, n: i[1:], _embedding),
