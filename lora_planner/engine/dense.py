@@ -369,6 +369,7 @@ class Writer:
         head = next(m for m in arch.modules if m.path == arch.head_path)
         with t.phase("loss"):
             loss = self.loss(head, x, labels)
+        t.hold(x)  # the causal LM binds the base model's last hidden state until it returns
         t.hold(*self.cache.values())  # autocast's cached weight casts, let go as it exits
         return loss
 
@@ -376,9 +377,12 @@ class Writer:
         """transformers' ForCausalLMLoss: logits in fp32, labels padded and shifted, log_softmax,
         nll_loss (mean)."""
         n, v = self.tokens, self.spec.vocab_size
-        logits = self.cast(self.linear(head, x), FP32)
+        output = self.linear(head, x)  # the model's output holds the logits until forward returns
+        logits = self.cast(output, FP32)
         padded = self.new("constant", (labels,), self.batch * (self.seq + 1), INT64)
         # labels[..., 1:].contiguous(): a copy, except of one row (already contiguous)
         shifted = self.new("constant", (padded,), n, INT64) if self.batch > 1 else padded
         logp = self.new("log_softmax", (logits,), n * v, FP32)
-        return self.tape.op("nll_loss", (logp, shifted), (FP32, (FP32, False)))[0]
+        loss = self.tape.op("nll_loss", (logp, shifted), (FP32, (FP32, False)))[0]
+        self.tape.hold(output, logits, padded)  # the loss function's locals until it returns
+        return loss
