@@ -222,7 +222,8 @@ class Writer:
         turned = self.new("cat", (self.ew("neg", (second,)), first), self.numel(x), self.size(x))
         return self.ew("add", (self.ew("mul", (x, cos)), self.ew("mul", (turned, sin))))
 
-    def attention(self, mods: list[Module], norms: list[Module], x: int, rope: tuple[int, int] | None) -> int:
+    def attention(self, mods: list[Module], norms: list[Module], x: int,
+                  rope: tuple[int, int] | None) -> tuple[int, int | None]:
         """q, k, v (one fused projection split in three, or three), q/k norms, rotary, the attention
         kernel (SDPA's CPU flash kernel, or eager: scores, scale, mask, softmax, values), output."""
         spec, n = self.spec, self.tokens
@@ -243,11 +244,10 @@ class Writer:
             lse = (self.batch * spec.num_heads * self.seq * FP32, False)
             out = self.tape.op("sdpa", (self.low(q), self.low(k), self.low(v)),
                                (q_numel * self.compute, lse), where=_parent(mods[0]))[0]
-            self.dt[out], weights = self.compute, out
+            self.dt[out], weights = self.compute, None  # SDPA returns no weights
         out = self.drop(self.linear(mods[-1], out), self.block_rate(1))
-        # the module's locals until it returns: q, k, v (rotated) and the attention weights it got back
-        self.tape.hold(q, k, v, weights)
-        return out
+        self.tape.hold(q, k, v)  # the module's locals until it returns: q, k, v (rotated)
+        return out, weights
 
     def eager_core(self, q: int, k: int, v: int, q_numel: int) -> tuple[int, int]:
         """transformers' `eager_attention_forward`: k and v repeated to every query head, q @ k^T
@@ -296,7 +296,7 @@ class Writer:
         split = 2 if f.fused_qkv else 4
         h = self.norm(norms[-2], x, self.tokens, self.spec.hidden_size)
         with t.phase(_parent(linears[0])):  # the tape range of the attention, then of the MLP
-            a = self.attention(linears[:split], norms[:2] if f.qk_norm else [], h, rope)
+            a, weights = self.attention(linears[:split], norms[:2] if f.qk_norm else [], h, rope)
         t.hold(h)  # `hidden_states` is the norm's output until the attention's replaces it
         x = self.ew("add", (x, a))
         h = self.norm(norms[-1], x, self.tokens, self.spec.hidden_size)
@@ -306,6 +306,8 @@ class Writer:
         out = self.ew("add", (x, m))
         if f.binds_branches:
             t.hold(a, m)
+        if weights is not None:  # the layer binds the weights attention returns (`_`) until it returns
+            t.hold(weights)
         return out
 
     def rotary(self, positions: int) -> tuple[int, int]:
