@@ -12,7 +12,7 @@ recorded at two depths and checked against a third.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 
 from .architecture import Param
 from .errors import PlanError
@@ -57,6 +57,15 @@ def fit_line(first: int, values: tuple[int, ...]) -> tuple[Line, tuple[int, ...]
     return Line(values[-1] - slope * deepest, slope), steps
 
 
+# Backward's positions recorded (the tracer's `backward_positions`): at the head, inside the top
+# decoder layer (the last, entered first), inside the bottom one (layer 0), at the embeddings
+POSITIONS = ("head", "top", "bottom", "end")
+# per position, five lines: its most bytes beside the parameters and optimizer states and the
+# gradients then; its most beside the gradients too (with them) and the gradients then; the
+# gradients live as backward entered it
+MOMENT = ("most", "most_gradients", "other", "other_gradients", "entry_gradients")
+
+
 @dataclass(frozen=True)
 class RecordedStep:
     """One setup's training step, recorded on `depths` decoder layers and fitted per layer.
@@ -89,6 +98,8 @@ class RecordedStep:
     wrapped_modules: int
     target_modules: tuple[str, ...]
     all_params: int  # PEFT's count: base + adapters + modules_to_save copies
+    # backward by position (`POSITIONS`), each a `MOMENT` of lines: where FSDP2's buffers differ
+    positions: dict[str, tuple[Line, ...]] = field(default_factory=dict)
 
     def irregular(self) -> list[str]:
         """The lines whose per-layer increment was not the same between every two depths."""
@@ -105,6 +116,7 @@ class RecordedModel:
     source: str
     num_layers: int
     hidden_size: int
+    layers_prefix: str  # the decoder layers' parameters' prefix ("model.layers."), FSDP2's units
     layer_class: str  # the decoder layer's class, as transformers names it
     versions: tuple[str, str]  # ("transformers X", "torch Y")
     params: tuple[Param, ...]
@@ -199,6 +211,152 @@ def recorded_phases(step: RecordedStep, layers: int, m: dict, sharding, temporar
               f"{states} + gradients {m['gradients'].bytes:,} B + {temporary.formula} + buffers and "
               f"batch {step.resident:,} B{ddp}"),
     )
+
+
+def fsdp_units(model: RecordedModel, trainable: tuple[Param, ...], weight_bytes: int, grad_bytes,
+               head_grads: int, nf4_saving=None):
+    """FSDP2's units (`fsdp.Units`) from the meta-device build, as `fsdp.units` takes them from a
+    layout: a block is a decoder layer (every parameter under `layers_prefix` + i, adapters in it
+    included), gathered at weight width (an adapter at its own, that of its gradient: `grad_bytes(p)`
+    of a trained tensor); the root every other parameter. `nf4_saving(p)`:
+    the bytes a QLoRA NF4 weight gathers less than at weight width (`fsdp.nf4_gathered_saving`).
+    `head_grads`: the gradients made at the head, as recorded."""
+    from .fsdp import Units
+
+    prefix = model.layers_prefix
+    blocks = [0] * model.num_layers
+    grads = [0] * model.num_layers
+    root = root_grads = 0
+
+    def layer(name: str) -> int | None:
+        if not prefix or not name.startswith(prefix):
+            return None
+        index = name[len(prefix):].split(".", 1)[0]
+        return int(index) if index.isdigit() and int(index) < model.num_layers else None
+    base = {p.name for p in model.params}
+    for p in model.params:  # gathered at weight width, or as NF4 codes
+        at = layer(p.name)
+        gathered = p.numel * weight_bytes - (nf4_saving(p) if nf4_saving is not None else 0)
+        if at is None:
+            root += gathered
+        else:
+            blocks[at] += gathered
+    for p in trainable:
+        at = layer(p.name)
+        if p.name not in base and at is not None:
+            blocks[at] += p.numel * grad_bytes(p)  # an adapter, gathered at its own width
+        if at is None:
+            root_grads += p.numel * grad_bytes(p)
+        else:
+            grads[at] += p.numel * grad_bytes(p)
+    return Units(tuple(blocks), tuple((0, g, 0) for g in grads), root, head_grads, 0, False, root_grads)
+
+
+def recorded_position_phases(step: RecordedStep, layers: int, m: dict, sharding, temporary, u=None,
+                             start_input: int = 0, dequant: int = 0, whole_gradients: int = 0,
+                             reshard: bool = True) -> tuple:
+    """The step's moments on one GPU from backward's recorded positions (`POSITIONS`), layer by
+    layer, with the gradients as the GPU holds them; under FSDP2 (`u`, the units from `fsdp_units`)
+    with its buffers at each moment (`fsdp.extra_bytes`, `fsdp.block_extra`): the blocks' gradients
+    a 1/N share once reduce-scattered, the layer's own and the root's whole until theirs.
+
+    - start of forward (FSDP2): weights and optimizer states + buffers and batch + the embeddings'
+      output (`start_input`) + the root's and the first block's all-gather output beside their
+      parameters (2 x root + 2 x block 0), as `fsdp.start_phase`;
+    - forward: the recorded forward's most (FSDP2: + the root whole + the last block's all-gather
+      output);
+    - backward at the head: its recorded moments (FSDP2: + the root whole + the last block
+      prefetched, every block without resharding; the head's gradients whole);
+    - inside layer i (i >= 1): the moment recorded inside the top layer of a slice of i + 1 layers
+      (the same activations still saved), with the gradients of the layers above (`u`'s, per layer)
+      added; layer 0: the bottom layer's moments at full depth; QLoRA's `dequant` weight added;
+    - at the embeddings: the recorded moments (FSDP2: + the root whole + block 0's reduce-scatter
+      input + the root's gradients made so far whole);
+    - optimizer: as `recorded_phases`. Without FSDP2, DDP's buckets on every moment as there.
+
+    Assumption: every layer above the first is recorded alike (with layers of several kinds, the
+    first layer's kind)."""
+    import math
+
+    from .fsdp import block_extra, extra_bytes
+    from .sharding import ddp_bucket_bytes, placement
+    from .timeline import Phase
+
+    fsdp = sharding is not None and sharding.strategy == "fsdp"
+    n = sharding.num_gpus if sharding is not None else 1
+    offloaded = sharding is not None and placement("gradients", sharding) == "cpu"
+    held = m["weights"].bytes + m["optimizer_states"].bytes + m["master_weights"].bytes
+    ratio = m["gradients"].bytes / whole_gradients if whole_gradients else 1.0
+    bucket = 0
+    if sharding is not None and sharding.strategy == "none" and n > 1:
+        bucket = ddp_bucket_bytes(m["gradients"].bytes)
+    ddp = f" + DDP gradient buckets {bucket:,} B" if bucket else ""
+
+    def share(g: int) -> int:
+        return math.ceil(g * ratio)
+    pos = step.positions
+    root = u.root_bytes if fsdp else 0
+    states = f"weights and optimizer states {held:,} B"
+    out = []
+    forward = extra_bytes(Phase("forward", 0, ""), u, n, reshard, offloaded)[0] if fsdp else bucket
+    if fsdp:
+        start = 2 * root + 2 * u.block_bytes[0]
+        out.append(Phase("forward", held + step.resident + start_input + start,
+                         f"start of forward: {states} + buffers and batch {step.resident:,} B + the "
+                         f"embeddings' output {start_input:,} B + FSDP2 buffers (the root's all-gather "
+                         f"output and parameters, the first layer's) {start:,} B"))
+    out.append(Phase("forward", held + step.forward.at(layers) + forward,
+                     f"{states} + the recorded forward's most beside them (saved activations, logits, "
+                     f"buffers, batch): {step.forward.formula(layers)}"
+                     + (f"; + FSDP2 buffers (root whole + last block's all-gather output) {forward:,} B"
+                        if fsdp else ddp)))
+    variants = ((0, 1, "most"), (2, 3, "most beside the gradients"))
+    if "head" in pos:
+        gathered = (u.block_bytes[-1] if reshard else sum(u.block_bytes)) if fsdp else 0
+        for a, g, what in variants:
+            b, grads = pos["head"][a].at(layers), pos["head"][g].at(layers)
+            kept = grads if fsdp else share(grads)  # FSDP2 keeps the root's gradients whole
+            extra = root + gathered if fsdp else bucket
+            out.append(Phase("backward", held + b - grads + kept + extra,
+                             f"{states} + the recorded backward's {what} at the head, before any decoder "
+                             f"layer: {b - grads:,} B beside the gradients + gradients {kept:,} B"
+                             + (f" + FSDP2 buffers (root whole + last block prefetched) {extra:,} B"
+                                if fsdp else ddp)))
+    qlora = f" + one dequantised weight {dequant:,} B" if dequant else ""
+    above = 0  # the gradients of the blocks above layer i
+    per_layer = [sum(g) for g in u.block_grads] if u is not None else [0] * layers
+    for i in reversed(range(layers)):
+        at, depth = ("top", i + 1) if i else ("bottom", layers)
+        if at not in pos:
+            continue
+        lines = pos[at]
+        entry = lines[4].at(depth) + (above if i else 0)
+        for a, g, what in variants:
+            b, grads = lines[a].at(depth), lines[g].at(depth)
+            own = grads - lines[4].at(depth)
+            extra = block_extra(u, i, own, n, reshard, offloaded, describe=False)[0] if fsdp else bucket
+            out.append(Phase("backward", held + b - grads + share(entry + own) + dequant + extra,
+                             f"{states} + the recorded backward's {what} inside layer {{}}: {b - grads:,} B "
+                             f"beside the gradients (as inside the top layer of {depth} recorded) + "
+                             f"gradients so far {entry + own:,} B"
+                             + (f", {share(entry + own):,} B on this GPU" if ratio != 1 else "") + qlora
+                             + (f" + FSDP2 buffers (root whole, blocks gathered, this layer's gradients "
+                                f"whole, the reduce-scatter input, the head's gradients whole) {extra:,} B"
+                                if fsdp else ddp), layer=i))
+        above += per_layer[i]
+    if "end" in pos:
+        for a, g, what in variants:
+            b, grads = pos["end"][a].at(layers), pos["end"][g].at(layers)
+            extra = bucket
+            if fsdp:
+                mine = max(0, grads - sum(per_layer))  # the root's gradients made by then: whole
+                extra = root + per_layer[0] + mine - share(mine)
+            out.append(Phase("backward", held + b - grads + share(grads) + extra,
+                             f"{states} + the recorded backward's {what} at the embeddings: {b - grads:,} B "
+                             f"beside the gradients + gradients {share(grads):,} B"
+                             + (f" + FSDP2 buffers (root whole + block 0's reduce-scatter input + the "
+                                f"root's gradients whole) {extra:,} B" if fsdp else ddp), part="end"))
+    return (*out, recorded_phases(step, layers, m, sharding, temporary)[-1])
 
 
 def is_adapter(name: str) -> bool:

@@ -164,6 +164,82 @@ def test_a_llama_planned_from_its_recording_agrees_with_the_native_walk(method):
         assert abs(ours - walked) <= 0.01 * walked, (key, ours, walked)
 
 
+SMALL_LLAMA = dict(name="llama-small", family="llama", vocab_size=1000, hidden_size=128, num_layers=8,
+                   num_heads=4, num_kv_heads=2, head_dim=32, intermediate_size=344, tied_embeddings=False,
+                   max_positions=2048)
+
+
+@pytest.mark.parametrize("method, checkpointing", [("full", True), ("lora", False), ("qlora", True)])
+def test_fsdp_and_zero3_per_gpu_peaks_of_a_recorded_llama_agree_with_the_native_walk(method, checkpointing):
+    """FSDP2's buffers (the root and blocks gathered, a layer's gradients whole until their
+    reduce-scatter) follow the recording position by position; ZeRO-3's from the meta build's
+    modules. Both held to our walk of the same Llama on several GPU counts (the GPU counts of real
+    sizes: `test_catalog_models_recorded_at_full_size_agree_with_the_walk`)."""
+    from lora_planner.measure.recorded import recorded_model
+    from lora_planner.spec import ModelSpec, to_hf_config
+    from lora_planner.stacks import resolve
+
+    spec = ModelSpec(**SMALL_LLAMA)
+    base = resolve(TrainSetup(method=method, batch_size=1, seq_len=128, grad_checkpointing=checkpointing))
+    model = recorded_model(to_hf_config(spec), spec.name, "", (base,))
+    gpu = GPUS[0]
+    for gpus, sharding, reshard in ((2, "fsdp", True), (8, "fsdp", True), (4, "fsdp", False),
+                                    (8, "zero3", True)):
+        setup = base.with_(num_gpus=gpus, sharding=sharding, reshard_after_forward=reshard)
+        ours = make_plan(model, (setup,), gpu).plans[0]
+        walked = make_plan(spec, (setup,), gpu).plans[0]
+        a, b = ours.memory["peak"].bytes, walked.memory["peak"].bytes
+        assert abs(a - b) <= 0.01 * b, (gpus, sharding, reshard, a, b, ours.memory["peak"].formula)
+
+
+def test_fsdp_units_of_a_recorded_model_are_what_fully_shard_groups_on_the_meta_build():
+    """Each decoder layer's unit, and the root's, as torch's `fully_shard` groups the parameters of
+    the model transformers builds on the meta device (wrapped per decoder layer, then the root)."""
+    torch = pytest.importorskip("torch")
+    from torch.distributed.fsdp import fully_shard
+    from transformers import AutoModelForCausalLM
+
+    from lora_planner.measure.recorded import hf_config, recorded_model
+    from lora_planner.measure.tracer import decoder_layers
+    from lora_planner.plan import _recorded_units
+    from lora_planner.precision import get_precision
+    from lora_planner.stacks import resolve
+
+    config = small_config("starcoder2", 13, 3)
+    setup = resolve(TrainSetup(method="full", precision="fp32", seq_len=16, stack="torch"))
+    model = recorded_model(config, "small", "", (setup,))
+    units, _ = _recorded_units(model, model.step(setup), setup, get_precision("fp32"), [])
+    with torch.device("meta"):
+        built = AutoModelForCausalLM.from_config(hf_config(config))
+    with one_process_group(torch):
+        for layer in decoder_layers(built)[1]:
+            fully_shard(layer)
+        fully_shard(built)
+        groups = [m._get_fsdp_state()._fsdp_param_group for m in (*decoder_layers(built)[1], built)]
+        sizes = [4 * sum(p._orig_size.numel() for p in g.fsdp_params) for g in groups]
+    assert tuple(sizes[:-1]) == units.block_bytes and sizes[-1] == units.root_bytes
+
+
+def one_process_group(torch):
+    """A gloo process group of one rank on this machine, destroyed on leaving."""
+    import contextlib
+    import socket
+
+    @contextlib.contextmanager
+    def group():
+        import torch.distributed as dist
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+        try:
+            yield
+        finally:
+            dist.destroy_process_group()
+    return group()
+
+
 def test_a_recording_is_cached_and_a_corrupt_entry_is_recorded_again(tmp_path, monkeypatch):
     from lora_planner.measure import recorded
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from ..architecture import Param
 from ..errors import PlanError
 from ..recorded import (
+    MOMENT,
     Line,
     RecordedModel,
     RecordedStep,
@@ -42,7 +43,7 @@ from ..stacks import resolve
 # Decoder layers of the slices recorded: the deepest two set the per-layer line, the first checks it
 RECORD_DEPTHS = (1, 2, 3)
 CACHE_ENV = "LORA_PLAN_CACHE"  # a folder for recordings, instead of $XDG_CACHE_HOME/lora-plan
-SCHEMA = 6  # a recording's format; a cache entry of another is recorded again
+SCHEMA = 7  # a recording's format; a cache entry of another is recorded again
 # what the model's cache entry keeps beside its tensors: what the config class fills in, read when
 # planning (the attention dropout it states or defaults to; its layer_types when they mix kinds)
 CONFIG_FACTS = ("attention_dropout", "layer_kinds")
@@ -219,14 +220,17 @@ def meta_model(config: dict, model_type: str, name: str, source: str) -> Recorde
         model = AutoModelForCausalLM.from_config(hf_config(config))
     from transformers.pytorch_utils import Conv1D
 
+    from .tracer import decoder_layers
+
     head = model.get_output_embeddings()
+    stack = decoder_layers(model)[0]
     # the layers transformers' bitsandbytes integration quantises (`replace_with_bnb_linear`)
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))]
     layer_class = sorted(model._no_split_modules or [type(model).__name__])[0]
     cfg = model.config
     return RecordedModel(
         name=name, model_type=model_type, source=source, num_layers=cfg.num_hidden_layers,
-        hidden_size=cfg.hidden_size,
+        hidden_size=cfg.hidden_size, layers_prefix=f"{stack}." if stack else "",
         layer_class=layer_class, versions=versions(),
         params=tuple(Param(n, tuple(p.shape)) for n, p in model.named_parameters()),
         quantisable=tuple(f"{n}.weight" for n, m in linears if m is not head),
@@ -345,10 +349,11 @@ def record_step(config: dict, model_type: str, setup: TrainSetup, depths: tuple[
                         f"{run.attention}: plan it with --attention eager") from None
     lines = _combined({kind: _lines(reports, depths[0]) for kind, reports in recorded.items()}, kinds)
     last = next(iter(recorded.values()))[-1]
+    positions = _positions(next(iter(recorded.values())), depths[0])
     return RecordedStep(
         traced_precision=run.precision, depths=depths, resident=last.terms["buffers"] + last.terms["inputs"],
         increments={k: v[1] for k, v in lines.items()},
-        **{k: v[0] for k, v in lines.items() if k in LINES},
+        **{k: v[0] for k, v in lines.items() if k in LINES}, positions=positions,
         **trainable_tensors(config, model_type, setup))
 
 
@@ -372,6 +377,23 @@ def _lines(reports: list, first: int) -> dict[str, tuple[Line, tuple[int, ...]]]
         "backward_other_gradients": [r.phase_other_peaks["backward"][1] for r in reports],
     }
     return {k: fit_line(first, tuple(v)) for k, v in values.items()}
+
+
+def _positions(reports: list, first: int) -> dict[str, tuple[Line, ...]]:
+    """Backward's positions (`recorded.POSITIONS`) in the reports of slices of `first`, `first` + 1,
+    ... layers, each a `recorded.MOMENT` of lines fitted per layer; a position some slice never
+    reached (the embeddings, when their output needs no gradient) is left out."""
+    values: dict[str, list[tuple[int, ...]]] = {}
+    for depth, r in enumerate(reports, first):
+        states = r.terms["parameters"] + r.terms["optimizer_states"]
+        at = {"head": "head", "top": str(depth - 1), "bottom": "0", "end": "end"}
+        for name, key in at.items():
+            if key in r.backward_positions:
+                most, most_g, other, other_g, entry = r.backward_positions[key]
+                values.setdefault(name, []).append((most - states, most_g, other + other_g - states,
+                                                    other_g, entry))
+    return {name: tuple(fit_line(first, tuple(v[j] for v in seen))[0] for j in range(len(MOMENT)))
+            for name, seen in values.items() if len(seen) == len(reports)}
 
 
 def _combined(by_kind: dict, kinds: list[str]) -> dict[str, tuple[Line, tuple[int, ...]]]:
@@ -413,6 +435,7 @@ def _model_from_json(data: dict, name: str, source: str) -> tuple[RecordedModel,
     data["params"] = tuple(Param(str(n), tuple(int(d) for d in shape)) for n, shape in data["params"])
     data["quantisable"] = tuple(str(q) for q in data["quantisable"])
     data["versions"] = tuple(str(v) for v in data["versions"])
+    data["layers_prefix"] = str(data["layers_prefix"])
     for k in ("num_layers", "hidden_size", "matmul_params", "head_params", "max_positions"):
         if not isinstance(data[k], int):
             raise TypeError(k)
@@ -454,6 +477,8 @@ def _from_json(data: dict) -> RecordedStep:
     data["depths"] = tuple(int(d) for d in data["depths"])
     data["target_modules"] = tuple(str(t) for t in data["target_modules"])
     data["increments"] = {str(k): tuple(int(i) for i in v) for k, v in data["increments"].items()}
+    data["positions"] = {str(k): tuple(Line(int(x["base"]), int(x["per_layer"])) for x in v)
+                         for k, v in data["positions"].items()}
     for k in ("resident", "adapter_params", "wrapped_modules", "all_params"):
         if not isinstance(data[k], int):
             raise TypeError(k)
@@ -475,6 +500,7 @@ def cached_step(config: dict, model_type: str, setup: TrainSetup) -> RecordedSte
     for k in LINES:
         data[k] = asdict(data[k])
     data["trainable"] = [[p.name, list(p.shape)] for p in step.trainable]
+    data["positions"] = {k: [asdict(x) for x in v] for k, v in step.positions.items()}
     try:
         write_text(path, json.dumps(data))
     except OSError:
