@@ -25,9 +25,16 @@ RECORDING_FREE = {"num_gpus": None, "sharding": "none", "offload": "none", "resh
                   "save_dtype": "auto", "double_quant": True}
 
 
+# Optimizers a recorded step runs as they are; any other's step is run as AdamW's (its own states,
+# temporary and step are planned, not recorded), so its recording is AdamW's
+RECORDED_OPTIMIZERS = ("adamw", "sgd", "sgd-momentum")
+
+
 def recording_setup(setup: TrainSetup) -> TrainSetup:
-    """The setup as far as one GPU's step depends on it (`RECORDING_FREE` set to its defaults)."""
-    return replace(setup, **RECORDING_FREE)
+    """The setup as far as one GPU's recorded step depends on it (`RECORDING_FREE` set to its
+    defaults, the optimizer as run: `RECORDED_OPTIMIZERS`)."""
+    optimizer = setup.optimizer if setup.optimizer in RECORDED_OPTIMIZERS else "adamw"
+    return replace(setup, **RECORDING_FREE, optimizer=optimizer)
 
 
 @dataclass(frozen=True)
@@ -126,17 +133,22 @@ class RecordedModel:
     max_positions: int
     steps: dict[TrainSetup, RecordedStep]
     caveats: tuple[str, ...] = ()  # what the recording leaves out for this model, one note each
+    # records (or reads from the cache) the step of a setup not yet recorded: what lets --fit and
+    # advice re-plan changed setups; given by `measure.recorded`, so this module needs no torch
+    recorder: object = field(default=None, compare=False, repr=False)
 
     @property
     def total_params(self) -> int:
         return sum(p.numel for p in self.params)
 
     def step(self, setup: TrainSetup) -> RecordedStep:
-        try:
-            return self.steps[recording_setup(setup)]
-        except KeyError:
-            raise PlanError(f"no recorded step of {self.name} for this setup (a bug: record it first)") \
-                from None
+        """The setup's recorded step; one not recorded yet is recorded now by `recorder` (and kept)."""
+        key = recording_setup(setup)
+        if key not in self.steps:
+            if self.recorder is None:
+                raise PlanError(f"no recorded step of {self.name} for this setup (a bug: record it first)")
+            self.steps[key] = self.recorder(key)
+        return self.steps[key]
 
     def note(self) -> str:
         depths = sorted({d for s in self.steps.values() for d in s.depths})

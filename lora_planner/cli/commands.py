@@ -208,9 +208,8 @@ def plan_output(model_name, params_text, methods, ranks, targets, precision, opt
             setups.append(base.with_(method="full"))
         else:
             setups += [base.with_(method=m, rank=r) for r in rank_list]
-    recorded = context is not None
-    if recorded:
-        model = _recorded(model, tuple(setups), fit)
+    if context is not None:
+        model = _recorded(model, tuple(setups))
     fewest = None
     if base.num_gpus is None and (base.sharding != "none" or base.offload != "none"):
         setups, fewest = _on_fewest_gpus(model, tuple(setups), gpu)
@@ -220,8 +219,7 @@ def plan_output(model_name, params_text, methods, ranks, targets, precision, opt
     plan = _with_rank_notes(plan, model)
     from ..advice import advise  # what to change when a method does not fit, each re-planned
 
-    if not recorded:  # each change advice tries would be a recording of its own
-        plan = advise(plan, model, tuple(setups), gpu)
+    plan = advise(plan, model, tuple(setups), gpu)
     if fit:
         plan = _with_fit(plan, model, tuple(setups), gpu)
     return render(plan, fmt, units, explain)
@@ -240,12 +238,10 @@ def _other_context(model) -> int | None:
         "config.json max_position_embeddings", positions, 1, 10**9)
 
 
-def _recorded(other, setups, fit):
+def _recorded(other, setups):
     """The model of another model_type, with each setup's step recorded from transformers (or read
-    from the cache): needs the measure extra."""
-    if fit:
-        raise PlanError(f"--fit re-plans many batch sizes and lengths: each would be a recording of "
-                        f"model_type {other.model_type!r}; plan chosen --batch-size/--seq-len instead")
+    from the cache; a setup --fit or advice plans later is recorded when asked for): needs the
+    measure extra."""
     need_measure_extra(f"planning model_type {other.model_type!r} (recorded from transformers)",
                        ("torch", "transformers", "peft"))
     from ..measure.recorded import recorded_model
@@ -302,8 +298,9 @@ def _with_fit(plan, model, setups, gpu):
     if isinstance(model, DenseSize):
         raise PlanError("--fit needs the model's shape for activations; pass --model")
     # the verdict alone is read: GPU counts are searched only as far as the fewest (`fewest_only`)
+    # a recorded model's config may state no context: the sequence asked bounds the search then
     return with_fit(plan, setups, lambda s: make_plan(model, (s,), gpu, fewest_only=True).plans[0].fits,
-                    model.max_positions)
+                    model.max_positions or setups[0].seq_len)
 
 
 @click.command("models", context_settings=ANY_CASE)

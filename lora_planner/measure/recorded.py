@@ -509,30 +509,25 @@ def cached_step(config: dict, model_type: str, setup: TrainSetup) -> RecordedSte
 
 
 def recorded_model(config: dict, name: str, source: str, setups: tuple[TrainSetup, ...]) -> RecordedModel:
-    """The model of `config` with every setup's step recorded (or read from the cache)."""
+    """The model of `config` with every setup's step recorded (or read from the cache); a setup
+    planned later (--fit, advice) is recorded when first asked for (`RecordedModel.recorder`)."""
     from dataclasses import replace
 
     if any(s.task != "causal-lm" for s in setups):
         raise PlanError("a model recorded from transformers is planned for --task causal-lm only")
-    model_type = config.get("model_type")
-    try:
-        model, (config_dropout, kinds) = cached_model(config, name, source)
-        model_type = model.model_type
-        steps = {}
-        for setup in setups:
-            key = recording_setup(resolve(setup))
-            if key not in steps:
-                steps[key] = cached_step(config, model_type, key)
-    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError, NotImplementedError) as exc:
-        import traceback
+    model, (config_dropout, kinds) = _refusals(config.get("model_type"),
+                                               lambda: cached_model(config, name, source))
+    model_type = model.model_type
 
-        where = traceback.extract_tb(exc.__traceback__)[-1].filename
-        if isinstance(exc, PlanError) or "lora_planner" in where:
-            raise  # a user's mistake said already, or a bug of ours: not transformers' refusal
-        # transformers' own refusal of this config or this step, in one line
-        first = (str(exc).strip().splitlines() or [""])[0][:300]
-        raise PlanError(f"transformers could not build or run model_type {model_type!r} from this "
-                        f"config: {type(exc).__name__}: {first}") from None
+    def record(key: TrainSetup) -> RecordedStep:
+        if key.task != "causal-lm":
+            raise PlanError("a model recorded from transformers is planned for --task causal-lm only")
+        return _refusals(model_type, lambda: cached_step(config, model_type, key))
+    steps: dict[TrainSetup, RecordedStep] = {}
+    for setup in setups:
+        key = recording_setup(resolve(setup))
+        if key not in steps:
+            steps[key] = record(key)
     caveats = []
     if any(s.attention == "sdpa" and (config_dropout if s.dropout is None else s.dropout) > 0
            for s in setups):
@@ -544,4 +539,20 @@ def recorded_model(config: dict, name: str, source: str, setups: tuple[TrainSetu
         caveats.append(f"the config's layer_types mixes layer kinds ({counts}): each kind is recorded on "
                        "its own and its per-layer bytes counted for its layers; the moments of the peak "
                        f"are those of the first layer's kind ({kinds[0]})")
-    return replace(model, steps=steps, caveats=tuple(caveats))
+    return replace(model, steps=steps, caveats=tuple(caveats), recorder=record)
+
+
+def _refusals(model_type, run):
+    """`run()`, with transformers' own refusal of this config or this step said in one line (a
+    PlanError); a user's mistake said already, or a bug of ours, is raised as it is."""
+    try:
+        return run()
+    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError, NotImplementedError) as exc:
+        import traceback
+
+        where = traceback.extract_tb(exc.__traceback__)[-1].filename
+        if isinstance(exc, PlanError) or "lora_planner" in where:
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise PlanError(f"transformers could not build or run model_type {model_type!r} from this "
+                        f"config: {type(exc).__name__}: {first}") from None
