@@ -333,10 +333,64 @@ def test_a_config_transformers_cannot_plan_is_refused_in_one_line(tmp_path, chan
     assert len(result.output.strip().splitlines()) == 1 and message in result.output, result.output
 
 
-def test_fit_is_refused_for_a_recorded_model(tmp_path):
-    path = write_config(tmp_path, small_config("granite", 12, 2))
-    result = CliRunner().invoke(main, ["--model", path, "--fit"])
-    assert result.exit_code == 2 and "--fit" in result.output, result.output
+def test_fit_replans_a_recorded_model_through_new_recordings():
+    """--fit's largest batch is the boundary of the recorded plans' own verdict (the step recorded
+    again at each batch tried), on a card sized, from the recordings at batch 1 and 2, to hold
+    batch 3 and not 4."""
+    from lora_planner.fit import with_fit
+    from lora_planner.gpus import Gpu, fits
+    from lora_planner.measure.recorded import recorded_model
+    from lora_planner.stacks import resolve
+
+    config = {**small_config("granite", 14, 2), "max_position_embeddings": 64}
+    setup = resolve(TrainSetup(method="lora", precision="fp32", seq_len=64, stack="torch"))
+    model = recorded_model(config, "small", "", (setup,))
+
+    def peak(batch: int, gpu=GPUS[0]) -> int:
+        return make_plan(model, (setup.with_(batch_size=batch),), gpu).plans[0].memory["peak"].bytes
+    one, two = peak(1), peak(2)
+    lo, hi = 1, 1 << 40  # the smallest card that holds batch 3.5 on the line through 1 and 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if fits(one + 5 * (two - one) // 2, Gpu("card", mid)) else (mid, hi)
+    card = Gpu("card", hi)
+    plan = make_plan(model, (setup,), card)
+
+    def verdict(s: TrainSetup) -> bool:
+        return make_plan(model, (s,), card).plans[0].fits
+    found = with_fit(plan, (setup,), verdict, 64).plans[0].fit
+    assert found.max_batch_size == 3 and found.max_seq_len == 64
+    assert verdict(setup.with_(batch_size=3)) and not verdict(setup.with_(batch_size=4))
+
+
+@pytest.mark.slow
+def test_advice_replans_a_recorded_model_through_new_recordings():
+    """Advice's changes to a recorded step that does not fit, applied, give recorded plans that fit."""
+    from lora_planner.advice import advise
+    from lora_planner.gpus import Gpu
+    from lora_planner.measure.recorded import recorded_model
+    from lora_planner.stacks import resolve
+
+    config = small_config("granite", 14, 2)
+    big = resolve(TrainSetup(method="lora", precision="fp32", seq_len=64, batch_size=64, stack="torch"))
+    model = recorded_model(config, "small", "", (big,))
+    plan = make_plan(model, (big,), GPUS[0]).plans[0]
+    card = Gpu("card", plan.memory["peak"].bytes + plan.device_overhead.bytes - 1)
+    advised = advise(make_plan(model, (big,), card), model, (big,), card).advice
+    assert advised.suggestions and advised.checkpointed
+    for s in advised.suggestions:
+        changed = big.with_(**dict(CHANGES[f] for f in s.flags if f in CHANGES))
+        if "--batch-size" in s.flags:
+            changed = changed.with_(batch_size=int(s.flags[s.flags.index("--batch-size") + 1]))
+        if "--num-gpus" in s.flags:
+            i = s.flags.index("--num-gpus")
+            changed = changed.with_(num_gpus=int(s.flags[i + 1]), sharding=s.flags[i + 3])
+        assert make_plan(model, (changed,), card).plans[0].fits, s.flags
+
+
+# advice's flags, as setup changes
+CHANGES = {"--grad-checkpointing": ("grad_checkpointing", True), "--method": ("method", "qlora"),
+           "--optimizer": ("optimizer", "adamw-8bit")}
 
 
 @pytest.mark.slow
