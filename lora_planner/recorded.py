@@ -342,6 +342,8 @@ def recorded_position_phases(step: RecordedStep, layers: int, m: dict, sharding,
         if at not in pos:
             continue
         lines = pos[at]
+        where = (f"the top layer's moment in {depth} layers, on the recorded line" if i else
+                 "the first layer's, on the recorded line")
         entry = lines[4].at(depth) + (above if i else 0)
         for a, g, what in variants:
             b, grads = lines[a].at(depth), lines[g].at(depth)
@@ -349,7 +351,7 @@ def recorded_position_phases(step: RecordedStep, layers: int, m: dict, sharding,
             extra = block_extra(u, i, own, n, reshard, offloaded, describe=False)[0] if fsdp else bucket
             out.append(Phase("backward", held + b - grads + share(entry + own) + dequant + extra,
                              f"{states} + the recorded backward's {what} inside layer {{}}: {b - grads:,} B "
-                             f"beside the gradients (as inside the top layer of {depth} recorded) + "
+                             f"beside the gradients ({where}) + "
                              f"gradients so far {entry + own:,} B"
                              + (f", {share(entry + own):,} B on this GPU" if ratio != 1 else "") + qlora
                              + (f" + FSDP2 buffers (root whole, blocks gathered, this layer's gradients "
