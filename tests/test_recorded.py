@@ -170,8 +170,9 @@ SMALL_LLAMA = dict(name="llama-small", family="llama", vocab_size=1000, hidden_s
                    max_positions=2048)
 
 
-@pytest.mark.parametrize("method, checkpointing, loss", [("full", True, "standard"), ("lora", False, "standard"),
-                                                         ("qlora", True, "standard"), ("full", True, "chunked")])
+@pytest.mark.parametrize("method, checkpointing, loss", [
+    ("full", True, "standard"), ("lora", False, "standard"), ("qlora", True, "standard"),
+    ("full", True, "chunked")])
 def test_fsdp_and_zero3_per_gpu_peaks_of_a_recorded_llama_agree_with_the_native_walk(method, checkpointing,
                                                                                      loss):
     """FSDP2's buffers (the root and blocks gathered, a layer's gradients whole until their
@@ -411,9 +412,12 @@ CHANGES = {"--grad-checkpointing": ("grad_checkpointing", True), "--method": ("m
                                              ("llama-3.1-70b", "sdpa")])
 def test_catalog_models_recorded_at_full_size_agree_with_the_walk(name, attention):
     """The same structural cross-check on published shapes at the default step (2,048 tokens,
-    mixed precision), whole and on 8 GPUs under ZeRO-3 and FSDP2: every peak within 1%, the same GPU
-    counts under every strategy."""
+    mixed precision), whole and on 8 GPUs under ZeRO-3 and FSDP2: every peak within 1%, and the same
+    GPU counts under every strategy, but where the walk's own per-GPU peak at the recorded count
+    is within 1% of what the card allows (near a full card a count moves by a few percent when a
+    peak moves by a tenth of one)."""
     from lora_planner.catalog import get_model
+    from lora_planner.gpus import largest_fitting_peak
     from lora_planner.measure.recorded import recorded_model
     from lora_planner.spec import to_hf_config
     from lora_planner.stacks import resolve
@@ -427,7 +431,14 @@ def test_catalog_models_recorded_at_full_size_agree_with_the_walk(name, attentio
             native = make_plan(spec, (setup,), GPUS[0]).plans[0]
             ours, walked = recorded.memory["peak"].bytes, native.memory["peak"].bytes
             assert abs(ours - walked) <= 0.01 * walked, (method, gpus, sharding, ours, walked)
-            assert recorded.data_parallel.min_gpus == native.data_parallel.min_gpus, (method, sharding)
+            for strategy, n in recorded.data_parallel.min_gpus.items():
+                walked_n = native.data_parallel.min_gpus[strategy]
+                if n != walked_n:  # only where the walk's own peak is within 1% of the budget there
+                    assert n and walked_n, (method, strategy, n, walked_n)
+                    budget = largest_fitting_peak(GPUS[0])
+                    at = [make_plan(spec, (setup.with_(num_gpus=k, sharding=strategy),), GPUS[0])
+                          .plans[0].memory["peak"].bytes for k in (n - 1, n)]
+                    assert at[0] > 0.99 * budget and at[1] <= 1.01 * budget, (method, strategy, n, walked_n)
 
 
 def test_a_line_is_fitted_through_the_deepest_two_recordings_and_checked_against_the_first():

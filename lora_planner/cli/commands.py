@@ -376,8 +376,10 @@ def trace_command(model_name, method, rank, targets, precision, batch_size, seq_
 
     from ..resolve import resolve_model
 
-    spec = resolve_model(model_name)
-    seq_len = seq_len or default_seq_len(spec)  # as plan's: 2,048, or the model's context
+    spec = resolve_model(model_name, other_types=True)
+    context = _other_context(spec)
+    # as plan's: 2,048, or the model's context
+    seq_len = seq_len or (default_seq_len(spec) if context is None else min(DEFAULT_SEQ_LEN, context))
     setup = TrainSetup(method=method, rank=rank, targets=split_values(targets) or ("default",),
                        precision=precision, batch_size=batch_size, seq_len=seq_len,
                        attention=attention, dropout=dropout, optimizer=optimizer,
@@ -386,6 +388,8 @@ def trace_command(model_name, method, rank, targets, precision, batch_size, seq_
                        **stack_changes(stack, optimizer_impl, loss, loss_chunks, activation_offload,
                                        grad_checkpointing, compile_mode))
     need_measure_extra("lora-plan trace")
+    if context is not None:
+        return _trace_recorded(spec, setup, layers, fake, force, fmt)
     from ..measure.traced_step import predicted_terms, sliced, trace
 
     spec = sliced(spec, layers)
@@ -401,9 +405,38 @@ def trace_command(model_name, method, rank, targets, precision, batch_size, seq_
     if fmt == "json":
         click.echo(json.dumps(result.to_dict(), indent=2))
         return
+    _echo_trace(result, _trace_header(spec.name, spec.family, spec.num_layers, setup), setup)
+
+
+def _trace_recorded(other, setup: TrainSetup, layers: int | None, fake: bool, force: bool, fmt: str) -> None:
+    """`trace` of a config.json of another model_type: its plan from the recording (of its first
+    `layers` layers) beside a step of the real class traced whole; a real step whose planned peak
+    exceeds the host RAM available is refused before it runs (unless --force)."""
+    import json
+
+    if (setup.compile or "none") != "none":
+        raise PlanError("trace --compile is for our own families; trace this model_type without it")
+    from ..measure.guard import check_fits, host_available_bytes
+    from ..measure.recorded import trace_recorded
+    from ..measure.step import quiet_libraries
+
+    def guard(peak: int) -> None:
+        if not (fake or force):
+            check_fits(peak, host_available_bytes(), "host RAM", "use --fake, --layers N or a smaller setup")
+    with quiet_libraries():
+        result, model = trace_recorded(other.config, other.name, other.source, setup, layers, fake, guard)
+    if fmt == "json":
+        click.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    _echo_trace(result, _trace_header(model.name, f"{model.model_type}, recorded from transformers",
+                                      model.num_layers, setup), setup)
+
+
+def _echo_trace(result, header: str, setup: TrainSetup) -> None:
+    """`trace`'s table: each term predicted beside traced, the allocator's peak, where the peaks are."""
     from tabulate import tabulate
 
-    click.echo(_trace_header(spec, setup))
+    click.echo(header)
     compiled = (setup.compile or "none") != "none"
     errors = result.errors()
     # a compiled step runs kernels no tracer sees: the allocator's peak is its one reading
@@ -444,7 +477,7 @@ def _allocator_line(reading, tracer_peak: int) -> str:
             + (f"; not seen by it at that moment: {where}" if where else ""))
 
 
-def _trace_header(spec: ModelSpec, setup: TrainSetup) -> str:
+def _trace_header(name: str, family: str, num_layers: int, setup: TrainSetup) -> str:
     """What was traced, in one line above the table: model and layers, method, precision, step."""
     method = "full" if setup.method == "full" else f"lora r={setup.rank} ({','.join(setup.targets)})"
     dropout = f", lora dropout {setup.lora_dropout:g}" if setup.lora_dropout else ""
@@ -454,7 +487,7 @@ def _trace_header(spec: ModelSpec, setup: TrainSetup) -> str:
         dropout += ", optimizer stepped in backward"
     if setup.packing:
         dropout += ", packed into one row"
-    return (f"traced: {spec.name} ({spec.family}, {spec.num_layers} layers); method {method}{dropout}; "
+    return (f"traced: {name} ({family}, {num_layers} layers); method {method}{dropout}; "
             f"precision {setup.precision}; batch {setup.batch_size} x {setup.seq_len} tokens; "
             f"checkpointing {'on' if setup.grad_checkpointing else 'off'}"
             + (f"; compile {setup.compile}" if (setup.compile or "none") != "none" else ""))

@@ -556,3 +556,57 @@ def _refusals(model_type, run):
         first = (str(exc).strip().splitlines() or [""])[0][:300]
         raise PlanError(f"transformers could not build or run model_type {model_type!r} from this "
                         f"config: {type(exc).__name__}: {first}") from None
+
+
+# the keys a config.json may name its depth by (transformers maps each to `num_hidden_layers`)
+DEPTH_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+
+
+def sliced_config(config: dict, layers: int | None) -> dict:
+    """The config.json cut to its first `layers` decoder layers (a list with one entry per layer,
+    such as `layer_types`, cut with it); the config itself when `layers` is None or not fewer."""
+    depth = hf_config(config).num_hidden_layers
+    if layers is None or layers >= depth:
+        return config
+    key = next((k for k in DEPTH_KEYS if k in config), "num_hidden_layers")
+    cut = {k: v[:layers] for k, v in config.items() if isinstance(v, list) and len(v) == depth}
+    return {**config, **cut, key: layers}
+
+
+def trace_recorded(config: dict, name: str, source: str, setup: TrainSetup, layers: int | None = None,
+                   fake: bool = False, guard=None):
+    """`lora-plan trace` for a model_type planned from its recording: the plan of the model (its
+    first `layers` layers), recorded on 1-3 layers and scaled, beside one real (or fake) step of the
+    whole of it on CPU (`traced_step.Comparison`), and the model's depth traced. On CPU foreach
+    AdamW keeps each tensor's step counter in host memory (4 B), and checkpointing the CPU
+    generator's state per layer, made outside every op (the allocator's peak is held against it).
+    `guard(peak)`, when given, is called with the planned peak before the step runs (it may refuse)."""
+    import torch
+
+    from ..gpus import GPUS
+    from ..plan import make_plan
+    from .traced_step import Comparison, _check
+
+    setup = resolve(setup)
+    _check(setup)
+    part = sliced_config(config, layers)
+    model = recorded_model(part, name if part is config else f"{name}[:{layers} layers]", source, (setup,))
+    plan = make_plan(model, (setup,), GPUS[0]).plans[0]
+    counters = 0
+    if setup.optimizer == "adamw" and setup.optimizer_impl != "fused":
+        counters = 4 * len(model.step(setup).trainable)
+    rng = len(torch.get_rng_state()) * model.num_layers if setup.grad_checkpointing else 0
+    m = plan.memory
+    seen = m["peak"].bytes + counters
+    predicted = {"weights": m["weights"].bytes, "gradients": m["gradients"].bytes,
+                 "optimizer_states": m["optimizer_states"].bytes + m["master_weights"].bytes + counters,
+                 "activations": m["activations"].bytes, "peak": seen + rng}
+    if guard is not None:
+        guard(predicted["peak"])
+    report, reading = _refusals(model.model_type, lambda: record_slice(
+        part, model.model_type, traced_setup(setup), model.num_layers, fake=fake, allocator=True))
+    traced = {"weights": report.terms["parameters"], "gradients": report.terms["gradients"],
+              "optimizer_states": report.terms["optimizer_states"],
+              "activations": report.terms["activations"], "peak": report.peak_bytes}
+    return Comparison(predicted, traced, plan.peak_phase, report.peak_phase, {}, dict(report.phase_peaks),
+                      reading, seen, m["peak"].formula), model
