@@ -107,6 +107,10 @@ class RecordedStep:
     all_params: int  # PEFT's count: base + adapters + modules_to_save copies
     # backward by position (`POSITIONS`), each a `MOMENT` of lines: where FSDP2's buffers differ
     positions: dict[str, tuple[Line, ...]] = field(default_factory=dict)
+    # with layers of several kinds (the config's layer_types, one per layer): each other kind's
+    # positions, recorded on slices of that kind alone
+    layer_kinds: tuple[str, ...] = ()
+    kind_positions: dict[str, dict[str, tuple[Line, ...]]] = field(default_factory=dict)
 
     def irregular(self) -> list[str]:
         """The lines whose per-layer increment was not the same between every two depths."""
@@ -264,6 +268,29 @@ def fsdp_units(model: RecordedModel, trainable: tuple[Param, ...], weight_bytes:
     return Units(tuple(blocks), tuple((0, g, 0) for g in grads), root, head_grads, 0, False, root_grads)
 
 
+def position_value(step: RecordedStep, layers: int):
+    """`value(name, j, n, own)`: line j (`MOMENT`) of backward's position `name` over the first n
+    decoder layers: its line at n layers; with layers of several kinds (`layer_kinds`), the base of
+    the line of layer `own`'s kind + the per-layer bytes of each of the first n layers, from the line
+    of its own kind (the running sums made once, as the GPU-count search asks again and again)."""
+    kinds = step.layer_kinds
+    if not kinds:
+        return lambda name, j, n, own=0: step.positions[name][j].at(n)
+
+    def line(kind: str, name: str, j: int) -> Line:
+        return (step.positions if kind == kinds[0] else step.kind_positions[kind])[name][j]
+    sums: dict[tuple[str, int], list[int]] = {}
+
+    def value(name: str, j: int, n: int, own: int = 0) -> int:
+        if (name, j) not in sums:
+            running = [0]
+            for kind in kinds[:layers]:
+                running.append(running[-1] + line(kind, name, j).per_layer)
+            sums[name, j] = running
+        return line(kinds[own], name, j).base + sums[name, j][n]
+    return value
+
+
 def recorded_position_phases(step: RecordedStep, layers: int, m: dict, sharding, temporary, u=None,
                              start_input: int = 0, dequant: int = 0, whole_gradients: int = 0,
                              reshard: bool = True) -> tuple:
@@ -286,8 +313,8 @@ def recorded_position_phases(step: RecordedStep, layers: int, m: dict, sharding,
       input + the root's gradients made so far whole);
     - optimizer: as `recorded_phases`. Without FSDP2, DDP's buckets on every moment as there.
 
-    Assumption: every layer above the first is recorded alike (with layers of several kinds, the
-    first layer's kind)."""
+    With layers of several kinds each moment counts every layer's bytes by its own kind's lines, and
+    a moment inside a layer takes that layer's kind's (`position_value`)."""
     import math
 
     from .fsdp import block_extra, extra_bytes
@@ -307,6 +334,7 @@ def recorded_position_phases(step: RecordedStep, layers: int, m: dict, sharding,
     def share(g: int) -> int:
         return math.ceil(g * ratio)
     pos = step.positions
+    value = position_value(step, layers)
     root = u.root_bytes if fsdp else 0
     states = f"weights and optimizer states {held:,} B"
     out = []
@@ -326,7 +354,7 @@ def recorded_position_phases(step: RecordedStep, layers: int, m: dict, sharding,
     if "head" in pos:
         gathered = (u.block_bytes[-1] if reshard else sum(u.block_bytes)) if fsdp else 0
         for a, g, what in variants:
-            b, grads = pos["head"][a].at(layers), pos["head"][g].at(layers)
+            b, grads = value("head", a, layers), value("head", g, layers)
             kept = grads if fsdp else share(grads)  # FSDP2 keeps the root's gradients whole
             extra = root + gathered if fsdp else bucket
             out.append(Phase("backward", held + b - grads + kept + extra,
@@ -341,13 +369,13 @@ def recorded_position_phases(step: RecordedStep, layers: int, m: dict, sharding,
         at, depth = ("top", i + 1) if i else ("bottom", layers)
         if at not in pos:
             continue
-        lines = pos[at]
         where = (f"the top layer's moment in {depth} layers, on the recorded line" if i else
                  "the first layer's, on the recorded line")
-        entry = lines[4].at(depth) + (above if i else 0)
+        entered = value(at, 4, depth, i)
+        entry = entered + (above if i else 0)
         for a, g, what in variants:
-            b, grads = lines[a].at(depth), lines[g].at(depth)
-            own = grads - lines[4].at(depth)
+            b, grads = value(at, a, depth, i), value(at, g, depth, i)
+            own = grads - entered
             extra = block_extra(u, i, own, n, reshard, offloaded, describe=False)[0] if fsdp else bucket
             out.append(Phase("backward", held + b - grads + share(entry + own) + dequant + extra,
                              f"{states} + the recorded backward's {what} inside layer {{}}: {b - grads:,} B "
@@ -360,7 +388,7 @@ def recorded_position_phases(step: RecordedStep, layers: int, m: dict, sharding,
         above += per_layer[i]
     if "end" in pos:
         for a, g, what in variants:
-            b, grads = pos["end"][a].at(layers), pos["end"][g].at(layers)
+            b, grads = value("end", a, layers), value("end", g, layers)
             extra = bucket
             if fsdp:
                 mine = max(0, grads - sum(per_layer))  # the root's gradients made by then: whole

@@ -323,6 +323,23 @@ def test_the_plan_names_the_recording_in_a_note(tmp_path):
     assert "GraniteDecoderLayer" in note and "1, 2 and 3 layers, scaled to 4" in note
 
 
+def test_trace_takes_a_config_of_another_model_type(tmp_path):
+    """`trace --model config.json` of a model_type recorded from transformers: its plan (recorded on
+    1-3 layers, scaled to 5) beside a fake step of the real class at 5 layers, and a slice."""
+    path = write_config(tmp_path, small_config("starcoder2", 15, 5))
+    args = ["trace", "--model", path, "--fake", "--seq-len", "32", "--precision", "fp32", "--stack", "torch"]
+    result = CliRunner().invoke(main, [*args, "--format", "json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output)
+    for term, error in out["relative_error"].items():
+        assert error is None or abs(error) <= 0.01, (term, out)
+    assert out["peak_phase"]["predicted"] == out["peak_phase"]["traced"]
+    result = CliRunner().invoke(main, [*args, "--layers", "2"])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith(f"traced: {tmp_path.name}[:2 layers] (starcoder2, recorded from "
+                                    "transformers, 2 layers)"), result.output
+
+
 def test_without_torch_an_other_model_type_names_the_measure_extra(tmp_path, monkeypatch):
     path = write_config(tmp_path, small_config("granite", 10, 2))
     monkeypatch.setitem(sys.modules, "torch", None)  # as on a base install: `import torch` fails

@@ -349,11 +349,16 @@ def record_step(config: dict, model_type: str, setup: TrainSetup, depths: tuple[
                         f"{run.attention}: plan it with --attention eager") from None
     lines = _combined({kind: _lines(reports, depths[0]) for kind, reports in recorded.items()}, kinds)
     last = next(iter(recorded.values()))[-1]
-    positions = _positions(next(iter(recorded.values())), depths[0])
+    by_kind = {kind: _positions(reports, depths[0]) for kind, reports in recorded.items()}
+    common = set.intersection(*(set(p) for p in by_kind.values()))  # positions every kind reached
+    by_kind = {kind: {k: v for k, v in p.items() if k in common} for kind, p in by_kind.items()}
+    positions = next(iter(by_kind.values()))
     return RecordedStep(
         traced_precision=run.precision, depths=depths, resident=last.terms["buffers"] + last.terms["inputs"],
         increments={k: v[1] for k, v in lines.items()},
         **{k: v[0] for k, v in lines.items() if k in LINES}, positions=positions,
+        layer_kinds=tuple(kinds),
+        kind_positions={k: p for k, p in by_kind.items() if kinds and k != kinds[0]},
         **trainable_tensors(config, model_type, setup))
 
 
@@ -477,8 +482,11 @@ def _from_json(data: dict) -> RecordedStep:
     data["depths"] = tuple(int(d) for d in data["depths"])
     data["target_modules"] = tuple(str(t) for t in data["target_modules"])
     data["increments"] = {str(k): tuple(int(i) for i in v) for k, v in data["increments"].items()}
-    data["positions"] = {str(k): tuple(Line(int(x["base"]), int(x["per_layer"])) for x in v)
-                         for k, v in data["positions"].items()}
+    def positions(lines: dict) -> dict[str, tuple[Line, ...]]:
+        return {str(k): tuple(Line(int(x["base"]), int(x["per_layer"])) for x in v) for k, v in lines.items()}
+    data["positions"] = positions(data["positions"])
+    data["kind_positions"] = {str(k): positions(v) for k, v in data["kind_positions"].items()}
+    data["layer_kinds"] = tuple(str(k) for k in data["layer_kinds"])
     for k in ("resident", "adapter_params", "wrapped_modules", "all_params"):
         if not isinstance(data[k], int):
             raise TypeError(k)
@@ -500,7 +508,10 @@ def cached_step(config: dict, model_type: str, setup: TrainSetup) -> RecordedSte
     for k in LINES:
         data[k] = asdict(data[k])
     data["trainable"] = [[p.name, list(p.shape)] for p in step.trainable]
-    data["positions"] = {k: [asdict(x) for x in v] for k, v in step.positions.items()}
+    def positions(lines: dict) -> dict:
+        return {k: [asdict(x) for x in v] for k, v in lines.items()}
+    data["positions"] = positions(step.positions)
+    data["kind_positions"] = {k: positions(v) for k, v in step.kind_positions.items()}
     try:
         write_text(path, json.dumps(data))
     except OSError:
