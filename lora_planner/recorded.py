@@ -183,8 +183,10 @@ def recorded_phases(step: RecordedStep, layers: int, m: dict, sharding, temporar
     QLoRA's dequantised 16-bit weight, added to backward. Under plain data parallelism on more
     than one GPU every moment gains DDP's gradient buckets (`sharding.ddp_bucket_bytes`).
 
-    Assumption: the gradients live at backward's most are sharded as all of them are; FSDP2's
-    gather buffers are not recorded (ZeRO-3's are model states, `sharding.zero3_buffers`)."""
+    Assumption: the gradients live at backward's most are sharded as all of them are. A step
+    recorded position by position is planned by `recorded_position_phases` instead (FSDP2's buffers
+    included), which takes its optimizer's moment from here; this whole-backward form serves a step
+    with no positions (a model whose decoder layers were not found)."""
     import math
 
     from .sharding import ddp_bucket_bytes, placement
@@ -315,30 +317,24 @@ def recorded_position_phases(step: RecordedStep, layers: int, m: dict, sharding,
 
     With layers of several kinds each moment counts every layer's bytes by its own kind's lines, and
     a moment inside a layer takes that layer's kind's (`position_value`)."""
-    import math
-
-    from .fsdp import block_extra, extra_bytes
+    from .fsdp import extra_bytes
     from .sharding import ddp_bucket_bytes, placement
     from .timeline import Phase
 
     fsdp = sharding is not None and sharding.strategy == "fsdp"
     n = sharding.num_gpus if sharding is not None else 1
-    offloaded = sharding is not None and placement("gradients", sharding) == "cpu"
-    held = m["weights"].bytes + m["optimizer_states"].bytes + m["master_weights"].bytes
-    ratio = m["gradients"].bytes / whole_gradients if whole_gradients else 1.0
     bucket = 0
     if sharding is not None and sharding.strategy == "none" and n > 1:
         bucket = ddp_bucket_bytes(m["gradients"].bytes)
-    ddp = f" + DDP gradient buckets {bucket:,} B" if bucket else ""
-
-    def share(g: int) -> int:
-        return math.ceil(g * ratio)
-    pos = step.positions
-    value = position_value(step, layers)
+    offloaded = sharding is not None and placement("gradients", sharding) == "cpu"
+    gpu = _OnGpu(m["weights"].bytes + m["optimizer_states"].bytes + m["master_weights"].bytes,
+                 m["gradients"].bytes / whole_gradients if whole_gradients else 1.0, bucket,
+                 u if fsdp else None, n, reshard, offloaded)
+    pos, value = step.positions, position_value(step, layers)
     root = u.root_bytes if fsdp else 0
-    states = f"weights and optimizer states {held:,} B"
+    held, states = gpu.held, f"weights and optimizer states {gpu.held:,} B"
     out = []
-    forward = extra_bytes(Phase("forward", 0, ""), u, n, reshard, offloaded)[0] if fsdp else bucket
+    forward = extra_bytes(Phase("forward", 0, ""), u, n, reshard, gpu.offloaded)[0] if fsdp else bucket
     if fsdp:
         start = 2 * root + 2 * u.block_bytes[0]
         out.append(Phase("forward", held + step.resident + start_input + start,
@@ -349,56 +345,99 @@ def recorded_position_phases(step: RecordedStep, layers: int, m: dict, sharding,
                      f"{states} + the recorded forward's most beside them (saved activations, logits, "
                      f"buffers, batch): {step.forward.formula(layers)}"
                      + (f"; + FSDP2 buffers (root whole + last block's all-gather output) {forward:,} B"
-                        if fsdp else ddp)))
-    variants = ((0, 1, "most"), (2, 3, "most beside the gradients"))
+                        if fsdp else gpu.ddp)))
     if "head" in pos:
         gathered = (u.block_bytes[-1] if reshard else sum(u.block_bytes)) if fsdp else 0
-        for a, g, what in variants:
+        for a, g, what in VARIANTS:
             b, grads = value("head", a, layers), value("head", g, layers)
-            kept = grads if fsdp else share(grads)  # FSDP2 keeps the root's gradients whole
+            kept = grads if fsdp else gpu.share(grads)  # FSDP2 keeps the root's gradients whole
             extra = root + gathered if fsdp else bucket
             out.append(Phase("backward", held + b - grads + kept + extra,
                              f"{states} + the recorded backward's {what} at the head, before any decoder "
                              f"layer: {b - grads:,} B beside the gradients + gradients {kept:,} B"
                              + (f" + FSDP2 buffers (root whole + last block prefetched) {extra:,} B"
-                                if fsdp else ddp)))
+                                if fsdp else gpu.ddp)))
+    per_layer = [sum(g) for g in u.block_grads] if u is not None else [0] * layers
+    out += _layer_moments(step, layers, value, gpu, per_layer, dequant)
+    if "end" in pos:
+        for a, g, what in VARIANTS:
+            b, grads = value("end", a, layers), value("end", g, layers)
+            extra = bucket
+            if fsdp:
+                mine = max(0, grads - sum(per_layer))  # the root's gradients made by then: whole
+                extra = root + per_layer[0] + mine - gpu.share(mine)
+            out.append(Phase("backward", held + b - grads + gpu.share(grads) + extra,
+                             f"{states} + the recorded backward's {what} at the embeddings: {b - grads:,} B "
+                             f"beside the gradients + gradients {gpu.share(grads):,} B"
+                             + (f" + FSDP2 buffers (root whole + block 0's reduce-scatter input + the "
+                                f"root's gradients whole) {extra:,} B" if fsdp else gpu.ddp), part="end"))
+    return (*out, recorded_phases(step, layers, m, sharding, temporary)[-1])
+
+
+# the two recorded moments of each position: (its bytes, its gradients) as `MOMENT` indexes them
+VARIANTS = ((0, 1, "most"), (2, 3, "most beside the gradients"))
+
+
+@dataclass(frozen=True)
+class _OnGpu:
+    """What `recorded_position_phases` puts on one GPU beside a recorded moment: the weights and
+    optimizer states `held`, the gradients' share `ratio` (this GPU's gradient bytes over the
+    whole model's), DDP's `bucket`, FSDP2's units `u` (None: not FSDP2) on `n` GPUs."""
+
+    held: int
+    ratio: float
+    bucket: int
+    u: object
+    n: int
+    reshard: bool
+    offloaded: bool
+
+    def share(self, gradients: int) -> int:
+        import math
+
+        return math.ceil(gradients * self.ratio)
+
+    @property
+    def ddp(self) -> str:
+        return f" + DDP gradient buckets {self.bucket:,} B" if self.bucket else ""
+
+
+def _layer_moments(step: RecordedStep, layers: int, value, gpu: _OnGpu, per_layer: list[int],
+                   dequant: int) -> list:
+    """`recorded_position_phases`' moments inside each decoder layer, from the top down: the top
+    layer's moments of a slice of i + 1 layers for layer i (the bottom layer's at full depth for
+    layer 0), the gradients of the layers above (`per_layer`, whole-model bytes) and the layer's own
+    so far on this GPU as `gpu` holds them; QLoRA's dequantised weight; FSDP2's `fsdp.block_extra`."""
+    from .fsdp import block_extra
+    from .timeline import Phase
+
+    out = []
     qlora = f" + one dequantised weight {dequant:,} B" if dequant else ""
     above = 0  # the gradients of the blocks above layer i
-    per_layer = [sum(g) for g in u.block_grads] if u is not None else [0] * layers
     for i in reversed(range(layers)):
         at, depth = ("top", i + 1) if i else ("bottom", layers)
-        if at not in pos:
+        if at not in step.positions:
             continue
         where = (f"the top layer's moment in {depth} layers, on the recorded line" if i else
                  "the first layer's, on the recorded line")
         entered = value(at, 4, depth, i)
         entry = entered + (above if i else 0)
-        for a, g, what in variants:
+        for a, g, what in VARIANTS:
             b, grads = value(at, a, depth, i), value(at, g, depth, i)
             own = grads - entered
-            extra = block_extra(u, i, own, n, reshard, offloaded, describe=False)[0] if fsdp else bucket
-            out.append(Phase("backward", held + b - grads + share(entry + own) + dequant + extra,
-                             f"{states} + the recorded backward's {what} inside layer {{}}: {b - grads:,} B "
-                             f"beside the gradients ({where}) + "
+            extra = (block_extra(gpu.u, i, own, gpu.n, gpu.reshard, gpu.offloaded, describe=False)[0]
+                     if gpu.u is not None else gpu.bucket)
+            shared = gpu.share(entry + own)
+            out.append(Phase("backward", gpu.held + b - grads + shared + dequant + extra,
+                             f"weights and optimizer states {gpu.held:,} B + the recorded backward's "
+                             f"{what} inside layer {{}}: {b - grads:,} B beside the gradients ({where}) + "
                              f"gradients so far {entry + own:,} B"
-                             + (f", {share(entry + own):,} B on this GPU" if ratio != 1 else "") + qlora
+                             + (f", {shared:,} B on this GPU" if gpu.ratio != 1 else "") + qlora
                              + (f" + FSDP2 buffers (root whole, blocks gathered, this layer's gradients "
                                 f"whole, the reduce-scatter input, the head's gradients whole) {extra:,} B"
-                                if fsdp else ddp), layer=i))
+                                if gpu.u is not None else gpu.ddp), layer=i))
         above += per_layer[i]
-    if "end" in pos:
-        for a, g, what in variants:
-            b, grads = value("end", a, layers), value("end", g, layers)
-            extra = bucket
-            if fsdp:
-                mine = max(0, grads - sum(per_layer))  # the root's gradients made by then: whole
-                extra = root + per_layer[0] + mine - share(mine)
-            out.append(Phase("backward", held + b - grads + share(grads) + extra,
-                             f"{states} + the recorded backward's {what} at the embeddings: {b - grads:,} B "
-                             f"beside the gradients + gradients {share(grads):,} B"
-                             + (f" + FSDP2 buffers (root whole + block 0's reduce-scatter input + the "
-                                f"root's gradients whole) {extra:,} B" if fsdp else ddp), part="end"))
-    return (*out, recorded_phases(step, layers, m, sharding, temporary)[-1])
+    return out
 
 
 def is_adapter(name: str) -> bool:
