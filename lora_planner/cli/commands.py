@@ -394,6 +394,9 @@ def trace_command(model_name, method, rank, targets, precision, batch_size, seq_
                                        grad_checkpointing, compile_mode))
     need_measure_extra("lora-plan trace")
     if context is not None:
+        if device != "cpu":
+            raise PlanError(f"trace --device {device} is for the families we walk: a model_type recorded "
+                            f"from transformers ({spec.model_type!r}) is traced on CPU")
         return _trace_recorded(spec, setup, layers, fake, force, fmt)
     from ..measure.traced_step import predicted_terms, sliced, trace
 
