@@ -409,13 +409,17 @@ class Graph:
         rows = x.numel // in_features
         if not x.grad:
             self.no_input_grad_params += in_features * out_features + in_features * (rank or 0)
-        xin = self.cast(x, 2) if self.cond.autocast else x
+        # the Trainer's autocast over a 16-bit base (fp32 adapters) reaches a base layer only where the
+        # model itself made its input fp32 (DeepSeek-V3's and GLM-4-MoE's router): autocast casts that
+        # input and the weight back to bf16
+        casts = self.cond.autocast or (self.cond.adapter_autocast and x.itemsize == FP32)
+        xin = self.cast(x, 2) if casts else x
         if trains:
             self.save(xin, kernel=True)
         quantised = self.nf4_input(x, path, trains)  # QLoRA's 4-bit base: no autocast weight copy
-        if self.cond.autocast and (x.grad or trains) and not quantised:
+        if casts and (x.grad or trains) and not quantised:
             self.save(self.new(in_features * out_features, 2, False))  # the bf16 weight copy
-        if self.cond.autocast and trains:
+        if casts and trains:
             self.cached(in_features * out_features * 2, saved=True)
             if path in self.biases:
                 self.cached(out_features * 2, saved=False)
@@ -423,7 +427,7 @@ class Graph:
         # the matmul's moment: its input, autocast's copies of the input and (when no op keeps it)
         # of the weight, and its output
         self.moment(x, xin, out, extra=in_features * out_features * 2
-                    if self.cond.autocast and not (x.grad or trains or quantised) else 0)
+                    if casts and not (x.grad or trains or quantised) else 0)
         if rank is None:
             return out
         # PEFT casts the adapter's input to lora_A's dtype first: under autocast the adapters are fp32,
@@ -2701,6 +2705,9 @@ class Profile:
     compiled: str = "none"  # `Conditions.compile`: the saved sets are a compiled graph's
     # checkpointing on CPU: the RNG state each checkpointed layer keeps (`checkpoint_rng_state_bytes`)
     rng_state: int = 0
+    # every tensor the walk saved, in the order saved: (bytes, section of its first save); the
+    # structural oracle (`measure/saved_tape.py`) holds it against the real model's saved tensors
+    saves: tuple[tuple[int, str], ...] = field(default=(), compare=False, repr=False)
 
     @property
     def total(self) -> int:
@@ -2899,6 +2906,7 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
         if g.recompute_combine else (),
         checkpointed=cond.grad_checkpointing,
         rng_state=checkpoint_rng_state_bytes(cond),
+        saves=tuple(g.saved.values()),
         offloaded=cond.activation_offload,
         compiled=cond.compile,
         # a chunked or fused loss counts the head's input alive through the loss itself (`head_and_loss`)

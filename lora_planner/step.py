@@ -247,16 +247,22 @@ def input_gradient_skips(spec: ModelSpec, setup: TrainSetup) -> tuple[int, int]:
     return prof.no_input_grad_params, prof.attention_without_grad
 
 
+def check_walkable(spec: ModelSpec, setup: TrainSetup, cond: Conditions) -> None:
+    """Refuse in one line a setup the activation walk does not model: fp32 adapters (`adapter_dtype`)
+    on a router or fused experts, which PEFT wraps in a `ParamWrapper`."""
+    if cond.adapter_bytes and any(a.module.kind in ("router", "experts")
+                                  for a in lora_trainable(spec, setup).adapters):
+        raise PlanError("--adapter-dtype fp32 is not modelled for adapters on a router or fused experts "
+                        "(PEFT's ParamWrapper): leave them out of --targets, or plan --adapter-dtype auto")
+
+
 def predict_step(spec: ModelSpec, setup: TrainSetup, precision: Precision, memory: dict[str, int],
                  device: str = "cuda") -> StepPrediction:
     """The step's activations and peak, given the plan's model-state bytes in `memory`."""
     arch = layout(spec, setup.task, setup.num_labels)
     cond = conditions(setup, precision, device)
     wrapped, trainable, _ = _training(spec, setup, arch)
-    if cond.adapter_bytes and any(a.module.kind in ("router", "experts")
-                                  for a in lora_trainable(spec, setup).adapters):
-        raise PlanError("--adapter-dtype fp32 is not modelled for adapters on a router or fused experts "
-                        "(PEFT's ParamWrapper): leave them out of --targets, or plan --adapter-dtype auto")
+    check_walkable(spec, setup, cond)
     prof = profile(spec, cond, wrapped, trainable)
     grads = layer_gradients(spec, training_key(setup), precision)
     head, embed_trains = grads.head, grads.embed_trains
