@@ -104,7 +104,9 @@ class Graph:
 
     cond: Conditions
     wrapped: dict[str, int]  # module path -> LoRA rank
-    trainable: set[str]  # module paths whose own weights train (full fine-tuning: all)
+    # module paths whose own weights train (full fine-tuning: all), and `<path>.bias` for a bias that
+    # trains without its weight (PEFT's bias="all" / "lora_only")
+    trainable: set[str]
     saved: dict[int, tuple[int, str]] = field(default_factory=dict)
     rates: tuple[float, float, float] = (0.0, 0.0, 0.0)  # attention, residual, embedding dropout
     biases: frozenset[str] = frozenset()  # module paths that have a bias
@@ -319,7 +321,7 @@ class Graph:
 
         CUDA keeps the statistics in fp32 (the accumulate type); the CPU kernel in the input's dtype.
         """
-        trains = path in self.trainable
+        trains = path in self.trainable or f"{path}.bias" in self.trainable
         if self.cond.autocast:
             x = self.cast(x, FP32)
         rows = x.numel // dim
@@ -405,6 +407,9 @@ class Graph:
         when x needs one; under autocast that is a bf16 copy of W, otherwise the parameter itself).
         """
         trains = path in self.trainable
+        # a trained bias alone saves nothing (its gradient sums the output's), but its output then
+        # needs a gradient, and so does what is computed from it
+        bias_trains = f"{path}.bias" in self.trainable
         rank = self.wrapped.get(path)
         rows = x.numel // in_features
         if not x.grad:
@@ -421,9 +426,9 @@ class Graph:
             self.save(self.new(in_features * out_features, 2, False))  # the bf16 weight copy
         if casts and trains:
             self.cached(in_features * out_features * 2, saved=True)
-            if path in self.biases:
-                self.cached(out_features * 2, saved=False)
-        out = self.new(rows * out_features, xin.itemsize, x.grad or trains)
+        if casts and (trains or bias_trains) and path in self.biases:
+            self.cached(out_features * 2, saved=False)
+        out = self.new(rows * out_features, xin.itemsize, x.grad or trains or bias_trains)
         # the matmul's moment: its input, autocast's copies of the input and (when no op keeps it)
         # of the weight, and its output
         self.moment(x, xin, out, extra=in_features * out_features * 2

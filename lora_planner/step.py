@@ -98,13 +98,14 @@ def qlora_conditions(setup: TrainSetup, precision: Precision) -> dict:
 
 def _training(spec: ModelSpec, setup: TrainSetup,
               arch: Architecture) -> tuple[dict[str, int], set[str], dict[str, int]]:
-    """Wrapped modules (path -> rank), modules whose weights train, and trainable numel by path."""
+    """Wrapped modules (path -> rank), modules whose weights train (and the names of biases that
+    train without their module's weight, PEFT's `bias`), and trainable numel by path."""
     if setup.method == "full":
         return {}, {m.path for m in arch.modules}, {m.path: m.numel for m in arch.modules}
     trainable = lora_trainable(spec, setup)
     wrapped = {a.module.path: setup.rank for a in trainable.adapters}
     by_path = {a.module.path: a.numel for a in trainable.adapters}
-    saved = {m.path for m in trainable.saved_modules}
+    saved = {m.path for m in trainable.saved_modules} | {p.name for p in trainable.biases}
     for m in trainable.saved_modules:
         by_path[m.path] = by_path.get(m.path, 0) + m.numel
     for p in trainable.biases:

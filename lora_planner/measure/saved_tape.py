@@ -63,9 +63,8 @@ def check_comparable(setup: TrainSetup) -> TrainSetup:
     return setup
 
 
-def walk_tape(spec: ModelSpec, setup: TrainSetup) -> Tape:
-    """What the native walk saves for the setup's step on CPU, by section (`Profile.saves`)."""
-    from ..activations import profile
+def _walked(spec: ModelSpec, setup: TrainSetup):
+    """The walk's arguments for the setup's step on CPU: (conditions, wrapped, trainable)."""
     from ..architecture import layout
     from ..precision import get_precision
     from ..step import _training, check_walkable, conditions
@@ -74,8 +73,15 @@ def walk_tape(spec: ModelSpec, setup: TrainSetup) -> Tape:
     wrapped, trainable, _ = _training(spec, setup, layout(spec, setup.task, setup.num_labels))
     cond = conditions(setup, get_precision(setup.precision), "cpu")
     check_walkable(spec, setup, cond)
+    return cond, wrapped, trainable
+
+
+def walk_tape(spec: ModelSpec, setup: TrainSetup) -> Tape:
+    """What the native walk saves for the setup's step on CPU, by section (`Profile.saves`)."""
+    from ..activations import profile
+
     tape: dict[str, list[Saved]] = {}
-    for nbytes, section in profile(spec, cond, wrapped, trainable).saves:
+    for nbytes, section in profile(spec, *_walked(spec, setup)).saves:
         if nbytes:
             tape.setdefault(section.removesuffix(" mlp"), []).append(Saved(nbytes))
     return {k: tuple(v) for k, v in tape.items()}
@@ -228,6 +234,7 @@ EAGER_ONLY = ("gemma2", "gpt_oss")
 # adapters over a bf16 base under the Trainer's autocast (LoRA); every bias trained (PEFT's
 # bias="all", LoRA); every dropout of the model on, and LoRA's own (where PEFT allows it)
 VARIANTS = ("plain", "amp", "fp32-adapters", "bias-all", "dropout")
+LORA_VARIANTS = ("fp32-adapters", "bias-all")
 
 
 @dataclass(frozen=True)
@@ -272,8 +279,8 @@ def random_case(family: str, seed: int, method: str, precision: str, variant: st
     setup = _variant(setup, variant)
     if setup is None:
         return None
-    try:
-        walk_tape(spec, setup)
+    try:  # the planner's refusals (LoRA dropout on PEFT's ParamWrapper, fp32 adapters on experts)
+        _walked(spec, setup)
     except PlanError:
         return None
     return Case(family, seed, variant, config, setup)
@@ -283,8 +290,9 @@ def _variant(setup: TrainSetup, variant: str) -> TrainSetup | None:
     if variant not in VARIANTS:
         raise PlanError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
     lora = setup.method == "lora"
+    if variant in LORA_VARIANTS and not lora:
+        return None
     changes = {"plain": {}, "amp": {"precision": "amp"},
-               "fp32-adapters": {"precision": "bf16", "adapter_dtype": "fp32"} if lora else None,
-               "bias-all": {"bias": "all"} if lora else None,
+               "fp32-adapters": {"precision": "bf16", "adapter_dtype": "fp32"}, "bias-all": {"bias": "all"},
                "dropout": {"dropout": 0.1, "lora_dropout": 0.1 if lora else 0.0}}[variant]
-    return None if changes is None else setup.with_(**changes)
+    return setup.with_(**changes)
