@@ -1,10 +1,11 @@
 """The activation walk's saved tensors beside the real model's, layer by layer.
 
-    python benchmarks/saved_tape.py FAMILY SEED [--method lora] [--precision pure-bf16] [--all]
+    python benchmarks/saved_tape.py FAMILY SEED [--method lora] [--variant dora] [--all]
     python benchmarks/saved_tape.py --config config.json --method lora --rank 8 --targets all-linear
 
-A family and seed draw the oracle test's case (`measure.saved_tape.random_case`); `--config` takes a
-config.json of a native family instead (its setup from the options). The real side builds the model
+A family and seed draw the oracle test's case (`measure.saved_tape.random_case`, its key in
+tests/test_saved_tape.py is "FAMILY SEED VARIANT METHOD PRECISION"); `--config` takes a config.json
+of a native family instead. The other options change the setup drawn. The real side builds the model
 from the config with random weights on CPU and lists what autograd keeps after forward
 (`recorded_tape`); the walk's side is `Profile.saves`, each named by the line of activations.py
 that saved it. Sizes are matched as multisets per section: what is left is one side's alone. With
@@ -20,7 +21,7 @@ import traceback
 from collections import Counter
 
 from lora_planner.errors import PlanError
-from lora_planner.measure.saved_tape import random_case, recorded_tape, tape_diff, walk_tape
+from lora_planner.measure.saved_tape import VARIANTS, random_case, recorded_tape, tape_diff, walk_tape
 from lora_planner.spec import TrainSetup, spec_from_hf_config
 
 
@@ -54,8 +55,12 @@ def main() -> int:
     ap.add_argument("seed", nargs="?", type=int, default=0)
     ap.add_argument("--config", help="a config.json of a native family, instead of FAMILY SEED")
     ap.add_argument("--method", default="lora", choices=("full", "lora"))
-    ap.add_argument("--precision", default="fp32", choices=("fp32", "pure-bf16", "amp", "mixed", "bf16"),
-                    help="mixed and bf16 need --adapter-dtype fp32 (LoRA)")
+    ap.add_argument("--variant", default="plain", choices=VARIANTS, help="the test's change to the setup")
+    ap.add_argument("--precision", choices=("fp32", "pure-bf16", "amp", "mixed", "bf16"),
+                    help="fp32 by default; mixed and bf16 need --adapter-dtype fp32 (LoRA)")
+    ap.add_argument("--loss", choices=("standard", "chunked"))
+    ap.add_argument("--packing", action="store_true", default=None)
+    ap.add_argument("--dora", action="store_true", default=None)
     ap.add_argument("--adapter-dtype", choices=("auto", "fp32"))
     ap.add_argument("--bias", choices=("none", "all", "lora_only"), help="PEFT's bias option")
     ap.add_argument("--dropout", type=float, help="every dropout of the model")
@@ -71,17 +76,19 @@ def main() -> int:
         if args.config:
             with open(args.config) as f:
                 config = json.load(f)
-            setup = TrainSetup(method=args.method, rank=8, precision=args.precision, batch_size=2, seq_len=16,
+            setup = TrainSetup(method=args.method, rank=8, precision="fp32", batch_size=2, seq_len=16,
                                stack="torch")
         elif args.family:
-            case = random_case(args.family, args.seed, args.method, "fp32")
+            case = random_case(args.family, args.seed, args.method, args.precision or "fp32", args.variant)
             if case is None:
-                raise PlanError(f"the planner refuses seed {args.seed}'s {args.method} step of {args.family}")
+                raise PlanError(f"the planner refuses seed {args.seed}'s {args.method} {args.variant} step "
+                                f"of {args.family}, or the variant needs LoRA")
             config, setup = case.config, case.setup
             print(case.label, "(before the options)")
         else:
             ap.error("give FAMILY SEED or --config")
-        changes = {"precision": args.precision, "adapter_dtype": args.adapter_dtype, "bias": args.bias,
+        changes = {"precision": args.precision, "loss": args.loss, "packing": args.packing,
+                   "use_dora": args.dora, "adapter_dtype": args.adapter_dtype, "bias": args.bias,
                    "dropout": args.dropout, "lora_dropout": args.lora_dropout, "rank": args.rank,
                    "attention": args.attention, "batch_size": args.batch_size, "seq_len": args.seq_len,
                    "targets": tuple(args.targets.split(",")) if args.targets else None}

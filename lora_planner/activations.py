@@ -2305,9 +2305,10 @@ def head_and_loss(g: Graph, spec: ModelSpec, h: Tensor, head: str) -> tuple[Tens
     # backward) and two fp32 values per row; no fp32 copy nor log-softmax output of the vocab's width
     compiled = loss_compiled(cond.compile)
     if trains and not cond.autocast:
-        # one sequence: each chunk is a view of h, keeping any keeps all of it; several: a chunk is
-        # not contiguous and the head's matmul keeps a copy of it (the same bytes in all)
-        g.save(h)
+        # a chunk is a view of h when the head's reshape can view it (one sequence, one position or
+        # all of them): keeping it keeps all of h; any other chunk is not contiguous, and the head's
+        # matmul keeps a copy of it
+        g.save(*(h if b == 1 or w in (1, s) else g.new(b * w * H, h.itemsize, False) for w in widths))
     if cond.autocast and trains and grad:
         g.save(g.new(V * H, 2, False))  # the cached bf16 copy of the trained weight, once
     for w in widths:
@@ -2360,8 +2361,23 @@ def head_and_loss(g: Graph, spec: ModelSpec, h: Tensor, head: str) -> tuple[Tens
         done = b * (widths[-1] + widths[-2])
         capped = done * V * cb if spec.family in GEMMA_FAMILIES and spec.final_softcap else 0
         freed = 0 if compiled else t * V * FP32  # the log-softmax outputs saved (eager)
+        freed += 0 if cond.autocast else chunk_inputs_freed(b, s, widths, H, h.itemsize)
         worst = max(worst, -freed + (t - done) * V * cb + 3 * V * H * cb - capped)
     return logits, fp32, (worst if grad else 0)
+
+
+def chunk_inputs_freed(batch: int, seq: int, widths: list[int], hidden: int, itemsize: int) -> int:
+    """What the chunked head's saved inputs give back, net, once the last two chunks' heads have run
+    backward (the moment their weight gradients are summed), without autocast. A copied chunk gives
+    back its copy and leaves its input gradient (the same shape and dtype) waiting for the rest of
+    h's gradient: nothing net. h itself, which a chunk keeps as a view (one sequence, one position or
+    all of them; see `head_and_loss`), is freed once no chunk still to run views it, less the waiting
+    gradients of the viewing chunks done."""
+    views = [batch == 1 or w in (1, seq) for w in widths]
+    if not any(views[-2:]) or any(views[:-2]):
+        return 0
+    done = sum(w for w, view in zip(widths[-2:], views[-2:], strict=True) if view)
+    return batch * (seq - done) * hidden * itemsize
 
 
 def residual_gradient_bytes(spec: ModelSpec, cond: Conditions) -> int:

@@ -13,8 +13,8 @@ and the batch are not activations and are left out. Each storage is named by the
 Sections are the walk's: `embedding` (before the first decoder layer), `layer i` (the walk's
 `layer i` and `layer i mlp`), `head` (after the last layer: final norm, LM head, loss).
 
-Only a plain forward is compared: no checkpointing (its recompute saves again), no torch.compile,
-no QLoRA, the standard loss, no packing.
+Checkpointing (its recompute saves again) and torch.compile are not compared; QLoRA and Liger's
+fused loss need a GPU.
 """
 
 from __future__ import annotations
@@ -53,13 +53,11 @@ def check_comparable(setup: TrainSetup) -> TrainSetup:
     setup = resolve(setup)
     _check(setup)
     refused = {"gradient checkpointing": setup.grad_checkpointing,
-               "torch.compile": (setup.compile or "none") != "none",
-               "a loss other than the standard one": (setup.loss or "standard") != "standard",
-               "packing": setup.packing and setup.batch_size > 1,
-               "DoRA": setup.use_dora}
+               "torch.compile": (setup.compile or "none") != "none"}
     named = [k for k, v in refused.items() if v]
     if named:
-        raise PlanError(f"the saved-tensor oracle compares a plain forward: drop {', '.join(named)}")
+        raise PlanError("the saved-tensor oracle compares one forward as it first runs: drop "
+                        f"{', '.join(named)}")
     return setup
 
 
@@ -89,11 +87,12 @@ def walk_tape(spec: ModelSpec, setup: TrainSetup) -> Tape:
 
 def recorded_tape(config: dict, setup: TrainSetup, seed: int = 0) -> Tape:
     """What autograd saves in one forward of the causal LM transformers builds from `config` (a
-    config.json dict), with the setup's LoRA adapters, precision and attention, by section."""
+    config.json dict), with the setup's LoRA adapters, precision, attention, loss and packing, by
+    section."""
     import torch
     from transformers import AutoConfig
 
-    from .step import quiet_libraries
+    from .step import quiet_libraries, step_loss
     from .traced_step import _with_lora, autocast_dtype, build_model, configure
 
     setup = check_comparable(setup)
@@ -103,30 +102,56 @@ def recorded_tape(config: dict, setup: TrainSetup, seed: int = 0) -> Tape:
     torch.manual_seed(seed)
     with quiet_libraries():
         model = build_model(hf, setup, lambda m: _with_lora(m, spec, setup))
-    ids = torch.randint(0, spec.vocab_size, (setup.batch_size, setup.seq_len))  # (b, s)
+    extra = {}
+    if setup.packing and setup.batch_size > 1:  # one row, positions restarting per sequence
+        ids = torch.randint(0, spec.vocab_size, (1, setup.batch_size * setup.seq_len))  # (1, T)
+        extra["position_ids"] = torch.arange(setup.seq_len).repeat(setup.batch_size)[None]  # (1, T)
+    else:
+        ids = torch.randint(0, spec.vocab_size, (setup.batch_size, setup.seq_len))  # (b, s)
     labels = ids.clone()
+    loss_fn = step_loss(setup.loss or "standard", setup.loss_chunks or 8)
+    compute = autocast_dtype(setup)
+    with _recording(decoder_layers(model)) as packed, \
+            torch.autocast("cpu", dtype=compute) if compute else contextlib.nullcontext():
+        loss = (loss_fn(model, ids, labels) if loss_fn is not None
+                else model(input_ids=ids, labels=labels, **extra).loss)  # () fp32
+    inputs = (*model.parameters(), *model.buffers(), ids, labels, *extra.values())
+    tape = _alive(packed, {t.untyped_storage().data_ptr() for t in inputs}, saved_by(loss))
+    # the step holds the loss itself until backward starts from it: alive at the end of forward like
+    # a saved tensor, and the walk counts it among the head's
+    tape.setdefault(HEAD, []).append(Saved(loss.untyped_storage().nbytes(), "loss", (), str(loss.dtype)))
+    return {k: tuple(v) for k, v in tape.items()}
+
+
+@contextlib.contextmanager
+def _recording(layers):
+    """Inside: every tensor autograd saves is listed as (section, weak reference to its storage,
+    shape, dtype), the section set by hooks on the decoder `layers`."""
+    import torch
+
     section = [EMBEDDING]
     packed: list[tuple[str, weakref.ref, tuple[int, ...], str]] = []
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         packed.append((section[0], weakref.ref(t.untyped_storage()), tuple(t.shape), str(t.dtype)))
-        return t
+        # kept without its grad_fn, as autograd keeps a saved output: the tensor itself would make a
+        # cycle (its node saving it) that outlives a graph no one holds until the garbage collector
+        return t.detach()
 
-    layers = decoder_layers(model)
-    hooks = []
-    for i, layer in enumerate(layers):
-        hooks.append(layer.register_forward_pre_hook(lambda *_, i=i: section.__setitem__(0, f"layer {i}")))
+    hooks = [layer.register_forward_pre_hook(lambda *_, i=i: section.__setitem__(0, f"layer {i}"))
+             for i, layer in enumerate(layers)]
     hooks.append(layers[-1].register_forward_hook(lambda *_: section.__setitem__(0, HEAD)))
-    compute = autocast_dtype(setup)
-    autocast = torch.autocast("cpu", dtype=compute) if compute else contextlib.nullcontext()
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
-            loss = model(input_ids=ids, labels=labels).loss  # () fp32
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            yield packed
     finally:
         for h in hooks:
             h.remove()
-    excluded = {p.untyped_storage().data_ptr() for p in (*model.parameters(), *model.buffers(), ids, labels)}
-    names = saved_by(loss)  # (the loss's own storage is saved by no node)
+
+
+def _alive(packed, excluded: set[int], names: dict[int, str]) -> dict[str, list[Saved]]:
+    """The packed storages still alive, once each, by the section of their first save; those at an
+    `excluded` address (parameters, buffers, the batch) left out."""
     tape: dict[str, list[Saved]] = {}
     seen: set[int] = set()
     for where, ref, shape, dtype in packed:
@@ -138,11 +163,7 @@ def recorded_tape(config: dict, setup: TrainSetup, seed: int = 0) -> Tape:
             continue
         seen.add(ptr)
         tape.setdefault(where, []).append(Saved(storage.nbytes(), names.get(ptr, "?"), shape, dtype))
-    # the step holds the loss itself until backward starts from it: alive at the end of forward like
-    # a saved tensor, and the walk counts it among the head's
-    tape.setdefault(HEAD, []).append(Saved(loss.untyped_storage().nbytes(), "loss", (), str(loss.dtype)))
-    del loss
-    return {k: tuple(v) for k, v in tape.items()}
+    return tape
 
 
 def decoder_layers(model):
@@ -232,9 +253,10 @@ METHODS = ("full", "lora")
 EAGER_ONLY = ("gemma2", "gpt_oss")
 # setups beyond the plain step, each a change to the case's: autocast over fp32 weights; fp32
 # adapters over a bf16 base under the Trainer's autocast (LoRA); every bias trained (PEFT's
-# bias="all", LoRA); every dropout of the model on, and LoRA's own (where PEFT allows it)
-VARIANTS = ("plain", "amp", "fp32-adapters", "bias-all", "dropout")
-LORA_VARIANTS = ("fp32-adapters", "bias-all")
+# bias="all", LoRA); DoRA (LoRA); every dropout of the model on, and LoRA's own (where PEFT allows
+# it); the batch packed into one row; torchtune's chunked loss
+VARIANTS = ("plain", "amp", "fp32-adapters", "bias-all", "dora", "dropout", "packing", "chunked-loss")
+LORA_VARIANTS = ("fp32-adapters", "bias-all", "dora")
 
 
 @dataclass(frozen=True)
@@ -294,5 +316,8 @@ def _variant(setup: TrainSetup, variant: str) -> TrainSetup | None:
         return None
     changes = {"plain": {}, "amp": {"precision": "amp"},
                "fp32-adapters": {"precision": "bf16", "adapter_dtype": "fp32"}, "bias-all": {"bias": "all"},
+               "dora": {"use_dora": True},
+               "packing": {"packing": True, "batch_size": max(2, setup.batch_size)},
+               "chunked-loss": {"loss": "chunked", "loss_chunks": 4},
                "dropout": {"dropout": 0.1, "lora_dropout": 0.1 if lora else 0.0}}[variant]
     return setup.with_(**changes)
