@@ -108,6 +108,27 @@ def test_the_oracle_sees_a_save_the_walk_forgets(monkeypatch):
         assert d.walk_only == () and [s.op for s in d.recorded_only] == ["SiluBackward0.self"]
 
 
+def test_the_diff_tool_prints_each_layers_difference(monkeypatch, capsys):
+    """benchmarks/saved_tape.py: every section agrees for a drawn case (exit 0); with the walk's
+    elementwise saves dropped, each layer's real-only save is printed with its node (exit 1)."""
+    import runpy
+    import sys
+
+    from lora_planner import activations
+
+    tool = str(Path(__file__).resolve().parent.parent / "benchmarks" / "saved_tape.py")
+    monkeypatch.setattr(sys, "argv", [tool, "llama", "0", "--method", "full"])
+    with pytest.raises(SystemExit) as agreed:
+        runpy.run_path(tool, run_name="__main__")
+    assert agreed.value.code == 0 and "every section's saved sizes agree" in capsys.readouterr().out
+    monkeypatch.setattr(activations.Graph, "unary",
+                        lambda self, x, saves="input": self.pointwise(x.numel, x.itemsize, x.grad, x))
+    with pytest.raises(SystemExit) as differed:
+        runpy.run_path(tool, run_name="__main__")
+    out = capsys.readouterr().out
+    assert differed.value.code == 1 and out.count("SiluBackward0.self") == out.count("layer ") > 0
+
+
 def test_known_entries_name_cases_the_tests_draw():
     assert set(KNOWN) <= set(SWEEP) | set(VARIANT_SWEEP)
     for entry in KNOWN.values():
