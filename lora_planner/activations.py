@@ -73,6 +73,9 @@ class Conditions:
     # no 16-bit weight, and keeps its input only as `quant.nf4_saved_input_bytes` says (0: not at all)
     quantised_base: bool = False
     nf4_saved_input: int = 0
+    # bitsandbytes' Linear4bit casts its output back to its input's dtype (`.to(inp_dtype)`, every
+    # release read, 0.39.1 to 0.50.1); torchao's linear_nf4 returns F.linear's, autocast's under amp
+    nf4_output_in_input_dtype: bool = False
 
     @property
     def tokens(self) -> int:
@@ -428,7 +431,11 @@ class Graph:
             self.cached(in_features * out_features * 2, saved=True)
         if casts and (trains or bias_trains) and path in self.biases:
             self.cached(out_features * 2, saved=False)
-        out = self.new(rows * out_features, xin.itemsize, x.grad or trains or bias_trains)
+        # bitsandbytes' Linear4bit returns `matmul_4bit(...).to(inp_dtype)`: under autocast its output
+        # keeps its input's dtype, where an autocast linear's is 16-bit
+        same = quantised and self.cond.nf4_output_in_input_dtype
+        out = self.new(rows * out_features, x.itemsize if same else xin.itemsize,
+                       x.grad or trains or bias_trains)
         # the matmul's moment: its input, autocast's copies of the input and (when no op keeps it)
         # of the weight, and its output
         self.moment(x, xin, out, extra=in_features * out_features * 2

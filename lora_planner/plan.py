@@ -32,7 +32,10 @@ from .memory import (
 from .optimizers import PAGED_OPTIMIZERS, check_optimizer
 from .precision import DTYPE_BYTES, Precision, get_precision, weight_dtype
 from .quant import (
+    COMPUTE_DTYPES,
+    bnb_bias_bytes,
     nf4_state_bytes,
+    parse_bnb_version,
     quant_notes,
     quantised_params,
     torchao_replicated_bytes,
@@ -315,6 +318,26 @@ def plan_full(spec: ModelSpec, setup: TrainSetup, gpu: Gpu, fewest_only: bool = 
     )
 
 
+def _split_4bit_biases(frozen: list[Param], quantised: set[str], setup: TrainSetup, precision: Precision,
+                       weight_terms: list[Term]) -> list[Param]:
+    """The frozen biases of bitsandbytes' 4-bit layers as their own term when the release holds them
+    at another width than the weights' (`quant.bnb_bias_bytes`); the other frozen tensors returned."""
+    if setup.quant_backend != "bnb":
+        return frozen
+    width = bnb_bias_bytes(parse_bnb_version(setup.bnb_version), COMPUTE_DTYPES[setup.bnb_compute_dtype],
+                           precision.weight_bytes)
+    biases = [p for p in frozen if p.name.endswith(".bias")
+              and p.name.removesuffix(".bias") + ".weight" in quantised]
+    if width == precision.weight_bytes or not biases:
+        return frozen
+    weight_terms.append(dense_weight_bytes(
+        "weights_4bit_biases", sum(p.numel for p in biases), width,
+        f"4-bit layers' bias (bitsandbytes {setup.bnb_version} Linear4bit casts it to "
+        f"bnb_4bit_compute_dtype {setup.bnb_compute_dtype} in its first forward)"))
+    names = {p.name for p in biases}
+    return [p for p in frozen if p.name not in names]
+
+
 def plan_lora(spec: ModelSpec, setup: TrainSetup, gpu: Gpu, fewest_only: bool = False) -> MethodPlan:
     """LoRA or QLoRA: a frozen base (16-bit, or NF4 linear layers for QLoRA) plus adapters."""
     precision = get_precision(setup.precision)
@@ -334,6 +357,7 @@ def plan_lora(spec: ModelSpec, setup: TrainSetup, gpu: Gpu, fewest_only: bool = 
                             "(to_nf4); drop it or plan --quant-backend bnb")
         weight_terms.append(quantized_weight_bytes(nf4, setup.double_quant, setup.quant_backend,
                                                    precision.weight_bytes))
+        frozen = _split_4bit_biases(frozen, quantised, setup, precision, weight_terms)
     wide = {p.name for p in _fp32_kept(spec, arch, precision)}
     if wide:
         weight_terms.append(_fp32_weight_term([p for p in frozen if p.name in wide]))
@@ -507,6 +531,7 @@ def plan_recorded(model: RecordedModel, setup: TrainSetup, gpu: Gpu, fewest_only
         frozen = [p for p in frozen if p.name not in quantisable]
         weight_terms.append(quantized_weight_bytes(nf4, setup.double_quant, setup.quant_backend,
                                                    precision.weight_bytes))
+        frozen = _split_4bit_biases(frozen, quantisable, setup, precision, weight_terms)
     weight_terms.append(dense_weight_bytes("weights_frozen", sum(p.numel for p in frozen),
                                            precision.weight_bytes, "frozen"))
     count = sum(p.numel for p in step.trainable)

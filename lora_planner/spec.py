@@ -420,7 +420,8 @@ class TrainSetup:
     # post-accumulate-grad hook, which frees its gradient (`step.in_backward_steps`)
     optimizer_in_backward: bool = False
     # packed documents: the micro-batch's batch_size sequences of seq_len tokens as one row, position
-    # ids restarting per sequence (TRL's padding_free, torchtune's packed datasets); see `step.conditions`
+    # ids restarting per sequence (TRL's padding_free); see `step.conditions`. torchtune's packed datasets
+    # are not this: each row is already a pack of seq_len tokens, batch x seq_len without packing
     packing: bool = False
     # Data parallelism: None plans whole-model totals; N plans one of N GPUs (see sharding.py).
     num_gpus: int | None = None

@@ -93,7 +93,8 @@ def qlora_conditions(setup: TrainSetup, precision: Precision) -> dict:
         return {}
     _, _, saved = check_quant(setup.quant_backend, setup.bnb_version, setup.bnb_compute_dtype,
                               precision.weight_bytes)
-    return {"quantised_base": True, "nf4_saved_input": saved}
+    return {"quantised_base": True, "nf4_saved_input": saved,
+            "nf4_output_in_input_dtype": (setup.quant_backend or "bnb") == "bnb"}
 
 
 def _training(spec: ModelSpec, setup: TrainSetup,

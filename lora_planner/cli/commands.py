@@ -335,7 +335,9 @@ def models_command(fmt: str) -> None:
 @click.command("trace", context_settings=ANY_CASE)
 @click.option("--model", "model_name", required=True, metavar="NAME|PATH",
               help="Catalog name or a local config.json (as for `plan`).")
-@click.option("--method", type=click.Choice(["full", "lora"]), default="lora", show_default=True)
+@click.option("--method", type=click.Choice(["full", "lora", "qlora"]), default="lora", show_default=True,
+              help="qlora runs bitsandbytes' Linear4bit on CPU (every linear layer but the output head, "
+                   "NF4, double quantised) and plans the installed bitsandbytes release.")
 @click.option("--rank", type=click.IntRange(1, MAX_RANK), default=8, show_default=True)
 @click.option("--targets", "targets", multiple=True, metavar="T[,T]", callback=check_targets,
               help="LoRA targets, as for `plan`.")
@@ -394,8 +396,10 @@ def trace_command(model_name, method, rank, targets, precision, batch_size, seq_
                        **stack_changes(stack, optimizer_impl, loss, loss_chunks, activation_offload,
                                        grad_checkpointing, compile_mode))
     need_measure_extra("lora-plan trace")
-    from ..measure.traced_step import predicted_terms, sliced, trace
+    from ..measure.traced_step import installed_bnb_version, predicted_terms, sliced, trace
 
+    if method == "qlora":  # the plan models the bitsandbytes release the trace runs
+        setup = setup.with_(bnb_version=installed_bnb_version())
     spec = sliced(spec, layers)
     from ..measure.traced_step import check_device
 
@@ -459,7 +463,10 @@ def _allocator_line(reading, tracer_peak: int) -> str:
 
 def _trace_header(spec: ModelSpec, setup: TrainSetup) -> str:
     """What was traced, in one line above the table: model and layers, method, precision, step."""
-    method = "full" if setup.method == "full" else f"lora r={setup.rank} ({','.join(setup.targets)})"
+    targets = ",".join(setup.targets)
+    method = "full" if setup.method == "full" else f"{setup.method} r={setup.rank} ({targets})"
+    if setup.method == "qlora":
+        method += f" on bitsandbytes {setup.bnb_version} Linear4bit (NF4)"
     dropout = f", lora dropout {setup.lora_dropout:g}" if setup.lora_dropout else ""
     if setup.adapter_dtype != "auto":
         dropout += f", {setup.adapter_dtype} adapters"

@@ -95,8 +95,9 @@ def packing_option(f: Callable) -> Callable:
     return click.option(
         "--packing", is_flag=True,
         help="Pack the micro-batch: its --batch-size documents of --seq-len tokens as one row of "
-             "batch x seq tokens, position ids restarting per document (TRL's padding_free, "
-             "torchtune's packed datasets). transformers then gives attention an explicit "
+             "batch x seq tokens, position ids restarting per document (TRL's padding_free). "
+             "torchtune's packed datasets are not this: each row is one pack of --seq-len tokens, "
+             "planned as --batch-size rows without --packing. transformers then gives attention an explicit "
              "block-diagonal (1, 1, T, T) mask: SDPA keeps it and runs the memory-efficient kernel "
              "on CUDA, eager attention's scores are T x T. flash_attention_2's varlen kernel, "
              "which needs no mask, is not planned.")(f)
