@@ -13,8 +13,8 @@ and the batch are not activations and are left out. Each storage is named by the
 Sections are the walk's: `embedding` (before the first decoder layer), `layer i` (the walk's
 `layer i` and `layer i mlp`), `head` (after the last layer: final norm, LM head, loss).
 
-Checkpointing (its recompute saves again) and torch.compile are not compared; QLoRA and Liger's
-fused loss need a GPU.
+Checkpointing (its recompute saves again) and torch.compile are not compared; Liger's fused loss
+needs a GPU. QLoRA runs bitsandbytes' 4-bit layers on CPU.
 """
 
 from __future__ import annotations
@@ -254,9 +254,11 @@ EAGER_ONLY = ("gemma2", "gpt_oss")
 # setups beyond the plain step, each a change to the case's: autocast over fp32 weights; fp32
 # adapters over a bf16 base under the Trainer's autocast (LoRA); every bias trained (PEFT's
 # bias="all", LoRA); DoRA (LoRA); every dropout of the model on, and LoRA's own (where PEFT allows
-# it); the batch packed into one row; torchtune's chunked loss
-VARIANTS = ("plain", "amp", "fp32-adapters", "bias-all", "dora", "dropout", "packing", "chunked-loss")
-LORA_VARIANTS = ("fp32-adapters", "bias-all", "dora")
+# it); the batch packed into one row; torchtune's chunked loss; QLoRA (bitsandbytes' 4-bit layers on
+# CPU, LoRA), in the model's precision and under autocast
+VARIANTS = ("plain", "amp", "fp32-adapters", "bias-all", "dora", "dropout", "packing", "chunked-loss",
+            "qlora", "qlora-amp")
+LORA_VARIANTS = ("fp32-adapters", "bias-all", "dora", "qlora", "qlora-amp")
 
 
 @dataclass(frozen=True)
@@ -318,6 +320,7 @@ def _variant(setup: TrainSetup, variant: str) -> TrainSetup | None:
                "fp32-adapters": {"precision": "bf16", "adapter_dtype": "fp32"}, "bias-all": {"bias": "all"},
                "dora": {"use_dora": True},
                "packing": {"packing": True, "batch_size": max(2, setup.batch_size)},
-               "chunked-loss": {"loss": "chunked", "loss_chunks": 4},
+               "chunked-loss": {"loss": "chunked", "loss_chunks": 4}, "qlora": {"method": "qlora"},
+               "qlora-amp": {"method": "qlora", "precision": "amp"},
                "dropout": {"dropout": 0.1, "lora_dropout": 0.1 if lora else 0.0}}[variant]
     return setup.with_(**changes)
