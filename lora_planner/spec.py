@@ -411,6 +411,13 @@ class TrainSetup:
     seq_len: int = DEFAULT_SEQ_LEN
     attention: str = "sdpa"  # sdpa (flash / memory-efficient kernels) or eager
     grad_checkpointing: bool = False
+    # selective layer checkpointing: with grad_checkpointing, only every k-th decoder layer is
+    # checkpointed, the others keep their saved sets (torchtune's ac_mode selective, ac_option k;
+    # transformers' every_n_layers); which layers the stack's count picks: `activations.checkpointed_layers`
+    checkpoint_every: int = 1
+    # torchtitan's op-level selective checkpointing (selective_ac_option "op"): each checkpointed layer
+    # also keeps every other matmul's output and the fused attention kernel's (`activations.sac_saves`)
+    checkpoint_ops: bool = False
     dropout: float | None = None  # None: the model's own (config.json); else every dropout of the model
     lora_dropout: float = 0.0
     # the adapters' dtype (`adapter_dtype.py`): auto keeps the precision's; fp32 is PEFT's default

@@ -86,11 +86,15 @@ class Stack:
     source: str
     compile: str = "none"  # none | layers | model: what the stack compiles by default
     quant_backend: str = "bnb"  # QLoRA's 4-bit implementation (`quant.QUANT_BACKENDS`)
+    # selective layer checkpointing's count (`activations.checkpointed_layers`): 0 = transformers'
+    # every_n_layers (layers 0, k, 2k, ...), 1 = torchtune's and torchtitan's wrapper count (k-1, 2k-1, ...)
+    checkpoint_offset: int = 0
 
 
 STACKS = {
     "torch": Stack("torch", "foreach", "standard", False, False,
-                   "torch 2.13 AdamW() default on CUDA (foreach)"),
+                   "torch 2.13 AdamW() default on CUDA (foreach); selective checkpointing counted as "
+                   "torchtitan's apply_ac", checkpoint_offset=1),
     "hf-trainer": Stack("hf-trainer", "fused", "standard", False, False,
                         "transformers 5.23 Trainer: optim adamw_torch_fused"),
     "trl": Stack("trl", "fused", "fused-linear", True, False,
@@ -98,7 +102,8 @@ STACKS = {
                  "LM head planned as fused-linear (no logits kept), the closest modelled kernel"),
     "torchtune": Stack("torchtune", "fused", "chunked", True, False,
                        "torchtune 0.6.1 recipes: AdamW(fused=True), CEWithChunkedOutputLoss(8), "
-                       "activation checkpointing on; QLoRA with torchao NF4", quant_backend="torchao"),
+                       "activation checkpointing on; QLoRA with torchao NF4", quant_backend="torchao",
+                       checkpoint_offset=1),
 }
 DEFAULT_STACK = "hf-trainer"
 

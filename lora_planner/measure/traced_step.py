@@ -31,7 +31,7 @@ from ..errors import PlanError
 from ..gpus import GPUS
 from ..plan import make_plan
 from ..spec import ModelSpec, TrainSetup, check_runnable_attention, to_hf_config
-from ..stacks import resolve
+from ..stacks import get_stack, resolve
 
 if TYPE_CHECKING:
     from ..step import StepPrediction
@@ -414,7 +414,8 @@ def build_model(config, setup: TrainSetup, adapt=None, device: str = "cpu"):
         torch.set_default_dtype(previous)
     model.train()
     if setup.grad_checkpointing:
-        enable_checkpointing(model)
+        enable_checkpointing(model, setup.checkpoint_every, get_stack(setup.stack).checkpoint_offset == 1,
+                             setup.checkpoint_ops)
     if setup.method == "qlora":
         dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
         quantise_bnb(model, dtypes[setup.bnb_compute_dtype], device)
