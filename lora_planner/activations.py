@@ -29,7 +29,7 @@ import functools
 import itertools
 from dataclasses import dataclass, field, replace
 
-from .architecture import router_path
+from .architecture import router_path, shared_expert_path
 from .counts import gate_up_rank_factor
 from .errors import PlanError
 from .spec import GEMMA_FAMILIES, QWEN_WINDOWS, ModelSpec
@@ -1326,7 +1326,6 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
     """One decoder layer of `spec`'s family, as transformers 5 writes it."""
     H, hd = spec.hidden_size, spec.head_dim
     nh, nkv, inter = spec.num_heads, spec.num_kv_heads, spec.mlp_width(i)
-    sparse = spec.sparse_layer(i)
     p = f"{_layers_prefix(spec)}.{i}"
     if spec.family == "gpt2":
         attn_drop, drop = g.rates[0], g.rates[1]
@@ -1374,14 +1373,17 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
         g.pending[f"layer {i}"] = mlp_output_pending(g.cond, out.numel,
                                                      f"{p}.mlp.c_proj" in g.wrapped and m is out)
         return g.add(x, m)
-    gemma = spec.family in GEMMA_FAMILIES
+    gemma, offset = spec.family in GEMMA_FAMILIES, spec.offset_norms
     # OLMo 2 normalises only each block's output: attention and the MLP read the residual stream
     post_only = spec.norm_placement == "post"
     post_norms = spec.norm_placement in ("sandwich", "post")
     product = fp32_norm_product(spec)
-    h = x if post_only else g.rms_norm(x, f"{p}.input_layernorm", H, gemma, fp32_product=product)
+    h = x if post_only else g.rms_norm(x, f"{p}.input_layernorm", H, offset, fp32_product=product)
     g.hold(h)  # the attention's input, until it returns
     g.args, g.attn_weights = (h,), None  # the attention's input, bound by the decoder layer
+    if spec.linear_layer(i):
+        return _linear_attention_layer(g, spec, i, p, x, h)
+    gate = None
     if spec.family == "phi3":
         qkv = g.linear(h, f"{p}.self_attn.qkv_proj", H, (nh + 2 * nkv) * hd)
         # q and k are slices that rope copies; v is a slice too, and keeping it keeps the fused output
@@ -1403,9 +1405,12 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
         g.args = (h, q, k, v)
         k = qk_norm(g, spec, k, f"{p}.self_attn.k_norm", nkv)
     else:
-        q = g.linear(h, f"{p}.self_attn.q_proj", H, nh * hd)
-        g.args = (h, q)
-        q = qk_norm(g, spec, q, f"{p}.self_attn.q_norm", nh)
+        if spec.attention_output_gate:
+            q, gate = gated_query(g, spec, p, h)
+        else:
+            q = g.linear(h, f"{p}.self_attn.q_proj", H, nh * hd)
+            g.args = (h, q)
+            q = qk_norm(g, spec, q, f"{p}.self_attn.q_norm", nh)
         g.args = (h, q)
         k = g.linear(h, f"{p}.self_attn.k_proj", H, nkv * hd)
         g.args = (h, q, k)
@@ -1444,7 +1449,10 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
     # the attention modules of Llama's form (OLMo 2's too); the MLP of Llama's form is the layer's
     # last op only with the norms before the blocks (`dense`)
     llama_attention = spec.family in ("llama", "mistral", "qwen2", "qwen3", "olmo2", "smollm3", "deepseek_v3",
-                                      "glm4_moe")
+                                      "glm4_moe", "qwen3_next")
+    if gate is not None:
+        # the attention's output times sigmoid(gate): sigmoid keeps its output, the product both factors
+        a = g.mul(a, g.unary(gate, "output"))
     dense = llama_attention and not post_norms
     if llama_attention:
         # the attention module keeps q, k, v (and eager's weights) and the layer its normed input until
@@ -1474,19 +1482,30 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
     if spec.family == "phi3":
         a = g.dropout_op(a, g.rates[1])  # resid_attn_dropout
     if post_norms:
-        a = g.rms_norm(a, f"{p}.post_attention_layernorm", H, gemma, fp32_product=post_only)
+        a = g.rms_norm(a, f"{p}.post_attention_layernorm", H, offset, fp32_product=post_only)
     x = g.add(x, a)
     g.release(h)
+    return _mlp_half(g, spec, i, p, x, dense, weights)
+
+
+def _mlp_half(g: Graph, spec: ModelSpec, i: int, p: str, x: Tensor, dense: bool,
+              weights: tuple[Tensor, ...]) -> Tensor:
+    """A decoder layer from the residual after its token mixer on: the norm before the MLP, the MLP
+    (dense or the expert block) and the residual add."""
+    H, inter, sparse = spec.hidden_size, spec.mlp_width(i), spec.sparse_layer(i)
+    gemma, offset = spec.family in GEMMA_FAMILIES, spec.offset_norms
+    post_only = spec.norm_placement == "post"
+    post_norms = spec.norm_placement in ("sandwich", "post")
     g.hold(x)  # the residual, until the layer returns
     g.attn_tail_end()
     g.section += " mlp"
     h = x if post_only else g.rms_norm(
-        x, f"{p}.pre_feedforward_layernorm" if gemma else f"{p}.post_attention_layernorm", H, gemma,
-        fp32_product=product)
+        x, f"{p}.pre_feedforward_layernorm" if gemma else f"{p}.post_attention_layernorm", H, offset,
+        fp32_product=fp32_norm_product(spec))
     if x.grad and not post_only:
         norm = f"{p}.pre_feedforward_layernorm" if gemma else f"{p}.post_attention_layernorm"
         g.mlp_norm_backward[f"layer {i}"] = pre_mlp_norm_backward(
-            g.cond.tokens, H, g.norm_copy, gemma and norm in g.trainable)
+            g.cond.tokens, H, g.norm_copy, offset and norm in g.trainable)
     g.hold(h)  # the MLP's input, until it returns
     if dense:
         g.args = (h, *weights)
@@ -1544,7 +1563,7 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
     block_out = m
     if post_norms:
         g.release(h)  # the MLP's normed input, gone once the MLP returns
-        m = g.rms_norm(m, f"{p}.post_feedforward_layernorm", H, gemma,
+        m = g.rms_norm(m, f"{p}.post_feedforward_layernorm", H, offset,
                        recompute_alive=tuple(a for a in g.args if a.key != h.key), fp32_product=post_only)
         # the block's output is bound until the norm returns; the MLP's normed input is gone by then
         g.peak_at(g.unsaved(block_out, *(a for a in g.args if a.key != h.key)))
@@ -1572,6 +1591,118 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
         # recompute)
         g.pending[layer] = g.pending.get(layer, 0) + block_out.numel * FP32
     return g.add(x, m)
+
+
+def gated_query(g: Graph, spec: ModelSpec, p: str, h: Tensor) -> tuple[Tensor, Tensor]:
+    """Qwen3-Next's query and attention output gate: q_proj makes each head's query and gate side by
+    side (2 x heads x head_dim); the gate's reshape copies its strided half, and the query, a strided
+    view, goes through q_norm: a 16-bit query is copied by the norm's float(), an fp32 one is kept by
+    pow as the view, which keeps q_proj's whole output. Source: transformers 5
+    `Qwen3NextAttention.forward`."""
+    H, nh, hd = spec.hidden_size, spec.num_heads, spec.head_dim
+    both = g.linear(h, f"{p}.self_attn.q_proj", H, 2 * nh * hd)
+    g.args = (h, both)
+    gate = g.pointwise(both.numel // 2, both.itemsize, both.grad, both)
+    if both.itemsize == FP32 and both.grad:
+        g.save(both)
+    view = Tensor(both.numel // 2, both.itemsize, both.grad, both.key)
+    q = qk_norm(g, spec, view, f"{p}.self_attn.q_norm", nh)
+    g.hold(gate)
+    return q, gate
+
+
+def chunk_delta_rule_saves(heads: int, seq: int, k_dim: int, v_dim: int, chunk: int = 64) -> tuple[int, ...]:
+    """fp32 elements `torch_chunk_gated_delta_rule` keeps for backward past its l2 norms, for `heads`
+    = batch x value heads, when its inputs need gradients. Derived from transformers 5.25's code: the
+    sequence is padded to S = ceil(seq / chunk) x chunk (F.pad copies even when nothing is padded),
+    n = S / chunk chunks. Kept: the padded scaled query, key, value and beta (heads x S x k_dim, x
+    k_dim, x v_dim, x 1); k x beta; four (heads, S, chunk) tensors (the pairwise decay's exp, the two
+    products it multiplies and the triangular system); the within-chunk attention; three exps of the
+    cumulative decay (heads x S each) and the chunks' decay (heads x n); the two triangular solves'
+    results (new values, heads x S x v_dim; the decayed keys, x k_dim); the query and key with the
+    decay applied (heads x S x k_dim each); and per chunk the recurrent state it reads (heads x k_dim
+    x v_dim, the first one zeros) and its corrected values (heads x chunk x v_dim). The (chunk, chunk)
+    bool mask masked_fill keeps is not counted here."""
+    padded = -(-seq // chunk) * chunk
+    n = padded // chunk
+    wide = heads * padded * chunk
+    return (heads * padded * k_dim, heads * padded * k_dim, heads * padded * v_dim, heads * padded,
+            heads * padded * k_dim, wide, wide, wide, wide, wide, heads * padded, heads * padded,
+            heads * padded, heads * n, heads * padded * v_dim, heads * padded * k_dim,
+            heads * padded * k_dim, heads * padded * k_dim, n * heads * k_dim * v_dim,
+            n * heads * chunk * v_dim)
+
+
+def _linear_attention_layer(g: Graph, spec: ModelSpec, i: int, p: str, x: Tensor, h: Tensor) -> Tensor:
+    """A Qwen3-Next decoder layer whose token mixer is the gated DeltaNet (`gated_delta_net`)."""
+    g.attn_tail_start()
+    o = gated_delta_net(g, spec, f"{p}.linear_attn", h)
+    g.peak_at(g.unsaved(h, o))
+    g.args = ()
+    x = g.add(x, o)
+    g.release(h)
+    return _mlp_half(g, spec, i, p, x, True, ())
+
+
+def gated_delta_net(g: Graph, spec: ModelSpec, a: str, h: Tensor) -> Tensor:
+    """`Qwen3NextGatedDeltaNet.forward` as transformers 5.25 runs it without fla or causal_conv1d:
+    in_proj_qkvz and in_proj_ba; q, k and v copied out of their heads' groups and concatenated; the
+    causal depthwise conv1d (its input cast to the weight's dtype, then autocast's 16-bit) keeps its
+    input and its padded output, which silu keeps; beta = sigmoid(b) keeps its output; the decay
+    -exp(A_log) x softplus(a + dt_bias) in fp32; the chunked delta rule (fp32 copies of q, k, v, beta
+    and the decay; each l2 norm keeps its input and rsqrt; then `chunk_delta_rule_saves`); the
+    gated RMSNorm over each value head (fp32 input and rsqrt kept, the weight product and silu of the
+    fp32 gate z each keeping what their backward reads) and out_proj."""
+    t, H = g.cond.tokens, spec.hidden_size
+    nk, nv = spec.linear_key_heads, spec.linear_value_heads
+    dk, dv, kernel = spec.linear_key_head_dim, spec.linear_value_head_dim, spec.linear_conv_kernel
+    keys, values = nk * dk, nv * dv
+    channels = 2 * keys + values
+    qkvz = g.linear(h, f"{a}.in_proj_qkvz", H, 2 * keys + 2 * values)
+    g.args = (h, qkvz)
+    ba = g.linear(h, f"{a}.in_proj_ba", H, 2 * nv)
+    own, conv = f"{a}" in g.trainable, f"{a}.conv1d" in g.trainable
+    grad = qkvz.grad or ba.grad or own or conv
+    mixed = g.new(t * channels, qkvz.itemsize, qkvz.grad)  # the concatenated q, k, v copies
+    if g.cond.autocast:  # .to(fp32 weight), then autocast's bf16 copy for the conv
+        mixed = g.cast(g.cast(mixed, FP32), 2)
+        if mixed.grad:
+            g.save(g.new(channels * kernel, 2, False))  # the weight's bf16 copy
+    if conv or mixed.grad:
+        g.save(mixed)
+    padded = g.new(g.cond.batch_size * channels * (g.cond.seq_len + kernel - 1), mixed.itemsize,
+                   mixed.grad or conv)
+    if padded.grad:
+        g.save(padded)  # silu keeps its input, a slice of the padded output
+    qkv = g.new(t * channels, mixed.itemsize, padded.grad)
+    cb = qkv.itemsize
+    b = g.new(t * nv, ba.itemsize, ba.grad)
+    beta = g.pointwise(t * nv, ba.itemsize, ba.grad, b)
+    if ba.grad:
+        g.save(beta)
+    decay_in = g.new(t * nv, FP32, ba.grad or own)  # a.float() + dt_bias
+    if decay_in.grad:
+        g.save(decay_in)  # softplus keeps its input
+    if own:
+        g.save(g.new(nv, FP32, False), g.new(t * nv, FP32, False))  # exp(A_log) and softplus's output
+    if ba.grad or own:
+        g.save(g.new(nv, FP32, False))  # -exp(A_log), the product's other factor
+    heads = g.cond.batch_size * nv
+    if grad:
+        rows = heads * g.cond.seq_len
+        for _ in "qk":  # q and k in fp32, each l2 norm's input and rsqrt
+            g.save(g.new(rows * dk, FP32, False), g.new(rows, FP32, False))
+        g.save(g.new(64 * 64, 1, False))  # masked_fill's mask
+        for numel in chunk_delta_rule_saves(heads, g.cond.seq_len, dk, dv):
+            g.save(g.new(numel, FP32, False))
+    core = g.new(t * values, cb, grad)
+    z = g.new(t * values, qkvz.itemsize, qkvz.grad)
+    normed = g.rms_norm(core, f"{a}.norm", dv)
+    z32 = g.cast(z, FP32)
+    gate = g.unary(z32, "input")
+    out = g.cast(g.mul(normed, gate), cb)
+    g.peak_at(g.unsaved(h, qkvz, z, out))
+    return g.linear(out, f"{a}.out_proj", values, H)
 
 
 def _latent_qkv(g: Graph, spec: ModelSpec, p: str, h: Tensor,
@@ -1619,12 +1750,17 @@ def _latent_qkv(g: Graph, spec: ModelSpec, p: str, h: Tensor,
     return query, key, Tensor(kv.numel, kv.itemsize, kv.grad, kv.key)
 
 
+# Families whose `apply_rotary_pos_emb` slices the rotating part and concatenates the rest back
+# whatever their `partial_rotary_factor` (GLM-4-MoE's, and Qwen3-Next's adapted from it)
+SLICED_ROPE = ("glm4_moe", "qwen3_next")
+
+
 def concatenated_rope(spec: ModelSpec) -> bool:
     """Whether the rotary embedding rotates a slice of each head and concatenates the rest back
     (`partial_rope`): GLM-4-MoE's does so whatever its `partial_rotary_factor`, 1 too (the rest is
     then empty, the concatenation a copy); a partial rotary embedding of another family would too.
     Latent attention rotates its own part (`_latent_qkv`)."""
-    return not spec.kv_lora_rank and (bool(spec.rope_head_dim) or spec.family == "glm4_moe")
+    return not spec.kv_lora_rank and (bool(spec.rope_head_dim) or spec.family in SLICED_ROPE)
 
 
 def partial_rope(g: Graph, spec: ModelSpec, q: Tensor, k: Tensor, v: Tensor,
@@ -1665,7 +1801,7 @@ def qk_norm(g: Graph, spec: ModelSpec, x: Tensor, path: str, heads: int) -> Tens
     if spec.qk_norm is None:
         return x
     dim = spec.head_dim if spec.qk_norm == "head" else heads * spec.head_dim
-    return g.rms_norm(x, path, dim, spec.family in GEMMA_FAMILIES, fp32_product=fp32_norm_product(spec))
+    return g.rms_norm(x, path, dim, spec.offset_norms, fp32_product=fp32_norm_product(spec))
 
 
 def rotary_kind(spec: ModelSpec, i: int) -> bool:
@@ -1921,8 +2057,8 @@ def shared_experts(g: Graph, spec: ModelSpec, p: str, h: Tensor, routed: Tensor)
     waits through all of the routed experts' backward, to be summed with theirs: every later moment
     of the block holds it too (the un-sort's and the combine's, the recompute's, the gated product's
     and a merged expert weight's). Source: transformers 5 `DeepseekV3MoE.forward`."""
-    H, inter = spec.hidden_size, spec.shared_experts * spec.intermediate_size
-    path = f"{p}.mlp.shared_experts"
+    H, inter = spec.hidden_size, spec.shared_width
+    path = shared_expert_path(spec, p)
     before = g._saved_total
     g.args += (routed,)
     gate = g.linear(h, f"{path}.gate_proj", H, inter)
@@ -1943,6 +2079,10 @@ def shared_experts(g: Graph, spec: ModelSpec, p: str, h: Tensor, routed: Tensor)
         g.peak_at(g.unsaved(h, act, *g.args) + recompute_stop_transient(g.cond, act.numel, out.numel,
                                                                          down in g.wrapped))
     g.peak_at(g.unsaved(h, act, out, *g.args), after_saves=True)
+    if spec.shared_expert_gate:
+        # Qwen3-Next scales the shared expert by sigmoid(shared_expert_gate(h)): sigmoid keeps its
+        # (tokens, 1) output, the product both factors
+        out = g.mul(g.unary(g.linear(h, f"{p}.mlp.shared_expert_gate", H, 1), "output"), out)
     g.release(routed)
     g.args = g.args[:-1]
     if g.tails:
@@ -1962,8 +2102,8 @@ def shared_backward_moments(g: Graph, spec: ModelSpec, p: str, waits: int, mine:
     moment (`down_saved`: what the down projection saved; None when no gradient reaches it) holds
     only the down projection's weight gradient, not yet the routed experts' down one, which the
     timeline counts before the block's backward."""
-    H, inter, wb = spec.hidden_size, spec.shared_experts * spec.intermediate_size, g.cond.weight_bytes
-    path = f"{p}.mlp.shared_experts"
+    H, inter, wb = spec.hidden_size, spec.shared_width, g.cond.weight_bytes
+    path = shared_expert_path(spec, p)
     layer = g.section.removesuffix(" mlp")
     made = sum(H * inter * wb for leaf in ("gate_proj", "up_proj", "down_proj")
                if f"{path}.{leaf}" in g.trainable)
