@@ -1611,26 +1611,87 @@ def gated_query(g: Graph, spec: ModelSpec, p: str, h: Tensor) -> tuple[Tensor, T
     return q, gate
 
 
-def chunk_delta_rule_saves(heads: int, seq: int, k_dim: int, v_dim: int, chunk: int = 64) -> tuple[int, ...]:
-    """fp32 elements `torch_chunk_gated_delta_rule` keeps for backward past its l2 norms, for `heads`
-    = batch x value heads, when its inputs need gradients. Derived from transformers 5.25's code: the
-    sequence is padded to S = ceil(seq / chunk) x chunk (F.pad copies even when nothing is padded),
-    n = S / chunk chunks. Kept: the padded scaled query, key, value and beta (heads x S x k_dim, x
-    k_dim, x v_dim, x 1); k x beta; four (heads, S, chunk) tensors (the pairwise decay's exp, the two
-    products it multiplies and the triangular system); the within-chunk attention; three exps of the
-    cumulative decay (heads x S each) and the chunks' decay (heads x n); the two triangular solves'
-    results (new values, heads x S x v_dim; the decayed keys, x k_dim); the query and key with the
-    decay applied (heads x S x k_dim each); and per chunk the recurrent state it reads (heads x k_dim
-    x v_dim, the first one zeros) and its corrected values (heads x chunk x v_dim). The (chunk, chunk)
-    bool mask masked_fill keeps is not counted here."""
+def chunk_delta_rule_saves(heads: int, seq: int, k_dim: int, v_dim: int, qkv_grad: bool, gate_grad: bool,
+                           chunk: int = 64) -> tuple[int, ...]:
+    """fp32 elements `torch_chunk_gated_delta_rule` keeps for backward past its l2 norms (and bool
+    bytes of its mask), for `heads` = batch x value heads, as transformers 5.25's code does when q, k
+    and v need gradients (`qkv_grad`), beta and the decay do (`gate_grad`), or both; nothing when
+    neither. The sequence is padded to S = ceil(seq / chunk) x chunk (F.pad copies even when nothing
+    is padded), n = S / chunk chunks.
+
+    Kept whenever anything needs a gradient: the padded key and scaled query (heads x S x k_dim
+    each), k x beta (x k_dim), the pairwise decay's exp and the triangular system (heads x S x
+    chunk each), the within-chunk attention (as wide), two exps of the cumulative decay (heads x S
+    each), the two triangular solves' results (new values, heads x S x v_dim; decayed keys, x k_dim),
+    and per chunk the recurrent state it reads (heads x k_dim x v_dim, the first one zeros) and its
+    corrected values (heads x chunk x v_dim). The last chunk's state update is dropped with the final
+    state (not asked for), and what only it kept with it: the key with its decay applied (heads x S x
+    k_dim) and that decay's exp (heads x S) are kept from two chunks on; the decayed query (x k_dim)
+    too, by the second chunk's read of a state that needs a gradient; the chunks' decay (heads x n)
+    from two chunks on by its exp with `gate_grad`, from three without (the second chunk's update
+    scales a state that needs a gradient). With `qkv_grad` the padded beta (heads x S) is kept for the
+    value's and key's gradients; with `gate_grad` the padded value (x v_dim) for beta's, the (chunk,
+    chunk) mask the decay is filled through, and the two (heads, S, chunk) products the pairwise
+    decay multiplies."""
+    if not (qkv_grad or gate_grad):
+        return ()
     padded = -(-seq // chunk) * chunk
     n = padded // chunk
-    wide = heads * padded * chunk
-    return (heads * padded * k_dim, heads * padded * k_dim, heads * padded * v_dim, heads * padded,
-            heads * padded * k_dim, wide, wide, wide, wide, wide, heads * padded, heads * padded,
-            heads * padded, heads * n, heads * padded * v_dim, heads * padded * k_dim,
-            heads * padded * k_dim, heads * padded * k_dim, n * heads * k_dim * v_dim,
-            n * heads * chunk * v_dim)
+    rows, wide = heads * padded, heads * padded * chunk
+    kept = [rows * k_dim, rows * k_dim, rows * k_dim, wide, wide, wide, rows, rows,
+            rows * v_dim, rows * k_dim, n * heads * k_dim * v_dim, n * heads * chunk * v_dim]
+    if n > 1:
+        kept += [rows * k_dim, rows * k_dim, rows]  # the decayed query and key, the key's decay
+    if n > 2 or (n > 1 and gate_grad):
+        kept.append(heads * n)  # the chunks' decay
+    if qkv_grad:
+        kept.append(rows)  # beta, padded
+    if gate_grad:
+        kept += [rows * v_dim, wide, wide]  # the padded value; k_beta @ k^T and q @ k^T
+    return tuple(kept)
+
+
+def autocast_delta_rule_saves(heads: int, seq: int, k_dim: int, v_dim: int, qkv_grad: bool, gate_grad: bool,
+                              chunk: int = 64) -> tuple[tuple[int, int], ...]:
+    """(elements, bytes each) `torch_chunk_gated_delta_rule` keeps past its l2 norms under autocast
+    (amp), where each of its matmuls runs on bf16 copies of its fp32 operands and saves those copies
+    instead (the element-wise ops and the triangular solves stay fp32). Derived from transformers
+    5.25's code as `chunk_delta_rule_saves` is, with S, n and `heads` as there.
+
+    fp32, whenever anything needs a gradient: the pairwise decay's exp and the triangular system
+    (heads x S x chunk each), the cumulative decay's first two exps (heads x S each), the solves'
+    results (heads x S x v_dim and x k_dim); from two chunks on, the key's decay exp (heads x S); the
+    chunks' decay (heads x n) as in `chunk_delta_rule_saves`. With `qkv_grad` the padded beta. With
+    `gate_grad`: the padded value, key and scaled query (the products that read them keep them for
+    the decay's and beta's gradients), k x beta, and every state a later chunk reads but the first
+    (heads x k_dim x v_dim each, kept by its decay's product).
+    bf16 copies: the key's transpose for k_beta @ k^T (heads x S x k_dim); with `qkv_grad` k x beta,
+    the key's transpose again and the query for q @ k^T (x k_dim each); with `gate_grad` the two
+    products (heads x S x chunk). Per chunk, twice the state it reads (for the decayed keys' and the
+    query's products), its corrected values and its within-chunk attention slice (heads x chunk x
+    v_dim, x chunk); from the second chunk on the decayed keys' and query's slices (x k_dim each);
+    and but for the last (whose state update is dropped) the corrected values again and the decayed
+    key's slice (x k_dim), read by the state update."""
+    if not (qkv_grad or gate_grad):
+        return ()
+    padded = -(-seq // chunk) * chunk
+    n = padded // chunk
+    rows, wide = heads * padded, heads * padded * chunk
+    state, block = heads * k_dim * v_dim, heads * chunk
+    fp32 = [wide, wide, rows, rows, rows * v_dim, rows * k_dim] + [rows] * (n > 1)
+    fp32 += [heads * n] * (n > 2 or (n > 1 and gate_grad)) + [rows] * qkv_grad
+    if gate_grad:
+        fp32 += [rows * v_dim, rows * k_dim, rows * k_dim, rows * k_dim] + [state] * (n - 1)
+    bf16 = [rows * k_dim] + [rows * k_dim] * 3 * qkv_grad + [wide, wide] * gate_grad
+    for i in range(n):
+        bf16 += [state, state, block * v_dim, block * chunk]
+        bf16 += [block * k_dim, block * k_dim] * (i > 0) + [block * v_dim, block * k_dim] * (i < n - 1)
+    return tuple((e, FP32) for e in fp32) + tuple((e, 2) for e in bf16)
+
+
+def delta_rule_mask_bytes(gate_grad: bool, chunk: int = 64) -> int:
+    """The (chunk, chunk) bool mask `masked_fill` keeps when the decay needs a gradient."""
+    return chunk * chunk if gate_grad else 0
 
 
 def _linear_attention_layer(g: Graph, spec: ModelSpec, i: int, p: str, x: Tensor, h: Tensor) -> Tensor:
@@ -1662,7 +1723,6 @@ def gated_delta_net(g: Graph, spec: ModelSpec, a: str, h: Tensor) -> Tensor:
     g.args = (h, qkvz)
     ba = g.linear(h, f"{a}.in_proj_ba", H, 2 * nv)
     own, conv = f"{a}" in g.trainable, f"{a}.conv1d" in g.trainable
-    grad = qkvz.grad or ba.grad or own or conv
     mixed = g.new(t * channels, qkvz.itemsize, qkvz.grad)  # the concatenated q, k, v copies
     if g.cond.autocast:  # .to(fp32 weight), then autocast's bf16 copy for the conv
         mixed = g.cast(g.cast(mixed, FP32), 2)
@@ -1687,15 +1747,19 @@ def gated_delta_net(g: Graph, spec: ModelSpec, a: str, h: Tensor) -> Tensor:
         g.save(g.new(nv, FP32, False), g.new(t * nv, FP32, False))  # exp(A_log) and softplus's output
     if ba.grad or own:
         g.save(g.new(nv, FP32, False))  # -exp(A_log), the product's other factor
-    heads = g.cond.batch_size * nv
-    if grad:
+    heads, gate_grad = g.cond.batch_size * nv, ba.grad or own
+    if qkv.grad:
         rows = heads * g.cond.seq_len
         for _ in "qk":  # q and k in fp32, each l2 norm's input and rsqrt
             g.save(g.new(rows * dk, FP32, False), g.new(rows, FP32, False))
-        g.save(g.new(64 * 64, 1, False))  # masked_fill's mask
-        for numel in chunk_delta_rule_saves(heads, g.cond.seq_len, dk, dv):
-            g.save(g.new(numel, FP32, False))
-    core = g.new(t * values, cb, grad)
+    if gate_grad:
+        g.save(g.new(delta_rule_mask_bytes(gate_grad), 1, False))
+    kept = (autocast_delta_rule_saves(heads, g.cond.seq_len, dk, dv, qkv.grad, gate_grad) if g.cond.autocast
+            else tuple((e, FP32) for e in chunk_delta_rule_saves(heads, g.cond.seq_len, dk, dv, qkv.grad,
+                                                                   gate_grad)))
+    for numel, size in kept:
+        g.save(g.new(numel, size, False))
+    core = g.new(t * values, cb, qkv.grad or ba.grad or own)
     z = g.new(t * values, qkvz.itemsize, qkvz.grad)
     normed = g.rms_norm(core, f"{a}.norm", dv)
     z32 = g.cast(z, FP32)
