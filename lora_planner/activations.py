@@ -3006,7 +3006,7 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
     if spec.family == "gpt2":
         h = g.layer_norm(x, norm, H)
     else:
-        h = g.rms_norm(x, norm, H, spec.family in GEMMA_FAMILIES, fp32_product=fp32_norm_product(spec))
+        h = g.rms_norm(x, norm, H, spec.offset_norms, fp32_product=fp32_norm_product(spec))
     final_norm = g.saved_bytes("head")
     # the decoder model returns after its final norm: what its forward held (the embedding output,
     # position ids, rotary cos and sin, attention masks) is freed before the head, unless saved
@@ -3113,7 +3113,7 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
                        if spec.family != "gpt2" and (x.grad or norm in trainable) else 0),
         forward_live=0 if cond.grad_checkpointing else g.forward_live,
         final_norm_freed=trained_norm_product_bytes(x.numel, x.itemsize,
-                                                    spec.family in GEMMA_FAMILIES or fp32_norm_product(spec))
+                                                    spec.offset_norms or fp32_norm_product(spec))
         if spec.family != "gpt2" and norm in trainable else 0,
         input_leaf=t * H * wb if input_grad and not trainable & {"model.embed_tokens", "transformer.wte",
                                                                  "transformer.wpe"} else 0,
