@@ -2149,9 +2149,15 @@ def shared_experts(g: Graph, spec: ModelSpec, p: str, h: Tensor, routed: Tensor)
         out = g.mul(g.unary(g.linear(h, f"{p}.mlp.shared_expert_gate", H, 1), "output"), out)
     g.release(routed)
     g.args = g.args[:-1]
-    if g.tails:
+    # Qwen3-Next's gated shared expert runs before the routed experts: its backward comes after
+    # theirs, so its saved tensors stay through them (not part of the block's tail), and two
+    # (tokens x hidden) gradients wait meanwhile: its output's (from the gate's product) and its
+    # input's share from the gate's projection. DeepSeek-V3's runs after them, backward first.
+    first = spec.shared_expert_gate
+    if g.tails and not first:
         g.tails[-1] += g._saved_total - before
-    shared_backward_moments(g, spec, p, h.nbytes if h.grad else 0, g._saved_total - before,
+    waits = (h.nbytes if h.grad else 0) + (out.nbytes if first and out.grad else 0)
+    shared_backward_moments(g, spec, p, waits, 0 if first else g._saved_total - before,
                             g._saved_total - down_from if act.grad else None,
                             out.nbytes if out.itemsize < routed.itemsize else 0)
     return g.add(routed, out)
@@ -2610,7 +2616,7 @@ def mlp_backward_transients(spec: ModelSpec, cond: Conditions) -> tuple[int, ...
         return ()
     t, cb = cond.tokens, cond.compute_bytes
     routed = 3 * t * spec.experts_per_token * spec.intermediate_size * cond.weight_bytes
-    shared = 3 * t * spec.shared_experts * spec.intermediate_size * cb
+    shared = 3 * t * spec.shared_width * cb
     return tuple(max(routed, shared) if spec.sparse_layer(i) else 3 * t * spec.mlp_width(i) * cb
                  for i in range(spec.num_layers))
 
