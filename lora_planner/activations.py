@@ -145,6 +145,9 @@ class Graph:
     # by section: torch's CPU math kernel's probs @ v backward, the core's saves after softmax still
     # alive plus `value_product_backward` (beyond what the layer saved before them)
     pv_backward: dict[str, int] = field(default_factory=dict)
+    # by section: a gated-DeltaNet layer's token mixer backward beyond its saves left then
+    # (`delta_rule_backward`), in place of the attention's transient
+    mixer_backward: dict[str, int] = field(default_factory=dict)
     # by section: a LoRA-wrapped up projection's input gradient, (saved bytes freed by then, held)
     up_input_backward: dict[str, tuple[int, int]] = field(default_factory=dict)
     # by section: a LoRA-wrapped attention output projection's input gradient (`lora_input_gradient_sum`)
@@ -1612,12 +1615,13 @@ def gated_query(g: Graph, spec: ModelSpec, p: str, h: Tensor) -> tuple[Tensor, T
 
 
 def chunk_delta_rule_saves(heads: int, seq: int, k_dim: int, v_dim: int, qkv_grad: bool, gate_grad: bool,
-                           chunk: int = 64) -> tuple[int, ...]:
-    """fp32 elements `torch_chunk_gated_delta_rule` keeps for backward past its l2 norms (and bool
-    bytes of its mask), for `heads` = batch x value heads, as transformers 5.25's code does when q, k
-    and v need gradients (`qkv_grad`), beta and the decay do (`gate_grad`), or both; nothing when
-    neither. The sequence is padded to S = ceil(seq / chunk) x chunk (F.pad copies even when nothing
-    is padded), n = S / chunk chunks.
+                           chunk: int = 64) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """fp32 elements `torch_chunk_gated_delta_rule` keeps for backward past its l2 norms, for `heads`
+    = batch x value heads, as transformers 5.25's code does when q, k and v need gradients
+    (`qkv_grad`), beta and the decay do (`gate_grad`), or both; nothing when neither: (those kept by
+    the ops up to its first triangular solve, those kept by the later ops), as backward frees the
+    later ones first (`delta_rule_backward`). The sequence is padded to S = ceil(seq / chunk) x chunk
+    (F.pad copies even when nothing is padded), n = S / chunk chunks.
 
     Kept whenever anything needs a gradient: the padded key and scaled query (heads x S x k_dim
     each), k x beta (x k_dim), the pairwise decay's exp and the triangular system (heads x S x
@@ -1634,26 +1638,27 @@ def chunk_delta_rule_saves(heads: int, seq: int, k_dim: int, v_dim: int, qkv_gra
     chunk) mask the decay is filled through, and the two (heads, S, chunk) products the pairwise
     decay multiplies."""
     if not (qkv_grad or gate_grad):
-        return ()
+        return (), ()
     padded = -(-seq // chunk) * chunk
     n = padded // chunk
     rows, wide = heads * padded, heads * padded * chunk
-    kept = [rows * k_dim, rows * k_dim, rows * k_dim, wide, wide, wide, rows, rows,
-            rows * v_dim, rows * k_dim, n * heads * k_dim * v_dim, n * heads * chunk * v_dim]
+    # up to the first solve: key, query, k x beta, the pairwise decay's exp, the system, the first exp,
+    # the new values
+    before = [rows * k_dim, rows * k_dim, rows * k_dim, wide, wide, rows, rows * v_dim]
+    before += [rows] * qkv_grad  # beta, padded
+    before += [rows * v_dim, wide, wide] * gate_grad  # the padded value; k_beta @ k^T and q @ k^T
+    after = [wide, rows, rows * k_dim, n * heads * k_dim * v_dim, n * heads * chunk * v_dim]
     if n > 1:
-        kept += [rows * k_dim, rows * k_dim, rows]  # the decayed query and key, the key's decay
+        after += [rows * k_dim, rows * k_dim, rows]  # the decayed query and key, the key's decay
     if n > 2 or (n > 1 and gate_grad):
-        kept.append(heads * n)  # the chunks' decay
-    if qkv_grad:
-        kept.append(rows)  # beta, padded
-    if gate_grad:
-        kept += [rows * v_dim, wide, wide]  # the padded value; k_beta @ k^T and q @ k^T
-    return tuple(kept)
+        after.append(heads * n)  # the chunks' decay
+    return tuple(before), tuple(after)
 
 
 def autocast_delta_rule_saves(heads: int, seq: int, k_dim: int, v_dim: int, qkv_grad: bool, gate_grad: bool,
-                              chunk: int = 64) -> tuple[tuple[int, int], ...]:
-    """(elements, bytes each) `torch_chunk_gated_delta_rule` keeps past its l2 norms under autocast
+                              chunk: int = 64) -> tuple[tuple[tuple[int, int], ...], ...]:
+    """(elements, bytes each) `torch_chunk_gated_delta_rule` keeps past its l2 norms under autocast,
+    split as `chunk_delta_rule_saves` splits it
     (amp), where each of its matmuls runs on bf16 copies of its fp32 operands and saves those copies
     instead (the element-wise ops and the triangular solves stay fp32). Derived from transformers
     5.25's code as `chunk_delta_rule_saves` is, with S, n and `heads` as there.
@@ -1673,20 +1678,46 @@ def autocast_delta_rule_saves(heads: int, seq: int, k_dim: int, v_dim: int, qkv_
     and but for the last (whose state update is dropped) the corrected values again and the decayed
     key's slice (x k_dim), read by the state update."""
     if not (qkv_grad or gate_grad):
-        return ()
+        return (), ()
     padded = -(-seq // chunk) * chunk
     n = padded // chunk
     rows, wide = heads * padded, heads * padded * chunk
     state, block = heads * k_dim * v_dim, heads * chunk
-    fp32 = [wide, wide, rows, rows, rows * v_dim, rows * k_dim] + [rows] * (n > 1)
-    fp32 += [heads * n] * (n > 2 or (n > 1 and gate_grad)) + [rows] * qkv_grad
-    if gate_grad:
-        fp32 += [rows * v_dim, rows * k_dim, rows * k_dim, rows * k_dim] + [state] * (n - 1)
-    bf16 = [rows * k_dim] + [rows * k_dim] * 3 * qkv_grad + [wide, wide] * gate_grad
+    # up to the first solve (fp32: exp, system, first exp, new values; padded beta; with `gate_grad`
+    # the padded value and key and k x beta), then after it
+    before = [wide, wide, rows, rows * v_dim] + [rows] * qkv_grad
+    before += [rows * v_dim, rows * k_dim, rows * k_dim] * gate_grad
+    after = [rows, rows * k_dim] + [rows] * (n > 1) + [heads * n] * (n > 2 or (n > 1 and gate_grad))
+    after += ([rows * k_dim] + [state] * (n - 1)) * gate_grad  # the padded query (kept by q x exp)
+    half = [rows * k_dim] + [rows * k_dim] * 3 * qkv_grad + [wide, wide] * gate_grad
+    late = []
     for i in range(n):
-        bf16 += [state, state, block * v_dim, block * chunk]
-        bf16 += [block * k_dim, block * k_dim] * (i > 0) + [block * v_dim, block * k_dim] * (i < n - 1)
-    return tuple((e, FP32) for e in fp32) + tuple((e, 2) for e in bf16)
+        late += [state, state, block * v_dim, block * chunk]
+        late += [block * k_dim, block * k_dim] * (i > 0) + [block * v_dim, block * k_dim] * (i < n - 1)
+    return (tuple((e, FP32) for e in before) + tuple((e, 2) for e in half),
+            tuple((e, FP32) for e in after) + tuple((e, 2) for e in late))
+
+
+def delta_rule_backward(heads: int, seq: int, k_dim: int, v_dim: int, qkv_grad: bool, gate_grad: bool,
+                        chunk: int = 64) -> int:
+    """fp32 bytes live in `torch_chunk_gated_delta_rule`'s backward beyond what its layer still keeps
+    saved, at the backward of its first triangular solve (new values = solve(system, v x beta)), the
+    layer's most: everything the later ops kept is freed by then (`chunk_delta_rule_saves`' second
+    part), while gradients of what the earlier ops made wait for those ops' backward.
+
+    The solve's backward holds its incoming gradient and the right side's (heads x S x v_dim each),
+    and makes the system's gradient, -tril(grad_B @ X^T), through two (heads, S, chunk) temporaries;
+    the later solve's system gradient (as wide) waits to be summed with it, and so does the
+    within-chunk attention's (as wide, made by the chunk loop). With `qkv_grad` the padded query's and
+    key's gradients wait (heads x S x k_dim each); the decayed k x beta's always (x k_dim); with
+    `gate_grad` the cumulative decay's (heads x S). S = ceil(seq / chunk) x chunk. Derived from
+    transformers 5.25's code and torch's `linalg_solve_triangular` backward; autograd runs a node
+    after every node made later in forward."""
+    if not (qkv_grad or gate_grad):
+        return 0
+    rows = heads * -(-seq // chunk) * chunk
+    wide = rows * chunk
+    return FP32 * (4 * wide + 2 * rows * v_dim + rows * k_dim * (1 + 2 * qkv_grad) + rows * gate_grad)
 
 
 def delta_rule_mask_bytes(gate_grad: bool, chunk: int = 64) -> int:
@@ -1696,7 +1727,7 @@ def delta_rule_mask_bytes(gate_grad: bool, chunk: int = 64) -> int:
 
 def _linear_attention_layer(g: Graph, spec: ModelSpec, i: int, p: str, x: Tensor, h: Tensor) -> Tensor:
     """A Qwen3-Next decoder layer whose token mixer is the gated DeltaNet (`gated_delta_net`)."""
-    g.attn_tail_start()
+    g.attn_tail_start()  # (from the delta rule's first solve on, when it runs: `gated_delta_net`)
     o = gated_delta_net(g, spec, f"{p}.linear_attn", h)
     g.peak_at(g.unsaved(h, o))
     g.args = ()
@@ -1754,11 +1785,20 @@ def gated_delta_net(g: Graph, spec: ModelSpec, a: str, h: Tensor) -> Tensor:
             g.save(g.new(rows * dk, FP32, False), g.new(rows, FP32, False))
     if gate_grad:
         g.save(g.new(delta_rule_mask_bytes(gate_grad), 1, False))
-    kept = (autocast_delta_rule_saves(heads, g.cond.seq_len, dk, dv, qkv.grad, gate_grad) if g.cond.autocast
-            else tuple((e, FP32) for e in chunk_delta_rule_saves(heads, g.cond.seq_len, dk, dv, qkv.grad,
-                                                                   gate_grad)))
-    for numel, size in kept:
+    if g.cond.autocast:
+        before, after = autocast_delta_rule_saves(heads, g.cond.seq_len, dk, dv, qkv.grad, gate_grad)
+    else:
+        before, after = (tuple((e, FP32) for e in part) for part in
+                         chunk_delta_rule_saves(heads, g.cond.seq_len, dk, dv, qkv.grad, gate_grad))
+    for numel, size in before:
         g.save(g.new(numel, size, False))
+    # what the ops after the first triangular solve keep (and the layer's later ops) is freed by that
+    # solve's backward, the layer's peak (`delta_rule_backward`)
+    g.attn_tail_start()
+    for numel, size in after:
+        g.save(g.new(numel, size, False))
+    if qkv.grad or gate_grad:
+        g.mixer_backward[g.section] = delta_rule_backward(heads, g.cond.seq_len, dk, dv, qkv.grad, gate_grad)
     core = g.new(t * values, cb, qkv.grad or ba.grad or own)
     z = g.new(t * values, qkvz.itemsize, qkvz.grad)
     normed = g.rms_norm(core, f"{a}.norm", dv)
@@ -2893,6 +2933,9 @@ class Profile:
     # per layer: a recomputed expert block at its combine's backward (`moe_recompute_combine`); 0
     # without experts
     recompute_combine: tuple[int, ...] = ()
+    # per layer: a gated-DeltaNet layer's token-mixer backward transient (`delta_rule_backward`), in
+    # place of `transients`' attention one; None for an attention layer, () when no layer has one
+    mixer_backward: tuple[int | None, ...] = ()
     # backward work not done (see `Graph.no_input_grad_params`); `cost` takes it off the FLOPs
     no_input_grad_params: int = 0
     attention_without_grad: int = 0
@@ -3087,6 +3130,8 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
         if g.out_input_backward else (),
         value_product_backward=tuple(g.pv_backward.get(f"layer {i}", 0) for i in range(spec.num_layers))
         if g.pv_backward else (),
+        mixer_backward=tuple(g.mixer_backward.get(f"layer {i}") for i in range(spec.num_layers))
+        if g.mixer_backward else (),
         no_input_grad_params=g.no_input_grad_params,
         attention_without_grad=g.attention_without_grad,
         recompute_peaks=tuple(g.recompute_peak(f"layer {i}") for i in range(spec.num_layers)),
