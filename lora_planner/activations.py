@@ -1781,8 +1781,14 @@ def gated_delta_net(g: Graph, spec: ModelSpec, a: str, h: Tensor) -> Tensor:
     heads, gate_grad = g.cond.batch_size * nv, ba.grad or own
     if qkv.grad:
         rows = heads * g.cond.seq_len
-        for _ in "qk":  # q and k in fp32, each l2 norm's input and rsqrt
-            g.save(g.new(rows * dk, FP32, False), g.new(rows, FP32, False))
+        # each l2 norm keeps its input and rsqrt: q and k in fp32, copies made by .to(float32) (or by
+        # repeat_interleave, when key heads serve several value heads); an fp32 q or k of its own
+        # heads is not copied (.to aliases it), so the norms keep the conv's output they view
+        aliased = nv == nk and qkv.itemsize == FP32
+        if aliased:
+            g.save(qkv)
+        for _ in "qk":
+            g.save(*(() if aliased else (g.new(rows * dk, FP32, False),)), g.new(rows, FP32, False))
     if gate_grad:
         g.save(g.new(delta_rule_mask_bytes(gate_grad), 1, False))
     if g.cond.autocast:
@@ -1800,7 +1806,14 @@ def gated_delta_net(g: Graph, spec: ModelSpec, a: str, h: Tensor) -> Tensor:
     if qkv.grad or gate_grad:
         g.mixer_backward[g.section] = delta_rule_backward(heads, g.cond.seq_len, dk, dv, qkv.grad, gate_grad)
     core = g.new(t * values, cb, qkv.grad or ba.grad or own)
-    z = g.new(t * values, qkvz.itemsize, qkvz.grad)
+    if nv == nk:
+        # z flattened to (tokens x heads, v_dim) is a view of in_proj_qkvz's output when each key head
+        # has one value head; an fp32 one is then kept by silu as that whole output
+        z = Tensor(t * values, qkvz.itemsize, qkvz.grad, qkvz.key)
+        if qkvz.itemsize == FP32 and qkvz.grad:
+            g.save(qkvz)
+    else:
+        z = g.new(t * values, qkvz.itemsize, qkvz.grad)  # the reshape's copy
     normed = g.rms_norm(core, f"{a}.norm", dv)
     z32 = g.cast(z, FP32)
     gate = g.unary(z32, "input")

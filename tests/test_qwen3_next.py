@@ -97,18 +97,20 @@ MODULE_CASES = [("fp32", 2, 5, "all"), ("bf16", 2, 70, "all"), ("amp", 1, 140, "
                 ("bf16", 2, 5, "in_proj_ba")]
 
 
+@pytest.mark.parametrize("heads", [(2, 4), (3, 3)])
 @pytest.mark.parametrize("precision,batch,seq,trains", MODULE_CASES)
-def test_gated_delta_net_saves_what_autograd_keeps(precision, batch, seq, trains):
+def test_gated_delta_net_saves_what_autograd_keeps(precision, batch, seq, trains, heads):
     """The walk of one gated-DeltaNet (`gated_delta_net`, with `chunk_delta_rule_saves` or
     `autocast_delta_rule_saves`) keeps the bytes autograd keeps for transformers' module as it runs
-    without fla and causal-conv1d, byte for byte."""
+    without fla and causal-conv1d, byte for byte; with as many value heads as key heads (3, 3) an fp32
+    q, k and z are views the ops keep whole, with more (2, 4) copies."""
     from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextGatedDeltaNet
 
     from lora_planner.activations import Conditions, Graph, gated_delta_net
 
     config = {"model_type": "qwen3_next", "vocab_size": 32, "hidden_size": 24, "num_hidden_layers": 1,
               "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 8, "num_experts": 2,
-              "num_experts_per_tok": 1, "linear_num_key_heads": 2, "linear_num_value_heads": 4,
+              "num_experts_per_tok": 1, "linear_num_key_heads": heads[0], "linear_num_value_heads": heads[1],
               "linear_key_head_dim": 6, "linear_value_head_dim": 10, "layer_types": ["linear_attention"]}
     spec = spec_from_hf_config(config)
     torch.manual_seed(0)
