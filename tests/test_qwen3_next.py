@@ -93,8 +93,8 @@ def _module_saved_bytes(module, x, autocast: bool) -> int:
 # (precision, batch, tokens: 1 to 3 chunks of 64, what trains: everything, or one in-projection alone
 # over an input that needs no gradient, as LoRA on the first layer)
 MODULE_CASES = [("fp32", 2, 5, "all"), ("bf16", 2, 70, "all"), ("amp", 1, 140, "all"),
-                ("fp32", 2, 70, "in_proj_qkvz"), ("amp", 2, 5, "in_proj_qkvz"), ("fp32", 1, 140, "in_proj_ba"),
-                ("bf16", 2, 5, "in_proj_ba")]
+                ("fp32", 2, 70, "in_proj_qkvz"), ("amp", 2, 5, "in_proj_qkvz"),
+                ("fp32", 1, 140, "in_proj_ba"), ("bf16", 2, 5, "in_proj_ba")]
 
 
 @pytest.mark.parametrize("heads", [(2, 4), (3, 3)])
