@@ -2718,7 +2718,8 @@ def checkpoint_masks_freed(spec: ModelSpec, cond: Conditions) -> tuple[int, ...]
     eager_bytes = b * s * s * (FP32 if cond.autocast else cond.weight_bytes)
     lowest: dict[bool, int] = {}
     for i in reversed(range(spec.num_layers)):
-        lowest[spec.sliding_type(i)] = i
+        if not spec.linear_layer(i):  # (a linear-attention layer gets no mask: no padding, None)
+            lowest[spec.sliding_type(i)] = i
     freed = [0] * spec.num_layers
     for sliding, i in lowest.items():
         if eager:
@@ -3103,7 +3104,7 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
     mask = cond.batch_size * cond.seq_len * cond.seq_len * (FP32 if cond.autocast else wb)
     # Gemma-2 alternates sliding-window and global layers, and Qwen2's layers from max_window_layers on
     # slide: each kind of layer gets its own mask
-    kinds = {spec.sliding_type(i) for i in range(spec.num_layers)}
+    kinds = {spec.sliding_type(i) for i in range(spec.num_layers) if not spec.linear_layer(i)}
     eager_mask = mask * len(kinds) if cond.attention == "eager" else 0
     # A checkpointed layer also keeps its other arguments: the attention mask its kind of layer gets
     # (eager) and, for rotary families, cos, sin and the position ids.
