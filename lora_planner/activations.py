@@ -1517,9 +1517,10 @@ def _mlp_half(g: Graph, spec: ModelSpec, i: int, p: str, x: Tensor, dense: bool,
         # it is saved already unless the norm upcast a 16-bit copy of it
         g.args = (h, x) if g.attn_weights is None else (h, x, g.attn_weights)
     if sparse:
+        before = g._saved_total
         m = _moe(g, spec, p, h)
         if spec.shared_experts:
-            m = shared_experts(g, spec, p, h, m)
+            m = shared_experts(g, spec, p, h, m, g._saved_total - before)
     elif spec.family == "phi3":
         gu = g.linear(h, f"{p}.mlp.gate_up_proj", H, 2 * inter)
         # gate and up are halves of one output: keeping either keeps all of it
@@ -2163,7 +2164,8 @@ def route(g: Graph, spec: ModelSpec, router: str, h: Tensor) -> Tensor:
     return logits
 
 
-def shared_experts(g: Graph, spec: ModelSpec, p: str, h: Tensor, routed: Tensor) -> Tensor:
+def shared_experts(g: Graph, spec: ModelSpec, p: str, h: Tensor, routed: Tensor,
+                   routed_saved: int = 0) -> Tensor:
     """DeepSeek-V3's shared experts: a gated MLP of shared_experts x intermediate_size over the block's
     input, run after the routed experts (whose output is bound meanwhile) and added to it. What it
     saves is used and freed first in backward (its ops were recorded last), before the routed
@@ -2212,24 +2214,27 @@ def shared_experts(g: Graph, spec: ModelSpec, p: str, h: Tensor, routed: Tensor)
     waits = (h.nbytes if h.grad else 0) + (out.nbytes if first and out.grad else 0)
     shared_backward_moments(g, spec, p, waits, 0 if first else g._saved_total - before,
                             g._saved_total - down_from if act.grad else None,
-                            out.nbytes if out.itemsize < routed.itemsize else 0)
+                            out.nbytes if out.itemsize < routed.itemsize else 0, routed_saved)
     return g.add(routed, out)
 
 
 def shared_backward_moments(g: Graph, spec: ModelSpec, p: str, waits: int, mine: int, down_saved: int | None,
-                            cast: int) -> None:
+                            cast: int, routed_saved: int = 0) -> None:
     """The shared experts' share of the sparse block's backward moments (see `shared_experts`): their
     input's gradient (`waits`) alive through the routed experts' backward, what they saved (`mine`)
     freed by then, and, trained in full, their three weight gradients made by then; under autocast the
     16-bit cast of their gradient (`cast`) waiting through a recompute. Their own gated product's
     moment (`down_saved`: what the down projection saved; None when no gradient reaches it) holds
     only the down projection's weight gradient, not yet the routed experts' down one, which the
-    timeline counts before the block's backward."""
+    timeline counts before the block's backward. A gated shared expert (Qwen3-Next's) runs before
+    the routed experts, so its product's backward comes after theirs, once their `routed_saved` bytes
+    are freed and all their weight gradients made."""
     H, inter, wb = spec.hidden_size, spec.shared_width, g.cond.weight_bytes
     path = shared_expert_path(spec, p)
     layer = g.section.removesuffix(" mlp")
-    made = sum(H * inter * wb for leaf in ("gate_proj", "up_proj", "down_proj")
-               if f"{path}.{leaf}" in g.trainable)
+    # (a gated shared expert, run before the routed ones, has made none by their backward)
+    made = 0 if spec.shared_expert_gate else sum(
+        H * inter * wb for leaf in ("gate_proj", "up_proj", "down_proj") if f"{path}.{leaf}" in g.trainable)
     for moments, freed in ((g.pending, 0), (g.combine, mine), (g.recompute_combine, 0)):
         if moments.get(layer):  # (the un-sort's and the recompute's were written before these saves)
             moments[layer] += waits + made - freed
@@ -2244,6 +2249,10 @@ def shared_backward_moments(g: Graph, spec: ModelSpec, p: str, waits: int, mine:
     down_grad = H * inter * wb if f"{path}.down_proj" in g.trainable else 0
     shared = (0 if down_saved is None else
               3 * g.cond.tokens * inter * g.cond.compute_bytes - down_saved + down_grad - routed_grad)
+    if spec.shared_expert_gate and shared:
+        # run last in backward: the routed experts' saved tensors are freed by then, their gate/up
+        # weight's gradient made beside the down one
+        shared += 3 * routed_grad - routed_saved
     merged = g.expert_backward[-1]
     g.expert_backward[-1] = max(merged + waits + made - mine if merged else 0,
                                 routed_peak + waits + made if waits else 0, shared)
@@ -2670,6 +2679,8 @@ def mlp_backward_transients(spec: ModelSpec, cond: Conditions) -> tuple[int, ...
     t, cb = cond.tokens, cond.compute_bytes
     routed = 3 * t * spec.experts_per_token * spec.intermediate_size * cond.weight_bytes
     shared = 3 * t * spec.shared_width * cb
+    # (a gated shared expert's product runs after the routed experts' backward: `shared_experts`)
+    shared = 0 if spec.shared_expert_gate else shared
     return tuple(max(routed, shared) if spec.sparse_layer(i) else 3 * t * spec.mlp_width(i) * cb
                  for i in range(spec.num_layers))
 
