@@ -6,6 +6,7 @@ from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
 from . import checkpoint_sizes, cost, stacks
+from .activations import every_kth_layer
 from .adapter_dtype import FP32_ADAPTERS, fp32_adapters
 from .architecture import Architecture, Param, kept_in_fp32, layout
 from .catalog import PUBLISHED_NOTES
@@ -32,7 +33,10 @@ from .memory import (
 from .optimizers import PAGED_OPTIMIZERS, check_optimizer
 from .precision import DTYPE_BYTES, Precision, get_precision, weight_dtype
 from .quant import (
+    COMPUTE_DTYPES,
+    bnb_bias_bytes,
     nf4_state_bytes,
+    parse_bnb_version,
     quant_notes,
     quantised_params,
     torchao_replicated_bytes,
@@ -114,6 +118,14 @@ class Plan:
     notes: tuple[str, ...] = field(default=())
     workload: cost.Workload | None = None  # tokens, MFU and price behind `compute`
     advice: object | None = None  # `advice.Advice`: changes that make a method fit, when asked
+
+
+def checkpointed_share(setup: TrainSetup, num_layers: int) -> tuple[int, int]:
+    """(checkpointed layers, layers) under --checkpoint-every (`activations.checkpointed_layers`,
+    by the stack's count): the share of the layers whose forward backward runs again."""
+    offset = stacks.get_stack(setup.stack).checkpoint_offset
+    chosen = every_kth_layer(num_layers, setup.checkpoint_every, offset)
+    return sum(chosen), max(num_layers, 1)
 
 
 def _save_dtype(setup: TrainSetup, precision: Precision) -> str:
@@ -304,7 +316,8 @@ def plan_full(spec: ModelSpec, setup: TrainSetup, gpu: Gpu, fewest_only: bool = 
         _zero3(spec, setup, arch, precision, {m.path: m.numel for m in arch.modules}, total),
         flops_per_token=cost.full_flops_per_token(
             *_matmul_params(spec, setup.task, setup.num_labels),
-            cost.attention_forward_flops(spec, _attended(setup)), setup.grad_checkpointing),
+            cost.attention_forward_flops(spec, _attended(setup)), setup.grad_checkpointing,
+            checkpointed_share(setup, spec.num_layers)),
         paged_optimizer_states=paged_optimizer_term(setup.optimizer, params),
         rank=None, trainable_params=total, all_params=total, target_modules=(),
         wrapped_modules=0,
@@ -313,6 +326,26 @@ def plan_full(spec: ModelSpec, setup: TrainSetup, gpu: Gpu, fewest_only: bool = 
         storage=checkpoint_sizes.storage_for_tasks(setup.tasks, ckpt, ckpt),
         fewest_only=fewest_only,
     )
+
+
+def _split_4bit_biases(frozen: list[Param], quantised: set[str], setup: TrainSetup, precision: Precision,
+                       weight_terms: list[Term]) -> list[Param]:
+    """The frozen biases of bitsandbytes' 4-bit layers as their own term when the release holds them
+    at another width than the weights' (`quant.bnb_bias_bytes`); the other frozen tensors returned."""
+    if setup.quant_backend != "bnb":
+        return frozen
+    width = bnb_bias_bytes(parse_bnb_version(setup.bnb_version), COMPUTE_DTYPES[setup.bnb_compute_dtype],
+                           precision.weight_bytes)
+    biases = [p for p in frozen if p.name.endswith(".bias")
+              and p.name.removesuffix(".bias") + ".weight" in quantised]
+    if width == precision.weight_bytes or not biases:
+        return frozen
+    weight_terms.append(dense_weight_bytes(
+        "weights_4bit_biases", sum(p.numel for p in biases), width,
+        f"4-bit layers' bias (bitsandbytes {setup.bnb_version} Linear4bit casts it to "
+        f"bnb_4bit_compute_dtype {setup.bnb_compute_dtype} in its first forward)"))
+    names = {p.name for p in biases}
+    return [p for p in frozen if p.name not in names]
 
 
 def plan_lora(spec: ModelSpec, setup: TrainSetup, gpu: Gpu, fewest_only: bool = False) -> MethodPlan:
@@ -334,6 +367,7 @@ def plan_lora(spec: ModelSpec, setup: TrainSetup, gpu: Gpu, fewest_only: bool = 
                             "(to_nf4); drop it or plan --quant-backend bnb")
         weight_terms.append(quantized_weight_bytes(nf4, setup.double_quant, setup.quant_backend,
                                                    precision.weight_bytes))
+        frozen = _split_4bit_biases(frozen, quantised, setup, precision, weight_terms)
     wide = {p.name for p in _fp32_kept(spec, arch, precision)}
     if wide:
         weight_terms.append(_fp32_weight_term([p for p in frozen if p.name in wide]))
@@ -364,10 +398,12 @@ def plan_lora(spec: ModelSpec, setup: TrainSetup, gpu: Gpu, fewest_only: bool = 
     flops = cost.lora_flops_per_token(
         *_matmul_params(spec, setup.task, setup.num_labels), trainable.adapter_count,
         trainable.saved_module_count, cost.attention_forward_flops(spec, _attended(setup)),
-        setup.grad_checkpointing, skipped, attention_skipped, spec.num_layers)
+        setup.grad_checkpointing, skipped, attention_skipped, spec.num_layers,
+        checkpointed_share(setup, spec.num_layers))
     if nf4:
         flops = cost.plus(flops, cost.dequant_flops_per_token(
-            sum(p.numel for p in nf4), setup.batch_size * setup.seq_len, setup.grad_checkpointing))
+            sum(p.numel for p in nf4), setup.batch_size * setup.seq_len, setup.grad_checkpointing,
+            checkpointed_share(setup, spec.num_layers)))
     # The frozen base is gathered without gradients; the adapters' are the trained modules.
     return _assemble(
         setup.method, gpu, tuple(weight_terms),
@@ -489,6 +525,9 @@ def plan_recorded(model: RecordedModel, setup: TrainSetup, gpu: Gpu, fewest_only
     the meta-device build's tensors, exactly as `plan_full` and `plan_lora` count them; activations
     and the step's phases from the recorded lines; FLOPs by `cost.full_flops_per_token` and
     `cost.lora_flops_per_token` over its linear weights, without an attention term."""
+    if setup.checkpoint_every > 1:
+        raise PlanError("--checkpoint-every is planned for the families laid out natively; a model "
+                        "recorded from transformers is recorded with every layer checkpointed or none")
     precision = get_precision(setup.precision)
     step = model.step(setup)
     params, total = model.params, model.total_params
@@ -503,7 +542,8 @@ def plan_recorded(model: RecordedModel, setup: TrainSetup, gpu: Gpu, fewest_only
             _recorded_zero3(model, params, setup, precision), fewest_only=fewest_only,
             recorded=step, recorded_layers=model.num_layers,
             flops_per_token=cost.full_flops_per_token(model.matmul_params, model.head_params, no_attention,
-                                                      setup.grad_checkpointing),
+                                                      setup.grad_checkpointing,
+                                                      checkpointed_share(setup, model.num_layers)),
             paged_optimizer_states=paged_optimizer_term(setup.optimizer, params),
             rank=None, trainable_params=total, all_params=total, target_modules=(), wrapped_modules=0,
             checkpoint=Term("checkpoint", base, f"safetensors, {len(params)} tensors in {base_dtype}"),
@@ -519,6 +559,7 @@ def plan_recorded(model: RecordedModel, setup: TrainSetup, gpu: Gpu, fewest_only
         frozen = [p for p in frozen if p.name not in quantisable]
         weight_terms.append(quantized_weight_bytes(nf4, setup.double_quant, setup.quant_backend,
                                                    precision.weight_bytes))
+        frozen = _split_4bit_biases(frozen, quantisable, setup, precision, weight_terms)
     weight_terms.append(dense_weight_bytes("weights_frozen", sum(p.numel for p in frozen),
                                            precision.weight_bytes, "frozen"))
     count = sum(p.numel for p in step.trainable)
@@ -539,7 +580,8 @@ def plan_recorded(model: RecordedModel, setup: TrainSetup, gpu: Gpu, fewest_only
     dtype = "fp32" if fp32 and setup.save_dtype == "auto" else base_dtype
     adapter = checkpoint_sizes.safetensors_bytes(step.trainable, dtype)
     flops = cost.lora_flops_per_token(model.matmul_params, model.head_params, step.adapter_params,
-                                      count - step.adapter_params, no_attention, setup.grad_checkpointing)
+                                      count - step.adapter_params, no_attention, setup.grad_checkpointing,
+                                      share=checkpointed_share(setup, model.num_layers))
     return _assemble(
         setup.method, gpu, tuple(weight_terms), states, setup, None,
         _recorded_zero3(model, step.trainable, setup, precision), fewest_only=fewest_only,

@@ -20,6 +20,7 @@ from .optimizers import TORCH_OPTIMIZERS
 from .precision import Precision
 from .quant import check_quant, quantised_params
 from .spec import ModelSpec, TrainSetup
+from .stacks import get_stack
 from .timeline import Phase, States, peak_phase, step_phases
 
 # Modules of a decoder layer whose backward runs before attention's: the MLP and the norms around it.
@@ -61,6 +62,20 @@ def conditions(setup: TrainSetup, precision: Precision, device: str = "cuda") ->
     if setup.activation_offload and not setup.grad_checkpointing:
         raise PlanError("--activation-offload moves the checkpointed layer inputs to CPU memory: "
                         "it needs --grad-checkpointing")
+    if setup.checkpoint_every < 1:
+        raise PlanError(f"--checkpoint-every must be at least 1, got {setup.checkpoint_every}")
+    if setup.checkpoint_every > 1 and not setup.grad_checkpointing:
+        raise PlanError("--checkpoint-every K checkpoints every K-th layer: it needs checkpointing on "
+                        "(drop --no-grad-checkpointing)")
+    if setup.checkpoint_ops and not setup.grad_checkpointing:
+        raise PlanError("--checkpoint-ops chooses what checkpointed layers keep: it needs checkpointing "
+                        "on (drop --no-grad-checkpointing)")
+    if setup.checkpoint_ops and setup.method != "full":
+        raise PlanError("--checkpoint-ops (torchtitan's op-level selective checkpointing) is planned "
+                        "for --method full, as torchtitan trains")
+    if (setup.checkpoint_every > 1 or setup.checkpoint_ops) and setup.activation_offload:
+        raise PlanError("--activation-offload is planned with every layer checkpointed to its input: "
+                        "drop --checkpoint-every / --checkpoint-ops or the offload")
     if setup.batch_size < 1 or setup.seq_len < 1:
         raise PlanError(f"batch size and sequence length must be positive, got {setup.batch_size} "
                         f"and {setup.seq_len}")
@@ -77,6 +92,8 @@ def conditions(setup: TrainSetup, precision: Precision, device: str = "cuda") ->
         packed=packed, batch_size=batch, seq_len=seq, weight_bytes=precision.weight_bytes,
         autocast=precision.name == "amp", attention=setup.attention,
         grad_checkpointing=setup.grad_checkpointing, device=device,
+        checkpoint_every=setup.checkpoint_every, checkpoint_offset=get_stack(setup.stack).checkpoint_offset,
+        checkpoint_ops=setup.checkpoint_ops,
         dropout=setup.dropout, lora_dropout=setup.lora_dropout,
         loss=setup.loss or "standard", loss_chunks=setup.loss_chunks or 8,
         activation_offload=bool(setup.activation_offload),
@@ -93,7 +110,8 @@ def qlora_conditions(setup: TrainSetup, precision: Precision) -> dict:
         return {}
     _, _, saved = check_quant(setup.quant_backend, setup.bnb_version, setup.bnb_compute_dtype,
                               precision.weight_bytes)
-    return {"quantised_base": True, "nf4_saved_input": saved}
+    return {"quantised_base": True, "nf4_saved_input": saved,
+            "nf4_output_in_input_dtype": (setup.quant_backend or "bnb") == "bnb"}
 
 
 def _training(spec: ModelSpec, setup: TrainSetup,

@@ -21,6 +21,8 @@ from .scale_options import scale_options, setup_changes, workload
 from .stack_options import stack_changes, stack_options
 from .step_options import (
     adapter_dtype_option,
+    checkpoint_every_option,
+    checkpoint_ops_option,
     dropout_option,
     lora_dropout_option,
     optimizer_in_backward_option,
@@ -116,6 +118,8 @@ def bare_model_hint(word: str) -> str:
 @click.option("--tasks", "tasks", type=click.IntRange(1, MAX_TASKS), default=1, show_default=True,
               help="Storage for N task-specific fine-tunes: N full copies vs base + N adapters.")
 @step_options
+@checkpoint_every_option
+@checkpoint_ops_option
 @stack_options
 @dropout_option
 @lora_dropout_option
@@ -167,7 +171,8 @@ def plan_output(model_name, params_text, methods, ranks, targets, precision, opt
                 activation_offload, gpu_name, gpu_mem, fmt, units, explain, fit, dropout=None,
                 quantize_experts=False, lora_dropout=0.0, adapter_dtype="auto",
                 optimizer_in_backward=False, packing=False, gpu_given=False, quant_backend=None,
-                bnb_version=BNB_MODELLED, bnb_compute_dtype="bf16", compile_mode=None, **scale) -> str:
+                bnb_version=BNB_MODELLED, bnb_compute_dtype="bf16", compile_mode=None, checkpoint_every=1,
+                checkpoint_ops=False, **scale) -> str:
     """What `plan` prints for its parsed options (click's parameter names); a user mistake
     raises PlanError. The command echoes it; the page (`serve`) answers with it directly.
     `gpu_given`: the user named --gpu (see `gpu_given()`), so --gpu-mem keeps that card's kind."""
@@ -198,7 +203,7 @@ def plan_output(model_name, params_text, methods, ranks, targets, precision, opt
         attention=attention, dropout=dropout, lora_dropout=lora_dropout, adapter_dtype=adapter_dtype,
         optimizer_in_backward=optimizer_in_backward, packing=packing,
         **stack_changes(stack, optimizer_impl, loss, loss_chunks, activation_offload,
-                        grad_checkpointing, compile_mode),
+                        grad_checkpointing, compile_mode, checkpoint_every, checkpoint_ops),
         **setup_changes(**scale),
     )
     rank_list = parse_ranks(ranks)
@@ -335,7 +340,9 @@ def models_command(fmt: str) -> None:
 @click.command("trace", context_settings=ANY_CASE)
 @click.option("--model", "model_name", required=True, metavar="NAME|PATH",
               help="Catalog name or a local config.json (as for `plan`).")
-@click.option("--method", type=click.Choice(["full", "lora"]), default="lora", show_default=True)
+@click.option("--method", type=click.Choice(["full", "lora", "qlora"]), default="lora", show_default=True,
+              help="qlora runs bitsandbytes' Linear4bit on CPU (every linear layer but the output head, "
+                   "NF4, double quantised) and plans the installed bitsandbytes release.")
 @click.option("--rank", type=click.IntRange(1, MAX_RANK), default=8, show_default=True)
 @click.option("--targets", "targets", multiple=True, metavar="T[,T]", callback=check_targets,
               help="LoRA targets, as for `plan`.")
@@ -343,6 +350,8 @@ def models_command(fmt: str) -> None:
                                 "model): a plain torch step keeps no fp32 master copy; mixed and bf16 with "
                                 "--adapter-dtype fp32, whose fp32 adapters need none.")
 @step_options
+@checkpoint_every_option
+@checkpoint_ops_option
 @stack_options
 @dropout_option
 @lora_dropout_option
@@ -368,7 +377,7 @@ def trace_command(model_name, method, rank, targets, precision, batch_size, seq_
                   attention, stack, optimizer_impl, loss, loss_chunks, activation_offload, layers, fake,
                   fmt, force, dropout=None, optimizer="adamw", lora_dropout=0.0,
                   adapter_dtype="auto", optimizer_in_backward=False, packing=False,
-                  compile_mode=None, device="cpu") -> None:
+                  compile_mode=None, checkpoint_every=1, checkpoint_ops=False, device="cpu") -> None:
     """Trace one real training step (on CPU, or a GPU with --device cuda) and print it beside the
     prediction, term by term.
 
@@ -392,10 +401,13 @@ def trace_command(model_name, method, rank, targets, precision, batch_size, seq_
                        lora_dropout=lora_dropout, adapter_dtype=adapter_dtype,
                        optimizer_in_backward=optimizer_in_backward, packing=packing,
                        **stack_changes(stack, optimizer_impl, loss, loss_chunks, activation_offload,
-                                       grad_checkpointing, compile_mode))
+                                       grad_checkpointing, compile_mode, checkpoint_every,
+                                       checkpoint_ops))
     need_measure_extra("lora-plan trace")
-    from ..measure.traced_step import predicted_terms, sliced, trace
+    from ..measure.traced_step import installed_bnb_version, predicted_terms, sliced, trace
 
+    if method == "qlora":  # the plan models the bitsandbytes release the trace runs
+        setup = setup.with_(bnb_version=installed_bnb_version())
     spec = sliced(spec, layers)
     from ..measure.traced_step import check_device
 
@@ -459,7 +471,10 @@ def _allocator_line(reading, tracer_peak: int) -> str:
 
 def _trace_header(spec: ModelSpec, setup: TrainSetup) -> str:
     """What was traced, in one line above the table: model and layers, method, precision, step."""
-    method = "full" if setup.method == "full" else f"lora r={setup.rank} ({','.join(setup.targets)})"
+    targets = ",".join(setup.targets)
+    method = "full" if setup.method == "full" else f"{setup.method} r={setup.rank} ({targets})"
+    if setup.method == "qlora":
+        method += f" on bitsandbytes {setup.bnb_version} Linear4bit (NF4)"
     dropout = f", lora dropout {setup.lora_dropout:g}" if setup.lora_dropout else ""
     if setup.adapter_dtype != "auto":
         dropout += f", {setup.adapter_dtype} adapters"

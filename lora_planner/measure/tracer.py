@@ -12,7 +12,8 @@ mode (the innermost mode sees the fake outputs).
 
 Categories, decided once the step is over:
 
-- parameters: the model's parameter storages (present before the step);
+- parameters: the model's parameter storages (present before the step), a 4-bit parameter's
+  quantisation state included (`quant_state_tensors`);
 - buffers: the model's buffers (rotary tables and the like);
 - inputs: the batch handed to the tracer (token ids, labels);
 - gradients: storages that became a parameter's `.grad`;
@@ -120,6 +121,19 @@ class TraceReport:
         }
 
 
+def quant_state_tensors(p: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors a 4-bit parameter keeps beside its packed codes, counted with the parameter:
+    bitsandbytes' `Params4bit.quant_state` holds the per-block absmax and, double-quantised, the
+    second level's absmax and the offset (what `quant.nf4_bytes` counts). Its 16- and 256-entry
+    code books are lookup tables outside the count, as in the plan; none for any other parameter."""
+    state = getattr(p, "quant_state", None)
+    if state is None:
+        return ()
+    inner = getattr(state, "state2", None)
+    kept = (state.absmax, getattr(state, "offset", None), inner.absmax if inner is not None else None)
+    return tuple(t for t in kept if isinstance(t, torch.Tensor))
+
+
 def _storage_key(t: torch.Tensor) -> tuple[int, torch.UntypedStorage]:
     storage = t.untyped_storage()
     return id(storage), storage
@@ -202,6 +216,8 @@ class MemoryTracer(TorchDispatchMode):
     def _adopt_model(self) -> None:
         for name, p in self.model.named_parameters():
             self._track(p, f"parameter {name}", "parameters")
+            for i, t in enumerate(quant_state_tensors(p)):
+                self._track(t, f"quant state {name}[{i}]", "parameters")
             if p.grad is not None:
                 self._track(p.grad, f"grad {name}", "gradients")
             if p.requires_grad:
