@@ -2303,7 +2303,7 @@ def shared_experts(g: Graph, spec: ModelSpec, p: str, h: Tensor, routed: Tensor,
     if g.tails and not first:
         g.tails[-1] += g._saved_total - before
     waits = (h.nbytes if h.grad else 0) + (out.nbytes if first and out.grad else 0)
-    shared_backward_moments(g, spec, p, waits, 0 if first else g._saved_total - before,
+    shared_backward_moments(g, spec, p, waits, g._saved_total - before,
                             g._saved_total - down_from if act.grad else None,
                             out.nbytes if out.itemsize < routed.itemsize else 0, routed_saved)
     return g.add(routed, out)
@@ -2326,13 +2326,18 @@ def shared_backward_moments(g: Graph, spec: ModelSpec, p: str, waits: int, mine:
     # (a gated shared expert, run before the routed ones, has made none by their backward)
     made = 0 if spec.shared_expert_gate else sum(
         H * inter * wb for leaf in ("gate_proj", "up_proj", "down_proj") if f"{path}.{leaf}" in g.trainable)
-    for moments, freed in ((g.pending, 0), (g.combine, mine), (g.recompute_combine, 0)):
+    first = spec.shared_expert_gate
+    # (run first, a gated shared expert's saves are alive through the routed experts' backward: freed
+    # by none of their moments, and part of the recomputed set, which the un-sort's and the recompute's
+    # combine moments were written without)
+    for moments, freed in ((g.pending, 0), (g.combine, 0 if first else mine),
+                           (g.recompute_combine, -mine if first else 0)):
         if moments.get(layer):  # (the un-sort's and the recompute's were written before these saves)
             moments[layer] += waits + made - freed
     # (the un-sort's moment adds `pending`, which holds `waits`; the gradients are made before it)
     g.pending[layer] = g.pending.get(layer, 0) + cast - (made if g.pending.get(layer) else 0)
     if g.unsort.get(layer):
-        g.unsort[layer] += made
+        g.unsort[layer] += made + (mine if first else 0)
     routed_peak = (3 * g.cond.tokens * spec.experts_per_token * spec.intermediate_size * wb
                    - (g.tails[-1] if g.tails else 0))
     routed_trains = f"{p}.mlp.experts" in g.trainable
@@ -2345,7 +2350,7 @@ def shared_backward_moments(g: Graph, spec: ModelSpec, p: str, waits: int, mine:
         # weight's gradient made beside the down one
         shared += 3 * routed_grad - routed_saved
     merged = g.expert_backward[-1]
-    g.expert_backward[-1] = max(merged + waits + made - mine if merged else 0,
+    g.expert_backward[-1] = max(merged + waits + made - (0 if first else mine) if merged else 0,
                                 routed_peak + waits + made if waits else 0, shared)
 
 
