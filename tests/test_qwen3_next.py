@@ -51,6 +51,11 @@ def test_presets_train_what_peft_trains(seed, targets):
     config = random_config(random.Random(seed), "qwen3_next")
     config.pop("mlp_only_layers", None)
     config.pop("decoder_sparse_step", None)  # at least one sparse layer
+    if "," in targets:  # names of both kinds of layer: a model with both (a preset keeps what is there)
+        layers = max(2, config["num_hidden_layers"])
+        config.pop("full_attention_interval", None)
+        config.update(num_hidden_layers=layers,
+                      layer_types=[("linear_attention", "full_attention")[i % 2] for i in range(layers)])
     spec = spec_from_hf_config(config)
     setup = TrainSetup(rank=2, targets=tuple(targets.split(",")))
     names = expand_targets(spec, setup.targets)
