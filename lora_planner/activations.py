@@ -151,7 +151,9 @@ class Graph:
 
     cond: Conditions
     wrapped: dict[str, int]  # module path -> LoRA rank
-    trainable: set[str]  # module paths whose own weights train (full fine-tuning: all)
+    # module paths whose own weights train (full fine-tuning: all), and `<path>.bias` for a bias that
+    # trains without its weight (PEFT's bias="all" / "lora_only")
+    trainable: set[str]
     saved: dict[int, tuple[int, str]] = field(default_factory=dict)
     rates: tuple[float, float, float] = (0.0, 0.0, 0.0)  # attention, residual, embedding dropout
     biases: frozenset[str] = frozenset()  # module paths that have a bias
@@ -405,7 +407,7 @@ class Graph:
 
         CUDA keeps the statistics in fp32 (the accumulate type); the CPU kernel in the input's dtype.
         """
-        trains = path in self.trainable
+        trains = path in self.trainable or f"{path}.bias" in self.trainable
         if self.cond.autocast:
             x = self.cast(x, FP32)
         rows = x.numel // dim
@@ -493,29 +495,37 @@ class Graph:
         when x needs one; under autocast that is a bf16 copy of W, otherwise the parameter itself).
         """
         trains = path in self.trainable
+        # a trained bias alone saves nothing (its gradient sums the output's), but its output then
+        # needs a gradient, and so does what is computed from it
+        bias_trains = f"{path}.bias" in self.trainable
         rank = self.wrapped.get(path)
         rows = x.numel // in_features
         if not x.grad:
             self.no_input_grad_params += in_features * out_features + in_features * (rank or 0)
-        xin = self.cast(x, 2) if self.cond.autocast else x
+        # the Trainer's autocast over a 16-bit base (fp32 adapters) reaches a base layer only where the
+        # model itself made its input fp32 (DeepSeek-V3's and GLM-4-MoE's router): autocast casts that
+        # input and the weight back to bf16
+        casts = self.cond.autocast or (self.cond.adapter_autocast and x.itemsize == FP32)
+        xin = self.cast(x, 2) if casts else x
         if trains:
             self.save(xin, kernel=True)
         quantised = self.nf4_input(x, path, trains)  # QLoRA's 4-bit base: no autocast weight copy
-        if self.cond.autocast and (x.grad or trains) and not quantised:
+        if casts and (x.grad or trains) and not quantised:
             self.save(self.new(in_features * out_features, 2, False))  # the bf16 weight copy
-        if self.cond.autocast and trains:
+        if casts and trains:
             self.cached(in_features * out_features * 2, saved=True)
-            if path in self.biases:
-                self.cached(out_features * 2, saved=False)
+        if casts and (trains or bias_trains) and path in self.biases:
+            self.cached(out_features * 2, saved=False)
         # bitsandbytes' Linear4bit returns `matmul_4bit(...).to(inp_dtype)`: under autocast its output
         # keeps its input's dtype, where an autocast linear's is 16-bit
         same = quantised and self.cond.nf4_output_in_input_dtype
-        out = self.new(rows * out_features, x.itemsize if same else xin.itemsize, x.grad or trains)
+        out = self.new(rows * out_features, x.itemsize if same else xin.itemsize,
+                       x.grad or trains or bias_trains)
         self.sac_op("addmm" if path in self.biases else "mm", out)
         # the matmul's moment: its input, autocast's copies of the input and (when no op keeps it)
         # of the weight, and its output
         self.moment(x, xin, out, extra=in_features * out_features * 2
-                    if self.cond.autocast and not (x.grad or trains or quantised) else 0)
+                    if casts and not (x.grad or trains or quantised) else 0)
         if rank is None:
             return out
         # PEFT casts the adapter's input to lora_A's dtype first: under autocast the adapters are fp32,
@@ -2664,9 +2674,10 @@ def head_and_loss(g: Graph, spec: ModelSpec, h: Tensor, head: str) -> tuple[Tens
     # backward) and two fp32 values per row; no fp32 copy nor log-softmax output of the vocab's width
     compiled = loss_compiled(cond.compile)
     if trains and not cond.autocast:
-        # one sequence: each chunk is a view of h, keeping any keeps all of it; several: a chunk is
-        # not contiguous and the head's matmul keeps a copy of it (the same bytes in all)
-        g.save(h)
+        # a chunk is a view of h when the head's reshape can view it (one sequence, one position or
+        # all of them): keeping it keeps all of h; any other chunk is not contiguous, and the head's
+        # matmul keeps a copy of it
+        g.save(*(h if b == 1 or w in (1, s) else g.new(b * w * H, h.itemsize, False) for w in widths))
     if cond.autocast and trains and grad:
         g.save(g.new(V * H, 2, False))  # the cached bf16 copy of the trained weight, once
     for w in widths:
@@ -2719,8 +2730,23 @@ def head_and_loss(g: Graph, spec: ModelSpec, h: Tensor, head: str) -> tuple[Tens
         done = b * (widths[-1] + widths[-2])
         capped = done * V * cb if spec.family in GEMMA_FAMILIES and spec.final_softcap else 0
         freed = 0 if compiled else t * V * FP32  # the log-softmax outputs saved (eager)
+        freed += 0 if cond.autocast else chunk_inputs_freed(b, s, widths, H, h.itemsize)
         worst = max(worst, -freed + (t - done) * V * cb + 3 * V * H * cb - capped)
     return logits, fp32, (worst if grad else 0)
+
+
+def chunk_inputs_freed(batch: int, seq: int, widths: list[int], hidden: int, itemsize: int) -> int:
+    """What the chunked head's saved inputs give back, net, once the last two chunks' heads have run
+    backward (the moment their weight gradients are summed), without autocast. A copied chunk gives
+    back its copy and leaves its input gradient (the same shape and dtype) waiting for the rest of
+    h's gradient: nothing net. h itself, which a chunk keeps as a view (one sequence, one position or
+    all of them; see `head_and_loss`), is freed once no chunk still to run views it, less the waiting
+    gradients of the viewing chunks done."""
+    views = [batch == 1 or w in (1, seq) for w in widths]
+    if not any(views[-2:]) or any(views[:-2]):
+        return 0
+    done = sum(w for w, view in zip(widths[-2:], views[-2:], strict=True) if view)
+    return batch * (seq - done) * hidden * itemsize
 
 
 def residual_gradient_bytes(spec: ModelSpec, cond: Conditions) -> int:
@@ -3096,6 +3122,9 @@ class Profile:
     # (`Graph.sac_unconsumed`), alive through its backward
     sac_kept: tuple[int, ...] = ()
     sac_unconsumed: tuple[int, ...] = ()
+    # every tensor the walk saved, in the order saved: (bytes, section of its first save); the
+    # structural oracle (`measure/saved_tape.py`) holds it against the real model's saved tensors
+    saves: tuple[tuple[int, str], ...] = field(default=(), compare=False, repr=False)
 
     def checkpointed_at(self, i: int) -> bool:
         """Whether layer i is checkpointed (keeps its input, recomputes its saved set in backward)."""
@@ -3348,6 +3377,7 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
         # then keeps every saved set, as without checkpointing (the embedding output still a leaf)
         checkpointed=any(ckpt),
         rng_state=checkpoint_rng_state_bytes(cond),
+        saves=tuple(g.saved.values()),
         offloaded=cond.activation_offload,
         compiled=cond.compile,
         # a chunked or fused loss counts the head's input alive through the loss itself (`head_and_loss`)

@@ -116,13 +116,14 @@ def qlora_conditions(setup: TrainSetup, precision: Precision) -> dict:
 
 def _training(spec: ModelSpec, setup: TrainSetup,
               arch: Architecture) -> tuple[dict[str, int], set[str], dict[str, int]]:
-    """Wrapped modules (path -> rank), modules whose weights train, and trainable numel by path."""
+    """Wrapped modules (path -> rank), modules whose weights train (and the names of biases that
+    train without their module's weight, PEFT's `bias`), and trainable numel by path."""
     if setup.method == "full":
         return {}, {m.path for m in arch.modules}, {m.path: m.numel for m in arch.modules}
     trainable = lora_trainable(spec, setup)
     wrapped = {a.module.path: setup.rank for a in trainable.adapters}
     by_path = {a.module.path: a.numel for a in trainable.adapters}
-    saved = {m.path for m in trainable.saved_modules}
+    saved = {m.path for m in trainable.saved_modules} | {p.name for p in trainable.biases}
     for m in trainable.saved_modules:
         by_path[m.path] = by_path.get(m.path, 0) + m.numel
     for p in trainable.biases:
@@ -265,16 +266,22 @@ def input_gradient_skips(spec: ModelSpec, setup: TrainSetup) -> tuple[int, int]:
     return prof.no_input_grad_params, prof.attention_without_grad
 
 
+def check_walkable(spec: ModelSpec, setup: TrainSetup, cond: Conditions) -> None:
+    """Refuse in one line a setup the activation walk does not model: fp32 adapters (`adapter_dtype`)
+    on a router or fused experts, which PEFT wraps in a `ParamWrapper`."""
+    if cond.adapter_bytes and any(a.module.kind in ("router", "experts")
+                                  for a in lora_trainable(spec, setup).adapters):
+        raise PlanError("--adapter-dtype fp32 is not modelled for adapters on a router or fused experts "
+                        "(PEFT's ParamWrapper): leave them out of --targets, or plan --adapter-dtype auto")
+
+
 def predict_step(spec: ModelSpec, setup: TrainSetup, precision: Precision, memory: dict[str, int],
                  device: str = "cuda") -> StepPrediction:
     """The step's activations and peak, given the plan's model-state bytes in `memory`."""
     arch = layout(spec, setup.task, setup.num_labels)
     cond = conditions(setup, precision, device)
     wrapped, trainable, _ = _training(spec, setup, arch)
-    if cond.adapter_bytes and any(a.module.kind in ("router", "experts")
-                                  for a in lora_trainable(spec, setup).adapters):
-        raise PlanError("--adapter-dtype fp32 is not modelled for adapters on a router or fused experts "
-                        "(PEFT's ParamWrapper): leave them out of --targets, or plan --adapter-dtype auto")
+    check_walkable(spec, setup, cond)
     prof = profile(spec, cond, wrapped, trainable)
     grads = layer_gradients(spec, training_key(setup), precision)
     head, embed_trains = grads.head, grads.embed_trains
