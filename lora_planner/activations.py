@@ -1749,7 +1749,7 @@ def chunk_delta_rule_saves(heads: int, seq: int, k_dim: int, v_dim: int, qkv_gra
     before = [rows * k_dim, rows * k_dim, rows * k_dim, wide, wide, rows, rows * v_dim]
     before += [rows] * qkv_grad  # beta, padded
     before += [rows * v_dim, wide, wide] * gate_grad  # the padded value; k_beta @ k^T and q @ k^T
-    after = [wide, rows, rows * k_dim, n * heads * k_dim * v_dim, n * heads * chunk * v_dim]
+    after = [wide, rows, rows * k_dim] + [heads * k_dim * v_dim, heads * chunk * v_dim] * n  # (per chunk)
     if n > 1:
         after += [rows * k_dim, rows * k_dim, rows]  # the decayed query and key, the key's decay
     if n > 2 or (n > 1 and gate_grad):
@@ -1848,6 +1848,9 @@ def gated_delta_net(g: Graph, spec: ModelSpec, a: str, h: Tensor) -> Tensor:
     gated RMSNorm over each value head (fp32 input and rsqrt kept, the weight product and silu of the
     fp32 gate z each keeping what their backward reads) and out_proj."""
     t, H = g.cond.tokens, spec.hidden_size
+    # packed documents are one row: the convolution and the chunks run over all of its tokens (the
+    # torch fallback takes no sequence boundaries)
+    batch, seq = (1, t) if g.cond.packed else (g.cond.batch_size, g.cond.seq_len)
     nk, nv = spec.linear_key_heads, spec.linear_value_heads
     dk, dv, kernel = spec.linear_key_head_dim, spec.linear_value_head_dim, spec.linear_conv_kernel
     keys, values = nk * dk, nv * dv
@@ -1863,8 +1866,7 @@ def gated_delta_net(g: Graph, spec: ModelSpec, a: str, h: Tensor) -> Tensor:
             g.save(g.new(channels * kernel, 2, False))  # the weight's bf16 copy
     if conv or mixed.grad:
         g.save(mixed)
-    padded = g.new(g.cond.batch_size * channels * (g.cond.seq_len + kernel - 1), mixed.itemsize,
-                   mixed.grad or conv)
+    padded = g.new(batch * channels * (seq + kernel - 1), mixed.itemsize, mixed.grad or conv)
     if padded.grad:
         g.save(padded)  # silu keeps its input, a slice of the padded output
     qkv = g.new(t * channels, mixed.itemsize, padded.grad)
@@ -1880,9 +1882,9 @@ def gated_delta_net(g: Graph, spec: ModelSpec, a: str, h: Tensor) -> Tensor:
         g.save(g.new(nv, FP32, False), g.new(t * nv, FP32, False))  # exp(A_log) and softplus's output
     if ba.grad or own:
         g.save(g.new(nv, FP32, False))  # -exp(A_log), the product's other factor
-    heads, gate_grad = g.cond.batch_size * nv, ba.grad or own
+    heads, gate_grad = batch * nv, ba.grad or own
     if qkv.grad:
-        rows = heads * g.cond.seq_len
+        rows = heads * seq
         # each l2 norm keeps its input and rsqrt: q and k in fp32, copies made by .to(float32) (or by
         # repeat_interleave, when key heads serve several value heads); an fp32 q or k of its own
         # heads is not copied (.to aliases it), so the norms keep the conv's output they view
@@ -1893,11 +1895,11 @@ def gated_delta_net(g: Graph, spec: ModelSpec, a: str, h: Tensor) -> Tensor:
             g.save(*(() if aliased else (g.new(rows * dk, FP32, False),)), g.new(rows, FP32, False))
     if gate_grad:
         g.save(g.new(delta_rule_mask_bytes(gate_grad), 1, False))
-    if g.cond.autocast:
-        before, after = autocast_delta_rule_saves(heads, g.cond.seq_len, dk, dv, qkv.grad, gate_grad)
+    if g.cond.autocast or g.cond.adapter_autocast:  # (fp32 adapters' autocast spans the whole forward)
+        before, after = autocast_delta_rule_saves(heads, seq, dk, dv, qkv.grad, gate_grad)
     else:
         before, after = (tuple((e, FP32) for e in part) for part in
-                         chunk_delta_rule_saves(heads, g.cond.seq_len, dk, dv, qkv.grad, gate_grad))
+                         chunk_delta_rule_saves(heads, seq, dk, dv, qkv.grad, gate_grad))
     for numel, size in before:
         g.save(g.new(numel, size, False))
     # what the ops after the first triangular solve keep (and the layer's later ops) is freed by that
@@ -1906,7 +1908,7 @@ def gated_delta_net(g: Graph, spec: ModelSpec, a: str, h: Tensor) -> Tensor:
     for numel, size in after:
         g.save(g.new(numel, size, False))
     if qkv.grad or gate_grad:
-        g.mixer_backward[g.section] = delta_rule_backward(heads, g.cond.seq_len, dk, dv, qkv.grad, gate_grad)
+        g.mixer_backward[g.section] = delta_rule_backward(heads, seq, dk, dv, qkv.grad, gate_grad)
     core = g.new(t * values, cb, qkv.grad or ba.grad or own)
     if nv == nk:
         # z flattened to (tokens x heads, v_dim) is a view of in_proj_qkvz's output when each key head
