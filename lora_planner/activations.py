@@ -29,7 +29,7 @@ import functools
 import itertools
 from dataclasses import dataclass, field, replace
 
-from .architecture import router_path
+from .architecture import router_path, shared_expert_path
 from .counts import gate_up_rank_factor
 from .errors import PlanError
 from .spec import GEMMA_FAMILIES, QWEN_WINDOWS, ModelSpec
@@ -194,6 +194,9 @@ class Graph:
     # by section: torch's CPU math kernel's probs @ v backward, the core's saves after softmax still
     # alive plus `value_product_backward` (beyond what the layer saved before them)
     pv_backward: dict[str, int] = field(default_factory=dict)
+    # by section: a gated-DeltaNet layer's token mixer backward beyond its saves left then
+    # (`delta_rule_backward`), in place of the attention's transient
+    mixer_backward: dict[str, int] = field(default_factory=dict)
     # by section: a LoRA-wrapped up projection's input gradient, (saved bytes freed by then, held)
     up_input_backward: dict[str, tuple[int, int]] = field(default_factory=dict)
     # by section: a LoRA-wrapped attention output projection's input gradient (`lora_input_gradient_sum`)
@@ -1427,7 +1430,6 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
     """One decoder layer of `spec`'s family, as transformers 5 writes it."""
     H, hd = spec.hidden_size, spec.head_dim
     nh, nkv, inter = spec.num_heads, spec.num_kv_heads, spec.mlp_width(i)
-    sparse = spec.sparse_layer(i)
     p = f"{_layers_prefix(spec)}.{i}"
     if spec.family == "gpt2":
         attn_drop, drop = g.rates[0], g.rates[1]
@@ -1475,14 +1477,17 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
         g.pending[f"layer {i}"] = mlp_output_pending(g.cond, out.numel,
                                                      f"{p}.mlp.c_proj" in g.wrapped and m is out)
         return g.add(x, m)
-    gemma = spec.family in GEMMA_FAMILIES
+    gemma, offset = spec.family in GEMMA_FAMILIES, spec.offset_norms
     # OLMo 2 normalises only each block's output: attention and the MLP read the residual stream
     post_only = spec.norm_placement == "post"
     post_norms = spec.norm_placement in ("sandwich", "post")
     product = fp32_norm_product(spec)
-    h = x if post_only else g.rms_norm(x, f"{p}.input_layernorm", H, gemma, fp32_product=product)
+    h = x if post_only else g.rms_norm(x, f"{p}.input_layernorm", H, offset, fp32_product=product)
     g.hold(h)  # the attention's input, until it returns
     g.args, g.attn_weights = (h,), None  # the attention's input, bound by the decoder layer
+    if spec.linear_layer(i):
+        return _linear_attention_layer(g, spec, i, p, x, h)
+    gate = None
     if spec.family == "phi3":
         qkv = g.linear(h, f"{p}.self_attn.qkv_proj", H, (nh + 2 * nkv) * hd)
         # q and k are slices that rope copies; v is a slice too, and keeping it keeps the fused output
@@ -1504,9 +1509,12 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
         g.args = (h, q, k, v)
         k = qk_norm(g, spec, k, f"{p}.self_attn.k_norm", nkv)
     else:
-        q = g.linear(h, f"{p}.self_attn.q_proj", H, nh * hd)
-        g.args = (h, q)
-        q = qk_norm(g, spec, q, f"{p}.self_attn.q_norm", nh)
+        if spec.attention_output_gate:
+            q, gate = gated_query(g, spec, p, h)
+        else:
+            q = g.linear(h, f"{p}.self_attn.q_proj", H, nh * hd)
+            g.args = (h, q)
+            q = qk_norm(g, spec, q, f"{p}.self_attn.q_norm", nh)
         g.args = (h, q)
         k = g.linear(h, f"{p}.self_attn.k_proj", H, nkv * hd)
         g.args = (h, q, k)
@@ -1545,7 +1553,10 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
     # the attention modules of Llama's form (OLMo 2's too); the MLP of Llama's form is the layer's
     # last op only with the norms before the blocks (`dense`)
     llama_attention = spec.family in ("llama", "mistral", "qwen2", "qwen3", "olmo2", "smollm3", "deepseek_v3",
-                                      "glm4_moe")
+                                      "glm4_moe", "qwen3_next")
+    if gate is not None:
+        # the attention's output times sigmoid(gate): sigmoid keeps its output, the product both factors
+        a = g.mul(a, g.unary(gate, "output"))
     dense = llama_attention and not post_norms
     if llama_attention:
         # the attention module keeps q, k, v (and eager's weights) and the layer its normed input until
@@ -1575,19 +1586,30 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
     if spec.family == "phi3":
         a = g.dropout_op(a, g.rates[1])  # resid_attn_dropout
     if post_norms:
-        a = g.rms_norm(a, f"{p}.post_attention_layernorm", H, gemma, fp32_product=post_only)
+        a = g.rms_norm(a, f"{p}.post_attention_layernorm", H, offset, fp32_product=post_only)
     x = g.add(x, a)
     g.release(h)
+    return _mlp_half(g, spec, i, p, x, dense, weights)
+
+
+def _mlp_half(g: Graph, spec: ModelSpec, i: int, p: str, x: Tensor, dense: bool,
+              weights: tuple[Tensor, ...]) -> Tensor:
+    """A decoder layer from the residual after its token mixer on: the norm before the MLP, the MLP
+    (dense or the expert block) and the residual add."""
+    H, inter, sparse = spec.hidden_size, spec.mlp_width(i), spec.sparse_layer(i)
+    gemma, offset = spec.family in GEMMA_FAMILIES, spec.offset_norms
+    post_only = spec.norm_placement == "post"
+    post_norms = spec.norm_placement in ("sandwich", "post")
     g.hold(x)  # the residual, until the layer returns
     g.attn_tail_end()
     g.section += " mlp"
     h = x if post_only else g.rms_norm(
-        x, f"{p}.pre_feedforward_layernorm" if gemma else f"{p}.post_attention_layernorm", H, gemma,
-        fp32_product=product)
+        x, f"{p}.pre_feedforward_layernorm" if gemma else f"{p}.post_attention_layernorm", H, offset,
+        fp32_product=fp32_norm_product(spec))
     if x.grad and not post_only:
         norm = f"{p}.pre_feedforward_layernorm" if gemma else f"{p}.post_attention_layernorm"
         g.mlp_norm_backward[f"layer {i}"] = pre_mlp_norm_backward(
-            g.cond.tokens, H, g.norm_copy, gemma and norm in g.trainable)
+            g.cond.tokens, H, g.norm_copy, offset and norm in g.trainable)
     g.hold(h)  # the MLP's input, until it returns
     if dense:
         g.args = (h, *weights)
@@ -1596,9 +1618,10 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
         # it is saved already unless the norm upcast a 16-bit copy of it
         g.args = (h, x) if g.attn_weights is None else (h, x, g.attn_weights)
     if sparse:
+        before = g._saved_total
         m = _moe(g, spec, p, h)
         if spec.shared_experts:
-            m = shared_experts(g, spec, p, h, m)
+            m = shared_experts(g, spec, p, h, m, g._saved_total - before)
     elif spec.family == "phi3":
         gu = g.linear(h, f"{p}.mlp.gate_up_proj", H, 2 * inter)
         # gate and up are halves of one output: keeping either keeps all of it
@@ -1645,7 +1668,7 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
     block_out = m
     if post_norms:
         g.release(h)  # the MLP's normed input, gone once the MLP returns
-        m = g.rms_norm(m, f"{p}.post_feedforward_layernorm", H, gemma,
+        m = g.rms_norm(m, f"{p}.post_feedforward_layernorm", H, offset,
                        recompute_alive=tuple(a for a in g.args if a.key != h.key), fp32_product=post_only)
         # the block's output is bound until the norm returns; the MLP's normed input is gone by then
         g.peak_at(g.unsaved(block_out, *(a for a in g.args if a.key != h.key)))
@@ -1673,6 +1696,234 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
         # recompute)
         g.pending[layer] = g.pending.get(layer, 0) + block_out.numel * FP32
     return g.add(x, m)
+
+
+def gated_query(g: Graph, spec: ModelSpec, p: str, h: Tensor) -> tuple[Tensor, Tensor]:
+    """Qwen3-Next's query and attention output gate: q_proj makes each head's query and gate side by
+    side (2 x heads x head_dim); the gate's reshape copies its strided half, and the query, a strided
+    view, goes through q_norm: a 16-bit query is copied by the norm's float(), an fp32 one is kept by
+    pow as the view, which keeps q_proj's whole output. Source: transformers 5
+    `Qwen3NextAttention.forward`."""
+    H, nh, hd = spec.hidden_size, spec.num_heads, spec.head_dim
+    both = g.linear(h, f"{p}.self_attn.q_proj", H, 2 * nh * hd)
+    g.args = (h, both)
+    gate = g.pointwise(both.numel // 2, both.itemsize, both.grad, both)
+    if both.itemsize == FP32 and both.grad:
+        g.save(both)
+    view = Tensor(both.numel // 2, both.itemsize, both.grad, both.key)
+    q = qk_norm(g, spec, view, f"{p}.self_attn.q_norm", nh)
+    g.hold(gate)
+    return q, gate
+
+
+def chunk_delta_rule_saves(heads: int, seq: int, k_dim: int, v_dim: int, qkv_grad: bool, gate_grad: bool,
+                           chunk: int = 64) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """fp32 elements `torch_chunk_gated_delta_rule` keeps for backward past its l2 norms, for `heads`
+    = batch x value heads, as transformers 5.25's code does when q, k and v need gradients
+    (`qkv_grad`), beta and the decay do (`gate_grad`), or both; nothing when neither: (those kept by
+    the ops up to its first triangular solve, those kept by the later ops), as backward frees the
+    later ones first (`delta_rule_backward`). The sequence is padded to S = ceil(seq / chunk) x chunk
+    (F.pad copies even when nothing is padded), n = S / chunk chunks.
+
+    Kept whenever anything needs a gradient: the padded key and scaled query (heads x S x k_dim
+    each), k x beta (x k_dim), the pairwise decay's exp and the triangular system (heads x S x
+    chunk each), the within-chunk attention (as wide), two exps of the cumulative decay (heads x S
+    each), the two triangular solves' results (new values, heads x S x v_dim; decayed keys, x k_dim),
+    and per chunk the recurrent state it reads (heads x k_dim x v_dim, the first one zeros) and its
+    corrected values (heads x chunk x v_dim). The last chunk's state update is dropped with the final
+    state (not asked for), and what only it kept with it: the key with its decay applied (heads x S x
+    k_dim) and that decay's exp (heads x S) are kept from two chunks on; the decayed query (x k_dim)
+    too, by the second chunk's read of a state that needs a gradient; the chunks' decay (heads x n)
+    from two chunks on by its exp with `gate_grad`, from three without (the second chunk's update
+    scales a state that needs a gradient). With `qkv_grad` the padded beta (heads x S) is kept for the
+    value's and key's gradients; with `gate_grad` the padded value (x v_dim) for beta's, the (chunk,
+    chunk) mask the decay is filled through, and the two (heads, S, chunk) products the pairwise
+    decay multiplies."""
+    if not (qkv_grad or gate_grad):
+        return (), ()
+    padded = -(-seq // chunk) * chunk
+    n = padded // chunk
+    rows, wide = heads * padded, heads * padded * chunk
+    # up to the first solve: key, query, k x beta, the pairwise decay's exp, the system, the first exp,
+    # the new values
+    before = [rows * k_dim, rows * k_dim, rows * k_dim, wide, wide, rows, rows * v_dim]
+    before += [rows] * qkv_grad  # beta, padded
+    before += [rows * v_dim, wide, wide] * gate_grad  # the padded value; k_beta @ k^T and q @ k^T
+    after = [wide, rows, rows * k_dim] + [heads * k_dim * v_dim, heads * chunk * v_dim] * n  # (per chunk)
+    if n > 1:
+        after += [rows * k_dim, rows * k_dim, rows]  # the decayed query and key, the key's decay
+    if n > 2 or (n > 1 and gate_grad):
+        after.append(heads * n)  # the chunks' decay
+    return tuple(before), tuple(after)
+
+
+def autocast_delta_rule_saves(heads: int, seq: int, k_dim: int, v_dim: int, qkv_grad: bool, gate_grad: bool,
+                              chunk: int = 64) -> tuple[tuple[tuple[int, int], ...], ...]:
+    """(elements, bytes each) `torch_chunk_gated_delta_rule` keeps past its l2 norms under autocast,
+    split as `chunk_delta_rule_saves` splits it
+    (amp), where each of its matmuls runs on bf16 copies of its fp32 operands and saves those copies
+    instead (the element-wise ops and the triangular solves stay fp32). Derived from transformers
+    5.25's code as `chunk_delta_rule_saves` is, with S, n and `heads` as there.
+
+    fp32, whenever anything needs a gradient: the pairwise decay's exp and the triangular system
+    (heads x S x chunk each), the cumulative decay's first two exps (heads x S each), the solves'
+    results (heads x S x v_dim and x k_dim); from two chunks on, the key's decay exp (heads x S); the
+    chunks' decay (heads x n) as in `chunk_delta_rule_saves`. With `qkv_grad` the padded beta. With
+    `gate_grad`: the padded value, key and scaled query (the products that read them keep them for
+    the decay's and beta's gradients), k x beta, and every state a later chunk reads but the first
+    (heads x k_dim x v_dim each, kept by its decay's product).
+    bf16 copies: the key's transpose for k_beta @ k^T (heads x S x k_dim); with `qkv_grad` k x beta,
+    the key's transpose again and the query for q @ k^T (x k_dim each); with `gate_grad` the two
+    products (heads x S x chunk). Per chunk, twice the state it reads (for the decayed keys' and the
+    query's products), its corrected values and its within-chunk attention slice (heads x chunk x
+    v_dim, x chunk); from the second chunk on the decayed keys' and query's slices (x k_dim each);
+    and but for the last (whose state update is dropped) the corrected values again and the decayed
+    key's slice (x k_dim), read by the state update."""
+    if not (qkv_grad or gate_grad):
+        return (), ()
+    padded = -(-seq // chunk) * chunk
+    n = padded // chunk
+    rows, wide = heads * padded, heads * padded * chunk
+    state, block = heads * k_dim * v_dim, heads * chunk
+    # up to the first solve (fp32: exp, system, first exp, new values; padded beta; with `gate_grad`
+    # the padded value and key and k x beta), then after it
+    before = [wide, wide, rows, rows * v_dim] + [rows] * qkv_grad
+    before += [rows * v_dim, rows * k_dim, rows * k_dim] * gate_grad
+    after = [rows, rows * k_dim] + [rows] * (n > 1) + [heads * n] * (n > 2 or (n > 1 and gate_grad))
+    after += ([rows * k_dim] + [state] * (n - 1)) * gate_grad  # the padded query (kept by q x exp)
+    half = [rows * k_dim] + [rows * k_dim] * 3 * qkv_grad + [wide, wide] * gate_grad
+    late = []
+    for i in range(n):
+        late += [state, state, block * v_dim, block * chunk]
+        late += [block * k_dim, block * k_dim] * (i > 0) + [block * v_dim, block * k_dim] * (i < n - 1)
+    return (tuple((e, FP32) for e in before) + tuple((e, 2) for e in half),
+            tuple((e, FP32) for e in after) + tuple((e, 2) for e in late))
+
+
+def delta_rule_backward(heads: int, seq: int, k_dim: int, v_dim: int, qkv_grad: bool, gate_grad: bool,
+                        chunk: int = 64) -> int:
+    """fp32 bytes live in `torch_chunk_gated_delta_rule`'s backward beyond what its layer still keeps
+    saved, at the backward of its first triangular solve (new values = solve(system, v x beta)), the
+    layer's most: everything the later ops kept is freed by then (`chunk_delta_rule_saves`' second
+    part), while gradients of what the earlier ops made wait for those ops' backward.
+
+    The solve's backward holds its incoming gradient and the right side's (heads x S x v_dim each),
+    and makes the system's gradient, -tril(grad_B @ X^T), through two (heads, S, chunk) temporaries;
+    the later solve's system gradient (as wide) waits to be summed with it, and so does the
+    within-chunk attention's (as wide, made by the chunk loop). With `qkv_grad` the padded query's and
+    key's gradients wait (heads x S x k_dim each); the decayed k x beta's always (x k_dim); with
+    `gate_grad` the cumulative decay's (heads x S). S = ceil(seq / chunk) x chunk. Derived from
+    transformers 5.25's code and torch's `linalg_solve_triangular` backward; autograd runs a node
+    after every node made later in forward."""
+    if not (qkv_grad or gate_grad):
+        return 0
+    rows = heads * -(-seq // chunk) * chunk
+    wide = rows * chunk
+    return FP32 * (4 * wide + 2 * rows * v_dim + rows * k_dim * (1 + 2 * qkv_grad) + rows * gate_grad)
+
+
+def delta_rule_mask_bytes(gate_grad: bool, chunk: int = 64) -> int:
+    """The (chunk, chunk) bool mask `masked_fill` keeps when the decay needs a gradient."""
+    return chunk * chunk if gate_grad else 0
+
+
+def _linear_attention_layer(g: Graph, spec: ModelSpec, i: int, p: str, x: Tensor, h: Tensor) -> Tensor:
+    """A Qwen3-Next decoder layer whose token mixer is the gated DeltaNet (`gated_delta_net`)."""
+    g.attn_tail_start()  # (from the delta rule's first solve on, when it runs: `gated_delta_net`)
+    o = gated_delta_net(g, spec, f"{p}.linear_attn", h)
+    g.peak_at(g.unsaved(h, o))
+    g.args = ()
+    x = g.add(x, o)
+    g.release(h)
+    return _mlp_half(g, spec, i, p, x, True, ())
+
+
+def gated_delta_net(g: Graph, spec: ModelSpec, a: str, h: Tensor) -> Tensor:
+    """`Qwen3NextGatedDeltaNet.forward` as transformers 5.25 runs it without fla or causal_conv1d:
+    in_proj_qkvz and in_proj_ba; q, k and v copied out of their heads' groups and concatenated; the
+    causal depthwise conv1d (its input cast to the weight's dtype, then autocast's 16-bit) keeps its
+    input and its padded output, which silu keeps; beta = sigmoid(b) keeps its output; the decay
+    -exp(A_log) x softplus(a + dt_bias) in fp32; the chunked delta rule (fp32 copies of q, k, v, beta
+    and the decay; each l2 norm keeps its input and rsqrt; then `chunk_delta_rule_saves`); the
+    gated RMSNorm over each value head (fp32 input and rsqrt kept, the weight product and silu of the
+    fp32 gate z each keeping what their backward reads) and out_proj."""
+    t, H = g.cond.tokens, spec.hidden_size
+    # packed documents are one row: the convolution and the chunks run over all of its tokens (the
+    # torch fallback takes no sequence boundaries)
+    batch, seq = (1, t) if g.cond.packed else (g.cond.batch_size, g.cond.seq_len)
+    nk, nv = spec.linear_key_heads, spec.linear_value_heads
+    dk, dv, kernel = spec.linear_key_head_dim, spec.linear_value_head_dim, spec.linear_conv_kernel
+    keys, values = nk * dk, nv * dv
+    channels = 2 * keys + values
+    qkvz = g.linear(h, f"{a}.in_proj_qkvz", H, 2 * keys + 2 * values)
+    g.args = (h, qkvz)
+    ba = g.linear(h, f"{a}.in_proj_ba", H, 2 * nv)
+    own, conv = f"{a}" in g.trainable, f"{a}.conv1d" in g.trainable
+    mixed = g.new(t * channels, qkvz.itemsize, qkvz.grad)  # the concatenated q, k, v copies
+    if g.cond.autocast:  # .to(fp32 weight), then autocast's bf16 copy for the conv
+        mixed = g.cast(g.cast(mixed, FP32), 2)
+        if mixed.grad:
+            g.save(g.new(channels * kernel, 2, False))  # the weight's bf16 copy
+    if conv or mixed.grad:
+        g.save(mixed)
+    padded = g.new(batch * channels * (seq + kernel - 1), mixed.itemsize, mixed.grad or conv)
+    if padded.grad:
+        g.save(padded)  # silu keeps its input, a slice of the padded output
+    qkv = g.new(t * channels, mixed.itemsize, padded.grad)
+    cb = qkv.itemsize
+    b = g.new(t * nv, ba.itemsize, ba.grad)
+    beta = g.pointwise(t * nv, ba.itemsize, ba.grad, b)
+    if ba.grad:
+        g.save(beta)
+    decay_in = g.new(t * nv, FP32, ba.grad or own)  # a.float() + dt_bias
+    if decay_in.grad:
+        g.save(decay_in)  # softplus keeps its input
+    if own:
+        g.save(g.new(nv, FP32, False), g.new(t * nv, FP32, False))  # exp(A_log) and softplus's output
+    if ba.grad or own:
+        g.save(g.new(nv, FP32, False))  # -exp(A_log), the product's other factor
+    heads, gate_grad = batch * nv, ba.grad or own
+    if qkv.grad:
+        rows = heads * seq
+        # each l2 norm keeps its input and rsqrt: q and k in fp32, copies made by .to(float32) (or by
+        # repeat_interleave, when key heads serve several value heads); an fp32 q or k of its own
+        # heads is not copied (.to aliases it), so the norms keep the conv's output they view
+        aliased = nv == nk and qkv.itemsize == FP32
+        if aliased:
+            g.save(qkv)
+        for _ in "qk":
+            g.save(*(() if aliased else (g.new(rows * dk, FP32, False),)), g.new(rows, FP32, False))
+    if gate_grad:
+        g.save(g.new(delta_rule_mask_bytes(gate_grad), 1, False))
+    if g.cond.autocast or g.cond.adapter_autocast:  # (fp32 adapters' autocast spans the whole forward)
+        before, after = autocast_delta_rule_saves(heads, seq, dk, dv, qkv.grad, gate_grad)
+    else:
+        before, after = (tuple((e, FP32) for e in part) for part in
+                         chunk_delta_rule_saves(heads, seq, dk, dv, qkv.grad, gate_grad))
+    for numel, size in before:
+        g.save(g.new(numel, size, False))
+    # what the ops after the first triangular solve keep (and the layer's later ops) is freed by that
+    # solve's backward, the layer's peak (`delta_rule_backward`)
+    g.attn_tail_start()
+    for numel, size in after:
+        g.save(g.new(numel, size, False))
+    if qkv.grad or gate_grad:
+        g.mixer_backward[g.section] = delta_rule_backward(heads, seq, dk, dv, qkv.grad, gate_grad)
+    core = g.new(t * values, cb, qkv.grad or ba.grad or own)
+    if nv == nk:
+        # z flattened to (tokens x heads, v_dim) is a view of in_proj_qkvz's output when each key head
+        # has one value head; an fp32 one is then kept by silu as that whole output
+        z = Tensor(t * values, qkvz.itemsize, qkvz.grad, qkvz.key)
+        if qkvz.itemsize == FP32 and qkvz.grad:
+            g.save(qkvz)
+    else:
+        z = g.new(t * values, qkvz.itemsize, qkvz.grad)  # the reshape's copy
+    normed = g.rms_norm(core, f"{a}.norm", dv)
+    z32 = g.cast(z, FP32)
+    gate = g.unary(z32, "input")
+    out = g.cast(g.mul(normed, gate), cb)
+    g.peak_at(g.unsaved(h, qkvz, z, out))
+    return g.linear(out, f"{a}.out_proj", values, H)
 
 
 def _latent_qkv(g: Graph, spec: ModelSpec, p: str, h: Tensor,
@@ -1720,12 +1971,17 @@ def _latent_qkv(g: Graph, spec: ModelSpec, p: str, h: Tensor,
     return query, key, Tensor(kv.numel, kv.itemsize, kv.grad, kv.key)
 
 
+# Families whose `apply_rotary_pos_emb` slices the rotating part and concatenates the rest back
+# whatever their `partial_rotary_factor` (GLM-4-MoE's, and Qwen3-Next's adapted from it)
+SLICED_ROPE = ("glm4_moe", "qwen3_next")
+
+
 def concatenated_rope(spec: ModelSpec) -> bool:
     """Whether the rotary embedding rotates a slice of each head and concatenates the rest back
     (`partial_rope`): GLM-4-MoE's does so whatever its `partial_rotary_factor`, 1 too (the rest is
     then empty, the concatenation a copy); a partial rotary embedding of another family would too.
     Latent attention rotates its own part (`_latent_qkv`)."""
-    return not spec.kv_lora_rank and (bool(spec.rope_head_dim) or spec.family == "glm4_moe")
+    return not spec.kv_lora_rank and (bool(spec.rope_head_dim) or spec.family in SLICED_ROPE)
 
 
 def partial_rope(g: Graph, spec: ModelSpec, q: Tensor, k: Tensor, v: Tensor,
@@ -1766,7 +2022,7 @@ def qk_norm(g: Graph, spec: ModelSpec, x: Tensor, path: str, heads: int) -> Tens
     if spec.qk_norm is None:
         return x
     dim = spec.head_dim if spec.qk_norm == "head" else heads * spec.head_dim
-    return g.rms_norm(x, path, dim, spec.family in GEMMA_FAMILIES, fp32_product=fp32_norm_product(spec))
+    return g.rms_norm(x, path, dim, spec.offset_norms, fp32_product=fp32_norm_product(spec))
 
 
 def rotary_kind(spec: ModelSpec, i: int) -> bool:
@@ -2011,7 +2267,8 @@ def route(g: Graph, spec: ModelSpec, router: str, h: Tensor) -> Tensor:
     return logits
 
 
-def shared_experts(g: Graph, spec: ModelSpec, p: str, h: Tensor, routed: Tensor) -> Tensor:
+def shared_experts(g: Graph, spec: ModelSpec, p: str, h: Tensor, routed: Tensor,
+                   routed_saved: int = 0) -> Tensor:
     """DeepSeek-V3's shared experts: a gated MLP of shared_experts x intermediate_size over the block's
     input, run after the routed experts (whose output is bound meanwhile) and added to it. What it
     saves is used and freed first in backward (its ops were recorded last), before the routed
@@ -2022,8 +2279,8 @@ def shared_experts(g: Graph, spec: ModelSpec, p: str, h: Tensor, routed: Tensor)
     waits through all of the routed experts' backward, to be summed with theirs: every later moment
     of the block holds it too (the un-sort's and the combine's, the recompute's, the gated product's
     and a merged expert weight's). Source: transformers 5 `DeepseekV3MoE.forward`."""
-    H, inter = spec.hidden_size, spec.shared_experts * spec.intermediate_size
-    path = f"{p}.mlp.shared_experts"
+    H, inter = spec.hidden_size, spec.shared_width
+    path = shared_expert_path(spec, p)
     before = g._saved_total
     g.args += (routed,)
     gate = g.linear(h, f"{path}.gate_proj", H, inter)
@@ -2044,37 +2301,55 @@ def shared_experts(g: Graph, spec: ModelSpec, p: str, h: Tensor, routed: Tensor)
         g.peak_at(g.unsaved(h, act, *g.args) + recompute_stop_transient(g.cond, act.numel, out.numel,
                                                                          down in g.wrapped))
     g.peak_at(g.unsaved(h, act, out, *g.args), after_saves=True)
+    if spec.shared_expert_gate:
+        # Qwen3-Next scales the shared expert by sigmoid(shared_expert_gate(h)): sigmoid keeps its
+        # (tokens, 1) output, the product both factors
+        out = g.mul(g.unary(g.linear(h, f"{p}.mlp.shared_expert_gate", H, 1), "output"), out)
     g.release(routed)
     g.args = g.args[:-1]
-    if g.tails:
+    # Qwen3-Next's gated shared expert runs before the routed experts: its backward comes after
+    # theirs, so its saved tensors stay through them (not part of the block's tail), and two
+    # (tokens x hidden) gradients wait meanwhile: its output's (from the gate's product) and its
+    # input's share from the gate's projection. DeepSeek-V3's runs after them, backward first.
+    first = spec.shared_expert_gate
+    if g.tails and not first:
         g.tails[-1] += g._saved_total - before
-    shared_backward_moments(g, spec, p, h.nbytes if h.grad else 0, g._saved_total - before,
+    waits = (h.nbytes if h.grad else 0) + (out.nbytes if first and out.grad else 0)
+    shared_backward_moments(g, spec, p, waits, g._saved_total - before,
                             g._saved_total - down_from if act.grad else None,
-                            out.nbytes if out.itemsize < routed.itemsize else 0)
+                            out.nbytes if out.itemsize < routed.itemsize else 0, routed_saved)
     return g.add(routed, out)
 
 
 def shared_backward_moments(g: Graph, spec: ModelSpec, p: str, waits: int, mine: int, down_saved: int | None,
-                            cast: int) -> None:
+                            cast: int, routed_saved: int = 0) -> None:
     """The shared experts' share of the sparse block's backward moments (see `shared_experts`): their
     input's gradient (`waits`) alive through the routed experts' backward, what they saved (`mine`)
     freed by then, and, trained in full, their three weight gradients made by then; under autocast the
     16-bit cast of their gradient (`cast`) waiting through a recompute. Their own gated product's
     moment (`down_saved`: what the down projection saved; None when no gradient reaches it) holds
     only the down projection's weight gradient, not yet the routed experts' down one, which the
-    timeline counts before the block's backward."""
-    H, inter, wb = spec.hidden_size, spec.shared_experts * spec.intermediate_size, g.cond.weight_bytes
-    path = f"{p}.mlp.shared_experts"
+    timeline counts before the block's backward. A gated shared expert (Qwen3-Next's) runs before
+    the routed experts, so its product's backward comes after theirs, once their `routed_saved` bytes
+    are freed and all their weight gradients made."""
+    H, inter, wb = spec.hidden_size, spec.shared_width, g.cond.weight_bytes
+    path = shared_expert_path(spec, p)
     layer = g.section.removesuffix(" mlp")
-    made = sum(H * inter * wb for leaf in ("gate_proj", "up_proj", "down_proj")
-               if f"{path}.{leaf}" in g.trainable)
-    for moments, freed in ((g.pending, 0), (g.combine, mine), (g.recompute_combine, 0)):
+    # (a gated shared expert, run before the routed ones, has made none by their backward)
+    made = 0 if spec.shared_expert_gate else sum(
+        H * inter * wb for leaf in ("gate_proj", "up_proj", "down_proj") if f"{path}.{leaf}" in g.trainable)
+    first = spec.shared_expert_gate
+    # (run first, a gated shared expert's saves are alive through the routed experts' backward: freed
+    # by none of their moments, and part of the recomputed set, which the un-sort's and the recompute's
+    # combine moments were written without)
+    for moments, freed in ((g.pending, 0), (g.combine, 0 if first else mine),
+                           (g.recompute_combine, -mine if first else 0)):
         if moments.get(layer):  # (the un-sort's and the recompute's were written before these saves)
             moments[layer] += waits + made - freed
     # (the un-sort's moment adds `pending`, which holds `waits`; the gradients are made before it)
     g.pending[layer] = g.pending.get(layer, 0) + cast - (made if g.pending.get(layer) else 0)
     if g.unsort.get(layer):
-        g.unsort[layer] += made
+        g.unsort[layer] += made + (mine if first else 0)
     routed_peak = (3 * g.cond.tokens * spec.experts_per_token * spec.intermediate_size * wb
                    - (g.tails[-1] if g.tails else 0))
     routed_trains = f"{p}.mlp.experts" in g.trainable
@@ -2082,8 +2357,12 @@ def shared_backward_moments(g: Graph, spec: ModelSpec, p: str, waits: int, mine:
     down_grad = H * inter * wb if f"{path}.down_proj" in g.trainable else 0
     shared = (0 if down_saved is None else
               3 * g.cond.tokens * inter * g.cond.compute_bytes - down_saved + down_grad - routed_grad)
+    if spec.shared_expert_gate and shared:
+        # run last in backward: the routed experts' saved tensors are freed by then, their gate/up
+        # weight's gradient made beside the down one
+        shared += 3 * routed_grad - routed_saved
     merged = g.expert_backward[-1]
-    g.expert_backward[-1] = max(merged + waits + made - mine if merged else 0,
+    g.expert_backward[-1] = max(merged + waits + made - (0 if first else mine) if merged else 0,
                                 routed_peak + waits + made if waits else 0, shared)
 
 
@@ -2523,7 +2802,9 @@ def mlp_backward_transients(spec: ModelSpec, cond: Conditions) -> tuple[int, ...
         return ()
     t, cb = cond.tokens, cond.compute_bytes
     routed = 3 * t * spec.experts_per_token * spec.intermediate_size * cond.weight_bytes
-    shared = 3 * t * spec.shared_experts * spec.intermediate_size * cb
+    shared = 3 * t * spec.shared_width * cb
+    # (a gated shared expert's product runs after the routed experts' backward: `shared_experts`)
+    shared = 0 if spec.shared_expert_gate else shared
     return tuple(max(routed, shared) if spec.sparse_layer(i) else 3 * t * spec.mlp_width(i) * cb
                  for i in range(spec.num_layers))
 
@@ -2579,7 +2860,8 @@ def checkpoint_masks_freed(spec: ModelSpec, cond: Conditions,
     eager_bytes = b * s * s * (FP32 if cond.autocast else cond.weight_bytes)
     lowest: dict[bool, int] = {}
     for i in reversed(range(spec.num_layers)):
-        if ckpt is None or ckpt[i]:
+        # (a linear-attention layer gets no mask: no padding, None)
+        if (ckpt is None or ckpt[i]) and not spec.linear_layer(i):
             lowest[spec.sliding_type(i)] = i
     freed = [0] * spec.num_layers
     for sliding, i in lowest.items():
@@ -2809,6 +3091,9 @@ class Profile:
     # per layer: a recomputed expert block at its combine's backward (`moe_recompute_combine`); 0
     # without experts
     recompute_combine: tuple[int, ...] = ()
+    # per layer: a gated-DeltaNet layer's token-mixer backward transient (`delta_rule_backward`), in
+    # place of `transients`' attention one; None for an attention layer, () when no layer has one
+    mixer_backward: tuple[int | None, ...] = ()
     # backward work not done (see `Graph.no_input_grad_params`); `cost` takes it off the FLOPs
     no_input_grad_params: int = 0
     attention_without_grad: int = 0
@@ -2986,7 +3271,7 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
     if spec.family == "gpt2":
         h = g.layer_norm(x, norm, H)
     else:
-        h = g.rms_norm(x, norm, H, spec.family in GEMMA_FAMILIES, fp32_product=fp32_norm_product(spec))
+        h = g.rms_norm(x, norm, H, spec.offset_norms, fp32_product=fp32_norm_product(spec))
     final_norm = g.saved_bytes("head")
     # the decoder model returns after its final norm: what its forward held (the embedding output,
     # position ids, rotary cos and sin, attention masks) is freed before the head, unless saved
@@ -3025,7 +3310,8 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
     # (eager) and, for rotary families, cos, sin and the position ids. Under selective checkpointing
     # only the kinds of the checkpointed layers keep a mask alive.
     held_by = [i for i in range(spec.num_layers) if ckpt[i] or not cond.grad_checkpointing]
-    kinds = {spec.sliding_type(i) for i in held_by}
+    # (a linear-attention layer gets no mask)
+    kinds = {spec.sliding_type(i) for i in held_by if not spec.linear_layer(i)}
     eager_mask = mask * len(kinds) if cond.attention == "eager" else 0
     shared = eager_mask + (sum(r.nbytes for rot in rots.values() for r in rot) + positions * INT64
                            if rots else 0)
@@ -3062,6 +3348,8 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
         if g.out_input_backward else (),
         value_product_backward=tuple(g.pv_backward.get(f"layer {i}", 0) for i in range(spec.num_layers))
         if g.pv_backward else (),
+        mixer_backward=tuple(g.mixer_backward.get(f"layer {i}") for i in range(spec.num_layers))
+        if g.mixer_backward else (),
         no_input_grad_params=g.no_input_grad_params,
         attention_without_grad=g.attention_without_grad,
         recompute_peaks=tuple(g.recompute_peak(f"layer {i}") for i in range(spec.num_layers)),
@@ -3102,7 +3390,7 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
                        if spec.family != "gpt2" and (x.grad or norm in trainable) else 0),
         forward_live=0 if cond.grad_checkpointing and all(ckpt) else g.forward_live,
         final_norm_freed=trained_norm_product_bytes(x.numel, x.itemsize,
-                                                    spec.family in GEMMA_FAMILIES or fp32_norm_product(spec))
+                                                    spec.offset_norms or fp32_norm_product(spec))
         if spec.family != "gpt2" and norm in trainable else 0,
         input_leaf=t * H * wb if input_grad and not trainable & {"model.embed_tokens", "transformer.wte",
                                                                  "transformer.wpe"} else 0,

@@ -45,7 +45,9 @@ class Module:
     """
 
     path: str
-    kind: str  # linear | conv1d | embedding | norm | router | experts | sinks
+    # linear | conv1d | embedding | norm | router | experts | sinks | conv (a depthwise nn.Conv1d) |
+    # decay (a gated-DeltaNet's own A_log and dt_bias)
+    kind: str
     params: tuple[Param, ...]
     in_features: int = 0
     out_features: int = 0
@@ -168,11 +170,33 @@ def _latent_attention(spec: ModelSpec, p: str) -> list[Module]:
     ]
 
 
+def _gated_delta_net(spec: ModelSpec, p: str) -> list[Module]:
+    """Qwen3-Next's linear attention (`Qwen3NextGatedDeltaNet`): q, k, v and the output gate z in one
+    projection (`in_proj_qkvz`), beta and a in another (`in_proj_ba`, one of each per value head), a
+    depthwise causal convolution over q, k and v (`conv1d`, no bias: weight (channels, 1, kernel)),
+    the decay's per-value-head `A_log` and `dt_bias` (parameters of the module itself), a gated
+    RMSNorm over each value head (`norm`) and `out_proj`; no biases."""
+    h, a = spec.hidden_size, f"{p}.linear_attn"
+    keys = spec.linear_key_heads * spec.linear_key_head_dim
+    values = spec.linear_value_heads * spec.linear_value_head_dim
+    channels = 2 * keys + values
+    own = (Param(f"{a}.dt_bias", (spec.linear_value_heads,)), Param(f"{a}.A_log", (spec.linear_value_heads,)))
+    return [
+        Module(a, "decay", own),
+        Module(f"{a}.conv1d", "conv", (Param(f"{a}.conv1d.weight", (channels, 1, spec.linear_conv_kernel)),)),
+        _linear(f"{a}.in_proj_qkvz", h, 2 * keys + 2 * values, False),
+        _linear(f"{a}.in_proj_ba", h, 2 * spec.linear_value_heads, False),
+        _norm(f"{a}.norm", spec.linear_value_head_dim, bias=False),
+        _linear(f"{a}.out_proj", values, h, False),
+    ]
+
+
 def _attention(spec: ModelSpec, p: str) -> list[Module]:
     if spec.kv_lora_rank:
         return _latent_attention(spec, p)
     h = spec.hidden_size
-    q_out = spec.num_heads * spec.head_dim
+    # (an output gate: q_proj makes each head's query and its gate)
+    q_out = spec.num_heads * spec.head_dim * (2 if spec.attention_output_gate else 1)
     kv_out = spec.num_kv_heads * spec.head_dim  # grouped-query attention: fewer k/v heads
     if spec.family == "phi3":
         return [
@@ -183,13 +207,14 @@ def _attention(spec: ModelSpec, p: str) -> list[Module]:
         _linear(f"{p}.self_attn.q_proj", h, q_out, spec.qkv_bias),
         _linear(f"{p}.self_attn.k_proj", h, kv_out, spec.qkv_bias),
         _linear(f"{p}.self_attn.v_proj", h, kv_out, spec.qkv_bias),
-        _linear(f"{p}.self_attn.o_proj", q_out, h, spec.out_bias),
+        _linear(f"{p}.self_attn.o_proj", spec.num_heads * spec.head_dim, h, spec.out_bias),
     ]
     if spec.qk_norm:
         # Qwen3 normalises each head (a weight of head_dim), OLMo 2 the whole projection
         per_head = spec.qk_norm == "head"
         modules += [
-            _norm(f"{p}.self_attn.q_norm", spec.head_dim if per_head else q_out, bias=False),
+            _norm(f"{p}.self_attn.q_norm", spec.head_dim if per_head else spec.num_heads * spec.head_dim,
+                  bias=False),
             _norm(f"{p}.self_attn.k_norm", spec.head_dim if per_head else kv_out, bias=False),
         ]
     return modules
@@ -212,11 +237,20 @@ def _mlp(spec: ModelSpec, p: str, i: int) -> list[Module]:
         ]
     if spec.sparse_layer(i):
         sparse = _experts(spec, p)
-        # DeepSeek-V3's shared experts: one gated MLP as wide as `shared_experts` experts
+        # DeepSeek-V3's shared experts: one gated MLP as wide as `shared_experts` experts (Qwen3-Next's
+        # `shared_expert`, of its own width, and its gate)
         if spec.shared_experts:
-            sparse += _gated_mlp(f"{p}.mlp.shared_experts", h, spec.shared_experts * inner, b)
+            sparse += _gated_mlp(shared_expert_path(spec, p), h, spec.shared_width, b)
+        if spec.shared_expert_gate:
+            sparse.append(_linear(f"{p}.mlp.shared_expert_gate", h, 1, False))
         return sparse
     return _gated_mlp(f"{p}.mlp", h, inner, b)
+
+
+def shared_expert_path(spec: ModelSpec, p: str) -> str:
+    """The shared expert MLP of layer prefix `p`: `mlp.shared_experts` (DeepSeek-V3, GLM-4-MoE), or
+    `mlp.shared_expert` where a sigmoid gate scales it (Qwen3-Next, after Qwen2-MoE)."""
+    return f"{p}.mlp.shared_expert" if spec.shared_expert_gate else f"{p}.mlp.shared_experts"
 
 
 def router_path(spec: ModelSpec, p: str) -> str:
@@ -253,7 +287,7 @@ def _decoder_layers(spec: ModelSpec) -> list[Module]:
         if spec.attention_sinks:  # a parameter of the attention module itself, one logit per head
             modules.append(Module(f"{p}.self_attn", "sinks",
                                   (Param(f"{p}.self_attn.sinks", (spec.num_heads,)),)))
-        modules += _attention(spec, p)
+        modules += _gated_delta_net(spec, p) if spec.linear_layer(i) else _attention(spec, p)
         modules += _mlp(spec, p, i)
         if spec.norm_placement != "post":  # OLMo 2 has no norm before attention
             modules.append(_norm(f"{p}.input_layernorm", h, bias=False))

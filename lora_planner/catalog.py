@@ -175,7 +175,22 @@ GLM_4_5_AIR = ModelSpec(
     shared_experts=1,
 )
 
-CATALOG += (DEEPSEEK_V3, GLM_4_5_AIR)
+# Qwen3-Next-80B-A3B: 48 layers, every fourth full attention (16 query heads of 256, 2 k/v heads, an
+# output gate, a quarter of each head rotating), the other 36 gated-DeltaNet linear attention (16 q/k
+# heads and 32 value heads of 128, a 4-token convolution); every layer 512 routed experts 512 wide, top
+# 10, beside one gated shared expert as wide. 79.67B parameters as transformers builds it (the
+# checkpoint's multi-token-prediction layer, `mtp.*`, is not built).
+QWEN3_NEXT_80B = ModelSpec(
+    name="qwen3-next-80b-a3b", family="qwen3_next", vocab_size=151936, hidden_size=2048, num_layers=48,
+    num_heads=16, num_kv_heads=2, head_dim=256, intermediate_size=512, tied_embeddings=False,
+    max_positions=262144, num_experts=512, experts_per_token=10, source="Qwen/Qwen3-Next-80B-A3B-Instruct",
+    rope_head_dim=64, shared_experts=1, shared_expert_width=512, shared_expert_gate=True,
+    attention_output_gate=True, linear_layers=tuple(i for i in range(48) if (i + 1) % 4),
+    linear_key_heads=16, linear_value_heads=32, linear_key_head_dim=128, linear_value_head_dim=128,
+    linear_conv_kernel=4,
+)
+
+CATALOG += (DEEPSEEK_V3, GLM_4_5_AIR, QWEN3_NEXT_80B)
 
 # What a plan of an entry says about its published checkpoint, by hub id, where the plan's 16-bit base
 # is not what the hub holds

@@ -521,6 +521,18 @@ def _check_recorded_qlora(setup: TrainSetup, precision: Precision) -> None:
                         "0.43.2 on")
 
 
+# What a plan of gated-DeltaNet layers models, and what the GPU kernels transformers prefers would keep
+# instead (read from fla's `ChunkGatedDeltaRuleFunction` and causal-conv1d's `CausalConv1dFn`)
+LINEAR_ATTENTION_NOTE = (
+    "linear-attention layers are planned as transformers runs them without the optional kernels (its "
+    "torch fallback: F.conv1d + silu, torch_chunk_gated_delta_rule in 64-token chunks, which keeps "
+    "fp32 (chunk x chunk) blocks and every chunk's recurrent state); with flash-linear-attention and "
+    "causal-conv1d installed on a GPU, the delta rule keeps only the l2-normed q and k with their "
+    "rstd, v, the cumulative decay, beta and the solved (chunk x chunk) system, recomputing the "
+    "chunk states in backward, and the convolution keeps its input and weight (silu fused, its "
+    "output recomputed): fewer activation bytes than planned here")
+
+
 def _recorded_units(model: RecordedModel, step: RecordedStep, setup: TrainSetup, precision: Precision,
                     nf4: list[Param]) -> tuple:
     """FSDP2's units of a recorded model (`recorded.fsdp_units`) and the embeddings' output, which the
@@ -705,6 +717,8 @@ def make_plan(model: ModelSpec | DenseSize | RecordedModel, setups: tuple[TrainS
                          f"{model.max_positions:,} positions: the model cannot train on it as is")
         if model.source in PUBLISHED_NOTES:
             notes.append(PUBLISHED_NOTES[model.source])
+        if model.linear_layers:
+            notes.append(LINEAR_ATTENTION_NOTE)
         lora = next((s for s in setups if s.method != "full"), None)
         mlp_note = unwrapped_mlp_note(model, lora) if lora is not None else None
         if mlp_note:

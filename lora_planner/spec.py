@@ -19,10 +19,10 @@ if TYPE_CHECKING:
 FAMILY_DROPOUT = {"gpt2": 0.1}
 
 FAMILIES = ("gpt2", "llama", "mistral", "mixtral", "qwen2", "gemma2", "phi3", "qwen3", "qwen3_moe", "olmo2",
-            "smollm3", "gemma3", "gpt_oss", "deepseek_v3", "glm4_moe")
+            "smollm3", "gemma3", "gpt_oss", "deepseek_v3", "glm4_moe", "qwen3_next")
 # Families whose MLP is a sparse block of fused experts (3-D parameters) and a router (in every layer
 # but the `dense_layers`)
-MOE_FAMILIES = ("mixtral", "qwen3_moe", "gpt_oss", "deepseek_v3", "glm4_moe")
+MOE_FAMILIES = ("mixtral", "qwen3_moe", "gpt_oss", "deepseek_v3", "glm4_moe", "qwen3_next")
 # Families whose config names each layer's attention in `layer_types` (sliding or full), read into
 # `ModelSpec.global_layers`
 LAYER_TYPE_FAMILIES = ("gemma3", "gpt_oss")
@@ -59,18 +59,23 @@ MODEL_TYPE_TO_FAMILY = {
     "deepseek_v3": "deepseek_v3",
     "glm4_moe": "glm4_moe",
     "gpt_oss": "gpt_oss",
+    "qwen3_next": "qwen3_next",
 }
 # The `model_type` each family's config.json states, where it is not the family's name
 FAMILY_MODEL_TYPE = {"gemma3": "gemma3_text"}
 # Families of Gemma's form: RMSNorms multiplying by (1 + weight) in fp32 before the cast back, the
 # embedding scaled by sqrt(hidden) inside its module, the logits' soft-cap where the config has one
 GEMMA_FAMILIES = ("gemma2", "gemma3")
+# Families whose RMSNorms multiply by (1 + weight) in fp32 before the cast back (`offset_norms`):
+# Gemma's, and Qwen3-Next's (its `Qwen3NextRMSNorm`, weights initialised to 0)
+OFFSET_NORM_FAMILIES = (*GEMMA_FAMILIES, "qwen3_next")
 
 # RMSNorm on the projected queries and keys before rope, as each family's attention module has it:
 # "head" normalises each head's head_dim values (Qwen3, a weight of head_dim), "full" the whole
 # projection (OLMo 2, a weight of heads x head_dim); None: no such norm.
 QK_NORMS = ("head", "full")
-FAMILY_QK_NORM = {"qwen3": "head", "qwen3_moe": "head", "olmo2": "full", "gemma3": "head"}
+FAMILY_QK_NORM = {"qwen3": "head", "qwen3_moe": "head", "olmo2": "full", "gemma3": "head",
+                  "qwen3_next": "head"}
 # Families whose config turns a q/k norm on or off (GLM-4-MoE's `use_qk_norm`): the form it has when on
 OPTIONAL_QK_NORM = {"glm4_moe": "head"}
 
@@ -83,6 +88,10 @@ FAMILY_NORM_PLACEMENT = {"gemma2": "sandwich", "olmo2": "post", "gemma3": "sandw
 # Families whose dense layers are the first ones (`first_k_dense_replace`): their `dense_layers` are
 # 0 .. k - 1
 FIRST_DENSE = ("deepseek_v3", "glm4_moe")
+
+# Families whose layers mix full attention with gated-DeltaNet linear attention (`layer_types`
+# "linear_attention" / "full_attention", read into `ModelSpec.linear_layers`)
+LINEAR_ATTENTION_FAMILIES = ("qwen3_next",)
 
 # Families whose sliding window is Qwen2's: only with `use_sliding_window`, and only on the layers
 # from `max_window_layers` on
@@ -198,6 +207,40 @@ class ModelSpec:
     expert_groups: int = 1
     topk_groups: int = 1
     routed_scaling: float = 1.0
+    # the shared expert's width where it is not `shared_experts` x `intermediate_size` (Qwen3-Next's
+    # `shared_expert_intermediate_size`), and a sigmoid gate on its output (`shared_expert_gate`, a
+    # Linear(hidden, 1) per sparse layer)
+    shared_expert_width: int = 0
+    shared_expert_gate: bool = False
+    # attention's output multiplied by sigmoid of a gate the query projection makes beside the queries
+    # (Qwen3-Next: q_proj is 2 x heads x head_dim wide, each head's query then its gate)
+    attention_output_gate: bool = False
+    # Gated-DeltaNet layers (Qwen3-Next's `linear_attention`): their indices and shapes. Each projects
+    # q, k (`linear_key_heads` x `linear_key_head_dim`), v and the output gate z (`linear_value_heads` x
+    # `linear_value_head_dim`) in one `in_proj_qkvz`, beta and the decay's a in `in_proj_ba`, convolves
+    # q, k and v causally over `linear_conv_kernel` tokens (depthwise), runs the chunked gated delta
+    # rule, a gated RMSNorm per value head and `out_proj`
+    linear_layers: tuple[int, ...] = ()
+    linear_key_heads: int = 0
+    linear_value_heads: int = 0
+    linear_key_head_dim: int = 0
+    linear_value_head_dim: int = 0
+    linear_conv_kernel: int = 0
+
+    @property
+    def shared_width(self) -> int:
+        """The shared expert's gated MLP width: `shared_expert_width`, else `shared_experts` experts'."""
+        return self.shared_expert_width or self.shared_experts * self.intermediate_size
+
+    @property
+    def offset_norms(self) -> bool:
+        """Whether the RMSNorms multiply by (1 + weight) in fp32 before the cast back
+        (`OFFSET_NORM_FAMILIES`)."""
+        return self.family in OFFSET_NORM_FAMILIES
+
+    def linear_layer(self, i: int) -> bool:
+        """Whether decoder layer `i` is a gated-DeltaNet (linear attention) layer."""
+        return i in self.linear_layers
 
     @property
     def value_head_dim(self) -> int:
@@ -287,6 +330,7 @@ class ModelSpec:
                 raise PlanError(f"model {self.name!r}: a {self.family} model's {name} is {form!r}, "
                                 f"not {getattr(self, name)!r}")
         _check_latent_and_experts(self)
+        _check_linear_attention(self)
         placement = FAMILY_NORM_PLACEMENT.get(self.family, "pre")
         if self.norm_placement is None:
             object.__setattr__(self, "norm_placement", placement)
@@ -355,6 +399,30 @@ def _check_latent_and_experts(spec: ModelSpec) -> None:
             raise PlanError(f"{name}: {spec.num_experts} experts do not split into {groups} groups of "
                             "at least two (n_routed_experts: a multiple of n_group, twice it at least)")
         real_number(f"{name}: routed_scaling", spec.routed_scaling, 0, None, lo_open=True)
+
+
+def _check_linear_attention(spec: ModelSpec) -> None:
+    """The gated-DeltaNet fields (see `ModelSpec`) hold together: only a Qwen3-Next model has them,
+    with positive head counts and widths, value heads a multiple of key heads (each key head serves
+    that many value heads), and a convolution of at least one token; the output gates are its too."""
+    from .validate import whole_number
+
+    name = f"model {spec.name!r}"
+    mine = spec.family in LINEAR_ATTENTION_FAMILIES
+    if not mine and (spec.linear_layers or spec.attention_output_gate or spec.shared_expert_gate
+                     or spec.shared_expert_width):
+        raise PlanError(f"{name}: linear_layers, attention_output_gate, shared_expert_gate and "
+                        f"shared_expert_width belong to a {' or '.join(LINEAR_ATTENTION_FAMILIES)} model")
+    if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in spec.linear_layers):
+        raise PlanError(f"{name}: linear_layers must be layer indices")
+    if not spec.linear_layers:
+        return
+    for field_name in ("linear_key_heads", "linear_value_heads", "linear_key_head_dim",
+                       "linear_value_head_dim", "linear_conv_kernel"):
+        whole_number(f"{name}: {field_name}", getattr(spec, field_name), 1, 10**5)
+    if spec.linear_value_heads % spec.linear_key_heads:
+        raise PlanError(f"{name}: linear_value_heads {spec.linear_value_heads} is not a multiple of "
+                        f"linear_key_heads {spec.linear_key_heads}")
 
 
 # What a shape may hold: (least, most) per ModelSpec field. The upper bounds are far above any
@@ -630,7 +698,8 @@ def spec_from_hf_config(config: dict, name: str = "custom", source: str = "") ->
     layers = _whole(config, "num_layers", "num_hidden_layers")
     latent = (_latent_fields(config) if family == "deepseek_v3"
               else _glm4_moe_fields(config, head_dim_default) if family == "glm4_moe"
-              else _qwen3_moe_dense_fields(config, layers) if family == "qwen3_moe" else {})
+              else _qwen3_moe_dense_fields(config, layers) if family == "qwen3_moe"
+              else _qwen3_next_fields(config, layers, head_dim_default) if family == "qwen3_next" else {})
     latent_head_dim = latent.pop("head_dim", 0)
     return ModelSpec(**latent,
         name=name, family=family, source=source,
@@ -658,7 +727,7 @@ def spec_from_hf_config(config: dict, name: str = "custom", source: str = "") ->
         # Qwen3's, OLMo 2's, Gemma 3's, DeepSeek-V3's and GLM-4-MoE's MLPs and experts have no bias
         # whatever the config says; GPT-OSS's router and experts always have them
         mlp_bias=family == "gpt_oss" or (
-            family not in ("qwen3", "qwen3_moe", "olmo2", "gemma3", "deepseek_v3", "glm4_moe")
+            family not in ("qwen3", "qwen3_moe", "olmo2", "gemma3", "deepseek_v3", "glm4_moe", "qwen3_next")
             and _flag(config, "mlp_bias", False)),
         num_experts=experts,
         experts_per_token=top_k,
@@ -689,12 +758,12 @@ SLIDING_WINDOW_DEFAULT = {"mistral": 4096, "gemma2": 4096, "qwen2": 4096, "qwen3
                           "qwen3_moe": 4096, "gemma3": 4096, "gpt_oss": 128}
 # The config classes' `max_position_embeddings` when a config.json leaves it out, where not 4,096
 MAX_POSITIONS_DEFAULT = {"olmo2": 2048, "smollm3": 32768, "gemma3": 131072, "gpt_oss": 131072,
-                         "glm4_moe": 131072}
+                         "glm4_moe": 131072, "qwen3_next": 32768}
 # The config classes' (attention, final) logit soft-caps when a config.json leaves them out
 SOFTCAP_DEFAULTS = {"gemma2": (50.0, 30.0), "gemma3": (None, None)}
 # The config classes' (experts, experts per token) when a config.json leaves them out
 MOE_DEFAULTS = {"mixtral": (8, 2), "qwen3_moe": (128, 8), "gpt_oss": (128, 4), "deepseek_v3": (256, 8),
-                "glm4_moe": (128, 8)}
+                "glm4_moe": (128, 8), "qwen3_next": (512, 10)}
 # The keys naming the number of experts, first found wins, where not `num_experts` (GptOssConfig and
 # Qwen3MoeConfig map num_experts onto num_local_experts, the key a config they save holds)
 MOE_EXPERTS_KEYS = {"mixtral": ("num_local_experts",), "gpt_oss": ("num_local_experts", "num_experts"),
@@ -704,9 +773,9 @@ MOE_EXPERTS_KEYS = {"mixtral": ("num_local_experts",), "gpt_oss": ("num_local_ex
 # key named, else this default (Gemma 3's sliding_window_pattern; GPT-OSS alternates, odd layers full)
 GLOBAL_EVERY = {"gemma3": ("sliding_window_pattern", 6), "gpt_oss": (None, 2)}
 # The experts' width (`moe_intermediate_size`) when a config.json leaves it out
-MOE_INTERMEDIATE_DEFAULT = {"qwen3_moe": 768, "deepseek_v3": 2048, "glm4_moe": 1408}
+MOE_INTERMEDIATE_DEFAULT = {"qwen3_moe": 768, "deepseek_v3": 2048, "glm4_moe": 1408, "qwen3_next": 512}
 # `norm_topk_prob` when a config.json leaves it out, for the families that read it
-NORM_TOPK_DEFAULT = {"qwen3_moe": False, "deepseek_v3": True, "glm4_moe": True}
+NORM_TOPK_DEFAULT = {"qwen3_moe": False, "deepseek_v3": True, "glm4_moe": True, "qwen3_next": True}
 
 
 def _shared_expert_fields(config: dict, dense: int, dense_width: int, shared: int, groups: int,
@@ -843,10 +912,10 @@ def _global_layers(config: dict, layers: int, family: str) -> tuple[int, ...]:
     return tuple(i for i in range(layers) if kinds[i] == "full_attention")
 
 
-def _qwen3_moe_dense_fields(config: dict, layers: int) -> dict:
+def _qwen3_moe_dense_fields(config: dict, layers: int, width_default: int = 6144) -> dict:
     """Qwen3-MoE's dense layers, as `Qwen3MoeDecoderLayer` picks them: layer i is dense (a gated MLP
-    of `intermediate_size`, default 6144) when i is in `mlp_only_layers` or (i + 1) is not a multiple
-    of `decoder_sparse_step` (default 1: none)."""
+    of `intermediate_size`, default 6144; Qwen3-Next's 5632) when i is in `mlp_only_layers` or (i + 1)
+    is not a multiple of `decoder_sparse_step` (default 1: none)."""
     from .validate import whole_number
 
     step = config.get("decoder_sparse_step")
@@ -861,16 +930,59 @@ def _qwen3_moe_dense_fields(config: dict, layers: int) -> dict:
     width = config.get("intermediate_size")
     return {"dense_layers": dense,
             "dense_intermediate_size": whole_number("config.json intermediate_size",
-                                                    6144 if width is None else width, 1, 10**7)
+                                                    width_default if width is None else width, 1, 10**7)
             if dense else 0}
 
 
+def _qwen3_next_fields(config: dict, layers: int, head_dim_default: int) -> dict:
+    """Qwen3-Next's fields beyond Qwen3-MoE's, with `Qwen3NextConfig`'s defaults: `layer_types`
+    (without it, every `full_attention_interval`-th (4th) layer full, the others linear), the
+    gated-DeltaNet shapes (linear_num_key_heads 16, linear_num_value_heads 32, linear_key_head_dim and
+    linear_value_head_dim 128, linear_conv_kernel_dim 4), the first `partial_rotary_factor` (0.25) of
+    each head rotating, one gated shared expert of `shared_expert_intermediate_size` (512), the
+    attention's output gate, and Qwen3-MoE's dense layers (`intermediate_size` 5632). A config without
+    experts (num_experts 0: every layer dense) is refused by the expert count's check."""
+    from .validate import real_number, whole_number
+
+    def whole(key: str, default: int) -> int:
+        value = config.get(key)
+        return whole_number(f"config.json {key}", default if value is None else value, 1, 10**5)
+
+    kinds = config.get("layer_types")
+    allowed = ("linear_attention", "full_attention")
+    if kinds is None:
+        every = whole("full_attention_interval", 4)
+        kinds = ["linear_attention" if (i + 1) % every else "full_attention" for i in range(layers)]
+    if not isinstance(kinds, list) or len(kinds) < layers or any(k not in allowed for k in kinds[:layers]):
+        raise PlanError(f"config.json layer_types must be a list of {layers} names, each "
+                        f"{' or '.join(allowed)}")
+    head_dim = _whole(config, "head_dim", "head_dim", default=head_dim_default)
+    rope = config.get("rope_parameters") if isinstance(config.get("rope_parameters"), dict) else {}
+    factor = real_number("config.json partial_rotary_factor",
+                         config.get("partial_rotary_factor", rope.get("partial_rotary_factor", 0.25)),
+                         0, 1, lo_open=True)
+    rotary = int(head_dim * factor)
+    if rotary % 2 or not rotary:
+        raise PlanError(f"config.json partial_rotary_factor {factor:g} of head_dim {head_dim} rotates "
+                        f"{rotary} values a head: rotary pairs need an even, positive number")
+    return {"head_dim": head_dim, "rope_head_dim": 0 if rotary == head_dim else rotary,
+            **_qwen3_moe_dense_fields(config, layers, 5632),
+            "linear_layers": tuple(i for i in range(layers) if kinds[i] == "linear_attention"),
+            "linear_key_heads": whole("linear_num_key_heads", 16),
+            "linear_value_heads": whole("linear_num_value_heads", 32),
+            "linear_key_head_dim": whole("linear_key_head_dim", 128),
+            "linear_value_head_dim": whole("linear_value_head_dim", 128),
+            "linear_conv_kernel": whole("linear_conv_kernel_dim", 4),
+            "shared_experts": 1, "shared_expert_width": whole("shared_expert_intermediate_size", 512),
+            "shared_expert_gate": True, "attention_output_gate": True}
+
+
 # The config classes' `head_dim` when a config.json leaves it out, where it is not hidden / heads
-HEAD_DIM_DEFAULT = {"qwen3": 128, "gemma3": 256, "gpt_oss": 64}
+HEAD_DIM_DEFAULT = {"qwen3": 128, "gemma3": 256, "gpt_oss": 64, "qwen3_next": 256}
 
 
 def _sliding_window(config: dict, family: str) -> int | None:
-    if family in ("llama", "gpt2", "olmo2", "deepseek_v3", "glm4_moe") or (
+    if family in ("llama", "gpt2", "olmo2", "deepseek_v3", "glm4_moe", "qwen3_next") or (
             family in (*QWEN_WINDOWS, "qwen3_moe", "smollm3")
             and not _flag(config, "use_sliding_window", False)):
         return None
@@ -932,6 +1044,20 @@ def to_hf_config(spec: ModelSpec) -> dict:
                       moe_intermediate_size=spec.intermediate_size, norm_topk_prob=spec.norm_topk,
                       decoder_sparse_step=1, mlp_only_layers=list(spec.dense_layers),
                       intermediate_size=spec.dense_intermediate_size or spec.intermediate_size)
+    if spec.family == "qwen3_next":
+        config.update(num_experts=spec.num_experts, num_experts_per_tok=spec.experts_per_token,
+                      moe_intermediate_size=spec.intermediate_size, norm_topk_prob=spec.norm_topk,
+                      decoder_sparse_step=1, mlp_only_layers=list(spec.dense_layers),
+                      intermediate_size=spec.dense_intermediate_size or spec.intermediate_size,
+                      shared_expert_intermediate_size=spec.shared_width, attention_bias=spec.qkv_bias,
+                      partial_rotary_factor=spec.rotary_dim / spec.head_dim,
+                      layer_types=["linear_attention" if spec.linear_layer(i) else "full_attention"
+                                   for i in range(spec.num_layers)],
+                      linear_num_key_heads=spec.linear_key_heads,
+                      linear_num_value_heads=spec.linear_value_heads,
+                      linear_key_head_dim=spec.linear_key_head_dim,
+                      linear_value_head_dim=spec.linear_value_head_dim,
+                      linear_conv_kernel_dim=spec.linear_conv_kernel)
     if spec.family == "qwen3_moe" and spec.sliding_window is not None:
         config.update(use_sliding_window=True, sliding_window=spec.sliding_window)
     if spec.family == "gpt_oss":

@@ -80,7 +80,7 @@ def random_config(rng: random.Random, family: str) -> dict:
     head_dim = 2 * rng.randint(2, 8)  # rotary needs an even head size
     if family == "phi3":
         hidden = heads * head_dim  # Phi-3 derives head_dim from hidden / heads
-    elif family in ("mixtral", "qwen3_moe", "gpt_oss", "deepseek_v3", "glm4_moe"):
+    elif family in ("mixtral", "qwen3_moe", "gpt_oss", "deepseek_v3", "glm4_moe", "qwen3_next"):
         # torch's grouped matmul wants 16-byte strides: widths a multiple of 8
         hidden = heads * 8 * rng.randint(1, 3)
     else:
@@ -91,7 +91,7 @@ def random_config(rng: random.Random, family: str) -> dict:
         "num_hidden_layers": layers,
         "num_attention_heads": heads, "num_key_value_heads": kv,
         "intermediate_size": rng.randint(1, 16) * 8 if family in ("mixtral", "qwen3_moe", "gpt_oss",
-                                                                   "deepseek_v3", "glm4_moe")
+                                                                   "deepseek_v3", "glm4_moe", "qwen3_next")
         else rng.randint(8, 130),
         "max_position_embeddings": positions,
         "tie_word_embeddings": rng.random() < 0.5,
@@ -101,7 +101,7 @@ def random_config(rng: random.Random, family: str) -> dict:
         config["head_dim"] = head_dim
     if rng.random() < 0.3:
         config["attention_dropout"] = rng.choice((0.0, 0.1))
-    if family in ("llama", "qwen3", "qwen3_moe", "olmo2", "smollm3", "gemma3"):
+    if family in ("llama", "qwen3", "qwen3_moe", "olmo2", "smollm3", "gemma3", "qwen3_next"):
         config["attention_bias"] = rng.random() < 0.3
     if family in ("llama", "smollm3"):
         config["mlp_bias"] = rng.random() < 0.3
@@ -156,6 +156,8 @@ def random_config(rng: random.Random, family: str) -> dict:
                 config["mlp_only_layers"] = sorted(rng.sample(range(layers), rng.randint(1, layers)))
             else:
                 config["decoder_sparse_step"] = rng.randint(2, 3)
+    if family == "qwen3_next":
+        config.update(_qwen3_next_config(rng, layers, head_dim, config["intermediate_size"]))
     if family == "gpt_oss":
         experts = rng.randint(2, 5)
         # biases on all four projections or none; sliding and full layers in any order
@@ -163,6 +165,32 @@ def random_config(rng: random.Random, family: str) -> dict:
                       attention_bias=rng.random() < 0.7, sliding_window=rng.randint(2, 80),
                       layer_types=[rng.choice(("sliding_attention", "full_attention"))
                                    for _ in range(layers)])
+    return config
+
+
+def _qwen3_next_config(rng: random.Random, layers: int, head_dim: int, expert_width: int) -> dict:
+    """Qwen3-Next's keys: linear and full layers in any order (a list, or every n-th full), the
+    gated-DeltaNet's heads (value heads a multiple of key heads) and widths, a convolution of 1-4
+    tokens, a partial rotary factor, a shared expert of its own width, and dense layers as Qwen3-MoE
+    draws them."""
+    experts, k_heads = rng.randint(2, 5), rng.randint(1, 3)
+    config = {"num_experts": experts, "num_experts_per_tok": rng.randint(1, min(3, experts)),
+              "moe_intermediate_size": expert_width, "norm_topk_prob": rng.random() < 0.5,
+              "shared_expert_intermediate_size": rng.randint(1, 16) * 8,
+              "linear_num_key_heads": k_heads, "linear_num_value_heads": k_heads * rng.randint(1, 3),
+              "linear_key_head_dim": 2 * rng.randint(1, 8), "linear_value_head_dim": 2 * rng.randint(1, 8),
+              "linear_conv_kernel_dim": rng.randint(1, 4),
+              "partial_rotary_factor": rng.choice((0.25, 0.5, 1.0)) if head_dim % 8 == 0 else 1.0}
+    if rng.random() < 0.5:
+        config["layer_types"] = [rng.choice(("linear_attention", "full_attention")) for _ in range(layers)]
+    else:
+        config["full_attention_interval"] = rng.randint(1, 4)
+    if rng.random() < 0.3:  # dense layers among the sparse ones
+        config["intermediate_size"] = rng.randint(1, 16) * 8
+        if rng.random() < 0.5:
+            config["mlp_only_layers"] = sorted(rng.sample(range(layers), rng.randint(1, layers)))
+        else:
+            config["decoder_sparse_step"] = rng.randint(2, 3)
     return config
 
 
