@@ -55,6 +55,7 @@ PEFT_DEFAULT_TARGETS = {
     # PEFT has no entry; latent attention has no v_proj: its `qv` preset (`latent_attention_targets`)
     "deepseek_v3": (),
     "glm4_moe": ("q_proj", "v_proj"),  # PEFT has no entry; as for Llama
+    "llama4": ("q_proj", "v_proj"),  # PEFT's llama4 entry (its llama4_text, the causal LM's, has none)
 }
 
 _SPLIT_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -240,11 +241,28 @@ def _check_targets(arch: Architecture, targets: tuple[str, ...]) -> None:
                 raise PlanError(f"target {target!r} is not a valid regular expression: {exc}") from None
 
 
+# Families whose router is an nn.Linear subclass returning (scores, logits) (Llama 4's `Llama4Router`):
+# target_modules (all-linear too) wrap it as a LoRA linear layer, whose forward then adds the adapter's
+# output to that tuple and fails, so a target reaching it is refused
+LINEAR_ROUTERS = ("llama4",)
+
+
+def _check_linear_router(spec: ModelSpec, arch: Architecture, targets: tuple[str, ...]) -> None:
+    if spec.family not in LINEAR_ROUTERS:
+        return
+    routers = [m.path for m in arch.modules if m.kind == "router"]
+    if "all-linear" in targets or any(_matches(r, t) for r in routers for t in targets):
+        raise PlanError(f"PEFT would wrap {spec.family}'s router (an nn.Linear returning scores and logits) "
+                        "as a LoRA linear layer, whose forward fails: name the targets instead of "
+                        "all-linear (e.g. q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj)")
+
+
 def wrapped_modules(spec: ModelSpec, setup: TrainSetup) -> tuple[tuple[Module, ...], tuple[str, ...]]:
     """The modules LoRA wraps for the setup's targets, and the resolved target names."""
     arch = layout(spec, setup.task, setup.num_labels)
     targets = expand_targets(spec, setup.targets)
     _check_targets(arch, targets)
+    _check_linear_router(spec, arch, targets)
     saved = _modules_to_save_names(setup)
     v4_names = MOE_V4_NAMES.get(spec.family, {})
     if v4_names and spec.family in PEFT_CONVERTED:

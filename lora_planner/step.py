@@ -18,7 +18,7 @@ from .errors import PlanError
 from .memory import Term, adafactor_temporary_term, dequant_term, optimizer_temporary_term
 from .optimizers import TORCH_OPTIMIZERS
 from .precision import Precision
-from .quant import check_quant, quantised_params
+from .quant import check_quant, quantised_numels, quantised_params, quantises_experts
 from .spec import ModelSpec, TrainSetup
 from .timeline import Phase, States, peak_phase, step_phases
 
@@ -266,8 +266,8 @@ def predict_step(spec: ModelSpec, setup: TrainSetup, precision: Precision, memor
     kernel = f"{impl} " if setup.optimizer in TORCH_OPTIMIZERS else ""  # Adafactor, 8-bit: one kernel
     dequant = None
     if setup.method == "qlora":
-        nf4 = quantised_params(arch, lora_trainable(spec, setup), setup.quantize_experts)
-        dequant = dequant_term(setup, [p.numel for p in arch.params if p.name in nf4], precision)
+        nf4 = quantised_params(arch, lora_trainable(spec, setup), quantises_experts(spec, setup))
+        dequant = dequant_term(setup, quantised_numels(spec, arch, nf4), precision)
     states = States(
         weights=memory["weights"],
         gradients=memory["gradients"],
