@@ -1444,7 +1444,7 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
     # the attention modules of Llama's form (OLMo 2's too); the MLP of Llama's form is the layer's
     # last op only with the norms before the blocks (`dense`)
     llama_attention = spec.family in ("llama", "mistral", "qwen2", "qwen3", "olmo2", "smollm3", "deepseek_v3",
-                                      "glm4_moe")
+                                      "glm4_moe", "llama4")
     dense = llama_attention and not post_norms
     if llama_attention:
         # the attention module keeps q, k, v (and eager's weights) and the layer its normed input until
@@ -1517,28 +1517,28 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
     else:
         # act_fn(gate_proj(x)) * up_proj(x): the activation is made before the up projection runs,
         # and is alive through it
-        gate = g.linear(h, f"{p}.mlp.gate_proj", H, inter)
+        gate = g.linear(h, f"{p}.{spec.mlp_module}.gate_proj", H, inter)
         gate_act = g.unary(gate, "input")
         g.hold(gate_act)
         before_up = g._saved_total
-        up = g.linear(h, f"{p}.mlp.up_proj", H, inter)
+        up = g.linear(h, f"{p}.{spec.mlp_module}.up_proj", H, inter)
         up_saved = g._saved_total - before_up
         g.release(gate_act)
         before_mul = g._saved_total
         act = g.mul(gate_act, up)
-        if f"{p}.mlp.up_proj" in g.wrapped and h.grad:
+        if f"{p}.{spec.mlp_module}.up_proj" in g.wrapped and h.grad:
             # by the up projection's input gradient, the product's and the up projection's saved
             # tensors are freed and the gate branch's gradient waits (`lora_input_gradient_sum`)
             g.up_input_backward[g.section.removesuffix(" mlp")] = (
                 up_saved + g._saved_total - before_mul, gate_act.nbytes + lora_input_gradient_sum(h.nbytes))
         g.tail_start()
-        m = g.linear(act, f"{p}.mlp.down_proj", inter, H)
+        m = g.linear(act, f"{p}.{spec.mlp_module}.down_proj", inter, H)
         if dense:
             # the down projection is the layer's last op to save anything: a recompute stops once it
             # has (non-reentrant checkpointing's early stop), before the projection's outputs exist
             g.peak_at(g.unsaved(h, act, *weights) + recompute_stop_transient(
-                g.cond, act.numel, m.numel, f"{p}.mlp.down_proj" in g.wrapped))
-            g.pending[f"layer {i}"] = mlp_output_pending(g.cond, m.numel, f"{p}.mlp.down_proj" in g.wrapped)
+                g.cond, act.numel, m.numel, f"{p}.{spec.mlp_module}.down_proj" in g.wrapped))
+            g.pending[f"layer {i}"] = mlp_output_pending(g.cond, m.numel, f"{p}.{spec.mlp_module}.down_proj" in g.wrapped)
         else:
             g.peak_at(g.unsaved(h, act, m, *g.args), after_saves=True)
     block_out = m
@@ -1558,7 +1558,7 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
         # autocast: the add's backward casts the fp32 residual gradient to the block's 16-bit output;
         # that copy waits through the recompute its first saved tensor sets off
         g.pending[layer] = g.pending.get(layer, 0) + m.nbytes
-    if (f"{p}.mlp.down_proj" in g.wrapped and not post_norms and not sparse and not dense
+    if (f"{p}.{spec.mlp_module}.down_proj" in g.wrapped and not post_norms and not sparse and not dense
             and (spec.family != "phi3" or g.rates[1] <= 0)):
         # LoRA on the output projection: the scale's backward needs no saved tensor, so the scaled
         # branch's gradient is made before lora_B's backward sets off the recompute (fp32 adapters
@@ -1787,25 +1787,33 @@ def _moe(g: Graph, spec: ModelSpec, p: str, h: Tensor) -> Tensor:
     """
     H, inter, E, k = spec.hidden_size, spec.intermediate_size, spec.num_experts, spec.experts_per_token
     t = g.cond.tokens
-    rows = t * k
+    # every expert takes every token (Llama 4's repeat, weighted by its 0-or-sigmoid score), else the
+    # k chosen rows of each token
+    gathered = spec.expert_dispatch == "gathered"
+    rows = t * (k if gathered else E)
     logits = route(g, spec, router_path(spec, p), h)
     rw = routing_weight_bytes(spec, logits.itemsize)
-    full = f"{p}.mlp.experts" in g.trainable
-    up_rank, down_rank = (g.wrapped.get(f"{p}.mlp.experts.{leaf}", 0)
+    full = f"{p}.{spec.mlp_module}.experts" in g.trainable
+    up_rank, down_rank = (g.wrapped.get(f"{p}.{spec.mlp_module}.experts.{leaf}", 0)
                           for leaf in ("gate_up_proj", "down_proj"))
     up_lora, down_lora = up_rank > 0, down_rank > 0
     up_trains, down_trains = full or up_lora, full or down_lora
     up_grad = h.grad or up_trains  # the gate/up output, the activation and the down input
     down_grad = up_grad or down_trains  # the down output
     if not (down_grad or logits.grad):
+        # (no gradient reaches the block: it saves nothing and its backward has no moments; a shared
+        # expert's trained weights may still add theirs)
+        g.tails.append(0)
+        g.expert_backward.append(0)
         return g.new(t * H, h.itemsize, False)
     xb, wb = h.itemsize, g.cond.weight_bytes
     cw = max(xb, rw)  # the weighted rows, their un-sorted copy and their sum
-    if h.grad:
+    if h.grad and gathered:
         g.save(g.new(rows, INT64, False))  # perm // k, the gather's index
-    if logits.grad:
+    if logits.grad and gathered:
         g.save(g.new(rows, INT64, False))  # perm, the routing weights' gather
-    g.save(g.new(rows, INT64, False))  # the inverse permutation
+    if gathered:
+        g.save(g.new(rows, INT64, False))  # the inverse permutation
     if full and spec.mlp_bias:
         g.save(g.new(rows, INT64, False))  # the sorted expert ids, the expert biases' gather index
     if up_grad or down_trains:
@@ -1922,7 +1930,7 @@ def shared_experts(g: Graph, spec: ModelSpec, p: str, h: Tensor, routed: Tensor)
     of the block holds it too (the un-sort's and the combine's, the recompute's, the gated product's
     and a merged expert weight's). Source: transformers 5 `DeepseekV3MoE.forward`."""
     H, inter = spec.hidden_size, spec.shared_experts * spec.intermediate_size
-    path = f"{p}.mlp.shared_experts"
+    path = f"{p}.{spec.mlp_module}.{spec.shared_module}"
     before = g._saved_total
     g.args += (routed,)
     gate = g.linear(h, f"{path}.gate_proj", H, inter)
@@ -1963,7 +1971,7 @@ def shared_backward_moments(g: Graph, spec: ModelSpec, p: str, waits: int, mine:
     only the down projection's weight gradient, not yet the routed experts' down one, which the
     timeline counts before the block's backward."""
     H, inter, wb = spec.hidden_size, spec.shared_experts * spec.intermediate_size, g.cond.weight_bytes
-    path = f"{p}.mlp.shared_experts"
+    path = f"{p}.{spec.mlp_module}.{spec.shared_module}"
     layer = g.section.removesuffix(" mlp")
     made = sum(H * inter * wb for leaf in ("gate_proj", "up_proj", "down_proj")
                if f"{path}.{leaf}" in g.trainable)
@@ -1976,11 +1984,13 @@ def shared_backward_moments(g: Graph, spec: ModelSpec, p: str, waits: int, mine:
         g.unsort[layer] += made
     routed_peak = (3 * g.cond.tokens * spec.experts_per_token * spec.intermediate_size * wb
                    - (g.tails[-1] if g.tails else 0))
-    routed_trains = f"{p}.mlp.experts" in g.trainable
+    routed_trains = f"{p}.{spec.mlp_module}.experts" in g.trainable
     routed_grad = spec.num_experts * H * spec.intermediate_size * wb if routed_trains else 0
     down_grad = H * inter * wb if f"{path}.down_proj" in g.trainable else 0
     shared = (0 if down_saved is None else
               3 * g.cond.tokens * inter * g.cond.compute_bytes - down_saved + down_grad - routed_grad)
+    if not g.expert_backward:  # (a block no gradient reaches: `_moe` returned before its moments)
+        return
     merged = g.expert_backward[-1]
     g.expert_backward[-1] = max(merged + waits + made - mine if merged else 0,
                                 routed_peak + waits + made if waits else 0, shared)
