@@ -281,7 +281,8 @@ class Graph:
         return self.pointwise(x.numel, x.itemsize, x.grad, x, mask)
 
     def rms_norm(self, x: Tensor, path: str, dim: int, offset_weight: bool = False,
-                 recompute_alive: tuple[Tensor, ...] | None = None, fp32_product: bool = False) -> Tensor:
+                 recompute_alive: tuple[Tensor, ...] | None = None, fp32_product: bool = False,
+                 weighted: bool = True) -> Tensor:
         """RMSNorm: h = x.float(); h * rsqrt(mean(h^2) + eps); times the weight, cast back.
 
         pow keeps h, rsqrt keeps its (rows,) output; the weight product keeps the normalised tensor only
@@ -291,6 +292,8 @@ class Graph:
         `recompute_alive`: what a recomputed layer holds beside the norm, whose (1 + weight) is the
         layer's last save (Gemma-2's post-feedforward norm): the recompute reaches the moment before
         the product, the input, its fp32 copy and the normalised tensor alive.
+        `weighted` False: no weight (Llama 4's `Llama4TextWeightlessRMSNorm`), the normalised tensor
+        cast back is the output.
         """
         trains = path in self.trainable
         h = self.cast(x, FP32)
@@ -310,6 +313,8 @@ class Graph:
             self.moment(x, h, normed, product)  # the fp32 product, before its cast back
             return self.cast(product, x.itemsize)
         normed = self.cast(normed, x.itemsize)
+        if not weighted:
+            return normed
         if trains:
             self.save(normed)
         return self.pointwise(h.numel, max(x.itemsize, self.cond.weight_bytes), h.grad or trains, normed)
@@ -1403,13 +1408,15 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
         g.args = (h, q, k, v)
         k = qk_norm(g, spec, k, f"{p}.self_attn.k_norm", nkv)
     else:
+        # (Llama 4's weightless norm only on its rotary layers)
+        normed = spec.qk_norm_layer(i)
         q = g.linear(h, f"{p}.self_attn.q_proj", H, nh * hd)
         g.args = (h, q)
-        q = qk_norm(g, spec, q, f"{p}.self_attn.q_norm", nh)
+        q = qk_norm(g, spec, q, f"{p}.self_attn.q_norm", nh) if normed else q
         g.args = (h, q)
         k = g.linear(h, f"{p}.self_attn.k_proj", H, nkv * hd)
         g.args = (h, q, k)
-        k = qk_norm(g, spec, k, f"{p}.self_attn.k_norm", nkv)
+        k = qk_norm(g, spec, k, f"{p}.self_attn.k_norm", nkv) if normed else k
         g.args = (h, q, k)
         v = g.linear(h, f"{p}.self_attn.v_proj", H, nkv * hd)
     assert rot is not None
@@ -1664,8 +1671,9 @@ def qk_norm(g: Graph, spec: ModelSpec, x: Tensor, path: str, heads: int) -> Tens
     `Qwen3Attention.forward`, `Olmo2Attention.forward`."""
     if spec.qk_norm is None:
         return x
-    dim = spec.head_dim if spec.qk_norm == "head" else heads * spec.head_dim
-    return g.rms_norm(x, path, dim, spec.family in GEMMA_FAMILIES, fp32_product=fp32_norm_product(spec))
+    dim = spec.head_dim if spec.qk_norm in ("head", "l2") else heads * spec.head_dim
+    return g.rms_norm(x, path, dim, spec.family in GEMMA_FAMILIES, fp32_product=fp32_norm_product(spec),
+                      weighted=spec.qk_norm != "l2")
 
 
 def rotary_kind(spec: ModelSpec, i: int) -> bool:
