@@ -1545,7 +1545,8 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
             # has (non-reentrant checkpointing's early stop), before the projection's outputs exist
             g.peak_at(g.unsaved(h, act, *weights) + recompute_stop_transient(
                 g.cond, act.numel, m.numel, f"{p}.{spec.mlp_module}.down_proj" in g.wrapped))
-            g.pending[f"layer {i}"] = mlp_output_pending(g.cond, m.numel, f"{p}.{spec.mlp_module}.down_proj" in g.wrapped)
+            g.pending[f"layer {i}"] = mlp_output_pending(g.cond, m.numel,
+                                                         f"{p}.{spec.mlp_module}.down_proj" in g.wrapped)
         else:
             g.peak_at(g.unsaved(h, act, m, *g.args), after_saves=True)
     block_out = m
