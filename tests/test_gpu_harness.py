@@ -157,3 +157,31 @@ def test_a_real_oom_is_recorded_as_oom_and_the_sweep_goes_on(tmp_path):
     # the 0.5 GB of GPT-2's weights and a short batch fit in the slice: the sweep went on past the oom
     assert small["status"] == "ok", small["error"]
     assert small["relative_error"]["peak_allocated"] is not None
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_a_cuda_trace_reads_the_caching_allocators_peak(tmp_path, method):
+    """`trace --device cuda`: the allocator's peak is torch's own counter over the step, at or above
+    the tracer's count of the GPU's storages, the profiler's events summed in time order come within
+    1% of it (the caching allocator reports its blocks, rounded to 512 B, to the profiler; the
+    baseline under them is the tracer's unrounded count), and the plan is within the harness's band."""
+    import json
+
+    from click.testing import CliRunner
+
+    from lora_planner.cli import main
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({
+        "model_type": "gpt2", "vocab_size": 512, "n_embd": 64, "n_layer": 2, "n_head": 4,
+        "n_positions": 256, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+        "bos_token_id": 0, "eos_token_id": 0}))
+    result = CliRunner().invoke(main, ["trace", "--model", str(config), "--method", method,
+                                       "--device", "cuda",
+                                       "--batch-size", "4", "--seq-len", "256", "--format", "json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output[result.output.index("{"):])
+    allocated, traced = data["allocator_peak"], data["traced"]["peak"]
+    assert allocated >= traced
+    assert abs(data["allocator_events_peak"] - allocated) <= 0.01 * allocated
+    assert abs(data["predicted"]["peak"] - allocated) <= ALLOCATOR_BAND * allocated

@@ -38,21 +38,24 @@ def test_trace_fake_runs_a_large_slice_without_its_memory():
     assert "allocator peak: none (under FakeTensorMode nothing is allocated)" in result.output
 
 
-def test_allocator_peak_of_a_tiny_gpt2_step_is_the_tracers_plus_named_extras(tmp_path):
-    """A 2-layer GPT-2 (n_embd 64, 4 heads, no dropout), full fine-tuning, fp32, SDPA, 4 x 256: the
-    profiler's allocations, summed on what was live before the step, peak at or above the tracer's
-    count, and every byte over it is put down to a named op or function."""
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_allocator_peak_of_a_tiny_gpt2_step_is_the_tracers_plus_named_extras(tmp_path, method):
+    """A 2-layer GPT-2 (n_embd 64, 4 heads, no dropout), fp32, SDPA, 4 x 256: the profiler's
+    allocations, summed on what was live before the step, peak at or above the tracer's count, every
+    byte over it is put down to a named op or function, and the plan is within 1% of that peak."""
     config = tmp_path / "config.json"
     config.write_text(json.dumps({
         "model_type": "gpt2", "vocab_size": 512, "n_embd": 64, "n_layer": 2, "n_head": 4,
-        "n_positions": 256, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}))
-    result = CliRunner().invoke(main, ["trace", "--model", str(config), "--method", "full",
+        "n_positions": 256, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+        "bos_token_id": 0, "eos_token_id": 0}))
+    result = CliRunner().invoke(main, ["trace", "--model", str(config), "--method", method,
                                        "--batch-size", "4", "--seq-len", "256", "--attention", "sdpa",
                                        "--format", "json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.output[result.output.index("{"):])
     traced, allocated = data["traced"]["peak"], data["allocator_peak"]
     assert isinstance(allocated, int) and allocated >= traced
+    assert abs(data["predicted"]["peak"] - allocated) / allocated < 0.01
     assert data["allocator_vs_tracer"] == (allocated - traced) / traced
     extra = data["allocator_extra_by_op"]
     assert allocated - traced <= sum(e["bytes"] for e in extra)
@@ -65,6 +68,18 @@ def test_trace_errors_are_one_line():
     assert unknown.exit_code == 2 and "unknown model" in unknown.output
     qlora = CliRunner().invoke(main, ["trace", "--model", "gpt2", "--method", "qlora"])
     assert qlora.exit_code == 2
+
+
+def test_a_gpu_trace_without_a_gpu_is_one_line():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: tests/test_gpu_harness.py traces on it")
+    result = CliRunner().invoke(main, ["trace", "--model", "gpt2", "--layers", "1", "--device", "cuda"])
+    assert result.exit_code == 2
+    assert result.output.strip() == "Error: trace --device cuda needs a CUDA GPU, and torch sees none here"
+    fake = CliRunner().invoke(main, ["trace", "--model", "gpt2", "--fake", "--device", "cuda"])
+    assert fake.exit_code == 2 and "trace --fake on cpu" in fake.output
 
 
 def test_a_step_too_large_for_the_host_is_refused_within_seconds():

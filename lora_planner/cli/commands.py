@@ -355,20 +355,25 @@ def models_command(fmt: str) -> None:
               help="Run under FakeTensorMode: same byte counts, no memory allocated (70B slices fit).")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
 @click.option("--force", is_flag=True,
-              help="Trace even when the planned peak exceeds the host RAM available.")
+              help="Trace even when the planned peak exceeds the memory available (host RAM, or the "
+                   "GPU's free memory with --device cuda).")
 @click.option("--optimizer", type=click.Choice(["adamw", "sgd", "sgd-momentum", "adafactor"]),
               default="adamw", show_default=True,
               help="torch's AdamW or SGD (kernel from --optimizer-impl), or transformers' Adafactor as the "
                    "Trainer makes it.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Where the step runs. cuda: the first GPU torch sees; the allocator's peak is then "
+                   "torch.cuda.max_memory_allocated over the step, and the plan is the GPU's.")
 def trace_command(model_name, method, rank, targets, precision, batch_size, seq_len, grad_checkpointing,
                   attention, stack, optimizer_impl, loss, loss_chunks, activation_offload, layers, fake,
                   fmt, force, dropout=None, optimizer="adamw", lora_dropout=0.0,
                   adapter_dtype="auto", optimizer_in_backward=False, packing=False,
-                  compile_mode=None) -> None:
-    """Trace one real training step on CPU and print it beside the prediction, term by term.
+                  compile_mode=None, device="cpu") -> None:
+    """Trace one real training step (on CPU, or a GPU with --device cuda) and print it beside the
+    prediction, term by term.
 
     Needs the `measure` extra (torch, transformers; peft for LoRA). Without --fake, a step whose
-    planned peak exceeds the host RAM available is refused before the model is built (--force
+    planned peak exceeds the memory available is refused before the model is built (--force
     traces it anyway).
 
     \b
@@ -392,15 +397,20 @@ def trace_command(model_name, method, rank, targets, precision, batch_size, seq_
     from ..measure.traced_step import predicted_terms, sliced, trace
 
     spec = sliced(spec, layers)
-    if not (fake or force):
-        from ..measure.guard import check_fits, host_available_bytes
+    from ..measure.traced_step import check_device
 
-        check_fits(predicted_terms(spec, setup, "cpu")[0]["peak"], host_available_bytes(), "host RAM",
+    check_device(device, fake)
+    if not (fake or force):
+        from ..measure.guard import check_fits, cuda_free_bytes, host_available_bytes
+
+        available, where = ((host_available_bytes(), "host RAM") if device == "cpu"
+                            else (cuda_free_bytes(), "the GPU's free memory"))
+        check_fits(predicted_terms(spec, setup, device)[0]["peak"], available, where,
                    "use --fake, --layers N or a smaller setup")
     from ..measure.step import quiet_libraries
 
     with quiet_libraries():
-        result = trace(spec, setup, fake=fake, allocator=True)
+        result = trace(spec, setup, fake=fake, allocator=True, device=device)
     if fmt == "json":
         click.echo(json.dumps(result.to_dict(), indent=2))
         return

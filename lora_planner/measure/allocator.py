@@ -16,6 +16,10 @@ of the op that returned it). At the allocator's peak, the live allocations the t
 what earlier ops allocated and never returned, and what was made outside every op the tracer saw.
 `extra_by_op` groups them by the op they were made in.
 
+On a GPU the caching allocator reports its blocks to the profiler the same way, so the same sum
+places the peak's phase and extra bytes; the peak itself is the allocator's own counter
+(`torch.cuda.max_memory_allocated`, reset as the step begins), the figure a GPU run reads.
+
 A free of a block allocated before profiling began is not reported by torch (it warns once); such a
 block is not in the baseline either, so the sum stays consistent.
 """
@@ -27,7 +31,7 @@ import contextlib
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 # The profiler ranges the tracer opens (`tracer.MemoryTracer(annotate=True)`): one around each op it
 # sees, one around each phase
@@ -61,15 +65,22 @@ class AllocatorReading:
     reason: str = ""
     phase: str = ""
     extra_by_op: tuple[OpExtra, ...] = ()
+    # on a GPU, the caching allocator's own counter over the step (`torch.cuda.max_memory_allocated`,
+    # reset as the step began): the peak; `peak_bytes` is then that counter and `events_peak` the
+    # profiler's events summed in time order, whose moment places the phase and the extra bytes
+    events_peak: int | None = None
 
     def to_dict(self, tracer_peak: int) -> dict:
         """`allocator_vs_tracer` is (allocator - tracer) / tracer, on the two peaks."""
         versus = None
         if self.peak_bytes is not None and tracer_peak:
             versus = (self.peak_bytes - tracer_peak) / tracer_peak
-        return {"allocator_peak": self.peak_bytes, "allocator_vs_tracer": versus,
-                "allocator_peak_phase": self.phase or None, "allocator_reason": self.reason or None,
-                "allocator_extra_by_op": [e.to_dict() for e in self.extra_by_op]}
+        out = {"allocator_peak": self.peak_bytes, "allocator_vs_tracer": versus,
+               "allocator_peak_phase": self.phase or None, "allocator_reason": self.reason or None,
+               "allocator_extra_by_op": [e.to_dict() for e in self.extra_by_op]}
+        if self.events_peak is not None:
+            out["allocator_events_peak"] = self.events_peak
+        return out
 
 
 def profiler_range(name: str):
@@ -82,6 +93,11 @@ def profiler_range(name: str):
 
 def unavailable(reason: str) -> AllocatorReading:
     return AllocatorReading(None, reason)
+
+
+def with_cuda_counter(events: AllocatorReading, max_allocated: int) -> AllocatorReading:
+    """A GPU step's reading: the caching allocator's counter is the peak, beside the events' sum."""
+    return replace(events, peak_bytes=max_allocated, events_peak=events.peak_bytes)
 
 
 def running_peak(deltas: Iterable[int], baseline: int) -> tuple[int, int]:
@@ -143,10 +159,11 @@ def _filtered_stderr(notices: tuple[str, ...]) -> Iterator[None]:
                 sys.stderr.write("".join(kept))
 
 
-def reading(prof, calls: list, baseline: int) -> AllocatorReading:
+def reading(prof, calls: list, baseline: int, device: str = "cpu") -> AllocatorReading:
     """The allocator's peak over the profiled step and the extra bytes at it; `calls` is the
-    annotating tracer's list (`MemoryTracer.calls`), `baseline` its live bytes as the profile began."""
-    allocations, events = _events(prof, calls)
+    annotating tracer's list (`MemoryTracer.calls`), `baseline` its live bytes as the profile began,
+    `device` the allocator's (`cpu`, or `cuda`: the caching allocator reports its blocks alike)."""
+    allocations, events = _events(prof, calls, device)
     peak, where = running_peak((delta for _, _, delta, _ in events), baseline)
     if where < 0:
         return AllocatorReading(peak)
@@ -163,10 +180,10 @@ def reading(prof, calls: list, baseline: int) -> AllocatorReading:
     return AllocatorReading(peak, phase=rising.phase, extra_by_op=tuple(OpExtra(*k, b) for k, b in top))
 
 
-def _events(prof, calls: list) -> tuple[list[_Allocation], list[tuple[int, int, int, object]]]:
-    """The step's CPU allocations, each with its op, free time and counted time; and the allocation
+def _events(prof, calls: list, device: str) -> tuple[list[_Allocation], list[tuple[int, int, int, object]]]:
+    """The step's allocations on `device`, each with its op, free time and counted time; and the allocation
     and free events in time order as (time, order, bytes, allocation), frees negative."""
-    ranges, found = _walk(prof.profiler.kineto_results.experimental_event_tree())
+    ranges, found = _walk(prof.profiler.kineto_results.experimental_event_tree(), device)
     # time order; at one instant an allocation or free precedes the end of the op it happened in
     timeline = sorted([(t, 0, ptr, n, ctx) for t, ptr, n, ctx in found]
                       + [(end, 1, index, 0, None) for index, end in ranges])
@@ -202,8 +219,8 @@ def _label(ctx: tuple[int | None, str, str], calls: list) -> tuple[str, str, str
     return f"outside traced ops: {op or 'no op'}", "", phase
 
 
-def _walk(roots) -> tuple[list[tuple[int, int]], list[tuple[int, int, int, tuple]]]:
-    """The end time of each traced op's range, and each CPU allocation event as (time, address,
+def _walk(roots, device: str) -> tuple[list[tuple[int, int]], list[tuple[int, int, int, tuple]]]:
+    """The end time of each traced op's range, and each allocation event on `device` as (time, address,
     bytes, (traced op index or None, innermost profiler op or Python function around it, phase))."""
     from torch._C._profiler import _EventType
 
@@ -215,7 +232,7 @@ def _walk(roots) -> tuple[list[tuple[int, int]], list[tuple[int, int, int, tuple
         event, op = stack.pop()
         if event.tag == _EventType.Allocation:
             fields = event.extra_fields
-            if fields.device.type == "cpu" and fields.alloc_size:
+            if fields.device.type == device and fields.alloc_size:
                 found.append((event.start_time_ns, fields.ptr, fields.alloc_size, op))
             continue
         name = event.name

@@ -190,8 +190,9 @@ def _trainable_tensors(spec: ModelSpec, setup: TrainSetup) -> int:
 
 
 def trace(spec: ModelSpec, setup: TrainSetup, *, fake: bool = False, seed: int = 0,
-          hf_config: dict | None = None, allocator: bool = False) -> Comparison:
-    """Run (or fake) one step of `setup` on `spec` on CPU and compare it with the prediction.
+          hf_config: dict | None = None, allocator: bool = False, device: str = "cpu") -> Comparison:
+    """Run (or fake) one step of `setup` on `spec` on `device` (cpu, or cuda: the first GPU torch
+    sees) and compare it with the prediction for that device.
 
     The model is built from `to_hf_config(spec)`, or from `hf_config` when given: a config.json the
     spec was read from, so that transformers, not our inverse mapping, decides what is built.
@@ -209,6 +210,7 @@ def trace(spec: ModelSpec, setup: TrainSetup, *, fake: bool = False, seed: int =
         raise PlanError("trace runs its loss eagerly (the model's own): trace --compile layers; the "
                         "compiled loss is held to the allocator in tests/test_compile_loss.py")
     allocator = allocator or compiled  # a compiled step's only reading is the allocator's
+    check_device(device, fake)
     if fake and spec.num_experts and setup.precision != "pure-bf16":
         # torch's fake (meta) kernel for _grouped_mm accepts bf16 operands only, as its CUDA kernel does
         raise PlanError("a fake trace runs the experts' grouped matmul through torch's meta kernel, which "
@@ -216,10 +218,10 @@ def trace(spec: ModelSpec, setup: TrainSetup, *, fake: bool = False, seed: int =
                         "without --fake")
     from transformers import AutoConfig
 
-    predicted, seen, predicted_phases, whole = _prediction(spec, setup, "cpu")
+    predicted, seen, predicted_phases, whole = _prediction(spec, setup, device)
     config = AutoConfig.for_model(**(to_hf_config(spec) if hf_config is None else hf_config))
     report, reading = run_step(config, setup, spec.vocab_size, fake=fake, seed=seed, allocator=allocator,
-                               adapt=lambda model: _with_lora(model, spec, setup))
+                               adapt=lambda model: _with_lora(model, spec, setup), device=device)
     if report is None:  # compiled: only the peak is measured, the other terms left 0 (errors None)
         traced = dict.fromkeys(TERMS, 0) | {"peak": reading.peak_bytes}
         return Comparison(predicted, traced, whole.name, reading.phase, predicted_phases, {}, reading,
@@ -235,13 +237,30 @@ def trace(spec: ModelSpec, setup: TrainSetup, *, fake: bool = False, seed: int =
                       dict(report.phase_peaks), reading, seen.bytes, whole.what)
 
 
+def check_device(device: str, fake: bool) -> None:
+    """A one-line error for a device the step cannot run on here."""
+    if device == "cpu":
+        return
+    if device != "cuda":
+        raise PlanError(f"trace runs on cpu or cuda, got {device!r}")
+    if fake:
+        raise PlanError("a fake step allocates nothing on any device: trace --fake on cpu")
+    import torch
+
+    if not torch.cuda.is_available():
+        raise PlanError("trace --device cuda needs a CUDA GPU, and torch sees none here")
+
+
 def run_step(config, setup: TrainSetup, vocab_size: int, *, fake: bool = False, seed: int = 0,
-             allocator: bool = False, adapt=None) -> tuple[TraceReport | None, AllocatorReading | None]:
+             allocator: bool = False, adapt=None,
+             device: str = "cpu") -> tuple[TraceReport | None, AllocatorReading | None]:
     """Build the causal LM transformers makes of `config` (a `PretrainedConfig`, changed in place:
     no KV cache, the setup's attention and dropout), run one untraced step and trace the next (see
     the module docstring); `adapt(model)` returns it with LoRA applied when the setup is LoRA.
     The tracer's report, and with `allocator` the allocator's reading (none for a fake step); a
-    compiled setup has no report (None), only the allocator's reading."""
+    compiled setup has no report (None), only the allocator's reading. On `cuda` the model, its
+    adapters and the batch are made on the GPU (a device context around the build: PEFT's moves of
+    new adapters are skipped, `apply_lora`), and the tracer counts the GPU's storages only."""
     # a fake step cannot run inductor's kernels: it runs eagerly (`trace` refuses the pair)
     compiled = (setup.compile or "none") != "none" and not fake
     if setup.method == "lora":
@@ -267,7 +286,7 @@ def run_step(config, setup: TrainSetup, vocab_size: int, *, fake: bool = False, 
     torch.manual_seed(seed)
     mode = FakeTensorMode() if fake else contextlib.nullcontext()
     previous = torch.get_default_dtype()
-    with mode:
+    with mode, torch.device(device):
         torch.set_default_dtype(dtype)  # fake parameters cannot be converted after the fact
         try:
             model = AutoModelForCausalLM.from_config(config)
@@ -306,8 +325,11 @@ def run_step(config, setup: TrainSetup, vocab_size: int, *, fake: bool = False, 
             step(None)  # the first step creates the optimizer's states; a run's later steps keep them
             profiling = allocator and not fake
             inputs = (ids, labels) if positions is None else (ids, labels, positions)
-            tracer = MemoryTracer(model, optimizer, inputs=inputs, annotate=profiling and not compiled)
+            tracer = MemoryTracer(model, optimizer, inputs=inputs, annotate=profiling and not compiled,
+                                  device=None if device == "cpu" else device)
             baseline = tracer.live_bytes()
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()  # the step's own peak, from what is live now
             # a dispatch mode makes the compiled code fall back to eager: a compiled step is profiled
             # with no tracer entered (the allocator's peak is then its only reading)
             with alloc.profiled() if profiling else contextlib.nullcontext() as prof, \
@@ -318,13 +340,13 @@ def run_step(config, setup: TrainSetup, vocab_size: int, *, fake: bool = False, 
                                position_ids=positions)
                 else:
                     step(tracer)
-    if compiled:  # the allocator's reading alone: no tracer report
-        return None, alloc.reading(prof, [], baseline)
     reading = None
     if allocator:
-        reading = (alloc.reading(prof, tracer.calls, baseline) if not fake else
+        reading = (alloc.reading(prof, [] if compiled else tracer.calls, baseline, device) if not fake else
                    alloc.unavailable("under FakeTensorMode nothing is allocated"))
-    return tracer.report(), reading
+        if device == "cuda":
+            reading = alloc.with_cuda_counter(reading, torch.cuda.max_memory_allocated())
+    return (None if compiled else tracer.report()), reading
 
 
 def compile_model(model, mode: str | None) -> None:

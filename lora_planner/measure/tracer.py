@@ -130,8 +130,11 @@ class MemoryTracer(TorchDispatchMode):
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
                  inputs: object = None, keep_largest: int = 12, record_timeline: bool = False,
-                 annotate: bool = False) -> None:
+                 annotate: bool = False, device: str | None = None) -> None:
         super().__init__()
+        # on a GPU only the device's storages are the step's memory: the optimizer's step counters
+        # and the like live in host memory and are not the allocator's (None: every storage)
+        self.device = device
         self.timeline: list[tuple[str, str, str, int]] | None = [] if record_timeline else None
         self.calls: list[Call] | None = [] if annotate else None
         self.model = model
@@ -157,7 +160,7 @@ class MemoryTracer(TorchDispatchMode):
 
     # --- bookkeeping -------------------------------------------------------------------------
     def _track(self, t: torch.Tensor, op: str, tag: str = "") -> Block | None:
-        if t.device.type == "meta":
+        if t.device.type == "meta" or (self.device is not None and t.device.type != self.device):
             return None
         key, storage = _storage_key(t)
         if key in self._live:
