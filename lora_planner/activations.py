@@ -32,7 +32,7 @@ from dataclasses import dataclass, field, replace
 from .architecture import router_path
 from .counts import gate_up_rank_factor
 from .errors import PlanError
-from .spec import GEMMA_FAMILIES, QWEN_WINDOWS, ModelSpec
+from .spec import COMPLEX_ROPE, GEMMA_FAMILIES, QWEN_WINDOWS, ModelSpec
 
 ATTENTION = ("sdpa", "eager")
 DEVICES = ("cuda", "cpu")
@@ -1395,6 +1395,8 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
         v = Tensor(qkv.numel, qkv.itemsize, qkv.grad, qkv.key)
     elif spec.kv_lora_rank:
         q, k, v = _latent_qkv(g, spec, p, h, rot)
+    elif spec.family in COMPLEX_ROPE:
+        q, k, v = complex_rope_qkv(g, spec, p, i, h, rot)
     elif spec.family in ("gemma3", "glm4_moe"):
         # Gemma 3 and GLM-4-MoE project q, k and v first, then normalise q and k (each head; Gemma's
         # form, Llama's) where they have the norms
@@ -1426,7 +1428,8 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
     back, halves = fp32_rotary(spec), rotary_halves(spec)
     if concatenated_rope(spec):
         q, k = partial_rope(g, spec, q, k, v, rot)
-    elif spec.rotary_layer(i) and not spec.kv_lora_rank:  # (latent attention rotates its own part)
+    # (latent attention and Llama 4's complex form rotate in their own functions)
+    elif spec.rotary_layer(i) and not spec.kv_lora_rank and spec.family not in COMPLEX_ROPE:
         # SmolLM3's NoPE layers attend with q and k as projected
         q_projected, q = q, g.rope(q, *rot, alive=(v,) if sliced else (q, k, v), cast_back=back,
                                    halves=halves)
@@ -1434,8 +1437,7 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
                    halves=halves)
     if not spec.kv_lora_rank:
         g.args = attention_locals(h, q, k, v)
-    masked = g.cond.attention == "sdpa" and (explicit_causal_mask(g.cond) or (
-        spec.sliding_layer(i) and g.cond.seq_len >= (spec.sliding_window or 0)))
+    masked = g.cond.attention == "sdpa" and (explicit_causal_mask(g.cond) or local_mask(spec, i, g.cond))
     if spec.attention_sinks and g.cond.attention == "eager":
         a = g.sink_attention(q, k, v, nh, nkv, hd, g.rates[0], f"{p}.self_attn" in g.trainable)
     else:
@@ -1446,6 +1448,7 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
         # concatenates too.
         fused = spec.family == "phi3" or bool(spec.kv_lora_rank)
         a = g.attention(q, k, v, nh, nkv, hd, g.rates[0], softcap=gemma and spec.attn_softcap,
+                        softmax_fp32=spec.family not in HALF_SOFTMAX,
                         contiguous_q=fused or halves or concatenated_rope(spec), fused=v if fused else None,
                         masked=masked, value_dim=spec.v_head_dim, contiguous_k=bool(spec.kv_lora_rank))
     # the attention modules of Llama's form (OLMo 2's too); the MLP of Llama's form is the layer's
@@ -1627,6 +1630,72 @@ def _latent_qkv(g: Graph, spec: ModelSpec, p: str, h: Tensor,
     return query, key, Tensor(kv.numel, kv.itemsize, kv.grad, kv.key)
 
 
+# Families whose eager attention takes the softmax in the scores' dtype, with no fp32 (Llama 4's
+# `eager_attention_forward`)
+HALF_SOFTMAX = ("llama4",)
+
+
+def complex_rope_qkv(g: Graph, spec: ModelSpec, p: str, i: int, h: Tensor,
+                     rot: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Llama 4's q, k and v as `Llama4TextAttention.forward` makes them: the three projections; on a
+    rotary layer q and k rotated as complex numbers (`complex_rope`), then through the weightless
+    q/k norm where the config has it; on a NoPE layer, with temperature tuning, q scaled per position
+    (`nope_temperature`). Each step's inputs are freed as its result replaces them, unless saved."""
+    H, hd, nh, nkv = spec.hidden_size, spec.head_dim, spec.num_heads, spec.num_kv_heads
+    q = g.linear(h, f"{p}.self_attn.q_proj", H, nh * hd)
+    g.args = (h, q)
+    k = g.linear(h, f"{p}.self_attn.k_proj", H, nkv * hd)
+    g.args = (h, q, k)
+    v = g.linear(h, f"{p}.self_attn.v_proj", H, nkv * hd)
+    g.args = (h, q, k, v)
+    if spec.rotary_layer(i):
+        assert rot is not None
+        q, k = complex_rope(g, q, k, rot[0], (h, q, k, v))
+        g.args = (h, q, k, v)
+        if spec.qk_norm_layer(i):
+            q = qk_norm(g, spec, q, f"{p}.self_attn.qk_norm", nh)
+            g.args = (h, q, k, v)
+            k = qk_norm(g, spec, k, f"{p}.self_attn.qk_norm", nkv)
+    elif spec.nope_temperature:
+        q = nope_temperature(g, q, (h, k, v))
+    return q, k, v
+
+
+def complex_rope(g: Graph, q: Tensor, k: Tensor, freqs: Tensor,
+                 alive: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+    """Llama 4's `apply_rotary_emb`: q and k in fp32 (a copy of a 16-bit one), viewed as complex
+    pairs, times the complex64 `freqs_cis` (a new fp32-sized tensor each), viewed back as real and
+    cast back to their dtype. The product keeps only `freqs_cis` (its other factor needs no
+    gradient); the function's locals (both fp32 copies and both products) are alive at its last cast,
+    beside `alive`, what the attention module holds (its projections)."""
+    if q.grad or k.grad:
+        g.save(freqs)
+    qf, kf = g.cast(q, FP32), g.cast(k, FP32)
+    qo = g.pointwise(q.numel, FP32, q.grad, qf, freqs)
+    ko = g.pointwise(k.numel, FP32, k.grad, kf, freqs)
+    qb, kb = g.cast(qo, q.itemsize), g.cast(ko, k.itemsize)
+    temps = (qf, kf, qo, ko, qb, kb)
+    g.moment(*alive, *temps)
+    g.peak_at(g.unsaved(*g.args, *alive, *temps))
+    return qb, kb
+
+
+def nope_temperature(g: Graph, q: Tensor, alive: tuple[Tensor, ...]) -> Tensor:
+    """Llama 4's attention temperature on a NoPE layer: q times a fp32 scale per position
+    (log1p(floor((pos + 1) / floor_scale)) * attn_scale + 1, expanded over the batch), which promotes
+    the product to fp32, cast back to q's dtype. The product keeps the scales (one fp32 value per
+    position of a row) when q needs a gradient. Source: transformers 5 `Llama4TextAttention.forward`."""
+    row = g.cond.tokens if g.cond.packed else g.cond.seq_len
+    scales = g.new(row, FP32, False)
+    if q.grad:
+        g.save(scales)
+    prod = g.pointwise(q.numel, FP32, q.grad, q, scales)
+    out = g.cast(prod, q.itemsize)
+    g.moment(*alive, q, prod, out)
+    g.peak_at(g.unsaved(*g.args, *alive, q, prod, out))
+    return out
+
+
 def concatenated_rope(spec: ModelSpec) -> bool:
     """Whether the rotary embedding rotates a slice of each head and concatenates the rest back
     (`partial_rope`): GLM-4-MoE's does so whatever its `partial_rotary_factor`, 1 too (the rest is
@@ -1703,6 +1772,18 @@ def rotary_halves(spec: ModelSpec) -> bool:
     and concatenates them (GPT-OSS's `_apply_rotary_emb`), rather than x * cos + rotate_half(x) * sin
     with cos and sin of head_dim (Llama's). Source: transformers 5 `GptOssRotaryEmbedding`."""
     return spec.family == "gpt_oss"
+
+
+def rotary_tables(spec: ModelSpec, cond: Conditions) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(values, bytes per value) of the rotary embedding's cos and of its sin, one position each per
+    token of a sequence (the model makes (1, s) position ids): `rotary_width` values each, fp32
+    (`fp32_rotary`) or in the weights' dtype. Llama 4's complex form is one complex64 `freqs_cis` of
+    head_dim / 2 values per position (8 bytes each), counted as the cos, with no sin. Source:
+    transformers 5 `Llama4TextRotaryEmbedding.forward`."""
+    if spec.family in COMPLEX_ROPE:
+        return (cond.seq_len * rotary_width(spec) // 2, 8), (0, 8)
+    per = (cond.seq_len * rotary_width(spec), FP32 if fp32_rotary(spec) else cond.weight_bytes)
+    return per, per
 
 
 def rotary_width(spec: ModelSpec) -> int:
@@ -1794,12 +1875,12 @@ def _moe(g: Graph, spec: ModelSpec, p: str, h: Tensor) -> Tensor:
     normalised weights) and casts them back to the router logits' dtype, so the rows are weighted,
     un-sorted and summed in the wider of that and the hidden states' dtype (`routing_weight_bytes`).
     """
-    H, inter, E, k = spec.hidden_size, spec.intermediate_size, spec.num_experts, spec.experts_per_token
+    H, inter, E = spec.hidden_size, spec.intermediate_size, spec.num_experts
     t = g.cond.tokens
     # every expert takes every token (Llama 4's repeat, weighted by its 0-or-sigmoid score), else the
     # k chosen rows of each token
     gathered = spec.expert_dispatch == "gathered"
-    rows = t * (k if gathered else E)
+    rows = t * spec.expert_rows_per_token
     logits = route(g, spec, router_path(spec, p), h)
     rw = routing_weight_bytes(spec, logits.itemsize)
     full = f"{p}.{spec.mlp_module}.experts" in g.trainable
@@ -1825,7 +1906,7 @@ def _moe(g: Graph, spec: ModelSpec, p: str, h: Tensor) -> Tensor:
         g.save(g.new(rows, INT64, False))  # the inverse permutation
     if full and spec.mlp_bias:
         g.save(g.new(rows, INT64, False))  # the sorted expert ids, the expert biases' gather index
-    if up_grad or down_trains:
+    if (up_grad or down_trains) and gathered:
         g.save(g.new(E, 4, False))  # the offsets, int32
     if down_grad:
         g.save(g.new(rows, rw, False))  # each row's routing weight
@@ -1991,7 +2072,7 @@ def shared_backward_moments(g: Graph, spec: ModelSpec, p: str, waits: int, mine:
     g.pending[layer] = g.pending.get(layer, 0) + cast - (made if g.pending.get(layer) else 0)
     if g.unsort.get(layer):
         g.unsort[layer] += made
-    routed_peak = (3 * g.cond.tokens * spec.experts_per_token * spec.intermediate_size * wb
+    routed_peak = (3 * g.cond.tokens * spec.expert_rows_per_token * spec.intermediate_size * wb
                    - (g.tails[-1] if g.tails else 0))
     routed_trains = f"{p}.{spec.mlp_module}.experts" in g.trainable
     routed_grad = spec.num_experts * H * spec.intermediate_size * wb if routed_trains else 0
@@ -2240,7 +2321,9 @@ def router_saves(g: Graph, spec: ModelSpec, tokens: int, rows: int, routing_byte
     Qwen3-MoE): the fp32 softmax over every expert (tokens x experts) and top-k's indices, then with
     `norm_topk` the normaliser and the quotient. Top-k then softmax (GPT-OSS): top-k's indices and
     the softmax over the k selected logits (rows, in the logits' dtype). Rows = tokens x top-k.
-    Source: transformers 5 `MixtralTopKRouter`, `Qwen3MoeTopKRouter`, `GptOssTopKRouter`."""
+    Top-k then sigmoid (Llama 4): top-k's indices and the fp32 sigmoid over every expert's score
+    (the top-k logits scattered into a row of -inf). Source: transformers 5 `MixtralTopKRouter`,
+    `Qwen3MoeTopKRouter`, `GptOssTopKRouter`, `Llama4Router`."""
     if spec.routing == "topk-softmax":
         return g.new(rows, INT64, False), g.new(rows, routing_bytes, True)
     # a sigmoid router (DeepSeek-V3, GLM-4-MoE) keeps its scores and the gather's indices of the
@@ -2393,7 +2476,7 @@ def layer_backward_transients(spec: ModelSpec, cond: Conditions) -> tuple[int, i
     """
     t, cb = cond.tokens, cond.compute_bytes
     resid = residual_gradient_bytes(spec, cond)
-    rows = t * max(spec.experts_per_token, 1)
+    rows = t * max(spec.expert_rows_per_token, 1)
     # grouped expert matmuls are not autocast: they run in the hidden states' (the weights') dtype
     # (a model with dense layers or shared experts has its own per layer: `mlp_backward_transients`)
     mlp = 3 * rows * spec.intermediate_size * (cond.weight_bytes if spec.num_experts else cb)
@@ -2424,7 +2507,7 @@ def mlp_backward_transients(spec: ModelSpec, cond: Conditions) -> tuple[int, ...
     if not (spec.dense_layers or spec.shared_experts):
         return ()
     t, cb = cond.tokens, cond.compute_bytes
-    routed = 3 * t * spec.experts_per_token * spec.intermediate_size * cond.weight_bytes
+    routed = 3 * t * spec.expert_rows_per_token * spec.intermediate_size * cond.weight_bytes
     shared = 3 * t * spec.shared_experts * spec.intermediate_size * cb
     return tuple(max(routed, shared) if spec.sparse_layer(i) else 3 * t * spec.mlp_width(i) * cb
                  for i in range(spec.num_layers))
@@ -2479,17 +2562,24 @@ def checkpoint_masks_freed(spec: ModelSpec, cond: Conditions) -> tuple[int, ...]
     for sliding, i in lowest.items():
         if eager:
             freed[i] += eager_bytes
-        elif cond.packed or (sliding and s >= (spec.sliding_window or 0)):
-            freed[i] += s * s
+        elif cond.packed or (sliding and s >= (spec.local_span(i) or 0)):
+            freed[i] += s * s if cond.packed else sdpa_local_mask_bytes(spec, cond)
     # Gemma 3's rotary embeddings likewise: a kind's cos and sin go with the lowest layer using it
     # (the one layer 0 rotates with stays through the embedding's backward, as in every family)
     rotary_low: dict[bool, int] = {}
     for i in reversed(range(spec.num_layers)):
         rotary_low[rotary_kind(spec, i)] = i
-    pair = 2 * s * rotary_width(spec) * (FP32 if fp32_rotary(spec) else cond.weight_bytes)
+    pair = sum(n * size for n, size in rotary_tables(spec, cond))
     for i in rotary_low.values():
         freed[i] += pair if i else 0
     return tuple(freed)
+
+
+def local_mask(spec: ModelSpec, i: int, cond: Conditions) -> bool:
+    """Whether SDPA gets an explicit mask for layer `i`: a sliding window or attention chunk
+    (`ModelSpec.local_span`) no longer than the sequence; shorter sequences run causal."""
+    span = spec.local_span(i)
+    return span is not None and cond.seq_len >= span
 
 
 def forward_mask_bytes(spec: ModelSpec, cond: Conditions) -> int:
@@ -2504,18 +2594,26 @@ def forward_mask_bytes(spec: ModelSpec, cond: Conditions) -> int:
     """
     # Gemma2Model builds both masks whatever layers it has (a one-layer slice too); Qwen2Model the
     # full one always, and the sliding one when any layer slides
-    kinds = {spec.sliding_layer(i) for i in range(spec.num_layers)}
+    kinds = {spec.sliding_layer(i) or spec.chunked_layer(i) for i in range(spec.num_layers)}
     if spec.family in ("smollm3", "gpt_oss", *QWEN_WINDOWS, *GEMMA_FAMILIES):
         # (GptOssModel builds both too)
         kinds |= {True, False} if spec.family in (*GEMMA_FAMILIES, "gpt_oss") else {False}
     if cond.attention == "eager":
         return len(kinds) * cond.batch_size * cond.seq_len * cond.seq_len * (
             FP32 if cond.autocast else cond.weight_bytes)
-    sliding = any(spec.sliding_layer(i) and cond.seq_len >= (spec.sliding_window or 0)
-                  for i in range(spec.num_layers))
+    sliding = any(local_mask(spec, i, cond) for i in range(spec.num_layers))
     if cond.packed:  # one block-diagonal mask per kind of layer
         return len(kinds) * cond.seq_len * cond.seq_len
-    return cond.seq_len * cond.seq_len if sliding else 0
+    return sdpa_local_mask_bytes(spec, cond) if sliding else 0
+
+
+def sdpa_local_mask_bytes(spec: ModelSpec, cond: Conditions) -> int:
+    """The boolean mask the model builds for SDPA's local layers (`local_mask`): a sliding window's
+    (1, 1, s, s), expanded over the batch without a copy; Llama 4's chunked one (b, 1, s, s), since
+    its chunks start after each row's left padding (`chunked_causal_mask_function`). Source:
+    transformers 5 `masking_utils`."""
+    per_row = spec.attention_chunk is not None  # (no family has both chunks and a sliding window)
+    return cond.seq_len * cond.seq_len * (cond.batch_size if per_row else 1)
 
 
 def trained_norm_product_bytes(numel: int, itemsize: int, offset_weight: bool) -> int:
@@ -2783,10 +2881,8 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
             # scaled by sqrt(hidden) inside the embedding module (`Gemma2TextScaledWordEmbedding`):
             # the product keeps a scalar, and the unscaled lookup is freed as the module returns
             x = g.new(t * H, wb, x.grad)
-        half = cond.seq_len * rotary_width(spec)
-        rb = FP32 if fp32_rotary(spec) else wb
         # a cos and sin per rotary embedding the layers use (Gemma 3's local and global ones)
-        rots = {kind: (g.new(half, rb, False), g.new(half, rb, False))
+        rots = {kind: tuple(g.new(n, size, False) for n, size in rotary_tables(spec, cond))
                 for kind in sorted({rotary_kind(spec, i) for i in range(spec.num_layers)})}
     layers, mlps, inputs, overlap = [], [], [], []
     input_grads: list[bool] = []
@@ -2862,12 +2958,12 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
     # (eager) and, for rotary families, cos, sin and the position ids.
     shared = eager_mask + (sum(r.nbytes for rot in rots.values() for r in rot) + positions * INT64
                            if rots else 0)
-    if cond.attention == "sdpa" and (cond.packed or any(
-            spec.sliding_layer(i) and cond.seq_len >= (spec.sliding_window or 0)
-            for i in range(spec.num_layers))):
-        # SDPA's sliding-window mask: boolean (1, 1, s, s), expanded over the batch without a copy;
-        # packed, each kind of layer's block-diagonal mask
-        shared += cond.seq_len * cond.seq_len * (len(kinds) if cond.packed else 1)
+    if cond.attention == "sdpa" and (cond.packed or any(local_mask(spec, i, cond)
+                                                        for i in range(spec.num_layers))):
+        # SDPA's sliding-window mask (`sdpa_local_mask_bytes`); packed, each kind of layer's
+        # block-diagonal mask
+        shared += (len(kinds) * cond.seq_len * cond.seq_len if cond.packed
+                   else sdpa_local_mask_bytes(spec, cond))
     return Profile(
         embedding=g.saved_bytes("embedding"),
         layers=tuple(layers),

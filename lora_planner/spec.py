@@ -229,6 +229,12 @@ class ModelSpec:
     nope_temperature: bool = False
 
     @property
+    def expert_rows_per_token(self) -> int:
+        """Rows the experts run per token: its top k, gathered (`EXPERT_DISPATCHES`), or one per
+        expert where every expert takes every token (Llama 4)."""
+        return self.experts_per_token if self.expert_dispatch == "gathered" else self.num_experts
+
+    @property
     def mlp_module(self) -> str:
         """The decoder layer's MLP module name: `mlp`, Llama 4's `feed_forward`."""
         return FAMILY_MLP_MODULE.get(self.family, "mlp")
@@ -247,6 +253,14 @@ class ModelSpec:
         """Whether layer `i` attends within `attention_chunk`-token chunks (Llama 4's rotary layers,
         `layer_types` "chunked_attention")."""
         return self.attention_chunk is not None and self.rotary_layer(i)
+
+    def local_span(self, i: int) -> int | None:
+        """How far back layer `i`'s mask can reach: the sliding window of a sliding layer, the chunk
+        of a chunked one, None for full attention. transformers' SDPA path builds an explicit mask for
+        such a layer once the sequence is at least this long (`_ignore_causal_mask_sdpa`)."""
+        if self.sliding_layer(i):
+            return self.sliding_window
+        return self.attention_chunk if self.chunked_layer(i) else None
 
     @property
     def value_head_dim(self) -> int:
@@ -296,6 +310,8 @@ class ModelSpec:
             return i % 2 == 0
         if self.family in LAYER_TYPE_FAMILIES:
             return i not in self.global_layers
+        if self.attention_chunk is not None:  # (Llama 4's chunked layers: a mask of their own)
+            return self.chunked_layer(i)
         return self.sliding_layer(i)
 
     @property

@@ -48,7 +48,9 @@ class Case:
         if self.layers is None:
             return dict(self.config)
         kept = min(self.layers, self.config[key])
-        cut = {"layer_types": self.config["layer_types"][:kept]} if "layer_types" in self.config else {}
+        # (Llama 4 derives its layer types from every no_rope_layers flag, not num_hidden_layers')
+        cut = {key: self.config[key][:kept] for key in ("layer_types", "no_rope_layers")
+               if isinstance(self.config.get(key), list)}
         return {**self.config, key: kept, **cut}
 
 
