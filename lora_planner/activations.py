@@ -1505,7 +1505,7 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
         # it is saved already unless the norm upcast a 16-bit copy of it
         g.args = (h, x) if g.attn_weights is None else (h, x, g.attn_weights)
     if sparse:
-        m = _moe(g, spec, p, h)
+        m = _moe(g, spec, p, h) if spec.expert_dispatch == "gathered" else every_expert_block(g, spec, p, h)
         if spec.shared_experts:
             m = shared_experts(g, spec, p, h, m)
     elif spec.family == "phi3":
@@ -1990,6 +1990,79 @@ def _moe(g: Graph, spec: ModelSpec, p: str, h: Tensor) -> Tensor:
     return g.new(t * H, xb, True)
 
 
+def every_expert_block(g: Graph, spec: ModelSpec, p: str, h: Tensor) -> Tensor:
+    """Llama 4's routed experts as transformers 5 runs them (`Llama4TextMoe`, `Llama4TextExperts`):
+    the router's scores for every expert (0 where not chosen), every token repeated once per expert
+    (E x tokens rows) and weighted by its score, then two bmm over all experts at once, E x tokens x
+    2 inter and E x tokens x hidden, summed over the experts. The shared expert runs after (its own
+    function) and the sum is added into its output in place.
+
+    Saved, each only when a gradient needs it: the column of scores (rows, the logits' dtype) and the
+    repeated rows (rows x hidden) by their product; the weighted rows (their 16-bit copy under
+    autocast, which casts bmm's operands) when the gate/up weight trains; the gate/up output and
+    silu's output; the gated product when the down weight trains; under autocast the 16-bit copy
+    of each expert weight a gradient flows through (cached until forward ends when it trains).
+    What backward holds beyond them: the down bmm's input gradient beside a contiguous copy of the
+    incoming one (the sum's expanded gradient reshaped, rows x hidden) (`Graph.combine`); then the
+    gated product's (three rows x inter, `mlp_backward_transients`), once the down bmm's saved tensors
+    are freed (`Graph.tails`)."""
+    H, inter, E, t = spec.hidden_size, spec.intermediate_size, spec.num_experts, g.cond.tokens
+    rows = t * E
+    mlp = f"{p}.{spec.mlp_module}"
+    logits = route(g, spec, router_path(spec, p), h)
+    full = f"{mlp}.experts" in g.trainable
+    scores = g.new(t * E, logits.itemsize, logits.grad)  # `router_scores`, bound until the block returns
+    column = g.new(rows, logits.itemsize, logits.grad)  # its transpose as one column: a copy
+    repeated = g.new(rows * H, h.itemsize, h.grad)
+    bound = (h, logits, scores)
+    g.moment(*bound, column, repeated)
+    x = g.mul(repeated, column)
+    g.moment(*bound, repeated, x)
+    cb = 2 if g.cond.autocast else x.itemsize  # autocast runs bmm on 16-bit copies of both operands
+    xc = g.cast(x, cb)
+    if full:
+        g.save(xc, kernel=True)  # for the gate/up weight's gradient
+    weights = expert_weight_copies(g, E * H * 2 * inter, x.grad, full)
+    gu = g.new(rows * 2 * inter, cb, x.grad or full)
+    g.moment(*bound, x, xc, gu, extra=weights)
+    g.peak_at(g.unsaved(*g.args, *bound, x, xc, gu) + weights)
+    act = g.pointwise(rows * inter, cb, gu.grad, gu)
+    if gu.grad:
+        # silu keeps the gate and the product up, views of gu; the product keeps silu's output
+        g.save(gu, act)
+    prod = g.pointwise(rows * inter, cb, gu.grad, gu, act)
+    g.moment(*bound, x, gu, act, prod)
+    g.tail_start()
+    if full:
+        g.save(prod, kernel=True)  # for the down weight's gradient
+    weights = expert_weight_copies(g, E * inter * H, prod.grad, full)
+    out = g.new(rows * H, cb, prod.grad or full)
+    g.moment(*bound, x, gu, prod, out, extra=weights)
+    g.peak_at(g.unsaved(*g.args, *bound, x, gu, prod, out) + weights)
+    g.tail_end()
+    layer = g.section.removesuffix(" mlp")
+    # the down bmm's backward: its input's gradient beside the incoming one, reshaped from the sum's
+    # expanded gradient into a contiguous copy (rows x hidden)
+    g.combine[layer] = rows * H * cb + rows * inter * cb if out.grad else 0
+    g.expert_backward.append(0)
+    summed = g.new(t * H, cb, out.grad)
+    g.moment(*bound, x, out, summed)
+    return Tensor(out.numel, out.itemsize, out.grad, out.key)  # `routed_out`, summed when added
+
+
+def expert_weight_copies(g: Graph, numel: int, input_grad: bool, trains: bool) -> int:
+    """Autocast's 16-bit copy of one fused expert weight for its bmm: saved when the input needs a
+    gradient, cached until forward ends when the weight trains (then counted as saved too); otherwise
+    a transient (its bytes returned). 0 without autocast."""
+    if not g.cond.autocast:
+        return 0
+    if input_grad or trains:
+        g.save(g.new(numel, 2, False))
+    if trains:
+        g.cached(numel * 2, saved=True)
+    return 0 if input_grad or trains else numel * 2
+
+
 def route(g: Graph, spec: ModelSpec, router: str, h: Tensor) -> Tensor:
     """The sparse block's router and its logits (whose dtype the routing weights take,
     `routing_weight_bytes`), with what it saves (`router_saves`). A sigmoid router (DeepSeek-V3,
@@ -2048,7 +2121,8 @@ def shared_experts(g: Graph, spec: ModelSpec, p: str, h: Tensor, routed: Tensor)
     shared_backward_moments(g, spec, p, h.nbytes if h.grad else 0, g._saved_total - before,
                             g._saved_total - down_from if act.grad else None,
                             out.nbytes if out.itemsize < routed.itemsize else 0)
-    return g.add(routed, out)
+    # (Llama 4's routed output is every expert's rows, summed into the shared expert's output)
+    return g.pointwise(out.numel, max(routed.itemsize, out.itemsize), routed.grad or out.grad, routed, out)
 
 
 def shared_backward_moments(g: Graph, spec: ModelSpec, p: str, waits: int, mine: int, down_saved: int | None,
