@@ -615,7 +615,7 @@ class Graph:
     def attention(self, q: Tensor, k: Tensor, v: Tensor, heads: int, kv_heads: int, head_dim: int,
                   attn_dropout: float, softcap: bool = False, contiguous_q: bool = False,
                   fused: Tensor | None = None, softmax_fp32: bool = True, masked: bool = False,
-                  value_dim: int = 0, contiguous_k: bool = False) -> Tensor:
+                  value_dim: int = 0, contiguous_k: bool = False, cast_probs: bool = True) -> Tensor:
         """Attention over projected (and rotated) q, k, v; returns the (b, s, heads * head_dim) output
         as o_proj reads it.
 
@@ -629,6 +629,9 @@ class Graph:
         all three, so on CPU such attention runs the math kernel; on CUDA the memory-efficient one.
         `contiguous_k`: k is (b, heads, s, d)-contiguous at every head (latent attention's key, filled
         into a new tensor), so eager attention's score matmul keeps k itself, not a copy.
+        `cast_probs` False: eager attention leaves the softmax's output in its dtype (Llama 4's, with
+        no fp32 softmax of its own: fp32 only under autocast), dropout and the matmul's autocast copy
+        after it.
         """
         b, s = self.cond.batch_size, self.cond.seq_len
         grad = q.grad or k.grad or v.grad
@@ -750,7 +753,7 @@ class Graph:
         if eager:
             # back to the query's dtype (GPT-2: the value's) as the module wrote it, dropout there,
             # and autocast's matmul makes the 16-bit copy that probs @ v keeps
-            pw = self.cast(p, q_in if softmax_fp32 else v_in)
+            pw = self.cast(p, q_in if softmax_fp32 else v_in) if cast_probs else p
             if moments:
                 dropped, bound = self.eager_moments((q0, k0, v0), (qc, kc, vc), p, pw, attn_dropout, heads,
                                                     kv_heads, head_dim)
@@ -1449,6 +1452,7 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
         fused = spec.family == "phi3" or bool(spec.kv_lora_rank)
         a = g.attention(q, k, v, nh, nkv, hd, g.rates[0], softcap=gemma and spec.attn_softcap,
                         softmax_fp32=spec.family not in HALF_SOFTMAX,
+                        cast_probs=spec.family not in HALF_SOFTMAX,
                         contiguous_q=fused or halves or concatenated_rope(spec), fused=v if fused else None,
                         masked=masked, value_dim=spec.v_head_dim, contiguous_k=bool(spec.kv_lora_rank))
     # the attention modules of Llama's form (OLMo 2's too); the MLP of Llama's form is the layer's
