@@ -2022,6 +2022,7 @@ def every_expert_block(g: Graph, spec: ModelSpec, p: str, h: Tensor) -> Tensor:
     g.moment(*bound, column, repeated)
     x = g.mul(repeated, column)
     g.moment(*bound, repeated, x)
+    weighted_from = g._saved_total
     cb = 2 if g.cond.autocast else x.itemsize  # autocast runs bmm on 16-bit copies of both operands
     xc = g.cast(x, cb)
     if full:
@@ -2043,8 +2044,16 @@ def every_expert_block(g: Graph, spec: ModelSpec, p: str, h: Tensor) -> Tensor:
     out = g.new(rows * H, cb, prod.grad or full)
     g.moment(*bound, x, gu, prod, out, extra=weights)
     g.peak_at(g.unsaved(*g.args, *bound, x, gu, prod, out) + weights)
-    g.tail_end()
     layer = g.section.removesuffix(" mlp")
+    # the weighting's backward, once the experts' saved tensors are used: the weighted rows' gradient
+    # and the product's two (the scores' before its sum over hidden), rows x hidden each, beside the
+    # shared expert's input gradient (waiting to be summed with this one) and its weight gradients
+    if x.grad:
+        g.up_backward[layer] = (g._tail_from - weighted_from,
+                                rows * H * (x.itemsize + (h.itemsize if h.grad else 0)
+                                            + (x.itemsize if logits.grad else 0))
+                                + (h.nbytes if h.grad else 0) + shared_expert_gradients(g, spec, p))
+    g.tail_end()
     # the down bmm's backward: its input's gradient beside the incoming one, reshaped from the sum's
     # expanded gradient into a contiguous copy (rows x hidden)
     g.combine[layer] = rows * H * cb + rows * inter * cb if out.grad else 0
@@ -2052,6 +2061,12 @@ def every_expert_block(g: Graph, spec: ModelSpec, p: str, h: Tensor) -> Tensor:
     summed = g.new(t * H, cb, out.grad)
     g.moment(*bound, x, out, summed)
     return Tensor(out.numel, out.itemsize, out.grad, out.key)  # `routed_out`, summed when added
+
+
+def expert_compute_bytes(spec: ModelSpec, cond: Conditions) -> int:
+    """Bytes per value of the experts' matmuls: the weights' dtype for grouped matmuls, which autocast
+    leaves alone; the compute dtype for Llama 4's bmm, which autocast runs in 16 bits."""
+    return cond.weight_bytes if spec.expert_dispatch == "gathered" else cond.compute_bytes
 
 
 def expert_weight_copies(g: Graph, numel: int, input_grad: bool, trains: bool) -> int:
@@ -2129,6 +2144,14 @@ def shared_experts(g: Graph, spec: ModelSpec, p: str, h: Tensor, routed: Tensor)
     return g.pointwise(out.numel, max(routed.itemsize, out.itemsize), routed.grad or out.grad, routed, out)
 
 
+def shared_expert_gradients(g: Graph, spec: ModelSpec, p: str) -> int:
+    """The shared experts' weight gradients, made before the routed experts' backward: hidden x
+    (shared_experts x intermediate) for each of gate_proj, up_proj and down_proj that trains."""
+    path = f"{p}.{spec.mlp_module}.{spec.shared_module}"
+    return sum(spec.hidden_size * spec.shared_experts * spec.intermediate_size * g.cond.weight_bytes
+               for leaf in ("gate_proj", "up_proj", "down_proj") if f"{path}.{leaf}" in g.trainable)
+
+
 def shared_backward_moments(g: Graph, spec: ModelSpec, p: str, waits: int, mine: int, down_saved: int | None,
                             cast: int) -> None:
     """The shared experts' share of the sparse block's backward moments (see `shared_experts`): their
@@ -2139,10 +2162,8 @@ def shared_backward_moments(g: Graph, spec: ModelSpec, p: str, waits: int, mine:
     only the down projection's weight gradient, not yet the routed experts' down one, which the
     timeline counts before the block's backward."""
     H, inter, wb = spec.hidden_size, spec.shared_experts * spec.intermediate_size, g.cond.weight_bytes
-    path = f"{p}.{spec.mlp_module}.{spec.shared_module}"
     layer = g.section.removesuffix(" mlp")
-    made = sum(H * inter * wb for leaf in ("gate_proj", "up_proj", "down_proj")
-               if f"{path}.{leaf}" in g.trainable)
+    made = shared_expert_gradients(g, spec, p)
     for moments, freed in ((g.pending, 0), (g.combine, mine), (g.recompute_combine, 0)):
         if moments.get(layer):  # (the un-sort's and the recompute's were written before these saves)
             moments[layer] += waits + made - freed
@@ -2150,11 +2171,13 @@ def shared_backward_moments(g: Graph, spec: ModelSpec, p: str, waits: int, mine:
     g.pending[layer] = g.pending.get(layer, 0) + cast - (made if g.pending.get(layer) else 0)
     if g.unsort.get(layer):
         g.unsort[layer] += made
-    routed_peak = (3 * g.cond.tokens * spec.expert_rows_per_token * spec.intermediate_size * wb
+    routed_peak = (3 * g.cond.tokens * spec.expert_rows_per_token * spec.intermediate_size
+                   * expert_compute_bytes(spec, g.cond)
                    - (g.tails[-1] if g.tails else 0))
     routed_trains = f"{p}.{spec.mlp_module}.experts" in g.trainable
     routed_grad = spec.num_experts * H * spec.intermediate_size * wb if routed_trains else 0
-    down_grad = H * inter * wb if f"{path}.down_proj" in g.trainable else 0
+    shared_down = f"{p}.{spec.mlp_module}.{spec.shared_module}.down_proj"
+    down_grad = H * inter * wb if shared_down in g.trainable else 0
     shared = (0 if down_saved is None else
               3 * g.cond.tokens * inter * g.cond.compute_bytes - down_saved + down_grad - routed_grad)
     if not g.expert_backward:  # (a block no gradient reaches: `_moe` returned before its moments)
@@ -2585,7 +2608,7 @@ def mlp_backward_transients(spec: ModelSpec, cond: Conditions) -> tuple[int, ...
     if not (spec.dense_layers or spec.shared_experts):
         return ()
     t, cb = cond.tokens, cond.compute_bytes
-    routed = 3 * t * spec.expert_rows_per_token * spec.intermediate_size * cond.weight_bytes
+    routed = 3 * t * spec.expert_rows_per_token * spec.intermediate_size * expert_compute_bytes(spec, cond)
     shared = 3 * t * spec.shared_experts * spec.intermediate_size * cb
     return tuple(max(routed, shared) if spec.sparse_layer(i) else 3 * t * spec.mlp_width(i) * cb
                  for i in range(spec.num_layers))
