@@ -1492,6 +1492,9 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
     x = g.add(x, a)
     g.release(h)
     g.hold(x)  # the residual, until the layer returns
+    # Llama 4's layer binds the attention's output (`attention_states`) until it returns
+    bound = (a,) if spec.family in BOUND_ATTENTION_OUTPUT else ()
+    g.hold(*bound)
     g.attn_tail_end()
     g.section += " mlp"
     h = x if post_only else g.rms_norm(
@@ -1503,7 +1506,7 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
             g.cond.tokens, H, g.norm_copy, gemma and norm in g.trainable)
     g.hold(h)  # the MLP's input, until it returns
     if dense:
-        g.args = (h, *weights)
+        g.args = (h, *weights, *bound)
     else:
         # the decoder layer also binds the residual (the stream after attention) until the MLP returns;
         # it is saved already unless the norm upcast a 16-bit copy of it
@@ -1634,6 +1637,9 @@ def _latent_qkv(g: Graph, spec: ModelSpec, p: str, h: Tensor,
     return query, key, Tensor(kv.numel, kv.itemsize, kv.grad, kv.key)
 
 
+# Families whose decoder layer keeps the attention's output in a variable of its own through the MLP
+# (Llama 4's `attention_states`)
+BOUND_ATTENTION_OUTPUT = ("llama4",)
 # Families whose eager attention takes the softmax in the scores' dtype, with no fp32 (Llama 4's
 # `eager_attention_forward`)
 HALF_SOFTMAX = ("llama4",)
