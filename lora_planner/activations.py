@@ -2062,7 +2062,12 @@ def every_expert_block(g: Graph, spec: ModelSpec, p: str, h: Tensor) -> Tensor:
     g.tail_end()
     # the down bmm's backward: its input's gradient beside the incoming one, reshaped from the sum's
     # expanded gradient into a contiguous copy (rows x hidden)
-    g.combine[layer] = rows * H * cb + rows * inter * cb if out.grad else 0
+    combine = rows * H * cb + rows * inter * cb if out.grad else 0
+    g.combine[layer] = combine
+    # recomputed (checkpointing), the same moment holds the layer's whole saved set again, the
+    # recompute's locals gone by then
+    g.recompute_combine[layer] = (g.saved_bytes(layer) + g.saved_bytes(f"{layer} mlp") + combine
+                                  if combine else 0)
     g.expert_backward.append(0)
     summed = g.new(t * H, cb, out.grad)
     g.moment(*bound, x, out, summed)
