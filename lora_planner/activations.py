@@ -51,6 +51,13 @@ class Conditions:
     autocast: bool  # amp: fp32 weights, bf16 matmuls
     attention: str = "sdpa"
     grad_checkpointing: bool = False
+    # selective layer checkpointing: only layers i with (i + checkpoint_offset) % checkpoint_every == 0
+    # are checkpointed, the rest keep their whole saved set (`checkpointed_layers`)
+    checkpoint_every: int = 1
+    checkpoint_offset: int = 0
+    # torchtitan's op-level selective checkpointing (`sac_saves`): a checkpointed layer keeps, beside
+    # its input, the outputs of every other matmul and of the fused attention kernel
+    checkpoint_ops: bool = False
     device: str = "cuda"
     dropout: float | None = None  # None: the model's own rates (`ModelSpec.dropout_rates`)
     lora_dropout: float = 0.0
@@ -73,6 +80,9 @@ class Conditions:
     # no 16-bit weight, and keeps its input only as `quant.nf4_saved_input_bytes` says (0: not at all)
     quantised_base: bool = False
     nf4_saved_input: int = 0
+    # bitsandbytes' Linear4bit casts its output back to its input's dtype (`.to(inp_dtype)`, every
+    # release read, 0.39.1 to 0.50.1); torchao's linear_nf4 returns F.linear's, autocast's under amp
+    nf4_output_in_input_dtype: bool = False
 
     @property
     def tokens(self) -> int:
@@ -98,13 +108,52 @@ class Tensor:
         return self.numel * self.itemsize
 
 
+def checkpointed_layers(num_layers: int, cond: Conditions) -> tuple[bool, ...]:
+    """Which decoder layers a step checkpoints: none without checkpointing; with it, layer i when
+    (i + offset) % every == 0.
+
+    every = 1 is every layer (Hugging Face's `gradient_checkpointing_enable`). every = k > 1 is
+    selective layer checkpointing; the frameworks count the layers differently. transformers 5's
+    `_set_gradient_checkpointing(every_n_layers=k)` checkpoints layer_index % k == 0 (offset 0:
+    layers 0, k, 2k, ...); torchtune's `training.activations.checkpoint_wrapper` (ac_mode selective,
+    ac_option k) and torchtitan's `apply_ac` (selective_ac_option "k") count wrapped layers from 1 and
+    wrap the count % k == 0 ones (offset 1: layers k-1, 2k-1, ...).
+    """
+    if not cond.grad_checkpointing:
+        return (False,) * num_layers
+    return every_kth_layer(num_layers, cond.checkpoint_every, cond.checkpoint_offset)
+
+
+def sac_saves(op: str, mm_count: int, device: str) -> bool:
+    """Whether torchtitan's op-level selective checkpointing policy caches an op's outputs in
+    forward (MUST_SAVE) rather than recompute them in backward.
+
+    torchtitan's `_apply_ac_to_transformer_block` (selective_ac_option "op") saves the outputs of
+    `aten.mm` but every second one counted within a layer's forward (`mm_count` odd: the 1st, 3rd,
+    ... matmul), and of the fused attention kernels `_scaled_dot_product_flash_attention` and
+    `_scaled_dot_product_efficient_attention` (CUDA's; CPU's flash kernel is another op, not on the
+    list), and recomputes everything else. A linear with a bias runs `addmm`, neither saved nor
+    counted. (Its list's reduce_scatter, abs and max do not run in a plain step's layers.)
+    """
+    if op == "mm":
+        return mm_count % 2 == 1
+    return op == "sdpa" and device == "cuda"
+
+
+def every_kth_layer(num_layers: int, every: int, offset: int) -> tuple[bool, ...]:
+    """Per layer, (i + offset) % every == 0 (see `checkpointed_layers`)."""
+    return tuple((i + offset) % every == 0 for i in range(num_layers))
+
+
 @dataclass
 class Graph:
     """A forward pass being written down: which tensors autograd keeps, in order, by layer."""
 
     cond: Conditions
     wrapped: dict[str, int]  # module path -> LoRA rank
-    trainable: set[str]  # module paths whose own weights train (full fine-tuning: all)
+    # module paths whose own weights train (full fine-tuning: all), and `<path>.bias` for a bias that
+    # trains without its weight (PEFT's bias="all" / "lora_only")
+    trainable: set[str]
     saved: dict[int, tuple[int, str]] = field(default_factory=dict)
     rates: tuple[float, float, float] = (0.0, 0.0, 0.0)  # attention, residual, embedding dropout
     biases: frozenset[str] = frozenset()  # module paths that have a bias
@@ -166,7 +215,9 @@ class Graph:
     _casts: dict[tuple[int, int], Tensor] = field(default_factory=dict)  # (key, itemsize): one cast
     # every forward moment as (saves made so far, bytes held) by layer, and each layer's last save: a
     # recompute stops at its layer's last saved tensor (`recompute_peak`)
-    moments: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
+    # (each moment also notes the newest tensor key then: op-level selective checkpointing's cached
+    # outputs made later are alive beside it in a recompute, `recompute_peak`)
+    moments: dict[str, list[tuple[int, int, int]]] = field(default_factory=dict)
     _saves: int = 0
     _last_save: dict[str, int] = field(default_factory=dict)
     _section_bytes: dict[str, int] = field(default_factory=dict)
@@ -182,6 +233,34 @@ class Graph:
     # a trained final norm: its weight's product has used and freed what it saved by the backward's
     # peak inside the norm (`trained_norm_product_bytes`)
     final_norm_freed: int = 0
+    # the layer being walked is checkpointed (`checkpointed_layers`): its forward saves nothing past
+    # its input, so its moments are not the forward's own (`moment`)
+    checkpointed: bool = False
+    # saved bytes of the checkpointed layers walked so far that their forward did not keep (all but
+    # their input, their shared arguments and autocast's weight copies): `moment` takes them off
+    dropped: int = 0
+    # op-level selective checkpointing (`Conditions.checkpoint_ops`): the current layer's matmuls so
+    # far, and by layer the op outputs its checkpoint caches in forward (`sac_saves`)
+    mm_count: int = 0
+    sac: dict[str, list[Tensor]] = field(default_factory=dict)
+    _last_save_key: dict[str, int] = field(default_factory=dict)  # the newest key at a layer's last save
+
+    def sac_unconsumed(self, layer: str) -> int:
+        """Cached op outputs (op-level selective checkpointing) that a layer's recompute never takes
+        back: those of ops at or after its last save, where torch's non-reentrant checkpoint stops
+        recomputing (autograd packs an op's inputs before it runs the op). No op saves them; the
+        checkpoint holds them until the layer's backward is done."""
+        last = self._last_save_key.get(layer, 0)
+        return sum(t.nbytes for t in self.sac.get(layer, ()) if t.key not in self.saved and t.key > last)
+
+    def sac_op(self, op: str, *outputs: Tensor) -> None:
+        """An op ran inside a checkpointed layer: under op-level selective checkpointing, the
+        checkpoint caches its outputs when the policy says so (`sac_saves`)."""
+        if not (self.checkpointed and self.cond.checkpoint_ops):
+            return
+        self.mm_count += op == "mm"
+        if sac_saves(op, self.mm_count, self.cond.device):
+            self.sac.setdefault(self.section.removesuffix(" mlp"), []).extend(outputs)
 
     def recompute_peak(self, layer: str) -> int:
         """The most a checkpointed layer's recompute holds: its forward's moments up to the op that
@@ -189,7 +268,11 @@ class Graph:
         so what forward did after it (a last LoRA layer's lora_B output and its scaled copy, when the
         adapter's input was its last save) does not happen again."""
         last = self._last_save.get(layer, 0)
-        return max((held for saves, held in self.moments.get(layer, ()) if saves < last), default=0)
+        # op-level selective checkpointing: the recompute is handed each cached output as it reaches
+        # that op; until then the cache holds it, beside what the moment counts (the saves so far)
+        cached = [(t.key, t.nbytes) for t in self.sac.get(layer, ())]
+        return max((held + sum(n for key, n in cached if key > now)
+                    for saves, held, now in self.moments.get(layer, ()) if saves < last), default=0)
 
     # --- tensors ---------------------------------------------------------------------------------
     def new(self, numel: int, itemsize: int, grad: bool) -> Tensor:
@@ -230,6 +313,8 @@ class Graph:
                 self._saved_total += t.nbytes
                 self._saves += 1
                 self._last_save[self.section.removesuffix(" mlp")] = self._saves
+                if self.checkpointed and self.cond.checkpoint_ops:
+                    self._last_save_key[self.section.removesuffix(" mlp")] = next(self._keys)
 
     def saved_bytes(self, section: str | None = None) -> int:
         # running totals per section: a walk of 80 layers asks for each layer's bytes
@@ -324,7 +409,7 @@ class Graph:
 
         CUDA keeps the statistics in fp32 (the accumulate type); the CPU kernel in the input's dtype.
         """
-        trains = path in self.trainable
+        trains = path in self.trainable or f"{path}.bias" in self.trainable
         if self.cond.autocast:
             x = self.cast(x, FP32)
         rows = x.numel // dim
@@ -360,7 +445,8 @@ class Graph:
         """
         layer = self.section.removesuffix(" mlp")
         held = self.saved_bytes(layer) + self.saved_bytes(f"{layer} mlp") + transient
-        self.moments.setdefault(layer, []).append((self._saves if after_saves else -1, held))
+        at = self._saves if after_saves else -1
+        self.moments.setdefault(layer, []).append((at, held, next(self._keys)))
 
     def cached(self, nbytes: int, saved: bool) -> None:
         """A 16-bit copy of a trained parameter: autocast keeps it until forward ends."""
@@ -392,8 +478,9 @@ class Graph:
             if t.key not in saved and t.key not in seen:  # size only what no op saved, once
                 seen.add(t.key)
                 unsaved += t.numel * t.itemsize
-        live = self._saved_total + self._cache_unsaved + extra + unsaved
-        self.forward_live = max(self.forward_live, live)
+        live = self._saved_total - self.dropped + self._cache_unsaved + extra + unsaved
+        if not self.checkpointed:
+            self.forward_live = max(self.forward_live, live)
         return live
 
     def _layer_held(self) -> list[Tensor]:
@@ -410,25 +497,37 @@ class Graph:
         when x needs one; under autocast that is a bf16 copy of W, otherwise the parameter itself).
         """
         trains = path in self.trainable
+        # a trained bias alone saves nothing (its gradient sums the output's), but its output then
+        # needs a gradient, and so does what is computed from it
+        bias_trains = f"{path}.bias" in self.trainable
         rank = self.wrapped.get(path)
         rows = x.numel // in_features
         if not x.grad:
             self.no_input_grad_params += in_features * out_features + in_features * (rank or 0)
-        xin = self.cast(x, 2) if self.cond.autocast else x
+        # the Trainer's autocast over a 16-bit base (fp32 adapters) reaches a base layer only where the
+        # model itself made its input fp32 (DeepSeek-V3's and GLM-4-MoE's router): autocast casts that
+        # input and the weight back to bf16
+        casts = self.cond.autocast or (self.cond.adapter_autocast and x.itemsize == FP32)
+        xin = self.cast(x, 2) if casts else x
         if trains:
             self.save(xin, kernel=True)
         quantised = self.nf4_input(x, path, trains)  # QLoRA's 4-bit base: no autocast weight copy
-        if self.cond.autocast and (x.grad or trains) and not quantised:
+        if casts and (x.grad or trains) and not quantised:
             self.save(self.new(in_features * out_features, 2, False))  # the bf16 weight copy
-        if self.cond.autocast and trains:
+        if casts and trains:
             self.cached(in_features * out_features * 2, saved=True)
-            if path in self.biases:
-                self.cached(out_features * 2, saved=False)
-        out = self.new(rows * out_features, xin.itemsize, x.grad or trains)
+        if casts and (trains or bias_trains) and path in self.biases:
+            self.cached(out_features * 2, saved=False)
+        # bitsandbytes' Linear4bit returns `matmul_4bit(...).to(inp_dtype)`: under autocast its output
+        # keeps its input's dtype, where an autocast linear's is 16-bit
+        same = quantised and self.cond.nf4_output_in_input_dtype
+        out = self.new(rows * out_features, x.itemsize if same else xin.itemsize,
+                       x.grad or trains or bias_trains)
+        self.sac_op("addmm" if path in self.biases else "mm", out)
         # the matmul's moment: its input, autocast's copies of the input and (when no op keeps it)
         # of the weight, and its output
         self.moment(x, xin, out, extra=in_features * out_features * 2
-                    if self.cond.autocast and not (x.grad or trains or quantised) else 0)
+                    if casts and not (x.grad or trains or quantised) else 0)
         if rank is None:
             return out
         # PEFT casts the adapter's input to lora_A's dtype first: under autocast the adapters are fp32,
@@ -469,13 +568,13 @@ class Graph:
             self.cached(rank * out_features * 2, saved=True)
         # lora_B's matmul saved its weight's 16-bit copy before this moment's outputs exist: a
         # recompute that stops at that save never reaches it
-        self.moments.setdefault(layer, []).append((self._saves, held))
+        self.moments.setdefault(layer, []).append((self._saves, held, next(self._keys)))
         if (fp32_adapters or self.cond.autocast) and xd is not xc:
             # lora_A's output made, the dropped fp32 copy still alive beside PEFT's cast of the input
             # (the dropped copy is freed after, when autocast's 16-bit copy of it is what lora_A kept)
             at_a = self.unsaved(x, xc, xd, out, *self.args, *self._layer_held())
             saved = self.saved_bytes(layer) + self.saved_bytes(f"{layer} mlp")
-            self.moments[layer].append((self._saves, saved + at_a))
+            self.moments[layer].append((self._saves, saved + at_a, next(self._keys)))
             self.moment(x, xc, xd, out)
         # the same moment in the whole forward: the base output, lora_B's output and its scaled copy
         # beside the input and PEFT's cast of it (`xd`, the input itself when of the adapter's dtype)
@@ -671,8 +770,10 @@ class Graph:
                     if self.compiled_here():
                         converted = self._casts.setdefault((0, mask), converted)
                     self.save(converted)
+            lse_t = self.new(lse, 1, False)
             if grad:
-                self.save(q, k, v, out, self.new(lse, 1, False), kernel=True)
+                self.save(q, k, v, out, lse_t, kernel=True)
+            self.sac_op("sdpa", out, lse_t)
             self.attn_tail_start()
             # the kernel lays its output out like q: when q is (b, heads, s, d)-contiguous (Phi-3's
             # rotary concatenates), o_proj's (b, s, heads * d) view needs a copy, unless one head
@@ -1987,7 +2088,7 @@ def _moe(g: Graph, spec: ModelSpec, p: str, h: Tensor) -> Tensor:
     # (the timeline counts the down projection's LoRA gradients as made before the MLP's peak; they
     # are not, yet)
     down_grads = expert_lora_gradients(E, H, inter, down_rank, wb)[1]
-    combine = (0 if g.cond.grad_checkpointing else
+    combine = (0 if g.checkpointed else
                moe_combine_backward(rows, H, xb, cw) - tail + down_kept - down_grads)
     if merged and not h.grad:
         # nothing before the block needs a gradient (the first layer over frozen embeddings): the
@@ -2510,9 +2611,10 @@ def head_and_loss(g: Graph, spec: ModelSpec, h: Tensor, head: str) -> tuple[Tens
     # backward) and two fp32 values per row; no fp32 copy nor log-softmax output of the vocab's width
     compiled = loss_compiled(cond.compile)
     if trains and not cond.autocast:
-        # one sequence: each chunk is a view of h, keeping any keeps all of it; several: a chunk is
-        # not contiguous and the head's matmul keeps a copy of it (the same bytes in all)
-        g.save(h)
+        # a chunk is a view of h when the head's reshape can view it (one sequence, one position or
+        # all of them): keeping it keeps all of h; any other chunk is not contiguous, and the head's
+        # matmul keeps a copy of it
+        g.save(*(h if b == 1 or w in (1, s) else g.new(b * w * H, h.itemsize, False) for w in widths))
     if cond.autocast and trains and grad:
         g.save(g.new(V * H, 2, False))  # the cached bf16 copy of the trained weight, once
     for w in widths:
@@ -2565,8 +2667,23 @@ def head_and_loss(g: Graph, spec: ModelSpec, h: Tensor, head: str) -> tuple[Tens
         done = b * (widths[-1] + widths[-2])
         capped = done * V * cb if spec.family in GEMMA_FAMILIES and spec.final_softcap else 0
         freed = 0 if compiled else t * V * FP32  # the log-softmax outputs saved (eager)
+        freed += 0 if cond.autocast else chunk_inputs_freed(b, s, widths, H, h.itemsize)
         worst = max(worst, -freed + (t - done) * V * cb + 3 * V * H * cb - capped)
     return logits, fp32, (worst if grad else 0)
+
+
+def chunk_inputs_freed(batch: int, seq: int, widths: list[int], hidden: int, itemsize: int) -> int:
+    """What the chunked head's saved inputs give back, net, once the last two chunks' heads have run
+    backward (the moment their weight gradients are summed), without autocast. A copied chunk gives
+    back its copy and leaves its input gradient (the same shape and dtype) waiting for the rest of
+    h's gradient: nothing net. h itself, which a chunk keeps as a view (one sequence, one position or
+    all of them; see `head_and_loss`), is freed once no chunk still to run views it, less the waiting
+    gradients of the viewing chunks done."""
+    views = [batch == 1 or w in (1, seq) for w in widths]
+    if not any(views[-2:]) or any(views[:-2]):
+        return 0
+    done = sum(w for w, view in zip(widths[-2:], views[-2:], strict=True) if view)
+    return batch * (seq - done) * hidden * itemsize
 
 
 def residual_gradient_bytes(spec: ModelSpec, cond: Conditions) -> int:
@@ -2654,13 +2771,20 @@ def checkpoint_rng_state_bytes(cond: Conditions) -> int:
     return cpu_rng_state_bytes() if cond.grad_checkpointing and cond.device == "cpu" else 0
 
 
-def checkpoint_masks_freed(spec: ModelSpec, cond: Conditions) -> tuple[int, ...]:
+def section_layer(section: str) -> int:
+    """The decoder layer a walk's section names ("layer 3", "layer 3 mlp" -> 3)."""
+    return int(section.split()[1])
+
+
+def checkpoint_masks_freed(spec: ModelSpec, cond: Conditions,
+                           ckpt: tuple[bool, ...] | None = None) -> tuple[int, ...]:
     """Per layer, the attention-mask bytes freed once that layer's checkpointed backward is done.
 
     A checkpointed layer keeps the mask its kind of layer gets among its arguments, and backward
     runs from the last layer to the first: a kind's mask is let go with the checkpoint of the
-    lowest layer using it. Eager attention gets one (b, 1, s, s) mask per kind (full, sliding;
-    Gemma-2 alternates them from a sliding layer 0), in the embeddings' dtype (fp32 under autocast);
+    lowest checkpointed layer using it (`ckpt`, `checkpointed_layers`; None: every layer). Eager
+    attention gets one (b, 1, s, s) mask per kind (full, sliding; Gemma-2 alternates them from a
+    sliding layer 0), in the embeddings' dtype (fp32 under autocast);
     SDPA only a boolean (1, 1, s, s) one for sliding layers whose window is no longer than the
     sequence. Source: transformers 5 `masking_utils` and each model's `layer_types`.
     """
@@ -2669,7 +2793,8 @@ def checkpoint_masks_freed(spec: ModelSpec, cond: Conditions) -> tuple[int, ...]
     eager_bytes = b * s * s * (FP32 if cond.autocast else cond.weight_bytes)
     lowest: dict[bool, int] = {}
     for i in reversed(range(spec.num_layers)):
-        lowest[spec.sliding_type(i)] = i
+        if ckpt is None or ckpt[i]:
+            lowest[spec.sliding_type(i)] = i
     freed = [0] * spec.num_layers
     for sliding, i in lowest.items():
         if eager:
@@ -2680,7 +2805,8 @@ def checkpoint_masks_freed(spec: ModelSpec, cond: Conditions) -> tuple[int, ...]
     # (the one layer 0 rotates with stays through the embedding's backward, as in every family)
     rotary_low: dict[bool, int] = {}
     for i in reversed(range(spec.num_layers)):
-        rotary_low[rotary_kind(spec, i)] = i
+        if ckpt is None or ckpt[i]:
+            rotary_low[rotary_kind(spec, i)] = i
     pair = sum(n * size for n, size in rotary_tables(spec, cond))
     for i in rotary_low.values():
         freed[i] += pair if i else 0
@@ -2930,6 +3056,37 @@ class Profile:
     compiled: str = "none"  # `Conditions.compile`: the saved sets are a compiled graph's
     # checkpointing on CPU: the RNG state each checkpointed layer keeps (`checkpoint_rng_state_bytes`)
     rng_state: int = 0
+    # selective layer checkpointing (`checkpointed_layers`): per layer, True where the layer is not
+    # checkpointed and keeps its whole saved set; () when every layer is checkpointed or none is
+    kept_layers: tuple[bool, ...] = ()
+    # per layer: the rotary cos and sin it saved (part of `layers[i]`), which checkpointing counts
+    # among the shared arguments instead
+    args_saved_by_layer: tuple[int, ...] = ()
+
+    # per layer, op-level selective checkpointing (`sac_saves`): the op outputs a checkpointed layer
+    # caches from forward to its backward, and those of them its recompute never reaches
+    # (`Graph.sac_unconsumed`), alive through its backward
+    sac_kept: tuple[int, ...] = ()
+    sac_unconsumed: tuple[int, ...] = ()
+    # every tensor the walk saved, in the order saved: (bytes, section of its first save); the
+    # structural oracle (`measure/saved_tape.py`) holds it against the real model's saved tensors
+    saves: tuple[tuple[int, str], ...] = field(default=(), compare=False, repr=False)
+
+    def checkpointed_at(self, i: int) -> bool:
+        """Whether layer i is checkpointed (keeps its input, recomputes its saved set in backward)."""
+        return self.checkpointed and not (self.kept_layers and self.kept_layers[i])
+
+    def held_after_forward(self, i: int) -> int:
+        """What layer i keeps from its forward until its backward: a checkpointed layer its input;
+        any other its saved set, less the rotary cos and sin a checkpointed step counts among the
+        shared arguments (`checkpoint_args`)."""
+        if self.checkpointed_at(i):
+            return self.layer_inputs[i] + (self.sac_kept[i] if self.sac_kept else 0)
+        return self.layers[i] - (self.args_saved_by_layer[i] if self.checkpointed else 0)
+
+    @property
+    def checkpointed_count(self) -> int:
+        return sum(self.checkpointed_at(i) for i in range(len(self.layers)))
 
     @property
     def total(self) -> int:
@@ -2937,7 +3094,8 @@ class Profile:
         if self.checkpointed and self.offloaded:
             return self.embedding + self.in_flight + self.checkpoint_args + self.head
         if self.checkpointed:
-            return self.embedding + sum(self.layer_inputs) + self.checkpoint_args + self.head
+            return (self.embedding + sum(self.held_after_forward(i) for i in range(len(self.layers)))
+                    + self.checkpoint_args + self.head)
         return self.embedding + sum(self.layers) + self.head
 
 
@@ -3003,8 +3161,15 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
         # the position ids, the rotary cos and sin, and the attention masks
         g.hold(x, g.new(positions, INT64, False), *(r for rot in rots.values() for r in rot),
                g.new(forward_mask_bytes(spec, cond), 1, False))
+    ckpt = checkpointed_layers(spec.num_layers, cond)
+    rot_saved: list[int] = []
+    leaf_held = 0
+    sac_kept: list[int] = []  # per layer, op-level selective checkpointing's cached outputs
+    sac_unconsumed: list[int] = []  # ... those of them its recompute does not reach
     for i in range(spec.num_layers):
         g.section = f"layer {i}"
+        g.checkpointed = ckpt[i]
+        g.mm_count = 0  # torchtitan's policy counts a layer's matmuls afresh at each checkpoint
         x_in = x
         outer = dict(g.held)
         g.hold(x_in)  # the caller's hidden states, until the layer returns
@@ -3020,10 +3185,29 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
         overlap.append(x_in.nbytes if kept and kept[1].startswith(f"layer {i}") else 0)
         # the rotary cos and sin are saved once, by the first layer that uses them; a checkpointed
         # layer keeps them among its arguments (`checkpoint_args`) already
-        overlap[-1] += sum(r.nbytes for rot in rots.values() for r in rot
-                           if g.saved.get(r.key, (0, ""))[1].startswith(f"layer {i}"))
+        rot_saved.append(sum(r.nbytes for rot in rots.values() for r in rot
+                             if g.saved.get(r.key, (0, ""))[1].startswith(f"layer {i}")))
+        overlap[-1] += rot_saved[-1]
         mlps.append(g.saved_bytes(f"layer {i} mlp"))
         layers.append(g.saved_bytes(f"layer {i}") + mlps[-1])
+        if (i == 0 and input_grad and not ckpt[0] and spec.family != "gpt2"
+                and "model.embed_tokens" not in trainable and x_in.key not in g.saved):
+            # under checkpointing the embedding output is made a leaf that requires grad, and its
+            # AccumulateGrad node holds it until backward is done: a first layer left unchecked that
+            # saves no copy of it leaves it alive all the same
+            leaf_held = x_in.nbytes
+            g.dropped -= leaf_held
+        cached = {t.key: t for t in g.sac.get(f"layer {i}", ())}
+        sac_kept.append(sum(t.nbytes for t in cached.values()))
+        sac_unconsumed.append(g.sac_unconsumed(f"layer {i}"))
+        if ckpt[i] and (not all(ckpt) or cond.checkpoint_ops):
+            # selective checkpointing: the later forward moments hold this layer's input (unless
+            # another section saved it), its arguments, autocast's weight copies and what the op
+            # policy cached, not its saves
+            elsewhere = kept is not None and not kept[1].startswith(f"layer {i}")
+            g.dropped += layers[-1] - (0 if elsewhere else x_in.nbytes) - rot_saved[-1] - sum(
+                g.cache.get(where, [0, 0])[1] for where in (f"layer {i}", f"layer {i} mlp")) - sac_kept[-1]
+    g.checkpointed = False
     g.section = "head"
     norm = "transformer.ln_f" if spec.family == "gpt2" else "model.norm"
     if spec.family == "gpt2":
@@ -3064,20 +3248,21 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
     mask = cond.batch_size * cond.seq_len * cond.seq_len * (FP32 if cond.autocast else wb)
     # Gemma-2 alternates sliding-window and global layers, and Qwen2's layers from max_window_layers on
     # slide: each kind of layer gets its own mask
-    kinds = {spec.sliding_type(i) for i in range(spec.num_layers)}
-    eager_mask = mask * len(kinds) if cond.attention == "eager" else 0
     # A checkpointed layer also keeps its other arguments: the attention mask its kind of layer gets
-    # (eager) and, for rotary families, cos, sin and the position ids.
+    # (eager) and, for rotary families, cos, sin and the position ids. Under selective checkpointing
+    # only the kinds of the checkpointed layers keep a mask alive.
+    held_by = [i for i in range(spec.num_layers) if ckpt[i] or not cond.grad_checkpointing]
+    kinds = {spec.sliding_type(i) for i in held_by}
+    eager_mask = mask * len(kinds) if cond.attention == "eager" else 0
     shared = eager_mask + (sum(r.nbytes for rot in rots.values() for r in rot) + positions * INT64
                            if rots else 0)
-    if cond.attention == "sdpa" and (cond.packed or any(local_mask(spec, i, cond)
-                                                        for i in range(spec.num_layers))):
+    if cond.attention == "sdpa" and (cond.packed or any(local_mask(spec, i, cond) for i in held_by)):
         # SDPA's sliding-window mask (`sdpa_local_mask_bytes`); packed, each kind of layer's
         # block-diagonal mask
         shared += (len(kinds) * cond.seq_len * cond.seq_len if cond.packed
                    else sdpa_local_mask_bytes(spec, cond))
     return Profile(
-        embedding=g.saved_bytes("embedding"),
+        embedding=g.saved_bytes("embedding") + leaf_held,
         layers=tuple(layers),
         layer_inputs=tuple(inputs),
         layer_input_grads=tuple(input_grads),
@@ -3110,12 +3295,17 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
         recompute_pending=tuple(g.pending.get(f"layer {i}", 0) for i in range(spec.num_layers)),
         dora_backward=tuple(g.dora_backward.get(f"layer {i}", 0) for i in range(spec.num_layers))
         if cond.dora else (),
-        dora_weight_grads=tuple(g.dora_weight_grads.get(f"layer {i}", 0) for i in range(spec.num_layers))
+        dora_weight_grads=tuple(g.dora_weight_grads.get(f"layer {i}", 0) if ckpt[i] else 0
+                                for i in range(spec.num_layers))
         if cond.dora and cond.grad_checkpointing else (),
         post_norm_transient=rms_norm_backward(cond.tokens, H, any(
             p.endswith("post_feedforward_layernorm") for p in trainable))
         if spec.norm_placement != "pre" else 0,
-        args_freed=checkpoint_masks_freed(spec, cond) if cond.grad_checkpointing else (),
+        args_freed=checkpoint_masks_freed(spec, cond, ckpt) if cond.grad_checkpointing else (),
+        kept_layers=tuple(not c for c in ckpt) if any(ckpt) and not all(ckpt) else (),
+        args_saved_by_layer=tuple(rot_saved),
+        sac_kept=tuple(sac_kept) if any(sac_kept) else (),
+        sac_unconsumed=tuple(sac_unconsumed) if any(sac_kept) else (),
         expert_up_backward=tuple(g.up_backward.get(f"layer {i}", (0, 0)) for i in range(spec.num_layers))
         if g.up_backward else (),
         recompute_unsort=tuple(g.unsort.get(f"layer {i}", 0) for i in range(spec.num_layers)),
@@ -3124,8 +3314,11 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
         if g.combine else (),
         recompute_combine=tuple(g.recompute_combine.get(f"layer {i}", 0) for i in range(spec.num_layers))
         if g.recompute_combine else (),
-        checkpointed=cond.grad_checkpointing,
+        # selective checkpointing of fewer layers than every k-th reaches checkpoints none: the step
+        # then keeps every saved set, as without checkpointing (the embedding output still a leaf)
+        checkpointed=any(ckpt),
         rng_state=checkpoint_rng_state_bytes(cond),
+        saves=tuple(g.saved.values()),
         offloaded=cond.activation_offload,
         compiled=cond.compile,
         # a chunked or fused loss counts the head's input alive through the loss itself (`head_and_loss`)
@@ -3134,12 +3327,12 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
         # GPT-2's LayerNorm backward is one fused kernel: its gradient, no more
         norm_backward=(rms_norm_backward(cond.tokens, H)
                        if spec.family != "gpt2" and (x.grad or norm in trainable) else 0),
-        forward_live=0 if cond.grad_checkpointing else g.forward_live,
+        forward_live=0 if cond.grad_checkpointing and all(ckpt) else g.forward_live,
         final_norm_freed=trained_norm_product_bytes(x.numel, x.itemsize,
                                                     spec.family in GEMMA_FAMILIES or fp32_norm_product(spec))
         if spec.family != "gpt2" and norm in trainable else 0,
         input_leaf=t * H * wb if input_grad and not trainable & {"model.embed_tokens", "transformer.wte",
                                                                  "transformer.wpe"} else 0,
-        autocast_cache=sum(total - kept + (kept if cond.grad_checkpointing and where.startswith("layer")
+        autocast_cache=sum(total - kept + (kept if where.startswith("layer") and ckpt[section_layer(where)]
                                            else 0) for where, (total, kept) in g.cache.items()),
     )

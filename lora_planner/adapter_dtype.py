@@ -32,9 +32,11 @@ def fp32_adapters(method: str, precision: Precision, adapter_dtype: str) -> bool
     """True when the adapters are fp32 over a 16-bit base: the one case the option changes.
 
     A PlanError for a dtype we do not know, and for 16-bit adapters over an fp32 base (PEFT never
-    makes them). Full fine-tuning has no adapters, and QLoRA's are planned as before (its stack,
-    `prepare_model_for_kbit_training`, is not modelled here): both plans side by side with LoRA's
-    are left as they were.
+    makes them). Full fine-tuning has no adapters. QLoRA's adapters over bitsandbytes' 4-bit layers
+    are fp32 the same way (PEFT's `_cast_adapter_dtype`; its bnb `Linear4bit` casts the input to
+    lora_A's dtype outside autocast), traced byte for byte in `tests/test_trace_qlora.py`.
+    `prepare_model_for_kbit_training`, which also casts every other 16-bit parameter (embeddings,
+    norms, an unquantised head) to fp32 (peft/utils/other.py), is not modelled.
     """
     if adapter_dtype not in ADAPTER_DTYPES:
         raise PlanError(f"--adapter-dtype must be one of {', '.join(ADAPTER_DTYPES)}, got {adapter_dtype!r}")
@@ -44,7 +46,7 @@ def fp32_adapters(method: str, precision: Precision, adapter_dtype: str) -> bool
     if adapter_dtype == "bf16" and not sixteen:
         raise PlanError(f"--adapter-dtype bf16 needs a 16-bit base (--precision mixed, bf16 or pure-bf16); "
                         f"under {precision.name} the adapters are fp32 like the weights")
-    return adapter_dtype == "fp32" and sixteen and method == "lora"
+    return adapter_dtype == "fp32" and sixteen and method in ("lora", "qlora")
 
 
 def adapter_autocast(precision: Precision) -> bool:

@@ -127,13 +127,19 @@ def attention_forward_flops(spec: ModelSpec, seq_len: int) -> Quantity:
                     f"4 x {spec.num_layers} layers x {seq_len} seq x {d} (heads x head_dim) = {value:,}")
 
 
-def recompute_flops(n: int, head: int, adapter_params: int, attention: Quantity) -> int:
-    """Gradient checkpointing runs each decoder layer's forward again in backward: every matmul but
-    the output head's (H params), the adapters', and attention: 2(N - H) + 2A + attention."""
-    return 2 * (n - head) + 2 * adapter_params + int(attention.value)
+def recompute_flops(n: int, head: int, adapter_params: int, attention: Quantity,
+                    share: tuple[int, int] = (1, 1)) -> int:
+    """Gradient checkpointing runs each checkpointed decoder layer's forward again in backward:
+    every matmul but the output head's (H params), the adapters', and attention:
+    (2(N - H) + 2A + attention) x c / L for c of the L layers checkpointed (`share`; selective
+    checkpointing, `activations.checkpointed_layers`). Assumption: the layers cost the same (a
+    model whose first layers are dense and the rest experts is counted at its average)."""
+    checkpointed, layers = share
+    return (2 * (n - head) + 2 * adapter_params + int(attention.value)) * checkpointed // layers
 
 
-def full_flops_per_token(n: int, head: int, attention: Quantity, grad_checkpointing: bool) -> Quantity:
+def full_flops_per_token(n: int, head: int, attention: Quantity, grad_checkpointing: bool,
+                         share: tuple[int, int] = (1, 1)) -> Quantity:
     """Full fine-tuning: forward 2N + attention; backward twice the forward (gradients for inputs
     and for weights): 6N + 3 x attention, the 6N rule plus PaLM's 12 x layers x seq x d attention
     term. Gradient checkpointing adds `recompute_flops`."""
@@ -141,15 +147,16 @@ def full_flops_per_token(n: int, head: int, attention: Quantity, grad_checkpoint
     value = 3 * (2 * n + a)
     formula = f"3 x (2 x {n:,} matmul params + {a:,} attention)"
     if grad_checkpointing:
-        extra = recompute_flops(n, head, 0, attention)
+        extra = recompute_flops(n, head, 0, attention, share)
         value += extra
-        formula += f" + {extra:,} recomputed forward (head excluded)"
+        formula += f" + {extra:,} recomputed forward (head excluded{_share_text(share)})"
     return Quantity("flops_per_token", value, f"{formula} = {value:,}")
 
 
 def lora_flops_per_token(n: int, head: int, adapter_params: int, saved_params: int,
                          attention: Quantity, grad_checkpointing: bool, no_input_grad_params: int = 0,
-                         attention_without_grad: int = 0, layers: int = 1) -> Quantity:
+                         attention_without_grad: int = 0, layers: int = 1,
+                         share: tuple[int, int] = (1, 1)) -> Quantity:
     """LoRA: the frozen base runs forward (2N) and passes input gradients back (2N), but computes no
     weight gradients; the adapters (A params in total) cost 2A forward and 4A backward; modules
     trained in full beside them (S params, e.g. a classifier head) add their weight gradients, 2S;
@@ -171,14 +178,18 @@ def lora_flops_per_token(n: int, head: int, adapter_params: int, saved_params: i
         value -= skipped
         formula += f" - {skipped:,} input gradients not needed below the first adapter"
     if grad_checkpointing:
-        extra = recompute_flops(n, head, adapter_params, attention)
+        extra = recompute_flops(n, head, adapter_params, attention, share)
         value += extra
-        formula += f" + {extra:,} recomputed forward (head excluded)"
+        formula += f" + {extra:,} recomputed forward (head excluded{_share_text(share)})"
     return Quantity("flops_per_token", value, f"{formula} = {value:,}")
 
 
+def _share_text(share: tuple[int, int]) -> str:
+    return "" if share[0] == share[1] else f"; {share[0]} of {share[1]} layers checkpointed"
+
+
 def dequant_flops_per_token(nf4_weights: int, tokens_per_micro_batch: int,
-                            grad_checkpointing: bool) -> Quantity:
+                            grad_checkpointing: bool, share: tuple[int, int] = (1, 1)) -> Quantity:
     """QLoRA's extra work: every NF4 weight is dequantised to 16 bits once per pass over a
     micro-batch (forward, backward, and the recomputed forward under checkpointing), at
     DEQUANT_FLOPS_PER_WEIGHT operations each, shared by the micro-batch's tokens.
@@ -186,8 +197,10 @@ def dequant_flops_per_token(nf4_weights: int, tokens_per_micro_batch: int,
     Assumption: dequantisation is counted as FLOPs only. In practice it is memory-bound and slows
     QLoRA more than these FLOPs say; lower `--mfu` for QLoRA to model that.
     """
-    passes = 3 if grad_checkpointing else 2
-    value = DEQUANT_FLOPS_PER_WEIGHT * nf4_weights * passes // tokens_per_micro_batch
+    checkpointed, layers = share if grad_checkpointing else (0, 1)
+    value = (DEQUANT_FLOPS_PER_WEIGHT * nf4_weights * (2 * layers + checkpointed)
+             // (layers * tokens_per_micro_batch))
+    passes = "3" if checkpointed == layers else f"(2 + {checkpointed}/{layers})" if checkpointed else "2"
     return Quantity("dequant", value,
                     f"{DEQUANT_FLOPS_PER_WEIGHT} x {nf4_weights:,} NF4 weights x {passes} passes / "
                     f"{tokens_per_micro_batch:,} tokens per micro-batch = {value:,}")

@@ -35,7 +35,7 @@ quantisation state is a module attribute, never gathered.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 from .architecture import layout
@@ -57,6 +57,30 @@ class Units:
     embedding_grads: int = 0  # the token embedding's gradient, when it is trained
     tied: bool = False  # the head is the token embedding
     root_grads: int = 0  # every trained root parameter's gradient (embeddings, norm, head)
+    # FSDP1 (`--sharding fsdp1`): each unit one flat parameter of `itemsize`-byte elements, gathered
+    # whole with its padding (`flat_param_numels`); no all-gather output beside it
+    flat: bool = False
+    itemsize: int = 2
+
+    def gathered(self, nbytes: int, n: int) -> int:
+        """A unit's bytes as all-gathered on `n` GPUs: FSDP2's as they are; FSDP1's flat parameter
+        padded to a multiple of n elements."""
+        if not self.flat:
+            return nbytes
+        return flat_param_numels(-(-nbytes // self.itemsize), n)[1] * self.itemsize
+
+
+def flat_param_numels(numel: int, world: int) -> tuple[int, int]:
+    """FSDP1's flat parameter of a wrapped unit of `numel` elements on `world` GPUs: (each GPU's
+    shard, the unsharded flat parameter as all-gathered) = (ceil(numel / world), world x that).
+
+    torch/distributed/fsdp/_flat_param.py: `FlatParamHandle` flattens the unit's parameters into one
+    1-D tensor (with use_orig_params=False, no alignment padding between them) and `_get_shard`
+    chunks it into `world` pieces of ceil(numel / world), padding the last; `_full_param_padded`,
+    which the all-gather fills, holds world x that. Assumption: the unit's parameters share a dtype
+    (FSDP1 requires it of a flat parameter)."""
+    shard = -(-numel // world)
+    return shard, shard * world
 
 
 def _block_prefix(spec: ModelSpec) -> str:
@@ -100,10 +124,12 @@ def nf4_gathered_saving(spec: ModelSpec, setup: TrainSetup, weight_bytes: int) -
 
 
 @lru_cache(maxsize=32)
-def units(spec: ModelSpec, setup: TrainSetup, precision: Precision, whole: States) -> Units:
+def units(spec: ModelSpec, setup: TrainSetup, precision: Precision, whole: States,
+          flat: bool = False) -> Units:
     """Blocks are the decoder layers (`transformer.h.i`, `model.layers.i`), adapters included; the
     root is every other parameter. `whole` is the whole-model step's states (unsharded gradients).
-    Cached: the GPU-count search asks for the same setup's units at every count it tries."""
+    `flat`: FSDP1's flat parameters (`Units.flat`). Cached: the GPU-count search asks for the same
+    setup's units at every count it tries."""
     arch = layout(spec, setup.task, setup.num_labels)
     blocks, root, embedding = _model_blocks(spec, setup.task, setup.num_labels)
     if setup.method != "full" and precision.grad_bytes:  # the adapters live in their blocks
@@ -118,7 +144,7 @@ def units(spec: ModelSpec, setup: TrainSetup, precision: Precision, whole: State
         block_bytes = tuple(b - s for b, s in zip(block_bytes, savings, strict=True))
         root_bytes -= root_saving
     return Units(block_bytes, whole.layer_gradients, root_bytes, whole.head_gradients,
-                 embedding * g, arch.tied_head, root * g)
+                 embedding * g, arch.tied_head, root * g, flat, w)
 
 
 def _share(value: int, n: int, offloaded: bool) -> int:
@@ -135,17 +161,24 @@ def extra_bytes(phase: Phase, u: Units, n: int, reshard_after_forward: bool,
     Backward through layer i: the root whole + block i and the prefetched block i-1 whole (without
     resharding: blocks 0..i) + block i's gradients so far whole rather than a shard + the previous
     block's reduce-scatter input + the head's gradients whole. End of backward: the root whole + block
-    0's reduce-scatter input + the head's gradients whole. Optimizer: nothing (all sharded)."""
-    root = u.root_bytes
-    head = u.head_grads - _share(u.head_grads, n, grads_offloaded)
+    0's reduce-scatter input + the head's gradients whole. Optimizer: nothing (all sharded).
+
+    FSDP1 (`Units.flat`) all-gathers each unit straight into its padded flat parameter and frees it
+    in its post-forward hook: at the loss only the root is whole (FULL_SHARD) or every unit
+    (SHARD_GRAD_OP), with no all-gather output beside them; in backward as FSDP2 (BACKWARD_PRE
+    prefetches the unit before), each unit at its padded size (`Units.gathered`)."""
+    root = u.gathered(u.root_bytes, n)
+    if u.flat:
+        u = replace(u, block_bytes=tuple(u.gathered(b, n) for b in u.block_bytes))
     last = len(u.block_bytes) - 1
     if phase.name == "optimizer":
         return 0, ""
     if phase.name == "forward":
+        output = 0 if u.flat else u.block_bytes[last]
         if reshard_after_forward:
-            return root + u.block_bytes[last], "root whole + last block's all-gather output"
-        gathered = sum(u.block_bytes) + u.block_bytes[last]
-        return root + gathered, "root and every block whole + last block's all-gather output"
+            return root + output, "root whole" + ("" if u.flat else " + last block's all-gather output")
+        return (root + sum(u.block_bytes) + output,
+                "root and every block whole" + ("" if u.flat else " + last block's all-gather output"))
     if phase.part == "end":
         # The embedding's backward makes its gradient whole; tied to the head, it is added to the
         # head's gradient out of place (FSDP2 holds the unsharded gradient), three copies at once.
@@ -159,16 +192,28 @@ def extra_bytes(phase: Phase, u: Units, n: int, reshard_after_forward: bool,
         gathered = u.block_bytes[last] if reshard_after_forward else sum(u.block_bytes)
         return root + gathered, "root whole + last block prefetched"
     i, part = phase.layer, phase.part
-    if reshard_after_forward:
-        gathered = u.block_bytes[i] + (u.block_bytes[i - 1] if i > 0 else 0)
-    else:
-        gathered = sum(u.block_bytes[: i + 1])
     attn, mlp, out = u.block_grads[i]
     # what the timeline counts as produced by then: the output projection's gradient before the
     # MLP's backward, the whole layer's before the attention's
     produced = out if part == "MLP" else attn + mlp + out
+    return block_extra(u, i, produced, n, reshard_after_forward, grads_offloaded, describe)
+
+
+def block_extra(u: Units, i: int, produced: int, n: int, reshard_after_forward: bool,
+                grads_offloaded: bool = False, describe: bool = True) -> tuple[int, str]:
+    """`extra_bytes` inside decoder layer i's backward, once `produced` bytes of its gradients exist
+    (counted by the timeline as a 1/N share): the root whole + block i and the prefetched block i-1
+    gathered (without resharding: blocks 0..i) + those gradients whole rather than a share + block
+    i+1's reduce-scatter input + the head's gradients whole rather than a share. Units as gathered
+    (`Units.gathered`: FSDP1's padded)."""
+    root = u.gathered(u.root_bytes, n)
+    head = u.head_grads - _share(u.head_grads, n, grads_offloaded)
+    if reshard_after_forward:
+        gathered = sum(u.gathered(b, n) for b in u.block_bytes[max(i - 1, 0): i + 1])
+    else:
+        gathered = sum(u.gathered(b, n) for b in u.block_bytes[: i + 1])
     produced_whole = produced - _share(produced, n, grads_offloaded)
-    held = sum(u.block_grads[i + 1]) if i < last else 0
+    held = sum(u.block_grads[i + 1]) if i < len(u.block_bytes) - 1 else 0
     extra = root + gathered + produced_whole + held + head
     if not describe:
         return extra, ""
@@ -177,17 +222,19 @@ def extra_bytes(phase: Phase, u: Units, n: int, reshard_after_forward: bool,
             f"+ reduce-scatter input {held:,} B + head gradients whole")
 
 
-def start_phase(states: States, embedding: int, u: Units) -> Phase:
+def start_phase(states: States, embedding: int, u: Units, n: int = 1) -> Phase:
     """The start of forward, which the timeline does not follow: the root's all-gather output is
     kept beside the root's parameters until the first layer has been gathered, so at the first
     layer's copy-out the GPU holds the root twice and the first layer twice, beside the shards and
     the inputs: 2 x root + 2 x first layer, as gathered. It sets the peak when the root (the
-    embeddings and an untied head) is large beside the rest of the step."""
-    gathered = 2 * u.root_bytes + 2 * u.block_bytes[0]
+    embeddings and an untied head) is large beside the rest of the step. FSDP1 gathers into the
+    flat parameters themselves: the root and the first layer once each, padded on `n` GPUs."""
+    copies = 1 if u.flat else 2
+    gathered = copies * (u.gathered(u.root_bytes, n) + u.gathered(u.block_bytes[0], n))
     base = states.weights + states.inputs + states.optimizer_states  # as the timeline's phases
-    return Phase("forward", base + embedding + gathered,
-                 f"start of forward; + FSDP2 buffers (the root's all-gather output and parameters, the "
-                 f"first layer's) {gathered:,} B")
+    what = ("FSDP1 buffers (the root's and the first layer's flat parameters)" if u.flat else
+            "FSDP2 buffers (the root's all-gather output and parameters, the first layer's)")
+    return Phase("forward", base + embedding + gathered, f"start of forward; + {what} {gathered:,} B")
 
 
 def phase_extras(phase: Phase, u: Units, n: int, reshard_after_forward: bool,
@@ -198,5 +245,6 @@ def phase_extras(phase: Phase, u: Units, n: int, reshard_after_forward: bool,
         return phase
     if not describe:
         return phase._replace(bytes=phase.bytes + extra)
+    kind = "FSDP1" if u.flat else "FSDP2"
     return phase._replace(bytes=phase.bytes + extra,
-                          text=f"{phase.what}; + FSDP2 buffers ({what}) {extra:,} B")
+                          text=f"{phase.what}; + {kind} buffers ({what}) {extra:,} B")

@@ -140,6 +140,14 @@ def activation_term(prof) -> Term:
         body = (f"{len(prof.layer_inputs)} checkpointed layer inputs offloaded to CPU memory "
                 f"({_n(prof.cpu_bytes)} B), 2 in flight on the GPU {_n(prof.in_flight)} B + "
                 f"their shared arguments {_n(prof.checkpoint_args)} B")
+    elif prof.checkpointed and prof.kept_layers:
+        n = len(prof.layers)
+        ckpt = [i for i in range(n) if prof.checkpointed_at(i)]
+        kept = [i for i in range(n) if not prof.checkpointed_at(i)]
+        body = (f"{len(ckpt)} checkpointed layer inputs {_n(sum(prof.layer_inputs[i] for i in ckpt))} B + "
+                f"{len(kept)} layers not checkpointed (every activation kept) "
+                f"{_n(sum(prof.held_after_forward(i) for i in kept))} B + "
+                f"their shared arguments {_n(prof.checkpoint_args)} B")
     elif prof.checkpointed:
         body = (f"{len(prof.layer_inputs)} checkpointed layer inputs {_n(sum(prof.layer_inputs))} B + "
                 f"their shared arguments {_n(prof.checkpoint_args)} B")
@@ -148,6 +156,10 @@ def activation_term(prof) -> Term:
         attn, mlp = prof.layers[last] - prof.mlp_layers[last], prof.mlp_layers[last]
         body = (f"{len(prof.layers)} layers (each about attention {_n(attn)} B + MLP {_n(mlp)} B) "
                 f"= {_n(sum(prof.layers))} B")
+    if prof.checkpointed and prof.sac_kept:
+        cached = sum(prof.sac_kept[i] for i in range(len(prof.layers)) if prof.checkpointed_at(i))
+        body += (f" + op outputs the checkpoints cache (torchtitan's op policy: every other matmul's, "
+                 f"the fused attention kernel's) {_n(cached)} B")
     compiled = {"layers": " (each layer compiled: ",
                 "layers+loss": " (each layer and the loss compiled: ",
                 "model": " (whole model compiled: "}.get(prof.compiled)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
 from . import checkpoint_sizes, cost, stacks
+from .activations import every_kth_layer
 from .adapter_dtype import FP32_ADAPTERS, fp32_adapters
 from .architecture import Architecture, Param, kept_in_fp32, layout
 from .catalog import PUBLISHED_NOTES
@@ -32,14 +33,24 @@ from .memory import (
 from .optimizers import PAGED_OPTIMIZERS, check_optimizer
 from .precision import DTYPE_BYTES, Precision, get_precision, weight_dtype
 from .quant import (
+    COMPUTE_DTYPES,
+    bnb_bias_bytes,
     check_split_expert_targets,
     nf4_state_bytes,
+    parse_bnb_version,
     quant_notes,
     quantised_params,
     quantises_experts,
     torchao_replicated_bytes,
 )
-from .recorded import RecordedModel, RecordedStep, is_adapter, recorded_phases
+from .recorded import (
+    RecordedModel,
+    RecordedStep,
+    fsdp_units,
+    is_adapter,
+    recorded_phases,
+    recorded_position_phases,
+)
 from .sharding import (
     DataParallel,
     distribute,
@@ -118,6 +129,14 @@ class Plan:
     advice: object | None = None  # `advice.Advice`: changes that make a method fit, when asked
 
 
+def checkpointed_share(setup: TrainSetup, num_layers: int) -> tuple[int, int]:
+    """(checkpointed layers, layers) under --checkpoint-every (`activations.checkpointed_layers`,
+    by the stack's count): the share of the layers whose forward backward runs again."""
+    offset = stacks.get_stack(setup.stack).checkpoint_offset
+    chosen = every_kth_layer(num_layers, setup.checkpoint_every, offset)
+    return sum(chosen), max(num_layers, 1)
+
+
 def _save_dtype(setup: TrainSetup, precision: Precision) -> str:
     if setup.save_dtype == "auto":
         return weight_dtype(precision)
@@ -192,12 +211,13 @@ def _assemble(method: str, gpu: Gpu, weight_terms: tuple[Term, ...], states: dic
               setup: TrainSetup, spec: ModelSpec | None, buffers: dict[str, Term] | None = None,
               unsharded: dict[str, int] | None = None, fewest_only: bool = False,
               recorded: RecordedStep | None = None, recorded_layers: int = 0, dequant: int = 0,
-              **fields) -> MethodPlan:
+              recorded_units=None, **fields) -> MethodPlan:
     """Model states plus, when the model's shape is known, the step's activations and timeline peak;
     with --num-gpus, all of it on one GPU under the chosen sharding. GPU counts and the verdict come
     from the one fit rule, `gpus.fits` (`fewest_only`: see `sharding.distribute`). A `recorded` step
     (a model of no family of ours, `recorded.py`) of `recorded_layers` layers gives the activations
-    and phases instead of the walk; `dequant`: QLoRA's dequantised weight in its backward."""
+    and phases instead of the walk (under FSDP2 with its `recorded_units`, `fsdp.Units`, and the
+    embeddings' output as `start_input`); `dequant`: QLoRA's dequantised weight in its backward."""
     weights = Term("weights", sum(t.bytes for t in weight_terms),
                    " + ".join(t.formula for t in weight_terms))
     memory = {"weights": weights, **states}
@@ -208,6 +228,11 @@ def _assemble(method: str, gpu: Gpu, weight_terms: tuple[Term, ...], states: dic
         whole = memory["gradients"].bytes
 
         def phases(m: dict[str, Term], sharding) -> tuple[Phase, ...]:
+            if recorded.positions and recorded_units is not None:
+                u, start_input = recorded_units
+                return recorded_position_phases(recorded, recorded_layers, m, sharding,
+                                                fields["optimizer_temporary"], u, start_input, dequant,
+                                                whole, setup.reshard_after_forward)
             return recorded_phases(recorded, recorded_layers, m, sharding, fields["optimizer_temporary"],
                                    dequant, whole)
         phase_bytes = None
@@ -306,7 +331,8 @@ def plan_full(spec: ModelSpec, setup: TrainSetup, gpu: Gpu, fewest_only: bool = 
         _zero3(spec, setup, arch, precision, {m.path: m.numel for m in arch.modules}, total),
         flops_per_token=cost.full_flops_per_token(
             *_matmul_params(spec, setup.task, setup.num_labels),
-            cost.attention_forward_flops(spec, _attended(setup)), setup.grad_checkpointing),
+            cost.attention_forward_flops(spec, _attended(setup)), setup.grad_checkpointing,
+            checkpointed_share(setup, spec.num_layers)),
         paged_optimizer_states=paged_optimizer_term(setup.optimizer, params),
         rank=None, trainable_params=total, all_params=total, target_modules=(),
         wrapped_modules=0,
@@ -315,6 +341,26 @@ def plan_full(spec: ModelSpec, setup: TrainSetup, gpu: Gpu, fewest_only: bool = 
         storage=checkpoint_sizes.storage_for_tasks(setup.tasks, ckpt, ckpt),
         fewest_only=fewest_only,
     )
+
+
+def _split_4bit_biases(frozen: list[Param], quantised: set[str], setup: TrainSetup, precision: Precision,
+                       weight_terms: list[Term]) -> list[Param]:
+    """The frozen biases of bitsandbytes' 4-bit layers as their own term when the release holds them
+    at another width than the weights' (`quant.bnb_bias_bytes`); the other frozen tensors returned."""
+    if setup.quant_backend != "bnb":
+        return frozen
+    width = bnb_bias_bytes(parse_bnb_version(setup.bnb_version), COMPUTE_DTYPES[setup.bnb_compute_dtype],
+                           precision.weight_bytes)
+    biases = [p for p in frozen if p.name.endswith(".bias")
+              and p.name.removesuffix(".bias") + ".weight" in quantised]
+    if width == precision.weight_bytes or not biases:
+        return frozen
+    weight_terms.append(dense_weight_bytes(
+        "weights_4bit_biases", sum(p.numel for p in biases), width,
+        f"4-bit layers' bias (bitsandbytes {setup.bnb_version} Linear4bit casts it to "
+        f"bnb_4bit_compute_dtype {setup.bnb_compute_dtype} in its first forward)"))
+    names = {p.name for p in biases}
+    return [p for p in frozen if p.name not in names]
 
 
 def plan_lora(spec: ModelSpec, setup: TrainSetup, gpu: Gpu, fewest_only: bool = False) -> MethodPlan:
@@ -337,6 +383,7 @@ def plan_lora(spec: ModelSpec, setup: TrainSetup, gpu: Gpu, fewest_only: bool = 
                             "(to_nf4); drop it or plan --quant-backend bnb")
         weight_terms.append(quantized_weight_bytes(nf4, setup.double_quant, setup.quant_backend,
                                                    precision.weight_bytes))
+        frozen = _split_4bit_biases(frozen, quantised, setup, precision, weight_terms)
     wide = {p.name for p in _fp32_kept(spec, arch, precision)}
     if wide:
         weight_terms.append(_fp32_weight_term([p for p in frozen if p.name in wide]))
@@ -367,10 +414,12 @@ def plan_lora(spec: ModelSpec, setup: TrainSetup, gpu: Gpu, fewest_only: bool = 
     flops = cost.lora_flops_per_token(
         *_matmul_params(spec, setup.task, setup.num_labels), trainable.adapter_count,
         trainable.saved_module_count, cost.attention_forward_flops(spec, _attended(setup)),
-        setup.grad_checkpointing, skipped, attention_skipped, spec.num_layers)
+        setup.grad_checkpointing, skipped, attention_skipped, spec.num_layers,
+        checkpointed_share(setup, spec.num_layers))
     if nf4:
         flops = cost.plus(flops, cost.dequant_flops_per_token(
-            sum(p.numel for p in nf4), setup.batch_size * setup.seq_len, setup.grad_checkpointing))
+            sum(p.numel for p in nf4), setup.batch_size * setup.seq_len, setup.grad_checkpointing,
+            checkpointed_share(setup, spec.num_layers)))
     # The frozen base is gathered without gradients; the adapters' are the trained modules.
     return _assemble(
         setup.method, gpu, tuple(weight_terms),
@@ -475,11 +524,35 @@ def _check_recorded_qlora(setup: TrainSetup, precision: Precision) -> None:
                         "0.43.2 on")
 
 
+def _recorded_units(model: RecordedModel, step: RecordedStep, setup: TrainSetup, precision: Precision,
+                    nf4: list[Param]) -> tuple:
+    """FSDP2's units of a recorded model (`recorded.fsdp_units`) and the embeddings' output, which the
+    start of forward holds: tokens x hidden x weight bytes (the embedding's output at the weights'
+    width)."""
+    from .quant import nf4_gathered_bytes
+
+    w = precision.weight_bytes
+    fp32 = setup.method != "full" and fp32_adapters(setup.method, precision, setup.adapter_dtype)
+    quantised = {p.name for p in nf4}
+
+    def grad_bytes(p: Param) -> int:
+        return FP32_ADAPTERS.grad_bytes if fp32 and is_adapter(p.name) else precision.grad_bytes
+
+    def nf4_saving(p: Param) -> int:
+        return p.numel * w - nf4_gathered_bytes(setup.quant_backend, p.numel, w) if p.name in quantised else 0
+    head = step.positions["top"][4].at(model.num_layers) if "top" in step.positions else 0
+    return (fsdp_units(model, step.trainable, w, grad_bytes, head, nf4_saving),
+            setup.batch_size * setup.seq_len * model.hidden_size * w)
+
+
 def plan_recorded(model: RecordedModel, setup: TrainSetup, gpu: Gpu, fewest_only: bool = False) -> MethodPlan:
     """Any method for a model planned from its recorded step (`recorded.py`): the model states from
     the meta-device build's tensors, exactly as `plan_full` and `plan_lora` count them; activations
     and the step's phases from the recorded lines; FLOPs by `cost.full_flops_per_token` and
     `cost.lora_flops_per_token` over its linear weights, without an attention term."""
+    if setup.checkpoint_every > 1:
+        raise PlanError("--checkpoint-every is planned for the families laid out natively; a model "
+                        "recorded from transformers is recorded with every layer checkpointed or none")
     precision = get_precision(setup.precision)
     step = model.step(setup)
     params, total = model.params, model.total_params
@@ -493,8 +566,10 @@ def plan_recorded(model: RecordedModel, setup: TrainSetup, gpu: Gpu, fewest_only
             _states(total, params, setup, precision), setup, None,
             _recorded_zero3(model, params, setup, precision), fewest_only=fewest_only,
             recorded=step, recorded_layers=model.num_layers,
+            recorded_units=_recorded_units(model, step, setup, precision, []),
             flops_per_token=cost.full_flops_per_token(model.matmul_params, model.head_params, no_attention,
-                                                      setup.grad_checkpointing),
+                                                      setup.grad_checkpointing,
+                                                      checkpointed_share(setup, model.num_layers)),
             paged_optimizer_states=paged_optimizer_term(setup.optimizer, params),
             rank=None, trainable_params=total, all_params=total, target_modules=(), wrapped_modules=0,
             checkpoint=Term("checkpoint", base, f"safetensors, {len(params)} tensors in {base_dtype}"),
@@ -510,6 +585,7 @@ def plan_recorded(model: RecordedModel, setup: TrainSetup, gpu: Gpu, fewest_only
         frozen = [p for p in frozen if p.name not in quantisable]
         weight_terms.append(quantized_weight_bytes(nf4, setup.double_quant, setup.quant_backend,
                                                    precision.weight_bytes))
+        frozen = _split_4bit_biases(frozen, quantisable, setup, precision, weight_terms)
     weight_terms.append(dense_weight_bytes("weights_frozen", sum(p.numel for p in frozen),
                                            precision.weight_bytes, "frozen"))
     count = sum(p.numel for p in step.trainable)
@@ -530,11 +606,13 @@ def plan_recorded(model: RecordedModel, setup: TrainSetup, gpu: Gpu, fewest_only
     dtype = "fp32" if fp32 and setup.save_dtype == "auto" else base_dtype
     adapter = checkpoint_sizes.safetensors_bytes(step.trainable, dtype)
     flops = cost.lora_flops_per_token(model.matmul_params, model.head_params, step.adapter_params,
-                                      count - step.adapter_params, no_attention, setup.grad_checkpointing)
+                                      count - step.adapter_params, no_attention, setup.grad_checkpointing,
+                                      share=checkpointed_share(setup, model.num_layers))
     return _assemble(
         setup.method, gpu, tuple(weight_terms), states, setup, None,
         _recorded_zero3(model, step.trainable, setup, precision), fewest_only=fewest_only,
         recorded=step, recorded_layers=model.num_layers,
+        recorded_units=_recorded_units(model, step, setup, precision, nf4),
         dequant=dequant_term(setup, [p.numel for p in nf4], precision).bytes if nf4 else 0,
         unsharded={"weights": unsharded_quant_state(nf4, setup)},
         paged_optimizer_states=paged_optimizer_term(setup.optimizer, step.trainable),
@@ -621,9 +699,7 @@ def make_plan(model: ModelSpec | DenseSize | RecordedModel, setups: tuple[TrainS
         notes.append("--dora with QLoRA counts the magnitude vectors only: PEFT dequantises the 4-bit "
                      "weight to form W + s*BA in every forward, which is not planned")
     if isinstance(model, RecordedModel):
-        notes += [model.note(), *model.caveats,
-                  "GPU counts under fsdp leave out FSDP2's gather buffers, which a recorded model's "
-                  "plan does not follow layer by layer: a lower bound"]
+        notes += [model.note(), *model.caveats]
         if any(s.method == "qlora" for s in setups):
             notes.append("QLoRA's step is recorded as LoRA's over the 16-bit base, plus one dequantised "
                          "weight in backward; the NF4 weights are every nn.Linear but the LM head")

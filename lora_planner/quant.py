@@ -142,6 +142,23 @@ def parse_bnb_version(text: str) -> tuple[int, int, int]:
     return version
 
 
+# the first release whose Linear4bit casts its bias to the compute dtype (see `bnb_bias_bytes`)
+BNB_BIAS_IN_COMPUTE_DTYPE = (0, 50, 0)
+
+
+def bnb_bias_bytes(version: tuple[int, int, int], compute_bytes: int, weight_bytes: int) -> int:
+    """Bytes per value of a frozen bias of a bitsandbytes `Linear4bit` from its first forward on.
+
+    `Linear4bit.forward` (bitsandbytes/nn/modules.py) casts its bias in place, `bias.data =
+    bias.data.to(x.dtype)`. From 0.50.0 (commit 5453368b, "New 4bit GEMM kernels") the cast comes
+    after `x = x.to(self.compute_dtype)`: the bias is then held in bnb_4bit_compute_dtype, fp32
+    model or not. Tags 0.41.0 to 0.49.2 cast it first, to the layer's input dtype: planned as the
+    weights' dtype, which it is without autocast (under autocast a layer fed a 16-bit activation
+    holds a 16-bit bias; not modelled, the plan then counts the wider bias).
+    """
+    return compute_bytes if version >= BNB_BIAS_IN_COMPUTE_DTYPE else weight_bytes
+
+
 def bnb_saves_input(version: tuple[int, int, int]) -> bool:
     """Whether bitsandbytes' `MatMul4Bit.forward` keeps its input A (the layer's input cast to the
     compute dtype) for backward.

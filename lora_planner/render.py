@@ -13,6 +13,7 @@ from .gpus import MIB, device_allowance, largest_fitting_peak
 from .plan import MEMORY_KEYS, MethodPlan, Plan
 from .precision import get_precision
 from .sharding import DISPLAY, count_reasons
+from .stacks import get_stack
 from .units import format_bytes
 
 FORMATS = ("table", "markdown", "json", "csv")
@@ -87,6 +88,22 @@ def _per_gpu_rows(plan: Plan, fmt) -> list[list[str]]:
     return rows
 
 
+def checkpointing_text(s, num_layers: int | None) -> str:
+    """on / off, or under --checkpoint-every K which layers are checkpointed, by the stack's count."""
+    if not s.grad_checkpointing:
+        return "off"
+    if s.checkpoint_every == 1:
+        return "on"
+    if num_layers is None:
+        return f"on 1 layer in {s.checkpoint_every}, the others keep their activations"
+    offset = get_stack(s.stack).checkpoint_offset
+    chosen = [i for i in range(num_layers) if (i + offset) % s.checkpoint_every == 0]
+    shown = ", ".join(map(str, chosen[:3])) + (", ..." if len(chosen) > 3 else "")
+    count = "torchtune's and torchtitan's count" if offset else "transformers' every_n_layers"
+    return (f"on 1 layer in {s.checkpoint_every} ({len(chosen)} of {num_layers}: layers {shown or 'none'}; "
+            f"{count}), the others keep their activations")
+
+
 def _header(plan: Plan, unit: str) -> list[str]:
     m = plan.model
     precision = get_precision(plan.setup.precision)
@@ -101,7 +118,7 @@ def _header(plan: Plan, unit: str) -> list[str]:
     if m.family != "dense":
         s = plan.setup
         lines.append(f"step: batch {s.batch_size:,} x {s.seq_len:,} tokens, {s.attention} attention, "
-                     f"gradient checkpointing {'on' if s.grad_checkpointing else 'off'}")
+                     f"gradient checkpointing {checkpointing_text(s, m.spec.num_layers if m.spec else None)}")
         loss = s.loss + (f" ({s.loss_chunks} chunks)" if s.loss == "chunked" else "")
         lines.append(f"stack: {s.stack} (optimizer {s.optimizer_impl}, loss {loss}, activation offload "
                      f"{'on' if s.activation_offload else 'off'}"

@@ -48,12 +48,17 @@ if TYPE_CHECKING:
     from .spec import ModelSpec, TrainSetup
     from .step import StepPrediction
 
-STRATEGIES = ("none", "zero1", "zero2", "zero3", "fsdp")
+STRATEGIES = ("none", "zero1", "zero2", "zero3", "fsdp", "fsdp1")
+# the strategies every plan lists the fewest GPUs of; FSDP1 (`fsdp.flat_param_numels`) is planned when
+# chosen, beside FSDP2's `fsdp`, which it nearly matches
+SEARCHED = ("none", "zero1", "zero2", "zero3", "fsdp")
 STRATEGY_ALIASES = {"ddp": "none"}
+FSDP = ("fsdp", "fsdp1")  # PyTorch's FSDP2 and FSDP1: buffers phase by phase (`fsdp`)
 OFFLOADS = ("none", "optimizer", "optimizer+params")
-STAGE = {"none": 0, "zero1": 1, "zero2": 2, "zero3": 3, "fsdp": 3}
+STAGE = {"none": 0, "zero1": 1, "zero2": 2, "zero3": 3, "fsdp": 3, "fsdp1": 3}
 # How `gpus_needed_strategy` names a strategy: one GPU is `single`, plain data parallelism `ddp`.
-DISPLAY = {"none": "ddp", "zero1": "zero1", "zero2": "zero2", "zero3": "zero3", "fsdp": "fsdp"}
+DISPLAY = {"none": "ddp", "zero1": "zero1", "zero2": "zero2", "zero3": "zero3", "fsdp": "fsdp",
+           "fsdp1": "fsdp1"}
 # Hugging Face's DeepSpeed integration fills "auto" ZeRO-3 settings from the hidden size h.
 ZERO3_MAX_LIVE_PARAMETERS = 10**9  # DeepSpeed's default for stage3_max_live_parameters
 # The largest data-parallel group searched for a minimum; beyond it a plan "does not fit".
@@ -90,9 +95,10 @@ class Sharding:
         if self.offload == "optimizer+params" and STAGE[self.strategy] != 3:
             raise PlanError("offloading parameters needs --sharding zero3 or fsdp: "
                             "only they stop keeping a full copy of the weights on each GPU")
-        if self.strategy == "fsdp" and self.offload == "optimizer":
-            raise PlanError("FSDP2's CPUOffloadPolicy moves parameters, gradients and optimizer states "
-                            "together: give --offload optimizer+params")
+        if self.strategy in FSDP and self.offload == "optimizer":
+            raise PlanError("FSDP's CPU offload (FSDP2's CPUOffloadPolicy, FSDP1's CPUOffload) moves "
+                            "parameters, gradients and optimizer states together: give --offload "
+                            "optimizer+params")
 
     def with_gpus(self, num_gpus: int) -> Sharding:
         return Sharding(num_gpus, self.strategy, self.offload)
@@ -397,23 +403,24 @@ def distribute(memory: dict[str, Term], sharding: Sharding | None, buffers: dict
         return m["weights"].bytes <= budget and max(phase_bytes(m, sh)) <= budget
 
     if not fewest_only:
-        counts = {s: least(Sharding(1, s)) for s in STRATEGIES}
+        counts = {s: least(Sharding(1, s)) for s in SEARCHED}
     elif sharding is not None:
         searched = (sharding.strategy,) if sharding.offload == "none" else ()
         counts = {s: least(Sharding(1, s)) for s in searched}
     else:  # a later strategy must need fewer GPUs to be the fewest (ties go to the earlier)
         counts = {}
-        for s in STRATEGIES:
+        for s in SEARCHED:
             found = [c.gpus for c in counts.values() if c is not None]
             if not found or holds(s, min(found) - 1):
                 counts[s] = least(Sharding(1, s))
     minimum = {s: None if c is None else c.gpus for s, c in counts.items()}
     if sharding is None:
-        fewest = [(c.gpus, STRATEGIES.index(s), s) for s, c in counts.items() if c is not None]
+        fewest = [(c.gpus, SEARCHED.index(s), s) for s, c in counts.items() if c is not None]
         n, _, best = min(fewest) if fewest else (None, 0, "none")
         return DataParallel(None, dict(memory), 0, n, minimum, _strategy_label(n, best),
                             min_gpus_count=counts, needed_peak=counts[best].peak if n else None)
-    chosen = counts[sharding.strategy] if sharding.offload == "none" else least(sharding)
+    searched = sharding.offload == "none" and sharding.strategy in counts
+    chosen = counts[sharding.strategy] if searched else least(sharding)
     n = None if chosen is None else chosen.gpus
     kept = buffers if sharding.strategy == "zero3" else {}
     return DataParallel(sharding, per_gpu_states(memory, sharding, buffer, unsharded),
@@ -434,6 +441,9 @@ HELD_WHOLE = {
             "end of backward, two decoder blocks gathered in backward (the one run and the one "
             "prefetched), a block's gradients whole until their reduce-scatter, the previous "
             "block's reduce-scatter input and the head's gradients whole",
+    "fsdp1": "FSDP1's buffers: each wrapped unit's flat parameter all-gathered whole (padded to the "
+             "GPU count), the root's from forward to the end of backward, two decoder blocks' in "
+             "backward, a block's gradients whole until their reduce-scatter",
 }
 
 
@@ -491,6 +501,11 @@ def sharding_notes(setup: TrainSetup, dense: bool) -> list[str]:
     if sharding.strategy == "fsdp":
         notes.append("fsdp: PyTorch FSDP2, fully_shard on each decoder layer and on the root; "
                      f"reshard_after_forward {'on' if setup.reshard_after_forward else 'off'}")
+    if sharding.strategy == "fsdp1":
+        notes.append("fsdp1: PyTorch FSDP1 (FullyShardedDataParallel), each decoder layer and the root "
+                     "one flat parameter (use_orig_params=False), padded to a multiple of the GPU "
+                     f"count; {'FULL_SHARD' if setup.reshard_after_forward else 'SHARD_GRAD_OP'}, "
+                     "backward prefetch BACKWARD_PRE")
     return notes
 
 
@@ -573,12 +588,12 @@ def step_phases_on_gpu(predicted: StepPrediction, per_gpu: dict[str, Term], shar
             return tuple(p._replace(bytes=p.bytes + bucket) for p in phases)
         return tuple(p._replace(bytes=p.bytes + bucket, text=f"{p.what}; + DDP gradient buckets {bucket:,} B")
                      for p in phases)
-    if sharding.strategy != "fsdp":
+    if sharding.strategy not in FSDP:
         return phases
     from .fsdp import phase_extras, start_phase, units
 
-    u = units(spec, setup, precision, predicted.states)
-    return (start_phase(states, predicted.profile.embedding, u),) + tuple(
+    u = units(spec, setup, precision, predicted.states, sharding.strategy == "fsdp1")
+    return (start_phase(states, predicted.profile.embedding, u, sharding.num_gpus),) + tuple(
         phase_extras(p, u, sharding.num_gpus, setup.reshard_after_forward,
                      placement("gradients", sharding) == "cpu", describe) for p in phases)
 
@@ -588,14 +603,14 @@ def step_phase_bytes_on_gpu(predicted: StepPrediction, per_gpu: dict[str, Term],
     """The bytes of `step_phases_on_gpu`'s phases: what the GPU-count search reads. Under FSDP2 the
     buffers are added to the bytes directly (`fsdp.extra_bytes`), no phase rebuilt: the search reads
     every phase at every count it tries."""
-    if sharding is None or sharding.strategy != "fsdp":
+    if sharding is None or sharding.strategy not in FSDP:
         return tuple(p.bytes for p in step_phases_on_gpu(predicted, per_gpu, sharding, spec, setup, precision,
                                                           describe=False))
     from .fsdp import extra_bytes, start_phase, units
 
     states, phases = _timeline_on_gpu(predicted, per_gpu, sharding, spec, setup, precision)
-    u = units(spec, setup, precision, predicted.states)
+    u = units(spec, setup, precision, predicted.states, sharding.strategy == "fsdp1")
     n, reshard = sharding.num_gpus, setup.reshard_after_forward
     offloaded = placement("gradients", sharding) == "cpu"
-    return (start_phase(states, predicted.profile.embedding, u).bytes,) + tuple(
+    return (start_phase(states, predicted.profile.embedding, u, n).bytes,) + tuple(
         p.bytes + extra_bytes(p, u, n, reshard, offloaded, False)[0] for p in phases)

@@ -483,6 +483,13 @@ class TrainSetup:
     seq_len: int = DEFAULT_SEQ_LEN
     attention: str = "sdpa"  # sdpa (flash / memory-efficient kernels) or eager
     grad_checkpointing: bool = False
+    # selective layer checkpointing: with grad_checkpointing, only every k-th decoder layer is
+    # checkpointed, the others keep their saved sets (torchtune's ac_mode selective, ac_option k;
+    # transformers' every_n_layers); which layers the stack's count picks: `activations.checkpointed_layers`
+    checkpoint_every: int = 1
+    # torchtitan's op-level selective checkpointing (selective_ac_option "op"): each checkpointed layer
+    # also keeps every other matmul's output and the fused attention kernel's (`activations.sac_saves`)
+    checkpoint_ops: bool = False
     dropout: float | None = None  # None: the model's own (config.json); else every dropout of the model
     lora_dropout: float = 0.0
     # the adapters' dtype (`adapter_dtype.py`): auto keeps the precision's; fp32 is PEFT's default
@@ -492,7 +499,8 @@ class TrainSetup:
     # post-accumulate-grad hook, which frees its gradient (`step.in_backward_steps`)
     optimizer_in_backward: bool = False
     # packed documents: the micro-batch's batch_size sequences of seq_len tokens as one row, position
-    # ids restarting per sequence (TRL's padding_free, torchtune's packed datasets); see `step.conditions`
+    # ids restarting per sequence (TRL's padding_free); see `step.conditions`. torchtune's packed datasets
+    # are not this: each row is already a pack of seq_len tokens, batch x seq_len without packing
     packing: bool = False
     # Data parallelism: None plans whole-model totals; N plans one of N GPUs (see sharding.py).
     num_gpus: int | None = None

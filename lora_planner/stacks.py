@@ -30,7 +30,12 @@ option given explicitly overrides it. Each default is read from the stack's sour
   linear layer but the output projection ("quantize_base is not applied to final output_proj").
   The others quantise with bitsandbytes (transformers' `BitsAndBytesConfig`).
 
-Compilation: no preset compiles. The Trainer's `torch_compile` defaults to False (transformers 5.23
+Compilation: no preset compiles. torchtune's `compile=True` is `layers+loss` in its LoRA recipes
+(`self._loss_fn = training.compile_loss(self._loss_fn)`) and in its full recipes with a chunked loss
+(`compile_loss` replaces `compute_cross_entropy` on the module itself), but `layers` in
+recipes/full_finetune_single_device.py with an unchunked loss: that recipe drops `compile_loss`'s
+return (commits 1814feb, v0.6.1 and bd2a0fc), which for such a loss is a new compiled module, so
+the loss runs eager. The Trainer's `torch_compile` defaults to False (transformers 5.23
 `TrainingArguments`), TRL's `SFTConfig` keeps it, and torchtune 0.6.1's recipe configs set
 `compile: False`; a plain loop compiles only when asked. `--compile` turns it on (`compiled.py`).
 
@@ -60,7 +65,7 @@ COMPILE_MODES = {
     "none": "eager: every op runs as written, autograd saves what each op's derivative needs",
     "layers": "torch.compile on each decoder layer (torchtune's compile=True): inside a layer, "
               "pointwise intermediates are recomputed in backward, not saved",
-    "layers+loss": "torchtune's compile=True in full: each decoder layer as above, and the loss "
+    "layers+loss": "torchtune's compile=True in its LoRA recipes: each decoder layer as above, and the loss "
                    "compiled apart (training.compile_loss): no fp32 logits nor log-softmax kept, "
                    "its backward writes the 16-bit logits gradient directly",
     "model": "torch.compile on the whole model (the Trainer's torch_compile): layers as above, and "
@@ -81,11 +86,15 @@ class Stack:
     source: str
     compile: str = "none"  # none | layers | model: what the stack compiles by default
     quant_backend: str = "bnb"  # QLoRA's 4-bit implementation (`quant.QUANT_BACKENDS`)
+    # selective layer checkpointing's count (`activations.checkpointed_layers`): 0 = transformers'
+    # every_n_layers (layers 0, k, 2k, ...), 1 = torchtune's and torchtitan's wrapper count (k-1, 2k-1, ...)
+    checkpoint_offset: int = 0
 
 
 STACKS = {
     "torch": Stack("torch", "foreach", "standard", False, False,
-                   "torch 2.13 AdamW() default on CUDA (foreach)"),
+                   "torch 2.13 AdamW() default on CUDA (foreach); selective checkpointing counted as "
+                   "torchtitan's apply_ac", checkpoint_offset=1),
     "hf-trainer": Stack("hf-trainer", "fused", "standard", False, False,
                         "transformers 5.23 Trainer: optim adamw_torch_fused"),
     "trl": Stack("trl", "fused", "fused-linear", True, False,
@@ -93,7 +102,8 @@ STACKS = {
                  "LM head planned as fused-linear (no logits kept), the closest modelled kernel"),
     "torchtune": Stack("torchtune", "fused", "chunked", True, False,
                        "torchtune 0.6.1 recipes: AdamW(fused=True), CEWithChunkedOutputLoss(8), "
-                       "activation checkpointing on; QLoRA with torchao NF4", quant_backend="torchao"),
+                       "activation checkpointing on; QLoRA with torchao NF4", quant_backend="torchao",
+                       checkpoint_offset=1),
 }
 DEFAULT_STACK = "hf-trainer"
 

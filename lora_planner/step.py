@@ -20,6 +20,7 @@ from .optimizers import TORCH_OPTIMIZERS
 from .precision import Precision
 from .quant import check_quant, quantised_numels, quantised_params, quantises_experts
 from .spec import ModelSpec, TrainSetup
+from .stacks import get_stack
 from .timeline import Phase, States, peak_phase, step_phases
 
 # Modules of a decoder layer whose backward runs before attention's: the MLP and the norms around it.
@@ -62,6 +63,20 @@ def conditions(setup: TrainSetup, precision: Precision, device: str = "cuda") ->
     if setup.activation_offload and not setup.grad_checkpointing:
         raise PlanError("--activation-offload moves the checkpointed layer inputs to CPU memory: "
                         "it needs --grad-checkpointing")
+    if setup.checkpoint_every < 1:
+        raise PlanError(f"--checkpoint-every must be at least 1, got {setup.checkpoint_every}")
+    if setup.checkpoint_every > 1 and not setup.grad_checkpointing:
+        raise PlanError("--checkpoint-every K checkpoints every K-th layer: it needs checkpointing on "
+                        "(drop --no-grad-checkpointing)")
+    if setup.checkpoint_ops and not setup.grad_checkpointing:
+        raise PlanError("--checkpoint-ops chooses what checkpointed layers keep: it needs checkpointing "
+                        "on (drop --no-grad-checkpointing)")
+    if setup.checkpoint_ops and setup.method != "full":
+        raise PlanError("--checkpoint-ops (torchtitan's op-level selective checkpointing) is planned "
+                        "for --method full, as torchtitan trains")
+    if (setup.checkpoint_every > 1 or setup.checkpoint_ops) and setup.activation_offload:
+        raise PlanError("--activation-offload is planned with every layer checkpointed to its input: "
+                        "drop --checkpoint-every / --checkpoint-ops or the offload")
     if setup.batch_size < 1 or setup.seq_len < 1:
         raise PlanError(f"batch size and sequence length must be positive, got {setup.batch_size} "
                         f"and {setup.seq_len}")
@@ -78,6 +93,8 @@ def conditions(setup: TrainSetup, precision: Precision, device: str = "cuda") ->
         packed=packed, batch_size=batch, seq_len=seq, weight_bytes=precision.weight_bytes,
         autocast=precision.name == "amp", attention=setup.attention,
         grad_checkpointing=setup.grad_checkpointing, device=device,
+        checkpoint_every=setup.checkpoint_every, checkpoint_offset=get_stack(setup.stack).checkpoint_offset,
+        checkpoint_ops=setup.checkpoint_ops,
         dropout=setup.dropout, lora_dropout=setup.lora_dropout,
         loss=setup.loss or "standard", loss_chunks=setup.loss_chunks or 8,
         activation_offload=bool(setup.activation_offload),
@@ -94,18 +111,20 @@ def qlora_conditions(setup: TrainSetup, precision: Precision) -> dict:
         return {}
     _, _, saved = check_quant(setup.quant_backend, setup.bnb_version, setup.bnb_compute_dtype,
                               precision.weight_bytes)
-    return {"quantised_base": True, "nf4_saved_input": saved}
+    return {"quantised_base": True, "nf4_saved_input": saved,
+            "nf4_output_in_input_dtype": (setup.quant_backend or "bnb") == "bnb"}
 
 
 def _training(spec: ModelSpec, setup: TrainSetup,
               arch: Architecture) -> tuple[dict[str, int], set[str], dict[str, int]]:
-    """Wrapped modules (path -> rank), modules whose weights train, and trainable numel by path."""
+    """Wrapped modules (path -> rank), modules whose weights train (and the names of biases that
+    train without their module's weight, PEFT's `bias`), and trainable numel by path."""
     if setup.method == "full":
         return {}, {m.path for m in arch.modules}, {m.path: m.numel for m in arch.modules}
     trainable = lora_trainable(spec, setup)
     wrapped = {a.module.path: setup.rank for a in trainable.adapters}
     by_path = {a.module.path: a.numel for a in trainable.adapters}
-    saved = {m.path for m in trainable.saved_modules}
+    saved = {m.path for m in trainable.saved_modules} | {p.name for p in trainable.biases}
     for m in trainable.saved_modules:
         by_path[m.path] = by_path.get(m.path, 0) + m.numel
     for p in trainable.biases:
@@ -249,16 +268,22 @@ def input_gradient_skips(spec: ModelSpec, setup: TrainSetup) -> tuple[int, int]:
     return prof.no_input_grad_params, prof.attention_without_grad
 
 
+def check_walkable(spec: ModelSpec, setup: TrainSetup, cond: Conditions) -> None:
+    """Refuse in one line a setup the activation walk does not model: fp32 adapters (`adapter_dtype`)
+    on a router or fused experts, which PEFT wraps in a `ParamWrapper`."""
+    if cond.adapter_bytes and any(a.module.kind in ("router", "experts")
+                                  for a in lora_trainable(spec, setup).adapters):
+        raise PlanError("--adapter-dtype fp32 is not modelled for adapters on a router or fused experts "
+                        "(PEFT's ParamWrapper): leave them out of --targets, or plan --adapter-dtype auto")
+
+
 def predict_step(spec: ModelSpec, setup: TrainSetup, precision: Precision, memory: dict[str, int],
                  device: str = "cuda") -> StepPrediction:
     """The step's activations and peak, given the plan's model-state bytes in `memory`."""
     arch = layout(spec, setup.task, setup.num_labels)
     cond = conditions(setup, precision, device)
     wrapped, trainable, _ = _training(spec, setup, arch)
-    if cond.adapter_bytes and any(a.module.kind in ("router", "experts")
-                                  for a in lora_trainable(spec, setup).adapters):
-        raise PlanError("--adapter-dtype fp32 is not modelled for adapters on a router or fused experts "
-                        "(PEFT's ParamWrapper): leave them out of --targets, or plan --adapter-dtype auto")
+    check_walkable(spec, setup, cond)
     prof = profile(spec, cond, wrapped, trainable)
     grads = layer_gradients(spec, training_key(setup), precision)
     head, embed_trains = grads.head, grads.embed_trains

@@ -150,9 +150,13 @@ def step_phases(states: States, prof: Profile, vocab: int, tokens: int) -> tuple
         # a checkpointed layer is recomputed when backward first needs one of its saved tensors:
         # before its output projection's gradient exists
         pending = prof.recompute_pending[i] if prof.recompute_pending else 0
-        if prof.checkpointed:
-            saved_below -= prof.layer_inputs[i]
-            live = saved_below + prof.layers[i] + prof.layer_inputs[i] - prof.input_saved_by_layer[i]
+        if prof.checkpointed_at(i):
+            saved_below -= prof.held_after_forward(i)
+            # op-level selective checkpointing: the recompute takes each cached op output back as it
+            # reaches its op (those no op saves are alive until then, in `recompute_peaks`); those it
+            # stops before stay alive through the layer's backward
+            live = (saved_below + prof.layers[i] + prof.layer_inputs[i] - prof.input_saved_by_layer[i]
+                    + (prof.sac_unconsumed[i] if prof.sac_unconsumed else 0))
             if prof.offloaded:  # on the GPU: this layer's input and the next one's, prefetched
                 live += prof.embedding + prof.checkpoint_args + (prof.layer_inputs[i - 1] if i else 0) \
                     - saved_below
@@ -174,7 +178,7 @@ def step_phases(states: States, prof: Profile, vocab: int, tokens: int) -> tuple
                                     _THROUGH + "expert combine", i))
         else:
             live = saved_below
-            saved_below -= prof.layers[i]
+            saved_below -= prof.held_after_forward(i)
         if prof.dora_backward and prof.dora_backward[i]:
             phases.append(Phase("backward", base + live + grads + resid + prof.dora_backward[i],
                                 _THROUGH + "DoRA's magnitude scaling", i))
@@ -271,23 +275,25 @@ def step_phases(states: States, prof: Profile, vocab: int, tokens: int) -> tuple
                         base + states.gradients + states.optimizer_temporary + leaf,
                         "weights + gradients + optimizer states (and any fp32 master weights) + "
                         f"{states.temporary_what}"))
-    return checkpoint_rng_states(tuple(phases), prof.rng_state, n)
+    ckpt = tuple(prof.checkpointed_at(i) for i in range(n))
+    return checkpoint_rng_states(tuple(phases), prof.rng_state, ckpt)
 
 
-def rng_states_live(phase: Phase, layers: int) -> int:
+def rng_states_live(phase: Phase, ckpt: tuple[bool, ...]) -> int:
     """How many of checkpointing's saved RNG states are alive at `phase`
-    (`activations.checkpoint_rng_state_bytes`): forward saves one per layer, kept until that layer's
-    backward is done, so every layer's through the forward's end and the backward above the layers,
-    layers 0..i's inside layer i's backward, and one more while layer i is recomputed (fork_rng's
-    copy of the current state); none once backward has finished."""
+    (`activations.checkpoint_rng_state_bytes`): forward saves one per checkpointed layer (`ckpt`),
+    kept until that layer's backward is done, so all of them through the forward's end and the
+    backward above the layers, those of the checkpointed layers 0..i inside layer i's backward, and
+    one more while layer i is recomputed (fork_rng's copy of the current state); none once backward
+    has finished."""
     if phase.name == "optimizer" or phase.part == "end":
         return 0
     if phase.layer < 0:
-        return layers
-    return phase.layer + 1 + (phase.text == _RECOMPUTING)
+        return sum(ckpt)
+    return sum(ckpt[:phase.layer + 1]) + (phase.text == _RECOMPUTING)
 
 
-def checkpoint_rng_states(phases: tuple[Phase, ...], state: int, layers: int) -> tuple[Phase, ...]:
+def checkpoint_rng_states(phases: tuple[Phase, ...], state: int, ckpt: tuple[bool, ...]) -> tuple[Phase, ...]:
     """Each moment with the checkpointed layers' CPU RNG states alive then (`rng_states_live` x
     `state` bytes) added, as bytes made outside every op (`Phase.untraced`); unchanged when `state` is
     0 (no checkpointing, or a GPU, where the states are not device memory)."""
@@ -295,7 +301,7 @@ def checkpoint_rng_states(phases: tuple[Phase, ...], state: int, layers: int) ->
         return phases
     out = []
     for p in phases:
-        count = rng_states_live(p, layers)
+        count = rng_states_live(p, ckpt)
         out.append(p._replace(bytes=p.bytes + count * state, untraced=count * state,
                               text=f"{p.text} + checkpointing's saved CPU RNG states ({count} x "
                                    f"{state:,} B)") if count else p)

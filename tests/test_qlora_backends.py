@@ -289,3 +289,19 @@ def test_torchao_shards_all_but_its_mean_and_table():
     halves = torch.split(t, 256)
     assert [sum(getattr(h, name).numel() * getattr(h, name).element_size()
                 for name in nf4._INNER_TENSOR_NAMES_FOR_SHARDING) for h in halves] == [sharded // 2] * 2
+
+
+@pytest.mark.parametrize("compute", ["bf16", "fp32"])
+def test_installed_bitsandbytes_holds_a_4bit_bias_where_the_plan_says(compute):
+    """An fp32 Linear4bit's bias after one forward, asked of the installed release: its width is
+    what `bnb_bias_bytes` says for that release and compute dtype (from 0.50.0 the compute dtype)."""
+    from lora_planner.quant import COMPUTE_DTYPES, bnb_bias_bytes
+
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[compute]
+    layer = bnb.nn.Linear4bit(64, 32, bias=True, compute_dtype=dtype, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(torch.randn(32, 64), requires_grad=False, quant_type="nf4")
+    layer = layer.to("cpu")
+    assert layer.bias.dtype == torch.float32
+    layer(torch.randn(3, 64, requires_grad=True)).sum().backward()
+    planned = bnb_bias_bytes(parse_bnb_version(bnb.__version__), COMPUTE_DTYPES[compute], 4)
+    assert layer.bias.element_size() == planned

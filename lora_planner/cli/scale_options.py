@@ -38,13 +38,17 @@ def scale_options(f: Callable) -> Callable:
                           "ddp (= none) replicates; DeepSpeed zero1 shards optimizer "
                           "states and fp32 master weights, zero2 also gradients, zero3 also weights "
                           "(the frozen LoRA base too); fsdp is PyTorch FSDP2's full shard, with its "
-                          "own buffers."),
+                          "own buffers; fsdp1 is FSDP1 (FullyShardedDataParallel, accelerate's "
+                          "default): one flat parameter per decoder layer and the root, padded to "
+                          "the GPU count, use_orig_params=False."),
         click.option("--offload", type=click.Choice(OFFLOADS), default="none", show_default=True,
                      help="To CPU memory: optimizer (ZeRO-Offload: master weights, optimizer states, "
-                          "gradient shards) or optimizer+params (zero3; fsdp's CPUOffloadPolicy)."),
+                          "gradient shards) or optimizer+params (zero3; fsdp's CPUOffloadPolicy, fsdp1's "
+                          "CPUOffload(offload_params=True))."),
         click.option("--reshard-after-forward/--no-reshard-after-forward", default=True, show_default=True,
-                     help="fsdp: free each layer's gathered weights after its forward (on), or keep them "
-                          "to backward (off: more memory, one all-gather fewer)."),
+                     help="fsdp, fsdp1: free each layer's gathered weights after its forward (on), or "
+                          "keep them to backward (off: more memory, one all-gather fewer; fsdp1's "
+                          "SHARD_GRAD_OP)."),
         click.option("--zero3-max-live-parameters", type=click.IntRange(0, MAX_PARAMETERS), metavar="N",
                      help="zero3: DeepSpeed's stage3_max_live_parameters (default 1e9)."),
         click.option("--zero3-prefetch-bucket-size", type=click.IntRange(0, MAX_PARAMETERS), metavar="N",

@@ -51,13 +51,15 @@ def stack_options(f: Callable) -> Callable:
 
 def stack_changes(stack: str, optimizer_impl: str | None, loss: str | None, loss_chunks: int | None,
                   activation_offload: bool | None, grad_checkpointing: bool,
-                  compile_mode: str | None = None) -> dict:
+                  compile_mode: str | None = None, checkpoint_every: int = 1,
+                  checkpoint_ops: bool = False) -> dict:
     """TrainSetup fields for the chosen stack. Checkpointing takes the preset's value unless the user
-    gave --grad-checkpointing or --no-grad-checkpointing."""
+    gave --grad-checkpointing or --no-grad-checkpointing; --checkpoint-every K above 1 and
+    --checkpoint-ops turn it on unless the user turned it off (which the plan then refuses)."""
     ctx = click.get_current_context()
     source = ctx.get_parameter_source("grad_checkpointing")
     if source in (None, click.core.ParameterSource.DEFAULT):
-        grad_checkpointing = get_stack(stack).grad_checkpointing
+        grad_checkpointing = get_stack(stack).grad_checkpointing or checkpoint_every > 1 or checkpoint_ops
     return {"stack": stack, "optimizer_impl": optimizer_impl, "loss": loss, "loss_chunks": loss_chunks,
             "activation_offload": activation_offload, "grad_checkpointing": grad_checkpointing,
-            "compile": compile_mode}
+            "compile": compile_mode, "checkpoint_every": checkpoint_every, "checkpoint_ops": checkpoint_ops}

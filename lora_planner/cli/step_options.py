@@ -13,7 +13,7 @@ from collections.abc import Callable
 import click
 
 from ..precision import PRECISIONS
-from .option_types import MAX_BATCH, MAX_SEQ_LEN, FiniteFloat
+from .option_types import MAX_BATCH, MAX_LAYERS, MAX_SEQ_LEN, FiniteFloat
 
 PRECISION_HELP = ("fp32: all fp32 (16 B/param with AdamW). amp: autocast, fp32 storage. mixed: "
                   "16-bit weights+grads, fp32 master+Adam (16 B). bf16: no master copy (12 B). "
@@ -39,6 +39,30 @@ def step_options(f: Callable) -> Callable:
     for option in reversed(options):
         f = option(f)
     return f
+
+
+def checkpoint_every_option(f: Callable) -> Callable:
+    """Add --checkpoint-every K: selective layer checkpointing (every K-th decoder layer)."""
+    return click.option(
+        "--checkpoint-every", type=click.IntRange(1, MAX_LAYERS), default=1, show_default=True,
+        metavar="K",
+        help="Selective checkpointing: checkpoint only every K-th decoder layer (torchtune's ac_mode "
+             "selective with ac_option K, torchtitan's selective_ac_option K, transformers' "
+             "every_n_layers); implies --grad-checkpointing. A checkpointed layer keeps only its "
+             "input and is recomputed in backward; the others keep all their saved tensors. Which "
+             "layers: hf-trainer and trl count as transformers (0, K, 2K, ...), torchtune and torch "
+             "as torchtune and torchtitan (K-1, 2K-1, ...). 1: every layer.")(f)
+
+
+def checkpoint_ops_option(f: Callable) -> Callable:
+    """Add --checkpoint-ops: torchtitan's op-level selective checkpointing."""
+    return click.option(
+        "--checkpoint-ops", is_flag=True,
+        help="torchtitan's op-level selective checkpointing (activation_checkpoint mode selective, "
+             "selective_ac_option op): each checkpointed layer keeps its input and the outputs of "
+             "every other matmul (the 1st, 3rd, ... of the layer) and of CUDA's fused attention "
+             "kernel, and recomputes the rest in backward; implies --grad-checkpointing. Full "
+             "fine-tuning only.")(f)
 
 
 def dropout_option(f: Callable) -> Callable:
@@ -95,8 +119,9 @@ def packing_option(f: Callable) -> Callable:
     return click.option(
         "--packing", is_flag=True,
         help="Pack the micro-batch: its --batch-size documents of --seq-len tokens as one row of "
-             "batch x seq tokens, position ids restarting per document (TRL's padding_free, "
-             "torchtune's packed datasets). transformers then gives attention an explicit "
+             "batch x seq tokens, position ids restarting per document (TRL's padding_free). "
+             "torchtune's packed datasets are not this: each row is one pack of --seq-len tokens, "
+             "planned as --batch-size rows without --packing. transformers then gives attention an explicit "
              "block-diagonal (1, 1, T, T) mask: SDPA keeps it and runs the memory-efficient kernel "
              "on CUDA, eager attention's scores are T x T. flash_attention_2's varlen kernel, "
              "which needs no mask, is not planned.")(f)

@@ -234,6 +234,9 @@ def _llama4_config(rng: random.Random, layers: int) -> dict:
     return config
 
 
+# every linear layer but a router that is one (`counts.LINEAR_ROUTERS`): all-linear, as drawn for Llama 4
+LINEAR_ROUTER_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
 # The families seeds cycle through, in this order. A family added later is drawn by name
 # (`random_case(seed, family)`), so every recorded seed keeps its case.
 SEEDED_FAMILIES = ("gpt2", "llama", "mistral", "mixtral", "qwen2", "gemma2", "phi3")
@@ -264,8 +267,7 @@ def random_case(seed: int, family: str | None = None) -> Case:
     kept = spec.num_layers if layers is None else layers
     if setup.targets == ("all-linear",) and spec.family in LINEAR_ROUTERS:
         # (all-linear would wrap Llama 4's router, whose forward then fails: refused by the planner)
-        setup = setup.with_(targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                     "down_proj"))
+        setup = setup.with_(targets=LINEAR_ROUTER_TARGETS)
     if setup.targets == ("mlp",) and spec.num_experts and not any(spec.sparse_layer(i) for i in range(kept)):
         # PEFT's v4 expert names reach only fused experts, which a model of dense layers has none of
         setup = setup.with_(targets=("attn",))

@@ -91,7 +91,9 @@ def chunked_loss(model, ids, labels, chunks: int):
 
     def chunked_output():
         # torchtune's model returns the list of logits: the final hidden state is not held past it
-        hidden = base.base_model(input_ids=ids).last_hidden_state  # (b, s, H)
+        # (Llama4ForCausalLM names a `language_model` prefix it does not have: its decoder is `model`)
+        decoder = base.base_model if base.base_model is not base else base.model
+        hidden = decoder(input_ids=ids).last_hidden_state  # (b, s, H)
         return [project(h) for h in hidden.chunk(chunks, dim=1)]
 
     logits = chunked_output()
@@ -124,14 +126,61 @@ def fused_linear_loss(model: Any, ids: Any, labels: Any) -> Any:
     return kernel(head.weight, hidden.reshape(-1, hidden.size(-1)), shifted.reshape(-1), head.bias)
 
 
-def enable_checkpointing(model: Any) -> None:
+def torchtitan_op_context():
+    """torchtitan's op-level selective checkpointing policy as its `parallelize_llama.py` writes it
+    (Jan 2025): inside a checkpointed block, the outputs of the ops on its save list are cached in
+    forward (MUST_SAVE) but every second `aten.mm`, counted per block and phase; everything else is
+    recomputed in backward. A fresh count per checkpoint call, as its `context_fn` makes one."""
+    from collections import defaultdict
+
+    import torch
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    save_list = {
+        torch.ops.aten.mm.default,
+        torch.ops.aten._scaled_dot_product_efficient_attention.default,
+        torch.ops.aten._scaled_dot_product_flash_attention.default,
+        torch.ops._c10d_functional.reduce_scatter_tensor.default,
+        torch.ops.aten.abs.default,
+        torch.ops.aten.max.default,
+    }
+    meta: dict[str, int] = defaultdict(int)
+
+    def policy(ctx, func, *args, **kwargs):
+        key = f"{'recompute' if ctx.is_recompute else 'forward'}_mm_count"
+        if func == torch.ops.aten.mm.default:
+            meta[key] += 1
+        save = func in save_list and not (func == torch.ops.aten.mm.default and meta[key] % 2 == 0)
+        return CheckpointPolicy.MUST_SAVE if save else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(policy)
+
+
+def enable_checkpointing(model: Any, every: int = 1, torchtune_count: bool = False,
+                         ops: bool = False) -> None:
     """Hugging Face per-layer checkpointing, non-reentrant, by transformers 5's name for it when the
-    installed version has it (the older name warns that it is deprecated)."""
-    kwargs = {"use_reentrant": False}
+    installed version has it (the older name warns that it is deprecated).
+
+    `every` > 1: selective, every `every`-th decoder layer, counted by transformers' own
+    `every_n_layers` (layers 0, k, 2k, ...), or with `torchtune_count` as torchtune's and torchtitan's
+    checkpoint wrappers count the layers they are applied to: from 1, wrapping count % k == 0.
+    `ops`: each checkpoint under torchtitan's op policy (`torchtitan_op_context`)."""
+    kwargs: dict[str, Any] = {"use_reentrant": False}
+    if ops:
+        kwargs["context_fn"] = torchtitan_op_context
     if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        extra = {"every_n_layers": every} if every > 1 and not torchtune_count else {}
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, **extra)
+    elif every > 1 and not torchtune_count:
+        raise RuntimeError("selective checkpointing needs transformers' activation_checkpointing_enable")
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if every > 1 and torchtune_count:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+        for count, block in enumerate(blocks, start=1):
+            block.gradient_checkpointing = count % every == 0
 
 
 class DefaultLossNotice(logging.Filter):

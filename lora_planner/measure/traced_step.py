@@ -31,7 +31,7 @@ from ..errors import PlanError
 from ..gpus import GPUS
 from ..plan import make_plan
 from ..spec import ModelSpec, TrainSetup, check_runnable_attention, to_hf_config
-from ..stacks import resolve
+from ..stacks import get_stack, resolve
 
 if TYPE_CHECKING:
     from ..step import StepPrediction
@@ -113,8 +113,10 @@ def _check(setup: TrainSetup) -> None:
         raise PlanError(f"trace runs plain PyTorch steps: precision must be one of "
                         f"{', '.join(TRACEABLE_PRECISIONS)}, got {setup.precision!r} (mixed and bf16 "
                         "trace LoRA with --adapter-dtype fp32, whose fp32 adapters need no master copy)")
-    if setup.method not in ("full", "lora"):
-        raise PlanError("trace supports full and lora (QLoRA needs bitsandbytes on a GPU)")
+    if setup.method not in ("full", "lora", "qlora"):
+        raise PlanError(f"trace supports full, lora and qlora, got {setup.method!r}")
+    if setup.method == "qlora":
+        _check_qlora(setup)
     if setup.optimizer not in TRACEABLE_OPTIMIZERS:
         raise PlanError(f"trace runs torch's {', '.join(TRACEABLE_OPTIMIZERS)}; plan other optimizers "
                         "with `lora-plan plan`")
@@ -126,6 +128,53 @@ def _check(setup: TrainSetup) -> None:
     if setup.loss == "fused-linear":
         raise PlanError("fused-linear cross-entropy runs Liger's Triton kernel on a GPU; trace --loss "
                         "standard or chunked on CPU")
+
+
+def _check_qlora(setup: TrainSetup) -> None:
+    """A QLoRA trace runs bitsandbytes' Linear4bit on CPU: real 4-bit storage and MatMul4Bit."""
+    if setup.quant_backend != "bnb":
+        raise PlanError(f"trace runs QLoRA with bitsandbytes' Linear4bit, and {setup.quant_backend} is "
+                        "this setup's 4-bit backend: trace another --stack (torchao's NF4 is held to its "
+                        "tensors in tests/test_qlora_backends.py)")
+    if setup.compile != "none":
+        raise PlanError("trace runs QLoRA's 4-bit matmul eagerly: drop --compile")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise PlanError("tracing QLoRA needs bitsandbytes: pip install bitsandbytes") from None
+
+
+def installed_bnb_version() -> str:
+    """The bitsandbytes release a QLoRA trace runs, which its plan models (`quant.check_quant`)."""
+    from importlib.metadata import version
+
+    return version("bitsandbytes")
+
+
+def quantise_bnb(model, compute_dtype, device: str = "cpu") -> None:
+    """Every `nn.Linear` and GPT-2 `Conv1D` but the output head swapped for bitsandbytes'
+    `Linear4bit` (NF4, double quantised, computing in `compute_dtype`), as transformers'
+    `replace_with_bnb_linear` does with the output embeddings left out; a Conv1D's (in, out) weight
+    is transposed first, as transformers does before quantising it. The weight is quantised on its
+    move to `device` (`Params4bit._quantize`)."""
+    import bitsandbytes as bnb
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    head = model.get_output_embeddings()
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            conv = isinstance(child, Conv1D)
+            if not (conv or type(child) is torch.nn.Linear) or child is head:
+                continue
+            weight = child.weight.data.t().contiguous() if conv else child.weight.data  # (out, in)
+            q = bnb.nn.Linear4bit(weight.shape[1], weight.shape[0], bias=child.bias is not None,
+                                  compute_dtype=compute_dtype, quant_type="nf4", compress_statistics=True)
+            q.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4",
+                                         compress_statistics=True)
+            if child.bias is not None:
+                q.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
+            setattr(module, name, q.to(device))
 
 
 def predicted_terms(spec: ModelSpec, setup: TrainSetup, device: str = "cpu",
@@ -201,8 +250,12 @@ def trace(spec: ModelSpec, setup: TrainSetup, *, fake: bool = False, seed: int =
     """
     setup = resolve(setup)
     _check(setup)
+    if setup.method == "qlora":  # the plan models the release that runs
+        setup = replace(setup, bnb_version=installed_bnb_version())
     check_runnable_attention(spec, setup.attention)
     compiled = setup.compile != "none"
+    if fake and setup.method == "qlora":
+        raise PlanError("bitsandbytes quantises real weights: trace --method qlora without --fake")
     if compiled and fake:
         raise PlanError("a compiled step runs inductor's kernels on real tensors: trace --compile without "
                         "--fake")
@@ -263,41 +316,23 @@ def run_step(config, setup: TrainSetup, vocab_size: int, *, fake: bool = False, 
     new adapters are skipped, `apply_lora`), and the tracer counts the GPU's storages only."""
     # a fake step cannot run inductor's kernels: it runs eagerly (`trace` refuses the pair)
     compiled = (setup.compile or "none") != "none" and not fake
-    if setup.method == "lora":
+    if setup.method in ("lora", "qlora"):
         try:
             import peft  # noqa: F401
         except ImportError:
             raise PlanError("tracing LoRA needs peft: pip install peft") from None
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from transformers import AutoModelForCausalLM
 
     from . import allocator as alloc
-    from .step import enable_checkpointing, step_loss, train_step
+    from .step import step_loss, train_step
     from .tracer import MemoryTracer
 
-    config.use_cache = False
-    config._attn_implementation = setup.attention
-    if setup.dropout is not None:
-        for key in ("resid_pdrop", "embd_pdrop", "attn_pdrop", "attention_dropout"):
-            if hasattr(config, key):
-                setattr(config, key, setup.dropout)
-    dtype = torch.float32 if setup.precision in ("fp32", "amp") else torch.bfloat16
+    configure(config, setup)
     torch.manual_seed(seed)
     mode = FakeTensorMode() if fake else contextlib.nullcontext()
-    previous = torch.get_default_dtype()
     with mode, torch.device(device):
-        torch.set_default_dtype(dtype)  # fake parameters cannot be converted after the fact
-        try:
-            model = AutoModelForCausalLM.from_config(config)
-            model.loss_type = "ForCausalLM"  # GPT2LMHeadModel names no loss: say it, no warning
-        finally:
-            torch.set_default_dtype(previous)
-        model.train()
-        if setup.grad_checkpointing:
-            enable_checkpointing(model)
-        if setup.method == "lora":
-            model = adapt(model)
+        model = build_model(config, setup, adapt, device)
         compile_model(model, setup.compile if compiled else "none")
         positions = None
         packed = setup.packing and setup.batch_size > 1  # one sequence has nothing to pack
@@ -312,8 +347,7 @@ def run_step(config, setup: TrainSetup, vocab_size: int, *, fake: bool = False, 
             optimizer = StepInBackward(params, lambda group: _optimizer(torch, group, setup))
         else:
             optimizer = _optimizer(torch, params, setup)
-        # amp, and the Trainer's bf16=True autocast over a bf16 model with fp32 adapters (mixed, bf16)
-        compute_dtype = torch.bfloat16 if setup.precision in ("amp", "mixed", "bf16") else None
+        compute_dtype = autocast_dtype(setup)
         loss_fn = step_loss(setup.loss, setup.loss_chunks)
 
         def step(tracer: MemoryTracer | None) -> None:
@@ -347,6 +381,55 @@ def run_step(config, setup: TrainSetup, vocab_size: int, *, fake: bool = False, 
         if device == "cuda":
             reading = alloc.with_cuda_counter(reading, torch.cuda.max_memory_allocated())
     return (None if compiled else tracer.report()), reading
+
+
+def configure(config, setup: TrainSetup) -> None:
+    """`config` (a `PretrainedConfig`, changed in place) as a step of `setup` runs it: no KV cache,
+    the setup's attention, and its dropout over every rate the config states."""
+    config.use_cache = False
+    config._attn_implementation = setup.attention
+    if setup.dropout is not None:
+        for key in ("resid_pdrop", "embd_pdrop", "attn_pdrop", "attention_dropout"):
+            if hasattr(config, key):
+                setattr(config, key, setup.dropout)
+
+
+def build_model(config, setup: TrainSetup, adapt=None, device: str = "cpu"):
+    """The causal LM of `config` in training mode, in the setup's dtype (fp32 for fp32 and amp, else
+    bf16), checkpointed when the setup is, its linear layers quantised by bitsandbytes for QLoRA
+    (`quantise_bnb`), and `adapt(model)` when it is LoRA or QLoRA. Inside a `FakeTensorMode` its
+    tensors are fake."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .step import enable_checkpointing
+
+    dtype = torch.float32 if setup.precision in ("fp32", "amp") else torch.bfloat16
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # fake parameters cannot be converted after the fact
+    try:
+        model = AutoModelForCausalLM.from_config(config)
+        model.loss_type = "ForCausalLM"  # GPT2LMHeadModel names no loss: say it, no warning
+    finally:
+        torch.set_default_dtype(previous)
+    model.train()
+    if setup.grad_checkpointing:
+        enable_checkpointing(model, setup.checkpoint_every, get_stack(setup.stack).checkpoint_offset == 1,
+                             setup.checkpoint_ops)
+    if setup.method == "qlora":
+        dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+        quantise_bnb(model, dtypes[setup.bnb_compute_dtype], device)
+    if setup.method in ("lora", "qlora"):
+        model = adapt(model)
+    return model
+
+
+def autocast_dtype(setup: TrainSetup):
+    """The dtype the step's forward autocasts to, or None: bf16 for amp, and for the Trainer's
+    bf16=True autocast over a bf16 model with fp32 adapters (mixed, bf16)."""
+    import torch
+
+    return torch.bfloat16 if setup.precision in ("amp", "mixed", "bf16") else None
 
 
 def compile_model(model, mode: str | None) -> None:
@@ -462,7 +545,8 @@ def _with_lora(model, spec: ModelSpec, setup: TrainSetup):
                         rank_pattern={k: n * setup.rank for k, n in patterns.items()},
                         alpha_pattern={k: n * 2 * setup.rank for k, n in patterns.items()},
                         lora_dropout=setup.lora_dropout, bias=setup.bias, use_dora=setup.use_dora,
-                        fan_in_fan_out=spec.family == "gpt2")  # GPT-2's Conv1D stores (in, out)
+                        # GPT-2's Conv1D stores (in, out); its 4-bit replacement is a Linear4bit
+                        fan_in_fan_out=spec.family == "gpt2" and setup.method != "qlora")
     return apply_lora(model, config, setup)
 
 

@@ -1,0 +1,117 @@
+"""The step engine: a training step's memory from an op tape, one liveness rule and a per-op table.
+
+`plan_step(spec, setup)` writes the model's forward as a tape (`dense`), replays it (`replay`) over
+the step's baseline (parameters, buffers, the batch, the optimizer's states) and returns the peak,
+the peak a dispatch-level tracer would see, and the activations. It runs beside the planner's walk
+(`activations`, `timeline`, `step`) and is held to real steps (tests/test_engine.py,
+benchmarks/engine_vs_trace.py); the planner does not use it yet.
+
+Covered: the dense pre-norm families whose layout `dense.features` reads (GPT-2's, the Llama
+shape's: Llama, Mistral, Qwen2, Qwen3), full fine-tuning and LoRA, fp32, amp (bf16 autocast) and
+pure-bf16, SDPA (the CPU flash kernel) and eager attention, dropout, sliding windows (eager; SDPA
+while the window covers the sequence), non-reentrant checkpointing per layer, AdamW (foreach,
+for-loop, fused), on CPU. Not yet: MoE, latent attention, fused gate/up (Phi-3), sandwich and post
+norms (Gemma, OLMo 2), SDPA with a mask or with attention dropout, QLoRA, DoRA, packing, other
+losses and optimizers, GPU kernels' workspaces, torch.compile.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..activations import cpu_rng_state_bytes
+from ..architecture import layout
+from ..counts import lora_trainable
+from ..errors import PlanError
+from ..optimizers import optimizer_temporary_bytes
+from ..spec import ModelSpec, TrainSetup
+from ..stacks import resolve
+from .dense import FP32, INT64, Writer, features
+from .replay import Moment, replay
+from .tape import Tape
+
+ITEM = {"fp32": 4, "amp": 4, "pure-bf16": 2}  # the parameters' bytes per value
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    peak: Moment  # what the allocator counts
+    tracer_peak: Moment  # what a dispatch-level tracer counts
+    activations: int
+    baseline: int
+    phase_peaks: dict[str, int]
+    ops: int
+
+
+def check(spec: ModelSpec, setup: TrainSetup) -> None:
+    """Refuse, in one line, a step the engine does not model yet."""
+    if (spec.num_experts or spec.kv_lora_rank or spec.norm_placement != "pre"
+            or features(spec, layout(spec)).fused_gate_up):
+        raise PlanError("the step engine models dense pre-norm models so far")
+    if setup.attention == "sdpa" and any(spec.sliding_layer(i) and spec.sliding_window <= setup.seq_len
+                                         for i in range(spec.num_layers)):
+        # transformers then hands SDPA a boolean mask, and repeats k and v for it
+        raise PlanError("the step engine models SDPA with a sliding window shorter than the sequence "
+                        "not yet")
+    if setup.method not in ("full", "lora") or setup.precision not in ITEM:
+        raise PlanError("the step engine models full and LoRA steps in fp32, amp or pure-bf16 so far")
+    if dropout_rates(spec, setup)[0] and setup.attention == "sdpa":
+        raise PlanError("the step engine models SDPA without attention dropout so far (on CPU it runs "
+                        "the math kernel)")
+    if setup.lora_dropout or setup.use_dora or setup.packing or setup.optimizer != "adamw":
+        raise PlanError("the step engine models AdamW steps without LoRA dropout, DoRA or packing so far")
+    if (setup.loss or "standard") != "standard" or setup.task != "causal-lm" or setup.bias != "none":
+        raise PlanError("the step engine models the standard causal-LM loss without trained biases so far")
+
+
+def dropout_rates(spec: ModelSpec, setup: TrainSetup) -> tuple[float, float, float]:
+    """(attention, residual, embedding) dropout: the setup's for all three, else the config's."""
+    return spec.dropout_rates if setup.dropout is None else (setup.dropout,) * 3
+
+
+def _parameters(tape: Tape, spec: ModelSpec, setup: TrainSetup, item: int) -> tuple[dict, dict, list[int]]:
+    """Every parameter as a tensor (trainable ones need a gradient), LoRA's A and B per wrapped
+    module, and the trainable tensors' bytes."""
+    arch = layout(spec)
+    full = setup.method == "full"
+    params = {p.name: tape.tensor(p.numel * item, "parameter", full, p.name) for p in arch.params}
+    if spec.tied_embeddings:
+        params[f"{arch.head_path}.weight"] = params[arch.params[0].name]
+    lora: dict[str, tuple[int, int]] = {}
+    if not full:
+        for a in lora_trainable(spec, setup).adapters:
+            m, r = a.module, setup.rank
+            lora[m.path] = (tape.tensor(r * m.in_features * item, "parameter", True),
+                            tape.tensor(m.out_features * r * item, "parameter", True))
+    trainable = [t.bytes for t in tape.tensors if t.role == "parameter" and t.grad]
+    return params, lora, trainable
+
+
+def plan_step(spec: ModelSpec, setup: TrainSetup, device: str = "cpu") -> StepPlan:
+    """One steady-state step's peak (its phase and the module or range it is in), the peak a
+    dispatch-level tracer would see, and the activations, on `device`."""
+    if device != "cpu":
+        raise PlanError("the step engine models CPU steps so far (no GPU kernel's workspace yet)")
+    check(spec, setup)
+    # checkpointing copies the CPU RNG state per layer, outside every op (`cpu_rng_state_bytes`)
+    rng_bytes = cpu_rng_state_bytes() if setup.grad_checkpointing else 0
+    setup = resolve(setup)
+    item = ITEM[setup.precision]
+    tape = Tape()
+    params, lora, trainable = _parameters(tape, spec, setup, item)
+    if spec.rotary_layer(0):
+        params["inv_freq"] = tape.tensor(spec.rotary_dim // 2 * FP32, "buffer")
+    batch = setup.batch_size * setup.seq_len * INT64
+    ids, labels = tape.tensor(batch, "input"), tape.tensor(batch, "input")
+    arch = layout(spec)
+    writer = Writer(tape, spec, setup.batch_size, setup.seq_len, item, params, lora,
+                    setup.attention == "eager", features(spec, arch), setup.grad_checkpointing, rng_bytes,
+                    dropout=dropout_rates(spec, setup), amp=setup.precision == "amp")
+    with tape.phase("forward"):
+        loss = writer.forward(arch, ids, labels)
+    states = 2 * sum(trainable) + FP32 * len(trainable)  # exp_avg, exp_avg_sq; a 4-byte step per tensor
+    base = sum(t.bytes for t in tape.tensors if t.role != "activation") + states
+    scratch = optimizer_temporary_bytes("adamw", setup.optimizer_impl, [b // item for b in trainable], item)
+    r = replay(tape, base=base, base_seen=base, loss=loss, checkpointing=setup.grad_checkpointing,
+               optimizer_scratch=(scratch,))
+    return StepPlan(r.peak, r.tracer_peak, r.activations, base, r.phase_peaks, len(tape.ops))
