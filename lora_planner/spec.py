@@ -652,7 +652,7 @@ def spec_from_hf_config(config: dict, name: str = "custom", source: str = "") ->
     if not isinstance(config, dict):
         raise PlanError("config.json must hold a JSON object")
     model_type = config.get("model_type")
-    if model_type in MULTIMODAL_TEXT:  # a multimodal config: its language model is planned
+    if isinstance(model_type, str) and model_type in MULTIMODAL_TEXT:  # its language model is planned
         config = _language_model(config, *MULTIMODAL_TEXT[model_type])
         model_type = config["model_type"]
     family = MODEL_TYPE_TO_FAMILY.get(text("config.json model_type", model_type)
