@@ -32,7 +32,7 @@ from dataclasses import dataclass, field, replace
 from .architecture import router_path, shared_expert_path
 from .counts import gate_up_rank_factor
 from .errors import PlanError
-from .spec import GEMMA_FAMILIES, QWEN_WINDOWS, ModelSpec
+from .spec import COMPLEX_ROPE, GEMMA_FAMILIES, QWEN_WINDOWS, ModelSpec
 
 ATTENTION = ("sdpa", "eager")
 DEVICES = ("cuda", "cpu")
@@ -369,7 +369,8 @@ class Graph:
         return self.pointwise(x.numel, x.itemsize, x.grad, x, mask)
 
     def rms_norm(self, x: Tensor, path: str, dim: int, offset_weight: bool = False,
-                 recompute_alive: tuple[Tensor, ...] | None = None, fp32_product: bool = False) -> Tensor:
+                 recompute_alive: tuple[Tensor, ...] | None = None, fp32_product: bool = False,
+                 weighted: bool = True) -> Tensor:
         """RMSNorm: h = x.float(); h * rsqrt(mean(h^2) + eps); times the weight, cast back.
 
         pow keeps h, rsqrt keeps its (rows,) output; the weight product keeps the normalised tensor only
@@ -379,6 +380,8 @@ class Graph:
         `recompute_alive`: what a recomputed layer holds beside the norm, whose (1 + weight) is the
         layer's last save (Gemma-2's post-feedforward norm): the recompute reaches the moment before
         the product, the input, its fp32 copy and the normalised tensor alive.
+        `weighted` False: no weight (Llama 4's `Llama4TextWeightlessRMSNorm`), the normalised tensor
+        cast back is the output.
         """
         trains = path in self.trainable
         h = self.cast(x, FP32)
@@ -398,6 +401,8 @@ class Graph:
             self.moment(x, h, normed, product)  # the fp32 product, before its cast back
             return self.cast(product, x.itemsize)
         normed = self.cast(normed, x.itemsize)
+        if not weighted:
+            return normed
         if trains:
             self.save(normed)
         return self.pointwise(h.numel, max(x.itemsize, self.cond.weight_bytes), h.grad or trains, normed)
@@ -712,7 +717,7 @@ class Graph:
     def attention(self, q: Tensor, k: Tensor, v: Tensor, heads: int, kv_heads: int, head_dim: int,
                   attn_dropout: float, softcap: bool = False, contiguous_q: bool = False,
                   fused: Tensor | None = None, softmax_fp32: bool = True, masked: bool = False,
-                  value_dim: int = 0, contiguous_k: bool = False) -> Tensor:
+                  value_dim: int = 0, contiguous_k: bool = False, cast_probs: bool = True) -> Tensor:
         """Attention over projected (and rotated) q, k, v; returns the (b, s, heads * head_dim) output
         as o_proj reads it.
 
@@ -726,6 +731,9 @@ class Graph:
         all three, so on CPU such attention runs the math kernel; on CUDA the memory-efficient one.
         `contiguous_k`: k is (b, heads, s, d)-contiguous at every head (latent attention's key, filled
         into a new tensor), so eager attention's score matmul keeps k itself, not a copy.
+        `cast_probs` False: eager attention leaves the softmax's output in its dtype (Llama 4's, with
+        no fp32 softmax of its own: fp32 only under autocast), dropout and the matmul's autocast copy
+        after it.
         """
         b, s = self.cond.batch_size, self.cond.seq_len
         grad = q.grad or k.grad or v.grad
@@ -849,7 +857,7 @@ class Graph:
         if eager:
             # back to the query's dtype (GPT-2: the value's) as the module wrote it, dropout there,
             # and autocast's matmul makes the 16-bit copy that probs @ v keeps
-            pw = self.cast(p, q_in if softmax_fp32 else v_in)
+            pw = self.cast(p, q_in if softmax_fp32 else v_in) if cast_probs else p
             if moments:
                 dropped, bound = self.eager_moments((q0, k0, v0), (qc, kc, vc), p, pw, attn_dropout, heads,
                                                     kv_heads, head_dim)
@@ -1496,6 +1504,8 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
         v = Tensor(qkv.numel, qkv.itemsize, qkv.grad, qkv.key)
     elif spec.kv_lora_rank:
         q, k, v = _latent_qkv(g, spec, p, h, rot)
+    elif spec.family in COMPLEX_ROPE:
+        q, k, v = complex_rope_qkv(g, spec, p, i, h, rot)
     elif spec.family in ("gemma3", "glm4_moe"):
         # Gemma 3 and GLM-4-MoE project q, k and v first, then normalise q and k (each head; Gemma's
         # form, Llama's) where they have the norms
@@ -1509,16 +1519,18 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
         g.args = (h, q, k, v)
         k = qk_norm(g, spec, k, f"{p}.self_attn.k_norm", nkv)
     else:
+        # (Llama 4's weightless norm only on its rotary layers)
+        normed = spec.qk_norm_layer(i)
         if spec.attention_output_gate:
             q, gate = gated_query(g, spec, p, h)
         else:
             q = g.linear(h, f"{p}.self_attn.q_proj", H, nh * hd)
             g.args = (h, q)
-            q = qk_norm(g, spec, q, f"{p}.self_attn.q_norm", nh)
+            q = qk_norm(g, spec, q, f"{p}.self_attn.q_norm", nh) if normed else q
         g.args = (h, q)
         k = g.linear(h, f"{p}.self_attn.k_proj", H, nkv * hd)
         g.args = (h, q, k)
-        k = qk_norm(g, spec, k, f"{p}.self_attn.k_norm", nkv)
+        k = qk_norm(g, spec, k, f"{p}.self_attn.k_norm", nkv) if normed else k
         g.args = (h, q, k)
         v = g.linear(h, f"{p}.self_attn.v_proj", H, nkv * hd)
     assert rot is not None
@@ -1528,7 +1540,8 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
     back, halves = fp32_rotary(spec), rotary_halves(spec)
     if concatenated_rope(spec):
         q, k = partial_rope(g, spec, q, k, v, rot)
-    elif spec.rotary_layer(i) and not spec.kv_lora_rank:  # (latent attention rotates its own part)
+    # (latent attention and Llama 4's complex form rotate in their own functions)
+    elif spec.rotary_layer(i) and not spec.kv_lora_rank and spec.family not in COMPLEX_ROPE:
         # SmolLM3's NoPE layers attend with q and k as projected
         q_projected, q = q, g.rope(q, *rot, alive=(v,) if sliced else (q, k, v), cast_back=back,
                                    halves=halves)
@@ -1536,8 +1549,7 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
                    halves=halves)
     if not spec.kv_lora_rank:
         g.args = attention_locals(h, q, k, v)
-    masked = g.cond.attention == "sdpa" and (explicit_causal_mask(g.cond) or (
-        spec.sliding_layer(i) and g.cond.seq_len >= (spec.sliding_window or 0)))
+    masked = g.cond.attention == "sdpa" and (explicit_causal_mask(g.cond) or local_mask(spec, i, g.cond))
     if spec.attention_sinks and g.cond.attention == "eager":
         a = g.sink_attention(q, k, v, nh, nkv, hd, g.rates[0], f"{p}.self_attn" in g.trainable)
     else:
@@ -1548,12 +1560,14 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
         # concatenates too.
         fused = spec.family == "phi3" or bool(spec.kv_lora_rank)
         a = g.attention(q, k, v, nh, nkv, hd, g.rates[0], softcap=gemma and spec.attn_softcap,
+                        softmax_fp32=spec.family not in HALF_SOFTMAX,
+                        cast_probs=spec.family not in HALF_SOFTMAX,
                         contiguous_q=fused or halves or concatenated_rope(spec), fused=v if fused else None,
                         masked=masked, value_dim=spec.v_head_dim, contiguous_k=bool(spec.kv_lora_rank))
     # the attention modules of Llama's form (OLMo 2's too); the MLP of Llama's form is the layer's
     # last op only with the norms before the blocks (`dense`)
     llama_attention = spec.family in ("llama", "mistral", "qwen2", "qwen3", "olmo2", "smollm3", "deepseek_v3",
-                                      "glm4_moe", "qwen3_next")
+                                      "glm4_moe", "qwen3_next", "llama4")
     if gate is not None:
         # the attention's output times sigmoid(gate): sigmoid keeps its output, the product both factors
         a = g.mul(a, g.unary(gate, "output"))
@@ -1589,18 +1603,21 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
         a = g.rms_norm(a, f"{p}.post_attention_layernorm", H, offset, fp32_product=post_only)
     x = g.add(x, a)
     g.release(h)
-    return _mlp_half(g, spec, i, p, x, dense, weights)
+    # Llama 4's layer binds the attention's output (`attention_states`) until it returns
+    return _mlp_half(g, spec, i, p, x, dense, weights, (a,) if spec.family in BOUND_ATTENTION_OUTPUT else ())
 
 
 def _mlp_half(g: Graph, spec: ModelSpec, i: int, p: str, x: Tensor, dense: bool,
-              weights: tuple[Tensor, ...]) -> Tensor:
+              weights: tuple[Tensor, ...], bound: tuple[Tensor, ...] = ()) -> Tensor:
     """A decoder layer from the residual after its token mixer on: the norm before the MLP, the MLP
-    (dense or the expert block) and the residual add."""
+    (dense or the expert block) and the residual add. `bound`: tensors the layer's code keeps in
+    variables until it returns."""
     H, inter, sparse = spec.hidden_size, spec.mlp_width(i), spec.sparse_layer(i)
     gemma, offset = spec.family in GEMMA_FAMILIES, spec.offset_norms
     post_only = spec.norm_placement == "post"
     post_norms = spec.norm_placement in ("sandwich", "post")
     g.hold(x)  # the residual, until the layer returns
+    g.hold(*bound)
     g.attn_tail_end()
     g.section += " mlp"
     h = x if post_only else g.rms_norm(
@@ -1612,14 +1629,14 @@ def _mlp_half(g: Graph, spec: ModelSpec, i: int, p: str, x: Tensor, dense: bool,
             g.cond.tokens, H, g.norm_copy, offset and norm in g.trainable)
     g.hold(h)  # the MLP's input, until it returns
     if dense:
-        g.args = (h, *weights)
+        g.args = (h, *weights, *bound)
     else:
         # the decoder layer also binds the residual (the stream after attention) until the MLP returns;
         # it is saved already unless the norm upcast a 16-bit copy of it
         g.args = (h, x) if g.attn_weights is None else (h, x, g.attn_weights)
     if sparse:
         before = g._saved_total
-        m = _moe(g, spec, p, h)
+        m = _moe(g, spec, p, h) if spec.expert_dispatch == "gathered" else every_expert_block(g, spec, p, h)
         if spec.shared_experts:
             m = shared_experts(g, spec, p, h, m, g._saved_total - before)
     elif spec.family == "phi3":
@@ -1641,28 +1658,29 @@ def _mlp_half(g: Graph, spec: ModelSpec, i: int, p: str, x: Tensor, dense: bool,
     else:
         # act_fn(gate_proj(x)) * up_proj(x): the activation is made before the up projection runs,
         # and is alive through it
-        gate = g.linear(h, f"{p}.mlp.gate_proj", H, inter)
+        gate = g.linear(h, f"{p}.{spec.mlp_module}.gate_proj", H, inter)
         gate_act = g.unary(gate, "input")
         g.hold(gate_act)
         before_up = g._saved_total
-        up = g.linear(h, f"{p}.mlp.up_proj", H, inter)
+        up = g.linear(h, f"{p}.{spec.mlp_module}.up_proj", H, inter)
         up_saved = g._saved_total - before_up
         g.release(gate_act)
         before_mul = g._saved_total
         act = g.mul(gate_act, up)
-        if f"{p}.mlp.up_proj" in g.wrapped and h.grad:
+        if f"{p}.{spec.mlp_module}.up_proj" in g.wrapped and h.grad:
             # by the up projection's input gradient, the product's and the up projection's saved
             # tensors are freed and the gate branch's gradient waits (`lora_input_gradient_sum`)
             g.up_input_backward[g.section.removesuffix(" mlp")] = (
                 up_saved + g._saved_total - before_mul, gate_act.nbytes + lora_input_gradient_sum(h.nbytes))
         g.tail_start()
-        m = g.linear(act, f"{p}.mlp.down_proj", inter, H)
+        m = g.linear(act, f"{p}.{spec.mlp_module}.down_proj", inter, H)
         if dense:
             # the down projection is the layer's last op to save anything: a recompute stops once it
             # has (non-reentrant checkpointing's early stop), before the projection's outputs exist
             g.peak_at(g.unsaved(h, act, *weights) + recompute_stop_transient(
-                g.cond, act.numel, m.numel, f"{p}.mlp.down_proj" in g.wrapped))
-            g.pending[f"layer {i}"] = mlp_output_pending(g.cond, m.numel, f"{p}.mlp.down_proj" in g.wrapped)
+                g.cond, act.numel, m.numel, f"{p}.{spec.mlp_module}.down_proj" in g.wrapped))
+            g.pending[f"layer {i}"] = mlp_output_pending(g.cond, m.numel,
+                                                         f"{p}.{spec.mlp_module}.down_proj" in g.wrapped)
         else:
             g.peak_at(g.unsaved(h, act, m, *g.args), after_saves=True)
     block_out = m
@@ -1682,7 +1700,7 @@ def _mlp_half(g: Graph, spec: ModelSpec, i: int, p: str, x: Tensor, dense: bool,
         # autocast: the add's backward casts the fp32 residual gradient to the block's 16-bit output;
         # that copy waits through the recompute its first saved tensor sets off
         g.pending[layer] = g.pending.get(layer, 0) + m.nbytes
-    if (f"{p}.mlp.down_proj" in g.wrapped and not post_norms and not sparse and not dense
+    if (f"{p}.{spec.mlp_module}.down_proj" in g.wrapped and not post_norms and not sparse and not dense
             and (spec.family != "phi3" or g.rates[1] <= 0)):
         # LoRA on the output projection: the scale's backward needs no saved tensor, so the scaled
         # branch's gradient is made before lora_B's backward sets off the recompute (fp32 adapters
@@ -1974,6 +1992,73 @@ def _latent_qkv(g: Graph, spec: ModelSpec, p: str, h: Tensor,
 # Families whose `apply_rotary_pos_emb` slices the rotating part and concatenates the rest back
 # whatever their `partial_rotary_factor` (GLM-4-MoE's, and Qwen3-Next's adapted from it)
 SLICED_ROPE = ("glm4_moe", "qwen3_next")
+# Families whose decoder layer keeps the attention's output in a variable of its own through the MLP
+# (Llama 4's `attention_states`)
+BOUND_ATTENTION_OUTPUT = ("llama4",)
+# Families whose eager attention takes the softmax in the scores' dtype, with no fp32 (Llama 4's
+# `eager_attention_forward`)
+HALF_SOFTMAX = ("llama4",)
+
+
+def complex_rope_qkv(g: Graph, spec: ModelSpec, p: str, i: int, h: Tensor,
+                     rot: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Llama 4's q, k and v as `Llama4TextAttention.forward` makes them: the three projections; on a
+    rotary layer q and k rotated as complex numbers (`complex_rope`), then through the weightless
+    q/k norm where the config has it; on a NoPE layer, with temperature tuning, q scaled per position
+    (`nope_temperature`). Each step's inputs are freed as its result replaces them, unless saved."""
+    H, hd, nh, nkv = spec.hidden_size, spec.head_dim, spec.num_heads, spec.num_kv_heads
+    q = g.linear(h, f"{p}.self_attn.q_proj", H, nh * hd)
+    g.args = (h, q)
+    k = g.linear(h, f"{p}.self_attn.k_proj", H, nkv * hd)
+    g.args = (h, q, k)
+    v = g.linear(h, f"{p}.self_attn.v_proj", H, nkv * hd)
+    g.args = (h, q, k, v)
+    if spec.rotary_layer(i):
+        assert rot is not None
+        q, k = complex_rope(g, q, k, rot[0], (h, q, k, v))
+        g.args = (h, q, k, v)
+        if spec.qk_norm_layer(i):
+            q = qk_norm(g, spec, q, f"{p}.self_attn.qk_norm", nh)
+            g.args = (h, q, k, v)
+            k = qk_norm(g, spec, k, f"{p}.self_attn.qk_norm", nkv)
+    elif spec.nope_temperature:
+        q = nope_temperature(g, q, (h, k, v))
+    return q, k, v
+
+
+def complex_rope(g: Graph, q: Tensor, k: Tensor, freqs: Tensor,
+                 alive: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+    """Llama 4's `apply_rotary_emb`: q and k in fp32 (a copy of a 16-bit one), viewed as complex
+    pairs, times the complex64 `freqs_cis` (a new fp32-sized tensor each), viewed back as real and
+    cast back to their dtype. The product keeps only `freqs_cis` (its other factor needs no
+    gradient); the function's locals (both fp32 copies and both products) are alive at its last cast,
+    beside `alive`, what the attention module holds (its projections)."""
+    if q.grad or k.grad:
+        g.save(freqs)
+    qf, kf = g.cast(q, FP32), g.cast(k, FP32)
+    qo = g.pointwise(q.numel, FP32, q.grad, qf, freqs)
+    ko = g.pointwise(k.numel, FP32, k.grad, kf, freqs)
+    qb, kb = g.cast(qo, q.itemsize), g.cast(ko, k.itemsize)
+    temps = (qf, kf, qo, ko, qb, kb)
+    g.moment(*alive, *temps)
+    g.peak_at(g.unsaved(*g.args, *alive, *temps))
+    return qb, kb
+
+
+def nope_temperature(g: Graph, q: Tensor, alive: tuple[Tensor, ...]) -> Tensor:
+    """Llama 4's attention temperature on a NoPE layer: q times a fp32 scale per position
+    (log1p(floor((pos + 1) / floor_scale)) * attn_scale + 1, expanded over the batch), which promotes
+    the product to fp32, cast back to q's dtype. The product keeps the scales (one fp32 value per
+    position of a row) when q needs a gradient. Source: transformers 5 `Llama4TextAttention.forward`."""
+    row = g.cond.tokens if g.cond.packed else g.cond.seq_len
+    scales = g.new(row, FP32, False)
+    if q.grad:
+        g.save(scales)
+    prod = g.pointwise(q.numel, FP32, q.grad, q, scales)
+    out = g.cast(prod, q.itemsize)
+    g.moment(*alive, q, prod, out)
+    g.peak_at(g.unsaved(*g.args, *alive, q, prod, out))
+    return out
 
 
 def concatenated_rope(spec: ModelSpec) -> bool:
@@ -2021,8 +2106,9 @@ def qk_norm(g: Graph, spec: ModelSpec, x: Tensor, path: str, heads: int) -> Tens
     `Qwen3Attention.forward`, `Olmo2Attention.forward`."""
     if spec.qk_norm is None:
         return x
-    dim = spec.head_dim if spec.qk_norm == "head" else heads * spec.head_dim
-    return g.rms_norm(x, path, dim, spec.offset_norms, fp32_product=fp32_norm_product(spec))
+    dim = spec.head_dim if spec.qk_norm in ("head", "l2") else heads * spec.head_dim
+    return g.rms_norm(x, path, dim, spec.offset_norms, fp32_product=fp32_norm_product(spec),
+                      weighted=spec.qk_norm != "l2")
 
 
 def rotary_kind(spec: ModelSpec, i: int) -> bool:
@@ -2051,6 +2137,18 @@ def rotary_halves(spec: ModelSpec) -> bool:
     and concatenates them (GPT-OSS's `_apply_rotary_emb`), rather than x * cos + rotate_half(x) * sin
     with cos and sin of head_dim (Llama's). Source: transformers 5 `GptOssRotaryEmbedding`."""
     return spec.family == "gpt_oss"
+
+
+def rotary_tables(spec: ModelSpec, cond: Conditions) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(values, bytes per value) of the rotary embedding's cos and of its sin, one position each per
+    token of a sequence (the model makes (1, s) position ids): `rotary_width` values each, fp32
+    (`fp32_rotary`) or in the weights' dtype. Llama 4's complex form is one complex64 `freqs_cis` of
+    head_dim / 2 values per position (8 bytes each), counted as the cos, with no sin. Source:
+    transformers 5 `Llama4TextRotaryEmbedding.forward`."""
+    if spec.family in COMPLEX_ROPE:
+        return (cond.seq_len * rotary_width(spec) // 2, 8), (0, 8)
+    per = (cond.seq_len * rotary_width(spec), FP32 if fp32_rotary(spec) else cond.weight_bytes)
+    return per, per
 
 
 def rotary_width(spec: ModelSpec) -> int:
@@ -2142,30 +2240,38 @@ def _moe(g: Graph, spec: ModelSpec, p: str, h: Tensor) -> Tensor:
     normalised weights) and casts them back to the router logits' dtype, so the rows are weighted,
     un-sorted and summed in the wider of that and the hidden states' dtype (`routing_weight_bytes`).
     """
-    H, inter, E, k = spec.hidden_size, spec.intermediate_size, spec.num_experts, spec.experts_per_token
+    H, inter, E = spec.hidden_size, spec.intermediate_size, spec.num_experts
     t = g.cond.tokens
-    rows = t * k
+    # every expert takes every token (Llama 4's repeat, weighted by its 0-or-sigmoid score), else the
+    # k chosen rows of each token
+    gathered = spec.expert_dispatch == "gathered"
+    rows = t * spec.expert_rows_per_token
     logits = route(g, spec, router_path(spec, p), h)
     rw = routing_weight_bytes(spec, logits.itemsize)
-    full = f"{p}.mlp.experts" in g.trainable
-    up_rank, down_rank = (g.wrapped.get(f"{p}.mlp.experts.{leaf}", 0)
+    full = f"{p}.{spec.mlp_module}.experts" in g.trainable
+    up_rank, down_rank = (g.wrapped.get(f"{p}.{spec.mlp_module}.experts.{leaf}", 0)
                           for leaf in ("gate_up_proj", "down_proj"))
     up_lora, down_lora = up_rank > 0, down_rank > 0
     up_trains, down_trains = full or up_lora, full or down_lora
     up_grad = h.grad or up_trains  # the gate/up output, the activation and the down input
     down_grad = up_grad or down_trains  # the down output
     if not (down_grad or logits.grad):
+        # (no gradient reaches the block: it saves nothing and its backward has no moments; a shared
+        # expert's trained weights may still add theirs)
+        g.tails.append(0)
+        g.expert_backward.append(0)
         return g.new(t * H, h.itemsize, False)
     xb, wb = h.itemsize, g.cond.weight_bytes
     cw = max(xb, rw)  # the weighted rows, their un-sorted copy and their sum
-    if h.grad:
+    if h.grad and gathered:
         g.save(g.new(rows, INT64, False))  # perm // k, the gather's index
-    if logits.grad:
+    if logits.grad and gathered:
         g.save(g.new(rows, INT64, False))  # perm, the routing weights' gather
-    g.save(g.new(rows, INT64, False))  # the inverse permutation
+    if gathered:
+        g.save(g.new(rows, INT64, False))  # the inverse permutation
     if full and spec.mlp_bias:
         g.save(g.new(rows, INT64, False))  # the sorted expert ids, the expert biases' gather index
-    if up_grad or down_trains:
+    if (up_grad or down_trains) and gathered:
         g.save(g.new(E, 4, False))  # the offsets, int32
     if down_grad:
         g.save(g.new(rows, rw, False))  # each row's routing weight
@@ -2249,6 +2355,99 @@ def _moe(g: Graph, spec: ModelSpec, p: str, h: Tensor) -> Tensor:
     return g.new(t * H, xb, True)
 
 
+def every_expert_block(g: Graph, spec: ModelSpec, p: str, h: Tensor) -> Tensor:
+    """Llama 4's routed experts as transformers 5 runs them (`Llama4TextMoe`, `Llama4TextExperts`):
+    the router's scores for every expert (0 where not chosen), every token repeated once per expert
+    (E x tokens rows) and weighted by its score, then two bmm over all experts at once, E x tokens x
+    2 inter and E x tokens x hidden, summed over the experts. The shared expert runs after (its own
+    function) and the sum is added into its output in place.
+
+    Saved, each only when a gradient needs it: the column of scores (rows, the logits' dtype) and the
+    repeated rows (rows x hidden) by their product; the weighted rows (their 16-bit copy under
+    autocast, which casts bmm's operands) when the gate/up weight trains; the gate/up output and
+    silu's output; the gated product when the down weight trains; under autocast the 16-bit copy
+    of each expert weight a gradient flows through (cached until forward ends when it trains).
+    What backward holds beyond them: the down bmm's input gradient beside a contiguous copy of the
+    incoming one (the sum's expanded gradient reshaped, rows x hidden) (`Graph.combine`); then the
+    gated product's (three rows x inter, `mlp_backward_transients`), once the down bmm's saved tensors
+    are freed (`Graph.tails`)."""
+    H, inter, E, t = spec.hidden_size, spec.intermediate_size, spec.num_experts, g.cond.tokens
+    rows = t * E
+    mlp = f"{p}.{spec.mlp_module}"
+    logits = route(g, spec, router_path(spec, p), h)
+    full = f"{mlp}.experts" in g.trainable
+    scores = g.new(t * E, logits.itemsize, logits.grad)  # `router_scores`, bound until the block returns
+    column = g.new(rows, logits.itemsize, logits.grad)  # its transpose as one column: a copy
+    repeated = g.new(rows * H, h.itemsize, h.grad)
+    bound = (h, logits, scores)
+    g.moment(*bound, column, repeated)
+    x = g.mul(repeated, column)
+    g.moment(*bound, repeated, x)
+    weighted_from = g._saved_total
+    cb = 2 if g.cond.autocast else x.itemsize  # autocast runs bmm on 16-bit copies of both operands
+    xc = g.cast(x, cb)
+    if full:
+        g.save(xc, kernel=True)  # for the gate/up weight's gradient
+    weights = expert_weight_copies(g, E * H * 2 * inter, x.grad, full)
+    gu = g.new(rows * 2 * inter, cb, x.grad or full)
+    g.moment(*bound, x, xc, gu, extra=weights)
+    g.peak_at(g.unsaved(*g.args, *bound, x, xc, gu) + weights)
+    act = g.pointwise(rows * inter, cb, gu.grad, gu)
+    if gu.grad:
+        # silu keeps the gate and the product up, views of gu; the product keeps silu's output
+        g.save(gu, act)
+    prod = g.pointwise(rows * inter, cb, gu.grad, gu, act)
+    g.moment(*bound, x, gu, act, prod)
+    g.tail_start()
+    if full:
+        g.save(prod, kernel=True)  # for the down weight's gradient
+    weights = expert_weight_copies(g, E * inter * H, prod.grad, full)
+    out = g.new(rows * H, cb, prod.grad or full)
+    g.moment(*bound, x, gu, prod, out, extra=weights)
+    g.peak_at(g.unsaved(*g.args, *bound, x, gu, prod, out) + weights)
+    layer = g.section.removesuffix(" mlp")
+    # the weighting's backward, once the experts' saved tensors are used: the weighted rows' gradient
+    # and the product's two (the scores' before its sum over hidden), rows x hidden each, beside the
+    # shared expert's input gradient (waiting to be summed with this one) and its weight gradients
+    if x.grad:
+        g.up_backward[layer] = (g._tail_from - weighted_from,
+                                rows * H * (x.itemsize + (h.itemsize if h.grad else 0)
+                                            + (x.itemsize if logits.grad else 0))
+                                + (h.nbytes if h.grad else 0) + shared_expert_gradients(g, spec, p))
+    g.tail_end()
+    # the down bmm's backward: its input's gradient beside the incoming one, reshaped from the sum's
+    # expanded gradient into a contiguous copy (rows x hidden)
+    combine = rows * H * cb + rows * inter * cb if out.grad else 0
+    g.combine[layer] = combine
+    # recomputed (checkpointing), the same moment holds the layer's whole saved set again, the
+    # recompute's locals gone by then
+    g.recompute_combine[layer] = (g.saved_bytes(layer) + g.saved_bytes(f"{layer} mlp") + combine
+                                  if combine else 0)
+    g.expert_backward.append(0)
+    summed = g.new(t * H, cb, out.grad)
+    g.moment(*bound, x, out, summed)
+    return Tensor(out.numel, out.itemsize, out.grad, out.key)  # `routed_out`, summed when added
+
+
+def expert_compute_bytes(spec: ModelSpec, cond: Conditions) -> int:
+    """Bytes per value of the experts' matmuls: the weights' dtype for grouped matmuls, which autocast
+    leaves alone; the compute dtype for Llama 4's bmm, which autocast runs in 16 bits."""
+    return cond.weight_bytes if spec.expert_dispatch == "gathered" else cond.compute_bytes
+
+
+def expert_weight_copies(g: Graph, numel: int, input_grad: bool, trains: bool) -> int:
+    """Autocast's 16-bit copy of one fused expert weight for its bmm: saved when the input needs a
+    gradient, cached until forward ends when the weight trains (then counted as saved too); otherwise
+    a transient (its bytes returned). 0 without autocast."""
+    if not g.cond.autocast:
+        return 0
+    if input_grad or trains:
+        g.save(g.new(numel, 2, False))
+    if trains:
+        g.cached(numel * 2, saved=True)
+    return 0 if input_grad or trains else numel * 2
+
+
 def route(g: Graph, spec: ModelSpec, router: str, h: Tensor) -> Tensor:
     """The sparse block's router and its logits (whose dtype the routing weights take,
     `routing_weight_bytes`), with what it saves (`router_saves`). A sigmoid router (DeepSeek-V3,
@@ -2318,7 +2517,16 @@ def shared_experts(g: Graph, spec: ModelSpec, p: str, h: Tensor, routed: Tensor,
     shared_backward_moments(g, spec, p, waits, g._saved_total - before,
                             g._saved_total - down_from if act.grad else None,
                             out.nbytes if out.itemsize < routed.itemsize else 0, routed_saved)
-    return g.add(routed, out)
+    # (Llama 4's routed output is every expert's rows, summed into the shared expert's output)
+    return g.pointwise(out.numel, max(routed.itemsize, out.itemsize), routed.grad or out.grad, routed, out)
+
+
+def shared_expert_gradients(g: Graph, spec: ModelSpec, p: str) -> int:
+    """The shared experts' weight gradients: hidden x `shared_width` for each of gate_proj, up_proj
+    and down_proj that trains."""
+    path = shared_expert_path(spec, p)
+    return sum(spec.hidden_size * spec.shared_width * g.cond.weight_bytes
+               for leaf in ("gate_proj", "up_proj", "down_proj") if f"{path}.{leaf}" in g.trainable)
 
 
 def shared_backward_moments(g: Graph, spec: ModelSpec, p: str, waits: int, mine: int, down_saved: int | None,
@@ -2333,11 +2541,9 @@ def shared_backward_moments(g: Graph, spec: ModelSpec, p: str, waits: int, mine:
     the routed experts, so its product's backward comes after theirs, once their `routed_saved` bytes
     are freed and all their weight gradients made."""
     H, inter, wb = spec.hidden_size, spec.shared_width, g.cond.weight_bytes
-    path = shared_expert_path(spec, p)
     layer = g.section.removesuffix(" mlp")
     # (a gated shared expert, run before the routed ones, has made none by their backward)
-    made = 0 if spec.shared_expert_gate else sum(
-        H * inter * wb for leaf in ("gate_proj", "up_proj", "down_proj") if f"{path}.{leaf}" in g.trainable)
+    made = 0 if spec.shared_expert_gate else shared_expert_gradients(g, spec, p)
     first = spec.shared_expert_gate
     # (run first, a gated shared expert's saves are alive through the routed experts' backward: freed
     # by none of their moments, and part of the recomputed set, which the un-sort's and the recompute's
@@ -2350,17 +2556,21 @@ def shared_backward_moments(g: Graph, spec: ModelSpec, p: str, waits: int, mine:
     g.pending[layer] = g.pending.get(layer, 0) + cast - (made if g.pending.get(layer) else 0)
     if g.unsort.get(layer):
         g.unsort[layer] += made + (mine if first else 0)
-    routed_peak = (3 * g.cond.tokens * spec.experts_per_token * spec.intermediate_size * wb
+    routed_peak = (3 * g.cond.tokens * spec.expert_rows_per_token * spec.intermediate_size
+                   * expert_compute_bytes(spec, g.cond)
                    - (g.tails[-1] if g.tails else 0))
-    routed_trains = f"{p}.mlp.experts" in g.trainable
+    routed_trains = f"{p}.{spec.mlp_module}.experts" in g.trainable
     routed_grad = spec.num_experts * H * spec.intermediate_size * wb if routed_trains else 0
-    down_grad = H * inter * wb if f"{path}.down_proj" in g.trainable else 0
+    shared_down = f"{shared_expert_path(spec, p)}.down_proj"
+    down_grad = H * inter * wb if shared_down in g.trainable else 0
     shared = (0 if down_saved is None else
               3 * g.cond.tokens * inter * g.cond.compute_bytes - down_saved + down_grad - routed_grad)
     if spec.shared_expert_gate and shared:
         # run last in backward: the routed experts' saved tensors are freed by then, their gate/up
         # weight's gradient made beside the down one
         shared += 3 * routed_grad - routed_saved
+    if not g.expert_backward:  # (a block no gradient reaches: `_moe` returned before its moments)
+        return
     merged = g.expert_backward[-1]
     g.expert_backward[-1] = max(merged + waits + made - (0 if first else mine) if merged else 0,
                                 routed_peak + waits + made if waits else 0, shared)
@@ -2601,7 +2811,9 @@ def router_saves(g: Graph, spec: ModelSpec, tokens: int, rows: int, routing_byte
     Qwen3-MoE): the fp32 softmax over every expert (tokens x experts) and top-k's indices, then with
     `norm_topk` the normaliser and the quotient. Top-k then softmax (GPT-OSS): top-k's indices and
     the softmax over the k selected logits (rows, in the logits' dtype). Rows = tokens x top-k.
-    Source: transformers 5 `MixtralTopKRouter`, `Qwen3MoeTopKRouter`, `GptOssTopKRouter`."""
+    Top-k then sigmoid (Llama 4): top-k's indices and the fp32 sigmoid over every expert's score
+    (the top-k logits scattered into a row of -inf). Source: transformers 5 `MixtralTopKRouter`,
+    `Qwen3MoeTopKRouter`, `GptOssTopKRouter`, `Llama4Router`."""
     if spec.routing == "topk-softmax":
         return g.new(rows, INT64, False), g.new(rows, routing_bytes, True)
     # a sigmoid router (DeepSeek-V3, GLM-4-MoE) keeps its scores and the gather's indices of the
@@ -2770,7 +2982,7 @@ def layer_backward_transients(spec: ModelSpec, cond: Conditions) -> tuple[int, i
     """
     t, cb = cond.tokens, cond.compute_bytes
     resid = residual_gradient_bytes(spec, cond)
-    rows = t * max(spec.experts_per_token, 1)
+    rows = t * max(spec.expert_rows_per_token, 1)
     # grouped expert matmuls are not autocast: they run in the hidden states' (the weights') dtype
     # (a model with dense layers or shared experts has its own per layer: `mlp_backward_transients`)
     mlp = 3 * rows * spec.intermediate_size * (cond.weight_bytes if spec.num_experts else cb)
@@ -2801,7 +3013,7 @@ def mlp_backward_transients(spec: ModelSpec, cond: Conditions) -> tuple[int, ...
     if not (spec.dense_layers or spec.shared_experts):
         return ()
     t, cb = cond.tokens, cond.compute_bytes
-    routed = 3 * t * spec.experts_per_token * spec.intermediate_size * cond.weight_bytes
+    routed = 3 * t * spec.expert_rows_per_token * spec.intermediate_size * expert_compute_bytes(spec, cond)
     shared = 3 * t * spec.shared_width * cb
     # (a gated shared expert's product runs after the routed experts' backward: `shared_experts`)
     shared = 0 if spec.shared_expert_gate else shared
@@ -2867,18 +3079,25 @@ def checkpoint_masks_freed(spec: ModelSpec, cond: Conditions,
     for sliding, i in lowest.items():
         if eager:
             freed[i] += eager_bytes
-        elif cond.packed or (sliding and s >= (spec.sliding_window or 0)):
-            freed[i] += s * s
+        elif cond.packed or (sliding and s >= (spec.local_span(i) or 0)):
+            freed[i] += s * s if cond.packed else sdpa_local_mask_bytes(spec, cond)
     # Gemma 3's rotary embeddings likewise: a kind's cos and sin go with the lowest layer using it
     # (the one layer 0 rotates with stays through the embedding's backward, as in every family)
     rotary_low: dict[bool, int] = {}
     for i in reversed(range(spec.num_layers)):
         if ckpt is None or ckpt[i]:
             rotary_low[rotary_kind(spec, i)] = i
-    pair = 2 * s * rotary_width(spec) * (FP32 if fp32_rotary(spec) else cond.weight_bytes)
+    pair = sum(n * size for n, size in rotary_tables(spec, cond))
     for i in rotary_low.values():
         freed[i] += pair if i else 0
     return tuple(freed)
+
+
+def local_mask(spec: ModelSpec, i: int, cond: Conditions) -> bool:
+    """Whether SDPA gets an explicit mask for layer `i`: a sliding window or attention chunk
+    (`ModelSpec.local_span`) no longer than the sequence; shorter sequences run causal."""
+    span = spec.local_span(i)
+    return span is not None and cond.seq_len >= span
 
 
 def forward_mask_bytes(spec: ModelSpec, cond: Conditions) -> int:
@@ -2893,18 +3112,26 @@ def forward_mask_bytes(spec: ModelSpec, cond: Conditions) -> int:
     """
     # Gemma2Model builds both masks whatever layers it has (a one-layer slice too); Qwen2Model the
     # full one always, and the sliding one when any layer slides
-    kinds = {spec.sliding_layer(i) for i in range(spec.num_layers)}
+    kinds = {spec.sliding_layer(i) or spec.chunked_layer(i) for i in range(spec.num_layers)}
     if spec.family in ("smollm3", "gpt_oss", *QWEN_WINDOWS, *GEMMA_FAMILIES):
         # (GptOssModel builds both too)
         kinds |= {True, False} if spec.family in (*GEMMA_FAMILIES, "gpt_oss") else {False}
     if cond.attention == "eager":
         return len(kinds) * cond.batch_size * cond.seq_len * cond.seq_len * (
             FP32 if cond.autocast else cond.weight_bytes)
-    sliding = any(spec.sliding_layer(i) and cond.seq_len >= (spec.sliding_window or 0)
-                  for i in range(spec.num_layers))
+    sliding = any(local_mask(spec, i, cond) for i in range(spec.num_layers))
     if cond.packed:  # one block-diagonal mask per kind of layer
         return len(kinds) * cond.seq_len * cond.seq_len
-    return cond.seq_len * cond.seq_len if sliding else 0
+    return sdpa_local_mask_bytes(spec, cond) if sliding else 0
+
+
+def sdpa_local_mask_bytes(spec: ModelSpec, cond: Conditions) -> int:
+    """The boolean mask the model builds for SDPA's local layers (`local_mask`): a sliding window's
+    (1, 1, s, s), expanded over the batch without a copy; Llama 4's chunked one (b, 1, s, s), since
+    its chunks start after each row's left padding (`chunked_causal_mask_function`). Source:
+    transformers 5 `masking_utils`."""
+    per_row = spec.attention_chunk is not None  # (no family has both chunks and a sliding window)
+    return cond.seq_len * cond.seq_len * (cond.batch_size if per_row else 1)
 
 
 def trained_norm_product_bytes(numel: int, itemsize: int, offset_weight: bool) -> int:
@@ -3207,10 +3434,8 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
             # scaled by sqrt(hidden) inside the embedding module (`Gemma2TextScaledWordEmbedding`):
             # the product keeps a scalar, and the unscaled lookup is freed as the module returns
             x = g.new(t * H, wb, x.grad)
-        half = cond.seq_len * rotary_width(spec)
-        rb = FP32 if fp32_rotary(spec) else wb
         # a cos and sin per rotary embedding the layers use (Gemma 3's local and global ones)
-        rots = {kind: (g.new(half, rb, False), g.new(half, rb, False))
+        rots = {kind: tuple(g.new(n, size, False) for n, size in rotary_tables(spec, cond))
                 for kind in sorted({rotary_kind(spec, i) for i in range(spec.num_layers)})}
     layers, mlps, inputs, overlap = [], [], [], []
     input_grads: list[bool] = []
@@ -3315,11 +3540,11 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
     eager_mask = mask * len(kinds) if cond.attention == "eager" else 0
     shared = eager_mask + (sum(r.nbytes for rot in rots.values() for r in rot) + positions * INT64
                            if rots else 0)
-    if cond.attention == "sdpa" and (cond.packed or any(
-            spec.sliding_layer(i) and cond.seq_len >= (spec.sliding_window or 0) for i in held_by)):
-        # SDPA's sliding-window mask: boolean (1, 1, s, s), expanded over the batch without a copy;
-        # packed, each kind of layer's block-diagonal mask
-        shared += cond.seq_len * cond.seq_len * (len(kinds) if cond.packed else 1)
+    if cond.attention == "sdpa" and (cond.packed or any(local_mask(spec, i, cond) for i in held_by)):
+        # SDPA's sliding-window mask (`sdpa_local_mask_bytes`); packed, each kind of layer's
+        # block-diagonal mask
+        shared += (len(kinds) * cond.seq_len * cond.seq_len if cond.packed
+                   else sdpa_local_mask_bytes(spec, cond))
     return Profile(
         embedding=g.saved_bytes("embedding") + leaf_held,
         layers=tuple(layers),

@@ -17,8 +17,8 @@ from .spec import ModelSpec
 # stores its weight transposed, as (in_features, out_features).
 LINEAR_KINDS = ("linear", "conv1d")
 # Families whose fused experts store each expert's weight as (in, out), with the router at
-# `mlp.router` (GPT-OSS)
-TRANSPOSED_EXPERTS = ("gpt_oss",)
+# `mlp.router` (GPT-OSS; Llama 4's `feed_forward.router`)
+TRANSPOSED_EXPERTS = ("gpt_oss", "llama4")
 
 
 @dataclass(frozen=True)
@@ -209,7 +209,7 @@ def _attention(spec: ModelSpec, p: str) -> list[Module]:
         _linear(f"{p}.self_attn.v_proj", h, kv_out, spec.qkv_bias),
         _linear(f"{p}.self_attn.o_proj", spec.num_heads * spec.head_dim, h, spec.out_bias),
     ]
-    if spec.qk_norm:
+    if spec.qk_norm and spec.qk_norm != "l2":  # (Llama 4's weightless norm owns no parameter)
         # Qwen3 normalises each head (a weight of head_dim), OLMo 2 the whole projection
         per_head = spec.qk_norm == "head"
         modules += [
@@ -230,6 +230,7 @@ def _gated_mlp(path: str, h: int, inner: int, b: bool) -> list[Module]:
 
 def _mlp(spec: ModelSpec, p: str, i: int) -> list[Module]:
     h, inner, b = spec.hidden_size, spec.mlp_width(i), spec.mlp_bias
+    mlp = f"{p}.{spec.mlp_module}"
     if spec.family == "phi3":
         return [
             _linear(f"{p}.mlp.gate_up_proj", h, 2 * inner, b),  # fused gate and up
@@ -242,29 +243,33 @@ def _mlp(spec: ModelSpec, p: str, i: int) -> list[Module]:
         if spec.shared_experts:
             sparse += _gated_mlp(shared_expert_path(spec, p), h, spec.shared_width, b)
         if spec.shared_expert_gate:
-            sparse.append(_linear(f"{p}.mlp.shared_expert_gate", h, 1, False))
+            sparse.append(_linear(f"{mlp}.shared_expert_gate", h, 1, False))
         return sparse
-    return _gated_mlp(f"{p}.mlp", h, inner, b)
+    return _gated_mlp(mlp, h, inner, b)
 
 
 def shared_expert_path(spec: ModelSpec, p: str) -> str:
-    """The shared expert MLP of layer prefix `p`: `mlp.shared_experts` (DeepSeek-V3, GLM-4-MoE), or
-    `mlp.shared_expert` where a sigmoid gate scales it (Qwen3-Next, after Qwen2-MoE)."""
-    return f"{p}.mlp.shared_expert" if spec.shared_expert_gate else f"{p}.mlp.shared_experts"
+    """The shared expert MLP of layer prefix `p`: `mlp.shared_experts` (DeepSeek-V3, GLM-4-MoE),
+    `mlp.shared_expert` where a sigmoid gate scales it (Qwen3-Next), `feed_forward.shared_expert`
+    (Llama 4): `ModelSpec.mlp_module` and `ModelSpec.shared_module`."""
+    return f"{p}.{spec.mlp_module}.{spec.shared_module}"
 
 
 def router_path(spec: ModelSpec, p: str) -> str:
-    """The router module of layer prefix `p`: `mlp.gate` (Mixtral, Qwen3-MoE), `mlp.router` (GPT-OSS)."""
-    return f"{p}.mlp.router" if spec.family in TRANSPOSED_EXPERTS else f"{p}.mlp.gate"
+    """The router module of layer prefix `p`: `mlp.gate` (Mixtral, Qwen3-MoE), `mlp.router` (GPT-OSS),
+    `feed_forward.router` (Llama 4)."""
+    return f"{p}.{spec.mlp_module}.{'router' if spec.family in TRANSPOSED_EXPERTS else 'gate'}"
 
 
 def _experts(spec: ModelSpec, p: str) -> list[Module]:
     """transformers 5 stores all experts of a layer as two 3-D parameters and the router as a plain
     weight: none of them is an nn.Linear, so PEFT's target_modules cannot wrap them. Mixtral and
     Qwen3-MoE store each expert's weight as (out, in); GPT-OSS as (in, out), gate and up interleaved
-    in one (hidden, 2 x inner), with a bias per expert output and a router bias (`mlp_bias`)."""
+    in one (hidden, 2 x inner), with a bias per expert output and a router bias (`mlp_bias`); Llama 4
+    as GPT-OSS without biases, gate and up as halves, its router an nn.Linear subclass
+    (`Llama4Router`) that target_modules would reach (`counts` refuses it: its forward breaks)."""
     h, inner, e = spec.hidden_size, spec.intermediate_size, spec.num_experts
-    router, experts = router_path(spec, p), f"{p}.mlp.experts"
+    router, experts = router_path(spec, p), f"{p}.{spec.mlp_module}.experts"
     transposed = spec.family in TRANSPOSED_EXPERTS
     router_params = [Param(f"{router}.weight", (e, h))]
     expert_params = [

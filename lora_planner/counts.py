@@ -58,6 +58,7 @@ PEFT_DEFAULT_TARGETS = {
     # PEFT has no entry: its `qv` preset, the full-attention layers' q and v and the linear-attention
     # layers' fused q/k/v/z projection (LoRA cannot wrap part of it)
     "qwen3_next": ("q_proj", "v_proj", "in_proj_qkvz"),
+    "llama4": ("q_proj", "v_proj"),  # PEFT's llama4 entry (its llama4_text, the causal LM's, has none)
 }
 
 _SPLIT_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -258,11 +259,28 @@ def _check_targets(arch: Architecture, targets: tuple[str, ...]) -> None:
                 raise PlanError(f"target {target!r} is not a valid regular expression: {exc}") from None
 
 
+# Families whose router is an nn.Linear subclass returning (scores, logits) (Llama 4's `Llama4Router`):
+# target_modules (all-linear too) wrap it as a LoRA linear layer, whose forward then adds the adapter's
+# output to that tuple and fails, so a target reaching it is refused
+LINEAR_ROUTERS = ("llama4",)
+
+
+def _check_linear_router(spec: ModelSpec, arch: Architecture, targets: tuple[str, ...]) -> None:
+    if spec.family not in LINEAR_ROUTERS:
+        return
+    routers = [m.path for m in arch.modules if m.kind == "router"]
+    if "all-linear" in targets or any(_matches(r, t) for r in routers for t in targets):
+        raise PlanError(f"PEFT would wrap {spec.family}'s router (an nn.Linear returning scores and logits) "
+                        "as a LoRA linear layer, whose forward fails: name the targets instead of "
+                        "all-linear (e.g. q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj)")
+
+
 def wrapped_modules(spec: ModelSpec, setup: TrainSetup) -> tuple[tuple[Module, ...], tuple[str, ...]]:
     """The modules LoRA wraps for the setup's targets, and the resolved target names."""
     arch = layout(spec, setup.task, setup.num_labels)
     targets = expand_targets(spec, setup.targets)
     _check_targets(arch, targets)
+    _check_linear_router(spec, arch, targets)
     saved = _modules_to_save_names(setup)
     v4_names = MOE_V4_NAMES.get(spec.family, {})
     if v4_names and spec.family in PEFT_CONVERTED:

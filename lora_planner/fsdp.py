@@ -107,10 +107,10 @@ def nf4_gathered_saving(spec: ModelSpec, setup: TrainSetup, weight_bytes: int) -
     because each NF4 weight travels as its packed codes: numel x weight bytes - ceil(numel / 2)
     (torchao's NF4Tensor: less its sharded scalers too, `quant.nf4_gathered_bytes`)."""
     from .counts import lora_trainable
-    from .quant import nf4_gathered_bytes, quantised_params
+    from .quant import nf4_gathered_bytes, quantised_params, quantises_experts
 
     arch = layout(spec, setup.task, setup.num_labels)
-    quantised = quantised_params(arch, lora_trainable(spec, setup), setup.quantize_experts)
+    quantised = quantised_params(arch, lora_trainable(spec, setup), quantises_experts(spec, setup))
     prefix = _block_prefix(spec)
     blocks, root = [0] * spec.num_layers, 0
     for p in arch.params:

@@ -35,10 +35,12 @@ from .precision import DTYPE_BYTES, Precision, get_precision, weight_dtype
 from .quant import (
     COMPUTE_DTYPES,
     bnb_bias_bytes,
+    check_split_expert_targets,
     nf4_state_bytes,
     parse_bnb_version,
     quant_notes,
     quantised_params,
+    quantises_experts,
     torchao_replicated_bytes,
 )
 from .recorded import (
@@ -372,7 +374,8 @@ def plan_lora(spec: ModelSpec, setup: TrainSetup, gpu: Gpu, fewest_only: bool = 
     weight_terms: list[Term] = []
     nf4: list[Param] = []
     if setup.method == "qlora":
-        quantised = quantised_params(arch, trainable, setup.quantize_experts)
+        check_split_expert_targets(spec, setup, trainable)
+        quantised = quantised_params(arch, trainable, quantises_experts(spec, setup))
         nf4 = [p for p in frozen if p.name in quantised]
         frozen = [p for p in frozen if p.name not in quantised]
         if setup.quant_backend == "torchao" and not setup.double_quant:
@@ -671,7 +674,14 @@ def make_plan(model: ModelSpec | DenseSize | RecordedModel, setups: tuple[TrainS
     if workload is not None and workload.tokens is not None:
         plans = [_with_compute(p, s, gpu, workload) for p, s in zip(plans, setups, strict=True)]
     notes = sharding_notes(setups[0], isinstance(model, DenseSize))
-    if isinstance(model, ModelSpec) and model.num_experts and any(s.method == "qlora" for s in setups):
+    qlora = [s for s in setups if s.method == "qlora"]
+    if isinstance(model, ModelSpec) and model.num_experts and qlora and quantises_experts(model, qlora[0]) \
+            and not qlora[0].quantize_experts:
+        notes.append(
+            f"QLoRA quantises {model.family}'s experts: transformers' bitsandbytes loading replaces the "
+            "fused experts by one nn.Linear per expert and projection (SequentialLlama4TextExperts), "
+            "which bitsandbytes makes 4-bit; its per-expert loop is planned as the fused bmm's activations")
+    elif isinstance(model, ModelSpec) and model.num_experts and qlora:
         notes.append(
             "QLoRA keeps the fused 3-D expert weights in 16-bit: bitsandbytes quantises nn.Linear "
             "modules only (bitsandbytes#1849); --quantize-experts plans a stack that quantises them"

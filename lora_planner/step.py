@@ -18,18 +18,19 @@ from .errors import PlanError
 from .memory import Term, adafactor_temporary_term, dequant_term, optimizer_temporary_term
 from .optimizers import TORCH_OPTIMIZERS
 from .precision import Precision
-from .quant import check_quant, quantised_params
+from .quant import check_quant, quantised_numels, quantised_params, quantises_experts
 from .spec import ModelSpec, TrainSetup
 from .stacks import get_stack
 from .timeline import Phase, States, peak_phase, step_phases
 
 # Modules of a decoder layer whose backward runs before attention's: the MLP and the norms around it.
-MLP_PART = ("mlp", "ln_2", "post_attention_layernorm", "pre_feedforward_layernorm",
+MLP_PART = ("mlp", "feed_forward", "ln_2", "post_attention_layernorm", "pre_feedforward_layernorm",
             "post_feedforward_layernorm")
 # ...of which the output projection's gradient comes first, before the MLP's backward peak.
 # (LoRA on fused experts: PEFT's ParamWrapper on the down weight, its A and B made by baddbmm's backward
 # right after the down grouped matmul's)
-MLP_OUTPUT = ("mlp.down_proj", "mlp.c_proj", "mlp.experts.down_proj")
+MLP_OUTPUT = ("mlp.down_proj", "mlp.c_proj", "mlp.experts.down_proj", "feed_forward.down_proj",
+              "feed_forward.experts.down_proj")
 # the token and position embeddings' modules (their gradients are made last in backward)
 EMBEDDINGS = ("wte", "wpe", "embed_tokens")
 # the attention's output projection: its gradient is made before the attention core's backward, the
@@ -247,7 +248,8 @@ def layer_gradients(spec: ModelSpec, setup: TrainSetup, precision: Precision) ->
             expert_up[int(index)] += 2 * down * grad_bytes  # gate/up: twice the down projection
             per_layer[int(index)][part] += nbytes[path] - down * grad_bytes
             attn_out[int(index)] += nbytes[path] if rest.startswith(ATTN_OUTPUT) else 0
-            mlp_up[int(index)] += nbytes[path] if rest.startswith("mlp.up_proj") else 0
+            up = rest.startswith(("mlp.up_proj", "feed_forward.up_proj"))
+            mlp_up[int(index)] += nbytes[path] if up else 0
         elif path == arch.head_path or (arch.tied_head and path.endswith(("wte", "embed_tokens"))):
             head += nbytes[path]
     embed_trains = any(path.endswith(("wte", "embed_tokens")) for path in by_path)
@@ -291,8 +293,8 @@ def predict_step(spec: ModelSpec, setup: TrainSetup, precision: Precision, memor
     kernel = f"{impl} " if setup.optimizer in TORCH_OPTIMIZERS else ""  # Adafactor, 8-bit: one kernel
     dequant = None
     if setup.method == "qlora":
-        nf4 = quantised_params(arch, lora_trainable(spec, setup), setup.quantize_experts)
-        dequant = dequant_term(setup, [p.numel for p in arch.params if p.name in nf4], precision)
+        nf4 = quantised_params(arch, lora_trainable(spec, setup), quantises_experts(spec, setup))
+        dequant = dequant_term(setup, quantised_numels(spec, arch, nf4), precision)
     states = States(
         weights=memory["weights"],
         gradients=memory["gradients"],

@@ -283,7 +283,8 @@ def random_case(family: str, seed: int, method: str, precision: str, variant: st
     """Seed `seed`'s config of `family` and a step of `method` in `precision` (random LoRA rank and
     targets, batch, length and attention: eager only where transformers runs nothing else), changed
     as `variant` says; None where the variant does not apply (or the planner refuses it)."""
-    from .fuzz import TARGET_PRESETS, plannable_rank, random_config
+    from ..counts import LINEAR_ROUTERS
+    from .fuzz import LINEAR_ROUTER_TARGETS, TARGET_PRESETS, plannable_rank, random_config
 
     if family not in FAMILIES:
         raise PlanError(f"no native walk for {family!r}; families: {', '.join(FAMILIES)}")
@@ -298,6 +299,8 @@ def random_case(family: str, seed: int, method: str, precision: str, variant: st
     if setup.targets == ("mlp",) and spec.num_experts and not any(spec.sparse_layer(i)
                                                                  for i in range(spec.num_layers)):
         setup = setup.with_(targets=("attn",))  # PEFT's expert names reach no layer of a dense model
+    if setup.targets == ("all-linear",) and spec.family in LINEAR_ROUTERS:
+        setup = setup.with_(targets=LINEAR_ROUTER_TARGETS)  # (all-linear would wrap Llama 4's router)
     if method == "lora":
         setup = plannable_rank(spec, setup)
     setup = _variant(setup, variant)
