@@ -1637,8 +1637,13 @@ def _mlp_half(g: Graph, spec: ModelSpec, i: int, p: str, x: Tensor, dense: bool,
     if sparse:
         before = g._saved_total
         m = _moe(g, spec, p, h) if spec.expert_dispatch == "gathered" else every_expert_block(g, spec, p, h)
+        routed = m
         if spec.shared_experts:
             m = shared_experts(g, spec, p, h, m, g._saved_total - before)
+        if spec.expert_dispatch == "every-expert" and routed.grad:
+            # (after the shared expert's account of the block's pending gradients: none of its own
+            # is made yet when this copy is)
+            g.pending[f"layer {i}"] = g.pending.get(f"layer {i}", 0) + expert_sum_gradient_copy(routed)
     elif spec.family == "phi3":
         gu = g.linear(h, f"{p}.mlp.gate_up_proj", H, 2 * inter)
         # gate and up are halves of one output: keeping either keeps all of it
@@ -2426,7 +2431,24 @@ def every_expert_block(g: Graph, spec: ModelSpec, p: str, h: Tensor) -> Tensor:
     g.expert_backward.append(0)
     summed = g.new(t * H, cb, out.grad)
     g.moment(*bound, x, out, summed)
+    # the block binds the router's scores and logits and the weighted rows until it returns: alive
+    # through the shared expert, which runs after the routed experts (in a recompute as in forward)
+    g.hold(logits, scores, x)
+    g.args += (logits, scores, x)
     return Tensor(out.numel, out.itemsize, out.grad, out.key)  # `routed_out`, summed when added
+
+
+def expert_sum_gradient_copy(routed: Tensor) -> int:
+    """Llama 4's gradient of its routed rows, waiting through a checkpointed layer's recompute.
+
+    The block adds the sum over experts of its (experts x tokens, hidden) routed output into the
+    shared expert's output. The sum's backward expands the incoming gradient over the experts, and
+    the reshape back to rows copies that expanded view into a contiguous one: rows x hidden in the
+    routed output's dtype. The reshape and sum were recorded after the shared expert ran, so backward
+    runs them first; the shared expert's backward then needs its saved tensors and sets off the
+    recompute with the copy alive, and it lives until the down bmm's backward uses it.
+    Source: transformers 5 `Llama4TextMoe.forward`; measured with the tracer."""
+    return routed.nbytes
 
 
 def expert_compute_bytes(spec: ModelSpec, cond: Conditions) -> int:
