@@ -2516,9 +2516,9 @@ def shared_experts(g: Graph, spec: ModelSpec, p: str, h: Tensor, routed: Tensor,
     down_from = g._saved_total
     down = f"{path}.down_proj"
     out = g.linear(act, down, inter, H)
-    if g._saved_total > down_from:
-        # the down projection, when it saves anything, saves the layer's last tensor: a recompute stops
-        # there, once it has, before its output
+    if g._saved_total > down_from or act.grad:
+        # the down projection, when it saves anything (a frozen weight too, for its input's gradient),
+        # saves the layer's last tensor: a recompute stops there, once it has, before its output
         g.peak_at(g.unsaved(h, act, *g.args) + recompute_stop_transient(g.cond, act.numel, out.numel,
                                                                          down in g.wrapped))
     g.peak_at(g.unsaved(h, act, out, *g.args), after_saves=True)
