@@ -16,23 +16,21 @@ from lora_planner.measure.traced_step import sliced
 from lora_planner.spec import TrainSetup, spec_from_hf_config
 
 RECORDS = Path(__file__).resolve().parents[1] / "results/trace/fuzz-cpu-allocator.jsonl"
-# Recorded cases the engine misses by more than 1%, each bounded (|error| rounded up to 0.5%).
-# Against the allocator: 16-bit steps (pure-bf16 and amp) of a few dozen tokens whose bf16 matmul
-# backward allocates an fp32 workspace on CPU (`allocator_extra_by_op`: mm, from oneDNN's scratchpad
-# for this host), which no rule carries; and one fp32 checkpointed step.
-KNOWN_MISSES = {7: 0.02, 84: 0.095, 109: 0.05, 135: 0.07, 308: 0.1, 319: 0.05, 344: 0.035, 373: 0.05,
-                480: 0.055, 520: 0.045, 582: 0.115, 764: 0.045, 770: 0.055, 774: 0.02, 884: 0.095,
-                953: 0.035, 956: 0.035, 1016: 0.03, 1187: 0.02, 1222: 0.095, 1226: 0.025, 1236: 0.025,
-                1365: 0.03, 1369: 0.045, 1443: 0.12, 1516: 0.035, 1565: 0.03, 1570: 0.05, 1583: 0.155,
-                1624: 0.085, 1717: 0.02, 1719: 0.015, 1722: 0.05, 1971: 0.055, 2153: 0.02, 2255: 0.095,
-                2265: 0.06, 2312: 0.085, 2335: 0.06, 2417: 0.015, 2473: 0.06, 2787: 0.06, 2790: 0.025,
-                2818: 0.14, 2829: 0.06, 2941: 0.085, 3091: 0.03, 3154: 0.065, 3208: 0.08, 3210: 0.08,
-                3544: 0.15, 3570: 0.085, 3586: 0.015, 3621: 0.055, 3642: 0.1, 3661: 0.085, 3719: 0.065,
-                3756: 0.18, 3763: 0.06, 3784: 0.11, 3928: 0.05, 3936: 0.025, 3963: 0.04}
-# Against the tracer: amp steps, most of them eager and checkpointed, and one fp32 checkpointed LoRA
-# step, whose recompute holds tensors the tape does not bind yet.
-TRACER_MISSES = {319: 0.02, 344: 0.02, 520: 0.03, 1187: 0.015, 1365: 0.015, 2335: 0.02, 2417: 0.015,
-                 3091: 0.015, 3586: 0.015}
+# Recorded cases the engine misses by more than 1% of the allocator, each bounded (|error| rounded up
+# to 0.5%): all 16-bit steps (pure-bf16 and amp) of a few dozen tokens whose bf16 matmul backward
+# allocates an fp32 workspace on CPU (`allocator_extra_by_op`: mm, from oneDNN's scratchpad for this
+# host), which no rule carries. Against the tracer every modelled case is within 1%.
+KNOWN_MISSES = {7: 0.02, 84: 0.095, 109: 0.05, 135: 0.07, 146: 0.125, 308: 0.1, 319: 0.025, 344: 0.02,
+                373: 0.035, 475: 0.17, 480: 0.055, 520: 0.015, 582: 0.11, 764: 0.035, 770: 0.055, 774: 0.02,
+                811: 0.025, 881: 0.06, 884: 0.095, 953: 0.035, 956: 0.035, 1016: 0.03, 1222: 0.095,
+                1226: 0.025, 1236: 0.025, 1365: 0.015, 1369: 0.045, 1385: 0.05, 1443: 0.12, 1516: 0.035,
+                1565: 0.03, 1570: 0.05, 1583: 0.155, 1602: 0.025, 1624: 0.085, 1651: 0.045, 1707: 0.035,
+                1717: 0.02, 1719: 0.015, 1722: 0.05, 1971: 0.055, 2001: 0.05, 2148: 0.045, 2153: 0.02,
+                2255: 0.085, 2265: 0.06, 2312: 0.085, 2335: 0.04, 2473: 0.055, 2547: 0.08, 2787: 0.06,
+                2790: 0.025, 2818: 0.125, 2829: 0.06, 2897: 0.155, 2941: 0.085, 3091: 0.015, 3154: 0.065,
+                3208: 0.08, 3210: 0.08, 3415: 0.02, 3544: 0.145, 3570: 0.085, 3597: 0.24, 3621: 0.055,
+                3642: 0.1, 3661: 0.08, 3719: 0.065, 3756: 0.18, 3763: 0.06, 3784: 0.11, 3928: 0.05,
+                3936: 0.025, 3963: 0.04}
 ISSUE_GPT2 = {"model_type": "gpt2", "vocab_size": 50257, "n_embd": 64, "n_layer": 2, "n_head": 4,
               "n_positions": 1024, "attn_pdrop": 0.0, "resid_pdrop": 0.0, "embd_pdrop": 0.0}
 
@@ -76,8 +74,8 @@ def test_two_layer_gpt2_sdpa_step_within_1pct_of_the_allocator(method):
 
 def test_recorded_allocator_cases_replanned_by_the_engine():
     """Every recorded allocator case the engine models, re-planned (no torch): its activations
-    byte-exact, its tracer-level peak within 1% of the recorded tracer's (or its bound in
-    TRACER_MISSES), its peak within 1% of the recorded allocator's (or its bound in KNOWN_MISSES)."""
+    byte-exact, its tracer-level peak within 1% of the recorded tracer's, its peak within 1% of the
+    recorded allocator's (or its bound in KNOWN_MISSES)."""
     modelled = 0
     for line in RECORDS.read_text().splitlines():
         row = json.loads(line)
@@ -90,10 +88,10 @@ def test_recorded_allocator_cases_replanned_by_the_engine():
         modelled += 1
         assert plan.activations == row["traced"]["activations"], case.label
         seen = (plan.tracer_peak.seen - row["traced"]["peak"]) / row["traced"]["peak"]
-        assert abs(seen) <= TRACER_MISSES.get(case.seed, 0.01), (case.label, seen)
+        assert abs(seen) <= 0.01, (case.label, seen)
         error = (plan.peak.bytes - row["allocator_peak"]) / row["allocator_peak"]
         assert abs(error) <= KNOWN_MISSES.get(case.seed, 0.01), (case.label, error)
-    assert modelled >= 490
+    assert modelled >= 611
 
 
 def test_unmodelled_steps_are_refused_in_one_line():
@@ -142,4 +140,4 @@ def test_grid_and_large_records_replanned_by_the_engine(path, stack, large):
         else:
             error = (plan.tracer_peak.seen - traced["peak"]) / traced["peak"]
             assert abs(error) <= 0.001, (row["case"], error)
-    assert modelled == (16 if large else 120)
+    assert modelled == (16 if large else 168)

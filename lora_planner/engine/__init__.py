@@ -45,8 +45,7 @@ class StepPlan:
 
 def check(spec: ModelSpec, setup: TrainSetup) -> None:
     """Refuse, in one line, a step the engine does not model yet."""
-    if (spec.num_experts or spec.kv_lora_rank or spec.norm_placement != "pre"
-            or features(spec, layout(spec)).fused_gate_up):
+    if spec.num_experts or spec.kv_lora_rank or spec.norm_placement != "pre":
         raise PlanError("the step engine models dense pre-norm models so far")
     if setup.attention == "sdpa" and any(spec.sliding_layer(i) and spec.sliding_window <= setup.seq_len
                                          for i in range(spec.num_layers)):

@@ -1,7 +1,8 @@
 """The dense decoder's forward written once as the ops transformers 5 runs, read from features.
 
-GPT-2 and the Llama shape (Llama, Mistral, Qwen2, Qwen3) differ here only in `Features`, read from
-the model's layout (`architecture.layout`): the modules transformers builds, not a family's name.
+GPT-2, the Llama shape (Llama, Mistral, Qwen2, Qwen3) and Phi-3's fused one differ here only in
+`Features`, read from the model's layout (`architecture.layout`): the modules transformers builds, not
+a family's name.
 Each helper appends the ops one module runs (its allocations only; a view is a view), and a LoRA-wrapped
 linear appends PEFT's `result + B(A(x)) * scaling`.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from ..architecture import LINEAR_KINDS, Architecture, Module
-from ..spec import ModelSpec
+from ..spec import EMBEDDING_DROPOUT_FAMILIES, RESIDUAL_DROPOUT_FAMILIES, ModelSpec
 from .tape import Tape
 
 INT64, FP32 = 8, 4
@@ -29,7 +30,9 @@ class Features:
     fused_qkv: bool
     gated: bool
     qk_norm: bool
-    fused_gate_up: bool = False  # one projection of 2 x the MLP's width (Phi-3): not written yet
+    fused_gate_up: bool = False  # one projection of 2 x the MLP's width, chunked in two (Phi-3)
+    residual_dropout: bool = False  # on both residual branches (`RESIDUAL_DROPOUT_FAMILIES`)
+    embedding_dropout: bool = False  # after the embeddings (`EMBEDDING_DROPOUT_FAMILIES`)
 
     @property
     def fp32_softmax(self) -> bool:
@@ -44,9 +47,17 @@ class Features:
         return self.layer_norm
 
     @property
-    def block_dropout(self) -> bool:
-        """GPT-2's layout drops after the embeddings and after each block's output projections; the
-        Llama shape only inside attention (`attention_dropout`)."""
+    def sliced_qkv(self) -> bool:
+        """A fused q/k/v nn.Linear (Phi-3's `qkv_proj`) is cut into three slices, each a view whose
+        backward makes a zeroed gradient of the whole; GPT-2's Conv1D output is `split` (one node).
+        Its rotary embedding slices the rotated part off each head and concatenates the rest back
+        (an empty rest too: the concatenation is a copy, (b, heads, s, d)-contiguous)."""
+        return self.fused_qkv and not self.layer_norm
+
+    @property
+    def module_dropout(self) -> bool:
+        """GPT-2's attention and MLP modules drop their own output (freed locals outlive it); Phi-3's
+        decoder layer drops what each module returns."""
         return self.layer_norm
 
 
@@ -75,7 +86,9 @@ def features(spec: ModelSpec, arch: Architecture) -> Features:
                     learned_positions=sum(m.kind == "embedding" for m in arch.modules) > 1,
                     fused_qkv=fused, gated=len(linears) - (2 if fused else 4) == 3,
                     qk_norm=len(norms) > 2,
-                    fused_gate_up=linears[-2].out_features == 2 * spec.mlp_width(0))
+                    fused_gate_up=linears[-2].out_features == 2 * spec.mlp_width(0),
+                    residual_dropout=spec.family in RESIDUAL_DROPOUT_FAMILIES,
+                    embedding_dropout=spec.family in EMBEDDING_DROPOUT_FAMILIES)
 
 
 @dataclass
@@ -167,9 +180,13 @@ class Writer:
             self.dt[part] = self.size(x)
         return parts
 
-    def block_rate(self, which: int) -> float:
-        """The residual (1) or embedding (2) dropout, where the layout has one."""
-        return self.dropout[which] if self.features.block_dropout else 0.0
+    def block_rate(self, which: int, inside: bool = True) -> float:
+        """The residual (1) or embedding (2) dropout, where the model has one (residual: run inside
+        the module, `inside`, or by the layer on what it returns)."""
+        f = self.features
+        if which == 2:
+            return self.dropout[2] if f.embedding_dropout else 0.0
+        return self.dropout[1] if f.residual_dropout and inside == f.module_dropout else 0.0
 
     def drop(self, x: int, p: float) -> int:
         """Dropout on CPU (`at::dropout`'s unfused path): a mask in the input's dtype drawn and
@@ -195,7 +212,7 @@ class Writer:
         low = self.new("linear", (self.low(bound), self.low(a)), n * rank, self.compute, where=m.path)
         up = self.new("linear", (low, self.low(b)), n * m.out_features, self.compute, where=m.path)
         out = self.ew("add", (y, self.ew("scale", (up,))))
-        self.tape.hold(bound)
+        self.tape.hold(x, bound)  # and the caller its argument `x`
         return out
 
     def norm(self, m: Module, x: int, rows: int, width: int) -> int:
@@ -216,11 +233,20 @@ class Writer:
         return out
 
     def rotate(self, x: int, cos: int, sin: int) -> int:
-        """q * cos + rotate_half(q) * sin: rotate_half slices the halves, negates one and concatenates."""
-        half = (self.numel(x) // 2,)
+        """q * cos + rotate_half(q) * sin: rotate_half slices the halves, negates one and concatenates.
+        A concatenating rotary embedding (`Features.sliced_qkv`) rotates q[..., :d] and concatenates
+        q[..., d:] (here empty) back after it."""
+        numel, whole = self.numel(x), x
+        if self.features.sliced_qkv:
+            x, rest = self.split("slice", whole, (numel,))[0], self.split("slice", whole, (0,))[0]
+            self.strided.add(x)
+        half = (numel // 2,)
         first, second = self.split("slice", x, half)[0], self.split("slice", x, half)[0]
-        turned = self.new("cat", (self.ew("neg", (second,)), first), self.numel(x), self.size(x))
-        return self.ew("add", (self.ew("mul", (x, cos)), self.ew("mul", (turned, sin))))
+        turned = self.new("cat", (self.ew("neg", (second,)), first), numel, self.size(x))
+        out = self.ew("add", (self.ew("mul", (x, cos)), self.ew("mul", (turned, sin))))
+        if not self.features.sliced_qkv:
+            return out
+        return self.new("cat", (out, rest), numel, self.size(out))
 
     def attention(self, mods: list[Module], norms: list[Module], x: int,
                   rope: tuple[int, int] | None) -> tuple[int, int | None]:
@@ -228,7 +254,10 @@ class Writer:
         kernel (SDPA's CPU flash kernel, or eager: scores, scale, mask, softmax, values), output."""
         spec, n = self.spec, self.tokens
         q_numel, kv_numel = n * spec.num_heads * spec.head_dim, n * spec.num_kv_heads * spec.head_dim
-        if len(mods) == 2:
+        if len(mods) == 2 and self.features.sliced_qkv:
+            qkv = self.linear(mods[0], x)
+            q, k, v = (self.split("slice", qkv, (numel,))[0] for numel in (q_numel, kv_numel, kv_numel))
+        elif len(mods) == 2:
             q, k, v = self.split("split", self.linear(mods[0], x), (q_numel, kv_numel, kv_numel))
         else:
             q, k, v = (self.linear(m, x) for m in mods[:3])
@@ -245,6 +274,10 @@ class Writer:
             out = self.tape.op("sdpa", (self.low(q), self.low(k), self.low(v)),
                                (q_numel * self.compute, lse), where=_parent(mods[0]))[0]
             self.dt[out], weights = self.compute, None  # SDPA returns no weights
+            if q not in self.strided and spec.num_heads > 1 and self.seq > 1:
+                # the CPU kernel lays its output out like q: a (b, heads, s, d)-contiguous q (a
+                # concatenating rotary embedding's) leaves o_proj's (b, s, heads * d) input a copy
+                out = self.new("copy", (out,), q_numel, self.compute)
         out = self.drop(self.linear(mods[-1], out), self.block_rate(1))
         self.tape.hold(q, k, v)  # the module's locals until it returns: q, k, v (rotated)
         return out, weights
@@ -277,6 +310,12 @@ class Writer:
         return self.new("copy", (o,), q_numel, self.compute), p  # made contiguous; and the weights
 
     def mlp(self, mods: list[Module], x: int) -> int:
+        if self.features.fused_gate_up:  # gate, up = gate_up(x).chunk(2); down(up * silu(gate))
+            width = self.tokens * mods[-1].in_features
+            gate, up = self.split("split", self.linear(mods[0], x), (width, width))
+            out = self.linear(mods[1], self.ew("mul", (up, self.ew("silu", (gate,)))))
+            self.tape.hold(gate)  # `gate` binds the fused output until the MLP returns
+            return out
         if len(mods) == 3:  # down(silu(gate(x)) * up(x)); the Llama shape drops nothing here
             act = self.ew("silu", (self.linear(mods[0], x),))
             return self.linear(mods[2], self.ew("mul", (act, self.linear(mods[1], x))))
@@ -298,12 +337,12 @@ class Writer:
         with t.phase(_parent(linears[0])):  # the tape range of the attention, then of the MLP
             a, weights = self.attention(linears[:split], norms[:2] if f.qk_norm else [], h, rope)
         t.hold(h)  # `hidden_states` is the norm's output until the attention's replaces it
-        x = self.ew("add", (x, a))
+        x = self.ew("add", (x, self.drop(a, self.block_rate(1, inside=False))))
         h = self.norm(norms[-1], x, self.tokens, self.spec.hidden_size)
         with t.phase(_parent(linears[split])):
             m = self.mlp(linears[split:], h)
         t.hold(h)
-        out = self.ew("add", (x, m))
+        out = self.ew("add", (x, self.drop(m, self.block_rate(1, inside=False))))
         if f.binds_branches:
             t.hold(a, m)
         if weights is not None:  # the layer binds the weights attention returns (`_`) until it returns
