@@ -54,9 +54,6 @@ def check(spec: ModelSpec, setup: TrainSetup) -> None:
                         "not yet")
     if setup.method not in ("full", "lora") or setup.precision not in ITEM:
         raise PlanError("the step engine models full and LoRA steps in fp32, amp or pure-bf16 so far")
-    if dropout_rates(spec, setup)[0] and setup.attention == "sdpa":
-        raise PlanError("the step engine models SDPA without attention dropout so far (on CPU it runs "
-                        "the math kernel)")
     if setup.lora_dropout or setup.use_dora or setup.packing or setup.optimizer != "adamw":
         raise PlanError("the step engine models AdamW steps without LoRA dropout, DoRA or packing so far")
     if (setup.loss or "standard") != "standard" or setup.task != "causal-lm" or setup.bias != "none":

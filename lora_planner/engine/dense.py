@@ -240,10 +240,10 @@ class Writer:
         if self.features.sliced_qkv:
             x, rest = self.split("slice", whole, (numel,))[0], self.split("slice", whole, (0,))[0]
             self.strided.add(x)
-        half = (numel // 2,)
+        half, cosine = (numel // 2,), self.ew("mul", (x, cos))  # Python evaluates q * cos first
         first, second = self.split("slice", x, half)[0], self.split("slice", x, half)[0]
         turned = self.new("cat", (self.ew("neg", (second,)), first), numel, self.size(x))
-        out = self.ew("add", (self.ew("mul", (x, cos)), self.ew("mul", (turned, sin))))
+        out = self.ew("add", (cosine, self.ew("mul", (turned, sin))))
         if not self.features.sliced_qkv:
             return out
         return self.new("cat", (out, rest), numel, self.size(out))
@@ -266,21 +266,57 @@ class Writer:
             q = self.norm(norms[0], q, n * spec.num_heads, spec.head_dim)
             k = self.norm(norms[1], k, n * spec.num_kv_heads, spec.head_dim)
         if rope is not None:
+            projected = (q, k)
             q, k = self.rotate(q, *rope), self.rotate(k, *rope)
+            self.tape.hold(*projected)  # bound by rope's arguments and the caller until it returns
         if self.eager:
             out, weights = self.eager_core(q, k, v, q_numel)
         else:
-            lse = (self.batch * spec.num_heads * self.seq * FP32, False)
-            out = self.tape.op("sdpa", (self.low(q), self.low(k), self.low(v)),
-                               (q_numel * self.compute, lse), where=_parent(mods[0]))[0]
-            self.dt[out], weights = self.compute, None  # SDPA returns no weights
-            if q not in self.strided and spec.num_heads > 1 and self.seq > 1:
-                # the CPU kernel lays its output out like q: a (b, heads, s, d)-contiguous q (a
-                # concatenating rotary embedding's) leaves o_proj's (b, s, heads * d) input a copy
-                out = self.new("copy", (out,), q_numel, self.compute)
+            out, weights = self.sdpa(q, k, v, q_numel, _parent(mods[0])), None  # SDPA returns no weights
         out = self.drop(self.linear(mods[-1], out), self.block_rate(1))
         self.tape.hold(q, k, v)  # the module's locals until it returns: q, k, v (rotated)
         return out, weights
+
+    def sdpa(self, q: int, k: int, v: int, q_numel: int, where: str) -> int:
+        """F.scaled_dot_product_attention on CPU (q, k, v cast to bf16 under autocast): the flash
+        kernel, which lays its output out like q, or, under attention dropout, the math fallback.
+        transformers makes the (b, heads, s, d) output's transpose contiguous: a copy unless it is
+        laid out (b, s, heads, d) already, or one head or one position makes it so."""
+        q, k, v = self.low(q), self.low(k), self.low(v)
+        if self.dropout[0]:
+            out = self.math_core(q, k, v, q_numel)
+        else:
+            lse = (self.batch * self.spec.num_heads * self.seq * FP32, False)
+            out = self.tape.op("sdpa", (q, k, v), (q_numel * self.compute, lse), where=where)[0]
+            self.dt[out] = self.compute
+            if q in self.strided:
+                self.strided.add(out)
+        self.tape.hold(q, k, v)  # autocast's casts live until the call returns
+        if out in self.strided or self.spec.num_heads == 1 or self.seq == 1:
+            return out
+        return self.new("copy", (out,), q_numel, self.size(out))
+
+    def math_core(self, q: int, k: int, v: int, q_numel: int) -> int:
+        """torch's `_scaled_dot_product_attention_math`, as a dispatch-level trace of it runs: 16-bit
+        q, k, v upcast to fp32; q scaled by the scale's square root; the causal mask built (ones,
+        tril, then an additive s x s fp32 `where`); k and v repeated to every head (transformers
+        passes `enable_gqa`: expand and clone); k^T scaled; scores, plus the mask (out of place, as
+        under a dispatch mode), softmax, dropout; the probabilities cast back (returned beside the
+        output, a copy when 16-bit: C++ evaluates that argument first), @ v, cast back. Its locals
+        live until it returns."""
+        spec, item, s2 = self.spec, self.size(q), self.seq * self.seq
+        q, k, v = acc = tuple(self.cast(x, FP32) for x in (q, k, v))
+        query = self.ew("scale", (q,))
+        mask = self.new("constant", (self.new("constant", (self.new("constant", (), s2, 1),), s2, 1),), s2, FP32)
+        if spec.num_kv_heads < spec.num_heads:
+            k, v = (self.new("repeat", (x,), q_numel, FP32) for x in (k, v))
+        scores = self.batch * spec.num_heads * s2
+        s = self.new("matmul", (self.batched(query), self.ew("scale", (k,))), scores, FP32)
+        p = self.drop(self.ew("softmax", (self.ew("add", (s, mask)),)), self.dropout[0])
+        weights = self.cast(p, item)
+        out = self.cast(self.new("matmul", (p, self.batched(v)), q_numel, FP32), item)
+        self.tape.hold(*acc, k, v, query, mask, weights)
+        return out
 
     def eager_core(self, q: int, k: int, v: int, q_numel: int) -> tuple[int, int]:
         """transformers' `eager_attention_forward`: k and v repeated to every query head, q @ k^T
