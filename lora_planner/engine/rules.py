@@ -113,8 +113,9 @@ RULES: dict[str, Rule] = {
     # mean over the last dimension: the gradient expanded and divided, at the input's size
     "mean": Rule(_none, _fresh),
     "neg": Rule(_none, _fresh),
-    # pointwise unary ops whose backward reads the input (silu) or the output (tanh)
+    # pointwise unary ops whose backward reads the input (silu, gelu) or the output (tanh)
     "silu": Rule(_inputs, _fresh),
+    "gelu": Rule(_inputs, _fresh),
     "tanh": Rule(_outputs, _fresh),
     # concatenation: each input's gradient is a slice of the incoming one
     "cat": Rule(_none, _through),
