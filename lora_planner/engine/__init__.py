@@ -45,17 +45,11 @@ class StepPlan:
 
 def check(spec: ModelSpec, setup: TrainSetup) -> None:
     """Refuse, in one line, a step the engine does not model yet."""
-    if (spec.num_experts or spec.kv_lora_rank or spec.norm_placement == "post"
-            or (spec.norm_placement == "sandwich" and spec.qk_norm)):
-        raise PlanError("the step engine models dense models with pre or sandwich norms (no q/k norms "
-                        "with them) so far")
-    if setup.attention == "sdpa" and features(spec, layout(spec)).attn_softcap:
-        raise PlanError("SDPA takes no attention soft-cap (transformers refuses it): use eager attention")
-    if setup.attention == "sdpa" and any(spec.sliding_layer(i) and spec.sliding_window <= setup.seq_len
-                                         for i in range(spec.num_layers)):
-        # transformers then hands SDPA a boolean mask, and repeats k and v for it
-        raise PlanError("the step engine models SDPA with a sliding window shorter than the sequence "
-                        "not yet")
+    if spec.num_experts or spec.kv_lora_rank or (spec.norm_placement == "sandwich" and spec.qk_norm):
+        raise PlanError("the step engine models dense models, sandwich norms without q/k norms, so far")
+    if setup.attention == "sdpa" and features(spec, layout(spec)).gemma and not spec.qk_norm:
+        # Gemma-2's form (sandwich norms, no q/k norms): `_supports_sdpa = False`, for its soft-cap
+        raise PlanError("transformers runs Gemma-2 without SDPA (it takes no soft-cap): use eager attention")
     if setup.method not in ("full", "lora") or setup.precision not in ITEM:
         raise PlanError("the step engine models full and LoRA steps in fp32, amp or pure-bf16 so far")
     if setup.lora_dropout or setup.use_dora or setup.packing or setup.optimizer != "adamw":

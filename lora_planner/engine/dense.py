@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from ..activations import fp32_norm_product
 from ..architecture import LINEAR_KINDS, Architecture, Module
 from ..spec import EMBEDDING_DROPOUT_FAMILIES, GEMMA_FAMILIES, RESIDUAL_DROPOUT_FAMILIES, ModelSpec
 from .tape import Tape
@@ -37,6 +38,8 @@ class Features:
     # Gemma's form (`GEMMA_FAMILIES`): RMSNorm times (1 + weight) in fp32, cast back; the embedding
     # scaled by sqrt(hidden) in its module; a gated MLP of tanh GELU; and the soft-caps its config has
     gemma: bool = False
+    fp32_product: bool = False  # RMSNorm's weight times x in fp32, then cast (`fp32_norm_product`)
+    head_qk_norm: bool = True  # q/k norms per head (Qwen3), else over the whole projection (OLMo 2)
     attn_softcap: bool = False
     final_softcap: bool = False
 
@@ -108,7 +111,8 @@ def features(spec: ModelSpec, arch: Architecture) -> Features:
                     residual_dropout=spec.family in RESIDUAL_DROPOUT_FAMILIES,
                     embedding_dropout=spec.family in EMBEDDING_DROPOUT_FAMILIES,
                     placement=spec.norm_placement, gemma=gemma, attn_softcap=gemma and spec.attn_softcap,
-                    final_softcap=gemma and spec.final_softcap)
+                    final_softcap=gemma and spec.final_softcap, fp32_product=fp32_norm_product(spec),
+                    head_qk_norm=spec.qk_norm != "full")
 
 
 @dataclass
@@ -252,7 +256,10 @@ class Writer:
         if self.features.gemma:  # (x * rsqrt) * (1 + weight.float()), then `type_as(x)`
             return self.cast(self.ew("mul", (self.ew("mul", (h, r)), self.ew("add", (self.cast(w, FP32),)))),
                              self.size(x))
-        out = self.ew("mul", (w, self.cast(self.ew("mul", (h, r)), self.size(x))))
+        if self.features.fp32_product:
+            out = self.cast(self.ew("mul", (w, self.ew("mul", (h, r)))), self.size(x))
+        else:
+            out = self.ew("mul", (w, self.cast(self.ew("mul", (h, r)), self.size(x))))
         self.tape.hold(var)  # `variance`, bound until the norm returns
         return out
 
@@ -286,9 +293,10 @@ class Writer:
         else:
             q, k, v = (self.linear(m, x) for m in mods[:3])
         self.strided |= {q, k, v}
-        if norms:  # per-head RMSNorm of the queries and keys
-            q = self.norm(norms[0], q, n * spec.num_heads, spec.head_dim)
-            k = self.norm(norms[1], k, n * spec.num_kv_heads, spec.head_dim)
+        if norms:  # RMSNorm of the queries and keys, per head or over each token's projection
+            heads = (spec.num_heads, spec.num_kv_heads) if self.features.head_qk_norm else (1, 1)
+            q = self.norm(norms[0], q, n * heads[0], q_numel // (n * heads[0]))
+            k = self.norm(norms[1], k, n * heads[1], kv_numel // (n * heads[1]))
         if rope is not None:
             projected = (q, k)
             q, k = self.rotate(q, *rope), self.rotate(k, *rope)
@@ -304,36 +312,57 @@ class Writer:
     def sdpa(self, q: int, k: int, v: int, q_numel: int, where: str) -> int:
         """F.scaled_dot_product_attention on CPU (q, k, v cast to bf16 under autocast): the flash
         kernel, which lays its output out like q, or, under attention dropout, the math fallback.
-        transformers makes the (b, heads, s, d) output's transpose contiguous: a copy unless it is
-        laid out (b, s, heads, d) already, or one head or one position makes it so."""
+        Handed a layer's boolean mask (a window shorter than the sequence), transformers first repeats
+        k and v to every head (`repeat_kv`: a copy, a view of one k/v head), and torch converts the
+        mask to an additive one in q's dtype, which the kernel keeps. transformers makes the (b,
+        heads, s, d) output's transpose contiguous: a copy unless it is laid out (b, s, heads, d)
+        already, or one head or one position makes it so."""
+        spec, mask = self.spec, None
+        if self.mask is not None and spec.num_kv_heads < spec.num_heads:
+            k, v = (self.repeat(x, q_numel) for x in (k, v))
         q, k, v = self.low(q), self.low(k), self.low(v)
+        if self.mask is not None:
+            mask = self.new("constant", (self.mask,), self.batch * self.seq * self.seq, self.size(q))
         if self.dropout[0]:
-            out = self.math_core(q, k, v, q_numel)
+            out = self.math_core(q, k, v, q_numel, mask)
         else:
-            lse = (self.batch * self.spec.num_heads * self.seq * FP32, False)
-            out = self.tape.op("sdpa", (q, k, v), (q_numel * self.compute, lse), where=where)[0]
+            lse = (self.batch * spec.num_heads * self.seq * FP32, False)
+            inputs = (q, k, v) if mask is None else (q, k, v, mask)
+            out = self.tape.op("sdpa", inputs, (q_numel * self.compute, lse), where=where)[0]
             self.dt[out] = self.compute
             if q in self.strided:
                 self.strided.add(out)
         self.tape.hold(q, k, v)  # autocast's casts live until the call returns
-        if out in self.strided or self.spec.num_heads == 1 or self.seq == 1:
+        if out in self.strided or spec.num_heads == 1 or self.seq == 1:
             return out
         return self.new("copy", (out,), q_numel, self.size(out))
 
-    def math_core(self, q: int, k: int, v: int, q_numel: int) -> int:
+    def repeat(self, x: int, q_numel: int) -> int:
+        """`repeat_kv`: k or v expanded to every query head and reshaped, a view of one k/v head's
+        (its heads' stride 0), else a copy."""
+        if self.spec.num_kv_heads > 1:
+            return self.new("repeat", (x,), q_numel, self.size(x))
+        view = self.split("repeat", x, (q_numel,))[0]
+        self.strided.add(view)
+        return view
+
+    def math_core(self, q: int, k: int, v: int, q_numel: int, given: int | None = None) -> int:
         """torch's `_scaled_dot_product_attention_math`, as a dispatch-level trace of it runs: 16-bit
         q, k, v upcast to fp32; q scaled by the scale's square root; the causal mask built (ones,
-        tril, then an additive s x s fp32 `where`); k and v repeated to every head (transformers
-        passes `enable_gqa`: expand and clone); k^T scaled; scores, plus the mask (out of place, as
-        under a dispatch mode), softmax, dropout; the probabilities cast back (returned beside the
-        output, a copy when 16-bit: C++ evaluates that argument first), @ v, cast back. Its locals
-        live until it returns."""
+        tril, then an additive s x s fp32 `where`) unless one is `given`; k and v repeated to every
+        head (without a mask transformers passes `enable_gqa`: expand and clone); k^T scaled; scores,
+        plus the mask (out of place, as under a dispatch mode), softmax, dropout; the probabilities
+        cast back (returned beside the output, a copy when 16-bit: C++ evaluates that argument
+        first), @ v, cast back. Its locals live until it returns."""
         spec, item, s2 = self.spec, self.size(q), self.seq * self.seq
         q, k, v = acc = tuple(self.cast(x, FP32) for x in (q, k, v))
         query = self.ew("scale", (q,))
-        tril = self.new("constant", (self.new("constant", (), s2, 1),), s2, 1)  # ones, tril (bool)
-        mask = self.new("constant", (tril,), s2, FP32)
-        if spec.num_kv_heads < spec.num_heads:
+        if given is None:  # no mask handed: the causal one, from ones and tril (bool)
+            tril = self.new("constant", (self.new("constant", (), s2, 1),), s2, 1)
+            mask = self.new("constant", (tril,), s2, FP32)
+        else:
+            mask = given
+        if spec.num_kv_heads < spec.num_heads and given is None:
             k, v = (self.new("repeat", (x,), q_numel, FP32) for x in (k, v))
         scores = self.batch * spec.num_heads * s2
         s = self.new("matmul", (self.batched(query), self.ew("scale", (k,))), scores, FP32)
@@ -433,9 +462,13 @@ class Writer:
     def masks(self) -> dict[bool, int]:
         """Eager attention's additive causal masks, (b, 1, s, s) in the embeddings' dtype: one per
         kind of layer (full, sliding) the model has (`ModelSpec.sliding_type`), made before the layers
-        run. SDPA gets none (`check` refuses a sliding window it would be handed as a mask)."""
+        run. SDPA gets a boolean (b, 1, s, s) mask, expanded from one (s, s) storage, for sliding
+        layers whose window is no longer than the sequence, else none (`is_causal`)."""
         if not self.eager:
-            return {}
+            spec = self.spec
+            short = any(spec.sliding_layer(i) and spec.sliding_window <= self.seq
+                        for i in range(spec.num_layers))
+            return {True: self.new("constant", (), self.seq * self.seq, 1)} if short else {}
         kinds = {self.spec.sliding_type(i) for i in range(self.spec.num_layers)}
         return {kind: self.new("constant", (), self.batch * self.seq * self.seq, self.item)
                 for kind in sorted(kinds)}
