@@ -20,10 +20,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..activations import cpu_rng_state_bytes
-from ..architecture import layout
+from ..architecture import Param, layout
 from ..counts import lora_trainable
 from ..errors import PlanError
-from ..optimizers import optimizer_temporary_bytes
+from ..optimizers import adafactor_temporary_bytes, optimizer_state_bytes, optimizer_temporary_bytes
 from ..spec import ModelSpec, TrainSetup
 from ..stacks import resolve
 from .dense import FP32, INT64, Writer, features
@@ -50,10 +50,15 @@ def check(spec: ModelSpec, setup: TrainSetup) -> None:
     if setup.attention == "sdpa" and features(spec, layout(spec)).gemma and not spec.qk_norm:
         # Gemma-2's form (sandwich norms, no q/k norms): `_supports_sdpa = False`, for its soft-cap
         raise PlanError("transformers runs Gemma-2 without SDPA (it takes no soft-cap): use eager attention")
+    if setup.precision == "pure-bf16" and features(spec, layout(spec)).fp32_product:
+        # bf16 weights times fp32 normalised values: its saves and gradients not yet matched
+        raise PlanError("the step engine models a norm's fp32 weight product (OLMo 2) in fp32 or amp so far")
     if setup.method not in ("full", "lora") or setup.precision not in ITEM:
         raise PlanError("the step engine models full and LoRA steps in fp32, amp or pure-bf16 so far")
-    if setup.lora_dropout or setup.use_dora or setup.packing or setup.optimizer != "adamw":
-        raise PlanError("the step engine models AdamW steps without LoRA dropout, DoRA or packing so far")
+    if setup.lora_dropout or setup.use_dora or setup.packing:
+        raise PlanError("the step engine models steps without LoRA dropout, DoRA or packing so far")
+    if setup.optimizer not in ("adamw", "sgd", "sgd-momentum", "adafactor"):
+        raise PlanError("the step engine models AdamW, SGD (with or without momentum) and Adafactor so far")
     if (setup.loss or "standard") != "standard" or setup.task != "causal-lm" or setup.bias != "none":
         raise PlanError("the step engine models the standard causal-LM loss without trained biases so far")
 
@@ -63,22 +68,40 @@ def dropout_rates(spec: ModelSpec, setup: TrainSetup) -> tuple[float, float, flo
     return spec.dropout_rates if setup.dropout is None else (setup.dropout,) * 3
 
 
-def _parameters(tape: Tape, spec: ModelSpec, setup: TrainSetup, item: int) -> tuple[dict, dict, list[int]]:
+def _parameters(tape: Tape, spec: ModelSpec, setup: TrainSetup, item: int) -> tuple[dict, dict, list[Param]]:
     """Every parameter as a tensor (trainable ones need a gradient), LoRA's A and B per wrapped
-    module, and the trainable tensors' bytes."""
+    module, and the trainable tensors' shapes in the optimizer's order (`model.parameters()`)."""
     arch = layout(spec)
     full = setup.method == "full"
     params = {p.name: tape.tensor(p.numel * item, "parameter", full, p.name) for p in arch.params}
     if spec.tied_embeddings:
         params[f"{arch.head_path}.weight"] = params[arch.params[0].name]
     lora: dict[str, tuple[int, int]] = {}
+    trainable = list(arch.params) if full else []
     if not full:
         for a in lora_trainable(spec, setup).adapters:
             m, r = a.module, setup.rank
             lora[m.path] = (tape.tensor(r * m.in_features * item, "parameter", True),
                             tape.tensor(m.out_features * r * item, "parameter", True))
-    trainable = [t.bytes for t in tape.tensors if t.role == "parameter" and t.grad]
+            trainable += [Param(f"{m.path}.lora_A", (r, m.in_features)),
+                          Param(f"{m.path}.lora_B", (m.out_features, r))]
     return params, lora, trainable
+
+
+def optimizer_memory(setup: TrainSetup, trainable: list[Param], item: int) -> tuple[int, int]:
+    """(states, the step's largest temporary) over the trainable tensors. AdamW: exp_avg and
+    exp_avg_sq in the parameters' dtype and a 4-byte step tensor per tensor (in CPU memory for
+    every kernel, so on a CPU step the allocator's); SGD (with or without momentum) and Adafactor:
+    `optimizer_state_bytes`; the temporaries of `optimizer_temporary_bytes` and, for Adafactor,
+    `adafactor_temporary_bytes` (fp32 copies of 16-bit gradients and weights too)."""
+    numels = [p.numel for p in trainable]
+    if setup.optimizer == "adamw":
+        states = 2 * item * sum(numels) + FP32 * len(numels)
+        return states, optimizer_temporary_bytes("adamw", setup.optimizer_impl, numels, item)
+    states = optimizer_state_bytes(setup.optimizer, trainable, item, setup.optimizer_impl)
+    if setup.optimizer == "adafactor":
+        return states, adafactor_temporary_bytes([p.shape for p in trainable], item == 2)
+    return states, optimizer_temporary_bytes(setup.optimizer, setup.optimizer_impl, numels, item)
 
 
 def plan_step(spec: ModelSpec, setup: TrainSetup, device: str = "cpu") -> StepPlan:
@@ -105,9 +128,8 @@ def plan_step(spec: ModelSpec, setup: TrainSetup, device: str = "cpu") -> StepPl
                     dropout=dropout_rates(spec, setup), amp=setup.precision == "amp")
     with tape.phase("forward"):
         loss = writer.forward(arch, ids, labels)
-    states = 2 * sum(trainable) + FP32 * len(trainable)  # exp_avg, exp_avg_sq; a 4-byte step per tensor
+    states, scratch = optimizer_memory(setup, trainable, item)
     base = sum(t.bytes for t in tape.tensors if t.role != "activation") + states
-    scratch = optimizer_temporary_bytes("adamw", setup.optimizer_impl, [b // item for b in trainable], item)
     r = replay(tape, base=base, base_seen=base, loss=loss, checkpointing=setup.grad_checkpointing,
                optimizer_scratch=(scratch,))
     return StepPlan(r.peak, r.tracer_peak, r.activations, base, r.phase_peaks, len(tape.ops))
