@@ -115,6 +115,22 @@ def test_engine_optimizer_steps(seed, optimizer):
     _held(compare(case.config, setup), OPTIMIZER_MISSES.get((seed, optimizer), 0.01))
 
 
+# chunked-loss steps past 1% of the allocator, bounded: a pure-bf16 step whose bf16 matmul workspace
+# no rule carries (tracer-level within 0.01%)
+CHUNKED_MISSES = {4: 0.095}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(10))
+def test_engine_chunked_loss_steps(seed):
+    """torchtune's chunked head and cross-entropy (8, 3 or 5 chunks) on the dense steps."""
+    from dataclasses import replace
+
+    case = engine_case(seed)
+    setup = replace(case.setup, loss="chunked", loss_chunks=(8, 3, 5)[seed % 3])
+    _held(compare(case.config, setup), CHUNKED_MISSES.get(seed, 0.01))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_two_layer_gpt2_sdpa_step_within_1pct_of_the_allocator(method):

@@ -59,8 +59,10 @@ def check(spec: ModelSpec, setup: TrainSetup) -> None:
         raise PlanError("the step engine models steps without LoRA dropout, DoRA or packing so far")
     if setup.optimizer not in ("adamw", "sgd", "sgd-momentum", "adafactor"):
         raise PlanError("the step engine models AdamW, SGD (with or without momentum) and Adafactor so far")
-    if (setup.loss or "standard") != "standard" or setup.task != "causal-lm" or setup.bias != "none":
-        raise PlanError("the step engine models the standard causal-LM loss without trained biases so far")
+    if ((setup.loss or "standard") not in ("standard", "chunked") or setup.task != "causal-lm"
+            or setup.bias != "none"):
+        raise PlanError("the step engine models the standard and chunked causal-LM losses without trained "
+                        "biases so far")
 
 
 def dropout_rates(spec: ModelSpec, setup: TrainSetup) -> tuple[float, float, float]:
@@ -125,7 +127,8 @@ def plan_step(spec: ModelSpec, setup: TrainSetup, device: str = "cpu") -> StepPl
     arch = layout(spec)
     writer = Writer(tape, spec, setup.batch_size, setup.seq_len, item, params, lora,
                     setup.attention == "eager", features(spec, arch), setup.grad_checkpointing, rng_bytes,
-                    dropout=dropout_rates(spec, setup), amp=setup.precision == "amp")
+                    dropout=dropout_rates(spec, setup), amp=setup.precision == "amp",
+                    chunks=setup.loss_chunks if setup.loss == "chunked" else 0)
     with tape.phase("forward"):
         loss = writer.forward(arch, ids, labels)
     states, scratch = optimizer_memory(setup, trainable, item)

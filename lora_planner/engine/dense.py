@@ -136,6 +136,7 @@ class Writer:
     rng_bytes: int = 0
     dropout: tuple[float, float, float] = (0.0, 0.0, 0.0)  # attention, residual, embedding
     amp: bool = False
+    chunks: int = 0  # torchtune's chunked loss over this many slices of the sequence (0: the model's)
     mask: int | None = None  # the running layer's additive causal mask (eager)
     dt: dict[int, int] = field(default_factory=dict)
     cache: dict[int, int] = field(default_factory=dict)
@@ -220,8 +221,8 @@ class Writer:
         return self.ew("mul", (x, self.new("constant", (), self.numel(x), self.size(x))))
 
     def linear(self, m: Module, x: int) -> int:
-        """nn.Linear / Conv1D (mm or addmm), then PEFT's adapter when `m` is wrapped."""
-        n = self.tokens
+        """nn.Linear / Conv1D (mm or addmm) over x's rows, then PEFT's adapter when `m` is wrapped."""
+        n = self.numel(x) // m.in_features
         inputs = (self.low(x), self.low(self.params[f"{m.path}.weight"]))
         if m.bias is not None:
             inputs += (self.low(self.params[m.bias.name]),)
@@ -512,8 +513,9 @@ class Writer:
         t.hold(*kept, *masks.values())  # the base model's locals, let go as it returns
         head = next(m for m in arch.modules if m.path == arch.head_path)
         with t.phase("loss"):
-            loss = self.loss(head, x, labels)
-        t.hold(x)  # the causal LM binds the base model's last hidden state until it returns
+            loss = self.chunked_loss(head, x, labels) if self.chunks else self.loss(head, x, labels)
+        if not self.chunks:  # the causal LM binds the base model's last hidden state until it returns
+            t.hold(x)
         t.hold(*self.cache.values())  # autocast's cached weight casts, let go as it exits
         return loss
 
@@ -532,3 +534,36 @@ class Writer:
         loss = self.tape.op("nll_loss", (logp, shifted), (FP32, (FP32, False)))[0]
         self.tape.hold(output, logits, padded)  # the loss function's locals until it returns
         return loss
+
+    def chunked_loss(self, head: Module, x: int, labels: int) -> int:
+        """torchtune's chunked head and loss (`measure.step.chunked_loss`): the last hidden state cut
+        along the sequence (torch.chunk: ceil(s / n) positions each), the head (and a final soft-cap)
+        on each chunk, a chunk of several rows copied for the product (after autocast's cast), the
+        list of logits bound until the loss returns; labels padded and shifted once, their count
+        taken; per chunk the logits in fp32, log_softmax and nll_loss (sum; its labels a copy when
+        rows > 1), summed into a running 0-d loss, which is divided by the count."""
+        t, b, width, v = self.tape, self.batch, self.spec.hidden_size, self.spec.vocab_size
+        size = -(-self.seq // self.chunks)
+        widths = [min(size, self.seq - start) for start in range(0, self.seq, size)]
+        logits = []
+        parts = self.split("chunk", x, tuple(b * w * width for w in widths))
+        for part, w in zip(parts, widths, strict=True):
+            if b > 1:  # matmul's reshape of a non-contiguous chunk
+                low = self.low(part)
+                part = self.new("copy", (low,), b * w * width, self.size(low))
+            out = self.linear(head, part)
+            if self.features.final_softcap:
+                out = self.ew("scale", (self.ew("tanh", (self.ew("scale", (out,)),)),))
+            logits.append(out)
+        t.hold(x)  # `hidden`, bound until every chunk is projected
+        padded = self.new("constant", (labels,), b * (self.seq + 1), INT64)
+        count = self.new("constant", (self.new("constant", (padded,), b * self.seq, 1),), 1, INT64)
+        loss = None
+        for out, w in zip(logits, widths, strict=True):
+            target = self.new("constant", (padded,), b * w, INT64) if b > 1 else padded
+            logp = self.new("log_softmax", (self.cast(out, FP32),), b * w * v, FP32)
+            ce = t.op("nll_loss", (logp, target), (FP32, (FP32, False)))[0]
+            loss = self.new("add", (ce,) if loss is None else (loss, ce), 1, FP32)
+        total = self.new("div", (loss, count), 1, FP32)
+        t.hold(*logits, padded, count)
+        return total

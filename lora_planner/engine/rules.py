@@ -105,6 +105,8 @@ RULES: dict[str, Rule] = {
     # a @ b (batched): the eager attention's scores and output
     "matmul": Rule(_crossed, _fresh),
     "add": Rule(_none, _through),
+    # a 0-d loss divided by the labelled tokens' count (an integer tensor: no gradient), which it keeps
+    "div": Rule(lambda i, o, n: i[1:], _first_only),
     "mul": Rule(_crossed, _product),
     # x * a Python number: grad * the number
     "scale": Rule(_none, _fresh),
@@ -120,6 +122,7 @@ RULES: dict[str, Rule] = {
     # concatenation: each input's gradient is a slice of the incoming one
     "cat": Rule(_none, _through),
     "split": Rule(_none, _split),
+    "chunk": Rule(_none, _split),
     # one slice of a tensor: its gradient is a zeroed tensor of the whole's size with the slice copied in
     "slice": Rule(_none, _split),
     # a contiguous copy (clone): the gradient passed on
