@@ -6,13 +6,15 @@ the peak a dispatch-level tracer would see, and the activations. It runs beside 
 (`activations`, `timeline`, `step`) and is held to real steps (tests/test_engine.py,
 benchmarks/engine_vs_trace.py); the planner does not use it yet.
 
-Covered: the dense pre-norm families whose layout `dense.features` reads (GPT-2's, the Llama
-shape's: Llama, Mistral, Qwen2, Qwen3), full fine-tuning and LoRA, fp32, amp (bf16 autocast) and
-pure-bf16, SDPA (the CPU flash kernel) and eager attention, dropout, sliding windows (eager; SDPA
-while the window covers the sequence), non-reentrant checkpointing per layer, AdamW (foreach,
-for-loop, fused), on CPU. Not yet: MoE, latent attention, fused gate/up (Phi-3), sandwich and post
-norms (Gemma, OLMo 2), SDPA with a mask or with attention dropout, QLoRA, DoRA, packing, other
-losses and optimizers, GPU kernels' workspaces, torch.compile.
+Covered: the dense families whose layout `dense.features` reads (GPT-2's, the Llama shape's:
+Llama, Mistral, Qwen2, Qwen3; Phi-3's fused q/k/v and gate/up; Gemma-2's sandwich norms, offset
+RMSNorm, scaled embedding and soft-caps, eager; OLMo 2's post norms in fp32 or amp), full
+fine-tuning and LoRA, fp32, amp (bf16 autocast) and pure-bf16, SDPA (the CPU flash kernel; the math
+fallback under attention dropout; a sliding window's mask) and eager attention, dropout,
+non-reentrant checkpointing per layer, AdamW (foreach, for-loop, fused), SGD, SGD with momentum and
+Adafactor, the standard and torchtune's chunked loss, on CPU. Not yet: MoE, latent attention,
+Gemma 3 (sandwich norms with q/k norms), QLoRA, DoRA, LoRA dropout, packing, the fused-linear
+loss, the CPU bf16 matmul's oneDNN scratchpad, GPU kernels' workspaces, torch.compile.
 """
 
 from __future__ import annotations
