@@ -548,7 +548,7 @@ class Writer:
         logits = []
         parts = self.split("chunk", x, tuple(b * w * width for w in widths))
         for part, w in zip(parts, widths, strict=True):
-            if b > 1:  # matmul's reshape of a non-contiguous chunk
+            if b > 1 and w > 1:  # matmul's reshape of a non-contiguous chunk (one position: contiguous)
                 low = self.low(part)
                 part = self.new("copy", (low,), b * w * width, self.size(low))
             out = self.linear(head, part)
