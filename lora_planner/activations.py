@@ -29,10 +29,10 @@ import functools
 import itertools
 from dataclasses import dataclass, field, replace
 
-from .architecture import router_path
+from .architecture import router_path, shared_expert_path
 from .counts import gate_up_rank_factor
 from .errors import PlanError
-from .spec import GEMMA_FAMILIES, QWEN_WINDOWS, ModelSpec
+from .spec import COMPLEX_ROPE, GEMMA_FAMILIES, QWEN_WINDOWS, ModelSpec
 
 ATTENTION = ("sdpa", "eager")
 DEVICES = ("cuda", "cpu")
@@ -151,7 +151,9 @@ class Graph:
 
     cond: Conditions
     wrapped: dict[str, int]  # module path -> LoRA rank
-    trainable: set[str]  # module paths whose own weights train (full fine-tuning: all)
+    # module paths whose own weights train (full fine-tuning: all), and `<path>.bias` for a bias that
+    # trains without its weight (PEFT's bias="all" / "lora_only")
+    trainable: set[str]
     saved: dict[int, tuple[int, str]] = field(default_factory=dict)
     rates: tuple[float, float, float] = (0.0, 0.0, 0.0)  # attention, residual, embedding dropout
     biases: frozenset[str] = frozenset()  # module paths that have a bias
@@ -192,6 +194,9 @@ class Graph:
     # by section: torch's CPU math kernel's probs @ v backward, the core's saves after softmax still
     # alive plus `value_product_backward` (beyond what the layer saved before them)
     pv_backward: dict[str, int] = field(default_factory=dict)
+    # by section: a gated-DeltaNet layer's token mixer backward beyond its saves left then
+    # (`delta_rule_backward`), in place of the attention's transient
+    mixer_backward: dict[str, int] = field(default_factory=dict)
     # by section: a LoRA-wrapped up projection's input gradient, (saved bytes freed by then, held)
     up_input_backward: dict[str, tuple[int, int]] = field(default_factory=dict)
     # by section: a LoRA-wrapped attention output projection's input gradient (`lora_input_gradient_sum`)
@@ -364,7 +369,8 @@ class Graph:
         return self.pointwise(x.numel, x.itemsize, x.grad, x, mask)
 
     def rms_norm(self, x: Tensor, path: str, dim: int, offset_weight: bool = False,
-                 recompute_alive: tuple[Tensor, ...] | None = None, fp32_product: bool = False) -> Tensor:
+                 recompute_alive: tuple[Tensor, ...] | None = None, fp32_product: bool = False,
+                 weighted: bool = True) -> Tensor:
         """RMSNorm: h = x.float(); h * rsqrt(mean(h^2) + eps); times the weight, cast back.
 
         pow keeps h, rsqrt keeps its (rows,) output; the weight product keeps the normalised tensor only
@@ -374,6 +380,8 @@ class Graph:
         `recompute_alive`: what a recomputed layer holds beside the norm, whose (1 + weight) is the
         layer's last save (Gemma-2's post-feedforward norm): the recompute reaches the moment before
         the product, the input, its fp32 copy and the normalised tensor alive.
+        `weighted` False: no weight (Llama 4's `Llama4TextWeightlessRMSNorm`), the normalised tensor
+        cast back is the output.
         """
         trains = path in self.trainable
         h = self.cast(x, FP32)
@@ -393,6 +401,8 @@ class Graph:
             self.moment(x, h, normed, product)  # the fp32 product, before its cast back
             return self.cast(product, x.itemsize)
         normed = self.cast(normed, x.itemsize)
+        if not weighted:
+            return normed
         if trains:
             self.save(normed)
         return self.pointwise(h.numel, max(x.itemsize, self.cond.weight_bytes), h.grad or trains, normed)
@@ -402,7 +412,7 @@ class Graph:
 
         CUDA keeps the statistics in fp32 (the accumulate type); the CPU kernel in the input's dtype.
         """
-        trains = path in self.trainable
+        trains = path in self.trainable or f"{path}.bias" in self.trainable
         if self.cond.autocast:
             x = self.cast(x, FP32)
         rows = x.numel // dim
@@ -490,29 +500,37 @@ class Graph:
         when x needs one; under autocast that is a bf16 copy of W, otherwise the parameter itself).
         """
         trains = path in self.trainable
+        # a trained bias alone saves nothing (its gradient sums the output's), but its output then
+        # needs a gradient, and so does what is computed from it
+        bias_trains = f"{path}.bias" in self.trainable
         rank = self.wrapped.get(path)
         rows = x.numel // in_features
         if not x.grad:
             self.no_input_grad_params += in_features * out_features + in_features * (rank or 0)
-        xin = self.cast(x, 2) if self.cond.autocast else x
+        # the Trainer's autocast over a 16-bit base (fp32 adapters) reaches a base layer only where the
+        # model itself made its input fp32 (DeepSeek-V3's and GLM-4-MoE's router): autocast casts that
+        # input and the weight back to bf16
+        casts = self.cond.autocast or (self.cond.adapter_autocast and x.itemsize == FP32)
+        xin = self.cast(x, 2) if casts else x
         if trains:
             self.save(xin, kernel=True)
         quantised = self.nf4_input(x, path, trains)  # QLoRA's 4-bit base: no autocast weight copy
-        if self.cond.autocast and (x.grad or trains) and not quantised:
+        if casts and (x.grad or trains) and not quantised:
             self.save(self.new(in_features * out_features, 2, False))  # the bf16 weight copy
-        if self.cond.autocast and trains:
+        if casts and trains:
             self.cached(in_features * out_features * 2, saved=True)
-            if path in self.biases:
-                self.cached(out_features * 2, saved=False)
+        if casts and (trains or bias_trains) and path in self.biases:
+            self.cached(out_features * 2, saved=False)
         # bitsandbytes' Linear4bit returns `matmul_4bit(...).to(inp_dtype)`: under autocast its output
         # keeps its input's dtype, where an autocast linear's is 16-bit
         same = quantised and self.cond.nf4_output_in_input_dtype
-        out = self.new(rows * out_features, x.itemsize if same else xin.itemsize, x.grad or trains)
+        out = self.new(rows * out_features, x.itemsize if same else xin.itemsize,
+                       x.grad or trains or bias_trains)
         self.sac_op("addmm" if path in self.biases else "mm", out)
         # the matmul's moment: its input, autocast's copies of the input and (when no op keeps it)
         # of the weight, and its output
         self.moment(x, xin, out, extra=in_features * out_features * 2
-                    if self.cond.autocast and not (x.grad or trains or quantised) else 0)
+                    if casts and not (x.grad or trains or quantised) else 0)
         if rank is None:
             return out
         # PEFT casts the adapter's input to lora_A's dtype first: under autocast the adapters are fp32,
@@ -699,7 +717,7 @@ class Graph:
     def attention(self, q: Tensor, k: Tensor, v: Tensor, heads: int, kv_heads: int, head_dim: int,
                   attn_dropout: float, softcap: bool = False, contiguous_q: bool = False,
                   fused: Tensor | None = None, softmax_fp32: bool = True, masked: bool = False,
-                  value_dim: int = 0, contiguous_k: bool = False) -> Tensor:
+                  value_dim: int = 0, contiguous_k: bool = False, cast_probs: bool = True) -> Tensor:
         """Attention over projected (and rotated) q, k, v; returns the (b, s, heads * head_dim) output
         as o_proj reads it.
 
@@ -713,6 +731,9 @@ class Graph:
         all three, so on CPU such attention runs the math kernel; on CUDA the memory-efficient one.
         `contiguous_k`: k is (b, heads, s, d)-contiguous at every head (latent attention's key, filled
         into a new tensor), so eager attention's score matmul keeps k itself, not a copy.
+        `cast_probs` False: eager attention leaves the softmax's output in its dtype (Llama 4's, with
+        no fp32 softmax of its own: fp32 only under autocast), dropout and the matmul's autocast copy
+        after it.
         """
         b, s = self.cond.batch_size, self.cond.seq_len
         grad = q.grad or k.grad or v.grad
@@ -836,7 +857,7 @@ class Graph:
         if eager:
             # back to the query's dtype (GPT-2: the value's) as the module wrote it, dropout there,
             # and autocast's matmul makes the 16-bit copy that probs @ v keeps
-            pw = self.cast(p, q_in if softmax_fp32 else v_in)
+            pw = self.cast(p, q_in if softmax_fp32 else v_in) if cast_probs else p
             if moments:
                 dropped, bound = self.eager_moments((q0, k0, v0), (qc, kc, vc), p, pw, attn_dropout, heads,
                                                     kv_heads, head_dim)
@@ -1417,7 +1438,6 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
     """One decoder layer of `spec`'s family, as transformers 5 writes it."""
     H, hd = spec.hidden_size, spec.head_dim
     nh, nkv, inter = spec.num_heads, spec.num_kv_heads, spec.mlp_width(i)
-    sparse = spec.sparse_layer(i)
     p = f"{_layers_prefix(spec)}.{i}"
     if spec.family == "gpt2":
         attn_drop, drop = g.rates[0], g.rates[1]
@@ -1465,14 +1485,17 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
         g.pending[f"layer {i}"] = mlp_output_pending(g.cond, out.numel,
                                                      f"{p}.mlp.c_proj" in g.wrapped and m is out)
         return g.add(x, m)
-    gemma = spec.family in GEMMA_FAMILIES
+    gemma, offset = spec.family in GEMMA_FAMILIES, spec.offset_norms
     # OLMo 2 normalises only each block's output: attention and the MLP read the residual stream
     post_only = spec.norm_placement == "post"
     post_norms = spec.norm_placement in ("sandwich", "post")
     product = fp32_norm_product(spec)
-    h = x if post_only else g.rms_norm(x, f"{p}.input_layernorm", H, gemma, fp32_product=product)
+    h = x if post_only else g.rms_norm(x, f"{p}.input_layernorm", H, offset, fp32_product=product)
     g.hold(h)  # the attention's input, until it returns
     g.args, g.attn_weights = (h,), None  # the attention's input, bound by the decoder layer
+    if spec.linear_layer(i):
+        return _linear_attention_layer(g, spec, i, p, x, h)
+    gate = None
     if spec.family == "phi3":
         qkv = g.linear(h, f"{p}.self_attn.qkv_proj", H, (nh + 2 * nkv) * hd)
         # q and k are slices that rope copies; v is a slice too, and keeping it keeps the fused output
@@ -1481,6 +1504,8 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
         v = Tensor(qkv.numel, qkv.itemsize, qkv.grad, qkv.key)
     elif spec.kv_lora_rank:
         q, k, v = _latent_qkv(g, spec, p, h, rot)
+    elif spec.family in COMPLEX_ROPE:
+        q, k, v = complex_rope_qkv(g, spec, p, i, h, rot)
     elif spec.family in ("gemma3", "glm4_moe"):
         # Gemma 3 and GLM-4-MoE project q, k and v first, then normalise q and k (each head; Gemma's
         # form, Llama's) where they have the norms
@@ -1494,13 +1519,18 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
         g.args = (h, q, k, v)
         k = qk_norm(g, spec, k, f"{p}.self_attn.k_norm", nkv)
     else:
-        q = g.linear(h, f"{p}.self_attn.q_proj", H, nh * hd)
-        g.args = (h, q)
-        q = qk_norm(g, spec, q, f"{p}.self_attn.q_norm", nh)
+        # (Llama 4's weightless norm only on its rotary layers)
+        normed = spec.qk_norm_layer(i)
+        if spec.attention_output_gate:
+            q, gate = gated_query(g, spec, p, h)
+        else:
+            q = g.linear(h, f"{p}.self_attn.q_proj", H, nh * hd)
+            g.args = (h, q)
+            q = qk_norm(g, spec, q, f"{p}.self_attn.q_norm", nh) if normed else q
         g.args = (h, q)
         k = g.linear(h, f"{p}.self_attn.k_proj", H, nkv * hd)
         g.args = (h, q, k)
-        k = qk_norm(g, spec, k, f"{p}.self_attn.k_norm", nkv)
+        k = qk_norm(g, spec, k, f"{p}.self_attn.k_norm", nkv) if normed else k
         g.args = (h, q, k)
         v = g.linear(h, f"{p}.self_attn.v_proj", H, nkv * hd)
     assert rot is not None
@@ -1510,7 +1540,8 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
     back, halves = fp32_rotary(spec), rotary_halves(spec)
     if concatenated_rope(spec):
         q, k = partial_rope(g, spec, q, k, v, rot)
-    elif spec.rotary_layer(i) and not spec.kv_lora_rank:  # (latent attention rotates its own part)
+    # (latent attention and Llama 4's complex form rotate in their own functions)
+    elif spec.rotary_layer(i) and not spec.kv_lora_rank and spec.family not in COMPLEX_ROPE:
         # SmolLM3's NoPE layers attend with q and k as projected
         q_projected, q = q, g.rope(q, *rot, alive=(v,) if sliced else (q, k, v), cast_back=back,
                                    halves=halves)
@@ -1518,8 +1549,7 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
                    halves=halves)
     if not spec.kv_lora_rank:
         g.args = attention_locals(h, q, k, v)
-    masked = g.cond.attention == "sdpa" and (explicit_causal_mask(g.cond) or (
-        spec.sliding_layer(i) and g.cond.seq_len >= (spec.sliding_window or 0)))
+    masked = g.cond.attention == "sdpa" and (explicit_causal_mask(g.cond) or local_mask(spec, i, g.cond))
     if spec.attention_sinks and g.cond.attention == "eager":
         a = g.sink_attention(q, k, v, nh, nkv, hd, g.rates[0], f"{p}.self_attn" in g.trainable)
     else:
@@ -1530,12 +1560,17 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
         # concatenates too.
         fused = spec.family == "phi3" or bool(spec.kv_lora_rank)
         a = g.attention(q, k, v, nh, nkv, hd, g.rates[0], softcap=gemma and spec.attn_softcap,
+                        softmax_fp32=spec.family not in HALF_SOFTMAX,
+                        cast_probs=spec.family not in HALF_SOFTMAX,
                         contiguous_q=fused or halves or concatenated_rope(spec), fused=v if fused else None,
                         masked=masked, value_dim=spec.v_head_dim, contiguous_k=bool(spec.kv_lora_rank))
     # the attention modules of Llama's form (OLMo 2's too); the MLP of Llama's form is the layer's
     # last op only with the norms before the blocks (`dense`)
     llama_attention = spec.family in ("llama", "mistral", "qwen2", "qwen3", "olmo2", "smollm3", "deepseek_v3",
-                                      "glm4_moe")
+                                      "glm4_moe", "qwen3_next", "llama4")
+    if gate is not None:
+        # the attention's output times sigmoid(gate): sigmoid keeps its output, the product both factors
+        a = g.mul(a, g.unary(gate, "output"))
     dense = llama_attention and not post_norms
     if llama_attention:
         # the attention module keeps q, k, v (and eager's weights) and the layer its normed input until
@@ -1565,30 +1600,45 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
     if spec.family == "phi3":
         a = g.dropout_op(a, g.rates[1])  # resid_attn_dropout
     if post_norms:
-        a = g.rms_norm(a, f"{p}.post_attention_layernorm", H, gemma, fp32_product=post_only)
+        a = g.rms_norm(a, f"{p}.post_attention_layernorm", H, offset, fp32_product=post_only)
     x = g.add(x, a)
     g.release(h)
+    # Llama 4's layer binds the attention's output (`attention_states`) until it returns
+    return _mlp_half(g, spec, i, p, x, dense, weights, (a,) if spec.family in BOUND_ATTENTION_OUTPUT else ())
+
+
+def _mlp_half(g: Graph, spec: ModelSpec, i: int, p: str, x: Tensor, dense: bool,
+              weights: tuple[Tensor, ...], bound: tuple[Tensor, ...] = ()) -> Tensor:
+    """A decoder layer from the residual after its token mixer on: the norm before the MLP, the MLP
+    (dense or the expert block) and the residual add. `bound`: tensors the layer's code keeps in
+    variables until it returns."""
+    H, inter, sparse = spec.hidden_size, spec.mlp_width(i), spec.sparse_layer(i)
+    gemma, offset = spec.family in GEMMA_FAMILIES, spec.offset_norms
+    post_only = spec.norm_placement == "post"
+    post_norms = spec.norm_placement in ("sandwich", "post")
     g.hold(x)  # the residual, until the layer returns
+    g.hold(*bound)
     g.attn_tail_end()
     g.section += " mlp"
     h = x if post_only else g.rms_norm(
-        x, f"{p}.pre_feedforward_layernorm" if gemma else f"{p}.post_attention_layernorm", H, gemma,
-        fp32_product=product)
+        x, f"{p}.pre_feedforward_layernorm" if gemma else f"{p}.post_attention_layernorm", H, offset,
+        fp32_product=fp32_norm_product(spec))
     if x.grad and not post_only:
         norm = f"{p}.pre_feedforward_layernorm" if gemma else f"{p}.post_attention_layernorm"
         g.mlp_norm_backward[f"layer {i}"] = pre_mlp_norm_backward(
-            g.cond.tokens, H, g.norm_copy, gemma and norm in g.trainable)
+            g.cond.tokens, H, g.norm_copy, offset and norm in g.trainable)
     g.hold(h)  # the MLP's input, until it returns
     if dense:
-        g.args = (h, *weights)
+        g.args = (h, *weights, *bound)
     else:
         # the decoder layer also binds the residual (the stream after attention) until the MLP returns;
         # it is saved already unless the norm upcast a 16-bit copy of it
         g.args = (h, x) if g.attn_weights is None else (h, x, g.attn_weights)
     if sparse:
-        m = _moe(g, spec, p, h)
+        before = g._saved_total
+        m = _moe(g, spec, p, h) if spec.expert_dispatch == "gathered" else every_expert_block(g, spec, p, h)
         if spec.shared_experts:
-            m = shared_experts(g, spec, p, h, m)
+            m = shared_experts(g, spec, p, h, m, g._saved_total - before)
     elif spec.family == "phi3":
         gu = g.linear(h, f"{p}.mlp.gate_up_proj", H, 2 * inter)
         # gate and up are halves of one output: keeping either keeps all of it
@@ -1608,34 +1658,35 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
     else:
         # act_fn(gate_proj(x)) * up_proj(x): the activation is made before the up projection runs,
         # and is alive through it
-        gate = g.linear(h, f"{p}.mlp.gate_proj", H, inter)
+        gate = g.linear(h, f"{p}.{spec.mlp_module}.gate_proj", H, inter)
         gate_act = g.unary(gate, "input")
         g.hold(gate_act)
         before_up = g._saved_total
-        up = g.linear(h, f"{p}.mlp.up_proj", H, inter)
+        up = g.linear(h, f"{p}.{spec.mlp_module}.up_proj", H, inter)
         up_saved = g._saved_total - before_up
         g.release(gate_act)
         before_mul = g._saved_total
         act = g.mul(gate_act, up)
-        if f"{p}.mlp.up_proj" in g.wrapped and h.grad:
+        if f"{p}.{spec.mlp_module}.up_proj" in g.wrapped and h.grad:
             # by the up projection's input gradient, the product's and the up projection's saved
             # tensors are freed and the gate branch's gradient waits (`lora_input_gradient_sum`)
             g.up_input_backward[g.section.removesuffix(" mlp")] = (
                 up_saved + g._saved_total - before_mul, gate_act.nbytes + lora_input_gradient_sum(h.nbytes))
         g.tail_start()
-        m = g.linear(act, f"{p}.mlp.down_proj", inter, H)
+        m = g.linear(act, f"{p}.{spec.mlp_module}.down_proj", inter, H)
         if dense:
             # the down projection is the layer's last op to save anything: a recompute stops once it
             # has (non-reentrant checkpointing's early stop), before the projection's outputs exist
             g.peak_at(g.unsaved(h, act, *weights) + recompute_stop_transient(
-                g.cond, act.numel, m.numel, f"{p}.mlp.down_proj" in g.wrapped))
-            g.pending[f"layer {i}"] = mlp_output_pending(g.cond, m.numel, f"{p}.mlp.down_proj" in g.wrapped)
+                g.cond, act.numel, m.numel, f"{p}.{spec.mlp_module}.down_proj" in g.wrapped))
+            g.pending[f"layer {i}"] = mlp_output_pending(g.cond, m.numel,
+                                                         f"{p}.{spec.mlp_module}.down_proj" in g.wrapped)
         else:
             g.peak_at(g.unsaved(h, act, m, *g.args), after_saves=True)
     block_out = m
     if post_norms:
         g.release(h)  # the MLP's normed input, gone once the MLP returns
-        m = g.rms_norm(m, f"{p}.post_feedforward_layernorm", H, gemma,
+        m = g.rms_norm(m, f"{p}.post_feedforward_layernorm", H, offset,
                        recompute_alive=tuple(a for a in g.args if a.key != h.key), fp32_product=post_only)
         # the block's output is bound until the norm returns; the MLP's normed input is gone by then
         g.peak_at(g.unsaved(block_out, *(a for a in g.args if a.key != h.key)))
@@ -1649,7 +1700,7 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
         # autocast: the add's backward casts the fp32 residual gradient to the block's 16-bit output;
         # that copy waits through the recompute its first saved tensor sets off
         g.pending[layer] = g.pending.get(layer, 0) + m.nbytes
-    if (f"{p}.mlp.down_proj" in g.wrapped and not post_norms and not sparse and not dense
+    if (f"{p}.{spec.mlp_module}.down_proj" in g.wrapped and not post_norms and not sparse and not dense
             and (spec.family != "phi3" or g.rates[1] <= 0)):
         # LoRA on the output projection: the scale's backward needs no saved tensor, so the scaled
         # branch's gradient is made before lora_B's backward sets off the recompute (fp32 adapters
@@ -1663,6 +1714,234 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
         # recompute)
         g.pending[layer] = g.pending.get(layer, 0) + block_out.numel * FP32
     return g.add(x, m)
+
+
+def gated_query(g: Graph, spec: ModelSpec, p: str, h: Tensor) -> tuple[Tensor, Tensor]:
+    """Qwen3-Next's query and attention output gate: q_proj makes each head's query and gate side by
+    side (2 x heads x head_dim); the gate's reshape copies its strided half, and the query, a strided
+    view, goes through q_norm: a 16-bit query is copied by the norm's float(), an fp32 one is kept by
+    pow as the view, which keeps q_proj's whole output. Source: transformers 5
+    `Qwen3NextAttention.forward`."""
+    H, nh, hd = spec.hidden_size, spec.num_heads, spec.head_dim
+    both = g.linear(h, f"{p}.self_attn.q_proj", H, 2 * nh * hd)
+    g.args = (h, both)
+    gate = g.pointwise(both.numel // 2, both.itemsize, both.grad, both)
+    if both.itemsize == FP32 and both.grad:
+        g.save(both)
+    view = Tensor(both.numel // 2, both.itemsize, both.grad, both.key)
+    q = qk_norm(g, spec, view, f"{p}.self_attn.q_norm", nh)
+    g.hold(gate)
+    return q, gate
+
+
+def chunk_delta_rule_saves(heads: int, seq: int, k_dim: int, v_dim: int, qkv_grad: bool, gate_grad: bool,
+                           chunk: int = 64) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """fp32 elements `torch_chunk_gated_delta_rule` keeps for backward past its l2 norms, for `heads`
+    = batch x value heads, as transformers 5.25's code does when q, k and v need gradients
+    (`qkv_grad`), beta and the decay do (`gate_grad`), or both; nothing when neither: (those kept by
+    the ops up to its first triangular solve, those kept by the later ops), as backward frees the
+    later ones first (`delta_rule_backward`). The sequence is padded to S = ceil(seq / chunk) x chunk
+    (F.pad copies even when nothing is padded), n = S / chunk chunks.
+
+    Kept whenever anything needs a gradient: the padded key and scaled query (heads x S x k_dim
+    each), k x beta (x k_dim), the pairwise decay's exp and the triangular system (heads x S x
+    chunk each), the within-chunk attention (as wide), two exps of the cumulative decay (heads x S
+    each), the two triangular solves' results (new values, heads x S x v_dim; decayed keys, x k_dim),
+    and per chunk the recurrent state it reads (heads x k_dim x v_dim, the first one zeros) and its
+    corrected values (heads x chunk x v_dim). The last chunk's state update is dropped with the final
+    state (not asked for), and what only it kept with it: the key with its decay applied (heads x S x
+    k_dim) and that decay's exp (heads x S) are kept from two chunks on; the decayed query (x k_dim)
+    too, by the second chunk's read of a state that needs a gradient; the chunks' decay (heads x n)
+    from two chunks on by its exp with `gate_grad`, from three without (the second chunk's update
+    scales a state that needs a gradient). With `qkv_grad` the padded beta (heads x S) is kept for the
+    value's and key's gradients; with `gate_grad` the padded value (x v_dim) for beta's, the (chunk,
+    chunk) mask the decay is filled through, and the two (heads, S, chunk) products the pairwise
+    decay multiplies."""
+    if not (qkv_grad or gate_grad):
+        return (), ()
+    padded = -(-seq // chunk) * chunk
+    n = padded // chunk
+    rows, wide = heads * padded, heads * padded * chunk
+    # up to the first solve: key, query, k x beta, the pairwise decay's exp, the system, the first exp,
+    # the new values
+    before = [rows * k_dim, rows * k_dim, rows * k_dim, wide, wide, rows, rows * v_dim]
+    before += [rows] * qkv_grad  # beta, padded
+    before += [rows * v_dim, wide, wide] * gate_grad  # the padded value; k_beta @ k^T and q @ k^T
+    after = [wide, rows, rows * k_dim] + [heads * k_dim * v_dim, heads * chunk * v_dim] * n  # (per chunk)
+    if n > 1:
+        after += [rows * k_dim, rows * k_dim, rows]  # the decayed query and key, the key's decay
+    if n > 2 or (n > 1 and gate_grad):
+        after.append(heads * n)  # the chunks' decay
+    return tuple(before), tuple(after)
+
+
+def autocast_delta_rule_saves(heads: int, seq: int, k_dim: int, v_dim: int, qkv_grad: bool, gate_grad: bool,
+                              chunk: int = 64) -> tuple[tuple[tuple[int, int], ...], ...]:
+    """(elements, bytes each) `torch_chunk_gated_delta_rule` keeps past its l2 norms under autocast,
+    split as `chunk_delta_rule_saves` splits it
+    (amp), where each of its matmuls runs on bf16 copies of its fp32 operands and saves those copies
+    instead (the element-wise ops and the triangular solves stay fp32). Derived from transformers
+    5.25's code as `chunk_delta_rule_saves` is, with S, n and `heads` as there.
+
+    fp32, whenever anything needs a gradient: the pairwise decay's exp and the triangular system
+    (heads x S x chunk each), the cumulative decay's first two exps (heads x S each), the solves'
+    results (heads x S x v_dim and x k_dim); from two chunks on, the key's decay exp (heads x S); the
+    chunks' decay (heads x n) as in `chunk_delta_rule_saves`. With `qkv_grad` the padded beta. With
+    `gate_grad`: the padded value, key and scaled query (the products that read them keep them for
+    the decay's and beta's gradients), k x beta, and every state a later chunk reads but the first
+    (heads x k_dim x v_dim each, kept by its decay's product).
+    bf16 copies: the key's transpose for k_beta @ k^T (heads x S x k_dim); with `qkv_grad` k x beta,
+    the key's transpose again and the query for q @ k^T (x k_dim each); with `gate_grad` the two
+    products (heads x S x chunk). Per chunk, twice the state it reads (for the decayed keys' and the
+    query's products), its corrected values and its within-chunk attention slice (heads x chunk x
+    v_dim, x chunk); from the second chunk on the decayed keys' and query's slices (x k_dim each);
+    and but for the last (whose state update is dropped) the corrected values again and the decayed
+    key's slice (x k_dim), read by the state update."""
+    if not (qkv_grad or gate_grad):
+        return (), ()
+    padded = -(-seq // chunk) * chunk
+    n = padded // chunk
+    rows, wide = heads * padded, heads * padded * chunk
+    state, block = heads * k_dim * v_dim, heads * chunk
+    # up to the first solve (fp32: exp, system, first exp, new values; padded beta; with `gate_grad`
+    # the padded value and key and k x beta), then after it
+    before = [wide, wide, rows, rows * v_dim] + [rows] * qkv_grad
+    before += [rows * v_dim, rows * k_dim, rows * k_dim] * gate_grad
+    after = [rows, rows * k_dim] + [rows] * (n > 1) + [heads * n] * (n > 2 or (n > 1 and gate_grad))
+    after += ([rows * k_dim] + [state] * (n - 1)) * gate_grad  # the padded query (kept by q x exp)
+    half = [rows * k_dim] + [rows * k_dim] * 3 * qkv_grad + [wide, wide] * gate_grad
+    late = []
+    for i in range(n):
+        late += [state, state, block * v_dim, block * chunk]
+        late += [block * k_dim, block * k_dim] * (i > 0) + [block * v_dim, block * k_dim] * (i < n - 1)
+    return (tuple((e, FP32) for e in before) + tuple((e, 2) for e in half),
+            tuple((e, FP32) for e in after) + tuple((e, 2) for e in late))
+
+
+def delta_rule_backward(heads: int, seq: int, k_dim: int, v_dim: int, qkv_grad: bool, gate_grad: bool,
+                        chunk: int = 64) -> int:
+    """fp32 bytes live in `torch_chunk_gated_delta_rule`'s backward beyond what its layer still keeps
+    saved, at the backward of its first triangular solve (new values = solve(system, v x beta)), the
+    layer's most: everything the later ops kept is freed by then (`chunk_delta_rule_saves`' second
+    part), while gradients of what the earlier ops made wait for those ops' backward.
+
+    The solve's backward holds its incoming gradient and the right side's (heads x S x v_dim each),
+    and makes the system's gradient, -tril(grad_B @ X^T), through two (heads, S, chunk) temporaries;
+    the later solve's system gradient (as wide) waits to be summed with it, and so does the
+    within-chunk attention's (as wide, made by the chunk loop). With `qkv_grad` the padded query's and
+    key's gradients wait (heads x S x k_dim each); the decayed k x beta's always (x k_dim); with
+    `gate_grad` the cumulative decay's (heads x S). S = ceil(seq / chunk) x chunk. Derived from
+    transformers 5.25's code and torch's `linalg_solve_triangular` backward; autograd runs a node
+    after every node made later in forward."""
+    if not (qkv_grad or gate_grad):
+        return 0
+    rows = heads * -(-seq // chunk) * chunk
+    wide = rows * chunk
+    return FP32 * (4 * wide + 2 * rows * v_dim + rows * k_dim * (1 + 2 * qkv_grad) + rows * gate_grad)
+
+
+def delta_rule_mask_bytes(gate_grad: bool, chunk: int = 64) -> int:
+    """The (chunk, chunk) bool mask `masked_fill` keeps when the decay needs a gradient."""
+    return chunk * chunk if gate_grad else 0
+
+
+def _linear_attention_layer(g: Graph, spec: ModelSpec, i: int, p: str, x: Tensor, h: Tensor) -> Tensor:
+    """A Qwen3-Next decoder layer whose token mixer is the gated DeltaNet (`gated_delta_net`)."""
+    g.attn_tail_start()  # (from the delta rule's first solve on, when it runs: `gated_delta_net`)
+    o = gated_delta_net(g, spec, f"{p}.linear_attn", h)
+    g.peak_at(g.unsaved(h, o))
+    g.args = ()
+    x = g.add(x, o)
+    g.release(h)
+    return _mlp_half(g, spec, i, p, x, True, ())
+
+
+def gated_delta_net(g: Graph, spec: ModelSpec, a: str, h: Tensor) -> Tensor:
+    """`Qwen3NextGatedDeltaNet.forward` as transformers 5.25 runs it without fla or causal_conv1d:
+    in_proj_qkvz and in_proj_ba; q, k and v copied out of their heads' groups and concatenated; the
+    causal depthwise conv1d (its input cast to the weight's dtype, then autocast's 16-bit) keeps its
+    input and its padded output, which silu keeps; beta = sigmoid(b) keeps its output; the decay
+    -exp(A_log) x softplus(a + dt_bias) in fp32; the chunked delta rule (fp32 copies of q, k, v, beta
+    and the decay; each l2 norm keeps its input and rsqrt; then `chunk_delta_rule_saves`); the
+    gated RMSNorm over each value head (fp32 input and rsqrt kept, the weight product and silu of the
+    fp32 gate z each keeping what their backward reads) and out_proj."""
+    t, H = g.cond.tokens, spec.hidden_size
+    # packed documents are one row: the convolution and the chunks run over all of its tokens (the
+    # torch fallback takes no sequence boundaries)
+    batch, seq = (1, t) if g.cond.packed else (g.cond.batch_size, g.cond.seq_len)
+    nk, nv = spec.linear_key_heads, spec.linear_value_heads
+    dk, dv, kernel = spec.linear_key_head_dim, spec.linear_value_head_dim, spec.linear_conv_kernel
+    keys, values = nk * dk, nv * dv
+    channels = 2 * keys + values
+    qkvz = g.linear(h, f"{a}.in_proj_qkvz", H, 2 * keys + 2 * values)
+    g.args = (h, qkvz)
+    ba = g.linear(h, f"{a}.in_proj_ba", H, 2 * nv)
+    own, conv = f"{a}" in g.trainable, f"{a}.conv1d" in g.trainable
+    mixed = g.new(t * channels, qkvz.itemsize, qkvz.grad)  # the concatenated q, k, v copies
+    if g.cond.autocast:  # .to(fp32 weight), then autocast's bf16 copy for the conv
+        mixed = g.cast(g.cast(mixed, FP32), 2)
+        if mixed.grad:
+            g.save(g.new(channels * kernel, 2, False))  # the weight's bf16 copy
+    if conv or mixed.grad:
+        g.save(mixed)
+    padded = g.new(batch * channels * (seq + kernel - 1), mixed.itemsize, mixed.grad or conv)
+    if padded.grad:
+        g.save(padded)  # silu keeps its input, a slice of the padded output
+    qkv = g.new(t * channels, mixed.itemsize, padded.grad)
+    cb = qkv.itemsize
+    b = g.new(t * nv, ba.itemsize, ba.grad)
+    beta = g.pointwise(t * nv, ba.itemsize, ba.grad, b)
+    if ba.grad:
+        g.save(beta)
+    decay_in = g.new(t * nv, FP32, ba.grad or own)  # a.float() + dt_bias
+    if decay_in.grad:
+        g.save(decay_in)  # softplus keeps its input
+    if own:
+        g.save(g.new(nv, FP32, False), g.new(t * nv, FP32, False))  # exp(A_log) and softplus's output
+    if ba.grad or own:
+        g.save(g.new(nv, FP32, False))  # -exp(A_log), the product's other factor
+    heads, gate_grad = batch * nv, ba.grad or own
+    if qkv.grad:
+        rows = heads * seq
+        # each l2 norm keeps its input and rsqrt: q and k in fp32, copies made by .to(float32) (or by
+        # repeat_interleave, when key heads serve several value heads); an fp32 q or k of its own
+        # heads is not copied (.to aliases it), so the norms keep the conv's output they view
+        aliased = nv == nk and qkv.itemsize == FP32
+        if aliased:
+            g.save(qkv)
+        for _ in "qk":
+            g.save(*(() if aliased else (g.new(rows * dk, FP32, False),)), g.new(rows, FP32, False))
+    if gate_grad:
+        g.save(g.new(delta_rule_mask_bytes(gate_grad), 1, False))
+    if g.cond.autocast or g.cond.adapter_autocast:  # (fp32 adapters' autocast spans the whole forward)
+        before, after = autocast_delta_rule_saves(heads, seq, dk, dv, qkv.grad, gate_grad)
+    else:
+        before, after = (tuple((e, FP32) for e in part) for part in
+                         chunk_delta_rule_saves(heads, seq, dk, dv, qkv.grad, gate_grad))
+    for numel, size in before:
+        g.save(g.new(numel, size, False))
+    # what the ops after the first triangular solve keep (and the layer's later ops) is freed by that
+    # solve's backward, the layer's peak (`delta_rule_backward`)
+    g.attn_tail_start()
+    for numel, size in after:
+        g.save(g.new(numel, size, False))
+    if qkv.grad or gate_grad:
+        g.mixer_backward[g.section] = delta_rule_backward(heads, seq, dk, dv, qkv.grad, gate_grad)
+    core = g.new(t * values, cb, qkv.grad or ba.grad or own)
+    if nv == nk:
+        # z flattened to (tokens x heads, v_dim) is a view of in_proj_qkvz's output when each key head
+        # has one value head; an fp32 one is then kept by silu as that whole output
+        z = Tensor(t * values, qkvz.itemsize, qkvz.grad, qkvz.key)
+        if qkvz.itemsize == FP32 and qkvz.grad:
+            g.save(qkvz)
+    else:
+        z = g.new(t * values, qkvz.itemsize, qkvz.grad)  # the reshape's copy
+    normed = g.rms_norm(core, f"{a}.norm", dv)
+    z32 = g.cast(z, FP32)
+    gate = g.unary(z32, "input")
+    out = g.cast(g.mul(normed, gate), cb)
+    g.peak_at(g.unsaved(h, qkvz, z, out))
+    return g.linear(out, f"{a}.out_proj", values, H)
 
 
 def _latent_qkv(g: Graph, spec: ModelSpec, p: str, h: Tensor,
@@ -1710,12 +1989,84 @@ def _latent_qkv(g: Graph, spec: ModelSpec, p: str, h: Tensor,
     return query, key, Tensor(kv.numel, kv.itemsize, kv.grad, kv.key)
 
 
+# Families whose `apply_rotary_pos_emb` slices the rotating part and concatenates the rest back
+# whatever their `partial_rotary_factor` (GLM-4-MoE's, and Qwen3-Next's adapted from it)
+SLICED_ROPE = ("glm4_moe", "qwen3_next")
+# Families whose decoder layer keeps the attention's output in a variable of its own through the MLP
+# (Llama 4's `attention_states`)
+BOUND_ATTENTION_OUTPUT = ("llama4",)
+# Families whose eager attention takes the softmax in the scores' dtype, with no fp32 (Llama 4's
+# `eager_attention_forward`)
+HALF_SOFTMAX = ("llama4",)
+
+
+def complex_rope_qkv(g: Graph, spec: ModelSpec, p: str, i: int, h: Tensor,
+                     rot: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Llama 4's q, k and v as `Llama4TextAttention.forward` makes them: the three projections; on a
+    rotary layer q and k rotated as complex numbers (`complex_rope`), then through the weightless
+    q/k norm where the config has it; on a NoPE layer, with temperature tuning, q scaled per position
+    (`nope_temperature`). Each step's inputs are freed as its result replaces them, unless saved."""
+    H, hd, nh, nkv = spec.hidden_size, spec.head_dim, spec.num_heads, spec.num_kv_heads
+    q = g.linear(h, f"{p}.self_attn.q_proj", H, nh * hd)
+    g.args = (h, q)
+    k = g.linear(h, f"{p}.self_attn.k_proj", H, nkv * hd)
+    g.args = (h, q, k)
+    v = g.linear(h, f"{p}.self_attn.v_proj", H, nkv * hd)
+    g.args = (h, q, k, v)
+    if spec.rotary_layer(i):
+        assert rot is not None
+        q, k = complex_rope(g, q, k, rot[0], (h, q, k, v))
+        g.args = (h, q, k, v)
+        if spec.qk_norm_layer(i):
+            q = qk_norm(g, spec, q, f"{p}.self_attn.qk_norm", nh)
+            g.args = (h, q, k, v)
+            k = qk_norm(g, spec, k, f"{p}.self_attn.qk_norm", nkv)
+    elif spec.nope_temperature:
+        q = nope_temperature(g, q, (h, k, v))
+    return q, k, v
+
+
+def complex_rope(g: Graph, q: Tensor, k: Tensor, freqs: Tensor,
+                 alive: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+    """Llama 4's `apply_rotary_emb`: q and k in fp32 (a copy of a 16-bit one), viewed as complex
+    pairs, times the complex64 `freqs_cis` (a new fp32-sized tensor each), viewed back as real and
+    cast back to their dtype. The product keeps only `freqs_cis` (its other factor needs no
+    gradient); the function's locals (both fp32 copies and both products) are alive at its last cast,
+    beside `alive`, what the attention module holds (its projections)."""
+    if q.grad or k.grad:
+        g.save(freqs)
+    qf, kf = g.cast(q, FP32), g.cast(k, FP32)
+    qo = g.pointwise(q.numel, FP32, q.grad, qf, freqs)
+    ko = g.pointwise(k.numel, FP32, k.grad, kf, freqs)
+    qb, kb = g.cast(qo, q.itemsize), g.cast(ko, k.itemsize)
+    temps = (qf, kf, qo, ko, qb, kb)
+    g.moment(*alive, *temps)
+    g.peak_at(g.unsaved(*g.args, *alive, *temps))
+    return qb, kb
+
+
+def nope_temperature(g: Graph, q: Tensor, alive: tuple[Tensor, ...]) -> Tensor:
+    """Llama 4's attention temperature on a NoPE layer: q times a fp32 scale per position
+    (log1p(floor((pos + 1) / floor_scale)) * attn_scale + 1, expanded over the batch), which promotes
+    the product to fp32, cast back to q's dtype. The product keeps the scales (one fp32 value per
+    position of a row) when q needs a gradient. Source: transformers 5 `Llama4TextAttention.forward`."""
+    row = g.cond.tokens if g.cond.packed else g.cond.seq_len
+    scales = g.new(row, FP32, False)
+    if q.grad:
+        g.save(scales)
+    prod = g.pointwise(q.numel, FP32, q.grad, q, scales)
+    out = g.cast(prod, q.itemsize)
+    g.moment(*alive, q, prod, out)
+    g.peak_at(g.unsaved(*g.args, *alive, q, prod, out))
+    return out
+
+
 def concatenated_rope(spec: ModelSpec) -> bool:
     """Whether the rotary embedding rotates a slice of each head and concatenates the rest back
     (`partial_rope`): GLM-4-MoE's does so whatever its `partial_rotary_factor`, 1 too (the rest is
     then empty, the concatenation a copy); a partial rotary embedding of another family would too.
     Latent attention rotates its own part (`_latent_qkv`)."""
-    return not spec.kv_lora_rank and (bool(spec.rope_head_dim) or spec.family == "glm4_moe")
+    return not spec.kv_lora_rank and (bool(spec.rope_head_dim) or spec.family in SLICED_ROPE)
 
 
 def partial_rope(g: Graph, spec: ModelSpec, q: Tensor, k: Tensor, v: Tensor,
@@ -1755,8 +2106,9 @@ def qk_norm(g: Graph, spec: ModelSpec, x: Tensor, path: str, heads: int) -> Tens
     `Qwen3Attention.forward`, `Olmo2Attention.forward`."""
     if spec.qk_norm is None:
         return x
-    dim = spec.head_dim if spec.qk_norm == "head" else heads * spec.head_dim
-    return g.rms_norm(x, path, dim, spec.family in GEMMA_FAMILIES, fp32_product=fp32_norm_product(spec))
+    dim = spec.head_dim if spec.qk_norm in ("head", "l2") else heads * spec.head_dim
+    return g.rms_norm(x, path, dim, spec.offset_norms, fp32_product=fp32_norm_product(spec),
+                      weighted=spec.qk_norm != "l2")
 
 
 def rotary_kind(spec: ModelSpec, i: int) -> bool:
@@ -1785,6 +2137,18 @@ def rotary_halves(spec: ModelSpec) -> bool:
     and concatenates them (GPT-OSS's `_apply_rotary_emb`), rather than x * cos + rotate_half(x) * sin
     with cos and sin of head_dim (Llama's). Source: transformers 5 `GptOssRotaryEmbedding`."""
     return spec.family == "gpt_oss"
+
+
+def rotary_tables(spec: ModelSpec, cond: Conditions) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(values, bytes per value) of the rotary embedding's cos and of its sin, one position each per
+    token of a sequence (the model makes (1, s) position ids): `rotary_width` values each, fp32
+    (`fp32_rotary`) or in the weights' dtype. Llama 4's complex form is one complex64 `freqs_cis` of
+    head_dim / 2 values per position (8 bytes each), counted as the cos, with no sin. Source:
+    transformers 5 `Llama4TextRotaryEmbedding.forward`."""
+    if spec.family in COMPLEX_ROPE:
+        return (cond.seq_len * rotary_width(spec) // 2, 8), (0, 8)
+    per = (cond.seq_len * rotary_width(spec), FP32 if fp32_rotary(spec) else cond.weight_bytes)
+    return per, per
 
 
 def rotary_width(spec: ModelSpec) -> int:
@@ -1876,30 +2240,38 @@ def _moe(g: Graph, spec: ModelSpec, p: str, h: Tensor) -> Tensor:
     normalised weights) and casts them back to the router logits' dtype, so the rows are weighted,
     un-sorted and summed in the wider of that and the hidden states' dtype (`routing_weight_bytes`).
     """
-    H, inter, E, k = spec.hidden_size, spec.intermediate_size, spec.num_experts, spec.experts_per_token
+    H, inter, E = spec.hidden_size, spec.intermediate_size, spec.num_experts
     t = g.cond.tokens
-    rows = t * k
+    # every expert takes every token (Llama 4's repeat, weighted by its 0-or-sigmoid score), else the
+    # k chosen rows of each token
+    gathered = spec.expert_dispatch == "gathered"
+    rows = t * spec.expert_rows_per_token
     logits = route(g, spec, router_path(spec, p), h)
     rw = routing_weight_bytes(spec, logits.itemsize)
-    full = f"{p}.mlp.experts" in g.trainable
-    up_rank, down_rank = (g.wrapped.get(f"{p}.mlp.experts.{leaf}", 0)
+    full = f"{p}.{spec.mlp_module}.experts" in g.trainable
+    up_rank, down_rank = (g.wrapped.get(f"{p}.{spec.mlp_module}.experts.{leaf}", 0)
                           for leaf in ("gate_up_proj", "down_proj"))
     up_lora, down_lora = up_rank > 0, down_rank > 0
     up_trains, down_trains = full or up_lora, full or down_lora
     up_grad = h.grad or up_trains  # the gate/up output, the activation and the down input
     down_grad = up_grad or down_trains  # the down output
     if not (down_grad or logits.grad):
+        # (no gradient reaches the block: it saves nothing and its backward has no moments; a shared
+        # expert's trained weights may still add theirs)
+        g.tails.append(0)
+        g.expert_backward.append(0)
         return g.new(t * H, h.itemsize, False)
     xb, wb = h.itemsize, g.cond.weight_bytes
     cw = max(xb, rw)  # the weighted rows, their un-sorted copy and their sum
-    if h.grad:
+    if h.grad and gathered:
         g.save(g.new(rows, INT64, False))  # perm // k, the gather's index
-    if logits.grad:
+    if logits.grad and gathered:
         g.save(g.new(rows, INT64, False))  # perm, the routing weights' gather
-    g.save(g.new(rows, INT64, False))  # the inverse permutation
+    if gathered:
+        g.save(g.new(rows, INT64, False))  # the inverse permutation
     if full and spec.mlp_bias:
         g.save(g.new(rows, INT64, False))  # the sorted expert ids, the expert biases' gather index
-    if up_grad or down_trains:
+    if (up_grad or down_trains) and gathered:
         g.save(g.new(E, 4, False))  # the offsets, int32
     if down_grad:
         g.save(g.new(rows, rw, False))  # each row's routing weight
@@ -1983,6 +2355,99 @@ def _moe(g: Graph, spec: ModelSpec, p: str, h: Tensor) -> Tensor:
     return g.new(t * H, xb, True)
 
 
+def every_expert_block(g: Graph, spec: ModelSpec, p: str, h: Tensor) -> Tensor:
+    """Llama 4's routed experts as transformers 5 runs them (`Llama4TextMoe`, `Llama4TextExperts`):
+    the router's scores for every expert (0 where not chosen), every token repeated once per expert
+    (E x tokens rows) and weighted by its score, then two bmm over all experts at once, E x tokens x
+    2 inter and E x tokens x hidden, summed over the experts. The shared expert runs after (its own
+    function) and the sum is added into its output in place.
+
+    Saved, each only when a gradient needs it: the column of scores (rows, the logits' dtype) and the
+    repeated rows (rows x hidden) by their product; the weighted rows (their 16-bit copy under
+    autocast, which casts bmm's operands) when the gate/up weight trains; the gate/up output and
+    silu's output; the gated product when the down weight trains; under autocast the 16-bit copy
+    of each expert weight a gradient flows through (cached until forward ends when it trains).
+    What backward holds beyond them: the down bmm's input gradient beside a contiguous copy of the
+    incoming one (the sum's expanded gradient reshaped, rows x hidden) (`Graph.combine`); then the
+    gated product's (three rows x inter, `mlp_backward_transients`), once the down bmm's saved tensors
+    are freed (`Graph.tails`)."""
+    H, inter, E, t = spec.hidden_size, spec.intermediate_size, spec.num_experts, g.cond.tokens
+    rows = t * E
+    mlp = f"{p}.{spec.mlp_module}"
+    logits = route(g, spec, router_path(spec, p), h)
+    full = f"{mlp}.experts" in g.trainable
+    scores = g.new(t * E, logits.itemsize, logits.grad)  # `router_scores`, bound until the block returns
+    column = g.new(rows, logits.itemsize, logits.grad)  # its transpose as one column: a copy
+    repeated = g.new(rows * H, h.itemsize, h.grad)
+    bound = (h, logits, scores)
+    g.moment(*bound, column, repeated)
+    x = g.mul(repeated, column)
+    g.moment(*bound, repeated, x)
+    weighted_from = g._saved_total
+    cb = 2 if g.cond.autocast else x.itemsize  # autocast runs bmm on 16-bit copies of both operands
+    xc = g.cast(x, cb)
+    if full:
+        g.save(xc, kernel=True)  # for the gate/up weight's gradient
+    weights = expert_weight_copies(g, E * H * 2 * inter, x.grad, full)
+    gu = g.new(rows * 2 * inter, cb, x.grad or full)
+    g.moment(*bound, x, xc, gu, extra=weights)
+    g.peak_at(g.unsaved(*g.args, *bound, x, xc, gu) + weights)
+    act = g.pointwise(rows * inter, cb, gu.grad, gu)
+    if gu.grad:
+        # silu keeps the gate and the product up, views of gu; the product keeps silu's output
+        g.save(gu, act)
+    prod = g.pointwise(rows * inter, cb, gu.grad, gu, act)
+    g.moment(*bound, x, gu, act, prod)
+    g.tail_start()
+    if full:
+        g.save(prod, kernel=True)  # for the down weight's gradient
+    weights = expert_weight_copies(g, E * inter * H, prod.grad, full)
+    out = g.new(rows * H, cb, prod.grad or full)
+    g.moment(*bound, x, gu, prod, out, extra=weights)
+    g.peak_at(g.unsaved(*g.args, *bound, x, gu, prod, out) + weights)
+    layer = g.section.removesuffix(" mlp")
+    # the weighting's backward, once the experts' saved tensors are used: the weighted rows' gradient
+    # and the product's two (the scores' before its sum over hidden), rows x hidden each, beside the
+    # shared expert's input gradient (waiting to be summed with this one) and its weight gradients
+    if x.grad:
+        g.up_backward[layer] = (g._tail_from - weighted_from,
+                                rows * H * (x.itemsize + (h.itemsize if h.grad else 0)
+                                            + (x.itemsize if logits.grad else 0))
+                                + (h.nbytes if h.grad else 0) + shared_expert_gradients(g, spec, p))
+    g.tail_end()
+    # the down bmm's backward: its input's gradient beside the incoming one, reshaped from the sum's
+    # expanded gradient into a contiguous copy (rows x hidden)
+    combine = rows * H * cb + rows * inter * cb if out.grad else 0
+    g.combine[layer] = combine
+    # recomputed (checkpointing), the same moment holds the layer's whole saved set again, the
+    # recompute's locals gone by then
+    g.recompute_combine[layer] = (g.saved_bytes(layer) + g.saved_bytes(f"{layer} mlp") + combine
+                                  if combine else 0)
+    g.expert_backward.append(0)
+    summed = g.new(t * H, cb, out.grad)
+    g.moment(*bound, x, out, summed)
+    return Tensor(out.numel, out.itemsize, out.grad, out.key)  # `routed_out`, summed when added
+
+
+def expert_compute_bytes(spec: ModelSpec, cond: Conditions) -> int:
+    """Bytes per value of the experts' matmuls: the weights' dtype for grouped matmuls, which autocast
+    leaves alone; the compute dtype for Llama 4's bmm, which autocast runs in 16 bits."""
+    return cond.weight_bytes if spec.expert_dispatch == "gathered" else cond.compute_bytes
+
+
+def expert_weight_copies(g: Graph, numel: int, input_grad: bool, trains: bool) -> int:
+    """Autocast's 16-bit copy of one fused expert weight for its bmm: saved when the input needs a
+    gradient, cached until forward ends when the weight trains (then counted as saved too); otherwise
+    a transient (its bytes returned). 0 without autocast."""
+    if not g.cond.autocast:
+        return 0
+    if input_grad or trains:
+        g.save(g.new(numel, 2, False))
+    if trains:
+        g.cached(numel * 2, saved=True)
+    return 0 if input_grad or trains else numel * 2
+
+
 def route(g: Graph, spec: ModelSpec, router: str, h: Tensor) -> Tensor:
     """The sparse block's router and its logits (whose dtype the routing weights take,
     `routing_weight_bytes`), with what it saves (`router_saves`). A sigmoid router (DeepSeek-V3,
@@ -2001,7 +2466,8 @@ def route(g: Graph, spec: ModelSpec, router: str, h: Tensor) -> Tensor:
     return logits
 
 
-def shared_experts(g: Graph, spec: ModelSpec, p: str, h: Tensor, routed: Tensor) -> Tensor:
+def shared_experts(g: Graph, spec: ModelSpec, p: str, h: Tensor, routed: Tensor,
+                   routed_saved: int = 0) -> Tensor:
     """DeepSeek-V3's shared experts: a gated MLP of shared_experts x intermediate_size over the block's
     input, run after the routed experts (whose output is bound meanwhile) and added to it. What it
     saves is used and freed first in backward (its ops were recorded last), before the routed
@@ -2012,8 +2478,8 @@ def shared_experts(g: Graph, spec: ModelSpec, p: str, h: Tensor, routed: Tensor)
     waits through all of the routed experts' backward, to be summed with theirs: every later moment
     of the block holds it too (the un-sort's and the combine's, the recompute's, the gated product's
     and a merged expert weight's). Source: transformers 5 `DeepseekV3MoE.forward`."""
-    H, inter = spec.hidden_size, spec.shared_experts * spec.intermediate_size
-    path = f"{p}.mlp.shared_experts"
+    H, inter = spec.hidden_size, spec.shared_width
+    path = shared_expert_path(spec, p)
     before = g._saved_total
     g.args += (routed,)
     gate = g.linear(h, f"{path}.gate_proj", H, inter)
@@ -2034,46 +2500,79 @@ def shared_experts(g: Graph, spec: ModelSpec, p: str, h: Tensor, routed: Tensor)
         g.peak_at(g.unsaved(h, act, *g.args) + recompute_stop_transient(g.cond, act.numel, out.numel,
                                                                          down in g.wrapped))
     g.peak_at(g.unsaved(h, act, out, *g.args), after_saves=True)
+    if spec.shared_expert_gate:
+        # Qwen3-Next scales the shared expert by sigmoid(shared_expert_gate(h)): sigmoid keeps its
+        # (tokens, 1) output, the product both factors
+        out = g.mul(g.unary(g.linear(h, f"{p}.mlp.shared_expert_gate", H, 1), "output"), out)
     g.release(routed)
     g.args = g.args[:-1]
-    if g.tails:
+    # Qwen3-Next's gated shared expert runs before the routed experts: its backward comes after
+    # theirs, so its saved tensors stay through them (not part of the block's tail), and two
+    # (tokens x hidden) gradients wait meanwhile: its output's (from the gate's product) and its
+    # input's share from the gate's projection. DeepSeek-V3's runs after them, backward first.
+    first = spec.shared_expert_gate
+    if g.tails and not first:
         g.tails[-1] += g._saved_total - before
-    shared_backward_moments(g, spec, p, h.nbytes if h.grad else 0, g._saved_total - before,
+    waits = (h.nbytes if h.grad else 0) + (out.nbytes if first and out.grad else 0)
+    shared_backward_moments(g, spec, p, waits, g._saved_total - before,
                             g._saved_total - down_from if act.grad else None,
-                            out.nbytes if out.itemsize < routed.itemsize else 0)
-    return g.add(routed, out)
+                            out.nbytes if out.itemsize < routed.itemsize else 0, routed_saved)
+    # (Llama 4's routed output is every expert's rows, summed into the shared expert's output)
+    return g.pointwise(out.numel, max(routed.itemsize, out.itemsize), routed.grad or out.grad, routed, out)
+
+
+def shared_expert_gradients(g: Graph, spec: ModelSpec, p: str) -> int:
+    """The shared experts' weight gradients: hidden x `shared_width` for each of gate_proj, up_proj
+    and down_proj that trains."""
+    path = shared_expert_path(spec, p)
+    return sum(spec.hidden_size * spec.shared_width * g.cond.weight_bytes
+               for leaf in ("gate_proj", "up_proj", "down_proj") if f"{path}.{leaf}" in g.trainable)
 
 
 def shared_backward_moments(g: Graph, spec: ModelSpec, p: str, waits: int, mine: int, down_saved: int | None,
-                            cast: int) -> None:
+                            cast: int, routed_saved: int = 0) -> None:
     """The shared experts' share of the sparse block's backward moments (see `shared_experts`): their
     input's gradient (`waits`) alive through the routed experts' backward, what they saved (`mine`)
     freed by then, and, trained in full, their three weight gradients made by then; under autocast the
     16-bit cast of their gradient (`cast`) waiting through a recompute. Their own gated product's
     moment (`down_saved`: what the down projection saved; None when no gradient reaches it) holds
     only the down projection's weight gradient, not yet the routed experts' down one, which the
-    timeline counts before the block's backward."""
-    H, inter, wb = spec.hidden_size, spec.shared_experts * spec.intermediate_size, g.cond.weight_bytes
-    path = f"{p}.mlp.shared_experts"
+    timeline counts before the block's backward. A gated shared expert (Qwen3-Next's) runs before
+    the routed experts, so its product's backward comes after theirs, once their `routed_saved` bytes
+    are freed and all their weight gradients made."""
+    H, inter, wb = spec.hidden_size, spec.shared_width, g.cond.weight_bytes
     layer = g.section.removesuffix(" mlp")
-    made = sum(H * inter * wb for leaf in ("gate_proj", "up_proj", "down_proj")
-               if f"{path}.{leaf}" in g.trainable)
-    for moments, freed in ((g.pending, 0), (g.combine, mine), (g.recompute_combine, 0)):
+    # (a gated shared expert, run before the routed ones, has made none by their backward)
+    made = 0 if spec.shared_expert_gate else shared_expert_gradients(g, spec, p)
+    first = spec.shared_expert_gate
+    # (run first, a gated shared expert's saves are alive through the routed experts' backward: freed
+    # by none of their moments, and part of the recomputed set, which the un-sort's and the recompute's
+    # combine moments were written without)
+    for moments, freed in ((g.pending, 0), (g.combine, 0 if first else mine),
+                           (g.recompute_combine, -mine if first else 0)):
         if moments.get(layer):  # (the un-sort's and the recompute's were written before these saves)
             moments[layer] += waits + made - freed
     # (the un-sort's moment adds `pending`, which holds `waits`; the gradients are made before it)
     g.pending[layer] = g.pending.get(layer, 0) + cast - (made if g.pending.get(layer) else 0)
     if g.unsort.get(layer):
-        g.unsort[layer] += made
-    routed_peak = (3 * g.cond.tokens * spec.experts_per_token * spec.intermediate_size * wb
+        g.unsort[layer] += made + (mine if first else 0)
+    routed_peak = (3 * g.cond.tokens * spec.expert_rows_per_token * spec.intermediate_size
+                   * expert_compute_bytes(spec, g.cond)
                    - (g.tails[-1] if g.tails else 0))
-    routed_trains = f"{p}.mlp.experts" in g.trainable
+    routed_trains = f"{p}.{spec.mlp_module}.experts" in g.trainable
     routed_grad = spec.num_experts * H * spec.intermediate_size * wb if routed_trains else 0
-    down_grad = H * inter * wb if f"{path}.down_proj" in g.trainable else 0
+    shared_down = f"{shared_expert_path(spec, p)}.down_proj"
+    down_grad = H * inter * wb if shared_down in g.trainable else 0
     shared = (0 if down_saved is None else
               3 * g.cond.tokens * inter * g.cond.compute_bytes - down_saved + down_grad - routed_grad)
+    if spec.shared_expert_gate and shared:
+        # run last in backward: the routed experts' saved tensors are freed by then, their gate/up
+        # weight's gradient made beside the down one
+        shared += 3 * routed_grad - routed_saved
+    if not g.expert_backward:  # (a block no gradient reaches: `_moe` returned before its moments)
+        return
     merged = g.expert_backward[-1]
-    g.expert_backward[-1] = max(merged + waits + made - mine if merged else 0,
+    g.expert_backward[-1] = max(merged + waits + made - (0 if first else mine) if merged else 0,
                                 routed_peak + waits + made if waits else 0, shared)
 
 
@@ -2312,7 +2811,9 @@ def router_saves(g: Graph, spec: ModelSpec, tokens: int, rows: int, routing_byte
     Qwen3-MoE): the fp32 softmax over every expert (tokens x experts) and top-k's indices, then with
     `norm_topk` the normaliser and the quotient. Top-k then softmax (GPT-OSS): top-k's indices and
     the softmax over the k selected logits (rows, in the logits' dtype). Rows = tokens x top-k.
-    Source: transformers 5 `MixtralTopKRouter`, `Qwen3MoeTopKRouter`, `GptOssTopKRouter`."""
+    Top-k then sigmoid (Llama 4): top-k's indices and the fp32 sigmoid over every expert's score
+    (the top-k logits scattered into a row of -inf). Source: transformers 5 `MixtralTopKRouter`,
+    `Qwen3MoeTopKRouter`, `GptOssTopKRouter`, `Llama4Router`."""
     if spec.routing == "topk-softmax":
         return g.new(rows, INT64, False), g.new(rows, routing_bytes, True)
     # a sigmoid router (DeepSeek-V3, GLM-4-MoE) keeps its scores and the gather's indices of the
@@ -2387,9 +2888,10 @@ def head_and_loss(g: Graph, spec: ModelSpec, h: Tensor, head: str) -> tuple[Tens
     # backward) and two fp32 values per row; no fp32 copy nor log-softmax output of the vocab's width
     compiled = loss_compiled(cond.compile)
     if trains and not cond.autocast:
-        # one sequence: each chunk is a view of h, keeping any keeps all of it; several: a chunk is
-        # not contiguous and the head's matmul keeps a copy of it (the same bytes in all)
-        g.save(h)
+        # a chunk is a view of h when the head's reshape can view it (one sequence, one position or
+        # all of them): keeping it keeps all of h; any other chunk is not contiguous, and the head's
+        # matmul keeps a copy of it
+        g.save(*(h if b == 1 or w in (1, s) else g.new(b * w * H, h.itemsize, False) for w in widths))
     if cond.autocast and trains and grad:
         g.save(g.new(V * H, 2, False))  # the cached bf16 copy of the trained weight, once
     for w in widths:
@@ -2442,8 +2944,23 @@ def head_and_loss(g: Graph, spec: ModelSpec, h: Tensor, head: str) -> tuple[Tens
         done = b * (widths[-1] + widths[-2])
         capped = done * V * cb if spec.family in GEMMA_FAMILIES and spec.final_softcap else 0
         freed = 0 if compiled else t * V * FP32  # the log-softmax outputs saved (eager)
+        freed += 0 if cond.autocast else chunk_inputs_freed(b, s, widths, H, h.itemsize)
         worst = max(worst, -freed + (t - done) * V * cb + 3 * V * H * cb - capped)
     return logits, fp32, (worst if grad else 0)
+
+
+def chunk_inputs_freed(batch: int, seq: int, widths: list[int], hidden: int, itemsize: int) -> int:
+    """What the chunked head's saved inputs give back, net, once the last two chunks' heads have run
+    backward (the moment their weight gradients are summed), without autocast. A copied chunk gives
+    back its copy and leaves its input gradient (the same shape and dtype) waiting for the rest of
+    h's gradient: nothing net. h itself, which a chunk keeps as a view (one sequence, one position or
+    all of them; see `head_and_loss`), is freed once no chunk still to run views it, less the waiting
+    gradients of the viewing chunks done."""
+    views = [batch == 1 or w in (1, seq) for w in widths]
+    if not any(views[-2:]) or any(views[:-2]):
+        return 0
+    done = sum(w for w, view in zip(widths[-2:], views[-2:], strict=True) if view)
+    return batch * (seq - done) * hidden * itemsize
 
 
 def residual_gradient_bytes(spec: ModelSpec, cond: Conditions) -> int:
@@ -2465,7 +2982,7 @@ def layer_backward_transients(spec: ModelSpec, cond: Conditions) -> tuple[int, i
     """
     t, cb = cond.tokens, cond.compute_bytes
     resid = residual_gradient_bytes(spec, cond)
-    rows = t * max(spec.experts_per_token, 1)
+    rows = t * max(spec.expert_rows_per_token, 1)
     # grouped expert matmuls are not autocast: they run in the hidden states' (the weights') dtype
     # (a model with dense layers or shared experts has its own per layer: `mlp_backward_transients`)
     mlp = 3 * rows * spec.intermediate_size * (cond.weight_bytes if spec.num_experts else cb)
@@ -2496,8 +3013,10 @@ def mlp_backward_transients(spec: ModelSpec, cond: Conditions) -> tuple[int, ...
     if not (spec.dense_layers or spec.shared_experts):
         return ()
     t, cb = cond.tokens, cond.compute_bytes
-    routed = 3 * t * spec.experts_per_token * spec.intermediate_size * cond.weight_bytes
-    shared = 3 * t * spec.shared_experts * spec.intermediate_size * cb
+    routed = 3 * t * spec.expert_rows_per_token * spec.intermediate_size * expert_compute_bytes(spec, cond)
+    shared = 3 * t * spec.shared_width * cb
+    # (a gated shared expert's product runs after the routed experts' backward: `shared_experts`)
+    shared = 0 if spec.shared_expert_gate else shared
     return tuple(max(routed, shared) if spec.sparse_layer(i) else 3 * t * spec.mlp_width(i) * cb
                  for i in range(spec.num_layers))
 
@@ -2553,24 +3072,32 @@ def checkpoint_masks_freed(spec: ModelSpec, cond: Conditions,
     eager_bytes = b * s * s * (FP32 if cond.autocast else cond.weight_bytes)
     lowest: dict[bool, int] = {}
     for i in reversed(range(spec.num_layers)):
-        if ckpt is None or ckpt[i]:
+        # (a linear-attention layer gets no mask: no padding, None)
+        if (ckpt is None or ckpt[i]) and not spec.linear_layer(i):
             lowest[spec.sliding_type(i)] = i
     freed = [0] * spec.num_layers
     for sliding, i in lowest.items():
         if eager:
             freed[i] += eager_bytes
-        elif cond.packed or (sliding and s >= (spec.sliding_window or 0)):
-            freed[i] += s * s
+        elif cond.packed or (sliding and s >= (spec.local_span(i) or 0)):
+            freed[i] += s * s if cond.packed else sdpa_local_mask_bytes(spec, cond)
     # Gemma 3's rotary embeddings likewise: a kind's cos and sin go with the lowest layer using it
     # (the one layer 0 rotates with stays through the embedding's backward, as in every family)
     rotary_low: dict[bool, int] = {}
     for i in reversed(range(spec.num_layers)):
         if ckpt is None or ckpt[i]:
             rotary_low[rotary_kind(spec, i)] = i
-    pair = 2 * s * rotary_width(spec) * (FP32 if fp32_rotary(spec) else cond.weight_bytes)
+    pair = sum(n * size for n, size in rotary_tables(spec, cond))
     for i in rotary_low.values():
         freed[i] += pair if i else 0
     return tuple(freed)
+
+
+def local_mask(spec: ModelSpec, i: int, cond: Conditions) -> bool:
+    """Whether SDPA gets an explicit mask for layer `i`: a sliding window or attention chunk
+    (`ModelSpec.local_span`) no longer than the sequence; shorter sequences run causal."""
+    span = spec.local_span(i)
+    return span is not None and cond.seq_len >= span
 
 
 def forward_mask_bytes(spec: ModelSpec, cond: Conditions) -> int:
@@ -2585,18 +3112,26 @@ def forward_mask_bytes(spec: ModelSpec, cond: Conditions) -> int:
     """
     # Gemma2Model builds both masks whatever layers it has (a one-layer slice too); Qwen2Model the
     # full one always, and the sliding one when any layer slides
-    kinds = {spec.sliding_layer(i) for i in range(spec.num_layers)}
+    kinds = {spec.sliding_layer(i) or spec.chunked_layer(i) for i in range(spec.num_layers)}
     if spec.family in ("smollm3", "gpt_oss", *QWEN_WINDOWS, *GEMMA_FAMILIES):
         # (GptOssModel builds both too)
         kinds |= {True, False} if spec.family in (*GEMMA_FAMILIES, "gpt_oss") else {False}
     if cond.attention == "eager":
         return len(kinds) * cond.batch_size * cond.seq_len * cond.seq_len * (
             FP32 if cond.autocast else cond.weight_bytes)
-    sliding = any(spec.sliding_layer(i) and cond.seq_len >= (spec.sliding_window or 0)
-                  for i in range(spec.num_layers))
+    sliding = any(local_mask(spec, i, cond) for i in range(spec.num_layers))
     if cond.packed:  # one block-diagonal mask per kind of layer
         return len(kinds) * cond.seq_len * cond.seq_len
-    return cond.seq_len * cond.seq_len if sliding else 0
+    return sdpa_local_mask_bytes(spec, cond) if sliding else 0
+
+
+def sdpa_local_mask_bytes(spec: ModelSpec, cond: Conditions) -> int:
+    """The boolean mask the model builds for SDPA's local layers (`local_mask`): a sliding window's
+    (1, 1, s, s), expanded over the batch without a copy; Llama 4's chunked one (b, 1, s, s), since
+    its chunks start after each row's left padding (`chunked_causal_mask_function`). Source:
+    transformers 5 `masking_utils`."""
+    per_row = spec.attention_chunk is not None  # (no family has both chunks and a sliding window)
+    return cond.seq_len * cond.seq_len * (cond.batch_size if per_row else 1)
 
 
 def trained_norm_product_bytes(numel: int, itemsize: int, offset_weight: bool) -> int:
@@ -2783,6 +3318,9 @@ class Profile:
     # per layer: a recomputed expert block at its combine's backward (`moe_recompute_combine`); 0
     # without experts
     recompute_combine: tuple[int, ...] = ()
+    # per layer: a gated-DeltaNet layer's token-mixer backward transient (`delta_rule_backward`), in
+    # place of `transients`' attention one; None for an attention layer, () when no layer has one
+    mixer_backward: tuple[int | None, ...] = ()
     # backward work not done (see `Graph.no_input_grad_params`); `cost` takes it off the FLOPs
     no_input_grad_params: int = 0
     attention_without_grad: int = 0
@@ -2813,6 +3351,9 @@ class Profile:
     # (`Graph.sac_unconsumed`), alive through its backward
     sac_kept: tuple[int, ...] = ()
     sac_unconsumed: tuple[int, ...] = ()
+    # every tensor the walk saved, in the order saved: (bytes, section of its first save); the
+    # structural oracle (`measure/saved_tape.py`) holds it against the real model's saved tensors
+    saves: tuple[tuple[int, str], ...] = field(default=(), compare=False, repr=False)
 
     def checkpointed_at(self, i: int) -> bool:
         """Whether layer i is checkpointed (keeps its input, recomputes its saved set in backward)."""
@@ -2893,10 +3434,8 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
             # scaled by sqrt(hidden) inside the embedding module (`Gemma2TextScaledWordEmbedding`):
             # the product keeps a scalar, and the unscaled lookup is freed as the module returns
             x = g.new(t * H, wb, x.grad)
-        half = cond.seq_len * rotary_width(spec)
-        rb = FP32 if fp32_rotary(spec) else wb
         # a cos and sin per rotary embedding the layers use (Gemma 3's local and global ones)
-        rots = {kind: (g.new(half, rb, False), g.new(half, rb, False))
+        rots = {kind: tuple(g.new(n, size, False) for n, size in rotary_tables(spec, cond))
                 for kind in sorted({rotary_kind(spec, i) for i in range(spec.num_layers)})}
     layers, mlps, inputs, overlap = [], [], [], []
     input_grads: list[bool] = []
@@ -2957,7 +3496,7 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
     if spec.family == "gpt2":
         h = g.layer_norm(x, norm, H)
     else:
-        h = g.rms_norm(x, norm, H, spec.family in GEMMA_FAMILIES, fp32_product=fp32_norm_product(spec))
+        h = g.rms_norm(x, norm, H, spec.offset_norms, fp32_product=fp32_norm_product(spec))
     final_norm = g.saved_bytes("head")
     # the decoder model returns after its final norm: what its forward held (the embedding output,
     # position ids, rotary cos and sin, attention masks) is freed before the head, unless saved
@@ -2996,15 +3535,16 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
     # (eager) and, for rotary families, cos, sin and the position ids. Under selective checkpointing
     # only the kinds of the checkpointed layers keep a mask alive.
     held_by = [i for i in range(spec.num_layers) if ckpt[i] or not cond.grad_checkpointing]
-    kinds = {spec.sliding_type(i) for i in held_by}
+    # (a linear-attention layer gets no mask)
+    kinds = {spec.sliding_type(i) for i in held_by if not spec.linear_layer(i)}
     eager_mask = mask * len(kinds) if cond.attention == "eager" else 0
     shared = eager_mask + (sum(r.nbytes for rot in rots.values() for r in rot) + positions * INT64
                            if rots else 0)
-    if cond.attention == "sdpa" and (cond.packed or any(
-            spec.sliding_layer(i) and cond.seq_len >= (spec.sliding_window or 0) for i in held_by)):
-        # SDPA's sliding-window mask: boolean (1, 1, s, s), expanded over the batch without a copy;
-        # packed, each kind of layer's block-diagonal mask
-        shared += cond.seq_len * cond.seq_len * (len(kinds) if cond.packed else 1)
+    if cond.attention == "sdpa" and (cond.packed or any(local_mask(spec, i, cond) for i in held_by)):
+        # SDPA's sliding-window mask (`sdpa_local_mask_bytes`); packed, each kind of layer's
+        # block-diagonal mask
+        shared += (len(kinds) * cond.seq_len * cond.seq_len if cond.packed
+                   else sdpa_local_mask_bytes(spec, cond))
     return Profile(
         embedding=g.saved_bytes("embedding") + leaf_held,
         layers=tuple(layers),
@@ -3033,6 +3573,8 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
         if g.out_input_backward else (),
         value_product_backward=tuple(g.pv_backward.get(f"layer {i}", 0) for i in range(spec.num_layers))
         if g.pv_backward else (),
+        mixer_backward=tuple(g.mixer_backward.get(f"layer {i}") for i in range(spec.num_layers))
+        if g.mixer_backward else (),
         no_input_grad_params=g.no_input_grad_params,
         attention_without_grad=g.attention_without_grad,
         recompute_peaks=tuple(g.recompute_peak(f"layer {i}") for i in range(spec.num_layers)),
@@ -3062,6 +3604,7 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
         # then keeps every saved set, as without checkpointing (the embedding output still a leaf)
         checkpointed=any(ckpt),
         rng_state=checkpoint_rng_state_bytes(cond),
+        saves=tuple(g.saved.values()),
         offloaded=cond.activation_offload,
         compiled=cond.compile,
         # a chunked or fused loss counts the head's input alive through the loss itself (`head_and_loss`)
@@ -3072,7 +3615,7 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
                        if spec.family != "gpt2" and (x.grad or norm in trainable) else 0),
         forward_live=0 if cond.grad_checkpointing and all(ckpt) else g.forward_live,
         final_norm_freed=trained_norm_product_bytes(x.numel, x.itemsize,
-                                                    spec.family in GEMMA_FAMILIES or fp32_norm_product(spec))
+                                                    spec.offset_norms or fp32_norm_product(spec))
         if spec.family != "gpt2" and norm in trainable else 0,
         input_leaf=t * H * wb if input_grad and not trainable & {"model.embed_tokens", "transformer.wte",
                                                                  "transformer.wpe"} else 0,

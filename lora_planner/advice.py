@@ -29,6 +29,7 @@ from dataclasses import dataclass, replace
 from .errors import PlanError
 from .gpus import Gpu
 from .plan import MethodPlan, Plan, make_plan
+from .recorded import RecordedModel
 from .spec import DenseSize, ModelSpec, TrainSetup
 
 PER_METHOD = 3  # suggestions kept per method: a handful, not a search report
@@ -261,7 +262,7 @@ def suggestions_for(setup: TrainSetup, p: MethodPlan, model: ModelSpec | DenseSi
     target = setup.num_gpus or 1
     found = _scaled(setup, p)
     ladder = _ladder(setup)
-    for names, changes, flags in _knobs(setup, p, isinstance(model, ModelSpec)):
+    for names, changes, flags in _knobs(setup, p, isinstance(model, (ModelSpec, RecordedModel))):
         near = sorted(len(s.changes) for s in found if s.gpus <= target)
         if len(near) >= PER_METHOD and near[PER_METHOD - 1] <= len(names):
             break
@@ -292,7 +293,7 @@ def advise(plan: Plan, model: ModelSpec | DenseSize, setups: tuple[TrainSetup, .
     # the same alone or beside others; only `compute` differs, which advice does not read)
     plan_one.seen.update(zip(setups, plan.plans, strict=True))  # type: ignore[attr-defined]
     checkpointed: tuple[MethodPlan, ...] = ()
-    if isinstance(model, ModelSpec) and not any(s.grad_checkpointing for s in setups):
+    if isinstance(model, (ModelSpec, RecordedModel)) and not any(s.grad_checkpointing for s in setups):
         on = tuple(s.with_(grad_checkpointing=True) for s in setups)
         checkpointed = make_plan(model, on, gpu, fewest_only=True).plans
         plan_one.seen.update(zip(on, checkpointed, strict=True))  # type: ignore[attr-defined]

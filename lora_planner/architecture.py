@@ -17,8 +17,8 @@ from .spec import ModelSpec
 # stores its weight transposed, as (in_features, out_features).
 LINEAR_KINDS = ("linear", "conv1d")
 # Families whose fused experts store each expert's weight as (in, out), with the router at
-# `mlp.router` (GPT-OSS)
-TRANSPOSED_EXPERTS = ("gpt_oss",)
+# `mlp.router` (GPT-OSS; Llama 4's `feed_forward.router`)
+TRANSPOSED_EXPERTS = ("gpt_oss", "llama4")
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,9 @@ class Module:
     """
 
     path: str
-    kind: str  # linear | conv1d | embedding | norm | router | experts | sinks
+    # linear | conv1d | embedding | norm | router | experts | sinks | conv (a depthwise nn.Conv1d) |
+    # decay (a gated-DeltaNet's own A_log and dt_bias)
+    kind: str
     params: tuple[Param, ...]
     in_features: int = 0
     out_features: int = 0
@@ -168,11 +170,33 @@ def _latent_attention(spec: ModelSpec, p: str) -> list[Module]:
     ]
 
 
+def _gated_delta_net(spec: ModelSpec, p: str) -> list[Module]:
+    """Qwen3-Next's linear attention (`Qwen3NextGatedDeltaNet`): q, k, v and the output gate z in one
+    projection (`in_proj_qkvz`), beta and a in another (`in_proj_ba`, one of each per value head), a
+    depthwise causal convolution over q, k and v (`conv1d`, no bias: weight (channels, 1, kernel)),
+    the decay's per-value-head `A_log` and `dt_bias` (parameters of the module itself), a gated
+    RMSNorm over each value head (`norm`) and `out_proj`; no biases."""
+    h, a = spec.hidden_size, f"{p}.linear_attn"
+    keys = spec.linear_key_heads * spec.linear_key_head_dim
+    values = spec.linear_value_heads * spec.linear_value_head_dim
+    channels = 2 * keys + values
+    own = (Param(f"{a}.dt_bias", (spec.linear_value_heads,)), Param(f"{a}.A_log", (spec.linear_value_heads,)))
+    return [
+        Module(a, "decay", own),
+        Module(f"{a}.conv1d", "conv", (Param(f"{a}.conv1d.weight", (channels, 1, spec.linear_conv_kernel)),)),
+        _linear(f"{a}.in_proj_qkvz", h, 2 * keys + 2 * values, False),
+        _linear(f"{a}.in_proj_ba", h, 2 * spec.linear_value_heads, False),
+        _norm(f"{a}.norm", spec.linear_value_head_dim, bias=False),
+        _linear(f"{a}.out_proj", values, h, False),
+    ]
+
+
 def _attention(spec: ModelSpec, p: str) -> list[Module]:
     if spec.kv_lora_rank:
         return _latent_attention(spec, p)
     h = spec.hidden_size
-    q_out = spec.num_heads * spec.head_dim
+    # (an output gate: q_proj makes each head's query and its gate)
+    q_out = spec.num_heads * spec.head_dim * (2 if spec.attention_output_gate else 1)
     kv_out = spec.num_kv_heads * spec.head_dim  # grouped-query attention: fewer k/v heads
     if spec.family == "phi3":
         return [
@@ -183,13 +207,14 @@ def _attention(spec: ModelSpec, p: str) -> list[Module]:
         _linear(f"{p}.self_attn.q_proj", h, q_out, spec.qkv_bias),
         _linear(f"{p}.self_attn.k_proj", h, kv_out, spec.qkv_bias),
         _linear(f"{p}.self_attn.v_proj", h, kv_out, spec.qkv_bias),
-        _linear(f"{p}.self_attn.o_proj", q_out, h, spec.out_bias),
+        _linear(f"{p}.self_attn.o_proj", spec.num_heads * spec.head_dim, h, spec.out_bias),
     ]
-    if spec.qk_norm:
+    if spec.qk_norm and spec.qk_norm != "l2":  # (Llama 4's weightless norm owns no parameter)
         # Qwen3 normalises each head (a weight of head_dim), OLMo 2 the whole projection
         per_head = spec.qk_norm == "head"
         modules += [
-            _norm(f"{p}.self_attn.q_norm", spec.head_dim if per_head else q_out, bias=False),
+            _norm(f"{p}.self_attn.q_norm", spec.head_dim if per_head else spec.num_heads * spec.head_dim,
+                  bias=False),
             _norm(f"{p}.self_attn.k_norm", spec.head_dim if per_head else kv_out, bias=False),
         ]
     return modules
@@ -205,6 +230,7 @@ def _gated_mlp(path: str, h: int, inner: int, b: bool) -> list[Module]:
 
 def _mlp(spec: ModelSpec, p: str, i: int) -> list[Module]:
     h, inner, b = spec.hidden_size, spec.mlp_width(i), spec.mlp_bias
+    mlp = f"{p}.{spec.mlp_module}"
     if spec.family == "phi3":
         return [
             _linear(f"{p}.mlp.gate_up_proj", h, 2 * inner, b),  # fused gate and up
@@ -212,25 +238,38 @@ def _mlp(spec: ModelSpec, p: str, i: int) -> list[Module]:
         ]
     if spec.sparse_layer(i):
         sparse = _experts(spec, p)
-        # DeepSeek-V3's shared experts: one gated MLP as wide as `shared_experts` experts
+        # DeepSeek-V3's shared experts: one gated MLP as wide as `shared_experts` experts (Qwen3-Next's
+        # `shared_expert`, of its own width, and its gate)
         if spec.shared_experts:
-            sparse += _gated_mlp(f"{p}.mlp.shared_experts", h, spec.shared_experts * inner, b)
+            sparse += _gated_mlp(shared_expert_path(spec, p), h, spec.shared_width, b)
+        if spec.shared_expert_gate:
+            sparse.append(_linear(f"{mlp}.shared_expert_gate", h, 1, False))
         return sparse
-    return _gated_mlp(f"{p}.mlp", h, inner, b)
+    return _gated_mlp(mlp, h, inner, b)
+
+
+def shared_expert_path(spec: ModelSpec, p: str) -> str:
+    """The shared expert MLP of layer prefix `p`: `mlp.shared_experts` (DeepSeek-V3, GLM-4-MoE),
+    `mlp.shared_expert` where a sigmoid gate scales it (Qwen3-Next), `feed_forward.shared_expert`
+    (Llama 4): `ModelSpec.mlp_module` and `ModelSpec.shared_module`."""
+    return f"{p}.{spec.mlp_module}.{spec.shared_module}"
 
 
 def router_path(spec: ModelSpec, p: str) -> str:
-    """The router module of layer prefix `p`: `mlp.gate` (Mixtral, Qwen3-MoE), `mlp.router` (GPT-OSS)."""
-    return f"{p}.mlp.router" if spec.family in TRANSPOSED_EXPERTS else f"{p}.mlp.gate"
+    """The router module of layer prefix `p`: `mlp.gate` (Mixtral, Qwen3-MoE), `mlp.router` (GPT-OSS),
+    `feed_forward.router` (Llama 4)."""
+    return f"{p}.{spec.mlp_module}.{'router' if spec.family in TRANSPOSED_EXPERTS else 'gate'}"
 
 
 def _experts(spec: ModelSpec, p: str) -> list[Module]:
     """transformers 5 stores all experts of a layer as two 3-D parameters and the router as a plain
     weight: none of them is an nn.Linear, so PEFT's target_modules cannot wrap them. Mixtral and
     Qwen3-MoE store each expert's weight as (out, in); GPT-OSS as (in, out), gate and up interleaved
-    in one (hidden, 2 x inner), with a bias per expert output and a router bias (`mlp_bias`)."""
+    in one (hidden, 2 x inner), with a bias per expert output and a router bias (`mlp_bias`); Llama 4
+    as GPT-OSS without biases, gate and up as halves, its router an nn.Linear subclass
+    (`Llama4Router`) that target_modules would reach (`counts` refuses it: its forward breaks)."""
     h, inner, e = spec.hidden_size, spec.intermediate_size, spec.num_experts
-    router, experts = router_path(spec, p), f"{p}.mlp.experts"
+    router, experts = router_path(spec, p), f"{p}.{spec.mlp_module}.experts"
     transposed = spec.family in TRANSPOSED_EXPERTS
     router_params = [Param(f"{router}.weight", (e, h))]
     expert_params = [
@@ -253,7 +292,7 @@ def _decoder_layers(spec: ModelSpec) -> list[Module]:
         if spec.attention_sinks:  # a parameter of the attention module itself, one logit per head
             modules.append(Module(f"{p}.self_attn", "sinks",
                                   (Param(f"{p}.self_attn.sinks", (spec.num_heads,)),)))
-        modules += _attention(spec, p)
+        modules += _gated_delta_net(spec, p) if spec.linear_layer(i) else _attention(spec, p)
         modules += _mlp(spec, p, i)
         if spec.norm_placement != "post":  # OLMo 2 has no norm before attention
             modules.append(_norm(f"{p}.input_layernorm", h, bias=False))

@@ -175,11 +175,59 @@ GLM_4_5_AIR = ModelSpec(
     shared_experts=1,
 )
 
-CATALOG += (DEEPSEEK_V3, GLM_4_5_AIR)
+# Qwen3-Next-80B-A3B: 48 layers, every fourth full attention (16 query heads of 256, 2 k/v heads, an
+# output gate, a quarter of each head rotating), the other 36 gated-DeltaNet linear attention (16 q/k
+# heads and 32 value heads of 128, a 4-token convolution); every layer 512 routed experts 512 wide, top
+# 10, beside one gated shared expert as wide. 79.67B parameters as transformers builds it (the
+# checkpoint's multi-token-prediction layer, `mtp.*`, is not built).
+QWEN3_NEXT_80B = ModelSpec(
+    name="qwen3-next-80b-a3b", family="qwen3_next", vocab_size=151936, hidden_size=2048, num_layers=48,
+    num_heads=16, num_kv_heads=2, head_dim=256, intermediate_size=512, tied_embeddings=False,
+    max_positions=262144, num_experts=512, experts_per_token=10, source="Qwen/Qwen3-Next-80B-A3B-Instruct",
+    rope_head_dim=64, shared_experts=1, shared_expert_width=512, shared_expert_gate=True,
+    attention_output_gate=True, linear_layers=tuple(i for i in range(48) if (i + 1) % 4),
+    linear_key_heads=16, linear_value_heads=32, linear_key_head_dim=128, linear_value_head_dim=128,
+    linear_conv_kernel=4,
+)
+
+
+def _llama4(name: str, *, experts: int, every: int, qk_norm: bool, positions: int, source: str) -> ModelSpec:
+    """A Llama 4 language model as `Llama4ForCausalLM` builds it from the checkpoint's text_config:
+    hidden 5,120, 48 layers, 40 query heads of 128 over 8 k/v heads, vocabulary 202,048, untied; one
+    expert per token, experts and the shared expert 8,192 wide, every `every`-th layer sparse (the
+    others dense, 16,384 wide); every fourth layer NoPE (no_rope_layers' default), the rotary ones
+    attending in 8,192-token chunks, the NoPE ones with temperature tuning."""
+    moe = tuple(range(every - 1, 48, every))
+    dense = tuple(i for i in range(48) if i not in moe)
+    return ModelSpec(
+        name=name, family="llama4", vocab_size=202048, hidden_size=5120, num_layers=48, num_heads=40,
+        num_kv_heads=8, head_dim=128, intermediate_size=8192, tied_embeddings=False, max_positions=positions,
+        num_experts=experts, experts_per_token=1, norm_topk=False, source=source,
+        dense_layers=dense, dense_intermediate_size=16384 if dense else 0, shared_experts=1,
+        nope_layers=tuple(range(3, 48, 4)), qk_norm="l2" if qk_norm else None, attention_chunk=8192,
+        nope_temperature=True,
+    )
+
+
+# Llama 4 Scout: 16 experts in every layer, q/k norms on; 107.77B parameters in its language model
+# (the published 109B counts the vision tower too, which is not planned). Maverick: 128 experts in
+# every other layer (odd ones; interleave_moe_layer_step 2), no q/k norms (transformers' modules say
+# both of "the 128E model"); 400.71B in its language model.
+LLAMA_4_SCOUT = _llama4("llama-4-scout", experts=16, every=1, qk_norm=True, positions=10485760,
+                        source="meta-llama/Llama-4-Scout-17B-16E")
+LLAMA_4_MAVERICK = _llama4("llama-4-maverick", experts=128, every=2, qk_norm=False, positions=1048576,
+                           source="meta-llama/Llama-4-Maverick-17B-128E")
+
+CATALOG += (DEEPSEEK_V3, GLM_4_5_AIR, QWEN3_NEXT_80B, LLAMA_4_SCOUT, LLAMA_4_MAVERICK)
 
 # What a plan of an entry says about its published checkpoint, by hub id, where the plan's 16-bit base
 # is not what the hub holds
+_LLAMA4_NOTE = ("{id} is a multimodal checkpoint (Llama4ForConditionalGeneration): its language model "
+                "is planned, the vision tower and projector are not. The shape is its text_config as "
+                "recalled, not read from the hub (max_position_embeddings least sure; it changes no "
+                "planned byte); the parameter count is held to a meta-device build")
 PUBLISHED_NOTES = {
+    **{spec.source: _LLAMA4_NOTE.format(id=spec.source) for spec in (LLAMA_4_SCOUT, LLAMA_4_MAVERICK)},
     "deepseek-ai/DeepSeek-V3": (
         "deepseek-ai/DeepSeek-V3 is published in FP8 (block-scaled e4m3 weights; 685B parameters with "
         "its multi-token-prediction module, which transformers does not build): this plan assumes a "

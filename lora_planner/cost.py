@@ -92,7 +92,8 @@ def matmul_params(spec: ModelSpec, arch: Architecture) -> int:
     Linear weights (GPT-2's Conv1D included), the router, and the output head (a tied head
     multiplies by the embedding matrix, so it counts though it owns no parameter). Embedding
     lookups and norms do no matmul; biases are additions. A mixture of experts runs
-    `experts_per_token` of its `num_experts` experts per token, so expert weights count in that
+    `expert_rows_per_token` of its `num_experts` experts per token (its top k; all of them where
+    every expert takes every token, as transformers runs Llama 4), so expert weights count in that
     proportion.
     """
     n = 0
@@ -101,7 +102,7 @@ def matmul_params(spec: ModelSpec, arch: Architecture) -> int:
             n += m.in_features * m.out_features if not m.params else sum(
                 p.numel for p in m.params if not p.name.endswith(".bias"))
         elif m.kind == "experts":
-            n += m.numel * spec.experts_per_token // spec.num_experts
+            n += m.numel * spec.expert_rows_per_token // spec.num_experts
     return n
 
 

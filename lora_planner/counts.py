@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 from .architecture import LINEAR_KINDS, Architecture, Module, Param, layout
 from .errors import PlanError
-from .spec import ModelSpec, TrainSetup
+from .spec import LINEAR_ATTENTION_FAMILIES, ModelSpec, TrainSetup
 
 # PEFT's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, for our families. PEFT has no entry
 # for phi3 (it asks for explicit targets); we use the fused attention layer, as its `qv` preset.
@@ -55,6 +55,10 @@ PEFT_DEFAULT_TARGETS = {
     # PEFT has no entry; latent attention has no v_proj: its `qv` preset (`latent_attention_targets`)
     "deepseek_v3": (),
     "glm4_moe": ("q_proj", "v_proj"),  # PEFT has no entry; as for Llama
+    # PEFT has no entry: its `qv` preset, the full-attention layers' q and v and the linear-attention
+    # layers' fused q/k/v/z projection (LoRA cannot wrap part of it)
+    "qwen3_next": ("q_proj", "v_proj", "in_proj_qkvz"),
+    "llama4": ("q_proj", "v_proj"),  # PEFT's llama4 entry (its llama4_text, the causal LM's, has none)
 }
 
 _SPLIT_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -62,8 +66,12 @@ _GATED_MLP = ("gate_proj", "up_proj", "down_proj")
 # Presets per family. GPT-2 and Phi-3 fuse q, k and v into one layer, so `qv` there means the
 # fused layer: LoRA cannot wrap half of a linear layer.
 PRESETS = {
-    "qv": {"gpt2": ("c_attn",), "phi3": ("qkv_proj",), "*": ("q_proj", "v_proj")},
-    "attn": {"gpt2": ("c_attn", "attn.c_proj"), "phi3": ("qkv_proj", "o_proj"), "*": _SPLIT_ATTN},
+    # Qwen3-Next: the full-attention layers' projections and the linear-attention layers' own
+    # (q/k/v/z, beta and a, out_proj)
+    "qv": {"gpt2": ("c_attn",), "phi3": ("qkv_proj",), "qwen3_next": ("q_proj", "v_proj", "in_proj_qkvz"),
+           "*": ("q_proj", "v_proj")},
+    "attn": {"gpt2": ("c_attn", "attn.c_proj"), "phi3": ("qkv_proj", "o_proj"),
+             "qwen3_next": (*_SPLIT_ATTN, "in_proj_qkvz", "in_proj_ba", "out_proj"), "*": _SPLIT_ATTN},
     "mlp": {
         "gpt2": ("c_fc", "mlp.c_proj"),
         "phi3": ("gate_up_proj", "down_proj"),
@@ -195,7 +203,18 @@ def lora_linear_params(in_features: int, out_features: int, rank: int) -> int:
 def default_targets(spec: ModelSpec) -> tuple[str, ...]:
     if spec.kv_lora_rank:
         return latent_attention_targets(spec, "qv")
-    return PEFT_DEFAULT_TARGETS[spec.family]
+    return _present(spec, PEFT_DEFAULT_TARGETS[spec.family])
+
+
+def _present(spec: ModelSpec, names: tuple[str, ...]) -> tuple[str, ...]:
+    """A preset's names some module of a mixed-layer model has: Qwen3-Next's layers may all be of
+    one kind (no full or no linear attention), and PEFT wraps whatever a list's names reach. Every
+    name, when none is present (the error then names them)."""
+    if spec.family not in LINEAR_ATTENTION_FAMILIES:
+        return names
+    paths = [m.path for m in layout(spec).modules]
+    v4_names = MOE_V4_NAMES.get(spec.family, {})
+    return tuple(n for n in names if n in v4_names or any(_matches(q, n) for q in paths)) or names
 
 
 def expand_targets(spec: ModelSpec, targets: tuple[str, ...]) -> tuple[str, ...]:
@@ -209,7 +228,7 @@ def expand_targets(spec: ModelSpec, targets: tuple[str, ...]) -> tuple[str, ...]
         elif target in PRESETS:
             by_family = PRESETS[target]
             chosen = by_family.get(spec.family, by_family["*"])
-            names += chosen
+            names += _present(spec, chosen)
         else:
             names.append(target)
     return tuple(dict.fromkeys(names))
@@ -240,11 +259,28 @@ def _check_targets(arch: Architecture, targets: tuple[str, ...]) -> None:
                 raise PlanError(f"target {target!r} is not a valid regular expression: {exc}") from None
 
 
+# Families whose router is an nn.Linear subclass returning (scores, logits) (Llama 4's `Llama4Router`):
+# target_modules (all-linear too) wrap it as a LoRA linear layer, whose forward then adds the adapter's
+# output to that tuple and fails, so a target reaching it is refused
+LINEAR_ROUTERS = ("llama4",)
+
+
+def _check_linear_router(spec: ModelSpec, arch: Architecture, targets: tuple[str, ...]) -> None:
+    if spec.family not in LINEAR_ROUTERS:
+        return
+    routers = [m.path for m in arch.modules if m.kind == "router"]
+    if "all-linear" in targets or any(_matches(r, t) for r in routers for t in targets):
+        raise PlanError(f"PEFT would wrap {spec.family}'s router (an nn.Linear returning scores and logits) "
+                        "as a LoRA linear layer, whose forward fails: name the targets instead of "
+                        "all-linear (e.g. q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj)")
+
+
 def wrapped_modules(spec: ModelSpec, setup: TrainSetup) -> tuple[tuple[Module, ...], tuple[str, ...]]:
     """The modules LoRA wraps for the setup's targets, and the resolved target names."""
     arch = layout(spec, setup.task, setup.num_labels)
     targets = expand_targets(spec, setup.targets)
     _check_targets(arch, targets)
+    _check_linear_router(spec, arch, targets)
     saved = _modules_to_save_names(setup)
     v4_names = MOE_V4_NAMES.get(spec.family, {})
     if v4_names and spec.family in PEFT_CONVERTED:
@@ -309,10 +345,13 @@ MOE_V4_NAMES = {
                     "gate": "router"},
     "glm4_moe": {"gate_proj": "gate_up_proj", "up_proj": "gate_up_proj", "down_proj": "down_proj",
                  "gate": "router"},
+    # (PEFT converts it as Qwen2-MoE: its shared expert's and dense MLPs' linears stay unwrapped)
+    "qwen3_next": {"gate_proj": "gate_up_proj", "up_proj": "gate_up_proj", "down_proj": "down_proj",
+                   "gate": "router"},
 }
 # Families whose names PEFT converts (`_convert_peft_config_moe`): two v4 linears fuse into gate_up_proj
 # at rank and alpha 2r, and `all-linear` reaches the experts and the router
-PEFT_CONVERTED = ("mixtral", "qwen3_moe", "deepseek_v3", "glm4_moe")
+PEFT_CONVERTED = ("mixtral", "qwen3_moe", "deepseek_v3", "glm4_moe", "qwen3_next")
 
 
 def regex_target_names(arch: Architecture, pattern: str, v4_names: dict[str, str]) -> tuple[str, ...]:

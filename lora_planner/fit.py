@@ -27,10 +27,19 @@ class Fit:
 
 def largest(fits: Callable[[int], bool], high: int) -> int:
     """The largest n in [1, high] with fits(n), assuming fits is monotone (true, then false); 0 if
-    fits(1) is false."""
+    fits(1) is false. `high` is tried second, then n doubles from 1 until it no longer fits, then
+    bisection: about 2 log2(answer) verdicts rather than log2(high), which matters where each verdict
+    is a recording of its own (`recorded.RecordedModel`)."""
     if not fits(1):
         return 0
-    lo, hi = 1, high
+    if fits(high):
+        return high
+    lo, hi = 1, high - 1  # fits(lo); the answer is in [lo, hi]
+    while 2 * lo <= hi:
+        if not fits(2 * lo):
+            hi = 2 * lo - 1
+            break
+        lo *= 2
     while lo < hi:
         mid = (lo + hi + 1) // 2
         if fits(mid):

@@ -107,10 +107,10 @@ def nf4_gathered_saving(spec: ModelSpec, setup: TrainSetup, weight_bytes: int) -
     because each NF4 weight travels as its packed codes: numel x weight bytes - ceil(numel / 2)
     (torchao's NF4Tensor: less its sharded scalers too, `quant.nf4_gathered_bytes`)."""
     from .counts import lora_trainable
-    from .quant import nf4_gathered_bytes, quantised_params
+    from .quant import nf4_gathered_bytes, quantised_params, quantises_experts
 
     arch = layout(spec, setup.task, setup.num_labels)
-    quantised = quantised_params(arch, lora_trainable(spec, setup), setup.quantize_experts)
+    quantised = quantised_params(arch, lora_trainable(spec, setup), quantises_experts(spec, setup))
     prefix = _block_prefix(spec)
     blocks, root = [0] * spec.num_layers, 0
     for p in arch.params:
@@ -170,7 +170,6 @@ def extra_bytes(phase: Phase, u: Units, n: int, reshard_after_forward: bool,
     root = u.gathered(u.root_bytes, n)
     if u.flat:
         u = replace(u, block_bytes=tuple(u.gathered(b, n) for b in u.block_bytes))
-    head = u.head_grads - _share(u.head_grads, n, grads_offloaded)
     last = len(u.block_bytes) - 1
     if phase.name == "optimizer":
         return 0, ""
@@ -193,16 +192,28 @@ def extra_bytes(phase: Phase, u: Units, n: int, reshard_after_forward: bool,
         gathered = u.block_bytes[last] if reshard_after_forward else sum(u.block_bytes)
         return root + gathered, "root whole + last block prefetched"
     i, part = phase.layer, phase.part
-    if reshard_after_forward:
-        gathered = u.block_bytes[i] + (u.block_bytes[i - 1] if i > 0 else 0)
-    else:
-        gathered = sum(u.block_bytes[: i + 1])
     attn, mlp, out = u.block_grads[i]
     # what the timeline counts as produced by then: the output projection's gradient before the
     # MLP's backward, the whole layer's before the attention's
     produced = out if part == "MLP" else attn + mlp + out
+    return block_extra(u, i, produced, n, reshard_after_forward, grads_offloaded, describe)
+
+
+def block_extra(u: Units, i: int, produced: int, n: int, reshard_after_forward: bool,
+                grads_offloaded: bool = False, describe: bool = True) -> tuple[int, str]:
+    """`extra_bytes` inside decoder layer i's backward, once `produced` bytes of its gradients exist
+    (counted by the timeline as a 1/N share): the root whole + block i and the prefetched block i-1
+    gathered (without resharding: blocks 0..i) + those gradients whole rather than a share + block
+    i+1's reduce-scatter input + the head's gradients whole rather than a share. Units as gathered
+    (`Units.gathered`: FSDP1's padded)."""
+    root = u.gathered(u.root_bytes, n)
+    head = u.head_grads - _share(u.head_grads, n, grads_offloaded)
+    if reshard_after_forward:
+        gathered = sum(u.gathered(b, n) for b in u.block_bytes[max(i - 1, 0): i + 1])
+    else:
+        gathered = sum(u.gathered(b, n) for b in u.block_bytes[: i + 1])
     produced_whole = produced - _share(produced, n, grads_offloaded)
-    held = sum(u.block_grads[i + 1]) if i < last else 0
+    held = sum(u.block_grads[i + 1]) if i < len(u.block_bytes) - 1 else 0
     extra = root + gathered + produced_whole + held + head
     if not describe:
         return extra, ""

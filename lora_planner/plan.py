@@ -35,13 +35,22 @@ from .precision import DTYPE_BYTES, Precision, get_precision, weight_dtype
 from .quant import (
     COMPUTE_DTYPES,
     bnb_bias_bytes,
+    check_split_expert_targets,
     nf4_state_bytes,
     parse_bnb_version,
     quant_notes,
     quantised_params,
+    quantises_experts,
     torchao_replicated_bytes,
 )
-from .recorded import RecordedModel, RecordedStep, is_adapter, recorded_phases
+from .recorded import (
+    RecordedModel,
+    RecordedStep,
+    fsdp_units,
+    is_adapter,
+    recorded_phases,
+    recorded_position_phases,
+)
 from .sharding import (
     DataParallel,
     distribute,
@@ -202,12 +211,13 @@ def _assemble(method: str, gpu: Gpu, weight_terms: tuple[Term, ...], states: dic
               setup: TrainSetup, spec: ModelSpec | None, buffers: dict[str, Term] | None = None,
               unsharded: dict[str, int] | None = None, fewest_only: bool = False,
               recorded: RecordedStep | None = None, recorded_layers: int = 0, dequant: int = 0,
-              **fields) -> MethodPlan:
+              recorded_units=None, **fields) -> MethodPlan:
     """Model states plus, when the model's shape is known, the step's activations and timeline peak;
     with --num-gpus, all of it on one GPU under the chosen sharding. GPU counts and the verdict come
     from the one fit rule, `gpus.fits` (`fewest_only`: see `sharding.distribute`). A `recorded` step
     (a model of no family of ours, `recorded.py`) of `recorded_layers` layers gives the activations
-    and phases instead of the walk; `dequant`: QLoRA's dequantised weight in its backward."""
+    and phases instead of the walk (under FSDP2 with its `recorded_units`, `fsdp.Units`, and the
+    embeddings' output as `start_input`); `dequant`: QLoRA's dequantised weight in its backward."""
     weights = Term("weights", sum(t.bytes for t in weight_terms),
                    " + ".join(t.formula for t in weight_terms))
     memory = {"weights": weights, **states}
@@ -218,6 +228,11 @@ def _assemble(method: str, gpu: Gpu, weight_terms: tuple[Term, ...], states: dic
         whole = memory["gradients"].bytes
 
         def phases(m: dict[str, Term], sharding) -> tuple[Phase, ...]:
+            if recorded.positions and recorded_units is not None:
+                u, start_input = recorded_units
+                return recorded_position_phases(recorded, recorded_layers, m, sharding,
+                                                fields["optimizer_temporary"], u, start_input, dequant,
+                                                whole, setup.reshard_after_forward)
             return recorded_phases(recorded, recorded_layers, m, sharding, fields["optimizer_temporary"],
                                    dequant, whole)
         phase_bytes = None
@@ -359,7 +374,8 @@ def plan_lora(spec: ModelSpec, setup: TrainSetup, gpu: Gpu, fewest_only: bool = 
     weight_terms: list[Term] = []
     nf4: list[Param] = []
     if setup.method == "qlora":
-        quantised = quantised_params(arch, trainable, setup.quantize_experts)
+        check_split_expert_targets(spec, setup, trainable)
+        quantised = quantised_params(arch, trainable, quantises_experts(spec, setup))
         nf4 = [p for p in frozen if p.name in quantised]
         frozen = [p for p in frozen if p.name not in quantised]
         if setup.quant_backend == "torchao" and not setup.double_quant:
@@ -508,6 +524,39 @@ def _check_recorded_qlora(setup: TrainSetup, precision: Precision) -> None:
                         "0.43.2 on")
 
 
+# What a plan of gated-DeltaNet layers models, and what the GPU kernels transformers prefers would keep
+# instead (read from fla's `ChunkGatedDeltaRuleFunction` and causal-conv1d's `CausalConv1dFn`)
+LINEAR_ATTENTION_NOTE = (
+    "linear-attention layers are planned as transformers runs them without the optional kernels (its "
+    "torch fallback: F.conv1d + silu, torch_chunk_gated_delta_rule in 64-token chunks, which keeps "
+    "fp32 (chunk x chunk) blocks and every chunk's recurrent state); with flash-linear-attention and "
+    "causal-conv1d installed on a GPU, the delta rule keeps only the l2-normed q and k with their "
+    "rstd, v, the cumulative decay, beta and the solved (chunk x chunk) system, recomputing the "
+    "chunk states in backward, and the convolution keeps its input and weight (silu fused, its "
+    "output recomputed): fewer activation bytes than planned here")
+
+
+def _recorded_units(model: RecordedModel, step: RecordedStep, setup: TrainSetup, precision: Precision,
+                    nf4: list[Param]) -> tuple:
+    """FSDP2's units of a recorded model (`recorded.fsdp_units`) and the embeddings' output, which the
+    start of forward holds: tokens x hidden x weight bytes (the embedding's output at the weights'
+    width)."""
+    from .quant import nf4_gathered_bytes
+
+    w = precision.weight_bytes
+    fp32 = setup.method != "full" and fp32_adapters(setup.method, precision, setup.adapter_dtype)
+    quantised = {p.name for p in nf4}
+
+    def grad_bytes(p: Param) -> int:
+        return FP32_ADAPTERS.grad_bytes if fp32 and is_adapter(p.name) else precision.grad_bytes
+
+    def nf4_saving(p: Param) -> int:
+        return p.numel * w - nf4_gathered_bytes(setup.quant_backend, p.numel, w) if p.name in quantised else 0
+    head = step.positions["top"][4].at(model.num_layers) if "top" in step.positions else 0
+    return (fsdp_units(model, step.trainable, w, grad_bytes, head, nf4_saving),
+            setup.batch_size * setup.seq_len * model.hidden_size * w)
+
+
 def plan_recorded(model: RecordedModel, setup: TrainSetup, gpu: Gpu, fewest_only: bool = False) -> MethodPlan:
     """Any method for a model planned from its recorded step (`recorded.py`): the model states from
     the meta-device build's tensors, exactly as `plan_full` and `plan_lora` count them; activations
@@ -529,6 +578,7 @@ def plan_recorded(model: RecordedModel, setup: TrainSetup, gpu: Gpu, fewest_only
             _states(total, params, setup, precision), setup, None,
             _recorded_zero3(model, params, setup, precision), fewest_only=fewest_only,
             recorded=step, recorded_layers=model.num_layers,
+            recorded_units=_recorded_units(model, step, setup, precision, []),
             flops_per_token=cost.full_flops_per_token(model.matmul_params, model.head_params, no_attention,
                                                       setup.grad_checkpointing,
                                                       checkpointed_share(setup, model.num_layers)),
@@ -574,6 +624,7 @@ def plan_recorded(model: RecordedModel, setup: TrainSetup, gpu: Gpu, fewest_only
         setup.method, gpu, tuple(weight_terms), states, setup, None,
         _recorded_zero3(model, step.trainable, setup, precision), fewest_only=fewest_only,
         recorded=step, recorded_layers=model.num_layers,
+        recorded_units=_recorded_units(model, step, setup, precision, nf4),
         dequant=dequant_term(setup, [p.numel for p in nf4], precision).bytes if nf4 else 0,
         unsharded={"weights": unsharded_quant_state(nf4, setup)},
         paged_optimizer_states=paged_optimizer_term(setup.optimizer, step.trainable),
@@ -623,7 +674,14 @@ def make_plan(model: ModelSpec | DenseSize | RecordedModel, setups: tuple[TrainS
     if workload is not None and workload.tokens is not None:
         plans = [_with_compute(p, s, gpu, workload) for p, s in zip(plans, setups, strict=True)]
     notes = sharding_notes(setups[0], isinstance(model, DenseSize))
-    if isinstance(model, ModelSpec) and model.num_experts and any(s.method == "qlora" for s in setups):
+    qlora = [s for s in setups if s.method == "qlora"]
+    if isinstance(model, ModelSpec) and model.num_experts and qlora and quantises_experts(model, qlora[0]) \
+            and not qlora[0].quantize_experts:
+        notes.append(
+            f"QLoRA quantises {model.family}'s experts: transformers' bitsandbytes loading replaces the "
+            "fused experts by one nn.Linear per expert and projection (SequentialLlama4TextExperts), "
+            "which bitsandbytes makes 4-bit; its per-expert loop is planned as the fused bmm's activations")
+    elif isinstance(model, ModelSpec) and model.num_experts and qlora:
         notes.append(
             "QLoRA keeps the fused 3-D expert weights in 16-bit: bitsandbytes quantises nn.Linear "
             "modules only (bitsandbytes#1849); --quantize-experts plans a stack that quantises them"
@@ -653,9 +711,7 @@ def make_plan(model: ModelSpec | DenseSize | RecordedModel, setups: tuple[TrainS
         notes.append("--dora with QLoRA counts the magnitude vectors only: PEFT dequantises the 4-bit "
                      "weight to form W + s*BA in every forward, which is not planned")
     if isinstance(model, RecordedModel):
-        notes += [model.note(), *model.caveats,
-                  "GPU counts under fsdp leave out FSDP2's gather buffers, which a recorded model's "
-                  "plan does not follow layer by layer: a lower bound"]
+        notes += [model.note(), *model.caveats]
         if any(s.method == "qlora" for s in setups):
             notes.append("QLoRA's step is recorded as LoRA's over the 16-bit base, plus one dequantised "
                          "weight in backward; the NF4 weights are every nn.Linear but the LM head")
@@ -671,6 +727,8 @@ def make_plan(model: ModelSpec | DenseSize | RecordedModel, setups: tuple[TrainS
                          f"{model.max_positions:,} positions: the model cannot train on it as is")
         if model.source in PUBLISHED_NOTES:
             notes.append(PUBLISHED_NOTES[model.source])
+        if model.linear_layers:
+            notes.append(LINEAR_ATTENTION_NOTE)
         lora = next((s for s in setups if s.method != "full"), None)
         mlp_note = unwrapped_mlp_note(model, lora) if lora is not None else None
         if mlp_note:

@@ -17,6 +17,7 @@ from .errors import PlanError
 
 if TYPE_CHECKING:
     from .counts import Trainable
+    from .spec import ModelSpec, TrainSetup
 
 NF4_BLOCK = 64  # values per quantisation block
 DOUBLE_QUANT_BLOCK = 256  # first-level absmax values per second-level block
@@ -64,6 +65,48 @@ def quantised_params(arch: Architecture, trainable: Trainable, experts: bool = F
         and m.path != arch.head_path and m.path not in saved_paths
         for p in m.params if not p.name.endswith((".bias", "_bias"))  # GPT-OSS's expert biases too
     }
+
+
+# Families whose fused experts transformers' bitsandbytes loading swaps for one nn.Linear per expert
+# and projection (`MODULES_TO_PATCH_FOR_QUANTIZATION`: Llama 4's `SequentialLlama4TextExperts`,
+# gate_proj, up_proj and down_proj per expert), which bitsandbytes then quantises like any linear layer
+SPLIT_EXPERTS_FOR_BNB = ("llama4",)
+
+
+def quantises_experts(spec: ModelSpec, setup: TrainSetup) -> bool:
+    """Whether QLoRA stores the experts in NF4: `--quantize-experts`, or a bitsandbytes base of a
+    family whose experts transformers splits into linear layers for it (`SPLIT_EXPERTS_FOR_BNB`)."""
+    split = spec.family in SPLIT_EXPERTS_FOR_BNB and setup.quant_backend != "torchao"
+    return setup.quantize_experts or split
+
+
+def quantised_numels(spec: ModelSpec, arch: Architecture, names: set[str]) -> list[int]:
+    """The values of each 4-bit weight one matmul dequantises: a quantised parameter's, but one
+    expert's projection where the experts are split (`SPLIT_EXPERTS_FOR_BNB`): gate_up_proj is then
+    2 x E linear layers, down_proj E."""
+    split = spec.family in SPLIT_EXPERTS_FOR_BNB
+    numels = []
+    for p in arch.params:
+        if p.name not in names:
+            continue
+        if split and len(p.shape) == 3:
+            pieces = p.shape[0] * (2 if p.name.endswith("gate_up_proj") else 1)
+            numels += [p.numel // pieces] * pieces
+        else:
+            numels.append(p.numel)
+    return numels
+
+
+def check_split_expert_targets(spec: ModelSpec, setup: TrainSetup, trainable: Trainable) -> None:
+    """QLoRA of a family whose experts are split into linear layers named gate_proj, up_proj and
+    down_proj: PEFT's targets of those names would wrap every expert too, which is not planned."""
+    if setup.method != "qlora" or setup.quantize_experts or not quantises_experts(spec, setup):
+        return
+    if any(m.path.rsplit(".", 1)[-1] in ("gate_proj", "up_proj", "down_proj") for m in
+           (a.module for a in trainable.adapters)):
+        raise PlanError(f"QLoRA of {spec.family}: transformers splits the experts into linear layers named "
+                        "gate_proj, up_proj and down_proj for bitsandbytes, so these targets would wrap "
+                        "every expert too; that is not planned (target the attention, or plan --method lora)")
 
 
 # --- which 4-bit implementation, and what its matmul keeps and makes -------------------------------

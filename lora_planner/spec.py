@@ -24,10 +24,10 @@ RESIDUAL_DROPOUT_FAMILIES = ("gpt2", "phi3")
 EMBEDDING_DROPOUT_FAMILIES = ("gpt2",)
 
 FAMILIES = ("gpt2", "llama", "mistral", "mixtral", "qwen2", "gemma2", "phi3", "qwen3", "qwen3_moe", "olmo2",
-            "smollm3", "gemma3", "gpt_oss", "deepseek_v3", "glm4_moe")
+            "smollm3", "gemma3", "gpt_oss", "deepseek_v3", "glm4_moe", "qwen3_next", "llama4")
 # Families whose MLP is a sparse block of fused experts (3-D parameters) and a router (in every layer
 # but the `dense_layers`)
-MOE_FAMILIES = ("mixtral", "qwen3_moe", "gpt_oss", "deepseek_v3", "glm4_moe")
+MOE_FAMILIES = ("mixtral", "qwen3_moe", "gpt_oss", "deepseek_v3", "glm4_moe", "qwen3_next", "llama4")
 # Families whose config names each layer's attention in `layer_types` (sliding or full), read into
 # `ModelSpec.global_layers`
 LAYER_TYPE_FAMILIES = ("gemma3", "gpt_oss")
@@ -37,15 +37,27 @@ LAYER_TYPE_FAMILIES = ("gemma3", "gpt_oss")
 # "topk-softmax" takes the top k logits, then a softmax over those alone (GPT-OSS);
 # "sigmoid-group-topk" takes a sigmoid of fp32 logits, a correction bias added for the choice only,
 # the top k within the best `topk_groups` of `expert_groups` groups and the chosen scores scaled by
-# `routed_scaling` (DeepSeek-V3's `DeepseekV3TopkRouter`, GLM-4-MoE's).
-ROUTINGS = ("softmax-topk", "topk-softmax", "sigmoid-group-topk")
+# `routed_scaling` (DeepSeek-V3's `DeepseekV3TopkRouter`, GLM-4-MoE's);
+# "topk-sigmoid" takes the top k logits, scatters them into a row of -inf and takes the sigmoid of
+# the whole row in fp32, cast back: every expert gets a score, 0 where not chosen (Llama 4's router)
+ROUTINGS = ("softmax-topk", "topk-softmax", "sigmoid-group-topk", "topk-sigmoid")
 FAMILY_ROUTING = {"gpt_oss": "topk-softmax", "deepseek_v3": "sigmoid-group-topk",
-                  "glm4_moe": "sigmoid-group-topk"}
+                  "glm4_moe": "sigmoid-group-topk", "llama4": "topk-sigmoid"}
 # "silu": silu(gate) * up over the halves of the fused gate/up output (Mixtral, Qwen3-MoE);
 # "clamped-swiglu": GPT-OSS's gate and up interleaved, the gate clamped above at `swiglu_limit` and
 # the up on both sides, (up + 1) * gate * sigmoid(alpha * gate)
 EXPERT_GATES = ("silu", "clamped-swiglu")
 FAMILY_EXPERT_GATE = {"gpt_oss": "clamped-swiglu"}
+# How tokens reach the experts: "gathered" sorts each token's k chosen rows to their experts
+# (Mixtral, Qwen3-MoE, GPT-OSS, DeepSeek-V3); "every-expert" repeats every token once per expert,
+# scaled by its score (0 where not chosen), and runs one bmm over all experts (Llama 4's
+# `Llama4TextExperts`): E x tokens rows whatever k is
+EXPERT_DISPATCHES = ("gathered", "every-expert")
+FAMILY_EXPERT_DISPATCH = {"llama4": "every-expert"}
+# The decoder layer's MLP module (`mlp`, Llama 4's `feed_forward`) and its always-on shared expert
+# module (`shared_experts`, Llama 4's `shared_expert`)
+FAMILY_MLP_MODULE = {"llama4": "feed_forward"}
+FAMILY_SHARED_MODULE = {"llama4": "shared_expert"}
 
 # Hugging Face `model_type` values whose layout one of our families reproduces exactly.
 MODEL_TYPE_TO_FAMILY = {
@@ -64,20 +76,27 @@ MODEL_TYPE_TO_FAMILY = {
     "deepseek_v3": "deepseek_v3",
     "glm4_moe": "glm4_moe",
     "gpt_oss": "gpt_oss",
+    "qwen3_next": "qwen3_next",
+    "llama4_text": "llama4",
 }
 # The `model_type` each family's config.json states, where it is not the family's name
-FAMILY_MODEL_TYPE = {"gemma3": "gemma3_text"}
+FAMILY_MODEL_TYPE = {"gemma3": "gemma3_text", "llama4": "llama4_text"}
 # Families of Gemma's form: RMSNorms multiplying by (1 + weight) in fp32 before the cast back, the
 # embedding scaled by sqrt(hidden) inside its module, the logits' soft-cap where the config has one
 GEMMA_FAMILIES = ("gemma2", "gemma3")
+# Families whose RMSNorms multiply by (1 + weight) in fp32 before the cast back (`offset_norms`):
+# Gemma's, and Qwen3-Next's (its `Qwen3NextRMSNorm`, weights initialised to 0)
+OFFSET_NORM_FAMILIES = (*GEMMA_FAMILIES, "qwen3_next")
 
 # RMSNorm on the projected queries and keys before rope, as each family's attention module has it:
 # "head" normalises each head's head_dim values (Qwen3, a weight of head_dim), "full" the whole
-# projection (OLMo 2, a weight of heads x head_dim); None: no such norm.
-QK_NORMS = ("head", "full")
-FAMILY_QK_NORM = {"qwen3": "head", "qwen3_moe": "head", "olmo2": "full", "gemma3": "head"}
+# projection (OLMo 2, a weight of heads x head_dim); "l2" each head with no weight, after rope and
+# on the rotary layers only (Llama 4's `Llama4TextWeightlessRMSNorm`); None: no such norm.
+QK_NORMS = ("head", "full", "l2")
+FAMILY_QK_NORM = {"qwen3": "head", "qwen3_moe": "head", "olmo2": "full", "gemma3": "head",
+                  "qwen3_next": "head"}
 # Families whose config turns a q/k norm on or off (GLM-4-MoE's `use_qk_norm`): the form it has when on
-OPTIONAL_QK_NORM = {"glm4_moe": "head"}
+OPTIONAL_QK_NORM = {"glm4_moe": "head", "llama4": "l2"}
 
 # Where a decoder layer's RMSNorms sit: "pre" before attention and before the MLP (Llama's
 # input_layernorm and post_attention_layernorm), "sandwich" before and after each (Gemma-2), "post"
@@ -88,6 +107,15 @@ FAMILY_NORM_PLACEMENT = {"gemma2": "sandwich", "olmo2": "post", "gemma3": "sandw
 # Families whose dense layers are the first ones (`first_k_dense_replace`): their `dense_layers` are
 # 0 .. k - 1
 FIRST_DENSE = ("deepseek_v3", "glm4_moe")
+
+# Families whose layers mix full attention with gated-DeltaNet linear attention (`layer_types`
+# "linear_attention" / "full_attention", read into `ModelSpec.linear_layers`)
+LINEAR_ATTENTION_FAMILIES = ("qwen3_next",)
+# Families with layers without rotary embeddings (`nope_layers`, read from `no_rope_layers`)
+NOPE_FAMILIES = ("smollm3", "llama4")
+# Families whose rotary embedding multiplies interleaved pairs as complex numbers in fp32
+# (`torch.view_as_complex` times a complex64 `freqs_cis`, Llama 4's `apply_rotary_emb`)
+COMPLEX_ROPE = ("llama4",)
 
 # Families whose sliding window is Qwen2's: only with `use_sliding_window`, and only on the layers
 # from `max_window_layers` on
@@ -203,6 +231,87 @@ class ModelSpec:
     expert_groups: int = 1
     topk_groups: int = 1
     routed_scaling: float = 1.0
+    # the shared expert's width where it is not `shared_experts` x `intermediate_size` (Qwen3-Next's
+    # `shared_expert_intermediate_size`), and a sigmoid gate on its output (`shared_expert_gate`, a
+    # Linear(hidden, 1) per sparse layer)
+    shared_expert_width: int = 0
+    shared_expert_gate: bool = False
+    # attention's output multiplied by sigmoid of a gate the query projection makes beside the queries
+    # (Qwen3-Next: q_proj is 2 x heads x head_dim wide, each head's query then its gate)
+    attention_output_gate: bool = False
+    # Gated-DeltaNet layers (Qwen3-Next's `linear_attention`): their indices and shapes. Each projects
+    # q, k (`linear_key_heads` x `linear_key_head_dim`), v and the output gate z (`linear_value_heads` x
+    # `linear_value_head_dim`) in one `in_proj_qkvz`, beta and the decay's a in `in_proj_ba`, convolves
+    # q, k and v causally over `linear_conv_kernel` tokens (depthwise), runs the chunked gated delta
+    # rule, a gated RMSNorm per value head and `out_proj`
+    linear_layers: tuple[int, ...] = ()
+    linear_key_heads: int = 0
+    linear_value_heads: int = 0
+    linear_key_head_dim: int = 0
+    linear_value_head_dim: int = 0
+    linear_conv_kernel: int = 0
+
+    @property
+    def shared_width(self) -> int:
+        """The shared expert's gated MLP width: `shared_expert_width`, else `shared_experts` experts'."""
+        return self.shared_expert_width or self.shared_experts * self.intermediate_size
+
+    @property
+    def offset_norms(self) -> bool:
+        """Whether the RMSNorms multiply by (1 + weight) in fp32 before the cast back
+        (`OFFSET_NORM_FAMILIES`)."""
+        return self.family in OFFSET_NORM_FAMILIES
+
+    def linear_layer(self, i: int) -> bool:
+        """Whether decoder layer `i` is a gated-DeltaNet (linear attention) layer."""
+        return i in self.linear_layers
+    # how tokens reach the experts (`EXPERT_DISPATCHES`); None: the family's (`FAMILY_EXPERT_DISPATCH`,
+    # else "gathered"), the only form transformers builds for it
+    expert_dispatch: str | None = None
+    # Llama 4's chunked attention: each rotary layer's query attends only to the keys of its own
+    # `attention_chunk`-token chunk (causally); its NoPE layers attend to everything. None: no chunks
+    attention_chunk: int | None = None
+    # Llama 4's attention temperature tuning (`attn_temperature_tuning`): the NoPE layers' queries
+    # scaled per position, in fp32, before the attention
+    nope_temperature: bool = False
+
+    @property
+    def expert_rows_per_token(self) -> int:
+        """Rows the experts run per token: its top k, gathered (`EXPERT_DISPATCHES`), or one per
+        expert where every expert takes every token (Llama 4)."""
+        return self.experts_per_token if self.expert_dispatch == "gathered" else self.num_experts
+
+    @property
+    def mlp_module(self) -> str:
+        """The decoder layer's MLP module name: `mlp`, Llama 4's `feed_forward`."""
+        return FAMILY_MLP_MODULE.get(self.family, "mlp")
+
+    @property
+    def shared_module(self) -> str:
+        """The shared experts' module name inside the MLP: `shared_experts` (DeepSeek-V3, GLM-4-MoE),
+        `shared_expert` for Llama 4's and wherever a sigmoid gate scales it (Qwen3-Next, after
+        Qwen2-MoE)."""
+        if self.shared_expert_gate:
+            return "shared_expert"
+        return FAMILY_SHARED_MODULE.get(self.family, "shared_experts")
+
+    def qk_norm_layer(self, i: int) -> bool:
+        """Whether layer `i` normalises q and k: every layer with a `qk_norm`, but Llama 4's weightless
+        one ("l2") sits on its rotary layers only."""
+        return bool(self.qk_norm) and (self.qk_norm != "l2" or self.rotary_layer(i))
+
+    def chunked_layer(self, i: int) -> bool:
+        """Whether layer `i` attends within `attention_chunk`-token chunks (Llama 4's rotary layers,
+        `layer_types` "chunked_attention")."""
+        return self.attention_chunk is not None and self.rotary_layer(i)
+
+    def local_span(self, i: int) -> int | None:
+        """How far back layer `i`'s mask can reach: the sliding window of a sliding layer, the chunk
+        of a chunked one, None for full attention. transformers' SDPA path builds an explicit mask for
+        such a layer once the sequence is at least this long (`_ignore_causal_mask_sdpa`)."""
+        if self.sliding_layer(i):
+            return self.sliding_window
+        return self.attention_chunk if self.chunked_layer(i) else None
 
     @property
     def value_head_dim(self) -> int:
@@ -252,6 +361,8 @@ class ModelSpec:
             return i % 2 == 0
         if self.family in LAYER_TYPE_FAMILIES:
             return i not in self.global_layers
+        if self.attention_chunk is not None:  # (Llama 4's chunked layers: a mask of their own)
+            return self.chunked_layer(i)
         return self.sliding_layer(i)
 
     @property
@@ -274,9 +385,15 @@ class ModelSpec:
                             f"{f'{qk_norm!r} q/k norms' if qk_norm else 'no q/k norms'}, "
                             f"not {self.qk_norm!r}")
         # (an index past the last layer is one a `--layers` slice left out)
-        if self.nope_layers and (self.family != "smollm3" or any(
+        if self.nope_layers and (self.family not in NOPE_FAMILIES or any(
                 isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in self.nope_layers)):
-            raise PlanError(f"model {self.name!r}: nope_layers must be layer indices of a smollm3 model")
+            raise PlanError(f"model {self.name!r}: nope_layers must be layer indices of a "
+                            f"{' or '.join(NOPE_FAMILIES)} model")
+        if (self.attention_chunk is not None or self.nope_temperature) and self.family != "llama4":
+            raise PlanError(f"model {self.name!r}: attention_chunk and nope_temperature are a llama4 "
+                            "model's")
+        if self.attention_chunk is not None:
+            whole_number(f"model {self.name!r}: attention_chunk", self.attention_chunk, 1, 10**9)
         if self.global_layers and (self.family not in LAYER_TYPE_FAMILIES or any(
                 isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in self.global_layers)):
             raise PlanError(f"model {self.name!r}: global_layers must be layer indices of a "
@@ -284,7 +401,8 @@ class ModelSpec:
         if self.attention_sinks and self.family != "gpt_oss":
             raise PlanError(f"model {self.name!r}: only a gpt_oss model has attention sinks")
         for name, known, forms in (("routing", FAMILY_ROUTING, ROUTINGS),
-                                   ("expert_gate", FAMILY_EXPERT_GATE, EXPERT_GATES)):
+                                   ("expert_gate", FAMILY_EXPERT_GATE, EXPERT_GATES),
+                                   ("expert_dispatch", FAMILY_EXPERT_DISPATCH, EXPERT_DISPATCHES)):
             form = known.get(self.family, forms[0])
             if getattr(self, name) is None:
                 object.__setattr__(self, name, form)
@@ -292,6 +410,7 @@ class ModelSpec:
                 raise PlanError(f"model {self.name!r}: a {self.family} model's {name} is {form!r}, "
                                 f"not {getattr(self, name)!r}")
         _check_latent_and_experts(self)
+        _check_linear_attention(self)
         placement = FAMILY_NORM_PLACEMENT.get(self.family, "pre")
         if self.norm_placement is None:
             object.__setattr__(self, "norm_placement", placement)
@@ -360,6 +479,30 @@ def _check_latent_and_experts(spec: ModelSpec) -> None:
             raise PlanError(f"{name}: {spec.num_experts} experts do not split into {groups} groups of "
                             "at least two (n_routed_experts: a multiple of n_group, twice it at least)")
         real_number(f"{name}: routed_scaling", spec.routed_scaling, 0, None, lo_open=True)
+
+
+def _check_linear_attention(spec: ModelSpec) -> None:
+    """The gated-DeltaNet fields (see `ModelSpec`) hold together: only a Qwen3-Next model has them,
+    with positive head counts and widths, value heads a multiple of key heads (each key head serves
+    that many value heads), and a convolution of at least one token; the output gates are its too."""
+    from .validate import whole_number
+
+    name = f"model {spec.name!r}"
+    mine = spec.family in LINEAR_ATTENTION_FAMILIES
+    if not mine and (spec.linear_layers or spec.attention_output_gate or spec.shared_expert_gate
+                     or spec.shared_expert_width):
+        raise PlanError(f"{name}: linear_layers, attention_output_gate, shared_expert_gate and "
+                        f"shared_expert_width belong to a {' or '.join(LINEAR_ATTENTION_FAMILIES)} model")
+    if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in spec.linear_layers):
+        raise PlanError(f"{name}: linear_layers must be layer indices")
+    if not spec.linear_layers:
+        return
+    for field_name in ("linear_key_heads", "linear_value_heads", "linear_key_head_dim",
+                       "linear_value_head_dim", "linear_conv_kernel"):
+        whole_number(f"{name}: {field_name}", getattr(spec, field_name), 1, 10**5)
+    if spec.linear_value_heads % spec.linear_key_heads:
+        raise PlanError(f"{name}: linear_value_heads {spec.linear_value_heads} is not a multiple of "
+                        f"linear_key_heads {spec.linear_key_heads}")
 
 
 # What a shape may hold: (least, most) per ModelSpec field. The upper bounds are far above any
@@ -585,8 +728,8 @@ def spec_from_hf_config(config: dict, name: str = "custom", source: str = "") ->
     if not isinstance(config, dict):
         raise PlanError("config.json must hold a JSON object")
     model_type = config.get("model_type")
-    if model_type == "gemma3":  # the multimodal config: its language model is planned
-        config = _gemma3_language_model(config)
+    if isinstance(model_type, str) and model_type in MULTIMODAL_TEXT:  # its language model is planned
+        config = _language_model(config, *MULTIMODAL_TEXT[model_type])
         model_type = config["model_type"]
     family = MODEL_TYPE_TO_FAMILY.get(text("config.json model_type", model_type)
                                       if model_type is not None else None)
@@ -635,8 +778,11 @@ def spec_from_hf_config(config: dict, name: str = "custom", source: str = "") ->
     layers = _whole(config, "num_layers", "num_hidden_layers")
     latent = (_latent_fields(config) if family == "deepseek_v3"
               else _glm4_moe_fields(config, head_dim_default) if family == "glm4_moe"
-              else _qwen3_moe_dense_fields(config, layers) if family == "qwen3_moe" else {})
+              else _qwen3_moe_dense_fields(config, layers) if family == "qwen3_moe"
+              else _qwen3_next_fields(config, layers, head_dim_default) if family == "qwen3_next"
+              else _llama4_fields(config, layers) if family == "llama4" else {})
     latent_head_dim = latent.pop("head_dim", 0)
+    family_width = latent.pop("intermediate_size", 0)
     return ModelSpec(**latent,
         name=name, family=family, source=source,
         vocab_size=_whole(config, "vocab_size", "vocab_size"),
@@ -649,10 +795,10 @@ def spec_from_hf_config(config: dict, name: str = "custom", source: str = "") ->
         head_dim=latent_head_dim or _whole(config, "head_dim", "head_dim", default=head_dim_default),
         # Qwen3-MoE's experts are `moe_intermediate_size` wide (its `intermediate_size` is for dense
         # layers: `dense_intermediate_size`)
-        intermediate_size=(_whole(config, "intermediate_size", "moe_intermediate_size",
-                                  default=MOE_INTERMEDIATE_DEFAULT[family])
-                           if family in MOE_INTERMEDIATE_DEFAULT
-                           else _whole(config, "intermediate_size", "intermediate_size")),
+        intermediate_size=family_width or (_whole(config, "intermediate_size", "moe_intermediate_size",
+                                                  default=MOE_INTERMEDIATE_DEFAULT[family])
+                                           if family in MOE_INTERMEDIATE_DEFAULT
+                                           else _whole(config, "intermediate_size", "intermediate_size")),
         tied_embeddings=_flag(config, "tie_word_embeddings", family in ("gemma2", "gemma3", "smollm3")),
         max_positions=_whole(config, "max_positions", "max_position_embeddings",
                              default=MAX_POSITIONS_DEFAULT.get(family, 4096)),
@@ -663,14 +809,15 @@ def spec_from_hf_config(config: dict, name: str = "custom", source: str = "") ->
         # Qwen3's, OLMo 2's, Gemma 3's, DeepSeek-V3's and GLM-4-MoE's MLPs and experts have no bias
         # whatever the config says; GPT-OSS's router and experts always have them
         mlp_bias=family == "gpt_oss" or (
-            family not in ("qwen3", "qwen3_moe", "olmo2", "gemma3", "deepseek_v3", "glm4_moe")
+            family not in ("qwen3", "qwen3_moe", "olmo2", "gemma3", "deepseek_v3", "glm4_moe", "qwen3_next",
+                           "llama4")
             and _flag(config, "mlp_bias", False)),
         num_experts=experts,
         experts_per_token=top_k,
-        # (GPT-OSS's softmax over the top k logits needs no normalising)
-        norm_topk=family != "gpt_oss" and (family not in NORM_TOPK_DEFAULT
+        # (GPT-OSS's softmax over the top k logits needs no normalising; Llama 4's sigmoid none)
+        norm_topk=family not in ("gpt_oss", "llama4") and (family not in NORM_TOPK_DEFAULT
                                            or _flag(config, "norm_topk_prob", NORM_TOPK_DEFAULT[family])),
-        nope_layers=_nope_layers(config, layers) if family == "smollm3" else (),
+        nope_layers=_nope_layers(config, layers) if family in NOPE_FAMILIES else (),
         global_layers=_global_layers(config, layers, family) if family in LAYER_TYPE_FAMILIES else (),
         attention_sinks=family == "gpt_oss",
         attn_dropout=_rate(config, "attention_dropout"),
@@ -694,24 +841,27 @@ SLIDING_WINDOW_DEFAULT = {"mistral": 4096, "gemma2": 4096, "qwen2": 4096, "qwen3
                           "qwen3_moe": 4096, "gemma3": 4096, "gpt_oss": 128}
 # The config classes' `max_position_embeddings` when a config.json leaves it out, where not 4,096
 MAX_POSITIONS_DEFAULT = {"olmo2": 2048, "smollm3": 32768, "gemma3": 131072, "gpt_oss": 131072,
-                         "glm4_moe": 131072}
+                         "glm4_moe": 131072, "qwen3_next": 32768,
+                         "llama4": 131072}
 # The config classes' (attention, final) logit soft-caps when a config.json leaves them out
 SOFTCAP_DEFAULTS = {"gemma2": (50.0, 30.0), "gemma3": (None, None)}
 # The config classes' (experts, experts per token) when a config.json leaves them out
 MOE_DEFAULTS = {"mixtral": (8, 2), "qwen3_moe": (128, 8), "gpt_oss": (128, 4), "deepseek_v3": (256, 8),
-                "glm4_moe": (128, 8)}
+                "glm4_moe": (128, 8), "qwen3_next": (512, 10),
+                "llama4": (16, 1)}
 # The keys naming the number of experts, first found wins, where not `num_experts` (GptOssConfig and
 # Qwen3MoeConfig map num_experts onto num_local_experts, the key a config they save holds)
-MOE_EXPERTS_KEYS = {"mixtral": ("num_local_experts",), "gpt_oss": ("num_local_experts", "num_experts"),
+MOE_EXPERTS_KEYS = {"mixtral": ("num_local_experts",), "llama4": ("num_local_experts",),
+                    "gpt_oss": ("num_local_experts", "num_experts"),
                     "qwen3_moe": ("num_experts", "num_local_experts"),
                     "deepseek_v3": ("n_routed_experts",), "glm4_moe": ("n_routed_experts",)}
 # Where a config without `layer_types` puts its full-attention layers: every n-th layer, n from the
 # key named, else this default (Gemma 3's sliding_window_pattern; GPT-OSS alternates, odd layers full)
 GLOBAL_EVERY = {"gemma3": ("sliding_window_pattern", 6), "gpt_oss": (None, 2)}
 # The experts' width (`moe_intermediate_size`) when a config.json leaves it out
-MOE_INTERMEDIATE_DEFAULT = {"qwen3_moe": 768, "deepseek_v3": 2048, "glm4_moe": 1408}
+MOE_INTERMEDIATE_DEFAULT = {"qwen3_moe": 768, "deepseek_v3": 2048, "glm4_moe": 1408, "qwen3_next": 512}
 # `norm_topk_prob` when a config.json leaves it out, for the families that read it
-NORM_TOPK_DEFAULT = {"qwen3_moe": False, "deepseek_v3": True, "glm4_moe": True}
+NORM_TOPK_DEFAULT = {"qwen3_moe": False, "deepseek_v3": True, "glm4_moe": True, "qwen3_next": True}
 
 
 def _shared_expert_fields(config: dict, dense: int, dense_width: int, shared: int, groups: int,
@@ -758,6 +908,51 @@ def _glm4_moe_fields(config: dict, head_dim_default: int) -> dict:
             **_shared_expert_fields(config, 1, 10944, 1, 1, 1, 1.0)}
 
 
+def _llama4_fields(config: dict, layers: int) -> dict:
+    """Llama 4's fields beyond Llama's, with `Llama4TextConfig`'s defaults: experts and the shared
+    expert `intermediate_size` (8,192) wide; the layers not in `moe_layers` (else every
+    `interleave_moe_layer_step`-th layer from step - 1, default 1: all sparse) dense, of
+    `intermediate_size_mlp` (16,384); a weightless q/k norm on the rotary layers with `use_qk_norm`
+    (true); rotary layers attending in `attention_chunk_size` chunks (8,192; null: none); NoPE layers'
+    queries scaled with `attn_temperature_tuning` (true)."""
+    from .validate import whole_number
+
+    def whole(key: str, default: int, lo: int = 1, hi: int = 10**7) -> int:
+        value = config.get(key)
+        return whole_number(f"config.json {key}", default if value is None else value, lo, hi)
+
+    moe = config.get("moe_layers")
+    if moe is None:
+        step = whole("interleave_moe_layer_step", 1, 1, 10**6)
+        moe = list(range(step - 1, layers, step))
+    if not isinstance(moe, list) or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in moe):
+        raise PlanError("config.json moe_layers must be a list of layer indices")
+    dense = tuple(i for i in range(layers) if i not in moe)
+    chunk = config.get("attention_chunk_size", 8192)
+    tuning = config.get("attn_temperature_tuning", True)
+    if not isinstance(tuning, (bool, int)):
+        raise PlanError(f"config.json attn_temperature_tuning must be true or false, got {tuning!r}")
+    fields = {
+        "intermediate_size": whole("intermediate_size", 8192),
+        "dense_layers": dense,
+        "dense_intermediate_size": whole("intermediate_size_mlp", 16384) if dense else 0,
+        "shared_experts": 1, "qk_norm": "l2" if _flag(config, "use_qk_norm", True) else None,
+        "attention_chunk": None if chunk is None else whole_number("config.json attention_chunk_size",
+                                                                   chunk, 1, 10**9),
+        "nope_temperature": bool(tuning),
+    }
+    nope = _nope_layers(config, layers)
+    kinds = config.get("layer_types")
+    expected = ["chunked_attention" if fields["attention_chunk"] is not None and i not in nope
+                else "full_attention" for i in range(layers)]
+    if kinds is not None and (not isinstance(kinds, list) or kinds[:layers] != expected):
+        # transformers masks by layer_types but rotates by no_rope_layers: only the pairing its config
+        # class derives (chunked exactly on the rotary layers) is planned
+        raise PlanError("config.json layer_types must chunk exactly the rotary layers (no_rope_layers) "
+                        "when attention_chunk_size is set; other layouts are not planned")
+    return fields
+
+
 def _latent_fields(config: dict) -> dict:
     """DeepSeek-V3's latent attention and expert-block fields, with `DeepseekV3Config`'s defaults:
     q_lora_rank 1,536 (null: one q_proj), kv_lora_rank 512, qk_nope_head_dim 128, qk_rope_head_dim 64,
@@ -797,7 +992,7 @@ def _nope_layers(config: dict, layers: int) -> tuple[int, ...]:
     from .validate import whole_number
 
     flags = config.get("no_rope_layers")
-    if flags is None:
+    if flags is None or flags == []:  # (Llama4TextConfig reads an empty list as none given)
         every = whole_number("config.json no_rope_layer_interval",
                              config.get("no_rope_layer_interval", 4), 1, 10**6)
         return tuple(i for i in range(layers) if (i + 1) % every == 0)
@@ -812,15 +1007,26 @@ GEMMA3_TEXT_DEFAULTS = {"vocab_size": 262208, "hidden_size": 2304, "intermediate
                         "num_hidden_layers": 26, "num_attention_heads": 8, "num_key_value_heads": 4}
 
 
-def _gemma3_language_model(config: dict) -> dict:
-    """The text config of a multimodal Gemma 3 config.json (`Gemma3Config`): its `text_config` over
-    `Gemma3TextConfig`'s defaults, the LM head tied to the embedding unless the outer config says
-    otherwise. Its vision tower and projector are not planned."""
+# `Llama4TextConfig`'s shapes, likewise
+# A multimodal model_type -> (its language model's model_type, the text config class's shapes, whether
+# the LM head is tied to the embedding unless a config says otherwise)
+LLAMA4_TEXT_DEFAULTS = {"vocab_size": 202048, "hidden_size": 5120, "num_hidden_layers": 48,
+                        "num_attention_heads": 40, "num_key_value_heads": 8}
+MULTIMODAL_TEXT = {"gemma3": ("gemma3_text", GEMMA3_TEXT_DEFAULTS, True),
+                   "llama4": ("llama4_text", LLAMA4_TEXT_DEFAULTS, False)}
+
+
+def _language_model(config: dict, model_type: str, defaults: dict, tied_default: bool) -> dict:
+    """The text config of a multimodal config.json (`Gemma3Config`, `Llama4Config`): its `text_config`
+    over the text config class's `defaults`, the LM head tied as the outer config says, else as the
+    text config says, else `tied_default`. Its vision tower and projector are not planned."""
     text = config.get("text_config", {})
+    if text is None:
+        text = {}
     if not isinstance(text, dict):
         raise PlanError("config.json text_config must be a JSON object")
-    tied = config.get("tie_word_embeddings", text.get("tie_word_embeddings", True))
-    return {**GEMMA3_TEXT_DEFAULTS, **text, "model_type": "gemma3_text", "tie_word_embeddings": tied}
+    tied = config.get("tie_word_embeddings", text.get("tie_word_embeddings", tied_default))
+    return {**defaults, **text, "model_type": model_type, "tie_word_embeddings": tied}
 
 
 def _global_layers(config: dict, layers: int, family: str) -> tuple[int, ...]:
@@ -848,10 +1054,10 @@ def _global_layers(config: dict, layers: int, family: str) -> tuple[int, ...]:
     return tuple(i for i in range(layers) if kinds[i] == "full_attention")
 
 
-def _qwen3_moe_dense_fields(config: dict, layers: int) -> dict:
+def _qwen3_moe_dense_fields(config: dict, layers: int, width_default: int = 6144) -> dict:
     """Qwen3-MoE's dense layers, as `Qwen3MoeDecoderLayer` picks them: layer i is dense (a gated MLP
-    of `intermediate_size`, default 6144) when i is in `mlp_only_layers` or (i + 1) is not a multiple
-    of `decoder_sparse_step` (default 1: none)."""
+    of `intermediate_size`, default 6144; Qwen3-Next's 5632) when i is in `mlp_only_layers` or (i + 1)
+    is not a multiple of `decoder_sparse_step` (default 1: none)."""
     from .validate import whole_number
 
     step = config.get("decoder_sparse_step")
@@ -866,16 +1072,60 @@ def _qwen3_moe_dense_fields(config: dict, layers: int) -> dict:
     width = config.get("intermediate_size")
     return {"dense_layers": dense,
             "dense_intermediate_size": whole_number("config.json intermediate_size",
-                                                    6144 if width is None else width, 1, 10**7)
+                                                    width_default if width is None else width, 1, 10**7)
             if dense else 0}
 
 
+def _qwen3_next_fields(config: dict, layers: int, head_dim_default: int) -> dict:
+    """Qwen3-Next's fields beyond Qwen3-MoE's, with `Qwen3NextConfig`'s defaults: `layer_types`
+    (without it, every `full_attention_interval`-th (4th) layer full, the others linear), the
+    gated-DeltaNet shapes (linear_num_key_heads 16, linear_num_value_heads 32, linear_key_head_dim and
+    linear_value_head_dim 128, linear_conv_kernel_dim 4), the first `partial_rotary_factor` (0.25) of
+    each head rotating, one gated shared expert of `shared_expert_intermediate_size` (512), the
+    attention's output gate, and Qwen3-MoE's dense layers (`intermediate_size` 5632). A config without
+    experts (num_experts 0: every layer dense) is refused by the expert count's check."""
+    from .validate import real_number, whole_number
+
+    def whole(key: str, default: int) -> int:
+        value = config.get(key)
+        return whole_number(f"config.json {key}", default if value is None else value, 1, 10**5)
+
+    kinds = config.get("layer_types")
+    allowed = ("linear_attention", "full_attention")
+    if kinds is None:
+        every = whole("full_attention_interval", 4)
+        kinds = ["linear_attention" if (i + 1) % every else "full_attention" for i in range(layers)]
+    if not isinstance(kinds, list) or len(kinds) < layers or any(k not in allowed for k in kinds[:layers]):
+        raise PlanError(f"config.json layer_types must be a list of {layers} names, each "
+                        f"{' or '.join(allowed)}")
+    head_dim = _whole(config, "head_dim", "head_dim", default=head_dim_default)
+    rope = config.get("rope_parameters") if isinstance(config.get("rope_parameters"), dict) else {}
+    factor = real_number("config.json partial_rotary_factor",
+                         config.get("partial_rotary_factor", rope.get("partial_rotary_factor", 0.25)),
+                         0, 1, lo_open=True)
+    rotary = int(head_dim * factor)
+    if rotary % 2 or not rotary:
+        raise PlanError(f"config.json partial_rotary_factor {factor:g} of head_dim {head_dim} rotates "
+                        f"{rotary} values a head: rotary pairs need an even, positive number")
+    return {"head_dim": head_dim, "rope_head_dim": 0 if rotary == head_dim else rotary,
+            **_qwen3_moe_dense_fields(config, layers, 5632),
+            "linear_layers": tuple(i for i in range(layers) if kinds[i] == "linear_attention"),
+            "linear_key_heads": whole("linear_num_key_heads", 16),
+            "linear_value_heads": whole("linear_num_value_heads", 32),
+            "linear_key_head_dim": whole("linear_key_head_dim", 128),
+            "linear_value_head_dim": whole("linear_value_head_dim", 128),
+            "linear_conv_kernel": whole("linear_conv_kernel_dim", 4),
+            "shared_experts": 1, "shared_expert_width": whole("shared_expert_intermediate_size", 512),
+            "shared_expert_gate": True, "attention_output_gate": True}
+
+
 # The config classes' `head_dim` when a config.json leaves it out, where it is not hidden / heads
-HEAD_DIM_DEFAULT = {"qwen3": 128, "gemma3": 256, "gpt_oss": 64}
+HEAD_DIM_DEFAULT = {"qwen3": 128, "gemma3": 256, "gpt_oss": 64, "qwen3_next": 256, "llama4": 128}
 
 
 def _sliding_window(config: dict, family: str) -> int | None:
-    if family in ("llama", "gpt2", "olmo2", "deepseek_v3", "glm4_moe") or (
+    if family in ("llama", "gpt2", "olmo2", "deepseek_v3", "glm4_moe", "qwen3_next",
+                  "llama4") or (
             family in (*QWEN_WINDOWS, "qwen3_moe", "smollm3")
             and not _flag(config, "use_sliding_window", False)):
         return None
@@ -937,6 +1187,20 @@ def to_hf_config(spec: ModelSpec) -> dict:
                       moe_intermediate_size=spec.intermediate_size, norm_topk_prob=spec.norm_topk,
                       decoder_sparse_step=1, mlp_only_layers=list(spec.dense_layers),
                       intermediate_size=spec.dense_intermediate_size or spec.intermediate_size)
+    if spec.family == "qwen3_next":
+        config.update(num_experts=spec.num_experts, num_experts_per_tok=spec.experts_per_token,
+                      moe_intermediate_size=spec.intermediate_size, norm_topk_prob=spec.norm_topk,
+                      decoder_sparse_step=1, mlp_only_layers=list(spec.dense_layers),
+                      intermediate_size=spec.dense_intermediate_size or spec.intermediate_size,
+                      shared_expert_intermediate_size=spec.shared_width, attention_bias=spec.qkv_bias,
+                      partial_rotary_factor=spec.rotary_dim / spec.head_dim,
+                      layer_types=["linear_attention" if spec.linear_layer(i) else "full_attention"
+                                   for i in range(spec.num_layers)],
+                      linear_num_key_heads=spec.linear_key_heads,
+                      linear_num_value_heads=spec.linear_value_heads,
+                      linear_key_head_dim=spec.linear_key_head_dim,
+                      linear_value_head_dim=spec.linear_value_head_dim,
+                      linear_conv_kernel_dim=spec.linear_conv_kernel)
     if spec.family == "qwen3_moe" and spec.sliding_window is not None:
         config.update(use_sliding_window=True, sliding_window=spec.sliding_window)
     if spec.family == "gpt_oss":
@@ -956,10 +1220,25 @@ def to_hf_config(spec: ModelSpec) -> dict:
                       max_window_layers=spec.max_window_layers)
     if spec.kv_lora_rank:
         config.update(_latent_config(spec), **_shared_expert_config(spec))
+    if spec.family == "llama4":
+        config.update(_llama4_config(spec))
     if spec.family == "glm4_moe":
         config.update(partial_rotary_factor=spec.rotary_dim / spec.head_dim, use_qk_norm=bool(spec.qk_norm),
                       **_shared_expert_config(spec))
     return config
+
+
+def _llama4_config(spec: ModelSpec) -> dict:
+    """The Llama 4 keys of `to_hf_config`."""
+    return {
+        "attention_bias": spec.out_bias, "num_local_experts": spec.num_experts,
+        "num_experts_per_tok": spec.experts_per_token,
+        "moe_layers": [i for i in range(spec.num_layers) if spec.sparse_layer(i)],
+        "intermediate_size_mlp": spec.dense_intermediate_size or spec.intermediate_size,
+        "no_rope_layers": [int(spec.rotary_layer(i)) for i in range(spec.num_layers)],
+        "use_qk_norm": spec.qk_norm == "l2", "attention_chunk_size": spec.attention_chunk,
+        "attn_temperature_tuning": spec.nope_temperature,
+    }
 
 
 def _latent_config(spec: ModelSpec) -> dict:

@@ -18,18 +18,19 @@ from .errors import PlanError
 from .memory import Term, adafactor_temporary_term, dequant_term, optimizer_temporary_term
 from .optimizers import TORCH_OPTIMIZERS
 from .precision import Precision
-from .quant import check_quant, quantised_params
+from .quant import check_quant, quantised_numels, quantised_params, quantises_experts
 from .spec import ModelSpec, TrainSetup
 from .stacks import get_stack
 from .timeline import Phase, States, peak_phase, step_phases
 
 # Modules of a decoder layer whose backward runs before attention's: the MLP and the norms around it.
-MLP_PART = ("mlp", "ln_2", "post_attention_layernorm", "pre_feedforward_layernorm",
+MLP_PART = ("mlp", "feed_forward", "ln_2", "post_attention_layernorm", "pre_feedforward_layernorm",
             "post_feedforward_layernorm")
 # ...of which the output projection's gradient comes first, before the MLP's backward peak.
 # (LoRA on fused experts: PEFT's ParamWrapper on the down weight, its A and B made by baddbmm's backward
 # right after the down grouped matmul's)
-MLP_OUTPUT = ("mlp.down_proj", "mlp.c_proj", "mlp.experts.down_proj")
+MLP_OUTPUT = ("mlp.down_proj", "mlp.c_proj", "mlp.experts.down_proj", "feed_forward.down_proj",
+              "feed_forward.experts.down_proj")
 # the token and position embeddings' modules (their gradients are made last in backward)
 EMBEDDINGS = ("wte", "wpe", "embed_tokens")
 # the attention's output projection: its gradient is made before the attention core's backward, the
@@ -116,13 +117,14 @@ def qlora_conditions(setup: TrainSetup, precision: Precision) -> dict:
 
 def _training(spec: ModelSpec, setup: TrainSetup,
               arch: Architecture) -> tuple[dict[str, int], set[str], dict[str, int]]:
-    """Wrapped modules (path -> rank), modules whose weights train, and trainable numel by path."""
+    """Wrapped modules (path -> rank), modules whose weights train (and the names of biases that
+    train without their module's weight, PEFT's `bias`), and trainable numel by path."""
     if setup.method == "full":
         return {}, {m.path for m in arch.modules}, {m.path: m.numel for m in arch.modules}
     trainable = lora_trainable(spec, setup)
     wrapped = {a.module.path: setup.rank for a in trainable.adapters}
     by_path = {a.module.path: a.numel for a in trainable.adapters}
-    saved = {m.path for m in trainable.saved_modules}
+    saved = {m.path for m in trainable.saved_modules} | {p.name for p in trainable.biases}
     for m in trainable.saved_modules:
         by_path[m.path] = by_path.get(m.path, 0) + m.numel
     for p in trainable.biases:
@@ -246,7 +248,8 @@ def layer_gradients(spec: ModelSpec, setup: TrainSetup, precision: Precision) ->
             expert_up[int(index)] += 2 * down * grad_bytes  # gate/up: twice the down projection
             per_layer[int(index)][part] += nbytes[path] - down * grad_bytes
             attn_out[int(index)] += nbytes[path] if rest.startswith(ATTN_OUTPUT) else 0
-            mlp_up[int(index)] += nbytes[path] if rest.startswith("mlp.up_proj") else 0
+            up = rest.startswith(("mlp.up_proj", "feed_forward.up_proj"))
+            mlp_up[int(index)] += nbytes[path] if up else 0
         elif path == arch.head_path or (arch.tied_head and path.endswith(("wte", "embed_tokens"))):
             head += nbytes[path]
     embed_trains = any(path.endswith(("wte", "embed_tokens")) for path in by_path)
@@ -265,16 +268,22 @@ def input_gradient_skips(spec: ModelSpec, setup: TrainSetup) -> tuple[int, int]:
     return prof.no_input_grad_params, prof.attention_without_grad
 
 
+def check_walkable(spec: ModelSpec, setup: TrainSetup, cond: Conditions) -> None:
+    """Refuse in one line a setup the activation walk does not model: fp32 adapters (`adapter_dtype`)
+    on a router or fused experts, which PEFT wraps in a `ParamWrapper`."""
+    if cond.adapter_bytes and any(a.module.kind in ("router", "experts")
+                                  for a in lora_trainable(spec, setup).adapters):
+        raise PlanError("--adapter-dtype fp32 is not modelled for adapters on a router or fused experts "
+                        "(PEFT's ParamWrapper): leave them out of --targets, or plan --adapter-dtype auto")
+
+
 def predict_step(spec: ModelSpec, setup: TrainSetup, precision: Precision, memory: dict[str, int],
                  device: str = "cuda") -> StepPrediction:
     """The step's activations and peak, given the plan's model-state bytes in `memory`."""
     arch = layout(spec, setup.task, setup.num_labels)
     cond = conditions(setup, precision, device)
     wrapped, trainable, _ = _training(spec, setup, arch)
-    if cond.adapter_bytes and any(a.module.kind in ("router", "experts")
-                                  for a in lora_trainable(spec, setup).adapters):
-        raise PlanError("--adapter-dtype fp32 is not modelled for adapters on a router or fused experts "
-                        "(PEFT's ParamWrapper): leave them out of --targets, or plan --adapter-dtype auto")
+    check_walkable(spec, setup, cond)
     prof = profile(spec, cond, wrapped, trainable)
     grads = layer_gradients(spec, training_key(setup), precision)
     head, embed_trains = grads.head, grads.embed_trains
@@ -284,8 +293,8 @@ def predict_step(spec: ModelSpec, setup: TrainSetup, precision: Precision, memor
     kernel = f"{impl} " if setup.optimizer in TORCH_OPTIMIZERS else ""  # Adafactor, 8-bit: one kernel
     dequant = None
     if setup.method == "qlora":
-        nf4 = quantised_params(arch, lora_trainable(spec, setup), setup.quantize_experts)
-        dequant = dequant_term(setup, [p.numel for p in arch.params if p.name in nf4], precision)
+        nf4 = quantised_params(arch, lora_trainable(spec, setup), quantises_experts(spec, setup))
+        dequant = dequant_term(setup, quantised_numels(spec, arch, nf4), precision)
     states = States(
         weights=memory["weights"],
         gradients=memory["gradients"],

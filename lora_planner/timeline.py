@@ -247,7 +247,9 @@ def step_phases(states: States, prof: Profile, vocab: int, tokens: int) -> tuple
         # that input needs none: then the add hands its one gradient to the attention branch alone
         skip = resid if not prof.layer_input_grads or prof.layer_input_grads[i] else 0
         core = base + live - prof.mlp_layers[i] - attn_tail + grads - later + skip + dq
-        phases.append(Phase("backward", core + attn, _THROUGH + "attention", i, "attention"))
+        mixer = prof.mixer_backward[i] if prof.mixer_backward else None
+        phases.append(Phase("backward", core + (attn if mixer is None else mixer), _THROUGH + (
+            "attention" if mixer is None else "linear attention's chunked delta rule"), i, "attention"))
         if prof.out_input_backward and prof.out_input_backward[i]:
             phases.append(Phase("backward", core + prof.out_input_backward[i],
                                 _THROUGH + "attention output projection's input gradient", i, "attention"))

@@ -11,7 +11,7 @@ from lora_planner.catalog import get_model
 from lora_planner.fit import fit_limits
 from lora_planner.gpus import GPUS, get_gpu
 from lora_planner.plan import make_plan
-from lora_planner.sharding import DISPLAY, STRATEGIES
+from lora_planner.sharding import DISPLAY, SEARCHED
 from lora_planner.spec import TrainSetup
 from lora_planner.timeline import device_overhead_bytes
 
@@ -42,7 +42,7 @@ def one(model: str, setup: TrainSetup, gpu_name: str):
 def test_gpus_needed_is_the_smallest_min_gpus_and_names_it(case):
     _, _, _, p = one(*case)
     counts = {s: n for s, n in p.data_parallel.min_gpus.items() if n is not None}
-    assert set(p.data_parallel.min_gpus) == set(STRATEGIES)
+    assert set(p.data_parallel.min_gpus) == set(SEARCHED)
     if not counts:
         assert p.gpus_needed is None and p.gpus_needed_strategy is None
         return

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import sys
 
 import pytest
@@ -164,6 +165,94 @@ def test_a_llama_planned_from_its_recording_agrees_with_the_native_walk(method):
         assert abs(ours - walked) <= 0.01 * walked, (key, ours, walked)
 
 
+SMALL_LLAMA = dict(name="llama-small", family="llama", vocab_size=1000, hidden_size=128, num_layers=8,
+                   num_heads=4, num_kv_heads=2, head_dim=32, intermediate_size=344, tied_embeddings=False,
+                   max_positions=2048)
+
+
+@pytest.mark.parametrize("method, checkpointing, loss", [
+    ("full", True, "standard"), ("lora", False, "standard"), ("qlora", True, "standard"),
+    ("full", True, "chunked")])
+def test_fsdp_and_zero3_per_gpu_peaks_of_a_recorded_llama_agree_with_the_native_walk(method, checkpointing,
+                                                                                     loss):
+    """FSDP2's buffers (the root and blocks gathered, a layer's gradients whole until their
+    reduce-scatter) follow the recording position by position; ZeRO-3's from the meta build's
+    modules. Both held to our walk of the same Llama on several GPU counts (the GPU counts of real
+    sizes: `test_catalog_models_recorded_at_full_size_agree_with_the_walk`), and the moment of the
+    peak under FSDP2 to the walk's: its phase, and the decoder layer it is in (--explain's peak line)."""
+    from lora_planner.measure.recorded import recorded_model
+    from lora_planner.spec import ModelSpec, to_hf_config
+    from lora_planner.stacks import resolve
+
+    spec = ModelSpec(**SMALL_LLAMA)
+    base = resolve(TrainSetup(method=method, batch_size=1, seq_len=128, grad_checkpointing=checkpointing,
+                              loss=loss, stack="torch"))
+    model = recorded_model(to_hf_config(spec), spec.name, "", (base,))
+    gpu = GPUS[0]
+    for gpus, sharding, reshard in ((2, "fsdp", True), (8, "fsdp", True), (4, "fsdp", False),
+                                    (8, "zero3", True)):
+        setup = base.with_(num_gpus=gpus, sharding=sharding, reshard_after_forward=reshard)
+        ours = make_plan(model, (setup,), gpu).plans[0]
+        walked = make_plan(spec, (setup,), gpu).plans[0]
+        a, b = ours.memory["peak"].bytes, walked.memory["peak"].bytes
+        assert abs(a - b) <= 0.01 * b, (gpus, sharding, reshard, a, b, ours.memory["peak"].formula)
+        if sharding != "fsdp":  # a ZeRO-3 step may tie its backward and optimizer within 1%
+            continue
+        assert ours.peak_phase == walked.peak_phase
+        layers = [re.search(pattern, p.memory["peak"].formula)
+                  for pattern, p in ((r"inside layer (\d+):", ours), (r"layer (\d+)", walked))]
+        assert [m and m[1] for m in layers] == [layers[1] and layers[1][1]] * 2, (
+            ours.memory["peak"].formula, walked.memory["peak"].formula)
+
+
+def test_fsdp_units_of_a_recorded_model_are_what_fully_shard_groups_on_the_meta_build():
+    """Each decoder layer's unit, and the root's, as torch's `fully_shard` groups the parameters of
+    the model transformers builds on the meta device (wrapped per decoder layer, then the root)."""
+    torch = pytest.importorskip("torch")
+    from torch.distributed.fsdp import fully_shard
+    from transformers import AutoModelForCausalLM
+
+    from lora_planner.measure.recorded import hf_config, recorded_model
+    from lora_planner.measure.tracer import decoder_layers
+    from lora_planner.plan import _recorded_units
+    from lora_planner.precision import get_precision
+    from lora_planner.stacks import resolve
+
+    config = small_config("starcoder2", 13, 3)
+    setup = resolve(TrainSetup(method="full", precision="fp32", seq_len=16, stack="torch"))
+    model = recorded_model(config, "small", "", (setup,))
+    units, _ = _recorded_units(model, model.step(setup), setup, get_precision("fp32"), [])
+    with torch.device("meta"):
+        built = AutoModelForCausalLM.from_config(hf_config(config))
+    with one_process_group(torch):
+        for layer in decoder_layers(built)[1]:
+            fully_shard(layer)
+        fully_shard(built)
+        groups = [m._get_fsdp_state()._fsdp_param_group for m in (*decoder_layers(built)[1], built)]
+        sizes = [4 * sum(p._orig_size.numel() for p in g.fsdp_params) for g in groups]
+    assert tuple(sizes[:-1]) == units.block_bytes and sizes[-1] == units.root_bytes
+
+
+def one_process_group(torch):
+    """A gloo process group of one rank on this machine, destroyed on leaving."""
+    import contextlib
+    import socket
+
+    @contextlib.contextmanager
+    def group():
+        import torch.distributed as dist
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+        try:
+            yield
+        finally:
+            dist.destroy_process_group()
+    return group()
+
+
 def test_a_recording_is_cached_and_a_corrupt_entry_is_recorded_again(tmp_path, monkeypatch):
     from lora_planner.measure import recorded
 
@@ -234,6 +323,23 @@ def test_the_plan_names_the_recording_in_a_note(tmp_path):
     assert "GraniteDecoderLayer" in note and "1, 2 and 3 layers, scaled to 4" in note
 
 
+def test_trace_takes_a_config_of_another_model_type(tmp_path):
+    """`trace --model config.json` of a model_type recorded from transformers: its plan (recorded on
+    1-3 layers, scaled to 5) beside a fake step of the real class at 5 layers, and a slice."""
+    path = write_config(tmp_path, small_config("starcoder2", 15, 5))
+    args = ["trace", "--model", path, "--fake", "--seq-len", "32", "--precision", "fp32", "--stack", "torch"]
+    result = CliRunner().invoke(main, [*args, "--format", "json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output)
+    for term, error in out["relative_error"].items():
+        assert error is None or abs(error) <= 0.01, (term, out)
+    assert out["peak_phase"]["predicted"] == out["peak_phase"]["traced"]
+    result = CliRunner().invoke(main, [*args, "--layers", "2"])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith(f"traced: {tmp_path.name}[:2 layers] (starcoder2, recorded from "
+                                    "transformers, 2 layers)"), result.output
+
+
 def test_without_torch_an_other_model_type_names_the_measure_extra(tmp_path, monkeypatch):
     path = write_config(tmp_path, small_config("granite", 10, 2))
     monkeypatch.setitem(sys.modules, "torch", None)  # as on a base install: `import torch` fails
@@ -257,10 +363,64 @@ def test_a_config_transformers_cannot_plan_is_refused_in_one_line(tmp_path, chan
     assert len(result.output.strip().splitlines()) == 1 and message in result.output, result.output
 
 
-def test_fit_is_refused_for_a_recorded_model(tmp_path):
-    path = write_config(tmp_path, small_config("granite", 12, 2))
-    result = CliRunner().invoke(main, ["--model", path, "--fit"])
-    assert result.exit_code == 2 and "--fit" in result.output, result.output
+def test_fit_replans_a_recorded_model_through_new_recordings():
+    """--fit's largest batch is the boundary of the recorded plans' own verdict (the step recorded
+    again at each batch tried), on a card sized, from the recordings at batch 1 and 2, to hold
+    batch 3 and not 4."""
+    from lora_planner.fit import with_fit
+    from lora_planner.gpus import Gpu, fits
+    from lora_planner.measure.recorded import recorded_model
+    from lora_planner.stacks import resolve
+
+    config = {**small_config("granite", 14, 2), "max_position_embeddings": 64}
+    setup = resolve(TrainSetup(method="lora", precision="fp32", seq_len=64, stack="torch"))
+    model = recorded_model(config, "small", "", (setup,))
+
+    def peak(batch: int, gpu=GPUS[0]) -> int:
+        return make_plan(model, (setup.with_(batch_size=batch),), gpu).plans[0].memory["peak"].bytes
+    one, two = peak(1), peak(2)
+    lo, hi = 1, 1 << 40  # the smallest card that holds batch 3.5 on the line through 1 and 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if fits(one + 5 * (two - one) // 2, Gpu("card", mid)) else (mid, hi)
+    card = Gpu("card", hi)
+    plan = make_plan(model, (setup,), card)
+
+    def verdict(s: TrainSetup) -> bool:
+        return make_plan(model, (s,), card).plans[0].fits
+    found = with_fit(plan, (setup,), verdict, 64).plans[0].fit
+    assert found.max_batch_size == 3 and found.max_seq_len == 64
+    assert verdict(setup.with_(batch_size=3)) and not verdict(setup.with_(batch_size=4))
+
+
+@pytest.mark.slow
+def test_advice_replans_a_recorded_model_through_new_recordings():
+    """Advice's changes to a recorded step that does not fit, applied, give recorded plans that fit."""
+    from lora_planner.advice import advise
+    from lora_planner.gpus import Gpu
+    from lora_planner.measure.recorded import recorded_model
+    from lora_planner.stacks import resolve
+
+    config = small_config("granite", 14, 2)
+    big = resolve(TrainSetup(method="lora", precision="fp32", seq_len=64, batch_size=64, stack="torch"))
+    model = recorded_model(config, "small", "", (big,))
+    plan = make_plan(model, (big,), GPUS[0]).plans[0]
+    card = Gpu("card", plan.memory["peak"].bytes + plan.device_overhead.bytes - 1)
+    advised = advise(make_plan(model, (big,), card), model, (big,), card).advice
+    assert advised.suggestions and advised.checkpointed
+    for s in advised.suggestions:
+        changed = big.with_(**dict(CHANGES[f] for f in s.flags if f in CHANGES))
+        if "--batch-size" in s.flags:
+            changed = changed.with_(batch_size=int(s.flags[s.flags.index("--batch-size") + 1]))
+        if "--num-gpus" in s.flags:
+            i = s.flags.index("--num-gpus")
+            changed = changed.with_(num_gpus=int(s.flags[i + 1]), sharding=s.flags[i + 3])
+        assert make_plan(model, (changed,), card).plans[0].fits, s.flags
+
+
+# advice's flags, as setup changes
+CHANGES = {"--grad-checkpointing": ("grad_checkpointing", True), "--method": ("method", "qlora"),
+           "--optimizer": ("optimizer", "adamw-8bit")}
 
 
 @pytest.mark.slow
@@ -269,25 +429,33 @@ def test_fit_is_refused_for_a_recorded_model(tmp_path):
                                              ("llama-3.1-70b", "sdpa")])
 def test_catalog_models_recorded_at_full_size_agree_with_the_walk(name, attention):
     """The same structural cross-check on published shapes at the default step (2,048 tokens,
-    mixed precision), whole and on 8 GPUs under ZeRO-3: every peak within 1%, the same GPU counts
-    under every strategy but FSDP2 (whose gather buffers a recording does not follow)."""
+    mixed precision), whole and on 8 GPUs under ZeRO-3 and FSDP2: every peak within 1%, and the same
+    GPU counts under every strategy, but where the walk's own per-GPU peak at the recorded count
+    is within 1% of what the card allows (near a full card a count moves by a few percent when a
+    peak moves by a tenth of one)."""
     from lora_planner.catalog import get_model
+    from lora_planner.gpus import largest_fitting_peak
     from lora_planner.measure.recorded import recorded_model
     from lora_planner.spec import to_hf_config
     from lora_planner.stacks import resolve
 
     spec = get_model(name)
     for method in ("full", "lora", "qlora"):
-        for gpus in (None, 8):
-            setup = resolve(TrainSetup(method=method, attention=attention, num_gpus=gpus,
-                                       sharding="zero3" if gpus else "none"))
+        for gpus, sharding in ((None, "none"), (8, "zero3"), (8, "fsdp")):
+            setup = resolve(TrainSetup(method=method, attention=attention, num_gpus=gpus, sharding=sharding))
             model = recorded_model(to_hf_config(spec), spec.name, "", (setup,))
             recorded = make_plan(model, (setup,), GPUS[0]).plans[0]
             native = make_plan(spec, (setup,), GPUS[0]).plans[0]
             ours, walked = recorded.memory["peak"].bytes, native.memory["peak"].bytes
-            assert abs(ours - walked) <= 0.01 * walked, (method, gpus, ours, walked)
-            counts = {k: v for k, v in recorded.data_parallel.min_gpus.items() if k != "fsdp"}
-            assert counts == {k: v for k, v in native.data_parallel.min_gpus.items() if k != "fsdp"}
+            assert abs(ours - walked) <= 0.01 * walked, (method, gpus, sharding, ours, walked)
+            for strategy, n in recorded.data_parallel.min_gpus.items():
+                walked_n = native.data_parallel.min_gpus[strategy]
+                if n != walked_n:  # only where the walk's own peak is within 1% of the budget there
+                    assert n and walked_n, (method, strategy, n, walked_n)
+                    budget = largest_fitting_peak(GPUS[0])
+                    at = [make_plan(spec, (setup.with_(num_gpus=k, sharding=strategy),), GPUS[0])
+                          .plans[0].memory["peak"].bytes for k in (n - 1, n)]
+                    assert at[0] > 0.99 * budget and at[1] <= 1.01 * budget, (method, strategy, n, walked_n)
 
 
 def test_a_line_is_fitted_through_the_deepest_two_recordings_and_checked_against_the_first():
@@ -300,14 +468,15 @@ def test_a_line_is_fitted_through_the_deepest_two_recordings_and_checked_against
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model_type, precision", [("cohere2", "fp32"), ("qwen3_next", "pure-bf16")])
+@pytest.mark.parametrize("model_type, precision", [("cohere2", "fp32"), ("qwen3_5_moe_text", "pure-bf16")])
 def test_layers_of_several_kinds_are_recorded_kind_by_kind(tmp_path, model_type, precision):
-    """Cohere 2 mixes sliding and full attention layers (every 4th full); Qwen3-Next linear
+    """Cohere 2 mixes sliding and full attention layers (every 4th full); Qwen3.5-MoE linear
     attention (gated delta rule) and full attention layers, over fused experts (whose fake grouped
     matmul takes bf16 only). The first three layers are of one kind: each kind is recorded on its
-    own, the plan held to the real step at full depth and the note saying so."""
+    own, the plan held to the real step at full depth and the note saying so. (Qwen3-Next, the
+    same layers, is planned natively: tests/test_qwen3_next.py holds it to its recording.)"""
     config = {**small_config(model_type, 13, 8), "sliding_window": 16}
-    if model_type == "qwen3_next":
+    if model_type == "qwen3_5_moe_text":
         config.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                       shared_expert_intermediate_size=32, linear_num_value_heads=2, linear_num_key_heads=2,
                       linear_key_head_dim=8, linear_value_head_dim=8)

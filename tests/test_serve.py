@@ -72,18 +72,19 @@ def busy_server(tmp_path_factory):
         yield started
 
 
-def get(url: str, headers: dict | None = None) -> tuple[int, dict, str]:
+def get(url: str, headers: dict | None = None, timeout: float = 30) -> tuple[int, dict, str]:
     request = urllib.request.Request(url, headers=headers or {})
     try:
-        with urllib.request.urlopen(request, timeout=30) as r:
+        with urllib.request.urlopen(request, timeout=timeout) as r:
             return r.status, dict(r.headers), r.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, dict(exc.headers), exc.read().decode()
 
 
-def post(url: str, data: bytes) -> tuple[int, str]:
+def post(url: str, data: bytes, timeout: float = 30) -> tuple[int, str]:
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, data=data, method="POST"), timeout=30) as r:
+        with urllib.request.urlopen(urllib.request.Request(url, data=data, method="POST"),
+                                    timeout=timeout) as r:
             return r.status, r.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()
@@ -305,6 +306,37 @@ def test_uploaded_config_plans_as_the_cli_plans_the_file(server, tmp_path):
     assert post(f"{server}/api/config", data) == (200, body)  # the same upload, the same token
     status, body = post(f"{server}/api/config?filename=my-model.json", data)
     assert json.loads(body)["model"].endswith("/my-model")  # a file's own name wins
+
+
+@pytest.mark.slow
+def test_an_uploaded_config_of_another_model_type_plans_as_the_cli_plans_it(tmp_path, monkeypatch):
+    """A model_type none of our families lays out is accepted, and planned from its recording in a
+    worker (given the page's budget for recordings) as the CLI plans the file."""
+    pytest.importorskip("peft")
+    monkeypatch.setenv("LORA_PLAN_CACHE", str(tmp_path / "cache"))
+    config = {"model_type": "granite", "vocab_size": 300, "hidden_size": 32, "intermediate_size": 64,
+              "num_hidden_layers": 3, "num_attention_heads": 2, "num_key_value_heads": 1,
+              "max_position_embeddings": 256}
+    data = json.dumps(config).encode()
+    (tmp_path / "srv").mkdir()
+    with running(tmp_path / "srv") as (server, _):
+        # the worker imports transformers to check it, and torch to record its step
+        status, body = post(f"{server}/api/config?filename=tiny-granite.json", data, timeout=180)
+        assert status == 200, body
+        token = json.loads(body)["model"]
+        query = urlencode({"model": token, "method": "lora", "seq-len": "64", "stack": "torch"})
+        status, _, served = get(f"{server}/api/plan?{query}", timeout=180)
+        assert status == 200, served
+        bad = json.dumps({**config, "model_type": "bert"}).encode()
+        status, body = post(f"{server}/api/config", bad, timeout=180)
+        assert status == 400 and "'bert' is not supported" in body
+    (tmp_path / "tiny-granite").mkdir()
+    (tmp_path / "tiny-granite" / "config.json").write_bytes(data)
+    local = str(tmp_path / "tiny-granite")
+    expected = cli(["--model", local, "--method", "lora", "--seq-len", "64", "--stack", "torch",
+                    "--format", "json"]).output
+    assert served == expected.replace(local, token)
+    assert json.loads(served)["model"]["family"] == "granite"
 
 
 def test_a_form_upload_is_told_to_send_the_raw_body(server):

@@ -213,9 +213,8 @@ def plan_output(model_name, params_text, methods, ranks, targets, precision, opt
             setups.append(base.with_(method="full"))
         else:
             setups += [base.with_(method=m, rank=r) for r in rank_list]
-    recorded = context is not None
-    if recorded:
-        model = _recorded(model, tuple(setups), fit)
+    if context is not None:
+        model = _recorded(model, tuple(setups))
     fewest = None
     if base.num_gpus is None and (base.sharding != "none" or base.offload != "none"):
         setups, fewest = _on_fewest_gpus(model, tuple(setups), gpu)
@@ -225,8 +224,7 @@ def plan_output(model_name, params_text, methods, ranks, targets, precision, opt
     plan = _with_rank_notes(plan, model)
     from ..advice import advise  # what to change when a method does not fit, each re-planned
 
-    if not recorded:  # each change advice tries would be a recording of its own
-        plan = advise(plan, model, tuple(setups), gpu)
+    plan = advise(plan, model, tuple(setups), gpu)
     if fit:
         plan = _with_fit(plan, model, tuple(setups), gpu)
     return render(plan, fmt, units, explain)
@@ -245,12 +243,10 @@ def _other_context(model) -> int | None:
         "config.json max_position_embeddings", positions, 1, 10**9)
 
 
-def _recorded(other, setups, fit):
+def _recorded(other, setups):
     """The model of another model_type, with each setup's step recorded from transformers (or read
-    from the cache): needs the measure extra."""
-    if fit:
-        raise PlanError(f"--fit re-plans many batch sizes and lengths: each would be a recording of "
-                        f"model_type {other.model_type!r}; plan chosen --batch-size/--seq-len instead")
+    from the cache; a setup --fit or advice plans later is recorded when asked for): needs the
+    measure extra."""
     need_measure_extra(f"planning model_type {other.model_type!r} (recorded from transformers)",
                        ("torch", "transformers", "peft"))
     from ..measure.recorded import recorded_model
@@ -307,8 +303,9 @@ def _with_fit(plan, model, setups, gpu):
     if isinstance(model, DenseSize):
         raise PlanError("--fit needs the model's shape for activations; pass --model")
     # the verdict alone is read: GPU counts are searched only as far as the fewest (`fewest_only`)
+    # a recorded model's config may state no context: the sequence asked bounds the search then
     return with_fit(plan, setups, lambda s: make_plan(model, (s,), gpu, fewest_only=True).plans[0].fits,
-                    model.max_positions)
+                    model.max_positions or setups[0].seq_len)
 
 
 @click.command("models", context_settings=ANY_CASE)
@@ -393,8 +390,10 @@ def trace_command(model_name, method, rank, targets, precision, batch_size, seq_
 
     from ..resolve import resolve_model
 
-    spec = resolve_model(model_name)
-    seq_len = seq_len or default_seq_len(spec)  # as plan's: 2,048, or the model's context
+    spec = resolve_model(model_name, other_types=True)
+    context = _other_context(spec)
+    # as plan's: 2,048, or the model's context
+    seq_len = seq_len or (default_seq_len(spec) if context is None else min(DEFAULT_SEQ_LEN, context))
     setup = TrainSetup(method=method, rank=rank, targets=split_values(targets) or ("default",),
                        precision=precision, batch_size=batch_size, seq_len=seq_len,
                        attention=attention, dropout=dropout, optimizer=optimizer,
@@ -404,6 +403,12 @@ def trace_command(model_name, method, rank, targets, precision, batch_size, seq_
                                        grad_checkpointing, compile_mode, checkpoint_every,
                                        checkpoint_ops))
     need_measure_extra("lora-plan trace")
+    if context is not None:
+        if device != "cpu" or method == "qlora":
+            raise PlanError(f"trace {'--method qlora' if method == 'qlora' else f'--device {device}'} is "
+                            f"for the families we walk: a model_type recorded from transformers "
+                            f"({spec.model_type!r}) is traced on CPU, full or lora")
+        return _trace_recorded(spec, setup, layers, fake, force, fmt)
     from ..measure.traced_step import installed_bnb_version, predicted_terms, sliced, trace
 
     if method == "qlora":  # the plan models the bitsandbytes release the trace runs
@@ -426,9 +431,38 @@ def trace_command(model_name, method, rank, targets, precision, batch_size, seq_
     if fmt == "json":
         click.echo(json.dumps(result.to_dict(), indent=2))
         return
+    _echo_trace(result, _trace_header(spec.name, spec.family, spec.num_layers, setup), setup)
+
+
+def _trace_recorded(other, setup: TrainSetup, layers: int | None, fake: bool, force: bool, fmt: str) -> None:
+    """`trace` of a config.json of another model_type: its plan from the recording (of its first
+    `layers` layers) beside a step of the real class traced whole; a real step whose planned peak
+    exceeds the host RAM available is refused before it runs (unless --force)."""
+    import json
+
+    if (setup.compile or "none") != "none":
+        raise PlanError("trace --compile is for our own families; trace this model_type without it")
+    from ..measure.guard import check_fits, host_available_bytes
+    from ..measure.recorded import trace_recorded
+    from ..measure.step import quiet_libraries
+
+    def guard(peak: int) -> None:
+        if not (fake or force):
+            check_fits(peak, host_available_bytes(), "host RAM", "use --fake, --layers N or a smaller setup")
+    with quiet_libraries():
+        result, model = trace_recorded(other.config, other.name, other.source, setup, layers, fake, guard)
+    if fmt == "json":
+        click.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    _echo_trace(result, _trace_header(model.name, f"{model.model_type}, recorded from transformers",
+                                      model.num_layers, setup), setup)
+
+
+def _echo_trace(result, header: str, setup: TrainSetup) -> None:
+    """`trace`'s table: each term predicted beside traced, the allocator's peak, where the peaks are."""
     from tabulate import tabulate
 
-    click.echo(_trace_header(spec, setup))
+    click.echo(header)
     compiled = (setup.compile or "none") != "none"
     errors = result.errors()
     # a compiled step runs kernels no tracer sees: the allocator's peak is its one reading
@@ -469,7 +503,7 @@ def _allocator_line(reading, tracer_peak: int) -> str:
             + (f"; not seen by it at that moment: {where}" if where else ""))
 
 
-def _trace_header(spec: ModelSpec, setup: TrainSetup) -> str:
+def _trace_header(name: str, family: str, num_layers: int, setup: TrainSetup) -> str:
     """What was traced, in one line above the table: model and layers, method, precision, step."""
     targets = ",".join(setup.targets)
     method = "full" if setup.method == "full" else f"{setup.method} r={setup.rank} ({targets})"
@@ -482,7 +516,7 @@ def _trace_header(spec: ModelSpec, setup: TrainSetup) -> str:
         dropout += ", optimizer stepped in backward"
     if setup.packing:
         dropout += ", packed into one row"
-    return (f"traced: {spec.name} ({spec.family}, {spec.num_layers} layers); method {method}{dropout}; "
+    return (f"traced: {name} ({family}, {num_layers} layers); method {method}{dropout}; "
             f"precision {setup.precision}; batch {setup.batch_size} x {setup.seq_len} tokens; "
             f"checkpointing {'on' if setup.grad_checkpointing else 'off'}"
             + (f"; compile {setup.compile}" if (setup.compile or "none") != "none" else ""))

@@ -74,10 +74,14 @@ class Limits:
     """What one request may cost. `seconds` counts from the request's arrival, so a plan that
     waited for a worker has less left; `max_plans` bounds methods x ranks, `max_fit_plans` the
     same with --fit (each setup then plans about forty times: a search over batch and sequence).
-    A plan is "heavy" with --fit or more than `heavy_plans` setups: heavy plans take at most
+    A plan is "heavy" with --fit or more than `heavy_plans` setups, or of a model recorded from
+    transformers (given `recorded_seconds` instead of `seconds`): heavy plans take at most
     `workers - 1` workers. `memory_bytes` caps each worker's address space."""
 
     seconds: float = 15.0
+    # a plan of an uploaded config of a model_type none of our families lays out records its step
+    # from transformers the first time (torch imported, then seconds to minutes; cached after)
+    recorded_seconds: float = 180.0
     workers: int = 2
     max_plans: int = 64
     max_fit_plans: int = 8
@@ -312,11 +316,19 @@ def _worker_plan(argv: list[str]) -> tuple[int, str]:
 
 def _worker_check_config(path: str) -> str | None:
     """In a worker: None when `--model PATH` reads the config, else its one-line error."""
+    import importlib.util
+
     from ..errors import PlanError
-    from ..resolve import resolve_model
+    from ..resolve import OtherConfig, resolve_model
 
     try:
-        resolve_model(path)
+        model = resolve_model(path, other_types=True)
+        if isinstance(model, OtherConfig) and importlib.util.find_spec("transformers") is not None:
+            from ..measure.recorded import check_config
+
+            # another model_type: refused as `plan` refuses it (without transformers, planning it
+            # says which extra it needs)
+            check_config(model.config)
     except PlanError as exc:
         return str(exc)
     except (MemoryError, RecursionError):
@@ -483,18 +495,18 @@ class Waiter:
     POLL = 0.05
 
     def __init__(self, server: PlanServer, connection: socket.socket, channel: str, ticket: int,
-                 started: float):
+                 started: float, seconds: float | None = None):
         self.server, self.connection = server, connection
         self.channel, self.ticket = channel, ticket
-        self.deadline = started + server.limits.seconds
+        self.seconds = server.limits.seconds if seconds is None else seconds
+        self.deadline = started + self.seconds
 
     def check(self) -> None:
         if self.server.superseded(self.channel, self.ticket):
             raise Refused(*SUPERSEDED[::2])
         if time.monotonic() > self.deadline:
-            raise Refused(504, f"Error: the plan took longer than the page's "
-                               f"{self.server.limits.seconds:g} s; ask for fewer ranks or methods, "
-                               "or run `lora-plan` for it\n")
+            raise Refused(504, f"Error: the plan took longer than the page's {self.seconds:g} s; ask "
+                               "for fewer ranks or methods, or run `lora-plan` for it\n")
         if _client_gone(self.connection):
             raise ClientGone
 
@@ -522,6 +534,18 @@ class Waiter:
             if isinstance(exc, ProcessExpired):
                 raise Refused(503, "Error: the plan's worker died (out of memory?)\n") from None
             raise
+
+
+def _recorded_upload(path: Path) -> bool:
+    """Whether an uploaded config.json is of a model_type planned from its recording (no family of
+    ours lays it out: `resolve.OtherConfig`)."""
+    from ..errors import PlanError
+    from ..resolve import OtherConfig, resolve_model
+
+    try:
+        return isinstance(resolve_model(str(path), other_types=True), OtherConfig)
+    except (PlanError, OSError, ValueError):  # the worker says what is wrong with it
+        return False
 
 
 def _client_gone(connection: socket.socket) -> bool:
@@ -669,8 +693,8 @@ class PlanHandler(BaseHTTPRequestHandler):
         else:
             self._send(404, TEXT, "Error: not found\n")
 
-    def _waiter(self, channel: str = "", ticket: int = -1) -> Waiter:
-        return Waiter(self.server, self.connection, channel, ticket, self.started)
+    def _waiter(self, channel: str = "", ticket: int = -1, seconds: float | None = None) -> Waiter:
+        return Waiter(self.server, self.connection, channel, ticket, self.started, seconds)
 
     def handle_one_request(self) -> None:
         self.started = time.monotonic()
@@ -696,11 +720,16 @@ class PlanHandler(BaseHTTPRequestHandler):
             heavy = check_budget(params, self.server.limits)
             model = params.get("model_name") or ""
             token = model if UPLOAD_TOKEN.fullmatch(model) else None
+            seconds = None
             if token:  # the worker reads the server's own copy; the answer names the token
                 folder = str(self.server.upload_path(token))
                 args = [(opt, folder if opt == "--model" and value == token else value)
                         for opt, value in args]
-            status, body = self.server.run_plan(parse_argv(args), heavy, self._waiter(channel, ticket))
+                if _recorded_upload(Path(folder) / "config.json"):
+                    limits = self.server.limits
+                    heavy, seconds = True, max(limits.seconds, limits.recorded_seconds)
+            status, body = self.server.run_plan(parse_argv(args), heavy,
+                                                self._waiter(channel, ticket, seconds))
         except Refused as exc:
             self._send(exc.status, TEXT, str(exc), headers)
             return
@@ -791,7 +820,11 @@ class PlanHandler(BaseHTTPRequestHandler):
         target = self.server.uploads / digest / name
         target.mkdir(parents=True, exist_ok=True)
         write_atomically(target / "config.json", data)
-        problem = self.server.check_config(str(target), self._waiter())
+        # another model_type is checked against transformers, which the worker may import first
+        limits = self.server.limits
+        seconds = max(limits.seconds, limits.recorded_seconds) if _recorded_upload(target / "config.json") \
+            else None
+        problem = self.server.check_config(str(target), self._waiter(seconds=seconds))
         if problem is not None:
             shutil.rmtree(target, ignore_errors=True)
             # a message that names the file names it as the user knows it, not our temporary copy
@@ -898,10 +931,15 @@ def make_server(host: str = "127.0.0.1", port: int = DEFAULT_PORT, upload_dir: P
               help="Worker processes that plan (one is kept for cheap plans when more than one).")
 @click.option("--time-limit", "time_limit", type=click.FloatRange(0.1, 600), default=Limits.seconds,
               show_default=True, help="Seconds one request may take; its worker is stopped past it.")
+@click.option("--record-time-limit", "record_time_limit", type=click.FloatRange(0.1, 3600),
+              default=Limits.recorded_seconds, show_default=True,
+              help="Seconds a plan of an uploaded config.json of another model_type may take: its step "
+                   "is recorded from transformers the first time (cached after).")
 @click.option("--open", "open_browser", is_flag=True, help="Open the page in the default browser.")
 @click.option("--verbose", is_flag=True, help="Log every request.")
 def serve_command(port: int, host: str, allow_remote: bool, allow_host: tuple[str, ...], workers: int,
-                  time_limit: float, open_browser: bool, verbose: bool) -> None:
+                  time_limit: float, open_browser: bool, verbose: bool,
+                  record_time_limit: float = Limits.recorded_seconds) -> None:
     """Serve a local page to click through a plan: a form for every `plan` option, memory by term
     against the GPU's capacity, GPUs, checkpoints, the derivation, and the matching command line.
 
@@ -918,7 +956,8 @@ def serve_command(port: int, host: str, allow_remote: bool, allow_host: tuple[st
                         "(see SECURITY.md), or use an SSH tunnel to 127.0.0.1")
     try:
         server = make_server(host, port, verbose=verbose, allow_hosts=allow_host,
-                             limits=Limits(seconds=time_limit, workers=workers))
+                             limits=Limits(seconds=time_limit, workers=workers,
+                                           recorded_seconds=record_time_limit))
     except OSError as exc:
         import errno
 

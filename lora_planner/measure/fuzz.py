@@ -19,6 +19,7 @@ import random
 from dataclasses import dataclass, replace
 
 from ..activations import cpu_rng_state_bytes
+from ..counts import LINEAR_ROUTERS
 from ..spec import FAMILY_MODEL_TYPE, MOE_FAMILIES, TrainSetup, spec_from_hf_config
 from ..timeline import Phase
 
@@ -47,7 +48,9 @@ class Case:
         if self.layers is None:
             return dict(self.config)
         kept = min(self.layers, self.config[key])
-        cut = {"layer_types": self.config["layer_types"][:kept]} if "layer_types" in self.config else {}
+        # (Llama 4 derives its layer types from every no_rope_layers flag, not num_hidden_layers')
+        cut = {key: self.config[key][:kept] for key in ("layer_types", "no_rope_layers")
+               if isinstance(self.config.get(key), list)}
         return {**self.config, key: kept, **cut}
 
 
@@ -80,7 +83,8 @@ def random_config(rng: random.Random, family: str) -> dict:
     head_dim = 2 * rng.randint(2, 8)  # rotary needs an even head size
     if family == "phi3":
         hidden = heads * head_dim  # Phi-3 derives head_dim from hidden / heads
-    elif family in ("mixtral", "qwen3_moe", "gpt_oss", "deepseek_v3", "glm4_moe"):
+    elif family in ("mixtral", "qwen3_moe", "gpt_oss", "deepseek_v3", "glm4_moe", "qwen3_next",
+                    "llama4"):
         # torch's grouped matmul wants 16-byte strides: widths a multiple of 8
         hidden = heads * 8 * rng.randint(1, 3)
     else:
@@ -91,7 +95,8 @@ def random_config(rng: random.Random, family: str) -> dict:
         "num_hidden_layers": layers,
         "num_attention_heads": heads, "num_key_value_heads": kv,
         "intermediate_size": rng.randint(1, 16) * 8 if family in ("mixtral", "qwen3_moe", "gpt_oss",
-                                                                   "deepseek_v3", "glm4_moe")
+                                                                   "deepseek_v3", "glm4_moe", "qwen3_next",
+                                                                   "llama4")
         else rng.randint(8, 130),
         "max_position_embeddings": positions,
         "tie_word_embeddings": rng.random() < 0.5,
@@ -101,7 +106,7 @@ def random_config(rng: random.Random, family: str) -> dict:
         config["head_dim"] = head_dim
     if rng.random() < 0.3:
         config["attention_dropout"] = rng.choice((0.0, 0.1))
-    if family in ("llama", "qwen3", "qwen3_moe", "olmo2", "smollm3", "gemma3"):
+    if family in ("llama", "qwen3", "qwen3_moe", "olmo2", "smollm3", "gemma3", "qwen3_next"):
         config["attention_bias"] = rng.random() < 0.3
     if family in ("llama", "smollm3"):
         config["mlp_bias"] = rng.random() < 0.3
@@ -139,6 +144,8 @@ def random_config(rng: random.Random, family: str) -> dict:
         config.update(_latent_config(rng, heads, layers, config["intermediate_size"]))
     if family == "glm4_moe":
         config.update(_glm4_moe_config(rng, layers, config["intermediate_size"]))
+    if family == "llama4":
+        config.update(_llama4_config(rng, layers))
     if family == "mixtral":
         experts = rng.randint(2, 5)
         config.update(num_local_experts=experts, num_experts_per_tok=rng.randint(1, min(3, experts)))
@@ -156,6 +163,8 @@ def random_config(rng: random.Random, family: str) -> dict:
                 config["mlp_only_layers"] = sorted(rng.sample(range(layers), rng.randint(1, layers)))
             else:
                 config["decoder_sparse_step"] = rng.randint(2, 3)
+    if family == "qwen3_next":
+        config.update(_qwen3_next_config(rng, layers, head_dim, config["intermediate_size"]))
     if family == "gpt_oss":
         experts = rng.randint(2, 5)
         # biases on all four projections or none; sliding and full layers in any order
@@ -163,6 +172,32 @@ def random_config(rng: random.Random, family: str) -> dict:
                       attention_bias=rng.random() < 0.7, sliding_window=rng.randint(2, 80),
                       layer_types=[rng.choice(("sliding_attention", "full_attention"))
                                    for _ in range(layers)])
+    return config
+
+
+def _qwen3_next_config(rng: random.Random, layers: int, head_dim: int, expert_width: int) -> dict:
+    """Qwen3-Next's keys: linear and full layers in any order (a list, or every n-th full), the
+    gated-DeltaNet's heads (value heads a multiple of key heads) and widths, a convolution of 1-4
+    tokens, a partial rotary factor, a shared expert of its own width, and dense layers as Qwen3-MoE
+    draws them."""
+    experts, k_heads = rng.randint(2, 5), rng.randint(1, 3)
+    config = {"num_experts": experts, "num_experts_per_tok": rng.randint(1, min(3, experts)),
+              "moe_intermediate_size": expert_width, "norm_topk_prob": rng.random() < 0.5,
+              "shared_expert_intermediate_size": rng.randint(1, 16) * 8,
+              "linear_num_key_heads": k_heads, "linear_num_value_heads": k_heads * rng.randint(1, 3),
+              "linear_key_head_dim": 2 * rng.randint(1, 8), "linear_value_head_dim": 2 * rng.randint(1, 8),
+              "linear_conv_kernel_dim": rng.randint(1, 4),
+              "partial_rotary_factor": rng.choice((0.25, 0.5, 1.0)) if head_dim % 8 == 0 else 1.0}
+    if rng.random() < 0.5:
+        config["layer_types"] = [rng.choice(("linear_attention", "full_attention")) for _ in range(layers)]
+    else:
+        config["full_attention_interval"] = rng.randint(1, 4)
+    if rng.random() < 0.3:  # dense layers among the sparse ones
+        config["intermediate_size"] = rng.randint(1, 16) * 8
+        if rng.random() < 0.5:
+            config["mlp_only_layers"] = sorted(rng.sample(range(layers), rng.randint(1, layers)))
+        else:
+            config["decoder_sparse_step"] = rng.randint(2, 3)
     return config
 
 
@@ -208,6 +243,30 @@ def _glm4_moe_config(rng: random.Random, layers: int, expert_width: int) -> dict
     }
 
 
+def _llama4_config(rng: random.Random, layers: int) -> dict:
+    """Llama 4's keys: 2-5 experts, top 1-3; sparse layers listed or every step-th (the rest dense, of
+    their own width); NoPE layers listed or every n-th; chunked rotary layers or none; the weightless
+    q/k norm and the NoPE layers' temperature on or off; biases on the attention or none."""
+    experts = rng.randint(2, 5)
+    config = {"num_local_experts": experts, "num_experts_per_tok": rng.randint(1, min(3, experts)),
+              "intermediate_size_mlp": rng.randint(1, 16) * 8, "use_qk_norm": rng.random() < 0.5,
+              "attention_chunk_size": rng.choice((None, rng.randint(2, 40))),
+              "attn_temperature_tuning": rng.random() < 0.7, "floor_scale": rng.randint(1, 8),
+              "attention_bias": rng.random() < 0.3}
+    if rng.random() < 0.5:
+        config["moe_layers"] = sorted(rng.sample(range(layers), rng.randint(0, layers)))
+    else:
+        config["interleave_moe_layer_step"] = rng.randint(1, 2)
+    if rng.random() < 0.5:
+        config["no_rope_layers"] = [rng.randint(0, 1) for _ in range(layers)]
+    else:
+        config["no_rope_layer_interval"] = rng.randint(1, 4)
+    return config
+
+
+# every linear layer but a router that is one (`counts.LINEAR_ROUTERS`): all-linear, as drawn for Llama 4
+LINEAR_ROUTER_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
 # The families seeds cycle through, in this order. A family added later is drawn by name
 # (`random_case(seed, family)`), so every recorded seed keeps its case.
 SEEDED_FAMILIES = ("gpt2", "llama", "mistral", "mixtral", "qwen2", "gemma2", "phi3")
@@ -236,6 +295,9 @@ def random_case(seed: int, family: str | None = None) -> Case:
         stack="torch",
     )
     kept = spec.num_layers if layers is None else layers
+    if setup.targets == ("all-linear",) and spec.family in LINEAR_ROUTERS:
+        # (all-linear would wrap Llama 4's router, whose forward then fails: refused by the planner)
+        setup = setup.with_(targets=LINEAR_ROUTER_TARGETS)
     if setup.targets == ("mlp",) and spec.num_experts and not any(spec.sparse_layer(i) for i in range(kept)):
         # PEFT's v4 expert names reach only fused experts, which a model of dense layers has none of
         setup = setup.with_(targets=("attn",))

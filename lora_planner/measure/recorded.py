@@ -28,6 +28,7 @@ from pathlib import Path
 from ..architecture import Param
 from ..errors import PlanError
 from ..recorded import (
+    MOMENT,
     Line,
     RecordedModel,
     RecordedStep,
@@ -42,7 +43,7 @@ from ..stacks import resolve
 # Decoder layers of the slices recorded: the deepest two set the per-layer line, the first checks it
 RECORD_DEPTHS = (1, 2, 3)
 CACHE_ENV = "LORA_PLAN_CACHE"  # a folder for recordings, instead of $XDG_CACHE_HOME/lora-plan
-SCHEMA = 6  # a recording's format; a cache entry of another is recorded again
+SCHEMA = 7  # a recording's format; a cache entry of another is recorded again
 # what the model's cache entry keeps beside its tensors: what the config class fills in, read when
 # planning (the attention dropout it states or defaults to; its layer_types when they mix kinds)
 CONFIG_FACTS = ("attention_dropout", "layer_kinds")
@@ -219,14 +220,17 @@ def meta_model(config: dict, model_type: str, name: str, source: str) -> Recorde
         model = AutoModelForCausalLM.from_config(hf_config(config))
     from transformers.pytorch_utils import Conv1D
 
+    from .tracer import decoder_layers
+
     head = model.get_output_embeddings()
+    stack = decoder_layers(model)[0]
     # the layers transformers' bitsandbytes integration quantises (`replace_with_bnb_linear`)
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))]
     layer_class = sorted(model._no_split_modules or [type(model).__name__])[0]
     cfg = model.config
     return RecordedModel(
         name=name, model_type=model_type, source=source, num_layers=cfg.num_hidden_layers,
-        hidden_size=cfg.hidden_size,
+        hidden_size=cfg.hidden_size, layers_prefix=f"{stack}." if stack else "",
         layer_class=layer_class, versions=versions(),
         params=tuple(Param(n, tuple(p.shape)) for n, p in model.named_parameters()),
         quantisable=tuple(f"{n}.weight" for n, m in linears if m is not head),
@@ -345,10 +349,16 @@ def record_step(config: dict, model_type: str, setup: TrainSetup, depths: tuple[
                         f"{run.attention}: plan it with --attention eager") from None
     lines = _combined({kind: _lines(reports, depths[0]) for kind, reports in recorded.items()}, kinds)
     last = next(iter(recorded.values()))[-1]
+    by_kind = {kind: _positions(reports, depths[0]) for kind, reports in recorded.items()}
+    common = set.intersection(*(set(p) for p in by_kind.values()))  # positions every kind reached
+    by_kind = {kind: {k: v for k, v in p.items() if k in common} for kind, p in by_kind.items()}
+    positions = next(iter(by_kind.values()))
     return RecordedStep(
         traced_precision=run.precision, depths=depths, resident=last.terms["buffers"] + last.terms["inputs"],
         increments={k: v[1] for k, v in lines.items()},
-        **{k: v[0] for k, v in lines.items() if k in LINES},
+        **{k: v[0] for k, v in lines.items() if k in LINES}, positions=positions,
+        layer_kinds=tuple(kinds),
+        kind_positions={k: p for k, p in by_kind.items() if kinds and k != kinds[0]},
         **trainable_tensors(config, model_type, setup))
 
 
@@ -372,6 +382,23 @@ def _lines(reports: list, first: int) -> dict[str, tuple[Line, tuple[int, ...]]]
         "backward_other_gradients": [r.phase_other_peaks["backward"][1] for r in reports],
     }
     return {k: fit_line(first, tuple(v)) for k, v in values.items()}
+
+
+def _positions(reports: list, first: int) -> dict[str, tuple[Line, ...]]:
+    """Backward's positions (`recorded.POSITIONS`) in the reports of slices of `first`, `first` + 1,
+    ... layers, each a `recorded.MOMENT` of lines fitted per layer; a position some slice never
+    reached (the embeddings, when their output needs no gradient) is left out."""
+    values: dict[str, list[tuple[int, ...]]] = {}
+    for depth, r in enumerate(reports, first):
+        states = r.terms["parameters"] + r.terms["optimizer_states"]
+        at = {"head": "head", "top": str(depth - 1), "bottom": "0", "end": "end"}
+        for name, key in at.items():
+            if key in r.backward_positions:
+                most, most_g, other, other_g, entry = r.backward_positions[key]
+                values.setdefault(name, []).append((most - states, most_g, other + other_g - states,
+                                                    other_g, entry))
+    return {name: tuple(fit_line(first, tuple(v[j] for v in seen))[0] for j in range(len(MOMENT)))
+            for name, seen in values.items() if len(seen) == len(reports)}
 
 
 def _combined(by_kind: dict, kinds: list[str]) -> dict[str, tuple[Line, tuple[int, ...]]]:
@@ -413,6 +440,7 @@ def _model_from_json(data: dict, name: str, source: str) -> tuple[RecordedModel,
     data["params"] = tuple(Param(str(n), tuple(int(d) for d in shape)) for n, shape in data["params"])
     data["quantisable"] = tuple(str(q) for q in data["quantisable"])
     data["versions"] = tuple(str(v) for v in data["versions"])
+    data["layers_prefix"] = str(data["layers_prefix"])
     for k in ("num_layers", "hidden_size", "matmul_params", "head_params", "max_positions"):
         if not isinstance(data[k], int):
             raise TypeError(k)
@@ -454,6 +482,11 @@ def _from_json(data: dict) -> RecordedStep:
     data["depths"] = tuple(int(d) for d in data["depths"])
     data["target_modules"] = tuple(str(t) for t in data["target_modules"])
     data["increments"] = {str(k): tuple(int(i) for i in v) for k, v in data["increments"].items()}
+    def positions(lines: dict) -> dict[str, tuple[Line, ...]]:
+        return {str(k): tuple(Line(int(x["base"]), int(x["per_layer"])) for x in v) for k, v in lines.items()}
+    data["positions"] = positions(data["positions"])
+    data["kind_positions"] = {str(k): positions(v) for k, v in data["kind_positions"].items()}
+    data["layer_kinds"] = tuple(str(k) for k in data["layer_kinds"])
     for k in ("resident", "adapter_params", "wrapped_modules", "all_params"):
         if not isinstance(data[k], int):
             raise TypeError(k)
@@ -475,6 +508,10 @@ def cached_step(config: dict, model_type: str, setup: TrainSetup) -> RecordedSte
     for k in LINES:
         data[k] = asdict(data[k])
     data["trainable"] = [[p.name, list(p.shape)] for p in step.trainable]
+    def positions(lines: dict) -> dict:
+        return {k: [asdict(x) for x in v] for k, v in lines.items()}
+    data["positions"] = positions(step.positions)
+    data["kind_positions"] = {k: positions(v) for k, v in step.kind_positions.items()}
     try:
         write_text(path, json.dumps(data))
     except OSError:
@@ -483,30 +520,25 @@ def cached_step(config: dict, model_type: str, setup: TrainSetup) -> RecordedSte
 
 
 def recorded_model(config: dict, name: str, source: str, setups: tuple[TrainSetup, ...]) -> RecordedModel:
-    """The model of `config` with every setup's step recorded (or read from the cache)."""
+    """The model of `config` with every setup's step recorded (or read from the cache); a setup
+    planned later (--fit, advice) is recorded when first asked for (`RecordedModel.recorder`)."""
     from dataclasses import replace
 
     if any(s.task != "causal-lm" for s in setups):
         raise PlanError("a model recorded from transformers is planned for --task causal-lm only")
-    model_type = config.get("model_type")
-    try:
-        model, (config_dropout, kinds) = cached_model(config, name, source)
-        model_type = model.model_type
-        steps = {}
-        for setup in setups:
-            key = recording_setup(resolve(setup))
-            if key not in steps:
-                steps[key] = cached_step(config, model_type, key)
-    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError, NotImplementedError) as exc:
-        import traceback
+    model, (config_dropout, kinds) = _refusals(config.get("model_type"),
+                                               lambda: cached_model(config, name, source))
+    model_type = model.model_type
 
-        where = traceback.extract_tb(exc.__traceback__)[-1].filename
-        if isinstance(exc, PlanError) or "lora_planner" in where:
-            raise  # a user's mistake said already, or a bug of ours: not transformers' refusal
-        # transformers' own refusal of this config or this step, in one line
-        first = (str(exc).strip().splitlines() or [""])[0][:300]
-        raise PlanError(f"transformers could not build or run model_type {model_type!r} from this "
-                        f"config: {type(exc).__name__}: {first}") from None
+    def record(key: TrainSetup) -> RecordedStep:
+        if key.task != "causal-lm":
+            raise PlanError("a model recorded from transformers is planned for --task causal-lm only")
+        return _refusals(model_type, lambda: cached_step(config, model_type, key))
+    steps: dict[TrainSetup, RecordedStep] = {}
+    for setup in setups:
+        key = recording_setup(resolve(setup))
+        if key not in steps:
+            steps[key] = record(key)
     caveats = []
     if any(s.attention == "sdpa" and (config_dropout if s.dropout is None else s.dropout) > 0
            for s in setups):
@@ -518,4 +550,74 @@ def recorded_model(config: dict, name: str, source: str, setups: tuple[TrainSetu
         caveats.append(f"the config's layer_types mixes layer kinds ({counts}): each kind is recorded on "
                        "its own and its per-layer bytes counted for its layers; the moments of the peak "
                        f"are those of the first layer's kind ({kinds[0]})")
-    return replace(model, steps=steps, caveats=tuple(caveats))
+    return replace(model, steps=steps, caveats=tuple(caveats), recorder=record)
+
+
+def _refusals(model_type, run):
+    """`run()`, with transformers' own refusal of this config or this step said in one line (a
+    PlanError); a user's mistake said already, or a bug of ours, is raised as it is."""
+    try:
+        return run()
+    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError, NotImplementedError) as exc:
+        import traceback
+
+        where = traceback.extract_tb(exc.__traceback__)[-1].filename
+        if isinstance(exc, PlanError) or "lora_planner" in where:
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise PlanError(f"transformers could not build or run model_type {model_type!r} from this "
+                        f"config: {type(exc).__name__}: {first}") from None
+
+
+# the keys a config.json may name its depth by (transformers maps each to `num_hidden_layers`)
+DEPTH_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+
+
+def sliced_config(config: dict, layers: int | None) -> dict:
+    """The config.json cut to its first `layers` decoder layers (a list with one entry per layer,
+    such as `layer_types`, cut with it); the config itself when `layers` is None or not fewer."""
+    depth = hf_config(config).num_hidden_layers
+    if layers is None or layers >= depth:
+        return config
+    key = next((k for k in DEPTH_KEYS if k in config), "num_hidden_layers")
+    cut = {k: v[:layers] for k, v in config.items() if isinstance(v, list) and len(v) == depth}
+    return {**config, **cut, key: layers}
+
+
+def trace_recorded(config: dict, name: str, source: str, setup: TrainSetup, layers: int | None = None,
+                   fake: bool = False, guard=None):
+    """`lora-plan trace` for a model_type planned from its recording: the plan of the model (its
+    first `layers` layers), recorded on 1-3 layers and scaled, beside one real (or fake) step of the
+    whole of it on CPU (`traced_step.Comparison`), and the model's depth traced. On CPU foreach
+    AdamW keeps each tensor's step counter in host memory (4 B), and checkpointing the CPU
+    generator's state per layer, made outside every op (the allocator's peak is held against it).
+    `guard(peak)`, when given, is called with the planned peak before the step runs (it may refuse)."""
+    import torch
+
+    from ..gpus import GPUS
+    from ..plan import make_plan
+    from .traced_step import Comparison, _check
+
+    setup = resolve(setup)
+    _check(setup)
+    part = sliced_config(config, layers)
+    model = recorded_model(part, name if part is config else f"{name}[:{layers} layers]", source, (setup,))
+    plan = make_plan(model, (setup,), GPUS[0]).plans[0]
+    counters = 0
+    if setup.optimizer == "adamw" and setup.optimizer_impl != "fused":
+        counters = 4 * len(model.step(setup).trainable)
+    rng = len(torch.get_rng_state()) * model.num_layers if setup.grad_checkpointing else 0
+    m = plan.memory
+    seen = m["peak"].bytes + counters
+    predicted = {"weights": m["weights"].bytes, "gradients": m["gradients"].bytes,
+                 "optimizer_states": m["optimizer_states"].bytes + m["master_weights"].bytes + counters,
+                 "activations": m["activations"].bytes, "peak": seen + rng}
+    if guard is not None:
+        guard(predicted["peak"])
+    report, reading = _refusals(model.model_type, lambda: record_slice(
+        part, model.model_type, traced_setup(setup), model.num_layers, fake=fake, allocator=True))
+    traced = {"weights": report.terms["parameters"], "gradients": report.terms["gradients"],
+              "optimizer_states": report.terms["optimizer_states"],
+              "activations": report.terms["activations"], "peak": report.peak_bytes}
+    return Comparison(predicted, traced, plan.peak_phase, report.peak_phase, {}, dict(report.phase_peaks),
+                      reading, seen, m["peak"].formula), model

@@ -91,7 +91,9 @@ def chunked_loss(model, ids, labels, chunks: int):
 
     def chunked_output():
         # torchtune's model returns the list of logits: the final hidden state is not held past it
-        hidden = base.base_model(input_ids=ids).last_hidden_state  # (b, s, H)
+        # (Llama4ForCausalLM names a `language_model` prefix it does not have: its decoder is `model`)
+        decoder = base.base_model if base.base_model is not base else base.model
+        hidden = decoder(input_ids=ids).last_hidden_state  # (b, s, H)
         return [project(h) for h in hidden.chunk(chunks, dim=1)]
 
     logits = chunked_output()

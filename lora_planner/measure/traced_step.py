@@ -323,38 +323,16 @@ def run_step(config, setup: TrainSetup, vocab_size: int, *, fake: bool = False, 
             raise PlanError("tracing LoRA needs peft: pip install peft") from None
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from transformers import AutoModelForCausalLM
 
     from . import allocator as alloc
-    from .step import enable_checkpointing, step_loss, train_step
+    from .step import step_loss, train_step
     from .tracer import MemoryTracer
 
-    config.use_cache = False
-    config._attn_implementation = setup.attention
-    if setup.dropout is not None:
-        for key in ("resid_pdrop", "embd_pdrop", "attn_pdrop", "attention_dropout"):
-            if hasattr(config, key):
-                setattr(config, key, setup.dropout)
-    dtype = torch.float32 if setup.precision in ("fp32", "amp") else torch.bfloat16
+    configure(config, setup)
     torch.manual_seed(seed)
     mode = FakeTensorMode() if fake else contextlib.nullcontext()
-    previous = torch.get_default_dtype()
     with mode, torch.device(device):
-        torch.set_default_dtype(dtype)  # fake parameters cannot be converted after the fact
-        try:
-            model = AutoModelForCausalLM.from_config(config)
-            model.loss_type = "ForCausalLM"  # GPT2LMHeadModel names no loss: say it, no warning
-        finally:
-            torch.set_default_dtype(previous)
-        model.train()
-        if setup.grad_checkpointing:
-            enable_checkpointing(model, setup.checkpoint_every, get_stack(setup.stack).checkpoint_offset == 1,
-                                 setup.checkpoint_ops)
-        if setup.method == "qlora":
-            dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-            quantise_bnb(model, dtypes[setup.bnb_compute_dtype], device)
-        if setup.method in ("lora", "qlora"):
-            model = adapt(model)
+        model = build_model(config, setup, adapt, device)
         compile_model(model, setup.compile if compiled else "none")
         positions = None
         packed = setup.packing and setup.batch_size > 1  # one sequence has nothing to pack
@@ -369,8 +347,7 @@ def run_step(config, setup: TrainSetup, vocab_size: int, *, fake: bool = False, 
             optimizer = StepInBackward(params, lambda group: _optimizer(torch, group, setup))
         else:
             optimizer = _optimizer(torch, params, setup)
-        # amp, and the Trainer's bf16=True autocast over a bf16 model with fp32 adapters (mixed, bf16)
-        compute_dtype = torch.bfloat16 if setup.precision in ("amp", "mixed", "bf16") else None
+        compute_dtype = autocast_dtype(setup)
         loss_fn = step_loss(setup.loss, setup.loss_chunks)
 
         def step(tracer: MemoryTracer | None) -> None:
@@ -404,6 +381,55 @@ def run_step(config, setup: TrainSetup, vocab_size: int, *, fake: bool = False, 
         if device == "cuda":
             reading = alloc.with_cuda_counter(reading, torch.cuda.max_memory_allocated())
     return (None if compiled else tracer.report()), reading
+
+
+def configure(config, setup: TrainSetup) -> None:
+    """`config` (a `PretrainedConfig`, changed in place) as a step of `setup` runs it: no KV cache,
+    the setup's attention, and its dropout over every rate the config states."""
+    config.use_cache = False
+    config._attn_implementation = setup.attention
+    if setup.dropout is not None:
+        for key in ("resid_pdrop", "embd_pdrop", "attn_pdrop", "attention_dropout"):
+            if hasattr(config, key):
+                setattr(config, key, setup.dropout)
+
+
+def build_model(config, setup: TrainSetup, adapt=None, device: str = "cpu"):
+    """The causal LM of `config` in training mode, in the setup's dtype (fp32 for fp32 and amp, else
+    bf16), checkpointed when the setup is, its linear layers quantised by bitsandbytes for QLoRA
+    (`quantise_bnb`), and `adapt(model)` when it is LoRA or QLoRA. Inside a `FakeTensorMode` its
+    tensors are fake."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .step import enable_checkpointing
+
+    dtype = torch.float32 if setup.precision in ("fp32", "amp") else torch.bfloat16
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # fake parameters cannot be converted after the fact
+    try:
+        model = AutoModelForCausalLM.from_config(config)
+        model.loss_type = "ForCausalLM"  # GPT2LMHeadModel names no loss: say it, no warning
+    finally:
+        torch.set_default_dtype(previous)
+    model.train()
+    if setup.grad_checkpointing:
+        enable_checkpointing(model, setup.checkpoint_every, get_stack(setup.stack).checkpoint_offset == 1,
+                             setup.checkpoint_ops)
+    if setup.method == "qlora":
+        dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+        quantise_bnb(model, dtypes[setup.bnb_compute_dtype], device)
+    if setup.method in ("lora", "qlora"):
+        model = adapt(model)
+    return model
+
+
+def autocast_dtype(setup: TrainSetup):
+    """The dtype the step's forward autocasts to, or None: bf16 for amp, and for the Trainer's
+    bf16=True autocast over a bf16 model with fp32 adapters (mixed, bf16)."""
+    import torch
+
+    return torch.bfloat16 if setup.precision in ("amp", "mixed", "bf16") else None
 
 
 def compile_model(model, mode: str | None) -> None:

@@ -38,6 +38,12 @@ Usage::
 With `annotate=True` each op runs inside a `torch.profiler` range and the tracer keeps `calls`, the
 ops it saw with the storages they returned, so that a profile of the same step can be read against
 it (`allocator.reading`: the allocator's peak, and the bytes a dispatch mode cannot see).
+
+Backward is also followed by where it is (`backward_positions`): at the head until the gradient of the
+last decoder layer's output is made, then inside layer i from the moment the gradient of layer i's
+output is made (where FSDP2's pre-backward hook gathers the layer), and at the embeddings once the
+gradient of their output is made. The decoder layers are the children of the model's largest
+`nn.ModuleList` (`decoder_layers`).
 """
 
 from __future__ import annotations
@@ -110,6 +116,10 @@ class TraceReport:
     phase_peak_gradients: dict[str, int] = field(default_factory=dict)
     # per phase: (the most bytes live beside the gradients, the gradients live then)
     phase_other_peaks: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # per position in backward ("head", "0".."L-1" for the decoder layers, "end"): (the most bytes
+    # live there, the gradients then, the most beside the gradients, the gradients then, the
+    # gradients live as the position was entered)
+    backward_positions: dict[str, tuple[int, int, int, int, int]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {
@@ -119,6 +129,17 @@ class TraceReport:
             "phase_peaks": dict(self.phase_peaks),
             "terms": dict(self.terms),
         }
+
+
+def decoder_layers(model: torch.nn.Module) -> tuple[str, list[torch.nn.Module]]:
+    """The decoder layers: the children of the `nn.ModuleList` holding the most parameters, and its
+    name (empty with no such list)."""
+    lists = [(sum(p.numel() for p in m.parameters()), name, m) for name, m in model.named_modules()
+             if isinstance(m, torch.nn.ModuleList) and len(m)]
+    if not lists:
+        return "", []
+    _, name, layers = max(lists, key=lambda x: x[0])
+    return name, list(layers)
 
 
 def quant_state_tensors(p: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -163,6 +184,8 @@ class MemoryTracer(TorchDispatchMode):
         self._phase_peaks: dict[str, int] = {}
         self._phase_peak_gradients: dict[str, int] = {}
         self._phase_other_peaks: dict[str, tuple[int, int]] = {}
+        self._where = ""  # the position in backward (`backward_positions`)
+        self._positions: dict[str, list[int]] = {}
         self._gradients = 0  # bytes of live storages tagged as gradients
         self._module_stack: list[str] = []
         self._hooks: list = []
@@ -212,6 +235,27 @@ class MemoryTracer(TorchDispatchMode):
         other = self._current - self._gradients
         if other > self._phase_other_peaks.get(phase, (-1, 0))[0]:
             self._phase_other_peaks[phase] = (other, self._gradients)
+        if phase == "backward" and self._where:
+            at = self._positions.setdefault(self._where, [-1, 0, -1, 0, self._gradients])
+            if self._current > at[0]:
+                at[0:2] = self._current, self._gradients
+            if other > at[2]:
+                at[2:4] = other, self._gradients
+
+    def _enter_position(self, where: str) -> None:
+        """Backward has reached `where` (a decoder layer's index, or "end"): what is live now counts
+        towards it."""
+        if self._phase == "backward":
+            self._where = where
+            self._phase_peak("backward")
+
+    def _mark(self, where: str):
+        """A forward hook that marks backward's arrival at `where` once its output's gradient is made."""
+        def hook(_module, _args, output) -> None:
+            first = next((t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor)), None)
+            if self._phase == "forward" and first is not None and first.requires_grad:
+                first.register_hook(lambda _grad: self._enter_position(where))
+        return hook
 
     def _adopt_model(self) -> None:
         for name, p in self.model.named_parameters():
@@ -228,6 +272,11 @@ class MemoryTracer(TorchDispatchMode):
         for name, module in self.model.named_modules():
             self._hooks.append(module.register_forward_pre_hook(self._enter(name)))
             self._hooks.append(module.register_forward_hook(self._leave))
+        for i, layer in enumerate(decoder_layers(self.model)[1]):
+            self._hooks.append(layer.register_forward_hook(self._mark(str(i))))
+        embedding = getattr(self.model, "get_input_embeddings", lambda: None)()
+        if isinstance(embedding, torch.nn.Module):
+            self._hooks.append(embedding.register_forward_hook(self._mark("end")))
 
     def _enter(self, name: str):
         def hook(_module, _args) -> None:
@@ -284,6 +333,7 @@ class MemoryTracer(TorchDispatchMode):
         # a checkpointed recompute that stops early leaves its modules' forward hooks unrun: no
         # module a phase ran in is still running when the next begins
         self._module_stack.clear()
+        self._where = "head" if name == "backward" else ""
         # what is live as the phase begins counts towards its peak (a phase may allocate nothing)
         self._phase_peak(name)
         marked = contextlib.nullcontext()
@@ -336,4 +386,5 @@ class MemoryTracer(TorchDispatchMode):
         largest = tuple(sorted(self._peak_blocks, key=lambda b: -b.nbytes)[: self.keep_largest])
         return TraceReport(self._peak, self._peak_phase.removeprefix("after "), at_peak,
                            dict(self._phase_peaks), terms, largest, dict(self._phase_peak_gradients),
-                           dict(self._phase_other_peaks))
+                           dict(self._phase_other_peaks),
+                           {k: tuple(v) for k, v in self._positions.items()})
