@@ -1640,10 +1640,16 @@ def _mlp_half(g: Graph, spec: ModelSpec, i: int, p: str, x: Tensor, dense: bool,
         routed = m
         if spec.shared_experts:
             m = shared_experts(g, spec, p, h, m, g._saved_total - before)
-        if spec.expert_dispatch == "every-expert" and routed.grad:
+        if spec.expert_dispatch == "every-expert":
             # (after the shared expert's account of the block's pending gradients: none of its own
-            # is made yet when this copy is)
-            g.pending[f"layer {i}"] = g.pending.get(f"layer {i}", 0) + expert_sum_gradient_copy(routed)
+            # is made yet when these are) the shared expert's down projection is the block's last op
+            # to save, as a dense MLP's is: the same gradients wait for its recompute, beside the
+            # routed sum's copy
+            shared_down = f"{shared_expert_path(spec, p)}.down_proj"
+            g.pending[f"layer {i}"] = (
+                g.pending.get(f"layer {i}", 0)
+                + (mlp_output_pending(g.cond, m.numel, shared_down in g.wrapped) if spec.shared_experts else 0)
+                + (expert_sum_gradient_copy(routed) if routed.grad else 0))
     elif spec.family == "phi3":
         gu = g.linear(h, f"{p}.mlp.gate_up_proj", H, 2 * inter)
         # gate and up are halves of one output: keeping either keeps all of it
