@@ -1629,7 +1629,8 @@ def _mlp_half(g: Graph, spec: ModelSpec, i: int, p: str, x: Tensor, dense: bool,
             g.cond.tokens, H, g.norm_copy, offset and norm in g.trainable)
     g.hold(h)  # the MLP's input, until it returns
     if dense:
-        g.args = (h, *weights, *bound)
+        # (the expert blocks read these; the dense MLP's moments name theirs)
+        g.args = (h, x, *weights, *bound)
     else:
         # the decoder layer also binds the residual (the stream after attention) until the MLP returns;
         # it is saved already unless the norm upcast a 16-bit copy of it
