@@ -99,12 +99,17 @@ def test_scout_answers_lora_and_qlora_with_nf4_experts():
     assert qlora < 0.3 * lora
 
 
-# Seeds whose checkpointed step peaks above the plan, each |miss| rounded up: a recomputed expert block
-# under autocast or eager attention holds more than the walk's recompute moments (not yet modelled)
-KNOWN_CHECKPOINTED_MISSES = {2: 0.015, 4: 0.045, 15: 0.12, 19: 0.01, 23: 0.05, 26: 0.045}
+# Seeds whose step peaks above the plan, each |miss| rounded up: the routed experts' backward, with the
+# shared expert's LoRA adapters' gradients (made before it) not yet counted there
+KNOWN_CHECKPOINTED_MISSES = {2: 0.015}
+# Checkpointed steps that peak while a recomputed expert block runs (its bound locals, the shared
+# expert's product, the gradients waiting for the recompute): held within 0.1%, not the default 1%
+# (all within 0.05% when recorded)
+RECOMPUTE_PEAKS, RECOMPUTE_TOLERANCE = (4, 15, 19, 23, 26), 0.001
 # LoRA under autocast with eager attention (a NoPE layer with temperature); full fine-tuning under
-# autocast with SDPA (chunked layers, the weightless q/k norm)
-DEFAULT_TRACED = (6, 11)
+# autocast with SDPA (chunked layers, the weightless q/k norm); LoRA in fp32 with eager attention,
+# checkpointed (a recomputed expert block at the peak)
+DEFAULT_TRACED = (6, 11, 26)
 
 
 def _check_traced(seed: int) -> None:
@@ -113,7 +118,8 @@ def _check_traced(seed: int) -> None:
 
     from .test_fuzz import PEAK_TOLERANCE, check
 
-    check(random_case(seed, "llama4"), max(PEAK_TOLERANCE, KNOWN_CHECKPOINTED_MISSES.get(seed, 0)))
+    tolerance = RECOMPUTE_TOLERANCE if seed in RECOMPUTE_PEAKS else PEAK_TOLERANCE
+    check(random_case(seed, "llama4"), max(tolerance, KNOWN_CHECKPOINTED_MISSES.get(seed, 0)))
 
 
 @pytest.mark.parametrize("seed", DEFAULT_TRACED)
