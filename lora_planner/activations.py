@@ -1624,7 +1624,8 @@ def _mlp_half(g: Graph, spec: ModelSpec, i: int, p: str, x: Tensor, dense: bool,
             g.cond.tokens, H, g.norm_copy, offset and norm in g.trainable)
     g.hold(h)  # the MLP's input, until it returns
     if dense:
-        # (the expert blocks read these; the dense MLP's moments name theirs)
+        # the layer binds the residual after attention until it returns: an expert block's recompute
+        # moments read it here (the dense MLP's moments name what they hold themselves)
         g.args = (h, x, *weights, *bound)
     else:
         # the decoder layer also binds the residual (the stream after attention) until the MLP returns;
@@ -1636,16 +1637,9 @@ def _mlp_half(g: Graph, spec: ModelSpec, i: int, p: str, x: Tensor, dense: bool,
         routed = m
         if spec.shared_experts:
             m = shared_experts(g, spec, p, h, m, g._saved_total - before)
-        if spec.expert_dispatch == "every-expert":
-            # (after the shared expert's account of the block's pending gradients: none of its own
-            # is made yet when these are) the shared expert's down projection is the block's last op
-            # to save, as a dense MLP's is: the same gradients wait for its recompute, beside the
-            # routed sum's copy
-            shared_down = f"{shared_expert_path(spec, p)}.down_proj"
-            g.pending[f"layer {i}"] = (
-                g.pending.get(f"layer {i}", 0)
-                + (mlp_output_pending(g.cond, m.numel, shared_down in g.wrapped) if spec.shared_experts else 0)
-                + (expert_sum_gradient_copy(routed) if routed.grad else 0))
+        if spec.expert_dispatch == "every-expert":  # (after the shared expert's account: not its own)
+            layer = f"layer {i}"
+            g.pending[layer] = g.pending.get(layer, 0) + every_expert_pending(g, spec, p, m, routed)
     elif spec.family == "phi3":
         gu = g.linear(h, f"{p}.mlp.gate_up_proj", H, 2 * inter)
         # gate and up are halves of one output: keeping either keeps all of it
@@ -2446,6 +2440,18 @@ def every_expert_block(g: Graph, spec: ModelSpec, p: str, h: Tensor) -> Tensor:
     g.hold(logits, scores, x)
     g.args += (logits, scores, x)
     return Tensor(out.numel, out.itemsize, out.grad, out.key)  # `routed_out`, summed when added
+
+
+def every_expert_pending(g: Graph, spec: ModelSpec, p: str, out: Tensor, routed: Tensor) -> int:
+    """Gradients Llama 4's expert block has made when backward first needs its saved tensors, alive
+    through a checkpointed layer's recompute: the shared expert's down projection is the block's last
+    op to save, as a dense MLP's is, so the same wait as for a dense MLP's output (`out`,
+    `mlp_output_pending`), beside the routed sum's contiguous copy (`expert_sum_gradient_copy`).
+    Added after the shared expert's own account of what waits (`shared_backward_moments`), whose
+    input gradient is not made yet when these are."""
+    shared_down = f"{shared_expert_path(spec, p)}.down_proj"
+    return ((mlp_output_pending(g.cond, out.numel, shared_down in g.wrapped) if spec.shared_experts else 0)
+            + (expert_sum_gradient_copy(routed) if routed.grad else 0))
 
 
 def expert_sum_gradient_copy(routed: Tensor) -> int:
