@@ -2500,6 +2500,7 @@ def shared_experts(g: Graph, spec: ModelSpec, p: str, h: Tensor, routed: Tensor,
         g.peak_at(g.unsaved(h, act, *g.args) + recompute_stop_transient(g.cond, act.numel, out.numel,
                                                                          down in g.wrapped))
     g.peak_at(g.unsaved(h, act, out, *g.args), after_saves=True)
+    gate_from = g._saved_total
     if spec.shared_expert_gate:
         # Qwen3-Next scales the shared expert by sigmoid(shared_expert_gate(h)): sigmoid keeps its
         # (tokens, 1) output, the product both factors
@@ -2514,7 +2515,7 @@ def shared_experts(g: Graph, spec: ModelSpec, p: str, h: Tensor, routed: Tensor,
     if g.tails and not first:
         g.tails[-1] += g._saved_total - before
     waits = (h.nbytes if h.grad else 0) + (out.nbytes if first and out.grad else 0)
-    shared_backward_moments(g, spec, p, waits, g._saved_total - before,
+    shared_backward_moments(g, spec, p, waits, (gate_from - before, g._saved_total - gate_from),
                             g._saved_total - down_from if act.grad else None,
                             out.nbytes if out.itemsize < routed.itemsize else 0, routed_saved)
     # (Llama 4's routed output is every expert's rows, summed into the shared expert's output)
@@ -2529,33 +2530,36 @@ def shared_expert_gradients(g: Graph, spec: ModelSpec, p: str) -> int:
                for leaf in ("gate_proj", "up_proj", "down_proj") if f"{path}.{leaf}" in g.trainable)
 
 
-def shared_backward_moments(g: Graph, spec: ModelSpec, p: str, waits: int, mine: int, down_saved: int | None,
-                            cast: int, routed_saved: int = 0) -> None:
+def shared_backward_moments(g: Graph, spec: ModelSpec, p: str, waits: int, saves: tuple[int, int],
+                            down_saved: int | None, cast: int, routed_saved: int = 0) -> None:
     """The shared experts' share of the sparse block's backward moments (see `shared_experts`): their
-    input's gradient (`waits`) alive through the routed experts' backward, what they saved (`mine`)
-    freed by then, and, trained in full, their three weight gradients made by then; under autocast the
+    input's gradient (`waits`) alive through the routed experts' backward, what they saved (`saves`:
+    the MLP's, then its gate's and the gate's product's) freed by then, and, trained in full, their three weight gradients made by then; under autocast the
     16-bit cast of their gradient (`cast`) waiting through a recompute. Their own gated product's
     moment (`down_saved`: what the down projection saved; None when no gradient reaches it) holds
     only the down projection's weight gradient, not yet the routed experts' down one, which the
     timeline counts before the block's backward. A gated shared expert (Qwen3-Next's) runs before
     the routed experts, so its product's backward comes after theirs, once their `routed_saved` bytes
-    are freed and all their weight gradients made."""
+    are freed and all their weight gradients made; its gate's product and projection, made after the
+    routed experts, run their backward before them, freeing what they saved."""
     H, inter, wb = spec.hidden_size, spec.shared_width, g.cond.weight_bytes
     layer = g.section.removesuffix(" mlp")
     # (a gated shared expert, run before the routed ones, has made none by their backward)
     made = 0 if spec.shared_expert_gate else shared_expert_gradients(g, spec, p)
     first = spec.shared_expert_gate
-    # (run first, a gated shared expert's saves are alive through the routed experts' backward: freed
-    # by none of their moments, and part of the recomputed set, which the un-sort's and the recompute's
-    # combine moments were written without)
-    for moments, freed in ((g.pending, 0), (g.combine, 0 if first else mine),
-                           (g.recompute_combine, -mine if first else 0)):
+    # (run first, a gated shared expert's MLP's saves are alive through the routed experts' backward:
+    # freed by none of their moments, and part of the recomputed set, which the un-sort's and the
+    # recompute's combine moments were written without; its gate's are freed before any of them)
+    kept, gone = saves
+    mine = kept + gone
+    for moments, freed in ((g.pending, 0), (g.combine, gone if first else mine),
+                           (g.recompute_combine, -kept if first else 0)):
         if moments.get(layer):  # (the un-sort's and the recompute's were written before these saves)
             moments[layer] += waits + made - freed
     # (the un-sort's moment adds `pending`, which holds `waits`; the gradients are made before it)
     g.pending[layer] = g.pending.get(layer, 0) + cast - (made if g.pending.get(layer) else 0)
     if g.unsort.get(layer):
-        g.unsort[layer] += made + (mine if first else 0)
+        g.unsort[layer] += made + (kept if first else 0)
     routed_peak = (3 * g.cond.tokens * spec.expert_rows_per_token * spec.intermediate_size
                    * expert_compute_bytes(spec, g.cond)
                    - (g.tails[-1] if g.tails else 0))
@@ -2568,12 +2572,12 @@ def shared_backward_moments(g: Graph, spec: ModelSpec, p: str, waits: int, mine:
     if spec.shared_expert_gate and shared:
         # run last in backward: the routed experts' saved tensors are freed by then, their gate/up
         # weight's gradient made beside the down one
-        shared += 3 * routed_grad - routed_saved
+        shared += 3 * routed_grad - routed_saved - gone
     if not g.expert_backward:  # (a block no gradient reaches: `_moe` returned before its moments)
         return
     merged = g.expert_backward[-1]
-    g.expert_backward[-1] = max(merged + waits + made - (0 if first else mine) if merged else 0,
-                                routed_peak + waits + made if waits else 0, shared)
+    g.expert_backward[-1] = max(merged + waits + made - (gone if first else mine) if merged else 0,
+                                routed_peak + waits + made - (gone if first else 0) if waits else 0, shared)
 
 
 def expert_lora_gradients(experts: int, out_f: int, in_f: int, rank: int, itemsize: int) -> tuple[int, int]:
