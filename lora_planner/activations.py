@@ -1828,16 +1828,20 @@ def delta_rule_backward(heads: int, seq: int, k_dim: int, v_dim: int, qkv_grad: 
     The solve's backward holds its incoming gradient and the right side's (heads x S x v_dim each),
     and makes the system's gradient, -tril(grad_B @ X^T), through two (heads, S, chunk) temporaries;
     the later solve's system gradient (as wide) waits to be summed with it, and so does the
-    within-chunk attention's (as wide, made by the chunk loop). With `qkv_grad` the padded query's and
-    key's gradients wait (heads x S x k_dim each); the decayed k x beta's always (x k_dim); with
+    within-chunk attention's (as wide, made by the chunk loop). With `qkv_grad` the padded query's
+    gradient waits (heads x S x k_dim), and from two chunks on the key's (as wide: with one chunk the
+    decayed key feeds only the dropped last state update, which backward never runs); the decayed
+    k x beta's always (x k_dim); with
     `gate_grad` the cumulative decay's (heads x S). S = ceil(seq / chunk) x chunk. Derived from
     transformers 5.25's code and torch's `linalg_solve_triangular` backward; autograd runs a node
     after every node made later in forward."""
     if not (qkv_grad or gate_grad):
         return 0
-    rows = heads * -(-seq // chunk) * chunk
+    n = -(-seq // chunk)
+    rows = heads * n * chunk
     wide = rows * chunk
-    return FP32 * (4 * wide + 2 * rows * v_dim + rows * k_dim * (1 + 2 * qkv_grad) + rows * gate_grad)
+    k_grads = 1 + qkv_grad * (1 + (n > 1))  # the decayed k x beta's; the query's; the key's
+    return FP32 * (4 * wide + 2 * rows * v_dim + rows * k_dim * k_grads + rows * gate_grad)
 
 
 def delta_rule_mask_bytes(gate_grad: bool, chunk: int = 64) -> int:
@@ -2508,9 +2512,11 @@ def shared_experts(g: Graph, spec: ModelSpec, p: str, h: Tensor, routed: Tensor,
     g.release(routed)
     g.args = g.args[:-1]
     # Qwen3-Next's gated shared expert runs before the routed experts: its backward comes after
-    # theirs, so its saved tensors stay through them (not part of the block's tail), and two
+    # theirs, so its MLP's saved tensors stay through them (not part of the block's tail), and two
     # (tokens x hidden) gradients wait meanwhile: its output's (from the gate's product) and its
-    # input's share from the gate's projection. DeepSeek-V3's runs after them, backward first.
+    # input's share from the gate's projection. The gate and its product run after the routed
+    # experts, so their backward comes first, freeing what they saved (the MLP's output among it).
+    # DeepSeek-V3's shared experts run after the routed ones, backward first.
     first = spec.shared_expert_gate
     if g.tails and not first:
         g.tails[-1] += g._saved_total - before
@@ -2534,11 +2540,12 @@ def shared_backward_moments(g: Graph, spec: ModelSpec, p: str, waits: int, saves
                             down_saved: int | None, cast: int, routed_saved: int = 0) -> None:
     """The shared experts' share of the sparse block's backward moments (see `shared_experts`): their
     input's gradient (`waits`) alive through the routed experts' backward, what they saved (`saves`:
-    the MLP's, then its gate's and the gate's product's) freed by then, and, trained in full, their three weight gradients made by then; under autocast the
-    16-bit cast of their gradient (`cast`) waiting through a recompute. Their own gated product's
-    moment (`down_saved`: what the down projection saved; None when no gradient reaches it) holds
-    only the down projection's weight gradient, not yet the routed experts' down one, which the
-    timeline counts before the block's backward. A gated shared expert (Qwen3-Next's) runs before
+    the MLP's, then its gate's and the gate's product's) freed by then, and, trained in full, their
+    three weight gradients made by then; under autocast the 16-bit cast of their gradient (`cast`)
+    waiting through a recompute. Their own gated product's moment (`down_saved`: what the down
+    projection saved; None when no gradient reaches it) holds only the down projection's weight
+    gradient, not yet the routed experts' down one, which the timeline counts before the block's
+    backward. A gated shared expert (Qwen3-Next's) runs before
     the routed experts, so its product's backward comes after theirs, once their `routed_saved` bytes
     are freed and all their weight gradients made; its gate's product and projection, made after the
     routed experts, run their backward before them, freeing what they saved."""
