@@ -1589,7 +1589,8 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
     module_locals = tuple(t for t in g.args if t is not g.attn_weights) if spec.kv_lora_rank else (q, k, v)
     g.hold(*module_locals)
     o = g.linear(a, f"{p}.self_attn.o_proj", nh * spec.value_head_dim, H)
-    g.release(*module_locals)
+    # (Qwen3-Next's output gate, held since q_proj, is a local of the module too)
+    g.release(*module_locals, *((gate,) if gate is not None else ()))
     g.hold(h)
     if f"{p}.self_attn.o_proj" in g.wrapped and a.grad:
         g.out_input_backward[f"layer {i}"] = lora_input_gradient_sum(a.nbytes)
@@ -1635,10 +1636,11 @@ def _mlp_half(g: Graph, spec: ModelSpec, i: int, p: str, x: Tensor, dense: bool,
         # it is saved already unless the norm upcast a 16-bit copy of it
         g.args = (h, x) if g.attn_weights is None else (h, x, g.attn_weights)
     if sparse:
+        ran = gated_shared_mlp_first(g, spec, p, h) if spec.shared_expert_gate else None
         before = g._saved_total
         m = _moe(g, spec, p, h) if spec.expert_dispatch == "gathered" else every_expert_block(g, spec, p, h)
         if spec.shared_experts:
-            m = shared_experts(g, spec, p, h, m, g._saved_total - before)
+            m = shared_experts(g, spec, p, h, m, g._saved_total - before, ran)
     elif spec.family == "phi3":
         gu = g.linear(h, f"{p}.mlp.gate_up_proj", H, 2 * inter)
         # gate and up are halves of one output: keeping either keeps all of it
@@ -2470,25 +2472,15 @@ def route(g: Graph, spec: ModelSpec, router: str, h: Tensor) -> Tensor:
     return logits
 
 
-def shared_experts(g: Graph, spec: ModelSpec, p: str, h: Tensor, routed: Tensor,
-                   routed_saved: int = 0) -> Tensor:
-    """DeepSeek-V3's shared experts: a gated MLP of shared_experts x intermediate_size over the block's
-    input, run after the routed experts (whose output is bound meanwhile) and added to it. What it
-    saves is used and freed first in backward (its ops were recorded last), before the routed
-    experts' peak: it joins the block's tail. Its own peak, the gated product's backward (its
-    gradient and the two it hands back, tokens x width each in compute dtype), comes with every
-    routed expert's saved tensor still alive and only the down projection's freed: a moment of the
-    block's backward beyond its saved tensors (`Graph.expert_backward`). Its input's gradient then
-    waits through all of the routed experts' backward, to be summed with theirs: every later moment
-    of the block holds it too (the un-sort's and the combine's, the recompute's, the gated product's
-    and a merged expert weight's). Source: transformers 5 `DeepseekV3MoE.forward`."""
+def shared_mlp(g: Graph, spec: ModelSpec, p: str, h: Tensor) -> tuple[Tensor, Tensor, int]:
+    """The shared experts' gated MLP over the block's input, down_proj(act(gate_proj(h)) x
+    up_proj(h)), and its forward moments beside what the layer binds (`g.args`, `g.held`): (its
+    output, the gated product, what the down projection saved)."""
     H, inter = spec.hidden_size, spec.shared_width
     path = shared_expert_path(spec, p)
-    before = g._saved_total
-    g.args += (routed,)
     gate = g.linear(h, f"{path}.gate_proj", H, inter)
     gate_act = g.unary(gate, "input")
-    g.hold(routed, gate_act)
+    g.hold(gate_act)
     up = g.linear(h, f"{path}.up_proj", H, inter)
     # (a recompute reaches each moment only when a tensor is saved after it: early stop)
     g.peak_at(g.unsaved(h, gate_act, up, *g.args), after_saves=True)
@@ -2504,13 +2496,49 @@ def shared_experts(g: Graph, spec: ModelSpec, p: str, h: Tensor, routed: Tensor,
         g.peak_at(g.unsaved(h, act, *g.args) + recompute_stop_transient(g.cond, act.numel, out.numel,
                                                                          down in g.wrapped))
     g.peak_at(g.unsaved(h, act, out, *g.args), after_saves=True)
+    return out, act, g._saved_total - down_from
+
+
+def gated_shared_mlp_first(g: Graph, spec: ModelSpec, p: str, h: Tensor) -> tuple[Tensor, Tensor, int, int]:
+    """Qwen3-Next's block runs its shared expert's MLP before the router and the routed experts, and
+    binds its output through them, to scale it by its gate after (transformers 5.25
+    `Qwen3NextSparseMoeBlock.forward`): `shared_mlp`, its output bound; what it saved is added."""
+    before = g._saved_total
+    out, act, down_saved = shared_mlp(g, spec, p, h)
+    g.hold(out)
+    g.args += (out,)
+    return out, act, down_saved, g._saved_total - before
+
+
+def shared_experts(g: Graph, spec: ModelSpec, p: str, h: Tensor, routed: Tensor,
+                   routed_saved: int = 0, ran: tuple[Tensor, Tensor, int, int] | None = None) -> Tensor:
+    """DeepSeek-V3's shared experts: a gated MLP of shared_experts x intermediate_size over the block's
+    input, run after the routed experts (whose output is bound meanwhile) and added to it. What it
+    saves is used and freed first in backward (its ops were recorded last), before the routed
+    experts' peak: it joins the block's tail. Its own peak, the gated product's backward (its
+    gradient and the two it hands back, tokens x width each in compute dtype), comes with every
+    routed expert's saved tensor still alive and only the down projection's freed: a moment of the
+    block's backward beyond its saved tensors (`Graph.expert_backward`). Its input's gradient then
+    waits through all of the routed experts' backward, to be summed with theirs: every later moment
+    of the block holds it too (the un-sort's and the combine's, the recompute's, the gated product's
+    and a merged expert weight's). Source: transformers 5 `DeepseekV3MoE.forward`. `ran`: what
+    `gated_shared_mlp_first` returned, where the MLP ran before the routed experts (Qwen3-Next's)."""
+    H = spec.hidden_size
+    g.args += (routed,)
+    g.hold(routed)
+    if ran is None:  # (run after the routed experts, whose output is bound meanwhile)
+        before = g._saved_total
+        out, act, down_saved = shared_mlp(g, spec, p, h)
+        mlp_saved = g._saved_total - before
+    else:
+        out, act, down_saved, mlp_saved = ran
     gate_from = g._saved_total
     if spec.shared_expert_gate:
         # Qwen3-Next scales the shared expert by sigmoid(shared_expert_gate(h)): sigmoid keeps its
         # (tokens, 1) output, the product both factors
         out = g.mul(g.unary(g.linear(h, f"{p}.mlp.shared_expert_gate", H, 1), "output"), out)
-    g.release(routed)
-    g.args = g.args[:-1]
+    g.release(routed, *((ran[0],) if ran else ()))
+    g.args = tuple(a for a in g.args if a.key != routed.key and not (ran and a.key == ran[0].key))
     # Qwen3-Next's gated shared expert runs before the routed experts: its backward comes after
     # theirs, so its MLP's saved tensors stay through them (not part of the block's tail), and two
     # (tokens x hidden) gradients wait meanwhile: its output's (from the gate's product) and its
@@ -2519,10 +2547,10 @@ def shared_experts(g: Graph, spec: ModelSpec, p: str, h: Tensor, routed: Tensor,
     # DeepSeek-V3's shared experts run after the routed ones, backward first.
     first = spec.shared_expert_gate
     if g.tails and not first:
-        g.tails[-1] += g._saved_total - before
+        g.tails[-1] += g._saved_total - gate_from + mlp_saved
     waits = (h.nbytes if h.grad else 0) + (out.nbytes if first and out.grad else 0)
-    shared_backward_moments(g, spec, p, waits, (gate_from - before, g._saved_total - gate_from),
-                            g._saved_total - down_from if act.grad else None,
+    shared_backward_moments(g, spec, p, waits, (mlp_saved, g._saved_total - gate_from),
+                            down_saved if act.grad else None,
                             out.nbytes if out.itemsize < routed.itemsize else 0, routed_saved)
     # (Llama 4's routed output is every expert's rows, summed into the shared expert's output)
     return g.pointwise(out.numel, max(routed.itemsize, out.itemsize), routed.grad or out.grad, routed, out)
@@ -2555,18 +2583,23 @@ def shared_backward_moments(g: Graph, spec: ModelSpec, p: str, waits: int, saves
     made = 0 if spec.shared_expert_gate else shared_expert_gradients(g, spec, p)
     first = spec.shared_expert_gate
     # (run first, a gated shared expert's MLP's saves are alive through the routed experts' backward:
-    # freed by none of their moments, and part of the recomputed set, which the un-sort's and the
-    # recompute's combine moments were written without; its gate's are freed before any of them)
+    # freed by none of their moments, and already in the recomputed set the un-sort's and the
+    # recompute's combine moments hold; its gate's are freed before any of them)
     kept, gone = saves
     mine = kept + gone
-    for moments, freed in ((g.pending, 0), (g.combine, gone if first else mine),
-                           (g.recompute_combine, -kept if first else 0)):
+    for moments, freed in ((g.pending, 0), (g.combine, gone if first else mine), (g.recompute_combine, 0)):
         if moments.get(layer):  # (the un-sort's and the recompute's were written before these saves)
             moments[layer] += waits + made - freed
     # (the un-sort's moment adds `pending`, which holds `waits`; the gradients are made before it)
     g.pending[layer] = g.pending.get(layer, 0) + cast - (made if g.pending.get(layer) else 0)
     if g.unsort.get(layer):
-        g.unsort[layer] += made + (kept if first else 0)
+        g.unsort[layer] += made
+        if first:
+            # a checkpointed block's recompute is started by the gate's product, the first op backward
+            # reaches that kept anything: before the routed rows' sum and the product have handed back
+            # anything, so their gradients wait from the un-sort on, not through the recompute
+            g.unsort[layer] += g.pending[layer] - cast
+            g.pending[layer] = cast
     routed_peak = (3 * g.cond.tokens * spec.expert_rows_per_token * spec.intermediate_size
                    * expert_compute_bytes(spec, g.cond)
                    - (g.tails[-1] if g.tails else 0))
