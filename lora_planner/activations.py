@@ -1942,6 +1942,9 @@ def gated_delta_net(g: Graph, spec: ModelSpec, a: str, h: Tensor) -> Tensor:
             g.save(qkvz)
     else:
         z = g.new(t * values, qkvz.itemsize, qkvz.grad)  # the reshape's copy
+    if z.grad and g.mixer_backward.get(g.section):
+        # z's gradient, made by the gate's backward, waits through the delta rule's for the in-projection's
+        g.mixer_backward[g.section] += z.nbytes
     normed = g.rms_norm(core, f"{a}.norm", dv)
     z32 = g.cast(z, FP32)
     gate = g.unary(z32, "input")
