@@ -1509,12 +1509,7 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
     elif spec.family in ("gemma3", "glm4_moe"):
         # Gemma 3 and GLM-4-MoE project q, k and v first, then normalise q and k (each head; Gemma's
         # form, Llama's) where they have the norms
-        q = g.linear(h, f"{p}.self_attn.q_proj", H, nh * hd)
-        g.args = (h, q)
-        k = g.linear(h, f"{p}.self_attn.k_proj", H, nkv * hd)
-        g.args = (h, q, k)
-        v = g.linear(h, f"{p}.self_attn.v_proj", H, nkv * hd)
-        g.args = (h, q, k, v)
+        q, k, v = project_qkv(g, spec, p, h)
         q = qk_norm(g, spec, q, f"{p}.self_attn.q_norm", nh)
         g.args = (h, q, k, v)
         k = qk_norm(g, spec, k, f"{p}.self_attn.k_norm", nkv)
@@ -2009,19 +2004,27 @@ BOUND_ATTENTION_OUTPUT = ("llama4",)
 HALF_SOFTMAX = ("llama4",)
 
 
+def project_qkv(g: Graph, spec: ModelSpec, p: str, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """q_proj, k_proj and v_proj of the attention's input `h`, in that order; the module binds each
+    result while the next runs (`Graph.args`)."""
+    H, hd = spec.hidden_size, spec.head_dim
+    q = g.linear(h, f"{p}.self_attn.q_proj", H, spec.num_heads * hd)
+    g.args = (h, q)
+    k = g.linear(h, f"{p}.self_attn.k_proj", H, spec.num_kv_heads * hd)
+    g.args = (h, q, k)
+    v = g.linear(h, f"{p}.self_attn.v_proj", H, spec.num_kv_heads * hd)
+    g.args = (h, q, k, v)
+    return q, k, v
+
+
 def complex_rope_qkv(g: Graph, spec: ModelSpec, p: str, i: int, h: Tensor,
                      rot: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor, Tensor]:
     """Llama 4's q, k and v as `Llama4TextAttention.forward` makes them: the three projections; on a
     rotary layer q and k rotated as complex numbers (`complex_rope`), then through the weightless
     q/k norm where the config has it; on a NoPE layer, with temperature tuning, q scaled per position
     (`nope_temperature`). Each step's inputs are freed as its result replaces them, unless saved."""
-    H, hd, nh, nkv = spec.hidden_size, spec.head_dim, spec.num_heads, spec.num_kv_heads
-    q = g.linear(h, f"{p}.self_attn.q_proj", H, nh * hd)
-    g.args = (h, q)
-    k = g.linear(h, f"{p}.self_attn.k_proj", H, nkv * hd)
-    g.args = (h, q, k)
-    v = g.linear(h, f"{p}.self_attn.v_proj", H, nkv * hd)
-    g.args = (h, q, k, v)
+    nh, nkv = spec.num_heads, spec.num_kv_heads
+    q, k, v = project_qkv(g, spec, p, h)
     if spec.rotary_layer(i):
         assert rot is not None
         q, k = complex_rope(g, q, k, rot[0], (h, q, k, v))

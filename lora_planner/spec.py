@@ -17,6 +17,11 @@ if TYPE_CHECKING:
 # Dropout of the transformers config classes when a config.json leaves it out (GPT-2: attn_pdrop,
 # resid_pdrop and embd_pdrop are 0.1; every other family defaults to 0).
 FAMILY_DROPOUT = {"gpt2": 0.1}
+# Where a family's modules drop besides inside attention: on both residual branches (GPT-2's block,
+# Phi-3's decoder layer), and after the embeddings (GPT-2 alone: Phi-3's `embd_pdrop` is read by no
+# module in transformers 5)
+RESIDUAL_DROPOUT_FAMILIES = ("gpt2", "phi3")
+EMBEDDING_DROPOUT_FAMILIES = ("gpt2",)
 
 FAMILIES = ("gpt2", "llama", "mistral", "mixtral", "qwen2", "gemma2", "phi3", "qwen3", "qwen3_moe", "olmo2",
             "smollm3", "gemma3", "gpt_oss", "deepseek_v3", "glm4_moe", "qwen3_next", "llama4")

@@ -172,7 +172,11 @@ def _backward(tape: Tape, live: _Live, keys: dict[int, object], regions: dict[in
         needs = tuple(tape.tensors[t].grad for t in op.inputs)
         if op.rule == "hold" or (not any(needs) and not op.saved):  # no autograd node
             continue
-        if i in regions and regions[i] not in done:
+        if op.rule != "checkpoint" and op.outputs and not any(o in grads for o in op.outputs):
+            continue  # no gradient reaches it (an output nothing used): autograd never runs it
+        # a recompute is set off by the first node that unpacks a saved tensor: ones that save
+        # nothing (an addition, a scale) run before it
+        if i in regions and regions[i] not in done and op.saved:
             done.add(regions[i])
             _recompute(tape, live, keys, regions[i], last)
         incoming = [grads.pop(o) for o in op.outputs if o in grads]

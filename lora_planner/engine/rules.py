@@ -105,6 +105,8 @@ RULES: dict[str, Rule] = {
     # a @ b (batched): the eager attention's scores and output
     "matmul": Rule(_crossed, _fresh),
     "add": Rule(_none, _through),
+    # a 0-d loss divided by the labelled tokens' count (an integer tensor: no gradient), which it keeps
+    "div": Rule(lambda i, o, n: i[1:], _first_only),
     "mul": Rule(_crossed, _product),
     # x * a Python number: grad * the number
     "scale": Rule(_none, _fresh),
@@ -113,12 +115,14 @@ RULES: dict[str, Rule] = {
     # mean over the last dimension: the gradient expanded and divided, at the input's size
     "mean": Rule(_none, _fresh),
     "neg": Rule(_none, _fresh),
-    # pointwise unary ops whose backward reads the input (silu) or the output (tanh)
+    # pointwise unary ops whose backward reads the input (silu, gelu) or the output (tanh)
     "silu": Rule(_inputs, _fresh),
+    "gelu": Rule(_inputs, _fresh),
     "tanh": Rule(_outputs, _fresh),
     # concatenation: each input's gradient is a slice of the incoming one
     "cat": Rule(_none, _through),
     "split": Rule(_none, _split),
+    "chunk": Rule(_none, _split),
     # one slice of a tensor: its gradient is a zeroed tensor of the whole's size with the slice copied in
     "slice": Rule(_none, _split),
     # a contiguous copy (clone): the gradient passed on

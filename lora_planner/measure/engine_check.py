@@ -8,11 +8,14 @@ Drawing a case needs no torch; running one needs the `measure` extra.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..spec import TrainSetup, spec_from_hf_config
 
 DENSE = ("gpt2", "llama", "mistral", "qwen2", "qwen3")
+# further layouts drawn by name (`engine_case(seed, family)`): fused (Phi-3), sandwich norms and
+# soft-caps (Gemma-2, eager only: transformers runs it without SDPA), post norms (OLMo 2)
+FORMS = ("phi3", "gemma2", "olmo2")
 
 
 @dataclass(frozen=True)
@@ -47,17 +50,20 @@ def dense_config(rng: random.Random, family: str) -> dict:
             "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
 
 
-def engine_case(seed: int) -> EngineCase:
-    """Seed `seed`'s case: a family in turn, full or LoRA, fp32, amp or pure-bf16, SDPA or eager,
-    checkpointing on or off, batch 1-4 x 8-96 tokens."""
+def engine_case(seed: int, family: str | None = None) -> EngineCase:
+    """Seed `seed`'s case: a family in turn (or `family`), full or LoRA, fp32, amp or pure-bf16,
+    SDPA or eager, checkpointing on or off, batch 1-4 x 8-96 tokens."""
     rng = random.Random(seed)
-    family = DENSE[seed % len(DENSE)]
+    family = family or DENSE[seed % len(DENSE)]
     config = dense_config(rng, family)
     setup = TrainSetup(method=rng.choice(("full", "lora")), rank=rng.randint(1, 8),
                        targets=(rng.choice(("default", "attn", "mlp", "all-linear")),),
                        precision=rng.choice(("fp32", "amp", "pure-bf16")), batch_size=rng.randint(1, 4),
                        seq_len=rng.randint(8, 96), attention=rng.choice(("sdpa", "eager")),
                        grad_checkpointing=rng.random() < 0.4, stack="torch")
+    if family == "gemma2":  # a window on its even layers, shorter than the sequence or not
+        config.update(sliding_window=rng.choice((8, 4096)), query_pre_attn_scalar=rng.choice((16, 64)))
+        setup = replace(setup, attention="eager")
     if setup.method == "lora":
         from .fuzz import plannable_rank
 
