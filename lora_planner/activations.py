@@ -1584,7 +1584,8 @@ def _decoder_layer(g: Graph, spec: ModelSpec, i: int, x: Tensor, rot: tuple[Tens
     module_locals = tuple(t for t in g.args if t is not g.attn_weights) if spec.kv_lora_rank else (q, k, v)
     g.hold(*module_locals)
     o = g.linear(a, f"{p}.self_attn.o_proj", nh * spec.value_head_dim, H)
-    g.release(*module_locals)
+    # (Qwen3-Next's output gate, held since q_proj, is a local of the module too)
+    g.release(*module_locals, *((gate,) if gate is not None else ()))
     g.hold(h)
     if f"{p}.self_attn.o_proj" in g.wrapped and a.grad:
         g.out_input_backward[f"layer {i}"] = lora_input_gradient_sum(a.nbytes)
@@ -1632,11 +1633,12 @@ def _mlp_half(g: Graph, spec: ModelSpec, i: int, p: str, x: Tensor, dense: bool,
         # it is saved already unless the norm upcast a 16-bit copy of it
         g.args = (h, x) if g.attn_weights is None else (h, x, g.attn_weights)
     if sparse:
+        ran = gated_shared_mlp_first(g, spec, p, h) if spec.shared_expert_gate else None
         before = g._saved_total
         m = _moe(g, spec, p, h) if spec.expert_dispatch == "gathered" else every_expert_block(g, spec, p, h)
         routed = m
         if spec.shared_experts:
-            m = shared_experts(g, spec, p, h, m, g._saved_total - before)
+            m = shared_experts(g, spec, p, h, m, g._saved_total - before, ran)
         if spec.expert_dispatch == "every-expert":  # (after the shared expert's account: not its own)
             layer = f"layer {i}"
             g.pending[layer] = g.pending.get(layer, 0) + every_expert_pending(g, spec, p, m, routed)
@@ -1829,16 +1831,20 @@ def delta_rule_backward(heads: int, seq: int, k_dim: int, v_dim: int, qkv_grad: 
     The solve's backward holds its incoming gradient and the right side's (heads x S x v_dim each),
     and makes the system's gradient, -tril(grad_B @ X^T), through two (heads, S, chunk) temporaries;
     the later solve's system gradient (as wide) waits to be summed with it, and so does the
-    within-chunk attention's (as wide, made by the chunk loop). With `qkv_grad` the padded query's and
-    key's gradients wait (heads x S x k_dim each); the decayed k x beta's always (x k_dim); with
+    within-chunk attention's (as wide, made by the chunk loop). With `qkv_grad` the padded query's
+    gradient waits (heads x S x k_dim), and from two chunks on the key's (as wide: with one chunk the
+    decayed key feeds only the dropped last state update, which backward never runs); the decayed
+    k x beta's always (x k_dim); with
     `gate_grad` the cumulative decay's (heads x S). S = ceil(seq / chunk) x chunk. Derived from
     transformers 5.25's code and torch's `linalg_solve_triangular` backward; autograd runs a node
     after every node made later in forward."""
     if not (qkv_grad or gate_grad):
         return 0
-    rows = heads * -(-seq // chunk) * chunk
+    n = -(-seq // chunk)
+    rows = heads * n * chunk
     wide = rows * chunk
-    return FP32 * (4 * wide + 2 * rows * v_dim + rows * k_dim * (1 + 2 * qkv_grad) + rows * gate_grad)
+    k_grads = 1 + qkv_grad * (1 + (n > 1))  # the decayed k x beta's; the query's; the key's
+    return FP32 * (4 * wide + 2 * rows * v_dim + rows * k_dim * k_grads + rows * gate_grad)
 
 
 def delta_rule_mask_bytes(gate_grad: bool, chunk: int = 64) -> int:
@@ -1937,6 +1943,9 @@ def gated_delta_net(g: Graph, spec: ModelSpec, a: str, h: Tensor) -> Tensor:
             g.save(qkvz)
     else:
         z = g.new(t * values, qkvz.itemsize, qkvz.grad)  # the reshape's copy
+    if z.grad and g.mixer_backward.get(g.section):
+        # z's gradient, made by the gate's backward, waits through the delta rule's for the in-projection's
+        g.mixer_backward[g.section] += z.nbytes
     normed = g.rms_norm(core, f"{a}.norm", dv)
     z32 = g.cast(z, FP32)
     gate = g.unary(z32, "input")
@@ -2504,25 +2513,15 @@ def route(g: Graph, spec: ModelSpec, router: str, h: Tensor) -> Tensor:
     return logits
 
 
-def shared_experts(g: Graph, spec: ModelSpec, p: str, h: Tensor, routed: Tensor,
-                   routed_saved: int = 0) -> Tensor:
-    """DeepSeek-V3's shared experts: a gated MLP of shared_experts x intermediate_size over the block's
-    input, run after the routed experts (whose output is bound meanwhile) and added to it. What it
-    saves is used and freed first in backward (its ops were recorded last), before the routed
-    experts' peak: it joins the block's tail. Its own peak, the gated product's backward (its
-    gradient and the two it hands back, tokens x width each in compute dtype), comes with every
-    routed expert's saved tensor still alive and only the down projection's freed: a moment of the
-    block's backward beyond its saved tensors (`Graph.expert_backward`). Its input's gradient then
-    waits through all of the routed experts' backward, to be summed with theirs: every later moment
-    of the block holds it too (the un-sort's and the combine's, the recompute's, the gated product's
-    and a merged expert weight's). Source: transformers 5 `DeepseekV3MoE.forward`."""
+def shared_mlp(g: Graph, spec: ModelSpec, p: str, h: Tensor) -> tuple[Tensor, Tensor, int]:
+    """The shared experts' gated MLP over the block's input, down_proj(act(gate_proj(h)) x
+    up_proj(h)), and its forward moments beside what the layer binds (`g.args`, `g.held`): (its
+    output, the gated product, what the down projection saved)."""
     H, inter = spec.hidden_size, spec.shared_width
     path = shared_expert_path(spec, p)
-    before = g._saved_total
-    g.args += (routed,)
     gate = g.linear(h, f"{path}.gate_proj", H, inter)
     gate_act = g.unary(gate, "input")
-    g.hold(routed, gate_act)
+    g.hold(gate_act)
     up = g.linear(h, f"{path}.up_proj", H, inter)
     # (a recompute reaches each moment only when a tensor is saved after it: early stop)
     g.peak_at(g.unsaved(h, gate_act, up, *g.args), after_saves=True)
@@ -2538,22 +2537,61 @@ def shared_experts(g: Graph, spec: ModelSpec, p: str, h: Tensor, routed: Tensor,
         g.peak_at(g.unsaved(h, act, *g.args) + recompute_stop_transient(g.cond, act.numel, out.numel,
                                                                          down in g.wrapped))
     g.peak_at(g.unsaved(h, act, out, *g.args), after_saves=True)
+    return out, act, g._saved_total - down_from
+
+
+def gated_shared_mlp_first(g: Graph, spec: ModelSpec, p: str, h: Tensor) -> tuple[Tensor, Tensor, int, int]:
+    """Qwen3-Next's block runs its shared expert's MLP before the router and the routed experts, and
+    binds its output through them, to scale it by its gate after (transformers 5.25
+    `Qwen3NextSparseMoeBlock.forward`): `shared_mlp`, its output bound; what it saved is added."""
+    before = g._saved_total
+    out, act, down_saved = shared_mlp(g, spec, p, h)
+    g.hold(out)
+    g.args += (out,)
+    return out, act, down_saved, g._saved_total - before
+
+
+def shared_experts(g: Graph, spec: ModelSpec, p: str, h: Tensor, routed: Tensor,
+                   routed_saved: int = 0, ran: tuple[Tensor, Tensor, int, int] | None = None) -> Tensor:
+    """DeepSeek-V3's shared experts: a gated MLP of shared_experts x intermediate_size over the block's
+    input, run after the routed experts (whose output is bound meanwhile) and added to it. What it
+    saves is used and freed first in backward (its ops were recorded last), before the routed
+    experts' peak: it joins the block's tail. Its own peak, the gated product's backward (its
+    gradient and the two it hands back, tokens x width each in compute dtype), comes with every
+    routed expert's saved tensor still alive and only the down projection's freed: a moment of the
+    block's backward beyond its saved tensors (`Graph.expert_backward`). Its input's gradient then
+    waits through all of the routed experts' backward, to be summed with theirs: every later moment
+    of the block holds it too (the un-sort's and the combine's, the recompute's, the gated product's
+    and a merged expert weight's). Source: transformers 5 `DeepseekV3MoE.forward`. `ran`: what
+    `gated_shared_mlp_first` returned, where the MLP ran before the routed experts (Qwen3-Next's)."""
+    H = spec.hidden_size
+    g.args += (routed,)
+    g.hold(routed)
+    if ran is None:  # (run after the routed experts, whose output is bound meanwhile)
+        before = g._saved_total
+        out, act, down_saved = shared_mlp(g, spec, p, h)
+        mlp_saved = g._saved_total - before
+    else:
+        out, act, down_saved, mlp_saved = ran
+    gate_from = g._saved_total
     if spec.shared_expert_gate:
         # Qwen3-Next scales the shared expert by sigmoid(shared_expert_gate(h)): sigmoid keeps its
         # (tokens, 1) output, the product both factors
         out = g.mul(g.unary(g.linear(h, f"{p}.mlp.shared_expert_gate", H, 1), "output"), out)
-    g.release(routed)
-    g.args = g.args[:-1]
+    g.release(routed, *((ran[0],) if ran else ()))
+    g.args = tuple(a for a in g.args if a.key != routed.key and not (ran and a.key == ran[0].key))
     # Qwen3-Next's gated shared expert runs before the routed experts: its backward comes after
-    # theirs, so its saved tensors stay through them (not part of the block's tail), and two
+    # theirs, so its MLP's saved tensors stay through them (not part of the block's tail), and two
     # (tokens x hidden) gradients wait meanwhile: its output's (from the gate's product) and its
-    # input's share from the gate's projection. DeepSeek-V3's runs after them, backward first.
+    # input's share from the gate's projection. The gate and its product run after the routed
+    # experts, so their backward comes first, freeing what they saved (the MLP's output among it).
+    # DeepSeek-V3's shared experts run after the routed ones, backward first.
     first = spec.shared_expert_gate
     if g.tails and not first:
-        g.tails[-1] += g._saved_total - before
+        g.tails[-1] += g._saved_total - gate_from + mlp_saved
     waits = (h.nbytes if h.grad else 0) + (out.nbytes if first and out.grad else 0)
-    shared_backward_moments(g, spec, p, waits, g._saved_total - before,
-                            g._saved_total - down_from if act.grad else None,
+    shared_backward_moments(g, spec, p, waits, (mlp_saved, g._saved_total - gate_from),
+                            down_saved if act.grad else None,
                             out.nbytes if out.itemsize < routed.itemsize else 0, routed_saved)
     # (Llama 4's routed output is every expert's rows, summed into the shared expert's output)
     return g.pointwise(out.numel, max(routed.itemsize, out.itemsize), routed.grad or out.grad, routed, out)
@@ -2567,33 +2605,42 @@ def shared_expert_gradients(g: Graph, spec: ModelSpec, p: str) -> int:
                for leaf in ("gate_proj", "up_proj", "down_proj") if f"{path}.{leaf}" in g.trainable)
 
 
-def shared_backward_moments(g: Graph, spec: ModelSpec, p: str, waits: int, mine: int, down_saved: int | None,
-                            cast: int, routed_saved: int = 0) -> None:
+def shared_backward_moments(g: Graph, spec: ModelSpec, p: str, waits: int, saves: tuple[int, int],
+                            down_saved: int | None, cast: int, routed_saved: int = 0) -> None:
     """The shared experts' share of the sparse block's backward moments (see `shared_experts`): their
-    input's gradient (`waits`) alive through the routed experts' backward, what they saved (`mine`)
-    freed by then, and, trained in full, their three weight gradients made by then; under autocast the
-    16-bit cast of their gradient (`cast`) waiting through a recompute. Their own gated product's
-    moment (`down_saved`: what the down projection saved; None when no gradient reaches it) holds
-    only the down projection's weight gradient, not yet the routed experts' down one, which the
-    timeline counts before the block's backward. A gated shared expert (Qwen3-Next's) runs before
+    input's gradient (`waits`) alive through the routed experts' backward, what they saved (`saves`:
+    the MLP's, then its gate's and the gate's product's) freed by then, and, trained in full, their
+    three weight gradients made by then; under autocast the 16-bit cast of their gradient (`cast`)
+    waiting through a recompute. Their own gated product's moment (`down_saved`: what the down
+    projection saved; None when no gradient reaches it) holds only the down projection's weight
+    gradient, not yet the routed experts' down one, which the timeline counts before the block's
+    backward. A gated shared expert (Qwen3-Next's) runs before
     the routed experts, so its product's backward comes after theirs, once their `routed_saved` bytes
-    are freed and all their weight gradients made."""
+    are freed and all their weight gradients made; its gate's product and projection, made after the
+    routed experts, run their backward before them, freeing what they saved."""
     H, inter, wb = spec.hidden_size, spec.shared_width, g.cond.weight_bytes
     layer = g.section.removesuffix(" mlp")
     # (a gated shared expert, run before the routed ones, has made none by their backward)
     made = 0 if spec.shared_expert_gate else shared_expert_gradients(g, spec, p)
     first = spec.shared_expert_gate
-    # (run first, a gated shared expert's saves are alive through the routed experts' backward: freed
-    # by none of their moments, and part of the recomputed set, which the un-sort's and the recompute's
-    # combine moments were written without)
-    for moments, freed in ((g.pending, 0), (g.combine, 0 if first else mine),
-                           (g.recompute_combine, -mine if first else 0)):
+    # (run first, a gated shared expert's MLP's saves are alive through the routed experts' backward:
+    # freed by none of their moments, and already in the recomputed set the un-sort's and the
+    # recompute's combine moments hold; its gate's are freed before any of them)
+    kept, gone = saves
+    mine = kept + gone
+    for moments, freed in ((g.pending, 0), (g.combine, gone if first else mine), (g.recompute_combine, 0)):
         if moments.get(layer):  # (the un-sort's and the recompute's were written before these saves)
             moments[layer] += waits + made - freed
     # (the un-sort's moment adds `pending`, which holds `waits`; the gradients are made before it)
     g.pending[layer] = g.pending.get(layer, 0) + cast - (made if g.pending.get(layer) else 0)
     if g.unsort.get(layer):
-        g.unsort[layer] += made + (mine if first else 0)
+        g.unsort[layer] += made
+        if first:
+            # a checkpointed block's recompute is started by the gate's product, the first op backward
+            # reaches that kept anything: before the routed rows' sum and the product have handed back
+            # anything, so their gradients wait from the un-sort on, not through the recompute
+            g.unsort[layer] += g.pending[layer] - cast
+            g.pending[layer] = cast
     routed_peak = (3 * g.cond.tokens * spec.expert_rows_per_token * spec.intermediate_size
                    * expert_compute_bytes(spec, g.cond)
                    - (g.tails[-1] if g.tails else 0))
@@ -2606,12 +2653,12 @@ def shared_backward_moments(g: Graph, spec: ModelSpec, p: str, waits: int, mine:
     if spec.shared_expert_gate and shared:
         # run last in backward: the routed experts' saved tensors are freed by then, their gate/up
         # weight's gradient made beside the down one
-        shared += 3 * routed_grad - routed_saved
+        shared += 3 * routed_grad - routed_saved - gone
     if not g.expert_backward:  # (a block no gradient reaches: `_moe` returned before its moments)
         return
     merged = g.expert_backward[-1]
-    g.expert_backward[-1] = max(merged + waits + made - (0 if first else mine) if merged else 0,
-                                routed_peak + waits + made if waits else 0, shared)
+    g.expert_backward[-1] = max(merged + waits + made - (gone if first else mine) if merged else 0,
+                                routed_peak + waits + made - (gone if first else 0) if waits else 0, shared)
 
 
 def expert_lora_gradients(experts: int, out_f: int, in_f: int, rank: int, itemsize: int) -> tuple[int, int]:

@@ -34,8 +34,9 @@ MLP_OUTPUT = ("mlp.down_proj", "mlp.c_proj", "mlp.experts.down_proj", "feed_forw
 # the token and position embeddings' modules (their gradients are made last in backward)
 EMBEDDINGS = ("wte", "wpe", "embed_tokens")
 # the attention's output projection: its gradient is made before the attention core's backward, the
-# query, key and value projections' after it
-ATTN_OUTPUT = ("self_attn.o_proj", "attn.c_proj")
+# query, key and value projections' after it (Qwen3-Next's gated DeltaNet: its output projection's and
+# its gated norm's, both run after the delta rule)
+ATTN_OUTPUT = ("self_attn.o_proj", "attn.c_proj", "linear_attn.out_proj", "linear_attn.norm")
 
 
 @dataclass(frozen=True)
