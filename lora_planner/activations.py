@@ -1847,6 +1847,73 @@ def delta_rule_backward(heads: int, seq: int, k_dim: int, v_dim: int, qkv_grad: 
     return FP32 * (4 * wide + 2 * rows * v_dim + rows * k_dim * k_grads + rows * gate_grad)
 
 
+def delta_rule_forward_live(heads: int, seq: int, k_dim: int, v_dim: int, qkv_grad: bool, gate_grad: bool,
+                            matmul_bytes: int = FP32, chunk: int = 64) -> int:
+    """Bytes `torch_chunk_gated_delta_rule`'s own tensors past its l2 norms hold at its largest forward
+    moment, saved or not (the walk adds them before it records the delta rule's saves), for `heads` =
+    batch x value heads, S and n as in `chunk_delta_rule_saves`; `matmul_bytes` 2 under autocast, whose
+    matmuls return bf16 and keep bf16 copies of their operands. Derived from transformers 5.25's code.
+
+    Always alive from the padding on: the padded scaled query and key, k x beta (heads x S x k_dim
+    each), the padded value and v x beta (x v_dim), the padded beta and decay and the cumulative decay
+    (heads x S each), and the (chunk, chunk) bool mask (counted here unless the decay needs a gradient,
+    when `delta_rule_mask_bytes` saves it). Two moments can be the largest:
+    - the within-chunk attention, (q @ k^T) x pairwise decay: the pairwise decay's exp, the triangular
+      system and the product (heads x S x chunk, fp32 each), and the matmul's output (as wide, in the
+      matmul's dtype), with `gate_grad` the system's matmul output too (kept for the decay's gradient);
+    - after both triangular solves, the key's decay applied (`key * (...).exp()`): the three fp32 wide
+      tensors and those matmul outputs kept with `gate_grad`; beside the locals above, the decayed
+      k x beta, both solves' results (x k_dim, x v_dim), the zero output (x v_dim), the zero recurrent
+      state (heads x k_dim x v_dim), the decayed query and the new key (x k_dim each) with that exp
+      (heads x S); when anything needs a gradient, the scaled query (kept by the decayed query's
+      product) and the two exps of the cumulative decay before it (heads x S each).
+    Under autocast with a gradient, the bf16 operand copies the matmuls keep are alive at both: the
+    key's for k x beta @ k^T, and with `qkv_grad` k x beta's, the key's again and the query's (x k_dim).
+    A checkpointed layer's recompute runs the same ops with gradients on, so reaches the same moment."""
+    any_grad = qkv_grad or gate_grad
+    n = -(-seq // chunk)
+    rows = heads * n * chunk
+    wide = rows * chunk
+    common = FP32 * (rows * (3 * k_dim + 2 * v_dim + 3) + 3 * wide) + (0 if gate_grad else chunk * chunk)
+    copies = 2 * rows * k_dim * (any_grad + 3 * qkv_grad) if matmul_bytes < FP32 and any_grad else 0
+    within = matmul_bytes * wide * (1 + gate_grad)
+    after_solves = (matmul_bytes * wide * 2 * gate_grad + FP32 * heads * k_dim * v_dim
+                    + FP32 * rows * ((3 + any_grad) * k_dim + 2 * v_dim + 1 + 2 * any_grad))
+    return common + copies + max(within, after_solves)
+
+
+def delta_rule_loop_unsaved(heads: int, seq: int, k_dim: int, v_dim: int, qkv_grad: bool, gate_grad: bool,
+                            matmul_bytes: int = FP32, chunk: int = 64) -> int:
+    """Bytes alive in `torch_chunk_gated_delta_rule`'s chunk loop that no op keeps, at the last chunk's
+    within-chunk product (`intra_chunk_attn[:, :, i] @ v_new`), when every tensor the rule keeps
+    (`chunk_delta_rule_saves`, `autocast_delta_rule_saves`) is made: with heads, S, n as there, a
+    block = heads x chunk rows, `matmul_bytes` 2 under autocast. Derived from transformers 5.25's code.
+
+    Always unsaved there: v x beta and the zero output (heads x S x v_dim), the decayed k x beta
+    (x k_dim), the padded decay and its cumulative sum (heads x S); the padded value unless the decay
+    needs a gradient, the padded beta unless q, k and v do; the chunk's read of the state and the
+    product (block x v_dim each, in the matmul's dtype); the chunks' decay (heads x n) and the mask
+    where no op keeps them; with one chunk the decayed query and key (x k_dim: only a state that
+    needs a gradient keeps them). With no gradient at all, nothing is kept, so also alive: k x beta,
+    the decayed query and key (x k_dim each), the pairwise decay's exp, the system and the within-chunk
+    attention (heads x S x chunk each), the solves' results (x v_dim, x k_dim), the state read
+    (heads x k_dim x v_dim), the corrected values (block x v_dim) and under autocast their bf16 copy
+    and the attention slice's (block x chunk); the padded query and key are freed by then (rebound to
+    their decayed copies), as are all earlier states."""
+    any_grad = qkv_grad or gate_grad
+    n = -(-seq // chunk)
+    rows, block = heads * n * chunk, heads * chunk
+    kept_decay = n > 2 or (n > 1 and gate_grad)
+    fp32 = (rows * (2 * v_dim + k_dim + 2) + rows * v_dim * (not gate_grad) + rows * (not qkv_grad)
+            + heads * n * (not (any_grad and kept_decay)) + 2 * rows * k_dim * (any_grad and n == 1))
+    if not any_grad:
+        fp32 += (3 * rows * k_dim + 3 * rows * chunk + rows * (v_dim + k_dim) + heads * k_dim * v_dim
+                 + block * v_dim)
+    copies = 2 * block * (v_dim + chunk) if matmul_bytes < FP32 and not any_grad else 0
+    mask = 0 if gate_grad else chunk * chunk
+    return FP32 * fp32 + 2 * matmul_bytes * block * v_dim + copies + mask
+
+
 def delta_rule_mask_bytes(gate_grad: bool, chunk: int = 64) -> int:
     """The (chunk, chunk) bool mask `masked_fill` keeps when the decay needs a gradient."""
     return chunk * chunk if gate_grad else 0
@@ -1920,7 +1987,19 @@ def gated_delta_net(g: Graph, spec: ModelSpec, a: str, h: Tensor) -> Tensor:
             g.save(*(() if aliased else (g.new(rows * dk, FP32, False),)), g.new(rows, FP32, False))
     if gate_grad:
         g.save(g.new(delta_rule_mask_bytes(gate_grad), 1, False))
-    if g.cond.autocast or g.cond.adapter_autocast:  # (fp32 adapters' autocast spans the whole forward)
+    amp = g.cond.autocast or g.cond.adapter_autocast  # (fp32 adapters' autocast spans the whole forward)
+    # inside the delta rule, before any of its saves is recorded: the module's tensors beside it (its
+    # input, the projections, the conv's output, beta and the decay) and all the rule's own alive
+    live = delta_rule_forward_live(heads, seq, dk, dv, qkv.grad, gate_grad, 2 if amp else FP32)
+    # z, b and a leave `fix_query_key_value_ordering` as copies when several key heads serve several
+    # value heads each (the reshape merges the two head dims of a strided slice), as views otherwise
+    regrouped = nk > 1 and nv != nk
+    z = g.new(t * values, qkvz.itemsize, qkvz.grad) if regrouped else None
+    copies = (z, b, g.new(t * nv, ba.itemsize, False)) if regrouped else ()
+    alive = (h, qkvz, ba, qkv, beta, g.new(t * nv, FP32, gate_grad), *copies)
+    g.peak_at(g.unsaved(*alive, *g.args, *g._layer_held()) + live)
+    g.moment(*alive, extra=live)
+    if amp:
         before, after = autocast_delta_rule_saves(heads, seq, dk, dv, qkv.grad, gate_grad)
     else:
         before, after = (tuple((e, FP32) for e in part) for part in
@@ -1932,6 +2011,9 @@ def gated_delta_net(g: Graph, spec: ModelSpec, a: str, h: Tensor) -> Tensor:
     g.attn_tail_start()
     for numel, size in after:
         g.save(g.new(numel, size, False))
+    loop = delta_rule_loop_unsaved(heads, seq, dk, dv, qkv.grad, gate_grad, 2 if amp else FP32)
+    g.peak_at(g.unsaved(*alive, *g.args, *g._layer_held()) + loop)
+    g.moment(*alive, extra=loop)
     if qkv.grad or gate_grad:
         g.mixer_backward[g.section] = delta_rule_backward(heads, seq, dk, dv, qkv.grad, gate_grad)
     core = g.new(t * values, cb, qkv.grad or ba.grad or own)
@@ -1941,8 +2023,8 @@ def gated_delta_net(g: Graph, spec: ModelSpec, a: str, h: Tensor) -> Tensor:
         z = Tensor(t * values, qkvz.itemsize, qkvz.grad, qkvz.key)
         if qkvz.itemsize == FP32 and qkvz.grad:
             g.save(qkvz)
-    else:
-        z = g.new(t * values, qkvz.itemsize, qkvz.grad)  # the reshape's copy
+    elif z is None:
+        z = g.new(t * values, qkvz.itemsize, qkvz.grad)  # the flattening's copy (one key head)
     if z.grad and g.mixer_backward.get(g.section):
         # z's gradient, made by the gate's backward, waits through the delta rule's for the in-projection's
         g.mixer_backward[g.section] += z.nbytes
