@@ -1889,17 +1889,17 @@ def delta_rule_loop_unsaved(heads: int, seq: int, k_dim: int, v_dim: int, qkv_gr
     (`chunk_delta_rule_saves`, `autocast_delta_rule_saves`) is made: with heads, S, n as there, a
     block = heads x chunk rows, `matmul_bytes` 2 under autocast. Derived from transformers 5.25's code.
 
-    Always unsaved there: v x beta and the zero output (heads x S x v_dim), the decayed k x beta
-    (x k_dim), the padded decay and its cumulative sum (heads x S); the padded value unless the decay
-    needs a gradient, the padded beta unless q, k and v do; the chunk's read of the state and the
-    product (block x v_dim each, in the matmul's dtype); the chunks' decay (heads x n) and the mask
-    where no op keeps them; with one chunk the decayed query and key (x k_dim: only a state that
-    needs a gradient keeps them). With no gradient at all, nothing is kept, so also alive: k x beta,
-    the decayed query and key (x k_dim each), the pairwise decay's exp, the system and the within-chunk
-    attention (heads x S x chunk each), the solves' results (x v_dim, x k_dim), the state read
-    (heads x k_dim x v_dim), the corrected values (block x v_dim) and under autocast their bf16 copy
-    and the attention slice's (block x chunk); the padded query and key are freed by then (rebound to
-    their decayed copies), as are all earlier states."""
+    Always unsaved there: v x beta and the zero output (heads x S x v_dim), the decayed k x beta (x
+    k_dim), the padded decay and its cumulative sum (heads x S); the padded value unless the decay needs a
+    gradient, the padded beta unless q, k and v do; the chunk's read of the state and the product (block x
+    v_dim each, in the matmul's dtype), then their sum (as wide); the chunks' decay (heads x n) and the
+    mask where no op keeps them; with one chunk the decayed query and key (x k_dim: only a state that
+    needs a gradient keeps them). With no gradient at all, nothing is kept, so also alive: k x beta, the
+    decayed query and key (x k_dim each), the pairwise decay's exp, the system and the within-chunk
+    attention (heads x S x chunk each), the solves' results (x v_dim, x k_dim), the state read (heads x
+    k_dim x v_dim), the corrected values (block x v_dim) and under autocast their bf16 copy and the
+    attention slice's (block x chunk); the padded query and key are freed by then (rebound to their
+    decayed copies), as are all earlier states."""
     any_grad = qkv_grad or gate_grad
     n = -(-seq // chunk)
     rows, block = heads * n * chunk, heads * chunk
@@ -1909,9 +1909,10 @@ def delta_rule_loop_unsaved(heads: int, seq: int, k_dim: int, v_dim: int, qkv_gr
     if not any_grad:
         fp32 += (3 * rows * k_dim + 3 * rows * chunk + rows * (v_dim + k_dim) + heads * k_dim * v_dim
                  + block * v_dim)
+    # the product made beside its operands' bf16 copies, or the sum with the read made (the copies freed)
     copies = 2 * block * (v_dim + chunk) if matmul_bytes < FP32 and not any_grad else 0
     mask = 0 if gate_grad else chunk * chunk
-    return FP32 * fp32 + 2 * matmul_bytes * block * v_dim + copies + mask
+    return FP32 * fp32 + 2 * matmul_bytes * block * v_dim + max(copies, matmul_bytes * block * v_dim) + mask
 
 
 def delta_rule_mask_bytes(gate_grad: bool, chunk: int = 64) -> int:
@@ -2011,6 +2012,7 @@ def gated_delta_net(g: Graph, spec: ModelSpec, a: str, h: Tensor) -> Tensor:
     g.attn_tail_start()
     for numel, size in after:
         g.save(g.new(numel, size, False))
+    # (the last chunk's within-chunk product, when every save of the rule is made)
     loop = delta_rule_loop_unsaved(heads, seq, dk, dv, qkv.grad, gate_grad, 2 if amp else FP32)
     g.peak_at(g.unsaved(*alive, *g.args, *g._layer_held()) + loop)
     g.moment(*alive, extra=loop)

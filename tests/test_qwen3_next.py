@@ -137,10 +137,49 @@ def test_gated_delta_net_saves_what_autograd_keeps(precision, batch, seq, trains
     assert g.saved_bytes() - (h.nbytes if h.key in g.saved else 0) == traced
 
 
+@pytest.mark.parametrize("heads", [(2, 4), (3, 3), (1, 3)])
+@pytest.mark.parametrize("precision,batch,seq", [("fp32", 2, 5), ("bf16", 2, 70), ("amp", 1, 140),
+                                                 ("fp32", 1, 140), ("amp", 2, 5)])
+def test_gated_delta_net_forward_peak_without_gradients(precision, batch, seq, heads):
+    """A gated-DeltaNet none of whose tensors needs a gradient (LoRA on the MLPs only, the first
+    layer) saves nothing, so its forward's most is a transient inside the delta rule: the walk's
+    forward moments (`delta_rule_forward_live`, `delta_rule_loop_unsaved`) reach the traced peak of
+    transformers' module byte for byte, over 1 to 3 chunks, with key heads regrouped (2, 4), not
+    (3, 3), or one key head (1, 3)."""
+    from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextGatedDeltaNet
+
+    from lora_planner.activations import Conditions, Graph, gated_delta_net
+    from lora_planner.measure.tracer import MemoryTracer
+
+    config = {"model_type": "qwen3_next", "vocab_size": 32, "hidden_size": 24, "num_hidden_layers": 1,
+              "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 8, "num_experts": 2,
+              "num_experts_per_tok": 1, "linear_num_key_heads": heads[0], "linear_num_value_heads": heads[1],
+              "linear_key_head_dim": 6, "linear_value_head_dim": 10, "layer_types": ["linear_attention"]}
+    spec = spec_from_hf_config(config)
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    module = Qwen3NextGatedDeltaNet(build_meta_from_config(config).config, 0).to(dtype).requires_grad_(False)
+    x = torch.randn(batch, seq, 24, dtype=dtype)
+    tracer = MemoryTracer(module, inputs=(x,))
+    with tracer, torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "amp"):
+        with tracer.phase("forward"):
+            module(x)
+    report = tracer.report()
+    traced = report.phase_peaks["forward"] - report.terms["parameters"]
+
+    g = Graph(Conditions(batch, seq, 2 if precision == "bf16" else 4, precision == "amp"), {}, set())
+    gated_delta_net(g, spec, "model.layers.0.linear_attn", g.new(batch * seq * 24, dtype.itemsize, False))
+    assert g.forward_live == traced
+
+
 # random steps, traced on CPU: a few by default, more with -m slow
-TRACED = [1, 3] + [pytest.param(s, marks=pytest.mark.slow) for s in range(0, 61) if s not in (1, 3)]
-# the peaks planned more than 1% off the trace (activations exact in all): none
-KNOWN_PEAK_MISSES: dict[int, float] = {}
+# (104, 102 and 89: LoRA on the MLPs only, so the first layer's delta rule runs with no gradient and its
+# forward transient sets the peak)
+TRACED = [1, 3, 104] + [pytest.param(s, marks=pytest.mark.slow)
+                        for s in (*range(0, 61), 89, 102, 112) if s not in (1, 3)]
+# the peaks planned more than 1% off the trace (activations exact in all): a full fine-tune of one layer
+# whose backward peak is under by 1.3%
+KNOWN_PEAK_MISSES: dict[int, float] = {112: 0.014}
 
 
 @pytest.mark.parametrize("seed", TRACED)
