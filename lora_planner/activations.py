@@ -1886,33 +1886,40 @@ def delta_rule_loop_unsaved(heads: int, seq: int, k_dim: int, v_dim: int, qkv_gr
                             matmul_bytes: int = FP32, chunk: int = 64) -> int:
     """Bytes alive in `torch_chunk_gated_delta_rule`'s chunk loop that no op keeps, at the last chunk's
     within-chunk product (`intra_chunk_attn[:, :, i] @ v_new`), when every tensor the rule keeps
-    (`chunk_delta_rule_saves`, `autocast_delta_rule_saves`) is made: with heads, S, n as there, a
-    block = heads x chunk rows, `matmul_bytes` 2 under autocast. Derived from transformers 5.25's code.
+    (`chunk_delta_rule_saves`; `autocast_delta_rule_saves` when `matmul_bytes` is 2) is made: with
+    heads, S, n as there, a block = heads x chunk rows. Derived from transformers 5.25's code.
 
-    Always unsaved there: v x beta and the zero output (heads x S x v_dim), the decayed k x beta (x
-    k_dim), the padded decay and its cumulative sum (heads x S); the padded value unless the decay needs a
-    gradient, the padded beta unless q, k and v do; the chunk's read of the state and the product (block x
-    v_dim each, in the matmul's dtype), then their sum (as wide); the chunks' decay (heads x n) and the
-    mask where no op keeps them; with one chunk the decayed query and key (x k_dim: only a state that
-    needs a gradient keeps them). With no gradient at all, nothing is kept, so also alive: k x beta, the
-    decayed query and key (x k_dim each), the pairwise decay's exp, the system and the within-chunk
-    attention (heads x S x chunk each), the solves' results (x v_dim, x k_dim), the state read (heads x
-    k_dim x v_dim), the corrected values (block x v_dim) and under autocast their bf16 copy and the
-    attention slice's (block x chunk); the padded query and key are freed by then (rebound to their
-    decayed copies), as are all earlier states."""
-    any_grad = qkv_grad or gate_grad
+    Alive there (the padded query and key are freed by then, rebound to their decayed copies, as are
+    the states before the last): v x beta and the zero output (heads x S x v_dim), the decayed
+    k x beta (x k_dim), the padded decay and its cumulative sum (heads x S), none of which any op
+    keeps; the chunk's read of the state and the product (block x v_dim each, in the matmul's dtype),
+    then their sum (as wide), unsaved. Unsaved unless kept by the rule as those functions list: the
+    padded value (the decay's gradient), the padded beta (q's, k's, v's), the chunks' decay (heads x n)
+    and the mask; k x beta, the decayed query and key (x k_dim each); the pairwise decay's exp, the
+    system and the within-chunk attention (heads x S x chunk each); the solves' results (x v_dim,
+    x k_dim); the state read (heads x k_dim x v_dim) and the corrected values (block x v_dim). Under
+    autocast the matmuls keep bf16 copies instead of the within-chunk attention, the decayed query and
+    key, the corrected values, and (unless the decay needs a gradient) k x beta and the state; without
+    any gradient the corrected values' and the attention slice's bf16 copies (block x v_dim, x chunk)
+    are alive beside the product too."""
+    grad, amp = qkv_grad or gate_grad, matmul_bytes < FP32
     n = -(-seq // chunk)
     rows, block = heads * n * chunk, heads * chunk
-    kept_decay = n > 2 or (n > 1 and gate_grad)
-    fp32 = (rows * (2 * v_dim + k_dim + 2) + rows * v_dim * (not gate_grad) + rows * (not qkv_grad)
-            + heads * n * (not (any_grad and kept_decay)) + 2 * rows * k_dim * (any_grad and n == 1))
-    if not any_grad:
-        fp32 += (3 * rows * k_dim + 3 * rows * chunk + rows * (v_dim + k_dim) + heads * k_dim * v_dim
-                 + block * v_dim)
+    decayed_kept = grad and n > 1 and not amp
+    fp32 = [rows * v_dim, rows * v_dim, rows * k_dim, rows, rows,
+            rows * v_dim * (not gate_grad), rows * (not qkv_grad),
+            heads * n * (not (grad and (n > 2 or (n > 1 and gate_grad)))),
+            rows * k_dim * (not (grad and (gate_grad or not amp))),  # k x beta
+            2 * rows * k_dim * (not decayed_kept),  # the decayed query and key
+            rows * chunk * (2 * (not grad) + (not grad or amp)),  # exp, system; the attention
+            rows * (v_dim + k_dim) * (not grad),  # the solves' results
+            heads * k_dim * v_dim * (not grad or (amp and not (gate_grad and n > 1))),  # the state read
+            block * v_dim * (not grad or amp)]  # the corrected values
     # the product made beside its operands' bf16 copies, or the sum with the read made (the copies freed)
-    copies = 2 * block * (v_dim + chunk) if matmul_bytes < FP32 and not any_grad else 0
+    copies = 2 * block * (v_dim + chunk) if amp and not grad else 0
     mask = 0 if gate_grad else chunk * chunk
-    return FP32 * fp32 + 2 * matmul_bytes * block * v_dim + max(copies, matmul_bytes * block * v_dim) + mask
+    product = matmul_bytes * block * v_dim
+    return FP32 * sum(fp32) + 2 * product + max(copies, product) + mask
 
 
 def delta_rule_mask_bytes(gate_grad: bool, chunk: int = 64) -> int:
