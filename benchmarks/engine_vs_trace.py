@@ -13,10 +13,8 @@ Each part prints how many cases land within 1% of the allocator.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from lora_planner.errors import PlanError
 from lora_planner.spec import TrainSetup
 
 ISSUE_GPT2 = {"model_type": "gpt2", "vocab_size": 50257, "n_embd": 64, "n_layer": 2, "n_head": 4,
@@ -35,26 +33,21 @@ def summary(name: str, engine: list[float], walk: list[float]) -> str:
 
 
 def recorded(limit: int) -> tuple[list[float], list[float], int]:
-    """The engine's and the walk's peak errors against each recorded allocator peak it models."""
-    from lora_planner.engine import plan_step
-    from lora_planner.measure.fuzz import planned_peak, recorded_case
-    from lora_planner.measure.traced_step import sliced
-    from lora_planner.spec import spec_from_hf_config
+    """The engine's and the walk's peak errors against each recorded allocator peak it models, and
+    how many records it refuses."""
+    from lora_planner.measure.engine_check import replanned_records
+    from lora_planner.measure.fuzz import planned_peak
 
-    engine, walk, skipped = [], [], 0
-    for line in RECORDS.read_text().splitlines()[:limit]:
-        row = json.loads(line)
-        case = recorded_case(row)
-        spec = sliced(spec_from_hf_config(case.config, name=f"fuzz-{case.seed}"), case.layers)
+    engine, walk = [], []
+    cases = replanned_records(RECORDS, limit)
+    while True:
         try:
-            plan = plan_step(spec, case.setup)
-        except PlanError:
-            skipped += 1
-            continue
+            row, case, plan = next(cases)
+        except StopIteration as done:
+            return engine, walk, done.value
         ref = row["allocator_peak"]
         engine.append((plan.peak.bytes - ref) / ref)
         walk.append((planned_peak(case) - ref) / ref)
-    return engine, walk, skipped
 
 
 def main() -> None:

@@ -10,9 +10,7 @@ import pytest
 
 from lora_planner.engine import plan_step
 from lora_planner.errors import PlanError
-from lora_planner.measure.engine_check import FORMS, compare, engine_case
-from lora_planner.measure.fuzz import recorded_case
-from lora_planner.measure.traced_step import sliced
+from lora_planner.measure.engine_check import FORMS, compare, engine_case, replanned_records
 from lora_planner.spec import TrainSetup, spec_from_hf_config
 
 RECORDS = Path(__file__).resolve().parents[1] / "results/trace/fuzz-cpu-allocator.jsonl"
@@ -144,14 +142,7 @@ def test_recorded_allocator_cases_replanned_by_the_engine():
     byte-exact, its tracer-level peak within 1% of the recorded tracer's (or its bound in
     TRACER_MISSES), its peak within 1% of the recorded allocator's (or its bound in KNOWN_MISSES)."""
     modelled = 0
-    for line in RECORDS.read_text().splitlines():
-        row = json.loads(line)
-        case = recorded_case(row)
-        spec = sliced(spec_from_hf_config(case.config, name=f"fuzz-{case.seed}"), case.layers)
-        try:
-            plan = plan_step(spec, case.setup)
-        except PlanError:
-            continue
+    for row, case, plan in replanned_records(RECORDS):
         modelled += 1
         assert plan.activations == row["traced"]["activations"], case.label
         seen = (plan.tracer_peak.seen - row["traced"]["peak"]) / row["traced"]["peak"]

@@ -94,3 +94,28 @@ def compare(config: dict, setup: TrainSetup) -> dict:
             "engine_vs_tracer": err(plan.tracer_peak.seen, traced.traced["peak"]),
             "walk_vs_allocator": err(traced.predicted["peak"], allocator),
             "engine_phase": plan.peak.phase, "allocator_phase": traced.allocator.phase}
+
+
+def replanned_records(path, limit: int | None = None):
+    """Each recorded allocator case in the JSON-lines file `path` (`results/trace/fuzz-cpu-allocator.jsonl`)
+    the engine models, as (row, case, engine plan), re-planned without torch; and, once the lines
+    run out, the count of those it refuses (`PlanError`), as the generator's return value."""
+    import json
+
+    from ..engine import plan_step
+    from ..errors import PlanError
+    from ..measure.fuzz import recorded_case
+    from ..measure.traced_step import sliced
+
+    refused = 0
+    for line in path.read_text().splitlines()[:limit]:
+        row = json.loads(line)
+        case = recorded_case(row)
+        spec = sliced(spec_from_hf_config(case.config, name=f"fuzz-{case.seed}"), case.layers)
+        try:
+            plan = plan_step(spec, case.setup)
+        except PlanError:
+            refused += 1
+            continue
+        yield row, case, plan
+    return refused
