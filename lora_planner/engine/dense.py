@@ -291,13 +291,11 @@ class Writer:
             q, k, v = (self.split("slice", qkv, (numel,))[0] for numel in (q_numel, kv_numel, kv_numel))
         elif len(mods) == 2:
             q, k, v = self.split("split", self.linear(mods[0], x), (q_numel, kv_numel, kv_numel))
-        else:
-            q, k, v = (self.linear(m, x) for m in mods[:3])
-        self.strided |= {q, k, v}
-        if norms:  # RMSNorm of the queries and keys, per head or over each token's projection
+        else:  # q/k norms (per head or over each token's projection) run right after their projection
             heads = (spec.num_heads, spec.num_kv_heads) if self.features.head_qk_norm else (1, 1)
-            q = self.norm(norms[0], q, n * heads[0], q_numel // (n * heads[0]))
-            k = self.norm(norms[1], k, n * heads[1], kv_numel // (n * heads[1]))
+            q, k, v = (self.project(m, x, norms[i] if i < len(norms) else None, n * rows)
+                       for i, (m, rows) in enumerate(zip(mods[:3], (*heads, 1), strict=True)))
+        self.strided |= {q, k, v}
         if rope is not None:
             projected = (q, k)
             q, k = self.rotate(q, *rope), self.rotate(k, *rope)
@@ -309,6 +307,13 @@ class Writer:
         out = self.drop(self.linear(mods[-1], out), self.block_rate(1))
         self.tape.hold(q, k, v)  # the module's locals until it returns: q, k, v (rotated)
         return out, weights
+
+    def project(self, m: Module, x: int, norm: Module | None, rows: int) -> int:
+        """One of q, k, v: its projection, viewed as heads (strided once transposed), then its RMSNorm
+        over `rows` rows where it has one (`self.q_norm(self.q_proj(x))`)."""
+        y = self.linear(m, x)
+        self.strided.add(y)
+        return y if norm is None else self.norm(norm, y, rows, self.numel(y) // rows)
 
     def sdpa(self, q: int, k: int, v: int, q_numel: int, where: str) -> int:
         """F.scaled_dot_product_attention on CPU (q, k, v cast to bf16 under autocast): the flash

@@ -114,34 +114,35 @@ def recorded_ops(config: dict, setup: TrainSetup, seed: int = 0) -> OpTape:
 
 @dataclass(frozen=True)
 class OpDiff:
-    """One section where the sequences differ: difflib's opcodes over the two, as readable lines."""
+    """One section where the sequences differ: each run of ops that differs, as (index of its first
+    op on the engine's side, the engine's ops, the real ones), either side possibly empty."""
 
     section: str
-    lines: tuple[str, ...]
+    runs: tuple[tuple[int, tuple[OpSaves, ...], tuple[OpSaves, ...]], ...]
 
     @property
     def bytes(self) -> int:
-        """engine - recorded over the section's differing ops, in bytes."""
-        return sum(int(line.split()[-1]) for line in self.lines if line.split()[-1].lstrip("+-").isdigit())
+        """engine - recorded over the differing ops, in bytes."""
+        return sum(sum(o.sizes) for _, a, _ in self.runs for o in a) - \
+            sum(sum(o.sizes) for _, _, b in self.runs for o in b)
+
+    @property
+    def lines(self) -> tuple[str, ...]:
+        return tuple(f"op {i}: engine {' '.join(map(str, a)) or '-'} | real {' '.join(map(str, b)) or '-'}"
+                     for i, a, b in self.runs)
 
 
 def op_diff(engine: OpTape, recorded: OpTape) -> tuple[OpDiff, ...]:
-    """Per section (the engine's order, then any it lacks), the ops that differ: each run of ops
-    replaced, only on the engine's side, or only on the real one, with its bytes."""
+    """Per section (the engine's order, then any it lacks), the runs of ops that differ (difflib's
+    alignment of the two sequences: ops replaced, only the engine's, only the real model's)."""
     out = []
     for section in (*engine, *(s for s in recorded if s not in engine)):
         mine, theirs = engine.get(section, ()), recorded.get(section, ())
         if mine == theirs:
             continue
-        lines = []
-        for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(a=mine, b=theirs, autojunk=False).get_opcodes():
-            if tag == "equal":
-                continue
-            a, b = mine[i1:i2], theirs[j1:j2]
-            net = sum(sum(o.sizes) for o in a) - sum(sum(o.sizes) for o in b)
-            lines.append(f"ops {i1}-{i2} engine {' '.join(map(str, a)) or '-'} | real "
-                         f"{' '.join(map(str, b)) or '-'} | {net:+d}")
-        out.append(OpDiff(section, tuple(lines)))
+        codes = difflib.SequenceMatcher(a=mine, b=theirs, autojunk=False).get_opcodes()
+        out.append(OpDiff(section, tuple((i1, mine[i1:i2], theirs[j1:j2])
+                                         for tag, i1, i2, j1, j2 in codes if tag != "equal")))
     return tuple(out)
 
 
