@@ -50,7 +50,7 @@ def run(key: str) -> None:
         assert bound is not None and abs(d.bytes) <= bound, (case.label, d.section, d.lines)
 
 
-SWEEP = [f"{family} {seed} {method} {precision}" for family in FAMILIES for seed in range(1, 6)
+SWEEP = [f"{family} {seed} {method} {precision}" for family in FAMILIES for seed in range(1, 11)
          for method in METHODS for precision in PRECISIONS]
 
 
@@ -88,3 +88,23 @@ def test_the_oracle_sees_an_op_keep_the_wrong_tensor(monkeypatch):
         (_, engine, real), = d.runs
         assert [o.rule for o in engine] == [o.rule for o in real] == ["mul"]
         assert len(engine[0].sizes) == 1 and len(real[0].sizes) == 2 and d.bytes == -real[0].sizes[1]
+
+
+def test_the_diff_tool_prints_each_layers_differing_ops(monkeypatch, capsys):
+    """benchmarks/saved_tape.py --engine: every section agrees for a drawn case (exit 0); with the
+    engine's SiLU keeping its output, each layer's differing product is printed (exit 1)."""
+    import runpy
+    import sys
+
+    from lora_planner.engine import rules
+
+    tool = str(Path(__file__).resolve().parent.parent / "benchmarks" / "saved_tape.py")
+    monkeypatch.setattr(sys, "argv", [tool, "llama", "0", "--method", "full", "--engine"])
+    with pytest.raises(SystemExit) as agreed:
+        runpy.run_path(tool, run_name="__main__")
+    assert agreed.value.code == 0 and "ops keep the same sizes, in the same order" in capsys.readouterr().out
+    monkeypatch.setitem(rules.RULES, "silu", rules.Rule(rules._outputs, rules._fresh))
+    with pytest.raises(SystemExit) as differed:
+        runpy.run_path(tool, run_name="__main__")
+    out = capsys.readouterr().out
+    assert differed.value.code == 1 and out.count("| real mul[") == out.count("layer ") > 0

@@ -36,7 +36,8 @@ NODES: dict[str, tuple[str, ...]] = {
     "silu": ("SiluBackward0",),
     "gelu": ("GeluBackward0",),
     "tanh": ("TanhBackward0",),
-    "softmax": ("SoftmaxBackward0",),
+    # SDPA's math fallback (under attention dropout) calls `_safe_softmax`: zeros for a row wholly masked
+    "softmax": ("SoftmaxBackward0", "SafeSoftmaxBackward0"),
     "log_softmax": ("LogSoftmaxBackward0",),
     "layer_norm": ("NativeLayerNormBackward0",),
     "embedding": ("EmbeddingBackward0",),
