@@ -546,7 +546,8 @@ class Writer:
         on each chunk, a chunk of several rows copied for the product (after autocast's cast), the
         list of logits bound until the loss returns; labels padded and shifted once, their count
         taken; per chunk the logits in fp32, log_softmax and nll_loss (sum; its labels a copy when
-        rows > 1), summed into a running 0-d loss, which is divided by the count."""
+        rows and positions are both above one), summed into a running 0-d loss, which is divided by
+        the count."""
         t, b, width, v = self.tape, self.batch, self.spec.hidden_size, self.spec.vocab_size
         size = -(-self.seq // self.chunks)
         widths = [min(size, self.seq - start) for start in range(0, self.seq, size)]
@@ -565,7 +566,9 @@ class Writer:
         count = self.new("constant", (self.new("constant", (padded,), b * self.seq, 1),), 1, INT64)
         loss = None
         for out, w in zip(logits, widths, strict=True):
-            target = self.new("constant", (padded,), b * w, INT64) if b > 1 else padded
+            # y.reshape(-1) of a (b, w) slice of the padded labels: a view when one row or one
+            # position leaves a single stride, else a copy
+            target = self.new("constant", (padded,), b * w, INT64) if b > 1 and w > 1 else padded
             logp = self.new("log_softmax", (self.cast(out, FP32),), b * w * v, FP32)
             ce = t.op("nll_loss", (logp, target), (FP32, (FP32, False)))[0]
             loss = self.new("add", (ce,) if loss is None else (loss, ce), 1, FP32)
