@@ -1,13 +1,14 @@
 """The step engine's tape held to autograd's, op by op: the same ops keep the same sizes, per layer.
 
 Each case is a seeded random small config of a family the engine models (`fuzz.random_config`,
-drawn by `measure.saved_tape.random_case`), full fine-tuning or LoRA, fp32 or pure bf16. The real
-side is a CPU forward of the model transformers builds from that config with random weights, every
-storage autograd keeps recorded and grouped by the backward node that first keeps it
-(`measure.op_tape.recorded_ops`); the engine's side is its tape (`engine.forward_tape`), each op's
-rule translated to autograd's node names by `op_tape.NODES`. A sum or a multiset of sizes can hide
-two ops that trade sizes; the sequence cannot. A difference found and not fixed would be listed per
-case, with its bound in bytes and why, in engine_tape_known.json.
+drawn by `measure.saved_tape.random_case`), full fine-tuning or LoRA, fp32 or pure bf16 (a slow
+sweep adds autocast and torchtune's chunked loss). The real side is a CPU forward of the model
+transformers builds from that config with random weights, every storage autograd keeps recorded
+and grouped by the backward node that first keeps it (`measure.op_tape.recorded_ops`); the
+engine's side is its tape (`engine.forward_tape`), each op's rule translated to autograd's node
+names by `op_tape.NODES`. A sum or a multiset of sizes can hide two ops that trade sizes; the
+sequence cannot. A difference found and not fixed would be listed per case, with its bound in
+bytes and why, in engine_tape_known.json.
 """
 
 import json
@@ -25,14 +26,14 @@ KNOWN = json.loads((Path(__file__).parent / "engine_tape_known.json").read_text(
 
 
 def run(key: str) -> None:
-    """'family seed method precision': the engine's and the real op sequences agree in every
-    section, or differ only within the case's known entry."""
+    """'family seed variant method precision' (`saved_tape.random_case`'s): the engine's and the
+    real op sequences agree in every section, or differ only within the case's known entry."""
     from lora_planner.engine import check
     from lora_planner.measure.op_tape import compare_ops
     from lora_planner.spec import spec_from_hf_config
 
-    family, seed, method, precision = key.split()
-    case = random_case(family, int(seed), method, precision)
+    family, seed, variant, method, precision = key.split()
+    case = random_case(family, int(seed), method, precision, variant)
     if case is None:
         pytest.skip("the planner refuses this draw")
     try:
@@ -50,11 +51,14 @@ def run(key: str) -> None:
         assert bound is not None and abs(d.bytes) <= bound, (case.label, d.section, d.lines)
 
 
-SWEEP = [f"{family} {seed} {method} {precision}" for family in FAMILIES for seed in range(1, 11)
+SWEEP = [f"{family} {seed} plain {method} {precision}" for family in FAMILIES for seed in range(1, 11)
          for method in METHODS for precision in PRECISIONS]
+# autocast over fp32 weights and torchtune's chunked loss, the steps beyond the plain one the engine models
+VARIANT_SWEEP = [f"{family} {seed} {variant} {method} fp32" for family in FAMILIES for seed in range(4)
+                 for method in METHODS for variant in ("amp", "chunked-loss")]
 
 
-@pytest.mark.parametrize("key", [f"{family} 0 {METHODS[i % 2]} {PRECISIONS[(i + 1) // 2 % 2]}"
+@pytest.mark.parametrize("key", [f"{family} 0 plain {METHODS[i % 2]} {PRECISIONS[(i + 1) // 2 % 2]}"
                                  for i, family in enumerate(FAMILIES)])
 def test_engine_tape_keeps_what_autograd_keeps(key):
     """Seed 0 of every family, the method and precision turning with the family's place."""
@@ -67,8 +71,14 @@ def test_engine_tape_keeps_what_autograd_keeps_every_family(key):
     run(key)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("key", VARIANT_SWEEP)
+def test_engine_tape_keeps_what_autograd_keeps_beyond_the_plain_step(key):
+    run(key)
+
+
 def test_known_differences_are_explained():
-    assert set(KNOWN) <= set(SWEEP)
+    assert set(KNOWN) <= set(SWEEP) | set(VARIANT_SWEEP)
     for entry in KNOWN.values():
         assert entry["why"] and all(isinstance(v, int) and v > 0 for v in entry["bytes"].values())
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from ..activations import fp32_norm_product
+from ..activations import fp32_norm_product, rotary_casts_back
 from ..architecture import LINEAR_KINDS, Architecture, Module
 from ..spec import EMBEDDING_DROPOUT_FAMILIES, GEMMA_FAMILIES, RESIDUAL_DROPOUT_FAMILIES, ModelSpec
 from .tape import Tape
@@ -42,6 +42,7 @@ class Features:
     head_qk_norm: bool = True  # q/k norms per head (Qwen3), else over the whole projection (OLMo 2)
     attn_softcap: bool = False
     final_softcap: bool = False
+    rotary_casts_back: bool = False  # the rotated q and k cast back to their dtype (`rotary_casts_back`)
 
     @property
     def fp32_softmax(self) -> bool:
@@ -112,7 +113,7 @@ def features(spec: ModelSpec, arch: Architecture) -> Features:
                     embedding_dropout=spec.family in EMBEDDING_DROPOUT_FAMILIES,
                     placement=spec.norm_placement, gemma=gemma, attn_softcap=gemma and spec.attn_softcap,
                     final_softcap=gemma and spec.final_softcap, fp32_product=fp32_norm_product(spec),
-                    head_qk_norm=spec.qk_norm != "full")
+                    head_qk_norm=spec.qk_norm != "full", rotary_casts_back=rotary_casts_back(spec))
 
 
 @dataclass
@@ -298,8 +299,11 @@ class Writer:
         self.strided |= {q, k, v}
         if rope is not None:
             projected = (q, k)
-            q, k = self.rotate(q, *rope), self.rotate(k, *rope)
-            self.tape.hold(*projected)  # bound by rope's arguments and the caller until it returns
+            q, k = rotated = self.rotate(q, *rope), self.rotate(k, *rope)
+            if self.features.rotary_casts_back:  # both rotated first, then each cast back
+                q, k = (self.cast(r, self.size(p)) for r, p in zip(rotated, projected, strict=True))
+            # bound by rope's arguments and the caller (and its locals) until it returns
+            self.tape.hold(*projected, *rotated)
         if self.eager:
             out, weights = self.eager_core(q, k, v, q_numel)
         else:
