@@ -15,7 +15,8 @@ that saved it. Sizes are matched as multisets per section: what is left is one s
 With `--engine`, the step engine's tape (`engine.forward_tape`) is held to the real one op by op
 instead (`measure.op_tape`): per section, each op that keeps tensors, with the sizes it is the first
 to keep, engine and real aligned; each run of ops that differs is printed (with `--all`, both whole
-sequences). The engine models the dense families, full and LoRA steps without the variants' changes.
+sequences). The engine models the dense families' full and LoRA steps in fp32, amp and pure bf16,
+with the standard or chunked loss (no QLoRA, DoRA, LoRA dropout, packing or trained biases).
 """
 
 from __future__ import annotations
