@@ -2,6 +2,7 @@
 
     python benchmarks/saved_tape.py FAMILY SEED [--method lora] [--variant dora] [--all]
     python benchmarks/saved_tape.py --config config.json --method lora --rank 8 --targets all-linear
+    python benchmarks/saved_tape.py FAMILY SEED --engine [--precision pure-bf16]
 
 A family and seed draw the oracle test's case (`measure.saved_tape.random_case`, its key in
 tests/test_saved_tape.py is "FAMILY SEED VARIANT METHOD PRECISION"); `--config` takes a config.json
@@ -10,6 +11,12 @@ from the config with random weights on CPU and lists what autograd keeps after f
 (`recorded_tape`); the walk's side is `Profile.saves`, each named by the line of activations.py
 that saved it. Sizes are matched as multisets per section: what is left is one side's alone. With
 `--all`, every section's saves are listed in order, matched or not.
+
+With `--engine`, the step engine's tape (`engine.forward_tape`) is held to the real one op by op
+instead (`measure.op_tape`): per section, each op that keeps tensors, with the sizes it is the first
+to keep, engine and real aligned; each run of ops that differs is printed (with `--all`, both whole
+sequences). The engine models the dense families' full and LoRA steps in fp32, amp and pure bf16,
+with the standard or chunked loss (no QLoRA, DoRA, LoRA dropout, packing or trained biases).
 """
 
 from __future__ import annotations
@@ -49,6 +56,26 @@ def walk_with_lines(spec, setup):
         activations._profile.cache_clear()
 
 
+def engine_diff(config: dict, setup, every: bool) -> int:
+    """Print the engine's op tape against the real one (`op_tape.compare_ops`); 1 if they differ."""
+    from lora_planner.measure.op_tape import engine_ops, op_diff, recorded_ops
+
+    engine, real = engine_ops(config, setup), recorded_ops(config, setup)
+    print(json.dumps(config))
+    diffs = op_diff(engine, real)
+    if not diffs:
+        print("every section's ops keep the same sizes, in the same order")
+    for d in diffs:
+        print(f"\n{d.section}: engine - recorded = {d.bytes:+d} bytes")
+        for line in d.lines:
+            print(f"   {line}")
+    if every:
+        for section in (*engine, *(s for s in real if s not in engine)):
+            print(f"\n{section}:\n   engine {' '.join(map(str, engine.get(section, ())))}"
+                  f"\n   real   {' '.join(map(str, real.get(section, ())))}")
+    return 1 if diffs else 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("family", nargs="?")
@@ -71,6 +98,7 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int)
     ap.add_argument("--seq-len", type=int)
     ap.add_argument("--all", action="store_true", help="list every save of every section")
+    ap.add_argument("--engine", action="store_true", help="the step engine's tape op by op, not the walk's")
     args = ap.parse_args()
     try:
         if args.config:
@@ -93,6 +121,8 @@ def main() -> int:
                    "attention": args.attention, "batch_size": args.batch_size, "seq_len": args.seq_len,
                    "targets": tuple(args.targets.split(",")) if args.targets else None}
         setup = setup.with_(**{k: v for k, v in changes.items() if v is not None})
+        if args.engine:
+            return engine_diff(config, setup, args.all)
         walk, lines = walk_with_lines(spec_from_hf_config(config), setup)
         recorded = recorded_tape(config, setup)
     except PlanError as exc:

@@ -2241,6 +2241,14 @@ def fp32_norm_product(spec: ModelSpec) -> bool:
     return spec.family in ("olmo2", "gpt_oss")
 
 
+def rotary_casts_back(spec: ModelSpec) -> bool:
+    """Whether the rotary embedding casts the rotated q and k back to their own dtype (OLMo 2's
+    `apply_rotary_pos_emb`: `q_embed.to(q_type)`), rather than leaving them in the wider of q's and
+    cos's (Llama's): under autocast a bf16 q times fp32 cos stays fp32 there. Source: transformers 5
+    `modeling_olmo2.apply_rotary_pos_emb`."""
+    return spec.family == "olmo2"
+
+
 def rotary_halves(spec: ModelSpec) -> bool:
     """Whether the rotary embedding rotates q's and k's two halves by cos and sin of head_dim / 2
     and concatenates them (GPT-OSS's `_apply_rotary_emb`), rather than x * cos + rotate_half(x) * sin

@@ -108,11 +108,9 @@ def optimizer_memory(setup: TrainSetup, trainable: list[Param], item: int) -> tu
     return states, optimizer_temporary_bytes(setup.optimizer, setup.optimizer_impl, numels, item)
 
 
-def plan_step(spec: ModelSpec, setup: TrainSetup, device: str = "cpu") -> StepPlan:
-    """One steady-state step's peak (its phase and the module or range it is in), the peak a
-    dispatch-level tracer would see, and the activations, on `device`."""
-    if device != "cpu":
-        raise PlanError("the step engine models CPU steps so far (no GPU kernel's workspace yet)")
+def forward_tape(spec: ModelSpec, setup: TrainSetup) -> tuple[Tape, int, list[Param], int]:
+    """The step's forward written as a tape: (the tape, its loss tensor, the trainable tensors in
+    the optimizer's order, bytes per parameter value)."""
     check(spec, setup)
     # checkpointing copies the CPU RNG state per layer, outside every op (`cpu_rng_state_bytes`)
     rng_bytes = cpu_rng_state_bytes() if setup.grad_checkpointing else 0
@@ -133,6 +131,16 @@ def plan_step(spec: ModelSpec, setup: TrainSetup, device: str = "cpu") -> StepPl
                     chunks=setup.loss_chunks if setup.loss == "chunked" else 0)
     with tape.phase("forward"):
         loss = writer.forward(arch, ids, labels)
+    return tape, loss, trainable, item
+
+
+def plan_step(spec: ModelSpec, setup: TrainSetup, device: str = "cpu") -> StepPlan:
+    """One steady-state step's peak (its phase and the module or range it is in), the peak a
+    dispatch-level tracer would see, and the activations, on `device`."""
+    if device != "cpu":
+        raise PlanError("the step engine models CPU steps so far (no GPU kernel's workspace yet)")
+    tape, loss, trainable, item = forward_tape(spec, setup)
+    setup = resolve(setup)
     states, scratch = optimizer_memory(setup, trainable, item)
     base = sum(t.bytes for t in tape.tensors if t.role != "activation") + states
     r = replay(tape, base=base, base_seen=base, loss=loss, checkpointing=setup.grad_checkpointing,

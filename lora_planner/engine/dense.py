@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from ..activations import fp32_norm_product
+from ..activations import fp32_norm_product, rotary_casts_back
 from ..architecture import LINEAR_KINDS, Architecture, Module
 from ..spec import EMBEDDING_DROPOUT_FAMILIES, GEMMA_FAMILIES, RESIDUAL_DROPOUT_FAMILIES, ModelSpec
 from .tape import Tape
@@ -42,6 +42,7 @@ class Features:
     head_qk_norm: bool = True  # q/k norms per head (Qwen3), else over the whole projection (OLMo 2)
     attn_softcap: bool = False
     final_softcap: bool = False
+    rotary_casts_back: bool = False  # the rotated q and k cast back to their dtype (`rotary_casts_back`)
 
     @property
     def fp32_softmax(self) -> bool:
@@ -112,7 +113,7 @@ def features(spec: ModelSpec, arch: Architecture) -> Features:
                     embedding_dropout=spec.family in EMBEDDING_DROPOUT_FAMILIES,
                     placement=spec.norm_placement, gemma=gemma, attn_softcap=gemma and spec.attn_softcap,
                     final_softcap=gemma and spec.final_softcap, fp32_product=fp32_norm_product(spec),
-                    head_qk_norm=spec.qk_norm != "full")
+                    head_qk_norm=spec.qk_norm != "full", rotary_casts_back=rotary_casts_back(spec))
 
 
 @dataclass
@@ -291,17 +292,18 @@ class Writer:
             q, k, v = (self.split("slice", qkv, (numel,))[0] for numel in (q_numel, kv_numel, kv_numel))
         elif len(mods) == 2:
             q, k, v = self.split("split", self.linear(mods[0], x), (q_numel, kv_numel, kv_numel))
-        else:
-            q, k, v = (self.linear(m, x) for m in mods[:3])
-        self.strided |= {q, k, v}
-        if norms:  # RMSNorm of the queries and keys, per head or over each token's projection
+        else:  # q/k norms (per head or over each token's projection) run right after their projection
             heads = (spec.num_heads, spec.num_kv_heads) if self.features.head_qk_norm else (1, 1)
-            q = self.norm(norms[0], q, n * heads[0], q_numel // (n * heads[0]))
-            k = self.norm(norms[1], k, n * heads[1], kv_numel // (n * heads[1]))
+            q, k, v = (self.project(m, x, norms[i] if i < len(norms) else None, n * rows)
+                       for i, (m, rows) in enumerate(zip(mods[:3], (*heads, 1), strict=True)))
+        self.strided |= {q, k, v}
         if rope is not None:
             projected = (q, k)
-            q, k = self.rotate(q, *rope), self.rotate(k, *rope)
-            self.tape.hold(*projected)  # bound by rope's arguments and the caller until it returns
+            q, k = rotated = self.rotate(q, *rope), self.rotate(k, *rope)
+            if self.features.rotary_casts_back:  # both rotated first, then each cast back
+                q, k = (self.cast(r, self.size(p)) for r, p in zip(rotated, projected, strict=True))
+            # bound by rope's arguments and the caller (and its locals) until it returns
+            self.tape.hold(*projected, *rotated)
         if self.eager:
             out, weights = self.eager_core(q, k, v, q_numel)
         else:
@@ -309,6 +311,13 @@ class Writer:
         out = self.drop(self.linear(mods[-1], out), self.block_rate(1))
         self.tape.hold(q, k, v)  # the module's locals until it returns: q, k, v (rotated)
         return out, weights
+
+    def project(self, m: Module, x: int, norm: Module | None, rows: int) -> int:
+        """One of q, k, v: its projection, viewed as heads (strided once transposed), then its RMSNorm
+        over `rows` rows where it has one (`self.q_norm(self.q_proj(x))`)."""
+        y = self.linear(m, x)
+        self.strided.add(y)
+        return y if norm is None else self.norm(norm, y, rows, self.numel(y) // rows)
 
     def sdpa(self, q: int, k: int, v: int, q_numel: int, where: str) -> int:
         """F.scaled_dot_product_attention on CPU (q, k, v cast to bf16 under autocast): the flash
@@ -541,7 +550,8 @@ class Writer:
         on each chunk, a chunk of several rows copied for the product (after autocast's cast), the
         list of logits bound until the loss returns; labels padded and shifted once, their count
         taken; per chunk the logits in fp32, log_softmax and nll_loss (sum; its labels a copy when
-        rows > 1), summed into a running 0-d loss, which is divided by the count."""
+        rows and positions are both above one), summed into a running 0-d loss, which is divided by
+        the count."""
         t, b, width, v = self.tape, self.batch, self.spec.hidden_size, self.spec.vocab_size
         size = -(-self.seq // self.chunks)
         widths = [min(size, self.seq - start) for start in range(0, self.seq, size)]
@@ -560,7 +570,9 @@ class Writer:
         count = self.new("constant", (self.new("constant", (padded,), b * self.seq, 1),), 1, INT64)
         loss = None
         for out, w in zip(logits, widths, strict=True):
-            target = self.new("constant", (padded,), b * w, INT64) if b > 1 else padded
+            # y.reshape(-1) of a (b, w) slice of the padded labels: a view when one row or one
+            # position leaves a single stride, else a copy
+            target = self.new("constant", (padded,), b * w, INT64) if b > 1 and w > 1 else padded
             logp = self.new("log_softmax", (self.cast(out, FP32),), b * w * v, FP32)
             ce = t.op("nll_loss", (logp, target), (FP32, (FP32, False)))[0]
             loss = self.new("add", (ce,) if loss is None else (loss, ce), 1, FP32)

@@ -41,6 +41,7 @@ class Saved:
     op: str = ""
     shape: tuple[int, ...] = ()
     dtype: str = ""
+    node: int = -1  # that node's sequence number: one number per op instance, in forward order
 
 
 Tape = dict[str, tuple[Saved, ...]]  # section -> saves, in the order first saved
@@ -149,7 +150,7 @@ def _recording(layers):
             h.remove()
 
 
-def _alive(packed, excluded: set[int], names: dict[int, str]) -> dict[str, list[Saved]]:
+def _alive(packed, excluded: set[int], names: dict[int, tuple[int, str]]) -> dict[str, list[Saved]]:
     """The packed storages still alive, once each, by the section of their first save; those at an
     `excluded` address (parameters, buffers, the batch) left out."""
     tape: dict[str, list[Saved]] = {}
@@ -162,7 +163,8 @@ def _alive(packed, excluded: set[int], names: dict[int, str]) -> dict[str, list[
         if ptr in excluded or ptr in seen:
             continue
         seen.add(ptr)
-        tape.setdefault(where, []).append(Saved(storage.nbytes(), names.get(ptr, "?"), shape, dtype))
+        node, name = names.get(ptr, (-1, "?"))
+        tape.setdefault(where, []).append(Saved(storage.nbytes(), name, shape, dtype, node))
     return tape
 
 
@@ -176,9 +178,9 @@ def decoder_layers(model):
     raise PlanError(f"{type(model).__name__} has no ModuleList of decoder layers named layers or h")
 
 
-def saved_by(loss) -> dict[int, str]:
-    """storage address -> `Node.attribute` of the earliest backward node (by sequence number)
-    reachable from `loss` that saves a tensor on it."""
+def saved_by(loss) -> dict[int, tuple[int, str]]:
+    """storage address -> (sequence number, `Node.attribute`) of the earliest backward node (by
+    sequence number) reachable from `loss` that saves a tensor on it."""
     import torch
 
     first: dict[int, tuple[int, str]] = {}
@@ -203,7 +205,7 @@ def saved_by(loss) -> dict[int, str]:
                     name = f"{node.name()}.{attr.removeprefix('_saved_')}"
                     if ptr not in first or order < first[ptr][0]:
                         first[ptr] = (order, name)
-    return {ptr: name for ptr, (_, name) in first.items()}
+    return first
 
 
 @dataclass(frozen=True)
