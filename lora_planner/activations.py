@@ -199,6 +199,9 @@ class Graph:
     mixer_backward: dict[str, int] = field(default_factory=dict)
     # by section: a LoRA-wrapped up projection's input gradient, (saved bytes freed by then, held)
     up_input_backward: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # by section: a 4-bit up projection's backward, (saved bytes freed by then, held beside the
+    # dequantised weight)
+    up_dequant_backward: dict[str, tuple[int, int]] = field(default_factory=dict)
     # by section: a LoRA-wrapped attention output projection's input gradient (`lora_input_gradient_sum`)
     out_input_backward: dict[str, int] = field(default_factory=dict)
     norm_copy: int = 0  # the fp32 copy of its input the last `rms_norm` saved (0: the input was fp32)
@@ -1675,6 +1678,12 @@ def _mlp_half(g: Graph, spec: ModelSpec, i: int, p: str, x: Tensor, dense: bool,
             # tensors are freed and the gate branch's gradient waits (`lora_input_gradient_sum`)
             g.up_input_backward[g.section.removesuffix(" mlp")] = (
                 up_saved + g._saved_total - before_mul, gate_act.nbytes + lora_input_gradient_sum(h.nbytes))
+        if g.cond.quantised_base and h.grad:
+            # bitsandbytes' MatMul4Bit backward on the up projection: the same saved tensors freed, the
+            # gate branch's gradient waiting, the incoming gradient in compute dtype (Linear4bit's
+            # `.to(inp_dtype)` casts it back first) beside the weight it dequantises
+            g.up_dequant_backward[g.section.removesuffix(" mlp")] = (
+                up_saved + g._saved_total - before_mul, gate_act.nbytes + up.numel * g.cond.compute_bytes)
         g.tail_start()
         m = g.linear(act, f"{p}.{spec.mlp_module}.down_proj", inter, H)
         if dense:
@@ -3487,6 +3496,9 @@ class Profile:
     mlp_norm_backward: tuple[int, ...] = ()
     # per layer: a LoRA-wrapped up projection's input gradient, (saved bytes freed by then, held)
     up_input_backward: tuple[tuple[int, int], ...] = ()
+    # per layer: a 4-bit up projection's backward, (saved bytes freed by then, held beside the
+    # dequantised weight the timeline adds)
+    up_dequant_backward: tuple[tuple[int, int], ...] = ()
     # per layer: a LoRA-wrapped attention output projection's input gradient, beside what the
     # attention core's backward holds (0: not wrapped)
     out_input_backward: tuple[int, ...] = ()
@@ -3753,6 +3765,9 @@ def _profile(spec: ModelSpec, cond: Conditions, wrapped_items: tuple[tuple[str, 
         attn_tails=tuple(g.attn_tails),
         up_input_backward=tuple(g.up_input_backward.get(f"layer {i}", (0, 0)) for i in range(spec.num_layers))
         if g.up_input_backward else (),
+        up_dequant_backward=tuple(g.up_dequant_backward.get(f"layer {i}", (0, 0))
+                                  for i in range(spec.num_layers))
+        if g.up_dequant_backward else (),
         out_input_backward=tuple(g.out_input_backward.get(f"layer {i}", 0) for i in range(spec.num_layers))
         if g.out_input_backward else (),
         value_product_backward=tuple(g.pv_backward.get(f"layer {i}", 0) for i in range(spec.num_layers))

@@ -203,6 +203,18 @@ def bnb_dequant_bytes(numel: int, compute_bytes: int, load_bytes: int) -> int:
     return numel * compute_bytes + (numel * load_bytes if load_bytes != compute_bytes else 0)
 
 
+def down_backward_bytes(dequant: int, tokens: int, width: int, compute_bytes: int) -> int:
+    """What an MLP's 4-bit down projection holds in its backward beyond the incoming gradient: the
+    dequantised weight (`dequant`, `dequant_transient`) and the input gradient made from it.
+
+    bitsandbytes' `MatMul4Bit.backward` computes `torch.matmul(grad_output, dequantize_4bit(B, state)
+    .to(grad_output.dtype))`: the weight lives until the product, tokens x the MLP's width, is made.
+    This comes before the MLP's activation backward and the gate/up projections' matmuls, so it is
+    a moment of its own, not added on top of theirs. dequant + tokens x width x compute bytes.
+    """
+    return dequant + tokens * width * compute_bytes
+
+
 def torchao_dequant_bytes(numel: int, dtype_bytes: int) -> int:
     """torchao 0.18.0 NF4Tensor, eager: the most `get_original_weight` holds while it dequantises a
     weight (`LinearNF4` calls it in forward, `weight.to(input.dtype)`, and again in backward).

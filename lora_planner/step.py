@@ -18,7 +18,7 @@ from .errors import PlanError
 from .memory import Term, adafactor_temporary_term, dequant_term, optimizer_temporary_term
 from .optimizers import TORCH_OPTIMIZERS
 from .precision import Precision
-from .quant import check_quant, quantised_numels, quantised_params, quantises_experts
+from .quant import check_quant, down_backward_bytes, quantised_numels, quantised_params, quantises_experts
 from .spec import ModelSpec, TrainSetup
 from .stacks import get_stack
 from .timeline import Phase, States, peak_phase, step_phases
@@ -305,6 +305,9 @@ def predict_step(spec: ModelSpec, setup: TrainSetup, precision: Precision, memor
         inputs=(3 if cond.packed else 2) * cond.tokens * INT64,
         head_gradients=head,
         dequant_transient=dequant.bytes if dequant else 0,
+        dequant_backward=tuple(down_backward_bytes(dequant.bytes, cond.tokens, spec.mlp_width(i),
+                                                   cond.compute_bytes) for i in range(spec.num_layers))
+        if dequant and dequant.bytes else (),
         expert_up_gradients=grads.expert_up,
         attn_out_gradients=grads.attn_out,
         mlp_up_gradients=grads.mlp_up,

@@ -15,9 +15,13 @@ optimizer has used them. On top of them each phase holds something else:
 - backward, layer by layer: what is still saved (checkpointing: the recomputed layer, and the
   recompute's own forward peak, with the gradients that wait for it), less what the ops after the
   MLP's activation and after attention's core kept (used and freed first), the gradients produced
-  so far, the layer's own transient gradients (`activations.layer_backward_transients`) and, for
-  QLoRA, one dequantised weight; an expert block's combine backward, before the down projection's
-  weight gradient exists (`activations.moe_combine_backward`; recomputed: `moe_recompute_combine`);
+  so far, the layer's own transient gradients (`activations.layer_backward_transients`); for QLoRA,
+  one dequantised weight at the moments a 4-bit matmul's backward runs, not on the MLP's activation
+  backward: the down projection's (`quant.down_backward_bytes`; before a checkpointed layer's
+  recompute when it and the ops after it keep nothing), the gated MLP's up projection's
+  (`Profile.up_dequant_backward`) and attention's; an expert block's combine backward, before the
+  down projection's weight gradient exists (`activations.moe_combine_backward`; recomputed:
+  `moe_recompute_combine`);
   a LoRA up projection's input gradient in a narrow MLP, and a LoRA attention output projection's
   (`activations.lora_input_gradient_sum`);
   the math SDPA kernel's probs @ v backward (`activations.value_product_backward`);
@@ -70,6 +74,8 @@ class States:
     embedding_backward: int = 0
     # QLoRA: what dequantising the NF4 weight being multiplied holds (`quant.dequant_transient`)
     dequant_transient: int = 0
+    # QLoRA, per decoder layer: the MLP's down projection's 4-bit backward (`quant.down_backward_bytes`)
+    dequant_backward: tuple[int, ...] = ()
     # per decoder layer: the fused experts' gate/up gradient, made before the rest of the MLP part's
     expert_up_gradients: tuple[int, ...] = ()
     # per decoder layer: the attention output projection's part of the attention gradients, the only
@@ -155,7 +161,9 @@ def step_phases(states: States, prof: Profile, vocab: int, tokens: int) -> tuple
             # op-level selective checkpointing: the recompute takes each cached op output back as it
             # reaches its op (those no op saves are alive until then, in `recompute_peaks`); those it
             # stops before stay alive through the layer's backward
-            live = (saved_below + prof.layers[i] + prof.layer_inputs[i] - prof.input_saved_by_layer[i]
+            # before its recompute: the layer's input, kept by the checkpoint, and what lies below
+            unrecomputed = saved_below + prof.layer_inputs[i] - prof.input_saved_by_layer[i]
+            live = (unrecomputed + prof.layers[i]
                     + (prof.sac_unconsumed[i] if prof.sac_unconsumed else 0))
             if prof.offloaded:  # on the GPU: this layer's input and the next one's, prefetched
                 live += prof.embedding + prof.checkpoint_args + (prof.layer_inputs[i - 1] if i else 0) \
@@ -177,7 +185,7 @@ def step_phases(states: States, prof: Profile, vocab: int, tokens: int) -> tuple
                 phases.append(Phase("backward", base + held + grads + resid,
                                     _THROUGH + "expert combine", i))
         else:
-            live = saved_below
+            live = unrecomputed = saved_below
             saved_below -= prof.held_after_forward(i)
         if prof.dora_backward and prof.dora_backward[i]:
             phases.append(Phase("backward", base + live + grads + resid + prof.dora_backward[i],
@@ -199,8 +207,15 @@ def step_phases(states: States, prof: Profile, vocab: int, tokens: int) -> tuple
             # LoRA on fused experts (PEFT's ParamWrapper): a merged weight's full gradient, when larger
             # (`merged_weight_backward` counts what is freed by then itself)
             mlp_held = max(mlp_held, prof.expert_backward[i])
-        phases.append(Phase("backward", base + live + grads + resid + mlp_held + dq,
+        phases.append(Phase("backward", base + live + grads + resid + mlp_held,
                             _THROUGH + "MLP", i, "MLP"))
+        if states.dequant_backward:
+            # the down projection's backward runs first, what it and the ops after it kept (the tail)
+            # still alive; when they kept nothing it needs no saved tensor, so a checkpointed layer
+            # is not recomputed yet
+            held = unrecomputed if not tail and not prof.offloaded else live
+            phases.append(Phase("backward", base + held + grads + resid + states.dequant_backward[i],
+                                _THROUGH + "MLP's 4-bit down projection", i, "MLP"))
         if states.in_backward:
             # a weight's step in its gradient's hook, beside the incoming gradient and the input
             # gradient the same node made: the MLP's output projection's with its input used (the
@@ -224,6 +239,11 @@ def step_phases(states: States, prof: Profile, vocab: int, tokens: int) -> tuple
             up = states.mlp_up_gradients[i] if states.mlp_up_gradients else 0
             phases.append(Phase("backward", base + live - tail - freed + grads + up + resid + held,
                                 _THROUGH + "MLP at the up projection's input gradient", i, "MLP"))
+        if prof.up_dequant_backward and prof.up_dequant_backward[i][1]:
+            freed, held = prof.up_dequant_backward[i]
+            up = states.mlp_up_gradients[i] if states.mlp_up_gradients else 0
+            phases.append(Phase("backward", base + live - tail - freed + grads + up + resid + held + dq,
+                                _THROUGH + "MLP's 4-bit up projection", i, "MLP"))
         if prof.post_norm_transient:
             phases.append(Phase("backward", base + live - prof.mlp_layers[i] + grads + mlp_grads + resid
                                 + prof.post_norm_transient,
