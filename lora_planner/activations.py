@@ -3176,9 +3176,12 @@ def layer_backward_transients(spec: ModelSpec, cond: Conditions) -> tuple[int, i
     t, cb = cond.tokens, cond.compute_bytes
     resid = residual_gradient_bytes(spec, cond)
     rows = t * max(spec.expert_rows_per_token, 1)
-    # grouped expert matmuls are not autocast: they run in the hidden states' (the weights') dtype
+    # grouped expert matmuls are not autocast: they run in the hidden states' (the weights') dtype;
+    # so do bitsandbytes' 4-bit layers' outputs, cast back to their input's dtype by Linear4bit
+    # (`.to(inp_dtype)`, fp32 under amp), and the MLP's gradients with them
     # (a model with dense layers or shared experts has its own per layer: `mlp_backward_transients`)
-    mlp = 3 * rows * spec.intermediate_size * (cond.weight_bytes if spec.num_experts else cb)
+    stream = spec.num_experts or (cond.quantised_base and cond.nf4_output_in_input_dtype)
+    mlp = 3 * rows * spec.intermediate_size * (cond.weight_bytes if stream else cb)
     # An expert block's first backward op without checkpointing, the combine's (the rows' weighting by
     # the fp32 routing weights), is its own phase (`Profile.expert_combine`, `moe_combine_backward`):
     # it comes before the down projection's weight gradient exists.
