@@ -203,16 +203,17 @@ def bnb_dequant_bytes(numel: int, compute_bytes: int, load_bytes: int) -> int:
     return numel * compute_bytes + (numel * load_bytes if load_bytes != compute_bytes else 0)
 
 
-def down_backward_bytes(dequant: int, tokens: int, width: int, compute_bytes: int) -> int:
-    """What an MLP's 4-bit down projection holds in its backward beyond the incoming gradient: the
-    dequantised weight (`dequant`, `dequant_transient`) and the input gradient made from it.
+def down_backward_bytes(dequant: int, weight: int, input_gradient: int) -> int:
+    """The most an MLP's 4-bit down projection holds in its backward beyond the incoming gradient.
 
     bitsandbytes' `MatMul4Bit.backward` computes `torch.matmul(grad_output, dequantize_4bit(B, state)
-    .to(grad_output.dtype))`: the weight lives until the product, tokens x the MLP's width, is made.
-    This comes before the MLP's activation backward and the gate/up projections' matmuls, so it is
-    a moment of its own, not added on top of theirs. dequant + tokens x width x compute bytes.
+    .to(grad_output.dtype))`: the dequantisation holds `dequant` (`dequant_transient`), then only the
+    weight in compute dtype (`weight` bytes) is left, beside the input gradient (tokens x the MLP's
+    width) the product makes; torchao's `get_original_weight` likewise frees its locals before the
+    matmul. This comes before the MLP's activation backward, so it is a moment of its own, not added
+    on top of that one. max(dequant, weight + input gradient).
     """
-    return dequant + tokens * width * compute_bytes
+    return max(dequant, weight + input_gradient)
 
 
 def torchao_dequant_bytes(numel: int, dtype_bytes: int) -> int:

@@ -305,8 +305,7 @@ def predict_step(spec: ModelSpec, setup: TrainSetup, precision: Precision, memor
         inputs=(3 if cond.packed else 2) * cond.tokens * INT64,
         head_gradients=head,
         dequant_transient=dequant.bytes if dequant else 0,
-        dequant_backward=tuple(down_backward_bytes(dequant.bytes, cond.tokens, spec.mlp_width(i),
-                                                   cond.compute_bytes) for i in range(spec.num_layers))
+        dequant_backward=_down_backward(spec, setup, arch, precision, cond, dequant.bytes)
         if dequant and dequant.bytes else (),
         expert_up_gradients=grads.expert_up,
         attn_out_gradients=grads.attn_out,
@@ -340,6 +339,18 @@ def predict_step(spec: ModelSpec, setup: TrainSetup, precision: Precision, memor
         return StepPrediction(prof, states, phases, peak_phase(phases), temporary, dequant)
     phases = step_phases(states, prof, vocab, cond.tokens)
     return StepPrediction(prof, states, phases, peak_phase(phases), temporary, dequant)
+
+
+def _down_backward(spec: ModelSpec, setup: TrainSetup, arch: Architecture, precision: Precision,
+                   cond: Conditions, dequant: int) -> tuple[int, ...]:
+    """Per decoder layer, `quant.down_backward_bytes`: the largest 4-bit weight in the dtype its matmul
+    multiplies in, and the down projection's input gradient, tokens x the MLP's width in compute dtype."""
+    _, compute, _ = check_quant(setup.quant_backend, setup.bnb_version, setup.bnb_compute_dtype,
+                                precision.weight_bytes)
+    nf4 = quantised_params(arch, lora_trainable(spec, setup), quantises_experts(spec, setup))
+    weight = max(quantised_numels(spec, arch, nf4), default=0) * compute
+    return tuple(down_backward_bytes(dequant, weight, cond.tokens * spec.mlp_width(i) * cond.compute_bytes)
+                 for i in range(spec.num_layers))
 
 
 def in_backward_steps(spec: ModelSpec, setup: TrainSetup, arch: Architecture, precision: Precision,
