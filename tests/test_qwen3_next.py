@@ -102,6 +102,21 @@ MODULE_CASES = [("fp32", 2, 5, "all"), ("bf16", 2, 70, "all"), ("amp", 1, 140, "
                 ("fp32", 1, 140, "in_proj_ba"), ("bf16", 2, 5, "in_proj_ba")]
 
 
+def _one_delta_net(heads: tuple[int, int], precision: str):
+    """(spec, module, dtype): one transformers `Qwen3NextGatedDeltaNet` of a tiny config with `heads`
+    (key heads, value heads), random weights in the precision's dtype, and the planner's spec of it."""
+    from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextGatedDeltaNet
+
+    config = {"model_type": "qwen3_next", "vocab_size": 32, "hidden_size": 24, "num_hidden_layers": 1,
+              "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 8, "num_experts": 2,
+              "num_experts_per_tok": 1, "linear_num_key_heads": heads[0], "linear_num_value_heads": heads[1],
+              "linear_key_head_dim": 6, "linear_value_head_dim": 10, "layer_types": ["linear_attention"]}
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    module = Qwen3NextGatedDeltaNet(build_meta_from_config(config).config, 0).to(dtype)
+    return spec_from_hf_config(config), module, dtype
+
+
 @pytest.mark.parametrize("heads", [(2, 4), (3, 3)])
 @pytest.mark.parametrize("precision,batch,seq,trains", MODULE_CASES)
 def test_gated_delta_net_saves_what_autograd_keeps(precision, batch, seq, trains, heads):
@@ -109,18 +124,10 @@ def test_gated_delta_net_saves_what_autograd_keeps(precision, batch, seq, trains
     `autocast_delta_rule_saves`) keeps the bytes autograd keeps for transformers' module as it runs
     without fla and causal-conv1d, byte for byte; with as many value heads as key heads (3, 3) an fp32
     q, k and z are views the ops keep whole, with more (2, 4) copies."""
-    from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextGatedDeltaNet
 
     from lora_planner.activations import Conditions, Graph, gated_delta_net
 
-    config = {"model_type": "qwen3_next", "vocab_size": 32, "hidden_size": 24, "num_hidden_layers": 1,
-              "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 8, "num_experts": 2,
-              "num_experts_per_tok": 1, "linear_num_key_heads": heads[0], "linear_num_value_heads": heads[1],
-              "linear_key_head_dim": 6, "linear_value_head_dim": 10, "layer_types": ["linear_attention"]}
-    spec = spec_from_hf_config(config)
-    torch.manual_seed(0)
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    module = Qwen3NextGatedDeltaNet(build_meta_from_config(config).config, 0).to(dtype)
+    spec, module, dtype = _one_delta_net(heads, precision)
     everything = trains == "all"
     for name, p in module.named_parameters():
         p.requires_grad_(everything or name.startswith(trains))
@@ -146,19 +153,12 @@ def test_gated_delta_net_forward_peak_without_gradients(precision, batch, seq, h
     forward moments (`delta_rule_forward_live`, `delta_rule_loop_unsaved`) reach the traced peak of
     transformers' module byte for byte, over 1 to 3 chunks, with key heads regrouped (2, 4), not
     (3, 3), or one key head (1, 3)."""
-    from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextGatedDeltaNet
 
     from lora_planner.activations import Conditions, Graph, gated_delta_net
     from lora_planner.measure.tracer import MemoryTracer
 
-    config = {"model_type": "qwen3_next", "vocab_size": 32, "hidden_size": 24, "num_hidden_layers": 1,
-              "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 8, "num_experts": 2,
-              "num_experts_per_tok": 1, "linear_num_key_heads": heads[0], "linear_num_value_heads": heads[1],
-              "linear_key_head_dim": 6, "linear_value_head_dim": 10, "layer_types": ["linear_attention"]}
-    spec = spec_from_hf_config(config)
-    torch.manual_seed(0)
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    module = Qwen3NextGatedDeltaNet(build_meta_from_config(config).config, 0).to(dtype).requires_grad_(False)
+    spec, module, dtype = _one_delta_net(heads, precision)
+    module.requires_grad_(False)
     x = torch.randn(batch, seq, 24, dtype=dtype)
     tracer = MemoryTracer(module, inputs=(x,))
     with tracer, torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "amp"):
