@@ -39,15 +39,12 @@ def recorded(limit: int) -> tuple[list[float], list[float], int]:
     from lora_planner.measure.fuzz import planned_peak
 
     engine, walk = [], []
-    cases = replanned_records(RECORDS, limit)
-    while True:
-        try:
-            row, case, plan = next(cases)
-        except StopIteration as done:
-            return engine, walk, done.value
+    modelled, refused = replanned_records(RECORDS, limit)
+    for row, case, plan in modelled:
         ref = row["allocator_peak"]
         engine.append((plan.peak.bytes - ref) / ref)
         walk.append((planned_peak(case) - ref) / ref)
+    return engine, walk, refused
 
 
 def main() -> None:

@@ -96,10 +96,10 @@ def compare(config: dict, setup: TrainSetup) -> dict:
             "engine_phase": plan.peak.phase, "allocator_phase": traced.allocator.phase}
 
 
-def replanned_records(path, limit: int | None = None):
-    """Each recorded allocator case in the JSON-lines file `path` (`results/trace/fuzz-cpu-allocator.jsonl`)
-    the engine models, as (row, case, engine plan), re-planned without torch; and, once the lines
-    run out, the count of those it refuses (`PlanError`), as the generator's return value."""
+def replanned_records(path, limit: int | None = None) -> tuple[list[tuple[dict, object, object]], int]:
+    """The recorded allocator cases in the JSON-lines file `path` (`results/trace/fuzz-cpu-allocator.jsonl`)
+    the engine models, each as (row, case, engine plan), re-planned without torch; and how many it
+    refuses (`PlanError`)."""
     import json
 
     from ..engine import plan_step
@@ -107,15 +107,13 @@ def replanned_records(path, limit: int | None = None):
     from ..measure.fuzz import recorded_case
     from ..measure.traced_step import sliced
 
-    refused = 0
+    modelled, refused = [], 0
     for line in path.read_text().splitlines()[:limit]:
         row = json.loads(line)
         case = recorded_case(row)
         spec = sliced(spec_from_hf_config(case.config, name=f"fuzz-{case.seed}"), case.layers)
         try:
-            plan = plan_step(spec, case.setup)
+            modelled.append((row, case, plan_step(spec, case.setup)))
         except PlanError:
             refused += 1
-            continue
-        yield row, case, plan
-    return refused
+    return modelled, refused
